@@ -1,0 +1,161 @@
+// The backend contract: coarse, model-shaped ops that model/ composes into a forward pass.
+//
+// Letters: T tokens in the batch, H hidden, Nh/Nkv attention heads, Dh head dim, Hk/Hv DeltaNet key/value
+// heads, Dk/Dv their dims, C DeltaNet conv channels (2·Hk·Dk + Hv·Dv), E experts, K top-k, V vocab.
+// Activations have the backend's activation dtype (fp32 on CPU, bf16 on CUDA) unless noted.
+// Every op has the same meaning on every backend; the CPU backend is the executable specification.
+#pragma once
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace ds {
+
+// Where one linear layer's weights come from (checkpoint bytes, host memory; borrowed).
+struct LinearSource {
+  enum class Kind { Dense, Int4 } kind = Kind::Dense;
+  int64_t N = 0, K = 0;  // out, in
+  // Dense: [N, K] row-major in `dtype` (BF16, F16 or F32).
+  DType dtype = DType::BF16;
+  const void* data = nullptr;
+  // Int4 (AutoRound auto_gptq / GPTQ v1, sym, group 128): qweight int32 [K/8, N] (nibble j of word r =
+  // input row 8r+j), qzeros int32 [K/128, N/8] (zero point - 1), scales fp16 [K/128, N] (may be negative).
+  const int32_t* qweight = nullptr;
+  const int32_t* qzeros = nullptr;
+  const uint16_t* scales = nullptr;
+  int group_size = 128;
+};
+
+// Opaque weights, laid out by the backend at load time.
+struct LinearWeight {
+  virtual ~LinearWeight() = default;
+  int64_t N = 0, K = 0;
+  bool int4 = false;
+};
+using Linear = std::shared_ptr<LinearWeight>;
+
+// Routed experts of one MoE layer: gate_up [E][2I, H] (gate rows first), down [E][H, I].
+struct ExpertsWeight {
+  virtual ~ExpertsWeight() = default;
+  int64_t E = 0, I = 0, H = 0;
+};
+using Experts = std::shared_ptr<ExpertsWeight>;
+
+struct RopeParams {
+  int rotary_dim = 0;                  // leading dims of each head that rotate (NeoX halves)
+  double theta = 10000000.0;
+  std::array<int, 3> mrope_section{};  // frequencies taken from the T/H/W position rows
+  bool mrope_interleaved = true;
+};
+
+// One forward call's batch: sequences laid out back to back along T. Host-side description; a backend
+// may mirror it on the device in `prepare_batch`.
+struct BatchMeta {
+  struct Seq {
+    int64_t q_start = 0;  // first row in T
+    int64_t q_len = 0;    // new tokens this call (prefill chunk, or 1 for decode)
+    int64_t ctx_len = 0;  // tokens already in this sequence's caches before this call
+    int32_t state_slot = -1;
+    std::vector<int32_t> blocks;  // KV block table (covers ctx_len + q_len tokens)
+  };
+  std::vector<Seq> seqs;
+  std::vector<int32_t> tokens;        // [T]
+  std::vector<int32_t> positions;     // [3, T]: mRoPE t/h/w rows (identical for text)
+  int64_t num_tokens() const { return int64_t(tokens.size()); }
+  std::shared_ptr<void> device;       // backend-private mirror
+};
+
+// Paged KV storage of one full-attention layer: [num_blocks, block_size, Nkv, Dh] for K and for V.
+struct KvLayer {
+  Tensor k, v;
+  int64_t block_size = 16;
+};
+
+// DeltaNet state of one linear-attention layer for all slots: conv [S, C, Kc-1] (raw pre-conv inputs,
+// oldest first) and recurrent ssm [S, Hv, Dk, Dv], both fp32.
+struct StateLayer {
+  Tensor conv, ssm;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+  virtual DType act_dtype() const = 0;
+
+  // ---- memory ----
+  virtual Tensor alloc(DType dt, std::vector<int64_t> shape) = 0;  // zero-filled
+  virtual Tensor upload_f32(const std::vector<float>& v, std::vector<int64_t> shape, DType dt) = 0;
+  virtual std::vector<float> to_host_f32(const Tensor& t) = 0;
+  virtual void zero(Tensor& t) = 0;
+  virtual void copy(Tensor& dst, const Tensor& src) = 0;  // same dtype and size (device to device)
+  virtual void synchronize() {}
+
+  // ---- weights ----
+  // `parts` are concatenated along N (e.g. gate and up projections into one matrix).
+  virtual Linear make_linear(const std::vector<LinearSource>& parts) = 0;
+  // gate_up[e] = concat(gate_e, up_e) along N; down[e].
+  virtual Experts make_experts(const std::vector<std::vector<LinearSource>>& gate_up,
+                               const std::vector<LinearSource>& down) = 0;
+
+  virtual void prepare_batch(BatchMeta& b) {}
+
+  // ---- ops ----
+  // out [T, H] = table[ids]; table is [V, H] (device, act dtype)
+  virtual void embed(const Tensor& table, const BatchMeta& b, Tensor& out) = 0;
+  // y [R, D] = x / sqrt(mean(x²) + eps) · w; w already includes the (1 + w) offset where the model uses it.
+  virtual void rmsnorm(const Tensor& x, const Tensor& w, float eps, Tensor& y) = 0;
+  // x += y (elementwise)
+  virtual void add_inplace(Tensor& x, const Tensor& y) = 0;
+  // y [T, N] = x [T, K] · Wᵀ
+  virtual void linear(const Tensor& x, const Linear& w, Tensor& y) = 0;
+  // y [T, I] = silu(gu[:, :I]) · gu[:, I:]   (gu [T, 2I])
+  virtual void silu_mul(const Tensor& gu, Tensor& y) = 0;
+
+  // Gated attention prologue. qg [T, Nh·2·Dh] holds per head [query(Dh) | gate(Dh)]; k [T, Nkv·Dh].
+  // q [T, Nh·Dh] = rope(rmsnorm(query, qnorm)); gate [T, Nh·Dh]; k ← rope(rmsnorm(k, knorm)) in place.
+  virtual void qk_norm_rope(const Tensor& qg, Tensor& k, const Tensor& qnorm, const Tensor& knorm, float eps,
+                            const RopeParams& rope, const BatchMeta& b, Tensor& q, Tensor& gate) = 0;
+  // Writes this call's k, v [T, Nkv·Dh] into the paged cache at positions ctx_len..ctx_len+q_len-1.
+  virtual void kv_cache_write(KvLayer& kv, const Tensor& k, const Tensor& v, const BatchMeta& b) = 0;
+  // o [T, Nh·Dh]: causal attention of q over each sequence's cache (GQA, scale 1/sqrt(Dh)).
+  virtual void attention(const Tensor& q, const KvLayer& kv, const BatchMeta& b, Tensor& o) = 0;
+  // x ← x · sigmoid(gate)
+  virtual void sigmoid_gate_mul(Tensor& x, const Tensor& gate) = 0;
+
+  // DeltaNet. mixed [T, C] → out [T, C] = silu(causal depthwise conv(mixed)), with each sequence's conv
+  // window taken from and written back to state.conv[slot]. weight [C, Kc] fp32.
+  virtual void conv1d_causal(const Tensor& mixed, const Tensor& weight, StateLayer& st, const BatchMeta& b,
+                             Tensor& out) = 0;
+  // Gated delta rule. qkv [T, C] (post-conv: q | k | v), ba [T, 2·Hv] (b | a), A_log and dt_bias [Hv] fp32.
+  // o [T, Hv·Dv]. Uses and updates state.ssm[slot]; chunked form for prefill, recurrent for decode.
+  virtual void gated_delta_rule(const Tensor& qkv, const Tensor& ba, const Tensor& A_log, const Tensor& dt_bias,
+                                int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, StateLayer& st,
+                                const BatchMeta& b, Tensor& o) = 0;
+  // y [T, Hv·Dv] = rmsnorm(o per head, w [Dv], plain weight) · silu(z)
+  virtual void gated_rmsnorm(const Tensor& o, const Tensor& z, const Tensor& w, float eps, Tensor& y) = 0;
+
+  // MoE. router_logits [T, E] → ids [T, K] int32, weights [T, K] fp32 (softmax, top-k, renormalised).
+  virtual void moe_route(const Tensor& router_logits, int64_t top_k, Tensor& ids, Tensor& weights) = 0;
+  // y [T, H] = Σ_k weights[t,k] · down_e(silu(gate_e x) · up_e x), e = ids[t,k]
+  virtual void moe_experts(const Tensor& x, const Experts& w, const Tensor& ids, const Tensor& weights,
+                           Tensor& y) = 0;
+  // y += sigmoid(gate_logit[t]) · s[t]   (gate_logit [T, 1])
+  virtual void sigmoid_scale_add(Tensor& y, const Tensor& s, const Tensor& gate_logit) = 0;
+
+  // out [R, H] = x[rows[i]]
+  virtual void gather_rows(const Tensor& x, const std::vector<int32_t>& rows, Tensor& out) = 0;
+};
+
+std::unique_ptr<Backend> make_cpu_backend();
+#ifdef DS_HAVE_CUDA
+std::unique_ptr<Backend> make_cuda_backend(int device);
+#endif
+// "cpu" or "cuda"; a clear error if the build or machine lacks it.
+std::unique_ptr<Backend> make_backend(const std::string& name);
+
+}  // namespace ds

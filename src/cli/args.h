@@ -1,0 +1,91 @@
+// A small flag parser: --name value, --name=value, boolean --flag, positional arguments.
+#pragma once
+#include <map>
+#include <string>
+#include <vector>
+
+#include "core/status.h"
+
+namespace ds::cli {
+
+class Args {
+ public:
+  // `bool_flags` take no value.
+  Args(int argc, char** argv, int first, std::vector<std::string> bool_flags = {}) {
+    for (int i = first; i < argc; ++i) {
+      std::string a = argv[i];
+      if (a.rfind("--", 0) == 0) {
+        std::string name = a.substr(2), value;
+        auto eq = name.find('=');
+        bool is_bool = false;
+        for (auto& b : bool_flags) is_bool |= name == b;
+        if (eq != std::string::npos) {
+          value = name.substr(eq + 1);
+          name = name.substr(0, eq);
+        } else if (is_bool) {
+          value = "true";
+        } else {
+          if (i + 1 >= argc) fail("flag --", name, " expects a value");
+          value = argv[++i];
+        }
+        flags_.emplace(name, value);
+      } else {
+        positional_.push_back(a);
+      }
+    }
+  }
+  bool has(const std::string& n) const { return flags_.count(n) > 0; }
+  std::string get(const std::string& n, const std::string& def = "") const {
+    auto it = flags_.find(n);
+    return it == flags_.end() ? def : it->second;
+  }
+  std::vector<std::string> get_all(const std::string& n) const {
+    std::vector<std::string> v;
+    auto r = flags_.equal_range(n);
+    for (auto it = r.first; it != r.second; ++it) v.push_back(it->second);
+    return v;
+  }
+  std::string require(const std::string& n) const {
+    if (!has(n)) fail("missing required flag --", n);
+    return get(n);
+  }
+  int64_t get_int(const std::string& n, int64_t def) const {
+    if (!has(n)) return def;
+    std::string v = get(n);
+    try {
+      size_t pos = 0;
+      long long x = std::stoll(v, &pos);
+      if (pos != v.size()) throw std::invalid_argument(v);
+      return x;
+    } catch (...) {
+      fail("flag --", n, " expects an integer, got '", v, "'");
+    }
+  }
+  double get_double(const std::string& n, double def) const {
+    if (!has(n)) return def;
+    std::string v = get(n);
+    try {
+      size_t pos = 0;
+      double x = std::stod(v, &pos);
+      if (pos != v.size()) throw std::invalid_argument(v);
+      return x;
+    } catch (...) {
+      fail("flag --", n, " expects a number, got '", v, "'");
+    }
+  }
+  const std::vector<std::string>& positional() const { return positional_; }
+  // --model DIR or the first positional argument.
+  std::string model_dir() const {
+    if (has("model")) return get("model");
+    if (!positional_.empty()) return positional_[0];
+    fail("missing model: pass --model DIR or DIR as the first argument");
+  }
+
+ private:
+  std::multimap<std::string, std::string> flags_;
+  std::vector<std::string> positional_;
+};
+
+std::vector<int32_t> parse_token_list(const std::string& s);
+
+}  // namespace ds::cli

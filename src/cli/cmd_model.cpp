@@ -1,0 +1,180 @@
+// logits / generate / inspect: run the text model from the command line.
+#include <cstdio>
+#include <cstring>
+
+#include "backend/ops.h"
+#include "cli/args.h"
+#include "cli/commands.h"
+#include "io/config.h"
+#include "io/safetensors.h"
+#include "model/model.h"
+#include "runtime/cache.h"
+
+namespace ds::cli {
+
+std::vector<int32_t> parse_token_list(const std::string& s) {
+  std::vector<int32_t> v;
+  size_t i = 0;
+  while (i < s.size()) {
+    size_t j = s.find(',', i);
+    if (j == std::string::npos) j = s.size();
+    std::string part = s.substr(i, j - i);
+    try {
+      size_t pos = 0;
+      long long x = std::stoll(part, &pos);
+      if (pos != part.size() || x < 0 || x > INT32_MAX) throw std::invalid_argument(part);
+      v.push_back(int32_t(x));
+    } catch (...) {
+      fail("--tokens: expected comma-separated non-negative integers, got '", part, "'");
+    }
+    i = j + 1;
+  }
+  if (v.empty()) fail("--tokens: expected at least one token id");
+  return v;
+}
+
+namespace {
+
+// Runs `tokens` through one sequence: the first `prefill` tokens in one call, the rest one at a time.
+// Returns fp32 logits [T, V] for every position.
+std::vector<float> run_logits(model::Model& m, const std::vector<int32_t>& tokens, int64_t prefill) {
+  const int64_t T = int64_t(tokens.size()), V = m.config().text.vocab_size, bs = 16;
+  runtime::CacheManager cm(m, (T + bs - 1) / bs + 1, bs, 1);
+  runtime::SeqCache seq;
+  cm.start(seq);
+  std::vector<float> out;
+  out.reserve(size_t(T * V));
+  int64_t pos = 0;
+  while (pos < T) {
+    int64_t n = pos == 0 ? prefill : 1;
+    std::vector<int32_t> chunk(tokens.begin() + pos, tokens.begin() + pos + n);
+    if (!cm.reserve(seq, n)) fail("internal: KV pool too small");
+    BatchMeta b = runtime::make_batch({{&seq, chunk}});
+    std::vector<int32_t> rows(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) rows[i] = int32_t(i);
+    Tensor logits = m.forward(b, cm.caches(), rows);
+    auto host = m.backend().to_host_f32(logits);
+    out.insert(out.end(), host.begin(), host.end());
+    seq.len += n;
+    pos += n;
+  }
+  return out;
+}
+
+}  // namespace
+
+int cmd_logits(int argc, char** argv) {
+  Args a(argc, argv, 2);
+  auto tokens = parse_token_list(a.require("tokens"));
+  const int64_t T = int64_t(tokens.size());
+  int64_t prefill = a.get_int("prefill", T);
+  if (prefill < 1 || prefill > T) fail("--prefill: expected 1..", T, " (the number of tokens), got ", prefill);
+  std::string out = a.require("out");
+  auto be = make_backend(a.get("backend", "cpu"));
+  auto m = model::Model::load(a.model_dir(), *be);
+  const int64_t V = m->config().text.vocab_size;
+  for (auto t : tokens)
+    if (t >= V) fail("--tokens: id ", t, " is outside the model's vocabulary [0, ", V, ")");
+  auto logits = run_logits(*m, tokens, prefill);
+  io::safetensors_write(out, {{"logits", DType::F32, {T, V}, logits.data()}});
+  std::fprintf(stderr, "wrote %s: logits [%lld, %lld]\n", out.c_str(), (long long)T, (long long)V);
+  return 0;
+}
+
+int cmd_generate(int argc, char** argv) {
+  Args a(argc, argv, 2);
+  auto tokens = parse_token_list(a.require("tokens"));
+  int64_t max_tokens = a.get_int("max-tokens", 16);
+  auto be = make_backend(a.get("backend", "cpu"));
+  auto m = model::Model::load(a.model_dir(), *be);
+  const int64_t V = m->config().text.vocab_size, bs = 16;
+  const int64_t total = int64_t(tokens.size()) + max_tokens;
+  runtime::CacheManager cm(*m, (total + bs - 1) / bs + 1, bs, 1);
+  runtime::SeqCache seq;
+  cm.start(seq);
+  std::vector<int32_t> feed = tokens, generated;
+  for (int64_t step = 0; step < max_tokens; ++step) {
+    cm.reserve(seq, int64_t(feed.size()));
+    BatchMeta b = runtime::make_batch({{&seq, feed}});
+    Tensor logits = m->forward(b, cm.caches(), {int32_t(feed.size() - 1)});
+    auto host = be->to_host_f32(logits);
+    seq.len += int64_t(feed.size());
+    int32_t best = 0;
+    for (int64_t v = 1; v < V; ++v)
+      if (host[v] > host[best]) best = int32_t(v);
+    generated.push_back(best);
+    feed = {best};
+  }
+  for (size_t i = 0; i < generated.size(); ++i) std::printf("%s%d", i ? "," : "", generated[i]);
+  std::printf("\n");
+  return 0;
+}
+
+int cmd_inspect(int argc, char** argv) {
+  Args a(argc, argv, 2);
+  std::string path = a.model_dir();
+  io::ModelConfig cfg = io::load_model_config(path);
+  const auto& t = cfg.text;
+  auto pc = io::count_params(cfg);
+  std::printf("architecture: %s (model_type %s)\n", cfg.architecture.c_str(), cfg.model_type.c_str());
+  std::printf("text: hidden %lld, %lld layers (%d gated DeltaNet, %d gated full attention), vocab %lld\n",
+              (long long)t.hidden_size, (long long)t.num_layers, t.num_linear_layers(), t.num_full_layers(),
+              (long long)t.vocab_size);
+  std::printf("  layer types: ");
+  for (auto lt : t.layer_types) std::printf("%c", lt == io::LayerType::FullAttention ? 'A' : 'L');
+  std::printf("  (L = linear attention, A = full attention)\n");
+  std::printf("  full attention: %lld q heads, %lld kv heads, head_dim %lld, rotary %lld dims, theta %g, "
+              "mrope_section [%d, %d, %d]%s\n",
+              (long long)t.num_heads, (long long)t.num_kv_heads, (long long)t.head_dim, (long long)t.rotary_dim(),
+              t.rope.theta, t.rope.mrope_section[0], t.rope.mrope_section[1], t.rope.mrope_section[2],
+              t.rope.mrope_interleaved ? " interleaved" : "");
+  std::printf("  gated DeltaNet: %lld key heads x %lld, %lld value heads x %lld, conv kernel %lld\n",
+              (long long)t.lin_num_k_heads, (long long)t.lin_k_head_dim, (long long)t.lin_num_v_heads,
+              (long long)t.lin_v_head_dim, (long long)t.conv_kernel);
+  if (t.moe)
+    std::printf("  MoE: %lld experts, top-%lld, expert intermediate %lld, shared expert intermediate %lld\n",
+                (long long)t.num_experts, (long long)t.num_experts_per_tok, (long long)t.moe_intermediate_size,
+                (long long)t.shared_expert_intermediate_size);
+  else
+    std::printf("  dense MLP: intermediate %lld\n", (long long)t.intermediate_size);
+  std::printf("  MTP layers: %lld\n", (long long)t.mtp_num_hidden_layers);
+  if (cfg.vision.present)
+    std::printf("vision: depth %lld, hidden %lld, %lld heads, patch %lld, merge %lld, out %lld\n",
+                (long long)cfg.vision.depth, (long long)cfg.vision.hidden_size, (long long)cfg.vision.num_heads,
+                (long long)cfg.vision.patch_size, (long long)cfg.vision.spatial_merge_size,
+                (long long)cfg.vision.out_hidden_size);
+  auto B = [](int64_t n) { return double(n) / 1e9; };
+  std::printf("parameters: text %.2f B (without MTP), MTP %.2f B, vision %.3f B; active per token %.2f B\n",
+              B(pc.text), B(pc.mtp), B(pc.vision), B(pc.active));
+  if (cfg.quant.enabled()) {
+    std::printf("quantization: %s, %d-bit, group %d, %s, packing %s\n", cfg.quant.method.c_str(), cfg.quant.bits,
+                cfg.quant.group_size, cfg.quant.sym ? "sym" : "asym", cfg.quant.packing_format.c_str());
+    std::printf("  int4 parameters: %.2f B; blocks quantized: ", B(pc.int4_params));
+    for (auto& p : cfg.quant.block_name_to_quantize) std::printf("%s ", p.c_str());
+    std::printf("\n  per module (layer 0 / first full-attention layer):\n");
+    const std::string lm = cfg.lm_prefix;
+    int first_full = -1;
+    for (size_t i = 0; i < t.layer_types.size(); ++i)
+      if (t.layer_types[i] == io::LayerType::FullAttention && first_full < 0) first_full = int(i);
+    std::vector<std::string> mods;
+    for (auto m : {"linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.in_proj_a", "linear_attn.in_proj_b",
+                   "linear_attn.out_proj"})
+      mods.push_back(lm + ".layers.0." + m);
+    if (first_full >= 0)
+      for (auto m : {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"})
+        mods.push_back(lm + ".layers." + std::to_string(first_full) + "." + m);
+    for (auto m : t.moe ? std::vector<std::string>{"mlp.gate", "mlp.experts.0.gate_proj", "mlp.experts.0.down_proj",
+                                                  "mlp.shared_expert.gate_proj", "mlp.shared_expert_gate"}
+                        : std::vector<std::string>{"mlp.gate_proj", "mlp.down_proj"})
+      mods.push_back(lm + ".layers.0." + m);
+    mods.push_back("lm_head");
+    mods.push_back("mtp.layers.0.self_attn.q_proj");
+    for (auto& m : mods) std::printf("    %-60s %s\n", m.c_str(), cfg.quant.is_quantized(m) ? "int4" : "bf16");
+  } else {
+    std::printf("quantization: none (BF16 checkpoint)\n");
+  }
+  std::printf("weights memory (text + MTP, checkpoint precision): %.2f GiB\n", double(pc.weight_bytes) / (1ull << 30));
+  return 0;
+}
+
+}  // namespace ds::cli

@@ -1,0 +1,6 @@
+#pragma once
+namespace ds::cli {
+int cmd_logits(int argc, char** argv);
+int cmd_inspect(int argc, char** argv);
+int cmd_generate(int argc, char** argv);
+}  // namespace ds::cli

@@ -1,0 +1,41 @@
+// deltaserve: one binary, subcommands (design.md §1).
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <string>
+
+#include "cli/commands.h"
+#include "core/status.h"
+
+namespace {
+void usage() {
+  std::fprintf(stderr,
+               "usage: deltaserve <command> [flags]\n"
+               "commands:\n"
+               "  logits    --model DIR --tokens 1,2,3 [--prefill N] [--backend cpu] --out F.safetensors\n"
+               "  generate  --model DIR --tokens 1,2,3 [--max-tokens N] [--backend cpu]   (greedy)\n"
+               "  inspect   --model DIR|config.json\n");
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || !std::strcmp(argv[1], "-h") || !std::strcmp(argv[1], "--help")) {
+    usage();
+    return argc < 2 ? 2 : 0;
+  }
+  std::string cmd = argv[1];
+  try {
+    if (cmd == "logits") return ds::cli::cmd_logits(argc, argv);
+    if (cmd == "inspect") return ds::cli::cmd_inspect(argc, argv);
+    if (cmd == "generate") return ds::cli::cmd_generate(argc, argv);
+    std::fprintf(stderr, "deltaserve: unknown command '%s'\n", cmd.c_str());
+    usage();
+    return 2;
+  } catch (const ds::Error& e) {
+    std::fprintf(stderr, "deltaserve %s: error: %s\n", cmd.c_str(), e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "deltaserve %s: internal error: %s\n", cmd.c_str(), e.what());
+    return 3;
+  }
+}

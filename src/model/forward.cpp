@@ -1,0 +1,63 @@
+// forward(): one loop over layers, one branch on the layer type, residuals visible.
+#include "model/model.h"
+
+namespace ds::model {
+
+Tensor Model::forward(BatchMeta& b, ModelCaches& caches, const std::vector<int32_t>& logit_rows, Tensor* hidden_out) {
+  const auto& t = cfg_.text;
+  const int64_t T = b.num_tokens(), H = t.hidden_size;
+  const float eps = float(t.rms_norm_eps);
+  const DType act = be_.act_dtype();
+  be_.prepare_batch(b);
+
+  Tensor x = be_.alloc(act, {T, H});  // residual stream
+  be_.embed(w_.embed, b, x);
+  Tensor h = be_.alloc(act, {T, H});
+  for (size_t L = 0; L < w_.layers.size(); ++L) {
+    const LayerWeights& lw = w_.layers[L];
+    be_.rmsnorm(x, lw.in_norm, eps, h);
+    Tensor mix = lw.type == io::LayerType::FullAttention ? attention_block(lw, h, b, caches.kv[L])
+                                                         : deltanet_block(lw, h, b, caches.state[L]);
+    be_.add_inplace(x, mix);
+    be_.rmsnorm(x, lw.post_norm, eps, h);
+    be_.add_inplace(x, ffn_block(lw, h));
+  }
+  const int64_t R = int64_t(logit_rows.size());
+  Tensor last = be_.alloc(act, {R, H});
+  be_.gather_rows(x, logit_rows, last);
+  Tensor hf = be_.alloc(act, {R, H});
+  be_.rmsnorm(last, w_.final_norm, eps, hf);
+  Tensor logits = be_.alloc(DType::F32, {R, t.vocab_size});
+  be_.linear(hf, w_.lm_head, logits);
+  if (hidden_out) *hidden_out = hf;
+  return logits;
+}
+
+ModelCaches Model::alloc_caches(int64_t num_blocks, int64_t block_size, int64_t num_slots) {
+  const auto& t = cfg_.text;
+  ModelCaches c;
+  c.kv.resize(t.layer_types.size());
+  c.state.resize(t.layer_types.size());
+  for (size_t L = 0; L < t.layer_types.size(); ++L) {
+    if (t.layer_types[L] == io::LayerType::FullAttention) {
+      c.kv[L].block_size = block_size;
+      c.kv[L].k = be_.alloc(be_.act_dtype(), {num_blocks, block_size, t.num_kv_heads, t.head_dim});
+      c.kv[L].v = be_.alloc(be_.act_dtype(), {num_blocks, block_size, t.num_kv_heads, t.head_dim});
+    } else {
+      c.state[L].conv = be_.alloc(DType::F32, {num_slots, t.lin_conv_dim(), t.conv_kernel - 1});
+      c.state[L].ssm = be_.alloc(DType::F32, {num_slots, t.lin_num_v_heads, t.lin_k_head_dim, t.lin_v_head_dim});
+    }
+  }
+  return c;
+}
+
+void Model::reset_slot(ModelCaches& c, int32_t slot) {
+  for (auto& s : c.state) {
+    if (!s.conv.defined() || s.conv.numel() == 0) continue;
+    Tensor conv = s.conv.rows(slot, slot + 1), ssm = s.ssm.rows(slot, slot + 1);
+    be_.zero(conv);
+    be_.zero(ssm);
+  }
+}
+
+}  // namespace ds::model

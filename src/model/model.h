@@ -1,0 +1,89 @@
+// The text model: weights laid out on a backend, and forward() written once over backend ops.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend/ops.h"
+#include "io/config.h"
+
+namespace ds::model {
+
+struct AttnWeights {
+  Linear q, k, v, o;        // q: [Nh·2·Dh, H] (query | gate per head)
+  Tensor q_norm, k_norm;    // fp32 [Dh], (1 + w) folded
+};
+
+struct GdnWeights {
+  Linear qkv, z, ba, out;   // ba = concat(in_proj_b, in_proj_a): [2·Hv, H]
+  Tensor conv_w;            // fp32 [C, Kc]
+  Tensor A_log, dt_bias;    // fp32 [Hv]
+  Tensor norm;              // fp32 [Dv], plain weight
+};
+
+struct FfnWeights {
+  bool moe = true;
+  Linear router;            // [E, H]
+  Experts experts;
+  Linear shared_gu, shared_down, shared_gate;  // [2·Is, H], [H, Is], [1, H]
+  Linear mlp_gu, mlp_down;  // dense MLP: [2·I, H], [H, I]
+};
+
+struct LayerWeights {
+  io::LayerType type = io::LayerType::LinearAttention;
+  Tensor in_norm, post_norm;  // fp32 [H], (1 + w) folded
+  AttnWeights attn;
+  GdnWeights gdn;
+  FfnWeights ffn;
+};
+
+struct Weights {
+  Tensor embed;       // act dtype [V, H]
+  Tensor final_norm;  // fp32 [H], (1 + w) folded
+  Linear lm_head;     // [V, H]
+  std::vector<LayerWeights> layers;
+};
+
+// Per-layer caches of one model instance (allocated by runtime/).
+struct ModelCaches {
+  std::vector<KvLayer> kv;        // indexed by layer; empty tensors for linear-attention layers
+  std::vector<StateLayer> state;  // indexed by layer; empty tensors for full-attention layers
+};
+
+struct LoadReport {
+  std::vector<std::string> not_yet_used;  // tensors of parts we declare but do not run yet (mtp., visual.)
+  int64_t int4_linears = 0, bf16_linears = 0;
+};
+
+class Model {
+ public:
+  // Loads and validates every tensor of the checkpoint in `dir` onto `be`. Strict: a missing or mis-shaped
+  // tensor, or a tensor no part of the model claims, is an error naming it.
+  static std::unique_ptr<Model> load(const std::string& dir, Backend& be, LoadReport* report = nullptr);
+
+  const io::ModelConfig& config() const { return cfg_; }
+  Backend& backend() { return be_; }
+
+  // Allocates caches for `num_blocks` KV blocks of `block_size` tokens and `num_slots` DeltaNet slots.
+  ModelCaches alloc_caches(int64_t num_blocks, int64_t block_size, int64_t num_slots);
+  // Zeroes slot `slot` of every DeltaNet layer (a fresh sequence starts from zero state).
+  void reset_slot(ModelCaches& c, int32_t slot);
+
+  // Runs the batch through every layer and returns fp32 logits [R, V] for token rows `logit_rows`.
+  // If `hidden_out` is given it receives the final-norm hidden states of those rows [R, H].
+  Tensor forward(BatchMeta& b, ModelCaches& caches, const std::vector<int32_t>& logit_rows,
+                 Tensor* hidden_out = nullptr);
+
+ private:
+  Model(io::ModelConfig cfg, Backend& be) : cfg_(std::move(cfg)), be_(be) {}
+  Tensor attention_block(const LayerWeights& lw, const Tensor& x, BatchMeta& b, KvLayer& kv);
+  Tensor deltanet_block(const LayerWeights& lw, const Tensor& x, BatchMeta& b, StateLayer& st);
+  Tensor ffn_block(const LayerWeights& lw, const Tensor& x);
+
+  io::ModelConfig cfg_;
+  Backend& be_;
+  Weights w_;
+  RopeParams rope_;
+};
+
+}  // namespace ds::model

@@ -1,0 +1,61 @@
+#include "runtime/cache.h"
+
+namespace ds::runtime {
+
+CacheManager::CacheManager(model::Model& m, int64_t num_blocks, int64_t block_size, int64_t num_slots)
+    : m_(m), num_blocks_(num_blocks), block_size_(block_size), num_slots_(num_slots) {
+  caches_ = m.alloc_caches(num_blocks, block_size, num_slots);
+  for (int64_t i = num_blocks - 1; i >= 0; --i) free_blocks_.push_back(int32_t(i));
+  for (int64_t i = num_slots - 1; i >= 0; --i) free_slots_.push_back(int32_t(i));
+}
+
+bool CacheManager::start(SeqCache& s) {
+  if (free_slots_.empty()) return false;
+  s.slot = free_slots_.back();
+  free_slots_.pop_back();
+  s.blocks.clear();
+  s.len = 0;
+  m_.reset_slot(caches_, s.slot);
+  return true;
+}
+
+bool CacheManager::reserve(SeqCache& s, int64_t new_tokens) {
+  int64_t need = (s.len + new_tokens + block_size_ - 1) / block_size_ - int64_t(s.blocks.size());
+  if (need <= 0) return true;
+  if (need > int64_t(free_blocks_.size())) return false;
+  for (int64_t i = 0; i < need; ++i) {
+    s.blocks.push_back(free_blocks_.back());
+    free_blocks_.pop_back();
+  }
+  return true;
+}
+
+void CacheManager::release(SeqCache& s) {
+  for (auto b : s.blocks) free_blocks_.push_back(b);
+  s.blocks.clear();
+  if (s.slot >= 0) free_slots_.push_back(s.slot);
+  s.slot = -1;
+  s.len = 0;
+}
+
+BatchMeta make_batch(const std::vector<std::pair<const SeqCache*, std::vector<int32_t>>>& parts) {
+  BatchMeta b;
+  for (auto& [sc, toks] : parts) {
+    BatchMeta::Seq s;
+    s.q_start = b.num_tokens();
+    s.q_len = int64_t(toks.size());
+    s.ctx_len = sc->len;
+    s.state_slot = sc->slot;
+    s.blocks = sc->blocks;
+    b.seqs.push_back(std::move(s));
+    b.tokens.insert(b.tokens.end(), toks.begin(), toks.end());
+  }
+  const int64_t T = b.num_tokens();
+  b.positions.assign(size_t(3 * T), 0);
+  for (auto& s : b.seqs)
+    for (int64_t i = 0; i < s.q_len; ++i)
+      for (int r = 0; r < 3; ++r) b.positions[r * T + s.q_start + i] = int32_t(s.ctx_len + i);
+  return b;
+}
+
+}  // namespace ds::runtime

@@ -143,13 +143,18 @@ int cmd_inspect(int argc, char** argv) {
                 (long long)cfg.vision.depth, (long long)cfg.vision.hidden_size, (long long)cfg.vision.num_heads,
                 (long long)cfg.vision.patch_size, (long long)cfg.vision.spatial_merge_size,
                 (long long)cfg.vision.out_hidden_size);
-  auto B = [](int64_t n) { return double(n) / 1e9; };
-  std::printf("parameters: text %.2f B (without MTP), MTP %.2f B, vision %.3f B; active per token %.2f B\n",
-              B(pc.text), B(pc.mtp), B(pc.vision), B(pc.active));
+  auto human = [](int64_t n) {
+    char buf[32];
+    if (n >= 100000000) std::snprintf(buf, sizeof buf, "%.2f B", double(n) / 1e9);
+    else std::snprintf(buf, sizeof buf, "%.3f M", double(n) / 1e6);
+    return std::string(buf);
+  };
+  std::printf("parameters: text %s (without MTP), MTP %s, vision %s; active per token %s\n", human(pc.text).c_str(),
+              human(pc.mtp).c_str(), human(pc.vision).c_str(), human(pc.active).c_str());
   if (cfg.quant.enabled()) {
     std::printf("quantization: %s, %d-bit, group %d, %s, packing %s\n", cfg.quant.method.c_str(), cfg.quant.bits,
                 cfg.quant.group_size, cfg.quant.sym ? "sym" : "asym", cfg.quant.packing_format.c_str());
-    std::printf("  int4 parameters: %.2f B; blocks quantized: ", B(pc.int4_params));
+    std::printf("  int4 parameters: %s; blocks quantized: ", human(pc.int4_params).c_str());
     for (auto& p : cfg.quant.block_name_to_quantize) std::printf("%s ", p.c_str());
     std::printf("\n  per module (layer 0 / first full-attention layer):\n");
     const std::string lm = cfg.lm_prefix;

@@ -1,0 +1,107 @@
+// The deltaserve binary's model commands, run as a user would.
+#include <gtest/gtest.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+
+#include "golden_util.h"
+
+namespace ds {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct Result {
+  int code;
+  std::string out;
+};
+Result run(const std::string& args) {
+  std::string cmd = std::string(DS_BINARY) + " " + args + " 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  std::string out;
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
+  int st = pclose(p);
+  return {WEXITSTATUS(st), out};
+}
+
+std::string join(const std::vector<int32_t>& v) {
+  std::string s;
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? "," : "") + std::to_string(v[i]);
+  return s;
+}
+
+TEST(Cli, LogitsTeacherForcedDecodeMatchesGolden) {
+  const std::string dir = test::data_dir() + "/tiny-moe/";
+  auto golden = test::read_json(dir + "golden.json");
+  test::Golden g(dir + "golden.safetensors");
+  auto& p = golden["text"]["int4"][1];
+  auto toks = p["prompt"].get<std::vector<int32_t>>();
+  auto greedy = p["greedy"].get<std::vector<int32_t>>();
+  const size_t P = toks.size();
+  toks.insert(toks.end(), greedy.begin(), greedy.end() - 1);
+  fs::path out = fs::temp_directory_path() / "ds_cli_logits.safetensors";
+  auto r = run("logits --model " + dir + "tiny-moe-int4 --tokens " + join(toks) + " --prefill " + std::to_string(P) +
+               " --backend cpu --out " + out.string());
+  ASSERT_EQ(r.code, 0) << r.out;
+  test::Golden ours(out.string());
+  std::vector<int64_t> shape;
+  auto logits = ours.f32("logits", &shape);
+  ASSERT_EQ(shape, (std::vector<int64_t>{int64_t(toks.size()), 2048}));
+  auto prompt_ref = g.f32("int4.fp32.prompt1.logits");
+  EXPECT_LT(test::rel_l2(logits.data(), prompt_ref.data(), prompt_ref.size()), 1e-4);
+  auto gen_ref = g.f32("int4.fp32.prompt1.gen_logits");
+  EXPECT_LT(test::rel_l2(logits.data() + (toks.size() - 24) * 2048, gen_ref.data(), gen_ref.size()), 1e-4);
+}
+
+TEST(Cli, GenerateIsGreedy) {
+  const std::string dir = test::data_dir() + "/tiny-moe/";
+  auto golden = test::read_json(dir + "golden.json");
+  auto& p = golden["text"]["bf16"][2];
+  auto r = run("generate " + dir + "tiny-moe-bf16 --tokens " + join(p["prompt"].get<std::vector<int32_t>>()) +
+               " --max-tokens 8");
+  ASSERT_EQ(r.code, 0) << r.out;
+  auto g = p["greedy"].get<std::vector<int32_t>>();
+  EXPECT_EQ(r.out, join(std::vector<int32_t>(g.begin(), g.begin() + 8)) + "\n");
+}
+
+TEST(Cli, InspectWorksFromConfigAlone) {
+  auto path = std::string(DS_SHARED_DIR) + "/assets/qwen3.6-35b-a3b/config.json";
+  if (!fs::exists(path)) GTEST_SKIP() << "../shared is absent";
+  auto r = run("inspect --model " + path);
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("text 34.66 B (without MTP), MTP 0.84 B"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("30 gated DeltaNet, 10 gated full attention"), std::string::npos);
+}
+
+TEST(Cli, InspectShowsPerModulePrecision) {
+  auto r = run("inspect " + test::data_dir() + "/tiny-moe/tiny-moe-int4");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("auto-round, 4-bit, group 128"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("model.language_model.layers.0.linear_attn.in_proj_a          bf16"), std::string::npos);
+  EXPECT_NE(r.out.find("model.language_model.layers.0.mlp.experts.0.gate_proj        int4"), std::string::npos);
+}
+
+TEST(Cli, BadArgumentsAreClearErrors) {
+  const std::string m = test::data_dir() + "/tiny-moe/tiny-moe-int4";
+  struct Case {
+    std::string args, expect;
+  } cases[] = {
+      {"logits --model " + m + " --tokens 1,x --out /tmp/x", "expected comma-separated non-negative integers"},
+      {"logits --model " + m + " --tokens 1,2 --prefill 5 --out /tmp/x", "--prefill: expected 1..2"},
+      {"logits --model " + m + " --tokens 1,99999 --out /tmp/x", "outside the model's vocabulary"},
+      {"logits --model /nonexistent --tokens 1 --out /tmp/x", "no config.json"},
+      {"logits --model " + m + " --tokens 1 --backend tpu --out /tmp/x", "expected cpu or cuda"},
+      {"frobnicate", "unknown command"},
+  };
+  for (auto& c : cases) {
+    auto r = run(c.args);
+    EXPECT_NE(r.code, 0) << c.args;
+    EXPECT_NE(r.out.find(c.expect), std::string::npos) << c.args << " -> " << r.out;
+  }
+}
+
+}  // namespace
+}  // namespace ds

@@ -22,14 +22,16 @@ struct Fixture {
   std::unique_ptr<test::Golden> tensors;
 };
 
-Fixture& fixture(const std::string& variant) {
+// `param` is "<fixture>/<variant>", e.g. "tiny-moe/int4".
+Fixture& fixture(const std::string& param) {
   static std::map<std::string, Fixture> cache;
-  auto it = cache.find(variant);
+  auto it = cache.find(param);
   if (it != cache.end()) return it->second;
-  Fixture& f = cache[variant];
-  const std::string dir = test::data_dir() + "/tiny-moe/";
+  Fixture& f = cache[param];
+  const std::string fx = param.substr(0, param.find('/')), variant = param.substr(param.find('/') + 1);
+  const std::string dir = test::data_dir() + "/" + fx + "/";
   f.be = make_cpu_backend();
-  f.m = model::Model::load(dir + "tiny-moe-" + variant, *f.be);
+  f.m = model::Model::load(dir + fx + "-" + variant, *f.be);
   f.golden = test::read_json(dir + "golden.json");
   f.tensors = std::make_unique<test::Golden>(dir + "golden.safetensors");
   return f;
@@ -79,16 +81,19 @@ std::vector<float> last_rows(const std::vector<float>& v, int64_t rows, int64_t 
   return std::vector<float>(v.end() - rows * V, v.end());
 }
 
-class Golden : public ::testing::TestWithParam<std::string> {};
+class Golden : public ::testing::TestWithParam<std::string> {
+ protected:
+  std::string variant() const { return GetParam().substr(GetParam().find('/') + 1); }
+};
 
 TEST_P(Golden, PromptLogitsMatchReference) {
   auto& f = fixture(GetParam());
   const int64_t V = f.m->config().text.vocab_size;
-  auto& prompts = f.golden["text"][GetParam()];
+  auto& prompts = f.golden["text"][variant()];
   for (size_t i = 0; i < prompts.size(); ++i) {
     auto toks = ids(prompts[i]["prompt"]);
     std::vector<int64_t> shape;
-    auto ref = f.tensors->f32(GetParam() + ".fp32.prompt" + std::to_string(i) + ".logits", &shape);
+    auto ref = f.tensors->f32(variant() + ".fp32.prompt" + std::to_string(i) + ".logits", &shape);
     auto ours = last_rows(run_one(*f.m, toks, toks.size()), shape[0], V);
     double err = rel_l2(ours, ref);
     std::printf("  %s prompt%zu (%zu tokens, %lld rows): rel L2 %.3g\n", GetParam().c_str(), i, toks.size(),
@@ -100,13 +105,13 @@ TEST_P(Golden, PromptLogitsMatchReference) {
 TEST_P(Golden, TeacherForcedDecodeMatchesReference) {
   auto& f = fixture(GetParam());
   const int64_t V = f.m->config().text.vocab_size;
-  auto& prompts = f.golden["text"][GetParam()];
+  auto& prompts = f.golden["text"][variant()];
   for (size_t i = 0; i < prompts.size(); ++i) {
     auto toks = ids(prompts[i]["prompt"]);
     auto greedy = ids(prompts[i]["greedy"]);
     const size_t P = toks.size();
     toks.insert(toks.end(), greedy.begin(), greedy.end() - 1);
-    auto ref = f.tensors->f32(GetParam() + ".fp32.prompt" + std::to_string(i) + ".gen_logits");
+    auto ref = f.tensors->f32(variant() + ".fp32.prompt" + std::to_string(i) + ".gen_logits");
     auto ours = last_rows(run_one(*f.m, toks, P), 24, V);
     double worst = 0;
     int compared = 0, equal = 0;
@@ -140,7 +145,7 @@ TEST_P(Golden, TeacherForcedDecodeMatchesReference) {
 TEST_P(Golden, PrefillSplitsAgree) {
   auto& f = fixture(GetParam());
   const int64_t V = f.m->config().text.vocab_size;
-  auto toks = ids(f.golden["text"][GetParam()][3]["prompt"]);  // 150 tokens: crosses 64-token chunks
+  auto toks = ids(f.golden["text"][variant()][3]["prompt"]);  // 150 tokens: crosses 64-token chunks
   auto whole = run_one(*f.m, toks, toks.size());
   for (size_t split : {1, 63, 64, 65, 100, 149}) {
     // Prefill `split` tokens, then the rest as a second prefill chunk.
@@ -160,7 +165,7 @@ TEST_P(Golden, PrefillSplitsAgree) {
 
 TEST_P(Golden, BatchOfAllPromptsMatchesSingleRuns) {
   auto& f = fixture(GetParam());
-  auto& prompts = f.golden["text"][GetParam()];
+  auto& prompts = f.golden["text"][variant()];
   const int n = int(prompts.size());
   std::vector<std::vector<int32_t>> toks(n);
   std::vector<std::vector<float>> alone(n);
@@ -186,7 +191,14 @@ TEST_P(Golden, BatchOfAllPromptsMatchesSingleRuns) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(TinyMoe, Golden, ::testing::Values("bf16", "int4"));
+INSTANTIATE_TEST_SUITE_P(Tiny, Golden,
+                         ::testing::Values("tiny-moe/bf16", "tiny-moe/int4", "tiny-dense/bf16", "tiny-dense/int4"),
+                         [](const auto& info) {
+                           std::string s = info.param;
+                           for (auto& c : s)
+                             if (c == '/' || c == '-') c = '_';
+                           return s;
+                         });
 
 }  // namespace
 }  // namespace ds

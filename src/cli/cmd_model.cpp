@@ -183,3 +183,74 @@ int cmd_inspect(int argc, char** argv) {
 }
 
 }  // namespace ds::cli
+
+namespace ds::cli {
+
+// MTP head on a prompt: first pass over every prompt row (fed the next prompt token, or --next for the
+// last row), then K-1 chained draft steps fed the previous step's argmax and MTP output hidden.
+int cmd_mtp_logits(int argc, char** argv) {
+  Args a(argc, argv, 2);
+  auto prompt = parse_token_list(a.require("tokens"));
+  auto next = parse_token_list(a.require("next"));
+  if (next.size() != 1) fail("--next: expected one token id, got ", next.size());
+  const int64_t K = a.get_int("draft-steps", 1);
+  if (K < 1 || K > 64) fail("--draft-steps: expected 1..64, got ", K);
+  std::string out = a.require("out");
+  auto be = make_backend(a.get("backend", "cpu"));
+  auto m = model::Model::load(a.model_dir(), *be);
+  if (!m->has_mtp()) fail(a.model_dir(), ": the checkpoint has no MTP head (mtp.* tensors)");
+  const int64_t N = int64_t(prompt.size()), V = m->config().text.vocab_size, bs = 16;
+  for (auto t : prompt)
+    if (t >= V) fail("--tokens: id ", t, " is outside the model's vocabulary [0, ", V, ")");
+  if (next[0] >= V) fail("--next: id ", next[0], " is outside the model's vocabulary [0, ", V, ")");
+  runtime::CacheManager cm(*m, (N + K + bs - 1) / bs + 1, bs, 1);
+  runtime::SeqCache seq;
+  cm.start(seq);
+  cm.reserve(seq, N + K);
+  // Main model: hidden states of every prompt row.
+  BatchMeta b = runtime::make_batch({{&seq, prompt}});
+  std::vector<int32_t> rows(static_cast<size_t>(N));
+  for (int64_t i = 0; i < N; ++i) rows[i] = int32_t(i);
+  Tensor hidden;
+  m->forward(b, cm.caches(), rows, &hidden);
+  // MTP first pass: row j is fed y_j = x_{j+1} (next for the last row) at position j.
+  BatchMeta mb = b;
+  for (int64_t j = 0; j < N; ++j) mb.tokens[j] = j + 1 < N ? prompt[j + 1] : next[0];
+  Tensor mh;
+  Tensor logits = m->mtp_forward(mb, cm.caches(), hidden, rows, &mh);
+  auto first = be->to_host_f32(logits);
+  std::vector<float> chain;
+  auto argmax = [&](const float* r) {
+    int32_t best = 0;
+    for (int64_t v = 1; v < V; ++v)
+      if (r[v] > r[best]) best = int32_t(v);
+    return best;
+  };
+  int32_t draft = argmax(first.data() + (N - 1) * V);
+  Tensor prev = mh.rows(N - 1, N);
+  for (int64_t k = 1; k < K; ++k) {
+    BatchMeta cb;
+    BatchMeta::Seq s;
+    s.q_start = 0;
+    s.q_len = 1;
+    s.ctx_len = N - 1 + k;
+    s.state_slot = seq.slot;
+    s.blocks = seq.blocks;
+    cb.seqs = {s};
+    cb.tokens = {draft};
+    cb.positions = {int32_t(N - 1 + k), int32_t(N - 1 + k), int32_t(N - 1 + k)};
+    Tensor h2;
+    auto l = be->to_host_f32(m->mtp_forward(cb, cm.caches(), prev, {0}, &h2));
+    chain.insert(chain.end(), l.begin(), l.end());
+    draft = argmax(l.data());
+    prev = h2;
+  }
+  std::vector<io::TensorOut> outs = {{"mtp_logits", DType::F32, {N, V}, first.data()}};
+  if (K > 1) outs.push_back({"chain_logits", DType::F32, {K - 1, V}, chain.data()});
+  io::safetensors_write(out, outs);
+  std::fprintf(stderr, "wrote %s: mtp_logits [%lld, %lld], chain_logits [%lld, %lld]\n", out.c_str(), (long long)N,
+               (long long)V, (long long)(K - 1), (long long)V);
+  return 0;
+}
+
+}  // namespace ds::cli

@@ -3,4 +3,5 @@ namespace ds::cli {
 int cmd_logits(int argc, char** argv);
 int cmd_inspect(int argc, char** argv);
 int cmd_generate(int argc, char** argv);
+int cmd_mtp_logits(int argc, char** argv);
 }  // namespace ds::cli

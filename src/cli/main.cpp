@@ -14,6 +14,7 @@ void usage() {
                "commands:\n"
                "  logits    --model DIR --tokens 1,2,3 [--prefill N] [--backend cpu] --out F.safetensors\n"
                "  generate  --model DIR --tokens 1,2,3 [--max-tokens N] [--backend cpu]   (greedy)\n"
+               "  mtp-logits --model DIR --tokens P --next T [--draft-steps K] --out F.safetensors\n"
                "  inspect   --model DIR|config.json\n");
 }
 }  // namespace
@@ -28,6 +29,7 @@ int main(int argc, char** argv) {
     if (cmd == "logits") return ds::cli::cmd_logits(argc, argv);
     if (cmd == "inspect") return ds::cli::cmd_inspect(argc, argv);
     if (cmd == "generate") return ds::cli::cmd_generate(argc, argv);
+    if (cmd == "mtp-logits") return ds::cli::cmd_mtp_logits(argc, argv);
     std::fprintf(stderr, "deltaserve: unknown command '%s'\n", cmd.c_str());
     usage();
     return 2;

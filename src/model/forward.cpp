@@ -12,21 +12,57 @@ Tensor Model::forward(BatchMeta& b, ModelCaches& caches, const std::vector<int32
 
   Tensor x = be_.alloc(act, {T, H});  // residual stream
   be_.embed(w_.embed, b, x);
-  Tensor h = be_.alloc(act, {T, H});
-  for (size_t L = 0; L < w_.layers.size(); ++L) {
-    const LayerWeights& lw = w_.layers[L];
-    be_.rmsnorm(x, lw.in_norm, eps, h);
-    Tensor mix = lw.type == io::LayerType::FullAttention ? attention_block(lw, h, b, caches.kv[L])
-                                                         : deltanet_block(lw, h, b, caches.state[L]);
-    be_.add_inplace(x, mix);
-    be_.rmsnorm(x, lw.post_norm, eps, h);
-    be_.add_inplace(x, ffn_block(lw, h));
-  }
+  for (size_t L = 0; L < w_.layers.size(); ++L)
+    x = decoder_layer(w_.layers[L], x, b, caches, &caches.kv[L], &caches.state[L]);
   const int64_t R = int64_t(logit_rows.size());
   Tensor last = be_.alloc(act, {R, H});
   be_.gather_rows(x, logit_rows, last);
   Tensor hf = be_.alloc(act, {R, H});
   be_.rmsnorm(last, w_.final_norm, eps, hf);
+  Tensor logits = be_.alloc(DType::F32, {R, t.vocab_size});
+  be_.linear(hf, w_.lm_head, logits);
+  if (hidden_out) *hidden_out = hf;
+  return logits;
+}
+
+Tensor Model::decoder_layer(const LayerWeights& lw, Tensor x, BatchMeta& b, ModelCaches& caches, KvLayer* kv,
+                            StateLayer* st) {
+  const float eps = float(cfg_.text.rms_norm_eps);
+  Tensor h = be_.alloc(be_.act_dtype(), x.shape);
+  be_.rmsnorm(x, lw.in_norm, eps, h);
+  Tensor mix = lw.type == io::LayerType::FullAttention ? attention_block(lw, h, b, *kv) : deltanet_block(lw, h, b, *st);
+  be_.add_inplace(x, mix);
+  be_.rmsnorm(x, lw.post_norm, eps, h);
+  be_.add_inplace(x, ffn_block(lw, h));
+  return x;
+}
+
+Tensor Model::mtp_forward(BatchMeta& b, ModelCaches& caches, const Tensor& hidden,
+                          const std::vector<int32_t>& logit_rows, Tensor* hidden_out) {
+  DS_CHECK(w_.mtp.present, "this model has no MTP head loaded");
+  const auto& t = cfg_.text;
+  const int64_t T = b.num_tokens(), H = t.hidden_size;
+  const float eps = float(t.rms_norm_eps);
+  const DType act = be_.act_dtype();
+  be_.prepare_batch(b);
+  const MtpWeights& m = w_.mtp;
+  Tensor e = be_.alloc(act, {T, H});
+  be_.embed(w_.embed, b, e);
+  be_.rmsnorm(e, m.pre_fc_norm_embedding, eps, e);
+  Tensor hh = be_.alloc(act, {T, H});
+  be_.rmsnorm(hidden, m.pre_fc_norm_hidden, eps, hh);
+  // fc(concat(e, hh)) as the sum of its two column halves
+  Tensor x = be_.alloc(act, {T, H});
+  be_.linear(e, m.fc_e, x);
+  Tensor x2 = be_.alloc(act, {T, H});
+  be_.linear(hh, m.fc_h, x2);
+  be_.add_inplace(x, x2);
+  x = decoder_layer(m.layer, x, b, caches, &caches.mtp_kv, nullptr);
+  const int64_t R = int64_t(logit_rows.size());
+  Tensor last = be_.alloc(act, {R, H});
+  be_.gather_rows(x, logit_rows, last);
+  Tensor hf = be_.alloc(act, {R, H});
+  be_.rmsnorm(last, m.norm, eps, hf);
   Tensor logits = be_.alloc(DType::F32, {R, t.vocab_size});
   be_.linear(hf, w_.lm_head, logits);
   if (hidden_out) *hidden_out = hf;
@@ -47,6 +83,11 @@ ModelCaches Model::alloc_caches(int64_t num_blocks, int64_t block_size, int64_t 
       c.state[L].conv = be_.alloc(DType::F32, {num_slots, t.lin_conv_dim(), t.conv_kernel - 1});
       c.state[L].ssm = be_.alloc(DType::F32, {num_slots, t.lin_num_v_heads, t.lin_k_head_dim, t.lin_v_head_dim});
     }
+  }
+  if (w_.mtp.present) {
+    c.mtp_kv.block_size = block_size;
+    c.mtp_kv.k = be_.alloc(be_.act_dtype(), {num_blocks, block_size, t.num_kv_heads, t.head_dim});
+    c.mtp_kv.v = be_.alloc(be_.act_dtype(), {num_blocks, block_size, t.num_kv_heads, t.head_dim});
   }
   return c;
 }

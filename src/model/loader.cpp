@@ -211,6 +211,39 @@ class Loader {
     g.norm = vec(p + "norm.weight", {t.lin_v_head_dim});
   }
 
+  void load_mtp(MtpWeights& m) {
+    const auto& t = cfg_.text;
+    const int64_t H = t.hidden_size;
+    if (t.mtp_num_hidden_layers != 1)
+      fail("config: mtp_num_hidden_layers = ", t.mtp_num_hidden_layers, " is not supported (expected 0 or 1)");
+    // mtp.fc [H, 2H] takes concat(embedding, hidden): split its columns into two [H, H] matrices.
+    auto& fc = tensor("mtp.fc.weight", {H, 2 * H});
+    if (fc.dtype != DType::BF16 && fc.dtype != DType::F16 && fc.dtype != DType::F32)
+      fail("checkpoint: 'mtp.fc.weight' has dtype ", dtype_name(fc.dtype), ", expected BF16, F16 or F32");
+    const size_t es = dtype_size(fc.dtype);
+    for (int half = 0; half < 2; ++half) {
+      std::vector<uint8_t> buf(size_t(H * H) * es);
+      for (int64_t r = 0; r < H; ++r)
+        std::memcpy(buf.data() + size_t(r * H) * es, fc.data + size_t(r * 2 * H + half * H) * es, size_t(H) * es);
+      LinearSource s;
+      s.N = H;
+      s.K = H;
+      s.dtype = fc.dtype;
+      s.data = buf.data();
+      (half == 0 ? m.fc_e : m.fc_h) = be_.make_linear({s});
+    }
+    m.pre_fc_norm_embedding = vec("mtp.pre_fc_norm_embedding.weight", {H}, true);
+    m.pre_fc_norm_hidden = vec("mtp.pre_fc_norm_hidden.weight", {H}, true);
+    m.norm = vec("mtp.norm.weight", {H}, true);
+    const std::string pre = "mtp.layers.0.";
+    m.layer.type = io::LayerType::FullAttention;
+    m.layer.in_norm = vec(pre + "input_layernorm.weight", {H}, true);
+    m.layer.post_norm = vec(pre + "post_attention_layernorm.weight", {H}, true);
+    load_attn(pre, m.layer.attn);
+    load_ffn(pre, m.layer.ffn);
+    m.present = true;
+  }
+
   void load(Weights& w) {
     const auto& t = cfg_.text;
     const int64_t H = t.hidden_size, V = t.vocab_size;
@@ -245,7 +278,7 @@ class Loader {
 
 }  // namespace
 
-std::unique_ptr<Model> Model::load(const std::string& dir, Backend& be, LoadReport* report) {
+std::unique_ptr<Model> Model::load(const std::string& dir, Backend& be, LoadReport* report, LoadOptions opts) {
   io::ModelConfig cfg = io::load_model_config(dir);
   auto idx = io::TensorIndex::open_dir(dir);
   // Text-only (*ForCausalLM) exports name the language model "model."; multimodal ones
@@ -257,7 +290,9 @@ std::unique_ptr<Model> Model::load(const std::string& dir, Backend& be, LoadRepo
   std::unique_ptr<Model> m(new Model(cfg, be));
   LoadReport local;
   LoadReport& rep = report ? *report : local;
-  Loader(m->cfg_, *idx, be, rep).load(m->w_);
+  Loader loader(m->cfg_, *idx, be, rep);
+  loader.load(m->w_);
+  if (opts.mtp && m->cfg_.text.mtp_num_hidden_layers > 0 && idx->has("mtp.fc.weight")) loader.load_mtp(m->w_.mtp);
   std::vector<std::string> unknown;
   for (auto& n : idx->unused()) {
     if (n.rfind("mtp.", 0) == 0 || n.rfind("model.visual.", 0) == 0 || n.rfind("visual.", 0) == 0)

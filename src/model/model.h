@@ -37,7 +37,19 @@ struct LayerWeights {
   FfnWeights ffn;
 };
 
+// Multi-token-prediction head (model-spec §4): one full-attention decoder layer fed with
+// fc([norm_e(embed(next token)), norm_h(main final hidden)]). Shares embed and lm_head.
+struct MtpWeights {
+  bool present = false;
+  Linear fc_e, fc_h;               // the two column halves of mtp.fc [H, 2H]: embedding part, hidden part
+  Tensor pre_fc_norm_embedding;    // fp32 [H], (1 + w) folded
+  Tensor pre_fc_norm_hidden;
+  Tensor norm;                     // mtp.norm
+  LayerWeights layer;              // mtp.layers.0 (full attention + FFN)
+};
+
 struct Weights {
+  MtpWeights mtp;
   Tensor embed;       // act dtype [V, H]
   Tensor final_norm;  // fp32 [H], (1 + w) folded
   Linear lm_head;     // [V, H]
@@ -48,6 +60,11 @@ struct Weights {
 struct ModelCaches {
   std::vector<KvLayer> kv;        // indexed by layer; empty tensors for linear-attention layers
   std::vector<StateLayer> state;  // indexed by layer; empty tensors for full-attention layers
+  KvLayer mtp_kv;                 // the MTP layer's own KV (same block ids as the main sequence)
+};
+
+struct LoadOptions {
+  bool mtp = true;  // load the MTP head when the checkpoint has one
 };
 
 struct LoadReport {
@@ -59,7 +76,9 @@ class Model {
  public:
   // Loads and validates every tensor of the checkpoint in `dir` onto `be`. Strict: a missing or mis-shaped
   // tensor, or a tensor no part of the model claims, is an error naming it.
-  static std::unique_ptr<Model> load(const std::string& dir, Backend& be, LoadReport* report = nullptr);
+  static std::unique_ptr<Model> load(const std::string& dir, Backend& be, LoadReport* report = nullptr,
+                                     LoadOptions opts = {});
+  bool has_mtp() const { return w_.mtp.present; }
 
   const io::ModelConfig& config() const { return cfg_; }
   Backend& backend() { return be_; }
@@ -74,11 +93,19 @@ class Model {
   Tensor forward(BatchMeta& b, ModelCaches& caches, const std::vector<int32_t>& logit_rows,
                  Tensor* hidden_out = nullptr);
 
+  // MTP head over a batch whose tokens are the *next* tokens y_j and whose positions are those of the
+  // hidden states' tokens; `hidden` [T, H] are main-model final-norm hiddens (or the MTP's own previous
+  // output when chaining drafts). Attends over caches.mtp_kv. Returns fp32 logits [R, V] of `logit_rows`;
+  // `hidden_out` receives the MTP's post-norm output of those rows (the next chain step's hidden).
+  Tensor mtp_forward(BatchMeta& b, ModelCaches& caches, const Tensor& hidden, const std::vector<int32_t>& logit_rows,
+                     Tensor* hidden_out = nullptr);
+
  private:
   Model(io::ModelConfig cfg, Backend& be) : cfg_(std::move(cfg)), be_(be) {}
   Tensor attention_block(const LayerWeights& lw, const Tensor& x, BatchMeta& b, KvLayer& kv);
   Tensor deltanet_block(const LayerWeights& lw, const Tensor& x, BatchMeta& b, StateLayer& st);
   Tensor ffn_block(const LayerWeights& lw, const Tensor& x);
+  Tensor decoder_layer(const LayerWeights& lw, Tensor x, BatchMeta& b, ModelCaches& caches, KvLayer* kv, StateLayer* st);
 
   io::ModelConfig cfg_;
   Backend& be_;

@@ -12,10 +12,14 @@ void usage() {
   std::fprintf(stderr,
                "usage: deltaserve <command> [flags]\n"
                "commands:\n"
+               "  serve     MODEL_DIR [--host 127.0.0.1] [--port 8000] [--backend cpu|cuda] [--served-model-name NAME]\n"
+               "            [--max-model-len N] [--max-num-seqs N] [--max-num-batched-tokens N] [--api-key KEY]\n"
+               "            [--default-chat-template-kwargs JSON] [--chat-template FILE] [--max-queued-requests N]\n"
                "  logits    --model DIR --tokens 1,2,3 [--prefill N] [--backend cpu] --out F.safetensors\n"
                "  generate  --model DIR --tokens 1,2,3 [--max-tokens N] [--backend cpu]   (greedy)\n"
                "  mtp-logits --model DIR --tokens P --next T [--draft-steps K] --out F.safetensors\n"
-               "  inspect   --model DIR|config.json\n");
+               "  inspect   --model DIR|config.json\n"
+               "  make-random-checkpoint --config config.json --out DIR [--bf16] [--seed S] [--shard-gb 4]\n");
 }
 }  // namespace
 
@@ -26,9 +30,11 @@ int main(int argc, char** argv) {
   }
   std::string cmd = argv[1];
   try {
+    //SERVE
     if (cmd == "logits") return ds::cli::cmd_logits(argc, argv);
     if (cmd == "inspect") return ds::cli::cmd_inspect(argc, argv);
     if (cmd == "generate") return ds::cli::cmd_generate(argc, argv);
+    if (cmd == "make-random-checkpoint") return ds::cli::cmd_make_random_checkpoint(argc, argv);
     if (cmd == "mtp-logits") return ds::cli::cmd_mtp_logits(argc, argv);
     std::fprintf(stderr, "deltaserve: unknown command '%s'\n", cmd.c_str());
     usage();

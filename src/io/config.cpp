@@ -349,6 +349,18 @@ ModelConfig parse_model_config(const std::string& config_json, const std::string
   return cfg;
 }
 
+QuantConfig parse_quant_config(const std::string& text, const std::string& what) {
+  json q;
+  try {
+    q = json::parse(text);
+  } catch (const json::exception& e) {
+    fail(what, ": not valid JSON: ", e.what());
+  }
+  QuantConfig qc;
+  parse_quant(q, qc, what);
+  return qc;
+}
+
 ModelConfig load_model_config(const std::string& dir_or_file) {
   namespace fs = std::filesystem;
   fs::path p(dir_or_file);

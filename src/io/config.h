@@ -87,6 +87,8 @@ struct ModelConfig {
 // `what` names the source in errors.
 ModelConfig parse_model_config(const std::string& config_json, const std::string& quant_json,
                                const std::string& what);
+// Parses a quantization_config object (the text of quantization_config.json).
+QuantConfig parse_quant_config(const std::string& json_text, const std::string& what);
 // Reads DIR/config.json (+ DIR/quantization_config.json if present), or a config.json path.
 ModelConfig load_model_config(const std::string& dir_or_file);
 

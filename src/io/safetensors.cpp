@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -13,6 +14,7 @@
 #include <set>
 
 #include "core/status.h"
+#include "io/schema.h"
 
 namespace ds::io {
 
@@ -189,7 +191,113 @@ std::unique_ptr<TensorIndex> TensorIndex::open_dir(const std::string& dir) {
 
 const TensorEntry* TensorIndex::find(const std::string& name) const {
   auto it = entries_.find(name);
-  return it == entries_.end() ? nullptr : &it->second;
+  if (it == entries_.end()) return nullptr;
+  if (!it->second.data && !specs_.empty()) {
+    const TensorSpec& sp = *specs_.at(name);
+    auto buf = std::unique_ptr<uint8_t[]>(new uint8_t[std::max<int64_t>(sp.nbytes(), 1)]);
+    fill_random(sp, seed_, buf.get());
+    it->second.data = buf.get();
+    owned_[name] = std::move(buf);
+  }
+  return &it->second;
+}
+
+std::unique_ptr<TensorIndex> TensorIndex::synthetic(const std::vector<TensorSpec>& specs, uint64_t seed) {
+  auto idx = std::make_unique<TensorIndex>();
+  idx->seed_ = seed;
+  idx->spec_store_ = specs;
+  uint64_t off = 0;
+  for (auto& s : idx->spec_store_) {
+    TensorEntry e;
+    e.name = s.name;
+    e.dtype = s.dtype;
+    e.shape = s.shape;
+    e.begin = off;
+    e.end = off + uint64_t(s.nbytes());
+    e.file = "<synthetic>";
+    off = e.end;
+    idx->entries_[s.name] = e;
+    idx->specs_[s.name] = &s;
+  }
+  return idx;
+}
+
+namespace {
+inline uint64_t splitmix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+inline float unit(uint64_t r) { return float(r >> 40) * (1.0f / float(1ull << 24)) * 2.f - 1.f; }  // [-1, 1)
+}  // namespace
+
+void fill_random(const TensorSpec& sp, uint64_t seed, uint8_t* dst) {
+  uint64_t key = seed;
+  for (char c : sp.name) key = splitmix(key ^ uint64_t(uint8_t(c)));
+  int64_t n = 1;
+  for (auto d : sp.shape) n *= d;
+  const int64_t K = sp.shape.empty() ? 1 : sp.shape.back();
+  using R = TensorSpec::Role;
+  // Magnitudes keep activations of a random 40-layer model finite: uniform weights with variance 1/K.
+  const float a = std::sqrt(3.0f / float(std::max<int64_t>(K, 1)));
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    uint64_t r = splitmix(key + uint64_t(i));
+    float u = unit(r);
+    switch (sp.role) {
+      case R::QWeight: reinterpret_cast<uint32_t*>(dst)[i] = uint32_t(r); break;
+      case R::QZeros: reinterpret_cast<uint32_t*>(dst)[i] = 0x77777777u; break;
+      case R::Scales: {
+        // |scale| ~ a/8 for codes in [-8, 7]; about half negative like AutoRound's.
+        const float kin = float(sp.shape[0] * 128);
+        float mag = std::sqrt(3.0f / kin) / 8.f * (0.5f + 0.5f * std::fabs(u));
+        reinterpret_cast<uint16_t*>(dst)[i] = f32_to_f16((r & 1) ? -mag : mag);
+        break;
+      }
+      default: {
+        float v;
+        switch (sp.role) {
+          case R::Norm: v = 0.05f * u; break;
+          case R::NormPlain: v = 1.f + 0.05f * u; break;
+          case R::ALog: v = std::log(1.f + 7.5f * (u + 1.f)); break;
+          case R::DtBias: v = u; break;
+          case R::Conv: v = 0.5f * u; break;
+          case R::Embed: v = 0.05f * u; break;
+          default: v = a * u;
+        }
+        if (sp.dtype == DType::BF16) reinterpret_cast<uint16_t*>(dst)[i] = f32_to_bf16(v);
+        else if (sp.dtype == DType::F16) reinterpret_cast<uint16_t*>(dst)[i] = f32_to_f16(v);
+        else reinterpret_cast<float*>(dst)[i] = v;
+      }
+    }
+  }
+}
+
+void safetensors_write_streaming(const std::string& path, const std::vector<const TensorSpec*>& specs,
+                                 const std::function<void(const TensorSpec&, uint8_t*)>& fill) {
+  json h = json::object();
+  uint64_t off = 0;
+  for (auto* s : specs) {
+    h[s->name] = {{"dtype", dtype_name(s->dtype)}, {"shape", s->shape}, {"data_offsets", {off, off + uint64_t(s->nbytes())}}};
+    off += uint64_t(s->nbytes());
+  }
+  std::string hs = h.dump();
+  while ((hs.size() + 8) % 8) hs.push_back(' ');
+  std::ofstream f(path, std::ios::binary);
+  if (!f) fail(path, ": cannot open for writing");
+  uint64_t n = hs.size();
+  char len[8];
+  for (int i = 0; i < 8; ++i) len[i] = char((n >> (8 * i)) & 0xff);
+  f.write(len, 8);
+  f.write(hs.data(), std::streamsize(hs.size()));
+  std::vector<uint8_t> buf;
+  for (auto* s : specs) {
+    buf.resize(size_t(s->nbytes()));
+    fill(*s, buf.data());
+    f.write(reinterpret_cast<const char*>(buf.data()), std::streamsize(buf.size()));
+  }
+  if (!f) fail(path, ": write failed (disk full?)");
 }
 
 const TensorEntry& TensorIndex::get(const std::string& name) const {

@@ -4,6 +4,7 @@
 // Every tensor entry names dtype, shape and [begin, end) offsets relative to the data region.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -55,9 +56,15 @@ class SafetensorsFile {
 
 // All tensors of a checkpoint directory: `model.safetensors.index.json` (sharded) or the single
 // `model.safetensors`. Tracks which tensors were consumed so the loader can be strict.
+struct TensorSpec;
+
 class TensorIndex {
  public:
   static std::unique_ptr<TensorIndex> open_dir(const std::string& dir);
+  // Tensors that exist only as specs; each is generated (deterministically from `seed` and its name) the
+  // first time it is looked up, and kept until the index is destroyed. For benchmarks of real shapes
+  // without the real files.
+  static std::unique_ptr<TensorIndex> synthetic(const std::vector<TensorSpec>& specs, uint64_t seed);
   const TensorEntry* find(const std::string& name) const;
   const TensorEntry& get(const std::string& name) const;  // throws with the name if missing
   bool has(const std::string& name) const { return find(name) != nullptr; }
@@ -67,7 +74,12 @@ class TensorIndex {
 
  private:
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
-  std::map<std::string, TensorEntry> entries_;
+  mutable std::map<std::string, TensorEntry> entries_;
+  // synthetic mode
+  std::map<std::string, const TensorSpec*> specs_;
+  std::vector<TensorSpec> spec_store_;
+  mutable std::map<std::string, std::unique_ptr<uint8_t[]>> owned_;
+  uint64_t seed_ = 0;
   std::map<std::string, bool> used_;
 };
 
@@ -82,4 +94,10 @@ struct TensorOut {
 };
 // Writes a safetensors file (header entries sorted by name, data in that order).
 void safetensors_write(const std::string& path, const std::vector<TensorOut>& tensors);
+// Writes a safetensors file whose tensors are produced one at a time by `fill(spec, dst)` (in spec order),
+// so that a large file never has to be held in memory.
+void safetensors_write_streaming(const std::string& path, const std::vector<const TensorSpec*>& specs,
+                                 const std::function<void(const TensorSpec&, uint8_t*)>& fill);
+// Fills `dst` with plausible random values for `spec` (deterministic in seed and name).
+void fill_random(const TensorSpec& spec, uint64_t seed, uint8_t* dst);
 }  // namespace ds::io

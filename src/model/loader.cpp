@@ -5,6 +5,8 @@
 
 #include "core/status.h"
 #include "io/safetensors.h"
+#include "io/schema.h"
+#include <nlohmann/json.hpp>
 #include "model/model.h"
 
 namespace ds::model {
@@ -287,14 +289,35 @@ std::unique_ptr<Model> Model::load(const std::string& dir, Backend& be, LoadRepo
     for (const char* alt : {"model.language_model", "model"})
       if (idx->has(std::string(alt) + ".embed_tokens.weight")) cfg.lm_prefix = alt;
   }
+  try {
+    return load_index(std::move(cfg), *idx, be, report, opts);
+  } catch (const Error& e) {
+    fail(dir, ": ", e.what());
+  }
+}
+
+std::unique_ptr<Model> Model::load_random(const io::ModelConfig& cfg_in, Backend& be, uint64_t seed, bool int4,
+                                          LoadOptions opts) {
+  io::ModelConfig cfg = cfg_in;
+  // Without a quantization_config of its own, an int4 random model follows the seed checkpoint's.
+  if (int4 && !cfg.quant.enabled())
+    cfg.quant = io::parse_quant_config(io::seed_quantization_config_json(cfg), "seed quantization_config");
+  if (!int4) cfg.quant = io::QuantConfig{};
+  auto specs = io::checkpoint_schema(cfg, int4);
+  auto idx = io::TensorIndex::synthetic(specs, seed);
+  return load_index(cfg, *idx, be, nullptr, opts);
+}
+
+std::unique_ptr<Model> Model::load_index(io::ModelConfig cfg, io::TensorIndex& idx, Backend& be, LoadReport* report,
+                                         LoadOptions opts) {
   std::unique_ptr<Model> m(new Model(cfg, be));
   LoadReport local;
   LoadReport& rep = report ? *report : local;
-  Loader loader(m->cfg_, *idx, be, rep);
+  Loader loader(m->cfg_, idx, be, rep);
   loader.load(m->w_);
-  if (opts.mtp && m->cfg_.text.mtp_num_hidden_layers > 0 && idx->has("mtp.fc.weight")) loader.load_mtp(m->w_.mtp);
+  if (opts.mtp && m->cfg_.text.mtp_num_hidden_layers > 0 && idx.has("mtp.fc.weight")) loader.load_mtp(m->w_.mtp);
   std::vector<std::string> unknown;
-  for (auto& n : idx->unused()) {
+  for (auto& n : idx.unused()) {
     if (n.rfind("mtp.", 0) == 0 || n.rfind("model.visual.", 0) == 0 || n.rfind("visual.", 0) == 0)
       rep.not_yet_used.push_back(n);
     else
@@ -303,8 +326,7 @@ std::unique_ptr<Model> Model::load(const std::string& dir, Backend& be, LoadRepo
   if (!unknown.empty()) {
     std::string list;
     for (size_t i = 0; i < unknown.size() && i < 10; ++i) list += (i ? ", " : "") + unknown[i];
-    fail(dir, ": ", unknown.size(), " tensor(s) that no part of the model uses: ", list,
-         unknown.size() > 10 ? ", ..." : "");
+    fail(unknown.size(), " tensor(s) that no part of the model uses: ", list, unknown.size() > 10 ? ", ..." : "");
   }
   const auto& t = m->cfg_.text;
   m->rope_.rotary_dim = int(t.rotary_dim());

@@ -7,6 +7,10 @@
 #include "backend/ops.h"
 #include "io/config.h"
 
+namespace ds::io {
+class TensorIndex;
+}
+
 namespace ds::model {
 
 struct AttnWeights {
@@ -78,6 +82,14 @@ class Model {
   // tensor, or a tensor no part of the model claims, is an error naming it.
   static std::unique_ptr<Model> load(const std::string& dir, Backend& be, LoadReport* report = nullptr,
                                      LoadOptions opts = {});
+  // The same from an already opened (or synthetic) tensor index.
+  static std::unique_ptr<Model> load_index(io::ModelConfig cfg, io::TensorIndex& idx, Backend& be,
+                                           LoadReport* report = nullptr, LoadOptions opts = {});
+  // Random weights of the config's real shapes and formats (the seed recipe: int4 experts and attention /
+  // DeltaNet projections, BF16 shared experts, router, in_proj_a/b, lm_head), generated on the host one
+  // tensor at a time and laid out on `be` as a checkpoint would be.
+  static std::unique_ptr<Model> load_random(const io::ModelConfig& cfg, Backend& be, uint64_t seed, bool int4 = true,
+                                            LoadOptions opts = {});
   bool has_mtp() const { return w_.mtp.present; }
 
   const io::ModelConfig& config() const { return cfg_; }

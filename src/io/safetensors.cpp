@@ -241,7 +241,7 @@ void fill_random(const TensorSpec& sp, uint64_t seed, uint8_t* dst) {
   using R = TensorSpec::Role;
   // Magnitudes keep activations of a random 40-layer model finite: uniform weights with variance 1/K.
   const float a = std::sqrt(3.0f / float(std::max<int64_t>(K, 1)));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n > (1 << 16))
   for (int64_t i = 0; i < n; ++i) {
     uint64_t r = splitmix(key + uint64_t(i));
     float u = unit(r);

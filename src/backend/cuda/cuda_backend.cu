@@ -1,0 +1,1132 @@
+// The CUDA backend: every op of ops.h on NVIDIA GPUs (sm_80/sm_90), bf16 activations, fp32 accumulation,
+// fp32 DeltaNet state. Each kernel means exactly what the CPU reference (backend/cpu) means; see docs/cuda.md.
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <string>
+
+#include "backend/ops.h"
+
+namespace ds {
+namespace cuda {
+
+#define CK(x)                                                                                    \
+  do {                                                                                           \
+    cudaError_t e_ = (x);                                                                        \
+    if (e_ != cudaSuccess) ::ds::fail("CUDA error ", cudaGetErrorString(e_), " at ", __FILE__, ":", __LINE__, \
+                                      ": " #x);                                                  \
+  } while (0)
+#define CKB(x)                                                                                   \
+  do {                                                                                           \
+    cublasStatus_t s_ = (x);                                                                     \
+    if (s_ != CUBLAS_STATUS_SUCCESS) ::ds::fail("cuBLAS error ", int(s_), " at ", __FILE__, ":", __LINE__); \
+  } while (0)
+#define CKL() CK(cudaGetLastError())
+
+// dtype codes used inside kernels (values of ds::DType)
+constexpr int kF32 = int(DType::F32), kBF16 = int(DType::BF16);
+
+__device__ __forceinline__ float ldf(const void* p, int dt, int64_t i) {
+  if (dt == kBF16) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+  if (dt == kF32) return static_cast<const float*>(p)[i];
+  return __half2float(static_cast<const __half*>(p)[i]);
+}
+__device__ __forceinline__ void stf(void* p, int dt, int64_t i, float v) {
+  if (dt == kBF16) static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
+  else if (dt == kF32) static_cast<float*>(p)[i] = v;
+  else static_cast<__half*>(p)[i] = __float2half_rn(v);
+}
+__device__ __forceinline__ float silu_f(float x) { return x / (1.f + expf(-x)); }
+__device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + expf(-x)); }
+__device__ __forceinline__ float softplus_f(float x) { return x > 20.f ? x : log1pf(expf(x)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+// Sum over the block (blockDim.x a multiple of 32, ≤ 1024); every thread gets the result.
+__device__ float block_sum(float v) {
+  __shared__ float red[32];
+  __shared__ float total;
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) red[w] = v;
+  __syncthreads();
+  if (w == 0) {
+    float s = lane < int(blockDim.x >> 5) ? red[lane] : 0.f;
+    s = warp_sum(s);
+    if (lane == 0) total = s;
+  }
+  __syncthreads();
+  return total;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Device mirror of a BatchMeta: one int32 buffer.
+struct DevBatch {
+  int T = 0, nseq = 0, maxb = 0;
+  Tensor buf;
+  const int32_t* tokens = nullptr;     // [T]
+  const int32_t* positions = nullptr;  // [3, T]
+  const int32_t* seq_of = nullptr;     // [T] sequence index of each row
+  const int32_t* seqinfo = nullptr;    // [nseq, 4] q_start, q_len, ctx_len, slot
+  const int32_t* blocks = nullptr;     // [nseq, maxb]
+};
+
+// ------------------------------------------------------------------------------------------------
+// Kernels
+
+__global__ void k_embed(const void* table, int tdt, const int32_t* tokens, int64_t H, void* out, int odt) {
+  const int64_t t = blockIdx.x;
+  const int64_t id = tokens[t];
+  for (int64_t i = threadIdx.x; i < H; i += blockDim.x) stf(out, odt, t * H + i, ldf(table, tdt, id * H + i));
+}
+
+__global__ void k_rmsnorm(const void* x, int xdt, const float* w, float eps, int64_t D, void* y, int ydt) {
+  const int64_t r = blockIdx.x;
+  float ss = 0.f;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    float v = ldf(x, xdt, r * D + d);
+    ss += v * v;
+  }
+  ss = block_sum(ss);
+  const float inv = 1.f / sqrtf(ss / float(D) + eps);
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) stf(y, ydt, r * D + d, ldf(x, xdt, r * D + d) * inv * w[d]);
+}
+
+__global__ void k_add(void* x, int xdt, const void* y, int ydt, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    stf(x, xdt, i, ldf(x, xdt, i) + ldf(y, ydt, i));
+}
+
+__global__ void k_silu_mul(const void* gu, int gdt, int64_t T, int64_t I, void* y, int ydt) {
+  const int64_t n = T * I;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    int64_t t = i / I, c = i % I;
+    stf(y, ydt, i, silu_f(ldf(gu, gdt, t * 2 * I + c)) * ldf(gu, gdt, t * 2 * I + I + c));
+  }
+}
+
+__global__ void k_sigmoid_gate_mul(void* x, int xdt, const void* g, int gdt, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    stf(x, xdt, i, ldf(x, xdt, i) * sigmoid_f(ldf(g, gdt, i)));
+}
+
+__global__ void k_sigmoid_scale_add(void* y, int ydt, const void* s, int sdt, const void* gl, int gdt, int64_t H) {
+  const int64_t t = blockIdx.x;
+  const float g = sigmoid_f(ldf(gl, gdt, t));
+  for (int64_t d = threadIdx.x; d < H; d += blockDim.x)
+    stf(y, ydt, t * H + d, ldf(y, ydt, t * H + d) + g * ldf(s, sdt, t * H + d));
+}
+
+__global__ void k_gather(const void* x, int dt, const int32_t* rows, int64_t H, void* out) {
+  const int64_t i = blockIdx.x, r = rows[i];
+  for (int64_t d = threadIdx.x; d < H; d += blockDim.x) stf(out, dt, i * H + d, ldf(x, dt, r * H + d));
+}
+
+__global__ void k_convert(const void* x, int xdt, void* y, int ydt, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    stf(y, ydt, i, ldf(x, xdt, i));
+}
+
+// q/k RMSNorm + partial NeoX rotary with interleaved mRoPE. One block per (token, head).
+// src row stride `sstride` elements, head offset `hstride`; dst [T, N, Dh].
+__global__ void k_norm_rope(const void* src, int sdt, int64_t sstride, int64_t hstride, const float* w, float eps,
+                            int64_t Dh, int rot, const float* inv_freq, const int32_t* axis, const int32_t* pos,
+                            int64_t T, void* dst, int ddt, int64_t N, void* gate, int64_t goff) {
+  __shared__ float v[512];
+  const int64_t t = blockIdx.x, h = blockIdx.y;
+  const int64_t base = t * sstride + h * hstride;
+  float ss = 0.f;
+  for (int64_t d = threadIdx.x; d < Dh; d += blockDim.x) {
+    float x = ldf(src, sdt, base + d);
+    v[d] = x;
+    ss += x * x;
+    if (gate) stf(gate, ddt, (t * N + h) * Dh + d, ldf(src, sdt, base + goff + d));
+  }
+  ss = block_sum(ss);  // contains __syncthreads
+  const float inv = 1.f / sqrtf(ss / float(Dh) + eps);
+  for (int64_t d = threadIdx.x; d < Dh; d += blockDim.x) v[d] = v[d] * inv * w[d];
+  __syncthreads();
+  const int half = rot / 2;
+  for (int64_t d = threadIdx.x; d < Dh; d += blockDim.x) {
+    float out;
+    if (d < half) {
+      float ang = float(pos[axis[d] * T + t]) * inv_freq[d];
+      out = v[d] * cosf(ang) - v[d + half] * sinf(ang);
+    } else if (d < rot) {
+      int i = int(d) - half;
+      float ang = float(pos[axis[i] * T + t]) * inv_freq[i];
+      out = v[d] * cosf(ang) + v[i] * sinf(ang);
+    } else {
+      out = v[d];
+    }
+    stf(dst, ddt, (t * N + h) * Dh + d, out);
+  }
+}
+
+__global__ void k_kv_write(void* kc, void* vc, int cdt, const void* k, const void* v, int sdt, int64_t row, int64_t bs,
+                           const int32_t* seq_of, const int32_t* seqinfo, const int32_t* blocks, int maxb) {
+  const int64_t t = blockIdx.x;
+  const int s = seq_of[t];
+  const int64_t pos = seqinfo[s * 4 + 2] + (t - seqinfo[s * 4 + 0]);
+  const int64_t blk = blocks[int64_t(s) * maxb + pos / bs];
+  const int64_t dst = (blk * bs + pos % bs) * row;
+  for (int64_t c = threadIdx.x; c < row; c += blockDim.x) {
+    stf(kc, cdt, dst + c, ldf(k, sdt, t * row + c));
+    stf(vc, cdt, dst + c, ldf(v, sdt, t * row + c));
+  }
+}
+
+// Causal paged attention, online softmax in fp32. One block of 4 warps per (token, q head); the warps split
+// the context and merge at the end. Dh ≤ 256, multiple of 32.
+constexpr int kAttnWarps = 4;
+__global__ void __launch_bounds__(kAttnWarps * 32) k_attention(const void* q, int qdt, const void* kc, const void* vc,
+                                                                int cdt, int64_t Nh, int64_t Nkv, int64_t Dh,
+                                                                int64_t bs, const int32_t* seq_of,
+                                                                const int32_t* seqinfo, const int32_t* blocks, int maxb,
+                                                                float scale, void* o, int odt) {
+  const int64_t t = blockIdx.x, h = blockIdx.y;
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  const int nj = int(Dh / 32);
+  const int64_t group = Nh / Nkv, g = h / group, row = Nkv * Dh;
+  const int s = seq_of[t];
+  const int64_t n_ctx = seqinfo[s * 4 + 2] + (t - seqinfo[s * 4 + 0]) + 1;
+  const int32_t* bt = blocks + int64_t(s) * maxb;
+  float qr[8], acc[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    qr[j] = j < nj ? ldf(q, qdt, (t * Nh + h) * Dh + lane + 32 * j) * scale : 0.f;
+    acc[j] = 0.f;
+  }
+  float m = -INFINITY, l = 0.f;
+  for (int64_t p = w; p < n_ctx; p += kAttnWarps) {
+    const int64_t off = (int64_t(bt[p / bs]) * bs + p % bs) * row + g * Dh;
+    float d = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      if (j < nj) d += qr[j] * ldf(kc, cdt, off + lane + 32 * j);
+    d = warp_sum(d);
+    const float mn = fmaxf(m, d);
+    const float corr = expf(m - mn), e = expf(d - mn);
+    l = l * corr + e;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      if (j < nj) acc[j] = acc[j] * corr + e * ldf(vc, cdt, off + lane + 32 * j);
+    m = mn;
+  }
+  __shared__ float sm[kAttnWarps], sl[kAttnWarps], sacc[kAttnWarps][256];
+  if (lane == 0) {
+    sm[w] = m;
+    sl[w] = l;
+  }
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+    if (j < nj) sacc[w][lane + 32 * j] = acc[j];
+  __syncthreads();
+  float M = -INFINITY;
+  for (int i = 0; i < kAttnWarps; ++i) M = fmaxf(M, sm[i]);
+  float L = 0.f;
+  for (int i = 0; i < kAttnWarps; ++i) L += sm[i] == -INFINITY ? 0.f : sl[i] * expf(sm[i] - M);
+  for (int64_t d = threadIdx.x; d < Dh; d += blockDim.x) {
+    float sum = 0.f;
+    for (int i = 0; i < kAttnWarps; ++i)
+      if (sm[i] != -INFINITY) sum += sacc[i][d] * expf(sm[i] - M);
+    stf(o, odt, (t * Nh + h) * Dh + d, sum / L);
+  }
+}
+
+// Causal depthwise conv1d + SiLU with the state window. One thread per (channel, sequence).
+template <int KC>
+__global__ void k_conv1d(const void* mixed, int mdt, const float* weight, float* conv_state, const int32_t* seqinfo,
+                         int64_t C, void* out, int odt) {
+  const int64_t ch = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const int s = blockIdx.y;
+  if (ch >= C) return;
+  constexpr int W = KC - 1;
+  const int64_t qs = seqinfo[s * 4 + 0], ql = seqinfo[s * 4 + 1], slot = seqinfo[s * 4 + 3];
+  float* st = conv_state + (slot * C + ch) * W;
+  float wv[KC], win[KC];
+#pragma unroll
+  for (int j = 0; j < KC; ++j) wv[j] = weight[ch * KC + j];
+#pragma unroll
+  for (int j = 0; j < W; ++j) win[j] = st[j];
+  for (int64_t i = 0; i < ql; ++i) {
+    win[W] = ldf(mixed, mdt, (qs + i) * C + ch);
+    float acc = 0.f;
+#pragma unroll
+    for (int j = 0; j < KC; ++j) acc += wv[j] * win[j];
+    stf(out, odt, (qs + i) * C + ch, silu_f(acc));
+#pragma unroll
+    for (int j = 0; j < W; ++j) win[j] = win[j + 1];
+  }
+#pragma unroll
+  for (int j = 0; j < W; ++j) st[j] = win[j];
+}
+
+// Gated delta rule, step 1: L2-normalised q (scaled) and k per key head, decay g and beta per value head.
+__global__ void k_gdr_prep(const void* qkv, int qdt, const void* ba, int bdt, const float* A_log, const float* dt_bias,
+                           int64_t C, int64_t Hk, int64_t Hv, int64_t Dk, float qscale, float* qn, float* kn, float* g,
+                           float* beta) {
+  const int64_t t = blockIdx.x;
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  for (int64_t hh = w; hh < 2 * Hk; hh += nw) {
+    const int64_t src = t * C + hh * Dk;  // q heads then k heads, contiguous
+    float ss = 0.f;
+    for (int64_t d = lane; d < Dk; d += 32) {
+      float x = ldf(qkv, qdt, src + d);
+      ss += x * x;
+    }
+    ss = warp_sum(ss);
+    const float inv = 1.f / sqrtf(ss + 1e-6f);
+    const bool isq = hh < Hk;
+    float* dst = isq ? qn + (t * Hk + hh) * Dk : kn + (t * Hk + hh - Hk) * Dk;
+    const float mul = isq ? qscale : 1.f;
+    for (int64_t d = lane; d < Dk; d += 32) dst[d] = ldf(qkv, qdt, src + d) * inv * mul;
+  }
+  for (int64_t j = threadIdx.x; j < Hv; j += blockDim.x) {
+    beta[t * Hv + j] = sigmoid_f(ldf(ba, bdt, t * 2 * Hv + j));
+    g[t * Hv + j] = -expf(A_log[j]) * softplus_f(ldf(ba, bdt, t * 2 * Hv + Hv + j) + dt_bias[j]);
+  }
+}
+
+// Step 2: the recurrence, token by token. One warp per (32 value columns, value head, sequence); each lane owns
+// one column of the fp32 state S[:, d] in registers (DK values).
+template <int DK>
+__global__ void __launch_bounds__(32) k_gdr_recurrent(const float* qn, const float* kn, const float* g,
+                                                      const float* beta, const void* qkv, int qdt, int64_t C,
+                                                      int64_t Hk, int64_t Hv, int64_t Dv, float* ssm,
+                                                      const int32_t* seqinfo, void* o, int odt) {
+  const int lane = threadIdx.x;
+  const int64_t d = blockIdx.x * 32 + lane, j = blockIdx.y;
+  const int s = blockIdx.z;
+  const int64_t qs = seqinfo[s * 4 + 0], ql = seqinfo[s * 4 + 1], slot = seqinfo[s * 4 + 3];
+  if (ql == 0) return;
+  const int64_t kh = j / (Hv / Hk);
+  float* S = ssm + ((slot * Hv + j) * DK) * Dv + d;
+  float st[DK];
+#pragma unroll
+  for (int i = 0; i < DK; ++i) st[i] = S[int64_t(i) * Dv];
+  __shared__ float ks[DK], qsh[DK];
+  for (int64_t i = 0; i < ql; ++i) {
+    const int64_t t = qs + i;
+#pragma unroll
+    for (int c = 0; c < DK / 32; ++c) {
+      ks[lane + 32 * c] = kn[(t * Hk + kh) * DK + lane + 32 * c];
+      qsh[lane + 32 * c] = qn[(t * Hk + kh) * DK + lane + 32 * c];
+    }
+    __syncwarp();
+    const float decay = expf(g[t * Hv + j]), b = beta[t * Hv + j];
+    const float v = ldf(qkv, qdt, t * C + 2 * Hk * DK + j * Dv + d);
+    float u = 0.f;
+#pragma unroll
+    for (int e = 0; e < DK; ++e) {
+      st[e] *= decay;
+      u += st[e] * ks[e];
+    }
+    u = b * (v - u);
+    float out = 0.f;
+#pragma unroll
+    for (int e = 0; e < DK; ++e) {
+      st[e] += ks[e] * u;
+      out += st[e] * qsh[e];
+    }
+    stf(o, odt, (t * Hv + j) * Dv + d, out);
+    __syncwarp();
+  }
+#pragma unroll
+  for (int i = 0; i < DK; ++i) S[int64_t(i) * Dv] = st[i];
+}
+
+__global__ void k_gated_rmsnorm(const void* x, int xdt, const void* z, int zdt, const float* w, float eps, int64_t D,
+                                void* y, int ydt) {
+  const int64_t r = blockIdx.x;
+  float ss = 0.f;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    float v = ldf(x, xdt, r * D + d);
+    ss += v * v;
+  }
+  ss = block_sum(ss);
+  const float inv = 1.f / sqrtf(ss / float(D) + eps);
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x)
+    stf(y, ydt, r * D + d, ldf(x, xdt, r * D + d) * inv * w[d] * silu_f(ldf(z, zdt, r * D + d)));
+}
+
+// Router: softmax over E ≤ 1024, top-k (ties to the lower index, as a stable sort), renormalised. Warp per token.
+__global__ void k_moe_route(const void* logits, int ldt, int64_t T, int64_t E, int64_t K, int32_t* ids, float* wts) {
+  const int64_t t = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (t >= T) return;
+  float p[32];
+  float mx = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < 32; ++j) {
+    int64_t e = lane + 32 * j;
+    p[j] = e < E ? ldf(logits, ldt, t * E + e) : -INFINITY;
+    mx = fmaxf(mx, p[j]);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  float sum = 0.f;
+#pragma unroll
+  for (int j = 0; j < 32; ++j) {
+    int64_t e = lane + 32 * j;
+    p[j] = e < E ? expf(p[j] - mx) : 0.f;
+    sum += p[j];
+  }
+  sum = warp_sum(sum);
+#pragma unroll
+  for (int j = 0; j < 32; ++j) p[j] = (lane + 32 * j) < E ? p[j] / sum : -1.f;
+  float tsum = 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    float bv = -2.f;
+    int bi = 1 << 30;
+#pragma unroll
+    for (int j = 0; j < 32; ++j)
+      if (p[j] > bv) {
+        bv = p[j];
+        bi = lane + 32 * j;
+      }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (ov > bv || (ov == bv && oi < bi)) {
+        bv = ov;
+        bi = oi;
+      }
+    }
+    tsum += bv;
+    if (lane == 0) {
+      ids[t * K + k] = bi;
+      wts[t * K + k] = bv;
+    }
+#pragma unroll
+    for (int j = 0; j < 32; ++j)
+      if (lane + 32 * j == bi) p[j] = -1.f;
+  }
+  __syncwarp();
+  for (int64_t k = lane; k < K; k += 32) wts[t * K + k] = wts[t * K + k] / tsum;
+}
+
+// ---- weights: int4 (repacked) and dense bf16, and warp-level dot products ----
+// Int4 matrix [N, K]: qw uint32 [N, K/8] (nibble j of word r = column k = 8r + j, as the checkpoint), scales fp32
+// [N, K/G], zeros uint8 [N, K/G] (the true zero point, nibble + 1). W[n, k] = s · (q − z).
+struct Int4View {
+  const uint32_t* qw;
+  const float* sc;
+  const uint8_t* z;
+  int64_t N, K;
+  int G;
+};
+struct DenseView {
+  const __nv_bfloat16* w;  // [N, K]
+  int64_t N, K;
+};
+
+__device__ __forceinline__ void load8(const __nv_bfloat16* x, float* out) {
+  uint4 u = *reinterpret_cast<const uint4*>(x);
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 f = __bfloat1622float2(h[i]);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+__device__ __forceinline__ void load8(const float* x, float* out) {
+  float4 a = *reinterpret_cast<const float4*>(x), b = *reinterpret_cast<const float4*>(x + 4);
+  out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+}
+
+// Lane-partial dot of weight row n with x (K values); caller reduces over the warp.
+template <class XT>
+__device__ __forceinline__ float lane_dot(const Int4View& W, int64_t n, const XT* x, int lane) {
+  const uint32_t* row = W.qw + n * (W.K / 8);
+  const float* srow = W.sc + n * (W.K / W.G);
+  const uint8_t* zrow = W.z + n * (W.K / W.G);
+  float acc = 0.f;
+  for (int64_t c = lane; c < W.K / 32; c += 32) {  // 32 inputs = 4 words = 16 bytes per lane
+    const uint4 wq = *reinterpret_cast<const uint4*>(row + c * 4);
+    const int64_t k0 = c * 32, g = k0 / W.G;
+    const float z = float(zrow[g]);
+    const uint32_t ws[4] = {wq.x, wq.y, wq.z, wq.w};
+    float part = 0.f;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      float xv[8];
+      load8(x + k0 + 8 * q, xv);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) part += xv[j] * (float((ws[q] >> (4 * j)) & 0xFu) - z);
+    }
+    acc += srow[g] * part;
+  }
+  return acc;
+}
+template <class XT>
+__device__ __forceinline__ float lane_dot(const DenseView& W, int64_t n, const XT* x, int lane) {
+  const __nv_bfloat16* row = W.w + n * W.K;
+  float acc = 0.f;
+  for (int64_t c = lane; c < W.K / 8; c += 32) {
+    float wv[8], xv[8];
+    load8(row + c * 8, wv);
+    load8(x + c * 8, xv);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc += wv[j] * xv[j];
+  }
+  return acc;
+}
+
+// y[m, n] = Σ_k x[m, k] W[n, k] for M ≤ 8 rows: warp per output column, weights read once.
+constexpr int kGemvRows = 8;
+__global__ void k_int4_gemv(Int4View W, const __nv_bfloat16* x, int64_t M, void* y, int ydt) {
+  const int lane = threadIdx.x & 31;
+  const int64_t n = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (n >= W.N) return;
+  const uint32_t* row = W.qw + n * (W.K / 8);
+  const float* srow = W.sc + n * (W.K / W.G);
+  const uint8_t* zrow = W.z + n * (W.K / W.G);
+  float acc[kGemvRows];
+#pragma unroll
+  for (int m = 0; m < kGemvRows; ++m) acc[m] = 0.f;
+  for (int64_t c = lane; c < W.K / 32; c += 32) {
+    const uint4 wq = *reinterpret_cast<const uint4*>(row + c * 4);
+    const int64_t k0 = c * 32, g = k0 / W.G;
+    const float s = srow[g], z = float(zrow[g]);
+    const uint32_t ws[4] = {wq.x, wq.y, wq.z, wq.w};
+    float wf[32];
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) wf[8 * q + j] = float((ws[q] >> (4 * j)) & 0xFu) - z;
+#pragma unroll
+    for (int m = 0; m < kGemvRows; ++m) {
+      if (m < M) {
+        float part = 0.f;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          float xv[8];
+          load8(x + m * W.K + k0 + 8 * q, xv);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) part += xv[j] * wf[8 * q + j];
+        }
+        acc[m] += s * part;
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < kGemvRows; ++m) {
+    if (m < M) {
+      float v = warp_sum(acc[m]);
+      if (lane == 0) stf(y, ydt, m * W.N + n, v);
+    }
+  }
+}
+
+// Dequantize an int4 matrix to bf16 [N, K] (for the tensor-core GEMM path, M > 8).
+__global__ void k_int4_dequant(Int4View W, __nv_bfloat16* out) {
+  const int64_t words = W.N * (W.K / 8);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < words; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = i / (W.K / 8), r = i % (W.K / 8), g = (8 * r) / W.G;
+    const uint32_t word = W.qw[i];
+    const float s = W.sc[n * (W.K / W.G) + g], z = float(W.z[n * (W.K / W.G) + g]);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) out[n * W.K + 8 * r + j] = __float2bfloat16_rn(s * (float((word >> (4 * j)) & 0xFu) - z));
+  }
+}
+
+// MoE, per (token, k) pair p = t·K + k (grid.y): act[p] = silu(gate_e x_t) · (up_e x_t), fp32.
+template <class WV>
+__global__ void k_moe_gate_up(WV W, int64_t per_expert_rows, const __nv_bfloat16* x, const int32_t* ids, int64_t K,
+                              int64_t I, int64_t P, float* act) {
+  const int lane = threadIdx.x & 31;
+  const int64_t n = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (n >= I) return;
+  for (int64_t p = blockIdx.y; p < P; p += gridDim.y) {
+    const int64_t t = p / K, e = ids[p];
+    const __nv_bfloat16* xr = x + t * W.K;
+    const int64_t r0 = e * per_expert_rows;
+    float gsum = warp_sum(lane_dot(W, r0 + n, xr, lane));
+    float usum = warp_sum(lane_dot(W, r0 + I + n, xr, lane));
+    if (lane == 0) act[p * I + n] = silu_f(gsum) * usum;
+  }
+}
+// out[p] = down_e act[p], fp32.
+template <class WV>
+__global__ void k_moe_down(WV W, int64_t per_expert_rows, const float* act, const int32_t* ids, int64_t H, int64_t P,
+                           float* out) {
+  const int lane = threadIdx.x & 31;
+  const int64_t n = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (n >= H) return;
+  for (int64_t p = blockIdx.y; p < P; p += gridDim.y) {
+    const int64_t e = ids[p];
+    float v = warp_sum(lane_dot(W, e * per_expert_rows + n, act + p * W.K, lane));
+    if (lane == 0) out[p * H + n] = v;
+  }
+}
+// y[t] = Σ_k w[t,k] · out[t·K + k], summed in k order.
+__global__ void k_moe_combine(const float* out, const float* wts, int64_t K, int64_t H, void* y, int ydt) {
+  const int64_t t = blockIdx.x;
+  for (int64_t d = threadIdx.x; d < H; d += blockDim.x) {
+    float acc = 0.f;
+    for (int64_t k = 0; k < K; ++k) acc += wts[t * K + k] * out[(t * K + k) * H + d];
+    stf(y, ydt, t * H + d, acc);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host side
+
+struct CudaLinear : LinearWeight {
+  Tensor dense;          // bf16 [N, K] (dense weights)
+  Tensor qw, sc, z;      // int4 (see Int4View)
+  int G = 128;
+  Int4View view() const {
+    return Int4View{qw.ptr<uint32_t>(), sc.ptr<float>(), z.ptr<uint8_t>(), N, K, G};
+  }
+};
+
+struct CudaExperts : ExpertsWeight {
+  bool int4 = false;
+  // gate_up: E × [2I, K=H] rows stacked along N; down: E × [H, K=I].
+  std::shared_ptr<CudaLinear> gu, down;
+};
+
+static int blocks_for(int64_t n, int threads, int cap = 65535 * 4) {
+  return int(std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads, cap)));
+}
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device) : dev_(device) {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) fail("--backend cuda: no CUDA device is available");
+    if (device >= n) fail("--backend cuda: device ", device, " requested, ", n, " present");
+    CK(cudaSetDevice(device));
+    CK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    cudaMemPool_t pool;
+    CK(cudaDeviceGetDefaultMemPool(&pool, device));
+    uint64_t thr = UINT64_MAX;
+    CK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &thr));
+    CKB(cublasCreate(&cublas_));
+    CKB(cublasSetStream(cublas_, stream_));
+  }
+  ~CudaBackend() override {
+    cudaStreamSynchronize(stream_);
+    cublasDestroy(cublas_);
+    // The stream is kept: tensors may outlive the backend and free onto it.
+  }
+
+  std::string name() const override { return "cuda"; }
+  DType act_dtype() const override { return DType::BF16; }
+
+  // ---- memory ----
+  Tensor alloc(DType dt, std::vector<int64_t> shape) override {
+    Tensor t;
+    t.dtype = dt;
+    t.shape = std::move(shape);
+    t.device = Device::CUDA;
+    const size_t n = std::max<size_t>(t.nbytes(), 16);
+    void* p = nullptr;
+    CK(cudaMallocAsync(&p, n, stream_));
+    CK(cudaMemsetAsync(p, 0, n, stream_));
+    cudaStream_t s = stream_;
+    t.data = p;
+    t.owner = std::shared_ptr<void>(p, [s](void* q) { cudaFreeAsync(q, s); });
+    return t;
+  }
+  Tensor upload_bytes(const void* src, size_t n, DType dt, std::vector<int64_t> shape) {
+    Tensor t = alloc(dt, std::move(shape));
+    DS_CHECK(t.nbytes() == n);
+    if (n) CK(cudaMemcpyAsync(t.data, src, n, cudaMemcpyHostToDevice, stream_));
+    return t;
+  }
+  Tensor upload_f32(const std::vector<float>& v, std::vector<int64_t> shape, DType dt) override {
+    int64_t cnt = 1;
+    for (auto d : shape) cnt *= d;
+    DS_CHECK(int64_t(v.size()) == cnt);
+    if (dt == DType::F32) return upload_bytes(v.data(), v.size() * 4, dt, std::move(shape));
+    if (dt == DType::BF16) {
+      std::vector<uint16_t> h(v.size());
+      for (size_t i = 0; i < v.size(); ++i) h[i] = f32_to_bf16(v[i]);
+      return upload_bytes(h.data(), h.size() * 2, dt, std::move(shape));
+    }
+    if (dt == DType::I32) {
+      std::vector<int32_t> h(v.size());
+      for (size_t i = 0; i < v.size(); ++i) h[i] = int32_t(v[i]);
+      return upload_bytes(h.data(), h.size() * 4, dt, std::move(shape));
+    }
+    fail("cuda upload: unsupported dtype ", dtype_name(dt));
+  }
+  std::vector<float> to_host_f32(const Tensor& t) override {
+    std::vector<float> v(size_t(t.numel()));
+    std::vector<uint8_t> raw(t.nbytes());
+    if (!raw.empty()) CK(cudaMemcpyAsync(raw.data(), t.data, raw.size(), cudaMemcpyDeviceToHost, stream_));
+    CK(cudaStreamSynchronize(stream_));
+    if (t.dtype == DType::F32) std::memcpy(v.data(), raw.data(), raw.size());
+    else if (t.dtype == DType::BF16)
+      for (size_t i = 0; i < v.size(); ++i) v[i] = bf16_to_f32(reinterpret_cast<uint16_t*>(raw.data())[i]);
+    else if (t.dtype == DType::F16)
+      for (size_t i = 0; i < v.size(); ++i) v[i] = f16_to_f32(reinterpret_cast<uint16_t*>(raw.data())[i]);
+    else if (t.dtype == DType::I32)
+      for (size_t i = 0; i < v.size(); ++i) v[i] = float(reinterpret_cast<int32_t*>(raw.data())[i]);
+    else fail("cuda to_host: unsupported dtype ", dtype_name(t.dtype));
+    return v;
+  }
+  void zero(Tensor& t) override {
+    if (t.nbytes()) CK(cudaMemsetAsync(t.data, 0, t.nbytes(), stream_));
+  }
+  void copy(Tensor& dst, const Tensor& src) override {
+    DS_CHECK(dst.nbytes() == src.nbytes() && dst.dtype == src.dtype);
+    if (src.nbytes()) CK(cudaMemcpyAsync(dst.data, src.data, src.nbytes(), cudaMemcpyDeviceToDevice, stream_));
+  }
+  void synchronize() override { CK(cudaStreamSynchronize(stream_)); }
+
+  // ---- weights ----
+  std::shared_ptr<CudaLinear> build_linear(const std::vector<LinearSource>& parts) {
+    auto l = std::make_shared<CudaLinear>();
+    l->K = parts.at(0).K;
+    bool all_int4 = true;
+    for (auto& p : parts) {
+      DS_CHECK(p.K == l->K, "concatenated linears must share K");
+      l->N += p.N;
+      if (p.kind != LinearSource::Kind::Int4 || p.group_size % 32 != 0 || p.K % p.group_size != 0 ||
+          p.group_size != parts[0].group_size || p.N % 8 != 0)
+        all_int4 = false;
+    }
+    const int64_t N = l->N, K = l->K;
+    if (all_int4) {
+      const int G = parts[0].group_size;
+      l->int4 = true;
+      l->G = G;
+      std::vector<uint32_t> qw(size_t(N * (K / 8)));
+      std::vector<float> sc(size_t(N * (K / G)));
+      std::vector<uint8_t> z(size_t(N * (K / G)));
+      int64_t n0 = 0;
+      for (auto& p : parts) {
+        const int64_t Np = p.N;
+        for (int64_t n = 0; n < Np; ++n) {
+          for (int64_t r = 0; r < K / 8; ++r) qw[(n0 + n) * (K / 8) + r] = uint32_t(p.qweight[r * Np + n]);
+          for (int64_t g = 0; g < K / G; ++g) {
+            sc[(n0 + n) * (K / G) + g] = f16_to_f32(p.scales[g * Np + n]);
+            z[(n0 + n) * (K / G) + g] =
+                uint8_t(((uint32_t(p.qzeros[g * (Np / 8) + n / 8]) >> (4 * (n % 8))) & 0xF) + 1);
+          }
+        }
+        n0 += Np;
+      }
+      l->qw = upload_bytes(qw.data(), qw.size() * 4, DType::U32, {N, K / 8});
+      l->sc = upload_bytes(sc.data(), sc.size() * 4, DType::F32, {N, K / G});
+      l->z = upload_bytes(z.data(), z.size(), DType::U8, {N, K / G});
+    } else {
+      std::vector<uint16_t> h;
+      h.reserve(size_t(N * K));
+      for (auto& p : parts) append_bf16(p, h);
+      l->dense = upload_bytes(h.data(), h.size() * 2, DType::BF16, {N, K});
+    }
+    CK(cudaStreamSynchronize(stream_));  // host staging buffers die here
+    return l;
+  }
+  // Appends the [N, K] matrix of `p` as bf16 (int4 dequantized exactly in fp32, then rounded).
+  static void append_bf16(const LinearSource& p, std::vector<uint16_t>& h) {
+    const int64_t N = p.N, K = p.K, n = N * K;
+    const size_t base = h.size();
+    h.resize(base + size_t(n));
+    uint16_t* W = h.data() + base;
+    if (p.kind == LinearSource::Kind::Dense) {
+      if (p.dtype == DType::BF16) std::memcpy(W, p.data, size_t(n) * 2);
+      else if (p.dtype == DType::F32)
+        for (int64_t i = 0; i < n; ++i) W[i] = f32_to_bf16(static_cast<const float*>(p.data)[i]);
+      else if (p.dtype == DType::F16)
+        for (int64_t i = 0; i < n; ++i) W[i] = f32_to_bf16(f16_to_f32(static_cast<const uint16_t*>(p.data)[i]));
+      else
+        fail("linear weight: expected F32, BF16 or F16, got ", dtype_name(p.dtype));
+      return;
+    }
+    const int G = p.group_size;
+    for (int64_t r = 0; r < K / 8; ++r)
+      for (int64_t c = 0; c < N; ++c) {
+        const uint32_t word = uint32_t(p.qweight[r * N + c]);
+        for (int j = 0; j < 8; ++j) {
+          const int64_t k = 8 * r + j, g = k / G;
+          const int u = int((word >> (4 * j)) & 0xF);
+          const int z = int((uint32_t(p.qzeros[g * (N / 8) + c / 8]) >> (4 * (c % 8))) & 0xF) + 1;
+          W[c * K + k] = f32_to_bf16(f16_to_f32(p.scales[g * N + c]) * float(u - z));
+        }
+      }
+  }
+
+  Linear make_linear(const std::vector<LinearSource>& parts) override { return build_linear(parts); }
+
+  Experts make_experts(const std::vector<std::vector<LinearSource>>& gate_up,
+                       const std::vector<LinearSource>& down) override {
+    auto e = std::make_shared<CudaExperts>();
+    e->E = int64_t(down.size());
+    e->H = down.at(0).N;
+    e->I = down.at(0).K;
+    std::vector<LinearSource> gu_all, dn_all;
+    for (int64_t i = 0; i < e->E; ++i) {
+      for (auto& p : gate_up[i]) gu_all.push_back(p);
+      dn_all.push_back(down[i]);
+    }
+    e->gu = build_linear(gu_all);
+    e->down = build_linear(dn_all);
+    DS_CHECK(e->gu->N == e->E * 2 * e->I && e->down->N == e->E * e->H);
+    DS_CHECK(e->gu->int4 == e->down->int4, "experts: gate_up and down must both be int4 or both dense");
+    e->int4 = e->gu->int4;
+    DS_CHECK(e->H % 32 == 0 && e->I % 32 == 0, "experts: H and I must be multiples of 32");
+    return e;
+  }
+
+  // ---- batch ----
+  void prepare_batch(BatchMeta& b) override { b.device = build_batch(b); }
+  const DevBatch& dev(const BatchMeta& b) {
+    auto* d = static_cast<DevBatch*>(b.device.get());
+    if (!d || d->T != int(b.num_tokens()) || d->nseq != int(b.seqs.size())) {
+      const_cast<BatchMeta&>(b).device = build_batch(b);
+      d = static_cast<DevBatch*>(b.device.get());
+    }
+    return *d;
+  }
+  std::shared_ptr<void> build_batch(const BatchMeta& b) {
+    auto d = std::make_shared<DevBatch>();
+    const int T = int(b.num_tokens()), ns = int(b.seqs.size());
+    int maxb = 1;
+    for (auto& s : b.seqs) maxb = std::max(maxb, int(s.blocks.size()));
+    d->T = T;
+    d->nseq = ns;
+    d->maxb = maxb;
+    std::vector<int32_t> h;
+    h.insert(h.end(), b.tokens.begin(), b.tokens.end());
+    const size_t o_pos = h.size();
+    if (b.positions.size() == size_t(3 * T)) h.insert(h.end(), b.positions.begin(), b.positions.end());
+    else h.resize(h.size() + 3 * T, 0);
+    const size_t o_seq = h.size();
+    h.resize(h.size() + T, 0);
+    const size_t o_info = h.size();
+    for (int s = 0; s < ns; ++s) {
+      auto& q = b.seqs[s];
+      for (int64_t i = 0; i < q.q_len; ++i) h[o_seq + q.q_start + i] = s;
+      h.push_back(int32_t(q.q_start));
+      h.push_back(int32_t(q.q_len));
+      h.push_back(int32_t(q.ctx_len));
+      h.push_back(q.state_slot);
+    }
+    const size_t o_blk = h.size();
+    for (int s = 0; s < ns; ++s) {
+      auto& bl = b.seqs[s].blocks;
+      for (int i = 0; i < maxb; ++i) h.push_back(i < int(bl.size()) ? bl[i] : 0);
+    }
+    d->buf = upload_bytes(h.data(), h.size() * 4, DType::I32, {int64_t(h.size())});
+    const int32_t* base = d->buf.ptr<int32_t>();
+    d->tokens = base;
+    d->positions = base + o_pos;
+    d->seq_of = base + o_seq;
+    d->seqinfo = base + o_info;
+    d->blocks = base + o_blk;
+    return d;
+  }
+
+  // ---- ops ----
+  void embed(const Tensor& table, const BatchMeta& b, Tensor& out) override {
+    const int64_t H = table.dim(1), V = table.dim(0);
+    for (int64_t t = 0; t < b.num_tokens(); ++t) {
+      int32_t id = b.tokens[t];
+      if (id < 0 || id >= V) fail("token id ", id, " is outside the vocabulary [0, ", V, ")");
+    }
+    if (b.num_tokens() == 0) return;
+    auto& d = dev(b);
+    k_embed<<<int(b.num_tokens()), 256, 0, stream_>>>(table.data, int(table.dtype), d.tokens, H, out.data,
+                                                        int(out.dtype));
+    CKL();
+  }
+
+  void rmsnorm(const Tensor& x, const Tensor& w, float eps, Tensor& y) override {
+    const int64_t D = w.numel(), R = x.numel() / D;
+    if (R == 0) return;
+    DS_CHECK(w.dtype == DType::F32);
+    k_rmsnorm<<<unsigned(R), 256, 0, stream_>>>(x.data, int(x.dtype), w.ptr<float>(), eps, D, y.data, int(y.dtype));
+    CKL();
+  }
+
+  void add_inplace(Tensor& x, const Tensor& y) override {
+    const int64_t n = x.numel();
+    if (!n) return;
+    k_add<<<blocks_for(n, 256), 256, 0, stream_>>>(x.data, int(x.dtype), y.data, int(y.dtype), n);
+    CKL();
+  }
+
+  // bf16 copy of x (x itself when it is already bf16)
+  Tensor as_bf16(const Tensor& x) {
+    if (x.dtype == DType::BF16) return x;
+    Tensor c = alloc(DType::BF16, x.shape);
+    k_convert<<<blocks_for(x.numel(), 256), 256, 0, stream_>>>(x.data, int(x.dtype), c.data, kBF16, x.numel());
+    CKL();
+    return c;
+  }
+
+  void gemm_bf16(const void* W, const void* x, int64_t T, int64_t N, int64_t K, Tensor& y) {
+    const float alpha = 1.f, beta = 0.f;
+    cudaDataType_t ct = y.dtype == DType::F32 ? CUDA_R_32F : y.dtype == DType::BF16 ? CUDA_R_16BF : CUDA_R_16F;
+    CKB(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, int(N), int(T), int(K), &alpha, W, CUDA_R_16BF, int(K), x,
+                     CUDA_R_16BF, int(K), &beta, y.data, ct, int(N), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }
+
+  void linear(const Tensor& x, const Linear& w, Tensor& y) override {
+    auto* l = static_cast<const CudaLinear*>(w.get());
+    const int64_t T = x.numel() / l->K;
+    DS_CHECK(x.numel() == T * l->K, "linear in ", shape_str(x.shape), " for K=", l->K);
+    DS_CHECK(y.numel() == T * l->N, "linear out ", shape_str(y.shape), " for N=", l->N);
+    if (T == 0) return;
+    Tensor xb = as_bf16(x);
+    if (!l->int4) {
+      gemm_bf16(l->dense.data, xb.data, T, l->N, l->K, y);
+      return;
+    }
+    if (T <= kGemvRows) {
+      const int warps = 8;
+      k_int4_gemv<<<blocks_for(l->N, warps, 1 << 30), warps * 32, 0, stream_>>>(
+          l->view(), xb.ptr<__nv_bfloat16>(), T, y.data, int(y.dtype));
+      CKL();
+      return;
+    }
+    // M > 8: dequantize to bf16 (stream-ordered scratch) and run the tensor-core GEMM.
+    Tensor wd = alloc_scratch(DType::BF16, {l->N, l->K});
+    k_int4_dequant<<<blocks_for(l->N * l->K / 8, 256), 256, 0, stream_>>>(l->view(), wd.ptr<__nv_bfloat16>());
+    CKL();
+    gemm_bf16(wd.data, xb.data, T, l->N, l->K, y);
+  }
+  // Like alloc, without zero-fill.
+  Tensor alloc_scratch(DType dt, std::vector<int64_t> shape) {
+    Tensor t;
+    t.dtype = dt;
+    t.shape = std::move(shape);
+    t.device = Device::CUDA;
+    void* p = nullptr;
+    CK(cudaMallocAsync(&p, std::max<size_t>(t.nbytes(), 16), stream_));
+    cudaStream_t s = stream_;
+    t.data = p;
+    t.owner = std::shared_ptr<void>(p, [s](void* q) { cudaFreeAsync(q, s); });
+    return t;
+  }
+
+  void silu_mul(const Tensor& gu, Tensor& y) override {
+    const int64_t T = gu.dim(0), I = gu.dim(1) / 2;
+    if (T * I == 0) return;
+    k_silu_mul<<<blocks_for(T * I, 256), 256, 0, stream_>>>(gu.data, int(gu.dtype), T, I, y.data, int(y.dtype));
+    CKL();
+  }
+
+  struct RopeTables {
+    Tensor inv, axis;
+  };
+  const RopeTables& rope_tables(const RopeParams& r) {
+    std::string key = str_cat(r.rotary_dim, "/", r.theta, "/", r.mrope_section[0], ",", r.mrope_section[1], ",",
+                              r.mrope_section[2], "/", r.mrope_interleaved);
+    auto it = rope_cache_.find(key);
+    if (it != rope_cache_.end()) return it->second;
+    const int half = std::max(1, r.rotary_dim / 2);
+    std::vector<float> inv(half, 0.f);
+    std::vector<int32_t> axis(half, 0);
+    for (int i = 0; i < r.rotary_dim / 2; ++i) {
+      inv[i] = float(1.0 / std::pow(r.theta, double(2 * i) / r.rotary_dim));
+      if (r.mrope_interleaved) {
+        if (i % 3 == 1 && i < 3 * r.mrope_section[1]) axis[i] = 1;
+        else if (i % 3 == 2 && i < 3 * r.mrope_section[2]) axis[i] = 2;
+      } else {
+        axis[i] = i < r.mrope_section[0] ? 0 : i < r.mrope_section[0] + r.mrope_section[1] ? 1 : 2;
+      }
+    }
+    RopeTables t;
+    t.inv = upload_bytes(inv.data(), inv.size() * 4, DType::F32, {half});
+    t.axis = upload_bytes(axis.data(), axis.size() * 4, DType::I32, {half});
+    return rope_cache_[key] = t;
+  }
+
+  void qk_norm_rope(const Tensor& qg, Tensor& k, const Tensor& qnorm, const Tensor& knorm, float eps,
+                    const RopeParams& rope, const BatchMeta& b, Tensor& q, Tensor& gate) override {
+    const int64_t T = b.num_tokens(), Dh = qnorm.numel();
+    const int64_t Nh = qg.dim(1) / (2 * Dh), Nkv = k.dim(1) / Dh;
+    DS_CHECK(Dh <= 512, "head_dim ", Dh, " > 512");
+    if (T == 0) return;
+    auto& d = dev(b);
+    auto& rt = rope_tables(rope);
+    k_norm_rope<<<dim3(unsigned(T), unsigned(Nh)), 128, 0, stream_>>>(
+        qg.data, int(qg.dtype), Nh * 2 * Dh, 2 * Dh, qnorm.ptr<float>(), eps, Dh, rope.rotary_dim, rt.inv.ptr<float>(),
+        rt.axis.ptr<int32_t>(), d.positions, T, q.data, int(q.dtype), Nh, gate.data, Dh);
+    CKL();
+    k_norm_rope<<<dim3(unsigned(T), unsigned(Nkv)), 128, 0, stream_>>>(
+        k.data, int(k.dtype), Nkv * Dh, Dh, knorm.ptr<float>(), eps, Dh, rope.rotary_dim, rt.inv.ptr<float>(),
+        rt.axis.ptr<int32_t>(), d.positions, T, k.data, int(k.dtype), Nkv, nullptr, 0);
+    CKL();
+  }
+
+  void kv_cache_write(KvLayer& kv, const Tensor& k, const Tensor& v, const BatchMeta& b) override {
+    const int64_t T = b.num_tokens(), row = k.dim(1);
+    if (T == 0) return;
+    auto& d = dev(b);
+    k_kv_write<<<unsigned(T), 256, 0, stream_>>>(kv.k.data, kv.v.data, int(kv.k.dtype), k.data, v.data, int(k.dtype),
+                                                 row, kv.block_size, d.seq_of, d.seqinfo, d.blocks, d.maxb);
+    CKL();
+  }
+
+  void attention(const Tensor& q, const KvLayer& kv, const BatchMeta& b, Tensor& o) override {
+    const int64_t Nkv = kv.k.dim(2), Dh = kv.k.dim(3);
+    const int64_t Nh = q.dim(1) / Dh, T = b.num_tokens();
+    DS_CHECK(Dh % 32 == 0 && Dh <= 256, "attention: head_dim ", Dh, " must be a multiple of 32, at most 256");
+    DS_CHECK(Nh % Nkv == 0);
+    if (T == 0) return;
+    auto& d = dev(b);
+    k_attention<<<dim3(unsigned(T), unsigned(Nh)), kAttnWarps * 32, 0, stream_>>>(
+        q.data, int(q.dtype), kv.k.data, kv.v.data, int(kv.k.dtype), Nh, Nkv, Dh, kv.block_size, d.seq_of, d.seqinfo,
+        d.blocks, d.maxb, 1.f / std::sqrt(float(Dh)), o.data, int(o.dtype));
+    CKL();
+  }
+
+  void sigmoid_gate_mul(Tensor& x, const Tensor& gate) override {
+    const int64_t n = x.numel();
+    if (!n) return;
+    k_sigmoid_gate_mul<<<blocks_for(n, 256), 256, 0, stream_>>>(x.data, int(x.dtype), gate.data, int(gate.dtype), n);
+    CKL();
+  }
+
+  void conv1d_causal(const Tensor& mixed, const Tensor& weight, StateLayer& st, const BatchMeta& b,
+                     Tensor& out) override {
+    const int64_t C = weight.dim(0), Kc = weight.dim(1);
+    if (b.seqs.empty()) return;
+    auto& d = dev(b);
+    dim3 grid(unsigned((C + 127) / 128), unsigned(b.seqs.size()));
+#define DS_CONV(KC)                                                                                               \
+  case KC:                                                                                                        \
+    k_conv1d<KC><<<grid, 128, 0, stream_>>>(mixed.data, int(mixed.dtype), weight.ptr<float>(), st.conv.ptr<float>(), \
+                                            d.seqinfo, C, out.data, int(out.dtype));                              \
+    break;
+    switch (Kc) {
+      DS_CONV(2)
+      DS_CONV(3)
+      DS_CONV(4)
+      DS_CONV(5)
+      DS_CONV(6)
+      default:
+        fail("conv1d: kernel size ", Kc, " is not supported (2..6)");
+    }
+#undef DS_CONV
+    CKL();
+  }
+
+  void gated_delta_rule(const Tensor& qkv, const Tensor& ba, const Tensor& A_log, const Tensor& dt_bias, int64_t Hk,
+                        int64_t Hv, int64_t Dk, int64_t Dv, StateLayer& st, const BatchMeta& b, Tensor& o) override {
+    const int64_t T = b.num_tokens(), C = qkv.dim(1);
+    DS_CHECK(Dv % 32 == 0 && Hv % Hk == 0);
+    if (T == 0) return;
+    auto& d = dev(b);
+    Tensor qn = alloc_scratch(DType::F32, {T, Hk, Dk}), kn = alloc_scratch(DType::F32, {T, Hk, Dk});
+    Tensor g = alloc_scratch(DType::F32, {T, Hv}), beta = alloc_scratch(DType::F32, {T, Hv});
+    k_gdr_prep<<<unsigned(T), 256, 0, stream_>>>(qkv.data, int(qkv.dtype), ba.data, int(ba.dtype), A_log.ptr<float>(),
+                                                 dt_bias.ptr<float>(), C, Hk, Hv, Dk, 1.f / std::sqrt(float(Dk)),
+                                                 qn.ptr<float>(), kn.ptr<float>(), g.ptr<float>(), beta.ptr<float>());
+    CKL();
+    dim3 grid(unsigned(Dv / 32), unsigned(Hv), unsigned(b.seqs.size()));
+#define DS_GDR(DK)                                                                                                 \
+  case DK:                                                                                                         \
+    k_gdr_recurrent<DK><<<grid, 32, 0, stream_>>>(qn.ptr<float>(), kn.ptr<float>(), g.ptr<float>(), beta.ptr<float>(), \
+                                                  qkv.data, int(qkv.dtype), C, Hk, Hv, Dv, st.ssm.ptr<float>(),    \
+                                                  d.seqinfo, o.data, int(o.dtype));                                \
+    break;
+    switch (Dk) {
+      DS_GDR(32)
+      DS_GDR(64)
+      DS_GDR(128)
+      default:
+        fail("gated_delta_rule: key head dim ", Dk, " is not supported (32, 64, 128)");
+    }
+#undef DS_GDR
+    CKL();
+  }
+
+  void gated_rmsnorm(const Tensor& o, const Tensor& z, const Tensor& w, float eps, Tensor& y) override {
+    const int64_t D = w.numel(), R = o.numel() / D;
+    if (!R) return;
+    k_gated_rmsnorm<<<unsigned(R), 128, 0, stream_>>>(o.data, int(o.dtype), z.data, int(z.dtype), w.ptr<float>(), eps,
+                                                     D, y.data, int(y.dtype));
+    CKL();
+  }
+
+  void moe_route(const Tensor& logits, int64_t top_k, Tensor& ids, Tensor& weights) override {
+    const int64_t T = logits.dim(0), E = logits.dim(1);
+    DS_CHECK(E <= 1024 && top_k <= E, "moe_route: E = ", E, " (at most 1024), top_k = ", top_k);
+    DS_CHECK(ids.dtype == DType::I32 && weights.dtype == DType::F32);
+    if (!T) return;
+    k_moe_route<<<unsigned((T + 3) / 4), 128, 0, stream_>>>(logits.data, int(logits.dtype), T, E, top_k,
+                                                           ids.ptr<int32_t>(), weights.ptr<float>());
+    CKL();
+  }
+
+  void moe_experts(const Tensor& x, const Experts& w, const Tensor& ids, const Tensor& weights, Tensor& y) override {
+    auto* ex = static_cast<const CudaExperts*>(w.get());
+    const int64_t T = x.dim(0), H = ex->H, I = ex->I, K = ids.dim(1), P = T * K;
+    if (!T) return;
+    Tensor xb = as_bf16(x);
+    Tensor act = alloc_scratch(DType::F32, {P, I}), out = alloc_scratch(DType::F32, {P, H});
+    const int warps = 8;
+    const unsigned py = unsigned(std::min<int64_t>(P, 65535));
+    if (ex->int4) {
+      k_moe_gate_up<<<dim3(unsigned((I + warps - 1) / warps), py), warps * 32, 0, stream_>>>(
+          ex->gu->view(), 2 * I, xb.ptr<__nv_bfloat16>(), ids.ptr<int32_t>(), K, I, P, act.ptr<float>());
+      CKL();
+      k_moe_down<<<dim3(unsigned((H + warps - 1) / warps), py), warps * 32, 0, stream_>>>(
+          ex->down->view(), H, act.ptr<float>(), ids.ptr<int32_t>(), H, P, out.ptr<float>());
+      CKL();
+    } else {
+      DenseView gu{ex->gu->dense.ptr<__nv_bfloat16>(), ex->gu->N, ex->gu->K};
+      DenseView dn{ex->down->dense.ptr<__nv_bfloat16>(), ex->down->N, ex->down->K};
+      k_moe_gate_up<<<dim3(unsigned((I + warps - 1) / warps), py), warps * 32, 0, stream_>>>(
+          gu, 2 * I, xb.ptr<__nv_bfloat16>(), ids.ptr<int32_t>(), K, I, P, act.ptr<float>());
+      CKL();
+      k_moe_down<<<dim3(unsigned((H + warps - 1) / warps), py), warps * 32, 0, stream_>>>(
+          dn, H, act.ptr<float>(), ids.ptr<int32_t>(), H, P, out.ptr<float>());
+      CKL();
+    }
+    k_moe_combine<<<unsigned(T), 256, 0, stream_>>>(out.ptr<float>(), weights.ptr<float>(), K, H, y.data,
+                                                   int(y.dtype));
+    CKL();
+  }
+
+  void sigmoid_scale_add(Tensor& y, const Tensor& s, const Tensor& gate_logit) override {
+    const int64_t T = y.dim(0), H = y.dim(1);
+    if (!T) return;
+    k_sigmoid_scale_add<<<unsigned(T), 256, 0, stream_>>>(y.data, int(y.dtype), s.data, int(s.dtype), gate_logit.data,
+                                                          int(gate_logit.dtype), H);
+    CKL();
+  }
+
+  void gather_rows(const Tensor& x, const std::vector<int32_t>& rows, Tensor& out) override {
+    const int64_t H = x.numel() / x.dim(0);
+    if (rows.empty()) return;
+    for (auto r : rows) DS_CHECK(r >= 0 && r < x.dim(0), "gather_rows: row ", r, " of ", x.dim(0));
+    DS_CHECK(out.dtype == x.dtype);
+    Tensor r = upload_bytes(rows.data(), rows.size() * 4, DType::I32, {int64_t(rows.size())});
+    k_gather<<<unsigned(rows.size()), 256, 0, stream_>>>(x.data, int(x.dtype), r.ptr<int32_t>(), H, out.data);
+    CKL();
+  }
+
+ private:
+  int dev_;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  std::map<std::string, RopeTables> rope_cache_;
+};
+
+}  // namespace cuda
+
+std::unique_ptr<Backend> make_cuda_backend(int device) { return std::make_unique<cuda::CudaBackend>(device); }
+
+}  // namespace ds

@@ -30,7 +30,7 @@ int main(int argc, char** argv) {
   }
   std::string cmd = argv[1];
   try {
-    //SERVE
+    if (cmd == "serve") return ds::cli::cmd_serve(argc, argv);
     if (cmd == "logits") return ds::cli::cmd_logits(argc, argv);
     if (cmd == "inspect") return ds::cli::cmd_inspect(argc, argv);
     if (cmd == "generate") return ds::cli::cmd_generate(argc, argv);

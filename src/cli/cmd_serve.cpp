@@ -1,0 +1,42 @@
+// deltaserve serve: the OpenAI-compatible server (flags spelled like vLLM's where they mean the same).
+#include <nlohmann/json.hpp>
+
+#include "cli/args.h"
+#include "cli/commands.h"
+#include "server/server.h"
+
+namespace ds::cli {
+
+int cmd_serve(int argc, char** argv) {
+  Args a(argc, argv, 2);
+  server::ServerConfig c;
+  c.model_dir = a.model_dir();
+  c.host = a.get("host", c.host);
+  int64_t port = a.get_int("port", c.port);
+  if (port < 0 || port > 65535) fail("--port: expected 0..65535, got ", port);
+  c.port = int(port);
+  c.backend = a.get("backend", c.backend);
+  c.served_model_name = a.get("served-model-name", "");
+  c.api_key = a.get("api-key", "");
+  c.max_model_len = a.get_int("max-model-len", 0);
+  c.max_num_seqs = a.get_int("max-num-seqs", c.max_num_seqs);
+  c.max_num_batched_tokens = a.get_int("max-num-batched-tokens", c.max_num_batched_tokens);
+  c.max_queued_requests = a.get_int("max-queued-requests", c.max_queued_requests);
+  c.num_kv_blocks = a.get_int("num-gpu-blocks-override", 0);
+  c.block_size = a.get_int("block-size", c.block_size);
+  c.gpu_memory_utilization = a.get_double("gpu-memory-utilization", c.gpu_memory_utilization);
+  c.drain_seconds = int(a.get_int("shutdown-timeout", c.drain_seconds));
+  c.chat_template_path = a.get("chat-template", "");
+  if (c.max_num_seqs < 1) fail("--max-num-seqs: expected >= 1, got ", c.max_num_seqs);
+  if (c.max_num_batched_tokens < 1) fail("--max-num-batched-tokens: expected >= 1, got ", c.max_num_batched_tokens);
+  if (c.max_model_len < 0) fail("--max-model-len: expected >= 1, got ", c.max_model_len);
+  if (a.has("default-chat-template-kwargs")) {
+    auto j = nlohmann::ordered_json::parse(a.get("default-chat-template-kwargs"), nullptr, false);
+    if (j.is_discarded() || !j.is_object())
+      fail("--default-chat-template-kwargs: expected a JSON object, got '", a.get("default-chat-template-kwargs"), "'");
+    c.default_chat_template_kwargs = j;
+  }
+  return server::serve(c);
+}
+
+}  // namespace ds::cli

@@ -1,0 +1,109 @@
+// The engine: one thread that owns the model and runs step() = schedule → forward → sample → post-process,
+// with continuous batching (requests join and leave the running batch at every step) and chunked prefill.
+// HTTP threads hand it Requests and read Deltas from per-request channels; it never waits on a client.
+#pragma once
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "model/model.h"
+#include "runtime/cache.h"
+#include "sampling/sampling.h"
+
+namespace ds::runtime {
+
+enum class FinishReason { None, Stop, Length, Abort, Error };
+const char* finish_reason_name(FinishReason r);  // "stop", "length", "abort", "error"
+
+// Output of one engine step for one request (set by the engine).
+struct Delta {
+  std::vector<int32_t> tokens;                     // newly generated ids (usually one)
+  std::vector<sampling::TokenLogprob> logprobs;    // parallel to tokens when requested
+  FinishReason finish = FinishReason::None;
+  int32_t stop_token = -1;                         // the EOS / stop_token_id that ended it (not in tokens)
+  std::string error;                               // for FinishReason::Error
+  // Usage so far; completion_tokens counts every sampled token, a final stop token included (vLLM's usage).
+  int64_t prompt_tokens = 0, completion_tokens = 0;
+};
+
+// Thread-safe single-consumer queue of Deltas. The engine pushes without blocking.
+class DeltaChannel {
+ public:
+  void push(Delta d);
+  // Waits up to `timeout` for the next delta; nullopt on timeout.
+  std::optional<Delta> pop(std::chrono::milliseconds timeout);
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Delta> q_;
+};
+
+// Set by the server (after validation and tokenisation).
+struct Request {
+  uint64_t id = 0;
+  std::vector<int32_t> prompt;
+  sampling::SamplingParams sampling;
+  int64_t max_tokens = 16;            // generated tokens at most
+  std::vector<int32_t> stop_token_ids;// in addition to the model's EOS set unless ignore_eos
+  bool ignore_eos = false;
+  std::shared_ptr<DeltaChannel> out = std::make_shared<DeltaChannel>();
+  std::chrono::steady_clock::time_point arrival = std::chrono::steady_clock::now();
+};
+
+struct EngineConfig {
+  int64_t max_num_seqs = 16;           // running sequences (= DeltaNet state slots)
+  int64_t max_num_batched_tokens = 2048;  // tokens per forward call (decode + prefill chunks)
+  int64_t max_model_len = 8192;        // prompt + generated
+  int64_t block_size = 16;
+  int64_t num_blocks = 0;              // KV blocks; 0 = enough for max_num_seqs × max_model_len
+  std::vector<int32_t> eos_token_ids;  // the model's EOS set (<|im_end|>, <|endoftext|>)
+  int64_t vocab_limit = 0;             // ids >= this are never sampled (0 = the model's vocab)
+  // submit() rejects prompt ids outside the model's vocabulary. Tests switch it off to make a step fail
+  // and check that only the offending request ends (FinishReason::Error).
+  bool check_prompt_ids = true;
+};
+
+// Counters and gauges for /metrics (snapshot).
+struct EngineMetrics {
+  int64_t running = 0, waiting = 0;
+  int64_t kv_blocks_used = 0, kv_blocks_total = 0, slots_used = 0, slots_total = 0;
+  int64_t prompt_tokens_total = 0, generation_tokens_total = 0;
+  int64_t requests_finished[5] = {0, 0, 0, 0, 0};  // by FinishReason
+  int64_t preemptions_total = 0, steps_total = 0;
+};
+
+class Engine {
+ public:
+  Engine(model::Model& m, EngineConfig cfg);
+  ~Engine();
+  void start();  // spawns the engine thread
+  void stop();   // finishes the thread; pending requests end with FinishReason::Abort
+  // Validates and queues: prompt non-empty, max_tokens >= 1, prompt + max_tokens <= max_model_len and within
+  // the KV pool, token ids inside the vocabulary, sampling params in range (sampling::check_params), id not
+  // already in flight, engine not stopped. Throws ds::Error naming expected vs found, before queueing.
+  void submit(std::shared_ptr<Request> r);
+  // Ends a request (client gone, stop string matched) with FinishReason::Abort; its memory is freed at the
+  // next step. Ignored if the id is not in flight; never reaches a later request that reuses the id.
+  void abort(uint64_t id);
+  EngineMetrics metrics() const;
+  const EngineConfig& config() const { return cfg_; }
+  // One scheduling + forward step (the engine thread calls this in a loop; tests may call it directly
+  // without start()). Returns false if there was nothing to do.
+  bool step();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  EngineConfig cfg_;
+};
+
+}  // namespace ds::runtime

@@ -1,0 +1,134 @@
+#include "runtime/scheduler.h"
+
+#include <algorithm>
+
+#include "core/status.h"
+#include "runtime/engine.h"
+
+namespace ds::runtime {
+
+Scheduler::Scheduler(CacheManager& cm, int64_t max_num_seqs, int64_t max_num_batched_tokens)
+    : cm_(cm), max_num_seqs_(max_num_seqs), max_num_batched_tokens_(max_num_batched_tokens) {}
+
+void Scheduler::add(std::unique_ptr<Sequence> s) { waiting_.push_back(std::move(s)); }
+
+Schedule Scheduler::schedule() {
+  // A suspect runs alone until it has been recomputed and sampled, so a failing forward names its culprit.
+  for (auto* q : all())
+    if (q->suspect) return schedule_alone(q);
+
+  Schedule out;
+  int64_t budget = max_num_batched_tokens_;
+  for (size_t i = 0; i < running_.size() && budget > 0; ++i) {
+    Sequence* s = running_[i].get();
+    const int64_t n = std::min(s->pending_tokens(), budget);
+    if (n <= 0) continue;
+    bool self = false;
+    while (!self && !cm_.reserve(s->cache, n)) {
+      // The victim is always at an index > i or s itself: the sequences already in `out` keep their blocks.
+      self = running_.back().get() == s;
+      preempt(running_.size() - 1);
+      ++out.num_preempted;
+    }
+    if (self) break;
+    out.seqs.push_back({s, n, s->cache.len + n == int64_t(s->tokens.size())});
+    budget -= n;
+  }
+  // Admit in arrival order while everything fits; a step that had to preempt admits nobody (it would only
+  // take back what was just freed).
+  while (out.num_preempted == 0 && budget > 0 && !waiting_.empty() && num_running() < max_num_seqs_) {
+    Sequence* s = waiting_.front().get();
+    if (!cm_.start(s->cache)) break;
+    const int64_t n = std::min(s->pending_tokens(), budget);
+    if (!cm_.reserve(s->cache, n)) {
+      cm_.release(s->cache);
+      break;
+    }
+    running_.push_back(std::move(waiting_.front()));
+    waiting_.pop_front();
+    out.seqs.push_back({s, n, s->cache.len + n == int64_t(s->tokens.size())});
+    budget -= n;
+  }
+  return out;
+}
+
+Schedule Scheduler::schedule_alone(Sequence* s) {
+  Schedule out;
+  auto last_other = [&]() -> size_t {
+    for (size_t i = running_.size(); i-- > 0;)
+      if (running_[i].get() != s) return i;
+    fail("scheduler: sequence ", s->req->id, " needs more KV blocks than the whole pool holds");
+  };
+  auto w = std::find_if(waiting_.begin(), waiting_.end(), [&](auto& p) { return p.get() == s; });
+  if (w != waiting_.end()) {
+    std::unique_ptr<Sequence> own = std::move(*w);
+    waiting_.erase(w);
+    while (cm_.free_slots() == 0 || num_running() >= max_num_seqs_) {
+      if (running_.empty()) {  // cannot happen with a valid config; keep the sequence, not the loop
+        waiting_.push_front(std::move(own));
+        fail("scheduler: no state slot available (max_num_seqs ", max_num_seqs_, ", slots ", cm_.num_slots(), ")");
+      }
+      preempt(running_.size() - 1);
+      ++out.num_preempted;
+    }
+    DS_CHECK(cm_.start(s->cache));
+    running_.push_back(std::move(own));
+  }
+  const int64_t n = std::min(s->pending_tokens(), max_num_batched_tokens_);
+  while (!cm_.reserve(s->cache, n)) {
+    preempt(last_other());
+    ++out.num_preempted;
+  }
+  out.seqs.push_back({s, n, s->cache.len + n == int64_t(s->tokens.size())});
+  return out;
+}
+
+void Scheduler::preempt(size_t i) {
+  std::unique_ptr<Sequence> s = std::move(running_[i]);
+  running_.erase(running_.begin() + std::ptrdiff_t(i));
+  cm_.release(s->cache);  // recompute from tokens later: exact, since sampling state is kept
+  waiting_.push_front(std::move(s));
+}
+
+std::vector<Sequence*> Scheduler::forward_failed(const Schedule& sched) {
+  if (sched.seqs.size() == 1) return {sched.seqs[0].seq};
+  // Back to the front of the waiting queue in their running order, each to be retried alone.
+  for (auto it = sched.seqs.rbegin(); it != sched.seqs.rend(); ++it) {
+    auto r = std::find_if(running_.begin(), running_.end(), [&](auto& p) { return p.get() == it->seq; });
+    DS_CHECK(r != running_.end());
+    it->seq->suspect = true;
+    preempt(size_t(r - running_.begin()));
+  }
+  return {};
+}
+
+std::unique_ptr<Sequence> Scheduler::remove(Sequence* s) {
+  std::unique_ptr<Sequence> own;
+  auto r = std::find_if(running_.begin(), running_.end(), [&](auto& p) { return p.get() == s; });
+  if (r != running_.end()) {
+    own = std::move(*r);
+    running_.erase(r);
+  } else {
+    auto w = std::find_if(waiting_.begin(), waiting_.end(), [&](auto& p) { return p.get() == s; });
+    DS_CHECK(w != waiting_.end(), "scheduler: removing an unknown sequence");
+    own = std::move(*w);
+    waiting_.erase(w);
+  }
+  cm_.release(own->cache);
+  return own;
+}
+
+Sequence* Scheduler::find(uint64_t request_id) const {
+  for (auto* s : all())
+    if (s->req->id == request_id) return s;
+  return nullptr;
+}
+
+std::vector<Sequence*> Scheduler::all() const {
+  std::vector<Sequence*> v;
+  for (auto& s : running_) v.push_back(s.get());
+  for (auto& s : waiting_) v.push_back(s.get());
+  return v;
+}
+
+}  // namespace ds::runtime

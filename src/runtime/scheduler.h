@@ -1,0 +1,86 @@
+// Continuous batching with chunked prefill and preemption by recompute: which sequences run in the next
+// forward call, how many of their tokens, and who gives memory back when the KV pool runs dry.
+#pragma once
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <vector>
+
+#include "runtime/cache.h"
+#include "sampling/sampling.h"
+
+namespace ds::runtime {
+
+struct Request;
+
+// A request inside the engine. Set by the engine at admission; `cache` by the scheduler and the forward;
+// `tokens`, `completion_tokens`, `sampler` by post-processing.
+struct Sequence {
+  Sequence(std::shared_ptr<Request> r, const std::vector<int32_t>& prompt, const sampling::SamplingParams& sp)
+      : req(std::move(r)), tokens(prompt), prompt_len(int64_t(prompt.size())), sampler(sp, prompt) {}
+  std::shared_ptr<Request> req;
+  std::vector<int32_t> tokens;    // prompt + generated (a final stop token is not appended)
+  int64_t prompt_len = 0;
+  SeqCache cache;                 // cache.len = tokens[0, len) are in the KV blocks and the state slot
+  sampling::SeqSampler sampler;   // RNG and penalty counts survive preemption, so recompute is exact
+  int64_t completion_tokens = 0;  // sampled so far, including a final stop token (vLLM's usage count)
+  bool prompt_counted = false;    // prompt_tokens_total counts a prompt once, not per recompute
+  uint64_t serial = 0;            // submission number: tells apart the lives of a reused request id
+  // Was in a multi-sequence batch whose forward threw: recomputed alone until it samples again, so the
+  // culprit fails on its own and the others carry on.
+  bool suspect = false;
+
+  int64_t num_generated() const { return int64_t(tokens.size()) - prompt_len; }
+  int64_t pending_tokens() const { return int64_t(tokens.size()) - cache.len; }  // to run through the model
+};
+
+// One sequence's share of a forward call: tokens[cache.len, cache.len + num_tokens).
+struct ScheduledSeq {
+  Sequence* seq = nullptr;
+  int64_t num_tokens = 0;
+  bool samples = false;  // this chunk reaches the end of `tokens`, so its last row is sampled
+};
+
+struct Schedule {
+  std::vector<ScheduledSeq> seqs;
+  int64_t num_preempted = 0;
+  bool empty() const { return seqs.empty(); }
+};
+
+class Scheduler {
+ public:
+  Scheduler(CacheManager& cm, int64_t max_num_seqs, int64_t max_num_batched_tokens);
+
+  // Joins the back of the waiting queue (arrival order).
+  void add(std::unique_ptr<Sequence> s);
+  // Picks the next forward call: running sequences first (decodes and unfinished prefill chunks, oldest
+  // first), then waiting ones while slots, blocks and the token budget last. When a running sequence needs
+  // a block and none is free, the most recently started running sequence is preempted (memory freed, back
+  // to the front of the waiting queue, recomputed later from its tokens); no new sequence is admitted in a
+  // step that preempted.
+  Schedule schedule();
+  // After a forward call that threw: every sequence of `s` is preempted and marked suspect (or, for a
+  // single-sequence call, returned as the culprit). Returns the sequences that must fail.
+  std::vector<Sequence*> forward_failed(const Schedule& s);
+  // Frees the sequence's memory and forgets it (finished, failed or aborted). Returns its ownership.
+  std::unique_ptr<Sequence> remove(Sequence* s);
+
+  Sequence* find(uint64_t request_id) const;
+  std::vector<Sequence*> all() const;  // running then waiting
+  int64_t num_running() const { return int64_t(running_.size()); }
+  int64_t num_waiting() const { return int64_t(waiting_.size()); }
+  const CacheManager& cache() const { return cm_; }
+
+ private:
+  // Schedules `s` alone (it is suspect); preempts others as needed to give it a slot and blocks.
+  Schedule schedule_alone(Sequence* s);
+  // Moves running_[i] to the front of the waiting queue and frees its blocks and slot.
+  void preempt(size_t i);
+
+  CacheManager& cm_;
+  int64_t max_num_seqs_, max_num_batched_tokens_;
+  std::deque<std::unique_ptr<Sequence>> waiting_;
+  std::vector<std::unique_ptr<Sequence>> running_;  // in start order: the back is preempted first
+};
+
+}  // namespace ds::runtime

@@ -1,0 +1,56 @@
+// Turning a row of logits into the next token: temperature, top-k, top-p, min-p, penalties, logit bias,
+// seeded randomness, logprobs. CPU reference (the CUDA twin lives in backend/cuda).
+#pragma once
+#include <cstdint>
+#include <optional>
+#include <random>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace ds::sampling {
+
+// Set by the server from the request (OpenAI / vLLM semantics).
+struct SamplingParams {
+  float temperature = 1.0f;       // 0 = greedy
+  float top_p = 1.0f;             // 1 = off
+  int32_t top_k = 0;              // 0 or -1 = off
+  float min_p = 0.0f;             // 0 = off
+  float presence_penalty = 0.0f;  // OpenAI: subtract once per token already generated
+  float frequency_penalty = 0.0f; // OpenAI: subtract × count of generated occurrences
+  float repetition_penalty = 1.0f;// vLLM/HF: divide positive / multiply negative logits of prompt+generated tokens
+  std::optional<uint64_t> seed;   // same seed, same prompt, same params -> same output
+  std::vector<std::pair<int32_t, float>> logit_bias;  // added to the raw logits
+  int32_t logprobs = -1;          // -1: none; 0: the chosen token's logprob; n: plus the top-n alternatives
+};
+
+struct TokenLogprob {
+  int32_t token = -1;
+  float logprob = 0.f;                             // of the chosen token, from the raw (unprocessed) distribution
+  std::vector<std::pair<int32_t, float>> top;      // top-n (token, logprob), most likely first
+};
+
+// Per-sequence sampling state: the RNG and the token counts penalties need.
+struct SeqSampler {
+  explicit SeqSampler(const SamplingParams& p, const std::vector<int32_t>& prompt);
+  SamplingParams params;
+  std::mt19937_64 rng;
+  std::unordered_map<int32_t, int32_t> generated_counts;  // token -> times generated
+  std::unordered_map<int32_t, bool> prompt_tokens;        // for repetition_penalty
+  void accept(int32_t token) { ++generated_counts[token]; }
+};
+
+// Throws ds::Error naming the field, the allowed range and the value found when `p` is out of range for a
+// vocabulary of `vocab` ids (temperature < 0, top_p outside (0, 1], top_k < -1, min_p outside [0, 1],
+// repetition_penalty <= 0, a logit_bias id outside [0, vocab), logprobs < -1 or > vocab).
+void check_params(const SamplingParams& p, int64_t vocab);
+
+// Stage 1 of sample(), exposed for tests: logit_bias, then repetition, presence and frequency penalties,
+// applied in place to x [n] (ids >= n are ignored).
+void apply_bias_and_penalties(float* x, int64_t n, const SeqSampler& s);
+
+// Picks the next token from logits [V] (fp32, raw). `vocab_limit` masks ids >= it (padding rows of the
+// embedding that the tokenizer never produces); pass V to mask nothing. Fills `lp` when params.logprobs >= 0.
+int32_t sample(const float* logits, int64_t V, int64_t vocab_limit, SeqSampler& s, TokenLogprob* lp);
+
+}  // namespace ds::sampling

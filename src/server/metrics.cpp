@@ -1,0 +1,74 @@
+#include "server/metrics.h"
+
+#include <sstream>
+
+namespace ds::server {
+
+void Histogram::observe(double v) {
+  std::lock_guard<std::mutex> l(mu_);
+  size_t i = 0;
+  while (i < bounds_.size() && v > bounds_[i]) ++i;
+  ++counts_[i];
+  sum_ += v;
+  ++n_;
+}
+
+std::string Histogram::render(const std::string& name, const std::string& help, const std::string& labels) const {
+  std::lock_guard<std::mutex> l(mu_);
+  std::ostringstream os;
+  os << "# HELP " << name << " " << help << "\n# TYPE " << name << " histogram\n";
+  uint64_t cum = 0;
+  for (size_t i = 0; i < bounds_.size(); ++i) {
+    cum += counts_[i];
+    os << name << "_bucket{" << labels << ",le=\"" << bounds_[i] << "\"} " << cum << "\n";
+  }
+  cum += counts_.back();
+  os << name << "_bucket{" << labels << ",le=\"+Inf\"} " << cum << "\n";
+  os << name << "_sum{" << labels << "} " << sum_ << "\n" << name << "_count{" << labels << "} " << n_ << "\n";
+  return os.str();
+}
+
+ServerMetrics::ServerMetrics()
+    : ttft({0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0}),
+      itl({0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5}),
+      e2e({0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0}) {}
+
+std::string ServerMetrics::render(const runtime::EngineMetrics& e, const std::string& model) const {
+  std::ostringstream os;
+  const std::string L = "model_name=\"" + model + "\"";
+  auto gauge = [&](const char* name, const char* help, double v) {
+    os << "# HELP deltaserve:" << name << " " << help << "\n# TYPE deltaserve:" << name << " gauge\n"
+       << "deltaserve:" << name << "{" << L << "} " << v << "\n";
+  };
+  auto counter = [&](const char* name, const char* help, double v) {
+    os << "# HELP deltaserve:" << name << " " << help << "\n# TYPE deltaserve:" << name << " counter\n"
+       << "deltaserve:" << name << "{" << L << "} " << v << "\n";
+  };
+  gauge("num_requests_running", "Number of requests in the running batch.", double(e.running));
+  gauge("num_requests_waiting", "Number of requests waiting to be scheduled.", double(e.waiting));
+  gauge("kv_cache_usage_perc", "Fraction of paged KV blocks in use (full-attention layers).",
+        e.kv_blocks_total ? double(e.kv_blocks_used) / double(e.kv_blocks_total) : 0.0);
+  gauge("kv_blocks_used", "Paged KV blocks in use.", double(e.kv_blocks_used));
+  gauge("kv_blocks_total", "Paged KV blocks in the pool.", double(e.kv_blocks_total));
+  gauge("state_slots_used", "DeltaNet state slots in use (one per running sequence).", double(e.slots_used));
+  gauge("state_slots_total", "DeltaNet state slots in the pool.", double(e.slots_total));
+  counter("prompt_tokens_total", "Prefill tokens processed.", double(e.prompt_tokens_total));
+  counter("generation_tokens_total", "Generated tokens.", double(e.generation_tokens_total));
+  counter("num_preemptions_total", "Sequences preempted (recomputed later) for lack of KV blocks.",
+          double(e.preemptions_total));
+  os << "# HELP deltaserve:request_success_total Finished requests by reason.\n"
+     << "# TYPE deltaserve:request_success_total counter\n";
+  const char* reasons[] = {"none", "stop", "length", "abort", "error"};
+  for (int i = 1; i < 5; ++i)
+    os << "deltaserve:request_success_total{" << L << ",finished_reason=\"" << reasons[i] << "\"} "
+       << e.requests_finished[i] << "\n";
+  counter("http_requests_total", "HTTP requests received.", double(http_requests_total.load()));
+  counter("request_rejected_total", "Requests rejected by admission control (429/503).", double(rejected_total.load()));
+  counter("request_client_errors_total", "Requests answered with a 4xx error.", double(client_errors_total.load()));
+  os << ttft.render("deltaserve:time_to_first_token_seconds", "Time to first token.", L);
+  os << itl.render("deltaserve:inter_token_latency_seconds", "Time between consecutive output tokens.", L);
+  os << e2e.render("deltaserve:e2e_request_latency_seconds", "End-to-end request latency.", L);
+  return os.str();
+}
+
+}  // namespace ds::server

@@ -1,0 +1,35 @@
+// Prometheus text exposition of the server's and engine's counters (prefix deltaserve:, names after vLLM's).
+#pragma once
+#include <array>
+#include <atomic>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "runtime/engine.h"
+
+namespace ds::server {
+
+class Histogram {
+ public:
+  explicit Histogram(std::vector<double> bounds) : bounds_(std::move(bounds)), counts_(bounds_.size() + 1, 0) {}
+  void observe(double v);
+  std::string render(const std::string& name, const std::string& help, const std::string& labels) const;
+
+ private:
+  mutable std::mutex mu_;
+  std::vector<double> bounds_;
+  std::vector<uint64_t> counts_;
+  double sum_ = 0;
+  uint64_t n_ = 0;
+};
+
+struct ServerMetrics {
+  ServerMetrics();
+  std::atomic<int64_t> http_requests_total{0}, rejected_total{0}, client_errors_total{0};
+  Histogram ttft, itl, e2e;
+  // Renders everything, engine gauges included.
+  std::string render(const runtime::EngineMetrics& e, const std::string& model_name) const;
+};
+
+}  // namespace ds::server

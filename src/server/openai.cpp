@@ -1,0 +1,244 @@
+#include "server/openai.h"
+
+#include <cmath>
+
+namespace ds::server {
+
+namespace {
+
+// A value quoted in an error message, cut to a readable length.
+std::string brief(const json& v) {
+  std::string s = v.dump(-1, ' ', false, json::error_handler_t::replace);
+  return s.size() > 120 ? s.substr(0, 117) + "..." : s;
+}
+
+// Typed readers: absent or null -> default; wrong type or out of range -> 400 naming the field.
+struct Body {
+  const json& j;
+  bool has(const char* k) const { return j.contains(k) && !j[k].is_null(); }
+  double number(const char* k, double def, double lo, double hi) const {
+    if (!has(k)) return def;
+    if (!j[k].is_number()) throw bad_request(std::string("'") + k + "' must be a number, got " + brief(j[k]), k);
+    double v = j[k].get<double>();
+    if (!std::isfinite(v) || v < lo || v > hi)
+      throw bad_request(std::string("'") + k + "' must be in [" + fmt(lo) + ", " + fmt(hi) + "], got " + brief(j[k]), k);
+    return v;
+  }
+  int64_t integer(const char* k, int64_t def, int64_t lo, int64_t hi) const {
+    if (!has(k)) return def;
+    const json& v = j[k];
+    bool integral = v.is_number_integer() || (v.is_number_float() && std::floor(v.get<double>()) == v.get<double>() &&
+                                              std::fabs(v.get<double>()) < 9e15);
+    if (!integral) throw bad_request(std::string("'") + k + "' must be an integer, got " + brief(v), k);
+    if (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(INT64_MAX))
+      throw bad_request(std::string("'") + k + "' is out of range: " + brief(v), k);
+    int64_t x = v.is_number_float() ? int64_t(v.get<double>()) : v.get<int64_t>();
+    if (x < lo || x > hi)
+      throw bad_request(std::string("'") + k + "' must be in [" + std::to_string(lo) + ", " + std::to_string(hi) +
+                            "], got " + brief(v),
+                        k);
+    return x;
+  }
+  bool boolean(const char* k, bool def) const {
+    if (!has(k)) return def;
+    if (!j[k].is_boolean()) throw bad_request(std::string("'") + k + "' must be a boolean, got " + brief(j[k]), k);
+    return j[k].get<bool>();
+  }
+  std::string str(const char* k, const std::string& def) const {
+    if (!has(k)) return def;
+    if (!j[k].is_string()) throw bad_request(std::string("'") + k + "' must be a string, got " + brief(j[k]), k);
+    return j[k].get<std::string>();
+  }
+  static std::string fmt(double x) {
+    char b[32];
+    std::snprintf(b, sizeof b, "%g", x);
+    return b;
+  }
+};
+
+std::vector<int32_t> token_ids(const json& v, const char* field) {
+  std::vector<int32_t> out;
+  for (auto& x : v) {
+    if (!x.is_number_integer() || x.get<int64_t>() < 0 || x.get<int64_t>() > INT32_MAX)
+      throw bad_request(std::string("'") + field + "' must hold non-negative token ids, got " + brief(x), field);
+    out.push_back(int32_t(x.get<int64_t>()));
+  }
+  return out;
+}
+
+}  // namespace
+
+json parse_body(const std::string& text) {
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::exception& e) {
+    throw bad_request(std::string("request body is not valid JSON: ") + e.what());
+  }
+  if (!j.is_object()) throw bad_request(std::string("request body must be a JSON object, got ") + j.type_name());
+  return j;
+}
+
+GenSpec parse_generation_request(const json& j, bool chat, const sampling::SamplingParams& d) {
+  Body b{j};
+  GenSpec g;
+  g.chat = chat;
+  g.model = b.str("model", "");
+  g.stream = b.boolean("stream", false);
+  if (b.has("stream_options")) {
+    if (!j["stream_options"].is_object()) throw bad_request("'stream_options' must be an object", "stream_options");
+    Body so{j["stream_options"]};
+    g.include_usage = so.boolean("include_usage", false);
+    g.continuous_usage = so.boolean("continuous_usage_stats", false);
+  }
+  g.n = int(b.integer("n", 1, 1, 16));
+  auto& s = g.sampling;
+  s.temperature = float(b.number("temperature", d.temperature, 0.0, 100.0));
+  s.top_p = float(b.number("top_p", d.top_p, 0.0, 1.0));
+  if (b.has("top_p") && s.top_p <= 0.f) throw bad_request("'top_p' must be in (0, 1], got 0", "top_p");
+  s.top_k = int32_t(b.integer("top_k", d.top_k, -1, 1 << 30));
+  s.min_p = float(b.number("min_p", d.min_p, 0.0, 1.0));
+  s.presence_penalty = float(b.number("presence_penalty", d.presence_penalty, -2.0, 2.0));
+  s.frequency_penalty = float(b.number("frequency_penalty", d.frequency_penalty, -2.0, 2.0));
+  s.repetition_penalty = float(b.number("repetition_penalty", d.repetition_penalty, 1e-6, 100.0));
+  if (b.has("seed")) s.seed = uint64_t(b.integer("seed", 0, INT64_MIN, INT64_MAX));
+  if (b.has("logit_bias")) {
+    if (!j["logit_bias"].is_object()) throw bad_request("'logit_bias' must be an object of token id -> bias", "logit_bias");
+    for (auto it = j["logit_bias"].begin(); it != j["logit_bias"].end(); ++it) {
+      int64_t id;
+      try {
+        size_t pos = 0;
+        id = std::stoll(it.key(), &pos);
+        if (pos != it.key().size() || id < 0 || id > INT32_MAX) throw std::invalid_argument("");
+      } catch (...) {
+        throw bad_request("'logit_bias' keys must be token ids, got '" + it.key() + "'", "logit_bias");
+      }
+      if (!it.value().is_number() || std::fabs(it.value().get<double>()) > 100)
+        throw bad_request("'logit_bias' values must be numbers in [-100, 100], got " + brief(it.value()), "logit_bias");
+      s.logit_bias.push_back({int32_t(id), float(it.value().get<double>())});
+    }
+  }
+  const int64_t kMaxTok = int64_t(1) << 40;
+  if (b.has("max_completion_tokens")) g.max_tokens = b.integer("max_completion_tokens", 0, 1, kMaxTok);
+  else if (b.has("max_tokens")) g.max_tokens = b.integer("max_tokens", 0, 1, kMaxTok);
+  if (b.has("stop")) {
+    const json& st = j["stop"];
+    if (st.is_string()) g.stop.push_back(st.get<std::string>());
+    else if (st.is_array()) {
+      for (auto& x : st) {
+        if (!x.is_string()) throw bad_request("'stop' must be a string or a list of strings", "stop");
+        g.stop.push_back(x.get<std::string>());
+      }
+    } else throw bad_request("'stop' must be a string or a list of strings, got " + brief(st), "stop");
+    if (g.stop.size() > 16) throw bad_request("'stop' may hold at most 16 strings", "stop");
+    for (auto& x : g.stop)
+      if (x.empty()) throw bad_request("'stop' strings must not be empty", "stop");
+  }
+  if (b.has("stop_token_ids")) {
+    if (!j["stop_token_ids"].is_array()) throw bad_request("'stop_token_ids' must be a list of token ids", "stop_token_ids");
+    g.stop_token_ids = token_ids(j["stop_token_ids"], "stop_token_ids");
+  }
+  g.ignore_eos = b.boolean("ignore_eos", false);
+  g.skip_special_tokens = b.boolean("skip_special_tokens", true);
+  g.return_token_ids = b.boolean("return_token_ids", false);
+  if (chat) {
+    g.logprobs = b.boolean("logprobs", false);
+    g.top_logprobs = int(b.integer("top_logprobs", 0, 0, 20));
+    if (g.top_logprobs > 0 && !g.logprobs) throw bad_request("'top_logprobs' requires 'logprobs': true", "top_logprobs");
+    if (!j.contains("messages")) throw bad_request("'messages' is required", "messages");
+    if (!j["messages"].is_array() || j["messages"].empty())
+      throw bad_request("'messages' must be a non-empty list", "messages");
+    for (auto& m : j["messages"]) {
+      if (!m.is_object()) throw bad_request("each message must be an object, got " + brief(m), "messages");
+      if (!m.contains("role") || !m["role"].is_string()) throw bad_request("each message needs a string 'role'", "messages");
+      std::string role = m["role"].get<std::string>();
+      if (role != "system" && role != "user" && role != "assistant" && role != "tool" && role != "developer")
+        throw bad_request("message role must be system, developer, user, assistant or tool, got '" + role + "'", "messages");
+      if (m.contains("content") && !m["content"].is_null() && !m["content"].is_string() && !m["content"].is_array())
+        throw bad_request("message 'content' must be a string or a list of parts", "messages");
+      if (m.contains("content") && m["content"].is_array())
+        for (auto& part : m["content"]) {
+          if (!part.is_object() || !part.contains("type") || !part["type"].is_string())
+            throw bad_request("content parts must be objects with a 'type'", "messages");
+          std::string t = part["type"].get<std::string>();
+          if (t == "image_url" || t == "input_image" || t == "image" || t == "video_url" || t == "video")
+            throw bad_request("image and video inputs are not supported yet by this server (the vision path is not built); "
+                              "send text parts only", "messages");
+          if (t != "text") throw bad_request("unsupported content part type '" + t + "' (expected text)", "messages");
+          if (!part.contains("text") || !part["text"].is_string())
+            throw bad_request("a text content part needs a string 'text'", "messages");
+        }
+    }
+    g.messages = j["messages"];
+    if (b.has("tools")) {
+      if (!j["tools"].is_array()) throw bad_request("'tools' must be a list", "tools");
+      for (auto& t : j["tools"]) {
+        if (!t.is_object() || t.value("type", "") != "function" || !t.contains("function") || !t["function"].is_object() ||
+            !t["function"].contains("name") || !t["function"]["name"].is_string())
+          throw bad_request("each tool must be {\"type\": \"function\", \"function\": {\"name\": ...}}", "tools");
+      }
+      g.tools = j["tools"];
+    }
+    if (b.has("tool_choice")) {
+      const json& tc = j["tool_choice"];
+      if (tc.is_string()) {
+        g.tool_choice = tc.get<std::string>();
+        if (g.tool_choice != "auto" && g.tool_choice != "none" && g.tool_choice != "required")
+          throw bad_request("'tool_choice' must be auto, none, required or a named function", "tool_choice");
+      } else if (tc.is_object() && tc.contains("function") && tc["function"].is_object() &&
+                 tc["function"].contains("name") && tc["function"]["name"].is_string()) {
+        g.tool_choice = "named";
+        g.tool_choice_name = tc["function"]["name"].get<std::string>();
+        bool found = false;
+        if (g.tools.is_array())
+          for (auto& t : g.tools) found |= t["function"]["name"] == g.tool_choice_name;
+        if (!found) throw bad_request("'tool_choice' names '" + g.tool_choice_name + "', which is not in 'tools'", "tool_choice");
+      } else {
+        throw bad_request("'tool_choice' must be a string or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                          "tool_choice");
+      }
+      if ((g.tool_choice == "required") && !g.tools.is_array())
+        throw bad_request("'tool_choice': required needs 'tools'", "tool_choice");
+    }
+    g.parallel_tool_calls = b.boolean("parallel_tool_calls", true);
+    if (b.has("chat_template_kwargs")) {
+      if (!j["chat_template_kwargs"].is_object())
+        throw bad_request("'chat_template_kwargs' must be an object", "chat_template_kwargs");
+      g.chat_template_kwargs = j["chat_template_kwargs"];
+    }
+    g.add_generation_prompt = b.boolean("add_generation_prompt", true);
+    g.continue_final_message = b.boolean("continue_final_message", false);
+  } else {
+    if (b.has("logprobs")) {
+      if (j["logprobs"].is_boolean()) g.logprobs = j["logprobs"].get<bool>();
+      else {
+        g.top_logprobs = int(b.integer("logprobs", 0, 0, 20));
+        g.logprobs = true;
+      }
+    }
+    g.echo = b.boolean("echo", false);
+    if (!j.contains("prompt") || j["prompt"].is_null()) throw bad_request("'prompt' is required", "prompt");
+    const json& p = j["prompt"];
+    if (p.is_string()) g.prompt_texts.push_back(p.get<std::string>());
+    else if (p.is_array() && !p.empty() && p[0].is_number()) g.prompt_ids.push_back(token_ids(p, "prompt"));
+    else if (p.is_array() && !p.empty()) {
+      for (auto& x : p) {
+        if (x.is_string()) g.prompt_texts.push_back(x.get<std::string>());
+        else if (x.is_array() && !x.empty()) g.prompt_ids.push_back(token_ids(x, "prompt"));
+        else throw bad_request("'prompt' must be a string, a list of strings, token ids, or a list of token-id lists",
+                               "prompt");
+      }
+      if (!g.prompt_texts.empty() && !g.prompt_ids.empty())
+        throw bad_request("'prompt' may not mix strings and token-id lists", "prompt");
+    } else {
+      throw bad_request("'prompt' must be a non-empty string, list of strings, token ids, or list of token-id lists",
+                        "prompt");
+    }
+    if (g.prompt_texts.size() + g.prompt_ids.size() > 64) throw bad_request("at most 64 prompts per request", "prompt");
+  }
+  if (g.sampling.temperature == 0.f) g.sampling.top_k = 0, g.sampling.top_p = 1.f, g.sampling.min_p = 0.f;
+  if (g.logprobs) g.sampling.logprobs = g.top_logprobs;
+  return g;
+}
+
+}  // namespace ds::server

@@ -1,0 +1,51 @@
+// OpenAI request bodies -> validated generation specs (vLLM's dialect: top_k, min_p, repetition_penalty,
+// chat_template_kwargs, stop_token_ids, ignore_eos ...). Unknown fields are ignored; wrong types and
+// out-of-range values are HttpError 400 naming the field.
+#pragma once
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "sampling/sampling.h"
+#include "server/http_error.h"
+
+namespace ds::server {
+
+using json = nlohmann::ordered_json;
+
+struct GenSpec {
+  bool chat = false;
+  std::string model;
+  bool stream = false, include_usage = false, continuous_usage = false;
+  int n = 1;
+  sampling::SamplingParams sampling;
+  std::optional<int64_t> max_tokens;
+  std::vector<std::string> stop;
+  std::vector<int32_t> stop_token_ids;
+  bool ignore_eos = false, skip_special_tokens = true, echo = false;
+  bool return_token_ids = false;  // vLLM extension: choices carry prompt_token_ids and token_ids
+  bool logprobs = false;
+  int top_logprobs = 0;
+  // completions: each prompt is a string or token ids
+  std::vector<std::string> prompt_texts;
+  std::vector<std::vector<int32_t>> prompt_ids;
+  // chat
+  json messages = json::array();
+  json tools;                      // null or array
+  std::string tool_choice = "auto";  // auto | none | required | named
+  std::string tool_choice_name;
+  bool parallel_tool_calls = true;
+  json chat_template_kwargs = json::object();
+  bool add_generation_prompt = true, continue_final_message = false;
+  std::string request_id;
+};
+
+// Parses a /v1/chat/completions or /v1/completions body. `defaults` are generation_config.json's
+// sampling defaults (applied where the request is silent).
+GenSpec parse_generation_request(const json& body, bool chat, const sampling::SamplingParams& defaults);
+
+// Parses the JSON body text; malformed JSON or a non-object is a 400.
+json parse_body(const std::string& text);
+
+}  // namespace ds::server

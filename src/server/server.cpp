@@ -1,0 +1,853 @@
+#include "server/server.h"
+
+#include <httplib.h>
+#include <signal.h>
+
+#include <atomic>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <thread>
+
+#include "backend/ops.h"
+#include "core/status.h"
+#include "model/model.h"
+#include "runtime/engine.h"
+#include "server/metrics.h"
+#include "server/openai.h"
+#include "server/output.h"
+#include "text/chat_template.h"
+#include "text/tokenizer.h"
+
+namespace ds::server {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+namespace fs = std::filesystem;
+
+std::atomic<bool> g_stop_signal{false};
+void on_signal(int) { g_stop_signal = true; }
+
+double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+std::string random_hex(int n) {
+  static thread_local std::mt19937_64 rng(std::random_device{}());
+  static const char* hex = "0123456789abcdef";
+  std::string s;
+  for (int i = 0; i < n; ++i) s.push_back(hex[rng() & 15]);
+  return s;
+}
+
+// JSON text for the wire. Strings from requests may hold invalid UTF-8 (echoed in error messages):
+// replace it instead of throwing.
+template <typename J>
+std::string wire(const J& j) {
+  return j.dump(-1, ' ', false, J::error_handler_t::replace);
+}
+
+int64_t unix_time() {
+  return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+// The loaded model and everything around it. Immutable after loading, except the engine's own state.
+struct Runtime {
+  std::unique_ptr<Backend> be;
+  std::unique_ptr<model::Model> model;
+  std::unique_ptr<runtime::Engine> engine;
+  std::unique_ptr<text::Tokenizer> tok;
+  std::unique_ptr<ChatTemplate> tmpl;
+  sampling::SamplingParams defaults;
+  int64_t max_model_len = 0;
+  int32_t think_end_id = -1;
+};
+
+struct ServerState {
+  ServerConfig cfg;
+  std::string model_name;
+  std::atomic<bool> ready{false}, draining{false};
+  std::string load_error;
+  Runtime rt;
+  ServerMetrics metrics;
+  std::atomic<uint64_t> next_engine_id{1};
+  std::atomic<int64_t> active{0};  // generations in flight (admission control)
+};
+
+void load_runtime(ServerState& st) {
+  const auto& cfg = st.cfg;
+  Runtime& rt = st.rt;
+  rt.be = make_backend(cfg.backend);
+  rt.model = model::Model::load(cfg.model_dir, *rt.be);
+  const auto& mc = rt.model->config();
+  rt.tok = std::make_unique<text::Tokenizer>(text::Tokenizer::load(cfg.model_dir));
+  rt.tok->set_model_vocab_size(int32_t(mc.text.vocab_size));
+  if (cfg.chat_template_path.empty()) {
+    // A model without a chat template still serves /v1/completions; chat requests get a clear 400.
+    try {
+      rt.tmpl = std::make_unique<ChatTemplate>(ChatTemplate::load(cfg.model_dir));
+    } catch (const Error& e) {
+      std::fprintf(stderr, "deltaserve: warning: %s; /v1/chat/completions will answer 400 (pass --chat-template)\n",
+                   e.what());
+    }
+  } else {
+    std::ifstream f(cfg.chat_template_path);
+    if (!f) fail("--chat-template: cannot read '", cfg.chat_template_path, "'");
+    std::string src((std::istreambuf_iterator<char>(f)), {});
+    rt.tmpl = std::make_unique<ChatTemplate>(ChatTemplate::from_source(src));
+  }
+  if (auto id = rt.tok->token_id("</think>")) rt.think_end_id = *id;
+  // EOS set: config, generation_config and the chat end-of-turn tokens (model-spec §6: stop on both).
+  std::vector<int32_t> eos;
+  for (auto e : mc.text.eos_token_ids) eos.push_back(int32_t(e));
+  fs::path gen = fs::path(cfg.model_dir) / "generation_config.json";
+  if (fs::exists(gen)) {
+    std::ifstream f(gen);
+    auto j = nlohmann::json::parse(f, nullptr, false);
+    if (j.is_object()) {
+      if (j.contains("eos_token_id")) {
+        if (j["eos_token_id"].is_number_integer()) eos.push_back(j["eos_token_id"].get<int32_t>());
+        else if (j["eos_token_id"].is_array())
+          for (auto& x : j["eos_token_id"])
+            if (x.is_number_integer()) eos.push_back(x.get<int32_t>());
+      }
+      if (j.value("do_sample", true)) {
+        if (j.contains("temperature") && j["temperature"].is_number()) rt.defaults.temperature = j["temperature"].get<float>();
+        if (j.contains("top_p") && j["top_p"].is_number()) rt.defaults.top_p = j["top_p"].get<float>();
+        if (j.contains("top_k") && j["top_k"].is_number_integer()) rt.defaults.top_k = j["top_k"].get<int32_t>();
+        if (j.contains("min_p") && j["min_p"].is_number()) rt.defaults.min_p = j["min_p"].get<float>();
+        if (j.contains("repetition_penalty") && j["repetition_penalty"].is_number())
+          rt.defaults.repetition_penalty = j["repetition_penalty"].get<float>();
+      }
+    }
+  }
+  for (const char* t : {"<|im_end|>", "<|endoftext|>"})
+    if (auto id = rt.tok->token_id(t)) eos.push_back(*id);
+  std::sort(eos.begin(), eos.end());
+  eos.erase(std::unique(eos.begin(), eos.end()), eos.end());
+
+  rt.max_model_len = cfg.max_model_len > 0 ? cfg.max_model_len
+                                           : std::min<int64_t>(mc.text.max_position_embeddings,
+                                                               cfg.backend == "cpu" ? 8192 : 32768);
+  runtime::EngineConfig ec;
+  ec.max_num_seqs = cfg.max_num_seqs;
+  ec.max_num_batched_tokens = cfg.max_num_batched_tokens;
+  ec.max_model_len = rt.max_model_len;
+  ec.block_size = cfg.block_size;
+  ec.num_blocks = cfg.num_kv_blocks;
+  ec.eos_token_ids = eos;
+  // Like the reference, ids the tokenizer does not assign stay samplable (they decode to nothing).
+  ec.vocab_limit = mc.text.vocab_size;
+  rt.engine = std::make_unique<runtime::Engine>(*rt.model, ec);
+  rt.engine->start();
+}
+
+// ---------------------------------------------------------------------------------------------------
+// One HTTP request's generation: its choices (prompts × n), each an engine request plus its output state.
+
+struct Choice {
+  int index = 0;
+  std::shared_ptr<runtime::Request> req;
+  std::unique_ptr<ChoiceOutput> out;
+  bool done = false;
+  std::string finish_reason;
+  int64_t prompt_tokens = 0, completion_tokens = 0;
+  std::vector<int32_t> prompt, tokens;
+  std::vector<sampling::TokenLogprob> logprobs;
+  Clock::time_point last_token;
+  bool got_first = false;
+  std::string prompt_text;  // for echo
+};
+
+struct ChoiceUpdate {
+  int index;
+  OutputEvent ev;
+  std::vector<int32_t> tokens;
+  std::vector<sampling::TokenLogprob> logprobs;
+  std::string finish_reason;  // set when this choice finished
+};
+
+class Generation {
+ public:
+  Generation(ServerState& st, GenSpec spec) : st_(st), spec_(std::move(spec)) {
+    id_ = (spec_.chat ? "chatcmpl-" : "cmpl-") + random_hex(24);
+    created_ = unix_time();
+  }
+  ~Generation() {
+    abort_all();
+    st_.active.fetch_sub(1);
+  }
+
+  const GenSpec& spec() const { return spec_; }
+  const std::string& id() const { return id_; }
+  int64_t created() const { return created_; }
+  std::vector<Choice>& choices() { return choices_; }
+  Clock::time_point start() const { return start_; }
+
+  // Renders, tokenizes and validates; throws HttpError.
+  void prepare() {
+    Runtime& rt = st_.rt;
+    std::vector<std::vector<int32_t>> prompts;
+    std::vector<std::string> texts;
+    bool reasoning = false, tools = false;
+    std::string forced;
+    if (spec_.chat) {
+      nlohmann::ordered_json kwargs = st_.cfg.default_chat_template_kwargs;
+      for (auto it = spec_.chat_template_kwargs.begin(); it != spec_.chat_template_kwargs.end(); ++it)
+        kwargs[it.key()] = it.value();
+      tools = spec_.tools.is_array() && !spec_.tools.empty() && spec_.tool_choice != "none";
+      std::string text;
+      if (!rt.tmpl)
+        throw bad_request("this model has no chat template (chat_template.jinja or tokenizer_config.json); start the "
+                          "server with --chat-template FILE, or use /v1/completions", "messages");
+      try {
+        text = rt.tmpl->render(normalize_messages(spec_.messages), tools ? spec_.tools : nlohmann::ordered_json(),
+                               spec_.add_generation_prompt && !spec_.continue_final_message, kwargs);
+      } catch (const Error& e) {
+        throw bad_request(std::string("chat template: ") + e.what(), "messages");
+      }
+      reasoning = ends_with(text, "<think>\n");
+      // tool_choice required / named: start the assistant turn with the call's opening markup.
+      if (tools && (spec_.tool_choice == "required" || spec_.tool_choice == "named")) {
+        if (reasoning) forced = "</think>\n\n";
+        forced += "<tool_call>\n<function=";
+        if (spec_.tool_choice == "named") forced += spec_.tool_choice_name + ">\n";
+        text += forced;
+      }
+      prompts.push_back(rt.tok->encode(text, true));
+      texts.push_back(text);
+    } else {
+      for (auto& t : spec_.prompt_texts) {
+        prompts.push_back(rt.tok->encode(t, true));
+        texts.push_back(t);
+      }
+      for (auto& p : spec_.prompt_ids) {
+        prompts.push_back(p);
+        texts.push_back("");
+      }
+    }
+    const int64_t V = rt.model->config().text.vocab_size;
+    for (auto& p : prompts) {
+      if (p.empty()) throw bad_request("the prompt is empty after tokenization", spec_.chat ? "messages" : "prompt");
+      for (auto t : p)
+        if (t >= V)
+          throw bad_request("token id " + std::to_string(t) + " is outside the vocabulary [0, " + std::to_string(V) + ")",
+                            "prompt");
+      const int64_t P = int64_t(p.size());
+      const int64_t want = spec_.max_tokens.value_or(1);
+      if (P + want > rt.max_model_len)
+        throw bad_request("This model's maximum context length is " + std::to_string(rt.max_model_len) +
+                              " tokens. However, you requested " + std::to_string(P + want) + " tokens (" +
+                              std::to_string(P) + " in the " + (spec_.chat ? "messages" : "prompt") + ", " +
+                              std::to_string(want) + " in the completion). Please reduce the length.",
+                          spec_.chat ? "messages" : "prompt");
+    }
+    for (auto t : spec_.stop_token_ids)
+      if (t >= V) throw bad_request("stop_token_ids: id " + std::to_string(t) + " is outside the vocabulary", "stop_token_ids");
+    int index = 0;
+    for (size_t pi = 0; pi < prompts.size(); ++pi)
+      for (int k = 0; k < spec_.n; ++k) {
+        Choice c;
+        c.index = index++;
+        c.prompt = prompts[pi];
+        c.prompt_text = texts[pi];
+        auto r = std::make_shared<runtime::Request>();
+        r->id = st_.next_engine_id.fetch_add(1);
+        r->prompt = prompts[pi];
+        r->sampling = spec_.sampling;
+        if (r->sampling.seed && k > 0) r->sampling.seed = *r->sampling.seed + uint64_t(k);
+        r->max_tokens = spec_.max_tokens.value_or(rt.max_model_len - int64_t(prompts[pi].size()));
+        r->stop_token_ids = spec_.stop_token_ids;
+        r->ignore_eos = spec_.ignore_eos;
+        c.req = r;
+        c.out = std::make_unique<ChoiceOutput>(*rt.tok, spec_, reasoning, tools, spec_.tools);
+        if (!forced.empty()) c.out->prime(forced);
+        c.prompt_tokens = int64_t(prompts[pi].size());
+        choices_.push_back(std::move(c));
+      }
+  }
+
+  void submit() {
+    for (auto& c : choices_) {
+      try {
+        st_.rt.engine->submit(c.req);
+      } catch (const Error& e) {
+        throw bad_request(e.what());
+      }
+    }
+  }
+
+  // Collects what arrived within `wait`; returns updates (possibly none).
+  std::vector<ChoiceUpdate> poll(std::chrono::milliseconds wait) {
+    std::vector<ChoiceUpdate> ups;
+    auto deadline = Clock::now() + wait;
+    while (ups.empty()) {
+      bool any_open = false;
+      for (auto& c : choices_) {
+        if (c.done) continue;
+        any_open = true;
+        while (auto d = c.req->out->pop(std::chrono::milliseconds(0))) handle(c, *d, ups);
+      }
+      if (!any_open || !ups.empty() || Clock::now() >= deadline) break;
+      // Wait on the first open choice's channel briefly.
+      for (auto& c : choices_)
+        if (!c.done) {
+          if (auto d = c.req->out->pop(std::chrono::milliseconds(5))) handle(c, *d, ups);
+          break;
+        }
+    }
+    return ups;
+  }
+
+  bool all_done() const {
+    for (auto& c : choices_)
+      if (!c.done) return false;
+    return true;
+  }
+
+  void abort_all() {
+    for (auto& c : choices_)
+      if (!c.done && c.req) {
+        st_.rt.engine->abort(c.req->id);
+        c.done = true;
+        if (c.finish_reason.empty()) c.finish_reason = "abort";
+      }
+  }
+
+  int64_t prompt_tokens() const {
+    int64_t n = 0;
+    for (size_t i = 0; i < choices_.size(); i += size_t(spec_.n)) n += choices_[i].prompt_tokens;
+    return n;
+  }
+  int64_t completion_tokens() const {
+    int64_t n = 0;
+    for (auto& c : choices_) n += c.completion_tokens;
+    return n;
+  }
+
+ private:
+  static bool ends_with(const std::string& s, const std::string& suf) {
+    return s.size() >= suf.size() && s.compare(s.size() - suf.size(), suf.size(), suf) == 0;
+  }
+
+  // OpenAI clients send assistant tool_calls with JSON-string arguments; Qwen's template iterates
+  // arguments as a mapping. Parse them (like vLLM does) and map developer -> system.
+  static nlohmann::ordered_json normalize_messages(const nlohmann::ordered_json& msgs) {
+    nlohmann::ordered_json out = nlohmann::ordered_json::array();
+    for (auto m : msgs) {
+      if (m["role"] == "developer") m["role"] = "system";
+      if (m.contains("content") && m["content"].is_array()) {
+        std::string text;
+        for (auto& part : m["content"]) text += part["text"].get<std::string>();
+        m["content"] = text;
+      }
+      if (m.contains("reasoning") && !m.contains("reasoning_content")) m["reasoning_content"] = m["reasoning"];
+      if (m.contains("tool_calls") && m["tool_calls"].is_array())
+        for (auto& tc : m["tool_calls"])
+          if (tc.contains("function") && tc["function"].contains("arguments") && tc["function"]["arguments"].is_string()) {
+            auto parsed = nlohmann::ordered_json::parse(tc["function"]["arguments"].get<std::string>(), nullptr, false);
+            if (!parsed.is_discarded()) tc["function"]["arguments"] = parsed;
+          }
+      out.push_back(m);
+    }
+    return out;
+  }
+
+  void handle(Choice& c, runtime::Delta& d, std::vector<ChoiceUpdate>& ups) {
+    ChoiceUpdate u;
+    u.index = c.index;
+    if (!d.tokens.empty()) {
+      auto now = Clock::now();
+      if (!c.got_first) {
+        st_.metrics.ttft.observe(seconds_since(start_));
+        c.got_first = true;
+      } else {
+        st_.metrics.itl.observe(std::chrono::duration<double>(now - c.last_token).count() / double(d.tokens.size()));
+      }
+      c.last_token = now;
+      c.tokens.insert(c.tokens.end(), d.tokens.begin(), d.tokens.end());
+      c.completion_tokens += int64_t(d.tokens.size());
+      u.tokens = d.tokens;
+      u.logprobs = d.logprobs;
+      c.logprobs.insert(c.logprobs.end(), d.logprobs.begin(), d.logprobs.end());
+      u.ev = c.out->feed(d.tokens);
+      if (c.out->stop_hit()) {
+        st_.rt.engine->abort(c.req->id);
+        c.done = true;
+        c.finish_reason = "stop";
+      }
+    }
+    // The engine's count includes a final stop token (as vLLM's usage does).
+    if (d.completion_tokens > c.completion_tokens) c.completion_tokens = d.completion_tokens;
+    if (!c.done && d.finish != runtime::FinishReason::None) {
+      c.done = true;
+      switch (d.finish) {
+        case runtime::FinishReason::Length: c.finish_reason = "length"; break;
+        case runtime::FinishReason::Error: c.finish_reason = "error"; error_ = d.error; break;
+        case runtime::FinishReason::Abort: c.finish_reason = "abort"; break;
+        default: c.finish_reason = "stop";
+      }
+    }
+    if (c.done) {
+      OutputEvent tail = c.out->finish();
+      u.ev.reasoning += tail.reasoning;
+      u.ev.content += tail.content;
+      u.ev.tool_calls.insert(u.ev.tool_calls.end(), tail.tool_calls.begin(), tail.tool_calls.end());
+      if (spec_.chat && c.finish_reason == "stop" && !c.out->tool_calls().empty()) c.finish_reason = "tool_calls";
+      u.finish_reason = c.finish_reason;
+      st_.metrics.e2e.observe(seconds_since(start_));
+    }
+    if (!u.tokens.empty() || !u.finish_reason.empty() || !u.ev.empty()) ups.push_back(std::move(u));
+  }
+
+ public:
+  std::string error_;
+
+ private:
+  ServerState& st_;
+  GenSpec spec_;
+  std::string id_;
+  int64_t created_ = 0;
+  Clock::time_point start_ = Clock::now();
+  std::vector<Choice> choices_;
+};
+
+// ---------------------------------------------------------------------------------------------------
+// Response JSON.
+
+std::string token_text(const text::Tokenizer& tok, int32_t id) {
+  std::string b(tok.token_bytes(id));
+  // Partial UTF-8 sequences are shown with replacement characters (the bytes field keeps them exact).
+  std::string out;
+  size_t i = 0;
+  while (i < b.size()) {
+    unsigned char c = static_cast<unsigned char>(b[i]);
+    int len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+    bool ok = len > 0 && i + size_t(len) <= b.size();
+    for (int k = 1; ok && k < len; ++k) ok = (static_cast<unsigned char>(b[i + k]) & 0xC0) == 0x80;
+    if (ok) {
+      out.append(b, i, size_t(len));
+      i += size_t(len);
+    } else {
+      out += "\xEF\xBF\xBD";
+      ++i;
+    }
+  }
+  return out;
+}
+
+json bytes_json(const std::string& s) {
+  json a = json::array();
+  for (unsigned char c : s) a.push_back(int(c));
+  return a;
+}
+
+json chat_logprobs(const text::Tokenizer& tok, const std::vector<int32_t>& tokens,
+                   const std::vector<sampling::TokenLogprob>& lps) {
+  json content = json::array();
+  for (size_t i = 0; i < lps.size() && i < tokens.size(); ++i) {
+    json top = json::array();
+    for (auto& [t, lp] : lps[i].top)
+      top.push_back({{"token", token_text(tok, t)}, {"logprob", lp}, {"bytes", bytes_json(std::string(tok.token_bytes(t)))}});
+    content.push_back({{"token", token_text(tok, tokens[i])},
+                       {"logprob", lps[i].logprob},
+                       {"bytes", bytes_json(std::string(tok.token_bytes(tokens[i])))},
+                       {"top_logprobs", top}});
+  }
+  return {{"content", content}};
+}
+
+json completion_logprobs(const text::Tokenizer& tok, const std::vector<int32_t>& tokens,
+                         const std::vector<sampling::TokenLogprob>& lps, size_t text_offset) {
+  json toks = json::array(), tlps = json::array(), tops = json::array(), offs = json::array();
+  for (size_t i = 0; i < lps.size() && i < tokens.size(); ++i) {
+    std::string t = token_text(tok, tokens[i]);
+    toks.push_back(t);
+    tlps.push_back(lps[i].logprob);
+    json top = json::object();
+    for (auto& [id, lp] : lps[i].top) top[token_text(tok, id)] = lp;
+    tops.push_back(top);
+    offs.push_back(text_offset);
+    text_offset += t.size();
+  }
+  return {{"tokens", toks}, {"token_logprobs", tlps}, {"top_logprobs", tops}, {"text_offset", offs}};
+}
+
+json tool_call_deltas(const std::vector<ToolCallDelta>& tcs) {
+  json a = json::array();
+  for (auto& t : tcs) {
+    json d = {{"index", t.index}};
+    json fn = json::object();
+    if (!t.id.empty()) {
+      d["id"] = t.id;
+      d["type"] = "function";
+      fn["name"] = t.name;
+    }
+    fn["arguments"] = t.arguments;
+    d["function"] = fn;
+    a.push_back(d);
+  }
+  return a;
+}
+
+json usage_json(const Generation& g) {
+  int64_t p = g.prompt_tokens(), c = g.completion_tokens();
+  return {{"prompt_tokens", p}, {"completion_tokens", c}, {"total_tokens", p + c}};
+}
+
+// ---------------------------------------------------------------------------------------------------
+
+class HttpServer {
+ public:
+  explicit HttpServer(ServerState& st) : st_(st) {}
+
+  void install() {
+    svr_.new_task_queue = [] { return new httplib::ThreadPool(96); };
+    svr_.set_payload_max_length(st_.cfg.max_body_bytes);
+    svr_.set_read_timeout(60, 0);
+    svr_.set_write_timeout(60, 0);
+    svr_.set_keep_alive_max_count(1000);
+    svr_.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
+      st_.metrics.http_requests_total++;
+      if (!st_.cfg.api_key.empty() && req.path.rfind("/v1/", 0) == 0) {
+        auto auth = req.get_header_value("Authorization");
+        if (auth != "Bearer " + st_.cfg.api_key) {
+          send_error(res, HttpError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", "",
+                                    "AuthenticationError"));
+          return httplib::Server::HandlerResponse::Handled;
+        }
+      }
+      return httplib::Server::HandlerResponse::Unhandled;
+    });
+    svr_.set_error_handler([this](const httplib::Request& req, httplib::Response& res) {
+      if (!res.body.empty()) return;
+      if (res.status == 404) send_error(res, HttpError(404, "no route for " + req.method + " " + req.path, "", "NotFoundError"));
+      else if (res.status == 413)
+        send_error(res, HttpError(413, "request body exceeds " + std::to_string(st_.cfg.max_body_bytes) + " bytes"));
+      else if (res.status >= 400) send_error(res, HttpError(res.status, "request failed with HTTP " + std::to_string(res.status)));
+    });
+    svr_.set_exception_handler([this](const httplib::Request&, httplib::Response& res, std::exception_ptr ep) {
+      try {
+        std::rethrow_exception(ep);
+      } catch (const HttpError& e) {
+        send_error(res, e);
+      } catch (const std::exception& e) {
+        send_error(res, HttpError(500, std::string("internal error: ") + e.what()));
+      } catch (...) {
+        send_error(res, HttpError(500, "internal error"));
+      }
+    });
+
+    svr_.Get("/health", [this](const httplib::Request&, httplib::Response& res) {
+      if (st_.ready && !st_.draining) return res.set_content(R"({"status":"ok"})", "application/json");
+      res.status = 503;
+      json j = {{"status", st_.draining ? "draining" : st_.load_error.empty() ? "loading" : "error"}};
+      if (!st_.load_error.empty()) j["error"] = st_.load_error;
+      res.set_content(wire(j), "application/json");
+    });
+    svr_.Get("/version", [](const httplib::Request&, httplib::Response& res) {
+      res.set_content(R"({"version":"0.1.0"})", "application/json");
+    });
+    svr_.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+      runtime::EngineMetrics em;
+      if (st_.ready) em = st_.rt.engine->metrics();
+      res.set_content(st_.metrics.render(em, st_.model_name), "text/plain; version=0.0.4");
+    });
+    svr_.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
+      json m = {{"id", st_.model_name}, {"object", "model"}, {"created", unix_time()}, {"owned_by", "deltaserve"},
+                {"root", st_.cfg.model_dir}, {"max_model_len", st_.rt.max_model_len}};
+      res.set_content(wire(json({{"object", "list"}, {"data", json::array({m})}})), "application/json");
+    });
+    svr_.Post("/tokenize", [this](const httplib::Request& req, httplib::Response& res) { tokenize(req, res); });
+    svr_.Post("/detokenize", [this](const httplib::Request& req, httplib::Response& res) { detokenize(req, res); });
+    svr_.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) { generate(req, res, false); });
+    svr_.Post("/v1/chat/completions",
+              [this](const httplib::Request& req, httplib::Response& res) { generate(req, res, true); });
+  }
+
+  bool listen(const std::string& host, int port) { return svr_.listen(host, port); }
+  bool bind(const std::string& host, int port) { return svr_.bind_to_port(host, port); }
+  bool listen_after_bind() { return svr_.listen_after_bind(); }
+  void stop() { svr_.stop(); }
+
+ private:
+  void send_error(httplib::Response& res, const HttpError& e) {
+    if (e.status >= 400 && e.status < 500) st_.metrics.client_errors_total++;
+    res.status = e.status;
+    res.set_content(wire(e.body()), "application/json");
+  }
+
+  void require_ready() {
+    if (st_.draining) throw HttpError(503, "the server is shutting down");
+    if (!st_.ready)
+      throw HttpError(503, st_.load_error.empty() ? "the model is still loading" : "the model failed to load: " + st_.load_error);
+  }
+
+  void check_model(const GenSpec& g) {
+    if (!g.model.empty() && g.model != st_.model_name)
+      throw HttpError(404, "The model '" + g.model + "' does not exist; this server serves '" + st_.model_name + "'",
+                      "model", "NotFoundError");
+  }
+
+  void tokenize(const httplib::Request& req, httplib::Response& res) {
+    require_ready();
+    json j = parse_body(req.body);
+    std::vector<int32_t> ids;
+    if (j.contains("messages")) {
+      GenSpec g = parse_generation_request(j, true, st_.rt.defaults);
+      if (!st_.rt.tmpl) throw bad_request("this model has no chat template", "messages");
+      std::string text = st_.rt.tmpl->render(g.messages, g.tools, g.add_generation_prompt, g.chat_template_kwargs);
+      ids = st_.rt.tok->encode(text, true);
+    } else {
+      if (!j.contains("prompt") || !j["prompt"].is_string()) throw bad_request("'prompt' (a string) or 'messages' is required", "prompt");
+      ids = st_.rt.tok->encode(j["prompt"].get<std::string>(), true);
+    }
+    json out = {{"count", ids.size()}, {"max_model_len", st_.rt.max_model_len}, {"tokens", ids}};
+    if (j.value("return_token_strs", false)) {
+      json strs = json::array();
+      for (auto t : ids) strs.push_back(token_text(*st_.rt.tok, t));
+      out["token_strs"] = strs;
+    }
+    res.set_content(wire(out), "application/json");
+  }
+
+  void detokenize(const httplib::Request& req, httplib::Response& res) {
+    require_ready();
+    json j = parse_body(req.body);
+    if (!j.contains("tokens") || !j["tokens"].is_array()) throw bad_request("'tokens' (a list of token ids) is required", "tokens");
+    std::vector<int32_t> ids;
+    for (auto& x : j["tokens"]) {
+      if (!x.is_number_integer() || x.get<int64_t>() < 0 || x.get<int64_t>() > INT32_MAX)
+        throw bad_request("'tokens' must hold non-negative token ids, got " + wire(x), "tokens");
+      ids.push_back(int32_t(x.get<int64_t>()));
+    }
+    std::string text;
+    try {
+      text = st_.rt.tok->decode(ids, false);
+    } catch (const Error& e) {
+      throw bad_request(e.what(), "tokens");
+    }
+    res.set_content(wire(json({{"prompt", text}})), "application/json");
+  }
+
+  void generate(const httplib::Request& req, httplib::Response& res, bool chat) {
+    require_ready();
+    json body = parse_body(req.body);
+    GenSpec spec = parse_generation_request(body, chat, st_.rt.defaults);
+    check_model(spec);
+    // Admission control: a bounded number of generations in flight.
+    const int64_t limit = st_.cfg.max_num_seqs + st_.cfg.max_queued_requests;
+    if (st_.active.fetch_add(1) >= limit) {
+      st_.active.fetch_sub(1);
+      st_.metrics.rejected_total++;
+      throw HttpError(429, "the server is at capacity (" + std::to_string(limit) + " requests in flight); retry later");
+    }
+    auto gen = std::make_shared<Generation>(st_, std::move(spec));  // takes over the `active` slot
+    gen->prepare();
+    gen->submit();
+    res.set_header("X-Request-Id", req.has_header("X-Request-Id") ? req.get_header_value("X-Request-Id") : gen->id());
+    if (gen->spec().stream) stream(gen, res);
+    else respond(gen, res);
+  }
+
+  // Non-streaming: a chunked body so that a vanished client is noticed (leading whitespace is valid JSON).
+  void respond(std::shared_ptr<Generation> gen, httplib::Response& res) {
+    res.set_chunked_content_provider(
+        "application/json",
+        [this, gen, last = Clock::now()](size_t, httplib::DataSink& sink) mutable {
+          while (!gen->all_done()) {
+            gen->poll(std::chrono::milliseconds(200));
+            if (!gen->all_done() && seconds_since(last) > 2.0) {
+              if (!sink.write(" ", 1)) {
+                gen->abort_all();
+                return false;
+              }
+              last = Clock::now();
+            }
+          }
+          std::string body = wire(final_json(*gen));
+          if (!sink.write(body.data(), body.size())) return false;
+          sink.done();
+          return true;
+        },
+        [gen](bool) { gen->abort_all(); });
+  }
+
+  json final_json(Generation& g) {
+    const auto& spec = g.spec();
+    json choices = json::array();
+    for (auto& c : g.choices()) {
+      if (spec.chat) {
+        json msg = {{"role", "assistant"}};
+        auto tcs = c.out->tool_calls();
+        msg["content"] = c.out->content().empty() && !tcs.empty() ? json(nullptr) : json(c.out->content());
+        if (!c.out->reasoning().empty()) {
+          msg["reasoning_content"] = c.out->reasoning();
+          msg["reasoning"] = c.out->reasoning();
+        }
+        if (!tcs.empty()) msg["tool_calls"] = tcs;
+        json ch = {{"index", c.index}, {"message", msg}, {"logprobs", nullptr}, {"finish_reason", c.finish_reason}};
+        if (spec.logprobs) ch["logprobs"] = chat_logprobs(*st_.rt.tok, c.tokens, c.logprobs);
+        if (spec.return_token_ids) ch["token_ids"] = c.tokens, ch["prompt_token_ids"] = c.prompt;
+        choices.push_back(ch);
+      } else {
+        std::string text = (spec.echo ? c.prompt_text : "") + c.out->content();
+        json ch = {{"index", c.index}, {"text", text}, {"logprobs", nullptr}, {"finish_reason", c.finish_reason}};
+        if (spec.logprobs) ch["logprobs"] = completion_logprobs(*st_.rt.tok, c.tokens, c.logprobs, 0);
+        if (spec.return_token_ids) ch["token_ids"] = c.tokens, ch["prompt_token_ids"] = c.prompt;
+        choices.push_back(ch);
+      }
+    }
+    if (!g.error_.empty()) {
+      return HttpError(500, "generation failed: " + g.error_).body();
+    }
+    return {{"id", g.id()},
+            {"object", spec.chat ? "chat.completion" : "text_completion"},
+            {"created", g.created()},
+            {"model", st_.model_name},
+            {"choices", choices},
+            {"usage", usage_json(g)}};
+  }
+
+  json chunk(Generation& g, json choices) {
+    return {{"id", g.id()},
+            {"object", g.spec().chat ? "chat.completion.chunk" : "text_completion"},
+            {"created", g.created()},
+            {"model", st_.model_name},
+            {"choices", std::move(choices)}};
+  }
+
+  void stream(std::shared_ptr<Generation> gen, httplib::Response& res) {
+    res.set_header("Cache-Control", "no-cache");
+    res.set_chunked_content_provider(
+        "text/event-stream",
+        [this, gen, started = false, last = Clock::now()](size_t, httplib::DataSink& sink) mutable {
+          auto send = [&](const json& j) {
+            std::string s = "data: " + wire(j) + "\n\n";
+            last = Clock::now();
+            return sink.write(s.data(), s.size());
+          };
+          const auto& spec = gen->spec();
+          if (!started) {
+            started = true;
+            if (spec.chat) {
+              json cs = json::array();
+              for (auto& c : gen->choices())
+                cs.push_back({{"index", c.index}, {"delta", {{"role", "assistant"}, {"content", ""}}}, {"logprobs", nullptr},
+                              {"finish_reason", nullptr}});
+              if (!send(chunk(*gen, cs))) return abort(*gen);
+            }
+          }
+          while (!gen->all_done()) {
+            auto ups = gen->poll(std::chrono::milliseconds(100));
+            for (auto& u : ups) {
+              Choice& c = gen->choices()[size_t(u.index)];
+              json delta = json::object();
+              if (!u.ev.reasoning.empty()) delta["reasoning_content"] = u.ev.reasoning, delta["reasoning"] = u.ev.reasoning;
+              if (!u.ev.content.empty() || (!spec.chat && u.finish_reason.empty())) delta["content"] = u.ev.content;
+              if (!u.ev.tool_calls.empty()) delta["tool_calls"] = tool_call_deltas(u.ev.tool_calls);
+              json choice;
+              if (spec.chat) {
+                choice = {{"index", c.index}, {"delta", delta}, {"logprobs", nullptr}, {"finish_reason", nullptr}};
+                if (spec.logprobs && !u.tokens.empty()) choice["logprobs"] = chat_logprobs(*st_.rt.tok, u.tokens, u.logprobs);
+              } else {
+                choice = {{"index", c.index}, {"text", u.ev.content}, {"logprobs", nullptr}, {"finish_reason", nullptr}};
+                if (spec.logprobs && !u.tokens.empty())
+                  choice["logprobs"] = completion_logprobs(*st_.rt.tok, u.tokens, u.logprobs, 0);
+              }
+              if (spec.return_token_ids && !u.tokens.empty()) choice["token_ids"] = u.tokens;
+              bool has_payload = spec.chat ? !delta.empty() : !u.ev.content.empty();
+              has_payload = has_payload || (spec.return_token_ids && !u.tokens.empty());
+              if (has_payload || (!u.tokens.empty() && spec.logprobs)) {
+                json ch = chunk(*gen, json::array({choice}));
+                if (spec.continuous_usage) ch["usage"] = usage_json(*gen);
+                if (!send(ch)) return abort(*gen);
+              }
+              if (!u.finish_reason.empty()) {
+                json fin = spec.chat ? json({{"index", c.index}, {"delta", json::object()}, {"logprobs", nullptr},
+                                             {"finish_reason", u.finish_reason}})
+                                     : json({{"index", c.index}, {"text", ""}, {"logprobs", nullptr},
+                                             {"finish_reason", u.finish_reason}});
+                if (!send(chunk(*gen, json::array({fin})))) return abort(*gen);
+              }
+            }
+            // SSE comment as keep-alive during long prefills; also how a vanished client is noticed.
+            if (ups.empty() && seconds_since(last) > 2.0) {
+              const char* ping = ": ping\n\n";
+              if (!sink.write(ping, std::strlen(ping))) return abort(*gen);
+              last = Clock::now();
+            }
+          }
+          if (!gen->error_.empty()) {
+            json e = HttpError(500, "generation failed: " + gen->error_).body();
+            if (!send(e)) return false;
+          }
+          if (spec.include_usage) {
+            json u = chunk(*gen, json::array());
+            u["usage"] = usage_json(*gen);
+            if (!send(u)) return false;
+          }
+          const char* done = "data: [DONE]\n\n";
+          sink.write(done, std::strlen(done));
+          sink.done();
+          return true;
+        },
+        [gen](bool) { gen->abort_all(); });
+  }
+
+  bool abort(Generation& g) {
+    g.abort_all();
+    return false;
+  }
+
+  ServerState& st_;
+  httplib::Server svr_;
+};
+
+}  // namespace
+
+int serve(const ServerConfig& cfg) {
+  ServerState st;
+  st.cfg = cfg;
+  st.model_name = cfg.served_model_name.empty() ? fs::path(cfg.model_dir).filename().string() : cfg.served_model_name;
+  if (st.model_name.empty()) st.model_name = fs::path(cfg.model_dir).parent_path().filename().string();
+  HttpServer http(st);
+  http.install();
+  if (!http.bind(cfg.host, cfg.port)) {
+    std::fprintf(stderr, "deltaserve serve: error: cannot listen on %s:%d (address in use or not permitted)\n",
+                 cfg.host.c_str(), cfg.port);
+    return 1;
+  }
+  signal(SIGTERM, on_signal);
+  signal(SIGINT, on_signal);
+  signal(SIGPIPE, SIG_IGN);
+  std::thread loader([&] {
+    try {
+      load_runtime(st);
+      st.ready = true;
+      std::fprintf(stderr, "deltaserve: serving '%s' on http://%s:%d (backend %s, max_model_len %lld)\n",
+                   st.model_name.c_str(), cfg.host.c_str(), cfg.port, cfg.backend.c_str(),
+                   (long long)st.rt.max_model_len);
+    } catch (const std::exception& e) {
+      st.load_error = e.what();
+      std::fprintf(stderr, "deltaserve serve: error: %s\n", e.what());
+      g_stop_signal = true;
+    }
+  });
+  std::thread watcher([&] {
+    while (!g_stop_signal) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    // Graceful shutdown: refuse new work, let running requests finish within the deadline.
+    st.draining = true;
+    auto deadline = Clock::now() + std::chrono::seconds(cfg.drain_seconds);
+    while (st.active.load() > 0 && Clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    http.stop();
+  });
+  http.listen_after_bind();
+  watcher.join();
+  loader.join();
+  if (st.rt.engine) st.rt.engine->stop();
+  std::fprintf(stderr, "deltaserve: stopped\n");
+  return st.load_error.empty() ? 0 : 1;
+}
+
+}  // namespace ds::server

@@ -1,0 +1,34 @@
+// The OpenAI-compatible HTTP server: routes, validation, admission control, SSE streaming, metrics, and
+// the hand-off to the engine thread. HTTP threads parse, render and tokenize; the engine never waits on them.
+#pragma once
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+
+namespace ds::server {
+
+struct ServerConfig {
+  std::string model_dir;
+  std::string host = "127.0.0.1";
+  int port = 8000;
+  std::string backend = "cpu";
+  std::string served_model_name;  // default: the model folder's name
+  std::string api_key;            // empty: no auth
+  int64_t max_model_len = 0;      // 0: min(config max_position_embeddings, 8192 on CPU / 32768 on CUDA)
+  int64_t max_num_seqs = 16;
+  int64_t max_num_batched_tokens = 2048;
+  int64_t max_queued_requests = 256;  // beyond running + this many waiting: 429
+  int64_t num_kv_blocks = 0;          // 0: sized from max_num_seqs x max_model_len
+  int64_t block_size = 16;
+  double gpu_memory_utilization = 0.9;
+  size_t max_body_bytes = 32u << 20;
+  int drain_seconds = 30;             // graceful shutdown deadline
+  nlohmann::ordered_json default_chat_template_kwargs = nlohmann::ordered_json::object();
+  std::string chat_template_path;     // override the model's template
+};
+
+// Starts listening, loads the model in the background (/health answers 503 until ready), serves until
+// SIGTERM/SIGINT, drains, returns the process exit code.
+int serve(const ServerConfig& cfg);
+
+}  // namespace ds::server

@@ -1,0 +1,132 @@
+// End-to-end with the official `openai` npm SDK against a real deltaserve on loopback (tiny int4 model).
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import OpenAI from 'openai';
+import { startServer, goldenJson, metrics } from './server.mjs';
+
+let srv, client;
+const golden = goldenJson();
+const EOS = new Set([golden.special_tokens['<|im_end|>'], golden.special_tokens['<|endoftext|>']]);
+
+before(async () => {
+  srv = await startServer(['--max-model-len', '1024']);
+  client = new OpenAI({ baseURL: `${srv.base}/v1`, apiKey: 'unused', maxRetries: 0 });
+});
+after(async () => {
+  const { code } = await srv.stop();
+  assert.equal(code, 0, 'graceful shutdown exits 0');
+});
+
+test('health answered 503 while loading, 200 when ready; /v1/models lists the served model', async () => {
+  const models = await client.models.list();
+  assert.equal(models.data.length, 1);
+  assert.equal(models.data[0].id, 'tiny');
+});
+
+test('greedy completions from token ids reproduce the reference continuations', async () => {
+  for (const variant of ['int4']) {
+    for (const p of golden.text[variant]) {
+      if (p.min_top2_margin < 1e-3) continue;
+      const r = await client.completions.create({
+        model: 'tiny', prompt: p.prompt, max_tokens: 24, temperature: 0, return_token_ids: true,
+      });
+      let expected = [];
+      for (const t of p.greedy) { if (EOS.has(t)) break; expected.push(t); }
+      assert.deepEqual(r.choices[0].token_ids, expected, `prompt of ${p.prompt.length} tokens`);
+      assert.equal(r.choices[0].finish_reason, expected.length < 24 ? 'stop' : 'length');
+      assert.equal(r.usage.prompt_tokens, p.prompt.length);
+      assert.equal(r.usage.completion_tokens, expected.length + (expected.length < 24 ? 1 : 0));
+    }
+  }
+});
+
+test('chat completion, non-streaming and streaming give the same text', async () => {
+  const req = { model: 'tiny', messages: [{ role: 'user', content: 'Hello there' }], max_tokens: 20, temperature: 0,
+                chat_template_kwargs: { enable_thinking: false } };
+  const r = await client.chat.completions.create(req);
+  assert.equal(r.object, 'chat.completion');
+  assert.equal(r.choices[0].message.role, 'assistant');
+  const stream = await client.chat.completions.create({ ...req, stream: true, stream_options: { include_usage: true } });
+  let text = '', finish = null, usage = null, roleSeen = false;
+  for await (const chunk of stream) {
+    if (chunk.usage) usage = chunk.usage;
+    for (const c of chunk.choices) {
+      if (c.delta.role) roleSeen = true;
+      text += c.delta.content ?? '';
+      if (c.finish_reason) finish = c.finish_reason;
+    }
+  }
+  assert.ok(roleSeen);
+  assert.equal(text, r.choices[0].message.content ?? '');
+  assert.equal(finish, r.choices[0].finish_reason);
+  assert.deepEqual(usage, r.usage);
+});
+
+test('same seed, same output; n returns n choices', async () => {
+  const req = { model: 'tiny', prompt: [1255, 1369, 548], max_tokens: 12, temperature: 1.0, top_p: 0.9, seed: 1234,
+                return_token_ids: true };
+  const a = await client.completions.create(req);
+  const b = await client.completions.create(req);
+  assert.deepEqual(a.choices[0].token_ids, b.choices[0].token_ids);
+  const n = await client.completions.create({ ...req, n: 3 });
+  assert.equal(n.choices.length, 3);
+  assert.deepEqual(n.choices.map((c) => c.index), [0, 1, 2]);
+});
+
+test('stop strings cut the text exactly and finish with stop', async () => {
+  const base = await client.completions.create({ model: 'tiny', prompt: [1255, 1369, 548, 434], max_tokens: 24,
+                                                 temperature: 0, ignore_eos: true });
+  const text = base.choices[0].text;
+  if (text.length < 6) return;  // nothing to cut on this model
+  const stop = text.slice(3, 5);
+  const r = await client.completions.create({ model: 'tiny', prompt: [1255, 1369, 548, 434], max_tokens: 24,
+                                              temperature: 0, ignore_eos: true, stop: [stop] });
+  assert.equal(r.choices[0].text, text.slice(0, text.indexOf(stop)));
+  assert.equal(r.choices[0].finish_reason, 'stop');
+});
+
+test('logprobs: chosen token and top alternatives', async () => {
+  const r = await client.chat.completions.create({ model: 'tiny', messages: [{ role: 'user', content: 'Hi' }],
+                                                   max_tokens: 4, temperature: 0, logprobs: true, top_logprobs: 3,
+                                                   chat_template_kwargs: { enable_thinking: false } });
+  const lp = r.choices[0].logprobs.content;
+  assert.ok(lp.length >= 1);
+  for (const t of lp) {
+    assert.equal(t.top_logprobs.length, 3);
+    assert.ok(t.logprob <= 0);
+    assert.ok(Math.abs(t.logprob - t.top_logprobs[0].logprob) < 1e-5, 'greedy token is the most likely');
+  }
+});
+
+test('errors come back in OpenAI\'s schema with the right status', async () => {
+  await assert.rejects(client.chat.completions.create({ model: 'nope', messages: [{ role: 'user', content: 'x' }] }),
+                       (e) => e.status === 404 && /does not exist/.test(e.message));
+  await assert.rejects(client.completions.create({ model: 'tiny', prompt: [1, 2, 3], max_tokens: 5000 }),
+                       (e) => e.status === 400 && /maximum context length is 1024/.test(e.message));
+  await assert.rejects(client.completions.create({ model: 'tiny', prompt: 'x', temperature: 'hot' }),
+                       (e) => e.status === 400 && /'temperature' must be a number/.test(e.message));
+  await assert.rejects(client.chat.completions.create({ model: 'tiny', messages: [] }),
+                       (e) => e.status === 400 && /messages/.test(e.message));
+  await assert.rejects(client.chat.completions.create({ model: 'tiny', messages: [{ role: 'user', content: [
+    { type: 'image_url', image_url: { url: 'data:image/png;base64,AAAA' } }] }] }),
+                       (e) => e.status === 400 && /image/.test(e.message));
+  const raw = await fetch(`${srv.base}/v1/chat/completions`, { method: 'POST', body: '{"model": "tiny", "messages": [' });
+  assert.equal(raw.status, 400);
+  const body = await raw.json();
+  assert.match(body.error.message, /not valid JSON/);
+});
+
+test('tokenize and detokenize round-trip', async () => {
+  const t = await (await fetch(`${srv.base}/tokenize`, { method: 'POST', body: JSON.stringify({ prompt: 'Hello world' }) })).json();
+  assert.ok(t.count > 0);
+  const d = await (await fetch(`${srv.base}/detokenize`, { method: 'POST', body: JSON.stringify({ tokens: t.tokens }) })).json();
+  assert.equal(d.prompt, 'Hello world');
+});
+
+test('metrics are exposed in Prometheus format', async () => {
+  const m = await metrics(srv.base);
+  assert.ok(m.get('generation_tokens_total') > 0);
+  assert.ok(!Number.isNaN(m.get('num_requests_running')));
+  assert.match(m.text, /deltaserve:time_to_first_token_seconds_bucket/);
+  assert.match(m.text, /deltaserve:inter_token_latency_seconds_bucket/);
+});

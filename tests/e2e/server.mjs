@@ -1,0 +1,69 @@
+// Starts a real `deltaserve serve` on a free loopback port and stops it with SIGTERM.
+import { spawn } from 'node:child_process';
+import net from 'node:net';
+import path from 'node:path';
+import fs from 'node:fs';
+import { fileURLToPath } from 'node:url';
+
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+
+export const BINARY = process.env.DS_BINARY || path.resolve(HERE, '../../build/deltaserve');
+export const DATA = process.env.DS_TEST_DATA_DIR || path.resolve(HERE, '../data');
+export const MODEL = process.env.DS_E2E_MODEL || path.join(DATA, 'tiny-moe/tiny-moe-int4');
+export const BACKEND = process.env.DS_E2E_BACKEND || 'cpu';
+
+async function freePort() {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+    s.on('error', reject);
+  });
+}
+
+export async function startServer(extraArgs = [], { model = MODEL } = {}) {
+  const port = await freePort();
+  const args = ['serve', model, '--host', '127.0.0.1', '--port', String(port), '--backend', BACKEND,
+                '--served-model-name', 'tiny', ...extraArgs];
+  const proc = spawn(BINARY, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  let log = '';
+  proc.stdout.on('data', (d) => { log += d; });
+  proc.stderr.on('data', (d) => { log += d; });
+  const exited = new Promise((resolve) => proc.on('exit', (code, signal) => resolve({ code, signal })));
+  const base = `http://127.0.0.1:${port}`;
+  const deadline = Date.now() + 60000;
+  let sawLoading = false;
+  for (;;) {
+    if (proc.exitCode !== null) throw new Error(`server exited early (${proc.exitCode}):\n${log}`);
+    try {
+      const r = await fetch(`${base}/health`);
+      if (r.status === 200) break;
+      if (r.status === 503) sawLoading = true;
+    } catch { /* not listening yet */ }
+    if (Date.now() > deadline) { proc.kill('SIGKILL'); throw new Error(`server did not become healthy:\n${log}`); }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return {
+    base, port, proc, sawLoading,
+    log: () => log,
+    async stop() {
+      if (proc.exitCode === null) proc.kill('SIGTERM');
+      return exited;
+    },
+  };
+}
+
+export async function metrics(base) {
+  const text = await (await fetch(`${base}/metrics`)).text();
+  const get = (name) => {
+    const m = text.match(new RegExp(`^deltaserve:${name}\\{[^}]*\\} ([0-9.e+-]+)$`, 'm'));
+    return m ? Number(m[1]) : NaN;
+  };
+  return { text, get };
+}
+
+export function goldenJson() {
+  return JSON.parse(fs.readFileSync(path.join(DATA, 'tiny-moe/golden.json'), 'utf8'));
+}

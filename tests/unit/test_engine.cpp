@@ -1,0 +1,434 @@
+// The engine on the tiny MoE model (int4, CPU backend): greedy output equals the transformers reference;
+// continuous batching, chunked prefill, preemption and concurrent submitters give every request the tokens
+// it gets alone; finish reasons, aborts, rejected requests, and a failing request that fails alone.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <memory>
+#include <thread>
+
+#include "backend/ops.h"
+#include "core/status.h"
+#include "golden_util.h"
+#include "model/model.h"
+#include "runtime/engine.h"
+
+namespace ds::runtime {
+namespace {
+
+using namespace std::chrono_literals;
+
+struct Fixture {
+  std::unique_ptr<Backend> be;
+  std::unique_ptr<model::Model> m;
+  std::vector<std::vector<int32_t>> prompts, greedy;  // golden text.int4[i]
+};
+
+Fixture& fx() {
+  static Fixture f = [] {
+    Fixture f;
+    const std::string dir = test::data_dir() + "/tiny-moe/";
+    f.be = make_cpu_backend();
+    f.m = model::Model::load(dir + "tiny-moe-int4", *f.be);
+    auto g = test::read_json(dir + "golden.json");
+    for (auto& p : g["text"]["int4"]) {
+      f.prompts.push_back(p["prompt"].get<std::vector<int32_t>>());
+      f.greedy.push_back(p["greedy"].get<std::vector<int32_t>>());
+    }
+    return f;
+  }();
+  return f;
+}
+
+EngineConfig base_config() {
+  EngineConfig c;
+  c.max_num_seqs = 8;
+  c.max_num_batched_tokens = 2048;
+  c.max_model_len = 512;
+  c.block_size = 16;
+  c.eos_token_ids = {1984, 1986};  // <|endoftext|>, <|im_end|>
+  return c;
+}
+
+std::shared_ptr<Request> make_req(uint64_t id, std::vector<int32_t> prompt, int64_t max_tokens, float temperature = 0.f,
+                                  std::optional<uint64_t> seed = std::nullopt) {
+  auto r = std::make_shared<Request>();
+  r->id = id;
+  r->prompt = std::move(prompt);
+  r->max_tokens = max_tokens;
+  r->sampling.temperature = temperature;
+  r->sampling.seed = seed;
+  if (temperature > 0) {
+    r->sampling.top_k = 50;
+    r->sampling.top_p = 0.95f;
+  }
+  return r;
+}
+
+struct Result {
+  std::vector<int32_t> tokens;
+  std::vector<sampling::TokenLogprob> logprobs;
+  FinishReason finish = FinishReason::None;
+  int32_t stop_token = -1;
+  std::string error;
+  int64_t prompt_tokens = 0, completion_tokens = 0;
+  int deltas = 0;
+};
+
+// Reads a request's channel until its finishing delta (or the timeout).
+Result collect(Request& r, std::chrono::milliseconds timeout = 120000ms) {
+  Result res;
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (res.finish == FinishReason::None) {
+    auto d = r.out->pop(timeout.count() ? 10ms : 0ms);
+    if (!d) {
+      if (std::chrono::steady_clock::now() >= deadline) break;
+      continue;
+    }
+    ++res.deltas;
+    res.tokens.insert(res.tokens.end(), d->tokens.begin(), d->tokens.end());
+    res.logprobs.insert(res.logprobs.end(), d->logprobs.begin(), d->logprobs.end());
+    res.finish = d->finish;
+    res.stop_token = d->stop_token;
+    res.error = d->error;
+    res.prompt_tokens = d->prompt_tokens;
+    res.completion_tokens = d->completion_tokens;
+  }
+  return res;
+}
+
+// Runs steps on the calling thread until the engine has nothing left.
+int64_t drain(Engine& e) {
+  int64_t steps = 0;
+  while (e.step()) ++steps;
+  return steps;
+}
+
+void expect_empty(const EngineMetrics& m) {
+  EXPECT_EQ(m.running, 0);
+  EXPECT_EQ(m.waiting, 0);
+  EXPECT_EQ(m.kv_blocks_used, 0);
+  EXPECT_EQ(m.slots_used, 0);
+}
+
+// One request on a fresh, unconstrained engine: the reference "alone" output.
+Result run_alone(const Request& proto) {
+  Engine e(*fx().m, base_config());
+  auto r = std::make_shared<Request>(proto);
+  r->out = std::make_shared<DeltaChannel>();
+  e.submit(r);
+  drain(e);
+  return collect(*r, 0ms);
+}
+
+TEST(Engine, GreedyMatchesGoldenAlone) {
+  auto& f = fx();
+  for (size_t i = 0; i < f.prompts.size(); ++i) {
+    auto res = run_alone(*make_req(i, f.prompts[i], 24));
+    EXPECT_EQ(res.tokens, f.greedy[i]) << "prompt " << i;
+    EXPECT_EQ(res.finish, FinishReason::Length);
+    EXPECT_EQ(res.prompt_tokens, int64_t(f.prompts[i].size()));
+    EXPECT_EQ(res.completion_tokens, 24);
+    EXPECT_EQ(res.deltas, 24);  // one delta per generated token, the last one finishing
+  }
+}
+
+TEST(Engine, GreedyMatchesGoldenBatchedAndChunked) {
+  auto& f = fx();
+  EngineConfig c = base_config();
+  c.max_num_seqs = 3;             // two prompts wait for a slot
+  c.max_num_batched_tokens = 40;  // the 150- and 333-token prompts prefill over many steps
+  Engine e(*f.m, c);
+  std::vector<std::shared_ptr<Request>> reqs;
+  for (size_t i = 0; i < f.prompts.size(); ++i) {
+    reqs.push_back(make_req(i, f.prompts[i], 24));
+    e.submit(reqs.back());
+  }
+  EXPECT_EQ(e.metrics().waiting, int64_t(f.prompts.size()));
+  const int64_t steps = drain(e);
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    auto res = collect(*reqs[i], 0ms);
+    EXPECT_EQ(res.tokens, f.greedy[i]) << "prompt " << i;
+    EXPECT_EQ(res.finish, FinishReason::Length);
+  }
+  auto m = e.metrics();
+  expect_empty(m);
+  int64_t prompt_total = 0;
+  for (auto& p : f.prompts) prompt_total += int64_t(p.size());
+  EXPECT_EQ(m.prompt_tokens_total, prompt_total);
+  EXPECT_EQ(m.generation_tokens_total, 24 * int64_t(f.prompts.size()));
+  EXPECT_EQ(m.requests_finished[int(FinishReason::Length)], int64_t(f.prompts.size()));
+  EXPECT_EQ(m.steps_total, steps);
+  // 533 prompt tokens at 40 per step need at least 14 steps.
+  EXPECT_GE(steps, prompt_total / 40);
+}
+
+// The 12-request mix used by the concurrency tests: golden prompts and slices of them, greedy and seeded
+// sampling, different lengths.
+std::vector<std::shared_ptr<Request>> mix12() {
+  auto& f = fx();
+  std::vector<std::shared_ptr<Request>> v;
+  for (int i = 0; i < 12; ++i) {
+    auto p = f.prompts[size_t(i % 5)];
+    if (i >= 5) p.resize(p.size() > size_t(i) ? p.size() - size_t(i) : 1);  // distinct prompts
+    const bool sampled = i % 3 == 1;
+    v.push_back(make_req(uint64_t(100 + i), p, 8 + (i * 5) % 23, sampled ? 0.9f : 0.f,
+                         sampled ? std::optional<uint64_t>(1000 + i) : std::nullopt));
+  }
+  return v;
+}
+
+// mix12()'s outputs, each request run alone (computed once).
+const std::vector<Result>& mix12_alone() {
+  static const std::vector<Result> v = [] {
+    std::vector<Result> out;
+    for (auto& r : mix12()) out.push_back(run_alone(*r));
+    return out;
+  }();
+  return v;
+}
+
+TEST(Engine, ConcurrentSubmittersGetTheirAloneOutputs) {
+  auto reqs = mix12();
+  const auto& alone = mix12_alone();
+
+  EngineConfig c = base_config();
+  c.max_num_seqs = 4;
+  c.max_num_batched_tokens = 64;
+  Engine e(*fx().m, c);
+  e.start();
+  std::vector<Result> got(reqs.size());
+  std::vector<std::thread> clients;
+  for (int t = 0; t < 3; ++t)
+    clients.emplace_back([&, t] {
+      for (size_t i = size_t(t); i < reqs.size(); i += 3) e.submit(reqs[i]);
+      for (size_t i = size_t(t); i < reqs.size(); i += 3) got[i] = collect(*reqs[i]);
+    });
+  for (auto& th : clients) th.join();
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    EXPECT_EQ(got[i].tokens, alone[i].tokens) << "request " << i;
+    EXPECT_EQ(got[i].finish, alone[i].finish) << "request " << i;
+    EXPECT_EQ(got[i].completion_tokens, alone[i].completion_tokens) << "request " << i;
+  }
+  // Gauges are published after the step that freed the last sequence.
+  for (int i = 0; i < 200 && e.metrics().running + e.metrics().waiting > 0; ++i) std::this_thread::sleep_for(5ms);
+  expect_empty(e.metrics());
+  EXPECT_EQ(e.metrics().requests_finished[int(FinishReason::Length)] + e.metrics().requests_finished[int(FinishReason::Stop)],
+            int64_t(reqs.size()));
+  e.stop();
+}
+
+TEST(Engine, PreemptionKeepsOutputsIdentical) {
+  auto reqs = mix12();
+  const auto& alone = mix12_alone();
+
+  EngineConfig c = base_config();
+  c.max_num_seqs = 6;
+  c.max_num_batched_tokens = 96;
+  c.num_blocks = 26;  // 416 tokens: the largest request (333 + 8) fits alone, the mix does not
+  Engine e(*fx().m, c);
+  for (auto& r : reqs) e.submit(r);
+  drain(e);
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    auto res = collect(*reqs[i], 0ms);
+    EXPECT_EQ(res.tokens, alone[i].tokens) << "request " << i;
+    EXPECT_EQ(res.finish, alone[i].finish) << "request " << i;
+  }
+  auto m = e.metrics();
+  std::printf("  preemptions: %lld in %lld steps\n", (long long)m.preemptions_total, (long long)m.steps_total);
+  EXPECT_GT(m.preemptions_total, 0);
+  expect_empty(m);
+}
+
+TEST(Engine, FinishReasons) {
+  auto& f = fx();
+  const auto& g = f.greedy[2];
+  {  // max_tokens
+    auto res = run_alone(*make_req(1, f.prompts[2], 5));
+    EXPECT_EQ(res.tokens, std::vector<int32_t>(g.begin(), g.begin() + 5));
+    EXPECT_EQ(res.finish, FinishReason::Length);
+  }
+  {  // stop_token_ids: the stop token ends it, is reported, and is not among the tokens
+    auto r = make_req(2, f.prompts[2], 20);
+    r->stop_token_ids = {g[3]};
+    auto res = run_alone(*r);
+    EXPECT_EQ(res.tokens, std::vector<int32_t>(g.begin(), g.begin() + 3));
+    EXPECT_EQ(res.finish, FinishReason::Stop);
+    EXPECT_EQ(res.stop_token, g[3]);
+    EXPECT_EQ(res.completion_tokens, 4);
+  }
+  {  // the model's EOS set, and ignore_eos
+    EngineConfig c = base_config();
+    c.eos_token_ids = {g[2]};
+    Engine e(*f.m, c);
+    auto a = make_req(3, f.prompts[2], 10), b = make_req(4, f.prompts[2], 10);
+    b->ignore_eos = true;
+    e.submit(a);
+    e.submit(b);
+    drain(e);
+    auto ra = collect(*a, 0ms), rb = collect(*b, 0ms);
+    EXPECT_EQ(ra.finish, FinishReason::Stop);
+    EXPECT_EQ(ra.stop_token, g[2]);
+    EXPECT_EQ(ra.tokens.size(), 2u);
+    EXPECT_EQ(rb.finish, FinishReason::Length);
+    EXPECT_EQ(rb.tokens, std::vector<int32_t>(g.begin(), g.begin() + 10));
+    EXPECT_EQ(e.metrics().requests_finished[int(FinishReason::Stop)], 1);
+    EXPECT_EQ(e.metrics().requests_finished[int(FinishReason::Length)], 1);
+  }
+  {  // prompt + max_tokens == max_model_len exactly: allowed, ends by length
+    EngineConfig c = base_config();
+    c.max_model_len = int64_t(f.prompts[2].size()) + 6;
+    Engine e(*f.m, c);
+    auto r = make_req(5, f.prompts[2], 6);
+    e.submit(r);
+    drain(e);
+    auto res = collect(*r, 0ms);
+    EXPECT_EQ(res.tokens.size(), 6u);
+    EXPECT_EQ(res.finish, FinishReason::Length);
+  }
+}
+
+TEST(Engine, LogprobsRideAlongTheTokens) {
+  auto& f = fx();
+  auto r = make_req(1, f.prompts[1], 6);
+  r->sampling.logprobs = 3;
+  auto res = run_alone(*r);
+  EXPECT_EQ(res.tokens, std::vector<int32_t>(f.greedy[1].begin(), f.greedy[1].begin() + 6));
+  ASSERT_EQ(res.logprobs.size(), res.tokens.size());
+  for (size_t i = 0; i < res.tokens.size(); ++i) {
+    EXPECT_EQ(res.logprobs[i].token, res.tokens[i]);
+    ASSERT_EQ(res.logprobs[i].top.size(), 3u);
+    EXPECT_EQ(res.logprobs[i].top[0].first, res.tokens[i]);  // greedy = most likely
+    EXPECT_FLOAT_EQ(res.logprobs[i].top[0].second, res.logprobs[i].logprob);
+    EXPECT_LT(res.logprobs[i].logprob, 0.f);
+  }
+}
+
+TEST(Engine, AbortMidGenerationFreesMemory) {
+  auto& f = fx();
+  Engine e(*f.m, base_config());
+  e.start();
+  auto r = make_req(7, f.prompts[2], 400);
+  e.submit(r);
+  int got = 0;
+  while (got < 3) {
+    auto d = r->out->pop(60000ms);
+    ASSERT_TRUE(d.has_value());
+    ASSERT_EQ(d->finish, FinishReason::None);
+    got += int(d->tokens.size());
+  }
+  EXPECT_GT(e.metrics().kv_blocks_used, 0);
+  EXPECT_EQ(e.metrics().slots_used, 1);
+  e.abort(7);
+  auto res = collect(*r);
+  EXPECT_EQ(res.finish, FinishReason::Abort);
+  EXPECT_LT(int64_t(got + res.tokens.size()), 400);
+  for (int i = 0; i < 200 && e.metrics().kv_blocks_used > 0; ++i) std::this_thread::sleep_for(5ms);
+  expect_empty(e.metrics());
+  EXPECT_EQ(e.metrics().requests_finished[int(FinishReason::Abort)], 1);
+  e.abort(7);    // already gone: ignored
+  e.abort(999);  // never existed: ignored
+  // The same id may be used again once finished.
+  auto again = make_req(7, f.prompts[0], 3);
+  e.submit(again);
+  EXPECT_EQ(collect(*again).tokens, std::vector<int32_t>(f.greedy[0].begin(), f.greedy[0].begin() + 3));
+  e.stop();
+}
+
+TEST(Engine, AbortWhileWaitingAndStopEndsTheRest) {
+  auto& f = fx();
+  EngineConfig c = base_config();
+  c.max_num_seqs = 1;
+  Engine e(*f.m, c);
+  auto a = make_req(1, f.prompts[1], 50), b = make_req(2, f.prompts[1], 50), d = make_req(3, f.prompts[0], 50);
+  e.submit(a);
+  e.submit(b);
+  e.step();  // a runs, b waits
+  EXPECT_EQ(e.metrics().running, 1);
+  EXPECT_EQ(e.metrics().waiting, 1);
+  e.abort(2);
+  e.step();
+  auto rb = collect(*b, 0ms);
+  EXPECT_EQ(rb.finish, FinishReason::Abort);
+  EXPECT_TRUE(rb.tokens.empty());
+  EXPECT_EQ(e.metrics().waiting, 0);
+  e.submit(d);  // never stepped: stop() ends it
+  e.stop();
+  EXPECT_EQ(collect(*a, 0ms).finish, FinishReason::Abort);
+  EXPECT_EQ(collect(*d, 0ms).finish, FinishReason::Abort);
+  expect_empty(e.metrics());
+  EXPECT_THROW(e.submit(make_req(4, f.prompts[0], 5)), Error);
+}
+
+TEST(Engine, RejectsRequestsThatCanNeverRun) {
+  auto& f = fx();
+  EngineConfig c = base_config();
+  c.max_model_len = 100;
+  c.num_blocks = 4;  // 64 tokens
+  Engine e(*f.m, c);
+  auto msg = [&](std::shared_ptr<Request> r) {
+    try {
+      e.submit(r);
+    } catch (const Error& ex) {
+      return std::string(ex.what());
+    }
+    return std::string("accepted");
+  };
+  std::string m = msg(make_req(1, f.prompts[3], 5));  // 150 + 5 > 100
+  EXPECT_NE(m.find("maximum context length is 100"), std::string::npos) << m;
+  EXPECT_NE(m.find("155"), std::string::npos) << m;
+  m = msg(make_req(2, f.prompts[2], 61));  // 40 + 61 > 100
+  EXPECT_NE(m.find("maximum context length"), std::string::npos) << m;
+  m = msg(make_req(3, f.prompts[2], 30));  // 70 tokens fit max_model_len but not the 4-block pool
+  EXPECT_NE(m.find("KV blocks"), std::string::npos) << m;
+  m = msg(make_req(4, {}, 5));
+  EXPECT_NE(m.find("at least 1 token"), std::string::npos) << m;
+  m = msg(make_req(5, {1, 2, 5000}, 5));
+  EXPECT_NE(m.find("token id 5000 at position 2"), std::string::npos) << m;
+  m = msg(make_req(6, {1, 2}, 0));
+  EXPECT_NE(m.find("max_tokens"), std::string::npos) << m;
+  auto bad = make_req(7, {1, 2}, 5);
+  bad->sampling.top_p = 0.f;
+  m = msg(bad);
+  EXPECT_NE(m.find("top_p"), std::string::npos) << m;
+  EXPECT_EQ(msg(make_req(8, {1, 2}, 5)), "accepted");
+  m = msg(make_req(8, {1, 2}, 5));
+  EXPECT_NE(m.find("already in flight"), std::string::npos) << m;
+  EXPECT_EQ(e.metrics().waiting, 1);  // only the accepted one
+}
+
+TEST(Engine, AFailingRequestFailsAlone) {
+  auto& f = fx();
+  EngineConfig c = base_config();
+  c.check_prompt_ids = false;  // let a bad id through so the forward throws inside a step
+  Engine e(*f.m, c);
+  std::vector<std::shared_ptr<Request>> reqs;
+  for (size_t i = 0; i < 4; ++i) reqs.push_back(make_req(i, f.prompts[i], 12));
+  auto bad = make_req(99, f.prompts[1], 12);
+  bad->prompt[4] = 5000;
+  e.submit(reqs[0]);
+  e.step();  // request 0 is already decoding when the bad one joins
+  e.submit(reqs[1]);
+  e.submit(bad);
+  e.submit(reqs[2]);
+  e.submit(reqs[3]);
+  drain(e);
+  auto rb = collect(*bad, 0ms);
+  EXPECT_EQ(rb.finish, FinishReason::Error);
+  EXPECT_NE(rb.error.find("5000"), std::string::npos) << rb.error;
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    auto res = collect(*reqs[i], 0ms);
+    EXPECT_EQ(res.finish, FinishReason::Length) << "request " << i << ": " << res.error;
+    EXPECT_EQ(res.tokens, std::vector<int32_t>(f.greedy[i].begin(), f.greedy[i].begin() + 12)) << "request " << i;
+  }
+  EXPECT_EQ(e.metrics().requests_finished[int(FinishReason::Error)], 1);
+  expect_empty(e.metrics());
+  // The engine keeps serving.
+  auto after = make_req(50, f.prompts[0], 4);
+  e.submit(after);
+  drain(e);
+  EXPECT_EQ(collect(*after, 0ms).tokens, std::vector<int32_t>(f.greedy[0].begin(), f.greedy[0].begin() + 4));
+}
+
+}  // namespace
+}  // namespace ds::runtime

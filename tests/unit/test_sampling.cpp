@@ -1,0 +1,283 @@
+// The CPU sampler: greedy, top-k/top-p/min-p supports, the sampled distribution against softmax, penalties
+// and logit bias on exactly the right logits, seeds, raw logprobs, parameter checks.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <map>
+#include <random>
+#include <set>
+
+#include "core/status.h"
+#include "sampling/sampling.h"
+
+namespace ds::sampling {
+namespace {
+
+std::vector<float> random_logits(int64_t V, uint64_t seed, float scale = 3.f) {
+  std::mt19937_64 g(seed);
+  std::normal_distribution<float> d(0.f, scale);
+  std::vector<float> x(static_cast<size_t>(V));
+  for (auto& v : x) v = d(g);
+  return x;
+}
+
+int32_t argmax(const std::vector<float>& x, int64_t n) {
+  int64_t a = 0;
+  for (int64_t i = 1; i < n; ++i)
+    if (x[size_t(i)] > x[size_t(a)]) a = i;
+  return int32_t(a);
+}
+
+// Logits of a distribution given as probabilities.
+std::vector<float> log_of(const std::vector<double>& p) {
+  std::vector<float> x;
+  for (double v : p) x.push_back(float(std::log(v)));
+  return x;
+}
+
+// Which tokens come out of `draws` samples with `p`.
+std::set<int32_t> support(const std::vector<float>& x, SamplingParams p, int draws = 4000) {
+  p.seed = 7;
+  SeqSampler s(p, {});
+  std::set<int32_t> seen;
+  for (int i = 0; i < draws; ++i) seen.insert(sample(x.data(), int64_t(x.size()), int64_t(x.size()), s, nullptr));
+  return seen;
+}
+
+TEST(Sampling, GreedyIsArgmax) {
+  SamplingParams p;
+  p.temperature = 0.f;
+  for (uint64_t seed = 0; seed < 20; ++seed) {
+    auto x = random_logits(1000, seed);
+    SeqSampler s(p, {});
+    EXPECT_EQ(sample(x.data(), 1000, 1000, s, nullptr), argmax(x, 1000)) << "seed " << seed;
+    // Tiny temperatures are greedy too (vLLM's epsilon), whatever the top-k/top-p.
+    SamplingParams q = p;
+    q.temperature = 1e-7f;
+    q.top_p = 0.5f;
+    SeqSampler s2(q, {});
+    EXPECT_EQ(sample(x.data(), 1000, 1000, s2, nullptr), argmax(x, 1000));
+  }
+}
+
+TEST(Sampling, VocabLimitMasksPaddingIds) {
+  std::vector<float> x(100, 0.f);
+  x[99] = 50.f;  // a padding row the tokenizer never produces
+  x[42] = 1.f;
+  SamplingParams p;
+  p.temperature = 0.f;
+  SeqSampler s(p, {});
+  EXPECT_EQ(sample(x.data(), 100, 100, s, nullptr), 99);
+  EXPECT_EQ(sample(x.data(), 100, 90, s, nullptr), 42);
+  p.temperature = 1.f;
+  p.seed = 1;
+  SeqSampler r(p, {});
+  for (int i = 0; i < 2000; ++i) EXPECT_LT(sample(x.data(), 100, 90, r, nullptr), 90);
+}
+
+TEST(Sampling, TopK1IsGreedy) {
+  for (uint64_t seed = 0; seed < 20; ++seed) {
+    auto x = random_logits(500, 100 + seed, 1.f);
+    SamplingParams p;
+    p.temperature = 1.5f;
+    p.top_k = 1;
+    p.seed = seed;
+    SeqSampler s(p, {});
+    for (int i = 0; i < 10; ++i) EXPECT_EQ(sample(x.data(), 500, 500, s, nullptr), argmax(x, 500));
+  }
+}
+
+TEST(Sampling, EmpiricalFrequenciesMatchSoftmax) {
+  const std::vector<float> x = {1.0f, 0.5f, -0.3f, 2.0f, 0.0f, -1.5f, 1.2f, 0.7f};
+  const float T = 0.8f;
+  std::vector<double> want(x.size());
+  double z = 0;
+  for (size_t i = 0; i < x.size(); ++i) z += want[i] = std::exp(double(x[i]) / T);
+  for (auto& w : want) w /= z;
+  SamplingParams p;
+  p.temperature = T;
+  p.seed = 1234;
+  SeqSampler s(p, {});
+  const int N = 200000;
+  std::vector<int> count(x.size(), 0);
+  for (int i = 0; i < N; ++i) ++count[size_t(sample(x.data(), int64_t(x.size()), int64_t(x.size()), s, nullptr))];
+  double worst = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    double f = double(count[i]) / N, sd = std::sqrt(want[i] * (1 - want[i]) / N);
+    worst = std::max(worst, std::abs(f - want[i]) / sd);
+    EXPECT_NEAR(f, want[i], 5 * sd + 1e-4) << "token " << i;
+  }
+  std::printf("  %d draws at T=%.1f: worst deviation %.2f standard errors\n", N, T, worst);
+}
+
+TEST(Sampling, TopPMinPTopKKeepTheRightTokens) {
+  const auto x = log_of({0.5, 0.3, 0.15, 0.05});  // sorted by id already
+  SamplingParams p;
+  EXPECT_EQ(support(x, p), (std::set<int32_t>{0, 1, 2, 3}));
+  // top_p: keep a token while the mass of the more likely ones is below top_p.
+  p.top_p = 0.45f;
+  EXPECT_EQ(support(x, p), (std::set<int32_t>{0}));
+  p.top_p = 0.75f;
+  EXPECT_EQ(support(x, p), (std::set<int32_t>{0, 1}));
+  p.top_p = 0.9f;
+  EXPECT_EQ(support(x, p), (std::set<int32_t>{0, 1, 2}));
+  p.top_p = 1.f;
+  // min_p: keep p >= min_p · p_max (0.5).
+  p.min_p = 0.2f;  // threshold 0.1
+  EXPECT_EQ(support(x, p), (std::set<int32_t>{0, 1, 2}));
+  p.min_p = 0.5f;  // threshold 0.25
+  EXPECT_EQ(support(x, p), (std::set<int32_t>{0, 1}));
+  p.min_p = 0.f;
+  p.top_k = 2;
+  EXPECT_EQ(support(x, p), (std::set<int32_t>{0, 1}));
+  p.top_k = 3;
+  EXPECT_EQ(support(x, p), (std::set<int32_t>{0, 1, 2}));
+  // Order like vLLM: min_p, then top_k, then top_p renormalised over the survivors.
+  // top_k 3 leaves {0.5, 0.3, 0.15}/0.95; top_p 0.8 keeps 0 (before 0) and 1 (before 0.526), not 2 (0.842).
+  p.top_p = 0.8f;
+  EXPECT_EQ(support(x, p), (std::set<int32_t>{0, 1}));
+  // Temperature is applied before the filters: at T = 0.5 the probabilities are 0.69/0.25/0.06/0.007.
+  p = SamplingParams{};
+  p.temperature = 0.5f;
+  p.min_p = 0.05f;  // threshold 0.0347 of the sharpened distribution keeps 0..2 only (0.15² / 0.5² = 0.09)
+  EXPECT_EQ(support(x, p), (std::set<int32_t>{0, 1, 2}));
+}
+
+TEST(Sampling, PenaltiesChangeExactlyTheRightLogits) {
+  const std::vector<float> raw = {2.0f, -1.0f, 0.5f, -0.25f, 3.0f, 1.0f};
+  SamplingParams p;
+  p.repetition_penalty = 2.0f;
+  p.presence_penalty = 0.5f;
+  p.frequency_penalty = 0.25f;
+  p.logit_bias = {{5, -3.0f}, {3, 1.0f}};
+  // Prompt has 0 and 1; generated 2 (twice) and 1 (once); 4 appears nowhere.
+  SeqSampler s(p, {0, 1, 0});
+  s.accept(2);
+  s.accept(2);
+  s.accept(1);
+  auto x = raw;
+  apply_bias_and_penalties(x.data(), int64_t(x.size()), s);
+  EXPECT_FLOAT_EQ(x[0], 2.0f / 2);                         // prompt, positive: divided
+  EXPECT_FLOAT_EQ(x[1], -1.0f * 2 - 0.25f * 1 - 0.5f);     // prompt+generated once: multiplied, then OpenAI
+  EXPECT_FLOAT_EQ(x[2], 0.5f / 2 - 0.25f * 2 - 0.5f);      // generated twice
+  EXPECT_FLOAT_EQ(x[3], -0.25f + 1.0f);                    // bias first, then untouched (not seen)
+  EXPECT_FLOAT_EQ(x[4], 3.0f);                             // untouched
+  EXPECT_FLOAT_EQ(x[5], 1.0f - 3.0f);                      // bias only
+  // The bias comes before the repetition penalty: a biased prompt token is penalised on the biased value.
+  SamplingParams q;
+  q.repetition_penalty = 2.0f;
+  q.logit_bias = {{1, 3.0f}};
+  SeqSampler t(q, {1});
+  x = raw;
+  apply_bias_and_penalties(x.data(), int64_t(x.size()), t);
+  EXPECT_FLOAT_EQ(x[1], (-1.0f + 3.0f) / 2);
+  EXPECT_FLOAT_EQ(x[0], 2.0f);
+  // Neutral params change nothing.
+  SeqSampler u(SamplingParams{}, {0, 1, 2});
+  u.accept(3);
+  x = raw;
+  apply_bias_and_penalties(x.data(), int64_t(x.size()), u);
+  EXPECT_EQ(x, raw);
+}
+
+TEST(Sampling, PenaltiesSteerGreedyChoice) {
+  std::vector<float> x = {1.0f, 0.9f, 0.0f};
+  SamplingParams p;
+  p.temperature = 0.f;
+  p.presence_penalty = 0.2f;
+  SeqSampler s(p, {});
+  EXPECT_EQ(sample(x.data(), 3, 3, s, nullptr), 0);
+  s.accept(0);
+  EXPECT_EQ(sample(x.data(), 3, 3, s, nullptr), 1);  // 0.8 < 0.9
+  p.presence_penalty = 0.f;
+  p.logit_bias = {{2, 5.f}};
+  SeqSampler b(p, {});
+  EXPECT_EQ(sample(x.data(), 3, 3, b, nullptr), 2);
+}
+
+TEST(Sampling, SameSeedSameSequence) {
+  auto x = random_logits(300, 5, 1.f);
+  SamplingParams p;
+  p.temperature = 1.0f;
+  p.top_p = 0.95f;
+  p.top_k = 50;
+  p.seed = 42;
+  auto draw = [&](SamplingParams q) {
+    SeqSampler s(q, {});
+    std::vector<int32_t> out;
+    for (int i = 0; i < 64; ++i) out.push_back(sample(x.data(), 300, 300, s, nullptr));
+    return out;
+  };
+  auto a = draw(p), b = draw(p);
+  EXPECT_EQ(a, b);
+  p.seed = 43;
+  EXPECT_NE(draw(p), a);
+  p.seed.reset();  // unseeded: from the random device
+  EXPECT_NE(draw(p), draw(p));
+}
+
+TEST(Sampling, LogprobsAreRawLogSoftmax) {
+  const std::vector<float> x = {0.1f, 2.0f, -1.0f, 1.5f, 0.0f};
+  double z = 0;
+  for (float v : x) z += std::exp(double(v));
+  SamplingParams p;
+  p.temperature = 0.f;
+  p.presence_penalty = 10.f;  // changes the choice, not the reported distribution
+  p.logprobs = 3;
+  SeqSampler s(p, {});
+  s.accept(1);
+  TokenLogprob lp;
+  int32_t t = sample(x.data(), 5, 5, s, &lp);
+  EXPECT_EQ(t, 3);
+  EXPECT_EQ(lp.token, 3);
+  EXPECT_NEAR(lp.logprob, 1.5 - std::log(z), 1e-6);
+  ASSERT_EQ(lp.top.size(), 3u);
+  EXPECT_EQ(lp.top[0].first, 1);
+  EXPECT_EQ(lp.top[1].first, 3);
+  EXPECT_EQ(lp.top[2].first, 0);
+  EXPECT_NEAR(lp.top[0].second, 2.0 - std::log(z), 1e-6);
+  // logprobs = 0: the chosen token only. -1: untouched.
+  p.logprobs = 0;
+  SeqSampler s0(p, {});
+  TokenLogprob lp0;
+  sample(x.data(), 5, 5, s0, &lp0);
+  EXPECT_EQ(lp0.token, 1);
+  EXPECT_TRUE(lp0.top.empty());
+  // Masked ids are outside the distribution: the normaliser covers ids < vocab_limit only.
+  p.logprobs = 1;
+  SeqSampler s1(p, {});
+  TokenLogprob lp1;
+  sample(x.data(), 5, 2, s1, &lp1);
+  EXPECT_NEAR(lp1.logprob, 2.0 - std::log(std::exp(0.1) + std::exp(2.0)), 1e-6);
+}
+
+TEST(Sampling, CheckParamsRejectsOutOfRange) {
+  auto bad = [](auto edit) {
+    SamplingParams p;
+    edit(p);
+    EXPECT_THROW(check_params(p, 100), Error);
+  };
+  bad([](SamplingParams& p) { p.temperature = -0.1f; });
+  bad([](SamplingParams& p) { p.top_p = 0.f; });
+  bad([](SamplingParams& p) { p.top_p = 1.5f; });
+  bad([](SamplingParams& p) { p.top_k = -2; });
+  bad([](SamplingParams& p) { p.min_p = 1.5f; });
+  bad([](SamplingParams& p) { p.repetition_penalty = 0.f; });
+  bad([](SamplingParams& p) { p.logit_bias = {{100, 1.f}}; });
+  bad([](SamplingParams& p) { p.logprobs = -2; });
+  SamplingParams ok;
+  ok.top_k = -1;
+  ok.logit_bias = {{99, -100.f}};
+  EXPECT_NO_THROW(check_params(ok, 100));
+  try {
+    SamplingParams p;
+    p.top_p = 2.f;
+    check_params(p, 100);
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("top_p"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("2"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace ds::sampling

@@ -7,6 +7,8 @@
 #include <vector>
 
 #include "server/openai.h"
+#include "text/reasoning_parser.h"
+#include "text/tool_parser.h"
 
 namespace ds::text {
 class Tokenizer;
@@ -14,27 +16,28 @@ class Tokenizer;
 
 namespace ds::server {
 
-struct ToolCallDelta {
-  int index = 0;
-  std::string id, name;  // set on a call's first delta only
-  std::string arguments; // a piece of the arguments JSON
-};
+using ds::ToolCallDelta;
 
 struct OutputEvent {
   std::string reasoning, content;
   std::vector<ToolCallDelta> tool_calls;
   bool empty() const { return reasoning.empty() && content.empty() && tool_calls.empty(); }
+  void append(OutputEvent&& o) {
+    reasoning += o.reasoning;
+    content += o.content;
+    for (auto& t : o.tool_calls) tool_calls.push_back(std::move(t));
+  }
 };
 
 class ChoiceOutput {
  public:
-  // `reasoning_active`: the prompt left the model inside <think> (thinking on), so output starts as
-  // reasoning. `parse_tools`: tools were offered and tool_choice is not "none".
-  ChoiceOutput(const text::Tokenizer& tok, const GenSpec& spec, bool reasoning_active, bool parse_tools,
+  // `reasoning`: where the prompt left the model (ReasoningStart::kDisabled for raw completions).
+  // `parse_tools`: tools were offered and tool_choice is not "none".
+  ChoiceOutput(const text::Tokenizer& tok, const GenSpec& spec, ReasoningStart reasoning, bool parse_tools,
                const nlohmann::ordered_json& tools);
   ~ChoiceOutput();
   // Text the server itself put at the start of the assistant turn (a forced tool-call opening): parsed as
-  // if generated, never sent as content.
+  // if generated; what it yields (a tool call's id and name) goes out with the next event.
   void prime(const std::string& text);
   OutputEvent feed(const std::vector<int32_t>& ids);
   OutputEvent finish();

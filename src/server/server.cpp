@@ -18,6 +18,7 @@
 #include "server/openai.h"
 #include "server/output.h"
 #include "text/chat_template.h"
+#include "text/reasoning_parser.h"
 #include "text/tokenizer.h"
 
 namespace ds::server {
@@ -189,7 +190,8 @@ class Generation {
     Runtime& rt = st_.rt;
     std::vector<std::vector<int32_t>> prompts;
     std::vector<std::string> texts;
-    bool reasoning = false, tools = false;
+    ReasoningStart reasoning = ReasoningStart::kDisabled;
+    bool tools = false;
     std::string forced;
     if (spec_.chat) {
       nlohmann::ordered_json kwargs = st_.cfg.default_chat_template_kwargs;
@@ -204,12 +206,14 @@ class Generation {
         text = rt.tmpl->render(normalize_messages(spec_.messages), tools ? spec_.tools : nlohmann::ordered_json(),
                                spec_.add_generation_prompt && !spec_.continue_final_message, kwargs);
       } catch (const Error& e) {
+        // The template's own raise_exception (e.g. "System message must be at the beginning.") is the
+        // client's error; anything else too, since the template is a pure function of the request.
         throw bad_request(std::string("chat template: ") + e.what(), "messages");
       }
-      reasoning = ends_with(text, "<think>\n");
+      reasoning = reasoning_start_for_prompt(text);
       // tool_choice required / named: start the assistant turn with the call's opening markup.
       if (tools && (spec_.tool_choice == "required" || spec_.tool_choice == "named")) {
-        if (reasoning) forced = "</think>\n\n";
+        if (reasoning == ReasoningStart::kInReasoning) forced = "</think>\n\n";
         forced += "<tool_call>\n<function=";
         if (spec_.tool_choice == "named") forced += spec_.tool_choice_name + ">\n";
         text += forced;
@@ -326,10 +330,6 @@ class Generation {
   }
 
  private:
-  static bool ends_with(const std::string& s, const std::string& suf) {
-    return s.size() >= suf.size() && s.compare(s.size() - suf.size(), suf.size(), suf) == 0;
-  }
-
   // OpenAI clients send assistant tool_calls with JSON-string arguments; Qwen's template iterates
   // arguments as a mapping. Parse them (like vLLM does) and map developer -> system.
   static nlohmann::ordered_json normalize_messages(const nlohmann::ordered_json& msgs) {

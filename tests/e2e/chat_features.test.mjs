@@ -1,0 +1,123 @@
+// Reasoning, tools, logit_bias and the dense model, through the official openai SDK.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import path from 'node:path';
+import OpenAI from 'openai';
+import { startServer, DATA } from './server.mjs';
+
+let srv, client;
+before(async () => {
+  srv = await startServer(['--max-model-len', '1024']);
+  client = new OpenAI({ baseURL: `${srv.base}/v1`, apiKey: 'unused', maxRetries: 0 });
+});
+after(async () => { assert.equal((await srv.stop()).code, 0); });
+
+const weather = {
+  type: 'function',
+  function: { name: 'get_weather', description: 'Weather in a city',
+              parameters: { type: 'object', properties: { city: { type: 'string' }, days: { type: 'integer' } },
+                            required: ['city'] } },
+};
+
+test('thinking on: output is reasoning (reasoning_content and reasoning), streamed and not', async () => {
+  const req = { model: 'tiny', messages: [{ role: 'user', content: 'Think about it' }], max_tokens: 12, temperature: 0,
+                logit_bias: { 2009: -100 } };  // never close </think>: everything stays reasoning
+  const r = await client.chat.completions.create(req);
+  const m = r.choices[0].message;
+  assert.ok(m.reasoning_content.length > 0, 'reasoning_content');
+  assert.equal(m.reasoning, m.reasoning_content);
+  assert.equal(m.content, '');
+  let streamed = '';
+  for await (const chunk of await client.chat.completions.create({ ...req, stream: true })) {
+    for (const c of chunk.choices) {
+      streamed += c.delta.reasoning_content ?? '';
+      assert.ok(!c.delta.content, 'no content while thinking');
+    }
+  }
+  assert.equal(streamed, m.reasoning_content);
+});
+
+test('</think> ends the reasoning; the rest is content', async () => {
+  // Bias </think> (2009 in the tiny vocab) to come first: the reasoning is empty and the tag itself
+  // appears in neither field; later tokens (again </think>, a non-special added token) are content.
+  const r = await client.chat.completions.create({ model: 'tiny', messages: [{ role: 'user', content: 'Hi' }],
+                                                   max_tokens: 3, temperature: 0, logit_bias: { 2009: 100 } });
+  const m = r.choices[0].message;
+  assert.equal(m.reasoning_content ?? '', '');
+  assert.equal(m.content, '</think></think>');
+});
+
+test('thinking off via chat_template_kwargs: everything is content', async () => {
+  const r = await client.chat.completions.create({ model: 'tiny', messages: [{ role: 'user', content: 'Hi' }],
+                                                   max_tokens: 8, temperature: 0,
+                                                   chat_template_kwargs: { enable_thinking: false } });
+  assert.equal(r.choices[0].message.reasoning_content, undefined);
+  assert.ok(typeof r.choices[0].message.content === 'string');
+});
+
+test('logit_bias forces a token', async () => {
+  const r = await client.completions.create({ model: 'tiny', prompt: [1, 2, 3], max_tokens: 5, temperature: 0,
+                                              logit_bias: { 300: 100 }, return_token_ids: true });
+  assert.deepEqual(r.choices[0].token_ids, [300, 300, 300, 300, 300]);
+});
+
+test('tool_choice named: a call to that function with JSON arguments, streamed as tool_calls deltas', async () => {
+  const req = { model: 'tiny', messages: [{ role: 'user', content: 'Weather in Paris?' }], tools: [weather],
+                tool_choice: { type: 'function', function: { name: 'get_weather' } }, max_tokens: 24, temperature: 0,
+                // the random model would ramble: make it close the parameter-less call at once
+                logit_bias: {} };
+  const r = await client.chat.completions.create(req);
+  const calls = r.choices[0].message.tool_calls;
+  assert.ok(calls && calls.length >= 1, JSON.stringify(r.choices[0].message));
+  assert.equal(calls[0].type, 'function');
+  assert.equal(calls[0].function.name, 'get_weather');
+  assert.match(calls[0].id, /^call_/);
+  JSON.parse(calls[0].function.arguments);  // valid JSON object text
+  assert.ok(!(r.choices[0].message.content ?? '').includes('<tool_call>'));
+  assert.ok(['tool_calls', 'length'].includes(r.choices[0].finish_reason));
+  // Streaming: the first tool-call delta carries id and name; concatenated arguments are the same JSON.
+  let name = null, id = null, args = '';
+  for await (const chunk of await client.chat.completions.create({ ...req, stream: true })) {
+    for (const c of chunk.choices)
+      for (const t of c.delta.tool_calls ?? []) {
+        if (t.id) { id = t.id; name = t.function.name; }
+        if (t.index === 0) args += t.function.arguments ?? '';
+        assert.ok(!(c.delta.content ?? '').includes('<tool_call>'));
+      }
+  }
+  assert.equal(name, 'get_weather');
+  assert.match(id, /^call_/);
+  assert.deepEqual(JSON.parse(args), JSON.parse(calls[0].function.arguments));
+});
+
+test('tool results and assistant tool calls in history render (arguments as JSON strings)', async () => {
+  const messages = [
+    { role: 'user', content: 'Weather in Paris?' },
+    { role: 'assistant', content: '', tool_calls: [{ id: 'call_1', type: 'function',
+      function: { name: 'get_weather', arguments: '{"city": "Paris", "days": 2}' } }] },
+    { role: 'tool', tool_call_id: 'call_1', content: 'sunny' },
+  ];
+  const tok = await (await fetch(`${srv.base}/tokenize`, { method: 'POST',
+    body: JSON.stringify({ messages, tools: [weather] }) })).json();
+  assert.ok(tok.count > 50);
+  const r = await client.chat.completions.create({ model: 'tiny', messages, tools: [weather], max_tokens: 4 });
+  assert.equal(r.choices.length, 1);
+});
+
+test('a template error (system message not first) is a 400 with the template\'s message', async () => {
+  await assert.rejects(client.chat.completions.create({ model: 'tiny', max_tokens: 2, messages: [
+    { role: 'user', content: 'a' }, { role: 'system', content: 'late' }] }),
+  (e) => e.status === 400 && /system message/i.test(e.message));
+});
+
+test('the dense sibling serves too', async () => {
+  const dense = await startServer(['--max-model-len', '512'], { model: path.join(DATA, 'tiny-dense/tiny-dense-int4') });
+  try {
+    const c = new OpenAI({ baseURL: `${dense.base}/v1`, apiKey: 'x', maxRetries: 0 });
+    const r = await c.chat.completions.create({ model: 'tiny', messages: [{ role: 'user', content: 'Hi' }], max_tokens: 6 });
+    assert.equal(r.object, 'chat.completion');
+    assert.ok(r.usage.completion_tokens >= 1);
+  } finally {
+    assert.equal((await dense.stop()).code, 0);
+  }
+});

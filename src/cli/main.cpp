@@ -15,6 +15,8 @@ void usage() {
                "  serve     MODEL_DIR [--host 127.0.0.1] [--port 8000] [--backend cpu|cuda] [--served-model-name NAME]\n"
                "            [--max-model-len N] [--max-num-seqs N] [--max-num-batched-tokens N] [--api-key KEY]\n"
                "            [--default-chat-template-kwargs JSON] [--chat-template FILE] [--max-queued-requests N]\n"
+               "  tokenize  --model DIR < {\"text\": ...} | {\"messages\": [...], ...}\n"
+               "  detokenize --model DIR < {\"ids\": [...], \"skip_special_tokens\": false}\n"
                "  logits    --model DIR --tokens 1,2,3 [--prefill N] [--backend cpu] --out F.safetensors\n"
                "  generate  --model DIR --tokens 1,2,3 [--max-tokens N] [--backend cpu]   (greedy)\n"
                "  mtp-logits --model DIR --tokens P --next T [--draft-steps K] --out F.safetensors\n"
@@ -31,6 +33,8 @@ int main(int argc, char** argv) {
   std::string cmd = argv[1];
   try {
     if (cmd == "serve") return ds::cli::cmd_serve(argc, argv);
+    if (cmd == "tokenize") return ds::cli::cmd_tokenize(argc, argv);
+    if (cmd == "detokenize") return ds::cli::cmd_detokenize(argc, argv);
     if (cmd == "logits") return ds::cli::cmd_logits(argc, argv);
     if (cmd == "inspect") return ds::cli::cmd_inspect(argc, argv);
     if (cmd == "generate") return ds::cli::cmd_generate(argc, argv);

@@ -17,6 +17,7 @@
 #include "server/metrics.h"
 #include "server/openai.h"
 #include "server/output.h"
+#include "server/tokenize_api.h"
 #include "text/chat_template.h"
 #include "text/reasoning_parser.h"
 #include "text/tokenizer.h"
@@ -591,43 +592,14 @@ class HttpServer {
 
   void tokenize(const httplib::Request& req, httplib::Response& res) {
     require_ready();
-    json j = parse_body(req.body);
-    std::vector<int32_t> ids;
-    if (j.contains("messages")) {
-      GenSpec g = parse_generation_request(j, true, st_.rt.defaults);
-      if (!st_.rt.tmpl) throw bad_request("this model has no chat template", "messages");
-      std::string text = st_.rt.tmpl->render(g.messages, g.tools, g.add_generation_prompt, g.chat_template_kwargs);
-      ids = st_.rt.tok->encode(text, true);
-    } else {
-      if (!j.contains("prompt") || !j["prompt"].is_string()) throw bad_request("'prompt' (a string) or 'messages' is required", "prompt");
-      ids = st_.rt.tok->encode(j["prompt"].get<std::string>(), true);
-    }
-    json out = {{"count", ids.size()}, {"max_model_len", st_.rt.max_model_len}, {"tokens", ids}};
-    if (j.value("return_token_strs", false)) {
-      json strs = json::array();
-      for (auto t : ids) strs.push_back(token_text(*st_.rt.tok, t));
-      out["token_strs"] = strs;
-    }
+    json out = tokenize_body(parse_body(req.body), *st_.rt.tok, st_.rt.tmpl.get());
+    out["max_model_len"] = st_.rt.max_model_len;
     res.set_content(wire(out), "application/json");
   }
 
   void detokenize(const httplib::Request& req, httplib::Response& res) {
     require_ready();
-    json j = parse_body(req.body);
-    if (!j.contains("tokens") || !j["tokens"].is_array()) throw bad_request("'tokens' (a list of token ids) is required", "tokens");
-    std::vector<int32_t> ids;
-    for (auto& x : j["tokens"]) {
-      if (!x.is_number_integer() || x.get<int64_t>() < 0 || x.get<int64_t>() > INT32_MAX)
-        throw bad_request("'tokens' must hold non-negative token ids, got " + wire(x), "tokens");
-      ids.push_back(int32_t(x.get<int64_t>()));
-    }
-    std::string text;
-    try {
-      text = st_.rt.tok->decode(ids, false);
-    } catch (const Error& e) {
-      throw bad_request(e.what(), "tokens");
-    }
-    res.set_content(wire(json({{"prompt", text}})), "application/json");
+    res.set_content(wire(detokenize_body(parse_body(req.body), *st_.rt.tok)), "application/json");
   }
 
   void generate(const httplib::Request& req, httplib::Response& res, bool chat) {

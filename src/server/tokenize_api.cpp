@@ -1,0 +1,66 @@
+#include "server/tokenize_api.h"
+
+#include "text/chat_template.h"
+#include "text/tokenizer.h"
+
+namespace ds::server {
+
+using json = nlohmann::ordered_json;
+
+json tokenize_body(const json& body, const text::Tokenizer& tok, const ChatTemplate* tmpl) {
+  if (!body.is_object()) throw bad_request("expected a JSON object");
+  if (body.contains("add_special_tokens") && !body["add_special_tokens"].is_boolean())
+    throw bad_request("'add_special_tokens' must be a boolean", "add_special_tokens");
+  json out = json::object();
+  std::vector<int32_t> ids;
+  if (body.contains("messages")) {
+    const json& msgs = body["messages"];
+    if (!msgs.is_array()) throw bad_request("'messages' must be a list", "messages");
+    if (!tmpl) throw bad_request("this model has no chat template", "messages");
+    json tools = body.contains("tools") ? body["tools"] : json();
+    if (!tools.is_null() && !tools.is_array()) throw bad_request("'tools' must be a list", "tools");
+    bool agp = body.value("add_generation_prompt", true);
+    json kwargs = body.contains("chat_template_kwargs") ? body["chat_template_kwargs"] : json::object();
+    if (!kwargs.is_object()) throw bad_request("'chat_template_kwargs' must be an object", "chat_template_kwargs");
+    std::string text;
+    try {
+      text = tmpl->render(msgs, tools, agp, kwargs);
+    } catch (const Error& e) {
+      throw bad_request(std::string("chat template: ") + e.what(), "messages");
+    }
+    ids = tok.encode(text, true);
+    out["prompt"] = text;
+  } else {
+    const char* key = body.contains("text") ? "text" : "prompt";
+    if (!body.contains(key) || !body[key].is_string())
+      throw bad_request("expected 'text' (or 'prompt'), a string, or 'messages'", key);
+    ids = tok.encode(body[key].get<std::string>(), true);
+  }
+  out["ids"] = ids;
+  out["tokens"] = ids;
+  out["count"] = ids.size();
+  return out;
+}
+
+json detokenize_body(const json& body, const text::Tokenizer& tok) {
+  if (!body.is_object()) throw bad_request("expected a JSON object");
+  const char* key = body.contains("ids") ? "ids" : "tokens";
+  if (!body.contains(key) || !body[key].is_array()) throw bad_request("expected 'ids' (or 'tokens'), a list of token ids", key);
+  std::vector<int32_t> ids;
+  for (auto& x : body[key]) {
+    if (!x.is_number_integer() || x.get<int64_t>() < 0 || x.get<int64_t>() > INT32_MAX)
+      throw bad_request("'" + std::string(key) + "' must hold non-negative token ids, got " + x.dump(), key);
+    ids.push_back(int32_t(x.get<int64_t>()));
+  }
+  if (body.contains("skip_special_tokens") && !body["skip_special_tokens"].is_boolean())
+    throw bad_request("'skip_special_tokens' must be a boolean", "skip_special_tokens");
+  std::string text;
+  try {
+    text = tok.decode(ids, body.value("skip_special_tokens", false));
+  } catch (const Error& e) {
+    throw bad_request(e.what(), key);
+  }
+  return {{"text", text}, {"prompt", text}};
+}
+
+}  // namespace ds::server

@@ -4,6 +4,7 @@
 #include <array>
 #include <cstdio>
 #include <fstream>
+#include <unistd.h>
 
 #include "golden_util.h"
 
@@ -16,7 +17,9 @@ struct Out {
 };
 
 Out run(const std::string& cmd, const std::string& input) {
-  std::string in = testing::TempDir() + "ds_text_cli_in.json";
+  // ctest runs tests in parallel processes: one input file per process and call.
+  static int counter = 0;
+  std::string in = testing::TempDir() + "ds_text_cli_in_" + std::to_string(getpid()) + "_" + std::to_string(counter++) + ".json";
   std::ofstream(in) << input;
   FILE* p = popen((std::string(DS_BINARY) + " " + cmd + " < " + in).c_str(), "r");
   std::string out;
@@ -24,6 +27,7 @@ Out run(const std::string& cmd, const std::string& input) {
   size_t n;
   while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
   int st = pclose(p);
+  std::remove(in.c_str());
   return {WEXITSTATUS(st), nlohmann::json::parse(out, nullptr, false)};
 }
 

@@ -7,6 +7,7 @@
 #pragma once
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -65,6 +66,10 @@ struct BatchMeta {
   std::vector<Seq> seqs;
   std::vector<int32_t> tokens;        // [T]
   std::vector<int32_t> positions;     // [3, T]: mRoPE t/h/w rows (identical for text)
+  // Input-embedding rows replaced before layer 0 (image features at <|image_pad|> rows): row embed_rows[i]
+  // of the embedding ← row i of embed_src (act dtype [len(embed_rows), H]). Set by whoever builds the batch.
+  std::vector<int32_t> embed_rows;
+  Tensor embed_src;
   int64_t num_tokens() const { return int64_t(tokens.size()); }
   std::shared_ptr<void> device;       // backend-private mirror
 };
@@ -103,6 +108,23 @@ class Backend {
                                const std::vector<LinearSource>& down) = 0;
 
   virtual void prepare_batch(BatchMeta& b) {}
+
+  // ---- step capture (optional; the CUDA backend records CUDA graphs) ----
+  // Between step_begin() and step_end(), temporaries (alloc and the backend's own scratch) come from a per-step
+  // arena that step_begin() resets, so a step allocates nothing and its addresses repeat from step to step. alloc
+  // still zero-fills; arena memory stays valid until the next step_begin(). Call prepare_batch inside the step.
+  // graph_run(key, fn), inside a step: the first call for `key` runs fn eagerly (warm-up), the second records fn
+  // and replays the recording, later calls replay it without calling fn. Returns whether fn was called. Inputs
+  // that change between replays must live in device memory the recording reads (prepare_batch's mirror does,
+  // once prepared outside the recording). Defaults: no arena, fn runs every time.
+  // The stream all ops run on (cudaStream_t on CUDA; null elsewhere), for tools that time ops with device events.
+  virtual void* stream_handle() const { return nullptr; }
+  virtual void step_begin() {}
+  virtual void step_end() {}
+  virtual bool graph_run(const std::string& key, const std::function<void()>& fn) {
+    fn();
+    return true;
+  }
 
   // ---- ops ----
   // out [T, H] = table[ids]; table is [V, H] (device, act dtype)
@@ -149,6 +171,44 @@ class Backend {
 
   // out [R, H] = x[rows[i]]
   virtual void gather_rows(const Tensor& x, const std::vector<int32_t>& rows, Tensor& out) = 0;
+
+  // ==== vision tower (model/vision.cpp, model-spec §5.3) ====================================================
+  // D vision hidden, P patches of all images back to back, Nh/Dh vision heads. Each op has a default that
+  // throws, so a backend can grow them one at a time; the CPU backend implements all (backend/cpu/vision_ops.cpp).
+
+  // y [R, D] = (x − mean) / sqrt(var + eps) · w + b, biased variance over D (torch LayerNorm); w, b fp32 [D].
+  virtual void layernorm(const Tensor& x, const Tensor& w, const Tensor& b, float eps, Tensor& y) {
+    unsupported("layernorm");
+  }
+  // x [R, N] += bias [N] (fp32): the bias of a Linear.
+  virtual void add_bias(Tensor& x, const Tensor& bias) { unsupported("add_bias"); }
+  // y = gelu(x), elementwise: tanh approximation (gelu_pytorch_tanh) if `tanh_approx`, else exact erf form.
+  virtual void gelu(const Tensor& x, bool tanh_approx, Tensor& y) { unsupported("gelu"); }
+  // x [R, D] += Σ_j w[r·J + j] · table[idx[r·J + j]], J = idx.size() / R (bilinear position embedding: J = 4).
+  virtual void embed_bilinear_add(Tensor& x, const Tensor& table, const std::vector<int32_t>& idx,
+                                  const std::vector<float>& w) {
+    unsupported("embed_bilinear_add");
+  }
+  // 2-D rotary embedding, in place on the q and k parts of qkv [P, 3·Nh·Dh] (rows q | k | v, head-major).
+  // pos [2, P]: row then column of each patch. With half = Dh/2 and f[j] = theta^(−2j/half), j < half/2:
+  // angle[i] = row·f[i] for i < half/2, col·f[i − half/2] otherwise; NeoX pairs (i, i + half).
+  virtual void vision_rope(Tensor& qkv, int64_t Nh, int64_t Dh, const std::vector<int32_t>& pos, double theta) {
+    unsupported("vision_rope");
+  }
+  // o [P, Nh·Dh] = softmax(q·kᵀ / sqrt(Dh))·v, bidirectional, each row attending only to rows of its own
+  // segment [cu_seqlens[s], cu_seqlens[s+1]) (one image, or one temporal group of a video).
+  virtual void vision_attention(const Tensor& qkv, int64_t Nh, int64_t Dh, const std::vector<int32_t>& cu_seqlens,
+                                Tensor& o) {
+    unsupported("vision_attention");
+  }
+  // x[rows[i]] = src[i] (x [T, H], src [R, H]): vision features into the placeholder rows of the embedding.
+  virtual void scatter_rows(Tensor& x, const std::vector<int32_t>& rows, const Tensor& src) {
+    unsupported("scatter_rows");
+  }
+
+ protected:
+  [[noreturn]] void unsupported(const char* op) const { fail(op, ": not implemented on backend ", name()); }
+  // ==== end of vision tower ops ================================================================================
 };
 
 std::unique_ptr<Backend> make_cpu_backend();

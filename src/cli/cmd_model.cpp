@@ -9,6 +9,7 @@
 #include "io/safetensors.h"
 #include "model/model.h"
 #include "runtime/cache.h"
+#include "vision/preprocess.h"
 
 namespace ds::cli {
 
@@ -35,9 +36,19 @@ std::vector<int32_t> parse_token_list(const std::string& s) {
 
 namespace {
 
+// Images of one prompt, ready for the forward pass: the vision features and where they go.
+struct PromptImages {
+  Tensor features;                  // act dtype [R, H]: one row per expanded <|image_pad|> token
+  std::vector<int32_t> rows;        // their rows in the expanded prompt
+  std::vector<int32_t> positions;   // mRoPE [3, T] of the whole expanded prompt
+  int64_t rope_delta = 0;
+};
+
 // Runs `tokens` through one sequence: the first `prefill` tokens in one call, the rest one at a time.
-// Returns fp32 logits [T, V] for every position.
-std::vector<float> run_logits(model::Model& m, const std::vector<int32_t>& tokens, int64_t prefill) {
+// Returns fp32 logits [T, V] for every position. With `img`, image features replace the placeholder rows
+// of whichever call holds them, and positions are the prompt's mRoPE positions.
+std::vector<float> run_logits(model::Model& m, const std::vector<int32_t>& tokens, int64_t prefill,
+                              const PromptImages* img = nullptr) {
   const int64_t T = int64_t(tokens.size()), V = m.config().text.vocab_size, bs = 16;
   runtime::CacheManager cm(m, (T + bs - 1) / bs + 1, bs, 1);
   runtime::SeqCache seq;
@@ -50,6 +61,20 @@ std::vector<float> run_logits(model::Model& m, const std::vector<int32_t>& token
     std::vector<int32_t> chunk(tokens.begin() + pos, tokens.begin() + pos + n);
     if (!cm.reserve(seq, n)) fail("internal: KV pool too small");
     BatchMeta b = runtime::make_batch({{&seq, chunk}});
+    if (img) {
+      for (int r = 0; r < 3; ++r)
+        for (int64_t i = 0; i < n; ++i) b.positions[size_t(r * n + i)] = img->positions[size_t(r * T + pos + i)];
+      std::vector<int32_t> src;
+      for (size_t k = 0; k < img->rows.size(); ++k)
+        if (img->rows[k] >= pos && img->rows[k] < pos + n) {
+          b.embed_rows.push_back(int32_t(img->rows[k] - pos));
+          src.push_back(int32_t(k));
+        }
+      if (!src.empty()) {
+        b.embed_src = m.backend().alloc(m.backend().act_dtype(), {int64_t(src.size()), img->features.dim(1)});
+        m.backend().gather_rows(img->features, src, b.embed_src);
+      }
+    }
     std::vector<int32_t> rows(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i) rows[i] = int32_t(i);
     Tensor logits = m.forward(b, cm.caches(), rows);
@@ -61,22 +86,70 @@ std::vector<float> run_logits(model::Model& m, const std::vector<int32_t>& token
   return out;
 }
 
+// --image FILE...: preprocess, run the vision tower, expand each <|image_pad|> of `tokens` in place.
+PromptImages prepare_images(model::Model& m, const std::string& model_dir, const std::vector<std::string>& files,
+                            std::vector<int32_t>& tokens) {
+  const auto& cfg = m.config();
+  if (!m.has_vision()) fail(model_dir, ": --image needs a vision tower, but the checkpoint has none");
+  if (cfg.image_token_id < 0) fail(model_dir, ": config.json has no image_token_id");
+  const auto pcfg = vision::load_preprocess_config(model_dir);
+  if (pcfg.merge_size != cfg.vision.spatial_merge_size || pcfg.patch_size != cfg.vision.patch_size ||
+      pcfg.temporal_patch_size != cfg.vision.temporal_patch_size)
+    fail(model_dir, ": preprocessor_config.json (patch ", pcfg.patch_size, ", temporal ", pcfg.temporal_patch_size,
+         ", merge ", pcfg.merge_size, ") disagrees with vision_config (patch ", cfg.vision.patch_size, ", temporal ",
+         cfg.vision.temporal_patch_size, ", merge ", cfg.vision.spatial_merge_size, ")");
+  vision::SourcePolicy policy;
+  policy.allow_any_file = true;  // the command line names its own files
+  std::vector<float> pixels;
+  std::vector<vision::ImageGrid> grids;
+  std::vector<std::array<int64_t, 3>> thw;
+  for (auto& f : files) {
+    auto pv = vision::preprocess_image(vision::load_image(f, policy), pcfg);
+    pixels.insert(pixels.end(), pv.data.begin(), pv.data.end());
+    grids.push_back(pv.grid);
+    thw.push_back({pv.grid.t, pv.grid.h, pv.grid.w});
+    std::fprintf(stderr, "image %s: grid [%lld, %lld, %lld], %lld tokens\n", f.c_str(), (long long)pv.grid.t,
+                 (long long)pv.grid.h, (long long)pv.grid.w, (long long)pv.grid.tokens(pcfg.merge_size));
+  }
+  const int32_t pad = int32_t(cfg.image_token_id);
+  tokens = vision::expand_image_placeholders(tokens, pad, grids, pcfg.merge_size);
+  PromptImages img;
+  auto mp = vision::mrope_positions(tokens, pad, grids, pcfg.merge_size);
+  img.positions = std::move(mp.pos);
+  img.rope_delta = mp.rope_delta;
+  for (size_t i = 0; i < tokens.size(); ++i)
+    if (tokens[i] == pad) img.rows.push_back(int32_t(i));
+  img.features = m.encode_images(pixels, thw);
+  return img;
+}
+
 }  // namespace
 
 int cmd_logits(int argc, char** argv) {
   Args a(argc, argv, 2);
   auto tokens = parse_token_list(a.require("tokens"));
-  const int64_t T = int64_t(tokens.size());
-  int64_t prefill = a.get_int("prefill", T);
-  if (prefill < 1 || prefill > T) fail("--prefill: expected 1..", T, " (the number of tokens), got ", prefill);
   std::string out = a.require("out");
+  auto images = a.get_all("image");
   auto be = make_backend(a.get("backend", "cpu"));
   auto m = model::Model::load(a.model_dir(), *be);
   const int64_t V = m->config().text.vocab_size;
   for (auto t : tokens)
     if (t >= V) fail("--tokens: id ", t, " is outside the model's vocabulary [0, ", V, ")");
-  auto logits = run_logits(*m, tokens, prefill);
-  io::safetensors_write(out, {{"logits", DType::F32, {T, V}, logits.data()}});
+  PromptImages img;
+  if (!images.empty()) img = prepare_images(*m, a.model_dir(), images, tokens);
+  const int64_t T = int64_t(tokens.size());
+  int64_t prefill = a.get_int("prefill", T);
+  if (prefill < 1 || prefill > T) fail("--prefill: expected 1..", T, " (the number of tokens), got ", prefill);
+  auto logits = run_logits(*m, tokens, prefill, images.empty() ? nullptr : &img);
+  std::vector<io::TensorOut> outs = {{"logits", DType::F32, {T, V}, logits.data()}};
+  std::vector<float> feats;
+  std::vector<int32_t> pos = img.positions;
+  if (!images.empty()) {
+    feats = be->to_host_f32(img.features);
+    outs.push_back({"image_features", DType::F32, img.features.shape, feats.data()});
+    outs.push_back({"position_ids", DType::I32, {3, T}, pos.data()});
+  }
+  io::safetensors_write(out, outs);
   std::fprintf(stderr, "wrote %s: logits [%lld, %lld]\n", out.c_str(), (long long)T, (long long)V);
   return 0;
 }

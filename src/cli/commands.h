@@ -8,4 +8,5 @@ int cmd_make_random_checkpoint(int argc, char** argv);
 int cmd_serve(int argc, char** argv);
 int cmd_tokenize(int argc, char** argv);
 int cmd_detokenize(int argc, char** argv);
+int cmd_bench(int argc, char** argv);
 }  // namespace ds::cli

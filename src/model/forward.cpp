@@ -3,7 +3,8 @@
 
 namespace ds::model {
 
-Tensor Model::forward(BatchMeta& b, ModelCaches& caches, const std::vector<int32_t>& logit_rows, Tensor* hidden_out) {
+Tensor Model::forward(BatchMeta& b, ModelCaches& caches, const std::vector<int32_t>& logit_rows, Tensor* hidden_out,
+                      const std::vector<int32_t>* hidden_rows) {
   const auto& t = cfg_.text;
   const int64_t T = b.num_tokens(), H = t.hidden_size;
   const float eps = float(t.rms_norm_eps);
@@ -12,6 +13,7 @@ Tensor Model::forward(BatchMeta& b, ModelCaches& caches, const std::vector<int32
 
   Tensor x = be_.alloc(act, {T, H});  // residual stream
   be_.embed(w_.embed, b, x);
+  if (!b.embed_rows.empty()) be_.scatter_rows(x, b.embed_rows, b.embed_src);  // image features
   for (size_t L = 0; L < w_.layers.size(); ++L)
     x = decoder_layer(w_.layers[L], x, b, caches, &caches.kv[L], &caches.state[L]);
   const int64_t R = int64_t(logit_rows.size());
@@ -21,7 +23,14 @@ Tensor Model::forward(BatchMeta& b, ModelCaches& caches, const std::vector<int32
   be_.rmsnorm(last, w_.final_norm, eps, hf);
   Tensor logits = be_.alloc(DType::F32, {R, t.vocab_size});
   be_.linear(hf, w_.lm_head, logits);
-  if (hidden_out) *hidden_out = hf;
+  if (hidden_out && hidden_rows) {
+    Tensor hr = be_.alloc(act, {int64_t(hidden_rows->size()), H});
+    be_.gather_rows(x, *hidden_rows, hr);
+    *hidden_out = be_.alloc(act, {int64_t(hidden_rows->size()), H});
+    be_.rmsnorm(hr, w_.final_norm, eps, *hidden_out);
+  } else if (hidden_out) {
+    *hidden_out = hf;
+  }
   return logits;
 }
 
@@ -90,6 +99,16 @@ ModelCaches Model::alloc_caches(int64_t num_blocks, int64_t block_size, int64_t 
     c.mtp_kv.v = be_.alloc(be_.act_dtype(), {num_blocks, block_size, t.num_kv_heads, t.head_dim});
   }
   return c;
+}
+
+void Model::copy_slot(ModelCaches& c, int32_t dst, int32_t src) {
+  if (dst == src) return;
+  for (auto& s : c.state) {
+    if (!s.conv.defined() || s.conv.numel() == 0) continue;
+    Tensor cd = s.conv.rows(dst, dst + 1), sd = s.ssm.rows(dst, dst + 1);
+    be_.copy(cd, s.conv.rows(src, src + 1));
+    be_.copy(sd, s.ssm.rows(src, src + 1));
+  }
 }
 
 void Model::reset_slot(ModelCaches& c, int32_t slot) {

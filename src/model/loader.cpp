@@ -1,6 +1,7 @@
 // Checkpoint names -> Weights: both expert layouts (fused BF16, per-expert BF16 or int4), int4 or BF16
 // per module as quantization_config decides, strict about every tensor.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "core/status.h"
@@ -246,6 +247,51 @@ class Loader {
     m.present = true;
   }
 
+  // model.visual.* (model-spec §2.2 "Vision"): always high precision; LayerNorms keep plain w and b.
+  void load_vision(VisionWeights& v) {
+    const auto& vc = cfg_.vision;
+    const std::string p = "model.visual.";
+    const int64_t D = vc.hidden_size, I = vc.intermediate_size, C = vc.in_channels, Tp = vc.temporal_patch_size,
+                  ps = vc.patch_size, m2 = vc.spatial_merge_size * vc.spatial_merge_size, O = vc.out_hidden_size;
+    if (vc.num_heads <= 0 || D % vc.num_heads != 0 || (D / vc.num_heads) % 4 != 0)
+      fail("config: vision hidden_size ", D, " / num_heads ", vc.num_heads, " must give a head dim divisible by 4");
+    if (O != cfg_.text.hidden_size)
+      fail("config: vision out_hidden_size ", O, " must equal the text hidden_size ", cfg_.text.hidden_size);
+    const int64_t side = int64_t(std::llround(std::sqrt(double(vc.num_position_embeddings))));
+    if (side * side != vc.num_position_embeddings)
+      fail("config: vision num_position_embeddings ", vc.num_position_embeddings, " is not a square grid");
+    auto lin_b = [&](const std::string& mod, int64_t N, int64_t K, Linear& w, Tensor& b) {
+      w = linear(mod, N, K);
+      b = vec(mod + ".bias", {N});
+    };
+    // Conv3d weight [D, C, Tp, ps, ps] is a Linear [D, C·Tp·ps·ps] over the same flattening as the patches.
+    auto& pw = tensor(p + "patch_embed.proj.weight", {D, C, Tp, ps, ps});
+    v.patch = be_.make_linear({dense_src(pw, D, C * Tp * ps * ps, pw.name)});
+    ++rep_.bf16_linears;
+    v.patch_b = vec(p + "patch_embed.proj.bias", {D});
+    auto& pe = tensor(p + "pos_embed.weight", {side * side, D});
+    v.pos_embed = be_.upload_f32(f32(pe), {side * side, D}, be_.act_dtype());
+    v.pos_side = side;
+    v.blocks.resize(size_t(vc.depth));
+    for (int64_t i = 0; i < vc.depth; ++i) {
+      auto& b = v.blocks[size_t(i)];
+      const std::string bp = p + "blocks." + std::to_string(i) + ".";
+      b.norm1_w = vec(bp + "norm1.weight", {D});
+      b.norm1_b = vec(bp + "norm1.bias", {D});
+      b.norm2_w = vec(bp + "norm2.weight", {D});
+      b.norm2_b = vec(bp + "norm2.bias", {D});
+      lin_b(bp + "attn.qkv", 3 * D, D, b.qkv, b.qkv_b);
+      lin_b(bp + "attn.proj", D, D, b.proj, b.proj_b);
+      lin_b(bp + "mlp.linear_fc1", I, D, b.fc1, b.fc1_b);
+      lin_b(bp + "mlp.linear_fc2", D, I, b.fc2, b.fc2_b);
+    }
+    v.merger_norm_w = vec(p + "merger.norm.weight", {D});
+    v.merger_norm_b = vec(p + "merger.norm.bias", {D});
+    lin_b(p + "merger.linear_fc1", m2 * D, m2 * D, v.merger_fc1, v.merger_fc1_b);
+    lin_b(p + "merger.linear_fc2", O, m2 * D, v.merger_fc2, v.merger_fc2_b);
+    v.present = true;
+  }
+
   void load(Weights& w) {
     const auto& t = cfg_.text;
     const int64_t H = t.hidden_size, V = t.vocab_size;
@@ -316,6 +362,8 @@ std::unique_ptr<Model> Model::load_index(io::ModelConfig cfg, io::TensorIndex& i
   Loader loader(m->cfg_, idx, be, rep);
   loader.load(m->w_);
   if (opts.mtp && m->cfg_.text.mtp_num_hidden_layers > 0 && idx.has("mtp.fc.weight")) loader.load_mtp(m->w_.mtp);
+  if (opts.vision && m->cfg_.vision.present && idx.has("model.visual.patch_embed.proj.weight"))
+    loader.load_vision(m->w_.vision);
   std::vector<std::string> unknown;
   for (auto& n : idx.unused()) {
     if (n.rfind("mtp.", 0) == 0 || n.rfind("model.visual.", 0) == 0 || n.rfind("visual.", 0) == 0)

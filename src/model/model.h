@@ -1,5 +1,7 @@
 // The text model: weights laid out on a backend, and forward() written once over backend ops.
 #pragma once
+#include <array>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -52,8 +54,28 @@ struct MtpWeights {
   LayerWeights layer;              // mtp.layers.0 (full attention + FFN)
 };
 
+// Vision tower (model-spec §5.3, model/vision.cpp). Linear biases fp32 [N]; LayerNorm weight/bias fp32 [D].
+struct VisionBlockWeights {
+  Tensor norm1_w, norm1_b, norm2_w, norm2_b;
+  Linear qkv, proj, fc1, fc2;  // [3·D, D], [D, D], [I, D], [D, I]
+  Tensor qkv_b, proj_b, fc1_b, fc2_b;
+};
+
+struct VisionWeights {
+  bool present = false;
+  Linear patch;          // Conv3d(3→D, k = s = (Tp, ps, ps)) as a Linear [D, 3·Tp·ps·ps]
+  Tensor patch_b;
+  Tensor pos_embed;      // act dtype [side², D], row-major learned grid
+  int64_t pos_side = 0;  // sqrt(num_position_embeddings)
+  std::vector<VisionBlockWeights> blocks;
+  Tensor merger_norm_w, merger_norm_b;       // [D]
+  Linear merger_fc1, merger_fc2;             // [4D, 4D], [out, 4D]
+  Tensor merger_fc1_b, merger_fc2_b;
+};
+
 struct Weights {
   MtpWeights mtp;
+  VisionWeights vision;
   Tensor embed;       // act dtype [V, H]
   Tensor final_norm;  // fp32 [H], (1 + w) folded
   Linear lm_head;     // [V, H]
@@ -68,7 +90,8 @@ struct ModelCaches {
 };
 
 struct LoadOptions {
-  bool mtp = true;  // load the MTP head when the checkpoint has one
+  bool mtp = true;     // load the MTP head when the checkpoint has one
+  bool vision = true;  // load the vision tower when the checkpoint has one (model.visual.*)
 };
 
 struct LoadReport {
@@ -91,6 +114,12 @@ class Model {
   static std::unique_ptr<Model> load_random(const io::ModelConfig& cfg, Backend& be, uint64_t seed, bool int4 = true,
                                             LoadOptions opts = {});
   bool has_mtp() const { return w_.mtp.present; }
+  bool has_vision() const { return w_.vision.present; }
+
+  // Vision tower over images laid out back to back (model/vision.cpp). pixel_values fp32 host
+  // [Σ t·h·w, 3·Tp·ps·ps] in merge-block-major row order; grids_thw[i] = {t, h, w} in patches of image i.
+  // Returns act-dtype features [Σ t·(h/2)·(w/2), text hidden]: one row per LLM placeholder token, in order.
+  Tensor encode_images(const std::vector<float>& pixel_values, const std::vector<std::array<int64_t, 3>>& grids_thw);
 
   const io::ModelConfig& config() const { return cfg_; }
   Backend& backend() { return be_; }
@@ -100,10 +129,23 @@ class Model {
   // Zeroes slot `slot` of every DeltaNet layer (a fresh sequence starts from zero state).
   void reset_slot(ModelCaches& c, int32_t slot);
 
+  // Copies DeltaNet slot `src` onto slot `dst` in every linear-attention layer (conv window + recurrent state),
+  // device to device: speculative decoding snapshots a sequence's state before a verify it may have to undo.
+  void copy_slot(ModelCaches& c, int32_t dst, int32_t src);
+
   // Runs the batch through every layer and returns fp32 logits [R, V] for token rows `logit_rows`.
-  // If `hidden_out` is given it receives the final-norm hidden states of those rows [R, H].
+  // If `hidden_out` is given it receives the final-norm hidden states [Rh, H] of rows `hidden_rows`, or of
+  // the logit rows when `hidden_rows` is null (MTP drafting wants the hiddens of every verified row, the
+  // logits of fewer).
   Tensor forward(BatchMeta& b, ModelCaches& caches, const std::vector<int32_t>& logit_rows,
-                 Tensor* hidden_out = nullptr);
+                 Tensor* hidden_out = nullptr, const std::vector<int32_t>* hidden_rows = nullptr);
+
+  // forward() recorded once per batch shape and replayed (Backend::graph_run; CUDA graphs on CUDA): for decode
+  // steps, whose kernels depend only on the number of tokens and sequences. The returned logits live in the
+  // backend's step arena: valid until the next forward/forward_graphed call. `b` must not change shape between
+  // calls with the same key (tokens, positions, context lengths and block ids may). Backends without graphs run
+  // forward() each time.
+  Tensor forward_graphed(BatchMeta& b, ModelCaches& caches, const std::vector<int32_t>& logit_rows);
 
   // MTP head over a batch whose tokens are the *next* tokens y_j and whose positions are those of the
   // hidden states' tokens; `hidden` [T, H] are main-model final-norm hiddens (or the MTP's own previous
@@ -123,6 +165,7 @@ class Model {
   Backend& be_;
   Weights w_;
   RopeParams rope_;
+  std::map<std::string, Tensor> graph_logits_;  // forward_graphed: output of each recorded shape
 };
 
 }  // namespace ds::model

@@ -262,7 +262,16 @@ TEST(Loader, SingleFileCheckpointLoadsAndDeclaresUnusedParts) {
   model::LoadReport rep;
   auto m = model::Model::load(dir, *be, &rep);
   EXPECT_GT(rep.int4_linears, 0);
-  EXPECT_GT(rep.not_yet_used.size(), 0u);  // mtp.* and model.visual.* are declared, not yet run
+  EXPECT_TRUE(rep.not_yet_used.empty());  // text, MTP and vision: every tensor is consumed
+  EXPECT_TRUE(m->has_mtp());
+  // Parts left out on request are declared, not an error.
+  model::LoadReport rep2;
+  model::LoadOptions no_extras;
+  no_extras.mtp = false;
+  no_extras.vision = false;
+  auto m2 = model::Model::load(dir, *be, &rep2, no_extras);
+  EXPECT_GT(rep2.not_yet_used.size(), 0u);
+  EXPECT_FALSE(m2->has_mtp());
 }
 
 TEST(Loader, StrictAboutEveryTensor) {

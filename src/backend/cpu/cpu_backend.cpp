@@ -392,6 +392,26 @@ class CpuBackend final : public Backend {
     for (size_t i = 0; i < rows.size(); ++i)
       std::memcpy(out.ptr<float>() + int64_t(i) * H, x.ptr<float>() + int64_t(rows[i]) * H, size_t(H) * 4);
   }
+
+  // ---- vision tower: backend/cpu/vision_ops.cpp ----
+  void layernorm(const Tensor& x, const Tensor& w, const Tensor& b, float eps, Tensor& y) override {
+    cpu::layernorm(x, w, b, eps, y);
+  }
+  void add_bias(Tensor& x, const Tensor& bias) override { cpu::add_bias(x, bias); }
+  void gelu(const Tensor& x, bool tanh_approx, Tensor& y) override { cpu::gelu(x, tanh_approx, y); }
+  void embed_bilinear_add(Tensor& x, const Tensor& table, const std::vector<int32_t>& idx,
+                          const std::vector<float>& w) override {
+    cpu::embed_bilinear_add(x, table, idx, w);
+  }
+  void vision_rope(Tensor& qkv, int64_t Nh, int64_t Dh, const std::vector<int32_t>& pos, double theta) override {
+    cpu::vision_rope(qkv, Nh, Dh, pos, theta);
+  }
+  void vision_attention(const Tensor& qkv, int64_t Nh, int64_t Dh, const std::vector<int32_t>& cu, Tensor& o) override {
+    cpu::vision_attention(qkv, Nh, Dh, cu, o);
+  }
+  void scatter_rows(Tensor& x, const std::vector<int32_t>& rows, const Tensor& src) override {
+    cpu::scatter_rows(x, rows, src);
+  }
 };
 
 }  // namespace

@@ -28,4 +28,13 @@ void gdr_recurrent(const float* q, const float* k, const float* v, const float* 
 void gdr_chunked(const float* q, const float* k, const float* v, const float* g, const float* beta, int64_t L,
                  int64_t Dk, int64_t Dv, int64_t chunk, float* S, float* o);
 
+// Vision tower ops (backend/cpu/vision_ops.cpp); the CpuBackend methods of the same names call these.
+void layernorm(const Tensor& x, const Tensor& w, const Tensor& b, float eps, Tensor& y);
+void add_bias(Tensor& x, const Tensor& bias);
+void gelu(const Tensor& x, bool tanh_approx, Tensor& y);
+void embed_bilinear_add(Tensor& x, const Tensor& table, const std::vector<int32_t>& idx, const std::vector<float>& w);
+void vision_rope(Tensor& qkv, int64_t Nh, int64_t Dh, const std::vector<int32_t>& pos, double theta);
+void vision_attention(const Tensor& qkv, int64_t Nh, int64_t Dh, const std::vector<int32_t>& cu_seqlens, Tensor& o);
+void scatter_rows(Tensor& x, const std::vector<int32_t>& rows, const Tensor& src);
+
 }  // namespace ds::cpu

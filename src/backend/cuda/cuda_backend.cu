@@ -7,8 +7,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <map>
+#include <thread>
+#include <tuple>
+#include <vector>
 #include <string>
 
 #include "backend/ops.h"
@@ -531,6 +535,116 @@ __global__ void k_int4_gemv(Int4View W, const __nv_bfloat16* x, int64_t M, void*
   }
 }
 
+// Split-context decode attention (T ≤ 64): one block per (token, kv head, split); its warps are the q heads of
+// the group, so each K/V row is fetched from memory once for the whole group (the other warps hit L1). Each
+// split covers ceil(n_ctx / S) positions, computed on the device from the context length, so a recorded graph
+// stays valid as sequences grow. Each lane owns DPL = Dh/32 contiguous dims (one 16-byte load at Dh = 256).
+// Partials (m, l, acc[Dh]) go to part [T, Nh, S, Dh + 2] fp32; k_attn_merge combines them.
+template <int DPL>
+__device__ __forceinline__ void load_dpl(const __nv_bfloat16* p, float* out) {
+  if constexpr (DPL == 8) {
+    load8(p, out);
+  } else if constexpr (DPL == 4) {
+    const uint2 u = *reinterpret_cast<const uint2*>(p);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+    float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
+    out[0] = a.x, out[1] = a.y, out[2] = b.x, out[3] = b.y;
+  } else {
+    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+    out[0] = a.x, out[1] = a.y;
+  }
+}
+template <int DPL>
+__global__ void k_attn_split(const __nv_bfloat16* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc, int64_t Nh,
+                             int64_t Nkv, int64_t bs, const int32_t* seq_of, const int32_t* seqinfo,
+                             const int32_t* blocks, int maxb, float scale, int S, float* part) {
+  constexpr int Dh = DPL * 32;
+  const int64_t t = blockIdx.x, g = blockIdx.y;
+  const int split = blockIdx.z;
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  const int64_t group = Nh / Nkv, h = g * group + w, row = Nkv * Dh;
+  if (w >= group) return;
+  const int s = seq_of[t];
+  const int64_t n_ctx = seqinfo[s * 4 + 2] + (t - seqinfo[s * 4 + 0]) + 1;
+  const int64_t chunk = (n_ctx + S - 1) / S, p0 = split * chunk, p1 = min(n_ctx, p0 + chunk);
+  const int32_t* bt = blocks + int64_t(s) * maxb;
+  float qr[DPL], acc[DPL];
+  load_dpl<DPL>(q + (t * Nh + h) * Dh + lane * DPL, qr);
+#pragma unroll
+  for (int j = 0; j < DPL; ++j) {
+    qr[j] *= scale;
+    acc[j] = 0.f;
+  }
+  float m = -INFINITY, l = 0.f;
+  int64_t p = p0;
+  for (; p + 1 < p1; p += 2) {  // two positions per iteration: four 16-byte loads in flight per lane
+    const int64_t o0 = (int64_t(bt[p / bs]) * bs + p % bs) * row + g * Dh + lane * DPL;
+    const int64_t o1 = (int64_t(bt[(p + 1) / bs]) * bs + (p + 1) % bs) * row + g * Dh + lane * DPL;
+    float k0[DPL], k1[DPL], v0[DPL], v1[DPL];
+    load_dpl<DPL>(kc + o0, k0);
+    load_dpl<DPL>(kc + o1, k1);
+    load_dpl<DPL>(vc + o0, v0);
+    load_dpl<DPL>(vc + o1, v1);
+    float d0 = 0.f, d1 = 0.f;
+#pragma unroll
+    for (int j = 0; j < DPL; ++j) {
+      d0 += qr[j] * k0[j];
+      d1 += qr[j] * k1[j];
+    }
+    d0 = warp_sum(d0);
+    d1 = warp_sum(d1);
+    const float mn = fmaxf(m, fmaxf(d0, d1));
+    const float corr = expf(m - mn), e0 = expf(d0 - mn), e1 = expf(d1 - mn);
+    l = l * corr + e0 + e1;
+#pragma unroll
+    for (int j = 0; j < DPL; ++j) acc[j] = acc[j] * corr + e0 * v0[j] + e1 * v1[j];
+    m = mn;
+  }
+  if (p < p1) {
+    const int64_t o0 = (int64_t(bt[p / bs]) * bs + p % bs) * row + g * Dh + lane * DPL;
+    float k0[DPL], v0[DPL];
+    load_dpl<DPL>(kc + o0, k0);
+    load_dpl<DPL>(vc + o0, v0);
+    float d0 = 0.f;
+#pragma unroll
+    for (int j = 0; j < DPL; ++j) d0 += qr[j] * k0[j];
+    d0 = warp_sum(d0);
+    const float mn = fmaxf(m, d0);
+    const float corr = expf(m - mn), e0 = expf(d0 - mn);
+    l = l * corr + e0;
+#pragma unroll
+    for (int j = 0; j < DPL; ++j) acc[j] = acc[j] * corr + e0 * v0[j];
+    m = mn;
+  }
+  float* dst = part + ((t * Nh + h) * S + split) * (Dh + 2);
+  if (lane == 0) {
+    dst[0] = m;
+    dst[1] = l;
+  }
+#pragma unroll
+  for (int j = 0; j < DPL; ++j) dst[2 + lane * DPL + j] = acc[j];
+}
+// o[t, h] = Σ_s acc_s · e^{m_s − M} / Σ_s l_s · e^{m_s − M}. One block of Dh threads per (token, head).
+__global__ void k_attn_merge(const float* part, int64_t Nh, int64_t Dh, int S, void* o, int odt) {
+  const int64_t t = blockIdx.x, h = blockIdx.y;
+  const float* src = part + (t * Nh + h) * S * (Dh + 2);
+  float M = -INFINITY;
+  for (int s = 0; s < S; ++s) M = fmaxf(M, src[s * (Dh + 2)]);
+  float L = 0.f;
+  for (int s = 0; s < S; ++s) {
+    const float ms = src[s * (Dh + 2)];
+    if (ms != -INFINITY) L += src[s * (Dh + 2) + 1] * expf(ms - M);
+  }
+  for (int64_t d = threadIdx.x; d < Dh; d += blockDim.x) {
+    float sum = 0.f;
+    for (int s = 0; s < S; ++s) {
+      const float ms = src[s * (Dh + 2)];
+      if (ms != -INFINITY) sum += src[s * (Dh + 2) + 2 + d] * expf(ms - M);
+    }
+    stf(o, odt, (t * Nh + h) * Dh + d, sum / L);
+  }
+}
+
 // Dequantize an int4 matrix to bf16 [N, K] (for the tensor-core GEMM path, M > 8).
 __global__ void k_int4_dequant(Int4View W, __nv_bfloat16* out) {
   const int64_t words = W.N * (W.K / 8);
@@ -572,6 +686,117 @@ __global__ void k_moe_down(WV W, int64_t per_expert_rows, const float* act, cons
     if (lane == 0) out[p * H + n] = v;
   }
 }
+// ---- MoE grouped by expert (decode and prefill): each touched expert's weights are read once per group of up
+// to 8 of its (token, k) pairs, instead of once per pair. ----
+// Pairs p = t·K + k sorted by expert, one block (E ≤ 1024): meta[0] = number of active experts A, then
+// active[A] expert ids (ascending), off[A + 1] start of each expert's pairs in list[P]. Order inside an expert
+// is arbitrary: each pair writes its own output row, and the combine sums in k order.
+__global__ void k_moe_group(const int32_t* ids, int64_t P, int64_t E, int32_t* meta, int32_t* active, int32_t* off,
+                            int32_t* list) {
+  __shared__ int32_t cnt[1024], start[1024];
+  for (int64_t e = threadIdx.x; e < E; e += blockDim.x) cnt[e] = 0;
+  __syncthreads();
+  for (int64_t p = threadIdx.x; p < P; p += blockDim.x) atomicAdd(&cnt[ids[p]], 1);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int32_t na = 0, pos = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      start[e] = pos;
+      if (cnt[e] > 0) {
+        active[na] = int32_t(e);
+        off[na] = pos;
+        ++na;
+        pos += cnt[e];
+      }
+    }
+    off[na] = pos;
+    meta[0] = na;
+  }
+  __syncthreads();
+  for (int64_t p = threadIdx.x; p < P; p += blockDim.x) list[atomicAdd(&start[ids[p]], 1)] = int32_t(p);
+}
+
+// 32 consecutive weights of row `row` starting at input 32·c, before the scale: (q − z) for int4 (scale s of
+// their group), the bf16 values for dense (s = 1).
+__device__ __forceinline__ void chunk32(const Int4View& W, int64_t row, int64_t c, float* w, float& s) {
+  const uint4 wq = *reinterpret_cast<const uint4*>(W.qw + row * (W.K / 8) + c * 4);
+  const int64_t g = (c * 32) / W.G;
+  s = W.sc[row * (W.K / W.G) + g];
+  const float z = float(W.z[row * (W.K / W.G) + g]);
+  const uint32_t ws[4] = {wq.x, wq.y, wq.z, wq.w};
+#pragma unroll
+  for (int q = 0; q < 4; ++q)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) w[8 * q + j] = float((ws[q] >> (4 * j)) & 0xFu) - z;
+}
+__device__ __forceinline__ void chunk32(const DenseView& W, int64_t row, int64_t c, float* w, float& s) {
+  const __nv_bfloat16* r = W.w + row * W.K + c * 32;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) load8(r + 8 * q, w + 8 * q);
+  s = 1.f;
+}
+
+// Grouped expert projection. Block (warps of one output column each) × active-expert slot (grid.y).
+// GATED: rows n and N + n of the expert (gate, up) → out[p, n] = silu(gate·x) · (up·x) (the gate_up half);
+// else row n → out[p, n] = W x (the down half). x row of pair p: x + (p / xdiv) · K.
+constexpr int kMoeTile = 8;
+constexpr int64_t kMoeGroupedMinT = 64;
+template <bool GATED, class WV, class XT>
+__global__ void k_moe_grouped(WV W, int64_t per_expert_rows, int64_t N, const XT* x, int64_t xdiv,
+                              const int32_t* meta, const int32_t* active, const int32_t* off, const int32_t* list,
+                              float* out) {
+  const int j = blockIdx.y;
+  if (j >= meta[0]) return;
+  const int lane = threadIdx.x & 31;
+  const int64_t n = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (n >= N) return;
+  const int64_t e = active[j], p0 = off[j], p1 = off[j + 1];
+  const int64_t r0 = e * per_expert_rows + n, r1 = r0 + N;
+  for (int64_t pb = p0; pb < p1; pb += kMoeTile) {
+    const int nb = p1 - pb < kMoeTile ? int(p1 - pb) : kMoeTile;
+    int32_t pr[kMoeTile];
+    float a0[kMoeTile], a1[kMoeTile];
+#pragma unroll
+    for (int m = 0; m < kMoeTile; ++m) {
+      pr[m] = list[pb + (m < nb ? m : 0)];
+      a0[m] = 0.f;
+      a1[m] = 0.f;
+    }
+    for (int64_t c = lane; c < W.K / 32; c += 32) {
+      float w0[32], w1[32], s0, s1 = 0.f;
+      chunk32(W, r0, c, w0, s0);
+      if (GATED) chunk32(W, r1, c, w1, s1);
+#pragma unroll
+      for (int m = 0; m < kMoeTile; ++m) {
+        if (m < nb) {
+          const XT* xr = x + (int64_t(pr[m]) / xdiv) * W.K + c * 32;
+          float q0 = 0.f, q1 = 0.f;
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            float xv[8];
+            load8(xr + 8 * q, xv);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+              q0 += xv[i] * w0[8 * q + i];
+              if (GATED) q1 += xv[i] * w1[8 * q + i];
+            }
+          }
+          a0[m] += s0 * q0;
+          if (GATED) a1[m] += s1 * q1;
+        }
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < kMoeTile; ++m) {
+      if (m < nb) {
+        const float g = warp_sum(a0[m]);
+        const float u = GATED ? warp_sum(a1[m]) : 0.f;
+        if (lane == 0) out[int64_t(pr[m]) * N + n] = GATED ? silu_f(g) * u : g;
+      }
+    }
+  }
+}
+
 // y[t] = Σ_k w[t,k] · out[t·K + k], summed in k order.
 __global__ void k_moe_combine(const float* out, const float* wts, int64_t K, int64_t H, void* y, int ydt) {
   const int64_t t = blockIdx.x;
@@ -600,6 +825,28 @@ struct CudaExperts : ExpertsWeight {
   std::shared_ptr<CudaLinear> gu, down;
 };
 
+// fn(i) for i in [0, n), split over up to 16 host threads (load-time layout work).
+template <class F>
+static void parallel_for(int64_t n, F&& fn) {
+  const int64_t nt = std::min<int64_t>({16, int64_t(std::max(1u, std::thread::hardware_concurrency())), n / 256 + 1});
+  if (nt <= 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  std::vector<std::thread> th;
+  for (int64_t k = 0; k < nt; ++k)
+    th.emplace_back([&, k] {
+      for (int64_t i = n * k / nt; i < n * (k + 1) / nt; ++i) fn(i);
+    });
+  for (auto& x : th) x.join();
+}
+
+// Environment switches that turn an optimisation off (for before/after measurements): set and non-"0".
+static bool env_flag(const char* name) {
+  const char* v = std::getenv(name);
+  return v && *v && std::strcmp(v, "0") != 0;
+}
+
 static int blocks_for(int64_t n, int threads, int cap = 65535 * 4) {
   return int(std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads, cap)));
 }
@@ -618,10 +865,17 @@ class CudaBackend final : public Backend {
     CK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &thr));
     CKB(cublasCreate(&cublas_));
     CKB(cublasSetStream(cublas_, stream_));
+    // A fixed cuBLAS workspace, so that GEMMs recorded into a graph allocate nothing.
+    CK(cudaMalloc(&cublas_ws_, kCublasWorkspace));
+    CKB(cublasSetWorkspace(cublas_, cublas_ws_, kCublasWorkspace));
   }
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
+    for (auto& [k, g] : graphs_)
+      if (g.exec) cudaGraphExecDestroy(g.exec);
     cublasDestroy(cublas_);
+    cudaFree(cublas_ws_);
+    for (auto& c : arena_) cudaFree(c.ptr);
     // The stream is kept: tensors may outlive the backend and free onto it.
   }
 
@@ -635,6 +889,11 @@ class CudaBackend final : public Backend {
     t.shape = std::move(shape);
     t.device = Device::CUDA;
     const size_t n = std::max<size_t>(t.nbytes(), 16);
+    if (in_step_) {  // zero-filled like any alloc (a memset node in a recorded step)
+      t = arena_tensor(std::move(t), n);
+      CK(cudaMemsetAsync(t.data, 0, n, stream_));
+      return t;
+    }
     void* p = nullptr;
     CK(cudaMallocAsync(&p, n, stream_));
     CK(cudaMemsetAsync(p, 0, n, stream_));
@@ -713,14 +972,15 @@ class CudaBackend final : public Backend {
       int64_t n0 = 0;
       for (auto& p : parts) {
         const int64_t Np = p.N;
-        for (int64_t n = 0; n < Np; ++n) {
+        // Host repack over threads (the 35B-A3B experts are ~17 GB of nibbles).
+        parallel_for(Np, [&](int64_t n) {
           for (int64_t r = 0; r < K / 8; ++r) qw[(n0 + n) * (K / 8) + r] = uint32_t(p.qweight[r * Np + n]);
           for (int64_t g = 0; g < K / G; ++g) {
             sc[(n0 + n) * (K / G) + g] = f16_to_f32(p.scales[g * Np + n]);
             z[(n0 + n) * (K / G) + g] =
                 uint8_t(((uint32_t(p.qzeros[g * (Np / 8) + n / 8]) >> (4 * (n % 8))) & 0xF) + 1);
           }
-        }
+        });
         n0 += Np;
       }
       l->qw = upload_bytes(qw.data(), qw.size() * 4, DType::U32, {N, K / 8});
@@ -787,7 +1047,16 @@ class CudaBackend final : public Backend {
   }
 
   // ---- batch ----
-  void prepare_batch(BatchMeta& b) override { b.device = build_batch(b); }
+  void prepare_batch(BatchMeta& b) override {
+    // While recording a step the mirror was prepared before the recording began (graph_run's contract).
+    if (capturing_) {
+      auto* d = static_cast<DevBatch*>(b.device.get());
+      DS_CHECK(d && d->T == int(b.num_tokens()) && d->nseq == int(b.seqs.size()),
+               "prepare_batch while recording a step graph: the batch must be prepared before the recording");
+      return;
+    }
+    b.device = build_batch(b);
+  }
   const DevBatch& dev(const BatchMeta& b) {
     auto* d = static_cast<DevBatch*>(b.device.get());
     if (!d || d->T != int(b.num_tokens()) || d->nseq != int(b.seqs.size())) {
@@ -801,6 +1070,13 @@ class CudaBackend final : public Backend {
     const int T = int(b.num_tokens()), ns = int(b.seqs.size());
     int maxb = 1;
     for (auto& s : b.seqs) maxb = std::max(maxb, int(s.blocks.size()));
+    // In a step the block table is padded to a power of two, so that the buffer (whose address a recorded
+    // graph holds) keeps its size while sequences grow.
+    if (in_step_) {
+      int cap = 16;
+      while (cap < maxb) cap *= 2;
+      maxb = cap;
+    }
     d->T = T;
     d->nseq = ns;
     d->maxb = maxb;
@@ -825,7 +1101,21 @@ class CudaBackend final : public Backend {
       auto& bl = b.seqs[s].blocks;
       for (int i = 0; i < maxb; ++i) h.push_back(i < int(bl.size()) ? bl[i] : 0);
     }
-    d->buf = upload_bytes(h.data(), h.size() * 4, DType::I32, {int64_t(h.size())});
+    if (in_step_) {
+      // One buffer per batch shape, outside the arena, at a fixed address while its shape lasts.
+      Tensor& buf = step_batch_bufs_[{T, ns, maxb}];
+      if (!buf.defined() || buf.numel() != int64_t(h.size())) {
+        const bool was = in_step_;
+        in_step_ = false;
+        buf = alloc(DType::I32, {int64_t(h.size())});
+        in_step_ = was;
+      }
+      CK(cudaMemcpyAsync(buf.data, h.data(), h.size() * 4, cudaMemcpyHostToDevice, stream_));
+      d->buf = buf;
+    } else {
+      d->buf = upload_bytes(h.data(), h.size() * 4, DType::I32, {int64_t(h.size())});
+    }
+    last_batch_ = d->buf.data;
     const int32_t* base = d->buf.ptr<int32_t>();
     d->tokens = base;
     d->positions = base + o_pos;
@@ -910,6 +1200,7 @@ class CudaBackend final : public Backend {
     t.dtype = dt;
     t.shape = std::move(shape);
     t.device = Device::CUDA;
+    if (in_step_) return arena_tensor(std::move(t), std::max<size_t>(t.nbytes(), 16));
     void* p = nullptr;
     CK(cudaMallocAsync(&p, std::max<size_t>(t.nbytes(), 16), stream_));
     cudaStream_t s = stream_;
@@ -946,8 +1237,11 @@ class CudaBackend final : public Backend {
       }
     }
     RopeTables t;
+    const bool was = in_step_;
+    in_step_ = false;  // a cache that outlives the step: not from the arena
     t.inv = upload_bytes(inv.data(), inv.size() * 4, DType::F32, {half});
     t.axis = upload_bytes(axis.data(), axis.size() * 4, DType::I32, {half});
+    in_step_ = was;
     return rope_cache_[key] = t;
   }
 
@@ -985,6 +1279,33 @@ class CudaBackend final : public Backend {
     DS_CHECK(Nh % Nkv == 0);
     if (T == 0) return;
     auto& d = dev(b);
+    const int64_t group = Nh / Nkv;
+    if (T <= 64 && group <= 32 && (Dh == 64 || Dh == 128 || Dh == 256) && q.dtype == DType::BF16 &&
+        kv.k.dtype == DType::BF16 && !env_flag("DS_CUDA_NO_SPLIT_ATTN")) {
+      // S splits per (token, kv head): about 512 blocks in all, at most 64 (fixed per T: graph-safe).
+      const int S = int(std::clamp<int64_t>((512 + T * Nkv - 1) / (T * Nkv), 1, 64));
+      Tensor part = alloc_scratch(DType::F32, {T, Nh, S, Dh + 2});
+      const dim3 grid{unsigned(T), unsigned(Nkv), unsigned(S)};
+      const unsigned threads = unsigned(32 * group);
+      const float scale = 1.f / std::sqrt(float(Dh));
+      auto* qp = q.ptr<__nv_bfloat16>();
+      auto* kp = kv.k.ptr<__nv_bfloat16>();
+      auto* vp = kv.v.ptr<__nv_bfloat16>();
+      if (Dh == 256)
+        k_attn_split<8><<<grid, threads, 0, stream_>>>(qp, kp, vp, Nh, Nkv, kv.block_size, d.seq_of, d.seqinfo,
+                                                       d.blocks, d.maxb, scale, S, part.ptr<float>());
+      else if (Dh == 128)
+        k_attn_split<4><<<grid, threads, 0, stream_>>>(qp, kp, vp, Nh, Nkv, kv.block_size, d.seq_of, d.seqinfo,
+                                                       d.blocks, d.maxb, scale, S, part.ptr<float>());
+      else
+        k_attn_split<2><<<grid, threads, 0, stream_>>>(qp, kp, vp, Nh, Nkv, kv.block_size, d.seq_of, d.seqinfo,
+                                                       d.blocks, d.maxb, scale, S, part.ptr<float>());
+      CKL();
+      k_attn_merge<<<dim3(unsigned(T), unsigned(Nh)), unsigned(std::min<int64_t>(Dh, 256)), 0, stream_>>>(
+          part.ptr<float>(), Nh, Dh, S, o.data, int(o.dtype));
+      CKL();
+      return;
+    }
     k_attention<<<dim3(unsigned(T), unsigned(Nh)), kAttnWarps * 32, 0, stream_>>>(
         q.data, int(q.dtype), kv.k.data, kv.v.data, int(kv.k.dtype), Nh, Nkv, Dh, kv.block_size, d.seq_of, d.seqinfo,
         d.blocks, d.maxb, 1.f / std::sqrt(float(Dh)), o.data, int(o.dtype));
@@ -1078,7 +1399,34 @@ class CudaBackend final : public Backend {
     Tensor act = alloc_scratch(DType::F32, {P, I}), out = alloc_scratch(DType::F32, {P, H});
     const int warps = 8;
     const unsigned py = unsigned(std::min<int64_t>(P, 65535));
-    if (ex->int4) {
+    // Grouped by expert for prefill-sized T (measured, bench/RESULTS.md: 1.3× at 1k–4k prompts). At decode sizes
+    // (T ≤ 64: ≤ 2.3 pairs per touched expert) one block per pair was faster on H100.
+    if (T > kMoeGroupedMinT && ex->E <= 1024 && !env_flag("DS_CUDA_NO_GROUPED_MOE")) {
+      const int64_t E = ex->E, A = std::min(P, E);
+      Tensor grp = alloc_scratch(DType::I32, {1 + A + (A + 1) + P});
+      int32_t* meta = grp.ptr<int32_t>();
+      int32_t *active = meta + 1, *off = active + A, *list = off + A + 1;
+      k_moe_group<<<1, 1024, 0, stream_>>>(ids.ptr<int32_t>(), P, E, meta, active, off, list);
+      CKL();
+      const dim3 g1(unsigned((I + warps - 1) / warps), unsigned(A)), g2(unsigned((H + warps - 1) / warps), unsigned(A));
+      if (ex->int4) {
+        k_moe_grouped<true><<<g1, warps * 32, 0, stream_>>>(ex->gu->view(), 2 * I, I, xb.ptr<__nv_bfloat16>(), K, meta,
+                                                            active, off, list, act.ptr<float>());
+        CKL();
+        k_moe_grouped<false><<<g2, warps * 32, 0, stream_>>>(ex->down->view(), H, H, act.ptr<float>(), int64_t(1),
+                                                             meta, active, off, list, out.ptr<float>());
+        CKL();
+      } else {
+        DenseView gu{ex->gu->dense.ptr<__nv_bfloat16>(), ex->gu->N, ex->gu->K};
+        DenseView dn{ex->down->dense.ptr<__nv_bfloat16>(), ex->down->N, ex->down->K};
+        k_moe_grouped<true><<<g1, warps * 32, 0, stream_>>>(gu, 2 * I, I, xb.ptr<__nv_bfloat16>(), K, meta, active,
+                                                            off, list, act.ptr<float>());
+        CKL();
+        k_moe_grouped<false><<<g2, warps * 32, 0, stream_>>>(dn, H, H, act.ptr<float>(), int64_t(1), meta, active, off,
+                                                             list, out.ptr<float>());
+        CKL();
+      }
+    } else if (ex->int4) {
       k_moe_gate_up<<<dim3(unsigned((I + warps - 1) / warps), py), warps * 32, 0, stream_>>>(
           ex->gu->view(), 2 * I, xb.ptr<__nv_bfloat16>(), ids.ptr<int32_t>(), K, I, P, act.ptr<float>());
       CKL();
@@ -1113,12 +1461,101 @@ class CudaBackend final : public Backend {
     if (rows.empty()) return;
     for (auto r : rows) DS_CHECK(r >= 0 && r < x.dim(0), "gather_rows: row ", r, " of ", x.dim(0));
     DS_CHECK(out.dtype == x.dtype);
+    bool identity = out.nbytes() == int64_t(rows.size()) * H * int64_t(dtype_size(x.dtype));
+    for (size_t i = 0; identity && i < rows.size(); ++i) identity = rows[i] == int32_t(i);
+    if (identity) {  // the decode case (every row): a device copy, which a step graph can record
+      CK(cudaMemcpyAsync(out.data, x.data, out.nbytes(), cudaMemcpyDeviceToDevice, stream_));
+      return;
+    }
     Tensor r = upload_bytes(rows.data(), rows.size() * 4, DType::I32, {int64_t(rows.size())});
     k_gather<<<unsigned(rows.size()), 256, 0, stream_>>>(x.data, int(x.dtype), r.ptr<int32_t>(), H, out.data);
     CKL();
   }
 
+  // ---- step arena and graphs (ops.h) ----
+  void step_begin() override {
+    DS_CHECK(!in_step_, "step_begin: already in a step");
+    in_step_ = true;
+    arena_chunk_ = 0;
+    arena_off_ = 0;
+  }
+  void step_end() override { in_step_ = false; }
+  void* stream_handle() const override { return stream_; }
+  bool graph_run(const std::string& key, const std::function<void()>& fn) override {
+    DS_CHECK(in_step_, "graph_run outside step_begin/step_end");
+    Graph& g = graphs_[key];
+    if (g.calls == 0) {  // warm-up: first-use work (handles, caches, arena growth) happens outside a recording
+      g.calls = 1;
+      fn();
+      return true;
+    }
+    if (!g.exec || g.batch != last_batch_) {  // record (again, if the batch mirror moved)
+      if (g.exec) CK(cudaGraphExecDestroy(g.exec));
+      g.exec = nullptr;
+      const size_t nchunks = arena_.size();
+      CK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+      capturing_ = true;
+      cudaGraph_t graph = nullptr;
+      try {
+        fn();
+      } catch (...) {
+        capturing_ = false;
+        cudaStreamEndCapture(stream_, &graph);
+        if (graph) cudaGraphDestroy(graph);
+        throw;
+      }
+      capturing_ = false;
+      CK(cudaStreamEndCapture(stream_, &graph));
+      DS_CHECK(arena_.size() == nchunks, "step arena grew while recording a graph (warm-up should have grown it)");
+      CK(cudaGraphInstantiate(&g.exec, graph, 0));
+      CK(cudaGraphDestroy(graph));
+      g.batch = last_batch_;
+      CK(cudaGraphLaunch(g.exec, stream_));
+      return true;
+    }
+    CK(cudaGraphLaunch(g.exec, stream_));
+    return false;
+  }
+
  private:
+  struct Chunk {
+    void* ptr = nullptr;
+    size_t size = 0;
+  };
+  // Bump allocation from the step arena: chunks are never freed (recorded graphs hold their addresses).
+  Tensor arena_tensor(Tensor t, size_t n) {
+    n = (n + 255) & ~size_t(255);
+    while (arena_chunk_ < arena_.size() && arena_off_ + n > arena_[arena_chunk_].size) {
+      ++arena_chunk_;
+      arena_off_ = 0;
+    }
+    if (arena_chunk_ == arena_.size()) {
+      DS_CHECK(!capturing_, "step arena exhausted while recording a graph");
+      Chunk c;
+      c.size = std::max<size_t>(n, size_t(256) << 20);
+      CK(cudaStreamSynchronize(stream_));
+      CK(cudaMalloc(&c.ptr, c.size));
+      arena_.push_back(c);
+      arena_off_ = 0;
+    }
+    t.data = static_cast<char*>(arena_[arena_chunk_].ptr) + arena_off_;
+    arena_off_ += n;
+    t.owner.reset();
+    return t;
+  }
+  struct Graph {
+    int calls = 0;
+    cudaGraphExec_t exec = nullptr;
+    const void* batch = nullptr;  // the batch mirror the recording reads
+  };
+  static constexpr size_t kCublasWorkspace = size_t(32) << 20;
+  void* cublas_ws_ = nullptr;
+  bool in_step_ = false, capturing_ = false;
+  std::vector<Chunk> arena_;
+  size_t arena_chunk_ = 0, arena_off_ = 0;
+  std::map<std::string, Graph> graphs_;
+  std::map<std::tuple<int, int, int>, Tensor> step_batch_bufs_;
+  const void* last_batch_ = nullptr;
   int dev_;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;

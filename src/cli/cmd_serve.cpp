@@ -36,6 +36,25 @@ int cmd_serve(int argc, char** argv) {
       fail("--default-chat-template-kwargs: expected a JSON object, got '", a.get("default-chat-template-kwargs"), "'");
     c.default_chat_template_kwargs = j;
   }
+  if (a.has("speculative-config")) {
+    // vLLM's spelling; "mtp" (and Qwen3-Next's "qwen3_next_mtp") drafts with the checkpoint's own MTP head.
+    const std::string v = a.get("speculative-config");
+    auto j = nlohmann::json::parse(v, nullptr, false);
+    if (j.is_discarded() || !j.is_object())
+      fail("--speculative-config: expected a JSON object like {\"method\": \"mtp\", \"num_speculative_tokens\": 2}, got '",
+           v, "'");
+    for (auto& [k, _] : j.items())
+      if (k != "method" && k != "num_speculative_tokens")
+        fail("--speculative-config: unknown key '", k, "' (expected method, num_speculative_tokens)");
+    const std::string method = j.value("method", std::string("mtp"));
+    if (method != "mtp" && method != "qwen3_next_mtp")
+      fail("--speculative-config: method must be \"mtp\", got \"", method, "\"");
+    if (!j.contains("num_speculative_tokens") || !j["num_speculative_tokens"].is_number_integer())
+      fail("--speculative-config: expected an integer num_speculative_tokens, got '", v, "'");
+    c.num_speculative_tokens = j["num_speculative_tokens"].get<int64_t>();
+    if (c.num_speculative_tokens < 1 || c.num_speculative_tokens > 16)
+      fail("--speculative-config: num_speculative_tokens must be in 1..16, got ", c.num_speculative_tokens);
+  }
   return server::serve(c);
 }
 

@@ -15,6 +15,7 @@ void usage() {
                "  serve     MODEL_DIR [--host 127.0.0.1] [--port 8000] [--backend cpu|cuda] [--served-model-name NAME]\n"
                "            [--max-model-len N] [--max-num-seqs N] [--max-num-batched-tokens N] [--api-key KEY]\n"
                "            [--default-chat-template-kwargs JSON] [--chat-template FILE] [--max-queued-requests N]\n"
+               "            [--speculative-config '{\"method\": \"mtp\", \"num_speculative_tokens\": K}']\n"
                "  tokenize  --model DIR < {\"text\": ...} | {\"messages\": [...], ...}\n"
                "  detokenize --model DIR < {\"ids\": [...], \"skip_special_tokens\": false}\n"
                "  logits    --model DIR --tokens 1,2,3 [--prefill N] [--backend cpu] --out F.safetensors\n"

@@ -1,10 +1,14 @@
 #include "runtime/cache.h"
 
+#include "core/status.h"
+
 namespace ds::runtime {
 
-CacheManager::CacheManager(model::Model& m, int64_t num_blocks, int64_t block_size, int64_t num_slots)
-    : m_(m), num_blocks_(num_blocks), block_size_(block_size), num_slots_(num_slots) {
-  caches_ = m.alloc_caches(num_blocks, block_size, num_slots);
+CacheManager::CacheManager(model::Model& m, int64_t num_blocks, int64_t block_size, int64_t num_slots,
+                           bool spare_slots)
+    : m_(m), num_blocks_(num_blocks), block_size_(block_size), num_slots_(num_slots), spare_(spare_slots) {
+  // Sequence i owns slot i and, with spares, slot i + num_slots (the two may swap roles; see rollback()).
+  caches_ = m.alloc_caches(num_blocks, block_size, spare_slots ? 2 * num_slots : num_slots);
   for (int64_t i = num_blocks - 1; i >= 0; --i) free_blocks_.push_back(int32_t(i));
   for (int64_t i = num_slots - 1; i >= 0; --i) free_slots_.push_back(int32_t(i));
 }
@@ -13,10 +17,22 @@ bool CacheManager::start(SeqCache& s) {
   if (free_slots_.empty()) return false;
   s.slot = free_slots_.back();
   free_slots_.pop_back();
+  s.spare_slot = spare_ ? int32_t(s.slot + num_slots_) : -1;
   s.blocks.clear();
   s.len = 0;
   m_.reset_slot(caches_, s.slot);
   return true;
+}
+
+void CacheManager::snapshot(SeqCache& s) {
+  DS_CHECK(s.slot >= 0 && s.spare_slot >= 0, "cache: snapshot of a sequence without a spare state slot (slot ",
+           s.slot, ", spare ", s.spare_slot, ")");
+  m_.copy_slot(caches_, s.spare_slot, s.slot);
+}
+
+void CacheManager::rollback(SeqCache& s) {
+  DS_CHECK(s.slot >= 0 && s.spare_slot >= 0, "cache: rollback of a sequence without a spare state slot");
+  std::swap(s.slot, s.spare_slot);
 }
 
 bool CacheManager::reserve(SeqCache& s, int64_t new_tokens) {
@@ -33,8 +49,9 @@ bool CacheManager::reserve(SeqCache& s, int64_t new_tokens) {
 void CacheManager::release(SeqCache& s) {
   for (auto b : s.blocks) free_blocks_.push_back(b);
   s.blocks.clear();
-  if (s.slot >= 0) free_slots_.push_back(s.slot);
+  if (s.slot >= 0) free_slots_.push_back(int32_t(s.slot % num_slots_));
   s.slot = -1;
+  s.spare_slot = -1;
   s.len = 0;
 }
 

@@ -11,16 +11,23 @@ namespace ds::runtime {
 
 // Cache memory held by one sequence. Set by CacheManager; `len` advanced by whoever ran the forward.
 struct SeqCache {
-  int32_t slot = -1;
+  int32_t slot = -1;        // the DeltaNet state slot the forward reads and advances
+  int32_t spare_slot = -1;  // speculative decoding: the slot's snapshot before a verify (see snapshot())
   std::vector<int32_t> blocks;
   int64_t len = 0;  // tokens already in the caches
 };
 
 class CacheManager {
  public:
-  CacheManager(model::Model& m, int64_t num_blocks, int64_t block_size, int64_t num_slots);
-  // Takes a state slot (zeroed) for a new sequence; false if none is free.
+  // `spare_slots`: each sequence also gets a second DeltaNet slot for snapshots (speculative decoding), so
+  // the caches hold 2 × num_slots slots; num_slots() and free_slots() still count sequences.
+  CacheManager(model::Model& m, int64_t num_blocks, int64_t block_size, int64_t num_slots, bool spare_slots = false);
+  // Takes a state slot (zeroed), and its spare when configured, for a new sequence; false if none is free.
   bool start(SeqCache& s);
+  // Copies the sequence's state slot onto its spare (device to device): the state before a speculative verify.
+  void snapshot(SeqCache& s);
+  // Makes the snapshot current again (swaps slot and spare; no copy): the verify's state is discarded.
+  void rollback(SeqCache& s);
   // Ensures blocks for `new_tokens` more tokens; false (and no change) if the pool is short.
   bool reserve(SeqCache& s, int64_t new_tokens);
   // Returns every block and the slot.
@@ -35,6 +42,7 @@ class CacheManager {
  private:
   model::Model& m_;
   int64_t num_blocks_, block_size_, num_slots_;
+  bool spare_;
   std::vector<int32_t> free_blocks_, free_slots_;
   model::ModelCaches caches_;
 };

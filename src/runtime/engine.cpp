@@ -11,6 +11,7 @@
 
 #include "core/status.h"
 #include "runtime/scheduler.h"
+#include "runtime/spec_decode.h"
 
 namespace ds::runtime {
 
@@ -52,6 +53,11 @@ EngineConfig resolve(const model::Model& m, EngineConfig c) {
   if (c.num_blocks < 0) fail("engine: num_blocks must be >= 0 (0 = automatic), found ", c.num_blocks);
   if (c.num_blocks == 0) c.num_blocks = c.max_num_seqs * ((c.max_model_len + c.block_size - 1) / c.block_size);
   if (c.vocab_limit <= 0 || c.vocab_limit > V) c.vocab_limit = V;
+  if (c.num_speculative_tokens < 0 || c.num_speculative_tokens > 16)
+    fail("engine: num_speculative_tokens must be in 0..16, found ", c.num_speculative_tokens);
+  if (c.num_speculative_tokens > 0 && !m.has_mtp())
+    fail("engine: speculative decoding (method mtp, num_speculative_tokens ", c.num_speculative_tokens,
+         ") needs the checkpoint's MTP head (mtp.* tensors), found none");
   std::sort(c.eos_token_ids.begin(), c.eos_token_ids.end());
   return c;
 }
@@ -60,9 +66,14 @@ EngineConfig resolve(const model::Model& m, EngineConfig c) {
 
 struct Engine::Impl {
   Impl(model::Model& m, const EngineConfig& c)
-      : model(m), cfg(c), cm(m, c.num_blocks, c.block_size, c.max_num_seqs), sched(cm, c.max_num_seqs, c.max_num_batched_tokens) {
+      : model(m),
+        cfg(c),
+        cm(m, c.num_blocks, c.block_size, c.max_num_seqs, c.num_speculative_tokens > 0),
+        sched(cm, c.max_num_seqs, c.max_num_batched_tokens) {
     snap.kv_blocks_total = c.num_blocks;
     snap.slots_total = c.max_num_seqs;
+    counters.spec_accepted_per_pos.assign(size_t(c.num_speculative_tokens), 0);
+    snap.spec_accepted_per_pos = counters.spec_accepted_per_pos;
   }
 
   model::Model& model;
@@ -84,7 +95,10 @@ struct Engine::Impl {
 
   bool take_inbox();
   void run(const Schedule& s);
-  void emit(Sequence* s, const float* logits_row);
+  bool decide(const ScheduledSeq& x, const float* rows, int64_t* accepted);
+  bool emit(Sequence* s, const std::vector<int32_t>& toks, std::vector<sampling::TokenLogprob>& lps);
+  bool recompute(const std::vector<std::pair<Sequence*, int64_t>>& redo);
+  int64_t drafts_wanted(Sequence* s);
   void finish(Sequence* s, FinishReason r, Delta d = {});
   void publish(const Schedule& s);
   bool has_work() const { return sched.num_running() + sched.num_waiting() > 0; }
@@ -218,20 +232,37 @@ bool Engine::Impl::take_inbox() {
   return any;
 }
 
+// One forward over every scheduled chunk. With speculation a decoding sequence's chunk is [last token,
+// d_1..d_k]: the rows are verified in order, the sequence keeps the accepted prefix plus one token, and its
+// DeltaNet state, which the forward advanced over all k + 1 rows, is rolled back to the snapshot taken before
+// and recomputed over the accepted prefix. Then the MTP head drafts the next step's tokens.
 void Engine::Impl::run(const Schedule& sc) {
+  const bool spec = cfg.num_speculative_tokens > 0;
   std::vector<std::pair<const SeqCache*, std::vector<int32_t>>> parts;
   for (auto& x : sc.seqs) {
     auto first = x.seq->tokens.begin() + x.seq->cache.len;
-    parts.push_back({&x.seq->cache, std::vector<int32_t>(first, first + x.num_tokens)});
+    std::vector<int32_t> toks(first, first + x.num_tokens);
+    toks.insert(toks.end(), x.seq->drafts.begin(), x.seq->drafts.begin() + x.num_drafts);
+    parts.push_back({&x.seq->cache, std::move(toks)});
   }
   BatchMeta b = make_batch(parts);
-  std::vector<int32_t> rows;  // the last row of every chunk that completes its sequence's tokens
+  // Logit rows: the last row of every chunk that completes its sequence's tokens, and its drafts' rows.
+  std::vector<int32_t> rows;
   for (size_t i = 0; i < sc.seqs.size(); ++i)
-    if (sc.seqs[i].samples) rows.push_back(int32_t(b.seqs[i].q_start + b.seqs[i].q_len - 1));
+    if (sc.seqs[i].samples)
+      for (int64_t j = 0; j <= sc.seqs[i].num_drafts; ++j)
+        rows.push_back(int32_t(b.seqs[i].q_start + sc.seqs[i].num_tokens - 1 + j));
+  std::vector<int32_t> all_rows;  // MTP drafting reads the hidden state of every committed row
+  if (spec)
+    for (int64_t i = 0; i < b.num_tokens(); ++i) all_rows.push_back(int32_t(i));
+  for (auto& x : sc.seqs)
+    if (x.num_drafts > 0) cm.snapshot(x.seq->cache);  // the state before the verify, for a rollback
   std::vector<float> logits;  // fp32 [R, V]
+  Tensor hidden;              // act [T, H] final-norm hiddens (speculation only)
   try {
     // A step of prefill chunks only still asks for one row: backends need not handle R = 0.
-    Tensor t = model.forward(b, cm.caches(), rows.empty() ? std::vector<int32_t>{0} : rows);
+    Tensor t = model.forward(b, cm.caches(), rows.empty() ? std::vector<int32_t>{0} : rows, spec ? &hidden : nullptr,
+                             spec ? &all_rows : nullptr);
     logits = model.backend().to_host_f32(t);
   } catch (const std::exception& e) {
     // The caches of this batch may be half-written: the scheduler recomputes everyone (exact) and retries
@@ -245,53 +276,164 @@ void Engine::Impl::run(const Schedule& sc) {
   }
   ++counters.steps_total;
   const int64_t V = model.config().text.vocab_size;
+  std::vector<DraftJob> jobs;                        // MTP work of the sequences still running
+  std::vector<std::pair<Sequence*, int64_t>> redo;   // (sequence, rows to recompute) after a rejection
   size_t r = 0;
-  for (auto& x : sc.seqs) {
-    x.seq->cache.len += x.num_tokens;
-    if (x.samples) emit(x.seq, logits.data() + int64_t(r++) * V);
+  for (size_t i = 0; i < sc.seqs.size(); ++i) {
+    const ScheduledSeq& x = sc.seqs[i];
+    const int64_t ctx = x.seq->cache.len;
+    int64_t accepted = 0;
+    bool alive = true;
+    if (x.samples) {
+      alive = decide(x, logits.data() + int64_t(r) * V, &accepted);
+      r += size_t(x.num_drafts + 1);
+    }
+    if (!alive) continue;  // finished: blocks and slots are back in the pool already
+    const int64_t committed = x.num_tokens + accepted;
+    if (x.num_drafts > accepted) {
+      redo.push_back({x.seq, committed});  // cache.len advances once the state is recomputed
+    } else {
+      x.seq->cache.len += committed;
+    }
+    if (spec) jobs.push_back({x.seq, ctx, b.seqs[i].q_start, committed, 0});
+  }
+  if (!redo.empty() && !recompute(redo)) {
+    // Those sequences were preempted (or one failed and is gone): no MTP work for them.
+    jobs.erase(std::remove_if(jobs.begin(), jobs.end(),
+                              [&](const DraftJob& j) {
+                                return std::any_of(redo.begin(), redo.end(), [&](auto& p) { return p.first == j.seq; });
+                              }),
+               jobs.end());
+  }
+  if (!spec) return;
+  // Who drafts for the next step, and the blocks its chained drafts and their verify will write.
+  for (auto& j : jobs) {
+    const bool sampled = j.seq->cache.len + 1 == int64_t(j.seq->tokens.size());
+    if (j.rows > 0 && sampled) j.num_drafts = drafts_wanted(j.seq);
+  }
+  try {
+    mtp_propose(model, cm, hidden, jobs, cfg.vocab_limit, cfg.draft_hook);
+  } catch (const std::exception& e) {
+    // Drafts are only proposals: without them the next step is a plain decode, and the MTP KV rows written
+    // here are rewritten by the next first pass that covers them.
+    std::fprintf(stderr, "deltaserve engine: MTP drafting failed, continuing without drafts: %s\n", e.what());
+    for (auto& j : jobs) j.seq->drafts.clear();
   }
 }
 
-void Engine::Impl::emit(Sequence* s, const float* row) {
-  const Request& req = *s->req;
-  const bool want_lp = req.sampling.logprobs >= 0;
-  sampling::TokenLogprob lp;
-  int32_t tok;
+// Drafts worth proposing: never more than the tokens the request may still produce minus the one the verify
+// adds anyway, so a verify never runs past max_tokens or max_model_len; 0 when the pool cannot hold them.
+int64_t Engine::Impl::drafts_wanted(Sequence* s) {
+  const int64_t left = std::min(s->req->max_tokens - s->num_generated(), cfg.max_model_len - int64_t(s->tokens.size()));
+  const int64_t k = std::min(cfg.num_speculative_tokens, left - 1);
+  if (k <= 0) return 0;
+  // Positions len .. len + k (the verify); the chained MTP steps write len .. len + k − 2.
+  return cm.reserve(s->cache, k + 1) ? k : 0;
+}
+
+// Decides the tokens of one sampled chunk: the sampled token, or with drafts each verified position in turn
+// (the sampler sees the accepted ones, so penalties are exact) and the bonus token when all pass.
+bool Engine::Impl::decide(const ScheduledSeq& x, const float* rows, int64_t* accepted) {
+  Sequence* s = x.seq;
+  const int64_t V = model.config().text.vocab_size;
+  const bool want_lp = s->req->sampling.logprobs >= 0;
+  std::vector<int32_t> toks;
+  std::vector<sampling::TokenLogprob> lps;
+  int64_t a = 0;
   try {
-    tok = sampling::sample(row, model.config().text.vocab_size, cfg.vocab_limit, s->sampler, want_lp ? &lp : nullptr);
+    for (int64_t j = 0; j <= x.num_drafts; ++j) {
+      sampling::TokenLogprob lp;
+      const float* row = rows + j * V;
+      bool ok = false;
+      const int32_t tok =
+          j < x.num_drafts
+              ? sampling::verify_draft(row, V, cfg.vocab_limit, s->sampler, s->drafts[size_t(j)], nullptr, &ok, want_lp ? &lp : nullptr)
+              : sampling::sample(row, V, cfg.vocab_limit, s->sampler, want_lp ? &lp : nullptr);
+      s->sampler.accept(tok);
+      toks.push_back(tok);
+      if (want_lp) lps.push_back(std::move(lp));
+      if (!ok) break;
+      ++a;
+    }
   } catch (const std::exception& e) {
     Delta d;
     d.error = std::string("sampling: ") + e.what();
     finish(s, FinishReason::Error, std::move(d));
-    return;
+    return false;
   }
+  if (x.num_drafts > 0) {
+    ++counters.spec_num_drafts_total;
+    counters.spec_draft_tokens_total += x.num_drafts;
+    counters.spec_accepted_tokens_total += a;
+    for (int64_t j = 0; j < a; ++j) ++counters.spec_accepted_per_pos[size_t(j)];
+  }
+  *accepted = a;
+  s->drafts.clear();
+  return emit(s, toks, lps);
+}
+
+// DeltaNet state cannot be un-appended: the sequences that rejected a draft go back to their snapshot and run
+// their accepted prefix [last token, d_1..d_a] again, in one batch (attention KV at those positions is
+// rewritten with the same values; the rejected positions' KV is overwritten by later steps).
+bool Engine::Impl::recompute(const std::vector<std::pair<Sequence*, int64_t>>& redo) {
+  std::vector<std::pair<const SeqCache*, std::vector<int32_t>>> parts;
+  Schedule sc;
+  for (auto [s, n] : redo) {
+    cm.rollback(s->cache);
+    auto first = s->tokens.begin() + s->cache.len;
+    parts.push_back({&s->cache, std::vector<int32_t>(first, first + n)});
+    sc.seqs.push_back({s, n, false, 0});
+  }
+  BatchMeta b = make_batch(parts);
+  try {
+    model.forward(b, cm.caches(), {0});
+  } catch (const std::exception& e) {
+    // Same containment as a failing step: recompute everyone from their tokens, the culprit alone.
+    for (Sequence* s : sched.forward_failed(sc)) {
+      Delta d;
+      d.error = e.what();
+      finish(s, FinishReason::Error, std::move(d));
+    }
+    return false;
+  }
+  for (auto [s, n] : redo) s->cache.len += n;
+  return true;
+}
+
+// Reports the decided tokens in one Delta, cut at the first that ends the request (EOS / stop id: reported as
+// stop_token; max_tokens or max_model_len). Returns whether the sequence is still running.
+bool Engine::Impl::emit(Sequence* s, const std::vector<int32_t>& toks, std::vector<sampling::TokenLogprob>& lps) {
+  const Request& req = *s->req;
+  const bool want_lp = req.sampling.logprobs >= 0;
   s->suspect = false;
   if (!s->prompt_counted) {
     s->prompt_counted = true;
     counters.prompt_tokens_total += s->prompt_len;
   }
-  ++s->completion_tokens;
-  ++counters.generation_tokens_total;
-
   Delta d;
-  const bool stop = (!req.ignore_eos && std::binary_search(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end(), tok)) ||
-                    std::find(req.stop_token_ids.begin(), req.stop_token_ids.end(), tok) != req.stop_token_ids.end();
-  if (stop) {
-    d.stop_token = tok;
-    finish(s, FinishReason::Stop, std::move(d));
-    return;
-  }
-  s->tokens.push_back(tok);
-  s->sampler.accept(tok);
-  d.tokens = {tok};
-  if (want_lp) d.logprobs = {std::move(lp)};
-  if (s->num_generated() >= req.max_tokens || int64_t(s->tokens.size()) >= cfg.max_model_len) {
-    finish(s, FinishReason::Length, std::move(d));
-    return;
+  for (size_t i = 0; i < toks.size(); ++i) {
+    const int32_t tok = toks[i];
+    ++s->completion_tokens;
+    ++counters.generation_tokens_total;
+    const bool stop = (!req.ignore_eos && std::binary_search(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end(), tok)) ||
+                      std::find(req.stop_token_ids.begin(), req.stop_token_ids.end(), tok) != req.stop_token_ids.end();
+    if (stop) {
+      d.stop_token = tok;
+      finish(s, FinishReason::Stop, std::move(d));
+      return false;
+    }
+    s->tokens.push_back(tok);
+    d.tokens.push_back(tok);
+    if (want_lp) d.logprobs.push_back(std::move(lps[i]));
+    if (s->num_generated() >= req.max_tokens || int64_t(s->tokens.size()) >= cfg.max_model_len) {
+      finish(s, FinishReason::Length, std::move(d));
+      return false;
+    }
   }
   d.prompt_tokens = s->prompt_len;
   d.completion_tokens = s->completion_tokens;
   req.out->push(std::move(d));
+  return true;
 }
 
 void Engine::Impl::finish(Sequence* s, FinishReason r, Delta d) {

@@ -7,6 +7,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -70,6 +71,14 @@ struct EngineConfig {
   // submit() rejects prompt ids outside the model's vocabulary. Tests switch it off to make a step fail
   // and check that only the offending request ends (FinishReason::Error).
   bool check_prompt_ids = true;
+  // Speculative decoding with the checkpoint's MTP head (--speculative-config '{"method": "mtp",
+  // "num_speculative_tokens": K}'): each decode step verifies up to K drafted tokens. 0 = off. Needs an MTP
+  // head; doubles the DeltaNet state slots (one snapshot per sequence, docs/engine.md).
+  int64_t num_speculative_tokens = 0;
+  // Tests and benchmarks only (issue 8's oracle mode; random weights accept almost nothing): replaces the MTP's
+  // proposal for token index `index` (into prompt + generated) of request `id`. The MTP still runs, and the
+  // chained steps are fed the replaced token. Null = off.
+  std::function<int32_t(uint64_t id, int64_t index, int32_t proposed)> draft_hook;
 };
 
 // Counters and gauges for /metrics (snapshot).
@@ -79,6 +88,10 @@ struct EngineMetrics {
   int64_t prompt_tokens_total = 0, generation_tokens_total = 0;
   int64_t requests_finished[5] = {0, 0, 0, 0, 0};  // by FinishReason
   int64_t preemptions_total = 0, steps_total = 0;
+  // Speculative decoding (vLLM's spec_decode_* counters): verify rounds, drafted tokens verified, drafts
+  // accepted, and accepted per draft position (index i = the (i+1)-th draft of a round; size K).
+  int64_t spec_num_drafts_total = 0, spec_draft_tokens_total = 0, spec_accepted_tokens_total = 0;
+  std::vector<int64_t> spec_accepted_per_pos;
 };
 
 class Engine {

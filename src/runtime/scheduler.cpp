@@ -23,16 +23,21 @@ Schedule Scheduler::schedule() {
     Sequence* s = running_[i].get();
     const int64_t n = std::min(s->pending_tokens(), budget);
     if (n <= 0) continue;
+    // Drafts ride along when the chunk reaches the end of the tokens and the budget has room for them.
+    // (The engine reserved their blocks when it proposed them; if that is short, speculation waits, rather than
+    // preempting someone.)
+    int64_t nd = n == s->pending_tokens() ? std::min<int64_t>(int64_t(s->drafts.size()), budget - n) : 0;
+    if (nd > 0 && !cm_.reserve(s->cache, n + nd)) nd = 0;
     bool self = false;
-    while (!self && !cm_.reserve(s->cache, n)) {
+    while (!self && !cm_.reserve(s->cache, n + nd)) {
       // The victim is always at an index > i or s itself: the sequences already in `out` keep their blocks.
       self = running_.back().get() == s;
       preempt(running_.size() - 1);
       ++out.num_preempted;
     }
     if (self) break;
-    out.seqs.push_back({s, n, s->cache.len + n == int64_t(s->tokens.size())});
-    budget -= n;
+    out.seqs.push_back({s, n, s->cache.len + n == int64_t(s->tokens.size()), nd});
+    budget -= n + nd;
   }
   // Admit in arrival order while everything fits; a step that had to preempt admits nobody (it would only
   // take back what was just freed).
@@ -87,6 +92,7 @@ void Scheduler::preempt(size_t i) {
   std::unique_ptr<Sequence> s = std::move(running_[i]);
   running_.erase(running_.begin() + std::ptrdiff_t(i));
   cm_.release(s->cache);  // recompute from tokens later: exact, since sampling state is kept
+  s->drafts.clear();      // the MTP KV they came from is gone with the blocks
   waiting_.push_front(std::move(s));
 }
 

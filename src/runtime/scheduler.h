@@ -29,16 +29,20 @@ struct Sequence {
   // Was in a multi-sequence batch whose forward threw: recomputed alone until it samples again, so the
   // culprit fails on its own and the others carry on.
   bool suspect = false;
+  // Speculative decoding: tokens the MTP head proposed after the last step, verified by the next forward
+  // (set by the engine; dropped on preemption, since they lean on the MTP KV that goes with the blocks).
+  std::vector<int32_t> drafts;
 
   int64_t num_generated() const { return int64_t(tokens.size()) - prompt_len; }
   int64_t pending_tokens() const { return int64_t(tokens.size()) - cache.len; }  // to run through the model
 };
 
-// One sequence's share of a forward call: tokens[cache.len, cache.len + num_tokens).
+// One sequence's share of a forward call: tokens[cache.len, cache.len + num_tokens), then drafts[0, num_drafts).
 struct ScheduledSeq {
   Sequence* seq = nullptr;
   int64_t num_tokens = 0;
-  bool samples = false;  // this chunk reaches the end of `tokens`, so its last row is sampled
+  bool samples = false;    // this chunk reaches the end of `tokens`, so its last row is sampled
+  int64_t num_drafts = 0;  // speculative tokens verified after it (only when `samples`); blocks reserved for them
 };
 
 struct Schedule {

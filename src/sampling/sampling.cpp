@@ -97,6 +97,70 @@ void apply_bias_and_penalties(float* x, int64_t n, const SeqSampler& s) {
       if (t >= 0 && t < n && c > 0) x[t] -= p.frequency_penalty * float(c) + p.presence_penalty;
 }
 
+namespace {
+
+// The distribution sample() draws from, up to its normaliser: the candidates that survive temperature,
+// min_p, top_k and top_p with their weights exp(logit/T - max), in the order sample() walks them.
+// `x` holds the biased and penalised logits [n]; not called for greedy requests.
+struct Cand {
+  double w;  // exp(logit - max): probability up to the normaliser
+  int32_t id;
+};
+
+std::vector<Cand> candidates(std::vector<float>& x, const SamplingParams& p) {
+  const int64_t n = int64_t(x.size());
+  const float inv_t = 1.f / p.temperature;
+  float mx = -std::numeric_limits<float>::infinity();
+  for (auto& v : x) {
+    v *= inv_t;
+    mx = std::max(mx, v);
+  }
+  if (!std::isfinite(mx)) fail("sampling: no token left to sample (every logit is -inf or NaN after logit_bias)");
+  std::vector<Cand> c;
+  c.reserve(size_t(n));
+  // min_p keeps tokens whose probability is at least min_p × the top probability: w >= min_p.
+  for (int64_t i = 0; i < n; ++i) {
+    double w = std::exp(double(x[size_t(i)]) - mx);
+    if (w > 0 && w >= double(p.min_p)) c.push_back({w, int32_t(i)});
+  }
+  auto by_prob = [](const Cand& a, const Cand& b) { return a.w > b.w || (a.w == b.w && a.id < b.id); };
+  if (p.top_k > 0 && size_t(p.top_k) < c.size()) {
+    // Ties with the k-th value are kept, like vLLM's mask `logits < kth`.
+    std::nth_element(c.begin(), c.begin() + (p.top_k - 1), c.end(), by_prob);
+    const double kth = c[size_t(p.top_k - 1)].w;
+    c.erase(std::remove_if(c.begin(), c.end(), [&](const Cand& a) { return a.w < kth; }), c.end());
+  }
+  if (p.top_p < 1.f) {
+    // Keep the most likely tokens while the mass before them is below top_p (so at least one survives).
+    std::sort(c.begin(), c.end(), by_prob);
+    double total = 0;
+    for (auto& a : c) total += a.w;
+    double before = 0;
+    size_t keep = 0;
+    while (keep < c.size() && before < double(p.top_p) * total) before += c[keep++].w;
+    c.resize(std::max<size_t>(keep, 1));
+  }
+  return c;
+}
+
+// Draws from the candidates' weights (u uniform in [0, 1)).
+int32_t draw(const std::vector<Cand>& c, double u) {
+  double total = 0;
+  for (auto& a : c) total += a.w;
+  u *= total;
+  int32_t tok = c.back().id;
+  for (auto& a : c) {
+    if (u < a.w) {
+      tok = a.id;
+      break;
+    }
+    u -= a.w;
+  }
+  return tok;
+}
+
+}  // namespace
+
 int32_t sample(const float* logits, int64_t V, int64_t vocab_limit, SeqSampler& s, TokenLogprob* lp) {
   const SamplingParams& p = s.params;
   const int64_t n = vocab_limit > 0 ? std::min(vocab_limit, V) : V;  // ids >= n are never produced
@@ -111,55 +175,63 @@ int32_t sample(const float* logits, int64_t V, int64_t vocab_limit, SeqSampler& 
     tok = argmax(x.data(), n);
   } else {
     // 2. Temperature. 3. min_p, top_k, top_p over the surviving candidates. 4. Draw.
-    const float inv_t = 1.f / p.temperature;
-    float mx = -std::numeric_limits<float>::infinity();
-    for (auto& v : x) {
-      v *= inv_t;
-      mx = std::max(mx, v);
-    }
-    if (!std::isfinite(mx)) fail("sampling: no token left to sample (every logit is -inf or NaN after logit_bias)");
-    struct Cand {
-      double w;  // exp(logit - max): probability up to the normaliser
-      int32_t id;
-    };
-    std::vector<Cand> c;
-    c.reserve(size_t(n));
-    // min_p keeps tokens whose probability is at least min_p × the top probability: w >= min_p.
-    for (int64_t i = 0; i < n; ++i) {
-      double w = std::exp(double(x[size_t(i)]) - mx);
-      if (w > 0 && w >= double(p.min_p)) c.push_back({w, int32_t(i)});
-    }
-    auto by_prob = [](const Cand& a, const Cand& b) { return a.w > b.w || (a.w == b.w && a.id < b.id); };
-    if (p.top_k > 0 && size_t(p.top_k) < c.size()) {
-      // Ties with the k-th value are kept, like vLLM's mask `logits < kth`.
-      std::nth_element(c.begin(), c.begin() + (p.top_k - 1), c.end(), by_prob);
-      const double kth = c[size_t(p.top_k - 1)].w;
-      c.erase(std::remove_if(c.begin(), c.end(), [&](const Cand& a) { return a.w < kth; }), c.end());
-    }
-    if (p.top_p < 1.f) {
-      // Keep the most likely tokens while the mass before them is below top_p (so at least one survives).
-      std::sort(c.begin(), c.end(), by_prob);
-      double total = 0;
-      for (auto& a : c) total += a.w;
-      double before = 0;
-      size_t keep = 0;
-      while (keep < c.size() && before < double(p.top_p) * total) before += c[keep++].w;
-      c.resize(std::max<size_t>(keep, 1));
-    }
-    double total = 0;
-    for (auto& a : c) total += a.w;
-    double u = uniform01(s.rng) * total;
-    tok = c.back().id;
-    for (auto& a : c) {
-      if (u < a.w) {
-        tok = a.id;
-        break;
-      }
-      u -= a.w;
-    }
+    tok = draw(candidates(x, p), uniform01(s.rng));
   }
   if (lp && p.logprobs >= 0) fill_logprobs(logits, n, tok, p.logprobs, *lp);
   return tok;
+}
+
+int32_t verify_draft(const float* logits, int64_t V, int64_t vocab_limit, SeqSampler& s, int32_t draft,
+                     const float* draft_probs, bool* accepted, TokenLogprob* lp) {
+  const SamplingParams& p = s.params;
+  const int64_t n = vocab_limit > 0 ? std::min(vocab_limit, V) : V;
+  DS_CHECK(n > 0, "empty vocabulary");
+  std::vector<float> x(logits, logits + n);  // fp32 [n]
+  apply_bias_and_penalties(x.data(), n, s);
+
+  int32_t tok = -1;
+  bool acc = false;
+  if (p.temperature < kGreedyEps) {
+    // Greedy target: p is one-hot at the argmax, so the rule reduces to "accept iff equal" and uses no RNG.
+    tok = argmax(x.data(), n);
+    acc = tok == draft;
+  } else {
+    std::vector<Cand> c = candidates(x, p);
+    double total = 0, pd = 0;
+    for (auto& a : c) {
+      total += a.w;
+      if (a.id == draft) pd = a.w;
+    }
+    pd /= total;  // p(draft); 0 outside the candidates (or outside [0, n))
+    const double qd = draft_probs ? double(draft_probs[draft]) : 1.0;
+    // Leviathan et al.: accept with probability min(1, p/q), i.e. u·q < p.
+    const double u = uniform01(s.rng);
+    if (u * qd < pd) {
+      tok = draft;
+      acc = true;
+    } else {
+      // Residual normalize(max(0, p - q)); with a one-hot q that is p without the draft. Its support lies
+      // inside the candidates, since p = 0 elsewhere.
+      std::vector<Cand> r;
+      r.reserve(c.size());
+      for (auto& a : c) {
+        const double q = draft_probs ? double(draft_probs[a.id]) : (a.id == draft ? 1.0 : 0.0);
+        const double w = a.w / total - q;
+        if (w > 0) r.push_back({w, a.id});
+      }
+      // p == q leaves no residual mass, but then the draft was accepted with probability 1: unreachable
+      // except by rounding; fall back to p itself.
+      tok = draw(r.empty() ? c : r, uniform01(s.rng));
+    }
+  }
+  if (accepted) *accepted = acc;
+  if (lp && p.logprobs >= 0) fill_logprobs(logits, n, tok, p.logprobs, *lp);
+  return tok;
+}
+
+int32_t draft_argmax(const float* logits, int64_t V, int64_t vocab_limit) {
+  const int64_t n = vocab_limit > 0 ? std::min(vocab_limit, V) : V;
+  return argmax(logits, n);
 }
 
 }  // namespace ds::sampling

@@ -53,4 +53,18 @@ void apply_bias_and_penalties(float* x, int64_t n, const SeqSampler& s);
 // embedding that the tokenizer never produces); pass V to mask nothing. Fills `lp` when params.logprobs >= 0.
 int32_t sample(const float* logits, int64_t V, int64_t vocab_limit, SeqSampler& s, TokenLogprob* lp);
 
+// Speculative decoding: decides the token at one verified position given the target logits [V] of that
+// position and the proposed `draft`. The target distribution p is exactly the one sample() draws from
+// (bias, penalties, temperature, min_p, top_k, top_p). `draft_probs` [vocab_limit] is the draft's
+// distribution q, or null for a deterministic (greedy) draft, q one-hot at `draft`. Rejection sampling
+// (Leviathan et al. 2023): accept the draft with probability min(1, p(d)/q(d)); otherwise return a token
+// drawn from normalize(max(0, p − q)). Either way the returned token is distributed as p. Greedy requests
+// (temperature 0) accept iff the draft is the argmax and return the argmax, drawing nothing from the RNG.
+// Sets *accepted; fills `lp` (the returned token's raw logprob) when params.logprobs >= 0.
+int32_t verify_draft(const float* logits, int64_t V, int64_t vocab_limit, SeqSampler& s, int32_t draft,
+                     const float* draft_probs, bool* accepted, TokenLogprob* lp);
+
+// The draft head's proposal: the argmax of its logits over ids [0, vocab_limit) (deterministic, so q is one-hot).
+int32_t draft_argmax(const float* logits, int64_t V, int64_t vocab_limit);
+
 }  // namespace ds::sampling

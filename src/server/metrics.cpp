@@ -62,6 +62,17 @@ std::string ServerMetrics::render(const runtime::EngineMetrics& e, const std::st
   for (int i = 1; i < 5; ++i)
     os << "deltaserve:request_success_total{" << L << ",finished_reason=\"" << reasons[i] << "\"} "
        << e.requests_finished[i] << "\n";
+  if (!e.spec_accepted_per_pos.empty()) {  // speculative decoding on (vLLM's spec_decode_* names)
+    counter("spec_decode_num_drafts_total", "Verify rounds with at least one draft token.",
+            double(e.spec_num_drafts_total));
+    counter("spec_decode_num_draft_tokens_total", "Draft tokens verified.", double(e.spec_draft_tokens_total));
+    counter("spec_decode_num_accepted_tokens_total", "Draft tokens accepted.", double(e.spec_accepted_tokens_total));
+    os << "# HELP deltaserve:spec_decode_num_accepted_tokens_per_pos Draft tokens accepted, by draft position.\n"
+       << "# TYPE deltaserve:spec_decode_num_accepted_tokens_per_pos counter\n";
+    for (size_t i = 0; i < e.spec_accepted_per_pos.size(); ++i)
+      os << "deltaserve:spec_decode_num_accepted_tokens_per_pos{" << L << ",position=\"" << i << "\"} "
+         << e.spec_accepted_per_pos[i] << "\n";
+  }
   counter("http_requests_total", "HTTP requests received.", double(http_requests_total.load()));
   counter("request_rejected_total", "Requests rejected by admission control (429/503).", double(rejected_total.load()));
   counter("request_client_errors_total", "Requests answered with a 4xx error.", double(client_errors_total.load()));

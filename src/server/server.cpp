@@ -140,6 +140,7 @@ void load_runtime(ServerState& st) {
   ec.eos_token_ids = eos;
   // Like the reference, ids the tokenizer does not assign stay samplable (they decode to nothing).
   ec.vocab_limit = mc.text.vocab_size;
+  ec.num_speculative_tokens = cfg.num_speculative_tokens;
   rt.engine = std::make_unique<runtime::Engine>(*rt.model, ec);
   rt.engine->start();
 }

@@ -25,6 +25,7 @@ struct ServerConfig {
   int drain_seconds = 30;             // graceful shutdown deadline
   nlohmann::ordered_json default_chat_template_kwargs = nlohmann::ordered_json::object();
   std::string chat_template_path;     // override the model's template
+  int64_t num_speculative_tokens = 0; // --speculative-config '{"method": "mtp", "num_speculative_tokens": K}'
 };
 
 // Starts listening, loads the model in the background (/health answers 503 until ready), serves until

@@ -1,0 +1,410 @@
+// Speculative decoding with the MTP head (issue 8): the rejection-sampling rule on synthetic distributions
+// (the emitted tokens follow the target distribution), and the engine on the tiny fixtures (CPU backend):
+// greedy output with speculation equals the output without it for K = 1..4, batched with chunked prefill;
+// max_tokens, stop tokens, preemption and abort behave as without speculation; the spec counters add up.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <map>
+#include <memory>
+#include <numeric>
+#include <random>
+
+#include "backend/ops.h"
+#include "core/status.h"
+#include "golden_util.h"
+#include "model/model.h"
+#include "runtime/engine.h"
+#include "sampling/sampling.h"
+#include "server/metrics.h"
+
+namespace ds {
+namespace {
+
+using namespace std::chrono_literals;
+using runtime::Engine;
+using runtime::EngineConfig;
+using runtime::FinishReason;
+using runtime::Request;
+
+// ---- the acceptance rule on synthetic distributions ---------------------------------------------------
+
+std::vector<double> normalized(std::vector<double> v) {
+  double s = std::accumulate(v.begin(), v.end(), 0.0);
+  for (auto& x : v) x /= s;
+  return v;
+}
+
+// Draws `trials` drafts d ~ q, runs verify_draft with target logits log(p) (temperature 1, no filters), and
+// checks every token's empirical frequency against p within 5 standard errors; returns the acceptance rate.
+double check_follows_target(const std::vector<double>& p, const std::vector<double>* q, int32_t fixed_draft,
+                            int trials, uint64_t seed) {
+  const int64_t n = int64_t(p.size());
+  std::vector<float> logits(static_cast<size_t>(n)), qf;
+  for (int64_t i = 0; i < n; ++i) logits[size_t(i)] = p[size_t(i)] > 0 ? float(std::log(p[size_t(i)])) : -INFINITY;
+  if (q) qf.assign(q->begin(), q->end());
+  sampling::SamplingParams sp;
+  sp.temperature = 1.f;
+  sp.seed = seed;
+  sampling::SeqSampler s(sp, {});
+  std::mt19937_64 draft_rng(seed ^ 0x9e3779b97f4a7c15ull);
+  std::discrete_distribution<int32_t> qd(q ? q->begin() : p.begin(), q ? q->end() : p.end());
+  std::vector<int64_t> count(size_t(n), 0);
+  int64_t acc = 0;
+  for (int t = 0; t < trials; ++t) {
+    const int32_t d = q ? qd(draft_rng) : fixed_draft;
+    bool ok = false;
+    int32_t tok = sampling::verify_draft(logits.data(), n, n, s, d, q ? qf.data() : nullptr, &ok, nullptr);
+    if (ok) {
+      EXPECT_EQ(tok, d);
+    }
+    ++count[size_t(tok)];
+    acc += ok;
+  }
+  double max_z = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double f = double(count[size_t(i)]) / trials, pi = p[size_t(i)];
+    const double se = std::sqrt(std::max(pi * (1 - pi), 1e-12) / trials);
+    max_z = std::max(max_z, std::abs(f - pi) / se);
+    EXPECT_LT(std::abs(f - pi), 5 * se + 1e-9) << "token " << i << ": empirical " << f << " vs target " << pi;
+  }
+  std::printf("  max |freq - p| = %.2f standard errors over %d trials, acceptance %.4f\n", max_z, trials,
+              double(acc) / trials);
+  return double(acc) / trials;
+}
+
+TEST(SpecVerify, RejectionSamplingFollowsTheTargetDistribution) {
+  const auto p = normalized({0.30, 0.05, 0.20, 0.0, 0.15, 0.10, 0.12, 0.08});
+  const auto q = normalized({0.05, 0.30, 0.10, 0.20, 0.15, 0.05, 0.05, 0.10});
+  const int trials = 200000;
+  double expect_acc = 0;  // P(accept) = Σ min(p, q)
+  for (size_t i = 0; i < p.size(); ++i) expect_acc += std::min(p[i], q[i]);
+  const double acc = check_follows_target(p, &q, -1, trials, 7);
+  EXPECT_NEAR(acc, expect_acc, 5 * std::sqrt(expect_acc * (1 - expect_acc) / trials));
+  // q == p: everything is accepted.
+  EXPECT_DOUBLE_EQ(check_follows_target(p, &p, -1, 20000, 8), 1.0);
+  // Deterministic (one-hot) drafts, as the engine's MTP argmax gives: likely, unlikely and impossible drafts.
+  for (int32_t d : {0, 1, 3}) {
+    const double a = check_follows_target(p, nullptr, d, trials, 100 + uint64_t(d));
+    EXPECT_NEAR(a, p[size_t(d)], 5 * std::sqrt(std::max(p[size_t(d)] * (1 - p[size_t(d)]), 1e-12) / trials));
+  }
+}
+
+TEST(SpecVerify, TargetIsTheProcessedDistribution) {
+  // temperature 0.5 and top_k 3 over 8 logits: the target is softmax(l / 0.5) over the top 3, renormalised.
+  const std::vector<float> logits = {1.0f, 0.2f, 0.8f, -1.0f, 0.5f, 0.0f, 0.9f, -0.3f};
+  sampling::SamplingParams sp;
+  sp.temperature = 0.5f;
+  sp.top_k = 3;
+  sp.seed = 11;
+  sampling::SeqSampler s(sp, {});
+  std::vector<double> p(8, 0.0);
+  for (int i : {0, 2, 6}) p[size_t(i)] = std::exp(logits[size_t(i)] / 0.5);
+  p = normalized(p);
+  const int trials = 100000;
+  for (int32_t d : {2, 4}) {  // a candidate, and a token top_k removed (p = 0: always rejected)
+    std::vector<int64_t> count(8, 0);
+    int64_t acc = 0;
+    for (int t = 0; t < trials; ++t) {
+      bool ok = false;
+      ++count[size_t(sampling::verify_draft(logits.data(), 8, 8, s, d, nullptr, &ok, nullptr))];
+      acc += ok;
+    }
+    for (int i = 0; i < 8; ++i) {
+      const double f = double(count[size_t(i)]) / trials, se = std::sqrt(std::max(p[i] * (1 - p[i]), 1e-12) / trials);
+      EXPECT_LT(std::abs(f - p[size_t(i)]), 5 * se + 1e-9) << "draft " << d << " token " << i;
+    }
+    EXPECT_NEAR(double(acc) / trials, p[size_t(d)], 0.01);
+  }
+}
+
+TEST(SpecVerify, GreedyAcceptsExactlyTheArgmaxWithoutTouchingTheRng) {
+  const std::vector<float> logits = {0.1f, 2.0f, 0.3f, 1.9f};
+  sampling::SamplingParams sp;
+  sp.temperature = 0.f;
+  sp.seed = 3;
+  sampling::SeqSampler s(sp, {});
+  const auto before = s.rng;
+  bool ok = false;
+  EXPECT_EQ(sampling::verify_draft(logits.data(), 4, 4, s, 1, nullptr, &ok, nullptr), 1);
+  EXPECT_TRUE(ok);
+  EXPECT_EQ(sampling::verify_draft(logits.data(), 4, 4, s, 3, nullptr, &ok, nullptr), 1);
+  EXPECT_FALSE(ok);
+  EXPECT_TRUE(s.rng == before);
+}
+
+// ---- the engine on the tiny fixtures ----------------------------------------------------------------
+
+struct Fixture {
+  std::unique_ptr<Backend> be;
+  std::unique_ptr<model::Model> m;
+  std::vector<std::vector<int32_t>> prompts;
+};
+
+Fixture& fixture(const std::string& family, const std::string& variant) {
+  static std::map<std::string, Fixture> all;
+  const std::string key = family + "-" + variant;
+  auto it = all.find(key);
+  if (it != all.end()) return it->second;
+  Fixture& f = all[key];
+  const std::string dir = test::data_dir() + "/" + family + "/";
+  f.be = make_cpu_backend();
+  f.m = model::Model::load(dir + key, *f.be);
+  auto g = test::read_json(dir + "golden.json");
+  for (auto& p : g["text"][variant]) f.prompts.push_back(p["prompt"].get<std::vector<int32_t>>());
+  return f;
+}
+
+EngineConfig config(int64_t K) {
+  EngineConfig c;
+  c.max_num_seqs = 8;
+  c.max_num_batched_tokens = 48;  // the 150- and 333-token prompts prefill in chunks, beside decodes
+  c.max_model_len = 512;
+  c.block_size = 16;
+  c.eos_token_ids = {1984, 1986};
+  c.num_speculative_tokens = K;
+  return c;
+}
+
+struct Out {
+  std::vector<int32_t> tokens;
+  FinishReason finish = FinishReason::None;
+  int32_t stop_token = -1;
+  int64_t completion_tokens = 0;
+};
+
+Out collect(Request& r) {
+  Out o;
+  while (auto d = r.out->pop(0ms)) {
+    o.tokens.insert(o.tokens.end(), d->tokens.begin(), d->tokens.end());
+    o.finish = d->finish;
+    o.stop_token = d->stop_token;
+    o.completion_tokens = d->completion_tokens;
+  }
+  return o;
+}
+
+std::shared_ptr<Request> req(uint64_t id, std::vector<int32_t> prompt, int64_t max_tokens, float temperature = 0.f) {
+  auto r = std::make_shared<Request>();
+  r->id = id;
+  r->prompt = std::move(prompt);
+  r->max_tokens = max_tokens;
+  r->sampling.temperature = temperature;
+  r->sampling.seed = id + 1;
+  r->ignore_eos = true;
+  return r;
+}
+
+void expect_empty(const runtime::EngineMetrics& m) {
+  EXPECT_EQ(m.running, 0);
+  EXPECT_EQ(m.waiting, 0);
+  EXPECT_EQ(m.kv_blocks_used, 0);
+  EXPECT_EQ(m.slots_used, 0);
+}
+
+// Every prompt of the fixture submitted at once and stepped to the end.
+std::vector<Out> run_all(model::Model& m, const EngineConfig& c, const std::vector<std::shared_ptr<Request>>& rs,
+                         runtime::EngineMetrics* metrics = nullptr) {
+  Engine e(m, c);
+  for (auto& r : rs) e.submit(r);
+  while (e.step()) {
+  }
+  std::vector<Out> out;
+  for (auto& r : rs) out.push_back(collect(*r));
+  if (metrics) *metrics = e.metrics();
+  expect_empty(e.metrics());
+  return out;
+}
+
+void check_counters(const runtime::EngineMetrics& m, int64_t K) {
+  ASSERT_EQ(int64_t(m.spec_accepted_per_pos.size()), K);
+  EXPECT_GT(m.spec_num_drafts_total, 0);
+  EXPECT_LE(m.spec_draft_tokens_total, K * m.spec_num_drafts_total);
+  EXPECT_LE(m.spec_accepted_tokens_total, m.spec_draft_tokens_total);
+  int64_t sum = 0;
+  for (int64_t i = 0; i < K; ++i) {
+    sum += m.spec_accepted_per_pos[size_t(i)];
+    if (i > 0) EXPECT_LE(m.spec_accepted_per_pos[size_t(i)], m.spec_accepted_per_pos[size_t(i - 1)]);
+  }
+  EXPECT_EQ(sum, m.spec_accepted_tokens_total);
+}
+
+class SpecGreedy : public ::testing::TestWithParam<std::pair<const char*, const char*>> {};
+
+TEST_P(SpecGreedy, SameTokensAsWithoutSpeculation) {
+  auto [family, variant] = GetParam();
+  Fixture& f = fixture(family, variant);
+  ASSERT_TRUE(f.m->has_mtp());
+  const int64_t N = 20;
+  auto make = [&] {
+    std::vector<std::shared_ptr<Request>> rs;
+    for (size_t i = 0; i < f.prompts.size(); ++i) rs.push_back(req(i, f.prompts[i], N - int64_t(i)));
+    return rs;
+  };
+  const auto want = run_all(*f.m, config(0), make());
+  for (int64_t K = 1; K <= 4; ++K) {
+    runtime::EngineMetrics m;
+    const auto got = run_all(*f.m, config(K), make(), &m);
+    for (size_t i = 0; i < want.size(); ++i) {
+      EXPECT_EQ(got[i].tokens, want[i].tokens) << family << "-" << variant << " K=" << K << " prompt " << i;
+      EXPECT_EQ(got[i].finish, FinishReason::Length);
+      EXPECT_EQ(got[i].completion_tokens, N - int64_t(i));
+    }
+    check_counters(m, K);
+    std::printf("  %s-%s K=%lld: %lld rounds, drafted %lld, accepted %lld (%.1f%%), per position:", family, variant,
+                (long long)K, (long long)m.spec_num_drafts_total, (long long)m.spec_draft_tokens_total,
+                (long long)m.spec_accepted_tokens_total,
+                100.0 * double(m.spec_accepted_tokens_total) / double(std::max<int64_t>(1, m.spec_draft_tokens_total)));
+    for (auto a : m.spec_accepted_per_pos) std::printf(" %lld", (long long)a);
+    std::printf("\n");
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, SpecGreedy,
+                         ::testing::Values(std::make_pair("tiny-moe", "bf16"), std::make_pair("tiny-moe", "int4"),
+                                           std::make_pair("tiny-dense", "bf16"), std::make_pair("tiny-dense", "int4")),
+                         [](const auto& info) {
+                           return std::string(info.param.first == std::string("tiny-moe") ? "moe_" : "dense_") +
+                                  info.param.second;
+                         });
+
+// Random weights accept almost nothing, so an oracle replaces each draft by the target's own next token with
+// probability 0.7 (else a wrong one): acceptance, bonus tokens and partial rollbacks all happen, batched with
+// chunked prefill, greedy and sampled, and the greedy output is still the plain one.
+TEST(SpecEngine, OracleDraftsAreAcceptedAndOutputUnchanged) {
+  Fixture& f = fixture("tiny-moe", "bf16");
+  const int64_t N = 24;
+  auto make = [&](float temp) {
+    std::vector<std::shared_ptr<Request>> rs;
+    for (size_t i = 0; i < f.prompts.size(); ++i) rs.push_back(req(i, f.prompts[i], N, temp));
+    return rs;
+  };
+  const auto want = run_all(*f.m, config(0), make(0.f));
+  for (int64_t K : {1, 3}) {
+    EngineConfig c = config(K);
+    std::mt19937_64 rng(K);
+    c.draft_hook = [&](uint64_t id, int64_t index, int32_t proposed) {
+      const auto& w = want[size_t(id)].tokens;
+      const int64_t g = index - int64_t(f.prompts[size_t(id)].size());
+      const bool right = (rng() % 10) < 7;
+      if (g < 0 || g >= int64_t(w.size())) return proposed;
+      return right ? w[size_t(g)] : int32_t((w[size_t(g)] + 1 + rng() % 100) % 2048);
+    };
+    runtime::EngineMetrics m;
+    const auto got = run_all(*f.m, c, make(0.f), &m);
+    for (size_t i = 0; i < want.size(); ++i) EXPECT_EQ(got[i].tokens, want[i].tokens) << "K=" << K << " prompt " << i;
+    check_counters(m, K);
+    const double rate = double(m.spec_accepted_tokens_total) / double(m.spec_draft_tokens_total);
+    std::printf("  oracle 0.7, K=%lld: %lld rounds, drafted %lld, accepted %lld (%.1f%%), per position:", (long long)K,
+                (long long)m.spec_num_drafts_total, (long long)m.spec_draft_tokens_total,
+                (long long)m.spec_accepted_tokens_total, 100 * rate);
+    for (auto a : m.spec_accepted_per_pos) std::printf(" %lld", (long long)a);
+    std::printf("; %lld forward steps for %lld tokens\n", (long long)m.steps_total, (long long)m.generation_tokens_total);
+    EXPECT_GT(rate, 0.4);
+    EXPECT_EQ(m.spec_accepted_per_pos[0] > 0, true);
+    // Sampled requests with the same oracle: lengths exact, counters consistent.
+    const auto s = run_all(*f.m, c, make(0.7f), &m);
+    for (auto& o : s) EXPECT_EQ(int64_t(o.tokens.size()), N);
+    check_counters(m, K);
+  }
+}
+
+TEST(SpecEngine, MaxTokensStopTokensAndPreemption) {
+  Fixture& f = fixture("tiny-moe", "bf16");
+  const auto& p = f.prompts[2];
+  const auto want = run_all(*f.m, config(0), {req(0, p, 12)})[0].tokens;
+  ASSERT_EQ(want.size(), 12u);
+  // max_tokens 1..6 with K = 4: exactly max_tokens tokens, the prefix of the plain output.
+  for (int64_t mt = 1; mt <= 6; ++mt) {
+    auto o = run_all(*f.m, config(4), {req(0, p, mt)})[0];
+    EXPECT_EQ(o.finish, FinishReason::Length);
+    EXPECT_EQ(o.completion_tokens, mt);
+    EXPECT_EQ(o.tokens, std::vector<int32_t>(want.begin(), want.begin() + mt)) << "max_tokens " << mt;
+  }
+  // A stop token in the middle: the same cut as without speculation, the stop token not reported.
+  for (size_t at : {size_t(3), size_t(7)}) {
+    auto r = req(0, p, 12);
+    r->stop_token_ids = {want[at]};
+    size_t first = std::find(want.begin(), want.end(), want[at]) - want.begin();
+    auto o = run_all(*f.m, config(3), {r})[0];
+    EXPECT_EQ(o.finish, FinishReason::Stop);
+    EXPECT_EQ(o.stop_token, want[at]);
+    EXPECT_EQ(o.tokens, std::vector<int32_t>(want.begin(), want.begin() + first));
+    EXPECT_EQ(o.completion_tokens, int64_t(first + 1));
+  }
+  // A KV pool too small for everyone: preemption (recompute) keeps the outputs identical.
+  std::vector<std::shared_ptr<Request>> a, b;
+  for (size_t i = 0; i < 4; ++i) {
+    a.push_back(req(i, f.prompts[i], 16));
+    b.push_back(req(i, f.prompts[i], 16));
+  }
+  EngineConfig c0 = config(0), c3 = config(3);
+  c0.num_blocks = c3.num_blocks = 16;  // 256 tokens for prompts of 1 + 9 + 40 + 150 and 64 generated
+  runtime::EngineMetrics m;
+  const auto plain = run_all(*f.m, c0, a), spec = run_all(*f.m, c3, b, &m);
+  EXPECT_GT(m.preemptions_total, 0);
+  for (size_t i = 0; i < 4; ++i) EXPECT_EQ(spec[i].tokens, plain[i].tokens) << "prompt " << i;
+}
+
+TEST(SpecEngine, SamplingRunsAndCountersAddUp) {
+  Fixture& f = fixture("tiny-dense", "bf16");
+  std::vector<std::shared_ptr<Request>> rs;
+  for (size_t i = 0; i < f.prompts.size(); ++i) rs.push_back(req(i, f.prompts[i], 16, 0.8f));
+  runtime::EngineMetrics m;
+  const auto out = run_all(*f.m, config(3), rs, &m);
+  for (auto& o : out) {
+    EXPECT_EQ(o.finish, FinishReason::Length);
+    EXPECT_EQ(o.tokens.size(), 16u);
+  }
+  check_counters(m, 3);
+  // Seeded sampling with speculation is reproducible.
+  std::vector<std::shared_ptr<Request>> again;
+  for (size_t i = 0; i < f.prompts.size(); ++i) again.push_back(req(i, f.prompts[i], 16, 0.8f));
+  const auto out2 = run_all(*f.m, config(3), again);
+  for (size_t i = 0; i < out.size(); ++i) EXPECT_EQ(out2[i].tokens, out[i].tokens);
+  // Exported under vLLM's names.
+  server::ServerMetrics sm;
+  const std::string text = sm.render(m, "tiny");
+  for (const char* name : {"deltaserve:spec_decode_num_drafts_total", "deltaserve:spec_decode_num_draft_tokens_total",
+                           "deltaserve:spec_decode_num_accepted_tokens_total",
+                           "deltaserve:spec_decode_num_accepted_tokens_per_pos{model_name=\"tiny\",position=\"2\"}"})
+    EXPECT_NE(text.find(name), std::string::npos) << name;
+}
+
+TEST(SpecEngine, AbortMidSpeculationFreesEverything) {
+  Fixture& f = fixture("tiny-moe", "int4");
+  Engine e(*f.m, config(4));
+  std::vector<std::shared_ptr<Request>> rs;
+  for (size_t i = 0; i < 3; ++i) {
+    rs.push_back(req(i, f.prompts[i], 40));
+    e.submit(rs.back());
+  }
+  // Prefill and a few verify rounds, so drafts and spare slots are in use.
+  for (int i = 0; i < 4; ++i) e.step();
+  EXPECT_GT(e.metrics().spec_num_drafts_total, 0);
+  EXPECT_EQ(e.metrics().slots_used, 3);
+  for (auto& r : rs) e.abort(r->id);
+  e.step();
+  expect_empty(e.metrics());
+  for (auto& r : rs) EXPECT_EQ(collect(*r).finish, FinishReason::Abort);
+  // The engine serves the next request normally.
+  auto r = req(9, f.prompts[1], 5);
+  e.submit(r);
+  while (e.step()) {
+  }
+  EXPECT_EQ(collect(*r).completion_tokens, 5);
+  expect_empty(e.metrics());
+}
+
+TEST(SpecEngine, RejectsSpeculationWithoutAnMtpHead) {
+  Fixture& f = fixture("tiny-moe", "bf16");
+  auto be = make_cpu_backend();
+  model::LoadOptions o;
+  o.mtp = false;
+  auto m = model::Model::load(test::data_dir() + "/tiny-moe/tiny-moe-bf16", *be, nullptr, o);
+  EXPECT_THROW(Engine(*m, config(2)), Error);
+  EXPECT_THROW(Engine(*f.m, config(17)), Error);
+}
+
+}  // namespace
+}  // namespace ds

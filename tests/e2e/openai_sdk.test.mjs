@@ -2,7 +2,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import OpenAI from 'openai';
-import { startServer, goldenJson, metrics } from './server.mjs';
+import { startServer, goldenJson, metrics, BACKEND, MODEL } from './server.mjs';
 
 let srv, client;
 const golden = goldenJson();
@@ -23,8 +23,11 @@ test('health answered 503 while loading, 200 when ready; /v1/models lists the se
   assert.equal(models.data[0].id, 'tiny');
 });
 
-test('greedy completions from token ids reproduce the reference continuations', async () => {
-  for (const variant of ['int4']) {
+test('greedy completions from token ids reproduce the reference continuations', async (t) => {
+  // The fp32 CPU backend reproduces the fp32 reference; bf16 CUDA is held to the reference's own bf16 error
+  // instead (tests/cuda/test_cuda_golden.cpp), so exact continuations are not expected there.
+  if (BACKEND !== 'cpu') return t.skip('exact continuations are a CPU-backend property');
+  for (const variant of [MODEL.includes('bf16') ? 'bf16' : 'int4']) {
     for (const p of golden.text[variant]) {
       if (p.min_top2_margin < 1e-3) continue;
       const r = await client.completions.create({

@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Server end-to-end smoke test for machines without Node.js (the GPU host): standard library only.
+Starts `deltaserve serve` with the given backend, then checks: /health, /v1/models, greedy completions equal
+for concurrent streaming and solo runs (batching invariance), SSE framing and usage, a chat with a named tool
+call, malformed input, metrics back to zero, graceful SIGTERM (exit 0).
+
+  tools/e2e_smoke.py BINARY MODEL_DIR [--backend cuda]
+"""
+import json, os, socket, subprocess, sys, threading, time, urllib.request, urllib.error
+
+binary, model = sys.argv[1], sys.argv[2]
+backend = sys.argv[sys.argv.index("--backend") + 1] if "--backend" in sys.argv else "cpu"
+s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+base = f"http://127.0.0.1:{port}"
+proc = subprocess.Popen([binary, "serve", model, "--port", str(port), "--backend", backend, "--max-model-len", "1024",
+                         "--max-num-seqs", "8", "--served-model-name", "tiny"], stderr=subprocess.PIPE, text=True)
+failures = []
+
+def check(cond, what):
+    print(("ok   " if cond else "FAIL ") + what)
+    if not cond:
+        failures.append(what)
+
+def post(path, body, stream=False):
+    req = urllib.request.Request(base + path, data=json.dumps(body).encode() if not isinstance(body, bytes) else body,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        r = urllib.request.urlopen(req, timeout=120)
+        return r.status, (r.read().decode() if not stream else r)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+for _ in range(600):
+    try:
+        if urllib.request.urlopen(base + "/health", timeout=1).status == 200:
+            break
+    except Exception:
+        time.sleep(0.1)
+check(json.load(urllib.request.urlopen(base + "/v1/models"))["data"][0]["id"] == "tiny", "/v1/models")
+
+prompts = [[1255, 1369, 548, 434, 1735], [1578, 716, 913], [174, 1788, 1858, 1260, 1559, 743, 1924], [12, 13]]
+def complete(p, n):
+    st, body = post("/v1/completions", {"prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True,
+                                        "return_token_ids": True})
+    return json.loads(body)["choices"][0]["token_ids"]
+solo = {i: complete(prompts[i % 4], 10 + i) for i in range(12)}
+
+results = {}
+def stream(i):
+    st, r = post("/v1/completions", {"prompt": prompts[i % 4], "max_tokens": 10 + i, "temperature": 0, "ignore_eos": True,
+                                     "return_token_ids": True, "stream": True,
+                                     "stream_options": {"include_usage": True}}, stream=True)
+    ids, usage, done = [], None, False
+    for line in r:
+        line = line.decode().strip()
+        if not line.startswith("data: "):
+            continue
+        if line == "data: [DONE]":
+            done = True
+            continue
+        c = json.loads(line[6:])
+        usage = c.get("usage") or usage
+        for ch in c["choices"]:
+            ids += ch.get("token_ids", [])
+    results[i] = (ids, usage, done)
+threads = [threading.Thread(target=stream, args=(i,)) for i in range(12)]
+[t.start() for t in threads]; [t.join() for t in threads]
+check(all(results[i][0] == solo[i] for i in range(12)), "12 concurrent streams equal their solo runs")
+check(all(results[i][2] and results[i][1]["completion_tokens"] == 10 + i for i in range(12)), "SSE [DONE] and usage")
+
+tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+        "properties": {"city": {"type": "string"}}}}}
+st, body = post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Weather?"}], "tools": [tool],
+                                          "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+                                          "max_tokens": 16})
+calls = json.loads(body)["choices"][0]["message"].get("tool_calls") or []
+check(st == 200 and calls and calls[0]["function"]["name"] == "get_weather", "named tool call")
+st, body = post("/v1/chat/completions", b'{"messages": [')
+check(st == 400 and "not valid JSON" in json.loads(body)["error"]["message"], "malformed JSON is a 400")
+st, body = post("/v1/completions", {"prompt": [1, 2], "max_tokens": 5000})
+check(st == 400, "too long is a 400")
+
+time.sleep(0.5)
+m = urllib.request.urlopen(base + "/metrics").read().decode()
+busy = [l for l in m.splitlines() if l.startswith(("deltaserve:num_requests_running", "deltaserve:kv_blocks_used",
+                                                     "deltaserve:state_slots_used")) and not l.endswith(" 0")]
+check(not busy, "metrics back to zero " + str(busy))
+proc.terminate()
+code = proc.wait(timeout=60)
+check(code == 0, f"SIGTERM exit code {code}")
+print(f"{12 - len(failures)} passed, {len(failures)} failed" if False else f"e2e_smoke ({backend}): {len(failures)} failed")
+sys.exit(1 if failures else 0)

@@ -7,7 +7,6 @@ Tensor Model::forward(BatchMeta& b, ModelCaches& caches, const std::vector<int32
                       const std::vector<int32_t>* hidden_rows) {
   const auto& t = cfg_.text;
   const int64_t T = b.num_tokens(), H = t.hidden_size;
-  const float eps = float(t.rms_norm_eps);
   const DType act = be_.act_dtype();
   be_.prepare_batch(b);
 
@@ -16,21 +15,23 @@ Tensor Model::forward(BatchMeta& b, ModelCaches& caches, const std::vector<int32
   if (!b.embed_rows.empty()) be_.scatter_rows(x, b.embed_rows, b.embed_src);  // image features
   for (size_t L = 0; L < w_.layers.size(); ++L)
     x = decoder_layer(w_.layers[L], x, b, caches, &caches.kv[L], &caches.state[L]);
-  const int64_t R = int64_t(logit_rows.size());
-  Tensor last = be_.alloc(act, {R, H});
-  be_.gather_rows(x, logit_rows, last);
-  Tensor hf = be_.alloc(act, {R, H});
-  be_.rmsnorm(last, w_.final_norm, eps, hf);
-  Tensor logits = be_.alloc(DType::F32, {R, t.vocab_size});
+  Tensor hf = normed_rows(x, logit_rows, w_.final_norm);
+  if (hidden_out) *hidden_out = hidden_rows ? normed_rows(x, *hidden_rows, w_.final_norm) : hf;
+  return lm_head_logits(hf);
+}
+
+Tensor Model::normed_rows(const Tensor& x, const std::vector<int32_t>& rows, const Tensor& norm) {
+  const int64_t R = int64_t(rows.size()), H = cfg_.text.hidden_size;
+  Tensor picked = be_.alloc(be_.act_dtype(), {R, H});
+  be_.gather_rows(x, rows, picked);
+  Tensor out = be_.alloc(be_.act_dtype(), {R, H});
+  be_.rmsnorm(picked, norm, float(cfg_.text.rms_norm_eps), out);
+  return out;
+}
+
+Tensor Model::lm_head_logits(const Tensor& hf) {
+  Tensor logits = be_.alloc(DType::F32, {hf.dim(0), cfg_.text.vocab_size});
   be_.linear(hf, w_.lm_head, logits);
-  if (hidden_out && hidden_rows) {
-    Tensor hr = be_.alloc(act, {int64_t(hidden_rows->size()), H});
-    be_.gather_rows(x, *hidden_rows, hr);
-    *hidden_out = be_.alloc(act, {int64_t(hidden_rows->size()), H});
-    be_.rmsnorm(hr, w_.final_norm, eps, *hidden_out);
-  } else if (hidden_out) {
-    *hidden_out = hf;
-  }
   return logits;
 }
 
@@ -67,15 +68,9 @@ Tensor Model::mtp_forward(BatchMeta& b, ModelCaches& caches, const Tensor& hidde
   be_.linear(hh, m.fc_h, x2);
   be_.add_inplace(x, x2);
   x = decoder_layer(m.layer, x, b, caches, &caches.mtp_kv, nullptr);
-  const int64_t R = int64_t(logit_rows.size());
-  Tensor last = be_.alloc(act, {R, H});
-  be_.gather_rows(x, logit_rows, last);
-  Tensor hf = be_.alloc(act, {R, H});
-  be_.rmsnorm(last, m.norm, eps, hf);
-  Tensor logits = be_.alloc(DType::F32, {R, t.vocab_size});
-  be_.linear(hf, w_.lm_head, logits);
+  Tensor hf = normed_rows(x, logit_rows, m.norm);
   if (hidden_out) *hidden_out = hf;
-  return logits;
+  return lm_head_logits(hf);
 }
 
 ModelCaches Model::alloc_caches(int64_t num_blocks, int64_t block_size, int64_t num_slots) {

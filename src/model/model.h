@@ -160,6 +160,10 @@ class Model {
   Tensor deltanet_block(const LayerWeights& lw, const Tensor& x, BatchMeta& b, StateLayer& st);
   Tensor ffn_block(const LayerWeights& lw, const Tensor& x);
   Tensor decoder_layer(const LayerWeights& lw, Tensor x, BatchMeta& b, ModelCaches& caches, KvLayer* kv, StateLayer* st);
+  // rmsnorm(x[rows], norm) [R, H]: the final hidden states of the chosen rows.
+  Tensor normed_rows(const Tensor& x, const std::vector<int32_t>& rows, const Tensor& norm);
+  // fp32 logits [R, V] = lm_head · hf
+  Tensor lm_head_logits(const Tensor& hf);
 
   io::ModelConfig cfg_;
   Backend& be_;

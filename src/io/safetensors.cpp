@@ -274,16 +274,29 @@ void fill_random(const TensorSpec& sp, uint64_t seed, uint8_t* dst) {
   }
 }
 
-void safetensors_write_streaming(const std::string& path, const std::vector<const TensorSpec*>& specs,
-                                 const std::function<void(const TensorSpec&, uint8_t*)>& fill) {
+namespace {
+struct HeaderItem {
+  std::string name;
+  DType dtype;
+  std::vector<int64_t> shape;
+  uint64_t nbytes() const {
+    uint64_t n = dtype_size(dtype);
+    for (auto d : shape) n *= uint64_t(d);
+    return n;
+  }
+};
+
+// Opens `path` and writes the length-prefixed header for tensors stored back to back in `items` order;
+// the caller writes the data in that order.
+std::ofstream open_with_header(const std::string& path, const std::vector<HeaderItem>& items) {
   json h = json::object();
   uint64_t off = 0;
-  for (auto* s : specs) {
-    h[s->name] = {{"dtype", dtype_name(s->dtype)}, {"shape", s->shape}, {"data_offsets", {off, off + uint64_t(s->nbytes())}}};
-    off += uint64_t(s->nbytes());
+  for (auto& t : items) {
+    h[t.name] = {{"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"data_offsets", {off, off + t.nbytes()}}};
+    off += t.nbytes();
   }
   std::string hs = h.dump();
-  while ((hs.size() + 8) % 8) hs.push_back(' ');
+  while ((hs.size() + 8) % 8) hs.push_back(' ');  // keep the data region 8-byte aligned
   std::ofstream f(path, std::ios::binary);
   if (!f) fail(path, ": cannot open for writing");
   uint64_t n = hs.size();
@@ -291,6 +304,15 @@ void safetensors_write_streaming(const std::string& path, const std::vector<cons
   for (int i = 0; i < 8; ++i) len[i] = char((n >> (8 * i)) & 0xff);
   f.write(len, 8);
   f.write(hs.data(), std::streamsize(hs.size()));
+  return f;
+}
+}  // namespace
+
+void safetensors_write_streaming(const std::string& path, const std::vector<const TensorSpec*>& specs,
+                                 const std::function<void(const TensorSpec&, uint8_t*)>& fill) {
+  std::vector<HeaderItem> items;
+  for (auto* s : specs) items.push_back({s->name, s->dtype, s->shape});
+  std::ofstream f = open_with_header(path, items);
   std::vector<uint8_t> buf;
   for (auto* s : specs) {
     buf.resize(size_t(s->nbytes()));
@@ -326,28 +348,11 @@ void safetensors_write(const std::string& path, const std::vector<TensorOut>& te
   std::vector<const TensorOut*> sorted;
   for (auto& t : tensors) sorted.push_back(&t);
   std::sort(sorted.begin(), sorted.end(), [](auto a, auto b) { return a->name < b->name; });
-  json h = json::object();
-  uint64_t off = 0;
-  for (auto* t : sorted) {
-    uint64_t n = dtype_size(t->dtype);
-    for (auto d : t->shape) n *= uint64_t(d);
-    h[t->name] = {{"dtype", dtype_name(t->dtype)}, {"shape", t->shape}, {"data_offsets", {off, off + n}}};
-    off += n;
-  }
-  std::string hs = h.dump();
-  while ((hs.size() + 8) % 8) hs.push_back(' ');  // keep the data region 8-byte aligned
-  std::ofstream f(path, std::ios::binary);
-  if (!f) fail(path, ": cannot open for writing");
-  uint64_t n = hs.size();
-  char len[8];
-  for (int i = 0; i < 8; ++i) len[i] = char((n >> (8 * i)) & 0xff);
-  f.write(len, 8);
-  f.write(hs.data(), std::streamsize(hs.size()));
-  for (auto* t : sorted) {
-    uint64_t nb = dtype_size(t->dtype);
-    for (auto d : t->shape) nb *= uint64_t(d);
-    f.write(static_cast<const char*>(t->data), std::streamsize(nb));
-  }
+  std::vector<HeaderItem> items;
+  for (auto* t : sorted) items.push_back({t->name, t->dtype, t->shape});
+  std::ofstream f = open_with_header(path, items);
+  for (size_t i = 0; i < sorted.size(); ++i)
+    f.write(static_cast<const char*>(sorted[i]->data), std::streamsize(items[i].nbytes()));
   if (!f) fail(path, ": write failed");
 }
 }  // namespace ds::io

@@ -12,6 +12,7 @@
 #include "backend/ops.h"
 #include "cuda_test_util.h"
 #include "golden_util.h"
+#include "model_runner.h"
 #include "model/model.h"
 #include "runtime/cache.h"
 
@@ -43,47 +44,10 @@ Fixture& fixture(const std::string& param) {
   return f;
 }
 
-std::vector<int32_t> ids(const nlohmann::json& j) { return j.get<std::vector<int32_t>>(); }
-
-std::vector<std::vector<float>> run_steps(model::Model& m, int nseq,
-                                          const std::vector<std::vector<std::vector<int32_t>>>& steps) {
-  runtime::CacheManager cm(m, 256, 16, nseq);
-  std::vector<runtime::SeqCache> seqs(nseq);
-  for (auto& s : seqs) cm.start(s);
-  std::vector<std::vector<float>> out(nseq);
-  const int64_t V = m.config().text.vocab_size;
-  for (auto& step : steps) {
-    std::vector<std::pair<const runtime::SeqCache*, std::vector<int32_t>>> parts;
-    std::vector<int> who;
-    for (int i = 0; i < nseq; ++i) {
-      if (step[i].empty()) continue;
-      EXPECT_TRUE(cm.reserve(seqs[i], int64_t(step[i].size())));
-      parts.push_back({&seqs[i], step[i]});
-      who.push_back(i);
-    }
-    BatchMeta b = runtime::make_batch(parts);
-    std::vector<int32_t> rows(static_cast<size_t>(b.num_tokens()));
-    for (size_t r = 0; r < rows.size(); ++r) rows[r] = int32_t(r);
-    auto logits = m.backend().to_host_f32(m.forward(b, cm.caches(), rows));
-    for (size_t p = 0; p < who.size(); ++p) {
-      auto& s = b.seqs[p];
-      out[who[p]].insert(out[who[p]].end(), logits.begin() + s.q_start * V, logits.begin() + (s.q_start + s.q_len) * V);
-      seqs[who[p]].len += s.q_len;
-    }
-  }
-  return out;
-}
-
-std::vector<float> run_one(model::Model& m, const std::vector<int32_t>& toks, size_t prefill) {
-  std::vector<std::vector<std::vector<int32_t>>> steps;
-  steps.push_back({std::vector<int32_t>(toks.begin(), toks.begin() + prefill)});
-  for (size_t i = prefill; i < toks.size(); ++i) steps.push_back({{toks[i]}});
-  return run_steps(m, 1, steps)[0];
-}
-
-std::vector<float> last_rows(const std::vector<float>& v, int64_t rows, int64_t V) {
-  return std::vector<float>(v.end() - rows * V, v.end());
-}
+using test::ids;
+using test::last_rows;
+using test::run_one;
+using test::run_steps;
 
 size_t num_prompts(const nlohmann::json& prompts) {
   size_t n = prompts.size();

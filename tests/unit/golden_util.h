@@ -1,6 +1,11 @@
 // Helpers for tests against the reference fixtures in tests/data (see tests/data/README.md).
 #pragma once
+#include <sys/wait.h>
+
+#include <array>
 #include <cmath>
+#include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -63,5 +68,23 @@ inline double rel_l2(const std::vector<float>& a, const std::vector<float>& b) {
   if (a.size() != b.size()) return INFINITY;
   return rel_l2(a.data(), b.data(), a.size());
 }
+
+#ifdef DS_BINARY
+struct CommandResult {
+  int code;         // exit status; 128 + signal number if it was killed
+  std::string out;  // stdout (and stderr when merged)
+};
+// Runs the deltaserve binary with `args` (shell syntax: redirections allowed) and collects its output.
+inline CommandResult run_binary(const std::string& args, bool merge_stderr = true) {
+  std::string cmd = std::string(DS_BINARY) + " " + args + (merge_stderr ? " 2>&1" : "");
+  FILE* p = popen(cmd.c_str(), "r");
+  std::string out;
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
+  int st = pclose(p);
+  return {WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st), out};
+}
+#endif
 
 }  // namespace ds::test

@@ -6,27 +6,16 @@
 #include <cstdio>
 #include <string>
 
+#include "golden_util.h"
+
 namespace {
 
-struct Result {
-  int code;
-  std::string out;
-};
-Result run(const std::string& args) {
-  std::string cmd = std::string(DS_BINARY) + " " + args + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  std::string out;
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
-  int st = pclose(p);
-  return {WEXITSTATUS(st), out};
-}
+using ds::test::run_binary;
 
 const std::string kConfig = std::string(DS_TEST_DATA_DIR) + "/tiny-moe/tiny-moe-int4/config.json";
 
 TEST(BenchCli, TinyMoeOnCpu) {
-  auto r = run("bench --random-weights --config " + kConfig +
+  auto r = run_binary("bench --random-weights --config " + kConfig +
                " --backend cpu --batch 1,3 --context 16,40 --prefill 8,33 --steps 2 --breakdown");
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("## Decode"), std::string::npos) << r.out;
@@ -38,14 +27,14 @@ TEST(BenchCli, TinyMoeOnCpu) {
 }
 
 TEST(BenchCli, ChunkedPrefillAndBf16) {
-  auto r = run("bench --random-weights --config " + kConfig +
+  auto r = run_binary("bench --random-weights --config " + kConfig +
                " --backend cpu --bf16 --batch 2 --context 8 --prefill 20 --prefill-chunk 7 --steps 1 --no-graph");
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("| eager | 20 | 7 |"), std::string::npos) << r.out;
 }
 
 TEST(BenchCli, Variants) {
-  auto r = run("bench --random-weights --config " + kConfig +
+  auto r = run_binary("bench --random-weights --config " + kConfig +
                " --backend cpu --batch 1 --context 8 --prefill 9 --steps 1 --variants 'a:no-graph,DS_X=1;b:graph'");
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("| a | 1 | 8 |"), std::string::npos) << r.out;
@@ -53,7 +42,7 @@ TEST(BenchCli, Variants) {
 }
 
 TEST(BenchCli, RejectsBadLists) {
-  auto r = run("bench --random-weights --config " + kConfig + " --backend cpu --batch 1,x");
+  auto r = run_binary("bench --random-weights --config " + kConfig + " --backend cpu --batch 1,x");
   EXPECT_EQ(r.code, 1) << r.out;
   EXPECT_NE(r.out.find("--batch"), std::string::npos) << r.out;
 }

@@ -12,20 +12,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-struct Result {
-  int code;
-  std::string out;
-};
-Result run(const std::string& args) {
-  std::string cmd = std::string(DS_BINARY) + " " + args + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  std::string out;
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
-  int st = pclose(p);
-  return {WEXITSTATUS(st), out};
-}
+using test::run_binary;
 
 std::string join(const std::vector<int32_t>& v) {
   std::string s;
@@ -43,7 +30,7 @@ TEST(Cli, LogitsTeacherForcedDecodeMatchesGolden) {
   const size_t P = toks.size();
   toks.insert(toks.end(), greedy.begin(), greedy.end() - 1);
   fs::path out = fs::temp_directory_path() / "ds_cli_logits.safetensors";
-  auto r = run("logits --model " + dir + "tiny-moe-int4 --tokens " + join(toks) + " --prefill " + std::to_string(P) +
+  auto r = run_binary("logits --model " + dir + "tiny-moe-int4 --tokens " + join(toks) + " --prefill " + std::to_string(P) +
                " --backend cpu --out " + out.string());
   ASSERT_EQ(r.code, 0) << r.out;
   test::Golden ours(out.string());
@@ -60,7 +47,7 @@ TEST(Cli, GenerateIsGreedy) {
   const std::string dir = test::data_dir() + "/tiny-moe/";
   auto golden = test::read_json(dir + "golden.json");
   auto& p = golden["text"]["bf16"][2];
-  auto r = run("generate " + dir + "tiny-moe-bf16 --tokens " + join(p["prompt"].get<std::vector<int32_t>>()) +
+  auto r = run_binary("generate " + dir + "tiny-moe-bf16 --tokens " + join(p["prompt"].get<std::vector<int32_t>>()) +
                " --max-tokens 8");
   ASSERT_EQ(r.code, 0) << r.out;
   auto g = p["greedy"].get<std::vector<int32_t>>();
@@ -70,14 +57,14 @@ TEST(Cli, GenerateIsGreedy) {
 TEST(Cli, InspectWorksFromConfigAlone) {
   auto path = std::string(DS_SHARED_DIR) + "/assets/qwen3.6-35b-a3b/config.json";
   if (!fs::exists(path)) GTEST_SKIP() << "../shared is absent";
-  auto r = run("inspect --model " + path);
+  auto r = run_binary("inspect --model " + path);
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("text 34.66 B (without MTP), MTP 0.84 B"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("30 gated DeltaNet, 10 gated full attention"), std::string::npos);
 }
 
 TEST(Cli, InspectShowsPerModulePrecision) {
-  auto r = run("inspect " + test::data_dir() + "/tiny-moe/tiny-moe-int4");
+  auto r = run_binary("inspect " + test::data_dir() + "/tiny-moe/tiny-moe-int4");
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("auto-round, 4-bit, group 128"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("model.language_model.layers.0.linear_attn.in_proj_a          bf16"), std::string::npos);
@@ -97,7 +84,7 @@ TEST(Cli, BadArgumentsAreClearErrors) {
       {"frobnicate", "unknown command"},
   };
   for (auto& c : cases) {
-    auto r = run(c.args);
+    auto r = run_binary(c.args);
     EXPECT_NE(r.code, 0) << c.args;
     EXPECT_NE(r.out.find(c.expect), std::string::npos) << c.args << " -> " << r.out;
   }

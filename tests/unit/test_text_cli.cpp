@@ -21,14 +21,9 @@ Out run(const std::string& cmd, const std::string& input) {
   static int counter = 0;
   std::string in = testing::TempDir() + "ds_text_cli_in_" + std::to_string(getpid()) + "_" + std::to_string(counter++) + ".json";
   std::ofstream(in) << input;
-  FILE* p = popen((std::string(DS_BINARY) + " " + cmd + " < " + in).c_str(), "r");
-  std::string out;
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
-  int st = pclose(p);
+  auto r = test::run_binary(cmd + " < " + in, /*merge_stderr=*/false);
   std::remove(in.c_str());
-  return {WEXITSTATUS(st), nlohmann::json::parse(out, nullptr, false)};
+  return {r.code, nlohmann::json::parse(r.out, nullptr, false)};
 }
 
 const std::string kModel = std::string(DS_TEST_DATA_DIR) + "/tiny-moe/tiny-moe-int4";

@@ -575,14 +575,10 @@ TEST(VisionCli, LogitsWithImageMatchReference) {
       for (size_t i = 0; i < toks.size(); ++i) list += (i ? "," : "") + std::to_string(toks[i]);
       const std::string out = testing::TempDir() + "/vision_cli_" + fx + variant + ".safetensors";
       for (int prefill : {0, 40}) {  // 0: whole prompt in one call; 40: prefill splits the image run, then decode
-        std::string cmd = std::string(DS_BINARY) + " logits --model " + fixture_dir(fx) + "/" + fx + "-" + variant +
-                          " --tokens " + list + " --image " + fixture_dir("tiny-moe") + "/image.png --out " + out +
-                          (prefill ? " --prefill " + std::to_string(prefill) : "") + " 2>&1";
-        FILE* p = popen(cmd.c_str(), "r");
-        std::string log;
-        char buf[512];
-        while (fgets(buf, sizeof buf, p)) log += buf;
-        ASSERT_EQ(pclose(p), 0) << log;
+        auto r = test::run_binary("logits --model " + fixture_dir(fx) + "/" + fx + "-" + variant + " --tokens " + list +
+                                  " --image " + fixture_dir("tiny-moe") + "/image.png --out " + out +
+                                  (prefill ? " --prefill " + std::to_string(prefill) : ""));
+        ASSERT_EQ(r.code, 0) << r.out;
         std::vector<int64_t> shape;
         auto ours = read_f32(out, "logits", &shape);
         EXPECT_EQ(shape, (std::vector<int64_t>{91, 2048}));
@@ -598,13 +594,8 @@ TEST(VisionCli, LogitsWithImageMatchReference) {
 TEST(VisionCli, ImageErrorsAreClear) {
   const std::string model = fixture_dir("tiny-moe") + "/tiny-moe-bf16";
   auto run = [](const std::string& args) {
-    std::string cmd = std::string(DS_BINARY) + " " + args + " 2>&1";
-    FILE* p = popen(cmd.c_str(), "r");
-    std::string log;
-    char buf[512];
-    while (fgets(buf, sizeof buf, p)) log += buf;
-    int rc = pclose(p);
-    return std::make_pair(rc, log);
+    auto r = test::run_binary(args);
+    return std::make_pair(r.code, r.out);
   };
   auto [rc, log] = run("logits --model " + model + " --tokens 1,2 --image " + fixture_dir("tiny-moe") +
                        "/image.png --out /dev/null");

@@ -60,10 +60,6 @@ inline float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
 // PyTorch softplus (beta 1, threshold 20): linear above the threshold.
 inline float softplus(float x) { return x > 20.f ? x : std::log1p(std::exp(x)); }
 
-void check_f32(const Tensor& t, const char* what) {
-  if (t.dtype != DType::F32) fail("cpu backend: ", what, " must be F32, got ", dtype_name(t.dtype));
-}
-
 class CpuBackend final : public Backend {
  public:
   std::string name() const override { return "cpu"; }

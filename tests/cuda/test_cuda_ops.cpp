@@ -1,9 +1,10 @@
 // Every op of the CUDA backend against the fp32 CPU reference, on the real Qwen3.6-35B-A3B shapes and awkward ones.
 // Inputs are bf16-exact so both backends see the same numbers; the CUDA side keeps bf16 activations, so the bound
-// is relative L2 ≤ 1e-2 (bf16 output rounding alone is ~1.5e-3; int4 M>8 adds bf16 weight rounding).
+// is relative L2 ≤ 1e-2 (bf16 output rounding alone is ~1.5e-3).
 #include <algorithm>
 #include <numeric>
 
+#include "backend/cuda/int4_mma.h"
 #include "cuda_test_util.h"
 
 namespace ds {
@@ -38,7 +39,9 @@ struct HostLinear {
     } else {
       qw.resize(size_t(K / 8 * N));
       for (auto& x : qw) x = int32_t(uint32_t(g()));
-      qz.assign(size_t(K / 128 * N / 8), int32_t(0x77777777));
+      // Zero points: AutoRound's symmetric checkpoints store 7 (true zero 8) everywhere; any nibble is legal.
+      qz.resize(size_t(K / 128 * N / 8));
+      for (auto& x : qz) x = int32_t(uint32_t(g()));
       auto s = randn(size_t(K / 128 * N), 0.3f / std::sqrt(float(K)), seed + 1);
       sc.resize(s.size());
       for (size_t i = 0; i < s.size(); ++i) sc[i] = f32_to_f16(s[i]);
@@ -139,7 +142,7 @@ TEST_F(CudaOps, Linear) {
     for (auto& s : shapes) {
       HostLinear hl(s.N, s.K, q, s.N * 31 + s.K);
       Linear lc = B.cpu->make_linear({hl.src()}), lg = B.gpu->make_linear({hl.src()});
-      for (int64_t M : {1, 3, 8, 9, 17, 255}) {
+      for (int64_t M : {1, 3, 8, 9, 17, 255, 300}) {
         auto x = B.up(randn(M * s.K, 1.f, M + s.K), {M, s.K});
         auto y = B.zeros({M, s.N});
         B.cpu->linear(x.c, lc, y.c);
@@ -353,7 +356,7 @@ TEST_F(CudaOps, Moe) {
       dn[e] = down.back().src();
     }
     Experts ec = B.cpu->make_experts(gu, dn), eg = B.gpu->make_experts(gu, dn);
-    for (int64_t T : {1, 3, 17, 255}) {
+    for (int64_t T : {1, 3, 17, 64, 255}) {
       std::mt19937 g(T);
       std::vector<float> idv, wv;
       for (int64_t t = 0; t < T; ++t) {
@@ -378,6 +381,88 @@ TEST_F(CudaOps, Moe) {
              B.err(y));
     }
   }
+}
+
+// The tensor-core layout holds every nibble of the checkpoint where int4_mma.h says.
+TEST(Int4MmaLayout, PackHoldsEveryNibble) {
+  for (auto [N, K] : std::vector<std::pair<int64_t, int64_t>>{{16, 64}, {48, 384}, {32, 2048}}) {
+    std::mt19937_64 g(N * K);
+    std::vector<int32_t> qw(size_t(K / 8 * N));
+    for (auto& x : qw) x = int32_t(uint32_t(g()));
+    std::vector<uint32_t> packed(size_t(N * K / 8));
+    for (int64_t t = 0; t < N / 16; ++t) cuda::mma_int4_pack_tile(qw.data(), N, K, t, 0, packed.data());
+    int bad = 0;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k)
+        bad += cuda::mma_int4_nibble(packed.data(), K, n, k) != int((uint32_t(qw[(k / 8) * N + n]) >> (4 * (k % 8))) & 0xF);
+    EXPECT_EQ(bad, 0) << "N=" << N << " K=" << K;
+  }
+}
+
+// A token's output does not depend on the tokens launched with it: rows of a big batch (the many-token kernel)
+// equal the same rows computed alone (the few-token kernel), bit for bit; int4 linears and int4 experts.
+TEST_F(CudaOps, Int4BatchInvariance) {
+  Both B;
+  auto rows_of = [&](Backend& be, const Tensor& t, int64_t r, int64_t n) {
+    auto v = be.to_host_f32(t);
+    return std::vector<float>(v.begin() + r * n, v.begin() + (r + 1) * n);
+  };
+  for (auto [N, K] : std::vector<std::pair<int64_t, int64_t>>{{8192, 2048}, {2048, 512}, {256, 384}}) {
+    HostLinear hl(N, K, true, N + K);
+    Linear lg = B.gpu->make_linear({hl.src()});
+    const int64_t M = 300;
+    auto xs = randn(size_t(M * K), 1.f, 5);
+    Tensor x = B.gpu->upload_f32(xs, {M, K}, DType::BF16), y = B.gpu->alloc(DType::F32, {M, N});
+    B.gpu->linear(x, lg, y);
+    int diff = 0;
+    for (int64_t r : {int64_t(0), int64_t(7), int64_t(299)})
+      for (int64_t m : {int64_t(1), int64_t(9), int64_t(40)}) {  // the row alone and inside smaller batches
+        std::vector<float> sub(xs.begin() + r * K, xs.begin() + (r + 1) * K);
+        for (int64_t i = 1; i < m; ++i) sub.insert(sub.end(), xs.begin() + ((r + i) % M) * K, xs.begin() + ((r + i) % M + 1) * K);
+        Tensor xr = B.gpu->upload_f32(sub, {m, K}, DType::BF16), yr = B.gpu->alloc(DType::F32, {m, N});
+        B.gpu->linear(xr, lg, yr);
+        diff += rows_of(*B.gpu, yr, 0, N) != rows_of(*B.gpu, y, r, N);
+      }
+    EXPECT_EQ(diff, 0) << "int4 linear N=" << N << " K=" << K;
+  }
+  // experts: E = 16 so T = 64 already takes the many-token kernel (P ≥ 16·E)
+  const int64_t E = 16, H = 512, I = 256, K = 8, T = 64;
+  std::vector<HostLinear> hl;
+  hl.reserve(3 * E);
+  std::vector<std::vector<LinearSource>> gu(E);
+  std::vector<LinearSource> dn(E);
+  for (int64_t e = 0; e < E; ++e) {
+    hl.emplace_back(I, H, true, 400 + e);
+    hl.emplace_back(I, H, true, 500 + e);
+    gu[e] = {hl[hl.size() - 2].src(), hl.back().src()};
+    hl.emplace_back(H, I, true, 600 + e);
+    dn[e] = hl.back().src();
+  }
+  Experts eg = B.gpu->make_experts(gu, dn);
+  std::mt19937 g(3);
+  std::vector<float> idv, wv;
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<int> perm(E);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), g);
+    for (int64_t k = 0; k < K; ++k) idv.push_back(float(perm[k])), wv.push_back(1.f / K);
+  }
+  auto xs = randn(size_t(T * H), 1.f, 9);
+  auto run = [&](int64_t t0, int64_t n) {
+    Tensor ids = B.gpu->upload_f32(std::vector<float>(idv.begin() + t0 * K, idv.begin() + (t0 + n) * K), {n, K}, DType::I32);
+    Tensor w = B.gpu->upload_f32(std::vector<float>(wv.begin() + t0 * K, wv.begin() + (t0 + n) * K), {n, K}, DType::F32);
+    Tensor x = B.gpu->upload_f32(std::vector<float>(xs.begin() + t0 * H, xs.begin() + (t0 + n) * H), {n, H}, DType::BF16);
+    Tensor y = B.gpu->alloc(DType::F32, {n, H});
+    B.gpu->moe_experts(x, eg, ids, w, y);
+    return B.gpu->to_host_f32(y);
+  };
+  auto all = run(0, T);
+  int diff = 0;
+  for (int64_t t : {int64_t(0), int64_t(5), int64_t(63)}) {
+    auto one = run(t, 1);
+    diff += std::vector<float>(all.begin() + t * H, all.begin() + (t + 1) * H) != one;
+  }
+  EXPECT_EQ(diff, 0) << "int4 experts: a token alone differs from the same token in a batch of " << T;
 }
 
 }  // namespace

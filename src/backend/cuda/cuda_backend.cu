@@ -15,6 +15,7 @@
 #include <vector>
 #include <string>
 
+#include "backend/cuda/int4_mma.h"
 #include "backend/ops.h"
 
 namespace ds {
@@ -421,16 +422,7 @@ __global__ void k_moe_route(const void* logits, int ldt, int64_t T, int64_t E, i
   for (int64_t k = lane; k < K; k += 32) wts[t * K + k] = wts[t * K + k] / tsum;
 }
 
-// ---- weights: int4 (repacked) and dense bf16, and warp-level dot products ----
-// Int4 matrix [N, K]: qw uint32 [N, K/8] (nibble j of word r = column k = 8r + j, as the checkpoint), scales fp32
-// [N, K/G], zeros uint8 [N, K/G] (the true zero point, nibble + 1). W[n, k] = s · (q − z).
-struct Int4View {
-  const uint32_t* qw;
-  const float* sc;
-  const uint8_t* z;
-  int64_t N, K;
-  int G;
-};
+// ---- dense bf16 weights (int4 weights: int4_mma.cu) and warp-level dot products ----
 struct DenseView {
   const __nv_bfloat16* w;  // [N, K]
   int64_t N, K;
@@ -453,29 +445,6 @@ __device__ __forceinline__ void load8(const float* x, float* out) {
 
 // Lane-partial dot of weight row n with x (K values); caller reduces over the warp.
 template <class XT>
-__device__ __forceinline__ float lane_dot(const Int4View& W, int64_t n, const XT* x, int lane) {
-  const uint32_t* row = W.qw + n * (W.K / 8);
-  const float* srow = W.sc + n * (W.K / W.G);
-  const uint8_t* zrow = W.z + n * (W.K / W.G);
-  float acc = 0.f;
-  for (int64_t c = lane; c < W.K / 32; c += 32) {  // 32 inputs = 4 words = 16 bytes per lane
-    const uint4 wq = *reinterpret_cast<const uint4*>(row + c * 4);
-    const int64_t k0 = c * 32, g = k0 / W.G;
-    const float z = float(zrow[g]);
-    const uint32_t ws[4] = {wq.x, wq.y, wq.z, wq.w};
-    float part = 0.f;
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      float xv[8];
-      load8(x + k0 + 8 * q, xv);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) part += xv[j] * (float((ws[q] >> (4 * j)) & 0xFu) - z);
-    }
-    acc += srow[g] * part;
-  }
-  return acc;
-}
-template <class XT>
 __device__ __forceinline__ float lane_dot(const DenseView& W, int64_t n, const XT* x, int lane) {
   const __nv_bfloat16* row = W.w + n * W.K;
   float acc = 0.f;
@@ -487,52 +456,6 @@ __device__ __forceinline__ float lane_dot(const DenseView& W, int64_t n, const X
     for (int j = 0; j < 8; ++j) acc += wv[j] * xv[j];
   }
   return acc;
-}
-
-// y[m, n] = Σ_k x[m, k] W[n, k] for M ≤ 8 rows: warp per output column, weights read once.
-constexpr int kGemvRows = 8;
-__global__ void k_int4_gemv(Int4View W, const __nv_bfloat16* x, int64_t M, void* y, int ydt) {
-  const int lane = threadIdx.x & 31;
-  const int64_t n = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (n >= W.N) return;
-  const uint32_t* row = W.qw + n * (W.K / 8);
-  const float* srow = W.sc + n * (W.K / W.G);
-  const uint8_t* zrow = W.z + n * (W.K / W.G);
-  float acc[kGemvRows];
-#pragma unroll
-  for (int m = 0; m < kGemvRows; ++m) acc[m] = 0.f;
-  for (int64_t c = lane; c < W.K / 32; c += 32) {
-    const uint4 wq = *reinterpret_cast<const uint4*>(row + c * 4);
-    const int64_t k0 = c * 32, g = k0 / W.G;
-    const float s = srow[g], z = float(zrow[g]);
-    const uint32_t ws[4] = {wq.x, wq.y, wq.z, wq.w};
-    float wf[32];
-#pragma unroll
-    for (int q = 0; q < 4; ++q)
-#pragma unroll
-      for (int j = 0; j < 8; ++j) wf[8 * q + j] = float((ws[q] >> (4 * j)) & 0xFu) - z;
-#pragma unroll
-    for (int m = 0; m < kGemvRows; ++m) {
-      if (m < M) {
-        float part = 0.f;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          float xv[8];
-          load8(x + m * W.K + k0 + 8 * q, xv);
-#pragma unroll
-          for (int j = 0; j < 8; ++j) part += xv[j] * wf[8 * q + j];
-        }
-        acc[m] += s * part;
-      }
-    }
-  }
-#pragma unroll
-  for (int m = 0; m < kGemvRows; ++m) {
-    if (m < M) {
-      float v = warp_sum(acc[m]);
-      if (lane == 0) stf(y, ydt, m * W.N + n, v);
-    }
-  }
 }
 
 // Split-context decode attention (T ≤ 64): one block per (token, kv head, split); its warps are the q heads of
@@ -645,18 +568,6 @@ __global__ void k_attn_merge(const float* part, int64_t Nh, int64_t Dh, int S, v
   }
 }
 
-// Dequantize an int4 matrix to bf16 [N, K] (for the tensor-core GEMM path, M > 8).
-__global__ void k_int4_dequant(Int4View W, __nv_bfloat16* out) {
-  const int64_t words = W.N * (W.K / 8);
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < words; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t n = i / (W.K / 8), r = i % (W.K / 8), g = (8 * r) / W.G;
-    const uint32_t word = W.qw[i];
-    const float s = W.sc[n * (W.K / W.G) + g], z = float(W.z[n * (W.K / W.G) + g]);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) out[n * W.K + 8 * r + j] = __float2bfloat16_rn(s * (float((word >> (4 * j)) & 0xFu) - z));
-  }
-}
-
 // MoE, per (token, k) pair p = t·K + k (grid.y): act[p] = silu(gate_e x_t) · (up_e x_t), fp32.
 template <class WV>
 __global__ void k_moe_gate_up(WV W, int64_t per_expert_rows, const __nv_bfloat16* x, const int32_t* ids, int64_t K,
@@ -716,19 +627,7 @@ __global__ void k_moe_group(const int32_t* ids, int64_t P, int64_t E, int32_t* m
   for (int64_t p = threadIdx.x; p < P; p += blockDim.x) list[atomicAdd(&start[ids[p]], 1)] = int32_t(p);
 }
 
-// 32 consecutive weights of row `row` starting at input 32·c, before the scale: (q − z) for int4 (scale s of
-// their group), the bf16 values for dense (s = 1).
-__device__ __forceinline__ void chunk32(const Int4View& W, int64_t row, int64_t c, float* w, float& s) {
-  const uint4 wq = *reinterpret_cast<const uint4*>(W.qw + row * (W.K / 8) + c * 4);
-  const int64_t g = (c * 32) / W.G;
-  s = W.sc[row * (W.K / W.G) + g];
-  const float z = float(W.z[row * (W.K / W.G) + g]);
-  const uint32_t ws[4] = {wq.x, wq.y, wq.z, wq.w};
-#pragma unroll
-  for (int q = 0; q < 4; ++q)
-#pragma unroll
-    for (int j = 0; j < 8; ++j) w[8 * q + j] = float((ws[q] >> (4 * j)) & 0xFu) - z;
-}
+// 32 consecutive weights of row `row` starting at input 32·c (s = 1: dense weights carry no scale).
 __device__ __forceinline__ void chunk32(const DenseView& W, int64_t row, int64_t c, float* w, float& s) {
   const __nv_bfloat16* r = W.w + row * W.K + c * 32;
 #pragma unroll
@@ -812,10 +711,13 @@ __global__ void k_moe_combine(const float* out, const float* wts, int64_t K, int
 
 struct CudaLinear : LinearWeight {
   Tensor dense;          // bf16 [N, K] (dense weights)
-  Tensor qw, sc, z;      // int4 (see Int4View)
+  Tensor qw, sc, z;      // int4 in the mma layout (int4_mma.h)
   int G = 128;
-  Int4View view() const {
-    return Int4View{qw.ptr<uint32_t>(), sc.ptr<float>(), z.ptr<uint8_t>(), N, K, G};
+  MmaInt4 mma() const {
+    MmaInt4 m;
+    m.qw = qw.ptr<uint4>(), m.sc = sc.ptr<float>(), m.z = z.ptr<uint8_t>(), m.N = N, m.K = K, m.G = G;
+    m.KS = mma_int4_slices(K, G);
+    return m;
   }
 };
 
@@ -950,15 +852,16 @@ class CudaBackend final : public Backend {
   void synchronize() override { CK(cudaStreamSynchronize(stream_)); }
 
   // ---- weights ----
-  std::shared_ptr<CudaLinear> build_linear(const std::vector<LinearSource>& parts) {
+  std::shared_ptr<CudaLinear> build_linear(const std::vector<LinearSource>& parts, bool allow_int4 = true) {
     auto l = std::make_shared<CudaLinear>();
     l->K = parts.at(0).K;
-    bool all_int4 = true;
+    bool all_int4 = allow_int4;
     for (auto& p : parts) {
       DS_CHECK(p.K == l->K, "concatenated linears must share K");
       l->N += p.N;
-      if (p.kind != LinearSource::Kind::Int4 || p.group_size % 32 != 0 || p.K % p.group_size != 0 ||
-          p.group_size != parts[0].group_size || p.N % 8 != 0)
+      // int4 parts the tensor-core layout cannot hold (odd N, K or group size) are dequantized to bf16.
+      if (p.kind != LinearSource::Kind::Int4 || p.group_size != parts[0].group_size ||
+          !mma_int4_supported(p.N, p.K, p.group_size))
         all_int4 = false;
     }
     const int64_t N = l->N, K = l->K;
@@ -973,8 +876,8 @@ class CudaBackend final : public Backend {
       for (auto& p : parts) {
         const int64_t Np = p.N;
         // Host repack over threads (the 35B-A3B experts are ~17 GB of nibbles).
+        parallel_for(Np / 16, [&](int64_t t) { mma_int4_pack_tile(p.qweight, Np, K, t, n0, qw.data()); });
         parallel_for(Np, [&](int64_t n) {
-          for (int64_t r = 0; r < K / 8; ++r) qw[(n0 + n) * (K / 8) + r] = uint32_t(p.qweight[r * Np + n]);
           for (int64_t g = 0; g < K / G; ++g) {
             sc[(n0 + n) * (K / G) + g] = f16_to_f32(p.scales[g * Np + n]);
             z[(n0 + n) * (K / G) + g] =
@@ -1039,8 +942,11 @@ class CudaBackend final : public Backend {
     }
     e->gu = build_linear(gu_all);
     e->down = build_linear(dn_all);
+    if (e->gu->int4 != e->down->int4) {  // one half cannot use the int4 layout: both run as bf16
+      if (e->gu->int4) e->gu = build_linear(gu_all, false);
+      else e->down = build_linear(dn_all, false);
+    }
     DS_CHECK(e->gu->N == e->E * 2 * e->I && e->down->N == e->E * e->H);
-    DS_CHECK(e->gu->int4 == e->down->int4, "experts: gate_up and down must both be int4 or both dense");
     e->int4 = e->gu->int4;
     DS_CHECK(e->H % 32 == 0 && e->I % 32 == 0, "experts: H and I must be multiples of 32");
     return e;
@@ -1181,18 +1087,9 @@ class CudaBackend final : public Backend {
       gemm_bf16(l->dense.data, xb.data, T, l->N, l->K, y);
       return;
     }
-    if (T <= kGemvRows) {
-      const int warps = 8;
-      k_int4_gemv<<<blocks_for(l->N, warps, 1 << 30), warps * 32, 0, stream_>>>(
-          l->view(), xb.ptr<__nv_bfloat16>(), T, y.data, int(y.dtype));
-      CKL();
-      return;
-    }
-    // M > 8: dequantize to bf16 (stream-ordered scratch) and run the tensor-core GEMM.
-    Tensor wd = alloc_scratch(DType::BF16, {l->N, l->K});
-    k_int4_dequant<<<blocks_for(l->N * l->K / 8, 256), 256, 0, stream_>>>(l->view(), wd.ptr<__nv_bfloat16>());
-    CKL();
-    gemm_bf16(wd.data, xb.data, T, l->N, l->K, y);
+    DS_CHECK(y.dtype == DType::F32 || y.dtype == DType::BF16, "int4 linear: output F32 or BF16, got ",
+             dtype_name(y.dtype));
+    mma_int4_linear(l->mma(), xb.data, T, y.data, int(y.dtype), stream_);
   }
   // Like alloc, without zero-fill.
   Tensor alloc_scratch(DType dt, std::vector<int64_t> shape) {
@@ -1396,52 +1293,43 @@ class CudaBackend final : public Backend {
     const int64_t T = x.dim(0), H = ex->H, I = ex->I, K = ids.dim(1), P = T * K;
     if (!T) return;
     Tensor xb = as_bf16(x);
-    Tensor act = alloc_scratch(DType::F32, {P, I}), out = alloc_scratch(DType::F32, {P, H});
-    const int warps = 8;
-    const unsigned py = unsigned(std::min<int64_t>(P, 65535));
-    // Grouped by expert for prefill-sized T (measured, bench/RESULTS.md: 1.3× at 1k–4k prompts). At decode sizes
-    // (T ≤ 64: ≤ 2.3 pairs per touched expert) one block per pair was faster on H100.
-    if (T > kMoeGroupedMinT && ex->E <= 1024 && !env_flag("DS_CUDA_NO_GROUPED_MOE")) {
-      const int64_t E = ex->E, A = std::min(P, E);
-      Tensor grp = alloc_scratch(DType::I32, {1 + A + (A + 1) + P});
-      int32_t* meta = grp.ptr<int32_t>();
-      int32_t *active = meta + 1, *off = active + A, *list = off + A + 1;
-      k_moe_group<<<1, 1024, 0, stream_>>>(ids.ptr<int32_t>(), P, E, meta, active, off, list);
-      CKL();
-      const dim3 g1(unsigned((I + warps - 1) / warps), unsigned(A)), g2(unsigned((H + warps - 1) / warps), unsigned(A));
-      if (ex->int4) {
-        k_moe_grouped<true><<<g1, warps * 32, 0, stream_>>>(ex->gu->view(), 2 * I, I, xb.ptr<__nv_bfloat16>(), K, meta,
-                                                            active, off, list, act.ptr<float>());
+    Tensor out = alloc_scratch(DType::F32, {P, H});
+    if (ex->int4) {  // tensor cores, pairs grouped by expert (int4_mma.cu)
+      Tensor act = alloc_scratch(DType::BF16, {P, I});
+      Tensor scratch = alloc_scratch(DType::I32, {mma_moe_scratch_ints(P, ex->E)});
+      mma_moe(ex->gu->mma(), ex->down->mma(), ex->E, I, H, xb.data, K, ids.ptr<int32_t>(), P, scratch.ptr<int32_t>(),
+              act.data, out.ptr<float>(), stream_);
+    } else {  // bf16 experts (the BF16 checkpoints): CUDA-core kernels
+      Tensor act = alloc_scratch(DType::F32, {P, I});
+      const int warps = 8;
+      DenseView gu{ex->gu->dense.ptr<__nv_bfloat16>(), ex->gu->N, ex->gu->K};
+      DenseView dn{ex->down->dense.ptr<__nv_bfloat16>(), ex->down->N, ex->down->K};
+      // Grouped by expert for prefill-sized T (measured on int4, bench/RESULTS.md: 1.3× at 1k–4k prompts). At
+      // decode sizes (≤ 2.3 pairs per touched expert) one block per pair was faster on H100.
+      if (T > kMoeGroupedMinT && ex->E <= 1024 && !env_flag("DS_CUDA_NO_GROUPED_MOE")) {
+        const int64_t E = ex->E, A = std::min(P, E);
+        Tensor grp = alloc_scratch(DType::I32, {1 + A + (A + 1) + P});
+        int32_t* meta = grp.ptr<int32_t>();
+        int32_t *active = meta + 1, *off = active + A, *list = off + A + 1;
+        k_moe_group<<<1, 1024, 0, stream_>>>(ids.ptr<int32_t>(), P, E, meta, active, off, list);
         CKL();
-        k_moe_grouped<false><<<g2, warps * 32, 0, stream_>>>(ex->down->view(), H, H, act.ptr<float>(), int64_t(1),
-                                                             meta, active, off, list, out.ptr<float>());
-        CKL();
-      } else {
-        DenseView gu{ex->gu->dense.ptr<__nv_bfloat16>(), ex->gu->N, ex->gu->K};
-        DenseView dn{ex->down->dense.ptr<__nv_bfloat16>(), ex->down->N, ex->down->K};
+        const dim3 g1(unsigned((I + warps - 1) / warps), unsigned(A)),
+            g2(unsigned((H + warps - 1) / warps), unsigned(A));
         k_moe_grouped<true><<<g1, warps * 32, 0, stream_>>>(gu, 2 * I, I, xb.ptr<__nv_bfloat16>(), K, meta, active,
                                                             off, list, act.ptr<float>());
         CKL();
-        k_moe_grouped<false><<<g2, warps * 32, 0, stream_>>>(dn, H, H, act.ptr<float>(), int64_t(1), meta, active, off,
-                                                             list, out.ptr<float>());
+        k_moe_grouped<false><<<g2, warps * 32, 0, stream_>>>(dn, H, H, act.ptr<float>(), int64_t(1), meta, active,
+                                                             off, list, out.ptr<float>());
+        CKL();
+      } else {
+        const unsigned py = unsigned(std::min<int64_t>(P, 65535));
+        k_moe_gate_up<<<dim3(unsigned((I + warps - 1) / warps), py), warps * 32, 0, stream_>>>(
+            gu, 2 * I, xb.ptr<__nv_bfloat16>(), ids.ptr<int32_t>(), K, I, P, act.ptr<float>());
+        CKL();
+        k_moe_down<<<dim3(unsigned((H + warps - 1) / warps), py), warps * 32, 0, stream_>>>(
+            dn, H, act.ptr<float>(), ids.ptr<int32_t>(), H, P, out.ptr<float>());
         CKL();
       }
-    } else if (ex->int4) {
-      k_moe_gate_up<<<dim3(unsigned((I + warps - 1) / warps), py), warps * 32, 0, stream_>>>(
-          ex->gu->view(), 2 * I, xb.ptr<__nv_bfloat16>(), ids.ptr<int32_t>(), K, I, P, act.ptr<float>());
-      CKL();
-      k_moe_down<<<dim3(unsigned((H + warps - 1) / warps), py), warps * 32, 0, stream_>>>(
-          ex->down->view(), H, act.ptr<float>(), ids.ptr<int32_t>(), H, P, out.ptr<float>());
-      CKL();
-    } else {
-      DenseView gu{ex->gu->dense.ptr<__nv_bfloat16>(), ex->gu->N, ex->gu->K};
-      DenseView dn{ex->down->dense.ptr<__nv_bfloat16>(), ex->down->N, ex->down->K};
-      k_moe_gate_up<<<dim3(unsigned((I + warps - 1) / warps), py), warps * 32, 0, stream_>>>(
-          gu, 2 * I, xb.ptr<__nv_bfloat16>(), ids.ptr<int32_t>(), K, I, P, act.ptr<float>());
-      CKL();
-      k_moe_down<<<dim3(unsigned((H + warps - 1) / warps), py), warps * 32, 0, stream_>>>(
-          dn, H, act.ptr<float>(), ids.ptr<int32_t>(), H, P, out.ptr<float>());
-      CKL();
     }
     k_moe_combine<<<unsigned(T), 256, 0, stream_>>>(out.ptr<float>(), weights.ptr<float>(), K, H, y.data,
                                                    int(y.dtype));

@@ -1,0 +1,345 @@
+// Tensor-core W4A16 kernels: int4 linears of any M and the routed experts (layout and invariants: int4_mma.h).
+#include "backend/cuda/int4_mma.h"
+
+#include <cuda_bf16.h>
+
+#include <algorithm>
+
+#include "core/dtype.h"
+#include "core/status.h"
+
+namespace ds::cuda {
+
+namespace {
+
+#define MMA_CK(x)                                                                                  \
+  do {                                                                                             \
+    cudaError_t e_ = (x);                                                                          \
+    if (e_ != cudaSuccess) ::ds::fail("CUDA error ", cudaGetErrorString(e_), " at ", __FILE__, ":", __LINE__); \
+  } while (0)
+
+constexpr int kWarps = 4;  // warps per block
+
+// Where a block's tokens come from. Dense linears: tokens [blockIdx.y·NTOK, +NTOK) of x. Experts: tile
+// blockIdx.y of the table built by k_moe_tiles (expert, first index into list, count); list holds pair ids p,
+// whose x row is p / xdiv and whose output row is p.
+struct TokenSrc {
+  const int32_t* tiles = nullptr;
+  const int32_t* ntiles = nullptr;
+  const int32_t* list = nullptr;
+  int64_t M = 0;
+  int64_t xdiv = 1;
+};
+
+__device__ __forceinline__ uint32_t bf16x2_sub(uint32_t a, uint32_t b) {
+  __nv_bfloat162 r = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
+// bf16×2 (128 + z, 128 + z): subtracting it from (128 + q) leaves q − z exactly.
+__device__ __forceinline__ uint32_t zero_pair(uint8_t z) {
+  const uint32_t b = uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(128.f + float(z))));
+  return b | (b << 16);
+}
+// One A fragment (rows r0, r1; four inputs each) from a packed word; zz0 / zz1: zero_pair of rows r0 / r1.
+__device__ __forceinline__ void dequant(uint32_t w, uint32_t zz0, uint32_t zz1, uint32_t a[4]) {
+  a[0] = bf16x2_sub((w & 0x000F000Fu) | 0x43004300u, zz0);
+  a[1] = bf16x2_sub(((w >> 4) & 0x000F000Fu) | 0x43004300u, zz1);
+  a[2] = bf16x2_sub(((w >> 8) & 0x000F000Fu) | 0x43004300u, zz0);
+  a[3] = bf16x2_sub(((w >> 12) & 0x000F000Fu) | 0x43004300u, zz1);
+}
+__device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int j) {
+  return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+}
+__device__ __forceinline__ float silu(float v) { return v / (1.f + expf(-v)); }
+
+// One block = 4 warps. Each warp computes MT output tiles of 16 rows (GATED: MT gate tiles and the matching up
+// tiles) × NT token tiles of 8, over the K slices s ≡ wk (mod WK); the block's 4 / WK warp groups take
+// consecutive output tiles. With WK > 1 the slices' partials meet in shared memory and are added in slice order,
+// which is also the order a WK = 1 warp adds them in (batch invariance, int4_mma.h).
+// Output: GATED → bf16 silu(gate)·up at [p, n]; else y[p, n] of dtype ydt (F32 or BF16); row stride n_out.
+template <int MT, int NT, int WK, int CPG, bool GATED>
+__global__ void __launch_bounds__(kWarps * 32)
+    k_int4_mma(MmaInt4 W, int64_t rows_per_expert, int64_t n_out, const __nv_bfloat16* __restrict__ x, TokenSrc ts,
+               void* __restrict__ y, int ydt) {
+  constexpr int WM = kWarps / WK, NTOK = 8 * NT, MW = GATED ? 2 * MT : MT;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wk = warp % WK, wm = warp / WK;
+  const int g = lane >> 2, tig = lane & 3;
+
+  int64_t e, t0;
+  int cnt;
+  if (ts.tiles) {
+    if (int(blockIdx.y) >= *ts.ntiles) return;  // block-uniform
+    const int32_t* tl = ts.tiles + 3 * blockIdx.y;
+    e = tl[0], t0 = tl[1], cnt = tl[2];
+  } else {
+    e = 0, t0 = int64_t(blockIdx.y) * NTOK;
+    cnt = int(ts.M - t0 < NTOK ? ts.M - t0 : NTOK);
+  }
+  // The x rows whose B fragments this lane loads: token nt·8 + g of the tile (padding lanes reuse token 0).
+  const __nv_bfloat16* xr[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int i = nt * 8 + g < cnt ? nt * 8 + g : 0;
+    const int64_t p = ts.list ? ts.list[t0 + i] : t0 + i;
+    xr[nt] = x + (p / ts.xdiv) * W.K + 16 * tig;
+  }
+  const int64_t otiles = n_out / 16, ot0 = (int64_t(blockIdx.x) * WM + wm) * MT;
+  const int64_t KC = W.K / 64, ngroups = W.K / W.G;
+  const uint4* wp[MW];
+  int64_t r0[MW];
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+    const int64_t ot = ot0 + i < otiles ? ot0 + i : otiles - 1;  // out-of-range tiles compute, never store
+    const int64_t wt = e * (rows_per_expert / 16) + ot;
+    r0[i] = wt * 16 + g;
+    wp[i] = W.qw + wt * KC * 32 + lane;
+    if constexpr (GATED) {
+      r0[MT + i] = r0[i] + n_out;
+      wp[MT + i] = wp[i] + (n_out / 16) * KC * 32;
+    }
+  }
+
+  float acc[MW][NT][4];
+  const int64_t gps = ngroups / W.KS;  // groups per slice
+  for (int s = wk; s < W.KS; s += WK) {
+    float part[MW][NT][4];
+#pragma unroll
+    for (int u = 0; u < MW; ++u)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) part[u][nt][c] = 0.f;
+#pragma unroll(NT == 1 ? 2 : 1)
+    for (int64_t gi = s * gps; gi < (s + 1) * gps; ++gi) {
+      uint4 wv[CPG][MW];
+#pragma unroll
+      for (int c = 0; c < CPG; ++c)
+#pragma unroll
+        for (int u = 0; u < MW; ++u) wv[c][u] = __ldg(wp[u] + (gi * CPG + c) * 32);
+      uint32_t zz0[MW], zz1[MW];
+#pragma unroll
+      for (int u = 0; u < MW; ++u) {
+        zz0[u] = zero_pair(W.z[r0[u] * ngroups + gi]);
+        zz1[u] = zero_pair(W.z[(r0[u] + 8) * ngroups + gi]);
+      }
+      float tmp[MW][NT][4];
+#pragma unroll
+      for (int u = 0; u < MW; ++u)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) tmp[u][nt][c] = 0.f;
+#pragma unroll
+      for (int c = 0; c < CPG; ++c) {
+        const int64_t k0 = (gi * CPG + c) * 64;
+        uint4 xv[NT][2];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          xv[nt][0] = __ldg(reinterpret_cast<const uint4*>(xr[nt] + k0));
+          xv[nt][1] = __ldg(reinterpret_cast<const uint4*>(xr[nt] + k0 + 8));
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+#pragma unroll
+          for (int u = 0; u < MW; ++u) {
+            uint32_t a[4];
+            dequant(word_of(wv[c][u], j), zz0[u], zz1[u], a);
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+              mma16816(tmp[u][nt], a, word_of(xv[nt][j >> 1], 2 * (j & 1)), word_of(xv[nt][j >> 1], 2 * (j & 1) + 1));
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < MW; ++u) {
+        const float s0 = W.sc[r0[u] * ngroups + gi], s1 = W.sc[(r0[u] + 8) * ngroups + gi];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          part[u][nt][0] += s0 * tmp[u][nt][0];
+          part[u][nt][1] += s0 * tmp[u][nt][1];
+          part[u][nt][2] += s1 * tmp[u][nt][2];
+          part[u][nt][3] += s1 * tmp[u][nt][3];
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < MW; ++u)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[u][nt][c] = s == wk ? part[u][nt][c] : acc[u][nt][c] + part[u][nt][c];
+  }
+
+  if constexpr (WK > 1) {
+    __shared__ float red[WK - 1][WM][MW * NT * 4][32];
+    if (wk > 0) {
+#pragma unroll
+      for (int u = 0; u < MW; ++u)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) red[wk - 1][wm][(u * NT + nt) * 4 + c][lane] = acc[u][nt][c];
+    }
+    __syncthreads();
+    if (wk > 0) return;
+#pragma unroll
+    for (int w = 0; w < WK - 1; ++w)
+#pragma unroll
+      for (int u = 0; u < MW; ++u)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) acc[u][nt][c] += red[w][wm][(u * NT + nt) * 4 + c][lane];
+  }
+
+  // C fragment: c[2·rr + h] is (row g + 8·rr, token 2·tig + h) of the tile.
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+    if (ot0 + i >= otiles) continue;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int ti = nt * 8 + 2 * tig + h;
+        if (ti >= cnt) continue;
+        const int64_t p = ts.list ? ts.list[t0 + ti] : t0 + ti;
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          const int64_t n = (ot0 + i) * 16 + g + 8 * rr;
+          const float v = acc[i][nt][2 * rr + h];
+          if constexpr (GATED) {
+            static_cast<__nv_bfloat16*>(y)[p * n_out + n] = __float2bfloat16_rn(silu(v) * acc[MT + i][nt][2 * rr + h]);
+          } else if (ydt == int(DType::F32)) {
+            static_cast<float*>(y)[p * n_out + n] = v;
+          } else {
+            static_cast<__nv_bfloat16*>(y)[p * n_out + n] = __float2bfloat16_rn(v);
+          }
+        }
+      }
+  }
+}
+
+// Pairs sorted by expert and cut into tiles of at most ntok pairs of one expert (one block, E ≤ 1024):
+// tiles[3·i] = expert, [3·i + 1] = first index into list, [3·i + 2] = count; *ntiles = number of tiles.
+// The order of pairs inside an expert is arbitrary: each pair's output depends only on its own row.
+__global__ void k_moe_tiles(const int32_t* ids, int64_t P, int64_t E, int ntok, int32_t* list, int32_t* tiles,
+                            int32_t* ntiles) {
+  __shared__ int32_t cnt[1024], start[1024];
+  for (int64_t i = threadIdx.x; i < E; i += blockDim.x) cnt[i] = 0;
+  __syncthreads();
+  for (int64_t p = threadIdx.x; p < P; p += blockDim.x) atomicAdd(&cnt[ids[p]], 1);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int32_t pos = 0, nt = 0;
+    for (int64_t i = 0; i < E; ++i) {
+      start[i] = pos;
+      for (int32_t c = 0; c < cnt[i]; c += ntok) {
+        tiles[3 * nt] = int32_t(i);
+        tiles[3 * nt + 1] = pos + c;
+        tiles[3 * nt + 2] = cnt[i] - c < ntok ? cnt[i] - c : ntok;
+        ++nt;
+      }
+      pos += cnt[i];
+    }
+    *ntiles = nt;
+  }
+  __syncthreads();
+  for (int64_t p = threadIdx.x; p < P; p += blockDim.x) list[atomicAdd(&start[ids[p]], 1)] = int32_t(p);
+}
+
+int64_t max_tiles(int64_t P, int64_t E, int ntok) { return std::min(P, E) + P / ntok + 1; }
+
+template <int MT, int NT, int WK, bool GATED>
+void launch_cpg(const MmaInt4& W, int64_t rpe, int64_t n_out, const void* x, const TokenSrc& ts, int64_t gy,
+                void* y, int ydt, cudaStream_t s) {
+  constexpr int WM = kWarps / WK;
+  const int64_t otiles = n_out / 16;
+  const dim3 grid(unsigned((otiles + WM * MT - 1) / (WM * MT)), unsigned(gy));
+  DS_CHECK(gy >= 1 && gy <= 65535, "int4 mma: ", gy, " token tiles (at most 65535)");
+  const auto* xb = static_cast<const __nv_bfloat16*>(x);
+  switch (W.G / 64) {
+    case 1: k_int4_mma<MT, NT, WK, 1, GATED><<<grid, kWarps * 32, 0, s>>>(W, rpe, n_out, xb, ts, y, ydt); break;
+    case 2: k_int4_mma<MT, NT, WK, 2, GATED><<<grid, kWarps * 32, 0, s>>>(W, rpe, n_out, xb, ts, y, ydt); break;
+    case 4: k_int4_mma<MT, NT, WK, 4, GATED><<<grid, kWarps * 32, 0, s>>>(W, rpe, n_out, xb, ts, y, ydt); break;
+    default: fail("int4 mma: group size ", W.G, " (supported: 64, 128, 256)");
+  }
+  MMA_CK(cudaGetLastError());
+}
+
+// Few tokens per tile: one 16-row tile per block, K split over the warps (KS of them). Many: each warp 2 tiles
+// (GATED: a gate/up pair) × 32 tokens over all of K.
+constexpr int kSmallNtok = 8, kLargeNtok = 32;
+template <bool GATED>
+void launch(bool large, const MmaInt4& W, int64_t rpe, int64_t n_out, const void* x, const TokenSrc& ts,
+            int64_t gy, void* y, int ydt, cudaStream_t s) {
+  if (large) return launch_cpg<GATED ? 1 : 2, 4, 1, GATED>(W, rpe, n_out, x, ts, gy, y, ydt, s);
+  switch (W.KS) {
+    case 4: return launch_cpg<1, 1, 4, GATED>(W, rpe, n_out, x, ts, gy, y, ydt, s);
+    case 2: return launch_cpg<1, 1, 2, GATED>(W, rpe, n_out, x, ts, gy, y, ydt, s);
+    default: return launch_cpg<1, 1, 1, GATED>(W, rpe, n_out, x, ts, gy, y, ydt, s);
+  }
+}
+
+}  // namespace
+
+void mma_int4_pack_tile(const int32_t* qweight, int64_t Np, int64_t K, int64_t tile, int64_t n0, uint32_t* dst) {
+  const int64_t KC = K / 64, dt = n0 / 16 + tile;
+  auto nib = [&](int64_t r, int64_t k) {
+    return (uint32_t(qweight[(k / 8) * Np + r]) >> (4 * (k % 8))) & 0xFu;
+  };
+  for (int64_t kc = 0; kc < KC; ++kc)
+    for (int lane = 0; lane < 32; ++lane) {
+      const int64_t r0 = 16 * tile + lane / 4, r1 = r0 + 8;
+      for (int j = 0; j < 4; ++j) {
+        const int64_t kb = 64 * kc + 16 * (lane % 4) + 4 * j;
+        dst[((dt * KC + kc) * 32 + lane) * 4 + j] =
+            nib(r0, kb) | nib(r1, kb) << 4 | nib(r0, kb + 2) << 8 | nib(r1, kb + 2) << 12 | nib(r0, kb + 1) << 16 |
+            nib(r1, kb + 1) << 20 | nib(r0, kb + 3) << 24 | nib(r1, kb + 3) << 28;
+      }
+    }
+}
+
+int mma_int4_nibble(const uint32_t* packed, int64_t K, int64_t n, int64_t k) {
+  const int64_t KC = K / 64, tile = n / 16, rr = n % 16, kc = k / 64, kin = k % 64;
+  const int lane = int(4 * (rr % 8) + kin / 16), j = int((kin % 16) / 4), off = int(kin % 4);
+  const int pos = int(rr / 8) + ((off & 2) ? 2 : 0) + ((off & 1) ? 4 : 0);
+  return int((packed[((tile * KC + kc) * 32 + lane) * 4 + j] >> (4 * pos)) & 0xFu);
+}
+
+void mma_int4_linear(const MmaInt4& W, const void* x, int64_t M, void* y, int ydt, cudaStream_t s) {
+  if (M == 0) return;
+  const bool large = M > 256;
+  const int ntok = large ? kLargeNtok : kSmallNtok;
+  TokenSrc ts;
+  ts.M = M;
+  launch<false>(large, W, W.N, W.N, x, ts, (M + ntok - 1) / ntok, y, ydt, s);
+}
+
+int64_t mma_moe_scratch_ints(int64_t P, int64_t E) { return P + 3 * max_tiles(P, E, kSmallNtok) + 1; }
+
+void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, int64_t H, const void* x,
+             int64_t topk, const int32_t* ids, int64_t P, int32_t* scratch, void* act, float* out, cudaStream_t s) {
+  if (P == 0) return;
+  DS_CHECK(E <= 1024, "int4 mma experts: E = ", E, " (at most 1024)");
+  // Many pairs per expert (prefill): 32-token tiles; decode sizes: 8.
+  const bool large = P >= 16 * E;
+  const int ntok = large ? kLargeNtok : kSmallNtok;
+  const int64_t mt = max_tiles(P, E, ntok);
+  int32_t *list = scratch, *ntiles = scratch + P, *tiles = ntiles + 1;
+  k_moe_tiles<<<1, 1024, 0, s>>>(ids, P, E, ntok, list, tiles, ntiles);
+  MMA_CK(cudaGetLastError());
+  TokenSrc ts;
+  ts.tiles = tiles, ts.ntiles = ntiles, ts.list = list, ts.xdiv = topk;
+  launch<true>(large, gate_up, 2 * I, I, x, ts, mt, act, int(DType::BF16), s);
+  ts.xdiv = 1;
+  launch<false>(large, down, H, H, act, ts, mt, out, int(DType::F32), s);
+}
+
+}  // namespace ds::cuda

@@ -277,6 +277,40 @@ __global__ void k_conv1d(const void* mixed, int mdt, const float* weight, float*
   for (int j = 0; j < W; ++j) st[j] = win[j];
 }
 
+// Prefill form of the same conv: one thread per (channel, token), reading the state window for the first
+// KC − 1 positions of each sequence; k_conv1d_state then moves each sequence's last KC − 1 inputs into the state.
+template <int KC>
+__device__ __forceinline__ float conv_in(const void* mixed, int mdt, const float* st, int64_t qs, int64_t C,
+                                         int64_t ch, int64_t j) {
+  return j >= 0 ? ldf(mixed, mdt, (qs + j) * C + ch) : st[(KC - 1) + j];
+}
+template <int KC>
+__global__ void k_conv1d_tokens(const void* mixed, int mdt, const float* weight, const float* conv_state,
+                                const int32_t* seq_of, const int32_t* seqinfo, int64_t C, void* out, int odt) {
+  const int64_t ch = blockIdx.x * int64_t(blockDim.x) + threadIdx.x, t = blockIdx.y;
+  if (ch >= C) return;
+  const int s = seq_of[t];
+  const int64_t qs = seqinfo[s * 4 + 0], slot = seqinfo[s * 4 + 3], i = t - qs;
+  const float* st = conv_state + (slot * C + ch) * (KC - 1);
+  float acc = 0.f;
+#pragma unroll
+  for (int j = 0; j < KC; ++j) acc += weight[ch * KC + j] * conv_in<KC>(mixed, mdt, st, qs, C, ch, i - (KC - 1) + j);
+  stf(out, odt, t * C + ch, silu_f(acc));
+}
+template <int KC>
+__global__ void k_conv1d_state(const void* mixed, int mdt, float* conv_state, const int32_t* seqinfo, int64_t C) {
+  const int64_t ch = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const int s = blockIdx.y;
+  if (ch >= C) return;
+  const int64_t qs = seqinfo[s * 4 + 0], ql = seqinfo[s * 4 + 1], slot = seqinfo[s * 4 + 3];
+  float* st = conv_state + (slot * C + ch) * (KC - 1);
+  float win[KC - 1];
+#pragma unroll
+  for (int j = 0; j < KC - 1; ++j) win[j] = conv_in<KC>(mixed, mdt, st, qs, C, ch, ql - (KC - 1) + j);
+#pragma unroll
+  for (int j = 0; j < KC - 1; ++j) st[j] = win[j];
+}
+
 // Gated delta rule, step 1: L2-normalised q (scaled) and k per key head, decay g and beta per value head.
 __global__ void k_gdr_prep(const void* qkv, int qdt, const void* ba, int bdt, const float* A_log, const float* dt_bias,
                            int64_t C, int64_t Hk, int64_t Hv, int64_t Dk, float qscale, float* qn, float* kn, float* g,
@@ -320,32 +354,48 @@ __global__ void __launch_bounds__(32) k_gdr_recurrent(const float* qn, const flo
   float st[DK];
 #pragma unroll
   for (int i = 0; i < DK; ++i) st[i] = S[int64_t(i) * Dv];
-  __shared__ float ks[DK], qsh[DK];
+  // Token i + 1's k, q, decay, beta and v are loaded while token i computes (prefill is a chain of ql dependent
+  // steps, each otherwise waiting a full memory latency); k and q go through shared memory, double-buffered.
+  __shared__ float ks[2][DK], qsh[2][DK];
+  constexpr int KPL = DK / 32;
+  float kr[KPL], qr[KPL], gr = 0.f, br = 0.f, vr = 0.f;
+  auto fetch = [&](int64_t t) {
+#pragma unroll
+    for (int c = 0; c < KPL; ++c) {
+      kr[c] = kn[(t * Hk + kh) * DK + lane + 32 * c];
+      qr[c] = qn[(t * Hk + kh) * DK + lane + 32 * c];
+    }
+    gr = g[t * Hv + j];
+    br = beta[t * Hv + j];
+    vr = ldf(qkv, qdt, t * C + 2 * Hk * DK + j * Dv + d);
+  };
+  fetch(qs);
   for (int64_t i = 0; i < ql; ++i) {
     const int64_t t = qs + i;
+    const int buf = int(i & 1);
 #pragma unroll
-    for (int c = 0; c < DK / 32; ++c) {
-      ks[lane + 32 * c] = kn[(t * Hk + kh) * DK + lane + 32 * c];
-      qsh[lane + 32 * c] = qn[(t * Hk + kh) * DK + lane + 32 * c];
+    for (int c = 0; c < KPL; ++c) {
+      ks[buf][lane + 32 * c] = kr[c];
+      qsh[buf][lane + 32 * c] = qr[c];
     }
+    const float decay = expf(gr), b = br, v = vr;
     __syncwarp();
-    const float decay = expf(g[t * Hv + j]), b = beta[t * Hv + j];
-    const float v = ldf(qkv, qdt, t * C + 2 * Hk * DK + j * Dv + d);
-    float u = 0.f;
+    if (i + 1 < ql) fetch(t + 1);
+    // four partial sums: shorter dependency chains than one running sum over DK
+    float u4[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int e = 0; e < DK; ++e) {
       st[e] *= decay;
-      u += st[e] * ks[e];
+      u4[e & 3] += st[e] * ks[buf][e];
     }
-    u = b * (v - u);
-    float out = 0.f;
+    const float u = b * (v - ((u4[0] + u4[1]) + (u4[2] + u4[3])));
+    float o4[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int e = 0; e < DK; ++e) {
-      st[e] += ks[e] * u;
-      out += st[e] * qsh[e];
+      st[e] += ks[buf][e] * u;
+      o4[e & 3] += st[e] * qsh[buf][e];
     }
-    stf(o, odt, (t * Hv + j) * Dv + d, out);
-    __syncwarp();
+    stf(o, odt, (t * Hv + j) * Dv + d, (o4[0] + o4[1]) + (o4[2] + o4[3]));
   }
 #pragma unroll
   for (int i = 0; i < DK; ++i) S[int64_t(i) * Dv] = st[i];
@@ -458,7 +508,7 @@ __device__ __forceinline__ float lane_dot(const DenseView& W, int64_t n, const X
   return acc;
 }
 
-// Split-context decode attention (T ≤ 64): one block per (token, kv head, split); its warps are the q heads of
+// Split-context attention (decode and prefill): one block per (token, kv head, split); its warps are the q heads of
 // the group, so each K/V row is fetched from memory once for the whole group (the other warps hit L1). Each
 // split covers ceil(n_ctx / S) positions, computed on the device from the context length, so a recorded graph
 // stays valid as sequences grow. Each lane owns DPL = Dh/32 contiguous dims (one 16-byte load at Dh = 256).
@@ -699,7 +749,7 @@ __global__ void k_moe_grouped(WV W, int64_t per_expert_rows, int64_t N, const XT
 // y[t] = Σ_k w[t,k] · out[t·K + k], summed in k order.
 __global__ void k_moe_combine(const float* out, const float* wts, int64_t K, int64_t H, void* y, int ydt) {
   const int64_t t = blockIdx.x;
-  for (int64_t d = threadIdx.x; d < H; d += blockDim.x) {
+  for (int64_t d = blockIdx.y * int64_t(blockDim.x) + threadIdx.x; d < H; d += int64_t(gridDim.y) * blockDim.x) {
     float acc = 0.f;
     for (int64_t k = 0; k < K; ++k) acc += wts[t * K + k] * out[(t * K + k) * H + d];
     stf(y, ydt, t * H + d, acc);
@@ -1177,10 +1227,11 @@ class CudaBackend final : public Backend {
     if (T == 0) return;
     auto& d = dev(b);
     const int64_t group = Nh / Nkv;
-    if (T <= 64 && group <= 32 && (Dh == 64 || Dh == 128 || Dh == 256) && q.dtype == DType::BF16 &&
+    if (group <= 32 && (Dh == 64 || Dh == 128 || Dh == 256) && q.dtype == DType::BF16 &&
         kv.k.dtype == DType::BF16 && !env_flag("DS_CUDA_NO_SPLIT_ATTN")) {
-      // S splits per (token, kv head): about 512 blocks in all, at most 64 (fixed per T: graph-safe).
-      const int S = int(std::clamp<int64_t>((512 + T * Nkv - 1) / (T * Nkv), 1, 64));
+      // S splits per (token, kv head): about 2048 blocks in all, at most 64 (fixed per T: graph-safe); prefill
+      // (T large) runs one split per token, still reading each K/V row once per group of q heads.
+      const int S = int(std::clamp<int64_t>((2048 + T * Nkv - 1) / (T * Nkv), 1, 64));
       Tensor part = alloc_scratch(DType::F32, {T, Nh, S, Dh + 2});
       const dim3 grid{unsigned(T), unsigned(Nkv), unsigned(S)};
       const unsigned threads = unsigned(32 * group);
@@ -1221,11 +1272,22 @@ class CudaBackend final : public Backend {
     const int64_t C = weight.dim(0), Kc = weight.dim(1);
     if (b.seqs.empty()) return;
     auto& d = dev(b);
-    dim3 grid(unsigned((C + 127) / 128), unsigned(b.seqs.size()));
+    const int64_t T = b.num_tokens();
+    const bool decode = T == int64_t(b.seqs.size());  // one token per sequence: one thread walks each window
+    dim3 grid(unsigned((C + 127) / 128), unsigned(b.seqs.size())), tgrid(unsigned((C + 127) / 128), unsigned(T));
 #define DS_CONV(KC)                                                                                               \
   case KC:                                                                                                        \
-    k_conv1d<KC><<<grid, 128, 0, stream_>>>(mixed.data, int(mixed.dtype), weight.ptr<float>(), st.conv.ptr<float>(), \
-                                            d.seqinfo, C, out.data, int(out.dtype));                              \
+    if (decode) {                                                                                                 \
+      k_conv1d<KC><<<grid, 128, 0, stream_>>>(mixed.data, int(mixed.dtype), weight.ptr<float>(),                  \
+                                              st.conv.ptr<float>(), d.seqinfo, C, out.data, int(out.dtype));      \
+    } else {                                                                                                      \
+      k_conv1d_tokens<KC><<<tgrid, 128, 0, stream_>>>(mixed.data, int(mixed.dtype), weight.ptr<float>(),          \
+                                                      st.conv.ptr<float>(), d.seq_of, d.seqinfo, C, out.data,     \
+                                                      int(out.dtype));                                            \
+      CKL();                                                                                                      \
+      k_conv1d_state<KC><<<grid, 128, 0, stream_>>>(mixed.data, int(mixed.dtype), st.conv.ptr<float>(),           \
+                                                    d.seqinfo, C);                                                \
+    }                                                                                                             \
     break;
     switch (Kc) {
       DS_CONV(2)
@@ -1331,8 +1393,8 @@ class CudaBackend final : public Backend {
         CKL();
       }
     }
-    k_moe_combine<<<unsigned(T), 256, 0, stream_>>>(out.ptr<float>(), weights.ptr<float>(), K, H, y.data,
-                                                   int(y.dtype));
+    k_moe_combine<<<dim3(unsigned(T), unsigned((H + 255) / 256)), 256, 0, stream_>>>(
+        out.ptr<float>(), weights.ptr<float>(), K, H, y.data, int(y.dtype));
     CKL();
   }
 

@@ -65,7 +65,7 @@ __device__ __forceinline__ float silu(float v) { return v / (1.f + expf(-v)); }
 // which is also the order a WK = 1 warp adds them in (batch invariance, int4_mma.h).
 // Output: GATED → bf16 silu(gate)·up at [p, n]; else y[p, n] of dtype ydt (F32 or BF16); row stride n_out.
 template <int MT, int NT, int WK, int CPG, bool GATED>
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 4 : 1)  // decode: ≥ 16 warps per SM for loads in flight
     k_int4_mma(MmaInt4 W, int64_t rows_per_expert, int64_t n_out, const __nv_bfloat16* __restrict__ x, TokenSrc ts,
                void* __restrict__ y, int ydt) {
   constexpr int WM = kWarps / WK, NTOK = 8 * NT, MW = GATED ? 2 * MT : MT;
@@ -107,8 +107,12 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 
   float acc[MW][NT][4];
+  // Slices of other warps, each kept apart so warp 0 adds them one by one in slice order (at most 3: KS ≤ 4).
+  constexpr bool kSplit = WK > 1;
+  __shared__ float red[kSplit ? 3 : 1][kSplit ? WM : 1][kSplit ? MW * NT * 4 : 1][32];
   const int64_t gps = ngroups / W.KS;  // groups per slice
-  for (int s = wk; s < W.KS; s += WK) {
+  const int spw = W.KS / WK;           // slices per warp: warp wk owns [wk·spw, (wk + 1)·spw)
+  for (int s = wk * spw; s < (wk + 1) * spw; ++s) {
     float part[MW][NT][4];
 #pragma unroll
     for (int u = 0; u < MW; ++u)
@@ -169,34 +173,33 @@ __global__ void __launch_bounds__(kWarps * 32)
         }
       }
     }
+    if (wk == 0) {
 #pragma unroll
-    for (int u = 0; u < MW; ++u)
+      for (int u = 0; u < MW; ++u)
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
+        for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) acc[u][nt][c] = s == wk ? part[u][nt][c] : acc[u][nt][c] + part[u][nt][c];
+          for (int c = 0; c < 4; ++c) acc[u][nt][c] = s == 0 ? part[u][nt][c] : acc[u][nt][c] + part[u][nt][c];
+    } else if constexpr (kSplit) {
+#pragma unroll
+      for (int u = 0; u < MW; ++u)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) red[s - spw][wm][(u * NT + nt) * 4 + c][lane] = part[u][nt][c];
+    }
   }
 
-  if constexpr (WK > 1) {
-    __shared__ float red[WK - 1][WM][MW * NT * 4][32];
-    if (wk > 0) {
-#pragma unroll
-      for (int u = 0; u < MW; ++u)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) red[wk - 1][wm][(u * NT + nt) * 4 + c][lane] = acc[u][nt][c];
-    }
+  if constexpr (kSplit) {
     __syncthreads();
     if (wk > 0) return;
-#pragma unroll
-    for (int w = 0; w < WK - 1; ++w)
+    for (int s = spw; s < W.KS; ++s)
 #pragma unroll
       for (int u = 0; u < MW; ++u)
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-          for (int c = 0; c < 4; ++c) acc[u][nt][c] += red[w][wm][(u * NT + nt) * 4 + c][lane];
+          for (int c = 0; c < 4; ++c) acc[u][nt][c] += red[s - spw][wm][(u * NT + nt) * 4 + c][lane];
   }
 
   // C fragment: c[2·rr + h] is (row g + 8·rr, token 2·tig + h) of the tile.
@@ -226,32 +229,57 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
-// Pairs sorted by expert and cut into tiles of at most ntok pairs of one expert (one block, E ≤ 1024):
-// tiles[3·i] = expert, [3·i + 1] = first index into list, [3·i + 2] = count; *ntiles = number of tiles.
-// The order of pairs inside an expert is arbitrary: each pair's output depends only on its own row.
-__global__ void k_moe_tiles(const int32_t* ids, int64_t P, int64_t E, int ntok, int32_t* list, int32_t* tiles,
-                            int32_t* ntiles) {
-  __shared__ int32_t cnt[1024], start[1024];
-  for (int64_t i = threadIdx.x; i < E; i += blockDim.x) cnt[i] = 0;
+// Pairs sorted by expert and cut into tiles of at most ntok pairs of one expert (one block of 1024 threads,
+// thread i owns expert i; E ≤ 1024): tiles[3·i] = expert, [3·i + 1] = first index into list, [3·i + 2] = count;
+// *ntiles = number of tiles. The order of pairs inside an expert is arbitrary: each pair's output depends only on
+// its own row.
+__device__ __forceinline__ int32_t block_exclusive_scan(int32_t v, int32_t* total) {
+  __shared__ int32_t warp_tot[32];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  int32_t inc = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int32_t t = __shfl_up_sync(0xffffffffu, inc, o);
+    if (lane >= o) inc += t;
+  }
+  if (lane == 31) warp_tot[w] = inc;
   __syncthreads();
-  for (int64_t p = threadIdx.x; p < P; p += blockDim.x) atomicAdd(&cnt[ids[p]], 1);
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int32_t pos = 0, nt = 0;
-    for (int64_t i = 0; i < E; ++i) {
-      start[i] = pos;
-      for (int32_t c = 0; c < cnt[i]; c += ntok) {
-        tiles[3 * nt] = int32_t(i);
-        tiles[3 * nt + 1] = pos + c;
-        tiles[3 * nt + 2] = cnt[i] - c < ntok ? cnt[i] - c : ntok;
-        ++nt;
-      }
-      pos += cnt[i];
+  if (w == 0) {
+    int32_t t = lane < int(blockDim.x >> 5) ? warp_tot[lane] : 0;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int32_t u = __shfl_up_sync(0xffffffffu, t, o);
+      if (lane >= o) t += u;
     }
-    *ntiles = nt;
+    warp_tot[lane] = t;  // inclusive prefix over warps
   }
   __syncthreads();
-  for (int64_t p = threadIdx.x; p < P; p += blockDim.x) list[atomicAdd(&start[ids[p]], 1)] = int32_t(p);
+  const int32_t before = (w > 0 ? warp_tot[w - 1] : 0) + inc - v;
+  *total = warp_tot[(blockDim.x >> 5) - 1];
+  __syncthreads();  // warp_tot is reused by the next scan
+  return before;
+}
+__global__ void __launch_bounds__(1024) k_moe_tiles(const int32_t* ids, int64_t P, int64_t E, int ntok,
+                                                   int32_t* list, int32_t* tiles, int32_t* ntiles) {
+  __shared__ int32_t cnt[1024], start[1024];
+  const int i = threadIdx.x;
+  cnt[i] = 0;
+  __syncthreads();
+  for (int64_t p = i; p < P; p += blockDim.x) atomicAdd(&cnt[ids[p]], 1);
+  __syncthreads();
+  const int32_t c = i < E ? cnt[i] : 0, nt = (c + ntok - 1) / ntok;
+  int32_t total_pairs, total_tiles;
+  const int32_t pos = block_exclusive_scan(c, &total_pairs);
+  const int32_t t0 = block_exclusive_scan(nt, &total_tiles);
+  start[i] = pos;
+  for (int32_t j = 0; j < nt; ++j) {
+    tiles[3 * (t0 + j)] = i;
+    tiles[3 * (t0 + j) + 1] = pos + j * ntok;
+    tiles[3 * (t0 + j) + 2] = c - j * ntok < ntok ? c - j * ntok : ntok;
+  }
+  if (i == 0) *ntiles = total_tiles;
+  __syncthreads();
+  for (int64_t p = i; p < P; p += blockDim.x) list[atomicAdd(&start[ids[p]], 1)] = int32_t(p);
 }
 
 int64_t max_tiles(int64_t P, int64_t E, int ntok) { return std::min(P, E) + P / ntok + 1; }
@@ -264,44 +292,59 @@ void launch_cpg(const MmaInt4& W, int64_t rpe, int64_t n_out, const void* x, con
   const dim3 grid(unsigned((otiles + WM * MT - 1) / (WM * MT)), unsigned(gy));
   DS_CHECK(gy >= 1 && gy <= 65535, "int4 mma: ", gy, " token tiles (at most 65535)");
   const auto* xb = static_cast<const __nv_bfloat16*>(x);
-  switch (W.G / 64) {
-    case 1: k_int4_mma<MT, NT, WK, 1, GATED><<<grid, kWarps * 32, 0, s>>>(W, rpe, n_out, xb, ts, y, ydt); break;
-    case 2: k_int4_mma<MT, NT, WK, 2, GATED><<<grid, kWarps * 32, 0, s>>>(W, rpe, n_out, xb, ts, y, ydt); break;
-    case 4: k_int4_mma<MT, NT, WK, 4, GATED><<<grid, kWarps * 32, 0, s>>>(W, rpe, n_out, xb, ts, y, ydt); break;
-    default: fail("int4 mma: group size ", W.G, " (supported: 64, 128, 256)");
-  }
+  // Group size 128 (AutoRound's and GPTQ's default) is the one instantiated; mma_int4_supported() sends others to
+  // the bf16 path.
+  DS_CHECK(W.G == 128, "int4 mma: group size ", W.G, " (instantiated: 128)");
+  k_int4_mma<MT, NT, WK, 2, GATED><<<grid, kWarps * 32, 0, s>>>(W, rpe, n_out, xb, ts, y, ydt);
   MMA_CK(cudaGetLastError());
 }
 
-// Few tokens per tile: one 16-row tile per block, K split over the warps (KS of them). Many: each warp 2 tiles
-// (GATED: a gate/up pair) × 32 tokens over all of K.
-constexpr int kSmallNtok = 8, kLargeNtok = 32;
-template <bool GATED>
-void launch(bool large, const MmaInt4& W, int64_t rpe, int64_t n_out, const void* x, const TokenSrc& ts,
-            int64_t gy, void* y, int ydt, cudaStream_t s) {
-  if (large) return launch_cpg<GATED ? 1 : 2, 4, 1, GATED>(W, rpe, n_out, x, ts, gy, y, ydt, s);
-  switch (W.KS) {
-    case 4: return launch_cpg<1, 1, 4, GATED>(W, rpe, n_out, x, ts, gy, y, ydt, s);
-    case 2: return launch_cpg<1, 1, 2, GATED>(W, rpe, n_out, x, ts, gy, y, ydt, s);
-    default: return launch_cpg<1, 1, 1, GATED>(W, rpe, n_out, x, ts, gy, y, ydt, s);
+// Kernel shapes. Small (decode, few tokens per tile): one 16-row tile (GATED: a gate/up pair) × 8 tokens per
+// warp. Medium (up to a few hundred tokens): × 32 tokens. Both split K over WK warps of the block (WK ≤ KS; more
+// warps on long K so each has several groups in flight, fewer on short K so the split does not dominate). The
+// slices of a split are added in slice order whatever WK is, so every shape gives bit-identical rows.
+// Large (prefill): each warp 2 tiles (GATED: 1 pair) × 32 tokens over all of K, 4 warps side by side.
+enum class Shape { Small, Medium, Large };
+constexpr int ntok_of(Shape s) { return s == Shape::Small ? 8 : 32; }
+template <int MT, int NT, bool GATED>
+void launch_wk(int wk, const MmaInt4& W, int64_t rpe, int64_t n_out, const void* x, const TokenSrc& ts, int64_t gy,
+               void* y, int ydt, cudaStream_t s) {
+  switch (wk) {
+    case 4: return launch_cpg<MT, NT, 4, GATED>(W, rpe, n_out, x, ts, gy, y, ydt, s);
+    case 2: return launch_cpg<MT, NT, 2, GATED>(W, rpe, n_out, x, ts, gy, y, ydt, s);
+    default: return launch_cpg<MT, NT, 1, GATED>(W, rpe, n_out, x, ts, gy, y, ydt, s);
   }
+}
+template <bool GATED>
+void launch(Shape shape, const MmaInt4& W, int64_t rpe, int64_t n_out, const void* x, const TokenSrc& ts,
+            int64_t gy, void* y, int ydt, cudaStream_t s) {
+  if (shape == Shape::Large) return launch_cpg<GATED ? 1 : 2, 4, 1, GATED>(W, rpe, n_out, x, ts, gy, y, ydt, s);
+  // Small: every slice its own warp (most loads in flight for one token) unless K is short (the down projection's
+  // 512: one warp). Medium: at least 1024 inputs per warp (K = 2048: two warps; 4096: four).
+  int wk = 1;
+  if (shape == Shape::Small) wk = W.K >= 1024 ? W.KS : 1;
+  else
+    while (wk < W.KS && W.K / (2 * wk) >= 1024) wk *= 2;
+  if (shape == Shape::Small) return launch_wk<1, 1, GATED>(wk, W, rpe, n_out, x, ts, gy, y, ydt, s);
+  return launch_wk<1, 4, GATED>(wk, W, rpe, n_out, x, ts, gy, y, ydt, s);
 }
 
 }  // namespace
 
 void mma_int4_pack_tile(const int32_t* qweight, int64_t Np, int64_t K, int64_t tile, int64_t n0, uint32_t* dst) {
   const int64_t KC = K / 64, dt = n0 / 16 + tile;
-  auto nib = [&](int64_t r, int64_t k) {
-    return (uint32_t(qweight[(k / 8) * Np + r]) >> (4 * (k % 8))) & 0xFu;
-  };
+  // Nibbles k..k+3 of row r in the low 16 bits (k a multiple of 4: they never straddle a word).
+  auto quad = [&](int64_t r, int64_t k) { return (uint32_t(qweight[(k / 8) * Np + r]) >> (4 * (k % 8))) & 0xFFFFu; };
   for (int64_t kc = 0; kc < KC; ++kc)
     for (int lane = 0; lane < 32; ++lane) {
       const int64_t r0 = 16 * tile + lane / 4, r1 = r0 + 8;
       for (int j = 0; j < 4; ++j) {
         const int64_t kb = 64 * kc + 16 * (lane % 4) + 4 * j;
+        const uint32_t a = quad(r0, kb), b = quad(r1, kb);
+        // nibble i of a/b is input kb + i; destination order (r0,kb) (r1,kb) (r0,kb+2) (r1,kb+2) (r0,kb+1) ...
         dst[((dt * KC + kc) * 32 + lane) * 4 + j] =
-            nib(r0, kb) | nib(r1, kb) << 4 | nib(r0, kb + 2) << 8 | nib(r1, kb + 2) << 12 | nib(r0, kb + 1) << 16 |
-            nib(r1, kb + 1) << 20 | nib(r0, kb + 3) << 24 | nib(r1, kb + 3) << 28;
+            (a & 0xFu) | (b & 0xFu) << 4 | (a >> 8 & 0xFu) << 8 | (b >> 8 & 0xFu) << 12 | (a >> 4 & 0xFu) << 16 |
+            (b >> 4 & 0xFu) << 20 | (a >> 12 & 0xFu) << 24 | (b >> 12 & 0xFu) << 28;
       }
     }
 }
@@ -315,31 +358,29 @@ int mma_int4_nibble(const uint32_t* packed, int64_t K, int64_t n, int64_t k) {
 
 void mma_int4_linear(const MmaInt4& W, const void* x, int64_t M, void* y, int ydt, cudaStream_t s) {
   if (M == 0) return;
-  const bool large = M > 256;
-  const int ntok = large ? kLargeNtok : kSmallNtok;
+  const Shape shape = M <= 8 ? Shape::Small : M <= 256 ? Shape::Medium : Shape::Large;
   TokenSrc ts;
   ts.M = M;
-  launch<false>(large, W, W.N, W.N, x, ts, (M + ntok - 1) / ntok, y, ydt, s);
+  launch<false>(shape, W, W.N, W.N, x, ts, (M + ntok_of(shape) - 1) / ntok_of(shape), y, ydt, s);
 }
 
-int64_t mma_moe_scratch_ints(int64_t P, int64_t E) { return P + 3 * max_tiles(P, E, kSmallNtok) + 1; }
+int64_t mma_moe_scratch_ints(int64_t P, int64_t E) { return P + 3 * max_tiles(P, E, ntok_of(Shape::Small)) + 1; }
 
 void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, int64_t H, const void* x,
              int64_t topk, const int32_t* ids, int64_t P, int32_t* scratch, void* act, float* out, cudaStream_t s) {
   if (P == 0) return;
   DS_CHECK(E <= 1024, "int4 mma experts: E = ", E, " (at most 1024)");
-  // Many pairs per expert (prefill): 32-token tiles; decode sizes: 8.
-  const bool large = P >= 16 * E;
-  const int ntok = large ? kLargeNtok : kSmallNtok;
-  const int64_t mt = max_tiles(P, E, ntok);
+  // Decode sizes: a couple of pairs per touched expert; prefill: many.
+  const Shape shape = P >= 16 * E ? Shape::Large : Shape::Small;
+  const int64_t mt = max_tiles(P, E, ntok_of(shape));
   int32_t *list = scratch, *ntiles = scratch + P, *tiles = ntiles + 1;
-  k_moe_tiles<<<1, 1024, 0, s>>>(ids, P, E, ntok, list, tiles, ntiles);
+  k_moe_tiles<<<1, 1024, 0, s>>>(ids, P, E, ntok_of(shape), list, tiles, ntiles);
   MMA_CK(cudaGetLastError());
   TokenSrc ts;
   ts.tiles = tiles, ts.ntiles = ntiles, ts.list = list, ts.xdiv = topk;
-  launch<true>(large, gate_up, 2 * I, I, x, ts, mt, act, int(DType::BF16), s);
+  launch<true>(shape, gate_up, 2 * I, I, x, ts, mt, act, int(DType::BF16), s);
   ts.xdiv = 1;
-  launch<false>(large, down, H, H, act, ts, mt, out, int(DType::F32), s);
+  launch<false>(shape, down, H, H, act, ts, mt, out, int(DType::F32), s);
 }
 
 }  // namespace ds::cuda

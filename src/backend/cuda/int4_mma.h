@@ -32,9 +32,8 @@ struct MmaInt4 {
 };
 
 // Whether an [N, K] int4 matrix with group size G can use the mma layout.
-inline bool mma_int4_supported(int64_t N, int64_t K, int G) {
-  return N % 16 == 0 && G % 64 == 0 && K % G == 0 && K >= 64;
-}
+// (The kernels are instantiated for group size 128, AutoRound's and GPTQ's default; others run as bf16.)
+inline bool mma_int4_supported(int64_t N, int64_t K, int G) { return N % 16 == 0 && G == 128 && K % G == 0; }
 // The fixed number of K slices for a shape: 4, 2 or 1, each slice a whole number of groups.
 inline int mma_int4_slices(int64_t K, int G) {
   for (int ks : {4, 2}) if (K % (int64_t(ks) * G) == 0) return ks;

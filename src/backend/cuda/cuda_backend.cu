@@ -137,6 +137,16 @@ __global__ void k_gather(const void* x, int dt, const int32_t* rows, int64_t H, 
   for (int64_t d = threadIdx.x; d < H; d += blockDim.x) stf(out, dt, i * H + d, ldf(x, dt, r * H + d));
 }
 
+// y[t] = w · x[t] for a one-row bf16 weight (the shared expert's gate): one block per token. cuBLAS runs N = 1
+// as two kernels (dot + reduction), ~8 us per layer at batch 1.
+__global__ void k_linear_n1(const __nv_bfloat16* w, const __nv_bfloat16* x, int64_t K, void* y, int ydt) {
+  const int64_t t = blockIdx.x;
+  float acc = 0.f;
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x)
+    acc += __bfloat162float(w[k]) * __bfloat162float(x[t * K + k]);
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) stf(y, ydt, t, acc);
+}
 __global__ void k_convert(const void* x, int xdt, void* y, int ydt, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     stf(y, ydt, i, ldf(x, xdt, i));
@@ -339,6 +349,73 @@ __global__ void k_gdr_prep(const void* qkv, int qdt, const void* ba, int bdt, co
 
 // Step 2: the recurrence, token by token. One warp per (32 value columns, value head, sequence); each lane owns
 // one column of the fp32 state S[:, d] in registers (DK values).
+// Sequences with at least this many tokens in the step run k_gdr_long, the others k_gdr_recurrent; the choice
+// depends on the sequence's own chunk only, never on what else is in the batch.
+constexpr int64_t kGdrLongMin = 32;
+// Long chunks (prefill): the step is a chain of ql dependent updates, so the per-token latency is what counts.
+// R lanes share one state column (each holds DK/R rows) and reduce with shuffles: R× shorter chains per token
+// and R× more warps than k_gdr_recurrent. Next token's inputs are fetched during the current one.
+template <int DK, int R>
+__global__ void __launch_bounds__(32) k_gdr_long(const float* qn, const float* kn, const float* g, const float* beta,
+                                                 const void* qkv, int qdt, int64_t C, int64_t Hk, int64_t Hv,
+                                                 int64_t Dv, float* ssm, const int32_t* seqinfo, void* o, int odt) {
+  constexpr int CPW = 32 / R, RP = DK / R;
+  static_assert(RP % 4 == 0, "rows per lane: whole float4s");
+  const int lane = threadIdx.x, r = lane % R;
+  const int64_t d = blockIdx.x * int64_t(CPW) + lane / R, j = blockIdx.y;
+  const int s = blockIdx.z;
+  const int64_t qs = seqinfo[s * 4 + 0], ql = seqinfo[s * 4 + 1], slot = seqinfo[s * 4 + 3];
+  if (ql < kGdrLongMin) return;
+  const int64_t kh = j / (Hv / Hk);
+  float* S = ssm + ((slot * Hv + j) * DK + int64_t(r) * RP) * Dv + d;
+  float st[RP];
+#pragma unroll
+  for (int i = 0; i < RP; ++i) st[i] = S[int64_t(i) * Dv];
+  float kr[RP], qr[RP], gr, br, vr;
+  auto fetch = [&](int64_t t) {
+    const float4* kp = reinterpret_cast<const float4*>(kn + (t * Hk + kh) * DK + r * RP);
+    const float4* qp = reinterpret_cast<const float4*>(qn + (t * Hk + kh) * DK + r * RP);
+#pragma unroll
+    for (int i = 0; i < RP / 4; ++i) {
+      const float4 a = kp[i], b = qp[i];
+      kr[4 * i] = a.x, kr[4 * i + 1] = a.y, kr[4 * i + 2] = a.z, kr[4 * i + 3] = a.w;
+      qr[4 * i] = b.x, qr[4 * i + 1] = b.y, qr[4 * i + 2] = b.z, qr[4 * i + 3] = b.w;
+    }
+    gr = g[t * Hv + j];
+    br = beta[t * Hv + j];
+    vr = ldf(qkv, qdt, t * C + 2 * Hk * DK + j * Dv + d);
+  };
+  fetch(qs);
+  for (int64_t i = 0; i < ql; ++i) {
+    const int64_t t = qs + i;
+    float k[RP], q[RP];
+#pragma unroll
+    for (int e = 0; e < RP; ++e) k[e] = kr[e], q[e] = qr[e];
+    const float decay = expf(gr), b = br, v = vr;
+    if (i + 1 < ql) fetch(t + 1);
+    float u = 0.f;
+#pragma unroll
+    for (int e = 0; e < RP; ++e) {
+      st[e] *= decay;
+      u += st[e] * k[e];
+    }
+#pragma unroll
+    for (int off = R / 2; off > 0; off >>= 1) u += __shfl_xor_sync(0xffffffffu, u, off);
+    u = b * (v - u);
+    float out = 0.f;
+#pragma unroll
+    for (int e = 0; e < RP; ++e) {
+      st[e] += k[e] * u;
+      out += st[e] * q[e];
+    }
+#pragma unroll
+    for (int off = R / 2; off > 0; off >>= 1) out += __shfl_xor_sync(0xffffffffu, out, off);
+    if (r == 0) stf(o, odt, (t * Hv + j) * Dv + d, out);
+  }
+#pragma unroll
+  for (int i = 0; i < RP; ++i) S[int64_t(i) * Dv] = st[i];
+}
+
 template <int DK>
 __global__ void __launch_bounds__(32) k_gdr_recurrent(const float* qn, const float* kn, const float* g,
                                                       const float* beta, const void* qkv, int qdt, int64_t C,
@@ -348,7 +425,7 @@ __global__ void __launch_bounds__(32) k_gdr_recurrent(const float* qn, const flo
   const int64_t d = blockIdx.x * 32 + lane, j = blockIdx.y;
   const int s = blockIdx.z;
   const int64_t qs = seqinfo[s * 4 + 0], ql = seqinfo[s * 4 + 1], slot = seqinfo[s * 4 + 3];
-  if (ql == 0) return;
+  if (ql == 0 || ql >= kGdrLongMin) return;  // long chunks: k_gdr_long
   const int64_t kh = j / (Hv / Hk);
   float* S = ssm + ((slot * Hv + j) * DK) * Dv + d;
   float st[DK];
@@ -1134,6 +1211,12 @@ class CudaBackend final : public Backend {
     if (T == 0) return;
     Tensor xb = as_bf16(x);
     if (!l->int4) {
+      if (l->N == 1) {
+        k_linear_n1<<<unsigned(T), 256, 0, stream_>>>(l->dense.ptr<__nv_bfloat16>(), xb.ptr<__nv_bfloat16>(), l->K,
+                                                      y.data, int(y.dtype));
+        CKL();
+        return;
+      }
       gemm_bf16(l->dense.data, xb.data, T, l->N, l->K, y);
       return;
     }
@@ -1314,12 +1397,23 @@ class CudaBackend final : public Backend {
                                                  dt_bias.ptr<float>(), C, Hk, Hv, Dk, 1.f / std::sqrt(float(Dk)),
                                                  qn.ptr<float>(), kn.ptr<float>(), g.ptr<float>(), beta.ptr<float>());
     CKL();
+    // Decode-only steps (one token per sequence) launch only the short-chunk kernel; any other step launches
+    // both, and each sequence is taken by the one its own length selects (graph-safe, batch-invariant).
+    const bool decode = T == int64_t(b.seqs.size());
     dim3 grid(unsigned(Dv / 32), unsigned(Hv), unsigned(b.seqs.size()));
+    constexpr int kR = 8;
+    dim3 lgrid(unsigned(Dv / (32 / kR)), unsigned(Hv), unsigned(b.seqs.size()));
 #define DS_GDR(DK)                                                                                                 \
   case DK:                                                                                                         \
     k_gdr_recurrent<DK><<<grid, 32, 0, stream_>>>(qn.ptr<float>(), kn.ptr<float>(), g.ptr<float>(), beta.ptr<float>(), \
                                                   qkv.data, int(qkv.dtype), C, Hk, Hv, Dv, st.ssm.ptr<float>(),    \
                                                   d.seqinfo, o.data, int(o.dtype));                                \
+    if (!decode) {                                                                                                 \
+      CKL();                                                                                                       \
+      k_gdr_long<DK, kR><<<lgrid, 32, 0, stream_>>>(qn.ptr<float>(), kn.ptr<float>(), g.ptr<float>(),              \
+                                                    beta.ptr<float>(), qkv.data, int(qkv.dtype), C, Hk, Hv, Dv,    \
+                                                    st.ssm.ptr<float>(), d.seqinfo, o.data, int(o.dtype));         \
+    }                                                                                                              \
     break;
     switch (Dk) {
       DS_GDR(32)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Packs binaries built here for the GPU machine (which has CUDA but not the project's Debian libraries) into
+# build-carry/gpu.tar.xz: the binaries (stripped) plus lib/ with every shared library they load from the system
+# other than glibc, libstdc++ and libgcc (the GPU image has newer ones) and CUDA's (the GPU image has its own).
+# Usage: tools/pack_gpu_carry.sh BUILD_DIR BINARY... ; then pass carry=["build-carry/gpu.tar.xz"] to the device
+# run and, there: tar -C build-carry -xJf build-carry/gpu.tar.xz && bench/run_gpu.sh build-carry/gpu-carry ...
+# (or LD_LIBRARY_PATH=build-carry/gpu-carry/lib build-carry/gpu-carry/deltaserve ...).
+# Configure BUILD_DIR with -DCMAKE_CUDA_ARCHITECTURES=90-real to keep the archive small.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BUILD=$1; shift
+OUTDIR=$ROOT/build-carry/gpu-carry
+rm -rf "$ROOT/build-carry" && mkdir -p "$OUTDIR/lib"
+for b in "$@"; do
+  cp "$BUILD/$b" "$OUTDIR/"
+  strip "$OUTDIR/$b"
+  ldd "$BUILD/$b" | awk '$3 ~ /^\// {print $3}' | while read -r lib; do
+    case "$(basename "$lib")" in
+      libc.so*|libm.so*|libstdc++*|libgcc_s*|libpthread*|libdl.so*|librt.so*|ld-linux*|libcuda*|libcublas*|libcudart*) ;;
+      *) cp -nL "$lib" "$OUTDIR/lib/" ;;
+    esac
+  done
+done
+tar -C "$ROOT/build-carry" -cJf "$ROOT/build-carry/gpu.tar.xz" gpu-carry
+ls -l "$ROOT/build-carry/gpu.tar.xz" | awk '{print $5 " bytes: build-carry/gpu.tar.xz"}'
+ls "$OUTDIR" "$OUTDIR/lib"

@@ -91,7 +91,12 @@ std::vector<uint8_t> fetch_url(const std::string& url0, size_t max_bytes, double
       if (e == httplib::Error::Read || e == httplib::Error::Connection)
         if (Clock::now() > deadline - std::chrono::milliseconds(50))
           fail("image: fetching '", brief_url(url0), "' timed out after ", timeout_s, " s");
-      fail("image: fetching '", brief_url(url0), "' failed: ", httplib::to_string(e));
+      const char* what = e == httplib::Error::Connection         ? "could not connect"
+                         : e == httplib::Error::SSLConnection        ? "TLS handshake failed"
+                         : e == httplib::Error::SSLServerVerification ? "the server's TLS certificate did not verify"
+                         : e == httplib::Error::Read                  ? "the connection broke while reading"
+                                                                      : "transfer error";
+      fail("image: fetching '", brief_url(url0), "' failed: ", what, " (", httplib::to_string(e), ")");
     }
     if (Clock::now() > deadline) fail("image: fetching '", brief_url(url0), "' timed out after ", timeout_s, " s");
     if (status >= 300 && status < 400 && !location.empty()) {

@@ -109,7 +109,7 @@ TEST(Media, FetchLimits) {
   EXPECT_ERROR(fetch_url(http().url("/slow.png"), 1 << 20, 0.3, 3), "timed out after 0.3 s");
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(1400));
   // Nothing listens on port 1.
-  EXPECT_ERROR(fetch_url("http://127.0.0.1:1/x.png", 1 << 20, 2.0, 3), "failed");
+  EXPECT_ERROR(fetch_url("http://127.0.0.1:1/x.png", 1 << 20, 2.0, 3), "failed: could not connect");
   MediaConfig off;
   off.fetch_http = false;
   EXPECT_ERROR(read_media_bytes(http().url("/image.png"), off), "http(s) URLs are disabled on this server");

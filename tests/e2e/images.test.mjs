@@ -187,6 +187,7 @@ test('bad images get a 400 naming the part and the problem; the server keeps ser
     [[imagePart(dataUrl(corrupt))], /messages\[0\]\.content\[0\]: image: .*(corrupt|CRC|decod)/i],
     [[imagePart(dataUrl(truncated))], /messages\[0\]\.content\[0\]: image: .*(truncated|corrupt)/i],
     [[imagePart('data:image/png;base64,')], /empty data \(0 bytes\), expected a PNG, JPEG or WebP/],
+    [[imagePart(dataUrl(makePng(0, 4)))], /messages\[0\]\.content\[0\]: image: PNG has size 0x4, expected a positive width/],
     [[imagePart(dataUrl(Buffer.from('GIF89a\x01\x00\x01\x00\x00\x00\x00;', 'binary'), 'image/gif'))],
      /unsupported format \(GIF\): expected PNG, JPEG or WebP/],
     [[imagePart(dataUrl(Buffer.from('not base64', 'utf8')).replace(/base64,.*/, 'base64,***'))], /base64: expected A-Z/],

@@ -181,6 +181,26 @@ TEST(EngineImages, PreemptionRecomputesWithTheSameFeatures) {
   EXPECT_EQ(e.metrics().kv_blocks_used, 0);
 }
 
+TEST(EngineImages, AFailingVisionTowerEndsOnlyItsRequest) {
+  Engine e(*fx().m, config());
+  auto bad = image_req(1);
+  auto mm = std::make_shared<MultiModalInput>(*fx().mm);
+  mm->pixel_values.resize(mm->pixel_values.size() - 7);  // not grid patches x patch_dim: encode_images throws
+  bad->mm = mm;
+  auto good = image_req(2), text = text_req(3, 0);
+  e.submit(bad);
+  e.submit(good);
+  e.submit(text);
+  drain(e);
+  auto o = collect(*bad);
+  EXPECT_EQ(o.finish, FinishReason::Error);
+  EXPECT_NE(o.error.find("image encoding failed: encode_images: pixel_values has"), std::string::npos) << o.error;
+  EXPECT_TRUE(o.tokens.empty());
+  EXPECT_EQ(collect(*good).tokens, fx().reference);
+  EXPECT_EQ(collect(*text).tokens.size(), 8u);
+  EXPECT_EQ(e.metrics().kv_blocks_used, 0);
+}
+
 TEST(EngineImages, InconsistentLayoutsAreRejectedAtSubmit) {
   Engine e(*fx().m, config());
   auto bad = [&](auto edit, const char* want) {

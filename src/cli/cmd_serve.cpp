@@ -1,4 +1,5 @@
 // deltaserve serve: the OpenAI-compatible server (flags spelled like vLLM's where they mean the same).
+#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "cli/args.h"
@@ -8,7 +9,7 @@
 namespace ds::cli {
 
 int cmd_serve(int argc, char** argv) {
-  Args a(argc, argv, 2);
+  Args a(argc, argv, 2, {"disable-image-fetch"});
   server::ServerConfig c;
   c.model_dir = a.model_dir();
   c.host = a.get("host", c.host);
@@ -54,6 +55,34 @@ int cmd_serve(int argc, char** argv) {
     c.num_speculative_tokens = j["num_speculative_tokens"].get<int64_t>();
     if (c.num_speculative_tokens < 1 || c.num_speculative_tokens > 16)
       fail("--speculative-config: num_speculative_tokens must be in 1..16, got ", c.num_speculative_tokens);
+  }
+  // Images (docs/server.md "Images").
+  auto& md = c.media;
+  if (a.has("limit-mm-per-prompt")) {
+    const std::string v = a.get("limit-mm-per-prompt");
+    auto j = nlohmann::json::parse(v, nullptr, false);
+    if (j.is_discarded() || !j.is_object())
+      fail("--limit-mm-per-prompt: expected a JSON object like {\"image\": 4}, got '", v, "'");
+    for (auto& [k, x] : j.items()) {
+      if (k != "image" && k != "video") fail("--limit-mm-per-prompt: unknown modality '", k, "' (expected image, video)");
+      if (!x.is_number_integer() || x.get<int64_t>() < 0)
+        fail("--limit-mm-per-prompt: '", k, "' must be a non-negative integer, got ", x.dump());
+      if (k == "image") md.max_images_per_prompt = x.get<int64_t>();
+    }
+  }
+  md.max_image_pixels = a.get_int("max-image-pixels", md.max_image_pixels);
+  if (md.max_image_pixels < 1) fail("--max-image-pixels: expected >= 1, got ", md.max_image_pixels);
+  const int64_t mb = a.get_int("max-image-bytes", int64_t(md.max_image_bytes));
+  if (mb < 1) fail("--max-image-bytes: expected >= 1, got ", mb);
+  md.max_image_bytes = size_t(mb);
+  md.fetch_timeout_s = a.get_double("image-fetch-timeout", md.fetch_timeout_s);
+  if (!(md.fetch_timeout_s > 0) || md.fetch_timeout_s > 3600)
+    fail("--image-fetch-timeout: expected seconds in (0, 3600], got ", md.fetch_timeout_s);
+  if (a.has("disable-image-fetch")) md.fetch_http = false;
+  md.allowed_local_paths = a.get_all("allowed-local-media-path");
+  for (auto& d : md.allowed_local_paths) {
+    std::error_code ec;
+    if (!std::filesystem::is_directory(d, ec)) fail("--allowed-local-media-path: '", d, "' is not a directory");
   }
   return server::serve(c);
 }

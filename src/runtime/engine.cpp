@@ -95,6 +95,8 @@ struct Engine::Impl {
 
   bool take_inbox();
   void run(const Schedule& s);
+  Schedule encode_images(const Schedule& s);
+  void place_images(const Schedule& s, BatchMeta& b);
   bool decide(const ScheduledSeq& x, const float* rows, int64_t* accepted);
   bool emit(Sequence* s, const std::vector<int32_t>& toks, std::vector<sampling::TokenLogprob>& lps);
   bool recompute(const std::vector<std::pair<Sequence*, int64_t>>& redo);
@@ -132,6 +134,26 @@ void Engine::stop() {
   impl_->publish({});
 }
 
+// Images: the tower must exist and the layout must fit the prompt (the server builds it; tests may not).
+void Engine::check_mm(const Request& r, int64_t P) const {
+  const MultiModalInput& mm = *r.mm;
+  model::Model& m = impl_->model;
+  if (!m.has_vision()) fail("images: this model has no vision tower (no model.visual.* tensors)");
+  if (cfg_.num_speculative_tokens > 0)
+    fail("images: not supported together with speculative decoding (--speculative-config) yet");
+  if (mm.grids.empty()) fail("images: expected at least one image grid, found none");
+  const int64_t merge = m.config().vision.spatial_merge_size;
+  int64_t feats = 0;
+  for (auto& g : mm.grids) feats += g[0] * (g[1] / merge) * (g[2] / merge);
+  if (int64_t(mm.rows.size()) != feats)
+    fail("images: ", mm.rows.size(), " placeholder rows for ", feats, " image feature rows");
+  for (size_t i = 0; i < mm.rows.size(); ++i)
+    if (mm.rows[i] < 0 || mm.rows[i] >= P || (i > 0 && mm.rows[i] <= mm.rows[i - 1]))
+      fail("images: placeholder row ", mm.rows[i], " at index ", i, " is not increasing inside the prompt [0, ", P, ")");
+  if (int64_t(mm.positions.size()) != 3 * P)
+    fail("images: expected 3 x ", P, " mRoPE positions, found ", mm.positions.size());
+}
+
 void Engine::submit(std::shared_ptr<Request> r) {
   if (!r) fail("submit: expected a request, found null");
   const int64_t P = int64_t(r->prompt.size()), V = impl_->model.config().text.vocab_size;
@@ -149,6 +171,7 @@ void Engine::submit(std::shared_ptr<Request> r) {
       if (r->prompt[size_t(i)] < 0 || r->prompt[size_t(i)] >= V)
         fail("prompt: token id ", r->prompt[size_t(i)], " at position ", i, " is outside the vocabulary [0, ", V, ")");
   sampling::check_params(r->sampling, cfg_.vocab_limit);
+  if (r->mm) check_mm(*r, P);
   // Built here, off the engine thread (copies the prompt, seeds the RNG).
   auto seq = std::make_unique<Sequence>(r, r->prompt, r->sampling);
   {
@@ -236,7 +259,9 @@ bool Engine::Impl::take_inbox() {
 // d_1..d_k]: the rows are verified in order, the sequence keeps the accepted prefix plus one token, and its
 // DeltaNet state, which the forward advanced over all k + 1 rows, is rolled back to the snapshot taken before
 // and recomputed over the accepted prefix. Then the MTP head drafts the next step's tokens.
-void Engine::Impl::run(const Schedule& sc) {
+void Engine::Impl::run(const Schedule& sc_in) {
+  const Schedule sc = encode_images(sc_in);  // drops a sequence whose images fail to encode
+  if (sc.empty()) return;
   const bool spec = cfg.num_speculative_tokens > 0;
   std::vector<std::pair<const SeqCache*, std::vector<int32_t>>> parts;
   for (auto& x : sc.seqs) {
@@ -246,6 +271,7 @@ void Engine::Impl::run(const Schedule& sc) {
     parts.push_back({&x.seq->cache, std::move(toks)});
   }
   BatchMeta b = make_batch(parts);
+  place_images(sc, b);
   // Logit rows: the last row of every chunk that completes its sequence's tokens, and its drafts' rows.
   std::vector<int32_t> rows;
   for (size_t i = 0; i < sc.seqs.size(); ++i)
@@ -318,6 +344,75 @@ void Engine::Impl::run(const Schedule& sc) {
     // here are rewritten by the next first pass that covers them.
     std::fprintf(stderr, "deltaserve engine: MTP drafting failed, continuing without drafts: %s\n", e.what());
     for (auto& j : jobs) j.seq->drafts.clear();
+  }
+}
+
+// Runs the vision tower for each sequence whose chunk reaches its first placeholder row and has no features
+// yet (once per request: the features stay with the sequence through preemption). A failure ends only that
+// request, which is left out of the returned schedule.
+Schedule Engine::Impl::encode_images(const Schedule& sc) {
+  Schedule out = sc;
+  out.seqs.clear();
+  for (const ScheduledSeq& x : sc.seqs) {
+    Sequence* s = x.seq;
+    const MultiModalInput* mm = s->req->mm.get();
+    if (mm && !s->mm_features.data && x.num_tokens > 0) {
+      const int64_t lo = s->cache.len, hi = lo + x.num_tokens;
+      if (std::any_of(mm->rows.begin(), mm->rows.end(), [&](int32_t r) { return r >= lo && r < hi; })) {
+        try {
+          s->mm_features = model.encode_images(mm->pixel_values, mm->grids);
+          if (s->mm_features.dim(0) != int64_t(mm->rows.size()))
+            fail("vision tower returned ", s->mm_features.dim(0), " feature rows for ", mm->rows.size(), " placeholders");
+        } catch (const std::exception& e) {
+          s->mm_features = Tensor{};
+          Delta d;
+          d.error = std::string("image encoding failed: ") + e.what();
+          finish(s, FinishReason::Error, std::move(d));
+          continue;
+        }
+      }
+    }
+    out.seqs.push_back(x);
+  }
+  return out;
+}
+
+// Image sequences of the batch: mRoPE positions for every row (prompt rows from the request's layout, later
+// rows at position + rope_delta) and their features in place of the placeholder rows' embeddings.
+void Engine::Impl::place_images(const Schedule& sc, BatchMeta& b) {
+  const int64_t T = b.num_tokens();
+  std::vector<std::pair<size_t, std::vector<int32_t>>> src;  // (schedule index, feature rows)
+  int64_t nsrc = 0;
+  for (size_t i = 0; i < sc.seqs.size(); ++i) {
+    const Sequence* s = sc.seqs[i].seq;
+    const MultiModalInput* mm = s->req->mm.get();
+    if (!mm) continue;
+    const int64_t P = s->prompt_len, ctx = b.seqs[i].ctx_len, q0 = b.seqs[i].q_start, n = b.seqs[i].q_len;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t p = ctx + j;
+      for (int r = 0; r < 3; ++r)
+        b.positions[size_t(r * T + q0 + j)] =
+            p < P ? mm->positions[size_t(r * P + p)] : int32_t(p + mm->rope_delta);
+    }
+    std::vector<int32_t> k;
+    for (size_t f = 0; f < mm->rows.size(); ++f)
+      if (mm->rows[f] >= ctx && mm->rows[f] < ctx + n) {
+        b.embed_rows.push_back(int32_t(q0 + mm->rows[f] - ctx));
+        k.push_back(int32_t(f));
+      }
+    if (!k.empty()) {
+      nsrc += int64_t(k.size());
+      src.push_back({i, std::move(k)});
+    }
+  }
+  if (src.empty()) return;
+  Backend& be = model.backend();
+  b.embed_src = be.alloc(be.act_dtype(), {nsrc, model.config().text.hidden_size});
+  int64_t off = 0;
+  for (auto& [i, k] : src) {
+    Tensor dst = b.embed_src.rows(off, off + int64_t(k.size()));
+    be.gather_rows(sc.seqs[i].seq->mm_features, k, dst);
+    off += int64_t(k.size());
   }
 }
 

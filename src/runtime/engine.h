@@ -2,6 +2,7 @@
 // with continuous batching (requests join and leave the running batch at every step) and chunked prefill.
 // HTTP threads hand it Requests and read Deltas from per-request channels; it never waits on a client.
 #pragma once
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -48,6 +49,19 @@ class DeltaChannel {
   std::deque<Delta> q_;
 };
 
+// Images of one prompt (set by the server after decoding and preprocessing, docs/vision.md). The prompt's
+// <|image_pad|> runs are already expanded; the engine runs the vision tower once, on the first forward chunk
+// that reaches a placeholder row, keeps the features with the sequence (so chunked prefill and recompute after
+// preemption reuse them), puts them in place of those rows' embeddings, and gives every row its mRoPE position:
+// `positions` for prompt rows, position + rope_delta (on all three axes) for generated ones.
+struct MultiModalInput {
+  std::vector<float> pixel_values;                // fp32 [Σ t·h·w, patch_dim], images back to back
+  std::vector<std::array<int64_t, 3>> grids;      // per image {t, h, w} in patches
+  std::vector<int32_t> rows;                      // prompt rows of the placeholders, one per feature row, in order
+  std::vector<int32_t> positions;                 // [3, prompt length]: t, h, w rows
+  int64_t rope_delta = 0;
+};
+
 // Set by the server (after validation and tokenisation).
 struct Request {
   uint64_t id = 0;
@@ -56,6 +70,7 @@ struct Request {
   int64_t max_tokens = 16;            // generated tokens at most
   std::vector<int32_t> stop_token_ids;// in addition to the model's EOS set unless ignore_eos
   bool ignore_eos = false;
+  std::shared_ptr<const MultiModalInput> mm;  // null: text only
   std::shared_ptr<DeltaChannel> out = std::make_shared<DeltaChannel>();
   std::chrono::steady_clock::time_point arrival = std::chrono::steady_clock::now();
 };
@@ -101,8 +116,8 @@ class Engine {
   void start();  // spawns the engine thread
   void stop();   // finishes the thread; pending requests end with FinishReason::Abort
   // Validates and queues: prompt non-empty, max_tokens >= 1, prompt + max_tokens <= max_model_len and within
-  // the KV pool, token ids inside the vocabulary, sampling params in range (sampling::check_params), id not
-  // already in flight, engine not stopped. Throws ds::Error naming expected vs found, before queueing.
+  // the KV pool, token ids inside the vocabulary, sampling params in range (sampling::check_params), images
+  // (if any) laid out consistently for a model with a vision tower, id not already in flight, engine not stopped. Throws ds::Error naming expected vs found, before queueing.
   void submit(std::shared_ptr<Request> r);
   // Ends a request (client gone, stop string matched) with FinishReason::Abort; its memory is freed at the
   // next step. Ignored if the id is not in flight; never reaches a later request that reuses the id.
@@ -115,6 +130,7 @@ class Engine {
 
  private:
   struct Impl;
+  void check_mm(const Request& r, int64_t P) const;
   std::unique_ptr<Impl> impl_;
   EngineConfig cfg_;
 };

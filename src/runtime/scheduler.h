@@ -32,6 +32,8 @@ struct Sequence {
   // Speculative decoding: tokens the MTP head proposed after the last step, verified by the next forward
   // (set by the engine; dropped on preemption, since they lean on the MTP KV that goes with the blocks).
   std::vector<int32_t> drafts;
+  // Image features of req->mm (act dtype [rows, H]), computed once by the engine and kept across preemption.
+  Tensor mm_features;
 
   int64_t num_generated() const { return int64_t(tokens.size()) - prompt_len; }
   int64_t pending_tokens() const { return int64_t(tokens.size()) - cache.len; }  // to run through the model

@@ -148,7 +148,8 @@ GenSpec parse_generation_request(const json& j, bool chat, const sampling::Sampl
     if (!j.contains("messages")) throw bad_request("'messages' is required", "messages");
     if (!j["messages"].is_array() || j["messages"].empty())
       throw bad_request("'messages' must be a non-empty list", "messages");
-    for (auto& m : j["messages"]) {
+    for (size_t mi = 0; mi < j["messages"].size(); ++mi) {
+      const json& m = j["messages"][mi];
       if (!m.is_object()) throw bad_request("each message must be an object, got " + brief(m), "messages");
       if (!m.contains("role") || !m["role"].is_string()) throw bad_request("each message needs a string 'role'", "messages");
       std::string role = m["role"].get<std::string>();
@@ -157,14 +158,27 @@ GenSpec parse_generation_request(const json& j, bool chat, const sampling::Sampl
       if (m.contains("content") && !m["content"].is_null() && !m["content"].is_string() && !m["content"].is_array())
         throw bad_request("message 'content' must be a string or a list of parts", "messages");
       if (m.contains("content") && m["content"].is_array())
-        for (auto& part : m["content"]) {
+        for (size_t pi = 0; pi < m["content"].size(); ++pi) {
+          const json& part = m["content"][pi];
+          const std::string where = "messages[" + std::to_string(mi) + "].content[" + std::to_string(pi) + "]";
           if (!part.is_object() || !part.contains("type") || !part["type"].is_string())
-            throw bad_request("content parts must be objects with a 'type'", "messages");
+            throw bad_request(where + ": content parts must be objects with a 'type', got " + brief(part), "messages");
           std::string t = part["type"].get<std::string>();
-          if (t == "image_url" || t == "input_image" || t == "image" || t == "video_url" || t == "video")
-            throw bad_request("image and video inputs are not supported yet by this server (the vision path is not built); "
-                              "send text parts only", "messages");
-          if (t != "text") throw bad_request("unsupported content part type '" + t + "' (expected text)", "messages");
+          if (t == "video_url" || t == "video")
+            throw bad_request(where + ": video inputs are not supported yet (expected text or image_url parts, found '" + t +
+                                  "')", "messages");
+          if (t == "image_url") {
+            // OpenAI: {"type": "image_url", "image_url": {"url": ..., "detail": ...}}; vLLM also takes a bare string.
+            const json* u = part.contains("image_url") ? &part["image_url"] : nullptr;
+            if (u && u->is_object() && u->contains("url")) u = &(*u)["url"];
+            if (!u || !u->is_string() || u->get<std::string>().empty())
+              throw bad_request(where + ": an image_url part needs {\"image_url\": {\"url\": \"data:...|http(s)://...\"}}, got " +
+                                    brief(part), "messages");
+            g.images.push_back({u->get<std::string>(), where});
+            continue;
+          }
+          if (t != "text")
+            throw bad_request(where + ": unsupported content part type '" + t + "' (expected text or image_url)", "messages");
           if (!part.contains("text") || !part["text"].is_string())
             throw bad_request("a text content part needs a string 'text'", "messages");
         }

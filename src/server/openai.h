@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "sampling/sampling.h"
+#include "server/media.h"
 #include "server/http_error.h"
 
 namespace ds::server {
@@ -32,6 +33,7 @@ struct GenSpec {
   std::vector<std::vector<int32_t>> prompt_ids;
   // chat
   json messages = json::array();
+  std::vector<ImageRef> images;    // image_url parts, in conversation order
   json tools;                      // null or array
   std::string tool_choice = "auto";  // auto | none | required | named
   std::string tool_choice_name;

@@ -14,6 +14,7 @@
 #include "core/status.h"
 #include "model/model.h"
 #include "runtime/engine.h"
+#include "server/media.h"
 #include "server/metrics.h"
 #include "server/openai.h"
 #include "server/output.h"
@@ -63,6 +64,8 @@ struct Runtime {
   sampling::SamplingParams defaults;
   int64_t max_model_len = 0;
   int32_t think_end_id = -1;
+  int32_t image_token = -1;          // <|image_pad|> when the model has a vision tower
+  vision::PreprocessConfig preprocess;
 };
 
 struct ServerState {
@@ -99,6 +102,14 @@ void load_runtime(ServerState& st) {
     rt.tmpl = std::make_unique<ChatTemplate>(ChatTemplate::from_source(src));
   }
   if (auto id = rt.tok->token_id("</think>")) rt.think_end_id = *id;
+  if (rt.model->has_vision() && mc.image_token_id >= 0) {
+    rt.image_token = int32_t(mc.image_token_id);
+    rt.preprocess = vision::load_preprocess_config(cfg.model_dir);
+    if (rt.preprocess.merge_size != mc.vision.spatial_merge_size || rt.preprocess.patch_size != mc.vision.patch_size ||
+        rt.preprocess.temporal_patch_size != mc.vision.temporal_patch_size)
+      fail(cfg.model_dir, ": preprocessor_config.json (patch ", rt.preprocess.patch_size, ", temporal ",
+           rt.preprocess.temporal_patch_size, ", merge ", rt.preprocess.merge_size, ") disagrees with vision_config");
+  }
   // EOS set: config, generation_config and the chat end-of-turn tokens (model-spec §6: stop on both).
   std::vector<int32_t> eos;
   for (auto e : mc.text.eos_token_ids) eos.push_back(int32_t(e));
@@ -222,6 +233,7 @@ class Generation {
       }
       prompts.push_back(rt.tok->encode(text, true));
       texts.push_back(text);
+      if (!spec_.images.empty()) mm_ = load_images(prompts.back());
     } else {
       for (auto& t : spec_.prompt_texts) {
         prompts.push_back(rt.tok->encode(t, true));
@@ -265,12 +277,34 @@ class Generation {
         r->max_tokens = spec_.max_tokens.value_or(rt.max_model_len - int64_t(prompts[pi].size()));
         r->stop_token_ids = spec_.stop_token_ids;
         r->ignore_eos = spec_.ignore_eos;
+        r->mm = mm_;
         c.req = r;
         c.out = std::make_unique<ChoiceOutput>(*rt.tok, spec_, reasoning, tools, spec_.tools);
         if (!forced.empty()) c.out->prime(forced);
         c.prompt_tokens = int64_t(prompts[pi].size());
         choices_.push_back(std::move(c));
       }
+  }
+
+  // Images of a chat request: checked against the model and backend, loaded, preprocessed; expands the
+  // placeholders of `prompt`. Bad images are 400s naming the content part.
+  std::shared_ptr<const runtime::MultiModalInput> load_images(std::vector<int32_t>& prompt) {
+    Runtime& rt = st_.rt;
+    if (!rt.model->has_vision() || rt.image_token < 0)
+      throw bad_request("this model has no vision tower, so it cannot take images (found " +
+                            std::to_string(spec_.images.size()) + " image part(s)); send text only", "messages");
+    if (st_.cfg.backend != "cpu")
+      throw HttpError(501, "images are not supported on the '" + st_.cfg.backend +
+                               "' backend yet (the vision tower runs on the CPU backend only); send text only",
+                      "messages", "NotImplementedError");
+    if (st_.cfg.num_speculative_tokens > 0)
+      throw HttpError(501, "images are not supported together with speculative decoding (--speculative-config) yet",
+                      "messages", "NotImplementedError");
+    try {
+      return prepare_images(spec_.images, st_.cfg.media, rt.preprocess, rt.image_token, prompt);
+    } catch (const Error& e) {
+      throw bad_request(e.what(), "messages");
+    }
   }
 
   void submit() {
@@ -339,9 +373,21 @@ class Generation {
     for (auto m : msgs) {
       if (m["role"] == "developer") m["role"] = "system";
       if (m.contains("content") && m["content"].is_array()) {
-        std::string text;
-        for (auto& part : m["content"]) text += part["text"].get<std::string>();
-        m["content"] = text;
+        // Text parts are joined; with images the list stays, image parts reduced to {"type": "image"} (the
+        // template emits <|vision_start|><|image_pad|><|vision_end|> for each; the URL is not its business).
+        bool images = false;
+        for (auto& part : m["content"]) images |= part["type"] == "image_url";
+        if (images) {
+          nlohmann::ordered_json parts = nlohmann::ordered_json::array();
+          for (auto& part : m["content"])
+            parts.push_back(part["type"] == "image_url" ? nlohmann::ordered_json({{"type", "image"}})
+                                                        : nlohmann::ordered_json({{"type", "text"}, {"text", part["text"]}}));
+          m["content"] = parts;
+        } else {
+          std::string text;
+          for (auto& part : m["content"]) text += part["text"].get<std::string>();
+          m["content"] = text;
+        }
       }
       if (m.contains("reasoning") && !m.contains("reasoning_content")) m["reasoning_content"] = m["reasoning"];
       if (m.contains("tool_calls") && m["tool_calls"].is_array())
@@ -412,6 +458,7 @@ class Generation {
   int64_t created_ = 0;
   Clock::time_point start_ = Clock::now();
   std::vector<Choice> choices_;
+  std::shared_ptr<const runtime::MultiModalInput> mm_;  // images of the chat prompt (shared by its n choices)
 };
 
 // ---------------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "server/media.h"
+
 namespace ds::server {
 
 struct ServerConfig {
@@ -26,6 +28,7 @@ struct ServerConfig {
   nlohmann::ordered_json default_chat_template_kwargs = nlohmann::ordered_json::object();
   std::string chat_template_path;     // override the model's template
   int64_t num_speculative_tokens = 0; // --speculative-config '{"method": "mtp", "num_speculative_tokens": K}'
+  MediaConfig media;                  // images: sources, limits (docs/server.md)
 };
 
 // Starts listening, loads the model in the background (/health answers 503 until ready), serves until

@@ -137,6 +137,11 @@ std::string png_decode_raw(PngCtx* ctx, PngOut* out, const DecodeLimits* lim) {
 }
 
 Image decode_png(const uint8_t* data, size_t n, const DecodeLimits& lim) {
+  // A zero width or height is "Invalid IHDR data" to libpng; say what it is (IHDR follows the signature).
+  if (n >= 24 && std::memcmp(data + 12, "IHDR", 4) == 0) {
+    auto be32 = [&](size_t o) { return uint32_t(data[o]) << 24 | uint32_t(data[o + 1]) << 16 | uint32_t(data[o + 2]) << 8 | data[o + 3]; };
+    if (be32(16) == 0 || be32(20) == 0) check_dims("PNG", be32(16), be32(20), lim);
+  }
   PngCtx ctx{data, n, 0, {}, {}};
   PngOut out;
   std::string err = png_decode_raw(&ctx, &out, &lim);

@@ -106,7 +106,7 @@ std::vector<uint8_t> from_file(const std::string& path_str, const SourcePolicy& 
 std::vector<uint8_t> read_image_bytes(const std::string& ref, const SourcePolicy& p) {
   if (ref.rfind("data:", 0) == 0) return from_data_url(ref, p);
   if (ref.rfind("http://", 0) == 0 || ref.rfind("https://", 0) == 0)
-    fail("image: http(s) URLs are not fetched (got '", ref.substr(0, 80), "'); send a data: URL instead");
+    fail("image: http(s) URLs are not read here (got '", ref.substr(0, 80), "'); the server fetches them (server/media.h)");
   if (ref.rfind("file://", 0) == 0) return from_file(ref.substr(7), p);
   if (ref.find("://") != std::string::npos)
     fail("image: unsupported URL scheme in '", ref.substr(0, 80), "' (expected data:, file:// or a path)");

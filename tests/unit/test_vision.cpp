@@ -317,7 +317,7 @@ TEST(VisionSource, Base64AndDataUrls) {
   EXPECT_EQ(im.rgb, px);
   EXPECT_ERROR(vision::load_image("data:image/png," + b64(png), p), "is not base64");
   EXPECT_ERROR(vision::load_image("data:text/plain;base64,aGk=", p), "media type 'text/plain'");
-  EXPECT_ERROR(vision::load_image("https://example.com/a.png", p), "http(s) URLs are not fetched");
+  EXPECT_ERROR(vision::load_image("https://example.com/a.png", p), "http(s) URLs are not read here");
   EXPECT_ERROR(vision::load_image("ftp://x/a.png", p), "unsupported URL scheme");
 }
 

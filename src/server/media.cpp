@@ -1,0 +1,173 @@
+#include "server/media.h"
+
+#include <httplib.h>
+
+#include <chrono>
+#include <cmath>
+
+#include "core/status.h"
+#include "vision/image.h"
+
+namespace ds::server {
+
+namespace {
+
+struct UrlParts {
+  std::string origin;  // scheme://host[:port]
+  std::string path;    // /path?query (at least "/")
+};
+
+UrlParts split_url(const std::string& url) {
+  const size_t s = url.find("://");
+  if (s == std::string::npos) fail("image: '", url.substr(0, 80), "' is not a URL");
+  const size_t p = url.find_first_of("/?#", s + 3);
+  UrlParts u;
+  u.origin = url.substr(0, p);
+  u.path = p == std::string::npos ? "/" : url.substr(p);
+  if (!u.path.empty() && u.path[0] == '?') u.path = "/" + u.path;
+  if (const size_t h = u.path.find('#'); h != std::string::npos) u.path.resize(h);
+  if (u.path.empty()) u.path = "/";
+  if (u.origin.size() <= s + 3) fail("image: URL '", url.substr(0, 80), "' has no host");
+  return u;
+}
+
+std::string brief_url(const std::string& url) { return url.size() > 100 ? url.substr(0, 97) + "..." : url; }
+
+}  // namespace
+
+std::vector<uint8_t> fetch_url(const std::string& url0, size_t max_bytes, double timeout_s, int max_redirects) {
+  using Clock = std::chrono::steady_clock;
+  const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s));
+  const time_t sec = time_t(std::floor(timeout_s));
+  const time_t usec = time_t((timeout_s - double(sec)) * 1e6);
+  std::string url = url0;
+  for (int hop = 0;; ++hop) {
+    const UrlParts u = split_url(url);
+    httplib::Client cli(u.origin);
+    if (!cli.is_valid()) fail("image: cannot fetch '", brief_url(url), "' (unsupported URL)");
+    cli.set_connection_timeout(sec, usec);
+    cli.set_read_timeout(sec, usec);
+    cli.set_follow_location(false);
+    std::vector<uint8_t> body;
+    std::string why;  // set when we cancel the transfer
+    int status = 0;
+    std::string location;
+    auto res = cli.Get(
+        u.path, httplib::Headers{{"Accept", "image/png, image/jpeg, image/webp"}},
+        [&](const httplib::Response& r) {
+          status = r.status;
+          if (r.status >= 300 && r.status < 400) {
+            location = r.get_header_value("Location");
+            return true;
+          }
+          if (r.status != 200) return true;  // reported below with the status
+          if (r.has_header("Content-Length")) {
+            const std::string cl = r.get_header_value("Content-Length");
+            char* end = nullptr;
+            const unsigned long long n = std::strtoull(cl.c_str(), &end, 10);
+            if (end && *end == '\0' && n > max_bytes) {
+              why = "its Content-Length is " + cl + " bytes, more than the limit of " + std::to_string(max_bytes) + " bytes";
+              return false;
+            }
+          }
+          return true;
+        },
+        [&](const char* data, size_t n) {
+          if (status != 200) return true;  // redirect or error body: ignored
+          if (body.size() + n > max_bytes) {
+            why = "it is larger than the limit of " + std::to_string(max_bytes) + " bytes";
+            return false;
+          }
+          body.insert(body.end(), reinterpret_cast<const uint8_t*>(data), reinterpret_cast<const uint8_t*>(data) + n);
+          if (Clock::now() > deadline) {
+            why = "the transfer took longer than the limit of " + std::to_string(timeout_s) + " s";
+            return false;
+          }
+          return true;
+        });
+    if (!why.empty()) fail("image: fetching '", brief_url(url0), "' stopped: ", why);
+    if (!res) {
+      const auto e = res.error();
+      if (e == httplib::Error::Read || e == httplib::Error::Connection)
+        if (Clock::now() > deadline - std::chrono::milliseconds(50))
+          fail("image: fetching '", brief_url(url0), "' timed out after ", timeout_s, " s");
+      const char* what = e == httplib::Error::Connection         ? "could not connect"
+                         : e == httplib::Error::SSLConnection        ? "TLS handshake failed"
+                         : e == httplib::Error::SSLServerVerification ? "the server's TLS certificate did not verify"
+                         : e == httplib::Error::Read                  ? "the connection broke while reading"
+                                                                      : "transfer error";
+      fail("image: fetching '", brief_url(url0), "' failed: ", what, " (", httplib::to_string(e), ")");
+    }
+    if (Clock::now() > deadline) fail("image: fetching '", brief_url(url0), "' timed out after ", timeout_s, " s");
+    if (status >= 300 && status < 400 && !location.empty()) {
+      if (hop >= max_redirects) fail("image: fetching '", brief_url(url0), "': more than ", max_redirects, " redirects");
+      if (location.find("://") != std::string::npos) {
+        if (location.rfind("http://", 0) != 0 && location.rfind("https://", 0) != 0)
+          fail("image: fetching '", brief_url(url0), "': redirect to a non-http(s) URL '", brief_url(location), "'");
+        url = location;
+      } else if (!location.empty() && location[0] == '/') {
+        url = u.origin + location;
+      } else {
+        const size_t slash = u.path.rfind('/');
+        url = u.origin + u.path.substr(0, slash + 1) + location;
+      }
+      continue;
+    }
+    if (status != 200) fail("image: fetching '", brief_url(url0), "' returned HTTP ", status, " (expected 200)");
+    return body;
+  }
+}
+
+std::vector<uint8_t> read_media_bytes(const std::string& url, const MediaConfig& cfg) {
+  if (url.rfind("http://", 0) == 0 || url.rfind("https://", 0) == 0) {
+    if (!cfg.fetch_http)
+      fail("image: http(s) URLs are disabled on this server (--disable-image-fetch); send a data: URL instead");
+    return fetch_url(url, cfg.max_image_bytes, cfg.fetch_timeout_s, cfg.max_redirects);
+  }
+  vision::SourcePolicy p;
+  p.allowed_dirs = cfg.allowed_local_paths;
+  p.limits.max_bytes = cfg.max_image_bytes;
+  if (url.rfind("data:", 0) != 0 && url.find("://") == std::string::npos && url.rfind("file:", 0) != 0 &&
+      cfg.allowed_local_paths.empty())
+    fail("image: expected a data:, http:// or https:// URL, got '", brief_url(url),
+         "' (local files are served only from --allowed-local-media-path directories)");
+  return vision::read_image_bytes(url, p);
+}
+
+std::shared_ptr<runtime::MultiModalInput> prepare_images(const std::vector<ImageRef>& images, const MediaConfig& cfg,
+                                                         const vision::PreprocessConfig& pcfg, int32_t image_token,
+                                                         std::vector<int32_t>& tokens) {
+  if (int64_t(images.size()) > cfg.max_images_per_prompt)
+    fail("at most ", cfg.max_images_per_prompt, " images per prompt are allowed (--limit-mm-per-prompt), got ",
+         images.size());
+  int64_t pads = 0;
+  for (auto t : tokens) pads += t == image_token;
+  if (pads != int64_t(images.size()))
+    fail("the prompt holds ", pads, " image placeholder tokens (<|image_pad|>) but the request has ", images.size(),
+         " images; the text must not contain <|image_pad|> itself");
+  vision::DecodeLimits lim;
+  lim.max_bytes = cfg.max_image_bytes;
+  lim.max_pixels = cfg.max_image_pixels;
+  auto mm = std::make_shared<runtime::MultiModalInput>();
+  std::vector<vision::ImageGrid> grids;
+  for (auto& im : images) {
+    try {
+      auto bytes = read_media_bytes(im.url, cfg);
+      auto pv = vision::preprocess_image(vision::decode_image(bytes, lim), pcfg);
+      mm->pixel_values.insert(mm->pixel_values.end(), pv.data.begin(), pv.data.end());
+      mm->grids.push_back({pv.grid.t, pv.grid.h, pv.grid.w});
+      grids.push_back(pv.grid);
+    } catch (const Error& e) {
+      fail(im.where, ": ", e.what());
+    }
+  }
+  tokens = vision::expand_image_placeholders(tokens, image_token, grids, pcfg.merge_size);
+  auto mp = vision::mrope_positions(tokens, image_token, grids, pcfg.merge_size);
+  mm->positions = std::move(mp.pos);
+  mm->rope_delta = mp.rope_delta;
+  for (size_t i = 0; i < tokens.size(); ++i)
+    if (tokens[i] == image_token) mm->rows.push_back(int32_t(i));
+  return mm;
+}
+
+}  // namespace ds::server

@@ -1,0 +1,47 @@
+// Images in chat requests: where their bytes may come from (data: URLs, http(s) with size and time limits,
+// local files under allow-listed directories), the per-request limits, and the turn from a rendered,
+// tokenized prompt with one <|image_pad|> per image into the engine's MultiModalInput (docs/server.md).
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "runtime/engine.h"
+#include "vision/preprocess.h"
+
+namespace ds::server {
+
+struct MediaConfig {
+  int64_t max_images_per_prompt = 8;          // --limit-mm-per-prompt '{"image": N}'
+  int64_t max_image_pixels = int64_t(1) << 26;  // --max-image-pixels: width·height of one decoded image
+  size_t max_image_bytes = size_t(32) << 20;    // --max-image-bytes: encoded size, from any source
+  bool fetch_http = true;                       // --disable-image-fetch turns http(s) URLs off
+  double fetch_timeout_s = 10.0;                // --image-fetch-timeout: connect + read, whole transfer
+  int max_redirects = 3;
+  std::vector<std::string> allowed_local_paths; // --allowed-local-media-path (repeatable); none = no local files
+};
+
+// One image part of a chat request, in conversation order.
+struct ImageRef {
+  std::string url;
+  std::string where;  // "messages[1].content[0]" for error messages
+};
+
+// Downloads an http(s) URL with cpp-httplib's client: status 200 only, at most `max_bytes` (from
+// Content-Length and while streaming), the whole transfer within `timeout_s`, up to `max_redirects` redirects.
+// Errors are ds::Error naming the URL and what went wrong.
+std::vector<uint8_t> fetch_url(const std::string& url, size_t max_bytes, double timeout_s, int max_redirects);
+
+// Encoded bytes of one image: data: URL, http(s) (when enabled), or a local file (file:// or path) under an
+// allowed directory.
+std::vector<uint8_t> read_media_bytes(const std::string& url, const MediaConfig& cfg);
+
+// Loads, decodes and preprocesses every image, expands the placeholders of `tokens` in place and returns the
+// engine's input. `image_token` is <|image_pad|>'s id; the prompt must hold exactly one per image. Errors are
+// ds::Error (the caller answers 400), each prefixed with the part it concerns.
+std::shared_ptr<runtime::MultiModalInput> prepare_images(const std::vector<ImageRef>& images, const MediaConfig& cfg,
+                                                         const vision::PreprocessConfig& pcfg, int32_t image_token,
+                                                         std::vector<int32_t>& tokens);
+
+}  // namespace ds::server

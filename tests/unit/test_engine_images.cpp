@@ -1,0 +1,225 @@
+// Image requests through the engine (tiny MoE int4, CPU backend): the prompt built by the server's
+// prepare_images equals the reference's expanded input_ids; the engine's greedy tokens equal a hand-driven
+// forward (vision tower once, features at the placeholder rows, mRoPE positions, decode at position +
+// rope_delta) whose first token is the reference logits' argmax — alone, under chunked prefill that splits
+// the image run, batched with text requests, and across preemption.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <memory>
+
+#include "backend/ops.h"
+#include "core/status.h"
+#include "golden_util.h"
+#include "model/model.h"
+#include "runtime/cache.h"
+#include "runtime/engine.h"
+#include "server/media.h"
+
+namespace ds::runtime {
+namespace {
+
+struct Fixture {
+  std::unique_ptr<Backend> be;
+  std::unique_ptr<model::Model> m;
+  nlohmann::json golden;
+  std::vector<int32_t> prompt;  // expanded, from prepare_images
+  std::shared_ptr<const MultiModalInput> mm;
+  std::vector<int32_t> reference;  // hand-driven greedy continuation
+};
+
+constexpr int kTokens = 6;
+
+int32_t argmax(const float* row, int64_t V) { return int32_t(std::max_element(row, row + V) - row); }
+
+Fixture& fx() {
+  static Fixture f = [] {
+    Fixture f;
+    const std::string dir = test::data_dir() + "/tiny-moe/";
+    f.be = make_cpu_backend();
+    f.m = model::Model::load(dir + "tiny-moe-int4", *f.be);
+    f.golden = test::read_json(dir + "golden.json");
+    const int32_t pad = int32_t(f.m->config().image_token_id);
+    // The reference prompt with its image run collapsed to the one placeholder a chat template emits.
+    for (int32_t t : f.golden["image"]["input_ids"].get<std::vector<int32_t>>())
+      if (!(t == pad && !f.prompt.empty() && f.prompt.back() == pad)) f.prompt.push_back(t);
+    server::MediaConfig mc;
+    mc.allowed_local_paths = {dir};
+    f.mm = server::prepare_images({{dir + "image.png", "test"}}, mc,
+                                  vision::load_preprocess_config(dir + "tiny-moe-int4"), pad, f.prompt);
+    // Hand-driven greedy: the whole prompt in one forward, then one token at a time.
+    model::Model& m = *f.m;
+    const int64_t P = int64_t(f.prompt.size()), V = m.config().text.vocab_size;
+    CacheManager cm(m, (P + kTokens) / 16 + 2, 16, 1);
+    SeqCache seq;
+    cm.start(seq);
+    cm.reserve(seq, P + kTokens);
+    BatchMeta b = make_batch({{&seq, f.prompt}});
+    b.positions = f.mm->positions;
+    b.embed_rows = f.mm->rows;
+    b.embed_src = m.encode_images(f.mm->pixel_values, f.mm->grids);
+    auto l = f.be->to_host_f32(m.forward(b, cm.caches(), {int32_t(P - 1)}));
+    seq.len = P;
+    f.reference.push_back(argmax(l.data(), V));
+    while (int(f.reference.size()) < kTokens) {
+      BatchMeta d = make_batch({{&seq, {f.reference.back()}}});
+      for (int r = 0; r < 3; ++r) d.positions[size_t(r)] = int32_t(seq.len + f.mm->rope_delta);
+      auto ld = f.be->to_host_f32(m.forward(d, cm.caches(), {0}));
+      seq.len += 1;
+      f.reference.push_back(argmax(ld.data(), V));
+    }
+    return f;
+  }();
+  return f;
+}
+
+EngineConfig config() {
+  EngineConfig c;
+  c.max_num_seqs = 8;
+  c.max_num_batched_tokens = 2048;
+  c.max_model_len = 512;
+  c.block_size = 16;
+  c.eos_token_ids = {1984, 1986};
+  return c;
+}
+
+std::shared_ptr<Request> image_req(uint64_t id) {
+  auto r = std::make_shared<Request>();
+  r->id = id;
+  r->prompt = fx().prompt;
+  r->mm = fx().mm;
+  r->max_tokens = kTokens;
+  r->ignore_eos = true;
+  r->sampling.temperature = 0.f;
+  return r;
+}
+
+std::shared_ptr<Request> text_req(uint64_t id, size_t i) {
+  auto r = std::make_shared<Request>();
+  r->id = id;
+  r->prompt = fx().golden["text"]["int4"][i]["prompt"].get<std::vector<int32_t>>();
+  r->max_tokens = 8;
+  r->ignore_eos = true;
+  r->sampling.temperature = 0.f;
+  return r;
+}
+
+struct Out {
+  std::vector<int32_t> tokens;
+  FinishReason finish = FinishReason::None;
+  std::string error;
+  int64_t prompt_tokens = 0;
+};
+
+Out collect(Request& r) {
+  Out o;
+  while (auto d = r.out->pop(std::chrono::milliseconds(0))) {
+    o.tokens.insert(o.tokens.end(), d->tokens.begin(), d->tokens.end());
+    o.finish = d->finish;
+    o.error = d->error;
+    o.prompt_tokens = d->prompt_tokens;
+  }
+  return o;
+}
+
+void drain(Engine& e) {
+  while (e.step()) {
+  }
+}
+
+TEST(EngineImages, PromptMatchesReferenceAndFirstTokenIsReferenceArgmax) {
+  auto& f = fx();
+  EXPECT_EQ(f.prompt, f.golden["image"]["input_ids"].get<std::vector<int32_t>>());
+  EXPECT_EQ(f.mm->rows.size(), 77u);  // grid 14 x 22 / 4
+  test::Golden g(test::data_dir() + "/tiny-moe/golden.safetensors");
+  auto ref = g.f32("int4.fp32.image.logits");
+  const int64_t V = f.m->config().text.vocab_size, P = int64_t(f.prompt.size());
+  ASSERT_EQ(int64_t(ref.size()), P * V);
+  EXPECT_EQ(f.reference[0], argmax(ref.data() + (P - 1) * V, V));
+}
+
+TEST(EngineImages, AloneMatchesHandDrivenForward) {
+  Engine e(*fx().m, config());
+  auto r = image_req(1);
+  e.submit(r);
+  drain(e);
+  auto o = collect(*r);
+  EXPECT_EQ(o.tokens, fx().reference);
+  EXPECT_EQ(o.finish, FinishReason::Length);
+  EXPECT_EQ(o.prompt_tokens, int64_t(fx().prompt.size()));
+}
+
+TEST(EngineImages, ChunkedPrefillAndBatchingWithTextRequests) {
+  EngineConfig c = config();
+  c.max_num_batched_tokens = 16;  // the 77-token image run spans six chunks; two images share steps
+  Engine e(*fx().m, c);
+  std::vector<std::shared_ptr<Request>> imgs = {image_req(1), image_req(2)}, texts = {text_req(3, 0), text_req(4, 1)};
+  e.submit(imgs[0]);
+  e.submit(texts[0]);
+  e.submit(imgs[1]);
+  e.submit(texts[1]);
+  drain(e);
+  for (auto& r : imgs) EXPECT_EQ(collect(*r).tokens, fx().reference) << "request " << r->id;
+  for (size_t i = 0; i < texts.size(); ++i) {
+    auto want = fx().golden["text"]["int4"][i]["greedy"].get<std::vector<int32_t>>();
+    want.resize(8);
+    EXPECT_EQ(collect(*texts[i]).tokens, want) << "text request " << i;
+  }
+}
+
+TEST(EngineImages, PreemptionRecomputesWithTheSameFeatures) {
+  EngineConfig c = config();
+  c.max_num_seqs = 4;
+  c.max_num_batched_tokens = 32;
+  c.num_blocks = 10;  // 160 tokens: one image request (91 + 6) fits, two do not at once
+  Engine e(*fx().m, c);
+  std::vector<std::shared_ptr<Request>> rs = {image_req(1), image_req(2), image_req(3)};
+  for (auto& r : rs) e.submit(r);
+  drain(e);
+  for (auto& r : rs) EXPECT_EQ(collect(*r).tokens, fx().reference) << "request " << r->id;
+  EXPECT_GT(e.metrics().preemptions_total, 0);
+  EXPECT_EQ(e.metrics().kv_blocks_used, 0);
+}
+
+TEST(EngineImages, AFailingVisionTowerEndsOnlyItsRequest) {
+  Engine e(*fx().m, config());
+  auto bad = image_req(1);
+  auto mm = std::make_shared<MultiModalInput>(*fx().mm);
+  mm->pixel_values.resize(mm->pixel_values.size() - 7);  // not grid patches x patch_dim: encode_images throws
+  bad->mm = mm;
+  auto good = image_req(2), text = text_req(3, 0);
+  e.submit(bad);
+  e.submit(good);
+  e.submit(text);
+  drain(e);
+  auto o = collect(*bad);
+  EXPECT_EQ(o.finish, FinishReason::Error);
+  EXPECT_NE(o.error.find("image encoding failed: encode_images: pixel_values has"), std::string::npos) << o.error;
+  EXPECT_TRUE(o.tokens.empty());
+  EXPECT_EQ(collect(*good).tokens, fx().reference);
+  EXPECT_EQ(collect(*text).tokens.size(), 8u);
+  EXPECT_EQ(e.metrics().kv_blocks_used, 0);
+}
+
+TEST(EngineImages, InconsistentLayoutsAreRejectedAtSubmit) {
+  Engine e(*fx().m, config());
+  auto bad = [&](auto edit, const char* want) {
+    auto r = image_req(9);
+    auto mm = std::make_shared<MultiModalInput>(*fx().mm);
+    edit(*mm);
+    r->mm = mm;
+    try {
+      e.submit(r);
+      ADD_FAILURE() << "accepted; expected an error containing '" << want << "'";
+    } catch (const Error& ex) {
+      EXPECT_NE(std::string(ex.what()).find(want), std::string::npos) << ex.what();
+    }
+  };
+  bad([](MultiModalInput& m) { m.rows.pop_back(); }, "76 placeholder rows for 77 image feature rows");
+  bad([](MultiModalInput& m) { m.positions.pop_back(); }, "mRoPE positions");
+  bad([](MultiModalInput& m) { m.rows[3] = m.rows[2]; }, "not increasing");
+  bad([](MultiModalInput& m) { m.grids.clear(); }, "at least one image grid");
+}
+
+}  // namespace
+}  // namespace ds::runtime

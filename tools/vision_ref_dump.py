@@ -80,7 +80,7 @@ def main():
     model = None
     if a.features:
         from transformers import AutoModelForImageTextToText
-        model = AutoModelForImageTextToText.from_pretrained(a.model, torch_dtype=torch.float32).eval()
+        model = AutoModelForImageTextToText.from_pretrained(a.model, dtype=torch.float32).eval()
     for path in a.images:
         name = os.path.splitext(os.path.basename(path))[0]
         img = ImageOps.exif_transpose(Image.open(path))

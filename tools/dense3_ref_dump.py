@@ -105,19 +105,37 @@ def main():
             p.copy_(p.to(torch.bfloat16).float())
 
     # Checkpoint: text weights only, under the names of the tiny-dense fixture (checked below).
-    sd = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()
-          if not k.startswith("model.visual.") and not k.startswith("mtp.")}
     with open(os.path.join(a.src, "model.safetensors.index.json")) as f:
         fixture_names = set(json.load(f)["weight_map"])
     norm = lambda n: re.sub(r"\.layers\.\d+\.", ".layers.N.", n)
     known = {norm(n) for n in fixture_names}
-    unknown = sorted(n for n in sd if norm(n) not in known)
-    if unknown:
-        raise SystemExit(f"tensor names unlike the tiny-dense fixture's (transformers naming changed?): {unknown[:8]}")
-    missing = sorted({norm(n) for n in fixture_names if n.startswith("model.language_model.") or n == "lm_head.weight"}
-                     - {norm(n) for n in sd})
-    if missing:
-        raise SystemExit(f"tensors of the fixture that this model lacks: {missing[:8]}")
+    wanted = {norm(n) for n in fixture_names if n.startswith("model.language_model.") or n == "lm_head.weight"}
+    text_only = lambda d: {k: v.detach().to(torch.bfloat16).contiguous() for k, v in d.items()
+                           if not k.startswith("model.visual.") and not k.startswith("mtp.")}
+
+    def mismatch(sd):
+        unknown = sorted(n for n in sd if norm(n) not in known)
+        missing = sorted(wanted - {norm(n) for n in sd})
+        return (f"names unlike the tiny-dense fixture's {unknown[:6]}" if unknown else "") + \
+               (f" fixture names missing {missing[:6]}" if missing else "")
+
+    sd = text_only(model.state_dict())
+    if mismatch(sd):
+        # The module names differ from the checkpoint names: let transformers write the checkpoint (it applies its
+        # own renaming) and read that back.
+        print(f"note: state_dict {mismatch(sd)}; using save_pretrained's names")
+        import glob
+        import tempfile
+        from safetensors.torch import load_file
+        tmp = tempfile.mkdtemp()
+        model.save_pretrained(tmp)
+        saved = {}
+        for fn in sorted(glob.glob(os.path.join(tmp, "*.safetensors"))):
+            saved.update(load_file(fn))
+        sd = text_only(saved)
+        shutil.rmtree(tmp)
+    if mismatch(sd):
+        raise SystemExit(f"checkpoint tensor {mismatch(sd)}")
     save_file(sd, os.path.join(mdir, "model.safetensors"), metadata={"format": "pt"})
     cfg.save_pretrained(mdir)  # config.json as transformers writes it
     for fn in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"]:

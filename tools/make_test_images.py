@@ -6,7 +6,9 @@ fixed seed; every file stays well under 50 KB. The set covers the sizes, aspect 
 preprocessing must handle beyond the fixture's 200x120 RGB PNG:
 
   wide_1000x40.png      very wide (aspect 25): upscaled to the min-pixels bound in one direction only
-  small_20x12.png       smaller than one 32-pixel merge block in both directions
+  small_20x12.png       smaller than one 32-pixel merge block in both directions (some transformers releases
+                        refuse images under `factor` pixels: the dump then records the error instead)
+  small_36x33.png       just over one merge block in both directions
   portrait_90x160.png   portrait
   grey_64x48.png        mode L (grey)
   palette_72x40.png     mode P (16-colour palette, no transparency)
@@ -56,6 +58,7 @@ def main():
 
     save(Image.fromarray(picture(1000, 40, 1)), "wide_1000x40.png", optimize=True)
     save(Image.fromarray(picture(20, 12, 2)), "small_20x12.png")
+    save(Image.fromarray(picture(36, 33, 9)), "small_36x33.png")
     save(Image.fromarray(picture(90, 160, 3)), "portrait_90x160.png", optimize=True)
     save(Image.fromarray(picture(64, 48, 4)).convert("L"), "grey_64x48.png")
     # Palette: a fixed 16-colour quantisation (median cut, no dithering: deterministic).

@@ -3,8 +3,10 @@
 #   (a) test_cuda_ops     every op, CUDA vs the fp32 CPU reference (real 35B-A3B shapes + awkward sizes)
 #   (b) test_cuda_golden  golden fixtures on the CUDA backend vs transformers' fp32/bf16 runs
 #   (c) compute-sanitizer memcheck on the golden test with one prompt (tiny-moe, both checkpoints)
+#   (d) test_cuda_graph   recorded decode steps vs eager, bit for bit
+#   (e) test_cuda_engine  the engine's greedy output with CUDA-graph decode steps vs all-eager
 # Usage: tools/gpu_test.sh [BIN_DIR]
-#   BIN_DIR holds prebuilt test_cuda_ops / test_cuda_golden (e.g. built on a dev machine and carried);
+#   BIN_DIR holds prebuilt test_cuda_ops / test_cuda_golden (/ test_cuda_graph / test_cuda_engine) (e.g. built on a dev machine and carried);
 #   without it the script configures and builds build-gpu/ here (needs the project's build dependencies).
 # Logs go to $OUT (or /tmp/ds-gpu-test). DS_BENCH=1 also runs bench_decode (batch 1 and 8, context 1024).
 set -u
@@ -14,7 +16,7 @@ mkdir -p "$LOG"
 BIN=${1:-}
 if [ -z "$BIN" ]; then
   cmake -S "$ROOT" -B "$ROOT/build-gpu" -G Ninja -DCMAKE_CUDA_ARCHITECTURES=90 >"$LOG/build.log" 2>&1 &&
-    cmake --build "$ROOT/build-gpu" --target test_cuda_ops test_cuda_golden >>"$LOG/build.log" 2>&1 ||
+    cmake --build "$ROOT/build-gpu" --target test_cuda_ops test_cuda_golden test_cuda_graph test_cuda_engine >>"$LOG/build.log" 2>&1 ||
     { tail -40 "$LOG/build.log"; echo "BUILD FAILED"; exit 1; }
   BIN=$ROOT/build-gpu
 fi
@@ -33,6 +35,8 @@ step ops "$BIN/test_cuda_ops"
 step golden "$BIN/test_cuda_golden"
 step memcheck env DS_GOLDEN_PROMPTS=1 compute-sanitizer --tool memcheck --error-exitcode 99 \
   "$BIN/test_cuda_golden" --gtest_filter='*tiny_moe*'
+[ -x "$BIN/test_cuda_graph" ] && step graph "$BIN/test_cuda_graph"
+[ -x "$BIN/test_cuda_engine" ] && step engine "$BIN/test_cuda_engine"
 if [ "${DS_BENCH:-0}" = 1 ] && [ -x "$BIN/bench_decode" ]; then
   step bench1 "$BIN/bench_decode" 1 1024 20
   step bench8 "$BIN/bench_decode" 8 1024 20
@@ -44,7 +48,7 @@ grep -hE 'ratio|batched' "$LOG/golden.log"
 echo "==== bench ===="
 cat "$LOG"/bench*.log 2>/dev/null
 echo "==== failures ===="
-grep -hE 'Failure|FAILED' "$LOG/ops.log" "$LOG/golden.log" | head -30
+grep -hE 'Failure|FAILED' "$LOG/ops.log" "$LOG/golden.log" "$LOG"/graph.log "$LOG"/engine.log 2>/dev/null | head -30
 grep -hE 'ERROR SUMMARY|========= ' "$LOG/memcheck.log" | head -20
 echo "==== summary ===="
 printf '%s\n' "${summary[@]}"

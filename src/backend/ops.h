@@ -99,6 +99,9 @@ class Backend {
   virtual void zero(Tensor& t) = 0;
   virtual void copy(Tensor& dst, const Tensor& src) = 0;  // same dtype and size (device to device)
   virtual void synchronize() {}
+  // Device memory: total bytes and bytes in use now (every process's, as the driver reports). False on
+  // backends whose memory is the host's (the CPU backend): the runtime then keeps its fixed pool sizes.
+  virtual bool device_memory(int64_t* total, int64_t* used) { return false; }
 
   // ---- weights ----
   // `parts` are concatenated along N (e.g. gate and up projections into one matrix).

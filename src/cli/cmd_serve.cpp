@@ -9,7 +9,7 @@
 namespace ds::cli {
 
 int cmd_serve(int argc, char** argv) {
-  Args a(argc, argv, 2, {"disable-image-fetch"});
+  Args a(argc, argv, 2, {"disable-image-fetch", "enforce-eager"});
   server::ServerConfig c;
   c.model_dir = a.model_dir();
   c.host = a.get("host", c.host);
@@ -26,6 +26,9 @@ int cmd_serve(int argc, char** argv) {
   c.num_kv_blocks = a.get_int("num-gpu-blocks-override", 0);
   c.block_size = a.get_int("block-size", c.block_size);
   c.gpu_memory_utilization = a.get_double("gpu-memory-utilization", c.gpu_memory_utilization);
+  if (!(c.gpu_memory_utilization > 0.0 && c.gpu_memory_utilization <= 1.0))
+    fail("--gpu-memory-utilization: expected a fraction in (0, 1], got ", c.gpu_memory_utilization);
+  c.enforce_eager = a.has("enforce-eager");
   c.drain_seconds = int(a.get_int("shutdown-timeout", c.drain_seconds));
   c.chat_template_path = a.get("chat-template", "");
   if (c.max_num_seqs < 1) fail("--max-num-seqs: expected >= 1, got ", c.max_num_seqs);

@@ -96,6 +96,22 @@ ModelCaches Model::alloc_caches(int64_t num_blocks, int64_t block_size, int64_t 
   return c;
 }
 
+int64_t Model::kv_block_bytes(int64_t block_size) const {
+  const auto& t = cfg_.text;
+  int64_t layers = w_.mtp.present ? 1 : 0;
+  for (auto lt : t.layer_types) layers += lt == io::LayerType::FullAttention ? 1 : 0;
+  return layers * 2 * block_size * t.num_kv_heads * t.head_dim * int64_t(dtype_size(be_.act_dtype()));
+}
+
+int64_t Model::state_slot_bytes() const {
+  const auto& t = cfg_.text;
+  int64_t layers = 0;
+  for (auto lt : t.layer_types) layers += lt == io::LayerType::FullAttention ? 0 : 1;
+  const int64_t per_layer =
+      t.lin_conv_dim() * (t.conv_kernel - 1) + t.lin_num_v_heads * t.lin_k_head_dim * t.lin_v_head_dim;
+  return layers * per_layer * int64_t(dtype_size(DType::F32));
+}
+
 void Model::copy_slot(ModelCaches& c, int32_t dst, int32_t src) {
   if (dst == src) return;
   for (auto& s : c.state) {

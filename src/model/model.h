@@ -126,6 +126,10 @@ class Model {
 
   // Allocates caches for `num_blocks` KV blocks of `block_size` tokens and `num_slots` DeltaNet slots.
   ModelCaches alloc_caches(int64_t num_blocks, int64_t block_size, int64_t num_slots);
+  // What alloc_caches allocates per KV block (every full-attention layer's K and V, and the MTP layer's when
+  // loaded) and per DeltaNet slot (conv window + recurrent state of every linear-attention layer), in bytes.
+  int64_t kv_block_bytes(int64_t block_size) const;
+  int64_t state_slot_bytes() const;
   // Zeroes slot `slot` of every DeltaNet layer (a fresh sequence starts from zero state).
   void reset_slot(ModelCaches& c, int32_t slot);
 

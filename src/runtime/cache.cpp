@@ -1,5 +1,7 @@
 #include "runtime/cache.h"
 
+#include <algorithm>
+
 #include "core/status.h"
 
 namespace ds::runtime {
@@ -73,6 +75,36 @@ BatchMeta make_batch(const std::vector<std::pair<const SeqCache*, std::vector<in
     for (int64_t i = 0; i < s.q_len; ++i)
       for (int r = 0; r < 3; ++r) b.positions[r * T + s.q_start + i] = int32_t(s.ctx_len + i);
   return b;
+}
+
+PoolPlan plan_pools(const PoolSizing& in) {
+  if (!(in.utilization > 0.0 && in.utilization <= 1.0))
+    fail("--gpu-memory-utilization: expected a fraction in (0, 1], found ", in.utilization);
+  const double gib = 1024.0 * 1024.0 * 1024.0;
+  PoolPlan p;
+  p.budget = int64_t(in.utilization * double(in.total)) - in.used - in.scratch;
+  const int64_t blocks_per_seq = (in.max_model_len + in.block_size - 1) / in.block_size;
+  // With --num-gpu-blocks-override the KV pool is fixed (submit() rejects what it cannot hold).
+  const int64_t fixed_blocks = in.num_blocks_override > 0 ? in.num_blocks_override : blocks_per_seq;
+  const int64_t one_seq = in.slot_bytes + fixed_blocks * in.block_bytes;
+  if (p.budget < one_seq)
+    fail("not enough device memory for one sequence of max_model_len ", in.max_model_len, " tokens: it needs ",
+         double(one_seq) / gib, " GiB (", fixed_blocks, " KV blocks of ", double(in.block_bytes) / (1 << 20),
+         " MiB + DeltaNet state ", double(in.slot_bytes) / (1 << 20), " MiB), but ", in.utilization, " x ",
+         double(in.total) / gib, " GiB total - ", double(in.used) / gib, " GiB in use (weights) - ",
+         double(in.scratch) / gib, " GiB scratch leaves ", double(p.budget) / gib,
+         " GiB; raise --gpu-memory-utilization or lower --max-model-len");
+  p.num_slots = std::min<int64_t>(in.max_num_seqs,
+                                  in.slot_bytes > 0 ? (p.budget - fixed_blocks * in.block_bytes) / in.slot_bytes
+                                                    : in.max_num_seqs);
+  if (in.num_blocks_override > 0) {
+    p.num_blocks = in.num_blocks_override;
+  } else {
+    const int64_t left = p.budget - p.num_slots * in.slot_bytes;
+    p.num_blocks = std::min(in.block_bytes > 0 ? left / in.block_bytes : blocks_per_seq * p.num_slots,
+                            blocks_per_seq * p.num_slots);
+  }
+  return p;
 }
 
 }  // namespace ds::runtime

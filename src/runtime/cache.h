@@ -47,6 +47,26 @@ class CacheManager {
   model::ModelCaches caches_;
 };
 
+// Sizing the cache pools from device memory (serve's --gpu-memory-utilization), after the weights are loaded.
+struct PoolSizing {
+  int64_t total = 0, used = 0;   // device memory: total, and in use now (weights included)
+  double utilization = 0.9;      // fraction of `total` this process may end up holding
+  int64_t scratch = 0;           // kept free for activations, the step arena, cuBLAS workspaces
+  int64_t block_bytes = 0;       // Model::kv_block_bytes(block_size)
+  int64_t slot_bytes = 0;        // Model::state_slot_bytes() × slots per sequence (2 with speculative decoding)
+  int64_t max_num_seqs = 1, max_model_len = 1, block_size = 16;
+  int64_t num_blocks_override = 0;  // --num-gpu-blocks-override (0 = size from memory)
+};
+struct PoolPlan {
+  int64_t budget = 0;      // utilization × total − used − scratch
+  int64_t num_slots = 0;   // sequences that can run at once: max_num_seqs, fewer if memory is short
+  int64_t num_blocks = 0;  // KV blocks: the rest of the budget, at most num_slots × blocks of max_model_len
+};
+// Slots first (up to max_num_seqs, leaving room for one max_model_len sequence's blocks), then blocks with
+// what is left, capped where more could never be used. Throws ds::Error with the numbers when not even one
+// sequence of max_model_len tokens (one slot + its blocks) fits.
+PoolPlan plan_pools(const PoolSizing& in);
+
 // One forward call's input: each entry is a sequence and the new tokens it contributes.
 // Text positions (all three mRoPE rows = cache position).
 BatchMeta make_batch(const std::vector<std::pair<const SeqCache*, std::vector<int32_t>>>& parts);

@@ -286,10 +286,21 @@ void Engine::Impl::run(const Schedule& sc_in) {
   std::vector<float> logits;  // fp32 [R, V]
   Tensor hidden;              // act [T, H] final-norm hiddens (speculation only)
   try {
-    // A step of prefill chunks only still asks for one row: backends need not handle R = 0.
-    Tensor t = model.forward(b, cm.caches(), rows.empty() ? std::vector<int32_t>{0} : rows, spec ? &hidden : nullptr,
-                             spec ? &all_rows : nullptr);
-    logits = model.backend().to_host_f32(t);
+    // Decode-only steps replay a recorded step graph (its logits live in the step arena until the next
+    // forward: copied out right away). A step of prefill chunks only still asks for one row: backends need not
+    // handle R = 0.
+    const bool decode_only = !spec && cfg.step_graphs &&
+                             std::all_of(sc.seqs.begin(), sc.seqs.end(), [](const ScheduledSeq& x) {
+                               return x.num_tokens == 1 && x.num_drafts == 0 && x.samples;
+                             });
+    if (decode_only) {
+      logits = model.backend().to_host_f32(model.forward_graphed(b, cm.caches(), rows));
+      ++counters.graph_steps_total;
+    } else {
+      Tensor t = model.forward(b, cm.caches(), rows.empty() ? std::vector<int32_t>{0} : rows, spec ? &hidden : nullptr,
+                               spec ? &all_rows : nullptr);
+      logits = model.backend().to_host_f32(t);
+    }
   } catch (const std::exception& e) {
     // The caches of this batch may be half-written: the scheduler recomputes everyone (exact) and retries
     // them one by one, so only the request that fails on its own ends.

@@ -90,6 +90,11 @@ struct EngineConfig {
   // "num_speculative_tokens": K}'): each decode step verifies up to K drafted tokens. 0 = off. Needs an MTP
   // head; doubles the DeltaNet state slots (one snapshot per sequence, docs/engine.md).
   int64_t num_speculative_tokens = 0;
+  // Decode-only steps (every scheduled sequence decodes one token, no drafts) run through
+  // Model::forward_graphed: a CUDA graph per batch shape on the CUDA backend, the eager forward elsewhere.
+  // Prefill chunks, mixed batches and speculative verifies stay eager. false = always eager (serve's
+  // --enforce-eager); the engine test requires identical greedy output either way.
+  bool step_graphs = true;
   // Tests and benchmarks only (issue 8's oracle mode; random weights accept almost nothing): replaces the MTP's
   // proposal for token index `index` (into prompt + generated) of request `id`. The MTP still runs, and the
   // chained steps are fed the replaced token. Null = off.
@@ -103,6 +108,7 @@ struct EngineMetrics {
   int64_t prompt_tokens_total = 0, generation_tokens_total = 0;
   int64_t requests_finished[5] = {0, 0, 0, 0, 0};  // by FinishReason
   int64_t preemptions_total = 0, steps_total = 0;
+  int64_t graph_steps_total = 0;  // steps that ran through Model::forward_graphed (decode-only)
   // Speculative decoding (vLLM's spec_decode_* counters): verify rounds, drafted tokens verified, drafts
   // accepted, and accepted per draft position (index i = the (i+1)-th draft of a round; size K).
   int64_t spec_num_drafts_total = 0, spec_draft_tokens_total = 0, spec_accepted_tokens_total = 0;

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -13,6 +14,7 @@
 #include "backend/ops.h"
 #include "core/status.h"
 #include "model/model.h"
+#include "runtime/cache.h"
 #include "runtime/engine.h"
 #include "server/media.h"
 #include "server/metrics.h"
@@ -78,6 +80,38 @@ struct ServerState {
   std::atomic<uint64_t> next_engine_id{1};
   std::atomic<int64_t> active{0};  // generations in flight (admission control)
 };
+
+// On a device backend, sizes the paged KV pool and the DeltaNet slot pool from --gpu-memory-utilization
+// (runtime::plan_pools) now that the weights are loaded, and logs the result. The CPU backend keeps the fixed
+// sizes (max_num_seqs slots, blocks for max_num_seqs × max_model_len, or --num-gpu-blocks-override).
+void size_pools_from_device_memory(const ServerConfig& cfg, model::Model& m, runtime::EngineConfig& ec) {
+  int64_t total = 0, used = 0;
+  if (!m.backend().device_memory(&total, &used)) return;
+  runtime::PoolSizing in;
+  in.total = total;
+  in.used = used;
+  in.utilization = cfg.gpu_memory_utilization;
+  // Activations of a max_num_batched_tokens step, the step arena of the recorded decode graphs, cuBLAS and
+  // allocator slack: 1 GiB plus 512 KiB per batched token (an estimate; docs/engine.md).
+  in.scratch = (int64_t(1) << 30) + ec.max_num_batched_tokens * (int64_t(512) << 10);
+  in.block_bytes = m.kv_block_bytes(ec.block_size);
+  in.slot_bytes = m.state_slot_bytes() * (ec.num_speculative_tokens > 0 ? 2 : 1);
+  in.max_num_seqs = ec.max_num_seqs;
+  in.max_model_len = ec.max_model_len;
+  in.block_size = ec.block_size;
+  in.num_blocks_override = ec.num_blocks;
+  const runtime::PoolPlan p = runtime::plan_pools(in);
+  ec.max_num_seqs = p.num_slots;
+  ec.num_blocks = p.num_blocks;
+  const double gib = 1024.0 * 1024.0 * 1024.0;
+  std::fprintf(stderr,
+               "deltaserve: device memory %.2f GiB, in use after loading %.2f GiB, utilization %.2f, scratch %.2f GiB: "
+               "KV pool %lld blocks x %lld tokens (%.2f GiB, %lld tokens), %lld DeltaNet state slots (%.2f GiB)\n",
+               double(total) / gib, double(used) / gib, cfg.gpu_memory_utilization, double(in.scratch) / gib,
+               (long long)p.num_blocks, (long long)ec.block_size, double(p.num_blocks * in.block_bytes) / gib,
+               (long long)(p.num_blocks * ec.block_size), (long long)p.num_slots,
+               double(p.num_slots * in.slot_bytes) / gib);
+}
 
 void load_runtime(ServerState& st) {
   const auto& cfg = st.cfg;
@@ -152,6 +186,8 @@ void load_runtime(ServerState& st) {
   // Like the reference, ids the tokenizer does not assign stay samplable (they decode to nothing).
   ec.vocab_limit = mc.text.vocab_size;
   ec.num_speculative_tokens = cfg.num_speculative_tokens;
+  ec.step_graphs = !cfg.enforce_eager;
+  size_pools_from_device_memory(cfg, *rt.model, ec);
   rt.engine = std::make_unique<runtime::Engine>(*rt.model, ec);
   rt.engine->start();
 }

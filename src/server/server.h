@@ -22,7 +22,8 @@ struct ServerConfig {
   int64_t max_queued_requests = 256;  // beyond running + this many waiting: 429
   int64_t num_kv_blocks = 0;          // 0: sized from max_num_seqs x max_model_len
   int64_t block_size = 16;
-  double gpu_memory_utilization = 0.9;
+  double gpu_memory_utilization = 0.9; // device backends: sizes the KV and DeltaNet state pools (docs/engine.md)
+  bool enforce_eager = false;         // --enforce-eager: no CUDA graphs for decode steps
   size_t max_body_bytes = 32u << 20;
   int drain_seconds = 30;             // graceful shutdown deadline
   nlohmann::ordered_json default_chat_template_kwargs = nlohmann::ordered_json::object();

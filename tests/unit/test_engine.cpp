@@ -11,6 +11,7 @@
 #include "core/status.h"
 #include "golden_util.h"
 #include "model/model.h"
+#include "runtime/cache.h"
 #include "runtime/engine.h"
 
 namespace ds::runtime {
@@ -238,6 +239,111 @@ TEST(Engine, PreemptionKeepsOutputsIdentical) {
   std::printf("  preemptions: %lld in %lld steps\n", (long long)m.preemptions_total, (long long)m.steps_total);
   EXPECT_GT(m.preemptions_total, 0);
   expect_empty(m);
+}
+
+// Decode-only steps go through Model::forward_graphed (EngineConfig::step_graphs); prefill chunks and mixed
+// batches stay eager. On the CPU backend forward_graphed runs the eager forward inside a step, so this checks
+// the engine's routing (rows, batch, logits copy) and that the switch is honoured; tests/cuda/test_cuda_engine
+// runs the same comparison with real CUDA graphs.
+TEST(Engine, StepGraphsOnAndOffGiveIdenticalOutputs) {
+  std::vector<std::vector<Result>> out(2);
+  std::vector<int64_t> graph_steps(2), steps(2);
+  for (int on = 0; on < 2; ++on) {
+    auto reqs = mix12();
+    EngineConfig c = base_config();
+    c.max_num_seqs = 4;
+    c.max_num_batched_tokens = 64;
+    c.step_graphs = on == 1;
+    Engine e(*fx().m, c);
+    for (auto& r : reqs) e.submit(r);
+    drain(e);
+    for (auto& r : reqs) out[size_t(on)].push_back(collect(*r, 0ms));
+    graph_steps[size_t(on)] = e.metrics().graph_steps_total;
+    steps[size_t(on)] = e.metrics().steps_total;
+    expect_empty(e.metrics());
+  }
+  const auto& alone = mix12_alone();
+  for (size_t i = 0; i < out[0].size(); ++i) {
+    EXPECT_EQ(out[1][i].tokens, out[0][i].tokens) << "request " << i;
+    EXPECT_EQ(out[1][i].tokens, alone[i].tokens) << "request " << i;
+    EXPECT_EQ(out[1][i].finish, out[0][i].finish) << "request " << i;
+  }
+  EXPECT_EQ(graph_steps[0], 0);
+  EXPECT_GT(graph_steps[1], 0);
+  EXPECT_LT(graph_steps[1], steps[1]);  // the prefill steps stayed eager
+}
+
+// Model::kv_block_bytes / state_slot_bytes are what alloc_caches really allocates per block and per slot.
+TEST(PoolSizing, BytesPerBlockAndSlotMatchAllocCaches) {
+  auto& m = *fx().m;
+  auto bytes = [&](int64_t blocks, int64_t bs, int64_t slots) {
+    model::ModelCaches c = m.alloc_caches(blocks, bs, slots);
+    int64_t kv = 0, st = 0;
+    for (auto& l : c.kv)
+      if (l.k.defined()) kv += l.k.nbytes() + l.v.nbytes();
+    if (c.mtp_kv.k.defined()) kv += c.mtp_kv.k.nbytes() + c.mtp_kv.v.nbytes();
+    for (auto& l : c.state)
+      if (l.conv.defined()) st += l.conv.nbytes() + l.ssm.nbytes();
+    return std::pair<int64_t, int64_t>(kv, st);
+  };
+  for (int64_t bs : {1, 16, 32}) {
+    auto [kv3, st2] = bytes(3, bs, 2);
+    EXPECT_GT(kv3, 0);
+    EXPECT_EQ(kv3, 3 * m.kv_block_bytes(bs)) << "block_size " << bs;
+    EXPECT_EQ(st2, 2 * m.state_slot_bytes());
+  }
+}
+
+TEST(PoolSizing, PlanFromDeviceMemory) {
+  const int64_t MiB = 1 << 20, GiB = int64_t(1) << 30;
+  PoolSizing in;
+  in.total = 80 * GiB;
+  in.used = 20 * GiB;
+  in.utilization = 0.9;
+  in.scratch = 2 * GiB;
+  in.block_bytes = 1 * MiB;
+  in.slot_bytes = 64 * MiB;
+  in.max_num_seqs = 16;
+  in.max_model_len = 32768;
+  in.block_size = 16;
+  // Plenty (budget 50 GiB): every slot, and blocks capped at max_num_seqs × max_model_len (32 GiB).
+  PoolPlan p = plan_pools(in);
+  EXPECT_EQ(p.budget, int64_t(0.9 * double(80 * GiB)) - 22 * GiB);
+  EXPECT_EQ(p.num_slots, 16);
+  EXPECT_EQ(p.num_blocks, 16 * 2048);
+  // Blocks limited by memory: the budget minus the slots, in whole blocks.
+  in.max_num_seqs = 64;
+  p = plan_pools(in);
+  EXPECT_EQ(p.num_slots, 64);
+  EXPECT_EQ(p.num_blocks, (p.budget - 64 * in.slot_bytes) / in.block_bytes);
+  EXPECT_LT(p.num_blocks, 64 * 2048);
+  EXPECT_LE(p.num_blocks * in.block_bytes + p.num_slots * in.slot_bytes, p.budget);
+  // Slots limited by memory: room stays for one max-length sequence's blocks.
+  in.used = 68 * GiB;  // budget 72 - 68 - 2 = 2 GiB < one sequence: 2048 blocks (2 GiB) + a 64 MiB slot
+  EXPECT_THROW(plan_pools(in), Error);
+  in.used = 60 * GiB;  // budget 10 GiB: 2 GiB of blocks for one sequence, 8 GiB / 512 MiB = 16 slots < 64
+  in.slot_bytes = 512 * MiB;
+  p = plan_pools(in);
+  EXPECT_EQ(p.num_slots, 16);
+  EXPECT_GE(p.num_blocks, 2048);
+  EXPECT_LE(p.num_blocks * in.block_bytes + p.num_slots * in.slot_bytes, p.budget);
+  // The message names the numbers and the way out.
+  in.used = 70 * GiB;
+  try {
+    plan_pools(in);
+    ADD_FAILURE() << "expected a failure";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("max_model_len 32768"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("--gpu-memory-utilization"), std::string::npos) << msg;
+  }
+  // --num-gpu-blocks-override fixes the KV pool.
+  in.used = 20 * GiB;
+  in.num_blocks_override = 100;
+  p = plan_pools(in);
+  EXPECT_EQ(p.num_blocks, 100);
+  in.utilization = 1.5;
+  EXPECT_THROW(plan_pools(in), Error);
 }
 
 TEST(Engine, FinishReasons) {

@@ -909,6 +909,13 @@ class CudaBackend final : public Backend {
   }
 
   std::string name() const override { return "cuda"; }
+  bool device_memory(int64_t* total, int64_t* used) override {
+    size_t f = 0, t = 0;
+    CK(cudaMemGetInfo(&f, &t));
+    *total = int64_t(t);
+    *used = int64_t(t - f);
+    return true;
+  }
   DType act_dtype() const override { return DType::BF16; }
 
   // ---- memory ----

@@ -14,6 +14,7 @@
 #include "core/status.h"
 #include "model/model.h"
 #include "runtime/engine.h"
+#include "runtime/spec_decode.h"
 #include "server/metrics.h"
 #include "server/openai.h"
 #include "server/output.h"
@@ -80,7 +81,11 @@ void load_runtime(ServerState& st) {
   const auto& cfg = st.cfg;
   Runtime& rt = st.rt;
   rt.be = make_backend(cfg.backend);
-  rt.model = model::Model::load(cfg.model_dir, *rt.be);
+  model::LoadOptions lo;
+  if (cfg.num_speculative_tokens > 0 && (cfg.draft_vocab_size > 0 || !cfg.draft_vocab_file.empty()))
+    lo.draft_vocab = runtime::draft_vocab_ids(cfg.draft_vocab_size, cfg.draft_vocab_file,
+                                              io::load_model_config(cfg.model_dir).text.vocab_size);
+  rt.model = model::Model::load(cfg.model_dir, *rt.be, nullptr, lo);
   const auto& mc = rt.model->config();
   rt.tok = std::make_unique<text::Tokenizer>(text::Tokenizer::load(cfg.model_dir));
   rt.tok->set_model_vocab_size(int32_t(mc.text.vocab_size));
@@ -141,6 +146,7 @@ void load_runtime(ServerState& st) {
   // Like the reference, ids the tokenizer does not assign stay samplable (they decode to nothing).
   ec.vocab_limit = mc.text.vocab_size;
   ec.num_speculative_tokens = cfg.num_speculative_tokens;
+  ec.draft_vocab_size = int64_t(lo.draft_vocab.size());
   rt.engine = std::make_unique<runtime::Engine>(*rt.model, ec);
   rt.engine->start();
 }

@@ -26,6 +26,8 @@ struct ServerConfig {
   nlohmann::ordered_json default_chat_template_kwargs = nlohmann::ordered_json::object();
   std::string chat_template_path;     // override the model's template
   int64_t num_speculative_tokens = 0; // --speculative-config '{"method": "mtp", "num_speculative_tokens": K}'
+  int64_t draft_vocab_size = 0;        //   "draft_vocab_size": N (reduced draft head; 0 = full vocabulary)
+  std::string draft_vocab_file;        //   "draft_vocab_file": token ids, most frequent first
 };
 
 // Starts listening, loads the model in the background (/health answers 503 until ready), serves until

@@ -5,16 +5,20 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <numeric>
 #include <random>
+#include <tuple>
+#include <unistd.h>
 
 #include "backend/ops.h"
 #include "core/status.h"
 #include "golden_util.h"
 #include "model/model.h"
 #include "runtime/engine.h"
+#include "runtime/spec_decode.h"
 #include "sampling/sampling.h"
 #include "server/metrics.h"
 
@@ -394,6 +398,147 @@ TEST(SpecEngine, AbortMidSpeculationFreesEverything) {
   }
   EXPECT_EQ(collect(*r).completion_tokens, 5);
   expect_empty(e.metrics());
+}
+
+// ---- reduced-vocabulary draft head -----------------------------------------------------------------------
+
+std::unique_ptr<model::Model> load_with_draft_vocab(Backend& be, const std::string& family, const std::string& variant,
+                                                    std::vector<int32_t> ids) {
+  model::LoadOptions o;
+  o.draft_vocab = std::move(ids);
+  return model::Model::load(test::data_dir() + "/" + family + "/" + family + "-" + variant, be, nullptr, o);
+}
+
+// Every draft proposal of a run: (request, token index, proposed), through a hook that changes nothing.
+using Proposals = std::vector<std::tuple<uint64_t, int64_t, int32_t>>;
+EngineConfig recording(EngineConfig c, Proposals& out) {
+  c.draft_hook = [&out](uint64_t id, int64_t index, int32_t proposed) {
+    out.push_back({id, index, proposed});
+    return proposed;
+  };
+  return c;
+}
+
+// The draft head over the N lowest ids (the default choice): greedy output identical to no speculation for
+// K = 1..4, every proposal inside the subset.
+TEST(SpecReducedDraft, GreedyOutputUnchangedAndProposalsInTheSubset) {
+  for (const char* variant : {"bf16", "int4"}) {
+    Fixture& f = fixture("tiny-moe", variant);
+    const int64_t N = 300;
+    auto m = load_with_draft_vocab(*f.be, "tiny-moe", variant, runtime::draft_vocab_ids(N, "", 2048));
+    ASSERT_EQ(int64_t(m->draft_vocab().size()), N);
+    auto make = [&] {
+      std::vector<std::shared_ptr<Request>> rs;
+      for (size_t i = 0; i < f.prompts.size(); ++i) rs.push_back(req(i, f.prompts[i], 14));
+      return rs;
+    };
+    const auto want = run_all(*m, config(0), make());
+    for (int64_t K = 1; K <= 4; ++K) {
+      EngineConfig c = config(K);
+      c.draft_vocab_size = N;
+      Proposals props;
+      runtime::EngineMetrics mt;
+      const auto got = run_all(*m, recording(c, props), make(), &mt);
+      for (size_t i = 0; i < want.size(); ++i) EXPECT_EQ(got[i].tokens, want[i].tokens) << variant << " K=" << K << " prompt " << i;
+      check_counters(mt, K);
+      ASSERT_FALSE(props.empty());
+      for (auto& [id, index, d] : props) EXPECT_TRUE(d >= 0 && d < N) << "proposal " << d << " outside the subset";
+      std::printf("  %s N=%lld K=%lld: drafted %lld, accepted %lld\n", variant, (long long)N, (long long)K,
+                  (long long)mt.spec_draft_tokens_total, (long long)mt.spec_accepted_tokens_total);
+    }
+  }
+}
+
+// A "reduced" head over every id in reverse order is the full head with its columns permuted: the same proposals
+// and the same acceptance as the full lm_head (so the column -> token mapping is right), output unchanged.
+TEST(SpecReducedDraft, PermutedFullVocabularyProposesWhatTheFullHeadProposes) {
+  Fixture& f = fixture("tiny-dense", "bf16");
+  std::vector<int32_t> rev(2048);
+  for (int32_t i = 0; i < 2048; ++i) rev[size_t(i)] = 2047 - i;
+  auto m = load_with_draft_vocab(*f.be, "tiny-dense", "bf16", rev);
+  auto make = [&] {
+    std::vector<std::shared_ptr<Request>> rs;
+    for (size_t i = 0; i < f.prompts.size(); ++i) rs.push_back(req(i, f.prompts[i], 12));
+    return rs;
+  };
+  for (int64_t K : {1, 3}) {
+    Proposals full, red;
+    runtime::EngineMetrics mf, mr;
+    const auto a = run_all(*m, recording(config(K), full), make(), &mf);
+    EngineConfig c = config(K);
+    c.draft_vocab_size = 2048;
+    const auto b = run_all(*m, recording(c, red), make(), &mr);
+    ASSERT_FALSE(full.empty());
+    EXPECT_EQ(red, full) << "K=" << K;
+    EXPECT_EQ(mr.spec_accepted_tokens_total, mf.spec_accepted_tokens_total);
+    EXPECT_EQ(mr.spec_draft_tokens_total, mf.spec_draft_tokens_total);
+    for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(b[i].tokens, a[i].tokens);
+  }
+}
+
+// The benchmark's configuration: the oracle on top of the reduced head. Drafts are the target's tokens with
+// probability 0.8, so about 80% of first drafts are accepted, and the output is still the plain one.
+TEST(SpecReducedDraft, OracleAcceptanceAsExpected) {
+  Fixture& f = fixture("tiny-moe", "bf16");
+  auto m = load_with_draft_vocab(*f.be, "tiny-moe", "bf16", runtime::draft_vocab_ids(64, "", 2048));
+  const int64_t N = 40;
+  auto make = [&] {
+    std::vector<std::shared_ptr<Request>> rs;
+    for (size_t i = 0; i < f.prompts.size(); ++i) rs.push_back(req(i, f.prompts[i], N));
+    return rs;
+  };
+  const auto want = run_all(*m, config(0), make());
+  EngineConfig c = config(2);
+  c.draft_vocab_size = 64;
+  std::mt19937_64 rng(5);
+  c.draft_hook = [&](uint64_t id, int64_t index, int32_t proposed) {
+    const auto& w = want[size_t(id)].tokens;
+    const int64_t g = index - int64_t(f.prompts[size_t(id)].size());
+    if (g < 0 || g >= int64_t(w.size())) return proposed;
+    return (rng() % 10) < 8 ? w[size_t(g)] : int32_t((w[size_t(g)] + 1 + rng() % 100) % 2048);
+  };
+  runtime::EngineMetrics mt;
+  const auto got = run_all(*m, c, make(), &mt);
+  for (size_t i = 0; i < want.size(); ++i) EXPECT_EQ(got[i].tokens, want[i].tokens) << "prompt " << i;
+  check_counters(mt, 2);
+  const double first = double(mt.spec_accepted_per_pos[0]) / double(mt.spec_num_drafts_total);
+  std::printf("  first-draft acceptance %.3f over %lld rounds\n", first, (long long)mt.spec_num_drafts_total);
+  EXPECT_NEAR(first, 0.8, 0.12);
+}
+
+TEST(SpecReducedDraft, VocabularyChoiceAndValidation) {
+  EXPECT_EQ(runtime::draft_vocab_ids(3, "", 10), (std::vector<int32_t>{0, 1, 2}));
+  EXPECT_THROW(runtime::draft_vocab_ids(0, "", 10), Error);
+  EXPECT_THROW(runtime::draft_vocab_ids(11, "", 10), Error);
+  const std::string path = ::testing::TempDir() + "draft_vocab_" + std::to_string(::getpid()) + ".txt";
+  auto write = [&](const char* text) {
+    std::ofstream(path) << text;
+  };
+  write("7, 3 9\n1");
+  EXPECT_EQ(runtime::draft_vocab_ids(0, path, 10), (std::vector<int32_t>{7, 3, 9, 1}));
+  EXPECT_EQ(runtime::draft_vocab_ids(2, path, 10), (std::vector<int32_t>{7, 3}));
+  EXPECT_THROW(runtime::draft_vocab_ids(5, path, 10), Error);  // fewer ids than asked for
+  write("7 3 7");
+  EXPECT_THROW(runtime::draft_vocab_ids(0, path, 10), Error);  // listed twice
+  write("7 x");
+  EXPECT_THROW(runtime::draft_vocab_ids(0, path, 10), Error);
+  write("10");
+  EXPECT_THROW(runtime::draft_vocab_ids(0, path, 10), Error);  // outside the vocabulary
+  EXPECT_THROW(runtime::draft_vocab_ids(0, path + ".missing", 10), Error);
+  std::remove(path.c_str());
+  // The engine's draft_vocab_size must match the loaded head; the loader checks the ids.
+  Fixture& f = fixture("tiny-moe", "bf16");
+  EngineConfig c = config(2);
+  c.draft_vocab_size = 16;
+  EXPECT_THROW(Engine(*f.m, c), Error);  // no reduced head loaded
+  auto m = load_with_draft_vocab(*f.be, "tiny-moe", "bf16", runtime::draft_vocab_ids(8, "", 2048));
+  EXPECT_THROW(Engine(*m, c), Error);  // 8, not 16
+  c.draft_vocab_size = 8;
+  EXPECT_NO_THROW(Engine(*m, c));
+  c.num_speculative_tokens = 0;
+  EXPECT_THROW(Engine(*m, c), Error);  // a draft head without speculation
+  EXPECT_THROW(load_with_draft_vocab(*f.be, "tiny-moe", "bf16", {1, 2, 1}), Error);
+  EXPECT_THROW(load_with_draft_vocab(*f.be, "tiny-moe", "bf16", {2048}), Error);
 }
 
 TEST(SpecEngine, RejectsSpeculationWithoutAnMtpHead) {

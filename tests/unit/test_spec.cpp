@@ -541,6 +541,53 @@ TEST(SpecReducedDraft, VocabularyChoiceAndValidation) {
   EXPECT_THROW(load_with_draft_vocab(*f.be, "tiny-moe", "bf16", {2048}), Error);
 }
 
+// ---- step graphs ------------------------------------------------------------------------------------------
+
+// EngineConfig::step_graphs runs decode/verify steps through Model::forward_graphed and drafts through
+// mtp_forward_graphed (every row a logit row, drafting rows picked afterwards). On the CPU graph_run runs the same
+// code eagerly, so this checks that path's plumbing against the plain one: with an oracle (so drafts are accepted,
+// partly rejected, and batches mix sequences with different accepted counts) the same tokens, the same proposals
+// and the same counters, for the full and the reduced draft head.
+TEST(SpecGraphs, GraphedAndEagerStepsAgree) {
+  Fixture& f = fixture("tiny-moe", "int4");
+  auto m = load_with_draft_vocab(*f.be, "tiny-moe", "int4", runtime::draft_vocab_ids(512, "", 2048));
+  auto make = [&] {
+    std::vector<std::shared_ptr<Request>> rs;
+    for (size_t i = 0; i < f.prompts.size(); ++i) rs.push_back(req(i, f.prompts[i], 16));
+    return rs;
+  };
+  const auto want = run_all(*m, config(0), make());
+  for (int64_t K : {1, 3})
+    for (int64_t dv : {int64_t(0), int64_t(512)}) {
+      std::vector<Proposals> props(2);
+      std::vector<std::vector<Out>> outs;
+      std::vector<runtime::EngineMetrics> ms(2);
+      for (int g = 0; g < 2; ++g) {
+        EngineConfig c = config(K);
+        c.step_graphs = g == 1;
+        c.draft_vocab_size = dv;
+        auto rng = std::make_shared<std::mt19937_64>(K * 10 + dv);
+        Proposals* rec = &props[size_t(g)];
+        c.draft_hook = [&, rng, rec](uint64_t id, int64_t index, int32_t proposed) {
+          rec->push_back({id, index, proposed});
+          const auto& w = want[size_t(id)].tokens;
+          const int64_t i = index - int64_t(f.prompts[size_t(id)].size());
+          if (i < 0 || i >= int64_t(w.size())) return proposed;
+          return ((*rng)() % 10) < 7 ? w[size_t(i)] : proposed;
+        };
+        outs.push_back(run_all(*m, c, make(), &ms[size_t(g)]));
+      }
+      for (size_t i = 0; i < want.size(); ++i) {
+        EXPECT_EQ(outs[1][i].tokens, outs[0][i].tokens) << "K=" << K << " draft vocab " << dv << " prompt " << i;
+        EXPECT_EQ(outs[1][i].tokens, want[i].tokens);
+      }
+      EXPECT_EQ(props[1], props[0]) << "K=" << K << " draft vocab " << dv;
+      EXPECT_EQ(ms[1].spec_accepted_per_pos, ms[0].spec_accepted_per_pos);
+      EXPECT_EQ(ms[1].steps_total, ms[0].steps_total);
+      EXPECT_GT(ms[1].spec_accepted_tokens_total, 0);
+    }
+}
+
 TEST(SpecEngine, RejectsSpeculationWithoutAnMtpHead) {
   Fixture& f = fixture("tiny-moe", "bf16");
   auto be = make_cpu_backend();

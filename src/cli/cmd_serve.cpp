@@ -48,8 +48,9 @@ int cmd_serve(int argc, char** argv) {
       fail("--speculative-config: expected a JSON object like {\"method\": \"mtp\", \"num_speculative_tokens\": 2}, got '",
            v, "'");
     for (auto& [k, _] : j.items())
-      if (k != "method" && k != "num_speculative_tokens")
-        fail("--speculative-config: unknown key '", k, "' (expected method, num_speculative_tokens)");
+      if (k != "method" && k != "num_speculative_tokens" && k != "draft_vocab_size" && k != "draft_vocab_file")
+        fail("--speculative-config: unknown key '", k,
+             "' (expected method, num_speculative_tokens, draft_vocab_size, draft_vocab_file)");
     const std::string method = j.value("method", std::string("mtp"));
     if (method != "mtp" && method != "qwen3_next_mtp")
       fail("--speculative-config: method must be \"mtp\", got \"", method, "\"");
@@ -58,6 +59,17 @@ int cmd_serve(int argc, char** argv) {
     c.num_speculative_tokens = j["num_speculative_tokens"].get<int64_t>();
     if (c.num_speculative_tokens < 1 || c.num_speculative_tokens > 16)
       fail("--speculative-config: num_speculative_tokens must be in 1..16, got ", c.num_speculative_tokens);
+    // A reduced-vocabulary draft head: the N lowest ids, or the ids listed in a file (docs/engine.md).
+    if (j.contains("draft_vocab_size")) {
+      if (!j["draft_vocab_size"].is_number_integer() || j["draft_vocab_size"].get<int64_t>() < 1)
+        fail("--speculative-config: draft_vocab_size must be a positive integer, got ", j["draft_vocab_size"].dump());
+      c.draft_vocab_size = j["draft_vocab_size"].get<int64_t>();
+    }
+    if (j.contains("draft_vocab_file")) {
+      if (!j["draft_vocab_file"].is_string())
+        fail("--speculative-config: draft_vocab_file must be a path string, got ", j["draft_vocab_file"].dump());
+      c.draft_vocab_file = j["draft_vocab_file"].get<std::string>();
+    }
   }
   // Images (docs/server.md "Images").
   auto& md = c.media;

@@ -16,7 +16,8 @@ Tensor Model::forward(BatchMeta& b, ModelCaches& caches, const std::vector<int32
   for (size_t L = 0; L < w_.layers.size(); ++L)
     x = decoder_layer(w_.layers[L], x, b, caches, &caches.kv[L], &caches.state[L]);
   Tensor hf = normed_rows(x, logit_rows, w_.final_norm);
-  if (hidden_out) *hidden_out = hidden_rows ? normed_rows(x, *hidden_rows, w_.final_norm) : hf;
+  if (hidden_out)
+    *hidden_out = hidden_rows && *hidden_rows != logit_rows ? normed_rows(x, *hidden_rows, w_.final_norm) : hf;
   return lm_head_logits(hf);
 }
 
@@ -29,9 +30,10 @@ Tensor Model::normed_rows(const Tensor& x, const std::vector<int32_t>& rows, con
   return out;
 }
 
-Tensor Model::lm_head_logits(const Tensor& hf) {
-  Tensor logits = be_.alloc(DType::F32, {hf.dim(0), cfg_.text.vocab_size});
-  be_.linear(hf, w_.lm_head, logits);
+Tensor Model::lm_head_logits(const Tensor& hf, const Linear* head) {
+  const Linear& w = head ? *head : w_.lm_head;
+  Tensor logits = be_.alloc(DType::F32, {hf.dim(0), w->N});
+  be_.linear(hf, w, logits);
   return logits;
 }
 
@@ -48,8 +50,9 @@ Tensor Model::decoder_layer(const LayerWeights& lw, Tensor x, BatchMeta& b, Mode
 }
 
 Tensor Model::mtp_forward(BatchMeta& b, ModelCaches& caches, const Tensor& hidden,
-                          const std::vector<int32_t>& logit_rows, Tensor* hidden_out) {
+                          const std::vector<int32_t>& logit_rows, Tensor* hidden_out, bool reduced) {
   DS_CHECK(w_.mtp.present, "this model has no MTP head loaded");
+  DS_CHECK(!reduced || w_.mtp.draft_head, "this model has no reduced draft head loaded (LoadOptions::draft_vocab)");
   const auto& t = cfg_.text;
   const int64_t T = b.num_tokens(), H = t.hidden_size;
   const float eps = float(t.rms_norm_eps);
@@ -70,7 +73,7 @@ Tensor Model::mtp_forward(BatchMeta& b, ModelCaches& caches, const Tensor& hidde
   x = decoder_layer(m.layer, x, b, caches, &caches.mtp_kv, nullptr);
   Tensor hf = normed_rows(x, logit_rows, m.norm);
   if (hidden_out) *hidden_out = hf;
-  return lm_head_logits(hf);
+  return lm_head_logits(hf, reduced ? &m.draft_head : nullptr);
 }
 
 ModelCaches Model::alloc_caches(int64_t num_blocks, int64_t block_size, int64_t num_slots) {

@@ -247,6 +247,35 @@ class Loader {
     m.present = true;
   }
 
+  // Rows `ids` of lm_head (or of the tied embedding) as a Linear [N, H]: the reduced draft head.
+  void load_draft_head(MtpWeights& m, const std::vector<int32_t>& ids) {
+    const auto& t = cfg_.text;
+    const int64_t H = t.hidden_size, V = t.vocab_size, N = int64_t(ids.size());
+    std::vector<uint8_t> seen(size_t(V), 0);
+    for (int32_t id : ids) {
+      if (id < 0 || id >= V) fail("draft vocabulary: token id ", id, " is outside the vocabulary [0, ", V, ")");
+      if (seen[size_t(id)]++) fail("draft vocabulary: token id ", id, " is listed twice");
+    }
+    const TensorEntry* e = nullptr;
+    if (t.tie_word_embeddings && !idx_.has("lm_head.weight")) e = idx_.find(cfg_.lm_prefix + ".embed_tokens.weight");
+    else if (idx_.has("lm_head.weight")) e = idx_.find("lm_head.weight");
+    if (!e)
+      fail("draft vocabulary: a reduced draft head needs a dense lm_head ('lm_head.weight'); this checkpoint's is ",
+           idx_.has("lm_head.qweight") ? "int4" : "missing");
+    if (e->dtype != DType::BF16 && e->dtype != DType::F16 && e->dtype != DType::F32)
+      fail("draft vocabulary: '", e->name, "' has dtype ", dtype_name(e->dtype), ", expected BF16, F16 or F32");
+    const size_t row = size_t(H) * dtype_size(e->dtype);
+    std::vector<uint8_t> buf(size_t(N) * row);
+    for (int64_t j = 0; j < N; ++j) std::memcpy(buf.data() + size_t(j) * row, e->data + size_t(ids[size_t(j)]) * row, row);
+    LinearSource s;
+    s.N = N;
+    s.K = H;
+    s.dtype = e->dtype;
+    s.data = buf.data();
+    m.draft_head = be_.make_linear({s});
+    m.draft_ids = ids;
+  }
+
   // model.visual.* (model-spec §2.2 "Vision"): always high precision; LayerNorms keep plain w and b.
   void load_vision(VisionWeights& v) {
     const auto& vc = cfg_.vision;
@@ -361,7 +390,12 @@ std::unique_ptr<Model> Model::load_index(io::ModelConfig cfg, io::TensorIndex& i
   LoadReport& rep = report ? *report : local;
   Loader loader(m->cfg_, idx, be, rep);
   loader.load(m->w_);
-  if (opts.mtp && m->cfg_.text.mtp_num_hidden_layers > 0 && idx.has("mtp.fc.weight")) loader.load_mtp(m->w_.mtp);
+  if (opts.mtp && m->cfg_.text.mtp_num_hidden_layers > 0 && idx.has("mtp.fc.weight")) {
+    loader.load_mtp(m->w_.mtp);
+    if (!opts.draft_vocab.empty()) loader.load_draft_head(m->w_.mtp, opts.draft_vocab);
+  } else if (!opts.draft_vocab.empty()) {
+    fail("draft vocabulary: a reduced draft head needs the MTP head (mtp.* tensors), which is not loaded");
+  }
   if (opts.vision && m->cfg_.vision.present && idx.has("model.visual.patch_embed.proj.weight"))
     loader.load_vision(m->w_.vision);
   std::vector<std::string> unknown;

@@ -52,6 +52,10 @@ struct MtpWeights {
   Tensor pre_fc_norm_hidden;
   Tensor norm;                     // mtp.norm
   LayerWeights layer;              // mtp.layers.0 (full attention + FFN)
+  // Optional reduced-vocabulary draft head (LoadOptions::draft_vocab): rows draft_ids of lm_head, so a draft
+  // step reads N·H weights instead of V·H. Logits column j is token draft_ids[j].
+  Linear draft_head;
+  std::vector<int32_t> draft_ids;
 };
 
 // Vision tower (model-spec §5.3, model/vision.cpp). Linear biases fp32 [N]; LayerNorm weight/bias fp32 [D].
@@ -92,6 +96,9 @@ struct ModelCaches {
 struct LoadOptions {
   bool mtp = true;     // load the MTP head when the checkpoint has one
   bool vision = true;  // load the vision tower when the checkpoint has one (model.visual.*)
+  // Token ids of a reduced-vocabulary MTP draft head (speculative decoding, docs/engine.md), built from those
+  // rows of lm_head (dense lm_head only) next to the full one. Empty: none. Ids must be distinct, in [0, V).
+  std::vector<int32_t> draft_vocab;
 };
 
 struct LoadReport {
@@ -115,6 +122,8 @@ class Model {
                                             LoadOptions opts = {});
   bool has_mtp() const { return w_.mtp.present; }
   bool has_vision() const { return w_.vision.present; }
+  // Token ids of the reduced MTP draft head's logit columns (empty: none loaded).
+  const std::vector<int32_t>& draft_vocab() const { return w_.mtp.draft_ids; }
 
   // Vision tower over images laid out back to back (model/vision.cpp). pixel_values fp32 host
   // [Σ t·h·w, 3·Tp·ps·ps] in merge-block-major row order; grids_thw[i] = {t, h, w} in patches of image i.
@@ -149,14 +158,25 @@ class Model {
   // backend's step arena: valid until the next forward/forward_graphed call. `b` must not change shape between
   // calls with the same key (tokens, positions, context lengths and block ids may). Backends without graphs run
   // forward() each time.
-  Tensor forward_graphed(BatchMeta& b, ModelCaches& caches, const std::vector<int32_t>& logit_rows);
+  // `hidden_out` (speculative verify): receives the final-norm hiddens of every row [T, H], in a per-shape buffer
+  // outside the arena (valid until the next call of the same shape); the logit rows must then be every row.
+  Tensor forward_graphed(BatchMeta& b, ModelCaches& caches, const std::vector<int32_t>& logit_rows,
+                         Tensor* hidden_out = nullptr);
+
+  // mtp_forward() recorded once per shape, every row a logit row (so the recording gathers nothing): `hidden`
+  // [T, H] is first copied into the shape's input buffer; `logits` [T, V or N] and `hidden_out` [T, H] receive
+  // per-shape buffers outside the arena (valid until the next call of the same shape). Eager where the backend
+  // has no graphs (Backend::graph_run's fallback runs the same code).
+  void mtp_forward_graphed(BatchMeta& b, ModelCaches& caches, const Tensor& hidden, bool reduced, Tensor* logits,
+                           Tensor* hidden_out);
 
   // MTP head over a batch whose tokens are the *next* tokens y_j and whose positions are those of the
   // hidden states' tokens; `hidden` [T, H] are main-model final-norm hiddens (or the MTP's own previous
   // output when chaining drafts). Attends over caches.mtp_kv. Returns fp32 logits [R, V] of `logit_rows`;
   // `hidden_out` receives the MTP's post-norm output of those rows (the next chain step's hidden).
+  // `reduced`: logits [R, N] over the reduced draft head's tokens (draft_vocab()) instead of [R, V].
   Tensor mtp_forward(BatchMeta& b, ModelCaches& caches, const Tensor& hidden, const std::vector<int32_t>& logit_rows,
-                     Tensor* hidden_out = nullptr);
+                     Tensor* hidden_out = nullptr, bool reduced = false);
 
  private:
   Model(io::ModelConfig cfg, Backend& be) : cfg_(std::move(cfg)), be_(be) {}
@@ -166,14 +186,18 @@ class Model {
   Tensor decoder_layer(const LayerWeights& lw, Tensor x, BatchMeta& b, ModelCaches& caches, KvLayer* kv, StateLayer* st);
   // rmsnorm(x[rows], norm) [R, H]: the final hidden states of the chosen rows.
   Tensor normed_rows(const Tensor& x, const std::vector<int32_t>& rows, const Tensor& norm);
-  // fp32 logits [R, V] = lm_head · hf
-  Tensor lm_head_logits(const Tensor& hf);
+  // fp32 logits [R, N] = head · hf (lm_head: N = V)
+  Tensor lm_head_logits(const Tensor& hf, const Linear* head = nullptr);
 
   io::ModelConfig cfg_;
   Backend& be_;
   Weights w_;
   RopeParams rope_;
   std::map<std::string, Tensor> graph_logits_;  // forward_graphed: output of each recorded shape
+  struct GraphIo {  // per recorded shape: buffers outside the step arena that a recording reads or writes
+    Tensor in, logits, hidden;
+  };
+  std::map<std::string, GraphIo> graph_io_;
 };
 
 }  // namespace ds::model

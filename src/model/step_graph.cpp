@@ -1,24 +1,82 @@
-// forward_graphed(): a decode step recorded once per batch shape and replayed (design.md §1, runtime's
-// CUDA-graph buckets). The kernels of a step depend only on T and the number of sequences; everything else a
-// step reads (tokens, positions, context lengths, block tables) is in prepare_batch's device mirror.
+// forward_graphed() / mtp_forward_graphed(): a decode, verify or draft step recorded once per batch shape and
+// replayed (design.md §1, runtime's CUDA-graph buckets). The kernels of a step depend only on T and the number of
+// sequences; everything else a step reads (tokens, positions, context lengths, block tables) is in
+// prepare_batch's device mirror, and tensors passed between recorded steps live in per-shape buffers outside the
+// step arena (a later step's arena reuses the addresses of an earlier one's temporaries).
 #include "core/status.h"
 #include "model/model.h"
 
 namespace ds::model {
 
-Tensor Model::forward_graphed(BatchMeta& b, ModelCaches& caches, const std::vector<int32_t>& logit_rows) {
+namespace {
+
+struct StepScope {  // ends the step on every path, so an error leaves the backend usable
+  Backend& be;
+  explicit StepScope(Backend& b) : be(b) { be.step_begin(); }
+  ~StepScope() { be.step_end(); }
+};
+
+std::vector<int32_t> iota_rows(int64_t n) {
+  std::vector<int32_t> r(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) r[size_t(i)] = int32_t(i);
+  return r;
+}
+
+}  // namespace
+
+Tensor Model::forward_graphed(BatchMeta& b, ModelCaches& caches, const std::vector<int32_t>& logit_rows,
+                              Tensor* hidden_out) {
   std::string key = str_cat("fwd/", b.num_tokens(), "/", b.seqs.size(), "/", logit_rows.size(), "/",
-                            reinterpret_cast<uintptr_t>(&caches));
+                            reinterpret_cast<uintptr_t>(&caches), hidden_out ? "/h" : "");
   for (auto r : logit_rows) key += str_cat(",", r);
-  struct StepScope {  // ends the step on every path, so an error leaves the backend usable
-    Backend& be;
-    explicit StepScope(Backend& b) : be(b) { be.step_begin(); }
-    ~StepScope() { be.step_end(); }
-  } scope(be_);
+  const std::vector<int32_t> all = iota_rows(b.num_tokens());
+  GraphIo* io = nullptr;
+  if (hidden_out) {
+    DS_CHECK(logit_rows == all, "forward_graphed: with hidden_out the logit rows must be every row");
+    io = &graph_io_[key];
+    if (!io->hidden.defined() || io->hidden.numel() == 0)  // outside the step: not arena memory
+      io->hidden = be_.alloc(be_.act_dtype(), {b.num_tokens(), cfg_.text.hidden_size});
+  }
+  StepScope scope(be_);
   be_.prepare_batch(b);  // in the step, outside the recording: this step's metadata into the shape's fixed buffer
   Tensor& out = graph_logits_[key];
-  be_.graph_run(key, [&] { out = forward(b, caches, logit_rows); });
+  be_.graph_run(key, [&] {
+    Tensor h;
+    out = forward(b, caches, logit_rows, io ? &h : nullptr, io ? &logit_rows : nullptr);
+    if (io) be_.copy(io->hidden, h);
+  });
+  if (io) *hidden_out = io->hidden;
   return out;
+}
+
+void Model::mtp_forward_graphed(BatchMeta& b, ModelCaches& caches, const Tensor& hidden, bool reduced, Tensor* logits,
+                                Tensor* hidden_out) {
+  const int64_t T = b.num_tokens(), H = cfg_.text.hidden_size;
+  DS_CHECK(hidden.dim(0) == T && hidden.numel() == T * H, "mtp_forward_graphed: hidden must be [", T, ", ", H, "]");
+  DS_CHECK(!reduced || w_.mtp.draft_head, "this model has no reduced draft head loaded (LoadOptions::draft_vocab)");
+  const int64_t N = reduced ? w_.mtp.draft_head->N : cfg_.text.vocab_size;
+  const std::string key = str_cat("mtp/", T, "/", b.seqs.size(), "/", reinterpret_cast<uintptr_t>(&caches),
+                                  reduced ? "/r" : "");
+  GraphIo& io = graph_io_[key];
+  if (!io.in.defined() || io.in.numel() == 0) {  // outside the step: not arena memory
+    io.in = be_.alloc(be_.act_dtype(), {T, H});
+    io.hidden = be_.alloc(be_.act_dtype(), {T, H});
+    io.logits = be_.alloc(DType::F32, {T, N});
+  }
+  be_.copy(io.in, hidden);
+  const std::vector<int32_t> all = iota_rows(T);
+  {
+    StepScope scope(be_);
+    be_.prepare_batch(b);
+    be_.graph_run(key, [&] {
+      Tensor h;
+      Tensor l = mtp_forward(b, caches, io.in, all, &h, reduced);
+      be_.copy(io.logits, l);
+      be_.copy(io.hidden, h);
+    });
+  }
+  *logits = io.logits;
+  if (hidden_out) *hidden_out = io.hidden;
 }
 
 }  // namespace ds::model

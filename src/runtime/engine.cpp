@@ -58,6 +58,12 @@ EngineConfig resolve(const model::Model& m, EngineConfig c) {
   if (c.num_speculative_tokens > 0 && !m.has_mtp())
     fail("engine: speculative decoding (method mtp, num_speculative_tokens ", c.num_speculative_tokens,
          ") needs the checkpoint's MTP head (mtp.* tensors), found none");
+  if (c.draft_vocab_size < 0) fail("engine: draft_vocab_size must be >= 0, found ", c.draft_vocab_size);
+  if (c.draft_vocab_size > 0 && c.num_speculative_tokens == 0)
+    fail("engine: draft_vocab_size ", c.draft_vocab_size, " needs speculative decoding (num_speculative_tokens > 0)");
+  if (c.draft_vocab_size > 0 && int64_t(m.draft_vocab().size()) != c.draft_vocab_size)
+    fail("engine: draft_vocab_size ", c.draft_vocab_size, " needs the model loaded with a reduced draft head of that many "
+         "tokens (LoadOptions::draft_vocab), found ", m.draft_vocab().size());
   std::sort(c.eos_token_ids.begin(), c.eos_token_ids.end());
   return c;
 }
@@ -285,22 +291,17 @@ void Engine::Impl::run(const Schedule& sc_in) {
     if (x.num_drafts > 0) cm.snapshot(x.seq->cache);  // the state before the verify, for a rollback
   std::vector<float> logits;  // fp32 [R, V]
   Tensor hidden;              // act [T, H] final-norm hiddens (speculation only)
+  // Decode or verify only (every row a logit row): one recorded step per batch shape.
+  const bool graphed = cfg.step_graphs && std::all_of(sc.seqs.begin(), sc.seqs.end(), [](const ScheduledSeq& x) {
+    return x.samples && x.num_tokens == 1;
+  });
   try {
-    // Decode-only steps replay a recorded step graph (its logits live in the step arena until the next
-    // forward: copied out right away). A step of prefill chunks only still asks for one row: backends need not
-    // handle R = 0.
-    const bool decode_only = !spec && cfg.step_graphs &&
-                             std::all_of(sc.seqs.begin(), sc.seqs.end(), [](const ScheduledSeq& x) {
-                               return x.num_tokens == 1 && x.num_drafts == 0 && x.samples;
-                             });
-    if (decode_only) {
-      logits = model.backend().to_host_f32(model.forward_graphed(b, cm.caches(), rows));
-      ++counters.graph_steps_total;
-    } else {
-      Tensor t = model.forward(b, cm.caches(), rows.empty() ? std::vector<int32_t>{0} : rows, spec ? &hidden : nullptr,
-                               spec ? &all_rows : nullptr);
-      logits = model.backend().to_host_f32(t);
-    }
+    // A step of prefill chunks only still asks for one row: backends need not handle R = 0.
+    Tensor t = graphed ? model.forward_graphed(b, cm.caches(), rows, spec ? &hidden : nullptr)
+                       : model.forward(b, cm.caches(), rows.empty() ? std::vector<int32_t>{0} : rows,
+                                       spec ? &hidden : nullptr, spec ? &all_rows : nullptr);
+    logits = model.backend().to_host_f32(t);
+    if (graphed) ++counters.graph_steps_total;
   } catch (const std::exception& e) {
     // The caches of this batch may be half-written: the scheduler recomputes everyone (exact) and retries
     // them one by one, so only the request that fails on its own ends.
@@ -349,7 +350,12 @@ void Engine::Impl::run(const Schedule& sc_in) {
     if (j.rows > 0 && sampled) j.num_drafts = drafts_wanted(j.seq);
   }
   try {
-    mtp_propose(model, cm, hidden, jobs, cfg.vocab_limit, cfg.draft_hook);
+    DraftOptions o;
+    o.vocab_limit = cfg.vocab_limit;
+    o.reduced = cfg.draft_vocab_size > 0;
+    o.graphs = graphed;
+    o.hook = cfg.draft_hook;
+    mtp_propose(model, cm, hidden, jobs, o);
   } catch (const std::exception& e) {
     // Drafts are only proposals: without them the next step is a plain decode, and the MTP KV rows written
     // here are rewritten by the next first pass that covers them.

@@ -90,10 +90,14 @@ struct EngineConfig {
   // "num_speculative_tokens": K}'): each decode step verifies up to K drafted tokens. 0 = off. Needs an MTP
   // head; doubles the DeltaNet state slots (one snapshot per sequence, docs/engine.md).
   int64_t num_speculative_tokens = 0;
-  // Decode-only steps (every scheduled sequence decodes one token, no drafts) run through
-  // Model::forward_graphed: a CUDA graph per batch shape on the CUDA backend, the eager forward elsewhere.
-  // Prefill chunks, mixed batches and speculative verifies stay eager. false = always eager (serve's
-  // --enforce-eager); the engine test requires identical greedy output either way.
+  // Draft with the model's reduced-vocabulary head (Model::draft_vocab(), LoadOptions::draft_vocab) of this many
+  // tokens instead of the full lm_head ("draft_vocab_size" in --speculative-config). 0 = full vocabulary. Output
+  // stays exact (the target verifies); only the acceptance rate can change.
+  int64_t draft_vocab_size = 0;
+  // Decode-only steps (every scheduled sequence decodes or verifies drafts) run through Model::forward_graphed and
+  // the MTP drafts through mtp_forward_graphed: one recording per batch shape (CUDA graphs on CUDA; the same code
+  // eagerly elsewhere). Prefill chunks and mixed batches stay eager. false = always eager (serve's
+  // --enforce-eager); the engine tests require identical greedy output either way.
   bool step_graphs = true;
   // Tests and benchmarks only (issue 8's oracle mode; random weights accept almost nothing): replaces the MTP's
   // proposal for token index `index` (into prompt + generated) of request `id`. The MTP still runs, and the

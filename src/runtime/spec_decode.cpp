@@ -1,21 +1,86 @@
 #include "runtime/spec_decode.h"
 
 #include <algorithm>
+#include <fstream>
+#include <sstream>
 
+#include "core/status.h"
 #include "runtime/engine.h"
 #include "sampling/sampling.h"
 
 namespace ds::runtime {
 
+int32_t draft_pick(const float* row, int64_t V, int64_t vocab_limit, const std::vector<int32_t>* ids) {
+  if (!ids) return sampling::draft_argmax(row, V, vocab_limit);
+  const int64_t lim = vocab_limit > 0 ? vocab_limit : V;
+  int64_t best = -1;
+  for (size_t j = 0; j < ids->size(); ++j)
+    if ((*ids)[j] < lim && (best < 0 || row[j] > row[best])) best = int64_t(j);
+  DS_CHECK(best >= 0, "draft vocabulary: no token below the vocabulary limit ", lim);
+  return (*ids)[size_t(best)];
+}
+
+std::vector<int32_t> draft_vocab_ids(int64_t n, const std::string& file, int64_t V) {
+  if (n < 0 || n > V) fail("draft vocabulary: size must be in 1..", V, ", found ", n);
+  std::vector<int32_t> ids;
+  if (file.empty()) {
+    if (n == 0) fail("draft vocabulary: give a size (draft_vocab_size) or a file of token ids");
+    for (int64_t i = 0; i < n; ++i) ids.push_back(int32_t(i));
+    return ids;
+  }
+  std::ifstream f(file);
+  if (!f) fail("draft vocabulary: cannot read '", file, "'");
+  std::string text((std::istreambuf_iterator<char>(f)), {});
+  std::replace(text.begin(), text.end(), ',', ' ');
+  std::istringstream ss(text);
+  std::string w;
+  std::vector<uint8_t> seen(size_t(V), 0);
+  while ((n == 0 || int64_t(ids.size()) < n) && ss >> w) {
+    size_t used = 0;
+    long long v = -1;
+    try {
+      v = std::stoll(w, &used);
+    } catch (...) {
+      used = 0;
+    }
+    if (used != w.size()) fail("draft vocabulary: '", file, "': expected token ids, found '", w, "'");
+    if (v < 0 || v >= V) fail("draft vocabulary: '", file, "': token id ", v, " is outside the vocabulary [0, ", V, ")");
+    if (seen[size_t(v)]++) fail("draft vocabulary: '", file, "': token id ", v, " is listed twice");
+    ids.push_back(int32_t(v));
+  }
+  if (ids.empty() || (n > 0 && int64_t(ids.size()) < n))
+    fail("draft vocabulary: '", file, "' lists ", ids.size(), " token ids, ", n > 0 ? "fewer than the " : "",
+         n > 0 ? std::to_string(n) : std::string("expected at least one"), n > 0 ? " asked for" : "");
+  return ids;
+}
+
+namespace {
+
+// Rows `rows` of a device tensor to the host (one read; a gather first unless they are a prefix).
+std::vector<float> rows_to_host(Backend& be, const Tensor& t, const std::vector<int32_t>& rows) {
+  bool prefix = true;
+  for (size_t i = 0; prefix && i < rows.size(); ++i) prefix = rows[i] == int32_t(i);
+  if (prefix) return be.to_host_f32(t.rows(0, int64_t(rows.size())));
+  Tensor g = be.alloc(t.dtype, {int64_t(rows.size()), t.numel() / t.dim(0)});
+  be.gather_rows(t, rows, g);
+  return be.to_host_f32(g);
+}
+
+}  // namespace
+
 void mtp_propose(model::Model& m, CacheManager& cm, const Tensor& hidden, std::vector<DraftJob>& jobs,
-                 int64_t vocab_limit, const DraftHook& hook) {
+                 const DraftOptions& opt) {
   Backend& be = m.backend();
   const int64_t V = m.config().text.vocab_size, H = m.config().text.hidden_size;
+  const std::vector<int32_t>* ids = opt.reduced ? &m.draft_vocab() : nullptr;
+  DS_CHECK(!opt.reduced || !ids->empty(), "speculative decoding: reduced draft head requested but none is loaded");
+  const int64_t N = ids ? int64_t(ids->size()) : V;  // columns of a draft logits row
   std::vector<std::pair<const SeqCache*, std::vector<int32_t>>> parts;
   std::vector<SeqCache> views;  // each sequence's cache as the MTP sees it: len = its valid MTP KV
   views.reserve(jobs.size());
   std::vector<int32_t> hrows, lrows;  // target hidden rows fed in; MTP rows whose logits draft d_1
   int64_t row = 0;
+  bool graphed = opt.graphs;
   for (auto& j : jobs) {
     j.seq->drafts.clear();
     if (j.rows <= 0) continue;
@@ -26,26 +91,39 @@ void mtp_propose(model::Model& m, CacheManager& cm, const Tensor& hidden, std::v
     for (int64_t i = 0; i < j.rows; ++i) hrows.push_back(int32_t(j.first_row + i));
     row += j.rows;
     if (j.num_drafts > 0) lrows.push_back(int32_t(row - 1));
+    else graphed = false;  // a prefill chunk mid-prompt: a one-off shape
   }
   if (parts.empty()) return;
+  graphed = graphed && row <= kMaxGraphRows;
   BatchMeta b = make_batch(parts);
   Tensor h = be.alloc(be.act_dtype(), {int64_t(hrows.size()), H});
   be.gather_rows(hidden, hrows, h);
   Tensor hout;  // MTP post-norm hidden of the drafting rows: the next chained step's input
   const bool any = !lrows.empty();
-  std::vector<float> logits = be.to_host_f32(m.mtp_forward(b, cm.caches(), h, any ? lrows : std::vector<int32_t>{0}, &hout));
+  std::vector<float> logits;  // [drafting rows, N]
+  if (graphed) {
+    // Every row is a logit row in the recording; the drafting rows are picked out here.
+    Tensor L, hall;
+    m.mtp_forward_graphed(b, cm.caches(), h, opt.reduced, &L, &hall);
+    logits = rows_to_host(be, L, lrows);
+    hout = be.alloc(be.act_dtype(), {int64_t(lrows.size()), H});
+    be.gather_rows(hall, lrows, hout);
+  } else {
+    logits = be.to_host_f32(
+        m.mtp_forward(b, cm.caches(), h, any ? lrows : std::vector<int32_t>{0}, &hout, opt.reduced));
+  }
   if (!any) return;
 
   // Chained steps: one row per sequence still drafting.
   std::vector<DraftJob*> active;
   for (auto& j : jobs)
     if (j.rows > 0 && j.num_drafts > 0) active.push_back(&j);
-  auto propose = [&](Sequence* s, const float* row) {
-    int32_t d = sampling::draft_argmax(row, V, vocab_limit);
-    if (hook) d = hook(s->req->id, int64_t(s->tokens.size() + s->drafts.size()), d);
+  auto propose = [&](Sequence* s, const float* r) {
+    int32_t d = draft_pick(r, V, opt.vocab_limit, ids);
+    if (opt.hook) d = opt.hook(s->req->id, int64_t(s->tokens.size() + s->drafts.size()), d);
     s->drafts.push_back(d);
   };
-  for (size_t i = 0; i < active.size(); ++i) propose(active[i]->seq, logits.data() + int64_t(i) * V);
+  for (size_t i = 0; i < active.size(); ++i) propose(active[i]->seq, logits.data() + int64_t(i) * N);
   for (int64_t k = 1;; ++k) {
     std::vector<int32_t> keep;  // rows of `hout` whose sequence drafts again
     std::vector<DraftJob*> next;
@@ -72,8 +150,14 @@ void mtp_propose(model::Model& m, CacheManager& cm, const Tensor& hidden, std::v
     }
     std::vector<int32_t> all(next.size());
     for (size_t i = 0; i < all.size(); ++i) all[i] = int32_t(i);
-    logits = be.to_host_f32(m.mtp_forward(cb, cm.caches(), prev, all, &hout));
-    for (size_t i = 0; i < next.size(); ++i) propose(next[i]->seq, logits.data() + int64_t(i) * V);
+    if (graphed) {
+      Tensor L;
+      m.mtp_forward_graphed(cb, cm.caches(), prev, opt.reduced, &L, &hout);
+      logits = be.to_host_f32(L);
+    } else {
+      logits = be.to_host_f32(m.mtp_forward(cb, cm.caches(), prev, all, &hout, opt.reduced));
+    }
+    for (size_t i = 0; i < next.size(); ++i) propose(next[i]->seq, logits.data() + int64_t(i) * N);
     active = std::move(next);
   }
 }

@@ -17,6 +17,7 @@
 #include "runtime/cache.h"
 #include "runtime/engine.h"
 #include "server/media.h"
+#include "runtime/spec_decode.h"
 #include "server/metrics.h"
 #include "server/openai.h"
 #include "server/output.h"
@@ -117,7 +118,11 @@ void load_runtime(ServerState& st) {
   const auto& cfg = st.cfg;
   Runtime& rt = st.rt;
   rt.be = make_backend(cfg.backend);
-  rt.model = model::Model::load(cfg.model_dir, *rt.be);
+  model::LoadOptions lo;
+  if (cfg.num_speculative_tokens > 0 && (cfg.draft_vocab_size > 0 || !cfg.draft_vocab_file.empty()))
+    lo.draft_vocab = runtime::draft_vocab_ids(cfg.draft_vocab_size, cfg.draft_vocab_file,
+                                              io::load_model_config(cfg.model_dir).text.vocab_size);
+  rt.model = model::Model::load(cfg.model_dir, *rt.be, nullptr, lo);
   const auto& mc = rt.model->config();
   rt.tok = std::make_unique<text::Tokenizer>(text::Tokenizer::load(cfg.model_dir));
   rt.tok->set_model_vocab_size(int32_t(mc.text.vocab_size));
@@ -188,6 +193,7 @@ void load_runtime(ServerState& st) {
   ec.num_speculative_tokens = cfg.num_speculative_tokens;
   ec.step_graphs = !cfg.enforce_eager;
   size_pools_from_device_memory(cfg, *rt.model, ec);
+  ec.draft_vocab_size = int64_t(lo.draft_vocab.size());
   rt.engine = std::make_unique<runtime::Engine>(*rt.model, ec);
   rt.engine->start();
 }

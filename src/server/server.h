@@ -30,6 +30,8 @@ struct ServerConfig {
   std::string chat_template_path;     // override the model's template
   int64_t num_speculative_tokens = 0; // --speculative-config '{"method": "mtp", "num_speculative_tokens": K}'
   MediaConfig media;                  // images: sources, limits (docs/server.md)
+  int64_t draft_vocab_size = 0;        //   "draft_vocab_size": N (reduced draft head; 0 = full vocabulary)
+  std::string draft_vocab_file;        //   "draft_vocab_file": token ids, most frequent first
 };
 
 // Starts listening, loads the model in the background (/health answers 503 until ready), serves until

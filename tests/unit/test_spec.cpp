@@ -5,16 +5,20 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <numeric>
 #include <random>
+#include <tuple>
+#include <unistd.h>
 
 #include "backend/ops.h"
 #include "core/status.h"
 #include "golden_util.h"
 #include "model/model.h"
 #include "runtime/engine.h"
+#include "runtime/spec_decode.h"
 #include "sampling/sampling.h"
 #include "server/metrics.h"
 
@@ -394,6 +398,194 @@ TEST(SpecEngine, AbortMidSpeculationFreesEverything) {
   }
   EXPECT_EQ(collect(*r).completion_tokens, 5);
   expect_empty(e.metrics());
+}
+
+// ---- reduced-vocabulary draft head -----------------------------------------------------------------------
+
+std::unique_ptr<model::Model> load_with_draft_vocab(Backend& be, const std::string& family, const std::string& variant,
+                                                    std::vector<int32_t> ids) {
+  model::LoadOptions o;
+  o.draft_vocab = std::move(ids);
+  return model::Model::load(test::data_dir() + "/" + family + "/" + family + "-" + variant, be, nullptr, o);
+}
+
+// Every draft proposal of a run: (request, token index, proposed), through a hook that changes nothing.
+using Proposals = std::vector<std::tuple<uint64_t, int64_t, int32_t>>;
+EngineConfig recording(EngineConfig c, Proposals& out) {
+  c.draft_hook = [&out](uint64_t id, int64_t index, int32_t proposed) {
+    out.push_back({id, index, proposed});
+    return proposed;
+  };
+  return c;
+}
+
+// The draft head over the N lowest ids (the default choice): greedy output identical to no speculation for
+// K = 1..4, every proposal inside the subset.
+TEST(SpecReducedDraft, GreedyOutputUnchangedAndProposalsInTheSubset) {
+  for (const char* variant : {"bf16", "int4"}) {
+    Fixture& f = fixture("tiny-moe", variant);
+    const int64_t N = 300;
+    auto m = load_with_draft_vocab(*f.be, "tiny-moe", variant, runtime::draft_vocab_ids(N, "", 2048));
+    ASSERT_EQ(int64_t(m->draft_vocab().size()), N);
+    auto make = [&] {
+      std::vector<std::shared_ptr<Request>> rs;
+      for (size_t i = 0; i < f.prompts.size(); ++i) rs.push_back(req(i, f.prompts[i], 14));
+      return rs;
+    };
+    const auto want = run_all(*m, config(0), make());
+    for (int64_t K = 1; K <= 4; ++K) {
+      EngineConfig c = config(K);
+      c.draft_vocab_size = N;
+      Proposals props;
+      runtime::EngineMetrics mt;
+      const auto got = run_all(*m, recording(c, props), make(), &mt);
+      for (size_t i = 0; i < want.size(); ++i) EXPECT_EQ(got[i].tokens, want[i].tokens) << variant << " K=" << K << " prompt " << i;
+      check_counters(mt, K);
+      ASSERT_FALSE(props.empty());
+      for (auto& [id, index, d] : props) EXPECT_TRUE(d >= 0 && d < N) << "proposal " << d << " outside the subset";
+      std::printf("  %s N=%lld K=%lld: drafted %lld, accepted %lld\n", variant, (long long)N, (long long)K,
+                  (long long)mt.spec_draft_tokens_total, (long long)mt.spec_accepted_tokens_total);
+    }
+  }
+}
+
+// A "reduced" head over every id in reverse order is the full head with its columns permuted: the same proposals
+// and the same acceptance as the full lm_head (so the column -> token mapping is right), output unchanged.
+TEST(SpecReducedDraft, PermutedFullVocabularyProposesWhatTheFullHeadProposes) {
+  Fixture& f = fixture("tiny-dense", "bf16");
+  std::vector<int32_t> rev(2048);
+  for (int32_t i = 0; i < 2048; ++i) rev[size_t(i)] = 2047 - i;
+  auto m = load_with_draft_vocab(*f.be, "tiny-dense", "bf16", rev);
+  auto make = [&] {
+    std::vector<std::shared_ptr<Request>> rs;
+    for (size_t i = 0; i < f.prompts.size(); ++i) rs.push_back(req(i, f.prompts[i], 12));
+    return rs;
+  };
+  for (int64_t K : {1, 3}) {
+    Proposals full, red;
+    runtime::EngineMetrics mf, mr;
+    const auto a = run_all(*m, recording(config(K), full), make(), &mf);
+    EngineConfig c = config(K);
+    c.draft_vocab_size = 2048;
+    const auto b = run_all(*m, recording(c, red), make(), &mr);
+    ASSERT_FALSE(full.empty());
+    EXPECT_EQ(red, full) << "K=" << K;
+    EXPECT_EQ(mr.spec_accepted_tokens_total, mf.spec_accepted_tokens_total);
+    EXPECT_EQ(mr.spec_draft_tokens_total, mf.spec_draft_tokens_total);
+    for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(b[i].tokens, a[i].tokens);
+  }
+}
+
+// The benchmark's configuration: the oracle on top of the reduced head. Drafts are the target's tokens with
+// probability 0.8, so about 80% of first drafts are accepted, and the output is still the plain one.
+TEST(SpecReducedDraft, OracleAcceptanceAsExpected) {
+  Fixture& f = fixture("tiny-moe", "bf16");
+  auto m = load_with_draft_vocab(*f.be, "tiny-moe", "bf16", runtime::draft_vocab_ids(64, "", 2048));
+  const int64_t N = 40;
+  auto make = [&] {
+    std::vector<std::shared_ptr<Request>> rs;
+    for (size_t i = 0; i < f.prompts.size(); ++i) rs.push_back(req(i, f.prompts[i], N));
+    return rs;
+  };
+  const auto want = run_all(*m, config(0), make());
+  EngineConfig c = config(2);
+  c.draft_vocab_size = 64;
+  std::mt19937_64 rng(5);
+  c.draft_hook = [&](uint64_t id, int64_t index, int32_t proposed) {
+    const auto& w = want[size_t(id)].tokens;
+    const int64_t g = index - int64_t(f.prompts[size_t(id)].size());
+    if (g < 0 || g >= int64_t(w.size())) return proposed;
+    return (rng() % 10) < 8 ? w[size_t(g)] : int32_t((w[size_t(g)] + 1 + rng() % 100) % 2048);
+  };
+  runtime::EngineMetrics mt;
+  const auto got = run_all(*m, c, make(), &mt);
+  for (size_t i = 0; i < want.size(); ++i) EXPECT_EQ(got[i].tokens, want[i].tokens) << "prompt " << i;
+  check_counters(mt, 2);
+  const double first = double(mt.spec_accepted_per_pos[0]) / double(mt.spec_num_drafts_total);
+  std::printf("  first-draft acceptance %.3f over %lld rounds\n", first, (long long)mt.spec_num_drafts_total);
+  EXPECT_NEAR(first, 0.8, 0.12);
+}
+
+TEST(SpecReducedDraft, VocabularyChoiceAndValidation) {
+  EXPECT_EQ(runtime::draft_vocab_ids(3, "", 10), (std::vector<int32_t>{0, 1, 2}));
+  EXPECT_THROW(runtime::draft_vocab_ids(0, "", 10), Error);
+  EXPECT_THROW(runtime::draft_vocab_ids(11, "", 10), Error);
+  const std::string path = ::testing::TempDir() + "draft_vocab_" + std::to_string(::getpid()) + ".txt";
+  auto write = [&](const char* text) {
+    std::ofstream(path) << text;
+  };
+  write("7, 3 9\n1");
+  EXPECT_EQ(runtime::draft_vocab_ids(0, path, 10), (std::vector<int32_t>{7, 3, 9, 1}));
+  EXPECT_EQ(runtime::draft_vocab_ids(2, path, 10), (std::vector<int32_t>{7, 3}));
+  EXPECT_THROW(runtime::draft_vocab_ids(5, path, 10), Error);  // fewer ids than asked for
+  write("7 3 7");
+  EXPECT_THROW(runtime::draft_vocab_ids(0, path, 10), Error);  // listed twice
+  write("7 x");
+  EXPECT_THROW(runtime::draft_vocab_ids(0, path, 10), Error);
+  write("10");
+  EXPECT_THROW(runtime::draft_vocab_ids(0, path, 10), Error);  // outside the vocabulary
+  EXPECT_THROW(runtime::draft_vocab_ids(0, path + ".missing", 10), Error);
+  std::remove(path.c_str());
+  // The engine's draft_vocab_size must match the loaded head; the loader checks the ids.
+  Fixture& f = fixture("tiny-moe", "bf16");
+  EngineConfig c = config(2);
+  c.draft_vocab_size = 16;
+  EXPECT_THROW(Engine(*f.m, c), Error);  // no reduced head loaded
+  auto m = load_with_draft_vocab(*f.be, "tiny-moe", "bf16", runtime::draft_vocab_ids(8, "", 2048));
+  EXPECT_THROW(Engine(*m, c), Error);  // 8, not 16
+  c.draft_vocab_size = 8;
+  EXPECT_NO_THROW(Engine(*m, c));
+  c.num_speculative_tokens = 0;
+  EXPECT_THROW(Engine(*m, c), Error);  // a draft head without speculation
+  EXPECT_THROW(load_with_draft_vocab(*f.be, "tiny-moe", "bf16", {1, 2, 1}), Error);
+  EXPECT_THROW(load_with_draft_vocab(*f.be, "tiny-moe", "bf16", {2048}), Error);
+}
+
+// ---- step graphs ------------------------------------------------------------------------------------------
+
+// EngineConfig::step_graphs runs decode/verify steps through Model::forward_graphed and drafts through
+// mtp_forward_graphed (every row a logit row, drafting rows picked afterwards). On the CPU graph_run runs the same
+// code eagerly, so this checks that path's plumbing against the plain one: with an oracle (so drafts are accepted,
+// partly rejected, and batches mix sequences with different accepted counts) the same tokens, the same proposals
+// and the same counters, for the full and the reduced draft head.
+TEST(SpecGraphs, GraphedAndEagerStepsAgree) {
+  Fixture& f = fixture("tiny-moe", "int4");
+  auto m = load_with_draft_vocab(*f.be, "tiny-moe", "int4", runtime::draft_vocab_ids(512, "", 2048));
+  auto make = [&] {
+    std::vector<std::shared_ptr<Request>> rs;
+    for (size_t i = 0; i < f.prompts.size(); ++i) rs.push_back(req(i, f.prompts[i], 16));
+    return rs;
+  };
+  const auto want = run_all(*m, config(0), make());
+  for (int64_t K : {1, 3})
+    for (int64_t dv : {int64_t(0), int64_t(512)}) {
+      std::vector<Proposals> props(2);
+      std::vector<std::vector<Out>> outs;
+      std::vector<runtime::EngineMetrics> ms(2);
+      for (int g = 0; g < 2; ++g) {
+        EngineConfig c = config(K);
+        c.step_graphs = g == 1;
+        c.draft_vocab_size = dv;
+        auto rng = std::make_shared<std::mt19937_64>(K * 10 + dv);
+        Proposals* rec = &props[size_t(g)];
+        c.draft_hook = [&, rng, rec](uint64_t id, int64_t index, int32_t proposed) {
+          rec->push_back({id, index, proposed});
+          const auto& w = want[size_t(id)].tokens;
+          const int64_t i = index - int64_t(f.prompts[size_t(id)].size());
+          if (i < 0 || i >= int64_t(w.size())) return proposed;
+          return ((*rng)() % 10) < 7 ? w[size_t(i)] : proposed;
+        };
+        outs.push_back(run_all(*m, c, make(), &ms[size_t(g)]));
+      }
+      for (size_t i = 0; i < want.size(); ++i) {
+        EXPECT_EQ(outs[1][i].tokens, outs[0][i].tokens) << "K=" << K << " draft vocab " << dv << " prompt " << i;
+        EXPECT_EQ(outs[1][i].tokens, want[i].tokens);
+      }
+      EXPECT_EQ(props[1], props[0]) << "K=" << K << " draft vocab " << dv;
+      EXPECT_EQ(ms[1].spec_accepted_per_pos, ms[0].spec_accepted_per_pos);
+      EXPECT_EQ(ms[1].steps_total, ms[0].steps_total);
+      EXPECT_GT(ms[1].spec_accepted_tokens_total, 0);
+    }
 }
 
 TEST(SpecEngine, RejectsSpeculationWithoutAnMtpHead) {

@@ -292,7 +292,9 @@ void Engine::Impl::run(const Schedule& sc_in) {
   std::vector<float> logits;  // fp32 [R, V]
   Tensor hidden;              // act [T, H] final-norm hiddens (speculation only)
   // Decode or verify only (every row a logit row): one recorded step per batch shape.
-  const bool graphed = cfg.step_graphs && std::all_of(sc.seqs.begin(), sc.seqs.end(), [](const ScheduledSeq& x) {
+  // With speculation only where spec_step_graphs asks for it (engine.h: graphed verify/draft differ from eager on
+  // CUDA today).
+  const bool graphed = cfg.step_graphs && (!spec || cfg.spec_step_graphs) && std::all_of(sc.seqs.begin(), sc.seqs.end(), [](const ScheduledSeq& x) {
     return x.samples && x.num_tokens == 1;
   });
   try {

@@ -565,6 +565,7 @@ TEST(SpecGraphs, GraphedAndEagerStepsAgree) {
       for (int g = 0; g < 2; ++g) {
         EngineConfig c = config(K);
         c.step_graphs = g == 1;
+        c.spec_step_graphs = g == 1;
         c.draft_vocab_size = dv;
         auto rng = std::make_shared<std::mt19937_64>(K * 10 + dv);
         Proposals* rec = &props[size_t(g)];

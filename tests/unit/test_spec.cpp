@@ -433,7 +433,7 @@ TEST(SpecReducedDraft, GreedyOutputUnchangedAndProposalsInTheSubset) {
       return rs;
     };
     const auto want = run_all(*m, config(0), make());
-    for (int64_t K = 1; K <= 4; ++K) {
+    for (int64_t K : {1, 4}) {  // the ends of 1..4 (SpecGreedy covers every K with the full head); CI time
       EngineConfig c = config(K);
       c.draft_vocab_size = N;
       Proposals props;
@@ -557,7 +557,7 @@ TEST(SpecGraphs, GraphedAndEagerStepsAgree) {
     return rs;
   };
   const auto want = run_all(*m, config(0), make());
-  for (int64_t K : {1, 3})
+  for (int64_t K : {3})  // several drafts per step (K = 1 is covered by SpecGreedy); CI time
     for (int64_t dv : {int64_t(0), int64_t(512)}) {
       std::vector<Proposals> props(2);
       std::vector<std::vector<Out>> outs;

@@ -8,6 +8,8 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <map>
 #include <random>
 #include <sstream>
@@ -18,6 +20,9 @@
 #include "io/config.h"
 #include "io/schema.h"
 #include "model/model.h"
+#include <nlohmann/json.hpp>
+#include "runtime/engine.h"
+#include "runtime/spec_decode.h"
 
 #ifdef DS_HAVE_CUDA
 #include <cuda_runtime.h>
@@ -263,6 +268,147 @@ std::string human_bytes(double b) {
   return buf;
 }
 
+// ---- speculative decoding through the engine (issue 8 item 4) ----
+//
+// Single-stream greedy decode through runtime::Engine (the serving path: scheduler, verify, rollback, MTP drafting,
+// step graphs), with and without speculation. Random weights accept almost nothing, so an oracle
+// (EngineConfig::draft_hook) replaces each draft position, independently with probability p, by the target's own
+// next token, and otherwise keeps the MTP's proposal (or, if that happens to be the target's token, the next id).
+// The MTP head still runs every draft step, so drafting costs what it costs. The target's tokens come from a
+// deterministic pre-pass: the no-speculation baseline's own greedy output for the same prompt, which is also the
+// baseline row; greedy verification is exact, so each speculative run must reproduce it ("= baseline").
+struct SpecBench {
+  std::vector<int64_t> Ks;
+  std::vector<double> ps;
+  int64_t draft_vocab = 0;  // > 0: also the reduced draft head (the model was loaded with it)
+  int64_t prompt = 512, gen = 128;
+  bool graph = true;
+  uint64_t seed = 0;
+};
+
+struct SpecRun {
+  std::vector<int32_t> tokens;  // the timed request's output
+  double secs = 0;              // decode phase: from the first token to the last
+  int64_t decode_tokens = 0, steps = 0, rounds = 0, drafted = 0, accepted = 0;
+  std::vector<int64_t> per_pos;
+};
+
+SpecRun spec_run(model::Model& m, const SpecBench& o, const std::vector<int32_t>& prompt, int64_t K, int64_t dv,
+                 double p, const std::vector<int32_t>* ref) {
+  const int64_t V = m.config().text.vocab_size, P = int64_t(prompt.size());
+  runtime::EngineConfig ec;
+  ec.max_num_seqs = 1;
+  ec.max_num_batched_tokens = std::max<int64_t>(P, 64);  // the prompt in one forward
+  ec.max_model_len = P + o.gen + 1;
+  ec.num_speculative_tokens = K;
+  ec.draft_vocab_size = K > 0 ? dv : 0;
+  ec.step_graphs = o.graph;
+  std::mt19937_64 orng(o.seed * 7919 + uint64_t(K) * 101 + uint64_t(dv) + uint64_t(std::llround(p * 1000)));
+  if (K > 0 && ref) {
+    ec.draft_hook = [&, ref](uint64_t, int64_t index, int32_t proposed) {
+      const int64_t g = index - P;
+      if (g < 0 || g >= int64_t(ref->size())) return proposed;
+      const int32_t want = (*ref)[size_t(g)];
+      if (double(orng() >> 11) * 0x1.0p-53 < p) return want;
+      return proposed != want ? proposed : int32_t((want + 1) % V);
+    };
+  }
+  runtime::Engine e(m, ec);
+  SpecRun r;
+  // Request 1 warms up (every step shape is recorded by then); request 2, the same prompt, is timed.
+  for (uint64_t id = 1; id <= 2; ++id) {
+    auto q = std::make_shared<runtime::Request>();
+    q->id = id;
+    q->prompt = prompt;
+    q->max_tokens = o.gen;
+    q->sampling.temperature = 0.f;
+    q->ignore_eos = true;
+    e.submit(q);
+    std::vector<int32_t> out;
+    Clock::time_point t_first{};
+    runtime::EngineMetrics m0;
+    int64_t n_first = 0;
+    bool done = false;
+    while (!done && e.step()) {
+      while (auto d = q->out->pop(std::chrono::milliseconds(0))) {
+        out.insert(out.end(), d->tokens.begin(), d->tokens.end());
+        if (d->finish != runtime::FinishReason::None) {
+          if (d->finish != runtime::FinishReason::Length) fail("bench --speculative: request ended early: ", d->error);
+          done = true;
+        }
+      }
+      if (n_first == 0 && !out.empty()) {  // the prefill step sampled the first token: decoding starts here
+        t_first = Clock::now();
+        n_first = int64_t(out.size());
+        m0 = e.metrics();
+      }
+    }
+    if (id == 1) continue;
+    const runtime::EngineMetrics m1 = e.metrics();
+    r.secs = secs_since(t_first);
+    r.tokens = out;
+    r.decode_tokens = int64_t(out.size()) - n_first;
+    r.steps = m1.steps_total - m0.steps_total;
+    r.rounds = m1.spec_num_drafts_total - m0.spec_num_drafts_total;
+    r.drafted = m1.spec_draft_tokens_total - m0.spec_draft_tokens_total;
+    r.accepted = m1.spec_accepted_tokens_total - m0.spec_accepted_tokens_total;
+    for (size_t i = 0; i < m1.spec_accepted_per_pos.size(); ++i)
+      r.per_pos.push_back(m1.spec_accepted_per_pos[i] - m0.spec_accepted_per_pos[i]);
+  }
+  return r;
+}
+
+void bench_speculative(model::Model& m, const SpecBench& o, std::mt19937& rng) {
+  const int64_t V = m.config().text.vocab_size;
+  std::vector<int32_t> prompt(size_t(o.prompt));
+  for (auto& x : prompt) x = int32_t(rng() % uint32_t(std::min<int64_t>(V, 150000)));
+  std::printf("## Speculative decoding, single stream (engine path; %lld-token prompt, %lld tokens generated, "
+              "greedy; %s)\n\n",
+              (long long)o.prompt, (long long)o.gen, o.graph ? "step graphs" : "eager");
+  std::printf("Oracle: each draft position is the target's own next token with probability p (independently), else "
+              "the MTP's proposal; the MTP head runs every draft step. The target's tokens: the baseline's greedy "
+              "output (a pre-pass), which every speculative run must reproduce (= baseline).\n\n");
+  std::printf("| draft head | K | p | tok/s | × no spec | ms/step | tokens/step | accepted/drafted | "
+              "acceptance by position | = baseline |\n|---|---|---|---|---|---|---|---|---|---|\n");
+  const SpecRun base = spec_run(m, o, prompt, 0, 0, 0, nullptr);
+  const double base_tps = double(base.decode_tokens) / base.secs;
+  std::printf("| none (no speculation) | 0 | - | %.1f | 1.00 | %.3f | 1.00 | - | - | - |\n", base_tps,
+              base.secs * 1e3 / double(std::max<int64_t>(base.steps, 1)));
+  std::fflush(stdout);
+  std::vector<int64_t> heads = {0};
+  if (o.draft_vocab > 0) heads.push_back(o.draft_vocab);
+  struct Best {
+    double speedup = 0;
+    int64_t K = 0;
+  };
+  std::map<std::pair<int64_t, double>, Best> best;
+  for (int64_t dv : heads)
+    for (double p : o.ps)
+      for (int64_t K : o.Ks) {
+        const SpecRun r = spec_run(m, o, prompt, K, dv, p, &base.tokens);
+        const double tps = double(r.decode_tokens) / r.secs;
+        std::string pos;
+        for (auto a : r.per_pos) pos += str_cat(pos.empty() ? "" : " / ", std::llround(100.0 * double(a) / double(std::max<int64_t>(r.rounds, 1))), "%");
+        size_t diff = 0;
+        while (diff < r.tokens.size() && diff < base.tokens.size() && r.tokens[diff] == base.tokens[diff]) ++diff;
+        const bool same = r.tokens == base.tokens;
+        std::printf("| %s | %lld | %.2f | %.1f | %.2f | %.3f | %.2f | %.3f | %s | %s |\n",
+                    dv > 0 ? str_cat("reduced ", dv).c_str() : "full lm_head", (long long)K, p, tps, tps / base_tps,
+                    r.secs * 1e3 / double(std::max<int64_t>(r.steps, 1)),
+                    double(r.decode_tokens) / double(std::max<int64_t>(r.steps, 1)),
+                    double(r.accepted) / double(std::max<int64_t>(r.drafted, 1)), pos.c_str(),
+                    same ? "yes" : str_cat("no (from token ", diff, ")").c_str());
+        std::fflush(stdout);
+        Best& b = best[{dv, p}];
+        if (tps / base_tps > b.speedup) b = {tps / base_tps, K};
+      }
+  std::printf("\n| draft head | p | best K | × no spec |\n|---|---|---|---|\n");
+  for (auto& [k, b] : best)
+    std::printf("| %s | %.2f | %lld | %.2f |\n", k.first > 0 ? str_cat("reduced ", k.first).c_str() : "full lm_head",
+                k.second, (long long)b.K, b.speedup);
+  std::printf("\n");
+}
+
 }  // namespace
 
 int cmd_bench(int argc, char** argv) {
@@ -272,9 +418,30 @@ int cmd_bench(int argc, char** argv) {
   const std::string backend_name = a.get("backend", "cuda");
   const bool int4 = !a.has("bf16");
   const bool use_graph = !a.has("no-graph");
-  const auto batches = int_list(a, "batch", "1,8,32,64,128");
-  const auto contexts = int_list(a, "context", "1024,8192");
-  const auto prefills = int_list(a, "prefill", "1024,4096,16384,32768");
+  // --speculative K1,K2,..: the engine-path speculative table (oracle p from --oracle-p, optionally a reduced draft
+  // head of --draft-vocab N lowest ids or --draft-vocab-file); the decode/prefill tables then run only if asked for.
+  const bool spec = a.has("speculative");
+  const auto batches = int_list(a, "batch", spec ? "" : "1,8,32,64,128");
+  const auto contexts = int_list(a, "context", spec ? "" : "1024,8192");
+  const auto prefills = int_list(a, "prefill", spec ? "" : "1024,4096,16384,32768");
+  SpecBench sb;
+  if (spec) {
+    sb.Ks = int_list(a, "speculative", "1,2,3,4");
+    for (auto k : sb.Ks)
+      if (k > 16) fail("--speculative: K must be in 1..16, got ", k);
+    std::stringstream ps(a.get("oracle-p", "0.6,0.8,0.9"));
+    std::string item;
+    while (std::getline(ps, item, ',')) {
+      if (item.empty()) continue;
+      char* end = nullptr;
+      const double p = std::strtod(item.c_str(), &end);
+      if (end == item.c_str() || *end || !(p >= 0 && p <= 1)) fail("--oracle-p: expected probabilities in [0, 1], got '", item, "'");
+      sb.ps.push_back(p);
+    }
+    sb.prompt = a.get_int("spec-prompt", 512);
+    sb.gen = a.get_int("spec-tokens", 128);
+    if (sb.prompt < 1 || sb.gen < 2) fail("--spec-prompt must be >= 1 and --spec-tokens >= 2");
+  }
   const int steps = int(a.get_int("steps", 10));
   const int64_t bs = a.get_int("block-size", 16);
   const int64_t chunk = a.get_int("prefill-chunk", 0);  // 0: whole prompt in one forward
@@ -315,7 +482,23 @@ int cmd_bench(int argc, char** argv) {
   }
   DS_CHECK(steps >= 1, "--steps must be at least 1");
 
-  io::ModelConfig cfg = io::load_model_config(cfg_path);
+  // --config-override JSON: merged into the config (RFC 7386 merge patch) before parsing, e.g. to run a config's
+  // architecture at a tiny shape on the CPU.
+  io::ModelConfig cfg;
+  if (a.has("config-override")) {
+    namespace fs = std::filesystem;
+    const std::string file = fs::is_directory(cfg_path) ? cfg_path + "/config.json" : cfg_path;
+    std::ifstream f(file);
+    if (!f) fail("--config: cannot read '", file, "'");
+    auto j = nlohmann::json::parse(f, nullptr, false);
+    auto patch = nlohmann::json::parse(a.get("config-override"), nullptr, false);
+    if (j.is_discarded() || patch.is_discarded() || !patch.is_object())
+      fail("--config-override: expected a JSON object to merge into '", file, "'");
+    j.merge_patch(patch);
+    cfg = io::parse_model_config(j.dump(), "", file + " with --config-override");
+  } else {
+    cfg = io::load_model_config(cfg_path);
+  }
   const auto& t = cfg.text;
   auto be_owned = make_backend(backend_name);
   TimingBackend be(*be_owned, t.vocab_size);
@@ -378,8 +561,14 @@ int cmd_bench(int argc, char** argv) {
 #endif
   auto t0 = Clock::now();
   model::LoadOptions lo;
-  lo.mtp = false;
+  lo.mtp = spec;
   lo.vision = false;
+  if (spec && (a.has("draft-vocab") || a.has("draft-vocab-file"))) {
+    lo.draft_vocab = runtime::draft_vocab_ids(a.get_int("draft-vocab", 0), a.get("draft-vocab-file", ""), t.vocab_size);
+    sb.draft_vocab = int64_t(lo.draft_vocab.size());
+  }
+  sb.graph = use_graph;
+  sb.seed = seed;
   auto m = model::Model::load_random(cfg, be, seed, int4, lo);
   be.synchronize();
   const double load_s = secs_since(t0);
@@ -604,6 +793,8 @@ int cmd_bench(int argc, char** argv) {
     }
     std::printf("\n");
   }
+
+  if (spec) bench_speculative(*m, sb, rng);
   return 0;
 }
 

@@ -1,6 +1,8 @@
 // forward(): one loop over layers, one branch on the layer type, residuals visible.
 #include "model/model.h"
 
+#include <atomic>
+
 namespace ds::model {
 
 Tensor Model::forward(BatchMeta& b, ModelCaches& caches, const std::vector<int32_t>& logit_rows, Tensor* hidden_out,
@@ -78,7 +80,9 @@ Tensor Model::mtp_forward(BatchMeta& b, ModelCaches& caches, const Tensor& hidde
 
 ModelCaches Model::alloc_caches(int64_t num_blocks, int64_t block_size, int64_t num_slots) {
   const auto& t = cfg_.text;
+  static std::atomic<uint64_t> next_id{1};
   ModelCaches c;
+  c.id = next_id++;
   c.kv.resize(t.layer_types.size());
   c.state.resize(t.layer_types.size());
   for (size_t L = 0; L < t.layer_types.size(); ++L) {

@@ -91,6 +91,9 @@ struct ModelCaches {
   std::vector<KvLayer> kv;        // indexed by layer; empty tensors for linear-attention layers
   std::vector<StateLayer> state;  // indexed by layer; empty tensors for full-attention layers
   KvLayer mtp_kv;                 // the MTP layer's own KV (same block ids as the main sequence)
+  // Unique per alloc_caches() call: step-graph keys name the cache set by it, not by an address a later cache
+  // set could reuse (a recording holds the tensor addresses of the caches it was recorded with).
+  uint64_t id = 0;
 };
 
 struct LoadOptions {

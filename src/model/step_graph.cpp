@@ -27,7 +27,7 @@ std::vector<int32_t> iota_rows(int64_t n) {
 Tensor Model::forward_graphed(BatchMeta& b, ModelCaches& caches, const std::vector<int32_t>& logit_rows,
                               Tensor* hidden_out) {
   std::string key = str_cat("fwd/", b.num_tokens(), "/", b.seqs.size(), "/", logit_rows.size(), "/",
-                            reinterpret_cast<uintptr_t>(&caches), hidden_out ? "/h" : "");
+                            caches.id, hidden_out ? "/h" : "");
   for (auto r : logit_rows) key += str_cat(",", r);
   const std::vector<int32_t> all = iota_rows(b.num_tokens());
   GraphIo* io = nullptr;
@@ -55,8 +55,7 @@ void Model::mtp_forward_graphed(BatchMeta& b, ModelCaches& caches, const Tensor&
   DS_CHECK(hidden.dim(0) == T && hidden.numel() == T * H, "mtp_forward_graphed: hidden must be [", T, ", ", H, "]");
   DS_CHECK(!reduced || w_.mtp.draft_head, "this model has no reduced draft head loaded (LoadOptions::draft_vocab)");
   const int64_t N = reduced ? w_.mtp.draft_head->N : cfg_.text.vocab_size;
-  const std::string key = str_cat("mtp/", T, "/", b.seqs.size(), "/", reinterpret_cast<uintptr_t>(&caches),
-                                  reduced ? "/r" : "");
+  const std::string key = str_cat("mtp/", T, "/", b.seqs.size(), "/", caches.id, reduced ? "/r" : "");
   GraphIo& io = graph_io_[key];
   if (!io.in.defined() || io.in.numel() == 0) {  // outside the step: not arena memory
     io.in = be_.alloc(be_.act_dtype(), {T, H});

@@ -41,6 +41,35 @@ TEST(BenchCli, Variants) {
   EXPECT_NE(r.out.find("| b | 9 | 9 |"), std::string::npos) << r.out;
 }
 
+// The speculative table through the engine: baseline, full and reduced draft heads, every run reproducing the
+// baseline's greedy tokens under the oracle.
+TEST(BenchCli, SpeculativeOracle) {
+  auto r = run_binary("bench --random-weights --config " + kConfig +
+                      " --backend cpu --speculative 1,3 --oracle-p 0.8 --draft-vocab 256 --spec-prompt 8 --spec-tokens 20");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("| none (no speculation) | 0 |"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("| full lm_head | 3 | 0.80 |"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("| reduced 256 | 1 | 0.80 |"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("| no (from token"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("best K"), std::string::npos) << r.out;
+}
+
+// The dense 27B config (issue 9) through the same bench, shrunk with --config-override to run on the CPU.
+TEST(BenchCli, Dense27bConfigAtTinyShape) {
+  const std::string cfg = std::string(DS_TEST_DATA_DIR) + "/../../bench/configs/qwen3.6-27b.json";
+  const std::string ov =
+      R"('{"text_config": {"hidden_size": 256, "num_hidden_layers": 4, "layer_types": ["linear_attention", )"
+      R"("linear_attention", "linear_attention", "full_attention"], "intermediate_size": 512, "num_attention_heads": 4, )"
+      R"("num_key_value_heads": 2, "head_dim": 256, "linear_num_key_heads": 2, "linear_num_value_heads": 4, )"
+      R"("linear_key_head_dim": 32, "linear_value_head_dim": 32, "vocab_size": 4096}}')";
+  auto r = run_binary("bench --random-weights --config " + cfg + " --config-override " + ov +
+                      " --backend cpu --batch 1 --context 16 --prefill 8 --steps 1 --speculative 2 --oracle-p 0.9 "
+                      "--spec-prompt 8 --spec-tokens 12 --batch 1 --context 16 --prefill 8");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("## Decode"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("| full lm_head | 2 | 0.90 |"), std::string::npos) << r.out;
+}
+
 TEST(BenchCli, RejectsBadLists) {
   auto r = run_binary("bench --random-weights --config " + kConfig + " --backend cpu --batch 1,x");
   EXPECT_EQ(r.code, 1) << r.out;

@@ -99,10 +99,9 @@ struct EngineConfig {
   // eagerly elsewhere). Prefill chunks and mixed batches stay eager. false = always eager (serve's
   // --enforce-eager); the engine tests require identical greedy output either way.
   bool step_graphs = true;
-  // Speculative verify and draft steps through the recordings too. Off: on the H100 (2026-11-28)
-  // CudaSpec.GraphedVerifyAndDraftMatchEager found tokens that differ from the eager engine, so speculation runs
-  // eagerly until that is found and fixed (docs/notes.md). The CPU runs the same code eagerly either way.
-  bool spec_step_graphs = false;
+  // Speculative verify and draft steps through the recordings too (with step_graphs). Step graphs are keyed by
+  // ModelCaches::id, so a new engine never replays a recording made with another engine's caches.
+  bool spec_step_graphs = true;
   // Tests and benchmarks only (issue 8's oracle mode; random weights accept almost nothing): replaces the MTP's
   // proposal for token index `index` (into prompt + generated) of request `id`. The MTP still runs, and the
   // chained steps are fed the replaced token. Null = off.

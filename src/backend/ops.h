@@ -175,6 +175,41 @@ class Backend {
   // out [R, H] = x[rows[i]]
   virtual void gather_rows(const Tensor& x, const std::vector<int32_t>& rows, Tensor& out) = 0;
 
+  // ---- fused ops ----
+  // Each has a default composed of the ops above: that composition is its meaning and its CPU twin. A backend
+  // overrides one to save launches and passes over memory (the CUDA backend's decode step), with the same
+  // rounding of every intermediate as the composition (intermediates in the activation dtype).
+
+  // x += d, then h = rmsnorm(x)·w: a residual add and the next norm in one pass.
+  virtual void add_rmsnorm(Tensor& x, const Tensor& d, const Tensor& w, float eps, Tensor& h) {
+    add_inplace(x, d);
+    rmsnorm(x, w, eps, h);
+  }
+  // Linears that share their input. Each job: *y = x·Wᵀ; with `swiglu`, W = [gate rows; up rows] (N = 2I) and
+  // *y [T, I] = silu(x·gateᵀ)·(x·upᵀ), the SwiGLU of a gate_up projection.
+  struct LinearJob {
+    const Linear* w = nullptr;
+    Tensor* y = nullptr;
+    bool swiglu = false;
+  };
+  virtual void linear_group(const Tensor& x, const std::vector<LinearJob>& jobs) {
+    for (const auto& j : jobs) {
+      if (!j.swiglu) {
+        linear(x, *j.w, *j.y);
+        continue;
+      }
+      Tensor gu = alloc(act_dtype(), {x.numel() / (*j.w)->K, (*j.w)->N});
+      linear(x, *j.w, gu);
+      silu_mul(gu, *j.y);
+    }
+  }
+  // y += sigmoid(gate_logit[t]) · (x·Wᵀ)[t]   (gate_logit [T, 1]): the shared expert's down projection and gate.
+  virtual void linear_gated_add(const Tensor& x, const Linear& w, const Tensor& gate_logit, Tensor& y) {
+    Tensor s = alloc(act_dtype(), y.shape);
+    linear(x, w, s);
+    sigmoid_scale_add(y, s, gate_logit);
+  }
+
   // ==== vision tower (model/vision.cpp, model-spec §5.3) ====================================================
   // D vision hidden, P patches of all images back to back, Nh/Dh vision heads. Each op has a default that
   // throws, so a backend can grow them one at a time; the CPU backend implements all (backend/cpu/vision_ops.cpp).

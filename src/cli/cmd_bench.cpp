@@ -248,6 +248,25 @@ class TimingBackend final : public Backend {
   void gather_rows(const Tensor& x, const std::vector<int32_t>& rows, Tensor& out) override {
     timed("other", [&] { in_.gather_rows(x, rows, out); });
   }
+  void add_rmsnorm(Tensor& x, const Tensor& d, const Tensor& w, float eps, Tensor& h) override {
+    timed("other", [&] { in_.add_rmsnorm(x, d, w, eps, h); });
+  }
+  // int4 jobs one by one (as the CUDA backend runs them), the rest as one group
+  void linear_group(const Tensor& x, const std::vector<LinearJob>& jobs) override {
+    std::vector<LinearJob> rest;
+    for (const auto& j : jobs) {
+      if ((*j.w)->int4 && !j.swiglu)
+        linear(x, *j.w, *j.y);
+      else
+        rest.push_back(j);
+    }
+    if (rest.empty()) return;
+    const bool q = (*rest[0].w)->int4;
+    timed(q ? "int4 linears" : "bf16 linears", [&] { in_.linear_group(x, rest); });
+  }
+  void linear_gated_add(const Tensor& x, const Linear& w, const Tensor& g, Tensor& y) override {
+    timed(w->int4 ? "int4 linears" : "bf16 linears", [&] { in_.linear_gated_add(x, w, g, y); });
+  }
 
  private:
   Backend& in_;

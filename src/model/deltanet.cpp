@@ -11,9 +11,7 @@ Tensor Model::deltanet_block(const LayerWeights& lw, const Tensor& x, BatchMeta&
   Tensor mixed = be_.alloc(act, {T, C});  // q | k | v before the conv
   Tensor z = be_.alloc(act, {T, Vd});
   Tensor ba = be_.alloc(act, {T, 2 * Hv});
-  be_.linear(x, lw.gdn.qkv, mixed);
-  be_.linear(x, lw.gdn.z, z);
-  be_.linear(x, lw.gdn.ba, ba);
+  be_.linear_group(x, {{&lw.gdn.qkv, &mixed}, {&lw.gdn.z, &z}, {&lw.gdn.ba, &ba}});
   Tensor qkv = be_.alloc(act, {T, C});
   be_.conv1d_causal(mixed, lw.gdn.conv_w, st, b, qkv);
   Tensor o = be_.alloc(act, {T, Vd});

@@ -15,8 +15,18 @@ Tensor Model::forward(BatchMeta& b, ModelCaches& caches, const std::vector<int32
   Tensor x = be_.alloc(act, {T, H});  // residual stream
   be_.embed(w_.embed, b, x);
   if (!b.embed_rows.empty()) be_.scatter_rows(x, b.embed_rows, b.embed_src);  // image features
-  for (size_t L = 0; L < w_.layers.size(); ++L)
-    x = decoder_layer(w_.layers[L], x, b, caches, &caches.kv[L], &caches.state[L]);
+  // h = the current layer's input norm of x; each layer's FFN output is added to x together with the next
+  // layer's input norm (add_rmsnorm), the last one alone (the final norm runs on the logit rows only).
+  const float eps = float(t.rms_norm_eps);
+  Tensor h = be_.alloc(act, {T, H});
+  if (!w_.layers.empty()) be_.rmsnorm(x, w_.layers[0].in_norm, eps, h);
+  for (size_t L = 0; L < w_.layers.size(); ++L) {
+    Tensor f = decoder_layer(w_.layers[L], x, h, b, caches, &caches.kv[L], &caches.state[L]);
+    if (L + 1 < w_.layers.size())
+      be_.add_rmsnorm(x, f, w_.layers[L + 1].in_norm, eps, h);
+    else
+      be_.add_inplace(x, f);
+  }
   Tensor hf = normed_rows(x, logit_rows, w_.final_norm);
   if (hidden_out)
     *hidden_out = hidden_rows && *hidden_rows != logit_rows ? normed_rows(x, *hidden_rows, w_.final_norm) : hf;
@@ -39,16 +49,14 @@ Tensor Model::lm_head_logits(const Tensor& hf, const Linear* head) {
   return logits;
 }
 
-Tensor Model::decoder_layer(const LayerWeights& lw, Tensor x, BatchMeta& b, ModelCaches& caches, KvLayer* kv,
-                            StateLayer* st) {
+// One decoder layer on the residual stream x, with h = rmsnorm(x, in_norm) given: x += mixer(h), h =
+// rmsnorm(x, post_norm); returns the FFN's output, which the caller adds to x (fused with the next norm).
+Tensor Model::decoder_layer(const LayerWeights& lw, Tensor& x, Tensor& h, BatchMeta& b, ModelCaches& caches,
+                            KvLayer* kv, StateLayer* st) {
   const float eps = float(cfg_.text.rms_norm_eps);
-  Tensor h = be_.alloc(be_.act_dtype(), x.shape);
-  be_.rmsnorm(x, lw.in_norm, eps, h);
   Tensor mix = lw.type == io::LayerType::FullAttention ? attention_block(lw, h, b, *kv) : deltanet_block(lw, h, b, *st);
-  be_.add_inplace(x, mix);
-  be_.rmsnorm(x, lw.post_norm, eps, h);
-  be_.add_inplace(x, ffn_block(lw, h));
-  return x;
+  be_.add_rmsnorm(x, mix, lw.post_norm, eps, h);
+  return ffn_block(lw, h);
 }
 
 Tensor Model::mtp_forward(BatchMeta& b, ModelCaches& caches, const Tensor& hidden,
@@ -72,7 +80,9 @@ Tensor Model::mtp_forward(BatchMeta& b, ModelCaches& caches, const Tensor& hidde
   Tensor x2 = be_.alloc(act, {T, H});
   be_.linear(hh, m.fc_h, x2);
   be_.add_inplace(x, x2);
-  x = decoder_layer(m.layer, x, b, caches, &caches.mtp_kv, nullptr);
+  Tensor h = be_.alloc(act, {T, H});
+  be_.rmsnorm(x, m.layer.in_norm, eps, h);
+  be_.add_inplace(x, decoder_layer(m.layer, x, h, b, caches, &caches.mtp_kv, nullptr));
   Tensor hf = normed_rows(x, logit_rows, m.norm);
   if (hidden_out) *hidden_out = hf;
   return lm_head_logits(hf, reduced ? &m.draft_head : nullptr);

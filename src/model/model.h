@@ -186,7 +186,8 @@ class Model {
   Tensor attention_block(const LayerWeights& lw, const Tensor& x, BatchMeta& b, KvLayer& kv);
   Tensor deltanet_block(const LayerWeights& lw, const Tensor& x, BatchMeta& b, StateLayer& st);
   Tensor ffn_block(const LayerWeights& lw, const Tensor& x);
-  Tensor decoder_layer(const LayerWeights& lw, Tensor x, BatchMeta& b, ModelCaches& caches, KvLayer* kv, StateLayer* st);
+  Tensor decoder_layer(const LayerWeights& lw, Tensor& x, Tensor& h, BatchMeta& b, ModelCaches& caches, KvLayer* kv,
+                       StateLayer* st);
   // rmsnorm(x[rows], norm) [R, H]: the final hidden states of the chosen rows.
   Tensor normed_rows(const Tensor& x, const std::vector<int32_t>& rows, const Tensor& norm);
   // fp32 logits [R, N] = head · hf (lm_head: N = V)

@@ -10,31 +10,29 @@ Tensor Model::ffn_block(const LayerWeights& lw, const Tensor& x) {
   const DType act = be_.act_dtype();
   const FfnWeights& f = lw.ffn;
   Tensor y = be_.alloc(act, {T, H});
-  auto swiglu = [&](const Linear& gu, const Linear& down, Tensor& out) {
-    Tensor g = be_.alloc(act, {T, gu->N});
-    be_.linear(x, gu, g);
-    Tensor a = be_.alloc(act, {T, gu->N / 2});
-    be_.silu_mul(g, a);
-    be_.linear(a, down, out);
-  };
   if (!f.moe) {
-    swiglu(f.mlp_gu, f.mlp_down, y);
+    Tensor a = be_.alloc(act, {T, f.mlp_gu->N / 2});
+    be_.linear_group(x, {{&f.mlp_gu, &a, true}});
+    be_.linear(a, f.mlp_down, y);
     return y;
   }
+  // The router, the shared expert's gate_up (with its SwiGLU) and its gate read the same x: one group.
   const int64_t E = t.num_experts, K = t.num_experts_per_tok;
   Tensor router_logits = be_.alloc(act, {T, E});
-  be_.linear(x, f.router, router_logits);
+  std::vector<Backend::LinearJob> jobs{{&f.router, &router_logits}};
+  Tensor a, gate;
+  if (f.shared_gu) {
+    a = be_.alloc(act, {T, f.shared_gu->N / 2});
+    gate = be_.alloc(act, {T, 1});
+    jobs.push_back({&f.shared_gu, &a, true});
+    jobs.push_back({&f.shared_gate, &gate});
+  }
+  be_.linear_group(x, jobs);
   Tensor ids = be_.alloc(DType::I32, {T, K});
   Tensor weights = be_.alloc(DType::F32, {T, K});
   be_.moe_route(router_logits, K, ids, weights);
   be_.moe_experts(x, f.experts, ids, weights, y);
-  if (f.shared_gu) {
-    Tensor s = be_.alloc(act, {T, H});
-    swiglu(f.shared_gu, f.shared_down, s);
-    Tensor gate = be_.alloc(act, {T, 1});
-    be_.linear(x, f.shared_gate, gate);
-    be_.sigmoid_scale_add(y, s, gate);
-  }
+  if (f.shared_gu) be_.linear_gated_add(a, f.shared_down, gate, y);
   return y;
 }
 

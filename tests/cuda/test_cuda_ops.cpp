@@ -177,6 +177,87 @@ TEST_F(CudaOps, Linear) {
   }
 }
 
+// The fused ops (ops.h "fused ops") against the CPU, and against their own default composition on the GPU, which
+// they must equal exactly (same rounding of every intermediate): add_rmsnorm, linear_group (bf16 rows through the
+// small-M GEMV, SwiGLU in its epilogue, int4 jobs alongside), linear_gated_add. Also the small-M GEMV against
+// cuBLAS (DS_CUDA_NO_GEMV) within bf16 rounding.
+TEST_F(CudaOps, FusedOps) {
+  Both B;
+  auto same = [&](const Tensor& a, const Tensor& b) { return B.gpu->to_host_f32(a) == B.gpu->to_host_f32(b); };
+  auto copy_of = [&](const Pair& p) {
+    Pair q{B.cpu->alloc(p.c.dtype, p.c.shape), B.gpu->alloc(p.g.dtype, p.g.shape)};
+    B.cpu->copy(q.c, p.c);
+    B.gpu->copy(q.g, p.g);
+    return q;
+  };
+  for (int64_t K : {int64_t(2048), int64_t(512), int64_t(8)}) {
+    // the MoE block's group: router (E = 256), shared gate_up with SwiGLU (I = 512 → 2I rows), shared gate (N = 1),
+    // plus an int4 projection and an odd N, all reading the same x
+    HostLinear router(256, K, false, 21 + K), sgu(1024, K, false, 22 + K), sg(1, K, false, 23 + K),
+        q4(K >= 128 ? 512 : 16, K, K >= 128, 24 + K), odd(37, K, false, 25 + K), sdn(K, 512, false, 26 + K);
+    auto mk = [&](Backend& be, const HostLinear& h) { return be.make_linear({h.src()}); };
+    Linear rc = mk(*B.cpu, router), rg = mk(*B.gpu, router), gc = mk(*B.cpu, sgu), gg = mk(*B.gpu, sgu),
+           sc = mk(*B.cpu, sg), sgg = mk(*B.gpu, sg), qc = mk(*B.cpu, q4), qg = mk(*B.gpu, q4),
+           oc = mk(*B.cpu, odd), og = mk(*B.gpu, odd), dc = mk(*B.cpu, sdn), dg = mk(*B.gpu, sdn);
+    for (int64_t T : {1, 2, 3, 5, 8, 13, 16, 17, 64}) {
+      const std::string tag = " K=" + std::to_string(K) + " T=" + std::to_string(T);
+      auto x = B.up(randn(T * K, 1.f, 31 + T + K), {T, K});
+      Pair yr = B.zeros({T, 256}), ya = B.zeros({T, 512}), yg = B.zeros({T, 1}), yq = B.zeros({T, q4.N}),
+           yo = B.zeros({T, 37}, DType::F32);
+      auto jobs = [](Linear& r, Linear& g, Linear& s, Linear& q, Linear& o, Tensor& a, Tensor& b, Tensor& c,
+                     Tensor& d, Tensor& e) {
+        return std::vector<Backend::LinearJob>{{&r, &a}, {&g, &b, true}, {&s, &c}, {&q, &d}, {&o, &e}};
+      };
+      B.cpu->linear_group(x.c, jobs(rc, gc, sc, qc, oc, yr.c, ya.c, yg.c, yq.c, yo.c));
+      B.gpu->linear_group(x.g, jobs(rg, gg, sgg, qg, og, yr.g, ya.g, yg.g, yq.g, yo.g));
+      REPORT("linear_group router" + tag, B.err(yr));
+      REPORT("linear_group shared gate_up + SwiGLU" + tag, B.err(ya));
+      REPORT("linear_group shared gate (N=1)" + tag, B.err(yg));
+      REPORT(std::string("linear_group ") + (q4.int4 ? "int4" : "bf16") + " projection" + tag, B.err(yq));
+      REPORT("linear_group N=37 F32 out" + tag, B.err(yo));
+      // the default composition on the GPU: equal bit for bit
+      Tensor r2 = B.gpu->alloc(DType::BF16, {T, 256}), a2 = B.gpu->alloc(DType::BF16, {T, 512}),
+             g2 = B.gpu->alloc(DType::BF16, {T, 1}), q2 = B.gpu->alloc(DType::BF16, {T, q4.N}),
+             o2 = B.gpu->alloc(DType::F32, {T, 37});
+      B.gpu->Backend::linear_group(x.g, jobs(rg, gg, sgg, qg, og, r2, a2, g2, q2, o2));
+      EXPECT_TRUE(same(yr.g, r2) && same(ya.g, a2) && same(yg.g, g2) && same(yq.g, q2) && same(yo.g, o2))
+          << "linear_group differs from its composition" << tag;
+      // the small-M GEMV against cuBLAS
+      setenv("DS_CUDA_NO_GEMV", "1", 1);
+      Tensor r3 = B.gpu->alloc(DType::BF16, {T, 256});
+      B.gpu->linear(x.g, rg, r3);
+      unsetenv("DS_CUDA_NO_GEMV");
+      const double ge = test::rel(B.gpu->to_host_f32(yr.g), B.gpu->to_host_f32(r3));
+      std::printf("  %-60s rel L2 %.3g\n", ("GEMV vs cuBLAS router" + tag).c_str(), ge);
+      EXPECT_LT(ge, kTol);
+      // shared expert down (K_in = 512 → N = K) with its sigmoid gate, added into y
+      if (K >= 512) {
+        auto act = B.up(randn(T * 512, 1.f, 41 + T), {T, 512});
+        auto gl = B.up(randn(T, 2.f, 42 + T), {T, 1});
+        auto y = B.up(randn(T * K, 1.f, 43 + T), {T, K});
+        Pair y2 = copy_of(y);
+        B.cpu->linear_gated_add(act.c, dc, gl.c, y.c);
+        B.gpu->linear_gated_add(act.g, dg, gl.g, y.g);
+        REPORT("linear_gated_add (shared down + gate)" + tag, B.err(y));
+        B.gpu->Backend::linear_gated_add(act.g, dg, gl.g, y2.g);
+        EXPECT_TRUE(same(y.g, y2.g)) << "linear_gated_add differs from its composition" << tag;
+      }
+      // residual add + next norm
+      auto rx = B.up(randn(T * K, 1.f, 51 + T), {T, K});
+      auto rd = B.up(randn(T * K, 1.f, 52 + T), {T, K});
+      auto nw = B.up(randn(K, 0.2f, 53, 1.f), {K}, DType::F32);
+      Pair rx2 = copy_of(rx), h = B.zeros({T, K});
+      Tensor h2 = B.gpu->alloc(DType::BF16, {T, K});
+      B.cpu->add_rmsnorm(rx.c, rd.c, nw.c, 1e-6f, h.c);
+      B.gpu->add_rmsnorm(rx.g, rd.g, nw.g, 1e-6f, h.g);
+      REPORT("add_rmsnorm h" + tag, B.err(h));
+      REPORT("add_rmsnorm x" + tag, B.err(rx));
+      B.gpu->Backend::add_rmsnorm(rx2.g, rd.g, nw.g, 1e-6f, h2);
+      EXPECT_TRUE(same(rx.g, rx2.g) && same(h.g, h2)) << "add_rmsnorm differs from add_inplace + rmsnorm" << tag;
+    }
+  }
+}
+
 // A batch of sequences: (ctx_len, q_len) each; blocks of 16 tokens scattered over a shuffled pool.
 BatchMeta make_batch(const std::vector<std::pair<int64_t, int64_t>>& seqs, int64_t bs, std::vector<int32_t>& pool,
                      bool distinct_rows = false) {

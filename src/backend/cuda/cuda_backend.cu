@@ -16,6 +16,7 @@
 #include <string>
 
 #include "backend/cuda/int4_mma.h"
+#include "backend/cuda/pdl.h"
 #include "backend/ops.h"
 
 namespace ds {
@@ -121,6 +122,7 @@ __global__ void k_silu_mul(const void* gu, int gdt, int64_t T, int64_t I, void* 
 }
 
 __global__ void k_sigmoid_gate_mul(void* x, int xdt, const void* g, int gdt, int64_t n) {
+  pdl_trigger();  // the next kernel may be PDL-launched (pdl.h)
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     stf(x, xdt, i, ldf(x, xdt, i) * sigmoid_f(ldf(g, gdt, i)));
 }
@@ -147,6 +149,151 @@ __global__ void k_linear_n1(const __nv_bfloat16* w, const __nv_bfloat16* x, int6
   acc = block_sum(acc);
   if (threadIdx.x == 0) stf(y, ydt, t, acc);
 }
+// x += d, then h = rmsnorm(x)·w; one block of 256 per row, D ≤ 256·kAddNormPer. Each thread loads all its
+// elements before storing any (a store to x between loads would serialise them: x and d may alias as far as the
+// compiler knows), rounds x to its dtype before the norm reads it, and sums the squares in k_rmsnorm's order (same
+// thread mapping, same block size), so the result equals k_add + k_rmsnorm bit for bit.
+constexpr int kAddNormPer = 16;
+// v rounded to dtype dt, as a store and a load would (stf then ldf)
+__device__ __forceinline__ float round_dt(float v, int dt) {
+  if (dt == kBF16) return __bfloat162float(__float2bfloat16_rn(v));
+  if (dt == kF32) return v;
+  return __half2float(__float2half_rn(v));
+}
+__global__ void __launch_bounds__(256) k_add_rmsnorm(void* x, int xdt, const void* d, int ddt, const float* w,
+                                                     float eps, int64_t D, void* h, int hdt) {
+  pdl_trigger();  // the next kernel may be PDL-launched (pdl.h)
+  const int64_t r = blockIdx.x;
+  float v[kAddNormPer];
+#pragma unroll
+  for (int j = 0; j < kAddNormPer; ++j) {
+    const int64_t i = threadIdx.x + int64_t(j) * 256;
+    v[j] = i < D ? ldf(x, xdt, r * D + i) + ldf(d, ddt, r * D + i) : 0.f;
+  }
+  float ss = 0.f;
+#pragma unroll
+  for (int j = 0; j < kAddNormPer; ++j) {
+    const int64_t i = threadIdx.x + int64_t(j) * 256;
+    if (i >= D) break;
+    v[j] = round_dt(v[j], xdt);  // the value stored, as k_rmsnorm would read it back
+    stf(x, xdt, r * D + i, v[j]);
+    ss += v[j] * v[j];
+  }
+  ss = block_sum(ss);
+  const float inv = 1.f / sqrtf(ss / float(D) + eps);
+#pragma unroll
+  for (int j = 0; j < kAddNormPer; ++j) {
+    const int64_t i = threadIdx.x + int64_t(j) * 256;
+    if (i >= D) break;
+    stf(h, hdt, r * D + i, v[j] * inv * w[i]);
+  }
+}
+
+// Small-M bf16 linears (M ≤ kGemvMaxM rows of x; above, cuBLAS is faster: measured at M = 8 on the H200), several
+// weights of one input in one launch: one warp per output row, lanes across K in 16-byte chunks (8 inputs), fp32
+// accumulation, then a shuffle reduction. A row's result
+// does not depend on M (the same lanes sum the same inputs in the same order), so these rows are batch-invariant
+// among themselves. Segment modes: plain y = x·Wᵀ; swiglu (row n computes the gate row n and the up row I + n and
+// writes silu(g)·u, g and u rounded to y's dtype first, as linear + silu_mul would); gated add (y += sigmoid(gate)·
+// s with s rounded to y's dtype, as linear + sigmoid_scale_add would).
+constexpr int kGemvMaxM = 4, kGemvSegs = 4;
+struct GemvSeg {
+  const __nv_bfloat16* w = nullptr;
+  void* y = nullptr;
+  const void* gate = nullptr;  // gated add: [M] logits
+  int ydt = 0, gdt = 0, mode = 0;  // 0 plain, 1 swiglu, 2 gated add
+  int64_t rows = 0;                // output columns of y (N, or I for swiglu)
+};
+struct GemvJobs {
+  GemvSeg s[kGemvSegs];
+  int64_t start[kGemvSegs + 1] = {};
+  int n = 0;
+};
+__device__ __forceinline__ void bf16x8(const uint4& u, float* f) {
+  const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 v = __bfloat1622float2(p[i]);
+    f[2 * i] = v.x, f[2 * i + 1] = v.y;
+  }
+}
+template <int MB>  // M bound of this instantiation (M ≤ MB)
+__global__ void __launch_bounds__(256) k_gemv_bf16(const GemvJobs j, const __nv_bfloat16* __restrict__ x, int M,
+                                                   int64_t K) {
+  // x [M, K] staged in shared memory once per block (K·M·2 bytes, dynamic)
+  extern __shared__ uint4 xs[];
+  const int64_t K8 = K / 8;
+  pdl_wait();  // launched with pdl_launch
+  pdl_trigger();
+  for (int64_t i = threadIdx.x; i < M * K8; i += blockDim.x) xs[i] = __ldg(reinterpret_cast<const uint4*>(x) + i);
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int64_t r = int64_t(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  if (r >= j.start[j.n]) return;
+  int si = 0;
+  while (r >= j.start[si + 1]) ++si;
+  const GemvSeg& g = j.s[si];
+  const int64_t n = r - j.start[si];
+  const bool two = g.mode == 1;
+  const uint4* w0 = reinterpret_cast<const uint4*>(g.w + n * K);
+  const uint4* w1 = two ? reinterpret_cast<const uint4*>(g.w + (n + g.rows) * K) : w0;
+  float a0[MB], a1[MB];
+#pragma unroll
+  for (int m = 0; m < MB; ++m) a0[m] = a1[m] = 0.f;
+  // U chunks of 16 bytes per lane in flight per row before any arithmetic (the row is read once: latency-bound)
+  constexpr int U = 4;
+  for (int64_t c0 = lane; c0 < K8; c0 += 32 * U) {
+    uint4 wa[U], wb[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t c = c0 + 32 * u;
+      if (c < K8) {
+        wa[u] = __ldg(w0 + c);
+        if (two) wb[u] = __ldg(w1 + c);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t c = c0 + 32 * u;
+      if (c >= K8) break;
+      float fa[8], fb[8], xv[8];
+      bf16x8(wa[u], fa);
+      if (two) bf16x8(wb[u], fb);
+#pragma unroll
+      for (int m = 0; m < MB; ++m) {
+        if (m >= M) break;
+        bf16x8(xs[m * K8 + c], xv);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) a0[m] += fa[i] * xv[i];
+        if (two) {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) a1[m] += fb[i] * xv[i];
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < MB; ++m) {
+    if (m >= M) break;
+    a0[m] = warp_sum(a0[m]);
+    if (two) a1[m] = warp_sum(a1[m]);
+  }
+  if (lane != 0) return;
+#pragma unroll
+  for (int m = 0; m < MB; ++m) {
+    if (m >= M) break;
+    const int64_t o = m * g.rows + n;
+    if (g.mode == 0) {
+      stf(g.y, g.ydt, o, a0[m]);
+    } else if (g.mode == 1) {
+      stf(g.y, g.ydt, o, silu_f(round_dt(a0[m], g.ydt)) * round_dt(a1[m], g.ydt));
+    } else {
+      const float s = round_dt(a0[m], g.ydt);
+      stf(g.y, g.ydt, o, ldf(g.y, g.ydt, o) + sigmoid_f(ldf(g.gate, g.gdt, m)) * s);
+    }
+  }
+}
+
 __global__ void k_convert(const void* x, int xdt, void* y, int ydt, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     stf(y, ydt, i, ldf(x, xdt, i));
@@ -480,6 +627,7 @@ __global__ void __launch_bounds__(32) k_gdr_recurrent(const float* qn, const flo
 
 __global__ void k_gated_rmsnorm(const void* x, int xdt, const void* z, int zdt, const float* w, float eps, int64_t D,
                                 void* y, int ydt) {
+  pdl_trigger();  // the next kernel may be PDL-launched (pdl.h)
   const int64_t r = blockIdx.x;
   float ss = 0.f;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
@@ -825,6 +973,7 @@ __global__ void k_moe_grouped(WV W, int64_t per_expert_rows, int64_t N, const XT
 
 // y[t] = Σ_k w[t,k] · out[t·K + k], summed in k order.
 __global__ void k_moe_combine(const float* out, const float* wts, int64_t K, int64_t H, void* y, int ydt) {
+  pdl_trigger();  // the next kernel may be PDL-launched (pdl.h)
   const int64_t t = blockIdx.x;
   for (int64_t d = blockIdx.y * int64_t(blockDim.x) + threadIdx.x; d < H; d += int64_t(gridDim.y) * blockDim.x) {
     float acc = 0.f;
@@ -871,6 +1020,15 @@ static void parallel_for(int64_t n, F&& fn) {
 }
 
 // Environment switches that turn an optimisation off (for before/after measurements): set and non-"0".
+bool pdl_enabled() {
+  static const bool sm90 = [] {
+    int dev = 0, major = 0;
+    return cudaGetDevice(&dev) == cudaSuccess &&
+           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9;
+  }();
+  return sm90 && !std::getenv("DS_CUDA_NO_PDL");
+}
+
 static bool env_flag(const char* name) {
   const char* v = std::getenv(name);
   return v && *v && std::strcmp(v, "0") != 0;
@@ -1210,6 +1368,86 @@ class CudaBackend final : public Backend {
                      CUDA_R_16BF, int(K), &beta, y.data, ct, int(N), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   }
 
+  // Whether bf16 weight l can run through k_gemv_bf16 for T rows of xb: few rows, K in 16-byte chunks,
+  // 16-byte aligned rows. Large N (lm_head) stays with cuBLAS, which reads it at ~85% of bandwidth.
+  static bool gemv_fits(const CudaLinear* l, const Tensor& xb, int64_t T) {
+    auto al = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+    return !l->int4 && T <= kGemvMaxM && l->K % 8 == 0 && T * l->K * 2 <= 48 * 1024 && l->N <= (int64_t(1) << 16) &&
+           al(l->dense.data) &&
+           al(xb.data) && !env_flag("DS_CUDA_NO_GEMV");
+  }
+  void gemv(const Tensor& xb, int64_t T, int64_t K, const std::vector<GemvSeg>& segs) {
+    for (size_t i0 = 0; i0 < segs.size(); i0 += kGemvSegs) {
+      GemvJobs j;
+      for (size_t i = i0; i < std::min(segs.size(), i0 + kGemvSegs); ++i) {
+        j.s[j.n] = segs[i];
+        j.start[j.n + 1] = j.start[j.n] + segs[i].rows;
+        ++j.n;
+      }
+      const unsigned blocks = unsigned((j.start[j.n] + 7) / 8);
+      const auto* xp = xb.ptr<__nv_bfloat16>();
+      const size_t sm = size_t(T * K) * 2;
+      auto* k = T <= 1 ? k_gemv_bf16<1> : T <= 2 ? k_gemv_bf16<2> : k_gemv_bf16<4>;
+      CK(pdl_launch(k, dim3(blocks), dim3(256), sm, stream_, j, xp, int(T), K));
+    }
+  }
+  static GemvSeg gemv_seg(const CudaLinear* l, Tensor& y, int mode) {
+    GemvSeg g;
+    g.w = l->dense.ptr<__nv_bfloat16>(), g.y = y.data, g.ydt = int(y.dtype), g.mode = mode;
+    g.rows = mode == 1 ? l->N / 2 : l->N;
+    return g;
+  }
+
+  // DS_CUDA_NO_FUSED=1: the fused ops run as their default compositions (for before/after benchmarks).
+  void linear_group(const Tensor& x, const std::vector<LinearJob>& jobs) override {
+    if (env_flag("DS_CUDA_NO_FUSED")) return Backend::linear_group(x, jobs);
+    if (jobs.empty()) return;
+    const int64_t K = (*jobs[0].w)->K, T = x.numel() / K;
+    if (T == 0) return;
+    Tensor xb = as_bf16(x);
+    std::vector<GemvSeg> segs;
+    std::vector<LinearJob> rest;
+    for (const auto& j : jobs) {
+      auto* l = static_cast<const CudaLinear*>(j.w->get());
+      DS_CHECK(l->K == K, "linear_group: every weight must take the same input (K ", K, " vs ", l->K, ")");
+      DS_CHECK(j.y->numel() == T * (j.swiglu ? l->N / 2 : l->N), "linear_group out ", shape_str(j.y->shape),
+               " for N=", l->N, j.swiglu ? " (swiglu)" : "");
+      if (gemv_fits(l, xb, T) && (j.y->dtype == DType::BF16 || j.y->dtype == DType::F32))
+        segs.push_back(gemv_seg(l, *j.y, j.swiglu ? 1 : 0));
+      else
+        rest.push_back(j);
+    }
+    Backend::linear_group(xb, rest);
+    if (!segs.empty()) gemv(xb, T, K, segs);
+  }
+
+  void linear_gated_add(const Tensor& x, const Linear& w, const Tensor& gate_logit, Tensor& y) override {
+    if (env_flag("DS_CUDA_NO_FUSED")) return Backend::linear_gated_add(x, w, gate_logit, y);
+    auto* l = static_cast<const CudaLinear*>(w.get());
+    const int64_t T = x.numel() / l->K;
+    if (T == 0) return;
+    Tensor xb = as_bf16(x);
+    if (!gemv_fits(l, xb, T) || (y.dtype != DType::BF16 && y.dtype != DType::F32))
+      return Backend::linear_gated_add(xb, w, gate_logit, y);
+    DS_CHECK(y.numel() == T * l->N && gate_logit.numel() == T, "linear_gated_add: y ", shape_str(y.shape),
+             ", gate ", shape_str(gate_logit.shape), " for T=", T, ", N=", l->N);
+    GemvSeg g = gemv_seg(l, y, 2);
+    g.gate = gate_logit.data, g.gdt = int(gate_logit.dtype);
+    gemv(xb, T, l->K, {g});
+  }
+
+  void add_rmsnorm(Tensor& x, const Tensor& d, const Tensor& w, float eps, Tensor& h) override {
+    if (env_flag("DS_CUDA_NO_FUSED")) return Backend::add_rmsnorm(x, d, w, eps, h);
+    const int64_t D = w.numel(), R = x.numel() / D;
+    DS_CHECK(d.numel() == x.numel() && h.numel() == x.numel(), "add_rmsnorm: x ", shape_str(x.shape), ", d ",
+             shape_str(d.shape), ", h ", shape_str(h.shape));
+    if (R == 0) return;
+    if (D > 256 * kAddNormPer) return Backend::add_rmsnorm(x, d, w, eps, h);
+    k_add_rmsnorm<<<unsigned(R), 256, 0, stream_>>>(x.data, int(x.dtype), d.data, int(d.dtype), w.ptr<float>(), eps,
+                                                    D, h.data, int(h.dtype));
+    CKL();
+  }
+
   void linear(const Tensor& x, const Linear& w, Tensor& y) override {
     auto* l = static_cast<const CudaLinear*>(w.get());
     const int64_t T = x.numel() / l->K;
@@ -1218,6 +1456,10 @@ class CudaBackend final : public Backend {
     if (T == 0) return;
     Tensor xb = as_bf16(x);
     if (!l->int4) {
+      if (gemv_fits(l, xb, T) && (y.dtype == DType::BF16 || y.dtype == DType::F32)) {
+        gemv(xb, T, l->K, {gemv_seg(l, y, 0)});
+        return;
+      }
       if (l->N == 1) {
         k_linear_n1<<<unsigned(T), 256, 0, stream_>>>(l->dense.ptr<__nv_bfloat16>(), xb.ptr<__nv_bfloat16>(), l->K,
                                                       y.data, int(y.dtype));

@@ -1,5 +1,6 @@
 // Tensor-core W4A16 kernels: int4 linears of any M and the routed experts (layout and invariants: int4_mma.h).
 #include "backend/cuda/int4_mma.h"
+#include "backend/cuda/pdl.h"
 
 #include <cuda_bf16.h>
 
@@ -71,6 +72,8 @@ __global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 4 : 1)  // decode: ≥ 
   constexpr int WM = kWarps / WK, NTOK = 8 * NT, MW = GATED ? 2 * MT : MT;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wk = warp % WK, wm = warp / WK;
   const int g = lane >> 2, tig = lane & 3;
+  pdl_wait();  // launched with pdl_launch: the tile table, x and y belong to earlier kernels
+  pdl_trigger();
 
   int64_t e, t0;
   int cnt;
@@ -263,6 +266,7 @@ __global__ void __launch_bounds__(1024) k_moe_tiles(const int32_t* ids, int64_t 
                                                    int32_t* list, int32_t* tiles, int32_t* ntiles) {
   __shared__ int32_t cnt[1024], start[1024];
   const int i = threadIdx.x;
+  pdl_trigger();  // the expert kernel after it may start (it waits for this one's tiles)
   cnt[i] = 0;
   __syncthreads();
   for (int64_t p = i; p < P; p += blockDim.x) atomicAdd(&cnt[ids[p]], 1);
@@ -295,8 +299,7 @@ void launch_cpg(const MmaInt4& W, int64_t rpe, int64_t n_out, const void* x, con
   // Group size 128 (AutoRound's and GPTQ's default) is the one instantiated; mma_int4_supported() sends others to
   // the bf16 path.
   DS_CHECK(W.G == 128, "int4 mma: group size ", W.G, " (instantiated: 128)");
-  k_int4_mma<MT, NT, WK, 2, GATED><<<grid, kWarps * 32, 0, s>>>(W, rpe, n_out, xb, ts, y, ydt);
-  MMA_CK(cudaGetLastError());
+  MMA_CK(pdl_launch(k_int4_mma<MT, NT, WK, 2, GATED>, grid, dim3(kWarps * 32), 0, s, W, rpe, n_out, xb, ts, y, ydt));
 }
 
 // Kernel shapes. Small (decode, few tokens per tile): one 16-row tile (GATED: a gate/up pair) × 8 tokens per

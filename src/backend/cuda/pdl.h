@@ -1,0 +1,46 @@
+// Programmatic dependent launch (sm_90+): a kernel launched with pdl_launch() may start while the kernel before it
+// on the stream is still finishing; it must call pdl_wait() before it reads anything that kernel wrote or writes
+// anything at all. pdl_wait() returns once the previous kernel has completed and its writes are visible, so a
+// PDL-launched kernel is as ordered as a plain one; what it gains is its launch and block start-up (and, before
+// the wait, work that needs no earlier result) overlapping the previous kernel's tail. pdl_trigger() in the
+// previous kernel lets the next one be scheduled before the previous kernel's blocks exit. Both are no-ops where
+// unsupported (below sm_90, or a kernel launched without the attribute). Recorded CUDA graphs keep the edges.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdlib>
+#include <utility>
+
+namespace ds::cuda {
+
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+// Whether launches on this device use the attribute: compute capability 9.0+ and DS_CUDA_NO_PDL unset.
+bool pdl_enabled();
+
+template <typename... KArgs, typename... Args>
+cudaError_t pdl_launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, Args&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cudaLaunchAttribute at[1];
+  at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  at[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = at;
+  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+
+}  // namespace ds::cuda

@@ -502,6 +502,14 @@ constexpr int64_t kGdrLongMin = 32;
 // Long chunks (prefill): the step is a chain of ql dependent updates, so the per-token latency is what counts.
 // R lanes share one state column (each holds DK/R rows) and reduce with shuffles: R× shorter chains per token
 // and R× more warps than k_gdr_recurrent. Next token's inputs are fetched during the current one.
+// One token's decay, beta and this lane's v for the delta-rule kernels (k_gdr_recurrent, k_gdr_long).
+__device__ __forceinline__ void gdr_scalars(const float* g, const float* beta, const void* qkv, int qdt, int64_t t,
+                                            int64_t Hv, int64_t j, int64_t C, int64_t voff, float& gr, float& br,
+                                            float& vr) {
+  gr = g[t * Hv + j];
+  br = beta[t * Hv + j];
+  vr = ldf(qkv, qdt, t * C + voff);
+}
 template <int DK, int R>
 __global__ void __launch_bounds__(32) k_gdr_long(const float* qn, const float* kn, const float* g, const float* beta,
                                                  const void* qkv, int qdt, int64_t C, int64_t Hk, int64_t Hv,
@@ -528,9 +536,7 @@ __global__ void __launch_bounds__(32) k_gdr_long(const float* qn, const float* k
       kr[4 * i] = a.x, kr[4 * i + 1] = a.y, kr[4 * i + 2] = a.z, kr[4 * i + 3] = a.w;
       qr[4 * i] = b.x, qr[4 * i + 1] = b.y, qr[4 * i + 2] = b.z, qr[4 * i + 3] = b.w;
     }
-    gr = g[t * Hv + j];
-    br = beta[t * Hv + j];
-    vr = ldf(qkv, qdt, t * C + 2 * Hk * DK + j * Dv + d);
+    gdr_scalars(g, beta, qkv, qdt, t, Hv, j, C, 2 * Hk * DK + j * Dv + d, gr, br, vr);
   };
   fetch(qs);
   for (int64_t i = 0; i < ql; ++i) {
@@ -589,9 +595,7 @@ __global__ void __launch_bounds__(32) k_gdr_recurrent(const float* qn, const flo
       kr[c] = kn[(t * Hk + kh) * DK + lane + 32 * c];
       qr[c] = qn[(t * Hk + kh) * DK + lane + 32 * c];
     }
-    gr = g[t * Hv + j];
-    br = beta[t * Hv + j];
-    vr = ldf(qkv, qdt, t * C + 2 * Hk * DK + j * Dv + d);
+    gdr_scalars(g, beta, qkv, qdt, t, Hv, j, C, 2 * Hk * DK + j * Dv + d, gr, br, vr);
   };
   fetch(qs);
   for (int64_t i = 0; i < ql; ++i) {

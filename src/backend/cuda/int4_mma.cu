@@ -5,6 +5,7 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "core/dtype.h"
 #include "core/status.h"
@@ -59,6 +60,15 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int j) {
   return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
 }
 __device__ __forceinline__ float silu(float v) { return v / (1.f + expf(-v)); }
+template <int A, int B>
+__device__ __forceinline__ void zero_frags(float (&f)[A][B][4]) {
+#pragma unroll
+  for (int a = 0; a < A; ++a)
+#pragma unroll
+    for (int b = 0; b < B; ++b)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) f[a][b][c] = 0.f;
+}
 
 // One block = 4 warps. Each warp computes MT output tiles of 16 rows (GATED: MT gate tiles and the matching up
 // tiles) × NT token tiles of 8, over the K slices s ≡ wk (mod WK); the block's 4 / WK warp groups take
@@ -117,12 +127,7 @@ __global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 4 : 1)  // decode: ≥ 
   const int spw = W.KS / WK;           // slices per warp: warp wk owns [wk·spw, (wk + 1)·spw)
   for (int s = wk * spw; s < (wk + 1) * spw; ++s) {
     float part[MW][NT][4];
-#pragma unroll
-    for (int u = 0; u < MW; ++u)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) part[u][nt][c] = 0.f;
+    zero_frags(part);
 #pragma unroll(NT == 1 ? 2 : 1)
     for (int64_t gi = s * gps; gi < (s + 1) * gps; ++gi) {
       uint4 wv[CPG][MW];
@@ -137,12 +142,7 @@ __global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 4 : 1)  // decode: ≥ 
         zz1[u] = zero_pair(W.z[(r0[u] + 8) * ngroups + gi]);
       }
       float tmp[MW][NT][4];
-#pragma unroll
-      for (int u = 0; u < MW; ++u)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) tmp[u][nt][c] = 0.f;
+      zero_frags(tmp);
 #pragma unroll
       for (int c = 0; c < CPG; ++c) {
         const int64_t k0 = (gi * CPG + c) * 64;
@@ -325,8 +325,14 @@ void launch(Shape shape, const MmaInt4& W, int64_t rpe, int64_t n_out, const voi
   // Small: every slice its own warp (most loads in flight for one token) unless K is short (the down projection's
   // 512: one warp). Medium: at least 1024 inputs per warp (K = 2048: two warps; 4096: four).
   int wk = 1;
-  if (shape == Shape::Small) wk = W.K >= 1024 ? W.KS : 1;
-  else
+  if (shape == Shape::Small) {
+    wk = W.K >= 1024 ? W.KS : 1;
+    // DS_INT4_SMALL_WK=n (1, 2 or 4): at most n warps split K in the decode shape (benchmark knob; every choice gives
+    // the same bits, since slices are added in slice order whatever the split).
+    const char* v = std::getenv("DS_INT4_SMALL_WK");
+    const int cap = v ? std::atoi(v) : 4;
+    while (wk > 1 && wk > cap) wk /= 2;
+  } else
     while (wk < W.KS && W.K / (2 * wk) >= 1024) wk *= 2;
   if (shape == Shape::Small) return launch_wk<1, 1, GATED>(wk, W, rpe, n_out, x, ts, gy, y, ydt, s);
   return launch_wk<1, 4, GATED>(wk, W, rpe, n_out, x, ts, gy, y, ydt, s);

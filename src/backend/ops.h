@@ -188,8 +188,11 @@ class Backend {
   //   exceeds u × Σ w (the last kept id with w > 0 if rounding leaves none).
   // -1 for a row with nothing to sample (zmax not finite). Sums are floating point: a backend may add in another
   // order, so a choice within rounding of a boundary (cumulative mass equal to the target) may differ.
+  // Both backends implement it; the default throws (an inline default keeps libds_cuda free of CPU symbols).
   virtual void sample_rows(const Tensor& logits, int64_t vocab_limit, const std::vector<SampleRowParams>& rows,
-                           const std::vector<SampleEdit>& edits, std::vector<int32_t>& ids);
+                           const std::vector<SampleEdit>& edits, std::vector<int32_t>& ids) {
+    unsupported("sample_rows");
+  }
 
   // ==== vision tower (model/vision.cpp, model-spec §5.3) ====================================================
   // D vision hidden, P patches of all images back to back, Nh/Dh vision heads. Each op has a default that

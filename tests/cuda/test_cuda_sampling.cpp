@@ -117,7 +117,7 @@ struct Stats {
   std::vector<int> combos_seen = std::vector<int>(kCombos, 0);
 };
 
-void run_shape(Both& B, int R, int64_t V, int64_t limit, DType dt, int& next_combo, Stats& st) {
+void run_shape(test::Both& B, int R, int64_t V, int64_t limit, DType dt, int& next_combo, Stats& st) {
   SCOPED_TRACE(str_cat("R ", R, " V ", V, " vocab_limit ", limit, " ", dtype_name(dt)));
   std::mt19937_64 g(uint64_t(R) * 1000003u + uint64_t(V) * 7u + uint64_t(limit) + (dt == DType::BF16 ? 1 : 0));
   const int64_t n = std::min(limit, V);
@@ -186,7 +186,7 @@ void run_shape(Both& B, int R, int64_t V, int64_t limit, DType dt, int& next_com
 
 TEST(CudaSampling, MatchesCpuOverShapesAndParameters) {
   DS_REQUIRE_GPU();
-  Both B;
+  test::Both B;
   Stats st;
   int next_combo = 0;
   for (int64_t V : {int64_t(7), int64_t(1000), int64_t(151936), int64_t(248320)})
@@ -201,7 +201,7 @@ TEST(CudaSampling, MatchesCpuOverShapesAndParameters) {
 // Rows with nothing to sample, NaNs, -inf bias, a single finite logit, ties everywhere.
 TEST(CudaSampling, EdgeRows) {
   DS_REQUIRE_GPU();
-  Both B;
+  test::Both B;
   const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
   const int64_t V = 5000;
   std::vector<std::vector<float>> rows_x = {

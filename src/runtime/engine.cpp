@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
+#include <string>
 #include <unordered_map>
 
 #include "core/status.h"
@@ -65,6 +67,8 @@ EngineConfig resolve(const model::Model& m, EngineConfig c) {
     fail("engine: draft_vocab_size ", c.draft_vocab_size, " needs the model loaded with a reduced draft head of that many "
          "tokens (LoadOptions::draft_vocab), found ", m.draft_vocab().size());
   std::sort(c.eos_token_ids.begin(), c.eos_token_ids.end());
+  // Before/after measurements: DS_HOST_SAMPLING=1 copies the logits and samples on the host in every step.
+  if (const char* v = std::getenv("DS_HOST_SAMPLING"); v && *v && std::string(v) != "0") c.device_sampling = false;
   return c;
 }
 

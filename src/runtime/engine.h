@@ -101,7 +101,8 @@ struct EngineConfig {
   bool step_graphs = true;
   // Sample on the backend (Backend::sample_rows: on CUDA only R int32 ids come back, not [R, V] logits) in steps
   // where no sampled sequence wants logprobs or verifies drafts; those steps copy the logits and sample on the
-  // host. Either way the same tokens (docs/engine.md "Sampler"). false = always the host sampler.
+  // host. Either way the same tokens (docs/engine.md "Sampler"). false = always the host sampler (also set by the
+  // environment switch DS_HOST_SAMPLING=1, for before/after measurements).
   bool device_sampling = true;
   // Speculative verify and draft steps through the recordings too (with step_graphs). Step graphs are keyed by
   // ModelCaches::id, so a new engine never replays a recording made with another engine's caches.

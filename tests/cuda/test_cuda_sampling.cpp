@@ -240,5 +240,56 @@ TEST(CudaSampling, EdgeRows) {
       }
 }
 
+// Time per call at the real vocabulary: sample_rows on the GPU vs the host path it replaces (copy [R, V] fp32 to the
+// host, then sampling::sample per row). Prints only; docs/engine.md "Sampler".
+TEST(CudaSampling, TimeAgainstTheHostPath) {
+  DS_REQUIRE_GPU();
+  test::Both B;
+  const int64_t V = 248320;
+  struct Set {
+    const char* name;
+    float t, top_p;
+    int32_t top_k;
+  };
+  const Set sets[] = {{"greedy", 0.f, 1.f, 0}, {"T 1", 1.f, 1.f, 0}, {"top_p 0.95", 0.7f, 0.95f, 0},
+                      {"top_k 20 + top_p 0.95", 0.6f, 0.95f, 20}};
+  for (int R : {1, 16, 64}) {
+    const auto host = test::randn(size_t(R) * size_t(V), 3.f, 7 + uint64_t(R));
+    Tensor t = B.gpu->upload_f32(host, {R, V}, DType::F32);
+    for (const Set& set : sets) {
+      std::vector<sampling::SeqSampler> ss;
+      for (int r = 0; r < R; ++r) {
+        sampling::SamplingParams p;
+        p.temperature = set.t;
+        p.top_p = set.top_p;
+        p.top_k = set.top_k;
+        p.seed = uint64_t(r);
+        ss.emplace_back(p, std::vector<int32_t>{1, 2, 3});
+      }
+      const int iters = 20;
+      std::vector<int32_t> ids;
+      auto dev = [&] {
+        std::vector<SampleRowParams> rows;
+        std::vector<SampleEdit> edits;
+        for (auto& s : ss) rows.push_back(sampling::next_row(s, edits));
+        B.gpu->sample_rows(t, V, rows, edits, ids);
+      };
+      dev();  // warm-up (pool growth)
+      auto t0 = std::chrono::steady_clock::now();
+      for (int i = 0; i < iters; ++i) dev();
+      const double dev_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / iters;
+      t0 = std::chrono::steady_clock::now();
+      const int hiters = R == 1 ? 5 : 1;
+      for (int i = 0; i < hiters; ++i) {
+        const auto x = B.gpu->to_host_f32(t);
+        for (int r = 0; r < R; ++r) sampling::sample(x.data() + size_t(r) * size_t(V), V, V, ss[size_t(r)], nullptr);
+      }
+      const double host_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / hiters;
+      std::printf("  R %2d V %ld %-22s device %8.3f ms/step   host copy + sample %9.3f ms/step\n", R, long(V), set.name,
+                  dev_ms, host_ms);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace ds

@@ -1548,7 +1548,7 @@ class CudaBackend final : public Backend {
                                 {int64_t(rows.size() * sizeof(SampleRowParams) / 4)});
     Tensor dedits = upload_bytes(edits.data(), edits.size() * sizeof(SampleEdit), DType::I32,
                                  {int64_t(edits.size() * sizeof(SampleEdit) / 4)});
-    Tensor z = alloc(DType::F32, {int64_t(R), n});
+    Tensor z = alloc_scratch(DType::F32, {int64_t(R), n});  // every element written by k_sample_values
     Tensor out = alloc(DType::I32, {int64_t(R)});
     launch_sample_rows(logits.data, int(logits.dtype), V, n, R, static_cast<const SampleRowParams*>(drows.data),
                        static_cast<const SampleEdit*>(dedits.data), max_edits, z.ptr<float>(), out.ptr<int32_t>(),

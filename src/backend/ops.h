@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "backend/sample_math.h"
 #include "core/tensor.h"
 
 namespace ds {
@@ -208,6 +209,24 @@ class Backend {
     Tensor s = alloc(act_dtype(), y.shape);
     linear(x, w, s);
     sigmoid_scale_add(y, s, gate_logit);
+  }
+
+  // ---- sampling (backend/cpu/sample.cpp is the specification; docs/engine.md "Sampler") ----
+  // ids[r] = the token sampled from row r of logits [R, V] (F32, BF16 or F16) over ids [0, n), n = min(vocab_limit, V),
+  // under rows[r] with its edits edits[edit_begin, edit_begin + edit_count). Per row:
+  //   x_i = raw_i, edited (edit_logit) where an edit names i; z_i = scaled_logit(x_i) (sample_math.h).
+  //   greedy: the lowest i with the largest z_i (NaN counts as -inf).
+  //   otherwise, with zmax the largest z and w_i = expf(z_i - zmax): a candidate is a z_i > -inf with
+  //   z_i >= lo, lo starting at zmax + log_min_p; top_k (if more than k candidates): lo = the k-th largest
+  //   candidate z (ties kept); top_p < 1: lo = the largest candidate z whose mass Σ_{z_j >= z} w_j reaches
+  //   top_p × Σ w over the candidates; then, over the kept set in id order, the first i whose cumulative w
+  //   exceeds u × Σ w (the last kept id with w > 0 if rounding leaves none).
+  // -1 for a row with nothing to sample (zmax not finite). Sums are floating point: a backend may add in another
+  // order, so a choice within rounding of a boundary (cumulative mass equal to the target) may differ.
+  // Both backends implement it; the default throws (an inline default keeps libds_cuda free of CPU symbols).
+  virtual void sample_rows(const Tensor& logits, int64_t vocab_limit, const std::vector<SampleRowParams>& rows,
+                           const std::vector<SampleEdit>& edits, std::vector<int32_t>& ids) {
+    unsupported("sample_rows");
   }
 
   // ==== vision tower (model/vision.cpp, model-spec §5.3) ====================================================

@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
+#include <string>
 #include <unordered_map>
 
 #include "core/status.h"
@@ -65,6 +67,8 @@ EngineConfig resolve(const model::Model& m, EngineConfig c) {
     fail("engine: draft_vocab_size ", c.draft_vocab_size, " needs the model loaded with a reduced draft head of that many "
          "tokens (LoadOptions::draft_vocab), found ", m.draft_vocab().size());
   std::sort(c.eos_token_ids.begin(), c.eos_token_ids.end());
+  // Before/after measurements: DS_HOST_SAMPLING=1 copies the logits and samples on the host in every step.
+  if (const char* v = std::getenv("DS_HOST_SAMPLING"); v && *v && std::string(v) != "0") c.device_sampling = false;
   return c;
 }
 
@@ -103,7 +107,7 @@ struct Engine::Impl {
   void run(const Schedule& s);
   Schedule encode_images(const Schedule& s);
   void place_images(const Schedule& s, BatchMeta& b);
-  bool decide(const ScheduledSeq& x, const float* rows, int64_t* accepted);
+  bool decide(const ScheduledSeq& x, const float* rows, int64_t* accepted, int32_t sampled = -2);
   bool emit(Sequence* s, const std::vector<int32_t>& toks, std::vector<sampling::TokenLogprob>& lps);
   bool recompute(const std::vector<std::pair<Sequence*, int64_t>>& redo);
   int64_t drafts_wanted(Sequence* s);
@@ -289,8 +293,14 @@ void Engine::Impl::run(const Schedule& sc_in) {
     for (int64_t i = 0; i < b.num_tokens(); ++i) all_rows.push_back(int32_t(i));
   for (auto& x : sc.seqs)
     if (x.num_drafts > 0) cm.snapshot(x.seq->cache);  // the state before the verify, for a rollback
-  std::vector<float> logits;  // fp32 [R, V]
+  std::vector<float> logits;  // fp32 [R, V] (host sampling)
+  std::vector<int32_t> toks;  // one token per row (device sampling)
   Tensor hidden;              // act [T, H] final-norm hiddens (speculation only)
+  // Sampling on the backend: every sampled row is a plain sample (no drafts to verify, no logprobs).
+  const bool on_device = cfg.device_sampling && !rows.empty() && std::all_of(sc.seqs.begin(), sc.seqs.end(), [](const ScheduledSeq& x) {
+    return !x.samples || (x.num_drafts == 0 && x.seq->req->sampling.logprobs < 0);
+  });
+  std::vector<std::pair<Sequence*, uint64_t>> draws;  // each sampler's counter before this step's uniforms
   // Decode or verify only (every row a logit row): one recorded step per batch shape.
   // With speculation only where spec_step_graphs asks for it (engine.h: graphed verify/draft differ from eager on
   // CUDA today).
@@ -302,9 +312,22 @@ void Engine::Impl::run(const Schedule& sc_in) {
     Tensor t = graphed ? model.forward_graphed(b, cm.caches(), rows, spec ? &hidden : nullptr)
                        : model.forward(b, cm.caches(), rows.empty() ? std::vector<int32_t>{0} : rows,
                                        spec ? &hidden : nullptr, spec ? &all_rows : nullptr);
-    logits = model.backend().to_host_f32(t);
+    if (on_device) {
+      std::vector<SampleRowParams> prm;
+      std::vector<SampleEdit> edits;
+      for (auto& x : sc.seqs)
+        if (x.samples) {
+          draws.push_back({x.seq, x.seq->sampler.draws});
+          prm.push_back(sampling::next_row(x.seq->sampler, edits));
+        }
+      model.backend().sample_rows(t, cfg.vocab_limit, prm, edits, toks);
+      ++counters.device_sample_steps_total;
+    } else if (!rows.empty()) {
+      logits = model.backend().to_host_f32(t);
+    }
     if (graphed) ++counters.graph_steps_total;
   } catch (const std::exception& e) {
+    for (auto [s, d] : draws) s->sampler.draws = d;  // the recompute draws the same uniforms again
     // The caches of this batch may be half-written: the scheduler recomputes everyone (exact) and retries
     // them one by one, so only the request that fails on its own ends.
     for (Sequence* s : sched.forward_failed(sc)) {
@@ -325,7 +348,7 @@ void Engine::Impl::run(const Schedule& sc_in) {
     int64_t accepted = 0;
     bool alive = true;
     if (x.samples) {
-      alive = decide(x, logits.data() + int64_t(r) * V, &accepted);
+      alive = on_device ? decide(x, nullptr, &accepted, toks[r]) : decide(x, logits.data() + int64_t(r) * V, &accepted);
       r += size_t(x.num_drafts + 1);
     }
     if (!alive) continue;  // finished: blocks and slots are back in the pool already
@@ -446,8 +469,9 @@ int64_t Engine::Impl::drafts_wanted(Sequence* s) {
 }
 
 // Decides the tokens of one sampled chunk: the sampled token, or with drafts each verified position in turn
-// (the sampler sees the accepted ones, so penalties are exact) and the bonus token when all pass.
-bool Engine::Impl::decide(const ScheduledSeq& x, const float* rows, int64_t* accepted) {
+// (the sampler sees the accepted ones, so penalties are exact) and the bonus token when all pass. `sampled` >= -1:
+// the token Backend::sample_rows chose for the chunk (no drafts; -1: nothing left to sample), `rows` unused.
+bool Engine::Impl::decide(const ScheduledSeq& x, const float* rows, int64_t* accepted, int32_t sampled) {
   Sequence* s = x.seq;
   const int64_t V = model.config().text.vocab_size;
   const bool want_lp = s->req->sampling.logprobs >= 0;
@@ -459,6 +483,13 @@ bool Engine::Impl::decide(const ScheduledSeq& x, const float* rows, int64_t* acc
       sampling::TokenLogprob lp;
       const float* row = rows + j * V;
       bool ok = false;
+      if (sampled >= -1) {
+        DS_CHECK(x.num_drafts == 0, "decide: a device-sampled chunk has drafts");
+        if (sampled < 0) fail("no token left to sample (every logit is -inf or NaN after logit_bias)");
+        s->sampler.accept(sampled);
+        toks.push_back(sampled);
+        break;
+      }
       const int32_t tok =
           j < x.num_drafts
               ? sampling::verify_draft(row, V, cfg.vocab_limit, s->sampler, s->drafts[size_t(j)], nullptr, &ok, want_lp ? &lp : nullptr)

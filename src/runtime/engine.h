@@ -99,6 +99,11 @@ struct EngineConfig {
   // eagerly elsewhere). Prefill chunks and mixed batches stay eager. false = always eager (serve's
   // --enforce-eager); the engine tests require identical greedy output either way.
   bool step_graphs = true;
+  // Sample on the backend (Backend::sample_rows: on CUDA only R int32 ids come back, not [R, V] logits) in steps
+  // where no sampled sequence wants logprobs or verifies drafts; those steps copy the logits and sample on the
+  // host. Either way the same tokens (docs/engine.md "Sampler"). false = always the host sampler (also set by the
+  // environment switch DS_HOST_SAMPLING=1, for before/after measurements).
+  bool device_sampling = true;
   // Speculative verify and draft steps through the recordings too (with step_graphs). Step graphs are keyed by
   // ModelCaches::id, so a new engine never replays a recording made with another engine's caches.
   bool spec_step_graphs = true;
@@ -116,6 +121,7 @@ struct EngineMetrics {
   int64_t requests_finished[5] = {0, 0, 0, 0, 0};  // by FinishReason
   int64_t preemptions_total = 0, steps_total = 0;
   int64_t graph_steps_total = 0;  // steps that ran through Model::forward_graphed (decode-only)
+  int64_t device_sample_steps_total = 0;  // steps whose tokens came from Backend::sample_rows
   // Speculative decoding (vLLM's spec_decode_* counters): verify rounds, drafted tokens verified, drafts
   // accepted, and accepted per draft position (index i = the (i+1)-th draft of a round; size K).
   int64_t spec_num_drafts_total = 0, spec_draft_tokens_total = 0, spec_accepted_tokens_total = 0;

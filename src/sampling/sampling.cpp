@@ -6,30 +6,18 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <random>
 
+#include "backend/cpu/cpu_backend.h"
 #include "core/status.h"
 
 namespace ds::sampling {
 namespace {
 
-// Below this temperature a request is greedy (vLLM's _SAMPLING_EPS): dividing by it would overflow.
-constexpr float kGreedyEps = 1e-5f;
-
 uint64_t seed_of(const SamplingParams& p) {
   if (p.seed) return *p.seed;
   std::random_device rd;
   return (uint64_t(rd()) << 32) ^ uint64_t(rd());
-}
-
-// Uniform in [0, 1) from the top 53 bits: identical on every standard library, which
-// std::uniform_real_distribution does not promise (seeded outputs must not change with the toolchain).
-double uniform01(std::mt19937_64& g) { return double(g() >> 11) * 0x1.0p-53; }
-
-int32_t argmax(const float* x, int64_t n) {
-  int64_t a = 0;
-  for (int64_t i = 1; i < n; ++i)
-    if (x[i] > x[a]) a = i;
-  return int32_t(a);
 }
 
 // Raw log-softmax over ids [0, n): the chosen token and the top `k` alternatives.
@@ -52,10 +40,55 @@ void fill_logprobs(const float* logits, int64_t n, int32_t chosen, int32_t k, To
   for (int32_t i = 0; i < k; ++i) lp.top.push_back({ids[size_t(i)], float(double(logits[ids[size_t(i)]]) - lse)});
 }
 
+// The row parameters without the uniform and the edit range.
+SampleRowParams row_of(const SamplingParams& p) {
+  SampleRowParams r;
+  r.greedy = is_greedy(p) ? 1 : 0;
+  r.inv_temperature = r.greedy ? 1.f : 1.f / p.temperature;
+  r.top_k = p.top_k > 0 ? p.top_k : 0;
+  r.top_p = p.top_p;
+  r.log_min_p = p.min_p > 0.f ? float(std::log(double(p.min_p))) : -std::numeric_limits<float>::infinity();
+  r.repetition_penalty = p.repetition_penalty;
+  r.presence_penalty = p.presence_penalty;
+  r.frequency_penalty = p.frequency_penalty;
+  return r;
+}
+
 }  // namespace
 
-SeqSampler::SeqSampler(const SamplingParams& p, const std::vector<int32_t>& prompt) : params(p), rng(seed_of(p)) {
+SeqSampler::SeqSampler(const SamplingParams& p, const std::vector<int32_t>& prompt) : params(p), seed(seed_of(p)) {
   for (int32_t t : prompt) prompt_tokens[t] = true;
+}
+
+void collect_edits(const SeqSampler& s, std::vector<SampleEdit>& out) {
+  const SamplingParams& p = s.params;
+  std::unordered_map<int32_t, SampleEdit> m;
+  auto at = [&](int32_t t) -> SampleEdit& {
+    SampleEdit& e = m[t];
+    e.id = t;
+    return e;
+  };
+  for (auto& [t, b] : p.logit_bias) at(t).bias += b;  // repeated ids: their biases summed in list order
+  if (p.repetition_penalty != 1.f) {
+    for (auto& [t, _] : s.prompt_tokens) at(t).repeated = 1;
+    for (auto& [t, _] : s.generated_counts) at(t).repeated = 1;
+  }
+  if (p.presence_penalty != 0.f || p.frequency_penalty != 0.f)
+    for (auto& [t, c] : s.generated_counts)
+      if (c > 0) at(t).count = c;
+  const size_t first = out.size();
+  for (auto& [t, e] : m) out.push_back(e);
+  std::sort(out.begin() + std::ptrdiff_t(first), out.end(),
+            [](const SampleEdit& a, const SampleEdit& b) { return a.id < b.id; });
+}
+
+SampleRowParams next_row(SeqSampler& s, std::vector<SampleEdit>& edits) {
+  SampleRowParams r = row_of(s.params);
+  r.edit_begin = int32_t(edits.size());
+  collect_edits(s, edits);
+  r.edit_count = int32_t(edits.size()) - r.edit_begin;
+  if (!r.greedy) r.u = s.next_uniform();
+  return r;
 }
 
 void check_params(const SamplingParams& p, int64_t vocab) {
@@ -78,106 +111,21 @@ void check_params(const SamplingParams& p, int64_t vocab) {
 }
 
 void apply_bias_and_penalties(float* x, int64_t n, const SeqSampler& s) {
-  const SamplingParams& p = s.params;
-  for (auto& [t, b] : p.logit_bias)
-    if (t >= 0 && t < n) x[t] += b;
-  if (p.repetition_penalty != 1.f) {
-    // HF/vLLM: once per distinct token of prompt + generated; moves the logit towards "less likely".
-    const float rp = p.repetition_penalty;
-    auto penalise = [&](int32_t t) {
-      if (t < 0 || t >= n) return;
-      x[t] = x[t] > 0 ? x[t] / rp : x[t] * rp;
-    };
-    for (auto& [t, _] : s.prompt_tokens) penalise(t);
-    for (auto& [t, _] : s.generated_counts)
-      if (!s.prompt_tokens.count(t)) penalise(t);
-  }
-  if (p.presence_penalty != 0.f || p.frequency_penalty != 0.f)
-    for (auto& [t, c] : s.generated_counts)  // OpenAI: generated tokens only
-      if (t >= 0 && t < n && c > 0) x[t] -= p.frequency_penalty * float(c) + p.presence_penalty;
+  std::vector<SampleEdit> edits;
+  collect_edits(s, edits);
+  const SampleRowParams r = row_of(s.params);
+  for (const SampleEdit& e : edits)
+    if (e.id >= 0 && e.id < n) x[e.id] = edit_logit(x[e.id], e, r);
 }
-
-namespace {
-
-// The distribution sample() draws from, up to its normaliser: the candidates that survive temperature,
-// min_p, top_k and top_p with their weights exp(logit/T - max), in the order sample() walks them.
-// `x` holds the biased and penalised logits [n]; not called for greedy requests.
-struct Cand {
-  double w;  // exp(logit - max): probability up to the normaliser
-  int32_t id;
-};
-
-std::vector<Cand> candidates(std::vector<float>& x, const SamplingParams& p) {
-  const int64_t n = int64_t(x.size());
-  const float inv_t = 1.f / p.temperature;
-  float mx = -std::numeric_limits<float>::infinity();
-  for (auto& v : x) {
-    v *= inv_t;
-    mx = std::max(mx, v);
-  }
-  if (!std::isfinite(mx)) fail("sampling: no token left to sample (every logit is -inf or NaN after logit_bias)");
-  std::vector<Cand> c;
-  c.reserve(size_t(n));
-  // min_p keeps tokens whose probability is at least min_p × the top probability: w >= min_p.
-  for (int64_t i = 0; i < n; ++i) {
-    double w = std::exp(double(x[size_t(i)]) - mx);
-    if (w > 0 && w >= double(p.min_p)) c.push_back({w, int32_t(i)});
-  }
-  auto by_prob = [](const Cand& a, const Cand& b) { return a.w > b.w || (a.w == b.w && a.id < b.id); };
-  if (p.top_k > 0 && size_t(p.top_k) < c.size()) {
-    // Ties with the k-th value are kept, like vLLM's mask `logits < kth`.
-    std::nth_element(c.begin(), c.begin() + (p.top_k - 1), c.end(), by_prob);
-    const double kth = c[size_t(p.top_k - 1)].w;
-    c.erase(std::remove_if(c.begin(), c.end(), [&](const Cand& a) { return a.w < kth; }), c.end());
-  }
-  if (p.top_p < 1.f) {
-    // Keep the most likely tokens while the mass before them is below top_p (so at least one survives).
-    std::sort(c.begin(), c.end(), by_prob);
-    double total = 0;
-    for (auto& a : c) total += a.w;
-    double before = 0;
-    size_t keep = 0;
-    while (keep < c.size() && before < double(p.top_p) * total) before += c[keep++].w;
-    c.resize(std::max<size_t>(keep, 1));
-  }
-  return c;
-}
-
-// Draws from the candidates' weights (u uniform in [0, 1)).
-int32_t draw(const std::vector<Cand>& c, double u) {
-  double total = 0;
-  for (auto& a : c) total += a.w;
-  u *= total;
-  int32_t tok = c.back().id;
-  for (auto& a : c) {
-    if (u < a.w) {
-      tok = a.id;
-      break;
-    }
-    u -= a.w;
-  }
-  return tok;
-}
-
-}  // namespace
 
 int32_t sample(const float* logits, int64_t V, int64_t vocab_limit, SeqSampler& s, TokenLogprob* lp) {
-  const SamplingParams& p = s.params;
   const int64_t n = vocab_limit > 0 ? std::min(vocab_limit, V) : V;  // ids >= n are never produced
   DS_CHECK(n > 0, "empty vocabulary");
-
-  // 1. Logit bias, then penalties, on a copy of the raw row.
-  std::vector<float> x(logits, logits + n);  // fp32 [n]
-  apply_bias_and_penalties(x.data(), n, s);
-
-  int32_t tok = -1;
-  if (p.temperature < kGreedyEps) {
-    tok = argmax(x.data(), n);
-  } else {
-    // 2. Temperature. 3. min_p, top_k, top_p over the surviving candidates. 4. Draw.
-    tok = draw(candidates(x, p), uniform01(s.rng));
-  }
-  if (lp && p.logprobs >= 0) fill_logprobs(logits, n, tok, p.logprobs, *lp);
+  std::vector<SampleEdit> edits;
+  const SampleRowParams r = next_row(s, edits);
+  const int32_t tok = cpu::sample_row(logits, n, r, edits.data(), int64_t(edits.size()));
+  if (tok < 0) fail("no token left to sample (every logit is -inf or NaN after logit_bias)");
+  if (lp && s.params.logprobs >= 0) fill_logprobs(logits, n, tok, s.params.logprobs, *lp);
   return tok;
 }
 
@@ -186,42 +134,47 @@ int32_t verify_draft(const float* logits, int64_t V, int64_t vocab_limit, SeqSam
   const SamplingParams& p = s.params;
   const int64_t n = vocab_limit > 0 ? std::min(vocab_limit, V) : V;
   DS_CHECK(n > 0, "empty vocabulary");
-  std::vector<float> x(logits, logits + n);  // fp32 [n]
-  apply_bias_and_penalties(x.data(), n, s);
+  std::vector<SampleEdit> edits;
+  collect_edits(s, edits);
+  const SampleRowParams r = row_of(p);
+  std::vector<float> z;  // what sample() filters and draws from
+  cpu::sample_values(logits, n, r, edits.data(), int64_t(edits.size()), z);
 
   int32_t tok = -1;
   bool acc = false;
-  if (p.temperature < kGreedyEps) {
+  if (r.greedy) {
     // Greedy target: p is one-hot at the argmax, so the rule reduces to "accept iff equal" and uses no RNG.
-    tok = argmax(x.data(), n);
+    tok = cpu::sample_argmax(z.data(), n);
     acc = tok == draft;
   } else {
-    std::vector<Cand> c = candidates(x, p);
-    double total = 0, pd = 0;
-    for (auto& a : c) {
-      total += a.w;
-      if (a.id == draft) pd = a.w;
-    }
-    pd /= total;  // p(draft); 0 outside the candidates (or outside [0, n))
+    cpu::SampleSet c;  // p = c.w / c.total over c.ids, exactly sample()'s distribution
+    if (!cpu::sample_filter(z.data(), n, r, c)) fail("no token left to sample (every logit is -inf or NaN after logit_bias)");
+    double pd = 0;
+    for (size_t i = 0; i < c.ids.size(); ++i)
+      if (c.ids[i] == draft) pd = c.w[i] / c.total;  // p(draft); 0 outside the kept set (or outside [0, n))
     const double qd = draft_probs ? double(draft_probs[draft]) : 1.0;
     // Leviathan et al.: accept with probability min(1, p/q), i.e. u·q < p.
-    const double u = uniform01(s.rng);
+    const double u = s.next_uniform();
     if (u * qd < pd) {
       tok = draft;
       acc = true;
     } else {
       // Residual normalize(max(0, p - q)); with a one-hot q that is p without the draft. Its support lies
-      // inside the candidates, since p = 0 elsewhere.
-      std::vector<Cand> r;
-      r.reserve(c.size());
-      for (auto& a : c) {
-        const double q = draft_probs ? double(draft_probs[a.id]) : (a.id == draft ? 1.0 : 0.0);
-        const double w = a.w / total - q;
-        if (w > 0) r.push_back({w, a.id});
+      // inside the kept set, since p = 0 elsewhere.
+      cpu::SampleSet res;
+      for (size_t i = 0; i < c.ids.size(); ++i) {
+        const int32_t id = c.ids[i];
+        const double q = draft_probs ? double(draft_probs[id]) : (id == draft ? 1.0 : 0.0);
+        const double w = c.w[i] / c.total - q;
+        if (w > 0) {
+          res.ids.push_back(id);
+          res.w.push_back(w);
+          res.total += w;
+        }
       }
       // p == q leaves no residual mass, but then the draft was accepted with probability 1: unreachable
       // except by rounding; fall back to p itself.
-      tok = draw(r.empty() ? c : r, uniform01(s.rng));
+      tok = cpu::sample_draw(res.ids.empty() ? c : res, s.next_uniform());
     }
   }
   if (accepted) *accepted = acc;
@@ -231,7 +184,7 @@ int32_t verify_draft(const float* logits, int64_t V, int64_t vocab_limit, SeqSam
 
 int32_t draft_argmax(const float* logits, int64_t V, int64_t vocab_limit) {
   const int64_t n = vocab_limit > 0 ? std::min(vocab_limit, V) : V;
-  return argmax(logits, n);
+  return cpu::sample_argmax(logits, n);
 }
 
 }  // namespace ds::sampling

@@ -1,12 +1,14 @@
 // Turning a row of logits into the next token: temperature, top-k, top-p, min-p, penalties, logit bias,
-// seeded randomness, logprobs. CPU reference (the CUDA twin lives in backend/cuda).
+// seeded randomness, logprobs. The arithmetic is Backend::sample_rows' (backend/cpu/sample.cpp on the host, the
+// CUDA kernel on the device): the same request draws the same uniforms and tokens on either path.
 #pragma once
 #include <cstdint>
 #include <optional>
-#include <random>
 #include <unordered_map>
 #include <utility>
 #include <vector>
+
+#include "backend/sample_math.h"
 
 namespace ds::sampling {
 
@@ -30,15 +32,28 @@ struct TokenLogprob {
   std::vector<std::pair<int32_t, float>> top;      // top-n (token, logprob), most likely first
 };
 
-// Per-sequence sampling state: the RNG and the token counts penalties need.
+// Per-sequence sampling state: the random stream and the token counts penalties need.
 struct SeqSampler {
   explicit SeqSampler(const SamplingParams& p, const std::vector<int32_t>& prompt);
   SamplingParams params;
-  std::mt19937_64 rng;
+  uint64_t seed = 0;   // params.seed, or one from std::random_device chosen at creation
+  uint64_t draws = 0;  // uniforms drawn so far; the next is uniform_at(seed, draws) (backend/sample_math.h)
   std::unordered_map<int32_t, int32_t> generated_counts;  // token -> times generated
   std::unordered_map<int32_t, bool> prompt_tokens;        // for repetition_penalty
   void accept(int32_t token) { ++generated_counts[token]; }
+  float next_uniform() { return uniform_at(seed, draws++); }
 };
+
+// Below this temperature a request is greedy (vLLM's _SAMPLING_EPS).
+constexpr float kGreedyEps = 1e-5f;
+inline bool is_greedy(const SamplingParams& p) { return p.temperature < kGreedyEps; }
+
+// The tokens bias and penalties touch, one SampleEdit per distinct id, increasing, appended to `out`.
+void collect_edits(const SeqSampler& s, std::vector<SampleEdit>& out);
+
+// This sequence's next draw as one row of Backend::sample_rows: its edits appended to `edits`, and (unless greedy)
+// the next uniform of its stream, so the caller must use the row (the stream has advanced, as sample() does).
+SampleRowParams next_row(SeqSampler& s, std::vector<SampleEdit>& edits);
 
 // Throws ds::Error naming the field, the allowed range and the value found when `p` is out of range for a
 // vocabulary of `vocab` ids (temperature < 0, top_p outside (0, 1], top_k < -1, min_p outside [0, 1],
@@ -49,8 +64,10 @@ void check_params(const SamplingParams& p, int64_t vocab);
 // applied in place to x [n] (ids >= n are ignored).
 void apply_bias_and_penalties(float* x, int64_t n, const SeqSampler& s);
 
-// Picks the next token from logits [V] (fp32, raw). `vocab_limit` masks ids >= it (padding rows of the
+// Picks the next token from logits [V] (fp32, raw): next_row() + the CPU sample_rows of that row, so the token is
+// the one Backend::sample_rows picks for the same row. `vocab_limit` masks ids >= it (padding rows of the
 // embedding that the tokenizer never produces); pass V to mask nothing. Fills `lp` when params.logprobs >= 0.
+// Throws when no token is left (every logit -inf or NaN after logit_bias).
 int32_t sample(const float* logits, int64_t V, int64_t vocab_limit, SeqSampler& s, TokenLogprob* lp);
 
 // Speculative decoding: decides the token at one verified position given the target logits [V] of that

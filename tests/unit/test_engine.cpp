@@ -273,6 +273,63 @@ TEST(Engine, StepGraphsOnAndOffGiveIdenticalOutputs) {
   EXPECT_LT(graph_steps[1], steps[1]);  // the prefill steps stayed eager
 }
 
+// Sampling on the backend (Backend::sample_rows, here the CPU backend's) gives the host sampler's tokens: greedy
+// and seeded requests with every filter, penalties and bias, batched; a logprobs request sends its steps to the
+// host path. Only the path changes, never a token.
+TEST(Engine, DeviceSamplingEqualsHostSampling) {
+  auto& f = fx();
+  auto reqs_of = [&] {
+    std::vector<std::shared_ptr<Request>> v;
+    for (int i = 0; i < 8; ++i) {
+      auto p = f.prompts[size_t(i % 5)];
+      p.resize(std::min<size_t>(p.size(), i >= 5 ? 20 : 48));  // short prompts: the test is about the samplers
+      auto r = make_req(uint64_t(i), p, 12, i % 4 == 0 ? 0.f : 0.7f + 0.1f * float(i), uint64_t(77 + i));
+      auto& sp = r->sampling;
+      if (i % 4 == 1) {  // every filter and penalty at once
+        sp.top_k = 20;
+        sp.top_p = 0.8f;
+        sp.min_p = 0.05f;
+        sp.repetition_penalty = 1.3f;
+        sp.presence_penalty = 0.4f;
+        sp.frequency_penalty = 0.3f;
+        sp.logit_bias = {{7, 2.f}, {8, -100.f}, {9, 1.5f}, {9, 0.5f}};
+      }
+      if (i % 4 == 2) {  // plain temperature sampling over the whole vocabulary
+        sp.top_k = 0;
+        sp.top_p = 1.f;
+      }
+      if (i % 4 == 0) sp.repetition_penalty = 1.5f;  // greedy with a penalty
+      if (i == 6) sp.logprobs = 2;                  // its steps sample on the host
+      v.push_back(r);
+    }
+    return v;
+  };
+  std::vector<std::vector<Result>> out(2);
+  std::vector<int64_t> dev_steps(2);
+  for (int on = 0; on < 2; ++on) {
+    auto reqs = reqs_of();
+    EngineConfig c = base_config();
+    c.max_num_seqs = 4;
+    c.max_num_batched_tokens = 64;
+    c.vocab_limit = 2000;  // below the 2048 rows of the head: ids >= 2000 are never produced
+    c.device_sampling = on == 1;
+    Engine e(*f.m, c);
+    for (auto& r : reqs) e.submit(r);
+    drain(e);
+    for (auto& r : reqs) out[size_t(on)].push_back(collect(*r, 0ms));
+    dev_steps[size_t(on)] = e.metrics().device_sample_steps_total;
+    expect_empty(e.metrics());
+  }
+  for (size_t i = 0; i < out[0].size(); ++i) {
+    EXPECT_EQ(out[1][i].tokens, out[0][i].tokens) << "request " << i;
+    EXPECT_EQ(out[1][i].finish, out[0][i].finish) << "request " << i;
+    for (int32_t t : out[1][i].tokens) EXPECT_LT(t, 2000) << "request " << i;
+  }
+  EXPECT_EQ(out[1][6].logprobs.size(), out[1][6].tokens.size());
+  EXPECT_EQ(dev_steps[0], 0);
+  EXPECT_GT(dev_steps[1], 5);
+}
+
 // Model::kv_block_bytes / state_slot_bytes are what alloc_caches really allocates per block and per slot.
 TEST(PoolSizing, BytesPerBlockAndSlotMatchAllocCaches) {
   auto& m = *fx().m;

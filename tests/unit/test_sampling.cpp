@@ -7,6 +7,8 @@
 #include <random>
 #include <set>
 
+#include "backend/cpu/cpu_backend.h"
+#include "backend/ops.h"
 #include "core/status.h"
 #include "sampling/sampling.h"
 
@@ -277,6 +279,187 @@ TEST(Sampling, CheckParamsRejectsOutOfRange) {
     EXPECT_NE(std::string(e.what()).find("top_p"), std::string::npos) << e.what();
     EXPECT_NE(std::string(e.what()).find("2"), std::string::npos) << e.what();
   }
+}
+
+// ---- the counter-based stream and the kernels' semantics (Backend::sample_rows) ----------------------------
+
+TEST(SamplingRng, CounterUniformsAreAPureFunctionOfSeedAndCounter) {
+  // Pinned: seeded outputs depend on these values on every backend (a change here changes every seeded request).
+  EXPECT_EQ(uniform_at(0, 0), 0x1.45bf56p-1f);
+  EXPECT_EQ(uniform_at(0, 1), 0x1.2dd72ep-1f);
+  EXPECT_EQ(uniform_at(42, 7), 0x1.971a9p-4f);
+  SamplingParams p;
+  p.seed = 42;
+  SeqSampler s(p, {});
+  EXPECT_EQ(s.seed, 42u);
+  for (uint64_t i = 0; i < 10; ++i) EXPECT_EQ(s.next_uniform(), uniform_at(42, i));
+  EXPECT_EQ(s.draws, 10u);
+  // Unseeded samplers get a random seed at creation.
+  SamplingParams q;
+  EXPECT_NE(SeqSampler(q, {}).seed, SeqSampler(q, {}).seed);
+  // In [0, 1), on the 2^-24 grid; 16 equal bins over 32768 draws of 8 seeds: chi-square with 15 degrees of
+  // freedom below 37.7 (p = 0.001); neighbouring seeds and counters not correlated.
+  std::vector<int> bins(16, 0);
+  double lag = 0, mean = 0;
+  const int N = 4096;
+  for (uint64_t seed = 0; seed < 8; ++seed)
+    for (int i = 0; i < N; ++i) {
+      const float u = uniform_at(seed, uint64_t(i));
+      ASSERT_GE(u, 0.f);
+      ASSERT_LT(u, 1.f);
+      ASSERT_EQ(u * 16777216.f, std::floor(u * 16777216.f));
+      ++bins[size_t(u * 16)];
+      mean += u;
+      lag += (u - 0.5) * (uniform_at(seed + 1, uint64_t(i)) - 0.5) + (u - 0.5) * (uniform_at(seed, uint64_t(i) + 1) - 0.5);
+    }
+  double chi2 = 0;
+  const double want = 8.0 * N / 16;
+  for (int b : bins) chi2 += (b - want) * (b - want) / want;
+  EXPECT_LT(chi2, 37.7);
+  EXPECT_NEAR(mean / (8 * N), 0.5, 0.01);
+  EXPECT_NEAR(lag / (2 * 8 * N), 0.0, 0.005);  // a correlation of 0 has variance 1/144 per term
+}
+
+// The filtered distribution, written from the classic definitions (sort, cut) rather than the thresholds.
+std::vector<double> filtered(const std::vector<float>& x, const SamplingParams& p) {
+  const size_t n = x.size();
+  std::vector<float> z(n);
+  for (size_t i = 0; i < n; ++i) z[i] = x[i] * (1.f / p.temperature);
+  const float zmax = *std::max_element(z.begin(), z.end());
+  std::vector<double> w(n);
+  for (size_t i = 0; i < n; ++i) w[i] = std::exp(double(z[i]) - zmax);
+  std::vector<size_t> order(n);
+  for (size_t i = 0; i < n; ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return w[a] > w[b]; });
+  std::vector<bool> keep(n, true);
+  for (size_t i = 0; i < n; ++i) keep[i] = w[i] >= p.min_p;
+  if (p.top_k > 0)
+    for (size_t r = size_t(p.top_k); r < n; ++r) keep[order[r]] = false;
+  if (p.top_p < 1.f) {
+    double total = 0, before = 0;
+    for (size_t i = 0; i < n; ++i) total += keep[i] ? w[i] : 0;
+    for (size_t i : order) {
+      if (!keep[i]) continue;
+      if (before >= double(p.top_p) * total) keep[i] = false;
+      before += w[i];
+    }
+  }
+  double total = 0;
+  for (size_t i = 0; i < n; ++i) total += keep[i] ? w[i] : 0;
+  std::vector<double> out(n);
+  for (size_t i = 0; i < n; ++i) out[i] = keep[i] ? w[i] / total : 0;
+  return out;
+}
+
+TEST(SamplingRng, FrequenciesMatchTheFilteredDistribution) {
+  // Logits without ties and no filter within rounding of a cut: the kept set is unambiguous.
+  const std::vector<float> x = {1.0f, 0.5f, -0.3f, 2.0f, 0.1f, -1.5f, 1.3f, 0.75f};
+  struct Case {
+    float t, top_p, min_p;
+    int32_t top_k;
+  };
+  const Case cases[] = {{1.f, 1.f, 0.f, 0}, {0.7f, 1.f, 0.f, 5}, {1.f, 0.8f, 0.f, 0},
+                        {1.3f, 1.f, 0.12f, 0}, {0.9f, 0.9f, 0.05f, 6}, {2.f, 0.5f, 0.f, 3}};
+  for (size_t c = 0; c < std::size(cases); ++c) {
+    SamplingParams p;
+    p.temperature = cases[c].t;
+    p.top_p = cases[c].top_p;
+    p.min_p = cases[c].min_p;
+    p.top_k = cases[c].top_k;
+    p.seed = 900 + c;
+    const auto want = filtered(x, p);
+    SeqSampler s(p, {});
+    const int N = 4000;
+    std::vector<int> count(x.size(), 0);
+    for (int i = 0; i < N; ++i) ++count[size_t(sample(x.data(), 8, 8, s, nullptr))];
+    double chi2 = 0;
+    int df = -1;
+    for (size_t i = 0; i < x.size(); ++i) {
+      if (want[i] == 0) {
+        EXPECT_EQ(count[i], 0) << "case " << c << ": token " << i << " is filtered out";
+        continue;
+      }
+      ++df;
+      const double e = want[i] * N;
+      chi2 += (count[i] - e) * (count[i] - e) / e;
+    }
+    // p = 0.001 critical values of chi-square for 1..7 degrees of freedom.
+    const double crit[] = {0, 10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32};
+    EXPECT_LT(chi2, crit[std::max(df, 1)]) << "case " << c << " (" << df << " degrees of freedom)";
+  }
+}
+
+TEST(SamplingRng, ThresholdSemanticsKeepTies) {
+  // top_k keeps every token tied with the k-th value; top_p keeps a tied group whole.
+  const std::vector<float> x = {1.f, 3.f, 2.f, 2.f, 0.f, 2.f};
+  SamplingParams p;
+  p.top_k = 2;
+  EXPECT_EQ(support(x, p, 2000), (std::set<int32_t>{1, 2, 3, 5}));
+  p.top_k = 0;
+  p.top_p = 0.3f;  // token 1 alone has 0.41 of the mass
+  EXPECT_EQ(support(x, p, 2000), (std::set<int32_t>{1}));
+  p.top_p = 0.5f;  // the group of 2s reaches it: all three stay
+  EXPECT_EQ(support(x, p, 2000), (std::set<int32_t>{1, 2, 3, 5}));
+}
+
+// The backend op on the CPU (sample_rows over several rows with their edits) picks exactly sample()'s tokens.
+TEST(SamplingRng, CpuSampleRowsEqualsSample) {
+  auto be = make_cpu_backend();
+  const int64_t V = 600, limit = 550;
+  const int R = 6;
+  std::vector<float> all;
+  for (int r = 0; r < R; ++r) {
+    auto x = random_logits(V, 50 + uint64_t(r), 2.f);
+    all.insert(all.end(), x.begin(), x.end());
+  }
+  Tensor t = be->upload_f32(all, {R, V}, DType::F32);
+  std::vector<SamplingParams> ps(R);
+  ps[0].temperature = 0.f;
+  ps[0].repetition_penalty = 1.4f;
+  ps[1].top_k = 7;
+  ps[2].top_p = 0.6f;
+  ps[2].temperature = 0.6f;
+  ps[3].min_p = 0.2f;
+  ps[3].presence_penalty = 1.f;
+  ps[3].frequency_penalty = 0.5f;
+  ps[4].logit_bias = {{3, 5.f}, {549, 4.f}, {560, 50.f}};
+  ps[5].top_k = 30;
+  ps[5].top_p = 0.9f;
+  ps[5].min_p = 0.01f;
+  ps[5].repetition_penalty = 0.8f;
+  std::vector<SeqSampler> a, b;
+  for (int r = 0; r < R; ++r) {
+    ps[size_t(r)].seed = 5 + uint64_t(r);
+    a.emplace_back(ps[size_t(r)], std::vector<int32_t>{1, 2, 3, 400});
+    b.emplace_back(ps[size_t(r)], std::vector<int32_t>{1, 2, 3, 400});
+  }
+  for (int step = 0; step < 40; ++step) {
+    std::vector<SampleRowParams> rows;
+    std::vector<SampleEdit> edits;
+    for (int r = 0; r < R; ++r) rows.push_back(next_row(b[size_t(r)], edits));
+    std::vector<int32_t> ids;
+    be->sample_rows(t, limit, rows, edits, ids);
+    ASSERT_EQ(ids.size(), size_t(R));
+    for (int r = 0; r < R; ++r) {
+      const int32_t want = sample(all.data() + int64_t(r) * V, V, limit, a[size_t(r)], nullptr);
+      ASSERT_EQ(ids[size_t(r)], want) << "step " << step << " row " << r;
+      ASSERT_LT(want, limit);
+      a[size_t(r)].accept(want);
+      b[size_t(r)].accept(want);
+      EXPECT_EQ(a[size_t(r)].draws, b[size_t(r)].draws);
+    }
+  }
+  // Nothing to sample: -1 from the op, an error from sample().
+  std::vector<float> dead(8, -std::numeric_limits<float>::infinity());
+  Tensor d = be->upload_f32(dead, {1, 8}, DType::F32);
+  SamplingParams p;
+  p.seed = 1;
+  SeqSampler s(p, {});
+  std::vector<SampleEdit> edits;
+  std::vector<int32_t> ids;
+  be->sample_rows(d, 8, {next_row(s, edits)}, edits, ids);
+  EXPECT_EQ(ids, std::vector<int32_t>{-1});
+  EXPECT_THROW(sample(dead.data(), 8, 8, s, nullptr), Error);
 }
 
 }  // namespace

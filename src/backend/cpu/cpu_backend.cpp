@@ -383,6 +383,14 @@ class CpuBackend final : public Backend {
     }
   }
 
+  void sample_rows(const Tensor& logits, int64_t vocab_limit, const std::vector<SampleRowParams>& rows,
+                   const std::vector<SampleEdit>& edits, std::vector<int32_t>& ids) override {
+    DS_CHECK(logits.ndim() == 2 && logits.dim(0) >= int64_t(rows.size()), "sample_rows: logits [R, V] for ",
+             rows.size(), " rows");
+    if (logits.dtype == DType::F32) return cpu::sample_rows(logits.ptr<float>(), logits.dim(1), vocab_limit, rows, edits, ids);
+    const std::vector<float> host = to_host_f32(logits);  // BF16 logits
+    cpu::sample_rows(host.data(), logits.dim(1), vocab_limit, rows, edits, ids);
+  }
   void gather_rows(const Tensor& x, const std::vector<int32_t>& rows, Tensor& out) override {
     const int64_t H = x.numel() / x.dim(0);
     for (size_t i = 0; i < rows.size(); ++i)

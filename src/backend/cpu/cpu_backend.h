@@ -37,4 +37,26 @@ void vision_rope(Tensor& qkv, int64_t Nh, int64_t Dh, const std::vector<int32_t>
 void vision_attention(const Tensor& qkv, int64_t Nh, int64_t Dh, const std::vector<int32_t>& cu_seqlens, Tensor& o);
 void scatter_rows(Tensor& x, const std::vector<int32_t>& rows, const Tensor& src);
 
+// Sampling (backend/cpu/sample.cpp): the specification of Backend::sample_rows, also the host sampler's core
+// (sampling::sample and verify_draft draw from the same set).
+struct SampleSet {
+  std::vector<int32_t> ids;  // kept ids, increasing
+  std::vector<double> w;     // their weights expf(z - zmax)
+  double total = 0;          // Σ w, in id order
+};
+// z [n] = scaled_logit(edited raw logits) (sample_math.h); `edits` [ne].
+void sample_values(const float* raw, int64_t n, const SampleRowParams& p, const SampleEdit* edits, int64_t ne,
+                   std::vector<float>& z);
+// The lowest id of the largest z (NaN as -inf); 0 when every z is -inf or NaN.
+int32_t sample_argmax(const float* z, int64_t n);
+// The kept set of a non-greedy row (min_p, top_k, top_p as ops.h defines them). False: nothing to sample.
+bool sample_filter(const float* z, int64_t n, const SampleRowParams& p, SampleSet& out);
+// The first kept id whose cumulative weight exceeds u × total (else the last kept id with w > 0).
+int32_t sample_draw(const SampleSet& s, float u);
+// One row of sample_rows: greedy or filter + draw with p.u; -1 when nothing can be sampled.
+int32_t sample_row(const float* raw, int64_t n, const SampleRowParams& p, const SampleEdit* edits, int64_t ne);
+// Backend::sample_rows over host fp32 logits [R, V] (R = rows.size()).
+void sample_rows(const float* logits, int64_t V, int64_t vocab_limit, const std::vector<SampleRowParams>& rows,
+                 const std::vector<SampleEdit>& edits, std::vector<int32_t>& ids);
+
 }  // namespace ds::cpu

@@ -1,0 +1,119 @@
+// The CPU sampler core: the specification of Backend::sample_rows (ops.h) and what sampling::sample draws with.
+// Plain loops; sums in double in id order (the CUDA kernel sums in float in another order, see docs/engine.md).
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "backend/cpu/cpu_backend.h"
+#include "core/status.h"
+
+namespace ds::cpu {
+
+void sample_values(const float* raw, int64_t n, const SampleRowParams& p, const SampleEdit* edits, int64_t ne,
+                   std::vector<float>& z) {
+  z.resize(size_t(n));
+  for (int64_t i = 0; i < n; ++i) z[size_t(i)] = scaled_logit(raw[i], p);
+  for (int64_t j = 0; j < ne; ++j) {
+    const SampleEdit& e = edits[j];
+    if (e.id >= 0 && e.id < n) z[size_t(e.id)] = scaled_logit(edit_logit(raw[e.id], e, p), p);
+  }
+}
+
+int32_t sample_argmax(const float* z, int64_t n) {
+  int64_t a = 0;
+  float best = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i)
+    if (z[i] > best) {  // NaN is never greater
+      best = z[i];
+      a = i;
+    }
+  return int32_t(a);
+}
+
+bool sample_filter(const float* z, int64_t n, const SampleRowParams& p, SampleSet& out) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  out.ids.clear();
+  out.w.clear();
+  out.total = 0;
+  float zmax = ninf;
+  for (int64_t i = 0; i < n; ++i) zmax = std::max(zmax, z[i]);  // std::max keeps zmax when z[i] is NaN
+  if (!(zmax > ninf) || std::isinf(zmax)) return false;
+  float lo = p.log_min_p == ninf ? ninf : add_rn(zmax, p.log_min_p);
+  auto cand = [&](float v) { return v > ninf && v >= lo; };
+  auto weight = [&](float v) { return double(std::exp(sub_rn(v, zmax))); };
+  if (p.top_k > 0) {
+    std::vector<float> c;
+    for (int64_t i = 0; i < n; ++i)
+      if (cand(z[i])) c.push_back(z[i]);
+    if (int64_t(c.size()) > p.top_k) {
+      // The k-th largest value; ties with it stay.
+      std::nth_element(c.begin(), c.begin() + (p.top_k - 1), c.end(), std::greater<float>());
+      lo = c[size_t(p.top_k - 1)];
+    }
+  }
+  if (p.top_p < 1.f) {
+    // lo = the largest candidate value whose mass Σ_{z >= value} w reaches top_p × total.
+    std::vector<std::pair<float, double>> c;
+    double total = 0;
+    for (int64_t i = 0; i < n; ++i)
+      if (cand(z[i])) {
+        c.push_back({z[i], weight(z[i])});
+        total += c.back().second;
+      }
+    const double target = double(p.top_p) * total;
+    std::sort(c.begin(), c.end(), [](auto& a, auto& b) { return a.first > b.first; });
+    double acc = 0;
+    for (size_t i = 0; i < c.size();) {
+      size_t j = i;
+      while (j < c.size() && c[j].first == c[i].first) acc += c[j++].second;  // a group of equal values
+      if (acc >= target || j == c.size()) {
+        lo = c[i].first;
+        break;
+      }
+      i = j;
+    }
+  }
+  for (int64_t i = 0; i < n; ++i)
+    if (cand(z[i])) {
+      out.ids.push_back(int32_t(i));
+      out.w.push_back(weight(z[i]));
+      out.total += out.w.back();
+    }
+  return !out.ids.empty();
+}
+
+int32_t sample_draw(const SampleSet& s, float u) {
+  const double target = double(u) * s.total;
+  double cum = 0;
+  int32_t last = s.ids.empty() ? -1 : s.ids.back();
+  for (size_t i = 0; i < s.ids.size(); ++i) {
+    cum += s.w[i];
+    if (cum > target) return s.ids[i];
+    if (s.w[i] > 0) last = s.ids[i];
+  }
+  return last;
+}
+
+int32_t sample_row(const float* raw, int64_t n, const SampleRowParams& p, const SampleEdit* edits, int64_t ne) {
+  std::vector<float> z;
+  sample_values(raw, n, p, edits, ne, z);
+  if (p.greedy) return sample_argmax(z.data(), n);
+  SampleSet s;
+  if (!sample_filter(z.data(), n, p, s)) return -1;
+  return sample_draw(s, p.u);
+}
+
+void sample_rows(const float* logits, int64_t V, int64_t vocab_limit, const std::vector<SampleRowParams>& rows,
+                 const std::vector<SampleEdit>& edits, std::vector<int32_t>& ids) {
+  const int64_t n = vocab_limit > 0 ? std::min(vocab_limit, V) : V;
+  DS_CHECK(n > 0, "sample_rows: empty vocabulary");
+  ids.assign(rows.size(), -1);
+  for (size_t r = 0; r < rows.size(); ++r) {
+    const SampleRowParams& p = rows[r];
+    DS_CHECK(p.edit_begin >= 0 && p.edit_count >= 0 && size_t(p.edit_begin) + size_t(p.edit_count) <= edits.size(),
+             "sample_rows: row ", r, " edits [", p.edit_begin, ", +", p.edit_count, ") outside ", edits.size());
+    ids[r] = sample_row(logits + int64_t(r) * V, n, p, edits.data() + p.edit_begin, p.edit_count);
+  }
+}
+
+}  // namespace ds::cpu

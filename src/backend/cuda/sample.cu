@@ -1,0 +1,263 @@
+// Sampling on the GPU: Backend::sample_rows (ops.h). One block of 1024 threads per row; every filter is a
+// threshold on the scaled logit z, found without sorting:
+//   max (and its lowest id) → min_p threshold → top_k: the k-th largest candidate by a radix descent over the
+//   order keys counting candidates → top_p: the same descent summing candidate mass → draw: each thread sums the
+//   mass of its contiguous id range, a block scan gives the ranges' cumulative mass, and the thread whose range
+//   crosses u × total walks it in id order.
+// All sums are in a fixed order (per-thread sequential, then warp butterflies and a fixed tree), so a row's result
+// is deterministic; it differs from the CPU's double sums in id order only by rounding (docs/engine.md).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <climits>
+
+#include "backend/cuda/sample.h"
+#include "core/dtype.h"
+
+namespace ds::cuda {
+namespace {
+
+constexpr int kThreads = 1024;
+
+__device__ __forceinline__ float load_logit(const void* p, int dt, int64_t i) {
+  if (dt == int(DType::BF16)) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+  if (dt == int(DType::F32)) return static_cast<const float*>(p)[i];
+  return __half2float(static_cast<const __half*>(p)[i]);
+}
+
+// z [R, n] = scaled raw logits; then the edited ids are overwritten (k_sample_edits, same stream, after).
+__global__ void k_sample_values(const void* logits, int dt, int64_t V, int64_t n, const SampleRowParams* rows,
+                                float* z) {
+  const int64_t r = blockIdx.y;
+  const SampleRowParams p = rows[r];
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    z[r * n + i] = scaled_logit(load_logit(logits, dt, r * V + i), p);
+}
+
+__global__ void k_sample_edits(const void* logits, int dt, int64_t V, int64_t n, const SampleRowParams* rows,
+                               const SampleEdit* edits, float* z) {
+  const int64_t r = blockIdx.y;
+  const SampleRowParams p = rows[r];
+  for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < p.edit_count; j += gridDim.x * blockDim.x) {
+    const SampleEdit e = edits[p.edit_begin + j];
+    if (e.id >= 0 && e.id < n) z[r * n + e.id] = scaled_logit(edit_logit(load_logit(logits, dt, r * V + e.id), e, p), p);
+  }
+}
+
+__device__ __forceinline__ bool is_cand(float v, float lo) { return v > -INFINITY && v >= lo; }  // NaN: false
+
+__device__ __forceinline__ float mass_of(float v, float zmax) { return expf(sub_rn(v, zmax)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum over the block in a fixed order; every thread gets it. `red` [32] shared.
+__device__ float block_sum(float v, float* red) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // red may still be read by a previous call
+  if (lane == 0) red[w] = v;
+  __syncthreads();
+  float s = 0.f;
+  for (int k = 0; k < nw; ++k) s += red[k];
+  return s;
+}
+
+// hist[16] = Σ over the block of each thread's acc[16], in a fixed order. `red` [32·16] shared.
+__device__ void block_sum16(float (&acc)[16], float* red, float* hist) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+  for (int j = 0; j < 16; ++j) acc[j] = warp_sum(acc[j]);
+  if (lane == 0)
+#pragma unroll
+    for (int j = 0; j < 16; ++j) red[w * 16 + j] = acc[j];
+  __syncthreads();
+  if (threadIdx.x < 16) {
+    float s = 0.f;
+    for (int k = 0; k < nw; ++k) s += red[k * 16 + threadIdx.x];
+    hist[threadIdx.x] = s;
+  }
+  __syncthreads();
+}
+
+// The largest candidate value v (z >= lo) with Σ_{candidates z >= v} f >= target, f = 1 (count) or the mass
+// expf(z - zmax): radix descent over the order keys, 4 bits a pass from the top. Rounding can leave no digit
+// reaching the target (a top_p close to 1): the lowest non-empty digit is kept then.
+__device__ float select_threshold(const float* z, int64_t n, float lo, float zmax, float target, bool mass, float* red,
+                                  float* hist) {
+  uint32_t prefix = 0, pmask = 0;
+  float above = 0.f;  // f of the candidates whose keys are above the current prefix range
+  for (int shift = 28; shift >= 0; shift -= 4) {
+    float acc[16];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) acc[j] = 0.f;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      const float v = z[i];
+      if (!is_cand(v, lo)) continue;
+      const uint32_t k = order_key(__float_as_uint(v));
+      if ((k & pmask) != prefix) continue;
+      const float f = mass ? mass_of(v, zmax) : 1.f;
+      const uint32_t d = (k >> shift) & 15u;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) acc[j] += d == uint32_t(j) ? f : 0.f;
+    }
+    block_sum16(acc, red, hist);
+    int chosen = -1, lowest = 0;
+    for (int d = 15; d >= 0; --d) {
+      const float h = hist[d];
+      if (!(h > 0.f)) continue;
+      lowest = d;
+      if (above + h >= target) {
+        chosen = d;
+        break;
+      }
+      above += h;
+    }
+    if (chosen < 0) {
+      chosen = lowest;
+      above -= hist[lowest];
+    }
+    prefix |= uint32_t(chosen) << shift;
+    pmask |= 15u << shift;
+  }
+  return __uint_as_float(key_bits(prefix));
+}
+
+__device__ __forceinline__ void better(float& v, int32_t& i, float v2, int32_t i2) {
+  if (v2 > v || (v2 == v && i2 < i)) {
+    v = v2;
+    i = i2;
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) k_sample_rows(const float* zall, int64_t n, const SampleRowParams* rows,
+                                                          int32_t* ids) {
+  __shared__ float red[32 * 16];
+  __shared__ float hist[16];
+  __shared__ float sv[32];
+  __shared__ int32_t si[32];
+  __shared__ float incl_of[kThreads];
+  __shared__ int pick, last;
+  const int64_t r = blockIdx.x;
+  const SampleRowParams p = rows[r];
+  const float* z = zall + r * n;
+  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, nw = blockDim.x >> 5;
+
+  // 1. The largest z and its lowest id (NaN as -inf).
+  float bv = -INFINITY;
+  int32_t bi = INT_MAX;
+  for (int64_t i = tid; i < n; i += blockDim.x) {
+    const float v = z[i];
+    better(bv, bi, v != v ? -INFINITY : v, int32_t(i));
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float v2 = __shfl_xor_sync(0xffffffffu, bv, o);
+    const int32_t i2 = __shfl_xor_sync(0xffffffffu, bi, o);
+    better(bv, bi, v2, i2);
+  }
+  if (lane == 0) {
+    sv[w] = bv;
+    si[w] = bi;
+  }
+  __syncthreads();
+  bv = sv[0];
+  bi = si[0];
+  for (int k = 1; k < nw; ++k) better(bv, bi, sv[k], si[k]);
+  const float zmax = bv;
+  if (p.greedy) {
+    if (tid == 0) ids[r] = bi;
+    return;
+  }
+  if (!(zmax > -INFINITY) || isinf(zmax)) {
+    if (tid == 0) ids[r] = -1;
+    return;
+  }
+
+  // 2. Filters: every one raises the threshold lo.
+  float lo = p.log_min_p == -INFINITY ? -INFINITY : add_rn(zmax, p.log_min_p);
+  if (p.top_k > 0) {
+    float c = 0.f;
+    for (int64_t i = tid; i < n; i += blockDim.x) c += is_cand(z[i], lo) ? 1.f : 0.f;
+    c = block_sum(c, sv);  // exact: integers below 2^24
+    if (c > float(p.top_k)) lo = select_threshold(z, n, lo, zmax, float(p.top_k), false, red, hist);
+  }
+  if (p.top_p < 1.f) {
+    float t = 0.f;
+    for (int64_t i = tid; i < n; i += blockDim.x) {
+      const float v = z[i];
+      if (is_cand(v, lo)) t += mass_of(v, zmax);
+    }
+    t = block_sum(t, sv);
+    lo = select_threshold(z, n, lo, zmax, mul_rn(p.top_p, t), true, red, hist);
+  }
+
+  // 3. Draw in id order: thread t owns ids [t·chunk, (t+1)·chunk).
+  const int64_t chunk = (n + blockDim.x - 1) / blockDim.x;
+  const int64_t b0 = std::min<int64_t>(n, tid * chunk), b1 = std::min<int64_t>(n, b0 + chunk);
+  float s = 0.f;
+  for (int64_t i = b0; i < b1; ++i) {
+    const float v = z[i];
+    if (is_cand(v, lo)) s += mass_of(v, zmax);
+  }
+  float incl = s;  // inclusive scan over the block
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const float y = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += y;
+  }
+  __syncthreads();  // sv is free again
+  if (lane == 31) sv[w] = incl;
+  if (tid == 0) {
+    pick = INT_MAX;
+    last = -1;
+  }
+  __syncthreads();
+  float off = 0.f;
+  for (int k = 0; k < w; ++k) off += sv[k];
+  incl += off;
+  incl_of[tid] = incl;
+  __syncthreads();
+  const float total = incl_of[blockDim.x - 1];
+  const float target = mul_rn(p.u, total);
+  if (incl > target) atomicMin(&pick, tid);
+  if (s > 0.f) atomicMax(&last, tid);
+  __syncthreads();
+  const int owner = pick != INT_MAX ? pick : last;
+  if (tid != owner) return;
+  float c = tid > 0 ? incl_of[tid - 1] : 0.f;
+  int32_t tok = -1, lastpos = -1;
+  for (int64_t i = b0; i < b1; ++i) {
+    const float v = z[i];
+    if (!is_cand(v, lo)) continue;
+    const float m = mass_of(v, zmax);
+    if (!(m > 0.f)) continue;
+    lastpos = int32_t(i);
+    c += m;
+    if (pick != INT_MAX && c > target) {
+      tok = int32_t(i);
+      break;
+    }
+  }
+  ids[r] = tok >= 0 ? tok : lastpos;
+}
+
+}  // namespace
+
+void launch_sample_rows(const void* logits, int dt, int64_t V, int64_t n, int R, const SampleRowParams* rows,
+                        const SampleEdit* edits, int max_edits, float* z, int32_t* ids, cudaStream_t stream) {
+  if (R <= 0) return;
+  const unsigned gx = unsigned(std::min<int64_t>((n + 255) / 256, 1024));
+  k_sample_values<<<dim3(gx, unsigned(R)), 256, 0, stream>>>(logits, dt, V, n, rows, z);
+  if (max_edits > 0) {
+    const unsigned ge = unsigned(std::min<int64_t>((max_edits + 255) / 256, 1024));
+    k_sample_edits<<<dim3(ge, unsigned(R)), 256, 0, stream>>>(logits, dt, V, n, rows, edits, z);
+  }
+  k_sample_rows<<<unsigned(R), kThreads, 0, stream>>>(z, n, rows, ids);
+}
+
+}  // namespace ds::cuda

@@ -1,0 +1,17 @@
+// Backend::sample_rows on the GPU (sample.cu); the CPU specification is backend/cpu/sample.cpp.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "backend/sample_math.h"
+
+namespace ds::cuda {
+
+// ids[r] for r < R, as ops.h defines sample_rows: logits [R, V] of dtype `dt` (ds::DType value: F32, BF16, F16),
+// n = ids considered, rows [R] and edits on the device, `max_edits` the largest edit_count of a row, scratch z
+// [R, n] fp32. Kernels only, on `stream`; nothing is synchronised.
+void launch_sample_rows(const void* logits, int dt, int64_t V, int64_t n, int R, const SampleRowParams* rows,
+                        const SampleEdit* edits, int max_edits, float* z, int32_t* ids, cudaStream_t stream);
+
+}  // namespace ds::cuda

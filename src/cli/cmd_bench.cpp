@@ -264,6 +264,10 @@ class TimingBackend final : public Backend {
     const bool q = (*rest[0].w)->int4;
     timed(q ? "int4 linears" : "bf16 linears", [&] { in_.linear_group(x, rest); });
   }
+  void sample_rows(const Tensor& logits, int64_t vocab_limit, const std::vector<SampleRowParams>& rows,
+                   const std::vector<SampleEdit>& edits, std::vector<int32_t>& ids) override {
+    timed("sampling", [&] { in_.sample_rows(logits, vocab_limit, rows, edits, ids); });
+  }
   void linear_gated_add(const Tensor& x, const Linear& w, const Tensor& g, Tensor& y) override {
     timed(w->int4 ? "int4 linears" : "bf16 linears", [&] { in_.linear_gated_add(x, w, g, y); });
   }

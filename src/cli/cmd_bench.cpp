@@ -251,18 +251,12 @@ class TimingBackend final : public Backend {
   void add_rmsnorm(Tensor& x, const Tensor& d, const Tensor& w, float eps, Tensor& h) override {
     timed("other", [&] { in_.add_rmsnorm(x, d, w, eps, h); });
   }
-  // int4 jobs one by one (as the CUDA backend runs them), the rest as one group
+  // the int4 jobs as one group, the rest as another (the CUDA backend launches them apart the same way)
   void linear_group(const Tensor& x, const std::vector<LinearJob>& jobs) override {
-    std::vector<LinearJob> rest;
-    for (const auto& j : jobs) {
-      if ((*j.w)->int4 && !j.swiglu)
-        linear(x, *j.w, *j.y);
-      else
-        rest.push_back(j);
-    }
-    if (rest.empty()) return;
-    const bool q = (*rest[0].w)->int4;
-    timed(q ? "int4 linears" : "bf16 linears", [&] { in_.linear_group(x, rest); });
+    std::vector<LinearJob> q4, rest;
+    for (const auto& j : jobs) ((*j.w)->int4 && !j.swiglu ? q4 : rest).push_back(j);
+    if (!q4.empty()) timed("int4 linears", [&] { in_.linear_group(x, q4); });
+    if (!rest.empty()) timed((*rest[0].w)->int4 ? "int4 linears" : "bf16 linears", [&] { in_.linear_group(x, rest); });
   }
   void sample_rows(const Tensor& logits, int64_t vocab_limit, const std::vector<SampleRowParams>& rows,
                    const std::vector<SampleEdit>& edits, std::vector<int32_t>& ids) override {

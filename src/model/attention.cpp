@@ -10,9 +10,7 @@ Tensor Model::attention_block(const LayerWeights& lw, const Tensor& x, BatchMeta
   Tensor qg = be_.alloc(act, {T, Nh * 2 * Dh});  // per head [query | gate]
   Tensor k = be_.alloc(act, {T, Nkv * Dh});
   Tensor v = be_.alloc(act, {T, Nkv * Dh});
-  be_.linear(x, lw.attn.q, qg);
-  be_.linear(x, lw.attn.k, k);
-  be_.linear(x, lw.attn.v, v);
+  be_.linear_group(x, {{&lw.attn.q, &qg}, {&lw.attn.k, &k}, {&lw.attn.v, &v}});
   Tensor q = be_.alloc(act, {T, Nh * Dh});
   Tensor gate = be_.alloc(act, {T, Nh * Dh});
   be_.qk_norm_rope(qg, k, lw.attn.q_norm, lw.attn.k_norm, float(t.rms_norm_eps), rope_, b, q, gate);

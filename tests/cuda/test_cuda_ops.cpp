@@ -194,11 +194,13 @@ TEST_F(CudaOps, FusedOps) {
     // the MoE block's group: router (E = 256), shared gate_up with SwiGLU (I = 512 → 2I rows), shared gate (N = 1),
     // plus an int4 projection and an odd N, all reading the same x
     HostLinear router(256, K, false, 21 + K), sgu(1024, K, false, 22 + K), sg(1, K, false, 23 + K),
-        q4(K >= 128 ? 512 : 16, K, K >= 128, 24 + K), odd(37, K, false, 25 + K), sdn(K, 512, false, 26 + K);
+        q4(K >= 128 ? 512 : 16, K, K >= 128, 24 + K), odd(37, K, false, 25 + K), sdn(K, 512, false, 26 + K),
+        q4b(K >= 128 ? 272 : 24, K, K >= 128, 27 + K), q4c(K >= 128 ? 64 : 8, K, K >= 128, 28 + K);
     auto mk = [&](Backend& be, const HostLinear& h) { return be.make_linear({h.src()}); };
     Linear rc = mk(*B.cpu, router), rg = mk(*B.gpu, router), gc = mk(*B.cpu, sgu), gg = mk(*B.gpu, sgu),
            sc = mk(*B.cpu, sg), sgg = mk(*B.gpu, sg), qc = mk(*B.cpu, q4), qg = mk(*B.gpu, q4),
-           oc = mk(*B.cpu, odd), og = mk(*B.gpu, odd), dc = mk(*B.cpu, sdn), dg = mk(*B.gpu, sdn);
+           oc = mk(*B.cpu, odd), og = mk(*B.gpu, odd), dc = mk(*B.cpu, sdn), dg = mk(*B.gpu, sdn),
+           bc = mk(*B.cpu, q4b), bg = mk(*B.gpu, q4b), cc = mk(*B.cpu, q4c), cg = mk(*B.gpu, q4c);
     for (int64_t T : {1, 2, 3, 5, 8, 13, 16, 17, 64}) {
       const std::string tag = " K=" + std::to_string(K) + " T=" + std::to_string(T);
       auto x = B.up(randn(T * K, 1.f, 31 + T + K), {T, K});
@@ -210,6 +212,22 @@ TEST_F(CudaOps, FusedOps) {
       };
       B.cpu->linear_group(x.c, jobs(rc, gc, sc, qc, oc, yr.c, ya.c, yg.c, yq.c, yo.c));
       B.gpu->linear_group(x.g, jobs(rg, gg, sgg, qg, og, yr.g, ya.g, yg.g, yq.g, yo.g));
+      // three int4 projections of one input (attention q / k / v): two share a launch, the third runs alone; each
+      // must equal its own linear bit for bit
+      {
+        Pair p1 = B.zeros({T, q4.N}), p2 = B.zeros({T, q4b.N}, DType::F32), p3 = B.zeros({T, q4c.N});
+        B.cpu->linear_group(x.c, {{&qc, &p1.c}, {&bc, &p2.c}, {&cc, &p3.c}});
+        B.gpu->linear_group(x.g, {{&qg, &p1.g}, {&bg, &p2.g}, {&cg, &p3.g}});
+        REPORT("linear_group 3 projections, 1st" + tag, B.err(p1));
+        REPORT("linear_group 3 projections, 2nd (F32 out)" + tag, B.err(p2));
+        REPORT("linear_group 3 projections, 3rd" + tag, B.err(p3));
+        Tensor s1 = B.gpu->alloc(DType::BF16, {T, q4.N}), s2 = B.gpu->alloc(DType::F32, {T, q4b.N}),
+               s3 = B.gpu->alloc(DType::BF16, {T, q4c.N});
+        B.gpu->linear(x.g, qg, s1);
+        B.gpu->linear(x.g, bg, s2);
+        B.gpu->linear(x.g, cg, s3);
+        EXPECT_TRUE(same(p1.g, s1) && same(p2.g, s2) && same(p3.g, s3)) << "paired int4 launch differs" << tag;
+      }
       REPORT("linear_group router" + tag, B.err(yr));
       REPORT("linear_group shared gate_up + SwiGLU" + tag, B.err(ya));
       REPORT("linear_group shared gate (N=1)" + tag, B.err(yg));

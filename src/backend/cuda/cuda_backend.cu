@@ -1412,15 +1412,29 @@ class CudaBackend final : public Backend {
     Tensor xb = as_bf16(x);
     std::vector<GemvSeg> segs;
     std::vector<LinearJob> rest;
+    std::vector<std::pair<const CudaLinear*, Tensor*>> q4;  // int4 jobs: two per launch
     for (const auto& j : jobs) {
       auto* l = static_cast<const CudaLinear*>(j.w->get());
       DS_CHECK(l->K == K, "linear_group: every weight must take the same input (K ", K, " vs ", l->K, ")");
       DS_CHECK(j.y->numel() == T * (j.swiglu ? l->N / 2 : l->N), "linear_group out ", shape_str(j.y->shape),
                " for N=", l->N, j.swiglu ? " (swiglu)" : "");
-      if (gemv_fits(l, xb, T) && (j.y->dtype == DType::BF16 || j.y->dtype == DType::F32))
+      const bool ydt_ok = j.y->dtype == DType::BF16 || j.y->dtype == DType::F32;
+      if (gemv_fits(l, xb, T) && ydt_ok)
         segs.push_back(gemv_seg(l, *j.y, j.swiglu ? 1 : 0));
+      else if (l->int4 && !j.swiglu && ydt_ok && (q4.empty() || q4[0].first->mma().KS == l->mma().KS))
+        q4.push_back({l, j.y});
       else
         rest.push_back(j);
+    }
+    for (size_t i = 0; i < q4.size(); i += 2) {
+      const MmaInt4 a = q4[i].first->mma();
+      if (i + 1 < q4.size()) {
+        const MmaInt4 b = q4[i + 1].first->mma();
+        mma_int4_linear2(a, q4[i].second->data, int(q4[i].second->dtype), &b, q4[i + 1].second->data,
+                         int(q4[i + 1].second->dtype), xb.data, T, stream_);
+      } else {
+        mma_int4_linear(a, xb.data, T, q4[i].second->data, int(q4[i].second->dtype), stream_);
+      }
     }
     Backend::linear_group(xb, rest);
     if (!segs.empty()) gemv(xb, T, K, segs);

@@ -70,6 +70,18 @@ __device__ __forceinline__ void zero_frags(float (&f)[A][B][4]) {
       for (int c = 0; c < 4; ++c) f[a][b][c] = 0.f;
 }
 
+// One matrix of a launch: weights, rows per expert (dense: N), output columns, output and its dtype.
+struct Int4Out {
+  MmaInt4 W;
+  int64_t rpe = 0, n_out = 0;
+  void* y = nullptr;
+  int ydt = 0;
+};
+struct Int4Pair {
+  Int4Out a, b;
+  unsigned b_block = 0xFFFFFFFFu;  // first block of matrix b (none: all blocks are a's)
+};
+
 // One block = 4 warps. Each warp computes MT output tiles of 16 rows (GATED: MT gate tiles and the matching up
 // tiles) × NT token tiles of 8, over the K slices s ≡ wk (mod WK); the block's 4 / WK warp groups take
 // consecutive output tiles. With WK > 1 the slices' partials meet in shared memory and are added in slice order,
@@ -77,8 +89,14 @@ __device__ __forceinline__ void zero_frags(float (&f)[A][B][4]) {
 // Output: GATED → bf16 silu(gate)·up at [p, n]; else y[p, n] of dtype ydt (F32 or BF16); row stride n_out.
 template <int MT, int NT, int WK, int CPG, bool GATED>
 __global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 4 : 1)  // decode: ≥ 16 warps per SM for loads in flight
-    k_int4_mma(MmaInt4 W, int64_t rows_per_expert, int64_t n_out, const __nv_bfloat16* __restrict__ x, TokenSrc ts,
-               void* __restrict__ y, int ydt) {
+    k_int4_mma(const Int4Pair P, const __nv_bfloat16* __restrict__ x, TokenSrc ts) {
+  // Blocks [0, P.b_block) compute matrix a, the rest matrix b (two linears of one input in one launch).
+  const bool second = blockIdx.x >= P.b_block;
+  const MmaInt4 W = second ? P.b.W : P.a.W;
+  const int64_t rows_per_expert = second ? P.b.rpe : P.a.rpe, n_out = second ? P.b.n_out : P.a.n_out;
+  void* const y = second ? P.b.y : P.a.y;
+  const int ydt = second ? P.b.ydt : P.a.ydt;
+  const unsigned bx = second ? blockIdx.x - P.b_block : blockIdx.x;
   constexpr int WM = kWarps / WK, NTOK = 8 * NT, MW = GATED ? 2 * MT : MT;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wk = warp % WK, wm = warp / WK;
   const int g = lane >> 2, tig = lane & 3;
@@ -103,7 +121,7 @@ __global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 4 : 1)  // decode: ≥ 
     const int64_t p = ts.list ? ts.list[t0 + i] : t0 + i;
     xr[nt] = x + (p / ts.xdiv) * W.K + 16 * tig;
   }
-  const int64_t otiles = n_out / 16, ot0 = (int64_t(blockIdx.x) * WM + wm) * MT;
+  const int64_t otiles = n_out / 16, ot0 = (int64_t(bx) * WM + wm) * MT;
   const int64_t KC = W.K / 64, ngroups = W.K / W.G;
   const uint4* wp[MW];
   int64_t r0[MW];
@@ -289,17 +307,24 @@ __global__ void __launch_bounds__(1024) k_moe_tiles(const int32_t* ids, int64_t 
 int64_t max_tiles(int64_t P, int64_t E, int ntok) { return std::min(P, E) + P / ntok + 1; }
 
 template <int MT, int NT, int WK, bool GATED>
-void launch_cpg(const MmaInt4& W, int64_t rpe, int64_t n_out, const void* x, const TokenSrc& ts, int64_t gy,
-                void* y, int ydt, cudaStream_t s) {
+void launch_cpg(const Int4Out& A, const Int4Out* B, const void* x, const TokenSrc& ts, int64_t gy, cudaStream_t s) {
   constexpr int WM = kWarps / WK;
-  const int64_t otiles = n_out / 16;
-  const dim3 grid(unsigned((otiles + WM * MT - 1) / (WM * MT)), unsigned(gy));
+  auto blocks = [](const Int4Out& o) { return unsigned((o.n_out / 16 + WM * MT - 1) / (WM * MT)); };
+  Int4Pair P;
+  P.a = A;
+  unsigned nb = blocks(A);
+  if (B) {
+    P.b = *B;
+    P.b_block = nb;
+    nb += blocks(*B);
+  }
+  const dim3 grid(nb, unsigned(gy));
   DS_CHECK(gy >= 1 && gy <= 65535, "int4 mma: ", gy, " token tiles (at most 65535)");
   const auto* xb = static_cast<const __nv_bfloat16*>(x);
   // Group size 128 (AutoRound's and GPTQ's default) is the one instantiated; mma_int4_supported() sends others to
   // the bf16 path.
-  DS_CHECK(W.G == 128, "int4 mma: group size ", W.G, " (instantiated: 128)");
-  MMA_CK(pdl_launch(k_int4_mma<MT, NT, WK, 2, GATED>, grid, dim3(kWarps * 32), 0, s, W, rpe, n_out, xb, ts, y, ydt));
+  DS_CHECK(A.W.G == 128 && (!B || B->W.G == 128), "int4 mma: group size ", A.W.G, " (instantiated: 128)");
+  MMA_CK(pdl_launch(k_int4_mma<MT, NT, WK, 2, GATED>, grid, dim3(kWarps * 32), 0, s, P, xb, ts));
 }
 
 // Kernel shapes. Small (decode, few tokens per tile): one 16-row tile (GATED: a gate/up pair) × 8 tokens per
@@ -310,18 +335,20 @@ void launch_cpg(const MmaInt4& W, int64_t rpe, int64_t n_out, const void* x, con
 enum class Shape { Small, Medium, Large };
 constexpr int ntok_of(Shape s) { return s == Shape::Small ? 8 : 32; }
 template <int MT, int NT, bool GATED>
-void launch_wk(int wk, const MmaInt4& W, int64_t rpe, int64_t n_out, const void* x, const TokenSrc& ts, int64_t gy,
-               void* y, int ydt, cudaStream_t s) {
+void launch_wk(int wk, const Int4Out& A, const Int4Out* B, const void* x, const TokenSrc& ts, int64_t gy,
+               cudaStream_t s) {
   switch (wk) {
-    case 4: return launch_cpg<MT, NT, 4, GATED>(W, rpe, n_out, x, ts, gy, y, ydt, s);
-    case 2: return launch_cpg<MT, NT, 2, GATED>(W, rpe, n_out, x, ts, gy, y, ydt, s);
-    default: return launch_cpg<MT, NT, 1, GATED>(W, rpe, n_out, x, ts, gy, y, ydt, s);
+    case 4: return launch_cpg<MT, NT, 4, GATED>(A, B, x, ts, gy, s);
+    case 2: return launch_cpg<MT, NT, 2, GATED>(A, B, x, ts, gy, s);
+    default: return launch_cpg<MT, NT, 1, GATED>(A, B, x, ts, gy, s);
   }
 }
+// B (optional): a second matrix with the same K and group size, computed in the same launch.
 template <bool GATED>
-void launch(Shape shape, const MmaInt4& W, int64_t rpe, int64_t n_out, const void* x, const TokenSrc& ts,
-            int64_t gy, void* y, int ydt, cudaStream_t s) {
-  if (shape == Shape::Large) return launch_cpg<GATED ? 1 : 2, 4, 1, GATED>(W, rpe, n_out, x, ts, gy, y, ydt, s);
+void launch(Shape shape, const Int4Out& A, const Int4Out* B, const void* x, const TokenSrc& ts, int64_t gy,
+            cudaStream_t s) {
+  const MmaInt4& W = A.W;
+  if (shape == Shape::Large) return launch_cpg<GATED ? 1 : 2, 4, 1, GATED>(A, B, x, ts, gy, s);
   // Small: every slice its own warp (most loads in flight for one token) unless K is short (the down projection's
   // 512: one warp). Medium: at least 1024 inputs per warp (K = 2048: two warps; 4096: four).
   int wk = 1;
@@ -334,8 +361,8 @@ void launch(Shape shape, const MmaInt4& W, int64_t rpe, int64_t n_out, const voi
     while (wk > 1 && wk > cap) wk /= 2;
   } else
     while (wk < W.KS && W.K / (2 * wk) >= 1024) wk *= 2;
-  if (shape == Shape::Small) return launch_wk<1, 1, GATED>(wk, W, rpe, n_out, x, ts, gy, y, ydt, s);
-  return launch_wk<1, 4, GATED>(wk, W, rpe, n_out, x, ts, gy, y, ydt, s);
+  if (shape == Shape::Small) return launch_wk<1, 1, GATED>(wk, A, B, x, ts, gy, s);
+  return launch_wk<1, 4, GATED>(wk, A, B, x, ts, gy, s);
 }
 
 }  // namespace
@@ -366,11 +393,20 @@ int mma_int4_nibble(const uint32_t* packed, int64_t K, int64_t n, int64_t k) {
 }
 
 void mma_int4_linear(const MmaInt4& W, const void* x, int64_t M, void* y, int ydt, cudaStream_t s) {
+  mma_int4_linear2(W, y, ydt, nullptr, nullptr, 0, x, M, s);
+}
+
+void mma_int4_linear2(const MmaInt4& A, void* ya, int ydta, const MmaInt4* B, void* yb, int ydtb, const void* x,
+                      int64_t M, cudaStream_t s) {
   if (M == 0) return;
+  DS_CHECK(!B || (B->K == A.K && B->G == A.G && B->KS == A.KS), "int4 mma pair: both matrices must share K and groups");
   const Shape shape = M <= 8 ? Shape::Small : M <= 256 ? Shape::Medium : Shape::Large;
   TokenSrc ts;
   ts.M = M;
-  launch<false>(shape, W, W.N, W.N, x, ts, (M + ntok_of(shape) - 1) / ntok_of(shape), y, ydt, s);
+  const Int4Out oa{A, A.N, A.N, ya, ydta};
+  Int4Out ob;
+  if (B) ob = Int4Out{*B, B->N, B->N, yb, ydtb};
+  launch<false>(shape, oa, B ? &ob : nullptr, x, ts, (M + ntok_of(shape) - 1) / ntok_of(shape), s);
 }
 
 int64_t mma_moe_scratch_ints(int64_t P, int64_t E) { return P + 3 * max_tiles(P, E, ntok_of(Shape::Small)) + 1; }
@@ -387,9 +423,9 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
   MMA_CK(cudaGetLastError());
   TokenSrc ts;
   ts.tiles = tiles, ts.ntiles = ntiles, ts.list = list, ts.xdiv = topk;
-  launch<true>(shape, gate_up, 2 * I, I, x, ts, mt, act, int(DType::BF16), s);
+  launch<true>(shape, Int4Out{gate_up, 2 * I, I, act, int(DType::BF16)}, nullptr, x, ts, mt, s);
   ts.xdiv = 1;
-  launch<false>(shape, down, H, H, act, ts, mt, out, int(DType::F32), s);
+  launch<false>(shape, Int4Out{down, H, H, out, int(DType::F32)}, nullptr, act, ts, mt, s);
 }
 
 }  // namespace ds::cuda

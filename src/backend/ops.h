@@ -62,6 +62,9 @@ struct BatchMeta {
     int64_t ctx_len = 0;  // tokens already in this sequence's caches before this call
     int32_t state_slot = -1;
     std::vector<int32_t> blocks;  // KV block table (covers ctx_len + q_len tokens)
+    // Speculative verify (model/, not read by backends): this chunk's DeltaNet state-update inputs are kept in
+    // the caches' input log at rows log_row.. (ModelCaches::gdn_log); -1: not kept.
+    int64_t log_row = -1;
   };
   std::vector<Seq> seqs;
   std::vector<int32_t> tokens;        // [T]
@@ -154,6 +157,9 @@ class Backend {
 
   // DeltaNet. mixed [T, C] → out [T, C] = silu(causal depthwise conv(mixed)), with each sequence's conv
   // window taken from and written back to state.conv[slot]. weight [C, Kc] fp32.
+  // These two ops (only these) also take batches whose sequences leave rows of T uncovered (a speculative
+  // rollback replays rows of the DeltaNet input log in place, Model::replay_deltanet): such rows are ignored, and
+  // their outputs left unspecified.
   virtual void conv1d_causal(const Tensor& mixed, const Tensor& weight, StateLayer& st, const BatchMeta& b,
                              Tensor& out) = 0;
   // Gated delta rule. qkv [T, C] (post-conv: q | k | v), ba [T, 2·Hv] (b | a), A_log and dt_bias [Hv] fp32.

@@ -16,7 +16,7 @@ Tensor Model::forward(BatchMeta& b, ModelCaches& caches, const std::vector<int32
   be_.embed(w_.embed, b, x);
   if (!b.embed_rows.empty()) be_.scatter_rows(x, b.embed_rows, b.embed_src);  // image features
   for (size_t L = 0; L < w_.layers.size(); ++L)
-    x = decoder_layer(w_.layers[L], x, b, caches, &caches.kv[L], &caches.state[L]);
+    x = decoder_layer(w_.layers[L], x, b, caches, &caches.kv[L], &caches.state[L], int64_t(L));
   Tensor hf = normed_rows(x, logit_rows, w_.final_norm);
   if (hidden_out)
     *hidden_out = hidden_rows && *hidden_rows != logit_rows ? normed_rows(x, *hidden_rows, w_.final_norm) : hf;
@@ -40,11 +40,19 @@ Tensor Model::lm_head_logits(const Tensor& hf, const Linear* head) {
 }
 
 Tensor Model::decoder_layer(const LayerWeights& lw, Tensor x, BatchMeta& b, ModelCaches& caches, KvLayer* kv,
-                            StateLayer* st) {
+                            StateLayer* st, int64_t layer) {
   const float eps = float(cfg_.text.rms_norm_eps);
   Tensor h = be_.alloc(be_.act_dtype(), x.shape);
   be_.rmsnorm(x, lw.in_norm, eps, h);
-  Tensor mix = lw.type == io::LayerType::FullAttention ? attention_block(lw, h, b, *kv) : deltanet_block(lw, h, b, *st);
+  Tensor log_mixed, log_ba;  // this layer's rows of the DeltaNet input log, if the caches have one
+  const auto& lg = caches.gdn_log;
+  if (lw.type != io::LayerType::FullAttention && lg.rows > 0 && layer >= 0) {
+    const int64_t r0 = int64_t(lg.index[size_t(layer)]) * lg.rows;
+    log_mixed = lg.mixed.rows(r0, r0 + lg.rows);
+    log_ba = lg.ba.rows(r0, r0 + lg.rows);
+  }
+  Tensor mix = lw.type == io::LayerType::FullAttention ? attention_block(lw, h, b, *kv)
+                                                       : deltanet_block(lw, h, b, *st, log_mixed, log_ba);
   be_.add_inplace(x, mix);
   be_.rmsnorm(x, lw.post_norm, eps, h);
   be_.add_inplace(x, ffn_block(lw, h));
@@ -78,7 +86,7 @@ Tensor Model::mtp_forward(BatchMeta& b, ModelCaches& caches, const Tensor& hidde
   return lm_head_logits(hf, reduced ? &m.draft_head : nullptr);
 }
 
-ModelCaches Model::alloc_caches(int64_t num_blocks, int64_t block_size, int64_t num_slots) {
+ModelCaches Model::alloc_caches(int64_t num_blocks, int64_t block_size, int64_t num_slots, int64_t log_rows) {
   const auto& t = cfg_.text;
   static std::atomic<uint64_t> next_id{1};
   ModelCaches c;
@@ -94,6 +102,16 @@ ModelCaches Model::alloc_caches(int64_t num_blocks, int64_t block_size, int64_t 
       c.state[L].conv = be_.alloc(DType::F32, {num_slots, t.lin_conv_dim(), t.conv_kernel - 1});
       c.state[L].ssm = be_.alloc(DType::F32, {num_slots, t.lin_num_v_heads, t.lin_k_head_dim, t.lin_v_head_dim});
     }
+  }
+  if (log_rows > 0) {
+    auto& lg = c.gdn_log;
+    lg.rows = log_rows;
+    lg.index.assign(t.layer_types.size(), -1);
+    int32_t n = 0;
+    for (size_t L = 0; L < t.layer_types.size(); ++L)
+      if (t.layer_types[L] != io::LayerType::FullAttention) lg.index[L] = n++;
+    lg.mixed = be_.alloc(be_.act_dtype(), {n * log_rows, t.lin_conv_dim()});
+    lg.ba = be_.alloc(be_.act_dtype(), {n * log_rows, 2 * t.lin_num_v_heads});
   }
   if (w_.mtp.present) {
     c.mtp_kv.block_size = block_size;
@@ -117,6 +135,13 @@ int64_t Model::state_slot_bytes() const {
   const int64_t per_layer =
       t.lin_conv_dim() * (t.conv_kernel - 1) + t.lin_num_v_heads * t.lin_k_head_dim * t.lin_v_head_dim;
   return layers * per_layer * int64_t(dtype_size(DType::F32));
+}
+
+int64_t Model::gdn_log_row_bytes() const {
+  const auto& t = cfg_.text;
+  int64_t layers = 0;
+  for (auto lt : t.layer_types) layers += lt == io::LayerType::FullAttention ? 0 : 1;
+  return layers * (t.lin_conv_dim() + 2 * t.lin_num_v_heads) * int64_t(dtype_size(be_.act_dtype()));
 }
 
 void Model::copy_slot(ModelCaches& c, int32_t dst, int32_t src) {

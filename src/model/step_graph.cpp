@@ -3,6 +3,8 @@
 // sequences; everything else a step reads (tokens, positions, context lengths, block tables) is in
 // prepare_batch's device mirror, and tensors passed between recorded steps live in per-shape buffers outside the
 // step arena (a later step's arena reuses the addresses of an earlier one's temporaries).
+#include <algorithm>
+
 #include "core/status.h"
 #include "model/model.h"
 
@@ -29,6 +31,15 @@ Tensor Model::forward_graphed(BatchMeta& b, ModelCaches& caches, const std::vect
   std::string key = str_cat("fwd/", b.num_tokens(), "/", b.seqs.size(), "/", logit_rows.size(), "/",
                             caches.id, hidden_out ? "/h" : "");
   for (auto r : logit_rows) key += str_cat(",", r);
+  // A verify that logs its DeltaNet inputs (BatchMeta::Seq::log_row) records other writes than a step that does not;
+  // logged at their batch rows (the engine's way) the writes do not depend on the sequences' row counts.
+  const bool logged = std::any_of(b.seqs.begin(), b.seqs.end(), [](const BatchMeta::Seq& s) { return s.log_row >= 0; });
+  const bool aligned = std::all_of(b.seqs.begin(), b.seqs.end(), [](const BatchMeta::Seq& s) {
+    return s.log_row < 0 || s.log_row == s.q_start;
+  });
+  if (logged) key += aligned ? "/log" : "/log:";
+  if (logged && !aligned)
+    for (auto& s : b.seqs) key += str_cat(",", s.q_start, "+", s.q_len, ">", s.log_row);
   const std::vector<int32_t> all = iota_rows(b.num_tokens());
   GraphIo* io = nullptr;
   if (hidden_out) {

@@ -300,7 +300,8 @@ __global__ void k_conv1d_tokens(const void* mixed, int mdt, const float* weight,
   const int64_t ch = blockIdx.x * int64_t(blockDim.x) + threadIdx.x, t = blockIdx.y;
   if (ch >= C) return;
   const int s = seq_of[t];
-  const int64_t qs = seqinfo[s * 4 + 0], slot = seqinfo[s * 4 + 3], i = t - qs;
+  const int64_t qs = seqinfo[s * 4 + 0], ql = seqinfo[s * 4 + 1], slot = seqinfo[s * 4 + 3], i = t - qs;
+  if (i < 0 || i >= ql) return;  // a row outside every sequence (a speculative rollback's batch; ops.h)
   const float* st = conv_state + (slot * C + ch) * (KC - 1);
   float acc = 0.f;
 #pragma unroll

@@ -180,6 +180,10 @@ class Backend {
 
   // out [R, H] = x[rows[i]]
   virtual void gather_rows(const Tensor& x, const std::vector<int32_t>& rows, Tensor& out) = 0;
+  // ids [R] int32 = per row of logits [R, N] (fp32) the first column holding the largest value among columns
+  // [0, limit), 1 <= limit <= N; NaN never wins (a row of NaNs gives 0). Speculative drafting: the MTP's argmax
+  // without copying logits to the host.
+  virtual void argmax_rows(const Tensor& logits, int64_t limit, Tensor& ids) { unsupported("argmax_rows"); }
 
   // ==== vision tower (model/vision.cpp, model-spec §5.3) ====================================================
   // D vision hidden, P patches of all images back to back, Nh/Dh vision heads. Each op has a default that

@@ -248,6 +248,9 @@ class TimingBackend final : public Backend {
   void gather_rows(const Tensor& x, const std::vector<int32_t>& rows, Tensor& out) override {
     timed("other", [&] { in_.gather_rows(x, rows, out); });
   }
+  void argmax_rows(const Tensor& logits, int64_t limit, Tensor& ids) override {
+    timed("other", [&] { in_.argmax_rows(logits, limit, ids); });
+  }
 
  private:
   Backend& in_;

@@ -191,8 +191,10 @@ class Model {
   // [T, H] is first copied into the shape's input buffer; `logits` [T, V or N] and `hidden_out` [T, H] receive
   // per-shape buffers outside the arena (valid until the next call of the same shape). Eager where the backend
   // has no graphs (Backend::graph_run's fallback runs the same code).
+  // `argmax_limit` > 0: `ids` receives each row's argmax over logit columns [0, argmax_limit) (Backend::argmax_rows),
+  // int32 [T], computed inside the recording into a per-shape buffer: the draft tokens without reading logits back.
   void mtp_forward_graphed(BatchMeta& b, ModelCaches& caches, const Tensor& hidden, bool reduced, Tensor* logits,
-                           Tensor* hidden_out);
+                           Tensor* hidden_out, int64_t argmax_limit = 0, Tensor* ids = nullptr);
 
   // MTP head over a batch whose tokens are the *next* tokens y_j and whose positions are those of the
   // hidden states' tokens; `hidden` [T, H] are main-model final-norm hiddens (or the MTP's own previous
@@ -223,7 +225,7 @@ class Model {
   RopeParams rope_;
   std::map<std::string, Tensor> graph_logits_;  // forward_graphed: output of each recorded shape
   struct GraphIo {  // per recorded shape: buffers outside the step arena that a recording reads or writes
-    Tensor in, logits, hidden;
+    Tensor in, logits, hidden, ids;
   };
   std::map<std::string, GraphIo> graph_io_;
 };

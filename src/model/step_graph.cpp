@@ -61,17 +61,21 @@ Tensor Model::forward_graphed(BatchMeta& b, ModelCaches& caches, const std::vect
 }
 
 void Model::mtp_forward_graphed(BatchMeta& b, ModelCaches& caches, const Tensor& hidden, bool reduced, Tensor* logits,
-                                Tensor* hidden_out) {
+                                Tensor* hidden_out, int64_t argmax_limit, Tensor* ids) {
   const int64_t T = b.num_tokens(), H = cfg_.text.hidden_size;
   DS_CHECK(hidden.dim(0) == T && hidden.numel() == T * H, "mtp_forward_graphed: hidden must be [", T, ", ", H, "]");
   DS_CHECK(!reduced || w_.mtp.draft_head, "this model has no reduced draft head loaded (LoadOptions::draft_vocab)");
   const int64_t N = reduced ? w_.mtp.draft_head->N : cfg_.text.vocab_size;
-  const std::string key = str_cat("mtp/", T, "/", b.seqs.size(), "/", caches.id, reduced ? "/r" : "");
+  DS_CHECK(argmax_limit <= N && (argmax_limit <= 0 || ids), "mtp_forward_graphed: argmax over ", argmax_limit,
+           " of ", N, " columns needs `ids`");
+  const std::string key = str_cat("mtp/", T, "/", b.seqs.size(), "/", caches.id, reduced ? "/r" : "",
+                                  argmax_limit > 0 ? str_cat("/a", argmax_limit) : std::string());
   GraphIo& io = graph_io_[key];
   if (!io.in.defined() || io.in.numel() == 0) {  // outside the step: not arena memory
     io.in = be_.alloc(be_.act_dtype(), {T, H});
     io.hidden = be_.alloc(be_.act_dtype(), {T, H});
     io.logits = be_.alloc(DType::F32, {T, N});
+    if (argmax_limit > 0) io.ids = be_.alloc(DType::I32, {T});
   }
   be_.copy(io.in, hidden);
   const std::vector<int32_t> all = iota_rows(T);
@@ -83,10 +87,12 @@ void Model::mtp_forward_graphed(BatchMeta& b, ModelCaches& caches, const Tensor&
       Tensor l = mtp_forward(b, caches, io.in, all, &h, reduced);
       be_.copy(io.logits, l);
       be_.copy(io.hidden, h);
+      if (argmax_limit > 0) be_.argmax_rows(io.logits, argmax_limit, io.ids);
     });
   }
   *logits = io.logits;
   if (hidden_out) *hidden_out = io.hidden;
+  if (argmax_limit > 0) *ids = io.ids;
 }
 
 }  // namespace ds::model

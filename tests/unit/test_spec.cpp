@@ -137,6 +137,40 @@ TEST(SpecVerify, GreedyAcceptsExactlyTheArgmaxWithoutTouchingTheRng) {
   EXPECT_TRUE(s.rng == before);
 }
 
+// Backend::argmax_rows (drafting's device argmax) is the host argmax the drafts used before: first maximum among
+// columns [0, limit); NaN never wins, a row of NaNs gives 0.
+TEST(SpecDraft, ArgmaxRowsIsTheHostArgmax) {
+  auto be = make_cpu_backend();
+  const int64_t R = 6, N = 50;
+  std::mt19937 g(5);
+  std::vector<float> v(size_t(R * N));
+  for (auto& x : v) x = float(int(g() % 20)) - 10.f;  // few distinct values: ties everywhere
+  const float nan = std::nanf(""), inf = INFINITY;
+  v[size_t(1 * N + 0)] = nan;  // a NaN first, then numbers
+  for (int64_t j = 0; j < N; ++j) v[size_t(2 * N + j)] = -inf;
+  v[size_t(2 * N + 7)] = -3.f;
+  for (int64_t j = 0; j < N; ++j) v[size_t(3 * N + j)] = -inf;  // all -inf: column 0
+  for (int64_t j = 0; j < N; ++j) v[size_t(4 * N + j)] = nan;   // all NaN: column 0
+  v[size_t(5 * N + 40)] = 100.f;                                 // beyond the limit below
+  Tensor L = be->upload_f32(v, {R, N}, DType::F32), A = be->alloc(DType::I32, {R});
+  for (int64_t limit : {N, int64_t(33), int64_t(1)}) {
+    be->argmax_rows(L, limit, A);
+    const auto got = be->to_host_f32(A);
+    for (int64_t r = 0; r < R; ++r) {
+      int64_t want = 0;
+      if (r == 1) want = sampling::draft_argmax(v.data() + r * N + 1, limit - 1, 0) + (limit > 1 ? 1 : -1);
+      else if (r != 4) want = sampling::draft_argmax(v.data() + r * N, limit, 0);
+      if (r == 1 && limit == 1) want = 0;
+      EXPECT_EQ(int64_t(got[size_t(r)]), want) << "row " << r << " limit " << limit;
+    }
+  }
+  EXPECT_EQ(int64_t(be->to_host_f32(A)[5]), 0);  // limit 1
+  be->argmax_rows(L, N, A);
+  EXPECT_EQ(int64_t(be->to_host_f32(A)[5]), 40);
+  EXPECT_EQ(int64_t(be->to_host_f32(A)[2]), 7);
+  EXPECT_THROW(be->argmax_rows(L, N + 1, A), Error);
+}
+
 // ---- the engine on the tiny fixtures ----------------------------------------------------------------
 
 struct Fixture {

@@ -4,6 +4,7 @@
 
 #include "core/status.h"
 #include "model/model.h"
+#include "model/step_scope.h"
 
 namespace ds::model {
 
@@ -95,11 +96,7 @@ void Model::replay_deltanet(BatchMeta& b, ModelCaches& c, bool graphed) {
   // Recorded per shape: the kernels depend only on T and the sequence count (rows, lengths and slots of the
   // sequences are in prepare_batch's mirror); the log's address is fixed per cache set.
   const std::string key = str_cat("gdn/", T, "/", b.seqs.size(), "/", c.id);
-  struct Scope {  // ends the step on every path
-    Backend& be;
-    explicit Scope(Backend& x) : be(x) { be.step_begin(); }
-    ~Scope() { be.step_end(); }
-  } scope(be_);
+  StepScope scope(be_);
   be_.prepare_batch(b);
   be_.graph_run(key, body);
 }

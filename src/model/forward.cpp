@@ -1,5 +1,6 @@
 // forward(): one loop over layers, one branch on the layer type, residuals visible.
 #include "model/model.h"
+#include "model/step_scope.h"
 
 #include <atomic>
 
@@ -144,14 +145,27 @@ int64_t Model::gdn_log_row_bytes() const {
   return layers * (t.lin_conv_dim() + 2 * t.lin_num_v_heads) * int64_t(dtype_size(be_.act_dtype()));
 }
 
-void Model::copy_slot(ModelCaches& c, int32_t dst, int32_t src) {
+void Model::copy_slot(ModelCaches& c, int32_t dst, int32_t src, bool graphed) {
   if (dst == src) return;
-  for (auto& s : c.state) {
-    if (!s.conv.defined() || s.conv.numel() == 0) continue;
-    Tensor cd = s.conv.rows(dst, dst + 1), sd = s.ssm.rows(dst, dst + 1);
-    be_.copy(cd, s.conv.rows(src, src + 1));
-    be_.copy(sd, s.ssm.rows(src, src + 1));
-  }
+  auto body = [&] {
+    for (auto& s : c.state) {
+      if (!s.conv.defined() || s.conv.numel() == 0) continue;
+      Tensor cd = s.conv.rows(dst, dst + 1), sd = s.ssm.rows(dst, dst + 1);
+      be_.copy(cd, s.conv.rows(src, src + 1));
+      be_.copy(sd, s.ssm.rows(src, src + 1));
+    }
+  };
+  if (!graphed) return body();
+  // One recording per (cache set, dst, src): a graph launch instead of two copies per linear-attention layer. The
+  // copies read no batch, but a recording is redone when the batch mirror moved since (CUDA backend), so the step
+  // prepares a fixed one-token batch.
+  StepScope scope(be_);
+  BatchMeta b;
+  b.seqs.push_back({0, 1, 0, dst, {}});
+  b.tokens = {0};
+  b.positions = {0, 0, 0};
+  be_.prepare_batch(b);
+  be_.graph_run(str_cat("slot/", c.id, "/", dst, "/", src), body);
 }
 
 void Model::reset_slot(ModelCaches& c, int32_t slot) {

@@ -160,7 +160,8 @@ class Model {
 
   // Copies DeltaNet slot `src` onto slot `dst` in every linear-attention layer (conv window + recurrent state),
   // device to device: speculative decoding snapshots a sequence's state before a verify it may have to undo.
-  void copy_slot(ModelCaches& c, int32_t dst, int32_t src);
+  // `graphed`: recorded once per (cache set, dst, src) and replayed (Backend::graph_run), in a step of its own.
+  void copy_slot(ModelCaches& c, int32_t dst, int32_t src, bool graphed = false);
 
   // Speculative rollback: for each sequence of `b` — state_slot holding its state from before the verify (the
   // snapshot), q_len accepted rows, log_row where the verify logged them (BatchMeta::Seq::log_row) — re-runs every

@@ -7,16 +7,11 @@
 
 #include "core/status.h"
 #include "model/model.h"
+#include "model/step_scope.h"
 
 namespace ds::model {
 
 namespace {
-
-struct StepScope {  // ends the step on every path, so an error leaves the backend usable
-  Backend& be;
-  explicit StepScope(Backend& b) : be(b) { be.step_begin(); }
-  ~StepScope() { be.step_end(); }
-};
 
 std::vector<int32_t> iota_rows(int64_t n) {
   std::vector<int32_t> r(static_cast<size_t>(n));

@@ -27,10 +27,10 @@ bool CacheManager::start(SeqCache& s) {
   return true;
 }
 
-void CacheManager::snapshot(SeqCache& s) {
+void CacheManager::snapshot(SeqCache& s, bool graphed) {
   DS_CHECK(s.slot >= 0 && s.spare_slot >= 0, "cache: snapshot of a sequence without a spare state slot (slot ",
            s.slot, ", spare ", s.spare_slot, ")");
-  m_.copy_slot(caches_, s.spare_slot, s.slot);
+  m_.copy_slot(caches_, s.spare_slot, s.slot, graphed);
 }
 
 void CacheManager::rollback(SeqCache& s) {

@@ -26,7 +26,8 @@ class CacheManager {
   // Takes a state slot (zeroed), and its spare when configured, for a new sequence; false if none is free.
   bool start(SeqCache& s);
   // Copies the sequence's state slot onto its spare (device to device): the state before a speculative verify.
-  void snapshot(SeqCache& s);
+  // `graphed`: through a recording per slot pair (Model::copy_slot), one launch instead of two copies per layer.
+  void snapshot(SeqCache& s, bool graphed = false);
   // Makes the snapshot current again (swaps slot and spare; no copy): the verify's state is discarded. The caller
   // then advances it over the accepted rows (Model::replay_deltanet).
   void rollback(SeqCache& s);

@@ -309,8 +309,6 @@ void Engine::Impl::run(const Schedule& sc_in) {
   std::vector<int32_t> all_rows;  // MTP drafting reads the hidden state of every committed row
   if (spec)
     for (int64_t i = 0; i < b.num_tokens(); ++i) all_rows.push_back(int32_t(i));
-  for (auto& x : sc.seqs)
-    if (x.num_drafts > 0) cm.snapshot(x.seq->cache);  // the state before the verify, for a rollback
   std::vector<float> logits;  // fp32 [R, V]
   Tensor hidden;              // act [T, H] final-norm hiddens (speculation only)
   // Decode or verify only (every row a logit row): one recorded step per batch shape.
@@ -319,6 +317,9 @@ void Engine::Impl::run(const Schedule& sc_in) {
   const bool graphed = cfg.step_graphs && (!spec || cfg.spec_step_graphs) && std::all_of(sc.seqs.begin(), sc.seqs.end(), [](const ScheduledSeq& x) {
     return x.samples && x.num_tokens == 1;
   });
+  // The state before the verify, for a rollback (recorded per slot pair when the step is).
+  for (auto& x : sc.seqs)
+    if (x.num_drafts > 0) cm.snapshot(x.seq->cache, graphed);
   try {
     // A step of prefill chunks only still asks for one row: backends need not handle R = 0.
     Tensor t = graphed ? model.forward_graphed(b, cm.caches(), rows, spec ? &hidden : nullptr)

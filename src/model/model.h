@@ -56,6 +56,7 @@ struct MtpWeights {
   // step reads N·H weights instead of V·H. Logits column j is token draft_ids[j].
   Linear draft_head;
   std::vector<int32_t> draft_ids;
+  int32_t draft_ids_max = -1;  // the largest of draft_ids
 };
 
 // Vision tower (model-spec §5.3, model/vision.cpp). Linear biases fp32 [N]; LayerNorm weight/bias fp32 [D].
@@ -137,6 +138,7 @@ class Model {
   bool has_vision() const { return w_.vision.present; }
   // Token ids of the reduced MTP draft head's logit columns (empty: none loaded).
   const std::vector<int32_t>& draft_vocab() const { return w_.mtp.draft_ids; }
+  int32_t draft_vocab_max() const { return w_.mtp.draft_ids_max; }  // the largest id of draft_vocab() (−1: none)
 
   // Vision tower over images laid out back to back (model/vision.cpp). pixel_values fp32 host
   // [Σ t·h·w, 3·Tp·ps·ps] in merge-block-major row order; grids_thw[i] = {t, h, w} in patches of image i.

@@ -99,7 +99,7 @@ void mtp_propose(model::Model& m, CacheManager& cm, const Tensor& hidden, std::v
   // head's [0, vocab_limit); a reduced head whose tokens are all below vocab_limit) the argmax runs on the device
   // (Backend::argmax_rows, inside the recording when graphed) and one int per row comes back instead of the row.
   const int64_t lim = opt.vocab_limit > 0 ? std::min(opt.vocab_limit, V) : V;
-  const int64_t dev_limit = !ids ? lim : *std::max_element(ids->begin(), ids->end()) < lim ? N : 0;
+  const int64_t dev_limit = !ids ? lim : m.draft_vocab_max() < lim ? N : 0;
   auto token = [&](int32_t col) { return ids ? (*ids)[size_t(col)] : col; };
   // Draft tokens of rows `rows` (empty: all) of logits L [R, N], or of their device argmaxes A [R] when defined.
   auto pick = [&](const Tensor& L, const Tensor& A, const std::vector<int32_t>& rows) {

@@ -63,6 +63,9 @@ struct BatchMeta {
     int64_t ctx_len = 0;  // tokens already in this sequence's caches before this call
     int32_t state_slot = -1;
     std::vector<int32_t> blocks;  // KV block table (covers ctx_len + q_len tokens)
+    // Speculative verify (model/, not read by backends): this chunk's DeltaNet state-update inputs are kept in
+    // the caches' input log at rows log_row.. (ModelCaches::gdn_log); -1: not kept.
+    int64_t log_row = -1;
   };
   std::vector<Seq> seqs;
   std::vector<int32_t> tokens;        // [T]
@@ -155,6 +158,9 @@ class Backend {
 
   // DeltaNet. mixed [T, C] → out [T, C] = silu(causal depthwise conv(mixed)), with each sequence's conv
   // window taken from and written back to state.conv[slot]. weight [C, Kc] fp32.
+  // These two ops (only these) also take batches whose sequences leave rows of T uncovered (a speculative
+  // rollback replays rows of the DeltaNet input log in place, Model::replay_deltanet): such rows are ignored, and
+  // their outputs left unspecified.
   virtual void conv1d_causal(const Tensor& mixed, const Tensor& weight, StateLayer& st, const BatchMeta& b,
                              Tensor& out) = 0;
   // Gated delta rule. qkv [T, C] (post-conv: q | k | v), ba [T, 2·Hv] (b | a), A_log and dt_bias [Hv] fp32.
@@ -175,6 +181,10 @@ class Backend {
 
   // out [R, H] = x[rows[i]]
   virtual void gather_rows(const Tensor& x, const std::vector<int32_t>& rows, Tensor& out) = 0;
+  // ids [R] int32 = per row of logits [R, N] (fp32) the first column holding the largest value among columns
+  // [0, limit), 1 <= limit <= N; NaN never wins (a row of NaNs gives 0). Speculative drafting: the MTP's argmax
+  // without copying logits to the host.
+  virtual void argmax_rows(const Tensor& logits, int64_t limit, Tensor& ids) { unsupported("argmax_rows"); }
 
   // ---- fused ops ----
   // Each has a default composed of the ops above: that composition is its meaning and its CPU twin. A backend

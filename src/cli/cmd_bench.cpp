@@ -266,6 +266,10 @@ class TimingBackend final : public Backend {
     timed(w->int4 ? "int4 linears" : "bf16 linears", [&] { in_.linear_gated_add(x, w, g, y); });
   }
 
+  void argmax_rows(const Tensor& logits, int64_t limit, Tensor& ids) override {
+    timed("other", [&] { in_.argmax_rows(logits, limit, ids); });
+  }
+
  private:
   Backend& in_;
   int64_t vocab_;

@@ -1,5 +1,6 @@
 // forward(): one loop over layers, one branch on the layer type, residuals visible.
 #include "model/model.h"
+#include "model/step_scope.h"
 
 #include <atomic>
 
@@ -21,7 +22,7 @@ Tensor Model::forward(BatchMeta& b, ModelCaches& caches, const std::vector<int32
   Tensor h = be_.alloc(act, {T, H});
   if (!w_.layers.empty()) be_.rmsnorm(x, w_.layers[0].in_norm, eps, h);
   for (size_t L = 0; L < w_.layers.size(); ++L) {
-    Tensor f = decoder_layer(w_.layers[L], x, h, b, caches, &caches.kv[L], &caches.state[L]);
+    Tensor f = decoder_layer(w_.layers[L], x, h, b, caches, &caches.kv[L], &caches.state[L], int64_t(L));
     if (L + 1 < w_.layers.size())
       be_.add_rmsnorm(x, f, w_.layers[L + 1].in_norm, eps, h);
     else
@@ -52,9 +53,17 @@ Tensor Model::lm_head_logits(const Tensor& hf, const Linear* head) {
 // One decoder layer on the residual stream x, with h = rmsnorm(x, in_norm) given: x += mixer(h), h =
 // rmsnorm(x, post_norm); returns the FFN's output, which the caller adds to x (fused with the next norm).
 Tensor Model::decoder_layer(const LayerWeights& lw, Tensor& x, Tensor& h, BatchMeta& b, ModelCaches& caches,
-                            KvLayer* kv, StateLayer* st) {
+                            KvLayer* kv, StateLayer* st, int64_t layer) {
   const float eps = float(cfg_.text.rms_norm_eps);
-  Tensor mix = lw.type == io::LayerType::FullAttention ? attention_block(lw, h, b, *kv) : deltanet_block(lw, h, b, *st);
+  Tensor log_mixed, log_ba;  // this layer's rows of the DeltaNet input log, if the caches have one
+  const auto& lg = caches.gdn_log;
+  if (lw.type != io::LayerType::FullAttention && lg.rows > 0 && layer >= 0) {
+    const int64_t r0 = int64_t(lg.index[size_t(layer)]) * lg.rows;
+    log_mixed = lg.mixed.rows(r0, r0 + lg.rows);
+    log_ba = lg.ba.rows(r0, r0 + lg.rows);
+  }
+  Tensor mix = lw.type == io::LayerType::FullAttention ? attention_block(lw, h, b, *kv)
+                                                       : deltanet_block(lw, h, b, *st, log_mixed, log_ba);
   be_.add_rmsnorm(x, mix, lw.post_norm, eps, h);
   return ffn_block(lw, h);
 }
@@ -88,7 +97,7 @@ Tensor Model::mtp_forward(BatchMeta& b, ModelCaches& caches, const Tensor& hidde
   return lm_head_logits(hf, reduced ? &m.draft_head : nullptr);
 }
 
-ModelCaches Model::alloc_caches(int64_t num_blocks, int64_t block_size, int64_t num_slots) {
+ModelCaches Model::alloc_caches(int64_t num_blocks, int64_t block_size, int64_t num_slots, int64_t log_rows) {
   const auto& t = cfg_.text;
   static std::atomic<uint64_t> next_id{1};
   ModelCaches c;
@@ -104,6 +113,16 @@ ModelCaches Model::alloc_caches(int64_t num_blocks, int64_t block_size, int64_t 
       c.state[L].conv = be_.alloc(DType::F32, {num_slots, t.lin_conv_dim(), t.conv_kernel - 1});
       c.state[L].ssm = be_.alloc(DType::F32, {num_slots, t.lin_num_v_heads, t.lin_k_head_dim, t.lin_v_head_dim});
     }
+  }
+  if (log_rows > 0) {
+    auto& lg = c.gdn_log;
+    lg.rows = log_rows;
+    lg.index.assign(t.layer_types.size(), -1);
+    int32_t n = 0;
+    for (size_t L = 0; L < t.layer_types.size(); ++L)
+      if (t.layer_types[L] != io::LayerType::FullAttention) lg.index[L] = n++;
+    lg.mixed = be_.alloc(be_.act_dtype(), {n * log_rows, t.lin_conv_dim()});
+    lg.ba = be_.alloc(be_.act_dtype(), {n * log_rows, 2 * t.lin_num_v_heads});
   }
   if (w_.mtp.present) {
     c.mtp_kv.block_size = block_size;
@@ -129,14 +148,34 @@ int64_t Model::state_slot_bytes() const {
   return layers * per_layer * int64_t(dtype_size(DType::F32));
 }
 
-void Model::copy_slot(ModelCaches& c, int32_t dst, int32_t src) {
+int64_t Model::gdn_log_row_bytes() const {
+  const auto& t = cfg_.text;
+  int64_t layers = 0;
+  for (auto lt : t.layer_types) layers += lt == io::LayerType::FullAttention ? 0 : 1;
+  return layers * (t.lin_conv_dim() + 2 * t.lin_num_v_heads) * int64_t(dtype_size(be_.act_dtype()));
+}
+
+void Model::copy_slot(ModelCaches& c, int32_t dst, int32_t src, bool graphed) {
   if (dst == src) return;
-  for (auto& s : c.state) {
-    if (!s.conv.defined() || s.conv.numel() == 0) continue;
-    Tensor cd = s.conv.rows(dst, dst + 1), sd = s.ssm.rows(dst, dst + 1);
-    be_.copy(cd, s.conv.rows(src, src + 1));
-    be_.copy(sd, s.ssm.rows(src, src + 1));
-  }
+  auto body = [&] {
+    for (auto& s : c.state) {
+      if (!s.conv.defined() || s.conv.numel() == 0) continue;
+      Tensor cd = s.conv.rows(dst, dst + 1), sd = s.ssm.rows(dst, dst + 1);
+      be_.copy(cd, s.conv.rows(src, src + 1));
+      be_.copy(sd, s.ssm.rows(src, src + 1));
+    }
+  };
+  if (!graphed) return body();
+  // One recording per (cache set, dst, src): a graph launch instead of two copies per linear-attention layer. The
+  // copies read no batch, but a recording is redone when the batch mirror moved since (CUDA backend), so the step
+  // prepares a fixed one-token batch.
+  StepScope scope(be_);
+  BatchMeta b;
+  b.seqs.push_back({0, 1, 0, dst, {}});
+  b.tokens = {0};
+  b.positions = {0, 0, 0};
+  be_.prepare_batch(b);
+  be_.graph_run(str_cat("slot/", c.id, "/", dst, "/", src), body);
 }
 
 void Model::reset_slot(ModelCaches& c, int32_t slot) {

@@ -274,6 +274,7 @@ class Loader {
     s.data = buf.data();
     m.draft_head = be_.make_linear({s});
     m.draft_ids = ids;
+    m.draft_ids_max = *std::max_element(ids.begin(), ids.end());
   }
 
   // model.visual.* (model-spec §2.2 "Vision"): always high precision; LayerNorms keep plain w and b.

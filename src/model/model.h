@@ -56,6 +56,7 @@ struct MtpWeights {
   // step reads N·H weights instead of V·H. Logits column j is token draft_ids[j].
   Linear draft_head;
   std::vector<int32_t> draft_ids;
+  int32_t draft_ids_max = -1;  // the largest of draft_ids
 };
 
 // Vision tower (model-spec §5.3, model/vision.cpp). Linear biases fp32 [N]; LayerNorm weight/bias fp32 [D].
@@ -91,6 +92,16 @@ struct ModelCaches {
   std::vector<KvLayer> kv;        // indexed by layer; empty tensors for linear-attention layers
   std::vector<StateLayer> state;  // indexed by layer; empty tensors for full-attention layers
   KvLayer mtp_kv;                 // the MTP layer's own KV (same block ids as the main sequence)
+  // Speculative decoding: the DeltaNet input log. Every linear-attention layer's inputs to its state update (the
+  // pre-conv `mixed` rows and the `ba` rows, act dtype) of the rows a verify logged (BatchMeta::Seq::log_row), so
+  // that a rejection re-runs only conv1d + the gated delta rule over the accepted rows (Model::replay_deltanet).
+  // Layer L's rows are log_index[L]·log_rows .. + log_rows of `mixed` [n·log_rows, C] and `ba` [n·log_rows, 2·Hv]
+  // (n linear-attention layers). Fixed addresses per cache set, so a recorded verify can write them.
+  struct GdnLog {
+    Tensor mixed, ba;
+    int64_t rows = 0;                // log_rows: rows per layer (0: no log)
+    std::vector<int32_t> index;      // by layer: its block of rows, −1 for full attention
+  } gdn_log;
   // Unique per alloc_caches() call: step-graph keys name the cache set by it, not by an address a later cache
   // set could reuse (a recording holds the tensor addresses of the caches it was recorded with).
   uint64_t id = 0;
@@ -127,6 +138,7 @@ class Model {
   bool has_vision() const { return w_.vision.present; }
   // Token ids of the reduced MTP draft head's logit columns (empty: none loaded).
   const std::vector<int32_t>& draft_vocab() const { return w_.mtp.draft_ids; }
+  int32_t draft_vocab_max() const { return w_.mtp.draft_ids_max; }  // the largest id of draft_vocab() (−1: none)
 
   // Vision tower over images laid out back to back (model/vision.cpp). pixel_values fp32 host
   // [Σ t·h·w, 3·Tp·ps·ps] in merge-block-major row order; grids_thw[i] = {t, h, w} in patches of image i.
@@ -136,18 +148,30 @@ class Model {
   const io::ModelConfig& config() const { return cfg_; }
   Backend& backend() { return be_; }
 
-  // Allocates caches for `num_blocks` KV blocks of `block_size` tokens and `num_slots` DeltaNet slots.
-  ModelCaches alloc_caches(int64_t num_blocks, int64_t block_size, int64_t num_slots);
+  // Allocates caches for `num_blocks` KV blocks of `block_size` tokens and `num_slots` DeltaNet slots, and a
+  // DeltaNet input log of `log_rows` rows (speculative decoding: max sequences × (K + 1); 0: none).
+  ModelCaches alloc_caches(int64_t num_blocks, int64_t block_size, int64_t num_slots, int64_t log_rows = 0);
   // What alloc_caches allocates per KV block (every full-attention layer's K and V, and the MTP layer's when
-  // loaded) and per DeltaNet slot (conv window + recurrent state of every linear-attention layer), in bytes.
+  // loaded), per DeltaNet slot (conv window + recurrent state of every linear-attention layer) and per row of the
+  // DeltaNet input log (`mixed` + `ba` of every linear-attention layer), in bytes.
   int64_t kv_block_bytes(int64_t block_size) const;
   int64_t state_slot_bytes() const;
+  int64_t gdn_log_row_bytes() const;
   // Zeroes slot `slot` of every DeltaNet layer (a fresh sequence starts from zero state).
   void reset_slot(ModelCaches& c, int32_t slot);
 
   // Copies DeltaNet slot `src` onto slot `dst` in every linear-attention layer (conv window + recurrent state),
   // device to device: speculative decoding snapshots a sequence's state before a verify it may have to undo.
-  void copy_slot(ModelCaches& c, int32_t dst, int32_t src);
+  // `graphed`: recorded once per (cache set, dst, src) and replayed (Backend::graph_run), in a step of its own.
+  void copy_slot(ModelCaches& c, int32_t dst, int32_t src, bool graphed = false);
+
+  // Speculative rollback: for each sequence of `b` — state_slot holding its state from before the verify (the
+  // snapshot), q_len accepted rows, log_row where the verify logged them (BatchMeta::Seq::log_row) — re-runs every
+  // linear-attention layer's conv1d_causal + gated_delta_rule over those rows of the caches' input log: the state
+  // becomes what it would be after the accepted tokens. Nothing else runs (the verify already wrote the attention KV
+  // of those positions). The rows are read in place (no copy): sets q_start = log_row, and b's tokens and positions.
+  // `graphed`: one recording per shape (T = the last row used, sequence count; Backend::graph_run).
+  void replay_deltanet(BatchMeta& b, ModelCaches& caches, bool graphed = false);
 
   // Runs the batch through every layer and returns fp32 logits [R, V] for token rows `logit_rows`.
   // If `hidden_out` is given it receives the final-norm hidden states [Rh, H] of rows `hidden_rows`, or of
@@ -170,8 +194,10 @@ class Model {
   // [T, H] is first copied into the shape's input buffer; `logits` [T, V or N] and `hidden_out` [T, H] receive
   // per-shape buffers outside the arena (valid until the next call of the same shape). Eager where the backend
   // has no graphs (Backend::graph_run's fallback runs the same code).
+  // `argmax_limit` > 0: `ids` receives each row's argmax over logit columns [0, argmax_limit) (Backend::argmax_rows),
+  // int32 [T], computed inside the recording into a per-shape buffer: the draft tokens without reading logits back.
   void mtp_forward_graphed(BatchMeta& b, ModelCaches& caches, const Tensor& hidden, bool reduced, Tensor* logits,
-                           Tensor* hidden_out);
+                           Tensor* hidden_out, int64_t argmax_limit = 0, Tensor* ids = nullptr);
 
   // MTP head over a batch whose tokens are the *next* tokens y_j and whose positions are those of the
   // hidden states' tokens; `hidden` [T, H] are main-model final-norm hiddens (or the MTP's own previous
@@ -184,10 +210,13 @@ class Model {
  private:
   Model(io::ModelConfig cfg, Backend& be) : cfg_(std::move(cfg)), be_(be) {}
   Tensor attention_block(const LayerWeights& lw, const Tensor& x, BatchMeta& b, KvLayer& kv);
-  Tensor deltanet_block(const LayerWeights& lw, const Tensor& x, BatchMeta& b, StateLayer& st);
+  // `log_mixed`, `log_ba`: the layer's rows of the DeltaNet input log (undefined: no log).
+  Tensor deltanet_block(const LayerWeights& lw, const Tensor& x, BatchMeta& b, StateLayer& st, const Tensor& log_mixed,
+                        const Tensor& log_ba);
   Tensor ffn_block(const LayerWeights& lw, const Tensor& x);
+  // `layer`: index into the caches' per-layer tables (the input log), −1 for the MTP layer.
   Tensor decoder_layer(const LayerWeights& lw, Tensor& x, Tensor& h, BatchMeta& b, ModelCaches& caches, KvLayer* kv,
-                       StateLayer* st);
+                       StateLayer* st, int64_t layer = -1);
   // rmsnorm(x[rows], norm) [R, H]: the final hidden states of the chosen rows.
   Tensor normed_rows(const Tensor& x, const std::vector<int32_t>& rows, const Tensor& norm);
   // fp32 logits [R, N] = head · hf (lm_head: N = V)
@@ -199,7 +228,7 @@ class Model {
   RopeParams rope_;
   std::map<std::string, Tensor> graph_logits_;  // forward_graphed: output of each recorded shape
   struct GraphIo {  // per recorded shape: buffers outside the step arena that a recording reads or writes
-    Tensor in, logits, hidden;
+    Tensor in, logits, hidden, ids;
   };
   std::map<std::string, GraphIo> graph_io_;
 };

@@ -3,18 +3,15 @@
 // sequences; everything else a step reads (tokens, positions, context lengths, block tables) is in
 // prepare_batch's device mirror, and tensors passed between recorded steps live in per-shape buffers outside the
 // step arena (a later step's arena reuses the addresses of an earlier one's temporaries).
+#include <algorithm>
+
 #include "core/status.h"
 #include "model/model.h"
+#include "model/step_scope.h"
 
 namespace ds::model {
 
 namespace {
-
-struct StepScope {  // ends the step on every path, so an error leaves the backend usable
-  Backend& be;
-  explicit StepScope(Backend& b) : be(b) { be.step_begin(); }
-  ~StepScope() { be.step_end(); }
-};
 
 std::vector<int32_t> iota_rows(int64_t n) {
   std::vector<int32_t> r(static_cast<size_t>(n));
@@ -29,6 +26,15 @@ Tensor Model::forward_graphed(BatchMeta& b, ModelCaches& caches, const std::vect
   std::string key = str_cat("fwd/", b.num_tokens(), "/", b.seqs.size(), "/", logit_rows.size(), "/",
                             caches.id, hidden_out ? "/h" : "");
   for (auto r : logit_rows) key += str_cat(",", r);
+  // A verify that logs its DeltaNet inputs (BatchMeta::Seq::log_row) records other writes than a step that does not;
+  // logged at their batch rows (the engine's way) the writes do not depend on the sequences' row counts.
+  const bool logged = std::any_of(b.seqs.begin(), b.seqs.end(), [](const BatchMeta::Seq& s) { return s.log_row >= 0; });
+  const bool aligned = std::all_of(b.seqs.begin(), b.seqs.end(), [](const BatchMeta::Seq& s) {
+    return s.log_row < 0 || s.log_row == s.q_start;
+  });
+  if (logged) key += aligned ? "/log" : "/log:";
+  if (logged && !aligned)
+    for (auto& s : b.seqs) key += str_cat(",", s.q_start, "+", s.q_len, ">", s.log_row);
   const std::vector<int32_t> all = iota_rows(b.num_tokens());
   GraphIo* io = nullptr;
   if (hidden_out) {
@@ -50,17 +56,21 @@ Tensor Model::forward_graphed(BatchMeta& b, ModelCaches& caches, const std::vect
 }
 
 void Model::mtp_forward_graphed(BatchMeta& b, ModelCaches& caches, const Tensor& hidden, bool reduced, Tensor* logits,
-                                Tensor* hidden_out) {
+                                Tensor* hidden_out, int64_t argmax_limit, Tensor* ids) {
   const int64_t T = b.num_tokens(), H = cfg_.text.hidden_size;
   DS_CHECK(hidden.dim(0) == T && hidden.numel() == T * H, "mtp_forward_graphed: hidden must be [", T, ", ", H, "]");
   DS_CHECK(!reduced || w_.mtp.draft_head, "this model has no reduced draft head loaded (LoadOptions::draft_vocab)");
   const int64_t N = reduced ? w_.mtp.draft_head->N : cfg_.text.vocab_size;
-  const std::string key = str_cat("mtp/", T, "/", b.seqs.size(), "/", caches.id, reduced ? "/r" : "");
+  DS_CHECK(argmax_limit <= N && (argmax_limit <= 0 || ids), "mtp_forward_graphed: argmax over ", argmax_limit,
+           " of ", N, " columns needs `ids`");
+  const std::string key = str_cat("mtp/", T, "/", b.seqs.size(), "/", caches.id, reduced ? "/r" : "",
+                                  argmax_limit > 0 ? str_cat("/a", argmax_limit) : std::string());
   GraphIo& io = graph_io_[key];
   if (!io.in.defined() || io.in.numel() == 0) {  // outside the step: not arena memory
     io.in = be_.alloc(be_.act_dtype(), {T, H});
     io.hidden = be_.alloc(be_.act_dtype(), {T, H});
     io.logits = be_.alloc(DType::F32, {T, N});
+    if (argmax_limit > 0) io.ids = be_.alloc(DType::I32, {T});
   }
   be_.copy(io.in, hidden);
   const std::vector<int32_t> all = iota_rows(T);
@@ -72,10 +82,12 @@ void Model::mtp_forward_graphed(BatchMeta& b, ModelCaches& caches, const Tensor&
       Tensor l = mtp_forward(b, caches, io.in, all, &h, reduced);
       be_.copy(io.logits, l);
       be_.copy(io.hidden, h);
+      if (argmax_limit > 0) be_.argmax_rows(io.logits, argmax_limit, io.ids);
     });
   }
   *logits = io.logits;
   if (hidden_out) *hidden_out = io.hidden;
+  if (argmax_limit > 0) *ids = io.ids;
 }
 
 }  // namespace ds::model

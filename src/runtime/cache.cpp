@@ -7,10 +7,11 @@
 namespace ds::runtime {
 
 CacheManager::CacheManager(model::Model& m, int64_t num_blocks, int64_t block_size, int64_t num_slots,
-                           bool spare_slots)
-    : m_(m), num_blocks_(num_blocks), block_size_(block_size), num_slots_(num_slots), spare_(spare_slots) {
+                           int64_t verify_rows)
+    : m_(m), num_blocks_(num_blocks), block_size_(block_size), num_slots_(num_slots), spare_(verify_rows > 0) {
   // Sequence i owns slot i and, with spares, slot i + num_slots (the two may swap roles; see rollback()).
-  caches_ = m.alloc_caches(num_blocks, block_size, spare_slots ? 2 * num_slots : num_slots);
+  caches_ = m.alloc_caches(num_blocks, block_size, spare_ ? 2 * num_slots : num_slots,
+                           spare_ ? num_slots * verify_rows : 0);
   for (int64_t i = num_blocks - 1; i >= 0; --i) free_blocks_.push_back(int32_t(i));
   for (int64_t i = num_slots - 1; i >= 0; --i) free_slots_.push_back(int32_t(i));
 }
@@ -26,10 +27,10 @@ bool CacheManager::start(SeqCache& s) {
   return true;
 }
 
-void CacheManager::snapshot(SeqCache& s) {
+void CacheManager::snapshot(SeqCache& s, bool graphed) {
   DS_CHECK(s.slot >= 0 && s.spare_slot >= 0, "cache: snapshot of a sequence without a spare state slot (slot ",
            s.slot, ", spare ", s.spare_slot, ")");
-  m_.copy_slot(caches_, s.spare_slot, s.slot);
+  m_.copy_slot(caches_, s.spare_slot, s.slot, graphed);
 }
 
 void CacheManager::rollback(SeqCache& s) {

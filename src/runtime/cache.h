@@ -19,14 +19,17 @@ struct SeqCache {
 
 class CacheManager {
  public:
-  // `spare_slots`: each sequence also gets a second DeltaNet slot for snapshots (speculative decoding), so
-  // the caches hold 2 × num_slots slots; num_slots() and free_slots() still count sequences.
-  CacheManager(model::Model& m, int64_t num_blocks, int64_t block_size, int64_t num_slots, bool spare_slots = false);
+  // `verify_rows` (speculative decoding: K + 1, the rows of a verify; 0: off): each sequence also gets a second
+  // DeltaNet slot for snapshots, so the caches hold 2 × num_slots slots (num_slots() and free_slots() still count
+  // sequences), and the caches get a DeltaNet input log of num_slots × verify_rows rows (ModelCaches::gdn_log).
+  CacheManager(model::Model& m, int64_t num_blocks, int64_t block_size, int64_t num_slots, int64_t verify_rows = 0);
   // Takes a state slot (zeroed), and its spare when configured, for a new sequence; false if none is free.
   bool start(SeqCache& s);
   // Copies the sequence's state slot onto its spare (device to device): the state before a speculative verify.
-  void snapshot(SeqCache& s);
-  // Makes the snapshot current again (swaps slot and spare; no copy): the verify's state is discarded.
+  // `graphed`: through a recording per slot pair (Model::copy_slot), one launch instead of two copies per layer.
+  void snapshot(SeqCache& s, bool graphed = false);
+  // Makes the snapshot current again (swaps slot and spare; no copy): the verify's state is discarded. The caller
+  // then advances it over the accepted rows (Model::replay_deltanet).
   void rollback(SeqCache& s);
   // Ensures blocks for `new_tokens` more tokens; false (and no change) if the pool is short.
   bool reserve(SeqCache& s, int64_t new_tokens);
@@ -37,6 +40,7 @@ class CacheManager {
   int64_t num_blocks() const { return num_blocks_; }
   int64_t num_slots() const { return num_slots_; }
   int64_t block_size() const { return block_size_; }
+  int64_t log_rows() const { return caches_.gdn_log.rows; }  // rows of the DeltaNet input log (0: none)
   model::ModelCaches& caches() { return caches_; }
 
  private:
@@ -53,7 +57,9 @@ struct PoolSizing {
   double utilization = 0.9;      // fraction of `total` this process may end up holding
   int64_t scratch = 0;           // kept free for activations, the step arena, cuBLAS workspaces
   int64_t block_bytes = 0;       // Model::kv_block_bytes(block_size)
-  int64_t slot_bytes = 0;        // Model::state_slot_bytes() × slots per sequence (2 with speculative decoding)
+  // Per sequence: Model::state_slot_bytes() × slots per sequence, with speculative decoding 2 slots plus
+  // (K + 1) × Model::gdn_log_row_bytes() of DeltaNet input log.
+  int64_t slot_bytes = 0;
   int64_t max_num_seqs = 1, max_model_len = 1, block_size = 16;
   int64_t num_blocks_override = 0;  // --num-gpu-blocks-override (0 = size from memory)
 };

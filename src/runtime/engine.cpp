@@ -78,7 +78,8 @@ struct Engine::Impl {
   Impl(model::Model& m, const EngineConfig& c)
       : model(m),
         cfg(c),
-        cm(m, c.num_blocks, c.block_size, c.max_num_seqs, c.num_speculative_tokens > 0),
+        cm(m, c.num_blocks, c.block_size, c.max_num_seqs,
+           c.num_speculative_tokens > 0 ? c.num_speculative_tokens + 1 : 0),  // + spare slots and the input log
         sched(cm, c.max_num_seqs, c.max_num_batched_tokens) {
     snap.kv_blocks_total = c.num_blocks;
     snap.slots_total = c.max_num_seqs;
@@ -109,7 +110,12 @@ struct Engine::Impl {
   void place_images(const Schedule& s, BatchMeta& b);
   bool decide(const ScheduledSeq& x, const float* rows, int64_t* accepted, int32_t sampled = -2);
   bool emit(Sequence* s, const std::vector<int32_t>& toks, std::vector<sampling::TokenLogprob>& lps);
-  bool recompute(const std::vector<std::pair<Sequence*, int64_t>>& redo);
+  struct Redo {           // a sequence that rejected a draft
+    Sequence* seq;
+    int64_t rows;          // accepted rows [last token, d_1..d_a]
+    int64_t log_row;       // where the verify logged them in the DeltaNet input log
+  };
+  bool roll_back(const std::vector<Redo>& redo, bool graphed);
   int64_t drafts_wanted(Sequence* s);
   void finish(Sequence* s, FinishReason r, Delta d = {});
   void publish(const Schedule& s);
@@ -268,7 +274,8 @@ bool Engine::Impl::take_inbox() {
 // One forward over every scheduled chunk. With speculation a decoding sequence's chunk is [last token,
 // d_1..d_k]: the rows are verified in order, the sequence keeps the accepted prefix plus one token, and its
 // DeltaNet state, which the forward advanced over all k + 1 rows, is rolled back to the snapshot taken before
-// and recomputed over the accepted prefix. Then the MTP head drafts the next step's tokens.
+// and advanced again over the accepted prefix from the verify's logged DeltaNet inputs (no forward). Then the MTP
+// head drafts the next step's tokens.
 void Engine::Impl::run(const Schedule& sc_in) {
   const Schedule sc = encode_images(sc_in);  // drops a sequence whose images fail to encode
   if (sc.empty()) return;
@@ -282,6 +289,21 @@ void Engine::Impl::run(const Schedule& sc_in) {
   }
   BatchMeta b = make_batch(parts);
   place_images(sc, b);
+  // Speculation: the verifying sequences' DeltaNet inputs go to the input log, for a rollback. When the batch fits
+  // the log, every sequence logs at its own batch rows (the projections write straight into the log, and a
+  // recorded step has one form); otherwise the verifying sequences only, back to back.
+  if (spec) {
+    if (b.num_tokens() <= cm.log_rows()) {
+      for (auto& s : b.seqs) s.log_row = s.q_start;
+    } else {
+      int64_t next = 0;
+      for (size_t i = 0; i < sc.seqs.size(); ++i)
+        if (sc.seqs[i].num_drafts > 0) {
+          b.seqs[i].log_row = next;
+          next += b.seqs[i].q_len;
+        }
+    }
+  }
   // Logit rows: the last row of every chunk that completes its sequence's tokens, and its drafts' rows.
   std::vector<int32_t> rows;
   for (size_t i = 0; i < sc.seqs.size(); ++i)
@@ -291,8 +313,6 @@ void Engine::Impl::run(const Schedule& sc_in) {
   std::vector<int32_t> all_rows;  // MTP drafting reads the hidden state of every committed row
   if (spec)
     for (int64_t i = 0; i < b.num_tokens(); ++i) all_rows.push_back(int32_t(i));
-  for (auto& x : sc.seqs)
-    if (x.num_drafts > 0) cm.snapshot(x.seq->cache);  // the state before the verify, for a rollback
   std::vector<float> logits;  // fp32 [R, V] (host sampling)
   std::vector<int32_t> toks;  // one token per row (device sampling)
   Tensor hidden;              // act [T, H] final-norm hiddens (speculation only)
@@ -307,6 +327,9 @@ void Engine::Impl::run(const Schedule& sc_in) {
   const bool graphed = cfg.step_graphs && (!spec || cfg.spec_step_graphs) && std::all_of(sc.seqs.begin(), sc.seqs.end(), [](const ScheduledSeq& x) {
     return x.samples && x.num_tokens == 1;
   });
+  // The state before the verify, for a rollback (recorded per slot pair when the step is).
+  for (auto& x : sc.seqs)
+    if (x.num_drafts > 0) cm.snapshot(x.seq->cache, graphed);
   try {
     // A step of prefill chunks only still asks for one row: backends need not handle R = 0.
     Tensor t = graphed ? model.forward_graphed(b, cm.caches(), rows, spec ? &hidden : nullptr)
@@ -340,7 +363,7 @@ void Engine::Impl::run(const Schedule& sc_in) {
   ++counters.steps_total;
   const int64_t V = model.config().text.vocab_size;
   std::vector<DraftJob> jobs;                        // MTP work of the sequences still running
-  std::vector<std::pair<Sequence*, int64_t>> redo;   // (sequence, rows to recompute) after a rejection
+  std::vector<Redo> redo;                            // sequences to roll back after a rejection
   size_t r = 0;
   for (size_t i = 0; i < sc.seqs.size(); ++i) {
     const ScheduledSeq& x = sc.seqs[i];
@@ -354,17 +377,17 @@ void Engine::Impl::run(const Schedule& sc_in) {
     if (!alive) continue;  // finished: blocks and slots are back in the pool already
     const int64_t committed = x.num_tokens + accepted;
     if (x.num_drafts > accepted) {
-      redo.push_back({x.seq, committed});  // cache.len advances once the state is recomputed
+      redo.push_back({x.seq, committed, b.seqs[i].log_row});  // cache.len advances once the state is rolled back
     } else {
       x.seq->cache.len += committed;
     }
     if (spec) jobs.push_back({x.seq, ctx, b.seqs[i].q_start, committed, 0});
   }
-  if (!redo.empty() && !recompute(redo)) {
+  if (!redo.empty() && !roll_back(redo, graphed)) {
     // Those sequences were preempted (or one failed and is gone): no MTP work for them.
     jobs.erase(std::remove_if(jobs.begin(), jobs.end(),
                               [&](const DraftJob& j) {
-                                return std::any_of(redo.begin(), redo.end(), [&](auto& p) { return p.first == j.seq; });
+                                return std::any_of(redo.begin(), redo.end(), [&](auto& p) { return p.seq == j.seq; });
                               }),
                jobs.end());
   }
@@ -517,21 +540,27 @@ bool Engine::Impl::decide(const ScheduledSeq& x, const float* rows, int64_t* acc
   return emit(s, toks, lps);
 }
 
-// DeltaNet state cannot be un-appended: the sequences that rejected a draft go back to their snapshot and run
-// their accepted prefix [last token, d_1..d_a] again, in one batch (attention KV at those positions is
-// rewritten with the same values; the rejected positions' KV is overwritten by later steps).
-bool Engine::Impl::recompute(const std::vector<std::pair<Sequence*, int64_t>>& redo) {
-  std::vector<std::pair<const SeqCache*, std::vector<int32_t>>> parts;
+// DeltaNet state cannot be un-appended: the sequences that rejected a draft go back to their snapshot and advance
+// it over their accepted rows [last token, d_1..d_a] again, from the verify's DeltaNet inputs in the input log: only
+// conv1d + the gated delta rule of each linear-attention layer run (Model::replay_deltanet), all sequences in one
+// batch. The verify already wrote the attention KV of the accepted positions; the rejected positions' KV is
+// overwritten by later steps.
+bool Engine::Impl::roll_back(const std::vector<Redo>& redo, bool graphed) {
+  BatchMeta b;
   Schedule sc;
-  for (auto [s, n] : redo) {
-    cm.rollback(s->cache);
-    auto first = s->tokens.begin() + s->cache.len;
-    parts.push_back({&s->cache, std::vector<int32_t>(first, first + n)});
-    sc.seqs.push_back({s, n, false, 0});
+  for (const Redo& r : redo) {
+    DS_CHECK(r.log_row >= 0, "speculative rollback: the verify did not log its DeltaNet inputs");
+    cm.rollback(r.seq->cache);
+    BatchMeta::Seq s;
+    s.q_len = r.rows;
+    s.ctx_len = r.seq->cache.len;
+    s.state_slot = r.seq->cache.slot;
+    s.log_row = r.log_row;
+    b.seqs.push_back(std::move(s));
+    sc.seqs.push_back({r.seq, r.rows, false, 0});
   }
-  BatchMeta b = make_batch(parts);
   try {
-    model.forward(b, cm.caches(), {0});
+    model.replay_deltanet(b, cm.caches(), graphed);
   } catch (const std::exception& e) {
     // Same containment as a failing step: recompute everyone from their tokens, the culprit alone.
     for (Sequence* s : sched.forward_failed(sc)) {
@@ -541,7 +570,7 @@ bool Engine::Impl::recompute(const std::vector<std::pair<Sequence*, int64_t>>& r
     }
     return false;
   }
-  for (auto [s, n] : redo) s->cache.len += n;
+  for (const Redo& r : redo) r.seq->cache.len += r.rows;
   return true;
 }
 

@@ -95,35 +95,62 @@ void mtp_propose(model::Model& m, CacheManager& cm, const Tensor& hidden, std::v
   }
   if (parts.empty()) return;
   graphed = graphed && row <= kMaxGraphRows;
+  // The drafts are argmaxes of MTP logit rows. Where the columns a draft may take are a prefix of the row (the full
+  // head's [0, vocab_limit); a reduced head whose tokens are all below vocab_limit) the argmax runs on the device
+  // (Backend::argmax_rows, inside the recording when graphed) and one int per row comes back instead of the row.
+  const int64_t lim = opt.vocab_limit > 0 ? std::min(opt.vocab_limit, V) : V;
+  const int64_t dev_limit = !ids ? lim : m.draft_vocab_max() < lim ? N : 0;
+  auto token = [&](int32_t col) { return ids ? (*ids)[size_t(col)] : col; };
+  // Draft tokens of rows `rows` (empty: all) of logits L [R, N], or of their device argmaxes A [R] when defined.
+  auto pick = [&](const Tensor& L, const Tensor& A, const std::vector<int32_t>& rows) {
+    std::vector<int32_t> out;
+    const int64_t R = L.dim(0);
+    if (dev_limit > 0) {
+      Tensor a = A;
+      if (!a.defined() || a.numel() == 0) {
+        a = be.alloc(DType::I32, {R});
+        be.argmax_rows(L, dev_limit, a);
+      }
+      const std::vector<float> cols = be.to_host_f32(a);
+      if (rows.empty())
+        for (float c : cols) out.push_back(token(int32_t(c)));
+      for (int32_t r : rows) out.push_back(token(int32_t(cols[size_t(r)])));
+      return out;
+    }
+    const std::vector<float> lg = rows.empty() ? be.to_host_f32(L) : rows_to_host(be, L, rows);
+    const int64_t n = rows.empty() ? R : int64_t(rows.size());
+    for (int64_t i = 0; i < n; ++i) out.push_back(draft_pick(lg.data() + i * N, V, opt.vocab_limit, ids));
+    return out;
+  };
   BatchMeta b = make_batch(parts);
   Tensor h = be.alloc(be.act_dtype(), {int64_t(hrows.size()), H});
   be.gather_rows(hidden, hrows, h);
   Tensor hout;  // MTP post-norm hidden of the drafting rows: the next chained step's input
   const bool any = !lrows.empty();
-  std::vector<float> logits;  // [drafting rows, N]
+  std::vector<int32_t> toks;  // the draft of each drafting row
   if (graphed) {
     // Every row is a logit row in the recording; the drafting rows are picked out here.
-    Tensor L, hall;
-    m.mtp_forward_graphed(b, cm.caches(), h, opt.reduced, &L, &hall);
-    logits = rows_to_host(be, L, lrows);
+    Tensor L, hall, A;
+    m.mtp_forward_graphed(b, cm.caches(), h, opt.reduced, &L, &hall, any ? dev_limit : 0, &A);
+    if (!any) return;
+    toks = pick(L, A, lrows);
     hout = be.alloc(be.act_dtype(), {int64_t(lrows.size()), H});
     be.gather_rows(hall, lrows, hout);
   } else {
-    logits = be.to_host_f32(
-        m.mtp_forward(b, cm.caches(), h, any ? lrows : std::vector<int32_t>{0}, &hout, opt.reduced));
+    Tensor L = m.mtp_forward(b, cm.caches(), h, any ? lrows : std::vector<int32_t>{0}, &hout, opt.reduced);
+    if (!any) return;
+    toks = pick(L, Tensor{}, {});
   }
-  if (!any) return;
 
   // Chained steps: one row per sequence still drafting.
   std::vector<DraftJob*> active;
   for (auto& j : jobs)
     if (j.rows > 0 && j.num_drafts > 0) active.push_back(&j);
-  auto propose = [&](Sequence* s, const float* r) {
-    int32_t d = draft_pick(r, V, opt.vocab_limit, ids);
+  auto propose = [&](Sequence* s, int32_t d) {
     if (opt.hook) d = opt.hook(s->req->id, int64_t(s->tokens.size() + s->drafts.size()), d);
     s->drafts.push_back(d);
   };
-  for (size_t i = 0; i < active.size(); ++i) propose(active[i]->seq, logits.data() + int64_t(i) * N);
+  for (size_t i = 0; i < active.size(); ++i) propose(active[i]->seq, toks[i]);
   for (int64_t k = 1;; ++k) {
     std::vector<int32_t> keep;  // rows of `hout` whose sequence drafts again
     std::vector<DraftJob*> next;
@@ -151,13 +178,13 @@ void mtp_propose(model::Model& m, CacheManager& cm, const Tensor& hidden, std::v
     std::vector<int32_t> all(next.size());
     for (size_t i = 0; i < all.size(); ++i) all[i] = int32_t(i);
     if (graphed) {
-      Tensor L;
-      m.mtp_forward_graphed(cb, cm.caches(), prev, opt.reduced, &L, &hout);
-      logits = be.to_host_f32(L);
+      Tensor L, A;
+      m.mtp_forward_graphed(cb, cm.caches(), prev, opt.reduced, &L, &hout, dev_limit, &A);
+      toks = pick(L, A, {});
     } else {
-      logits = be.to_host_f32(m.mtp_forward(cb, cm.caches(), prev, all, &hout, opt.reduced));
+      toks = pick(m.mtp_forward(cb, cm.caches(), prev, all, &hout, opt.reduced), Tensor{}, {});
     }
-    for (size_t i = 0; i < next.size(); ++i) propose(next[i]->seq, logits.data() + int64_t(i) * N);
+    for (size_t i = 0; i < next.size(); ++i) propose(next[i]->seq, toks[i]);
     active = std::move(next);
   }
 }

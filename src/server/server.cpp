@@ -96,7 +96,10 @@ void size_pools_from_device_memory(const ServerConfig& cfg, model::Model& m, run
   // allocator slack: 1 GiB plus 512 KiB per batched token (an estimate; docs/engine.md).
   in.scratch = (int64_t(1) << 30) + ec.max_num_batched_tokens * (int64_t(512) << 10);
   in.block_bytes = m.kv_block_bytes(ec.block_size);
-  in.slot_bytes = m.state_slot_bytes() * (ec.num_speculative_tokens > 0 ? 2 : 1);
+  // With speculative decoding a sequence also holds a snapshot slot and K + 1 rows of DeltaNet input log.
+  in.slot_bytes = ec.num_speculative_tokens > 0
+                      ? 2 * m.state_slot_bytes() + (ec.num_speculative_tokens + 1) * m.gdn_log_row_bytes()
+                      : m.state_slot_bytes();
   in.max_num_seqs = ec.max_num_seqs;
   in.max_model_len = ec.max_model_len;
   in.block_size = ec.block_size;

@@ -502,6 +502,31 @@ TEST(Int4MmaLayout, PackHoldsEveryNibble) {
 
 // A token's output does not depend on the tokens launched with it: rows of a big batch (the many-token kernel)
 // equal the same rows computed alone (the few-token kernel), bit for bit; int4 linears and int4 experts.
+// argmax_rows (speculative drafting's device argmax): the same column as the CPU op, exactly, on rows with ties
+// (values rounded to a few levels), NaNs, -inf rows, all-NaN rows, and limits below the row width; vocabulary-sized
+// rows (the full 35B-A3B head: 248320 columns) included.
+TEST_F(CudaOps, ArgmaxRows) {
+  Both B;
+  for (int64_t N : {int64_t(7), int64_t(2048), int64_t(32768), int64_t(248320)})
+    for (int64_t R : {int64_t(1), int64_t(5), int64_t(64)}) {
+      std::mt19937 g(uint32_t(N + R));
+      std::vector<float> v(size_t(R * N));
+      for (auto& x : v) x = float(int(g() % 64)) * 0.25f - 8.f;
+      if (R >= 5) {
+        for (int64_t j = 0; j < N; j += 3) v[size_t(1 * N + j)] = std::nanf("");
+        for (int64_t j = 0; j < N; ++j) v[size_t(2 * N + j)] = -INFINITY;
+        for (int64_t j = 0; j < N; ++j) v[size_t(3 * N + j)] = std::nanf("");
+        v[size_t(4 * N + N - 1)] = 1000.f;
+      }
+      for (int64_t limit : {N, std::max<int64_t>(1, N - 5), std::max<int64_t>(1, N / 3)}) {
+        Pair L = B.up(v, {R, N}, DType::F32), A = B.zeros({R}, DType::I32);
+        B.cpu->argmax_rows(L.c, limit, A.c);
+        B.gpu->argmax_rows(L.g, limit, A.g);
+        EXPECT_EQ(B.gpu->to_host_f32(A.g), B.cpu->to_host_f32(A.c)) << "N " << N << " R " << R << " limit " << limit;
+      }
+    }
+}
+
 TEST_F(CudaOps, Int4BatchInvariance) {
   Both B;
   auto rows_of = [&](Backend& be, const Tensor& t, int64_t r, int64_t n) {

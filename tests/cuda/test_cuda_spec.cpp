@@ -12,6 +12,7 @@
 #include "backend/ops.h"
 #include "cuda_test_util.h"
 #include "model/model.h"
+#include "runtime/cache.h"
 #include "runtime/engine.h"
 #include "runtime/spec_decode.h"
 
@@ -100,6 +101,92 @@ TEST(CudaSpec, GraphedVerifyAndDraftMatchEager) {
                   (long long)ms[1].spec_draft_tokens_total);
       EXPECT_GE(double(same), 0.95 * double(cmp));
     }
+}
+
+// Model::replay_deltanet on the GPU (the speculative rollback): the verify of [t, d_1..d_3] logs each DeltaNet
+// layer's inputs; from the snapshot, replaying the first n logged rows and then the other 4 − n (the second part
+// with rows 0..5 + n of the log left out of every sequence, which conv1d_causal must skip) gives the verify's own
+// state bit for bit (the short-chunk recurrent kernels take one token after the other either way), and n rows alone
+// are close to a forward of those n tokens. Two sequences replayed together, with rejected rows between them, give
+// what each gives alone, eagerly and through its recording (warm-up, record, replay).
+std::vector<float> slot_state(model::Model& m, model::ModelCaches& c, int32_t slot) {
+  std::vector<float> out;
+  for (auto& s : c.state) {
+    if (!s.conv.defined() || s.conv.numel() == 0) continue;
+    for (const Tensor& t : {s.conv.rows(slot, slot + 1), s.ssm.rows(slot, slot + 1)}) {
+      auto v = m.backend().to_host_f32(t);
+      out.insert(out.end(), v.begin(), v.end());
+    }
+  }
+  return out;
+}
+
+TEST(CudaSpec, ReplayGivesTheVerifyStateBitForBit) {
+  DS_REQUIRE_GPU();
+  auto be = make_cuda_backend(0);
+  auto m = model::Model::load(test::cuda_data_dir() + "/tiny-moe/tiny-moe-int4", *be);
+  const int64_t R = 10;
+  model::ModelCaches c = m->alloc_caches(8, 16, 8, R);
+  runtime::SeqCache A, B;  // slots 0 and 1; 2.. snapshots and scratch
+  A.slot = 0, A.blocks = {0, 1, 2};
+  B.slot = 1, B.blocks = {3, 4, 5};
+  auto forward = [&](std::vector<std::pair<const runtime::SeqCache*, std::vector<int32_t>>> parts,
+                     std::vector<int64_t> log_rows = {}) {
+    BatchMeta b = runtime::make_batch(parts);
+    for (size_t i = 0; i < log_rows.size(); ++i) b.seqs[i].log_row = log_rows[i];
+    m->forward(b, c, {0});
+  };
+  std::vector<int32_t> pa, pb;
+  for (int i = 0; i < 9; ++i) pa.push_back(3 + 5 * i);
+  for (int i = 0; i < 13; ++i) pb.push_back(200 + 7 * i);
+  forward({{&A, pa}, {&B, pb}});
+  A.len = int64_t(pa.size());
+  B.len = int64_t(pb.size());
+  const std::vector<int32_t> va = {5, 17, 300, 41}, vb = {9, 1000, 77};
+  // (snapshot to copy first, or -1 to continue from the slot's state; slot; rows; log row)
+  auto replay = [&](std::vector<std::tuple<int32_t, int32_t, int64_t, int64_t>> seqs, bool graphed) {
+    BatchMeta b;
+    for (auto [snap, slot, n, row] : seqs) {
+      if (snap >= 0) m->copy_slot(c, slot, snap);
+      BatchMeta::Seq q;
+      q.state_slot = slot;
+      q.q_len = n;
+      q.log_row = row;
+      b.seqs.push_back(q);
+    }
+    m->replay_deltanet(b, c, graphed);
+  };
+
+  m->copy_slot(c, 2, A.slot);  // the snapshot
+  forward({{&A, va}}, {6});    // logged at rows 6..9 (copied into the log)
+  const auto verified = slot_state(*m, c, A.slot);
+  replay({{2, 4, 4, 6}}, false);
+  EXPECT_EQ(slot_state(*m, c, 4), verified) << "all 4 rows";
+  for (int64_t n = 1; n < 4; ++n) {
+    replay({{2, 4, n, 6}}, false);
+    m->copy_slot(c, 3, 2);
+    runtime::SeqCache r = A;
+    r.slot = 3;
+    forward({{&r, std::vector<int32_t>(va.begin(), va.begin() + n)}});
+    EXPECT_LT(test::rel(slot_state(*m, c, 4), slot_state(*m, c, 3)), 2e-2) << "rows " << n;
+    replay({{-1, 4, 4 - n, 6 + n}}, false);
+    EXPECT_EQ(slot_state(*m, c, 4), verified) << "rows " << n << " then " << 4 - n;
+  }
+
+  // Two sequences logged at their batch rows (A 0..3, B 4..6); A keeps 2 rows, B 3 (rows 2, 3 left out).
+  m->copy_slot(c, A.slot, 2);
+  m->copy_slot(c, 5, B.slot);
+  forward({{&A, va}, {&B, vb}}, {0, 4});
+  replay({{2, 4, 2, 0}}, false);
+  replay({{5, 7, 3, 4}}, false);
+  const auto want_a = slot_state(*m, c, 4), want_b = slot_state(*m, c, 7);
+  EXPECT_EQ(want_b, slot_state(*m, c, B.slot));
+  for (int i = 0; i < 4; ++i) {
+    const bool graphed = i > 0;
+    replay({{2, 4, 2, 0}, {5, 7, 3, 4}}, graphed);
+    EXPECT_EQ(slot_state(*m, c, 4), want_a) << "graphed " << graphed << ", call " << i;
+    EXPECT_EQ(slot_state(*m, c, 7), want_b) << "graphed " << graphed << ", call " << i;
+  }
 }
 
 }  // namespace

@@ -330,7 +330,8 @@ TEST(Engine, DeviceSamplingEqualsHostSampling) {
   EXPECT_GT(dev_steps[1], 5);
 }
 
-// Model::kv_block_bytes / state_slot_bytes are what alloc_caches really allocates per block and per slot.
+// Model::kv_block_bytes / state_slot_bytes / gdn_log_row_bytes are what alloc_caches really allocates per block, per
+// slot and per row of the DeltaNet input log.
 TEST(PoolSizing, BytesPerBlockAndSlotMatchAllocCaches) {
   auto& m = *fx().m;
   auto bytes = [&](int64_t blocks, int64_t bs, int64_t slots) {
@@ -349,6 +350,12 @@ TEST(PoolSizing, BytesPerBlockAndSlotMatchAllocCaches) {
     EXPECT_EQ(kv3, 3 * m.kv_block_bytes(bs)) << "block_size " << bs;
     EXPECT_EQ(st2, 2 * m.state_slot_bytes());
   }
+  // The DeltaNet input log of speculative decoding: gdn_log_row_bytes per row.
+  model::ModelCaches c = m.alloc_caches(1, 16, 2, 7);
+  EXPECT_EQ(c.gdn_log.rows, 7);
+  EXPECT_GT(m.gdn_log_row_bytes(), 0);
+  EXPECT_EQ(c.gdn_log.mixed.nbytes() + c.gdn_log.ba.nbytes(), 7 * m.gdn_log_row_bytes());
+  EXPECT_EQ(m.alloc_caches(1, 16, 2).gdn_log.rows, 0);
 }
 
 TEST(PoolSizing, PlanFromDeviceMemory) {

@@ -137,6 +137,40 @@ TEST(SpecVerify, GreedyAcceptsExactlyTheArgmaxWithoutTouchingTheRng) {
   EXPECT_EQ(s.draws, before);
 }
 
+// Backend::argmax_rows (drafting's device argmax) is the host argmax the drafts used before: first maximum among
+// columns [0, limit); NaN never wins, a row of NaNs gives 0.
+TEST(SpecDraft, ArgmaxRowsIsTheHostArgmax) {
+  auto be = make_cpu_backend();
+  const int64_t R = 6, N = 50;
+  std::mt19937 g(5);
+  std::vector<float> v(size_t(R * N));
+  for (auto& x : v) x = float(int(g() % 20)) - 10.f;  // few distinct values: ties everywhere
+  const float nan = std::nanf(""), inf = INFINITY;
+  v[size_t(1 * N + 0)] = nan;  // a NaN first, then numbers
+  for (int64_t j = 0; j < N; ++j) v[size_t(2 * N + j)] = -inf;
+  v[size_t(2 * N + 7)] = -3.f;
+  for (int64_t j = 0; j < N; ++j) v[size_t(3 * N + j)] = -inf;  // all -inf: column 0
+  for (int64_t j = 0; j < N; ++j) v[size_t(4 * N + j)] = nan;   // all NaN: column 0
+  v[size_t(5 * N + 40)] = 100.f;                                 // beyond the limit below
+  Tensor L = be->upload_f32(v, {R, N}, DType::F32), A = be->alloc(DType::I32, {R});
+  for (int64_t limit : {N, int64_t(33), int64_t(1)}) {
+    be->argmax_rows(L, limit, A);
+    const auto got = be->to_host_f32(A);
+    for (int64_t r = 0; r < R; ++r) {
+      int64_t want = 0;
+      if (r == 1) want = sampling::draft_argmax(v.data() + r * N + 1, limit - 1, 0) + (limit > 1 ? 1 : -1);
+      else if (r != 4) want = sampling::draft_argmax(v.data() + r * N, limit, 0);
+      if (r == 1 && limit == 1) want = 0;
+      EXPECT_EQ(int64_t(got[size_t(r)]), want) << "row " << r << " limit " << limit;
+    }
+  }
+  EXPECT_EQ(int64_t(be->to_host_f32(A)[5]), 0);  // limit 1
+  be->argmax_rows(L, N, A);
+  EXPECT_EQ(int64_t(be->to_host_f32(A)[5]), 40);
+  EXPECT_EQ(int64_t(be->to_host_f32(A)[2]), 7);
+  EXPECT_THROW(be->argmax_rows(L, N + 1, A), Error);
+}
+
 // ---- the engine on the tiny fixtures ----------------------------------------------------------------
 
 struct Fixture {
@@ -539,6 +573,104 @@ TEST(SpecReducedDraft, VocabularyChoiceAndValidation) {
   EXPECT_THROW(Engine(*m, c), Error);  // a draft head without speculation
   EXPECT_THROW(load_with_draft_vocab(*f.be, "tiny-moe", "bf16", {1, 2, 1}), Error);
   EXPECT_THROW(load_with_draft_vocab(*f.be, "tiny-moe", "bf16", {2048}), Error);
+}
+
+// ---- rollback: replaying the logged DeltaNet inputs -------------------------------------------------------
+
+// Every linear-attention layer's state of `slot` (conv window + recurrent state), on the host.
+std::vector<float> slot_state(model::Model& m, model::ModelCaches& c, int32_t slot) {
+  std::vector<float> out;
+  for (auto& s : c.state) {
+    if (!s.conv.defined() || s.conv.numel() == 0) continue;
+    for (const Tensor& t : {s.conv.rows(slot, slot + 1), s.ssm.rows(slot, slot + 1)}) {
+      auto v = m.backend().to_host_f32(t);
+      out.insert(out.end(), v.begin(), v.end());
+    }
+  }
+  return out;
+}
+
+// Model::replay_deltanet: a verify of [t, d_1..d_k] logs each DeltaNet layer's inputs; replaying the first a + 1
+// logged rows from the snapshot gives the state that a forward of those a + 1 tokens from the snapshot gives (the
+// engine's rollback before the log), bit for bit on the CPU for a + 1 >= 2 (each row's inputs are computed the same
+// way in the longer verify), and all k + 1 rows give the verify's own state. One sequence logged away from its
+// batch rows (copied into the log), then two logged at their batch rows (written in place) and replayed together
+// with rejected rows between them, eagerly and through graph_run.
+TEST(SpecRollback, ReplayGivesTheStateOfTheAcceptedRows) {
+  Fixture& f = fixture("tiny-moe", "bf16");
+  model::Model& m = *f.m;
+  const int64_t R = 10;
+  model::ModelCaches c = m.alloc_caches(8, 16, 8, R);
+  ASSERT_EQ(c.gdn_log.rows, R);
+  runtime::SeqCache A, B;  // slots 0 and 1; slots 2.. hold snapshots and scratch states
+  A.slot = 0, A.blocks = {0, 1, 2};
+  B.slot = 1, B.blocks = {3, 4, 5};
+  auto forward = [&](std::vector<std::pair<const runtime::SeqCache*, std::vector<int32_t>>> parts,
+                     std::vector<int64_t> log_rows = {}) {
+    BatchMeta b = runtime::make_batch(parts);
+    for (size_t i = 0; i < log_rows.size(); ++i) b.seqs[i].log_row = log_rows[i];
+    m.forward(b, c, {0});
+  };
+  const std::vector<int32_t> pa = f.prompts[1];  // 9 tokens
+  const std::vector<int32_t> pb(f.prompts[2].begin(), f.prompts[2].begin() + 13);
+  forward({{&A, pa}, {&B, pb}});
+  A.len = int64_t(pa.size());
+  B.len = int64_t(pb.size());
+  const std::vector<int32_t> va = {5, 17, 300, 41}, vb = {9, 1000, 77};
+  // The reference: `n` tokens of `v` run through the whole model from the snapshot in `snap`, on slot `dst`.
+  auto reference = [&](const runtime::SeqCache& s, int32_t snap, int32_t dst, const std::vector<int32_t>& v,
+                       int64_t n) {
+    m.copy_slot(c, dst, snap);
+    runtime::SeqCache r = s;
+    r.slot = dst;
+    forward({{&r, std::vector<int32_t>(v.begin(), v.begin() + n)}});
+    return slot_state(m, c, dst);
+  };
+  auto replay = [&](std::vector<std::tuple<int32_t, int32_t, int64_t, int64_t>> seqs, bool graphed) {
+    BatchMeta b;  // (snapshot, slot, rows, log row)
+    for (auto [snap, slot, n, row] : seqs) {
+      m.copy_slot(c, slot, snap);
+      BatchMeta::Seq q;
+      q.state_slot = slot;
+      q.q_len = n;
+      q.log_row = row;
+      b.seqs.push_back(q);
+    }
+    m.replay_deltanet(b, c, graphed);
+  };
+
+  // One sequence, logged at rows 6..9 of the log (batch rows 0..3): copied.
+  m.copy_slot(c, 2, A.slot);  // the snapshot
+  forward({{&A, va}}, {6});
+  const auto verified = slot_state(m, c, A.slot);
+  for (int64_t n = 1; n <= 4; ++n) {
+    const auto want = reference(A, 2, 3, va, n);
+    replay({{2, 4, n, 6}}, false);
+    const auto got = slot_state(m, c, 4);
+    if (n > 1) {
+      EXPECT_EQ(got, want) << "rows " << n;
+    } else {  // a 1-token forward runs the recurrent form, the verify (whose inputs the replay reads) the chunked one
+      ASSERT_EQ(got.size(), want.size());
+      for (size_t i = 0; i < got.size(); ++i) ASSERT_NEAR(got[i], want[i], 1e-4) << i;
+    }
+    if (n == 4) {
+      EXPECT_EQ(want, verified);
+    }
+  }
+  EXPECT_THROW(replay({{2, 4, 5, 6}}, false), Error);  // past the log's end
+
+  // Two sequences, logged at their batch rows (A 0..3, B 4..6); A keeps 2 rows, B all 3 (rows 2, 3 left out).
+  m.copy_slot(c, A.slot, 2);
+  m.copy_slot(c, 5, B.slot);
+  forward({{&A, va}, {&B, vb}}, {0, 4});
+  const auto verified_b = slot_state(m, c, B.slot);
+  const auto want_a = reference(A, 2, 3, va, 2), want_b = reference(B, 5, 6, vb, 3);
+  EXPECT_EQ(want_b, verified_b);
+  for (bool graphed : {false, true, true}) {
+    replay({{2, 4, 2, 0}, {5, 7, 3, 4}}, graphed);
+    EXPECT_EQ(slot_state(m, c, 4), want_a) << "graphed " << graphed;
+    EXPECT_EQ(slot_state(m, c, 7), want_b) << "graphed " << graphed;
+  }
 }
 
 // ---- step graphs ------------------------------------------------------------------------------------------

@@ -397,6 +397,19 @@ class CpuBackend final : public Backend {
       std::memcpy(out.ptr<float>() + int64_t(i) * H, x.ptr<float>() + int64_t(rows[i]) * H, size_t(H) * 4);
   }
 
+  void argmax_rows(const Tensor& logits, int64_t limit, Tensor& ids) override {
+    const int64_t R = logits.dim(0), N = logits.numel() / std::max<int64_t>(R, 1);
+    DS_CHECK(logits.dtype == DType::F32 && ids.dtype == DType::I32 && ids.numel() == R && limit >= 1 && limit <= N,
+             "argmax_rows: logits F32 [R, N], ids I32 [R], limit in 1..N");
+    for (int64_t r = 0; r < R; ++r) {
+      const float* x = logits.ptr<float>() + r * N;
+      int64_t a = -1;
+      for (int64_t j = 0; j < limit; ++j)
+        if (!std::isnan(x[j]) && (a < 0 || x[j] > x[a])) a = j;
+      ids.ptr<int32_t>()[r] = int32_t(a < 0 ? 0 : a);
+    }
+  }
+
   // ---- vision tower: backend/cpu/vision_ops.cpp ----
   void layernorm(const Tensor& x, const Tensor& w, const Tensor& b, float eps, Tensor& y) override {
     cpu::layernorm(x, w, b, eps, y);

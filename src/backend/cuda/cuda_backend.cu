@@ -140,6 +140,44 @@ __global__ void k_gather(const void* x, int dt, const int32_t* rows, int64_t H, 
   for (int64_t d = threadIdx.x; d < H; d += blockDim.x) stf(out, dt, i * H + d, ldf(x, dt, r * H + d));
 }
 
+// Per row: the first column of the largest non-NaN value among [0, limit) (0 if none). One block per row; each
+// thread keeps its best (value, column), then the block reduces, ties to the smaller column.
+__device__ __forceinline__ bool argmax_better(float v, int i, float bv, int bi) {
+  return i >= 0 && (bi < 0 || v > bv || (v == bv && i < bi));
+}
+__global__ void k_argmax_rows(const float* x, int64_t N, int64_t limit, int32_t* ids) {
+  const int64_t r = blockIdx.x;
+  const float* row = x + r * N;
+  float bv = 0.f;
+  int bi = -1;
+  for (int64_t j = threadIdx.x; j < limit; j += blockDim.x) {
+    const float v = row[j];
+    if (!isnan(v) && argmax_better(v, int(j), bv, bi)) bv = v, bi = int(j);
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, bv, off);
+    const int oi = __shfl_xor_sync(0xffffffffu, bi, off);
+    if (argmax_better(ov, oi, bv, bi)) bv = ov, bi = oi;
+  }
+  __shared__ float sv[32];
+  __shared__ int si[32];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  if (lane == 0) sv[w] = bv, si[w] = bi;
+  __syncthreads();
+  if (w == 0) {
+    bv = lane < nw ? sv[lane] : 0.f;
+    bi = lane < nw ? si[lane] : -1;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, off);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, off);
+      if (argmax_better(ov, oi, bv, bi)) bv = ov, bi = oi;
+    }
+    if (lane == 0) ids[r] = bi < 0 ? 0 : bi;
+  }
+}
+
 // y[t] = w · x[t] for a one-row bf16 weight (the shared expert's gate): one block per token. cuBLAS runs N = 1
 // as two kernels (dot + reduction), ~8 us per layer at batch 1.
 __global__ void k_linear_n1(const __nv_bfloat16* w, const __nv_bfloat16* x, int64_t K, void* y, int ydt) {
@@ -448,7 +486,8 @@ __global__ void k_conv1d_tokens(const void* mixed, int mdt, const float* weight,
   const int64_t ch = blockIdx.x * int64_t(blockDim.x) + threadIdx.x, t = blockIdx.y;
   if (ch >= C) return;
   const int s = seq_of[t];
-  const int64_t qs = seqinfo[s * 4 + 0], slot = seqinfo[s * 4 + 3], i = t - qs;
+  const int64_t qs = seqinfo[s * 4 + 0], ql = seqinfo[s * 4 + 1], slot = seqinfo[s * 4 + 3], i = t - qs;
+  if (i < 0 || i >= ql) return;  // a row outside every sequence (a speculative rollback's batch; ops.h)
   const float* st = conv_state + (slot * C + ch) * (KC - 1);
   float acc = 0.f;
 #pragma unroll
@@ -1816,6 +1855,15 @@ class CudaBackend final : public Backend {
     CKL();
     CK(cudaMemcpyAsync(ids.data(), out.data, size_t(R) * 4, cudaMemcpyDeviceToHost, stream_));
     CK(cudaStreamSynchronize(stream_));
+  }
+
+  void argmax_rows(const Tensor& logits, int64_t limit, Tensor& ids) override {
+    const int64_t R = logits.dim(0), N = logits.numel() / std::max<int64_t>(R, 1);
+    DS_CHECK(logits.dtype == DType::F32 && ids.dtype == DType::I32 && ids.numel() == R && limit >= 1 && limit <= N,
+             "argmax_rows: logits F32 [R, N], ids I32 [R], limit in 1..N");
+    if (R == 0) return;
+    k_argmax_rows<<<unsigned(R), 512, 0, stream_>>>(logits.ptr<float>(), N, limit, ids.ptr<int32_t>());
+    CKL();
   }
 
   // ---- step arena and graphs (ops.h) ----

@@ -18,7 +18,7 @@ void usage() {
                "            [--speculative-config '{\"method\": \"mtp\", \"num_speculative_tokens\": K}']\n"
                "  tokenize  --model DIR < {\"text\": ...} | {\"messages\": [...], ...}\n"
                "  detokenize --model DIR < {\"ids\": [...], \"skip_special_tokens\": false}\n"
-               "  logits    --model DIR --tokens 1,2,3 [--prefill N] [--backend cpu] --out F.safetensors\n"
+               "  logits    --model DIR --tokens 1,2,3 [--image F]... [--video F]... [--prefill N] [--backend cpu] --out F.safetensors\n"
                "  generate  --model DIR --tokens 1,2,3 [--max-tokens N] [--backend cpu]   (greedy)\n"
                "  mtp-logits --model DIR --tokens P --next T [--draft-steps K] --out F.safetensors\n"
                "  inspect   --model DIR|config.json\n"

@@ -267,6 +267,9 @@ std::array<int64_t, 2> smart_resize_video(int64_t frames, int64_t height, int64_
 PixelValues preprocess_video(const std::vector<Image>& frames, const PreprocessConfig& cfg) {
   if (frames.empty()) fail("video: no frames");
   const int64_t tp = cfg.temporal_patch_size;
+  if (int64_t(frames.size()) < tp)
+    fail("video: ", frames.size(), " frame(s) to sample from, at least temporal_patch_size = ", tp,
+         " are needed (the reference refuses shorter clips too; send a still picture as an image_url part)");
   for (auto& fr : frames)
     if (fr.width != frames[0].width || fr.height != frames[0].height)
       fail("video: frames of different sizes (", frames[0].width, "x", frames[0].height, " and ", fr.width, "x",

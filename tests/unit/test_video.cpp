@@ -1,0 +1,247 @@
+// Video (issue #7 items 3-4): the reference's frame sampling, timestamps and video smart_resize; FFmpeg decoding of
+// the committed test clip (tests/data/vision/clip_80x48_10fps.mp4, tools/make_test_video.cpp) and its errors;
+// temporal patches; the prompt text with timestamps; media layout and mRoPE positions over video groups.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <functional>
+#include <filesystem>
+#include <fstream>
+
+#include "core/status.h"
+#include "golden_util.h"
+#include "io/safetensors.h"
+#include "vision/preprocess.h"
+#include "vision/video.h"
+
+namespace ds {
+namespace {
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+#define EXPECT_ERROR(stmt, substr)                                      \
+  do {                                                                  \
+    std::string _m = error_of([&] { stmt; });                           \
+    EXPECT_NE(_m.find(substr), std::string::npos) << "message: " << _m; \
+  } while (0)
+
+std::string vdir() { return test::data_dir() + "/vision"; }
+std::string clip_path() { return vdir() + "/clip_80x48_10fps.mp4"; }
+
+std::vector<uint8_t> read_file(const std::string& p) {
+  std::ifstream f(p, std::ios::binary);
+  EXPECT_TRUE(f.good()) << p;
+  return std::vector<uint8_t>((std::istreambuf_iterator<char>(f)), {});
+}
+
+vision::VideoConfig tiny_video_config() {
+  return vision::load_video_config(test::data_dir() + "/tiny-moe/tiny-moe-bf16");
+}
+
+// ---------------------------------------------------------------- sampling, timestamps, sizes
+
+TEST(VideoSampling, MatchesTheReferenceFormula) {
+  const vision::VideoSampling s;  // fps 2, 4..768 frames
+  using V = std::vector<int64_t>;
+  EXPECT_EQ(vision::sample_frame_indices(25, 10, s), (V{0, 6, 12, 18, 24}));  // the test clip: 5 frames
+  EXPECT_EQ(vision::sample_frame_indices(30, 10, s), (V{0, 6, 12, 17, 23, 29}));
+  EXPECT_EQ(vision::sample_frame_indices(7, 30, s), (V{0, 2, 4, 6}));  // min_frames
+  EXPECT_EQ(vision::sample_frame_indices(3, 10, s), (V{0, 1, 2}));     // never more than the clip has
+  EXPECT_EQ(vision::sample_frame_indices(1, 25, s), (V{0}));
+  EXPECT_EQ(vision::sample_frame_indices(2000, 30, s).size(), 133u);   // int(2000 / 30 · 2)
+  EXPECT_EQ(vision::sample_frame_indices(100000, 30, s).size(), 768u); // max_frames
+  // numpy's round is half to even: linspace(0, 5, 5) = 0, 1.25, 2.5, 3.75, 5 -> 0, 1, 2, 4, 5.
+  vision::VideoSampling five{.fps = 2, .min_frames = 5, .max_frames = 5};
+  EXPECT_EQ(vision::sample_frame_indices(6, 30, five), (V{0, 1, 2, 4, 5}));
+  EXPECT_ERROR(vision::sample_frame_indices(0, 10, s), "no frames");
+  EXPECT_ERROR(vision::sample_frame_indices(5, 0, s), "not positive");
+}
+
+TEST(VideoSampling, TimestampsPerTemporalGroup) {
+  // Odd count: the last index repeats (0.3, 1.5, (2.4 + 2.4)/2).
+  auto ts = vision::group_timestamps({0, 6, 12, 18, 24}, 10, 2);
+  ASSERT_EQ(ts.size(), 3u);
+  EXPECT_EQ(vision::timestamp_text(ts[0]), "<0.3 seconds>");
+  EXPECT_EQ(vision::timestamp_text(ts[1]), "<1.5 seconds>");
+  EXPECT_EQ(vision::timestamp_text(ts[2]), "<2.4 seconds>");
+  // (1.2 + 1.7) / 2 is 1.4499999999999999556 in binary: Python's f"{t:.1f}" gives 1.4, and so must we.
+  ts = vision::group_timestamps({0, 6, 12, 17, 23, 29}, 10, 2);
+  EXPECT_EQ(vision::timestamp_text(ts[1]), "<1.4 seconds>");
+  EXPECT_EQ(vision::timestamp_text(ts[2]), "<2.6 seconds>");
+  EXPECT_EQ(vision::video_prompt_text({0.25, 1.0}),
+            "<0.2 seconds><|vision_start|><|video_pad|><|vision_end|><1.0 seconds><|vision_start|><|video_pad|>"
+            "<|vision_end|>");
+}
+
+TEST(VideoSampling, SmartResizeVideo) {
+  const auto c = tiny_video_config().p;
+  EXPECT_EQ(c.min_pixels, 4096);
+  EXPECT_EQ(c.max_pixels, 25165824);
+  using A = std::array<int64_t, 2>;
+  // The test clip: 48/32 = 1.5 rounds to 2 (even), 80/32 = 2.5 rounds to 2.
+  EXPECT_EQ(vision::smart_resize_video(5, 48, 80, 2, 32, c.min_pixels, c.max_pixels), (A{64, 64}));
+  // Budget over t·h·w: 768 frames of 1080p shrink.
+  auto big = vision::smart_resize_video(768, 1080, 1920, 2, 32, c.min_pixels, c.max_pixels);
+  EXPECT_LE(768 * big[0] * big[1], c.max_pixels);
+  EXPECT_EQ(big[0] % 32, 0);
+  // Frames under one factor are scaled up first (int() of h·scale, w·scale): 20x12 → 53x32 → 64x32.
+  EXPECT_EQ(vision::smart_resize_video(2, 20, 12, 2, 32, c.min_pixels, c.max_pixels), (A{64, 32}));
+  EXPECT_ERROR(vision::smart_resize_video(1, 48, 80, 2, 32, c.min_pixels, c.max_pixels), "at least");
+  EXPECT_ERROR(vision::smart_resize_video(2, 5000, 20, 2, 32, c.min_pixels, c.max_pixels), "aspect ratio");
+}
+
+TEST(VideoConfig, ParsesTheVideoKeys) {
+  auto c = vision::parse_video_config(R"({"size": {"shortest_edge": 100, "longest_edge": 200000}, "fps": 1.5,
+      "min_frames": 2, "max_frames": 10})", "t");
+  EXPECT_EQ(c.p.min_pixels, 100);
+  EXPECT_EQ(c.p.max_pixels, 200000);
+  EXPECT_EQ(c.sampling.fps, 1.5);
+  EXPECT_EQ(c.sampling.min_frames, 2);
+  EXPECT_EQ(c.sampling.max_frames, 10);
+  auto d = vision::parse_video_config("{}", "t");  // Qwen3.5/3.6 values
+  EXPECT_EQ(d.p.min_pixels, 4096);
+  EXPECT_EQ(d.p.max_pixels, 25165824);
+  EXPECT_EQ(d.sampling.fps, 2.0);
+  EXPECT_ERROR(vision::parse_video_config(R"({"fps": 0})", "t"), "'fps' expected a positive number");
+  EXPECT_ERROR(vision::parse_video_config(R"({"num_frames": 8})", "t"), "not supported");
+  EXPECT_ERROR(vision::parse_video_config(R"({"min_frames": 9, "max_frames": 4})", "t"), "min_frames 9 > max_frames 4");
+}
+
+// ---------------------------------------------------------------- decoding
+
+TEST(VideoDecode, TestClipFramesAndSampling) {
+  auto bytes = read_file(clip_path());
+  auto v = vision::decode_video(bytes, vision::VideoSampling{});
+  EXPECT_EQ(v.width, 80);
+  EXPECT_EQ(v.height, 48);
+  EXPECT_EQ(v.fps, 10.0);
+  EXPECT_EQ(v.total_frames, 25);
+  EXPECT_EQ(v.codec, "mpeg4");
+  EXPECT_EQ(v.indices, (std::vector<int64_t>{0, 6, 12, 18, 24}));
+  ASSERT_EQ(v.frames.size(), 5u);
+  // The frames the reference dump was given (deltaserve video-frames --sampled, committed): the same decoder, so
+  // equal up to an FFmpeg build's IDCT (at most 2 levels).
+  io::SafetensorsFile ref(vdir() + "/clip_80x48_10fps.frames.safetensors");
+  const io::TensorEntry* fr = nullptr;
+  for (auto& t : ref.header().tensors)
+    if (t.name == "frames") fr = &t;
+  ASSERT_NE(fr, nullptr);
+  ASSERT_EQ(fr->shape, (std::vector<int64_t>{5, 48, 80, 3}));
+  int worst = 0;
+  for (size_t k = 0; k < 5; ++k)
+    for (size_t i = 0; i < v.frames[k].rgb.size(); ++i)
+      worst = std::max(worst, std::abs(int(v.frames[k].rgb[i]) - int(fr->data[k * 80 * 48 * 3 + i])));
+  EXPECT_LE(worst, 2);
+  // Every frame differs from the next (the clip moves).
+  for (size_t k = 1; k < 5; ++k) EXPECT_NE(v.frames[k].rgb, v.frames[k - 1].rgb);
+  auto all = vision::decode_video(bytes, vision::VideoSampling{}, {}, /*sample=*/false);
+  ASSERT_EQ(all.frames.size(), 25u);
+  EXPECT_EQ(all.frames[12].rgb, v.frames[2].rgb);
+}
+
+TEST(VideoDecode, BadInputsAreErrors) {
+  auto bytes = read_file(clip_path());
+  const vision::VideoSampling s;
+  EXPECT_ERROR(vision::decode_video(std::vector<uint8_t>{}, s), "empty data");
+  EXPECT_ERROR(vision::decode_video(std::vector<uint8_t>(1000, 0x41), s), "not a video container");
+  std::vector<uint8_t> cut(bytes.begin(), bytes.begin() + bytes.size() / 3);
+  EXPECT_THROW(vision::decode_video(cut, s), Error);
+  vision::VideoLimits lim;
+  lim.max_bytes = 1000;
+  EXPECT_ERROR(vision::decode_video(bytes, s, lim), "more than the limit of 1000 bytes");
+  lim = {};
+  lim.max_pixels = 80 * 47;
+  EXPECT_ERROR(vision::decode_video(bytes, s, lim), "frames of 80x48 are over the limit");
+  lim = {};
+  lim.max_decoded_frames = 20;
+  EXPECT_ERROR(vision::decode_video(bytes, s, lim), "more than 20 frames");
+  lim = {};
+  lim.max_sampled_frames = 4;
+  EXPECT_ERROR(vision::decode_video(bytes, s, lim), "5 sampled frames, more than the limit of 4");
+  // A PNG is one frame to FFmpeg: decodable, but too short to be a video.
+  auto png = read_file(vdir() + "/small_36x33.png");
+  EXPECT_ERROR(vision::preprocess_video(vision::decode_video(png, s).frames, tiny_video_config().p),
+               "1 frame(s) to sample from");
+  vision::SourcePolicy p;
+  EXPECT_ERROR(vision::read_video_bytes("data:image/png;base64,AAAA", p, 100), "video: data URL media type 'image/png'");
+  EXPECT_ERROR(vision::read_video_bytes(clip_path(), p, 1 << 20), "not inside an allowed directory");
+  p.allowed_dirs = {vdir()};
+  EXPECT_EQ(vision::read_video_bytes(clip_path(), p, 1 << 20), bytes);
+}
+
+// ---------------------------------------------------------------- patches and prompt
+
+TEST(VideoPreprocess, TemporalPatchesOfTheClip) {
+  auto v = vision::decode_video(read_file(clip_path()), vision::VideoSampling{});
+  const auto cfg = tiny_video_config().p;
+  auto pv = vision::preprocess_video(v.frames, cfg);
+  EXPECT_EQ(pv.grid.t, 3);
+  EXPECT_EQ(pv.grid.h, 4);
+  EXPECT_EQ(pv.grid.w, 4);
+  ASSERT_EQ(pv.data.size(), size_t(48 * 1536));
+  // Row layout [c][tp][16][16]: in the last group both temporal halves are the last frame (padding); in the
+  // first they are frames 0 and 6, which differ.
+  auto halves_equal = [&](int64_t row) {
+    const float* r = pv.data.data() + row * 1536;
+    for (int c = 0; c < 3; ++c)
+      if (std::memcmp(r + c * 512, r + c * 512 + 256, 256 * sizeof(float))) return false;
+    return true;
+  };
+  for (int64_t row = 32; row < 48; ++row) EXPECT_TRUE(halves_equal(row)) << row;
+  int differing = 0;
+  for (int64_t row = 0; row < 16; ++row) differing += !halves_equal(row);
+  EXPECT_GT(differing, 8);
+}
+
+TEST(VideoPrompt, ExpandsTheTemplatePlaceholder) {
+  const std::string t = "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>Hi<|im_end|>\n";
+  EXPECT_EQ(vision::expand_video_text(t, {{0.3, 1.5}}),
+            "<|im_start|>user\n<0.3 seconds><|vision_start|><|video_pad|><|vision_end|><1.5 seconds>"
+            "<|vision_start|><|video_pad|><|vision_end|>Hi<|im_end|>\n");
+  EXPECT_EQ(vision::expand_video_text("a<|video_pad|>b", {{2.0}}),
+            "a<2.0 seconds><|vision_start|><|video_pad|><|vision_end|>b");
+  EXPECT_ERROR(vision::expand_video_text(t, {}), "more video placeholders");
+  EXPECT_ERROR(vision::expand_video_text(t, {{1}, {2}}), "1 video placeholder(s) but the request has 2");
+}
+
+// Text, an image (2×2 merged), then a video of 2 groups of 1×2 merged tokens: each group is positioned like an
+// image at the running position, the text between groups counts up.
+TEST(VideoPrompt, LayoutAndMropeOverGroups) {
+  const int32_t I = 90, V = 91, S = 80, E = 81;
+  std::vector<int32_t> tok = {1, S, I, I, I, I, E, 5, S, V, V, E, 7, S, V, V, E, 2};
+  const vision::ImageGrid img{1, 4, 4}, vid{2, 2, 4};
+  auto L = vision::media_layout(tok, I, {img}, V, {vid}, 2);
+  ASSERT_EQ(L.order.size(), 2u);
+  EXPECT_EQ(L.order[0], (std::pair<bool, int64_t>{false, 0}));
+  EXPECT_EQ(L.order[1], (std::pair<bool, int64_t>{true, 0}));
+  ASSERT_EQ(L.units.size(), 3u);
+  EXPECT_EQ(L.units[1].t, 1);
+  auto mp = vision::mrope_positions(tok, I, L.units, 2, V);
+  const int64_t T = int64_t(tok.size());
+  auto at = [&](int r, int64_t i) { return mp.pos[size_t(r * T + i)]; };
+  // image at 2..5: cur 2, rows/cols 0..1; cur += 2 → E at 4
+  EXPECT_EQ(at(0, 2), 2);
+  EXPECT_EQ(at(1, 5), 3);
+  EXPECT_EQ(at(2, 5), 3);
+  EXPECT_EQ(at(0, 6), 4);
+  // 5 at 5, S at 6, group 1 at 9..10: t 7, h 7, w 7..8; cur += 2 → E at 9, 7 at 10, S 11, group 2 at 12
+  EXPECT_EQ(at(0, 9), 7);
+  EXPECT_EQ(at(2, 10), 8);
+  EXPECT_EQ(at(0, 11), 9);
+  EXPECT_EQ(at(0, 14), 12);
+  EXPECT_EQ(at(2, 16 - 1), 13);
+  EXPECT_EQ(at(0, 17), 15);
+  EXPECT_EQ(mp.rope_delta, 15 + 1 - T);
+  EXPECT_ERROR(vision::media_layout({S, V, V, V, E}, I, {}, V, {vid}, 2), "run of 3 tokens where 2 were expected");
+  EXPECT_ERROR(vision::media_layout({S, V, V, E}, I, {}, V, {vid}, 2), "placeholders for 0 image(s) and 1 video(s)");
+}
+
+}  // namespace
+}  // namespace ds

@@ -45,6 +45,9 @@ struct Video {
   std::string codec, container; // FFmpeg's short names, for messages
 };
 
+// False when built with -DDS_WITH_VIDEO=OFF (decode_video then always fails, saying so).
+bool video_decoding_available();
+
 // Decodes the first (best) video stream of `data` and keeps the frames `sample_frame_indices` picks
 // (`sample` = false keeps every frame, for tools and tests). Frames are converted to RGB24 with libswscale
 // (bicubic, accurate rounding, full chroma interpolation, the stream's colour matrix and range).

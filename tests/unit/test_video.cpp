@@ -11,6 +11,7 @@
 #include "core/status.h"
 #include "golden_util.h"
 #include "io/safetensors.h"
+#include "text/tokenizer.h"
 #include "vision/preprocess.h"
 #include "vision/video.h"
 
@@ -31,6 +32,9 @@ std::string error_of(const std::function<void()>& f) {
     std::string _m = error_of([&] { stmt; });                           \
     EXPECT_NE(_m.find(substr), std::string::npos) << "message: " << _m; \
   } while (0)
+
+#define REQUIRE_FFMPEG() \
+  if (!vision::video_decoding_available()) GTEST_SKIP() << "built with -DDS_WITH_VIDEO=OFF (no FFmpeg)"
 
 std::string vdir() { return test::data_dir() + "/vision"; }
 std::string clip_path() { return vdir() + "/clip_80x48_10fps.mp4"; }
@@ -117,6 +121,7 @@ TEST(VideoConfig, ParsesTheVideoKeys) {
 // ---------------------------------------------------------------- decoding
 
 TEST(VideoDecode, TestClipFramesAndSampling) {
+  REQUIRE_FFMPEG();
   auto bytes = read_file(clip_path());
   auto v = vision::decode_video(bytes, vision::VideoSampling{});
   EXPECT_EQ(v.width, 80);
@@ -147,6 +152,7 @@ TEST(VideoDecode, TestClipFramesAndSampling) {
 }
 
 TEST(VideoDecode, BadInputsAreErrors) {
+  REQUIRE_FFMPEG();
   auto bytes = read_file(clip_path());
   const vision::VideoSampling s;
   EXPECT_ERROR(vision::decode_video(std::vector<uint8_t>{}, s), "empty data");
@@ -179,6 +185,7 @@ TEST(VideoDecode, BadInputsAreErrors) {
 // ---------------------------------------------------------------- patches and prompt
 
 TEST(VideoPreprocess, TemporalPatchesOfTheClip) {
+  REQUIRE_FFMPEG();
   auto v = vision::decode_video(read_file(clip_path()), vision::VideoSampling{});
   const auto cfg = tiny_video_config().p;
   auto pv = vision::preprocess_video(v.frames, cfg);
@@ -241,6 +248,161 @@ TEST(VideoPrompt, LayoutAndMropeOverGroups) {
   EXPECT_EQ(mp.rope_delta, 15 + 1 - T);
   EXPECT_ERROR(vision::media_layout({S, V, V, V, E}, I, {}, V, {vid}, 2), "run of 3 tokens where 2 were expected");
   EXPECT_ERROR(vision::media_layout({S, V, V, E}, I, {}, V, {vid}, 2), "placeholders for 0 image(s) and 1 video(s)");
+}
+
+// ---------------------------------------------------------------- against the reference (tools/video_ref_dump.py)
+
+// tests/data/vision/video-ref.safetensors + .json: transformers' Qwen3VLVideoProcessor / Qwen3VLProcessor / the
+// tiny-moe model on the test clip's frames (our decoder's, see tests/data/README.md).
+struct Ref {
+  std::unique_ptr<io::SafetensorsFile> f;
+  nlohmann::json js;
+  const io::TensorEntry* get(const std::string& name) const {
+    for (auto& t : f->header().tensors)
+      if (t.name == name) return &t;
+    return nullptr;
+  }
+  template <typename T>
+  std::vector<T> vec(const std::string& name) const {
+    auto* t = get(name);
+    if (!t) throw std::runtime_error("video-ref: missing " + name);
+    std::vector<T> v(size_t(t->numel()));
+    if (t->dtype == DType::I64 && !std::is_same_v<T, int64_t>) {
+      for (size_t i = 0; i < v.size(); ++i) {
+        int64_t x;
+        std::memcpy(&x, t->data + 8 * i, 8);
+        v[i] = T(x);
+      }
+    } else {
+      std::memcpy(v.data(), t->data, v.size() * sizeof(T));
+    }
+    return v;
+  }
+};
+
+Ref load_ref() {
+  namespace fs = std::filesystem;
+  const std::string p = vdir() + "/video-ref.safetensors";
+  Ref r;
+  if (!fs::exists(p)) return r;
+  r.f = std::make_unique<io::SafetensorsFile>(p);
+  r.js = test::read_json(vdir() + "/video-ref.json");
+  return r;
+}
+
+#define REQUIRE_REF(r)                                                                                         \
+  if (!(r).f) GTEST_SKIP() << "tests/data/vision/video-ref.safetensors is missing (tools/video_ref_dump.py)"
+
+TEST(VideoReference, SamplingAndSizeCasesOfTheReferenceFunctions) {
+  Ref r = load_ref();
+  REQUIRE_REF(r);
+  ASSERT_TRUE(r.js.contains("sampling_cases"));
+  int n = 0;
+  for (auto& c : r.js["sampling_cases"]) {
+    SCOPED_TRACE(c.dump());
+    if (c.contains("error")) continue;
+    EXPECT_EQ(vision::sample_frame_indices(c["total"], c["fps"], vision::VideoSampling{}),
+              c["indices"].get<std::vector<int64_t>>());
+    ++n;
+  }
+  EXPECT_GE(n, 10);
+  const auto cfg = tiny_video_config().p;
+  for (auto& c : r.js["smart_resize_cases"]) {
+    SCOPED_TRACE(c.dump());
+    if (c.contains("error")) {
+      EXPECT_THROW(vision::smart_resize_video(c["t"], c["h"], c["w"], 2, 32, cfg.min_pixels, cfg.max_pixels), Error);
+      continue;
+    }
+    auto hw = vision::smart_resize_video(c["t"], c["h"], c["w"], 2, 32, cfg.min_pixels, cfg.max_pixels);
+    EXPECT_EQ(hw[0], c["rh"].get<int64_t>());
+    EXPECT_EQ(hw[1], c["rw"].get<int64_t>());
+  }
+}
+
+TEST(VideoReference, ClipPreprocessingAndPromptMatch) {
+  Ref r = load_ref();
+  REQUIRE_REF(r);
+  REQUIRE_FFMPEG();
+  auto v = vision::decode_video(read_file(clip_path()), vision::VideoSampling{});
+  EXPECT_EQ(v.indices, r.vec<int64_t>("indices"));
+  const auto cfg = tiny_video_config();
+  const auto ts = vision::group_timestamps(v.indices, v.fps, 2);
+  EXPECT_EQ(ts, r.vec<double>("timestamps"));  // exact: same arithmetic
+  auto pv = vision::preprocess_video(v.frames, cfg.p);
+  auto grid = r.vec<int64_t>("video_grid_thw");
+  EXPECT_EQ(grid, (std::vector<int64_t>{pv.grid.t, pv.grid.h, pv.grid.w}));
+  // Pixel values (the reference's are uint8 levels L: (L/255 − 0.5)/0.5, or float32).
+  std::vector<float> want;
+  if (auto* lv = r.get("pixel_levels")) {
+    for (int64_t i = 0; i < lv->numel(); ++i) want.push_back((float(lv->data[i]) * float(1.0 / 255.0) - 0.5f) / 0.5f);
+  } else {
+    want = r.vec<float>("pixel_values_videos");
+  }
+  ASSERT_EQ(want.size(), pv.data.size());
+  double worst = 0;
+  int64_t off = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const double d = std::abs(double(want[i]) - double(pv.data[i]));
+    worst = std::max(worst, d);
+    off += d > 1e-6;
+  }
+  std::printf("  pixel_values_videos: max abs diff %.3g, %lld of %zu values off by more than 1e-6\n", worst,
+              (long long)off, want.size());
+  EXPECT_LT(worst, 1e-2);
+  // Prompt: the reference's template text, expanded like the server does, tokenized, pads expanded.
+  auto tok = text::Tokenizer::load(test::data_dir() + "/tiny-moe/tiny-moe-bf16");
+  const std::string text = vision::expand_video_text(r.js["template_text"].get<std::string>(), {ts});
+  auto ids = vision::expand_image_placeholders(tok.encode(text, true), 1997, vision::video_units(pv.grid), 2);
+  EXPECT_EQ(ids, r.vec<int32_t>("input_ids"));
+  // mRoPE positions.
+  auto L = vision::media_layout(ids, 1996, {}, 1997, {pv.grid}, 2);
+  auto mp = vision::mrope_positions(ids, 1996, L.units, 2, 1997);
+  EXPECT_EQ(mp.pos, r.vec<int32_t>("position_ids"));
+  if (r.get("rope_deltas")) EXPECT_EQ(mp.rope_delta, r.vec<int64_t>("rope_deltas")[0]);
+}
+
+// `deltaserve logits --video` (decode, preprocess, tower, expansion, positions, forward) on the template's ids.
+TEST(VideoReference, CliLogitsMatch) {
+  Ref r = load_ref();
+  REQUIRE_REF(r);
+  REQUIRE_FFMPEG();
+  auto tok = text::Tokenizer::load(test::data_dir() + "/tiny-moe/tiny-moe-bf16");
+  auto ids = tok.encode(r.js["template_text"].get<std::string>(), true);
+  std::string list;
+  for (size_t i = 0; i < ids.size(); ++i) list += (i ? "," : "") + std::to_string(ids[i]);
+  const std::string out = testing::TempDir() + "/video_cli.safetensors";
+  auto res = test::run_binary("logits --model " + test::data_dir() + "/tiny-moe/tiny-moe-bf16 --tokens " + list +
+                              " --video " + clip_path() + " --out " + out);
+  ASSERT_EQ(res.code, 0) << res.out;
+  io::SafetensorsFile f(out);
+  const io::TensorEntry *lg = nullptr, *in = nullptr, *feat = nullptr;
+  for (auto& t : f.header().tensors) {
+    if (t.name == "logits") lg = &t;
+    if (t.name == "input_ids") in = &t;
+    if (t.name == "image_features") feat = &t;
+  }
+  ASSERT_TRUE(lg && in && feat);
+  auto want_ids = r.vec<int32_t>("input_ids");
+  ASSERT_EQ(in->numel(), int64_t(want_ids.size()));
+  EXPECT_EQ(std::memcmp(in->data, want_ids.data(), want_ids.size() * 4), 0);
+  const int64_t V = lg->shape[1];
+  auto rows = r.vec<int64_t>("logits_rows");
+  auto want = r.vec<float>("logits_last");
+  std::vector<float> ours(want.size());
+  for (size_t k = 0; k < rows.size(); ++k)
+    std::memcpy(ours.data() + k * V, lg->data + rows[k] * V * 4, size_t(V) * 4);
+  const double err = test::rel_l2(ours, want);
+  std::printf("  video-prompt logits (last %zu rows) rel L2 %.3g\n", rows.size(), err);
+  EXPECT_LT(err, 1e-4);
+  if (r.get("features")) {
+    auto wf = r.vec<float>("features");
+    ASSERT_EQ(feat->numel(), int64_t(wf.size()));
+    std::vector<float> of(wf.size());
+    std::memcpy(of.data(), feat->data, of.size() * 4);
+    const double fe = test::rel_l2(of, wf);
+    std::printf("  video features rel L2 %.3g\n", fe);
+    EXPECT_LT(fe, 1e-4);
+  }
 }
 
 }  // namespace

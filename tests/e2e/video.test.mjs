@@ -20,7 +20,9 @@ const TMP = fs.mkdtempSync(path.join(os.tmpdir(), 'ds-video-'));
 
 let srv, client;
 before(async () => {
-  srv = await startServer(['--limit-mm-per-prompt', '{"image": 1, "video": 1}', '--allowed-local-media-path', VDIR]);
+  // Prefill chunks of 16 tokens split the video's groups across engine steps.
+  srv = await startServer(['--limit-mm-per-prompt', '{"image": 1, "video": 1}', '--allowed-local-media-path', VDIR,
+                           '--max-num-batched-tokens', '16']);
   client = new OpenAI({ baseURL: `${srv.base}/v1`, apiKey: 'unused', maxRetries: 0 });
 });
 after(async () => {

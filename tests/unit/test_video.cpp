@@ -11,6 +11,7 @@
 #include "core/status.h"
 #include "golden_util.h"
 #include "io/safetensors.h"
+#include "server/media.h"
 #include "text/tokenizer.h"
 #include "vision/preprocess.h"
 #include "vision/video.h"
@@ -248,6 +249,51 @@ TEST(VideoPrompt, LayoutAndMropeOverGroups) {
   EXPECT_EQ(mp.rope_delta, 15 + 1 - T);
   EXPECT_ERROR(vision::media_layout({S, V, V, V, E}, I, {}, V, {vid}, 2), "run of 3 tokens where 2 were expected");
   EXPECT_ERROR(vision::media_layout({S, V, V, E}, I, {}, V, {vid}, 2), "placeholders for 0 image(s) and 1 video(s)");
+}
+
+// The server's path: load_videos → expand_video_text → tokenize → prepare_media, with an image before or after
+// the video; pixel values, grids and feature rows follow the prompt order.
+TEST(VideoServer, ImagesAndVideosInPromptOrder) {
+  REQUIRE_FFMPEG();
+  server::MediaConfig mc;
+  mc.allowed_local_paths = {vdir()};
+  const auto vcfg = tiny_video_config();
+  const auto pcfg = vision::load_preprocess_config(test::data_dir() + "/tiny-moe/tiny-moe-bf16");
+  auto videos = server::load_videos({{clip_path(), "messages[0].content[1]"}}, mc, vcfg);
+  ASSERT_EQ(videos.size(), 1u);
+  EXPECT_EQ(videos[0].timestamps, (std::vector<double>{0.3, 1.5, 2.4}));
+  auto tok = text::Tokenizer::load(test::data_dir() + "/tiny-moe/tiny-moe-bf16");
+  const std::string img = "<|vision_start|><|image_pad|><|vision_end|>", vid = "<|vision_start|><|video_pad|><|vision_end|>";
+  for (bool video_first : {false, true}) {
+    SCOPED_TRACE(video_first);
+    std::string text = "<|im_start|>user\n" + (video_first ? vid + "and " + img : img + "and " + vid) + "?<|im_end|>\n";
+    auto ids = tok.encode(vision::expand_video_text(text, {videos[0].timestamps}), true);
+    auto mm = server::prepare_media({{vdir() + "/small_36x33.png", "messages[0].content[0]"}}, videos, mc, pcfg, 1996,
+                                    1997, ids);
+    ASSERT_EQ(mm->grids.size(), 2u);
+    const auto& g_img = mm->grids[video_first ? 1 : 0];
+    const auto& g_vid = mm->grids[video_first ? 0 : 1];
+    EXPECT_EQ(g_vid, (std::array<int64_t, 3>{3, 4, 4}));
+    EXPECT_EQ(g_img[0], 1);
+    const int64_t img_tokens = g_img[1] * g_img[2] / 4;
+    EXPECT_EQ(int64_t(mm->rows.size()), img_tokens + 12);
+    EXPECT_EQ(mm->pixel_values.size(), size_t((g_img[1] * g_img[2] + 48) * 1536));
+    // The first feature row belongs to whichever medium comes first.
+    EXPECT_EQ(ids[size_t(mm->rows[0])], video_first ? 1997 : 1996);
+    EXPECT_EQ(ids[size_t(mm->rows.back())], video_first ? 1996 : 1997);
+    // Pixel values in the same order: the video's block first or last.
+    const auto& vp = videos[0].pixels.data;
+    const float* at = mm->pixel_values.data() + (video_first ? 0 : mm->pixel_values.size() - vp.size());
+    EXPECT_EQ(std::memcmp(at, vp.data(), vp.size() * 4), 0);
+  }
+  EXPECT_ERROR(server::load_videos({{clip_path(), "messages[0].content[2]"}, {clip_path(), "x"}}, mc, vcfg),
+               "at most 1 video(s) per prompt");
+  mc.max_video_bytes = 100;
+  EXPECT_ERROR(server::load_videos({{clip_path(), "messages[0].content[2]"}}, mc, vcfg),
+               "messages[0].content[2]: video: '");
+  std::vector<int32_t> bad = tok.encode("<|vision_start|><|video_pad|><|vision_end|>", true);
+  EXPECT_ERROR(server::prepare_media({}, videos, mc, pcfg, 1996, 1997, bad),
+               "holds 1 video placeholder tokens (<|video_pad|>) where its 1 video(s) need 3");
 }
 
 // ---------------------------------------------------------------- against the reference (tools/video_ref_dump.py)

@@ -50,7 +50,7 @@ bool video_decoding_available();
 
 // Decodes the first (best) video stream of `data` and keeps the frames `sample_frame_indices` picks
 // (`sample` = false keeps every frame, for tools and tests). Frames are converted to RGB24 with libswscale
-// (bicubic, accurate rounding, full chroma interpolation, the stream's colour matrix and range).
+// (SWS_BICUBIC like OpenCV's reader, the stream's colour matrix and range).
 // Errors: not a container FFmpeg recognises, no video stream, an undecodable stream, zero frames, frame size or
 // frame count over `lim`, frames that change size.
 Video decode_video(const uint8_t* data, size_t n, const VideoSampling& s, const VideoLimits& lim = {},

@@ -135,19 +135,6 @@ TEST(VideoDecode, TestClipFramesAndSampling) {
   EXPECT_EQ(v.codec, "mpeg4");
   EXPECT_EQ(v.indices, (std::vector<int64_t>{0, 6, 12, 18, 24}));
   ASSERT_EQ(v.frames.size(), 5u);
-  // The frames the reference dump was given (deltaserve video-frames --sampled, committed): the same decoder, so
-  // equal up to an FFmpeg build's IDCT (at most 2 levels).
-  io::SafetensorsFile ref(vdir() + "/clip_80x48_10fps.frames.safetensors");
-  const io::TensorEntry* fr = nullptr;
-  for (auto& t : ref.header().tensors)
-    if (t.name == "frames") fr = &t;
-  ASSERT_NE(fr, nullptr);
-  ASSERT_EQ(fr->shape, (std::vector<int64_t>{5, 48, 80, 3}));
-  int worst = 0;
-  for (size_t k = 0; k < 5; ++k)
-    for (size_t i = 0; i < v.frames[k].rgb.size(); ++i)
-      worst = std::max(worst, std::abs(int(v.frames[k].rgb[i]) - int(fr->data[k * 80 * 48 * 3 + i])));
-  EXPECT_LE(worst, 2);
   // Every frame differs from the next (the clip moves).
   for (size_t k = 1; k < 5; ++k) EXPECT_NE(v.frames[k].rgb, v.frames[k - 1].rgb);
   auto all = vision::decode_video(bytes, vision::VideoSampling{}, {}, /*sample=*/false);
@@ -184,6 +171,40 @@ TEST(VideoDecode, BadInputsAreErrors) {
   EXPECT_ERROR(vision::read_video_bytes(clip_path(), p, 1 << 20), "not inside an allowed directory");
   p.allowed_dirs = {vdir()};
   EXPECT_EQ(vision::read_video_bytes(clip_path(), p, 1 << 20), bytes);
+}
+
+// The frames given to the reference (tests/data/vision/clip_80x48_10fps.frames.safetensors) were converted with full
+// chroma interpolation; the reference host's OpenCV reader (transformers' "opencv" backend) gave frames that differ
+// from them by the max / mean recorded in video-ref.json. Our decoder now converts like OpenCV: it must differ from
+// the committed frames by exactly those numbers.
+std::vector<uint8_t> committed_frames() {
+  io::SafetensorsFile f(vdir() + "/clip_80x48_10fps.frames.safetensors");
+  for (auto& t : f.header().tensors)
+    if (t.name == "frames") {
+      EXPECT_EQ(t.shape, (std::vector<int64_t>{5, 48, 80, 3}));
+      return std::vector<uint8_t>(t.data, t.data + t.numel());
+    }
+  ADD_FAILURE() << "no frames";
+  return {};
+}
+
+TEST(VideoDecode, ConversionLikeTheReferenceReader) {
+  REQUIRE_FFMPEG();
+  auto v = vision::decode_video(read_file(clip_path()), vision::VideoSampling{});
+  auto ref = committed_frames();
+  ASSERT_EQ(ref.size(), size_t(5 * 48 * 80 * 3));
+  int worst = 0;
+  double sum = 0;
+  for (size_t k = 0; k < 5; ++k)
+    for (size_t i = 0; i < v.frames[k].rgb.size(); ++i) {
+      const int d = std::abs(int(v.frames[k].rgb[i]) - int(ref[k * 80 * 48 * 3 + i]));
+      worst = std::max(worst, d);
+      sum += d;
+    }
+  const auto js = test::read_json(vdir() + "/video-ref.json");
+  const auto& cv = js["readers"]["opencv"];
+  EXPECT_EQ(worst, cv["max_abs_diff_vs_ours"].get<int>());
+  EXPECT_NEAR(sum / double(ref.size()), cv["mean_abs_diff_vs_ours"].get<double>(), 1e-12);
 }
 
 // ---------------------------------------------------------------- patches and prompt
@@ -329,6 +350,18 @@ struct Ref {
   }
 };
 
+// The frames the reference was given (see ConversionLikeTheReferenceReader).
+std::vector<vision::Image> reference_input_frames() {
+  auto raw = committed_frames();
+  std::vector<vision::Image> out(5);
+  for (size_t k = 0; k < 5; ++k) {
+    out[k].width = 80;
+    out[k].height = 48;
+    out[k].rgb.assign(raw.begin() + k * 80 * 48 * 3, raw.begin() + (k + 1) * 80 * 48 * 3);
+  }
+  return out;
+}
+
 Ref load_ref() {
   namespace fs = std::filesystem;
   const std::string p = vdir() + "/video-ref.safetensors";
@@ -394,7 +427,7 @@ TEST(VideoReference, ClipPreprocessingAndPromptMatch) {
   const auto cfg = tiny_video_config();
   const auto ts = vision::group_timestamps(v.indices, v.fps, 2);
   EXPECT_EQ(ts, r.vec<double>("timestamps"));  // exact: same arithmetic
-  auto pv = vision::preprocess_video(v.frames, cfg.p);
+  auto pv = vision::preprocess_video(reference_input_frames(), cfg.p);
   auto grid = r.vec<int64_t>("video_grid_thw");
   EXPECT_EQ(grid, (std::vector<int64_t>{pv.grid.t, pv.grid.h, pv.grid.w}));
   // Pixel values (the reference's are uint8 levels L: (L/255 − 0.5)/0.5).
@@ -436,9 +469,7 @@ TEST(VideoReference, ClipPreprocessingAndPromptMatch) {
 TEST(VideoReference, FeaturesAndLogitsMatch) {
   Ref r = load_ref();
   REQUIRE_REF(r);
-  REQUIRE_FFMPEG();
-  auto v = vision::decode_video(read_file(clip_path()), vision::VideoSampling{});
-  auto pv = vision::preprocess_video(v.frames, tiny_video_config().p);
+  auto pv = vision::preprocess_video(reference_input_frames(), tiny_video_config().p);
   auto be = make_backend("cpu");
   auto m = model::Model::load(test::data_dir() + "/tiny-moe/tiny-moe-bf16", *be);
   Tensor feats = m->encode_images(pv.data, {{pv.grid.t, pv.grid.h, pv.grid.w}});
@@ -471,7 +502,7 @@ TEST(VideoReference, FeaturesAndLogitsMatch) {
 }
 
 // `deltaserve logits --video` (decode, preprocess, tower, expansion, positions, forward) on the template's ids: its
-// expanded ids are the server's (the reference's without the outer wrapper) and its features the reference's.
+// expanded ids are the server's (the reference's without the outer wrapper).
 TEST(VideoReference, CliMatches) {
   Ref r = load_ref();
   REQUIRE_REF(r);
@@ -496,11 +527,15 @@ TEST(VideoReference, CliMatches) {
   std::memcpy(cli_ids.data(), in->data, cli_ids.size() * 4);
   const size_t first_ts = tok.encode(tmpl.substr(0, tmpl.find("<|vision_start|>")), true).size();
   EXPECT_EQ(wrap_like_transformers5(cli_ids, first_ts), r.vec<int32_t>("input_ids"));
+  // Features of the frames our decoder gives now (converted like OpenCV, not like the reference's input): same
+  // shape, close but not equal to the reference's.
+  EXPECT_EQ(feat->shape, (std::vector<int64_t>{12, 256}));
   auto wf = r.vec<float>("features");
-  ASSERT_EQ(feat->numel(), int64_t(wf.size()));
   std::vector<float> of(wf.size());
   std::memcpy(of.data(), feat->data, of.size() * 4);
-  EXPECT_LT(test::rel_l2(of, wf), 1e-4);
+  const double fe = test::rel_l2(of, wf);
+  std::printf("  cli features (frames converted like OpenCV) vs the reference's input frames: rel L2 %.3g\n", fe);
+  EXPECT_LT(fe, 0.5);
 }
 
 }  // namespace

@@ -334,6 +334,7 @@ def main():
                     d = np.abs(arr[have].astype(np.int32) - frames[have].astype(np.int32))
                     r["max_abs_diff_vs_ours"] = int(d.max())
                     r["mean_abs_diff_vs_ours"] = float(d.mean())
+                    out[f"reader_{backend}_frames"] = torch.from_numpy(np.ascontiguousarray(arr[have]).astype(np.uint8))
                 js["readers"][backend] = r
                 print(f"reader {backend}: {r}", flush=True)
             except Exception as e:  # noqa: BLE001

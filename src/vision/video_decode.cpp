@@ -73,7 +73,10 @@ struct Input {
   AVCodecContext* dec = nullptr;
   int stream = -1;
 
-  Input(const uint8_t* data, size_t n) : mem{data, n} {
+  // The constructor only records the bytes; open() may throw, and the destructor then still frees what it made.
+  Input(const uint8_t* data, size_t n) : mem{data, n} {}
+
+  void open() {
     constexpr int kBuf = 1 << 16;
     auto* buf = static_cast<uint8_t*>(av_malloc(kBuf));
     if (!buf) fail("video: out of memory");
@@ -201,6 +204,7 @@ Video decode_video(const uint8_t* data, size_t n, const VideoSampling& s, const 
   std::vector<int64_t> keep;
   {
     Input in(data, n);
+    in.open();
     const auto* par = in.st()->codecpar;
     v.codec = avcodec_get_name(par->codec_id);
     v.container = in.fmt->iformat->name;
@@ -246,6 +250,7 @@ Video decode_video(const uint8_t* data, size_t n, const VideoSampling& s, const 
   v.frames.resize(keep.size());
   // Pass 2: a fresh demuxer over the same bytes; convert the kept frames (an index kept twice is converted once).
   Input in2(data, n);
+  in2.open();
   size_t next = 0;
   in2.decode_all([&](int64_t i, const AVFrame* f) {
     bool have = false;

@@ -207,6 +207,34 @@ TEST(VideoDecode, ConversionLikeTheReferenceReader) {
   EXPECT_NEAR(sum / double(ref.size()), cv["mean_abs_diff_vs_ours"].get<double>(), 1e-12);
 }
 
+// Corrupted and truncated copies of the clip: each either decodes to well-formed frames or is a ds::Error (never a
+// crash, hang or other exception); ASan builds make this a memory-safety check of our FFmpeg glue too.
+TEST(VideoDecode, CorruptClipsAreErrorsOrFrames) {
+  REQUIRE_FFMPEG();
+  const auto bytes = read_file(clip_path());
+  uint64_t rng = 12345;
+  auto next = [&] { return rng = rng * 6364136223846793005ull + 1442695040888963407ull, rng >> 33; };
+  int ok = 0, refused = 0;
+  for (int k = 0; k < 60; ++k) {
+    std::vector<uint8_t> b = bytes;
+    if (k % 3 == 0) {
+      b.resize(size_t(next() % b.size()));
+    } else {
+      for (int j = 0; j < 1 + k % 7; ++j) b[size_t(next() % b.size())] ^= uint8_t(1 + next() % 255);
+    }
+    try {
+      auto v = vision::decode_video(b, vision::VideoSampling{});
+      ASSERT_EQ(v.frames.size(), v.indices.size());
+      for (auto& f : v.frames) ASSERT_EQ(f.rgb.size(), size_t(f.width * f.height * 3));
+      ++ok;
+    } catch (const Error&) {
+      ++refused;
+    }
+  }
+  std::printf("  60 damaged clips: %d decoded, %d refused\n", ok, refused);
+  EXPECT_GT(refused, 0);
+}
+
 // ---------------------------------------------------------------- patches and prompt
 
 TEST(VideoPreprocess, TemporalPatchesOfTheClip) {

@@ -369,6 +369,9 @@ class Generation {
 
   std::vector<PreparedVideo> load_videos_checked() {
     check_vision("video", spec_.videos.size());
+    if (!vision::video_decoding_available())
+      throw HttpError(501, "this deltaserve was built without FFmpeg (-DDS_WITH_VIDEO=OFF), so it cannot read videos",
+                      "messages", "NotImplementedError");
     try {
       return load_videos(spec_.videos, st_.cfg.media, st_.rt.video);
     } catch (const Error& e) {

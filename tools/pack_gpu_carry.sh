@@ -5,7 +5,8 @@
 # Usage: tools/pack_gpu_carry.sh BUILD_DIR BINARY... ; then pass carry=["build-carry/gpu.tar.xz"] to the device
 # run and, there: tar -C build-carry -xJf build-carry/gpu.tar.xz && bench/run_gpu.sh build-carry/gpu-carry ...
 # (or LD_LIBRARY_PATH=build-carry/gpu-carry/lib build-carry/gpu-carry/deltaserve ...).
-# Configure BUILD_DIR with -DCMAKE_CUDA_ARCHITECTURES=90-real to keep the archive small.
+# Configure BUILD_DIR with -DCMAKE_CUDA_ARCHITECTURES=90-real -DDS_WITH_VIDEO=OFF to keep the archive small
+# (FFmpeg's libavcodec pulls in ~170 MB of codec libraries; without it video requests are a 400 saying so).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BUILD=$1; shift

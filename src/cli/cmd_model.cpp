@@ -9,6 +9,8 @@
 #include "io/safetensors.h"
 #include "model/model.h"
 #include "runtime/cache.h"
+#include "text/tokenizer.h"
+#include "vision/video.h"
 #include "vision/preprocess.h"
 
 namespace ds::cli {
@@ -86,39 +88,91 @@ std::vector<float> run_logits(model::Model& m, const std::vector<int32_t>& token
   return out;
 }
 
-// --image FILE...: preprocess, run the vision tower, expand each <|image_pad|> of `tokens` in place.
+// --image FILE... / --video FILE...: preprocess, run the vision tower, expand each <|image_pad|> and each
+// <|vision_start|><|video_pad|><|vision_end|> of `tokens` in place. The command line has token ids, so a video's
+// timestamp text ("<0.3 seconds>") is tokenized on its own; the server expands the rendered text instead, as the
+// reference processor does (the two agree unless the character before the placeholder merges with '<').
 PromptImages prepare_images(model::Model& m, const std::string& model_dir, const std::vector<std::string>& files,
-                            std::vector<int32_t>& tokens) {
+                            const std::vector<std::string>& videos, std::vector<int32_t>& tokens) {
   const auto& cfg = m.config();
-  if (!m.has_vision()) fail(model_dir, ": --image needs a vision tower, but the checkpoint has none");
-  if (cfg.image_token_id < 0) fail(model_dir, ": config.json has no image_token_id");
+  const char* flag = files.empty() ? "--video" : "--image";
+  if (!m.has_vision()) fail(model_dir, ": ", flag, " needs a vision tower, but the checkpoint has none");
+  if (!files.empty() && cfg.image_token_id < 0) fail(model_dir, ": config.json has no image_token_id");
+  if (!videos.empty() && (cfg.video_token_id < 0 || cfg.vision_start_token_id < 0 || cfg.vision_end_token_id < 0))
+    fail(model_dir, ": config.json lacks video_token_id / vision_start_token_id / vision_end_token_id");
   const auto pcfg = vision::load_preprocess_config(model_dir);
-  if (pcfg.merge_size != cfg.vision.spatial_merge_size || pcfg.patch_size != cfg.vision.patch_size ||
-      pcfg.temporal_patch_size != cfg.vision.temporal_patch_size)
-    fail(model_dir, ": preprocessor_config.json (patch ", pcfg.patch_size, ", temporal ", pcfg.temporal_patch_size,
-         ", merge ", pcfg.merge_size, ") disagrees with vision_config (patch ", cfg.vision.patch_size, ", temporal ",
-         cfg.vision.temporal_patch_size, ", merge ", cfg.vision.spatial_merge_size, ")");
+  const auto vcfg = vision::load_video_config(model_dir);
+  for (auto* p : {&pcfg, &vcfg.p})
+    if (p->merge_size != cfg.vision.spatial_merge_size || p->patch_size != cfg.vision.patch_size ||
+        p->temporal_patch_size != cfg.vision.temporal_patch_size)
+      fail(model_dir, ": ", p == &pcfg ? "preprocessor_config.json" : "video_preprocessor_config.json", " (patch ",
+           p->patch_size, ", temporal ", p->temporal_patch_size, ", merge ", p->merge_size,
+           ") disagrees with vision_config (patch ", cfg.vision.patch_size, ", temporal ",
+           cfg.vision.temporal_patch_size, ", merge ", cfg.vision.spatial_merge_size, ")");
   vision::SourcePolicy policy;
   policy.allow_any_file = true;  // the command line names its own files
-  std::vector<float> pixels;
-  std::vector<vision::ImageGrid> grids;
-  std::vector<std::array<int64_t, 3>> thw;
+  std::vector<vision::PixelValues> ipv, vpv;
+  std::vector<vision::ImageGrid> igrids, vgrids;
   for (auto& f : files) {
-    auto pv = vision::preprocess_image(vision::load_image(f, policy), pcfg);
-    pixels.insert(pixels.end(), pv.data.begin(), pv.data.end());
-    grids.push_back(pv.grid);
-    thw.push_back({pv.grid.t, pv.grid.h, pv.grid.w});
-    std::fprintf(stderr, "image %s: grid [%lld, %lld, %lld], %lld tokens\n", f.c_str(), (long long)pv.grid.t,
-                 (long long)pv.grid.h, (long long)pv.grid.w, (long long)pv.grid.tokens(pcfg.merge_size));
+    ipv.push_back(vision::preprocess_image(vision::load_image(f, policy), pcfg));
+    const auto& g = ipv.back().grid;
+    igrids.push_back(g);
+    std::fprintf(stderr, "image %s: grid [%lld, %lld, %lld], %lld tokens\n", f.c_str(), (long long)g.t,
+                 (long long)g.h, (long long)g.w, (long long)g.tokens(pcfg.merge_size));
   }
-  const int32_t pad = int32_t(cfg.image_token_id);
-  tokens = vision::expand_image_placeholders(tokens, pad, grids, pcfg.merge_size);
+  const int32_t pad = int32_t(cfg.image_token_id), vpad = int32_t(cfg.video_token_id);
+  if (!files.empty()) tokens = vision::expand_image_placeholders(tokens, pad, igrids, pcfg.merge_size);
+  if (!videos.empty()) {
+    const int32_t vs = int32_t(cfg.vision_start_token_id), ve = int32_t(cfg.vision_end_token_id);
+    auto tok = text::Tokenizer::load(model_dir);
+    vision::VideoLimits lim;
+    std::vector<int32_t> out;
+    size_t k = 0;
+    for (size_t i = 0; i < tokens.size(); ++i) {
+      if (tokens[i] != vpad) {
+        out.push_back(tokens[i]);
+        continue;
+      }
+      if (k >= videos.size()) fail("--tokens: more <|video_pad|> tokens than --video files (", videos.size(), ")");
+      const auto& f = videos[k++];
+      auto v = vision::decode_video(vision::read_video_bytes(f, policy, lim.max_bytes), vcfg.sampling, lim);
+      vpv.push_back(vision::preprocess_video(v.frames, vcfg.p));
+      const auto& g = vpv.back().grid;
+      vgrids.push_back(g);
+      const auto ts = vision::group_timestamps(v.indices, v.fps, vcfg.p.temporal_patch_size);
+      std::string idx;
+      for (auto x : v.indices) idx += (idx.empty() ? "" : ",") + std::to_string(x);
+      std::fprintf(stderr, "video %s: %s/%s %lldx%lld, %.6g fps, %lld frames, sampled [%s], grid [%lld, %lld, %lld], "
+                   "%lld tokens\n", f.c_str(), v.container.c_str(), v.codec.c_str(), (long long)v.width,
+                   (long long)v.height, v.fps, (long long)v.total_frames, idx.c_str(), (long long)g.t,
+                   (long long)g.h, (long long)g.w, (long long)g.tokens(vcfg.p.merge_size));
+      // The triple (or a bare pad) becomes "<t seconds>" vs pad ve per temporal group.
+      const bool whole = !out.empty() && out.back() == vs && i + 1 < tokens.size() && tokens[i + 1] == ve;
+      if (whole) out.pop_back();
+      auto rep = tok.encode(vision::video_prompt_text(ts), true);
+      out.insert(out.end(), rep.begin(), rep.end());
+      if (whole) ++i;
+    }
+    if (k != videos.size()) fail("--tokens holds ", k, " <|video_pad|> tokens but ", videos.size(), " --video files");
+    std::vector<vision::ImageGrid> units;
+    for (auto& g : vgrids)
+      for (auto& u : vision::video_units(g)) units.push_back(u);
+    tokens = vision::expand_image_placeholders(out, vpad, units, vcfg.p.merge_size);
+  }
+  const auto L = vision::media_layout(tokens, pad, igrids, videos.empty() ? -1 : vpad, vgrids, pcfg.merge_size);
   PromptImages img;
-  auto mp = vision::mrope_positions(tokens, pad, grids, pcfg.merge_size);
+  auto mp = vision::mrope_positions(tokens, pad, L.units, pcfg.merge_size, videos.empty() ? -1 : vpad);
   img.positions = std::move(mp.pos);
   img.rope_delta = mp.rope_delta;
   for (size_t i = 0; i < tokens.size(); ++i)
-    if (tokens[i] == pad) img.rows.push_back(int32_t(i));
+    if (tokens[i] == pad || (!videos.empty() && tokens[i] == vpad)) img.rows.push_back(int32_t(i));
+  std::vector<float> pixels;
+  std::vector<std::array<int64_t, 3>> thw;
+  for (auto [is_video, k] : L.order) {
+    const auto& pv = is_video ? vpv[size_t(k)] : ipv[size_t(k)];
+    pixels.insert(pixels.end(), pv.data.begin(), pv.data.end());
+    thw.push_back({pv.grid.t, pv.grid.h, pv.grid.w});
+  }
   img.features = m.encode_images(pixels, thw);
   return img;
 }
@@ -130,22 +184,26 @@ int cmd_logits(int argc, char** argv) {
   auto tokens = parse_token_list(a.require("tokens"));
   std::string out = a.require("out");
   auto images = a.get_all("image");
+  auto videos = a.get_all("video");
   auto be = make_backend(a.get("backend", "cpu"));
   auto m = model::Model::load(a.model_dir(), *be);
   const int64_t V = m->config().text.vocab_size;
   for (auto t : tokens)
     if (t >= V) fail("--tokens: id ", t, " is outside the model's vocabulary [0, ", V, ")");
   PromptImages img;
-  if (!images.empty()) img = prepare_images(*m, a.model_dir(), images, tokens);
+  const bool mm = !images.empty() || !videos.empty();
+  if (mm) img = prepare_images(*m, a.model_dir(), images, videos, tokens);
   const int64_t T = int64_t(tokens.size());
   int64_t prefill = a.get_int("prefill", T);
   if (prefill < 1 || prefill > T) fail("--prefill: expected 1..", T, " (the number of tokens), got ", prefill);
-  auto logits = run_logits(*m, tokens, prefill, images.empty() ? nullptr : &img);
+  auto logits = run_logits(*m, tokens, prefill, mm ? &img : nullptr);
   std::vector<io::TensorOut> outs = {{"logits", DType::F32, {T, V}, logits.data()}};
   std::vector<float> feats;
   std::vector<int32_t> pos = img.positions;
-  if (!images.empty()) {
+  std::vector<int32_t> ids = tokens;
+  if (mm) {
     feats = be->to_host_f32(img.features);
+    outs.push_back({"input_ids", DType::I32, {T}, ids.data()});
     outs.push_back({"image_features", DType::F32, img.features.shape, feats.data()});
     outs.push_back({"position_ids", DType::I32, {3, T}, pos.data()});
   }

@@ -83,6 +83,7 @@ int cmd_serve(int argc, char** argv) {
       if (!x.is_number_integer() || x.get<int64_t>() < 0)
         fail("--limit-mm-per-prompt: '", k, "' must be a non-negative integer, got ", x.dump());
       if (k == "image") md.max_images_per_prompt = x.get<int64_t>();
+      if (k == "video") md.max_videos_per_prompt = x.get<int64_t>();
     }
   }
   md.max_image_pixels = a.get_int("max-image-pixels", md.max_image_pixels);
@@ -90,6 +91,11 @@ int cmd_serve(int argc, char** argv) {
   const int64_t mb = a.get_int("max-image-bytes", int64_t(md.max_image_bytes));
   if (mb < 1) fail("--max-image-bytes: expected >= 1, got ", mb);
   md.max_image_bytes = size_t(mb);
+  const int64_t vb = a.get_int("max-video-bytes", int64_t(md.max_video_bytes));
+  if (vb < 1) fail("--max-video-bytes: expected >= 1, got ", vb);
+  md.max_video_bytes = size_t(vb);
+  md.max_video_frames = a.get_int("max-video-frames", md.max_video_frames);
+  if (md.max_video_frames < 1) fail("--max-video-frames: expected >= 1, got ", md.max_video_frames);
   md.fetch_timeout_s = a.get_double("image-fetch-timeout", md.fetch_timeout_s);
   if (!(md.fetch_timeout_s > 0) || md.fetch_timeout_s > 3600)
     fail("--image-fetch-timeout: expected seconds in (0, 3600], got ", md.fetch_timeout_s);

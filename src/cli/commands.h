@@ -9,4 +9,5 @@ int cmd_serve(int argc, char** argv);
 int cmd_tokenize(int argc, char** argv);
 int cmd_detokenize(int argc, char** argv);
 int cmd_bench(int argc, char** argv);
+int cmd_video_frames(int argc, char** argv);
 }  // namespace ds::cli

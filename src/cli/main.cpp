@@ -18,10 +18,11 @@ void usage() {
                "            [--speculative-config '{\"method\": \"mtp\", \"num_speculative_tokens\": K}']\n"
                "  tokenize  --model DIR < {\"text\": ...} | {\"messages\": [...], ...}\n"
                "  detokenize --model DIR < {\"ids\": [...], \"skip_special_tokens\": false}\n"
-               "  logits    --model DIR --tokens 1,2,3 [--prefill N] [--backend cpu] --out F.safetensors\n"
+               "  logits    --model DIR --tokens 1,2,3 [--image F]... [--video F]... [--prefill N] [--backend cpu] --out F.safetensors\n"
                "  generate  --model DIR --tokens 1,2,3 [--max-tokens N] [--backend cpu]   (greedy)\n"
                "  mtp-logits --model DIR --tokens P --next T [--draft-steps K] --out F.safetensors\n"
                "  inspect   --model DIR|config.json\n"
+               "  video-frames CLIP --out F.safetensors [--sampled]   (decoded RGB frames, fps, frame count)\n"
                "  bench     --random-weights --config config.json [--backend cuda] [--batch 1,8,32,64,128]\n"
                "            [--context 1024,8192] [--prefill 1024,4096,16384,32768] [--steps N] [--bf16] [--no-graph]\n"
                "            [--breakdown] [--prefill-chunk N] [--variants \"name:no-graph,VAR=1;name2:\"]\n"
@@ -45,6 +46,7 @@ int main(int argc, char** argv) {
     if (cmd == "make-random-checkpoint") return ds::cli::cmd_make_random_checkpoint(argc, argv);
     if (cmd == "mtp-logits") return ds::cli::cmd_mtp_logits(argc, argv);
     if (cmd == "bench") return ds::cli::cmd_bench(argc, argv);
+    if (cmd == "video-frames") return ds::cli::cmd_video_frames(argc, argv);
     std::fprintf(stderr, "deltaserve: unknown command '%s'\n", cmd.c_str());
     usage();
     return 2;

@@ -35,7 +35,8 @@ std::string brief_url(const std::string& url) { return url.size() > 100 ? url.su
 
 }  // namespace
 
-std::vector<uint8_t> fetch_url(const std::string& url0, size_t max_bytes, double timeout_s, int max_redirects) {
+std::vector<uint8_t> fetch_url(const std::string& url0, size_t max_bytes, double timeout_s, int max_redirects,
+                               const std::string& kind) {
   using Clock = std::chrono::steady_clock;
   const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s));
   const time_t sec = time_t(std::floor(timeout_s));
@@ -44,7 +45,7 @@ std::vector<uint8_t> fetch_url(const std::string& url0, size_t max_bytes, double
   for (int hop = 0;; ++hop) {
     const UrlParts u = split_url(url);
     httplib::Client cli(u.origin);
-    if (!cli.is_valid()) fail("image: cannot fetch '", brief_url(url), "' (unsupported URL)");
+    if (!cli.is_valid()) fail(kind, ": cannot fetch '", brief_url(url), "' (unsupported URL)");
     cli.set_connection_timeout(sec, usec);
     cli.set_read_timeout(sec, usec);
     cli.set_follow_location(false);
@@ -53,7 +54,7 @@ std::vector<uint8_t> fetch_url(const std::string& url0, size_t max_bytes, double
     int status = 0;
     std::string location;
     auto res = cli.Get(
-        u.path, httplib::Headers{{"Accept", "image/png, image/jpeg, image/webp"}},
+        u.path, httplib::Headers{{"Accept", kind == "video" ? "video/*" : "image/png, image/jpeg, image/webp"}},
         [&](const httplib::Response& r) {
           status = r.status;
           if (r.status >= 300 && r.status < 400) {
@@ -85,25 +86,25 @@ std::vector<uint8_t> fetch_url(const std::string& url0, size_t max_bytes, double
           }
           return true;
         });
-    if (!why.empty()) fail("image: fetching '", brief_url(url0), "' stopped: ", why);
+    if (!why.empty()) fail(kind, ": fetching '", brief_url(url0), "' stopped: ", why);
     if (!res) {
       const auto e = res.error();
       if (e == httplib::Error::Read || e == httplib::Error::Connection)
         if (Clock::now() > deadline - std::chrono::milliseconds(50))
-          fail("image: fetching '", brief_url(url0), "' timed out after ", timeout_s, " s");
+          fail(kind, ": fetching '", brief_url(url0), "' timed out after ", timeout_s, " s");
       const char* what = e == httplib::Error::Connection         ? "could not connect"
                          : e == httplib::Error::SSLConnection        ? "TLS handshake failed"
                          : e == httplib::Error::SSLServerVerification ? "the server's TLS certificate did not verify"
                          : e == httplib::Error::Read                  ? "the connection broke while reading"
                                                                       : "transfer error";
-      fail("image: fetching '", brief_url(url0), "' failed: ", what, " (", httplib::to_string(e), ")");
+      fail(kind, ": fetching '", brief_url(url0), "' failed: ", what, " (", httplib::to_string(e), ")");
     }
-    if (Clock::now() > deadline) fail("image: fetching '", brief_url(url0), "' timed out after ", timeout_s, " s");
+    if (Clock::now() > deadline) fail(kind, ": fetching '", brief_url(url0), "' timed out after ", timeout_s, " s");
     if (status >= 300 && status < 400 && !location.empty()) {
-      if (hop >= max_redirects) fail("image: fetching '", brief_url(url0), "': more than ", max_redirects, " redirects");
+      if (hop >= max_redirects) fail(kind, ": fetching '", brief_url(url0), "': more than ", max_redirects, " redirects");
       if (location.find("://") != std::string::npos) {
         if (location.rfind("http://", 0) != 0 && location.rfind("https://", 0) != 0)
-          fail("image: fetching '", brief_url(url0), "': redirect to a non-http(s) URL '", brief_url(location), "'");
+          fail(kind, ": fetching '", brief_url(url0), "': redirect to a non-http(s) URL '", brief_url(location), "'");
         url = location;
       } else if (!location.empty() && location[0] == '/') {
         url = u.origin + location;
@@ -113,60 +114,112 @@ std::vector<uint8_t> fetch_url(const std::string& url0, size_t max_bytes, double
       }
       continue;
     }
-    if (status != 200) fail("image: fetching '", brief_url(url0), "' returned HTTP ", status, " (expected 200)");
+    if (status != 200) fail(kind, ": fetching '", brief_url(url0), "' returned HTTP ", status, " (expected 200)");
     return body;
   }
 }
 
-std::vector<uint8_t> read_media_bytes(const std::string& url, const MediaConfig& cfg) {
+std::vector<uint8_t> read_media_bytes(const std::string& url, const MediaConfig& cfg, const std::string& kind) {
+  const bool video = kind == "video";
+  const size_t max_bytes = video ? cfg.max_video_bytes : cfg.max_image_bytes;
   if (url.rfind("http://", 0) == 0 || url.rfind("https://", 0) == 0) {
     if (!cfg.fetch_http)
-      fail("image: http(s) URLs are disabled on this server (--disable-image-fetch); send a data: URL instead");
-    return fetch_url(url, cfg.max_image_bytes, cfg.fetch_timeout_s, cfg.max_redirects);
+      fail(kind, ": http(s) URLs are disabled on this server (--disable-image-fetch); send a data: URL instead");
+    return fetch_url(url, max_bytes, cfg.fetch_timeout_s, cfg.max_redirects, kind);
   }
   vision::SourcePolicy p;
   p.allowed_dirs = cfg.allowed_local_paths;
-  p.limits.max_bytes = cfg.max_image_bytes;
+  p.limits.max_bytes = max_bytes;
   if (url.rfind("data:", 0) != 0 && url.find("://") == std::string::npos && url.rfind("file:", 0) != 0 &&
       cfg.allowed_local_paths.empty())
-    fail("image: expected a data:, http:// or https:// URL, got '", brief_url(url),
+    fail(kind, ": expected a data:, http:// or https:// URL, got '", brief_url(url),
          "' (local files are served only from --allowed-local-media-path directories)");
-  return vision::read_image_bytes(url, p);
+  return video ? vision::read_video_bytes(url, p, max_bytes) : vision::read_image_bytes(url, p);
+}
+
+std::vector<PreparedVideo> load_videos(const std::vector<ImageRef>& videos, const MediaConfig& cfg,
+                                       const vision::VideoConfig& vcfg) {
+  if (int64_t(videos.size()) > cfg.max_videos_per_prompt)
+    fail("at most ", cfg.max_videos_per_prompt, " video(s) per prompt are allowed (--limit-mm-per-prompt), got ",
+         videos.size());
+  vision::VideoLimits lim;
+  lim.max_bytes = cfg.max_video_bytes;
+  lim.max_pixels = cfg.max_image_pixels;
+  lim.max_decoded_frames = cfg.max_video_frames;
+  lim.max_sampled_frames = vcfg.sampling.max_frames;
+  std::vector<PreparedVideo> out;
+  for (auto& v : videos) {
+    try {
+      auto dec = vision::decode_video(read_media_bytes(v.url, cfg, "video"), vcfg.sampling, lim);
+      PreparedVideo pv;
+      pv.pixels = vision::preprocess_video(dec.frames, vcfg.p);
+      pv.timestamps = vision::group_timestamps(dec.indices, dec.fps, vcfg.p.temporal_patch_size);
+      out.push_back(std::move(pv));
+    } catch (const Error& e) {
+      fail(v.where, ": ", e.what());
+    }
+  }
+  return out;
 }
 
 std::shared_ptr<runtime::MultiModalInput> prepare_images(const std::vector<ImageRef>& images, const MediaConfig& cfg,
                                                          const vision::PreprocessConfig& pcfg, int32_t image_token,
                                                          std::vector<int32_t>& tokens) {
+  return prepare_media(images, {}, cfg, pcfg, image_token, -1, tokens);
+}
+
+std::shared_ptr<runtime::MultiModalInput> prepare_media(const std::vector<ImageRef>& images,
+                                                        const std::vector<PreparedVideo>& videos, const MediaConfig& cfg,
+                                                        const vision::PreprocessConfig& pcfg, int32_t image_token,
+                                                        int32_t video_token, std::vector<int32_t>& tokens) {
   if (int64_t(images.size()) > cfg.max_images_per_prompt)
     fail("at most ", cfg.max_images_per_prompt, " images per prompt are allowed (--limit-mm-per-prompt), got ",
          images.size());
-  int64_t pads = 0;
-  for (auto t : tokens) pads += t == image_token;
+  int64_t pads = 0, vpads = 0, groups = 0;
+  for (auto t : tokens) {
+    pads += t == image_token;
+    vpads += video_token >= 0 && t == video_token;
+  }
+  for (auto& v : videos) groups += v.pixels.grid.t;
   if (pads != int64_t(images.size()))
     fail("the prompt holds ", pads, " image placeholder tokens (<|image_pad|>) but the request has ", images.size(),
          " images; the text must not contain <|image_pad|> itself");
+  if (vpads != groups)
+    fail("the prompt holds ", vpads, " video placeholder tokens (<|video_pad|>) where its ", videos.size(),
+         " video(s) need ", groups, " (one per temporal group); the text must not contain <|video_pad|> itself");
   vision::DecodeLimits lim;
   lim.max_bytes = cfg.max_image_bytes;
   lim.max_pixels = cfg.max_image_pixels;
-  auto mm = std::make_shared<runtime::MultiModalInput>();
-  std::vector<vision::ImageGrid> grids;
+  std::vector<vision::PixelValues> ipv;
+  std::vector<vision::ImageGrid> grids, vgrids, units;
   for (auto& im : images) {
     try {
       auto bytes = read_media_bytes(im.url, cfg);
-      auto pv = vision::preprocess_image(vision::decode_image(bytes, lim), pcfg);
-      mm->pixel_values.insert(mm->pixel_values.end(), pv.data.begin(), pv.data.end());
-      mm->grids.push_back({pv.grid.t, pv.grid.h, pv.grid.w});
-      grids.push_back(pv.grid);
+      ipv.push_back(vision::preprocess_image(vision::decode_image(bytes, lim), pcfg));
+      grids.push_back(ipv.back().grid);
     } catch (const Error& e) {
       fail(im.where, ": ", e.what());
     }
   }
   tokens = vision::expand_image_placeholders(tokens, image_token, grids, pcfg.merge_size);
-  auto mp = vision::mrope_positions(tokens, image_token, grids, pcfg.merge_size);
+  for (auto& v : videos) {
+    vgrids.push_back(v.pixels.grid);
+    for (auto& u : vision::video_units(v.pixels.grid)) units.push_back(u);
+  }
+  if (!videos.empty()) tokens = vision::expand_image_placeholders(tokens, video_token, units, pcfg.merge_size);
+  const int32_t vt = videos.empty() ? -1 : video_token;
+  const auto L = vision::media_layout(tokens, image_token, grids, vt, vgrids, pcfg.merge_size);
+  auto mm = std::make_shared<runtime::MultiModalInput>();
+  for (auto [is_video, k] : L.order) {
+    const auto& pv = is_video ? videos[size_t(k)].pixels : ipv[size_t(k)];
+    mm->pixel_values.insert(mm->pixel_values.end(), pv.data.begin(), pv.data.end());
+    mm->grids.push_back({pv.grid.t, pv.grid.h, pv.grid.w});
+  }
+  auto mp = vision::mrope_positions(tokens, image_token, L.units, pcfg.merge_size, vt);
   mm->positions = std::move(mp.pos);
   mm->rope_delta = mp.rope_delta;
   for (size_t i = 0; i < tokens.size(); ++i)
-    if (tokens[i] == image_token) mm->rows.push_back(int32_t(i));
+    if (tokens[i] == image_token || (vt >= 0 && tokens[i] == vt)) mm->rows.push_back(int32_t(i));
   return mm;
 }
 

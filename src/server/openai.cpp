@@ -164,9 +164,19 @@ GenSpec parse_generation_request(const json& j, bool chat, const sampling::Sampl
           if (!part.is_object() || !part.contains("type") || !part["type"].is_string())
             throw bad_request(where + ": content parts must be objects with a 'type', got " + brief(part), "messages");
           std::string t = part["type"].get<std::string>();
-          if (t == "video_url" || t == "video")
-            throw bad_request(where + ": video inputs are not supported yet (expected text or image_url parts, found '" + t +
-                                  "')", "messages");
+          if (t == "video_url") {
+            // vLLM / OpenAI-style: {"type": "video_url", "video_url": {"url": ...}}; a bare string is taken too.
+            const json* u = part.contains("video_url") ? &part["video_url"] : nullptr;
+            if (u && u->is_object() && u->contains("url")) u = &(*u)["url"];
+            if (!u || !u->is_string() || u->get<std::string>().empty())
+              throw bad_request(where + ": a video_url part needs {\"video_url\": {\"url\": \"data:video/...|http(s)://...\"}}, got " +
+                                    brief(part), "messages");
+            g.videos.push_back({u->get<std::string>(), where});
+            continue;
+          }
+          if (t == "video")
+            throw bad_request(where + ": content part type 'video' is not an OpenAI part; send {\"type\": \"video_url\", "
+                                  "\"video_url\": {\"url\": ...}}", "messages");
           if (t == "image_url") {
             // OpenAI: {"type": "image_url", "image_url": {"url": ..., "detail": ...}}; vLLM also takes a bare string.
             const json* u = part.contains("image_url") ? &part["image_url"] : nullptr;
@@ -178,7 +188,8 @@ GenSpec parse_generation_request(const json& j, bool chat, const sampling::Sampl
             continue;
           }
           if (t != "text")
-            throw bad_request(where + ": unsupported content part type '" + t + "' (expected text or image_url)", "messages");
+            throw bad_request(where + ": unsupported content part type '" + t + "' (expected text, image_url or video_url)",
+                              "messages");
           if (!part.contains("text") || !part["text"].is_string())
             throw bad_request("a text content part needs a string 'text'", "messages");
         }

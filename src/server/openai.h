@@ -34,6 +34,7 @@ struct GenSpec {
   // chat
   json messages = json::array();
   std::vector<ImageRef> images;    // image_url parts, in conversation order
+  std::vector<ImageRef> videos;    // video_url parts, in conversation order
   json tools;                      // null or array
   std::string tool_choice = "auto";  // auto | none | required | named
   std::string tool_choice_name;

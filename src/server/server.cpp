@@ -68,7 +68,9 @@ struct Runtime {
   int64_t max_model_len = 0;
   int32_t think_end_id = -1;
   int32_t image_token = -1;          // <|image_pad|> when the model has a vision tower
+  int32_t video_token = -1;          // <|video_pad|> when the model has a vision tower and video ids
   vision::PreprocessConfig preprocess;
+  vision::VideoConfig video;
 };
 
 struct ServerState {
@@ -151,6 +153,15 @@ void load_runtime(ServerState& st) {
         rt.preprocess.temporal_patch_size != mc.vision.temporal_patch_size)
       fail(cfg.model_dir, ": preprocessor_config.json (patch ", rt.preprocess.patch_size, ", temporal ",
            rt.preprocess.temporal_patch_size, ", merge ", rt.preprocess.merge_size, ") disagrees with vision_config");
+    if (mc.video_token_id >= 0 && mc.vision_start_token_id >= 0 && mc.vision_end_token_id >= 0) {
+      rt.video_token = int32_t(mc.video_token_id);
+      rt.video = vision::load_video_config(cfg.model_dir);
+      const auto& v = rt.video.p;
+      if (v.merge_size != mc.vision.spatial_merge_size || v.patch_size != mc.vision.patch_size ||
+          v.temporal_patch_size != mc.vision.temporal_patch_size)
+        fail(cfg.model_dir, ": video_preprocessor_config.json (patch ", v.patch_size, ", temporal ",
+             v.temporal_patch_size, ", merge ", v.merge_size, ") disagrees with vision_config");
+    }
   }
   // EOS set: config, generation_config and the chat end-of-turn tokens (model-spec §6: stop on both).
   std::vector<int32_t> eos;
@@ -276,9 +287,20 @@ class Generation {
         if (spec_.tool_choice == "named") forced += spec_.tool_choice_name + ">\n";
         text += forced;
       }
+      std::vector<PreparedVideo> videos;
+      if (!spec_.videos.empty()) {
+        videos = load_videos_checked();
+        std::vector<std::vector<double>> ts;
+        for (auto& v : videos) ts.push_back(v.timestamps);
+        try {
+          text = vision::expand_video_text(text, ts);  // as the reference processor does, before tokenizing
+        } catch (const Error& e) {
+          throw bad_request(e.what(), "messages");
+        }
+      }
       prompts.push_back(rt.tok->encode(text, true));
       texts.push_back(text);
-      if (!spec_.images.empty()) mm_ = load_images(prompts.back());
+      if (!spec_.images.empty() || !videos.empty()) mm_ = load_images(prompts.back(), videos);
     } else {
       for (auto& t : spec_.prompt_texts) {
         prompts.push_back(rt.tok->encode(t, true));
@@ -331,22 +353,41 @@ class Generation {
       }
   }
 
-  // Images of a chat request: checked against the model and backend, loaded, preprocessed; expands the
-  // placeholders of `prompt`. Bad images are 400s naming the content part.
-  std::shared_ptr<const runtime::MultiModalInput> load_images(std::vector<int32_t>& prompt) {
+  // Images and videos of a chat request: checked against the model and backend, loaded, preprocessed; expands
+  // the placeholders of `prompt`. Bad media are 400s naming the content part.
+  void check_vision(const char* what, size_t n) {
     Runtime& rt = st_.rt;
-    if (!rt.model->has_vision() || rt.image_token < 0)
-      throw bad_request("this model has no vision tower, so it cannot take images (found " +
-                            std::to_string(spec_.images.size()) + " image part(s)); send text only", "messages");
+    const bool video = std::string(what) == "video";
+    if (!rt.model->has_vision() || rt.image_token < 0 || (video && rt.video_token < 0))
+      throw bad_request(std::string("this model has no vision tower, so it cannot take ") + what + "s (found " +
+                            std::to_string(n) + " " + what + " part(s)); send text only", "messages");
     if (st_.cfg.backend != "cpu")
-      throw HttpError(501, "images are not supported on the '" + st_.cfg.backend +
+      throw HttpError(501, std::string(what) + "s are not supported on the '" + st_.cfg.backend +
                                "' backend yet (the vision tower runs on the CPU backend only); send text only",
                       "messages", "NotImplementedError");
     if (st_.cfg.num_speculative_tokens > 0)
-      throw HttpError(501, "images are not supported together with speculative decoding (--speculative-config) yet",
+      throw HttpError(501, std::string(what) + "s are not supported together with speculative decoding "
+                      "(--speculative-config) yet", "messages", "NotImplementedError");
+  }
+
+  std::vector<PreparedVideo> load_videos_checked() {
+    check_vision("video", spec_.videos.size());
+    if (!vision::video_decoding_available())
+      throw HttpError(501, "this deltaserve was built without FFmpeg (-DDS_WITH_VIDEO=OFF), so it cannot read videos",
                       "messages", "NotImplementedError");
     try {
-      return prepare_images(spec_.images, st_.cfg.media, rt.preprocess, rt.image_token, prompt);
+      return load_videos(spec_.videos, st_.cfg.media, st_.rt.video);
+    } catch (const Error& e) {
+      throw bad_request(e.what(), "messages");
+    }
+  }
+
+  std::shared_ptr<const runtime::MultiModalInput> load_images(std::vector<int32_t>& prompt,
+                                                              const std::vector<PreparedVideo>& videos) {
+    Runtime& rt = st_.rt;
+    if (!spec_.images.empty()) check_vision("image", spec_.images.size());
+    try {
+      return prepare_media(spec_.images, videos, st_.cfg.media, rt.preprocess, rt.image_token, rt.video_token, prompt);
     } catch (const Error& e) {
       throw bad_request(e.what(), "messages");
     }
@@ -418,15 +459,17 @@ class Generation {
     for (auto m : msgs) {
       if (m["role"] == "developer") m["role"] = "system";
       if (m.contains("content") && m["content"].is_array()) {
-        // Text parts are joined; with images the list stays, image parts reduced to {"type": "image"} (the
-        // template emits <|vision_start|><|image_pad|><|vision_end|> for each; the URL is not its business).
+        // Text parts are joined; with images or videos the list stays, their parts reduced to {"type": "image"} /
+        // {"type": "video"} (the template emits <|vision_start|><|image_pad|> or <|video_pad|><|vision_end|> for
+        // each; the URL is not its business).
         bool images = false;
-        for (auto& part : m["content"]) images |= part["type"] == "image_url";
+        for (auto& part : m["content"]) images |= part["type"] == "image_url" || part["type"] == "video_url";
         if (images) {
           nlohmann::ordered_json parts = nlohmann::ordered_json::array();
           for (auto& part : m["content"])
-            parts.push_back(part["type"] == "image_url" ? nlohmann::ordered_json({{"type", "image"}})
-                                                        : nlohmann::ordered_json({{"type", "text"}, {"text", part["text"]}}));
+            parts.push_back(part["type"] == "image_url"   ? nlohmann::ordered_json({{"type", "image"}})
+                            : part["type"] == "video_url" ? nlohmann::ordered_json({{"type", "video"}})
+                                                          : nlohmann::ordered_json({{"type", "text"}, {"text", part["text"]}}));
           m["content"] = parts;
         } else {
           std::string text;

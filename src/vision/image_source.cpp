@@ -5,6 +5,7 @@
 
 #include "core/status.h"
 #include "vision/image.h"
+#include "vision/video.h"
 
 namespace ds::vision {
 
@@ -51,18 +52,19 @@ std::vector<uint8_t> base64_decode(std::string_view s) {
 
 namespace {
 
-std::vector<uint8_t> from_data_url(const std::string& url, const SourcePolicy& p) {
+std::vector<uint8_t> from_data_url(const std::string& url, const SourcePolicy& p, const std::string& kind) {
   const size_t comma = url.find(',');
-  if (comma == std::string::npos) fail("image: data URL without ',' (expected data:<type>;base64,<data>)");
+  if (comma == std::string::npos) fail(kind, ": data URL without ',' (expected data:<type>;base64,<data>)");
   const std::string meta = url.substr(5, comma - 5);
   if (meta.size() < 7 || meta.compare(meta.size() - 7, 7, ";base64") != 0)
-    fail("image: data URL '", url.substr(0, std::min<size_t>(comma, 60)), ",…' is not base64 (expected ';base64')");
+    fail(kind, ": data URL '", url.substr(0, std::min<size_t>(comma, 60)), ",…' is not base64 (expected ';base64')");
   const std::string type = meta.substr(0, meta.size() - 7);
-  if (!type.empty() && type.rfind("image/", 0) != 0)
-    fail("image: data URL media type '", type, "', expected image/png, image/jpeg or image/webp");
+  if (!type.empty() && type.rfind(kind + "/", 0) != 0)
+    fail(kind, ": data URL media type '", type, "', expected ",
+         kind == "image" ? "image/png, image/jpeg or image/webp" : "video/* (e.g. video/mp4, video/webm)");
   const size_t enc = url.size() - comma - 1;
   if (enc / 4 * 3 > p.limits.max_bytes + 3)
-    fail("image: data URL holds about ", enc / 4 * 3, " bytes, more than the limit of ", p.limits.max_bytes, " bytes");
+    fail(kind, ": data URL holds about ", enc / 4 * 3, " bytes, more than the limit of ", p.limits.max_bytes, " bytes");
   return base64_decode(std::string_view(url).substr(comma + 1));
 }
 
@@ -75,11 +77,11 @@ bool inside(const std::filesystem::path& file, const std::filesystem::path& dir)
   return true;
 }
 
-std::vector<uint8_t> from_file(const std::string& path_str, const SourcePolicy& p) {
+std::vector<uint8_t> from_file(const std::string& path_str, const SourcePolicy& p, const std::string& kind) {
   namespace fs = std::filesystem;
   std::error_code ec;
   fs::path path = fs::canonical(fs::path(path_str), ec);
-  if (ec) fail("image: cannot open '", path_str, "': ", ec.message());
+  if (ec) fail(kind, ": cannot open '", path_str, "': ", ec.message());
   if (!p.allow_any_file) {
     bool ok = false;
     for (auto& d : p.allowed_dirs) {
@@ -87,30 +89,43 @@ std::vector<uint8_t> from_file(const std::string& path_str, const SourcePolicy& 
       if (!ec && inside(path, cd)) ok = true;
     }
     if (!ok)
-      fail("image: local file '", path_str, "' is not inside an allowed directory",
+      fail(kind, ": local file '", path_str, "' is not inside an allowed directory",
            p.allowed_dirs.empty() ? " (local files are disabled)" : "");
   }
-  if (!fs::is_regular_file(path, ec)) fail("image: '", path_str, "' is not a regular file");
+  if (!fs::is_regular_file(path, ec)) fail(kind, ": '", path_str, "' is not a regular file");
   const auto size = fs::file_size(path, ec);
-  if (ec) fail("image: cannot stat '", path_str, "': ", ec.message());
+  if (ec) fail(kind, ": cannot stat '", path_str, "': ", ec.message());
   if (size > p.limits.max_bytes)
-    fail("image: '", path_str, "' has ", size, " bytes, more than the limit of ", p.limits.max_bytes, " bytes");
+    fail(kind, ": '", path_str, "' has ", size, " bytes, more than the limit of ", p.limits.max_bytes, " bytes");
   std::ifstream f(path, std::ios::binary);
   std::vector<uint8_t> buf(static_cast<size_t>(size));
-  if (!f.read(reinterpret_cast<char*>(buf.data()), std::streamsize(size))) fail("image: cannot read '", path_str, "'");
+  if (!f.read(reinterpret_cast<char*>(buf.data()), std::streamsize(size))) fail(kind, ": cannot read '", path_str, "'");
   return buf;
 }
 
 }  // namespace
 
-std::vector<uint8_t> read_image_bytes(const std::string& ref, const SourcePolicy& p) {
-  if (ref.rfind("data:", 0) == 0) return from_data_url(ref, p);
+namespace {
+std::vector<uint8_t> read_bytes(const std::string& ref, const SourcePolicy& p, const std::string& kind) {
+  if (ref.rfind("data:", 0) == 0) return from_data_url(ref, p, kind);
   if (ref.rfind("http://", 0) == 0 || ref.rfind("https://", 0) == 0)
-    fail("image: http(s) URLs are not read here (got '", ref.substr(0, 80), "'); the server fetches them (server/media.h)");
-  if (ref.rfind("file://", 0) == 0) return from_file(ref.substr(7), p);
+    fail(kind, ": http(s) URLs are not read here (got '", ref.substr(0, 80),
+         "'); the server fetches them (server/media.h)");
+  if (ref.rfind("file://", 0) == 0) return from_file(ref.substr(7), p, kind);
   if (ref.find("://") != std::string::npos)
-    fail("image: unsupported URL scheme in '", ref.substr(0, 80), "' (expected data:, file:// or a path)");
-  return from_file(ref, p);
+    fail(kind, ": unsupported URL scheme in '", ref.substr(0, 80), "' (expected data:, file:// or a path)");
+  return from_file(ref, p, kind);
+}
+}  // namespace
+
+std::vector<uint8_t> read_image_bytes(const std::string& ref, const SourcePolicy& p) {
+  return read_bytes(ref, p, "image");
+}
+
+std::vector<uint8_t> read_video_bytes(const std::string& ref, const SourcePolicy& policy, size_t max_bytes) {
+  SourcePolicy p = policy;
+  p.limits.max_bytes = max_bytes;
+  return read_bytes(ref, p, "video");
 }
 
 Image load_image(const std::string& ref, const SourcePolicy& p) {

@@ -197,7 +197,9 @@ test('bad images get a 400 naming the part and the problem; the server keeps ser
     [[imagePart(path.join(DATA, 'README.md'))], /not inside an allowed directory/],
     [[imagePart(`file://${path.join(DATA, 'tiny-dense', '..', 'README.md')}`)], /not inside an allowed directory/],
     [[imagePart(`${mediaBase}/missing.png`)], /returned HTTP 404 \(expected 200\)/],
-    [[{ type: 'video_url', video_url: { url: 'data:video/mp4;base64,AAAA' } }], /video inputs are not supported yet/],
+    [[{ type: 'video_url', video_url: { url: 'data:video/mp4;base64,AAAA' } }],
+     /messages\[0\]\.content\[0\]: video: not a video container FFmpeg can read/],
+    [[{ type: 'video_url', video_url: { url: 'data:image/png;base64,AAAA' } }], /video: data URL media type 'image\/png'/],
     [[{ type: 'image_url', image_url: {} }], /an image_url part needs/],
     [[{ type: 'text', text: 'look: <|image_pad|>' }, imagePart(dataUrl(PNG))], /2 image placeholder tokens/],
   ];

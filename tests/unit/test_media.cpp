@@ -12,6 +12,7 @@
 #include "golden_util.h"
 #include "server/media.h"
 #include "vision/image.h"
+#include "vision/video.h"
 
 namespace ds::server {
 namespace {
@@ -73,6 +74,9 @@ struct LocalHttp {
         return sink.write(block.data(), block.size());
       });
     });
+    std::ifstream clip(test::data_dir() + "/vision/clip_80x48_10fps.mp4", std::ios::binary);
+    const std::string mp4((std::istreambuf_iterator<char>(clip)), {});
+    svr.Get("/clip.mp4", [mp4](const httplib::Request&, httplib::Response& r) { r.set_content(mp4, "video/mp4"); });
     port = svr.bind_to_any_port("127.0.0.1");
     th = std::thread([this] { svr.listen_after_bind(); });
     while (!svr.is_running()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
@@ -113,6 +117,23 @@ TEST(Media, FetchLimits) {
   MediaConfig off;
   off.fetch_http = false;
   EXPECT_ERROR(read_media_bytes(http().url("/image.png"), off), "http(s) URLs are disabled on this server");
+}
+
+TEST(Media, VideosOverHttp) {
+  if (!vision::video_decoding_available()) GTEST_SKIP() << "built with -DDS_WITH_VIDEO=OFF";
+  MediaConfig c;
+  const auto vcfg = vision::load_video_config(test::data_dir() + "/tiny-moe/tiny-moe-bf16");
+  auto v = load_videos({{http().url("/clip.mp4"), "messages[0].content[0]"}}, c, vcfg);
+  ASSERT_EQ(v.size(), 1u);
+  EXPECT_EQ(v[0].pixels.grid.t, 3);
+  EXPECT_EQ(v[0].timestamps.size(), 3u);
+  c.max_video_bytes = 1000;
+  EXPECT_ERROR(load_videos({{http().url("/clip.mp4"), "messages[0].content[0]"}}, c, vcfg),
+               "messages[0].content[0]: video: fetching '");
+  c = {};
+  c.fetch_http = false;
+  EXPECT_ERROR(load_videos({{http().url("/clip.mp4"), "messages[0].content[3]"}}, c, vcfg),
+               "messages[0].content[3]: video: http(s) URLs are disabled");
 }
 
 TEST(Media, LocalFilesOnlyUnderAllowedDirectories) {

@@ -294,9 +294,11 @@ void Engine::Impl::run(const Schedule& sc_in) {
   // Decode or verify only (every row a logit row): one recorded step per batch shape.
   // With speculation only where spec_step_graphs asks for it (engine.h: graphed verify/draft differ from eager on
   // CUDA today).
-  const bool graphed = cfg.step_graphs && (!spec || cfg.spec_step_graphs) && std::all_of(sc.seqs.begin(), sc.seqs.end(), [](const ScheduledSeq& x) {
-    return x.samples && x.num_tokens == 1;
-  });
+  // Never a step that places image features (scatter_rows uploads its row list: not recordable).
+  const bool graphed = cfg.step_graphs && (!spec || cfg.spec_step_graphs) && b.embed_rows.empty() &&
+                       std::all_of(sc.seqs.begin(), sc.seqs.end(), [](const ScheduledSeq& x) {
+                         return x.samples && x.num_tokens == 1;
+                       });
   try {
     // A step of prefill chunks only still asks for one row: backends need not handle R = 0.
     Tensor t = graphed ? model.forward_graphed(b, cm.caches(), rows, spec ? &hidden : nullptr)

@@ -6,6 +6,10 @@
 //    2000 rows). Inputs are bf16-exact, so both backends see the same numbers; the bound is relative L2 ≤ 1e-2 as
 //    in test_cuda_ops.cpp (bf16 output rounding alone is ~1.5e-3; attention also rounds P to bf16).
 // 2. A random tower of the real shapes (2 blocks) on two images in one call: CUDA vs CPU features.
+// 4. An image request through the engine on CUDA (what `serve --backend cuda` runs): greedy tokens equal a
+//    hand-driven CUDA forward (whole prompt, then eager decode), alone with step graphs on, and under chunked
+//    prefill that splits the image run beside a text request (there only completion is required: chunking changes
+//    bf16 rounding, so tokens may legitimately differ on a tiny random model; matches are printed).
 // 3. The tiny fixtures' image features and image-prompt logits on CUDA against transformers' fp32 run. The golden
 //    files have no bf16 reference run for the image tensors, so the bound is borrowed from the same model's text
 //    path: 2× the largest relative error of the bf16 reference's prompt logits (V.bf16ref.promptN.logits vs
@@ -23,6 +27,7 @@
 #include "io/config.h"
 #include "model/model.h"
 #include "runtime/cache.h"
+#include "runtime/engine.h"
 #include "vision/image.h"
 #include "vision/preprocess.h"
 
@@ -317,6 +322,121 @@ TEST_P(CudaVisionGolden, ImagePromptLogitsMatchReference) {
   std::printf("  cuda %s image prompt logits [%lld, %lld]: rel L2 %.4g, bound %.4g (ratio %.3f)\n",
               GetParam().c_str(), (long long)T, (long long)V, err, bd, err / bd);
   EXPECT_LT(err, bd);
+}
+
+// ---- the engine on CUDA ----
+
+int32_t argmax(const float* row, int64_t V) { return int32_t(std::max_element(row, row + V) - row); }
+
+TEST(CudaVisionEngine, ImageRequestMatchesHandDrivenForward) {
+  DS_REQUIRE_GPU();
+  auto& f = fixture("tiny-moe/int4");
+  model::Model& m = *f.m;
+  const int32_t pad = int32_t(m.config().image_token_id);
+  auto pv = fixture_pixels();
+  auto mm = std::make_shared<runtime::MultiModalInput>();
+  const auto prompt = vision::expand_image_placeholders(
+      collapse_pads(f.golden["image"]["input_ids"].get<std::vector<int32_t>>(), pad), pad, {pv.grid}, 2);
+  const auto mp = vision::mrope_positions(prompt, pad, {pv.grid}, 2);
+  mm->pixel_values = pv.data;
+  mm->grids = {{pv.grid.t, pv.grid.h, pv.grid.w}};
+  for (size_t i = 0; i < prompt.size(); ++i)
+    if (prompt[i] == pad) mm->rows.push_back(int32_t(i));
+  mm->positions = mp.pos;
+  mm->rope_delta = mp.rope_delta;
+  constexpr int kTokens = 6;
+  const int64_t P = int64_t(prompt.size()), V = m.config().text.vocab_size;
+  // Hand-driven: the whole prompt in one forward, then one token at a time (eager).
+  std::vector<int32_t> reference;
+  {
+    runtime::CacheManager cm(m, (P + kTokens) / 16 + 2, 16, 1);
+    runtime::SeqCache seq;
+    cm.start(seq);
+    ASSERT_TRUE(cm.reserve(seq, P + kTokens));
+    BatchMeta b = runtime::make_batch({{&seq, prompt}});
+    b.positions = mm->positions;
+    b.embed_rows = mm->rows;
+    b.embed_src = m.encode_images(mm->pixel_values, mm->grids);
+    auto l = f.be->to_host_f32(m.forward(b, cm.caches(), {int32_t(P - 1)}));
+    seq.len = P;
+    reference.push_back(argmax(l.data(), V));
+    while (int(reference.size()) < kTokens) {
+      BatchMeta d = runtime::make_batch({{&seq, {reference.back()}}});
+      for (int r = 0; r < 3; ++r) d.positions[size_t(r)] = int32_t(seq.len + mm->rope_delta);
+      auto ld = f.be->to_host_f32(m.forward(d, cm.caches(), {0}));
+      seq.len += 1;
+      reference.push_back(argmax(ld.data(), V));
+    }
+  }
+  auto ref = f.tensors->f32("int4.fp32.image.logits");
+  std::printf("  hand-driven cuda first token %d, fp32 reference argmax %d\n", reference[0],
+              argmax(ref.data() + (P - 1) * V, V));
+  auto config = [] {
+    runtime::EngineConfig c;
+    c.max_num_seqs = 8;
+    c.max_num_batched_tokens = 2048;
+    c.max_model_len = 512;
+    c.block_size = 16;
+    c.eos_token_ids = {1984, 1986};
+    return c;
+  };
+  auto image_req = [&](uint64_t id) {
+    auto r = std::make_shared<runtime::Request>();
+    r->id = id;
+    r->prompt = prompt;
+    r->mm = mm;
+    r->max_tokens = kTokens;
+    r->ignore_eos = true;
+    r->sampling.temperature = 0.f;
+    return r;
+  };
+  auto collect = [](runtime::Request& r, runtime::FinishReason* fin, std::string* err) {
+    std::vector<int32_t> toks;
+    while (auto d = r.out->pop(std::chrono::milliseconds(0))) {
+      toks.insert(toks.end(), d->tokens.begin(), d->tokens.end());
+      *fin = d->finish;
+      if (!d->error.empty()) *err = d->error;
+    }
+    return toks;
+  };
+  {
+    runtime::Engine e(m, config());
+    auto r = image_req(1);
+    e.submit(r);
+    while (e.step()) {
+    }
+    runtime::FinishReason fin = runtime::FinishReason::None;
+    std::string err;
+    EXPECT_EQ(collect(*r, &fin, &err), reference) << err;
+    EXPECT_EQ(fin, runtime::FinishReason::Length) << err;
+  }
+  {
+    runtime::EngineConfig c = config();
+    c.max_num_batched_tokens = 16;  // the 77-token image run spans six chunks
+    runtime::Engine e(m, c);
+    auto r = image_req(2);
+    auto t = std::make_shared<runtime::Request>();
+    t->id = 3;
+    t->prompt = f.golden["text"]["int4"][0]["prompt"].get<std::vector<int32_t>>();
+    t->max_tokens = 8;
+    t->ignore_eos = true;
+    t->sampling.temperature = 0.f;
+    e.submit(r);
+    e.submit(t);
+    while (e.step()) {
+    }
+    runtime::FinishReason fin = runtime::FinishReason::None, tfin = runtime::FinishReason::None;
+    std::string err, terr;
+    auto toks = collect(*r, &fin, &err);
+    auto ttoks = collect(*t, &tfin, &terr);
+    EXPECT_EQ(fin, runtime::FinishReason::Length) << err;
+    EXPECT_EQ(toks.size(), size_t(kTokens));
+    EXPECT_EQ(tfin, runtime::FinishReason::Length) << terr;
+    int same = 0;
+    for (size_t i = 0; i < std::min(toks.size(), reference.size()) && toks[i] == reference[i]; ++i) ++same;
+    std::printf("  chunked prefill (16-token chunks) beside a text request: %d/%d leading tokens as hand-driven\n",
+                same, kTokens);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, CudaVisionGolden,

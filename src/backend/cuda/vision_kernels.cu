@@ -141,65 +141,100 @@ __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// 16 bytes global → shared without a register round trip; src_bytes 0 writes zeros (rows past the segment, padding).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+  const unsigned sa = unsigned(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+// Four 8×8 bf16 matrices from shared memory, transposed: lane l gives the row address of matrix l / 8, row l % 8.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const __nv_bfloat16* p) {
+  const unsigned a = unsigned(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
 // One block of 4 warps per (query tile of 64 rows, head); warp w owns query rows 16w..16w+15 of the tile. Keys and
-// values of the tile's segment stream through shared memory 64 rows at a time: K row-major [key][DP + 8], V
-// transposed [dim][64 + 8] (the +8 halves keep the fragment loads free of bank conflicts). The head dim is padded
-// with zeros to DP (a multiple of 16) for the q·k products; S = QKᵀ stays in registers and becomes the A operand of
-// P·V directly (the C layout of two n8 tiles is the A layout of one k16 step). P is rounded to bf16 for that
-// product; the row sums l are taken from the fp32 probabilities.
+// values of the tile's segment stream through shared memory 64 rows at a time, double-buffered with cp.async (the
+// next tile loads while this one computes), both row-major [key][DP + 8] (the +8 halves make every 16-byte row
+// address land in a different bank group: conflict-free fragment loads). The head dim is zero-padded to DP (a
+// multiple of 16) for the q·k products; S = QKᵀ stays in registers and becomes the A operand of P·V directly (the
+// C layout of two n8 tiles is the A layout of one k16 step); V's B fragments come from ldmatrix.trans. P is
+// rounded to bf16 for that product; the row sums l are taken from the fp32 probabilities.
 constexpr int kVisKeys = 64;
+template <int DP>
+constexpr int vis_attn_smem() {
+  return 2 * 2 * kVisKeys * (DP + 8) * 2;  // 2 stages × (K, V) × 64 rows × (DP + 8) bf16
+}
 template <int DP>
 __global__ void __launch_bounds__(128) k_vis_attention(const __nv_bfloat16* qkv, int64_t Nh, int64_t Dh,
                                                        const int32_t* tiles, float scale_log2, __nv_bfloat16* o) {
-  constexpr int BQ = kVisAttnRows, BK = kVisKeys, LD = DP + 8, LDV = BK + 8, CH = DP / 8;
-  static_assert(DP % 16 == 0 && DP <= 128, "padded head dim");
-  __shared__ __align__(16) __nv_bfloat16 sK[(BQ > BK ? BQ : BK) * LD];  // Q's tile first, then each K tile
-  __shared__ __align__(16) __nv_bfloat16 sVt[DP * LDV];
+  constexpr int BQ = kVisAttnRows, BK = kVisKeys, LD = DP + 8, CH = DP / 8, STAGE = BK * LD;
+  static_assert(DP % 16 == 0 && DP <= 128 && BQ == BK, "padded head dim; Q's tile uses a K stage");
+  extern __shared__ __align__(16) unsigned char vis_smem[];
+  __nv_bfloat16* sK = reinterpret_cast<__nv_bfloat16*>(vis_smem);  // [2][BK][LD]
+  __nv_bfloat16* sV = sK + 2 * STAGE;                               // [2][BK][LD]
   const int64_t tile = blockIdx.x, h = blockIdx.y;
   const int s0 = tiles[3 * tile], s1 = tiles[3 * tile + 1], q0 = tiles[3 * tile + 2];
   const int64_t row = 3 * Nh * Dh;
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, t = lane & 3;
   const int dch = int(Dh / 8);  // 16-byte chunks of a real head row (Dh % 8 == 0)
 
-  // Q tile → shared → A fragments in registers (rows past the segment are zeros and never stored).
-  for (int i = tid; i < BQ * CH; i += blockDim.x) {
-    const int r = i / CH, c = i % CH;
-    uint4 v = make_uint4(0u, 0u, 0u, 0u);
-    if (q0 + r < s1 && c < dch) v = *reinterpret_cast<const uint4*>(qkv + int64_t(q0 + r) * row + h * Dh + c * 8);
-    *reinterpret_cast<uint4*>(&sK[r * LD + c * 8]) = v;
-  }
+  // Rows [r0, r0 + 64) of part `part` (0 q, 1 k, 2 v) → dst [64][LD], zeros past the segment and in the padding.
+  auto load = [&](__nv_bfloat16* dst, int r0, int part) {
+    for (int i = tid; i < BK * CH; i += blockDim.x) {
+      const int r = i / CH, c = i % CH;
+      const bool ok = r0 + r < s1 && c < dch;
+      const __nv_bfloat16* src = ok ? qkv + int64_t(r0 + r) * row + part * Nh * Dh + h * Dh + c * 8 : qkv;
+      cp_async16(dst + r * LD + c * 8, src, ok ? 16 : 0);
+    }
+  };
+
+  // Q tile → stage 1 of K → A fragments in registers (rows past the segment are zeros and never stored).
+  load(sK + STAGE, q0, 0);
+  cp_async_commit();
+  load(sK, s0, 1);  // the first K/V tile, in flight while Q's fragments are read
+  load(sV, s0, 2);
+  cp_async_commit();
+  cp_async_wait<1>();
   __syncthreads();
   uint32_t qf[DP / 16][4];
   const int qr = w * 16;
+  {
+    const __nv_bfloat16* sQ = sK + STAGE;
 #pragma unroll
-  for (int kk = 0; kk < DP / 16; ++kk) {
-    qf[kk][0] = ld32(&sK[(qr + g) * LD + kk * 16 + 2 * t]);
-    qf[kk][1] = ld32(&sK[(qr + g + 8) * LD + kk * 16 + 2 * t]);
-    qf[kk][2] = ld32(&sK[(qr + g) * LD + kk * 16 + 2 * t + 8]);
-    qf[kk][3] = ld32(&sK[(qr + g + 8) * LD + kk * 16 + 2 * t + 8]);
+    for (int kk = 0; kk < DP / 16; ++kk) {
+      qf[kk][0] = ld32(&sQ[(qr + g) * LD + kk * 16 + 2 * t]);
+      qf[kk][1] = ld32(&sQ[(qr + g + 8) * LD + kk * 16 + 2 * t]);
+      qf[kk][2] = ld32(&sQ[(qr + g) * LD + kk * 16 + 2 * t + 8]);
+      qf[kk][3] = ld32(&sQ[(qr + g + 8) * LD + kk * 16 + 2 * t + 8]);
+    }
   }
+  __syncthreads();  // stage 1 is free for the second K/V tile
 
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // rows g and g + 8 of the warp (log2 domain)
   float acc[DP / 8][4];
 #pragma unroll
   for (int dt = 0; dt < DP / 8; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
 
-  for (int kb = s0; kb < s1; kb += BK) {  // block-uniform trip count
-    __syncthreads();                       // every warp is done with the previous tile (and with Q's)
-    for (int i = tid; i < BK * CH; i += blockDim.x) {
-      const int r = i / CH, c = i % CH;
-      uint4 kv = make_uint4(0u, 0u, 0u, 0u), vv = kv;  // zeros past the segment: P = 0 there, and 0 · V must be 0
-      if (kb + r < s1 && c < dch) {
-        const __nv_bfloat16* src = qkv + int64_t(kb + r) * row + h * Dh + c * 8;
-        kv = *reinterpret_cast<const uint4*>(src + Nh * Dh);
-        vv = *reinterpret_cast<const uint4*>(src + 2 * Nh * Dh);
-      }
-      *reinterpret_cast<uint4*>(&sK[r * LD + c * 8]) = kv;
-      const __nv_bfloat16* ve = reinterpret_cast<const __nv_bfloat16*>(&vv);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) sVt[(c * 8 + e) * LDV + r] = ve[e];
+  int stage = 0;
+  for (int kb = s0; kb < s1; kb += BK, stage ^= 1) {  // block-uniform trip count
+    if (kb + BK < s1) {  // prefetch the next tile into the other stage (free since the end of the last iteration)
+      load(sK + (stage ^ 1) * STAGE, kb + BK, 1);
+      load(sV + (stage ^ 1) * STAGE, kb + BK, 2);
+      cp_async_commit();
+      cp_async_wait<1>();  // this tile's group is complete; the next one may still be in flight
+    } else {
+      cp_async_wait<0>();
     }
     __syncthreads();
+    const __nv_bfloat16* K = sK + stage * STAGE;
+    const __nv_bfloat16* V = sV + stage * STAGE;
 
     float s[BK / 8][4];
 #pragma unroll
@@ -207,8 +242,8 @@ __global__ void __launch_bounds__(128) k_vis_attention(const __nv_bfloat16* qkv,
       s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < DP / 16; ++kk)
-        mma16816(s[nt], qf[kk], ld32(&sK[(nt * 8 + g) * LD + kk * 16 + 2 * t]),
-                 ld32(&sK[(nt * 8 + g) * LD + kk * 16 + 2 * t + 8]));
+        mma16816(s[nt], qf[kk], ld32(&K[(nt * 8 + g) * LD + kk * 16 + 2 * t]),
+                 ld32(&K[(nt * 8 + g) * LD + kk * 16 + 2 * t + 8]));
     }
     float mx0 = m0, mx1 = m1;
 #pragma unroll
@@ -247,6 +282,9 @@ __global__ void __launch_bounds__(128) k_vis_attention(const __nv_bfloat16* qkv,
       acc[dt][2] *= c1;
       acc[dt][3] *= c1;
     }
+    // ldmatrix.x4.trans row addresses: matrix j = lane / 8 covers keys ks·16 + 8·(j & 1) + (lane % 8) and dims
+    // (dt + j / 2)·8..+7, so r[0], r[1] are dt's B fragment (keys 2t.., 2t+8..) and r[2], r[3] are dt + 1's.
+    const int mrow = 8 * ((lane >> 3) & 1) + (lane & 7), mcol = 8 * (lane >> 4);
 #pragma unroll
     for (int ks = 0; ks < BK / 16; ++ks) {
       uint32_t a[4];
@@ -255,10 +293,14 @@ __global__ void __launch_bounds__(128) k_vis_attention(const __nv_bfloat16* qkv,
       a[2] = pack_bf16(s[2 * ks + 1][0], s[2 * ks + 1][1]);
       a[3] = pack_bf16(s[2 * ks + 1][2], s[2 * ks + 1][3]);
 #pragma unroll
-      for (int dt = 0; dt < DP / 8; ++dt)
-        mma16816(acc[dt], a, ld32(&sVt[(dt * 8 + g) * LDV + ks * 16 + 2 * t]),
-                 ld32(&sVt[(dt * 8 + g) * LDV + ks * 16 + 2 * t + 8]));
+      for (int dt = 0; dt < DP / 8; dt += 2) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, &V[(ks * 16 + mrow) * LD + dt * 8 + mcol]);
+        mma16816(acc[dt], a, b[0], b[1]);
+        mma16816(acc[dt + 1], a, b[2], b[3]);
+      }
     }
+    __syncthreads();  // every warp is done with this stage before the next iteration's prefetch overwrites it
   }
   l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
   l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
@@ -341,9 +383,11 @@ void vis_attention(const void* qkv, int64_t Nh, int64_t Dh, const int32_t* tiles
   auto* q = static_cast<const __nv_bfloat16*>(qkv);
   auto* out = static_cast<__nv_bfloat16*>(o);
   switch ((Dh + 15) / 16 * 16) {
-#define DS_VIS_ATTN(DP) \
-  case DP:              \
-    k_vis_attention<DP><<<grid, 128, 0, s>>>(q, Nh, Dh, tiles, scale_log2, out); \
+#define DS_VIS_ATTN(DP)                                                                                 \
+  case DP:                                                                                              \
+    VCK(cudaFuncSetAttribute(k_vis_attention<DP>, cudaFuncAttributeMaxDynamicSharedMemorySize,          \
+                             vis_attn_smem<DP>()));                                                     \
+    k_vis_attention<DP><<<grid, 128, vis_attn_smem<DP>(), s>>>(q, Nh, Dh, tiles, scale_log2, out);      \
     break;
     DS_VIS_ATTN(16)
     DS_VIS_ATTN(32)

@@ -2,7 +2,7 @@
 """Server end-to-end smoke test for machines without Node.js (the GPU host): standard library only.
 Starts `deltaserve serve` with the given backend, then checks: /health, /v1/models, greedy completions equal
 for concurrent streaming and solo runs (batching invariance), SSE framing and usage, a chat with a named tool
-call, malformed input, metrics back to zero, graceful SIGTERM (exit 0).
+call, an image request, malformed input, metrics back to zero, graceful SIGTERM (exit 0).
 
   tools/e2e_smoke.py BINARY MODEL_DIR [--backend cuda]
 """
@@ -75,6 +75,23 @@ st, body = post("/v1/chat/completions", {"messages": [{"role": "user", "content"
                                           "max_tokens": 16})
 calls = json.loads(body)["choices"][0]["message"].get("tool_calls") or []
 check(st == 200 and calls and calls[0]["function"]["name"] == "get_weather", "named tool call")
+# An image (data: URL of the fixtures' picture): served on every backend, the same greedy output twice.
+png = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data", "tiny-moe", "image.png")
+if os.path.exists(png):
+    import base64
+    url = "data:image/png;base64," + base64.b64encode(open(png, "rb").read()).decode()
+    def image_chat():
+        return post("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]}],
+            "max_tokens": 8, "temperature": 0, "ignore_eos": True})
+    st1, b1 = image_chat()
+    st2, b2 = image_chat()
+    ok = st1 == 200 and st2 == 200
+    if ok:
+        j1, j2 = json.loads(b1), json.loads(b2)
+        ok = (j1["usage"]["prompt_tokens"] > 77 and j1["usage"]["completion_tokens"] == 8 and
+              j1["choices"][0]["message"]["content"] == j2["choices"][0]["message"]["content"])
+    check(ok, "image request (200, 77 image tokens in the prompt, same output twice)" + ("" if ok else f": {st1} {b1[:300]}"))
 st, body = post("/v1/chat/completions", b'{"messages": [')
 check(st == 400 and "not valid JSON" in json.loads(body)["error"]["message"], "malformed JSON is a 400")
 st, body = post("/v1/completions", {"prompt": [1, 2], "max_tokens": 5000})

@@ -6,6 +6,8 @@
 #   (d) test_cuda_graph   recorded decode steps vs eager, bit for bit
 #   (e) test_cuda_engine  the engine's greedy output with CUDA-graph decode steps vs all-eager; device vs host sampling
 #   (f) test_cuda_sampling  sample_rows on the GPU vs the CPU specification over shapes and parameters
+#   (g) test_cuda_vision  vision-tower ops vs the CPU, a random real-shaped tower, the fixtures' image features and
+#                         logits, an image request through the engine; memcheck on its op tests
 # Usage: tools/gpu_test.sh [BIN_DIR]
 #   BIN_DIR holds prebuilt test_cuda_ops / test_cuda_golden (/ test_cuda_graph / test_cuda_engine) (e.g. built on a dev machine and carried);
 #   without it the script configures and builds build-gpu/ here (needs the project's build dependencies).
@@ -17,7 +19,7 @@ mkdir -p "$LOG"
 BIN=${1:-}
 if [ -z "$BIN" ]; then
   cmake -S "$ROOT" -B "$ROOT/build-gpu" -G Ninja -DCMAKE_CUDA_ARCHITECTURES=90 >"$LOG/build.log" 2>&1 &&
-    cmake --build "$ROOT/build-gpu" --target test_cuda_ops test_cuda_golden test_cuda_graph test_cuda_engine test_cuda_sampling >>"$LOG/build.log" 2>&1 ||
+    cmake --build "$ROOT/build-gpu" --target test_cuda_ops test_cuda_golden test_cuda_graph test_cuda_engine test_cuda_sampling test_cuda_vision >>"$LOG/build.log" 2>&1 ||
     { tail -40 "$LOG/build.log"; echo "BUILD FAILED"; exit 1; }
   BIN=$ROOT/build-gpu
 fi
@@ -39,6 +41,11 @@ step memcheck env DS_GOLDEN_PROMPTS=1 compute-sanitizer --tool memcheck --error-
 [ -x "$BIN/test_cuda_graph" ] && step graph "$BIN/test_cuda_graph"
 [ -x "$BIN/test_cuda_engine" ] && step engine "$BIN/test_cuda_engine"
 [ -x "$BIN/test_cuda_sampling" ] && step sampling "$BIN/test_cuda_sampling"
+if [ -x "$BIN/test_cuda_vision" ]; then
+  step vision "$BIN/test_cuda_vision"
+  step vmemcheck compute-sanitizer --tool memcheck --error-exitcode 99 "$BIN/test_cuda_vision" \
+    --gtest_filter='CudaVision.Attention:CudaVision.Rope2d:CudaVision.LayerNorm:*Golden*tiny_moe_int4*'
+fi
 if [ "${DS_BENCH:-0}" = 1 ] && [ -x "$BIN/bench_decode" ]; then
   step bench1 "$BIN/bench_decode" 1 1024 20
   step bench8 "$BIN/bench_decode" 8 1024 20
@@ -47,10 +54,11 @@ echo "==== op errors (CUDA vs CPU, rel L2) ===="
 grep -h 'rel L2' "$LOG/ops.log"
 echo "==== golden ===="
 grep -hE 'ratio|batched' "$LOG/golden.log"
+[ -f "$LOG/vision.log" ] && { echo "==== vision ===="; grep -hE 'rel L2|tokens' "$LOG/vision.log"; }
 echo "==== bench ===="
 cat "$LOG"/bench*.log 2>/dev/null
 echo "==== failures ===="
-grep -hE 'Failure|FAILED' "$LOG/ops.log" "$LOG/golden.log" "$LOG"/graph.log "$LOG"/engine.log "$LOG"/sampling.log 2>/dev/null | head -30
-grep -hE 'ERROR SUMMARY|========= ' "$LOG/memcheck.log" | head -20
+grep -hE 'Failure|FAILED' "$LOG/ops.log" "$LOG/golden.log" "$LOG"/graph.log "$LOG"/engine.log "$LOG"/sampling.log "$LOG"/vision.log 2>/dev/null | head -30
+grep -hE 'ERROR SUMMARY|========= ' "$LOG/memcheck.log" "$LOG"/vmemcheck.log 2>/dev/null | head -20
 echo "==== summary ===="
 printf '%s\n' "${summary[@]}"

@@ -430,6 +430,84 @@ void bench_speculative(model::Model& m, const SpecBench& o, std::mt19937& rng) {
   std::printf("\n");
 }
 
+// --vision WxH,..: the vision tower alone (Model::load_random_vision: random BF16 weights of cfg.vision's shapes),
+// one image per call, from fp32 pixels in host memory to the features on the device. Sides are rounded to
+// multiples of patch × merge (32), as the processor's resize does. FLOPs: 2 per weight per patch (patch
+// embedding, blocks) or per merge unit (merger), plus the attention's QKᵀ and PV (4·P²·D per block).
+std::vector<std::pair<int64_t, int64_t>> vision_sizes(const std::string& list) {
+  std::vector<std::pair<int64_t, int64_t>> v;
+  std::stringstream ss(list);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    if (item.empty()) continue;
+    const auto x = item.find_first_of("xX");
+    long long w = 0, h = 0;
+    char* e1 = nullptr;
+    char* e2 = nullptr;
+    if (x != std::string::npos) {
+      const std::string ws = item.substr(0, x), hs = item.substr(x + 1);
+      w = std::strtoll(ws.c_str(), &e1, 10);
+      h = std::strtoll(hs.c_str(), &e2, 10);
+      if (ws.empty() || hs.empty() || *e1 || *e2) w = h = 0;
+    }
+    if (w <= 0 || h <= 0 || w > 16384 || h > 16384)
+      fail("--vision: expected image sizes WIDTHxHEIGHT (1..16384), comma-separated, got '", item, "'");
+    v.push_back({w, h});
+  }
+  if (v.empty()) fail("--vision: expected at least one WIDTHxHEIGHT");
+  return v;
+}
+
+void bench_vision(const io::ModelConfig& cfg, Backend& be, const std::vector<std::pair<int64_t, int64_t>>& sizes,
+                  int steps, uint64_t seed, double mm_rate) {
+  const auto& vc = cfg.vision;
+  if (!vc.present) fail("--vision: the config has no vision_config");
+  auto t0 = Clock::now();
+  auto m = model::Model::load_random_vision(cfg, be, seed);
+  be.synchronize();
+  const double load_s = secs_since(t0);
+  const double D = double(vc.hidden_size), I = double(vc.intermediate_size), O = double(vc.out_hidden_size);
+  const int64_t ps = vc.patch_size, mg = vc.spatial_merge_size, M2 = mg * mg;
+  const int64_t K = vc.in_channels * vc.temporal_patch_size * ps * ps;
+  std::printf("## Vision tower (random BF16 weights, built in %.1f s: depth %lld, hidden %lld, %lld heads of %lld, "
+              "MLP %lld, patch %lld, merge %lld; one image per call, median of %d)\n\n",
+              load_s, (long long)vc.depth, (long long)vc.hidden_size, (long long)vc.num_heads,
+              (long long)(vc.hidden_size / vc.num_heads), (long long)vc.intermediate_size, (long long)ps, (long long)mg,
+              steps);
+  std::printf("| image | patch grid | patches | LLM tokens | ms/image | TFLOP/s | of matmul peak |\n"
+              "|---|---|---|---|---|---|---|\n");
+  std::mt19937 rng(uint32_t(seed + 29));
+  for (auto [W, H] : sizes) {
+    const int64_t f = ps * mg;
+    const int64_t gh = std::max<int64_t>(1, (H + f / 2) / f) * mg, gw = std::max<int64_t>(1, (W + f / 2) / f) * mg;
+    const int64_t P = gh * gw, U = P / M2;
+    std::vector<float> px(size_t(P * K));
+    std::uniform_real_distribution<float> u(-1.f, 1.f);
+    for (auto& x : px) x = u(rng);
+    auto run = [&] {
+      Tensor feats = m->encode_images(px, {{1, gh, gw}});
+      be.synchronize();
+    };
+    run();  // warm-up (cuBLAS heuristics, allocator)
+    std::vector<double> ts;
+    for (int i = 0; i < steps; ++i) {
+      auto t1 = Clock::now();
+      run();
+      ts.push_back(secs_since(t1) * 1e3);
+    }
+    std::sort(ts.begin(), ts.end());
+    const double med = ts[ts.size() / 2], p = double(P);
+    const double flops = 2 * p * double(K) * D +
+                         double(vc.depth) * (2 * p * (3 * D * D + D * D + 2 * D * I) + 4 * p * p * D) +
+                         2 * double(U) * (double(M2) * D * double(M2) * D + double(M2) * D * O);
+    std::printf("| %lldx%lld | %lldx%lld | %lld | %lld | %.2f | %.3g | %.2g%% |\n", (long long)W, (long long)H,
+                (long long)gw, (long long)gh, (long long)P, (long long)U, med, flops / (med / 1e3) / 1e12,
+                100.0 * flops / (med / 1e3) / mm_rate);
+    std::fflush(stdout);
+  }
+  std::printf("\n");
+}
+
 }  // namespace
 
 int cmd_bench(int argc, char** argv) {
@@ -442,9 +520,14 @@ int cmd_bench(int argc, char** argv) {
   // --speculative K1,K2,..: the engine-path speculative table (oracle p from --oracle-p, optionally a reduced draft
   // head of --draft-vocab N lowest ids or --draft-vocab-file); the decode/prefill tables then run only if asked for.
   const bool spec = a.has("speculative");
-  const auto batches = int_list(a, "batch", spec ? "" : "1,8,32,64,128");
-  const auto contexts = int_list(a, "context", spec ? "" : "1024,8192");
-  const auto prefills = int_list(a, "prefill", spec ? "" : "1024,4096,16384,32768");
+  // --vision WxH,..: the vision-tower table (bench_vision); like --speculative, the text tables then run only if
+  // asked for, and without them no text weights are built.
+  const bool vis = a.has("vision");
+  const auto vsizes = vis ? vision_sizes(a.get("vision")) : std::vector<std::pair<int64_t, int64_t>>{};
+  const bool text_default = !spec && !vis;
+  const auto batches = int_list(a, "batch", text_default ? "1,8,32,64,128" : "");
+  const auto contexts = int_list(a, "context", text_default ? "1024,8192" : "");
+  const auto prefills = int_list(a, "prefill", text_default ? "1024,4096,16384,32768" : "");
   SpecBench sb;
   if (spec) {
     sb.Ks = int_list(a, "speculative", "1,2,3,4");
@@ -573,6 +656,15 @@ int cmd_bench(int argc, char** argv) {
     }
     std::sort(ts.begin(), ts.end());
     mm_rate = 2.0 * double(M) * M * M / ts[0];
+  }
+
+  if (vis && !spec && (batches.empty() || contexts.empty()) && prefills.empty()) {  // the tower only
+    std::printf("# deltaserve bench: %s, vision tower, backend %s (%s)\n\n", cfg_path.c_str(), backend_name.c_str(),
+                device.c_str());
+    std::printf("Device ceilings (measured): copy %.0f GB/s (read + write), bf16 matmul %.1f TFLOP/s.\n\n",
+                copy_bw / 1e9, mm_rate / 1e12);
+    bench_vision(cfg, *be_owned, vsizes, steps, seed, mm_rate);
+    return 0;
   }
 
   // ---- weights ----
@@ -816,6 +908,7 @@ int cmd_bench(int argc, char** argv) {
   }
 
   if (spec) bench_speculative(*m, sb, rng);
+  if (vis) bench_vision(cfg, *be_owned, vsizes, steps, seed, mm_rate);
   return 0;
 }
 

@@ -130,6 +130,43 @@ std::vector<TensorSpec> checkpoint_schema(const ModelConfig& cfg, bool int4) {
   return b.out;
 }
 
+std::vector<TensorSpec> vision_schema(const ModelConfig& cfg) {
+  const auto& vc = cfg.vision;
+  std::vector<TensorSpec> out;
+  if (!vc.present) return out;
+  using R = TensorSpec::Role;
+  const int64_t D = vc.hidden_size, I = vc.intermediate_size, m2 = vc.spatial_merge_size * vc.spatial_merge_size;
+  const std::string p = "model.visual.";
+  auto add = [&](const std::string& name, std::vector<int64_t> shape, R role) {
+    out.push_back({name, DType::BF16, std::move(shape), role});
+  };
+  // LayerNorm weights around 1 (NormPlain), biases and the position table small (Embed), linears uniform 1/K.
+  auto lin = [&](const std::string& m, int64_t N, int64_t K) {
+    add(m + ".weight", {N, K}, R::Weight);
+    add(m + ".bias", {N}, R::Embed);
+  };
+  add(p + "patch_embed.proj.weight", {D, vc.in_channels, vc.temporal_patch_size, vc.patch_size, vc.patch_size},
+      R::Weight);
+  add(p + "patch_embed.proj.bias", {D}, R::Embed);
+  add(p + "pos_embed.weight", {vc.num_position_embeddings, D}, R::Embed);
+  for (int64_t i = 0; i < vc.depth; ++i) {
+    const std::string b = p + "blocks." + std::to_string(i) + ".";
+    for (const char* n : {"norm1", "norm2"}) {
+      add(b + n + ".weight", {D}, R::NormPlain);
+      add(b + n + ".bias", {D}, R::Embed);
+    }
+    lin(b + "attn.qkv", 3 * D, D);
+    lin(b + "attn.proj", D, D);
+    lin(b + "mlp.linear_fc1", I, D);
+    lin(b + "mlp.linear_fc2", D, I);
+  }
+  add(p + "merger.norm.weight", {D}, R::NormPlain);
+  add(p + "merger.norm.bias", {D}, R::Embed);
+  lin(p + "merger.linear_fc1", m2 * D, m2 * D);
+  lin(p + "merger.linear_fc2", vc.out_hidden_size, m2 * D);
+  return out;
+}
+
 std::string seed_quantization_config_json(const ModelConfig& cfg) {
   nlohmann::ordered_json q = {{"autoround_version", "0.12.2"}, {"bits", 4}, {"data_type", "int"}, {"group_size", 128},
                               {"sym", true}, {"act_bits", 16}, {"packing_format", "auto_round:auto_gptq"},

@@ -26,6 +26,10 @@ struct TensorSpec {
 // in_proj_qkv, in_proj_z, out_proj; the rest BF16).
 std::vector<TensorSpec> checkpoint_schema(const ModelConfig& cfg, bool int4);
 
+// The vision tower's tensors (model.visual.*, all BF16 as in the seed checkpoint) of cfg.vision: random towers for
+// the vision benchmark (Model::load_random_vision). Empty when the config has no vision_config.
+std::vector<TensorSpec> vision_schema(const ModelConfig& cfg);
+
 // The quantization_config the seed checkpoint carries for this layout (auto-round, extra_config overrides).
 std::string seed_quantization_config_json(const ModelConfig& cfg);
 

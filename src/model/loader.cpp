@@ -384,14 +384,23 @@ std::unique_ptr<Model> Model::load_random(const io::ModelConfig& cfg_in, Backend
   return load_index(cfg, *idx, be, nullptr, opts);
 }
 
+std::unique_ptr<Model> Model::load_random_vision(const io::ModelConfig& cfg, Backend& be, uint64_t seed) {
+  if (!cfg.vision.present) fail("load_random_vision: the config has no vision_config");
+  auto idx = io::TensorIndex::synthetic(io::vision_schema(cfg), seed);
+  LoadOptions o;
+  o.text = false;
+  o.mtp = false;
+  return load_index(cfg, *idx, be, nullptr, o);
+}
+
 std::unique_ptr<Model> Model::load_index(io::ModelConfig cfg, io::TensorIndex& idx, Backend& be, LoadReport* report,
                                          LoadOptions opts) {
   std::unique_ptr<Model> m(new Model(cfg, be));
   LoadReport local;
   LoadReport& rep = report ? *report : local;
   Loader loader(m->cfg_, idx, be, rep);
-  loader.load(m->w_);
-  if (opts.mtp && m->cfg_.text.mtp_num_hidden_layers > 0 && idx.has("mtp.fc.weight")) {
+  if (opts.text) loader.load(m->w_);
+  if (opts.text && opts.mtp && m->cfg_.text.mtp_num_hidden_layers > 0 && idx.has("mtp.fc.weight")) {
     loader.load_mtp(m->w_.mtp);
     if (!opts.draft_vocab.empty()) loader.load_draft_head(m->w_.mtp, opts.draft_vocab);
   } else if (!opts.draft_vocab.empty()) {

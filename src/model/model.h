@@ -110,6 +110,7 @@ struct ModelCaches {
 struct LoadOptions {
   bool mtp = true;     // load the MTP head when the checkpoint has one
   bool vision = true;  // load the vision tower when the checkpoint has one (model.visual.*)
+  bool text = true;    // load the language model (false: a tower-only model, for the vision benchmark)
   // Token ids of a reduced-vocabulary MTP draft head (speculative decoding, docs/engine.md), built from those
   // rows of lm_head (dense lm_head only) next to the full one. Empty: none. Ids must be distinct, in [0, V).
   std::vector<int32_t> draft_vocab;
@@ -134,6 +135,8 @@ class Model {
   // tensor at a time and laid out on `be` as a checkpoint would be.
   static std::unique_ptr<Model> load_random(const io::ModelConfig& cfg, Backend& be, uint64_t seed, bool int4 = true,
                                             LoadOptions opts = {});
+  // A vision tower alone with random weights of cfg.vision's shapes (io::vision_schema): encode_images only.
+  static std::unique_ptr<Model> load_random_vision(const io::ModelConfig& cfg, Backend& be, uint64_t seed);
   bool has_mtp() const { return w_.mtp.present; }
   bool has_vision() const { return w_.vision.present; }
   // Token ids of the reduced MTP draft head's logit columns (empty: none loaded).

@@ -79,7 +79,8 @@ Tensor Model::encode_images(const std::vector<float>& pixel_values, const std::v
   const bool tanh_gelu = vc.hidden_act != "gelu";  // gelu_pytorch_tanh (all Qwen3.5/3.6 checkpoints)
   const PatchLayout L = patch_layout(grids, m, v.pos_side);
 
-  Tensor px = be_.upload_f32(pixel_values, {P, K}, act);
+  // fp32 as given (the patch linear rounds its input to the backend's precision on the device)
+  Tensor px = be_.upload_f32(pixel_values, {P, K}, DType::F32);
   Tensor x = be_.alloc(act, {P, D});  // residual stream
   be_.linear(px, v.patch, x);
   be_.add_bias(x, v.patch_b);

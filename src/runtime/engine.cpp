@@ -324,9 +324,11 @@ void Engine::Impl::run(const Schedule& sc_in) {
   // Decode or verify only (every row a logit row): one recorded step per batch shape.
   // With speculation only where spec_step_graphs asks for it (engine.h: graphed verify/draft differ from eager on
   // CUDA today).
-  const bool graphed = cfg.step_graphs && (!spec || cfg.spec_step_graphs) && std::all_of(sc.seqs.begin(), sc.seqs.end(), [](const ScheduledSeq& x) {
-    return x.samples && x.num_tokens == 1;
-  });
+  // Never a step that places image features (scatter_rows uploads its row list: not recordable).
+  const bool graphed = cfg.step_graphs && (!spec || cfg.spec_step_graphs) && b.embed_rows.empty() &&
+                       std::all_of(sc.seqs.begin(), sc.seqs.end(), [](const ScheduledSeq& x) {
+                         return x.samples && x.num_tokens == 1;
+                       });
   // The state before the verify, for a rollback (recorded per slot pair when the step is).
   for (auto& x : sc.seqs)
     if (x.num_drafts > 0) cm.snapshot(x.seq->cache, graphed);

@@ -361,10 +361,6 @@ class Generation {
     if (!rt.model->has_vision() || rt.image_token < 0 || (video && rt.video_token < 0))
       throw bad_request(std::string("this model has no vision tower, so it cannot take ") + what + "s (found " +
                             std::to_string(n) + " " + what + " part(s)); send text only", "messages");
-    if (st_.cfg.backend != "cpu")
-      throw HttpError(501, std::string(what) + "s are not supported on the '" + st_.cfg.backend +
-                               "' backend yet (the vision tower runs on the CPU backend only); send text only",
-                      "messages", "NotImplementedError");
     if (st_.cfg.num_speculative_tokens > 0)
       throw HttpError(501, std::string(what) + "s are not supported together with speculative decoding "
                       "(--speculative-config) yet", "messages", "NotImplementedError");

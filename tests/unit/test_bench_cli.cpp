@@ -54,6 +54,20 @@ TEST(BenchCli, SpeculativeOracle) {
   EXPECT_NE(r.out.find("best K"), std::string::npos) << r.out;
 }
 
+// --vision alone: the vision-tower table only (no text weights built), on the tiny config's tower.
+TEST(BenchCli, VisionTowerTable) {
+  auto r = run_binary("bench --random-weights --config " + kConfig + " --backend cpu --vision 64x64,100x40 --steps 1");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("## Vision tower"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("| 64x64 | 4x4 | 16 | 4 |"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("| 100x40 | 6x2 | 12 | 3 |"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("## Decode"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("## Prefill"), std::string::npos) << r.out;
+  auto bad = run_binary("bench --random-weights --config " + kConfig + " --backend cpu --vision 64by64");
+  EXPECT_NE(bad.code, 0);
+  EXPECT_NE(bad.out.find("WIDTHxHEIGHT"), std::string::npos) << bad.out;
+}
+
 // The dense 27B config (issue 9) through the same bench, shrunk with --config-override to run on the CPU.
 TEST(BenchCli, Dense27bConfigAtTinyShape) {
   const std::string cfg = std::string(DS_TEST_DATA_DIR) + "/../../bench/configs/qwen3.6-27b.json";

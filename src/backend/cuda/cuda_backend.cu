@@ -18,6 +18,7 @@
 #include "backend/cuda/int4_mma.h"
 #include "backend/cuda/pdl.h"
 #include "backend/cuda/sample.h"
+#include "backend/cuda/vision_kernels.h"
 #include "backend/ops.h"
 
 namespace ds {
@@ -1864,6 +1865,74 @@ class CudaBackend final : public Backend {
     if (R == 0) return;
     k_argmax_rows<<<unsigned(R), 512, 0, stream_>>>(logits.ptr<float>(), N, limit, ids.ptr<int32_t>());
     CKL();
+  }
+
+  // ---- vision tower (vision_kernels.cu) ----
+  void layernorm(const Tensor& x, const Tensor& w, const Tensor& b, float eps, Tensor& y) override {
+    const int64_t D = w.numel(), R = D ? x.numel() / D : 0;
+    DS_CHECK(w.dtype == DType::F32 && b.dtype == DType::F32 && b.numel() == D && R * D == x.numel() &&
+                 y.numel() == x.numel(),
+             "layernorm x ", shape_str(x.shape), " w ", shape_str(w.shape), " b ", shape_str(b.shape));
+    vis_layernorm(x.data, int(x.dtype), w.ptr<float>(), b.ptr<float>(), eps, R, D, y.data, int(y.dtype), stream_);
+  }
+  void add_bias(Tensor& x, const Tensor& bias) override {
+    const int64_t N = bias.numel(), R = N ? x.numel() / N : 0;
+    DS_CHECK(bias.dtype == DType::F32 && R * N == x.numel(), "add_bias x ", shape_str(x.shape), " bias ",
+             shape_str(bias.shape));
+    vis_add_bias(x.data, int(x.dtype), bias.ptr<float>(), R, N, stream_);
+  }
+  void gelu(const Tensor& x, bool tanh_approx, Tensor& y) override {
+    DS_CHECK(x.numel() == y.numel(), "gelu x ", shape_str(x.shape), " y ", shape_str(y.shape));
+    vis_gelu(x.data, int(x.dtype), tanh_approx, x.numel(), y.data, int(y.dtype), stream_);
+  }
+  void embed_bilinear_add(Tensor& x, const Tensor& table, const std::vector<int32_t>& idx,
+                          const std::vector<float>& w) override {
+    const int64_t R = x.dim(0), D = R ? x.numel() / R : 0, V = table.dim(0);
+    DS_CHECK(table.numel() == V * D && idx.size() == w.size() && R > 0 && int64_t(idx.size()) % R == 0,
+             "embed_bilinear_add x ", shape_str(x.shape), " table ", shape_str(table.shape), " idx ", idx.size());
+    for (int32_t id : idx) DS_CHECK(id >= 0 && id < V, "position-embedding index ", id, " outside [0, ", V, ")");
+    const int64_t J = int64_t(idx.size()) / R;
+    Tensor di = upload_bytes(idx.data(), idx.size() * 4, DType::I32, {int64_t(idx.size())});
+    Tensor dw = upload_bytes(w.data(), w.size() * 4, DType::F32, {int64_t(w.size())});
+    vis_embed_bilinear_add(x.data, int(x.dtype), table.data, int(table.dtype), di.ptr<int32_t>(), dw.ptr<float>(), R,
+                           J, D, stream_);
+  }
+  void vision_rope(Tensor& qkv, int64_t Nh, int64_t Dh, const std::vector<int32_t>& pos, double theta) override {
+    const int64_t P = qkv.dim(0), half = Dh / 2, quarter = half / 2;
+    DS_CHECK(qkv.numel() == P * 3 * Nh * Dh && int64_t(pos.size()) == 2 * P && Dh % 4 == 0, "vision_rope qkv ",
+             shape_str(qkv.shape), " Nh ", Nh, " Dh ", Dh, " pos ", pos.size());
+    if (P == 0) return;
+    // The CPU reference's frequencies: theta^(−2j/half) in double, then fp32.
+    std::vector<float> f(size_t(std::max<int64_t>(quarter, 1)), 0.f);
+    for (int64_t j = 0; j < quarter; ++j) f[size_t(j)] = float(1.0 / std::pow(theta, double(2 * j) / double(half)));
+    Tensor df = upload_bytes(f.data(), f.size() * 4, DType::F32, {int64_t(f.size())});
+    Tensor dp = upload_bytes(pos.data(), pos.size() * 4, DType::I32, {int64_t(pos.size())});
+    vis_rope(qkv.data, int(qkv.dtype), P, Nh, Dh, dp.ptr<int32_t>(), df.ptr<float>(), stream_);
+  }
+  void vision_attention(const Tensor& qkv, int64_t Nh, int64_t Dh, const std::vector<int32_t>& cu,
+                        Tensor& o) override {
+    const int64_t P = qkv.dim(0);
+    DS_CHECK(qkv.numel() == P * 3 * Nh * Dh && o.numel() == P * Nh * Dh && cu.size() >= 2 && cu.front() == 0 &&
+                 cu.back() == P,
+             "vision_attention qkv ", shape_str(qkv.shape), " o ", shape_str(o.shape));
+    for (size_t i = 0; i + 1 < cu.size(); ++i) DS_CHECK(cu[i] <= cu[i + 1], "vision_attention: cu_seqlens decrease");
+    DS_CHECK(vis_attention_supported(Dh), "vision_attention: head dim ", Dh,
+             " is not supported on cuda (a multiple of 8, at most 128)");
+    if (P == 0) return;
+    Tensor qb = as_bf16(qkv);
+    DS_CHECK(o.dtype == DType::BF16, "vision_attention: output must be BF16 on cuda, got ", dtype_name(o.dtype));
+    const std::vector<int32_t> tiles = vis_attention_tiles(cu);
+    Tensor dt = upload_bytes(tiles.data(), tiles.size() * 4, DType::I32, {int64_t(tiles.size())});
+    vis_attention(qb.data, Nh, Dh, dt.ptr<int32_t>(), int64_t(tiles.size() / 3), o.data, stream_);
+  }
+  void scatter_rows(Tensor& x, const std::vector<int32_t>& rows, const Tensor& src) override {
+    const int64_t T = x.dim(0), H = T ? x.numel() / T : 0;
+    DS_CHECK(src.numel() == int64_t(rows.size()) * H && src.dtype == x.dtype, "scatter_rows src ",
+             shape_str(src.shape), " for ", rows.size(), " rows of ", H);
+    for (int32_t r : rows) DS_CHECK(r >= 0 && r < T, "scatter_rows row ", r, " outside [0, ", T, ")");
+    if (rows.empty()) return;
+    Tensor dr = upload_bytes(rows.data(), rows.size() * 4, DType::I32, {int64_t(rows.size())});
+    vis_scatter_rows(x.data, src.data, int(x.dtype), dr.ptr<int32_t>(), int64_t(rows.size()), H, stream_);
   }
 
   // ---- step arena and graphs (ops.h) ----

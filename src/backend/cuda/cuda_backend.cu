@@ -229,14 +229,15 @@ __global__ void __launch_bounds__(256) k_add_rmsnorm(void* x, int xdt, const voi
   }
 }
 
-// Small-M bf16 linears (M ≤ kGemvMaxM rows of x; above, cuBLAS is faster: measured at M = 8 on the H200), several
-// weights of one input in one launch: one warp per output row, lanes across K in 16-byte chunks (8 inputs), fp32
-// accumulation, then a shuffle reduction. A row's result
-// does not depend on M (the same lanes sum the same inputs in the same order), so these rows are batch-invariant
-// among themselves. Segment modes: plain y = x·Wᵀ; swiglu (row n computes the gate row n and the up row I + n and
+// Small bf16 linears for steps of up to kGemvMaxT rows (every decode and verify step; prefill chunks above go to
+// cuBLAS), several weights of one input in one launch: one warp per output row and chunk of ≤ 4 rows of x (grid.y),
+// lanes across K in 16-byte chunks (8 inputs), fp32 accumulation, then a shuffle reduction. A row's result does not
+// depend on how many rows the step has (the same lanes sum the same inputs in the same order), so a verify step's
+// rows equal the plain decode step's bit for bit: greedy speculation depends on it (CudaSpec.GreedySpeculation*;
+// with M ≤ 4 here and cuBLAS above, a 5-row verify picked other experts than a 1-row decode). Segment modes: plain y = x·Wᵀ; swiglu (row n computes the gate row n and the up row I + n and
 // writes silu(g)·u, g and u rounded to y's dtype first, as linear + silu_mul would); gated add (y += sigmoid(gate)·
 // s with s rounded to y's dtype, as linear + sigmoid_scale_add would).
-constexpr int kGemvMaxM = 4, kGemvSegs = 4;
+constexpr int kGemvMaxT = 256, kGemvSegs = 4;
 struct GemvSeg {
   const __nv_bfloat16* w = nullptr;
   void* y = nullptr;
@@ -258,14 +259,16 @@ __device__ __forceinline__ void bf16x8(const uint4& u, float* f) {
   }
 }
 template <int MB>  // M bound of this instantiation (M ≤ MB)
-__global__ void __launch_bounds__(256) k_gemv_bf16(const GemvJobs j, const __nv_bfloat16* __restrict__ x, int M,
+__global__ void __launch_bounds__(256) k_gemv_bf16(const GemvJobs j, const __nv_bfloat16* __restrict__ x, int Mall,
                                                    int64_t K) {
-  // x [M, K] staged in shared memory once per block (K·M·2 bytes, dynamic)
+  // Rows [m0, m0 + M) of x (blockIdx.y: chunks of MB rows), staged in shared memory once per block (K·M·2 bytes)
   extern __shared__ uint4 xs[];
-  const int64_t K8 = K / 8;
+  const int64_t K8 = K / 8, m0 = int64_t(blockIdx.y) * MB;
+  const int M = int(Mall - m0 < MB ? Mall - m0 : MB);
   pdl_wait();  // launched with pdl_launch
   pdl_trigger();
-  for (int64_t i = threadIdx.x; i < M * K8; i += blockDim.x) xs[i] = __ldg(reinterpret_cast<const uint4*>(x) + i);
+  for (int64_t i = threadIdx.x; i < M * K8; i += blockDim.x)
+    xs[i] = __ldg(reinterpret_cast<const uint4*>(x) + m0 * K8 + i);
   __syncthreads();
   const int lane = threadIdx.x & 31;
   const int64_t r = int64_t(blockIdx.x) * 8 + (threadIdx.x >> 5);
@@ -322,14 +325,14 @@ __global__ void __launch_bounds__(256) k_gemv_bf16(const GemvJobs j, const __nv_
 #pragma unroll
   for (int m = 0; m < MB; ++m) {
     if (m >= M) break;
-    const int64_t o = m * g.rows + n;
+    const int64_t o = (m0 + m) * g.rows + n;
     if (g.mode == 0) {
       stf(g.y, g.ydt, o, a0[m]);
     } else if (g.mode == 1) {
       stf(g.y, g.ydt, o, silu_f(round_dt(a0[m], g.ydt)) * round_dt(a1[m], g.ydt));
     } else {
       const float s = round_dt(a0[m], g.ydt);
-      stf(g.y, g.ydt, o, ldf(g.y, g.ydt, o) + sigmoid_f(ldf(g.gate, g.gdt, m)) * s);
+      stf(g.y, g.ydt, o, ldf(g.y, g.ydt, o) + sigmoid_f(ldf(g.gate, g.gdt, m0 + m)) * s);
     }
   }
 }
@@ -1417,7 +1420,7 @@ class CudaBackend final : public Backend {
   // 16-byte aligned rows. Large N (lm_head) stays with cuBLAS, which reads it at ~85% of bandwidth.
   static bool gemv_fits(const CudaLinear* l, const Tensor& xb, int64_t T) {
     auto al = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-    return !l->int4 && T <= kGemvMaxM && l->K % 8 == 0 && T * l->K * 2 <= 48 * 1024 && l->N <= (int64_t(1) << 16) &&
+    return !l->int4 && T <= kGemvMaxT && l->K % 8 == 0 && 4 * l->K * 2 <= 48 * 1024 && l->N <= (int64_t(1) << 16) &&
            al(l->dense.data) &&
            al(xb.data) && !env_flag("DS_CUDA_NO_GEMV");
   }
@@ -1431,9 +1434,10 @@ class CudaBackend final : public Backend {
       }
       const unsigned blocks = unsigned((j.start[j.n] + 7) / 8);
       const auto* xp = xb.ptr<__nv_bfloat16>();
-      const size_t sm = size_t(T * K) * 2;
-      auto* k = T <= 1 ? k_gemv_bf16<1> : T <= 2 ? k_gemv_bf16<2> : k_gemv_bf16<4>;
-      CK(pdl_launch(k, dim3(blocks), dim3(256), sm, stream_, j, xp, int(T), K));
+      const int64_t mb = T <= 1 ? 1 : T <= 2 ? 2 : 4;
+      const size_t sm = size_t(mb * K) * 2;
+      auto* k = mb == 1 ? k_gemv_bf16<1> : mb == 2 ? k_gemv_bf16<2> : k_gemv_bf16<4>;
+      CK(pdl_launch(k, dim3(blocks, unsigned((T + mb - 1) / mb)), dim3(256), sm, stream_, j, xp, int(T), K));
     }
   }
   static GemvSeg gemv_seg(const CudaLinear* l, Tensor& y, int mode) {

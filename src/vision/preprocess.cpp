@@ -51,13 +51,21 @@ PreprocessConfig parse_preprocess_config(const std::string& text, const std::str
   return c;
 }
 
-PreprocessConfig load_preprocess_config(const std::string& dir) {
-  const std::string path = dir + "/preprocessor_config.json";
+namespace {
+// The config file `name` of a checkpoint directory parsed by `parse`, or defaults when the file is absent.
+template <class Config, class Parse>
+Config load_optional_config(const std::string& dir, const char* name, Parse parse) {
+  const std::string path = dir + "/" + name;
   if (!std::filesystem::exists(path)) return {};
   std::ifstream f(path);
   std::stringstream ss;
   ss << f.rdbuf();
-  return parse_preprocess_config(ss.str(), path);
+  return parse(ss.str(), path);
+}
+}  // namespace
+
+PreprocessConfig load_preprocess_config(const std::string& dir) {
+  return load_optional_config<PreprocessConfig>(dir, "preprocessor_config.json", parse_preprocess_config);
 }
 
 std::array<int64_t, 2> smart_resize(int64_t height, int64_t width, int64_t factor, int64_t min_pixels,
@@ -226,12 +234,7 @@ VideoConfig parse_video_config(const std::string& text, const std::string& what)
 }
 
 VideoConfig load_video_config(const std::string& dir) {
-  const std::string path = dir + "/video_preprocessor_config.json";
-  if (!std::filesystem::exists(path)) return {};
-  std::ifstream f(path);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return parse_video_config(ss.str(), path);
+  return load_optional_config<VideoConfig>(dir, "video_preprocessor_config.json", parse_video_config);
 }
 
 std::array<int64_t, 2> smart_resize_video(int64_t frames, int64_t height, int64_t width, int64_t temporal_factor,

@@ -166,8 +166,12 @@ class TimingBackend final : public Backend {
   }
 #endif
 
+  // per_op (eager mode only): time under "family: op" instead of the family (the prefill breakdown).
+  bool per_op = false;
   template <class F>
-  void timed(const char* family, F&& f) {
+  void timed(const char* family, F&& f) { timed(family, nullptr, std::forward<F>(f)); }
+  template <class F>
+  void timed(const char* family, const char* op, F&& f) {
     if (!on) return f();
 #ifdef DS_HAVE_CUDA
     if (events) {
@@ -194,80 +198,81 @@ class TimingBackend final : public Backend {
     auto t0 = Clock::now();
     f();
     in_.synchronize();
-    ms[family] += secs_since(t0) * 1e3;
-    calls[family] += 1;
+    const std::string key = per_op && op ? str_cat(family, ": ", op) : std::string(family);
+    ms[key] += secs_since(t0) * 1e3;
+    calls[key] += 1;
   }
   void embed(const Tensor& table, const BatchMeta& b, Tensor& out) override {
-    timed("other", [&] { in_.embed(table, b, out); });
+    timed("other", "embed", [&] { in_.embed(table, b, out); });
   }
   void rmsnorm(const Tensor& x, const Tensor& w, float eps, Tensor& y) override {
-    timed("other", [&] { in_.rmsnorm(x, w, eps, y); });
+    timed("other", "rmsnorm", [&] { in_.rmsnorm(x, w, eps, y); });
   }
   void add_inplace(Tensor& x, const Tensor& y) override {
-    timed("other", [&] { in_.add_inplace(x, y); });
+    timed("other", "add_inplace", [&] { in_.add_inplace(x, y); });
   }
   void linear(const Tensor& x, const Linear& w, Tensor& y) override {
     const char* fam = w->int4 ? "int4 linears" : w->N == vocab_ ? "lm_head" : "bf16 linears";
-    timed(fam, [&] { in_.linear(x, w, y); });
+    timed(fam, "linear", [&] { in_.linear(x, w, y); });
   }
   void silu_mul(const Tensor& gu, Tensor& y) override {
-    timed("other", [&] { in_.silu_mul(gu, y); });
+    timed("other", "silu_mul", [&] { in_.silu_mul(gu, y); });
   }
   void qk_norm_rope(const Tensor& qg, Tensor& k, const Tensor& qn, const Tensor& kn, float eps, const RopeParams& r,
                     const BatchMeta& b, Tensor& q, Tensor& gate) override {
-    timed("attention", [&] { in_.qk_norm_rope(qg, k, qn, kn, eps, r, b, q, gate); });
+    timed("attention", "qk_norm_rope", [&] { in_.qk_norm_rope(qg, k, qn, kn, eps, r, b, q, gate); });
   }
   void kv_cache_write(KvLayer& kv, const Tensor& k, const Tensor& v, const BatchMeta& b) override {
-    timed("attention", [&] { in_.kv_cache_write(kv, k, v, b); });
+    timed("attention", "kv_cache_write", [&] { in_.kv_cache_write(kv, k, v, b); });
   }
   void attention(const Tensor& q, const KvLayer& kv, const BatchMeta& b, Tensor& o) override {
-    timed("attention", [&] { in_.attention(q, kv, b, o); });
+    timed("attention", "attention", [&] { in_.attention(q, kv, b, o); });
   }
   void sigmoid_gate_mul(Tensor& x, const Tensor& gate) override {
-    timed("attention", [&] { in_.sigmoid_gate_mul(x, gate); });
+    timed("attention", "sigmoid_gate_mul", [&] { in_.sigmoid_gate_mul(x, gate); });
   }
   void conv1d_causal(const Tensor& m, const Tensor& w, StateLayer& st, const BatchMeta& b, Tensor& out) override {
-    timed("DeltaNet", [&] { in_.conv1d_causal(m, w, st, b, out); });
+    timed("DeltaNet", "conv1d_causal", [&] { in_.conv1d_causal(m, w, st, b, out); });
   }
   void gated_delta_rule(const Tensor& qkv, const Tensor& ba, const Tensor& A_log, const Tensor& dt_bias, int64_t Hk,
                         int64_t Hv, int64_t Dk, int64_t Dv, StateLayer& st, const BatchMeta& b, Tensor& o) override {
-    timed("DeltaNet", [&] { in_.gated_delta_rule(qkv, ba, A_log, dt_bias, Hk, Hv, Dk, Dv, st, b, o); });
+    timed("DeltaNet", "gated_delta_rule", [&] { in_.gated_delta_rule(qkv, ba, A_log, dt_bias, Hk, Hv, Dk, Dv, st, b, o); });
   }
   void gated_rmsnorm(const Tensor& o, const Tensor& z, const Tensor& w, float eps, Tensor& y) override {
-    timed("DeltaNet", [&] { in_.gated_rmsnorm(o, z, w, eps, y); });
+    timed("DeltaNet", "gated_rmsnorm", [&] { in_.gated_rmsnorm(o, z, w, eps, y); });
   }
   void moe_route(const Tensor& l, int64_t k, Tensor& ids, Tensor& w) override {
-    timed("MoE routed", [&] { in_.moe_route(l, k, ids, w); });
+    timed("MoE routed", "moe_route", [&] { in_.moe_route(l, k, ids, w); });
   }
   void moe_experts(const Tensor& x, const Experts& w, const Tensor& ids, const Tensor& wts, Tensor& y) override {
-    timed("MoE routed", [&] { in_.moe_experts(x, w, ids, wts, y); });
+    timed("MoE routed", "moe_experts", [&] { in_.moe_experts(x, w, ids, wts, y); });
   }
   void sigmoid_scale_add(Tensor& y, const Tensor& s, const Tensor& g) override {
-    timed("other", [&] { in_.sigmoid_scale_add(y, s, g); });
+    timed("other", "sigmoid_scale_add", [&] { in_.sigmoid_scale_add(y, s, g); });
   }
   void gather_rows(const Tensor& x, const std::vector<int32_t>& rows, Tensor& out) override {
-    timed("other", [&] { in_.gather_rows(x, rows, out); });
+    timed("other", "gather_rows", [&] { in_.gather_rows(x, rows, out); });
   }
   void add_rmsnorm(Tensor& x, const Tensor& d, const Tensor& w, float eps, Tensor& h) override {
-    timed("other", [&] { in_.add_rmsnorm(x, d, w, eps, h); });
+    timed("other", "add_rmsnorm", [&] { in_.add_rmsnorm(x, d, w, eps, h); });
   }
   // the int4 jobs as one group, the rest as another (the CUDA backend launches them apart the same way)
   void linear_group(const Tensor& x, const std::vector<LinearJob>& jobs) override {
     std::vector<LinearJob> q4, rest;
     for (const auto& j : jobs) ((*j.w)->int4 && !j.swiglu ? q4 : rest).push_back(j);
-    if (!q4.empty()) timed("int4 linears", [&] { in_.linear_group(x, q4); });
-    if (!rest.empty()) timed((*rest[0].w)->int4 ? "int4 linears" : "bf16 linears", [&] { in_.linear_group(x, rest); });
+    if (!q4.empty()) timed("int4 linears", "linear_group", [&] { in_.linear_group(x, q4); });
+    if (!rest.empty()) timed((*rest[0].w)->int4 ? "int4 linears" : "bf16 linears", "linear_group", [&] { in_.linear_group(x, rest); });
   }
   void sample_rows(const Tensor& logits, int64_t vocab_limit, const std::vector<SampleRowParams>& rows,
                    const std::vector<SampleEdit>& edits, std::vector<int32_t>& ids) override {
-    timed("sampling", [&] { in_.sample_rows(logits, vocab_limit, rows, edits, ids); });
+    timed("sampling", "sample_rows", [&] { in_.sample_rows(logits, vocab_limit, rows, edits, ids); });
   }
   void linear_gated_add(const Tensor& x, const Linear& w, const Tensor& g, Tensor& y) override {
-    timed(w->int4 ? "int4 linears" : "bf16 linears", [&] { in_.linear_gated_add(x, w, g, y); });
+    timed(w->int4 ? "int4 linears" : "bf16 linears", "linear_gated_add", [&] { in_.linear_gated_add(x, w, g, y); });
   }
 
   void argmax_rows(const Tensor& logits, int64_t limit, Tensor& ids) override {
-    timed("other", [&] { in_.argmax_rows(logits, limit, ids); });
+    timed("other", "argmax_rows", [&] { in_.argmax_rows(logits, limit, ids); });
   }
 
  private:
@@ -858,6 +863,7 @@ int cmd_bench(int argc, char** argv) {
 
   // ---- prefill: one sequence, whole prompt (or --prefill-chunk pieces), time to the first token's logits ----
   if (!prefills.empty()) {
+    std::vector<std::string> prefill_breakdowns;
     std::printf("## Prefill (one sequence from empty caches; TTFT = all chunks + last-row logits)\n\n");
     std::printf(
         "| variant | prompt | chunk | TTFT ms | tok/s | TFLOP/s | of matmul peak |\n|---|---|---|---|---|---|---|\n");
@@ -901,10 +907,32 @@ int cmd_bench(int argc, char** argv) {
         std::printf("| %s | %lld | %lld | %.1f | %.0f | %.3g | %.2g%% |\n", var.name.c_str(), (long long)P,
                     (long long)ch, s * 1e3, double(P) / s, flops / s / 1e12, 100.0 * flops / s / mm_rate);
         std::fflush(stdout);
+        if (a.has("breakdown")) {  // per op, synchronised around each (eager prefill: no graph to record)
+          be.ms.clear();
+          be.calls.clear();
+          be.on = be.per_op = true;
+          auto t2 = Clock::now();
+          run(P);
+          const double tot = secs_since(t2) * 1e3;
+          be.on = be.per_op = false;
+          std::vector<std::pair<double, std::string>> order;
+          for (auto& [k, v] : be.ms) order.push_back({v, k});
+          std::sort(order.rbegin(), order.rend());
+          std::string tab = str_cat("### Prefill ", P, " (chunk ", ch, ") by op, ", var.name,
+                                    " (synchronised around each op; total ", tot, " ms)\n\n| op | ms | calls | share |\n|---|---|---|---|\n");
+          for (auto& [v, k] : order) {
+            char line[256];
+            std::snprintf(line, sizeof line, "| %s | %.2f | %lld | %.1f%% |\n", k.c_str(), v, (long long)be.calls[k],
+                          100.0 * v / tot);
+            tab += line;
+          }
+          prefill_breakdowns.push_back(tab);
+        }
       }
       set_env(var, false);
     }
     std::printf("\n");
+    for (auto& tab : prefill_breakdowns) std::printf("%s\n", tab.c_str());
   }
 
   if (spec) bench_speculative(*m, sb, rng);

@@ -34,9 +34,12 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double secs_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
+// "none" (or "0") turns a default list off (e.g. --prefill none: decode only).
 std::vector<int64_t> int_list(const Args& a, const std::string& name, const std::string& def) {
   std::vector<int64_t> v;
-  std::stringstream ss(a.get(name, def));
+  const std::string val = a.get(name, def);
+  if (val == "none" || val == "0") return v;
+  std::stringstream ss(val);
   std::string item;
   while (std::getline(ss, item, ',')) {
     if (item.empty()) continue;

@@ -554,17 +554,21 @@ __device__ __forceinline__ void gdr_scalars(const float* g, const float* beta, c
   br = beta[t * Hv + j];
   vr = ldf(qkv, qdt, t * C + voff);
 }
-template <int DK, int R>
-__global__ void __launch_bounds__(32) k_gdr_long(const float* qn, const float* kn, const float* g, const float* beta,
-                                                 const void* qkv, int qdt, int64_t C, int64_t Hk, int64_t Hv,
-                                                 int64_t Dv, float* ssm, const int32_t* seqinfo, void* o, int odt) {
+// LONG: the sequences of >= kGdrLongMin tokens (one warp per block); else the shorter ones (decode, speculative
+// verify and replay), WPB warps per block.
+template <int DK, int R, int WPB = 1, bool LONG = true>
+__global__ void __launch_bounds__(32 * WPB) k_gdr_long(const float* qn, const float* kn, const float* g,
+                                                       const float* beta, const void* qkv, int qdt, int64_t C,
+                                                       int64_t Hk, int64_t Hv, int64_t Dv, float* ssm,
+                                                       const int32_t* seqinfo, void* o, int odt) {
   constexpr int CPW = 32 / R, RP = DK / R;
   static_assert(RP % 4 == 0, "rows per lane: whole float4s");
-  const int lane = threadIdx.x, r = lane % R;
-  const int64_t d = blockIdx.x * int64_t(CPW) + lane / R, j = blockIdx.y;
+  const int lane = threadIdx.x & 31, r = lane % R;
+  const int64_t d = (blockIdx.x * int64_t(WPB) + (threadIdx.x >> 5)) * CPW + lane / R, j = blockIdx.y;
   const int s = blockIdx.z;
   const int64_t qs = seqinfo[s * 4 + 0], ql = seqinfo[s * 4 + 1], slot = seqinfo[s * 4 + 3];
-  if (ql < kGdrLongMin) return;
+  if (LONG ? ql < kGdrLongMin : (ql == 0 || ql >= kGdrLongMin)) return;
+  if (d >= Dv) return;  // whole warps: Dv is a multiple of 32
   const int64_t kh = j / (Hv / Hk);
   float* S = ssm + ((slot * Hv + j) * DK + int64_t(r) * RP) * Dv + d;
   float st[RP];
@@ -1715,11 +1719,34 @@ class CudaBackend final : public Backend {
     dim3 grid(unsigned(Dv / 32), unsigned(Hv), unsigned(b.seqs.size()));
     constexpr int kR = 8;
     dim3 lgrid(unsigned(Dv / (32 / kR)), unsigned(Hv), unsigned(b.seqs.size()));
+    // Short chunks (decode, speculative verify and replay): 4 lanes per state column, 4 warps per block (H200:
+    // batch 1 4.34 -> 4.20 ms, batch 64 20.25 -> 19.74 ms against one lane per column, bench/RESULTS.md session 4);
+    // DS_GDR_SHORT_R = 1 (k_gdr_recurrent: one lane per column), 2 or 8 for comparison. Every short chunk of a
+    // step takes the same kernel whatever its length, so verify, replay and decode stay bit-identical.
+    const int short_r = [] {
+      const char* e = std::getenv("DS_GDR_SHORT_R");
+      const int v = e ? std::atoi(e) : 4;
+      return v == 1 || v == 2 || v == 8 ? v : 4;
+    }();
+    auto sgrid = [&](int r) { return dim3(unsigned((Dv / (32 / r) + 3) / 4), unsigned(Hv), unsigned(b.seqs.size())); };
+#define DS_GDR_SHORT_RL(DK, RL)                                                                                    \
+  k_gdr_long<DK, RL, 4, false><<<sgrid(RL), 128, 0, stream_>>>(qn.ptr<float>(), kn.ptr<float>(), g.ptr<float>(),   \
+                                                               beta.ptr<float>(), qkv.data, int(qkv.dtype), C, Hk, \
+                                                               Hv, Dv, st.ssm.ptr<float>(), d.seqinfo, o.data,     \
+                                                               int(o.dtype));
 #define DS_GDR(DK)                                                                                                 \
   case DK:                                                                                                         \
-    k_gdr_recurrent<DK><<<grid, 32, 0, stream_>>>(qn.ptr<float>(), kn.ptr<float>(), g.ptr<float>(), beta.ptr<float>(), \
-                                                  qkv.data, int(qkv.dtype), C, Hk, Hv, Dv, st.ssm.ptr<float>(),    \
-                                                  d.seqinfo, o.data, int(o.dtype));                                \
+    if (short_r == 1)                                                                                              \
+      k_gdr_recurrent<DK><<<grid, 32, 0, stream_>>>(qn.ptr<float>(), kn.ptr<float>(), g.ptr<float>(),              \
+                                                    beta.ptr<float>(), qkv.data, int(qkv.dtype), C, Hk, Hv, Dv,    \
+                                                    st.ssm.ptr<float>(), d.seqinfo, o.data, int(o.dtype));         \
+    else if (short_r == 2) {                                                                                       \
+      DS_GDR_SHORT_RL(DK, 2)                                                                                       \
+    } else if (short_r == 8) {                                                                                     \
+      DS_GDR_SHORT_RL(DK, 8)                                                                                       \
+    } else {                                                                                                       \
+      DS_GDR_SHORT_RL(DK, 4)                                                                                       \
+    }                                                                                                              \
     if (!decode) {                                                                                                 \
       CKL();                                                                                                       \
       k_gdr_long<DK, kR><<<lgrid, 32, 0, stream_>>>(qn.ptr<float>(), kn.ptr<float>(), g.ptr<float>(),              \
@@ -1735,6 +1762,7 @@ class CudaBackend final : public Backend {
         fail("gated_delta_rule: key head dim ", Dk, " is not supported (32, 64, 128)");
     }
 #undef DS_GDR
+#undef DS_GDR_SHORT_RL
     CKL();
   }
 

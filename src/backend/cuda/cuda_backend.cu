@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -15,6 +16,7 @@
 #include <vector>
 #include <string>
 
+#include "backend/cuda/flash_attn.h"
 #include "backend/cuda/int4_mma.h"
 #include "backend/cuda/pdl.h"
 #include "backend/cuda/sample.h"
@@ -790,6 +792,7 @@ __device__ __forceinline__ float lane_dot(const DenseView& W, int64_t n, const X
 // split covers ceil(n_ctx / S) positions, computed on the device from the context length, so a recorded graph
 // stays valid as sequences grow. Each lane owns DPL = Dh/32 contiguous dims (one 16-byte load at Dh = 256).
 // Partials (m, l, acc[Dh]) go to part [T, Nh, S, Dh + 2] fp32; k_attn_merge combines them.
+// Rows of sequences with q_len ≥ flash_min are the flash kernel's (flash_attn.h): both kernels skip them.
 template <int DPL>
 __device__ __forceinline__ void load_dpl(const __nv_bfloat16* p, float* out) {
   if constexpr (DPL == 8) {
@@ -807,7 +810,7 @@ __device__ __forceinline__ void load_dpl(const __nv_bfloat16* p, float* out) {
 template <int DPL>
 __global__ void k_attn_split(const __nv_bfloat16* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc, int64_t Nh,
                              int64_t Nkv, int64_t bs, const int32_t* seq_of, const int32_t* seqinfo,
-                             const int32_t* blocks, int maxb, float scale, int S, float* part) {
+                             const int32_t* blocks, int maxb, float scale, int S, float* part, int flash_min) {
   constexpr int Dh = DPL * 32;
   const int64_t t = blockIdx.x, g = blockIdx.y;
   const int split = blockIdx.z;
@@ -815,6 +818,7 @@ __global__ void k_attn_split(const __nv_bfloat16* q, const __nv_bfloat16* kc, co
   const int64_t group = Nh / Nkv, h = g * group + w, row = Nkv * Dh;
   if (w >= group) return;
   const int s = seq_of[t];
+  if (seqinfo[s * 4 + 1] >= flash_min) return;
   const int64_t n_ctx = seqinfo[s * 4 + 2] + (t - seqinfo[s * 4 + 0]) + 1;
   const int64_t chunk = (n_ctx + S - 1) / S, p0 = split * chunk, p1 = min(n_ctx, p0 + chunk);
   const int32_t* bt = blocks + int64_t(s) * maxb;
@@ -875,8 +879,10 @@ __global__ void k_attn_split(const __nv_bfloat16* q, const __nv_bfloat16* kc, co
   for (int j = 0; j < DPL; ++j) dst[2 + lane * DPL + j] = acc[j];
 }
 // o[t, h] = Σ_s acc_s · e^{m_s − M} / Σ_s l_s · e^{m_s − M}. One block of Dh threads per (token, head).
-__global__ void k_attn_merge(const float* part, int64_t Nh, int64_t Dh, int S, void* o, int odt) {
+__global__ void k_attn_merge(const float* part, int64_t Nh, int64_t Dh, int S, void* o, int odt, const int32_t* seq_of,
+                             const int32_t* seqinfo, int flash_min) {
   const int64_t t = blockIdx.x, h = blockIdx.y;
+  if (seqinfo[seq_of[t] * 4 + 1] >= flash_min) return;
   const float* src = part + (t * Nh + h) * S * (Dh + 2);
   float M = -INFINITY;
   for (int s = 0; s < S; ++s) M = fmaxf(M, src[s * (Dh + 2)]);
@@ -1628,6 +1634,18 @@ class CudaBackend final : public Backend {
     const int64_t group = Nh / Nkv;
     if (group <= 32 && (Dh == 64 || Dh == 128 || Dh == 256) && q.dtype == DType::BF16 &&
         kv.k.dtype == DType::BF16 && !env_flag("DS_CUDA_NO_SPLIT_ATTN")) {
+      // Prefill chunks (q_len ≥ kFlashMinQ) on tensor cores, the other rows on the split kernel (flash_attn.h). The
+      // launches depend on T only (graph-safe); eagerly, a batch of prefill chunks only skips the split kernel.
+      const bool flash = !env_flag("DS_CUDA_NO_FLASH") && T >= cuda::kFlashMinQ && o.dtype == DType::BF16 &&
+                         cuda::flash_attn_supported(Nh, Nkv, Dh);
+      const int flash_min = flash ? int(cuda::kFlashMinQ) : INT32_MAX;
+      if (flash) {
+        cuda::flash_attn_prefill(q.data, kv.k.data, kv.v.data, o.data, T, d.nseq, Nh, Nkv, Dh, kv.block_size,
+                                 d.seqinfo, d.blocks, d.maxb, stream_);
+        if (!in_step_ && std::all_of(b.seqs.begin(), b.seqs.end(),
+                                     [](const BatchMeta::Seq& s) { return s.q_len >= cuda::kFlashMinQ; }))
+          return;
+      }
       // S splits per (token, kv head): about 2048 blocks in all, at most 64 (fixed per T: graph-safe); prefill
       // (T large) runs one split per token, still reading each K/V row once per group of q heads.
       const int S = int(std::clamp<int64_t>((2048 + T * Nkv - 1) / (T * Nkv), 1, 64));
@@ -1640,16 +1658,16 @@ class CudaBackend final : public Backend {
       auto* vp = kv.v.ptr<__nv_bfloat16>();
       if (Dh == 256)
         k_attn_split<8><<<grid, threads, 0, stream_>>>(qp, kp, vp, Nh, Nkv, kv.block_size, d.seq_of, d.seqinfo,
-                                                       d.blocks, d.maxb, scale, S, part.ptr<float>());
+                                                       d.blocks, d.maxb, scale, S, part.ptr<float>(), flash_min);
       else if (Dh == 128)
         k_attn_split<4><<<grid, threads, 0, stream_>>>(qp, kp, vp, Nh, Nkv, kv.block_size, d.seq_of, d.seqinfo,
-                                                       d.blocks, d.maxb, scale, S, part.ptr<float>());
+                                                       d.blocks, d.maxb, scale, S, part.ptr<float>(), flash_min);
       else
         k_attn_split<2><<<grid, threads, 0, stream_>>>(qp, kp, vp, Nh, Nkv, kv.block_size, d.seq_of, d.seqinfo,
-                                                       d.blocks, d.maxb, scale, S, part.ptr<float>());
+                                                       d.blocks, d.maxb, scale, S, part.ptr<float>(), flash_min);
       CKL();
       k_attn_merge<<<dim3(unsigned(T), unsigned(Nh)), unsigned(std::min<int64_t>(Dh, 256)), 0, stream_>>>(
-          part.ptr<float>(), Nh, Dh, S, o.data, int(o.dtype));
+          part.ptr<float>(), Nh, Dh, S, o.data, int(o.dtype), d.seq_of, d.seqinfo, flash_min);
       CKL();
       return;
     }

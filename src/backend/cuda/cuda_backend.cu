@@ -18,6 +18,7 @@
 
 #include "backend/cuda/flash_attn.h"
 #include "backend/cuda/int4_mma.h"
+#include "backend/cuda/mma_util.cuh"
 #include "backend/cuda/pdl.h"
 #include "backend/cuda/sample.h"
 #include "backend/cuda/vision_kernels.h"
@@ -807,7 +808,10 @@ __device__ __forceinline__ void load_dpl(const __nv_bfloat16* p, float* out) {
     out[0] = a.x, out[1] = a.y;
   }
 }
-template <int DPL>
+// SM: K/V rows are staged in shared memory 16 positions at a time (cp.async, double-buffered), so each row is read
+// from memory once per block instead of once per warp (the 8 warps of a GQA group otherwise each fetch it, mostly
+// from L2). The arithmetic (pairs of positions from p0, a single tail) is the same in both forms: same bits.
+template <int DPL, bool SM>
 __global__ void k_attn_split(const __nv_bfloat16* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc, int64_t Nh,
                              int64_t Nkv, int64_t bs, const int32_t* seq_of, const int32_t* seqinfo,
                              const int32_t* blocks, int maxb, float scale, int S, float* part, int flash_min) {
@@ -816,29 +820,29 @@ __global__ void k_attn_split(const __nv_bfloat16* q, const __nv_bfloat16* kc, co
   const int split = blockIdx.z;
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const int64_t group = Nh / Nkv, h = g * group + w, row = Nkv * Dh;
-  if (w >= group) return;
+  const bool active = w < group;  // (blockDim is 32·group: always; kept for the barriers of SM)
+  if (!SM && !active) return;
   const int s = seq_of[t];
-  if (seqinfo[s * 4 + 1] >= flash_min) return;
+  if (seqinfo[s * 4 + 1] >= flash_min) return;  // block-uniform
   const int64_t n_ctx = seqinfo[s * 4 + 2] + (t - seqinfo[s * 4 + 0]) + 1;
   const int64_t chunk = (n_ctx + S - 1) / S, p0 = split * chunk, p1 = min(n_ctx, p0 + chunk);
   const int32_t* bt = blocks + int64_t(s) * maxb;
   float qr[DPL], acc[DPL];
-  load_dpl<DPL>(q + (t * Nh + h) * Dh + lane * DPL, qr);
+  if (active) load_dpl<DPL>(q + (t * Nh + h) * Dh + lane * DPL, qr);
 #pragma unroll
   for (int j = 0; j < DPL; ++j) {
     qr[j] *= scale;
     acc[j] = 0.f;
   }
   float m = -INFINITY, l = 0.f;
-  int64_t p = p0;
-  for (; p + 1 < p1; p += 2) {  // two positions per iteration: four 16-byte loads in flight per lane
-    const int64_t o0 = (int64_t(bt[p / bs]) * bs + p % bs) * row + g * Dh + lane * DPL;
-    const int64_t o1 = (int64_t(bt[(p + 1) / bs]) * bs + (p + 1) % bs) * row + g * Dh + lane * DPL;
+  // Two positions (this lane's DPL dims of their K and V rows), then a single one.
+  auto pair = [&](const __nv_bfloat16* k0p, const __nv_bfloat16* k1p, const __nv_bfloat16* v0p,
+                  const __nv_bfloat16* v1p) {
     float k0[DPL], k1[DPL], v0[DPL], v1[DPL];
-    load_dpl<DPL>(kc + o0, k0);
-    load_dpl<DPL>(kc + o1, k1);
-    load_dpl<DPL>(vc + o0, v0);
-    load_dpl<DPL>(vc + o1, v1);
+    load_dpl<DPL>(k0p, k0);
+    load_dpl<DPL>(k1p, k1);
+    load_dpl<DPL>(v0p, v0);
+    load_dpl<DPL>(v1p, v1);
     float d0 = 0.f, d1 = 0.f;
 #pragma unroll
     for (int j = 0; j < DPL; ++j) {
@@ -853,12 +857,11 @@ __global__ void k_attn_split(const __nv_bfloat16* q, const __nv_bfloat16* kc, co
 #pragma unroll
     for (int j = 0; j < DPL; ++j) acc[j] = acc[j] * corr + e0 * v0[j] + e1 * v1[j];
     m = mn;
-  }
-  if (p < p1) {
-    const int64_t o0 = (int64_t(bt[p / bs]) * bs + p % bs) * row + g * Dh + lane * DPL;
+  };
+  auto single = [&](const __nv_bfloat16* k0p, const __nv_bfloat16* v0p) {
     float k0[DPL], v0[DPL];
-    load_dpl<DPL>(kc + o0, k0);
-    load_dpl<DPL>(vc + o0, v0);
+    load_dpl<DPL>(k0p, k0);
+    load_dpl<DPL>(v0p, v0);
     float d0 = 0.f;
 #pragma unroll
     for (int j = 0; j < DPL; ++j) d0 += qr[j] * k0[j];
@@ -869,6 +872,48 @@ __global__ void k_attn_split(const __nv_bfloat16* q, const __nv_bfloat16* kc, co
 #pragma unroll
     for (int j = 0; j < DPL; ++j) acc[j] = acc[j] * corr + e0 * v0[j];
     m = mn;
+  };
+  auto off = [&](int64_t pp) { return (int64_t(bt[pp / bs]) * bs + pp % bs) * row + g * Dh; };
+  if constexpr (!SM) {
+    int64_t p = p0;
+    for (; p + 1 < p1; p += 2) {  // four 16-byte loads in flight per lane
+      const int64_t o0 = off(p) + lane * DPL, o1 = off(p + 1) + lane * DPL;
+      pair(kc + o0, kc + o1, vc + o0, vc + o1);
+    }
+    if (p < p1) single(kc + off(p) + lane * DPL, vc + off(p) + lane * DPL);
+  } else {
+    constexpr int TP = 16, CH = Dh / 8;  // positions per tile, 16-byte chunks per row
+    __shared__ __align__(16) __nv_bfloat16 sk[2][TP * Dh], sv[2][TP * Dh];
+    auto load_tile = [&](int buf, int64_t tp) {
+      const int n = int(min(int64_t(TP), p1 - tp));
+      for (int i = threadIdx.x; i < n * CH; i += blockDim.x) {
+        const int pi = i / CH, c = i % CH;
+        const int64_t o = off(tp + pi) + c * 8;
+        cp_async16(&sk[buf][pi * Dh + c * 8], kc + o);
+        cp_async16(&sv[buf][pi * Dh + c * 8], vc + o);
+      }
+      cp_async_commit();
+    };
+    if (p0 < p1) load_tile(0, p0);
+    int buf = 0;
+    for (int64_t tp = p0; tp < p1; tp += TP, buf ^= 1) {
+      if (tp + TP < p1) {
+        load_tile(buf ^ 1, tp + TP);
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();
+      if (active) {
+        const int n = int(min(int64_t(TP), p1 - tp));
+        const __nv_bfloat16 *K = sk[buf] + lane * DPL, *V = sv[buf] + lane * DPL;
+        int i = 0;
+        for (; i + 1 < n; i += 2) pair(K + i * Dh, K + (i + 1) * Dh, V + i * Dh, V + (i + 1) * Dh);
+        if (i < n) single(K + i * Dh, V + i * Dh);
+      }
+      __syncthreads();  // the buffer is refilled next iteration
+    }
+    if (!active) return;
   }
   float* dst = part + ((t * Nh + h) * S + split) * (Dh + 2);
   if (lane == 0) {
@@ -1656,15 +1701,18 @@ class CudaBackend final : public Backend {
       auto* qp = q.ptr<__nv_bfloat16>();
       auto* kp = kv.k.ptr<__nv_bfloat16>();
       auto* vp = kv.v.ptr<__nv_bfloat16>();
+      // DS_CUDA_NO_ATTN_SMEM=1: K/V straight from global memory per warp (same arithmetic, same bits).
+      const bool sm = !env_flag("DS_CUDA_NO_ATTN_SMEM");
+      auto launch = [&](auto kern) {
+        kern<<<grid, threads, 0, stream_>>>(qp, kp, vp, Nh, Nkv, kv.block_size, d.seq_of, d.seqinfo, d.blocks, d.maxb,
+                                            scale, S, part.ptr<float>(), flash_min);
+      };
       if (Dh == 256)
-        k_attn_split<8><<<grid, threads, 0, stream_>>>(qp, kp, vp, Nh, Nkv, kv.block_size, d.seq_of, d.seqinfo,
-                                                       d.blocks, d.maxb, scale, S, part.ptr<float>(), flash_min);
+        sm ? launch(k_attn_split<8, true>) : launch(k_attn_split<8, false>);
       else if (Dh == 128)
-        k_attn_split<4><<<grid, threads, 0, stream_>>>(qp, kp, vp, Nh, Nkv, kv.block_size, d.seq_of, d.seqinfo,
-                                                       d.blocks, d.maxb, scale, S, part.ptr<float>(), flash_min);
+        sm ? launch(k_attn_split<4, true>) : launch(k_attn_split<4, false>);
       else
-        k_attn_split<2><<<grid, threads, 0, stream_>>>(qp, kp, vp, Nh, Nkv, kv.block_size, d.seq_of, d.seqinfo,
-                                                       d.blocks, d.maxb, scale, S, part.ptr<float>(), flash_min);
+        sm ? launch(k_attn_split<2, true>) : launch(k_attn_split<2, false>);
       CKL();
       k_attn_merge<<<dim3(unsigned(T), unsigned(Nh)), unsigned(std::min<int64_t>(Dh, 256)), 0, stream_>>>(
           part.ptr<float>(), Nh, Dh, S, o.data, int(o.dtype), d.seq_of, d.seqinfo, flash_min);

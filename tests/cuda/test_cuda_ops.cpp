@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <numeric>
 
+#include "backend/cuda/bf16_mma.h"
 #include "backend/cuda/int4_mma.h"
 #include "cuda_test_util.h"
 
@@ -274,6 +275,104 @@ TEST_F(CudaOps, FusedOps) {
       EXPECT_TRUE(same(rx.g, rx2.g) && same(h.g, h2)) << "add_rmsnorm differs from add_inplace + rmsnorm" << tag;
     }
   }
+}
+
+// The tensor-core kernel of the small bf16 linears (bf16_mma.h) at every step size a decode or verify has (M = 1 ..
+// 256), in each mode (plain, SwiGLU, gated add), on the real shapes and awkward ones (N = 1, 37, 48; K = 96 and 200,
+// whose last 64-input chunk is partial; SwiGLU with I = 20, not a multiple of 16): against the CPU; against the GEMV
+// it replaces (DS_CUDA_NO_BF16_MMA=1) within bf16 rounding; and every row of a 64- and a 256-row step equal bit for
+// bit to the same row alone, single weights and the MoE block's group (router + gate_up·SwiGLU + gate) alike.
+TEST_F(CudaOps, Bf16MmaLinears) {
+  Both B;
+  struct Case {
+    int64_t N, K;
+    int mode;  // 0 plain (linear), 1 SwiGLU (linear_group), 2 gated add (linear_gated_add)
+    DType ydt;
+    const char* what;
+  };
+  const std::vector<Case> cases = {
+      {256, 2048, 0, DType::BF16, "router"},        {1024, 2048, 1, DType::BF16, "shared gate_up + SwiGLU"},
+      {2048, 512, 2, DType::BF16, "shared down + gated add"}, {32, 2048, 0, DType::BF16, "in_proj_a"},
+      {1, 2048, 0, DType::BF16, "shared gate N=1"}, {48, 96, 0, DType::BF16, "N=48 K=96"},
+      {37, 200, 0, DType::F32, "N=37 K=200 F32 out"}, {40, 136, 1, DType::BF16, "SwiGLU I=20 K=136"},
+      {24, 4096, 2, DType::BF16, "gated add N=24 K=4096"}};
+  auto same = [&](const Tensor& a, const Tensor& b) { return B.gpu->to_host_f32(a) == B.gpu->to_host_f32(b); };
+  auto rows_of = [](const std::vector<float>& v, int64_t r0, int64_t n, int64_t cols) {
+    return std::vector<float>(v.begin() + r0 * cols, v.begin() + (r0 + n) * cols);
+  };
+  for (const auto& c : cases) {
+    HostLinear hl(c.N, c.K, false, 7 * c.N + c.K);
+    const Linear lc = B.cpu->make_linear({hl.src()}), lg = B.gpu->make_linear({hl.src()});
+    const int64_t cols = c.mode == 1 ? c.N / 2 : c.N;
+    auto run = [&](Backend& be, const Linear& l, const Tensor& x, const Tensor& gate, Tensor& y) {
+      if (c.mode == 0) be.linear(x, l, y);
+      else if (c.mode == 1) be.linear_group(x, {{&l, &y, true}});
+      else be.linear_gated_add(x, l, gate, y);
+    };
+    // inputs of 256 rows; a step of M rows takes rows [r0, r0 + M)
+    const auto xs = randn(size_t(256 * c.K), 1.f, 100 + c.K), gs = randn(256, 2.f, 101),
+               ys = randn(size_t(256 * cols), 1.f, 102);
+    auto step = [&](int64_t r0, int64_t M) {  // GPU output of rows [r0, r0 + M)
+      Tensor x = B.gpu->upload_f32(rows_of(xs, r0, M, c.K), {M, c.K}, DType::BF16);
+      Tensor gate = B.gpu->upload_f32(rows_of(gs, r0, M, 1), {M, 1}, DType::BF16);
+      Tensor y = c.mode == 2 ? B.gpu->upload_f32(rows_of(ys, r0, M, cols), {M, cols}, c.ydt)
+                             : B.gpu->alloc(c.ydt, {M, cols});
+      run(*B.gpu, lg, x, gate, y);
+      return B.gpu->to_host_f32(y);
+    };
+    for (int64_t M : {1, 2, 3, 4, 5, 8, 17, 64, 65, 255, 256}) {
+      const std::string tag = std::string("bf16 mma ") + c.what + " M=" + std::to_string(M);
+      auto x = B.up(rows_of(xs, 0, M, c.K), {M, c.K});
+      auto gate = B.up(rows_of(gs, 0, M, 1), {M, 1});
+      Pair y = c.mode == 2 ? B.up(rows_of(ys, 0, M, cols), {M, cols}, c.ydt) : B.zeros({M, cols}, c.ydt);
+      run(*B.cpu, lc, x.c, gate.c, y.c);
+      run(*B.gpu, lg, x.g, gate.g, y.g);
+      REPORT(tag, B.err(y));
+      if (M == 1 || M == 5 || M == 64) {  // the GEMV it replaces
+        Pair y2 = c.mode == 2 ? B.up(rows_of(ys, 0, M, cols), {M, cols}, c.ydt) : B.zeros({M, cols}, c.ydt);
+        setenv("DS_CUDA_NO_BF16_MMA", "1", 1);
+        run(*B.gpu, lg, x.g, gate.g, y2.g);
+        unsetenv("DS_CUDA_NO_BF16_MMA");
+        const double e = test::rel(B.gpu->to_host_f32(y.g), B.gpu->to_host_f32(y2.g));
+        std::printf("  %-60s rel L2 %.3g\n", (tag + " vs GEMV").c_str(), e);
+        EXPECT_LT(e, kTol) << tag;
+      }
+    }
+    // batch invariance: each row of a 64-row and a 256-row step equals the row alone
+    const auto y256 = step(0, 256), y64 = step(0, 64);
+    int diff = 0;
+    for (int64_t r = 0; r < 256; r += r < 64 ? 1 : 37) {
+      const auto one = step(r, 1);
+      diff += one != rows_of(y256, r, 1, cols);
+      if (r < 64) diff += one != rows_of(y64, r, 1, cols);
+    }
+    const auto y17 = step(3, 17);
+    diff += y17 != rows_of(y256, 3, 17, cols);
+    EXPECT_EQ(diff, 0) << "bf16 mma " << c.what << ": rows differ across step sizes";
+  }
+  // the MoE block's group in one launch (a two-tile kernel with plain weights beside the SwiGLU one): rows invariant,
+  // and each output equal to its weight's own launch
+  HostLinear router(256, 2048, false, 61), sgu(1024, 2048, false, 62), sg(1, 2048, false, 63);
+  const Linear rg = B.gpu->make_linear({router.src()}), gg = B.gpu->make_linear({sgu.src()}),
+               sgg = B.gpu->make_linear({sg.src()});
+  const auto xs = randn(size_t(64 * 2048), 1.f, 64);
+  auto group = [&](int64_t r0, int64_t M) {
+    Tensor x = B.gpu->upload_f32(rows_of(xs, r0, M, 2048), {M, 2048}, DType::BF16);
+    Tensor yr = B.gpu->alloc(DType::BF16, {M, 256}), ya = B.gpu->alloc(DType::BF16, {M, 512}),
+           yg = B.gpu->alloc(DType::BF16, {M, 1}), r2 = B.gpu->alloc(DType::BF16, {M, 256});
+    B.gpu->linear_group(x, {{&rg, &yr}, {&gg, &ya, true}, {&sgg, &yg}});
+    B.gpu->linear(x, rg, r2);
+    EXPECT_TRUE(same(yr, r2)) << "router in the group differs from its own launch, M=" << M;
+    return std::array<std::vector<float>, 3>{B.gpu->to_host_f32(yr), B.gpu->to_host_f32(ya), B.gpu->to_host_f32(yg)};
+  };
+  const auto all = group(0, 64);
+  int diff = 0;
+  for (int64_t r = 0; r < 64; ++r) {
+    const auto one = group(r, 1);
+    diff += one[0] != rows_of(all[0], r, 1, 256) || one[1] != rows_of(all[1], r, 1, 512) ||
+            one[2] != rows_of(all[2], r, 1, 1);
+  }
+  EXPECT_EQ(diff, 0) << "bf16 mma group: rows differ across step sizes";
 }
 
 // A batch of sequences: (ctx_len, q_len) each; blocks of 16 tokens scattered over a shuffled pool.

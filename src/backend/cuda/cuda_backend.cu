@@ -16,6 +16,7 @@
 #include <vector>
 #include <string>
 
+#include "backend/cuda/bf16_mma.h"
 #include "backend/cuda/flash_attn.h"
 #include "backend/cuda/int4_mma.h"
 #include "backend/cuda/mma_util.cuh"
@@ -232,14 +233,15 @@ __global__ void __launch_bounds__(256) k_add_rmsnorm(void* x, int xdt, const voi
   }
 }
 
-// Small bf16 linears for steps of up to kGemvMaxT rows (every decode and verify step; prefill chunks above go to
-// cuBLAS), several weights of one input in one launch: one warp per output row and chunk of ≤ 4 rows of x (grid.y),
-// lanes across K in 16-byte chunks (8 inputs), fp32 accumulation, then a shuffle reduction. A row's result does not
-// depend on how many rows the step has (the same lanes sum the same inputs in the same order), so a verify step's
-// rows equal the plain decode step's bit for bit: greedy speculation depends on it (CudaSpec.GreedySpeculation*;
-// with M ≤ 4 here and cuBLAS above, a 5-row verify picked other experts than a 1-row decode). Segment modes: plain y = x·Wᵀ; swiglu (row n computes the gate row n and the up row I + n and
-// writes silu(g)·u, g and u rounded to y's dtype first, as linear + silu_mul would); gated add (y += sigmoid(gate)·
-// s with s rounded to y's dtype, as linear + sigmoid_scale_add would).
+// Small bf16 linears for steps of up to kGemvMaxT rows with DS_CUDA_NO_BF16_MMA=1 (by default the tensor-core
+// kernel of bf16_mma.h serves them; prefill chunks above go to cuBLAS), several weights of one input in one launch:
+// one warp per output row and chunk of ≤ 4 rows of x (grid.y), lanes across K in 16-byte chunks (8 inputs), fp32
+// accumulation, then a shuffle reduction. A row's result does not depend on how many rows the step has (the same
+// lanes sum the same inputs in the same order), so a verify step's rows equal the plain decode step's bit for bit:
+// greedy speculation depends on it (CudaSpec.GreedySpeculation*; with M ≤ 4 here and cuBLAS above, a 5-row verify
+// picked other experts than a 1-row decode). Segment modes: plain y = x·Wᵀ; swiglu (row n computes the gate row n
+// and the up row I + n and writes silu(g)·u, g and u rounded to y's dtype first, as linear + silu_mul would); gated
+// add (y += sigmoid(gate)·s with s rounded to y's dtype, as linear + sigmoid_scale_add would).
 constexpr int kGemvMaxT = 256, kGemvSegs = 4;
 struct GemvSeg {
   const __nv_bfloat16* w = nullptr;
@@ -1471,15 +1473,28 @@ class CudaBackend final : public Backend {
                      CUDA_R_16BF, int(K), &beta, y.data, ct, int(N), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   }
 
-  // Whether bf16 weight l can run through k_gemv_bf16 for T rows of xb: few rows, K in 16-byte chunks,
-  // 16-byte aligned rows. Large N (lm_head) stays with cuBLAS, which reads it at ~85% of bandwidth.
+  // Whether bf16 weight l can run through the small-step kernel for T rows of xb (every decode and verify step): the
+  // tensor-core kernel (bf16_mma.h; K a multiple of 8), or with DS_CUDA_NO_BF16_MMA=1 the GEMV (K in 16-byte chunks, x
+  // of 4 rows in shared memory); both give rows whose bits do not depend on T. 16-byte aligned rows. Large N (lm_head)
+  // and DS_CUDA_NO_GEMV=1: cuBLAS, which reads the lm_head at ~85% of bandwidth.
   static bool gemv_fits(const CudaLinear* l, const Tensor& xb, int64_t T) {
+    if (l->int4 || T > kGemvMaxT || l->N > (int64_t(1) << 16) || env_flag("DS_CUDA_NO_GEMV")) return false;
+    if (!env_flag("DS_CUDA_NO_BF16_MMA")) return bf16_mma_supported(l->K, l->dense.data, xb.data);
     auto al = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-    return !l->int4 && T <= kGemvMaxT && l->K % 8 == 0 && 4 * l->K * 2 <= 48 * 1024 && l->N <= (int64_t(1) << 16) &&
-           al(l->dense.data) &&
-           al(xb.data) && !env_flag("DS_CUDA_NO_GEMV");
+    return l->K % 8 == 0 && 4 * l->K * 2 <= 48 * 1024 && al(l->dense.data) && al(xb.data);
   }
+  // Weights of one input x through the small-step kernel (gemv_fits said yes for each).
   void gemv(const Tensor& xb, int64_t T, int64_t K, const std::vector<GemvSeg>& segs) {
+    if (!env_flag("DS_CUDA_NO_BF16_MMA")) {
+      std::vector<Bf16MmaSeg> ms(segs.size());
+      for (size_t i = 0; i < segs.size(); ++i) {
+        const GemvSeg& g = segs[i];
+        ms[i].w = g.w, ms[i].y = g.y, ms[i].gate = g.gate, ms[i].ydt = g.ydt, ms[i].gdt = g.gdt, ms[i].mode = g.mode;
+        ms[i].rows = g.rows;
+      }
+      bf16_mma_linear(ms.data(), int(ms.size()), xb.data, T, K, stream_);
+      return;
+    }
     for (size_t i0 = 0; i0 < segs.size(); i0 += kGemvSegs) {
       GemvJobs j;
       for (size_t i = i0; i < std::min(segs.size(), i0 + kGemvSegs); ++i) {

@@ -9,12 +9,14 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <thread>
 #include <tuple>
 #include <vector>
 #include <string>
 
+#include "backend/cuda/gdr_chunked.h"
 #include "backend/cuda/int4_mma.h"
 #include "backend/cuda/pdl.h"
 #include "backend/cuda/sample.h"
@@ -557,14 +559,15 @@ __device__ __forceinline__ void gdr_scalars(const float* g, const float* beta, c
 template <int DK, int R>
 __global__ void __launch_bounds__(32) k_gdr_long(const float* qn, const float* kn, const float* g, const float* beta,
                                                  const void* qkv, int qdt, int64_t C, int64_t Hk, int64_t Hv,
-                                                 int64_t Dv, float* ssm, const int32_t* seqinfo, void* o, int odt) {
+                                                 int64_t Dv, float* ssm, const int32_t* seqinfo, void* o, int odt,
+                                                 int64_t long_max) {
   constexpr int CPW = 32 / R, RP = DK / R;
   static_assert(RP % 4 == 0, "rows per lane: whole float4s");
   const int lane = threadIdx.x, r = lane % R;
   const int64_t d = blockIdx.x * int64_t(CPW) + lane / R, j = blockIdx.y;
   const int s = blockIdx.z;
   const int64_t qs = seqinfo[s * 4 + 0], ql = seqinfo[s * 4 + 1], slot = seqinfo[s * 4 + 3];
-  if (ql < kGdrLongMin) return;
+  if (ql < kGdrLongMin || ql >= long_max) return;  // ql ≥ long_max: the chunked kernels (gdr_chunked.h)
   const int64_t kh = j / (Hv / Hk);
   float* S = ssm + ((slot * Hv + j) * DK + int64_t(r) * RP) * Dv + d;
   float st[RP];
@@ -1712,6 +1715,10 @@ class CudaBackend final : public Backend {
     // Decode-only steps (one token per sequence) launch only the short-chunk kernel; any other step launches
     // both, and each sequence is taken by the one its own length selects (graph-safe, batch-invariant).
     const bool decode = T == int64_t(b.seqs.size());
+    // Sequences of ≥ kGdrChunkMin tokens: the chunked tensor-core form (gdr_chunked.cu) instead of k_gdr_long.
+    const bool chunked =
+        !decode && T >= kGdrChunkMin && gdr_chunked_supported(Dk, Dv) && !env_flag("DS_CUDA_NO_GDR_CHUNK");
+    const int64_t long_max = chunked ? kGdrChunkMin : std::numeric_limits<int64_t>::max();
     dim3 grid(unsigned(Dv / 32), unsigned(Hv), unsigned(b.seqs.size()));
     constexpr int kR = 8;
     dim3 lgrid(unsigned(Dv / (32 / kR)), unsigned(Hv), unsigned(b.seqs.size()));
@@ -1724,7 +1731,7 @@ class CudaBackend final : public Backend {
       CKL();                                                                                                       \
       k_gdr_long<DK, kR><<<lgrid, 32, 0, stream_>>>(qn.ptr<float>(), kn.ptr<float>(), g.ptr<float>(),              \
                                                     beta.ptr<float>(), qkv.data, int(qkv.dtype), C, Hk, Hv, Dv,    \
-                                                    st.ssm.ptr<float>(), d.seqinfo, o.data, int(o.dtype));         \
+                                                    st.ssm.ptr<float>(), d.seqinfo, o.data, int(o.dtype), long_max); \
     }                                                                                                              \
     break;
     switch (Dk) {
@@ -1736,6 +1743,14 @@ class CudaBackend final : public Backend {
     }
 #undef DS_GDR
     CKL();
+    if (chunked) {
+      Tensor Gc = alloc_scratch(DType::F32, {T, Hv}), Tb = alloc_scratch(DType::F32, {T, Hv, kGdrChunk}),
+             P = alloc_scratch(DType::F32, {T, Hv, kGdrChunk});
+      gdr_chunked(qn.ptr<float>(), kn.ptr<float>(), g.ptr<float>(), beta.ptr<float>(), qkv.data, int(qkv.dtype), C, T,
+                  Hk, Hv, Dk, Dv, int(b.seqs.size()), d.seqinfo, st.ssm.ptr<float>(), o.data, int(o.dtype),
+                  Gc.ptr<float>(), Tb.ptr<float>(), P.ptr<float>(), stream_);
+      CKL();
+    }
   }
 
   void gated_rmsnorm(const Tensor& o, const Tensor& z, const Tensor& w, float eps, Tensor& y) override {

@@ -1716,8 +1716,13 @@ class CudaBackend final : public Backend {
     // both, and each sequence is taken by the one its own length selects (graph-safe, batch-invariant).
     const bool decode = T == int64_t(b.seqs.size());
     // Sequences of ≥ kGdrChunkMin tokens: the chunked tensor-core form (gdr_chunked.cu) instead of k_gdr_long.
+    // Launched only when the batch has such a sequence (its scratch is ~16 KB per token): a step recorded without
+    // one and replayed with one would still be right, k_gdr_long then taking every long sequence (recorded steps
+    // are decode, verify and input-log replay steps, whose sequences are never that long).
+    int64_t max_ql = 0;
+    for (auto& s : b.seqs) max_ql = std::max(max_ql, s.q_len);
     const bool chunked =
-        !decode && T >= kGdrChunkMin && gdr_chunked_supported(Dk, Dv) && !env_flag("DS_CUDA_NO_GDR_CHUNK");
+        max_ql >= kGdrChunkMin && gdr_chunked_supported(Dk, Dv) && !env_flag("DS_CUDA_NO_GDR_CHUNK");
     const int64_t long_max = chunked ? kGdrChunkMin : std::numeric_limits<int64_t>::max();
     dim3 grid(unsigned(Dv / 32), unsigned(Hv), unsigned(b.seqs.size()));
     constexpr int kR = 8;

@@ -2,6 +2,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdlib>
+
 #include "backend/cuda/gdr_chunked.h"
 #include "core/dtype.h"
 #include "core/status.h"
@@ -43,23 +45,6 @@ __device__ __forceinline__ void mma_tf32(float (&c)[4], const uint32_t (&a)[4], 
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-// acc[nt] (16 × 8 tiles nt = 0..NT−1) += A (16 × 8, fragment values a) · B (8 × 8·NT, fragment values b[nt])
-template <int NT>
-__device__ __forceinline__ void mma3_step(float (&acc)[NT][4], const float (&a)[4], const float (&b)[NT][2]) {
-  uint32_t ah[4], al[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) split_tf32(a[i], ah[i], al[i]);
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    uint32_t bh0, bl0, bh1, bl1;
-    split_tf32(b[nt][0], bh0, bl0);
-    split_tf32(b[nt][1], bh1, bl1);
-    mma_tf32(acc[nt], al, bh0, bh1);
-    mma_tf32(acc[nt], ah, bl0, bl1);
-    mma_tf32(acc[nt], ah, bh0, bh1);
-  }
-}
-
 // ---- step 1: per (chunk, value head), everything that does not depend on the state ------------------------------
 // G (cumulative log-decay in the chunk) → Gc; P[i, :] and Tb[i, :] for the chunk's rows i (row = token).
 // Block: 256 threads; dynamic shared memory K [64][DK+1], A [64][65], T [64][65].
@@ -135,10 +120,305 @@ __global__ void __launch_bounds__(256) k_gdr_chunk_prep(const float* qn, const f
 // 8 warps. Warp w owns state rows [16w, 16w+16) (DK = 128; DK = 64: warps 0–3) as mma accumulators across chunks.
 // Per chunk: (1) warps 0–3 X = e^G⊙(K·S) → R = V − X, warps 4–7 O = e^G⊙(Q·S) (kept in registers); (2) V' = Tb·R;
 // (3) warps 4–7 O += P·V', stored; (4) S ← e^{G_c}·S + Kᵀ·(e^{G_c−G}⊙V'). S, R and V' meet in shared memory.
-constexpr int kLD = 40;  // shared row stride: B-fragment loads (row t, column g) hit 32 distinct banks
+// Everything that does not depend on the state (K, Q, Tb, P, G of the chunk) is in shared memory before the chunk
+// starts: the next chunk's copies (cp.async) are issued after product (1) and land during (2)–(4); K, Tb, P and G
+// are double-buffered (read until (4)), Q single (read in (1) only). Each product keeps its hi·hi, hi·lo and lo·hi
+// terms in three accumulators (three independent mma chains instead of one three times as long).
+constexpr int kLD = 40;  // S, R, V' row stride: B-fragment loads (row t, column g) hit 32 distinct banks
+constexpr int kLT = 68;  // Tb, P row stride: A-fragment loads (row g, column t) hit 32 distinct banks
+
+__device__ __forceinline__ void cp_async(void* smem, const void* gmem, int bytes, bool valid) {
+  const uint32_t sa = uint32_t(__cvta_generic_to_shared(smem));
+  if (bytes == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(gmem), "r"(valid ? 16 : 0));
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(sa), "l"(gmem), "r"(valid ? 4 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+// acc[p][nt] (p: hi·hi, hi·lo, lo·hi) += A (16 × 8, fragment a) · B (8 × 8·NT, fragments b[nt])
+template <int NT>
+__device__ __forceinline__ void mma3_split(float (&acc)[3][NT][4], const float (&a)[4], const float (&b)[NT][2]) {
+  uint32_t ah[4], al[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) split_tf32(a[i], ah[i], al[i]);
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    uint32_t bh0, bl0, bh1, bl1;
+    split_tf32(b[nt][0], bh0, bl0);
+    split_tf32(b[nt][1], bh1, bl1);
+    mma_tf32(acc[0][nt], ah, bh0, bh1);
+    mma_tf32(acc[1][nt], ah, bl0, bl1);
+    mma_tf32(acc[2][nt], al, bh0, bh1);
+  }
+}
+template <int NT>
+__device__ __forceinline__ float acc_sum(const float (&acc)[3][NT][4], int nt, int i) {
+  return acc[0][nt][i] + (acc[1][nt][i] + acc[2][nt][i]);
+}
 
 template <int DK>
-__global__ void __launch_bounds__(256) k_gdr_chunk_state(const float* qn, const float* kn, const void* qkv, int qdt,
+struct StateSmem {
+  static constexpr int LK = DK + 4;  // K, Q row stride (A-fragment loads conflict-free)
+  static constexpr int S = 0, R = S + DK * kLD, V = R + 64 * kLD, K = V + 64 * kLD, Q = K + 2 * 64 * LK,
+                       Tb = Q + 64 * LK, P = Tb + 2 * 64 * kLT, G = P + 2 * 64 * kLT, total = G + 2 * 64;
+  static constexpr size_t bytes = size_t(total) * sizeof(float);
+};
+
+template <int DK>
+__global__ void __launch_bounds__(256, 1) k_gdr_chunk_state(const float* qn, const float* kn, const void* qkv, int qdt,
+                                                            int64_t C, int64_t Hk, int64_t Hv, int64_t Dv,
+                                                            const int32_t* seqinfo, const float* Gc, const float* Tb,
+                                                            const float* P, float* ssm, void* o, int odt) {
+  using L = StateSmem<DK>;
+  constexpr int LK = L::LK;
+  extern __shared__ float4 smem4[];
+  float* const sm = reinterpret_cast<float*>(smem4);
+  float* const Ss = sm + L::S;
+  float* const Rs = sm + L::R;
+  float* const Vs = sm + L::V;
+  __shared__ float eg[64], er[64];
+  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, gq = lane >> 2, tq = lane & 3;
+  const int s = blockIdx.z;
+  const int64_t j = blockIdx.y, x0 = int64_t(blockIdx.x) * 32;
+  const int64_t qs = seqinfo[s * 4 + 0], ql = seqinfo[s * 4 + 1], slot = seqinfo[s * 4 + 3];
+  if (ql < kGdrChunkMin) return;
+  const int64_t kh = j / (Hv / Hk);
+  // Chunk c's K, Tb, P, G into buffer c & 1 (Q: one buffer); rows past the sequence are zero-filled.
+  auto prefetch = [&](int64_t c0, int buf) {
+    const int n = int(ql - c0 < kGdrChunk ? ql - c0 : kGdrChunk);
+    const int64_t t0 = qs + c0;
+    for (int idx = tid; idx < 64 * DK / 4; idx += 256) {
+      const int r = idx / (DK / 4), c4 = 4 * (idx % (DK / 4));
+      const int64_t off = ((t0 + (r < n ? r : 0)) * Hk + kh) * DK + c4;
+      cp_async(sm + L::K + (buf * 64 + r) * LK + c4, kn + off, 16, r < n);
+      cp_async(sm + L::Q + r * LK + c4, qn + off, 16, r < n);
+    }
+    for (int idx = tid; idx < 64 * 16; idx += 256) {
+      const int r = idx >> 4, c4 = 4 * (idx & 15);
+      const int64_t off = ((t0 + (r < n ? r : 0)) * Hv + j) * kGdrChunk + c4;
+      cp_async(sm + L::Tb + (buf * 64 + r) * kLT + c4, Tb + off, 16, r < n);
+      cp_async(sm + L::P + (buf * 64 + r) * kLT + c4, P + off, 16, r < n);
+    }
+    if (tid < 64) cp_async(sm + L::G + buf * 64 + tid, Gc + (t0 + (tid < n ? tid : 0)) * Hv + j, 4, tid < n);
+    cp_async_commit();
+  };
+  prefetch(0, 0);
+  float* S = ssm + (slot * Hv + j) * DK * Dv + x0;
+  const bool own = w < DK / 16;
+  const int sr = 16 * w + gq;  // this lane's state rows sr, sr + 8
+  float sacc[4][4];
+  if (own) {
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      const int c = nt * 8 + 2 * tq;
+      sacc[nt][0] = S[int64_t(sr) * Dv + c];
+      sacc[nt][1] = S[int64_t(sr) * Dv + c + 1];
+      sacc[nt][2] = S[int64_t(sr + 8) * Dv + c];
+      sacc[nt][3] = S[int64_t(sr + 8) * Dv + c + 1];
+      Ss[sr * kLD + c] = sacc[nt][0];
+      Ss[sr * kLD + c + 1] = sacc[nt][1];
+      Ss[(sr + 8) * kLD + c] = sacc[nt][2];
+      Ss[(sr + 8) * kLD + c + 1] = sacc[nt][3];
+    }
+  }
+  const int r0 = 16 * (w & 3), rlo = r0 + gq, rhi = rlo + 8;  // rows of the chunk this warp's 16-row tile covers
+  float oacc[4][4];
+  int buf = 0;
+  for (int64_t c0 = 0; c0 < ql; c0 += kGdrChunk, buf ^= 1) {
+    const int n = int(ql - c0 < kGdrChunk ? ql - c0 : kGdrChunk);
+    const int64_t t0 = qs + c0;
+    const bool vlo = rlo < n, vhi = rhi < n;
+    // this chunk's values (warps 0–3), in flight during the waits and product (1)
+    float vv[4][4];
+    if (w < 4) {
+      const int64_t vlo_off = (t0 + (vlo ? rlo : 0)) * C + 2 * Hk * DK + j * Dv + x0;
+      const int64_t vhi_off = (t0 + (vhi ? rhi : 0)) * C + 2 * Hk * DK + j * Dv + x0;
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const int c = nt * 8 + 2 * tq;
+        vv[nt][0] = vlo ? gld(qkv, qdt, vlo_off + c) : 0.f;
+        vv[nt][1] = vlo ? gld(qkv, qdt, vlo_off + c + 1) : 0.f;
+        vv[nt][2] = vhi ? gld(qkv, qdt, vhi_off + c) : 0.f;
+        vv[nt][3] = vhi ? gld(qkv, qdt, vhi_off + c + 1) : 0.f;
+      }
+    }
+    cp_async_wait_all();
+    __syncthreads();  // the chunk's copies are visible; the previous chunk is done with eg, er
+    const float* Gs = sm + L::G + buf * 64;
+    const float gl = Gs[n - 1];
+    if (tid < 64) {
+      eg[tid] = tid < n ? expf(Gs[tid]) : 0.f;
+      er[tid] = tid < n ? expf(gl - Gs[tid]) : 0.f;
+    }
+    __syncthreads();
+    // (1) [K; Q] rows · S
+    {
+      const float* A = w < 4 ? sm + L::K + buf * 64 * LK : sm + L::Q;
+      float acc[3][4][4] = {};
+#pragma unroll 4
+      for (int k0 = 0; k0 < DK; k0 += 8) {
+        const float a[4] = {A[rlo * LK + k0 + tq], A[rhi * LK + k0 + tq], A[rlo * LK + k0 + tq + 4],
+                            A[rhi * LK + k0 + tq + 4]};
+        float b[4][2];
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          b[nt][0] = Ss[(k0 + tq) * kLD + nt * 8 + gq];
+          b[nt][1] = Ss[(k0 + tq + 4) * kLD + nt * 8 + gq];
+        }
+        mma3_split<4>(acc, a, b);
+      }
+      const float elo = eg[rlo], ehi = eg[rhi];
+      if (w < 4) {
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          const int c = nt * 8 + 2 * tq;
+          Rs[rlo * kLD + c] = vlo ? vv[nt][0] - elo * acc_sum(acc, nt, 0) : 0.f;
+          Rs[rlo * kLD + c + 1] = vlo ? vv[nt][1] - elo * acc_sum(acc, nt, 1) : 0.f;
+          Rs[rhi * kLD + c] = vhi ? vv[nt][2] - ehi * acc_sum(acc, nt, 2) : 0.f;
+          Rs[rhi * kLD + c + 1] = vhi ? vv[nt][3] - ehi * acc_sum(acc, nt, 3) : 0.f;
+        }
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          oacc[nt][0] = elo * acc_sum(acc, nt, 0);
+          oacc[nt][1] = elo * acc_sum(acc, nt, 1);
+          oacc[nt][2] = ehi * acc_sum(acc, nt, 2);
+          oacc[nt][3] = ehi * acc_sum(acc, nt, 3);
+        }
+      }
+    }
+    __syncthreads();  // R complete; Q and the other K, Tb, P, G buffers are free
+    if (c0 + kGdrChunk < ql) prefetch(c0 + kGdrChunk, buf ^ 1);
+    // (2) V' = Tb · R: warp w computes row tile w & 3, column tiles 2·(w >> 2) and + 1
+    {
+      const int n0 = 2 * (w >> 2);
+      const float* A = sm + L::Tb + buf * 64 * kLT;
+      float acc[3][2][4] = {};
+#pragma unroll
+      for (int k0 = 0; k0 < kGdrChunk; k0 += 8) {
+        const float a[4] = {A[rlo * kLT + k0 + tq], A[rhi * kLT + k0 + tq], A[rlo * kLT + k0 + tq + 4],
+                            A[rhi * kLT + k0 + tq + 4]};
+        float b[2][2];
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          b[nt][0] = Rs[(k0 + tq) * kLD + (n0 + nt) * 8 + gq];
+          b[nt][1] = Rs[(k0 + tq + 4) * kLD + (n0 + nt) * 8 + gq];
+        }
+        mma3_split<2>(acc, a, b);
+      }
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        const int c = (n0 + nt) * 8 + 2 * tq;
+        Vs[rlo * kLD + c] = acc_sum(acc, nt, 0);
+        Vs[rlo * kLD + c + 1] = acc_sum(acc, nt, 1);
+        Vs[rhi * kLD + c] = acc_sum(acc, nt, 2);
+        Vs[rhi * kLD + c + 1] = acc_sum(acc, nt, 3);
+      }
+    }
+    __syncthreads();
+    // (3) O += P · V' (warps 4–7), stored
+    if (w >= 4) {
+      const float* A = sm + L::P + buf * 64 * kLT;
+      float acc[3][4][4] = {};
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[0][nt][i] = oacc[nt][i];
+#pragma unroll
+      for (int k0 = 0; k0 < kGdrChunk; k0 += 8) {
+        const float a[4] = {A[rlo * kLT + k0 + tq], A[rhi * kLT + k0 + tq], A[rlo * kLT + k0 + tq + 4],
+                            A[rhi * kLT + k0 + tq + 4]};
+        float b[4][2];
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          b[nt][0] = Vs[(k0 + tq) * kLD + nt * 8 + gq];
+          b[nt][1] = Vs[(k0 + tq + 4) * kLD + nt * 8 + gq];
+        }
+        mma3_split<4>(acc, a, b);
+      }
+      const int64_t olo = ((t0 + rlo) * Hv + j) * Dv + x0, ohi = ((t0 + rhi) * Hv + j) * Dv + x0;
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const int c = nt * 8 + 2 * tq;
+        if (vlo) {
+          gst(o, odt, olo + c, acc_sum(acc, nt, 0));
+          gst(o, odt, olo + c + 1, acc_sum(acc, nt, 1));
+        }
+        if (vhi) {
+          gst(o, odt, ohi + c, acc_sum(acc, nt, 2));
+          gst(o, odt, ohi + c + 1, acc_sum(acc, nt, 3));
+        }
+      }
+    }
+    // (4) S ← e^{G_c}·S + Kᵀ·(e^{G_c−G}⊙V'): A (row = state row e, column = token m) = K[m, e]·e^{G_c−G_m}
+    if (own) {
+      const float egc = expf(gl);
+      const float* Kc = sm + L::K + buf * 64 * LK + sr;
+      float acc[3][4][4] = {};
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[0][nt][i] = sacc[nt][i] * egc;
+#pragma unroll
+      for (int k0 = 0; k0 < kGdrChunk; k0 += 8) {
+        const int m0 = k0 + tq, m1 = m0 + 4;
+        const float f0 = er[m0], f1 = er[m1];  // zero past the chunk's last row
+        const float a[4] = {Kc[m0 * LK] * f0, Kc[m0 * LK + 8] * f0, Kc[m1 * LK] * f1, Kc[m1 * LK + 8] * f1};
+        float b[4][2];
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          b[nt][0] = Vs[(k0 + tq) * kLD + nt * 8 + gq];
+          b[nt][1] = Vs[(k0 + tq + 4) * kLD + nt * 8 + gq];
+        }
+        mma3_split<4>(acc, a, b);
+      }
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const int c = nt * 8 + 2 * tq;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) sacc[nt][i] = acc_sum(acc, nt, i);
+        Ss[sr * kLD + c] = sacc[nt][0];
+        Ss[sr * kLD + c + 1] = sacc[nt][1];
+        Ss[(sr + 8) * kLD + c] = sacc[nt][2];
+        Ss[(sr + 8) * kLD + c + 1] = sacc[nt][3];
+      }
+    }
+  }
+  if (own) {
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      const int c = nt * 8 + 2 * tq;
+      S[int64_t(sr) * Dv + c] = sacc[nt][0];
+      S[int64_t(sr) * Dv + c + 1] = sacc[nt][1];
+      S[int64_t(sr + 8) * Dv + c] = sacc[nt][2];
+      S[int64_t(sr + 8) * Dv + c + 1] = sacc[nt][3];
+    }
+  }
+}
+
+// acc[nt] (16 × 8 tiles nt = 0..NT−1) += A (16 × 8, fragment values a) · B (8 × 8·NT, fragment values b[nt])
+template <int NT>
+__device__ __forceinline__ void mma3_step(float (&acc)[NT][4], const float (&a)[4], const float (&b)[NT][2]) {
+  uint32_t ah[4], al[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) split_tf32(a[i], ah[i], al[i]);
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    uint32_t bh0, bl0, bh1, bl1;
+    split_tf32(b[nt][0], bh0, bl0);
+    split_tf32(b[nt][1], bh1, bl1);
+    mma_tf32(acc[nt], al, bh0, bh1);
+    mma_tf32(acc[nt], ah, bl0, bl1);
+    mma_tf32(acc[nt], ah, bh0, bh1);
+  }
+}
+
+// (First version, for comparison while measuring: DS_GDR_CHUNK_V1=1. A operands straight from global memory.)
+
+template <int DK>
+__global__ void __launch_bounds__(256) k_gdr_chunk_state_v1(const float* qn, const float* kn, const void* qkv, int qdt,
                                                          int64_t C, int64_t Hk, int64_t Hv, int64_t Dv,
                                                          const int32_t* seqinfo, const float* Gc, const float* Tb,
                                                          const float* P, float* ssm, void* o, int odt) {
@@ -338,7 +618,13 @@ void launch(const float* qn, const float* kn, const float* g, const float* beta,
   const dim3 pgrid(unsigned((T + kGdrChunk - 1) / kGdrChunk), unsigned(Hv), unsigned(nseq));
   k_gdr_chunk_prep<DK><<<pgrid, 256, smem, stream>>>(qn, kn, g, beta, Hk, Hv, seqinfo, Gc, Tb, P);
   const dim3 sgrid(unsigned(Dv / 32), unsigned(Hv), unsigned(nseq));
-  k_gdr_chunk_state<DK><<<sgrid, 256, 0, stream>>>(qn, kn, qkv, qdt, C, Hk, Hv, Dv, seqinfo, Gc, Tb, P, ssm, o, odt);
+  if (const char* e = std::getenv("DS_GDR_CHUNK_V1"); e && *e == '1') {
+    k_gdr_chunk_state_v1<DK><<<sgrid, 256, 0, stream>>>(qn, kn, qkv, qdt, C, Hk, Hv, Dv, seqinfo, Gc, Tb, P, ssm, o, odt);
+    return;
+  }
+  cudaFuncSetAttribute(k_gdr_chunk_state<DK>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(StateSmem<DK>::bytes));
+  k_gdr_chunk_state<DK><<<sgrid, 256, StateSmem<DK>::bytes, stream>>>(qn, kn, qkv, qdt, C, Hk, Hv, Dv, seqinfo, Gc,
+                                                                      Tb, P, ssm, o, odt);
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <thread>
 #include <tuple>
@@ -18,6 +19,7 @@
 
 #include "backend/cuda/bf16_mma.h"
 #include "backend/cuda/flash_attn.h"
+#include "backend/cuda/gdr_chunked.h"
 #include "backend/cuda/int4_mma.h"
 #include "backend/cuda/mma_util.cuh"
 #include "backend/cuda/pdl.h"
@@ -559,20 +561,20 @@ __device__ __forceinline__ void gdr_scalars(const float* g, const float* beta, c
   br = beta[t * Hv + j];
   vr = ldf(qkv, qdt, t * C + voff);
 }
-// LONG: the sequences of >= kGdrLongMin tokens (one warp per block); else the shorter ones (decode, speculative
-// verify and replay), WPB warps per block.
+// LONG: the sequences of kGdrLongMin <= ql < long_max tokens (one warp per block; longer ones take the chunked
+// kernels, gdr_chunked.h); else the shorter ones (decode, speculative verify and replay), WPB warps per block.
 template <int DK, int R, int WPB = 1, bool LONG = true>
 __global__ void __launch_bounds__(32 * WPB) k_gdr_long(const float* qn, const float* kn, const float* g,
                                                        const float* beta, const void* qkv, int qdt, int64_t C,
                                                        int64_t Hk, int64_t Hv, int64_t Dv, float* ssm,
-                                                       const int32_t* seqinfo, void* o, int odt) {
+                                                       const int32_t* seqinfo, void* o, int odt, int64_t long_max) {
   constexpr int CPW = 32 / R, RP = DK / R;
   static_assert(RP % 4 == 0, "rows per lane: whole float4s");
   const int lane = threadIdx.x & 31, r = lane % R;
   const int64_t d = (blockIdx.x * int64_t(WPB) + (threadIdx.x >> 5)) * CPW + lane / R, j = blockIdx.y;
   const int s = blockIdx.z;
   const int64_t qs = seqinfo[s * 4 + 0], ql = seqinfo[s * 4 + 1], slot = seqinfo[s * 4 + 3];
-  if (LONG ? ql < kGdrLongMin : (ql == 0 || ql >= kGdrLongMin)) return;
+  if (LONG ? (ql < kGdrLongMin || ql >= long_max) : (ql == 0 || ql >= kGdrLongMin)) return;
   if (d >= Dv) return;  // whole warps: Dv is a multiple of 32
   const int64_t kh = j / (Hv / Hk);
   float* S = ssm + ((slot * Hv + j) * DK + int64_t(r) * RP) * Dv + d;
@@ -1797,6 +1799,15 @@ class CudaBackend final : public Backend {
     // Decode-only steps (one token per sequence) launch only the short-chunk kernel; any other step launches
     // both, and each sequence is taken by the one its own length selects (graph-safe, batch-invariant).
     const bool decode = T == int64_t(b.seqs.size());
+    // Sequences of ≥ kGdrChunkMin tokens: the chunked tensor-core form (gdr_chunked.cu) instead of k_gdr_long.
+    // Launched only when the batch has such a sequence (its scratch is ~16 KB per token): a step recorded without
+    // one and replayed with one would still be right, k_gdr_long then taking every long sequence (recorded steps
+    // are decode, verify and input-log replay steps, whose sequences are never that long).
+    int64_t max_ql = 0;
+    for (auto& s : b.seqs) max_ql = std::max(max_ql, s.q_len);
+    const bool chunked =
+        max_ql >= kGdrChunkMin && gdr_chunked_supported(Dk, Dv) && !env_flag("DS_CUDA_NO_GDR_CHUNK");
+    const int64_t long_max = chunked ? kGdrChunkMin : std::numeric_limits<int64_t>::max();
     dim3 grid(unsigned(Dv / 32), unsigned(Hv), unsigned(b.seqs.size()));
     constexpr int kR = 8;
     dim3 lgrid(unsigned(Dv / (32 / kR)), unsigned(Hv), unsigned(b.seqs.size()));
@@ -1814,7 +1825,7 @@ class CudaBackend final : public Backend {
   k_gdr_long<DK, RL, 4, false><<<sgrid(RL), 128, 0, stream_>>>(qn.ptr<float>(), kn.ptr<float>(), g.ptr<float>(),   \
                                                                beta.ptr<float>(), qkv.data, int(qkv.dtype), C, Hk, \
                                                                Hv, Dv, st.ssm.ptr<float>(), d.seqinfo, o.data,     \
-                                                               int(o.dtype));
+                                                               int(o.dtype), int64_t(0));
 #define DS_GDR(DK)                                                                                                 \
   case DK:                                                                                                         \
     if (short_r == 1)                                                                                              \
@@ -1832,7 +1843,7 @@ class CudaBackend final : public Backend {
       CKL();                                                                                                       \
       k_gdr_long<DK, kR><<<lgrid, 32, 0, stream_>>>(qn.ptr<float>(), kn.ptr<float>(), g.ptr<float>(),              \
                                                     beta.ptr<float>(), qkv.data, int(qkv.dtype), C, Hk, Hv, Dv,    \
-                                                    st.ssm.ptr<float>(), d.seqinfo, o.data, int(o.dtype));         \
+                                                    st.ssm.ptr<float>(), d.seqinfo, o.data, int(o.dtype), long_max); \
     }                                                                                                              \
     break;
     switch (Dk) {
@@ -1845,6 +1856,14 @@ class CudaBackend final : public Backend {
 #undef DS_GDR
 #undef DS_GDR_SHORT_RL
     CKL();
+    if (chunked) {
+      Tensor Gc = alloc_scratch(DType::F32, {T, Hv}), Tb = alloc_scratch(DType::F32, {T, Hv, kGdrChunk}),
+             P = alloc_scratch(DType::F32, {T, Hv, kGdrChunk});
+      gdr_chunked(qn.ptr<float>(), kn.ptr<float>(), g.ptr<float>(), beta.ptr<float>(), qkv.data, int(qkv.dtype), C, T,
+                  Hk, Hv, Dk, Dv, int(b.seqs.size()), d.seqinfo, st.ssm.ptr<float>(), o.data, int(o.dtype),
+                  Gc.ptr<float>(), Tb.ptr<float>(), P.ptr<float>(), stream_);
+      CKL();
+    }
   }
 
   void gated_rmsnorm(const Tensor& o, const Tensor& z, const Tensor& w, float eps, Tensor& y) override {

@@ -10,6 +10,26 @@
 
 namespace ds::runtime {
 
+void PhaseClock::start() {
+  if (!be_) return;
+  be_->synchronize();
+  t_ = std::chrono::steady_clock::now();
+}
+
+void PhaseClock::mark(const char* phase) {
+  if (!be_) return;
+  be_->synchronize();
+  const auto now = std::chrono::steady_clock::now();
+  const double ms = std::chrono::duration<double, std::milli>(now - t_).count();
+  t_ = now;
+  for (auto& [name, v] : *ms_)
+    if (name == phase) {
+      v += ms;
+      return;
+    }
+  ms_->push_back({phase, ms});
+}
+
 int32_t draft_pick(const float* row, int64_t V, int64_t vocab_limit, const std::vector<int32_t>* ids) {
   if (!ids) return sampling::draft_argmax(row, V, vocab_limit);
   const int64_t lim = vocab_limit > 0 ? vocab_limit : V;
@@ -122,9 +142,13 @@ void mtp_propose(model::Model& m, CacheManager& cm, const Tensor& hidden, std::v
     for (int64_t i = 0; i < n; ++i) out.push_back(draft_pick(lg.data() + i * N, V, opt.vocab_limit, ids));
     return out;
   };
+  auto mark = [&](const char* phase) {
+    if (opt.clock) opt.clock->mark(phase);
+  };
   BatchMeta b = make_batch(parts);
   Tensor h = be.alloc(be.act_dtype(), {int64_t(hrows.size()), H});
   be.gather_rows(hidden, hrows, h);
+  mark("draft: build");
   Tensor hout;  // MTP post-norm hidden of the drafting rows: the next chained step's input
   const bool any = !lrows.empty();
   std::vector<int32_t> toks;  // the draft of each drafting row
@@ -132,14 +156,18 @@ void mtp_propose(model::Model& m, CacheManager& cm, const Tensor& hidden, std::v
     // Every row is a logit row in the recording; the drafting rows are picked out here.
     Tensor L, hall, A;
     m.mtp_forward_graphed(b, cm.caches(), h, opt.reduced, &L, &hall, any ? dev_limit : 0, &A);
+    mark("draft: first pass");
     if (!any) return;
     toks = pick(L, A, lrows);
+    mark("draft: readback");
     hout = be.alloc(be.act_dtype(), {int64_t(lrows.size()), H});
     be.gather_rows(hall, lrows, hout);
   } else {
     Tensor L = m.mtp_forward(b, cm.caches(), h, any ? lrows : std::vector<int32_t>{0}, &hout, opt.reduced);
+    mark("draft: first pass");
     if (!any) return;
     toks = pick(L, Tensor{}, {});
+    mark("draft: readback");
   }
 
   // Chained steps: one row per sequence still drafting.
@@ -177,13 +205,18 @@ void mtp_propose(model::Model& m, CacheManager& cm, const Tensor& hidden, std::v
     }
     std::vector<int32_t> all(next.size());
     for (size_t i = 0; i < all.size(); ++i) all[i] = int32_t(i);
+    mark("draft: chain build");
     if (graphed) {
       Tensor L, A;
       m.mtp_forward_graphed(cb, cm.caches(), prev, opt.reduced, &L, &hout, dev_limit, &A);
+      mark("draft: chain step");
       toks = pick(L, A, {});
     } else {
-      toks = pick(m.mtp_forward(cb, cm.caches(), prev, all, &hout, opt.reduced), Tensor{}, {});
+      Tensor L = m.mtp_forward(cb, cm.caches(), prev, all, &hout, opt.reduced);
+      mark("draft: chain step");
+      toks = pick(L, Tensor{}, {});
     }
+    mark("draft: readback");
     for (size_t i = 0; i < next.size(); ++i) propose(next[i]->seq, toks[i]);
     active = std::move(next);
   }

@@ -347,6 +347,55 @@ TEST(SpecEngine, OracleDraftsAreAcceptedAndOutputUnchanged) {
   }
 }
 
+// Greedy verification on the backend (EngineConfig::device_verify: sample_rows' greedy choice per verified row,
+// compared with the drafts in the engine) decides exactly as verify_draft on the host, penalties and logit_bias
+// included (row j's penalties see d_1..d_j), with acceptances and rejections from the oracle.
+TEST(SpecEngine, DeviceVerifyEqualsHostVerify) {
+  Fixture& f = fixture("tiny-moe", "bf16");
+  const int64_t N = 18;
+  auto make = [&] {
+    std::vector<std::shared_ptr<Request>> rs;
+    for (size_t i = 0; i < f.prompts.size(); ++i) {
+      rs.push_back(req(i, f.prompts[i], N));
+      if (i % 2) {  // penalties and a bias: the edits of each verified row depend on the drafts before it
+        auto& sp = rs.back()->sampling;
+        sp.repetition_penalty = 1.3f;
+        sp.presence_penalty = 0.4f;
+        sp.frequency_penalty = 0.2f;
+        sp.logit_bias = {{5, 2.0f}, {17, -1.5f}};
+      }
+    }
+    return rs;
+  };
+  const auto want = run_all(*f.m, config(0), make());
+  for (int64_t K : {1, 3}) {
+    auto oracle = [&](EngineConfig c) {
+      auto rng = std::make_shared<std::mt19937_64>(K);
+      c.draft_hook = [&, rng](uint64_t id, int64_t index, int32_t proposed) {
+        const auto& w = want[size_t(id)].tokens;
+        const int64_t g = index - int64_t(f.prompts[size_t(id)].size());
+        if (g < 0 || g >= int64_t(w.size())) return proposed;
+        return ((*rng)() % 10) < 7 ? w[size_t(g)] : int32_t((w[size_t(g)] + 1 + (*rng)() % 100) % 2048);
+      };
+      return c;
+    };
+    EngineConfig dev = oracle(config(K)), host = oracle(config(K));
+    host.device_verify = false;
+    runtime::EngineMetrics md, mh;
+    const auto a = run_all(*f.m, dev, make(), &md);
+    const auto b = run_all(*f.m, host, make(), &mh);
+    for (size_t i = 0; i < want.size(); ++i) {
+      EXPECT_EQ(a[i].tokens, want[i].tokens) << "device verify, K=" << K << " prompt " << i;
+      EXPECT_EQ(b[i].tokens, want[i].tokens) << "host verify, K=" << K << " prompt " << i;
+    }
+    EXPECT_EQ(md.spec_accepted_tokens_total, mh.spec_accepted_tokens_total);
+    EXPECT_EQ(md.spec_draft_tokens_total, mh.spec_draft_tokens_total);
+    EXPECT_GT(md.spec_accepted_tokens_total, 0);
+    EXPECT_LT(md.spec_accepted_tokens_total, md.spec_draft_tokens_total);
+    EXPECT_GT(md.device_sample_steps_total, mh.device_sample_steps_total);  // the verify steps
+  }
+}
+
 TEST(SpecEngine, MaxTokensStopTokensAndPreemption) {
   Fixture& f = fixture("tiny-moe", "bf16");
   const auto& p = f.prompts[2];

@@ -271,9 +271,10 @@ class TimingBackend final : public Backend {
     timed(w->int4 ? "int4 linears" : "bf16 linears", "linear_gated_add", [&] { in_.linear_gated_add(x, w, g, y); });
   }
 
-  void argmax_rows(const Tensor& logits, int64_t limit, Tensor& ids) override {
-    timed("other", "argmax_rows", [&] { in_.argmax_rows(logits, limit, ids); });
+  void argmax_rows(const Tensor& logits, int64_t limit, Tensor& ids, const Tensor* map = nullptr) override {
+    timed("other", "argmax_rows", [&] { in_.argmax_rows(logits, limit, ids, map); });
   }
+  void batch_tokens_from(BatchMeta& b, const Tensor& ids) override { in_.batch_tokens_from(b, ids); }
 
  private:
   Backend& in_;

@@ -71,6 +71,8 @@ EngineConfig resolve(const model::Model& m, EngineConfig c) {
   if (const char* v = std::getenv("DS_HOST_SAMPLING"); v && *v && std::string(v) != "0") c.device_sampling = false;
   // DS_CUDA_NO_DEVICE_VERIFY=1: greedy verify steps copy the logits to the host too (the old path).
   if (const char* v = std::getenv("DS_CUDA_NO_DEVICE_VERIFY"); v && *v && std::string(v) != "0") c.device_verify = false;
+  // DS_CUDA_NO_DRAFT_FEED=1: each draft step's tokens come back to the host and feed the next (the old path).
+  if (const char* v = std::getenv("DS_CUDA_NO_DRAFT_FEED"); v && *v && std::string(v) != "0") c.device_draft_feed = false;
   // DS_SPEC_PROFILE=1: time the phases of every step (EngineMetrics::phase_ms; syncs at each phase boundary).
   if (const char* v = std::getenv("DS_SPEC_PROFILE"); v && *v && std::string(v) != "0") c.profile_phases = true;
   return c;
@@ -428,6 +430,7 @@ void Engine::Impl::run(const Schedule& sc_in) {
     o.graphs = graphed;
     o.hook = cfg.draft_hook;
     o.clock = &clk;
+    o.device_feed = cfg.device_draft_feed;
     mtp_propose(model, cm, hidden, jobs, o);
     clk.mark("draft: other");
   } catch (const std::exception& e) {

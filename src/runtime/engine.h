@@ -113,9 +113,16 @@ struct EngineConfig {
   // sampling) and logprobs keep the host path. Same tokens either way. false (or DS_CUDA_NO_DEVICE_VERIFY=1): the
   // logits of every verify step come back to the host (sampling::verify_draft).
   bool device_verify = true;
+  // Recorded draft steps (step graphs, the draft argmax on the device) feed each chained MTP step its token ids from
+  // the previous step's argmax on the device, and read the drafts back once after the last step: no host round trip
+  // between the K draft steps (docs/engine.md "Host syncs"). false (or DS_CUDA_NO_DRAFT_FEED=1): one read back per
+  // draft step, the next step's tokens through the host.
+  bool device_draft_feed = true;
   // Tests and benchmarks only (issue 8's oracle mode; random weights accept almost nothing): replaces the MTP's
-  // proposal for token index `index` (into prompt + generated) of request `id`. The MTP still runs, and the
-  // chained steps are fed the replaced token. Null = off.
+  // proposal for token index `index` (into prompt + generated) of request `id`. The MTP still runs. Without the
+  // device draft feed the chained steps are fed the replaced token; with it (the MTP's drafts stay on the device
+  // until the last step) they are fed the MTP's own proposals and the hook replaces the proposals afterwards, in
+  // the same order. Null = off.
   std::function<int32_t(uint64_t id, int64_t index, int32_t proposed)> draft_hook;
   // Benchmarks (bench --speculative; also DS_SPEC_PROFILE=1): wall time per phase of every step
   // (EngineMetrics::phase_ms), the backend synchronised at each phase boundary, so the phases do not overlap and

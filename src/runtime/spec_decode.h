@@ -52,6 +52,10 @@ struct DraftOptions {
   bool graphs = false;
   DraftHook hook;
   PhaseClock* clock = nullptr;  // profiling (phases "draft: ..."); null: off
+  // With `graphs` and the argmax on the device: chained steps read their tokens from the previous step's argmax on
+  // the device and the drafts come back once after the last step (EngineConfig::device_draft_feed); false: each
+  // step's drafts come back and the next step's tokens go through the host.
+  bool device_feed = true;
 };
 constexpr int64_t kMaxGraphRows = 64;
 

@@ -617,13 +617,78 @@ TEST_F(CudaOps, ArgmaxRows) {
         for (int64_t j = 0; j < N; ++j) v[size_t(3 * N + j)] = std::nanf("");
         v[size_t(4 * N + N - 1)] = 1000.f;
       }
+      // map: a reduced draft head's column -> token id (a permutation of ids of a larger vocabulary)
+      std::vector<float> mv(static_cast<size_t>(N));
+      for (int64_t j = 0; j < N; ++j) mv[size_t(j)] = float((j * 7919 + 13) % 262144);
+      Pair map = B.up(mv, {N}, DType::I32);
       for (int64_t limit : {N, std::max<int64_t>(1, N - 5), std::max<int64_t>(1, N / 3)}) {
-        Pair L = B.up(v, {R, N}, DType::F32), A = B.zeros({R}, DType::I32);
+        Pair L = B.up(v, {R, N}, DType::F32), A = B.zeros({R}, DType::I32), M = B.zeros({R}, DType::I32);
         B.cpu->argmax_rows(L.c, limit, A.c);
         B.gpu->argmax_rows(L.g, limit, A.g);
         EXPECT_EQ(B.gpu->to_host_f32(A.g), B.cpu->to_host_f32(A.c)) << "N " << N << " R " << R << " limit " << limit;
+        B.cpu->argmax_rows(L.c, limit, M.c, &map.c);
+        B.gpu->argmax_rows(L.g, limit, M.g, &map.g);
+        const auto col = B.cpu->to_host_f32(A.c), tok = B.cpu->to_host_f32(M.c);
+        for (int64_t r = 0; r < R; ++r) EXPECT_EQ(tok[size_t(r)], mv[size_t(col[size_t(r)])]);
+        EXPECT_EQ(B.gpu->to_host_f32(M.g), tok) << "mapped, N " << N << " R " << R << " limit " << limit;
       }
     }
+}
+
+// batch_tokens_from (speculative drafting's device feed): the embedding of a batch whose token ids come from a
+// device tensor equals the embedding of the same ids given in b.tokens, on both backends, eagerly and recorded
+// (the copy into the batch mirror as a graph node, the ids changed between replays).
+TEST_F(CudaOps, BatchTokensFrom) {
+  Both B;
+  const int64_t V = 300, H = 64;
+  Pair table = B.up(randn(size_t(V * H), 1.f, 3), {V, H});
+  for (int64_t T : {int64_t(1), int64_t(3), int64_t(17), int64_t(64)}) {
+    std::vector<float> ids(static_cast<size_t>(T));
+    for (int64_t i = 0; i < T; ++i) ids[size_t(i)] = float((i * 37 + T) % V);
+    BatchMeta want, fed;
+    want.seqs.push_back({0, T, 0, 0, {}});
+    want.tokens.assign(ids.begin(), ids.end());
+    want.positions.assign(size_t(3 * T), 0);
+    fed = want;
+    fed.tokens.assign(size_t(T), 0);  // placeholders: the ids come from the device
+    Pair I = B.up(ids, {T}, DType::I32);
+    Pair a = B.zeros({T, H}), b = B.zeros({T, H});
+    for (Backend* be : {B.cpu.get(), B.gpu.get()}) {
+      const bool g = be == B.gpu.get();
+      be->prepare_batch(want);
+      be->embed(g ? table.g : table.c, want, g ? a.g : a.c);
+      BatchMeta f = fed;
+      be->prepare_batch(f);
+      be->batch_tokens_from(f, g ? I.g : I.c);
+      be->embed(g ? table.g : table.c, f, g ? b.g : b.c);
+    }
+    EXPECT_EQ(B.gpu->to_host_f32(b.g), B.gpu->to_host_f32(a.g)) << "T " << T;
+    EXPECT_EQ(B.cpu->to_host_f32(b.c), B.cpu->to_host_f32(a.c)) << "T " << T;
+    // Recorded: warm-up, record, then replays with other ids in the same device tensor.
+    Tensor out = B.gpu->alloc(B.gpu->act_dtype(), {T, H});
+    for (int rep = 0; rep < 4; ++rep) {
+      std::vector<float> r(static_cast<size_t>(T));
+      for (int64_t i = 0; i < T; ++i) r[size_t(i)] = float((i * 11 + rep * 5 + 1) % V);
+      Tensor src = B.gpu->upload_f32(r, {T}, DType::I32);
+      B.gpu->step_begin();
+      Tensor fixed = I.g;  // the recording reads the ids from here
+      B.gpu->copy(fixed, src);
+      BatchMeta f = fed;
+      B.gpu->prepare_batch(f);
+      B.gpu->graph_run(str_cat("test/tokens_from/", T), [&] {
+        B.gpu->prepare_batch(f);
+        B.gpu->batch_tokens_from(f, fixed);
+        B.gpu->embed(table.g, f, out);
+      });
+      B.gpu->step_end();
+      BatchMeta w = want;
+      w.tokens.assign(r.begin(), r.end());
+      Tensor ref = B.gpu->alloc(B.gpu->act_dtype(), {T, H});
+      B.gpu->prepare_batch(w);
+      B.gpu->embed(table.g, w, ref);
+      EXPECT_EQ(B.gpu->to_host_f32(out), B.gpu->to_host_f32(ref)) << "T " << T << " replay " << rep;
+    }
+  }
 }
 
 TEST_F(CudaOps, Int4BatchInvariance) {

@@ -152,7 +152,7 @@ __global__ void k_gather(const void* x, int dt, const int32_t* rows, int64_t H, 
 __device__ __forceinline__ bool argmax_better(float v, int i, float bv, int bi) {
   return i >= 0 && (bi < 0 || v > bv || (v == bv && i < bi));
 }
-__global__ void k_argmax_rows(const float* x, int64_t N, int64_t limit, int32_t* ids) {
+__global__ void k_argmax_rows(const float* x, int64_t N, int64_t limit, const int32_t* map, int32_t* ids) {
   const int64_t r = blockIdx.x;
   const float* row = x + r * N;
   float bv = 0.f;
@@ -181,7 +181,7 @@ __global__ void k_argmax_rows(const float* x, int64_t N, int64_t limit, int32_t*
       const int oi = __shfl_xor_sync(0xffffffffu, bi, off);
       if (argmax_better(ov, oi, bv, bi)) bv = ov, bi = oi;
     }
-    if (lane == 0) ids[r] = bi < 0 ? 0 : bi;
+    if (lane == 0) ids[r] = map ? map[bi < 0 ? 0 : bi] : (bi < 0 ? 0 : bi);
   }
 }
 
@@ -1990,13 +1990,25 @@ class CudaBackend final : public Backend {
     CK(cudaStreamSynchronize(stream_));
   }
 
-  void argmax_rows(const Tensor& logits, int64_t limit, Tensor& ids) override {
+  void argmax_rows(const Tensor& logits, int64_t limit, Tensor& ids, const Tensor* map = nullptr) override {
     const int64_t R = logits.dim(0), N = logits.numel() / std::max<int64_t>(R, 1);
     DS_CHECK(logits.dtype == DType::F32 && ids.dtype == DType::I32 && ids.numel() == R && limit >= 1 && limit <= N,
              "argmax_rows: logits F32 [R, N], ids I32 [R], limit in 1..N");
+    DS_CHECK(!map || (map->dtype == DType::I32 && map->numel() == N), "argmax_rows: map must be I32 [", N, "]");
     if (R == 0) return;
-    k_argmax_rows<<<unsigned(R), 512, 0, stream_>>>(logits.ptr<float>(), N, limit, ids.ptr<int32_t>());
+    k_argmax_rows<<<unsigned(R), 512, 0, stream_>>>(logits.ptr<float>(), N, limit, map ? map->ptr<int32_t>() : nullptr,
+                                                   ids.ptr<int32_t>());
     CKL();
+  }
+  // The mirror's token row is its first T ints (build_batch): a device copy, stream-ordered after the upload (a copy
+  // node when recorded: `ids` must then stay at its address).
+  void batch_tokens_from(BatchMeta& b, const Tensor& ids) override {
+    DS_CHECK(ids.dtype == DType::I32 && ids.numel() == b.num_tokens(), "batch_tokens_from: ids must be I32 [",
+             b.num_tokens(), "]");
+    if (b.num_tokens() == 0) return;
+    auto& d = dev(b);
+    CK(cudaMemcpyAsync(const_cast<int32_t*>(d.tokens), ids.data, size_t(b.num_tokens()) * 4, cudaMemcpyDeviceToDevice,
+                       stream_));
   }
 
   // ---- vision tower (vision_kernels.cu) ----

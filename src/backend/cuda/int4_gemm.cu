@@ -1,0 +1,312 @@
+// Large-M W4A16 tensor-core kernel (see int4_gemm.h; layout and batch invariance: int4_mma.h).
+//
+// Block: 8 warps, 4 side by side along the output rows × 2 along the tokens; 128 tokens × 128 output rows (GATED:
+// 64 gate + the matching 64 up rows, 64 outputs). Warp: 2 weight tiles of 16 rows × 8 token tiles of 8.
+// Shared memory, per stage (one quantisation group of 128 inputs): the 128 token rows (bf16, rows padded to 272 B so
+// the 16-byte fragment loads of a quarter warp hit 8 distinct bank quads) and the block's 8 weight tiles × 2 chunks
+// of the packed mma layout (1 KB each, contiguous in global memory). 3 stages in flight with cp.async.
+// Per lane and group: tmp (fresh group partial, 64 fp32), part (slice partial, 64 fp32); the finished slices'
+// running sum lives in shared memory (lane-private, 64 fp32), so the per-element sequence is exactly k_int4_mma's:
+//   tmp = Σ over the group's 8 k16 steps (mma, same fragments, same order); part += scale · tmp (group order);
+//   acc = part (slice 0), acc = acc + part (later slices, in order).
+// Per group and warp: 2 × 8 dequantised fragments feed 128 mma (8 per fragment); 2 × 8 16-byte shared loads of
+// activations feed them too (4 per fragment... each activation fragment feeds 8 mma).
+#include "backend/cuda/int4_gemm.h"
+#include "backend/cuda/pdl.h"
+
+#include <cuda_bf16.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "core/dtype.h"
+#include "core/status.h"
+
+namespace ds::cuda {
+
+namespace {
+
+using namespace int4dev;
+
+#define GEMM_CK(x)                                                                                             \
+  do {                                                                                                         \
+    cudaError_t e_ = (x);                                                                                      \
+    if (e_ != cudaSuccess) ::ds::fail("CUDA error ", cudaGetErrorString(e_), " at ", __FILE__, ":", __LINE__); \
+  } while (0)
+
+constexpr int kGW = 8;                            // warps per block
+constexpr int kWR = 4;                            // warps along the output rows
+constexpr int kWT = kGW / kWR;                    // warps along the tokens
+constexpr int kNT = kGemmTok / (8 * kWT);         // token tiles of 8 per warp
+constexpr int kMW = 2;                            // weight tiles of 16 rows per warp
+constexpr int kStages = 3;                        // groups in flight
+constexpr int kRowH = 128 + 8;                    // bf16 per token row in shared memory
+constexpr int kActBytes = kGemmTok * kRowH * 2;   // one group of the block's tokens
+constexpr int kWBytes = kWR * kMW * 2 * 32 * 16;  // one group of the block's weight tiles (2 chunks of 64 inputs)
+constexpr int kStageBytes = kActBytes + kWBytes;
+constexpr int kAccFloats = kMW * kNT * 4;  // per lane
+constexpr int kSmem = kGemmTok * 8 + kStages * kStageBytes + kGW * kAccFloats * 32 * 4;
+static_assert(kSmem <= 227 * 1024, "int4 gemm: shared memory");
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
+// 16 bytes global → shared, bypassing L1; src_bytes 0 writes zeros.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// GATED: the experts' gate_up (each warp one gate tile and its up tile), output bf16 silu(gate)·up; else Int4Pair
+// (one or two matrices, blocks [0, b_block) matrix a) with output dtype ydt. Token source as k_int4_mma.
+template <bool GATED>
+__global__ void __launch_bounds__(kGW * 32, 1)
+    k_int4_gemm(const Int4Pair P, const __nv_bfloat16* __restrict__ x, TokenSrc ts) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  int64_t* rowoff = reinterpret_cast<int64_t*>(smem);  // x offset of each token row of the block (−1: padding)
+  unsigned char* stages = smem + kGemmTok * 8;
+  float* accs = reinterpret_cast<float*>(stages + kStages * kStageBytes);
+
+  const bool second = blockIdx.x >= P.b_block;
+  const MmaInt4 W = second ? P.b.W : P.a.W;
+  const int64_t rows_per_expert = second ? P.b.rpe : P.a.rpe, n_out = second ? P.b.n_out : P.a.n_out;
+  void* const y = second ? P.b.y : P.a.y;
+  const int ydt = second ? P.b.ydt : P.a.ydt;
+  const unsigned bx = second ? blockIdx.x - P.b_block : blockIdx.x;
+  constexpr int MT = GATED ? 1 : kMW;  // output tiles per warp
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, wr = warp % kWR, wt = warp / kWR;
+  const int g = lane >> 2, tig = lane & 3;
+  pdl_wait();
+  pdl_trigger();
+
+  int64_t e, t0;
+  int cnt;
+  if (ts.tiles) {
+    if (int(blockIdx.y) >= *ts.ntiles) return;  // block-uniform
+    const int32_t* tl = ts.tiles + 3 * blockIdx.y;
+    e = tl[0], t0 = tl[1], cnt = tl[2];
+  } else {
+    e = 0, t0 = int64_t(blockIdx.y) * kGemmTok;
+    cnt = int(ts.M - t0 < kGemmTok ? ts.M - t0 : kGemmTok);
+  }
+  if (tid < kGemmTok) {
+    int64_t off = -1;
+    if (tid < cnt) {
+      const int64_t p = ts.list ? ts.list[t0 + tid] : t0 + tid;
+      off = (p / ts.xdiv) * W.K;
+    }
+    rowoff[tid] = off;
+  }
+  const int64_t otiles = n_out / 16, KC = W.K / 64, ngroups = W.K / W.G;
+  // Global weight tile of block slot i (warp row i / kMW, tile u = i % kMW; GATED: u = 1 is the up tile of u = 0).
+  auto wtile = [&](int i) -> int64_t {
+    const int r = i / kMW, u = i % kMW;
+    int64_t ot = (int64_t(bx) * kWR + r) * MT + u % MT;
+    if (ot >= otiles) ot = otiles - 1;  // out-of-range tiles compute, never store
+    return e * (rows_per_expert / 16) + ot + (u >= MT ? n_out / 16 : 0);
+  };
+  // This thread's share of a stage's weights: 2 of the 512 uint4 (slot i / 64, uint4 i % 64 of its 2 chunks).
+  const uint4* wsrc[2];
+#pragma unroll
+  for (int q = 0; q < 2; ++q) {
+    const int i = tid + kGW * 32 * q;
+    wsrc[q] = W.qw + wtile(i / 64) * KC * 32 + i % 64;
+  }
+  __syncthreads();  // rowoff
+
+  auto load = [&](int64_t gi) {
+    unsigned char* st = stages + (gi % kStages) * kStageBytes;
+    const int ch = tid % 16;
+#pragma unroll
+    for (int q = 0; q < kGemmTok * 16 / (kGW * 32); ++q) {
+      const int row = tid / 16 + (kGW * 32 / 16) * q;
+      const int64_t off = rowoff[row];
+      const __nv_bfloat16* src = off >= 0 ? x + off + gi * 128 + ch * 8 : x;
+      cp_async16(st + (row * kRowH + ch * 8) * 2, src, off >= 0 ? 16 : 0);
+    }
+#pragma unroll
+    for (int q = 0; q < 2; ++q) cp_async16(st + kActBytes + (tid + kGW * 32 * q) * 16, wsrc[q] + gi * 64, 16);
+  };
+
+  int64_t r0[kMW];
+#pragma unroll
+  for (int u = 0; u < kMW; ++u) r0[u] = wtile(wr * kMW + u) * 16 + g;
+  // Token tiles of this warp holding at least one real token (warp-uniform).
+  const int ntv = max(0, min(kNT, (cnt - wt * kNT * 8 + 7) / 8));
+
+  const int64_t gps = ngroups / W.KS;  // groups per slice
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (st < ngroups) load(st);
+    cp_commit();
+  }
+  uint8_t zn[kMW][2];
+  float sn[kMW][2];
+#pragma unroll
+  for (int u = 0; u < kMW; ++u)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      zn[u][h] = W.z[(r0[u] + 8 * h) * ngroups];
+      sn[u][h] = W.sc[(r0[u] + 8 * h) * ngroups];
+    }
+
+  float part[kMW][kNT][4];
+  zero_frags(part);
+  for (int64_t gi = 0; gi < ngroups; ++gi) {
+    cp_wait<kStages - 2>();
+    __syncthreads();  // group gi landed for every thread; everyone is done with the stage that is refilled next
+    if (gi + kStages - 1 < ngroups) load(gi + kStages - 1);
+    cp_commit();
+    uint32_t zz[kMW][2];
+    float sc[kMW][2];
+#pragma unroll
+    for (int u = 0; u < kMW; ++u)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        zz[u][h] = zero_pair(zn[u][h]);
+        sc[u][h] = sn[u][h];
+        if (gi + 1 < ngroups) {
+          zn[u][h] = W.z[(r0[u] + 8 * h) * ngroups + gi + 1];
+          sn[u][h] = W.sc[(r0[u] + 8 * h) * ngroups + gi + 1];
+        }
+      }
+    if (ntv > 0) {
+      const unsigned char* st = stages + (gi % kStages) * kStageBytes;
+      const uint4* wsm = reinterpret_cast<const uint4*>(st + kActBytes) + wr * kMW * 64 + lane;
+      const __nv_bfloat16* xs = reinterpret_cast<const __nv_bfloat16*>(st) + (wt * kNT * 8 + g) * kRowH + 16 * tig;
+      float tmp[kMW][kNT][4];
+      zero_frags(tmp);
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        uint32_t a[kMW][4][4];
+#pragma unroll
+        for (int u = 0; u < kMW; ++u) {
+          const uint4 wv = wsm[u * 64 + c * 32];
+#pragma unroll
+          for (int j = 0; j < 4; ++j) dequant(word_of(wv, j), zz[u][0], zz[u][1], a[u][j]);
+        }
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+          if (nt >= ntv) break;
+          const uint4 xv0 = *reinterpret_cast<const uint4*>(xs + nt * 8 * kRowH + c * 64);
+          const uint4 xv1 = *reinterpret_cast<const uint4*>(xs + nt * 8 * kRowH + c * 64 + 8);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const uint4& xv = j < 2 ? xv0 : xv1;
+#pragma unroll
+            for (int u = 0; u < kMW; ++u) mma16816(tmp[u][nt], a[u][j], word_of(xv, 2 * (j & 1)), word_of(xv, 2 * (j & 1) + 1));
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kMW; ++u)
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+          part[u][nt][0] += sc[u][0] * tmp[u][nt][0];
+          part[u][nt][1] += sc[u][0] * tmp[u][nt][1];
+          part[u][nt][2] += sc[u][1] * tmp[u][nt][2];
+          part[u][nt][3] += sc[u][1] * tmp[u][nt][3];
+        }
+    }
+    if ((gi + 1) % gps == 0) {  // end of slice s: acc = part (s = 0), acc = acc + part (later), in slice order
+      const int64_t s = gi / gps;
+      float* ap = accs + warp * kAccFloats * 32 + lane;
+      if (s + 1 < W.KS) {
+#pragma unroll
+        for (int u = 0; u < kMW; ++u)
+#pragma unroll
+          for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+              float& a = ap[((u * kNT + nt) * 4 + c) * 32];
+              a = s == 0 ? part[u][nt][c] : a + part[u][nt][c];
+              part[u][nt][c] = 0.f;
+            }
+      } else if (s > 0) {
+#pragma unroll
+        for (int u = 0; u < kMW; ++u)
+#pragma unroll
+          for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) part[u][nt][c] = ap[((u * kNT + nt) * 4 + c) * 32] + part[u][nt][c];
+      }
+    }
+  }
+
+  // C fragment: c[2·rr + h] is (row g + 8·rr, token 2·tig + h) of the tile.
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+    const int64_t ot = (int64_t(bx) * kWR + wr) * MT + i;
+    if (ot >= otiles) continue;
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int ti = wt * kNT * 8 + nt * 8 + 2 * tig + h;
+        if (ti >= cnt) continue;
+        const int64_t p = ts.list ? ts.list[t0 + ti] : t0 + ti;
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          const int64_t n = ot * 16 + g + 8 * rr;
+          const float v = part[i][nt][2 * rr + h];
+          if constexpr (GATED) {
+            static_cast<__nv_bfloat16*>(y)[p * n_out + n] = __float2bfloat16_rn(silu(v) * part[MT + i][nt][2 * rr + h]);
+          } else if (ydt == int(DType::F32)) {
+            static_cast<float*>(y)[p * n_out + n] = v;
+          } else {
+            static_cast<__nv_bfloat16*>(y)[p * n_out + n] = __float2bfloat16_rn(v);
+          }
+        }
+      }
+  }
+}
+
+template <bool GATED>
+void launch(const Int4Out& A, const Int4Out* B, const void* x, const TokenSrc& ts, int64_t gy, cudaStream_t s) {
+  constexpr int MT = GATED ? 1 : kMW;
+  static const cudaError_t attr =
+      cudaFuncSetAttribute(k_int4_gemm<GATED>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  GEMM_CK(attr);
+  auto blocks = [](const Int4Out& o) { return unsigned((o.n_out / 16 + kWR * MT - 1) / (kWR * MT)); };
+  Int4Pair P;
+  P.a = A;
+  unsigned nb = blocks(A);
+  if (B) {
+    P.b = *B;
+    P.b_block = nb;
+    nb += blocks(*B);
+  }
+  DS_CHECK(gy >= 1 && gy <= 65535, "int4 gemm: ", gy, " token tiles (at most 65535)");
+  DS_CHECK(A.W.G == 128 && (!B || B->W.G == 128), "int4 gemm: group size ", A.W.G, " (instantiated: 128)");
+  GEMM_CK(pdl_launch(k_int4_gemm<GATED>, dim3(nb, unsigned(gy)), dim3(kGW * 32), size_t(kSmem), s, P,
+                     static_cast<const __nv_bfloat16*>(x), ts));
+}
+
+int64_t env_int(const char* name, int64_t dflt) {
+  const char* v = std::getenv(name);
+  return v && *v ? std::atoll(v) : dflt;
+}
+
+}  // namespace
+
+bool int4_gemm_enabled() {
+  const char* v = std::getenv("DS_CUDA_NO_BIG_GEMM");
+  return !(v && *v && std::strcmp(v, "0") != 0);
+}
+int64_t int4_gemm_min_m() { return env_int("DS_INT4_BIG_MIN_M", 512); }
+int64_t int4_gemm_moe_min() { return env_int("DS_INT4_BIG_MOE_MIN", 48); }
+
+void int4_gemm(bool gated, const int4dev::Int4Out& A, const int4dev::Int4Out* B, const void* x,
+               const int4dev::TokenSrc& ts, int64_t gy, cudaStream_t s) {
+  if (gated) {
+    DS_CHECK(!B, "int4 gemm: the gated form takes one matrix");
+    launch<true>(A, nullptr, x, ts, gy, s);
+  } else {
+    launch<false>(A, B, x, ts, gy, s);
+  }
+}
+
+}  // namespace ds::cuda

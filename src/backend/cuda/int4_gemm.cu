@@ -34,18 +34,23 @@ using namespace int4dev;
     if (e_ != cudaSuccess) ::ds::fail("CUDA error ", cudaGetErrorString(e_), " at ", __FILE__, ":", __LINE__); \
   } while (0)
 
-constexpr int kGW = 8;                            // warps per block
-constexpr int kWR = 4;                            // warps along the output rows
-constexpr int kWT = kGW / kWR;                    // warps along the tokens
-constexpr int kNT = kGemmTok / (8 * kWT);         // token tiles of 8 per warp
-constexpr int kMW = 2;                            // weight tiles of 16 rows per warp
-constexpr int kStages = 3;                        // groups in flight
-constexpr int kRowH = 128 + 8;                    // bf16 per token row in shared memory
-constexpr int kActBytes = kGemmTok * kRowH * 2;   // one group of the block's tokens
-constexpr int kWBytes = kWR * kMW * 2 * 32 * 16;  // one group of the block's weight tiles (2 chunks of 64 inputs)
+constexpr int kGW = 8;                           // warps per block
+constexpr int kBlockTiles = 8;                   // weight tiles of 16 rows per block (128 rows; GATED: 64 + 64)
+constexpr int kStages = 3;                       // groups in flight
+constexpr int kRowH = 128 + 8;                   // bf16 per token row in shared memory
+constexpr int kActBytes = kGemmTok * kRowH * 2;  // one group of the block's tokens
+constexpr int kWBytes = kBlockTiles * 2 * 32 * 16;  // one group of the block's weight tiles (2 chunks of 64 inputs)
 constexpr int kStageBytes = kActBytes + kWBytes;
-constexpr int kAccFloats = kMW * kNT * 4;  // per lane
+constexpr int kAccFloats = 64;  // per lane: MW tiles × NT token tiles × 4
 constexpr int kSmem = kGemmTok * 8 + kStages * kStageBytes + kGW * kAccFloats * 32 * 4;
+// Warp tile: MW weight tiles of 16 rows × NT token tiles of 8, MW·NT = 16 (MW = 2: 32 rows × 64 tokens, warps 4
+// along the rows × 2 along the tokens; MW = 4: 64 rows × 32 tokens, 2 × 4 warps: half the activation loads from
+// shared memory, twice the dequantisation).
+template <int MW>
+struct WarpTile {
+  static constexpr int NT = 16 / MW, WT = kGemmTok / (8 * NT), WR = kGW / WT;
+  static_assert(MW * NT * 4 == kAccFloats && WR * MW == kBlockTiles, "int4 gemm: warp tile");
+};
 static_assert(kSmem <= 227 * 1024, "int4 gemm: shared memory");
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
@@ -62,7 +67,7 @@ __device__ __forceinline__ void cp_wait() {
 
 // GATED: the experts' gate_up (each warp one gate tile and its up tile), output bf16 silu(gate)·up; else Int4Pair
 // (one or two matrices, blocks [0, b_block) matrix a) with output dtype ydt. Token source as k_int4_mma.
-template <bool GATED>
+template <int kMW, bool GATED>
 __global__ void __launch_bounds__(kGW * 32, 1)
     k_int4_gemm(const Int4Pair P, const __nv_bfloat16* __restrict__ x, TokenSrc ts) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -76,7 +81,8 @@ __global__ void __launch_bounds__(kGW * 32, 1)
   void* const y = second ? P.b.y : P.a.y;
   const int ydt = second ? P.b.ydt : P.a.ydt;
   const unsigned bx = second ? blockIdx.x - P.b_block : blockIdx.x;
-  constexpr int MT = GATED ? 1 : kMW;  // output tiles per warp
+  constexpr int MT = GATED ? kMW / 2 : kMW;  // output tiles per warp
+  constexpr int kNT = WarpTile<kMW>::NT, kWR = WarpTile<kMW>::WR;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, wr = warp % kWR, wt = warp / kWR;
   const int g = lane >> 2, tig = lane & 3;
   pdl_wait();
@@ -179,25 +185,52 @@ __global__ void __launch_bounds__(kGW * 32, 1)
       const __nv_bfloat16* xs = reinterpret_cast<const __nv_bfloat16*>(st) + (wt * kNT * 8 + g) * kRowH + 16 * tig;
       float tmp[kMW][kNT][4];
       zero_frags(tmp);
+      // Either order gives each tmp[u][nt] the same mma sequence (chunk 0 steps 0..3, chunk 1 steps 0..3).
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
-        uint32_t a[kMW][4][4];
+        if constexpr (kNT >= 8) {  // all A fragments of the chunk in registers, one token tile's B at a time
+          uint32_t a[kMW][4][4];
 #pragma unroll
-        for (int u = 0; u < kMW; ++u) {
-          const uint4 wv = wsm[u * 64 + c * 32];
+          for (int u = 0; u < kMW; ++u) {
+            const uint4 wv = wsm[u * 64 + c * 32];
 #pragma unroll
-          for (int j = 0; j < 4; ++j) dequant(word_of(wv, j), zz[u][0], zz[u][1], a[u][j]);
-        }
+            for (int j = 0; j < 4; ++j) dequant(word_of(wv, j), zz[u][0], zz[u][1], a[u][j]);
+          }
 #pragma unroll
-        for (int nt = 0; nt < kNT; ++nt) {
-          if (nt >= ntv) break;
-          const uint4 xv0 = *reinterpret_cast<const uint4*>(xs + nt * 8 * kRowH + c * 64);
-          const uint4 xv1 = *reinterpret_cast<const uint4*>(xs + nt * 8 * kRowH + c * 64 + 8);
+          for (int nt = 0; nt < kNT; ++nt) {
+            if (nt >= ntv) break;
+            const uint4 xv0 = *reinterpret_cast<const uint4*>(xs + nt * 8 * kRowH + c * 64);
+            const uint4 xv1 = *reinterpret_cast<const uint4*>(xs + nt * 8 * kRowH + c * 64 + 8);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              const uint4& xv = j < 2 ? xv0 : xv1;
+#pragma unroll
+              for (int u = 0; u < kMW; ++u)
+                mma16816(tmp[u][nt], a[u][j], word_of(xv, 2 * (j & 1)), word_of(xv, 2 * (j & 1) + 1));
+            }
+          }
+        } else {  // all B fragments of the chunk in registers, one 16-step's A fragments at a time
+          uint4 xv[kNT][2], wv[kMW];
+#pragma unroll
+          for (int nt = 0; nt < kNT; ++nt)
+            if (nt < ntv) {
+              xv[nt][0] = *reinterpret_cast<const uint4*>(xs + nt * 8 * kRowH + c * 64);
+              xv[nt][1] = *reinterpret_cast<const uint4*>(xs + nt * 8 * kRowH + c * 64 + 8);
+            }
+#pragma unroll
+          for (int u = 0; u < kMW; ++u) wv[u] = wsm[u * 64 + c * 32];
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
-            const uint4& xv = j < 2 ? xv0 : xv1;
+            uint32_t a[kMW][4];
 #pragma unroll
-            for (int u = 0; u < kMW; ++u) mma16816(tmp[u][nt], a[u][j], word_of(xv, 2 * (j & 1)), word_of(xv, 2 * (j & 1) + 1));
+            for (int u = 0; u < kMW; ++u) dequant(word_of(wv[u], j), zz[u][0], zz[u][1], a[u]);
+#pragma unroll
+            for (int nt = 0; nt < kNT; ++nt) {
+              if (nt >= ntv) break;
+#pragma unroll
+              for (int u = 0; u < kMW; ++u)
+                mma16816(tmp[u][nt], a[u], word_of(xv[nt][j >> 1], 2 * (j & 1)), word_of(xv[nt][j >> 1], 2 * (j & 1) + 1));
+            }
           }
         }
       }
@@ -264,13 +297,13 @@ __global__ void __launch_bounds__(kGW * 32, 1)
   }
 }
 
-template <bool GATED>
+template <int MW, bool GATED>
 void launch(const Int4Out& A, const Int4Out* B, const void* x, const TokenSrc& ts, int64_t gy, cudaStream_t s) {
-  constexpr int MT = GATED ? 1 : kMW;
+  constexpr int rows = kBlockTiles * 16 / (GATED ? 2 : 1);  // output rows per block
   static const cudaError_t attr =
-      cudaFuncSetAttribute(k_int4_gemm<GATED>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+      cudaFuncSetAttribute(k_int4_gemm<MW, GATED>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   GEMM_CK(attr);
-  auto blocks = [](const Int4Out& o) { return unsigned((o.n_out / 16 + kWR * MT - 1) / (kWR * MT)); };
+  auto blocks = [](const Int4Out& o) { return unsigned((o.n_out + rows - 1) / rows); };
   Int4Pair P;
   P.a = A;
   unsigned nb = blocks(A);
@@ -281,7 +314,7 @@ void launch(const Int4Out& A, const Int4Out* B, const void* x, const TokenSrc& t
   }
   DS_CHECK(gy >= 1 && gy <= 65535, "int4 gemm: ", gy, " token tiles (at most 65535)");
   DS_CHECK(A.W.G == 128 && (!B || B->W.G == 128), "int4 gemm: group size ", A.W.G, " (instantiated: 128)");
-  GEMM_CK(pdl_launch(k_int4_gemm<GATED>, dim3(nb, unsigned(gy)), dim3(kGW * 32), size_t(kSmem), s, P,
+  GEMM_CK(pdl_launch(k_int4_gemm<MW, GATED>, dim3(nb, unsigned(gy)), dim3(kGW * 32), size_t(kSmem), s, P,
                      static_cast<const __nv_bfloat16*>(x), ts));
 }
 
@@ -301,12 +334,11 @@ int64_t int4_gemm_moe_min() { return env_int("DS_INT4_BIG_MOE_MIN", 48); }
 
 void int4_gemm(bool gated, const int4dev::Int4Out& A, const int4dev::Int4Out* B, const void* x,
                const int4dev::TokenSrc& ts, int64_t gy, cudaStream_t s) {
-  if (gated) {
-    DS_CHECK(!B, "int4 gemm: the gated form takes one matrix");
-    launch<true>(A, nullptr, x, ts, gy, s);
-  } else {
-    launch<false>(A, B, x, ts, gy, s);
-  }
+  DS_CHECK(!gated || !B, "int4 gemm: the gated form takes one matrix");
+  // DS_INT4_BIG_WARP=4: warp tiles of 64 rows × 32 tokens (default 2: 32 rows × 64 tokens); same bits either way.
+  if (env_int("DS_INT4_BIG_WARP", 2) == 4)
+    return gated ? launch<4, true>(A, B, x, ts, gy, s) : launch<4, false>(A, B, x, ts, gy, s);
+  return gated ? launch<2, true>(A, B, x, ts, gy, s) : launch<2, false>(A, B, x, ts, gy, s);
 }
 
 }  // namespace ds::cuda

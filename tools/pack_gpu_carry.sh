@@ -5,13 +5,17 @@
 # Usage: tools/pack_gpu_carry.sh BUILD_DIR BINARY... ; then pass carry=["build-carry/gpu.tar.xz"] to the device
 # run and, there: tar -C build-carry -xJf build-carry/gpu.tar.xz && bench/run_gpu.sh build-carry/gpu-carry ...
 # (or LD_LIBRARY_PATH=build-carry/gpu-carry/lib build-carry/gpu-carry/deltaserve ...).
+# PACK_NAME=x packs into build-carry/x/ and build-carry/x.tar.xz instead (several builds side by side in one run).
 # Configure BUILD_DIR with -DCMAKE_CUDA_ARCHITECTURES=90-real -DDS_WITH_VIDEO=OFF to keep the archive small
 # (FFmpeg's libavcodec pulls in ~170 MB of codec libraries; without it video requests are a 400 saying so).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BUILD=$1; shift
-OUTDIR=$ROOT/build-carry/gpu-carry
-rm -rf "$ROOT/build-carry" && mkdir -p "$OUTDIR/lib"
+NAME=${PACK_NAME:-}
+DIR=${NAME:-gpu-carry}
+TAR=${NAME:-gpu}.tar.xz
+OUTDIR=$ROOT/build-carry/$DIR
+rm -rf "$OUTDIR" "$ROOT/build-carry/$TAR" && mkdir -p "$OUTDIR/lib"
 for b in "$@"; do
   cp "$BUILD/$b" "$OUTDIR/"
   strip "$OUTDIR/$b"
@@ -22,6 +26,6 @@ for b in "$@"; do
     esac
   done
 done
-tar -C "$ROOT/build-carry" -cJf "$ROOT/build-carry/gpu.tar.xz" gpu-carry
-ls -l "$ROOT/build-carry/gpu.tar.xz" | awk '{print $5 " bytes: build-carry/gpu.tar.xz"}'
+tar -C "$ROOT/build-carry" -cJf "$ROOT/build-carry/$TAR" "$DIR"
+ls -l "$ROOT/build-carry/$TAR" | awk '{print $5 " bytes: " $9}'
 ls "$OUTDIR" "$OUTDIR/lib"

@@ -182,9 +182,23 @@ class Backend {
   // out [R, H] = x[rows[i]]
   virtual void gather_rows(const Tensor& x, const std::vector<int32_t>& rows, Tensor& out) = 0;
   // ids [R] int32 = per row of logits [R, N] (fp32) the first column holding the largest value among columns
-  // [0, limit), 1 <= limit <= N; NaN never wins (a row of NaNs gives 0). Speculative drafting: the MTP's argmax
-  // without copying logits to the host.
-  virtual void argmax_rows(const Tensor& logits, int64_t limit, Tensor& ids) { unsupported("argmax_rows"); }
+  // [0, limit), 1 <= limit <= N; NaN never wins (a row of NaNs gives 0). With `map` (int32 [N], device): map[that
+  // column] instead (a reduced draft head's column -> token id). Speculative drafting: the MTP's argmax without
+  // copying logits to the host.
+  virtual void argmax_rows(const Tensor& logits, int64_t limit, Tensor& ids, const Tensor* map = nullptr) {
+    unsupported("argmax_rows");
+  }
+  // Sets the token ids [T] of batch `b` (already prepared) from int32 `ids` [T] on the device instead of b.tokens:
+  // the next op reading the batch's tokens (embed) reads these. On a backend with a device mirror of the batch
+  // (CUDA) a device copy into the mirror, so no host round trip (inside a recording, a copy node: `ids` must then
+  // stay at its address); the default reads them into b.tokens (the CPU backend, whose tensors are host memory).
+  // Speculative drafting: a chained MTP step fed the previous step's argmax.
+  virtual void batch_tokens_from(BatchMeta& b, const Tensor& ids) {
+    DS_CHECK(ids.dtype == DType::I32 && ids.numel() == b.num_tokens(), "batch_tokens_from: ids must be I32 [",
+             b.num_tokens(), "]");
+    const std::vector<float> v = to_host_f32(ids);
+    for (size_t i = 0; i < v.size(); ++i) b.tokens[i] = int32_t(v[i]);
+  }
 
   // ---- fused ops ----
   // Each has a default composed of the ops above: that composition is its meaning and its CPU twin. A backend

@@ -34,9 +34,12 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double secs_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
+// "none" (or "0") turns a default list off (e.g. --prefill none: decode only).
 std::vector<int64_t> int_list(const Args& a, const std::string& name, const std::string& def) {
   std::vector<int64_t> v;
-  std::stringstream ss(a.get(name, def));
+  const std::string val = a.get(name, def);
+  if (val == "none" || val == "0") return v;
+  std::stringstream ss(val);
   std::string item;
   while (std::getline(ss, item, ',')) {
     if (item.empty()) continue;
@@ -271,9 +274,10 @@ class TimingBackend final : public Backend {
     timed(w->int4 ? "int4 linears" : "bf16 linears", "linear_gated_add", [&] { in_.linear_gated_add(x, w, g, y); });
   }
 
-  void argmax_rows(const Tensor& logits, int64_t limit, Tensor& ids) override {
-    timed("other", "argmax_rows", [&] { in_.argmax_rows(logits, limit, ids); });
+  void argmax_rows(const Tensor& logits, int64_t limit, Tensor& ids, const Tensor* map = nullptr) override {
+    timed("other", "argmax_rows", [&] { in_.argmax_rows(logits, limit, ids, map); });
   }
+  void batch_tokens_from(BatchMeta& b, const Tensor& ids) override { in_.batch_tokens_from(b, ids); }
 
  private:
   Backend& in_;
@@ -284,6 +288,12 @@ class TimingBackend final : public Backend {
   std::vector<cudaEvent_t> ev_;
 #endif
 };
+
+std::string str_fixed(double v, int digits) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.*f", digits, v);
+  return buf;
+}
 
 std::string human_bytes(double b) {
   char buf[64];
@@ -310,6 +320,13 @@ struct SpecBench {
   int64_t prompt = 512, gen = 128;
   bool graph = true;
   uint64_t seed = 0;
+  // --variants: the whole table once per variant, its environment switches set (e.g. DS_CUDA_NO_DEVICE_VERIFY=1;
+  // DS_SPEC_PROFILE=1 adds each run's time per step phase).
+  struct Variant {
+    std::string name;
+    std::vector<std::pair<std::string, std::string>> env;
+  };
+  std::vector<Variant> variants;
 };
 
 struct SpecRun {
@@ -317,6 +334,7 @@ struct SpecRun {
   double secs = 0;              // decode phase: from the first token to the last
   int64_t decode_tokens = 0, steps = 0, rounds = 0, drafted = 0, accepted = 0;
   std::vector<int64_t> per_pos;
+  std::vector<std::pair<std::string, double>> phase_ms;  // DS_SPEC_PROFILE=1: decode phase, ms per phase in all
 };
 
 SpecRun spec_run(model::Model& m, const SpecBench& o, const std::vector<int32_t>& prompt, int64_t K, int64_t dv,
@@ -380,14 +398,40 @@ SpecRun spec_run(model::Model& m, const SpecBench& o, const std::vector<int32_t>
     r.accepted = m1.spec_accepted_tokens_total - m0.spec_accepted_tokens_total;
     for (size_t i = 0; i < m1.spec_accepted_per_pos.size(); ++i)
       r.per_pos.push_back(m1.spec_accepted_per_pos[i] - m0.spec_accepted_per_pos[i]);
+    for (auto& [name, ms] : m1.phase_ms) {
+      double before = 0;
+      for (auto& [n0, v0] : m0.phase_ms)
+        if (n0 == name) before = v0;
+      r.phase_ms.push_back({name, ms - before});
+    }
   }
   return r;
 }
+
+void bench_speculative_variant(model::Model& m, const SpecBench& o, const std::vector<int32_t>& prompt,
+                               const std::string& variant);
 
 void bench_speculative(model::Model& m, const SpecBench& o, std::mt19937& rng) {
   const int64_t V = m.config().text.vocab_size;
   std::vector<int32_t> prompt(size_t(o.prompt));
   for (auto& x : prompt) x = int32_t(rng() % uint32_t(std::min<int64_t>(V, 150000)));
+  if (o.variants.empty()) return bench_speculative_variant(m, o, prompt, "");
+  for (const auto& v : o.variants) {
+    for (auto& [k, val] : v.env) setenv(k.c_str(), val.c_str(), 1);
+    bench_speculative_variant(m, o, prompt, v.name);
+    for (auto& [k, val] : v.env) unsetenv(k.c_str());
+  }
+}
+
+void bench_speculative_variant(model::Model& m, const SpecBench& o, const std::vector<int32_t>& prompt,
+                               const std::string& variant) {
+  if (!variant.empty()) {
+    std::string env;
+    for (const auto& v : o.variants)
+      if (v.name == variant)
+        for (auto& [k, val] : v.env) env += str_cat(env.empty() ? "" : " ", k, "=", val);
+    std::printf("## Variant %s%s\n\n", variant.c_str(), env.empty() ? "" : str_cat(" (", env, ")").c_str());
+  }
   std::printf("## Speculative decoding, single stream (engine path; %lld-token prompt, %lld tokens generated, "
               "greedy; %s)\n\n",
               (long long)o.prompt, (long long)o.gen, o.graph ? "step graphs" : "eager");
@@ -408,6 +452,19 @@ void bench_speculative(model::Model& m, const SpecBench& o, std::mt19937& rng) {
     int64_t K = 0;
   };
   std::map<std::pair<int64_t, double>, Best> best;
+  std::vector<std::string> profiles;  // DS_SPEC_PROFILE=1: one line per run
+  auto profile = [&](const std::string& what, const SpecRun& r) {
+    if (r.phase_ms.empty()) return;
+    const double steps = double(std::max<int64_t>(r.steps, 1));
+    double total = 0;
+    std::string line = str_cat("| ", what, " | ", str_fixed(r.secs * 1e3 / steps, 3), " |");
+    for (auto& [name, ms] : r.phase_ms) {
+      line += str_cat(" ", name, " ", str_fixed(ms / steps, 3), ";");
+      total += ms;
+    }
+    profiles.push_back(str_cat(line, " sum ", str_fixed(total / steps, 3), " |"));
+  };
+  profile("none (no speculation)", base);
   for (int64_t dv : heads)
     for (double p : o.ps)
       for (int64_t K : o.Ks) {
@@ -427,12 +484,19 @@ void bench_speculative(model::Model& m, const SpecBench& o, std::mt19937& rng) {
         std::fflush(stdout);
         Best& b = best[{dv, p}];
         if (tps / base_tps > b.speedup) b = {tps / base_tps, K};
+        profile(str_cat(dv > 0 ? str_cat("reduced ", dv) : std::string("full lm_head"), " K=", K, " p=", str_fixed(p, 2)), r);
       }
   std::printf("\n| draft head | p | best K | × no spec |\n|---|---|---|---|\n");
   for (auto& [k, b] : best)
     std::printf("| %s | %.2f | %lld | %.2f |\n", k.first > 0 ? str_cat("reduced ", k.first).c_str() : "full lm_head",
                 k.second, (long long)b.K, b.speedup);
   std::printf("\n");
+  if (!profiles.empty()) {
+    std::printf("Step phases (DS_SPEC_PROFILE=1: wall ms per target step, the device synchronised at every phase "
+                "boundary, so the steps run slower than in the table above):\n\n| run | ms/step | phases |\n|---|---|---|\n");
+    for (auto& l : profiles) std::printf("%s\n", l.c_str());
+    std::printf("\n");
+  }
 }
 
 // --vision WxH,..: the vision tower alone (Model::load_random_vision: random BF16 weights of cfg.vision's shapes),
@@ -687,6 +751,8 @@ int cmd_bench(int argc, char** argv) {
   }
   sb.graph = use_graph;
   sb.seed = seed;
+  if (a.has("variants"))
+    for (const Variant& v : variants) sb.variants.push_back({v.name, v.env});
   auto m = model::Model::load_random(cfg, be, seed, int4, lo);
   be.synchronize();
   const double load_s = secs_since(t0);

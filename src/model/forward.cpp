@@ -69,7 +69,8 @@ Tensor Model::decoder_layer(const LayerWeights& lw, Tensor& x, Tensor& h, BatchM
 }
 
 Tensor Model::mtp_forward(BatchMeta& b, ModelCaches& caches, const Tensor& hidden,
-                          const std::vector<int32_t>& logit_rows, Tensor* hidden_out, bool reduced) {
+                          const std::vector<int32_t>& logit_rows, Tensor* hidden_out, bool reduced,
+                          const Tensor* token_ids) {
   DS_CHECK(w_.mtp.present, "this model has no MTP head loaded");
   DS_CHECK(!reduced || w_.mtp.draft_head, "this model has no reduced draft head loaded (LoadOptions::draft_vocab)");
   const auto& t = cfg_.text;
@@ -77,6 +78,7 @@ Tensor Model::mtp_forward(BatchMeta& b, ModelCaches& caches, const Tensor& hidde
   const float eps = float(t.rms_norm_eps);
   const DType act = be_.act_dtype();
   be_.prepare_batch(b);
+  if (token_ids) be_.batch_tokens_from(b, *token_ids);
   const MtpWeights& m = w_.mtp;
   Tensor e = be_.alloc(act, {T, H});
   be_.embed(w_.embed, b, e);

@@ -275,6 +275,7 @@ class Loader {
     m.draft_head = be_.make_linear({s});
     m.draft_ids = ids;
     m.draft_ids_max = *std::max_element(ids.begin(), ids.end());
+    m.draft_ids_dev = be_.upload_f32(std::vector<float>(ids.begin(), ids.end()), {N}, DType::I32);  // ids < 2^24
   }
 
   // model.visual.* (model-spec §2.2 "Vision"): always high precision; LayerNorms keep plain w and b.

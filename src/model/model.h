@@ -57,6 +57,7 @@ struct MtpWeights {
   Linear draft_head;
   std::vector<int32_t> draft_ids;
   int32_t draft_ids_max = -1;  // the largest of draft_ids
+  Tensor draft_ids_dev;        // draft_ids on the backend (I32 [N]): Backend::argmax_rows' column -> token map
 };
 
 // Vision tower (model-spec §5.3, model/vision.cpp). Linear biases fp32 [N]; LayerNorm weight/bias fp32 [D].
@@ -198,17 +199,22 @@ class Model {
   // per-shape buffers outside the arena (valid until the next call of the same shape). Eager where the backend
   // has no graphs (Backend::graph_run's fallback runs the same code).
   // `argmax_limit` > 0: `ids` receives each row's argmax over logit columns [0, argmax_limit) (Backend::argmax_rows),
-  // int32 [T], computed inside the recording into a per-shape buffer: the draft tokens without reading logits back.
+  // int32 [T], computed inside the recording into a per-shape buffer: the draft tokens without reading logits back;
+  // with `ids_as_tokens` and a reduced head, already mapped to token ids (draft_vocab()[column]).
+  // `tokens_in` (int32 [T] on the backend): the batch's token ids come from there instead of b.tokens (a chained
+  // draft step fed the previous step's `ids` without a host round trip); copied into the shape's buffer first.
   void mtp_forward_graphed(BatchMeta& b, ModelCaches& caches, const Tensor& hidden, bool reduced, Tensor* logits,
-                           Tensor* hidden_out, int64_t argmax_limit = 0, Tensor* ids = nullptr);
+                           Tensor* hidden_out, int64_t argmax_limit = 0, Tensor* ids = nullptr,
+                           const Tensor* tokens_in = nullptr, bool ids_as_tokens = false);
 
   // MTP head over a batch whose tokens are the *next* tokens y_j and whose positions are those of the
   // hidden states' tokens; `hidden` [T, H] are main-model final-norm hiddens (or the MTP's own previous
   // output when chaining drafts). Attends over caches.mtp_kv. Returns fp32 logits [R, V] of `logit_rows`;
   // `hidden_out` receives the MTP's post-norm output of those rows (the next chain step's hidden).
   // `reduced`: logits [R, N] over the reduced draft head's tokens (draft_vocab()) instead of [R, V].
+  // `token_ids` (int32 [T] on the backend): the tokens are read from there (Backend::batch_tokens_from), not b.tokens.
   Tensor mtp_forward(BatchMeta& b, ModelCaches& caches, const Tensor& hidden, const std::vector<int32_t>& logit_rows,
-                     Tensor* hidden_out = nullptr, bool reduced = false);
+                     Tensor* hidden_out = nullptr, bool reduced = false, const Tensor* token_ids = nullptr);
 
  private:
   Model(io::ModelConfig cfg, Backend& be) : cfg_(std::move(cfg)), be_(be) {}
@@ -231,7 +237,7 @@ class Model {
   RopeParams rope_;
   std::map<std::string, Tensor> graph_logits_;  // forward_graphed: output of each recorded shape
   struct GraphIo {  // per recorded shape: buffers outside the step arena that a recording reads or writes
-    Tensor in, logits, hidden, ids;
+    Tensor in, logits, hidden, ids, tokens;
   };
   std::map<std::string, GraphIo> graph_io_;
 };

@@ -56,33 +56,41 @@ Tensor Model::forward_graphed(BatchMeta& b, ModelCaches& caches, const std::vect
 }
 
 void Model::mtp_forward_graphed(BatchMeta& b, ModelCaches& caches, const Tensor& hidden, bool reduced, Tensor* logits,
-                                Tensor* hidden_out, int64_t argmax_limit, Tensor* ids) {
+                                Tensor* hidden_out, int64_t argmax_limit, Tensor* ids, const Tensor* tokens_in,
+                                bool ids_as_tokens) {
   const int64_t T = b.num_tokens(), H = cfg_.text.hidden_size;
   DS_CHECK(hidden.dim(0) == T && hidden.numel() == T * H, "mtp_forward_graphed: hidden must be [", T, ", ", H, "]");
   DS_CHECK(!reduced || w_.mtp.draft_head, "this model has no reduced draft head loaded (LoadOptions::draft_vocab)");
   const int64_t N = reduced ? w_.mtp.draft_head->N : cfg_.text.vocab_size;
   DS_CHECK(argmax_limit <= N && (argmax_limit <= 0 || ids), "mtp_forward_graphed: argmax over ", argmax_limit,
            " of ", N, " columns needs `ids`");
+  DS_CHECK(!tokens_in || (tokens_in->dtype == DType::I32 && tokens_in->numel() == T),
+           "mtp_forward_graphed: tokens_in must be I32 [", T, "]");
+  const Tensor* map = reduced && ids_as_tokens ? &w_.mtp.draft_ids_dev : nullptr;
+  // Fed tokens: the recording copies them from the shape's token buffer into the batch mirror (a node of its own).
   const std::string key = str_cat("mtp/", T, "/", b.seqs.size(), "/", caches.id, reduced ? "/r" : "",
-                                  argmax_limit > 0 ? str_cat("/a", argmax_limit) : std::string());
+                                  argmax_limit > 0 ? str_cat("/a", argmax_limit) : std::string(), map ? "/m" : "",
+                                  tokens_in ? "/f" : "");
   GraphIo& io = graph_io_[key];
   if (!io.in.defined() || io.in.numel() == 0) {  // outside the step: not arena memory
     io.in = be_.alloc(be_.act_dtype(), {T, H});
     io.hidden = be_.alloc(be_.act_dtype(), {T, H});
     io.logits = be_.alloc(DType::F32, {T, N});
     if (argmax_limit > 0) io.ids = be_.alloc(DType::I32, {T});
+    if (tokens_in) io.tokens = be_.alloc(DType::I32, {T});
   }
   be_.copy(io.in, hidden);
+  if (tokens_in) be_.copy(io.tokens, *tokens_in);
   const std::vector<int32_t> all = iota_rows(T);
   {
     StepScope scope(be_);
     be_.prepare_batch(b);
     be_.graph_run(key, [&] {
       Tensor h;
-      Tensor l = mtp_forward(b, caches, io.in, all, &h, reduced);
+      Tensor l = mtp_forward(b, caches, io.in, all, &h, reduced, tokens_in ? &io.tokens : nullptr);
       be_.copy(io.logits, l);
       be_.copy(io.hidden, h);
-      if (argmax_limit > 0) be_.argmax_rows(io.logits, argmax_limit, io.ids);
+      if (argmax_limit > 0) be_.argmax_rows(io.logits, argmax_limit, io.ids, map);
     });
   }
   *logits = io.logits;

@@ -69,6 +69,12 @@ EngineConfig resolve(const model::Model& m, EngineConfig c) {
   std::sort(c.eos_token_ids.begin(), c.eos_token_ids.end());
   // Before/after measurements: DS_HOST_SAMPLING=1 copies the logits and samples on the host in every step.
   if (const char* v = std::getenv("DS_HOST_SAMPLING"); v && *v && std::string(v) != "0") c.device_sampling = false;
+  // DS_CUDA_NO_DEVICE_VERIFY=1: greedy verify steps copy the logits to the host too (the old path).
+  if (const char* v = std::getenv("DS_CUDA_NO_DEVICE_VERIFY"); v && *v && std::string(v) != "0") c.device_verify = false;
+  // DS_CUDA_NO_DRAFT_FEED=1: each draft step's tokens come back to the host and feed the next (the old path).
+  if (const char* v = std::getenv("DS_CUDA_NO_DRAFT_FEED"); v && *v && std::string(v) != "0") c.device_draft_feed = false;
+  // DS_SPEC_PROFILE=1: time the phases of every step (EngineMetrics::phase_ms; syncs at each phase boundary).
+  if (const char* v = std::getenv("DS_SPEC_PROFILE"); v && *v && std::string(v) != "0") c.profile_phases = true;
   return c;
 }
 
@@ -108,7 +114,7 @@ struct Engine::Impl {
   void run(const Schedule& s);
   Schedule encode_images(const Schedule& s);
   void place_images(const Schedule& s, BatchMeta& b);
-  bool decide(const ScheduledSeq& x, const float* rows, int64_t* accepted, int32_t sampled = -2);
+  bool decide(const ScheduledSeq& x, const float* rows, int64_t* accepted, const int32_t* sampled = nullptr);
   bool emit(Sequence* s, const std::vector<int32_t>& toks, std::vector<sampling::TokenLogprob>& lps);
   struct Redo {           // a sequence that rejected a draft
     Sequence* seq;
@@ -277,6 +283,8 @@ bool Engine::Impl::take_inbox() {
 // and advanced again over the accepted prefix from the verify's logged DeltaNet inputs (no forward). Then the MTP
 // head drafts the next step's tokens.
 void Engine::Impl::run(const Schedule& sc_in) {
+  PhaseClock clk(cfg.profile_phases ? &model.backend() : nullptr, &counters.phase_ms);
+  clk.start();
   const Schedule sc = encode_images(sc_in);  // drops a sequence whose images fail to encode
   if (sc.empty()) return;
   const bool spec = cfg.num_speculative_tokens > 0;
@@ -316,9 +324,11 @@ void Engine::Impl::run(const Schedule& sc_in) {
   std::vector<float> logits;  // fp32 [R, V] (host sampling)
   std::vector<int32_t> toks;  // one token per row (device sampling)
   Tensor hidden;              // act [T, H] final-norm hiddens (speculation only)
-  // Sampling on the backend: every sampled row is a plain sample (no drafts to verify, no logprobs).
-  const bool on_device = cfg.device_sampling && !rows.empty() && std::all_of(sc.seqs.begin(), sc.seqs.end(), [](const ScheduledSeq& x) {
-    return !x.samples || (x.num_drafts == 0 && x.seq->req->sampling.logprobs < 0);
+  // Sampling on the backend: no sampled row wants logprobs, and every verifying sequence is greedy (its rows'
+  // target choices come back and are compared with the drafts here; rejection sampling needs whole rows).
+  const bool on_device = cfg.device_sampling && !rows.empty() && std::all_of(sc.seqs.begin(), sc.seqs.end(), [&](const ScheduledSeq& x) {
+    const sampling::SamplingParams& sp = x.seq->req->sampling;
+    return !x.samples || (sp.logprobs < 0 && (x.num_drafts == 0 || (cfg.device_verify && sampling::is_greedy(sp))));
   });
   std::vector<std::pair<Sequence*, uint64_t>> draws;  // each sampler's counter before this step's uniforms
   // Decode or verify only (every row a logit row): one recorded step per batch shape.
@@ -329,26 +339,38 @@ void Engine::Impl::run(const Schedule& sc_in) {
                        std::all_of(sc.seqs.begin(), sc.seqs.end(), [](const ScheduledSeq& x) {
                          return x.samples && x.num_tokens == 1;
                        });
+  clk.mark("build batch");
   // The state before the verify, for a rollback (recorded per slot pair when the step is).
   for (auto& x : sc.seqs)
     if (x.num_drafts > 0) cm.snapshot(x.seq->cache, graphed);
+  clk.mark("snapshot");
   try {
     // A step of prefill chunks only still asks for one row: backends need not handle R = 0.
     Tensor t = graphed ? model.forward_graphed(b, cm.caches(), rows, spec ? &hidden : nullptr)
                        : model.forward(b, cm.caches(), rows.empty() ? std::vector<int32_t>{0} : rows,
                                        spec ? &hidden : nullptr, spec ? &all_rows : nullptr);
+    clk.mark(graphed ? "forward (graphed)" : "forward (eager)");
     if (on_device) {
       std::vector<SampleRowParams> prm;
       std::vector<SampleEdit> edits;
       for (auto& x : sc.seqs)
         if (x.samples) {
           draws.push_back({x.seq, x.seq->sampler.draws});
-          prm.push_back(sampling::next_row(x.seq->sampler, edits));
+          // Verified row j (greedy) is decided as if d_1..d_j were accepted, the only case in which it counts:
+          // its penalties see them, as verify_draft's would. Greedy rows draw no uniform.
+          const int64_t k = x.num_drafts;
+          for (int64_t j = 0; j <= k; ++j) {
+            prm.push_back(sampling::next_row(x.seq->sampler, edits));
+            if (j < k) x.seq->sampler.accept(x.seq->drafts[size_t(j)]);
+          }
+          for (int64_t j = 0; j < k; ++j) x.seq->sampler.retract(x.seq->drafts[size_t(j)]);
         }
       model.backend().sample_rows(t, cfg.vocab_limit, prm, edits, toks);
       ++counters.device_sample_steps_total;
+      clk.mark(spec ? "sample/verify on device" : "sample on device");
     } else if (!rows.empty()) {
       logits = model.backend().to_host_f32(t);
+      clk.mark("logits to host");
     }
     if (graphed) ++counters.graph_steps_total;
   } catch (const std::exception& e) {
@@ -373,7 +395,7 @@ void Engine::Impl::run(const Schedule& sc_in) {
     int64_t accepted = 0;
     bool alive = true;
     if (x.samples) {
-      alive = on_device ? decide(x, nullptr, &accepted, toks[r]) : decide(x, logits.data() + int64_t(r) * V, &accepted);
+      alive = on_device ? decide(x, nullptr, &accepted, toks.data() + r) : decide(x, logits.data() + int64_t(r) * V, &accepted);
       r += size_t(x.num_drafts + 1);
     }
     if (!alive) continue;  // finished: blocks and slots are back in the pool already
@@ -385,6 +407,7 @@ void Engine::Impl::run(const Schedule& sc_in) {
     }
     if (spec) jobs.push_back({x.seq, ctx, b.seqs[i].q_start, committed, 0});
   }
+  clk.mark("accept (host)");
   if (!redo.empty() && !roll_back(redo, graphed)) {
     // Those sequences were preempted (or one failed and is gone): no MTP work for them.
     jobs.erase(std::remove_if(jobs.begin(), jobs.end(),
@@ -393,6 +416,7 @@ void Engine::Impl::run(const Schedule& sc_in) {
                               }),
                jobs.end());
   }
+  if (!redo.empty()) clk.mark("rollback replay");
   if (!spec) return;
   // Who drafts for the next step, and the blocks its chained drafts and their verify will write.
   for (auto& j : jobs) {
@@ -405,7 +429,10 @@ void Engine::Impl::run(const Schedule& sc_in) {
     o.reduced = cfg.draft_vocab_size > 0;
     o.graphs = graphed;
     o.hook = cfg.draft_hook;
+    o.clock = &clk;
+    o.device_feed = cfg.device_draft_feed;
     mtp_propose(model, cm, hidden, jobs, o);
+    clk.mark("draft: other");
   } catch (const std::exception& e) {
     // Drafts are only proposals: without them the next step is a plain decode, and the MTP KV rows written
     // here are rewritten by the next first pass that covers them.
@@ -494,9 +521,10 @@ int64_t Engine::Impl::drafts_wanted(Sequence* s) {
 }
 
 // Decides the tokens of one sampled chunk: the sampled token, or with drafts each verified position in turn
-// (the sampler sees the accepted ones, so penalties are exact) and the bonus token when all pass. `sampled` >= -1:
-// the token Backend::sample_rows chose for the chunk (no drafts; -1: nothing left to sample), `rows` unused.
-bool Engine::Impl::decide(const ScheduledSeq& x, const float* rows, int64_t* accepted, int32_t sampled) {
+// (the sampler sees the accepted ones, so penalties are exact) and the bonus token when all pass. `sampled`: the
+// tokens Backend::sample_rows chose for the chunk's rows (greedy when there are drafts: d_{j+1} is accepted iff it
+// is row j's choice; -1: nothing left to sample), `rows` unused; null: decide from the logit rows on the host.
+bool Engine::Impl::decide(const ScheduledSeq& x, const float* rows, int64_t* accepted, const int32_t* sampled) {
   Sequence* s = x.seq;
   const int64_t V = model.config().text.vocab_size;
   const bool want_lp = s->req->sampling.logprobs >= 0;
@@ -508,12 +536,14 @@ bool Engine::Impl::decide(const ScheduledSeq& x, const float* rows, int64_t* acc
       sampling::TokenLogprob lp;
       const float* row = rows + j * V;
       bool ok = false;
-      if (sampled >= -1) {
-        DS_CHECK(x.num_drafts == 0, "decide: a device-sampled chunk has drafts");
-        if (sampled < 0) fail("no token left to sample (every logit is -inf or NaN after logit_bias)");
-        s->sampler.accept(sampled);
-        toks.push_back(sampled);
-        break;
+      if (sampled) {
+        const int32_t tok = sampled[j];
+        if (tok < 0) fail("no token left to sample (every logit is -inf or NaN after logit_bias)");
+        s->sampler.accept(tok);
+        toks.push_back(tok);
+        if (j == x.num_drafts || tok != s->drafts[size_t(j)]) break;
+        ++a;
+        continue;
       }
       const int32_t tok =
           j < x.num_drafts

@@ -107,10 +107,27 @@ struct EngineConfig {
   // Speculative verify and draft steps through the recordings too (with step_graphs). Step graphs are keyed by
   // ModelCaches::id, so a new engine never replays a recording made with another engine's caches.
   bool spec_step_graphs = true;
+  // Greedy verification on the backend: when every sampled row of a verify step is greedy without logprobs, the
+  // target's choice per verified row comes from Backend::sample_rows (greedy rows: on CUDA K + 1 ints per sequence
+  // come back, not [K + 1, V] fp32 logits) and the engine compares it with the drafts; sampled rows (rejection
+  // sampling) and logprobs keep the host path. Same tokens either way. false (or DS_CUDA_NO_DEVICE_VERIFY=1): the
+  // logits of every verify step come back to the host (sampling::verify_draft).
+  bool device_verify = true;
+  // Recorded draft steps (step graphs, the draft argmax on the device) feed each chained MTP step its token ids from
+  // the previous step's argmax on the device, and read the drafts back once after the last step: no host round trip
+  // between the K draft steps (docs/engine.md "Host syncs"). false (or DS_CUDA_NO_DRAFT_FEED=1): one read back per
+  // draft step, the next step's tokens through the host.
+  bool device_draft_feed = true;
   // Tests and benchmarks only (issue 8's oracle mode; random weights accept almost nothing): replaces the MTP's
-  // proposal for token index `index` (into prompt + generated) of request `id`. The MTP still runs, and the
-  // chained steps are fed the replaced token. Null = off.
+  // proposal for token index `index` (into prompt + generated) of request `id`. The MTP still runs. Without the
+  // device draft feed the chained steps are fed the replaced token; with it (the MTP's drafts stay on the device
+  // until the last step) they are fed the MTP's own proposals and the hook replaces the proposals afterwards, in
+  // the same order. Null = off.
   std::function<int32_t(uint64_t id, int64_t index, int32_t proposed)> draft_hook;
+  // Benchmarks (bench --speculative; also DS_SPEC_PROFILE=1): wall time per phase of every step
+  // (EngineMetrics::phase_ms), the backend synchronised at each phase boundary, so the phases do not overlap and
+  // the step gets slower by the syncs. Off: no syncs, no clock reads.
+  bool profile_phases = false;
 };
 
 // Counters and gauges for /metrics (snapshot).
@@ -126,6 +143,8 @@ struct EngineMetrics {
   // accepted, and accepted per draft position (index i = the (i+1)-th draft of a round; size K).
   int64_t spec_num_drafts_total = 0, spec_draft_tokens_total = 0, spec_accepted_tokens_total = 0;
   std::vector<int64_t> spec_accepted_per_pos;
+  // EngineConfig::profile_phases: accumulated wall ms per step phase (in order of first appearance).
+  std::vector<std::pair<std::string, double>> phase_ms;
 };
 
 class Engine {

@@ -10,6 +10,26 @@
 
 namespace ds::runtime {
 
+void PhaseClock::start() {
+  if (!be_) return;
+  be_->synchronize();
+  t_ = std::chrono::steady_clock::now();
+}
+
+void PhaseClock::mark(const char* phase) {
+  if (!be_) return;
+  be_->synchronize();
+  const auto now = std::chrono::steady_clock::now();
+  const double ms = std::chrono::duration<double, std::milli>(now - t_).count();
+  t_ = now;
+  for (auto& [name, v] : *ms_)
+    if (name == phase) {
+      v += ms;
+      return;
+    }
+  ms_->push_back({phase, ms});
+}
+
 int32_t draft_pick(const float* row, int64_t V, int64_t vocab_limit, const std::vector<int32_t>* ids) {
   if (!ids) return sampling::draft_argmax(row, V, vocab_limit);
   const int64_t lim = vocab_limit > 0 ? vocab_limit : V;
@@ -55,6 +75,95 @@ std::vector<int32_t> draft_vocab_ids(int64_t n, const std::string& file, int64_t
 }
 
 namespace {
+
+// dst[off + i] = src[rows[i]] for int32 tensors on the backend: device copies, one per run of consecutive rows.
+void copy_ids(Backend& be, Tensor& dst, int64_t off, const Tensor& src, const std::vector<int32_t>& rows) {
+  for (size_t i = 0; i < rows.size();) {
+    size_t j = i + 1;
+    while (j < rows.size() && rows[j] == rows[j - 1] + 1) ++j;
+    Tensor d = dst.rows(off + int64_t(i), off + int64_t(j));
+    be.copy(d, src.rows(rows[i], rows[i] + int64_t(j - i)));
+    i = j;
+  }
+}
+
+// mtp_propose's drafting when every step is recorded and the argmax runs on the device (DraftOptions::device_feed):
+// each chained step reads its token ids from the previous step's argmax on the device (mtp_forward_graphed's
+// tokens_in), and every step's drafts collect in one device buffer read once at the end, so the K draft steps run
+// back to back without a host round trip. The hook then replaces proposals in the same order as the stepwise path;
+// the chained steps were fed the MTP's own proposals.
+void propose_fed(model::Model& m, CacheManager& cm, BatchMeta& b, const Tensor& h, std::vector<DraftJob>& jobs,
+                 const std::vector<int32_t>& lrows, int64_t dev_limit, const DraftOptions& opt) {
+  Backend& be = m.backend();
+  const int64_t H = m.config().text.hidden_size;
+  auto mark = [&](const char* phase) {
+    if (opt.clock) opt.clock->mark(phase);
+  };
+  std::vector<DraftJob*> active;
+  int64_t total = 0;
+  for (auto& j : jobs)
+    if (j.rows > 0 && j.num_drafts > 0) {
+      active.push_back(&j);
+      total += j.num_drafts;
+    }
+  DS_CHECK(active.size() == lrows.size(), "propose_fed: drafting rows and jobs disagree");
+  Tensor L, hall, A;
+  m.mtp_forward_graphed(b, cm.caches(), h, opt.reduced, &L, &hall, dev_limit, &A, nullptr, true);
+  // acc: step k's drafts of its drafting sequences (steps[k]) back to back from offset[k].
+  Tensor acc = be.alloc(DType::I32, {total});
+  copy_ids(be, acc, 0, A, lrows);
+  Tensor hout = be.alloc(be.act_dtype(), {int64_t(lrows.size()), H});
+  be.gather_rows(hall, lrows, hout);
+  std::vector<std::vector<DraftJob*>> steps = {active};
+  std::vector<int64_t> offset = {0};
+  int64_t used = int64_t(active.size());
+  mark("draft: first pass");
+  for (int64_t k = 1;; ++k) {
+    std::vector<int32_t> keep;  // rows of the previous step whose sequence drafts again
+    std::vector<DraftJob*> next;
+    for (size_t i = 0; i < active.size(); ++i)
+      if (active[i]->num_drafts > k) {
+        keep.push_back(int32_t(i));
+        next.push_back(active[i]);
+      }
+    if (next.empty()) break;
+    std::vector<std::pair<const SeqCache*, std::vector<int32_t>>> parts;
+    std::vector<SeqCache> views;
+    views.reserve(next.size());
+    for (DraftJob* j : next) {
+      // d_k sits at position (last committed position) + k: the target's new length − 1 + k.
+      views.push_back(j->seq->cache);
+      views.back().len = j->seq->cache.len - 1 + k;
+      parts.push_back({&views.back(), {0}});  // the token comes from the device (tokens_in)
+    }
+    BatchMeta cb = make_batch(parts);
+    const int64_t n = int64_t(next.size());
+    Tensor prev = hout, tok = be.alloc(DType::I32, {n});
+    if (keep.size() != active.size()) {
+      prev = be.alloc(be.act_dtype(), {n, H});
+      be.gather_rows(hout, keep, prev);
+    }
+    copy_ids(be, tok, 0, acc.rows(offset.back(), offset.back() + int64_t(active.size())), keep);
+    mark("draft: chain build");
+    m.mtp_forward_graphed(cb, cm.caches(), prev, opt.reduced, &L, &hout, dev_limit, &A, &tok, true);
+    Tensor dst = acc.rows(used, used + n);
+    be.copy(dst, A);
+    offset.push_back(used);
+    steps.push_back(next);
+    used += n;
+    active = std::move(next);
+    mark("draft: chain step");
+  }
+  const std::vector<float> ids = be.to_host_f32(acc.rows(0, used));  // the one host sync of the drafting
+  mark("draft: readback");
+  for (size_t k = 0; k < steps.size(); ++k)
+    for (size_t i = 0; i < steps[k].size(); ++i) {
+      Sequence* s = steps[k][i]->seq;
+      int32_t d = int32_t(ids[size_t(offset[k]) + i]);
+      if (opt.hook) d = opt.hook(s->req->id, int64_t(s->tokens.size() + s->drafts.size()), d);
+      s->drafts.push_back(d);
+    }
+}
 
 // Rows `rows` of a device tensor to the host (one read; a gather first unless they are a prefix).
 std::vector<float> rows_to_host(Backend& be, const Tensor& t, const std::vector<int32_t>& rows) {
@@ -122,24 +231,33 @@ void mtp_propose(model::Model& m, CacheManager& cm, const Tensor& hidden, std::v
     for (int64_t i = 0; i < n; ++i) out.push_back(draft_pick(lg.data() + i * N, V, opt.vocab_limit, ids));
     return out;
   };
+  auto mark = [&](const char* phase) {
+    if (opt.clock) opt.clock->mark(phase);
+  };
   BatchMeta b = make_batch(parts);
   Tensor h = be.alloc(be.act_dtype(), {int64_t(hrows.size()), H});
   be.gather_rows(hidden, hrows, h);
+  mark("draft: build");
   Tensor hout;  // MTP post-norm hidden of the drafting rows: the next chained step's input
   const bool any = !lrows.empty();
   std::vector<int32_t> toks;  // the draft of each drafting row
+  if (graphed && any && dev_limit > 0 && opt.device_feed) return propose_fed(m, cm, b, h, jobs, lrows, dev_limit, opt);
   if (graphed) {
     // Every row is a logit row in the recording; the drafting rows are picked out here.
     Tensor L, hall, A;
     m.mtp_forward_graphed(b, cm.caches(), h, opt.reduced, &L, &hall, any ? dev_limit : 0, &A);
+    mark("draft: first pass");
     if (!any) return;
     toks = pick(L, A, lrows);
+    mark("draft: readback");
     hout = be.alloc(be.act_dtype(), {int64_t(lrows.size()), H});
     be.gather_rows(hall, lrows, hout);
   } else {
     Tensor L = m.mtp_forward(b, cm.caches(), h, any ? lrows : std::vector<int32_t>{0}, &hout, opt.reduced);
+    mark("draft: first pass");
     if (!any) return;
     toks = pick(L, Tensor{}, {});
+    mark("draft: readback");
   }
 
   // Chained steps: one row per sequence still drafting.
@@ -177,13 +295,18 @@ void mtp_propose(model::Model& m, CacheManager& cm, const Tensor& hidden, std::v
     }
     std::vector<int32_t> all(next.size());
     for (size_t i = 0; i < all.size(); ++i) all[i] = int32_t(i);
+    mark("draft: chain build");
     if (graphed) {
       Tensor L, A;
       m.mtp_forward_graphed(cb, cm.caches(), prev, opt.reduced, &L, &hout, dev_limit, &A);
+      mark("draft: chain step");
       toks = pick(L, A, {});
     } else {
-      toks = pick(m.mtp_forward(cb, cm.caches(), prev, all, &hout, opt.reduced), Tensor{}, {});
+      Tensor L = m.mtp_forward(cb, cm.caches(), prev, all, &hout, opt.reduced);
+      mark("draft: chain step");
+      toks = pick(L, Tensor{}, {});
     }
+    mark("draft: readback");
     for (size_t i = 0; i < next.size(); ++i) propose(next[i]->seq, toks[i]);
     active = std::move(next);
   }

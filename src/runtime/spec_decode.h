@@ -2,6 +2,7 @@
 // (one target forward over [last token, d_1..d_K], rejection sampling, DeltaNet state rollback) lives in the
 // engine step; docs/engine.md describes both.
 #pragma once
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -13,6 +14,22 @@
 #include "runtime/scheduler.h"
 
 namespace ds::runtime {
+
+// EngineConfig::profile_phases: wall time per phase of an engine step. Each mark synchronises the backend and adds
+// the time since the previous mark (or start) to its phase in `ms`. Constructed with a null backend: off (no syncs,
+// no clock reads).
+class PhaseClock {
+ public:
+  PhaseClock(Backend* be, std::vector<std::pair<std::string, double>>* ms) : be_(ms ? be : nullptr), ms_(ms) {}
+  bool on() const { return be_ != nullptr; }
+  void start();
+  void mark(const char* phase);
+
+ private:
+  Backend* be_;
+  std::vector<std::pair<std::string, double>>* ms_;
+  std::chrono::steady_clock::time_point t_{};
+};
 
 // One sequence's MTP work after a target forward. Set by the engine.
 struct DraftJob {
@@ -34,6 +51,11 @@ struct DraftOptions {
   // verify (each drafts, at most kMaxGraphRows rows in all); eager mtp_forward otherwise.
   bool graphs = false;
   DraftHook hook;
+  PhaseClock* clock = nullptr;  // profiling (phases "draft: ..."); null: off
+  // With `graphs` and the argmax on the device: chained steps read their tokens from the previous step's argmax on
+  // the device and the drafts come back once after the last step (EngineConfig::device_draft_feed); false: each
+  // step's drafts come back and the next step's tokens go through the host.
+  bool device_feed = true;
 };
 constexpr int64_t kMaxGraphRows = 64;
 

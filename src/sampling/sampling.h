@@ -41,6 +41,11 @@ struct SeqSampler {
   std::unordered_map<int32_t, int32_t> generated_counts;  // token -> times generated
   std::unordered_map<int32_t, bool> prompt_tokens;        // for repetition_penalty
   void accept(int32_t token) { ++generated_counts[token]; }
+  // Undoes accept(token) (the counts are as if it had never been accepted).
+  void retract(int32_t token) {
+    auto it = generated_counts.find(token);
+    if (it != generated_counts.end() && --it->second <= 0) generated_counts.erase(it);
+  }
   float next_uniform() { return uniform_at(seed, draws++); }
 };
 

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <numeric>
 
+#include "backend/cuda/bf16_mma.h"
 #include "backend/cuda/int4_mma.h"
 #include "cuda_test_util.h"
 
@@ -278,6 +279,104 @@ TEST_F(CudaOps, FusedOps) {
   }
 }
 
+// The tensor-core kernel of the small bf16 linears (bf16_mma.h) at every step size a decode or verify has (M = 1 ..
+// 256), in each mode (plain, SwiGLU, gated add), on the real shapes and awkward ones (N = 1, 37, 48; K = 96 and 200,
+// whose last 64-input chunk is partial; SwiGLU with I = 20, not a multiple of 16): against the CPU; against the GEMV
+// it replaces (DS_CUDA_NO_BF16_MMA=1) within bf16 rounding; and every row of a 64- and a 256-row step equal bit for
+// bit to the same row alone, single weights and the MoE block's group (router + gate_up·SwiGLU + gate) alike.
+TEST_F(CudaOps, Bf16MmaLinears) {
+  Both B;
+  struct Case {
+    int64_t N, K;
+    int mode;  // 0 plain (linear), 1 SwiGLU (linear_group), 2 gated add (linear_gated_add)
+    DType ydt;
+    const char* what;
+  };
+  const std::vector<Case> cases = {
+      {256, 2048, 0, DType::BF16, "router"},        {1024, 2048, 1, DType::BF16, "shared gate_up + SwiGLU"},
+      {2048, 512, 2, DType::BF16, "shared down + gated add"}, {32, 2048, 0, DType::BF16, "in_proj_a"},
+      {1, 2048, 0, DType::BF16, "shared gate N=1"}, {48, 96, 0, DType::BF16, "N=48 K=96"},
+      {37, 200, 0, DType::F32, "N=37 K=200 F32 out"}, {40, 136, 1, DType::BF16, "SwiGLU I=20 K=136"},
+      {24, 4096, 2, DType::BF16, "gated add N=24 K=4096"}};
+  auto same = [&](const Tensor& a, const Tensor& b) { return B.gpu->to_host_f32(a) == B.gpu->to_host_f32(b); };
+  auto rows_of = [](const std::vector<float>& v, int64_t r0, int64_t n, int64_t cols) {
+    return std::vector<float>(v.begin() + r0 * cols, v.begin() + (r0 + n) * cols);
+  };
+  for (const auto& c : cases) {
+    HostLinear hl(c.N, c.K, false, 7 * c.N + c.K);
+    const Linear lc = B.cpu->make_linear({hl.src()}), lg = B.gpu->make_linear({hl.src()});
+    const int64_t cols = c.mode == 1 ? c.N / 2 : c.N;
+    auto run = [&](Backend& be, const Linear& l, const Tensor& x, const Tensor& gate, Tensor& y) {
+      if (c.mode == 0) be.linear(x, l, y);
+      else if (c.mode == 1) be.linear_group(x, {{&l, &y, true}});
+      else be.linear_gated_add(x, l, gate, y);
+    };
+    // inputs of 256 rows; a step of M rows takes rows [r0, r0 + M)
+    const auto xs = randn(size_t(256 * c.K), 1.f, 100 + c.K), gs = randn(256, 2.f, 101),
+               ys = randn(size_t(256 * cols), 1.f, 102);
+    auto step = [&](int64_t r0, int64_t M) {  // GPU output of rows [r0, r0 + M)
+      Tensor x = B.gpu->upload_f32(rows_of(xs, r0, M, c.K), {M, c.K}, DType::BF16);
+      Tensor gate = B.gpu->upload_f32(rows_of(gs, r0, M, 1), {M, 1}, DType::BF16);
+      Tensor y = c.mode == 2 ? B.gpu->upload_f32(rows_of(ys, r0, M, cols), {M, cols}, c.ydt)
+                             : B.gpu->alloc(c.ydt, {M, cols});
+      run(*B.gpu, lg, x, gate, y);
+      return B.gpu->to_host_f32(y);
+    };
+    for (int64_t M : {1, 2, 3, 4, 5, 8, 17, 64, 65, 255, 256}) {
+      const std::string tag = std::string("bf16 mma ") + c.what + " M=" + std::to_string(M);
+      auto x = B.up(rows_of(xs, 0, M, c.K), {M, c.K});
+      auto gate = B.up(rows_of(gs, 0, M, 1), {M, 1});
+      Pair y = c.mode == 2 ? B.up(rows_of(ys, 0, M, cols), {M, cols}, c.ydt) : B.zeros({M, cols}, c.ydt);
+      run(*B.cpu, lc, x.c, gate.c, y.c);
+      run(*B.gpu, lg, x.g, gate.g, y.g);
+      REPORT(tag, B.err(y));
+      if (M == 1 || M == 5 || M == 64) {  // the GEMV it replaces
+        Pair y2 = c.mode == 2 ? B.up(rows_of(ys, 0, M, cols), {M, cols}, c.ydt) : B.zeros({M, cols}, c.ydt);
+        setenv("DS_CUDA_NO_BF16_MMA", "1", 1);
+        run(*B.gpu, lg, x.g, gate.g, y2.g);
+        unsetenv("DS_CUDA_NO_BF16_MMA");
+        const double e = test::rel(B.gpu->to_host_f32(y.g), B.gpu->to_host_f32(y2.g));
+        std::printf("  %-60s rel L2 %.3g\n", (tag + " vs GEMV").c_str(), e);
+        EXPECT_LT(e, kTol) << tag;
+      }
+    }
+    // batch invariance: each row of a 64-row and a 256-row step equals the row alone
+    const auto y256 = step(0, 256), y64 = step(0, 64);
+    int diff = 0;
+    for (int64_t r = 0; r < 256; r += r < 64 ? 1 : 37) {
+      const auto one = step(r, 1);
+      diff += one != rows_of(y256, r, 1, cols);
+      if (r < 64) diff += one != rows_of(y64, r, 1, cols);
+    }
+    const auto y17 = step(3, 17);
+    diff += y17 != rows_of(y256, 3, 17, cols);
+    EXPECT_EQ(diff, 0) << "bf16 mma " << c.what << ": rows differ across step sizes";
+  }
+  // the MoE block's group in one launch (a two-tile kernel with plain weights beside the SwiGLU one): rows invariant,
+  // and each output equal to its weight's own launch
+  HostLinear router(256, 2048, false, 61), sgu(1024, 2048, false, 62), sg(1, 2048, false, 63);
+  const Linear rg = B.gpu->make_linear({router.src()}), gg = B.gpu->make_linear({sgu.src()}),
+               sgg = B.gpu->make_linear({sg.src()});
+  const auto xs = randn(size_t(64 * 2048), 1.f, 64);
+  auto group = [&](int64_t r0, int64_t M) {
+    Tensor x = B.gpu->upload_f32(rows_of(xs, r0, M, 2048), {M, 2048}, DType::BF16);
+    Tensor yr = B.gpu->alloc(DType::BF16, {M, 256}), ya = B.gpu->alloc(DType::BF16, {M, 512}),
+           yg = B.gpu->alloc(DType::BF16, {M, 1}), r2 = B.gpu->alloc(DType::BF16, {M, 256});
+    B.gpu->linear_group(x, {{&rg, &yr}, {&gg, &ya, true}, {&sgg, &yg}});
+    B.gpu->linear(x, rg, r2);
+    EXPECT_TRUE(same(yr, r2)) << "router in the group differs from its own launch, M=" << M;
+    return std::array<std::vector<float>, 3>{B.gpu->to_host_f32(yr), B.gpu->to_host_f32(ya), B.gpu->to_host_f32(yg)};
+  };
+  const auto all = group(0, 64);
+  int diff = 0;
+  for (int64_t r = 0; r < 64; ++r) {
+    const auto one = group(r, 1);
+    diff += one[0] != rows_of(all[0], r, 1, 256) || one[1] != rows_of(all[1], r, 1, 512) ||
+            one[2] != rows_of(all[2], r, 1, 1);
+  }
+  EXPECT_EQ(diff, 0) << "bf16 mma group: rows differ across step sizes";
+}
+
 // A batch of sequences: (ctx_len, q_len) each; blocks of 16 tokens scattered over a shuffled pool.
 BatchMeta make_batch(const std::vector<std::pair<int64_t, int64_t>>& seqs, int64_t bs, std::vector<int32_t>& pool,
                      bool distinct_rows = false) {
@@ -520,13 +619,78 @@ TEST_F(CudaOps, ArgmaxRows) {
         for (int64_t j = 0; j < N; ++j) v[size_t(3 * N + j)] = std::nanf("");
         v[size_t(4 * N + N - 1)] = 1000.f;
       }
+      // map: a reduced draft head's column -> token id (a permutation of ids of a larger vocabulary)
+      std::vector<float> mv(static_cast<size_t>(N));
+      for (int64_t j = 0; j < N; ++j) mv[size_t(j)] = float((j * 7919 + 13) % 262144);
+      Pair map = B.up(mv, {N}, DType::I32);
       for (int64_t limit : {N, std::max<int64_t>(1, N - 5), std::max<int64_t>(1, N / 3)}) {
-        Pair L = B.up(v, {R, N}, DType::F32), A = B.zeros({R}, DType::I32);
+        Pair L = B.up(v, {R, N}, DType::F32), A = B.zeros({R}, DType::I32), M = B.zeros({R}, DType::I32);
         B.cpu->argmax_rows(L.c, limit, A.c);
         B.gpu->argmax_rows(L.g, limit, A.g);
         EXPECT_EQ(B.gpu->to_host_f32(A.g), B.cpu->to_host_f32(A.c)) << "N " << N << " R " << R << " limit " << limit;
+        B.cpu->argmax_rows(L.c, limit, M.c, &map.c);
+        B.gpu->argmax_rows(L.g, limit, M.g, &map.g);
+        const auto col = B.cpu->to_host_f32(A.c), tok = B.cpu->to_host_f32(M.c);
+        for (int64_t r = 0; r < R; ++r) EXPECT_EQ(tok[size_t(r)], mv[size_t(col[size_t(r)])]);
+        EXPECT_EQ(B.gpu->to_host_f32(M.g), tok) << "mapped, N " << N << " R " << R << " limit " << limit;
       }
     }
+}
+
+// batch_tokens_from (speculative drafting's device feed): the embedding of a batch whose token ids come from a
+// device tensor equals the embedding of the same ids given in b.tokens, on both backends, eagerly and recorded
+// (the copy into the batch mirror as a graph node, the ids changed between replays).
+TEST_F(CudaOps, BatchTokensFrom) {
+  Both B;
+  const int64_t V = 300, H = 64;
+  Pair table = B.up(randn(size_t(V * H), 1.f, 3), {V, H});
+  for (int64_t T : {int64_t(1), int64_t(3), int64_t(17), int64_t(64)}) {
+    std::vector<float> ids(static_cast<size_t>(T));
+    for (int64_t i = 0; i < T; ++i) ids[size_t(i)] = float((i * 37 + T) % V);
+    BatchMeta want, fed;
+    want.seqs.push_back({0, T, 0, 0, {}});
+    want.tokens.assign(ids.begin(), ids.end());
+    want.positions.assign(size_t(3 * T), 0);
+    fed = want;
+    fed.tokens.assign(size_t(T), 0);  // placeholders: the ids come from the device
+    Pair I = B.up(ids, {T}, DType::I32);
+    Pair a = B.zeros({T, H}), b = B.zeros({T, H});
+    for (Backend* be : {B.cpu.get(), B.gpu.get()}) {
+      const bool g = be == B.gpu.get();
+      be->prepare_batch(want);
+      be->embed(g ? table.g : table.c, want, g ? a.g : a.c);
+      BatchMeta f = fed;
+      be->prepare_batch(f);
+      be->batch_tokens_from(f, g ? I.g : I.c);
+      be->embed(g ? table.g : table.c, f, g ? b.g : b.c);
+    }
+    EXPECT_EQ(B.gpu->to_host_f32(b.g), B.gpu->to_host_f32(a.g)) << "T " << T;
+    EXPECT_EQ(B.cpu->to_host_f32(b.c), B.cpu->to_host_f32(a.c)) << "T " << T;
+    // Recorded: warm-up, record, then replays with other ids in the same device tensor.
+    Tensor out = B.gpu->alloc(B.gpu->act_dtype(), {T, H});
+    for (int rep = 0; rep < 4; ++rep) {
+      std::vector<float> r(static_cast<size_t>(T));
+      for (int64_t i = 0; i < T; ++i) r[size_t(i)] = float((i * 11 + rep * 5 + 1) % V);
+      Tensor src = B.gpu->upload_f32(r, {T}, DType::I32);
+      B.gpu->step_begin();
+      Tensor fixed = I.g;  // the recording reads the ids from here
+      B.gpu->copy(fixed, src);
+      BatchMeta f = fed;
+      B.gpu->prepare_batch(f);
+      B.gpu->graph_run(str_cat("test/tokens_from/", T), [&] {
+        B.gpu->prepare_batch(f);
+        B.gpu->batch_tokens_from(f, fixed);
+        B.gpu->embed(table.g, f, out);
+      });
+      B.gpu->step_end();
+      BatchMeta w = want;
+      w.tokens.assign(r.begin(), r.end());
+      Tensor ref = B.gpu->alloc(B.gpu->act_dtype(), {T, H});
+      B.gpu->prepare_batch(w);
+      B.gpu->embed(table.g, w, ref);
+      EXPECT_EQ(B.gpu->to_host_f32(out), B.gpu->to_host_f32(ref)) << "T " << T << " replay " << rep;
+    }
+  }
 }
 
 TEST_F(CudaOps, Int4BatchInvariance) {

@@ -67,14 +67,17 @@ TEST(CudaSpec, GraphedVerifyAndDraftMatchEager) {
   for (int64_t K : {1, 3})
     for (int64_t dv : {int64_t(0), int64_t(512)}) {
       std::vector<std::vector<std::vector<int32_t>>> outs;
-      std::vector<runtime::EngineMetrics> ms(2);
-      std::vector<std::vector<int32_t>> props(2);
-      for (int g = 0; g < 2; ++g) {
+      std::vector<runtime::EngineMetrics> ms(3);
+      std::vector<std::vector<int32_t>> props(3);
+      // eager; graphed with each draft step's tokens through the host (the oracle's replaced tokens feed the chained
+      // steps, as in the eager run); graphed with the device draft feed (chained steps fed the MTP's own argmax)
+      for (int g = 0; g < 3; ++g) {
         runtime::EngineConfig c = base;
         c.num_speculative_tokens = K;
         c.draft_vocab_size = dv;
-        c.step_graphs = g == 1;
-        c.spec_step_graphs = g == 1;
+        c.step_graphs = g >= 1;
+        c.spec_step_graphs = g >= 1;
+        c.device_draft_feed = g == 2;
         auto rng = std::make_shared<std::mt19937_64>(uint64_t(K * 100 + dv));
         auto* rec = &props[size_t(g)];
         c.draft_hook = [&, rng, rec](uint64_t id, int64_t index, int32_t proposed) {
@@ -86,20 +89,43 @@ TEST(CudaSpec, GraphedVerifyAndDraftMatchEager) {
         };
         outs.push_back(run(*m, c, prompts, n, &ms[size_t(g)]));
       }
-      for (size_t i = 0; i < prompts.size(); ++i) {
-        ASSERT_EQ(outs[1][i].size(), size_t(n));
-        EXPECT_EQ(outs[1][i], outs[0][i]) << "K=" << K << " draft vocab " << dv << " prompt " << i;
+      for (int g = 1; g <= 2; ++g) {
+        for (size_t i = 0; i < prompts.size(); ++i) {
+          ASSERT_EQ(outs[size_t(g)][i].size(), size_t(n));
+          EXPECT_EQ(outs[size_t(g)][i], outs[0][i]) << "K=" << K << " draft vocab " << dv << " prompt " << i << " run " << g;
+        }
+        EXPECT_GT(ms[size_t(g)].spec_accepted_tokens_total, 0);
+        EXPECT_LT(ms[size_t(g)].spec_accepted_tokens_total, ms[size_t(g)].spec_draft_tokens_total);  // some rejections
       }
-      EXPECT_GT(ms[1].spec_accepted_tokens_total, 0);
-      EXPECT_LT(ms[1].spec_accepted_tokens_total, ms[1].spec_draft_tokens_total);  // some rejections happened
       // The MTP's own proposals: the recorded draft computes logits of every row (the eager one of the drafting
-      // rows only), so a near-tie could in principle round the other way; expect (almost) all equal.
-      size_t same = 0, cmp = std::min(props[0].size(), props[1].size());
-      for (size_t i = 0; i < cmp; ++i) same += props[0][i] == props[1][i];
-      std::printf("  K=%lld draft vocab %lld: %zu/%zu proposals equal, accepted %lld of %lld drafts\n", (long long)K,
-                  (long long)dv, same, cmp, (long long)ms[1].spec_accepted_tokens_total,
-                  (long long)ms[1].spec_draft_tokens_total);
-      EXPECT_GE(double(same), 0.95 * double(cmp));
+      // rows only), so a near-tie could in principle round the other way; expect (almost) all equal. The fed run
+      // against an eager run whose hook replaces nothing (then both chains see the same tokens).
+      auto compare = [&](const std::vector<int32_t>& a, const std::vector<int32_t>& b, const char* what) {
+        size_t same = 0, cmp = std::min(a.size(), b.size());
+        for (size_t i = 0; i < cmp; ++i) same += a[i] == b[i];
+        std::printf("  K=%lld draft vocab %lld, %s: %zu/%zu proposals equal\n", (long long)K, (long long)dv, what, same,
+                    cmp);
+        EXPECT_GT(cmp, size_t(0));
+        EXPECT_GE(double(same), 0.95 * double(cmp)) << what;
+      };
+      std::printf("  K=%lld draft vocab %lld: accepted %lld of %lld drafts\n", (long long)K, (long long)dv,
+                  (long long)ms[1].spec_accepted_tokens_total, (long long)ms[1].spec_draft_tokens_total);
+      compare(props[0], props[1], "graphed vs eager");
+      std::vector<std::vector<int32_t>> plain_props(2);
+      for (int g = 0; g < 2; ++g) {
+        runtime::EngineConfig c = base;
+        c.num_speculative_tokens = K;
+        c.draft_vocab_size = dv;
+        c.step_graphs = c.spec_step_graphs = g == 1;  // the graphed run feeds on the device
+        auto* rec = &plain_props[size_t(g)];
+        c.draft_hook = [rec](uint64_t, int64_t, int32_t proposed) {
+          rec->push_back(proposed);
+          return proposed;
+        };
+        const auto o = run(*m, c, prompts, n, nullptr);
+        for (size_t i = 0; i < prompts.size(); ++i) EXPECT_EQ(o[i], plain[i]) << "no oracle, run " << g;
+      }
+      compare(plain_props[0], plain_props[1], "fed vs eager, no oracle");
     }
 }
 

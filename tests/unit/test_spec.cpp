@@ -347,6 +347,55 @@ TEST(SpecEngine, OracleDraftsAreAcceptedAndOutputUnchanged) {
   }
 }
 
+// Greedy verification on the backend (EngineConfig::device_verify: sample_rows' greedy choice per verified row,
+// compared with the drafts in the engine) decides exactly as verify_draft on the host, penalties and logit_bias
+// included (row j's penalties see d_1..d_j), with acceptances and rejections from the oracle.
+TEST(SpecEngine, DeviceVerifyEqualsHostVerify) {
+  Fixture& f = fixture("tiny-moe", "bf16");
+  const int64_t N = 18;
+  auto make = [&] {
+    std::vector<std::shared_ptr<Request>> rs;
+    for (size_t i = 0; i < f.prompts.size(); ++i) {
+      rs.push_back(req(i, f.prompts[i], N));
+      if (i % 2) {  // penalties and a bias: the edits of each verified row depend on the drafts before it
+        auto& sp = rs.back()->sampling;
+        sp.repetition_penalty = 1.3f;
+        sp.presence_penalty = 0.4f;
+        sp.frequency_penalty = 0.2f;
+        sp.logit_bias = {{5, 2.0f}, {17, -1.5f}};
+      }
+    }
+    return rs;
+  };
+  const auto want = run_all(*f.m, config(0), make());
+  for (int64_t K : {1, 3}) {
+    auto oracle = [&](EngineConfig c) {
+      auto rng = std::make_shared<std::mt19937_64>(K);
+      c.draft_hook = [&, rng](uint64_t id, int64_t index, int32_t proposed) {
+        const auto& w = want[size_t(id)].tokens;
+        const int64_t g = index - int64_t(f.prompts[size_t(id)].size());
+        if (g < 0 || g >= int64_t(w.size())) return proposed;
+        return ((*rng)() % 10) < 7 ? w[size_t(g)] : int32_t((w[size_t(g)] + 1 + (*rng)() % 100) % 2048);
+      };
+      return c;
+    };
+    EngineConfig dev = oracle(config(K)), host = oracle(config(K));
+    host.device_verify = false;
+    runtime::EngineMetrics md, mh;
+    const auto a = run_all(*f.m, dev, make(), &md);
+    const auto b = run_all(*f.m, host, make(), &mh);
+    for (size_t i = 0; i < want.size(); ++i) {
+      EXPECT_EQ(a[i].tokens, want[i].tokens) << "device verify, K=" << K << " prompt " << i;
+      EXPECT_EQ(b[i].tokens, want[i].tokens) << "host verify, K=" << K << " prompt " << i;
+    }
+    EXPECT_EQ(md.spec_accepted_tokens_total, mh.spec_accepted_tokens_total);
+    EXPECT_EQ(md.spec_draft_tokens_total, mh.spec_draft_tokens_total);
+    EXPECT_GT(md.spec_accepted_tokens_total, 0);
+    EXPECT_LT(md.spec_accepted_tokens_total, md.spec_draft_tokens_total);
+    EXPECT_GT(md.device_sample_steps_total, mh.device_sample_steps_total);  // the verify steps
+  }
+}
+
 TEST(SpecEngine, MaxTokensStopTokensAndPreemption) {
   Fixture& f = fixture("tiny-moe", "bf16");
   const auto& p = f.prompts[2];
@@ -679,7 +728,10 @@ TEST(SpecRollback, ReplayGivesTheStateOfTheAcceptedRows) {
 // mtp_forward_graphed (every row a logit row, drafting rows picked afterwards). On the CPU graph_run runs the same
 // code eagerly, so this checks that path's plumbing against the plain one: with an oracle (so drafts are accepted,
 // partly rejected, and batches mix sequences with different accepted counts) the same tokens, the same proposals
-// and the same counters, for the full and the reduced draft head.
+// and the same counters, for the full and the reduced draft head. The graphed run without the device draft feed
+// (the oracle's replaced tokens then feed the chained steps, as in the eager run); with the feed (chained steps fed
+// the MTP's own proposals on the device) the output is still the plain one, and with a hook that replaces nothing
+// the proposals are the eager run's.
 TEST(SpecGraphs, GraphedAndEagerStepsAgree) {
   Fixture& f = fixture("tiny-moe", "int4");
   auto m = load_with_draft_vocab(*f.be, "tiny-moe", "int4", runtime::draft_vocab_ids(512, "", 2048));
@@ -691,13 +743,14 @@ TEST(SpecGraphs, GraphedAndEagerStepsAgree) {
   const auto want = run_all(*m, config(0), make());
   for (int64_t K : {3})  // several drafts per step (K = 1 is covered by SpecGreedy); CI time
     for (int64_t dv : {int64_t(0), int64_t(512)}) {
-      std::vector<Proposals> props(2);
+      std::vector<Proposals> props(3);
       std::vector<std::vector<Out>> outs;
-      std::vector<runtime::EngineMetrics> ms(2);
-      for (int g = 0; g < 2; ++g) {
+      std::vector<runtime::EngineMetrics> ms(3);
+      for (int g = 0; g < 3; ++g) {  // eager, graphed, graphed with the device draft feed
         EngineConfig c = config(K);
-        c.step_graphs = g == 1;
-        c.spec_step_graphs = g == 1;
+        c.step_graphs = g >= 1;
+        c.spec_step_graphs = g >= 1;
+        c.device_draft_feed = g == 2;
         c.draft_vocab_size = dv;
         auto rng = std::make_shared<std::mt19937_64>(K * 10 + dv);
         Proposals* rec = &props[size_t(g)];
@@ -718,6 +771,19 @@ TEST(SpecGraphs, GraphedAndEagerStepsAgree) {
       EXPECT_EQ(ms[1].spec_accepted_per_pos, ms[0].spec_accepted_per_pos);
       EXPECT_EQ(ms[1].steps_total, ms[0].steps_total);
       EXPECT_GT(ms[1].spec_accepted_tokens_total, 0);
+      for (size_t i = 0; i < want.size(); ++i) EXPECT_EQ(outs[2][i].tokens, want[i].tokens) << "fed, prompt " << i;
+      check_counters(ms[2], K);
+      EXPECT_GT(ms[2].spec_accepted_tokens_total, 0);
+      // A hook that replaces nothing: the fed chain sees the tokens the stepwise one does.
+      Proposals eager, fed;
+      EngineConfig c = config(K);
+      c.draft_vocab_size = dv;
+      c.step_graphs = c.spec_step_graphs = false;
+      run_all(*m, recording(c, eager), make());
+      c.step_graphs = c.spec_step_graphs = true;
+      const auto o = run_all(*m, recording(c, fed), make());
+      EXPECT_EQ(fed, eager) << "K=" << K << " draft vocab " << dv;
+      for (size_t i = 0; i < want.size(); ++i) EXPECT_EQ(o[i].tokens, want[i].tokens);
     }
 }
 

@@ -81,6 +81,8 @@ class CpuBackend final : public Backend {
     if (dt == DType::F32) std::memcpy(t.data, v.data(), v.size() * 4);
     else if (dt == DType::BF16)
       for (size_t i = 0; i < v.size(); ++i) t.ptr<uint16_t>()[i] = f32_to_bf16(v[i]);
+    else if (dt == DType::I32)
+      for (size_t i = 0; i < v.size(); ++i) t.ptr<int32_t>()[i] = int32_t(v[i]);
     else fail("cpu upload: unsupported dtype ", dtype_name(dt));
     return t;
   }
@@ -397,16 +399,17 @@ class CpuBackend final : public Backend {
       std::memcpy(out.ptr<float>() + int64_t(i) * H, x.ptr<float>() + int64_t(rows[i]) * H, size_t(H) * 4);
   }
 
-  void argmax_rows(const Tensor& logits, int64_t limit, Tensor& ids) override {
+  void argmax_rows(const Tensor& logits, int64_t limit, Tensor& ids, const Tensor* map = nullptr) override {
     const int64_t R = logits.dim(0), N = logits.numel() / std::max<int64_t>(R, 1);
     DS_CHECK(logits.dtype == DType::F32 && ids.dtype == DType::I32 && ids.numel() == R && limit >= 1 && limit <= N,
              "argmax_rows: logits F32 [R, N], ids I32 [R], limit in 1..N");
+    DS_CHECK(!map || (map->dtype == DType::I32 && map->numel() == N), "argmax_rows: map must be I32 [", N, "]");
     for (int64_t r = 0; r < R; ++r) {
       const float* x = logits.ptr<float>() + r * N;
       int64_t a = -1;
       for (int64_t j = 0; j < limit; ++j)
         if (!std::isnan(x[j]) && (a < 0 || x[j] > x[a])) a = j;
-      ids.ptr<int32_t>()[r] = int32_t(a < 0 ? 0 : a);
+      ids.ptr<int32_t>()[r] = map ? map->ptr<int32_t>()[a < 0 ? 0 : a] : int32_t(a < 0 ? 0 : a);
     }
   }
 

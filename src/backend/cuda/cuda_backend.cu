@@ -7,15 +7,21 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <thread>
 #include <tuple>
 #include <vector>
 #include <string>
 
+#include "backend/cuda/bf16_mma.h"
+#include "backend/cuda/flash_attn.h"
+#include "backend/cuda/gdr_chunked.h"
 #include "backend/cuda/int4_mma.h"
+#include "backend/cuda/mma_util.cuh"
 #include "backend/cuda/pdl.h"
 #include "backend/cuda/sample.h"
 #include "backend/cuda/vision_kernels.h"
@@ -146,7 +152,7 @@ __global__ void k_gather(const void* x, int dt, const int32_t* rows, int64_t H, 
 __device__ __forceinline__ bool argmax_better(float v, int i, float bv, int bi) {
   return i >= 0 && (bi < 0 || v > bv || (v == bv && i < bi));
 }
-__global__ void k_argmax_rows(const float* x, int64_t N, int64_t limit, int32_t* ids) {
+__global__ void k_argmax_rows(const float* x, int64_t N, int64_t limit, const int32_t* map, int32_t* ids) {
   const int64_t r = blockIdx.x;
   const float* row = x + r * N;
   float bv = 0.f;
@@ -175,7 +181,7 @@ __global__ void k_argmax_rows(const float* x, int64_t N, int64_t limit, int32_t*
       const int oi = __shfl_xor_sync(0xffffffffu, bi, off);
       if (argmax_better(ov, oi, bv, bi)) bv = ov, bi = oi;
     }
-    if (lane == 0) ids[r] = bi < 0 ? 0 : bi;
+    if (lane == 0) ids[r] = map ? map[bi < 0 ? 0 : bi] : (bi < 0 ? 0 : bi);
   }
 }
 
@@ -229,14 +235,15 @@ __global__ void __launch_bounds__(256) k_add_rmsnorm(void* x, int xdt, const voi
   }
 }
 
-// Small bf16 linears for steps of up to kGemvMaxT rows (every decode and verify step; prefill chunks above go to
-// cuBLAS), several weights of one input in one launch: one warp per output row and chunk of ≤ 4 rows of x (grid.y),
-// lanes across K in 16-byte chunks (8 inputs), fp32 accumulation, then a shuffle reduction. A row's result does not
-// depend on how many rows the step has (the same lanes sum the same inputs in the same order), so a verify step's
-// rows equal the plain decode step's bit for bit: greedy speculation depends on it (CudaSpec.GreedySpeculation*;
-// with M ≤ 4 here and cuBLAS above, a 5-row verify picked other experts than a 1-row decode). Segment modes: plain y = x·Wᵀ; swiglu (row n computes the gate row n and the up row I + n and
-// writes silu(g)·u, g and u rounded to y's dtype first, as linear + silu_mul would); gated add (y += sigmoid(gate)·
-// s with s rounded to y's dtype, as linear + sigmoid_scale_add would).
+// Small bf16 linears for steps of up to kGemvMaxT rows with DS_CUDA_NO_BF16_MMA=1 (by default the tensor-core
+// kernel of bf16_mma.h serves them; prefill chunks above go to cuBLAS), several weights of one input in one launch:
+// one warp per output row and chunk of ≤ 4 rows of x (grid.y), lanes across K in 16-byte chunks (8 inputs), fp32
+// accumulation, then a shuffle reduction. A row's result does not depend on how many rows the step has (the same
+// lanes sum the same inputs in the same order), so a verify step's rows equal the plain decode step's bit for bit:
+// greedy speculation depends on it (CudaSpec.GreedySpeculation*; with M ≤ 4 here and cuBLAS above, a 5-row verify
+// picked other experts than a 1-row decode). Segment modes: plain y = x·Wᵀ; swiglu (row n computes the gate row n
+// and the up row I + n and writes silu(g)·u, g and u rounded to y's dtype first, as linear + silu_mul would); gated
+// add (y += sigmoid(gate)·s with s rounded to y's dtype, as linear + sigmoid_scale_add would).
 constexpr int kGemvMaxT = 256, kGemvSegs = 4;
 struct GemvSeg {
   const __nv_bfloat16* w = nullptr;
@@ -554,17 +561,21 @@ __device__ __forceinline__ void gdr_scalars(const float* g, const float* beta, c
   br = beta[t * Hv + j];
   vr = ldf(qkv, qdt, t * C + voff);
 }
-template <int DK, int R>
-__global__ void __launch_bounds__(32) k_gdr_long(const float* qn, const float* kn, const float* g, const float* beta,
-                                                 const void* qkv, int qdt, int64_t C, int64_t Hk, int64_t Hv,
-                                                 int64_t Dv, float* ssm, const int32_t* seqinfo, void* o, int odt) {
+// LONG: the sequences of kGdrLongMin <= ql < long_max tokens (one warp per block; longer ones take the chunked
+// kernels, gdr_chunked.h); else the shorter ones (decode, speculative verify and replay), WPB warps per block.
+template <int DK, int R, int WPB = 1, bool LONG = true>
+__global__ void __launch_bounds__(32 * WPB) k_gdr_long(const float* qn, const float* kn, const float* g,
+                                                       const float* beta, const void* qkv, int qdt, int64_t C,
+                                                       int64_t Hk, int64_t Hv, int64_t Dv, float* ssm,
+                                                       const int32_t* seqinfo, void* o, int odt, int64_t long_max) {
   constexpr int CPW = 32 / R, RP = DK / R;
   static_assert(RP % 4 == 0, "rows per lane: whole float4s");
-  const int lane = threadIdx.x, r = lane % R;
-  const int64_t d = blockIdx.x * int64_t(CPW) + lane / R, j = blockIdx.y;
+  const int lane = threadIdx.x & 31, r = lane % R;
+  const int64_t d = (blockIdx.x * int64_t(WPB) + (threadIdx.x >> 5)) * CPW + lane / R, j = blockIdx.y;
   const int s = blockIdx.z;
   const int64_t qs = seqinfo[s * 4 + 0], ql = seqinfo[s * 4 + 1], slot = seqinfo[s * 4 + 3];
-  if (ql < kGdrLongMin) return;
+  if (LONG ? (ql < kGdrLongMin || ql >= long_max) : (ql == 0 || ql >= kGdrLongMin)) return;
+  if (d >= Dv) return;  // whole warps: Dv is a multiple of 32
   const int64_t kh = j / (Hv / Hk);
   float* S = ssm + ((slot * Hv + j) * DK + int64_t(r) * RP) * Dv + d;
   float st[RP];
@@ -786,6 +797,7 @@ __device__ __forceinline__ float lane_dot(const DenseView& W, int64_t n, const X
 // split covers ceil(n_ctx / S) positions, computed on the device from the context length, so a recorded graph
 // stays valid as sequences grow. Each lane owns DPL = Dh/32 contiguous dims (one 16-byte load at Dh = 256).
 // Partials (m, l, acc[Dh]) go to part [T, Nh, S, Dh + 2] fp32; k_attn_merge combines them.
+// Rows of sequences with q_len ≥ flash_min are the flash kernel's (flash_attn.h): both kernels skip them.
 template <int DPL>
 __device__ __forceinline__ void load_dpl(const __nv_bfloat16* p, float* out) {
   if constexpr (DPL == 8) {
@@ -800,37 +812,41 @@ __device__ __forceinline__ void load_dpl(const __nv_bfloat16* p, float* out) {
     out[0] = a.x, out[1] = a.y;
   }
 }
-template <int DPL>
+// SM: K/V rows are staged in shared memory 16 positions at a time (cp.async, double-buffered), so each row is read
+// from memory once per block instead of once per warp (the 8 warps of a GQA group otherwise each fetch it, mostly
+// from L2). The arithmetic (pairs of positions from p0, a single tail) is the same in both forms: same bits.
+template <int DPL, bool SM>
 __global__ void k_attn_split(const __nv_bfloat16* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc, int64_t Nh,
                              int64_t Nkv, int64_t bs, const int32_t* seq_of, const int32_t* seqinfo,
-                             const int32_t* blocks, int maxb, float scale, int S, float* part) {
+                             const int32_t* blocks, int maxb, float scale, int S, float* part, int flash_min) {
   constexpr int Dh = DPL * 32;
   const int64_t t = blockIdx.x, g = blockIdx.y;
   const int split = blockIdx.z;
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const int64_t group = Nh / Nkv, h = g * group + w, row = Nkv * Dh;
-  if (w >= group) return;
+  const bool active = w < group;  // (blockDim is 32·group: always; kept for the barriers of SM)
+  if (!SM && !active) return;
   const int s = seq_of[t];
+  if (seqinfo[s * 4 + 1] >= flash_min) return;  // block-uniform
   const int64_t n_ctx = seqinfo[s * 4 + 2] + (t - seqinfo[s * 4 + 0]) + 1;
   const int64_t chunk = (n_ctx + S - 1) / S, p0 = split * chunk, p1 = min(n_ctx, p0 + chunk);
   const int32_t* bt = blocks + int64_t(s) * maxb;
   float qr[DPL], acc[DPL];
-  load_dpl<DPL>(q + (t * Nh + h) * Dh + lane * DPL, qr);
+  if (active) load_dpl<DPL>(q + (t * Nh + h) * Dh + lane * DPL, qr);
 #pragma unroll
   for (int j = 0; j < DPL; ++j) {
     qr[j] *= scale;
     acc[j] = 0.f;
   }
   float m = -INFINITY, l = 0.f;
-  int64_t p = p0;
-  for (; p + 1 < p1; p += 2) {  // two positions per iteration: four 16-byte loads in flight per lane
-    const int64_t o0 = (int64_t(bt[p / bs]) * bs + p % bs) * row + g * Dh + lane * DPL;
-    const int64_t o1 = (int64_t(bt[(p + 1) / bs]) * bs + (p + 1) % bs) * row + g * Dh + lane * DPL;
+  // Two positions (this lane's DPL dims of their K and V rows), then a single one.
+  auto pair = [&](const __nv_bfloat16* k0p, const __nv_bfloat16* k1p, const __nv_bfloat16* v0p,
+                  const __nv_bfloat16* v1p) {
     float k0[DPL], k1[DPL], v0[DPL], v1[DPL];
-    load_dpl<DPL>(kc + o0, k0);
-    load_dpl<DPL>(kc + o1, k1);
-    load_dpl<DPL>(vc + o0, v0);
-    load_dpl<DPL>(vc + o1, v1);
+    load_dpl<DPL>(k0p, k0);
+    load_dpl<DPL>(k1p, k1);
+    load_dpl<DPL>(v0p, v0);
+    load_dpl<DPL>(v1p, v1);
     float d0 = 0.f, d1 = 0.f;
 #pragma unroll
     for (int j = 0; j < DPL; ++j) {
@@ -845,12 +861,11 @@ __global__ void k_attn_split(const __nv_bfloat16* q, const __nv_bfloat16* kc, co
 #pragma unroll
     for (int j = 0; j < DPL; ++j) acc[j] = acc[j] * corr + e0 * v0[j] + e1 * v1[j];
     m = mn;
-  }
-  if (p < p1) {
-    const int64_t o0 = (int64_t(bt[p / bs]) * bs + p % bs) * row + g * Dh + lane * DPL;
+  };
+  auto single = [&](const __nv_bfloat16* k0p, const __nv_bfloat16* v0p) {
     float k0[DPL], v0[DPL];
-    load_dpl<DPL>(kc + o0, k0);
-    load_dpl<DPL>(vc + o0, v0);
+    load_dpl<DPL>(k0p, k0);
+    load_dpl<DPL>(v0p, v0);
     float d0 = 0.f;
 #pragma unroll
     for (int j = 0; j < DPL; ++j) d0 += qr[j] * k0[j];
@@ -861,6 +876,48 @@ __global__ void k_attn_split(const __nv_bfloat16* q, const __nv_bfloat16* kc, co
 #pragma unroll
     for (int j = 0; j < DPL; ++j) acc[j] = acc[j] * corr + e0 * v0[j];
     m = mn;
+  };
+  auto off = [&](int64_t pp) { return (int64_t(bt[pp / bs]) * bs + pp % bs) * row + g * Dh; };
+  if constexpr (!SM) {
+    int64_t p = p0;
+    for (; p + 1 < p1; p += 2) {  // four 16-byte loads in flight per lane
+      const int64_t o0 = off(p) + lane * DPL, o1 = off(p + 1) + lane * DPL;
+      pair(kc + o0, kc + o1, vc + o0, vc + o1);
+    }
+    if (p < p1) single(kc + off(p) + lane * DPL, vc + off(p) + lane * DPL);
+  } else {
+    constexpr int TP = 16, CH = Dh / 8;  // positions per tile, 16-byte chunks per row
+    __shared__ __align__(16) __nv_bfloat16 sk[2][TP * Dh], sv[2][TP * Dh];
+    auto load_tile = [&](int buf, int64_t tp) {
+      const int n = int(min(int64_t(TP), p1 - tp));
+      for (int i = threadIdx.x; i < n * CH; i += blockDim.x) {
+        const int pi = i / CH, c = i % CH;
+        const int64_t o = off(tp + pi) + c * 8;
+        cp_async16(&sk[buf][pi * Dh + c * 8], kc + o);
+        cp_async16(&sv[buf][pi * Dh + c * 8], vc + o);
+      }
+      cp_async_commit();
+    };
+    if (p0 < p1) load_tile(0, p0);
+    int buf = 0;
+    for (int64_t tp = p0; tp < p1; tp += TP, buf ^= 1) {
+      if (tp + TP < p1) {
+        load_tile(buf ^ 1, tp + TP);
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();
+      if (active) {
+        const int n = int(min(int64_t(TP), p1 - tp));
+        const __nv_bfloat16 *K = sk[buf] + lane * DPL, *V = sv[buf] + lane * DPL;
+        int i = 0;
+        for (; i + 1 < n; i += 2) pair(K + i * Dh, K + (i + 1) * Dh, V + i * Dh, V + (i + 1) * Dh);
+        if (i < n) single(K + i * Dh, V + i * Dh);
+      }
+      __syncthreads();  // the buffer is refilled next iteration
+    }
+    if (!active) return;
   }
   float* dst = part + ((t * Nh + h) * S + split) * (Dh + 2);
   if (lane == 0) {
@@ -871,8 +928,10 @@ __global__ void k_attn_split(const __nv_bfloat16* q, const __nv_bfloat16* kc, co
   for (int j = 0; j < DPL; ++j) dst[2 + lane * DPL + j] = acc[j];
 }
 // o[t, h] = Σ_s acc_s · e^{m_s − M} / Σ_s l_s · e^{m_s − M}. One block of Dh threads per (token, head).
-__global__ void k_attn_merge(const float* part, int64_t Nh, int64_t Dh, int S, void* o, int odt) {
+__global__ void k_attn_merge(const float* part, int64_t Nh, int64_t Dh, int S, void* o, int odt, const int32_t* seq_of,
+                             const int32_t* seqinfo, int flash_min) {
   const int64_t t = blockIdx.x, h = blockIdx.y;
+  if (seqinfo[seq_of[t] * 4 + 1] >= flash_min) return;
   const float* src = part + (t * Nh + h) * S * (Dh + 2);
   float M = -INFINITY;
   for (int s = 0; s < S; ++s) M = fmaxf(M, src[s * (Dh + 2)]);
@@ -1416,15 +1475,28 @@ class CudaBackend final : public Backend {
                      CUDA_R_16BF, int(K), &beta, y.data, ct, int(N), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   }
 
-  // Whether bf16 weight l can run through k_gemv_bf16 for T rows of xb: few rows, K in 16-byte chunks,
-  // 16-byte aligned rows. Large N (lm_head) stays with cuBLAS, which reads it at ~85% of bandwidth.
+  // Whether bf16 weight l can run through the small-step kernel for T rows of xb (every decode and verify step): the
+  // tensor-core kernel (bf16_mma.h; K a multiple of 8), or with DS_CUDA_NO_BF16_MMA=1 the GEMV (K in 16-byte chunks, x
+  // of 4 rows in shared memory); both give rows whose bits do not depend on T. 16-byte aligned rows. Large N (lm_head)
+  // and DS_CUDA_NO_GEMV=1: cuBLAS, which reads the lm_head at ~85% of bandwidth.
   static bool gemv_fits(const CudaLinear* l, const Tensor& xb, int64_t T) {
+    if (l->int4 || T > kGemvMaxT || l->N > (int64_t(1) << 16) || env_flag("DS_CUDA_NO_GEMV")) return false;
+    if (!env_flag("DS_CUDA_NO_BF16_MMA")) return bf16_mma_supported(l->K, l->dense.data, xb.data);
     auto al = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-    return !l->int4 && T <= kGemvMaxT && l->K % 8 == 0 && 4 * l->K * 2 <= 48 * 1024 && l->N <= (int64_t(1) << 16) &&
-           al(l->dense.data) &&
-           al(xb.data) && !env_flag("DS_CUDA_NO_GEMV");
+    return l->K % 8 == 0 && 4 * l->K * 2 <= 48 * 1024 && al(l->dense.data) && al(xb.data);
   }
+  // Weights of one input x through the small-step kernel (gemv_fits said yes for each).
   void gemv(const Tensor& xb, int64_t T, int64_t K, const std::vector<GemvSeg>& segs) {
+    if (!env_flag("DS_CUDA_NO_BF16_MMA")) {
+      std::vector<Bf16MmaSeg> ms(segs.size());
+      for (size_t i = 0; i < segs.size(); ++i) {
+        const GemvSeg& g = segs[i];
+        ms[i].w = g.w, ms[i].y = g.y, ms[i].gate = g.gate, ms[i].ydt = g.ydt, ms[i].gdt = g.gdt, ms[i].mode = g.mode;
+        ms[i].rows = g.rows;
+      }
+      bf16_mma_linear(ms.data(), int(ms.size()), xb.data, T, K, stream_);
+      return;
+    }
     for (size_t i0 = 0; i0 < segs.size(); i0 += kGemvSegs) {
       GemvJobs j;
       for (size_t i = i0; i < std::min(segs.size(), i0 + kGemvSegs); ++i) {
@@ -1624,6 +1696,18 @@ class CudaBackend final : public Backend {
     const int64_t group = Nh / Nkv;
     if (group <= 32 && (Dh == 64 || Dh == 128 || Dh == 256) && q.dtype == DType::BF16 &&
         kv.k.dtype == DType::BF16 && !env_flag("DS_CUDA_NO_SPLIT_ATTN")) {
+      // Prefill chunks (q_len ≥ kFlashMinQ) on tensor cores, the other rows on the split kernel (flash_attn.h). The
+      // launches depend on T only (graph-safe); eagerly, a batch of prefill chunks only skips the split kernel.
+      const bool flash = !env_flag("DS_CUDA_NO_FLASH") && T >= cuda::kFlashMinQ && o.dtype == DType::BF16 &&
+                         cuda::flash_attn_supported(Nh, Nkv, Dh);
+      const int flash_min = flash ? int(cuda::kFlashMinQ) : INT32_MAX;
+      if (flash) {
+        cuda::flash_attn_prefill(q.data, kv.k.data, kv.v.data, o.data, T, d.nseq, Nh, Nkv, Dh, kv.block_size,
+                                 d.seqinfo, d.blocks, d.maxb, stream_);
+        if (!in_step_ && std::all_of(b.seqs.begin(), b.seqs.end(),
+                                     [](const BatchMeta::Seq& s) { return s.q_len >= cuda::kFlashMinQ; }))
+          return;
+      }
       // S splits per (token, kv head): about 2048 blocks in all, at most 64 (fixed per T: graph-safe); prefill
       // (T large) runs one split per token, still reading each K/V row once per group of q heads.
       const int S = int(std::clamp<int64_t>((2048 + T * Nkv - 1) / (T * Nkv), 1, 64));
@@ -1634,18 +1718,21 @@ class CudaBackend final : public Backend {
       auto* qp = q.ptr<__nv_bfloat16>();
       auto* kp = kv.k.ptr<__nv_bfloat16>();
       auto* vp = kv.v.ptr<__nv_bfloat16>();
+      // DS_CUDA_NO_ATTN_SMEM=1: K/V straight from global memory per warp (same arithmetic, same bits).
+      const bool sm = !env_flag("DS_CUDA_NO_ATTN_SMEM");
+      auto launch = [&](auto kern) {
+        kern<<<grid, threads, 0, stream_>>>(qp, kp, vp, Nh, Nkv, kv.block_size, d.seq_of, d.seqinfo, d.blocks, d.maxb,
+                                            scale, S, part.ptr<float>(), flash_min);
+      };
       if (Dh == 256)
-        k_attn_split<8><<<grid, threads, 0, stream_>>>(qp, kp, vp, Nh, Nkv, kv.block_size, d.seq_of, d.seqinfo,
-                                                       d.blocks, d.maxb, scale, S, part.ptr<float>());
+        sm ? launch(k_attn_split<8, true>) : launch(k_attn_split<8, false>);
       else if (Dh == 128)
-        k_attn_split<4><<<grid, threads, 0, stream_>>>(qp, kp, vp, Nh, Nkv, kv.block_size, d.seq_of, d.seqinfo,
-                                                       d.blocks, d.maxb, scale, S, part.ptr<float>());
+        sm ? launch(k_attn_split<4, true>) : launch(k_attn_split<4, false>);
       else
-        k_attn_split<2><<<grid, threads, 0, stream_>>>(qp, kp, vp, Nh, Nkv, kv.block_size, d.seq_of, d.seqinfo,
-                                                       d.blocks, d.maxb, scale, S, part.ptr<float>());
+        sm ? launch(k_attn_split<2, true>) : launch(k_attn_split<2, false>);
       CKL();
       k_attn_merge<<<dim3(unsigned(T), unsigned(Nh)), unsigned(std::min<int64_t>(Dh, 256)), 0, stream_>>>(
-          part.ptr<float>(), Nh, Dh, S, o.data, int(o.dtype));
+          part.ptr<float>(), Nh, Dh, S, o.data, int(o.dtype), d.seq_of, d.seqinfo, flash_min);
       CKL();
       return;
     }
@@ -1712,19 +1799,51 @@ class CudaBackend final : public Backend {
     // Decode-only steps (one token per sequence) launch only the short-chunk kernel; any other step launches
     // both, and each sequence is taken by the one its own length selects (graph-safe, batch-invariant).
     const bool decode = T == int64_t(b.seqs.size());
+    // Sequences of ≥ kGdrChunkMin tokens: the chunked tensor-core form (gdr_chunked.cu) instead of k_gdr_long.
+    // Launched only when the batch has such a sequence (its scratch is ~16 KB per token): a step recorded without
+    // one and replayed with one would still be right, k_gdr_long then taking every long sequence (recorded steps
+    // are decode, verify and input-log replay steps, whose sequences are never that long).
+    int64_t max_ql = 0;
+    for (auto& s : b.seqs) max_ql = std::max(max_ql, s.q_len);
+    const bool chunked =
+        max_ql >= kGdrChunkMin && gdr_chunked_supported(Dk, Dv) && !env_flag("DS_CUDA_NO_GDR_CHUNK");
+    const int64_t long_max = chunked ? kGdrChunkMin : std::numeric_limits<int64_t>::max();
     dim3 grid(unsigned(Dv / 32), unsigned(Hv), unsigned(b.seqs.size()));
     constexpr int kR = 8;
     dim3 lgrid(unsigned(Dv / (32 / kR)), unsigned(Hv), unsigned(b.seqs.size()));
+    // Short chunks (decode, speculative verify and replay): 4 lanes per state column, 4 warps per block (H200:
+    // batch 1 4.34 -> 4.20 ms, batch 64 20.25 -> 19.74 ms against one lane per column, bench/RESULTS.md session 4);
+    // DS_GDR_SHORT_R = 1 (k_gdr_recurrent: one lane per column), 2 or 8 for comparison. Every short chunk of a
+    // step takes the same kernel whatever its length, so verify, replay and decode stay bit-identical.
+    const int short_r = [] {
+      const char* e = std::getenv("DS_GDR_SHORT_R");
+      const int v = e ? std::atoi(e) : 4;
+      return v == 1 || v == 2 || v == 8 ? v : 4;
+    }();
+    auto sgrid = [&](int r) { return dim3(unsigned((Dv / (32 / r) + 3) / 4), unsigned(Hv), unsigned(b.seqs.size())); };
+#define DS_GDR_SHORT_RL(DK, RL)                                                                                    \
+  k_gdr_long<DK, RL, 4, false><<<sgrid(RL), 128, 0, stream_>>>(qn.ptr<float>(), kn.ptr<float>(), g.ptr<float>(),   \
+                                                               beta.ptr<float>(), qkv.data, int(qkv.dtype), C, Hk, \
+                                                               Hv, Dv, st.ssm.ptr<float>(), d.seqinfo, o.data,     \
+                                                               int(o.dtype), int64_t(0));
 #define DS_GDR(DK)                                                                                                 \
   case DK:                                                                                                         \
-    k_gdr_recurrent<DK><<<grid, 32, 0, stream_>>>(qn.ptr<float>(), kn.ptr<float>(), g.ptr<float>(), beta.ptr<float>(), \
-                                                  qkv.data, int(qkv.dtype), C, Hk, Hv, Dv, st.ssm.ptr<float>(),    \
-                                                  d.seqinfo, o.data, int(o.dtype));                                \
+    if (short_r == 1)                                                                                              \
+      k_gdr_recurrent<DK><<<grid, 32, 0, stream_>>>(qn.ptr<float>(), kn.ptr<float>(), g.ptr<float>(),              \
+                                                    beta.ptr<float>(), qkv.data, int(qkv.dtype), C, Hk, Hv, Dv,    \
+                                                    st.ssm.ptr<float>(), d.seqinfo, o.data, int(o.dtype));         \
+    else if (short_r == 2) {                                                                                       \
+      DS_GDR_SHORT_RL(DK, 2)                                                                                       \
+    } else if (short_r == 8) {                                                                                     \
+      DS_GDR_SHORT_RL(DK, 8)                                                                                       \
+    } else {                                                                                                       \
+      DS_GDR_SHORT_RL(DK, 4)                                                                                       \
+    }                                                                                                              \
     if (!decode) {                                                                                                 \
       CKL();                                                                                                       \
       k_gdr_long<DK, kR><<<lgrid, 32, 0, stream_>>>(qn.ptr<float>(), kn.ptr<float>(), g.ptr<float>(),              \
                                                     beta.ptr<float>(), qkv.data, int(qkv.dtype), C, Hk, Hv, Dv,    \
-                                                    st.ssm.ptr<float>(), d.seqinfo, o.data, int(o.dtype));         \
+                                                    st.ssm.ptr<float>(), d.seqinfo, o.data, int(o.dtype), long_max); \
     }                                                                                                              \
     break;
     switch (Dk) {
@@ -1735,7 +1854,16 @@ class CudaBackend final : public Backend {
         fail("gated_delta_rule: key head dim ", Dk, " is not supported (32, 64, 128)");
     }
 #undef DS_GDR
+#undef DS_GDR_SHORT_RL
     CKL();
+    if (chunked) {
+      Tensor Gc = alloc_scratch(DType::F32, {T, Hv}), Tb = alloc_scratch(DType::F32, {T, Hv, kGdrChunk}),
+             P = alloc_scratch(DType::F32, {T, Hv, kGdrChunk});
+      gdr_chunked(qn.ptr<float>(), kn.ptr<float>(), g.ptr<float>(), beta.ptr<float>(), qkv.data, int(qkv.dtype), C, T,
+                  Hk, Hv, Dk, Dv, int(b.seqs.size()), d.seqinfo, st.ssm.ptr<float>(), o.data, int(o.dtype),
+                  Gc.ptr<float>(), Tb.ptr<float>(), P.ptr<float>(), stream_);
+      CKL();
+    }
   }
 
   void gated_rmsnorm(const Tensor& o, const Tensor& z, const Tensor& w, float eps, Tensor& y) override {
@@ -1862,13 +1990,25 @@ class CudaBackend final : public Backend {
     CK(cudaStreamSynchronize(stream_));
   }
 
-  void argmax_rows(const Tensor& logits, int64_t limit, Tensor& ids) override {
+  void argmax_rows(const Tensor& logits, int64_t limit, Tensor& ids, const Tensor* map = nullptr) override {
     const int64_t R = logits.dim(0), N = logits.numel() / std::max<int64_t>(R, 1);
     DS_CHECK(logits.dtype == DType::F32 && ids.dtype == DType::I32 && ids.numel() == R && limit >= 1 && limit <= N,
              "argmax_rows: logits F32 [R, N], ids I32 [R], limit in 1..N");
+    DS_CHECK(!map || (map->dtype == DType::I32 && map->numel() == N), "argmax_rows: map must be I32 [", N, "]");
     if (R == 0) return;
-    k_argmax_rows<<<unsigned(R), 512, 0, stream_>>>(logits.ptr<float>(), N, limit, ids.ptr<int32_t>());
+    k_argmax_rows<<<unsigned(R), 512, 0, stream_>>>(logits.ptr<float>(), N, limit, map ? map->ptr<int32_t>() : nullptr,
+                                                   ids.ptr<int32_t>());
     CKL();
+  }
+  // The mirror's token row is its first T ints (build_batch): a device copy, stream-ordered after the upload (a copy
+  // node when recorded: `ids` must then stay at its address).
+  void batch_tokens_from(BatchMeta& b, const Tensor& ids) override {
+    DS_CHECK(ids.dtype == DType::I32 && ids.numel() == b.num_tokens(), "batch_tokens_from: ids must be I32 [",
+             b.num_tokens(), "]");
+    if (b.num_tokens() == 0) return;
+    auto& d = dev(b);
+    CK(cudaMemcpyAsync(const_cast<int32_t*>(d.tokens), ids.data, size_t(b.num_tokens()) * 4, cudaMemcpyDeviceToDevice,
+                       stream_));
   }
 
   // ---- vision tower (vision_kernels.cu) ----

@@ -1,0 +1,319 @@
+// Tensor-core flash attention for prefill rows (design and dispatch: flash_attn.h).
+#include "backend/cuda/flash_attn.h"
+
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/status.h"
+
+namespace ds::cuda {
+
+namespace {
+
+#define FA_CK(x)                                                                                               \
+  do {                                                                                                         \
+    cudaError_t e_ = (x);                                                                                      \
+    if (e_ != cudaSuccess) ::ds::fail("CUDA error ", cudaGetErrorString(e_), " at ", __FILE__, ":", __LINE__); \
+  } while (0)
+
+constexpr int kRows = 128;    // query rows per block (q heads of the group × tokens of the tile)
+constexpr int kThreads = 256;  // 8 warps, 16 rows each
+constexpr int kBN = 32;        // cache positions per K/V tile
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  const unsigned s = unsigned(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+__device__ __forceinline__ void ldsm_x4(uint32_t r[4], const void* p) {
+  const unsigned s = unsigned(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t r[4], const void* p) {
+  const unsigned s = unsigned(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+__device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+// Shared-memory tiles are [rows][DH] bf16 with the 16-byte chunks of row r XOR-swizzled by r % 8, so that the 8
+// row addresses of an ldmatrix (8 consecutive rows, one logical chunk) fall in 8 different bank groups.
+template <int DH>
+__device__ __forceinline__ int swz(int r, int ch) {
+  return r * DH + ((ch ^ (r & 7)) << 3);
+}
+
+// Grid: one block per (tile index, kv head), blockIdx.x = idx · Nkv + kv head; idx runs over the tiles of the flash
+// sequences in sequence order (an upper bound of blocks is launched; the extra ones exit).
+template <int DH, int GROUP>
+__global__ void __launch_bounds__(kThreads, 1)
+    k_flash_attn(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc,
+                 const __nv_bfloat16* __restrict__ vc, __nv_bfloat16* __restrict__ o, int nseq, int Nh, int Nkv,
+                 int bs, const int32_t* __restrict__ seqinfo, const int32_t* __restrict__ blocks, int maxb,
+                 float scale_log2) {
+  constexpr int TQ = kRows / GROUP;  // tokens per block
+  constexpr int CH = DH / 8;         // 16-byte chunks per row
+  constexpr int NT = kBN / 8;        // n-tiles of S per K/V tile
+  constexpr int DT = DH / 8;         // n-tiles of O
+  extern __shared__ uint4 smem_u4[];
+  __nv_bfloat16* sQ = reinterpret_cast<__nv_bfloat16*>(smem_u4);  // [kRows][DH]
+  __nv_bfloat16* sK = sQ + kRows * DH;                              // [2][kBN][DH]
+  __nv_bfloat16* sV = sK + 2 * kBN * DH;                            // [2][kBN][DH]
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int kvh = int(blockIdx.x % unsigned(Nkv));
+  const int idx = int(blockIdx.x / unsigned(Nkv));
+
+  // This block's (sequence, tile): a warp-wide prefix sum of the flash sequences' tile counts (every warp the same).
+  int seq = -1, tile = 0;
+  {
+    int base = 0;
+    for (int s0 = 0; s0 < nseq; s0 += 32) {
+      const int s = s0 + lane;
+      int n = 0;
+      if (s < nseq) {
+        const int ql = seqinfo[s * 4 + 1];
+        if (ql >= kFlashMinQ) n = (ql + TQ - 1) / TQ;
+      }
+      int inc = n;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const int v = __shfl_up_sync(0xffffffffu, inc, off);
+        if (lane >= off) inc += v;
+      }
+      const int total = __shfl_sync(0xffffffffu, inc, 31);
+      if (idx < base + total) {
+        const int l = __ffs(__ballot_sync(0xffffffffu, base + inc > idx)) - 1;
+        const int first = base + __shfl_sync(0xffffffffu, inc - n, l);
+        const int ns = __shfl_sync(0xffffffffu, n, l);
+        seq = s0 + l;
+        tile = ns - 1 - (idx - first);  // the sequence's last (longest) tiles first
+        break;
+      }
+      base += total;
+    }
+  }
+  if (seq < 0) return;
+
+  const int q_start = seqinfo[seq * 4 + 0], q_len = seqinfo[seq * 4 + 1], ctx = seqinfo[seq * 4 + 2];
+  const int t0 = tile * TQ;               // the tile's first token within the chunk
+  const int tq = min(TQ, q_len - t0);     // tokens in the tile
+  const int kv_end = ctx + t0 + tq;       // the tile's last token attends positions [0, kv_end)
+  const int diag = ctx + t0;              // its first token attends [0, diag]: tiles up to diag need no mask
+  const int32_t* bt = blocks + int64_t(seq) * maxb;
+  const int64_t crow = int64_t(Nkv) * DH;  // elements per cache position
+  const int64_t qrow = int64_t(Nh) * DH;
+
+  // Q rows: r = (q head within the group) · TQ + token.
+  for (int c = tid; c < kRows * CH; c += kThreads) {
+    const int r = c / CH, ch = c % CH, tok = r % TQ, hg = r / TQ;
+    __nv_bfloat16* dst = sQ + swz<DH>(r, ch);
+    if (tok < tq)
+      cp_async16(dst, q + int64_t(q_start + t0 + tok) * qrow + int64_t(kvh * GROUP + hg) * DH + ch * 8);
+    else
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+  }
+  // K/V tile j into buffer `buf`; positions ≥ kv_end are zero (never read from the cache: V there must not be NaN).
+  auto load_kv = [&](int j, int buf) {
+    const int p0 = j * kBN;
+    for (int c = tid; c < kBN * CH; c += kThreads) {
+      const int r = c / CH, ch = c % CH, p = p0 + r;
+      __nv_bfloat16* dk = sK + buf * kBN * DH + swz<DH>(r, ch);
+      __nv_bfloat16* dv = sV + buf * kBN * DH + swz<DH>(r, ch);
+      if (p < kv_end) {
+        const int64_t off = (int64_t(bt[p / bs]) * bs + p % bs) * crow + int64_t(kvh) * DH + ch * 8;
+        cp_async16(dk, kc + off);
+        cp_async16(dv, vc + off);
+      } else {
+        *reinterpret_cast<uint4*>(dk) = make_uint4(0, 0, 0, 0);
+        *reinterpret_cast<uint4*>(dv) = make_uint4(0, 0, 0, 0);
+      }
+    }
+  };
+
+  const int nkv = (kv_end + kBN - 1) / kBN;
+  load_kv(0, 0);
+  cp_async_commit();
+
+  const int g = lane >> 2, t4 = lane & 3;
+  // This thread's two rows (g and g + 8 of the warp's 16) and the last position each attends.
+  const int r0 = warp * 16 + g, r1 = r0 + 8;
+  const int pos0 = ctx + t0 + min(r0 % TQ, tq - 1), pos1 = ctx + t0 + min(r1 % TQ, tq - 1);
+
+  float acc[DT][4];
+#pragma unroll
+  for (int i = 0; i < DT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+
+  // ldmatrix row/chunk offsets of this lane: A (Q) and trans-B (V) take rows (lane & 7) + 8·((lane >> 3) & 1) and
+  // chunk + (lane >> 4); B (K) takes rows (lane & 7) + 8·(lane >> 4) and chunk + ((lane >> 3) & 1).
+  const int a_row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, a_ch = lane >> 4;
+  const int k_row = (lane & 7) + (lane >> 4) * 8, k_ch = (lane >> 3) & 1;
+  const int v_row = (lane & 7) + ((lane >> 3) & 1) * 8, v_ch = lane >> 4;
+
+  for (int j = 0; j < nkv; ++j) {
+    if (j + 1 < nkv) load_kv(j + 1, (j + 1) & 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const __nv_bfloat16* K = sK + (j & 1) * kBN * DH;
+    const __nv_bfloat16* V = sV + (j & 1) * kBN * DH;
+
+    // S = Q·Kᵀ (16 rows × kBN positions per warp)
+    float s[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < DH / 16; ++kk) {
+      uint32_t a[4];
+      ldsm_x4(a, sQ + swz<DH>(a_row, kk * 2 + a_ch));
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        uint32_t b[4];
+        ldsm_x4(b, K + swz<DH>(np * 16 + k_row, kk * 2 + k_ch));
+        mma16816(s[2 * np], a, b[0], b[1]);
+        mma16816(s[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+
+    // Online softmax in the log2 domain. Columns past a row's own position are masked (only on tiles crossing diag).
+    const bool mask = (j + 1) * kBN - 1 > diag;
+    float mx0 = m0, mx1 = m1;
+#pragma unroll
+    for (int i = 0; i < NT; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = s[i][e] * scale_log2;
+        if (mask) {
+          const int col = j * kBN + i * 8 + 2 * t4 + (e & 1);
+          if (col > (e < 2 ? pos0 : pos1)) x = -INFINITY;
+        }
+        s[i][e] = x;
+        if (e < 2) mx0 = fmaxf(mx0, x);
+        else mx1 = fmaxf(mx1, x);
+      }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    // Every row attends position 0, so the first tile gives a finite maximum and it stays finite.
+    const float c0 = exp2f(m0 - mx0), c1 = exp2f(m1 - mx1);
+    m0 = mx0;
+    m1 = mx1;
+    float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+    for (int i = 0; i < NT; ++i) {
+      s[i][0] = exp2f(s[i][0] - mx0);
+      s[i][1] = exp2f(s[i][1] - mx0);
+      s[i][2] = exp2f(s[i][2] - mx1);
+      s[i][3] = exp2f(s[i][3] - mx1);
+      sum0 += s[i][0] + s[i][1];
+      sum1 += s[i][2] + s[i][3];
+    }
+    l0 = l0 * c0 + sum0;  // this thread's columns only; the quad's partial sums are added at the end
+    l1 = l1 * c1 + sum1;
+#pragma unroll
+    for (int i = 0; i < DT; ++i) {
+      acc[i][0] *= c0;
+      acc[i][1] *= c0;
+      acc[i][2] *= c1;
+      acc[i][3] *= c1;
+    }
+
+    // O += P·V: the S accumulators of n-tiles 2kk, 2kk+1 are exactly the A fragment of k-step kk.
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      uint32_t a[4];
+      a[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+      a[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+      a[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      a[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int dp = 0; dp < DH / 16; ++dp) {
+        uint32_t b[4];
+        ldsm_x4_t(b, V + swz<DH>(kk * 16 + v_row, dp * 2 + v_ch));
+        mma16816(acc[2 * dp], a, b[0], b[1]);
+        mma16816(acc[2 * dp + 1], a, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // buffer j & 1 is refilled by the next iteration's load of tile j + 2
+  }
+
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  const float inv0 = 1.f / l0, inv1 = 1.f / l1;
+  const int tok0 = r0 % TQ, tok1 = r1 % TQ;
+  __nv_bfloat16* o0 = o + int64_t(q_start + t0 + tok0) * qrow + int64_t(kvh * GROUP + r0 / TQ) * DH + 2 * t4;
+  __nv_bfloat16* o1 = o + int64_t(q_start + t0 + tok1) * qrow + int64_t(kvh * GROUP + r1 / TQ) * DH + 2 * t4;
+#pragma unroll
+  for (int i = 0; i < DT; ++i) {
+    if (tok0 < tq)
+      *reinterpret_cast<__nv_bfloat162*>(o0 + i * 8) = __floats2bfloat162_rn(acc[i][0] * inv0, acc[i][1] * inv0);
+    if (tok1 < tq)
+      *reinterpret_cast<__nv_bfloat162*>(o1 + i * 8) = __floats2bfloat162_rn(acc[i][2] * inv1, acc[i][3] * inv1);
+  }
+}
+
+template <int DH, int GROUP>
+void launch(const void* q, const void* k, const void* v, void* o, int64_t T, int nseq, int64_t Nh, int64_t Nkv,
+            int64_t bs, const int32_t* seqinfo, const int32_t* blocks, int maxb, cudaStream_t s) {
+  constexpr int TQ = kRows / GROUP;
+  constexpr size_t smem = size_t(kRows + 4 * kBN) * DH * 2;
+  static const bool attr = [] {
+    FA_CK(cudaFuncSetAttribute(k_flash_attn<DH, GROUP>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    return true;
+  }();
+  (void)attr;
+  // Σ over flash sequences of ceil(q_len / TQ) < T / TQ + (number of flash sequences ≤ min(nseq, T / kFlashMinQ)):
+  // an upper bound from T and nseq only, so a recorded graph stays valid whatever the sequences' lengths.
+  const int64_t tiles = (T + TQ - 1) / TQ + std::min<int64_t>(nseq, T / kFlashMinQ);
+  const float scale_log2 = float(1.4426950408889634 / std::sqrt(double(DH)));
+  k_flash_attn<DH, GROUP><<<unsigned(tiles * Nkv), kThreads, smem, s>>>(
+      static_cast<const __nv_bfloat16*>(q), static_cast<const __nv_bfloat16*>(k), static_cast<const __nv_bfloat16*>(v),
+      static_cast<__nv_bfloat16*>(o), nseq, int(Nh), int(Nkv), int(bs), seqinfo, blocks, maxb, scale_log2);
+  FA_CK(cudaGetLastError());
+}
+
+}  // namespace
+
+bool flash_attn_supported(int64_t Nh, int64_t Nkv, int64_t Dh) {
+  if (Nkv <= 0 || Nh % Nkv != 0) return false;
+  const int64_t group = Nh / Nkv;
+  return (Dh == 64 || Dh == 128 || Dh == 256) && (group == 1 || group == 2 || group == 4 || group == 8);
+}
+
+void flash_attn_prefill(const void* q, const void* k, const void* v, void* o, int64_t T, int nseq, int64_t Nh,
+                        int64_t Nkv, int64_t Dh, int64_t bs, const int32_t* seqinfo, const int32_t* blocks, int maxb,
+                        cudaStream_t s) {
+  DS_CHECK(flash_attn_supported(Nh, Nkv, Dh), "flash attention: unsupported shape");
+  if (T < kFlashMinQ || nseq == 0) return;
+  const int64_t group = Nh / Nkv;
+#define DS_FA(DH, G) \
+  if (Dh == DH && group == G) return launch<DH, G>(q, k, v, o, T, nseq, Nh, Nkv, bs, seqinfo, blocks, maxb, s);
+  DS_FA(256, 8) DS_FA(256, 4) DS_FA(256, 2) DS_FA(256, 1)
+  DS_FA(128, 8) DS_FA(128, 4) DS_FA(128, 2) DS_FA(128, 1)
+  DS_FA(64, 8) DS_FA(64, 4) DS_FA(64, 2) DS_FA(64, 1)
+#undef DS_FA
+}
+
+}  // namespace ds::cuda

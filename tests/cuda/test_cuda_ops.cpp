@@ -851,14 +851,19 @@ TEST_F(CudaOps, Int4LargeM) {
     Tensor x = B.gpu->upload_f32(randn(size_t(M * 2048), 1.f, 73), {M, 2048}, DType::BF16);
     Tensor ya = B.gpu->alloc(DType::BF16, {M, 4096}), yb = B.gpu->alloc(DType::F32, {M, 512});
     Tensor sa = B.gpu->alloc(DType::BF16, {M, 4096}), sb = B.gpu->alloc(DType::F32, {M, 512});
-    B.gpu->linear_group(x, {{&la, &ya, false}, {&lb, &yb, false}});
     {
       ScopedEnv off("DS_CUDA_NO_BIG_GEMM", "1");
       B.gpu->linear(x, la, sa);
       B.gpu->linear(x, lb, sb);
     }
-    EXPECT_EQ(bit_diffs(B.gpu->to_host_f32(ya), B.gpu->to_host_f32(sa)), 0) << "paired large-M launch, matrix a";
-    EXPECT_EQ(bit_diffs(B.gpu->to_host_f32(yb), B.gpu->to_host_f32(sb)), 0) << "paired large-M launch, matrix b";
+    // R = 5 row blocks per block: one block runs across the end of matrix a into matrix b
+    for (const char* r : {static_cast<const char*>(nullptr), "5"}) {
+      ScopedEnv rr("DS_INT4_BIG_R", r);
+      B.gpu->linear_group(x, {{&la, &ya, false}, {&lb, &yb, false}});
+      const std::string tag = std::string(" R=") + (r ? r : "auto");
+      EXPECT_EQ(bit_diffs(B.gpu->to_host_f32(ya), B.gpu->to_host_f32(sa)), 0) << "paired large-M launch, matrix a" << tag;
+      EXPECT_EQ(bit_diffs(B.gpu->to_host_f32(yb), B.gpu->to_host_f32(sb)), 0) << "paired large-M launch, matrix b" << tag;
+    }
   }
 }
 
@@ -913,6 +918,10 @@ TEST_F(CudaOps, Int4LargeMExperts) {
       ScopedEnv off("DS_CUDA_NO_BIG_GEMM", "1");
       EXPECT_EQ(bit_diffs(all, run(0, T)), 0) << "large-M experts vs the old kernels" << tag;
     }
+    {
+      ScopedEnv r3("DS_INT4_BIG_R", "3");  // 3 row blocks per block (8 and 16 row blocks: uneven last blocks)
+      EXPECT_EQ(bit_diffs(all, run(0, T)), 0) << "large-M experts, R = 3" << tag;
+    }
     int diff = 0;
     for (int64_t t : {int64_t(0), int64_t(5), T / 2, T - 1}) diff += bit_diffs(run(t, 1), host_rows(all, t, t + 1, H)) != 0;
     EXPECT_EQ(diff, 0) << "int4 experts: a token alone differs from the same token in a batch of" << tag;
@@ -941,16 +950,23 @@ TEST_F(CudaOps, Int4PrefillThroughput) {
     B.gpu->synchronize();
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / iters;
   };
+  struct Variant {
+    const char *name, *no_big, *warp, *r;
+  };
+  const std::vector<Variant> variants = {{"old", "1", nullptr, nullptr},
+                                         {"new (warp 32x64, R auto)", "0", "2", nullptr},
+                                         {"new (warp 32x64, R 1)", "0", "2", "1"},
+                                         {"new (warp 64x32, R auto)", "0", "4", nullptr}};
   {
     const int64_t M = 4096, K = 2048, N = 4096;
     HostLinear hl(N, K, true, 1);
     Linear lg = B.gpu->make_linear({hl.src()});
     Tensor x = B.gpu->upload_f32(randn(size_t(M * K), 1.f, 2), {M, K}, DType::BF16), y = B.gpu->alloc(DType::BF16, {M, N});
-    for (const char* v : {"1", "0"}) {
-      ScopedEnv sw("DS_CUDA_NO_BIG_GEMM", v);
+    for (const auto& v : variants) {
+      ScopedEnv sw("DS_CUDA_NO_BIG_GEMM", v.no_big), sv("DS_INT4_BIG_WARP", v.warp), sr("DS_INT4_BIG_R", v.r);
       const double ms = time_ms([&] { B.gpu->linear(x, lg, y); });
       std::printf("  int4 linear M=%lld K=%lld N=%lld %s: %.3f ms, %.1f TFLOP/s\n", (long long)M, (long long)K,
-                  (long long)N, v[0] == '1' ? "old" : "new", ms, 2.0 * M * N * K / ms * 1e-9);
+                  (long long)N, v.name, ms, 2.0 * M * N * K / ms * 1e-9);
     }
   }
   {
@@ -969,11 +985,11 @@ TEST_F(CudaOps, Int4PrefillThroughput) {
     }
     Tensor ids = B.gpu->upload_f32(idv, {T, K}, DType::I32), w = B.gpu->upload_f32(wv, {T, K}, DType::F32);
     Tensor x = B.gpu->upload_f32(randn(size_t(T * H), 1.f, 8), {T, H}, DType::BF16), y = B.gpu->alloc(DType::BF16, {T, H});
-    for (const char* v : {"1", "0"}) {
-      ScopedEnv sw("DS_CUDA_NO_BIG_GEMM", v);
+    for (const auto& v : variants) {
+      ScopedEnv sw("DS_CUDA_NO_BIG_GEMM", v.no_big), sv("DS_INT4_BIG_WARP", v.warp), sr("DS_INT4_BIG_R", v.r);
       const double ms = time_ms([&] { B.gpu->moe_experts(x, eg, ids, w, y); });
       std::printf("  int4 moe_experts T=%lld E=%lld top-%lld H=%lld I=%lld %s: %.3f ms, %.1f TFLOP/s\n", (long long)T,
-                  (long long)E, (long long)K, (long long)H, (long long)I, v[0] == '1' ? "old" : "new", ms,
+                  (long long)E, (long long)K, (long long)H, (long long)I, v.name, ms,
                   2.0 * T * K * 3 * H * I / ms * 1e-9);
     }
   }

@@ -16,8 +16,10 @@
 
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "core/dtype.h"
 #include "core/status.h"
@@ -65,22 +67,19 @@ __device__ __forceinline__ void cp_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// GATED: the experts' gate_up (each warp one gate tile and its up tile), output bf16 silu(gate)·up; else Int4Pair
-// (one or two matrices, blocks [0, b_block) matrix a) with output dtype ydt. Token source as k_int4_mma.
+// GATED: the experts' gate_up (each warp's first kMW / 2 tiles gate, the rest the matching up tiles), output bf16
+// silu(gate)·up; else Int4Pair (one or two matrices, row blocks [0, b_block) of matrix a) with output dtype ydt.
+// Token tile blockIdx.y (source as k_int4_mma); row blocks [blockIdx.x·R, +R) one after the other, the pipeline
+// running on across them (the next row block's first groups load while the current one finishes), so a block's
+// start-up latency is paid once per R row blocks.
 template <int kMW, bool GATED>
 __global__ void __launch_bounds__(kGW * 32, 1)
-    k_int4_gemm(const Int4Pair P, const __nv_bfloat16* __restrict__ x, TokenSrc ts) {
+    k_int4_gemm(const Int4Pair P, unsigned nbx, unsigned R, const __nv_bfloat16* __restrict__ x, TokenSrc ts) {
   extern __shared__ __align__(16) unsigned char smem[];
   int64_t* rowoff = reinterpret_cast<int64_t*>(smem);  // x offset of each token row of the block (−1: padding)
   unsigned char* stages = smem + kGemmTok * 8;
   float* accs = reinterpret_cast<float*>(stages + kStages * kStageBytes);
 
-  const bool second = blockIdx.x >= P.b_block;
-  const MmaInt4 W = second ? P.b.W : P.a.W;
-  const int64_t rows_per_expert = second ? P.b.rpe : P.a.rpe, n_out = second ? P.b.n_out : P.a.n_out;
-  void* const y = second ? P.b.y : P.a.y;
-  const int ydt = second ? P.b.ydt : P.a.ydt;
-  const unsigned bx = second ? blockIdx.x - P.b_block : blockIdx.x;
   constexpr int MT = GATED ? kMW / 2 : kMW;  // output tiles per warp
   constexpr int kNT = WarpTile<kMW>::NT, kWR = WarpTile<kMW>::WR;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, wr = warp % kWR, wt = warp / kWR;
@@ -98,33 +97,37 @@ __global__ void __launch_bounds__(kGW * 32, 1)
     e = 0, t0 = int64_t(blockIdx.y) * kGemmTok;
     cnt = int(ts.M - t0 < kGemmTok ? ts.M - t0 : kGemmTok);
   }
+  const int64_t K = P.a.W.K, KC = K / 64, ngroups = K / P.a.W.G, gps = ngroups / P.a.W.KS;  // shared by a and b
+  const int KS = P.a.W.KS;
   if (tid < kGemmTok) {
     int64_t off = -1;
     if (tid < cnt) {
       const int64_t p = ts.list ? ts.list[t0 + tid] : t0 + tid;
-      off = (p / ts.xdiv) * W.K;
+      off = (p / ts.xdiv) * K;
     }
     rowoff[tid] = off;
   }
-  const int64_t otiles = n_out / 16, KC = W.K / 64, ngroups = W.K / W.G;
-  // Global weight tile of block slot i (warp row i / kMW, tile u = i % kMW; GATED: u = 1 is the up tile of u = 0).
-  auto wtile = [&](int i) -> int64_t {
+  const unsigned rb0 = blockIdx.x * R, nit = min(R, nbx - rb0);  // this block's row blocks
+  const int64_t nsteps = int64_t(nit) * ngroups;                  // step v: row block rb0 + v / ngroups, group v % ngroups
+  // Global weight tile of block slot i (warp row i / kMW, tile u = i % kMW; GATED: u ≥ MT is the up tile of u − MT)
+  // in row block rb.
+  auto wtile = [&](unsigned rb, int i) -> int64_t {
+    const bool second = rb >= P.b_block;
+    const Int4Out& o = second ? P.b : P.a;
+    const unsigned bx = second ? rb - P.b_block : rb;
     const int r = i / kMW, u = i % kMW;
     int64_t ot = (int64_t(bx) * kWR + r) * MT + u % MT;
-    if (ot >= otiles) ot = otiles - 1;  // out-of-range tiles compute, never store
-    return e * (rows_per_expert / 16) + ot + (u >= MT ? n_out / 16 : 0);
+    if (ot >= o.n_out / 16) ot = o.n_out / 16 - 1;  // out-of-range tiles compute, never store
+    return e * (o.rpe / 16) + ot + (u >= MT ? o.n_out / 16 : 0);
   };
-  // This thread's share of a stage's weights: 2 of the 512 uint4 (slot i / 64, uint4 i % 64 of its 2 chunks).
-  const uint4* wsrc[2];
-#pragma unroll
-  for (int q = 0; q < 2; ++q) {
-    const int i = tid + kGW * 32 * q;
-    wsrc[q] = W.qw + wtile(i / 64) * KC * 32 + i % 64;
-  }
   __syncthreads();  // rowoff
 
-  auto load = [&](int64_t gi) {
-    unsigned char* st = stages + (gi % kStages) * kStageBytes;
+  // Stage of step v: the block's 128 token rows × group v % ngroups, and its 8 weight tiles' 2 chunks of the group
+  // (thread: 2 of the 512 uint4, slot i / 64, uint4 i % 64).
+  auto load = [&](int64_t v) {
+    unsigned char* st = stages + (v % kStages) * kStageBytes;
+    const unsigned rb = rb0 + unsigned(v / ngroups);
+    const int64_t gi = v % ngroups;
     const int ch = tid % 16;
 #pragma unroll
     for (int q = 0; q < kGemmTok * 16 / (kGW * 32); ++q) {
@@ -133,38 +136,47 @@ __global__ void __launch_bounds__(kGW * 32, 1)
       const __nv_bfloat16* src = off >= 0 ? x + off + gi * 128 + ch * 8 : x;
       cp_async16(st + (row * kRowH + ch * 8) * 2, src, off >= 0 ? 16 : 0);
     }
+    const uint4* qw = rb >= P.b_block ? P.b.W.qw : P.a.W.qw;
 #pragma unroll
-    for (int q = 0; q < 2; ++q) cp_async16(st + kActBytes + (tid + kGW * 32 * q) * 16, wsrc[q] + gi * 64, 16);
+    for (int q = 0; q < 2; ++q) {
+      const int i = tid + kGW * 32 * q;
+      cp_async16(st + kActBytes + i * 16, qw + (wtile(rb, i / 64) * KC + gi * 2) * 32 + i % 64, 16);
+    }
   };
-
-  int64_t r0[kMW];
+  // Zero points and scales of step v for this lane's rows (row g and g + 8 of each of its kMW tiles).
+  uint8_t zn[kMW][2];
+  float sn[kMW][2];
+  auto load_zs = [&](int64_t v) {
+    const unsigned rb = rb0 + unsigned(v / ngroups);
+    const int64_t gi = v % ngroups;
+    const MmaInt4& W = rb >= P.b_block ? P.b.W : P.a.W;
 #pragma unroll
-  for (int u = 0; u < kMW; ++u) r0[u] = wtile(wr * kMW + u) * 16 + g;
+    for (int u = 0; u < kMW; ++u) {
+      const int64_t r0 = wtile(rb, wr * kMW + u) * 16 + g;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        zn[u][h] = W.z[(r0 + 8 * h) * ngroups + gi];
+        sn[u][h] = W.sc[(r0 + 8 * h) * ngroups + gi];
+      }
+    }
+  };
   // Token tiles of this warp holding at least one real token (warp-uniform).
   const int ntv = max(0, min(kNT, (cnt - wt * kNT * 8 + 7) / 8));
 
-  const int64_t gps = ngroups / W.KS;  // groups per slice
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {
-    if (st < ngroups) load(st);
+    if (st < nsteps) load(st);
     cp_commit();
   }
-  uint8_t zn[kMW][2];
-  float sn[kMW][2];
-#pragma unroll
-  for (int u = 0; u < kMW; ++u)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      zn[u][h] = W.z[(r0[u] + 8 * h) * ngroups];
-      sn[u][h] = W.sc[(r0[u] + 8 * h) * ngroups];
-    }
+  load_zs(0);
 
   float part[kMW][kNT][4];
   zero_frags(part);
-  for (int64_t gi = 0; gi < ngroups; ++gi) {
+  for (int64_t v = 0; v < nsteps; ++v) {
+    const int64_t gi = v % ngroups;
     cp_wait<kStages - 2>();
-    __syncthreads();  // group gi landed for every thread; everyone is done with the stage that is refilled next
-    if (gi + kStages - 1 < ngroups) load(gi + kStages - 1);
+    __syncthreads();  // step v landed for every thread; everyone is done with the stage that is refilled next
+    if (v + kStages - 1 < nsteps) load(v + kStages - 1);
     cp_commit();
     uint32_t zz[kMW][2];
     float sc[kMW][2];
@@ -174,80 +186,60 @@ __global__ void __launch_bounds__(kGW * 32, 1)
       for (int h = 0; h < 2; ++h) {
         zz[u][h] = zero_pair(zn[u][h]);
         sc[u][h] = sn[u][h];
-        if (gi + 1 < ngroups) {
-          zn[u][h] = W.z[(r0[u] + 8 * h) * ngroups + gi + 1];
-          sn[u][h] = W.sc[(r0[u] + 8 * h) * ngroups + gi + 1];
-        }
       }
-    if (ntv > 0) {
-      const unsigned char* st = stages + (gi % kStages) * kStageBytes;
+    if (v + 1 < nsteps) load_zs(v + 1);
+    // One group's products for the warp's first NTU token tiles (NTU = kNT, or kNT / 2 when the second half of the
+    // warp's tokens is padding), straight-line code: per chunk and 16-step pair, the B fragments of all NTU token
+    // tiles are loaded, then each 16-step's A fragments are dequantised and feed kMW × NTU independent mma, so
+    // every accumulator's chain of 8 dependent mma is interleaved with the others. The order of the mma on each
+    // tmp[u][nt] is k_int4_mma's (chunk 0 steps 0..3, chunk 1 steps 0..3).
+    auto group = [&](auto ntu) {
+      constexpr int NTU = decltype(ntu)::value;
+      const unsigned char* st = stages + (v % kStages) * kStageBytes;
       const uint4* wsm = reinterpret_cast<const uint4*>(st + kActBytes) + wr * kMW * 64 + lane;
       const __nv_bfloat16* xs = reinterpret_cast<const __nv_bfloat16*>(st) + (wt * kNT * 8 + g) * kRowH + 16 * tig;
-      float tmp[kMW][kNT][4];
+      float tmp[kMW][NTU][4];
       zero_frags(tmp);
-      // Either order gives each tmp[u][nt] the same mma sequence (chunk 0 steps 0..3, chunk 1 steps 0..3).
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
-        if constexpr (kNT >= 8) {  // all A fragments of the chunk in registers, one token tile's B at a time
-          uint32_t a[kMW][4][4];
+        uint4 wv[kMW];
 #pragma unroll
-          for (int u = 0; u < kMW; ++u) {
-            const uint4 wv = wsm[u * 64 + c * 32];
+        for (int u = 0; u < kMW; ++u) wv[u] = wsm[u * 64 + c * 32];
 #pragma unroll
-            for (int j = 0; j < 4; ++j) dequant(word_of(wv, j), zz[u][0], zz[u][1], a[u][j]);
-          }
+        for (int jp = 0; jp < 2; ++jp) {
+          uint4 xv[NTU];  // inputs 16·tig + 8·jp + 0..7 of the chunk: steps j = 2·jp, 2·jp + 1
 #pragma unroll
-          for (int nt = 0; nt < kNT; ++nt) {
-            if (nt >= ntv) break;
-            const uint4 xv0 = *reinterpret_cast<const uint4*>(xs + nt * 8 * kRowH + c * 64);
-            const uint4 xv1 = *reinterpret_cast<const uint4*>(xs + nt * 8 * kRowH + c * 64 + 8);
+          for (int nt = 0; nt < NTU; ++nt) xv[nt] = *reinterpret_cast<const uint4*>(xs + nt * 8 * kRowH + c * 64 + 8 * jp);
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              const uint4& xv = j < 2 ? xv0 : xv1;
-#pragma unroll
-              for (int u = 0; u < kMW; ++u)
-                mma16816(tmp[u][nt], a[u][j], word_of(xv, 2 * (j & 1)), word_of(xv, 2 * (j & 1) + 1));
-            }
-          }
-        } else {  // all B fragments of the chunk in registers, one 16-step's A fragments at a time
-          uint4 xv[kNT][2], wv[kMW];
-#pragma unroll
-          for (int nt = 0; nt < kNT; ++nt)
-            if (nt < ntv) {
-              xv[nt][0] = *reinterpret_cast<const uint4*>(xs + nt * 8 * kRowH + c * 64);
-              xv[nt][1] = *reinterpret_cast<const uint4*>(xs + nt * 8 * kRowH + c * 64 + 8);
-            }
-#pragma unroll
-          for (int u = 0; u < kMW; ++u) wv[u] = wsm[u * 64 + c * 32];
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
+          for (int jj = 0; jj < 2; ++jj) {
             uint32_t a[kMW][4];
 #pragma unroll
-            for (int u = 0; u < kMW; ++u) dequant(word_of(wv[u], j), zz[u][0], zz[u][1], a[u]);
+            for (int u = 0; u < kMW; ++u) dequant(word_of(wv[u], 2 * jp + jj), zz[u][0], zz[u][1], a[u]);
 #pragma unroll
-            for (int nt = 0; nt < kNT; ++nt) {
-              if (nt >= ntv) break;
+            for (int nt = 0; nt < NTU; ++nt)
 #pragma unroll
-              for (int u = 0; u < kMW; ++u)
-                mma16816(tmp[u][nt], a[u], word_of(xv[nt][j >> 1], 2 * (j & 1)), word_of(xv[nt][j >> 1], 2 * (j & 1) + 1));
-            }
+              for (int u = 0; u < kMW; ++u) mma16816(tmp[u][nt], a[u], word_of(xv[nt], 2 * jj), word_of(xv[nt], 2 * jj + 1));
           }
         }
       }
 #pragma unroll
       for (int u = 0; u < kMW; ++u)
 #pragma unroll
-        for (int nt = 0; nt < kNT; ++nt) {
+        for (int nt = 0; nt < NTU; ++nt) {
           part[u][nt][0] += sc[u][0] * tmp[u][nt][0];
           part[u][nt][1] += sc[u][0] * tmp[u][nt][1];
           part[u][nt][2] += sc[u][1] * tmp[u][nt][2];
           part[u][nt][3] += sc[u][1] * tmp[u][nt][3];
         }
-    }
+    };
+    if (ntv > kNT / 2)
+      group(std::integral_constant<int, kNT>());
+    else if (ntv > 0)
+      group(std::integral_constant<int, kNT / 2>());
     if ((gi + 1) % gps == 0) {  // end of slice s: acc = part (s = 0), acc = acc + part (later), in slice order
       const int64_t s = gi / gps;
       float* ap = accs + warp * kAccFloats * 32 + lane;
-      if (s + 1 < W.KS) {
+      if (s + 1 < KS) {
 #pragma unroll
         for (int u = 0; u < kMW; ++u)
 #pragma unroll
@@ -267,34 +259,45 @@ __global__ void __launch_bounds__(kGW * 32, 1)
             for (int c = 0; c < 4; ++c) part[u][nt][c] = ap[((u * kNT + nt) * 4 + c) * 32] + part[u][nt][c];
       }
     }
-  }
-
-  // C fragment: c[2·rr + h] is (row g + 8·rr, token 2·tig + h) of the tile.
+    if (gi + 1 < ngroups || ntv == 0) continue;
+    // Row block done: store. C fragment: c[2·rr + h] is (row g + 8·rr, token 2·tig + h) of the tile.
+    const unsigned rb = rb0 + unsigned(v / ngroups);
+    const bool second = rb >= P.b_block;
+    const Int4Out& o = second ? P.b : P.a;
+    const unsigned bx = second ? rb - P.b_block : rb;
+    const int64_t n_out = o.n_out;
 #pragma unroll
-  for (int i = 0; i < MT; ++i) {
-    const int64_t ot = (int64_t(bx) * kWR + wr) * MT + i;
-    if (ot >= otiles) continue;
+    for (int i = 0; i < MT; ++i) {
+      const int64_t ot = (int64_t(bx) * kWR + wr) * MT + i;
+      if (ot >= n_out / 16) continue;
 #pragma unroll
-    for (int nt = 0; nt < kNT; ++nt)
+      for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int ti = wt * kNT * 8 + nt * 8 + 2 * tig + h;
-        if (ti >= cnt) continue;
-        const int64_t p = ts.list ? ts.list[t0 + ti] : t0 + ti;
+        for (int h = 0; h < 2; ++h) {
+          const int ti = wt * kNT * 8 + nt * 8 + 2 * tig + h;
+          if (ti >= cnt) continue;
+          const int64_t p = ts.list ? ts.list[t0 + ti] : t0 + ti;
 #pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-          const int64_t n = ot * 16 + g + 8 * rr;
-          const float v = part[i][nt][2 * rr + h];
-          if constexpr (GATED) {
-            static_cast<__nv_bfloat16*>(y)[p * n_out + n] = __float2bfloat16_rn(silu(v) * part[MT + i][nt][2 * rr + h]);
-          } else if (ydt == int(DType::F32)) {
-            static_cast<float*>(y)[p * n_out + n] = v;
-          } else {
-            static_cast<__nv_bfloat16*>(y)[p * n_out + n] = __float2bfloat16_rn(v);
+          for (int rr = 0; rr < 2; ++rr) {
+            const int64_t n = ot * 16 + g + 8 * rr;
+            const float val = part[i][nt][2 * rr + h];
+            if constexpr (GATED) {
+              static_cast<__nv_bfloat16*>(o.y)[p * n_out + n] = __float2bfloat16_rn(silu(val) * part[MT + i][nt][2 * rr + h]);
+            } else if (o.ydt == int(DType::F32)) {
+              static_cast<float*>(o.y)[p * n_out + n] = val;
+            } else {
+              static_cast<__nv_bfloat16*>(o.y)[p * n_out + n] = __float2bfloat16_rn(val);
+            }
           }
         }
-      }
+    }
+    zero_frags(part);
   }
+}
+
+int64_t env_int(const char* name, int64_t dflt) {
+  const char* v = std::getenv(name);
+  return v && *v ? std::atoll(v) : dflt;
 }
 
 template <int MW, bool GATED>
@@ -314,13 +317,21 @@ void launch(const Int4Out& A, const Int4Out* B, const void* x, const TokenSrc& t
   }
   DS_CHECK(gy >= 1 && gy <= 65535, "int4 gemm: ", gy, " token tiles (at most 65535)");
   DS_CHECK(A.W.G == 128 && (!B || B->W.G == 128), "int4 gemm: group size ", A.W.G, " (instantiated: 128)");
-  GEMM_CK(pdl_launch(k_int4_gemm<MW, GATED>, dim3(nb, unsigned(gy)), dim3(kGW * 32), size_t(kSmem), s, P,
-                     static_cast<const __nv_bfloat16*>(x), ts));
-}
-
-int64_t env_int(const char* name, int64_t dflt) {
-  const char* v = std::getenv(name);
-  return v && *v ? std::atoll(v) : dflt;
+  DS_CHECK(!B || (B->W.K == A.W.K && B->W.KS == A.W.KS), "int4 gemm pair: both matrices must share K and slices");
+  // Row blocks per block: about two waves of blocks (one block per SM; the experts' tile count is an upper bound,
+  // so it errs towards more blocks), each running through R row blocks; DS_INT4_BIG_R=n overrides.
+  static const int sms = [] {
+    int dev = 0, n = 132;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+    return n;
+  }();
+  int64_t R = env_int("DS_INT4_BIG_R", 0);
+  if (R <= 0) R = std::max<int64_t>(1, int64_t(nb) * gy / (2 * sms));
+  R = std::min<int64_t>(R, nb);
+  const unsigned gx = unsigned((nb + R - 1) / R);
+  GEMM_CK(pdl_launch(k_int4_gemm<MW, GATED>, dim3(gx, unsigned(gy)), dim3(kGW * 32), size_t(kSmem), s, P, nb,
+                     unsigned(R), static_cast<const __nv_bfloat16*>(x), ts));
 }
 
 }  // namespace

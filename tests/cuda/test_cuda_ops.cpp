@@ -2,6 +2,8 @@
 // Inputs are bf16-exact so both backends see the same numbers; the CUDA side keeps bf16 activations, so the bound
 // is relative L2 ≤ 1e-2 (bf16 output rounding alone is ~1.5e-3).
 #include <algorithm>
+#include <chrono>
+#include <cstring>
 #include <numeric>
 
 #include "backend/cuda/bf16_mma.h"
@@ -753,6 +755,244 @@ TEST_F(CudaOps, Int4BatchInvariance) {
     diff += std::vector<float>(all.begin() + t * H, all.begin() + (t + 1) * H) != one;
   }
   EXPECT_EQ(diff, 0) << "int4 experts: a token alone differs from the same token in a batch of " << T;
+}
+
+// Sets an environment variable for a scope (the int4 kernel choice is read on every call).
+struct ScopedEnv {
+  std::string name, old;
+  bool had;
+  ScopedEnv(const char* n, const char* v) : name(n) {
+    const char* o = std::getenv(n);
+    had = o != nullptr;
+    if (had) old = o;
+    if (v)
+      setenv(n, v, 1);
+    else
+      unsetenv(n);
+  }
+  ~ScopedEnv() {
+    if (had)
+      setenv(name.c_str(), old.c_str(), 1);
+    else
+      unsetenv(name.c_str());
+  }
+};
+
+// Rows of a [M, n] host copy.
+std::vector<float> host_rows(const std::vector<float>& v, int64_t r0, int64_t r1, int64_t n) {
+  return std::vector<float>(v.begin() + r0 * n, v.begin() + r1 * n);
+}
+int bit_diffs(const std::vector<float>& a, const std::vector<float>& b) {
+  if (a.size() != b.size()) return -1;
+  int d = 0;
+  for (size_t i = 0; i < a.size(); ++i) d += std::memcmp(&a[i], &b[i], 4) != 0;
+  return d;
+}
+
+// The large-M int4 kernel (int4_gemm.h) at prefill sizes: against the CPU on sampled rows, and bit for bit against
+// the kernels it replaces (DS_CUDA_NO_BIG_GEMM=1, every row) and against each row computed alone (the decode
+// kernel). DS_INT4_BIG_MIN_M=64 makes it take M = 64, 65 and 300 too.
+TEST_F(CudaOps, Int4LargeM) {
+  Both B;
+  ScopedEnv min_m("DS_INT4_BIG_MIN_M", "64");
+  struct Shape {
+    int64_t N, K;
+    const char* what;
+  };
+  const std::vector<Shape> shapes = {{8192, 2048, "q_proj / DeltaNet qkv"}, {2048, 4096, "o_proj / DeltaNet out"},
+                                     {1024, 2048, "expert gate_up"}, {2048, 512, "expert down"},
+                                     {272, 384, "odd: 17 tiles, 3 groups"}};
+  for (auto& s : shapes) {
+    HostLinear hl(s.N, s.K, true, s.N * 7 + s.K);
+    Linear lc = B.cpu->make_linear({hl.src()}), lg = B.gpu->make_linear({hl.src()});
+    for (int64_t M : {1, 7, 64, 65, 300, 2049, 4096}) {
+      if (M == 4096 && s.N * s.K > 8192 * 2048 / 2) continue;  // keep the test's time down
+      const auto xs = randn(size_t(M * s.K), 1.f, M * 3 + s.K);
+      Tensor x = B.gpu->upload_f32(xs, {M, s.K}, DType::BF16);
+      for (DType ydt : {DType::F32, DType::BF16}) {
+        const std::string tag = std::string(" N=") + std::to_string(s.N) + " K=" + std::to_string(s.K) +
+                                " M=" + std::to_string(M) + (ydt == DType::F32 ? " F32" : " BF16") + " (" + s.what + ")";
+        Tensor y = B.gpu->alloc(ydt, {M, s.N}), yo = B.gpu->alloc(ydt, {M, s.N});
+        B.gpu->linear(x, lg, y);
+        {
+          ScopedEnv off("DS_CUDA_NO_BIG_GEMM", "1");
+          B.gpu->linear(x, lg, yo);
+        }
+        const auto yv = B.gpu->to_host_f32(y);
+        EXPECT_EQ(bit_diffs(yv, B.gpu->to_host_f32(yo)), 0) << "large-M int4 kernel vs the old kernels" << tag;
+        // each sampled row alone (M = 1: the decode kernel)
+        int diff = 0;
+        for (int64_t r : {int64_t(0), M / 2, M - 1, std::min<int64_t>(M - 1, 127), std::min<int64_t>(M - 1, 128)}) {
+          Tensor xr = B.gpu->upload_f32(host_rows(xs, r, r + 1, s.K), {1, s.K}, DType::BF16);
+          Tensor yr = B.gpu->alloc(ydt, {1, s.N});
+          B.gpu->linear(xr, lg, yr);
+          diff += bit_diffs(B.gpu->to_host_f32(yr), host_rows(yv, r, r + 1, s.N)) != 0;
+        }
+        EXPECT_EQ(diff, 0) << "rows alone differ from the same rows at" << tag;
+        if (ydt != DType::F32) continue;
+        // against the CPU: the first and last rows (at most 64 + 48)
+        const int64_t a = std::min<int64_t>(M, 64), b0 = std::max<int64_t>(a, M - 48);
+        std::vector<float> sub = host_rows(xs, 0, a, s.K), ref = host_rows(yv, 0, a, s.N);
+        auto tail = host_rows(xs, b0, M, s.K), ytail = host_rows(yv, b0, M, s.N);
+        sub.insert(sub.end(), tail.begin(), tail.end());
+        ref.insert(ref.end(), ytail.begin(), ytail.end());
+        const int64_t R = int64_t(sub.size()) / s.K;
+        Tensor xc = B.cpu->upload_f32(sub, {R, s.K}, DType::F32), yc = B.cpu->alloc(DType::F32, {R, s.N});
+        B.cpu->linear(xc, lc, yc);
+        REPORT("int4 linear" + tag, test::rel(ref, B.cpu->to_host_f32(yc)));
+      }
+    }
+  }
+  // Two matrices of one input in one launch (linear_group → mma_int4_linear2): each as alone.
+  {
+    HostLinear qa(4096, 2048, true, 71), qb(512, 2048, true, 72);
+    Linear la = B.gpu->make_linear({qa.src()}), lb = B.gpu->make_linear({qb.src()});
+    const int64_t M = 2049;
+    Tensor x = B.gpu->upload_f32(randn(size_t(M * 2048), 1.f, 73), {M, 2048}, DType::BF16);
+    Tensor ya = B.gpu->alloc(DType::BF16, {M, 4096}), yb = B.gpu->alloc(DType::F32, {M, 512});
+    Tensor sa = B.gpu->alloc(DType::BF16, {M, 4096}), sb = B.gpu->alloc(DType::F32, {M, 512});
+    {
+      ScopedEnv off("DS_CUDA_NO_BIG_GEMM", "1");
+      B.gpu->linear(x, la, sa);
+      B.gpu->linear(x, lb, sb);
+    }
+    // R = 5 row blocks per block: one block runs across the end of matrix a into matrix b
+    for (const char* r : {static_cast<const char*>(nullptr), "5"}) {
+      ScopedEnv rr("DS_INT4_BIG_R", r);
+      B.gpu->linear_group(x, {{&la, &ya, false}, {&lb, &yb, false}});
+      const std::string tag = std::string(" R=") + (r ? r : "auto");
+      EXPECT_EQ(bit_diffs(B.gpu->to_host_f32(ya), B.gpu->to_host_f32(sa)), 0) << "paired large-M launch, matrix a" << tag;
+      EXPECT_EQ(bit_diffs(B.gpu->to_host_f32(yb), B.gpu->to_host_f32(sb)), 0) << "paired large-M launch, matrix b" << tag;
+    }
+  }
+}
+
+// Int4 experts at prefill sizes (tiles of up to 128 pairs per expert, the large-M kernel incl. its SwiGLU form):
+// skewed routing (experts with many full tiles, partial tiles, one expert with none); bit for bit against the
+// old kernels and against tokens alone (decode kernel), and against the CPU on sampled tokens.
+TEST_F(CudaOps, Int4LargeMExperts) {
+  Both B;
+  const int64_t E = 16, H = 2048, I = 512, K = 8;
+  std::vector<HostLinear> hl;
+  hl.reserve(3 * E);
+  std::vector<std::vector<LinearSource>> gu(E);
+  std::vector<LinearSource> dn(E);
+  for (int64_t e = 0; e < E; ++e) {
+    hl.emplace_back(I, H, true, 700 + e);
+    hl.emplace_back(I, H, true, 800 + e);
+    gu[e] = {hl[hl.size() - 2].src(), hl.back().src()};
+    hl.emplace_back(H, I, true, 900 + e);
+    dn[e] = hl.back().src();
+  }
+  Experts ec = B.cpu->make_experts(gu, dn), eg = B.gpu->make_experts(gu, dn);
+  for (int64_t T : {int64_t(100), int64_t(1024)}) {
+    ScopedEnv min_moe("DS_INT4_BIG_MOE_MIN", "1");
+    std::mt19937 g{uint32_t(T)};
+    std::vector<float> idv, wv;
+    for (int64_t t = 0; t < T; ++t) {
+      // experts 0..3 for every token (8 full tiles each at T = 1024; one partial tile at T = 100), four of 4..14 at
+      // random (~36 or ~370 pairs: partial tiles, some with a token half empty), expert 15 never
+      std::vector<int> perm(E - 5);
+      std::iota(perm.begin(), perm.end(), 4);
+      std::shuffle(perm.begin(), perm.end(), g);
+      float sum = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        idv.push_back(float(k < 4 ? int(k) : perm[size_t(k - 4)]));
+        wv.push_back(float(g() % 1000 + 1));
+        sum += wv.back();
+      }
+      for (int64_t k = 0; k < K; ++k) wv[wv.size() - K + k] /= sum;
+    }
+    const auto xs = randn(size_t(T * H), 1.f, 90 + T);
+    auto run = [&](int64_t t0, int64_t n) {
+      Tensor ids = B.gpu->upload_f32(std::vector<float>(idv.begin() + t0 * K, idv.begin() + (t0 + n) * K), {n, K}, DType::I32);
+      Tensor w = B.gpu->upload_f32(std::vector<float>(wv.begin() + t0 * K, wv.begin() + (t0 + n) * K), {n, K}, DType::F32);
+      Tensor x = B.gpu->upload_f32(host_rows(xs, t0, t0 + n, H), {n, H}, DType::BF16);
+      Tensor y = B.gpu->alloc(DType::F32, {n, H});
+      B.gpu->moe_experts(x, eg, ids, w, y);
+      return B.gpu->to_host_f32(y);
+    };
+    const std::string tag = " T=" + std::to_string(T);
+    const auto all = run(0, T);
+    {
+      ScopedEnv off("DS_CUDA_NO_BIG_GEMM", "1");
+      EXPECT_EQ(bit_diffs(all, run(0, T)), 0) << "large-M experts vs the old kernels" << tag;
+    }
+    {
+      ScopedEnv r3("DS_INT4_BIG_R", "3");  // 3 row blocks per block (8 and 16 row blocks: uneven last blocks)
+      EXPECT_EQ(bit_diffs(all, run(0, T)), 0) << "large-M experts, R = 3" << tag;
+    }
+    int diff = 0;
+    for (int64_t t : {int64_t(0), int64_t(5), T / 2, T - 1}) diff += bit_diffs(run(t, 1), host_rows(all, t, t + 1, H)) != 0;
+    EXPECT_EQ(diff, 0) << "int4 experts: a token alone differs from the same token in a batch of" << tag;
+    // CPU on the first 64 tokens
+    const int64_t R = std::min<int64_t>(T, 64);
+    Tensor ids = B.cpu->alloc(DType::I32, {R, K});
+    for (int64_t i = 0; i < R * K; ++i) ids.ptr<int32_t>()[i] = int32_t(idv[size_t(i)]);
+    Tensor w = B.cpu->upload_f32(std::vector<float>(wv.begin(), wv.begin() + R * K), {R, K}, DType::F32);
+    Tensor x = B.cpu->upload_f32(host_rows(xs, 0, R, H), {R, H}, DType::F32), y = B.cpu->alloc(DType::F32, {R, H});
+    B.cpu->moe_experts(x, ec, ids, w, y);
+    REPORT("int4 moe_experts large-M E=16 H=2048 I=512 K=8" + tag, test::rel(host_rows(all, 0, R, H), B.cpu->to_host_f32(y)));
+  }
+}
+
+// Throughput of the int4 kernels at a 4k prefill, old (DS_CUDA_NO_BIG_GEMM=1) and new: one 4096 × 2048 → 4096
+// linear and one routed-experts layer of the 35B-A3B shape (E = 256, H = 2048, I = 512, top-8, uniform random
+// routing). Prints TFLOP/s; asserts nothing about time.
+TEST_F(CudaOps, Int4PrefillThroughput) {
+  Both B;
+  auto time_ms = [&](auto&& fn) {
+    fn();
+    B.gpu->synchronize();
+    const int iters = 10;
+    auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < iters; ++i) fn();
+    B.gpu->synchronize();
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / iters;
+  };
+  struct Variant {
+    const char *name, *no_big, *warp, *r;
+  };
+  const std::vector<Variant> variants = {{"old", "1", nullptr, nullptr},
+                                         {"new (warp 32x64, R auto)", "0", "2", nullptr},
+                                         {"new (warp 32x64, R 1)", "0", "2", "1"},
+                                         {"new (warp 64x32, R auto)", "0", "4", nullptr}};
+  {
+    const int64_t M = 4096, K = 2048, N = 4096;
+    HostLinear hl(N, K, true, 1);
+    Linear lg = B.gpu->make_linear({hl.src()});
+    Tensor x = B.gpu->upload_f32(randn(size_t(M * K), 1.f, 2), {M, K}, DType::BF16), y = B.gpu->alloc(DType::BF16, {M, N});
+    for (const auto& v : variants) {
+      ScopedEnv sw("DS_CUDA_NO_BIG_GEMM", v.no_big), sv("DS_INT4_BIG_WARP", v.warp), sr("DS_INT4_BIG_R", v.r);
+      const double ms = time_ms([&] { B.gpu->linear(x, lg, y); });
+      std::printf("  int4 linear M=%lld K=%lld N=%lld %s: %.3f ms, %.1f TFLOP/s\n", (long long)M, (long long)K,
+                  (long long)N, v.name, ms, 2.0 * M * N * K / ms * 1e-9);
+    }
+  }
+  {
+    const int64_t E = 256, H = 2048, I = 512, K = 8, T = 4096;
+    HostLinear g1(I, H, true, 3), u1(I, H, true, 4), d1(H, I, true, 5);  // one expert's data for all 256
+    std::vector<std::vector<LinearSource>> gu(size_t(E), {g1.src(), u1.src()});
+    std::vector<LinearSource> dn(size_t(E), d1.src());
+    Experts eg = B.gpu->make_experts(gu, dn);
+    std::mt19937 g(7);
+    std::vector<float> idv, wv;
+    for (int64_t t = 0; t < T; ++t) {
+      std::vector<int> perm(E);
+      std::iota(perm.begin(), perm.end(), 0);
+      std::shuffle(perm.begin(), perm.end(), g);
+      for (int64_t k = 0; k < K; ++k) idv.push_back(float(perm[size_t(k)])), wv.push_back(1.f / K);
+    }
+    Tensor ids = B.gpu->upload_f32(idv, {T, K}, DType::I32), w = B.gpu->upload_f32(wv, {T, K}, DType::F32);
+    Tensor x = B.gpu->upload_f32(randn(size_t(T * H), 1.f, 8), {T, H}, DType::BF16), y = B.gpu->alloc(DType::BF16, {T, H});
+    for (const auto& v : variants) {
+      ScopedEnv sw("DS_CUDA_NO_BIG_GEMM", v.no_big), sv("DS_INT4_BIG_WARP", v.warp), sr("DS_INT4_BIG_R", v.r);
+      const double ms = time_ms([&] { B.gpu->moe_experts(x, eg, ids, w, y); });
+      std::printf("  int4 moe_experts T=%lld E=%lld top-%lld H=%lld I=%lld %s: %.3f ms, %.1f TFLOP/s\n", (long long)T,
+                  (long long)E, (long long)K, (long long)H, (long long)I, v.name, ms,
+                  2.0 * T * K * 3 * H * I / ms * 1e-9);
+    }
+  }
 }
 
 }  // namespace

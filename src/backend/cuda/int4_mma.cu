@@ -1,5 +1,7 @@
 // Tensor-core W4A16 kernels: int4 linears of any M and the routed experts (layout and invariants: int4_mma.h).
 #include "backend/cuda/int4_mma.h"
+#include "backend/cuda/int4_gemm.h"
+#include "backend/cuda/int4_mma_dev.cuh"
 #include "backend/cuda/pdl.h"
 
 #include <cuda_bf16.h>
@@ -14,6 +16,8 @@ namespace ds::cuda {
 
 namespace {
 
+using namespace int4dev;
+
 #define MMA_CK(x)                                                                                  \
   do {                                                                                             \
     cudaError_t e_ = (x);                                                                          \
@@ -21,66 +25,6 @@ namespace {
   } while (0)
 
 constexpr int kWarps = 4;  // warps per block
-
-// Where a block's tokens come from. Dense linears: tokens [blockIdx.y·NTOK, +NTOK) of x. Experts: tile
-// blockIdx.y of the table built by k_moe_tiles (expert, first index into list, count); list holds pair ids p,
-// whose x row is p / xdiv and whose output row is p.
-struct TokenSrc {
-  const int32_t* tiles = nullptr;
-  const int32_t* ntiles = nullptr;
-  const int32_t* list = nullptr;
-  int64_t M = 0;
-  int64_t xdiv = 1;
-};
-
-__device__ __forceinline__ uint32_t bf16x2_sub(uint32_t a, uint32_t b) {
-  __nv_bfloat162 r = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
-  return *reinterpret_cast<const uint32_t*>(&r);
-}
-// bf16×2 (128 + z, 128 + z): subtracting it from (128 + q) leaves q − z exactly.
-__device__ __forceinline__ uint32_t zero_pair(uint8_t z) {
-  const uint32_t b = uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(128.f + float(z))));
-  return b | (b << 16);
-}
-// One A fragment (rows r0, r1; four inputs each) from a packed word; zz0 / zz1: zero_pair of rows r0 / r1.
-__device__ __forceinline__ void dequant(uint32_t w, uint32_t zz0, uint32_t zz1, uint32_t a[4]) {
-  a[0] = bf16x2_sub((w & 0x000F000Fu) | 0x43004300u, zz0);
-  a[1] = bf16x2_sub(((w >> 4) & 0x000F000Fu) | 0x43004300u, zz1);
-  a[2] = bf16x2_sub(((w >> 8) & 0x000F000Fu) | 0x43004300u, zz0);
-  a[3] = bf16x2_sub(((w >> 12) & 0x000F000Fu) | 0x43004300u, zz1);
-}
-__device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ uint32_t word_of(const uint4& v, int j) {
-  return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
-}
-__device__ __forceinline__ float silu(float v) { return v / (1.f + expf(-v)); }
-template <int A, int B>
-__device__ __forceinline__ void zero_frags(float (&f)[A][B][4]) {
-#pragma unroll
-  for (int a = 0; a < A; ++a)
-#pragma unroll
-    for (int b = 0; b < B; ++b)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) f[a][b][c] = 0.f;
-}
-
-// One matrix of a launch: weights, rows per expert (dense: N), output columns, output and its dtype.
-struct Int4Out {
-  MmaInt4 W;
-  int64_t rpe = 0, n_out = 0;
-  void* y = nullptr;
-  int ydt = 0;
-};
-struct Int4Pair {
-  Int4Out a, b;
-  unsigned b_block = 0xFFFFFFFFu;  // first block of matrix b (none: all blocks are a's)
-};
 
 // One block = 4 warps. Each warp computes MT output tiles of 16 rows (GATED: MT gate tiles and the matching up
 // tiles) × NT token tiles of 8, over the K slices s ≡ wk (mod WK); the block's 4 / WK warp groups take
@@ -406,6 +350,8 @@ void mma_int4_linear2(const MmaInt4& A, void* ya, int ydta, const MmaInt4* B, vo
   const Int4Out oa{A, A.N, A.N, ya, ydta};
   Int4Out ob;
   if (B) ob = Int4Out{*B, B->N, B->N, yb, ydtb};
+  if (M >= int4_gemm_min_m() && int4_gemm_enabled())  // prefill sizes: the large-M kernel (int4_gemm.h)
+    return int4_gemm(false, oa, B ? &ob : nullptr, x, ts, (M + kGemmTok - 1) / kGemmTok, s);
   launch<false>(shape, oa, B ? &ob : nullptr, x, ts, (M + ntok_of(shape) - 1) / ntok_of(shape), s);
 }
 
@@ -417,12 +363,20 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
   DS_CHECK(E <= 1024, "int4 mma experts: E = ", E, " (at most 1024)");
   // Decode sizes: a couple of pairs per touched expert; prefill: many.
   const Shape shape = P >= 16 * E ? Shape::Large : Shape::Small;
-  const int64_t mt = max_tiles(P, E, ntok_of(shape));
+  // Prefill sizes (many pairs per expert): tiles of up to kGemmTok pairs for the large-M kernel (int4_gemm.h).
+  const bool big = P >= int4_gemm_moe_min() * E && int4_gemm_enabled();
+  const int ntok = big ? kGemmTok : ntok_of(shape);
+  const int64_t mt = max_tiles(P, E, ntok);
   int32_t *list = scratch, *ntiles = scratch + P, *tiles = ntiles + 1;
-  k_moe_tiles<<<1, 1024, 0, s>>>(ids, P, E, ntok_of(shape), list, tiles, ntiles);
+  k_moe_tiles<<<1, 1024, 0, s>>>(ids, P, E, ntok, list, tiles, ntiles);
   MMA_CK(cudaGetLastError());
   TokenSrc ts;
   ts.tiles = tiles, ts.ntiles = ntiles, ts.list = list, ts.xdiv = topk;
+  if (big) {
+    int4_gemm(true, Int4Out{gate_up, 2 * I, I, act, int(DType::BF16)}, nullptr, x, ts, mt, s);
+    ts.xdiv = 1;
+    return int4_gemm(false, Int4Out{down, H, H, out, int(DType::F32)}, nullptr, act, ts, mt, s);
+  }
   launch<true>(shape, Int4Out{gate_up, 2 * I, I, act, int(DType::BF16)}, nullptr, x, ts, mt, s);
   ts.xdiv = 1;
   launch<false>(shape, Int4Out{down, H, H, out, int(DType::F32)}, nullptr, act, ts, mt, s);

@@ -1,0 +1,74 @@
+// Device pieces shared by the W4A16 tensor-core kernels (int4_mma.cu: every M; int4_gemm.cu: large M). Internal
+// to those two files; layout and the batch-invariance contract: int4_mma.h.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "backend/cuda/int4_mma.h"
+
+namespace ds::cuda::int4dev {
+
+// Where a block's tokens come from. Dense linears: tokens [blockIdx.y·NTOK, +NTOK) of x. Experts: tile
+// blockIdx.y of the table built by k_moe_tiles (expert, first index into list, count); list holds pair ids p,
+// whose x row is p / xdiv and whose output row is p.
+struct TokenSrc {
+  const int32_t* tiles = nullptr;
+  const int32_t* ntiles = nullptr;
+  const int32_t* list = nullptr;
+  int64_t M = 0;
+  int64_t xdiv = 1;
+};
+
+__device__ __forceinline__ uint32_t bf16x2_sub(uint32_t a, uint32_t b) {
+  __nv_bfloat162 r = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
+// bf16×2 (128 + z, 128 + z): subtracting it from (128 + q) leaves q − z exactly.
+__device__ __forceinline__ uint32_t zero_pair(uint8_t z) {
+  const uint32_t b = uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(128.f + float(z))));
+  return b | (b << 16);
+}
+// One A fragment (rows r0, r1; four inputs each) from a packed word; zz0 / zz1: zero_pair of rows r0 / r1.
+__device__ __forceinline__ void dequant(uint32_t w, uint32_t zz0, uint32_t zz1, uint32_t a[4]) {
+  a[0] = bf16x2_sub((w & 0x000F000Fu) | 0x43004300u, zz0);
+  a[1] = bf16x2_sub(((w >> 4) & 0x000F000Fu) | 0x43004300u, zz1);
+  a[2] = bf16x2_sub(((w >> 8) & 0x000F000Fu) | 0x43004300u, zz0);
+  a[3] = bf16x2_sub(((w >> 12) & 0x000F000Fu) | 0x43004300u, zz1);
+}
+__device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int j) {
+  return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+}
+__device__ __forceinline__ float silu(float v) { return v / (1.f + expf(-v)); }
+template <int A, int B>
+__device__ __forceinline__ void zero_frags(float (&f)[A][B][4]) {
+#pragma unroll
+  for (int a = 0; a < A; ++a)
+#pragma unroll
+    for (int b = 0; b < B; ++b)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) f[a][b][c] = 0.f;
+}
+
+// One matrix of a launch: weights, rows per expert (dense: N), output columns, output and its dtype.
+struct Int4Out {
+  MmaInt4 W;
+  int64_t rpe = 0, n_out = 0;
+  void* y = nullptr;
+  int ydt = 0;
+};
+struct Int4Pair {
+  Int4Out a, b;
+  unsigned b_block = 0xFFFFFFFFu;  // first block of matrix b (none: all blocks are a's)
+};
+
+}  // namespace ds::cuda::int4dev

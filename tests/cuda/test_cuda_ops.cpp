@@ -794,6 +794,7 @@ int bit_diffs(const std::vector<float>& a, const std::vector<float>& b) {
 // kernel). DS_INT4_BIG_MIN_M=64 makes it take M = 64, 65 and 300 too.
 TEST_F(CudaOps, Int4LargeM) {
   Both B;
+  ScopedEnv on("DS_CUDA_NO_BIG_GEMM", "0");  // the large-M kernel, whatever the default
   ScopedEnv min_m("DS_INT4_BIG_MIN_M", "64");
   struct Shape {
     int64_t N, K;
@@ -872,6 +873,7 @@ TEST_F(CudaOps, Int4LargeM) {
 // old kernels and against tokens alone (decode kernel), and against the CPU on sampled tokens.
 TEST_F(CudaOps, Int4LargeMExperts) {
   Both B;
+  ScopedEnv on("DS_CUDA_NO_BIG_GEMM", "0");  // the large-M kernel, whatever the default
   const int64_t E = 16, H = 2048, I = 512, K = 8;
   std::vector<HostLinear> hl;
   hl.reserve(3 * E);

@@ -338,7 +338,8 @@ void launch(const Int4Out& A, const Int4Out* B, const void* x, const TokenSrc& t
 
 bool int4_gemm_enabled() {
   const char* v = std::getenv("DS_CUDA_NO_BIG_GEMM");
-  return !(v && *v && std::strcmp(v, "0") != 0);
+  if (v && *v) return std::strcmp(v, "0") == 0;
+  return kInt4GemmDefault;
 }
 int64_t int4_gemm_min_m() { return env_int("DS_INT4_BIG_MIN_M", 512); }
 int64_t int4_gemm_moe_min() { return env_int("DS_INT4_BIG_MOE_MIN", 48); }

@@ -8,6 +8,8 @@
 #   (f) test_cuda_sampling  sample_rows on the GPU vs the CPU specification over shapes and parameters
 #   (g) test_cuda_vision  vision-tower ops vs the CPU, a random real-shaped tower, the fixtures' image features and
 #                         logits, an image request through the engine; memcheck on its op tests
+#   (h) test_cuda_spec / test_cuda_flash / test_cuda_gdr  speculative decoding (greedy identity, graphed = eager),
+#                         prefill flash attention and the chunked delta rule vs the CPU (when built)
 # Usage: tools/gpu_test.sh [BIN_DIR]
 #   BIN_DIR holds prebuilt test_cuda_ops / test_cuda_golden (/ test_cuda_graph / test_cuda_engine) (e.g. built on a dev machine and carried);
 #   without it the script configures and builds build-gpu/ here (needs the project's build dependencies).
@@ -19,7 +21,7 @@ mkdir -p "$LOG"
 BIN=${1:-}
 if [ -z "$BIN" ]; then
   cmake -S "$ROOT" -B "$ROOT/build-gpu" -G Ninja -DCMAKE_CUDA_ARCHITECTURES=90 >"$LOG/build.log" 2>&1 &&
-    cmake --build "$ROOT/build-gpu" --target test_cuda_ops test_cuda_golden test_cuda_graph test_cuda_engine test_cuda_sampling test_cuda_vision >>"$LOG/build.log" 2>&1 ||
+    cmake --build "$ROOT/build-gpu" --target test_cuda_ops test_cuda_golden test_cuda_graph test_cuda_engine test_cuda_sampling test_cuda_vision test_cuda_spec test_cuda_flash test_cuda_gdr >>"$LOG/build.log" 2>&1 ||
     { tail -40 "$LOG/build.log"; echo "BUILD FAILED"; exit 1; }
   BIN=$ROOT/build-gpu
 fi
@@ -41,6 +43,9 @@ step memcheck env DS_GOLDEN_PROMPTS=1 compute-sanitizer --tool memcheck --error-
 [ -x "$BIN/test_cuda_graph" ] && step graph "$BIN/test_cuda_graph"
 [ -x "$BIN/test_cuda_engine" ] && step engine "$BIN/test_cuda_engine"
 [ -x "$BIN/test_cuda_sampling" ] && step sampling "$BIN/test_cuda_sampling"
+[ -x "$BIN/test_cuda_spec" ] && step spec "$BIN/test_cuda_spec"
+[ -x "$BIN/test_cuda_flash" ] && step flash "$BIN/test_cuda_flash"
+[ -x "$BIN/test_cuda_gdr" ] && step gdr "$BIN/test_cuda_gdr"
 if [ -x "$BIN/test_cuda_vision" ]; then
   step vision "$BIN/test_cuda_vision"
   step vmemcheck compute-sanitizer --tool memcheck --error-exitcode 99 "$BIN/test_cuda_vision" \
@@ -58,7 +63,7 @@ grep -hE 'ratio|batched' "$LOG/golden.log"
 echo "==== bench ===="
 cat "$LOG"/bench*.log 2>/dev/null
 echo "==== failures ===="
-grep -hE 'Failure|FAILED' "$LOG/ops.log" "$LOG/golden.log" "$LOG"/graph.log "$LOG"/engine.log "$LOG"/sampling.log "$LOG"/vision.log 2>/dev/null | head -30
+grep -hE 'Failure|FAILED' "$LOG/ops.log" "$LOG/golden.log" "$LOG"/graph.log "$LOG"/engine.log "$LOG"/sampling.log "$LOG"/vision.log "$LOG"/spec.log "$LOG"/flash.log "$LOG"/gdr.log 2>/dev/null | head -30
 grep -hE 'ERROR SUMMARY|========= ' "$LOG/memcheck.log" "$LOG"/vmemcheck.log 2>/dev/null | head -20
 echo "==== summary ===="
 printf '%s\n' "${summary[@]}"

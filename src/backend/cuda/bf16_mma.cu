@@ -1,5 +1,6 @@
 // Tensor-core bf16 linears of up to 256 rows (fragment order and batch invariance: bf16_mma.h).
 #include "backend/cuda/bf16_mma.h"
+#include "backend/cuda/mma_util.cuh"
 #include "backend/cuda/pdl.h"
 
 #include <cuda_bf16.h>
@@ -49,11 +50,8 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int j) {
 }
 __device__ __forceinline__ void mma_bf16(float c[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                          uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  const uint32_t a[4] = {a0, a1, a2, a3};
+  mma16816(c, a, b0, b1);
 }
 // 16 bytes at p + off when input off of the row exists (K is a multiple of 8), else zeros (the tail chunk)
 __device__ __forceinline__ uint4 ld16(const __nv_bfloat16* p, int64_t off, int64_t K) {

@@ -8,7 +8,9 @@
 
 namespace ds::cuda {
 
-// c += a·b for one m16n8k16 tile: a row-major bf16 fragment (four 32-bit registers), b column-major (two).
+// c[16×8] += a[16×16] · b[16×8] on tensor cores (bf16 in, fp32 accumulate). Fragment layouts of PTX's
+// mma.m16n8k16 (g = lane / 4, t = lane % 4): a: {(g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)};
+// b: {(k 2t..2t+1, n g), (k 2t+8.., n g)}; c: {(g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)}.
 __device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 
+#include "backend/cuda/mma_util.cuh"
 #include "backend/cuda/vision_kernels.h"
 #include "core/status.h"
 #include "core/dtype.h"
@@ -126,39 +127,6 @@ __global__ void k_vis_scatter(void* x, const void* src, int dt, const int32_t* r
 // ---- attention ----
 
 __device__ __forceinline__ uint32_t ld32(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-// c[16×8] += a[16×16] · b[16×8]; fragment layouts of PTX's mma.m16n8k16 (g = lane / 4, t = lane % 4):
-// a: {(g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)}; b: {(k 2t..2t+1, n g), (k 2t+8.., n g)};
-// c: {(g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)}.
-__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// 16 bytes global → shared without a register round trip; src_bytes 0 writes zeros (rows past the segment, padding).
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
-  const unsigned sa = unsigned(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(gmem), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-// Four 8×8 bf16 matrices from shared memory, transposed: lane l gives the row address of matrix l / 8, row l % 8.
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const __nv_bfloat16* p) {
-  const unsigned a = unsigned(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a));
-}
-
 // One block of 4 warps per (query tile of 64 rows, head); warp w owns query rows 16w..16w+15 of the tile. Keys and
 // values of the tile's segment stream through shared memory 64 rows at a time, double-buffered with cp.async (the
 // next tile loads while this one computes), both row-major [key][DP + 8] (the +8 halves make every 16-byte row
@@ -295,7 +263,7 @@ __global__ void __launch_bounds__(128) k_vis_attention(const __nv_bfloat16* qkv,
 #pragma unroll
       for (int dt = 0; dt < DP / 8; dt += 2) {
         uint32_t b[4];
-        ldmatrix_x4_trans(b, &V[(ks * 16 + mrow) * LD + dt * 8 + mcol]);
+        ldsm_x4_t(b, &V[(ks * 16 + mrow) * LD + dt * 8 + mcol]);
         mma16816(acc[dt], a, b[0], b[1]);
         mma16816(acc[dt + 1], a, b[2], b[3]);
       }

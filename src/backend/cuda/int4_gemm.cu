@@ -318,8 +318,8 @@ void launch(const Int4Out& A, const Int4Out* B, const void* x, const TokenSrc& t
   DS_CHECK(gy >= 1 && gy <= 65535, "int4 gemm: ", gy, " token tiles (at most 65535)");
   DS_CHECK(A.W.G == 128 && (!B || B->W.G == 128), "int4 gemm: group size ", A.W.G, " (instantiated: 128)");
   DS_CHECK(!B || (B->W.K == A.W.K && B->W.KS == A.W.KS), "int4 gemm pair: both matrices must share K and slices");
-  // Row blocks per block: about two waves of blocks (one block per SM; the experts' tile count is an upper bound,
-  // so it errs towards more blocks), each running through R row blocks; DS_INT4_BIG_R=n overrides.
+  // Row blocks per block (one block per SM at a time; the experts' tile count gy is an upper bound, the blocks past
+  // the real count exit at once); DS_INT4_BIG_R=n overrides.
   static const int sms = [] {
     int dev = 0, n = 132;
     cudaGetDevice(&dev);
@@ -327,7 +327,18 @@ void launch(const Int4Out& A, const Int4Out* B, const void* x, const TokenSrc& t
     return n;
   }();
   int64_t R = env_int("DS_INT4_BIG_R", 0);
-  if (R <= 0) R = std::max<int64_t>(1, int64_t(nb) * gy / (2 * sms));
+  if (R <= 0) {
+    // Waves × (R row blocks + the start-up, ~2 groups' latency, in row-block units): the fewest start-ups without a
+    // ragged last wave (e.g. 64 × 32 row blocks × token tiles: R = 8, 256 blocks, 2 full waves; R = 7 would leave
+    // 320 blocks, 2.4 waves).
+    const double startup = 2.0 / double(A.W.K / A.W.G);
+    double best = 1e300;
+    for (int64_t r = 1; r <= nb; ++r) {
+      const int64_t waves = ((int64_t(nb) + r - 1) / r * gy + sms - 1) / sms;
+      const double cost = double(waves) * (double(r) + startup);
+      if (cost < best) best = cost, R = r;
+    }
+  }
   R = std::min<int64_t>(R, nb);
   const unsigned gx = unsigned((nb + R - 1) / R);
   GEMM_CK(pdl_launch(k_int4_gemm<MW, GATED>, dim3(gx, unsigned(gy)), dim3(kGW * 32), size_t(kSmem), s, P, nb,

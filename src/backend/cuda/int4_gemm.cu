@@ -97,7 +97,8 @@ __global__ void __launch_bounds__(kGW * 32, 1)
     e = 0, t0 = int64_t(blockIdx.y) * kGemmTok;
     cnt = int(ts.M - t0 < kGemmTok ? ts.M - t0 : kGemmTok);
   }
-  const int64_t K = P.a.W.K, KC = K / 64, ngroups = K / P.a.W.G, gps = ngroups / P.a.W.KS;  // shared by a and b
+  const int64_t K = P.a.W.K, KC = K / 64, ngroups = K / P.a.W.G;  // shared by a and b
+  const int gps = int(ngroups) / P.a.W.KS;                          // groups per slice
   const int KS = P.a.W.KS;
   if (tid < kGemmTok) {
     int64_t off = -1;
@@ -108,7 +109,9 @@ __global__ void __launch_bounds__(kGW * 32, 1)
     rowoff[tid] = off;
   }
   const unsigned rb0 = blockIdx.x * R, nit = min(R, nbx - rb0);  // this block's row blocks
-  const int64_t nsteps = int64_t(nit) * ngroups;                  // step v: row block rb0 + v / ngroups, group v % ngroups
+  // Steps: row block rb0 + v / ngroups, group v % ngroups, stage v % kStages; the loader, the scale prefetch and the
+  // compute each keep their own cursor (no divisions in the loop).
+  const int ng = int(ngroups), nsteps = int(nit) * ng;
   // Global weight tile of block slot i (warp row i / kMW, tile u = i % kMW; GATED: u ≥ MT is the up tile of u − MT)
   // in row block rb.
   auto wtile = [&](unsigned rb, int i) -> int64_t {
@@ -122,33 +125,35 @@ __global__ void __launch_bounds__(kGW * 32, 1)
   };
   __syncthreads();  // rowoff
 
-  // Stage of step v: the block's 128 token rows × group v % ngroups, and its 8 weight tiles' 2 chunks of the group
-  // (thread: 2 of the 512 uint4, slot i / 64, uint4 i % 64).
-  auto load = [&](int64_t v) {
-    unsigned char* st = stages + (v % kStages) * kStageBytes;
-    const unsigned rb = rb0 + unsigned(v / ngroups);
-    const int64_t gi = v % ngroups;
+  // Stage of the next step to load: the block's 128 token rows × group l_gi, and its 8 weight tiles' 2 chunks of
+  // the group in row block l_rb (thread: 2 of the 512 uint4, slot i / 64, uint4 i % 64).
+  unsigned l_rb = rb0;
+  int l_gi = 0, l_st = 0;
+  auto load_next = [&]() {
+    unsigned char* st = stages + l_st * kStageBytes;
+    const unsigned rb = l_rb;
+    const int gi = l_gi;
+    if (++l_gi == ng) l_gi = 0, ++l_rb;
+    if (++l_st == kStages) l_st = 0;
     const int ch = tid % 16;
 #pragma unroll
     for (int q = 0; q < kGemmTok * 16 / (kGW * 32); ++q) {
       const int row = tid / 16 + (kGW * 32 / 16) * q;
       const int64_t off = rowoff[row];
-      const __nv_bfloat16* src = off >= 0 ? x + off + gi * 128 + ch * 8 : x;
+      const __nv_bfloat16* src = off >= 0 ? x + off + int64_t(gi) * 128 + ch * 8 : x;
       cp_async16(st + (row * kRowH + ch * 8) * 2, src, off >= 0 ? 16 : 0);
     }
     const uint4* qw = rb >= P.b_block ? P.b.W.qw : P.a.W.qw;
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
       const int i = tid + kGW * 32 * q;
-      cp_async16(st + kActBytes + i * 16, qw + (wtile(rb, i / 64) * KC + gi * 2) * 32 + i % 64, 16);
+      cp_async16(st + kActBytes + i * 16, qw + (wtile(rb, i / 64) * KC + 2 * gi) * 32 + i % 64, 16);
     }
   };
-  // Zero points and scales of step v for this lane's rows (row g and g + 8 of each of its kMW tiles).
+  // Zero points and scales of group gi of row block rb for this lane's rows (row g and g + 8 of each of its kMW tiles).
   uint8_t zn[kMW][2];
   float sn[kMW][2];
-  auto load_zs = [&](int64_t v) {
-    const unsigned rb = rb0 + unsigned(v / ngroups);
-    const int64_t gi = v % ngroups;
+  auto load_zs = [&](unsigned rb, int gi) {
     const MmaInt4& W = rb >= P.b_block ? P.b.W : P.a.W;
 #pragma unroll
     for (int u = 0; u < kMW; ++u) {
@@ -165,18 +170,22 @@ __global__ void __launch_bounds__(kGW * 32, 1)
 
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {
-    if (st < nsteps) load(st);
+    if (st < nsteps) load_next();
     cp_commit();
   }
-  load_zs(0);
+  unsigned z_rb = rb0;
+  int z_gi = 0;
+  load_zs(z_rb, z_gi);
 
   float part[kMW][kNT][4];
   zero_frags(part);
-  for (int64_t v = 0; v < nsteps; ++v) {
-    const int64_t gi = v % ngroups;
+  // Compute cursor: row block, group, stage; group within the slice, slice.
+  unsigned c_rb = rb0;
+  int gi = 0, c_st = 0, sg = 0, s = 0;
+  for (int v = 0; v < nsteps; ++v) {
     cp_wait<kStages - 2>();
     __syncthreads();  // step v landed for every thread; everyone is done with the stage that is refilled next
-    if (v + kStages - 1 < nsteps) load(v + kStages - 1);
+    if (v + kStages - 1 < nsteps) load_next();
     cp_commit();
     uint32_t zz[kMW][2];
     float sc[kMW][2];
@@ -187,7 +196,10 @@ __global__ void __launch_bounds__(kGW * 32, 1)
         zz[u][h] = zero_pair(zn[u][h]);
         sc[u][h] = sn[u][h];
       }
-    if (v + 1 < nsteps) load_zs(v + 1);
+    if (v + 1 < nsteps) {
+      if (++z_gi == ng) z_gi = 0, ++z_rb;
+      load_zs(z_rb, z_gi);
+    }
     // One group's products for the warp's first NTU token tiles (NTU = kNT, or kNT / 2 when the second half of the
     // warp's tokens is padding), straight-line code: per chunk and 16-step pair, the B fragments of all NTU token
     // tiles are loaded, then each 16-step's A fragments are dequantised and feed kMW × NTU independent mma, so
@@ -195,7 +207,7 @@ __global__ void __launch_bounds__(kGW * 32, 1)
     // tmp[u][nt] is k_int4_mma's (chunk 0 steps 0..3, chunk 1 steps 0..3).
     auto group = [&](auto ntu) {
       constexpr int NTU = decltype(ntu)::value;
-      const unsigned char* st = stages + (v % kStages) * kStageBytes;
+      const unsigned char* st = stages + c_st * kStageBytes;
       const uint4* wsm = reinterpret_cast<const uint4*>(st + kActBytes) + wr * kMW * 64 + lane;
       const __nv_bfloat16* xs = reinterpret_cast<const __nv_bfloat16*>(st) + (wt * kNT * 8 + g) * kRowH + 16 * tig;
       float tmp[kMW][NTU][4];
@@ -236,8 +248,8 @@ __global__ void __launch_bounds__(kGW * 32, 1)
       group(std::integral_constant<int, kNT>());
     else if (ntv > 0)
       group(std::integral_constant<int, kNT / 2>());
-    if ((gi + 1) % gps == 0) {  // end of slice s: acc = part (s = 0), acc = acc + part (later), in slice order
-      const int64_t s = gi / gps;
+    if (++sg == gps) {  // end of slice s: acc = part (s = 0), acc = acc + part (later), in slice order
+      sg = 0;
       float* ap = accs + warp * kAccFloats * 32 + lane;
       if (s + 1 < KS) {
 #pragma unroll
@@ -258,10 +270,14 @@ __global__ void __launch_bounds__(kGW * 32, 1)
 #pragma unroll
             for (int c = 0; c < 4; ++c) part[u][nt][c] = ap[((u * kNT + nt) * 4 + c) * 32] + part[u][nt][c];
       }
+      ++s;
     }
-    if (gi + 1 < ngroups || ntv == 0) continue;
+    const unsigned rb = c_rb;
+    const bool last = gi + 1 == ng;
+    if (++gi == ng) gi = 0, ++c_rb, s = 0;
+    if (++c_st == kStages) c_st = 0;
+    if (!last || ntv == 0) continue;
     // Row block done: store. C fragment: c[2·rr + h] is (row g + 8·rr, token 2·tig + h) of the tile.
-    const unsigned rb = rb0 + unsigned(v / ngroups);
     const bool second = rb >= P.b_block;
     const Int4Out& o = second ? P.b : P.a;
     const unsigned bx = second ? rb - P.b_block : rb;
@@ -318,8 +334,8 @@ void launch(const Int4Out& A, const Int4Out* B, const void* x, const TokenSrc& t
   DS_CHECK(gy >= 1 && gy <= 65535, "int4 gemm: ", gy, " token tiles (at most 65535)");
   DS_CHECK(A.W.G == 128 && (!B || B->W.G == 128), "int4 gemm: group size ", A.W.G, " (instantiated: 128)");
   DS_CHECK(!B || (B->W.K == A.W.K && B->W.KS == A.W.KS), "int4 gemm pair: both matrices must share K and slices");
-  // Row blocks per block: about two waves of blocks (one block per SM; the experts' tile count is an upper bound,
-  // so it errs towards more blocks), each running through R row blocks; DS_INT4_BIG_R=n overrides.
+  // Row blocks per block (one block per SM at a time; the experts' tile count gy is an upper bound, the blocks past
+  // the real count exit at once); DS_INT4_BIG_R=n overrides.
   static const int sms = [] {
     int dev = 0, n = 132;
     cudaGetDevice(&dev);
@@ -327,7 +343,18 @@ void launch(const Int4Out& A, const Int4Out* B, const void* x, const TokenSrc& t
     return n;
   }();
   int64_t R = env_int("DS_INT4_BIG_R", 0);
-  if (R <= 0) R = std::max<int64_t>(1, int64_t(nb) * gy / (2 * sms));
+  if (R <= 0) {
+    // Waves × (R row blocks + the start-up, ~2 groups' latency, in row-block units): the fewest start-ups without a
+    // ragged last wave (e.g. 64 × 32 row blocks × token tiles: R = 8, 256 blocks, 2 full waves; R = 7 would leave
+    // 320 blocks, 2.4 waves).
+    const double startup = 2.0 / double(A.W.K / A.W.G);
+    double best = 1e300;
+    for (int64_t r = 1; r <= nb; ++r) {
+      const int64_t waves = ((int64_t(nb) + r - 1) / r * gy + sms - 1) / sms;
+      const double cost = double(waves) * (double(r) + startup);
+      if (cost < best) best = cost, R = r;
+    }
+  }
   R = std::min<int64_t>(R, nb);
   const unsigned gx = unsigned((nb + R - 1) / R);
   GEMM_CK(pdl_launch(k_int4_gemm<MW, GATED>, dim3(gx, unsigned(gy)), dim3(kGW * 32), size_t(kSmem), s, P, nb,

@@ -1,7 +1,8 @@
 // Large-M W4A16 tensor-core kernel (see int4_gemm.h; layout and batch invariance: int4_mma.h).
 //
-// Block: 8 warps, 4 side by side along the output rows × 2 along the tokens; 128 tokens × 128 output rows (GATED:
-// 64 gate + the matching 64 up rows, 64 outputs). Warp: 2 weight tiles of 16 rows × 8 token tiles of 8.
+// Block: 8 warps over 128 output rows (GATED: 64 gate + the matching 64 up rows, 64 outputs) × 128 tokens. Warp
+// tile (WarpTile): 2 weight tiles of 16 rows × 8 token tiles of 8, warps 4 along the rows × 2 along the tokens
+// (default), or 4 × 4 tiles, 2 × 4 warps (DS_INT4_BIG_WARP=4).
 // Shared memory, per stage (one quantisation group of 128 inputs): the 128 token rows (bf16, rows padded to 272 B so
 // the 16-byte fragment loads of a quarter warp hit 8 distinct bank quads) and the block's 8 weight tiles × 2 chunks
 // of the packed mma layout (1 KB each, contiguous in global memory). 3 stages in flight with cp.async.
@@ -9,8 +10,8 @@
 // running sum lives in shared memory (lane-private, 64 fp32), so the per-element sequence is exactly k_int4_mma's:
 //   tmp = Σ over the group's 8 k16 steps (mma, same fragments, same order); part += scale · tmp (group order);
 //   acc = part (slice 0), acc = acc + part (later slices, in order).
-// Per group and warp: 2 × 8 dequantised fragments feed 128 mma (8 per fragment); 2 × 8 16-byte shared loads of
-// activations feed them too (4 per fragment... each activation fragment feeds 8 mma).
+// Per group and warp (default tile): 16 dequantised A fragments, each feeding 8 mma; 32 16-byte shared loads of
+// activations (each 2 B fragments), each fragment feeding 2 mma; 128 mma in all.
 #include "backend/cuda/int4_gemm.h"
 #include "backend/cuda/pdl.h"
 

@@ -13,6 +13,7 @@
 // Per group and warp (default tile): 16 dequantised A fragments, each feeding 8 mma; 32 16-byte shared loads of
 // activations (each 2 B fragments), each fragment feeding 2 mma; 128 mma in all.
 #include "backend/cuda/int4_gemm.h"
+#include "backend/cuda/mma_util.cuh"
 #include "backend/cuda/pdl.h"
 
 #include <cuda_bf16.h>
@@ -55,18 +56,6 @@ struct WarpTile {
   static_assert(MW * NT * 4 == kAccFloats && WR * MW == kBlockTiles, "int4 gemm: warp tile");
 };
 static_assert(kSmem <= 227 * 1024, "int4 gemm: shared memory");
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
-// 16 bytes global → shared, bypassing L1; src_bytes 0 writes zeros.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 
 // GATED: the experts' gate_up (each warp's first kMW / 2 tiles gate, the rest the matching up tiles), output bf16
 // silu(gate)·up; else Int4Pair (one or two matrices, row blocks [0, b_block) of matrix a) with output dtype ydt.
@@ -172,7 +161,7 @@ __global__ void __launch_bounds__(kGW * 32, 1)
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {
     if (st < nsteps) load_next();
-    cp_commit();
+    cp_async_commit();
   }
   unsigned z_rb = rb0;
   int z_gi = 0;
@@ -184,10 +173,10 @@ __global__ void __launch_bounds__(kGW * 32, 1)
   unsigned c_rb = rb0;
   int gi = 0, c_st = 0, sg = 0, s = 0;
   for (int v = 0; v < nsteps; ++v) {
-    cp_wait<kStages - 2>();
+    cp_async_wait<kStages - 2>();
     __syncthreads();  // step v landed for every thread; everyone is done with the stage that is refilled next
     if (v + kStages - 1 < nsteps) load_next();
-    cp_commit();
+    cp_async_commit();
     uint32_t zz[kMW][2];
     float sc[kMW][2];
 #pragma unroll

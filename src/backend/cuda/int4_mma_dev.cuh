@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "backend/cuda/int4_mma.h"
+#include "backend/cuda/mma_util.cuh"
 
 namespace ds::cuda::int4dev {
 
@@ -37,13 +38,6 @@ __device__ __forceinline__ void dequant(uint32_t w, uint32_t zz0, uint32_t zz1, 
   a[1] = bf16x2_sub(((w >> 4) & 0x000F000Fu) | 0x43004300u, zz1);
   a[2] = bf16x2_sub(((w >> 8) & 0x000F000Fu) | 0x43004300u, zz0);
   a[3] = bf16x2_sub(((w >> 12) & 0x000F000Fu) | 0x43004300u, zz1);
-}
-__device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 __device__ __forceinline__ uint32_t word_of(const uint4& v, int j) {
   return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;

@@ -143,7 +143,7 @@ TEST_F(FlashAttention, MatchesCpu) {
 TEST_F(FlashAttention, Throughput) {
   Both B;
   const int64_t Nh = 16, Nkv = 2, Dh = 256, bs = 16;
-  for (int64_t T : {4096, 16384, 32768}) {
+  auto time_it = [&](int64_t T, bool flash, int iters) {
     const int64_t nblocks = (T + bs - 1) / bs;
     std::vector<int32_t> pool(nblocks);
     std::iota(pool.begin(), pool.end(), 0);
@@ -158,37 +158,33 @@ TEST_F(FlashAttention, Throughput) {
     Tensor q = B.gpu->upload_f32(randn(T * Nh * Dh, 1.f, 3), {T, Nh * Dh}, DType::BF16);
     Tensor o = B.gpu->alloc(DType::BF16, {T, Nh * Dh});
     B.gpu->kv_cache_write(kg, k, v, b);
-    // warps: 0 = the split kernel (DS_CUDA_NO_FLASH=1); 4 or 8 = flash blocks of that many warps (DS_CUDA_FLASH_WARPS).
-    for (int warps : {0, 4, 8}) {
-      if (warps == 0 && T > 4096) continue;  // seconds per call
-      if (warps) unsetenv("DS_CUDA_NO_FLASH");
-      else setenv("DS_CUDA_NO_FLASH", "1", 1);
-      setenv("DS_CUDA_FLASH_WARPS", std::to_string(warps).c_str(), 1);
-      const int iters = warps == 0 ? 2 : T > 16384 ? 3 : 10;
-      B.gpu->attention(q, kg, b, o);  // warm-up
-      B.gpu->synchronize();
-      auto st = static_cast<cudaStream_t>(B.gpu->stream_handle());
-      cudaEvent_t e0, e1;
-      cudaEventCreate(&e0);
-      cudaEventCreate(&e1);
-      cudaEventRecord(e0, st);
-      for (int i = 0; i < iters; ++i) B.gpu->attention(q, kg, b, o);
-      cudaEventRecord(e1, st);
-      cudaEventSynchronize(e1);
-      float ms = 0.f;
-      cudaEventElapsedTime(&ms, e0, e1);
-      cudaEventDestroy(e0);
-      cudaEventDestroy(e1);
-      unsetenv("DS_CUDA_NO_FLASH");
-      unsetenv("DS_CUDA_FLASH_WARPS");
-      ms /= float(iters);
-      const double flops = 4.0 * double(Dh) * double(Nh) * double(T) * double(T + 1) / 2.0;
-      const double tf = flops / (ms * 1e-3) / 1e12;
-      std::printf("  attention %-6s T=%-6lld %9.3f ms  %7.1f TFLOP/s  (%.1f%% of 990 dense bf16)\n",
-                  warps == 0 ? "split" : warps == 4 ? "flash4" : "flash8", static_cast<long long>(T), ms, tf,
-                  tf / 990.0 * 100.0);
-    }
-  }
+    if (flash) unsetenv("DS_CUDA_NO_FLASH");
+    else setenv("DS_CUDA_NO_FLASH", "1", 1);
+    B.gpu->attention(q, kg, b, o);  // warm-up
+    B.gpu->synchronize();
+    auto st = static_cast<cudaStream_t>(B.gpu->stream_handle());
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    cudaEventRecord(e0, st);
+    for (int i = 0; i < iters; ++i) B.gpu->attention(q, kg, b, o);
+    cudaEventRecord(e1, st);
+    cudaEventSynchronize(e1);
+    float ms = 0.f;
+    cudaEventElapsedTime(&ms, e0, e1);
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    unsetenv("DS_CUDA_NO_FLASH");
+    ms /= float(iters);
+    const double flops = 4.0 * double(Dh) * double(Nh) * double(T) * double(T + 1) / 2.0;
+    std::printf("  attention %-5s T=%-6lld %9.3f ms  %7.1f TFLOP/s  (%.1f%% of 990 dense bf16)\n",
+                flash ? "flash" : "split", static_cast<long long>(T), ms, flops / (ms * 1e-3) / 1e12,
+                flops / (ms * 1e-3) / 1e12 / 990.0 * 100.0);
+  };
+  time_it(4096, false, 2);
+  time_it(4096, true, 10);
+  time_it(16384, true, 5);
+  time_it(32768, true, 3);
 }
 
 }  // namespace

@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 
 #include "core/status.h"
 
@@ -20,13 +19,10 @@ namespace {
     if (e_ != cudaSuccess) ::ds::fail("CUDA error ", cudaGetErrorString(e_), " at ", __FILE__, ":", __LINE__); \
   } while (0)
 
-constexpr int kBN = 32;  // cache positions per K/V tile
+constexpr int kRows = 128;    // query rows per block (q heads of the group × tokens of the tile)
+constexpr int kThreads = 256;  // 8 warps, 16 rows each
+constexpr int kBN = 32;        // cache positions per K/V tile
 
-__device__ __forceinline__ float fast_exp2(float x) {  // 2^x, ex2.approx (−inf → 0)
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
 // Shared-memory tiles are [rows][DH] bf16 with the 16-byte chunks of row r XOR-swizzled by r % 8, so that the 8
 // row addresses of an ldmatrix (8 consecutive rows, one logical chunk) fall in 8 different bank groups.
 template <int DH>
@@ -35,15 +31,13 @@ __device__ __forceinline__ int swz(int r, int ch) {
 }
 
 // Grid: one block per (tile index, kv head), blockIdx.x = idx · Nkv + kv head; idx runs over the tiles of the flash
-// sequences in sequence order (an upper bound of blocks is launched; the extra ones exit). WARPS warps of 16 query
-// rows each; 4 warps (64 rows) fit two blocks per SM at head_dim 256, which then overlap each other's softmax.
-template <int DH, int GROUP, int WARPS>
-__global__ void __launch_bounds__(WARPS * 32, 8 / WARPS)
+// sequences in sequence order (an upper bound of blocks is launched; the extra ones exit).
+template <int DH, int GROUP>
+__global__ void __launch_bounds__(kThreads, 1)
     k_flash_attn(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc,
                  const __nv_bfloat16* __restrict__ vc, __nv_bfloat16* __restrict__ o, int nseq, int Nh, int Nkv,
-                 int bs, int bs_shift, const int32_t* __restrict__ seqinfo, const int32_t* __restrict__ blocks, int maxb,
+                 int bs, const int32_t* __restrict__ seqinfo, const int32_t* __restrict__ blocks, int maxb,
                  float scale_log2) {
-  constexpr int kRows = WARPS * 16, kThreads = WARPS * 32;
   constexpr int TQ = kRows / GROUP;  // tokens per block
   constexpr int CH = DH / 8;         // 16-byte chunks per row
   constexpr int NT = kBN / 8;        // n-tiles of S per K/V tile
@@ -114,8 +108,7 @@ __global__ void __launch_bounds__(WARPS * 32, 8 / WARPS)
       __nv_bfloat16* dk = sK + buf * kBN * DH + swz<DH>(r, ch);
       __nv_bfloat16* dv = sV + buf * kBN * DH + swz<DH>(r, ch);
       if (p < kv_end) {
-        const int blk = bs_shift >= 0 ? p >> bs_shift : p / bs, in = bs_shift >= 0 ? p & (bs - 1) : p % bs;
-        const int64_t off = (int64_t(bt[blk]) * bs + in) * crow + int64_t(kvh) * DH + ch * 8;
+        const int64_t off = (int64_t(bt[p / bs]) * bs + p % bs) * crow + int64_t(kvh) * DH + ch * 8;
         cp_async16(dk, kc + off);
         cp_async16(dv, vc + off);
       } else {
@@ -191,29 +184,27 @@ __global__ void __launch_bounds__(WARPS * 32, 8 / WARPS)
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
     // Every row attends position 0, so the first tile gives a finite maximum and it stays finite.
-    const float c0 = fast_exp2(m0 - mx0), c1 = fast_exp2(m1 - mx1);
+    const float c0 = exp2f(m0 - mx0), c1 = exp2f(m1 - mx1);
     m0 = mx0;
     m1 = mx1;
     float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
     for (int i = 0; i < NT; ++i) {
-      s[i][0] = fast_exp2(s[i][0] - mx0);
-      s[i][1] = fast_exp2(s[i][1] - mx0);
-      s[i][2] = fast_exp2(s[i][2] - mx1);
-      s[i][3] = fast_exp2(s[i][3] - mx1);
+      s[i][0] = exp2f(s[i][0] - mx0);
+      s[i][1] = exp2f(s[i][1] - mx0);
+      s[i][2] = exp2f(s[i][2] - mx1);
+      s[i][3] = exp2f(s[i][3] - mx1);
       sum0 += s[i][0] + s[i][1];
       sum1 += s[i][2] + s[i][3];
     }
     l0 = l0 * c0 + sum0;  // this thread's columns only; the quad's partial sums are added at the end
     l1 = l1 * c1 + sum1;
-    if (__any_sync(0xffffffffu, c0 != 1.f || c1 != 1.f)) {  // no row's maximum moved: nothing to rescale
 #pragma unroll
-      for (int i = 0; i < DT; ++i) {
-        acc[i][0] *= c0;
-        acc[i][1] *= c0;
-        acc[i][2] *= c1;
-        acc[i][3] *= c1;
-      }
+    for (int i = 0; i < DT; ++i) {
+      acc[i][0] *= c0;
+      acc[i][1] *= c0;
+      acc[i][2] *= c1;
+      acc[i][3] *= c1;
     }
 
     // O += P·V: the S accumulators of n-tiles 2kk, 2kk+1 are exactly the A fragment of k-step kk.
@@ -252,14 +243,13 @@ __global__ void __launch_bounds__(WARPS * 32, 8 / WARPS)
   }
 }
 
-template <int DH, int GROUP, int WARPS>
+template <int DH, int GROUP>
 void launch(const void* q, const void* k, const void* v, void* o, int64_t T, int nseq, int64_t Nh, int64_t Nkv,
             int64_t bs, const int32_t* seqinfo, const int32_t* blocks, int maxb, cudaStream_t s) {
-  constexpr int TQ = WARPS * 16 / GROUP;
-  constexpr size_t smem = size_t(WARPS * 16 + 4 * kBN) * DH * 2;
+  constexpr int TQ = kRows / GROUP;
+  constexpr size_t smem = size_t(kRows + 4 * kBN) * DH * 2;
   static const bool attr = [] {
-    FA_CK(cudaFuncSetAttribute(k_flash_attn<DH, GROUP, WARPS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               int(smem)));
+    FA_CK(cudaFuncSetAttribute(k_flash_attn<DH, GROUP>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     return true;
   }();
   (void)attr;
@@ -267,12 +257,9 @@ void launch(const void* q, const void* k, const void* v, void* o, int64_t T, int
   // an upper bound from T and nseq only, so a recorded graph stays valid whatever the sequences' lengths.
   const int64_t tiles = (T + TQ - 1) / TQ + std::min<int64_t>(nseq, T / kFlashMinQ);
   const float scale_log2 = float(1.4426950408889634 / std::sqrt(double(DH)));
-  int bs_shift = -1;  // block sizes that are powers of two index the block table with shifts
-  for (int i = 0; i < 31; ++i)
-    if ((int64_t(1) << i) == bs) bs_shift = i;
-  k_flash_attn<DH, GROUP, WARPS><<<unsigned(tiles * Nkv), WARPS * 32, smem, s>>>(
+  k_flash_attn<DH, GROUP><<<unsigned(tiles * Nkv), kThreads, smem, s>>>(
       static_cast<const __nv_bfloat16*>(q), static_cast<const __nv_bfloat16*>(k), static_cast<const __nv_bfloat16*>(v),
-      static_cast<__nv_bfloat16*>(o), nseq, int(Nh), int(Nkv), int(bs), bs_shift, seqinfo, blocks, maxb, scale_log2);
+      static_cast<__nv_bfloat16*>(o), nseq, int(Nh), int(Nkv), int(bs), seqinfo, blocks, maxb, scale_log2);
   FA_CK(cudaGetLastError());
 }
 
@@ -290,13 +277,8 @@ void flash_attn_prefill(const void* q, const void* k, const void* v, void* o, in
   DS_CHECK(flash_attn_supported(Nh, Nkv, Dh), "flash attention: unsupported shape");
   if (T < kFlashMinQ || nseq == 0) return;
   const int64_t group = Nh / Nkv;
-  // DS_CUDA_FLASH_WARPS=8: blocks of 8 warps (128 rows, one block per SM at head_dim 256) instead of 4.
-  const char* w = std::getenv("DS_CUDA_FLASH_WARPS");
-  const bool w8 = w && std::atoi(w) == 8;
-#define DS_FA(DH, G)                                                                                       \
-  if (Dh == DH && group == G)                                                                              \
-    return w8 ? launch<DH, G, 8>(q, k, v, o, T, nseq, Nh, Nkv, bs, seqinfo, blocks, maxb, s)               \
-              : launch<DH, G, 4>(q, k, v, o, T, nseq, Nh, Nkv, bs, seqinfo, blocks, maxb, s);
+#define DS_FA(DH, G) \
+  if (Dh == DH && group == G) return launch<DH, G>(q, k, v, o, T, nseq, Nh, Nkv, bs, seqinfo, blocks, maxb, s);
   DS_FA(256, 8) DS_FA(256, 4) DS_FA(256, 2) DS_FA(256, 1)
   DS_FA(128, 8) DS_FA(128, 4) DS_FA(128, 2) DS_FA(128, 1)
   DS_FA(64, 8) DS_FA(64, 4) DS_FA(64, 2) DS_FA(64, 1)

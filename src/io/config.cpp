@@ -2,10 +2,10 @@
 
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "core/file.h"
 #include "core/status.h"
 
 namespace ds::io {
@@ -20,14 +20,6 @@ int TextConfig::num_full_layers() const {
 int TextConfig::num_linear_layers() const { return int(layer_types.size()) - num_full_layers(); }
 
 namespace {
-
-std::string read_file(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) fail(path, ": cannot open");
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
 
 // Typed field readers: a present field of the wrong type is an error naming field, expected and found.
 struct Reader {
@@ -368,8 +360,8 @@ ModelConfig load_model_config(const std::string& dir_or_file) {
   if (!fs::exists(cfg_path)) fail(cfg_path.string(), ": no config.json found");
   std::string qtext;
   fs::path qpath = cfg_path.parent_path() / "quantization_config.json";
-  if (fs::is_directory(p) && fs::exists(qpath)) qtext = read_file(qpath.string());
-  return parse_model_config(read_file(cfg_path.string()), qtext, cfg_path.string());
+  if (fs::is_directory(p) && fs::exists(qpath)) qtext = read_file(qpath.string(), "quantization_config.json");
+  return parse_model_config(read_file(cfg_path.string(), "config.json"), qtext, cfg_path.string());
 }
 
 ParamCounts count_params(const ModelConfig& cfg) {

@@ -1,9 +1,9 @@
 #include "runtime/spec_decode.h"
 
 #include <algorithm>
-#include <fstream>
 #include <sstream>
 
+#include "core/file.h"
 #include "core/status.h"
 #include "runtime/engine.h"
 #include "sampling/sampling.h"
@@ -48,9 +48,7 @@ std::vector<int32_t> draft_vocab_ids(int64_t n, const std::string& file, int64_t
     for (int64_t i = 0; i < n; ++i) ids.push_back(int32_t(i));
     return ids;
   }
-  std::ifstream f(file);
-  if (!f) fail("draft vocabulary: cannot read '", file, "'");
-  std::string text((std::istreambuf_iterator<char>(f)), {});
+  std::string text = read_file(file, "draft vocabulary file");
   std::replace(text.begin(), text.end(), ',', ' ');
   std::istringstream ss(text);
   std::string w;

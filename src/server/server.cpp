@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "backend/ops.h"
+#include "core/file.h"
 #include "core/status.h"
 #include "model/model.h"
 #include "runtime/cache.h"
@@ -140,9 +141,7 @@ void load_runtime(ServerState& st) {
                    e.what());
     }
   } else {
-    std::ifstream f(cfg.chat_template_path);
-    if (!f) fail("--chat-template: cannot read '", cfg.chat_template_path, "'");
-    std::string src((std::istreambuf_iterator<char>(f)), {});
+    std::string src = read_file(cfg.chat_template_path, "--chat-template file");
     rt.tmpl = std::make_unique<ChatTemplate>(ChatTemplate::from_source(src));
   }
   if (auto id = rt.tok->token_id("</think>")) rt.think_end_id = *id;

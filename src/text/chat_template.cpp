@@ -1,21 +1,12 @@
 #include "text/chat_template.h"
 
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 
+#include "core/file.h"
 #include "core/status.h"
 
 namespace ds {
 namespace {
-
-std::string read_file(const std::filesystem::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  if (!f) fail("chat template: cannot read ", p.string());
-  std::ostringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
 
 // tokenizer_config.json stores special tokens as a string or as an AddedToken object {"content": ...}.
 std::string token_string(const nlohmann::ordered_json& cfg, const char* key) {
@@ -49,7 +40,7 @@ ChatTemplate ChatTemplate::load(const std::string& model_dir) {
   fs::path cfg_path = dir / "tokenizer_config.json";
   if (fs::exists(cfg_path)) {
     try {
-      cfg = nlohmann::ordered_json::parse(read_file(cfg_path));
+      cfg = nlohmann::ordered_json::parse(read_file(cfg_path.string(), "tokenizer_config.json"));
     } catch (const nlohmann::json::exception& e) {
       fail(cfg_path.string(), ": expected valid JSON, got parse error: ", e.what());
     }
@@ -57,7 +48,7 @@ ChatTemplate ChatTemplate::load(const std::string& model_dir) {
   std::string source;
   fs::path jinja_path = dir / "chat_template.jinja";
   if (fs::exists(jinja_path)) {
-    source = read_file(jinja_path);
+    source = read_file(jinja_path.string(), "chat template");
   } else if (cfg.contains("chat_template")) {
     const auto& ct = cfg["chat_template"];
     if (ct.is_string()) {

@@ -11,6 +11,7 @@
 #include <queue>
 #include <unordered_map>
 
+#include "core/file.h"
 #include "core/status.h"
 #include "text/pretokenizer.h"
 #include "text/unicode.h"
@@ -21,22 +22,6 @@ namespace {
 
 using nlohmann::json;
 namespace fs = std::filesystem;
-
-std::string read_file(const std::string& path, const char* what) {
-  std::FILE* f = std::fopen(path.c_str(), "rb");
-  if (!f) fail("expected a readable ", what, " at '", path, "', got: cannot open the file");
-  std::string s;
-  std::fseek(f, 0, SEEK_END);
-  long n = std::ftell(f);
-  std::fseek(f, 0, SEEK_SET);
-  if (n > 0) {
-    s.resize(size_t(n));
-    size_t got = std::fread(s.data(), 1, s.size(), f);
-    s.resize(got);
-  }
-  std::fclose(f);
-  return s;
-}
 
 // ---------------------------------------------------------------------------------------------------------
 // A minimal JSON scanner for tokenizer.json. The file is 11 MB for Qwen3 and nlohmann's DOM parse alone

@@ -3,10 +3,10 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "core/file.h"
 #include "core/status.h"
 
 namespace ds::vision {
@@ -57,10 +57,7 @@ template <class Config, class Parse>
 Config load_optional_config(const std::string& dir, const char* name, Parse parse) {
   const std::string path = dir + "/" + name;
   if (!std::filesystem::exists(path)) return {};
-  std::ifstream f(path);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return parse(ss.str(), path);
+  return parse(read_file(path, name), path);
 }
 }  // namespace
 

@@ -1,11 +1,13 @@
 // Checkpoint parsing: safetensors header validation, config.json, quantization_config, loader strictness.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "backend/ops.h"
+#include "core/file.h"
 #include "core/status.h"
 #include "golden_util.h"
 #include "io/config.h"
@@ -332,6 +334,31 @@ TEST(Loader, NegativeScalesAreHonoured) {
   }
   ASSERT_GT(total, 0);
   EXPECT_GT(double(neg) / total, 0.3);
+}
+
+TEST(ReadFile, ReadsAllBytesAndNamesPathAndContentOnFailure) {
+  fs::path p = fs::temp_directory_path() / ("ds_read_file_" + std::to_string(getpid()));
+  std::string bytes = "a\0b\r\n";
+  for (int i = 0; i < 20000; ++i) bytes += char(i * 7);  // larger than one read chunk
+  {
+    std::ofstream f(p, std::ios::binary);
+    f.write(bytes.data(), std::streamsize(bytes.size()));
+  }
+  EXPECT_EQ(read_file(p.string(), "test file"), bytes);
+  fs::remove(p);
+  try {
+    read_file(p.string(), "config.json");
+    FAIL() << "no error for a missing file";
+  } catch (const Error& e) {
+    EXPECT_EQ(std::string(e.what()), "expected a readable config.json at '" + p.string() + "', got: cannot open the file");
+  }
+  try {
+    read_file(fs::temp_directory_path().string(), "tokenizer.json");
+    FAIL() << "no error for a directory";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("expected a readable tokenizer.json at '"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("got: a directory"), std::string::npos) << e.what();
+  }
 }
 
 TEST(Dtype, HalfAndBf16ConversionsAreExact) {

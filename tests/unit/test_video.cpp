@@ -9,6 +9,7 @@
 #include <fstream>
 
 #include "core/status.h"
+#include "error_util.h"
 #include "golden_util.h"
 #include "backend/ops.h"
 #include "io/safetensors.h"
@@ -21,21 +22,6 @@
 
 namespace ds {
 namespace {
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
-
-#define EXPECT_ERROR(stmt, substr)                                      \
-  do {                                                                  \
-    std::string _m = error_of([&] { stmt; });                           \
-    EXPECT_NE(_m.find(substr), std::string::npos) << "message: " << _m; \
-  } while (0)
 
 #define REQUIRE_FFMPEG() \
   if (!vision::video_decoding_available()) GTEST_SKIP() << "built with -DDS_WITH_VIDEO=OFF (no FFmpeg)"

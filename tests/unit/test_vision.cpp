@@ -14,6 +14,7 @@
 #include <map>
 
 #include "backend/ops.h"
+#include "error_util.h"
 #include "golden_util.h"
 #include "model/model.h"
 #include "runtime/cache.h"
@@ -100,21 +101,6 @@ std::vector<uint8_t> random_rgb(int w, int h, uint32_t seed) {
   for (auto& x : v) x = uint8_t((seed = seed * 1664525u + 1013904223u) >> 24);
   return v;
 }
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
-
-#define EXPECT_ERROR(stmt, substr)                                   \
-  do {                                                               \
-    std::string _m = error_of([&] { stmt; });                        \
-    EXPECT_NE(_m.find(substr), std::string::npos) << "message: " << _m; \
-  } while (0)
 
 // ---------------------------------------------------------------- decoding
 

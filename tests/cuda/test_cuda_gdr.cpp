@@ -116,12 +116,10 @@ TEST_F(CudaGdr, ChunkedVsCpu) {
       for (bool mild : {true, false}) {
         // continue with a decode step after short ones, with another long chunk after long ones
         const std::vector<int64_t> next = {lens[0] >= 64 ? 130 : 1};
-        for (const char* mode : {"new", "v1", "old"}) {
+        for (const char* mode : {"new", "old"}) {
           if (std::string(mode) == "old") setenv("DS_CUDA_NO_GDR_CHUNK", "1", 1);
-          if (std::string(mode) == "v1") setenv("DS_GDR_CHUNK_V1", "1", 1);
           Result r = run_case(B, c, lens, next, mild, false, DType::F32, 100 + lens[0]);
           unsetenv("DS_CUDA_NO_GDR_CHUNK");
-          unsetenv("DS_GDR_CHUNK_V1");
           char tag[200];
           std::snprintf(tag, sizeof tag, "%s Hv=%lld D=%lld %s lens:%s then%s", mode, (long long)c.Hv,
                         (long long)c.Dk, mild ? "mild" : "strong", lens_str(lens).c_str(), lens_str(next).c_str());

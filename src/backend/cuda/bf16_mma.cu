@@ -1,5 +1,6 @@
 // Tensor-core bf16 linears of up to 256 rows (fragment order and batch invariance: bf16_mma.h).
 #include "backend/cuda/bf16_mma.h"
+#include "backend/cuda/cuda_check.h"
 #include "backend/cuda/mma_util.cuh"
 #include "backend/cuda/pdl.h"
 
@@ -15,11 +16,6 @@ namespace ds::cuda {
 
 namespace {
 
-#define BMMA_CK(x)                                                                                 \
-  do {                                                                                             \
-    cudaError_t e_ = (x);                                                                          \
-    if (e_ != cudaSuccess) ::ds::fail("CUDA error ", cudaGetErrorString(e_), " at ", __FILE__, ":", __LINE__); \
-  } while (0)
 
 constexpr int kWarps = 8;  // warps per block: (kWarps / KS) groups of 16 output columns × KS slices of K
 
@@ -206,7 +202,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
 
 template <int NT, int MW, int KS>
 void launch3(const Jobs& J, dim3 grid, const void* x, int64_t M, int64_t K, cudaStream_t s) {
-  BMMA_CK(pdl_launch(k_bf16_mma<NT, MW, KS>, grid, dim3(kWarps * 32), 0, s, J,
+  DS_CUDA_CHECK(pdl_launch(k_bf16_mma<NT, MW, KS>, grid, dim3(kWarps * 32), 0, s, J,
                      static_cast<const __nv_bfloat16*>(x), int(M), K));
 }
 template <int NT, int MW>

@@ -17,6 +17,7 @@
 #include <vector>
 #include <string>
 
+#include "backend/cuda/cuda_check.h"
 #include "backend/cuda/bf16_mma.h"
 #include "backend/cuda/flash_attn.h"
 #include "backend/cuda/gdr_chunked.h"
@@ -30,18 +31,11 @@
 namespace ds {
 namespace cuda {
 
-#define CK(x)                                                                                    \
-  do {                                                                                           \
-    cudaError_t e_ = (x);                                                                        \
-    if (e_ != cudaSuccess) ::ds::fail("CUDA error ", cudaGetErrorString(e_), " at ", __FILE__, ":", __LINE__, \
-                                      ": " #x);                                                  \
-  } while (0)
 #define CKB(x)                                                                                   \
   do {                                                                                           \
     cublasStatus_t s_ = (x);                                                                     \
     if (s_ != CUBLAS_STATUS_SUCCESS) ::ds::fail("cuBLAS error ", int(s_), " at ", __FILE__, ":", __LINE__); \
   } while (0)
-#define CKL() CK(cudaGetLastError())
 
 // dtype codes used inside kernels (values of ds::DType)
 constexpr int kF32 = int(DType::F32), kBF16 = int(DType::BF16);
@@ -1151,16 +1145,16 @@ class CudaBackend final : public Backend {
     int n = 0;
     if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) fail("--backend cuda: no CUDA device is available");
     if (device >= n) fail("--backend cuda: device ", device, " requested, ", n, " present");
-    CK(cudaSetDevice(device));
-    CK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    DS_CUDA_CHECK(cudaSetDevice(device));
+    DS_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     cudaMemPool_t pool;
-    CK(cudaDeviceGetDefaultMemPool(&pool, device));
+    DS_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device));
     uint64_t thr = UINT64_MAX;
-    CK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &thr));
+    DS_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &thr));
     CKB(cublasCreate(&cublas_));
     CKB(cublasSetStream(cublas_, stream_));
     // A fixed cuBLAS workspace, so that GEMMs recorded into a graph allocate nothing.
-    CK(cudaMalloc(&cublas_ws_, kCublasWorkspace));
+    DS_CUDA_CHECK(cudaMalloc(&cublas_ws_, kCublasWorkspace));
     CKB(cublasSetWorkspace(cublas_, cublas_ws_, kCublasWorkspace));
   }
   ~CudaBackend() override {
@@ -1176,7 +1170,7 @@ class CudaBackend final : public Backend {
   std::string name() const override { return "cuda"; }
   bool device_memory(int64_t* total, int64_t* used) override {
     size_t f = 0, t = 0;
-    CK(cudaMemGetInfo(&f, &t));
+    DS_CUDA_CHECK(cudaMemGetInfo(&f, &t));
     *total = int64_t(t);
     *used = int64_t(t - f);
     return true;
@@ -1192,12 +1186,12 @@ class CudaBackend final : public Backend {
     const size_t n = std::max<size_t>(t.nbytes(), 16);
     if (in_step_) {  // zero-filled like any alloc (a memset node in a recorded step)
       t = arena_tensor(std::move(t), n);
-      CK(cudaMemsetAsync(t.data, 0, n, stream_));
+      DS_CUDA_CHECK(cudaMemsetAsync(t.data, 0, n, stream_));
       return t;
     }
     void* p = nullptr;
-    CK(cudaMallocAsync(&p, n, stream_));
-    CK(cudaMemsetAsync(p, 0, n, stream_));
+    DS_CUDA_CHECK(cudaMallocAsync(&p, n, stream_));
+    DS_CUDA_CHECK(cudaMemsetAsync(p, 0, n, stream_));
     cudaStream_t s = stream_;
     t.data = p;
     t.owner = std::shared_ptr<void>(p, [s](void* q) { cudaFreeAsync(q, s); });
@@ -1206,7 +1200,7 @@ class CudaBackend final : public Backend {
   Tensor upload_bytes(const void* src, size_t n, DType dt, std::vector<int64_t> shape) {
     Tensor t = alloc(dt, std::move(shape));
     DS_CHECK(t.nbytes() == n);
-    if (n) CK(cudaMemcpyAsync(t.data, src, n, cudaMemcpyHostToDevice, stream_));
+    if (n) DS_CUDA_CHECK(cudaMemcpyAsync(t.data, src, n, cudaMemcpyHostToDevice, stream_));
     return t;
   }
   Tensor upload_f32(const std::vector<float>& v, std::vector<int64_t> shape, DType dt) override {
@@ -1229,8 +1223,8 @@ class CudaBackend final : public Backend {
   std::vector<float> to_host_f32(const Tensor& t) override {
     std::vector<float> v(size_t(t.numel()));
     std::vector<uint8_t> raw(t.nbytes());
-    if (!raw.empty()) CK(cudaMemcpyAsync(raw.data(), t.data, raw.size(), cudaMemcpyDeviceToHost, stream_));
-    CK(cudaStreamSynchronize(stream_));
+    if (!raw.empty()) DS_CUDA_CHECK(cudaMemcpyAsync(raw.data(), t.data, raw.size(), cudaMemcpyDeviceToHost, stream_));
+    DS_CUDA_CHECK(cudaStreamSynchronize(stream_));
     if (t.dtype == DType::F32) std::memcpy(v.data(), raw.data(), raw.size());
     else if (t.dtype == DType::BF16)
       for (size_t i = 0; i < v.size(); ++i) v[i] = bf16_to_f32(reinterpret_cast<uint16_t*>(raw.data())[i]);
@@ -1242,13 +1236,14 @@ class CudaBackend final : public Backend {
     return v;
   }
   void zero(Tensor& t) override {
-    if (t.nbytes()) CK(cudaMemsetAsync(t.data, 0, t.nbytes(), stream_));
+    if (t.nbytes()) DS_CUDA_CHECK(cudaMemsetAsync(t.data, 0, t.nbytes(), stream_));
   }
   void copy(Tensor& dst, const Tensor& src) override {
     DS_CHECK(dst.nbytes() == src.nbytes() && dst.dtype == src.dtype);
-    if (src.nbytes()) CK(cudaMemcpyAsync(dst.data, src.data, src.nbytes(), cudaMemcpyDeviceToDevice, stream_));
+    if (src.nbytes())
+      DS_CUDA_CHECK(cudaMemcpyAsync(dst.data, src.data, src.nbytes(), cudaMemcpyDeviceToDevice, stream_));
   }
-  void synchronize() override { CK(cudaStreamSynchronize(stream_)); }
+  void synchronize() override { DS_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
 
   // ---- weights ----
   std::shared_ptr<CudaLinear> build_linear(const std::vector<LinearSource>& parts, bool allow_int4 = true) {
@@ -1294,7 +1289,7 @@ class CudaBackend final : public Backend {
       for (auto& p : parts) append_bf16(p, h);
       l->dense = upload_bytes(h.data(), h.size() * 2, DType::BF16, {N, K});
     }
-    CK(cudaStreamSynchronize(stream_));  // host staging buffers die here
+    DS_CUDA_CHECK(cudaStreamSynchronize(stream_));  // host staging buffers die here
     return l;
   }
   // Appends the [N, K] matrix of `p` as bf16 (int4 dequantized exactly in fp32, then rounded).
@@ -1415,7 +1410,7 @@ class CudaBackend final : public Backend {
         buf = alloc(DType::I32, {int64_t(h.size())});
         in_step_ = was;
       }
-      CK(cudaMemcpyAsync(buf.data, h.data(), h.size() * 4, cudaMemcpyHostToDevice, stream_));
+      DS_CUDA_CHECK(cudaMemcpyAsync(buf.data, h.data(), h.size() * 4, cudaMemcpyHostToDevice, stream_));
       d->buf = buf;
     } else {
       d->buf = upload_bytes(h.data(), h.size() * 4, DType::I32, {int64_t(h.size())});
@@ -1441,7 +1436,7 @@ class CudaBackend final : public Backend {
     auto& d = dev(b);
     k_embed<<<int(b.num_tokens()), 256, 0, stream_>>>(table.data, int(table.dtype), d.tokens, H, out.data,
                                                         int(out.dtype));
-    CKL();
+    DS_CUDA_CHECK_LAST();
   }
 
   void rmsnorm(const Tensor& x, const Tensor& w, float eps, Tensor& y) override {
@@ -1449,14 +1444,14 @@ class CudaBackend final : public Backend {
     if (R == 0) return;
     DS_CHECK(w.dtype == DType::F32);
     k_rmsnorm<<<unsigned(R), 256, 0, stream_>>>(x.data, int(x.dtype), w.ptr<float>(), eps, D, y.data, int(y.dtype));
-    CKL();
+    DS_CUDA_CHECK_LAST();
   }
 
   void add_inplace(Tensor& x, const Tensor& y) override {
     const int64_t n = x.numel();
     if (!n) return;
     k_add<<<blocks_for(n, 256), 256, 0, stream_>>>(x.data, int(x.dtype), y.data, int(y.dtype), n);
-    CKL();
+    DS_CUDA_CHECK_LAST();
   }
 
   // bf16 copy of x (x itself when it is already bf16)
@@ -1464,7 +1459,7 @@ class CudaBackend final : public Backend {
     if (x.dtype == DType::BF16) return x;
     Tensor c = alloc(DType::BF16, x.shape);
     k_convert<<<blocks_for(x.numel(), 256), 256, 0, stream_>>>(x.data, int(x.dtype), c.data, kBF16, x.numel());
-    CKL();
+    DS_CUDA_CHECK_LAST();
     return c;
   }
 
@@ -1509,7 +1504,7 @@ class CudaBackend final : public Backend {
       const int64_t mb = T <= 1 ? 1 : T <= 2 ? 2 : 4;
       const size_t sm = size_t(mb * K) * 2;
       auto* k = mb == 1 ? k_gemv_bf16<1> : mb == 2 ? k_gemv_bf16<2> : k_gemv_bf16<4>;
-      CK(pdl_launch(k, dim3(blocks, unsigned((T + mb - 1) / mb)), dim3(256), sm, stream_, j, xp, int(T), K));
+      DS_CUDA_CHECK(pdl_launch(k, dim3(blocks, unsigned((T + mb - 1) / mb)), dim3(256), sm, stream_, j, xp, int(T), K));
     }
   }
   static GemvSeg gemv_seg(const CudaLinear* l, Tensor& y, int mode) {
@@ -1580,7 +1575,7 @@ class CudaBackend final : public Backend {
     if (D > 256 * kAddNormPer) return Backend::add_rmsnorm(x, d, w, eps, h);
     k_add_rmsnorm<<<unsigned(R), 256, 0, stream_>>>(x.data, int(x.dtype), d.data, int(d.dtype), w.ptr<float>(), eps,
                                                     D, h.data, int(h.dtype));
-    CKL();
+    DS_CUDA_CHECK_LAST();
   }
 
   void linear(const Tensor& x, const Linear& w, Tensor& y) override {
@@ -1598,7 +1593,7 @@ class CudaBackend final : public Backend {
       if (l->N == 1) {
         k_linear_n1<<<unsigned(T), 256, 0, stream_>>>(l->dense.ptr<__nv_bfloat16>(), xb.ptr<__nv_bfloat16>(), l->K,
                                                       y.data, int(y.dtype));
-        CKL();
+        DS_CUDA_CHECK_LAST();
         return;
       }
       gemm_bf16(l->dense.data, xb.data, T, l->N, l->K, y);
@@ -1616,7 +1611,7 @@ class CudaBackend final : public Backend {
     t.device = Device::CUDA;
     if (in_step_) return arena_tensor(std::move(t), std::max<size_t>(t.nbytes(), 16));
     void* p = nullptr;
-    CK(cudaMallocAsync(&p, std::max<size_t>(t.nbytes(), 16), stream_));
+    DS_CUDA_CHECK(cudaMallocAsync(&p, std::max<size_t>(t.nbytes(), 16), stream_));
     cudaStream_t s = stream_;
     t.data = p;
     t.owner = std::shared_ptr<void>(p, [s](void* q) { cudaFreeAsync(q, s); });
@@ -1627,7 +1622,7 @@ class CudaBackend final : public Backend {
     const int64_t T = gu.dim(0), I = gu.dim(1) / 2;
     if (T * I == 0) return;
     k_silu_mul<<<blocks_for(T * I, 256), 256, 0, stream_>>>(gu.data, int(gu.dtype), T, I, y.data, int(y.dtype));
-    CKL();
+    DS_CUDA_CHECK_LAST();
   }
 
   struct RopeTables {
@@ -1670,11 +1665,11 @@ class CudaBackend final : public Backend {
     k_norm_rope<<<dim3(unsigned(T), unsigned(Nh)), 128, 0, stream_>>>(
         qg.data, int(qg.dtype), Nh * 2 * Dh, 2 * Dh, qnorm.ptr<float>(), eps, Dh, rope.rotary_dim, rt.inv.ptr<float>(),
         rt.axis.ptr<int32_t>(), d.positions, T, q.data, int(q.dtype), Nh, gate.data, Dh);
-    CKL();
+    DS_CUDA_CHECK_LAST();
     k_norm_rope<<<dim3(unsigned(T), unsigned(Nkv)), 128, 0, stream_>>>(
         k.data, int(k.dtype), Nkv * Dh, Dh, knorm.ptr<float>(), eps, Dh, rope.rotary_dim, rt.inv.ptr<float>(),
         rt.axis.ptr<int32_t>(), d.positions, T, k.data, int(k.dtype), Nkv, nullptr, 0);
-    CKL();
+    DS_CUDA_CHECK_LAST();
   }
 
   void kv_cache_write(KvLayer& kv, const Tensor& k, const Tensor& v, const BatchMeta& b) override {
@@ -1683,7 +1678,7 @@ class CudaBackend final : public Backend {
     auto& d = dev(b);
     k_kv_write<<<unsigned(T), 256, 0, stream_>>>(kv.k.data, kv.v.data, int(kv.k.dtype), k.data, v.data, int(k.dtype),
                                                  row, kv.block_size, d.seq_of, d.seqinfo, d.blocks, d.maxb);
-    CKL();
+    DS_CUDA_CHECK_LAST();
   }
 
   void attention(const Tensor& q, const KvLayer& kv, const BatchMeta& b, Tensor& o) override {
@@ -1730,23 +1725,23 @@ class CudaBackend final : public Backend {
         sm ? launch(k_attn_split<4, true>) : launch(k_attn_split<4, false>);
       else
         sm ? launch(k_attn_split<2, true>) : launch(k_attn_split<2, false>);
-      CKL();
+      DS_CUDA_CHECK_LAST();
       k_attn_merge<<<dim3(unsigned(T), unsigned(Nh)), unsigned(std::min<int64_t>(Dh, 256)), 0, stream_>>>(
           part.ptr<float>(), Nh, Dh, S, o.data, int(o.dtype), d.seq_of, d.seqinfo, flash_min);
-      CKL();
+      DS_CUDA_CHECK_LAST();
       return;
     }
     k_attention<<<dim3(unsigned(T), unsigned(Nh)), kAttnWarps * 32, 0, stream_>>>(
         q.data, int(q.dtype), kv.k.data, kv.v.data, int(kv.k.dtype), Nh, Nkv, Dh, kv.block_size, d.seq_of, d.seqinfo,
         d.blocks, d.maxb, 1.f / std::sqrt(float(Dh)), o.data, int(o.dtype));
-    CKL();
+    DS_CUDA_CHECK_LAST();
   }
 
   void sigmoid_gate_mul(Tensor& x, const Tensor& gate) override {
     const int64_t n = x.numel();
     if (!n) return;
     k_sigmoid_gate_mul<<<blocks_for(n, 256), 256, 0, stream_>>>(x.data, int(x.dtype), gate.data, int(gate.dtype), n);
-    CKL();
+    DS_CUDA_CHECK_LAST();
   }
 
   void conv1d_causal(const Tensor& mixed, const Tensor& weight, StateLayer& st, const BatchMeta& b,
@@ -1766,7 +1761,7 @@ class CudaBackend final : public Backend {
       k_conv1d_tokens<KC><<<tgrid, 128, 0, stream_>>>(mixed.data, int(mixed.dtype), weight.ptr<float>(),          \
                                                       st.conv.ptr<float>(), d.seq_of, d.seqinfo, C, out.data,     \
                                                       int(out.dtype));                                            \
-      CKL();                                                                                                      \
+      DS_CUDA_CHECK_LAST();                                                                                            \
       k_conv1d_state<KC><<<grid, 128, 0, stream_>>>(mixed.data, int(mixed.dtype), st.conv.ptr<float>(),           \
                                                     d.seqinfo, C);                                                \
     }                                                                                                             \
@@ -1781,7 +1776,7 @@ class CudaBackend final : public Backend {
         fail("conv1d: kernel size ", Kc, " is not supported (2..6)");
     }
 #undef DS_CONV
-    CKL();
+    DS_CUDA_CHECK_LAST();
   }
 
   void gated_delta_rule(const Tensor& qkv, const Tensor& ba, const Tensor& A_log, const Tensor& dt_bias, int64_t Hk,
@@ -1795,7 +1790,7 @@ class CudaBackend final : public Backend {
     k_gdr_prep<<<unsigned(T), 256, 0, stream_>>>(qkv.data, int(qkv.dtype), ba.data, int(ba.dtype), A_log.ptr<float>(),
                                                  dt_bias.ptr<float>(), C, Hk, Hv, Dk, 1.f / std::sqrt(float(Dk)),
                                                  qn.ptr<float>(), kn.ptr<float>(), g.ptr<float>(), beta.ptr<float>());
-    CKL();
+    DS_CUDA_CHECK_LAST();
     // Decode-only steps (one token per sequence) launch only the short-chunk kernel; any other step launches
     // both, and each sequence is taken by the one its own length selects (graph-safe, batch-invariant).
     const bool decode = T == int64_t(b.seqs.size());
@@ -1840,7 +1835,7 @@ class CudaBackend final : public Backend {
       DS_GDR_SHORT_RL(DK, 4)                                                                                       \
     }                                                                                                              \
     if (!decode) {                                                                                                 \
-      CKL();                                                                                                       \
+      DS_CUDA_CHECK_LAST();                                                                                            \
       k_gdr_long<DK, kR><<<lgrid, 32, 0, stream_>>>(qn.ptr<float>(), kn.ptr<float>(), g.ptr<float>(),              \
                                                     beta.ptr<float>(), qkv.data, int(qkv.dtype), C, Hk, Hv, Dv,    \
                                                     st.ssm.ptr<float>(), d.seqinfo, o.data, int(o.dtype), long_max); \
@@ -1855,14 +1850,14 @@ class CudaBackend final : public Backend {
     }
 #undef DS_GDR
 #undef DS_GDR_SHORT_RL
-    CKL();
+    DS_CUDA_CHECK_LAST();
     if (chunked) {
       Tensor Gc = alloc_scratch(DType::F32, {T, Hv}), Tb = alloc_scratch(DType::F32, {T, Hv, kGdrChunk}),
              P = alloc_scratch(DType::F32, {T, Hv, kGdrChunk});
       gdr_chunked(qn.ptr<float>(), kn.ptr<float>(), g.ptr<float>(), beta.ptr<float>(), qkv.data, int(qkv.dtype), C, T,
                   Hk, Hv, Dk, Dv, int(b.seqs.size()), d.seqinfo, st.ssm.ptr<float>(), o.data, int(o.dtype),
                   Gc.ptr<float>(), Tb.ptr<float>(), P.ptr<float>(), stream_);
-      CKL();
+      DS_CUDA_CHECK_LAST();
     }
   }
 
@@ -1871,7 +1866,7 @@ class CudaBackend final : public Backend {
     if (!R) return;
     k_gated_rmsnorm<<<unsigned(R), 128, 0, stream_>>>(o.data, int(o.dtype), z.data, int(z.dtype), w.ptr<float>(), eps,
                                                      D, y.data, int(y.dtype));
-    CKL();
+    DS_CUDA_CHECK_LAST();
   }
 
   void moe_route(const Tensor& logits, int64_t top_k, Tensor& ids, Tensor& weights) override {
@@ -1881,7 +1876,7 @@ class CudaBackend final : public Backend {
     if (!T) return;
     k_moe_route<<<unsigned((T + 3) / 4), 128, 0, stream_>>>(logits.data, int(logits.dtype), T, E, top_k,
                                                            ids.ptr<int32_t>(), weights.ptr<float>());
-    CKL();
+    DS_CUDA_CHECK_LAST();
   }
 
   void moe_experts(const Tensor& x, const Experts& w, const Tensor& ids, const Tensor& weights, Tensor& y) override {
@@ -1908,28 +1903,28 @@ class CudaBackend final : public Backend {
         int32_t* meta = grp.ptr<int32_t>();
         int32_t *active = meta + 1, *off = active + A, *list = off + A + 1;
         k_moe_group<<<1, 1024, 0, stream_>>>(ids.ptr<int32_t>(), P, E, meta, active, off, list);
-        CKL();
+        DS_CUDA_CHECK_LAST();
         const dim3 g1(unsigned((I + warps - 1) / warps), unsigned(A)),
             g2(unsigned((H + warps - 1) / warps), unsigned(A));
         k_moe_grouped<true><<<g1, warps * 32, 0, stream_>>>(gu, 2 * I, I, xb.ptr<__nv_bfloat16>(), K, meta, active,
                                                             off, list, act.ptr<float>());
-        CKL();
+        DS_CUDA_CHECK_LAST();
         k_moe_grouped<false><<<g2, warps * 32, 0, stream_>>>(dn, H, H, act.ptr<float>(), int64_t(1), meta, active,
                                                              off, list, out.ptr<float>());
-        CKL();
+        DS_CUDA_CHECK_LAST();
       } else {
         const unsigned py = unsigned(std::min<int64_t>(P, 65535));
         k_moe_gate_up<<<dim3(unsigned((I + warps - 1) / warps), py), warps * 32, 0, stream_>>>(
             gu, 2 * I, xb.ptr<__nv_bfloat16>(), ids.ptr<int32_t>(), K, I, P, act.ptr<float>());
-        CKL();
+        DS_CUDA_CHECK_LAST();
         k_moe_down<<<dim3(unsigned((H + warps - 1) / warps), py), warps * 32, 0, stream_>>>(
             dn, H, act.ptr<float>(), ids.ptr<int32_t>(), H, P, out.ptr<float>());
-        CKL();
+        DS_CUDA_CHECK_LAST();
       }
     }
     k_moe_combine<<<dim3(unsigned(T), unsigned((H + 255) / 256)), 256, 0, stream_>>>(
         out.ptr<float>(), weights.ptr<float>(), K, H, y.data, int(y.dtype));
-    CKL();
+    DS_CUDA_CHECK_LAST();
   }
 
   void sigmoid_scale_add(Tensor& y, const Tensor& s, const Tensor& gate_logit) override {
@@ -1937,7 +1932,7 @@ class CudaBackend final : public Backend {
     if (!T) return;
     k_sigmoid_scale_add<<<unsigned(T), 256, 0, stream_>>>(y.data, int(y.dtype), s.data, int(s.dtype), gate_logit.data,
                                                           int(gate_logit.dtype), H);
-    CKL();
+    DS_CUDA_CHECK_LAST();
   }
 
   void gather_rows(const Tensor& x, const std::vector<int32_t>& rows, Tensor& out) override {
@@ -1948,12 +1943,12 @@ class CudaBackend final : public Backend {
     bool identity = out.nbytes() == int64_t(rows.size()) * H * int64_t(dtype_size(x.dtype));
     for (size_t i = 0; identity && i < rows.size(); ++i) identity = rows[i] == int32_t(i);
     if (identity) {  // the decode case (every row): a device copy, which a step graph can record
-      CK(cudaMemcpyAsync(out.data, x.data, out.nbytes(), cudaMemcpyDeviceToDevice, stream_));
+      DS_CUDA_CHECK(cudaMemcpyAsync(out.data, x.data, out.nbytes(), cudaMemcpyDeviceToDevice, stream_));
       return;
     }
     Tensor r = upload_bytes(rows.data(), rows.size() * 4, DType::I32, {int64_t(rows.size())});
     k_gather<<<unsigned(rows.size()), 256, 0, stream_>>>(x.data, int(x.dtype), r.ptr<int32_t>(), H, out.data);
-    CKL();
+    DS_CUDA_CHECK_LAST();
   }
 
   // ---- sampling: kernels in sample.cu; R int32 ids come back, the logits stay on the device ----
@@ -1985,9 +1980,9 @@ class CudaBackend final : public Backend {
     launch_sample_rows(logits.data, int(logits.dtype), V, n, R, static_cast<const SampleRowParams*>(drows.data),
                        static_cast<const SampleEdit*>(dedits.data), max_edits, z.ptr<float>(), out.ptr<int32_t>(),
                        stream_);
-    CKL();
-    CK(cudaMemcpyAsync(ids.data(), out.data, size_t(R) * 4, cudaMemcpyDeviceToHost, stream_));
-    CK(cudaStreamSynchronize(stream_));
+    DS_CUDA_CHECK_LAST();
+    DS_CUDA_CHECK(cudaMemcpyAsync(ids.data(), out.data, size_t(R) * 4, cudaMemcpyDeviceToHost, stream_));
+    DS_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
 
   void argmax_rows(const Tensor& logits, int64_t limit, Tensor& ids, const Tensor* map = nullptr) override {
@@ -1998,7 +1993,7 @@ class CudaBackend final : public Backend {
     if (R == 0) return;
     k_argmax_rows<<<unsigned(R), 512, 0, stream_>>>(logits.ptr<float>(), N, limit, map ? map->ptr<int32_t>() : nullptr,
                                                    ids.ptr<int32_t>());
-    CKL();
+    DS_CUDA_CHECK_LAST();
   }
   // The mirror's token row is its first T ints (build_batch): a device copy, stream-ordered after the upload (a copy
   // node when recorded: `ids` must then stay at its address).
@@ -2007,8 +2002,8 @@ class CudaBackend final : public Backend {
              b.num_tokens(), "]");
     if (b.num_tokens() == 0) return;
     auto& d = dev(b);
-    CK(cudaMemcpyAsync(const_cast<int32_t*>(d.tokens), ids.data, size_t(b.num_tokens()) * 4, cudaMemcpyDeviceToDevice,
-                       stream_));
+    DS_CUDA_CHECK(cudaMemcpyAsync(const_cast<int32_t*>(d.tokens), ids.data, size_t(b.num_tokens()) * 4,
+                                  cudaMemcpyDeviceToDevice, stream_));
   }
 
   // ---- vision tower (vision_kernels.cu) ----
@@ -2097,10 +2092,10 @@ class CudaBackend final : public Backend {
       return true;
     }
     if (!g.exec || g.batch != last_batch_) {  // record (again, if the batch mirror moved)
-      if (g.exec) CK(cudaGraphExecDestroy(g.exec));
+      if (g.exec) DS_CUDA_CHECK(cudaGraphExecDestroy(g.exec));
       g.exec = nullptr;
       const size_t nchunks = arena_.size();
-      CK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+      DS_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
       capturing_ = true;
       cudaGraph_t graph = nullptr;
       try {
@@ -2112,15 +2107,15 @@ class CudaBackend final : public Backend {
         throw;
       }
       capturing_ = false;
-      CK(cudaStreamEndCapture(stream_, &graph));
+      DS_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
       DS_CHECK(arena_.size() == nchunks, "step arena grew while recording a graph (warm-up should have grown it)");
-      CK(cudaGraphInstantiate(&g.exec, graph, 0));
-      CK(cudaGraphDestroy(graph));
+      DS_CUDA_CHECK(cudaGraphInstantiate(&g.exec, graph, 0));
+      DS_CUDA_CHECK(cudaGraphDestroy(graph));
       g.batch = last_batch_;
-      CK(cudaGraphLaunch(g.exec, stream_));
+      DS_CUDA_CHECK(cudaGraphLaunch(g.exec, stream_));
       return true;
     }
-    CK(cudaGraphLaunch(g.exec, stream_));
+    DS_CUDA_CHECK(cudaGraphLaunch(g.exec, stream_));
     return false;
   }
 
@@ -2140,8 +2135,8 @@ class CudaBackend final : public Backend {
       DS_CHECK(!capturing_, "step arena exhausted while recording a graph");
       Chunk c;
       c.size = std::max<size_t>(n, size_t(256) << 20);
-      CK(cudaStreamSynchronize(stream_));
-      CK(cudaMalloc(&c.ptr, c.size));
+      DS_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      DS_CUDA_CHECK(cudaMalloc(&c.ptr, c.size));
       arena_.push_back(c);
       arena_off_ = 0;
     }

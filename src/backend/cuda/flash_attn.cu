@@ -1,5 +1,6 @@
 // Tensor-core flash attention for prefill rows (design and dispatch: flash_attn.h).
 #include "backend/cuda/flash_attn.h"
+#include "backend/cuda/cuda_check.h"
 #include "backend/cuda/mma_util.cuh"
 
 #include <cuda_bf16.h>
@@ -13,11 +14,6 @@ namespace ds::cuda {
 
 namespace {
 
-#define FA_CK(x)                                                                                               \
-  do {                                                                                                         \
-    cudaError_t e_ = (x);                                                                                      \
-    if (e_ != cudaSuccess) ::ds::fail("CUDA error ", cudaGetErrorString(e_), " at ", __FILE__, ":", __LINE__); \
-  } while (0)
 
 constexpr int kRows = 128;    // query rows per block (q heads of the group × tokens of the tile)
 constexpr int kThreads = 256;  // 8 warps, 16 rows each
@@ -249,7 +245,8 @@ void launch(const void* q, const void* k, const void* v, void* o, int64_t T, int
   constexpr int TQ = kRows / GROUP;
   constexpr size_t smem = size_t(kRows + 4 * kBN) * DH * 2;
   static const bool attr = [] {
-    FA_CK(cudaFuncSetAttribute(k_flash_attn<DH, GROUP>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    DS_CUDA_CHECK(
+        cudaFuncSetAttribute(k_flash_attn<DH, GROUP>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     return true;
   }();
   (void)attr;
@@ -260,7 +257,7 @@ void launch(const void* q, const void* k, const void* v, void* o, int64_t T, int
   k_flash_attn<DH, GROUP><<<unsigned(tiles * Nkv), kThreads, smem, s>>>(
       static_cast<const __nv_bfloat16*>(q), static_cast<const __nv_bfloat16*>(k), static_cast<const __nv_bfloat16*>(v),
       static_cast<__nv_bfloat16*>(o), nseq, int(Nh), int(Nkv), int(bs), seqinfo, blocks, maxb, scale_log2);
-  FA_CK(cudaGetLastError());
+  DS_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 // Per group and warp (default tile): 16 dequantised A fragments, each feeding 8 mma; 32 16-byte shared loads of
 // activations (each 2 B fragments), each fragment feeding 2 mma; 128 mma in all.
 #include "backend/cuda/int4_gemm.h"
+#include "backend/cuda/cuda_check.h"
 #include "backend/cuda/mma_util.cuh"
 #include "backend/cuda/pdl.h"
 
@@ -32,11 +33,6 @@ namespace {
 
 using namespace int4dev;
 
-#define GEMM_CK(x)                                                                                             \
-  do {                                                                                                         \
-    cudaError_t e_ = (x);                                                                                      \
-    if (e_ != cudaSuccess) ::ds::fail("CUDA error ", cudaGetErrorString(e_), " at ", __FILE__, ":", __LINE__); \
-  } while (0)
 
 constexpr int kGW = 8;                           // warps per block
 constexpr int kBlockTiles = 8;                   // weight tiles of 16 rows per block (128 rows; GATED: 64 + 64)
@@ -311,7 +307,7 @@ void launch(const Int4Out& A, const Int4Out* B, const void* x, const TokenSrc& t
   constexpr int rows = kBlockTiles * 16 / (GATED ? 2 : 1);  // output rows per block
   static const cudaError_t attr =
       cudaFuncSetAttribute(k_int4_gemm<MW, GATED>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  GEMM_CK(attr);
+  DS_CUDA_CHECK(attr);
   auto blocks = [](const Int4Out& o) { return unsigned((o.n_out + rows - 1) / rows); };
   Int4Pair P;
   P.a = A;
@@ -347,7 +343,7 @@ void launch(const Int4Out& A, const Int4Out* B, const void* x, const TokenSrc& t
   }
   R = std::min<int64_t>(R, nb);
   const unsigned gx = unsigned((nb + R - 1) / R);
-  GEMM_CK(pdl_launch(k_int4_gemm<MW, GATED>, dim3(gx, unsigned(gy)), dim3(kGW * 32), size_t(kSmem), s, P, nb,
+  DS_CUDA_CHECK(pdl_launch(k_int4_gemm<MW, GATED>, dim3(gx, unsigned(gy)), dim3(kGW * 32), size_t(kSmem), s, P, nb,
                      unsigned(R), static_cast<const __nv_bfloat16*>(x), ts));
 }
 

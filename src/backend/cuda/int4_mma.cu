@@ -1,5 +1,6 @@
 // Tensor-core W4A16 kernels: int4 linears of any M and the routed experts (layout and invariants: int4_mma.h).
 #include "backend/cuda/int4_mma.h"
+#include "backend/cuda/cuda_check.h"
 #include "backend/cuda/int4_gemm.h"
 #include "backend/cuda/int4_mma_dev.cuh"
 #include "backend/cuda/pdl.h"
@@ -18,11 +19,6 @@ namespace {
 
 using namespace int4dev;
 
-#define MMA_CK(x)                                                                                  \
-  do {                                                                                             \
-    cudaError_t e_ = (x);                                                                          \
-    if (e_ != cudaSuccess) ::ds::fail("CUDA error ", cudaGetErrorString(e_), " at ", __FILE__, ":", __LINE__); \
-  } while (0)
 
 constexpr int kWarps = 4;  // warps per block
 
@@ -268,7 +264,7 @@ void launch_cpg(const Int4Out& A, const Int4Out* B, const void* x, const TokenSr
   // Group size 128 (AutoRound's and GPTQ's default) is the one instantiated; mma_int4_supported() sends others to
   // the bf16 path.
   DS_CHECK(A.W.G == 128 && (!B || B->W.G == 128), "int4 mma: group size ", A.W.G, " (instantiated: 128)");
-  MMA_CK(pdl_launch(k_int4_mma<MT, NT, WK, 2, GATED>, grid, dim3(kWarps * 32), 0, s, P, xb, ts));
+  DS_CUDA_CHECK(pdl_launch(k_int4_mma<MT, NT, WK, 2, GATED>, grid, dim3(kWarps * 32), 0, s, P, xb, ts));
 }
 
 // Kernel shapes. Small (decode, few tokens per tile): one 16-row tile (GATED: a gate/up pair) × 8 tokens per
@@ -369,7 +365,7 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
   const int64_t mt = max_tiles(P, E, ntok);
   int32_t *list = scratch, *ntiles = scratch + P, *tiles = ntiles + 1;
   k_moe_tiles<<<1, 1024, 0, s>>>(ids, P, E, ntok, list, tiles, ntiles);
-  MMA_CK(cudaGetLastError());
+  DS_CUDA_CHECK(cudaGetLastError());
   TokenSrc ts;
   ts.tiles = tiles, ts.ntiles = ntiles, ts.list = list, ts.xdiv = topk;
   if (big) {

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 
+#include "backend/cuda/cuda_check.h"
 #include "backend/cuda/mma_util.cuh"
 #include "backend/cuda/vision_kernels.h"
 #include "core/status.h"
@@ -13,12 +14,6 @@ namespace ds::cuda {
 
 namespace {
 
-#define VCK(x)                                                                                              \
-  do {                                                                                                      \
-    cudaError_t e_ = (x);                                                                                   \
-    if (e_ != cudaSuccess) ::ds::fail("CUDA error ", cudaGetErrorString(e_), " at ", __FILE__, ":", __LINE__); \
-  } while (0)
-#define VCKL() VCK(cudaGetLastError())
 
 constexpr int vF32 = int(DType::F32), vBF16 = int(DType::BF16);
 
@@ -295,27 +290,27 @@ void vis_layernorm(const void* x, int xdt, const float* w, const float* b, float
                    int ydt, cudaStream_t s) {
   if (R == 0) return;
   k_vis_layernorm<<<unsigned(R), 256, 0, s>>>(x, xdt, w, b, eps, D, y, ydt);
-  VCKL();
+  DS_CUDA_CHECK_LAST();
 }
 
 void vis_add_bias(void* x, int xdt, const float* bias, int64_t R, int64_t N, cudaStream_t s) {
   const int64_t n = R * N;
   if (n == 0) return;
   k_vis_add_bias<<<vblocks(n, 256), 256, 0, s>>>(x, xdt, bias, N, n);
-  VCKL();
+  DS_CUDA_CHECK_LAST();
 }
 
 void vis_gelu(const void* x, int xdt, bool tanh_approx, int64_t n, void* y, int ydt, cudaStream_t s) {
   if (n == 0) return;
   k_vis_gelu<<<vblocks(n, 256), 256, 0, s>>>(x, xdt, tanh_approx, n, y, ydt);
-  VCKL();
+  DS_CUDA_CHECK_LAST();
 }
 
 void vis_embed_bilinear_add(void* x, int xdt, const void* table, int tdt, const int32_t* idx, const float* w, int64_t R,
                             int64_t J, int64_t D, cudaStream_t s) {
   if (R == 0) return;
   k_vis_embed_bilinear_add<<<unsigned(R), 256, 0, s>>>(x, xdt, table, tdt, idx, w, J, D);
-  VCKL();
+  DS_CUDA_CHECK_LAST();
 }
 
 void vis_rope(void* qkv, int dt, int64_t P, int64_t Nh, int64_t Dh, const int32_t* pos, const float* freq,
@@ -324,7 +319,7 @@ void vis_rope(void* qkv, int dt, int64_t P, int64_t Nh, int64_t Dh, const int32_
   const int64_t n = Nh * Dh;  // 2·Nh·(Dh/2) pairs
   k_vis_rope<<<unsigned(P), unsigned(std::min<int64_t>(1024, (n + 31) / 32 * 32)), 0, s>>>(qkv, dt, P, Nh, Dh, pos,
                                                                                        freq);
-  VCKL();
+  DS_CUDA_CHECK_LAST();
 }
 
 bool vis_attention_supported(int64_t Dh) { return Dh > 0 && Dh % 8 == 0 && Dh <= 128; }
@@ -353,7 +348,7 @@ void vis_attention(const void* qkv, int64_t Nh, int64_t Dh, const int32_t* tiles
   switch ((Dh + 15) / 16 * 16) {
 #define DS_VIS_ATTN(DP)                                                                                 \
   case DP:                                                                                              \
-    VCK(cudaFuncSetAttribute(k_vis_attention<DP>, cudaFuncAttributeMaxDynamicSharedMemorySize,          \
+    DS_CUDA_CHECK(cudaFuncSetAttribute(k_vis_attention<DP>, cudaFuncAttributeMaxDynamicSharedMemorySize,          \
                              vis_attn_smem<DP>()));                                                     \
     k_vis_attention<DP><<<grid, 128, vis_attn_smem<DP>(), s>>>(q, Nh, Dh, tiles, scale_log2, out);      \
     break;
@@ -369,13 +364,13 @@ void vis_attention(const void* qkv, int64_t Nh, int64_t Dh, const int32_t* tiles
     default:
       fail("vision_attention: head dim ", Dh, " is not supported");
   }
-  VCKL();
+  DS_CUDA_CHECK_LAST();
 }
 
 void vis_scatter_rows(void* x, const void* src, int dt, const int32_t* rows, int64_t R, int64_t H, cudaStream_t s) {
   if (R == 0) return;
   k_vis_scatter<<<unsigned(R), 256, 0, s>>>(x, src, dt, rows, H);
-  VCKL();
+  DS_CUDA_CHECK_LAST();
 }
 
 }  // namespace ds::cuda

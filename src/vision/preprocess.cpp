@@ -11,7 +11,9 @@
 
 namespace ds::vision {
 
-PreprocessConfig parse_preprocess_config(const std::string& text, const std::string& what) {
+namespace {
+// The text as a JSON object; `what` names the file in the error.
+nlohmann::json parse_json_object(const std::string& text, const std::string& what) {
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(text);
@@ -19,6 +21,12 @@ PreprocessConfig parse_preprocess_config(const std::string& text, const std::str
     fail(what, ": invalid JSON: ", e.what());
   }
   if (!j.is_object()) fail(what, ": expected a JSON object");
+  return j;
+}
+}  // namespace
+
+PreprocessConfig parse_preprocess_config(const std::string& text, const std::string& what) {
+  nlohmann::json j = parse_json_object(text, what);
   PreprocessConfig c;
   auto get_int = [&](const nlohmann::json& o, const char* key, int64_t& dst, const std::string& path) {
     if (!o.contains(key)) return;
@@ -192,13 +200,7 @@ VideoConfig parse_video_config(const std::string& text, const std::string& what)
   VideoConfig c;
   // The image keys, with the video defaults underneath.
   {
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(text);
-    } catch (const std::exception& e) {
-      fail(what, ": invalid JSON: ", e.what());
-    }
-    if (!j.is_object()) fail(what, ": expected a JSON object");
+    nlohmann::json j = parse_json_object(text, what);
     const bool has_budget = j.contains("min_pixels") || j.contains("max_pixels") ||
                             (j.contains("size") && j["size"].is_object());
     c.p = parse_preprocess_config(text, what);

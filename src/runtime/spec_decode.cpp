@@ -1,6 +1,7 @@
 #include "runtime/spec_decode.h"
 
 #include <algorithm>
+#include <functional>
 #include <sstream>
 
 #include "core/file.h"
@@ -85,6 +86,57 @@ void copy_ids(Backend& be, Tensor& dst, int64_t off, const Tensor& src, const st
   }
 }
 
+// The jobs that draft (rows committed this step and drafts wanted), in job order: the rows of a chained step.
+std::vector<DraftJob*> drafting_jobs(std::vector<DraftJob>& jobs) {
+  std::vector<DraftJob*> active;
+  for (auto& j : jobs)
+    if (j.rows > 0 && j.num_drafts > 0) active.push_back(&j);
+  return active;
+}
+
+// Appends d to s's drafts, through the hook (tests, benchmarks) when one is set.
+void propose(const DraftOptions& opt, Sequence* s, int32_t d) {
+  if (opt.hook) d = opt.hook(s->req->id, int64_t(s->tokens.size() + s->drafts.size()), d);
+  s->drafts.push_back(d);
+}
+
+// Chained draft step k (k >= 1) after a step whose rows were `active` with MTP hidden rows `hout`: the sequences
+// that still draft (next), their rows of the previous step (keep), their batch (d_k sits at position (last
+// committed position) + k: the target's new length − 1 + k; its token is token(job)) and their input hidden rows
+// (prev). False when no sequence drafts again.
+struct ChainStep {
+  std::vector<DraftJob*> next;
+  std::vector<int32_t> keep;
+  BatchMeta batch;
+  Tensor prev;
+};
+bool chain_step(Backend& be, const std::vector<DraftJob*>& active, int64_t k, const Tensor& hout,
+                const std::function<int32_t(const DraftJob&)>& token, ChainStep& st) {
+  st.next.clear();
+  st.keep.clear();
+  for (size_t i = 0; i < active.size(); ++i)
+    if (active[i]->num_drafts > k) {
+      st.keep.push_back(int32_t(i));
+      st.next.push_back(active[i]);
+    }
+  if (st.next.empty()) return false;
+  std::vector<std::pair<const SeqCache*, std::vector<int32_t>>> parts;
+  std::vector<SeqCache> views;
+  views.reserve(st.next.size());
+  for (DraftJob* j : st.next) {
+    views.push_back(j->seq->cache);
+    views.back().len = j->seq->cache.len - 1 + k;
+    parts.push_back({&views.back(), {token(*j)}});
+  }
+  st.batch = make_batch(parts);
+  st.prev = hout;
+  if (st.keep.size() != active.size()) {
+    st.prev = be.alloc(be.act_dtype(), {int64_t(st.keep.size()), hout.dim(1)});
+    be.gather_rows(hout, st.keep, st.prev);
+  }
+  return true;
+}
+
 // mtp_propose's drafting when every step is recorded and the argmax runs on the device (DraftOptions::device_feed):
 // each chained step reads its token ids from the previous step's argmax on the device (mtp_forward_graphed's
 // tokens_in), and every step's drafts collect in one device buffer read once at the end, so the K draft steps run
@@ -97,13 +149,9 @@ void propose_fed(model::Model& m, CacheManager& cm, BatchMeta& b, const Tensor& 
   auto mark = [&](const char* phase) {
     if (opt.clock) opt.clock->mark(phase);
   };
-  std::vector<DraftJob*> active;
+  std::vector<DraftJob*> active = drafting_jobs(jobs);
   int64_t total = 0;
-  for (auto& j : jobs)
-    if (j.rows > 0 && j.num_drafts > 0) {
-      active.push_back(&j);
-      total += j.num_drafts;
-    }
+  for (const DraftJob* j : active) total += j->num_drafts;
   DS_CHECK(active.size() == lrows.size(), "propose_fed: drafting rows and jobs disagree");
   Tensor L, hall, A;
   m.mtp_forward_graphed(b, cm.caches(), h, opt.reduced, &L, &hall, dev_limit, &A, nullptr, true);
@@ -116,51 +164,26 @@ void propose_fed(model::Model& m, CacheManager& cm, BatchMeta& b, const Tensor& 
   std::vector<int64_t> offset = {0};
   int64_t used = int64_t(active.size());
   mark("draft: first pass");
-  for (int64_t k = 1;; ++k) {
-    std::vector<int32_t> keep;  // rows of the previous step whose sequence drafts again
-    std::vector<DraftJob*> next;
-    for (size_t i = 0; i < active.size(); ++i)
-      if (active[i]->num_drafts > k) {
-        keep.push_back(int32_t(i));
-        next.push_back(active[i]);
-      }
-    if (next.empty()) break;
-    std::vector<std::pair<const SeqCache*, std::vector<int32_t>>> parts;
-    std::vector<SeqCache> views;
-    views.reserve(next.size());
-    for (DraftJob* j : next) {
-      // d_k sits at position (last committed position) + k: the target's new length − 1 + k.
-      views.push_back(j->seq->cache);
-      views.back().len = j->seq->cache.len - 1 + k;
-      parts.push_back({&views.back(), {0}});  // the token comes from the device (tokens_in)
-    }
-    BatchMeta cb = make_batch(parts);
-    const int64_t n = int64_t(next.size());
-    Tensor prev = hout, tok = be.alloc(DType::I32, {n});
-    if (keep.size() != active.size()) {
-      prev = be.alloc(be.act_dtype(), {n, H});
-      be.gather_rows(hout, keep, prev);
-    }
-    copy_ids(be, tok, 0, acc.rows(offset.back(), offset.back() + int64_t(active.size())), keep);
+  ChainStep st;
+  // The batch's token is a placeholder: the step reads it from the device (tokens_in).
+  for (int64_t k = 1; chain_step(be, active, k, hout, [](const DraftJob&) { return 0; }, st); ++k) {
+    const int64_t n = int64_t(st.next.size());
+    Tensor tok = be.alloc(DType::I32, {n});
+    copy_ids(be, tok, 0, acc.rows(offset.back(), offset.back() + int64_t(active.size())), st.keep);
     mark("draft: chain build");
-    m.mtp_forward_graphed(cb, cm.caches(), prev, opt.reduced, &L, &hout, dev_limit, &A, &tok, true);
+    m.mtp_forward_graphed(st.batch, cm.caches(), st.prev, opt.reduced, &L, &hout, dev_limit, &A, &tok, true);
     Tensor dst = acc.rows(used, used + n);
     be.copy(dst, A);
     offset.push_back(used);
-    steps.push_back(next);
+    steps.push_back(st.next);
     used += n;
-    active = std::move(next);
+    active = st.next;
     mark("draft: chain step");
   }
   const std::vector<float> ids = be.to_host_f32(acc.rows(0, used));  // the one host sync of the drafting
   mark("draft: readback");
   for (size_t k = 0; k < steps.size(); ++k)
-    for (size_t i = 0; i < steps[k].size(); ++i) {
-      Sequence* s = steps[k][i]->seq;
-      int32_t d = int32_t(ids[size_t(offset[k]) + i]);
-      if (opt.hook) d = opt.hook(s->req->id, int64_t(s->tokens.size() + s->drafts.size()), d);
-      s->drafts.push_back(d);
-    }
+    for (size_t i = 0; i < steps[k].size(); ++i) propose(opt, steps[k][i]->seq, int32_t(ids[size_t(offset[k]) + i]));
 }
 
 // Rows `rows` of a device tensor to the host (one read; a gather first unless they are a prefix).
@@ -259,54 +282,27 @@ void mtp_propose(model::Model& m, CacheManager& cm, const Tensor& hidden, std::v
   }
 
   // Chained steps: one row per sequence still drafting.
-  std::vector<DraftJob*> active;
-  for (auto& j : jobs)
-    if (j.rows > 0 && j.num_drafts > 0) active.push_back(&j);
-  auto propose = [&](Sequence* s, int32_t d) {
-    if (opt.hook) d = opt.hook(s->req->id, int64_t(s->tokens.size() + s->drafts.size()), d);
-    s->drafts.push_back(d);
-  };
-  for (size_t i = 0; i < active.size(); ++i) propose(active[i]->seq, toks[i]);
-  for (int64_t k = 1;; ++k) {
-    std::vector<int32_t> keep;  // rows of `hout` whose sequence drafts again
-    std::vector<DraftJob*> next;
-    for (size_t i = 0; i < active.size(); ++i)
-      if (active[i]->num_drafts > k) {
-        keep.push_back(int32_t(i));
-        next.push_back(active[i]);
-      }
-    if (next.empty()) return;
-    parts.clear();
-    views.clear();
-    views.reserve(next.size());
-    for (DraftJob* j : next) {
-      // d_k sits at position (last committed position) + k: the target's new length − 1 + k.
-      views.push_back(j->seq->cache);
-      views.back().len = j->seq->cache.len - 1 + k;
-      parts.push_back({&views.back(), {j->seq->drafts.back()}});
-    }
-    BatchMeta cb = make_batch(parts);
-    Tensor prev = hout;
-    if (keep.size() != active.size()) {
-      prev = be.alloc(be.act_dtype(), {int64_t(keep.size()), H});
-      be.gather_rows(hout, keep, prev);
-    }
-    std::vector<int32_t> all(next.size());
-    for (size_t i = 0; i < all.size(); ++i) all[i] = int32_t(i);
+  std::vector<DraftJob*> active = drafting_jobs(jobs);
+  for (size_t i = 0; i < active.size(); ++i) propose(opt, active[i]->seq, toks[i]);
+  ChainStep st;
+  for (int64_t k = 1; chain_step(be, active, k, hout, [](const DraftJob& j) { return j.seq->drafts.back(); }, st);
+       ++k) {
     mark("draft: chain build");
     if (graphed) {
       Tensor L, A;
-      m.mtp_forward_graphed(cb, cm.caches(), prev, opt.reduced, &L, &hout, dev_limit, &A);
+      m.mtp_forward_graphed(st.batch, cm.caches(), st.prev, opt.reduced, &L, &hout, dev_limit, &A);
       mark("draft: chain step");
       toks = pick(L, A, {});
     } else {
-      Tensor L = m.mtp_forward(cb, cm.caches(), prev, all, &hout, opt.reduced);
+      std::vector<int32_t> all(st.next.size());
+      for (size_t i = 0; i < all.size(); ++i) all[i] = int32_t(i);
+      Tensor L = m.mtp_forward(st.batch, cm.caches(), st.prev, all, &hout, opt.reduced);
       mark("draft: chain step");
       toks = pick(L, Tensor{}, {});
     }
     mark("draft: readback");
-    for (size_t i = 0; i < next.size(); ++i) propose(next[i]->seq, toks[i]);
-    active = std::move(next);
+    for (size_t i = 0; i < st.next.size(); ++i) propose(opt, st.next[i]->seq, toks[i]);
+    active = st.next;
   }
 }
 

@@ -1,4 +1,5 @@
 // Starts a real `deltaserve serve` on a free loopback port and stops it with SIGTERM.
+import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import net from 'node:net';
 import path from 'node:path';
@@ -66,4 +67,17 @@ export async function metrics(base) {
 
 export function goldenJson() {
   return JSON.parse(fs.readFileSync(path.join(DATA, 'tiny-moe/golden.json'), 'utf8'));
+}
+
+// Each [content, re] of cases: send(content) must fail with a 400 whose message matches re, and the server at
+// base must still answer /health afterwards.
+export async function expectBadRequests(base, send, cases) {
+  for (const [content, re] of cases) {
+    await assert.rejects(send(content), (e) => {
+      assert.equal(e.status, 400, `${re}: ${e.status} ${e.message}`);
+      assert.match(e.message, re);
+      return true;
+    });
+    assert.equal((await fetch(`${base}/health`)).status, 200);
+  }
 }

@@ -11,6 +11,7 @@
 #include <string>
 #include <unordered_map>
 
+#include "core/env.h"
 #include "core/status.h"
 #include "runtime/scheduler.h"
 #include "runtime/spec_decode.h"
@@ -68,13 +69,13 @@ EngineConfig resolve(const model::Model& m, EngineConfig c) {
          "tokens (LoadOptions::draft_vocab), found ", m.draft_vocab().size());
   std::sort(c.eos_token_ids.begin(), c.eos_token_ids.end());
   // Before/after measurements: DS_HOST_SAMPLING=1 copies the logits and samples on the host in every step.
-  if (const char* v = std::getenv("DS_HOST_SAMPLING"); v && *v && std::string(v) != "0") c.device_sampling = false;
+  if (env_flag("DS_HOST_SAMPLING")) c.device_sampling = false;
   // DS_CUDA_NO_DEVICE_VERIFY=1: greedy verify steps copy the logits to the host too (the old path).
-  if (const char* v = std::getenv("DS_CUDA_NO_DEVICE_VERIFY"); v && *v && std::string(v) != "0") c.device_verify = false;
+  if (env_flag("DS_CUDA_NO_DEVICE_VERIFY")) c.device_verify = false;
   // DS_CUDA_NO_DRAFT_FEED=1: each draft step's tokens come back to the host and feed the next (the old path).
-  if (const char* v = std::getenv("DS_CUDA_NO_DRAFT_FEED"); v && *v && std::string(v) != "0") c.device_draft_feed = false;
+  if (env_flag("DS_CUDA_NO_DRAFT_FEED")) c.device_draft_feed = false;
   // DS_SPEC_PROFILE=1: time the phases of every step (EngineMetrics::phase_ms; syncs at each phase boundary).
-  if (const char* v = std::getenv("DS_SPEC_PROFILE"); v && *v && std::string(v) != "0") c.profile_phases = true;
+  if (env_flag("DS_SPEC_PROFILE")) c.profile_phases = true;
   return c;
 }
 

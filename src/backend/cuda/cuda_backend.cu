@@ -17,8 +17,8 @@
 #include <vector>
 #include <string>
 
-#include "backend/cuda/cuda_check.h"
 #include "backend/cuda/bf16_mma.h"
+#include "backend/cuda/cuda_check.h"
 #include "backend/cuda/flash_attn.h"
 #include "backend/cuda/gdr_chunked.h"
 #include "backend/cuda/int4_mma.h"
@@ -27,6 +27,7 @@
 #include "backend/cuda/sample.h"
 #include "backend/cuda/vision_kernels.h"
 #include "backend/ops.h"
+#include "core/env.h"
 
 namespace ds {
 namespace cuda {
@@ -1130,11 +1131,6 @@ bool pdl_enabled() {
   return sm90 && !std::getenv("DS_CUDA_NO_PDL");
 }
 
-static bool env_flag(const char* name) {
-  const char* v = std::getenv(name);
-  return v && *v && std::strcmp(v, "0") != 0;
-}
-
 static int blocks_for(int64_t n, int threads, int cap = 65535 * 4) {
   return int(std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads, cap)));
 }
@@ -1810,11 +1806,8 @@ class CudaBackend final : public Backend {
     // batch 1 4.34 -> 4.20 ms, batch 64 20.25 -> 19.74 ms against one lane per column, bench/RESULTS.md session 4);
     // DS_GDR_SHORT_R = 1 (k_gdr_recurrent: one lane per column), 2 or 8 for comparison. Every short chunk of a
     // step takes the same kernel whatever its length, so verify, replay and decode stay bit-identical.
-    const int short_r = [] {
-      const char* e = std::getenv("DS_GDR_SHORT_R");
-      const int v = e ? std::atoi(e) : 4;
-      return v == 1 || v == 2 || v == 8 ? v : 4;
-    }();
+    const int64_t short_r_env = env_int("DS_GDR_SHORT_R", 4);
+    const int short_r = short_r_env == 1 || short_r_env == 2 || short_r_env == 8 ? int(short_r_env) : 4;
     auto sgrid = [&](int r) { return dim3(unsigned((Dv / (32 / r) + 3) / 4), unsigned(Hv), unsigned(b.seqs.size())); };
 #define DS_GDR_SHORT_RL(DK, RL)                                                                                    \
   k_gdr_long<DK, RL, 4, false><<<sgrid(RL), 128, 0, stream_>>>(qn.ptr<float>(), kn.ptr<float>(), g.ptr<float>(),   \

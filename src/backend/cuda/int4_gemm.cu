@@ -25,6 +25,7 @@
 #include <type_traits>
 
 #include "core/dtype.h"
+#include "core/env.h"
 #include "core/status.h"
 
 namespace ds::cuda {
@@ -295,11 +296,6 @@ __global__ void __launch_bounds__(kGW * 32, 1)
     }
     zero_frags(part);
   }
-}
-
-int64_t env_int(const char* name, int64_t dflt) {
-  const char* v = std::getenv(name);
-  return v && *v ? std::atoll(v) : dflt;
 }
 
 template <int MW, bool GATED>

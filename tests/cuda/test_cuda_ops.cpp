@@ -111,6 +111,18 @@ TEST_F(CudaOps, ElementwiseAndNorms) {
     B.cpu->gated_rmsnorm(o.c, zz.c, nw.c, 1e-6f, gy.c);
     B.gpu->gated_rmsnorm(o.g, zz.g, nw.g, 1e-6f, gy.g);
     REPORT("gated_rmsnorm T=" + std::to_string(T) + " Hv=32 Dv=128", B.err(gy));
+    // other head sizes (warp form for 128·{1,2,4}, the block form otherwise) and row counts that are not a
+    // multiple of the warp form's 8 rows per block
+    for (int64_t D : {128, 256, 512, 96}) {
+      const int64_t R = 3 * T + 2;
+      auto o2 = B.up(randn(R * D, 1.f, 9 + T), {R, D});
+      auto z2 = B.up(randn(R * D, 1.f, 10 + T), {R, D});
+      auto w2 = B.up(randn(D, 0.2f, 11, 1.f), {D}, DType::F32);
+      auto y2 = B.zeros({R, D});
+      B.cpu->gated_rmsnorm(o2.c, z2.c, w2.c, 1e-6f, y2.c);
+      B.gpu->gated_rmsnorm(o2.g, z2.g, w2.g, 1e-6f, y2.g);
+      REPORT("gated_rmsnorm R=" + std::to_string(R) + " D=" + std::to_string(D), B.err(y2));
+    }
     std::vector<int32_t> rows;
     for (int64_t i = T - 1; i >= 0; i -= 3) rows.push_back(int32_t(i));
     auto gr = B.zeros({int64_t(rows.size()), H});

@@ -500,6 +500,47 @@ __global__ void k_conv1d_tokens(const void* mixed, int mdt, const float* weight,
   for (int j = 0; j < KC; ++j) acc += weight[ch * KC + j] * conv_in<KC>(mixed, mdt, st, qs, C, ch, i - (KC - 1) + j);
   stf(out, odt, t * C + ch, silu_f(acc));
 }
+// The same for bf16 in and out with C % 8 == 0: one thread per (8 channels, token), 16-byte loads and stores (the
+// scalar form above spends its time on per-element dtype switches). Each channel's taps are added in the same
+// order as above, so the bits are the same.
+template <int KC>
+__global__ void k_conv1d_tokens8(const __nv_bfloat16* __restrict__ mixed, const float* __restrict__ weight,
+                                 const float* __restrict__ conv_state, const int32_t* seq_of, const int32_t* seqinfo,
+                                 int64_t C, __nv_bfloat16* __restrict__ out) {
+  const int64_t c8 = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) * 8, t = blockIdx.y;
+  if (c8 >= C) return;
+  const int s = seq_of[t];
+  const int64_t qs = seqinfo[s * 4 + 0], ql = seqinfo[s * 4 + 1], slot = seqinfo[s * 4 + 3], i = t - qs;
+  if (i < 0 || i >= ql) return;  // a row outside every sequence (ops.h)
+  float acc[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) acc[e] = 0.f;
+#pragma unroll
+  for (int j = 0; j < KC; ++j) {
+    const int64_t jj = i - (KC - 1) + j;
+    float in[8];
+    if (jj >= 0) {
+      const uint4 u = *reinterpret_cast<const uint4*>(mixed + (qs + jj) * C + c8);
+      const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 f = __bfloat1622float2(h[e]);
+        in[2 * e] = f.x, in[2 * e + 1] = f.y;
+      }
+    } else {
+      const float* st = conv_state + (slot * C + c8) * (KC - 1) + (KC - 1) + jj;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) in[e] = st[e * (KC - 1)];
+    }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] += weight[(c8 + e) * KC + j] * in[e];
+  }
+  uint4 u;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) h[e] = __floats2bfloat162_rn(silu_f(acc[2 * e]), silu_f(acc[2 * e + 1]));
+  *reinterpret_cast<uint4*>(out + t * C + c8) = u;
+}
 template <int KC>
 __global__ void k_conv1d_state(const void* mixed, int mdt, float* conv_state, const int32_t* seqinfo, int64_t C) {
   const int64_t ch = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
@@ -692,6 +733,53 @@ __global__ void k_gated_rmsnorm(const void* x, int xdt, const void* z, int zdt, 
   const float inv = 1.f / sqrtf(ss / float(D) + eps);
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x)
     stf(y, ydt, r * D + d, ldf(x, xdt, r * D + d) * inv * w[d] * silu_f(ldf(z, zdt, r * D + d)));
+}
+
+// The same for bf16 x, z and y with D = 128·NC (DeltaNet's head size 128: NC = 1): one warp per row, 8-byte loads,
+// 8 rows per block (the form above runs one 128-thread block per 128-value row and spends its time in block
+// scheduling and the block-wide sum at prefill sizes). Same formula and evaluation order per element; the sum of
+// squares is added in a different order (per lane, then across the warp), for every row count alike.
+template <int NC>
+__global__ void __launch_bounds__(256) k_gated_rmsnorm_warp(const __nv_bfloat16* __restrict__ x,
+                                                            const __nv_bfloat16* __restrict__ z,
+                                                            const float* __restrict__ w, float eps, int64_t R,
+                                                            __nv_bfloat16* __restrict__ y) {
+  pdl_trigger();  // the next kernel may be PDL-launched (pdl.h)
+  constexpr int D = 128 * NC;
+  const int64_t r = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (r >= R) return;
+  float xv[NC][4];
+  float ss = 0.f;
+#pragma unroll
+  for (int c = 0; c < NC; ++c) {
+    const uint2 u = *reinterpret_cast<const uint2*>(x + r * D + (c * 32 + lane) * 4);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+    const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
+    xv[c][0] = a.x, xv[c][1] = a.y, xv[c][2] = b.x, xv[c][3] = b.y;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) ss += xv[c][e] * xv[c][e];
+  }
+  ss = warp_sum(ss);
+  const float inv = 1.f / sqrtf(ss / float(D) + eps);
+#pragma unroll
+  for (int c = 0; c < NC; ++c) {
+    const int d0 = (c * 32 + lane) * 4;
+    const uint2 u = *reinterpret_cast<const uint2*>(z + r * D + d0);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+    const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
+    const float zv[4] = {a.x, a.y, b.x, b.y};
+    const float4 wv = *reinterpret_cast<const float4*>(w + d0);
+    const float ww[4] = {wv.x, wv.y, wv.z, wv.w};
+    float o[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[e] = xv[c][e] * inv * ww[e] * silu_f(zv[e]);
+    uint2 v;
+    __nv_bfloat162* hv = reinterpret_cast<__nv_bfloat162*>(&v);
+    hv[0] = __floats2bfloat162_rn(o[0], o[1]);
+    hv[1] = __floats2bfloat162_rn(o[2], o[3]);
+    *reinterpret_cast<uint2*>(y + r * D + d0) = v;
+  }
 }
 
 // Router: softmax over E ≤ 1024, top-k (ties to the lower index, as a stable sort), renormalised. Warp per token.
@@ -1747,12 +1835,23 @@ class CudaBackend final : public Backend {
     auto& d = dev(b);
     const int64_t T = b.num_tokens();
     const bool decode = T == int64_t(b.seqs.size());  // one token per sequence: one thread walks each window
-    dim3 grid(unsigned((C + 127) / 128), unsigned(b.seqs.size())), tgrid(unsigned((C + 127) / 128), unsigned(T));
+    dim3 grid(unsigned((C + 127) / 128), unsigned(b.seqs.size())), tgrid(unsigned((C + 127) / 128), unsigned(T)),
+        vgrid(unsigned((C / 8 + 127) / 128), unsigned(T));
+    // Prefill-sized chunks with bf16 activations: 8 channels per thread (k_conv1d_tokens8, same bits).
+    const bool vec = mixed.dtype == DType::BF16 && out.dtype == DType::BF16 && C % 8 == 0 &&
+                     !env_flag("DS_CUDA_NO_CONV_VEC");
 #define DS_CONV(KC)                                                                                               \
   case KC:                                                                                                        \
     if (decode) {                                                                                                 \
       k_conv1d<KC><<<grid, 128, 0, stream_>>>(mixed.data, int(mixed.dtype), weight.ptr<float>(),                  \
                                               st.conv.ptr<float>(), d.seqinfo, C, out.data, int(out.dtype));      \
+    } else if (vec) {                                                                                             \
+      k_conv1d_tokens8<KC><<<vgrid, 128, 0, stream_>>>(mixed.ptr<__nv_bfloat16>(), weight.ptr<float>(),           \
+                                                       st.conv.ptr<float>(), d.seq_of, d.seqinfo, C,              \
+                                                       out.ptr<__nv_bfloat16>());                                 \
+      DS_CUDA_CHECK_LAST();                                                                                       \
+      k_conv1d_state<KC><<<grid, 128, 0, stream_>>>(mixed.data, int(mixed.dtype), st.conv.ptr<float>(),           \
+                                                    d.seqinfo, C);                                                \
     } else {                                                                                                      \
       k_conv1d_tokens<KC><<<tgrid, 128, 0, stream_>>>(mixed.data, int(mixed.dtype), weight.ptr<float>(),          \
                                                       st.conv.ptr<float>(), d.seq_of, d.seqinfo, C, out.data,     \
@@ -1857,8 +1956,20 @@ class CudaBackend final : public Backend {
   void gated_rmsnorm(const Tensor& o, const Tensor& z, const Tensor& w, float eps, Tensor& y) override {
     const int64_t D = w.numel(), R = o.numel() / D;
     if (!R) return;
-    k_gated_rmsnorm<<<unsigned(R), 128, 0, stream_>>>(o.data, int(o.dtype), z.data, int(z.dtype), w.ptr<float>(), eps,
-                                                     D, y.data, int(y.dtype));
+    const bool bf = o.dtype == DType::BF16 && z.dtype == DType::BF16 && y.dtype == DType::BF16;
+    const int nc = D % 128 == 0 ? int(D / 128) : 0;
+    if (bf && (nc == 1 || nc == 2 || nc == 4) && !env_flag("DS_CUDA_NO_NORM_WARP")) {
+      const unsigned blocks = unsigned((R + 7) / 8);
+      const auto* xo = o.ptr<__nv_bfloat16>();
+      const auto* xz = z.ptr<__nv_bfloat16>();
+      auto* xy = y.ptr<__nv_bfloat16>();
+      if (nc == 1) k_gated_rmsnorm_warp<1><<<blocks, 256, 0, stream_>>>(xo, xz, w.ptr<float>(), eps, R, xy);
+      if (nc == 2) k_gated_rmsnorm_warp<2><<<blocks, 256, 0, stream_>>>(xo, xz, w.ptr<float>(), eps, R, xy);
+      if (nc == 4) k_gated_rmsnorm_warp<4><<<blocks, 256, 0, stream_>>>(xo, xz, w.ptr<float>(), eps, R, xy);
+    } else {
+      k_gated_rmsnorm<<<unsigned(R), 128, 0, stream_>>>(o.data, int(o.dtype), z.data, int(z.dtype), w.ptr<float>(),
+                                                       eps, D, y.data, int(y.dtype));
+    }
     DS_CUDA_CHECK_LAST();
   }
 

@@ -21,6 +21,7 @@
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/flash_attn.h"
 #include "backend/cuda/gdr_chunked.h"
+#include "backend/cuda/int4_dequant.h"
 #include "backend/cuda/int4_mma.h"
 #include "backend/cuda/mma_util.cuh"
 #include "backend/cuda/pdl.h"
@@ -1621,6 +1622,10 @@ class CudaBackend final : public Backend {
       else
         rest.push_back(j);
     }
+    if (int4_via_cublas(T)) {
+      for (auto& [l, y] : q4) int4_cublas(l, xb, T, *y);
+      q4.clear();
+    }
     for (size_t i = 0; i < q4.size(); i += 2) {
       const MmaInt4 a = q4[i].first->mma();
       if (i + 1 < q4.size()) {
@@ -1685,7 +1690,23 @@ class CudaBackend final : public Backend {
     }
     DS_CHECK(y.dtype == DType::F32 || y.dtype == DType::BF16, "int4 linear: output F32 or BF16, got ",
              dtype_name(y.dtype));
+    if (int4_via_cublas(T)) return int4_cublas(l, xb, T, y);
     mma_int4_linear(l->mma(), xb.data, T, y.data, int(y.dtype), stream_);
+  }
+
+  // Prefill-sized int4 linears (≥ DS_INT4_DEQUANT_MIN_M rows, default 512; never inside a recorded step): the weight
+  // dequantised to a bf16 scratch copy (int4_dequant.h), then cuBLAS, which runs these shapes at ~3× the tensor-core
+  // int4 kernel's rate (bench/RESULTS.md session 5). Rows here are not bit-identical to the ≤ 256-row kernels' (as
+  // for the bf16 linears above 256 rows); decode and verify steps stay far below the threshold.
+  // DS_CUDA_NO_DEQUANT_GEMM=1: the int4 kernels for every size.
+  bool int4_via_cublas(int64_t T) const {
+    static const int64_t min_m = env_int("DS_INT4_DEQUANT_MIN_M", 512);
+    return T >= min_m && !in_step_ && !env_flag("DS_CUDA_NO_DEQUANT_GEMM");
+  }
+  void int4_cublas(const CudaLinear* l, const Tensor& xb, int64_t T, Tensor& y) {
+    Tensor wb = alloc_scratch(DType::BF16, {l->N, l->K});
+    int4_dequant_bf16(l->mma(), wb.data, stream_);
+    gemm_bf16(wb.data, xb.data, T, l->N, l->K, y);
   }
   // Like alloc, without zero-fill.
   Tensor alloc_scratch(DType dt, std::vector<int64_t> shape) {

@@ -501,46 +501,57 @@ __global__ void k_conv1d_tokens(const void* mixed, int mdt, const float* weight,
   for (int j = 0; j < KC; ++j) acc += weight[ch * KC + j] * conv_in<KC>(mixed, mdt, st, qs, C, ch, i - (KC - 1) + j);
   stf(out, odt, t * C + ch, silu_f(acc));
 }
-// The same for bf16 in and out with C % 8 == 0: one thread per (8 channels, token), 16-byte loads and stores (the
-// scalar form above spends its time on per-element dtype switches). Each channel's taps are added in the same
-// order as above, so the bits are the same.
+// The same for bf16 in and out with C % 8 == 0: one thread per (8 channels, kConvTT consecutive tokens), its 8 × KC
+// taps in registers (loaded once), 16-byte activation loads and stores (the scalar form above spends its time on
+// per-element dtype switches and re-reading the taps). Each channel's taps are added in the same order as above,
+// so the bits are the same.
+constexpr int kConvTT = 16;
 template <int KC>
-__global__ void k_conv1d_tokens8(const __nv_bfloat16* __restrict__ mixed, const float* __restrict__ weight,
-                                 const float* __restrict__ conv_state, const int32_t* seq_of, const int32_t* seqinfo,
-                                 int64_t C, __nv_bfloat16* __restrict__ out) {
-  const int64_t c8 = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) * 8, t = blockIdx.y;
+__global__ void __launch_bounds__(128) k_conv1d_tokens8(const __nv_bfloat16* __restrict__ mixed,
+                                                        const float* __restrict__ weight,
+                                                        const float* __restrict__ conv_state, const int32_t* seq_of,
+                                                        const int32_t* seqinfo, int64_t C, int64_t T,
+                                                        __nv_bfloat16* __restrict__ out) {
+  const int64_t c8 = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) * 8, t0 = int64_t(blockIdx.y) * kConvTT;
   if (c8 >= C) return;
-  const int s = seq_of[t];
-  const int64_t qs = seqinfo[s * 4 + 0], ql = seqinfo[s * 4 + 1], slot = seqinfo[s * 4 + 3], i = t - qs;
-  if (i < 0 || i >= ql) return;  // a row outside every sequence (ops.h)
-  float acc[8];
+  float wv[8][KC];
 #pragma unroll
-  for (int e = 0; e < 8; ++e) acc[e] = 0.f;
+  for (int e = 0; e < 8; ++e)
 #pragma unroll
-  for (int j = 0; j < KC; ++j) {
-    const int64_t jj = i - (KC - 1) + j;
-    float in[8];
-    if (jj >= 0) {
-      const uint4 u = *reinterpret_cast<const uint4*>(mixed + (qs + jj) * C + c8);
-      const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+    for (int j = 0; j < KC; ++j) wv[e][j] = weight[(c8 + e) * KC + j];
+  for (int64_t t = t0; t < t0 + kConvTT && t < T; ++t) {
+    const int s = seq_of[t];
+    const int64_t qs = seqinfo[s * 4 + 0], ql = seqinfo[s * 4 + 1], slot = seqinfo[s * 4 + 3], i = t - qs;
+    if (i < 0 || i >= ql) continue;  // a row outside every sequence (ops.h)
+    float acc[8];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float2 f = __bfloat1622float2(h[e]);
-        in[2 * e] = f.x, in[2 * e + 1] = f.y;
+    for (int e = 0; e < 8; ++e) acc[e] = 0.f;
+#pragma unroll
+    for (int j = 0; j < KC; ++j) {
+      const int64_t jj = i - (KC - 1) + j;
+      float in[8];
+      if (jj >= 0) {
+        const uint4 u = *reinterpret_cast<const uint4*>(mixed + (qs + jj) * C + c8);
+        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float2 f = __bfloat1622float2(h[e]);
+          in[2 * e] = f.x, in[2 * e + 1] = f.y;
+        }
+      } else {
+        const float* st = conv_state + (slot * C + c8) * (KC - 1) + (KC - 1) + jj;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) in[e] = st[e * (KC - 1)];
       }
-    } else {
-      const float* st = conv_state + (slot * C + c8) * (KC - 1) + (KC - 1) + jj;
 #pragma unroll
-      for (int e = 0; e < 8; ++e) in[e] = st[e * (KC - 1)];
+      for (int e = 0; e < 8; ++e) acc[e] += wv[e][j] * in[e];
     }
+    uint4 u;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) acc[e] += weight[(c8 + e) * KC + j] * in[e];
+    for (int e = 0; e < 4; ++e) h[e] = __floats2bfloat162_rn(silu_f(acc[2 * e]), silu_f(acc[2 * e + 1]));
+    *reinterpret_cast<uint4*>(out + t * C + c8) = u;
   }
-  uint4 u;
-  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
-#pragma unroll
-  for (int e = 0; e < 4; ++e) h[e] = __floats2bfloat162_rn(silu_f(acc[2 * e]), silu_f(acc[2 * e + 1]));
-  *reinterpret_cast<uint4*>(out + t * C + c8) = u;
 }
 template <int KC>
 __global__ void k_conv1d_state(const void* mixed, int mdt, float* conv_state, const int32_t* seqinfo, int64_t C) {
@@ -1857,7 +1868,7 @@ class CudaBackend final : public Backend {
     const int64_t T = b.num_tokens();
     const bool decode = T == int64_t(b.seqs.size());  // one token per sequence: one thread walks each window
     dim3 grid(unsigned((C + 127) / 128), unsigned(b.seqs.size())), tgrid(unsigned((C + 127) / 128), unsigned(T)),
-        vgrid(unsigned((C / 8 + 127) / 128), unsigned(T));
+        vgrid(unsigned((C / 8 + 127) / 128), unsigned((T + kConvTT - 1) / kConvTT));
     // Prefill-sized chunks with bf16 activations: 8 channels per thread (k_conv1d_tokens8, same bits).
     const bool vec = mixed.dtype == DType::BF16 && out.dtype == DType::BF16 && C % 8 == 0 &&
                      !env_flag("DS_CUDA_NO_CONV_VEC");
@@ -1868,7 +1879,7 @@ class CudaBackend final : public Backend {
                                               st.conv.ptr<float>(), d.seqinfo, C, out.data, int(out.dtype));      \
     } else if (vec) {                                                                                             \
       k_conv1d_tokens8<KC><<<vgrid, 128, 0, stream_>>>(mixed.ptr<__nv_bfloat16>(), weight.ptr<float>(),           \
-                                                       st.conv.ptr<float>(), d.seq_of, d.seqinfo, C,              \
+                                                       st.conv.ptr<float>(), d.seq_of, d.seqinfo, C, T,           \
                                                        out.ptr<__nv_bfloat16>());                                 \
       DS_CUDA_CHECK_LAST();                                                                                       \
       k_conv1d_state<KC><<<grid, 128, 0, stream_>>>(mixed.data, int(mixed.dtype), st.conv.ptr<float>(),           \

@@ -96,7 +96,7 @@ __device__ __forceinline__ void load_rows(float* dst, int LK, const float* src, 
 }
 
 // ---- step 1: per (chunk, key head), everything that does not depend on the state ---------------------------------
-// KKᵀ and QKᵀ of the chunk once (tensor cores, 3×TF32: warps 0–3 KKᵀ, 4–7 QKᵀ, each a 16-row tile × 64 columns,
+// KKᵀ and QKᵀ of the chunk once (fp32 on CUDA cores: warps 0–3 KKᵀ, 4–7 QKᵀ, each a 16-row tile × 64 columns,
 // kept in registers), then per value head of the key head: G (cumulative log-decay in the chunk) → Gc; P[i, :];
 // A → T = (I + A)⁻¹ by forward substitution (fp32) → Tb[i, :] = T[i, :]·diag(β), for the chunk's rows i < n.
 // Block: 256 threads; dynamic shared memory K, Q [64][DK+4], A, T [64][65].
@@ -131,28 +131,30 @@ __global__ void __launch_bounds__(256, 2) k_gdr_chunk_prep(const float* qn, cons
   __syncthreads();
   // dot[nt][·]: rows rlo = 16·(w & 3) + g and rlo + 8, columns 8·nt + 2t and + 1 of KKᵀ (w < 4) or QKᵀ (w ≥ 4)
   const int rlo = 16 * (w & 3) + gq, rhi = rlo + 8;
+  // Plain fp32 on CUDA cores, each dot product summed over k in order (as v2 and the CPU twin): A feeds the forward
+  // substitution T = (I + A)⁻¹, which amplifies an error in A by up to T's condition (large when a chunk's keys are
+  // nearly dependent, as in the tiny golden model: 64 keys of 64 dimensions). With 3×TF32 here (~2⁻²² per product)
+  // CudaGolden tiny-moe/bf16 prompt 3 went from 0.985× to 2.001× the bf16 reference's error.
   float dot[8][4];
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {  // columns 32·half.. (two passes: fewer live accumulators)
+  {
     const float* A = sm + (w < 4 ? L::K : L::Q);
-    const float* Bk = sm + L::K + 32 * half * LK;
-    float acc[3][4][4] = {};
-#pragma unroll 4
-    for (int k0 = 0; k0 < DK; k0 += 8) {
-      const float a[4] = {A[rlo * LK + k0 + tq], A[rhi * LK + k0 + tq], A[rlo * LK + k0 + tq + 4],
-                          A[rhi * LK + k0 + tq + 4]};
-      float b[4][2];
+    const float* Bk = sm + L::K;
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        b[nt][0] = Bk[(nt * 8 + gq) * LK + k0 + tq];
-        b[nt][1] = Bk[(nt * 8 + gq) * LK + k0 + tq + 4];
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) dot[nt][i] = 0.f;
+#pragma unroll 2
+    for (int k = 0; k < DK; ++k) {
+      const float alo = A[rlo * LK + k], ahi = A[rhi * LK + k];
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        const float b0 = Bk[(nt * 8 + 2 * tq) * LK + k], b1 = Bk[(nt * 8 + 2 * tq + 1) * LK + k];
+        dot[nt][0] = fmaf(alo, b0, dot[nt][0]);
+        dot[nt][1] = fmaf(alo, b1, dot[nt][1]);
+        dot[nt][2] = fmaf(ahi, b0, dot[nt][2]);
+        dot[nt][3] = fmaf(ahi, b1, dot[nt][3]);
       }
-      mma3<4>(acc, a, b);
     }
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) dot[4 * half + nt][i] = acc_sum(acc, nt, i);
   }
   const int64_t R = Hv / Hk;
   for (int64_t j = kh * R; j < (kh + 1) * R; ++j) {

@@ -6,7 +6,7 @@
 //   V' = Tb·(V − e^G⊙(K·S))            (= U − W·S of the WY form: U = Tb·V, W = Tb·(e^G⊙K))
 //   O  = e^G⊙(Q·S) + P·V'
 //   S ← e^{G_c}·S + Kᵀ·(e^{G_c−G}⊙V')
-// Two kernels: k_gdr_chunk_prep, fully parallel over every (chunk, key head): KKᵀ and QKᵀ once on tensor cores, then
+// Two kernels: k_gdr_chunk_prep, fully parallel over every (chunk, key head): KKᵀ and QKᵀ once in fp32, then
 // per value head G, P, A and the forward substitution for T in fp32 (to scratch); k_gdr_chunk_state, one block of
 // 16 warps per (sequence, value head, 32 state columns) walking the chunks in order: the four products on tensor
 // cores, the state fp32 in registers across chunks, the next chunk's inputs staged by cp.async during the current one.

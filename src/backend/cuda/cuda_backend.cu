@@ -509,8 +509,9 @@ constexpr int kConvTT = 16;
 template <int KC>
 __global__ void __launch_bounds__(128) k_conv1d_tokens8(const __nv_bfloat16* __restrict__ mixed,
                                                         const float* __restrict__ weight,
-                                                        const float* __restrict__ conv_state, const int32_t* seq_of,
-                                                        const int32_t* seqinfo, int64_t C, int64_t T,
+                                                        const float* __restrict__ conv_state,
+                                                        const int32_t* __restrict__ seq_of,
+                                                        const int32_t* __restrict__ seqinfo, int64_t C, int64_t T,
                                                         __nv_bfloat16* __restrict__ out) {
   const int64_t c8 = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) * 8, t0 = int64_t(blockIdx.y) * kConvTT;
   if (c8 >= C) return;
@@ -519,9 +520,16 @@ __global__ void __launch_bounds__(128) k_conv1d_tokens8(const __nv_bfloat16* __r
   for (int e = 0; e < 8; ++e)
 #pragma unroll
     for (int j = 0; j < KC; ++j) wv[e][j] = weight[(c8 + e) * KC + j];
-  for (int64_t t = t0; t < t0 + kConvTT && t < T; ++t) {
-    const int s = seq_of[t];
-    const int64_t qs = seqinfo[s * 4 + 0], ql = seqinfo[s * 4 + 1], slot = seqinfo[s * 4 + 3], i = t - qs;
+  // The sequence table is read once when the thread's tokens all lie in one sequence (the usual case), so the tokens'
+  // loads do not wait on a chain of table lookups each.
+  const int64_t t1 = t0 + kConvTT < T ? t0 + kConvTT : T;
+  const int s0 = seq_of[t0];
+  const int64_t qs0 = seqinfo[s0 * 4 + 0], ql0 = seqinfo[s0 * 4 + 1], slot0 = seqinfo[s0 * 4 + 3];
+  const bool one = qs0 <= t0 && t1 <= qs0 + ql0;  // every token of the thread inside sequence s0's rows
+  for (int64_t t = t0; t < t1; ++t) {
+    const int s = one ? s0 : seq_of[t];
+    const int64_t qs = one ? qs0 : seqinfo[s * 4 + 0], ql = one ? ql0 : seqinfo[s * 4 + 1],
+                  slot = one ? slot0 : seqinfo[s * 4 + 3], i = t - qs;
     if (i < 0 || i >= ql) continue;  // a row outside every sequence (ops.h)
     float acc[8];
 #pragma unroll

@@ -192,5 +192,72 @@ TEST_F(CudaGdr, DeterministicAndBatchInvariant) {
   EXPECT_TRUE(o1 == o3 && s1 == s3) << "the sequence's result depends on the rest of the batch";
 }
 
+// Device time of the two chunked kernels on the 35B-A3B shape (one sequence, Hk 16, Hv 32, Dk = Dv = 128), per
+// layer and for the model's 30 DeltaNet layers. Prints only.
+TEST_F(CudaGdr, ChunkedTiming) {
+  const int64_t Hk = 16, Hv = 32, Dk = 128, Dv = 128, C = 2 * Hk * Dk + Hv * Dv;
+  for (int64_t T : {4096, 32768}) {
+    std::vector<float> qk(size_t(T * Hk * Dk)), gv(size_t(T * Hv)), bv(size_t(T * Hv));
+    std::vector<uint16_t> xv(size_t(T * C));
+    uint32_t r = 1;
+    auto rnd = [&] { return float((r = r * 1664525u + 1013904223u) >> 8) / float(1 << 24) - 0.5f; };
+    for (auto& x : qk) x = 0.18f * rnd();  // ~unit rows of 128
+    for (auto& x : gv) x = -0.05f + 0.04f * rnd();
+    for (auto& x : bv) x = 0.5f + 0.5f * rnd();
+    for (auto& x : xv) x = f32_to_bf16(rnd());
+    const int32_t info[4] = {0, int32_t(T), 0, 0};
+    float *qn, *kn, *g, *beta, *Gc, *Tb, *P, *ssm, *o;
+    void* qkv;
+    int32_t* si;
+    auto up = [](void** d, const void* h, size_t n) {
+      ASSERT_EQ(cudaMalloc(d, n), cudaSuccess);
+      if (h) {
+        ASSERT_EQ(cudaMemcpy(*d, h, n, cudaMemcpyHostToDevice), cudaSuccess);
+      }
+    };
+    up((void**)&qn, qk.data(), qk.size() * 4);
+    up((void**)&kn, qk.data(), qk.size() * 4);
+    up((void**)&g, gv.data(), gv.size() * 4);
+    up((void**)&beta, bv.data(), bv.size() * 4);
+    up(&qkv, xv.data(), xv.size() * 2);
+    up((void**)&si, info, sizeof info);
+    up((void**)&Gc, nullptr, size_t(T * Hv) * 4);
+    up((void**)&Tb, nullptr, size_t(T * Hv * 64) * 4);
+    up((void**)&P, nullptr, size_t(T * Hv * 64) * 4);
+    up((void**)&ssm, nullptr, size_t(Hv * Dk * Dv) * 4);
+    up((void**)&o, nullptr, size_t(T * Hv * Dv) * 2);
+    cudaMemset(ssm, 0, size_t(Hv * Dk * Dv) * 4);
+    cudaEvent_t e0, e1, e2;
+    cudaEventCreate(&e0), cudaEventCreate(&e1), cudaEventCreate(&e2);
+    // the state kernel also with plain TF32 products (DS_GDR_CHUNK_TF32=1: how much the 3×TF32 split costs)
+    for (bool tf32 : {false, true}) {
+      if (tf32) setenv("DS_GDR_CHUNK_TF32", "1", 1);
+      double tp = 0, ts = 0;
+      const int reps = 3;
+      for (int it = 0; it <= reps; ++it) {
+        cudaEventRecord(e0);
+        cuda::gdr_chunked_prep(qn, kn, g, beta, T, Hk, Hv, Dk, 1, si, Gc, Tb, P, nullptr);
+        cudaEventRecord(e1);
+        cuda::gdr_chunked_state(qn, kn, qkv, int(DType::BF16), C, Hk, Hv, Dk, Dv, 1, si, Gc, Tb, P, ssm, o,
+                                int(DType::BF16), nullptr);
+        cudaEventRecord(e2);
+        ASSERT_EQ(cudaEventSynchronize(e2), cudaSuccess);
+        float a = 0, b = 0;
+        cudaEventElapsedTime(&a, e0, e1);
+        cudaEventElapsedTime(&b, e1, e2);
+        if (it) tp += a / reps, ts += b / reps;  // the first run warms up
+      }
+      unsetenv("DS_GDR_CHUNK_TF32");
+      std::printf("  chunked gated delta rule, T=%lld, %s: prep %.3f ms + state %.3f ms per layer; x30 layers %.1f ms\n",
+                  (long long)T, tf32 ? "TF32 state products" : "3xTF32", tp, ts, 30 * (tp + ts));
+    }
+    for (void* p : {(void*)qn, (void*)kn, (void*)g, (void*)beta, qkv, (void*)si, (void*)Gc, (void*)Tb, (void*)P,
+                    (void*)ssm, (void*)o})
+      cudaFree(p);
+    cudaEventDestroy(e0), cudaEventDestroy(e1), cudaEventDestroy(e2);
+    EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+  }
+}
+
 }  // namespace
 }  // namespace ds

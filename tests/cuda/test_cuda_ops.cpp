@@ -111,6 +111,18 @@ TEST_F(CudaOps, ElementwiseAndNorms) {
     B.cpu->gated_rmsnorm(o.c, zz.c, nw.c, 1e-6f, gy.c);
     B.gpu->gated_rmsnorm(o.g, zz.g, nw.g, 1e-6f, gy.g);
     REPORT("gated_rmsnorm T=" + std::to_string(T) + " Hv=32 Dv=128", B.err(gy));
+    // other head sizes (warp form for 128·{1,2,4}, the block form otherwise) and row counts that are not a
+    // multiple of the warp form's 8 rows per block
+    for (int64_t D : {128, 256, 512, 96}) {
+      const int64_t R = 3 * T + 2;
+      auto o2 = B.up(randn(R * D, 1.f, 9 + T), {R, D});
+      auto z2 = B.up(randn(R * D, 1.f, 10 + T), {R, D});
+      auto w2 = B.up(randn(D, 0.2f, 11, 1.f), {D}, DType::F32);
+      auto y2 = B.zeros({R, D});
+      B.cpu->gated_rmsnorm(o2.c, z2.c, w2.c, 1e-6f, y2.c);
+      B.gpu->gated_rmsnorm(o2.g, z2.g, w2.g, 1e-6f, y2.g);
+      REPORT("gated_rmsnorm R=" + std::to_string(R) + " D=" + std::to_string(D), B.err(y2));
+    }
     std::vector<int32_t> rows;
     for (int64_t i = T - 1; i >= 0; i -= 3) rows.push_back(int32_t(i));
     auto gr = B.zeros({int64_t(rows.size()), H});
@@ -795,6 +807,7 @@ int bit_diffs(const std::vector<float>& a, const std::vector<float>& b) {
 TEST_F(CudaOps, Int4LargeM) {
   Both B;
   ScopedEnv on("DS_CUDA_NO_BIG_GEMM", "0");  // the large-M kernel, whatever the default
+  ScopedEnv no_deq("DS_CUDA_NO_DEQUANT_GEMM", "1");  // not the dequantise + cuBLAS path (Int4DequantGemm)
   ScopedEnv min_m("DS_INT4_BIG_MIN_M", "64");
   struct Shape {
     int64_t N, K;
@@ -941,8 +954,93 @@ TEST_F(CudaOps, Int4LargeMExperts) {
 // Throughput of the int4 kernels at a 4k prefill, old (DS_CUDA_NO_BIG_GEMM=1) and new: one 4096 × 2048 → 4096
 // linear and one routed-experts layer of the 35B-A3B shape (E = 256, H = 2048, I = 512, top-8, uniform random
 // routing). Prints TFLOP/s; asserts nothing about time.
+// Prefill-sized int4 linears through a dequantised bf16 copy and cuBLAS (int4_dequant.h; default from 512 rows):
+// against the CPU (every row of M ≤ 1024, else the first 64 and last 48), the error of the mma kernels on the same
+// rows beside it, and the time of both; below the threshold the mma kernels, bit for bit.
+TEST_F(CudaOps, Int4DequantGemm) {
+  Both B;
+  struct Shape {
+    int64_t N, K;
+    const char* what;
+  };
+  const std::vector<Shape> shapes = {{8192, 2048, "DeltaNet qkv"}, {4096, 2048, "DeltaNet z"},
+                                     {2048, 4096, "DeltaNet out"}, {16384, 2048, "attention q|gate"},
+                                     {2048, 8192, "attention o"}, {512, 2048, "attention k / v"},
+                                     {272, 384, "odd: 17 tiles, 3 groups"}};
+  auto time_ms = [&](auto&& fn) {
+    fn();
+    B.gpu->synchronize();
+    auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < 5; ++i) fn();
+    B.gpu->synchronize();
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / 5;
+  };
+  for (auto& s : shapes) {
+    HostLinear hl(s.N, s.K, true, s.N * 5 + s.K);
+    Linear lc = B.cpu->make_linear({hl.src()}), lg = B.gpu->make_linear({hl.src()});
+    for (int64_t M : {511, 512, 777, 2049, 4096}) {
+      if (M == 4096 && s.N * s.K > 8192 * 2048) continue;
+      const auto xs = randn(size_t(M * s.K), 1.f, M * 5 + s.K);
+      Tensor x = B.gpu->upload_f32(xs, {M, s.K}, DType::BF16);
+      for (DType ydt : {DType::F32, DType::BF16}) {
+        const std::string tag = std::string(" N=") + std::to_string(s.N) + " K=" + std::to_string(s.K) +
+                                " M=" + std::to_string(M) + (ydt == DType::F32 ? " F32" : " BF16") + " (" + s.what + ")";
+        Tensor y = B.gpu->alloc(ydt, {M, s.N}), yo = B.gpu->alloc(ydt, {M, s.N});
+        B.gpu->linear(x, lg, y);
+        {
+          ScopedEnv off("DS_CUDA_NO_DEQUANT_GEMM", "1");
+          B.gpu->linear(x, lg, yo);
+        }
+        const auto yv = B.gpu->to_host_f32(y), yov = B.gpu->to_host_f32(yo);
+        if (M < 512) {
+          EXPECT_EQ(bit_diffs(yv, yov), 0) << "below the threshold: the mma kernels" << tag;
+          continue;
+        }
+        if (ydt != DType::F32) continue;
+        const int64_t a = M <= 1024 ? M : 64, b0 = M <= 1024 ? M : M - 48;
+        std::vector<float> sub = host_rows(xs, 0, a, s.K), ref = host_rows(yv, 0, a, s.N), old = host_rows(yov, 0, a, s.N);
+        auto tail = host_rows(xs, b0, M, s.K), yt = host_rows(yv, b0, M, s.N), ot = host_rows(yov, b0, M, s.N);
+        sub.insert(sub.end(), tail.begin(), tail.end());
+        ref.insert(ref.end(), yt.begin(), yt.end());
+        old.insert(old.end(), ot.begin(), ot.end());
+        const int64_t R = int64_t(sub.size()) / s.K;
+        Tensor xc = B.cpu->upload_f32(sub, {R, s.K}, DType::F32), yc = B.cpu->alloc(DType::F32, {R, s.N});
+        B.cpu->linear(xc, lc, yc);
+        const auto cv = B.cpu->to_host_f32(yc);
+        const double e_new = test::rel(ref, cv), e_old = test::rel(old, cv);
+        const double t_new = time_ms([&] { B.gpu->linear(x, lg, y); });
+        double t_old;
+        {
+          ScopedEnv off("DS_CUDA_NO_DEQUANT_GEMM", "1");
+          t_old = time_ms([&] { B.gpu->linear(x, lg, yo); });
+        }
+        const double fl = 2.0 * double(M) * double(s.N) * double(s.K) * 1e-9;
+        std::printf("  %-62s mma: %.3g, %.3f ms %.0f TFLOP/s | dequant+cuBLAS: %.3g, %.3f ms %.0f TFLOP/s\n",
+                    tag.c_str(), e_old, t_old, fl / t_old, e_new, t_new, fl / t_new);
+        REPORT("int4 dequant+cuBLAS" + tag, e_new);
+      }
+    }
+  }
+  // linear_group (two int4 weights of one input, as the DeltaNet qkv | z pair) takes the same path: each output as
+  // from linear()
+  {
+    HostLinear qa(4096, 2048, true, 81), qb(512, 2048, true, 82);
+    Linear la = B.gpu->make_linear({qa.src()}), lb = B.gpu->make_linear({qb.src()});
+    const int64_t M = 1000;
+    Tensor x = B.gpu->upload_f32(randn(size_t(M * 2048), 1.f, 83), {M, 2048}, DType::BF16);
+    Tensor ya = B.gpu->alloc(DType::BF16, {M, 4096}), yb = B.gpu->alloc(DType::F32, {M, 512});
+    Tensor sa = B.gpu->alloc(DType::BF16, {M, 4096}), sb = B.gpu->alloc(DType::F32, {M, 512});
+    B.gpu->linear(x, la, sa);
+    B.gpu->linear(x, lb, sb);
+    B.gpu->linear_group(x, {{&la, &ya, false}, {&lb, &yb, false}});
+    EXPECT_EQ(bit_diffs(B.gpu->to_host_f32(ya), B.gpu->to_host_f32(sa)), 0) << "linear_group matrix a";
+    EXPECT_EQ(bit_diffs(B.gpu->to_host_f32(yb), B.gpu->to_host_f32(sb)), 0) << "linear_group matrix b";
+  }
+}
+
 TEST_F(CudaOps, Int4PrefillThroughput) {
   Both B;
+  ScopedEnv no_deq("DS_CUDA_NO_DEQUANT_GEMM", "1");  // the int4 kernels' own rates
   auto time_ms = [&](auto&& fn) {
     fn();
     B.gpu->synchronize();

@@ -21,6 +21,7 @@
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/flash_attn.h"
 #include "backend/cuda/gdr_chunked.h"
+#include "backend/cuda/int4_dequant.h"
 #include "backend/cuda/int4_mma.h"
 #include "backend/cuda/mma_util.cuh"
 #include "backend/cuda/pdl.h"
@@ -500,6 +501,66 @@ __global__ void k_conv1d_tokens(const void* mixed, int mdt, const float* weight,
   for (int j = 0; j < KC; ++j) acc += weight[ch * KC + j] * conv_in<KC>(mixed, mdt, st, qs, C, ch, i - (KC - 1) + j);
   stf(out, odt, t * C + ch, silu_f(acc));
 }
+// The same for bf16 in and out with C % 8 == 0: one thread per (8 channels, kConvTT consecutive tokens), its 8 × KC
+// taps in registers (loaded once), 16-byte activation loads and stores (the scalar form above spends its time on
+// per-element dtype switches and re-reading the taps). Each channel's taps are added in the same order as above,
+// so the bits are the same.
+constexpr int kConvTT = 16;
+template <int KC>
+__global__ void __launch_bounds__(128) k_conv1d_tokens8(const __nv_bfloat16* __restrict__ mixed,
+                                                        const float* __restrict__ weight,
+                                                        const float* __restrict__ conv_state,
+                                                        const int32_t* __restrict__ seq_of,
+                                                        const int32_t* __restrict__ seqinfo, int64_t C, int64_t T,
+                                                        __nv_bfloat16* __restrict__ out) {
+  const int64_t c8 = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) * 8, t0 = int64_t(blockIdx.y) * kConvTT;
+  if (c8 >= C) return;
+  float wv[8][KC];
+#pragma unroll
+  for (int e = 0; e < 8; ++e)
+#pragma unroll
+    for (int j = 0; j < KC; ++j) wv[e][j] = weight[(c8 + e) * KC + j];
+  // The sequence table is read once when the thread's tokens all lie in one sequence (the usual case), so the tokens'
+  // loads do not wait on a chain of table lookups each.
+  const int64_t t1 = t0 + kConvTT < T ? t0 + kConvTT : T;
+  const int s0 = seq_of[t0];
+  const int64_t qs0 = seqinfo[s0 * 4 + 0], ql0 = seqinfo[s0 * 4 + 1], slot0 = seqinfo[s0 * 4 + 3];
+  const bool one = qs0 <= t0 && t1 <= qs0 + ql0;  // every token of the thread inside sequence s0's rows
+  for (int64_t t = t0; t < t1; ++t) {
+    const int s = one ? s0 : seq_of[t];
+    const int64_t qs = one ? qs0 : seqinfo[s * 4 + 0], ql = one ? ql0 : seqinfo[s * 4 + 1],
+                  slot = one ? slot0 : seqinfo[s * 4 + 3], i = t - qs;
+    if (i < 0 || i >= ql) continue;  // a row outside every sequence (ops.h)
+    float acc[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] = 0.f;
+#pragma unroll
+    for (int j = 0; j < KC; ++j) {
+      const int64_t jj = i - (KC - 1) + j;
+      float in[8];
+      if (jj >= 0) {
+        const uint4 u = *reinterpret_cast<const uint4*>(mixed + (qs + jj) * C + c8);
+        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float2 f = __bfloat1622float2(h[e]);
+          in[2 * e] = f.x, in[2 * e + 1] = f.y;
+        }
+      } else {
+        const float* st = conv_state + (slot * C + c8) * (KC - 1) + (KC - 1) + jj;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) in[e] = st[e * (KC - 1)];
+      }
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[e] += wv[e][j] * in[e];
+    }
+    uint4 u;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) h[e] = __floats2bfloat162_rn(silu_f(acc[2 * e]), silu_f(acc[2 * e + 1]));
+    *reinterpret_cast<uint4*>(out + t * C + c8) = u;
+  }
+}
 template <int KC>
 __global__ void k_conv1d_state(const void* mixed, int mdt, float* conv_state, const int32_t* seqinfo, int64_t C) {
   const int64_t ch = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
@@ -692,6 +753,53 @@ __global__ void k_gated_rmsnorm(const void* x, int xdt, const void* z, int zdt, 
   const float inv = 1.f / sqrtf(ss / float(D) + eps);
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x)
     stf(y, ydt, r * D + d, ldf(x, xdt, r * D + d) * inv * w[d] * silu_f(ldf(z, zdt, r * D + d)));
+}
+
+// The same for bf16 x, z and y with D = 128·NC (DeltaNet's head size 128: NC = 1): one warp per row, 8-byte loads,
+// 8 rows per block (the form above runs one 128-thread block per 128-value row and spends its time in block
+// scheduling and the block-wide sum at prefill sizes). Same formula and evaluation order per element; the sum of
+// squares is added in a different order (per lane, then across the warp), for every row count alike.
+template <int NC>
+__global__ void __launch_bounds__(256) k_gated_rmsnorm_warp(const __nv_bfloat16* __restrict__ x,
+                                                            const __nv_bfloat16* __restrict__ z,
+                                                            const float* __restrict__ w, float eps, int64_t R,
+                                                            __nv_bfloat16* __restrict__ y) {
+  pdl_trigger();  // the next kernel may be PDL-launched (pdl.h)
+  constexpr int D = 128 * NC;
+  const int64_t r = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (r >= R) return;
+  float xv[NC][4];
+  float ss = 0.f;
+#pragma unroll
+  for (int c = 0; c < NC; ++c) {
+    const uint2 u = *reinterpret_cast<const uint2*>(x + r * D + (c * 32 + lane) * 4);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+    const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
+    xv[c][0] = a.x, xv[c][1] = a.y, xv[c][2] = b.x, xv[c][3] = b.y;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) ss += xv[c][e] * xv[c][e];
+  }
+  ss = warp_sum(ss);
+  const float inv = 1.f / sqrtf(ss / float(D) + eps);
+#pragma unroll
+  for (int c = 0; c < NC; ++c) {
+    const int d0 = (c * 32 + lane) * 4;
+    const uint2 u = *reinterpret_cast<const uint2*>(z + r * D + d0);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+    const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
+    const float zv[4] = {a.x, a.y, b.x, b.y};
+    const float4 wv = *reinterpret_cast<const float4*>(w + d0);
+    const float ww[4] = {wv.x, wv.y, wv.z, wv.w};
+    float o[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[e] = xv[c][e] * inv * ww[e] * silu_f(zv[e]);
+    uint2 v;
+    __nv_bfloat162* hv = reinterpret_cast<__nv_bfloat162*>(&v);
+    hv[0] = __floats2bfloat162_rn(o[0], o[1]);
+    hv[1] = __floats2bfloat162_rn(o[2], o[3]);
+    *reinterpret_cast<uint2*>(y + r * D + d0) = v;
+  }
 }
 
 // Router: softmax over E ≤ 1024, top-k (ties to the lower index, as a stable sort), renormalised. Warp per token.
@@ -1533,6 +1641,10 @@ class CudaBackend final : public Backend {
       else
         rest.push_back(j);
     }
+    if (int4_via_cublas(T)) {
+      for (auto& [l, y] : q4) int4_cublas(l, xb, T, *y);
+      q4.clear();
+    }
     for (size_t i = 0; i < q4.size(); i += 2) {
       const MmaInt4 a = q4[i].first->mma();
       if (i + 1 < q4.size()) {
@@ -1597,7 +1709,23 @@ class CudaBackend final : public Backend {
     }
     DS_CHECK(y.dtype == DType::F32 || y.dtype == DType::BF16, "int4 linear: output F32 or BF16, got ",
              dtype_name(y.dtype));
+    if (int4_via_cublas(T)) return int4_cublas(l, xb, T, y);
     mma_int4_linear(l->mma(), xb.data, T, y.data, int(y.dtype), stream_);
+  }
+
+  // Prefill-sized int4 linears (≥ DS_INT4_DEQUANT_MIN_M rows, default 512; never inside a recorded step): the weight
+  // dequantised to a bf16 scratch copy (int4_dequant.h), then cuBLAS, which runs these shapes at ~3× the tensor-core
+  // int4 kernel's rate (bench/RESULTS.md session 5). Rows here are not bit-identical to the ≤ 256-row kernels' (as
+  // for the bf16 linears above 256 rows); decode and verify steps stay far below the threshold.
+  // DS_CUDA_NO_DEQUANT_GEMM=1: the int4 kernels for every size.
+  bool int4_via_cublas(int64_t T) const {
+    static const int64_t min_m = env_int("DS_INT4_DEQUANT_MIN_M", 512);
+    return T >= min_m && !in_step_ && !env_flag("DS_CUDA_NO_DEQUANT_GEMM");
+  }
+  void int4_cublas(const CudaLinear* l, const Tensor& xb, int64_t T, Tensor& y) {
+    Tensor wb = alloc_scratch(DType::BF16, {l->N, l->K});
+    int4_dequant_bf16(l->mma(), wb.data, stream_);
+    gemm_bf16(wb.data, xb.data, T, l->N, l->K, y);
   }
   // Like alloc, without zero-fill.
   Tensor alloc_scratch(DType dt, std::vector<int64_t> shape) {
@@ -1747,12 +1875,23 @@ class CudaBackend final : public Backend {
     auto& d = dev(b);
     const int64_t T = b.num_tokens();
     const bool decode = T == int64_t(b.seqs.size());  // one token per sequence: one thread walks each window
-    dim3 grid(unsigned((C + 127) / 128), unsigned(b.seqs.size())), tgrid(unsigned((C + 127) / 128), unsigned(T));
+    dim3 grid(unsigned((C + 127) / 128), unsigned(b.seqs.size())), tgrid(unsigned((C + 127) / 128), unsigned(T)),
+        vgrid(unsigned((C / 8 + 127) / 128), unsigned((T + kConvTT - 1) / kConvTT));
+    // Prefill-sized chunks with bf16 activations: 8 channels per thread (k_conv1d_tokens8, same bits).
+    const bool vec = mixed.dtype == DType::BF16 && out.dtype == DType::BF16 && C % 8 == 0 &&
+                     !env_flag("DS_CUDA_NO_CONV_VEC");
 #define DS_CONV(KC)                                                                                               \
   case KC:                                                                                                        \
     if (decode) {                                                                                                 \
       k_conv1d<KC><<<grid, 128, 0, stream_>>>(mixed.data, int(mixed.dtype), weight.ptr<float>(),                  \
                                               st.conv.ptr<float>(), d.seqinfo, C, out.data, int(out.dtype));      \
+    } else if (vec) {                                                                                             \
+      k_conv1d_tokens8<KC><<<vgrid, 128, 0, stream_>>>(mixed.ptr<__nv_bfloat16>(), weight.ptr<float>(),           \
+                                                       st.conv.ptr<float>(), d.seq_of, d.seqinfo, C, T,           \
+                                                       out.ptr<__nv_bfloat16>());                                 \
+      DS_CUDA_CHECK_LAST();                                                                                       \
+      k_conv1d_state<KC><<<grid, 128, 0, stream_>>>(mixed.data, int(mixed.dtype), st.conv.ptr<float>(),           \
+                                                    d.seqinfo, C);                                                \
     } else {                                                                                                      \
       k_conv1d_tokens<KC><<<tgrid, 128, 0, stream_>>>(mixed.data, int(mixed.dtype), weight.ptr<float>(),          \
                                                       st.conv.ptr<float>(), d.seq_of, d.seqinfo, C, out.data,     \
@@ -1857,8 +1996,20 @@ class CudaBackend final : public Backend {
   void gated_rmsnorm(const Tensor& o, const Tensor& z, const Tensor& w, float eps, Tensor& y) override {
     const int64_t D = w.numel(), R = o.numel() / D;
     if (!R) return;
-    k_gated_rmsnorm<<<unsigned(R), 128, 0, stream_>>>(o.data, int(o.dtype), z.data, int(z.dtype), w.ptr<float>(), eps,
-                                                     D, y.data, int(y.dtype));
+    const bool bf = o.dtype == DType::BF16 && z.dtype == DType::BF16 && y.dtype == DType::BF16;
+    const int nc = D % 128 == 0 ? int(D / 128) : 0;
+    if (bf && (nc == 1 || nc == 2 || nc == 4) && !env_flag("DS_CUDA_NO_NORM_WARP")) {
+      const unsigned blocks = unsigned((R + 7) / 8);
+      const auto* xo = o.ptr<__nv_bfloat16>();
+      const auto* xz = z.ptr<__nv_bfloat16>();
+      auto* xy = y.ptr<__nv_bfloat16>();
+      if (nc == 1) k_gated_rmsnorm_warp<1><<<blocks, 256, 0, stream_>>>(xo, xz, w.ptr<float>(), eps, R, xy);
+      if (nc == 2) k_gated_rmsnorm_warp<2><<<blocks, 256, 0, stream_>>>(xo, xz, w.ptr<float>(), eps, R, xy);
+      if (nc == 4) k_gated_rmsnorm_warp<4><<<blocks, 256, 0, stream_>>>(xo, xz, w.ptr<float>(), eps, R, xy);
+    } else {
+      k_gated_rmsnorm<<<unsigned(R), 128, 0, stream_>>>(o.data, int(o.dtype), z.data, int(z.dtype), w.ptr<float>(),
+                                                       eps, D, y.data, int(y.dtype));
+    }
     DS_CUDA_CHECK_LAST();
   }
 

@@ -5,8 +5,10 @@
 #include <chrono>
 #include <cstring>
 #include <numeric>
+#include <random>
 
 #include "backend/cuda/bf16_mma.h"
+#include "backend/cuda/int4_dequant.h"
 #include "backend/cuda/int4_mma.h"
 #include "cuda_test_util.h"
 
@@ -954,6 +956,46 @@ TEST_F(CudaOps, Int4LargeMExperts) {
 // Throughput of the int4 kernels at a 4k prefill, old (DS_CUDA_NO_BIG_GEMM=1) and new: one 4096 × 2048 → 4096
 // linear and one routed-experts layer of the 35B-A3B shape (E = 256, H = 2048, I = 512, top-8, uniform random
 // routing). Prints TFLOP/s; asserts nothing about time.
+// The dequantise kernel (int4_dequant.h) alone, bit for bit against the host: w[n, k] = bf16((q − z)·s), q read back
+// through the mma layout's reference (mma_int4_nibble); every element of small and real-sized matrices.
+TEST_F(CudaOps, Int4DequantKernel) {
+  for (auto [N, K] : std::vector<std::pair<int64_t, int64_t>>{{16, 128}, {272, 384}, {512, 2048}, {2048, 4096}}) {
+    const int G = 128;
+    std::mt19937_64 g(N * 13 + K);
+    std::vector<int32_t> qw(size_t(K / 8 * N));
+    for (auto& x : qw) x = int32_t(uint32_t(g()));
+    std::vector<uint32_t> packed(size_t(N * K / 8));
+    for (int64_t t = 0; t < N / 16; ++t) cuda::mma_int4_pack_tile(qw.data(), N, K, t, 0, packed.data());
+    std::vector<float> sc(size_t(N * (K / G)));
+    std::vector<uint8_t> z(sc.size());
+    auto sv = randn(sc.size(), 0.02f, N + K);
+    for (size_t i = 0; i < sc.size(); ++i) sc[i] = sv[i], z[i] = uint8_t(1 + g() % 16);
+    void *dq = nullptr, *ds = nullptr, *dz = nullptr, *dw = nullptr;
+    ASSERT_EQ(cudaMalloc(&dq, packed.size() * 4), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&ds, sc.size() * 4), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&dz, z.size()), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&dw, size_t(N * K) * 2), cudaSuccess);
+    cudaMemcpy(dq, packed.data(), packed.size() * 4, cudaMemcpyHostToDevice);
+    cudaMemcpy(ds, sc.data(), sc.size() * 4, cudaMemcpyHostToDevice);
+    cudaMemcpy(dz, z.data(), z.size(), cudaMemcpyHostToDevice);
+    cuda::MmaInt4 W;
+    W.qw = static_cast<const uint4*>(dq), W.sc = static_cast<const float*>(ds), W.z = static_cast<const uint8_t*>(dz);
+    W.N = N, W.K = K, W.G = G, W.KS = cuda::mma_int4_slices(K, G);
+    cuda::int4_dequant_bf16(W, dw, nullptr);
+    std::vector<uint16_t> w(size_t(N * K));
+    ASSERT_EQ(cudaMemcpy(w.data(), dw, w.size() * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+    int64_t bad = 0;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) {
+        const size_t gi = size_t(n * (K / G) + k / G);
+        const float v = (float(cuda::mma_int4_nibble(packed.data(), K, n, k)) - float(z[gi])) * sc[gi];
+        bad += w[size_t(n * K + k)] != f32_to_bf16(v);
+      }
+    EXPECT_EQ(bad, 0) << "int4 dequant N=" << N << " K=" << K;
+    for (void* p : {dq, ds, dz, dw}) cudaFree(p);
+  }
+}
+
 // Prefill-sized int4 linears through a dequantised bf16 copy and cuBLAS (int4_dequant.h; default from 512 rows):
 // against the CPU (every row of M ≤ 1024, else the first 64 and last 48), the error of the mma kernels on the same
 // rows beside it, and the time of both; below the threshold the mma kernels, bit for bit.

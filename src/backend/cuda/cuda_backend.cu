@@ -1716,11 +1716,11 @@ class CudaBackend final : public Backend {
   // Prefill-sized int4 linears (≥ DS_INT4_DEQUANT_MIN_M rows, default 512; never inside a recorded step): the weight
   // dequantised to a bf16 scratch copy (int4_dequant.h), then cuBLAS, which runs these shapes at ~3× the tensor-core
   // int4 kernel's rate (bench/RESULTS.md session 5). Rows here are not bit-identical to the ≤ 256-row kernels' (as
-  // for the bf16 linears above 256 rows); decode and verify steps stay far below the threshold.
+  // for the bf16 linears above 256 rows). Recorded decode / verify steps never take it; verify rows in an eager step
+  // of ≥ 512 rows (beside a prefill chunk) do, and then differ from a plain decode step's bits.
   // DS_CUDA_NO_DEQUANT_GEMM=1: the int4 kernels for every size.
   bool int4_via_cublas(int64_t T) const {
-    static const int64_t min_m = env_int("DS_INT4_DEQUANT_MIN_M", 512);
-    return T >= min_m && !in_step_ && !env_flag("DS_CUDA_NO_DEQUANT_GEMM");
+    return !in_step_ && T >= env_int("DS_INT4_DEQUANT_MIN_M", 512) && !env_flag("DS_CUDA_NO_DEQUANT_GEMM");
   }
   void int4_cublas(const CudaLinear* l, const Tensor& xb, int64_t T, Tensor& y) {
     Tensor wb = alloc_scratch(DType::BF16, {l->N, l->K});

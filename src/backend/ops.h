@@ -170,6 +170,24 @@ class Backend {
                                 const BatchMeta& b, Tensor& o) = 0;
   // y [T, Hv·Dv] = rmsnorm(o per head, w [Dv], plain weight) · silu(z)
   virtual void gated_rmsnorm(const Tensor& o, const Tensor& z, const Tensor& w, float eps, Tensor& y) = 0;
+  // The DeltaNet token mixer in one call: qkv = conv1d_causal(mixed), o = gated_delta_rule(qkv, ...), and with
+  // z and norm_w given y = gated_rmsnorm(o, *z, *norm_w, eps), else y = o (the speculative replay, which wants only
+  // the state update). Same contract as those ops (rows outside every sequence ignored, outputs unspecified); the
+  // intermediate qkv and o may be kept at higher precision than act_dtype(). The default runs the three ops.
+  virtual void deltanet_mix(const Tensor& mixed, const Tensor& conv_w, const Tensor& ba, const Tensor& A_log,
+                            const Tensor& dt_bias, int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, const Tensor* z,
+                            const Tensor* norm_w, float eps, StateLayer& st, const BatchMeta& b, Tensor& y) {
+    const int64_t T = mixed.dim(0);
+    Tensor qkv = alloc(act_dtype(), {T, mixed.dim(1)});
+    conv1d_causal(mixed, conv_w, st, b, qkv);
+    if (!norm_w) {
+      gated_delta_rule(qkv, ba, A_log, dt_bias, Hk, Hv, Dk, Dv, st, b, y);
+      return;
+    }
+    Tensor o = alloc(act_dtype(), {T, Hv * Dv});
+    gated_delta_rule(qkv, ba, A_log, dt_bias, Hk, Hv, Dk, Dv, st, b, o);
+    gated_rmsnorm(o, *z, *norm_w, eps, y);
+  }
 
   // MoE. router_logits [T, E] → ids [T, K] int32, weights [T, K] fp32 (softmax, top-k, renormalised).
   virtual void moe_route(const Tensor& router_logits, int64_t top_k, Tensor& ids, Tensor& weights) = 0;

@@ -37,13 +37,9 @@ Tensor Model::deltanet_block(const LayerWeights& lw, const Tensor& x, BatchMeta&
       be_.copy(dm, mixed.rows(s.q_start, s.q_start + s.q_len));
       be_.copy(db, ba.rows(s.q_start, s.q_start + s.q_len));
     }
-  Tensor qkv = be_.alloc(act, {T, C});
-  be_.conv1d_causal(mixed, lw.gdn.conv_w, st, b, qkv);
-  Tensor o = be_.alloc(act, {T, Vd});
-  be_.gated_delta_rule(qkv, ba, lw.gdn.A_log, lw.gdn.dt_bias, t.lin_num_k_heads, Hv, t.lin_k_head_dim,
-                       t.lin_v_head_dim, st, b, o);
   Tensor normed = be_.alloc(act, {T, Vd});
-  be_.gated_rmsnorm(o, z, lw.gdn.norm, float(t.rms_norm_eps), normed);
+  be_.deltanet_mix(mixed, lw.gdn.conv_w, ba, lw.gdn.A_log, lw.gdn.dt_bias, t.lin_num_k_heads, Hv, t.lin_k_head_dim,
+                   t.lin_v_head_dim, &z, &lw.gdn.norm, float(t.rms_norm_eps), st, b, normed);
   Tensor y = be_.alloc(act, {T, t.hidden_size});
   be_.linear(normed, lw.gdn.out, y);
   return y;
@@ -79,11 +75,9 @@ void Model::replay_deltanet(BatchMeta& b, ModelCaches& c, bool graphed) {
       const GdnWeights& g = w_.layers[L].gdn;
       const int64_t r0 = int64_t(lg.index[L]) * R;
       Tensor mixed = lg.mixed.rows(r0, r0 + T), ba = lg.ba.rows(r0, r0 + T);
-      Tensor qkv = be_.alloc(act, {T, C});
-      be_.conv1d_causal(mixed, g.conv_w, c.state[L], b, qkv);
       Tensor o = be_.alloc(act, {T, Vd});
-      be_.gated_delta_rule(qkv, ba, g.A_log, g.dt_bias, t.lin_num_k_heads, Hv, t.lin_k_head_dim, t.lin_v_head_dim,
-                           c.state[L], b, o);
+      be_.deltanet_mix(mixed, g.conv_w, ba, g.A_log, g.dt_bias, t.lin_num_k_heads, Hv, t.lin_k_head_dim,
+                       t.lin_v_head_dim, nullptr, nullptr, 0.f, c.state[L], b, o);
     }
   };
   if (!graphed) {

@@ -545,6 +545,134 @@ TEST_F(CudaOps, DeltaNet) {
     }
 }
 
+// Backend::deltanet_mix (conv1d_causal + gated_delta_rule + gated_rmsnorm; on CUDA the fused short-chunk kernels of
+// gdr_decode.h, the unfused ones for sequences of >= 32 tokens) against the CPU's three ops: the output and the
+// updated conv and recurrent states, from random states. `spans`: (q_start, q_len) per sequence; rows of T outside
+// every span (the speculative replay's rejected rows) are not compared. Returns the GPU output (host).
+struct MixCfg {
+  int64_t Hk, Hv, Dk, Dv, Kc;
+};
+std::vector<float> check_deltanet_mix(Both& B, MixCfg c, const std::vector<std::pair<int64_t, int64_t>>& spans,
+                                      int64_t T, bool norm, uint64_t seed, const std::string& what,
+                                      const std::vector<int32_t>& slots = {}) {
+  const int64_t C = 2 * c.Hk * c.Dk + c.Hv * c.Dv, Kc = c.Kc, Vd = c.Hv * c.Dv;
+  BatchMeta b;
+  int64_t nslots = 0;
+  for (size_t i = 0; i < spans.size(); ++i) {
+    BatchMeta::Seq s;
+    s.q_start = spans[i].first;
+    s.q_len = spans[i].second;
+    s.ctx_len = 10;
+    s.state_slot = slots.empty() ? int32_t(i) : slots[i];
+    nslots = std::max<int64_t>(nslots, s.state_slot + 1);
+    b.seqs.push_back(s);
+  }
+  b.tokens.assign(size_t(T), 0);
+  b.positions.assign(size_t(3 * T), 0);
+  B.gpu->prepare_batch(b);
+  const int64_t S = nslots;
+  StateLayer sc, sg;
+  auto conv = B.up(randn(S * C * (Kc - 1), 1.f, seed + 1), {S, C, Kc - 1}, DType::F32);
+  auto ssm = B.up(randn(S * c.Hv * c.Dk * c.Dv, 0.1f, seed + 2), {S, c.Hv, c.Dk, c.Dv}, DType::F32);
+  sc.conv = conv.c, sg.conv = conv.g, sc.ssm = ssm.c, sg.ssm = ssm.g;
+  auto cw = B.up(randn(C * Kc, 0.5f, seed + 3), {C, Kc}, DType::F32);
+  auto mixed = B.up(randn(T * C, 1.f, seed + 4), {T, C});
+  auto ba = B.up(randn(T * 2 * c.Hv, 1.f, seed + 5), {T, 2 * c.Hv});
+  auto A_log = B.up(randn(c.Hv, 0.5f, seed + 6), {c.Hv}, DType::F32);
+  auto dt_bias = B.up(randn(c.Hv, 0.5f, seed + 7), {c.Hv}, DType::F32);
+  auto z = B.up(randn(T * Vd, 1.f, seed + 8), {T, Vd});
+  auto nw = B.up(randn(c.Dv, 0.3f, seed + 9, 1.f), {c.Dv}, DType::F32);
+  auto y = B.zeros({T, Vd});
+  {
+    Tensor qkv = B.cpu->alloc(DType::F32, {T, C}), o = B.cpu->alloc(DType::F32, {T, Vd});
+    B.cpu->conv1d_causal(mixed.c, cw.c, sc, b, qkv);
+    B.cpu->gated_delta_rule(qkv, ba.c, A_log.c, dt_bias.c, c.Hk, c.Hv, c.Dk, c.Dv, sc, b, norm ? o : y.c);
+    if (norm) B.cpu->gated_rmsnorm(o, z.c, nw.c, 1e-6f, y.c);
+  }
+  B.gpu->deltanet_mix(mixed.g, cw.g, ba.g, A_log.g, dt_bias.g, c.Hk, c.Hv, c.Dk, c.Dv, norm ? &z.g : nullptr,
+                      norm ? &nw.g : nullptr, 1e-6f, sg, b, y.g);
+  std::vector<float> yg = B.gpu->to_host_f32(y.g), yc = B.cpu->to_host_f32(y.c), a, r;
+  for (auto [q0, ql] : spans) {
+    a.insert(a.end(), yg.begin() + q0 * Vd, yg.begin() + (q0 + ql) * Vd);
+    r.insert(r.end(), yc.begin() + q0 * Vd, yc.begin() + (q0 + ql) * Vd);
+  }
+  std::string tag = what + " Hk=" + std::to_string(c.Hk) + " Hv=" + std::to_string(c.Hv) +
+                    " Dk=" + std::to_string(c.Dk) + " Kc=" + std::to_string(Kc) + (norm ? "" : " no-norm") + " lens:";
+  for (size_t i = 0; i < spans.size() && i < 6; ++i) tag += " " + std::to_string(spans[i].second);
+  if (spans.size() > 6) tag += " ... (" + std::to_string(spans.size()) + " seqs)";
+  REPORT("deltanet_mix out" + tag, test::rel(a, r));
+  REPORT("deltanet_mix conv state" + tag, B.err(conv));
+  REPORT("deltanet_mix ssm state" + tag, B.err(ssm));
+  return a;
+}
+
+std::vector<std::pair<int64_t, int64_t>> packed(const std::vector<int64_t>& lens, int64_t* T) {
+  std::vector<std::pair<int64_t, int64_t>> v;
+  int64_t t = 0;
+  for (auto l : lens) v.push_back({t, l}), t += l;
+  *T = t;
+  return v;
+}
+
+TEST_F(CudaOps, DeltaNetMix) {
+  Both B;
+  std::mt19937_64 rng(7);
+  uint64_t seed = 100;
+  for (int nseq : {1, 2, 3, 17, 64, 65})
+    for (int pattern = 0; pattern < 4; ++pattern) {  // decode, verify (4 each), random 1..8, 8 each
+      std::vector<int64_t> lens(static_cast<size_t>(nseq));
+      for (auto& l : lens) l = pattern == 0 ? 1 : pattern == 1 ? 4 : pattern == 3 ? 8 : int64_t(1 + rng() % 8);
+      int64_t T;
+      auto sp = packed(lens, &T);
+      check_deltanet_mix(B, {16, 32, 128, 128, 4}, sp, T, true, seed += 10, "");
+    }
+  // other head shapes, kernel sizes and every token count 1..8
+  for (MixCfg c : {MixCfg{2, 4, 64, 128, 4}, MixCfg{4, 4, 32, 128, 2}, MixCfg{2, 6, 128, 128, 6},
+                   MixCfg{16, 32, 128, 128, 3}})
+    for (int64_t l = 1; l <= 8; ++l) {
+      int64_t T;
+      auto sp = packed({l, 9 - l, 1}, &T);
+      check_deltanet_mix(B, c, sp, T, true, seed += 10, "");
+      check_deltanet_mix(B, c, sp, T, false, seed += 10, "");
+    }
+  // short and long sequences in one batch: the long ones through the unfused kernels (k_gdr_long, chunked)
+  for (auto lens : std::vector<std::vector<int64_t>>{{3, 40, 1}, {1, 70, 2, 31, 32}, {33}, {64, 1}}) {
+    int64_t T;
+    auto sp = packed(lens, &T);
+    check_deltanet_mix(B, {16, 32, 128, 128, 4}, sp, T, true, seed += 10, "mixed");
+    check_deltanet_mix(B, {16, 32, 128, 128, 4}, sp, T, false, seed += 10, "mixed");
+  }
+  // the speculative replay: rows of the input log in place, rejected rows between sequences, slots out of order
+  check_deltanet_mix(B, {16, 32, 128, 128, 4}, {{0, 2}, {4, 3}, {8, 4}}, 12, false, seed += 10, "replay", {2, 0, 1});
+  check_deltanet_mix(B, {16, 32, 128, 128, 4}, {{1, 1}, {3, 4}}, 8, false, seed += 10, "replay", {1, 0});
+  // the unfused path (DS_CUDA_NO_GDR_FUSE=1, the three ops) still agrees
+  setenv("DS_CUDA_NO_GDR_FUSE", "1", 1);
+  for (auto lens : std::vector<std::vector<int64_t>>{{1, 1, 1}, {4, 2, 40}}) {
+    int64_t T;
+    auto sp = packed(lens, &T);
+    check_deltanet_mix(B, {16, 32, 128, 128, 4}, sp, T, true, seed += 10, "unfused");
+  }
+  unsetenv("DS_CUDA_NO_GDR_FUSE");
+}
+
+// A sequence's fused output and states are bit-identical whatever else is in the batch.
+TEST_F(CudaOps, DeltaNetMixBatchInvariance) {
+  Both B;
+  const MixCfg c{16, 32, 128, 128, 4};
+  for (int64_t ql : {1, 4}) {
+    // Same seeds and the same T: sequence 0 (rows 0.., slot 0) sees the same inputs in both batches, the other
+    // sequences other lengths.
+    int64_t T, T2;
+    const auto sp = packed({ql, 3, 1, 5}, &T), sp2 = packed({ql, 1, 7, 1}, &T2);
+    auto batch = check_deltanet_mix(B, c, sp, T, true, 900, "batch");
+    auto batch2 = check_deltanet_mix(B, c, sp2, T2, true, 900, "batch'");
+    const size_t n = size_t(ql * c.Hv * c.Dv);
+    int diffs = 0;
+    for (size_t i = 0; i < n; ++i) diffs += batch[i] != batch2[i];
+    EXPECT_EQ(diffs, 0) << "sequence 0 of " << ql << " tokens depends on the rest of the batch";
+  }
+}
+
 TEST_F(CudaOps, Moe) {
   Both B;
   for (int64_t T : {1, 3, 17, 255}) {

@@ -21,6 +21,7 @@
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/flash_attn.h"
 #include "backend/cuda/gdr_chunked.h"
+#include "backend/cuda/gdr_decode.h"
 #include "backend/cuda/int4_dequant.h"
 #include "backend/cuda/int4_mma.h"
 #include "backend/cuda/mma_util.cuh"
@@ -489,12 +490,14 @@ __device__ __forceinline__ float conv_in(const void* mixed, int mdt, const float
 }
 template <int KC>
 __global__ void k_conv1d_tokens(const void* mixed, int mdt, const float* weight, const float* conv_state,
-                                const int32_t* seq_of, const int32_t* seqinfo, int64_t C, void* out, int odt) {
+                                const int32_t* seq_of, const int32_t* seqinfo, int64_t C, void* out, int odt,
+                                int64_t min_ql) {
   const int64_t ch = blockIdx.x * int64_t(blockDim.x) + threadIdx.x, t = blockIdx.y;
   if (ch >= C) return;
   const int s = seq_of[t];
   const int64_t qs = seqinfo[s * 4 + 0], ql = seqinfo[s * 4 + 1], slot = seqinfo[s * 4 + 3], i = t - qs;
   if (i < 0 || i >= ql) return;  // a row outside every sequence (a speculative rollback's batch; ops.h)
+  if (ql < min_ql) return;       // a short chunk the fused kernels took (deltanet_mix, gdr_decode.h)
   const float* st = conv_state + (slot * C + ch) * (KC - 1);
   float acc = 0.f;
 #pragma unroll
@@ -512,7 +515,7 @@ __global__ void __launch_bounds__(128) k_conv1d_tokens8(const __nv_bfloat16* __r
                                                         const float* __restrict__ conv_state,
                                                         const int32_t* __restrict__ seq_of,
                                                         const int32_t* __restrict__ seqinfo, int64_t C, int64_t T,
-                                                        __nv_bfloat16* __restrict__ out) {
+                                                        __nv_bfloat16* __restrict__ out, int64_t min_ql) {
   const int64_t c8 = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) * 8, t0 = int64_t(blockIdx.y) * kConvTT;
   if (c8 >= C) return;
   float wv[8][KC];
@@ -530,7 +533,8 @@ __global__ void __launch_bounds__(128) k_conv1d_tokens8(const __nv_bfloat16* __r
     const int s = one ? s0 : seq_of[t];
     const int64_t qs = one ? qs0 : seqinfo[s * 4 + 0], ql = one ? ql0 : seqinfo[s * 4 + 1],
                   slot = one ? slot0 : seqinfo[s * 4 + 3], i = t - qs;
-    if (i < 0 || i >= ql) continue;  // a row outside every sequence (ops.h)
+    if (i < 0 || i >= ql || ql < min_ql) continue;  // a row outside every sequence (ops.h) or a short chunk the
+                                                     // fused kernels took (deltanet_mix, gdr_decode.h)
     float acc[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) acc[e] = 0.f;
@@ -562,11 +566,13 @@ __global__ void __launch_bounds__(128) k_conv1d_tokens8(const __nv_bfloat16* __r
   }
 }
 template <int KC>
-__global__ void k_conv1d_state(const void* mixed, int mdt, float* conv_state, const int32_t* seqinfo, int64_t C) {
+__global__ void k_conv1d_state(const void* mixed, int mdt, float* conv_state, const int32_t* seqinfo, int64_t C,
+                               int64_t min_ql) {
   const int64_t ch = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   const int s = blockIdx.y;
   if (ch >= C) return;
   const int64_t qs = seqinfo[s * 4 + 0], ql = seqinfo[s * 4 + 1], slot = seqinfo[s * 4 + 3];
+  if (ql < min_ql) return;
   float* st = conv_state + (slot * C + ch) * (KC - 1);
   float win[KC - 1];
 #pragma unroll
@@ -606,6 +612,7 @@ __global__ void k_gdr_prep(const void* qkv, int qdt, const void* ba, int bdt, co
 // Sequences with at least this many tokens in the step run k_gdr_long, the others k_gdr_recurrent; the choice
 // depends on the sequence's own chunk only, never on what else is in the batch.
 constexpr int64_t kGdrLongMin = 32;
+static_assert(kGdnShortMax == kGdrLongMin, "deltanet_mix's fused kernels take exactly the short chunks");
 // Long chunks (prefill): the step is a chain of ql dependent updates, so the per-token latency is what counts.
 // R lanes share one state column (each holds DK/R rows) and reduce with shuffles: R× shorter chains per token
 // and R× more warps than k_gdr_recurrent. Next token's inputs are fetched during the current one.
@@ -1870,11 +1877,17 @@ class CudaBackend final : public Backend {
 
   void conv1d_causal(const Tensor& mixed, const Tensor& weight, StateLayer& st, const BatchMeta& b,
                      Tensor& out) override {
+    conv1d_run(mixed, weight, st, b, out, 0);
+  }
+  // Sequences with q_len < min_ql are left alone (deltanet_mix's fused kernels took them).
+  void conv1d_run(const Tensor& mixed, const Tensor& weight, StateLayer& st, const BatchMeta& b, Tensor& out,
+                  int64_t min_ql) {
     const int64_t C = weight.dim(0), Kc = weight.dim(1);
     if (b.seqs.empty()) return;
     auto& d = dev(b);
     const int64_t T = b.num_tokens();
-    const bool decode = T == int64_t(b.seqs.size());  // one token per sequence: one thread walks each window
+    // one token per sequence: one thread walks each window
+    const bool decode = T == int64_t(b.seqs.size()) && min_ql <= 1;
     dim3 grid(unsigned((C + 127) / 128), unsigned(b.seqs.size())), tgrid(unsigned((C + 127) / 128), unsigned(T)),
         vgrid(unsigned((C / 8 + 127) / 128), unsigned((T + kConvTT - 1) / kConvTT));
     // Prefill-sized chunks with bf16 activations: 8 channels per thread (k_conv1d_tokens8, same bits).
@@ -1888,17 +1901,17 @@ class CudaBackend final : public Backend {
     } else if (vec) {                                                                                             \
       k_conv1d_tokens8<KC><<<vgrid, 128, 0, stream_>>>(mixed.ptr<__nv_bfloat16>(), weight.ptr<float>(),           \
                                                        st.conv.ptr<float>(), d.seq_of, d.seqinfo, C, T,           \
-                                                       out.ptr<__nv_bfloat16>());                                 \
+                                                       out.ptr<__nv_bfloat16>(), min_ql);                         \
       DS_CUDA_CHECK_LAST();                                                                                       \
       k_conv1d_state<KC><<<grid, 128, 0, stream_>>>(mixed.data, int(mixed.dtype), st.conv.ptr<float>(),           \
-                                                    d.seqinfo, C);                                                \
+                                                    d.seqinfo, C, min_ql);                                        \
     } else {                                                                                                      \
       k_conv1d_tokens<KC><<<tgrid, 128, 0, stream_>>>(mixed.data, int(mixed.dtype), weight.ptr<float>(),          \
                                                       st.conv.ptr<float>(), d.seq_of, d.seqinfo, C, out.data,     \
-                                                      int(out.dtype));                                            \
+                                                      int(out.dtype), min_ql);                                    \
       DS_CUDA_CHECK_LAST();                                                                                            \
       k_conv1d_state<KC><<<grid, 128, 0, stream_>>>(mixed.data, int(mixed.dtype), st.conv.ptr<float>(),           \
-                                                    d.seqinfo, C);                                                \
+                                                    d.seqinfo, C, min_ql);                                        \
     }                                                                                                             \
     break;
     switch (Kc) {
@@ -1916,6 +1929,11 @@ class CudaBackend final : public Backend {
 
   void gated_delta_rule(const Tensor& qkv, const Tensor& ba, const Tensor& A_log, const Tensor& dt_bias, int64_t Hk,
                         int64_t Hv, int64_t Dk, int64_t Dv, StateLayer& st, const BatchMeta& b, Tensor& o) override {
+    gdr_run(qkv, ba, A_log, dt_bias, Hk, Hv, Dk, Dv, st, b, o, false);
+  }
+  // skip_short: the short-chunk kernel is not launched (deltanet_mix's fused kernels took those sequences).
+  void gdr_run(const Tensor& qkv, const Tensor& ba, const Tensor& A_log, const Tensor& dt_bias, int64_t Hk, int64_t Hv,
+               int64_t Dk, int64_t Dv, StateLayer& st, const BatchMeta& b, Tensor& o, bool skip_short) {
     const int64_t T = b.num_tokens(), C = qkv.dim(1);
     DS_CHECK(Dv % 32 == 0 && Hv % Hk == 0);
     if (T == 0) return;
@@ -1928,7 +1946,7 @@ class CudaBackend final : public Backend {
     DS_CUDA_CHECK_LAST();
     // Decode-only steps (one token per sequence) launch only the short-chunk kernel; any other step launches
     // both, and each sequence is taken by the one its own length selects (graph-safe, batch-invariant).
-    const bool decode = T == int64_t(b.seqs.size());
+    const bool decode = T == int64_t(b.seqs.size()) && !skip_short;
     // Sequences of ≥ kGdrChunkMin tokens: the chunked tensor-core form (gdr_chunked.cu) instead of k_gdr_long.
     // Launched only when the batch has such a sequence (its scratch is ~16 KB per token): a step recorded without
     // one and replayed with one would still be right, k_gdr_long then taking every long sequence (recorded steps
@@ -1955,7 +1973,8 @@ class CudaBackend final : public Backend {
                                                                int(o.dtype), int64_t(0));
 #define DS_GDR(DK)                                                                                                 \
   case DK:                                                                                                         \
-    if (short_r == 1)                                                                                              \
+    if (skip_short) {                                                                                              \
+    } else if (short_r == 1)                                                                                       \
       k_gdr_recurrent<DK><<<grid, 32, 0, stream_>>>(qn.ptr<float>(), kn.ptr<float>(), g.ptr<float>(),              \
                                                     beta.ptr<float>(), qkv.data, int(qkv.dtype), C, Hk, Hv, Dv,    \
                                                     st.ssm.ptr<float>(), d.seqinfo, o.data, int(o.dtype));         \
@@ -2011,6 +2030,46 @@ class CudaBackend final : public Backend {
                                                        eps, D, y.data, int(y.dtype));
     }
     DS_CUDA_CHECK_LAST();
+  }
+
+  // The DeltaNet mixer: sequences of 1 <= q_len < kGdnShortMax (decode, speculative verify and replay) in two fused
+  // kernels (gdr_decode.h: conv + prep, recurrence + gated RMSNorm; fp32 in between), the longer ones through the
+  // three ops' kernels, which then skip the short ones. DS_CUDA_NO_GDR_FUSE=1: the three ops for every sequence.
+  // Whether the unfused kernels run at all is the host's view of the lengths, as for the chunked kernels: recorded
+  // steps (decode, verify, input-log replay) have only short sequences.
+  void deltanet_mix(const Tensor& mixed, const Tensor& conv_w, const Tensor& ba, const Tensor& A_log,
+                    const Tensor& dt_bias, int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, const Tensor* z,
+                    const Tensor* norm_w, float eps, StateLayer& st, const BatchMeta& b, Tensor& y) override {
+    const int64_t T = b.num_tokens(), C = mixed.dim(1), Kc = conv_w.dim(1);
+    if (env_flag("DS_CUDA_NO_GDR_FUSE") || !gdn_decode_supported(Kc, Hk, Hv, Dk, Dv) || C != 2 * Hk * Dk + Hv * Dv ||
+        (norm_w && norm_w->numel() != Dv)) {
+      Backend::deltanet_mix(mixed, conv_w, ba, A_log, dt_bias, Hk, Hv, Dk, Dv, z, norm_w, eps, st, b, y);
+      return;
+    }
+    if (T == 0 || b.seqs.empty()) return;
+    auto& d = dev(b);
+    Tensor qn = alloc_scratch(DType::F32, {T, Hk, Dk}), kn = alloc_scratch(DType::F32, {T, Hk, Dk});
+    Tensor vv = alloc_scratch(DType::F32, {T, Hv, Dv});
+    Tensor g = alloc_scratch(DType::F32, {T, Hv}), beta = alloc_scratch(DType::F32, {T, Hv});
+    gdn_decode(mixed.data, int(mixed.dtype), conv_w.ptr<float>(), Kc, st.conv.ptr<float>(), ba.data, int(ba.dtype),
+               A_log.ptr<float>(), dt_bias.ptr<float>(), z ? z->data : nullptr, z ? int(z->dtype) : 0,
+               norm_w ? norm_w->ptr<float>() : nullptr, eps, T, Hk, Hv, Dk, Dv, int(b.seqs.size()), d.seqinfo,
+               st.ssm.ptr<float>(), qn.ptr<float>(), kn.ptr<float>(), vv.ptr<float>(), g.ptr<float>(),
+               beta.ptr<float>(), y.data, int(y.dtype), stream_);
+    int64_t max_ql = 0;
+    for (auto& s : b.seqs) max_ql = std::max(max_ql, s.q_len);
+    if (max_ql < kGdnShortMax) return;
+    Tensor qkv = alloc_scratch(act_dtype(), {T, C});
+    conv1d_run(mixed, conv_w, st, b, qkv, kGdnShortMax);
+    Tensor o = norm_w ? alloc_scratch(act_dtype(), {T, Hv * Dv}) : y;
+    gdr_run(qkv, ba, A_log, dt_bias, Hk, Hv, Dk, Dv, st, b, o, true);
+    if (norm_w)
+      for (auto& s : b.seqs) {
+        if (s.q_len < kGdnShortMax) continue;
+        Tensor yr = y.rows(s.q_start, s.q_start + s.q_len);
+        gated_rmsnorm(o.rows(s.q_start, s.q_start + s.q_len), z->rows(s.q_start, s.q_start + s.q_len), *norm_w, eps,
+                      yr);
+      }
   }
 
   void moe_route(const Tensor& logits, int64_t top_k, Tensor& ids, Tensor& weights) override {

@@ -1,0 +1,244 @@
+// Fused Gated DeltaNet for short chunks (contract and layout: gdr_decode.h; CPU twin: backend/cpu/cpu_backend.cpp
+// conv1d_causal, gated_delta_rule, gated_rmsnorm).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/gdr_decode.h"
+#include "backend/cuda/pdl.h"
+#include "core/dtype.h"
+#include "core/status.h"
+
+namespace ds::cuda {
+
+namespace {
+
+constexpr int dF32 = int(DType::F32), dBF16 = int(DType::BF16);
+
+__device__ __forceinline__ float dld(const void* p, int dt, int64_t i) {
+  if (dt == dBF16) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+  if (dt == dF32) return static_cast<const float*>(p)[i];
+  return __half2float(static_cast<const __half*>(p)[i]);
+}
+__device__ __forceinline__ void dst_(void* p, int dt, int64_t i, float v) {
+  if (dt == dBF16) static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
+  else if (dt == dF32) static_cast<float*>(p)[i] = v;
+  else static_cast<__half*>(p)[i] = __float2half_rn(v);
+}
+__device__ __forceinline__ float dsilu(float x) { return x / (1.f + expf(-x)); }
+__device__ __forceinline__ float dsigmoid(float x) { return 1.f / (1.f + expf(-x)); }
+__device__ __forceinline__ float dsoftplus(float x) { return x > 20.f ? x : log1pf(expf(x)); }
+__device__ __forceinline__ float dwarp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// ---- kernel 1: conv1d with state + SiLU, q/k L2 norm, g and beta --------------------------------------------------
+// Block (unit u, sequence s), 128 threads, thread c = channel c of the unit: units 0..Hk−1 are q heads, Hk..2Hk−1 k
+// heads, 2Hk..2Hk+Hv−1 v heads. Every channel belongs to exactly one unit, so its conv window is read and written
+// by one thread only.
+template <int KC>
+__global__ void __launch_bounds__(128) k_gdn_conv_prep(const void* mixed, int mdt, const float* conv_w,
+                                                       float* conv_state, const void* ba, int bdt, const float* A_log,
+                                                       const float* dt_bias, int64_t Hk, int64_t Hv, int64_t Dk,
+                                                       int64_t Dv, const int32_t* seqinfo, float qscale, float* qn,
+                                                       float* kn, float* vv, float* g, float* beta) {
+  // Wait before the trigger: k_gdn_recur_norm reads the recurrent state before its own wait, which is safe only if
+  // every kernel before this one has completed once it may start.
+  pdl_wait();
+  pdl_trigger();
+  constexpr int W = KC - 1;
+  const int64_t C = 2 * Hk * Dk + Hv * Dv;
+  const int64_t u = blockIdx.x;
+  const int s = blockIdx.y, c = threadIdx.x, lane = c & 31, w = c >> 5;
+  const int64_t qs = seqinfo[s * 4 + 0], ql = seqinfo[s * 4 + 1], slot = seqinfo[s * 4 + 3];
+  if (ql <= 0 || ql >= kGdnShortMax) return;  // longer chunks: the unfused path
+  const bool isv = u >= 2 * Hk, isq = u < Hk;
+  const int64_t D = isv ? Dv : Dk;
+  const int64_t ch = isv ? 2 * Hk * Dk + (u - 2 * Hk) * Dv + c : u * Dk + c;
+  const bool act = c < D;
+  float wv[KC], win[KC];
+  float* st = conv_state + (slot * C + ch) * W;
+  if (act) {
+#pragma unroll
+    for (int j = 0; j < KC; ++j) wv[j] = conv_w[ch * KC + j];
+#pragma unroll
+    for (int j = 0; j < W; ++j) win[j] = st[j];
+  }
+  __shared__ float red[2][4];
+  for (int64_t i = 0; i < ql; ++i) {
+    const int64_t t = qs + i;
+    float x = 0.f;
+    if (act) {
+      win[W] = dld(mixed, mdt, t * C + ch);
+      float acc = 0.f;
+#pragma unroll
+      for (int j = 0; j < KC; ++j) acc += wv[j] * win[j];
+      x = dsilu(acc);
+#pragma unroll
+      for (int j = 0; j < W; ++j) win[j] = win[j + 1];
+    }
+    if (isv) {  // uniform over the block
+      if (act) vv[(t * Hv + (u - 2 * Hk)) * Dv + c] = x;
+      continue;
+    }
+    // Double-buffered partial sums: token i + 1 writes the other buffer, and token i + 2's writes wait behind token
+    // i + 1's barrier, which every thread reaches only after reading token i's sums.
+    const float ps = dwarp_sum(x * x);
+    if (lane == 0) red[i & 1][w] = ps;
+    __syncthreads();
+    const float ss = (red[i & 1][0] + red[i & 1][1]) + (red[i & 1][2] + red[i & 1][3]);
+    const float inv = 1.f / sqrtf(ss + 1e-6f);
+    if (act) {
+      if (isq) qn[(t * Hk + u) * Dk + c] = x * inv * qscale;
+      else kn[(t * Hk + (u - Hk)) * Dk + c] = x * inv;
+    }
+  }
+  if (act) {
+#pragma unroll
+    for (int j = 0; j < W; ++j) st[j] = win[j];
+  }
+  if (isv && c < ql) {
+    const int64_t t = qs + c, j = u - 2 * Hk;
+    beta[t * Hv + j] = dsigmoid(dld(ba, bdt, t * 2 * Hv + j));
+    g[t * Hv + j] = -expf(A_log[j]) * dsoftplus(dld(ba, bdt, t * 2 * Hv + Hv + j) + dt_bias[j]);
+  }
+}
+
+// ---- kernel 2: the recurrence and the gated RMSNorm ---------------------------------------------------------------
+__device__ __forceinline__ void f4_fma(float4& a, const float4& b, float s) {
+  a.x += b.x * s, a.y += b.y * s, a.z += b.z * s, a.w += b.w * s;
+}
+__device__ __forceinline__ void f4_add(float4& a, const float4& b) { a.x += b.x, a.y += b.y, a.z += b.z, a.w += b.w; }
+
+template <int DK>
+__global__ void __launch_bounds__(256, 2) k_gdn_recur_norm(const float* qn, const float* kn, const float* vv,
+                                                           const float* g, const float* beta, int64_t Hk, int64_t Hv,
+                                                           float* ssm, const int32_t* seqinfo, const void* z, int zdt,
+                                                           const float* norm_w, float eps, void* y, int ydt) {
+  constexpr int DV = 128, NW = 8, RPW = DK / NW;
+  static_assert(RPW % 4 == 0, "rows per warp: whole float4s");
+  pdl_trigger();
+  const int64_t j = blockIdx.x;
+  const int s = blockIdx.y, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  const int64_t qs = seqinfo[s * 4 + 0], ql = seqinfo[s * 4 + 1], slot = seqinfo[s * 4 + 3];
+  if (ql <= 0 || ql >= kGdnShortMax) return;
+  // The state (written only by this kernel's earlier launches, all complete: k_gdn_conv_prep waits before it
+  // triggers) is read before the wait, overlapping the conv kernel. Streaming loads and stores: a layer's states
+  // (batch 64: 134 MB) do not fit in L2 and are not read again this step.
+  float4* S = reinterpret_cast<float4*>(ssm + ((slot * Hv + j) * DK + int64_t(w) * RPW) * DV) + lane;
+  float4 st[RPW];
+#pragma unroll
+  for (int r = 0; r < RPW; ++r) st[r] = __ldcs(S + r * (DV / 4));
+  pdl_wait();
+  const int64_t kh = j / (Hv / Hk);
+  __shared__ float4 redu[NW][32], redo[NW][32];
+  for (int64_t i = 0; i < ql; ++i) {
+    const int64_t t = qs + i;
+    float kr[RPW], qr[RPW];
+    {
+      const float4* kp = reinterpret_cast<const float4*>(kn + (t * Hk + kh) * DK + w * RPW);
+      const float4* qp = reinterpret_cast<const float4*>(qn + (t * Hk + kh) * DK + w * RPW);
+#pragma unroll
+      for (int e = 0; e < RPW / 4; ++e) {
+        const float4 a = kp[e], b = qp[e];
+        kr[4 * e] = a.x, kr[4 * e + 1] = a.y, kr[4 * e + 2] = a.z, kr[4 * e + 3] = a.w;
+        qr[4 * e] = b.x, qr[4 * e + 1] = b.y, qr[4 * e + 2] = b.z, qr[4 * e + 3] = b.w;
+      }
+    }
+    const float4 v = reinterpret_cast<const float4*>(vv + (t * Hv + j) * DV)[lane];
+    const float decay = expf(g[t * Hv + j]), b = beta[t * Hv + j];
+    // u = b · (v − (decay·S)ᵀ k), per column; rows reduce within the thread, then over the warps.
+    float4 pu = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int r = 0; r < RPW; ++r) {
+      st[r].x *= decay, st[r].y *= decay, st[r].z *= decay, st[r].w *= decay;
+      f4_fma(pu, st[r], kr[r]);
+    }
+    redu[w][lane] = pu;
+    __syncthreads();
+    float4 u = redu[0][lane];
+#pragma unroll
+    for (int ww = 1; ww < NW; ++ww) f4_add(u, redu[ww][lane]);
+    u.x = b * (v.x - u.x), u.y = b * (v.y - u.y), u.z = b * (v.z - u.z), u.w = b * (v.w - u.w);
+    // S += k uᵀ; out = Sᵀ q.
+    float4 po = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int r = 0; r < RPW; ++r) {
+      f4_fma(st[r], u, kr[r]);
+      f4_fma(po, st[r], qr[r]);
+    }
+    redo[w][lane] = po;
+    __syncthreads();
+    float4 o = redo[0][lane];
+#pragma unroll
+    for (int ww = 1; ww < NW; ++ww) f4_add(o, redo[ww][lane]);
+    // Every warp now holds the head's whole output row; token i's is written by warp i mod 8.
+    const int64_t base = (t * Hv + j) * DV + 4 * lane;
+    if (norm_w) {
+      const float ss = dwarp_sum((o.x * o.x + o.y * o.y) + (o.z * o.z + o.w * o.w));
+      const float inv = 1.f / sqrtf(ss / float(DV) + eps);
+      if (w == int(i % NW)) {
+        const float4 nw = reinterpret_cast<const float4*>(norm_w)[lane];
+        dst_(y, ydt, base + 0, o.x * inv * nw.x * dsilu(dld(z, zdt, base + 0)));
+        dst_(y, ydt, base + 1, o.y * inv * nw.y * dsilu(dld(z, zdt, base + 1)));
+        dst_(y, ydt, base + 2, o.z * inv * nw.z * dsilu(dld(z, zdt, base + 2)));
+        dst_(y, ydt, base + 3, o.w * inv * nw.w * dsilu(dld(z, zdt, base + 3)));
+      }
+    } else if (w == int(i % NW)) {
+      dst_(y, ydt, base + 0, o.x);
+      dst_(y, ydt, base + 1, o.y);
+      dst_(y, ydt, base + 2, o.z);
+      dst_(y, ydt, base + 3, o.w);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < RPW; ++r) __stcs(S + r * (DV / 4), st[r]);
+}
+
+}  // namespace
+
+void gdn_decode(const void* mixed, int mdt, const float* conv_w, int64_t Kc, float* conv_state, const void* ba,
+                int bdt, const float* A_log, const float* dt_bias, const void* z, int zdt, const float* norm_w,
+                float eps, int64_t T, int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, int nseq, const int32_t* seqinfo,
+                float* ssm, float* qn, float* kn, float* vv, float* g, float* beta, void* y, int ydt,
+                cudaStream_t stream) {
+  DS_CHECK(gdn_decode_supported(Kc, Hk, Hv, Dk, Dv), "gdn_decode: unsupported shape");
+  if (T == 0 || nseq == 0) return;
+  const float qscale = 1.f / std::sqrt(float(Dk));
+  const dim3 ga(unsigned(2 * Hk + Hv), unsigned(nseq));
+#define DS_GDN_CONV(KC)                                                                                         \
+  case KC:                                                                                                      \
+    DS_CUDA_CHECK(pdl_launch(k_gdn_conv_prep<KC>, ga, dim3(128), 0, stream, mixed, mdt, conv_w, conv_state, ba, \
+                             bdt, A_log, dt_bias, Hk, Hv, Dk, Dv, seqinfo, qscale, qn, kn, vv, g, beta));       \
+    break;
+  switch (Kc) {
+    DS_GDN_CONV(2)
+    DS_GDN_CONV(3)
+    DS_GDN_CONV(4)
+    DS_GDN_CONV(5)
+    DS_GDN_CONV(6)
+    default:
+      break;
+  }
+#undef DS_GDN_CONV
+  const dim3 gb{unsigned(Hv), unsigned(nseq)};
+#define DS_GDN_REC(DK)                                                                                               \
+  case DK:                                                                                                           \
+    DS_CUDA_CHECK(pdl_launch(k_gdn_recur_norm<DK>, gb, dim3(256), 0, stream, qn, kn, vv, g, beta, Hk, Hv, ssm,       \
+                             seqinfo, z, zdt, norm_w, eps, y, ydt));                                                 \
+    break;
+  switch (Dk) {
+    DS_GDN_REC(32)
+    DS_GDN_REC(64)
+    DS_GDN_REC(128)
+    default:
+      break;
+  }
+#undef DS_GDN_REC
+}
+
+}  // namespace ds::cuda

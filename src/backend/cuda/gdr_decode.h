@@ -1,0 +1,43 @@
+// Fused Gated DeltaNet for short chunks (decode, speculative verify and replay): Backend::deltanet_mix's
+// conv1d_causal + gated_delta_rule + gated_rmsnorm in two kernels (gdr_decode.cu) instead of four. The CPU
+// specification is backend/cpu/cpu_backend.cpp (conv1d_causal, gated_delta_rule, gated_rmsnorm); tests/cuda/
+// test_cuda_ops.cpp (CudaOps.DeltaNetMix*) compares them.
+//
+//   k_gdn_conv_prep: one block per (head unit, sequence): the unit is a q head, a k head or a v head (128 threads,
+//     one per channel). Causal conv1d with the state window + SiLU over the sequence's tokens, the window written
+//     back (each channel by exactly one block: no two blocks share a channel), then per token the L2 norm of q
+//     (times 1/sqrt(Dk)) and k, or v as is; v-head blocks also compute g = −exp(A_log)·softplus(a + dt_bias) and
+//     β = sigmoid(b). Outputs fp32 scratch qn, kn [T, Hk, Dk], vv [T, Hv, Dv], g, beta [T, Hv].
+//   k_gdn_recur_norm: one block per (value head, sequence), 256 threads: warp w holds state rows
+//     w·Dk/8 .. (w+1)·Dk/8 − 1, lane l columns 4l .. 4l + 3 (Dv = 128), so a warp moves whole 512-byte state rows
+//     with 16-byte loads and stores. The state is loaded before the PDL wait (it overlaps k_gdn_conv_prep); per
+//     token the two column sums (S·k and S·q over rows) reduce across warps in shared memory, and the output row
+//     of the head is complete in every warp, so the gated RMSNorm (over the head's Dv values, · w · silu(z)) needs
+//     only a warp sum.
+// Both read the sequence table (q_start, q_len, ctx, slot) on the device and touch only sequences with
+// 1 <= q_len < kGdnShortMax (graph-safe, batch-invariant: a sequence's result depends on its own rows only).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace ds::cuda {
+
+constexpr int64_t kGdnShortMax = 32;  // = kGdrLongMin (cuda_backend.cu): the sequences the short kernels take
+
+inline bool gdn_decode_supported(int64_t Kc, int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv) {
+  return Kc >= 2 && Kc <= 6 && Hk > 0 && Hv % Hk == 0 && (Dk == 32 || Dk == 64 || Dk == 128) && Dv == 128;
+}
+
+// mixed [T, C] (dtype mdt; q | k | v channels, C = 2·Hk·Dk + Hv·Dv), conv_w [C, Kc] fp32, conv_state
+// [slots, C, Kc − 1] fp32; ba [T, 2·Hv] (b | a, dtype bdt); A_log, dt_bias [Hv] fp32; ssm [slots, Hv, Dk, Dv] fp32.
+// z [T, Hv·Dv] (dtype zdt) and norm_w [Dv] fp32, or both null (y = the delta rule's output). y [T, Hv·Dv] (ydt).
+// Scratch (fp32): qn, kn [T, Hk, Dk], vv [T, Hv, Dv], g, beta [T, Hv]. nseq sequences in seqinfo [nseq, 4].
+void gdn_decode(const void* mixed, int mdt, const float* conv_w, int64_t Kc, float* conv_state, const void* ba,
+                int bdt, const float* A_log, const float* dt_bias, const void* z, int zdt, const float* norm_w,
+                float eps, int64_t T, int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, int nseq, const int32_t* seqinfo,
+                float* ssm, float* qn, float* kn, float* vv, float* g, float* beta, void* y, int ydt,
+                cudaStream_t stream);
+
+}  // namespace ds::cuda

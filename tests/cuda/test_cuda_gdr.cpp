@@ -319,7 +319,7 @@ std::pair<double, double> check_call(Backend& gpu, const GdrCall& c, const std::
   return {worst_o, worst_s};
 }
 
-// A CPU backend that forwards every op and records each gated_delta_rule call of one sequence with ≥ 64 tokens
+// A backend that forwards every op (to the CPU backend, or the CUDA one) and records each gated_delta_rule call of one sequence with ≥ 64 tokens
 // (the chunked path): the DeltaNet layers' real inputs.
 class CaptureBackend final : public Backend {
  public:
@@ -340,7 +340,20 @@ class CaptureBackend final : public Backend {
   Experts make_experts(const std::vector<std::vector<LinearSource>>& gu, const std::vector<LinearSource>& d) override {
     return in_.make_experts(gu, d);
   }
+  bool device_memory(int64_t* total, int64_t* used) override { return in_.device_memory(total, used); }
   void prepare_batch(BatchMeta& b) override { in_.prepare_batch(b); }
+  void* stream_handle() const override { return in_.stream_handle(); }
+  void step_begin() override { in_.step_begin(); }
+  void step_end() override { in_.step_end(); }
+  bool graph_run(const std::string& key, const std::function<void()>& fn) override { return in_.graph_run(key, fn); }
+  void batch_tokens_from(BatchMeta& b, const Tensor& ids) override { in_.batch_tokens_from(b, ids); }
+  void add_rmsnorm(Tensor& x, const Tensor& d, const Tensor& w, float eps, Tensor& h) override {
+    in_.add_rmsnorm(x, d, w, eps, h);
+  }
+  void linear_group(const Tensor& x, const std::vector<LinearJob>& jobs) override { in_.linear_group(x, jobs); }
+  void linear_gated_add(const Tensor& x, const Linear& w, const Tensor& gate_logit, Tensor& y) override {
+    in_.linear_gated_add(x, w, gate_logit, y);
+  }
   void embed(const Tensor& table, const BatchMeta& b, Tensor& out) override { in_.embed(table, b, out); }
   void rmsnorm(const Tensor& x, const Tensor& w, float eps, Tensor& y) override { in_.rmsnorm(x, w, eps, y); }
   void add_inplace(Tensor& x, const Tensor& y) override { in_.add_inplace(x, y); }
@@ -430,6 +443,56 @@ TEST_F(CudaGdr, TinyMoeRealInputs) {
           EXPECT_LT(eo, kTolF32) << tag;
           EXPECT_LT(es, kTolF32) << tag;
         }
+    }
+  }
+}
+
+// The CPU op on a recorded call's inputs: fills c.o and c.s1.
+void cpu_reference(GdrCall& c) {
+  auto cpu = make_cpu_backend();
+  BatchMeta b;
+  BatchMeta::Seq s;
+  s.q_len = c.T, s.state_slot = 0, s.blocks = {0};
+  b.seqs.push_back(s);
+  b.tokens.assign(size_t(c.T), 0);
+  b.positions.assign(size_t(3 * c.T), 0);
+  Tensor qkv = cpu->upload_f32(c.qkv, {c.T, c.C}, DType::F32), ba = cpu->upload_f32(c.ba, {c.T, 2 * c.Hv}, DType::F32);
+  Tensor A_log = cpu->upload_f32(c.A_log, {c.Hv}, DType::F32), dt_bias = cpu->upload_f32(c.dt_bias, {c.Hv}, DType::F32);
+  StateLayer st;
+  st.ssm = cpu->upload_f32(c.s0, {1, c.Hv, c.Dk, c.Dv}, DType::F32);
+  Tensor o = cpu->alloc(DType::F32, {c.T, c.Hv * c.Dv});
+  cpu->gated_delta_rule(qkv, ba, A_log, dt_bias, c.Hk, c.Hv, c.Dk, c.Dv, st, b, o);
+  c.o = cpu->to_host_f32(o), c.s1 = cpu->to_host_f32(st.ssm);
+}
+
+// The same prompts through the CUDA model (the golden test's configuration: bf16 activations, the chunked kernels
+// inside the model's step): the op's inputs as the CUDA model made them, its bf16 output and its final state against
+// the CPU op on those inputs; then the recorded call again on the GPU with fp32 output (check_call).
+TEST_F(CudaGdr, TinyMoeCudaModelInputs) {
+  auto gpu = make_cuda_backend(0);
+  const std::string dir = test::cuda_data_dir() + "/tiny-moe/";
+  CaptureBackend cap(*gpu);
+  auto m = model::Model::load(dir + "tiny-moe-bf16", cap);
+  const auto golden = test::read_json(dir + "golden.json");
+  const auto& prompts = golden["text"]["bf16"];
+  for (size_t p = 0; p < prompts.size(); ++p) {
+    const auto toks = test::ids(prompts[p]["prompt"]);
+    if (toks.size() < size_t(kChunk)) continue;
+    cap.calls.clear();
+    test::run_one(*m, toks, toks.size());
+    for (size_t l = 0; l < cap.calls.size(); ++l) {
+      GdrCall& c = cap.calls[l];
+      const std::vector<float> model_o = c.o, model_s = c.s1;
+      cpu_reference(c);
+      const double eo = rel(model_o, c.o), es = rel(model_s, c.s1);
+      const std::string tag = "CUDA model prompt" + std::to_string(p) + " DeltaNet call " + std::to_string(l);
+      std::printf("  %s T=%lld: the model's op (bf16 out) vs CPU out %.3g state %.3g\n", tag.c_str(), (long long)c.T,
+                  eo, es);
+      EXPECT_LT(eo, kTolBf16) << tag;
+      EXPECT_LT(es, kTolF32) << tag;
+      auto [fo, fs] = check_call(*gpu, c, tag + " rerun f32");
+      EXPECT_LT(fo, kTolF32) << tag;
+      EXPECT_LT(fs, kTolF32) << tag;
     }
   }
 }

@@ -497,6 +497,32 @@ TEST_F(CudaGdr, TinyMoeCudaModelInputs) {
   }
 }
 
+// One call of the op on given fp32 inputs (qkv [T, C], ba [T, 2·Hv], A_log, dt_bias [Hv]), CPU vs CUDA from the same
+// random state, fp32 outputs; prints and checks the output and final-state errors.
+void check_inputs(Both& B, const Cfg& c, const std::vector<int64_t>& lens, const std::vector<float>& qkv,
+                  const std::vector<float>& ba, const std::vector<float>& alog, const std::vector<float>& dtb,
+                  uint64_t seed, const std::string& what) {
+  const int64_t T = std::accumulate(lens.begin(), lens.end(), int64_t(0)), S = int64_t(lens.size());
+  const int64_t C = 2 * c.Hk * c.Dk + c.Hv * c.Dv;
+  Pair pqkv = B.up(qkv, {T, C}, DType::F32), pba = B.up(ba, {T, 2 * c.Hv}, DType::F32);
+  Pair A_log = B.up(alog, {c.Hv}, DType::F32), dt_bias = B.up(dtb, {c.Hv}, DType::F32);
+  Pair ssm = B.up(randn(size_t(S * c.Hv * c.Dk * c.Dv), 0.1f, seed + 3), {S, c.Hv, c.Dk, c.Dv}, DType::F32);
+  StateLayer sc, sg;
+  sc.ssm = ssm.c, sg.ssm = ssm.g;
+  BatchMeta b = batch_of(lens);
+  B.gpu->prepare_batch(b);
+  auto o = B.zeros({T, c.Hv * c.Dv}, DType::F32);
+  B.cpu->gated_delta_rule(pqkv.c, pba.c, A_log.c, dt_bias.c, c.Hk, c.Hv, c.Dk, c.Dv, sc, b, o.c);
+  B.gpu->gated_delta_rule(pqkv.g, pba.g, A_log.g, dt_bias.g, c.Hk, c.Hv, c.Dk, c.Dv, sg, b, o.g);
+  const double eo = B.err(o), es = B.err(ssm);
+  char tag[200];
+  std::snprintf(tag, sizeof tag, "%s Hv=%lld D=%lld lens:%s", what.c_str(), (long long)c.Hv, (long long)c.Dk,
+                lens_str(lens).c_str());
+  std::printf("  %-62s out %.3g  state %.3g\n", tag, eo, es);
+  EXPECT_LT(eo, kTolF32) << tag;
+  EXPECT_LT(es, kTolF32) << tag;
+}
+
 // Synthetic model-like extremes: per value head a different decay scale (e^{A_log} from 0.02 to 20), per-token a
 // spread so that g runs from about −30 to −1e−5 (chunk sums of −hundreds next to ≈ 0), β saturated near 0 and 1,
 // keys sharing a direction, and every 7th token's key all zero.
@@ -505,7 +531,7 @@ TEST_F(CudaGdr, ExtremeGates) {
   for (auto c : {Cfg{2, 4, 64, 64}, Cfg{4, 8, 128, 128}})
     for (const std::vector<int64_t>& lens :
          std::vector<std::vector<int64_t>>{{64}, {65}, {127}, {150}, {300}, {150, 1, 333}}) {
-      const int64_t T = std::accumulate(lens.begin(), lens.end(), int64_t(0)), S = int64_t(lens.size());
+      const int64_t T = std::accumulate(lens.begin(), lens.end(), int64_t(0));
       const int64_t C = 2 * c.Hk * c.Dk + c.Hv * c.Dv;
       const uint64_t seed = 500 + uint64_t(T);
       std::mt19937_64 rng(seed);
@@ -527,24 +553,42 @@ TEST_F(CudaGdr, ExtremeGates) {
           ba[size_t(t * 2 * c.Hv + j)] = r < 0.4f ? 12.f : r < 0.7f ? -12.f : 4.f * (U(rng) - 0.5f);  // β logit
           ba[size_t(t * 2 * c.Hv + c.Hv + j)] = -14.f + 14.5f * U(rng);  // a: softplus from ~1e-6 to ~1
         }
-      Pair pqkv = B.up(qkv, {T, C}, DType::F32), pba = B.up(ba, {T, 2 * c.Hv}, DType::F32);
-      Pair A_log = B.up(alog, {c.Hv}, DType::F32), dt_bias = B.up(dtb, {c.Hv}, DType::F32);
-      Pair ssm = B.up(randn(size_t(S * c.Hv * c.Dk * c.Dv), 0.1f, seed + 3), {S, c.Hv, c.Dk, c.Dv}, DType::F32);
-      StateLayer sc, sg;
-      sc.ssm = ssm.c, sg.ssm = ssm.g;
-      BatchMeta b = batch_of(lens);
-      B.gpu->prepare_batch(b);
-      auto o = B.zeros({T, c.Hv * c.Dv}, DType::F32);
-      B.cpu->gated_delta_rule(pqkv.c, pba.c, A_log.c, dt_bias.c, c.Hk, c.Hv, c.Dk, c.Dv, sc, b, o.c);
-      B.gpu->gated_delta_rule(pqkv.g, pba.g, A_log.g, dt_bias.g, c.Hk, c.Hv, c.Dk, c.Dv, sg, b, o.g);
-      const double eo = B.err(o), es = B.err(ssm);
-      char tag[200];
-      std::snprintf(tag, sizeof tag, "extreme gates Hv=%lld D=%lld lens:%s", (long long)c.Hv, (long long)c.Dk,
-                    lens_str(lens).c_str());
-      std::printf("  %-62s out %.3g  state %.3g\n", tag, eo, es);
-      EXPECT_LT(eo, kTolF32) << tag;
-      EXPECT_LT(es, kTolF32) << tag;
+      check_inputs(B, c, lens, qkv, ba, alog, dtb, seed, "extreme gates");
     }
+}
+
+// Nearly dependent keys: each key head's keys drawn from a subspace of rank 2, 8 or 16 (64 keys of a chunk span only
+// that many dimensions, as in the tiny golden model), β ≈ 1 (logit 12 ± 1) and weak decay (g ≈ −1e−4 per token:
+// e^{G_i−G_j} ≈ 1 across the chunk), so A = β(KKᵀ)⊙M is large and dense below the diagonal. Issue 6: 3×TF32 KKᵀ and
+// QKᵀ in the prep kernel made golden tiny-moe/bf16 prompt 3 fail; main computes them in fp32 summed in order.
+TEST_F(CudaGdr, LowRankKeys) {
+  Both B;
+  for (auto c : {Cfg{2, 4, 64, 64}, Cfg{4, 8, 128, 128}})
+    for (int rank : {2, 8, 16})
+      for (const std::vector<int64_t>& lens : std::vector<std::vector<int64_t>>{{64}, {150}, {333}, {65, 1, 200}}) {
+        const int64_t T = std::accumulate(lens.begin(), lens.end(), int64_t(0));
+        const int64_t C = 2 * c.Hk * c.Dk + c.Hv * c.Dv;
+        const uint64_t seed = 900 + uint64_t(T) + uint64_t(rank);
+        auto qkv = randn(size_t(T * C), 1.f, seed);
+        const auto basis = randn(size_t(c.Hk * rank * c.Dk), 1.f, seed + 1);
+        const auto coef = randn(size_t(T * c.Hk * rank), 1.f, seed + 2);
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t h = 0; h < c.Hk; ++h)
+            for (int64_t d = 0; d < c.Dk; ++d) {
+              float x = 0.f;
+              for (int r = 0; r < rank; ++r)
+                x += coef[size_t((t * c.Hk + h) * rank + r)] * basis[size_t((h * rank + r) * c.Dk + d)];
+              qkv[size_t(t * C + c.Hk * c.Dk + h * c.Dk + d)] = bf16_to_f32(f32_to_bf16(x));
+            }
+        const auto bl = randn(size_t(T * c.Hv), 1.f, seed + 4, 12.f);
+        std::vector<float> ba(size_t(T * 2 * c.Hv)), alog(size_t(c.Hv), std::log(1e-4f)), dtb(size_t(c.Hv), 0.f);
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t j = 0; j < c.Hv; ++j) {
+            ba[size_t(t * 2 * c.Hv + j)] = bl[size_t(t * c.Hv + j)];  // β logit ≈ 12
+            ba[size_t(t * 2 * c.Hv + c.Hv + j)] = 0.5f;               // softplus ≈ 0.97: g ≈ −1e−4
+          }
+        check_inputs(B, c, lens, qkv, ba, alog, dtb, seed, "rank-" + std::to_string(rank) + " keys");
+      }
 }
 
 // Device time of the two chunked kernels on the 35B-A3B shape (one sequence, Hk 16, Hv 32, Dk = Dv = 128), per

@@ -3,11 +3,15 @@
 // Outputs are fp32 on both sides here, so the bound measures the kernels, not bf16 output rounding. Each case runs
 // twice on the same slots (the second call continues from the first call's state) and checks the outputs of both
 // calls and the final state. DS_CUDA_NO_GDR_CHUNK=1 runs the old kernels on the same cases for comparison.
+#include <algorithm>
 #include <cstdlib>
 #include <numeric>
 
 #include "backend/cuda/gdr_chunked.h"
 #include "cuda_test_util.h"
+#include "golden_util.h"
+#include "model/model.h"
+#include "model_runner.h"
 
 namespace ds {
 namespace {
@@ -15,9 +19,11 @@ namespace {
 using test::Both;
 using test::Pair;
 using test::randn;
+using test::rel;
 
 constexpr double kTolF32 = 1e-3;   // fp32 outputs and state (3×TF32 products; measured ~1e-6)
 constexpr double kTolBf16 = 1e-2;  // bf16 outputs (test_cuda_ops' bound)
+constexpr int64_t kChunk = cuda::kGdrChunk;  // rows per chunk of the chunked form
 
 struct Cfg {
   int64_t Hk, Hv, Dk, Dv;
@@ -190,6 +196,453 @@ TEST_F(CudaGdr, DeterministicAndBatchInvariant) {
   run({1, 77, L, 3, 1000}, 2, o3, s3);
   EXPECT_TRUE(o1 == o2 && s1 == s2) << "two identical calls differ";
   EXPECT_TRUE(o1 == o3 && s1 == s3) << "the sequence's result depends on the rest of the batch";
+}
+
+// ---- inputs the random cases above lack: the model's gates ----------------------------------------------------
+// Exact double-precision token-serial reference of one sequence and value head (the recurrence of
+// backend/cpu/deltanet.cpp gdr_recurrent): o [L, Dv], S [Dk, Dv] updated. Tells the conditioning of the chunked
+// form (fp32 CPU chunked vs this) from a kernel's error (CUDA vs the fp32 CPU chunked form).
+void gdr_exact(const float* q, const float* k, const float* v, const float* g, const float* beta, int64_t L,
+               int64_t Dk, int64_t Dv, std::vector<double>& S, std::vector<double>& o) {
+  std::vector<double> u(static_cast<size_t>(Dv));
+  o.assign(size_t(L * Dv), 0.0);
+  for (int64_t t = 0; t < L; ++t) {
+    const double dec = std::exp(double(g[t]));
+    for (auto& x : S) x *= dec;
+    for (int64_t d = 0; d < Dv; ++d) {
+      double s = 0;
+      for (int64_t e = 0; e < Dk; ++e) s += S[size_t(e * Dv + d)] * k[t * Dk + e];
+      u[size_t(d)] = beta[t] * (v[t * Dv + d] - s);
+    }
+    for (int64_t e = 0; e < Dk; ++e)
+      for (int64_t d = 0; d < Dv; ++d) S[size_t(e * Dv + d)] += k[t * Dk + e] * u[size_t(d)];
+    for (int64_t d = 0; d < Dv; ++d) {
+      double s = 0;
+      for (int64_t e = 0; e < Dk; ++e) s += S[size_t(e * Dv + d)] * q[t * Dk + e];
+      o[size_t(t * Dv + d)] = s;
+    }
+  }
+}
+
+// One sequence's gated_delta_rule call on the host: everything the op reads and what the CPU op wrote.
+struct GdrCall {
+  int64_t T = 0, C = 0, Hk = 0, Hv = 0, Dk = 0, Dv = 0;
+  std::vector<float> qkv, ba, A_log, dt_bias, s0, s1, o;  // s0/s1: the sequence's state before/after
+};
+
+// The op's preprocessing (as the CPU op): q, k L2-normalised (q also scaled), v, g, β of head j, L = c.T rows.
+void head_inputs(const GdrCall& c, int64_t j, std::vector<float>& q, std::vector<float>& k, std::vector<float>& v,
+                 std::vector<float>& g, std::vector<float>& beta) {
+  const int64_t L = c.T, Dk = c.Dk, Dv = c.Dv, kh = j / (c.Hv / c.Hk);
+  q.assign(size_t(L * Dk), 0.f), k.assign(size_t(L * Dk), 0.f), v.assign(size_t(L * Dv), 0.f);
+  g.assign(size_t(L), 0.f), beta.assign(size_t(L), 0.f);
+  const float qscale = 1.f / std::sqrt(float(Dk));
+  for (int64_t i = 0; i < L; ++i) {
+    const float* row = c.qkv.data() + i * c.C;
+    auto l2 = [&](const float* src, float* dst, float mul) {
+      float ss = 0.f;
+      for (int64_t d = 0; d < Dk; ++d) ss += src[d] * src[d];
+      const float inv = 1.f / std::sqrt(ss + 1e-6f);
+      for (int64_t d = 0; d < Dk; ++d) dst[d] = src[d] * inv * mul;
+    };
+    l2(row + kh * Dk, q.data() + i * Dk, qscale);
+    l2(row + c.Hk * Dk + kh * Dk, k.data() + i * Dk, 1.f);
+    std::copy(row + 2 * c.Hk * Dk + j * Dv, row + 2 * c.Hk * Dk + (j + 1) * Dv, v.begin() + i * Dv);
+    const float* bar = c.ba.data() + i * 2 * c.Hv;
+    beta[size_t(i)] = 1.f / (1.f + std::exp(-bar[j]));
+    const float x = bar[c.Hv + j] + c.dt_bias[size_t(j)];
+    g[size_t(i)] = -std::exp(c.A_log[size_t(j)]) * (x > 20.f ? x : std::log1p(std::exp(x)));
+  }
+}
+
+// Runs one recorded call on the GPU (fp32 inputs and outputs, one sequence in slot 0) and prints, per value head,
+// the CUDA-vs-CPU errors of the output and the final state, the fp32 CPU chunked form's own error against the
+// exact recurrence, and the gates' range. Returns the largest CUDA-vs-CPU error (output, state).
+std::pair<double, double> check_call(Backend& gpu, const GdrCall& c, const std::string& tag) {
+  BatchMeta b;
+  BatchMeta::Seq s;
+  s.q_len = c.T, s.state_slot = 0, s.blocks = {0};
+  b.seqs.push_back(s);
+  b.tokens.assign(size_t(c.T), 0);
+  b.positions.assign(size_t(3 * c.T), 0);
+  gpu.prepare_batch(b);
+  Tensor qkv = gpu.upload_f32(c.qkv, {c.T, c.C}, DType::F32), ba = gpu.upload_f32(c.ba, {c.T, 2 * c.Hv}, DType::F32);
+  Tensor A_log = gpu.upload_f32(c.A_log, {c.Hv}, DType::F32), dt_bias = gpu.upload_f32(c.dt_bias, {c.Hv}, DType::F32);
+  StateLayer st;
+  st.ssm = gpu.upload_f32(c.s0, {1, c.Hv, c.Dk, c.Dv}, DType::F32);
+  Tensor o = gpu.alloc(DType::F32, {c.T, c.Hv * c.Dv});
+  gpu.gated_delta_rule(qkv, ba, A_log, dt_bias, c.Hk, c.Hv, c.Dk, c.Dv, st, b, o);
+  const auto og = gpu.to_host_f32(o), sg = gpu.to_host_f32(st.ssm);
+  double worst_o = rel(og, c.o), worst_s = rel(sg, c.s1);
+  std::printf("  %s T=%lld: CUDA vs CPU out %.3g state %.3g\n", tag.c_str(), (long long)c.T, worst_o, worst_s);
+  const int64_t Dk = c.Dk, Dv = c.Dv, nch = (c.T + kChunk - 1) / kChunk;
+  for (int64_t j = 0; j < c.Hv; ++j) {
+    std::vector<float> q, k, v, g, beta;
+    head_inputs(c, j, q, k, v, g, beta);
+    std::vector<double> S(c.s0.begin() + j * Dk * Dv, c.s0.begin() + (j + 1) * Dk * Dv), ox;
+    gdr_exact(q.data(), k.data(), v.data(), g.data(), beta.data(), c.T, Dk, Dv, S, ox);
+    // per head: rows of this head in o, state of this head
+    std::vector<float> oc(size_t(c.T * Dv)), ogj(size_t(c.T * Dv)), ex(size_t(c.T * Dv));
+    for (int64_t i = 0; i < c.T; ++i)
+      for (int64_t d = 0; d < Dv; ++d) {
+        oc[size_t(i * Dv + d)] = c.o[size_t((i * c.Hv + j) * Dv + d)];
+        ogj[size_t(i * Dv + d)] = og[size_t((i * c.Hv + j) * Dv + d)];
+        ex[size_t(i * Dv + d)] = float(ox[size_t(i * Dv + d)]);
+      }
+    const std::vector<float> sc(c.s1.begin() + j * Dk * Dv, c.s1.begin() + (j + 1) * Dk * Dv),
+        sgj(sg.begin() + j * Dk * Dv, sg.begin() + (j + 1) * Dk * Dv), sx(S.begin(), S.end());
+    // the worst chunk of the output (CUDA vs CPU)
+    double worst_chunk = 0;
+    int64_t wc = 0;
+    for (int64_t ch = 0; ch < nch; ++ch) {
+      const int64_t r0 = ch * kChunk, r1 = std::min(c.T, r0 + kChunk);
+      const std::vector<float> a(ogj.begin() + r0 * Dv, ogj.begin() + r1 * Dv), bb(oc.begin() + r0 * Dv, oc.begin() + r1 * Dv);
+      const double e = rel(a, bb);
+      if (e > worst_chunk) worst_chunk = e, wc = ch;
+    }
+    // gates: per-token g range, the most negative chunk-cumulative G, β range
+    float gmin = 0, gmax = -1e30f, Gmin = 0, bmin = 1, bmax = 0;
+    for (int64_t ch = 0; ch < nch; ++ch) {
+      float acc = 0;
+      for (int64_t i = ch * kChunk; i < std::min(c.T, (ch + 1) * kChunk); ++i) acc += g[size_t(i)];
+      Gmin = std::min(Gmin, acc);
+    }
+    for (int64_t i = 0; i < c.T; ++i) {
+      gmin = std::min(gmin, g[size_t(i)]), gmax = std::max(gmax, g[size_t(i)]);
+      bmin = std::min(bmin, beta[size_t(i)]), bmax = std::max(bmax, beta[size_t(i)]);
+    }
+    std::printf("    head %lld: CUDA vs CPU out %.3g (worst chunk %lld: %.3g) state %.3g | vs exact: CUDA out %.3g "
+                "state %.3g, CPU out %.3g state %.3g | g [%.3g, %.3g] min chunk G %.4g, beta [%.3g, %.3g]\n",
+                (long long)j, rel(ogj, oc), (long long)wc, worst_chunk, rel(sgj, sc), rel(ogj, ex), rel(sgj, sx),
+                rel(oc, ex), rel(sc, sx), gmin, gmax, Gmin, bmin, bmax);
+  }
+  return {worst_o, worst_s};
+}
+
+// A backend that forwards every op (to the CPU backend, or the CUDA one) and records each gated_delta_rule call of one sequence with ≥ 64 tokens
+// (the chunked path): the DeltaNet layers' real inputs.
+class CaptureBackend final : public Backend {
+ public:
+  explicit CaptureBackend(Backend& in) : in_(in) {}
+  std::vector<GdrCall> calls;
+  // > 0: after each chunked call, this many elements of the (bf16) output move by one bf16 step (rng below), the
+  // size of the rounding flips that a ~1e-7 change in the op's fp32 result causes (TinyMoeGoldenSensitivity).
+  int flips = 0;
+  std::mt19937_64 rng;
+
+  std::string name() const override { return in_.name(); }
+  DType act_dtype() const override { return in_.act_dtype(); }
+  Tensor alloc(DType dt, std::vector<int64_t> shape) override { return in_.alloc(dt, std::move(shape)); }
+  Tensor upload_f32(const std::vector<float>& v, std::vector<int64_t> shape, DType dt) override {
+    return in_.upload_f32(v, std::move(shape), dt);
+  }
+  std::vector<float> to_host_f32(const Tensor& t) override { return in_.to_host_f32(t); }
+  void zero(Tensor& t) override { in_.zero(t); }
+  void copy(Tensor& dst, const Tensor& src) override { in_.copy(dst, src); }
+  void synchronize() override { in_.synchronize(); }
+  Linear make_linear(const std::vector<LinearSource>& parts) override { return in_.make_linear(parts); }
+  Experts make_experts(const std::vector<std::vector<LinearSource>>& gu, const std::vector<LinearSource>& d) override {
+    return in_.make_experts(gu, d);
+  }
+  bool device_memory(int64_t* total, int64_t* used) override { return in_.device_memory(total, used); }
+  void prepare_batch(BatchMeta& b) override { in_.prepare_batch(b); }
+  void* stream_handle() const override { return in_.stream_handle(); }
+  void step_begin() override { in_.step_begin(); }
+  void step_end() override { in_.step_end(); }
+  bool graph_run(const std::string& key, const std::function<void()>& fn) override { return in_.graph_run(key, fn); }
+  void batch_tokens_from(BatchMeta& b, const Tensor& ids) override { in_.batch_tokens_from(b, ids); }
+  void add_rmsnorm(Tensor& x, const Tensor& d, const Tensor& w, float eps, Tensor& h) override {
+    in_.add_rmsnorm(x, d, w, eps, h);
+  }
+  void linear_group(const Tensor& x, const std::vector<LinearJob>& jobs) override { in_.linear_group(x, jobs); }
+  void linear_gated_add(const Tensor& x, const Linear& w, const Tensor& gate_logit, Tensor& y) override {
+    in_.linear_gated_add(x, w, gate_logit, y);
+  }
+  void embed(const Tensor& table, const BatchMeta& b, Tensor& out) override { in_.embed(table, b, out); }
+  void rmsnorm(const Tensor& x, const Tensor& w, float eps, Tensor& y) override { in_.rmsnorm(x, w, eps, y); }
+  void add_inplace(Tensor& x, const Tensor& y) override { in_.add_inplace(x, y); }
+  void linear(const Tensor& x, const Linear& w, Tensor& y) override { in_.linear(x, w, y); }
+  void silu_mul(const Tensor& gu, Tensor& y) override { in_.silu_mul(gu, y); }
+  void qk_norm_rope(const Tensor& qg, Tensor& k, const Tensor& qn, const Tensor& kn, float eps, const RopeParams& r,
+                    const BatchMeta& b, Tensor& q, Tensor& gate) override {
+    in_.qk_norm_rope(qg, k, qn, kn, eps, r, b, q, gate);
+  }
+  void kv_cache_write(KvLayer& kv, const Tensor& k, const Tensor& v, const BatchMeta& b) override {
+    in_.kv_cache_write(kv, k, v, b);
+  }
+  void attention(const Tensor& q, const KvLayer& kv, const BatchMeta& b, Tensor& o) override {
+    in_.attention(q, kv, b, o);
+  }
+  void sigmoid_gate_mul(Tensor& x, const Tensor& gate) override { in_.sigmoid_gate_mul(x, gate); }
+  void conv1d_causal(const Tensor& m, const Tensor& w, StateLayer& st, const BatchMeta& b, Tensor& out) override {
+    in_.conv1d_causal(m, w, st, b, out);
+  }
+  void gated_delta_rule(const Tensor& qkv, const Tensor& ba, const Tensor& A_log, const Tensor& dt_bias, int64_t Hk,
+                        int64_t Hv, int64_t Dk, int64_t Dv, StateLayer& st, const BatchMeta& b, Tensor& o) override {
+    const bool rec = b.seqs.size() == 1 && b.seqs[0].q_len >= kChunk;
+    GdrCall c;
+    const int64_t slot = rec ? b.seqs[0].state_slot : 0, n = Hv * Dk * Dv;
+    if (rec) {
+      c.T = b.num_tokens(), c.C = qkv.dim(1), c.Hk = Hk, c.Hv = Hv, c.Dk = Dk, c.Dv = Dv;
+      c.qkv = in_.to_host_f32(qkv), c.ba = in_.to_host_f32(ba);
+      c.A_log = in_.to_host_f32(A_log), c.dt_bias = in_.to_host_f32(dt_bias);
+      const auto s = in_.to_host_f32(st.ssm);
+      c.s0.assign(s.begin() + slot * n, s.begin() + (slot + 1) * n);
+    }
+    in_.gated_delta_rule(qkv, ba, A_log, dt_bias, Hk, Hv, Dk, Dv, st, b, o);
+    if (rec && flips > 0 && o.dtype == DType::BF16) {
+      auto oh = in_.to_host_f32(o);
+      for (int f = 0; f < flips; ++f) {
+        float& x = oh[size_t(rng() % oh.size())];
+        const uint16_t h = f32_to_bf16(x);
+        if ((h & 0x7fff) != 0) x = bf16_to_f32(uint16_t(rng() & 1 ? h + 1 : h - 1));  // |x| one step up or down
+      }
+      Tensor t = in_.upload_f32(oh, o.shape, o.dtype);
+      in_.copy(o, t);
+    }
+    if (rec) {
+      const auto s = in_.to_host_f32(st.ssm);
+      c.s1.assign(s.begin() + slot * n, s.begin() + (slot + 1) * n);
+      c.o = in_.to_host_f32(o);
+      calls.push_back(std::move(c));
+    }
+  }
+  void gated_rmsnorm(const Tensor& o, const Tensor& z, const Tensor& w, float eps, Tensor& y) override {
+    in_.gated_rmsnorm(o, z, w, eps, y);
+  }
+  void moe_route(const Tensor& l, int64_t k, Tensor& ids, Tensor& w) override { in_.moe_route(l, k, ids, w); }
+  void moe_experts(const Tensor& x, const Experts& w, const Tensor& ids, const Tensor& wts, Tensor& y) override {
+    in_.moe_experts(x, w, ids, wts, y);
+  }
+  void sigmoid_scale_add(Tensor& y, const Tensor& s, const Tensor& g) override { in_.sigmoid_scale_add(y, s, g); }
+  void gather_rows(const Tensor& x, const std::vector<int32_t>& rows, Tensor& out) override {
+    in_.gather_rows(x, rows, out);
+  }
+  void argmax_rows(const Tensor& logits, int64_t limit, Tensor& ids, const Tensor* map = nullptr) override {
+    in_.argmax_rows(logits, limit, ids, map);
+  }
+  void sample_rows(const Tensor& logits, int64_t vocab_limit, const std::vector<SampleRowParams>& rows,
+                   const std::vector<SampleEdit>& edits, std::vector<int32_t>& ids) override {
+    in_.sample_rows(logits, vocab_limit, rows, edits, ids);
+  }
+
+ private:
+  Backend& in_;
+};
+
+// The tiny-moe checkpoints' prompts of ≥ 64 tokens through the CPU model; every DeltaNet layer's recorded call
+// then runs on the GPU (fp32 in and out) against the CPU op's output and final state. Issue 6: with the v3 kernels
+// the bf16 checkpoint's 150-token prompt failed the golden test while the random cases above passed.
+TEST_F(CudaGdr, TinyMoeRealInputs) {
+  auto gpu = make_cuda_backend(0);
+  for (const char* variant : {"bf16", "int4"}) {
+    const std::string dir = test::cuda_data_dir() + "/tiny-moe/";
+    auto cpu = make_cpu_backend();
+    CaptureBackend cap(*cpu);
+    auto m = model::Model::load(dir + "tiny-moe-" + variant, cap);
+    const auto golden = test::read_json(dir + "golden.json");
+    const auto& prompts = golden["text"][variant];
+    for (size_t p = 0; p < prompts.size(); ++p) {
+      const auto toks = test::ids(prompts[p]["prompt"]);
+      if (toks.size() < size_t(kChunk)) continue;
+      cap.calls.clear();
+      test::run_one(*m, toks, toks.size());
+      for (size_t l = 0; l < cap.calls.size(); ++l)
+        for (const char* mode : {"new", "old"}) {
+          if (std::string(mode) == "old") setenv("DS_CUDA_NO_GDR_CHUNK", "1", 1);
+          const std::string tag = std::string(mode) + " " + variant + " prompt" + std::to_string(p) + " DeltaNet call " +
+                                  std::to_string(l);
+          auto [eo, es] = check_call(*gpu, cap.calls[l], tag);
+          unsetenv("DS_CUDA_NO_GDR_CHUNK");
+          EXPECT_LT(eo, kTolF32) << tag;
+          EXPECT_LT(es, kTolF32) << tag;
+        }
+    }
+  }
+}
+
+// The CPU op on a recorded call's inputs: fills c.o and c.s1.
+void cpu_reference(GdrCall& c) {
+  auto cpu = make_cpu_backend();
+  BatchMeta b;
+  BatchMeta::Seq s;
+  s.q_len = c.T, s.state_slot = 0, s.blocks = {0};
+  b.seqs.push_back(s);
+  b.tokens.assign(size_t(c.T), 0);
+  b.positions.assign(size_t(3 * c.T), 0);
+  Tensor qkv = cpu->upload_f32(c.qkv, {c.T, c.C}, DType::F32), ba = cpu->upload_f32(c.ba, {c.T, 2 * c.Hv}, DType::F32);
+  Tensor A_log = cpu->upload_f32(c.A_log, {c.Hv}, DType::F32), dt_bias = cpu->upload_f32(c.dt_bias, {c.Hv}, DType::F32);
+  StateLayer st;
+  st.ssm = cpu->upload_f32(c.s0, {1, c.Hv, c.Dk, c.Dv}, DType::F32);
+  Tensor o = cpu->alloc(DType::F32, {c.T, c.Hv * c.Dv});
+  cpu->gated_delta_rule(qkv, ba, A_log, dt_bias, c.Hk, c.Hv, c.Dk, c.Dv, st, b, o);
+  c.o = cpu->to_host_f32(o), c.s1 = cpu->to_host_f32(st.ssm);
+}
+
+// The same prompts through the CUDA model (the golden test's configuration: bf16 activations, the chunked kernels
+// inside the model's step): the op's inputs as the CUDA model made them, its bf16 output and its final state against
+// the CPU op on those inputs; then the recorded call again on the GPU with fp32 output (check_call).
+TEST_F(CudaGdr, TinyMoeCudaModelInputs) {
+  auto gpu = make_cuda_backend(0);
+  const std::string dir = test::cuda_data_dir() + "/tiny-moe/";
+  CaptureBackend cap(*gpu);
+  auto m = model::Model::load(dir + "tiny-moe-bf16", cap);
+  const auto golden = test::read_json(dir + "golden.json");
+  const auto& prompts = golden["text"]["bf16"];
+  for (size_t p = 0; p < prompts.size(); ++p) {
+    const auto toks = test::ids(prompts[p]["prompt"]);
+    if (toks.size() < size_t(kChunk)) continue;
+    cap.calls.clear();
+    test::run_one(*m, toks, toks.size());
+    for (size_t l = 0; l < cap.calls.size(); ++l) {
+      GdrCall& c = cap.calls[l];
+      const std::vector<float> model_o = c.o, model_s = c.s1;
+      cpu_reference(c);
+      const double eo = rel(model_o, c.o), es = rel(model_s, c.s1);
+      const std::string tag = "CUDA model prompt" + std::to_string(p) + " DeltaNet call " + std::to_string(l);
+      std::printf("  %s T=%lld: the model's op (bf16 out) vs CPU out %.3g state %.3g\n", tag.c_str(), (long long)c.T,
+                  eo, es);
+      EXPECT_LT(eo, kTolBf16) << tag;
+      EXPECT_LT(es, kTolF32) << tag;
+      auto [fo, fs] = check_call(*gpu, c, tag + " rerun f32");
+      EXPECT_LT(fo, kTolF32) << tag;
+      EXPECT_LT(fs, kTolF32) << tag;
+    }
+  }
+}
+
+// How much the golden test's prompt-logits error of tiny-moe/bf16 moves when the chunked op's bf16 output moves by
+// one rounding step in a few elements per layer (what any ~1e-7 change of the op's fp32 result does: issue 6's
+// 3×TF32 KKᵀ changed the op's output by ~2e-7 rel L2 on these inputs — CPU emulation — and prompt 3 went from
+// 0.985× to 2.001× the bf16 reference's error). The tiny MoE's router has near-ties (top-k logit gaps down to
+// ~1e-3 on prompts 3 and 4), so a flip can change an expert choice. Prints only.
+TEST_F(CudaGdr, TinyMoeGoldenSensitivity) {
+  auto gpu = make_cuda_backend(0);
+  const std::string dir = test::cuda_data_dir() + "/tiny-moe/";
+  CaptureBackend cap(*gpu);
+  auto m = model::Model::load(dir + "tiny-moe-bf16", cap);
+  const auto golden = test::read_json(dir + "golden.json");
+  test::Golden tensors(dir + "golden.safetensors");
+  const auto& prompts = golden["text"]["bf16"];
+  const int64_t V = m->config().text.vocab_size;
+  for (size_t p = 0; p < prompts.size(); ++p) {
+    const auto toks = test::ids(prompts[p]["prompt"]);
+    if (toks.size() < size_t(kChunk)) continue;
+    const std::string name = "prompt" + std::to_string(p) + ".logits";
+    std::vector<int64_t> shape;
+    const auto ref = tensors.f32("bf16.fp32." + name, &shape);
+    const double bf = test::rel_l2(tensors.f32("bf16.bf16ref." + name), ref);
+    std::printf("  tiny-moe/bf16 prompt%zu (%zu tokens), error vs fp32 reference / bf16 reference's error:", p,
+                toks.size());
+    uint64_t seed = 1;
+    int last = -1;
+    for (int flips : {0, 2, 2, 2, 2, 2, 2, 2, 2, 8, 8, 8, 8}) {
+      cap.flips = flips;
+      cap.rng.seed(seed++);
+      cap.calls.clear();
+      const auto ours = test::last_rows(test::run_one(*m, toks, toks.size()), shape[0], V);
+      if (flips != last && flips == 0) std::printf(" unperturbed");
+      if (flips != last && flips > 0) std::printf(" | %d flips per layer:", flips);
+      last = flips;
+      std::printf(" %.3f", test::rel_l2(ours, ref) / bf);
+    }
+    cap.flips = 0;
+    std::printf("\n");
+  }
+}
+
+// One call of the op on given fp32 inputs (qkv [T, C], ba [T, 2·Hv], A_log, dt_bias [Hv]), CPU vs CUDA from the same
+// random state, fp32 outputs; prints and checks the output and final-state errors.
+void check_inputs(Both& B, const Cfg& c, const std::vector<int64_t>& lens, const std::vector<float>& qkv,
+                  const std::vector<float>& ba, const std::vector<float>& alog, const std::vector<float>& dtb,
+                  uint64_t seed, const std::string& what) {
+  const int64_t T = std::accumulate(lens.begin(), lens.end(), int64_t(0)), S = int64_t(lens.size());
+  const int64_t C = 2 * c.Hk * c.Dk + c.Hv * c.Dv;
+  Pair pqkv = B.up(qkv, {T, C}, DType::F32), pba = B.up(ba, {T, 2 * c.Hv}, DType::F32);
+  Pair A_log = B.up(alog, {c.Hv}, DType::F32), dt_bias = B.up(dtb, {c.Hv}, DType::F32);
+  Pair ssm = B.up(randn(size_t(S * c.Hv * c.Dk * c.Dv), 0.1f, seed + 3), {S, c.Hv, c.Dk, c.Dv}, DType::F32);
+  StateLayer sc, sg;
+  sc.ssm = ssm.c, sg.ssm = ssm.g;
+  BatchMeta b = batch_of(lens);
+  B.gpu->prepare_batch(b);
+  auto o = B.zeros({T, c.Hv * c.Dv}, DType::F32);
+  B.cpu->gated_delta_rule(pqkv.c, pba.c, A_log.c, dt_bias.c, c.Hk, c.Hv, c.Dk, c.Dv, sc, b, o.c);
+  B.gpu->gated_delta_rule(pqkv.g, pba.g, A_log.g, dt_bias.g, c.Hk, c.Hv, c.Dk, c.Dv, sg, b, o.g);
+  const double eo = B.err(o), es = B.err(ssm);
+  char tag[200];
+  std::snprintf(tag, sizeof tag, "%s Hv=%lld D=%lld lens:%s", what.c_str(), (long long)c.Hv, (long long)c.Dk,
+                lens_str(lens).c_str());
+  std::printf("  %-62s out %.3g  state %.3g\n", tag, eo, es);
+  EXPECT_LT(eo, kTolF32) << tag;
+  EXPECT_LT(es, kTolF32) << tag;
+}
+
+// Synthetic model-like extremes: per value head a different decay scale (e^{A_log} from 0.02 to 20), per-token a
+// spread so that g runs from about −30 to −1e−5 (chunk sums of −hundreds next to ≈ 0), β saturated near 0 and 1,
+// keys sharing a direction, and every 7th token's key all zero.
+TEST_F(CudaGdr, ExtremeGates) {
+  Both B;
+  for (auto c : {Cfg{2, 4, 64, 64}, Cfg{4, 8, 128, 128}})
+    for (const std::vector<int64_t>& lens :
+         std::vector<std::vector<int64_t>>{{64}, {65}, {127}, {150}, {300}, {150, 1, 333}}) {
+      const int64_t T = std::accumulate(lens.begin(), lens.end(), int64_t(0));
+      const int64_t C = 2 * c.Hk * c.Dk + c.Hv * c.Dv;
+      const uint64_t seed = 500 + uint64_t(T);
+      std::mt19937_64 rng(seed);
+      std::uniform_real_distribution<float> U(0.f, 1.f);
+      auto qkv = randn(size_t(T * C), 1.f, seed);
+      auto common = randn(size_t(c.Hk * c.Dk), 1.f, seed + 7);
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t h = 0; h < c.Hk; ++h)
+          for (int64_t d = 0; d < c.Dk; ++d) {
+            float& x = qkv[size_t(t * C + c.Hk * c.Dk + h * c.Dk + d)];
+            x = t % 7 == 3 ? 0.f : 0.9f * common[size_t(h * c.Dk + d)] + 0.2f * x;
+          }
+      std::vector<float> ba(size_t(T * 2 * c.Hv)), alog(size_t(c.Hv)), dtb(size_t(c.Hv), 0.f);
+      const float scales[4] = {20.f, 1.f, 0.02f, 5.f};
+      for (int64_t j = 0; j < c.Hv; ++j) alog[size_t(j)] = std::log(scales[j % 4]);
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t j = 0; j < c.Hv; ++j) {
+          const float r = U(rng);
+          ba[size_t(t * 2 * c.Hv + j)] = r < 0.4f ? 12.f : r < 0.7f ? -12.f : 4.f * (U(rng) - 0.5f);  // β logit
+          ba[size_t(t * 2 * c.Hv + c.Hv + j)] = -14.f + 14.5f * U(rng);  // a: softplus from ~1e-6 to ~1
+        }
+      check_inputs(B, c, lens, qkv, ba, alog, dtb, seed, "extreme gates");
+    }
+}
+
+// Nearly dependent keys: each key head's keys drawn from a subspace of rank 2, 8 or 16 (64 keys of a chunk span only
+// that many dimensions, as in the tiny golden model), β ≈ 1 (logit 12 ± 1) and weak decay (g ≈ −1e−4 per token:
+// e^{G_i−G_j} ≈ 1 across the chunk), so A = β(KKᵀ)⊙M is large and dense below the diagonal. Issue 6: 3×TF32 KKᵀ and
+// QKᵀ in the prep kernel made golden tiny-moe/bf16 prompt 3 fail; main computes them in fp32 summed in order.
+TEST_F(CudaGdr, LowRankKeys) {
+  Both B;
+  for (auto c : {Cfg{2, 4, 64, 64}, Cfg{4, 8, 128, 128}})
+    for (int rank : {2, 8, 16})
+      for (const std::vector<int64_t>& lens : std::vector<std::vector<int64_t>>{{64}, {150}, {333}, {65, 1, 200}}) {
+        const int64_t T = std::accumulate(lens.begin(), lens.end(), int64_t(0));
+        const int64_t C = 2 * c.Hk * c.Dk + c.Hv * c.Dv;
+        const uint64_t seed = 900 + uint64_t(T) + uint64_t(rank);
+        auto qkv = randn(size_t(T * C), 1.f, seed);
+        const auto basis = randn(size_t(c.Hk * rank * c.Dk), 1.f, seed + 1);
+        const auto coef = randn(size_t(T * c.Hk * rank), 1.f, seed + 2);
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t h = 0; h < c.Hk; ++h)
+            for (int64_t d = 0; d < c.Dk; ++d) {
+              float x = 0.f;
+              for (int r = 0; r < rank; ++r)
+                x += coef[size_t((t * c.Hk + h) * rank + r)] * basis[size_t((h * rank + r) * c.Dk + d)];
+              qkv[size_t(t * C + c.Hk * c.Dk + h * c.Dk + d)] = bf16_to_f32(f32_to_bf16(x));
+            }
+        const auto bl = randn(size_t(T * c.Hv), 1.f, seed + 4, 12.f);
+        std::vector<float> ba(size_t(T * 2 * c.Hv)), alog(size_t(c.Hv), std::log(1e-4f)), dtb(size_t(c.Hv), 0.f);
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t j = 0; j < c.Hv; ++j) {
+            ba[size_t(t * 2 * c.Hv + j)] = bl[size_t(t * c.Hv + j)];  // β logit ≈ 12
+            ba[size_t(t * 2 * c.Hv + c.Hv + j)] = 0.5f;               // softplus ≈ 0.97: g ≈ −1e−4
+          }
+        check_inputs(B, c, lens, qkv, ba, alog, dtb, seed, "rank-" + std::to_string(rank) + " keys");
+      }
 }
 
 // Device time of the two chunked kernels on the 35B-A3B shape (one sequence, Hk 16, Hv 32, Dk = Dv = 128), per

@@ -91,15 +91,23 @@ struct DevBatch {
 };
 
 // ------------------------------------------------------------------------------------------------
-// Kernels
+// Kernels. Those of the decode step (all but DeltaNet's, which keep plain launches for now) are launched with
+// pdl_launch and begin with pdl_wait(); pdl_trigger(): nothing is read or written before the previous kernel is
+// done, and the next kernel may be scheduled as soon as every block of this one has started (an early trigger
+// cannot take SMs from this kernel: the next one launches only once all of this one's blocks are resident, so its
+// waiting blocks fill only the slots this kernel's finished blocks leave). DS_CUDA_NO_PDL=1: plain launches.
 
 __global__ void k_embed(const void* table, int tdt, const int32_t* tokens, int64_t H, void* out, int odt) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int64_t t = blockIdx.x;
   const int64_t id = tokens[t];
   for (int64_t i = threadIdx.x; i < H; i += blockDim.x) stf(out, odt, t * H + i, ldf(table, tdt, id * H + i));
 }
 
 __global__ void k_rmsnorm(const void* x, int xdt, const float* w, float eps, int64_t D, void* y, int ydt) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int64_t r = blockIdx.x;
   float ss = 0.f;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
@@ -112,11 +120,15 @@ __global__ void k_rmsnorm(const void* x, int xdt, const float* w, float eps, int
 }
 
 __global__ void k_add(void* x, int xdt, const void* y, int ydt, int64_t n) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     stf(x, xdt, i, ldf(x, xdt, i) + ldf(y, ydt, i));
 }
 
 __global__ void k_silu_mul(const void* gu, int gdt, int64_t T, int64_t I, void* y, int ydt) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int64_t n = T * I;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     int64_t t = i / I, c = i % I;
@@ -125,12 +137,15 @@ __global__ void k_silu_mul(const void* gu, int gdt, int64_t T, int64_t I, void* 
 }
 
 __global__ void k_sigmoid_gate_mul(void* x, int xdt, const void* g, int gdt, int64_t n) {
-  pdl_trigger();  // the next kernel may be PDL-launched (pdl.h)
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     stf(x, xdt, i, ldf(x, xdt, i) * sigmoid_f(ldf(g, gdt, i)));
 }
 
 __global__ void k_sigmoid_scale_add(void* y, int ydt, const void* s, int sdt, const void* gl, int gdt, int64_t H) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int64_t t = blockIdx.x;
   const float g = sigmoid_f(ldf(gl, gdt, t));
   for (int64_t d = threadIdx.x; d < H; d += blockDim.x)
@@ -138,6 +153,8 @@ __global__ void k_sigmoid_scale_add(void* y, int ydt, const void* s, int sdt, co
 }
 
 __global__ void k_gather(const void* x, int dt, const int32_t* rows, int64_t H, void* out) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int64_t i = blockIdx.x, r = rows[i];
   for (int64_t d = threadIdx.x; d < H; d += blockDim.x) stf(out, dt, i * H + d, ldf(x, dt, r * H + d));
 }
@@ -148,6 +165,8 @@ __device__ __forceinline__ bool argmax_better(float v, int i, float bv, int bi) 
   return i >= 0 && (bi < 0 || v > bv || (v == bv && i < bi));
 }
 __global__ void k_argmax_rows(const float* x, int64_t N, int64_t limit, const int32_t* map, int32_t* ids) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int64_t r = blockIdx.x;
   const float* row = x + r * N;
   float bv = 0.f;
@@ -183,6 +202,8 @@ __global__ void k_argmax_rows(const float* x, int64_t N, int64_t limit, const in
 // y[t] = w · x[t] for a one-row bf16 weight (the shared expert's gate): one block per token. cuBLAS runs N = 1
 // as two kernels (dot + reduction), ~8 us per layer at batch 1.
 __global__ void k_linear_n1(const __nv_bfloat16* w, const __nv_bfloat16* x, int64_t K, void* y, int ydt) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int64_t t = blockIdx.x;
   float acc = 0.f;
   for (int64_t k = threadIdx.x; k < K; k += blockDim.x)
@@ -203,7 +224,8 @@ __device__ __forceinline__ float round_dt(float v, int dt) {
 }
 __global__ void __launch_bounds__(256) k_add_rmsnorm(void* x, int xdt, const void* d, int ddt, const float* w,
                                                      float eps, int64_t D, void* h, int hdt) {
-  pdl_trigger();  // the next kernel may be PDL-launched (pdl.h)
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int64_t r = blockIdx.x;
   float v[kAddNormPer];
 #pragma unroll
@@ -340,6 +362,8 @@ __global__ void __launch_bounds__(256) k_gemv_bf16(const GemvJobs j, const __nv_
 }
 
 __global__ void k_convert(const void* x, int xdt, void* y, int ydt, int64_t n) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     stf(y, ydt, i, ldf(x, xdt, i));
 }
@@ -349,6 +373,8 @@ __global__ void k_convert(const void* x, int xdt, void* y, int ydt, int64_t n) {
 __global__ void k_norm_rope(const void* src, int sdt, int64_t sstride, int64_t hstride, const float* w, float eps,
                             int64_t Dh, int rot, const float* inv_freq, const int32_t* axis, const int32_t* pos,
                             int64_t T, void* dst, int ddt, int64_t N, void* gate, int64_t goff) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   __shared__ float v[512];
   const int64_t t = blockIdx.x, h = blockIdx.y;
   const int64_t base = t * sstride + h * hstride;
@@ -382,6 +408,8 @@ __global__ void k_norm_rope(const void* src, int sdt, int64_t sstride, int64_t h
 
 __global__ void k_kv_write(void* kc, void* vc, int cdt, const void* k, const void* v, int sdt, int64_t row, int64_t bs,
                            const int32_t* seq_of, const int32_t* seqinfo, const int32_t* blocks, int maxb) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int64_t t = blockIdx.x;
   const int s = seq_of[t];
   const int64_t pos = seqinfo[s * 4 + 2] + (t - seqinfo[s * 4 + 0]);
@@ -401,6 +429,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32) k_attention(const void* q, in
                                                                 int64_t bs, const int32_t* seq_of,
                                                                 const int32_t* seqinfo, const int32_t* blocks, int maxb,
                                                                 float scale, void* o, int odt) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int64_t t = blockIdx.x, h = blockIdx.y;
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const int nj = int(Dh / 32);
@@ -696,6 +726,8 @@ __global__ void k_gated_rmsnorm(const void* x, int xdt, const void* z, int zdt, 
 
 // Router: softmax over E ≤ 1024, top-k (ties to the lower index, as a stable sort), renormalised. Warp per token.
 __global__ void k_moe_route(const void* logits, int ldt, int64_t T, int64_t E, int64_t K, int32_t* ids, float* wts) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int64_t t = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (t >= T) return;
@@ -814,6 +846,8 @@ template <int DPL, bool SM>
 __global__ void k_attn_split(const __nv_bfloat16* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc, int64_t Nh,
                              int64_t Nkv, int64_t bs, const int32_t* seq_of, const int32_t* seqinfo,
                              const int32_t* blocks, int maxb, float scale, int S, float* part, int flash_min) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   constexpr int Dh = DPL * 32;
   const int64_t t = blockIdx.x, g = blockIdx.y;
   const int split = blockIdx.z;
@@ -925,6 +959,8 @@ __global__ void k_attn_split(const __nv_bfloat16* q, const __nv_bfloat16* kc, co
 // o[t, h] = Σ_s acc_s · e^{m_s − M} / Σ_s l_s · e^{m_s − M}. One block of Dh threads per (token, head).
 __global__ void k_attn_merge(const float* part, int64_t Nh, int64_t Dh, int S, void* o, int odt, const int32_t* seq_of,
                              const int32_t* seqinfo, int flash_min) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int64_t t = blockIdx.x, h = blockIdx.y;
   if (seqinfo[seq_of[t] * 4 + 1] >= flash_min) return;
   const float* src = part + (t * Nh + h) * S * (Dh + 2);
@@ -949,6 +985,8 @@ __global__ void k_attn_merge(const float* part, int64_t Nh, int64_t Dh, int S, v
 template <class WV>
 __global__ void k_moe_gate_up(WV W, int64_t per_expert_rows, const __nv_bfloat16* x, const int32_t* ids, int64_t K,
                               int64_t I, int64_t P, float* act) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int lane = threadIdx.x & 31;
   const int64_t n = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5);
   if (n >= I) return;
@@ -965,6 +1003,8 @@ __global__ void k_moe_gate_up(WV W, int64_t per_expert_rows, const __nv_bfloat16
 template <class WV>
 __global__ void k_moe_down(WV W, int64_t per_expert_rows, const float* act, const int32_t* ids, int64_t H, int64_t P,
                            float* out) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int lane = threadIdx.x & 31;
   const int64_t n = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5);
   if (n >= H) return;
@@ -981,6 +1021,8 @@ __global__ void k_moe_down(WV W, int64_t per_expert_rows, const float* act, cons
 // is arbitrary: each pair writes its own output row, and the combine sums in k order.
 __global__ void k_moe_group(const int32_t* ids, int64_t P, int64_t E, int32_t* meta, int32_t* active, int32_t* off,
                             int32_t* list) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   __shared__ int32_t cnt[1024], start[1024];
   for (int64_t e = threadIdx.x; e < E; e += blockDim.x) cnt[e] = 0;
   __syncthreads();
@@ -1021,6 +1063,8 @@ template <bool GATED, class WV, class XT>
 __global__ void k_moe_grouped(WV W, int64_t per_expert_rows, int64_t N, const XT* x, int64_t xdiv,
                               const int32_t* meta, const int32_t* active, const int32_t* off, const int32_t* list,
                               float* out) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int j = blockIdx.y;
   if (j >= meta[0]) return;
   const int lane = threadIdx.x & 31;
@@ -1075,7 +1119,8 @@ __global__ void k_moe_grouped(WV W, int64_t per_expert_rows, int64_t N, const XT
 
 // y[t] = Σ_k w[t,k] · out[t·K + k], summed in k order.
 __global__ void k_moe_combine(const float* out, const float* wts, int64_t K, int64_t H, void* y, int ydt) {
-  pdl_trigger();  // the next kernel may be PDL-launched (pdl.h)
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int64_t t = blockIdx.x;
   for (int64_t d = blockIdx.y * int64_t(blockDim.x) + threadIdx.x; d < H; d += int64_t(gridDim.y) * blockDim.x) {
     float acc = 0.f;
@@ -1430,8 +1475,8 @@ class CudaBackend final : public Backend {
     }
     if (b.num_tokens() == 0) return;
     auto& d = dev(b);
-    k_embed<<<int(b.num_tokens()), 256, 0, stream_>>>(table.data, int(table.dtype), d.tokens, H, out.data,
-                                                        int(out.dtype));
+    DS_CUDA_CHECK(pdl_launch(k_embed, int(b.num_tokens()), 256, 0, stream_, table.data, int(table.dtype), d.tokens, H,
+                             out.data, int(out.dtype)));
     DS_CUDA_CHECK_LAST();
   }
 
@@ -1439,14 +1484,16 @@ class CudaBackend final : public Backend {
     const int64_t D = w.numel(), R = x.numel() / D;
     if (R == 0) return;
     DS_CHECK(w.dtype == DType::F32);
-    k_rmsnorm<<<unsigned(R), 256, 0, stream_>>>(x.data, int(x.dtype), w.ptr<float>(), eps, D, y.data, int(y.dtype));
+    DS_CUDA_CHECK(pdl_launch(k_rmsnorm, unsigned(R), 256, 0, stream_, x.data, int(x.dtype), w.ptr<float>(), eps, D,
+                             y.data, int(y.dtype)));
     DS_CUDA_CHECK_LAST();
   }
 
   void add_inplace(Tensor& x, const Tensor& y) override {
     const int64_t n = x.numel();
     if (!n) return;
-    k_add<<<blocks_for(n, 256), 256, 0, stream_>>>(x.data, int(x.dtype), y.data, int(y.dtype), n);
+    DS_CUDA_CHECK(
+        pdl_launch(k_add, blocks_for(n, 256), 256, 0, stream_, x.data, int(x.dtype), y.data, int(y.dtype), n));
     DS_CUDA_CHECK_LAST();
   }
 
@@ -1454,7 +1501,8 @@ class CudaBackend final : public Backend {
   Tensor as_bf16(const Tensor& x) {
     if (x.dtype == DType::BF16) return x;
     Tensor c = alloc(DType::BF16, x.shape);
-    k_convert<<<blocks_for(x.numel(), 256), 256, 0, stream_>>>(x.data, int(x.dtype), c.data, kBF16, x.numel());
+    DS_CUDA_CHECK(pdl_launch(k_convert, blocks_for(x.numel(), 256), 256, 0, stream_, x.data, int(x.dtype), c.data,
+                             kBF16, x.numel()));
     DS_CUDA_CHECK_LAST();
     return c;
   }
@@ -1569,8 +1617,8 @@ class CudaBackend final : public Backend {
              shape_str(d.shape), ", h ", shape_str(h.shape));
     if (R == 0) return;
     if (D > 256 * kAddNormPer) return Backend::add_rmsnorm(x, d, w, eps, h);
-    k_add_rmsnorm<<<unsigned(R), 256, 0, stream_>>>(x.data, int(x.dtype), d.data, int(d.dtype), w.ptr<float>(), eps,
-                                                    D, h.data, int(h.dtype));
+    DS_CUDA_CHECK(pdl_launch(k_add_rmsnorm, unsigned(R), 256, 0, stream_, x.data, int(x.dtype), d.data, int(d.dtype),
+                             w.ptr<float>(), eps, D, h.data, int(h.dtype)));
     DS_CUDA_CHECK_LAST();
   }
 
@@ -1587,8 +1635,8 @@ class CudaBackend final : public Backend {
         return;
       }
       if (l->N == 1) {
-        k_linear_n1<<<unsigned(T), 256, 0, stream_>>>(l->dense.ptr<__nv_bfloat16>(), xb.ptr<__nv_bfloat16>(), l->K,
-                                                      y.data, int(y.dtype));
+        DS_CUDA_CHECK(pdl_launch(k_linear_n1, unsigned(T), 256, 0, stream_, l->dense.ptr<__nv_bfloat16>(),
+                                 xb.ptr<__nv_bfloat16>(), l->K, y.data, int(y.dtype)));
         DS_CUDA_CHECK_LAST();
         return;
       }
@@ -1617,7 +1665,8 @@ class CudaBackend final : public Backend {
   void silu_mul(const Tensor& gu, Tensor& y) override {
     const int64_t T = gu.dim(0), I = gu.dim(1) / 2;
     if (T * I == 0) return;
-    k_silu_mul<<<blocks_for(T * I, 256), 256, 0, stream_>>>(gu.data, int(gu.dtype), T, I, y.data, int(y.dtype));
+    DS_CUDA_CHECK(pdl_launch(k_silu_mul, blocks_for(T * I, 256), 256, 0, stream_, gu.data, int(gu.dtype), T, I, y.data,
+                             int(y.dtype)));
     DS_CUDA_CHECK_LAST();
   }
 
@@ -1658,13 +1707,13 @@ class CudaBackend final : public Backend {
     if (T == 0) return;
     auto& d = dev(b);
     auto& rt = rope_tables(rope);
-    k_norm_rope<<<dim3(unsigned(T), unsigned(Nh)), 128, 0, stream_>>>(
-        qg.data, int(qg.dtype), Nh * 2 * Dh, 2 * Dh, qnorm.ptr<float>(), eps, Dh, rope.rotary_dim, rt.inv.ptr<float>(),
-        rt.axis.ptr<int32_t>(), d.positions, T, q.data, int(q.dtype), Nh, gate.data, Dh);
+    DS_CUDA_CHECK(pdl_launch(k_norm_rope, dim3(unsigned(T), unsigned(Nh)), 128, 0, stream_, qg.data, int(qg.dtype),
+                             Nh * 2 * Dh, 2 * Dh, qnorm.ptr<float>(), eps, Dh, rope.rotary_dim, rt.inv.ptr<float>(),
+                             rt.axis.ptr<int32_t>(), d.positions, T, q.data, int(q.dtype), Nh, gate.data, Dh));
     DS_CUDA_CHECK_LAST();
-    k_norm_rope<<<dim3(unsigned(T), unsigned(Nkv)), 128, 0, stream_>>>(
-        k.data, int(k.dtype), Nkv * Dh, Dh, knorm.ptr<float>(), eps, Dh, rope.rotary_dim, rt.inv.ptr<float>(),
-        rt.axis.ptr<int32_t>(), d.positions, T, k.data, int(k.dtype), Nkv, nullptr, 0);
+    DS_CUDA_CHECK(pdl_launch(k_norm_rope, dim3(unsigned(T), unsigned(Nkv)), 128, 0, stream_, k.data, int(k.dtype),
+                             Nkv * Dh, Dh, knorm.ptr<float>(), eps, Dh, rope.rotary_dim, rt.inv.ptr<float>(),
+                             rt.axis.ptr<int32_t>(), d.positions, T, k.data, int(k.dtype), Nkv, nullptr, 0));
     DS_CUDA_CHECK_LAST();
   }
 
@@ -1672,8 +1721,8 @@ class CudaBackend final : public Backend {
     const int64_t T = b.num_tokens(), row = k.dim(1);
     if (T == 0) return;
     auto& d = dev(b);
-    k_kv_write<<<unsigned(T), 256, 0, stream_>>>(kv.k.data, kv.v.data, int(kv.k.dtype), k.data, v.data, int(k.dtype),
-                                                 row, kv.block_size, d.seq_of, d.seqinfo, d.blocks, d.maxb);
+    DS_CUDA_CHECK(pdl_launch(k_kv_write, unsigned(T), 256, 0, stream_, kv.k.data, kv.v.data, int(kv.k.dtype), k.data,
+                             v.data, int(k.dtype), row, kv.block_size, d.seq_of, d.seqinfo, d.blocks, d.maxb));
     DS_CUDA_CHECK_LAST();
   }
 
@@ -1712,8 +1761,8 @@ class CudaBackend final : public Backend {
       // DS_CUDA_NO_ATTN_SMEM=1: K/V straight from global memory per warp (same arithmetic, same bits).
       const bool sm = !env_flag("DS_CUDA_NO_ATTN_SMEM");
       auto launch = [&](auto kern) {
-        kern<<<grid, threads, 0, stream_>>>(qp, kp, vp, Nh, Nkv, kv.block_size, d.seq_of, d.seqinfo, d.blocks, d.maxb,
-                                            scale, S, part.ptr<float>(), flash_min);
+        DS_CUDA_CHECK(pdl_launch(kern, grid, threads, 0, stream_, qp, kp, vp, Nh, Nkv, kv.block_size, d.seq_of,
+                                 d.seqinfo, d.blocks, d.maxb, scale, S, part.ptr<float>(), flash_min));
       };
       if (Dh == 256)
         sm ? launch(k_attn_split<8, true>) : launch(k_attn_split<8, false>);
@@ -1722,21 +1771,23 @@ class CudaBackend final : public Backend {
       else
         sm ? launch(k_attn_split<2, true>) : launch(k_attn_split<2, false>);
       DS_CUDA_CHECK_LAST();
-      k_attn_merge<<<dim3(unsigned(T), unsigned(Nh)), unsigned(std::min<int64_t>(Dh, 256)), 0, stream_>>>(
-          part.ptr<float>(), Nh, Dh, S, o.data, int(o.dtype), d.seq_of, d.seqinfo, flash_min);
+      DS_CUDA_CHECK(pdl_launch(k_attn_merge, dim3(unsigned(T), unsigned(Nh)), unsigned(std::min<int64_t>(Dh, 256)), 0,
+                               stream_, part.ptr<float>(), Nh, Dh, S, o.data, int(o.dtype), d.seq_of, d.seqinfo,
+                               flash_min));
       DS_CUDA_CHECK_LAST();
       return;
     }
-    k_attention<<<dim3(unsigned(T), unsigned(Nh)), kAttnWarps * 32, 0, stream_>>>(
-        q.data, int(q.dtype), kv.k.data, kv.v.data, int(kv.k.dtype), Nh, Nkv, Dh, kv.block_size, d.seq_of, d.seqinfo,
-        d.blocks, d.maxb, 1.f / std::sqrt(float(Dh)), o.data, int(o.dtype));
+    DS_CUDA_CHECK(pdl_launch(k_attention, dim3(unsigned(T), unsigned(Nh)), kAttnWarps * 32, 0, stream_, q.data,
+                             int(q.dtype), kv.k.data, kv.v.data, int(kv.k.dtype), Nh, Nkv, Dh, kv.block_size, d.seq_of,
+                             d.seqinfo, d.blocks, d.maxb, 1.f / std::sqrt(float(Dh)), o.data, int(o.dtype)));
     DS_CUDA_CHECK_LAST();
   }
 
   void sigmoid_gate_mul(Tensor& x, const Tensor& gate) override {
     const int64_t n = x.numel();
     if (!n) return;
-    k_sigmoid_gate_mul<<<blocks_for(n, 256), 256, 0, stream_>>>(x.data, int(x.dtype), gate.data, int(gate.dtype), n);
+    DS_CUDA_CHECK(pdl_launch(k_sigmoid_gate_mul, blocks_for(n, 256), 256, 0, stream_, x.data, int(x.dtype), gate.data,
+                             int(gate.dtype), n));
     DS_CUDA_CHECK_LAST();
   }
 
@@ -1867,8 +1918,8 @@ class CudaBackend final : public Backend {
     DS_CHECK(E <= 1024 && top_k <= E, "moe_route: E = ", E, " (at most 1024), top_k = ", top_k);
     DS_CHECK(ids.dtype == DType::I32 && weights.dtype == DType::F32);
     if (!T) return;
-    k_moe_route<<<unsigned((T + 3) / 4), 128, 0, stream_>>>(logits.data, int(logits.dtype), T, E, top_k,
-                                                           ids.ptr<int32_t>(), weights.ptr<float>());
+    DS_CUDA_CHECK(pdl_launch(k_moe_route, unsigned((T + 3) / 4), 128, 0, stream_, logits.data, int(logits.dtype), T, E,
+                             top_k, ids.ptr<int32_t>(), weights.ptr<float>()));
     DS_CUDA_CHECK_LAST();
   }
 
@@ -1895,36 +1946,37 @@ class CudaBackend final : public Backend {
         Tensor grp = alloc_scratch(DType::I32, {1 + A + (A + 1) + P});
         int32_t* meta = grp.ptr<int32_t>();
         int32_t *active = meta + 1, *off = active + A, *list = off + A + 1;
-        k_moe_group<<<1, 1024, 0, stream_>>>(ids.ptr<int32_t>(), P, E, meta, active, off, list);
+        DS_CUDA_CHECK(pdl_launch(k_moe_group, 1, 1024, 0, stream_, ids.ptr<int32_t>(), P, E, meta, active, off, list));
         DS_CUDA_CHECK_LAST();
         const dim3 g1(unsigned((I + warps - 1) / warps), unsigned(A)),
             g2(unsigned((H + warps - 1) / warps), unsigned(A));
-        k_moe_grouped<true><<<g1, warps * 32, 0, stream_>>>(gu, 2 * I, I, xb.ptr<__nv_bfloat16>(), K, meta, active,
-                                                            off, list, act.ptr<float>());
+        DS_CUDA_CHECK(pdl_launch(k_moe_grouped<true, DenseView, __nv_bfloat16>, g1, warps * 32, 0, stream_, gu, 2 * I,
+                                 I, xb.ptr<__nv_bfloat16>(), K, meta, active, off, list, act.ptr<float>()));
         DS_CUDA_CHECK_LAST();
-        k_moe_grouped<false><<<g2, warps * 32, 0, stream_>>>(dn, H, H, act.ptr<float>(), int64_t(1), meta, active,
-                                                             off, list, out.ptr<float>());
+        DS_CUDA_CHECK(pdl_launch(k_moe_grouped<false, DenseView, float>, g2, warps * 32, 0, stream_, dn, H, H,
+                                 act.ptr<float>(), int64_t(1), meta, active, off, list, out.ptr<float>()));
         DS_CUDA_CHECK_LAST();
       } else {
         const unsigned py = unsigned(std::min<int64_t>(P, 65535));
-        k_moe_gate_up<<<dim3(unsigned((I + warps - 1) / warps), py), warps * 32, 0, stream_>>>(
-            gu, 2 * I, xb.ptr<__nv_bfloat16>(), ids.ptr<int32_t>(), K, I, P, act.ptr<float>());
+        DS_CUDA_CHECK(pdl_launch(k_moe_gate_up<DenseView>, dim3(unsigned((I + warps - 1) / warps), py), warps * 32, 0,
+                                 stream_, gu, 2 * I, xb.ptr<__nv_bfloat16>(), ids.ptr<int32_t>(), K, I, P,
+                                 act.ptr<float>()));
         DS_CUDA_CHECK_LAST();
-        k_moe_down<<<dim3(unsigned((H + warps - 1) / warps), py), warps * 32, 0, stream_>>>(
-            dn, H, act.ptr<float>(), ids.ptr<int32_t>(), H, P, out.ptr<float>());
+        DS_CUDA_CHECK(pdl_launch(k_moe_down<DenseView>, dim3(unsigned((H + warps - 1) / warps), py), warps * 32, 0,
+                                 stream_, dn, H, act.ptr<float>(), ids.ptr<int32_t>(), H, P, out.ptr<float>()));
         DS_CUDA_CHECK_LAST();
       }
     }
-    k_moe_combine<<<dim3(unsigned(T), unsigned((H + 255) / 256)), 256, 0, stream_>>>(
-        out.ptr<float>(), weights.ptr<float>(), K, H, y.data, int(y.dtype));
+    DS_CUDA_CHECK(pdl_launch(k_moe_combine, dim3(unsigned(T), unsigned((H + 255) / 256)), 256, 0, stream_,
+                             out.ptr<float>(), weights.ptr<float>(), K, H, y.data, int(y.dtype)));
     DS_CUDA_CHECK_LAST();
   }
 
   void sigmoid_scale_add(Tensor& y, const Tensor& s, const Tensor& gate_logit) override {
     const int64_t T = y.dim(0), H = y.dim(1);
     if (!T) return;
-    k_sigmoid_scale_add<<<unsigned(T), 256, 0, stream_>>>(y.data, int(y.dtype), s.data, int(s.dtype), gate_logit.data,
-                                                          int(gate_logit.dtype), H);
+    DS_CUDA_CHECK(pdl_launch(k_sigmoid_scale_add, unsigned(T), 256, 0, stream_, y.data, int(y.dtype), s.data,
+                             int(s.dtype), gate_logit.data, int(gate_logit.dtype), H));
     DS_CUDA_CHECK_LAST();
   }
 
@@ -1940,7 +1992,8 @@ class CudaBackend final : public Backend {
       return;
     }
     Tensor r = upload_bytes(rows.data(), rows.size() * 4, DType::I32, {int64_t(rows.size())});
-    k_gather<<<unsigned(rows.size()), 256, 0, stream_>>>(x.data, int(x.dtype), r.ptr<int32_t>(), H, out.data);
+    DS_CUDA_CHECK(pdl_launch(k_gather, unsigned(rows.size()), 256, 0, stream_, x.data, int(x.dtype), r.ptr<int32_t>(),
+                             H, out.data));
     DS_CUDA_CHECK_LAST();
   }
 
@@ -1984,8 +2037,8 @@ class CudaBackend final : public Backend {
              "argmax_rows: logits F32 [R, N], ids I32 [R], limit in 1..N");
     DS_CHECK(!map || (map->dtype == DType::I32 && map->numel() == N), "argmax_rows: map must be I32 [", N, "]");
     if (R == 0) return;
-    k_argmax_rows<<<unsigned(R), 512, 0, stream_>>>(logits.ptr<float>(), N, limit, map ? map->ptr<int32_t>() : nullptr,
-                                                   ids.ptr<int32_t>());
+    DS_CUDA_CHECK(pdl_launch(k_argmax_rows, unsigned(R), 512, 0, stream_, logits.ptr<float>(), N, limit,
+                             map ? map->ptr<int32_t>() : nullptr, ids.ptr<int32_t>()));
     DS_CUDA_CHECK_LAST();
   }
   // The mirror's token row is its first T ints (build_batch): a device copy, stream-ordered after the upload (a copy

@@ -222,9 +222,10 @@ __device__ __forceinline__ int32_t block_exclusive_scan(int32_t v, int32_t* tota
 }
 __global__ void __launch_bounds__(1024) k_moe_tiles(const int32_t* ids, int64_t P, int64_t E, int ntok,
                                                    int32_t* list, int32_t* tiles, int32_t* ntiles) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   __shared__ int32_t cnt[1024], start[1024];
   const int i = threadIdx.x;
-  pdl_trigger();  // the expert kernel after it may start (it waits for this one's tiles)
   cnt[i] = 0;
   __syncthreads();
   for (int64_t p = i; p < P; p += blockDim.x) atomicAdd(&cnt[ids[p]], 1);
@@ -364,7 +365,7 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
   const int ntok = big ? kGemmTok : ntok_of(shape);
   const int64_t mt = max_tiles(P, E, ntok);
   int32_t *list = scratch, *ntiles = scratch + P, *tiles = ntiles + 1;
-  k_moe_tiles<<<1, 1024, 0, s>>>(ids, P, E, ntok, list, tiles, ntiles);
+  DS_CUDA_CHECK(pdl_launch(k_moe_tiles, 1, 1024, 0, s, ids, P, E, ntok, list, tiles, ntiles));
   DS_CUDA_CHECK(cudaGetLastError());
   TokenSrc ts;
   ts.tiles = tiles, ts.ntiles = ntiles, ts.list = list, ts.xdiv = topk;

@@ -1225,8 +1225,15 @@ class CudaBackend final : public Backend {
     t.shape = std::move(shape);
     t.device = Device::CUDA;
     const size_t n = std::max<size_t>(t.nbytes(), 16);
-    if (in_step_) {  // zero-filled like any alloc (a memset node in a recorded step)
+    if (in_step_) {  // zero-filled like any alloc (while recording: by the memset before each launch, graph_run)
       t = arena_tensor(std::move(t), n);
+      if (capturing_ && zero_hoist_) {
+        auto& z = rec_zero_[arena_chunk_];
+        const size_t lo = size_t(static_cast<char*>(t.data) - static_cast<char*>(arena_[arena_chunk_].ptr));
+        z.first = std::min(z.first, lo);
+        z.second = std::max(z.second, lo + n);
+        return t;
+      }
       DS_CUDA_CHECK(cudaMemsetAsync(t.data, 0, n, stream_));
       return t;
     }
@@ -2141,6 +2148,12 @@ class CudaBackend final : public Backend {
       if (g.exec) DS_CUDA_CHECK(cudaGraphExecDestroy(g.exec));
       g.exec = nullptr;
       const size_t nchunks = arena_.size();
+      // The zero-fill of the step's allocs, one memset node each between kernels (~13 per layer, each a full
+      // dependency that no PDL edge crosses), is hoisted: the recording notes the arena range its allocs span per
+      // chunk, and each launch is preceded by one memset of that range (DS_CUDA_NO_ZERO_HOIST=1: memset nodes). The
+      // range holds only this graph's allocs and scratch, which nothing outside it reads before it runs.
+      zero_hoist_ = !env_flag("DS_CUDA_NO_ZERO_HOIST");
+      rec_zero_.assign(nchunks, {SIZE_MAX, 0});
       DS_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
       capturing_ = true;
       cudaGraph_t graph = nullptr;
@@ -2158,10 +2171,15 @@ class CudaBackend final : public Backend {
       DS_CUDA_CHECK(cudaGraphInstantiate(&g.exec, graph, 0));
       DS_CUDA_CHECK(cudaGraphDestroy(graph));
       g.batch = last_batch_;
-      DS_CUDA_CHECK(cudaGraphLaunch(g.exec, stream_));
+      g.zero.clear();
+      for (size_t c = 0; c < rec_zero_.size(); ++c)
+        if (rec_zero_[c].first < rec_zero_[c].second)
+          g.zero.push_back({static_cast<char*>(arena_[c].ptr) + rec_zero_[c].first,
+                            rec_zero_[c].second - rec_zero_[c].first});
+      launch_graph(g);
       return true;
     }
-    DS_CUDA_CHECK(cudaGraphLaunch(g.exec, stream_));
+    launch_graph(g);
     return false;
   }
 
@@ -2194,11 +2212,17 @@ class CudaBackend final : public Backend {
   struct Graph {
     int calls = 0;
     cudaGraphExec_t exec = nullptr;
-    const void* batch = nullptr;  // the batch mirror the recording reads
+    const void* batch = nullptr;                  // the batch mirror the recording reads
+    std::vector<std::pair<void*, size_t>> zero;  // arena ranges its allocs span (zeroed before each launch)
   };
+  void launch_graph(const Graph& g) {
+    for (const auto& [p, n] : g.zero) DS_CUDA_CHECK(cudaMemsetAsync(p, 0, n, stream_));
+    DS_CUDA_CHECK(cudaGraphLaunch(g.exec, stream_));
+  }
   static constexpr size_t kCublasWorkspace = size_t(32) << 20;
   void* cublas_ws_ = nullptr;
-  bool in_step_ = false, capturing_ = false;
+  bool in_step_ = false, capturing_ = false, zero_hoist_ = false;
+  std::vector<std::pair<size_t, size_t>> rec_zero_;  // while recording: per arena chunk, the [lo, hi) its allocs span
   std::vector<Chunk> arena_;
   size_t arena_chunk_ = 0, arena_off_ = 0;
   std::map<std::string, Graph> graphs_;

@@ -23,6 +23,7 @@
 #include "backend/cuda/gdr_chunked.h"
 #include "backend/cuda/int4_mma.h"
 #include "backend/cuda/mma_util.cuh"
+#include "backend/cuda/moe_fuse.cuh"
 #include "backend/cuda/pdl.h"
 #include "backend/cuda/sample.h"
 #include "backend/cuda/vision_kernels.h"
@@ -729,58 +730,8 @@ __global__ void k_moe_route(const void* logits, int ldt, int64_t T, int64_t E, i
   pdl_wait();  // PDL-launched (pdl.h)
   pdl_trigger();
   const int64_t t = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5);
-  const int lane = threadIdx.x & 31;
   if (t >= T) return;
-  float p[32];
-  float mx = -INFINITY;
-#pragma unroll
-  for (int j = 0; j < 32; ++j) {
-    int64_t e = lane + 32 * j;
-    p[j] = e < E ? ldf(logits, ldt, t * E + e) : -INFINITY;
-    mx = fmaxf(mx, p[j]);
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-  float sum = 0.f;
-#pragma unroll
-  for (int j = 0; j < 32; ++j) {
-    int64_t e = lane + 32 * j;
-    p[j] = e < E ? expf(p[j] - mx) : 0.f;
-    sum += p[j];
-  }
-  sum = warp_sum(sum);
-#pragma unroll
-  for (int j = 0; j < 32; ++j) p[j] = (lane + 32 * j) < E ? p[j] / sum : -1.f;
-  float tsum = 0.f;
-  for (int64_t k = 0; k < K; ++k) {
-    float bv = -2.f;
-    int bi = 1 << 30;
-#pragma unroll
-    for (int j = 0; j < 32; ++j)
-      if (p[j] > bv) {
-        bv = p[j];
-        bi = lane + 32 * j;
-      }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-      int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-      if (ov > bv || (ov == bv && oi < bi)) {
-        bv = ov;
-        bi = oi;
-      }
-    }
-    tsum += bv;
-    if (lane == 0) {
-      ids[t * K + k] = bi;
-      wts[t * K + k] = bv;
-    }
-#pragma unroll
-    for (int j = 0; j < 32; ++j)
-      if (lane + 32 * j == bi) p[j] = -1.f;
-  }
-  __syncwarp();
-  for (int64_t k = lane; k < K; k += 32) wts[t * K + k] = wts[t * K + k] / tsum;
+  moe_route_token(logits, ldt, t, E, K, ids, wts, threadIdx.x & 31);  // moe_fuse.cuh
 }
 
 // ---- dense bf16 weights (int4 weights: int4_mma.cu) and warp-level dot products ----
@@ -1122,11 +1073,8 @@ __global__ void k_moe_combine(const float* out, const float* wts, int64_t K, int
   pdl_wait();  // PDL-launched (pdl.h)
   pdl_trigger();
   const int64_t t = blockIdx.x;
-  for (int64_t d = blockIdx.y * int64_t(blockDim.x) + threadIdx.x; d < H; d += int64_t(gridDim.y) * blockDim.x) {
-    float acc = 0.f;
-    for (int64_t k = 0; k < K; ++k) acc += wts[t * K + k] * out[(t * K + k) * H + d];
-    stf(y, ydt, t * H + d, acc);
-  }
+  for (int64_t d = blockIdx.y * int64_t(blockDim.x) + threadIdx.x; d < H; d += int64_t(gridDim.y) * blockDim.x)
+    stf(y, ydt, t * H + d, moe_routed_sum(out, wts, K, H, t, d));  // moe_fuse.cuh
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1931,16 +1879,28 @@ class CudaBackend final : public Backend {
   }
 
   void moe_experts(const Tensor& x, const Experts& w, const Tensor& ids, const Tensor& weights, Tensor& y) override {
-    auto* ex = static_cast<const CudaExperts*>(w.get());
-    const int64_t T = x.dim(0), H = ex->H, I = ex->I, K = ids.dim(1), P = T * K;
-    if (!T) return;
+    if (!x.dim(0)) return;
+    moe_combine(moe_routed(x, static_cast<const CudaExperts*>(w.get()), ids, ids.dim(1), nullptr), weights, y);
+  }
+  // y[t] = Σ_k weights[t, k] · out[t·K + k]   (weights [T, K], out [T·K, H] fp32)
+  void moe_combine(const Tensor& out, const Tensor& weights, Tensor& y) {
+    const int64_t T = weights.dim(0), K = weights.dim(1), H = y.numel() / T;
+    DS_CUDA_CHECK(pdl_launch(k_moe_combine, dim3(unsigned(T), unsigned((H + 255) / 256)), 256, 0, stream_,
+                             out.ptr<float>(), weights.ptr<float>(), K, H, y.data, int(y.dtype)));
+    DS_CUDA_CHECK_LAST();
+  }
+  // The routed experts' outputs out [T·K, H] fp32 per (token, k) pair (scratch); with `route` (int4 experts), the
+  // routing into ids is done in the tile-table launch (int4_mma.h).
+  Tensor moe_routed(const Tensor& x, const CudaExperts* ex, const Tensor& ids, int64_t K, const MoeRouteIn* route) {
+    const int64_t T = x.dim(0), H = ex->H, I = ex->I, P = T * K;
+    DS_CHECK(!route || ex->int4);
     Tensor xb = as_bf16(x);
     Tensor out = alloc_scratch(DType::F32, {P, H});
     if (ex->int4) {  // tensor cores, pairs grouped by expert (int4_mma.cu)
       Tensor act = alloc_scratch(DType::BF16, {P, I});
       Tensor scratch = alloc_scratch(DType::I32, {mma_moe_scratch_ints(P, ex->E)});
       mma_moe(ex->gu->mma(), ex->down->mma(), ex->E, I, H, xb.data, K, ids.ptr<int32_t>(), P, scratch.ptr<int32_t>(),
-              act.data, out.ptr<float>(), stream_);
+              act.data, out.ptr<float>(), stream_, route);
     } else {  // bf16 experts (the BF16 checkpoints): CUDA-core kernels
       Tensor act = alloc_scratch(DType::F32, {P, I});
       const int warps = 8;
@@ -1974,9 +1934,43 @@ class CudaBackend final : public Backend {
         DS_CUDA_CHECK_LAST();
       }
     }
-    DS_CUDA_CHECK(pdl_launch(k_moe_combine, dim3(unsigned(T), unsigned((H + 255) / 256)), 256, 0, stream_,
-                             out.ptr<float>(), weights.ptr<float>(), K, H, y.data, int(y.dtype)));
-    DS_CUDA_CHECK_LAST();
+    return out;
+  }
+  // DS_CUDA_NO_MOE_FUSE=1: the composition (ops.h). Fused for int4 experts at T ≤ DS_CUDA_MOE_FUSE_MAXT (64): the
+  // router runs in the tile-table launch (one block routes every token: k_moe_route_tiles), and with a shared expert
+  // whose down projection takes the tensor-core kernel, the routed sum is formed in its gated-add epilogue (bf16_mma.h
+  // mode 3) instead of by k_moe_combine: 6 launches per layer become 4. Same device code as the unfused kernels
+  // (moe_fuse.cuh), so the same bits, and a row's bits still depend on that row alone.
+  void moe_ffn(const Tensor& router_logits, int64_t top_k, const Tensor& x, const Experts& experts, Tensor& ids,
+               Tensor& weights, const Tensor* a, const Linear* shared_down, const Tensor* gate, Tensor& y) override {
+    auto* ex = static_cast<const CudaExperts*>(experts.get());
+    const int64_t T = x.dim(0), E = router_logits.dim(1);
+    if (env_flag("DS_CUDA_NO_MOE_FUSE") || !ex->int4 || T == 0 || T > env_int("DS_CUDA_MOE_FUSE_MAXT", 64) ||
+        E != ex->E || E > 1024)
+      return Backend::moe_ffn(router_logits, top_k, x, experts, ids, weights, a, shared_down, gate, y);
+    DS_CHECK(top_k <= E && router_logits.dim(0) == T, "moe_ffn: logits ", shape_str(router_logits.shape), ", top_k ",
+             top_k);
+    DS_CHECK(ids.dtype == DType::I32 && weights.dtype == DType::F32 && ids.numel() == T * top_k &&
+                 weights.numel() == T * top_k && y.numel() == T * ex->H,
+             "moe_ffn: ids ", shape_str(ids.shape), ", weights ", shape_str(weights.shape), ", y ", shape_str(y.shape));
+    MoeRouteIn r;
+    r.logits = router_logits.data, r.ldt = int(router_logits.dtype), r.T = T;
+    r.ids = ids.ptr<int32_t>(), r.wts = weights.ptr<float>();
+    Tensor out = moe_routed(x, ex, ids, top_k, &r);
+    if (shared_down) {
+      auto* l = static_cast<const CudaLinear*>(shared_down->get());
+      Tensor ab = as_bf16(*a);
+      if (!env_flag("DS_CUDA_NO_FUSED") && !env_flag("DS_CUDA_NO_BF16_MMA") && gemv_fits(l, ab, T) && l->N == ex->H &&
+          ab.numel() == T * l->K && gate->numel() == T && (y.dtype == DType::BF16 || y.dtype == DType::F32)) {
+        Bf16MmaSeg g;
+        g.w = l->dense.data, g.y = y.data, g.ydt = int(y.dtype), g.gate = gate->data, g.gdt = int(gate->dtype);
+        g.mode = 3, g.rows = l->N, g.moe_out = out.ptr<float>(), g.moe_w = weights.ptr<float>(), g.moe_k = int(top_k);
+        bf16_mma_linear(&g, 1, ab.data, T, l->K, stream_);
+        return;
+      }
+    }
+    moe_combine(out, weights, y);
+    if (shared_down) linear_gated_add(*a, *shared_down, *gate, y);
   }
 
   void sigmoid_scale_add(Tensor& y, const Tensor& s, const Tensor& gate_logit) override {

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -2162,6 +2163,7 @@ class CudaBackend final : public Backend {
       capturing_ = false;
       DS_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
       DS_CHECK(arena_.size() == nchunks, "step arena grew while recording a graph (warm-up should have grown it)");
+      if (env_flag("DS_CUDA_GRAPH_STATS")) print_graph_stats(key, graph);
       DS_CUDA_CHECK(cudaGraphInstantiate(&g.exec, graph, 0));
       DS_CUDA_CHECK(cudaGraphDestroy(graph));
       g.batch = last_batch_;
@@ -2209,6 +2211,24 @@ class CudaBackend final : public Backend {
     const void* batch = nullptr;                  // the batch mirror the recording reads
     std::vector<std::pair<void*, size_t>> zero;  // arena ranges its allocs span (zeroed before each launch)
   };
+  // DS_CUDA_GRAPH_STATS=1: the node count of each recording by type (kernels, memsets, copies), on stderr.
+  static void print_graph_stats(const std::string& key, cudaGraph_t graph) {
+    size_t n = 0;
+    DS_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &n));
+    std::vector<cudaGraphNode_t> nodes(n);
+    if (n) DS_CUDA_CHECK(cudaGraphGetNodes(graph, nodes.data(), &n));
+    int kernels = 0, memsets = 0, copies = 0, other = 0;
+    for (cudaGraphNode_t nd : nodes) {
+      cudaGraphNodeType t;
+      DS_CUDA_CHECK(cudaGraphNodeGetType(nd, &t));
+      if (t == cudaGraphNodeTypeKernel) ++kernels;
+      else if (t == cudaGraphNodeTypeMemset) ++memsets;
+      else if (t == cudaGraphNodeTypeMemcpy) ++copies;
+      else ++other;
+    }
+    std::fprintf(stderr, "graph %s: %zu nodes: %d kernels, %d memsets, %d copies, %d other\n", key.c_str(), n, kernels,
+                 memsets, copies, other);
+  }
   void launch_graph(const Graph& g) {
     for (const auto& [p, n] : g.zero) DS_CUDA_CHECK(cudaMemsetAsync(p, 0, n, stream_));
     DS_CUDA_CHECK(cudaGraphLaunch(g.exec, stream_));

@@ -252,6 +252,16 @@ class Backend {
     linear(x, w, s);
     sigmoid_scale_add(y, s, gate_logit);
   }
+  // The sparse MoE FFN after its input linears: moe_route(router_logits, top_k, ids, weights), moe_experts(x,
+  // experts, ids, weights, y), then with a shared expert (shared_down non-null) linear_gated_add(*a, *shared_down,
+  // *gate, y). One op so that a backend can fuse across the three (CUDA, small steps: routing and the expert tile
+  // table in one kernel; the weighted sum of the routed outputs inside the shared expert's gated add).
+  virtual void moe_ffn(const Tensor& router_logits, int64_t top_k, const Tensor& x, const Experts& experts, Tensor& ids,
+                       Tensor& weights, const Tensor* a, const Linear* shared_down, const Tensor* gate, Tensor& y) {
+    moe_route(router_logits, top_k, ids, weights);
+    moe_experts(x, experts, ids, weights, y);
+    if (shared_down) linear_gated_add(*a, *shared_down, *gate, y);
+  }
 
   // ---- sampling (backend/cpu/sample.cpp is the specification; docs/engine.md "Sampler") ----
   // ids[r] = the token sampled from row r of logits [R, V] (F32, BF16 or F16) over ids [0, n), n = min(vocab_limit, V),

@@ -256,6 +256,11 @@ class TimingBackend final : public Backend {
   void moe_experts(const Tensor& x, const Experts& w, const Tensor& ids, const Tensor& wts, Tensor& y) override {
     timed("MoE routed", "moe_experts", [&] { in_.moe_experts(x, w, ids, wts, y); });
   }
+  // Fused on CUDA (routing, experts and the shared expert's down projection + gated add): all of it "MoE routed".
+  void moe_ffn(const Tensor& l, int64_t k, const Tensor& x, const Experts& w, Tensor& ids, Tensor& wts, const Tensor* a,
+               const Linear* sd, const Tensor* g, Tensor& y) override {
+    timed("MoE routed", "moe_ffn", [&] { in_.moe_ffn(l, k, x, w, ids, wts, a, sd, g, y); });
+  }
   void sigmoid_scale_add(Tensor& y, const Tensor& s, const Tensor& g) override {
     timed("other", "sigmoid_scale_add", [&] { in_.sigmoid_scale_add(y, s, g); });
   }

@@ -30,9 +30,8 @@ Tensor Model::ffn_block(const LayerWeights& lw, const Tensor& x) {
   be_.linear_group(x, jobs);
   Tensor ids = be_.alloc(DType::I32, {T, K});
   Tensor weights = be_.alloc(DType::F32, {T, K});
-  be_.moe_route(router_logits, K, ids, weights);
-  be_.moe_experts(x, f.experts, ids, weights, y);
-  if (f.shared_gu) be_.linear_gated_add(a, f.shared_down, gate, y);
+  be_.moe_ffn(router_logits, K, x, f.experts, ids, weights, f.shared_gu ? &a : nullptr,
+              f.shared_gu ? &f.shared_down : nullptr, f.shared_gu ? &gate : nullptr, y);
   return y;
 }
 

@@ -1265,5 +1265,93 @@ TEST_F(CudaOps, Int4PrefillThroughput) {
   }
 }
 
+// Backend::moe_ffn fused on CUDA (routing + expert tile table in one launch; the routed sum inside the shared
+// expert's gated add): against the CPU composition, bit for bit against the unfused CUDA path (DS_CUDA_NO_MOE_FUSE),
+// and row by row against one-row steps (batch invariance). E reduced to 64 (distinct int4 experts) for the CPU.
+TEST_F(CudaOps, MoeFfnFused) {
+  Both B;
+  const int64_t E = 64, H = 1024, I = 256, Is = 512, K = 8, TM = 300;
+  std::vector<HostLinear> gate, up, down;
+  std::vector<std::vector<LinearSource>> gu(E);
+  std::vector<LinearSource> dn(E);
+  gate.reserve(E), up.reserve(E), down.reserve(E);
+  for (int64_t e = 0; e < E; ++e) {
+    gate.emplace_back(I, H, true, 400 + e);
+    up.emplace_back(I, H, true, 500 + e);
+    down.emplace_back(H, I, true, 600 + e);
+    gu[e] = {gate.back().src(), up.back().src()};
+    dn[e] = down.back().src();
+  }
+  Experts ec = B.cpu->make_experts(gu, dn), eg = B.gpu->make_experts(gu, dn);
+  HostLinear sd(H, Is, false, 700);
+  const Linear sdc = B.cpu->make_linear({sd.src()}), sdg = B.gpu->make_linear({sd.src()});
+  const auto ls = randn(size_t(TM * E), 1.f, 701), xs = randn(size_t(TM * H), 1.f, 702),
+             as = randn(size_t(TM * Is), 1.f, 703), gs = randn(size_t(TM), 2.f, 704);
+  auto rows_of = [](const std::vector<float>& v, int64_t r0, int64_t n, int64_t cols) {
+    return std::vector<float>(v.begin() + r0 * cols, v.begin() + (r0 + n) * cols);
+  };
+  struct Out {
+    std::vector<float> y, ids, w;
+    bool operator==(const Out& o) const { return y == o.y && ids == o.ids && w == o.w; }
+  };
+  // GPU outputs of the step made of rows [r0, r0 + T)
+  auto gpu_step = [&](int64_t r0, int64_t T, bool shared) {
+    Backend& g = *B.gpu;
+    Tensor l = g.upload_f32(rows_of(ls, r0, T, E), {T, E}, DType::BF16);
+    Tensor x = g.upload_f32(rows_of(xs, r0, T, H), {T, H}, DType::BF16);
+    Tensor a = g.upload_f32(rows_of(as, r0, T, Is), {T, Is}, DType::BF16);
+    Tensor gt = g.upload_f32(rows_of(gs, r0, T, 1), {T, 1}, DType::BF16);
+    Tensor ids = g.alloc(DType::I32, {T, K}), w = g.alloc(DType::F32, {T, K}), y = g.alloc(DType::BF16, {T, H});
+    g.moe_ffn(l, K, x, eg, ids, w, shared ? &a : nullptr, shared ? &sdg : nullptr, shared ? &gt : nullptr, y);
+    return Out{g.to_host_f32(y), g.to_host_f32(ids), g.to_host_f32(w)};
+  };
+  for (bool shared : {true, false})
+    for (int64_t T : {1, 2, 3, 7, 64, 65, 256, 300}) {
+      const std::string tag = std::string("moe_ffn") + (shared ? " + shared" : "") + " E=64 T=" + std::to_string(T);
+      auto l = B.up(rows_of(ls, 0, T, E), {T, E});
+      auto x = B.up(rows_of(xs, 0, T, H), {T, H});
+      auto a = B.up(rows_of(as, 0, T, Is), {T, Is});
+      auto gt = B.up(rows_of(gs, 0, T, 1), {T, 1});
+      auto ids = B.zeros({T, K}, DType::I32), w = B.zeros({T, K}, DType::F32), y = B.zeros({T, H});
+      B.cpu->moe_ffn(l.c, K, x.c, ec, ids.c, w.c, shared ? &a.c : nullptr, shared ? &sdc : nullptr,
+                     shared ? &gt.c : nullptr, y.c);
+      B.gpu->moe_ffn(l.g, K, x.g, eg, ids.g, w.g, shared ? &a.g : nullptr, shared ? &sdg : nullptr,
+                     shared ? &gt.g : nullptr, y.g);
+      EXPECT_EQ(B.err(ids), 0.0) << tag << " ids";
+      REPORT(tag + " weights", B.err(w));
+      REPORT(tag, B.err(y));
+      Out fused, plain;
+      {
+        ScopedEnv m("DS_CUDA_MOE_FUSE_MAXT", "300");  // the fused path at every T
+        fused = gpu_step(0, T, shared);
+      }
+      {
+        ScopedEnv n("DS_CUDA_NO_MOE_FUSE", "1");
+        plain = gpu_step(0, T, shared);
+      }
+      EXPECT_TRUE(fused == plain) << tag << ": fused and unfused CUDA differ";
+      if (shared && (T == 1 || T == 7)) {  // the GEMV's gated add (no mode 3): fused routing, separate combine
+        ScopedEnv nm("DS_CUDA_NO_BF16_MMA", "1");
+        Out f2 = gpu_step(0, T, shared), p2;
+        {
+          ScopedEnv n("DS_CUDA_NO_MOE_FUSE", "1");
+          p2 = gpu_step(0, T, shared);
+        }
+        EXPECT_TRUE(f2 == p2) << tag << " (GEMV): fused and unfused CUDA differ";
+      }
+    }
+  // batch invariance: every row of a 64-row fused step equals the row alone
+  for (bool shared : {true, false}) {
+    const Out all = gpu_step(0, 64, shared);
+    int diff = 0;
+    for (int64_t r = 0; r < 64; ++r) {
+      const Out one = gpu_step(r, 1, shared);
+      diff += one.y != rows_of(all.y, r, 1, H) || one.ids != rows_of(all.ids, r, 1, K) ||
+              one.w != rows_of(all.w, r, 1, K);
+    }
+    EXPECT_EQ(diff, 0) << "moe_ffn rows of a 64-row step vs alone" << (shared ? " (shared)" : "");
+  }
+}
+
 }  // namespace
 }  // namespace ds

@@ -2,6 +2,7 @@
 #include "backend/cuda/bf16_mma.h"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/mma_util.cuh"
+#include "backend/cuda/moe_fuse.cuh"
 #include "backend/cuda/pdl.h"
 
 #include <cuda_bf16.h>
@@ -34,6 +35,12 @@ __device__ __forceinline__ void st_dt(void* p, int dt, int64_t i, float v) {
   if (dt == int(DType::BF16)) static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
   else if (dt == int(DType::F32)) static_cast<float*>(p)[i] = v;
   else static_cast<__half*>(p)[i] = __float2half_rn(v);
+}
+// v as stored in dtype dt and read back (st_dt then ld_dt)
+__device__ __forceinline__ float round_dt(float v, int dt) {
+  if (dt == int(DType::BF16)) return __bfloat162float(__float2bfloat16_rn(v));
+  if (dt == int(DType::F32)) return v;
+  return __half2float(__float2half_rn(v));
 }
 // v rounded to bf16 (the activation dtype the default compositions keep their intermediates in)
 __device__ __forceinline__ float to_bf16(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
@@ -82,7 +89,11 @@ __device__ __forceinline__ void emit(const Bf16MmaSeg& S, int64_t n, int64_t p, 
   const int64_t o = p * S.rows + n;
   if (S.mode == 0) st_dt(S.y, S.ydt, o, v0);
   else if (S.mode == 1) st_dt(S.y, S.ydt, o, silu_of(to_bf16(v0)) * to_bf16(v1));
-  else st_dt(S.y, S.ydt, o, ld_dt(S.y, S.ydt, o) + sigmoid_of(ld_dt(S.gate, S.gdt, p)) * to_bf16(v0));
+  else {  // 2: onto y as it is; 3: onto the routed experts' sum as moe_experts would have stored it in y
+    const float base =
+        S.mode == 2 ? ld_dt(S.y, S.ydt, o) : round_dt(moe_routed_sum(S.moe_out, S.moe_w, S.moe_k, S.rows, p, n), S.ydt);
+    st_dt(S.y, S.ydt, o, base + sigmoid_of(ld_dt(S.gate, S.gdt, p)) * to_bf16(v0));
+  }
 }
 
 // Block: kWarps warps = WM groups of 16 output columns × KS slices (warp = group·KS + slice); blockIdx.y: tokens
@@ -246,7 +257,8 @@ void bf16_mma_linear(const Bf16MmaSeg* segs, int n, const void* x, int64_t M, in
     int mw = 1;
     for (int i = i0; i < std::min(n, i0 + kBf16MmaSegs); ++i) {
       const Bf16MmaSeg& g = segs[i];
-      DS_CHECK(g.rows >= 1 && (g.mode != 2 || g.gate), "bf16 mma: bad segment");
+      DS_CHECK(g.rows >= 1 && (g.mode < 2 || g.gate) && (g.mode != 3 || (g.moe_out && g.moe_w && g.moe_k > 0)),
+               "bf16 mma: bad segment");
       J.s[J.n] = g;
       J.bstart[J.n + 1] = J.bstart[J.n] + unsigned(((g.rows + 15) / 16 + wm - 1) / wm);
       if (g.mode == 1) mw = 2;

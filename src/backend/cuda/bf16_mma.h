@@ -26,13 +26,18 @@ constexpr int kBf16MmaMaxM = 256, kBf16MmaSegs = 4;
 
 // One weight of a launch. Modes: 0 plain y = x·Wᵀ; 1 SwiGLU (W = [gate rows; up rows], y [M, rows] =
 // silu(g)·u with g and u rounded to bf16 first, as linear + silu_mul); 2 gated add (y += sigmoid(gate[m])·s with s
-// rounded to bf16 first, as linear + sigmoid_scale_add).
+// rounded to bf16 first, as linear + sigmoid_scale_add); 3 gated add onto the routed experts' sum (y = r +
+// sigmoid(gate[m])·s, r = Σ_k moe_w[m, k]·moe_out[m·moe_k + k] rounded to y's dtype: moe_experts' combine, then the
+// gated add; y is not read).
 struct Bf16MmaSeg {
   const void* w = nullptr;     // bf16 [N, K] row-major, 16-byte aligned
   void* y = nullptr;           // [M, rows], dtype ydt (a ds::DType value: F32, BF16 or F16)
-  const void* gate = nullptr;  // mode 2: [M] logits, dtype gdt
+  const void* gate = nullptr;  // modes 2, 3: [M] logits, dtype gdt
   int ydt = 0, gdt = 0, mode = 0;
   int64_t rows = 0;            // output columns: N, or N / 2 for SwiGLU
+  const float* moe_out = nullptr;  // mode 3: the routed experts' outputs [M·moe_k, rows] fp32
+  const float* moe_w = nullptr;    // mode 3: their weights [M, moe_k]
+  int moe_k = 0;
 };
 
 // Whether an [N, K] bf16 weight and input x can take the kernel: K a multiple of 8, 16-byte aligned pointers.

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -25,6 +26,7 @@
 #include "backend/cuda/int4_dequant.h"
 #include "backend/cuda/int4_mma.h"
 #include "backend/cuda/mma_util.cuh"
+#include "backend/cuda/moe_fuse.cuh"
 #include "backend/cuda/pdl.h"
 #include "backend/cuda/sample.h"
 #include "backend/cuda/vision_kernels.h"
@@ -93,15 +95,23 @@ struct DevBatch {
 };
 
 // ------------------------------------------------------------------------------------------------
-// Kernels
+// Kernels. Those of the decode step (all but DeltaNet's, which keep plain launches for now) are launched with
+// pdl_launch and begin with pdl_wait(); pdl_trigger(): nothing is read or written before the previous kernel is
+// done, and the next kernel may be scheduled as soon as every block of this one has started (an early trigger
+// cannot take SMs from this kernel: the next one launches only once all of this one's blocks are resident, so its
+// waiting blocks fill only the slots this kernel's finished blocks leave). DS_CUDA_NO_PDL=1: plain launches.
 
 __global__ void k_embed(const void* table, int tdt, const int32_t* tokens, int64_t H, void* out, int odt) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int64_t t = blockIdx.x;
   const int64_t id = tokens[t];
   for (int64_t i = threadIdx.x; i < H; i += blockDim.x) stf(out, odt, t * H + i, ldf(table, tdt, id * H + i));
 }
 
 __global__ void k_rmsnorm(const void* x, int xdt, const float* w, float eps, int64_t D, void* y, int ydt) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int64_t r = blockIdx.x;
   float ss = 0.f;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
@@ -114,11 +124,15 @@ __global__ void k_rmsnorm(const void* x, int xdt, const float* w, float eps, int
 }
 
 __global__ void k_add(void* x, int xdt, const void* y, int ydt, int64_t n) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     stf(x, xdt, i, ldf(x, xdt, i) + ldf(y, ydt, i));
 }
 
 __global__ void k_silu_mul(const void* gu, int gdt, int64_t T, int64_t I, void* y, int ydt) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int64_t n = T * I;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     int64_t t = i / I, c = i % I;
@@ -127,12 +141,15 @@ __global__ void k_silu_mul(const void* gu, int gdt, int64_t T, int64_t I, void* 
 }
 
 __global__ void k_sigmoid_gate_mul(void* x, int xdt, const void* g, int gdt, int64_t n) {
-  pdl_trigger();  // the next kernel may be PDL-launched (pdl.h)
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     stf(x, xdt, i, ldf(x, xdt, i) * sigmoid_f(ldf(g, gdt, i)));
 }
 
 __global__ void k_sigmoid_scale_add(void* y, int ydt, const void* s, int sdt, const void* gl, int gdt, int64_t H) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int64_t t = blockIdx.x;
   const float g = sigmoid_f(ldf(gl, gdt, t));
   for (int64_t d = threadIdx.x; d < H; d += blockDim.x)
@@ -140,6 +157,8 @@ __global__ void k_sigmoid_scale_add(void* y, int ydt, const void* s, int sdt, co
 }
 
 __global__ void k_gather(const void* x, int dt, const int32_t* rows, int64_t H, void* out) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int64_t i = blockIdx.x, r = rows[i];
   for (int64_t d = threadIdx.x; d < H; d += blockDim.x) stf(out, dt, i * H + d, ldf(x, dt, r * H + d));
 }
@@ -150,6 +169,8 @@ __device__ __forceinline__ bool argmax_better(float v, int i, float bv, int bi) 
   return i >= 0 && (bi < 0 || v > bv || (v == bv && i < bi));
 }
 __global__ void k_argmax_rows(const float* x, int64_t N, int64_t limit, const int32_t* map, int32_t* ids) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int64_t r = blockIdx.x;
   const float* row = x + r * N;
   float bv = 0.f;
@@ -185,6 +206,8 @@ __global__ void k_argmax_rows(const float* x, int64_t N, int64_t limit, const in
 // y[t] = w · x[t] for a one-row bf16 weight (the shared expert's gate): one block per token. cuBLAS runs N = 1
 // as two kernels (dot + reduction), ~8 us per layer at batch 1.
 __global__ void k_linear_n1(const __nv_bfloat16* w, const __nv_bfloat16* x, int64_t K, void* y, int ydt) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int64_t t = blockIdx.x;
   float acc = 0.f;
   for (int64_t k = threadIdx.x; k < K; k += blockDim.x)
@@ -205,7 +228,8 @@ __device__ __forceinline__ float round_dt(float v, int dt) {
 }
 __global__ void __launch_bounds__(256) k_add_rmsnorm(void* x, int xdt, const void* d, int ddt, const float* w,
                                                      float eps, int64_t D, void* h, int hdt) {
-  pdl_trigger();  // the next kernel may be PDL-launched (pdl.h)
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int64_t r = blockIdx.x;
   float v[kAddNormPer];
 #pragma unroll
@@ -342,6 +366,8 @@ __global__ void __launch_bounds__(256) k_gemv_bf16(const GemvJobs j, const __nv_
 }
 
 __global__ void k_convert(const void* x, int xdt, void* y, int ydt, int64_t n) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     stf(y, ydt, i, ldf(x, xdt, i));
 }
@@ -351,6 +377,8 @@ __global__ void k_convert(const void* x, int xdt, void* y, int ydt, int64_t n) {
 __global__ void k_norm_rope(const void* src, int sdt, int64_t sstride, int64_t hstride, const float* w, float eps,
                             int64_t Dh, int rot, const float* inv_freq, const int32_t* axis, const int32_t* pos,
                             int64_t T, void* dst, int ddt, int64_t N, void* gate, int64_t goff) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   __shared__ float v[512];
   const int64_t t = blockIdx.x, h = blockIdx.y;
   const int64_t base = t * sstride + h * hstride;
@@ -384,6 +412,8 @@ __global__ void k_norm_rope(const void* src, int sdt, int64_t sstride, int64_t h
 
 __global__ void k_kv_write(void* kc, void* vc, int cdt, const void* k, const void* v, int sdt, int64_t row, int64_t bs,
                            const int32_t* seq_of, const int32_t* seqinfo, const int32_t* blocks, int maxb) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int64_t t = blockIdx.x;
   const int s = seq_of[t];
   const int64_t pos = seqinfo[s * 4 + 2] + (t - seqinfo[s * 4 + 0]);
@@ -403,6 +433,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32) k_attention(const void* q, in
                                                                 int64_t bs, const int32_t* seq_of,
                                                                 const int32_t* seqinfo, const int32_t* blocks, int maxb,
                                                                 float scale, void* o, int odt) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int64_t t = blockIdx.x, h = blockIdx.y;
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const int nj = int(Dh / 32);
@@ -811,59 +843,11 @@ __global__ void __launch_bounds__(256) k_gated_rmsnorm_warp(const __nv_bfloat16*
 
 // Router: softmax over E ≤ 1024, top-k (ties to the lower index, as a stable sort), renormalised. Warp per token.
 __global__ void k_moe_route(const void* logits, int ldt, int64_t T, int64_t E, int64_t K, int32_t* ids, float* wts) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int64_t t = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5);
-  const int lane = threadIdx.x & 31;
   if (t >= T) return;
-  float p[32];
-  float mx = -INFINITY;
-#pragma unroll
-  for (int j = 0; j < 32; ++j) {
-    int64_t e = lane + 32 * j;
-    p[j] = e < E ? ldf(logits, ldt, t * E + e) : -INFINITY;
-    mx = fmaxf(mx, p[j]);
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-  float sum = 0.f;
-#pragma unroll
-  for (int j = 0; j < 32; ++j) {
-    int64_t e = lane + 32 * j;
-    p[j] = e < E ? expf(p[j] - mx) : 0.f;
-    sum += p[j];
-  }
-  sum = warp_sum(sum);
-#pragma unroll
-  for (int j = 0; j < 32; ++j) p[j] = (lane + 32 * j) < E ? p[j] / sum : -1.f;
-  float tsum = 0.f;
-  for (int64_t k = 0; k < K; ++k) {
-    float bv = -2.f;
-    int bi = 1 << 30;
-#pragma unroll
-    for (int j = 0; j < 32; ++j)
-      if (p[j] > bv) {
-        bv = p[j];
-        bi = lane + 32 * j;
-      }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-      int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-      if (ov > bv || (ov == bv && oi < bi)) {
-        bv = ov;
-        bi = oi;
-      }
-    }
-    tsum += bv;
-    if (lane == 0) {
-      ids[t * K + k] = bi;
-      wts[t * K + k] = bv;
-    }
-#pragma unroll
-    for (int j = 0; j < 32; ++j)
-      if (lane + 32 * j == bi) p[j] = -1.f;
-  }
-  __syncwarp();
-  for (int64_t k = lane; k < K; k += 32) wts[t * K + k] = wts[t * K + k] / tsum;
+  moe_route_token(logits, ldt, t, E, K, ids, wts, threadIdx.x & 31);  // moe_fuse.cuh
 }
 
 // ---- dense bf16 weights (int4 weights: int4_mma.cu) and warp-level dot products ----
@@ -929,6 +913,8 @@ template <int DPL, bool SM>
 __global__ void k_attn_split(const __nv_bfloat16* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc, int64_t Nh,
                              int64_t Nkv, int64_t bs, const int32_t* seq_of, const int32_t* seqinfo,
                              const int32_t* blocks, int maxb, float scale, int S, float* part, int flash_min) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   constexpr int Dh = DPL * 32;
   const int64_t t = blockIdx.x, g = blockIdx.y;
   const int split = blockIdx.z;
@@ -1040,6 +1026,8 @@ __global__ void k_attn_split(const __nv_bfloat16* q, const __nv_bfloat16* kc, co
 // o[t, h] = Σ_s acc_s · e^{m_s − M} / Σ_s l_s · e^{m_s − M}. One block of Dh threads per (token, head).
 __global__ void k_attn_merge(const float* part, int64_t Nh, int64_t Dh, int S, void* o, int odt, const int32_t* seq_of,
                              const int32_t* seqinfo, int flash_min) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int64_t t = blockIdx.x, h = blockIdx.y;
   if (seqinfo[seq_of[t] * 4 + 1] >= flash_min) return;
   const float* src = part + (t * Nh + h) * S * (Dh + 2);
@@ -1064,6 +1052,8 @@ __global__ void k_attn_merge(const float* part, int64_t Nh, int64_t Dh, int S, v
 template <class WV>
 __global__ void k_moe_gate_up(WV W, int64_t per_expert_rows, const __nv_bfloat16* x, const int32_t* ids, int64_t K,
                               int64_t I, int64_t P, float* act) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int lane = threadIdx.x & 31;
   const int64_t n = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5);
   if (n >= I) return;
@@ -1080,6 +1070,8 @@ __global__ void k_moe_gate_up(WV W, int64_t per_expert_rows, const __nv_bfloat16
 template <class WV>
 __global__ void k_moe_down(WV W, int64_t per_expert_rows, const float* act, const int32_t* ids, int64_t H, int64_t P,
                            float* out) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int lane = threadIdx.x & 31;
   const int64_t n = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5);
   if (n >= H) return;
@@ -1096,6 +1088,8 @@ __global__ void k_moe_down(WV W, int64_t per_expert_rows, const float* act, cons
 // is arbitrary: each pair writes its own output row, and the combine sums in k order.
 __global__ void k_moe_group(const int32_t* ids, int64_t P, int64_t E, int32_t* meta, int32_t* active, int32_t* off,
                             int32_t* list) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   __shared__ int32_t cnt[1024], start[1024];
   for (int64_t e = threadIdx.x; e < E; e += blockDim.x) cnt[e] = 0;
   __syncthreads();
@@ -1136,6 +1130,8 @@ template <bool GATED, class WV, class XT>
 __global__ void k_moe_grouped(WV W, int64_t per_expert_rows, int64_t N, const XT* x, int64_t xdiv,
                               const int32_t* meta, const int32_t* active, const int32_t* off, const int32_t* list,
                               float* out) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int j = blockIdx.y;
   if (j >= meta[0]) return;
   const int lane = threadIdx.x & 31;
@@ -1190,13 +1186,11 @@ __global__ void k_moe_grouped(WV W, int64_t per_expert_rows, int64_t N, const XT
 
 // y[t] = Σ_k w[t,k] · out[t·K + k], summed in k order.
 __global__ void k_moe_combine(const float* out, const float* wts, int64_t K, int64_t H, void* y, int ydt) {
-  pdl_trigger();  // the next kernel may be PDL-launched (pdl.h)
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int64_t t = blockIdx.x;
-  for (int64_t d = blockIdx.y * int64_t(blockDim.x) + threadIdx.x; d < H; d += int64_t(gridDim.y) * blockDim.x) {
-    float acc = 0.f;
-    for (int64_t k = 0; k < K; ++k) acc += wts[t * K + k] * out[(t * K + k) * H + d];
-    stf(y, ydt, t * H + d, acc);
-  }
+  for (int64_t d = blockIdx.y * int64_t(blockDim.x) + threadIdx.x; d < H; d += int64_t(gridDim.y) * blockDim.x)
+    stf(y, ydt, t * H + d, moe_routed_sum(out, wts, K, H, t, d));  // moe_fuse.cuh
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1295,8 +1289,15 @@ class CudaBackend final : public Backend {
     t.shape = std::move(shape);
     t.device = Device::CUDA;
     const size_t n = std::max<size_t>(t.nbytes(), 16);
-    if (in_step_) {  // zero-filled like any alloc (a memset node in a recorded step)
+    if (in_step_) {  // zero-filled like any alloc (while recording: by the memset before each launch, graph_run)
       t = arena_tensor(std::move(t), n);
+      if (capturing_ && zero_hoist_) {
+        auto& z = rec_zero_[arena_chunk_];
+        const size_t lo = size_t(static_cast<char*>(t.data) - static_cast<char*>(arena_[arena_chunk_].ptr));
+        z.first = std::min(z.first, lo);
+        z.second = std::max(z.second, lo + n);
+        return t;
+      }
       DS_CUDA_CHECK(cudaMemsetAsync(t.data, 0, n, stream_));
       return t;
     }
@@ -1545,8 +1546,8 @@ class CudaBackend final : public Backend {
     }
     if (b.num_tokens() == 0) return;
     auto& d = dev(b);
-    k_embed<<<int(b.num_tokens()), 256, 0, stream_>>>(table.data, int(table.dtype), d.tokens, H, out.data,
-                                                        int(out.dtype));
+    DS_CUDA_CHECK(pdl_launch(k_embed, int(b.num_tokens()), 256, 0, stream_, table.data, int(table.dtype), d.tokens, H,
+                             out.data, int(out.dtype)));
     DS_CUDA_CHECK_LAST();
   }
 
@@ -1554,14 +1555,16 @@ class CudaBackend final : public Backend {
     const int64_t D = w.numel(), R = x.numel() / D;
     if (R == 0) return;
     DS_CHECK(w.dtype == DType::F32);
-    k_rmsnorm<<<unsigned(R), 256, 0, stream_>>>(x.data, int(x.dtype), w.ptr<float>(), eps, D, y.data, int(y.dtype));
+    DS_CUDA_CHECK(pdl_launch(k_rmsnorm, unsigned(R), 256, 0, stream_, x.data, int(x.dtype), w.ptr<float>(), eps, D,
+                             y.data, int(y.dtype)));
     DS_CUDA_CHECK_LAST();
   }
 
   void add_inplace(Tensor& x, const Tensor& y) override {
     const int64_t n = x.numel();
     if (!n) return;
-    k_add<<<blocks_for(n, 256), 256, 0, stream_>>>(x.data, int(x.dtype), y.data, int(y.dtype), n);
+    DS_CUDA_CHECK(
+        pdl_launch(k_add, blocks_for(n, 256), 256, 0, stream_, x.data, int(x.dtype), y.data, int(y.dtype), n));
     DS_CUDA_CHECK_LAST();
   }
 
@@ -1569,7 +1572,8 @@ class CudaBackend final : public Backend {
   Tensor as_bf16(const Tensor& x) {
     if (x.dtype == DType::BF16) return x;
     Tensor c = alloc(DType::BF16, x.shape);
-    k_convert<<<blocks_for(x.numel(), 256), 256, 0, stream_>>>(x.data, int(x.dtype), c.data, kBF16, x.numel());
+    DS_CUDA_CHECK(pdl_launch(k_convert, blocks_for(x.numel(), 256), 256, 0, stream_, x.data, int(x.dtype), c.data,
+                             kBF16, x.numel()));
     DS_CUDA_CHECK_LAST();
     return c;
   }
@@ -1688,8 +1692,8 @@ class CudaBackend final : public Backend {
              shape_str(d.shape), ", h ", shape_str(h.shape));
     if (R == 0) return;
     if (D > 256 * kAddNormPer) return Backend::add_rmsnorm(x, d, w, eps, h);
-    k_add_rmsnorm<<<unsigned(R), 256, 0, stream_>>>(x.data, int(x.dtype), d.data, int(d.dtype), w.ptr<float>(), eps,
-                                                    D, h.data, int(h.dtype));
+    DS_CUDA_CHECK(pdl_launch(k_add_rmsnorm, unsigned(R), 256, 0, stream_, x.data, int(x.dtype), d.data, int(d.dtype),
+                             w.ptr<float>(), eps, D, h.data, int(h.dtype)));
     DS_CUDA_CHECK_LAST();
   }
 
@@ -1706,8 +1710,8 @@ class CudaBackend final : public Backend {
         return;
       }
       if (l->N == 1) {
-        k_linear_n1<<<unsigned(T), 256, 0, stream_>>>(l->dense.ptr<__nv_bfloat16>(), xb.ptr<__nv_bfloat16>(), l->K,
-                                                      y.data, int(y.dtype));
+        DS_CUDA_CHECK(pdl_launch(k_linear_n1, unsigned(T), 256, 0, stream_, l->dense.ptr<__nv_bfloat16>(),
+                                 xb.ptr<__nv_bfloat16>(), l->K, y.data, int(y.dtype)));
         DS_CUDA_CHECK_LAST();
         return;
       }
@@ -1752,7 +1756,8 @@ class CudaBackend final : public Backend {
   void silu_mul(const Tensor& gu, Tensor& y) override {
     const int64_t T = gu.dim(0), I = gu.dim(1) / 2;
     if (T * I == 0) return;
-    k_silu_mul<<<blocks_for(T * I, 256), 256, 0, stream_>>>(gu.data, int(gu.dtype), T, I, y.data, int(y.dtype));
+    DS_CUDA_CHECK(pdl_launch(k_silu_mul, blocks_for(T * I, 256), 256, 0, stream_, gu.data, int(gu.dtype), T, I, y.data,
+                             int(y.dtype)));
     DS_CUDA_CHECK_LAST();
   }
 
@@ -1793,13 +1798,13 @@ class CudaBackend final : public Backend {
     if (T == 0) return;
     auto& d = dev(b);
     auto& rt = rope_tables(rope);
-    k_norm_rope<<<dim3(unsigned(T), unsigned(Nh)), 128, 0, stream_>>>(
-        qg.data, int(qg.dtype), Nh * 2 * Dh, 2 * Dh, qnorm.ptr<float>(), eps, Dh, rope.rotary_dim, rt.inv.ptr<float>(),
-        rt.axis.ptr<int32_t>(), d.positions, T, q.data, int(q.dtype), Nh, gate.data, Dh);
+    DS_CUDA_CHECK(pdl_launch(k_norm_rope, dim3(unsigned(T), unsigned(Nh)), 128, 0, stream_, qg.data, int(qg.dtype),
+                             Nh * 2 * Dh, 2 * Dh, qnorm.ptr<float>(), eps, Dh, rope.rotary_dim, rt.inv.ptr<float>(),
+                             rt.axis.ptr<int32_t>(), d.positions, T, q.data, int(q.dtype), Nh, gate.data, Dh));
     DS_CUDA_CHECK_LAST();
-    k_norm_rope<<<dim3(unsigned(T), unsigned(Nkv)), 128, 0, stream_>>>(
-        k.data, int(k.dtype), Nkv * Dh, Dh, knorm.ptr<float>(), eps, Dh, rope.rotary_dim, rt.inv.ptr<float>(),
-        rt.axis.ptr<int32_t>(), d.positions, T, k.data, int(k.dtype), Nkv, nullptr, 0);
+    DS_CUDA_CHECK(pdl_launch(k_norm_rope, dim3(unsigned(T), unsigned(Nkv)), 128, 0, stream_, k.data, int(k.dtype),
+                             Nkv * Dh, Dh, knorm.ptr<float>(), eps, Dh, rope.rotary_dim, rt.inv.ptr<float>(),
+                             rt.axis.ptr<int32_t>(), d.positions, T, k.data, int(k.dtype), Nkv, nullptr, 0));
     DS_CUDA_CHECK_LAST();
   }
 
@@ -1807,8 +1812,8 @@ class CudaBackend final : public Backend {
     const int64_t T = b.num_tokens(), row = k.dim(1);
     if (T == 0) return;
     auto& d = dev(b);
-    k_kv_write<<<unsigned(T), 256, 0, stream_>>>(kv.k.data, kv.v.data, int(kv.k.dtype), k.data, v.data, int(k.dtype),
-                                                 row, kv.block_size, d.seq_of, d.seqinfo, d.blocks, d.maxb);
+    DS_CUDA_CHECK(pdl_launch(k_kv_write, unsigned(T), 256, 0, stream_, kv.k.data, kv.v.data, int(kv.k.dtype), k.data,
+                             v.data, int(k.dtype), row, kv.block_size, d.seq_of, d.seqinfo, d.blocks, d.maxb));
     DS_CUDA_CHECK_LAST();
   }
 
@@ -1847,8 +1852,8 @@ class CudaBackend final : public Backend {
       // DS_CUDA_NO_ATTN_SMEM=1: K/V straight from global memory per warp (same arithmetic, same bits).
       const bool sm = !env_flag("DS_CUDA_NO_ATTN_SMEM");
       auto launch = [&](auto kern) {
-        kern<<<grid, threads, 0, stream_>>>(qp, kp, vp, Nh, Nkv, kv.block_size, d.seq_of, d.seqinfo, d.blocks, d.maxb,
-                                            scale, S, part.ptr<float>(), flash_min);
+        DS_CUDA_CHECK(pdl_launch(kern, grid, threads, 0, stream_, qp, kp, vp, Nh, Nkv, kv.block_size, d.seq_of,
+                                 d.seqinfo, d.blocks, d.maxb, scale, S, part.ptr<float>(), flash_min));
       };
       if (Dh == 256)
         sm ? launch(k_attn_split<8, true>) : launch(k_attn_split<8, false>);
@@ -1857,21 +1862,23 @@ class CudaBackend final : public Backend {
       else
         sm ? launch(k_attn_split<2, true>) : launch(k_attn_split<2, false>);
       DS_CUDA_CHECK_LAST();
-      k_attn_merge<<<dim3(unsigned(T), unsigned(Nh)), unsigned(std::min<int64_t>(Dh, 256)), 0, stream_>>>(
-          part.ptr<float>(), Nh, Dh, S, o.data, int(o.dtype), d.seq_of, d.seqinfo, flash_min);
+      DS_CUDA_CHECK(pdl_launch(k_attn_merge, dim3(unsigned(T), unsigned(Nh)), unsigned(std::min<int64_t>(Dh, 256)), 0,
+                               stream_, part.ptr<float>(), Nh, Dh, S, o.data, int(o.dtype), d.seq_of, d.seqinfo,
+                               flash_min));
       DS_CUDA_CHECK_LAST();
       return;
     }
-    k_attention<<<dim3(unsigned(T), unsigned(Nh)), kAttnWarps * 32, 0, stream_>>>(
-        q.data, int(q.dtype), kv.k.data, kv.v.data, int(kv.k.dtype), Nh, Nkv, Dh, kv.block_size, d.seq_of, d.seqinfo,
-        d.blocks, d.maxb, 1.f / std::sqrt(float(Dh)), o.data, int(o.dtype));
+    DS_CUDA_CHECK(pdl_launch(k_attention, dim3(unsigned(T), unsigned(Nh)), kAttnWarps * 32, 0, stream_, q.data,
+                             int(q.dtype), kv.k.data, kv.v.data, int(kv.k.dtype), Nh, Nkv, Dh, kv.block_size, d.seq_of,
+                             d.seqinfo, d.blocks, d.maxb, 1.f / std::sqrt(float(Dh)), o.data, int(o.dtype)));
     DS_CUDA_CHECK_LAST();
   }
 
   void sigmoid_gate_mul(Tensor& x, const Tensor& gate) override {
     const int64_t n = x.numel();
     if (!n) return;
-    k_sigmoid_gate_mul<<<blocks_for(n, 256), 256, 0, stream_>>>(x.data, int(x.dtype), gate.data, int(gate.dtype), n);
+    DS_CUDA_CHECK(pdl_launch(k_sigmoid_gate_mul, blocks_for(n, 256), 256, 0, stream_, x.data, int(x.dtype), gate.data,
+                             int(gate.dtype), n));
     DS_CUDA_CHECK_LAST();
   }
 
@@ -2077,22 +2084,34 @@ class CudaBackend final : public Backend {
     DS_CHECK(E <= 1024 && top_k <= E, "moe_route: E = ", E, " (at most 1024), top_k = ", top_k);
     DS_CHECK(ids.dtype == DType::I32 && weights.dtype == DType::F32);
     if (!T) return;
-    k_moe_route<<<unsigned((T + 3) / 4), 128, 0, stream_>>>(logits.data, int(logits.dtype), T, E, top_k,
-                                                           ids.ptr<int32_t>(), weights.ptr<float>());
+    DS_CUDA_CHECK(pdl_launch(k_moe_route, unsigned((T + 3) / 4), 128, 0, stream_, logits.data, int(logits.dtype), T, E,
+                             top_k, ids.ptr<int32_t>(), weights.ptr<float>()));
     DS_CUDA_CHECK_LAST();
   }
 
   void moe_experts(const Tensor& x, const Experts& w, const Tensor& ids, const Tensor& weights, Tensor& y) override {
-    auto* ex = static_cast<const CudaExperts*>(w.get());
-    const int64_t T = x.dim(0), H = ex->H, I = ex->I, K = ids.dim(1), P = T * K;
-    if (!T) return;
+    if (!x.dim(0)) return;
+    moe_combine(moe_routed(x, static_cast<const CudaExperts*>(w.get()), ids, ids.dim(1), nullptr), weights, y);
+  }
+  // y[t] = Σ_k weights[t, k] · out[t·K + k]   (weights [T, K], out [T·K, H] fp32)
+  void moe_combine(const Tensor& out, const Tensor& weights, Tensor& y) {
+    const int64_t T = weights.dim(0), K = weights.dim(1), H = y.numel() / T;
+    DS_CUDA_CHECK(pdl_launch(k_moe_combine, dim3(unsigned(T), unsigned((H + 255) / 256)), 256, 0, stream_,
+                             out.ptr<float>(), weights.ptr<float>(), K, H, y.data, int(y.dtype)));
+    DS_CUDA_CHECK_LAST();
+  }
+  // The routed experts' outputs out [T·K, H] fp32 per (token, k) pair (scratch); with `route` (int4 experts), the
+  // routing into ids is done in the tile-table launch (int4_mma.h).
+  Tensor moe_routed(const Tensor& x, const CudaExperts* ex, const Tensor& ids, int64_t K, const MoeRouteIn* route) {
+    const int64_t T = x.dim(0), H = ex->H, I = ex->I, P = T * K;
+    DS_CHECK(!route || ex->int4);
     Tensor xb = as_bf16(x);
     Tensor out = alloc_scratch(DType::F32, {P, H});
     if (ex->int4) {  // tensor cores, pairs grouped by expert (int4_mma.cu)
       Tensor act = alloc_scratch(DType::BF16, {P, I});
       Tensor scratch = alloc_scratch(DType::I32, {mma_moe_scratch_ints(P, ex->E)});
       mma_moe(ex->gu->mma(), ex->down->mma(), ex->E, I, H, xb.data, K, ids.ptr<int32_t>(), P, scratch.ptr<int32_t>(),
-              act.data, out.ptr<float>(), stream_);
+              act.data, out.ptr<float>(), stream_, route);
     } else {  // bf16 experts (the BF16 checkpoints): CUDA-core kernels
       Tensor act = alloc_scratch(DType::F32, {P, I});
       const int warps = 8;
@@ -2105,36 +2124,71 @@ class CudaBackend final : public Backend {
         Tensor grp = alloc_scratch(DType::I32, {1 + A + (A + 1) + P});
         int32_t* meta = grp.ptr<int32_t>();
         int32_t *active = meta + 1, *off = active + A, *list = off + A + 1;
-        k_moe_group<<<1, 1024, 0, stream_>>>(ids.ptr<int32_t>(), P, E, meta, active, off, list);
+        DS_CUDA_CHECK(pdl_launch(k_moe_group, 1, 1024, 0, stream_, ids.ptr<int32_t>(), P, E, meta, active, off, list));
         DS_CUDA_CHECK_LAST();
         const dim3 g1(unsigned((I + warps - 1) / warps), unsigned(A)),
             g2(unsigned((H + warps - 1) / warps), unsigned(A));
-        k_moe_grouped<true><<<g1, warps * 32, 0, stream_>>>(gu, 2 * I, I, xb.ptr<__nv_bfloat16>(), K, meta, active,
-                                                            off, list, act.ptr<float>());
+        DS_CUDA_CHECK(pdl_launch(k_moe_grouped<true, DenseView, __nv_bfloat16>, g1, warps * 32, 0, stream_, gu, 2 * I,
+                                 I, xb.ptr<__nv_bfloat16>(), K, meta, active, off, list, act.ptr<float>()));
         DS_CUDA_CHECK_LAST();
-        k_moe_grouped<false><<<g2, warps * 32, 0, stream_>>>(dn, H, H, act.ptr<float>(), int64_t(1), meta, active,
-                                                             off, list, out.ptr<float>());
+        DS_CUDA_CHECK(pdl_launch(k_moe_grouped<false, DenseView, float>, g2, warps * 32, 0, stream_, dn, H, H,
+                                 act.ptr<float>(), int64_t(1), meta, active, off, list, out.ptr<float>()));
         DS_CUDA_CHECK_LAST();
       } else {
         const unsigned py = unsigned(std::min<int64_t>(P, 65535));
-        k_moe_gate_up<<<dim3(unsigned((I + warps - 1) / warps), py), warps * 32, 0, stream_>>>(
-            gu, 2 * I, xb.ptr<__nv_bfloat16>(), ids.ptr<int32_t>(), K, I, P, act.ptr<float>());
+        DS_CUDA_CHECK(pdl_launch(k_moe_gate_up<DenseView>, dim3(unsigned((I + warps - 1) / warps), py), warps * 32, 0,
+                                 stream_, gu, 2 * I, xb.ptr<__nv_bfloat16>(), ids.ptr<int32_t>(), K, I, P,
+                                 act.ptr<float>()));
         DS_CUDA_CHECK_LAST();
-        k_moe_down<<<dim3(unsigned((H + warps - 1) / warps), py), warps * 32, 0, stream_>>>(
-            dn, H, act.ptr<float>(), ids.ptr<int32_t>(), H, P, out.ptr<float>());
+        DS_CUDA_CHECK(pdl_launch(k_moe_down<DenseView>, dim3(unsigned((H + warps - 1) / warps), py), warps * 32, 0,
+                                 stream_, dn, H, act.ptr<float>(), ids.ptr<int32_t>(), H, P, out.ptr<float>()));
         DS_CUDA_CHECK_LAST();
       }
     }
-    k_moe_combine<<<dim3(unsigned(T), unsigned((H + 255) / 256)), 256, 0, stream_>>>(
-        out.ptr<float>(), weights.ptr<float>(), K, H, y.data, int(y.dtype));
-    DS_CUDA_CHECK_LAST();
+    return out;
+  }
+  // DS_CUDA_NO_MOE_FUSE=1: the composition (ops.h). Fused for int4 experts at T ≤ DS_CUDA_MOE_FUSE_MAXT (64): the
+  // router runs in the tile-table launch (one block routes every token: k_moe_route_tiles), and with a shared expert
+  // whose down projection takes the tensor-core kernel, the routed sum is formed in its gated-add epilogue (bf16_mma.h
+  // mode 3) instead of by k_moe_combine: 6 launches per layer become 4. Same device code as the unfused kernels
+  // (moe_fuse.cuh), so the same bits, and a row's bits still depend on that row alone.
+  void moe_ffn(const Tensor& router_logits, int64_t top_k, const Tensor& x, const Experts& experts, Tensor& ids,
+               Tensor& weights, const Tensor* a, const Linear* shared_down, const Tensor* gate, Tensor& y) override {
+    auto* ex = static_cast<const CudaExperts*>(experts.get());
+    const int64_t T = x.dim(0), E = router_logits.dim(1);
+    if (env_flag("DS_CUDA_NO_MOE_FUSE") || !ex->int4 || T == 0 || T > env_int("DS_CUDA_MOE_FUSE_MAXT", 64) ||
+        E != ex->E || E > 1024)
+      return Backend::moe_ffn(router_logits, top_k, x, experts, ids, weights, a, shared_down, gate, y);
+    DS_CHECK(top_k <= E && router_logits.dim(0) == T, "moe_ffn: logits ", shape_str(router_logits.shape), ", top_k ",
+             top_k);
+    DS_CHECK(ids.dtype == DType::I32 && weights.dtype == DType::F32 && ids.numel() == T * top_k &&
+                 weights.numel() == T * top_k && y.numel() == T * ex->H,
+             "moe_ffn: ids ", shape_str(ids.shape), ", weights ", shape_str(weights.shape), ", y ", shape_str(y.shape));
+    MoeRouteIn r;
+    r.logits = router_logits.data, r.ldt = int(router_logits.dtype), r.T = T;
+    r.ids = ids.ptr<int32_t>(), r.wts = weights.ptr<float>();
+    Tensor out = moe_routed(x, ex, ids, top_k, &r);
+    if (shared_down) {
+      auto* l = static_cast<const CudaLinear*>(shared_down->get());
+      Tensor ab = as_bf16(*a);
+      if (!env_flag("DS_CUDA_NO_FUSED") && !env_flag("DS_CUDA_NO_BF16_MMA") && gemv_fits(l, ab, T) && l->N == ex->H &&
+          ab.numel() == T * l->K && gate->numel() == T && (y.dtype == DType::BF16 || y.dtype == DType::F32)) {
+        Bf16MmaSeg g;
+        g.w = l->dense.data, g.y = y.data, g.ydt = int(y.dtype), g.gate = gate->data, g.gdt = int(gate->dtype);
+        g.mode = 3, g.rows = l->N, g.moe_out = out.ptr<float>(), g.moe_w = weights.ptr<float>(), g.moe_k = int(top_k);
+        bf16_mma_linear(&g, 1, ab.data, T, l->K, stream_);
+        return;
+      }
+    }
+    moe_combine(out, weights, y);
+    if (shared_down) linear_gated_add(*a, *shared_down, *gate, y);
   }
 
   void sigmoid_scale_add(Tensor& y, const Tensor& s, const Tensor& gate_logit) override {
     const int64_t T = y.dim(0), H = y.dim(1);
     if (!T) return;
-    k_sigmoid_scale_add<<<unsigned(T), 256, 0, stream_>>>(y.data, int(y.dtype), s.data, int(s.dtype), gate_logit.data,
-                                                          int(gate_logit.dtype), H);
+    DS_CUDA_CHECK(pdl_launch(k_sigmoid_scale_add, unsigned(T), 256, 0, stream_, y.data, int(y.dtype), s.data,
+                             int(s.dtype), gate_logit.data, int(gate_logit.dtype), H));
     DS_CUDA_CHECK_LAST();
   }
 
@@ -2150,7 +2204,8 @@ class CudaBackend final : public Backend {
       return;
     }
     Tensor r = upload_bytes(rows.data(), rows.size() * 4, DType::I32, {int64_t(rows.size())});
-    k_gather<<<unsigned(rows.size()), 256, 0, stream_>>>(x.data, int(x.dtype), r.ptr<int32_t>(), H, out.data);
+    DS_CUDA_CHECK(pdl_launch(k_gather, unsigned(rows.size()), 256, 0, stream_, x.data, int(x.dtype), r.ptr<int32_t>(),
+                             H, out.data));
     DS_CUDA_CHECK_LAST();
   }
 
@@ -2194,8 +2249,8 @@ class CudaBackend final : public Backend {
              "argmax_rows: logits F32 [R, N], ids I32 [R], limit in 1..N");
     DS_CHECK(!map || (map->dtype == DType::I32 && map->numel() == N), "argmax_rows: map must be I32 [", N, "]");
     if (R == 0) return;
-    k_argmax_rows<<<unsigned(R), 512, 0, stream_>>>(logits.ptr<float>(), N, limit, map ? map->ptr<int32_t>() : nullptr,
-                                                   ids.ptr<int32_t>());
+    DS_CUDA_CHECK(pdl_launch(k_argmax_rows, unsigned(R), 512, 0, stream_, logits.ptr<float>(), N, limit,
+                             map ? map->ptr<int32_t>() : nullptr, ids.ptr<int32_t>()));
     DS_CUDA_CHECK_LAST();
   }
   // The mirror's token row is its first T ints (build_batch): a device copy, stream-ordered after the upload (a copy
@@ -2298,6 +2353,12 @@ class CudaBackend final : public Backend {
       if (g.exec) DS_CUDA_CHECK(cudaGraphExecDestroy(g.exec));
       g.exec = nullptr;
       const size_t nchunks = arena_.size();
+      // The zero-fill of the step's allocs, one memset node each between kernels (~13 per layer, each a full
+      // dependency that no PDL edge crosses), is hoisted: the recording notes the arena range its allocs span per
+      // chunk, and each launch is preceded by one memset of that range (DS_CUDA_NO_ZERO_HOIST=1: memset nodes). The
+      // range holds only this graph's allocs and scratch, which nothing outside it reads before it runs.
+      zero_hoist_ = !env_flag("DS_CUDA_NO_ZERO_HOIST");
+      rec_zero_.assign(nchunks, {SIZE_MAX, 0});
       DS_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
       capturing_ = true;
       cudaGraph_t graph = nullptr;
@@ -2312,13 +2373,19 @@ class CudaBackend final : public Backend {
       capturing_ = false;
       DS_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
       DS_CHECK(arena_.size() == nchunks, "step arena grew while recording a graph (warm-up should have grown it)");
+      if (env_flag("DS_CUDA_GRAPH_STATS")) print_graph_stats(key, graph);
       DS_CUDA_CHECK(cudaGraphInstantiate(&g.exec, graph, 0));
       DS_CUDA_CHECK(cudaGraphDestroy(graph));
       g.batch = last_batch_;
-      DS_CUDA_CHECK(cudaGraphLaunch(g.exec, stream_));
+      g.zero.clear();
+      for (size_t c = 0; c < rec_zero_.size(); ++c)
+        if (rec_zero_[c].first < rec_zero_[c].second)
+          g.zero.push_back({static_cast<char*>(arena_[c].ptr) + rec_zero_[c].first,
+                            rec_zero_[c].second - rec_zero_[c].first});
+      launch_graph(g);
       return true;
     }
-    DS_CUDA_CHECK(cudaGraphLaunch(g.exec, stream_));
+    launch_graph(g);
     return false;
   }
 
@@ -2351,11 +2418,35 @@ class CudaBackend final : public Backend {
   struct Graph {
     int calls = 0;
     cudaGraphExec_t exec = nullptr;
-    const void* batch = nullptr;  // the batch mirror the recording reads
+    const void* batch = nullptr;                  // the batch mirror the recording reads
+    std::vector<std::pair<void*, size_t>> zero;  // arena ranges its allocs span (zeroed before each launch)
   };
+  // DS_CUDA_GRAPH_STATS=1: the node count of each recording by type (kernels, memsets, copies), on stderr.
+  static void print_graph_stats(const std::string& key, cudaGraph_t graph) {
+    size_t n = 0;
+    DS_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &n));
+    std::vector<cudaGraphNode_t> nodes(n);
+    if (n) DS_CUDA_CHECK(cudaGraphGetNodes(graph, nodes.data(), &n));
+    int kernels = 0, memsets = 0, copies = 0, other = 0;
+    for (cudaGraphNode_t nd : nodes) {
+      cudaGraphNodeType t;
+      DS_CUDA_CHECK(cudaGraphNodeGetType(nd, &t));
+      if (t == cudaGraphNodeTypeKernel) ++kernels;
+      else if (t == cudaGraphNodeTypeMemset) ++memsets;
+      else if (t == cudaGraphNodeTypeMemcpy) ++copies;
+      else ++other;
+    }
+    std::fprintf(stderr, "graph %s: %zu nodes: %d kernels, %d memsets, %d copies, %d other\n", key.c_str(), n, kernels,
+                 memsets, copies, other);
+  }
+  void launch_graph(const Graph& g) {
+    for (const auto& [p, n] : g.zero) DS_CUDA_CHECK(cudaMemsetAsync(p, 0, n, stream_));
+    DS_CUDA_CHECK(cudaGraphLaunch(g.exec, stream_));
+  }
   static constexpr size_t kCublasWorkspace = size_t(32) << 20;
   void* cublas_ws_ = nullptr;
-  bool in_step_ = false, capturing_ = false;
+  bool in_step_ = false, capturing_ = false, zero_hoist_ = false;
+  std::vector<std::pair<size_t, size_t>> rec_zero_;  // while recording: per arena chunk, the [lo, hi) its allocs span
   std::vector<Chunk> arena_;
   size_t arena_chunk_ = 0, arena_off_ = 0;
   std::map<std::string, Graph> graphs_;

@@ -3,6 +3,7 @@
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/int4_gemm.h"
 #include "backend/cuda/int4_mma_dev.cuh"
+#include "backend/cuda/moe_fuse.cuh"
 #include "backend/cuda/pdl.h"
 
 #include <cuda_bf16.h>
@@ -220,11 +221,10 @@ __device__ __forceinline__ int32_t block_exclusive_scan(int32_t v, int32_t* tota
   __syncthreads();  // warp_tot is reused by the next scan
   return before;
 }
-__global__ void __launch_bounds__(1024) k_moe_tiles(const int32_t* ids, int64_t P, int64_t E, int ntok,
-                                                   int32_t* list, int32_t* tiles, int32_t* ntiles) {
+__device__ __forceinline__ void moe_tiles_body(const int32_t* ids, int64_t P, int64_t E, int ntok, int32_t* list,
+                                               int32_t* tiles, int32_t* ntiles) {
   __shared__ int32_t cnt[1024], start[1024];
   const int i = threadIdx.x;
-  pdl_trigger();  // the expert kernel after it may start (it waits for this one's tiles)
   cnt[i] = 0;
   __syncthreads();
   for (int64_t p = i; p < P; p += blockDim.x) atomicAdd(&cnt[ids[p]], 1);
@@ -242,6 +242,24 @@ __global__ void __launch_bounds__(1024) k_moe_tiles(const int32_t* ids, int64_t 
   if (i == 0) *ntiles = total_tiles;
   __syncthreads();
   for (int64_t p = i; p < P; p += blockDim.x) list[atomicAdd(&start[ids[p]], 1)] = int32_t(p);
+}
+__global__ void __launch_bounds__(1024)
+    k_moe_tiles(const int32_t* ids, int64_t P, int64_t E, int ntok, int32_t* list, int32_t* tiles, int32_t* ntiles) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
+  moe_tiles_body(ids, P, E, ntok, list, tiles, ntiles);
+}
+// The router (moe_fuse.cuh, the code of the backend's k_moe_route: warp w routes tokens w, w + 32, ...) and the
+// tile table in one launch (decode-sized steps): the block reads its own ids back after a barrier, which makes its
+// global writes visible to all its threads.
+__global__ void __launch_bounds__(1024) k_moe_route_tiles(const MoeRouteIn r, int64_t E, int64_t topk, int ntok,
+                                                          int32_t* list, int32_t* tiles, int32_t* ntiles) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
+  for (int64_t t = threadIdx.x >> 5; t < r.T; t += blockDim.x >> 5)
+    moe_route_token(r.logits, r.ldt, t, E, topk, r.ids, r.wts, threadIdx.x & 31);
+  __syncthreads();
+  moe_tiles_body(r.ids, r.T * topk, E, ntok, list, tiles, ntiles);
 }
 
 int64_t max_tiles(int64_t P, int64_t E, int ntok) { return std::min(P, E) + P / ntok + 1; }
@@ -353,8 +371,9 @@ void mma_int4_linear2(const MmaInt4& A, void* ya, int ydta, const MmaInt4* B, vo
 
 int64_t mma_moe_scratch_ints(int64_t P, int64_t E) { return P + 3 * max_tiles(P, E, ntok_of(Shape::Small)) + 1; }
 
-void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, int64_t H, const void* x,
-             int64_t topk, const int32_t* ids, int64_t P, int32_t* scratch, void* act, float* out, cudaStream_t s) {
+void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, int64_t H, const void* x, int64_t topk,
+             const int32_t* ids, int64_t P, int32_t* scratch, void* act, float* out, cudaStream_t s,
+             const MoeRouteIn* route) {
   if (P == 0) return;
   DS_CHECK(E <= 1024, "int4 mma experts: E = ", E, " (at most 1024)");
   // Decode sizes: a couple of pairs per touched expert; prefill: many.
@@ -364,7 +383,12 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
   const int ntok = big ? kGemmTok : ntok_of(shape);
   const int64_t mt = max_tiles(P, E, ntok);
   int32_t *list = scratch, *ntiles = scratch + P, *tiles = ntiles + 1;
-  k_moe_tiles<<<1, 1024, 0, s>>>(ids, P, E, ntok, list, tiles, ntiles);
+  if (route) {
+    DS_CHECK(route->ids == ids && route->T * topk == P, "int4 mma experts: the routed ids must be the experts' ids");
+    DS_CUDA_CHECK(pdl_launch(k_moe_route_tiles, 1, 1024, 0, s, *route, E, topk, ntok, list, tiles, ntiles));
+  } else {
+    DS_CUDA_CHECK(pdl_launch(k_moe_tiles, 1, 1024, 0, s, ids, P, E, ntok, list, tiles, ntiles));
+  }
   DS_CUDA_CHECK(cudaGetLastError());
   TokenSrc ts;
   ts.tiles = tiles, ts.ntiles = ntiles, ts.list = list, ts.xdiv = topk;

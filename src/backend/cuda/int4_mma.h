@@ -58,8 +58,19 @@ void mma_int4_linear2(const MmaInt4& A, void* ya, int ydta, const MmaInt4* B, vo
 // Routed experts. W stacks E experts' rows: gate_up E × [gate I rows | up I rows], down E × [H rows].
 // pairs: ids [P] (P = T·topk, pair p = t·topk + k). Scratch (device, int32): moe_scratch_ints(P, E) words.
 int64_t mma_moe_scratch_ints(int64_t P, int64_t E);
+// With `route`, the ids (route->ids, which `ids` must be) and their weights are first computed from the router
+// logits [T, E] (Backend::moe_route's meaning, the same code as the backend's router kernel) in the launch that
+// builds the tile table: one launch fewer, for decode-sized steps (one block routes all T tokens).
+struct MoeRouteIn {
+  const void* logits = nullptr;  // [T, E], dtype ldt (a ds::DType value)
+  int ldt = 0;
+  int64_t T = 0;
+  int32_t* ids = nullptr;  // [T, topk]
+  float* wts = nullptr;    // [T, topk]
+};
 // act[p, i] = silu(gate_e x_t)·(up_e x_t) as bf16 [P, I]; out[p, h] = down_e act[p] fp32 [P, H].
-void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, int64_t H, const void* x,
-             int64_t topk, const int32_t* ids, int64_t P, int32_t* scratch, void* act, float* out, cudaStream_t s);
+void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, int64_t H, const void* x, int64_t topk,
+             const int32_t* ids, int64_t P, int32_t* scratch, void* act, float* out, cudaStream_t s,
+             const MoeRouteIn* route = nullptr);
 
 }  // namespace ds::cuda

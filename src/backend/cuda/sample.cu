@@ -12,6 +12,8 @@
 #include <algorithm>
 #include <climits>
 
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/pdl.h"
 #include "backend/cuda/sample.h"
 #include "core/dtype.h"
 
@@ -29,6 +31,8 @@ __device__ __forceinline__ float load_logit(const void* p, int dt, int64_t i) {
 // z [R, n] = scaled raw logits; then the edited ids are overwritten (k_sample_edits, same stream, after).
 __global__ void k_sample_values(const void* logits, int dt, int64_t V, int64_t n, const SampleRowParams* rows,
                                 float* z) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int64_t r = blockIdx.y;
   const SampleRowParams p = rows[r];
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
@@ -37,6 +41,8 @@ __global__ void k_sample_values(const void* logits, int dt, int64_t V, int64_t n
 
 __global__ void k_sample_edits(const void* logits, int dt, int64_t V, int64_t n, const SampleRowParams* rows,
                                const SampleEdit* edits, float* z) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   const int64_t r = blockIdx.y;
   const SampleRowParams p = rows[r];
   for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < p.edit_count; j += gridDim.x * blockDim.x) {
@@ -136,6 +142,8 @@ __device__ __forceinline__ void better(float& v, int32_t& i, float v2, int32_t i
 
 __global__ void __launch_bounds__(kThreads) k_sample_rows(const float* zall, int64_t n, const SampleRowParams* rows,
                                                           int32_t* ids) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
   __shared__ float red[32 * 16];
   __shared__ float hist[16];
   __shared__ float sv[32];
@@ -252,12 +260,12 @@ void launch_sample_rows(const void* logits, int dt, int64_t V, int64_t n, int R,
                         const SampleEdit* edits, int max_edits, float* z, int32_t* ids, cudaStream_t stream) {
   if (R <= 0) return;
   const unsigned gx = unsigned(std::min<int64_t>((n + 255) / 256, 1024));
-  k_sample_values<<<dim3(gx, unsigned(R)), 256, 0, stream>>>(logits, dt, V, n, rows, z);
+  DS_CUDA_CHECK(pdl_launch(k_sample_values, dim3(gx, unsigned(R)), 256, 0, stream, logits, dt, V, n, rows, z));
   if (max_edits > 0) {
     const unsigned ge = unsigned(std::min<int64_t>((max_edits + 255) / 256, 1024));
-    k_sample_edits<<<dim3(ge, unsigned(R)), 256, 0, stream>>>(logits, dt, V, n, rows, edits, z);
+    DS_CUDA_CHECK(pdl_launch(k_sample_edits, dim3(ge, unsigned(R)), 256, 0, stream, logits, dt, V, n, rows, edits, z));
   }
-  k_sample_rows<<<unsigned(R), kThreads, 0, stream>>>(z, n, rows, ids);
+  DS_CUDA_CHECK(pdl_launch(k_sample_rows, unsigned(R), kThreads, 0, stream, z, n, rows, ids));
 }
 
 }  // namespace ds::cuda

@@ -2147,7 +2147,8 @@ class CudaBackend final : public Backend {
     }
     return out;
   }
-  // DS_CUDA_NO_MOE_FUSE=1: the composition (ops.h). Fused for int4 experts at T ≤ DS_CUDA_MOE_FUSE_MAXT (64): the
+  // DS_CUDA_NO_MOE_FUSE=1: the composition (ops.h). Fused for int4 experts at T ≤ DS_CUDA_MOE_FUSE_MAXT (8; at 64
+  // the one routing block made the batch-64 step 15.65 → 17.15 ms on the H200, session 5 run 4a): the
   // router runs in the tile-table launch (one block routes every token: k_moe_route_tiles), and with a shared expert
   // whose down projection takes the tensor-core kernel, the routed sum is formed in its gated-add epilogue (bf16_mma.h
   // mode 3) instead of by k_moe_combine: 6 launches per layer become 4. Same device code as the unfused kernels
@@ -2156,7 +2157,7 @@ class CudaBackend final : public Backend {
                Tensor& weights, const Tensor* a, const Linear* shared_down, const Tensor* gate, Tensor& y) override {
     auto* ex = static_cast<const CudaExperts*>(experts.get());
     const int64_t T = x.dim(0), E = router_logits.dim(1);
-    if (env_flag("DS_CUDA_NO_MOE_FUSE") || !ex->int4 || T == 0 || T > env_int("DS_CUDA_MOE_FUSE_MAXT", 64) ||
+    if (env_flag("DS_CUDA_NO_MOE_FUSE") || !ex->int4 || T == 0 || T > env_int("DS_CUDA_MOE_FUSE_MAXT", 8) ||
         E != ex->E || E > 1024)
       return Backend::moe_ffn(router_logits, top_k, x, experts, ids, weights, a, shared_down, gate, y);
     DS_CHECK(top_k <= E && router_logits.dim(0) == T, "moe_ffn: logits ", shape_str(router_logits.shape), ", top_k ",

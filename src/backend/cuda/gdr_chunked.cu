@@ -158,10 +158,16 @@ __global__ void __launch_bounds__(256, 2) k_gdr_chunk_prep(const float* qn, cons
   }
   const int64_t R = Hv / Hk;
   for (int64_t j = kh * R; j < (kh + 1) * R; ++j) {
-    if (tid < 64) Bs[tid] = tid < n ? beta[(t0 + tid) * Hv + j] : 0.f;
-    if (tid == 0) {  // serial, in the CPU reference's order
+    if (tid < 64) {  // β and the raw gates of the chunk, loaded in parallel
+      Bs[tid] = tid < n ? beta[(t0 + tid) * Hv + j] : 0.f;
+      Gs[tid] = tid < n ? g[(t0 + tid) * Hv + j] : 0.f;
+    }
+    __syncthreads();
+    // The cumulative sum, serial in the CPU reference's order, from shared memory (the form that read g from global
+    // memory inside the serial loop waited on 64 dependent-latency loads per value head).
+    if (tid == 0) {
       float acc = 0.f;
-      for (int i = 0; i < 64; ++i) Gs[i] = i < n ? (acc += g[(t0 + i) * Hv + j]) : acc;
+      for (int i = 0; i < 64; ++i) Gs[i] = i < n ? (acc += Gs[i]) : acc;
     }
     __syncthreads();
     if (tid < n) Gc[(t0 + tid) * Hv + j] = Gs[tid];

@@ -131,10 +131,10 @@ __global__ void __launch_bounds__(256, 2) k_gdr_chunk_prep(const float* qn, cons
   __syncthreads();
   // dot[nt][·]: rows rlo = 16·(w & 3) + g and rlo + 8, columns 8·nt + 2t and + 1 of KKᵀ (w < 4) or QKᵀ (w ≥ 4)
   const int rlo = 16 * (w & 3) + gq, rhi = rlo + 8;
-  // Plain fp32 on CUDA cores, each dot product summed over k in order (as v2 and the CPU twin): A feeds the forward
-  // substitution T = (I + A)⁻¹, which amplifies an error in A by up to T's condition (large when a chunk's keys are
-  // nearly dependent, as in the tiny golden model: 64 keys of 64 dimensions). With 3×TF32 here (~2⁻²² per product)
-  // CudaGolden tiny-moe/bf16 prompt 3 went from 0.985× to 2.001× the bf16 reference's error.
+  // Plain fp32 on CUDA cores, each dot product summed over k in order (as v2 and the CPU twin). With 3×TF32 mma here
+  // (~2⁻²² per product) CudaGolden tiny-moe/bf16 prompt 3 went from 0.985× to 2.001× the bf16 reference's error; why
+  // is not established (the CPU emulation of 3×TF32 moves this op by only ~2e-7 on the prompt's real inputs, whose
+  // chunks are well conditioned: docs/perf.md session 5), so keep the rounding of v2 and the CPU here.
   float dot[8][4];
   {
     const float* A = sm + (w < 4 ? L::K : L::Q);

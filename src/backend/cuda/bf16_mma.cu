@@ -1,6 +1,7 @@
 // Tensor-core bf16 linears of up to 256 rows (fragment order and batch invariance: bf16_mma.h).
 #include "backend/cuda/bf16_mma.h"
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/dev_util.cuh"
 #include "backend/cuda/mma_util.cuh"
 #include "backend/cuda/moe_fuse.cuh"
 #include "backend/cuda/pdl.h"
@@ -26,27 +27,8 @@ struct Jobs {
   int n = 0;
 };
 
-__device__ __forceinline__ float ld_dt(const void* p, int dt, int64_t i) {
-  if (dt == int(DType::BF16)) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-  if (dt == int(DType::F32)) return static_cast<const float*>(p)[i];
-  return __half2float(static_cast<const __half*>(p)[i]);
-}
-__device__ __forceinline__ void st_dt(void* p, int dt, int64_t i, float v) {
-  if (dt == int(DType::BF16)) static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
-  else if (dt == int(DType::F32)) static_cast<float*>(p)[i] = v;
-  else static_cast<__half*>(p)[i] = __float2half_rn(v);
-}
-// v as stored in dtype dt and read back (st_dt then ld_dt)
-__device__ __forceinline__ float round_dt(float v, int dt) {
-  if (dt == int(DType::BF16)) return __bfloat162float(__float2bfloat16_rn(v));
-  if (dt == int(DType::F32)) return v;
-  return __half2float(__float2half_rn(v));
-}
 // v rounded to bf16 (the activation dtype the default compositions keep their intermediates in)
 __device__ __forceinline__ float to_bf16(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
-// the same expressions as the backend's silu_f / sigmoid_f (k_silu_mul, k_sigmoid_scale_add)
-__device__ __forceinline__ float silu_of(float v) { return v / (1.f + expf(-v)); }
-__device__ __forceinline__ float sigmoid_of(float v) { return 1.f / (1.f + expf(-v)); }
 
 __device__ __forceinline__ uint32_t word(const uint4& v, int j) {
   return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
@@ -87,12 +69,12 @@ __device__ __forceinline__ void load_x(uint4 (&v)[NT][2], const __nv_bfloat16* c
 // up row's sum.
 __device__ __forceinline__ void emit(const Bf16MmaSeg& S, int64_t n, int64_t p, float v0, float v1) {
   const int64_t o = p * S.rows + n;
-  if (S.mode == 0) st_dt(S.y, S.ydt, o, v0);
-  else if (S.mode == 1) st_dt(S.y, S.ydt, o, silu_of(to_bf16(v0)) * to_bf16(v1));
+  if (S.mode == 0) stf(S.y, S.ydt, o, v0);
+  else if (S.mode == 1) stf(S.y, S.ydt, o, silu_f(to_bf16(v0)) * to_bf16(v1));
   else {  // 2: onto y as it is; 3: onto the routed experts' sum as moe_experts would have stored it in y
     const float base =
-        S.mode == 2 ? ld_dt(S.y, S.ydt, o) : round_dt(moe_routed_sum(S.moe_out, S.moe_w, S.moe_k, S.rows, p, n), S.ydt);
-    st_dt(S.y, S.ydt, o, base + sigmoid_of(ld_dt(S.gate, S.gdt, p)) * to_bf16(v0));
+        S.mode == 2 ? ldf(S.y, S.ydt, o) : round_dt(moe_routed_sum(S.moe_out, S.moe_w, S.moe_k, S.rows, p, n), S.ydt);
+    stf(S.y, S.ydt, o, base + sigmoid_f(ldf(S.gate, S.gdt, p)) * to_bf16(v0));
   }
 }
 

@@ -20,6 +20,7 @@
 
 #include "backend/cuda/bf16_mma.h"
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/dev_util.cuh"
 #include "backend/cuda/flash_attn.h"
 #include "backend/cuda/gdr_chunked.h"
 #include "backend/cuda/gdr_decode.h"
@@ -42,28 +43,6 @@ namespace cuda {
     if (s_ != CUBLAS_STATUS_SUCCESS) ::ds::fail("cuBLAS error ", int(s_), " at ", __FILE__, ":", __LINE__); \
   } while (0)
 
-// dtype codes used inside kernels (values of ds::DType)
-constexpr int kF32 = int(DType::F32), kBF16 = int(DType::BF16);
-
-__device__ __forceinline__ float ldf(const void* p, int dt, int64_t i) {
-  if (dt == kBF16) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-  if (dt == kF32) return static_cast<const float*>(p)[i];
-  return __half2float(static_cast<const __half*>(p)[i]);
-}
-__device__ __forceinline__ void stf(void* p, int dt, int64_t i, float v) {
-  if (dt == kBF16) static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
-  else if (dt == kF32) static_cast<float*>(p)[i] = v;
-  else static_cast<__half*>(p)[i] = __float2half_rn(v);
-}
-__device__ __forceinline__ float silu_f(float x) { return x / (1.f + expf(-x)); }
-__device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + expf(-x)); }
-__device__ __forceinline__ float softplus_f(float x) { return x > 20.f ? x : log1pf(expf(x)); }
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 // Sum over the block (blockDim.x a multiple of 32, ≤ 1024); every thread gets the result.
 __device__ float block_sum(float v) {
   __shared__ float red[32];
@@ -220,12 +199,6 @@ __global__ void k_linear_n1(const __nv_bfloat16* w, const __nv_bfloat16* x, int6
 // compiler knows), rounds x to its dtype before the norm reads it, and sums the squares in k_rmsnorm's order (same
 // thread mapping, same block size), so the result equals k_add + k_rmsnorm bit for bit.
 constexpr int kAddNormPer = 16;
-// v rounded to dtype dt, as a store and a load would (stf then ldf)
-__device__ __forceinline__ float round_dt(float v, int dt) {
-  if (dt == kBF16) return __bfloat162float(__float2bfloat16_rn(v));
-  if (dt == kF32) return v;
-  return __half2float(__float2half_rn(v));
-}
 __global__ void __launch_bounds__(256) k_add_rmsnorm(void* x, int xdt, const void* d, int ddt, const float* w,
                                                      float eps, int64_t D, void* h, int hdt) {
   pdl_wait();  // PDL-launched (pdl.h)

@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/dev_util.cuh"
 #include "backend/cuda/gdr_decode.h"
 #include "backend/cuda/pdl.h"
 #include "core/dtype.h"
@@ -15,26 +16,6 @@ namespace ds::cuda {
 
 namespace {
 
-constexpr int dF32 = int(DType::F32), dBF16 = int(DType::BF16);
-
-__device__ __forceinline__ float dld(const void* p, int dt, int64_t i) {
-  if (dt == dBF16) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-  if (dt == dF32) return static_cast<const float*>(p)[i];
-  return __half2float(static_cast<const __half*>(p)[i]);
-}
-__device__ __forceinline__ void dst_(void* p, int dt, int64_t i, float v) {
-  if (dt == dBF16) static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
-  else if (dt == dF32) static_cast<float*>(p)[i] = v;
-  else static_cast<__half*>(p)[i] = __float2half_rn(v);
-}
-__device__ __forceinline__ float dsilu(float x) { return x / (1.f + expf(-x)); }
-__device__ __forceinline__ float dsigmoid(float x) { return 1.f / (1.f + expf(-x)); }
-__device__ __forceinline__ float dsoftplus(float x) { return x > 20.f ? x : log1pf(expf(x)); }
-__device__ __forceinline__ float dwarp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 // ---- kernel 1: conv1d with state + SiLU, q/k L2 norm, g and beta --------------------------------------------------
 // Block (unit u, sequence s), 128 threads, thread c = channel c of the unit: units 0..Hk−1 are q heads, Hk..2Hk−1 k
@@ -73,11 +54,11 @@ __global__ void __launch_bounds__(128) k_gdn_conv_prep(const void* mixed, int md
     const int64_t t = qs + i;
     float x = 0.f;
     if (act) {
-      win[W] = dld(mixed, mdt, t * C + ch);
+      win[W] = ldf(mixed, mdt, t * C + ch);
       float acc = 0.f;
 #pragma unroll
       for (int j = 0; j < KC; ++j) acc += wv[j] * win[j];
-      x = dsilu(acc);
+      x = silu_f(acc);
 #pragma unroll
       for (int j = 0; j < W; ++j) win[j] = win[j + 1];
     }
@@ -87,7 +68,7 @@ __global__ void __launch_bounds__(128) k_gdn_conv_prep(const void* mixed, int md
     }
     // Double-buffered partial sums: token i + 1 writes the other buffer, and token i + 2's writes wait behind token
     // i + 1's barrier, which every thread reaches only after reading token i's sums.
-    const float ps = dwarp_sum(x * x);
+    const float ps = warp_sum(x * x);
     if (lane == 0) red[i & 1][w] = ps;
     __syncthreads();
     const float ss = (red[i & 1][0] + red[i & 1][1]) + (red[i & 1][2] + red[i & 1][3]);
@@ -103,8 +84,8 @@ __global__ void __launch_bounds__(128) k_gdn_conv_prep(const void* mixed, int md
   }
   if (isv && c < ql) {
     const int64_t t = qs + c, j = u - 2 * Hk;
-    beta[t * Hv + j] = dsigmoid(dld(ba, bdt, t * 2 * Hv + j));
-    g[t * Hv + j] = -expf(A_log[j]) * dsoftplus(dld(ba, bdt, t * 2 * Hv + Hv + j) + dt_bias[j]);
+    beta[t * Hv + j] = sigmoid_f(ldf(ba, bdt, t * 2 * Hv + j));
+    g[t * Hv + j] = -expf(A_log[j]) * softplus_f(ldf(ba, bdt, t * 2 * Hv + Hv + j) + dt_bias[j]);
   }
 }
 
@@ -179,20 +160,20 @@ __global__ void __launch_bounds__(256, 2) k_gdn_recur_norm(const float* qn, cons
     // Every warp now holds the head's whole output row; token i's is written by warp i mod 8.
     const int64_t base = (t * Hv + j) * DV + 4 * lane;
     if (norm_w) {
-      const float ss = dwarp_sum((o.x * o.x + o.y * o.y) + (o.z * o.z + o.w * o.w));
+      const float ss = warp_sum((o.x * o.x + o.y * o.y) + (o.z * o.z + o.w * o.w));
       const float inv = 1.f / sqrtf(ss / float(DV) + eps);
       if (w == int(i % NW)) {
         const float4 nw = reinterpret_cast<const float4*>(norm_w)[lane];
-        dst_(y, ydt, base + 0, o.x * inv * nw.x * dsilu(dld(z, zdt, base + 0)));
-        dst_(y, ydt, base + 1, o.y * inv * nw.y * dsilu(dld(z, zdt, base + 1)));
-        dst_(y, ydt, base + 2, o.z * inv * nw.z * dsilu(dld(z, zdt, base + 2)));
-        dst_(y, ydt, base + 3, o.w * inv * nw.w * dsilu(dld(z, zdt, base + 3)));
+        stf(y, ydt, base + 0, o.x * inv * nw.x * silu_f(ldf(z, zdt, base + 0)));
+        stf(y, ydt, base + 1, o.y * inv * nw.y * silu_f(ldf(z, zdt, base + 1)));
+        stf(y, ydt, base + 2, o.z * inv * nw.z * silu_f(ldf(z, zdt, base + 2)));
+        stf(y, ydt, base + 3, o.w * inv * nw.w * silu_f(ldf(z, zdt, base + 3)));
       }
     } else if (w == int(i % NW)) {
-      dst_(y, ydt, base + 0, o.x);
-      dst_(y, ydt, base + 1, o.y);
-      dst_(y, ydt, base + 2, o.z);
-      dst_(y, ydt, base + 3, o.w);
+      stf(y, ydt, base + 0, o.x);
+      stf(y, ydt, base + 1, o.y);
+      stf(y, ydt, base + 2, o.z);
+      stf(y, ydt, base + 3, o.w);
     }
   }
 #pragma unroll

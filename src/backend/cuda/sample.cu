@@ -13,6 +13,7 @@
 #include <climits>
 
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/dev_util.cuh"
 #include "backend/cuda/pdl.h"
 #include "backend/cuda/sample.h"
 #include "core/dtype.h"
@@ -55,11 +56,6 @@ __device__ __forceinline__ bool is_cand(float v, float lo) { return v > -INFINIT
 
 __device__ __forceinline__ float mass_of(float v, float zmax) { return expf(sub_rn(v, zmax)); }
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 // Sum over the block in a fixed order; every thread gets it. `red` [32] shared.
 __device__ float block_sum(float v, float* red) {

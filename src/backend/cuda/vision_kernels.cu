@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/dev_util.cuh"
 #include "backend/cuda/mma_util.cuh"
 #include "backend/cuda/vision_kernels.h"
 #include "core/status.h"
@@ -15,37 +16,19 @@ namespace ds::cuda {
 namespace {
 
 
-constexpr int vF32 = int(DType::F32), vBF16 = int(DType::BF16);
-
-__device__ __forceinline__ float vld(const void* p, int dt, int64_t i) {
-  if (dt == vBF16) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-  if (dt == vF32) return static_cast<const float*>(p)[i];
-  return __half2float(static_cast<const __half*>(p)[i]);
-}
-__device__ __forceinline__ void vst(void* p, int dt, int64_t i, float v) {
-  if (dt == vBF16) static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
-  else if (dt == vF32) static_cast<float*>(p)[i] = v;
-  else static_cast<__half*>(p)[i] = __float2half_rn(v);
-}
-
-__device__ __forceinline__ float vwarp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 // Sum over the block (blockDim.x a multiple of 32, ≤ 1024); every thread gets the result. Safe to call twice in a
 // row: the first __syncthreads orders this call's writes after every thread read the previous result.
 __device__ float vblock_sum(float v) {
   __shared__ float red[32];
   __shared__ float total;
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-  v = vwarp_sum(v);
+  v = warp_sum(v);
   __syncthreads();
   if (lane == 0) red[w] = v;
   __syncthreads();
   if (w == 0) {
     float s = lane < int(blockDim.x >> 5) ? red[lane] : 0.f;
-    s = vwarp_sum(s);
+    s = warp_sum(s);
     if (lane == 0) total = s;
   }
   __syncthreads();
@@ -62,28 +45,28 @@ __global__ void k_vis_layernorm(const void* x, int xdt, const float* w, const fl
                                 int ydt) {
   const int64_t r = blockIdx.x;
   float s = 0.f;
-  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) s += vld(x, xdt, r * D + d);
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) s += ldf(x, xdt, r * D + d);
   const float mean = vblock_sum(s) / float(D);
   float ss = 0.f;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-    const float c = vld(x, xdt, r * D + d) - mean;
+    const float c = ldf(x, xdt, r * D + d) - mean;
     ss += c * c;
   }
   const float inv = 1.f / sqrtf(vblock_sum(ss) / float(D) + eps);
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x)
-    vst(y, ydt, r * D + d, (vld(x, xdt, r * D + d) - mean) * inv * w[d] + b[d]);
+    stf(y, ydt, r * D + d, (ldf(x, xdt, r * D + d) - mean) * inv * w[d] + b[d]);
 }
 
 __global__ void k_vis_add_bias(void* x, int xdt, const float* bias, int64_t N, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    vst(x, xdt, i, vld(x, xdt, i) + bias[i % N]);
+    stf(x, xdt, i, ldf(x, xdt, i) + bias[i % N]);
 }
 
 __global__ void k_vis_gelu(const void* x, int xdt, bool tanh_approx, int64_t n, void* y, int ydt) {
   const float k0 = 0.7978845608028654f, k1 = 0.044715f, rs2 = 0.7071067811865476f;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const float v = vld(x, xdt, i);
-    vst(y, ydt, i, tanh_approx ? 0.5f * v * (1.f + tanhf(k0 * (v + k1 * v * v * v))) : 0.5f * v * (1.f + erff(v * rs2)));
+    const float v = ldf(x, xdt, i);
+    stf(y, ydt, i, tanh_approx ? 0.5f * v * (1.f + tanhf(k0 * (v + k1 * v * v * v))) : 0.5f * v * (1.f + erff(v * rs2)));
   }
 }
 
@@ -92,9 +75,9 @@ __global__ void k_vis_embed_bilinear_add(void* x, int xdt, const void* table, in
                                          const float* w, int64_t J, int64_t D) {
   const int64_t r = blockIdx.x;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-    float acc = vld(x, xdt, r * D + d);
-    for (int64_t j = 0; j < J; ++j) acc += w[r * J + j] * vld(table, tdt, int64_t(idx[r * J + j]) * D + d);
-    vst(x, xdt, r * D + d, acc);
+    float acc = ldf(x, xdt, r * D + d);
+    for (int64_t j = 0; j < J; ++j) acc += w[r * J + j] * ldf(table, tdt, int64_t(idx[r * J + j]) * D + d);
+    stf(x, xdt, r * D + d, acc);
   }
 }
 
@@ -108,15 +91,15 @@ __global__ void k_vis_rope(void* qkv, int dt, int64_t P, int64_t Nh, int64_t Dh,
     const float ang = i < quarter ? rp * freq[i] : cp * freq[i - quarter];
     const float c = cosf(ang), s = sinf(ang);
     const int64_t base = p * row + hh * Dh;
-    const float a = vld(qkv, dt, base + i), b = vld(qkv, dt, base + i + half);
-    vst(qkv, dt, base + i, a * c - b * s);
-    vst(qkv, dt, base + i + half, b * c + a * s);
+    const float a = ldf(qkv, dt, base + i), b = ldf(qkv, dt, base + i + half);
+    stf(qkv, dt, base + i, a * c - b * s);
+    stf(qkv, dt, base + i + half, b * c + a * s);
   }
 }
 
 __global__ void k_vis_scatter(void* x, const void* src, int dt, const int32_t* rows, int64_t H) {
   const int64_t i = blockIdx.x, r = rows[i];
-  for (int64_t d = threadIdx.x; d < H; d += blockDim.x) vst(x, dt, r * H + d, vld(src, dt, i * H + d));
+  for (int64_t d = threadIdx.x; d < H; d += blockDim.x) stf(x, dt, r * H + d, ldf(src, dt, i * H + d));
 }
 
 // ---- attention ----

@@ -1,0 +1,41 @@
+// Small device helpers shared by the backend's kernel files: dtype-dispatched element loads and stores (values of
+// ds::DType), the activation functions in the forms the CPU twin's results are compared against, a warp sum.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "core/dtype.h"
+
+namespace ds::cuda {
+
+// dtype codes used inside kernels (values of ds::DType)
+constexpr int kF32 = int(DType::F32), kBF16 = int(DType::BF16);
+
+__device__ __forceinline__ float ldf(const void* p, int dt, int64_t i) {
+  if (dt == kBF16) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+  if (dt == kF32) return static_cast<const float*>(p)[i];
+  return __half2float(static_cast<const __half*>(p)[i]);
+}
+__device__ __forceinline__ void stf(void* p, int dt, int64_t i, float v) {
+  if (dt == kBF16) static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
+  else if (dt == kF32) static_cast<float*>(p)[i] = v;
+  else static_cast<__half*>(p)[i] = __float2half_rn(v);
+}
+// v as stored in dtype dt and read back (stf then ldf)
+__device__ __forceinline__ float round_dt(float v, int dt) {
+  if (dt == kBF16) return __bfloat162float(__float2bfloat16_rn(v));
+  if (dt == kF32) return v;
+  return __half2float(__float2half_rn(v));
+}
+__device__ __forceinline__ float silu_f(float x) { return x / (1.f + expf(-x)); }
+__device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + expf(-x)); }
+__device__ __forceinline__ float softplus_f(float x) { return x > 20.f ? x : log1pf(expf(x)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+}  // namespace ds::cuda

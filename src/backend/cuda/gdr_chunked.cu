@@ -4,6 +4,7 @@
 
 #include <cstdlib>
 
+#include "backend/cuda/dev_util.cuh"
 #include "backend/cuda/gdr_chunked.h"
 #include "core/dtype.h"
 #include "core/status.h"
@@ -11,19 +12,6 @@
 namespace ds::cuda {
 
 namespace {
-
-constexpr int gF32 = int(DType::F32), gBF16 = int(DType::BF16);
-
-__device__ __forceinline__ float gld(const void* p, int dt, int64_t i) {
-  if (dt == gBF16) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-  if (dt == gF32) return static_cast<const float*>(p)[i];
-  return __half2float(static_cast<const __half*>(p)[i]);
-}
-__device__ __forceinline__ void gst(void* p, int dt, int64_t i, float v) {
-  if (dt == gBF16) static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
-  else if (dt == gF32) static_cast<float*>(p)[i] = v;
-  else static_cast<__half*>(p)[i] = __float2half_rn(v);
-}
 
 // ---- 3×TF32 tensor-core products -------------------------------------------------------------------------------
 // mma.sync m16n8k8 tf32, fp32 accumulation. Fragments (g = lane/4, t = lane%4): A (16×8, row-major) a0 (g, t),
@@ -299,10 +287,10 @@ __global__ void __launch_bounds__(kStateThreads, 1)
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
         const int c = (2 * hf + nt) * 8 + 2 * tq;
-        vv[nt][0] = vlo ? gld(qkv, qdt, vlo_off + c) : 0.f;
-        vv[nt][1] = vlo ? gld(qkv, qdt, vlo_off + c + 1) : 0.f;
-        vv[nt][2] = vhi ? gld(qkv, qdt, vhi_off + c) : 0.f;
-        vv[nt][3] = vhi ? gld(qkv, qdt, vhi_off + c + 1) : 0.f;
+        vv[nt][0] = vlo ? ldf(qkv, qdt, vlo_off + c) : 0.f;
+        vv[nt][1] = vlo ? ldf(qkv, qdt, vlo_off + c + 1) : 0.f;
+        vv[nt][2] = vhi ? ldf(qkv, qdt, vhi_off + c) : 0.f;
+        vv[nt][3] = vhi ? ldf(qkv, qdt, vhi_off + c + 1) : 0.f;
       }
     }
     cp_async_wait_all();
@@ -396,12 +384,12 @@ __global__ void __launch_bounds__(kStateThreads, 1)
       for (int nt = 0; nt < 2; ++nt) {
         const int c = (2 * hf + nt) * 8 + 2 * tq;
         if (vlo) {
-          gst(o, odt, olo + c, acc_sum(acc, nt, 0));
-          gst(o, odt, olo + c + 1, acc_sum(acc, nt, 1));
+          stf(o, odt, olo + c, acc_sum(acc, nt, 0));
+          stf(o, odt, olo + c + 1, acc_sum(acc, nt, 1));
         }
         if (vhi) {
-          gst(o, odt, ohi + c, acc_sum(acc, nt, 2));
-          gst(o, odt, ohi + c + 1, acc_sum(acc, nt, 3));
+          stf(o, odt, ohi + c, acc_sum(acc, nt, 2));
+          stf(o, odt, ohi + c + 1, acc_sum(acc, nt, 3));
         }
       }
     }

@@ -9,15 +9,10 @@
 
 #include <cstdint>
 
+#include "backend/cuda/dev_util.cuh"
 #include "core/dtype.h"
 
 namespace ds::cuda {
-
-__device__ __forceinline__ float moe_ld(const void* p, int dt, int64_t i) {
-  if (dt == int(DType::BF16)) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-  if (dt == int(DType::F32)) return static_cast<const float*>(p)[i];
-  return __half2float(static_cast<const __half*>(p)[i]);
-}
 
 // Router of token t, one warp (lane = this thread's lane): softmax over E ≤ 1024 logits, top-K (ties to the lower
 // index, as a stable sort), renormalised; ids[t·K + k], wts[t·K + k]. The warp's lanes must all call it.
@@ -28,7 +23,7 @@ __device__ __forceinline__ void moe_route_token(const void* logits, int ldt, int
 #pragma unroll
   for (int j = 0; j < 32; ++j) {
     int64_t e = lane + 32 * j;
-    p[j] = e < E ? moe_ld(logits, ldt, t * E + e) : -INFINITY;
+    p[j] = e < E ? ldf(logits, ldt, t * E + e) : -INFINITY;
     mx = fmaxf(mx, p[j]);
   }
 #pragma unroll

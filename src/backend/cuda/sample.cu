@@ -23,12 +23,6 @@ namespace {
 
 constexpr int kThreads = 1024;
 
-__device__ __forceinline__ float load_logit(const void* p, int dt, int64_t i) {
-  if (dt == int(DType::BF16)) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-  if (dt == int(DType::F32)) return static_cast<const float*>(p)[i];
-  return __half2float(static_cast<const __half*>(p)[i]);
-}
-
 // z [R, n] = scaled raw logits; then the edited ids are overwritten (k_sample_edits, same stream, after).
 __global__ void k_sample_values(const void* logits, int dt, int64_t V, int64_t n, const SampleRowParams* rows,
                                 float* z) {
@@ -37,7 +31,7 @@ __global__ void k_sample_values(const void* logits, int dt, int64_t V, int64_t n
   const int64_t r = blockIdx.y;
   const SampleRowParams p = rows[r];
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    z[r * n + i] = scaled_logit(load_logit(logits, dt, r * V + i), p);
+    z[r * n + i] = scaled_logit(ldf(logits, dt, r * V + i), p);
 }
 
 __global__ void k_sample_edits(const void* logits, int dt, int64_t V, int64_t n, const SampleRowParams* rows,
@@ -48,7 +42,7 @@ __global__ void k_sample_edits(const void* logits, int dt, int64_t V, int64_t n,
   const SampleRowParams p = rows[r];
   for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < p.edit_count; j += gridDim.x * blockDim.x) {
     const SampleEdit e = edits[p.edit_begin + j];
-    if (e.id >= 0 && e.id < n) z[r * n + e.id] = scaled_logit(edit_logit(load_logit(logits, dt, r * V + e.id), e, p), p);
+    if (e.id >= 0 && e.id < n) z[r * n + e.id] = scaled_logit(edit_logit(ldf(logits, dt, r * V + e.id), e, p), p);
   }
 }
 

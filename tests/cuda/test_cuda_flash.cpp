@@ -2,6 +2,7 @@
 // reference: prefill chunks of awkward lengths, with and without earlier context, several sequences per batch
 // (decode rows and short verify chunks, which stay on the split kernel, next to prefill chunks), block sizes 16 and
 // 32, head dims 64 / 128 / 256, GQA 8:1, 4:1, 2:1 and 1:1. Same bound as test_cuda_ops (bf16 activations).
+// FlashAttention.DecodeRowsMatchCpu covers the decode/verify rows' tensor-core split kernel (attn_decode.h).
 // FlashAttention.Throughput prints the kernel's TFLOP/s (and the split kernel's, DS_CUDA_NO_FLASH=1) without asserting.
 #include <cuda_runtime.h>
 
@@ -136,6 +137,39 @@ TEST_F(FlashAttention, MatchesCpu) {
       EXPECT_LT(e, kTol) << tag_of(c, seqs);
     }
   }
+}
+
+// Decode rows and short verify chunks: the tensor-core split kernel (attn_decode.h) and the CUDA-core one it replaced
+// (DS_CUDA_NO_TC_DECODE=1), both against the CPU, over head dims, GQA groups (1..16 run on tensor cores; 32 falls
+// back), block sizes and batches whose split counts leave splits empty (batch 1: 64 splits over a 1..17-position
+// context), cut tiles mid-way or run many tiles per split (5,000 positions).
+TEST_F(FlashAttention, DecodeRowsMatchCpu) {
+  Both B;
+  std::vector<Seqs> batches = {{{0, 1}},    {{1, 1}},    {{15, 1}},   {{16, 1}},   {{17, 1}},
+                               {{47, 1}},   {{2047, 1}}, {{5000, 1}}, {{100, 2}, {300, 5}, {0, 4}, {16, 3}}};
+  {
+    Seqs many;  // 64 decode rows of mixed lengths (batch 64: 16 splits per row)
+    std::mt19937 rng(5);
+    for (int i = 0; i < 64; ++i) many.push_back({int64_t(rng() % 1200), 1});
+    batches.push_back(many);
+  }
+  const std::vector<Cfg> cfgs = {{16, 2, 256, 16}, {16, 2, 256, 32}, {16, 1, 256, 16}, {6, 2, 128, 16},
+                                 {8, 8, 128, 32},  {4, 1, 64, 16},   {32, 1, 64, 16}};
+  uint64_t seed = 900;
+  for (const Cfg& c : cfgs)
+    for (const Seqs& seqs : batches) {
+      if (c.Dh != 256 && seqs.size() == 64) continue;
+      seed += 7;
+      const double tc = run_case(B, c, seqs, seed);
+      setenv("DS_CUDA_NO_TC_DECODE", "1", 1);
+      const double cc = run_case(B, c, seqs, seed);
+      unsetenv("DS_CUDA_NO_TC_DECODE");
+      std::string tag = tag_of(c, seqs);
+      if (tag.size() > 90) tag = tag.substr(0, 87) + "...";
+      std::printf("  %-90s rel L2 tensor cores %.3g, CUDA cores %.3g\n", tag.c_str(), tc, cc);
+      EXPECT_LT(tc, kTol) << tag;
+      EXPECT_LT(cc, kTol) << tag;
+    }
 }
 
 // Timing of the attention op alone (Qwen3.6-35B-A3B full attention: 16 q heads, 2 kv heads, head_dim 256), one

@@ -18,6 +18,7 @@
 #include <vector>
 #include <string>
 
+#include "backend/cuda/attn_decode.h"
 #include "backend/cuda/bf16_mma.h"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/dev_util.cuh"
@@ -1812,9 +1813,12 @@ class CudaBackend final : public Backend {
                                      [](const BatchMeta::Seq& s) { return s.q_len >= cuda::kFlashMinQ; }))
           return;
       }
-      // S splits per (token, kv head): about 2048 blocks in all, at most 64 (fixed per T: graph-safe); prefill
-      // (T large) runs one split per token, still reading each K/V row once per group of q heads.
-      const int S = int(std::clamp<int64_t>((2048 + T * Nkv - 1) / (T * Nkv), 1, 64));
+      // S splits per (token, kv head): about 1024 blocks in all, at most 64 (fixed per T: graph-safe); prefill
+      // (T large) runs one split per token, still reading each K/V row once per group of q heads. With the
+      // tensor-core kernel 1024 beat 2048 and 4096 (batch 64 @1k −0.17 ms, @8k −0.19; session 6 run 2).
+      // DS_ATTN_BLOCKS=n: aim at n blocks instead (benchmark knob).
+      const int64_t nblk = env_int("DS_ATTN_BLOCKS", 1024);
+      const int S = int(std::clamp<int64_t>((nblk + T * Nkv - 1) / (T * Nkv), 1, 64));
       Tensor part = alloc_scratch(DType::F32, {T, Nh, S, Dh + 2});
       const dim3 grid{unsigned(T), unsigned(Nkv), unsigned(S)};
       const unsigned threads = unsigned(32 * group);
@@ -1824,6 +1828,11 @@ class CudaBackend final : public Backend {
       auto* vp = kv.v.ptr<__nv_bfloat16>();
       // DS_CUDA_NO_ATTN_SMEM=1: K/V straight from global memory per warp (same arithmetic, same bits).
       const bool sm = !env_flag("DS_CUDA_NO_ATTN_SMEM");
+      // Tensor cores for the whole GQA group (attn_decode.h); DS_CUDA_NO_TC_DECODE=1: the CUDA-core kernel below.
+      if (!env_flag("DS_CUDA_NO_TC_DECODE") && cuda::attn_decode_tc_supported(Nh, Nkv, Dh)) {
+        cuda::attn_decode_tc(qp, kp, vp, T, Nh, Nkv, Dh, kv.block_size, d.seq_of, d.seqinfo, d.blocks, d.maxb, scale,
+                             S, part.ptr<float>(), flash_min, stream_);
+      } else {
       auto launch = [&](auto kern) {
         DS_CUDA_CHECK(pdl_launch(kern, grid, threads, 0, stream_, qp, kp, vp, Nh, Nkv, kv.block_size, d.seq_of,
                                  d.seqinfo, d.blocks, d.maxb, scale, S, part.ptr<float>(), flash_min));
@@ -1834,6 +1843,7 @@ class CudaBackend final : public Backend {
         sm ? launch(k_attn_split<4, true>) : launch(k_attn_split<4, false>);
       else
         sm ? launch(k_attn_split<2, true>) : launch(k_attn_split<2, false>);
+      }
       DS_CUDA_CHECK_LAST();
       DS_CUDA_CHECK(pdl_launch(k_attn_merge, dim3(unsigned(T), unsigned(Nh)), unsigned(std::min<int64_t>(Dh, 256)), 0,
                                stream_, part.ptr<float>(), Nh, Dh, S, o.data, int(o.dtype), d.seq_of, d.seqinfo,

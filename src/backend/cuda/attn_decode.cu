@@ -1,0 +1,230 @@
+// Tensor-core split-context attention for decode rows and short verify chunks (design: attn_decode.h).
+#include "backend/cuda/attn_decode.h"
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/mma_util.cuh"
+#include "backend/cuda/pdl.h"
+
+#include <cuda_bf16.h>
+
+#include <cmath>
+
+#include "core/status.h"
+
+namespace ds::cuda {
+
+namespace {
+
+constexpr int kTP = 16;      // cache positions per K/V tile
+constexpr int kStages = 3;   // tiles in flight
+constexpr int kThreads = 128;  // 4 warps
+
+// Shared-memory tiles are [kTP][DH] bf16, the 16-byte chunks of row r XOR-swizzled by r % 8 so that the 8 row
+// addresses of an ldmatrix fall in 8 different bank groups (as in flash_attn.cu).
+template <int DH>
+__device__ __forceinline__ int swz(int r, int ch) {
+  return r * DH + ((ch ^ (r & 7)) << 3);
+}
+
+__device__ __forceinline__ uint32_t ld_u32(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// Grid (T, Nkv, S). Rows of the mma: q head kvh·group + r of token t, r < group (the rest zero).
+template <int DH>
+__global__ void __launch_bounds__(kThreads, 3)
+    k_attn_dec_tc(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc,
+                  const __nv_bfloat16* __restrict__ vc, int Nh, int Nkv, int group, int bs,
+                  const int32_t* __restrict__ seq_of, const int32_t* __restrict__ seqinfo,
+                  const int32_t* __restrict__ blocks, int maxb, float scale_log2, int S, float* __restrict__ part,
+                  int flash_min) {
+  constexpr int CH = DH / 8;    // 16-byte chunks per row
+  constexpr int KT = DH / 16;   // k-steps of S = Q·Kᵀ
+  constexpr int DW = DH / 4;    // head dims per warp in P·V
+  constexpr int NTW = DW / 8;   // n-tiles of O per warp
+  constexpr int DPW = DW / 16;  // ldmatrix.x4.trans per warp and tile (2 n-tiles each)
+  extern __shared__ uint4 smem_u4[];
+  __nv_bfloat16* sK = reinterpret_cast<__nv_bfloat16*>(smem_u4);  // [kStages][kTP][DH]
+  __nv_bfloat16* sV = sK + kStages * kTP * DH;                     // [kStages][kTP][DH]
+  pdl_wait();  // PDL-launched (pdl.h): q and the cache are earlier kernels' outputs
+  pdl_trigger();
+
+  const int t = int(blockIdx.x), kvh = int(blockIdx.y), split = int(blockIdx.z);
+  const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
+  const int s = seq_of[t];
+  if (seqinfo[s * 4 + 1] >= flash_min) return;  // block-uniform: the flash kernel's row
+  const int n_ctx = seqinfo[s * 4 + 2] + (t - seqinfo[s * 4 + 0]) + 1;
+  const int chunk = (n_ctx + S - 1) / S, p0 = split * chunk, p1 = min(n_ctx, p0 + chunk);
+  const int ntiles = p1 > p0 ? (p1 - p0 + kTP - 1) / kTP : 0;
+  const int32_t* bt = blocks + int64_t(s) * maxb;
+  const int64_t crow = int64_t(Nkv) * DH;
+
+  // Tile j (positions p0 + 16j ..) into stage j % kStages; positions ≥ p1 are zeros (never read from the cache).
+  auto load = [&](int j) {
+    __nv_bfloat16* dK = sK + (j % kStages) * kTP * DH;
+    __nv_bfloat16* dV = sV + (j % kStages) * kTP * DH;
+    const int tp = p0 + j * kTP;
+    for (int c = tid; c < kTP * CH; c += kThreads) {
+      const int r = c / CH, ch = c % CH, p = tp + r;
+      if (p < p1) {
+        const int64_t off = (int64_t(bt[p / bs]) * bs + p % bs) * crow + int64_t(kvh) * DH + ch * 8;
+        cp_async16(dK + swz<DH>(r, ch), kc + off);
+        cp_async16(dV + swz<DH>(r, ch), vc + off);
+      } else {
+        cp_async16(dK + swz<DH>(r, ch), kc, 0);
+        cp_async16(dV + swz<DH>(r, ch), vc, 0);
+      }
+    }
+  };
+#pragma unroll
+  for (int j = 0; j < kStages - 1; ++j) {
+    if (j < ntiles) load(j);
+    cp_async_commit();
+  }
+
+  // Q as A fragments of every k-step (rows g and g + 8), held in registers for the whole split.
+  const int r0 = g, r1 = g + 8;
+  const bool has0 = r0 < group, has1 = r1 < group;
+  const __nv_bfloat16* q0 = q + (int64_t(t) * Nh + int64_t(kvh) * group + (has0 ? r0 : 0)) * DH + 2 * t4;
+  const __nv_bfloat16* q1 = q + (int64_t(t) * Nh + int64_t(kvh) * group + (has1 ? r1 : 0)) * DH + 2 * t4;
+  uint32_t qa[KT][4];
+#pragma unroll
+  for (int kk = 0; kk < KT; ++kk) {
+    qa[kk][0] = has0 ? ld_u32(q0 + kk * 16) : 0u;
+    qa[kk][1] = has1 ? ld_u32(q1 + kk * 16) : 0u;
+    qa[kk][2] = has0 ? ld_u32(q0 + kk * 16 + 8) : 0u;
+    qa[kk][3] = has1 ? ld_u32(q1 + kk * 16 + 8) : 0u;
+  }
+
+  float acc[NTW][4];
+#pragma unroll
+  for (int i = 0; i < NTW; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+  // ldmatrix addressing (flash_attn.cu): B (K) rows (lane & 7) + 8·(lane >> 4), chunk + ((lane >> 3) & 1);
+  // trans-B (V) rows (lane & 7) + 8·((lane >> 3) & 1), chunk + (lane >> 4).
+  const int k_row = (lane & 7) + (lane >> 4) * 8, k_ch = (lane >> 3) & 1;
+  const int v_row = (lane & 7) + ((lane >> 3) & 1) * 8, v_ch = lane >> 4;
+
+  for (int j = 0; j < ntiles; ++j) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // tile j landed for every thread; everyone is done with tile j − 1, whose stage is refilled now
+    if (j + kStages - 1 < ntiles) load(j + kStages - 1);
+    cp_async_commit();
+    const __nv_bfloat16* K = sK + (j % kStages) * kTP * DH;
+    const __nv_bfloat16* V = sV + (j % kStages) * kTP * DH;
+
+    // S = Q·Kᵀ: 16 rows × 16 positions (n-tiles 0, 1).
+    float sc[2][4];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) sc[i][0] = sc[i][1] = sc[i][2] = sc[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KT; ++kk) {
+      uint32_t b[4];
+      ldsm_x4(b, K + swz<DH>(k_row, kk * 2 + k_ch));
+      mma16816(sc[0], qa[kk], b[0], b[1]);
+      mma16816(sc[1], qa[kk], b[2], b[3]);
+    }
+
+    // Online softmax (log2 domain); positions ≥ p1 are masked. Every tile holds at least one real position.
+    const int tp = p0 + j * kTP;
+    float mx0 = m0, mx1 = m1;
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = sc[i][e] * scale_log2;
+        if (tp + i * 8 + 2 * t4 + (e & 1) >= p1) x = -INFINITY;
+        sc[i][e] = x;
+        if (e < 2) mx0 = fmaxf(mx0, x);
+        else mx1 = fmaxf(mx1, x);
+      }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    const float c0 = exp2f(m0 - mx0), c1 = exp2f(m1 - mx1);
+    m0 = mx0;
+    m1 = mx1;
+    float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      sc[i][0] = exp2f(sc[i][0] - mx0);
+      sc[i][1] = exp2f(sc[i][1] - mx0);
+      sc[i][2] = exp2f(sc[i][2] - mx1);
+      sc[i][3] = exp2f(sc[i][3] - mx1);
+      sum0 += sc[i][0] + sc[i][1];
+      sum1 += sc[i][2] + sc[i][3];
+    }
+    l0 = l0 * c0 + sum0;  // this lane's columns; the quad's partial sums are added at the end
+    l1 = l1 * c1 + sum1;
+#pragma unroll
+    for (int i = 0; i < NTW; ++i) {
+      acc[i][0] *= c0;
+      acc[i][1] *= c0;
+      acc[i][2] *= c1;
+      acc[i][3] *= c1;
+    }
+
+    // O += P·V for this warp's dims: the S accumulators of n-tiles 0, 1 are the A fragment of the one k-step.
+    uint32_t a[4];
+    a[0] = pack_bf16(sc[0][0], sc[0][1]);
+    a[1] = pack_bf16(sc[0][2], sc[0][3]);
+    a[2] = pack_bf16(sc[1][0], sc[1][1]);
+    a[3] = pack_bf16(sc[1][2], sc[1][3]);
+#pragma unroll
+    for (int dp = 0; dp < DPW; ++dp) {
+      uint32_t b[4];
+      ldsm_x4_t(b, V + swz<DH>(v_row, (warp * DPW + dp) * 2 + v_ch));
+      mma16816(acc[2 * dp], a, b[0], b[1]);
+      mma16816(acc[2 * dp + 1], a, b[2], b[3]);
+    }
+  }
+
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  // Partial of (row, split): m in the natural-log domain (the merge weighs splits by e^{m_s − M}), l, acc.
+  constexpr float kLn2 = 0.69314718055994531f;
+  auto store = [&](int r, float m, float l, int c) {
+    float* d = part + ((int64_t(t) * Nh + int64_t(kvh) * group + r) * S + split) * (DH + 2);
+    if (warp == 0 && t4 == 0) {
+      d[0] = m == -INFINITY ? -INFINITY : m * kLn2;
+      d[1] = l;
+    }
+#pragma unroll
+    for (int i = 0; i < NTW; ++i)
+      *reinterpret_cast<float2*>(d + 2 + warp * DW + i * 8 + 2 * t4) = make_float2(acc[i][c], acc[i][c + 1]);
+  };
+  if (has0) store(r0, m0, l0, 0);
+  if (has1) store(r1, m1, l1, 2);
+}
+
+template <int DH>
+void launch(const void* q, const void* k, const void* v, int64_t T, int64_t Nh, int64_t Nkv, int64_t bs,
+            const int32_t* seq_of, const int32_t* seqinfo, const int32_t* blocks, int maxb, float scale, int S,
+            float* part, int flash_min, cudaStream_t s) {
+  constexpr size_t smem = size_t(2 * kStages * kTP * DH) * 2;  // 48 KB at DH = 256: no opt-in needed
+  static_assert(smem <= 48 * 1024, "attn_decode: shared memory");
+  const float scale_log2 = float(double(scale) * 1.4426950408889634);
+  DS_CUDA_CHECK(pdl_launch(k_attn_dec_tc<DH>, dim3(unsigned(T), unsigned(Nkv), unsigned(S)), dim3(kThreads), smem, s,
+                           static_cast<const __nv_bfloat16*>(q), static_cast<const __nv_bfloat16*>(k),
+                           static_cast<const __nv_bfloat16*>(v), int(Nh), int(Nkv), int(Nh / Nkv), int(bs), seq_of,
+                           seqinfo, blocks, maxb, scale_log2, S, part, flash_min));
+}
+
+}  // namespace
+
+bool attn_decode_tc_supported(int64_t Nh, int64_t Nkv, int64_t Dh) {
+  return Nkv > 0 && Nh % Nkv == 0 && Nh / Nkv <= 16 && (Dh == 64 || Dh == 128 || Dh == 256);
+}
+
+void attn_decode_tc(const void* q, const void* k, const void* v, int64_t T, int64_t Nh, int64_t Nkv, int64_t Dh,
+                    int64_t bs, const int32_t* seq_of, const int32_t* seqinfo, const int32_t* blocks, int maxb,
+                    float scale, int S, float* part, int flash_min, cudaStream_t s) {
+  DS_CHECK(attn_decode_tc_supported(Nh, Nkv, Dh), "tensor-core decode attention: unsupported shape Nh=", Nh,
+           " Nkv=", Nkv, " Dh=", Dh);
+  DS_CHECK(T >= 1 && T <= 2147483647 && S >= 1 && S <= 65535 && Nkv <= 65535, "tensor-core decode attention: grid");
+  if (Dh == 256) return launch<256>(q, k, v, T, Nh, Nkv, bs, seq_of, seqinfo, blocks, maxb, scale, S, part, flash_min, s);
+  if (Dh == 128) return launch<128>(q, k, v, T, Nh, Nkv, bs, seq_of, seqinfo, blocks, maxb, scale, S, part, flash_min, s);
+  return launch<64>(q, k, v, T, Nh, Nkv, bs, seq_of, seqinfo, blocks, maxb, scale, S, part, flash_min, s);
+}
+
+}  // namespace ds::cuda

@@ -1,0 +1,31 @@
+// Tensor-core split-context attention for the rows that do not run the flash kernel: decode rows and short
+// speculative verify chunks (attn_decode.cu).
+//
+// One block of 4 warps per (token, kv head, split), the same grid and partial format as the CUDA-core split kernel
+// it replaces (k_attn_split in cuda_backend.cu; DS_CUDA_NO_TC_DECODE=1 goes back to it): the split's positions
+// [p0, p1) of the token's context, in tiles of 16 cache positions staged in shared memory through the block table
+// (cp.async, 3 tiles in flight). The q heads of the GQA group are the 16 rows of an mma.sync m16n8k16 (rows past the
+// group are zero), so S = Q·Kᵀ is 2·Dh/16 mma per tile for the whole group, where the CUDA-core kernel spent ~100
+// instructions per (head, position). Every warp computes the same S and softmax (same bits) and P·V for its quarter
+// of the head dims. The online softmax is fp32 in the log2 domain; P is rounded to bf16 for P·V (as in the flash
+// kernel). Partials (m in the natural-log domain, l, unnormalised acc[Dh]) go to part [T, Nh, S, Dh + 2] fp32 for
+// k_attn_merge. Deterministic: each partial is written by one block in a fixed order.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace ds::cuda {
+
+// Head dims 64, 128 and 256; at most 16 q heads per kv head.
+bool attn_decode_tc_supported(int64_t Nh, int64_t Nkv, int64_t Dh);
+
+// q [T, Nh·Dh] bf16, k/v caches [num_blocks, bs, Nkv, Dh] bf16; seq_of [T], seqinfo [nseq, 4] (q_start, q_len,
+// ctx_len, slot), blocks [nseq, maxb] (DevBatch). Rows of sequences with q_len ≥ flash_min are skipped. scale =
+// 1/sqrt(Dh). Grid (T, Nkv, S).
+void attn_decode_tc(const void* q, const void* k, const void* v, int64_t T, int64_t Nh, int64_t Nkv, int64_t Dh,
+                    int64_t bs, const int32_t* seq_of, const int32_t* seqinfo, const int32_t* blocks, int maxb,
+                    float scale, int S, float* part, int flash_min, cudaStream_t s);
+
+}  // namespace ds::cuda

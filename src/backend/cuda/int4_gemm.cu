@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(kGW * 32, 1)
     int64_t off = -1;
     if (tid < cnt) {
       const int64_t p = ts.list ? ts.list[t0 + tid] : t0 + tid;
-      off = (p / ts.xdiv) * K;
+      off = x_row(ts, p) * K;
     }
     rowoff[tid] = off;
   }

@@ -12,6 +12,7 @@
 #include <cstdlib>
 
 #include "core/dtype.h"
+#include "core/env.h"
 #include "core/status.h"
 
 namespace ds::cuda {
@@ -60,7 +61,7 @@ __global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 4 : 1)  // decode: ≥ 
   for (int nt = 0; nt < NT; ++nt) {
     const int i = nt * 8 + g < cnt ? nt * 8 + g : 0;
     const int64_t p = ts.list ? ts.list[t0 + i] : t0 + i;
-    xr[nt] = x + (p / ts.xdiv) * W.K + 16 * tig;
+    xr[nt] = x + x_row(ts, p) * W.K + 16 * tig;
   }
   const int64_t otiles = n_out / 16, ot0 = (int64_t(bx) * WM + wm) * MT;
   const int64_t KC = W.K / 64, ngroups = W.K / W.G;
@@ -302,9 +303,11 @@ void launch_wk(int wk, const Int4Out& A, const Int4Out* B, const void* x, const 
   }
 }
 // B (optional): a second matrix with the same K and group size, computed in the same launch.
+// wk_cap: at most this many warps split K in the small shape; mt: 16-row output tiles per warp there (1 or 2; 2
+// only where one warp covers all of K, the experts' down projection: see mma_moe). Every choice gives the same bits.
 template <bool GATED>
 void launch(Shape shape, const Int4Out& A, const Int4Out* B, const void* x, const TokenSrc& ts, int64_t gy,
-            cudaStream_t s) {
+            cudaStream_t s, int wk_cap = 4, int mt = 1) {
   const MmaInt4& W = A.W;
   if (shape == Shape::Large) return launch_cpg<GATED ? 1 : 2, 4, 1, GATED>(A, B, x, ts, gy, s);
   // Small: every slice its own warp (most loads in flight for one token) unless K is short (the down projection's
@@ -315,10 +318,12 @@ void launch(Shape shape, const Int4Out& A, const Int4Out* B, const void* x, cons
     // DS_INT4_SMALL_WK=n (1, 2 or 4): at most n warps split K in the decode shape (benchmark knob; every choice gives
     // the same bits, since slices are added in slice order whatever the split).
     const char* v = std::getenv("DS_INT4_SMALL_WK");
-    const int cap = v ? std::atoi(v) : 4;
+    const int cap = v ? std::atoi(v) : wk_cap;
     while (wk > 1 && wk > cap) wk /= 2;
   } else
     while (wk < W.KS && W.K / (2 * wk) >= 1024) wk *= 2;
+  if constexpr (!GATED)
+    if (shape == Shape::Small && wk == 1 && mt == 2) return launch_cpg<2, 1, 1, false>(A, B, x, ts, gy, s);
   if (shape == Shape::Small) return launch_wk<1, 1, GATED>(wk, A, B, x, ts, gy, s);
   return launch_wk<1, 4, GATED>(wk, A, B, x, ts, gy, s);
 }
@@ -357,6 +362,7 @@ void mma_int4_linear(const MmaInt4& W, const void* x, int64_t M, void* y, int yd
 void mma_int4_linear2(const MmaInt4& A, void* ya, int ydta, const MmaInt4* B, void* yb, int ydtb, const void* x,
                       int64_t M, cudaStream_t s) {
   if (M == 0) return;
+  DS_CHECK(M < (int64_t(1) << 31), "int4 mma: ", M, " rows (fewer than 2^31)");
   DS_CHECK(!B || (B->K == A.K && B->G == A.G && B->KS == A.KS), "int4 mma pair: both matrices must share K and groups");
   const Shape shape = M <= 8 ? Shape::Small : M <= 256 ? Shape::Medium : Shape::Large;
   TokenSrc ts;
@@ -376,6 +382,7 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
              const MoeRouteIn* route) {
   if (P == 0) return;
   DS_CHECK(E <= 1024, "int4 mma experts: E = ", E, " (at most 1024)");
+  DS_CHECK(P < (int64_t(1) << 31), "int4 mma experts: ", P, " pairs (fewer than 2^31)");
   // Decode sizes: a couple of pairs per touched expert; prefill: many.
   const Shape shape = P >= 16 * E ? Shape::Large : Shape::Small;
   // Prefill sizes (many pairs per expert): tiles of up to kGemmTok pairs for the large-M kernel (int4_gemm.h).
@@ -397,9 +404,16 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
     ts.xdiv = 1;
     return int4_gemm(false, Int4Out{down, H, H, out, int(DType::F32)}, nullptr, act, ts, mt, s);
   }
-  launch<true>(shape, Int4Out{gate_up, 2 * I, I, act, int(DType::BF16)}, nullptr, x, ts, mt, s);
+  // Decode sizes from DS_INT4_MOE_WK2_MIN_P pairs on: K split over at most 2 warps (batch 64 −0.27 ms per step
+  // against 4; batch 1 is faster with 4). From DS_INT4_MOE_DOWN_MT2_MIN_P pairs on: two 16-row tiles per warp in the
+  // down projection (K = 512, one warp over all of K: twice the bytes per warp for the same prologue; batch 64
+  // −0.68 ms, batch 8 −0.15, batch 1 +0.07, so not there). DS_INT4_MOE_DOWN_MT=1|2 forces it. Measured in session 6
+  // (docs/perf.md); tiles of 4 per warp, or 2 gate/up pairs per warp, spill and were slower.
+  const int wk_cap = P >= env_int("DS_INT4_MOE_WK2_MIN_P", 256) ? 2 : 4;
+  const int down_mt = int(env_int("DS_INT4_MOE_DOWN_MT", P >= env_int("DS_INT4_MOE_DOWN_MT2_MIN_P", 16) ? 2 : 1));
+  launch<true>(shape, Int4Out{gate_up, 2 * I, I, act, int(DType::BF16)}, nullptr, x, ts, mt, s, wk_cap);
   ts.xdiv = 1;
-  launch<false>(shape, Int4Out{down, H, H, out, int(DType::F32)}, nullptr, act, ts, mt, s);
+  launch<false>(shape, Int4Out{down, H, H, out, int(DType::F32)}, nullptr, act, ts, mt, s, wk_cap, down_mt);
 }
 
 }  // namespace ds::cuda

@@ -23,15 +23,19 @@ struct TokenSrc {
   int64_t xdiv = 1;
 };
 
+// The x row of pair/token p: p / xdiv in 32 bits (the hosts check P, M < 2^31; a 64-bit division is a ~70-instruction
+// subroutine, paid per lane and token tile in every block's prologue).
+__device__ __forceinline__ int64_t x_row(const TokenSrc& ts, int64_t p) {
+  return int64_t(uint32_t(p) / uint32_t(ts.xdiv));
+}
 __device__ __forceinline__ uint32_t bf16x2_sub(uint32_t a, uint32_t b) {
   __nv_bfloat162 r = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
   return *reinterpret_cast<const uint32_t*>(&r);
 }
-// bf16×2 (128 + z, 128 + z): subtracting it from (128 + q) leaves q − z exactly.
-__device__ __forceinline__ uint32_t zero_pair(uint8_t z) {
-  const uint32_t b = uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(128.f + float(z))));
-  return b | (b << 16);
-}
+// bf16×2 (128 + z, 128 + z): subtracting it from (128 + q) leaves q − z exactly. For z < 128 (zero points are a
+// nibble + 1, at most 16) the bf16 of 128 + z is exponent 2^7 (0x4300) with mantissa z: two integer instructions
+// instead of a float round trip.
+__device__ __forceinline__ uint32_t zero_pair(uint8_t z) { return (0x4300u | uint32_t(z)) * 0x10001u; }
 // One A fragment (rows r0, r1; four inputs each) from a packed word; zz0 / zz1: zero_pair of rows r0 / r1.
 __device__ __forceinline__ void dequant(uint32_t w, uint32_t zz0, uint32_t zz1, uint32_t a[4]) {
   a[0] = bf16x2_sub((w & 0x000F000Fu) | 0x43004300u, zz0);

@@ -364,7 +364,8 @@ void mma_int4_linear2(const MmaInt4& A, void* ya, int ydta, const MmaInt4* B, vo
   if (M == 0) return;
   DS_CHECK(M < (int64_t(1) << 31), "int4 mma: ", M, " rows (fewer than 2^31)");
   DS_CHECK(!B || (B->K == A.K && B->G == A.G && B->KS == A.KS), "int4 mma pair: both matrices must share K and groups");
-  const Shape shape = M <= 8 ? Shape::Small : M <= 256 ? Shape::Medium : Shape::Large;
+  // DS_INT4_SMALL_MAX_M=n: the decode shape up to n rows (8; benchmark knob, same bits).
+  const Shape shape = M <= env_int("DS_INT4_SMALL_MAX_M", 8) ? Shape::Small : M <= 256 ? Shape::Medium : Shape::Large;
   TokenSrc ts;
   ts.M = M;
   const Int4Out oa{A, A.N, A.N, ya, ydta};

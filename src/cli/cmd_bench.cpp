@@ -14,6 +14,7 @@
 #include <random>
 #include <sstream>
 
+#include "backend/forwarding.h"
 #include "backend/ops.h"
 #include "cli/args.h"
 #include "cli/commands.h"
@@ -109,33 +110,16 @@ WeightBytes weight_bytes(const io::ModelConfig& cfg, bool int4) {
   return w;
 }
 
-// A backend that forwards every op and times it with a synchronisation on each side (--breakdown): per-op
-// time includes one launch latency, so its sum exceeds an unsynchronised step.
-class TimingBackend final : public Backend {
+// A backend that forwards every op (ForwardingBackend) and, when `on` (--breakdown), times the model's ops per kernel
+// family (or per op): with a synchronisation on each side (per-op time includes one launch latency, so its sum
+// exceeds an unsynchronised step), or with device events inside a recorded step (`events`).
+class TimingBackend final : public ForwardingBackend {
  public:
-  TimingBackend(Backend& in, int64_t vocab) : in_(in), vocab_(vocab) {}
+  TimingBackend(Backend& in, int64_t vocab) : ForwardingBackend(in), vocab_(vocab) {}
   bool on = false;
   std::map<std::string, double> ms;
   std::map<std::string, int64_t> calls;
 
-  std::string name() const override { return in_.name(); }
-  DType act_dtype() const override { return in_.act_dtype(); }
-  Tensor alloc(DType dt, std::vector<int64_t> shape) override { return in_.alloc(dt, std::move(shape)); }
-  Tensor upload_f32(const std::vector<float>& v, std::vector<int64_t> shape, DType dt) override {
-    return in_.upload_f32(v, std::move(shape), dt);
-  }
-  std::vector<float> to_host_f32(const Tensor& t) override { return in_.to_host_f32(t); }
-  void zero(Tensor& t) override { in_.zero(t); }
-  void copy(Tensor& dst, const Tensor& src) override { in_.copy(dst, src); }
-  void synchronize() override { in_.synchronize(); }
-  Linear make_linear(const std::vector<LinearSource>& parts) override { return in_.make_linear(parts); }
-  Experts make_experts(const std::vector<std::vector<LinearSource>>& gu, const std::vector<LinearSource>& d) override {
-    return in_.make_experts(gu, d);
-  }
-  void prepare_batch(BatchMeta& b) override { in_.prepare_batch(b); }
-  void step_begin() override { in_.step_begin(); }
-  void step_end() override { in_.step_end(); }
-  void* stream_handle() const override { return in_.stream_handle(); }
   // Appended to every graph key: recordings made under one variant's switches are never replayed under another's.
   std::string key_suffix;
   bool graph_run(const std::string& key, const std::function<void()>& fn) override {
@@ -288,10 +272,8 @@ class TimingBackend final : public Backend {
   void argmax_rows(const Tensor& logits, int64_t limit, Tensor& ids, const Tensor* map = nullptr) override {
     timed("other", "argmax_rows", [&] { in_.argmax_rows(logits, limit, ids, map); });
   }
-  void batch_tokens_from(BatchMeta& b, const Tensor& ids) override { in_.batch_tokens_from(b, ids); }
 
  private:
-  Backend& in_;
   int64_t vocab_;
   int n_ = 0, recorded_ = 0;
   std::vector<std::string> fam_;

@@ -8,6 +8,7 @@
 #include <numeric>
 
 #include "backend/cuda/gdr_chunked.h"
+#include "backend/forwarding.h"
 #include "cuda_test_util.h"
 #include "golden_util.h"
 #include "model/model.h"
@@ -319,63 +320,27 @@ std::pair<double, double> check_call(Backend& gpu, const GdrCall& c, const std::
   return {worst_o, worst_s};
 }
 
-// A backend that forwards every op (to the CPU backend, or the CUDA one) and records each gated_delta_rule call of one sequence with ≥ 64 tokens
-// (the chunked path): the DeltaNet layers' real inputs.
-class CaptureBackend final : public Backend {
+// A backend that forwards every op (to the CPU backend, or the CUDA one: ForwardingBackend) and records each
+// gated_delta_rule call of one sequence with ≥ 64 tokens (the chunked path): the DeltaNet layers' real inputs. The
+// fused deltanet_mix runs as its composition here, so the recorded op is the one inside it; moe_ffn too, as before
+// the forwarding base (the CUDA fusion gives the same bits).
+class CaptureBackend final : public ForwardingBackend {
  public:
-  explicit CaptureBackend(Backend& in) : in_(in) {}
+  explicit CaptureBackend(Backend& in) : ForwardingBackend(in) {}
   std::vector<GdrCall> calls;
   // > 0: after each chunked call, this many elements of the (bf16) output move by one bf16 step (rng below), the
   // size of the rounding flips that a ~1e-7 change in the op's fp32 result causes (TinyMoeGoldenSensitivity).
   int flips = 0;
   std::mt19937_64 rng;
 
-  std::string name() const override { return in_.name(); }
-  DType act_dtype() const override { return in_.act_dtype(); }
-  Tensor alloc(DType dt, std::vector<int64_t> shape) override { return in_.alloc(dt, std::move(shape)); }
-  Tensor upload_f32(const std::vector<float>& v, std::vector<int64_t> shape, DType dt) override {
-    return in_.upload_f32(v, std::move(shape), dt);
+  void deltanet_mix(const Tensor& m, const Tensor& cw, const Tensor& ba, const Tensor& A_log, const Tensor& dt_bias,
+                    int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, const Tensor* z, const Tensor* nw, float eps,
+                    StateLayer& st, const BatchMeta& b, Tensor& y) override {
+    Backend::deltanet_mix(m, cw, ba, A_log, dt_bias, Hk, Hv, Dk, Dv, z, nw, eps, st, b, y);
   }
-  std::vector<float> to_host_f32(const Tensor& t) override { return in_.to_host_f32(t); }
-  void zero(Tensor& t) override { in_.zero(t); }
-  void copy(Tensor& dst, const Tensor& src) override { in_.copy(dst, src); }
-  void synchronize() override { in_.synchronize(); }
-  Linear make_linear(const std::vector<LinearSource>& parts) override { return in_.make_linear(parts); }
-  Experts make_experts(const std::vector<std::vector<LinearSource>>& gu, const std::vector<LinearSource>& d) override {
-    return in_.make_experts(gu, d);
-  }
-  bool device_memory(int64_t* total, int64_t* used) override { return in_.device_memory(total, used); }
-  void prepare_batch(BatchMeta& b) override { in_.prepare_batch(b); }
-  void* stream_handle() const override { return in_.stream_handle(); }
-  void step_begin() override { in_.step_begin(); }
-  void step_end() override { in_.step_end(); }
-  bool graph_run(const std::string& key, const std::function<void()>& fn) override { return in_.graph_run(key, fn); }
-  void batch_tokens_from(BatchMeta& b, const Tensor& ids) override { in_.batch_tokens_from(b, ids); }
-  void add_rmsnorm(Tensor& x, const Tensor& d, const Tensor& w, float eps, Tensor& h) override {
-    in_.add_rmsnorm(x, d, w, eps, h);
-  }
-  void linear_group(const Tensor& x, const std::vector<LinearJob>& jobs) override { in_.linear_group(x, jobs); }
-  void linear_gated_add(const Tensor& x, const Linear& w, const Tensor& gate_logit, Tensor& y) override {
-    in_.linear_gated_add(x, w, gate_logit, y);
-  }
-  void embed(const Tensor& table, const BatchMeta& b, Tensor& out) override { in_.embed(table, b, out); }
-  void rmsnorm(const Tensor& x, const Tensor& w, float eps, Tensor& y) override { in_.rmsnorm(x, w, eps, y); }
-  void add_inplace(Tensor& x, const Tensor& y) override { in_.add_inplace(x, y); }
-  void linear(const Tensor& x, const Linear& w, Tensor& y) override { in_.linear(x, w, y); }
-  void silu_mul(const Tensor& gu, Tensor& y) override { in_.silu_mul(gu, y); }
-  void qk_norm_rope(const Tensor& qg, Tensor& k, const Tensor& qn, const Tensor& kn, float eps, const RopeParams& r,
-                    const BatchMeta& b, Tensor& q, Tensor& gate) override {
-    in_.qk_norm_rope(qg, k, qn, kn, eps, r, b, q, gate);
-  }
-  void kv_cache_write(KvLayer& kv, const Tensor& k, const Tensor& v, const BatchMeta& b) override {
-    in_.kv_cache_write(kv, k, v, b);
-  }
-  void attention(const Tensor& q, const KvLayer& kv, const BatchMeta& b, Tensor& o) override {
-    in_.attention(q, kv, b, o);
-  }
-  void sigmoid_gate_mul(Tensor& x, const Tensor& gate) override { in_.sigmoid_gate_mul(x, gate); }
-  void conv1d_causal(const Tensor& m, const Tensor& w, StateLayer& st, const BatchMeta& b, Tensor& out) override {
-    in_.conv1d_causal(m, w, st, b, out);
+  void moe_ffn(const Tensor& l, int64_t k, const Tensor& x, const Experts& w, Tensor& ids, Tensor& wts,
+               const Tensor* a, const Linear* sd, const Tensor* g, Tensor& y) override {
+    Backend::moe_ffn(l, k, x, w, ids, wts, a, sd, g, y);
   }
   void gated_delta_rule(const Tensor& qkv, const Tensor& ba, const Tensor& A_log, const Tensor& dt_bias, int64_t Hk,
                         int64_t Hv, int64_t Dk, int64_t Dv, StateLayer& st, const BatchMeta& b, Tensor& o) override {
@@ -407,27 +372,6 @@ class CaptureBackend final : public Backend {
       calls.push_back(std::move(c));
     }
   }
-  void gated_rmsnorm(const Tensor& o, const Tensor& z, const Tensor& w, float eps, Tensor& y) override {
-    in_.gated_rmsnorm(o, z, w, eps, y);
-  }
-  void moe_route(const Tensor& l, int64_t k, Tensor& ids, Tensor& w) override { in_.moe_route(l, k, ids, w); }
-  void moe_experts(const Tensor& x, const Experts& w, const Tensor& ids, const Tensor& wts, Tensor& y) override {
-    in_.moe_experts(x, w, ids, wts, y);
-  }
-  void sigmoid_scale_add(Tensor& y, const Tensor& s, const Tensor& g) override { in_.sigmoid_scale_add(y, s, g); }
-  void gather_rows(const Tensor& x, const std::vector<int32_t>& rows, Tensor& out) override {
-    in_.gather_rows(x, rows, out);
-  }
-  void argmax_rows(const Tensor& logits, int64_t limit, Tensor& ids, const Tensor* map = nullptr) override {
-    in_.argmax_rows(logits, limit, ids, map);
-  }
-  void sample_rows(const Tensor& logits, int64_t vocab_limit, const std::vector<SampleRowParams>& rows,
-                   const std::vector<SampleEdit>& edits, std::vector<int32_t>& ids) override {
-    in_.sample_rows(logits, vocab_limit, rows, edits, ids);
-  }
-
- private:
-  Backend& in_;
 };
 
 // The tiny-moe checkpoints' prompts of ≥ 64 tokens through the CPU model; every DeltaNet layer's recorded call

@@ -927,7 +927,8 @@ int cmd_bench(int argc, char** argv) {
     std::vector<std::string> prefill_breakdowns;
     std::printf("## Prefill (one sequence from empty caches; TTFT = all chunks + last-row logits)\n\n");
     std::printf(
-        "| variant | prompt | chunk | TTFT ms | tok/s | TFLOP/s | of matmul peak |\n|---|---|---|---|---|---|---|\n");
+        "| variant | prompt | chunk | TTFT ms | tok/s | TFLOP/s | of matmul peak | first run ms |\n"
+        "|---|---|---|---|---|---|---|---|\n");
     for (const Variant& var : variants) {
       set_env(var, true);
       bool warmed = false;
@@ -956,12 +957,15 @@ int cmd_bench(int argc, char** argv) {
           be.synchronize();
         };
         // Warm-up at the measured length (the first prompt of a size allocates its scratch and picks its cuBLAS
-        // algorithms: ~4 ms more at 4k), then the median of --prefill-reps runs.
+        // algorithms: ~4 ms more at 4k; reported as "first run ms", meaningful for the first variant only), then the
+        // median of --prefill-reps runs.
         if (!warmed) {
           run(std::min<int64_t>(P, 512));
           warmed = true;
         }
+        const auto tw = Clock::now();
         run(P);
+        const double first = secs_since(tw);  // the first run at this length (scratch growth, cuBLAS choices)
         std::vector<double> runs;
         for (int i = 0; i < prefill_reps; ++i) {
           auto t1 = Clock::now();
@@ -973,8 +977,9 @@ int cmd_bench(int argc, char** argv) {
         // FLOPs: 2 per active parameter per token, plus causal attention (QKᵀ and PV) over the prompt.
         const double attn = double(n_attn) * 4.0 * double(t.num_heads * t.head_dim) * double(P) * double(P) / 2;
         const double flops = 2.0 * wb.active_params * double(P) + attn;
-        std::printf("| %s | %lld | %lld | %.1f | %.0f | %.3g | %.2g%% |\n", var.name.c_str(), (long long)P,
-                    (long long)ch, s * 1e3, double(P) / s, flops / s / 1e12, 100.0 * flops / s / mm_rate);
+        std::printf("| %s | %lld | %lld | %.1f | %.0f | %.3g | %.2g%% | %.1f |\n", var.name.c_str(), (long long)P,
+                    (long long)ch, s * 1e3, double(P) / s, flops / s / 1e12, 100.0 * flops / s / mm_rate,
+                    first * 1e3);
         std::fflush(stdout);
         if (a.has("breakdown")) {  // per op, synchronised around each (eager prefill: no graph to record)
           be.ms.clear();

@@ -18,14 +18,7 @@ constexpr int kTP = 16;      // cache positions per K/V tile
 constexpr int kStages = 3;   // tiles in flight
 constexpr int kThreads = 128;  // 4 warps
 
-// Shared-memory tiles are [kTP][DH] bf16, the 16-byte chunks of row r XOR-swizzled by r % 8 so that the 8 row
-// addresses of an ldmatrix fall in 8 different bank groups (as in flash_attn.cu).
-template <int DH>
-__device__ __forceinline__ int swz(int r, int ch) {
-  return r * DH + ((ch ^ (r & 7)) << 3);
-}
-
-__device__ __forceinline__ uint32_t ld_u32(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+// Shared-memory tiles are [kTP][DH] bf16, XOR-swizzled (swz, mma_util.cuh) as in flash_attn.cu.
 
 // Grid (T, Nkv, S). Rows of the mma: q head kvh·group + r of token t, r < group (the rest zero).
 template <int DH>

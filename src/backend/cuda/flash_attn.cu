@@ -19,12 +19,7 @@ constexpr int kRows = 128;    // query rows per block (q heads of the group × t
 constexpr int kThreads = 256;  // 8 warps, 16 rows each
 constexpr int kBN = 32;        // cache positions per K/V tile
 
-// Shared-memory tiles are [rows][DH] bf16 with the 16-byte chunks of row r XOR-swizzled by r % 8, so that the 8
-// row addresses of an ldmatrix (8 consecutive rows, one logical chunk) fall in 8 different bank groups.
-template <int DH>
-__device__ __forceinline__ int swz(int r, int ch) {
-  return r * DH + ((ch ^ (r & 7)) << 3);
-}
+// Shared-memory tiles are [rows][DH] bf16, XOR-swizzled (swz, mma_util.cuh).
 
 // Grid: one block per (tile index, kv head), blockIdx.x = idx · Nkv + kv head; idx runs over the tiles of the flash
 // sequences in sequence order (an upper bound of blocks is launched; the extra ones exit).

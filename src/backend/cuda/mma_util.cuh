@@ -52,6 +52,16 @@ __device__ __forceinline__ void ldsm_x4_t(uint32_t r[4], const void* p) {
                : "r"(s));
 }
 
+// Shared-memory tiles of [rows][DH] bf16 with the 16-byte chunks of row r XOR-swizzled by r % 8, so that the 8 row
+// addresses of an ldmatrix (8 consecutive rows, one logical chunk) fall in 8 different bank groups: the element
+// offset of chunk ch of row r.
+template <int DH>
+__device__ __forceinline__ int swz(int r, int ch) {
+  return r * DH + ((ch ^ (r & 7)) << 3);
+}
+// Two consecutive bf16 (4-byte aligned) as one register: an mma fragment word.
+__device__ __forceinline__ uint32_t ld_u32(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
 // Two floats as one bf16×2 register (round to nearest even), lo in the low half.
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);

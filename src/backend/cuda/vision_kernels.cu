@@ -104,7 +104,6 @@ __global__ void k_vis_scatter(void* x, const void* src, int dt, const int32_t* r
 
 // ---- attention ----
 
-__device__ __forceinline__ uint32_t ld32(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
 // One block of 4 warps per (query tile of 64 rows, head); warp w owns query rows 16w..16w+15 of the tile. Keys and
 // values of the tile's segment stream through shared memory 64 rows at a time, double-buffered with cp.async (the
 // next tile loads while this one computes), both row-major [key][DP + 8] (the +8 halves make every 16-byte row
@@ -155,10 +154,10 @@ __global__ void __launch_bounds__(128) k_vis_attention(const __nv_bfloat16* qkv,
     const __nv_bfloat16* sQ = sK + STAGE;
 #pragma unroll
     for (int kk = 0; kk < DP / 16; ++kk) {
-      qf[kk][0] = ld32(&sQ[(qr + g) * LD + kk * 16 + 2 * t]);
-      qf[kk][1] = ld32(&sQ[(qr + g + 8) * LD + kk * 16 + 2 * t]);
-      qf[kk][2] = ld32(&sQ[(qr + g) * LD + kk * 16 + 2 * t + 8]);
-      qf[kk][3] = ld32(&sQ[(qr + g + 8) * LD + kk * 16 + 2 * t + 8]);
+      qf[kk][0] = ld_u32(&sQ[(qr + g) * LD + kk * 16 + 2 * t]);
+      qf[kk][1] = ld_u32(&sQ[(qr + g + 8) * LD + kk * 16 + 2 * t]);
+      qf[kk][2] = ld_u32(&sQ[(qr + g) * LD + kk * 16 + 2 * t + 8]);
+      qf[kk][3] = ld_u32(&sQ[(qr + g + 8) * LD + kk * 16 + 2 * t + 8]);
     }
   }
   __syncthreads();  // stage 1 is free for the second K/V tile
@@ -188,8 +187,8 @@ __global__ void __launch_bounds__(128) k_vis_attention(const __nv_bfloat16* qkv,
       s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < DP / 16; ++kk)
-        mma16816(s[nt], qf[kk], ld32(&K[(nt * 8 + g) * LD + kk * 16 + 2 * t]),
-                 ld32(&K[(nt * 8 + g) * LD + kk * 16 + 2 * t + 8]));
+        mma16816(s[nt], qf[kk], ld_u32(&K[(nt * 8 + g) * LD + kk * 16 + 2 * t]),
+                 ld_u32(&K[(nt * 8 + g) * LD + kk * 16 + 2 * t + 8]));
     }
     float mx0 = m0, mx1 = m1;
 #pragma unroll

@@ -1820,29 +1820,29 @@ class CudaBackend final : public Backend {
       const int64_t nblk = env_int("DS_ATTN_BLOCKS", 1024);
       const int S = int(std::clamp<int64_t>((nblk + T * Nkv - 1) / (T * Nkv), 1, 64));
       Tensor part = alloc_scratch(DType::F32, {T, Nh, S, Dh + 2});
-      const dim3 grid{unsigned(T), unsigned(Nkv), unsigned(S)};
-      const unsigned threads = unsigned(32 * group);
       const float scale = 1.f / std::sqrt(float(Dh));
       auto* qp = q.ptr<__nv_bfloat16>();
       auto* kp = kv.k.ptr<__nv_bfloat16>();
       auto* vp = kv.v.ptr<__nv_bfloat16>();
-      // DS_CUDA_NO_ATTN_SMEM=1: K/V straight from global memory per warp (same arithmetic, same bits).
-      const bool sm = !env_flag("DS_CUDA_NO_ATTN_SMEM");
       // Tensor cores for the whole GQA group (attn_decode.h); DS_CUDA_NO_TC_DECODE=1: the CUDA-core kernel below.
       if (!env_flag("DS_CUDA_NO_TC_DECODE") && cuda::attn_decode_tc_supported(Nh, Nkv, Dh)) {
         cuda::attn_decode_tc(qp, kp, vp, T, Nh, Nkv, Dh, kv.block_size, d.seq_of, d.seqinfo, d.blocks, d.maxb, scale,
                              S, part.ptr<float>(), flash_min, stream_);
       } else {
-      auto launch = [&](auto kern) {
-        DS_CUDA_CHECK(pdl_launch(kern, grid, threads, 0, stream_, qp, kp, vp, Nh, Nkv, kv.block_size, d.seq_of,
-                                 d.seqinfo, d.blocks, d.maxb, scale, S, part.ptr<float>(), flash_min));
-      };
-      if (Dh == 256)
-        sm ? launch(k_attn_split<8, true>) : launch(k_attn_split<8, false>);
-      else if (Dh == 128)
-        sm ? launch(k_attn_split<4, true>) : launch(k_attn_split<4, false>);
-      else
-        sm ? launch(k_attn_split<2, true>) : launch(k_attn_split<2, false>);
+        // One warp per q head of the group. DS_CUDA_NO_ATTN_SMEM=1: K/V straight from global memory per warp (same
+        // arithmetic, same bits).
+        const bool sm = !env_flag("DS_CUDA_NO_ATTN_SMEM");
+        const dim3 grid{unsigned(T), unsigned(Nkv), unsigned(S)};
+        auto launch = [&](auto kern) {
+          DS_CUDA_CHECK(pdl_launch(kern, grid, unsigned(32 * group), 0, stream_, qp, kp, vp, Nh, Nkv, kv.block_size,
+                                   d.seq_of, d.seqinfo, d.blocks, d.maxb, scale, S, part.ptr<float>(), flash_min));
+        };
+        if (Dh == 256)
+          sm ? launch(k_attn_split<8, true>) : launch(k_attn_split<8, false>);
+        else if (Dh == 128)
+          sm ? launch(k_attn_split<4, true>) : launch(k_attn_split<4, false>);
+        else
+          sm ? launch(k_attn_split<2, true>) : launch(k_attn_split<2, false>);
       }
       DS_CUDA_CHECK_LAST();
       DS_CUDA_CHECK(pdl_launch(k_attn_merge, dim3(unsigned(T), unsigned(Nh)), unsigned(std::min<int64_t>(Dh, 256)), 0,

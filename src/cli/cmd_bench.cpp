@@ -34,6 +34,18 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 double secs_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+// Wall seconds of each of n calls f(0), ..., f(n − 1), sorted ascending (front: the best, [n / 2]: the median).
+template <class F>
+std::vector<double> sorted_secs(int n, F&& f) {
+  std::vector<double> ts;
+  for (int i = 0; i < n; ++i) {
+    const auto t0 = Clock::now();
+    f(i);
+    ts.push_back(secs_since(t0));
+  }
+  std::sort(ts.begin(), ts.end());
+  return ts;
+}
 
 // "none" (or "0") turns a default list off (e.g. --prefill none: decode only).
 std::vector<int64_t> int_list(const Args& a, const std::string& name, const std::string& def) {
@@ -551,14 +563,8 @@ void bench_vision(const io::ModelConfig& cfg, Backend& be, const std::vector<std
       be.synchronize();
     };
     run();  // warm-up (cuBLAS heuristics, allocator)
-    std::vector<double> ts;
-    for (int i = 0; i < steps; ++i) {
-      auto t1 = Clock::now();
-      run();
-      ts.push_back(secs_since(t1) * 1e3);
-    }
-    std::sort(ts.begin(), ts.end());
-    const double med = ts[ts.size() / 2], p = double(P);
+    const std::vector<double> ts = sorted_secs(steps, [&](int) { run(); });
+    const double med = ts[ts.size() / 2] * 1e3, p = double(P);
     const double flops = 2 * p * double(K) * D +
                          double(vc.depth) * (2 * p * (3 * D * D + D * D + 2 * D * I) + 4 * p * p * D) +
                          2 * double(U) * (double(M2) * D * double(M2) * D + double(M2) * D * O);
@@ -689,15 +695,10 @@ int cmd_bench(int argc, char** argv) {
     Tensor src = be.alloc(DType::BF16, {n}), dst = be.alloc(DType::BF16, {n});
     be.copy(dst, src);
     be.synchronize();
-    std::vector<double> ts;
-    for (int i = 0; i < 5; ++i) {
-      auto t0 = Clock::now();
-      be.copy(dst, src);
-      be.synchronize();
-      ts.push_back(secs_since(t0));
-    }
-    std::sort(ts.begin(), ts.end());
-    copy_bw = 2.0 * double(n) * 2 / ts[0];
+    copy_bw = 2.0 * double(n) * 2 / sorted_secs(5, [&](int) {
+                be.copy(dst, src);
+                be.synchronize();
+              }).front();
     const int64_t M = gpu ? 8192 : 256;
     std::vector<uint16_t> wh(size_t(M * M));
     std::mt19937 rng(1);
@@ -711,15 +712,10 @@ int cmd_bench(int argc, char** argv) {
     Tensor x = be.upload_f32(xh, {M, M}, be.act_dtype()), y = be.alloc(be.act_dtype(), {M, M});
     be.linear(x, W, y);
     be.synchronize();
-    ts.clear();
-    for (int i = 0; i < 5; ++i) {
-      auto t0 = Clock::now();
-      be.linear(x, W, y);
-      be.synchronize();
-      ts.push_back(secs_since(t0));
-    }
-    std::sort(ts.begin(), ts.end());
-    mm_rate = 2.0 * double(M) * M * M / ts[0];
+    mm_rate = 2.0 * double(M) * M * M / sorted_secs(5, [&](int) {
+                be.linear(x, W, y);
+                be.synchronize();
+              }).front();
   }
 
   if (vis && !spec && (batches.empty() || contexts.empty()) && prefills.empty()) {  // the tower only
@@ -859,14 +855,8 @@ int cmd_bench(int argc, char** argv) {
             (void)logits;
           };
           for (int i = 0; i < 3; ++i) one(i);
-          std::vector<double> ts;
-          for (int i = 0; i < steps; ++i) {
-            auto t1 = Clock::now();
-            one(i);
-            ts.push_back(secs_since(t1) * 1e3);
-          }
-          std::sort(ts.begin(), ts.end());
-          const double med = ts[ts.size() / 2];
+          const std::vector<double> ts = sorted_secs(steps, one);
+          const double med = ts[ts.size() / 2] * 1e3;
           std::printf("| %s | %lld | %lld | %.3f | %.1f | %.0f | %s | %.0f | %.1f%% |\n", var.name.c_str(),
                       (long long)B, (long long)ctx, med, double(B) * 1e3 / med, touched, human_bytes(bytes).c_str(),
                       bytes / (med / 1e3) / 1e9, 100.0 * bytes / (med / 1e3) / copy_bw);
@@ -966,13 +956,7 @@ int cmd_bench(int argc, char** argv) {
         const auto tw = Clock::now();
         run(P);
         const double first = secs_since(tw);  // the first run at this length (scratch growth, cuBLAS choices)
-        std::vector<double> runs;
-        for (int i = 0; i < prefill_reps; ++i) {
-          auto t1 = Clock::now();
-          run(P);
-          runs.push_back(secs_since(t1));
-        }
-        std::sort(runs.begin(), runs.end());
+        const std::vector<double> runs = sorted_secs(prefill_reps, [&](int) { run(P); });
         const double s = runs[runs.size() / 2];
         // FLOPs: 2 per active parameter per token, plus causal attention (QKᵀ and PV) over the prompt.
         const double attn = double(n_attn) * 4.0 * double(t.num_heads * t.head_dim) * double(P) * double(P) / 2;

@@ -1081,6 +1081,69 @@ TEST_F(CudaOps, Int4LargeMExperts) {
   }
 }
 
+// The experts at decode sizes through the streaming kernels (k_int4_moe_gu, K = 2048: a slice of activations per
+// warp, R gate/up tile pairs per block; k_int4_moe_down, K = 512: all activations in registers, tpw output tiles
+// per warp): bit for bit against the k_int4_mma kernels they replace, for several pairs per block (1, 3: a ragged
+// last block, 4, 8) and tiles per warp (1, 3, 4, 8), routing skewed so some experts take several 8-pair tiles, and
+// against each token alone (the decode kernels below the streaming kernels' minimum pair counts).
+TEST_F(CudaOps, Int4MoeDecodeStream) {
+  Both B;
+  const int64_t E = 16, H = 2048, I = 512, K = 8;
+  std::vector<HostLinear> hl;
+  hl.reserve(3 * E);
+  std::vector<std::vector<LinearSource>> gu(E);
+  std::vector<LinearSource> dn(E);
+  for (int64_t e = 0; e < E; ++e) {
+    hl.emplace_back(I, H, true, 1700 + e);
+    hl.emplace_back(I, H, true, 1800 + e);
+    gu[e] = {hl[hl.size() - 2].src(), hl.back().src()};
+    hl.emplace_back(H, I, true, 1900 + e);
+    dn[e] = hl.back().src();
+  }
+  Experts eg = B.gpu->make_experts(gu, dn);
+  for (int64_t T : {int64_t(2), int64_t(8), int64_t(64), int64_t(100)}) {
+    std::mt19937 g{uint32_t(T + 5)};
+    std::vector<float> idv, wv;
+    for (int64_t t = 0; t < T; ++t) {
+      std::vector<int> perm(E - 2);  // experts 0 and 1 for every token (several tiles each from T = 9), six of 2..15
+      std::iota(perm.begin(), perm.end(), 2);
+      std::shuffle(perm.begin(), perm.end(), g);
+      for (int64_t k = 0; k < K; ++k) {
+        idv.push_back(float(k < 2 ? int(k) : perm[size_t(k - 2)]));
+        wv.push_back(1.f / float(K));
+      }
+    }
+    const auto xs = randn(size_t(T * H), 1.f, 190 + T);
+    auto run = [&](int64_t t0, int64_t n) {
+      Tensor ids = B.gpu->upload_f32(std::vector<float>(idv.begin() + t0 * K, idv.begin() + (t0 + n) * K), {n, K}, DType::I32);
+      Tensor w = B.gpu->upload_f32(std::vector<float>(wv.begin() + t0 * K, wv.begin() + (t0 + n) * K), {n, K}, DType::F32);
+      Tensor x = B.gpu->upload_f32(host_rows(xs, t0, t0 + n, H), {n, H}, DType::BF16);
+      Tensor y = B.gpu->alloc(DType::F32, {n, H});
+      B.gpu->moe_experts(x, eg, ids, w, y);
+      return B.gpu->to_host_f32(y);
+    };
+    std::vector<float> old;
+    {
+      ScopedEnv off("DS_INT4_MOE_DOWN_TPW_MIN_P", "1000000000"), off2("DS_INT4_MOE_GU_R_MIN_P", "1000000000");
+      old = run(0, T);
+    }
+    const char* const n[] = {"1", "3", "4", "8"};
+    for (int a = 0; a < 4; ++a) {
+      ScopedEnv on("DS_INT4_MOE_DOWN_TPW_MIN_P", "1"), t("DS_INT4_MOE_DOWN_TPW", n[a]);
+      ScopedEnv on2("DS_INT4_MOE_GU_R_MIN_P", "1"), r("DS_INT4_MOE_GU_R", n[3 - a]);
+      EXPECT_EQ(bit_diffs(run(0, T), old), 0) << "k_int4_moe_gu (" << n[3 - a] << " pairs per block) + k_int4_moe_down ("
+                                              << n[a] << " tiles per warp) vs k_int4_mma, T=" << T;
+    }
+    {
+      ScopedEnv off("DS_INT4_MOE_DOWN_TPW_MIN_P", "1000000000"), on2("DS_INT4_MOE_GU_R_MIN_P", "1");
+      EXPECT_EQ(bit_diffs(run(0, T), old), 0) << "k_int4_moe_gu alone vs k_int4_mma, T=" << T;
+    }
+    int diff = 0;
+    for (int64_t t : {int64_t(0), T / 2, T - 1}) diff += bit_diffs(run(t, 1), host_rows(old, t, t + 1, H)) != 0;
+    EXPECT_EQ(diff, 0) << "int4 experts: a token alone differs from the same token in a batch of T=" << T;
+  }
+}
+
 // Throughput of the int4 kernels at a 4k prefill, old (DS_CUDA_NO_BIG_GEMM=1) and new: one 4096 × 2048 → 4096
 // linear and one routed-experts layer of the 35B-A3B shape (E = 256, H = 2048, I = 512, top-8, uniform random
 // routing). Prints TFLOP/s; asserts nothing about time.

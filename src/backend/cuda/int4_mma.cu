@@ -29,7 +29,7 @@ constexpr int kWarps = 4;  // warps per block
 // consecutive output tiles. With WK > 1 the slices' partials meet in shared memory and are added in slice order,
 // which is also the order a WK = 1 warp adds them in (batch invariance, int4_mma.h).
 // Output: GATED → bf16 silu(gate)·up at [p, n]; else y[p, n] of dtype ydt (F32 or BF16); row stride n_out.
-template <int MT, int NT, int WK, int CPG, bool GATED>
+template <int MT, int NT, int WK, int CPG, bool GATED, int UNR = (NT == 1 || (MT == 1 && !GATED) ? 2 : 1)>
 __global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 4 : 1)  // decode: ≥ 16 warps per SM for loads in flight
     k_int4_mma(const Int4Pair P, const __nv_bfloat16* __restrict__ x, TokenSrc ts) {
   // Blocks [0, P.b_block) compute matrix a, the rest matrix b (two linears of one input in one launch).
@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 4 : 1)  // decode: ≥ 
   for (int s = wk * spw; s < (wk + 1) * spw; ++s) {
     float part[MW][NT][4];
     zero_frags(part);
-#pragma unroll(NT == 1 ? 2 : 1)
+#pragma unroll(UNR)  // groups per loop body (two: two groups' loads in flight)
     for (int64_t gi = s * gps; gi < (s + 1) * gps; ++gi) {
       uint4 wv[CPG][MW];
 #pragma unroll
@@ -192,6 +192,169 @@ __global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 4 : 1)  // decode: ≥ 
   }
 }
 
+// Streaming decode kernels for the experts (k_int4_moe_gu, k_int4_moe_down): a warp holds its token tile's
+// activation fragments for 8 chunks (512 inputs: one slice of the gate_up's K = 2048, all of the down projection's
+// K = 512) in registers and streams 16-row weight tiles, the next tile's weights, zero points (one 4-byte word per row)
+// and scales (one float4 per row) loading while the current tile computes; k_int4_mma pays its prologue (tile table,
+// pair list, activation loads) per tile or two and re-reads the activations per tile. Same arithmetic as k_int4_mma
+// (int4_mma.h, batch invariance): per group a fresh partial of 8 mma in chunk and step order, times the group's scale,
+// added to the slice partial in group order; slices added in order. So the rows are bit-identical whichever runs.
+constexpr int kStreamKC = 8;  // chunks of 64 inputs per streamed tile (4 groups of 128)
+struct StreamTile {
+  uint4 w[kStreamKC];
+  uint32_t z0, z1;  // zero points of rows g, g + 8 of the tile, byte q = group q of the 4
+  float4 s0, s1;    // their scales, element q = group q
+};
+__device__ __forceinline__ float f4_at(const float4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+// Chunks [8·sl, 8·sl + 8) (groups [4·sl, 4·sl + 4)) of weight tile wt (kc chunks and ng groups per row) for lane
+// (g, ·).
+__device__ __forceinline__ void stream_load(const MmaInt4& W, int64_t wt, int64_t kc, int64_t ng, int sl, int g,
+                                            int lane, StreamTile& t) {
+  const int64_t r0 = wt * 16 + g;
+  const int c0 = sl * kStreamKC, q0 = sl * (kStreamKC / 2);
+  const uint4* wp = W.qw + (wt * kc + c0) * 32 + lane;
+#pragma unroll
+  for (int c = 0; c < kStreamKC; ++c) t.w[c] = __ldg(wp + c * 32);
+  t.z0 = __ldg(reinterpret_cast<const uint32_t*>(W.z + r0 * ng + q0));
+  t.z1 = __ldg(reinterpret_cast<const uint32_t*>(W.z + (r0 + 8) * ng + q0));
+  t.s0 = __ldg(reinterpret_cast<const float4*>(W.sc + r0 * ng + q0));
+  t.s1 = __ldg(reinterpret_cast<const float4*>(W.sc + (r0 + 8) * ng + q0));
+}
+// The activation fragments of 8 chunks from xr (token row + 16·tig + first chunk's input).
+__device__ __forceinline__ void stream_x(const __nv_bfloat16* xr, uint4 (&xv)[kStreamKC][2]) {
+#pragma unroll
+  for (int c = 0; c < kStreamKC; ++c) {
+    xv[c][0] = __ldg(reinterpret_cast<const uint4*>(xr + c * 64));
+    xv[c][1] = __ldg(reinterpret_cast<const uint4*>(xr + c * 64 + 8));
+  }
+}
+// part += scale · (group q's 8 mma): k_int4_mma's per-group step. C fragment: [2·rr + h] is (row g + 8·rr, token
+// 2·tig + h) of the tile.
+__device__ __forceinline__ void stream_group(const StreamTile& t, const uint4 (&xv)[kStreamKC][2], int q,
+                                             float (&part)[4]) {
+  const uint32_t zz0 = zero_pair(uint8_t(t.z0 >> (8 * q))), zz1 = zero_pair(uint8_t(t.z1 >> (8 * q)));
+  float tmp[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int c = 2 * q; c < 2 * q + 2; ++c)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      uint32_t a[4];
+      dequant(word_of(t.w[c], j), zz0, zz1, a);
+      mma16816(tmp, a, word_of(xv[c][j >> 1], 2 * (j & 1)), word_of(xv[c][j >> 1], 2 * (j & 1) + 1));
+    }
+  const float s0 = f4_at(t.s0, q), s1 = f4_at(t.s1, q);
+  part[0] += s0 * tmp[0];
+  part[1] += s0 * tmp[1];
+  part[2] += s1 * tmp[2];
+  part[3] += s1 * tmp[3];
+}
+// The tile table entry of blockIdx.y: expert, first list index, pair count (false: past the table's end).
+__device__ __forceinline__ bool stream_tile_entry(const TokenSrc& ts, int64_t& e, int64_t& t0, int& cnt) {
+  if (int(blockIdx.y) >= *ts.ntiles) return false;
+  const int32_t* tl = ts.tiles + 3 * blockIdx.y;
+  e = tl[0], t0 = tl[1], cnt = tl[2];
+  return true;
+}
+
+// The experts' down projection when K = 512 (the 35B-A3B's moe_intermediate_size; its 4 slices are one group each):
+// each warp streams tpw consecutive 16-row output tiles of its expert.
+__global__ void __launch_bounds__(kWarps * 32, 2)
+    k_int4_moe_down(const MmaInt4 W, int64_t H, float* __restrict__ y, const __nv_bfloat16* __restrict__ x,
+                    TokenSrc ts, int tpw) {
+  constexpr int KC = kStreamKC, NG = KC / 2;  // chunks; groups (= slices)
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
+  pdl_wait();  // PDL-launched: the tile table and the activations belong to earlier kernels
+  pdl_trigger();
+  int64_t e, t0;
+  int cnt;
+  if (!stream_tile_entry(ts, e, t0, cnt)) return;  // block-uniform
+  const int64_t otiles = H / 16, ot_begin = (int64_t(blockIdx.x) * kWarps + warp) * tpw;
+  if (ot_begin >= otiles) return;  // warp-uniform; no barriers below
+  const int64_t ot_end = ot_begin + tpw < otiles ? ot_begin + tpw : otiles;
+  uint4 xv[KC][2];  // token g of the tile (padding lanes reuse token 0)
+  stream_x(x + x_row(ts, ts.list[t0 + (g < cnt ? g : 0)]) * (KC * 64) + 16 * tig, xv);
+  StreamTile cur, nxt;
+  stream_load(W, e * otiles + ot_begin, KC, NG, 0, g, lane, cur);
+  for (int64_t ot = ot_begin; ot < ot_end; ++ot) {
+    if (ot + 1 < ot_end) stream_load(W, e * otiles + ot + 1, KC, NG, 0, g, lane, nxt);
+    float acc[4];
+#pragma unroll
+    for (int s = 0; s < NG; ++s) {  // slice s = group s
+      float part[4] = {0.f, 0.f, 0.f, 0.f};
+      stream_group(cur, xv, s, part);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[q] = s == 0 ? part[q] : acc[q] + part[q];
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int ti = 2 * tig + h;
+      if (ti >= cnt) continue;
+      const int64_t p = ts.list[t0 + ti];
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) y[p * H + ot * 16 + g + 8 * rr] = acc[2 * rr + h];
+    }
+    cur = nxt;
+  }
+}
+
+// The experts' gate_up when K = 2048 (4 slices of 512). Block = 4 warps, warp s = slice s; the block streams R
+// (gate, up) tile pairs of its expert, each warp computing its slice's partial of the gate tile, then of the up tile.
+// The partials meet in shared memory; after the R pairs each warp adds the slices of every 4th pair in slice order
+// and stores silu(gate)·up.
+__global__ void __launch_bounds__(kWarps * 32, 2)
+    k_int4_moe_gu(const MmaInt4 W, int64_t I, __nv_bfloat16* __restrict__ act, const __nv_bfloat16* __restrict__ x,
+                  TokenSrc ts, int R) {
+  constexpr int KS = kWarps, NGS = kStreamKC / 2;  // slices; groups per slice
+  constexpr int64_t K = int64_t(KS) * kStreamKC * 64, KC = K / 64, NG = K / 128;
+  extern __shared__ float red[];  // [R][gate, up][slice][4][32]
+  const int s = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
+  pdl_wait();  // PDL-launched: the tile table and the activations belong to earlier kernels
+  pdl_trigger();
+  int64_t e, t0;
+  int cnt;
+  if (!stream_tile_entry(ts, e, t0, cnt)) return;  // block-uniform
+  const int64_t ptiles = I / 16, pt0 = int64_t(blockIdx.x) * R;
+  const int np = int(ptiles - pt0 < R ? ptiles - pt0 : R);
+  if (np <= 0) return;  // block-uniform
+  uint4 xv[kStreamKC][2];  // token g of the tile (padding lanes reuse token 0), slice s
+  stream_x(x + x_row(ts, ts.list[t0 + (g < cnt ? g : 0)]) * K + s * kStreamKC * 64 + 16 * tig, xv);
+  // Unit u: pair u / 2, its gate (u even) or up tile.
+  auto wtile = [&](int u) { return e * (2 * ptiles) + pt0 + u / 2 + (u & 1) * ptiles; };
+  StreamTile cur, nxt;
+  stream_load(W, wtile(0), KC, NG, s, g, lane, cur);
+  for (int u = 0; u < 2 * np; ++u) {
+    if (u + 1 < 2 * np) stream_load(W, wtile(u + 1), KC, NG, s, g, lane, nxt);
+    float part[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int q = 0; q < NGS; ++q) stream_group(cur, xv, q, part);
+    float* rp = red + (size_t(u) * KS + s) * 4 * 32 + lane;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) rp[c * 32] = part[c];
+    cur = nxt;
+  }
+  __syncthreads();
+  for (int j = s; j < np; j += KS) {
+    float gt[4], up[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const float* gp = red + (size_t(2 * j) * KS) * 4 * 32 + c * 32 + lane;
+      const float* upp = red + (size_t(2 * j + 1) * KS) * 4 * 32 + c * 32 + lane;
+      gt[c] = gp[0], up[c] = upp[0];
+#pragma unroll
+      for (int k = 1; k < KS; ++k) gt[c] = gt[c] + gp[k * 4 * 32], up[c] = up[c] + upp[k * 4 * 32];
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int ti = 2 * tig + h;
+      if (ti >= cnt) continue;
+      const int64_t p = ts.list[t0 + ti];
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr)
+        act[p * I + (pt0 + j) * 16 + g + 8 * rr] = __float2bfloat16_rn(silu(gt[2 * rr + h]) * up[2 * rr + h]);
+    }
+  }
+}
+
 // Pairs sorted by expert and cut into tiles of at most ntok pairs of one expert (one block of 1024 threads,
 // thread i owns expert i; E ≤ 1024): tiles[3·i] = expert, [3·i + 1] = first index into list, [3·i + 2] = count;
 // *ntiles = number of tiles. The order of pairs inside an expert is arbitrary: each pair's output depends only on
@@ -283,6 +446,14 @@ void launch_cpg(const Int4Out& A, const Int4Out* B, const void* x, const TokenSr
   // Group size 128 (AutoRound's and GPTQ's default) is the one instantiated; mma_int4_supported() sends others to
   // the bf16 path.
   DS_CHECK(A.W.G == 128 && (!B || B->W.G == 128), "int4 mma: group size ", A.W.G, " (instantiated: 128)");
+  // DS_INT4_UNROLL1=1: one group per loop body in the medium shape (before session 7; same bits). Two put the next
+  // group's loads in flight with the current one's (255 registers, still 2 blocks per SM; batch 32 int4 linears
+  // 1.55 → 1.42 ms). The large shapes keep one (they would spill).
+  if constexpr (NT == 4 && MT == 1 && !GATED)
+    if (env_flag("DS_INT4_UNROLL1")) {
+      DS_CUDA_CHECK(pdl_launch(k_int4_mma<MT, NT, WK, 2, GATED, 1>, grid, dim3(kWarps * 32), 0, s, P, xb, ts));
+      return;
+    }
   DS_CUDA_CHECK(pdl_launch(k_int4_mma<MT, NT, WK, 2, GATED>, grid, dim3(kWarps * 32), 0, s, P, xb, ts));
 }
 
@@ -412,8 +583,31 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
   // (docs/perf.md); tiles of 4 per warp, or 2 gate/up pairs per warp, spill and were slower.
   const int wk_cap = P >= env_int("DS_INT4_MOE_WK2_MIN_P", 256) ? 2 : 4;
   const int down_mt = int(env_int("DS_INT4_MOE_DOWN_MT", P >= env_int("DS_INT4_MOE_DOWN_MT2_MIN_P", 16) ? 2 : 1));
-  launch<true>(shape, Int4Out{gate_up, 2 * I, I, act, int(DType::BF16)}, nullptr, x, ts, mt, s, wk_cap);
+  // The streaming kernels (session 7) from DS_INT4_MOE_GU_R_MIN_P / DS_INT4_MOE_DOWN_TPW_MIN_P pairs on (16; batch 1's
+  // 8 pairs keep k_int4_mma), where the shapes are the 35B-A3B's (gate_up K = 2048, down K = 512): DS_INT4_MOE_GU_R
+  // gate/up tile pairs per block (4; 2 and 8 measured slower) and DS_INT4_MOE_DOWN_TPW output tiles per warp (8; 4
+  // within noise). Batch 64 12.12 → 11.71 ms together (down alone 11.79), batch 8 4.70 → 4.49 (bench/RESULTS.md).
+  const int64_t gr = env_int("DS_INT4_MOE_GU_R", 4);
+  if (shape == Shape::Small && gate_up.K == kWarps * kStreamKC * 64 && gate_up.G == 128 && gate_up.KS == kWarps &&
+      I % 16 == 0 && gr >= 1 && gr <= 12 && P >= env_int("DS_INT4_MOE_GU_R_MIN_P", 16)) {
+    const int64_t gx = (I / 16 + gr - 1) / gr;
+    DS_CHECK(mt <= 65535, "int4 mma experts: ", mt, " token tiles (at most 65535)");
+    DS_CUDA_CHECK(pdl_launch(k_int4_moe_gu, dim3(unsigned(gx), unsigned(mt)), dim3(kWarps * 32),
+                             size_t(gr) * 2 * kWarps * 4 * 32 * sizeof(float), s, gate_up, I,
+                             static_cast<__nv_bfloat16*>(act), static_cast<const __nv_bfloat16*>(x), ts, int(gr)));
+  } else {
+    launch<true>(shape, Int4Out{gate_up, 2 * I, I, act, int(DType::BF16)}, nullptr, x, ts, mt, s, wk_cap);
+  }
   ts.xdiv = 1;
+  const int64_t tpw = env_int("DS_INT4_MOE_DOWN_TPW", 8);
+  if (shape == Shape::Small && down.K == kStreamKC * 64 && down.G == 128 && down.KS == 4 && H % 16 == 0 && tpw >= 1 &&
+      P >= env_int("DS_INT4_MOE_DOWN_TPW_MIN_P", 16)) {
+    const int64_t gx = (H / 16 + kWarps * tpw - 1) / (kWarps * tpw);
+    DS_CHECK(mt <= 65535, "int4 mma experts: ", mt, " token tiles (at most 65535)");
+    DS_CUDA_CHECK(pdl_launch(k_int4_moe_down, dim3(unsigned(gx), unsigned(mt)), dim3(kWarps * 32), 0, s, down, H,
+                             out, static_cast<const __nv_bfloat16*>(act), ts, int(tpw)));
+    return;
+  }
   launch<false>(shape, Int4Out{down, H, H, out, int(DType::F32)}, nullptr, act, ts, mt, s, wk_cap, down_mt);
 }
 

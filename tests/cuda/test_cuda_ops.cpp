@@ -70,6 +70,26 @@ struct HostLinear {
   }
 };
 
+// E experts of random weights (gate and up [I, H], down [H, I]; int4 or bf16); expert e's seeds sg + e, su + e, sd + e.
+// Holds the host data its LinearSources point into: construct in place, do not copy.
+struct HostExperts {
+  std::vector<HostLinear> gate, up, down;
+  std::vector<std::vector<LinearSource>> gu;
+  std::vector<LinearSource> dn;
+  HostExperts(int64_t E, int64_t H, int64_t I, bool q, uint64_t sg, uint64_t su, uint64_t sd) : gu(E), dn(E) {
+    gate.reserve(E), up.reserve(E), down.reserve(E);
+    for (int64_t e = 0; e < E; ++e) {
+      gate.emplace_back(I, H, q, sg + e);
+      up.emplace_back(I, H, q, su + e);
+      down.emplace_back(H, I, q, sd + e);
+      gu[e] = {gate.back().src(), up.back().src()};
+      dn[e] = down.back().src();
+    }
+  }
+  HostExperts(const HostExperts&) = delete;
+  Experts make(Backend& b) const { return b.make_experts(gu, dn); }
+};
+
 class CudaOps : public ::testing::Test {
  protected:
   void SetUp() override { DS_REQUIRE_GPU(); }
@@ -688,18 +708,8 @@ TEST_F(CudaOps, Moe) {
   // Experts: real H and I; E reduced to 16 to keep the fp32 CPU reference small (routing covers every expert).
   const int64_t E = 16, H = 2048, I = 512, K = 8;
   for (bool q : {false, true}) {
-    std::vector<HostLinear> gate, up, down;
-    std::vector<std::vector<LinearSource>> gu(E);
-    std::vector<LinearSource> dn(E);
-    gate.reserve(E), up.reserve(E), down.reserve(E);
-    for (int64_t e = 0; e < E; ++e) {
-      gate.emplace_back(I, H, q, 100 + e);
-      up.emplace_back(I, H, q, 200 + e);
-      down.emplace_back(H, I, q, 300 + e);
-      gu[e] = {gate.back().src(), up.back().src()};
-      dn[e] = down.back().src();
-    }
-    Experts ec = B.cpu->make_experts(gu, dn), eg = B.gpu->make_experts(gu, dn);
+    const HostExperts hx(E, H, I, q, 100, 200, 300);
+    Experts ec = hx.make(*B.cpu), eg = hx.make(*B.gpu);
     for (int64_t T : {1, 3, 17, 64, 255}) {
       std::mt19937 g(T);
       std::vector<float> idv, wv;
@@ -861,18 +871,8 @@ TEST_F(CudaOps, Int4BatchInvariance) {
   }
   // experts: E = 16 so T = 64 already takes the many-token kernel (P ≥ 16·E)
   const int64_t E = 16, H = 512, I = 256, K = 8, T = 64;
-  std::vector<HostLinear> hl;
-  hl.reserve(3 * E);
-  std::vector<std::vector<LinearSource>> gu(E);
-  std::vector<LinearSource> dn(E);
-  for (int64_t e = 0; e < E; ++e) {
-    hl.emplace_back(I, H, true, 400 + e);
-    hl.emplace_back(I, H, true, 500 + e);
-    gu[e] = {hl[hl.size() - 2].src(), hl.back().src()};
-    hl.emplace_back(H, I, true, 600 + e);
-    dn[e] = hl.back().src();
-  }
-  Experts eg = B.gpu->make_experts(gu, dn);
+  const HostExperts hx(E, H, I, true, 400, 500, 600);
+  Experts eg = hx.make(*B.gpu);
   std::mt19937 g(3);
   std::vector<float> idv, wv;
   for (int64_t t = 0; t < T; ++t) {
@@ -923,6 +923,18 @@ struct ScopedEnv {
 // Rows of a [M, n] host copy.
 std::vector<float> host_rows(const std::vector<float>& v, int64_t r0, int64_t r1, int64_t n) {
   return std::vector<float>(v.begin() + r0 * n, v.begin() + r1 * n);
+}
+// moe_experts on `gpu` for tokens [t0, t0 + n): routing ids / weights idv / wv (K per token), activations xs (H per
+// token); the fp32 output rows to the host.
+std::vector<float> gpu_moe_rows(Backend& gpu, const Experts& eg, const std::vector<float>& idv,
+                                const std::vector<float>& wv, const std::vector<float>& xs, int64_t K, int64_t H,
+                                int64_t t0, int64_t n) {
+  Tensor ids = gpu.upload_f32(std::vector<float>(idv.begin() + t0 * K, idv.begin() + (t0 + n) * K), {n, K}, DType::I32);
+  Tensor w = gpu.upload_f32(std::vector<float>(wv.begin() + t0 * K, wv.begin() + (t0 + n) * K), {n, K}, DType::F32);
+  Tensor x = gpu.upload_f32(host_rows(xs, t0, t0 + n, H), {n, H}, DType::BF16);
+  Tensor y = gpu.alloc(DType::F32, {n, H});
+  gpu.moe_experts(x, eg, ids, w, y);
+  return gpu.to_host_f32(y);
 }
 int bit_diffs(const std::vector<float>& a, const std::vector<float>& b) {
   if (a.size() != b.size()) return -1;
@@ -1018,18 +1030,8 @@ TEST_F(CudaOps, Int4LargeMExperts) {
   Both B;
   ScopedEnv on("DS_CUDA_NO_BIG_GEMM", "0");  // the large-M kernel, whatever the default
   const int64_t E = 16, H = 2048, I = 512, K = 8;
-  std::vector<HostLinear> hl;
-  hl.reserve(3 * E);
-  std::vector<std::vector<LinearSource>> gu(E);
-  std::vector<LinearSource> dn(E);
-  for (int64_t e = 0; e < E; ++e) {
-    hl.emplace_back(I, H, true, 700 + e);
-    hl.emplace_back(I, H, true, 800 + e);
-    gu[e] = {hl[hl.size() - 2].src(), hl.back().src()};
-    hl.emplace_back(H, I, true, 900 + e);
-    dn[e] = hl.back().src();
-  }
-  Experts ec = B.cpu->make_experts(gu, dn), eg = B.gpu->make_experts(gu, dn);
+  const HostExperts hx(E, H, I, true, 700, 800, 900);
+  Experts ec = hx.make(*B.cpu), eg = hx.make(*B.gpu);
   for (int64_t T : {int64_t(100), int64_t(1024)}) {
     ScopedEnv min_moe("DS_INT4_BIG_MOE_MIN", "1");
     std::mt19937 g{uint32_t(T)};
@@ -1049,14 +1051,7 @@ TEST_F(CudaOps, Int4LargeMExperts) {
       for (int64_t k = 0; k < K; ++k) wv[wv.size() - K + k] /= sum;
     }
     const auto xs = randn(size_t(T * H), 1.f, 90 + T);
-    auto run = [&](int64_t t0, int64_t n) {
-      Tensor ids = B.gpu->upload_f32(std::vector<float>(idv.begin() + t0 * K, idv.begin() + (t0 + n) * K), {n, K}, DType::I32);
-      Tensor w = B.gpu->upload_f32(std::vector<float>(wv.begin() + t0 * K, wv.begin() + (t0 + n) * K), {n, K}, DType::F32);
-      Tensor x = B.gpu->upload_f32(host_rows(xs, t0, t0 + n, H), {n, H}, DType::BF16);
-      Tensor y = B.gpu->alloc(DType::F32, {n, H});
-      B.gpu->moe_experts(x, eg, ids, w, y);
-      return B.gpu->to_host_f32(y);
-    };
+    auto run = [&](int64_t t0, int64_t n) { return gpu_moe_rows(*B.gpu, eg, idv, wv, xs, K, H, t0, n); };
     const std::string tag = " T=" + std::to_string(T);
     const auto all = run(0, T);
     {
@@ -1089,18 +1084,8 @@ TEST_F(CudaOps, Int4LargeMExperts) {
 TEST_F(CudaOps, Int4MoeDecodeStream) {
   Both B;
   const int64_t E = 16, H = 2048, I = 512, K = 8;
-  std::vector<HostLinear> hl;
-  hl.reserve(3 * E);
-  std::vector<std::vector<LinearSource>> gu(E);
-  std::vector<LinearSource> dn(E);
-  for (int64_t e = 0; e < E; ++e) {
-    hl.emplace_back(I, H, true, 1700 + e);
-    hl.emplace_back(I, H, true, 1800 + e);
-    gu[e] = {hl[hl.size() - 2].src(), hl.back().src()};
-    hl.emplace_back(H, I, true, 1900 + e);
-    dn[e] = hl.back().src();
-  }
-  Experts eg = B.gpu->make_experts(gu, dn);
+  const HostExperts hx(E, H, I, true, 1700, 1800, 1900);
+  Experts eg = hx.make(*B.gpu);
   for (int64_t T : {int64_t(2), int64_t(8), int64_t(64), int64_t(100)}) {
     std::mt19937 g{uint32_t(T + 5)};
     std::vector<float> idv, wv;
@@ -1114,14 +1099,7 @@ TEST_F(CudaOps, Int4MoeDecodeStream) {
       }
     }
     const auto xs = randn(size_t(T * H), 1.f, 190 + T);
-    auto run = [&](int64_t t0, int64_t n) {
-      Tensor ids = B.gpu->upload_f32(std::vector<float>(idv.begin() + t0 * K, idv.begin() + (t0 + n) * K), {n, K}, DType::I32);
-      Tensor w = B.gpu->upload_f32(std::vector<float>(wv.begin() + t0 * K, wv.begin() + (t0 + n) * K), {n, K}, DType::F32);
-      Tensor x = B.gpu->upload_f32(host_rows(xs, t0, t0 + n, H), {n, H}, DType::BF16);
-      Tensor y = B.gpu->alloc(DType::F32, {n, H});
-      B.gpu->moe_experts(x, eg, ids, w, y);
-      return B.gpu->to_host_f32(y);
-    };
+    auto run = [&](int64_t t0, int64_t n) { return gpu_moe_rows(*B.gpu, eg, idv, wv, xs, K, H, t0, n); };
     std::vector<float> old;
     {
       ScopedEnv off("DS_INT4_MOE_DOWN_TPW_MIN_P", "1000000000"), off2("DS_INT4_MOE_GU_R_MIN_P", "1000000000");
@@ -1334,18 +1312,8 @@ TEST_F(CudaOps, Int4PrefillThroughput) {
 TEST_F(CudaOps, MoeFfnFused) {
   Both B;
   const int64_t E = 64, H = 1024, I = 256, Is = 512, K = 8, TM = 300;
-  std::vector<HostLinear> gate, up, down;
-  std::vector<std::vector<LinearSource>> gu(E);
-  std::vector<LinearSource> dn(E);
-  gate.reserve(E), up.reserve(E), down.reserve(E);
-  for (int64_t e = 0; e < E; ++e) {
-    gate.emplace_back(I, H, true, 400 + e);
-    up.emplace_back(I, H, true, 500 + e);
-    down.emplace_back(H, I, true, 600 + e);
-    gu[e] = {gate.back().src(), up.back().src()};
-    dn[e] = down.back().src();
-  }
-  Experts ec = B.cpu->make_experts(gu, dn), eg = B.gpu->make_experts(gu, dn);
+  const HostExperts hx(E, H, I, true, 400, 500, 600);
+  Experts ec = hx.make(*B.cpu), eg = hx.make(*B.gpu);
   HostLinear sd(H, Is, false, 700);
   const Linear sdc = B.cpu->make_linear({sd.src()}), sdg = B.gpu->make_linear({sd.src()});
   const auto ls = randn(size_t(TM * E), 1.f, 701), xs = randn(size_t(TM * H), 1.f, 702),

@@ -1,0 +1,45 @@
+#!/usr/bin/env python3
+"""Instruction mix and stall reasons of one kernel from Nsight Compute's per-instruction (source page) CSV.
+
+Profile on the GPU machine, then export one kernel's SASS with its counters:
+  ncu --set full --import-source no -k 'regex:KERNEL' --launch-skip N --launch-count C -o rep BINARY ARGS...
+  ncu -i rep.ncu-rep --page source --print-source sass --csv --launch-skip i --launch-count 1 > src_i.csv
+then `python3 tools/ncu_sass_mix.py src_i.csv`: executed warp-level instructions and stall samples per opcode (e.g.
+LOP3 against HMMA: how many integer instructions each mma costs), and the stall reasons over the whole kernel.
+"""
+import collections
+import csv
+import sys
+
+
+def main(path):
+    with open(path, newline="") as f:
+        print(f.readline().strip()[:160])  # the kernel's name
+        rows = [r for r in csv.DictReader(f) if r.get("Address", "").startswith("0x")]
+    if not rows:
+        sys.exit(f"{path}: no per-instruction rows (expected ncu --page source --print-source sass --csv)")
+    num = lambda v: int(v) if v and v.isdigit() else 0
+    execd, stalls = collections.Counter(), collections.Counter()
+    for r in rows:
+        words = r["Source"].split()
+        op = (words[1] if words and words[0].startswith("@") and len(words) > 1 else words[0] if words else "?")
+        op = op.split(".")[0]
+        execd[op] += num(r["Instructions Executed"])
+        stalls[op] += num(r["Warp Stall Sampling (All Samples)"])
+    te, ts = sum(execd.values()) or 1, sum(stalls.values()) or 1
+    print(f"{len(rows)} instructions, {te} warp-level instructions executed, {ts} stall samples")
+    for op, n in execd.most_common(20):
+        print(f"  {op:10s} executed {n:12d} ({100 * n / te:5.1f}%)   stall samples {stalls[op]:7d} ({100 * stalls[op] / ts:5.1f}%)")
+    reasons = collections.Counter()
+    for r in rows:
+        for c, v in r.items():
+            if c.startswith("stall_") and "Not Issued" not in c:
+                reasons[c[6:]] += num(v)
+    tr = sum(reasons.values()) or 1
+    print("stall reasons: " + ", ".join(f"{k} {100 * v / tr:.1f}%" for k, v in reasons.most_common(10)))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    main(sys.argv[1])

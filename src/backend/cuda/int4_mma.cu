@@ -248,8 +248,24 @@ __device__ __forceinline__ void stream_group(const StreamTile& t, const uint4 (&
   part[2] += s1 * tmp[2];
   part[3] += s1 * tmp[3];
 }
-// The tile table entry of blockIdx.y: expert, first list index, pair count (false: past the table's end).
+// Calls store(p, rr, h) for every C-fragment element of the lane that holds a real token: [2·rr + h] is (row g + 8·rr,
+// token 2·tig + h) of the tile, p that token's pair id.
+template <class F>
+__device__ __forceinline__ void stream_store(const TokenSrc& ts, int64_t t0, int cnt, int tig, F&& store) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int ti = 2 * tig + h;
+    if (ti >= cnt) continue;
+    const int64_t p = ts.list[t0 + ti];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) store(p, rr, h);
+  }
+}
+// A streaming kernel's start (PDL-launched: the tile table and the activations belong to earlier kernels): the tile
+// table entry of blockIdx.y, i.e. expert, first list index, pair count (false: past the table's end).
 __device__ __forceinline__ bool stream_tile_entry(const TokenSrc& ts, int64_t& e, int64_t& t0, int& cnt) {
+  pdl_wait();
+  pdl_trigger();
   if (int(blockIdx.y) >= *ts.ntiles) return false;
   const int32_t* tl = ts.tiles + 3 * blockIdx.y;
   e = tl[0], t0 = tl[1], cnt = tl[2];
@@ -263,8 +279,6 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
                     TokenSrc ts, int tpw) {
   constexpr int KC = kStreamKC, NG = KC / 2;  // chunks; groups (= slices)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
-  pdl_wait();  // PDL-launched: the tile table and the activations belong to earlier kernels
-  pdl_trigger();
   int64_t e, t0;
   int cnt;
   if (!stream_tile_entry(ts, e, t0, cnt)) return;  // block-uniform
@@ -285,14 +299,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[q] = s == 0 ? part[q] : acc[q] + part[q];
     }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int ti = 2 * tig + h;
-      if (ti >= cnt) continue;
-      const int64_t p = ts.list[t0 + ti];
-#pragma unroll
-      for (int rr = 0; rr < 2; ++rr) y[p * H + ot * 16 + g + 8 * rr] = acc[2 * rr + h];
-    }
+    stream_store(ts, t0, cnt, tig, [&](int64_t p, int rr, int h) { y[p * H + ot * 16 + g + 8 * rr] = acc[2 * rr + h]; });
     cur = nxt;
   }
 }
@@ -308,8 +315,6 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
   constexpr int64_t K = int64_t(KS) * kStreamKC * 64, KC = K / 64, NG = K / 128;
   extern __shared__ float red[];  // [R][gate, up][slice][4][32]
   const int s = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
-  pdl_wait();  // PDL-launched: the tile table and the activations belong to earlier kernels
-  pdl_trigger();
   int64_t e, t0;
   int cnt;
   if (!stream_tile_entry(ts, e, t0, cnt)) return;  // block-uniform
@@ -343,15 +348,9 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
 #pragma unroll
       for (int k = 1; k < KS; ++k) gt[c] = gt[c] + gp[k * 4 * 32], up[c] = up[c] + upp[k * 4 * 32];
     }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int ti = 2 * tig + h;
-      if (ti >= cnt) continue;
-      const int64_t p = ts.list[t0 + ti];
-#pragma unroll
-      for (int rr = 0; rr < 2; ++rr)
-        act[p * I + (pt0 + j) * 16 + g + 8 * rr] = __float2bfloat16_rn(silu(gt[2 * rr + h]) * up[2 * rr + h]);
-    }
+    stream_store(ts, t0, cnt, tig, [&](int64_t p, int rr, int h) {
+      act[p * I + (pt0 + j) * 16 + g + 8 * rr] = __float2bfloat16_rn(silu(gt[2 * rr + h]) * up[2 * rr + h]);
+    });
   }
 }
 

@@ -586,8 +586,13 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
   // 8 pairs keep k_int4_mma), where the shapes are the 35B-A3B's (gate_up K = 2048, down K = 512): DS_INT4_MOE_GU_R
   // gate/up tile pairs per block (4; 2 and 8 measured slower) and DS_INT4_MOE_DOWN_TPW output tiles per warp (8; 4
   // within noise). Batch 64 12.12 → 11.71 ms together (down alone 11.79), batch 8 4.70 → 4.49 (bench/RESULTS.md).
+  // They read a row's 4 zero points as one 4-byte word and its 4 scales as one float4 (ngroups a multiple of 4 for
+  // these K; the allocations' alignment, checked here).
+  auto streamable = [](const MmaInt4& W) {
+    return W.G == 128 && reinterpret_cast<uintptr_t>(W.z) % 4 == 0 && reinterpret_cast<uintptr_t>(W.sc) % 16 == 0;
+  };
   const int64_t gr = env_int("DS_INT4_MOE_GU_R", 4);
-  if (shape == Shape::Small && gate_up.K == kWarps * kStreamKC * 64 && gate_up.G == 128 && gate_up.KS == kWarps &&
+  if (shape == Shape::Small && gate_up.K == kWarps * kStreamKC * 64 && streamable(gate_up) && gate_up.KS == kWarps &&
       I % 16 == 0 && gr >= 1 && gr <= 12 && P >= env_int("DS_INT4_MOE_GU_R_MIN_P", 16)) {
     const int64_t gx = (I / 16 + gr - 1) / gr;
     DS_CHECK(mt <= 65535, "int4 mma experts: ", mt, " token tiles (at most 65535)");
@@ -599,7 +604,7 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
   }
   ts.xdiv = 1;
   const int64_t tpw = env_int("DS_INT4_MOE_DOWN_TPW", 8);
-  if (shape == Shape::Small && down.K == kStreamKC * 64 && down.G == 128 && down.KS == 4 && H % 16 == 0 && tpw >= 1 &&
+  if (shape == Shape::Small && down.K == kStreamKC * 64 && streamable(down) && down.KS == 4 && H % 16 == 0 && tpw >= 1 &&
       P >= env_int("DS_INT4_MOE_DOWN_TPW_MIN_P", 16)) {
     const int64_t gx = (H / 16 + kWarps * tpw - 1) / (kWarps * tpw);
     DS_CHECK(mt <= 65535, "int4 mma experts: ", mt, " token tiles (at most 65535)");

@@ -29,6 +29,8 @@ constexpr int kWarps = 4;  // warps per block
 // consecutive output tiles. With WK > 1 the slices' partials meet in shared memory and are added in slice order,
 // which is also the order a WK = 1 warp adds them in (batch invariance, int4_mma.h).
 // Output: GATED → bf16 silu(gate)·up at [p, n]; else y[p, n] of dtype ydt (F32 or BF16); row stride n_out.
+// UNR: groups per loop body, 2 for the decode and medium dense shapes (the next group's loads in flight with the
+// current one's), 1 for the large shapes (their accumulators leave no registers for it).
 template <int MT, int NT, int WK, int CPG, bool GATED, int UNR = (NT == 1 || (MT == 1 && !GATED) ? 2 : 1)>
 __global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 4 : 1)  // decode: ≥ 16 warps per SM for loads in flight
     k_int4_mma(const Int4Pair P, const __nv_bfloat16* __restrict__ x, TokenSrc ts) {

@@ -561,7 +561,8 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
   // Prefill sizes (many pairs per expert): tiles of up to kGemmTok pairs for the large-M kernel (int4_gemm.h).
   const bool big = P >= int4_gemm_moe_min() * E && int4_gemm_enabled();
   const int ntok = big ? kGemmTok : ntok_of(shape);
-  const int64_t mt = max_tiles(P, E, ntok);
+  const int64_t mt = max_tiles(P, E, ntok);  // grid.y of every expert launch below
+  DS_CHECK(mt <= 65535, "int4 mma experts: ", mt, " token tiles (at most 65535)");
   int32_t *list = scratch, *ntiles = scratch + P, *tiles = ntiles + 1;
   if (route) {
     DS_CHECK(route->ids == ids && route->T * topk == P, "int4 mma experts: the routed ids must be the experts' ids");
@@ -597,7 +598,6 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
   if (shape == Shape::Small && gate_up.K == kWarps * kStreamKC * 64 && streamable(gate_up) && gate_up.KS == kWarps &&
       I % 16 == 0 && gr >= 1 && gr <= 12 && P >= env_int("DS_INT4_MOE_GU_R_MIN_P", 16)) {
     const int64_t gx = (I / 16 + gr - 1) / gr;
-    DS_CHECK(mt <= 65535, "int4 mma experts: ", mt, " token tiles (at most 65535)");
     DS_CUDA_CHECK(pdl_launch(k_int4_moe_gu, dim3(unsigned(gx), unsigned(mt)), dim3(kWarps * 32),
                              size_t(gr) * 2 * kWarps * 4 * 32 * sizeof(float), s, gate_up, I,
                              static_cast<__nv_bfloat16*>(act), static_cast<const __nv_bfloat16*>(x), ts, int(gr)));
@@ -606,10 +606,9 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
   }
   ts.xdiv = 1;
   const int64_t tpw = env_int("DS_INT4_MOE_DOWN_TPW", 8);
-  if (shape == Shape::Small && down.K == kStreamKC * 64 && streamable(down) && down.KS == 4 && H % 16 == 0 && tpw >= 1 &&
-      P >= env_int("DS_INT4_MOE_DOWN_TPW_MIN_P", 16)) {
+  if (shape == Shape::Small && down.K == kStreamKC * 64 && streamable(down) && down.KS == kStreamKC / 2 &&
+      H % 16 == 0 && tpw >= 1 && P >= env_int("DS_INT4_MOE_DOWN_TPW_MIN_P", 16)) {
     const int64_t gx = (H / 16 + kWarps * tpw - 1) / (kWarps * tpw);
-    DS_CHECK(mt <= 65535, "int4 mma experts: ", mt, " token tiles (at most 65535)");
     DS_CUDA_CHECK(pdl_launch(k_int4_moe_down, dim3(unsigned(gx), unsigned(mt)), dim3(kWarps * 32), 0, s, down, H,
                              out, static_cast<const __nv_bfloat16*>(act), ts, int(tpw)));
     return;

@@ -207,7 +207,9 @@ struct StreamTile {
   uint32_t z0, z1;  // zero points of rows g, g + 8 of the tile, byte q = group q of the 4
   float4 s0, s1;    // their scales, element q = group q
 };
-__device__ __forceinline__ float f4_at(const float4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+__device__ __forceinline__ float f4_at(const float4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
 // Chunks [8·sl, 8·sl + 8) (groups [4·sl, 4·sl + 4)) of weight tile wt (kc chunks and ng groups per row) for lane
 // (g, ·).
 __device__ __forceinline__ void stream_load(const MmaInt4& W, int64_t wt, int64_t kc, int64_t ng, int sl, int g,
@@ -301,7 +303,8 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[q] = s == 0 ? part[q] : acc[q] + part[q];
     }
-    stream_store(ts, t0, cnt, tig, [&](int64_t p, int rr, int h) { y[p * H + ot * 16 + g + 8 * rr] = acc[2 * rr + h]; });
+    stream_store(ts, t0, cnt, tig,
+                 [&](int64_t p, int rr, int h) { y[p * H + ot * 16 + g + 8 * rr] = acc[2 * rr + h]; });
     cur = nxt;
   }
 }

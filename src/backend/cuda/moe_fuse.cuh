@@ -14,14 +14,18 @@
 
 namespace ds::cuda {
 
-// Router of token t, one warp (lane = this thread's lane): softmax over E ≤ 1024 logits, top-K (ties to the lower
-// index, as a stable sort), renormalised; ids[t·K + k], wts[t·K + k]. The warp's lanes must all call it.
-__device__ __forceinline__ void moe_route_token(const void* logits, int ldt, int64_t t, int64_t E, int64_t K,
-                                                int32_t* ids, float* wts, int lane) {
-  float p[32];
+// Router of token t, one warp (lane = this thread's lane): softmax over E ≤ 32·JN logits, top-K (ties to the lower
+// index, as a stable sort), renormalised; ids[t·K + k], wts[t·K + k]. The warp's lanes must all call it. JN = the
+// logits per lane: every loop (loads, softmax, K select rounds, knock-out) is JN long, so E = 256 takes 8 where a
+// fixed 32 spent three quarters of each on predicated-off slots. Slots past E hold −∞ / 0 / −1 as before, so the
+// max, the sum (adding +0) and the selection are the same bits for any JN ≥ E / 32.
+template <int JN>
+__device__ __forceinline__ void moe_route_token_n(const void* logits, int ldt, int64_t t, int64_t E, int64_t K,
+                                                  int32_t* ids, float* wts, int lane) {
+  float p[JN];
   float mx = -INFINITY;
 #pragma unroll
-  for (int j = 0; j < 32; ++j) {
+  for (int j = 0; j < JN; ++j) {
     int64_t e = lane + 32 * j;
     p[j] = e < E ? ldf(logits, ldt, t * E + e) : -INFINITY;
     mx = fmaxf(mx, p[j]);
@@ -30,7 +34,7 @@ __device__ __forceinline__ void moe_route_token(const void* logits, int ldt, int
   for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
   float sum = 0.f;
 #pragma unroll
-  for (int j = 0; j < 32; ++j) {
+  for (int j = 0; j < JN; ++j) {
     int64_t e = lane + 32 * j;
     p[j] = e < E ? expf(p[j] - mx) : 0.f;
     sum += p[j];
@@ -38,13 +42,13 @@ __device__ __forceinline__ void moe_route_token(const void* logits, int ldt, int
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
 #pragma unroll
-  for (int j = 0; j < 32; ++j) p[j] = (lane + 32 * j) < E ? p[j] / sum : -1.f;
+  for (int j = 0; j < JN; ++j) p[j] = (lane + 32 * j) < E ? p[j] / sum : -1.f;
   float tsum = 0.f;
   for (int64_t k = 0; k < K; ++k) {
     float bv = -2.f;
     int bi = 1 << 30;
 #pragma unroll
-    for (int j = 0; j < 32; ++j)
+    for (int j = 0; j < JN; ++j)
       if (p[j] > bv) {
         bv = p[j];
         bi = lane + 32 * j;
@@ -64,11 +68,18 @@ __device__ __forceinline__ void moe_route_token(const void* logits, int ldt, int
       wts[t * K + k] = bv;
     }
 #pragma unroll
-    for (int j = 0; j < 32; ++j)
+    for (int j = 0; j < JN; ++j)
       if (lane + 32 * j == bi) p[j] = -1.f;
   }
   __syncwarp();
   for (int64_t k = lane; k < K; k += 32) wts[t * K + k] = wts[t * K + k] / tsum;
+}
+// E ≤ 1024: the shortest of 8, 16 or 32 logits per lane (warp-uniform branch).
+__device__ __forceinline__ void moe_route_token(const void* logits, int ldt, int64_t t, int64_t E, int64_t K,
+                                                int32_t* ids, float* wts, int lane) {
+  if (E <= 256) return moe_route_token_n<8>(logits, ldt, t, E, K, ids, wts, lane);
+  if (E <= 512) return moe_route_token_n<16>(logits, ldt, t, E, K, ids, wts, lane);
+  moe_route_token_n<32>(logits, ldt, t, E, K, ids, wts, lane);
 }
 
 // The routed experts' weighted sum for token t, output column d: Σ_k wts[t, k] · out[t·K + k, d] in k order, fp32

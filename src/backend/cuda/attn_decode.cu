@@ -128,39 +128,11 @@ __global__ void __launch_bounds__(kThreads, 3)
         if (e < 2) mx0 = fmaxf(mx0, x);
         else mx1 = fmaxf(mx1, x);
       }
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-    const float c0 = exp2f(m0 - mx0), c1 = exp2f(m1 - mx1);
-    m0 = mx0;
-    m1 = mx1;
-    float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      sc[i][0] = exp2f(sc[i][0] - mx0);
-      sc[i][1] = exp2f(sc[i][1] - mx0);
-      sc[i][2] = exp2f(sc[i][2] - mx1);
-      sc[i][3] = exp2f(sc[i][3] - mx1);
-      sum0 += sc[i][0] + sc[i][1];
-      sum1 += sc[i][2] + sc[i][3];
-    }
-    l0 = l0 * c0 + sum0;  // this lane's columns; the quad's partial sums are added at the end
-    l1 = l1 * c1 + sum1;
-#pragma unroll
-    for (int i = 0; i < NTW; ++i) {
-      acc[i][0] *= c0;
-      acc[i][1] *= c0;
-      acc[i][2] *= c1;
-      acc[i][3] *= c1;
-    }
+    online_softmax_tile(sc, acc, mx0, mx1, m0, m1, l0, l1);
 
     // O += P·V for this warp's dims: the S accumulators of n-tiles 0, 1 are the A fragment of the one k-step.
     uint32_t a[4];
-    a[0] = pack_bf16(sc[0][0], sc[0][1]);
-    a[1] = pack_bf16(sc[0][2], sc[0][3]);
-    a[2] = pack_bf16(sc[1][0], sc[1][1]);
-    a[3] = pack_bf16(sc[1][2], sc[1][3]);
+    p_fragment(sc[0], sc[1], a);
 #pragma unroll
     for (int dp = 0; dp < DPW; ++dp) {
       uint32_t b[4];

@@ -170,42 +170,14 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (e < 2) mx0 = fmaxf(mx0, x);
         else mx1 = fmaxf(mx1, x);
       }
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
     // Every row attends position 0, so the first tile gives a finite maximum and it stays finite.
-    const float c0 = exp2f(m0 - mx0), c1 = exp2f(m1 - mx1);
-    m0 = mx0;
-    m1 = mx1;
-    float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-    for (int i = 0; i < NT; ++i) {
-      s[i][0] = exp2f(s[i][0] - mx0);
-      s[i][1] = exp2f(s[i][1] - mx0);
-      s[i][2] = exp2f(s[i][2] - mx1);
-      s[i][3] = exp2f(s[i][3] - mx1);
-      sum0 += s[i][0] + s[i][1];
-      sum1 += s[i][2] + s[i][3];
-    }
-    l0 = l0 * c0 + sum0;  // this thread's columns only; the quad's partial sums are added at the end
-    l1 = l1 * c1 + sum1;
-#pragma unroll
-    for (int i = 0; i < DT; ++i) {
-      acc[i][0] *= c0;
-      acc[i][1] *= c0;
-      acc[i][2] *= c1;
-      acc[i][3] *= c1;
-    }
+    online_softmax_tile(s, acc, mx0, mx1, m0, m1, l0, l1);
 
     // O += P·V: the S accumulators of n-tiles 2kk, 2kk+1 are exactly the A fragment of k-step kk.
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
       uint32_t a[4];
-      a[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      p_fragment(s[2 * kk], s[2 * kk + 1], a);
 #pragma unroll
       for (int dp = 0; dp < DH / 16; ++dp) {
         uint32_t b[4];

@@ -68,4 +68,48 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 
+// Flash-style attention on mma.sync C fragments: a lane holds rows g (elements 0, 1) and g + 8 (elements 2, 3) of
+// each n-tile, and the 4 lanes of a quad share those rows.
+// The rest of one tile's online-softmax update once the caller has scaled (log2 domain) and masked the scores s and
+// taken this lane's maxima mx0 / mx1 of them and of the running maxima m0 / m1: the quad's maxima become m0 / m1,
+// s becomes exp2(s − m), l0 / l1 (this lane's running sums of its own columns; the caller adds the quad's partial
+// sums at the end) and the output accumulators acc are rescaled by exp2(m_old − m_new), 0 on the first tile.
+template <int NS, int NA>
+__device__ __forceinline__ void online_softmax_tile(float (&s)[NS][4], float (&acc)[NA][4], float mx0, float mx1,
+                                                    float& m0, float& m1, float& l0, float& l1) {
+  mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+  mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+  mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+  mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+  const float c0 = exp2f(m0 - mx0), c1 = exp2f(m1 - mx1);
+  m0 = mx0;
+  m1 = mx1;
+  float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+  for (int i = 0; i < NS; ++i) {
+    s[i][0] = exp2f(s[i][0] - mx0);
+    s[i][1] = exp2f(s[i][1] - mx0);
+    s[i][2] = exp2f(s[i][2] - mx1);
+    s[i][3] = exp2f(s[i][3] - mx1);
+    sum0 += s[i][0] + s[i][1];
+    sum1 += s[i][2] + s[i][3];
+  }
+  l0 = l0 * c0 + sum0;
+  l1 = l1 * c1 + sum1;
+#pragma unroll
+  for (int i = 0; i < NA; ++i) {
+    acc[i][0] *= c0;
+    acc[i][1] *= c0;
+    acc[i][2] *= c1;
+    acc[i][3] *= c1;
+  }
+}
+// The A fragment of a P·V k-step from the C fragments of S's n-tiles 2k and 2k + 1 (P rounded to bf16).
+__device__ __forceinline__ void p_fragment(const float (&c0)[4], const float (&c1)[4], uint32_t a[4]) {
+  a[0] = pack_bf16(c0[0], c0[1]);
+  a[1] = pack_bf16(c0[2], c0[3]);
+  a[2] = pack_bf16(c1[0], c1[1]);
+  a[3] = pack_bf16(c1[2], c1[3]);
+}
+
 }  // namespace ds::cuda

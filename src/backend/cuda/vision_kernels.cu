@@ -201,42 +201,14 @@ __global__ void __launch_bounds__(128) k_vis_attention(const __nv_bfloat16* qkv,
         else mx1 = fmaxf(mx1, s[nt][e]);
       }
     // The 4 lanes of a quad share rows g and g + 8. Key kb < s1 is in every tile, so the maxima are finite.
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-    const float c0 = exp2f(m0 - mx0), c1 = exp2f(m1 - mx1);  // 0 on the first tile (m = −inf)
-    m0 = mx0;
-    m1 = mx1;
-    float rs0 = 0.f, rs1 = 0.f;
-#pragma unroll
-    for (int nt = 0; nt < BK / 8; ++nt) {
-      s[nt][0] = exp2f(s[nt][0] - mx0);
-      s[nt][1] = exp2f(s[nt][1] - mx0);
-      s[nt][2] = exp2f(s[nt][2] - mx1);
-      s[nt][3] = exp2f(s[nt][3] - mx1);
-      rs0 += s[nt][0] + s[nt][1];
-      rs1 += s[nt][2] + s[nt][3];
-    }
-    l0 = l0 * c0 + rs0;  // this lane's share of the row sum; the quad adds up at the end
-    l1 = l1 * c1 + rs1;
-#pragma unroll
-    for (int dt = 0; dt < DP / 8; ++dt) {
-      acc[dt][0] *= c0;
-      acc[dt][1] *= c0;
-      acc[dt][2] *= c1;
-      acc[dt][3] *= c1;
-    }
+    online_softmax_tile(s, acc, mx0, mx1, m0, m1, l0, l1);  // acc × 0 on the first tile (m = −inf)
     // ldmatrix.x4.trans row addresses: matrix j = lane / 8 covers keys ks·16 + 8·(j & 1) + (lane % 8) and dims
     // (dt + j / 2)·8..+7, so r[0], r[1] are dt's B fragment (keys 2t.., 2t+8..) and r[2], r[3] are dt + 1's.
     const int mrow = 8 * ((lane >> 3) & 1) + (lane & 7), mcol = 8 * (lane >> 4);
 #pragma unroll
     for (int ks = 0; ks < BK / 16; ++ks) {
       uint32_t a[4];
-      a[0] = pack_bf16(s[2 * ks][0], s[2 * ks][1]);
-      a[1] = pack_bf16(s[2 * ks][2], s[2 * ks][3]);
-      a[2] = pack_bf16(s[2 * ks + 1][0], s[2 * ks + 1][1]);
-      a[3] = pack_bf16(s[2 * ks + 1][2], s[2 * ks + 1][3]);
+      p_fragment(s[2 * ks], s[2 * ks + 1], a);
 #pragma unroll
       for (int dt = 0; dt < DP / 8; dt += 2) {
         uint32_t b[4];

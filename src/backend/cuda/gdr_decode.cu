@@ -132,6 +132,13 @@ __global__ void __launch_bounds__(256, 2) k_gdn_recur_norm(const float* qn, cons
     }
     const float4 v = reinterpret_cast<const float4*>(vv + (t * Hv + j) * DV)[lane];
     const float decay = expf(g[t * Hv + j]), b = beta[t * Hv + j];
+    // The gate z of the gated RMSNorm requested with k, q and v, so the norm after the two reductions waits for no
+    // further DRAM/L2 round trip (batch 64: DeltaNet 2.45 → 2.42 ms).
+    const int64_t base = (t * Hv + j) * DV + 4 * lane;
+    const bool mine = w == int(i % NW);  // token i's output row is written by warp i mod 8
+    float4 zv = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (norm_w && mine)
+      zv = make_float4(ldf(z, zdt, base + 0), ldf(z, zdt, base + 1), ldf(z, zdt, base + 2), ldf(z, zdt, base + 3));
     // u = b · (v − (decay·S)ᵀ k), per column; rows reduce within the thread, then over the warps.
     float4 pu = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
@@ -157,19 +164,18 @@ __global__ void __launch_bounds__(256, 2) k_gdn_recur_norm(const float* qn, cons
     float4 o = redo[0][lane];
 #pragma unroll
     for (int ww = 1; ww < NW; ++ww) f4_add(o, redo[ww][lane]);
-    // Every warp now holds the head's whole output row; token i's is written by warp i mod 8.
-    const int64_t base = (t * Hv + j) * DV + 4 * lane;
+    // Every warp now holds the head's whole output row.
     if (norm_w) {
       const float ss = warp_sum((o.x * o.x + o.y * o.y) + (o.z * o.z + o.w * o.w));
       const float inv = 1.f / sqrtf(ss / float(DV) + eps);
-      if (w == int(i % NW)) {
+      if (mine) {
         const float4 nw = reinterpret_cast<const float4*>(norm_w)[lane];
-        stf(y, ydt, base + 0, o.x * inv * nw.x * silu_f(ldf(z, zdt, base + 0)));
-        stf(y, ydt, base + 1, o.y * inv * nw.y * silu_f(ldf(z, zdt, base + 1)));
-        stf(y, ydt, base + 2, o.z * inv * nw.z * silu_f(ldf(z, zdt, base + 2)));
-        stf(y, ydt, base + 3, o.w * inv * nw.w * silu_f(ldf(z, zdt, base + 3)));
+        stf(y, ydt, base + 0, o.x * inv * nw.x * silu_f(zv.x));
+        stf(y, ydt, base + 1, o.y * inv * nw.y * silu_f(zv.y));
+        stf(y, ydt, base + 2, o.z * inv * nw.z * silu_f(zv.z));
+        stf(y, ydt, base + 3, o.w * inv * nw.w * silu_f(zv.w));
       }
-    } else if (w == int(i % NW)) {
+    } else if (mine) {
       stf(y, ydt, base + 0, o.x);
       stf(y, ydt, base + 1, o.y);
       stf(y, ydt, base + 2, o.z);

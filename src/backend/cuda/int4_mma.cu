@@ -224,6 +224,18 @@ __device__ __forceinline__ void stream_load(const MmaInt4& W, int64_t wt, int64_
   t.s0 = __ldg(reinterpret_cast<const float4*>(W.sc + r0 * ng + q0));
   t.s1 = __ldg(reinterpret_cast<const float4*>(W.sc + (r0 + 8) * ng + q0));
 }
+// L2 prefetch of what stream_load(W, wt, kc, ng, sl, ·) reads, one instruction per lane: lane l the weights' 128-byte
+// line l of the slice (8 chunks × 512 bytes), lanes 0-15 / 16-31 the scale / zero-point pieces of the tile's rows.
+// The registers hold one tile ahead; this puts the tile after it in flight without registers, so its loads hit L2.
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+__device__ __forceinline__ void stream_prefetch(const MmaInt4& W, int64_t wt, int64_t kc, int64_t ng, int sl,
+                                                int lane) {
+  const int c0 = sl * kStreamKC, q0 = sl * (kStreamKC / 2);
+  prefetch_l2(W.qw + (wt * kc + c0) * 32 + lane * 8);
+  const int64_t r = wt * 16 + (lane & 15);
+  if (lane < 16) prefetch_l2(W.sc + r * ng + q0);
+  else prefetch_l2(W.z + r * ng + q0);
+}
 // The activation fragments of 8 chunks from xr (token row + 16·tig + first chunk's input).
 __device__ __forceinline__ void stream_x(const __nv_bfloat16* xr, uint4 (&xv)[kStreamKC][2]) {
 #pragma unroll
@@ -278,6 +290,7 @@ __device__ __forceinline__ bool stream_tile_entry(const TokenSrc& ts, int64_t& e
 
 // The experts' down projection when K = 512 (the 35B-A3B's moe_intermediate_size; its 4 slices are one group each):
 // each warp streams tpw consecutive 16-row output tiles of its expert.
+template <bool PF>
 __global__ void __launch_bounds__(kWarps * 32, 2)
     k_int4_moe_down(const MmaInt4 W, int64_t H, float* __restrict__ y, const __nv_bfloat16* __restrict__ x,
                     TokenSrc ts, int tpw) {
@@ -295,6 +308,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
   stream_load(W, e * otiles + ot_begin, KC, NG, 0, g, lane, cur);
   for (int64_t ot = ot_begin; ot < ot_end; ++ot) {
     if (ot + 1 < ot_end) stream_load(W, e * otiles + ot + 1, KC, NG, 0, g, lane, nxt);
+    if (PF && ot + 2 < ot_end) stream_prefetch(W, e * otiles + ot + 2, KC, NG, 0, lane);
     float acc[4];
 #pragma unroll
     for (int s = 0; s < NG; ++s) {  // slice s = group s
@@ -313,6 +327,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
 // (gate, up) tile pairs of its expert, each warp computing its slice's partial of the gate tile, then of the up tile.
 // The partials meet in shared memory; after the R pairs each warp adds the slices of every 4th pair in slice order
 // and stores silu(gate)·up.
+template <bool PF>
 __global__ void __launch_bounds__(kWarps * 32, 2)
     k_int4_moe_gu(const MmaInt4 W, int64_t I, __nv_bfloat16* __restrict__ act, const __nv_bfloat16* __restrict__ x,
                   TokenSrc ts, int R) {
@@ -334,6 +349,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
   stream_load(W, wtile(0), KC, NG, s, g, lane, cur);
   for (int u = 0; u < 2 * np; ++u) {
     if (u + 1 < 2 * np) stream_load(W, wtile(u + 1), KC, NG, s, g, lane, nxt);
+    if (PF && u + 2 < 2 * np) stream_prefetch(W, wtile(u + 2), KC, NG, s, lane);
     float part[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int q = 0; q < NGS; ++q) stream_group(cur, xv, q, part);
@@ -598,11 +614,14 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
     return W.G == 128 && reinterpret_cast<uintptr_t>(W.z) % 4 == 0 && reinterpret_cast<uintptr_t>(W.sc) % 16 == 0;
   };
   const int64_t gr = env_int("DS_INT4_MOE_GU_R", 4);
+  // The tile after the next one prefetched into L2 (stream_prefetch); DS_INT4_MOE_PF=0: not. Batch 64 MoE
+  // 6.10 → 5.79 ms against the same code without it; 2 or 4 tiles ahead were slower (bench/RESULTS.md session 8).
+  const bool pf = env_int("DS_INT4_MOE_PF", 1) != 0;
   if (shape == Shape::Small && gate_up.K == kWarps * kStreamKC * 64 && streamable(gate_up) && gate_up.KS == kWarps &&
       I % 16 == 0 && gr >= 1 && gr <= 12 && P >= env_int("DS_INT4_MOE_GU_R_MIN_P", 16)) {
     const int64_t gx = (I / 16 + gr - 1) / gr;
-    DS_CUDA_CHECK(pdl_launch(k_int4_moe_gu, dim3(unsigned(gx), unsigned(mt)), dim3(kWarps * 32),
-                             size_t(gr) * 2 * kWarps * 4 * 32 * sizeof(float), s, gate_up, I,
+    DS_CUDA_CHECK(pdl_launch(pf ? k_int4_moe_gu<true> : k_int4_moe_gu<false>, dim3(unsigned(gx), unsigned(mt)),
+                             dim3(kWarps * 32), size_t(gr) * 2 * kWarps * 4 * 32 * sizeof(float), s, gate_up, I,
                              static_cast<__nv_bfloat16*>(act), static_cast<const __nv_bfloat16*>(x), ts, int(gr)));
   } else {
     launch<true>(shape, Int4Out{gate_up, 2 * I, I, act, int(DType::BF16)}, nullptr, x, ts, mt, s, wk_cap);
@@ -612,8 +631,9 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
   if (shape == Shape::Small && down.K == kStreamKC * 64 && streamable(down) && down.KS == kStreamKC / 2 &&
       H % 16 == 0 && tpw >= 1 && P >= env_int("DS_INT4_MOE_DOWN_TPW_MIN_P", 16)) {
     const int64_t gx = (H / 16 + kWarps * tpw - 1) / (kWarps * tpw);
-    DS_CUDA_CHECK(pdl_launch(k_int4_moe_down, dim3(unsigned(gx), unsigned(mt)), dim3(kWarps * 32), 0, s, down, H,
-                             out, static_cast<const __nv_bfloat16*>(act), ts, int(tpw)));
+    DS_CUDA_CHECK(pdl_launch(pf ? k_int4_moe_down<true> : k_int4_moe_down<false>, dim3(unsigned(gx), unsigned(mt)),
+                             dim3(kWarps * 32), 0, s, down, H, out, static_cast<const __nv_bfloat16*>(act), ts,
+                             int(tpw)));
     return;
   }
   launch<false>(shape, Int4Out{down, H, H, out, int(DType::F32)}, nullptr, act, ts, mt, s, wk_cap, down_mt);

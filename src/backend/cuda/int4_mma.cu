@@ -290,7 +290,6 @@ __device__ __forceinline__ bool stream_tile_entry(const TokenSrc& ts, int64_t& e
 
 // The experts' down projection when K = 512 (the 35B-A3B's moe_intermediate_size; its 4 slices are one group each):
 // each warp streams tpw consecutive 16-row output tiles of its expert.
-template <bool PF>
 __global__ void __launch_bounds__(kWarps * 32, 2)
     k_int4_moe_down(const MmaInt4 W, int64_t H, float* __restrict__ y, const __nv_bfloat16* __restrict__ x,
                     TokenSrc ts, int tpw) {
@@ -308,7 +307,6 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
   stream_load(W, e * otiles + ot_begin, KC, NG, 0, g, lane, cur);
   for (int64_t ot = ot_begin; ot < ot_end; ++ot) {
     if (ot + 1 < ot_end) stream_load(W, e * otiles + ot + 1, KC, NG, 0, g, lane, nxt);
-    if (PF && ot + 2 < ot_end) stream_prefetch(W, e * otiles + ot + 2, KC, NG, 0, lane);
     float acc[4];
 #pragma unroll
     for (int s = 0; s < NG; ++s) {  // slice s = group s
@@ -614,8 +612,9 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
     return W.G == 128 && reinterpret_cast<uintptr_t>(W.z) % 4 == 0 && reinterpret_cast<uintptr_t>(W.sc) % 16 == 0;
   };
   const int64_t gr = env_int("DS_INT4_MOE_GU_R", 4);
-  // The tile after the next one prefetched into L2 (stream_prefetch); DS_INT4_MOE_PF=0: not. Batch 64 MoE
-  // 6.10 → 5.79 ms against the same code without it; 2 or 4 tiles ahead were slower (bench/RESULTS.md session 8).
+  // gate_up prefetches the tile after the next one into L2 (stream_prefetch); DS_INT4_MOE_PF=0: not. Batch 64
+  // 11.71 → 11.37 ms (8: 4.49 → 4.41, 32: 8.68 → 8.45); in the down kernel as well 11.45 (ncu: down 48 → 55 µs,
+  // gate_up 94 → 87); 2 or 4 tiles ahead slower (bench/RESULTS.md session 8, runs 4-6).
   const bool pf = env_int("DS_INT4_MOE_PF", 1) != 0;
   if (shape == Shape::Small && gate_up.K == kWarps * kStreamKC * 64 && streamable(gate_up) && gate_up.KS == kWarps &&
       I % 16 == 0 && gr >= 1 && gr <= 12 && P >= env_int("DS_INT4_MOE_GU_R_MIN_P", 16)) {
@@ -631,9 +630,8 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
   if (shape == Shape::Small && down.K == kStreamKC * 64 && streamable(down) && down.KS == kStreamKC / 2 &&
       H % 16 == 0 && tpw >= 1 && P >= env_int("DS_INT4_MOE_DOWN_TPW_MIN_P", 16)) {
     const int64_t gx = (H / 16 + kWarps * tpw - 1) / (kWarps * tpw);
-    DS_CUDA_CHECK(pdl_launch(pf ? k_int4_moe_down<true> : k_int4_moe_down<false>, dim3(unsigned(gx), unsigned(mt)),
-                             dim3(kWarps * 32), 0, s, down, H, out, static_cast<const __nv_bfloat16*>(act), ts,
-                             int(tpw)));
+    DS_CUDA_CHECK(pdl_launch(k_int4_moe_down, dim3(unsigned(gx), unsigned(mt)), dim3(kWarps * 32), 0, s, down, H,
+                             out, static_cast<const __nv_bfloat16*>(act), ts, int(tpw)));
     return;
   }
   launch<false>(shape, Int4Out{down, H, H, out, int(DType::F32)}, nullptr, act, ts, mt, s, wk_cap, down_mt);

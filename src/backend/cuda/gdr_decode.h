@@ -13,7 +13,8 @@
 //     with 16-byte loads and stores. The state is loaded before the PDL wait (it overlaps k_gdn_conv_prep); per
 //     token the two column sums (S·k and S·q over rows) reduce across warps in shared memory, and the output row
 //     of the head is complete in every warp, so the gated RMSNorm (over the head's Dv values, · w · silu(z)) needs
-//     only a warp sum.
+//     only a warp sum (z is requested with the token's k, q and v). One kernel for both, and the states streamed
+//     through a shared-memory ring by persistent blocks, were measured slower (docs/perf.md, session 8).
 // Both read the sequence table (q_start, q_len, ctx, slot) on the device and touch only sequences with
 // 1 <= q_len < kGdnShortMax (graph-safe, batch-invariant: a sequence's result depends on its own rows only).
 #pragma once

@@ -1115,6 +1115,14 @@ TEST_F(CudaOps, Int4MoeDecodeStream) {
     {
       ScopedEnv off("DS_INT4_MOE_DOWN_TPW_MIN_P", "1000000000"), on2("DS_INT4_MOE_GU_R_MIN_P", "1");
       EXPECT_EQ(bit_diffs(run(0, T), old), 0) << "k_int4_moe_gu alone vs k_int4_mma, T=" << T;
+      // gate_up's cp.async ring (2-4 stages) with 1 / 3 / 4 pairs per block: units per warp below, at and above
+      // the ring's depth
+      for (const char* d : {"2", "3", "4"})
+        for (const char* r : {"1", "3", "4"}) {
+          ScopedEnv ring("DS_INT4_MOE_GU_RING", d), rr("DS_INT4_MOE_GU_R", r);
+          EXPECT_EQ(bit_diffs(run(0, T), old), 0)
+              << "k_int4_moe_gu, " << d << "-stage ring, " << r << " pairs per block, vs k_int4_mma, T=" << T;
+        }
     }
     int diff = 0;
     for (int64_t t : {int64_t(0), T / 2, T - 1}) diff += bit_diffs(run(t, 1), host_rows(old, t, t + 1, H)) != 0;

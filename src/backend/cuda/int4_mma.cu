@@ -236,6 +236,31 @@ __device__ __forceinline__ void stream_prefetch(const MmaInt4& W, int64_t wt, in
   if (lane < 16) prefetch_l2(W.sc + r * ng + q0);
   else prefetch_l2(W.z + r * ng + q0);
 }
+// A stage of a warp's cp.async ring (k_int4_moe_gu with D > 0): what stream_load reads, each lane's pieces at its
+// index, so a lane copies and later reads only its own bytes (no barrier guards the ring).
+struct StreamSmem {
+  uint4 w[kStreamKC][32];
+  float4 s0[32], s1[32];
+  uint32_t z0[32], z1[32];
+};
+// stream_load's reads as cp.async into stage b (commit and wait are the caller's).
+__device__ __forceinline__ void stream_issue(const MmaInt4& W, int64_t wt, int64_t kc, int64_t ng, int sl, int g,
+                                             int lane, StreamSmem& b) {
+  const int64_t r0 = wt * 16 + g;
+  const int c0 = sl * kStreamKC, q0 = sl * (kStreamKC / 2);
+  const uint4* wp = W.qw + (wt * kc + c0) * 32 + lane;
+#pragma unroll
+  for (int c = 0; c < kStreamKC; ++c) cp_async16(&b.w[c][lane], wp + c * 32);
+  cp_async4(&b.z0[lane], W.z + r0 * ng + q0);
+  cp_async4(&b.z1[lane], W.z + (r0 + 8) * ng + q0);
+  cp_async16(&b.s0[lane], W.sc + r0 * ng + q0);
+  cp_async16(&b.s1[lane], W.sc + (r0 + 8) * ng + q0);
+}
+__device__ __forceinline__ void stream_take(const StreamSmem& b, int lane, StreamTile& t) {
+#pragma unroll
+  for (int c = 0; c < kStreamKC; ++c) t.w[c] = b.w[c][lane];
+  t.z0 = b.z0[lane], t.z1 = b.z1[lane], t.s0 = b.s0[lane], t.s1 = b.s1[lane];
+}
 // The activation fragments of 8 chunks from xr (token row + 16·tig + first chunk's input).
 __device__ __forceinline__ void stream_x(const __nv_bfloat16* xr, uint4 (&xv)[kStreamKC][2]) {
 #pragma unroll
@@ -324,9 +349,11 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
 // The experts' gate_up when K = 2048 (4 slices of 512). Block = 4 warps, warp s = slice s; the block streams R
 // (gate, up) tile pairs of its expert, each warp computing its slice's partial of the gate tile, then of the up tile.
 // The partials meet in shared memory; after the R pairs each warp adds the slices of every 4th pair in slice order
-// and stores silu(gate)·up.
-template <bool PF>
-__global__ void __launch_bounds__(kWarps * 32, 2)
+// and stores silu(gate)·up. D > 0: the tiles come through a D-stage cp.async ring per warp in shared memory after the
+// partials (D − 1 tiles in flight, one tile of registers instead of two; PF unused) instead of the register double
+// buffer.
+template <bool PF, int D = 0>
+__global__ void __launch_bounds__(kWarps * 32, D == 2 ? 3 : 2)  // D = 2: ≤ 168 registers, 3 blocks per SM
     k_int4_moe_gu(const MmaInt4 W, int64_t I, __nv_bfloat16* __restrict__ act, const __nv_bfloat16* __restrict__ x,
                   TokenSrc ts, int R) {
   constexpr int KS = kWarps, NGS = kStreamKC / 2;  // slices; groups per slice
@@ -339,22 +366,52 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
   const int64_t ptiles = I / 16, pt0 = int64_t(blockIdx.x) * R;
   const int np = int(ptiles - pt0 < R ? ptiles - pt0 : R);
   if (np <= 0) return;  // block-uniform
-  uint4 xv[kStreamKC][2];  // token g of the tile (padding lanes reuse token 0), slice s
-  stream_x(x + x_row(ts, ts.list[t0 + (g < cnt ? g : 0)]) * K + s * kStreamKC * 64 + 16 * tig, xv);
   // Unit u: pair u / 2, its gate (u even) or up tile.
   auto wtile = [&](int u) { return e * (2 * ptiles) + pt0 + u / 2 + (u & 1) * ptiles; };
-  StreamTile cur, nxt;
-  stream_load(W, wtile(0), KC, NG, s, g, lane, cur);
-  for (int u = 0; u < 2 * np; ++u) {
-    if (u + 1 < 2 * np) stream_load(W, wtile(u + 1), KC, NG, s, g, lane, nxt);
-    if (PF && u + 2 < 2 * np) stream_prefetch(W, wtile(u + 2), KC, NG, s, lane);
+  auto partial = [&](const StreamTile& t, const uint4 (&xv)[kStreamKC][2], int u) {
     float part[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int q = 0; q < NGS; ++q) stream_group(cur, xv, q, part);
+    for (int q = 0; q < NGS; ++q) stream_group(t, xv, q, part);
     float* rp = red + (size_t(u) * KS + s) * 4 * 32 + lane;
 #pragma unroll
     for (int c = 0; c < 4; ++c) rp[c * 32] = part[c];
-    cur = nxt;
+  };
+  uint4 xv[kStreamKC][2];  // token g of the tile (padding lanes reuse token 0), slice s
+  if constexpr (D > 0) {
+    const __nv_bfloat16* xr = x + x_row(ts, ts.list[t0 + (g < cnt ? g : 0)]) * K + s * kStreamKC * 64 + 16 * tig;
+    // Stage q of this warp's ring; the ring starts after the R pairs' partials (R · 4 KB, 16-byte aligned).
+    StreamSmem* ring = reinterpret_cast<StreamSmem*>(red + size_t(R) * 2 * KS * 4 * 32) + s * D;
+    const int nu = 2 * np;
+#pragma unroll
+    for (int q = 0; q < D - 1; ++q) {  // one commit group per unit, empty past the end
+      if (q < nu) stream_issue(W, wtile(q), KC, NG, s, g, lane, ring[q]);
+      cp_async_commit();
+    }
+    stream_x(xr, xv);
+    for (int u = 0; u < nu; ++u) {
+      // Refills the stage unit u − 1 was taken from (this lane's own bytes, already in its registers and used).
+      if (u + D - 1 < nu) stream_issue(W, wtile(u + D - 1), KC, NG, s, g, lane, ring[(u + D - 1) % D]);
+      cp_async_commit();
+      cp_async_wait<D - 1>();  // unit u's group has landed
+      StreamTile cur;
+      stream_take(ring[u % D], lane, cur);
+      partial(cur, xv, u);
+    }
+  } else {
+    stream_x(x + x_row(ts, ts.list[t0 + (g < cnt ? g : 0)]) * K + s * kStreamKC * 64 + 16 * tig, xv);
+    StreamTile cur, nxt;
+    stream_load(W, wtile(0), KC, NG, s, g, lane, cur);
+    for (int u = 0; u < 2 * np; ++u) {
+      if (u + 1 < 2 * np) stream_load(W, wtile(u + 1), KC, NG, s, g, lane, nxt);
+      if (PF && u + 2 < 2 * np) stream_prefetch(W, wtile(u + 2), KC, NG, s, lane);
+      float part[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int q = 0; q < NGS; ++q) stream_group(cur, xv, q, part);
+      float* rp = red + (size_t(u) * KS + s) * 4 * 32 + lane;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) rp[c * 32] = part[c];
+      cur = nxt;
+    }
   }
   __syncthreads();
   for (int j = s; j < np; j += KS) {
@@ -619,8 +676,23 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
   if (shape == Shape::Small && gate_up.K == kWarps * kStreamKC * 64 && streamable(gate_up) && gate_up.KS == kWarps &&
       I % 16 == 0 && gr >= 1 && gr <= 12 && P >= env_int("DS_INT4_MOE_GU_R_MIN_P", 16)) {
     const int64_t gx = (I / 16 + gr - 1) / gr;
-    DS_CUDA_CHECK(pdl_launch(pf ? k_int4_moe_gu<true> : k_int4_moe_gu<false>, dim3(unsigned(gx), unsigned(mt)),
-                             dim3(kWarps * 32), size_t(gr) * 2 * kWarps * 4 * 32 * sizeof(float), s, gate_up, I,
+    // DS_INT4_MOE_GU_RING=2|3|4: the cp.async ring of that many stages per warp (NOT GPU-tested; branch guring).
+    // 144 registers: with R = 4, 2 stages fit 3 blocks per SM (59 KB each), 3 or 4 stages 2 (80 / 102 KB).
+    const int64_t ring = env_int("DS_INT4_MOE_GU_RING", 0);
+    size_t smem = size_t(gr) * 2 * kWarps * 4 * 32 * sizeof(float);
+    auto* k = pf ? k_int4_moe_gu<true> : k_int4_moe_gu<false>;
+    if (ring >= 2 && ring <= 4) {
+      smem += size_t(kWarps) * size_t(ring) * sizeof(StreamSmem);
+      k = ring == 2 ? k_int4_moe_gu<false, 2> : ring == 3 ? k_int4_moe_gu<false, 3> : k_int4_moe_gu<false, 4>;
+      constexpr int kMax = 160 * 1024;
+      static const cudaError_t attr[3] = {
+          cudaFuncSetAttribute(k_int4_moe_gu<false, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMax),
+          cudaFuncSetAttribute(k_int4_moe_gu<false, 3>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMax),
+          cudaFuncSetAttribute(k_int4_moe_gu<false, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMax)};
+      for (cudaError_t a : attr) DS_CUDA_CHECK(a);
+      DS_CHECK(smem <= size_t(kMax), "int4 mma experts: gate_up ring of ", smem, " bytes (at most ", kMax, ")");
+    }
+    DS_CUDA_CHECK(pdl_launch(k, dim3(unsigned(gx), unsigned(mt)), dim3(kWarps * 32), smem, s, gate_up, I,
                              static_cast<__nv_bfloat16*>(act), static_cast<const __nv_bfloat16*>(x), ts, int(gr)));
   } else {
     launch<true>(shape, Int4Out{gate_up, 2 * I, I, act, int(DType::BF16)}, nullptr, x, ts, mt, s, wk_cap);

@@ -860,7 +860,8 @@ TEST_F(CudaOps, Int4BatchInvariance) {
     B.gpu->linear(x, lg, y);
     int diff = 0;
     for (int64_t r : {int64_t(0), int64_t(7), int64_t(299)})
-      for (int64_t m : {int64_t(1), int64_t(9), int64_t(40)}) {  // the row alone and inside smaller batches
+      // the row alone and inside smaller batches (the medium shape's warp tiles: 9 → 1 × 2, 40 → 2 × 2, 100 → 1 × 4)
+      for (int64_t m : {int64_t(1), int64_t(9), int64_t(40), int64_t(100)}) {
         std::vector<float> sub(xs.begin() + r * K, xs.begin() + (r + 1) * K);
         for (int64_t i = 1; i < m; ++i) sub.insert(sub.end(), xs.begin() + ((r + i) % M) * K, xs.begin() + ((r + i) % M + 1) * K);
         Tensor xr = B.gpu->upload_f32(sub, {m, K}, DType::BF16), yr = B.gpu->alloc(DType::F32, {m, N});

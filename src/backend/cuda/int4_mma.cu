@@ -32,7 +32,7 @@ constexpr int kWarps = 4;  // warps per block
 // UNR: groups per loop body, 2 for the decode and medium dense shapes (the next group's loads in flight with the
 // current one's), 1 for the large shapes (their accumulators leave no registers for it).
 template <int MT, int NT, int WK, int CPG, bool GATED, int UNR = (NT == 1 || (MT == 1 && !GATED) ? 2 : 1)>
-__global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 4 : 1)  // decode: ≥ 16 warps per SM for loads in flight
+__global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 4 : NT == 2 ? 3 : 1)  // decode: ≥ 16 warps per SM in flight
     k_int4_mma(const Int4Pair P, const __nv_bfloat16* __restrict__ x, TokenSrc ts) {
   // Blocks [0, P.b_block) compute matrix a, the rest matrix b (two linears of one input in one launch).
   const bool second = blockIdx.x >= P.b_block;
@@ -572,7 +572,8 @@ void launch_cpg(const Int4Out& A, const Int4Out* B, const void* x, const TokenSr
 }
 
 // Kernel shapes. Small (decode, few tokens per tile): one 16-row tile (GATED: a gate/up pair) × 8 tokens per
-// warp. Medium (up to a few hundred tokens): × 32 tokens. Both split K over WK warps of the block (WK ≤ KS; more
+// warp. Medium (up to a few hundred tokens): × 32 tokens (dense linears up to 64 tokens: 1 tile × 16 tokens or 2
+// tiles × 16 tokens, see launch). Both split K over WK warps of the block (WK ≤ KS; more
 // warps on long K so each has several groups in flight, fewer on short K so the split does not dominate). The
 // slices of a split are added in slice order whatever WK is, so every shape gives bit-identical rows.
 // Large (prefill): each warp 2 tiles (GATED: 1 pair) × 32 tokens over all of K, 4 warps side by side.
@@ -610,6 +611,19 @@ void launch(Shape shape, const Int4Out& A, const Int4Out* B, const void* x, cons
   if constexpr (!GATED)
     if (shape == Shape::Small && wk == 1 && mt == 2) return launch_cpg<2, 1, 1, false>(A, B, x, ts, gy, s);
   if (shape == Shape::Small) return launch_wk<1, 1, GATED>(wk, A, B, x, ts, gy, s);
+  if constexpr (!GATED)
+    if (!ts.tiles) {
+      // The dense medium shape's warp tile, MT output tiles × NT token tiles (DS_INT4_MED = 10·MT + NT overrides:
+      // 14, 24, 12, 22; same bits whichever). Up to 32 tokens 1 × 2 (16-token blocks, ≤ 170 registers: 3 blocks per
+      // SM instead of 2), up to 64 tokens 2 × 2 (each activation fragment feeds two weight tiles); above that 1 × 4,
+      // as before. int4 linears: batch 16 1.34 → 0.97 ms, 32 1.45 → 1.27, 64 1.87 → 1.73 (bench/RESULTS.md session 9;
+      // 2 × 4 no faster than 1 × 4).
+      const int64_t med = env_int("DS_INT4_MED", ts.M <= 32 ? 12 : ts.M <= 64 ? 22 : 14);
+      DS_CHECK(med == 14 || med == 12 || med == 22, "DS_INT4_MED: expected 14, 12 or 22, got ", med);
+      const int64_t gy2 = (ts.M + 15) / 16;
+      if (med == 12) return launch_wk<1, 2, false>(wk, A, B, x, ts, gy2, s);
+      if (med == 22) return launch_wk<2, 2, false>(wk, A, B, x, ts, gy2, s);
+    }
   return launch_wk<1, 4, GATED>(wk, A, B, x, ts, gy, s);
 }
 

@@ -860,7 +860,8 @@ TEST_F(CudaOps, Int4BatchInvariance) {
     B.gpu->linear(x, lg, y);
     int diff = 0;
     for (int64_t r : {int64_t(0), int64_t(7), int64_t(299)})
-      for (int64_t m : {int64_t(1), int64_t(9), int64_t(40)}) {  // the row alone and inside smaller batches
+      // the row alone and inside smaller batches (the medium shape's warp tiles: 9 → 1 × 2, 40 → 2 × 2, 100 → 1 × 4)
+      for (int64_t m : {int64_t(1), int64_t(9), int64_t(40), int64_t(100)}) {
         std::vector<float> sub(xs.begin() + r * K, xs.begin() + (r + 1) * K);
         for (int64_t i = 1; i < m; ++i) sub.insert(sub.end(), xs.begin() + ((r + i) % M) * K, xs.begin() + ((r + i) % M + 1) * K);
         Tensor xr = B.gpu->upload_f32(sub, {m, K}, DType::BF16), yr = B.gpu->alloc(DType::F32, {m, N});
@@ -1106,16 +1107,32 @@ TEST_F(CudaOps, Int4MoeDecodeStream) {
       old = run(0, T);
     }
     const char* const n[] = {"1", "3", "4", "8"};
-    for (int a = 0; a < 4; ++a) {
-      ScopedEnv on("DS_INT4_MOE_DOWN_TPW_MIN_P", "1"), t("DS_INT4_MOE_DOWN_TPW", n[a]);
+    for (int a = 0; a < 4; ++a) {  // the register double buffer (no ring)
+      ScopedEnv on("DS_INT4_MOE_DOWN_TPW_MIN_P", "1"), t("DS_INT4_MOE_DOWN_TPW", n[a]), nr("DS_INT4_MOE_RING", "0");
       ScopedEnv on2("DS_INT4_MOE_GU_R_MIN_P", "1"), r("DS_INT4_MOE_GU_R", n[3 - a]);
       EXPECT_EQ(bit_diffs(run(0, T), old), 0) << "k_int4_moe_gu (" << n[3 - a] << " pairs per block) + k_int4_moe_down ("
                                               << n[a] << " tiles per warp) vs k_int4_mma, T=" << T;
     }
-    {
+    {  // the defaults (the ring from 128 pairs: T = 64, 100), gate_up alone, then down alone
       ScopedEnv off("DS_INT4_MOE_DOWN_TPW_MIN_P", "1000000000"), on2("DS_INT4_MOE_GU_R_MIN_P", "1");
       EXPECT_EQ(bit_diffs(run(0, T), old), 0) << "k_int4_moe_gu alone vs k_int4_mma, T=" << T;
     }
+    {
+      ScopedEnv off("DS_INT4_MOE_GU_R_MIN_P", "1000000000"), on("DS_INT4_MOE_DOWN_TPW_MIN_P", "1");
+      EXPECT_EQ(bit_diffs(run(0, T), old), 0) << "k_int4_moe_down alone vs k_int4_mma, T=" << T;
+    }
+    // Both kernels' cp.async rings (DS_INT4_MOE_RING 2-4 stages, read in place) with 1-4 gate/up pairs per block and
+    // 1 / 2 / 3 / 8 down tiles per warp: units per warp below, at and above the ring's depth
+    for (const char* d : {"2", "3", "4"})
+      for (int a = 0; a < 4; ++a) {
+        const char* const r[] = {"1", "2", "3", "4"};
+        const char* const tpw[] = {"1", "2", "3", "8"};
+        ScopedEnv on("DS_INT4_MOE_RING_MIN_P", "1"), ring("DS_INT4_MOE_RING", d);
+        ScopedEnv on1("DS_INT4_MOE_GU_R_MIN_P", "1"), rr("DS_INT4_MOE_GU_R", r[a]);
+        ScopedEnv on2("DS_INT4_MOE_DOWN_TPW_MIN_P", "1"), t("DS_INT4_MOE_DOWN_TPW", tpw[a]);
+        EXPECT_EQ(bit_diffs(run(0, T), old), 0) << "streaming experts, " << d << "-stage ring, " << r[a]
+                                                << " pairs per block, " << tpw[a] << " down tiles per warp, T=" << T;
+      }
     int diff = 0;
     for (int64_t t : {int64_t(0), T / 2, T - 1}) diff += bit_diffs(run(t, 1), host_rows(old, t, t + 1, H)) != 0;
     EXPECT_EQ(diff, 0) << "int4 experts: a token alone differs from the same token in a batch of T=" << T;

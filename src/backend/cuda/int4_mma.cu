@@ -32,7 +32,7 @@ constexpr int kWarps = 4;  // warps per block
 // UNR: groups per loop body, 2 for the decode and medium dense shapes (the next group's loads in flight with the
 // current one's), 1 for the large shapes (their accumulators leave no registers for it).
 template <int MT, int NT, int WK, int CPG, bool GATED, int UNR = (NT == 1 || (MT == 1 && !GATED) ? 2 : 1)>
-__global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 4 : 1)  // decode: ≥ 16 warps per SM for loads in flight
+__global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 4 : NT == 2 ? 3 : 1)  // decode: ≥ 16 warps per SM in flight
     k_int4_mma(const Int4Pair P, const __nv_bfloat16* __restrict__ x, TokenSrc ts) {
   // Blocks [0, P.b_block) compute matrix a, the rest matrix b (two linears of one input in one launch).
   const bool second = blockIdx.x >= P.b_block;
@@ -236,6 +236,43 @@ __device__ __forceinline__ void stream_prefetch(const MmaInt4& W, int64_t wt, in
   if (lane < 16) prefetch_l2(W.sc + r * ng + q0);
   else prefetch_l2(W.z + r * ng + q0);
 }
+// A stage of a warp's cp.async ring (the streaming kernels with D > 0): what stream_load reads, each lane's pieces at
+// its index, so a lane copies and later reads only its own bytes (no barrier guards the ring).
+struct StreamSmem {
+  uint4 w[kStreamKC][32];
+  float4 s0[32], s1[32];
+  uint32_t z0[32], z1[32];
+};
+// Blocks per SM the streaming kernels' registers are sized for: D = 0 (register double buffer) 2; a D-stage ring
+// reads its tiles in place, so the registers hold little more than the activations and 4 blocks fit (2 stages: 43 KB
+// of ring per block; 3 stages 3 blocks, 4 stages 2 by shared memory).
+constexpr int stream_min_blocks(int D) { return D == 0 ? 2 : D == 2 ? 4 : D == 3 ? 3 : 2; }
+// stream_load's reads as cp.async into stage b (commit and wait are the caller's).
+__device__ __forceinline__ void stream_issue(const MmaInt4& W, int64_t wt, int64_t kc, int64_t ng, int sl, int g,
+                                             int lane, StreamSmem& b) {
+  const int64_t r0 = wt * 16 + g;
+  const int c0 = sl * kStreamKC, q0 = sl * (kStreamKC / 2);
+  const uint4* wp = W.qw + (wt * kc + c0) * 32 + lane;
+#pragma unroll
+  for (int c = 0; c < kStreamKC; ++c) cp_async16(&b.w[c][lane], wp + c * 32);
+  cp_async4(&b.z0[lane], W.z + r0 * ng + q0);
+  cp_async4(&b.z1[lane], W.z + (r0 + 8) * ng + q0);
+  cp_async16(&b.s0[lane], W.sc + r0 * ng + q0);
+  cp_async16(&b.s1[lane], W.sc + (r0 + 8) * ng + q0);
+}
+// A lane's view of a ring stage, read where stream_group uses it (no tile of registers).
+struct RingTile {
+  const StreamSmem* b;
+  int lane;
+};
+__device__ __forceinline__ uint4 tile_w(const StreamTile& t, int c) { return t.w[c]; }
+__device__ __forceinline__ uint4 tile_w(const RingTile& t, int c) { return t.b->w[c][t.lane]; }
+__device__ __forceinline__ uint32_t tile_z(const StreamTile& t, int rr) { return rr ? t.z1 : t.z0; }
+__device__ __forceinline__ uint32_t tile_z(const RingTile& t, int rr) { return rr ? t.b->z1[t.lane] : t.b->z0[t.lane]; }
+__device__ __forceinline__ float tile_s(const StreamTile& t, int rr, int q) { return f4_at(rr ? t.s1 : t.s0, q); }
+__device__ __forceinline__ float tile_s(const RingTile& t, int rr, int q) {
+  return reinterpret_cast<const float*>(rr ? &t.b->s1[t.lane] : &t.b->s0[t.lane])[q];
+}
 // The activation fragments of 8 chunks from xr (token row + 16·tig + first chunk's input).
 __device__ __forceinline__ void stream_x(const __nv_bfloat16* xr, uint4 (&xv)[kStreamKC][2]) {
 #pragma unroll
@@ -246,19 +283,22 @@ __device__ __forceinline__ void stream_x(const __nv_bfloat16* xr, uint4 (&xv)[kS
 }
 // part += scale · (group q's 8 mma): k_int4_mma's per-group step. C fragment: [2·rr + h] is (row g + 8·rr, token
 // 2·tig + h) of the tile.
-__device__ __forceinline__ void stream_group(const StreamTile& t, const uint4 (&xv)[kStreamKC][2], int q,
-                                             float (&part)[4]) {
-  const uint32_t zz0 = zero_pair(uint8_t(t.z0 >> (8 * q))), zz1 = zero_pair(uint8_t(t.z1 >> (8 * q)));
+// T: a StreamTile (registers) or a RingTile (shared memory).
+template <class T>
+__device__ __forceinline__ void stream_group(const T& t, const uint4 (&xv)[kStreamKC][2], int q, float (&part)[4]) {
+  const uint32_t zz0 = zero_pair(uint8_t(tile_z(t, 0) >> (8 * q))), zz1 = zero_pair(uint8_t(tile_z(t, 1) >> (8 * q)));
   float tmp[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-  for (int c = 2 * q; c < 2 * q + 2; ++c)
+  for (int c = 2 * q; c < 2 * q + 2; ++c) {
+    const uint4 w = tile_w(t, c);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       uint32_t a[4];
-      dequant(word_of(t.w[c], j), zz0, zz1, a);
+      dequant(word_of(w, j), zz0, zz1, a);
       mma16816(tmp, a, word_of(xv[c][j >> 1], 2 * (j & 1)), word_of(xv[c][j >> 1], 2 * (j & 1) + 1));
     }
-  const float s0 = f4_at(t.s0, q), s1 = f4_at(t.s1, q);
+  }
+  const float s0 = tile_s(t, 0, q), s1 = tile_s(t, 1, q);
   part[0] += s0 * tmp[0];
   part[1] += s0 * tmp[1];
   part[2] += s1 * tmp[2];
@@ -289,8 +329,11 @@ __device__ __forceinline__ bool stream_tile_entry(const TokenSrc& ts, int64_t& e
 }
 
 // The experts' down projection when K = 512 (the 35B-A3B's moe_intermediate_size; its 4 slices are one group each):
-// each warp streams tpw consecutive 16-row output tiles of its expert.
-__global__ void __launch_bounds__(kWarps * 32, 2)
+// each warp streams tpw consecutive 16-row output tiles of its expert, the next tile's loads in flight while one
+// computes: D = 0 in registers (two tiles of them), D > 0 through a D-stage cp.async ring per warp in dynamic shared
+// memory (D − 1 tiles in flight), read in place.
+template <int D = 0>
+__global__ void __launch_bounds__(kWarps * 32, stream_min_blocks(D))
     k_int4_moe_down(const MmaInt4 W, int64_t H, float* __restrict__ y, const __nv_bfloat16* __restrict__ x,
                     TokenSrc ts, int tpw) {
   constexpr int KC = kStreamKC, NG = KC / 2;  // chunks; groups (= slices)
@@ -302,11 +345,8 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
   if (ot_begin >= otiles) return;  // warp-uniform; no barriers below
   const int64_t ot_end = ot_begin + tpw < otiles ? ot_begin + tpw : otiles;
   uint4 xv[KC][2];  // token g of the tile (padding lanes reuse token 0)
-  stream_x(x + x_row(ts, ts.list[t0 + (g < cnt ? g : 0)]) * (KC * 64) + 16 * tig, xv);
-  StreamTile cur, nxt;
-  stream_load(W, e * otiles + ot_begin, KC, NG, 0, g, lane, cur);
-  for (int64_t ot = ot_begin; ot < ot_end; ++ot) {
-    if (ot + 1 < ot_end) stream_load(W, e * otiles + ot + 1, KC, NG, 0, g, lane, nxt);
+  const __nv_bfloat16* xr = x + x_row(ts, ts.list[t0 + (g < cnt ? g : 0)]) * (KC * 64) + 16 * tig;
+  auto tile = [&](const auto& cur, int64_t ot) {
     float acc[4];
 #pragma unroll
     for (int s = 0; s < NG; ++s) {  // slice s = group s
@@ -317,16 +357,44 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
     }
     stream_store(ts, t0, cnt, tig,
                  [&](int64_t p, int rr, int h) { y[p * H + ot * 16 + g + 8 * rr] = acc[2 * rr + h]; });
-    cur = nxt;
+  };
+  if constexpr (D > 0) {
+    extern __shared__ uint4 down_ring[];
+    StreamSmem* ring = reinterpret_cast<StreamSmem*>(down_ring) + warp * D;
+    const int n = int(ot_end - ot_begin);
+#pragma unroll
+    for (int q = 0; q < D - 1; ++q) {  // one commit group per tile, empty past the end
+      if (q < n) stream_issue(W, e * otiles + ot_begin + q, KC, NG, 0, g, lane, ring[q]);
+      cp_async_commit();
+    }
+    stream_x(xr, xv);
+    for (int i = 0; i < n; ++i) {
+      // Refills the stage tile i − 1 came from (this lane's own bytes, already read: its mma have consumed them).
+      if (i + D - 1 < n) stream_issue(W, e * otiles + ot_begin + i + D - 1, KC, NG, 0, g, lane, ring[(i + D - 1) % D]);
+      cp_async_commit();
+      cp_async_wait<D - 1>();  // tile i's group has landed
+      tile(RingTile{&ring[i % D], lane}, ot_begin + i);
+    }
+  } else {
+    stream_x(xr, xv);
+    StreamTile cur, nxt;
+    stream_load(W, e * otiles + ot_begin, KC, NG, 0, g, lane, cur);
+    for (int64_t ot = ot_begin; ot < ot_end; ++ot) {
+      if (ot + 1 < ot_end) stream_load(W, e * otiles + ot + 1, KC, NG, 0, g, lane, nxt);
+      tile(cur, ot);
+      cur = nxt;
+    }
   }
 }
 
 // The experts' gate_up when K = 2048 (4 slices of 512). Block = 4 warps, warp s = slice s; the block streams R
 // (gate, up) tile pairs of its expert, each warp computing its slice's partial of the gate tile, then of the up tile.
 // The partials meet in shared memory; after the R pairs each warp adds the slices of every 4th pair in slice order
-// and stores silu(gate)·up.
-template <bool PF>
-__global__ void __launch_bounds__(kWarps * 32, 2)
+// and stores silu(gate)·up. D = 0: the tiles come through a register double buffer, with PF the tile after next
+// prefetched into L2; D > 0: through a D-stage cp.async ring per warp in shared memory after the partials (D − 1
+// tiles in flight), read in place (PF unused).
+template <bool PF, int D = 0>
+__global__ void __launch_bounds__(kWarps * 32, stream_min_blocks(D))
     k_int4_moe_gu(const MmaInt4 W, int64_t I, __nv_bfloat16* __restrict__ act, const __nv_bfloat16* __restrict__ x,
                   TokenSrc ts, int R) {
   constexpr int KS = kWarps, NGS = kStreamKC / 2;  // slices; groups per slice
@@ -339,22 +407,50 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
   const int64_t ptiles = I / 16, pt0 = int64_t(blockIdx.x) * R;
   const int np = int(ptiles - pt0 < R ? ptiles - pt0 : R);
   if (np <= 0) return;  // block-uniform
-  uint4 xv[kStreamKC][2];  // token g of the tile (padding lanes reuse token 0), slice s
-  stream_x(x + x_row(ts, ts.list[t0 + (g < cnt ? g : 0)]) * K + s * kStreamKC * 64 + 16 * tig, xv);
   // Unit u: pair u / 2, its gate (u even) or up tile.
   auto wtile = [&](int u) { return e * (2 * ptiles) + pt0 + u / 2 + (u & 1) * ptiles; };
-  StreamTile cur, nxt;
-  stream_load(W, wtile(0), KC, NG, s, g, lane, cur);
-  for (int u = 0; u < 2 * np; ++u) {
-    if (u + 1 < 2 * np) stream_load(W, wtile(u + 1), KC, NG, s, g, lane, nxt);
-    if (PF && u + 2 < 2 * np) stream_prefetch(W, wtile(u + 2), KC, NG, s, lane);
+  auto partial = [&](const auto& t, const uint4 (&xv)[kStreamKC][2], int u) {
     float part[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int q = 0; q < NGS; ++q) stream_group(cur, xv, q, part);
+    for (int q = 0; q < NGS; ++q) stream_group(t, xv, q, part);
     float* rp = red + (size_t(u) * KS + s) * 4 * 32 + lane;
 #pragma unroll
     for (int c = 0; c < 4; ++c) rp[c * 32] = part[c];
-    cur = nxt;
+  };
+  uint4 xv[kStreamKC][2];  // token g of the tile (padding lanes reuse token 0), slice s
+  if constexpr (D > 0) {
+    const __nv_bfloat16* xr = x + x_row(ts, ts.list[t0 + (g < cnt ? g : 0)]) * K + s * kStreamKC * 64 + 16 * tig;
+    // Stage q of this warp's ring; the ring starts after the R pairs' partials (R · 4 KB, 16-byte aligned).
+    StreamSmem* ring = reinterpret_cast<StreamSmem*>(red + size_t(R) * 2 * KS * 4 * 32) + s * D;
+    const int nu = 2 * np;
+#pragma unroll
+    for (int q = 0; q < D - 1; ++q) {  // one commit group per unit, empty past the end
+      if (q < nu) stream_issue(W, wtile(q), KC, NG, s, g, lane, ring[q]);
+      cp_async_commit();
+    }
+    stream_x(xr, xv);
+    for (int u = 0; u < nu; ++u) {
+      // Refills the stage unit u − 1 came from (this lane's own bytes, already read: its mma have consumed them).
+      if (u + D - 1 < nu) stream_issue(W, wtile(u + D - 1), KC, NG, s, g, lane, ring[(u + D - 1) % D]);
+      cp_async_commit();
+      cp_async_wait<D - 1>();  // unit u's group has landed
+      partial(RingTile{&ring[u % D], lane}, xv, u);
+    }
+  } else {
+    stream_x(x + x_row(ts, ts.list[t0 + (g < cnt ? g : 0)]) * K + s * kStreamKC * 64 + 16 * tig, xv);
+    StreamTile cur, nxt;
+    stream_load(W, wtile(0), KC, NG, s, g, lane, cur);
+    for (int u = 0; u < 2 * np; ++u) {
+      if (u + 1 < 2 * np) stream_load(W, wtile(u + 1), KC, NG, s, g, lane, nxt);
+      if (PF && u + 2 < 2 * np) stream_prefetch(W, wtile(u + 2), KC, NG, s, lane);
+      float part[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int q = 0; q < NGS; ++q) stream_group(cur, xv, q, part);
+      float* rp = red + (size_t(u) * KS + s) * 4 * 32 + lane;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) rp[c * 32] = part[c];
+      cur = nxt;
+    }
   }
   __syncthreads();
   for (int j = s; j < np; j += KS) {
@@ -476,7 +572,8 @@ void launch_cpg(const Int4Out& A, const Int4Out* B, const void* x, const TokenSr
 }
 
 // Kernel shapes. Small (decode, few tokens per tile): one 16-row tile (GATED: a gate/up pair) × 8 tokens per
-// warp. Medium (up to a few hundred tokens): × 32 tokens. Both split K over WK warps of the block (WK ≤ KS; more
+// warp. Medium (up to a few hundred tokens): × 32 tokens (dense linears up to 64 tokens: 1 tile × 16 tokens or 2
+// tiles × 16 tokens, see launch). Both split K over WK warps of the block (WK ≤ KS; more
 // warps on long K so each has several groups in flight, fewer on short K so the split does not dominate). The
 // slices of a split are added in slice order whatever WK is, so every shape gives bit-identical rows.
 // Large (prefill): each warp 2 tiles (GATED: 1 pair) × 32 tokens over all of K, 4 warps side by side.
@@ -514,6 +611,19 @@ void launch(Shape shape, const Int4Out& A, const Int4Out* B, const void* x, cons
   if constexpr (!GATED)
     if (shape == Shape::Small && wk == 1 && mt == 2) return launch_cpg<2, 1, 1, false>(A, B, x, ts, gy, s);
   if (shape == Shape::Small) return launch_wk<1, 1, GATED>(wk, A, B, x, ts, gy, s);
+  if constexpr (!GATED)
+    if (!ts.tiles) {
+      // The dense medium shape's warp tile, MT output tiles × NT token tiles (DS_INT4_MED = 10·MT + NT overrides:
+      // 14, 24, 12, 22; same bits whichever). Up to 32 tokens 1 × 2 (16-token blocks, ≤ 170 registers: 3 blocks per
+      // SM instead of 2), up to 64 tokens 2 × 2 (each activation fragment feeds two weight tiles); above that 1 × 4,
+      // as before. int4 linears: batch 16 1.34 → 0.97 ms, 32 1.45 → 1.27, 64 1.87 → 1.73 (bench/RESULTS.md session 9;
+      // 2 × 4 no faster than 1 × 4).
+      const int64_t med = env_int("DS_INT4_MED", ts.M <= 32 ? 12 : ts.M <= 64 ? 22 : 14);
+      DS_CHECK(med == 14 || med == 12 || med == 22, "DS_INT4_MED: expected 14, 12 or 22, got ", med);
+      const int64_t gy2 = (ts.M + 15) / 16;
+      if (med == 12) return launch_wk<1, 2, false>(wk, A, B, x, ts, gy2, s);
+      if (med == 22) return launch_wk<2, 2, false>(wk, A, B, x, ts, gy2, s);
+    }
   return launch_wk<1, 4, GATED>(wk, A, B, x, ts, gy, s);
 }
 
@@ -611,16 +721,43 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
   auto streamable = [](const MmaInt4& W) {
     return W.G == 128 && reinterpret_cast<uintptr_t>(W.z) % 4 == 0 && reinterpret_cast<uintptr_t>(W.sc) % 16 == 0;
   };
-  const int64_t gr = env_int("DS_INT4_MOE_GU_R", 4);
+  // From DS_INT4_MOE_RING_MIN_P pairs on (128, i.e. batch 16) both streaming kernels take their tiles through a
+  // DS_INT4_MOE_RING-stage cp.async ring per warp (2; 3 or 4 allowed; 0 = off), read in place, at 4 blocks per SM
+  // instead of 2: batch 64 11.39 → 10.78 ms, batch 32 8.45 → 8.08; batch 8 4.41 → 4.62 with it, hence the threshold
+  // (bench/RESULTS.md session 9). 2 stages taken into registers (3 blocks per SM) or read in place at 5 blocks per SM
+  // (spills) were slower.
+  const int64_t ring = P >= env_int("DS_INT4_MOE_RING_MIN_P", 128) ? env_int("DS_INT4_MOE_RING", 2) : 0;
+  DS_CHECK(ring == 0 || (ring >= 2 && ring <= 4), "DS_INT4_MOE_RING: expected 0 (off) or 2-4 stages, got ", ring);
+  const size_t ring_bytes = size_t(kWarps) * size_t(ring) * sizeof(StreamSmem);  // per block
+  constexpr int kMaxSmem = 160 * 1024;
+  static const bool smem_attrs = [] {
+    for (const void* k : {reinterpret_cast<const void*>(k_int4_moe_gu<false, 2>),
+                          reinterpret_cast<const void*>(k_int4_moe_gu<false, 3>),
+                          reinterpret_cast<const void*>(k_int4_moe_gu<false, 4>),
+                          reinterpret_cast<const void*>(k_int4_moe_down<3>),
+                          reinterpret_cast<const void*>(k_int4_moe_down<4>)})
+      DS_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem));
+    return true;
+  }();
+  (void)smem_attrs;
+  // gate/up tile pairs per block: 4 in registers, 2 with the ring (4 blocks of 8 KB partials + 43 KB ring fit an SM).
+  const int64_t gr = env_int("DS_INT4_MOE_GU_R", ring ? 2 : 4);
   // gate_up prefetches the tile after the next one into L2 (stream_prefetch); DS_INT4_MOE_PF=0: not. Batch 64
   // 11.71 → 11.37 ms (8: 4.49 → 4.41, 32: 8.68 → 8.45); in the down kernel as well 11.45 (ncu: down 48 → 55 µs,
-  // gate_up 94 → 87); 2 or 4 tiles ahead slower (bench/RESULTS.md session 8, runs 4-6).
+  // gate_up 94 → 87); 2 or 4 tiles ahead slower (bench/RESULTS.md session 8, runs 4-6). Not with the ring.
   const bool pf = env_int("DS_INT4_MOE_PF", 1) != 0;
   if (shape == Shape::Small && gate_up.K == kWarps * kStreamKC * 64 && streamable(gate_up) && gate_up.KS == kWarps &&
       I % 16 == 0 && gr >= 1 && gr <= 12 && P >= env_int("DS_INT4_MOE_GU_R_MIN_P", 16)) {
     const int64_t gx = (I / 16 + gr - 1) / gr;
-    DS_CUDA_CHECK(pdl_launch(pf ? k_int4_moe_gu<true> : k_int4_moe_gu<false>, dim3(unsigned(gx), unsigned(mt)),
-                             dim3(kWarps * 32), size_t(gr) * 2 * kWarps * 4 * 32 * sizeof(float), s, gate_up, I,
+    const size_t smem = size_t(gr) * 2 * kWarps * 4 * 32 * sizeof(float) + ring_bytes;
+    DS_CHECK(smem <= size_t(kMaxSmem), "int4 mma experts: gate_up needs ", smem, " bytes of shared memory (at most ",
+             kMaxSmem, ")");
+    auto* k = ring == 2   ? k_int4_moe_gu<false, 2>
+              : ring == 3 ? k_int4_moe_gu<false, 3>
+              : ring == 4 ? k_int4_moe_gu<false, 4>
+              : pf        ? k_int4_moe_gu<true>
+                          : k_int4_moe_gu<false>;
+    DS_CUDA_CHECK(pdl_launch(k, dim3(unsigned(gx), unsigned(mt)), dim3(kWarps * 32), smem, s, gate_up, I,
                              static_cast<__nv_bfloat16*>(act), static_cast<const __nv_bfloat16*>(x), ts, int(gr)));
   } else {
     launch<true>(shape, Int4Out{gate_up, 2 * I, I, act, int(DType::BF16)}, nullptr, x, ts, mt, s, wk_cap);
@@ -630,8 +767,12 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
   if (shape == Shape::Small && down.K == kStreamKC * 64 && streamable(down) && down.KS == kStreamKC / 2 &&
       H % 16 == 0 && tpw >= 1 && P >= env_int("DS_INT4_MOE_DOWN_TPW_MIN_P", 16)) {
     const int64_t gx = (H / 16 + kWarps * tpw - 1) / (kWarps * tpw);
-    DS_CUDA_CHECK(pdl_launch(k_int4_moe_down, dim3(unsigned(gx), unsigned(mt)), dim3(kWarps * 32), 0, s, down, H,
-                             out, static_cast<const __nv_bfloat16*>(act), ts, int(tpw)));
+    auto* k = ring == 2   ? k_int4_moe_down<2>
+              : ring == 3 ? k_int4_moe_down<3>
+              : ring == 4 ? k_int4_moe_down<4>
+                          : k_int4_moe_down<0>;
+    DS_CUDA_CHECK(pdl_launch(k, dim3(unsigned(gx), unsigned(mt)), dim3(kWarps * 32), ring_bytes, s, down, H, out,
+                             static_cast<const __nv_bfloat16*>(act), ts, int(tpw)));
     return;
   }
   launch<false>(shape, Int4Out{down, H, H, out, int(DType::F32)}, nullptr, act, ts, mt, s, wk_cap, down_mt);

@@ -2162,19 +2162,21 @@ class CudaBackend final : public Backend {
     }
     return out;
   }
-  // DS_CUDA_NO_MOE_FUSE=1: the composition (ops.h). Fused for int4 experts at T ≤ DS_CUDA_MOE_FUSE_MAXT (8; at 64
-  // the one routing block made the batch-64 step 15.65 → 17.15 ms on the H200, session 5 run 4a): the
-  // router runs in the tile-table launch (one block routes every token: k_moe_route_tiles), and with a shared expert
-  // whose down projection takes the tensor-core kernel, the routed sum is formed in its gated-add epilogue (bf16_mma.h
-  // mode 3) instead of by k_moe_combine: 6 launches per layer become 4. Same device code as the unfused kernels
-  // (moe_fuse.cuh), so the same bits, and a row's bits still depend on that row alone.
+  // DS_CUDA_NO_MOE_FUSE=1: the composition (ops.h). For int4 experts, with a shared expert whose down projection
+  // takes the tensor-core kernel, the routed sum is formed in its gated-add epilogue (bf16_mma.h mode 3) instead of
+  // by k_moe_combine, at any T up to DS_CUDA_MOE_EPI_MAXT (256, the kernel's limit; 8 before session 10). At T ≤
+  // DS_CUDA_MOE_FUSE_MAXT (8) the router also runs in the tile-table launch (one block routes every token:
+  // k_moe_route_tiles; at 64 that one block made the batch-64 step 15.65 → 17.15 ms on the H200, session 5 run 4a,
+  // so larger steps keep k_moe_route's grid). 6 launches per layer become 4 (T ≤ 8) or 5. Same device code as the
+  // unfused kernels (moe_fuse.cuh), so the same bits, and a row's bits still depend on that row alone.
   void moe_ffn(const Tensor& router_logits, int64_t top_k, const Tensor& x, const Experts& experts, Tensor& ids,
                Tensor& weights, const Tensor* a, const Linear* shared_down, const Tensor* gate, Tensor& y) override {
     auto* ex = static_cast<const CudaExperts*>(experts.get());
     const int64_t T = x.dim(0), E = router_logits.dim(1);
-    if (env_flag("DS_CUDA_NO_MOE_FUSE") || !ex->int4 || T == 0 || T > env_int("DS_CUDA_MOE_FUSE_MAXT", 8) ||
+    if (env_flag("DS_CUDA_NO_MOE_FUSE") || !ex->int4 || T == 0 || T > env_int("DS_CUDA_MOE_EPI_MAXT", 256) ||
         E != ex->E || E > 1024)
       return Backend::moe_ffn(router_logits, top_k, x, experts, ids, weights, a, shared_down, gate, y);
+    const bool fuse_route = T <= env_int("DS_CUDA_MOE_FUSE_MAXT", 8);
     DS_CHECK(top_k <= E && router_logits.dim(0) == T, "moe_ffn: logits ", shape_str(router_logits.shape), ", top_k ",
              top_k);
     DS_CHECK(ids.dtype == DType::I32 && weights.dtype == DType::F32 && ids.numel() == T * top_k &&
@@ -2183,7 +2185,8 @@ class CudaBackend final : public Backend {
     MoeRouteIn r;
     r.logits = router_logits.data, r.ldt = int(router_logits.dtype), r.T = T;
     r.ids = ids.ptr<int32_t>(), r.wts = weights.ptr<float>();
-    Tensor out = moe_routed(x, ex, ids, top_k, &r);
+    if (!fuse_route) moe_route(router_logits, top_k, ids, weights);
+    Tensor out = moe_routed(x, ex, ids, top_k, fuse_route ? &r : nullptr);
     if (shared_down) {
       auto* l = static_cast<const CudaLinear*>(shared_down->get());
       Tensor ab = as_bf16(*a);

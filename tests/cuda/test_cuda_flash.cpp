@@ -141,8 +141,8 @@ TEST_F(FlashAttention, MatchesCpu) {
 
 // Decode rows and short verify chunks: the tensor-core split kernel (attn_decode.h) and the CUDA-core one it replaced
 // (DS_CUDA_NO_TC_DECODE=1), both against the CPU, over head dims, GQA groups (1..16 run on tensor cores; 32 falls
-// back), block sizes and batches whose split counts leave splits empty (batch 1: 64 splits over a 1..17-position
-// context), cut tiles mid-way or run many tiles per split (5,000 positions).
+// back), block sizes (8, 16, 32) and batches whose split counts leave splits empty (batch 1: 64 splits over a
+// 1..17-position context), cut tiles mid-way or run many tiles per split (5,000 positions).
 TEST_F(FlashAttention, DecodeRowsMatchCpu) {
   Both B;
   std::vector<Seqs> batches = {{{0, 1}},    {{1, 1}},    {{15, 1}},   {{16, 1}},   {{17, 1}},
@@ -153,8 +153,9 @@ TEST_F(FlashAttention, DecodeRowsMatchCpu) {
     for (int i = 0; i < 64; ++i) many.push_back({int64_t(rng() % 1200), 1});
     batches.push_back(many);
   }
+  // Block size 8: a 16-position tile spans two cache blocks.
   const std::vector<Cfg> cfgs = {{16, 2, 256, 16}, {16, 2, 256, 32}, {16, 1, 256, 16}, {6, 2, 128, 16},
-                                 {8, 8, 128, 32},  {4, 1, 64, 16},   {32, 1, 64, 16}};
+                                 {8, 8, 128, 32},  {4, 1, 64, 16},   {32, 1, 64, 16},  {16, 2, 256, 8}};
   uint64_t seed = 900;
   for (const Cfg& c : cfgs)
     for (const Seqs& seqs : batches) {

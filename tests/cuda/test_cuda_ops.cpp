@@ -1368,16 +1368,23 @@ TEST_F(CudaOps, MoeFfnFused) {
       EXPECT_EQ(B.err(ids), 0.0) << tag << " ids";
       REPORT(tag + " weights", B.err(w));
       REPORT(tag, B.err(y));
-      Out fused, plain;
+      Out fused, epi, plain;
       {
         ScopedEnv m("DS_CUDA_MOE_FUSE_MAXT", "300");  // the fused path at every T
+        ScopedEnv e("DS_CUDA_MOE_EPI_MAXT", "300");
         fused = gpu_step(0, T, shared);
+      }
+      {
+        ScopedEnv m("DS_CUDA_MOE_FUSE_MAXT", "0");  // k_moe_route, then the routed sum in the shared expert's epilogue
+        ScopedEnv e("DS_CUDA_MOE_EPI_MAXT", "300");
+        epi = gpu_step(0, T, shared);
       }
       {
         ScopedEnv n("DS_CUDA_NO_MOE_FUSE", "1");
         plain = gpu_step(0, T, shared);
       }
       EXPECT_TRUE(fused == plain) << tag << ": fused and unfused CUDA differ";
+      EXPECT_TRUE(epi == plain) << tag << ": epilogue-only fusion and unfused CUDA differ";
       if (shared && (T == 1 || T == 7)) {  // the GEMV's gated add (no mode 3): fused routing, separate combine
         ScopedEnv nm("DS_CUDA_NO_BF16_MMA", "1");
         Out f2 = gpu_step(0, T, shared), p2;

@@ -90,6 +90,14 @@ __global__ void k_embed(const void* table, int tdt, const int32_t* tokens, int64
 }
 
 __global__ void k_rmsnorm(const void* x, int xdt, const float* w, float eps, int64_t D, void* y, int ydt) {
+  // The weight (no kernel's output) of the first kRmsPre·blockDim.x columns before the wait, as in k_add_rmsnorm.
+  constexpr int kRmsPre = 8;
+  float wv[kRmsPre];
+#pragma unroll
+  for (int j = 0; j < kRmsPre; ++j) {
+    const int64_t d = threadIdx.x + int64_t(j) * blockDim.x;
+    wv[j] = d < D ? w[d] : 0.f;
+  }
   pdl_wait();  // PDL-launched (pdl.h)
   pdl_trigger();
   const int64_t r = blockIdx.x;
@@ -100,7 +108,13 @@ __global__ void k_rmsnorm(const void* x, int xdt, const float* w, float eps, int
   }
   ss = block_sum(ss);
   const float inv = 1.f / sqrtf(ss / float(D) + eps);
-  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) stf(y, ydt, r * D + d, ldf(x, xdt, r * D + d) * inv * w[d]);
+#pragma unroll
+  for (int j = 0; j < kRmsPre; ++j) {
+    const int64_t d = threadIdx.x + int64_t(j) * blockDim.x;
+    if (d < D) stf(y, ydt, r * D + d, ldf(x, xdt, r * D + d) * inv * wv[j]);
+  }
+  for (int64_t d = threadIdx.x + int64_t(kRmsPre) * blockDim.x; d < D; d += blockDim.x)
+    stf(y, ydt, r * D + d, ldf(x, xdt, r * D + d) * inv * w[d]);
 }
 
 __global__ void k_add(void* x, int xdt, const void* y, int ydt, int64_t n) {
@@ -198,10 +212,17 @@ __global__ void k_linear_n1(const __nv_bfloat16* w, const __nv_bfloat16* x, int6
 // x += d, then h = rmsnorm(x)·w; one block of 256 per row, D ≤ 256·kAddNormPer. Each thread loads all its
 // elements before storing any (a store to x between loads would serialise them: x and d may alias as far as the
 // compiler knows), rounds x to its dtype before the norm reads it, and sums the squares in k_rmsnorm's order (same
-// thread mapping, same block size), so the result equals k_add + k_rmsnorm bit for bit.
+// thread mapping, same block size), so the result equals k_add + k_rmsnorm bit for bit. The norm weight (a model
+// weight, written by no kernel of the step) is read before the PDL wait, off the row's critical path.
 constexpr int kAddNormPer = 16;
 __global__ void __launch_bounds__(256) k_add_rmsnorm(void* x, int xdt, const void* d, int ddt, const float* w,
                                                      float eps, int64_t D, void* h, int hdt) {
+  float wv[kAddNormPer];
+#pragma unroll
+  for (int j = 0; j < kAddNormPer; ++j) {
+    const int64_t i = threadIdx.x + int64_t(j) * 256;
+    wv[j] = i < D ? w[i] : 0.f;
+  }
   pdl_wait();  // PDL-launched (pdl.h)
   pdl_trigger();
   const int64_t r = blockIdx.x;
@@ -226,7 +247,7 @@ __global__ void __launch_bounds__(256) k_add_rmsnorm(void* x, int xdt, const voi
   for (int j = 0; j < kAddNormPer; ++j) {
     const int64_t i = threadIdx.x + int64_t(j) * 256;
     if (i >= D) break;
-    stf(h, hdt, r * D + i, v[j] * inv * w[i]);
+    stf(h, hdt, r * D + i, v[j] * inv * wv[j]);
   }
 }
 
@@ -351,6 +372,13 @@ __global__ void k_convert(const void* x, int xdt, void* y, int ydt, int64_t n) {
 __global__ void k_norm_rope(const void* src, int sdt, int64_t sstride, int64_t hstride, const float* w, float eps,
                             int64_t Dh, int rot, const float* inv_freq, const int32_t* axis, const int32_t* pos,
                             int64_t T, void* dst, int ddt, int64_t N, void* gate, int64_t goff) {
+  // The norm weight (no kernel's output) before the wait: Dh ≤ 512, blockDim.x ≥ 128, so ≤ 4 per thread.
+  float wv[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int64_t d = threadIdx.x + int64_t(j) * blockDim.x;
+    wv[j] = d < Dh ? w[d] : 0.f;
+  }
   pdl_wait();  // PDL-launched (pdl.h)
   pdl_trigger();
   __shared__ float v[512];
@@ -365,7 +393,11 @@ __global__ void k_norm_rope(const void* src, int sdt, int64_t sstride, int64_t h
   }
   ss = block_sum(ss);  // contains __syncthreads
   const float inv = 1.f / sqrtf(ss / float(Dh) + eps);
-  for (int64_t d = threadIdx.x; d < Dh; d += blockDim.x) v[d] = v[d] * inv * w[d];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int64_t d = threadIdx.x + int64_t(j) * blockDim.x;
+    if (d < Dh) v[d] = v[d] * inv * wv[j];
+  }
   __syncthreads();
   const int half = rot / 2;
   for (int64_t d = threadIdx.x; d < Dh; d += blockDim.x) {
@@ -2130,19 +2162,21 @@ class CudaBackend final : public Backend {
     }
     return out;
   }
-  // DS_CUDA_NO_MOE_FUSE=1: the composition (ops.h). Fused for int4 experts at T ≤ DS_CUDA_MOE_FUSE_MAXT (8; at 64
-  // the one routing block made the batch-64 step 15.65 → 17.15 ms on the H200, session 5 run 4a): the
-  // router runs in the tile-table launch (one block routes every token: k_moe_route_tiles), and with a shared expert
-  // whose down projection takes the tensor-core kernel, the routed sum is formed in its gated-add epilogue (bf16_mma.h
-  // mode 3) instead of by k_moe_combine: 6 launches per layer become 4. Same device code as the unfused kernels
-  // (moe_fuse.cuh), so the same bits, and a row's bits still depend on that row alone.
+  // DS_CUDA_NO_MOE_FUSE=1: the composition (ops.h). For int4 experts, with a shared expert whose down projection
+  // takes the tensor-core kernel, the routed sum is formed in its gated-add epilogue (bf16_mma.h mode 3) instead of
+  // by k_moe_combine, at any T up to DS_CUDA_MOE_EPI_MAXT (256, the kernel's limit; 8 before session 10). At T ≤
+  // DS_CUDA_MOE_FUSE_MAXT (8) the router also runs in the tile-table launch (one block routes every token:
+  // k_moe_route_tiles; at 64 that one block made the batch-64 step 15.65 → 17.15 ms on the H200, session 5 run 4a,
+  // so larger steps keep k_moe_route's grid). 6 launches per layer become 4 (T ≤ 8) or 5. Same device code as the
+  // unfused kernels (moe_fuse.cuh), so the same bits, and a row's bits still depend on that row alone.
   void moe_ffn(const Tensor& router_logits, int64_t top_k, const Tensor& x, const Experts& experts, Tensor& ids,
                Tensor& weights, const Tensor* a, const Linear* shared_down, const Tensor* gate, Tensor& y) override {
     auto* ex = static_cast<const CudaExperts*>(experts.get());
     const int64_t T = x.dim(0), E = router_logits.dim(1);
-    if (env_flag("DS_CUDA_NO_MOE_FUSE") || !ex->int4 || T == 0 || T > env_int("DS_CUDA_MOE_FUSE_MAXT", 8) ||
+    if (env_flag("DS_CUDA_NO_MOE_FUSE") || !ex->int4 || T == 0 || T > env_int("DS_CUDA_MOE_EPI_MAXT", 256) ||
         E != ex->E || E > 1024)
       return Backend::moe_ffn(router_logits, top_k, x, experts, ids, weights, a, shared_down, gate, y);
+    const bool fuse_route = T <= env_int("DS_CUDA_MOE_FUSE_MAXT", 8);
     DS_CHECK(top_k <= E && router_logits.dim(0) == T, "moe_ffn: logits ", shape_str(router_logits.shape), ", top_k ",
              top_k);
     DS_CHECK(ids.dtype == DType::I32 && weights.dtype == DType::F32 && ids.numel() == T * top_k &&
@@ -2151,7 +2185,8 @@ class CudaBackend final : public Backend {
     MoeRouteIn r;
     r.logits = router_logits.data, r.ldt = int(router_logits.dtype), r.T = T;
     r.ids = ids.ptr<int32_t>(), r.wts = weights.ptr<float>();
-    Tensor out = moe_routed(x, ex, ids, top_k, &r);
+    if (!fuse_route) moe_route(router_logits, top_k, ids, weights);
+    Tensor out = moe_routed(x, ex, ids, top_k, fuse_route ? &r : nullptr);
     if (shared_down) {
       auto* l = static_cast<const CudaLinear*>(shared_down->get());
       Tensor ab = as_bf16(*a);

@@ -27,28 +27,35 @@ __global__ void __launch_bounds__(128) k_gdn_conv_prep(const void* mixed, int md
                                                        const float* dt_bias, int64_t Hk, int64_t Hv, int64_t Dk,
                                                        int64_t Dv, const int32_t* seqinfo, float qscale, float* qn,
                                                        float* kn, float* vv, float* g, float* beta) {
-  // Wait before the trigger: k_gdn_recur_norm reads the recurrent state before its own wait, which is safe only if
-  // every kernel before this one has completed once it may start.
-  pdl_wait();
-  pdl_trigger();
   constexpr int W = KC - 1;
   const int64_t C = 2 * Hk * Dk + Hv * Dv;
   const int64_t u = blockIdx.x;
   const int s = blockIdx.y, c = threadIdx.x, lane = c & 31, w = c >> 5;
+  // Before the wait, what no kernel of the step writes, off the critical path (the previous kernel's tail): the batch
+  // table (uploaded before the step), the conv weights, A_log / dt_bias, and this channel's conv window (written only
+  // by this kernel's earlier launches, all complete: each waits before it triggers, so when this block starts every
+  // kernel before the previous one has completed).
   const int64_t qs = seqinfo[s * 4 + 0], ql = seqinfo[s * 4 + 1], slot = seqinfo[s * 4 + 3];
-  if (ql <= 0 || ql >= kGdnShortMax) return;  // longer chunks: the unfused path
+  const bool run = ql > 0 && ql < kGdnShortMax;  // longer chunks: the unfused path
   const bool isv = u >= 2 * Hk, isq = u < Hk;
   const int64_t D = isv ? Dv : Dk;
   const int64_t ch = isv ? 2 * Hk * Dk + (u - 2 * Hk) * Dv + c : u * Dk + c;
   const bool act = c < D;
   float wv[KC], win[KC];
   float* st = conv_state + (slot * C + ch) * W;
-  if (act) {
+  if (run && act) {
 #pragma unroll
     for (int j = 0; j < KC; ++j) wv[j] = conv_w[ch * KC + j];
 #pragma unroll
     for (int j = 0; j < W; ++j) win[j] = st[j];
   }
+  const bool gb = run && isv && c < ql;  // this thread writes g and beta of token qs + c
+  const float a_log = gb ? A_log[u - 2 * Hk] : 0.f, dtb = gb ? dt_bias[u - 2 * Hk] : 0.f;
+  // Wait before the trigger: k_gdn_recur_norm reads the recurrent state before its own wait, which is safe only if
+  // every kernel before this one has completed once it may start.
+  pdl_wait();
+  pdl_trigger();
+  if (!run) return;
   __shared__ float red[2][4];
   for (int64_t i = 0; i < ql; ++i) {
     const int64_t t = qs + i;
@@ -82,10 +89,10 @@ __global__ void __launch_bounds__(128) k_gdn_conv_prep(const void* mixed, int md
 #pragma unroll
     for (int j = 0; j < W; ++j) st[j] = win[j];
   }
-  if (isv && c < ql) {
+  if (gb) {
     const int64_t t = qs + c, j = u - 2 * Hk;
     beta[t * Hv + j] = sigmoid_f(ldf(ba, bdt, t * 2 * Hv + j));
-    g[t * Hv + j] = -expf(A_log[j]) * softplus_f(ldf(ba, bdt, t * 2 * Hv + Hv + j) + dt_bias[j]);
+    g[t * Hv + j] = -expf(a_log) * softplus_f(ldf(ba, bdt, t * 2 * Hv + Hv + j) + dtb);
   }
 }
 
@@ -114,6 +121,8 @@ __global__ void __launch_bounds__(256, 2) k_gdn_recur_norm(const float* qn, cons
   float4 st[RPW];
 #pragma unroll
   for (int r = 0; r < RPW; ++r) st[r] = __ldcs(S + r * (DV / 4));
+  // The gated norm's weight (a model weight) too: read after the recurrence it was a DRAM round trip per block.
+  const float4 nw = norm_w ? reinterpret_cast<const float4*>(norm_w)[lane] : make_float4(0.f, 0.f, 0.f, 0.f);
   pdl_wait();
   const int64_t kh = j / (Hv / Hk);
   __shared__ float4 redu[NW][32], redo[NW][32];
@@ -169,7 +178,6 @@ __global__ void __launch_bounds__(256, 2) k_gdn_recur_norm(const float* qn, cons
       const float ss = warp_sum((o.x * o.x + o.y * o.y) + (o.z * o.z + o.w * o.w));
       const float inv = 1.f / sqrtf(ss / float(DV) + eps);
       if (mine) {
-        const float4 nw = reinterpret_cast<const float4*>(norm_w)[lane];
         stf(y, ydt, base + 0, o.x * inv * nw.x * silu_f(zv.x));
         stf(y, ydt, base + 1, o.y * inv * nw.y * silu_f(zv.y));
         stf(y, ydt, base + 2, o.z * inv * nw.z * silu_f(zv.z));

@@ -44,6 +44,20 @@ __global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 4 : NT == 2 ? 3 : 1)  /
   constexpr int WM = kWarps / WK, NTOK = 8 * NT, MW = GATED ? 2 * MT : MT;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wk = warp % WK, wm = warp / WK;
   const int g = lane >> 2, tig = lane & 3;
+  if constexpr (!GATED)
+    if (ts.pre > 0 && !ts.tiles) {  // dense: this warp's first ts.pre groups toward L2 (one 128-byte line per lane)
+      const int64_t KC = W.K / 64, ng = W.K / W.G, g0 = int64_t(wk) * (W.KS / WK) * (ng / W.KS);
+      const int64_t bytes = int64_t(ts.pre < ng - g0 ? ts.pre : ng - g0) * CPG * 512;
+      const int64_t otiles = n_out / 16, ot0 = (int64_t(bx) * WM + wm) * MT;
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        const int64_t ot = ot0 + i < otiles ? ot0 + i : otiles - 1;
+        const char* wb = reinterpret_cast<const char*>(W.qw + (ot * KC + g0 * CPG) * 32);
+        for (int64_t b = int64_t(lane) * 128; b < bytes; b += 32 * 128) prefetch_l2(wb + b);
+        if (lane < 16) prefetch_l2(W.sc + (ot * 16 + lane) * ng + g0);
+        else prefetch_l2(W.z + (ot * 16 + lane - 16) * ng + g0);
+      }
+    }
   pdl_wait();  // launched with pdl_launch: the tile table, x and y belong to earlier kernels
   pdl_trigger();
 
@@ -227,7 +241,6 @@ __device__ __forceinline__ void stream_load(const MmaInt4& W, int64_t wt, int64_
 // L2 prefetch of what stream_load(W, wt, kc, ng, sl, ·) reads, one instruction per lane: lane l the weights' 128-byte
 // line l of the slice (8 chunks × 512 bytes), lanes 0-15 / 16-31 the scale / zero-point pieces of the tile's rows.
 // The registers hold one tile ahead; this puts the tile after it in flight without registers, so its loads hit L2.
-__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 __device__ __forceinline__ void stream_prefetch(const MmaInt4& W, int64_t wt, int64_t kc, int64_t ng, int sl,
                                                 int lane) {
   const int c0 = sl * kStreamKC, q0 = sl * (kStreamKC / 2);
@@ -667,6 +680,10 @@ void mma_int4_linear2(const MmaInt4& A, void* ya, int ydta, const MmaInt4* B, vo
   const Shape shape = M <= env_int("DS_INT4_SMALL_MAX_M", 8) ? Shape::Small : M <= 256 ? Shape::Medium : Shape::Large;
   TokenSrc ts;
   ts.M = M;
+  // Decode shape: each warp sends its first DS_INT4_PREWAIT groups (4: a K = 2048 slice; 0 = none) toward L2 before
+  // the PDL wait. Batch 1 −0.05 ms, batch 8 −0.02; in the medium shape (several waves) it cost batch 64 0.1–0.25 ms
+  // (bench/RESULTS.md session 10), so not there.
+  ts.pre = shape == Shape::Small ? int(env_int("DS_INT4_PREWAIT", 4)) : 0;
   const Int4Out oa{A, A.N, A.N, ya, ydta};
   Int4Out ob;
   if (B) ob = Int4Out{*B, B->N, B->N, yb, ydtb};

@@ -21,7 +21,11 @@ struct TokenSrc {
   const int32_t* list = nullptr;
   int64_t M = 0;
   int64_t xdiv = 1;
+  // Dense linears (no tile table): each warp sends its first `pre` quantisation groups (weights, zero points, scales)
+  // toward L2 before the PDL wait (weights are no kernel's output). 0: not.
+  int pre = 0;
 };
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 
 // The x row of pair/token p: p / xdiv in 32 bits (the hosts check P, M < 2^31; a 64-bit division is a ~70-instruction
 // subroutine, paid per lane and token tile in every block's prologue).

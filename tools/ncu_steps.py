@@ -8,41 +8,59 @@ Profile (on the GPU machine) with
 then `python3 tools/ncu_steps.py ncu.csv`. Every forward starts with the embedding kernel (k_embed), whose grid
 is the step's token count: the script cuts the kernel stream there and prints, for the last step of each token
 count, the time per kernel name (sum, launches, share), sorted.
+
+`--launches` also lists every launch of those steps in order (grid, block, µs and, when the CSV has them, DRAM bytes
+read and written and their rate): add `--clock-control none` (real clocks, as in a run) and
+`--metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum` to the ncu command.
 """
 import csv
 import sys
 from collections import OrderedDict, defaultdict
 
 
-def main(path):
-    rows = []
+def launches_of(path):
+    """[(name, grid, block, {metric: value})] in launch order, one per kernel launch (the CSV's ID)."""
     with open(path, newline="") as f:
         lines = [l for l in f if l.startswith('"')]  # drop ncu's own log lines
+    by_id = OrderedDict()
     for r in csv.DictReader(lines):
-        if r.get("Metric Name") != "gpu__time_duration.sum":
-            continue
-        rows.append((r["Kernel Name"], r["Grid Size"], float(r["Metric Value"].replace(",", ""))))
-    steps = []  # (tokens, [(name, ns)])
-    for name, grid, ns in rows:
-        if name.startswith("k_embed"):
-            toks = grid.strip("()").split(",")[0].strip()
-            steps.append((toks, []))
+        k = by_id.setdefault(r["ID"], (r["Kernel Name"], r["Grid Size"], r.get("Block Size", ""), {}))
+        k[3][r["Metric Name"]] = float(r["Metric Value"].replace(",", ""))
+    return [k for k in by_id.values() if "gpu__time_duration.sum" in k[3]]
+
+
+def main(path, list_launches):
+    steps = []  # (tokens, [launch])
+    for k in launches_of(path):
+        if k[0].startswith("k_embed"):
+            steps.append((k[1].strip("()").split(",")[0].strip(), []))
         if steps:
-            steps[-1][1].append((name, ns))
+            steps[-1][1].append(k)
     last = OrderedDict()
     for toks, ks in steps:
         last[toks] = ks
     for toks, ks in last.items():
-        tot = sum(ns for _, ns in ks)
+        tot = sum(k[3]["gpu__time_duration.sum"] for k in ks)
         agg = defaultdict(lambda: [0.0, 0])
-        for n, ns in ks:
-            agg[n][0] += ns
-            agg[n][1] += 1
+        for k in ks:
+            agg[k[0]][0] += k[3]["gpu__time_duration.sum"]
+            agg[k[0]][1] += 1
         print(f"\n## step with {toks} tokens: {len(ks)} kernels, {tot / 1e6:.3f} ms of kernel time\n")
         print("| kernel | ms | launches | us/launch | share |\n|---|---|---|---|---|")
         for n, (ns, c) in sorted(agg.items(), key=lambda kv: -kv[1][0]):
             print(f"| {n[:60]} | {ns / 1e6:.3f} | {c} | {ns / c / 1e3:.1f} | {100 * ns / tot:.1f}% |")
+        if list_launches:
+            print("\n| # | kernel | grid | block | us | MB read | MB written | GB/s |\n|---|---|---|---|---|---|---|---|")
+            for i, (n, grid, block, m) in enumerate(ks):
+                ns = m["gpu__time_duration.sum"]
+                rd, wr = m.get("dram__bytes_read.sum"), m.get("dram__bytes_write.sum")
+                mb = lambda b: "" if b is None else f"{b / 1e6:.2f}"
+                rate = "" if rd is None or wr is None else f"{(rd + wr) / ns:.0f}"
+                print(f"| {i} | {n[:40]} | {grid} | {block} | {ns / 1e3:.1f} | {mb(rd)} | {mb(wr)} | {rate} |")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    args = [a for a in sys.argv[1:] if a != "--launches"]
+    if len(args) != 1:
+        sys.exit("usage: ncu_steps.py NCU.csv [--launches]")
+    main(args[0], "--launches" in sys.argv[1:])

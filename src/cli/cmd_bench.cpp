@@ -861,7 +861,7 @@ int cmd_bench(int argc, char** argv) {
                       (long long)B, (long long)ctx, med, double(B) * 1e3 / med, touched, human_bytes(bytes).c_str(),
                       bytes / (med / 1e3) / 1e9, 100.0 * bytes / (med / 1e3) / copy_bw);
           std::fflush(stdout);
-          if (a.has("breakdown") && ctx == contexts.front()) {
+          if (a.has("breakdown")) {  // every batch and context (before session 10: the first context only)
             // With graphs on a CUDA backend: device events around each op inside a recorded step (device time
             // per family; the rest of the step is gaps between kernels). Else: synchronise around each op.
             Breakdown bd;

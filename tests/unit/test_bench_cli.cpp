@@ -21,6 +21,7 @@ TEST(BenchCli, TinyMoeOnCpu) {
   EXPECT_NE(r.out.find("## Decode"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("| graph | 3 | 40 |"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("### Time by kernel family"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("batch 3, context 40"), std::string::npos) << r.out;  // a breakdown for every context
   EXPECT_NE(r.out.find("## Prefill"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("| graph | 33 | 33 |"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("weights read per token"), std::string::npos) << r.out;

@@ -44,6 +44,18 @@ namespace cuda {
     if (s_ != CUBLAS_STATUS_SUCCESS) ::ds::fail("cuBLAS error ", int(s_), " at ", __FILE__, ":", __LINE__); \
   } while (0)
 
+// A norm's weight columns threadIdx.x + j·stride (j < N; 0 past D) into registers. The norm kernels call it before
+// their PDL wait: a model weight is no kernel's output, and read after the row's reduction it was a dependent DRAM
+// round trip (the step's weight stream evicts it from L2).
+template <int N>
+__device__ __forceinline__ void load_cols(const float* w, int64_t D, unsigned stride, float (&wv)[N]) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    const int64_t d = threadIdx.x + int64_t(j) * stride;
+    wv[j] = d < D ? w[d] : 0.f;
+  }
+}
+
 // Sum over the block (blockDim.x a multiple of 32, ≤ 1024); every thread gets the result.
 __device__ float block_sum(float v) {
   __shared__ float red[32];
@@ -90,14 +102,9 @@ __global__ void k_embed(const void* table, int tdt, const int32_t* tokens, int64
 }
 
 __global__ void k_rmsnorm(const void* x, int xdt, const float* w, float eps, int64_t D, void* y, int ydt) {
-  // The weight (no kernel's output) of the first kRmsPre·blockDim.x columns before the wait, as in k_add_rmsnorm.
-  constexpr int kRmsPre = 8;
+  constexpr int kRmsPre = 8;  // the weight of the first kRmsPre·blockDim.x columns before the wait
   float wv[kRmsPre];
-#pragma unroll
-  for (int j = 0; j < kRmsPre; ++j) {
-    const int64_t d = threadIdx.x + int64_t(j) * blockDim.x;
-    wv[j] = d < D ? w[d] : 0.f;
-  }
+  load_cols(w, D, blockDim.x, wv);
   pdl_wait();  // PDL-launched (pdl.h)
   pdl_trigger();
   const int64_t r = blockIdx.x;
@@ -212,17 +219,13 @@ __global__ void k_linear_n1(const __nv_bfloat16* w, const __nv_bfloat16* x, int6
 // x += d, then h = rmsnorm(x)·w; one block of 256 per row, D ≤ 256·kAddNormPer. Each thread loads all its
 // elements before storing any (a store to x between loads would serialise them: x and d may alias as far as the
 // compiler knows), rounds x to its dtype before the norm reads it, and sums the squares in k_rmsnorm's order (same
-// thread mapping, same block size), so the result equals k_add + k_rmsnorm bit for bit. The norm weight (a model
-// weight, written by no kernel of the step) is read before the PDL wait, off the row's critical path.
+// thread mapping, same block size), so the result equals k_add + k_rmsnorm bit for bit. The norm weight is read
+// before the PDL wait (load_cols).
 constexpr int kAddNormPer = 16;
 __global__ void __launch_bounds__(256) k_add_rmsnorm(void* x, int xdt, const void* d, int ddt, const float* w,
                                                      float eps, int64_t D, void* h, int hdt) {
   float wv[kAddNormPer];
-#pragma unroll
-  for (int j = 0; j < kAddNormPer; ++j) {
-    const int64_t i = threadIdx.x + int64_t(j) * 256;
-    wv[j] = i < D ? w[i] : 0.f;
-  }
+  load_cols(w, D, 256, wv);
   pdl_wait();  // PDL-launched (pdl.h)
   pdl_trigger();
   const int64_t r = blockIdx.x;
@@ -372,13 +375,8 @@ __global__ void k_convert(const void* x, int xdt, void* y, int ydt, int64_t n) {
 __global__ void k_norm_rope(const void* src, int sdt, int64_t sstride, int64_t hstride, const float* w, float eps,
                             int64_t Dh, int rot, const float* inv_freq, const int32_t* axis, const int32_t* pos,
                             int64_t T, void* dst, int ddt, int64_t N, void* gate, int64_t goff) {
-  // The norm weight (no kernel's output) before the wait: Dh ≤ 512, blockDim.x ≥ 128, so ≤ 4 per thread.
-  float wv[4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int64_t d = threadIdx.x + int64_t(j) * blockDim.x;
-    wv[j] = d < Dh ? w[d] : 0.f;
-  }
+  float wv[4];  // the norm weight before the wait: Dh ≤ 512, blockDim.x ≥ 128, so ≤ 4 per thread
+  load_cols(w, Dh, blockDim.x, wv);
   pdl_wait();  // PDL-launched (pdl.h)
   pdl_trigger();
   __shared__ float v[512];

@@ -33,8 +33,8 @@ __global__ void __launch_bounds__(128) k_gdn_conv_prep(const void* mixed, int md
   const int s = blockIdx.y, c = threadIdx.x, lane = c & 31, w = c >> 5;
   // Before the wait, what no kernel of the step writes, off the critical path (the previous kernel's tail): the batch
   // table (uploaded before the step), the conv weights, A_log / dt_bias, and this channel's conv window (written only
-  // by this kernel's earlier launches, all complete: each waits before it triggers, so when this block starts every
-  // kernel before the previous one has completed).
+  // in earlier steps, by this kernel or the long-chunk conv kernels; steps are separated by the host's read of the
+  // sampled ids).
   const int64_t qs = seqinfo[s * 4 + 0], ql = seqinfo[s * 4 + 1], slot = seqinfo[s * 4 + 3];
   const bool run = ql > 0 && ql < kGdnShortMax;  // longer chunks: the unfused path
   const bool isv = u >= 2 * Hk, isq = u < Hk;

@@ -113,7 +113,13 @@ __global__ void __launch_bounds__(256, 2) k_gdn_recur_norm(const float* qn, cons
   const int64_t j = blockIdx.x;
   const int s = blockIdx.y, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const int64_t qs = seqinfo[s * 4 + 0], ql = seqinfo[s * 4 + 1], slot = seqinfo[s * 4 + 3];
-  if (ql <= 0 || ql >= kGdnShortMax) return;
+  // Blocks of other sequences still wait (branch s11, NOT GPU-run): this kernel triggers at entry, so a launch whose
+  // blocks all left at once would complete before k_gdn_conv_prep, and the next kernel's wait would no longer imply
+  // that every kernel before it has completed.
+  if (ql <= 0 || ql >= kGdnShortMax) {
+    pdl_wait();
+    return;
+  }
   // The state (written only by this kernel's earlier launches, all complete: k_gdn_conv_prep waits before it
   // triggers) is read before the wait, overlapping the conv kernel. Streaming loads and stores: a layer's states
   // (batch 64: 134 MB) do not fit in L2 and are not read again this step.

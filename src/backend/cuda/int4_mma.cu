@@ -221,22 +221,30 @@ struct StreamTile {
   uint32_t z0, z1;  // zero points of rows g, g + 8 of the tile, byte q = group q of the 4
   float4 s0, s1;    // their scales, element q = group q
 };
-__device__ __forceinline__ float f4_at(const float4& v, int i) {
-  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
-}
-// Chunks [8·sl, 8·sl + 8) (groups [4·sl, 4·sl + 4)) of weight tile wt (kc chunks and ng groups per row) for lane
-// (g, ·).
-__device__ __forceinline__ void stream_load(const MmaInt4& W, int64_t wt, int64_t kc, int64_t ng, int sl, int g,
-                                            int lane, StreamTile& t) {
+// Where lane (g, ·)'s pieces of chunks [8·sl, 8·sl + 8) (groups [4·sl, 4·sl + 4)) of weight tile wt lie (kc chunks
+// and ng groups per row): its weight words (chunk c at w + 32·c), the 4 zero-point bytes and 4 scales of rows g, g + 8.
+struct StreamSrc {
+  const uint4* w;
+  const uint8_t *z0, *z1;
+  const float *s0, *s1;
+};
+__device__ __forceinline__ StreamSrc stream_src(const MmaInt4& W, int64_t wt, int64_t kc, int64_t ng, int sl, int g,
+                                                int lane) {
   const int64_t r0 = wt * 16 + g;
   const int c0 = sl * kStreamKC, q0 = sl * (kStreamKC / 2);
-  const uint4* wp = W.qw + (wt * kc + c0) * 32 + lane;
+  return {W.qw + (wt * kc + c0) * 32 + lane, W.z + r0 * ng + q0, W.z + (r0 + 8) * ng + q0, W.sc + r0 * ng + q0,
+          W.sc + (r0 + 8) * ng + q0};
+}
+// The slice's pieces into registers.
+__device__ __forceinline__ void stream_load(const MmaInt4& W, int64_t wt, int64_t kc, int64_t ng, int sl, int g,
+                                            int lane, StreamTile& t) {
+  const StreamSrc p = stream_src(W, wt, kc, ng, sl, g, lane);
 #pragma unroll
-  for (int c = 0; c < kStreamKC; ++c) t.w[c] = __ldg(wp + c * 32);
-  t.z0 = __ldg(reinterpret_cast<const uint32_t*>(W.z + r0 * ng + q0));
-  t.z1 = __ldg(reinterpret_cast<const uint32_t*>(W.z + (r0 + 8) * ng + q0));
-  t.s0 = __ldg(reinterpret_cast<const float4*>(W.sc + r0 * ng + q0));
-  t.s1 = __ldg(reinterpret_cast<const float4*>(W.sc + (r0 + 8) * ng + q0));
+  for (int c = 0; c < kStreamKC; ++c) t.w[c] = __ldg(p.w + c * 32);
+  t.z0 = __ldg(reinterpret_cast<const uint32_t*>(p.z0));
+  t.z1 = __ldg(reinterpret_cast<const uint32_t*>(p.z1));
+  t.s0 = __ldg(reinterpret_cast<const float4*>(p.s0));
+  t.s1 = __ldg(reinterpret_cast<const float4*>(p.s1));
 }
 // L2 prefetch of what stream_load(W, wt, kc, ng, sl, ·) reads, one instruction per lane: lane l the weights' 128-byte
 // line l of the slice (8 chunks × 512 bytes), lanes 0-15 / 16-31 the scale / zero-point pieces of the tile's rows.
@@ -263,15 +271,13 @@ constexpr int stream_min_blocks(int D) { return D == 0 ? 2 : D == 2 ? 4 : D == 3
 // stream_load's reads as cp.async into stage b (commit and wait are the caller's).
 __device__ __forceinline__ void stream_issue(const MmaInt4& W, int64_t wt, int64_t kc, int64_t ng, int sl, int g,
                                              int lane, StreamSmem& b) {
-  const int64_t r0 = wt * 16 + g;
-  const int c0 = sl * kStreamKC, q0 = sl * (kStreamKC / 2);
-  const uint4* wp = W.qw + (wt * kc + c0) * 32 + lane;
+  const StreamSrc p = stream_src(W, wt, kc, ng, sl, g, lane);
 #pragma unroll
-  for (int c = 0; c < kStreamKC; ++c) cp_async16(&b.w[c][lane], wp + c * 32);
-  cp_async4(&b.z0[lane], W.z + r0 * ng + q0);
-  cp_async4(&b.z1[lane], W.z + (r0 + 8) * ng + q0);
-  cp_async16(&b.s0[lane], W.sc + r0 * ng + q0);
-  cp_async16(&b.s1[lane], W.sc + (r0 + 8) * ng + q0);
+  for (int c = 0; c < kStreamKC; ++c) cp_async16(&b.w[c][lane], p.w + c * 32);
+  cp_async4(&b.z0[lane], p.z0);
+  cp_async4(&b.z1[lane], p.z1);
+  cp_async16(&b.s0[lane], p.s0);
+  cp_async16(&b.s1[lane], p.s1);
 }
 // A lane's view of a ring stage, read where stream_group uses it (no tile of registers).
 struct RingTile {
@@ -282,7 +288,7 @@ __device__ __forceinline__ uint4 tile_w(const StreamTile& t, int c) { return t.w
 __device__ __forceinline__ uint4 tile_w(const RingTile& t, int c) { return t.b->w[c][t.lane]; }
 __device__ __forceinline__ uint32_t tile_z(const StreamTile& t, int rr) { return rr ? t.z1 : t.z0; }
 __device__ __forceinline__ uint32_t tile_z(const RingTile& t, int rr) { return rr ? t.b->z1[t.lane] : t.b->z0[t.lane]; }
-__device__ __forceinline__ float tile_s(const StreamTile& t, int rr, int q) { return f4_at(rr ? t.s1 : t.s0, q); }
+__device__ __forceinline__ float tile_s(const StreamTile& t, int rr, int q) { return word_of(rr ? t.s1 : t.s0, q); }
 __device__ __forceinline__ float tile_s(const RingTile& t, int rr, int q) {
   return reinterpret_cast<const float*>(rr ? &t.b->s1[t.lane] : &t.b->s0[t.lane])[q];
 }
@@ -431,8 +437,8 @@ __global__ void __launch_bounds__(kWarps * 32, stream_min_blocks(D))
     for (int c = 0; c < 4; ++c) rp[c * 32] = part[c];
   };
   uint4 xv[kStreamKC][2];  // token g of the tile (padding lanes reuse token 0), slice s
+  const __nv_bfloat16* xr = x + x_row(ts, ts.list[t0 + (g < cnt ? g : 0)]) * K + s * kStreamKC * 64 + 16 * tig;
   if constexpr (D > 0) {
-    const __nv_bfloat16* xr = x + x_row(ts, ts.list[t0 + (g < cnt ? g : 0)]) * K + s * kStreamKC * 64 + 16 * tig;
     // Stage q of this warp's ring; the ring starts after the R pairs' partials (R · 4 KB, 16-byte aligned).
     StreamSmem* ring = reinterpret_cast<StreamSmem*>(red + size_t(R) * 2 * KS * 4 * 32) + s * D;
     const int nu = 2 * np;
@@ -450,18 +456,13 @@ __global__ void __launch_bounds__(kWarps * 32, stream_min_blocks(D))
       partial(RingTile{&ring[u % D], lane}, xv, u);
     }
   } else {
-    stream_x(x + x_row(ts, ts.list[t0 + (g < cnt ? g : 0)]) * K + s * kStreamKC * 64 + 16 * tig, xv);
+    stream_x(xr, xv);
     StreamTile cur, nxt;
     stream_load(W, wtile(0), KC, NG, s, g, lane, cur);
     for (int u = 0; u < 2 * np; ++u) {
       if (u + 1 < 2 * np) stream_load(W, wtile(u + 1), KC, NG, s, g, lane, nxt);
       if (PF && u + 2 < 2 * np) stream_prefetch(W, wtile(u + 2), KC, NG, s, lane);
-      float part[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-      for (int q = 0; q < NGS; ++q) stream_group(cur, xv, q, part);
-      float* rp = red + (size_t(u) * KS + s) * 4 * 32 + lane;
-#pragma unroll
-      for (int c = 0; c < 4; ++c) rp[c * 32] = part[c];
+      partial(cur, xv, u);
       cur = nxt;
     }
   }

@@ -55,7 +55,9 @@ __device__ __forceinline__ void dequant(uint32_t w, uint32_t zz0, uint32_t zz1, 
   a[2] = bf16x2_sub(nib_bf16(w >> 8), zz0);
   a[3] = bf16x2_sub(nib_bf16(w >> 12), zz1);
 }
-__device__ __forceinline__ uint32_t word_of(const uint4& v, int j) {
+// Element j of a 4-vector (uint4: a packed weight word or fragment register; float4: a scale).
+template <class V>
+__device__ __forceinline__ auto word_of(const V& v, int j) -> decltype(v.x) {
   return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
 }
 __device__ __forceinline__ float silu(float v) { return v / (1.f + expf(-v)); }

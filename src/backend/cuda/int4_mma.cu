@@ -44,18 +44,21 @@ __global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 4 : NT == 2 ? 3 : 1)  /
   constexpr int WM = kWarps / WK, NTOK = 8 * NT, MW = GATED ? 2 * MT : MT;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wk = warp % WK, wm = warp / WK;
   const int g = lane >> 2, tig = lane & 3;
+  const int64_t otiles = n_out / 16, ot0 = (int64_t(bx) * WM + wm) * MT;
+  const int64_t KC = W.K / 64, ngroups = W.K / W.G;
+  const int64_t gps = ngroups / W.KS;  // groups per slice
+  const int spw = W.KS / WK;           // slices per warp: warp wk owns [wk·spw, (wk + 1)·spw)
   if constexpr (!GATED)
     if (ts.pre > 0 && !ts.tiles) {  // dense: this warp's first ts.pre groups toward L2 (one 128-byte line per lane)
-      const int64_t KC = W.K / 64, ng = W.K / W.G, g0 = int64_t(wk) * (W.KS / WK) * (ng / W.KS);
-      const int64_t bytes = int64_t(ts.pre < ng - g0 ? ts.pre : ng - g0) * CPG * 512;
-      const int64_t otiles = n_out / 16, ot0 = (int64_t(bx) * WM + wm) * MT;
+      const int64_t g0 = int64_t(wk) * spw * gps;
+      const int64_t bytes = int64_t(ts.pre < ngroups - g0 ? ts.pre : ngroups - g0) * CPG * 512;
 #pragma unroll
       for (int i = 0; i < MT; ++i) {
         const int64_t ot = ot0 + i < otiles ? ot0 + i : otiles - 1;
         const char* wb = reinterpret_cast<const char*>(W.qw + (ot * KC + g0 * CPG) * 32);
         for (int64_t b = int64_t(lane) * 128; b < bytes; b += 32 * 128) prefetch_l2(wb + b);
-        if (lane < 16) prefetch_l2(W.sc + (ot * 16 + lane) * ng + g0);
-        else prefetch_l2(W.z + (ot * 16 + lane - 16) * ng + g0);
+        if (lane < 16) prefetch_l2(W.sc + (ot * 16 + lane) * ngroups + g0);
+        else prefetch_l2(W.z + (ot * 16 + lane - 16) * ngroups + g0);
       }
     }
   pdl_wait();  // launched with pdl_launch: the tile table, x and y belong to earlier kernels
@@ -79,8 +82,6 @@ __global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 4 : NT == 2 ? 3 : 1)  /
     const int64_t p = ts.list ? ts.list[t0 + i] : t0 + i;
     xr[nt] = x + x_row(ts, p) * W.K + 16 * tig;
   }
-  const int64_t otiles = n_out / 16, ot0 = (int64_t(bx) * WM + wm) * MT;
-  const int64_t KC = W.K / 64, ngroups = W.K / W.G;
   const uint4* wp[MW];
   int64_t r0[MW];
 #pragma unroll
@@ -99,8 +100,6 @@ __global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 4 : NT == 2 ? 3 : 1)  /
   // Slices of other warps, each kept apart so warp 0 adds them one by one in slice order (at most 3: KS ≤ 4).
   constexpr bool kSplit = WK > 1;
   __shared__ float red[kSplit ? 3 : 1][kSplit ? WM : 1][kSplit ? MW * NT * 4 : 1][32];
-  const int64_t gps = ngroups / W.KS;  // groups per slice
-  const int spw = W.KS / WK;           // slices per warp: warp wk owns [wk·spw, (wk + 1)·spw)
   for (int s = wk * spw; s < (wk + 1) * spw; ++s) {
     float part[MW][NT][4];
     zero_frags(part);

@@ -48,39 +48,53 @@ __global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 4 : NT == 2 ? 3 : 1)  /
   const int64_t KC = W.K / 64, ngroups = W.K / W.G;
   const int64_t gps = ngroups / W.KS;  // groups per slice
   const int spw = W.KS / WK;           // slices per warp: warp wk owns [wk·spw, (wk + 1)·spw)
-  if constexpr (!GATED)
-    if (ts.pre > 0 && !ts.tiles) {  // dense: this warp's first ts.pre groups toward L2 (one 128-byte line per lane)
+  // The block's tokens: tile blockIdx.y of the table (experts) or of x (dense), and the x rows whose B fragments
+  // this lane loads, token nt·8 + g of the tile (padding lanes reuse token 0). The table and pair list are read before
+  // the wait for dense launches (nothing to read) and with ts.early (see TokenSrc; gate_up, the GATED form, never has
+  // it); a block past the table's end returns after the wait, so the chain of waits stays unbroken.
+  int64_t e = 0, t0 = 0;
+  int cnt = 0;
+  const __nv_bfloat16* xr[NT];
+  auto entry = [&] {
+    if (ts.tiles) {
+      if (int(blockIdx.y) >= *ts.ntiles) return false;  // block-uniform
+      const int32_t* tl = ts.tiles + 3 * blockIdx.y;
+      e = tl[0], t0 = tl[1], cnt = tl[2];
+    } else {
+      t0 = int64_t(blockIdx.y) * NTOK;
+      cnt = int(ts.M - t0 < NTOK ? ts.M - t0 : NTOK);
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int i = nt * 8 + g < cnt ? nt * 8 + g : 0;
+      const int64_t p = ts.list ? ts.list[t0 + i] : t0 + i;
+      xr[nt] = x + x_row(ts, p) * W.K + 16 * tig;
+    }
+    return true;
+  };
+  if constexpr (GATED) {
+    pdl_wait();  // launched with pdl_launch: the tile table, x and y belong to earlier kernels
+    pdl_trigger();
+    if (!entry()) return;
+  } else {
+    const bool early = !ts.tiles || ts.early;
+    const bool live = early ? entry() : true;
+    if (ts.pre > 0 && early && live) {  // this warp's first ts.pre groups toward L2 (one 128-byte line per lane)
       const int64_t g0 = int64_t(wk) * spw * gps;
       const int64_t bytes = int64_t(ts.pre < ngroups - g0 ? ts.pre : ngroups - g0) * CPG * 512;
 #pragma unroll
       for (int i = 0; i < MT; ++i) {
         const int64_t ot = ot0 + i < otiles ? ot0 + i : otiles - 1;
-        const char* wb = reinterpret_cast<const char*>(W.qw + (ot * KC + g0 * CPG) * 32);
+        const int64_t wt = e * (rows_per_expert / 16) + ot;
+        const char* wb = reinterpret_cast<const char*>(W.qw + (wt * KC + g0 * CPG) * 32);
         for (int64_t b = int64_t(lane) * 128; b < bytes; b += 32 * 128) prefetch_l2(wb + b);
-        if (lane < 16) prefetch_l2(W.sc + (ot * 16 + lane) * ngroups + g0);
-        else prefetch_l2(W.z + (ot * 16 + lane - 16) * ngroups + g0);
+        if (lane < 16) prefetch_l2(W.sc + (wt * 16 + lane) * ngroups + g0);
+        else prefetch_l2(W.z + (wt * 16 + lane - 16) * ngroups + g0);
       }
     }
-  pdl_wait();  // launched with pdl_launch: the tile table, x and y belong to earlier kernels
-  pdl_trigger();
-
-  int64_t e, t0;
-  int cnt;
-  if (ts.tiles) {
-    if (int(blockIdx.y) >= *ts.ntiles) return;  // block-uniform
-    const int32_t* tl = ts.tiles + 3 * blockIdx.y;
-    e = tl[0], t0 = tl[1], cnt = tl[2];
-  } else {
-    e = 0, t0 = int64_t(blockIdx.y) * NTOK;
-    cnt = int(ts.M - t0 < NTOK ? ts.M - t0 : NTOK);
-  }
-  // The x rows whose B fragments this lane loads: token nt·8 + g of the tile (padding lanes reuse token 0).
-  const __nv_bfloat16* xr[NT];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int i = nt * 8 + g < cnt ? nt * 8 + g : 0;
-    const int64_t p = ts.list ? ts.list[t0 + i] : t0 + i;
-    xr[nt] = x + x_row(ts, p) * W.K + 16 * tig;
+    pdl_wait();  // launched with pdl_launch: the tile table (without ts.early), x and y belong to earlier kernels
+    pdl_trigger();
+    if (!(early ? live : entry())) return;
   }
   const uint4* wp[MW];
   int64_t r0[MW];
@@ -335,15 +349,18 @@ __device__ __forceinline__ void stream_store(const TokenSrc& ts, int64_t t0, int
     for (int rr = 0; rr < 2; ++rr) store(p, rr, h);
   }
 }
-// A streaming kernel's start (PDL-launched: the tile table and the activations belong to earlier kernels): the tile
-// table entry of blockIdx.y, i.e. expert, first list index, pair count (false: past the table's end).
-__device__ __forceinline__ bool stream_tile_entry(const TokenSrc& ts, int64_t& e, int64_t& t0, int& cnt) {
-  pdl_wait();
-  pdl_trigger();
+// The tile table entry of blockIdx.y, i.e. expert, first list index, pair count (false: past the table's end).
+__device__ __forceinline__ bool tile_entry(const TokenSrc& ts, int64_t& e, int64_t& t0, int& cnt) {
   if (int(blockIdx.y) >= *ts.ntiles) return false;
   const int32_t* tl = ts.tiles + 3 * blockIdx.y;
   e = tl[0], t0 = tl[1], cnt = tl[2];
   return true;
+}
+// A streaming kernel's start (PDL-launched: the tile table and the activations belong to earlier kernels).
+__device__ __forceinline__ bool stream_tile_entry(const TokenSrc& ts, int64_t& e, int64_t& t0, int& cnt) {
+  pdl_wait();
+  pdl_trigger();
+  return tile_entry(ts, e, t0, cnt);
 }
 
 // The experts' down projection when K = 512 (the 35B-A3B's moe_intermediate_size; its 4 slices are one group each):
@@ -356,12 +373,34 @@ __global__ void __launch_bounds__(kWarps * 32, stream_min_blocks(D))
                     TokenSrc ts, int tpw) {
   constexpr int KC = kStreamKC, NG = KC / 2;  // chunks; groups (= slices)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
-  int64_t e, t0;
-  int cnt;
-  if (!stream_tile_entry(ts, e, t0, cnt)) return;  // block-uniform
   const int64_t otiles = H / 16, ot_begin = (int64_t(blockIdx.x) * kWarps + warp) * tpw;
-  if (ot_begin >= otiles) return;  // warp-uniform; no barriers below
   const int64_t ot_end = ot_begin + tpw < otiles ? ot_begin + tpw : otiles;
+  const int n = ot_end > ot_begin ? int(ot_end - ot_begin) : 0;  // tiles of this warp
+  extern __shared__ uint4 down_ring[];
+  StreamSmem* ring = reinterpret_cast<StreamSmem*>(down_ring) + warp * D;
+  // The ring's first D − 1 tiles (weights: no kernel's output), one commit group per tile, empty past the end.
+  auto prologue = [&](int64_t e) {
+#pragma unroll
+    for (int q = 0; q < D - 1; ++q) {
+      if (q < n) stream_issue(W, e * otiles + ot_begin + q, KC, NG, 0, g, lane, ring[q]);
+      cp_async_commit();
+    }
+  };
+  int64_t e = 0, t0 = 0;
+  int cnt = 0;
+  bool live = true;
+  if (ts.early) {  // the table is final (TokenSrc::early): the first tiles' weights go out before the wait
+    live = tile_entry(ts, e, t0, cnt);
+    if (live && n > 0) {
+      if constexpr (D > 0) prologue(e);
+      else
+        for (int q = 0; q < 2 && q < n; ++q) stream_prefetch(W, e * otiles + ot_begin + q, KC, NG, 0, lane);
+    }
+  }
+  pdl_wait();
+  pdl_trigger();
+  if (!ts.early) live = tile_entry(ts, e, t0, cnt);
+  if (!live || n == 0) return;  // block-uniform / warp-uniform; no barriers below
   uint4 xv[KC][2];  // token g of the tile (padding lanes reuse token 0)
   const __nv_bfloat16* xr = x + x_row(ts, ts.list[t0 + (g < cnt ? g : 0)]) * (KC * 64) + 16 * tig;
   auto tile = [&](const auto& cur, int64_t ot) {
@@ -377,14 +416,7 @@ __global__ void __launch_bounds__(kWarps * 32, stream_min_blocks(D))
                  [&](int64_t p, int rr, int h) { y[p * H + ot * 16 + g + 8 * rr] = acc[2 * rr + h]; });
   };
   if constexpr (D > 0) {
-    extern __shared__ uint4 down_ring[];
-    StreamSmem* ring = reinterpret_cast<StreamSmem*>(down_ring) + warp * D;
-    const int n = int(ot_end - ot_begin);
-#pragma unroll
-    for (int q = 0; q < D - 1; ++q) {  // one commit group per tile, empty past the end
-      if (q < n) stream_issue(W, e * otiles + ot_begin + q, KC, NG, 0, g, lane, ring[q]);
-      cp_async_commit();
-    }
+    if (!ts.early) prologue(e);
     stream_x(xr, xv);
     for (int i = 0; i < n; ++i) {
       // Refills the stage tile i − 1 came from (this lane's own bytes, already read: its mma have consumed them).
@@ -780,6 +812,11 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
     launch<true>(shape, Int4Out{gate_up, 2 * I, I, act, int(DType::BF16)}, nullptr, x, ts, mt, s, wk_cap);
   }
   ts.xdiv = 1;
+  // The down projection reads its tile entry and pair list, and sends its first weights on their way (cp.async into
+  // the ring, else toward L2; the decode shape its first DS_INT4_PREWAIT groups), before its PDL wait: gate_up has
+  // waited on the table's kernel before it triggers (TokenSrc::early). DS_INT4_MOE_EARLY=0: after the wait.
+  ts.early = env_int("DS_INT4_MOE_EARLY", 1) != 0;
+  if (ts.early && shape == Shape::Small) ts.pre = int(env_int("DS_INT4_PREWAIT", 4));
   const int64_t tpw = env_int("DS_INT4_MOE_DOWN_TPW", 8);
   if (shape == Shape::Small && down.K == kStreamKC * 64 && streamable(down) && down.KS == kStreamKC / 2 &&
       H % 16 == 0 && tpw >= 1 && P >= env_int("DS_INT4_MOE_DOWN_TPW_MIN_P", 16)) {

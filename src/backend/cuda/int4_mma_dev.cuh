@@ -24,6 +24,10 @@ struct TokenSrc {
   // Dense linears (no tile table): each warp sends its first `pre` quantisation groups (weights, zero points, scales)
   // toward L2 before the PDL wait (weights are no kernel's output). 0: not.
   int pre = 0;
+  // Experts: the tile table and pair list were final before the previous launch passed its PDL wait (the down
+  // projection, launched after gate_up, which waits on the table's kernel before it triggers), so a block may read
+  // its entry, and send its first weights toward L2, before its own wait. 0: after the wait.
+  int early = 0;
 };
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 

@@ -770,12 +770,14 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
   auto streamable = [](const MmaInt4& W) {
     return W.G == 128 && reinterpret_cast<uintptr_t>(W.z) % 4 == 0 && reinterpret_cast<uintptr_t>(W.sc) % 16 == 0;
   };
-  // From DS_INT4_MOE_RING_MIN_P pairs on (128, i.e. batch 16) both streaming kernels take their tiles through a
+  // From DS_INT4_MOE_RING_MIN_P pairs on (32, i.e. batch 4) both streaming kernels take their tiles through a
   // DS_INT4_MOE_RING-stage cp.async ring per warp (2; 3 or 4 allowed; 0 = off), read in place, at 4 blocks per SM
-  // instead of 2: batch 64 11.39 → 10.78 ms, batch 32 8.45 → 8.08; batch 8 4.41 → 4.62 with it, hence the threshold
-  // (bench/RESULTS.md session 9). 2 stages taken into registers (3 blocks per SM) or read in place at 5 blocks per SM
-  // (spills) were slower.
-  const int64_t ring = P >= env_int("DS_INT4_MOE_RING_MIN_P", 128) ? env_int("DS_INT4_MOE_RING", 2) : 0;
+  // instead of 2: batch 64 11.39 → 10.78 ms, batch 32 8.45 → 8.08 (session 9, when batch 8 was slower with it:
+  // 4.41 → 4.62, so it started at 128 pairs). Since the down kernel's prologue runs before the PDL wait and takes 4
+  // tiles per warp with the ring (session 11) it wins below 128 too: batch 4 3.34 → 3.32 ms, 8 4.11 → 4.04, 12
+  // 5.15 → 4.82 (bench/RESULTS.md session 11, run 6). 2 stages taken into registers (3 blocks per SM) or read in place
+  // at 5 blocks per SM (spills) were slower.
+  const int64_t ring = P >= env_int("DS_INT4_MOE_RING_MIN_P", 32) ? env_int("DS_INT4_MOE_RING", 2) : 0;
   DS_CHECK(ring == 0 || (ring >= 2 && ring <= 4), "DS_INT4_MOE_RING: expected 0 (off) or 2-4 stages, got ", ring);
   const size_t ring_bytes = size_t(kWarps) * size_t(ring) * sizeof(StreamSmem);  // per block
   constexpr int kMaxSmem = 160 * 1024;

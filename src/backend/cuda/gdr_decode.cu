@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(256, 2) k_gdn_recur_norm(const float* qn, cons
   const int64_t j = blockIdx.x;
   const int s = blockIdx.y, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const int64_t qs = seqinfo[s * 4 + 0], ql = seqinfo[s * 4 + 1], slot = seqinfo[s * 4 + 3];
-  // Blocks of other sequences still wait (branch s11, NOT GPU-run): this kernel triggers at entry, so a launch whose
+  // Blocks of other sequences still wait (session 11): this kernel triggers at entry, so a launch whose
   // blocks all left at once would complete before k_gdn_conv_prep, and the next kernel's wait would no longer imply
   // that every kernel before it has completed.
   if (ql <= 0 || ql >= kGdnShortMax) {

@@ -587,6 +587,10 @@ __global__ void __launch_bounds__(1024) k_moe_route_tiles(const MoeRouteIn r, in
 
 int64_t max_tiles(int64_t P, int64_t E, int ntok) { return std::min(P, E) + P / ntok + 1; }
 
+// Groups each warp of a decode-shape launch sends toward L2 before its PDL wait (TokenSrc::pre): DS_INT4_PREWAIT,
+// 4 (a K = 2048 slice); 0 = none.
+int prewait_groups() { return int(env_int("DS_INT4_PREWAIT", 4)); }
+
 template <int MT, int NT, int WK, bool GATED>
 void launch_cpg(const Int4Out& A, const Int4Out* B, const void* x, const TokenSrc& ts, int64_t gy, cudaStream_t s) {
   constexpr int WM = kWarps / WK;
@@ -715,7 +719,7 @@ void mma_int4_linear2(const MmaInt4& A, void* ya, int ydta, const MmaInt4* B, vo
   // Decode shape: each warp sends its first DS_INT4_PREWAIT groups (4: a K = 2048 slice; 0 = none) toward L2 before
   // the PDL wait. Batch 1 −0.05 ms, batch 8 −0.02; in the medium shape (several waves) it cost batch 64 0.1–0.25 ms
   // (bench/RESULTS.md session 10), so not there.
-  ts.pre = shape == Shape::Small ? int(env_int("DS_INT4_PREWAIT", 4)) : 0;
+  ts.pre = shape == Shape::Small ? prewait_groups() : 0;
   const Int4Out oa{A, A.N, A.N, ya, ydta};
   Int4Out ob;
   if (B) ob = Int4Out{*B, B->N, B->N, yb, ydtb};
@@ -763,8 +767,8 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
   const int down_mt = int(env_int("DS_INT4_MOE_DOWN_MT", P >= env_int("DS_INT4_MOE_DOWN_MT2_MIN_P", 16) ? 2 : 1));
   // The streaming kernels (session 7) from DS_INT4_MOE_GU_R_MIN_P / DS_INT4_MOE_DOWN_TPW_MIN_P pairs on (16; batch 1's
   // 8 pairs keep k_int4_mma), where the shapes are the 35B-A3B's (gate_up K = 2048, down K = 512): DS_INT4_MOE_GU_R
-  // gate/up tile pairs per block (4; 2 and 8 measured slower) and DS_INT4_MOE_DOWN_TPW output tiles per warp (8; 4
-  // within noise). Batch 64 12.12 → 11.71 ms together (down alone 11.79), batch 8 4.70 → 4.49 (bench/RESULTS.md).
+  // gate/up tile pairs per block (4; 2 and 8 measured slower) and DS_INT4_MOE_DOWN_TPW output tiles per warp (8 then;
+  // 4 with the ring since session 11, below). Batch 64 12.12 → 11.71 ms together (down alone 11.79), batch 8 4.70 → 4.49 (bench/RESULTS.md).
   // They read a row's 4 zero points as one 4-byte word and its 4 scales as one float4 (ngroups a multiple of 4 for
   // these K; the allocations' alignment, checked here).
   auto streamable = [](const MmaInt4& W) {
@@ -818,7 +822,7 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
   // the ring, else toward L2; the decode shape its first DS_INT4_PREWAIT groups), before its PDL wait: gate_up has
   // waited on the table's kernel before it triggers (TokenSrc::early). DS_INT4_MOE_EARLY=0: after the wait.
   ts.early = env_int("DS_INT4_MOE_EARLY", 1) != 0;
-  if (ts.early && shape == Shape::Small) ts.pre = int(env_int("DS_INT4_PREWAIT", 4));
+  if (ts.early && shape == Shape::Small) ts.pre = prewait_groups();
   // Output tiles per warp of the streaming down kernel: 4 with the ring (its prologue before the wait costs little,
   // and more blocks leave a shorter last wave: batch 32 7.60 → 7.51 ms, 16 and 64 within noise; 16 was slower,
   // session 11 run 4), else 8.

@@ -74,8 +74,9 @@ class ForwardingBackend : public Backend {
   }
   void deltanet_mix(const Tensor& mixed, const Tensor& conv_w, const Tensor& ba, const Tensor& A_log,
                     const Tensor& dt_bias, int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, const Tensor* z,
-                    const Tensor* norm_w, float eps, StateLayer& st, const BatchMeta& b, Tensor& y) override {
-    in_.deltanet_mix(mixed, conv_w, ba, A_log, dt_bias, Hk, Hv, Dk, Dv, z, norm_w, eps, st, b, y);
+                    const Tensor* norm_w, float eps, StateLayer& st, const BatchMeta& b, Tensor& y,
+                    const Tensor* ba_x = nullptr, const Linear* ba_w = nullptr) override {
+    in_.deltanet_mix(mixed, conv_w, ba, A_log, dt_bias, Hk, Hv, Dk, Dv, z, norm_w, eps, st, b, y, ba_x, ba_w);
   }
   void moe_route(const Tensor& router_logits, int64_t top_k, Tensor& ids, Tensor& weights) override {
     in_.moe_route(router_logits, top_k, ids, weights);

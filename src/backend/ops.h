@@ -174,10 +174,17 @@ class Backend {
   // z and norm_w given y = gated_rmsnorm(o, *z, *norm_w, eps), else y = o (the speculative replay, which wants only
   // the state update). Same contract as those ops (rows outside every sequence ignored, outputs unspecified); the
   // intermediate qkv and o may be kept at higher precision than act_dtype(). The default runs the three ops.
+  // With ba_x and ba_w given, ba is an output: first ba = linear(*ba_x, *ba_w) (in_proj_b | in_proj_a of the layer
+  // input, [T, 2·Hv] in ba's dtype), which a backend may fuse into the mixer (CUDA: the short-chunk kernels).
   virtual void deltanet_mix(const Tensor& mixed, const Tensor& conv_w, const Tensor& ba, const Tensor& A_log,
                             const Tensor& dt_bias, int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, const Tensor* z,
-                            const Tensor* norm_w, float eps, StateLayer& st, const BatchMeta& b, Tensor& y) {
+                            const Tensor* norm_w, float eps, StateLayer& st, const BatchMeta& b, Tensor& y,
+                            const Tensor* ba_x = nullptr, const Linear* ba_w = nullptr) {
     const int64_t T = mixed.dim(0);
+    if (ba_x && ba_w) {
+      Tensor bo = ba;
+      linear(*ba_x, *ba_w, bo);
+    }
     Tensor qkv = alloc(act_dtype(), {T, mixed.dim(1)});
     conv1d_causal(mixed, conv_w, st, b, qkv);
     if (!norm_w) {

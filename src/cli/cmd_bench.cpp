@@ -242,9 +242,10 @@ class TimingBackend final : public ForwardingBackend {
   }
   void deltanet_mix(const Tensor& m, const Tensor& cw, const Tensor& ba, const Tensor& A_log, const Tensor& dt_bias,
                     int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, const Tensor* z, const Tensor* nw, float eps,
-                    StateLayer& st, const BatchMeta& b, Tensor& y) override {
+                    StateLayer& st, const BatchMeta& b, Tensor& y, const Tensor* ba_x = nullptr,
+                    const Linear* ba_w = nullptr) override {
     timed("DeltaNet", "deltanet_mix",
-          [&] { in_.deltanet_mix(m, cw, ba, A_log, dt_bias, Hk, Hv, Dk, Dv, z, nw, eps, st, b, y); });
+          [&] { in_.deltanet_mix(m, cw, ba, A_log, dt_bias, Hk, Hv, Dk, Dv, z, nw, eps, st, b, y, ba_x, ba_w); });
   }
   void moe_route(const Tensor& l, int64_t k, Tensor& ids, Tensor& w) override {
     timed("MoE routed", "moe_route", [&] { in_.moe_route(l, k, ids, w); });

@@ -27,7 +27,12 @@ Tensor Model::deltanet_block(const LayerWeights& lw, const Tensor& x, BatchMeta&
   Tensor mixed = direct ? log_mixed.rows(0, T) : be_.alloc(act, {T, C});  // q | k | v before the conv
   Tensor z = be_.alloc(act, {T, Vd});
   Tensor ba = direct ? log_ba.rows(0, T) : be_.alloc(act, {T, 2 * Hv});
-  be_.linear_group(x, {{&lw.gdn.qkv, &mixed}, {&lw.gdn.z, &z}, {&lw.gdn.ba, &ba}});
+  // in_proj_b | in_proj_a (ba) is computed inside deltanet_mix, which a backend may fuse into the mixer (the CUDA
+  // short-chunk kernels: one launch fewer per layer).
+  be_.linear_group(x, {{&lw.gdn.qkv, &mixed}, {&lw.gdn.z, &z}});
+  Tensor normed = be_.alloc(act, {T, Vd});
+  be_.deltanet_mix(mixed, lw.gdn.conv_w, ba, lw.gdn.A_log, lw.gdn.dt_bias, t.lin_num_k_heads, Hv, t.lin_k_head_dim,
+                   t.lin_v_head_dim, &z, &lw.gdn.norm, float(t.rms_norm_eps), st, b, normed, &x, &lw.gdn.ba);
   if (logged && !direct)
     for (auto& s : b.seqs) {
       if (s.log_row < 0) continue;
@@ -37,9 +42,6 @@ Tensor Model::deltanet_block(const LayerWeights& lw, const Tensor& x, BatchMeta&
       be_.copy(dm, mixed.rows(s.q_start, s.q_start + s.q_len));
       be_.copy(db, ba.rows(s.q_start, s.q_start + s.q_len));
     }
-  Tensor normed = be_.alloc(act, {T, Vd});
-  be_.deltanet_mix(mixed, lw.gdn.conv_w, ba, lw.gdn.A_log, lw.gdn.dt_bias, t.lin_num_k_heads, Hv, t.lin_k_head_dim,
-                   t.lin_v_head_dim, &z, &lw.gdn.norm, float(t.rms_norm_eps), st, b, normed);
   Tensor y = be_.alloc(act, {T, t.hidden_size});
   be_.linear(normed, lw.gdn.out, y);
   return y;

@@ -569,12 +569,14 @@ TEST_F(CudaOps, DeltaNet) {
 // gdr_decode.h, the unfused ones for sequences of >= 32 tokens) against the CPU's three ops: the output and the
 // updated conv and recurrent states, from random states. `spans`: (q_start, q_len) per sequence; rows of T outside
 // every span (the speculative replay's rejected rows) are not compared. Returns the GPU output (host).
+// baK > 0: ba is formed inside deltanet_mix from a random layer input [T, baK] and a bf16 in_proj_b | in_proj_a
+// (the CUDA fused form for short sequences, linear() for long ones) and compared too.
 struct MixCfg {
   int64_t Hk, Hv, Dk, Dv, Kc;
 };
 std::vector<float> check_deltanet_mix(Both& B, MixCfg c, const std::vector<std::pair<int64_t, int64_t>>& spans,
                                       int64_t T, bool norm, uint64_t seed, const std::string& what,
-                                      const std::vector<int32_t>& slots = {}) {
+                                      const std::vector<int32_t>& slots = {}, int64_t baK = 0) {
   const int64_t C = 2 * c.Hk * c.Dk + c.Hv * c.Dv, Kc = c.Kc, Vd = c.Hv * c.Dv;
   BatchMeta b;
   int64_t nslots = 0;
@@ -603,6 +605,14 @@ std::vector<float> check_deltanet_mix(Both& B, MixCfg c, const std::vector<std::
   auto z = B.up(randn(T * Vd, 1.f, seed + 8), {T, Vd});
   auto nw = B.up(randn(c.Dv, 0.3f, seed + 9, 1.f), {c.Dv}, DType::F32);
   auto y = B.zeros({T, Vd});
+  Pair bx;
+  Linear blc, blg;
+  if (baK > 0) {
+    bx = B.up(randn(T * baK, 1.f, seed + 10), {T, baK});
+    HostLinear hl(2 * c.Hv, baK, false, seed + 11);
+    blc = B.cpu->make_linear({hl.src()}), blg = B.gpu->make_linear({hl.src()});
+    B.cpu->linear(bx.c, blc, ba.c);
+  }
   {
     Tensor qkv = B.cpu->alloc(DType::F32, {T, C}), o = B.cpu->alloc(DType::F32, {T, Vd});
     B.cpu->conv1d_causal(mixed.c, cw.c, sc, b, qkv);
@@ -610,7 +620,7 @@ std::vector<float> check_deltanet_mix(Both& B, MixCfg c, const std::vector<std::
     if (norm) B.cpu->gated_rmsnorm(o, z.c, nw.c, 1e-6f, y.c);
   }
   B.gpu->deltanet_mix(mixed.g, cw.g, ba.g, A_log.g, dt_bias.g, c.Hk, c.Hv, c.Dk, c.Dv, norm ? &z.g : nullptr,
-                      norm ? &nw.g : nullptr, 1e-6f, sg, b, y.g);
+                      norm ? &nw.g : nullptr, 1e-6f, sg, b, y.g, baK > 0 ? &bx.g : nullptr, baK > 0 ? &blg : nullptr);
   std::vector<float> yg = B.gpu->to_host_f32(y.g), yc = B.cpu->to_host_f32(y.c), a, r;
   for (auto [q0, ql] : spans) {
     a.insert(a.end(), yg.begin() + q0 * Vd, yg.begin() + (q0 + ql) * Vd);
@@ -623,6 +633,7 @@ std::vector<float> check_deltanet_mix(Both& B, MixCfg c, const std::vector<std::
   REPORT("deltanet_mix out" + tag, test::rel(a, r));
   REPORT("deltanet_mix conv state" + tag, B.err(conv));
   REPORT("deltanet_mix ssm state" + tag, B.err(ssm));
+  if (baK > 0) REPORT("deltanet_mix ba (in_proj_b | a, K " + std::to_string(baK) + ")" + tag, B.err(ba));
   return a;
 }
 
@@ -665,6 +676,21 @@ TEST_F(CudaOps, DeltaNetMix) {
   // the speculative replay: rows of the input log in place, rejected rows between sequences, slots out of order
   check_deltanet_mix(B, {16, 32, 128, 128, 4}, {{0, 2}, {4, 3}, {8, 4}}, 12, false, seed += 10, "replay", {2, 0, 1});
   check_deltanet_mix(B, {16, 32, 128, 128, 4}, {{1, 1}, {3, 4}}, 8, false, seed += 10, "replay", {1, 0});
+  // ba formed inside the mixer (in_proj_b | a fused into the conv kernel for short sequences, linear() for the long
+  // ones): K = 2048 (the 35B-A3B's hidden size), 1000 (125 chunks of 8: threads without a chunk), 4096 (the most)
+  for (int64_t K : {int64_t(2048), int64_t(1000), int64_t(4096)})
+    for (auto lens : std::vector<std::vector<int64_t>>{{1}, {1, 1, 1, 1}, {4, 8, 31}, {3, 40, 1}}) {
+      int64_t T;
+      auto sp = packed(lens, &T);
+      check_deltanet_mix(B, {16, 32, 128, 128, 4}, sp, T, true, seed += 10, "fused ba", {}, K);
+    }
+  {
+    setenv("DS_CUDA_NO_BA_FUSE", "1", 1);
+    int64_t T;
+    auto sp = packed({2, 5}, &T);
+    check_deltanet_mix(B, {16, 32, 128, 128, 4}, sp, T, true, seed += 10, "ba by linear()", {}, 2048);
+    unsetenv("DS_CUDA_NO_BA_FUSE");
+  }
   // the unfused path (DS_CUDA_NO_GDR_FUSE=1, the three ops) still agrees
   setenv("DS_CUDA_NO_GDR_FUSE", "1", 1);
   for (auto lens : std::vector<std::vector<int64_t>>{{1, 1, 1}, {4, 2, 40}}) {
@@ -679,18 +705,19 @@ TEST_F(CudaOps, DeltaNetMix) {
 TEST_F(CudaOps, DeltaNetMixBatchInvariance) {
   Both B;
   const MixCfg c{16, 32, 128, 128, 4};
-  for (int64_t ql : {1, 4}) {
-    // Same seeds and the same T: sequence 0 (rows 0.., slot 0) sees the same inputs in both batches, the other
-    // sequences other lengths.
-    int64_t T, T2;
-    const auto sp = packed({ql, 3, 1, 5}, &T), sp2 = packed({ql, 1, 7, 1}, &T2);
-    auto batch = check_deltanet_mix(B, c, sp, T, true, 900, "batch");
-    auto batch2 = check_deltanet_mix(B, c, sp2, T2, true, 900, "batch'");
-    const size_t n = size_t(ql * c.Hv * c.Dv);
-    int diffs = 0;
-    for (size_t i = 0; i < n; ++i) diffs += batch[i] != batch2[i];
-    EXPECT_EQ(diffs, 0) << "sequence 0 of " << ql << " tokens depends on the rest of the batch";
-  }
+  for (int64_t baK : {int64_t(0), int64_t(2048)})  // ba given, or formed inside (fused in_proj_b | a)
+    for (int64_t ql : {1, 4}) {
+      // Same seeds and the same T: sequence 0 (rows 0.., slot 0) sees the same inputs in both batches, the other
+      // sequences other lengths.
+      int64_t T, T2;
+      const auto sp = packed({ql, 3, 1, 5}, &T), sp2 = packed({ql, 1, 7, 1}, &T2);
+      auto batch = check_deltanet_mix(B, c, sp, T, true, 900, "batch", {}, baK);
+      auto batch2 = check_deltanet_mix(B, c, sp2, T2, true, 900, "batch'", {}, baK);
+      const size_t n = size_t(ql * c.Hv * c.Dv);
+      int diffs = 0;
+      for (size_t i = 0; i < n; ++i) diffs += batch[i] != batch2[i];
+      EXPECT_EQ(diffs, 0) << "sequence 0 of " << ql << " tokens depends on the rest of the batch (baK " << baK << ")";
+    }
 }
 
 TEST_F(CudaOps, Moe) {

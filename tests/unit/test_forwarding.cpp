@@ -35,10 +35,11 @@ class Counting final : public ForwardingBackend {
   }
   void deltanet_mix(const Tensor& m, const Tensor& cw, const Tensor& ba, const Tensor& A_log, const Tensor& dt_bias,
                     int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, const Tensor* z, const Tensor* nw, float eps,
-                    StateLayer& st, const BatchMeta& b, Tensor& y) override {
+                    StateLayer& st, const BatchMeta& b, Tensor& y, const Tensor* ba_x = nullptr,
+                    const Linear* ba_w = nullptr) override {
     ++n["deltanet_mix"];
-    if (compose_) return Backend::deltanet_mix(m, cw, ba, A_log, dt_bias, Hk, Hv, Dk, Dv, z, nw, eps, st, b, y);
-    in_.deltanet_mix(m, cw, ba, A_log, dt_bias, Hk, Hv, Dk, Dv, z, nw, eps, st, b, y);
+    if (compose_) return Backend::deltanet_mix(m, cw, ba, A_log, dt_bias, Hk, Hv, Dk, Dv, z, nw, eps, st, b, y, ba_x, ba_w);
+    in_.deltanet_mix(m, cw, ba, A_log, dt_bias, Hk, Hv, Dk, Dv, z, nw, eps, st, b, y, ba_x, ba_w);
   }
   void moe_ffn(const Tensor& l, int64_t k, const Tensor& x, const Experts& w, Tensor& ids, Tensor& wts,
                const Tensor* a, const Linear* sd, const Tensor* g, Tensor& y) override {
@@ -59,9 +60,10 @@ class MarkedCpu final : public ForwardingBackend {
   int fused = 0;
   void deltanet_mix(const Tensor& m, const Tensor& cw, const Tensor& ba, const Tensor& A_log, const Tensor& dt_bias,
                     int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, const Tensor* z, const Tensor* nw, float eps,
-                    StateLayer& st, const BatchMeta& b, Tensor& y) override {
+                    StateLayer& st, const BatchMeta& b, Tensor& y, const Tensor* ba_x = nullptr,
+                    const Linear* ba_w = nullptr) override {
     ++fused;
-    in_.deltanet_mix(m, cw, ba, A_log, dt_bias, Hk, Hv, Dk, Dv, z, nw, eps, st, b, y);
+    in_.deltanet_mix(m, cw, ba, A_log, dt_bias, Hk, Hv, Dk, Dv, z, nw, eps, st, b, y, ba_x, ba_w);
   }
   void moe_ffn(const Tensor& l, int64_t k, const Tensor& x, const Experts& w, Tensor& ids, Tensor& wts,
                const Tensor* a, const Linear* sd, const Tensor* g, Tensor& y) override {

@@ -2057,16 +2057,28 @@ class CudaBackend final : public Backend {
   // three ops' kernels, which then skip the short ones. DS_CUDA_NO_GDR_FUSE=1: the three ops for every sequence.
   // Whether the unfused kernels run at all is the host's view of the lengths, as for the chunked kernels: recorded
   // steps (decode, verify, input-log replay) have only short sequences.
+  // With ba_x / ba_w (in_proj_b | in_proj_a), the short sequences' ba is formed inside k_gdn_conv_prep (gdr_decode.h;
+  // one launch fewer per DeltaNet layer), the long ones' by linear() on their rows; DS_CUDA_NO_BA_FUSE=1: linear()
+  // on all rows first.
   void deltanet_mix(const Tensor& mixed, const Tensor& conv_w, const Tensor& ba, const Tensor& A_log,
                     const Tensor& dt_bias, int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, const Tensor* z,
-                    const Tensor* norm_w, float eps, StateLayer& st, const BatchMeta& b, Tensor& y) override {
+                    const Tensor* norm_w, float eps, StateLayer& st, const BatchMeta& b, Tensor& y,
+                    const Tensor* ba_x = nullptr, const Linear* ba_w = nullptr) override {
     const int64_t T = b.num_tokens(), C = mixed.dim(1), Kc = conv_w.dim(1);
     if (env_flag("DS_CUDA_NO_GDR_FUSE") || !gdn_decode_supported(Kc, Hk, Hv, Dk, Dv) || C != 2 * Hk * Dk + Hv * Dv ||
         (norm_w && norm_w->numel() != Dv)) {
-      Backend::deltanet_mix(mixed, conv_w, ba, A_log, dt_bias, Hk, Hv, Dk, Dv, z, norm_w, eps, st, b, y);
+      Backend::deltanet_mix(mixed, conv_w, ba, A_log, dt_bias, Hk, Hv, Dk, Dv, z, norm_w, eps, st, b, y, ba_x, ba_w);
       return;
     }
     if (T == 0 || b.seqs.empty()) return;
+    const CudaLinear* bl = ba_w ? static_cast<const CudaLinear*>(ba_w->get()) : nullptr;
+    const bool fuse_ba = bl && ba_x && !bl->int4 && bl->dense.data && bl->N == 2 * Hv && ba_x->dim(1) == bl->K &&
+                         ba_x->dtype == DType::BF16 && gdn_ba_fusable(bl->K, ba_x->data, bl->dense.data) &&
+                         !env_flag("DS_CUDA_NO_BA_FUSE");
+    if (bl && ba_x && !fuse_ba) {
+      Tensor bo = ba;
+      linear(*ba_x, *ba_w, bo);
+    }
     auto& d = dev(b);
     Tensor qn = alloc_scratch(DType::F32, {T, Hk, Dk}), kn = alloc_scratch(DType::F32, {T, Hk, Dk});
     Tensor vv = alloc_scratch(DType::F32, {T, Hv, Dv});
@@ -2075,10 +2087,17 @@ class CudaBackend final : public Backend {
                A_log.ptr<float>(), dt_bias.ptr<float>(), z ? z->data : nullptr, z ? int(z->dtype) : 0,
                norm_w ? norm_w->ptr<float>() : nullptr, eps, T, Hk, Hv, Dk, Dv, int(b.seqs.size()), d.seqinfo,
                st.ssm.ptr<float>(), qn.ptr<float>(), kn.ptr<float>(), vv.ptr<float>(), g.ptr<float>(),
-               beta.ptr<float>(), y.data, int(y.dtype), stream_);
+               beta.ptr<float>(), y.data, int(y.dtype), stream_, fuse_ba ? ba_x->data : nullptr,
+               fuse_ba ? bl->dense.data : nullptr, fuse_ba ? bl->K : 0);
     int64_t max_ql = 0;
     for (auto& s : b.seqs) max_ql = std::max(max_ql, s.q_len);
     if (max_ql < kGdnShortMax) return;
+    if (fuse_ba)  // the long sequences' ba (the fused kernel formed only the short ones')
+      for (auto& s : b.seqs) {
+        if (s.q_len < kGdnShortMax) continue;
+        Tensor bo = ba.rows(s.q_start, s.q_start + s.q_len);
+        linear(ba_x->rows(s.q_start, s.q_start + s.q_len), *ba_w, bo);
+      }
     Tensor qkv = alloc_scratch(act_dtype(), {T, C});
     conv1d_run(mixed, conv_w, st, b, qkv, kGdnShortMax);
     Tensor o = norm_w ? alloc_scratch(act_dtype(), {T, Hv * Dv}) : y;

@@ -21,12 +21,18 @@ namespace {
 // Block (unit u, sequence s), 128 threads, thread c = channel c of the unit: units 0..Hk−1 are q heads, Hk..2Hk−1 k
 // heads, 2Hk..2Hk+Hv−1 v heads. Every channel belongs to exactly one unit, so its conv window is read and written
 // by one thread only.
+// With bx (fused in_proj_b | in_proj_a): v-head block j also forms b = x·Wb[j] and a = x·Wa[j] (rows j and Hv + j
+// of bw [2·Hv, bK] bf16) for its sequence's tokens, rounds them to bdt, writes them to ba (an output then) and uses
+// them. Thread c holds inputs 8·(c + 128·i) .. + 7 of both rows (i < kBaChunks, loaded before the PDL wait); each
+// token's sums are lane sums in input order, then warp sums, then the 4 warps in order: per token, so batch-invariant.
+constexpr int kBaChunks = 4;  // bK ≤ 128 threads × 8 × 4 = 4096
 template <int KC>
 __global__ void __launch_bounds__(128) k_gdn_conv_prep(const void* mixed, int mdt, const float* conv_w,
-                                                       float* conv_state, const void* ba, int bdt, const float* A_log,
+                                                       float* conv_state, void* ba, int bdt, const float* A_log,
                                                        const float* dt_bias, int64_t Hk, int64_t Hv, int64_t Dk,
                                                        int64_t Dv, const int32_t* seqinfo, float qscale, float* qn,
-                                                       float* kn, float* vv, float* g, float* beta) {
+                                                       float* kn, float* vv, float* g, float* beta,
+                                                       const __nv_bfloat16* bx, const __nv_bfloat16* bw, int64_t bK) {
   constexpr int W = KC - 1;
   const int64_t C = 2 * Hk * Dk + Hv * Dv;
   const int64_t u = blockIdx.x;
@@ -51,12 +57,48 @@ __global__ void __launch_bounds__(128) k_gdn_conv_prep(const void* mixed, int md
   }
   const bool gb = run && isv && c < ql;  // this thread writes g and beta of token qs + c
   const float a_log = gb ? A_log[u - 2 * Hk] : 0.f, dtb = gb ? dt_bias[u - 2 * Hk] : 0.f;
+  const bool fba = bx && run && isv;  // block-uniform
+  uint4 wb[kBaChunks], wa[kBaChunks];
+  if (fba) {
+    const __nv_bfloat16 *rb = bw + (u - 2 * Hk) * bK, *ra = bw + (Hv + u - 2 * Hk) * bK;
+#pragma unroll
+    for (int i = 0; i < kBaChunks; ++i)
+      if (8 * (c + 128 * i) < bK) {
+        wb[i] = __ldg(reinterpret_cast<const uint4*>(rb) + c + 128 * i);
+        wa[i] = __ldg(reinterpret_cast<const uint4*>(ra) + c + 128 * i);
+      }
+  }
   // Wait before the trigger: k_gdn_recur_norm reads the recurrent state before its own wait, which is safe only if
   // every kernel before this one has completed once it may start.
   pdl_wait();
   pdl_trigger();
   if (!run) return;
   __shared__ float red[2][4];
+  __shared__ float bred[kGdnShortMax][4][2];  // fused ba: per token, warp sums of b and a
+  if (fba) {
+    for (int64_t i = 0; i < ql; ++i) {
+      const uint4* xr = reinterpret_cast<const uint4*>(bx + (qs + i) * bK);
+      float pb = 0.f, pa = 0.f;
+#pragma unroll
+      for (int k = 0; k < kBaChunks; ++k) {
+        if (8 * (c + 128 * k) >= bK) break;
+        const uint4 xv = xr[c + 128 * k];
+        const __nv_bfloat16* xe = reinterpret_cast<const __nv_bfloat16*>(&xv);
+        const __nv_bfloat16* be = reinterpret_cast<const __nv_bfloat16*>(&wb[k]);
+        const __nv_bfloat16* ae = reinterpret_cast<const __nv_bfloat16*>(&wa[k]);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const float xf = __bfloat162float(xe[e]);
+          pb += xf * __bfloat162float(be[e]);
+          pa += xf * __bfloat162float(ae[e]);
+        }
+      }
+      pb = warp_sum(pb);
+      pa = warp_sum(pa);
+      if (lane == 0) bred[i][w][0] = pb, bred[i][w][1] = pa;
+    }
+    __syncthreads();
+  }
   for (int64_t i = 0; i < ql; ++i) {
     const int64_t t = qs + i;
     float x = 0.f;
@@ -91,8 +133,18 @@ __global__ void __launch_bounds__(128) k_gdn_conv_prep(const void* mixed, int md
   }
   if (gb) {
     const int64_t t = qs + c, j = u - 2 * Hk;
-    beta[t * Hv + j] = sigmoid_f(ldf(ba, bdt, t * 2 * Hv + j));
-    g[t * Hv + j] = -expf(a_log) * softplus_f(ldf(ba, bdt, t * 2 * Hv + Hv + j) + dtb);
+    float bv, av;
+    if (fba) {  // as stored in ba and read back (the speculative replay reads them from there)
+      bv = round_dt((bred[c][0][0] + bred[c][1][0]) + (bred[c][2][0] + bred[c][3][0]), bdt);
+      av = round_dt((bred[c][0][1] + bred[c][1][1]) + (bred[c][2][1] + bred[c][3][1]), bdt);
+      stf(ba, bdt, t * 2 * Hv + j, bv);
+      stf(ba, bdt, t * 2 * Hv + Hv + j, av);
+    } else {
+      bv = ldf(ba, bdt, t * 2 * Hv + j);
+      av = ldf(ba, bdt, t * 2 * Hv + Hv + j);
+    }
+    beta[t * Hv + j] = sigmoid_f(bv);
+    g[t * Hv + j] = -expf(a_log) * softplus_f(av + dtb);
   }
 }
 
@@ -202,19 +254,27 @@ __global__ void __launch_bounds__(256, 2) k_gdn_recur_norm(const float* qn, cons
 
 }  // namespace
 
-void gdn_decode(const void* mixed, int mdt, const float* conv_w, int64_t Kc, float* conv_state, const void* ba,
+bool gdn_ba_fusable(int64_t K, const void* x, const void* w) {
+  return K % 8 == 0 && K <= 128 * 8 * kBaChunks && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(w) % 16 == 0;
+}
+
+void gdn_decode(const void* mixed, int mdt, const float* conv_w, int64_t Kc, float* conv_state, void* ba,
                 int bdt, const float* A_log, const float* dt_bias, const void* z, int zdt, const float* norm_w,
                 float eps, int64_t T, int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, int nseq, const int32_t* seqinfo,
                 float* ssm, float* qn, float* kn, float* vv, float* g, float* beta, void* y, int ydt,
-                cudaStream_t stream) {
+                cudaStream_t stream, const void* ba_x, const void* ba_w, int64_t ba_K) {
   DS_CHECK(gdn_decode_supported(Kc, Hk, Hv, Dk, Dv), "gdn_decode: unsupported shape");
+  DS_CHECK(!ba_x || gdn_ba_fusable(ba_K, ba_x, ba_w), "gdn_decode: in_proj_ba of K = ", ba_K, " cannot be fused");
   if (T == 0 || nseq == 0) return;
   const float qscale = 1.f / std::sqrt(float(Dk));
   const dim3 ga(unsigned(2 * Hk + Hv), unsigned(nseq));
 #define DS_GDN_CONV(KC)                                                                                         \
   case KC:                                                                                                      \
     DS_CUDA_CHECK(pdl_launch(k_gdn_conv_prep<KC>, ga, dim3(128), 0, stream, mixed, mdt, conv_w, conv_state, ba, \
-                             bdt, A_log, dt_bias, Hk, Hv, Dk, Dv, seqinfo, qscale, qn, kn, vv, g, beta));       \
+                             bdt, A_log, dt_bias, Hk, Hv, Dk, Dv, seqinfo, qscale, qn, kn, vv, g, beta,         \
+                             static_cast<const __nv_bfloat16*>(ba_x), static_cast<const __nv_bfloat16*>(ba_w),  \
+                             ba_K));                                                                            \
     break;
   switch (Kc) {
     DS_GDN_CONV(2)

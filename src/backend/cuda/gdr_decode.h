@@ -7,7 +7,9 @@
 //     one per channel). Causal conv1d with the state window + SiLU over the sequence's tokens, the window written
 //     back (each channel by exactly one block: no two blocks share a channel), then per token the L2 norm of q
 //     (times 1/sqrt(Dk)) and k, or v as is; v-head blocks also compute g = −exp(A_log)·softplus(a + dt_bias) and
-//     β = sigmoid(b). Outputs fp32 scratch qn, kn [T, Hk, Dk], vv [T, Hv, Dv], g, beta [T, Hv].
+//     β = sigmoid(b), with ba_x given forming b and a themselves (in_proj_b | in_proj_a, the weights' rows loaded
+//     before the PDL wait; session 12: batch 1 2.53 → 2.47 ms). Outputs fp32 scratch qn, kn [T, Hk, Dk], vv
+//     [T, Hv, Dv], g, beta [T, Hv].
 //   k_gdn_recur_norm: one block per (value head, sequence), 256 threads: warp w holds state rows
 //     w·Dk/8 .. (w+1)·Dk/8 − 1, lane l columns 4l .. 4l + 3 (Dv = 128), so a warp moves whole 512-byte state rows
 //     with 16-byte loads and stores. The state is loaded before the PDL wait (it overlaps k_gdn_conv_prep); per
@@ -35,10 +37,14 @@ inline bool gdn_decode_supported(int64_t Kc, int64_t Hk, int64_t Hv, int64_t Dk,
 // [slots, C, Kc − 1] fp32; ba [T, 2·Hv] (b | a, dtype bdt); A_log, dt_bias [Hv] fp32; ssm [slots, Hv, Dk, Dv] fp32.
 // z [T, Hv·Dv] (dtype zdt) and norm_w [Dv] fp32, or both null (y = the delta rule's output). y [T, Hv·Dv] (ydt).
 // Scratch (fp32): qn, kn [T, Hk, Dk], vv [T, Hv, Dv], g, beta [T, Hv]. nseq sequences in seqinfo [nseq, 4].
-void gdn_decode(const void* mixed, int mdt, const float* conv_w, int64_t Kc, float* conv_state, const void* ba,
+// ba_x (optional, bf16 [T, ba_K], 16-byte aligned): the layer input, and ba_w bf16 [2·Hv, ba_K] (in_proj_b rows, then
+// in_proj_a): the v-head blocks compute ba = ba_x·ba_wᵀ themselves for the short sequences (rounded to bdt, written
+// to ba, which is then an output) — one launch fewer per layer; gdn_ba_fusable says which shapes can.
+bool gdn_ba_fusable(int64_t K, const void* x, const void* w);
+void gdn_decode(const void* mixed, int mdt, const float* conv_w, int64_t Kc, float* conv_state, void* ba,
                 int bdt, const float* A_log, const float* dt_bias, const void* z, int zdt, const float* norm_w,
                 float eps, int64_t T, int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, int nseq, const int32_t* seqinfo,
                 float* ssm, float* qn, float* kn, float* vv, float* g, float* beta, void* y, int ydt,
-                cudaStream_t stream);
+                cudaStream_t stream, const void* ba_x = nullptr, const void* ba_w = nullptr, int64_t ba_K = 0);
 
 }  // namespace ds::cuda

@@ -508,6 +508,13 @@ TEST_F(CudaOps, PagedAttention) {
         auto o = B.zeros({T, c.Nh * c.Dh});
         B.cpu->attention(q.c, kc, bb, o.c);
         B.gpu->attention(q.g, kg, bb, o.g);
+        {  // the merge before session 12 (k_attn_merge): the same bits
+          Tensor o2 = B.gpu->alloc(o.g.dtype, o.g.shape);
+          setenv("DS_ATTN_OLD_MERGE", "1", 1);
+          B.gpu->attention(q.g, kg, bb, o2);
+          unsetenv("DS_ATTN_OLD_MERGE");
+          EXPECT_EQ(B.gpu->to_host_f32(o2), B.gpu->to_host_f32(o.g)) << "old attention merge differs";
+        }
         return B.err(o);
       };
       run(b0, 31, false);

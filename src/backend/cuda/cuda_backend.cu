@@ -1052,6 +1052,41 @@ __global__ void k_attn_merge(const float* part, int64_t Nh, int64_t Dh, int S, v
   }
 }
 
+// The same bits (the same operations in the same order), with the splits' (m, l) loaded at once into shared memory
+// and e^{m_s − M} formed once per split, instead of three serial passes over global memory per thread (at batch 1
+// there are 64 splits: ~130 dependent L2 loads before the first output). S ≤ kMergeMaxS.
+constexpr int kMergeMaxS = 64;
+__global__ void k_attn_merge_sm(const float* part, int64_t Nh, int64_t Dh, int S, void* o, int odt,
+                                const int32_t* seq_of, const int32_t* seqinfo, int flash_min) {
+  __shared__ float sm[kMergeMaxS], sl[kMergeMaxS], sw[kMergeMaxS];
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
+  const int64_t t = blockIdx.x, h = blockIdx.y;
+  if (seqinfo[seq_of[t] * 4 + 1] >= flash_min) return;
+  const float* src = part + (t * Nh + h) * S * (Dh + 2);
+  for (int s = threadIdx.x; s < S; s += blockDim.x) {
+    sm[s] = src[s * (Dh + 2)];
+    sl[s] = src[s * (Dh + 2) + 1];
+  }
+  __syncthreads();
+  float M = -INFINITY;
+  for (int s = 0; s < S; ++s) M = fmaxf(M, sm[s]);
+  for (int s = threadIdx.x; s < S; s += blockDim.x) sw[s] = sm[s] != -INFINITY ? expf(sm[s] - M) : 0.f;
+  __syncthreads();
+  float L = 0.f;
+  for (int s = 0; s < S; ++s)
+    if (sm[s] != -INFINITY) L += sl[s] * sw[s];
+  for (int64_t d = threadIdx.x; d < Dh; d += blockDim.x) {
+    float sum = 0.f;
+#pragma unroll 8
+    for (int s = 0; s < S; ++s) {
+      const float a = src[s * (Dh + 2) + 2 + d];  // every split writes its partial (m = −inf: an empty one)
+      if (sm[s] != -INFINITY) sum += a * sw[s];
+    }
+    stf(o, odt, (t * Nh + h) * Dh + d, sum / L);
+  }
+}
+
 // MoE, per (token, k) pair p = t·K + k (grid.y): act[p] = silu(gate_e x_t) · (up_e x_t), fp32.
 template <class WV>
 __global__ void k_moe_gate_up(WV W, int64_t per_expert_rows, const __nv_bfloat16* x, const int32_t* ids, int64_t K,
@@ -1848,7 +1883,7 @@ class CudaBackend final : public Backend {
       // tensor-core kernel 1024 beat 2048 and 4096 (batch 64 @1k −0.17 ms, @8k −0.19; session 6 run 2).
       // DS_ATTN_BLOCKS=n: aim at n blocks instead (benchmark knob).
       const int64_t nblk = env_int("DS_ATTN_BLOCKS", 1024);
-      const int S = int(std::clamp<int64_t>((nblk + T * Nkv - 1) / (T * Nkv), 1, 64));
+      const int S = int(std::clamp<int64_t>((nblk + T * Nkv - 1) / (T * Nkv), 1, kMergeMaxS));
       Tensor part = alloc_scratch(DType::F32, {T, Nh, S, Dh + 2});
       const float scale = 1.f / std::sqrt(float(Dh));
       auto* qp = q.ptr<__nv_bfloat16>();
@@ -1875,9 +1910,10 @@ class CudaBackend final : public Backend {
           sm ? launch(k_attn_split<2, true>) : launch(k_attn_split<2, false>);
       }
       DS_CUDA_CHECK_LAST();
-      DS_CUDA_CHECK(pdl_launch(k_attn_merge, dim3(unsigned(T), unsigned(Nh)), unsigned(std::min<int64_t>(Dh, 256)), 0,
-                               stream_, part.ptr<float>(), Nh, Dh, S, o.data, int(o.dtype), d.seq_of, d.seqinfo,
-                               flash_min));
+      // DS_ATTN_OLD_MERGE=1: the merge before session 12 (same bits; CudaOps.PagedAttention compares them).
+      DS_CUDA_CHECK(pdl_launch(env_flag("DS_ATTN_OLD_MERGE") ? k_attn_merge : k_attn_merge_sm,
+                               dim3(unsigned(T), unsigned(Nh)), unsigned(std::min<int64_t>(Dh, 256)), 0, stream_,
+                               part.ptr<float>(), Nh, Dh, S, o.data, int(o.dtype), d.seq_of, d.seqinfo, flash_min));
       DS_CUDA_CHECK_LAST();
       return;
     }

@@ -465,6 +465,16 @@ TEST_F(CudaOps, QkNormRope) {
       REPORT("qk_norm_rope q" + tag, B.err(q));
       REPORT("qk_norm_rope k" + tag, B.err(k));
       EXPECT_EQ(B.err(gate), 0.0);
+      {  // q and k in one launch (the default) or one launch each: the same bits
+        auto k2 = B.up(randn(T * c.Nkv * c.Dh, 1.f, 22), {T, c.Nkv * c.Dh});  // k's inputs again (normed in place)
+        Tensor q2 = B.gpu->alloc(q.g.dtype, q.g.shape), g2 = B.gpu->alloc(gate.g.dtype, gate.g.shape);
+        setenv("DS_CUDA_NO_QK_FUSE", "1", 1);
+        B.gpu->qk_norm_rope(qg.g, k2.g, qn.g, kn.g, 1e-6f, rp, b, q2, g2);
+        unsetenv("DS_CUDA_NO_QK_FUSE");
+        EXPECT_EQ(B.gpu->to_host_f32(q2), B.gpu->to_host_f32(q.g)) << "q, one launch vs two" << tag;
+        EXPECT_EQ(B.gpu->to_host_f32(k2.g), B.gpu->to_host_f32(k.g)) << "k, one launch vs two" << tag;
+        EXPECT_EQ(B.gpu->to_host_f32(g2), B.gpu->to_host_f32(gate.g)) << "gate, one launch vs two" << tag;
+      }
     }
 }
 

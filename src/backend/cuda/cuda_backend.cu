@@ -372,15 +372,34 @@ __global__ void k_convert(const void* x, int xdt, void* y, int ydt, int64_t n) {
 
 // q/k RMSNorm + partial NeoX rotary with interleaved mRoPE. One block per (token, head).
 // src row stride `sstride` elements, head offset `hstride`; dst [T, N, Dh].
-__global__ void k_norm_rope(const void* src, int sdt, int64_t sstride, int64_t hstride, const float* w, float eps,
-                            int64_t Dh, int rot, const float* inv_freq, const int32_t* axis, const int32_t* pos,
-                            int64_t T, void* dst, int ddt, int64_t N, void* gate, int64_t goff) {
+// One of the two head sets of k_norm_rope: heads [0, N) of rows sstride apart, head h at h·hstride; output [T, N, Dh].
+struct NormRopeSet {
+  const void* src;
+  int sdt;
+  int64_t sstride, hstride;
+  const float* w;
+  void* dst;
+  int ddt;
+  int64_t N;
+  void* gate;  // (q only) the gate half of each head row, copied out: [T, N, Dh]
+  int64_t goff;
+};
+// Blocks y < A.N take set A's head y, the rest set B's head y − A.N (q and k of an attention layer in one launch).
+__global__ void k_norm_rope(const NormRopeSet A, const NormRopeSet B, float eps, int64_t Dh, int rot,
+                            const float* inv_freq, const int32_t* axis, const int32_t* pos, int64_t T) {
+  const bool second = blockIdx.y >= A.N;
+  const NormRopeSet& S = second ? B : A;
+  const void* const src = S.src;
+  const int sdt = S.sdt, ddt = S.ddt;
+  const int64_t sstride = S.sstride, hstride = S.hstride, N = S.N, goff = S.goff;
+  void* const dst = S.dst;
+  void* const gate = S.gate;
   float wv[4];  // the norm weight before the wait: Dh ≤ 512, blockDim.x ≥ 128, so ≤ 4 per thread
-  load_cols(w, Dh, blockDim.x, wv);
+  load_cols(S.w, Dh, blockDim.x, wv);
   pdl_wait();  // PDL-launched (pdl.h)
   pdl_trigger();
   __shared__ float v[512];
-  const int64_t t = blockIdx.x, h = blockIdx.y;
+  const int64_t t = blockIdx.x, h = second ? blockIdx.y - A.N : blockIdx.y;
   const int64_t base = t * sstride + h * hstride;
   float ss = 0.f;
   for (int64_t d = threadIdx.x; d < Dh; d += blockDim.x) {
@@ -1837,14 +1856,22 @@ class CudaBackend final : public Backend {
     if (T == 0) return;
     auto& d = dev(b);
     auto& rt = rope_tables(rope);
-    DS_CUDA_CHECK(pdl_launch(k_norm_rope, dim3(unsigned(T), unsigned(Nh)), 128, 0, stream_, qg.data, int(qg.dtype),
-                             Nh * 2 * Dh, 2 * Dh, qnorm.ptr<float>(), eps, Dh, rope.rotary_dim, rt.inv.ptr<float>(),
-                             rt.axis.ptr<int32_t>(), d.positions, T, q.data, int(q.dtype), Nh, gate.data, Dh));
-    DS_CUDA_CHECK_LAST();
-    DS_CUDA_CHECK(pdl_launch(k_norm_rope, dim3(unsigned(T), unsigned(Nkv)), 128, 0, stream_, k.data, int(k.dtype),
-                             Nkv * Dh, Dh, knorm.ptr<float>(), eps, Dh, rope.rotary_dim, rt.inv.ptr<float>(),
-                             rt.axis.ptr<int32_t>(), d.positions, T, k.data, int(k.dtype), Nkv, nullptr, 0));
-    DS_CUDA_CHECK_LAST();
+    // q (and its gate half) and k in one launch (session 12: one launch fewer per attention layer);
+    // DS_CUDA_NO_QK_FUSE=1: one launch each (the same bits).
+    const NormRopeSet qs{qg.data, int(qg.dtype), Nh * 2 * Dh, 2 * Dh, qnorm.ptr<float>(), q.data, int(q.dtype), Nh,
+                         gate.data, Dh};
+    const NormRopeSet ks{k.data, int(k.dtype), Nkv * Dh, Dh, knorm.ptr<float>(), k.data, int(k.dtype), Nkv, nullptr, 0};
+    auto launch = [&](const NormRopeSet& a, const NormRopeSet& bs, int64_t heads) {
+      DS_CUDA_CHECK(pdl_launch(k_norm_rope, dim3(unsigned(T), unsigned(heads)), 128, 0, stream_, a, bs, eps, Dh,
+                               rope.rotary_dim, rt.inv.ptr<float>(), rt.axis.ptr<int32_t>(), d.positions, T));
+      DS_CUDA_CHECK_LAST();
+    };
+    if (env_flag("DS_CUDA_NO_QK_FUSE")) {
+      launch(qs, qs, Nh);
+      launch(ks, ks, Nkv);
+    } else {
+      launch(qs, ks, Nh + Nkv);
+    }
   }
 
   void kv_cache_write(KvLayer& kv, const Tensor& k, const Tensor& v, const BatchMeta& b) override {

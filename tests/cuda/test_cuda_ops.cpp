@@ -10,6 +10,7 @@
 #include "backend/cuda/bf16_mma.h"
 #include "backend/cuda/int4_dequant.h"
 #include "backend/cuda/int4_mma.h"
+#include "backend/cuda/int4_wg.h"
 #include "cuda_test_util.h"
 
 namespace ds {
@@ -1066,6 +1067,78 @@ TEST_F(CudaOps, Int4LargeM) {
       EXPECT_EQ(bit_diffs(B.gpu->to_host_f32(yb), B.gpu->to_host_f32(sb)), 0) << "paired large-M launch, matrix b" << tag;
     }
   }
+}
+
+// The Hopper warpgroup-MMA kernel (int4_wg.h) for 9 .. 256 tokens: bit for bit equal to the mma.sync kernels
+// (DS_INT4_WG=0) at every token count, tile width (16, 32, 64 tokens per block) and K split (1 or 2 warpgroups),
+// for F32 and BF16 outputs, the
+// model's shapes and odd ones (row tiles past the end of a 64-row block, one group, K slices of 1, 2 and 4 groups),
+// and in the paired launch (linear_group); against the CPU on the first shape. Skipped where the kernel is not built
+// or the device is not compute capability 9.0.
+TEST_F(CudaOps, Int4Wgmma) {
+  Both B;
+  ScopedEnv on("DS_INT4_WG", "1");  // off by default
+  if (!cuda::int4_wg_enabled()) GTEST_SKIP() << "the sm_90a kernel is not built or this device is not sm_90";
+  struct Shape {
+    int64_t N, K;
+    const char* what;
+  };
+  const std::vector<Shape> shapes = {{8192, 2048, "q_proj / DeltaNet qkv"}, {2048, 4096, "o_proj / DeltaNet out"},
+                                     {512, 2048, "k_proj"}, {272, 384, "17 tiles, 3 groups"},
+                                     {48, 128, "3 tiles, 1 group"}, {1040, 1024, "65 tiles, KS 4 of 2 groups"},
+                                     {96, 768, "KS 2 of 3 groups"}};
+  int runs = 0;
+  for (auto& s : shapes) {
+    HostLinear hl(s.N, s.K, true, s.N * 5 + s.K);
+    Linear lc = B.cpu->make_linear({hl.src()}), lg = B.gpu->make_linear({hl.src()});
+    for (int64_t M : {9, 16, 17, 31, 32, 33, 40, 63, 64, 65, 100, 200, 256}) {
+      const auto xs = randn(size_t(M * s.K), 1.f, M * 11 + s.K);
+      Tensor x = B.gpu->upload_f32(xs, {M, s.K}, DType::BF16);
+      for (DType ydt : {DType::F32, DType::BF16}) {
+        const std::string tag = std::string(" N=") + std::to_string(s.N) + " K=" + std::to_string(s.K) +
+                                " M=" + std::to_string(M) + (ydt == DType::F32 ? " F32" : " BF16") + " (" + s.what + ")";
+        Tensor yo = B.gpu->alloc(ydt, {M, s.N});
+        {
+          ScopedEnv off("DS_INT4_WG", "0");
+          B.gpu->linear(x, lg, yo);
+        }
+        const auto ov = B.gpu->to_host_f32(yo);
+        for (const char* nt : {static_cast<const char*>(nullptr), "16", "32", "64"})
+          for (const char* wk : {static_cast<const char*>(nullptr), "1", "2"}) {
+            if (nt && !wk) continue;
+            ScopedEnv ntok("DS_INT4_WG_NTOK", nt), wks("DS_INT4_WG_WK", wk);
+            Tensor y = B.gpu->alloc(ydt, {M, s.N});
+            B.gpu->linear(x, lg, y);
+            EXPECT_EQ(bit_diffs(B.gpu->to_host_f32(y), ov), 0) << "wgmma vs mma.sync, tokens per block "
+                                                              << (nt ? nt : "auto") << ", K split " << (wk ? wk : "auto") << tag;
+            ++runs;
+          }
+        if (&s != &shapes[0] || ydt != DType::F32 || M % 32 != 1) continue;
+        Tensor xc = B.cpu->upload_f32(xs, {M, s.K}, DType::F32), yc = B.cpu->alloc(DType::F32, {M, s.N});
+        B.cpu->linear(xc, lc, yc);
+        REPORT("int4 linear (wgmma)" + tag, test::rel(ov, B.cpu->to_host_f32(yc)));
+      }
+    }
+  }
+  // Two matrices of one input in one launch: each as alone.
+  {
+    HostLinear qa(4096, 2048, true, 81), qb(528, 2048, true, 82);
+    Linear la = B.gpu->make_linear({qa.src()}), lb = B.gpu->make_linear({qb.src()});
+    for (int64_t M : {12, 64, 130}) {
+      Tensor x = B.gpu->upload_f32(randn(size_t(M * 2048), 1.f, 83 + M), {M, 2048}, DType::BF16);
+      Tensor ya = B.gpu->alloc(DType::BF16, {M, 4096}), yb = B.gpu->alloc(DType::F32, {M, 528});
+      Tensor sa = B.gpu->alloc(DType::BF16, {M, 4096}), sb = B.gpu->alloc(DType::F32, {M, 528});
+      {
+        ScopedEnv off("DS_INT4_WG", "0");
+        B.gpu->linear(x, la, sa);
+        B.gpu->linear(x, lb, sb);
+      }
+      B.gpu->linear_group(x, {{&la, &ya, false}, {&lb, &yb, false}});
+      EXPECT_EQ(bit_diffs(B.gpu->to_host_f32(ya), B.gpu->to_host_f32(sa)), 0) << "paired wgmma launch, a, M=" << M;
+      EXPECT_EQ(bit_diffs(B.gpu->to_host_f32(yb), B.gpu->to_host_f32(sb)), 0) << "paired wgmma launch, b, M=" << M;
+    }
+  }
+  std::printf("  int4 wgmma: %d comparisons\n", runs);
 }
 
 // Int4 experts at prefill sizes (tiles of up to 128 pairs per expert, the large-M kernel incl. its SwiGLU form):

@@ -3,6 +3,7 @@
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/int4_gemm.h"
 #include "backend/cuda/int4_mma_dev.cuh"
+#include "backend/cuda/int4_wg.h"
 #include "backend/cuda/moe_fuse.cuh"
 #include "backend/cuda/pdl.h"
 
@@ -725,6 +726,9 @@ void mma_int4_linear2(const MmaInt4& A, void* ya, int ydta, const MmaInt4* B, vo
   if (B) ob = Int4Out{*B, B->N, B->N, yb, ydtb};
   if (M >= int4_gemm_min_m() && int4_gemm_enabled())  // prefill sizes: the large-M kernel (int4_gemm.h)
     return int4_gemm(false, oa, B ? &ob : nullptr, x, ts, (M + kGemmTok - 1) / kGemmTok, s);
+  // The medium shape through Hopper's warpgroup MMA when DS_INT4_WG=1 (int4_wg.h; the same bits; off by default:
+  // slower so far, docs/perf.md session 13).
+  if (shape == Shape::Medium && int4_wg_linear2(oa, B ? &ob : nullptr, x, M, s)) return;
   launch<false>(shape, oa, B ? &ob : nullptr, x, ts, (M + ntok_of(shape) - 1) / ntok_of(shape), s);
 }
 

@@ -1,0 +1,12 @@
+// int4_wg.h where the build has no sm_90a target (src/backend/cuda/sm90a/ is compiled only when the CUDA
+// architectures include 90): the Hopper kernel is unavailable and the mma.sync kernels run.
+#include "backend/cuda/int4_wg.h"
+
+#ifndef DS_HAVE_SM90A
+namespace ds::cuda {
+bool int4_wg_enabled() { return false; }
+bool int4_wg_linear2(const int4dev::Int4Out&, const int4dev::Int4Out*, const void*, int64_t, cudaStream_t) {
+  return false;
+}
+}  // namespace ds::cuda
+#endif

@@ -304,15 +304,8 @@ void launch(const Int4Out& A, const Int4Out* B, const void* x, const TokenSrc& t
   static const cudaError_t attr =
       cudaFuncSetAttribute(k_int4_gemm<MW, GATED>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   DS_CUDA_CHECK(attr);
-  auto blocks = [](const Int4Out& o) { return unsigned((o.n_out + rows - 1) / rows); };
-  Int4Pair P;
-  P.a = A;
-  unsigned nb = blocks(A);
-  if (B) {
-    P.b = *B;
-    P.b_block = nb;
-    nb += blocks(*B);
-  }
+  unsigned nb = 0;
+  const Int4Pair P = int4_pair(A, B, [](const Int4Out& o) { return unsigned((o.n_out + rows - 1) / rows); }, &nb);
   DS_CHECK(gy >= 1 && gy <= 65535, "int4 gemm: ", gy, " token tiles (at most 65535)");
   DS_CHECK(A.W.G == 128 && (!B || B->W.G == 128), "int4 gemm: group size ", A.W.G, " (instantiated: 128)");
   DS_CHECK(!B || (B->W.K == A.W.K && B->W.KS == A.W.KS), "int4 gemm pair: both matrices must share K and slices");

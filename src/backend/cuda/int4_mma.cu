@@ -595,15 +595,9 @@ int prewait_groups() { return int(env_int("DS_INT4_PREWAIT", 4)); }
 template <int MT, int NT, int WK, bool GATED>
 void launch_cpg(const Int4Out& A, const Int4Out* B, const void* x, const TokenSrc& ts, int64_t gy, cudaStream_t s) {
   constexpr int WM = kWarps / WK;
-  auto blocks = [](const Int4Out& o) { return unsigned((o.n_out / 16 + WM * MT - 1) / (WM * MT)); };
-  Int4Pair P;
-  P.a = A;
-  unsigned nb = blocks(A);
-  if (B) {
-    P.b = *B;
-    P.b_block = nb;
-    nb += blocks(*B);
-  }
+  unsigned nb = 0;
+  const Int4Pair P = int4_pair(
+      A, B, [](const Int4Out& o) { return unsigned((o.n_out / 16 + WM * MT - 1) / (WM * MT)); }, &nb);
   const dim3 grid(nb, unsigned(gy));
   DS_CHECK(gy >= 1 && gy <= 65535, "int4 mma: ", gy, " token tiles (at most 65535)");
   const auto* xb = static_cast<const __nv_bfloat16*>(x);

@@ -86,5 +86,18 @@ struct Int4Pair {
   Int4Out a, b;
   unsigned b_block = 0xFFFFFFFFu;  // first block of matrix b (none: all blocks are a's)
 };
+// The launch's pair (b optional) and its block count *nb: blocks(o) blocks for each matrix, a's first.
+template <class Blocks>
+inline Int4Pair int4_pair(const Int4Out& A, const Int4Out* B, Blocks blocks, unsigned* nb) {
+  Int4Pair P;
+  P.a = A;
+  *nb = blocks(A);
+  if (B) {
+    P.b = *B;
+    P.b_block = *nb;
+    *nb += blocks(*B);
+  }
+  return P;
+}
 
 }  // namespace ds::cuda::int4dev

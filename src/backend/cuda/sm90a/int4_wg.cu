@@ -144,9 +144,6 @@ __global__ void __launch_bounds__(128 * WK, 1)
   const uint32_t sraw = uint32_t(__cvta_generic_to_shared(wg_smem));
   unsigned char* const sal = wg_smem + (((sraw + 1023) & ~1023u) - sraw);
   const int wgi = int(threadIdx.x >> 7), tid = int(threadIdx.x & 127);
-  const int64_t NGA_ = P.a.W.K / 128;  // both matrices of a pair share K
-  St* const stage = reinterpret_cast<St*>(sal) + (NGA_ / WK) * wgi;  // this warpgroup's groups
-  float* const red = reinterpret_cast<float*>(sal + size_t(NGA_) * sizeof(St));
   const bool second = blockIdx.x >= P.b_block;
   const MmaInt4 W = second ? P.b.W : P.a.W;
   const int64_t n_out = second ? P.b.n_out : P.a.n_out;
@@ -159,6 +156,8 @@ __global__ void __launch_bounds__(128 * WK, 1)
   const int64_t KC = W.K / 64, NGA = W.K / W.G, gps = NGA / W.KS;
   const int spw = W.KS / WK;                           // slices per warpgroup
   const int64_t gb = int64_t(wgi) * spw * gps, NG = spw * gps;  // this warpgroup's first group and group count
+  St* const stage = reinterpret_cast<St*>(sal) + gb;  // this warpgroup's groups (both matrices of a pair share K)
+  float* const red = reinterpret_cast<float*>(sal + size_t(NGA) * sizeof(St));
   const int64_t r0 = ot * 16 + g;
   const uint4* wp = W.qw + ot * KC * 32 + lane;
   const uint8_t *zp0 = W.z + r0 * NGA + gb, *zp1 = zp0 + 8 * NGA;
@@ -363,15 +362,8 @@ bool int4_wg_enabled() {
 bool int4_wg_linear2(const Int4Out& A, const Int4Out* B, const void* x, int64_t M, cudaStream_t s) {
   if (M <= 0 || !int4_wg_enabled()) return false;
   if (A.W.G != 128 || (B && B->W.G != 128) || A.W.KS > 4) return false;
-  auto blocks = [](const Int4Out& o) { return unsigned((o.n_out / 16 + 3) / 4); };
-  Int4Pair P;
-  P.a = A;
-  unsigned nb = blocks(A);
-  if (B) {
-    P.b = *B;
-    P.b_block = nb;
-    nb += blocks(*B);
-  }
+  unsigned nb = 0;  // 64 rows (4 tiles) per warpgroup
+  const Int4Pair P = int4_pair(A, B, [](const Int4Out& o) { return unsigned((o.n_out / 16 + 3) / 4); }, &nb);
   static const int sms = [] {
     int dev = 0, n = 0;
     cudaGetDevice(&dev);

@@ -1,7 +1,8 @@
 // A Backend that forwards every operation to another one: the base of wrappers that observe a model's ops (the
 // bench's per-op timer, the CUDA tests' input recorder). A wrapper derived from it overrides only what it observes,
 // so it forwards every other op, including ones ops.h gains later, instead of silently running Backend's defaults.
-// Fused ops (deltanet_mix, moe_ffn, add_rmsnorm, linear_group, linear_gated_add) go to the wrapped backend's own
+// Fused ops (deltanet_mix, moe_ffn, add_rmsnorm, linear_group, linear_gated_add, qk_norm_rope_kv,
+// attention_gated) go to the wrapped backend's own
 // implementation; a wrapper that must see the ops inside one overrides it with Backend::op (the composition, which
 // calls this wrapper's ops).
 #pragma once
@@ -99,6 +100,13 @@ class ForwardingBackend : public Backend {
     in_.add_rmsnorm(x, d, w, eps, h);
   }
   void linear_group(const Tensor& x, const std::vector<LinearJob>& jobs) override { in_.linear_group(x, jobs); }
+  void qk_norm_rope_kv(const Tensor& qg, Tensor& k, const Tensor& v, const Tensor& qnorm, const Tensor& knorm, float eps,
+                       const RopeParams& rope, const BatchMeta& b, Tensor& q, Tensor& gate, KvLayer& kv) override {
+    in_.qk_norm_rope_kv(qg, k, v, qnorm, knorm, eps, rope, b, q, gate, kv);
+  }
+  void attention_gated(const Tensor& q, const KvLayer& kv, const BatchMeta& b, const Tensor& gate, Tensor& o) override {
+    in_.attention_gated(q, kv, b, gate, o);
+  }
   void linear_gated_add(const Tensor& x, const Linear& w, const Tensor& gate_logit, Tensor& y) override {
     in_.linear_gated_add(x, w, gate_logit, y);
   }

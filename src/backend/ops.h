@@ -253,6 +253,19 @@ class Backend {
       silu_mul(gu, *j.y);
     }
   }
+  // The gated attention prologue and the cache write: qk_norm_rope(qg, k, ...), then kv_cache_write(kv, k, v, b).
+  // k's contents afterwards are unspecified (a backend may write the normed, rotated k straight into the cache).
+  virtual void qk_norm_rope_kv(const Tensor& qg, Tensor& k, const Tensor& v, const Tensor& qnorm, const Tensor& knorm,
+                               float eps, const RopeParams& rope, const BatchMeta& b, Tensor& q, Tensor& gate,
+                               KvLayer& kv) {
+    qk_norm_rope(qg, k, qnorm, knorm, eps, rope, b, q, gate);
+    kv_cache_write(kv, k, v, b);
+  }
+  // attention(q, kv, b, o), then sigmoid_gate_mul(o, gate): the output gate of a gated attention layer.
+  virtual void attention_gated(const Tensor& q, const KvLayer& kv, const BatchMeta& b, const Tensor& gate, Tensor& o) {
+    attention(q, kv, b, o);
+    sigmoid_gate_mul(o, gate);
+  }
   // y += sigmoid(gate_logit[t]) · (x·Wᵀ)[t]   (gate_logit [T, 1]): the shared expert's down projection and gate.
   virtual void linear_gated_add(const Tensor& x, const Linear& w, const Tensor& gate_logit, Tensor& y) {
     Tensor s = alloc(act_dtype(), y.shape);

@@ -230,6 +230,13 @@ class TimingBackend final : public ForwardingBackend {
   void sigmoid_gate_mul(Tensor& x, const Tensor& gate) override {
     timed("attention", "sigmoid_gate_mul", [&] { in_.sigmoid_gate_mul(x, gate); });
   }
+  void qk_norm_rope_kv(const Tensor& qg, Tensor& k, const Tensor& v, const Tensor& qn, const Tensor& kn, float eps,
+                       const RopeParams& r, const BatchMeta& b, Tensor& q, Tensor& gate, KvLayer& kv) override {
+    timed("attention", "qk_norm_rope_kv", [&] { in_.qk_norm_rope_kv(qg, k, v, qn, kn, eps, r, b, q, gate, kv); });
+  }
+  void attention_gated(const Tensor& q, const KvLayer& kv, const BatchMeta& b, const Tensor& gate, Tensor& o) override {
+    timed("attention", "attention_gated", [&] { in_.attention_gated(q, kv, b, gate, o); });
+  }
   void conv1d_causal(const Tensor& m, const Tensor& w, StateLayer& st, const BatchMeta& b, Tensor& out) override {
     timed("DeltaNet", "conv1d_causal", [&] { in_.conv1d_causal(m, w, st, b, out); });
   }

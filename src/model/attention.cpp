@@ -13,11 +13,9 @@ Tensor Model::attention_block(const LayerWeights& lw, const Tensor& x, BatchMeta
   be_.linear_group(x, {{&lw.attn.q, &qg}, {&lw.attn.k, &k}, {&lw.attn.v, &v}});
   Tensor q = be_.alloc(act, {T, Nh * Dh});
   Tensor gate = be_.alloc(act, {T, Nh * Dh});
-  be_.qk_norm_rope(qg, k, lw.attn.q_norm, lw.attn.k_norm, float(t.rms_norm_eps), rope_, b, q, gate);
-  be_.kv_cache_write(kv, k, v, b);
+  be_.qk_norm_rope_kv(qg, k, v, lw.attn.q_norm, lw.attn.k_norm, float(t.rms_norm_eps), rope_, b, q, gate, kv);
   Tensor o = be_.alloc(act, {T, Nh * Dh});
-  be_.attention(q, kv, b, o);
-  be_.sigmoid_gate_mul(o, gate);
+  be_.attention_gated(q, kv, b, gate, o);
   Tensor y = be_.alloc(act, {T, t.hidden_size});
   be_.linear(o, lw.attn.o, y);
   return y;

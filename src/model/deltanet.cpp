@@ -50,7 +50,7 @@ Tensor Model::deltanet_block(const LayerWeights& lw, const Tensor& x, BatchMeta&
 void Model::replay_deltanet(BatchMeta& b, ModelCaches& c, bool graphed) {
   const auto& t = cfg_.text;
   const ModelCaches::GdnLog& lg = c.gdn_log;
-  const int64_t R = lg.rows, C = t.lin_conv_dim(), Hv = t.lin_num_v_heads, Vd = t.lin_value_dim();
+  const int64_t R = lg.rows, Hv = t.lin_num_v_heads, Vd = t.lin_value_dim();
   DS_CHECK(R > 0, "replay_deltanet: these caches have no DeltaNet input log (alloc_caches' log_rows)");
   if (b.seqs.empty()) return;
   // The rows are read in place: sequence i's rows are the log's rows log_row.. (q_start = log_row), and rows of the

@@ -536,6 +536,92 @@ TEST_F(CudaOps, PagedAttention) {
     }
 }
 
+// qk_norm_rope_kv and attention_gated (session 14: the cache write inside the norm/rope launch, the output gate
+// inside the merge, no flash launch when no chunk can reach kFlashMinQ) against the same ops run apart
+// (DS_CUDA_NO_ATTN_FUSE=1): q, gate, both caches and o bit for bit; o against the CPU's composition. Decode batches
+// past kFlashMinQ rows, short multi-token chunks with many sequences, and mixed prefill + decode batches (the
+// flash kernel runs: the gate stays apart).
+TEST_F(CudaOps, AttentionFusedOps) {
+  Both B;
+  struct Cfg {
+    int64_t Nh, Nkv, Dh;
+  };
+  std::vector<std::pair<int64_t, int64_t>> decode20, verify16 = {{12, 3}};
+  for (int i = 0; i < 20; ++i) decode20.push_back({5 + 37 * i, 1});
+  for (int i = 0; i < 15; ++i) verify16.push_back({3 + 11 * i, 1});
+  const std::vector<std::vector<std::pair<int64_t, int64_t>>> batches = {
+      decode20, verify16, {{3000, 1}, {10, 1}}, {{0, 20}}, {{40, 17}, {100, 1}, {0, 65}, {7, 1}}};
+  for (auto c : {Cfg{16, 2, 256}, Cfg{4, 2, 64}})
+    for (auto& seqs : batches) {
+      const int64_t bs = 16, nblocks = 600;
+      std::vector<int32_t> pool(nblocks);
+      std::iota(pool.begin(), pool.end(), 0);
+      std::shuffle(pool.begin(), pool.end(), std::mt19937(11));
+      KvLayer kc, k1, k2;
+      kc.block_size = k1.block_size = k2.block_size = bs;
+      kc.k = B.cpu->alloc(DType::F32, {nblocks, bs, c.Nkv, c.Dh});
+      kc.v = B.cpu->alloc(DType::F32, {nblocks, bs, c.Nkv, c.Dh});
+      for (KvLayer* kg : {&k1, &k2}) {
+        kg->k = B.gpu->alloc(DType::BF16, {nblocks, bs, c.Nkv, c.Dh});
+        kg->v = B.gpu->alloc(DType::BF16, {nblocks, bs, c.Nkv, c.Dh});
+      }
+      std::vector<std::pair<int64_t, int64_t>> pre;
+      for (auto [ctx, ql] : seqs) pre.push_back({0, ctx});
+      BatchMeta b0 = make_batch(pre, bs, pool);
+      BatchMeta b = make_batch(seqs, bs, pool, true);
+      for (size_t i = 0; i < b.seqs.size(); ++i) b0.seqs[i].blocks = b.seqs[i].blocks;
+      b0.seqs.erase(std::remove_if(b0.seqs.begin(), b0.seqs.end(), [](auto& s) { return s.q_len == 0; }),
+                    b0.seqs.end());
+      int64_t row = 0;
+      for (auto& s : b0.seqs) s.q_start = row, row += s.q_len;
+      const int64_t T0 = b0.num_tokens(), T = b.num_tokens();
+      if (T0 > 0) {  // the earlier context, the same in every cache
+        B.gpu->prepare_batch(b0);
+        auto k = B.up(randn(T0 * c.Nkv * c.Dh, 1.f, 51), {T0, c.Nkv * c.Dh});
+        auto v = B.up(randn(T0 * c.Nkv * c.Dh, 1.f, 52), {T0, c.Nkv * c.Dh});
+        B.cpu->kv_cache_write(kc, k.c, v.c, b0);
+        B.gpu->kv_cache_write(k1, k.g, v.g, b0);
+        B.gpu->kv_cache_write(k2, k.g, v.g, b0);
+      }
+      B.gpu->prepare_batch(b);
+      RopeParams rp;
+      rp.rotary_dim = 64;
+      rp.mrope_section = {11, 11, 10};
+      rp.mrope_interleaved = true;
+      auto qg = B.up(randn(T * c.Nh * 2 * c.Dh, 1.f, 61), {T, c.Nh * 2 * c.Dh});
+      auto v = B.up(randn(T * c.Nkv * c.Dh, 1.f, 63), {T, c.Nkv * c.Dh});
+      auto qn = B.up(randn(c.Dh, 0.2f, 64, 1.f), {c.Dh}, DType::F32);
+      auto kn = B.up(randn(c.Dh, 0.2f, 65, 1.f), {c.Dh}, DType::F32);
+      auto q = B.zeros({T, c.Nh * c.Dh}), gate = B.zeros({T, c.Nh * c.Dh}), o = B.zeros({T, c.Nh * c.Dh});
+      {
+        auto k = B.up(randn(T * c.Nkv * c.Dh, 1.f, 62), {T, c.Nkv * c.Dh});
+        B.cpu->qk_norm_rope_kv(qg.c, k.c, v.c, qn.c, kn.c, 1e-6f, rp, b, q.c, gate.c, kc);
+        B.cpu->attention_gated(q.c, kc, b, gate.c, o.c);
+      }
+      auto run = [&](KvLayer& kv, bool apart, Tensor& qq, Tensor& gg, Tensor& oo) {
+        auto k = B.up(randn(T * c.Nkv * c.Dh, 1.f, 62), {T, c.Nkv * c.Dh});
+        if (apart) setenv("DS_CUDA_NO_ATTN_FUSE", "1", 1);
+        B.gpu->qk_norm_rope_kv(qg.g, k.g, v.g, qn.g, kn.g, 1e-6f, rp, b, qq, gg, kv);
+        B.gpu->attention_gated(qq, kv, b, gg, oo);
+        unsetenv("DS_CUDA_NO_ATTN_FUSE");
+      };
+      Tensor q1 = B.gpu->alloc(DType::BF16, {T, c.Nh * c.Dh}), g1 = B.gpu->alloc(DType::BF16, {T, c.Nh * c.Dh}),
+             o1 = B.gpu->alloc(DType::BF16, {T, c.Nh * c.Dh});
+      run(k1, true, q1, g1, o1);
+      run(k2, false, q.g, gate.g, o.g);
+      std::string tag = " Nh=" + std::to_string(c.Nh) + " Dh=" + std::to_string(c.Dh) + " (ctx,q):";
+      for (size_t i = 0; i < seqs.size() && i < 4; ++i)
+        tag += " (" + std::to_string(seqs[i].first) + "," + std::to_string(seqs[i].second) + ")";
+      if (seqs.size() > 4) tag += " … " + std::to_string(seqs.size()) + " sequences";
+      EXPECT_EQ(B.gpu->to_host_f32(q.g), B.gpu->to_host_f32(q1)) << "q, fused vs apart" << tag;
+      EXPECT_EQ(B.gpu->to_host_f32(gate.g), B.gpu->to_host_f32(g1)) << "gate, fused vs apart" << tag;
+      EXPECT_EQ(B.gpu->to_host_f32(k2.k), B.gpu->to_host_f32(k1.k)) << "k cache, fused vs apart" << tag;
+      EXPECT_EQ(B.gpu->to_host_f32(k2.v), B.gpu->to_host_f32(k1.v)) << "v cache, fused vs apart" << tag;
+      EXPECT_EQ(B.gpu->to_host_f32(o.g), B.gpu->to_host_f32(o1)) << "o, fused vs apart" << tag;
+      REPORT("attention_gated o" + tag, B.err(o));
+    }
+}
+
 TEST_F(CudaOps, DeltaNet) {
   Both B;
   struct Cfg {

@@ -384,9 +384,34 @@ struct NormRopeSet {
   void* gate;  // (q only) the gate half of each head row, copied out: [T, N, Dh]
   int64_t goff;
 };
+// The paged KV cache as k_norm_rope's destination for set B (qk_norm_rope_kv): set B's output rows go to the
+// cache (at the row k_kv_write would write) instead of B.dst, and blocks y ≥ A.N + B.N copy v head y − A.N − B.N
+// into the v cache. kc == nullptr: no cache (B.dst as usual). cdt == B.ddt == v's dtype (the caller checks), so
+// the cache holds the bits the separate write would copy.
+struct KvDst {
+  void *kc = nullptr, *vc = nullptr;
+  const void* v = nullptr;
+  int cdt = 0;
+  int64_t row = 0, bs = 0;  // Nkv·Dh, block size
+  const int32_t *seq_of = nullptr, *seqinfo = nullptr, *blocks = nullptr;
+  int maxb = 0;
+};
+__device__ __forceinline__ int64_t kv_row_offset(const KvDst& C, int64_t t) {
+  const int s = C.seq_of[t];
+  const int64_t pos = C.seqinfo[s * 4 + 2] + (t - C.seqinfo[s * 4 + 0]);
+  const int64_t blk = C.blocks[int64_t(s) * C.maxb + pos / C.bs];
+  return (blk * C.bs + pos % C.bs) * C.row;
+}
 // Blocks y < A.N take set A's head y, the rest set B's head y − A.N (q and k of an attention layer in one launch).
 __global__ void k_norm_rope(const NormRopeSet A, const NormRopeSet B, float eps, int64_t Dh, int rot,
-                            const float* inv_freq, const int32_t* axis, const int32_t* pos, int64_t T) {
+                            const float* inv_freq, const int32_t* axis, const int32_t* pos, int64_t T, const KvDst C) {
+  if (C.kc && blockIdx.y >= A.N + B.N) {  // a v head into the v cache
+    pdl_wait();  // PDL-launched (pdl.h)
+    pdl_trigger();
+    const int64_t t = blockIdx.x, h = blockIdx.y - A.N - B.N, o = kv_row_offset(C, t) + h * Dh;
+    for (int64_t d = threadIdx.x; d < Dh; d += blockDim.x) stf(C.vc, C.cdt, o + d, ldf(C.v, C.cdt, t * C.row + h * Dh + d));
+    return;
+  }
   const bool second = blockIdx.y >= A.N;
   const NormRopeSet& S = second ? B : A;
   const void* const src = S.src;
@@ -417,6 +442,10 @@ __global__ void k_norm_rope(const NormRopeSet A, const NormRopeSet B, float eps,
   }
   __syncthreads();
   const int half = rot / 2;
+  // Set B into the cache (KvDst): its row there, head h.
+  const bool to_cache = second && C.kc;
+  void* const out_p = to_cache ? C.kc : dst;
+  const int64_t out_o = to_cache ? kv_row_offset(C, t) + h * Dh : (t * N + h) * Dh;
   for (int64_t d = threadIdx.x; d < Dh; d += blockDim.x) {
     float out;
     if (d < half) {
@@ -429,7 +458,7 @@ __global__ void k_norm_rope(const NormRopeSet A, const NormRopeSet B, float eps,
     } else {
       out = v[d];
     }
-    stf(dst, ddt, (t * N + h) * Dh + d, out);
+    stf(out_p, ddt, out_o + d, out);
   }
 }
 
@@ -1075,8 +1104,11 @@ __global__ void k_attn_merge(const float* part, int64_t Nh, int64_t Dh, int S, v
 // and e^{m_s − M} formed once per split, instead of three serial passes over global memory per thread (at batch 1
 // there are 64 splits: ~130 dependent L2 loads before the first output). S ≤ kMergeMaxS.
 constexpr int kMergeMaxS = 64;
+// gate (attention_gated): o ← o·sigmoid(gate) as k_sigmoid_gate_mul would do it after the store (o rounded to its
+// dtype first): the same bits as the two launches.
 __global__ void k_attn_merge_sm(const float* part, int64_t Nh, int64_t Dh, int S, void* o, int odt,
-                                const int32_t* seq_of, const int32_t* seqinfo, int flash_min) {
+                                const int32_t* seq_of, const int32_t* seqinfo, int flash_min, const void* gate,
+                                int gdt) {
   __shared__ float sm[kMergeMaxS], sl[kMergeMaxS], sw[kMergeMaxS];
   pdl_wait();  // PDL-launched (pdl.h)
   pdl_trigger();
@@ -1102,7 +1134,10 @@ __global__ void k_attn_merge_sm(const float* part, int64_t Nh, int64_t Dh, int S
       const float a = src[s * (Dh + 2) + 2 + d];  // every split writes its partial (m = −inf: an empty one)
       if (sm[s] != -INFINITY) sum += a * sw[s];
     }
-    stf(o, odt, (t * Nh + h) * Dh + d, sum / L);
+    const int64_t i = (t * Nh + h) * Dh + d;
+    float v = sum / L;
+    if (gate) v = round_dt(v, odt) * sigmoid_f(ldf(gate, gdt, i));
+    stf(o, odt, i, v);
   }
 }
 
@@ -1850,6 +1885,23 @@ class CudaBackend final : public Backend {
 
   void qk_norm_rope(const Tensor& qg, Tensor& k, const Tensor& qnorm, const Tensor& knorm, float eps,
                     const RopeParams& rope, const BatchMeta& b, Tensor& q, Tensor& gate) override {
+    qk_norm_rope_run(qg, k, qnorm, knorm, eps, rope, b, q, gate, nullptr, nullptr);
+  }
+  // One launch for q, k and the cache write (session 14: the k heads' output goes straight to the cache, extra
+  // blocks copy v; one launch fewer per attention layer). DS_CUDA_NO_ATTN_FUSE=1: the two ops (the same bits;
+  // CudaOps.AttentionFusedOps compares them).
+  void qk_norm_rope_kv(const Tensor& qg, Tensor& k, const Tensor& v, const Tensor& qnorm, const Tensor& knorm,
+                       float eps, const RopeParams& rope, const BatchMeta& b, Tensor& q, Tensor& gate,
+                       KvLayer& kv) override {
+    const bool fuse = !env_flag("DS_CUDA_NO_ATTN_FUSE") && !env_flag("DS_CUDA_NO_QK_FUSE") &&
+                      k.dtype == kv.k.dtype && v.dtype == kv.k.dtype && kv.v.dtype == kv.k.dtype &&
+                      k.dim(1) == kv.k.dim(2) * kv.k.dim(3) && v.dim(1) == k.dim(1);
+    if (!fuse) return Backend::qk_norm_rope_kv(qg, k, v, qnorm, knorm, eps, rope, b, q, gate, kv);
+    qk_norm_rope_run(qg, k, qnorm, knorm, eps, rope, b, q, gate, &kv, &v);
+  }
+  void qk_norm_rope_run(const Tensor& qg, Tensor& k, const Tensor& qnorm, const Tensor& knorm, float eps,
+                        const RopeParams& rope, const BatchMeta& b, Tensor& q, Tensor& gate, KvLayer* kv,
+                        const Tensor* v) {
     const int64_t T = b.num_tokens(), Dh = qnorm.numel();
     const int64_t Nh = qg.dim(1) / (2 * Dh), Nkv = k.dim(1) / Dh;
     DS_CHECK(Dh <= 512, "head_dim ", Dh, " > 512");
@@ -1861,12 +1913,27 @@ class CudaBackend final : public Backend {
     const NormRopeSet qs{qg.data, int(qg.dtype), Nh * 2 * Dh, 2 * Dh, qnorm.ptr<float>(), q.data, int(q.dtype), Nh,
                          gate.data, Dh};
     const NormRopeSet ks{k.data, int(k.dtype), Nkv * Dh, Dh, knorm.ptr<float>(), k.data, int(k.dtype), Nkv, nullptr, 0};
+    KvDst C;
+    if (kv) {
+      C.kc = kv->k.data;
+      C.vc = kv->v.data;
+      C.v = v->data;
+      C.cdt = int(kv->k.dtype);
+      C.row = Nkv * Dh;
+      C.bs = kv->block_size;
+      C.seq_of = d.seq_of;
+      C.seqinfo = d.seqinfo;
+      C.blocks = d.blocks;
+      C.maxb = d.maxb;
+    }
     auto launch = [&](const NormRopeSet& a, const NormRopeSet& bs, int64_t heads) {
       DS_CUDA_CHECK(pdl_launch(k_norm_rope, dim3(unsigned(T), unsigned(heads)), 128, 0, stream_, a, bs, eps, Dh,
-                               rope.rotary_dim, rt.inv.ptr<float>(), rt.axis.ptr<int32_t>(), d.positions, T));
+                               rope.rotary_dim, rt.inv.ptr<float>(), rt.axis.ptr<int32_t>(), d.positions, T, C));
       DS_CUDA_CHECK_LAST();
     };
-    if (env_flag("DS_CUDA_NO_QK_FUSE")) {
+    if (kv) {
+      launch(qs, ks, Nh + 2 * Nkv);
+    } else if (env_flag("DS_CUDA_NO_QK_FUSE")) {
       launch(qs, qs, Nh);
       launch(ks, ks, Nkv);
     } else {
@@ -1884,26 +1951,45 @@ class CudaBackend final : public Backend {
   }
 
   void attention(const Tensor& q, const KvLayer& kv, const BatchMeta& b, Tensor& o) override {
+    attention_run(q, kv, b, o, nullptr);
+  }
+  // The output gate inside the merge when every row is the split kernel's (session 14: one launch fewer per
+  // attention layer); else the two ops. DS_CUDA_NO_ATTN_FUSE=1: always the two ops (the same bits).
+  void attention_gated(const Tensor& q, const KvLayer& kv, const BatchMeta& b, const Tensor& gate,
+                       Tensor& o) override {
+    DS_CHECK(gate.numel() == o.numel(), "attention_gated: gate has ", gate.numel(), " elements, o ", o.numel());
+    if (!attention_run(q, kv, b, o, &gate)) sigmoid_gate_mul(o, gate);
+  }
+  // Returns whether o was multiplied by sigmoid(*gate) (only ever when gate is given).
+  bool attention_run(const Tensor& q, const KvLayer& kv, const BatchMeta& b, Tensor& o, const Tensor* gate) {
     const int64_t Nkv = kv.k.dim(2), Dh = kv.k.dim(3);
     const int64_t Nh = q.dim(1) / Dh, T = b.num_tokens();
     DS_CHECK(Dh % 32 == 0 && Dh <= 256, "attention: head_dim ", Dh, " must be a multiple of 32, at most 256");
     DS_CHECK(Nh % Nkv == 0);
-    if (T == 0) return;
+    if (T == 0) return gate != nullptr;
     auto& d = dev(b);
     const int64_t group = Nh / Nkv;
     if (group <= 32 && (Dh == 64 || Dh == 128 || Dh == 256) && q.dtype == DType::BF16 &&
         kv.k.dtype == DType::BF16 && !env_flag("DS_CUDA_NO_SPLIT_ATTN")) {
       // Prefill chunks (q_len ≥ kFlashMinQ) on tensor cores, the other rows on the split kernel (flash_attn.h). The
-      // launches depend on T only (graph-safe); eagerly, a batch of prefill chunks only skips the split kernel.
+      // launches depend on T and the sequence count only (graph-safe: a recorded step's key holds both); eagerly,
+      // a batch of prefill chunks only skips the split kernel. Every sequence has q_len ≥ 1, so no chunk reaches
+      // kFlashMinQ when T − nseq + 1 < kFlashMinQ (a decode step of any batch): then the flash kernel, whose blocks
+      // would all exit, is not launched (session 14; DS_CUDA_NO_ATTN_FUSE=1: launched whenever T ≥ kFlashMinQ).
+      const bool fuse = !env_flag("DS_CUDA_NO_ATTN_FUSE");
+      const int64_t nseq = int64_t(b.seqs.size());
+      const bool may_flash =
+          !fuse || T - nseq + 1 >= cuda::kFlashMinQ ||
+          std::any_of(b.seqs.begin(), b.seqs.end(), [](const BatchMeta::Seq& s) { return s.q_len >= cuda::kFlashMinQ; });
       const bool flash = !env_flag("DS_CUDA_NO_FLASH") && T >= cuda::kFlashMinQ && o.dtype == DType::BF16 &&
-                         cuda::flash_attn_supported(Nh, Nkv, Dh);
+                         cuda::flash_attn_supported(Nh, Nkv, Dh) && may_flash;
       const int flash_min = flash ? int(cuda::kFlashMinQ) : INT32_MAX;
       if (flash) {
         cuda::flash_attn_prefill(q.data, kv.k.data, kv.v.data, o.data, T, d.nseq, Nh, Nkv, Dh, kv.block_size,
                                  d.seqinfo, d.blocks, d.maxb, stream_);
         if (!in_step_ && std::all_of(b.seqs.begin(), b.seqs.end(),
                                      [](const BatchMeta::Seq& s) { return s.q_len >= cuda::kFlashMinQ; }))
-          return;
+          return false;
       }
       // S splits per (token, kv head): about 1024 blocks in all, at most 64 (fixed per T: graph-safe); prefill
       // (T large) runs one split per token, still reading each K/V row once per group of q heads. With the
@@ -1938,16 +2024,26 @@ class CudaBackend final : public Backend {
       }
       DS_CUDA_CHECK_LAST();
       // DS_ATTN_OLD_MERGE=1: the merge before session 12 (same bits; CudaOps.PagedAttention compares them).
-      DS_CUDA_CHECK(pdl_launch(env_flag("DS_ATTN_OLD_MERGE") ? k_attn_merge : k_attn_merge_sm,
-                               dim3(unsigned(T), unsigned(Nh)), unsigned(std::min<int64_t>(Dh, 256)), 0, stream_,
-                               part.ptr<float>(), Nh, Dh, S, o.data, int(o.dtype), d.seq_of, d.seqinfo, flash_min));
+      const bool old_merge = env_flag("DS_ATTN_OLD_MERGE");
+      // The gate in the merge only when the merge writes every row (no flash rows).
+      const Tensor* g = gate && fuse && !flash && !old_merge ? gate : nullptr;
+      const dim3 mgrid{unsigned(T), unsigned(Nh)};
+      const unsigned mthreads = unsigned(std::min<int64_t>(Dh, 256));
+      if (old_merge)
+        DS_CUDA_CHECK(pdl_launch(k_attn_merge, mgrid, mthreads, 0, stream_, part.ptr<float>(), Nh, Dh, S, o.data,
+                                 int(o.dtype), d.seq_of, d.seqinfo, flash_min));
+      else
+        DS_CUDA_CHECK(pdl_launch(k_attn_merge_sm, mgrid, mthreads, 0, stream_, part.ptr<float>(), Nh, Dh, S, o.data,
+                                 int(o.dtype), d.seq_of, d.seqinfo, flash_min, g ? g->data : nullptr,
+                                 g ? int(g->dtype) : 0));
       DS_CUDA_CHECK_LAST();
-      return;
+      return g != nullptr;
     }
     DS_CUDA_CHECK(pdl_launch(k_attention, dim3(unsigned(T), unsigned(Nh)), kAttnWarps * 32, 0, stream_, q.data,
                              int(q.dtype), kv.k.data, kv.v.data, int(kv.k.dtype), Nh, Nkv, Dh, kv.block_size, d.seq_of,
                              d.seqinfo, d.blocks, d.maxb, 1.f / std::sqrt(float(Dh)), o.data, int(o.dtype)));
     DS_CUDA_CHECK_LAST();
+    return false;
   }
 
   void sigmoid_gate_mul(Tensor& x, const Tensor& gate) override {

@@ -526,6 +526,16 @@ TEST_F(CudaOps, PagedAttention) {
           unsetenv("DS_ATTN_OLD_MERGE");
           EXPECT_EQ(B.gpu->to_host_f32(o2), B.gpu->to_host_f32(o.g)) << "old attention merge differs";
         }
+        for (const char* mp : {"0", "16", "1000"}) {  // every split used / other minimum split lengths (default 64)
+          auto o3 = B.zeros({T, c.Nh * c.Dh});
+          setenv("DS_ATTN_MIN_POS", mp, 1);
+          B.gpu->attention(q.g, kg, bb, o3.g);
+          unsetenv("DS_ATTN_MIN_POS");
+          o3.c = o.c;
+          const double e = B.err(o3);
+          std::printf("    DS_ATTN_MIN_POS=%s rel L2 %.3g\n", mp, e);
+          EXPECT_LT(e, kTol) << "DS_ATTN_MIN_POS=" << mp;
+        }
         return B.err(o);
       };
       run(b0, 31, false);

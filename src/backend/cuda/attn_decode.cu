@@ -27,7 +27,7 @@ __global__ void __launch_bounds__(kThreads, 3)
                   const __nv_bfloat16* __restrict__ vc, int Nh, int Nkv, int group, int bs,
                   const int32_t* __restrict__ seq_of, const int32_t* __restrict__ seqinfo,
                   const int32_t* __restrict__ blocks, int maxb, float scale_log2, int S, float* __restrict__ part,
-                  int flash_min) {
+                  int flash_min, int min_pos) {
   constexpr int CH = DH / 8;    // 16-byte chunks per row
   constexpr int KT = DH / 16;   // k-steps of S = Q·Kᵀ
   constexpr int DW = DH / 4;    // head dims per warp in P·V
@@ -44,10 +44,21 @@ __global__ void __launch_bounds__(kThreads, 3)
   const int s = seq_of[t];
   if (seqinfo[s * 4 + 1] >= flash_min) return;  // block-uniform: the flash kernel's row
   const int n_ctx = seqinfo[s * 4 + 2] + (t - seqinfo[s * 4 + 0]) + 1;
-  const int chunk = (n_ctx + S - 1) / S, p0 = split * chunk, p1 = min(n_ctx, p0 + chunk);
+  // Splits of at least min_pos positions (session 14): a short context uses the first Se of the S splits, the rest
+  // are empty (their partial is m = −inf and l = 0 only; the merge reads no acc of an empty split).
+  const int Se = min_pos > 0 ? max(1, min(S, (n_ctx + min_pos - 1) / min_pos)) : S;
+  const int chunk = (n_ctx + Se - 1) / Se, p0 = split * chunk, p1 = min(n_ctx, p0 + chunk);
   const int ntiles = p1 > p0 ? (p1 - p0 + kTP - 1) / kTP : 0;
   const int32_t* bt = blocks + int64_t(s) * maxb;
   const int64_t crow = int64_t(Nkv) * DH;
+  if (ntiles == 0) {  // an empty split: m = −inf, l = 0, no acc (the merges read acc only where m > −inf)
+    if (tid < group) {
+      float* d = part + ((int64_t(t) * Nh + int64_t(kvh) * group + tid) * S + split) * (DH + 2);
+      d[0] = -INFINITY;
+      d[1] = 0.f;
+    }
+    return;
+  }
 
   // Tile j (positions p0 + 16j ..) into stage j % kStages; positions ≥ p1 are zeros (never read from the cache).
   auto load = [&](int j) {
@@ -165,14 +176,14 @@ __global__ void __launch_bounds__(kThreads, 3)
 template <int DH>
 void launch(const void* q, const void* k, const void* v, int64_t T, int64_t Nh, int64_t Nkv, int64_t bs,
             const int32_t* seq_of, const int32_t* seqinfo, const int32_t* blocks, int maxb, float scale, int S,
-            float* part, int flash_min, cudaStream_t s) {
+            float* part, int flash_min, int min_pos, cudaStream_t s) {
   constexpr size_t smem = size_t(2 * kStages * kTP * DH) * 2;  // 48 KB at DH = 256: no opt-in needed
   static_assert(smem <= 48 * 1024, "attn_decode: shared memory");
   const float scale_log2 = float(double(scale) * 1.4426950408889634);
   DS_CUDA_CHECK(pdl_launch(k_attn_dec_tc<DH>, dim3(unsigned(T), unsigned(Nkv), unsigned(S)), dim3(kThreads), smem, s,
                            static_cast<const __nv_bfloat16*>(q), static_cast<const __nv_bfloat16*>(k),
                            static_cast<const __nv_bfloat16*>(v), int(Nh), int(Nkv), int(Nh / Nkv), int(bs), seq_of,
-                           seqinfo, blocks, maxb, scale_log2, S, part, flash_min));
+                           seqinfo, blocks, maxb, scale_log2, S, part, flash_min, min_pos));
 }
 
 }  // namespace
@@ -183,13 +194,13 @@ bool attn_decode_tc_supported(int64_t Nh, int64_t Nkv, int64_t Dh) {
 
 void attn_decode_tc(const void* q, const void* k, const void* v, int64_t T, int64_t Nh, int64_t Nkv, int64_t Dh,
                     int64_t bs, const int32_t* seq_of, const int32_t* seqinfo, const int32_t* blocks, int maxb,
-                    float scale, int S, float* part, int flash_min, cudaStream_t s) {
+                    float scale, int S, float* part, int flash_min, int min_pos, cudaStream_t s) {
   DS_CHECK(attn_decode_tc_supported(Nh, Nkv, Dh), "tensor-core decode attention: unsupported shape Nh=", Nh,
            " Nkv=", Nkv, " Dh=", Dh);
   DS_CHECK(T >= 1 && T <= 2147483647 && S >= 1 && S <= 65535 && Nkv <= 65535, "tensor-core decode attention: grid");
-  if (Dh == 256) return launch<256>(q, k, v, T, Nh, Nkv, bs, seq_of, seqinfo, blocks, maxb, scale, S, part, flash_min, s);
-  if (Dh == 128) return launch<128>(q, k, v, T, Nh, Nkv, bs, seq_of, seqinfo, blocks, maxb, scale, S, part, flash_min, s);
-  return launch<64>(q, k, v, T, Nh, Nkv, bs, seq_of, seqinfo, blocks, maxb, scale, S, part, flash_min, s);
+  if (Dh == 256) return launch<256>(q, k, v, T, Nh, Nkv, bs, seq_of, seqinfo, blocks, maxb, scale, S, part, flash_min, min_pos, s);
+  if (Dh == 128) return launch<128>(q, k, v, T, Nh, Nkv, bs, seq_of, seqinfo, blocks, maxb, scale, S, part, flash_min, min_pos, s);
+  return launch<64>(q, k, v, T, Nh, Nkv, bs, seq_of, seqinfo, blocks, maxb, scale, S, part, flash_min, min_pos, s);
 }
 
 }  // namespace ds::cuda

@@ -23,9 +23,10 @@ bool attn_decode_tc_supported(int64_t Nh, int64_t Nkv, int64_t Dh);
 
 // q [T, Nh·Dh] bf16, k/v caches [num_blocks, bs, Nkv, Dh] bf16; seq_of [T], seqinfo [nseq, 4] (q_start, q_len,
 // ctx_len, slot), blocks [nseq, maxb] (DevBatch). Rows of sequences with q_len ≥ flash_min are skipped. scale =
-// 1/sqrt(Dh). Grid (T, Nkv, S).
+// 1/sqrt(Dh). Grid (T, Nkv, S). min_pos > 0: a row of context n uses only the first min(S, ceil(n / min_pos)) splits
+// (each of ≥ min_pos positions); the others write an empty partial (m = −inf, l = 0, acc not written).
 void attn_decode_tc(const void* q, const void* k, const void* v, int64_t T, int64_t Nh, int64_t Nkv, int64_t Dh,
                     int64_t bs, const int32_t* seq_of, const int32_t* seqinfo, const int32_t* blocks, int maxb,
-                    float scale, int S, float* part, int flash_min, cudaStream_t s);
+                    float scale, int S, float* part, int flash_min, int min_pos, cudaStream_t s);
 
 }  // namespace ds::cuda

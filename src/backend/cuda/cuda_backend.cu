@@ -1131,7 +1131,8 @@ __global__ void k_attn_merge_sm(const float* part, int64_t Nh, int64_t Dh, int S
     float sum = 0.f;
 #pragma unroll 8
     for (int s = 0; s < S; ++s) {
-      const float a = src[s * (Dh + 2) + 2 + d];  // every split writes its partial (m = −inf: an empty one)
+      // An empty split (m = −inf) may have written no acc (attn_decode.h min_pos): not read.
+      const float a = sm[s] != -INFINITY ? src[s * (Dh + 2) + 2 + d] : 0.f;
       if (sm[s] != -INFINITY) sum += a * sw[s];
     }
     const int64_t i = (t * Nh + h) * Dh + d;
@@ -2004,8 +2005,10 @@ class CudaBackend final : public Backend {
       auto* vp = kv.v.ptr<__nv_bfloat16>();
       // Tensor cores for the whole GQA group (attn_decode.h); DS_CUDA_NO_TC_DECODE=1: the CUDA-core kernel below.
       if (!env_flag("DS_CUDA_NO_TC_DECODE") && cuda::attn_decode_tc_supported(Nh, Nkv, Dh)) {
+        // Splits of ≥ DS_ATTN_MIN_POS positions (default 64; 0 = every split): at a short context a small batch's
+        // 64 splits held one 16-position tile each, and the merge read 64 partials per head (session 14).
         cuda::attn_decode_tc(qp, kp, vp, T, Nh, Nkv, Dh, kv.block_size, d.seq_of, d.seqinfo, d.blocks, d.maxb, scale,
-                             S, part.ptr<float>(), flash_min, stream_);
+                             S, part.ptr<float>(), flash_min, int(env_int("DS_ATTN_MIN_POS", 64)), stream_);
       } else {
         // One warp per q head of the group. DS_CUDA_NO_ATTN_SMEM=1: K/V straight from global memory per warp (same
         // arithmetic, same bits).

@@ -17,18 +17,26 @@ Tensor Model::forward(BatchMeta& b, ModelCaches& caches, const std::vector<int32
   be_.embed(w_.embed, b, x);
   if (!b.embed_rows.empty()) be_.scatter_rows(x, b.embed_rows, b.embed_src);  // image features
   // h = the current layer's input norm of x; each layer's FFN output is added to x together with the next
-  // layer's input norm (add_rmsnorm), the last one alone (the final norm runs on the logit rows only).
+  // layer's input norm (add_rmsnorm). The last one: with the final norm when the logit rows are every row (decode
+  // and verify steps: no row gather, one launch fewer; the same values), else alone, and the final norm runs on the
+  // logit rows only.
   const float eps = float(t.rms_norm_eps);
-  Tensor h = be_.alloc(act, {T, H});
+  bool all_rows = int64_t(logit_rows.size()) == T;
+  for (int64_t i = 0; all_rows && i < T; ++i) all_rows = logit_rows[size_t(i)] == int32_t(i);
+  Tensor h = be_.alloc(act, {T, H}), hf;
   if (!w_.layers.empty()) be_.rmsnorm(x, w_.layers[0].in_norm, eps, h);
   for (size_t L = 0; L < w_.layers.size(); ++L) {
     Tensor f = decoder_layer(w_.layers[L], x, h, b, caches, &caches.kv[L], &caches.state[L], int64_t(L));
-    if (L + 1 < w_.layers.size())
+    if (L + 1 < w_.layers.size()) {
       be_.add_rmsnorm(x, f, w_.layers[L + 1].in_norm, eps, h);
-    else
+    } else if (all_rows) {
+      hf = be_.alloc(act, {T, H});
+      be_.add_rmsnorm(x, f, w_.final_norm, eps, hf);
+    } else {
       be_.add_inplace(x, f);
+    }
   }
-  Tensor hf = normed_rows(x, logit_rows, w_.final_norm);
+  if (!all_rows || w_.layers.empty()) hf = normed_rows(x, logit_rows, w_.final_norm);
   if (hidden_out)
     *hidden_out = hidden_rows && *hidden_rows != logit_rows ? normed_rows(x, *hidden_rows, w_.final_norm) : hf;
   return lm_head_logits(hf);

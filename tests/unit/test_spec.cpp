@@ -262,7 +262,9 @@ void check_counters(const runtime::EngineMetrics& m, int64_t K) {
   int64_t sum = 0;
   for (int64_t i = 0; i < K; ++i) {
     sum += m.spec_accepted_per_pos[size_t(i)];
-    if (i > 0) EXPECT_LE(m.spec_accepted_per_pos[size_t(i)], m.spec_accepted_per_pos[size_t(i - 1)]);
+    if (i > 0) {
+      EXPECT_LE(m.spec_accepted_per_pos[size_t(i)], m.spec_accepted_per_pos[size_t(i - 1)]);
+    }
   }
   EXPECT_EQ(sum, m.spec_accepted_tokens_total);
 }

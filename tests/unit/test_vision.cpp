@@ -483,7 +483,7 @@ TEST(VisionPictures, PreprocessMatchesReferenceOnEveryPicture) {
     }
     worst_all = std::max(worst_all, worst);
     std::printf("  %-20s %4dx%-4d -> grid [%lld, %lld, %lld]: max abs diff %.3g, %zu of %zu values differ\n",
-                file.c_str(), img.width, img.height, (long long)g[0], (long long)g[1], (long long)g[2], worst, differ,
+                file.c_str(), int(img.width), int(img.height), (long long)g[0], (long long)g[1], (long long)g[2], worst, differ,
                 want.size());
     EXPECT_LT(worst, 1e-2);
   }

@@ -27,6 +27,8 @@
 
 #ifdef DS_HAVE_CUDA
 #include <cuda_runtime.h>
+
+#include "backend/cuda/kernel_times.h"
 #endif
 
 namespace ds::cli {
@@ -584,10 +586,58 @@ void bench_vision(const io::ModelConfig& cfg, Backend& be, const std::vector<std
   std::printf("\n");
 }
 
+// --kernel-times: per-kernel device times of `steps` replays of the recorded step (CUPTI activity records,
+// backend/cuda/kernel_times.h), from a recording made while collecting (a graph key of its own): each kernel's
+// launches and microseconds per step, next to the step's median from the timed runs.
+template <class Step>
+std::string kernel_times_table(const std::string& what, TimingBackend& be, bool use_graph, int steps, double step_ms,
+                               Step&& one) {
+  std::string head = str_cat("### Kernel times, ", what);
+  if (!use_graph || be.stream_handle() == nullptr) return head + ": CUDA step graphs only (not measured)\n";
+#ifdef DS_HAVE_CUDA
+  std::string why;
+  if (!cuda::kernel_times_start(&why)) return str_cat(head, ": ", why, "\n");
+  const std::string suffix = be.key_suffix;
+  be.key_suffix += "/kernel-times";
+  for (int i = 0; i < 2; ++i) one(i);  // warm-up, then the recording (kernels of both dropped)
+  cuda::kernel_times_reset();
+  for (int i = 0; i < steps; ++i) one(i);
+  double span = 0;
+  const std::vector<cuda::KernelTime> kt = cuda::kernel_times_stop(&span);
+  be.key_suffix = suffix;
+  double total = 0;
+  int64_t launches = 0;
+  for (auto& k : kt) total += k.total_ns, launches += k.launches;
+  const double n = double(steps);
+  std::string t = str_cat(head, " (CUPTI, ", steps, " replayed steps: ", str_fixed(double(launches) / n, 1),
+                          " kernels and ", str_fixed(total / n / 1e6, 3), " ms of kernel time per step, against a ",
+                          str_fixed(step_ms, 3), " ms step; first start to last end ", str_fixed(span / n / 1e6, 3),
+                          " ms per step)\n\n| kernel | launches/step | µs/step | µs/launch | share |\n|---|---|---|---|---|\n");
+  const size_t shown = std::min<size_t>(kt.size(), 30);
+  for (size_t i = 0; i < shown; ++i) {
+    const auto& k = kt[i];
+    std::string name = k.name.size() > 90 ? k.name.substr(0, 87) + "..." : k.name;
+    t += str_cat("| `", name, "` | ", str_fixed(double(k.launches) / n, 1), " | ", str_fixed(k.total_ns / n / 1e3, 1),
+                 " | ", str_fixed(k.total_ns / double(std::max<int64_t>(k.launches, 1)) / 1e3, 2), " | ",
+                 str_fixed(total > 0 ? 100.0 * k.total_ns / total : 0.0, 1), "% |\n");
+  }
+  if (kt.size() > shown) {
+    double rest = 0, rl = 0;
+    for (size_t i = shown; i < kt.size(); ++i) rest += kt[i].total_ns, rl += double(kt[i].launches);
+    t += str_cat("| (", kt.size() - shown, " more kernels) | ", str_fixed(rl / n, 1), " | ", str_fixed(rest / n / 1e3, 1),
+                 " | | ", str_fixed(total > 0 ? 100.0 * rest / total : 0.0, 1), "% |\n");
+  }
+  return t;
+#else
+  (void)steps, (void)step_ms, (void)one;
+  return head + ": this build has no CUDA backend\n";
+#endif
+}
+
 }  // namespace
 
 int cmd_bench(int argc, char** argv) {
-  Args a(argc, argv, 2, {"random-weights", "bf16", "breakdown", "no-graph"});
+  Args a(argc, argv, 2, {"random-weights", "bf16", "breakdown", "no-graph", "kernel-times"});
   if (!a.has("random-weights")) fail("bench: only --random-weights is supported (give --config config.json)");
   const std::string cfg_path = a.require("config");
   const std::string backend_name = a.get("backend", "cuda");
@@ -811,6 +861,7 @@ int cmd_bench(int argc, char** argv) {
     bool events = false;
   };
   std::vector<std::pair<std::string, Breakdown>> breakdowns;
+  std::vector<std::string> kernel_tables;  // --kernel-times, printed after the decode table
   auto set_env = [](const Variant& v, bool on) {
     for (auto& [k, val] : v.env) {
       if (on)
@@ -892,11 +943,15 @@ int cmd_bench(int argc, char** argv) {
             bd.step_ms = med;
             breakdowns.push_back({str_cat(var.name, ", batch ", B, ", context ", ctx), bd});
           }
+          if (a.has("kernel-times"))
+            kernel_tables.push_back(kernel_times_table(str_cat(var.name, ", batch ", B, ", context ", ctx), be,
+                                                       use_graph, steps, med, one));
         }
       set_env(var, false);
     }
     std::printf("\n");
   }
+  for (auto& tab : kernel_tables) std::printf("%s\n", tab.c_str());
   for (auto& [what, bd] : breakdowns) {
     double sum = 0;
     for (auto& [k, v] : bd.ms) sum += v;

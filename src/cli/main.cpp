@@ -25,7 +25,8 @@ void usage() {
                "  video-frames CLIP --out F.safetensors [--sampled]   (decoded RGB frames, fps, frame count)\n"
                "  bench     --random-weights --config config.json [--backend cuda] [--batch 1,8,32,64,128]\n"
                "            [--context 1024,8192] [--prefill 1024,4096,16384,32768] [--steps N] [--bf16] [--no-graph]\n"
-               "            [--breakdown] [--prefill-chunk N] [--prefill-reps N] [--variants \"name:no-graph,VAR=1;name2:\"]\n"
+               "            [--breakdown] [--kernel-times] [--prefill-chunk N] [--prefill-reps N]\n"
+               "            [--variants \"name:no-graph,VAR=1;name2:\"]\n"
                "  make-random-checkpoint --config config.json --out DIR [--bf16] [--seed S] [--shard-gb 4]\n");
 }
 }  // namespace

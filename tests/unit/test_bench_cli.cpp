@@ -7,6 +7,9 @@
 #include <string>
 
 #include "golden_util.h"
+#ifdef DS_HAVE_CUDA
+#include "backend/cuda/kernel_times.h"
+#endif
 
 namespace {
 
@@ -26,6 +29,44 @@ TEST(BenchCli, TinyMoeOnCpu) {
   EXPECT_NE(r.out.find("| graph | 33 | 33 |"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("weights read per token"), std::string::npos) << r.out;
 }
+
+// --kernel-times needs the CUDA backend's recorded steps: elsewhere a line says why, and the bench still runs.
+TEST(BenchCli, KernelTimesOnCpuSaysWhy) {
+  auto r = run_binary("bench --random-weights --config " + kConfig +
+                      " --backend cpu --batch 2 --context 16 --prefill none --steps 2 --kernel-times");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("| graph | 2 | 16 |"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("### Kernel times, graph, batch 2, context 16: CUDA step graphs only"), std::string::npos)
+      << r.out;
+}
+
+#ifdef DS_HAVE_CUDA
+// The kernel names of --kernel-times' table (CUPTI reports mangled names).
+TEST(KernelTimes, ShortNames) {
+  using ds::cuda::short_kernel_name;
+  EXPECT_EQ(short_kernel_name("_ZN2ds4cuda12_GLOBAL__N_19k_rmsnormEPKvifflPvi"), "k_rmsnorm");
+  // Template arguments stay, namespaces inside them too; the parameter list goes.
+  const std::string t =
+      short_kernel_name("_ZN2ds4cuda12k_attn_splitILi8ELb1EEEvPK13__nv_bfloat16S4_S4_lllPKiS6_S6_ifiPfi");
+  EXPECT_EQ(t, "k_attn_split<8, true>") << t;
+  EXPECT_EQ(short_kernel_name("k_plain_c_name"), "k_plain_c_name");  // not mangled: as given
+  EXPECT_EQ(short_kernel_name("_Z6kernelv"), "kernel");
+  EXPECT_EQ(short_kernel_name("_Z4kernILi3EEvv"), "kern<3>");  // a global template: "void kern<3>()"
+}
+
+// Collection starts and stops cleanly where a device is, and says why not elsewhere (no GPU here: CUPTI is found
+// and opened, then refuses to enable), never crashing or reporting kernels that did not run.
+TEST(KernelTimes, StartsOrSaysWhy) {
+  std::string why;
+  if (ds::cuda::kernel_times_start(&why)) {
+    EXPECT_TRUE(ds::cuda::kernel_times_stop().empty());  // nothing ran between
+  } else {
+    EXPECT_FALSE(why.empty());
+    std::printf("  kernel times unavailable here: %s\n", why.c_str());
+  }
+  EXPECT_TRUE(ds::cuda::kernel_times_stop().empty());  // stopping twice is harmless
+}
+#endif
 
 TEST(BenchCli, ChunkedPrefillAndBf16) {
   auto r = run_binary("bench --random-weights --config " + kConfig +

@@ -1,0 +1,215 @@
+// CUPTI activity collection for per-kernel device times (design: kernel_times.h).
+#include "backend/cuda/kernel_times.h"
+
+#include <cxxabi.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <type_traits>
+#include <vector>
+
+#ifdef DS_HAVE_CUPTI
+#include <cuda_runtime.h>
+#include <cupti.h>
+#include <dlfcn.h>
+#endif
+
+namespace ds::cuda {
+
+std::string short_kernel_name(const std::string& mangled) {
+  int status = -1;
+  std::unique_ptr<char, void (*)(void*)> dem(abi::__cxa_demangle(mangled.c_str(), nullptr, nullptr, &status), std::free);
+  if (status != 0 || !dem) return mangled;
+  std::string s = dem.get();
+  // The parameter list: the last top-level '(' (template arguments may hold parentheses of their own).
+  int depth = 0;
+  size_t cut = std::string::npos;
+  for (size_t i = 0; i < s.size(); ++i) {
+    const char c = s[i];
+    if (c == '<') ++depth;
+    else if (c == '>') --depth;
+    else if (c == '(' && depth == 0) cut = i;
+  }
+  if (cut != std::string::npos && cut > 0) s.resize(cut);
+  // The return type (a function template's demangled name starts with it) and the namespaces before the name, not
+  // what is inside template arguments.
+  depth = 0;
+  size_t start = 0;
+  for (size_t i = 0; i + 1 < s.size(); ++i) {
+    const char c = s[i];
+    if (c == '<') ++depth;
+    else if (c == '>') --depth;
+    else if (depth == 0 && c == ':' && s[i + 1] == ':') start = i + 2;
+    else if (depth == 0 && c == ' ') start = i + 1;
+  }
+  return s.substr(start);
+}
+
+#ifdef DS_HAVE_CUPTI
+namespace {
+
+// libcupti is opened at run time (dlopen), not linked: the server must start where the toolkit's profiling library
+// is absent (a runtime-only image). DS_CUPTI_LIB names the file; else the usual names and the toolkit's directories.
+struct Cupti {
+  decltype(&cuptiActivityRegisterCallbacks) register_callbacks = nullptr;
+  decltype(&cuptiActivityEnable) enable = nullptr;
+  decltype(&cuptiActivityDisable) disable = nullptr;
+  decltype(&cuptiActivityFlushAll) flush_all = nullptr;
+  decltype(&cuptiActivityGetNextRecord) next_record = nullptr;
+  decltype(&cuptiGetResultString) result_string = nullptr;
+};
+const Cupti* cupti(std::string* why_not) {
+  static Cupti c;
+  static std::string err;
+  static bool tried = false;
+  if (!tried) {
+    tried = true;
+    std::vector<std::string> names;
+    if (const char* e = std::getenv("DS_CUPTI_LIB")) names.push_back(e);
+    for (const char* n : {"libcupti.so", "libcupti.so.13", "libcupti.so.12"}) names.push_back(n);
+    for (const char* d : {"/usr/local/cuda/lib64/", "/usr/local/cuda/lib/", "/usr/local/cuda/extras/CUPTI/lib64/"})
+      names.push_back(std::string(d) + "libcupti.so");
+    void* h = nullptr;
+    for (auto& n : names)
+      if ((h = dlopen(n.c_str(), RTLD_NOW | RTLD_LOCAL))) break;
+    if (!h) {
+      err = "CUPTI: libcupti.so not found (set DS_CUPTI_LIB to its path)";
+    } else {
+      auto sym = [&](auto& f, const char* name) {
+        f = reinterpret_cast<std::remove_reference_t<decltype(f)>>(dlsym(h, name));
+        if (!f && err.empty()) err = std::string("CUPTI: ") + name + " missing from libcupti";
+      };
+      sym(c.register_callbacks, "cuptiActivityRegisterCallbacks");
+      sym(c.enable, "cuptiActivityEnable");
+      sym(c.disable, "cuptiActivityDisable");
+      sym(c.flush_all, "cuptiActivityFlushAll");
+      sym(c.next_record, "cuptiActivityGetNextRecord");
+      sym(c.result_string, "cuptiGetResultString");
+    }
+  }
+  if (!err.empty()) {
+    if (why_not) *why_not = err;
+    return nullptr;
+  }
+  return &c;
+}
+
+struct Acc {
+  int64_t n = 0;
+  double ns = 0;
+};
+std::mutex g_mu;
+std::map<std::string, Acc> g_acc;  // by mangled name
+uint64_t g_first = UINT64_MAX, g_last = 0;
+bool g_registered = false, g_on = false;
+
+constexpr size_t kBufBytes = size_t(8) << 20;
+
+void CUPTIAPI buffer_requested(uint8_t** buffer, size_t* size, size_t* max_records) {
+  *buffer = static_cast<uint8_t*>(std::aligned_alloc(8, kBufBytes));
+  *size = *buffer ? kBufBytes : 0;
+  *max_records = 0;
+}
+
+void CUPTIAPI buffer_completed(CUcontext, uint32_t, uint8_t* buffer, size_t, size_t valid) {
+  CUpti_Activity* rec = nullptr;
+  {
+    std::lock_guard<std::mutex> lk(g_mu);
+    while (cupti(nullptr)->next_record(buffer, valid, &rec) == CUPTI_SUCCESS) {
+      if (rec->kind != CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL && rec->kind != CUPTI_ACTIVITY_KIND_KERNEL) continue;
+      const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(rec);
+      if (k->start == 0 && k->end == 0) continue;  // no timestamps for this one
+      Acc& a = g_acc[k->name ? k->name : "?"];
+      a.n += 1;
+      a.ns += double(k->end - k->start);
+      g_first = std::min<uint64_t>(g_first, k->start);
+      g_last = std::max<uint64_t>(g_last, k->end);
+    }
+  }
+  std::free(buffer);
+}
+
+std::string cupti_error(CUptiResult r) {
+  const char* s = nullptr;
+  cupti(nullptr)->result_string(r, &s);
+  return s ? s : "unknown CUPTI error";
+}
+
+void clear_locked() {
+  g_acc.clear();
+  g_first = UINT64_MAX;
+  g_last = 0;
+}
+
+}  // namespace
+
+bool kernel_times_start(std::string* why_not) {
+  const Cupti* cp = cupti(why_not);
+  if (!cp) return false;
+  if (g_on) {
+    if (why_not) *why_not = "kernel times: a collection is already running";
+    return false;
+  }
+  if (!g_registered) {
+    const CUptiResult r = cp->register_callbacks(buffer_requested, buffer_completed);
+    if (r != CUPTI_SUCCESS) {
+      if (why_not) *why_not = "CUPTI: cuptiActivityRegisterCallbacks: " + cupti_error(r);
+      return false;
+    }
+    g_registered = true;
+  }
+  {
+    std::lock_guard<std::mutex> lk(g_mu);
+    clear_locked();
+  }
+  const CUptiResult r = cp->enable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL);
+  if (r != CUPTI_SUCCESS) {
+    if (why_not) *why_not = "CUPTI: cuptiActivityEnable(concurrent kernel): " + cupti_error(r);
+    return false;
+  }
+  g_on = true;
+  return true;
+}
+
+void kernel_times_reset() {
+  if (!g_on) return;
+  cudaDeviceSynchronize();
+  cupti(nullptr)->flush_all(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED);
+  std::lock_guard<std::mutex> lk(g_mu);
+  clear_locked();
+}
+
+std::vector<KernelTime> kernel_times_stop(double* span_ns) {
+  std::vector<KernelTime> out;
+  if (!g_on) return out;
+  cudaDeviceSynchronize();
+  cupti(nullptr)->flush_all(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED);
+  cupti(nullptr)->disable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL);
+  g_on = false;
+  std::lock_guard<std::mutex> lk(g_mu);
+  // Mangled names that shorten to the same string (overloads) stay apart: merged only if the full names match.
+  for (auto& [name, a] : g_acc) out.push_back({short_kernel_name(name), a.n, a.ns});
+  std::sort(out.begin(), out.end(), [](const KernelTime& x, const KernelTime& y) { return x.total_ns > y.total_ns; });
+  if (span_ns) *span_ns = g_last > g_first ? double(g_last - g_first) : 0;
+  clear_locked();
+  return out;
+}
+
+#else  // built without CUPTI
+
+bool kernel_times_start(std::string* why_not) {
+  if (why_not) *why_not = "kernel times: this build has no CUPTI (cupti.h not found at configure time)";
+  return false;
+}
+void kernel_times_reset() {}
+std::vector<KernelTime> kernel_times_stop(double* span_ns) {
+  if (span_ns) *span_ns = 0;
+  return {};
+}
+
+#endif
+
+}  // namespace ds::cuda

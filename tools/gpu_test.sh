@@ -10,6 +10,7 @@
 #                         logits, an image request through the engine; memcheck on its op tests
 #   (h) test_cuda_spec / test_cuda_flash / test_cuda_gdr  speculative decoding (greedy identity, graphed = eager),
 #                         prefill flash attention and the chunked delta rule vs the CPU (when built)
+#   (i) bench_model --kernel-times on the tiny model (when bench_model is in BIN_DIR): the CUPTI table comes out
 # Usage: tools/gpu_test.sh [BIN_DIR]
 #   BIN_DIR holds prebuilt test_cuda_ops / test_cuda_golden (/ test_cuda_graph / test_cuda_engine) (e.g. built on a dev machine and carried);
 #   without it the script configures and builds build-gpu/ here (needs the project's build dependencies).
@@ -51,6 +52,12 @@ if [ -x "$BIN/test_cuda_vision" ]; then
   step vmemcheck compute-sanitizer --tool memcheck --error-exitcode 99 "$BIN/test_cuda_vision" \
     --gtest_filter='CudaVision.Attention:CudaVision.Rope2d:CudaVision.LayerNorm:*Golden*tiny_moe_int4*'
 fi
+# (i) `bench --kernel-times` (CUPTI per-kernel times, session 14) on the tiny model: runs, and prints its table.
+if [ -x "$BIN/bench_model" ]; then
+  step ktimes bash -c "'$BIN/bench_model' bench --random-weights --config '$ROOT/tests/data/tiny-moe/tiny-moe-int4/config.json' \
+    --backend cuda --batch 1,4 --context 32 --prefill none --steps 3 --kernel-times > '$LOG/ktimes.out' 2>&1; rc=\$?; \
+    cat '$LOG/ktimes.out'; [ \$rc = 0 ] && grep -q 'kernels and' '$LOG/ktimes.out'"
+fi
 if [ "${DS_BENCH:-0}" = 1 ] && [ -x "$BIN/bench_decode" ]; then
   step bench1 "$BIN/bench_decode" 1 1024 20
   step bench8 "$BIN/bench_decode" 8 1024 20
@@ -62,6 +69,7 @@ grep -hE 'ratio|batched' "$LOG/golden.log"
 [ -f "$LOG/vision.log" ] && { echo "==== vision ===="; grep -hE 'rel L2|tokens' "$LOG/vision.log"; }
 echo "==== bench ===="
 cat "$LOG"/bench*.log 2>/dev/null
+[ -f "$LOG/ktimes.log" ] && grep -hE -A6 '^### Kernel times' "$LOG/ktimes.log" | head -20
 echo "==== failures ===="
 grep -hE 'Failure|FAILED' "$LOG/ops.log" "$LOG/golden.log" "$LOG"/graph.log "$LOG"/engine.log "$LOG"/sampling.log "$LOG"/vision.log "$LOG"/spec.log "$LOG"/flash.log "$LOG"/gdr.log 2>/dev/null | head -30
 grep -hE 'ERROR SUMMARY|========= ' "$LOG/memcheck.log" "$LOG"/vmemcheck.log 2>/dev/null | head -20

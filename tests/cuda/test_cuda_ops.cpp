@@ -22,6 +22,12 @@ using test::randn;
 
 constexpr double kTol = 1e-2;
 
+// A weight [N, K] of the linear tests and what it stands for.
+struct LinearShape {
+  int64_t N, K;
+  const char* what;
+};
+
 #define REPORT(name, e)                                            \
   do {                                                             \
     double e_ = (e);                                               \
@@ -170,11 +176,7 @@ TEST_F(CudaOps, ElementwiseAndNorms) {
 
 TEST_F(CudaOps, Linear) {
   Both B;
-  struct Shape {
-    int64_t N, K;
-    const char* what;
-  };
-  const std::vector<Shape> shapes = {{8192, 2048, "q_proj / DeltaNet qkv"}, {2048, 4096, "o_proj / DeltaNet out"},
+  const std::vector<LinearShape> shapes = {{8192, 2048, "q_proj / DeltaNet qkv"}, {2048, 4096, "o_proj / DeltaNet out"},
                                      {512, 2048, "kv_proj"}, {1024, 2048, "expert gate_up"}, {2048, 512, "expert down"},
                                      {1, 2048, "shared expert gate"}};
   for (bool q : {false, true})
@@ -1093,11 +1095,7 @@ TEST_F(CudaOps, Int4LargeM) {
   ScopedEnv on("DS_CUDA_NO_BIG_GEMM", "0");  // the large-M kernel, whatever the default
   ScopedEnv no_deq("DS_CUDA_NO_DEQUANT_GEMM", "1");  // not the dequantise + cuBLAS path (Int4DequantGemm)
   ScopedEnv min_m("DS_INT4_BIG_MIN_M", "64");
-  struct Shape {
-    int64_t N, K;
-    const char* what;
-  };
-  const std::vector<Shape> shapes = {{8192, 2048, "q_proj / DeltaNet qkv"}, {2048, 4096, "o_proj / DeltaNet out"},
+  const std::vector<LinearShape> shapes = {{8192, 2048, "q_proj / DeltaNet qkv"}, {2048, 4096, "o_proj / DeltaNet out"},
                                      {1024, 2048, "expert gate_up"}, {2048, 512, "expert down"},
                                      {272, 384, "odd: 17 tiles, 3 groups"}};
   for (auto& s : shapes) {
@@ -1175,11 +1173,7 @@ TEST_F(CudaOps, Int4Wgmma) {
   Both B;
   ScopedEnv on("DS_INT4_WG", "1");  // off by default
   if (!cuda::int4_wg_enabled()) GTEST_SKIP() << "the sm_90a kernel is not built or this device is not sm_90";
-  struct Shape {
-    int64_t N, K;
-    const char* what;
-  };
-  const std::vector<Shape> shapes = {{8192, 2048, "q_proj / DeltaNet qkv"}, {2048, 4096, "o_proj / DeltaNet out"},
+  const std::vector<LinearShape> shapes = {{8192, 2048, "q_proj / DeltaNet qkv"}, {2048, 4096, "o_proj / DeltaNet out"},
                                      {512, 2048, "k_proj"}, {272, 384, "17 tiles, 3 groups"},
                                      {48, 128, "3 tiles, 1 group"}, {1040, 1024, "65 tiles, KS 4 of 2 groups"},
                                      {96, 768, "KS 2 of 3 groups"}};
@@ -1400,11 +1394,7 @@ TEST_F(CudaOps, Int4DequantKernel) {
 // rows beside it, and the time of both; below the threshold the mma kernels, bit for bit.
 TEST_F(CudaOps, Int4DequantGemm) {
   Both B;
-  struct Shape {
-    int64_t N, K;
-    const char* what;
-  };
-  const std::vector<Shape> shapes = {{8192, 2048, "DeltaNet qkv"}, {4096, 2048, "DeltaNet z"},
+  const std::vector<LinearShape> shapes = {{8192, 2048, "DeltaNet qkv"}, {4096, 2048, "DeltaNet z"},
                                      {2048, 4096, "DeltaNet out"}, {16384, 2048, "attention q|gate"},
                                      {2048, 8192, "attention o"}, {512, 2048, "attention k / v"},
                                      {272, 384, "odd: 17 tiles, 3 groups"}};

@@ -388,6 +388,15 @@ struct NormRopeSet {
 // cache (at the row k_kv_write would write) instead of B.dst, and blocks y ≥ A.N + B.N copy v head y − A.N − B.N
 // into the v cache. kc == nullptr: no cache (B.dst as usual). cdt == B.ddt == v's dtype (the caller checks), so
 // the cache holds the bits the separate write would copy.
+// Element offset of token t's row in a paged KV cache [num_blocks, bs, row]: position ctx_len + (t − q_start) of
+// its sequence, through the block table (k_kv_write, and k_norm_rope's cache destination).
+__device__ __forceinline__ int64_t kv_row_offset(const int32_t* seq_of, const int32_t* seqinfo, const int32_t* blocks,
+                                                 int maxb, int64_t bs, int64_t row, int64_t t) {
+  const int s = seq_of[t];
+  const int64_t pos = seqinfo[s * 4 + 2] + (t - seqinfo[s * 4 + 0]);
+  const int64_t blk = blocks[int64_t(s) * maxb + pos / bs];
+  return (blk * bs + pos % bs) * row;
+}
 struct KvDst {
   void *kc = nullptr, *vc = nullptr;
   const void* v = nullptr;
@@ -395,21 +404,17 @@ struct KvDst {
   int64_t row = 0, bs = 0;  // Nkv·Dh, block size
   const int32_t *seq_of = nullptr, *seqinfo = nullptr, *blocks = nullptr;
   int maxb = 0;
+  __device__ int64_t row_offset(int64_t t) const { return kv_row_offset(seq_of, seqinfo, blocks, maxb, bs, row, t); }
 };
-__device__ __forceinline__ int64_t kv_row_offset(const KvDst& C, int64_t t) {
-  const int s = C.seq_of[t];
-  const int64_t pos = C.seqinfo[s * 4 + 2] + (t - C.seqinfo[s * 4 + 0]);
-  const int64_t blk = C.blocks[int64_t(s) * C.maxb + pos / C.bs];
-  return (blk * C.bs + pos % C.bs) * C.row;
-}
 // Blocks y < A.N take set A's head y, the rest set B's head y − A.N (q and k of an attention layer in one launch).
 __global__ void k_norm_rope(const NormRopeSet A, const NormRopeSet B, float eps, int64_t Dh, int rot,
                             const float* inv_freq, const int32_t* axis, const int32_t* pos, int64_t T, const KvDst C) {
   if (C.kc && blockIdx.y >= A.N + B.N) {  // a v head into the v cache
     pdl_wait();  // PDL-launched (pdl.h)
     pdl_trigger();
-    const int64_t t = blockIdx.x, h = blockIdx.y - A.N - B.N, o = kv_row_offset(C, t) + h * Dh;
-    for (int64_t d = threadIdx.x; d < Dh; d += blockDim.x) stf(C.vc, C.cdt, o + d, ldf(C.v, C.cdt, t * C.row + h * Dh + d));
+    const int64_t t = blockIdx.x, h = blockIdx.y - A.N - B.N, o = C.row_offset(t) + h * Dh;
+    for (int64_t d = threadIdx.x; d < Dh; d += blockDim.x)
+      stf(C.vc, C.cdt, o + d, ldf(C.v, C.cdt, t * C.row + h * Dh + d));
     return;
   }
   const bool second = blockIdx.y >= A.N;
@@ -445,7 +450,7 @@ __global__ void k_norm_rope(const NormRopeSet A, const NormRopeSet B, float eps,
   // Set B into the cache (KvDst): its row there, head h.
   const bool to_cache = second && C.kc;
   void* const out_p = to_cache ? C.kc : dst;
-  const int64_t out_o = to_cache ? kv_row_offset(C, t) + h * Dh : (t * N + h) * Dh;
+  const int64_t out_o = to_cache ? C.row_offset(t) + h * Dh : (t * N + h) * Dh;
   for (int64_t d = threadIdx.x; d < Dh; d += blockDim.x) {
     float out;
     if (d < half) {
@@ -467,10 +472,7 @@ __global__ void k_kv_write(void* kc, void* vc, int cdt, const void* k, const voi
   pdl_wait();  // PDL-launched (pdl.h)
   pdl_trigger();
   const int64_t t = blockIdx.x;
-  const int s = seq_of[t];
-  const int64_t pos = seqinfo[s * 4 + 2] + (t - seqinfo[s * 4 + 0]);
-  const int64_t blk = blocks[int64_t(s) * maxb + pos / bs];
-  const int64_t dst = (blk * bs + pos % bs) * row;
+  const int64_t dst = kv_row_offset(seq_of, seqinfo, blocks, maxb, bs, row, t);
   for (int64_t c = threadIdx.x; c < row; c += blockDim.x) {
     stf(kc, cdt, dst + c, ldf(k, sdt, t * row + c));
     stf(vc, cdt, dst + c, ldf(v, sdt, t * row + c));

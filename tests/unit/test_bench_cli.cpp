@@ -52,6 +52,15 @@ TEST(KernelTimes, ShortNames) {
   EXPECT_EQ(short_kernel_name("k_plain_c_name"), "k_plain_c_name");  // not mangled: as given
   EXPECT_EQ(short_kernel_name("_Z6kernelv"), "kernel");
   EXPECT_EQ(short_kernel_name("_Z4kernILi3EEvv"), "kern<3>");  // a global template: "void kern<3>()"
+  // A parameter type from an anonymous namespace ("...(anonymous namespace)::Jobs, ...)"), and a compiler clone.
+  const std::string a = short_kernel_name(
+      "_ZN2ds4cuda44_GLOBAL__N__0da2569a_11_bf16_mma_cu_20277f7bL10k_bf16_mmaILi1ELi1ELi2EEEvNS1_4JobsEPK13__nv_"
+      "bfloat16il");
+  EXPECT_EQ(a, "k_bf16_mma<1, 1, 2>") << a;
+  const std::string c = short_kernel_name(
+      "_ZN2ds4cuda44_GLOBAL__N__0da2569a_11_bf16_mma_cu_20277f7bL10k_bf16_mmaILi1ELi1ELi2EEEvNS1_4JobsEPK13__nv_"
+      "bfloat16il.cold");
+  EXPECT_EQ(c, "k_bf16_mma<1, 1, 2>") << c;
 }
 
 // Collection starts and stops cleanly where a device is, and says why not elsewhere (no GPU here: CUPTI is found

@@ -8,6 +8,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <type_traits>
 #include <vector>
 
@@ -24,19 +25,22 @@ std::string short_kernel_name(const std::string& mangled) {
   std::unique_ptr<char, void (*)(void*)> dem(abi::__cxa_demangle(mangled.c_str(), nullptr, nullptr, &status), std::free);
   if (status != 0 || !dem) return mangled;
   std::string s = dem.get();
-  // The parameter list: the last top-level '(' (template arguments may hold parentheses of their own).
-  int depth = 0;
+  // The parameter list: the '(' that matches the last ')' (parameter types may hold "(anonymous namespace)" and
+  // template arguments parentheses of their own, so neither the first nor the last '(' will do).
+  size_t close = s.rfind(')');
   size_t cut = std::string::npos;
-  for (size_t i = 0; i < s.size(); ++i) {
-    const char c = s[i];
-    if (c == '<') ++depth;
-    else if (c == '>') --depth;
-    else if (c == '(' && depth == 0) cut = i;
+  for (size_t i = close, depth = 0; close != std::string::npos; --i) {
+    if (s[i] == ')') ++depth;
+    else if (s[i] == '(' && --depth == 0) {
+      cut = i;
+      break;
+    }
+    if (i == 0) break;
   }
   if (cut != std::string::npos && cut > 0) s.resize(cut);
   // The return type (a function template's demangled name starts with it) and the namespaces before the name, not
   // what is inside template arguments.
-  depth = 0;
+  int depth = 0;
   size_t start = 0;
   for (size_t i = 0; i + 1 < s.size(); ++i) {
     const char c = s[i];
@@ -97,13 +101,13 @@ const Cupti* cupti(std::string* why_not) {
   return &c;
 }
 
-struct Acc {
-  int64_t n = 0;
-  double ns = 0;
+struct Rec {
+  uint64_t start, end;
+  const std::string* name;  // into g_names
 };
 std::mutex g_mu;
-std::map<std::string, Acc> g_acc;  // by mangled name
-uint64_t g_first = UINT64_MAX, g_last = 0;
+std::set<std::string> g_names;  // mangled names seen (records point into it)
+std::vector<Rec> g_recs;
 bool g_registered = false, g_on = false;
 
 constexpr size_t kBufBytes = size_t(8) << 20;
@@ -122,11 +126,8 @@ void CUPTIAPI buffer_completed(CUcontext, uint32_t, uint8_t* buffer, size_t, siz
       if (rec->kind != CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL && rec->kind != CUPTI_ACTIVITY_KIND_KERNEL) continue;
       const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(rec);
       if (k->start == 0 && k->end == 0) continue;  // no timestamps for this one
-      Acc& a = g_acc[k->name ? k->name : "?"];
-      a.n += 1;
-      a.ns += double(k->end - k->start);
-      g_first = std::min<uint64_t>(g_first, k->start);
-      g_last = std::max<uint64_t>(g_last, k->end);
+      const std::string* name = &*g_names.insert(k->name ? k->name : "?").first;
+      g_recs.push_back({k->start, std::max(k->start, k->end), name});
     }
   }
   std::free(buffer);
@@ -138,11 +139,7 @@ std::string cupti_error(CUptiResult r) {
   return s ? s : "unknown CUPTI error";
 }
 
-void clear_locked() {
-  g_acc.clear();
-  g_first = UINT64_MAX;
-  g_last = 0;
-}
+void clear_locked() { g_recs.clear(); }
 
 }  // namespace
 
@@ -190,10 +187,27 @@ std::vector<KernelTime> kernel_times_stop(double* span_ns) {
   cupti(nullptr)->disable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL);
   g_on = false;
   std::lock_guard<std::mutex> lk(g_mu);
-  // Mangled names that shorten to the same string (overloads) stay apart: merged only if the full names match.
-  for (auto& [name, a] : g_acc) out.push_back({short_kernel_name(name), a.n, a.ns});
-  std::sort(out.begin(), out.end(), [](const KernelTime& x, const KernelTime& y) { return x.total_ns > y.total_ns; });
-  if (span_ns) *span_ns = g_last > g_first ? double(g_last - g_first) : 0;
+  // Own time: in start order, the part of each kernel's interval not already covered by the kernels that started
+  // before it, so the own times add up to the union of the intervals (the time the device ran a kernel at all).
+  // Under programmatic dependent launch a kernel starts while its predecessor finishes and waits (griddepcontrol.
+  // wait); that stretch is its predecessor's.
+  std::sort(g_recs.begin(), g_recs.end(), [](const Rec& x, const Rec& y) { return x.start < y.start; });
+  std::map<const std::string*, KernelTime> by;  // mangled names that shorten alike (overloads) stay apart
+  uint64_t covered = 0;
+  for (const Rec& r : g_recs) {
+    KernelTime& k = by[r.name];
+    k.launches += 1;
+    k.total_ns += double(r.end - r.start);
+    const uint64_t from = std::max(r.start, covered);
+    if (r.end > from) k.own_ns += double(r.end - from);
+    covered = std::max(covered, r.end);
+  }
+  for (auto& [name, k] : by) {
+    k.name = short_kernel_name(*name);
+    out.push_back(std::move(k));
+  }
+  std::sort(out.begin(), out.end(), [](const KernelTime& x, const KernelTime& y) { return x.own_ns > y.own_ns; });
+  if (span_ns) *span_ns = g_recs.empty() ? 0 : double(covered - g_recs.front().start);
   clear_locked();
   return out;
 }

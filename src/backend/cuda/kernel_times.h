@@ -15,13 +15,14 @@ struct KernelTime {
   std::string name;      // demangled, namespaces and parameter list removed (short_kernel_name)
   int64_t launches = 0;  // records seen
   double total_ns = 0;   // Σ (end − start)
+  double own_ns = 0;     // Σ of the part of each interval no kernel that started earlier covers (kernel_times_stop)
 };
 
 // Starts collecting. False (with the reason in *why_not) where CUPTI is not built in or refuses (no device).
 bool kernel_times_start(std::string* why_not);
 // Drops what was collected so far (after a warm-up that was meant to run under collection), keeps collecting.
 void kernel_times_reset();
-// Stops collecting (after the caller synchronised the device) and returns the kernels, longest total first.
+// Stops collecting (after the caller synchronised the device) and returns the kernels, longest own time first.
 // *span_ns (optional): first kernel start to last kernel end of what was kept.
 std::vector<KernelTime> kernel_times_stop(double* span_ns = nullptr);
 

@@ -56,7 +56,7 @@ fi
 if [ -x "$BIN/bench_model" ]; then
   step ktimes bash -c "'$BIN/bench_model' bench --random-weights --config '$ROOT/tests/data/tiny-moe/tiny-moe-int4/config.json' \
     --backend cuda --batch 1,4 --context 32 --prefill none --steps 3 --kernel-times > '$LOG/ktimes.out' 2>&1; rc=\$?; \
-    cat '$LOG/ktimes.out'; [ \$rc = 0 ] && grep -q 'kernels and' '$LOG/ktimes.out'"
+    cat '$LOG/ktimes.out'; [ \$rc = 0 ] && grep -q 'kernels per step; a kernel ran' '$LOG/ktimes.out' && grep -q '^| .k_' '$LOG/ktimes.out'"
 fi
 if [ "${DS_BENCH:-0}" = 1 ] && [ -x "$BIN/bench_decode" ]; then
   step bench1 "$BIN/bench_decode" 1 1024 20

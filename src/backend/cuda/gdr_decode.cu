@@ -23,8 +23,9 @@ namespace {
 // by one thread only.
 // With bx (fused in_proj_b | in_proj_a): v-head block j also forms b = x·Wb[j] and a = x·Wa[j] (rows j and Hv + j
 // of bw [2·Hv, bK] bf16) for its sequence's tokens, rounds them to bdt, writes them to ba (an output then) and uses
-// them. Thread c holds inputs 8·(c + 128·i) .. + 7 of both rows (i < kBaChunks, loaded before the PDL wait); each
-// token's sums are lane sums in input order, then warp sums, then the 4 warps in order: per token, so batch-invariant.
+// them. Thread c takes inputs 8·(c + 128·i) .. + 7 of both rows (i < kBaChunks, prefetched to L2 before the PDL
+// wait); each token's sums are lane sums in input order, then warp sums, then the 4 warps in order: per token, so
+// batch-invariant.
 constexpr int kBaChunks = 4;  // bK ≤ 128 threads × 8 × 4 = 4096
 template <int KC>
 __global__ void __launch_bounds__(128) k_gdn_conv_prep(const void* mixed, int mdt, const float* conv_w,
@@ -58,14 +59,17 @@ __global__ void __launch_bounds__(128) k_gdn_conv_prep(const void* mixed, int md
   const bool gb = run && isv && c < ql;  // this thread writes g and beta of token qs + c
   const float a_log = gb ? A_log[u - 2 * Hk] : 0.f, dtb = gb ? dt_bias[u - 2 * Hk] : 0.f;
   const bool fba = bx && run && isv;  // block-uniform
-  uint4 wb[kBaChunks], wa[kBaChunks];
+  const __nv_bfloat16 *rb = nullptr, *ra = nullptr;
   if (fba) {
-    const __nv_bfloat16 *rb = bw + (u - 2 * Hk) * bK, *ra = bw + (Hv + u - 2 * Hk) * bK;
+    // Only into L2 before the wait: held in registers (8 uint4 per thread) they took the kernel to 111 registers,
+    // 4 blocks per SM and ~8 waves at batch 64 (20 µs of own time per launch; now 48 registers, 10 blocks per SM,
+    // 13 µs; session 15). A minimum of 12 or 16 blocks per SM (40 / 32 registers, small spills) was slower.
+    rb = bw + (u - 2 * Hk) * bK, ra = bw + (Hv + u - 2 * Hk) * bK;
 #pragma unroll
     for (int i = 0; i < kBaChunks; ++i)
       if (8 * (c + 128 * i) < bK) {
-        wb[i] = __ldg(reinterpret_cast<const uint4*>(rb) + c + 128 * i);
-        wa[i] = __ldg(reinterpret_cast<const uint4*>(ra) + c + 128 * i);
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(reinterpret_cast<const uint4*>(rb) + c + 128 * i));
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(reinterpret_cast<const uint4*>(ra) + c + 128 * i));
       }
   }
   // Wait before the trigger: k_gdn_recur_norm reads the recurrent state before its own wait, which is safe only if
@@ -83,9 +87,11 @@ __global__ void __launch_bounds__(128) k_gdn_conv_prep(const void* mixed, int md
       for (int k = 0; k < kBaChunks; ++k) {
         if (8 * (c + 128 * k) >= bK) break;
         const uint4 xv = xr[c + 128 * k];
+        const uint4 wb = __ldg(reinterpret_cast<const uint4*>(rb) + c + 128 * k);
+        const uint4 wa = __ldg(reinterpret_cast<const uint4*>(ra) + c + 128 * k);
         const __nv_bfloat16* xe = reinterpret_cast<const __nv_bfloat16*>(&xv);
-        const __nv_bfloat16* be = reinterpret_cast<const __nv_bfloat16*>(&wb[k]);
-        const __nv_bfloat16* ae = reinterpret_cast<const __nv_bfloat16*>(&wa[k]);
+        const __nv_bfloat16* be = reinterpret_cast<const __nv_bfloat16*>(&wb);
+        const __nv_bfloat16* ae = reinterpret_cast<const __nv_bfloat16*>(&wa);
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
           const float xf = __bfloat162float(xe[e]);

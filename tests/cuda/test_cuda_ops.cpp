@@ -1526,9 +1526,10 @@ TEST_F(CudaOps, Int4PrefillThroughput) {
   }
 }
 
-// Backend::moe_ffn fused on CUDA (routing + expert tile table in one launch; the routed sum inside the shared
-// expert's gated add): against the CPU composition, bit for bit against the unfused CUDA path (DS_CUDA_NO_MOE_FUSE),
-// and row by row against one-row steps (batch invariance). E reduced to 64 (distinct int4 experts) for the CPU.
+// Backend::moe_ffn fused on CUDA (routing + expert tile table in one launch, or with DS_CUDA_MOE_SELF_ROUTE at one
+// token inside the expert kernels themselves; the routed sum inside the shared expert's gated add): against the CPU
+// composition, bit for bit against the unfused CUDA path (DS_CUDA_NO_MOE_FUSE), and row by row against one-row steps
+// (batch invariance). E reduced to 64 (distinct int4 experts) for the CPU.
 TEST_F(CudaOps, MoeFfnFused) {
   Both B;
   const int64_t E = 64, H = 1024, I = 256, Is = 512, K = 8, TM = 300;
@@ -1588,6 +1589,10 @@ TEST_F(CudaOps, MoeFfnFused) {
       }
       EXPECT_TRUE(fused == plain) << tag << ": fused and unfused CUDA differ";
       EXPECT_TRUE(epi == plain) << tag << ": epilogue-only fusion and unfused CUDA differ";
+      if (T == 1) {  // one token's 8 pairs: the expert kernels may route it themselves (TokenSrc::rlogits)
+        ScopedEnv n("DS_CUDA_MOE_SELF_ROUTE", "1");
+        EXPECT_TRUE(gpu_step(0, T, shared) == plain) << tag << ": self-routing experts and unfused CUDA differ";
+      }
       if (shared && (T == 1 || T == 7)) {  // the GEMV's gated add (no mode 3): fused routing, separate combine
         ScopedEnv nm("DS_CUDA_NO_BF16_MMA", "1");
         Out f2 = gpu_step(0, T, shared), p2;

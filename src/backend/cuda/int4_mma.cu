@@ -5,6 +5,7 @@
 #include "backend/cuda/int4_mma_dev.cuh"
 #include "backend/cuda/int4_wg.h"
 #include "backend/cuda/moe_fuse.cuh"
+#include "backend/cuda/moe_table.h"
 #include "backend/cuda/pdl.h"
 
 #include <cuda_bf16.h>
@@ -33,8 +34,8 @@ constexpr int kWarps = 4;  // warps per block
 // UNR: groups per loop body, 2 for the decode and medium dense shapes (the next group's loads in flight with the
 // current one's), 1 for the large shapes (their accumulators leave no registers for it).
 // TokenSrc::rlogits: the block routes the step (warp w routes tokens w, w + kWarps, ...), sorts the pairs by
-// (expert, pair) (each thread ranks its pairs against all, P ≤ kSelfRouteMaxP), and thread 0 walks the sorted list to
-// tile y. Every thread of the block calls it (barriers); false (for the whole block) past the last tile. The pair
+// (expert, pair) (thread p ranks pair p against all, P ≤ kSelfRouteMaxP), and thread 0 walks the sorted list to tile y
+// (moe_table.h). Every thread of the block calls it (barriers); false (for the whole block) past the last tile. The pair
 // list, sorted, stays in shared memory (*list).
 __device__ bool self_route_tile(const TokenSrc& ts, int y, int ntok, int64_t& e, int64_t& t0, int& cnt,
                                 const int32_t*& list) {
@@ -44,25 +45,14 @@ __device__ bool self_route_tile(const TokenSrc& ts, int y, int ntok, int64_t& e,
   for (int t = tid >> 5; t < ts.rT; t += nw) moe_route_token(ts.rlogits, ts.rldt, t, ts.rE, ts.rK, sids, swts, tid & 31);
   __syncthreads();
   if (tid < P) {
-    const int ep = sids[tid];
-    int r = 0;
-    for (int q = 0; q < P; ++q) r += sids[q] < ep || (sids[q] == ep && q < tid);
-    slist[r] = tid;
-    if (ts.rids && blockIdx.x == 0 && blockIdx.y == 0) ts.rids[tid] = ep, ts.rwts[tid] = swts[tid];
+    slist[moe_pair_rank(sids, P, tid)] = tid;
+    if (ts.rids && blockIdx.x == 0 && blockIdx.y == 0) ts.rids[tid] = sids[tid], ts.rwts[tid] = swts[tid];
   }
   __syncthreads();
   if (tid == 0) {
-    stile[0] = -1;
-    for (int i = 0, tile = 0; i < P; ++tile) {
-      const int ex = sids[slist[i]];
-      int j = i + 1;
-      while (j < P && j - i < ntok && sids[slist[j]] == ex) ++j;
-      if (tile == y) {
-        stile[0] = ex, stile[1] = i, stile[2] = j - i;
-        break;
-      }
-      i = j;
-    }
+    int te = 0, ts0 = 0, tc = 0;
+    const bool ok = moe_sorted_tile(sids, slist, P, ntok, y, &te, &ts0, &tc);
+    stile[0] = ok ? te : -1, stile[1] = ts0, stile[2] = tc;
   }
   __syncthreads();
   if (stile[0] < 0) return false;

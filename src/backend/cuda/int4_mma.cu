@@ -791,7 +791,8 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
   // after their wait, the down projection's before its wait (the logits' kernel has completed once gate_up triggers).
   const bool self_route = route && !big && shape == Shape::Small && P <= kSelfRouteMaxP &&
                           P < env_int("DS_INT4_MOE_GU_R_MIN_P", 16) && P < env_int("DS_INT4_MOE_DOWN_TPW_MIN_P", 16) &&
-                          env_flag("DS_CUDA_MOE_SELF_ROUTE");
+                          env_int("DS_INT4_MOE_DOWN_MT", P >= env_int("DS_INT4_MOE_DOWN_MT2_MIN_P", 16) ? 2 : 1) == 1 &&
+                          env_flag("DS_CUDA_MOE_SELF_ROUTE");  // (the down projection's 2-tile shape has no SELF form)
   if (route) {
     DS_CHECK(route->ids == ids && route->T * topk == P, "int4 mma experts: the routed ids must be the experts' ids");
     if (!self_route)

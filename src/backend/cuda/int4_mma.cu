@@ -785,14 +785,23 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
   const int64_t mt = max_tiles(P, E, ntok);  // grid.y of every expert launch below
   DS_CHECK(mt <= 65535, "int4 mma experts: ", mt, " token tiles (at most 65535)");
   int32_t *list = scratch, *ntiles = scratch + P, *tiles = ntiles + 1;
+  // Decode sizes from DS_INT4_MOE_WK2_MIN_P pairs on: K split over at most 2 warps (batch 64 −0.27 ms per step
+  // against 4; batch 1 is faster with 4). From DS_INT4_MOE_DOWN_MT2_MIN_P pairs on: two 16-row tiles per warp in the
+  // down projection (K = 512, one warp over all of K: twice the bytes per warp for the same prologue; batch 64
+  // −0.68 ms, batch 8 −0.15, batch 1 +0.07, so not there). DS_INT4_MOE_DOWN_MT=1|2 forces it. Measured in session 6
+  // (docs/perf.md); tiles of 4 per warp, or 2 gate/up pairs per warp, spill and were slower.
+  const int wk_cap = P >= env_int("DS_INT4_MOE_WK2_MIN_P", 256) ? 2 : 4;
+  const int down_mt = int(env_int("DS_INT4_MOE_DOWN_MT", P >= env_int("DS_INT4_MOE_DOWN_MT2_MIN_P", 16) ? 2 : 1));
+  // The streaming kernels' pair thresholds (their other conditions are below, at the launches).
+  const bool gu_stream_p = P >= env_int("DS_INT4_MOE_GU_R_MIN_P", 16);
+  const bool down_stream_p = P >= env_int("DS_INT4_MOE_DOWN_TPW_MIN_P", 16);
   // Self-routing (TokenSrc::rlogits; session 15, DS_CUDA_MOE_SELF_ROUTE=1, off by default: not yet run on a GPU): at
   // most kSelfRouteMaxP pairs (batch 1), where both expert launches below are k_int4_mma (the streaming kernels start
   // at 16 pairs): no table launch (k_moe_route_tiles: ~7.8 µs per layer at batch 1, H200); gate_up's blocks route
   // after their wait, the down projection's before its wait (the logits' kernel has completed once gate_up triggers).
-  const bool self_route = route && !big && shape == Shape::Small && P <= kSelfRouteMaxP &&
-                          P < env_int("DS_INT4_MOE_GU_R_MIN_P", 16) && P < env_int("DS_INT4_MOE_DOWN_TPW_MIN_P", 16) &&
-                          env_int("DS_INT4_MOE_DOWN_MT", P >= env_int("DS_INT4_MOE_DOWN_MT2_MIN_P", 16) ? 2 : 1) == 1 &&
-                          env_flag("DS_CUDA_MOE_SELF_ROUTE");  // (the down projection's 2-tile shape has no SELF form)
+  const bool self_route = route && !big && shape == Shape::Small && P <= kSelfRouteMaxP && !gu_stream_p &&
+                          !down_stream_p && down_mt == 1 &&  // (the down projection's 2-tile shape has no SELF form)
+                          env_flag("DS_CUDA_MOE_SELF_ROUTE");
   if (route) {
     DS_CHECK(route->ids == ids && route->T * topk == P, "int4 mma experts: the routed ids must be the experts' ids");
     if (!self_route)
@@ -812,13 +821,6 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
     ts.xdiv = 1;
     return int4_gemm(false, Int4Out{down, H, H, out, int(DType::F32)}, nullptr, act, ts, mt, s);
   }
-  // Decode sizes from DS_INT4_MOE_WK2_MIN_P pairs on: K split over at most 2 warps (batch 64 −0.27 ms per step
-  // against 4; batch 1 is faster with 4). From DS_INT4_MOE_DOWN_MT2_MIN_P pairs on: two 16-row tiles per warp in the
-  // down projection (K = 512, one warp over all of K: twice the bytes per warp for the same prologue; batch 64
-  // −0.68 ms, batch 8 −0.15, batch 1 +0.07, so not there). DS_INT4_MOE_DOWN_MT=1|2 forces it. Measured in session 6
-  // (docs/perf.md); tiles of 4 per warp, or 2 gate/up pairs per warp, spill and were slower.
-  const int wk_cap = P >= env_int("DS_INT4_MOE_WK2_MIN_P", 256) ? 2 : 4;
-  const int down_mt = int(env_int("DS_INT4_MOE_DOWN_MT", P >= env_int("DS_INT4_MOE_DOWN_MT2_MIN_P", 16) ? 2 : 1));
   // The streaming kernels (session 7) from DS_INT4_MOE_GU_R_MIN_P / DS_INT4_MOE_DOWN_TPW_MIN_P pairs on (16; batch 1's
   // 8 pairs keep k_int4_mma), where the shapes are the 35B-A3B's (gate_up K = 2048, down K = 512): DS_INT4_MOE_GU_R
   // gate/up tile pairs per block (4; 2 and 8 measured slower) and DS_INT4_MOE_DOWN_TPW output tiles per warp (8 then;
@@ -856,7 +858,7 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
   // gate_up 94 → 87); 2 or 4 tiles ahead slower (bench/RESULTS.md session 8, runs 4-6). Not with the ring.
   const bool pf = env_int("DS_INT4_MOE_PF", 1) != 0;
   if (shape == Shape::Small && gate_up.K == kWarps * kStreamKC * 64 && streamable(gate_up) && gate_up.KS == kWarps &&
-      I % 16 == 0 && gr >= 1 && gr <= 12 && P >= env_int("DS_INT4_MOE_GU_R_MIN_P", 16)) {
+      I % 16 == 0 && gr >= 1 && gr <= 12 && gu_stream_p) {
     const int64_t gx = (I / 16 + gr - 1) / gr;
     const size_t smem = size_t(gr) * 2 * kWarps * 4 * 32 * sizeof(float) + ring_bytes;
     DS_CHECK(smem <= size_t(kMaxSmem), "int4 mma experts: gate_up needs ", smem, " bytes of shared memory (at most ",
@@ -883,7 +885,7 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
   // session 11 run 4), else 8.
   const int64_t tpw = env_int("DS_INT4_MOE_DOWN_TPW", ring ? 4 : 8);
   if (shape == Shape::Small && down.K == kStreamKC * 64 && streamable(down) && down.KS == kStreamKC / 2 &&
-      H % 16 == 0 && tpw >= 1 && P >= env_int("DS_INT4_MOE_DOWN_TPW_MIN_P", 16)) {
+      H % 16 == 0 && tpw >= 1 && down_stream_p) {
     const int64_t gx = (H / 16 + kWarps * tpw - 1) / (kWarps * tpw);
     auto* k = ring == 2   ? k_int4_moe_down<2>
               : ring == 3 ? k_int4_moe_down<3>

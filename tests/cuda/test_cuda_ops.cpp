@@ -850,6 +850,25 @@ TEST_F(CudaOps, Moe) {
     EXPECT_EQ(B.err(ids), 0.0) << "routing ids T=" << T;
     REPORT("moe_route E=256 K=8 T=" + std::to_string(T) + " weights", B.err(wts));
   }
+  // Other E (slots past E in the last lanes; 8, 16 and 32 logits per lane) and K, and logits on a grid of 0.5 so
+  // that many probabilities tie exactly: the ties go to the lower expert (the CPU's stable sort), weights bit-exact
+  // up to the CPU's exp.
+  const std::vector<std::pair<int64_t, int64_t>> shapes{{200, 8}, {256, 1}, {256, 32}, {512, 10}, {1000, 40}};
+  for (const auto& [E, K] : shapes)
+    for (bool ties : {false, true}) {
+      const int64_t T = 5;
+      std::vector<float> lv = randn(T * E, 1.f, 90 + E + K);
+      if (ties)
+        for (float& v : lv) v = std::round(v * 2.f) / 2.f;
+      auto logits = B.up(lv, {T, E});
+      auto ids = B.zeros({T, K}, DType::I32);
+      auto wts = B.zeros({T, K}, DType::F32);
+      B.cpu->moe_route(logits.c, K, ids.c, wts.c);
+      B.gpu->moe_route(logits.g, K, ids.g, wts.g);
+      const std::string tag = "moe_route E=" + std::to_string(E) + " K=" + std::to_string(K) + (ties ? " ties" : "");
+      EXPECT_EQ(B.err(ids), 0.0) << tag << " ids";
+      REPORT(tag + " weights", B.err(wts));
+    }
   // Experts: real H and I; E reduced to 16 to keep the fp32 CPU reference small (routing covers every expert).
   const int64_t E = 16, H = 2048, I = 512, K = 8;
   for (bool q : {false, true}) {
@@ -1609,7 +1628,7 @@ TEST_F(CudaOps, MoeFfnFused) {
     return Out{g.to_host_f32(y), g.to_host_f32(ids), g.to_host_f32(w)};
   };
   for (bool shared : {true, false})
-    for (int64_t T : {1, 2, 3, 7, 64, 65, 256, 300}) {
+    for (int64_t T : {1, 2, 3, 4, 7, 64, 65, 256, 300}) {
       const std::string tag = std::string("moe_ffn") + (shared ? " + shared" : "") + " E=64 T=" + std::to_string(T);
       auto l = B.up(rows_of(ls, 0, T, E), {T, E});
       auto x = B.up(rows_of(xs, 0, T, H), {T, H});
@@ -1640,6 +1659,11 @@ TEST_F(CudaOps, MoeFfnFused) {
       }
       EXPECT_TRUE(fused == plain) << tag << ": fused and unfused CUDA differ";
       EXPECT_TRUE(epi == plain) << tag << ": epilogue-only fusion and unfused CUDA differ";
+      if (T <= 4) {  // up to 32 pairs: the fused router's table in one warp by default; the 1024-thread block's
+        ScopedEnv m("DS_CUDA_MOE_FUSE_MAXT", "300");
+        ScopedEnv b("DS_CUDA_MOE_TILES_BLOCK", "1");
+        EXPECT_TRUE(gpu_step(0, T, shared) == plain) << tag << ": the block's tile table and unfused CUDA differ";
+      }
       if (T == 1) {  // one token's 8 pairs: the expert kernels may route it themselves (TokenSrc::rlogits)
         ScopedEnv n("DS_CUDA_MOE_SELF_ROUTE", "1");
         EXPECT_TRUE(gpu_step(0, T, shared) == plain) << tag << ": self-routing experts and unfused CUDA differ";

@@ -621,6 +621,50 @@ __global__ void __launch_bounds__(1024) k_moe_route_tiles(const MoeRouteIn r, in
   moe_tiles_body(r.ids, r.T * topk, E, ntok, list, tiles, ntiles);
 }
 
+// The table of at most 32 pairs in one warp (the same layout as moe_tiles_body: experts in increasing order, pairs in
+// increasing order within an expert, tiles of at most ntok): lane p holds pair p's expert id (p < P; others pass any
+// value and are ignored). Each lane ranks its pair against the others (one shuffle per pair), and the first pair of
+// each expert (the lowest lane, __match_any_sync) writes the expert's tiles after the tiles of the smaller experts.
+__device__ __forceinline__ void moe_tiles_warp(int32_t id, int P, int ntok, int32_t* list, int32_t* tiles,
+                                               int32_t* ntiles, int lane) {
+  const bool live = lane < P;
+  const unsigned same = __match_any_sync(0xffffffffu, live ? id : -1) & (live ? 0xffffffffu : 0u);
+  const bool lead = live && (__ffs(same) - 1) == lane;
+  const int32_t c = __popc(same), nt = lead ? (c + ntok - 1) / ntok : 0;
+  int32_t rank = 0, tb = 0;
+  for (int q = 0; q < P; ++q) {
+    const int32_t iq = __shfl_sync(0xffffffffu, id, q), nq = __shfl_sync(0xffffffffu, nt, q);
+    rank += iq < id || (iq == id && q < lane);
+    tb += iq < id ? nq : 0;
+  }
+  if (live) list[rank] = lane;
+  if (lead)
+    for (int32_t j = 0; j < nt; ++j) {
+      tiles[3 * (tb + j)] = id;
+      tiles[3 * (tb + j) + 1] = rank + j * ntok;
+      tiles[3 * (tb + j) + 2] = c - j * ntok < ntok ? c - j * ntok : ntok;
+    }
+  const int32_t total = int32_t(__reduce_add_sync(0xffffffffu, uint32_t(nt)));
+  if (lane == 0) *ntiles = total;
+}
+// Decode steps of at most 32 pairs (session 16): the router (warp w routes token w, T ≤ 4 warps) and the table in one
+// warp (moe_tiles_warp), 128 threads, where k_moe_route_tiles' 1024-thread table needs two block scans and ~9 block
+// barriers. The ids pass through shared memory.
+__global__ void __launch_bounds__(128) k_moe_route_tiles_w(const MoeRouteIn r, int64_t E, int64_t topk, int ntok,
+                                                            int32_t* list, int32_t* tiles, int32_t* ntiles) {
+  __shared__ int32_t sids[32];
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
+  const int w = int(threadIdx.x >> 5), lane = int(threadIdx.x & 31), P = int(r.T * topk);
+  if (w < r.T) moe_route_token(r.logits, r.ldt, w, E, topk, sids, r.wts, lane);
+  __syncthreads();
+  if (w == 0) {
+    const int32_t id = lane < P ? sids[lane] : 0;
+    if (lane < P) r.ids[lane] = id;
+    moe_tiles_warp(id, P, ntok, list, tiles, ntiles, lane);
+  }
+}
+
 int64_t max_tiles(int64_t P, int64_t E, int ntok) { return std::min(P, E) + P / ntok + 1; }
 
 // Groups each warp of a decode-shape launch sends toward L2 before its PDL wait (TokenSrc::pre): DS_INT4_PREWAIT,
@@ -795,17 +839,26 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
   // The streaming kernels' pair thresholds (their other conditions are below, at the launches).
   const bool gu_stream_p = P >= env_int("DS_INT4_MOE_GU_R_MIN_P", 16);
   const bool down_stream_p = P >= env_int("DS_INT4_MOE_DOWN_TPW_MIN_P", 16);
-  // Self-routing (TokenSrc::rlogits; session 15, DS_CUDA_MOE_SELF_ROUTE=1, off by default: not yet run on a GPU): at
-  // most kSelfRouteMaxP pairs (batch 1), where both expert launches below are k_int4_mma (the streaming kernels start
-  // at 16 pairs): no table launch (k_moe_route_tiles: ~7.8 µs per layer at batch 1, H200); gate_up's blocks route
-  // after their wait, the down projection's before its wait (the logits' kernel has completed once gate_up triggers).
+  // Self-routing (TokenSrc::rlogits; session 15, DS_CUDA_MOE_SELF_ROUTE=1, off by default: slower): at most
+  // kSelfRouteMaxP pairs (batch 1), where both expert launches below are k_int4_mma (the streaming kernels start at 16
+  // pairs): no table launch; gate_up's blocks route after their wait, the down projection's before its wait (the
+  // logits' kernel has completed once gate_up triggers). Measured in session 16 (H200, three processes): batch 1
+  // 2.249 → 2.316, 2.270 → 2.356, 2.211 → 2.326 ms; gate_up's own time 6.97 → 13.96 µs, more than the table launch it
+  // saves (7.75): routing one token costs a block ~7 µs wherever it runs (docs/perf.md "Session 16").
   const bool self_route = route && !big && shape == Shape::Small && P <= kSelfRouteMaxP && !gu_stream_p &&
                           !down_stream_p && down_mt == 1 &&  // (the down projection's 2-tile shape has no SELF form)
                           env_flag("DS_CUDA_MOE_SELF_ROUTE");
   if (route) {
     DS_CHECK(route->ids == ids && route->T * topk == P, "int4 mma experts: the routed ids must be the experts' ids");
-    if (!self_route)
+    // At most 32 pairs (T ≤ 4 at top-8): the one-warp table; DS_CUDA_MOE_TILES_BLOCK=1: the block's (same table up
+    // to the order of pairs within an expert, which no row's bits depend on).
+    if (self_route) {
+      // no table launch: the expert kernels route the step themselves
+    } else if (P <= 32 && route->T <= 4 && !env_flag("DS_CUDA_MOE_TILES_BLOCK")) {
+      DS_CUDA_CHECK(pdl_launch(k_moe_route_tiles_w, 1, 128, 0, s, *route, E, topk, ntok, list, tiles, ntiles));
+    } else {
       DS_CUDA_CHECK(pdl_launch(k_moe_route_tiles, 1, 1024, 0, s, *route, E, topk, ntok, list, tiles, ntiles));
+    }
   } else {
     DS_CUDA_CHECK(pdl_launch(k_moe_tiles, 1, 1024, 0, s, ids, P, E, ntok, list, tiles, ntiles));
   }

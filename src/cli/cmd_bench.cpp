@@ -13,6 +13,7 @@
 #include <map>
 #include <random>
 #include <sstream>
+#include <tuple>
 
 #include "backend/forwarding.h"
 #include "backend/ops.h"
@@ -883,44 +884,64 @@ int cmd_bench(int argc, char** argv) {
     std::printf(
         "| variant | batch | context | ms/step | tok/s | distinct experts/layer | bytes/step | GB/s | of copy BW |\n");
     std::printf("|---|---|---|---|---|---|---|---|---|\n");
-    for (const Variant& var : variants) {
+    // A decode point: B sequences holding ctx tokens, and one step of them (i varies the lengths a little).
+    struct Point {
+      BatchMeta b;
+      std::vector<int32_t> rows;
+      double touched = 0, bytes = 0;
+    };
+    auto make_point = [&](int64_t ctx, int64_t B) {
+      Point pt;
+      BatchMeta& b = pt.b;
+      std::vector<int32_t>& rows = pt.rows;
+      const int64_t nblk = (ctx + steps + 8 + bs - 1) / bs;
+      DS_CHECK(nblk <= per_seq_blocks, "internal: block budget");
+      for (int64_t s = 0; s < B; ++s) {
+        BatchMeta::Seq q;
+        q.q_start = s;
+        q.q_len = 1;
+        q.ctx_len = ctx;
+        q.state_slot = int32_t(s);
+        for (int64_t i = 0; i < nblk; ++i) q.blocks.push_back(int32_t(s * per_seq_blocks + i));
+        b.seqs.push_back(std::move(q));
+        rows.push_back(int32_t(s));
+      }
+      b.tokens = random_tokens(B);
+      b.positions.assign(size_t(3 * B), int32_t(ctx));
+      // Distinct experts the step's routing touches (random weights route near-uniformly): measured would need
+      // the ids; the expectation under uniform routing is E·(1 − (1 − k/E)^B).
+      const double E = double(t.num_experts), K = double(t.num_experts_per_tok);
+      pt.touched = t.moe ? E * (1.0 - std::pow(1.0 - K / E, double(B))) : 0;
+      pt.bytes = wb.dense + wb.lm_head + double(B) * wb.embed_row + double(t.num_layers) * pt.touched * wb.expert;
+      pt.bytes += double(B) * 2.0 * ssm_slot_bytes + double(B) * double(ctx) * kv_token_bytes;
+      return pt;
+    };
+    auto step_of = [&](Point& pt, int64_t ctx, int64_t B, bool use_graph) {
+      return [&pt, &random_tokens, &m, &caches, &be, ctx, B, use_graph](int i) {
+        BatchMeta& b = pt.b;
+        for (int64_t s = 0; s < B; ++s) {
+          b.seqs[s].ctx_len = ctx + (i % 4);  // attention cost depends on length only
+          b.positions[s] = b.positions[B + s] = b.positions[2 * B + s] = int32_t(b.seqs[s].ctx_len);
+        }
+        b.tokens = random_tokens(B);
+        Tensor logits = use_graph ? m->forward_graphed(b, caches, pt.rows) : m->forward(b, caches, pt.rows);
+        be.synchronize();
+        (void)logits;
+      };
+    };
+    std::map<std::tuple<size_t, int64_t, int64_t>, double> medians;  // (variant, context, batch) → ms/step
+    for (size_t vi = 0; vi < variants.size(); ++vi) {
+      const Variant& var = variants[vi];
       set_env(var, true);
       be.key_suffix = "/" + var.name;
       const bool use_graph = var.graph;
       for (int64_t ctx : contexts)
         for (int64_t B : batches) {
-          BatchMeta b;
-          std::vector<int32_t> rows;
-          const int64_t nblk = (ctx + steps + 8 + bs - 1) / bs;
-          DS_CHECK(nblk <= per_seq_blocks, "internal: block budget");
-          for (int64_t s = 0; s < B; ++s) {
-            BatchMeta::Seq q;
-            q.q_start = s;
-            q.q_len = 1;
-            q.ctx_len = ctx;
-            q.state_slot = int32_t(s);
-            for (int64_t i = 0; i < nblk; ++i) q.blocks.push_back(int32_t(s * per_seq_blocks + i));
-            b.seqs.push_back(std::move(q));
-            rows.push_back(int32_t(s));
-          }
-          b.tokens = random_tokens(B);
-          b.positions.assign(size_t(3 * B), int32_t(ctx));
-          // Distinct experts the step's routing touches (random weights route near-uniformly): measured would need
-          // the ids; the expectation under uniform routing is E·(1 − (1 − k/E)^B).
-          const double E = double(t.num_experts), K = double(t.num_experts_per_tok);
-          const double touched = t.moe ? E * (1.0 - std::pow(1.0 - K / E, double(B))) : 0;
-          double bytes = wb.dense + wb.lm_head + double(B) * wb.embed_row + double(t.num_layers) * touched * wb.expert;
-          bytes += double(B) * 2.0 * ssm_slot_bytes + double(B) * double(ctx) * kv_token_bytes;
-          auto one = [&](int i) {
-            for (int64_t s = 0; s < B; ++s) {
-              b.seqs[s].ctx_len = ctx + (i % 4);  // attention cost depends on length only
-              b.positions[s] = b.positions[B + s] = b.positions[2 * B + s] = int32_t(b.seqs[s].ctx_len);
-            }
-            b.tokens = random_tokens(B);
-            Tensor logits = use_graph ? m->forward_graphed(b, caches, rows) : m->forward(b, caches, rows);
-            be.synchronize();
-            (void)logits;
-          };
+          Point pt = make_point(ctx, B);
+          BatchMeta& b = pt.b;
+          const std::vector<int32_t>& rows = pt.rows;
+          const double touched = pt.touched, bytes = pt.bytes;
+          auto one = step_of(pt, ctx, B, use_graph);
           for (int i = 0; i < 3; ++i) one(i);
           const std::vector<double> ts = sorted_secs(steps, one);
           const double med = ts[ts.size() / 2] * 1e3;
@@ -951,13 +972,27 @@ int cmd_bench(int argc, char** argv) {
             bd.step_ms = med;
             breakdowns.push_back({str_cat(var.name, ", batch ", B, ", context ", ctx), bd});
           }
-          if (a.has("kernel-times"))
-            kernel_tables.push_back(kernel_times_table(str_cat(var.name, ", batch ", B, ", context ", ctx), be,
-                                                       use_graph, steps, med, one));
+          medians[{vi, ctx, B}] = med;
         }
       set_env(var, false);
     }
     std::printf("\n");
+    // --kernel-times after every point is timed: once CUPTI has collected in a process, later batch-1 steps of the
+    // same code timed ~0.2 ms (~9%) slower on the H200 (session 16, run 5), so no step is timed after it.
+    if (a.has("kernel-times"))
+      for (size_t vi = 0; vi < variants.size(); ++vi) {
+        const Variant& var = variants[vi];
+        set_env(var, true);
+        be.key_suffix = "/" + var.name;
+        for (int64_t ctx : contexts)
+          for (int64_t B : batches) {
+            Point pt = make_point(ctx, B);
+            auto one = step_of(pt, ctx, B, var.graph);
+            kernel_tables.push_back(kernel_times_table(str_cat(var.name, ", batch ", B, ", context ", ctx), be,
+                                                       var.graph, steps, medians[{vi, ctx, B}], one));
+          }
+        set_env(var, false);
+      }
   }
   for (auto& tab : kernel_tables) std::printf("%s\n", tab.c_str());
   for (auto& [what, bd] : breakdowns) {

@@ -929,70 +929,66 @@ int cmd_bench(int argc, char** argv) {
         (void)logits;
       };
     };
-    std::map<std::tuple<size_t, int64_t, int64_t>, double> medians;  // (variant, context, batch) → ms/step
-    for (size_t vi = 0; vi < variants.size(); ++vi) {
-      const Variant& var = variants[vi];
-      set_env(var, true);
-      be.key_suffix = "/" + var.name;
-      const bool use_graph = var.graph;
-      for (int64_t ctx : contexts)
-        for (int64_t B : batches) {
-          Point pt = make_point(ctx, B);
-          BatchMeta& b = pt.b;
-          const std::vector<int32_t>& rows = pt.rows;
-          const double touched = pt.touched, bytes = pt.bytes;
-          auto one = step_of(pt, ctx, B, use_graph);
-          for (int i = 0; i < 3; ++i) one(i);
-          const std::vector<double> ts = sorted_secs(steps, one);
-          const double med = ts[ts.size() / 2] * 1e3;
-          std::printf("| %s | %lld | %lld | %.3f | %.1f | %.0f | %s | %.0f | %.1f%% |\n", var.name.c_str(),
-                      (long long)B, (long long)ctx, med, double(B) * 1e3 / med, touched, human_bytes(bytes).c_str(),
-                      bytes / (med / 1e3) / 1e9, 100.0 * bytes / (med / 1e3) / copy_bw);
-          std::fflush(stdout);
-          if (a.has("breakdown")) {  // every batch and context (before session 10: the first context only)
-            // With graphs on a CUDA backend: device events around each op inside a recorded step (device time
-            // per family; the rest of the step is gaps between kernels). Else: synchronise around each op.
-            Breakdown bd;
-            be.events = use_graph && be.stream_handle() != nullptr;
-            be.on = true;
-            const int reps = 3;
-            for (int i = 0; i < 2 + reps; ++i) {  // warm-up and record, then timed replays
-              be.ms.clear();
-              be.step_ms = 0;
-              Tensor logits = be.events ? m->forward_graphed(b, caches, rows) : m->forward(b, caches, rows);
-              be.synchronize();
-              if (be.events) be.collect();
-              if (i >= 2)
-                for (auto& [k, v] : be.ms) bd.ms[k] += v / reps;
-              if (i >= 2) bd.events_step_ms += be.step_ms / reps;
-            }
-            be.on = false;
-            bd.events = be.events;
-            be.events = false;
-            bd.step_ms = med;
-            breakdowns.push_back({str_cat(var.name, ", batch ", B, ", context ", ctx), bd});
-          }
-          medians[{vi, ctx, B}] = med;
-        }
-      set_env(var, false);
-    }
-    std::printf("\n");
-    // --kernel-times after every point is timed: once CUPTI has collected in a process, later batch-1 steps of the
-    // same code timed ~0.2 ms (~9%) slower on the H200 (session 16, run 5), so no step is timed after it.
-    if (a.has("kernel-times"))
+    // Every (variant, context, batch) point in table order, the variant's switches set around it.
+    auto each_point = [&](auto&& f) {
       for (size_t vi = 0; vi < variants.size(); ++vi) {
         const Variant& var = variants[vi];
         set_env(var, true);
         be.key_suffix = "/" + var.name;
         for (int64_t ctx : contexts)
-          for (int64_t B : batches) {
-            Point pt = make_point(ctx, B);
-            auto one = step_of(pt, ctx, B, var.graph);
-            kernel_tables.push_back(kernel_times_table(str_cat(var.name, ", batch ", B, ", context ", ctx), be,
-                                                       var.graph, steps, medians[{vi, ctx, B}], one));
-          }
+          for (int64_t B : batches) f(vi, var, ctx, B);
         set_env(var, false);
       }
+    };
+    std::map<std::tuple<size_t, int64_t, int64_t>, double> medians;  // (variant, context, batch) → ms/step
+    each_point([&](size_t vi, const Variant& var, int64_t ctx, int64_t B) {
+      const bool use_graph = var.graph;
+      Point pt = make_point(ctx, B);
+      BatchMeta& b = pt.b;
+      const std::vector<int32_t>& rows = pt.rows;
+      const double touched = pt.touched, bytes = pt.bytes;
+      auto one = step_of(pt, ctx, B, use_graph);
+      for (int i = 0; i < 3; ++i) one(i);
+      const std::vector<double> ts = sorted_secs(steps, one);
+      const double med = ts[ts.size() / 2] * 1e3;
+      std::printf("| %s | %lld | %lld | %.3f | %.1f | %.0f | %s | %.0f | %.1f%% |\n", var.name.c_str(),
+                  (long long)B, (long long)ctx, med, double(B) * 1e3 / med, touched, human_bytes(bytes).c_str(),
+                  bytes / (med / 1e3) / 1e9, 100.0 * bytes / (med / 1e3) / copy_bw);
+      std::fflush(stdout);
+      if (a.has("breakdown")) {  // every batch and context (before session 10: the first context only)
+        // With graphs on a CUDA backend: device events around each op inside a recorded step (device time
+        // per family; the rest of the step is gaps between kernels). Else: synchronise around each op.
+        Breakdown bd;
+        be.events = use_graph && be.stream_handle() != nullptr;
+        be.on = true;
+        const int reps = 3;
+        for (int i = 0; i < 2 + reps; ++i) {  // warm-up and record, then timed replays
+          be.ms.clear();
+          be.step_ms = 0;
+          Tensor logits = be.events ? m->forward_graphed(b, caches, rows) : m->forward(b, caches, rows);
+          be.synchronize();
+          if (be.events) be.collect();
+          if (i >= 2)
+            for (auto& [k, v] : be.ms) bd.ms[k] += v / reps;
+          if (i >= 2) bd.events_step_ms += be.step_ms / reps;
+        }
+        be.on = false;
+        bd.events = be.events;
+        be.events = false;
+        bd.step_ms = med;
+        breakdowns.push_back({str_cat(var.name, ", batch ", B, ", context ", ctx), bd});
+      }
+      medians[{vi, ctx, B}] = med;
+    });
+    std::printf("\n");
+    // --kernel-times after every point is timed: once CUPTI has collected in a process, later batch-1 steps of the
+    // same code timed ~0.2 ms (~9%) slower on the H200 (session 16, run 5), so no step is timed after it.
+    if (a.has("kernel-times"))
+      each_point([&](size_t vi, const Variant& var, int64_t ctx, int64_t B) {
+        Point pt = make_point(ctx, B);
+        kernel_tables.push_back(kernel_times_table(str_cat(var.name, ", batch ", B, ", context ", ctx), be, var.graph,
+                                                   steps, medians[{vi, ctx, B}], step_of(pt, ctx, B, var.graph)));
+      });
   }
   for (auto& tab : kernel_tables) std::printf("%s\n", tab.c_str());
   for (auto& [what, bd] : breakdowns) {

@@ -530,6 +530,16 @@ TEST_F(CudaOps, PagedAttention) {
           unsetenv("DS_ATTN_OLD_MERGE");
           EXPECT_EQ(B.gpu->to_host_f32(o2), B.gpu->to_host_f32(o.g)) << "old attention merge differs";
         }
+        {  // every warp computing all of S (before session 17): other bits, the same tolerance
+          auto o4 = B.zeros({T, c.Nh * c.Dh});
+          setenv("DS_ATTN_QK_SPLIT", "0", 1);
+          B.gpu->attention(q.g, kg, bb, o4.g);
+          unsetenv("DS_ATTN_QK_SPLIT");
+          o4.c = o.c;
+          const double e = B.err(o4);
+          std::printf("    DS_ATTN_QK_SPLIT=0 rel L2 %.3g\n", e);
+          EXPECT_LT(e, kTol) << "DS_ATTN_QK_SPLIT=0";
+        }
         for (const char* mp : {"0", "16", "1000"}) {  // every split used / other minimum split lengths (default 64)
           auto o3 = B.zeros({T, c.Nh * c.Dh});
           setenv("DS_ATTN_MIN_POS", mp, 1);
@@ -548,6 +558,46 @@ TEST_F(CudaOps, PagedAttention) {
       for (auto [ctx, ql] : seqs) tag += " (" + std::to_string(ctx) + "," + std::to_string(ql) + ")";
       REPORT(tag, run(b, 41, true));
     }
+}
+
+// The real model's batch-64 decode shape (16 q heads, 2 KV heads of 256; 64 sequences of 1,023 cached positions and
+// one new token; blocks scattered over the pool) against the CPU. Also the target for profiling the decode kernel:
+// ncu -k regex:k_attn_dec_tc --launch-count 1 test_cuda_ops --gtest_filter=CudaOps.PagedAttentionDecodeBatch
+TEST_F(CudaOps, PagedAttentionDecodeBatch) {
+  Both B;
+  const int64_t Nh = 16, Nkv = 2, Dh = 256, bs = 16, nseq = 64, ctx = 1023;
+  const int64_t nblocks = nseq * ((ctx + 1 + bs - 1) / bs) + 8;
+  std::vector<int32_t> pool(nblocks);
+  std::iota(pool.begin(), pool.end(), 0);
+  std::shuffle(pool.begin(), pool.end(), std::mt19937(11));
+  KvLayer kc, kg;
+  kc.block_size = kg.block_size = bs;
+  kc.k = B.cpu->alloc(DType::F32, {nblocks, bs, Nkv, Dh});
+  kc.v = B.cpu->alloc(DType::F32, {nblocks, bs, Nkv, Dh});
+  kg.k = B.gpu->alloc(DType::BF16, {nblocks, bs, Nkv, Dh});
+  kg.v = B.gpu->alloc(DType::BF16, {nblocks, bs, Nkv, Dh});
+  std::vector<std::pair<int64_t, int64_t>> pre(nseq, {0, ctx}), step(nseq, {ctx, 1});
+  BatchMeta b0 = make_batch(pre, bs, pool), b = make_batch(step, bs, pool);
+  for (size_t i = 0; i < b.seqs.size(); ++i) b0.seqs[i].blocks = b.seqs[i].blocks;
+  auto write = [&](BatchMeta& bb, uint64_t seed) {
+    const int64_t T = bb.num_tokens();
+    B.gpu->prepare_batch(bb);
+    auto k = B.up(randn(T * Nkv * Dh, 1.f, seed), {T, Nkv * Dh});
+    auto v = B.up(randn(T * Nkv * Dh, 1.f, seed + 1), {T, Nkv * Dh});
+    B.cpu->kv_cache_write(kc, k.c, v.c, bb);
+    B.gpu->kv_cache_write(kg, k.g, v.g, bb);
+  };
+  write(b0, 51);
+  write(b, 61);
+  auto q = B.up(randn(nseq * Nh * Dh, 1.f, 71), {nseq, Nh * Dh});
+  auto o = B.zeros({nseq, Nh * Dh});
+  B.cpu->attention(q.c, kc, b, o.c);
+  B.gpu->attention(q.g, kg, b, o.g);
+  REPORT("attention batch 64 x 1024 positions, Nh=16 Nkv=2 Dh=256", B.err(o));
+  setenv("DS_ATTN_QK_SPLIT", "0", 1);  // every warp computing all of S (before session 17)
+  B.gpu->attention(q.g, kg, b, o.g);
+  unsetenv("DS_ATTN_QK_SPLIT");
+  REPORT("  the same, DS_ATTN_QK_SPLIT=0", B.err(o));
 }
 
 // qk_norm_rope_kv and attention_gated (session 14: the cache write inside the norm/rope launch, the output gate

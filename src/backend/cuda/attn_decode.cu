@@ -8,6 +8,7 @@
 
 #include <cmath>
 
+#include "core/env.h"
 #include "core/status.h"
 
 namespace ds::cuda {
@@ -21,21 +22,29 @@ constexpr int kThreads = 128;  // 4 warps
 // Shared-memory tiles are [kTP][DH] bf16, XOR-swizzled (swz, mma_util.cuh) as in flash_attn.cu.
 
 // Grid (T, Nkv, S). Rows of the mma: q head kvh·group + r of token t, r < group (the rest zero).
-template <int DH>
-__global__ void __launch_bounds__(kThreads, 3)
+// QKS (session 17): warp w computes S = Q·Kᵀ over its quarter of the head dims only, the four partials meet in shared
+// memory and every warp adds them in warp order (the same S in every warp; not the bits of QKS = false, whose every
+// warp computes all of S). A quarter of the q fragments in registers: 4 blocks per SM instead of 3.
+template <int DH, bool QKS>
+__global__ void __launch_bounds__(kThreads, QKS ? 4 : 3)
     k_attn_dec_tc(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc,
-                  const __nv_bfloat16* __restrict__ vc, int Nh, int Nkv, int group, int bs,
+                  const __nv_bfloat16* __restrict__ vc, int Nh, int Nkv, int group, int bs, int bs_shift,
                   const int32_t* __restrict__ seq_of, const int32_t* __restrict__ seqinfo,
                   const int32_t* __restrict__ blocks, int maxb, float scale_log2, int S, float* __restrict__ part,
                   int flash_min, int min_pos) {
   constexpr int CH = DH / 8;    // 16-byte chunks per row
   constexpr int KT = DH / 16;   // k-steps of S = Q·Kᵀ
+  constexpr int KW = QKS ? KT / 4 : KT;  // k-steps of this warp
   constexpr int DW = DH / 4;    // head dims per warp in P·V
   constexpr int NTW = DW / 8;   // n-tiles of O per warp
   constexpr int DPW = DW / 16;  // ldmatrix.x4.trans per warp and tile (2 n-tiles each)
+  constexpr int TPR = kThreads / kTP;  // threads per cache row in a tile load
+  constexpr int CPT = CH / TPR;        // 16-byte chunks per thread and row
+  static_assert(CH % TPR == 0 && KT % 4 == 0, "attn_decode: tile shape");
   extern __shared__ uint4 smem_u4[];
   __nv_bfloat16* sK = reinterpret_cast<__nv_bfloat16*>(smem_u4);  // [kStages][kTP][DH]
   __nv_bfloat16* sV = sK + kStages * kTP * DH;                     // [kStages][kTP][DH]
+  float4* sRed = reinterpret_cast<float4*>(sV + kStages * kTP * DH);  // QKS: [4 warps][2][32 lanes]
   pdl_wait();  // PDL-launched (pdl.h): q and the cache are earlier kernels' outputs
   pdl_trigger();
 
@@ -61,19 +70,31 @@ __global__ void __launch_bounds__(kThreads, 3)
   }
 
   // Tile j (positions p0 + 16j ..) into stage j % kStages; positions ≥ p1 are zeros (never read from the cache).
+  // Thread tid copies row lr = tid / TPR of each tile, chunks lc + TPR·i: one block-table lookup per tile (session 17:
+  // a lookup and a 64-bit offset per chunk were a third of the kernel's instructions, ncu).
+  const int lr = tid / TPR, lc = tid % TPR;
+  int soff[CPT];
+#pragma unroll
+  for (int i = 0; i < CPT; ++i) soff[i] = swz<DH>(lr, lc + TPR * i);
+  const __nv_bfloat16* kh = kc + int64_t(kvh) * DH + lc * 8;
+  const __nv_bfloat16* vh = vc + int64_t(kvh) * DH + lc * 8;
   auto load = [&](int j) {
     __nv_bfloat16* dK = sK + (j % kStages) * kTP * DH;
     __nv_bfloat16* dV = sV + (j % kStages) * kTP * DH;
-    const int tp = p0 + j * kTP;
-    for (int c = tid; c < kTP * CH; c += kThreads) {
-      const int r = c / CH, ch = c % CH, p = tp + r;
-      if (p < p1) {
-        const int64_t off = (int64_t(bt[p / bs]) * bs + p % bs) * crow + int64_t(kvh) * DH + ch * 8;
-        cp_async16(dK + swz<DH>(r, ch), kc + off);
-        cp_async16(dV + swz<DH>(r, ch), vc + off);
-      } else {
-        cp_async16(dK + swz<DH>(r, ch), kc, 0);
-        cp_async16(dV + swz<DH>(r, ch), vc, 0);
+    const int p = p0 + j * kTP + lr;
+    if (p < p1) {
+      const unsigned up = unsigned(p), bi = bs_shift >= 0 ? up >> bs_shift : up / unsigned(bs);
+      const int64_t off = (int64_t(bt[bi]) * bs + int64_t(up - bi * unsigned(bs))) * crow;
+#pragma unroll
+      for (int i = 0; i < CPT; ++i) {
+        cp_async16(dK + soff[i], kh + off + TPR * 8 * i);
+        cp_async16(dV + soff[i], vh + off + TPR * 8 * i);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < CPT; ++i) {
+        cp_async16(dK + soff[i], kc, 0);
+        cp_async16(dV + soff[i], vc, 0);
       }
     }
   };
@@ -88,13 +109,15 @@ __global__ void __launch_bounds__(kThreads, 3)
   const bool has0 = r0 < group, has1 = r1 < group;
   const __nv_bfloat16* q0 = q + (int64_t(t) * Nh + int64_t(kvh) * group + (has0 ? r0 : 0)) * DH + 2 * t4;
   const __nv_bfloat16* q1 = q + (int64_t(t) * Nh + int64_t(kvh) * group + (has1 ? r1 : 0)) * DH + 2 * t4;
-  uint32_t qa[KT][4];
+  const int kk0 = QKS ? warp * KW : 0;  // this warp's first k-step of S
+  uint32_t qa[KW][4];
 #pragma unroll
-  for (int kk = 0; kk < KT; ++kk) {
-    qa[kk][0] = has0 ? ld_u32(q0 + kk * 16) : 0u;
-    qa[kk][1] = has1 ? ld_u32(q1 + kk * 16) : 0u;
-    qa[kk][2] = has0 ? ld_u32(q0 + kk * 16 + 8) : 0u;
-    qa[kk][3] = has1 ? ld_u32(q1 + kk * 16 + 8) : 0u;
+  for (int kk = 0; kk < KW; ++kk) {
+    const int c = (kk0 + kk) * 16;
+    qa[kk][0] = has0 ? ld_u32(q0 + c) : 0u;
+    qa[kk][1] = has1 ? ld_u32(q1 + c) : 0u;
+    qa[kk][2] = has0 ? ld_u32(q0 + c + 8) : 0u;
+    qa[kk][3] = has1 ? ld_u32(q1 + c + 8) : 0u;
   }
 
   float acc[NTW][4];
@@ -119,11 +142,26 @@ __global__ void __launch_bounds__(kThreads, 3)
 #pragma unroll
     for (int i = 0; i < 2; ++i) sc[i][0] = sc[i][1] = sc[i][2] = sc[i][3] = 0.f;
 #pragma unroll
-    for (int kk = 0; kk < KT; ++kk) {
+    for (int kk = 0; kk < KW; ++kk) {
       uint32_t b[4];
-      ldsm_x4(b, K + swz<DH>(k_row, kk * 2 + k_ch));
+      ldsm_x4(b, K + swz<DH>(k_row, (kk0 + kk) * 2 + k_ch));
       mma16816(sc[0], qa[kk], b[0], b[1]);
       mma16816(sc[1], qa[kk], b[2], b[3]);
+    }
+    if constexpr (QKS) {  // the four warps' partials of S, added in warp order (the next write is after the next
+                          // iteration's first barrier, which every thread reaches only after reading these)
+      sRed[(warp * 2) * 32 + lane] = make_float4(sc[0][0], sc[0][1], sc[0][2], sc[0][3]);
+      sRed[(warp * 2 + 1) * 32 + lane] = make_float4(sc[1][0], sc[1][1], sc[1][2], sc[1][3]);
+      __syncthreads();
+      float4 a0 = sRed[lane], a1 = sRed[32 + lane];
+#pragma unroll
+      for (int w = 1; w < 4; ++w) {
+        const float4 b0 = sRed[(w * 2) * 32 + lane], b1 = sRed[(w * 2 + 1) * 32 + lane];
+        a0.x += b0.x, a0.y += b0.y, a0.z += b0.z, a0.w += b0.w;
+        a1.x += b1.x, a1.y += b1.y, a1.z += b1.z, a1.w += b1.w;
+      }
+      sc[0][0] = a0.x, sc[0][1] = a0.y, sc[0][2] = a0.z, sc[0][3] = a0.w;
+      sc[1][0] = a1.x, sc[1][1] = a1.y, sc[1][2] = a1.z, sc[1][3] = a1.w;
     }
 
     // Online softmax (log2 domain); positions ≥ p1 are masked. Every tile holds at least one real position.
@@ -173,17 +211,30 @@ __global__ void __launch_bounds__(kThreads, 3)
   if (has1) store(r1, m1, l1, 2);
 }
 
-template <int DH>
+template <int DH, bool QKS>
 void launch(const void* q, const void* k, const void* v, int64_t T, int64_t Nh, int64_t Nkv, int64_t bs,
             const int32_t* seq_of, const int32_t* seqinfo, const int32_t* blocks, int maxb, float scale, int S,
             float* part, int flash_min, int min_pos, cudaStream_t s) {
-  constexpr size_t smem = size_t(2 * kStages * kTP * DH) * 2;  // 48 KB at DH = 256: no opt-in needed
-  static_assert(smem <= 48 * 1024, "attn_decode: shared memory");
+  // K and V tiles, plus the S partials of QKS (over 48 KB at DH = 256: opt-in).
+  constexpr size_t smem = size_t(2 * kStages * kTP * DH) * 2 + (QKS ? 8 * 32 * sizeof(float4) : 0);
+  static const bool attr = [] {
+    DS_CUDA_CHECK(cudaFuncSetAttribute(k_attn_dec_tc<DH, QKS>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    return true;
+  }();
+  (void)attr;
   const float scale_log2 = float(double(scale) * 1.4426950408889634);
-  DS_CUDA_CHECK(pdl_launch(k_attn_dec_tc<DH>, dim3(unsigned(T), unsigned(Nkv), unsigned(S)), dim3(kThreads), smem, s,
-                           static_cast<const __nv_bfloat16*>(q), static_cast<const __nv_bfloat16*>(k),
-                           static_cast<const __nv_bfloat16*>(v), int(Nh), int(Nkv), int(Nh / Nkv), int(bs), seq_of,
-                           seqinfo, blocks, maxb, scale_log2, S, part, flash_min, min_pos));
+  const int bs_shift = (bs & (bs - 1)) == 0 ? __builtin_ctzll(uint64_t(bs)) : -1;  // power of two: a shift
+  DS_CUDA_CHECK(pdl_launch(k_attn_dec_tc<DH, QKS>, dim3(unsigned(T), unsigned(Nkv), unsigned(S)), dim3(kThreads), smem,
+                           s, static_cast<const __nv_bfloat16*>(q), static_cast<const __nv_bfloat16*>(k),
+                           static_cast<const __nv_bfloat16*>(v), int(Nh), int(Nkv), int(Nh / Nkv), int(bs), bs_shift,
+                           seq_of, seqinfo, blocks, maxb, scale_log2, S, part, flash_min, min_pos));
+}
+template <int DH>
+void launch_qks(bool qks, const void* q, const void* k, const void* v, int64_t T, int64_t Nh, int64_t Nkv, int64_t bs,
+                const int32_t* seq_of, const int32_t* seqinfo, const int32_t* blocks, int maxb, float scale, int S,
+                float* part, int flash_min, int min_pos, cudaStream_t s) {
+  (qks ? launch<DH, true> : launch<DH, false>)(q, k, v, T, Nh, Nkv, bs, seq_of, seqinfo, blocks, maxb, scale, S, part,
+                                               flash_min, min_pos, s);
 }
 
 }  // namespace
@@ -198,9 +249,16 @@ void attn_decode_tc(const void* q, const void* k, const void* v, int64_t T, int6
   DS_CHECK(attn_decode_tc_supported(Nh, Nkv, Dh), "tensor-core decode attention: unsupported shape Nh=", Nh,
            " Nkv=", Nkv, " Dh=", Dh);
   DS_CHECK(T >= 1 && T <= 2147483647 && S >= 1 && S <= 65535 && Nkv <= 65535, "tensor-core decode attention: grid");
-  if (Dh == 256) return launch<256>(q, k, v, T, Nh, Nkv, bs, seq_of, seqinfo, blocks, maxb, scale, S, part, flash_min, min_pos, s);
-  if (Dh == 128) return launch<128>(q, k, v, T, Nh, Nkv, bs, seq_of, seqinfo, blocks, maxb, scale, S, part, flash_min, min_pos, s);
-  return launch<64>(q, k, v, T, Nh, Nkv, bs, seq_of, seqinfo, blocks, maxb, scale, S, part, flash_min, min_pos, s);
+  // DS_ATTN_QK_SPLIT=0: every warp computes all of S (before session 17; other bits).
+  const bool qks = env_int("DS_ATTN_QK_SPLIT", 1) != 0;
+  if (Dh == 256)
+    return launch_qks<256>(qks, q, k, v, T, Nh, Nkv, bs, seq_of, seqinfo, blocks, maxb, scale, S, part, flash_min,
+                           min_pos, s);
+  if (Dh == 128)
+    return launch_qks<128>(qks, q, k, v, T, Nh, Nkv, bs, seq_of, seqinfo, blocks, maxb, scale, S, part, flash_min,
+                           min_pos, s);
+  return launch_qks<64>(qks, q, k, v, T, Nh, Nkv, bs, seq_of, seqinfo, blocks, maxb, scale, S, part, flash_min,
+                        min_pos, s);
 }
 
 }  // namespace ds::cuda

@@ -19,6 +19,10 @@ def main(path, top=0):
     with open(path, newline="") as f:
         print(f.readline().strip()[:160])  # the kernel's name
         rows = [r for r in csv.DictReader(f) if r.get("Address", "").startswith("0x")]
+    # Some exports list every instruction twice (session 17: `--launch-skip` exports of a two-launch report); an
+    # address is one instruction, so keep its first row.
+    seen = set()
+    rows = [r for r in rows if not (r["Address"] in seen or seen.add(r["Address"]))]
     if not rows:
         sys.exit(f"{path}: no per-instruction rows (expected ncu --page source --print-source sass --csv)")
     num = lambda v: int(v) if v and v.isdigit() else 0

@@ -6,8 +6,9 @@
 // [p0, p1) of the token's context, in tiles of 16 cache positions staged in shared memory through the block table
 // (cp.async, 3 tiles in flight). The q heads of the GQA group are the 16 rows of an mma.sync m16n8k16 (rows past the
 // group are zero), so S = Q·Kᵀ is 2·Dh/16 mma per tile for the whole group, where the CUDA-core kernel spent ~100
-// instructions per (head, position). Every warp computes the same S and softmax (same bits) and P·V for its quarter
-// of the head dims. The online softmax is fp32 in the log2 domain; P is rounded to bf16 for P·V (as in the flash
+// instructions per (head, position). Each warp computes S over a quarter of the head dims; the partials are added
+// in warp order through shared memory, so every warp holds the same S and softmax (DS_ATTN_QK_SPLIT=0: every warp
+// computes all of S, before session 17), then P·V for its quarter of the head dims. The online softmax is fp32 in the log2 domain; P is rounded to bf16 for P·V (as in the flash
 // kernel). Partials (m in the natural-log domain, l, unnormalised acc[Dh]) go to part [T, Nh, S, Dh + 2] fp32 for
 // k_attn_merge. Deterministic: each partial is written by one block in a fixed order.
 #pragma once

@@ -9,6 +9,10 @@
 
 namespace ds::cuda {
 
+// Sends the line holding p toward L2 (no register, nothing waits for it): loads before a PDL wait of data no kernel of
+// the step writes.
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
 // dtype codes used inside kernels (values of ds::DType)
 constexpr int kF32 = int(DType::F32), kBF16 = int(DType::BF16);
 

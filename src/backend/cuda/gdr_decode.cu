@@ -68,8 +68,8 @@ __global__ void __launch_bounds__(128) k_gdn_conv_prep(const void* mixed, int md
 #pragma unroll
     for (int i = 0; i < kBaChunks; ++i)
       if (8 * (c + 128 * i) < bK) {
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(reinterpret_cast<const uint4*>(rb) + c + 128 * i));
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(reinterpret_cast<const uint4*>(ra) + c + 128 * i));
+        prefetch_l2(reinterpret_cast<const uint4*>(rb) + c + 128 * i);
+        prefetch_l2(reinterpret_cast<const uint4*>(ra) + c + 128 * i);
       }
   }
   // Wait before the trigger: k_gdn_recur_norm reads the recurrent state before its own wait, which is safe only if

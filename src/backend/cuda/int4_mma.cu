@@ -634,7 +634,7 @@ __device__ __forceinline__ void moe_tiles_warp(int32_t id, int P, int ntok, int3
   int32_t rank = 0, tb = 0;
   for (int q = 0; q < P; ++q) {
     const int32_t iq = __shfl_sync(0xffffffffu, id, q), nq = __shfl_sync(0xffffffffu, nt, q);
-    rank += iq < id || (iq == id && q < lane);
+    rank += moe_pair_before(iq, q, id, lane);  // moe_pair_rank's order, from shuffled ids
     tb += iq < id ? nq : 0;
   }
   if (live) list[rank] = lane;

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "backend/cuda/dev_util.cuh"
 #include "backend/cuda/int4_mma.h"
 #include "backend/cuda/mma_util.cuh"
 
@@ -40,7 +41,6 @@ struct TokenSrc {
   float* rwts = nullptr;
 };
 constexpr int kSelfRouteMaxP = 16;
-__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 
 // The x row of pair/token p: p / xdiv in 32 bits (the hosts check P, M < 2^31; a 64-bit division is a ~70-instruction
 // subroutine, paid per lane and token tile in every block's prologue).

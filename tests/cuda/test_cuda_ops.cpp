@@ -13,6 +13,7 @@
 #include "backend/cuda/int4_mma.h"
 #include "backend/cuda/int4_wg.h"
 #include "backend/cuda/moe_table.h"
+#include "backend/cuda/probe.h"
 #include "cuda_test_util.h"
 
 namespace ds {
@@ -44,7 +45,8 @@ struct HostLinear {
   std::vector<uint16_t> bf16;
   std::vector<int32_t> qw, qz;
   std::vector<uint16_t> sc;
-  HostLinear(int64_t n, int64_t k, bool q, uint64_t seed) : N(n), K(k), int4(q) {
+  // sym: every zero point 8 (qzeros 0x77777777), as in every checkpoint the loader accepts; else random nibbles.
+  HostLinear(int64_t n, int64_t k, bool q, uint64_t seed, bool sym = false) : N(n), K(k), int4(q) {
     std::mt19937_64 g(seed);
     if (!q) {
       auto w = randn(size_t(N * K), 1.f / std::sqrt(float(K)), seed);
@@ -55,7 +57,7 @@ struct HostLinear {
       for (auto& x : qw) x = int32_t(uint32_t(g()));
       // Zero points: AutoRound's symmetric checkpoints store 7 (true zero 8) everywhere; any nibble is legal.
       qz.resize(size_t(K / 128 * N / 8));
-      for (auto& x : qz) x = int32_t(uint32_t(g()));
+      for (auto& x : qz) x = int32_t(sym ? 0x77777777u : uint32_t(g()));
       auto s = randn(size_t(K / 128 * N), 0.3f / std::sqrt(float(K)), seed + 1);
       sc.resize(s.size());
       for (size_t i = 0; i < s.size(); ++i) sc[i] = f32_to_f16(s[i]);
@@ -1466,6 +1468,70 @@ TEST_F(CudaOps, Int4MoeDecodeStream) {
   }
 }
 
+// One zero point everywhere (MmaInt4::zu: symmetric checkpoints, the only ones the loader accepts): the decode kernels
+// skip the zero-point loads. Bit for bit against the same weights with the zero points loaded
+// (DS_CUDA_NO_UNIFORM_ZERO=1), for the int4 linears at the decode, medium and large shapes and the experts at
+// every decode kernel (k_int4_mma, the streaming kernels with registers and with the ring); and against the CPU.
+// (DS_CUDA_NO_UNIFORM_ZERO is read at each launch.)
+TEST_F(CudaOps, Int4UniformZero) {
+  Both B;
+  HostLinear hl(2048, 4096, true, 41, true);
+  const Linear lc = B.cpu->make_linear({hl.src()}), lg = B.gpu->make_linear({hl.src()});
+  for (int64_t M : {int64_t(1), int64_t(8), int64_t(64), int64_t(300)}) {
+    auto x = B.up(randn(size_t(M * 4096), 1.f, 42 + M), {M, 4096});
+    auto y = B.zeros({M, 2048});
+    B.cpu->linear(x.c, lc, y.c);
+    B.gpu->linear(x.g, lg, y.g);
+    REPORT("int4 linear, one zero point, M=" + std::to_string(M), B.err(y));
+    Tensor yz = B.gpu->alloc(DType::F32, {M, 2048}), yu = B.gpu->alloc(DType::F32, {M, 2048});
+    B.gpu->linear(x.g, lg, yu);
+    {
+      ScopedEnv nz("DS_CUDA_NO_UNIFORM_ZERO", "1");
+      B.gpu->linear(x.g, lg, yz);
+    }
+    EXPECT_EQ(bit_diffs(B.gpu->to_host_f32(yu), B.gpu->to_host_f32(yz)), 0) << "int4 linear M=" << M;
+  }
+  const int64_t E = 16, H = 2048, I = 512, K = 8;
+  std::vector<HostLinear> hg, hu, hd;
+  hg.reserve(E), hu.reserve(E), hd.reserve(E);
+  std::vector<std::vector<LinearSource>> gu(E);
+  std::vector<LinearSource> dn(E);
+  for (int64_t e = 0; e < E; ++e) {
+    hg.emplace_back(I, H, true, 50 + e, true), hu.emplace_back(I, H, true, 70 + e, true);
+    hd.emplace_back(H, I, true, 90 + e, true);
+    gu[e] = {hg.back().src(), hu.back().src()}, dn[e] = hd.back().src();
+  }
+  const Experts ec = B.cpu->make_experts(gu, dn), eg = B.gpu->make_experts(gu, dn);
+  for (int64_t T : {int64_t(1), int64_t(8), int64_t(64)}) {
+    std::mt19937 g{uint32_t(T)};
+    std::vector<float> idv, wv;
+    for (int64_t t = 0; t < T; ++t) {
+      std::vector<int> perm(E);
+      std::iota(perm.begin(), perm.end(), 0);
+      std::shuffle(perm.begin(), perm.end(), g);
+      for (int64_t k = 0; k < K; ++k) idv.push_back(float(perm[size_t(k)])), wv.push_back(1.f / K);
+    }
+    const auto xs = randn(size_t(T * H), 1.f, 60 + T);
+    const auto u = gpu_moe_rows(*B.gpu, eg, idv, wv, xs, K, H, 0, T);
+    {
+      ScopedEnv nz("DS_CUDA_NO_UNIFORM_ZERO", "1");
+      EXPECT_EQ(bit_diffs(u, gpu_moe_rows(*B.gpu, eg, idv, wv, xs, K, H, 0, T)), 0) << "experts T=" << T;
+    }
+    {
+      ScopedEnv nr("DS_INT4_MOE_RING", "0");  // the streaming kernels' register path
+      EXPECT_EQ(bit_diffs(gpu_moe_rows(*B.gpu, eg, idv, wv, xs, K, H, 0, T), u), 0) << "experts, no ring, T=" << T;
+    }
+    auto x = B.up(xs, {T, H});
+    Tensor ids_c = B.cpu->upload_f32(idv, {T, K}, DType::I32), w_c = B.cpu->upload_f32(wv, {T, K}, DType::F32);
+    Tensor yc = B.cpu->alloc(DType::F32, {T, H});
+    B.cpu->moe_experts(x.c, ec, ids_c, w_c, yc);
+    const auto c = B.cpu->to_host_f32(yc);
+    double num = 0, den = 0;
+    for (size_t i = 0; i < c.size(); ++i) num += (u[i] - c[i]) * double(u[i] - c[i]), den += double(c[i]) * c[i];
+    REPORT("int4 experts, one zero point, T=" + std::to_string(T), std::sqrt(num / den));
+  }
+}
+
 // Throughput of the int4 kernels at a 4k prefill, old (DS_CUDA_NO_BIG_GEMM=1) and new: one 4096 × 2048 → 4096
 // linear and one routed-experts layer of the 35B-A3B shape (E = 256, H = 2048, I = 512, top-8, uniform random
 // routing). Prints TFLOP/s; asserts nothing about time.
@@ -1643,6 +1709,80 @@ TEST_F(CudaOps, Int4PrefillThroughput) {
                   (long long)E, (long long)K, (long long)H, (long long)I, v.name, ms,
                   2.0 * T * K * 3 * H * I / ms * 1e-9);
     }
+  }
+}
+
+// The routed experts at decode sizes on the 35B-A3B's shape (E = 256, H = 2048, I = 512, top-8, uniform random
+// routing; one expert's data copied to all 256): bit for bit against the kernels without the streaming ring
+// (DS_INT4_MOE_RING=0), then the time per moe_experts call (tile table + gate_up + down) and the rate over the
+// distinct experts' bytes, next to a read-only stream of the same bytes (probe.h: the ceiling). Prints; asserts
+// nothing about time. Also the ncu target for the expert kernels at batch 64 (-k regex:k_int4_moe). Session 18 (H200):
+// 106 us at T=64 against 87 for the stream (bench/RESULTS.md).
+TEST_F(CudaOps, Int4MoeDecodeThroughput) {
+  Both B;
+  const int64_t E = 256, H = 2048, I = 512, K = 8;
+  HostLinear g1(I, H, true, 31, true), u1(I, H, true, 32, true), d1(H, I, true, 33, true);  // symmetric
+  std::vector<std::vector<LinearSource>> gu(size_t(E), {g1.src(), u1.src()});
+  std::vector<LinearSource> dn(size_t(E), d1.src());
+  Experts eg = B.gpu->make_experts(gu, dn);
+  // Device bytes per expert: packed nibbles, fp32 scales and 1-byte zero points per group of 128.
+  const double per_expert = double(2 * I) * H * (0.5 + 5.0 / 128) + double(H) * I * (0.5 + 5.0 / 128);
+  for (int64_t T : {int64_t(64), int64_t(8)}) {
+    std::mt19937 g(uint32_t(100 + T));
+    std::vector<float> idv, wv;
+    std::vector<char> used(size_t(E), 0);
+    for (int64_t t = 0; t < T; ++t) {
+      std::vector<int> perm(E);
+      std::iota(perm.begin(), perm.end(), 0);
+      std::shuffle(perm.begin(), perm.end(), g);
+      for (int64_t k = 0; k < K; ++k) idv.push_back(float(perm[size_t(k)])), wv.push_back(1.f / K), used[size_t(perm[size_t(k)])] = 1;
+    }
+    const int64_t distinct = std::count(used.begin(), used.end(), 1);
+    const auto xs = randn(size_t(T * H), 1.f, 300 + T);
+    const auto all = gpu_moe_rows(*B.gpu, eg, idv, wv, xs, K, H, 0, T);
+    {
+      ScopedEnv off("DS_INT4_MOE_RING", "0");
+      EXPECT_EQ(bit_diffs(all, gpu_moe_rows(*B.gpu, eg, idv, wv, xs, K, H, 0, T)), 0) << "ring vs registers, T=" << T;
+    }
+    {
+      ScopedEnv nz("DS_CUDA_NO_UNIFORM_ZERO", "1");
+      EXPECT_EQ(bit_diffs(all, gpu_moe_rows(*B.gpu, eg, idv, wv, xs, K, H, 0, T)), 0) << "zero points loaded, T=" << T;
+    }
+    Tensor ids = B.gpu->upload_f32(idv, {T, K}, DType::I32), w = B.gpu->upload_f32(wv, {T, K}, DType::F32);
+    Tensor x = B.gpu->upload_f32(xs, {T, H}, DType::BF16), y = B.gpu->alloc(DType::F32, {T, H});
+    const double bytes = per_expert * double(distinct);
+    auto time_us = [&](auto&& fn) {
+      const int iters = 50;
+      fn();
+      B.gpu->synchronize();
+      cudaDeviceSynchronize();
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int i = 0; i < iters; ++i) fn();
+      B.gpu->synchronize();
+      cudaDeviceSynchronize();
+      return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / iters;
+    };
+    for (const char* nz : {"0", "1"}) {
+      ScopedEnv z("DS_CUDA_NO_UNIFORM_ZERO", nz);
+      const double us = time_us([&] { B.gpu->moe_experts(x, eg, ids, w, y); });
+      std::printf("  T=%lld (%lld experts, %.1f MB) moe_experts, %s %8.2f us  %6.0f GB/s\n", (long long)T,
+                  (long long)distinct, bytes / 1e6, *nz == '0' ? "one zero point" : "zero points loaded", us,
+                  bytes / us * 1e-3);
+    }
+    // The same bytes as one contiguous read-only stream (separate buffer, cold in L2 after the first pass).
+    void* buf = nullptr;
+    uint32_t* sink = nullptr;
+    const int64_t n16 = int64_t(bytes / 16);
+    ASSERT_EQ(cudaMalloc(&buf, size_t(n16 * 16) * 2), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&sink, 4), cudaSuccess);
+    ASSERT_EQ(cudaMemset(buf, 1, size_t(n16 * 16) * 2), cudaSuccess);
+    int half = 0;  // alternate two halves so the 50 MB L2 never holds what the next call reads
+    const double rs = time_us([&] {
+      cuda::read_stream(static_cast<char*>(buf) + (half ^= 1) * n16 * 16, n16 * 16, sink, 0, nullptr);
+    });
+    std::printf("  T=%lld read-only stream of the same bytes: %8.2f us  %6.0f GB/s\n", (long long)T, rs,
+                bytes / rs * 1e-3);
+    cudaFree(buf), cudaFree(sink);
   }
 }
 

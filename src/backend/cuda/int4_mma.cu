@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 4 : NT == 2 ? 3 : 1)  /
         const char* wb = reinterpret_cast<const char*>(W.qw + (wt * KC + g0 * CPG) * 32);
         for (int64_t b = int64_t(lane) * 128; b < bytes; b += 32 * 128) prefetch_l2(wb + b);
         if (lane < 16) prefetch_l2(W.sc + (wt * 16 + lane) * ngroups + g0);
-        else prefetch_l2(W.z + (wt * 16 + lane - 16) * ngroups + g0);
+        else if (W.zu < 0) prefetch_l2(W.z + (wt * 16 + lane - 16) * ngroups + g0);
       }
     }
     pdl_wait();  // launched with pdl_launch: the tile table (without ts.early), x and y belong to earlier kernels
@@ -163,8 +163,12 @@ __global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 4 : NT == 2 ? 3 : 1)  /
       uint32_t zz0[MW], zz1[MW];
 #pragma unroll
       for (int u = 0; u < MW; ++u) {
-        zz0[u] = zero_pair(W.z[r0[u] * ngroups + gi]);
-        zz1[u] = zero_pair(W.z[(r0[u] + 8) * ngroups + gi]);
+        if (W.zu >= 0) {  // one zero point everywhere (MmaInt4::zu)
+          zz0[u] = zz1[u] = zero_pair(uint8_t(W.zu));
+        } else {
+          zz0[u] = zero_pair(W.z[r0[u] * ngroups + gi]);
+          zz1[u] = zero_pair(W.z[(r0[u] + 8) * ngroups + gi]);
+        }
       }
       float tmp[MW][NT][4];
       zero_frags(tmp);
@@ -290,8 +294,12 @@ __device__ __forceinline__ void stream_load(const MmaInt4& W, int64_t wt, int64_
   const StreamSrc p = stream_src(W, wt, kc, ng, sl, g, lane);
 #pragma unroll
   for (int c = 0; c < kStreamKC; ++c) t.w[c] = __ldg(p.w + c * 32);
-  t.z0 = __ldg(reinterpret_cast<const uint32_t*>(p.z0));
-  t.z1 = __ldg(reinterpret_cast<const uint32_t*>(p.z1));
+  if (W.zu >= 0) {  // one zero point everywhere (MmaInt4::zu): nothing to load
+    t.z0 = t.z1 = uint32_t(W.zu) * 0x01010101u;
+  } else {
+    t.z0 = __ldg(reinterpret_cast<const uint32_t*>(p.z0));
+    t.z1 = __ldg(reinterpret_cast<const uint32_t*>(p.z1));
+  }
   t.s0 = __ldg(reinterpret_cast<const float4*>(p.s0));
   t.s1 = __ldg(reinterpret_cast<const float4*>(p.s1));
 }
@@ -304,7 +312,7 @@ __device__ __forceinline__ void stream_prefetch(const MmaInt4& W, int64_t wt, in
   prefetch_l2(W.qw + (wt * kc + c0) * 32 + lane * 8);
   const int64_t r = wt * 16 + (lane & 15);
   if (lane < 16) prefetch_l2(W.sc + r * ng + q0);
-  else prefetch_l2(W.z + r * ng + q0);
+  else if (W.zu < 0) prefetch_l2(W.z + r * ng + q0);
 }
 // A stage of a warp's cp.async ring (the streaming kernels with D > 0): what stream_load reads, each lane's pieces at
 // its index, so a lane copies and later reads only its own bytes (no barrier guards the ring).
@@ -323,8 +331,12 @@ __device__ __forceinline__ void stream_issue(const MmaInt4& W, int64_t wt, int64
   const StreamSrc p = stream_src(W, wt, kc, ng, sl, g, lane);
 #pragma unroll
   for (int c = 0; c < kStreamKC; ++c) cp_async16(&b.w[c][lane], p.w + c * 32);
-  cp_async4(&b.z0[lane], p.z0);
-  cp_async4(&b.z1[lane], p.z1);
+  if (W.zu >= 0) {  // one zero point everywhere (MmaInt4::zu): stored, not copied (the lane's own slots)
+    b.z0[lane] = b.z1[lane] = uint32_t(W.zu) * 0x01010101u;
+  } else {
+    cp_async4(&b.z0[lane], p.z0);
+    cp_async4(&b.z1[lane], p.z1);
+  }
   cp_async16(&b.s0[lane], p.s0);
   cp_async16(&b.s1[lane], p.s1);
 }

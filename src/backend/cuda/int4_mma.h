@@ -29,6 +29,9 @@ struct MmaInt4 {
   int64_t N = 0, K = 0;
   int G = 128;
   int KS = 1;  // fixed K slices (see batch invariance above)
+  // The zero point of every group where they are all equal (symmetric checkpoints: 8, the only kind the loader
+  // accepts), else −1. The decode kernels then skip the zero-point loads (z stays for the others).
+  int zu = -1;
 };
 
 // Whether an [N, K] int4 matrix with group size G can use the mma layout.

@@ -92,7 +92,9 @@ WeightBytes weight_bytes(const io::ModelConfig& cfg, bool int4) {
     switch (s.role) {
       case io::TensorSpec::Role::QWeight:
         params = numel * 8;
-        bytes = params / 2 + params / 128 * 5;
+        // Nibbles and one fp16 scale per group of 128 (the CUDA kernels' reads since session 18: the scales kept
+        // fp16, the symmetric checkpoints' single zero point not loaded; before, 5 bytes per group: fp32 + a byte).
+        bytes = params / 2 + params / 128 * 2;
         break;
       case io::TensorSpec::Role::QZeros:
       case io::TensorSpec::Role::Scales:

@@ -1545,20 +1545,20 @@ TEST_F(CudaOps, Int4DequantKernel) {
     for (auto& x : qw) x = int32_t(uint32_t(g()));
     std::vector<uint32_t> packed(size_t(N * K / 8));
     for (int64_t t = 0; t < N / 16; ++t) cuda::mma_int4_pack_tile(qw.data(), N, K, t, 0, packed.data());
-    std::vector<float> sc(size_t(N * (K / G)));
+    std::vector<uint16_t> sc(size_t(N * (K / G)));  // fp16, as stored
     std::vector<uint8_t> z(sc.size());
     auto sv = randn(sc.size(), 0.02f, N + K);
-    for (size_t i = 0; i < sc.size(); ++i) sc[i] = sv[i], z[i] = uint8_t(1 + g() % 16);
+    for (size_t i = 0; i < sc.size(); ++i) sc[i] = f32_to_f16(sv[i]), z[i] = uint8_t(1 + g() % 16);
     void *dq = nullptr, *ds = nullptr, *dz = nullptr, *dw = nullptr;
     ASSERT_EQ(cudaMalloc(&dq, packed.size() * 4), cudaSuccess);
-    ASSERT_EQ(cudaMalloc(&ds, sc.size() * 4), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&ds, sc.size() * 2), cudaSuccess);
     ASSERT_EQ(cudaMalloc(&dz, z.size()), cudaSuccess);
     ASSERT_EQ(cudaMalloc(&dw, size_t(N * K) * 2), cudaSuccess);
     cudaMemcpy(dq, packed.data(), packed.size() * 4, cudaMemcpyHostToDevice);
-    cudaMemcpy(ds, sc.data(), sc.size() * 4, cudaMemcpyHostToDevice);
+    cudaMemcpy(ds, sc.data(), sc.size() * 2, cudaMemcpyHostToDevice);
     cudaMemcpy(dz, z.data(), z.size(), cudaMemcpyHostToDevice);
     cuda::MmaInt4 W;
-    W.qw = static_cast<const uint4*>(dq), W.sc = static_cast<const float*>(ds), W.z = static_cast<const uint8_t*>(dz);
+    W.qw = static_cast<const uint4*>(dq), W.sc = static_cast<const uint16_t*>(ds), W.z = static_cast<const uint8_t*>(dz);
     W.N = N, W.K = K, W.G = G, W.KS = cuda::mma_int4_slices(K, G);
     cuda::int4_dequant_bf16(W, dw, nullptr);
     std::vector<uint16_t> w(size_t(N * K));
@@ -1567,7 +1567,7 @@ TEST_F(CudaOps, Int4DequantKernel) {
     for (int64_t n = 0; n < N; ++n)
       for (int64_t k = 0; k < K; ++k) {
         const size_t gi = size_t(n * (K / G) + k / G);
-        const float v = (float(cuda::mma_int4_nibble(packed.data(), K, n, k)) - float(z[gi])) * sc[gi];
+        const float v = (float(cuda::mma_int4_nibble(packed.data(), K, n, k)) - float(z[gi])) * f16_to_f32(sc[gi]);
         bad += w[size_t(n * K + k)] != f32_to_bf16(v);
       }
     EXPECT_EQ(bad, 0) << "int4 dequant N=" << N << " K=" << K;
@@ -1725,8 +1725,8 @@ TEST_F(CudaOps, Int4MoeDecodeThroughput) {
   std::vector<std::vector<LinearSource>> gu(size_t(E), {g1.src(), u1.src()});
   std::vector<LinearSource> dn(size_t(E), d1.src());
   Experts eg = B.gpu->make_experts(gu, dn);
-  // Device bytes per expert: packed nibbles, fp32 scales and 1-byte zero points per group of 128.
-  const double per_expert = double(2 * I) * H * (0.5 + 5.0 / 128) + double(H) * I * (0.5 + 5.0 / 128);
+  // Device bytes per expert the kernels read: packed nibbles and fp16 scales per group of 128 (one zero point: none).
+  const double per_expert = double(2 * I) * H * (0.5 + 2.0 / 128) + double(H) * I * (0.5 + 2.0 / 128);
   for (int64_t T : {int64_t(64), int64_t(8)}) {
     std::mt19937 g(uint32_t(100 + T));
     std::vector<float> idv, wv;

@@ -1299,7 +1299,7 @@ struct CudaLinear : LinearWeight {
   int zu = -1;  // MmaInt4::zu
   MmaInt4 mma() const {
     MmaInt4 m;
-    m.qw = qw.ptr<uint4>(), m.sc = sc.ptr<float>(), m.z = z.ptr<uint8_t>(), m.N = N, m.K = K, m.G = G;
+    m.qw = qw.ptr<uint4>(), m.sc = sc.ptr<uint16_t>(), m.z = z.ptr<uint8_t>(), m.N = N, m.K = K, m.G = G;
     m.KS = mma_int4_slices(K, G);
     m.zu = env_flag("DS_CUDA_NO_UNIFORM_ZERO") ? -1 : zu;  // (benchmark knob: load z anyway; the same bits)
     return m;
@@ -1474,7 +1474,7 @@ class CudaBackend final : public Backend {
       l->int4 = true;
       l->G = G;
       std::vector<uint32_t> qw(size_t(N * (K / 8)));
-      std::vector<float> sc(size_t(N * (K / G)));
+      std::vector<uint16_t> sc(size_t(N * (K / G)));  // fp16, the checkpoint's bits
       std::vector<uint8_t> z(size_t(N * (K / G)));
       int64_t n0 = 0;
       for (auto& p : parts) {
@@ -1483,7 +1483,7 @@ class CudaBackend final : public Backend {
         parallel_for(Np / 16, [&](int64_t t) { mma_int4_pack_tile(p.qweight, Np, K, t, n0, qw.data()); });
         parallel_for(Np, [&](int64_t n) {
           for (int64_t g = 0; g < K / G; ++g) {
-            sc[(n0 + n) * (K / G) + g] = f16_to_f32(p.scales[g * Np + n]);
+            sc[(n0 + n) * (K / G) + g] = p.scales[g * Np + n];
             z[(n0 + n) * (K / G) + g] =
                 uint8_t(((uint32_t(p.qzeros[g * (Np / 8) + n / 8]) >> (4 * (n % 8))) & 0xF) + 1);
           }
@@ -1491,7 +1491,7 @@ class CudaBackend final : public Backend {
         n0 += Np;
       }
       l->qw = upload_bytes(qw.data(), qw.size() * 4, DType::U32, {N, K / 8});
-      l->sc = upload_bytes(sc.data(), sc.size() * 4, DType::F32, {N, K / G});
+      l->sc = upload_bytes(sc.data(), sc.size() * 2, DType::F16, {N, K / G});
       l->z = upload_bytes(z.data(), z.size(), DType::U8, {N, K / G});
       // One zero point everywhere (symmetric checkpoints): the decode kernels use it instead of loading z.
       if (!z.empty() && std::all_of(z.begin(), z.end(), [&](uint8_t v) { return v == z[0]; })) l->zu = z[0];

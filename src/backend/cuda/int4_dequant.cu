@@ -13,7 +13,7 @@ namespace {
 // One thread per stored uint4 = (16-row tile mt, 64-input chunk kc, lane l): rows r0 = 16·mt + l/4 and r0 + 8,
 // inputs kb0 = 64·kc + 16·(l%4) .. + 15 (one quantisation group: G is a multiple of 16). Word j holds inputs
 // kb0 + 4j + {0..3}; nibble pos = half + 2·(off&2 ? 1 : 0) + 4·(off&1) for input offset off and row half (int4_mma.h).
-__global__ void __launch_bounds__(256) k_int4_dequant(const uint4* __restrict__ qw, const float* __restrict__ sc,
+__global__ void __launch_bounds__(256) k_int4_dequant(const uint4* __restrict__ qw, const uint16_t* __restrict__ sc,
                                                       const uint8_t* __restrict__ z, int64_t N, int64_t K, int G,
                                                       __nv_bfloat16* __restrict__ dst) {
   const int64_t KC = K / 64, n = (N / 16) * KC * 32;
@@ -27,7 +27,7 @@ __global__ void __launch_bounds__(256) k_int4_dequant(const uint4* __restrict__ 
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int64_t r = r0 + 8 * half;
-    const float s = sc[r * ng + g], zz = float(z[r * ng + g]);
+    const float s = __half2float(__ushort_as_half(sc[r * ng + g])), zz = float(z[r * ng + g]);
     uint4 out[2];
     __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(out);
 #pragma unroll

@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(kGW * 32, 1)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         zn[u][h] = W.z[(r0 + 8 * h) * ngroups + gi];
-        sn[u][h] = W.sc[(r0 + 8 * h) * ngroups + gi];
+        sn[u][h] = sc_f(W.sc[(r0 + 8 * h) * ngroups + gi]);
       }
     }
   };

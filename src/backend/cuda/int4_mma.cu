@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 4 : NT == 2 ? 3 : 1)  /
       }
 #pragma unroll
       for (int u = 0; u < MW; ++u) {
-        const float s0 = W.sc[r0[u] * ngroups + gi], s1 = W.sc[(r0[u] + 8) * ngroups + gi];
+        const float s0 = sc_f(W.sc[r0[u] * ngroups + gi]), s1 = sc_f(W.sc[(r0[u] + 8) * ngroups + gi]);
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
           part[u][nt][0] += s0 * tmp[u][nt][0];
@@ -264,7 +264,7 @@ __global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 4 : NT == 2 ? 3 : 1)  /
 // Streaming decode kernels for the experts (k_int4_moe_gu, k_int4_moe_down): a warp holds its token tile's
 // activation fragments for 8 chunks (512 inputs: one slice of the gate_up's K = 2048, all of the down projection's
 // K = 512) in registers and streams 16-row weight tiles, the next tile's weights, zero points (one 4-byte word per row)
-// and scales (one float4 per row) loading while the current tile computes; k_int4_mma pays its prologue (tile table,
+// and fp16 scales (8 bytes per row) loading while the current tile computes; k_int4_mma pays its prologue (tile table,
 // pair list, activation loads) per tile or two and re-reads the activations per tile. Same arithmetic as k_int4_mma
 // (int4_mma.h, batch invariance): per group a fresh partial of 8 mma in chunk and step order, times the group's scale,
 // added to the slice partial in group order; slices added in order. So the rows are bit-identical whichever runs.
@@ -272,14 +272,14 @@ constexpr int kStreamKC = 8;  // chunks of 64 inputs per streamed tile (4 groups
 struct StreamTile {
   uint4 w[kStreamKC];
   uint32_t z0, z1;  // zero points of rows g, g + 8 of the tile, byte q = group q of the 4
-  float4 s0, s1;    // their scales, element q = group q
+  uint2 s0, s1;     // their fp16 scales, half q = group q
 };
 // Where lane (g, ·)'s pieces of chunks [8·sl, 8·sl + 8) (groups [4·sl, 4·sl + 4)) of weight tile wt lie (kc chunks
 // and ng groups per row): its weight words (chunk c at w + 32·c), the 4 zero-point bytes and 4 scales of rows g, g + 8.
 struct StreamSrc {
   const uint4* w;
   const uint8_t *z0, *z1;
-  const float *s0, *s1;
+  const uint16_t *s0, *s1;
 };
 __device__ __forceinline__ StreamSrc stream_src(const MmaInt4& W, int64_t wt, int64_t kc, int64_t ng, int sl, int g,
                                                 int lane) {
@@ -300,8 +300,8 @@ __device__ __forceinline__ void stream_load(const MmaInt4& W, int64_t wt, int64_
     t.z0 = __ldg(reinterpret_cast<const uint32_t*>(p.z0));
     t.z1 = __ldg(reinterpret_cast<const uint32_t*>(p.z1));
   }
-  t.s0 = __ldg(reinterpret_cast<const float4*>(p.s0));
-  t.s1 = __ldg(reinterpret_cast<const float4*>(p.s1));
+  t.s0 = __ldg(reinterpret_cast<const uint2*>(p.s0));
+  t.s1 = __ldg(reinterpret_cast<const uint2*>(p.s1));
 }
 // L2 prefetch of what stream_load(W, wt, kc, ng, sl, ·) reads, one instruction per lane: lane l the weights' 128-byte
 // line l of the slice (8 chunks × 512 bytes), lanes 0-15 / 16-31 the scale / zero-point pieces of the tile's rows.
@@ -318,7 +318,7 @@ __device__ __forceinline__ void stream_prefetch(const MmaInt4& W, int64_t wt, in
 // its index, so a lane copies and later reads only its own bytes (no barrier guards the ring).
 struct StreamSmem {
   uint4 w[kStreamKC][32];
-  float4 s0[32], s1[32];
+  uint2 s0[32], s1[32];
   uint32_t z0[32], z1[32];
 };
 // Blocks per SM the streaming kernels' registers are sized for: D = 0 (register double buffer) 2; a D-stage ring
@@ -337,8 +337,8 @@ __device__ __forceinline__ void stream_issue(const MmaInt4& W, int64_t wt, int64
     cp_async4(&b.z0[lane], p.z0);
     cp_async4(&b.z1[lane], p.z1);
   }
-  cp_async16(&b.s0[lane], p.s0);
-  cp_async16(&b.s1[lane], p.s1);
+  cp_async8(&b.s0[lane], p.s0);
+  cp_async8(&b.s1[lane], p.s1);
 }
 // A lane's view of a ring stage, read where stream_group uses it (no tile of registers).
 struct RingTile {
@@ -349,9 +349,12 @@ __device__ __forceinline__ uint4 tile_w(const StreamTile& t, int c) { return t.w
 __device__ __forceinline__ uint4 tile_w(const RingTile& t, int c) { return t.b->w[c][t.lane]; }
 __device__ __forceinline__ uint32_t tile_z(const StreamTile& t, int rr) { return rr ? t.z1 : t.z0; }
 __device__ __forceinline__ uint32_t tile_z(const RingTile& t, int rr) { return rr ? t.b->z1[t.lane] : t.b->z0[t.lane]; }
-__device__ __forceinline__ float tile_s(const StreamTile& t, int rr, int q) { return word_of(rr ? t.s1 : t.s0, q); }
+__device__ __forceinline__ float tile_s(const StreamTile& t, int rr, int q) {
+  const uint2 v = rr ? t.s1 : t.s0;
+  return sc_f(uint16_t((q < 2 ? v.x : v.y) >> (16 * (q & 1))));
+}
 __device__ __forceinline__ float tile_s(const RingTile& t, int rr, int q) {
-  return reinterpret_cast<const float*>(rr ? &t.b->s1[t.lane] : &t.b->s0[t.lane])[q];
+  return sc_f(reinterpret_cast<const uint16_t*>(rr ? &t.b->s1[t.lane] : &t.b->s0[t.lane])[q]);
 }
 // The activation fragments of 8 chunks from xr (token row + 16·tig + first chunk's input).
 __device__ __forceinline__ void stream_x(const __nv_bfloat16* xr, uint4 (&xv)[kStreamKC][2]) {
@@ -890,10 +893,10 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
   // 8 pairs keep k_int4_mma), where the shapes are the 35B-A3B's (gate_up K = 2048, down K = 512): DS_INT4_MOE_GU_R
   // gate/up tile pairs per block (4; 2 and 8 measured slower) and DS_INT4_MOE_DOWN_TPW output tiles per warp (8 then;
   // 4 with the ring since session 11, below). Batch 64 12.12 → 11.71 ms together (down alone 11.79), batch 8 4.70 → 4.49 (bench/RESULTS.md).
-  // They read a row's 4 zero points as one 4-byte word and its 4 scales as one float4 (ngroups a multiple of 4 for
-  // these K; the allocations' alignment, checked here).
+  // They read a row's 4 zero points as one 4-byte word and its 4 scales as one 8-byte word (ngroups a multiple of 4
+  // for these K; the allocations' alignment, checked here).
   auto streamable = [](const MmaInt4& W) {
-    return W.G == 128 && reinterpret_cast<uintptr_t>(W.z) % 4 == 0 && reinterpret_cast<uintptr_t>(W.sc) % 16 == 0;
+    return W.G == 128 && reinterpret_cast<uintptr_t>(W.z) % 4 == 0 && reinterpret_cast<uintptr_t>(W.sc) % 8 == 0;
   };
   // From DS_INT4_MOE_RING_MIN_P pairs on (32, i.e. batch 4) both streaming kernels take their tiles through a
   // DS_INT4_MOE_RING-stage cp.async ring per warp (2; 3 or 4 allowed; 0 = off), read in place, at 4 blocks per SM

@@ -8,7 +8,8 @@
 // of the mathematical k order, applied identically to the activations (each lane loads its own 16 consecutive
 // activations of the chunk with two 16-byte loads), so the product is unchanged.
 // Dequantisation is exact: (q − z) is formed in bf16 (small integers), summed on tensor cores in fp32 per
-// quantisation group, and the group's fp32 scale multiplies the fp32 partial (never rounded to bf16).
+// quantisation group, and the group's scale (stored fp16 as in the checkpoint, widened to fp32 exactly) multiplies
+// the fp32 partial (never rounded to bf16).
 //
 // Batch invariance: a token's output never depends on which other tokens share the launch. Columns of an mma
 // are independent, and K is always split into the same KS slices whose partials are added in slice order,
@@ -24,7 +25,7 @@ namespace ds::cuda {
 
 struct MmaInt4 {
   const uint4* qw = nullptr;    // [N/16][K/64][32] uint4
-  const float* sc = nullptr;    // [N][K/G] fp32 scales
+  const uint16_t* sc = nullptr; // [N][K/G] fp16 scales (the checkpoint's bits; exact in fp32: sc_f())
   const uint8_t* z = nullptr;   // [N][K/G] zero points (the true zero: stored nibble + 1)
   int64_t N = 0, K = 0;
   int G = 128;

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -75,6 +76,8 @@ template <class V>
 __device__ __forceinline__ auto word_of(const V& v, int j) -> decltype(v.x) {
   return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
 }
+// A stored fp16 scale (MmaInt4::sc) as fp32, exactly.
+__device__ __forceinline__ float sc_f(uint16_t h) { return __half2float(__ushort_as_half(h)); }
 __device__ __forceinline__ float silu(float v) { return v / (1.f + expf(-v)); }
 template <int A, int B>
 __device__ __forceinline__ void zero_frags(float (&f)[A][B][4]) {

@@ -161,7 +161,7 @@ __global__ void __launch_bounds__(128 * WK, 1)
   const int64_t r0 = ot * 16 + g;
   const uint4* wp = W.qw + ot * KC * 32 + lane;
   const uint8_t *zp0 = W.z + r0 * NGA + gb, *zp1 = zp0 + 8 * NGA;
-  const float *sp0 = W.sc + r0 * NGA + gb, *sp1 = sp0 + 8 * NGA;
+  const uint16_t *sp0 = W.sc + r0 * NGA + gb, *sp1 = sp0 + 8 * NGA;
   const int64_t t0 = int64_t(blockIdx.y) * NTOK;
   const int cnt = int(M - t0 < NTOK ? M - t0 : NTOK);
 
@@ -170,8 +170,8 @@ __global__ void __launch_bounds__(128 * WK, 1)
     p.w1 = __ldg(wp + (2 * (gb + gi) + 1) * 32);
     p.z0 = zp0[gi];
     p.z1 = zp1[gi];
-    p.s0 = sp0[gi];
-    p.s1 = sp1[gi];
+    p.s0 = sc_f(sp0[gi]);
+    p.s1 = sc_f(sp1[gi]);
   };
   auto dequant_pkg = [&](const WgPkg& p, uint32_t (&a)[8][4]) {
     const uint32_t zz0 = zero_pair(p.z0), zz1 = zero_pair(p.z1);

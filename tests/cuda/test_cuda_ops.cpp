@@ -1532,9 +1532,6 @@ TEST_F(CudaOps, Int4UniformZero) {
   }
 }
 
-// Throughput of the int4 kernels at a 4k prefill, old (DS_CUDA_NO_BIG_GEMM=1) and new: one 4096 × 2048 → 4096
-// linear and one routed-experts layer of the 35B-A3B shape (E = 256, H = 2048, I = 512, top-8, uniform random
-// routing). Prints TFLOP/s; asserts nothing about time.
 // The dequantise kernel (int4_dequant.h) alone, bit for bit against the host: w[n, k] = bf16((q − z)·s), q read back
 // through the mma layout's reference (mma_int4_nibble); every element of small and real-sized matrices.
 TEST_F(CudaOps, Int4DequantKernel) {
@@ -1655,6 +1652,9 @@ TEST_F(CudaOps, Int4DequantGemm) {
   }
 }
 
+// Throughput of the int4 kernels at a 4k prefill, old (DS_CUDA_NO_BIG_GEMM=1) and new: one 4096 × 2048 → 4096
+// linear and one routed-experts layer of the 35B-A3B shape (E = 256, H = 2048, I = 512, top-8, uniform random
+// routing). Prints TFLOP/s; asserts nothing about time.
 TEST_F(CudaOps, Int4PrefillThroughput) {
   Both B;
   ScopedEnv no_deq("DS_CUDA_NO_DEQUANT_GEMM", "1");  // the int4 kernels' own rates

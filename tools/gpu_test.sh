@@ -2,8 +2,7 @@
 # Runs the CUDA backend tests on a GPU machine and prints a summary:
 #   (a) test_cuda_ops     every op, CUDA vs the fp32 CPU reference (real 35B-A3B shapes + awkward sizes)
 #   (b) test_cuda_golden  golden fixtures on the CUDA backend vs transformers' fp32/bf16 runs
-#   (c) compute-sanitizer memcheck on the golden test with one prompt (tiny-moe, both checkpoints); (b) and (c) again
-#       with DS_CUDA_MOE_SELF_ROUTE=1 (golden_sr, memchk_sr)
+#   (c) compute-sanitizer memcheck on the golden test with one prompt (tiny-moe, both checkpoints)
 #   (d) test_cuda_graph   recorded decode steps vs eager, bit for bit
 #   (e) test_cuda_engine  the engine's greedy output with CUDA-graph decode steps vs all-eager; device vs host sampling
 #   (f) test_cuda_sampling  sample_rows on the GPU vs the CPU specification over shapes and parameters
@@ -41,11 +40,6 @@ step() {  # name, command...
 step ops "$BIN/test_cuda_ops"
 step golden "$BIN/test_cuda_golden"
 step memcheck env DS_GOLDEN_PROMPTS=1 compute-sanitizer --tool memcheck --error-exitcode 99 \
-  "$BIN/test_cuda_golden" --gtest_filter='*tiny_moe*'
-# (c') the same two with the experts routing one-token steps themselves (DS_CUDA_MOE_SELF_ROUTE, off by default;
-# session 15): the tiny MoE's decode steps (8 experts, top-4) take that path.
-step golden_sr env DS_CUDA_MOE_SELF_ROUTE=1 "$BIN/test_cuda_golden"
-step memchk_sr env DS_CUDA_MOE_SELF_ROUTE=1 DS_GOLDEN_PROMPTS=1 compute-sanitizer --tool memcheck --error-exitcode 99 \
   "$BIN/test_cuda_golden" --gtest_filter='*tiny_moe*'
 [ -x "$BIN/test_cuda_graph" ] && step graph "$BIN/test_cuda_graph"
 [ -x "$BIN/test_cuda_engine" ] && step engine "$BIN/test_cuda_engine"

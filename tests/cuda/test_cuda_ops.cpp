@@ -12,7 +12,6 @@
 #include "backend/cuda/int4_dequant.h"
 #include "backend/cuda/int4_mma.h"
 #include "backend/cuda/int4_wg.h"
-#include "backend/cuda/moe_table.h"
 #include "backend/cuda/probe.h"
 #include "cuda_test_util.h"
 
@@ -969,55 +968,6 @@ TEST(Int4MmaLayout, PackHoldsEveryNibble) {
   }
 }
 
-// The self-routing experts' tile table (moe_table.h; DS_CUDA_MOE_SELF_ROUTE), on the CPU: the tiles of a step, in
-// order, hold every pair exactly once, one expert each, in the layout k_moe_tiles gives (experts in increasing order,
-// ceil(count / ntok) tiles of ntok pairs and then the rest), and never more than the max_tiles() blocks the expert
-// launches have. Steps of 1–16 tokens of top-8 over 8 to 256 experts (the kernels take ≤ 16 pairs; the table any),
-// tiles of 8 pairs as in the kernels and of 1–3 so that an expert's pairs fill several.
-TEST(MoeSelfRouteTable, TilesCoverThePairsAsTheTableKernelLaysThemOut) {
-  std::mt19937 g(7);
-  int steps = 0;
-  for (int ntok : {8, 3, 2, 1})
-    for (int E : {8, 9, 64, 256})
-      for (int T : {1, 2, 3, 16})
-        for (int rep = 0; rep < 20; ++rep, ++steps) {
-          const int K = 8, P = T * K;
-          std::vector<int32_t> ids(static_cast<size_t>(P));
-          for (int t = 0; t < T; ++t) {  // K distinct experts per token; small E makes tokens share them
-            std::vector<int32_t> perm(static_cast<size_t>(E));
-            std::iota(perm.begin(), perm.end(), 0);
-            std::shuffle(perm.begin(), perm.end(), g);
-            std::copy_n(perm.begin(), K, ids.begin() + t * K);
-          }
-          std::vector<int32_t> sorted(static_cast<size_t>(P), -1);
-          for (int p = 0; p < P; ++p) sorted[size_t(cuda::moe_pair_rank(ids.data(), P, p))] = p;
-          ASSERT_EQ(std::count(sorted.begin(), sorted.end(), -1), 0) << "ranks are not a permutation";
-          // k_moe_tiles' layout: per expert in increasing order, ceil(c / ntok) tiles
-          std::vector<std::array<int, 2>> want;  // (expert, count)
-          for (int e = 0; e < E; ++e) {
-            const int c = int(std::count(ids.begin(), ids.end(), e));
-            for (int j = 0; j * ntok < c; ++j) want.push_back({e, std::min(ntok, c - j * ntok)});
-          }
-          std::vector<int> seen(static_cast<size_t>(P), 0);
-          int y = 0, next = 0, e = 0, start = 0, cnt = 0;
-          for (; cuda::moe_sorted_tile(ids.data(), sorted.data(), P, ntok, y, &e, &start, &cnt); ++y) {
-            ASSERT_LT(size_t(y), want.size());
-            EXPECT_EQ(e, want[size_t(y)][0]) << "tile " << y;
-            EXPECT_EQ(cnt, want[size_t(y)][1]) << "tile " << y;
-            EXPECT_EQ(start, next) << "tile " << y;  // consecutive in the sorted list
-            for (int i = start; i < start + cnt; ++i) {
-              EXPECT_EQ(ids[size_t(sorted[size_t(i)])], e);
-              seen[size_t(sorted[size_t(i)])] += 1;
-            }
-            next = start + cnt;
-          }
-          EXPECT_EQ(size_t(y), want.size());
-          EXPECT_LE(y, std::min(P, E) + P / ntok + 1);  // max_tiles(): the grid's y extent
-          EXPECT_EQ(std::count(seen.begin(), seen.end(), 1), P) << "every pair in exactly one tile";
-        }
-  EXPECT_EQ(steps, 1280);
-}
-
 // A token's output does not depend on the tokens launched with it: rows of a big batch (the many-token kernel)
 // equal the same rows computed alone (the few-token kernel), bit for bit; int4 linears and int4 experts.
 // argmax_rows (speculative drafting's device argmax): the same column as the CPU op, exactly, on rows with ties
@@ -1786,8 +1736,8 @@ TEST_F(CudaOps, Int4MoeDecodeThroughput) {
   }
 }
 
-// Backend::moe_ffn fused on CUDA (routing + expert tile table in one launch, or with DS_CUDA_MOE_SELF_ROUTE at one
-// token inside the expert kernels themselves; the routed sum inside the shared expert's gated add): against the CPU
+// Backend::moe_ffn fused on CUDA (routing + expert tile table in one launch; the routed sum inside the shared expert's
+// gated add): against the CPU
 // composition, bit for bit against the unfused CUDA path (DS_CUDA_NO_MOE_FUSE), and row by row against one-row steps
 // (batch invariance). E reduced to 64 (distinct int4 experts) for the CPU.
 TEST_F(CudaOps, MoeFfnFused) {
@@ -1853,10 +1803,6 @@ TEST_F(CudaOps, MoeFfnFused) {
         ScopedEnv m("DS_CUDA_MOE_FUSE_MAXT", "300");
         ScopedEnv b("DS_CUDA_MOE_TILES_BLOCK", "1");
         EXPECT_TRUE(gpu_step(0, T, shared) == plain) << tag << ": the block's tile table and unfused CUDA differ";
-      }
-      if (T == 1) {  // one token's 8 pairs: the expert kernels may route it themselves (TokenSrc::rlogits)
-        ScopedEnv n("DS_CUDA_MOE_SELF_ROUTE", "1");
-        EXPECT_TRUE(gpu_step(0, T, shared) == plain) << tag << ": self-routing experts and unfused CUDA differ";
       }
       if (shared && (T == 1 || T == 7)) {  // the GEMV's gated add (no mode 3): fused routing, separate combine
         ScopedEnv nm("DS_CUDA_NO_BF16_MMA", "1");

@@ -33,38 +33,7 @@ constexpr int kWarps = 4;  // warps per block
 // Output: GATED → bf16 silu(gate)·up at [p, n]; else y[p, n] of dtype ydt (F32 or BF16); row stride n_out.
 // UNR: groups per loop body, 2 for the decode and medium dense shapes (the next group's loads in flight with the
 // current one's), 1 for the large shapes (their accumulators leave no registers for it).
-// TokenSrc::rlogits: the block routes the step (warp w routes tokens w, w + kWarps, ...), sorts the pairs by
-// (expert, pair) (thread p ranks pair p against all, P ≤ kSelfRouteMaxP), and thread 0 walks the sorted list to tile y
-// (moe_table.h). Every thread of the block calls it (barriers); false (for the whole block) past the last tile. The pair
-// list, sorted, stays in shared memory (*list).
-__device__ bool self_route_tile(const TokenSrc& ts, int y, int ntok, int64_t& e, int64_t& t0, int& cnt,
-                                const int32_t*& list) {
-  __shared__ int32_t sids[kSelfRouteMaxP], slist[kSelfRouteMaxP], stile[3];
-  __shared__ float swts[kSelfRouteMaxP];
-  const int P = ts.rT * ts.rK, tid = int(threadIdx.x), nw = int(blockDim.x >> 5);
-  for (int t = tid >> 5; t < ts.rT; t += nw) moe_route_token(ts.rlogits, ts.rldt, t, ts.rE, ts.rK, sids, swts, tid & 31);
-  __syncthreads();
-  if (tid < P) {
-    slist[moe_pair_rank(sids, P, tid)] = tid;
-    if (ts.rids && blockIdx.x == 0 && blockIdx.y == 0) ts.rids[tid] = sids[tid], ts.rwts[tid] = swts[tid];
-  }
-  __syncthreads();
-  if (tid == 0) {
-    int te = 0, ts0 = 0, tc = 0;
-    const bool ok = moe_sorted_tile(sids, slist, P, ntok, y, &te, &ts0, &tc);
-    stile[0] = ok ? te : -1, stile[1] = ts0, stile[2] = tc;
-  }
-  __syncthreads();
-  if (stile[0] < 0) return false;
-  e = stile[0], t0 = stile[1], cnt = stile[2];
-  list = slist;
-  return true;
-}
-
-// SELF: TokenSrc::rlogits (self-routing experts), instantiated for the decode shape (MT = NT = 1) only: its routing
-// code costs the other shapes registers (and spills) even when not taken.
-template <int MT, int NT, int WK, int CPG, bool GATED, int UNR = (NT == 1 || (MT == 1 && !GATED) ? 2 : 1),
-          bool SELF = false>
+template <int MT, int NT, int WK, int CPG, bool GATED, int UNR = (NT == 1 || (MT == 1 && !GATED) ? 2 : 1)>
 __global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 4 : NT == 2 ? 3 : 1)  // decode: ≥ 16 warps per SM in flight
     k_int4_mma(const Int4Pair P, const __nv_bfloat16* __restrict__ x, TokenSrc ts) {
   // Blocks [0, P.b_block) compute matrix a, the rest matrix b (two linears of one input in one launch).
@@ -88,11 +57,9 @@ __global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 4 : NT == 2 ? 3 : 1)  /
   int64_t e = 0, t0 = 0;
   int cnt = 0;
   const __nv_bfloat16* xr[NT];
-  const int32_t* list = ts.list;  // the pair list (self-routing: the block's own, in shared memory)
+  const int32_t* list = ts.list;  // the pair list (experts)
   auto entry = [&] {
-    if constexpr (SELF) {
-      if (!self_route_tile(ts, int(blockIdx.y), NTOK, e, t0, cnt, list)) return false;  // block-uniform
-    } else if (ts.tiles) {
+    if (ts.tiles) {
       if (int(blockIdx.y) >= *ts.ntiles) return false;  // block-uniform
       const int32_t* tl = ts.tiles + 3 * blockIdx.y;
       e = tl[0], t0 = tl[1], cnt = tl[2];
@@ -113,7 +80,7 @@ __global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 4 : NT == 2 ? 3 : 1)  /
     pdl_trigger();
     if (!entry()) return;
   } else {
-    const bool early = !ts.tiles || ts.early;  // self-routing: the logits are final like the table (TokenSrc)
+    const bool early = !ts.tiles || ts.early;
     const bool live = early ? entry() : true;
     if (ts.pre > 0 && early && live) {  // this warp's first ts.pre groups toward L2 (one 128-byte line per lane)
       const int64_t g0 = int64_t(wk) * spw * gps;
@@ -649,7 +616,7 @@ __device__ __forceinline__ void moe_tiles_warp(int32_t id, int P, int ntok, int3
   int32_t rank = 0, tb = 0;
   for (int q = 0; q < P; ++q) {
     const int32_t iq = __shfl_sync(0xffffffffu, id, q), nq = __shfl_sync(0xffffffffu, nt, q);
-    rank += moe_pair_before(iq, q, id, lane);  // moe_pair_rank's order, from shuffled ids
+    rank += moe_pair_before(iq, q, id, lane);  // from shuffled ids
     tb += iq < id ? nq : 0;
   }
   if (live) list[rank] = lane;
@@ -701,14 +668,6 @@ void launch_cpg(const Int4Out& A, const Int4Out* B, const void* x, const TokenSr
   // DS_INT4_UNROLL1=1: one group per loop body in the medium shape (before session 7; same bits). Two put the next
   // group's loads in flight with the current one's (255 registers, still 2 blocks per SM; batch 32 int4 linears
   // 1.55 → 1.42 ms). The large shapes keep one (they would spill).
-  if (ts.rlogits) {
-    if constexpr (MT == 1 && NT == 1) {
-      DS_CUDA_CHECK(
-          pdl_launch(k_int4_mma<MT, NT, WK, 2, GATED, 2, true>, grid, dim3(kWarps * 32), 0, s, P, xb, ts));
-      return;
-    }
-    DS_CHECK(false, "int4 mma: self-routing experts in the decode shape only");
-  }
   if constexpr (NT == 4 && MT == 1 && !GATED)
     if (env_flag("DS_INT4_UNROLL1")) {
       DS_CUDA_CHECK(pdl_launch(k_int4_mma<MT, NT, WK, 2, GATED, 1>, grid, dim3(kWarps * 32), 0, s, P, xb, ts));
@@ -854,22 +813,11 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
   // The streaming kernels' pair thresholds (their other conditions are below, at the launches).
   const bool gu_stream_p = P >= env_int("DS_INT4_MOE_GU_R_MIN_P", 16);
   const bool down_stream_p = P >= env_int("DS_INT4_MOE_DOWN_TPW_MIN_P", 16);
-  // Self-routing (TokenSrc::rlogits; session 15, DS_CUDA_MOE_SELF_ROUTE=1, off by default: slower): at most
-  // kSelfRouteMaxP pairs (batch 1), where both expert launches below are k_int4_mma (the streaming kernels start at 16
-  // pairs): no table launch; gate_up's blocks route after their wait, the down projection's before its wait (the
-  // logits' kernel has completed once gate_up triggers). Measured in session 16 (H200, three processes): batch 1
-  // 2.249 → 2.316, 2.270 → 2.356, 2.211 → 2.326 ms; gate_up's own time 6.97 → 13.96 µs, more than the table launch it
-  // saves (7.75): routing one token costs a block ~7 µs wherever it runs (docs/perf.md "Session 16").
-  const bool self_route = route && !big && shape == Shape::Small && P <= kSelfRouteMaxP && !gu_stream_p &&
-                          !down_stream_p && down_mt == 1 &&  // (the down projection's 2-tile shape has no SELF form)
-                          env_flag("DS_CUDA_MOE_SELF_ROUTE");
   if (route) {
     DS_CHECK(route->ids == ids && route->T * topk == P, "int4 mma experts: the routed ids must be the experts' ids");
     // At most 32 pairs (T ≤ 4 at top-8): the one-warp table; DS_CUDA_MOE_TILES_BLOCK=1: the block's (same table up
     // to the order of pairs within an expert, which no row's bits depend on).
-    if (self_route) {
-      // no table launch: the expert kernels route the step themselves
-    } else if (P <= 32 && route->T <= 4 && !env_flag("DS_CUDA_MOE_TILES_BLOCK")) {
+    if (P <= 32 && route->T <= 4 && !env_flag("DS_CUDA_MOE_TILES_BLOCK")) {
       DS_CUDA_CHECK(pdl_launch(k_moe_route_tiles_w, 1, 128, 0, s, *route, E, topk, ntok, list, tiles, ntiles));
     } else {
       DS_CUDA_CHECK(pdl_launch(k_moe_route_tiles, 1, 1024, 0, s, *route, E, topk, ntok, list, tiles, ntiles));
@@ -880,10 +828,6 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
   DS_CUDA_CHECK(cudaGetLastError());
   TokenSrc ts;
   ts.tiles = tiles, ts.ntiles = ntiles, ts.list = list, ts.xdiv = topk;
-  if (self_route) {
-    ts.rlogits = route->logits, ts.rldt = route->ldt, ts.rT = int(route->T), ts.rE = int(E), ts.rK = int(topk);
-    ts.rids = route->ids, ts.rwts = route->wts;  // gate_up's block (0, 0) writes them
-  }
   if (big) {
     int4_gemm(true, Int4Out{gate_up, 2 * I, I, act, int(DType::BF16)}, nullptr, x, ts, mt, s);
     ts.xdiv = 1;
@@ -942,7 +886,6 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
     launch<true>(shape, Int4Out{gate_up, 2 * I, I, act, int(DType::BF16)}, nullptr, x, ts, mt, s, wk_cap);
   }
   ts.xdiv = 1;
-  ts.rids = nullptr, ts.rwts = nullptr;  // self-routing: written once, by gate_up
   // The down projection reads its tile entry and pair list, and sends its first weights on their way (cp.async into
   // the ring, else toward L2; the decode shape its first DS_INT4_PREWAIT groups), before its PDL wait: gate_up has
   // waited on the table's kernel before it triggers (TokenSrc::early). DS_INT4_MOE_EARLY=0: after the wait.

@@ -30,18 +30,7 @@ struct TokenSrc {
   // projection, launched after gate_up, which waits on the table's kernel before it triggers), so a block may read
   // its entry, and send its first weights toward L2, before its own wait. 0: after the wait.
   int early = 0;
-  // Experts, decode steps of at most kSelfRouteMaxP pairs (session 15; DS_CUDA_MOE_SELF_ROUTE=1, off by default: slower,
-  // see mma_moe): no table kernel; every block routes the step itself from the router's logits [rT, rE] (dtype rldt, top
-  // rK per token: the code of k_moe_route, moe_fuse.cuh, so the same ids and weights) and takes tile blockIdx.y of a
-  // table like k_moe_tiles' (≤ 8 consecutive pairs of one expert, experts in increasing order; pairs in increasing order
-  // within an expert, where k_moe_tiles' order is arbitrary: a pair's output depends on its row alone), the pair list in
-  // shared memory. Block (0, 0) of the launch with rids also writes ids and weights.
-  const void* rlogits = nullptr;
-  int rldt = 0, rT = 0, rE = 0, rK = 0;
-  int32_t* rids = nullptr;
-  float* rwts = nullptr;
 };
-constexpr int kSelfRouteMaxP = 16;
 
 // The x row of pair/token p: p / xdiv in 32 bits (the hosts check P, M < 2^31; a 64-bit division is a ~70-instruction
 // subroutine, paid per lane and token tile in every block's prologue).

@@ -76,6 +76,23 @@ struct BatchMeta {
   Tensor embed_src;
   int64_t num_tokens() const { return int64_t(tokens.size()); }
   std::shared_ptr<void> device;       // backend-private mirror
+
+  // A decode step of B sequences of one new token each after ctx cached ones (benchmarks): sequence s is row s and
+  // state slot s, its KV blocks s·stride .. s·stride + nblk − 1; every position ctx. The tokens are the caller's.
+  static BatchMeta decode_step(int64_t B, int64_t ctx, int64_t nblk, int64_t stride) {
+    BatchMeta b;
+    for (int64_t s = 0; s < B; ++s) {
+      Seq q;
+      q.q_start = s;
+      q.q_len = 1;
+      q.ctx_len = ctx;
+      q.state_slot = int32_t(s);
+      for (int64_t i = 0; i < nblk; ++i) q.blocks.push_back(int32_t(s * stride + i));
+      b.seqs.push_back(std::move(q));
+    }
+    b.positions.assign(size_t(3 * B), int32_t(ctx));
+    return b;
+  }
 };
 
 // Paged KV storage of one full-attention layer: [num_blocks, block_size, Nkv, Dh] for K and for V.

@@ -894,22 +894,11 @@ int cmd_bench(int argc, char** argv) {
     };
     auto make_point = [&](int64_t ctx, int64_t B) {
       Point pt;
-      BatchMeta& b = pt.b;
-      std::vector<int32_t>& rows = pt.rows;
       const int64_t nblk = (ctx + steps + 8 + bs - 1) / bs;
       DS_CHECK(nblk <= per_seq_blocks, "internal: block budget");
-      for (int64_t s = 0; s < B; ++s) {
-        BatchMeta::Seq q;
-        q.q_start = s;
-        q.q_len = 1;
-        q.ctx_len = ctx;
-        q.state_slot = int32_t(s);
-        for (int64_t i = 0; i < nblk; ++i) q.blocks.push_back(int32_t(s * per_seq_blocks + i));
-        b.seqs.push_back(std::move(q));
-        rows.push_back(int32_t(s));
-      }
-      b.tokens = random_tokens(B);
-      b.positions.assign(size_t(3 * B), int32_t(ctx));
+      pt.b = BatchMeta::decode_step(B, ctx, nblk, per_seq_blocks);
+      for (int64_t s = 0; s < B; ++s) pt.rows.push_back(int32_t(s));
+      pt.b.tokens = random_tokens(B);
       // Distinct experts the step's routing touches (random weights route near-uniformly): measured would need
       // the ids; the expectation under uniform routing is E·(1 − (1 − k/E)^B).
       const double E = double(t.num_experts), K = double(t.num_experts_per_tok);

@@ -134,18 +134,9 @@ int main(int argc, char** argv) {
   auto t1 = std::chrono::steady_clock::now();
   std::printf("weights built in %.1f s\n", std::chrono::duration<double>(t1 - t0).count());
 
-  BatchMeta b;
-  for (int64_t s = 0; s < B; ++s) {
-    BatchMeta::Seq q;
-    q.q_start = s;
-    q.q_len = 1;
-    q.ctx_len = ctx;
-    q.state_slot = int32_t(s);
-    for (int64_t i = 0; i < (ctx + 1 + bs - 1) / bs; ++i) q.blocks.push_back(int32_t(s * ((ctx + 1 + bs - 1) / bs) + i));
-    b.seqs.push_back(q);
-    b.tokens.push_back(int32_t(next() % 1024));
-  }
-  b.positions.assign(size_t(3 * B), int32_t(ctx));
+  const int64_t nblk = (ctx + 1 + bs - 1) / bs;
+  BatchMeta b = BatchMeta::decode_step(B, ctx, nblk, nblk);
+  for (int64_t s = 0; s < B; ++s) b.tokens.push_back(int32_t(next() % 1024));
   RopeParams rope;
   rope.rotary_dim = 64;
   rope.mrope_section = {11, 11, 10};

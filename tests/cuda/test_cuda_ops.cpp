@@ -100,6 +100,18 @@ struct HostExperts {
   Experts make(Backend& b) const { return b.make_experts(gu, dn); }
 };
 
+// Uniform random routing of T tokens, appended to idv / wv: each token's K distinct experts of E (one shuffle of
+// 0..E−1 per token, from g) with weight 1/K; ids as floats, which the tests upload as I32.
+void uniform_routing(int64_t T, int64_t E, int64_t K, std::mt19937& g, std::vector<float>& idv,
+                     std::vector<float>& wv) {
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<int> perm(size_t(E));
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), g);
+    for (int64_t k = 0; k < K; ++k) idv.push_back(float(perm[size_t(k)])), wv.push_back(1.f / float(K));
+  }
+}
+
 class CudaOps : public ::testing::Test {
  protected:
   void SetUp() override { DS_REQUIRE_GPU(); }
@@ -1091,12 +1103,7 @@ TEST_F(CudaOps, Int4BatchInvariance) {
   Experts eg = hx.make(*B.gpu);
   std::mt19937 g(3);
   std::vector<float> idv, wv;
-  for (int64_t t = 0; t < T; ++t) {
-    std::vector<int> perm(E);
-    std::iota(perm.begin(), perm.end(), 0);
-    std::shuffle(perm.begin(), perm.end(), g);
-    for (int64_t k = 0; k < K; ++k) idv.push_back(float(perm[k])), wv.push_back(1.f / K);
-  }
+  uniform_routing(T, E, K, g, idv, wv);
   auto xs = randn(size_t(T * H), 1.f, 9);
   auto run = [&](int64_t t0, int64_t n) {
     Tensor ids = B.gpu->upload_f32(std::vector<float>(idv.begin() + t0 * K, idv.begin() + (t0 + n) * K), {n, K}, DType::I32);
@@ -1455,12 +1462,7 @@ TEST_F(CudaOps, Int4UniformZero) {
   for (int64_t T : {int64_t(1), int64_t(8), int64_t(64)}) {
     std::mt19937 g{uint32_t(T)};
     std::vector<float> idv, wv;
-    for (int64_t t = 0; t < T; ++t) {
-      std::vector<int> perm(E);
-      std::iota(perm.begin(), perm.end(), 0);
-      std::shuffle(perm.begin(), perm.end(), g);
-      for (int64_t k = 0; k < K; ++k) idv.push_back(float(perm[size_t(k)])), wv.push_back(1.f / K);
-    }
+    uniform_routing(T, E, K, g, idv, wv);
     const auto xs = randn(size_t(T * H), 1.f, 60 + T);
     const auto u = gpu_moe_rows(*B.gpu, eg, idv, wv, xs, K, H, 0, T);
     {
@@ -1644,12 +1646,7 @@ TEST_F(CudaOps, Int4PrefillThroughput) {
     Experts eg = B.gpu->make_experts(gu, dn);
     std::mt19937 g(7);
     std::vector<float> idv, wv;
-    for (int64_t t = 0; t < T; ++t) {
-      std::vector<int> perm(E);
-      std::iota(perm.begin(), perm.end(), 0);
-      std::shuffle(perm.begin(), perm.end(), g);
-      for (int64_t k = 0; k < K; ++k) idv.push_back(float(perm[size_t(k)])), wv.push_back(1.f / K);
-    }
+    uniform_routing(T, E, K, g, idv, wv);
     Tensor ids = B.gpu->upload_f32(idv, {T, K}, DType::I32), w = B.gpu->upload_f32(wv, {T, K}, DType::F32);
     Tensor x = B.gpu->upload_f32(randn(size_t(T * H), 1.f, 8), {T, H}, DType::BF16), y = B.gpu->alloc(DType::BF16, {T, H});
     for (const auto& v : variants) {
@@ -1680,13 +1677,9 @@ TEST_F(CudaOps, Int4MoeDecodeThroughput) {
   for (int64_t T : {int64_t(64), int64_t(8)}) {
     std::mt19937 g(uint32_t(100 + T));
     std::vector<float> idv, wv;
+    uniform_routing(T, E, K, g, idv, wv);
     std::vector<char> used(size_t(E), 0);
-    for (int64_t t = 0; t < T; ++t) {
-      std::vector<int> perm(E);
-      std::iota(perm.begin(), perm.end(), 0);
-      std::shuffle(perm.begin(), perm.end(), g);
-      for (int64_t k = 0; k < K; ++k) idv.push_back(float(perm[size_t(k)])), wv.push_back(1.f / K), used[size_t(perm[size_t(k)])] = 1;
-    }
+    for (float id : idv) used[size_t(id)] = 1;
     const int64_t distinct = std::count(used.begin(), used.end(), 1);
     const auto xs = randn(size_t(T * H), 1.f, 300 + T);
     const auto all = gpu_moe_rows(*B.gpu, eg, idv, wv, xs, K, H, 0, T);

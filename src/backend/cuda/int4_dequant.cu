@@ -1,6 +1,7 @@
 // int4 (mma layout) → row-major bf16 (int4_dequant.h).
 #include "backend/cuda/int4_dequant.h"
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/int4_mma_dev.cuh"
 
 #include <cuda_bf16.h>
 
@@ -27,7 +28,7 @@ __global__ void __launch_bounds__(256) k_int4_dequant(const uint4* __restrict__ 
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int64_t r = r0 + 8 * half;
-    const float s = __half2float(__ushort_as_half(sc[r * ng + g])), zz = float(z[r * ng + g]);
+    const float s = int4dev::sc_f(sc[r * ng + g]), zz = float(z[r * ng + g]);
     uint4 out[2];
     __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(out);
 #pragma unroll

@@ -311,12 +311,7 @@ void launch(const Int4Out& A, const Int4Out* B, const void* x, const TokenSrc& t
   DS_CHECK(!B || (B->W.K == A.W.K && B->W.KS == A.W.KS), "int4 gemm pair: both matrices must share K and slices");
   // Row blocks per block (one block per SM at a time; the experts' tile count gy is an upper bound, the blocks past
   // the real count exit at once); DS_INT4_BIG_R=n overrides.
-  static const int sms = [] {
-    int dev = 0, n = 132;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-    return n;
-  }();
+  const int sms = device_sm_count();
   int64_t R = env_int("DS_INT4_BIG_R", 0);
   if (R <= 0) {
     // Waves × (R row blocks + the start-up, ~2 groups' latency, in row-block units): the fewest start-ups without a

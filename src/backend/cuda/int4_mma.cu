@@ -241,6 +241,8 @@ struct StreamTile {
   uint32_t z0, z1;  // zero points of rows g, g + 8 of the tile, byte q = group q of the 4
   uint2 s0, s1;     // their fp16 scales, half q = group q
 };
+// z0 / z1 where every group's zero point is z (MmaInt4::zu).
+__device__ __forceinline__ uint32_t zero_bytes4(int z) { return uint32_t(z) * 0x01010101u; }
 // Where lane (g, ·)'s pieces of chunks [8·sl, 8·sl + 8) (groups [4·sl, 4·sl + 4)) of weight tile wt lie (kc chunks
 // and ng groups per row): its weight words (chunk c at w + 32·c), the 4 zero-point bytes and 4 scales of rows g, g + 8.
 struct StreamSrc {
@@ -262,7 +264,7 @@ __device__ __forceinline__ void stream_load(const MmaInt4& W, int64_t wt, int64_
 #pragma unroll
   for (int c = 0; c < kStreamKC; ++c) t.w[c] = __ldg(p.w + c * 32);
   if (W.zu >= 0) {  // one zero point everywhere (MmaInt4::zu): nothing to load
-    t.z0 = t.z1 = uint32_t(W.zu) * 0x01010101u;
+    t.z0 = t.z1 = zero_bytes4(W.zu);
   } else {
     t.z0 = __ldg(reinterpret_cast<const uint32_t*>(p.z0));
     t.z1 = __ldg(reinterpret_cast<const uint32_t*>(p.z1));
@@ -299,7 +301,7 @@ __device__ __forceinline__ void stream_issue(const MmaInt4& W, int64_t wt, int64
 #pragma unroll
   for (int c = 0; c < kStreamKC; ++c) cp_async16(&b.w[c][lane], p.w + c * 32);
   if (W.zu >= 0) {  // one zero point everywhere (MmaInt4::zu): stored, not copied (the lane's own slots)
-    b.z0[lane] = b.z1[lane] = uint32_t(W.zu) * 0x01010101u;
+    b.z0[lane] = b.z1[lane] = zero_bytes4(W.zu);
   } else {
     cp_async4(&b.z0[lane], p.z0);
     cp_async4(&b.z1[lane], p.z1);

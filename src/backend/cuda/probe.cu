@@ -27,12 +27,7 @@ __global__ void __launch_bounds__(256) k_read_stream(const uint4* __restrict__ p
 }  // namespace
 
 void read_stream(const void* p, int64_t bytes, uint32_t* sink, int blocks, cudaStream_t s) {
-  if (blocks <= 0) {
-    int dev = 0, sms = 0;
-    DS_CUDA_CHECK(cudaGetDevice(&dev));
-    DS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    blocks = 8 * sms;
-  }
+  if (blocks <= 0) blocks = 8 * device_sm_count();
   k_read_stream<<<blocks, 256, 0, s>>>(static_cast<const uint4*>(p), bytes / 16, sink);
   DS_CUDA_CHECK(cudaGetLastError());
 }

@@ -364,12 +364,7 @@ bool int4_wg_linear2(const Int4Out& A, const Int4Out* B, const void* x, int64_t 
   if (A.W.G != 128 || (B && B->W.G != 128) || A.W.KS > 4) return false;
   unsigned nb = 0;  // 64 rows (4 tiles) per warpgroup
   const Int4Pair P = int4_pair(A, B, [](const Int4Out& o) { return unsigned((o.n_out / 16 + 3) / 4); }, &nb);
-  static const int sms = [] {
-    int dev = 0, n = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-    return n > 0 ? n : 132;
-  }();
+  const int sms = device_sm_count();
   // Warpgroups splitting K (1 or 2; DS_INT4_WG_WK) and tokens per block (16, 32 or 64; DS_INT4_WG_NTOK): by default
   // the fewest tokens' tile covering M (at most 64), then, while the launch has fewer warpgroups than SMs, K split
   // over 2 warpgroups and then half the tokens per block (the 2048-row projections: 32 row blocks).

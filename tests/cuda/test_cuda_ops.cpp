@@ -105,7 +105,7 @@ struct HostExperts {
 void uniform_routing(int64_t T, int64_t E, int64_t K, std::mt19937& g, std::vector<float>& idv,
                      std::vector<float>& wv) {
   for (int64_t t = 0; t < T; ++t) {
-    std::vector<int> perm(size_t(E));
+    std::vector<int> perm(static_cast<size_t>(E));
     std::iota(perm.begin(), perm.end(), 0);
     std::shuffle(perm.begin(), perm.end(), g);
     for (int64_t k = 0; k < K; ++k) idv.push_back(float(perm[size_t(k)])), wv.push_back(1.f / float(K));

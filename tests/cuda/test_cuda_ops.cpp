@@ -1310,6 +1310,88 @@ TEST_F(CudaOps, Int4Wgmma) {
   std::printf("  int4 wgmma: %d comparisons\n", runs);
 }
 
+// The expert launches' grid (int4_mma.cu max_tiles) against routing that needs the most tiles it allows: E = 32,
+// T = 16, top-8 (128 pairs, decode tiles of 8): 12 experts with 9 pairs (2 tiles each) and 20 with one, 44 tiles,
+// exactly the bound. A tile past the grid would leave its rows unwritten: against the CPU, and each token alone.
+TEST_F(CudaOps, Int4MoeWorstCaseTiles) {
+  Both B;
+  const int64_t E = 32, H = 256, I = 128, K = 8, T = 16;
+  const HostExperts hx(E, H, I, true, 1100, 1200, 1300);
+  const Experts ec = hx.make(*B.cpu), eg = hx.make(*B.gpu);
+  // Largest remaining count first, distinct experts per token.
+  std::vector<int> left(size_t(E), 1);
+  for (int e = 0; e < 12; ++e) left[size_t(e)] = 9;
+  std::vector<float> idv, wv;
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<int> order(static_cast<size_t>(E));
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return left[size_t(a)] > left[size_t(b)]; });
+    for (int64_t k = 0; k < K; ++k) {
+      const int e = order[size_t(k)];
+      ASSERT_GT(left[size_t(e)], 0);
+      --left[size_t(e)];
+      idv.push_back(float(e)), wv.push_back(1.f / float(K));
+    }
+  }
+  for (int c : left) ASSERT_EQ(c, 0);
+  const auto xs = randn(size_t(T * H), 1.f, 1400);
+  const auto all = gpu_moe_rows(*B.gpu, eg, idv, wv, xs, K, H, 0, T);
+  auto x = B.up(xs, {T, H});
+  Tensor ids_c = B.cpu->upload_f32(idv, {T, K}, DType::I32), w_c = B.cpu->upload_f32(wv, {T, K}, DType::F32);
+  Tensor yc = B.cpu->alloc(DType::F32, {T, H});
+  B.cpu->moe_experts(x.c, ec, ids_c, w_c, yc);
+  REPORT("int4 experts, 44 tiles (the grid's bound)", test::rel(all, B.cpu->to_host_f32(yc)));
+  int diff = 0;
+  for (int64_t t = 0; t < T; ++t)
+    diff += bit_diffs(host_rows(all, t, t + 1, H), gpu_moe_rows(*B.gpu, eg, idv, wv, xs, K, H, t, 1)) != 0;
+  EXPECT_EQ(diff, 0) << "tokens whose rows differ from the token alone";
+}
+
+// The dense int4 decode shapes of the 35B-A3B at 64 / 32 / 16 tokens (DeltaNet qkv + z in one launch, K = 2048; the
+// out projection, K = 4096): µs per call and TFLOP/s of the medium shape, four copies of the weights in turn so that a
+// call finds little of its matrix in L2. A timing (printed, not asserted) and the ncu target for the medium shape
+// (session 19 compared a cluster kernel with it here: branch `tok`).
+TEST_F(CudaOps, Int4MediumThroughput) {
+  Both B;
+  struct Shape {
+    int64_t Na, Nb, K;
+    const char* what;
+  };
+  for (const Shape& sh : {Shape{8192, 4096, 2048, "DeltaNet qkv + z"}, Shape{2048, 0, 4096, "out_proj"}}) {
+    std::vector<HostLinear> ha, hb;
+    std::vector<Linear> la, lb;
+    for (int c = 0; c < 4; ++c) {
+      ha.emplace_back(sh.Na, sh.K, true, 700 + c, true);
+      la.push_back(B.gpu->make_linear({ha.back().src()}));
+      if (sh.Nb) {
+        hb.emplace_back(sh.Nb, sh.K, true, 800 + c, true);
+        lb.push_back(B.gpu->make_linear({hb.back().src()}));
+      }
+    }
+    for (int64_t M : {int64_t(64), int64_t(32), int64_t(16)}) {
+      Tensor x = B.gpu->upload_f32(randn(size_t(M * sh.K), 1.f, 900 + M), {M, sh.K}, DType::BF16);
+      Tensor ya = B.gpu->alloc(DType::BF16, {M, sh.Na}), yb = B.gpu->alloc(DType::BF16, {M, sh.Nb ? sh.Nb : 16});
+      int call = 0;
+      auto run = [&] {
+        const int c = call++ % 4;
+        if (sh.Nb)
+          B.gpu->linear_group(x, {{&la[size_t(c)], &ya, false}, {&lb[size_t(c)], &yb, false}});
+        else
+          B.gpu->linear(x, la[size_t(c)], ya);
+      };
+      run();
+      const int iters = 40;
+      B.gpu->synchronize();
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int i = 0; i < iters; ++i) run();
+      B.gpu->synchronize();
+      const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / iters;
+      const double flop = 2.0 * double(M) * double(sh.Na + sh.Nb) * double(sh.K);
+      std::printf("  %-18s M=%3lld %8.2f us  %6.1f TFLOP/s\n", sh.what, (long long)M, us, flop / us * 1e-6);
+    }
+  }
+}
+
 // Int4 experts at prefill sizes (tiles of up to 128 pairs per expert, the large-M kernel incl. its SwiGLU form):
 // skewed routing (experts with many full tiles, partial tiles, one expert with none); bit for bit against the
 // old kernels and against tokens alone (decode kernel), and against the CPU on sampled tokens.

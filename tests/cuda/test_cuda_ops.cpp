@@ -1794,6 +1794,13 @@ TEST_F(CudaOps, Int4MoeDecodeThroughput) {
                   (long long)distinct, bytes / 1e6, *nz == '0' ? "one zero point" : "zero points loaded", us,
                   bytes / us * 1e-3);
     }
+    {
+      ScopedEnv sr("DS_INT4_MOE_SCALE_ROWS", "0");  // the rings' scales copied by every lane (before session 19)
+      EXPECT_EQ(bit_diffs(all, gpu_moe_rows(*B.gpu, eg, idv, wv, xs, K, H, 0, T)), 0) << "scales per lane, T=" << T;
+      const double us = time_us([&] { B.gpu->moe_experts(x, eg, ids, w, y); });
+      std::printf("  T=%lld moe_experts, scales copied per lane %8.2f us  %6.0f GB/s\n", (long long)T, us,
+                  bytes / us * 1e-3);
+    }
     // The same bytes as one contiguous read-only stream (separate buffer, cold in L2 after the first pass).
     void* buf = nullptr;
     uint32_t* sink = nullptr;

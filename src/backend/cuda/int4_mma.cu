@@ -284,10 +284,13 @@ __device__ __forceinline__ void stream_prefetch(const MmaInt4& W, int64_t wt, in
   else if (W.zu < 0) prefetch_l2(W.z + r * ng + q0);
 }
 // A stage of a warp's cp.async ring (the streaming kernels with D > 0): what stream_load reads, each lane's pieces at
-// its index, so a lane copies and later reads only its own bytes (no barrier guards the ring).
+// its index, so a lane copies and later reads only its own bytes (no barrier guards the ring) — except the scales
+// with `rows` (TokenSrc::srows): lane r < 16 copies row r's 8 bytes into sr[r], read by the 4 lanes of that row, so
+// a __syncwarp() follows each wait and precedes each refill.
 struct StreamSmem {
   uint4 w[kStreamKC][32];
   uint2 s0[32], s1[32];
+  uint2 sr[16];
   uint32_t z0[32], z1[32];
 };
 // Blocks per SM the streaming kernels' registers are sized for: D = 0 (register double buffer) 2; a D-stage ring
@@ -296,7 +299,7 @@ struct StreamSmem {
 constexpr int stream_min_blocks(int D) { return D == 0 ? 2 : D == 2 ? 4 : D == 3 ? 3 : 2; }
 // stream_load's reads as cp.async into stage b (commit and wait are the caller's).
 __device__ __forceinline__ void stream_issue(const MmaInt4& W, int64_t wt, int64_t kc, int64_t ng, int sl, int g,
-                                             int lane, StreamSmem& b) {
+                                             int lane, StreamSmem& b, bool rows) {
   const StreamSrc p = stream_src(W, wt, kc, ng, sl, g, lane);
 #pragma unroll
   for (int c = 0; c < kStreamKC; ++c) cp_async16(&b.w[c][lane], p.w + c * 32);
@@ -306,13 +309,18 @@ __device__ __forceinline__ void stream_issue(const MmaInt4& W, int64_t wt, int64
     cp_async4(&b.z0[lane], p.z0);
     cp_async4(&b.z1[lane], p.z1);
   }
-  cp_async8(&b.s0[lane], p.s0);
-  cp_async8(&b.s1[lane], p.s1);
+  if (rows) {
+    if (lane < 16) cp_async8(&b.sr[lane], W.sc + (wt * 16 + lane) * ng + sl * (kStreamKC / 2));
+  } else {
+    cp_async8(&b.s0[lane], p.s0);
+    cp_async8(&b.s1[lane], p.s1);
+  }
 }
 // A lane's view of a ring stage, read where stream_group uses it (no tile of registers).
 struct RingTile {
   const StreamSmem* b;
   int lane;
+  bool rows;  // scales by row (StreamSmem)
 };
 __device__ __forceinline__ uint4 tile_w(const StreamTile& t, int c) { return t.w[c]; }
 __device__ __forceinline__ uint4 tile_w(const RingTile& t, int c) { return t.b->w[c][t.lane]; }
@@ -323,6 +331,7 @@ __device__ __forceinline__ float tile_s(const StreamTile& t, int rr, int q) {
   return sc_f(uint16_t((q < 2 ? v.x : v.y) >> (16 * (q & 1))));
 }
 __device__ __forceinline__ float tile_s(const RingTile& t, int rr, int q) {
+  if (t.rows) return sc_f(reinterpret_cast<const uint16_t*>(&t.b->sr[(t.lane >> 2) + 8 * rr])[q]);
   return sc_f(reinterpret_cast<const uint16_t*>(rr ? &t.b->s1[t.lane] : &t.b->s0[t.lane])[q]);
 }
 // The activation fragments of 8 chunks from xr (token row + 16·tig + first chunk's input).
@@ -402,7 +411,7 @@ __global__ void __launch_bounds__(kWarps * 32, stream_min_blocks(D))
   auto prologue = [&](int64_t e) {
 #pragma unroll
     for (int q = 0; q < D - 1; ++q) {
-      if (q < n) stream_issue(W, e * otiles + ot_begin + q, KC, NG, 0, g, lane, ring[q]);
+      if (q < n) stream_issue(W, e * otiles + ot_begin + q, KC, NG, 0, g, lane, ring[q], ts.srows);
       cp_async_commit();
     }
   };
@@ -440,10 +449,13 @@ __global__ void __launch_bounds__(kWarps * 32, stream_min_blocks(D))
     stream_x(xr, xv);
     for (int i = 0; i < n; ++i) {
       // Refills the stage tile i − 1 came from (this lane's own bytes, already read: its mma have consumed them).
-      if (i + D - 1 < n) stream_issue(W, e * otiles + ot_begin + i + D - 1, KC, NG, 0, g, lane, ring[(i + D - 1) % D]);
+      if (ts.srows) __syncwarp();  // every lane has read the stage refilled next (scales by row)
+      if (i + D - 1 < n)
+        stream_issue(W, e * otiles + ot_begin + i + D - 1, KC, NG, 0, g, lane, ring[(i + D - 1) % D], ts.srows);
       cp_async_commit();
       cp_async_wait<D - 1>();  // tile i's group has landed
-      tile(RingTile{&ring[i % D], lane}, ot_begin + i);
+      if (ts.srows) __syncwarp();  // and every lane's part of it
+      tile(RingTile{&ring[i % D], lane, ts.srows != 0}, ot_begin + i);
     }
   } else {
     stream_x(xr, xv);
@@ -495,16 +507,18 @@ __global__ void __launch_bounds__(kWarps * 32, stream_min_blocks(D))
     const int nu = 2 * np;
 #pragma unroll
     for (int q = 0; q < D - 1; ++q) {  // one commit group per unit, empty past the end
-      if (q < nu) stream_issue(W, wtile(q), KC, NG, s, g, lane, ring[q]);
+      if (q < nu) stream_issue(W, wtile(q), KC, NG, s, g, lane, ring[q], ts.srows);
       cp_async_commit();
     }
     stream_x(xr, xv);
     for (int u = 0; u < nu; ++u) {
       // Refills the stage unit u − 1 came from (this lane's own bytes, already read: its mma have consumed them).
-      if (u + D - 1 < nu) stream_issue(W, wtile(u + D - 1), KC, NG, s, g, lane, ring[(u + D - 1) % D]);
+      if (ts.srows) __syncwarp();  // every lane has read the stage refilled next (scales by row)
+      if (u + D - 1 < nu) stream_issue(W, wtile(u + D - 1), KC, NG, s, g, lane, ring[(u + D - 1) % D], ts.srows);
       cp_async_commit();
       cp_async_wait<D - 1>();  // unit u's group has landed
-      partial(RingTile{&ring[u % D], lane}, xv, u);
+      if (ts.srows) __syncwarp();  // and every lane's part of it
+      partial(RingTile{&ring[u % D], lane, ts.srows != 0}, xv, u);
     }
   } else {
     stream_x(xr, xv);
@@ -838,6 +852,9 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
   DS_CUDA_CHECK(cudaGetLastError());
   TokenSrc ts;
   ts.tiles = tiles, ts.ntiles = ntiles, ts.list = list, ts.xdiv = topk;
+  // The streaming kernels' rings copy each unit's scales once per row (16 lanes × 8 bytes) instead of once per lane
+  // (32 lanes × 2 × 8 bytes, 4 lanes per row); DS_INT4_MOE_SCALE_ROWS=0: per lane (before session 19). Same bits.
+  ts.srows = env_int("DS_INT4_MOE_SCALE_ROWS", 1) != 0;
   if (big) {
     int4_gemm(true, Int4Out{gate_up, 2 * I, I, act, int(DType::BF16)}, nullptr, x, ts, mt, s);
     ts.xdiv = 1;

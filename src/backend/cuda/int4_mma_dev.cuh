@@ -30,6 +30,9 @@ struct TokenSrc {
   // projection, launched after gate_up, which waits on the table's kernel before it triggers), so a block may read
   // its entry, and send its first weights toward L2, before its own wait. 0: after the wait.
   int early = 0;
+  // Experts' cp.async rings: each 16-row unit's scales copied once per row by 16 lanes (1), not by every lane for its
+  // two rows (0). DS_INT4_MOE_SCALE_ROWS.
+  int srows = 0;
 };
 
 // The x row of pair/token p: p / xdiv in 32 bits (the hosts check P, M < 2^31; a 64-bit division is a ~70-instruction

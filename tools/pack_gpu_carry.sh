@@ -15,6 +15,16 @@ NAME=${PACK_NAME:-}
 DIR=${NAME:-gpu-carry}
 TAR=${NAME:-gpu}.tar.xz
 OUTDIR=$ROOT/build-carry/$DIR
+# A binary older than a library of its build was not relinked after that library changed (a failed or partial
+# build; session 18 carried such binaries to the GPU without noticing): refuse to pack it.
+for b in "$@"; do
+  for a in "$BUILD"/lib*.a; do
+    if [ -e "$a" ] && [ "$a" -nt "$BUILD/$b" ]; then
+      echo "pack_gpu_carry: $BUILD/$b is older than $a: rebuild it (ninja -C $BUILD $b) before packing" >&2
+      exit 1
+    fi
+  done
+done
 rm -rf "$OUTDIR" "$ROOT/build-carry/$TAR" && mkdir -p "$OUTDIR/lib"
 for b in "$@"; do
   cp "$BUILD/$b" "$OUTDIR/"

@@ -1165,6 +1165,19 @@ int bit_diffs(const std::vector<float>& a, const std::vector<float>& b) {
   for (size_t i = 0; i < a.size(); ++i) d += std::memcmp(&a[i], &b[i], 4) != 0;
   return d;
 }
+// Mean µs per call of fn over `iters` calls after one warm-up call, with the backend's stream and the device idle at
+// both ends (the throughput tests' timings: printed, never asserted).
+template <class F>
+double time_per_call_us(Backend& gpu, int iters, F&& fn) {
+  fn();
+  gpu.synchronize();
+  cudaDeviceSynchronize();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < iters; ++i) fn();
+  gpu.synchronize();
+  cudaDeviceSynchronize();
+  return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / iters;
+}
 
 // The large-M int4 kernel (int4_gemm.h) at prefill sizes: against the CPU on sampled rows, and bit for bit against
 // the kernels it replaces (DS_CUDA_NO_BIG_GEMM=1, every row) and against each row computed alone (the decode
@@ -1379,13 +1392,7 @@ TEST_F(CudaOps, Int4MediumThroughput) {
         else
           B.gpu->linear(x, la[size_t(c)], ya);
       };
-      run();
-      const int iters = 40;
-      B.gpu->synchronize();
-      const auto t0 = std::chrono::steady_clock::now();
-      for (int i = 0; i < iters; ++i) run();
-      B.gpu->synchronize();
-      const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / iters;
+      const double us = time_per_call_us(*B.gpu, 40, run);
       const double flop = 2.0 * double(M) * double(sh.Na + sh.Nb) * double(sh.K);
       std::printf("  %-18s M=%3lld %8.2f us  %6.1f TFLOP/s\n", sh.what, (long long)M, us, flop / us * 1e-6);
     }
@@ -1615,14 +1622,7 @@ TEST_F(CudaOps, Int4DequantGemm) {
                                      {2048, 4096, "DeltaNet out"}, {16384, 2048, "attention q|gate"},
                                      {2048, 8192, "attention o"}, {512, 2048, "attention k / v"},
                                      {272, 384, "odd: 17 tiles, 3 groups"}};
-  auto time_ms = [&](auto&& fn) {
-    fn();
-    B.gpu->synchronize();
-    auto t0 = std::chrono::steady_clock::now();
-    for (int i = 0; i < 5; ++i) fn();
-    B.gpu->synchronize();
-    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / 5;
-  };
+  auto time_ms = [&](auto&& fn) { return time_per_call_us(*B.gpu, 5, fn) * 1e-3; };
   for (auto& s : shapes) {
     HostLinear hl(s.N, s.K, true, s.N * 5 + s.K);
     Linear lc = B.cpu->make_linear({hl.src()}), lg = B.gpu->make_linear({hl.src()});
@@ -1692,15 +1692,7 @@ TEST_F(CudaOps, Int4DequantGemm) {
 TEST_F(CudaOps, Int4PrefillThroughput) {
   Both B;
   ScopedEnv no_deq("DS_CUDA_NO_DEQUANT_GEMM", "1");  // the int4 kernels' own rates
-  auto time_ms = [&](auto&& fn) {
-    fn();
-    B.gpu->synchronize();
-    const int iters = 10;
-    auto t0 = std::chrono::steady_clock::now();
-    for (int i = 0; i < iters; ++i) fn();
-    B.gpu->synchronize();
-    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / iters;
-  };
+  auto time_ms = [&](auto&& fn) { return time_per_call_us(*B.gpu, 10, fn) * 1e-3; };
   struct Variant {
     const char *name, *no_big, *warp, *r;
   };
@@ -1776,17 +1768,7 @@ TEST_F(CudaOps, Int4MoeDecodeThroughput) {
     Tensor ids = B.gpu->upload_f32(idv, {T, K}, DType::I32), w = B.gpu->upload_f32(wv, {T, K}, DType::F32);
     Tensor x = B.gpu->upload_f32(xs, {T, H}, DType::BF16), y = B.gpu->alloc(DType::F32, {T, H});
     const double bytes = per_expert * double(distinct);
-    auto time_us = [&](auto&& fn) {
-      const int iters = 50;
-      fn();
-      B.gpu->synchronize();
-      cudaDeviceSynchronize();
-      const auto t0 = std::chrono::steady_clock::now();
-      for (int i = 0; i < iters; ++i) fn();
-      B.gpu->synchronize();
-      cudaDeviceSynchronize();
-      return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / iters;
-    };
+    auto time_us = [&](auto&& fn) { return time_per_call_us(*B.gpu, 50, fn); };
     for (const char* nz : {"0", "1"}) {
       ScopedEnv z("DS_CUDA_NO_UNIFORM_ZERO", nz);
       const double us = time_us([&] { B.gpu->moe_experts(x, eg, ids, w, y); });

@@ -25,6 +25,7 @@ struct Jobs {
   Bf16MmaSeg s[kBf16MmaSegs];
   unsigned bstart[kBf16MmaSegs + 1] = {};  // first block of each weight
   int n = 0;
+  bool early = false;  // x_early (bf16_mma.h): the main loop before the PDL wait, only the epilogue after it
 };
 
 // v rounded to bf16 (the activation dtype the default compositions keep their intermediates in)
@@ -121,8 +122,10 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
     for (int u = 0; u < U; ++u)
       if (cb + u < ce) load_w<MW>(wv[u], wr, two, (cb + u) * 64 + 8 * t4, K);
   }
-  pdl_wait();  // launched with pdl_launch: x and y belong to earlier kernels
-  pdl_trigger();
+  if (!J.early) {
+    pdl_wait();  // launched with pdl_launch: x and y belong to earlier kernels
+    pdl_trigger();
+  }
   if (live) {
     // Token nt·8 + g of the block (padding lanes read token 0: their columns are never stored).
     const __nv_bfloat16* xr[NT];
@@ -157,6 +160,10 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
     }
   }
 
+  if (J.early) {  // x was complete when this grid started (bf16_mma.h); the epilogue reads and writes the rest
+    pdl_wait();
+    pdl_trigger();
+  }
   // C fragment: part[t][nt][2·rr + hh] is (column g + 8·rr, token nt·8 + 2·t4 + hh).
   if constexpr (KS == 1) {
     if (!live) return;
@@ -227,7 +234,8 @@ bool bf16_mma_supported(int64_t K, const void* w, const void* x) {
   return K > 0 && K % 8 == 0 && al(w) && al(x);
 }
 
-void bf16_mma_linear(const Bf16MmaSeg* segs, int n, const void* x, int64_t M, int64_t K, cudaStream_t s) {
+void bf16_mma_linear(const Bf16MmaSeg* segs, int n, const void* x, int64_t M, int64_t K, cudaStream_t s,
+                     bool x_early) {
   if (M == 0 || n == 0) return;
   DS_CHECK(M <= kBf16MmaMaxM, "bf16 mma: ", M, " rows (at most ", kBf16MmaMaxM, ")");
   const int ks = bf16_mma_slices(K), wm = kWarps / ks;
@@ -238,6 +246,7 @@ void bf16_mma_linear(const Bf16MmaSeg* segs, int n, const void* x, int64_t M, in
   const int nt = M <= 8 ? 1 : M <= 16 || (K + 63) / 64 / ks <= 2 ? 2 : 4;
   for (int i0 = 0; i0 < n; i0 += kBf16MmaSegs) {
     Jobs J;
+    J.early = x_early;
     int mw = 1;
     for (int i = i0; i < std::min(n, i0 + kBf16MmaSegs); ++i) {
       const Bf16MmaSeg& g = segs[i];

@@ -2380,7 +2380,11 @@ class CudaBackend final : public Backend {
         Bf16MmaSeg g;
         g.w = l->dense.data, g.y = y.data, g.ydt = int(y.dtype), g.gate = gate->data, g.gdt = int(gate->dtype);
         g.mode = 3, g.rows = l->N, g.moe_out = out.ptr<float>(), g.moe_w = weights.ptr<float>(), g.moe_k = int(top_k);
-        bf16_mma_linear(&g, 1, ab.data, T, l->K, stream_);
+        // a is two or more kernels back: moe_routed launched at least the tile table, gate_up and down since it was
+        // written (and as_bf16 nothing, a being bf16), so the main loop runs beside the down projection
+        // (bf16_mma.h x_early; DS_BF16_EARLY=0: after the wait, as every other launch)
+        const bool early = a->dtype == DType::BF16 && env_int("DS_BF16_EARLY", 1) != 0;
+        bf16_mma_linear(&g, 1, ab.data, T, l->K, stream_, early);
         return;
       }
     }

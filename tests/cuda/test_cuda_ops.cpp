@@ -872,6 +872,15 @@ TEST_F(CudaOps, DeltaNetMix) {
     check_deltanet_mix(B, {16, 32, 128, 128, 4}, sp, T, true, seed += 10, "ba by linear()", {}, 2048);
     unsetenv("DS_CUDA_NO_BA_FUSE");
   }
+  {  // the fused sums after the PDL wait (DS_GDN_BA_EARLY=0) are the same bits as before it (the default)
+    int64_t T;
+    auto sp = packed({1, 4, 2}, &T);
+    const auto early = check_deltanet_mix(B, {16, 32, 128, 128, 4}, sp, T, true, 990, "fused ba, early", {}, 2048);
+    setenv("DS_GDN_BA_EARLY", "0", 1);
+    const auto late = check_deltanet_mix(B, {16, 32, 128, 128, 4}, sp, T, true, 990, "fused ba, late", {}, 2048);
+    unsetenv("DS_GDN_BA_EARLY");
+    EXPECT_TRUE(early == late) << "fused ba: the sums before and after the wait differ";
+  }
   // the unfused path (DS_CUDA_NO_GDR_FUSE=1, the three ops) still agrees
   setenv("DS_CUDA_NO_GDR_FUSE", "1", 1);
   for (auto lens : std::vector<std::vector<int64_t>>{{1, 1, 1}, {4, 2, 40}}) {

@@ -10,6 +10,7 @@
 #include "backend/cuda/gdr_decode.h"
 #include "backend/cuda/pdl.h"
 #include "core/dtype.h"
+#include "core/env.h"
 #include "core/status.h"
 
 namespace ds::cuda {
@@ -23,9 +24,10 @@ namespace {
 // by one thread only.
 // With bx (fused in_proj_b | in_proj_a): v-head block j also forms b = x·Wb[j] and a = x·Wa[j] (rows j and Hv + j
 // of bw [2·Hv, bK] bf16) for its sequence's tokens, rounds them to bdt, writes them to ba (an output then) and uses
-// them. Thread c takes inputs 8·(c + 128·i) .. + 7 of both rows (i < kBaChunks, prefetched to L2 before the PDL
-// wait); each token's sums are lane sums in input order, then warp sums, then the 4 warps in order: per token, so
-// batch-invariant.
+// them. Thread c takes inputs 8·(c + 128·i) .. + 7 of both rows (i < kBaChunks); each token's sums are lane sums in
+// input order, then warp sums, then the 4 warps in order: per token, so batch-invariant. The sums are formed before
+// the PDL wait (bx is two or more kernels back: gdr_decode.h); DS_GDN_BA_EARLY=0: after it, the rows sent toward L2
+// before it.
 constexpr int kBaChunks = 4;  // bK ≤ 128 threads × 8 × 4 = 4096
 template <int KC>
 __global__ void __launch_bounds__(128) k_gdn_conv_prep(const void* mixed, int mdt, const float* conv_w,
@@ -33,7 +35,8 @@ __global__ void __launch_bounds__(128) k_gdn_conv_prep(const void* mixed, int md
                                                        const float* dt_bias, int64_t Hk, int64_t Hv, int64_t Dk,
                                                        int64_t Dv, const int32_t* seqinfo, float qscale, float* qn,
                                                        float* kn, float* vv, float* g, float* beta,
-                                                       const __nv_bfloat16* bx, const __nv_bfloat16* bw, int64_t bK) {
+                                                       const __nv_bfloat16* bx, const __nv_bfloat16* bw, int64_t bK,
+                                                       int ba_early) {
   constexpr int W = KC - 1;
   const int64_t C = 2 * Hk * Dk + Hv * Dv;
   const int64_t u = blockIdx.x;
@@ -59,27 +62,11 @@ __global__ void __launch_bounds__(128) k_gdn_conv_prep(const void* mixed, int md
   const bool gb = run && isv && c < ql;  // this thread writes g and beta of token qs + c
   const float a_log = gb ? A_log[u - 2 * Hk] : 0.f, dtb = gb ? dt_bias[u - 2 * Hk] : 0.f;
   const bool fba = bx && run && isv;  // block-uniform
-  const __nv_bfloat16 *rb = nullptr, *ra = nullptr;
-  if (fba) {
-    // Only into L2 before the wait: held in registers (8 uint4 per thread) they took the kernel to 111 registers,
-    // 4 blocks per SM and ~8 waves at batch 64 (20 µs of own time per launch; now 48 registers, 10 blocks per SM,
-    // 13 µs; session 15). A minimum of 12 or 16 blocks per SM (40 / 32 registers, small spills) was slower.
-    rb = bw + (u - 2 * Hk) * bK, ra = bw + (Hv + u - 2 * Hk) * bK;
-#pragma unroll
-    for (int i = 0; i < kBaChunks; ++i)
-      if (8 * (c + 128 * i) < bK) {
-        prefetch_l2(reinterpret_cast<const uint4*>(rb) + c + 128 * i);
-        prefetch_l2(reinterpret_cast<const uint4*>(ra) + c + 128 * i);
-      }
-  }
-  // Wait before the trigger: k_gdn_recur_norm reads the recurrent state before its own wait, which is safe only if
-  // every kernel before this one has completed once it may start.
-  pdl_wait();
-  pdl_trigger();
-  if (!run) return;
+  const __nv_bfloat16* const rb = fba ? bw + (u - 2 * Hk) * bK : nullptr;
+  const __nv_bfloat16* const ra = fba ? bw + (Hv + u - 2 * Hk) * bK : nullptr;
   __shared__ float red[2][4];
   __shared__ float bred[kGdnShortMax][4][2];  // fused ba: per token, warp sums of b and a
-  if (fba) {
+  auto ba_sums = [&] {
     for (int64_t i = 0; i < ql; ++i) {
       const uint4* xr = reinterpret_cast<const uint4*>(bx + (qs + i) * bK);
       float pb = 0.f, pa = 0.f;
@@ -104,7 +91,29 @@ __global__ void __launch_bounds__(128) k_gdn_conv_prep(const void* mixed, int md
       if (lane == 0) bred[i][w][0] = pb, bred[i][w][1] = pa;
     }
     __syncthreads();
+  };
+  if (fba && ba_early) {
+    // bx is the layer input, written two or more kernels back (the q/k/v and z linears come between, and they wait
+    // before they trigger), so complete once this grid may start: the sums run beside the previous kernel. Only ba
+    // itself is written after the wait.
+    ba_sums();
+  } else if (fba) {
+    // Only into L2 before the wait: held in registers (8 uint4 per thread) they took the kernel to 111 registers,
+    // 4 blocks per SM and ~8 waves at batch 64 (20 µs of own time per launch; now 48 registers, 10 blocks per SM,
+    // 13 µs; session 15). A minimum of 12 or 16 blocks per SM (40 / 32 registers, small spills) was slower.
+#pragma unroll
+    for (int i = 0; i < kBaChunks; ++i)
+      if (8 * (c + 128 * i) < bK) {
+        prefetch_l2(reinterpret_cast<const uint4*>(rb) + c + 128 * i);
+        prefetch_l2(reinterpret_cast<const uint4*>(ra) + c + 128 * i);
+      }
   }
+  // Wait before the trigger: k_gdn_recur_norm reads the recurrent state before its own wait, which is safe only if
+  // every kernel before this one has completed once it may start.
+  pdl_wait();
+  pdl_trigger();
+  if (!run) return;
+  if (fba && !ba_early) ba_sums();
   for (int64_t i = 0; i < ql; ++i) {
     const int64_t t = qs + i;
     float x = 0.f;
@@ -274,13 +283,14 @@ void gdn_decode(const void* mixed, int mdt, const float* conv_w, int64_t Kc, flo
   DS_CHECK(!ba_x || gdn_ba_fusable(ba_K, ba_x, ba_w), "gdn_decode: in_proj_ba of K = ", ba_K, " cannot be fused");
   if (T == 0 || nseq == 0) return;
   const float qscale = 1.f / std::sqrt(float(Dk));
+  const int ba_early = env_int("DS_GDN_BA_EARLY", 1) != 0;  // 0: the sums after the wait (weights into L2 before)
   const dim3 ga(unsigned(2 * Hk + Hv), unsigned(nseq));
 #define DS_GDN_CONV(KC)                                                                                         \
   case KC:                                                                                                      \
     DS_CUDA_CHECK(pdl_launch(k_gdn_conv_prep<KC>, ga, dim3(128), 0, stream, mixed, mdt, conv_w, conv_state, ba, \
                              bdt, A_log, dt_bias, Hk, Hv, Dk, Dv, seqinfo, qscale, qn, kn, vv, g, beta,         \
                              static_cast<const __nv_bfloat16*>(ba_x), static_cast<const __nv_bfloat16*>(ba_w),  \
-                             ba_K));                                                                            \
+                             ba_K, ba_early));                                                                  \
     break;
   switch (Kc) {
     DS_GDN_CONV(2)

@@ -7,8 +7,8 @@
 //     one per channel). Causal conv1d with the state window + SiLU over the sequence's tokens, the window written
 //     back (each channel by exactly one block: no two blocks share a channel), then per token the L2 norm of q
 //     (times 1/sqrt(Dk)) and k, or v as is; v-head blocks also compute g = −exp(A_log)·softplus(a + dt_bias) and
-//     β = sigmoid(b), with ba_x given forming b and a themselves (in_proj_b | in_proj_a, the weights' rows loaded
-//     before the PDL wait; session 12: batch 1 2.53 → 2.47 ms). Outputs fp32 scratch qn, kn [T, Hk, Dk], vv
+//     β = sigmoid(b), with ba_x given forming b and a themselves (in_proj_b | in_proj_a; session 12: batch 1 2.53 →
+//     2.47 ms; since session 20 the sums before the PDL wait). Outputs fp32 scratch qn, kn [T, Hk, Dk], vv
 //     [T, Hv, Dv], g, beta [T, Hv].
 //   k_gdn_recur_norm: one block per (value head, sequence), 256 threads: warp w holds state rows
 //     w·Dk/8 .. (w+1)·Dk/8 − 1, lane l columns 4l .. 4l + 3 (Dv = 128), so a warp moves whole 512-byte state rows
@@ -39,7 +39,10 @@ inline bool gdn_decode_supported(int64_t Kc, int64_t Hk, int64_t Hv, int64_t Dk,
 // Scratch (fp32): qn, kn [T, Hk, Dk], vv [T, Hv, Dv], g, beta [T, Hv]. nseq sequences in seqinfo [nseq, 4].
 // ba_x (optional, bf16 [T, ba_K], 16-byte aligned): the layer input, and ba_w bf16 [2·Hv, ba_K] (in_proj_b rows, then
 // in_proj_a): the v-head blocks compute ba = ba_x·ba_wᵀ themselves for the short sequences (rounded to bdt, written
-// to ba, which is then an output) — one launch fewer per layer; gdn_ba_fusable says which shapes can.
+// to ba, which is then an output) — one launch fewer per layer; gdn_ba_fusable says which shapes can. ba_x must
+// have been written two or more kernels before this launch on `stream` (the model's layer input: the q/k/v and z
+// linears come between), since the sums read it before the PDL wait: the int4 linears wait before they trigger, so
+// when they have triggered, everything before them has completed (pdl.h).
 bool gdn_ba_fusable(int64_t K, const void* x, const void* w);
 void gdn_decode(const void* mixed, int mdt, const float* conv_w, int64_t Kc, float* conv_state, void* ba,
                 int bdt, const float* A_log, const float* dt_bias, const void* z, int zdt, const float* norm_w,

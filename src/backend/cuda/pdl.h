@@ -5,6 +5,13 @@
 // the wait, work that needs no earlier result) overlapping the previous kernel's tail. pdl_trigger() in the
 // previous kernel lets the next one be scheduled before the previous kernel's blocks exit. Both are no-ops where
 // unsupported (below sm_90, or a kernel launched without the attribute). Recorded CUDA graphs keep the edges.
+//
+// Reading before the wait what was written two or more kernels back: B starts once every block of its predecessor A
+// has triggered or exited. If A's blocks trigger only after their own pdl_wait() (and at least one of them waits),
+// A's predecessor — and, the same way, everything before it — has completed and its writes are visible when B starts.
+// The expert down projection's tile table (int4_mma TokenSrc::early), the shared expert's down projection
+// (bf16_mma x_early) and the DeltaNet conv kernel's in_proj_ba sums (gdr_decode) rely on it. k_gdn_recur_norm
+// triggers at entry, so the kernel after it may not.
 #pragma once
 
 #include <cuda_runtime.h>

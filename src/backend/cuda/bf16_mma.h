@@ -45,12 +45,10 @@ bool bf16_mma_supported(int64_t K, const void* w, const void* x);
 // The fixed number of K slices for inputs of length K (8, 4, 2 or 1; see batch invariance above).
 int bf16_mma_slices(int64_t K);
 // segs[0..n) read the same x bf16 [M, K], 1 ≤ M ≤ kBf16MmaMaxM; launches ceil(n / kBf16MmaSegs) kernels.
-// x_early: x is complete whenever the launch starts, because it was written two or more kernels back on s and the
-// kernels between wait for their predecessors before they trigger their dependents (pdl.h; so, when the last of
-// them has triggered, everything before it has completed). Every kernel of the MoE chain does; k_gdn_recur_norm,
-// which triggers at entry, does not. Then each block runs its whole main loop before the PDL wait, beside the
-// previous kernel, and waits only for the epilogue, which reads y (mode 2), gate and the routed outputs (mode 3) and
-// writes y. The same bits.
+// x_early: the caller guarantees that x was written two or more kernels back on s, so it is complete whenever the
+// launch starts (pdl.h, "Reading before the wait"). Then each block runs its whole main loop before the PDL wait,
+// beside the previous kernel, and waits only for the epilogue, which reads y (mode 2), gate and the routed outputs
+// (mode 3) and writes y. The same bits.
 void bf16_mma_linear(const Bf16MmaSeg* segs, int n, const void* x, int64_t M, int64_t K, cudaStream_t s,
                      bool x_early = false);
 

@@ -41,8 +41,7 @@ inline bool gdn_decode_supported(int64_t Kc, int64_t Hk, int64_t Hv, int64_t Dk,
 // in_proj_a): the v-head blocks compute ba = ba_x·ba_wᵀ themselves for the short sequences (rounded to bdt, written
 // to ba, which is then an output) — one launch fewer per layer; gdn_ba_fusable says which shapes can. ba_x must
 // have been written two or more kernels before this launch on `stream` (the model's layer input: the q/k/v and z
-// linears come between), since the sums read it before the PDL wait: the int4 linears wait before they trigger, so
-// when they have triggered, everything before them has completed (pdl.h).
+// linears come between), since the sums read it before the PDL wait (pdl.h, "Reading before the wait").
 bool gdn_ba_fusable(int64_t K, const void* x, const void* w);
 void gdn_decode(const void* mixed, int mdt, const float* conv_w, int64_t Kc, float* conv_state, void* ba,
                 int bdt, const float* A_log, const float* dt_bias, const void* z, int zdt, const float* norm_w,

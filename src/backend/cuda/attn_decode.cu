@@ -31,7 +31,7 @@ __global__ void __launch_bounds__(kThreads, QKS ? 4 : 3)
                   const __nv_bfloat16* __restrict__ vc, int Nh, int Nkv, int group, int bs, int bs_shift,
                   const int32_t* __restrict__ seq_of, const int32_t* __restrict__ seqinfo,
                   const int32_t* __restrict__ blocks, int maxb, float scale_log2, int S, float* __restrict__ part,
-                  int flash_min, int min_pos) {
+                  int flash_min, int min_pos, int meta_early) {
   constexpr int CH = DH / 8;    // 16-byte chunks per row
   constexpr int KT = DH / 16;   // k-steps of S = Q·Kᵀ
   constexpr int KW = QKS ? KT / 4 : KT;  // k-steps of this warp
@@ -45,13 +45,17 @@ __global__ void __launch_bounds__(kThreads, QKS ? 4 : 3)
   __nv_bfloat16* sK = reinterpret_cast<__nv_bfloat16*>(smem_u4);  // [kStages][kTP][DH]
   __nv_bfloat16* sV = sK + kStages * kTP * DH;                     // [kStages][kTP][DH]
   float4* sRed = reinterpret_cast<float4*>(sV + kStages * kTP * DH);  // QKS: [4 warps][2][32 lanes]
-  pdl_wait();  // PDL-launched (pdl.h): q and the cache are earlier kernels' outputs
-  pdl_trigger();
-
+  // PDL-launched (pdl.h): q and the cache are earlier kernels' outputs. With meta_early the batch table (seq_of,
+  // seqinfo, blocks: uploaded before the step, written by no kernel) and the first tiles' block ids are read before
+  // the wait — three dependent L2 round trips off the chain (session 21) — and only q and the cache after it.
+  if (!meta_early) {
+    pdl_wait();
+    pdl_trigger();
+  }
   const int t = int(blockIdx.x), kvh = int(blockIdx.y), split = int(blockIdx.z);
   const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
   const int s = seq_of[t];
-  if (seqinfo[s * 4 + 1] >= flash_min) return;  // block-uniform: the flash kernel's row
+  const bool flash_row = seqinfo[s * 4 + 1] >= flash_min;
   const int n_ctx = seqinfo[s * 4 + 2] + (t - seqinfo[s * 4 + 0]) + 1;
   // Splits of at least min_pos positions (session 14): a short context uses the first Se of the S splits, the rest
   // are empty (their partial is m = −inf and l = 0 only; the merge reads no acc of an empty split).
@@ -60,6 +64,24 @@ __global__ void __launch_bounds__(kThreads, QKS ? 4 : 3)
   const int ntiles = p1 > p0 ? (p1 - p0 + kTP - 1) / kTP : 0;
   const int32_t* bt = blocks + int64_t(s) * maxb;
   const int64_t crow = int64_t(Nkv) * DH;
+  // Tile j (positions p0 + 16j ..): thread tid copies row lr = tid / TPR of each tile, chunks lc + TPR·i; one
+  // block-table lookup per tile (session 17: a lookup and a 64-bit offset per chunk were a third of the kernel's
+  // instructions, ncu). bid: the cache block of this thread's row of tile j (0 past the split).
+  const int lr = tid / TPR, lc = tid % TPR;
+  auto bid = [&](int j) -> int32_t {
+    const int p = p0 + j * kTP + lr;
+    if (p >= p1) return 0;
+    const unsigned up = unsigned(p), bi = bs_shift >= 0 ? up >> bs_shift : up / unsigned(bs);
+    return bt[bi];
+  };
+  int32_t pre[kStages - 1];  // the first tiles' block ids
+#pragma unroll
+  for (int j = 0; j < kStages - 1; ++j) pre[j] = j < ntiles ? bid(j) : 0;
+  if (meta_early) {
+    pdl_wait();
+    pdl_trigger();
+  }
+  if (flash_row) return;  // block-uniform: the flash kernel's row
   if (ntiles == 0) {  // an empty split: m = −inf, l = 0, no acc (the merges read acc only where m > −inf)
     if (tid < group) {
       float* d = part + ((int64_t(t) * Nh + int64_t(kvh) * group + tid) * S + split) * (DH + 2);
@@ -69,22 +91,19 @@ __global__ void __launch_bounds__(kThreads, QKS ? 4 : 3)
     return;
   }
 
-  // Tile j (positions p0 + 16j ..) into stage j % kStages; positions ≥ p1 are zeros (never read from the cache).
-  // Thread tid copies row lr = tid / TPR of each tile, chunks lc + TPR·i: one block-table lookup per tile (session 17:
-  // a lookup and a 64-bit offset per chunk were a third of the kernel's instructions, ncu).
-  const int lr = tid / TPR, lc = tid % TPR;
+  // Tile j into stage j % kStages (blk = bid(j)); positions ≥ p1 are zeros (never read from the cache).
   int soff[CPT];
 #pragma unroll
   for (int i = 0; i < CPT; ++i) soff[i] = swz<DH>(lr, lc + TPR * i);
   const __nv_bfloat16* kh = kc + int64_t(kvh) * DH + lc * 8;
   const __nv_bfloat16* vh = vc + int64_t(kvh) * DH + lc * 8;
-  auto load = [&](int j) {
+  auto load = [&](int j, int32_t blk) {
     __nv_bfloat16* dK = sK + (j % kStages) * kTP * DH;
     __nv_bfloat16* dV = sV + (j % kStages) * kTP * DH;
     const int p = p0 + j * kTP + lr;
     if (p < p1) {
       const unsigned up = unsigned(p), bi = bs_shift >= 0 ? up >> bs_shift : up / unsigned(bs);
-      const int64_t off = (int64_t(bt[bi]) * bs + int64_t(up - bi * unsigned(bs))) * crow;
+      const int64_t off = (int64_t(blk) * bs + int64_t(up - bi * unsigned(bs))) * crow;
 #pragma unroll
       for (int i = 0; i < CPT; ++i) {
         cp_async16(dK + soff[i], kh + off + TPR * 8 * i);
@@ -100,7 +119,7 @@ __global__ void __launch_bounds__(kThreads, QKS ? 4 : 3)
   };
 #pragma unroll
   for (int j = 0; j < kStages - 1; ++j) {
-    if (j < ntiles) load(j);
+    if (j < ntiles) load(j, pre[j]);
     cp_async_commit();
   }
 
@@ -132,7 +151,7 @@ __global__ void __launch_bounds__(kThreads, QKS ? 4 : 3)
   for (int j = 0; j < ntiles; ++j) {
     cp_async_wait<kStages - 2>();
     __syncthreads();  // tile j landed for every thread; everyone is done with tile j − 1, whose stage is refilled now
-    if (j + kStages - 1 < ntiles) load(j + kStages - 1);
+    if (j + kStages - 1 < ntiles) load(j + kStages - 1, bid(j + kStages - 1));
     cp_async_commit();
     const __nv_bfloat16* K = sK + (j % kStages) * kTP * DH;
     const __nv_bfloat16* V = sV + (j % kStages) * kTP * DH;
@@ -227,7 +246,8 @@ void launch(const void* q, const void* k, const void* v, int64_t T, int64_t Nh, 
   DS_CUDA_CHECK(pdl_launch(k_attn_dec_tc<DH, QKS>, dim3(unsigned(T), unsigned(Nkv), unsigned(S)), dim3(kThreads), smem,
                            s, static_cast<const __nv_bfloat16*>(q), static_cast<const __nv_bfloat16*>(k),
                            static_cast<const __nv_bfloat16*>(v), int(Nh), int(Nkv), int(Nh / Nkv), int(bs), bs_shift,
-                           seq_of, seqinfo, blocks, maxb, scale_log2, S, part, flash_min, min_pos));
+                           seq_of, seqinfo, blocks, maxb, scale_log2, S, part, flash_min, min_pos,
+                           int(env_int("DS_META_EARLY", 1) != 0)));
 }
 template <int DH>
 void launch_qks(bool qks, const void* q, const void* k, const void* v, int64_t T, int64_t Nh, int64_t Nkv, int64_t bs,

@@ -407,12 +407,17 @@ struct KvDst {
   __device__ int64_t row_offset(int64_t t) const { return kv_row_offset(seq_of, seqinfo, blocks, maxb, bs, row, t); }
 };
 // Blocks y < A.N take set A's head y, the rest set B's head y − A.N (q and k of an attention layer in one launch).
+// meta_early: what comes from the batch table (uploaded before the step, written by no kernel) — the cache row and the
+// positions of the rotary angles — is read before the PDL wait (session 21), else after it.
 __global__ void k_norm_rope(const NormRopeSet A, const NormRopeSet B, float eps, int64_t Dh, int rot,
-                            const float* inv_freq, const int32_t* axis, const int32_t* pos, int64_t T, const KvDst C) {
+                            const float* inv_freq, const int32_t* axis, const int32_t* pos, int64_t T, const KvDst C,
+                            int meta_early) {
   if (C.kc && blockIdx.y >= A.N + B.N) {  // a v head into the v cache
+    const int64_t t = blockIdx.x, h = blockIdx.y - A.N - B.N;
+    int64_t o = meta_early ? C.row_offset(t) + h * Dh : 0;
     pdl_wait();  // PDL-launched (pdl.h)
     pdl_trigger();
-    const int64_t t = blockIdx.x, h = blockIdx.y - A.N - B.N, o = C.row_offset(t) + h * Dh;
+    if (!meta_early) o = C.row_offset(t) + h * Dh;
     for (int64_t d = threadIdx.x; d < Dh; d += blockDim.x)
       stf(C.vc, C.cdt, o + d, ldf(C.v, C.cdt, t * C.row + h * Dh + d));
     return;
@@ -426,10 +431,27 @@ __global__ void k_norm_rope(const NormRopeSet A, const NormRopeSet B, float eps,
   void* const gate = S.gate;
   float wv[4];  // the norm weight before the wait: Dh ≤ 512, blockDim.x ≥ 128, so ≤ 4 per thread
   load_cols(S.w, Dh, blockDim.x, wv);
+  const int64_t t = blockIdx.x, h = second ? blockIdx.y - A.N : blockIdx.y;
+  const int half = rot / 2;
+  // Set B into the cache (KvDst): its row there, head h. ang[j]: the rotary angle of column threadIdx.x + j·blockDim.x.
+  const bool to_cache = second && C.kc;
+  void* const out_p = to_cache ? C.kc : dst;
+  int64_t out_o = 0;
+  float ang[4];
+  auto meta = [&] {
+    out_o = to_cache ? C.row_offset(t) + h * Dh : (t * N + h) * Dh;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t d = threadIdx.x + int64_t(j) * blockDim.x;
+      const int i = int(d < half ? d : d - half);
+      ang[j] = d < rot ? float(pos[axis[i] * T + t]) * inv_freq[i] : 0.f;
+    }
+  };
+  if (meta_early) meta();
   pdl_wait();  // PDL-launched (pdl.h)
   pdl_trigger();
+  if (!meta_early) meta();
   __shared__ float v[512];
-  const int64_t t = blockIdx.x, h = second ? blockIdx.y - A.N : blockIdx.y;
   const int64_t base = t * sstride + h * hstride;
   float ss = 0.f;
   for (int64_t d = threadIdx.x; d < Dh; d += blockDim.x) {
@@ -446,20 +468,16 @@ __global__ void k_norm_rope(const NormRopeSet A, const NormRopeSet B, float eps,
     if (d < Dh) v[d] = v[d] * inv * wv[j];
   }
   __syncthreads();
-  const int half = rot / 2;
-  // Set B into the cache (KvDst): its row there, head h.
-  const bool to_cache = second && C.kc;
-  void* const out_p = to_cache ? C.kc : dst;
-  const int64_t out_o = to_cache ? C.row_offset(t) + h * Dh : (t * N + h) * Dh;
-  for (int64_t d = threadIdx.x; d < Dh; d += blockDim.x) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int64_t d = threadIdx.x + int64_t(j) * blockDim.x;
+    if (d >= Dh) break;
     float out;
     if (d < half) {
-      float ang = float(pos[axis[d] * T + t]) * inv_freq[d];
-      out = v[d] * cosf(ang) - v[d + half] * sinf(ang);
+      out = v[d] * cosf(ang[j]) - v[d + half] * sinf(ang[j]);
     } else if (d < rot) {
-      int i = int(d) - half;
-      float ang = float(pos[axis[i] * T + t]) * inv_freq[i];
-      out = v[d] * cosf(ang) + v[i] * sinf(ang);
+      const int i = int(d) - half;
+      out = v[d] * cosf(ang[j]) + v[i] * sinf(ang[j]);
     } else {
       out = v[d];
     }
@@ -1108,14 +1126,17 @@ __global__ void k_attn_merge(const float* part, int64_t Nh, int64_t Dh, int S, v
 constexpr int kMergeMaxS = 64;
 // gate (attention_gated): o ← o·sigmoid(gate) as k_sigmoid_gate_mul would do it after the store (o rounded to its
 // dtype first): the same bits as the two launches.
+// meta_early: the row's sequence (batch table, uploaded before the step) is looked up before the PDL wait (session 21).
 __global__ void k_attn_merge_sm(const float* part, int64_t Nh, int64_t Dh, int S, void* o, int odt,
                                 const int32_t* seq_of, const int32_t* seqinfo, int flash_min, const void* gate,
-                                int gdt) {
+                                int gdt, int meta_early) {
   __shared__ float sm[kMergeMaxS], sl[kMergeMaxS], sw[kMergeMaxS];
+  const int64_t t = blockIdx.x, h = blockIdx.y;
+  bool flash_row = meta_early && seqinfo[seq_of[t] * 4 + 1] >= flash_min;
   pdl_wait();  // PDL-launched (pdl.h)
   pdl_trigger();
-  const int64_t t = blockIdx.x, h = blockIdx.y;
-  if (seqinfo[seq_of[t] * 4 + 1] >= flash_min) return;
+  if (!meta_early) flash_row = seqinfo[seq_of[t] * 4 + 1] >= flash_min;
+  if (flash_row) return;
   const float* src = part + (t * Nh + h) * S * (Dh + 2);
   for (int s = threadIdx.x; s < S; s += blockDim.x) {
     sm[s] = src[s * (Dh + 2)];
@@ -1935,7 +1956,8 @@ class CudaBackend final : public Backend {
     }
     auto launch = [&](const NormRopeSet& a, const NormRopeSet& bs, int64_t heads) {
       DS_CUDA_CHECK(pdl_launch(k_norm_rope, dim3(unsigned(T), unsigned(heads)), 128, 0, stream_, a, bs, eps, Dh,
-                               rope.rotary_dim, rt.inv.ptr<float>(), rt.axis.ptr<int32_t>(), d.positions, T, C));
+                               rope.rotary_dim, rt.inv.ptr<float>(), rt.axis.ptr<int32_t>(), d.positions, T, C,
+                               int(env_int("DS_META_EARLY", 1) != 0)));
       DS_CUDA_CHECK_LAST();
     };
     if (kv) {
@@ -2044,7 +2066,7 @@ class CudaBackend final : public Backend {
       else
         DS_CUDA_CHECK(pdl_launch(k_attn_merge_sm, mgrid, mthreads, 0, stream_, part.ptr<float>(), Nh, Dh, S, o.data,
                                  int(o.dtype), d.seq_of, d.seqinfo, flash_min, g ? g->data : nullptr,
-                                 g ? int(g->dtype) : 0));
+                                 g ? int(g->dtype) : 0, int(env_int("DS_META_EARLY", 1) != 0)));
       DS_CUDA_CHECK_LAST();
       return g != nullptr;
     }

@@ -12,6 +12,10 @@
 // The expert down projection's tile table (int4_mma TokenSrc::early), the shared expert's down projection
 // (bf16_mma x_early) and the DeltaNet conv kernel's in_proj_ba sums (gdr_decode) rely on it. k_gdn_recur_norm
 // triggers at entry, so the kernel after it may not.
+//
+// The batch table (the device mirror of a BatchMeta) is uploaded by a copy ahead of the step's first kernel, which
+// every kernel of the step starts after, and no kernel writes it: any kernel may read it before its wait (the DeltaNet
+// kernels, k_attn_dec_tc, k_attn_merge_sm, k_norm_rope).
 #pragma once
 
 #include <cuda_runtime.h>

@@ -247,7 +247,7 @@ void launch(const void* q, const void* k, const void* v, int64_t T, int64_t Nh, 
                            s, static_cast<const __nv_bfloat16*>(q), static_cast<const __nv_bfloat16*>(k),
                            static_cast<const __nv_bfloat16*>(v), int(Nh), int(Nkv), int(Nh / Nkv), int(bs), bs_shift,
                            seq_of, seqinfo, blocks, maxb, scale_log2, S, part, flash_min, min_pos,
-                           int(env_int("DS_META_EARLY", 1) != 0)));
+                           int(meta_early())));
 }
 template <int DH>
 void launch_qks(bool qks, const void* q, const void* k, const void* v, int64_t T, int64_t Nh, int64_t Nkv, int64_t bs,

@@ -413,11 +413,15 @@ __global__ void k_norm_rope(const NormRopeSet A, const NormRopeSet B, float eps,
                             const float* inv_freq, const int32_t* axis, const int32_t* pos, int64_t T, const KvDst C,
                             int meta_early) {
   if (C.kc && blockIdx.y >= A.N + B.N) {  // a v head into the v cache
-    const int64_t t = blockIdx.x, h = blockIdx.y - A.N - B.N;
-    int64_t o = meta_early ? C.row_offset(t) + h * Dh : 0;
-    pdl_wait();  // PDL-launched (pdl.h)
-    pdl_trigger();
-    if (!meta_early) o = C.row_offset(t) + h * Dh;
+    if (!meta_early) {
+      pdl_wait();  // PDL-launched (pdl.h)
+      pdl_trigger();
+    }
+    const int64_t t = blockIdx.x, h = blockIdx.y - A.N - B.N, o = C.row_offset(t) + h * Dh;
+    if (meta_early) {
+      pdl_wait();
+      pdl_trigger();
+    }
     for (int64_t d = threadIdx.x; d < Dh; d += blockDim.x)
       stf(C.vc, C.cdt, o + d, ldf(C.v, C.cdt, t * C.row + h * Dh + d));
     return;
@@ -431,26 +435,27 @@ __global__ void k_norm_rope(const NormRopeSet A, const NormRopeSet B, float eps,
   void* const gate = S.gate;
   float wv[4];  // the norm weight before the wait: Dh ≤ 512, blockDim.x ≥ 128, so ≤ 4 per thread
   load_cols(S.w, Dh, blockDim.x, wv);
+  if (!meta_early) {
+    pdl_wait();  // PDL-launched (pdl.h)
+    pdl_trigger();
+  }
   const int64_t t = blockIdx.x, h = second ? blockIdx.y - A.N : blockIdx.y;
   const int half = rot / 2;
   // Set B into the cache (KvDst): its row there, head h. ang[j]: the rotary angle of column threadIdx.x + j·blockDim.x.
   const bool to_cache = second && C.kc;
   void* const out_p = to_cache ? C.kc : dst;
-  int64_t out_o = 0;
+  const int64_t out_o = to_cache ? C.row_offset(t) + h * Dh : (t * N + h) * Dh;
   float ang[4];
-  auto meta = [&] {
-    out_o = to_cache ? C.row_offset(t) + h * Dh : (t * N + h) * Dh;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t d = threadIdx.x + int64_t(j) * blockDim.x;
-      const int i = int(d < half ? d : d - half);
-      ang[j] = d < rot ? float(pos[axis[i] * T + t]) * inv_freq[i] : 0.f;
-    }
-  };
-  if (meta_early) meta();
-  pdl_wait();  // PDL-launched (pdl.h)
-  pdl_trigger();
-  if (!meta_early) meta();
+  for (int j = 0; j < 4; ++j) {
+    const int64_t d = threadIdx.x + int64_t(j) * blockDim.x;
+    const int i = int(d < half ? d : d - half);
+    ang[j] = d < rot ? float(pos[axis[i] * T + t]) * inv_freq[i] : 0.f;
+  }
+  if (meta_early) {
+    pdl_wait();
+    pdl_trigger();
+  }
   __shared__ float v[512];
   const int64_t base = t * sstride + h * hstride;
   float ss = 0.f;
@@ -1131,11 +1136,16 @@ __global__ void k_attn_merge_sm(const float* part, int64_t Nh, int64_t Dh, int S
                                 const int32_t* seq_of, const int32_t* seqinfo, int flash_min, const void* gate,
                                 int gdt, int meta_early) {
   __shared__ float sm[kMergeMaxS], sl[kMergeMaxS], sw[kMergeMaxS];
+  if (!meta_early) {
+    pdl_wait();  // PDL-launched (pdl.h)
+    pdl_trigger();
+  }
   const int64_t t = blockIdx.x, h = blockIdx.y;
-  bool flash_row = meta_early && seqinfo[seq_of[t] * 4 + 1] >= flash_min;
-  pdl_wait();  // PDL-launched (pdl.h)
-  pdl_trigger();
-  if (!meta_early) flash_row = seqinfo[seq_of[t] * 4 + 1] >= flash_min;
+  const bool flash_row = seqinfo[seq_of[t] * 4 + 1] >= flash_min;
+  if (meta_early) {
+    pdl_wait();
+    pdl_trigger();
+  }
   if (flash_row) return;
   const float* src = part + (t * Nh + h) * S * (Dh + 2);
   for (int s = threadIdx.x; s < S; s += blockDim.x) {
@@ -1358,6 +1368,7 @@ bool pdl_enabled() {
   }();
   return sm90 && !std::getenv("DS_CUDA_NO_PDL");
 }
+bool meta_early() { return env_int("DS_META_EARLY", 1) != 0; }
 
 static int blocks_for(int64_t n, int threads, int cap = 65535 * 4) {
   return int(std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads, cap)));
@@ -1957,7 +1968,7 @@ class CudaBackend final : public Backend {
     auto launch = [&](const NormRopeSet& a, const NormRopeSet& bs, int64_t heads) {
       DS_CUDA_CHECK(pdl_launch(k_norm_rope, dim3(unsigned(T), unsigned(heads)), 128, 0, stream_, a, bs, eps, Dh,
                                rope.rotary_dim, rt.inv.ptr<float>(), rt.axis.ptr<int32_t>(), d.positions, T, C,
-                               int(env_int("DS_META_EARLY", 1) != 0)));
+                               int(meta_early())));
       DS_CUDA_CHECK_LAST();
     };
     if (kv) {
@@ -2066,7 +2077,7 @@ class CudaBackend final : public Backend {
       else
         DS_CUDA_CHECK(pdl_launch(k_attn_merge_sm, mgrid, mthreads, 0, stream_, part.ptr<float>(), Nh, Dh, S, o.data,
                                  int(o.dtype), d.seq_of, d.seqinfo, flash_min, g ? g->data : nullptr,
-                                 g ? int(g->dtype) : 0, int(env_int("DS_META_EARLY", 1) != 0)));
+                                 g ? int(g->dtype) : 0, int(meta_early())));
       DS_CUDA_CHECK_LAST();
       return g != nullptr;
     }

@@ -15,7 +15,7 @@
 //
 // The batch table (the device mirror of a BatchMeta) is uploaded by a copy ahead of the step's first kernel, which
 // every kernel of the step starts after, and no kernel writes it: any kernel may read it before its wait (the DeltaNet
-// kernels, k_attn_dec_tc, k_attn_merge_sm, k_norm_rope).
+// kernels, k_attn_dec_tc, k_attn_merge_sm, k_norm_rope; for the last three meta_early() says whether they do).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -38,6 +38,9 @@ __device__ __forceinline__ void pdl_trigger() {
 
 // Whether launches on this device use the attribute: compute capability 9.0+ and DS_CUDA_NO_PDL unset.
 bool pdl_enabled();
+// Whether k_attn_dec_tc, k_attn_merge_sm and k_norm_rope read the batch table before their wait: DS_META_EARLY unset
+// or non-"0" (0: after it, as before session 21; the same values).
+bool meta_early();
 
 template <typename... KArgs, typename... Args>
 cudaError_t pdl_launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, Args&&... args) {

@@ -623,7 +623,7 @@ std::string kernel_times_table(const std::string& what, TimingBackend& be, bool 
       " ms, more than the span where a launch overlaps its predecessor)\n\n"
       "| kernel | launches/step | own µs/step | own µs/launch | start→end µs/launch | share |\n"
       "|---|---|---|---|---|---|\n");
-  const size_t shown = std::min<size_t>(kt.size(), 30);
+  const size_t shown = std::min<size_t>(kt.size(), 40);
   for (size_t i = 0; i < shown; ++i) {
     const auto& k = kt[i];
     const double l = double(std::max<int64_t>(k.launches, 1));

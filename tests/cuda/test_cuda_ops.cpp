@@ -24,6 +24,27 @@ using test::randn;
 
 constexpr double kTol = 1e-2;
 
+// Sets an environment variable for a scope (the int4 kernel choice is read on every call).
+struct ScopedEnv {
+  std::string name, old;
+  bool had;
+  ScopedEnv(const char* n, const char* v) : name(n) {
+    const char* o = std::getenv(n);
+    had = o != nullptr;
+    if (had) old = o;
+    if (v)
+      setenv(n, v, 1);
+    else
+      unsetenv(n);
+  }
+  ~ScopedEnv() {
+    if (had)
+      setenv(name.c_str(), old.c_str(), 1);
+    else
+      unsetenv(name.c_str());
+  }
+};
+
 // A weight [N, K] of the linear tests and what it stands for.
 struct LinearShape {
   int64_t N, K;
@@ -1131,27 +1152,6 @@ TEST_F(CudaOps, Int4BatchInvariance) {
   EXPECT_EQ(diff, 0) << "int4 experts: a token alone differs from the same token in a batch of " << T;
 }
 
-// Sets an environment variable for a scope (the int4 kernel choice is read on every call).
-struct ScopedEnv {
-  std::string name, old;
-  bool had;
-  ScopedEnv(const char* n, const char* v) : name(n) {
-    const char* o = std::getenv(n);
-    had = o != nullptr;
-    if (had) old = o;
-    if (v)
-      setenv(n, v, 1);
-    else
-      unsetenv(n);
-  }
-  ~ScopedEnv() {
-    if (had)
-      setenv(name.c_str(), old.c_str(), 1);
-    else
-      unsetenv(name.c_str());
-  }
-};
-
 // Rows of a [M, n] host copy.
 std::vector<float> host_rows(const std::vector<float>& v, int64_t r0, int64_t r1, int64_t n) {
   return std::vector<float>(v.begin() + r0 * n, v.begin() + r1 * n);
@@ -1261,6 +1261,51 @@ TEST_F(CudaOps, Int4LargeM) {
       EXPECT_EQ(bit_diffs(B.gpu->to_host_f32(ya), B.gpu->to_host_f32(sa)), 0) << "paired large-M launch, matrix a" << tag;
       EXPECT_EQ(bit_diffs(B.gpu->to_host_f32(yb), B.gpu->to_host_f32(sb)), 0) << "paired large-M launch, matrix b" << tag;
     }
+  }
+}
+
+// The dense decode shape with two 16-row tiles per warp (by default for launches of more tiles than one wave holds;
+// DS_INT4_DENSE_MT2=0: always, −1: never) gives the bits of one tile per warp: the model's shapes, odd tile counts
+// (the last warp's second tile past the end), one and two matrices per launch, 1..8 tokens, F32 and BF16 outputs.
+TEST_F(CudaOps, Int4DenseTwoTiles) {
+  Both B;
+  const std::vector<LinearShape> shapes = {{12288, 2048, "DeltaNet qkvz"}, {2048, 4096, "out_proj"},
+                                           {272, 2048, "17 tiles"}, {48, 1024, "3 tiles, KS 4 of 2 groups"}};
+  for (auto& s : shapes) {
+    HostLinear hl(s.N, s.K, true, s.N * 7 + s.K);
+    Linear lg = B.gpu->make_linear({hl.src()});
+    for (int64_t M : {1, 2, 5, 8})
+      for (DType ydt : {DType::F32, DType::BF16}) {
+        Tensor x = B.gpu->upload_f32(randn(size_t(M * s.K), 1.f, M * 13 + s.K), {M, s.K}, DType::BF16);
+        Tensor y1 = B.gpu->alloc(ydt, {M, s.N}), y2 = B.gpu->alloc(ydt, {M, s.N});
+        {
+          ScopedEnv mt1("DS_INT4_DENSE_MT2", "-1");
+          B.gpu->linear(x, lg, y1);
+        }
+        {
+          ScopedEnv mt2("DS_INT4_DENSE_MT2", "0");
+          B.gpu->linear(x, lg, y2);
+        }
+        EXPECT_EQ(bit_diffs(B.gpu->to_host_f32(y2), B.gpu->to_host_f32(y1)), 0)
+            << "two tiles per warp, N=" << s.N << " K=" << s.K << " M=" << M << " (" << s.what << ")";
+      }
+  }
+  HostLinear qa(8192, 2048, true, 91), qb(528, 2048, true, 92);  // q + k of a layer: one launch, 545 tiles
+  Linear la = B.gpu->make_linear({qa.src()}), lb = B.gpu->make_linear({qb.src()});
+  for (int64_t M : {1, 3, 8}) {
+    Tensor x = B.gpu->upload_f32(randn(size_t(M * 2048), 1.f, 93 + M), {M, 2048}, DType::BF16);
+    Tensor ya = B.gpu->alloc(DType::BF16, {M, 8192}), yb = B.gpu->alloc(DType::F32, {M, 528});
+    Tensor sa = B.gpu->alloc(DType::BF16, {M, 8192}), sb = B.gpu->alloc(DType::F32, {M, 528});
+    {
+      ScopedEnv mt1("DS_INT4_DENSE_MT2", "-1");
+      B.gpu->linear_group(x, {{&la, &sa, false}, {&lb, &sb, false}});
+    }
+    {
+      ScopedEnv mt2("DS_INT4_DENSE_MT2", "0");
+      B.gpu->linear_group(x, {{&la, &ya, false}, {&lb, &yb, false}});
+    }
+    EXPECT_EQ(bit_diffs(B.gpu->to_host_f32(ya), B.gpu->to_host_f32(sa)), 0) << "two tiles per warp, paired a, M=" << M;
+    EXPECT_EQ(bit_diffs(B.gpu->to_host_f32(yb), B.gpu->to_host_f32(sb)), 0) << "two tiles per warp, paired b, M=" << M;
   }
 }
 

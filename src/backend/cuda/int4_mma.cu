@@ -674,8 +674,9 @@ int64_t max_tiles(int64_t P, int64_t E, int ntok) {
 }
 
 // Groups each warp of a decode-shape launch sends toward L2 before its PDL wait (TokenSrc::pre): DS_INT4_PREWAIT,
-// 4 (a K = 2048 slice); 0 = none.
-int prewait_groups() { return int(env_int("DS_INT4_PREWAIT", 4)); }
+// 8 (a K = 4096 slice: all of out_proj's and o_proj's, whose 128-block launches follow the recurrence and the
+// attention; 4 until session 22, when 8 moved those launches 4.69 → 4.11 µs); 0 = none.
+int prewait_groups() { return int(env_int("DS_INT4_PREWAIT", 8)); }
 
 template <int MT, int NT, int WK, bool GATED>
 void launch_cpg(const Int4Out& A, const Int4Out* B, const void* x, const TokenSrc& ts, int64_t gy, cudaStream_t s) {
@@ -698,6 +699,19 @@ void launch_cpg(const Int4Out& A, const Int4Out* B, const void* x, const TokenSr
       return;
     }
   DS_CUDA_CHECK(pdl_launch(k_int4_mma<MT, NT, WK, 2, GATED>, grid, dim3(kWarps * 32), 0, s, P, xb, ts));
+}
+
+// Blocks of the dense decode kernel (one tile per warp, K split over 4 warps) the device holds at once: its blocks
+// per SM × SMs (528 on an H100 or H200: 4 × 132). Read once per process, on the current device.
+int64_t dense_wave_blocks() {
+  static const int64_t n = [] {
+    int per_sm = 0, dev = 0, sms = 0;
+    DS_CUDA_CHECK(cudaGetDevice(&dev));
+    DS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    DS_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_int4_mma<1, 1, 4, 2, false>, kWarps * 32, 0));
+    return int64_t(per_sm) * sms;
+  }();
+  return n;
 }
 
 // Kernel shapes. Small (decode, few tokens per tile): one 16-row tile (GATED: a gate/up pair) × 8 tokens per
@@ -739,6 +753,16 @@ void launch(Shape shape, const Int4Out& A, const Int4Out* B, const void* x, cons
     while (wk < W.KS && W.K / (2 * wk) >= 1024) wk *= 2;
   if constexpr (!GATED)
     if (shape == Shape::Small && wk == 1 && mt == 2) return launch_cpg<2, 1, 1, false>(A, B, x, ts, gy, s);
+  // Dense decode launches whose one-tile-per-warp blocks (one per 16-row tile, A's and B's together) would not fit
+  // the device at once take two tiles per warp: half the blocks, one wave, and every warp's first groups (both
+  // tiles) toward L2 before the wait instead of only the first wave's. The DeltaNet qkv + z (768 tiles on 528 block
+  // slots of an H200) and the attention's q + k (544): batch 1 −0.015 to −0.02 ms (bench/RESULTS.md session 22).
+  // DS_INT4_DENSE_MT2=n: from more than n tiles instead (0: always; −1: never). Same bits.
+  if constexpr (!GATED)
+    if (shape == Shape::Small && !ts.tiles && wk == 4) {
+      const int64_t n2 = env_int("DS_INT4_DENSE_MT2", dense_wave_blocks());
+      if (n2 >= 0 && A.n_out / 16 + (B ? B->n_out / 16 : 0) > n2) return launch_cpg<2, 1, 4, false>(A, B, x, ts, gy, s);
+    }
   if (shape == Shape::Small) return launch_wk<1, 1, GATED>(wk, A, B, x, ts, gy, s);
   if constexpr (!GATED)
     if (!ts.tiles) {
@@ -796,7 +820,7 @@ void mma_int4_linear2(const MmaInt4& A, void* ya, int ydta, const MmaInt4* B, vo
   const Shape shape = M <= env_int("DS_INT4_SMALL_MAX_M", 8) ? Shape::Small : M <= 256 ? Shape::Medium : Shape::Large;
   TokenSrc ts;
   ts.M = M;
-  // Decode shape: each warp sends its first DS_INT4_PREWAIT groups (4: a K = 2048 slice; 0 = none) toward L2 before
+  // Decode shape: each warp sends its first DS_INT4_PREWAIT groups (8: a K = 4096 slice; 0 = none) toward L2 before
   // the PDL wait. Batch 1 −0.05 ms, batch 8 −0.02; in the medium shape (several waves) it cost batch 64 0.1–0.25 ms
   // (bench/RESULTS.md session 10), so not there.
   ts.pre = shape == Shape::Small ? prewait_groups() : 0;

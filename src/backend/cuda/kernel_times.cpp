@@ -126,7 +126,16 @@ void CUPTIAPI buffer_completed(CUcontext, uint32_t, uint8_t* buffer, size_t, siz
       if (rec->kind != CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL && rec->kind != CUPTI_ACTIVITY_KIND_KERNEL) continue;
       const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(rec);
       if (k->start == 0 && k->end == 0) continue;  // no timestamps for this one
-      const std::string* name = &*g_names.insert(k->name ? k->name : "?").first;
+      // DS_KTIMES_GRID=1: launches of one kernel with different grids are kept apart (the grid after a '\x01',
+      // shown as " [x×y×z]"): the one template serves shapes whose times differ.
+      static const bool by_grid = [] {
+        const char* v = std::getenv("DS_KTIMES_GRID");
+        return v && *v && *v != '0';
+      }();
+      std::string key = k->name ? k->name : "?";
+      if (by_grid)
+        key += "\x01 [" + std::to_string(k->gridX) + "x" + std::to_string(k->gridY) + "x" + std::to_string(k->gridZ) + "]";
+      const std::string* name = &*g_names.insert(key).first;
       g_recs.push_back({k->start, std::max(k->start, k->end), name});
     }
   }
@@ -203,7 +212,9 @@ std::vector<KernelTime> kernel_times_stop(double* span_ns) {
     covered = std::max(covered, r.end);
   }
   for (auto& [name, k] : by) {
-    k.name = short_kernel_name(*name);
+    const size_t cut = name->find('\x01');
+    k.name = cut == std::string::npos ? short_kernel_name(*name)
+                                      : short_kernel_name(name->substr(0, cut)) + name->substr(cut + 1);
     out.push_back(std::move(k));
   }
   std::sort(out.begin(), out.end(), [](const KernelTime& x, const KernelTime& y) { return x.own_ns > y.own_ns; });

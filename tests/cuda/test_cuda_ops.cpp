@@ -1309,6 +1309,40 @@ TEST_F(CudaOps, Int4DenseTwoTiles) {
   }
 }
 
+// Three int4 linears of one input in one launch (linear_group: the attention's q, k, v) give each one's bits alone, at
+// decode, medium and prefill sizes (the last two launches: the large-M kernel takes two matrices), with one and two
+// tiles per warp in the decode shape, F32 and BF16 outputs; and four jobs (three + one).
+TEST_F(CudaOps, Int4ThreeInOneLaunch) {
+  Both B;
+  HostLinear qa(8192, 2048, true, 101), qb(512, 2048, true, 102), qc(528, 2048, true, 103), qd(48, 2048, true, 104);
+  Linear la = B.gpu->make_linear({qa.src()}), lb = B.gpu->make_linear({qb.src()}), lc = B.gpu->make_linear({qc.src()}),
+         ld = B.gpu->make_linear({qd.src()});
+  for (int64_t M : {1, 3, 8, 9, 40, 64, 200, 300, 700})
+    for (const char* mt2 : {"-1", "0"}) {
+      if (M > 8 && std::string(mt2) == "0") continue;  // a decode-shape knob
+      ScopedEnv m2("DS_INT4_DENSE_MT2", mt2);
+      Tensor x = B.gpu->upload_f32(randn(size_t(M * 2048), 1.f, 105 + M), {M, 2048}, DType::BF16);
+      Tensor ya = B.gpu->alloc(DType::BF16, {M, 8192}), yb = B.gpu->alloc(DType::F32, {M, 512}),
+             yc = B.gpu->alloc(DType::BF16, {M, 528}), yd = B.gpu->alloc(DType::F32, {M, 48});
+      Tensor sa = B.gpu->alloc(DType::BF16, {M, 8192}), sb = B.gpu->alloc(DType::F32, {M, 512}),
+             sc = B.gpu->alloc(DType::BF16, {M, 528}), sd = B.gpu->alloc(DType::F32, {M, 48});
+      B.gpu->linear(x, la, sa);
+      B.gpu->linear(x, lb, sb);
+      B.gpu->linear(x, lc, sc);
+      B.gpu->linear(x, ld, sd);
+      B.gpu->linear_group(x, {{&la, &ya, false}, {&lb, &yb, false}, {&lc, &yc, false}});
+      const std::string tag = " M=" + std::to_string(M) + " DS_INT4_DENSE_MT2=" + mt2;
+      EXPECT_EQ(bit_diffs(B.gpu->to_host_f32(ya), B.gpu->to_host_f32(sa)), 0) << "three in one launch, a" << tag;
+      EXPECT_EQ(bit_diffs(B.gpu->to_host_f32(yb), B.gpu->to_host_f32(sb)), 0) << "three in one launch, b" << tag;
+      EXPECT_EQ(bit_diffs(B.gpu->to_host_f32(yc), B.gpu->to_host_f32(sc)), 0) << "three in one launch, c" << tag;
+      B.gpu->zero(ya), B.gpu->zero(yb), B.gpu->zero(yc);
+      B.gpu->linear_group(x, {{&la, &ya, false}, {&lb, &yb, false}, {&lc, &yc, false}, {&ld, &yd, false}});
+      EXPECT_EQ(bit_diffs(B.gpu->to_host_f32(ya), B.gpu->to_host_f32(sa)), 0) << "four jobs, a" << tag;
+      EXPECT_EQ(bit_diffs(B.gpu->to_host_f32(yc), B.gpu->to_host_f32(sc)), 0) << "four jobs, c" << tag;
+      EXPECT_EQ(bit_diffs(B.gpu->to_host_f32(yd), B.gpu->to_host_f32(sd)), 0) << "four jobs, d" << tag;
+    }
+}
+
 // The Hopper warpgroup-MMA kernel (int4_wg.h) for 9 .. 256 tokens: bit for bit equal to the mma.sync kernels
 // (DS_INT4_WG=0) at every token count, tile width (16, 32, 64 tokens per block) and K split (1 or 2 warpgroups),
 // for F32 and BF16 outputs, the

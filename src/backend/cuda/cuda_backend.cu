@@ -1770,7 +1770,7 @@ class CudaBackend final : public Backend {
     Tensor xb = as_bf16(x);
     std::vector<GemvSeg> segs;
     std::vector<LinearJob> rest;
-    std::vector<std::pair<const CudaLinear*, Tensor*>> q4;  // int4 jobs: two per launch
+    std::vector<std::pair<const CudaLinear*, Tensor*>> q4;  // int4 jobs: up to three per launch
     for (const auto& j : jobs) {
       auto* l = static_cast<const CudaLinear*>(j.w->get());
       DS_CHECK(l->K == K, "linear_group: every weight must take the same input (K ", K, " vs ", l->K, ")");
@@ -1788,15 +1788,18 @@ class CudaBackend final : public Backend {
       for (auto& [l, y] : q4) int4_cublas(l, xb, T, *y);
       q4.clear();
     }
-    for (size_t i = 0; i < q4.size(); i += 2) {
-      const MmaInt4 a = q4[i].first->mma();
-      if (i + 1 < q4.size()) {
-        const MmaInt4 b = q4[i + 1].first->mma();
-        mma_int4_linear2(a, q4[i].second->data, int(q4[i].second->dtype), &b, q4[i + 1].second->data,
-                         int(q4[i + 1].second->dtype), xb.data, T, stream_);
-      } else {
-        mma_int4_linear(a, xb.data, T, q4[i].second->data, int(q4[i].second->dtype), stream_);
-      }
+    // Three matrices per launch (the attention's q, k, v: the 512-row v alone was a 32-block launch, ~3 µs at
+    // batch 1 and 9 µs at 64); DS_CUDA_INT4_GROUP=2: two, as before session 22.
+    const size_t per = env_int("DS_CUDA_INT4_GROUP", 3) == 2 ? 2 : 3;
+    for (size_t i = 0; i < q4.size(); i += per) {
+      const size_t n = std::min(per, q4.size() - i);
+      MmaInt4 m[3];
+      for (size_t j = 0; j < n; ++j) m[j] = q4[i + j].first->mma();
+      auto y = [&](size_t j) { return q4[i + j].second->data; };
+      auto dt = [&](size_t j) { return int(q4[i + j].second->dtype); };
+      if (n == 1) mma_int4_linear(m[0], xb.data, T, y(0), dt(0), stream_);
+      else if (n == 2) mma_int4_linear2(m[0], y(0), dt(0), &m[1], y(1), dt(1), xb.data, T, stream_);
+      else mma_int4_linear2(m[0], y(0), dt(0), &m[1], y(1), dt(1), xb.data, T, stream_, &m[2], y(2), dt(2));
     }
     Backend::linear_group(xb, rest);
     if (!segs.empty()) gemv(xb, T, K, segs);

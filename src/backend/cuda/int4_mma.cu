@@ -34,15 +34,21 @@ constexpr int kWarps = 4;  // warps per block
 // UNR: groups per loop body, 2 for the decode and medium dense shapes (the next group's loads in flight with the
 // current one's), 1 for the large shapes (their accumulators leave no registers for it).
 template <int MT, int NT, int WK, int CPG, bool GATED, int UNR = (NT == 1 || (MT == 1 && !GATED) ? 2 : 1)>
-__global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 4 : NT == 2 ? 3 : 1)  // decode: ≥ 16 warps per SM in flight
+// Decode: ≥ 16 warps per SM in flight (4 blocks); the dense two-tile decode kernel 3 (its launches have at most ~3
+// blocks per SM, and at 4 its registers spilled once it took three matrices).
+__global__ void __launch_bounds__(kWarps * 32, NT == 1 ? (MT == 2 && WK == 4 ? 3 : 4) : NT == 2 ? 3 : 1)
     k_int4_mma(const Int4Pair P, const __nv_bfloat16* __restrict__ x, TokenSrc ts) {
-  // Blocks [0, P.b_block) compute matrix a, the rest matrix b (two linears of one input in one launch).
-  const bool second = blockIdx.x >= P.b_block;
-  const MmaInt4 W = second ? P.b.W : P.a.W;
-  const int64_t rows_per_expert = second ? P.b.rpe : P.a.rpe, n_out = second ? P.b.n_out : P.a.n_out;
-  void* const y = second ? P.b.y : P.a.y;
-  const int ydt = second ? P.b.ydt : P.a.ydt;
-  const unsigned bx = second ? blockIdx.x - P.b_block : blockIdx.x;
+  // Blocks [0, P.b_block) compute matrix a, [P.b_block, P.c_block) matrix b, the rest matrix c (up to three linears
+  // of one input in one launch).
+  // (No third matrix in the gated kernels and the experts' two-tile down projection: fewer registers there.)
+  constexpr bool kThree = !GATED && !(MT == 2 && NT == 1 && WK == 1);
+  const bool second = blockIdx.x >= P.b_block, third = kThree && blockIdx.x >= P.c_block;
+  const MmaInt4 W = third ? P.c.W : second ? P.b.W : P.a.W;
+  const int64_t rows_per_expert = third ? P.c.rpe : second ? P.b.rpe : P.a.rpe;
+  const int64_t n_out = third ? P.c.n_out : second ? P.b.n_out : P.a.n_out;
+  void* const y = third ? P.c.y : second ? P.b.y : P.a.y;
+  const int ydt = third ? P.c.ydt : second ? P.b.ydt : P.a.ydt;
+  const unsigned bx = blockIdx.x - (third ? P.c_block : second ? P.b_block : 0u);
   constexpr int WM = kWarps / WK, NTOK = 8 * NT, MW = GATED ? 2 * MT : MT;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wk = warp % WK, wm = warp / WK;
   const int g = lane >> 2, tig = lane & 3;
@@ -679,17 +685,19 @@ int64_t max_tiles(int64_t P, int64_t E, int ntok) {
 int prewait_groups() { return int(env_int("DS_INT4_PREWAIT", 8)); }
 
 template <int MT, int NT, int WK, bool GATED>
-void launch_cpg(const Int4Out& A, const Int4Out* B, const void* x, const TokenSrc& ts, int64_t gy, cudaStream_t s) {
+void launch_cpg(const Int4Out& A, const Int4Out* B, const void* x, const TokenSrc& ts, int64_t gy, cudaStream_t s,
+                const Int4Out* C = nullptr) {
   constexpr int WM = kWarps / WK;
   unsigned nb = 0;
   const Int4Pair P = int4_pair(
-      A, B, [](const Int4Out& o) { return unsigned((o.n_out / 16 + WM * MT - 1) / (WM * MT)); }, &nb);
+      A, B, [](const Int4Out& o) { return unsigned((o.n_out / 16 + WM * MT - 1) / (WM * MT)); }, &nb, C);
   const dim3 grid(nb, unsigned(gy));
   DS_CHECK(gy >= 1 && gy <= 65535, "int4 mma: ", gy, " token tiles (at most 65535)");
   const auto* xb = static_cast<const __nv_bfloat16*>(x);
   // Group size 128 (AutoRound's and GPTQ's default) is the one instantiated; mma_int4_supported() sends others to
   // the bf16 path.
-  DS_CHECK(A.W.G == 128 && (!B || B->W.G == 128), "int4 mma: group size ", A.W.G, " (instantiated: 128)");
+  DS_CHECK(A.W.G == 128 && (!B || B->W.G == 128) && (!C || C->W.G == 128), "int4 mma: group size ", A.W.G,
+           " (instantiated: 128)");
   // DS_INT4_UNROLL1=1: one group per loop body in the medium shape (before session 7; same bits). Two put the next
   // group's loads in flight with the current one's (255 registers, still 2 blocks per SM; batch 32 int4 linears
   // 1.55 → 1.42 ms). The large shapes keep one (they would spill).
@@ -724,21 +732,22 @@ enum class Shape { Small, Medium, Large };
 constexpr int ntok_of(Shape s) { return s == Shape::Small ? 8 : 32; }
 template <int MT, int NT, bool GATED>
 void launch_wk(int wk, const Int4Out& A, const Int4Out* B, const void* x, const TokenSrc& ts, int64_t gy,
-               cudaStream_t s) {
+               cudaStream_t s, const Int4Out* C = nullptr) {
   switch (wk) {
-    case 4: return launch_cpg<MT, NT, 4, GATED>(A, B, x, ts, gy, s);
-    case 2: return launch_cpg<MT, NT, 2, GATED>(A, B, x, ts, gy, s);
-    default: return launch_cpg<MT, NT, 1, GATED>(A, B, x, ts, gy, s);
+    case 4: return launch_cpg<MT, NT, 4, GATED>(A, B, x, ts, gy, s, C);
+    case 2: return launch_cpg<MT, NT, 2, GATED>(A, B, x, ts, gy, s, C);
+    default: return launch_cpg<MT, NT, 1, GATED>(A, B, x, ts, gy, s, C);
   }
 }
-// B (optional): a second matrix with the same K and group size, computed in the same launch.
+// B (optional): a second matrix with the same K and group size, computed in the same launch; C (optional, with B; dense
+// only): a third.
 // wk_cap: at most this many warps split K in the small shape; mt: 16-row output tiles per warp there (1 or 2; 2
 // only where one warp covers all of K, the experts' down projection: see mma_moe). Every choice gives the same bits.
 template <bool GATED>
 void launch(Shape shape, const Int4Out& A, const Int4Out* B, const void* x, const TokenSrc& ts, int64_t gy,
-            cudaStream_t s, int wk_cap = 4, int mt = 1) {
+            cudaStream_t s, int wk_cap = 4, int mt = 1, const Int4Out* C = nullptr) {
   const MmaInt4& W = A.W;
-  if (shape == Shape::Large) return launch_cpg<GATED ? 1 : 2, 4, 1, GATED>(A, B, x, ts, gy, s);
+  if (shape == Shape::Large) return launch_cpg<GATED ? 1 : 2, 4, 1, GATED>(A, B, x, ts, gy, s, C);
   // Small: every slice its own warp (most loads in flight for one token) unless K is short (the down projection's
   // 512: one warp). Medium: at least 1024 inputs per warp (K = 2048: two warps; 4096: four).
   int wk = 1;
@@ -752,7 +761,7 @@ void launch(Shape shape, const Int4Out& A, const Int4Out* B, const void* x, cons
   } else
     while (wk < W.KS && W.K / (2 * wk) >= 1024) wk *= 2;
   if constexpr (!GATED)
-    if (shape == Shape::Small && wk == 1 && mt == 2) return launch_cpg<2, 1, 1, false>(A, B, x, ts, gy, s);
+    if (shape == Shape::Small && wk == 1 && mt == 2 && !C) return launch_cpg<2, 1, 1, false>(A, B, x, ts, gy, s);
   // Dense decode launches whose one-tile-per-warp blocks (one per 16-row tile, A's and B's together) would not fit
   // the device at once take two tiles per warp: half the blocks, one wave, and every warp's first groups (both
   // tiles) toward L2 before the wait instead of only the first wave's. The DeltaNet qkv + z (768 tiles on 528 block
@@ -761,9 +770,10 @@ void launch(Shape shape, const Int4Out& A, const Int4Out* B, const void* x, cons
   if constexpr (!GATED)
     if (shape == Shape::Small && !ts.tiles && wk == 4) {
       const int64_t n2 = env_int("DS_INT4_DENSE_MT2", dense_wave_blocks());
-      if (n2 >= 0 && A.n_out / 16 + (B ? B->n_out / 16 : 0) > n2) return launch_cpg<2, 1, 4, false>(A, B, x, ts, gy, s);
+      if (n2 >= 0 && A.n_out / 16 + (B ? B->n_out / 16 : 0) + (C ? C->n_out / 16 : 0) > n2)
+        return launch_cpg<2, 1, 4, false>(A, B, x, ts, gy, s, C);
     }
-  if (shape == Shape::Small) return launch_wk<1, 1, GATED>(wk, A, B, x, ts, gy, s);
+  if (shape == Shape::Small) return launch_wk<1, 1, GATED>(wk, A, B, x, ts, gy, s, C);
   if constexpr (!GATED)
     if (!ts.tiles) {
       // The dense medium shape's warp tile, MT output tiles × NT token tiles (DS_INT4_MED = 10·MT + NT overrides:
@@ -774,10 +784,10 @@ void launch(Shape shape, const Int4Out& A, const Int4Out* B, const void* x, cons
       const int64_t med = env_int("DS_INT4_MED", ts.M <= 32 ? 12 : ts.M <= 64 ? 22 : 14);
       DS_CHECK(med == 14 || med == 12 || med == 22, "DS_INT4_MED: expected 14, 12 or 22, got ", med);
       const int64_t gy2 = (ts.M + 15) / 16;
-      if (med == 12) return launch_wk<1, 2, false>(wk, A, B, x, ts, gy2, s);
-      if (med == 22) return launch_wk<2, 2, false>(wk, A, B, x, ts, gy2, s);
+      if (med == 12) return launch_wk<1, 2, false>(wk, A, B, x, ts, gy2, s, C);
+      if (med == 22) return launch_wk<2, 2, false>(wk, A, B, x, ts, gy2, s, C);
     }
-  return launch_wk<1, 4, GATED>(wk, A, B, x, ts, gy, s);
+  return launch_wk<1, 4, GATED>(wk, A, B, x, ts, gy, s, C);
 }
 
 }  // namespace
@@ -812,10 +822,12 @@ void mma_int4_linear(const MmaInt4& W, const void* x, int64_t M, void* y, int yd
 }
 
 void mma_int4_linear2(const MmaInt4& A, void* ya, int ydta, const MmaInt4* B, void* yb, int ydtb, const void* x,
-                      int64_t M, cudaStream_t s) {
+                      int64_t M, cudaStream_t s, const MmaInt4* C, void* yc, int ydtc) {
   if (M == 0) return;
   DS_CHECK(M < (int64_t(1) << 31), "int4 mma: ", M, " rows (fewer than 2^31)");
   DS_CHECK(!B || (B->K == A.K && B->G == A.G && B->KS == A.KS), "int4 mma pair: both matrices must share K and groups");
+  DS_CHECK(!C || (B && C->K == A.K && C->G == A.G && C->KS == A.KS),
+           "int4 mma: a third matrix needs a second and the same K and groups");
   // DS_INT4_SMALL_MAX_M=n: the decode shape up to n rows (8; benchmark knob, same bits).
   const Shape shape = M <= env_int("DS_INT4_SMALL_MAX_M", 8) ? Shape::Small : M <= 256 ? Shape::Medium : Shape::Large;
   TokenSrc ts;
@@ -825,14 +837,21 @@ void mma_int4_linear2(const MmaInt4& A, void* ya, int ydta, const MmaInt4* B, vo
   // (bench/RESULTS.md session 10), so not there.
   ts.pre = shape == Shape::Small ? prewait_groups() : 0;
   const Int4Out oa{A, A.N, A.N, ya, ydta};
-  Int4Out ob;
+  Int4Out ob, oc;
   if (B) ob = Int4Out{*B, B->N, B->N, yb, ydtb};
-  if (M >= int4_gemm_min_m() && int4_gemm_enabled())  // prefill sizes: the large-M kernel (int4_gemm.h)
+  if (C) oc = Int4Out{*C, C->N, C->N, yc, ydtc};
+  const bool big = M >= int4_gemm_min_m() && int4_gemm_enabled();
+  if (C && (big || (shape == Shape::Medium && int4_wg_enabled()))) {  // kernels of at most two matrices
+    mma_int4_linear2(A, ya, ydta, B, yb, ydtb, x, M, s);
+    return mma_int4_linear2(*C, yc, ydtc, nullptr, nullptr, 0, x, M, s);
+  }
+  if (big)  // prefill sizes: the large-M kernel (int4_gemm.h)
     return int4_gemm(false, oa, B ? &ob : nullptr, x, ts, (M + kGemmTok - 1) / kGemmTok, s);
   // The medium shape through Hopper's warpgroup MMA when DS_INT4_WG=1 (int4_wg.h; the same bits; off by default:
   // slower so far, docs/perf.md session 13).
   if (shape == Shape::Medium && int4_wg_linear2(oa, B ? &ob : nullptr, x, M, s)) return;
-  launch<false>(shape, oa, B ? &ob : nullptr, x, ts, (M + ntok_of(shape) - 1) / ntok_of(shape), s);
+  launch<false>(shape, oa, B ? &ob : nullptr, x, ts, (M + ntok_of(shape) - 1) / ntok_of(shape), s, 4, 1,
+                C ? &oc : nullptr);
 }
 
 int64_t mma_moe_scratch_ints(int64_t P, int64_t E) { return P + 3 * max_tiles(P, E, ntok_of(Shape::Small)) + 1; }

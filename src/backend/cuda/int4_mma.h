@@ -54,10 +54,12 @@ int mma_int4_nibble(const uint32_t* packed, int64_t K, int64_t n, int64_t k);
 
 // y[m, n] = Σ_k x[m, k] W[n, k], x bf16 [M, K], y F32 or BF16 (ydt: ds::DType value) [M, N].
 void mma_int4_linear(const MmaInt4& W, const void* x, int64_t M, void* y, int ydt, cudaStream_t s);
-// Two linears of the same input (same K and group size) in one launch: ya = x·Aᵀ, yb = x·Bᵀ (B may be null). Each
-// output's bits equal those of its own mma_int4_linear (the blocks of each matrix compute exactly as alone).
+// Two or three linears of the same input (same K and group size) in one launch: ya = x·Aᵀ, yb = x·Bᵀ, yc = x·Cᵀ (B
+// may be null; C only with B). Each output's bits equal those of its own mma_int4_linear (the blocks of each matrix
+// compute exactly as alone). Three matrices take one launch at the sizes k_int4_mma serves, two launches where the
+// large-M or warpgroup kernel does.
 void mma_int4_linear2(const MmaInt4& A, void* ya, int ydta, const MmaInt4* B, void* yb, int ydtb, const void* x,
-                      int64_t M, cudaStream_t s);
+                      int64_t M, cudaStream_t s, const MmaInt4* C = nullptr, void* yc = nullptr, int ydtc = 0);
 
 // Routed experts. W stacks E experts' rows: gate_up E × [gate I rows | up I rows], down E × [H rows].
 // pairs: ids [P] (P = T·topk, pair p = t·topk + k). Scratch (device, int32): moe_scratch_ints(P, E) words.

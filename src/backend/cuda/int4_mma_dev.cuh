@@ -88,13 +88,16 @@ struct Int4Out {
   void* y = nullptr;
   int ydt = 0;
 };
+// Up to three matrices of one launch (c only in k_int4_mma: int4_gemm and k_int4_wg take a and b).
 struct Int4Pair {
-  Int4Out a, b;
+  Int4Out a, b, c;
   unsigned b_block = 0xFFFFFFFFu;  // first block of matrix b (none: all blocks are a's)
+  unsigned c_block = 0xFFFFFFFFu;  // first block of matrix c (none)
 };
-// The launch's pair (b optional) and its block count *nb: blocks(o) blocks for each matrix, a's first.
+// The launch's matrices (b and c optional; c only with b) and its block count *nb: blocks(o) blocks for each
+// matrix, a's first.
 template <class Blocks>
-inline Int4Pair int4_pair(const Int4Out& A, const Int4Out* B, Blocks blocks, unsigned* nb) {
+inline Int4Pair int4_pair(const Int4Out& A, const Int4Out* B, Blocks blocks, unsigned* nb, const Int4Out* C = nullptr) {
   Int4Pair P;
   P.a = A;
   *nb = blocks(A);
@@ -102,6 +105,11 @@ inline Int4Pair int4_pair(const Int4Out& A, const Int4Out* B, Blocks blocks, uns
     P.b = *B;
     P.b_block = *nb;
     *nb += blocks(*B);
+    if (C) {
+      P.c = *C;
+      P.c_block = *nb;
+      *nb += blocks(*C);
+    }
   }
   return P;
 }

@@ -765,7 +765,7 @@ void launch(Shape shape, const Int4Out& A, const Int4Out* B, const void* x, cons
   // Dense decode launches whose one-tile-per-warp blocks (one per 16-row tile, A's and B's together) would not fit
   // the device at once take two tiles per warp: half the blocks, one wave, and every warp's first groups (both
   // tiles) toward L2 before the wait instead of only the first wave's. The DeltaNet qkv + z (768 tiles on 528 block
-  // slots of an H200) and the attention's q + k (544): batch 1 −0.015 to −0.02 ms (bench/RESULTS.md session 22).
+  // slots of an H200) and the attention's q + k (+ v: 576): batch 1 −0.015 to −0.02 ms (bench/RESULTS.md session 22).
   // DS_INT4_DENSE_MT2=n: from more than n tiles instead (0: always; −1: never). Same bits.
   if constexpr (!GATED)
     if (shape == Shape::Small && !ts.tiles && wk == 4) {

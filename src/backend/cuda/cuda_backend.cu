@@ -1794,12 +1794,12 @@ class CudaBackend final : public Backend {
     for (size_t i = 0; i < q4.size(); i += per) {
       const size_t n = std::min(per, q4.size() - i);
       MmaInt4 m[3];
-      for (size_t j = 0; j < n; ++j) m[j] = q4[i + j].first->mma();
-      auto y = [&](size_t j) { return q4[i + j].second->data; };
-      auto dt = [&](size_t j) { return int(q4[i + j].second->dtype); };
-      if (n == 1) mma_int4_linear(m[0], xb.data, T, y(0), dt(0), stream_);
-      else if (n == 2) mma_int4_linear2(m[0], y(0), dt(0), &m[1], y(1), dt(1), xb.data, T, stream_);
-      else mma_int4_linear2(m[0], y(0), dt(0), &m[1], y(1), dt(1), xb.data, T, stream_, &m[2], y(2), dt(2));
+      void* y[3] = {};
+      int dt[3] = {};
+      for (size_t j = 0; j < n; ++j)
+        m[j] = q4[i + j].first->mma(), y[j] = q4[i + j].second->data, dt[j] = int(q4[i + j].second->dtype);
+      mma_int4_linear2(m[0], y[0], dt[0], n > 1 ? &m[1] : nullptr, y[1], dt[1], xb.data, T, stream_,
+                       n > 2 ? &m[2] : nullptr, y[2], dt[2]);
     }
     Backend::linear_group(xb, rest);
     if (!segs.empty()) gemv(xb, T, K, segs);

@@ -713,11 +713,9 @@ void launch_cpg(const Int4Out& A, const Int4Out* B, const void* x, const TokenSr
 // per SM × SMs (528 on an H100 or H200: 4 × 132). Read once per process, on the current device.
 int64_t dense_wave_blocks() {
   static const int64_t n = [] {
-    int per_sm = 0, dev = 0, sms = 0;
-    DS_CUDA_CHECK(cudaGetDevice(&dev));
-    DS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    int per_sm = 0;
     DS_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_int4_mma<1, 1, 4, 2, false>, kWarps * 32, 0));
-    return int64_t(per_sm) * sms;
+    return int64_t(per_sm) * device_sm_count();
   }();
   return n;
 }
@@ -843,7 +841,7 @@ void mma_int4_linear2(const MmaInt4& A, void* ya, int ydta, const MmaInt4* B, vo
   const bool big = M >= int4_gemm_min_m() && int4_gemm_enabled();
   if (C && (big || (shape == Shape::Medium && int4_wg_enabled()))) {  // kernels of at most two matrices
     mma_int4_linear2(A, ya, ydta, B, yb, ydtb, x, M, s);
-    return mma_int4_linear2(*C, yc, ydtc, nullptr, nullptr, 0, x, M, s);
+    return mma_int4_linear(*C, x, M, yc, ydtc, s);
   }
   if (big)  // prefill sizes: the large-M kernel (int4_gemm.h)
     return int4_gemm(false, oa, B ? &ob : nullptr, x, ts, (M + kGemmTok - 1) / kGemmTok, s);

@@ -1,5 +1,6 @@
 // CUPTI activity collection for per-kernel device times (design: kernel_times.h).
 #include "backend/cuda/kernel_times.h"
+#include "core/env.h"
 
 #include <cxxabi.h>
 
@@ -127,11 +128,8 @@ void CUPTIAPI buffer_completed(CUcontext, uint32_t, uint8_t* buffer, size_t, siz
       const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(rec);
       if (k->start == 0 && k->end == 0) continue;  // no timestamps for this one
       // DS_KTIMES_GRID=1: launches of one kernel with different grids are kept apart (the grid after a '\x01',
-      // shown as " [x×y×z]"): the one template serves shapes whose times differ.
-      static const bool by_grid = [] {
-        const char* v = std::getenv("DS_KTIMES_GRID");
-        return v && *v && *v != '0';
-      }();
+      // shown as " [XxYxZ]"): the one template serves shapes whose times differ.
+      static const bool by_grid = env_flag("DS_KTIMES_GRID");
       std::string key = k->name ? k->name : "?";
       if (by_grid)
         key += "\x01 [" + std::to_string(k->gridX) + "x" + std::to_string(k->gridY) + "x" + std::to_string(k->gridZ) + "]";

@@ -1290,23 +1290,29 @@ TEST_F(CudaOps, Int4DenseTwoTiles) {
             << "two tiles per warp, N=" << s.N << " K=" << s.K << " M=" << M << " (" << s.what << ")";
       }
   }
-  HostLinear qa(8192, 2048, true, 91), qb(528, 2048, true, 92);  // q + k of a layer: one launch, 545 tiles
+  // q + k of a layer: one launch, 545 tiles; by the two-tile kernel compiled without the third matrix (the default
+  // for two, DS_INT4_MT2_LIGHT) and with it
+  HostLinear qa(8192, 2048, true, 91), qb(528, 2048, true, 92);
   Linear la = B.gpu->make_linear({qa.src()}), lb = B.gpu->make_linear({qb.src()});
-  for (int64_t M : {1, 3, 8}) {
-    Tensor x = B.gpu->upload_f32(randn(size_t(M * 2048), 1.f, 93 + M), {M, 2048}, DType::BF16);
-    Tensor ya = B.gpu->alloc(DType::BF16, {M, 8192}), yb = B.gpu->alloc(DType::F32, {M, 528});
-    Tensor sa = B.gpu->alloc(DType::BF16, {M, 8192}), sb = B.gpu->alloc(DType::F32, {M, 528});
-    {
-      ScopedEnv mt1("DS_INT4_DENSE_MT2", "-1");
-      B.gpu->linear_group(x, {{&la, &sa, false}, {&lb, &sb, false}});
+  for (const char* light : {"1", "0"})
+    for (int64_t M : {1, 3, 8}) {
+      ScopedEnv lt("DS_INT4_MT2_LIGHT", light);
+      Tensor x = B.gpu->upload_f32(randn(size_t(M * 2048), 1.f, 93 + M), {M, 2048}, DType::BF16);
+      Tensor ya = B.gpu->alloc(DType::BF16, {M, 8192}), yb = B.gpu->alloc(DType::F32, {M, 528});
+      Tensor sa = B.gpu->alloc(DType::BF16, {M, 8192}), sb = B.gpu->alloc(DType::F32, {M, 528});
+      {
+        ScopedEnv mt1("DS_INT4_DENSE_MT2", "-1");
+        B.gpu->linear_group(x, {{&la, &sa, false}, {&lb, &sb, false}});
+      }
+      {
+        ScopedEnv mt2("DS_INT4_DENSE_MT2", "0");
+        B.gpu->linear_group(x, {{&la, &ya, false}, {&lb, &yb, false}});
+      }
+      EXPECT_EQ(bit_diffs(B.gpu->to_host_f32(ya), B.gpu->to_host_f32(sa)), 0)
+          << "two tiles per warp, paired a, M=" << M << " light " << light;
+      EXPECT_EQ(bit_diffs(B.gpu->to_host_f32(yb), B.gpu->to_host_f32(sb)), 0)
+          << "two tiles per warp, paired b, M=" << M << " light " << light;
     }
-    {
-      ScopedEnv mt2("DS_INT4_DENSE_MT2", "0");
-      B.gpu->linear_group(x, {{&la, &ya, false}, {&lb, &yb, false}});
-    }
-    EXPECT_EQ(bit_diffs(B.gpu->to_host_f32(ya), B.gpu->to_host_f32(sa)), 0) << "two tiles per warp, paired a, M=" << M;
-    EXPECT_EQ(bit_diffs(B.gpu->to_host_f32(yb), B.gpu->to_host_f32(sb)), 0) << "two tiles per warp, paired b, M=" << M;
-  }
 }
 
 // Three int4 linears of one input in one launch (linear_group: the attention's q, k, v) give each one's bits alone, at

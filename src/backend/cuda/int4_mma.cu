@@ -33,15 +33,24 @@ constexpr int kWarps = 4;  // warps per block
 // Output: GATED → bf16 silu(gate)·up at [p, n]; else y[p, n] of dtype ydt (F32 or BF16); row stride n_out.
 // UNR: groups per loop body, 2 for the decode and medium dense shapes (the next group's loads in flight with the
 // current one's), 1 for the large shapes (their accumulators leave no registers for it).
-template <int MT, int NT, int WK, int CPG, bool GATED, int UNR = (NT == 1 || (MT == 1 && !GATED) ? 2 : 1)>
-// Decode: ≥ 16 warps per SM in flight (4 blocks); the dense two-tile decode kernel 3 (its launches have at most ~3
-// blocks per SM, and at 4 its registers spilled once it took three matrices).
-__global__ void __launch_bounds__(kWarps * 32, NT == 1 ? (MT == 2 && WK == 4 ? 3 : 4) : NT == 2 ? 3 : 1)
+// C3: the third matrix (Int4Pair::c) compiled in; false for the dense two-tile decode launches of two matrices.
+template <int MT, int NT, int WK, int CPG, bool GATED, int UNR = (NT == 1 || (MT == 1 && !GATED) ? 2 : 1),
+          bool C3 = true>
+// Decode: ≥ 16 warps per SM in flight (4 blocks), except
+// - the dense two-tile kernel with a third matrix: 3 (its launches have at most ~3 blocks per SM, and at 4 its
+//   registers spilled once it took three matrices); without it (C3 = false) 4, 128 registers without spilling, so
+//   beside the DeltaNet qkv + z's ~3 blocks per SM the conv kernel that follows finds registers to start in (session
+//   23: batch 1 −0.01 to −0.04 ms, batch 4 −0.01 to −0.05);
+// - the gated (experts' gate_up) decode kernels: 3, 150 registers where 4 spilled 24 bytes (session 23: batch 1
+//   −0.02 ms; a launch has 2 blocks per SM at batch 1).
+__global__ void __launch_bounds__(kWarps * 32, NT == 1   ? (GATED || (MT == 2 && WK == 4 && C3) ? 3 : 4)
+                                               : NT == 2 ? 3
+                                                         : 1)
     k_int4_mma(const Int4Pair P, const __nv_bfloat16* __restrict__ x, TokenSrc ts) {
   // Blocks [0, P.b_block) compute matrix a, [P.b_block, P.c_block) matrix b, the rest matrix c (up to three linears
   // of one input in one launch).
   // (No third matrix in the gated kernels and the experts' two-tile down projection: fewer registers there.)
-  constexpr bool kThree = !GATED && !(MT == 2 && NT == 1 && WK == 1);
+  constexpr bool kThree = C3 && !GATED && !(MT == 2 && NT == 1 && WK == 1);
   const bool second = blockIdx.x >= P.b_block, third = kThree && blockIdx.x >= P.c_block;
   const MmaInt4 W = third ? P.c.W : second ? P.b.W : P.a.W;
   const int64_t rows_per_expert = third ? P.c.rpe : second ? P.b.rpe : P.a.rpe;
@@ -684,7 +693,7 @@ int64_t max_tiles(int64_t P, int64_t E, int ntok) {
 // attention; 4 until session 22, when 8 moved those launches 4.69 → 4.11 µs); 0 = none.
 int prewait_groups() { return int(env_int("DS_INT4_PREWAIT", 8)); }
 
-template <int MT, int NT, int WK, bool GATED>
+template <int MT, int NT, int WK, bool GATED, bool C3 = true>
 void launch_cpg(const Int4Out& A, const Int4Out* B, const void* x, const TokenSrc& ts, int64_t gy, cudaStream_t s,
                 const Int4Out* C = nullptr) {
   constexpr int WM = kWarps / WK;
@@ -706,7 +715,12 @@ void launch_cpg(const Int4Out& A, const Int4Out* B, const void* x, const TokenSr
       DS_CUDA_CHECK(pdl_launch(k_int4_mma<MT, NT, WK, 2, GATED, 1>, grid, dim3(kWarps * 32), 0, s, P, xb, ts));
       return;
     }
-  DS_CUDA_CHECK(pdl_launch(k_int4_mma<MT, NT, WK, 2, GATED>, grid, dim3(kWarps * 32), 0, s, P, xb, ts));
+  if constexpr (!C3) {
+    DS_CHECK(!C, "int4 mma: a third matrix for a kernel compiled without it");
+    DS_CUDA_CHECK(pdl_launch(k_int4_mma<MT, NT, WK, 2, GATED, 2, false>, grid, dim3(kWarps * 32), 0, s, P, xb, ts));
+  } else {
+    DS_CUDA_CHECK(pdl_launch(k_int4_mma<MT, NT, WK, 2, GATED>, grid, dim3(kWarps * 32), 0, s, P, xb, ts));
+  }
 }
 
 // Blocks of the dense decode kernel (one tile per warp, K split over 4 warps) the device holds at once: its blocks
@@ -768,8 +782,11 @@ void launch(Shape shape, const Int4Out& A, const Int4Out* B, const void* x, cons
   if constexpr (!GATED)
     if (shape == Shape::Small && !ts.tiles && wk == 4) {
       const int64_t n2 = env_int("DS_INT4_DENSE_MT2", dense_wave_blocks());
-      if (n2 >= 0 && A.n_out / 16 + (B ? B->n_out / 16 : 0) + (C ? C->n_out / 16 : 0) > n2)
+      if (n2 >= 0 && A.n_out / 16 + (B ? B->n_out / 16 : 0) + (C ? C->n_out / 16 : 0) > n2) {
+        // Two matrices: the kernel without the third (DS_INT4_MT2_LIGHT=0: with it; same bits).
+        if (!C && env_int("DS_INT4_MT2_LIGHT", 1) != 0) return launch_cpg<2, 1, 4, false, false>(A, B, x, ts, gy, s);
         return launch_cpg<2, 1, 4, false>(A, B, x, ts, gy, s, C);
+      }
     }
   if (shape == Shape::Small) return launch_wk<1, 1, GATED>(wk, A, B, x, ts, gy, s, C);
   if constexpr (!GATED)

@@ -34,19 +34,12 @@ constexpr int kWarps = 4;  // warps per block
 // UNR: groups per loop body, 2 for the decode and medium dense shapes (the next group's loads in flight with the
 // current one's), 1 for the large shapes (their accumulators leave no registers for it).
 // C3: the third matrix (Int4Pair::c) compiled in; false for the dense two-tile decode launches of two matrices.
-template <int MT, int NT, int WK, int CPG, bool GATED, int UNR = (NT == 1 || (MT == 1 && !GATED) ? 2 : 1),
-          bool C3 = true>
-// Decode: ≥ 16 warps per SM in flight (4 blocks), except
-// - the dense two-tile kernel with a third matrix: 3 (its launches have at most ~3 blocks per SM, and at 4 its
-//   registers spilled once it took three matrices); without it (C3 = false) 4, 128 registers without spilling, so
-//   beside the DeltaNet qkv + z's ~3 blocks per SM the conv kernel that follows finds registers to start in (session
-//   23: batch 1 −0.01 to −0.04 ms, batch 4 −0.01 to −0.05);
-// - the gated (experts' gate_up) decode kernels: 3, 150 registers where 4 spilled 24 bytes (session 23: batch 1
-//   −0.02 ms; a launch has 2 blocks per SM at batch 1).
-__global__ void __launch_bounds__(kWarps * 32, NT == 1   ? (GATED || (MT == 2 && WK == 4 && C3) ? 3 : 4)
-                                               : NT == 2 ? 3
-                                                         : 1)
-    k_int4_mma(const Int4Pair P, const __nv_bfloat16* __restrict__ x, TokenSrc ts) {
+// The kernel's body, a device function under the __global__ k_int4_mma below (session 23, for a variant capped by
+// __maxnreg__ that lost; kept because ptxas allocates several instantiations a few registers fewer this way — the
+// experts' one-tile down projection 112 → 104, the medium 1 × 4 tile 176 → 168 — and the step measured no slower,
+// batch 64 a little faster: bench/RESULTS.md session 23, run 6).
+template <int MT, int NT, int WK, int CPG, bool GATED, int UNR, bool C3>
+__device__ __forceinline__ void int4_mma_body(const Int4Pair& P, const __nv_bfloat16* __restrict__ x, TokenSrc ts) {
   // Blocks [0, P.b_block) compute matrix a, [P.b_block, P.c_block) matrix b, the rest matrix c (up to three linears
   // of one input in one launch).
   // (No third matrix in the gated kernels and the experts' two-tile down projection: fewer registers there.)
@@ -241,6 +234,22 @@ __global__ void __launch_bounds__(kWarps * 32, NT == 1   ? (GATED || (MT == 2 &&
         }
       }
   }
+}
+template <int MT, int NT, int WK, int CPG, bool GATED, int UNR = (NT == 1 || (MT == 1 && !GATED) ? 2 : 1),
+          bool C3 = true>
+// Decode: ≥ 16 warps per SM in flight (4 blocks), except
+// - the dense two-tile kernel with a third matrix: 3 (its launches have at most ~3 blocks per SM, and at 4 its
+//   registers spilled once it took three matrices); without it (C3 = false) 4, 128 registers without spilling, so
+//   beside the DeltaNet qkv + z's ~3 blocks per SM the conv kernel that follows finds registers to start in (session
+//   23: batch 1 −0.01 to −0.04 ms, batch 4 −0.01 to −0.05);
+// - the gated (experts' gate_up) decode kernels: 3, 150 registers where 4 spilled 24 bytes (session 23: batch 1
+//   −0.02 ms; a launch has 2 blocks per SM at batch 1). Capped at 144 or 136 registers (__maxnreg__, so that two
+//   down-projection blocks fit beside two of its blocks) they spill in the loop: batch 1 +0.08 ms.
+__global__ void __launch_bounds__(kWarps * 32, NT == 1   ? (GATED || (MT == 2 && WK == 4 && C3) ? 3 : 4)
+                                               : NT == 2 ? 3
+                                                         : 1)
+    k_int4_mma(const Int4Pair P, const __nv_bfloat16* __restrict__ x, TokenSrc ts) {
+  int4_mma_body<MT, NT, WK, CPG, GATED, UNR, C3>(P, x, ts);
 }
 
 // Streaming decode kernels for the experts (k_int4_moe_gu, k_int4_moe_down): a warp holds its token tile's

@@ -235,8 +235,8 @@ __device__ __forceinline__ void int4_mma_body(const Int4Pair& P, const __nv_bflo
       }
   }
 }
-template <int MT, int NT, int WK, int CPG, bool GATED, int UNR = (NT == 1 || (MT == 1 && !GATED) ? 2 : 1),
-          bool C3 = true>
+constexpr int default_unr(int MT, int NT, bool GATED) { return NT == 1 || (MT == 1 && !GATED) ? 2 : 1; }
+template <int MT, int NT, int WK, int CPG, bool GATED, int UNR = default_unr(MT, NT, GATED), bool C3 = true>
 // Decode: ≥ 16 warps per SM in flight (4 blocks), except
 // - the dense two-tile kernel with a third matrix: 3 (its launches have at most ~3 blocks per SM, and at 4 its
 //   registers spilled once it took three matrices); without it (C3 = false) 4, 128 registers without spilling, so
@@ -724,12 +724,9 @@ void launch_cpg(const Int4Out& A, const Int4Out* B, const void* x, const TokenSr
       DS_CUDA_CHECK(pdl_launch(k_int4_mma<MT, NT, WK, 2, GATED, 1>, grid, dim3(kWarps * 32), 0, s, P, xb, ts));
       return;
     }
-  if constexpr (!C3) {
-    DS_CHECK(!C, "int4 mma: a third matrix for a kernel compiled without it");
-    DS_CUDA_CHECK(pdl_launch(k_int4_mma<MT, NT, WK, 2, GATED, 2, false>, grid, dim3(kWarps * 32), 0, s, P, xb, ts));
-  } else {
-    DS_CUDA_CHECK(pdl_launch(k_int4_mma<MT, NT, WK, 2, GATED>, grid, dim3(kWarps * 32), 0, s, P, xb, ts));
-  }
+  DS_CHECK(C3 || !C, "int4 mma: a third matrix for a kernel compiled without it");
+  DS_CUDA_CHECK(pdl_launch(k_int4_mma<MT, NT, WK, 2, GATED, default_unr(MT, NT, GATED), C3>, grid, dim3(kWarps * 32), 0,
+                           s, P, xb, ts));
 }
 
 // Blocks of the dense decode kernel (one tile per warp, K split over 4 warps) the device holds at once: its blocks

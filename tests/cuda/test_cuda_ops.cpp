@@ -1985,5 +1985,54 @@ TEST_F(CudaOps, MoeFfnFused) {
   }
 }
 
+// The decode router + table launches (T ≤ 4, up to 32 pairs) at the model's E = 256 and other E: the compact kernel
+// (k_moe_route_tiles_c, default for E ≤ 256 at top-8 with bf16 or fp32 logits) and the general one-warp kernel
+// (DS_MOE_ROUTE_C=0) give the unfused path's ids, weights and output bit for bit, and the ids are the CPU's. Logits on a grid of 0.5 make many probabilities tie exactly.
+TEST_F(CudaOps, MoeRouteTableDecode) {
+  Both B;
+  const int64_t H = 256, I = 128, K = 8;
+  for (int64_t E : {256, 200, 64}) {
+    const HostExperts hx(E, H, I, true, 800 + E, 900 + E, 1000 + E);
+    Experts eg = hx.make(*B.gpu);
+    for (DType ldt : {DType::BF16, DType::F32})
+      for (bool ties : {false, true})
+        for (int64_t T : {1, 2, 3, 4}) {
+          const std::string tag = "E=" + std::to_string(E) + " T=" + std::to_string(T) +
+                                  (ldt == DType::BF16 ? " bf16" : " f32") + (ties ? " ties" : "");
+          std::vector<float> lv = randn(size_t(T * E), 1.f, uint64_t(1100 + E + T + 7 * ties));
+          for (float& v : lv) v = ties ? std::round(v * 2.f) / 2.f : bf16_to_f32(f32_to_bf16(v));  // exact in bf16
+          const auto xs = randn(size_t(T * H), 1.f, uint64_t(1200 + T));
+          struct Out {
+            std::vector<float> y, ids, w;
+            bool operator==(const Out& o) const { return y == o.y && ids == o.ids && w == o.w; }
+          };
+          auto run = [&] {
+            Backend& g = *B.gpu;
+            Tensor l = g.upload_f32(lv, {T, E}, ldt), x = g.upload_f32(xs, {T, H}, DType::BF16);
+            Tensor ids = g.alloc(DType::I32, {T, K}), w = g.alloc(DType::F32, {T, K}), y = g.alloc(DType::BF16, {T, H});
+            g.moe_ffn(l, K, x, eg, ids, w, nullptr, nullptr, nullptr, y);
+            return Out{g.to_host_f32(y), g.to_host_f32(ids), g.to_host_f32(w)};
+          };
+          Out plain, compact, general;
+          {
+            ScopedEnv n("DS_CUDA_NO_MOE_FUSE", "1");
+            plain = run();
+          }
+          compact = run();
+          {
+            ScopedEnv c("DS_MOE_ROUTE_C", "0");
+            general = run();
+          }
+          EXPECT_TRUE(compact == plain) << tag << ": compact router + table and unfused CUDA differ";
+          EXPECT_TRUE(general == plain) << tag << ": one-warp router + table and unfused CUDA differ";
+          auto l = B.up(lv, {T, E});
+          auto ids = B.zeros({T, K}, DType::I32), w = B.zeros({T, K}, DType::F32);
+          B.cpu->moe_route(l.c, K, ids.c, w.c);
+          const std::vector<float> cid = B.cpu->to_host_f32(ids.c);
+          EXPECT_EQ(cid, compact.ids) << tag << ": ids differ from the CPU's";
+        }
+  }
+}
+
 }  // namespace
 }  // namespace ds

@@ -19,9 +19,14 @@ namespace ds::cuda {
 // logits per lane: every loop (loads, softmax, K select rounds, knock-out) is JN long, so E = 256 takes 8 where a
 // fixed 32 spent three quarters of each on predicated-off slots. Slots past E hold −∞ / 0 / −1 as before, so the
 // max, the sum (adding +0) and the selection are the same bits for any JN ≥ E / 32.
+// wreg (K ≤ 32; the one-warp table launch k_moe_route_tiles_w): lane k keeps round k's probability in a register and
+// stores it divided by the sum, where otherwise lane 0 stores it each round and the lanes read it back (a dependent L2
+// round trip); the same bits (session 24: batch 1 −0.012 to −0.017 ms, batch 4 −0.035, H200).
 template <int JN>
 __device__ __forceinline__ void moe_route_token_n(const void* logits, int ldt, int64_t t, int64_t E, int64_t K,
-                                                  int32_t* ids, float* wts, int lane) {
+                                                  int32_t* ids, float* wts, int lane, bool wreg) {
+  wreg = wreg && K <= 32;
+  float myw = 0.f;
   float p[JN];
   float mx = -INFINITY;
 #pragma unroll
@@ -63,23 +68,28 @@ __device__ __forceinline__ void moe_route_token_n(const void* logits, int ldt, i
       }
     }
     tsum += bv;
+    if (wreg && lane == k) myw = bv;
     if (lane == 0) {
       ids[t * K + k] = bi;
-      wts[t * K + k] = bv;
+      if (!wreg) wts[t * K + k] = bv;
     }
 #pragma unroll
     for (int j = 0; j < JN; ++j)
       if (lane + 32 * j == bi) p[j] = -1.f;
+  }
+  if (wreg) {
+    if (lane < K) wts[t * K + lane] = myw / tsum;
+    return;
   }
   __syncwarp();
   for (int64_t k = lane; k < K; k += 32) wts[t * K + k] = wts[t * K + k] / tsum;
 }
 // E ≤ 1024: the shortest of 8, 16 or 32 logits per lane (warp-uniform branch).
 __device__ __forceinline__ void moe_route_token(const void* logits, int ldt, int64_t t, int64_t E, int64_t K,
-                                                int32_t* ids, float* wts, int lane) {
-  if (E <= 256) return moe_route_token_n<8>(logits, ldt, t, E, K, ids, wts, lane);
-  if (E <= 512) return moe_route_token_n<16>(logits, ldt, t, E, K, ids, wts, lane);
-  moe_route_token_n<32>(logits, ldt, t, E, K, ids, wts, lane);
+                                                int32_t* ids, float* wts, int lane, bool wreg = false) {
+  if (E <= 256) return moe_route_token_n<8>(logits, ldt, t, E, K, ids, wts, lane, wreg);
+  if (E <= 512) return moe_route_token_n<16>(logits, ldt, t, E, K, ids, wts, lane, wreg);
+  moe_route_token_n<32>(logits, ldt, t, E, K, ids, wts, lane, wreg);
 }
 
 // The routed experts' weighted sum for token t, output column d: Σ_k wts[t, k] · out[t·K + k, d] in k order, fp32

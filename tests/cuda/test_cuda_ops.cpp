@@ -352,6 +352,36 @@ TEST_F(CudaOps, FusedOps) {
   }
 }
 
+// add_rmsnorm's typed kernels (k_add_rmsnorm_t, one per bf16 / fp32 combination of x, d and h) equal the generic
+// one (DS_CUDA_ADDNORM_T=0) bit for bit, on full and partial columns per thread, and the CPU within tolerance.
+TEST_F(CudaOps, AddRmsnormTyped) {
+  Both B;
+  Backend& g = *B.gpu;
+  for (int64_t D : {2048, 4096, 200, 2300})
+    for (int64_t T : {1, 3, 64})
+      for (DType xdt : {DType::BF16, DType::F32})
+        for (DType ddt : {DType::BF16, DType::F32})
+          for (DType hdt : {DType::BF16, DType::F32}) {
+            const std::string tag = " D=" + std::to_string(D) + " T=" + std::to_string(T) + " x " + dtype_name(xdt) +
+                                    " d " + dtype_name(ddt) + " h " + dtype_name(hdt);
+            const auto xv = randn(size_t(T * D), 1.f, uint64_t(60 + D + T)), dv = randn(size_t(T * D), 1.f, 61);
+            const auto wv = randn(size_t(D), 0.2f, 62, 1.f);
+            Tensor w = g.upload_f32(wv, {D}, DType::F32), d = g.upload_f32(dv, {T, D}, ddt);
+            std::vector<float> xs[2], hs[2];
+            for (int typed : {1, 0}) {
+              ScopedEnv e("DS_CUDA_ADDNORM_T", typed ? "1" : "0");
+              Tensor x = g.upload_f32(xv, {T, D}, xdt), h = g.alloc(hdt, {T, D});
+              g.add_rmsnorm(x, d, w, 1e-6f, h);
+              xs[typed] = g.to_host_f32(x), hs[typed] = g.to_host_f32(h);
+            }
+            EXPECT_TRUE(xs[0] == xs[1] && hs[0] == hs[1]) << "typed and generic add_rmsnorm differ" << tag;
+            Tensor xc = B.cpu->upload_f32(xv, {T, D}, DType::F32), dc = B.cpu->upload_f32(dv, {T, D}, DType::F32);
+            Tensor wc = B.cpu->upload_f32(wv, {D}, DType::F32), hc = B.cpu->alloc(DType::F32, {T, D});
+            B.cpu->add_rmsnorm(xc, dc, wc, 1e-6f, hc);
+            EXPECT_LT(test::rel(hs[1], B.cpu->to_host_f32(hc)), 2e-2) << "typed add_rmsnorm vs CPU" << tag;
+          }
+}
+
 // The tensor-core kernel of the small bf16 linears (bf16_mma.h) at every step size a decode or verify has (M = 1 ..
 // 256), in each mode (plain, SwiGLU, gated add), on the real shapes and awkward ones (N = 1, 37, 48; K = 96 and 200,
 // whose last 64-input chunk is partial; SwiGLU with I = 20, not a multiple of 16): against the CPU; against the GEMV

@@ -2015,9 +2015,11 @@ TEST_F(CudaOps, MoeFfnFused) {
   }
 }
 
-// The decode router + table launches (T ≤ 4, up to 32 pairs) at the model's E = 256 and other E: the compact kernel
-// (k_moe_route_tiles_c, default for E ≤ 256 at top-8 with bf16 or fp32 logits) and the general one-warp kernel
-// (DS_MOE_ROUTE_C=0) give the unfused path's ids, weights and output bit for bit, and the ids are the CPU's. Logits on a grid of 0.5 make many probabilities tie exactly.
+// The compact router (moe_route_token_c, default for E ≤ 256 at top-8 with bf16 or fp32 logits) in its three
+// launches — the decode router + one-warp table (T ≤ 4), the 1024-thread router + table (T ≤ 8, or T ≤ 4 with
+// DS_CUDA_MOE_TILES_BLOCK=1) and the unfused router (larger T, and DS_CUDA_NO_MOE_FUSE) — gives the generic router's
+// (DS_MOE_ROUTE_C=0) ids, weights and MoE output bit for bit, fused or not, and the ids are the CPU's. Logits on a
+// grid of 0.5 make many probabilities tie exactly.
 TEST_F(CudaOps, MoeRouteTableDecode) {
   Both B;
   const int64_t H = 256, I = 128, K = 8;
@@ -2026,7 +2028,7 @@ TEST_F(CudaOps, MoeRouteTableDecode) {
     Experts eg = hx.make(*B.gpu);
     for (DType ldt : {DType::BF16, DType::F32})
       for (bool ties : {false, true})
-        for (int64_t T : {1, 2, 3, 4}) {
+        for (int64_t T : {1, 2, 3, 4, 5, 8, 17, 64}) {
           const std::string tag = "E=" + std::to_string(E) + " T=" + std::to_string(T) +
                                   (ldt == DType::BF16 ? " bf16" : " f32") + (ties ? " ties" : "");
           std::vector<float> lv = randn(size_t(T * E), 1.f, uint64_t(1100 + E + T + 7 * ties));
@@ -2043,18 +2045,28 @@ TEST_F(CudaOps, MoeRouteTableDecode) {
             g.moe_ffn(l, K, x, eg, ids, w, nullptr, nullptr, nullptr, y);
             return Out{g.to_host_f32(y), g.to_host_f32(ids), g.to_host_f32(w)};
           };
-          Out plain, compact, general;
+          Out ref, compact, compact_plain, general;
           {
+            ScopedEnv c("DS_MOE_ROUTE_C", "0");
             ScopedEnv n("DS_CUDA_NO_MOE_FUSE", "1");
-            plain = run();
+            ref = run();  // the generic router, unfused
           }
           compact = run();
+          {
+            ScopedEnv n("DS_CUDA_NO_MOE_FUSE", "1");
+            compact_plain = run();
+          }
           {
             ScopedEnv c("DS_MOE_ROUTE_C", "0");
             general = run();
           }
-          EXPECT_TRUE(compact == plain) << tag << ": compact router + table and unfused CUDA differ";
-          EXPECT_TRUE(general == plain) << tag << ": one-warp router + table and unfused CUDA differ";
+          EXPECT_TRUE(compact == ref) << tag << ": compact router (fused) and the generic one differ";
+          EXPECT_TRUE(compact_plain == ref) << tag << ": compact router (unfused) and the generic one differ";
+          EXPECT_TRUE(general == ref) << tag << ": generic router fused and unfused differ";
+          if (T <= 4) {
+            ScopedEnv b("DS_CUDA_MOE_TILES_BLOCK", "1");
+            EXPECT_TRUE(run() == ref) << tag << ": compact router with the 1024-thread table and the generic one differ";
+          }
           auto l = B.up(lv, {T, E});
           auto ids = B.zeros({T, K}, DType::I32), w = B.zeros({T, K}, DType::F32);
           B.cpu->moe_route(l.c, K, ids.c, w.c);

@@ -1007,6 +1007,22 @@ __global__ void k_moe_route(const void* logits, int ldt, int64_t T, int64_t E, i
   if (t >= T) return;
   moe_route_token(logits, ldt, t, E, K, ids, wts, threadIdx.x & 31);  // moe_fuse.cuh
 }
+// k_moe_route with the compact router (moe_fuse.cuh moe_route_token_c: E ≤ 256, top-8, bf16 / fp32 logits).
+template <typename LT, int KK>
+__global__ void k_moe_route_c(const LT* __restrict__ logits, int T, int E, int32_t* __restrict__ ids,
+                              float* __restrict__ wts) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
+  const int t = int(blockIdx.x) * int(blockDim.x >> 5) + int(threadIdx.x >> 5), lane = int(threadIdx.x & 31);
+  if (t >= T) return;
+  int32_t myid;
+  float myw;
+  moe_route_token_c<LT, KK>(logits + size_t(t) * E, E, lane, myid, myw);
+  if (lane < KK) {
+    ids[t * KK + lane] = myid;
+    wts[t * KK + lane] = myw;
+  }
+}
 
 // ---- dense bf16 weights (int4 weights: int4_mma.cu) and warp-level dot products ----
 struct DenseView {
@@ -2406,6 +2422,17 @@ class CudaBackend final : public Backend {
     DS_CHECK(E <= 1024 && top_k <= E, "moe_route: E = ", E, " (at most 1024), top_k = ", top_k);
     DS_CHECK(ids.dtype == DType::I32 && weights.dtype == DType::F32);
     if (!T) return;
+    // E ≤ 256, top-8, bf16 or fp32 logits: the compact router (DS_MOE_ROUTE_C=0: the generic one; same bits)
+    if (moe_route_c_fits(E, top_k, int(logits.dtype)) && env_int("DS_MOE_ROUTE_C", 1) != 0 && T < (int64_t(1) << 27)) {
+      if (logits.dtype == DType::BF16)
+        DS_CUDA_CHECK(pdl_launch(k_moe_route_c<__nv_bfloat16, 8>, unsigned((T + 3) / 4), 128, 0, stream_,
+                                 logits.ptr<__nv_bfloat16>(), int(T), int(E), ids.ptr<int32_t>(), weights.ptr<float>()));
+      else
+        DS_CUDA_CHECK(pdl_launch(k_moe_route_c<float, 8>, unsigned((T + 3) / 4), 128, 0, stream_, logits.ptr<float>(),
+                                 int(T), int(E), ids.ptr<int32_t>(), weights.ptr<float>()));
+      DS_CUDA_CHECK_LAST();
+      return;
+    }
     DS_CUDA_CHECK(pdl_launch(k_moe_route, unsigned((T + 3) / 4), 128, 0, stream_, logits.data, int(logits.dtype), T, E,
                              top_k, ids.ptr<int32_t>(), weights.ptr<float>()));
     DS_CUDA_CHECK_LAST();

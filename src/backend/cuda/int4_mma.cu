@@ -687,85 +687,24 @@ __global__ void __launch_bounds__(128) k_moe_route_tiles_w(const MoeRouteIn r, i
   }
 }
 
-// The router and the one-warp table for decode steps of T ≤ 4 tokens, top-KK over E ≤ 256 experts, the logits' dtype
-// a template parameter (session 24): moe_route_token_n<8>'s arithmetic (the same bits) on a shorter instruction
-// path. ncu on k_moe_route_tiles_w at batch 1 found its one warp stalled on instruction fetch ("no_inst") for over
-// half of its non-barrier samples — at each jump into cold code and every ~48 instructions of straight-line code
-// (6,360 instructions of SASS: three logits-per-lane widths, three dtypes, 64-bit indices, a branch around each expf
-// and division). This form is 1,096 instructions with 32-bit indices, the select instead of the branches, KK's
-// rounds in one loop, the weights in registers and, at T = 1, the ids handed to the table in registers: its own time
-// per launch in the batch-1 step 7.2 → 3.8 µs (H200). Block: 32·T threads, warp t routes token t.
+// The router (moe_route_token_c) and the one-warp table for decode steps of T ≤ 4 tokens, top-KK over E ≤ 256
+// experts (session 24): its own time per launch in the batch-1 step 7.2 → 3.8 µs against k_moe_route_tiles_w with
+// the generic router (H200). Block: 32·T threads, warp t routes token t; at T = 1 the ids reach the table in
+// registers.
 template <typename LT, int KK>
 __global__ void __launch_bounds__(128)
     k_moe_route_tiles_c(const LT* __restrict__ logits, int T, int E, int ntok, int32_t* __restrict__ ids,
                         float* __restrict__ wts, int32_t* list, int32_t* tiles, int32_t* ntiles) {
-  constexpr int JN = 8;
   __shared__ int32_t sids[32];
   pdl_wait();  // PDL-launched (pdl.h)
   pdl_trigger();
   const int w = int(threadIdx.x >> 5), lane = int(threadIdx.x & 31), P = T * KK;
-  const LT* lg = logits + w * E;
-  float p[JN], mx = -INFINITY;
-#pragma unroll
-  for (int j = 0; j < JN; ++j) {
-    const int e = lane + 32 * j;
-    float v = -INFINITY;
-    if (e < E) {
-      if constexpr (sizeof(LT) == 2) v = __bfloat162float(lg[e]);
-      else v = lg[e];
-    }
-    p[j] = v;
-    mx = fmaxf(mx, v);
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-  float sum = 0.f;
-#pragma unroll
-  for (int j = 0; j < JN; ++j) {
-    const float ex = expf(p[j] - mx);
-    p[j] = lane + 32 * j < E ? ex : 0.f;
-    sum += p[j];
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-#pragma unroll
-  for (int j = 0; j < JN; ++j) {
-    const float q = p[j] / sum;
-    p[j] = lane + 32 * j < E ? q : -1.f;
-  }
-  float tsum = 0.f, myw = 0.f;
-  int myid = 0;
-#pragma unroll 1
-  for (int k = 0; k < KK; ++k) {
-    float bv = -2.f;
-    int bi = 1 << 30;
-#pragma unroll
-    for (int j = 0; j < JN; ++j)
-      if (p[j] > bv) {
-        bv = p[j];
-        bi = lane + 32 * j;
-      }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-      if (ov > bv || (ov == bv && oi < bi)) {
-        bv = ov;
-        bi = oi;
-      }
-    }
-    tsum += bv;
-    if (lane == k) {
-      myw = bv;
-      myid = bi;
-    }
-#pragma unroll
-    for (int j = 0; j < JN; ++j)
-      if (lane + 32 * j == bi) p[j] = -1.f;
-  }
+  int32_t myid;
+  float myw;
+  moe_route_token_c<LT, KK>(logits + w * E, E, lane, myid, myw);
   if (lane < KK) {
     ids[w * KK + lane] = myid;
-    wts[w * KK + lane] = myw / tsum;
+    wts[w * KK + lane] = myw;
   }
   int32_t id = myid;
   if (T > 1) {
@@ -774,6 +713,26 @@ __global__ void __launch_bounds__(128)
     id = lane < P ? sids[lane] : 0;
   }
   if (w == 0) moe_tiles_warp(id, P, ntok, list, tiles, ntiles, lane);
+}
+// k_moe_route_tiles with the compact router (T > 4 up to DS_CUDA_MOE_FUSE_MAXT).
+template <typename LT, int KK>
+__global__ void __launch_bounds__(1024, 1) k_moe_route_tiles_cb(const LT* __restrict__ logits, int T, int E, int ntok,
+                                                             int32_t* ids, float* wts, int32_t* list, int32_t* tiles,
+                                                             int32_t* ntiles) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
+  const int lane = int(threadIdx.x & 31);
+  for (int t = int(threadIdx.x >> 5); t < T; t += int(blockDim.x >> 5)) {
+    int32_t myid;
+    float myw;
+    moe_route_token_c<LT, KK>(logits + size_t(t) * E, E, lane, myid, myw);
+    if (lane < KK) {
+      ids[t * KK + lane] = myid;
+      wts[t * KK + lane] = myw;
+    }
+  }
+  __syncthreads();
+  moe_tiles_body(ids, int64_t(T) * KK, E, ntok, list, tiles, ntiles);
 }
 
 // The most tiles P pairs over E experts can need: an expert with n > 0 pairs takes ceil(n / ntok) = 1 + floor((n − 1)
@@ -995,9 +954,8 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
     // At most 32 pairs (T ≤ 4 at top-8): the one-warp table; DS_CUDA_MOE_TILES_BLOCK=1: the block's (same table up
     // to the order of pairs within an expert, which no row's bits depend on).
     if (P <= 32 && route->T <= 4 && !env_flag("DS_CUDA_MOE_TILES_BLOCK")) {
-      // E ≤ 256, top-8, bf16 or fp32 logits: the compact form (DS_MOE_ROUTE_C=0: k_moe_route_tiles_w; same bits)
-      const bool compact = E <= 256 && topk == 8 && (route->ldt == kBF16 || route->ldt == kF32) &&
-                           env_int("DS_MOE_ROUTE_C", 1) != 0;
+      // E ≤ 256, top-8, bf16 or fp32 logits: the compact router (DS_MOE_ROUTE_C=0: the generic one; same bits)
+      const bool compact = moe_route_c_fits(E, topk, route->ldt) && env_int("DS_MOE_ROUTE_C", 1) != 0;
       const unsigned threads = unsigned(32 * route->T);
       if (compact && route->ldt == kBF16) {
         DS_CUDA_CHECK(pdl_launch(k_moe_route_tiles_c<__nv_bfloat16, 8>, 1, threads, 0, s,
@@ -1010,6 +968,15 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
       } else {
         DS_CUDA_CHECK(pdl_launch(k_moe_route_tiles_w, 1, 128, 0, s, *route, E, topk, ntok, list, tiles, ntiles));
       }
+    } else if (moe_route_c_fits(E, topk, route->ldt) && env_int("DS_MOE_ROUTE_C", 1) != 0) {
+      if (route->ldt == kBF16)
+        DS_CUDA_CHECK(pdl_launch(k_moe_route_tiles_cb<__nv_bfloat16, 8>, 1, 1024, 0, s,
+                                 static_cast<const __nv_bfloat16*>(route->logits), int(route->T), int(E), ntok,
+                                 route->ids, route->wts, list, tiles, ntiles));
+      else
+        DS_CUDA_CHECK(pdl_launch(k_moe_route_tiles_cb<float, 8>, 1, 1024, 0, s,
+                                 static_cast<const float*>(route->logits), int(route->T), int(E), ntok, route->ids,
+                                 route->wts, list, tiles, ntiles));
     } else {
       DS_CUDA_CHECK(pdl_launch(k_moe_route_tiles, 1, 1024, 0, s, *route, E, topk, ntok, list, tiles, ntiles));
     }

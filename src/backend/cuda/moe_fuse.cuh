@@ -92,6 +92,81 @@ __device__ __forceinline__ void moe_route_token(const void* logits, int ldt, int
   moe_route_token_n<32>(logits, ldt, t, E, K, ids, wts, lane, wreg);
 }
 
+// The compact router of one token (session 24), for E ≤ 256 and top-KK (KK ≤ 32) with the logits' dtype a template
+// parameter: moe_route_token_n<8>'s arithmetic (the same ids and weight bits) on a shorter instruction path — 32-bit
+// indices, selects instead of branches around expf and the division, the rounds in one loop, the picks kept in
+// registers. ncu on the generic form's one-warp launch (batch 1) found it stalled on instruction fetch for over half
+// of its non-barrier samples: its kernel was 6,360 instructions (three logits-per-lane widths, three dtypes). Lane
+// k < KK returns pick k (expert id, weight renormalised over the KK picks); lg = the token's E logits.
+template <typename LT, int KK>
+__device__ __forceinline__ void moe_route_token_c(const LT* lg, int E, int lane, int32_t& myid, float& myw) {
+  constexpr int JN = 8;
+  float p[JN], mx = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < JN; ++j) {
+    const int e = lane + 32 * j;
+    float v = -INFINITY;
+    if (e < E) {
+      if constexpr (sizeof(LT) == 2) v = __bfloat162float(lg[e]);
+      else v = lg[e];
+    }
+    p[j] = v;
+    mx = fmaxf(mx, v);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  float sum = 0.f;
+#pragma unroll
+  for (int j = 0; j < JN; ++j) {
+    const float ex = expf(p[j] - mx);
+    p[j] = lane + 32 * j < E ? ex : 0.f;
+    sum += p[j];
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+#pragma unroll
+  for (int j = 0; j < JN; ++j) {
+    const float q = p[j] / sum;
+    p[j] = lane + 32 * j < E ? q : -1.f;
+  }
+  float tsum = 0.f, w = 0.f;
+  int32_t id = 0;
+#pragma unroll 1
+  for (int k = 0; k < KK; ++k) {
+    float bv = -2.f;
+    int bi = 1 << 30;
+#pragma unroll
+    for (int j = 0; j < JN; ++j)
+      if (p[j] > bv) {
+        bv = p[j];
+        bi = lane + 32 * j;
+      }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (ov > bv || (ov == bv && oi < bi)) {
+        bv = ov;
+        bi = oi;
+      }
+    }
+    tsum += bv;
+    if (lane == k) {
+      w = bv;
+      id = bi;
+    }
+#pragma unroll
+    for (int j = 0; j < JN; ++j)
+      if (lane + 32 * j == bi) p[j] = -1.f;
+  }
+  myid = id;
+  myw = w / tsum;
+}
+// Whether moe_route_token_c serves E experts, top-k and logits of dtype ldt (host and device).
+constexpr bool moe_route_c_fits(int64_t E, int64_t K, int ldt) {
+  return E <= 256 && K == 8 && (ldt == kBF16 || ldt == kF32);
+}
+
 // The routed experts' weighted sum for token t, output column d: Σ_k wts[t, k] · out[t·K + k, d] in k order, fp32
 // (out [T·K, H] fp32, the experts' outputs per (token, k) pair).
 __device__ __forceinline__ float moe_routed_sum(const float* out, const float* wts, int64_t K, int64_t H, int64_t t,

@@ -1014,14 +1014,7 @@ __global__ void k_moe_route_c(const LT* __restrict__ logits, int T, int E, int32
   pdl_wait();  // PDL-launched (pdl.h)
   pdl_trigger();
   const int t = int(blockIdx.x) * int(blockDim.x >> 5) + int(threadIdx.x >> 5), lane = int(threadIdx.x & 31);
-  if (t >= T) return;
-  int32_t myid;
-  float myw;
-  moe_route_token_c<LT, KK>(logits + size_t(t) * E, E, lane, myid, myw);
-  if (lane < KK) {
-    ids[t * KK + lane] = myid;
-    wts[t * KK + lane] = myw;
-  }
+  if (t < T) moe_route_token_c<LT, KK>(logits, t, E, lane, ids, wts);
 }
 
 // ---- dense bf16 weights (int4 weights: int4_mma.cu) and warp-level dot products ----

@@ -699,13 +699,7 @@ __global__ void __launch_bounds__(128)
   pdl_wait();  // PDL-launched (pdl.h)
   pdl_trigger();
   const int w = int(threadIdx.x >> 5), lane = int(threadIdx.x & 31), P = T * KK;
-  int32_t myid;
-  float myw;
-  moe_route_token_c<LT, KK>(logits + w * E, E, lane, myid, myw);
-  if (lane < KK) {
-    ids[w * KK + lane] = myid;
-    wts[w * KK + lane] = myw;
-  }
+  const int32_t myid = moe_route_token_c<LT, KK>(logits, w, E, lane, ids, wts);
   int32_t id = myid;
   if (T > 1) {
     if (lane < KK) sids[w * KK + lane] = myid;
@@ -722,15 +716,8 @@ __global__ void __launch_bounds__(1024, 1) k_moe_route_tiles_cb(const LT* __rest
   pdl_wait();  // PDL-launched (pdl.h)
   pdl_trigger();
   const int lane = int(threadIdx.x & 31);
-  for (int t = int(threadIdx.x >> 5); t < T; t += int(blockDim.x >> 5)) {
-    int32_t myid;
-    float myw;
-    moe_route_token_c<LT, KK>(logits + size_t(t) * E, E, lane, myid, myw);
-    if (lane < KK) {
-      ids[t * KK + lane] = myid;
-      wts[t * KK + lane] = myw;
-    }
-  }
+  for (int t = int(threadIdx.x >> 5); t < T; t += int(blockDim.x >> 5))
+    moe_route_token_c<LT, KK>(logits, t, E, lane, ids, wts);
   __syncthreads();
   moe_tiles_body(ids, int64_t(T) * KK, E, ntok, list, tiles, ntiles);
 }

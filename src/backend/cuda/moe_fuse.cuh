@@ -14,6 +14,28 @@
 
 namespace ds::cuda {
 
+// One selection round over the warp's 32·JN probabilities p (lane l holds those of experts l + 32·j): the largest
+// (bv) and its expert (bi), ties to the lower expert; every lane gets both.
+template <int JN>
+__device__ __forceinline__ void moe_pick(const float (&p)[JN], int lane, float& bv, int& bi) {
+  bv = -2.f;
+  bi = 1 << 30;
+#pragma unroll
+  for (int j = 0; j < JN; ++j)
+    if (p[j] > bv) {
+      bv = p[j];
+      bi = lane + 32 * j;
+    }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (ov > bv || (ov == bv && oi < bi)) {
+      bv = ov;
+      bi = oi;
+    }
+  }
+}
 // Router of token t, one warp (lane = this thread's lane): softmax over E ≤ 32·JN logits, top-K (ties to the lower
 // index, as a stable sort), renormalised; ids[t·K + k], wts[t·K + k]. The warp's lanes must all call it. JN = the
 // logits per lane: every loop (loads, softmax, K select rounds, knock-out) is JN long, so E = 256 takes 8 where a
@@ -50,23 +72,9 @@ __device__ __forceinline__ void moe_route_token_n(const void* logits, int ldt, i
   for (int j = 0; j < JN; ++j) p[j] = (lane + 32 * j) < E ? p[j] / sum : -1.f;
   float tsum = 0.f;
   for (int64_t k = 0; k < K; ++k) {
-    float bv = -2.f;
-    int bi = 1 << 30;
-#pragma unroll
-    for (int j = 0; j < JN; ++j)
-      if (p[j] > bv) {
-        bv = p[j];
-        bi = lane + 32 * j;
-      }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-      int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-      if (ov > bv || (ov == bv && oi < bi)) {
-        bv = ov;
-        bi = oi;
-      }
-    }
+    float bv;
+    int bi;
+    moe_pick(p, lane, bv, bi);
     tsum += bv;
     if (wreg && lane == k) myw = bv;
     if (lane == 0) {
@@ -96,11 +104,14 @@ __device__ __forceinline__ void moe_route_token(const void* logits, int ldt, int
 // parameter: moe_route_token_n<8>'s arithmetic (the same ids and weight bits) on a shorter instruction path — 32-bit
 // indices, selects instead of branches around expf and the division, the rounds in one loop, the picks kept in
 // registers. ncu on the generic form's one-warp launch (batch 1) found it stalled on instruction fetch for over half
-// of its non-barrier samples: its kernel was 6,360 instructions (three logits-per-lane widths, three dtypes). Lane
-// k < KK returns pick k (expert id, weight renormalised over the KK picks); lg = the token's E logits.
+// of its non-barrier samples: its kernel was 6,360 instructions (three logits-per-lane widths, three dtypes). Token t
+// of logits [·, E]: lane k < KK stores pick k to ids[t·KK + k] and wts[t·KK + k] (weight renormalised over the KK
+// picks) and returns its expert id.
 template <typename LT, int KK>
-__device__ __forceinline__ void moe_route_token_c(const LT* lg, int E, int lane, int32_t& myid, float& myw) {
+__device__ __forceinline__ int32_t moe_route_token_c(const LT* logits, int t, int E, int lane, int32_t* ids,
+                                                     float* wts) {
   constexpr int JN = 8;
+  const LT* lg = logits + size_t(t) * size_t(E);
   float p[JN], mx = -INFINITY;
 #pragma unroll
   for (int j = 0; j < JN; ++j) {
@@ -133,23 +144,9 @@ __device__ __forceinline__ void moe_route_token_c(const LT* lg, int E, int lane,
   int32_t id = 0;
 #pragma unroll 1
   for (int k = 0; k < KK; ++k) {
-    float bv = -2.f;
-    int bi = 1 << 30;
-#pragma unroll
-    for (int j = 0; j < JN; ++j)
-      if (p[j] > bv) {
-        bv = p[j];
-        bi = lane + 32 * j;
-      }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-      if (ov > bv || (ov == bv && oi < bi)) {
-        bv = ov;
-        bi = oi;
-      }
-    }
+    float bv;
+    int bi;
+    moe_pick(p, lane, bv, bi);
     tsum += bv;
     if (lane == k) {
       w = bv;
@@ -159,8 +156,11 @@ __device__ __forceinline__ void moe_route_token_c(const LT* lg, int E, int lane,
     for (int j = 0; j < JN; ++j)
       if (lane + 32 * j == bi) p[j] = -1.f;
   }
-  myid = id;
-  myw = w / tsum;
+  if (lane < KK) {
+    ids[t * KK + lane] = id;
+    wts[t * KK + lane] = w / tsum;
+  }
+  return id;
 }
 // Whether moe_route_token_c serves E experts, top-k and logits of dtype ldt (host and device).
 constexpr bool moe_route_c_fits(int64_t E, int64_t K, int ldt) {

@@ -258,16 +258,6 @@ __global__ void __launch_bounds__(256) k_add_rmsnorm(void* x, int xdt, const voi
 // (session 24): the same arithmetic and order (the same bits), without the three-way dtype branches around every
 // element's loads and stores and with 32-bit indices — a shorter instruction path for a one-block launch that runs
 // twice per layer (after the route launch's 7.2 → 3.8 µs from the same change). DS_CUDA_ADDNORM_T=0: the generic one.
-template <typename T>
-__device__ __forceinline__ float to_f32(T v) {
-  if constexpr (sizeof(T) == 2) return __bfloat162float(v);
-  else return v;
-}
-template <typename T>
-__device__ __forceinline__ T from_f32(float v) {
-  if constexpr (sizeof(T) == 2) return __float2bfloat16_rn(v);
-  else return v;
-}
 template <typename XT, typename DT, typename HT, int PER>
 __global__ void __launch_bounds__(256) k_add_rmsnorm_t(XT* x, const DT* d, const float* w, float eps, int D, HT* h) {
   float wv[PER];

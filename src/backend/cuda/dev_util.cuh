@@ -32,6 +32,18 @@ __device__ __forceinline__ float round_dt(float v, int dt) {
   if (dt == kF32) return v;
   return __half2float(__float2half_rn(v));
 }
+// A bf16 or fp32 element (T = __nv_bfloat16 or float, a kernel's template parameter) to fp32 and back (round to
+// nearest): the typed kernels' counterparts of ldf / stf, with no dtype branch.
+template <typename T>
+__device__ __forceinline__ float to_f32(T v) {
+  if constexpr (sizeof(T) == 2) return __bfloat162float(v);
+  else return v;
+}
+template <typename T>
+__device__ __forceinline__ T from_f32(float v) {
+  if constexpr (sizeof(T) == 2) return __float2bfloat16_rn(v);
+  else return v;
+}
 __device__ __forceinline__ float silu_f(float x) { return x / (1.f + expf(-x)); }
 __device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + expf(-x)); }
 __device__ __forceinline__ float softplus_f(float x) { return x > 20.f ? x : log1pf(expf(x)); }

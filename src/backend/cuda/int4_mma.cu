@@ -940,33 +940,27 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
     DS_CHECK(route->ids == ids && route->T * topk == P, "int4 mma experts: the routed ids must be the experts' ids");
     // At most 32 pairs (T ≤ 4 at top-8): the one-warp table; DS_CUDA_MOE_TILES_BLOCK=1: the block's (same table up
     // to the order of pairs within an expert, which no row's bits depend on).
-    if (P <= 32 && route->T <= 4 && !env_flag("DS_CUDA_MOE_TILES_BLOCK")) {
-      // E ≤ 256, top-8, bf16 or fp32 logits: the compact router (DS_MOE_ROUTE_C=0: the generic one; same bits)
-      const bool compact = moe_route_c_fits(E, topk, route->ldt) && env_int("DS_MOE_ROUTE_C", 1) != 0;
-      const unsigned threads = unsigned(32 * route->T);
-      if (compact && route->ldt == kBF16) {
-        DS_CUDA_CHECK(pdl_launch(k_moe_route_tiles_c<__nv_bfloat16, 8>, 1, threads, 0, s,
-                                 static_cast<const __nv_bfloat16*>(route->logits), int(route->T), int(E), ntok,
-                                 route->ids, route->wts, list, tiles, ntiles));
-      } else if (compact) {
-        DS_CUDA_CHECK(pdl_launch(k_moe_route_tiles_c<float, 8>, 1, threads, 0, s,
-                                 static_cast<const float*>(route->logits), int(route->T), int(E), ntok, route->ids,
-                                 route->wts, list, tiles, ntiles));
-      } else {
-        DS_CUDA_CHECK(pdl_launch(k_moe_route_tiles_w, 1, 128, 0, s, *route, E, topk, ntok, list, tiles, ntiles));
-      }
-    } else if (moe_route_c_fits(E, topk, route->ldt) && env_int("DS_MOE_ROUTE_C", 1) != 0) {
-      if (route->ldt == kBF16)
-        DS_CUDA_CHECK(pdl_launch(k_moe_route_tiles_cb<__nv_bfloat16, 8>, 1, 1024, 0, s,
-                                 static_cast<const __nv_bfloat16*>(route->logits), int(route->T), int(E), ntok,
-                                 route->ids, route->wts, list, tiles, ntiles));
+    const bool warp_table = P <= 32 && route->T <= 4 && !env_flag("DS_CUDA_MOE_TILES_BLOCK");
+    // E ≤ 256, top-8, bf16 or fp32 logits: the compact router (DS_MOE_ROUTE_C=0: the generic one; same bits)
+    const bool compact = moe_route_c_fits(E, topk, route->ldt) && env_int("DS_MOE_ROUTE_C", 1) != 0;
+    auto launch_compact = [&](auto lt) {
+      using LT = decltype(lt);
+      const auto* lg = static_cast<const LT*>(route->logits);
+      if (warp_table)
+        DS_CUDA_CHECK(pdl_launch(k_moe_route_tiles_c<LT, 8>, 1, unsigned(32 * route->T), 0, s, lg, int(route->T),
+                                 int(E), ntok, route->ids, route->wts, list, tiles, ntiles));
       else
-        DS_CUDA_CHECK(pdl_launch(k_moe_route_tiles_cb<float, 8>, 1, 1024, 0, s,
-                                 static_cast<const float*>(route->logits), int(route->T), int(E), ntok, route->ids,
-                                 route->wts, list, tiles, ntiles));
-    } else {
+        DS_CUDA_CHECK(pdl_launch(k_moe_route_tiles_cb<LT, 8>, 1, 1024, 0, s, lg, int(route->T), int(E), ntok,
+                                 route->ids, route->wts, list, tiles, ntiles));
+    };
+    if (compact && route->ldt == kBF16)
+      launch_compact(__nv_bfloat16{});
+    else if (compact)
+      launch_compact(float{});
+    else if (warp_table)
+      DS_CUDA_CHECK(pdl_launch(k_moe_route_tiles_w, 1, 128, 0, s, *route, E, topk, ntok, list, tiles, ntiles));
+    else
       DS_CUDA_CHECK(pdl_launch(k_moe_route_tiles, 1, 1024, 0, s, *route, E, topk, ntok, list, tiles, ntiles));
-    }
   } else {
     DS_CUDA_CHECK(pdl_launch(k_moe_tiles, 1, 1024, 0, s, ids, P, E, ntok, list, tiles, ntiles));
   }

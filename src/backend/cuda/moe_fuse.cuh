@@ -116,11 +116,7 @@ __device__ __forceinline__ int32_t moe_route_token_c(const LT* logits, int t, in
 #pragma unroll
   for (int j = 0; j < JN; ++j) {
     const int e = lane + 32 * j;
-    float v = -INFINITY;
-    if (e < E) {
-      if constexpr (sizeof(LT) == 2) v = __bfloat162float(lg[e]);
-      else v = lg[e];
-    }
+    const float v = e < E ? to_f32(lg[e]) : -INFINITY;
     p[j] = v;
     mx = fmaxf(mx, v);
   }

@@ -932,6 +932,17 @@ TEST_F(CudaOps, DeltaNetMix) {
     unsetenv("DS_GDN_BA_EARLY");
     EXPECT_TRUE(early == late) << "fused ba: the sums before and after the wait differ";
   }
+  // the typed conv instantiation (bf16 mixed / ba as types, the default) and the generic one (DS_GDN_TYPED=0) are the
+  // same bits
+  for (int64_t K : {int64_t(0), int64_t(2048)}) {
+    int64_t T;
+    auto sp = packed({1, 4, 2}, &T);
+    const auto typ = check_deltanet_mix(B, {16, 32, 128, 128, 4}, sp, T, true, 995, "typed", {}, K);
+    setenv("DS_GDN_TYPED", "0", 1);
+    const auto gen = check_deltanet_mix(B, {16, 32, 128, 128, 4}, sp, T, true, 995, "generic", {}, K);
+    unsetenv("DS_GDN_TYPED");
+    EXPECT_TRUE(gen == typ) << "DS_GDN_TYPED=0 differs (ba K " << K << ")";
+  }
   // the unfused path (DS_CUDA_NO_GDR_FUSE=1, the three ops) still agrees
   setenv("DS_CUDA_NO_GDR_FUSE", "1", 1);
   for (auto lens : std::vector<std::vector<int64_t>>{{1, 1, 1}, {4, 2, 40}}) {

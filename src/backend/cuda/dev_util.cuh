@@ -5,6 +5,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 #include "core/dtype.h"
 
 namespace ds::cuda {
@@ -43,6 +45,24 @@ template <typename T>
 __device__ __forceinline__ T from_f32(float v) {
   if constexpr (sizeof(T) == 2) return __float2bfloat16_rn(v);
   else return v;
+}
+// ldf / stf / round_dt with the dtype a type (DT = __nv_bfloat16 or float) or, with DT = void, the runtime code dt:
+// a kernel templated on DT has no dtype branches around its loads and stores (session 24: a small kernel's code size
+// is fetch time).
+template <typename DT>
+__device__ __forceinline__ float ldx(const void* p, int dt, int64_t i) {
+  if constexpr (std::is_void_v<DT>) return ldf(p, dt, i);
+  else return to_f32(static_cast<const DT*>(p)[i]);
+}
+template <typename DT>
+__device__ __forceinline__ void stx(void* p, int dt, int64_t i, float v) {
+  if constexpr (std::is_void_v<DT>) stf(p, dt, i, v);
+  else static_cast<DT*>(p)[i] = from_f32<DT>(v);
+}
+template <typename DT>
+__device__ __forceinline__ float roundx(float v, int dt) {
+  if constexpr (std::is_void_v<DT>) return round_dt(v, dt);
+  else return to_f32(from_f32<DT>(v));
 }
 __device__ __forceinline__ float silu_f(float x) { return x / (1.f + expf(-x)); }
 __device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + expf(-x)); }

@@ -29,7 +29,9 @@ namespace {
 // the PDL wait (bx is two or more kernels back: gdr_decode.h); DS_GDN_BA_EARLY=0: after it, the rows sent toward L2
 // before it.
 constexpr int kBaChunks = 4;  // bK ≤ 128 threads × 8 × 4 = 4096
-template <int KC>
+// MT / BT: mixed's and ba's dtypes as types (dev_util.cuh ldx), void = the runtime codes (session 25: the typed bf16
+// instantiation, no dtype branches around its loads and stores, is the 35B-A3B's; DS_GDN_TYPED=0: the generic one).
+template <int KC, typename MT = void, typename BT = void>
 __global__ void __launch_bounds__(128) k_gdn_conv_prep(const void* mixed, int mdt, const float* conv_w,
                                                        float* conv_state, void* ba, int bdt, const float* A_log,
                                                        const float* dt_bias, int64_t Hk, int64_t Hv, int64_t Dk,
@@ -118,7 +120,7 @@ __global__ void __launch_bounds__(128) k_gdn_conv_prep(const void* mixed, int md
     const int64_t t = qs + i;
     float x = 0.f;
     if (act) {
-      win[W] = ldf(mixed, mdt, t * C + ch);
+      win[W] = ldx<MT>(mixed, mdt, t * C + ch);
       float acc = 0.f;
 #pragma unroll
       for (int j = 0; j < KC; ++j) acc += wv[j] * win[j];
@@ -150,13 +152,13 @@ __global__ void __launch_bounds__(128) k_gdn_conv_prep(const void* mixed, int md
     const int64_t t = qs + c, j = u - 2 * Hk;
     float bv, av;
     if (fba) {  // as stored in ba and read back (the speculative replay reads them from there)
-      bv = round_dt((bred[c][0][0] + bred[c][1][0]) + (bred[c][2][0] + bred[c][3][0]), bdt);
-      av = round_dt((bred[c][0][1] + bred[c][1][1]) + (bred[c][2][1] + bred[c][3][1]), bdt);
-      stf(ba, bdt, t * 2 * Hv + j, bv);
-      stf(ba, bdt, t * 2 * Hv + Hv + j, av);
+      bv = roundx<BT>((bred[c][0][0] + bred[c][1][0]) + (bred[c][2][0] + bred[c][3][0]), bdt);
+      av = roundx<BT>((bred[c][0][1] + bred[c][1][1]) + (bred[c][2][1] + bred[c][3][1]), bdt);
+      stx<BT>(ba, bdt, t * 2 * Hv + j, bv);
+      stx<BT>(ba, bdt, t * 2 * Hv + Hv + j, av);
     } else {
-      bv = ldf(ba, bdt, t * 2 * Hv + j);
-      av = ldf(ba, bdt, t * 2 * Hv + Hv + j);
+      bv = ldx<BT>(ba, bdt, t * 2 * Hv + j);
+      av = ldx<BT>(ba, bdt, t * 2 * Hv + Hv + j);
     }
     beta[t * Hv + j] = sigmoid_f(bv);
     g[t * Hv + j] = -expf(a_log) * softplus_f(av + dtb);
@@ -292,14 +294,26 @@ void gdn_decode(const void* mixed, int mdt, const float* conv_w, int64_t Kc, flo
                              static_cast<const __nv_bfloat16*>(ba_x), static_cast<const __nv_bfloat16*>(ba_w),  \
                              ba_K, ba_early));                                                                  \
     break;
-  switch (Kc) {
-    DS_GDN_CONV(2)
-    DS_GDN_CONV(3)
-    DS_GDN_CONV(4)
-    DS_GDN_CONV(5)
-    DS_GDN_CONV(6)
-    default:
-      break;
+  // bf16 mixed and ba at the 35B-A3B's kernel size 4 take the typed conv kernel (same bits; CudaOps.DeltaNetMix
+  // compares; H200 session 25: own 2.63 -> 2.40 us per launch at batch 4, step -0.003 to -0.007 ms at batch 1-4).
+  // DS_GDN_TYPED=0: the generic kernel. (The recurrence typed on z and y spilled 20-28 bytes at its 128-register
+  // bound: not tried.)
+  const bool typed = env_int("DS_GDN_TYPED", 1) != 0;
+  if (typed && Kc == 4 && mdt == int(DType::BF16) && bdt == int(DType::BF16)) {
+    DS_CUDA_CHECK(pdl_launch(k_gdn_conv_prep<4, __nv_bfloat16, __nv_bfloat16>, ga, dim3(128), 0, stream, mixed, mdt,
+                             conv_w, conv_state, ba, bdt, A_log, dt_bias, Hk, Hv, Dk, Dv, seqinfo, qscale, qn, kn, vv,
+                             g, beta, static_cast<const __nv_bfloat16*>(ba_x),
+                             static_cast<const __nv_bfloat16*>(ba_w), ba_K, ba_early));
+  } else {
+    switch (Kc) {
+      DS_GDN_CONV(2)
+      DS_GDN_CONV(3)
+      DS_GDN_CONV(4)
+      DS_GDN_CONV(5)
+      DS_GDN_CONV(6)
+      default:
+        break;
+    }
   }
 #undef DS_GDN_CONV
   const dim3 gb{unsigned(Hv), unsigned(nseq)};

@@ -102,10 +102,14 @@ struct KvLayer {
 };
 
 // DeltaNet state of one linear-attention layer for all slots: conv [S, C, Kc-1] (raw pre-conv inputs,
-// oldest first) and recurrent ssm [S, Hv, Dk, Dv], both fp32.
+// oldest first, fp32) and recurrent ssm [S, Hv, Dk, Dv], fp32 or bf16 (Model::ssm_state_dtype; the arithmetic is
+// fp32 either way). A bf16 ssm is rounded to bf16 after every token of a chunk shorter than kStateTokenRoundMax
+// tokens (decode, speculative verify and replay: one verify of k tokens leaves the state k one-token steps leave) and
+// once at the end of a longer chunk (prefill).
 struct StateLayer {
   Tensor conv, ssm;
 };
+constexpr int64_t kStateTokenRoundMax = 32;
 
 class Backend {
  public:

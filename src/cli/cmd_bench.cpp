@@ -690,11 +690,13 @@ int cmd_bench(int argc, char** argv) {
   const int64_t chunk = a.get_int("prefill-chunk", 0);  // 0: whole prompt in one forward
   const uint64_t seed = uint64_t(a.get_int("seed", 0));
   // --variants "name:opt,opt;name2:..." runs decode and prefill once per variant (one weight build); an opt is
-  // `no-graph` or VAR=VALUE, an environment switch set for that variant (e.g. DS_CUDA_NO_GROUPED_MOE=1).
+  // `no-graph`, `ssm-dtype=float32|bfloat16` (the DeltaNet state's dtype: the variant runs on caches of its own), or
+  // VAR=VALUE, an environment switch set for that variant (e.g. DS_CUDA_NO_GROUPED_MOE=1).
   struct Variant {
     std::string name;
     bool graph = true;
     std::vector<std::pair<std::string, std::string>> env;
+    std::string ssm;  // empty: --mamba-ssm-cache-dtype's
   };
   std::vector<Variant> variants;
   {
@@ -714,10 +716,12 @@ int cmd_bench(int argc, char** argv) {
           v.graph = false;
         else if (opt == "graph")
           v.graph = true;
+        else if (opt.rfind("ssm-dtype=", 0) == 0)
+          v.ssm = opt.substr(10);
         else if (opt.find('=') != std::string::npos)
           v.env.push_back({opt.substr(0, opt.find('=')), opt.substr(opt.find('=') + 1)});
         else
-          fail("--variants: option '", opt, "' is neither no-graph, graph nor VAR=VALUE");
+          fail("--variants: option '", opt, "' is neither no-graph, graph, ssm-dtype=D nor VAR=VALUE");
       }
       variants.push_back(v);
     }
@@ -805,6 +809,11 @@ int cmd_bench(int argc, char** argv) {
   model::LoadOptions lo;
   lo.mtp = spec;
   lo.vision = false;
+  lo.ssm_state_dtype = a.get("mamba-ssm-cache-dtype", "auto");
+  const DType cfg_ssm = t.mamba_ssm_dtype == "bfloat16" ? DType::BF16 : DType::F32;
+  const DType ssm_default = model::Model::ssm_dtype_from_name(lo.ssm_state_dtype, cfg_ssm, "--mamba-ssm-cache-dtype");
+  for (const Variant& v : variants)
+    (void)model::Model::ssm_dtype_from_name(v.ssm, ssm_default, str_cat("--variants ", v.name, ": ssm-dtype"));
   if (spec && (a.has("draft-vocab") || a.has("draft-vocab-file"))) {
     lo.draft_vocab = runtime::draft_vocab_ids(a.get_int("draft-vocab", 0), a.get("draft-vocab-file", ""), t.vocab_size);
     sb.draft_vocab = int64_t(lo.draft_vocab.size());
@@ -832,14 +841,29 @@ int cmd_bench(int argc, char** argv) {
   const int64_t per_seq_blocks = (maxC + steps + 8 + bs - 1) / bs;
   const int64_t num_blocks = std::max<int64_t>({maxB * per_seq_blocks, (maxP + bs - 1) / bs, 1});
   const int64_t num_slots = std::max<int64_t>(maxB, 1);
-  model::ModelCaches caches = m->alloc_caches(num_blocks, bs, num_slots);
+  // One cache set per DeltaNet state dtype a variant asks for (ssm-dtype=), made when first needed.
+  std::map<DType, model::ModelCaches> cache_sets;
+  auto caches_for = [&](const std::string& ssm) -> model::ModelCaches& {
+    const DType dt = model::Model::ssm_dtype_from_name(ssm, ssm_default, "ssm-dtype");
+    auto it = cache_sets.find(dt);
+    if (it == cache_sets.end()) {
+      m->set_ssm_state_dtype(dt);
+      it = cache_sets.emplace(dt, m->alloc_caches(num_blocks, bs, num_slots)).first;
+    }
+    return it->second;
+  };
+  model::ModelCaches* cp = &caches_for("");
   int64_t n_attn = 0, n_lin = 0;
   for (auto lt : t.layer_types) (lt == io::LayerType::FullAttention ? n_attn : n_lin) += 1;
   const double kv_token_bytes = double(n_attn) * 2 * double(t.num_kv_heads * t.head_dim) * 2;  // K and V, bf16
-  const double state_slot_bytes =
-      double(n_lin) * 4.0 *
-      double(t.lin_conv_dim() * (t.conv_kernel - 1) + t.lin_num_v_heads * t.lin_k_head_dim * t.lin_v_head_dim);
-  const double ssm_slot_bytes = double(n_lin) * 4.0 * double(t.lin_num_v_heads * t.lin_k_head_dim * t.lin_v_head_dim);
+  const double state_slot_bytes = double(m->state_slot_bytes());
+  // The recurrent state's bytes per sequence (read and written once per step), of the current variant's dtype.
+  auto ssm_slot_bytes = [&] {
+    DType dt = DType::F32;
+    for (const auto& l : cp->state)
+      if (l.ssm.numel() > 0) dt = l.ssm.dtype;
+    return double(n_lin) * double(dtype_size(dt)) * double(t.lin_num_v_heads * t.lin_k_head_dim * t.lin_v_head_dim);
+  };
   be.synchronize();
 
   std::printf("# deltaserve bench: %s, %s weights (random, seed %llu), backend %s (%s)\n\n", cfg_path.c_str(),
@@ -855,8 +879,9 @@ int cmd_bench(int argc, char** argv) {
     std::printf("| weights on device (measured, %.1f s to build) | %s |\n", load_s, human_bytes(weights_dev).c_str());
   std::printf("| KV pool: %lld blocks × %lld tokens × %s/token | %s |\n", (long long)num_blocks, (long long)bs,
               human_bytes(kv_token_bytes).c_str(), human_bytes(kv_token_bytes * double(num_blocks * bs)).c_str());
-  std::printf("| DeltaNet state: %lld slots × %s | %s |\n\n", (long long)num_slots,
-              human_bytes(state_slot_bytes).c_str(), human_bytes(state_slot_bytes * double(num_slots)).c_str());
+  std::printf("| DeltaNet state (%s recurrent state): %lld slots × %s | %s |\n\n",
+              ssm_default == DType::BF16 ? "bf16" : "fp32", (long long)num_slots, human_bytes(state_slot_bytes).c_str(),
+              human_bytes(state_slot_bytes * double(num_slots)).c_str());
 
   std::mt19937 rng(seed + 17);
   auto random_tokens = [&](int64_t n) {
@@ -904,18 +929,18 @@ int cmd_bench(int argc, char** argv) {
       const double E = double(t.num_experts), K = double(t.num_experts_per_tok);
       pt.touched = t.moe ? E * (1.0 - std::pow(1.0 - K / E, double(B))) : 0;
       pt.bytes = wb.dense + wb.lm_head + double(B) * wb.embed_row + double(t.num_layers) * pt.touched * wb.expert;
-      pt.bytes += double(B) * 2.0 * ssm_slot_bytes + double(B) * double(ctx) * kv_token_bytes;
+      pt.bytes += double(B) * 2.0 * ssm_slot_bytes() + double(B) * double(ctx) * kv_token_bytes;
       return pt;
     };
     auto step_of = [&](Point& pt, int64_t ctx, int64_t B, bool use_graph) {
-      return [&pt, &random_tokens, &m, &caches, &be, ctx, B, use_graph](int i) {
+      return [&pt, &random_tokens, &m, cp, &be, ctx, B, use_graph](int i) {
         BatchMeta& b = pt.b;
         for (int64_t s = 0; s < B; ++s) {
           b.seqs[s].ctx_len = ctx + (i % 4);  // attention cost depends on length only
           b.positions[s] = b.positions[B + s] = b.positions[2 * B + s] = int32_t(b.seqs[s].ctx_len);
         }
         b.tokens = random_tokens(B);
-        Tensor logits = use_graph ? m->forward_graphed(b, caches, pt.rows) : m->forward(b, caches, pt.rows);
+        Tensor logits = use_graph ? m->forward_graphed(b, *cp, pt.rows) : m->forward(b, *cp, pt.rows);
         be.synchronize();
         (void)logits;
       };
@@ -925,6 +950,7 @@ int cmd_bench(int argc, char** argv) {
       for (size_t vi = 0; vi < variants.size(); ++vi) {
         const Variant& var = variants[vi];
         set_env(var, true);
+        cp = &caches_for(var.ssm);
         be.key_suffix = "/" + var.name;
         for (int64_t ctx : contexts)
           for (int64_t B : batches) f(vi, var, ctx, B);
@@ -956,7 +982,7 @@ int cmd_bench(int argc, char** argv) {
         for (int i = 0; i < 2 + reps; ++i) {  // warm-up and record, then timed replays
           be.ms.clear();
           be.step_ms = 0;
-          Tensor logits = be.events ? m->forward_graphed(b, caches, rows) : m->forward(b, caches, rows);
+          Tensor logits = be.events ? m->forward_graphed(b, *cp, rows) : m->forward(b, *cp, rows);
           be.synchronize();
           if (be.events) be.collect();
           if (i >= 2)
@@ -1014,11 +1040,12 @@ int cmd_bench(int argc, char** argv) {
         "|---|---|---|---|---|---|---|---|\n");
     for (const Variant& var : variants) {
       set_env(var, true);
+      cp = &caches_for(var.ssm);
       bool warmed = false;
       for (int64_t P : prefills) {
         const int64_t ch = chunk > 0 ? std::min(chunk, P) : P;
         auto run = [&](int64_t len) {
-          m->reset_slot(caches, 0);
+          m->reset_slot(*cp, 0);
           auto toks = random_tokens(len);
           Tensor logits;
           for (int64_t s0 = 0; s0 < len; s0 += ch) {
@@ -1035,7 +1062,7 @@ int cmd_bench(int argc, char** argv) {
             b.positions.resize(size_t(3 * n));
             for (int r = 0; r < 3; ++r)
               for (int64_t i = 0; i < n; ++i) b.positions[size_t(r * n + i)] = int32_t(s0 + i);
-            logits = m->forward(b, caches, {int32_t(n - 1)});
+            logits = m->forward(b, *cp, {int32_t(n - 1)});
           }
           be.synchronize();
         };

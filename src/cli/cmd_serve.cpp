@@ -4,6 +4,7 @@
 
 #include "cli/args.h"
 #include "cli/commands.h"
+#include "model/model.h"
 #include "server/server.h"
 
 namespace ds::cli {
@@ -29,6 +30,8 @@ int cmd_serve(int argc, char** argv) {
   if (!(c.gpu_memory_utilization > 0.0 && c.gpu_memory_utilization <= 1.0))
     fail("--gpu-memory-utilization: expected a fraction in (0, 1], got ", c.gpu_memory_utilization);
   c.enforce_eager = a.has("enforce-eager");
+  c.ssm_state_dtype = a.get("mamba-ssm-cache-dtype", c.ssm_state_dtype);
+  (void)model::Model::ssm_dtype_from_name(c.ssm_state_dtype, DType::F32, "--mamba-ssm-cache-dtype");  // fail early
   c.drain_seconds = int(a.get_int("shutdown-timeout", c.drain_seconds));
   c.chat_template_path = a.get("chat-template", "");
   if (c.max_num_seqs < 1) fail("--max-num-seqs: expected >= 1, got ", c.max_num_seqs);

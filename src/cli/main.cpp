@@ -16,6 +16,7 @@ void usage() {
                "            [--max-model-len N] [--max-num-seqs N] [--max-num-batched-tokens N] [--api-key KEY]\n"
                "            [--default-chat-template-kwargs JSON] [--chat-template FILE] [--max-queued-requests N]\n"
                "            [--speculative-config '{\"method\": \"mtp\", \"num_speculative_tokens\": K}']\n"
+               "            [--mamba-ssm-cache-dtype auto|float32|bfloat16]   (the DeltaNet state; also logits, generate, bench)\n"
                "  tokenize  --model DIR < {\"text\": ...} | {\"messages\": [...], ...}\n"
                "  detokenize --model DIR < {\"ids\": [...], \"skip_special_tokens\": false}\n"
                "  logits    --model DIR --tokens 1,2,3 [--image F]... [--video F]... [--prefill N] [--backend cpu] --out F.safetensors\n"
@@ -26,7 +27,7 @@ void usage() {
                "  bench     --random-weights --config config.json [--backend cuda] [--batch 1,8,32,64,128]\n"
                "            [--context 1024,8192] [--prefill 1024,4096,16384,32768] [--steps N] [--bf16] [--no-graph]\n"
                "            [--breakdown] [--kernel-times] [--prefill-chunk N] [--prefill-reps N]\n"
-               "            [--variants \"name:no-graph,VAR=1;name2:\"]\n"
+               "            [--variants \"name:no-graph,VAR=1;name2:ssm-dtype=bfloat16\"] [--mamba-ssm-cache-dtype D]\n"
                "  make-random-checkpoint --config config.json --out DIR [--bf16] [--seed S] [--shard-gb 4]\n");
 }
 }  // namespace

@@ -95,8 +95,8 @@ void parse_text(const json& tc, TextConfig& t, const std::string& where) {
   t.lin_num_k_heads = r.i64("linear_num_key_heads");
   t.lin_num_v_heads = r.i64("linear_num_value_heads");
   t.mamba_ssm_dtype = r.str("mamba_ssm_dtype", "float32");
-  if (t.mamba_ssm_dtype != "float32")
-    fail(where, ": mamba_ssm_dtype '", t.mamba_ssm_dtype, "' is not supported (expected float32)");
+  if (t.mamba_ssm_dtype != "float32" && t.mamba_ssm_dtype != "bfloat16")
+    fail(where, ": mamba_ssm_dtype '", t.mamba_ssm_dtype, "' is not supported (expected float32 or bfloat16)");
   t.rms_norm_eps = r.f64("rms_norm_eps", 1e-6);
   t.max_position_embeddings = r.i64("max_position_embeddings", 262144);
   t.mtp_num_hidden_layers = r.i64("mtp_num_hidden_layers", 0);

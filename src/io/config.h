@@ -30,7 +30,7 @@ struct TextConfig {
   bool attn_output_gate = true;
   // gated deltanet
   int64_t conv_kernel = 4, lin_k_head_dim = 0, lin_v_head_dim = 0, lin_num_k_heads = 0, lin_num_v_heads = 0;
-  std::string mamba_ssm_dtype = "float32";
+  std::string mamba_ssm_dtype = "float32";  // the recurrent state's storage dtype: "float32" or "bfloat16"
   // ffn
   int64_t num_experts = 0, num_experts_per_tok = 0, moe_intermediate_size = 0,
           shared_expert_intermediate_size = 0, intermediate_size = 0;

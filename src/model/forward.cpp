@@ -121,7 +121,7 @@ ModelCaches Model::alloc_caches(int64_t num_blocks, int64_t block_size, int64_t 
       c.kv[L].v = be_.alloc(be_.act_dtype(), {num_blocks, block_size, t.num_kv_heads, t.head_dim});
     } else {
       c.state[L].conv = be_.alloc(DType::F32, {num_slots, t.lin_conv_dim(), t.conv_kernel - 1});
-      c.state[L].ssm = be_.alloc(DType::F32, {num_slots, t.lin_num_v_heads, t.lin_k_head_dim, t.lin_v_head_dim});
+      c.state[L].ssm = be_.alloc(ssm_dtype_, {num_slots, t.lin_num_v_heads, t.lin_k_head_dim, t.lin_v_head_dim});
     }
   }
   if (log_rows > 0) {
@@ -154,8 +154,22 @@ int64_t Model::state_slot_bytes() const {
   int64_t layers = 0;
   for (auto lt : t.layer_types) layers += lt == io::LayerType::FullAttention ? 0 : 1;
   const int64_t per_layer =
-      t.lin_conv_dim() * (t.conv_kernel - 1) + t.lin_num_v_heads * t.lin_k_head_dim * t.lin_v_head_dim;
-  return layers * per_layer * int64_t(dtype_size(DType::F32));
+      t.lin_conv_dim() * (t.conv_kernel - 1) * int64_t(dtype_size(DType::F32)) +
+      t.lin_num_v_heads * t.lin_k_head_dim * t.lin_v_head_dim * int64_t(dtype_size(ssm_dtype_));
+  return layers * per_layer;
+}
+
+void Model::set_ssm_state_dtype(DType dt) {
+  DS_CHECK(dt == DType::F32 || dt == DType::BF16, "SSM state dtype: expected float32 or bfloat16, got ",
+           dtype_name(dt));
+  ssm_dtype_ = dt;
+}
+
+DType Model::ssm_dtype_from_name(const std::string& name, DType config_default, const std::string& what) {
+  if (name.empty() || name == "auto") return config_default;
+  if (name == "float32" || name == "fp32") return DType::F32;
+  if (name == "bfloat16" || name == "bf16") return DType::BF16;
+  fail(what, ": '", name, "' is not one of auto, float32, bfloat16");
 }
 
 int64_t Model::gdn_log_row_bytes() const {

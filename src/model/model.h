@@ -115,6 +115,10 @@ struct LoadOptions {
   // Token ids of a reduced-vocabulary MTP draft head (speculative decoding, docs/engine.md), built from those
   // rows of lm_head (dense lm_head only) next to the full one. Empty: none. Ids must be distinct, in [0, V).
   std::vector<int32_t> draft_vocab;
+  // The DeltaNet recurrent state's storage dtype (vLLM's --mamba-ssm-cache-dtype): "" or "auto" = the config's
+  // mamba_ssm_dtype (float32 in the Qwen3.5 / 3.6 checkpoints), "float32", or "bfloat16" (half the state's memory and
+  // traffic; the arithmetic stays fp32; docs/engine.md "DeltaNet state dtype").
+  std::string ssm_state_dtype;
 };
 
 struct LoadReport {
@@ -151,6 +155,14 @@ class Model {
 
   const io::ModelConfig& config() const { return cfg_; }
   Backend& backend() { return be_; }
+
+  // The DeltaNet recurrent state's storage dtype (F32 or BF16) of the caches alloc_caches makes from now on; the conv
+  // window stays F32. set_ssm_state_dtype: a later alloc_caches uses `dt` (bench variants; LoadOptions sets it at load).
+  DType ssm_state_dtype() const { return ssm_dtype_; }
+  void set_ssm_state_dtype(DType dt);
+  // "auto" / "" → `config_default`, "float32" / "fp32" → F32, "bfloat16" / "bf16" → BF16; anything else fails naming
+  // the accepted values (`what`: the option's name).
+  static DType ssm_dtype_from_name(const std::string& name, DType config_default, const std::string& what);
 
   // Allocates caches for `num_blocks` KV blocks of `block_size` tokens and `num_slots` DeltaNet slots, and a
   // DeltaNet input log of `log_rows` rows (speculative decoding: max sequences × (K + 1); 0: none).
@@ -233,6 +245,7 @@ class Model {
 
   io::ModelConfig cfg_;
   Backend& be_;
+  DType ssm_dtype_ = DType::F32;
   Weights w_;
   RopeParams rope_;
   std::map<std::string, Tensor> graph_logits_;  // forward_graphed: output of each recorded shape

@@ -113,11 +113,12 @@ void size_pools_from_device_memory(const ServerConfig& cfg, model::Model& m, run
   const double gib = 1024.0 * 1024.0 * 1024.0;
   std::fprintf(stderr,
                "deltaserve: device memory %.2f GiB, in use after loading %.2f GiB, utilization %.2f, scratch %.2f GiB: "
-               "KV pool %lld blocks x %lld tokens (%.2f GiB, %lld tokens), %lld DeltaNet state slots (%.2f GiB)\n",
+               "KV pool %lld blocks x %lld tokens (%.2f GiB, %lld tokens), %lld DeltaNet state slots (%.2f GiB, %s "
+               "recurrent state)\n",
                double(total) / gib, double(used) / gib, cfg.gpu_memory_utilization, double(in.scratch) / gib,
                (long long)p.num_blocks, (long long)ec.block_size, double(p.num_blocks * in.block_bytes) / gib,
                (long long)(p.num_blocks * ec.block_size), (long long)p.num_slots,
-               double(p.num_slots * in.slot_bytes) / gib);
+               double(p.num_slots * in.slot_bytes) / gib, m.ssm_state_dtype() == DType::BF16 ? "bf16" : "fp32");
 }
 
 void load_runtime(ServerState& st) {
@@ -125,6 +126,7 @@ void load_runtime(ServerState& st) {
   Runtime& rt = st.rt;
   rt.be = make_backend(cfg.backend);
   model::LoadOptions lo;
+  lo.ssm_state_dtype = cfg.ssm_state_dtype;
   if (cfg.num_speculative_tokens > 0 && (cfg.draft_vocab_size > 0 || !cfg.draft_vocab_file.empty()))
     lo.draft_vocab = runtime::draft_vocab_ids(cfg.draft_vocab_size, cfg.draft_vocab_file,
                                               io::load_model_config(cfg.model_dir).text.vocab_size);

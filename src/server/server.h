@@ -24,6 +24,9 @@ struct ServerConfig {
   int64_t block_size = 16;
   double gpu_memory_utilization = 0.9; // device backends: sizes the KV and DeltaNet state pools (docs/engine.md)
   bool enforce_eager = false;         // --enforce-eager: no CUDA graphs for decode steps
+  // --mamba-ssm-cache-dtype auto|float32|bfloat16: the DeltaNet recurrent state's storage dtype (auto: the checkpoint's
+  // mamba_ssm_dtype; docs/engine.md "DeltaNet state dtype")
+  std::string ssm_state_dtype = "auto";
   size_t max_body_bytes = 32u << 20;
   int drain_seconds = 30;             // graceful shutdown deadline
   nlohmann::ordered_json default_chat_template_kwargs = nlohmann::ordered_json::object();

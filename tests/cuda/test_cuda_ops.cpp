@@ -808,7 +808,8 @@ struct MixCfg {
 };
 std::vector<float> check_deltanet_mix(Both& B, MixCfg c, const std::vector<std::pair<int64_t, int64_t>>& spans,
                                       int64_t T, bool norm, uint64_t seed, const std::string& what,
-                                      const std::vector<int32_t>& slots = {}, int64_t baK = 0) {
+                                      const std::vector<int32_t>& slots = {}, int64_t baK = 0,
+                                      DType sdt = DType::F32) {
   const int64_t C = 2 * c.Hk * c.Dk + c.Hv * c.Dv, Kc = c.Kc, Vd = c.Hv * c.Dv;
   BatchMeta b;
   int64_t nslots = 0;
@@ -827,7 +828,12 @@ std::vector<float> check_deltanet_mix(Both& B, MixCfg c, const std::vector<std::
   const int64_t S = nslots;
   StateLayer sc, sg;
   auto conv = B.up(randn(S * C * (Kc - 1), 1.f, seed + 1), {S, C, Kc - 1}, DType::F32);
-  auto ssm = B.up(randn(S * c.Hv * c.Dk * c.Dv, 0.1f, seed + 2), {S, c.Hv, c.Dk, c.Dv}, DType::F32);
+  Pair ssm;  // the recurrent state in sdt on both backends (a bf16 one: ops.h StateLayer)
+  {
+    const auto v = randn(S * c.Hv * c.Dk * c.Dv, 0.1f, seed + 2);
+    ssm.c = B.cpu->upload_f32(v, {S, c.Hv, c.Dk, c.Dv}, sdt);
+    ssm.g = B.gpu->upload_f32(v, {S, c.Hv, c.Dk, c.Dv}, sdt);
+  }
   sc.conv = conv.c, sg.conv = conv.g, sc.ssm = ssm.c, sg.ssm = ssm.g;
   auto cw = B.up(randn(C * Kc, 0.5f, seed + 3), {C, Kc}, DType::F32);
   auto mixed = B.up(randn(T * C, 1.f, seed + 4), {T, C});
@@ -859,7 +865,8 @@ std::vector<float> check_deltanet_mix(Both& B, MixCfg c, const std::vector<std::
     r.insert(r.end(), yc.begin() + q0 * Vd, yc.begin() + (q0 + ql) * Vd);
   }
   std::string tag = what + " Hk=" + std::to_string(c.Hk) + " Hv=" + std::to_string(c.Hv) +
-                    " Dk=" + std::to_string(c.Dk) + " Kc=" + std::to_string(Kc) + (norm ? "" : " no-norm") + " lens:";
+                    " Dk=" + std::to_string(c.Dk) + " Kc=" + std::to_string(Kc) + (norm ? "" : " no-norm") +
+                    (sdt == DType::BF16 ? " bf16 state" : "") + " lens:";
   for (size_t i = 0; i < spans.size() && i < 6; ++i) tag += " " + std::to_string(spans[i].second);
   if (spans.size() > 6) tag += " ... (" + std::to_string(spans.size()) + " seqs)";
   REPORT("deltanet_mix out" + tag, test::rel(a, r));
@@ -950,6 +957,84 @@ TEST_F(CudaOps, DeltaNetMix) {
     auto sp = packed(lens, &T);
     check_deltanet_mix(B, {16, 32, 128, 128, 4}, sp, T, true, seed += 10, "unfused");
   }
+  unsetenv("DS_CUDA_NO_GDR_FUSE");
+}
+
+// A bf16 recurrent state (--mamba-ssm-cache-dtype bfloat16): the fused short-chunk kernel (k_gdn_recur_norm<DK,
+// bf16>), the long chunks' widened copy (k_state_bf16 around k_gdr_long and the chunked kernels) and the unfused path
+// against the CPU twin with the same bf16 state; and a verify of k tokens leaves the state and outputs of k one-token
+// steps, bit for bit (speculative decoding's exactness).
+TEST_F(CudaOps, DeltaNetMixBf16State) {
+  Both B;
+  uint64_t seed = 4000;
+  const MixCfg big{16, 32, 128, 128, 4};
+  for (auto lens : std::vector<std::vector<int64_t>>{
+           {1}, {1, 1, 1, 1, 1, 1, 1, 1}, {4, 4, 4}, {3, 8, 1, 31}, {1, 40, 2}, {100, 1, 70, 5}, {33}})
+    for (int64_t baK : {int64_t(0), int64_t(2048)}) {
+      int64_t T;
+      auto sp = packed(lens, &T);
+      std::vector<int32_t> slots;  // distinct slots out of batch order
+      for (size_t i = 0; i < lens.size(); ++i) slots.push_back(int32_t(lens.size() + 1 - i));
+      check_deltanet_mix(B, big, sp, T, true, seed += 10, "", slots, baK, DType::BF16);
+    }
+  for (MixCfg c : {MixCfg{2, 4, 64, 128, 4}, MixCfg{4, 4, 32, 128, 2}}) {
+    int64_t T;
+    auto sp = packed({5, 1, 40}, &T);
+    check_deltanet_mix(B, c, sp, T, true, seed += 10, "", {}, 0, DType::BF16);
+  }
+  setenv("DS_CUDA_NO_GDR_FUSE", "1", 1);
+  for (auto lens : std::vector<std::vector<int64_t>>{{1, 1, 1}, {4, 2, 40}, {70}}) {
+    int64_t T;
+    auto sp = packed(lens, &T);
+    check_deltanet_mix(B, big, sp, T, true, seed += 10, "unfused", {2, 0, 1}, 0, DType::BF16);
+  }
+  unsetenv("DS_CUDA_NO_GDR_FUSE");
+
+  // One sequence (slot 1 of 3) fed L tokens as one chunk, and as L one-token steps, on the GPU.
+  for (const char* unfused : {"0", "1"})
+    for (int64_t L : {2, 4, 9, 31}) {
+      setenv("DS_CUDA_NO_GDR_FUSE", unfused, 1);
+      const MixCfg& c = big;
+      const int64_t C = 2 * c.Hk * c.Dk + c.Hv * c.Dv, Vd = c.Hv * c.Dv;
+      const auto mixed = randn(L * C, 1.f, seed + 1), ba = randn(L * 2 * c.Hv, 1.f, seed + 2);
+      const auto z = randn(L * Vd, 1.f, seed + 3), s0 = randn(3 * c.Hv * c.Dk * c.Dv, 0.1f, seed + 4);
+      const auto cv0 = randn(3 * C * (c.Kc - 1), 1.f, seed + 5);
+      const Tensor cw = B.gpu->upload_f32(randn(C * c.Kc, 0.5f, seed + 6), {C, c.Kc}, DType::F32);
+      const Tensor A_log = B.gpu->upload_f32(randn(c.Hv, 0.5f, seed + 7), {c.Hv}, DType::F32);
+      const Tensor dtb = B.gpu->upload_f32(randn(c.Hv, 0.5f, seed + 8), {c.Hv}, DType::F32);
+      const Tensor nw = B.gpu->upload_f32(randn(c.Dv, 0.3f, seed + 9, 1.f), {c.Dv}, DType::F32);
+      auto run = [&](int64_t chunk) {
+        StateLayer st;
+        st.conv = B.gpu->upload_f32(cv0, {3, C, c.Kc - 1}, DType::F32);
+        st.ssm = B.gpu->upload_f32(s0, {3, c.Hv, c.Dk, c.Dv}, DType::BF16);
+        std::vector<float> out;
+        for (int64_t t0 = 0; t0 < L; t0 += chunk) {
+          const int64_t n = std::min(chunk, L - t0);
+          BatchMeta b;
+          BatchMeta::Seq s;
+          s.q_start = 0, s.q_len = n, s.ctx_len = 10 + t0, s.state_slot = 1;
+          b.seqs.push_back(s);
+          b.tokens.assign(size_t(n), 0);
+          b.positions.assign(size_t(3 * n), 0);
+          B.gpu->prepare_batch(b);
+          auto part = [&](const std::vector<float>& v, int64_t w) {
+            return std::vector<float>(v.begin() + t0 * w, v.begin() + (t0 + n) * w);
+          };
+          const Tensor m = B.gpu->upload_f32(part(mixed, C), {n, C}, DType::BF16);
+          const Tensor bat = B.gpu->upload_f32(part(ba, 2 * c.Hv), {n, 2 * c.Hv}, DType::BF16);
+          const Tensor zz = B.gpu->upload_f32(part(z, Vd), {n, Vd}, DType::BF16);
+          Tensor y = B.gpu->alloc(DType::BF16, {n, Vd});
+          B.gpu->deltanet_mix(m, cw, bat, A_log, dtb, c.Hk, c.Hv, c.Dk, c.Dv, &zz, &nw, 1e-6f, st, b, y);
+          const auto yh = B.gpu->to_host_f32(y);
+          out.insert(out.end(), yh.begin(), yh.end());
+        }
+        return std::make_pair(out, B.gpu->to_host_f32(st.ssm));
+      };
+      const auto whole = run(L), steps = run(1);
+      EXPECT_TRUE(whole.first == steps.first) << "outputs, " << L << " tokens, DS_CUDA_NO_GDR_FUSE=" << unfused;
+      EXPECT_TRUE(whole.second == steps.second) << "state, " << L << " tokens, DS_CUDA_NO_GDR_FUSE=" << unfused;
+      seed += 10;
+    }
   unsetenv("DS_CUDA_NO_GDR_FUSE");
 }
 

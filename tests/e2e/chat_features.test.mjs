@@ -121,3 +121,20 @@ test('the dense sibling serves too', async () => {
     assert.equal((await dense.stop()).code, 0);
   }
 });
+
+test('a bf16 DeltaNet state (--mamba-ssm-cache-dtype bfloat16) serves', async () => {
+  const half = await startServer(['--max-model-len', '512', '--mamba-ssm-cache-dtype', 'bfloat16']);
+  try {
+    const c = new OpenAI({ baseURL: `${half.base}/v1`, apiKey: 'x', maxRetries: 0 });
+    // Several at once: batched decode steps and a prefill beside them on bf16 state slots.
+    const rs = await Promise.all(['Hi', 'Tell me a story about a cat', 'What is 2 + 2?'].map((content) =>
+      c.chat.completions.create({ model: 'tiny', messages: [{ role: 'user', content }], max_tokens: 8, temperature: 0,
+                                  ignore_eos: true })));
+    for (const r of rs) {
+      assert.equal(r.object, 'chat.completion');
+      assert.equal(r.usage.completion_tokens, 8);
+    }
+  } finally {
+    assert.equal((await half.stop()).code, 0);
+  }
+});

@@ -92,6 +92,27 @@ TEST(BenchCli, Variants) {
   EXPECT_NE(r.out.find("| b | 9 | 9 |"), std::string::npos) << r.out;
 }
 
+// A variant on a bf16 DeltaNet state (its own cache set): half the state bytes per step in the traffic column, and a
+// bad dtype named before any weight is built.
+TEST(BenchCli, Bf16StateVariant) {
+  auto r = run_binary("bench --random-weights --config " + kConfig +
+                      " --backend cpu --batch 2 --context 8 --prefill 9 --steps 1"
+                      " --variants 'f:no-graph;h:no-graph,ssm-dtype=bfloat16'");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("| f | 2 | 8 |"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("| h | 2 | 8 |"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("| h | 9 | 9 |"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("fp32 recurrent state"), std::string::npos) << r.out;
+  auto bad = run_binary("bench --random-weights --config " + kConfig +
+                        " --backend cpu --batch 1 --context 8 --prefill 9 --steps 1 --variants 'h:ssm-dtype=fp8'");
+  EXPECT_NE(bad.code, 0);
+  EXPECT_NE(bad.out.find("ssm-dtype: 'fp8' is not one of auto, float32, bfloat16"), std::string::npos) << bad.out;
+  auto flag = run_binary("bench --random-weights --config " + kConfig +
+                         " --backend cpu --batch 1 --context 8 --prefill 9 --steps 1 --mamba-ssm-cache-dtype bfloat16");
+  ASSERT_EQ(flag.code, 0) << flag.out;
+  EXPECT_NE(flag.out.find("bf16 recurrent state"), std::string::npos) << flag.out;
+}
+
 // The speculative table through the engine: baseline, full and reduced draft heads, every run reproducing the
 // baseline's greedy tokens under the oracle.
 TEST(BenchCli, SpeculativeOracle) {

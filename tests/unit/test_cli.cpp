@@ -82,6 +82,9 @@ TEST(Cli, BadArgumentsAreClearErrors) {
       {"logits --model /nonexistent --tokens 1 --out /tmp/x", "no config.json"},
       {"logits --model " + m + " --tokens 1 --backend tpu --out /tmp/x", "expected cpu or cuda"},
       {"frobnicate", "unknown command"},
+      // (serve fails on it before it listens or loads anything)
+      {"serve " + m + " --mamba-ssm-cache-dtype fp8", "--mamba-ssm-cache-dtype: 'fp8' is not one of auto, float32, bfloat16"},
+      {"logits --model " + m + " --tokens 1 --mamba-ssm-cache-dtype half --out /tmp/x", "'half' is not one of"},
   };
   for (auto& c : cases) {
     auto r = run_binary(c.args);

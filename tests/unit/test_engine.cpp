@@ -350,6 +350,24 @@ TEST(PoolSizing, BytesPerBlockAndSlotMatchAllocCaches) {
     EXPECT_EQ(kv3, 3 * m.kv_block_bytes(bs)) << "block_size " << bs;
     EXPECT_EQ(st2, 2 * m.state_slot_bytes());
   }
+  // A bf16 recurrent state (--mamba-ssm-cache-dtype bfloat16): BF16 ssm tensors, and the slot bytes say so.
+  const int64_t f32_slot = m.state_slot_bytes();
+  m.set_ssm_state_dtype(DType::BF16);
+  {
+    const int64_t bf16_slot = m.state_slot_bytes();
+    model::ModelCaches c = m.alloc_caches(1, 16, 3);
+    int64_t st = 0;
+    for (auto& l : c.state)
+      if (l.conv.defined() && l.conv.numel() > 0) {
+        EXPECT_EQ(l.ssm.dtype, DType::BF16);
+        EXPECT_EQ(l.conv.dtype, DType::F32);
+        st += l.conv.nbytes() + l.ssm.nbytes();
+      }
+    EXPECT_EQ(st, 3 * bf16_slot);
+    EXPECT_LT(bf16_slot, f32_slot);
+  }
+  m.set_ssm_state_dtype(DType::F32);
+  EXPECT_EQ(m.state_slot_bytes(), f32_slot);
   // The DeltaNet input log of speculative decoding: gdn_log_row_bytes per row.
   model::ModelCaches c = m.alloc_caches(1, 16, 2, 7);
   EXPECT_EQ(c.gdn_log.rows, 7);

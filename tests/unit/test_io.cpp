@@ -203,6 +203,13 @@ TEST(Config, BadConfigsNameTheField) {
   json f = c;
   f["text_config"].erase("layer_types");  // derived from full_attention_interval (default 4)
   EXPECT_EQ(io::parse_model_config(f.dump(), "", "x").text.layer_types[3], io::LayerType::FullAttention);
+  json h = c;
+  h["text_config"]["mamba_ssm_dtype"] = "float16";
+  EXPECT_NE(cfg_error(h).find("mamba_ssm_dtype 'float16' is not supported (expected float32 or bfloat16)"),
+            std::string::npos)
+      << cfg_error(h);
+  h["text_config"]["mamba_ssm_dtype"] = "bfloat16";  // a bf16 recurrent state (Model::ssm_state_dtype)
+  EXPECT_EQ(io::parse_model_config(h.dump(), "", "x").text.mamba_ssm_dtype, "bfloat16");
   json g = c;
   g["some_future_key"] = {1, 2};  // unknown keys are ignored
   EXPECT_EQ(cfg_error(g), "");

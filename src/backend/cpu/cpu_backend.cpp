@@ -294,6 +294,11 @@ class CpuBackend final : public Backend {
                         int64_t Hv, int64_t Dk, int64_t Dv, StateLayer& st, const BatchMeta& b, Tensor& o) override {
     const int64_t C = qkv.dim(1), ratio = Hv / Hk;
     const float qscale = 1.f / std::sqrt(float(Dk));
+    // A bf16 state (Model::ssm_state_dtype) is widened to fp32 for the call and rounded to bf16 after every token of
+    // a chunk shorter than kStateTokenRoundMax, once at the end of a longer one (ops.h StateLayer).
+    const bool bf16_state = st.ssm.dtype == DType::BF16;
+    DS_CHECK(bf16_state || st.ssm.dtype == DType::F32, "gated_delta_rule: the recurrent state is ",
+             dtype_name(st.ssm.dtype), " (expected F32 or BF16)");
     for (auto& s : b.seqs) {
       const int64_t L = s.q_len;
 #pragma omp parallel for
@@ -315,9 +320,31 @@ class CpuBackend final : public Backend {
           beta[i] = sigmoid(bar[j]);
           g[i] = -std::exp(A_log.ptr<float>()[j]) * softplus(bar[Hv + j] + dt_bias.ptr<float>()[j]);
         }
-        float* S = st.ssm.ptr<float>() + (int64_t(s.state_slot) * Hv + j) * Dk * Dv;
-        if (L == 1) gdr_recurrent(q.data(), k.data(), v.data(), g.data(), beta.data(), L, Dk, Dv, S, out.data());
-        else gdr_chunked(q.data(), k.data(), v.data(), g.data(), beta.data(), L, Dk, Dv, 64, S, out.data());
+        const int64_t off = (int64_t(s.state_slot) * Hv + j) * Dk * Dv;
+        std::vector<float> wide;
+        float* S = st.ssm.ptr<float>() + off;
+        if (bf16_state) {
+          const uint16_t* h = st.ssm.ptr<uint16_t>() + off;
+          wide.resize(size_t(Dk * Dv));
+          for (int64_t e = 0; e < Dk * Dv; ++e) wide[size_t(e)] = bf16_to_f32(h[e]);
+          S = wide.data();
+        }
+        if (bf16_state && L > 1 && L < kStateTokenRoundMax) {
+          for (int64_t i = 0; i < L; ++i) {
+            gdr_recurrent(q.data() + i * Dk, k.data() + i * Dk, v.data() + i * Dv, g.data() + i, beta.data() + i, 1,
+                          Dk, Dv, S, out.data() + i * Dv);
+            if (i + 1 < L)
+              for (int64_t e = 0; e < Dk * Dv; ++e) S[e] = bf16_to_f32(f32_to_bf16(S[e]));
+          }
+        } else if (L == 1) {
+          gdr_recurrent(q.data(), k.data(), v.data(), g.data(), beta.data(), L, Dk, Dv, S, out.data());
+        } else {
+          gdr_chunked(q.data(), k.data(), v.data(), g.data(), beta.data(), L, Dk, Dv, 64, S, out.data());
+        }
+        if (bf16_state) {
+          uint16_t* h = st.ssm.ptr<uint16_t>() + off;
+          for (int64_t e = 0; e < Dk * Dv; ++e) h[e] = f32_to_bf16(wide[size_t(e)]);
+        }
         for (int64_t i = 0; i < L; ++i)
           std::memcpy(o.ptr<float>() + ((s.q_start + i) * Hv + j) * Dv, out.data() + i * Dv, size_t(Dv) * 4);
       }

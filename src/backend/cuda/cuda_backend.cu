@@ -810,7 +810,8 @@ template <int DK, int R, int WPB = 1, bool LONG = true>
 __global__ void __launch_bounds__(32 * WPB) k_gdr_long(const float* qn, const float* kn, const float* g,
                                                        const float* beta, const void* qkv, int qdt, int64_t C,
                                                        int64_t Hk, int64_t Hv, int64_t Dv, float* ssm,
-                                                       const int32_t* seqinfo, void* o, int odt, int64_t long_max) {
+                                                       const int32_t* seqinfo, void* o, int odt, int64_t long_max,
+                                                       int round_bf16 = 0) {
   constexpr int CPW = 32 / R, RP = DK / R;
   static_assert(RP % 4 == 0, "rows per lane: whole float4s");
   const int lane = threadIdx.x & 31, r = lane % R;
@@ -862,6 +863,10 @@ __global__ void __launch_bounds__(32 * WPB) k_gdr_long(const float* qn, const fl
 #pragma unroll
     for (int off = R / 2; off > 0; off >>= 1) out += __shfl_xor_sync(0xffffffffu, out, off);
     if (r == 0) stf(o, odt, (t * Hv + j) * Dv + d, out);
+    if (round_bf16 && i + 1 < ql) {  // a bf16 state of a short chunk: rounded after every token (ops.h StateLayer)
+#pragma unroll
+      for (int e = 0; e < RP; ++e) st[e] = round_dt(st[e], int(DType::BF16));
+    }
   }
 #pragma unroll
   for (int i = 0; i < RP; ++i) S[int64_t(i) * Dv] = st[i];
@@ -871,7 +876,7 @@ template <int DK>
 __global__ void __launch_bounds__(32) k_gdr_recurrent(const float* qn, const float* kn, const float* g,
                                                       const float* beta, const void* qkv, int qdt, int64_t C,
                                                       int64_t Hk, int64_t Hv, int64_t Dv, float* ssm,
-                                                      const int32_t* seqinfo, void* o, int odt) {
+                                                      const int32_t* seqinfo, void* o, int odt, int round_bf16 = 0) {
   const int lane = threadIdx.x;
   const int64_t d = blockIdx.x * 32 + lane, j = blockIdx.y;
   const int s = blockIdx.z;
@@ -922,9 +927,32 @@ __global__ void __launch_bounds__(32) k_gdr_recurrent(const float* qn, const flo
       o4[e & 3] += st[e] * qsh[buf][e];
     }
     stf(o, odt, (t * Hv + j) * Dv + d, (o4[0] + o4[1]) + (o4[2] + o4[3]));
+    if (round_bf16 && i + 1 < ql) {  // a bf16 state of a short chunk: rounded after every token (ops.h StateLayer)
+#pragma unroll
+      for (int e = 0; e < DK; ++e) st[e] = round_dt(st[e], int(DType::BF16));
+    }
   }
 #pragma unroll
   for (int i = 0; i < DK; ++i) S[int64_t(i) * Dv] = st[i];
+}
+
+// A bf16 recurrent state's slots for the fp32 delta-rule kernels (gdr_run): the sequences of >= lo tokens, in batch
+// order, take local slots 0, 1, ... of `wide`; to_wide: widened into it, and `info` = the sequence table with those
+// local slots (0 for the sequences the kernels skip); else rounded back to bf16. Block (x, s): sequence s.
+__global__ void k_state_bf16(__nv_bfloat16* st, float* wide, const int32_t* seqinfo, int64_t lo, int64_t per_slot,
+                             int32_t* info, int to_wide) {
+  const int s = blockIdx.y;
+  const int64_t ql = seqinfo[s * 4 + 1], slot = seqinfo[s * 4 + 3];
+  int64_t local = 0;
+  for (int k = 0; k < s; ++k) local += seqinfo[k * 4 + 1] >= lo ? 1 : 0;
+  if (to_wide && blockIdx.x == 0 && threadIdx.x < 4)
+    info[s * 4 + threadIdx.x] = threadIdx.x == 3 ? int32_t(ql >= lo ? local : 0) : seqinfo[s * 4 + threadIdx.x];
+  if (ql < lo) return;
+  __nv_bfloat16* h = st + slot * per_slot;
+  float* f = wide + local * per_slot;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < per_slot; e += int64_t(gridDim.x) * blockDim.x)
+    if (to_wide) f[e] = __bfloat162float(h[e]);
+    else h[e] = __float2bfloat16_rn(f[e]);
 }
 
 __global__ void k_gated_rmsnorm(const void* x, int xdt, const void* z, int zdt, const float* w, float eps, int64_t D,
@@ -2253,6 +2281,30 @@ class CudaBackend final : public Backend {
                                                  dt_bias.ptr<float>(), C, Hk, Hv, Dk, 1.f / std::sqrt(float(Dk)),
                                                  qn.ptr<float>(), kn.ptr<float>(), g.ptr<float>(), beta.ptr<float>());
     DS_CUDA_CHECK_LAST();
+    // A bf16 state (ops.h StateLayer): the sequences these kernels take (q_len >= lo) are widened into an fp32 copy
+    // at local slots 0, 1, ... (sinfo: the sequence table with those slots) and rounded back after the kernels; the
+    // short-chunk kernels round it per token. Without skip_short a step may be recorded and replayed with other
+    // lengths (DS_CUDA_NO_GDR_FUSE=1 decode steps), so the copy then has room for every sequence.
+    const bool bf16_state = st.ssm.dtype == DType::BF16;
+    DS_CHECK(bf16_state || st.ssm.dtype == DType::F32, "gated_delta_rule: the recurrent state is ",
+             dtype_name(st.ssm.dtype), " (expected F32 or BF16)");
+    const int64_t lo = skip_short ? kGdnShortMax : 1, per_slot = Hv * Dk * Dv;
+    const unsigned wblocks = unsigned(std::min<int64_t>((per_slot + 1023) / 1024, 1024));
+    float* ssm = bf16_state ? nullptr : st.ssm.ptr<float>();
+    const int32_t* sinfo = d.seqinfo;
+    Tensor wide, winfo;
+    if (bf16_state) {
+      int64_t n = 0;
+      for (auto& s : b.seqs) n += s.q_len >= lo ? 1 : 0;
+      if (!skip_short) n = int64_t(b.seqs.size());
+      wide = alloc_scratch(DType::F32, {std::max<int64_t>(n, 1), Hv, Dk, Dv});
+      winfo = alloc_scratch(DType::I32, {int64_t(b.seqs.size()), 4});
+      k_state_bf16<<<dim3(wblocks, unsigned(b.seqs.size())), 256, 0, stream_>>>(
+          st.ssm.ptr<__nv_bfloat16>(), wide.ptr<float>(), d.seqinfo, lo, per_slot, winfo.ptr<int32_t>(), 1);
+      DS_CUDA_CHECK_LAST();
+      ssm = wide.ptr<float>();
+      sinfo = winfo.ptr<int32_t>();
+    }
     // Decode-only steps (one token per sequence) launch only the short-chunk kernel; any other step launches
     // both, and each sequence is taken by the one its own length selects (graph-safe, batch-invariant).
     const bool decode = T == int64_t(b.seqs.size()) && !skip_short;
@@ -2278,15 +2330,15 @@ class CudaBackend final : public Backend {
 #define DS_GDR_SHORT_RL(DK, RL)                                                                                    \
   k_gdr_long<DK, RL, 4, false><<<sgrid(RL), 128, 0, stream_>>>(qn.ptr<float>(), kn.ptr<float>(), g.ptr<float>(),   \
                                                                beta.ptr<float>(), qkv.data, int(qkv.dtype), C, Hk, \
-                                                               Hv, Dv, st.ssm.ptr<float>(), d.seqinfo, o.data,     \
-                                                               int(o.dtype), int64_t(0));
+                                                               Hv, Dv, ssm, sinfo, o.data, int(o.dtype),         \
+                                                               int64_t(0), int(bf16_state));
 #define DS_GDR(DK)                                                                                                 \
   case DK:                                                                                                         \
     if (skip_short) {                                                                                              \
     } else if (short_r == 1)                                                                                       \
       k_gdr_recurrent<DK><<<grid, 32, 0, stream_>>>(qn.ptr<float>(), kn.ptr<float>(), g.ptr<float>(),              \
                                                     beta.ptr<float>(), qkv.data, int(qkv.dtype), C, Hk, Hv, Dv,    \
-                                                    st.ssm.ptr<float>(), d.seqinfo, o.data, int(o.dtype));         \
+                                                    ssm, sinfo, o.data, int(o.dtype), int(bf16_state));            \
     else if (short_r == 2) {                                                                                       \
       DS_GDR_SHORT_RL(DK, 2)                                                                                       \
     } else if (short_r == 8) {                                                                                     \
@@ -2298,7 +2350,7 @@ class CudaBackend final : public Backend {
       DS_CUDA_CHECK_LAST();                                                                                            \
       k_gdr_long<DK, kR><<<lgrid, 32, 0, stream_>>>(qn.ptr<float>(), kn.ptr<float>(), g.ptr<float>(),              \
                                                     beta.ptr<float>(), qkv.data, int(qkv.dtype), C, Hk, Hv, Dv,    \
-                                                    st.ssm.ptr<float>(), d.seqinfo, o.data, int(o.dtype), long_max); \
+                                                    ssm, sinfo, o.data, int(o.dtype), long_max);                   \
     }                                                                                                              \
     break;
     switch (Dk) {
@@ -2315,8 +2367,13 @@ class CudaBackend final : public Backend {
       Tensor Gc = alloc_scratch(DType::F32, {T, Hv}), Tb = alloc_scratch(DType::F32, {T, Hv, kGdrChunk}),
              P = alloc_scratch(DType::F32, {T, Hv, kGdrChunk});
       gdr_chunked(qn.ptr<float>(), kn.ptr<float>(), g.ptr<float>(), beta.ptr<float>(), qkv.data, int(qkv.dtype), C, T,
-                  Hk, Hv, Dk, Dv, int(b.seqs.size()), d.seqinfo, st.ssm.ptr<float>(), o.data, int(o.dtype),
+                  Hk, Hv, Dk, Dv, int(b.seqs.size()), sinfo, ssm, o.data, int(o.dtype),
                   Gc.ptr<float>(), Tb.ptr<float>(), P.ptr<float>(), stream_);
+      DS_CUDA_CHECK_LAST();
+    }
+    if (bf16_state) {
+      k_state_bf16<<<dim3(wblocks, unsigned(b.seqs.size())), 256, 0, stream_>>>(
+          st.ssm.ptr<__nv_bfloat16>(), wide.ptr<float>(), d.seqinfo, lo, per_slot, nullptr, 0);
       DS_CUDA_CHECK_LAST();
     }
   }
@@ -2375,7 +2432,7 @@ class CudaBackend final : public Backend {
     gdn_decode(mixed.data, int(mixed.dtype), conv_w.ptr<float>(), Kc, st.conv.ptr<float>(), ba.data, int(ba.dtype),
                A_log.ptr<float>(), dt_bias.ptr<float>(), z ? z->data : nullptr, z ? int(z->dtype) : 0,
                norm_w ? norm_w->ptr<float>() : nullptr, eps, T, Hk, Hv, Dk, Dv, int(b.seqs.size()), d.seqinfo,
-               st.ssm.ptr<float>(), qn.ptr<float>(), kn.ptr<float>(), vv.ptr<float>(), g.ptr<float>(),
+               st.ssm.data, int(st.ssm.dtype), qn.ptr<float>(), kn.ptr<float>(), vv.ptr<float>(), g.ptr<float>(),
                beta.ptr<float>(), y.data, int(y.dtype), stream_, fuse_ba ? ba_x->data : nullptr,
                fuse_ba ? bl->dense.data : nullptr, fuse_ba ? bl->K : 0);
     int64_t max_ql = 0;

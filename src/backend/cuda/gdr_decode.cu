@@ -9,6 +9,7 @@
 #include "backend/cuda/dev_util.cuh"
 #include "backend/cuda/gdr_decode.h"
 #include "backend/cuda/pdl.h"
+#include "backend/ops.h"
 #include "core/dtype.h"
 #include "core/env.h"
 #include "core/status.h"
@@ -171,11 +172,44 @@ __device__ __forceinline__ void f4_fma(float4& a, const float4& b, float s) {
 }
 __device__ __forceinline__ void f4_add(float4& a, const float4& b) { a.x += b.x, a.y += b.y, a.z += b.z, a.w += b.w; }
 
-template <int DK>
+// The recurrent state's four columns of a lane as stored and as held between tokens: ST = float (a float4, 16 bytes)
+// or __nv_bfloat16 (a uint2 of two packed pairs, 8 bytes: the state between tokens is the rounded one, ops.h
+// StateLayer, so the registers hold it packed — 32 for a 128-row head instead of 64, no spills), streamed from and to
+// memory (this step's only read and write of them). widen / narrow: to fp32 and back (round to nearest even).
+template <typename ST>
+struct StateQuad {
+  using V = float4;
+  static __device__ __forceinline__ V load(const V* p) { return __ldcs(p); }
+  static __device__ __forceinline__ void store(V* p, const V& v) { __stcs(p, v); }
+  static __device__ __forceinline__ float4 widen(const V& v) { return v; }
+  static __device__ __forceinline__ V narrow(const float4& v) { return v; }
+};
+template <>
+struct StateQuad<__nv_bfloat16> {
+  using V = uint2;
+  static __device__ __forceinline__ float lo(uint32_t w) { return __uint_as_float(w << 16); }
+  static __device__ __forceinline__ float hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+  static __device__ __forceinline__ uint32_t pack(float a, float b) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);  // a in the low half: the lower address
+    return uint32_t(__bfloat16_as_ushort(h.x)) | (uint32_t(__bfloat16_as_ushort(h.y)) << 16);
+  }
+  static __device__ __forceinline__ V load(const V* p) { return __ldcs(p); }
+  static __device__ __forceinline__ void store(V* p, const V& v) { __stcs(p, v); }
+  static __device__ __forceinline__ float4 widen(const V& u) { return make_float4(lo(u.x), hi(u.x), lo(u.y), hi(u.y)); }
+  static __device__ __forceinline__ V narrow(const float4& v) { return make_uint2(pack(v.x, v.y), pack(v.z, v.w)); }
+};
+
+// ST: the state's storage type (float or __nv_bfloat16: rounded to bf16 after every token, ops.h StateLayer).
+// A packed bf16 state reads k and q from L1 in the two passes instead of holding them: 128 registers, no spills (with
+// them in registers it spilled 44-184 bytes; compiled for 3 blocks per SM it spilled 180 bytes at 80 registers and
+// ran no faster, H200 session 25: 47.0 us per launch at batch 64 either way, against 70.5 for the fp32 state).
+template <int DK, typename ST = float>
 __global__ void __launch_bounds__(256, 2) k_gdn_recur_norm(const float* qn, const float* kn, const float* vv,
                                                            const float* g, const float* beta, int64_t Hk, int64_t Hv,
-                                                           float* ssm, const int32_t* seqinfo, const void* z, int zdt,
+                                                           ST* ssm, const int32_t* seqinfo, const void* z, int zdt,
                                                            const float* norm_w, float eps, void* y, int ydt) {
+  static_assert(kGdnShortMax <= kStateTokenRoundMax, "every chunk this kernel takes rounds a bf16 state per token");
+  using Q = StateQuad<ST>;
   constexpr int DV = 128, NW = 8, RPW = DK / NW;
   static_assert(RPW % 4 == 0, "rows per warp: whole float4s");
   pdl_trigger();
@@ -192,10 +226,10 @@ __global__ void __launch_bounds__(256, 2) k_gdn_recur_norm(const float* qn, cons
   // The state (written only by this kernel's earlier launches, all complete: k_gdn_conv_prep waits before it
   // triggers) is read before the wait, overlapping the conv kernel. Streaming loads and stores: a layer's states
   // (batch 64: 134 MB) do not fit in L2 and are not read again this step.
-  float4* S = reinterpret_cast<float4*>(ssm + ((slot * Hv + j) * DK + int64_t(w) * RPW) * DV) + lane;
-  float4 st[RPW];
+  typename Q::V* S = reinterpret_cast<typename Q::V*>(ssm + ((slot * Hv + j) * DK + int64_t(w) * RPW) * DV) + lane;
+  typename Q::V st[RPW];
 #pragma unroll
-  for (int r = 0; r < RPW; ++r) st[r] = __ldcs(S + r * (DV / 4));
+  for (int r = 0; r < RPW; ++r) st[r] = Q::load(S + r * (DV / 4));
   // The gated norm's weight (a model weight) too: read after the recurrence it was a DRAM round trip per block.
   const float4 nw = norm_w ? reinterpret_cast<const float4*>(norm_w)[lane] : make_float4(0.f, 0.f, 0.f, 0.f);
   pdl_wait();
@@ -203,10 +237,11 @@ __global__ void __launch_bounds__(256, 2) k_gdn_recur_norm(const float* qn, cons
   __shared__ float4 redu[NW][32], redo[NW][32];
   for (int64_t i = 0; i < ql; ++i) {
     const int64_t t = qs + i;
-    float kr[RPW], qr[RPW];
-    {
-      const float4* kp = reinterpret_cast<const float4*>(kn + (t * Hk + kh) * DK + w * RPW);
-      const float4* qp = reinterpret_cast<const float4*>(qn + (t * Hk + kh) * DK + w * RPW);
+    constexpr bool kWide = std::is_same_v<ST, float>;
+    float kr[kWide ? RPW : 1], qr[kWide ? RPW : 1];
+    const float4* kp = reinterpret_cast<const float4*>(kn + (t * Hk + kh) * DK + w * RPW);
+    const float4* qp = reinterpret_cast<const float4*>(qn + (t * Hk + kh) * DK + w * RPW);
+    if constexpr (kWide) {
 #pragma unroll
       for (int e = 0; e < RPW / 4; ++e) {
         const float4 a = kp[e], b = qp[e];
@@ -214,6 +249,15 @@ __global__ void __launch_bounds__(256, 2) k_gdn_recur_norm(const float* qn, cons
         qr[4 * e] = b.x, qr[4 * e + 1] = b.y, qr[4 * e + 2] = b.z, qr[4 * e + 3] = b.w;
       }
     }
+    // Row r's k (or q): from the registers, or for a packed state from L1 (the warp's 4·RPW bytes, one broadcast load).
+    auto row = [&](const float* regs, const float4* p, int r) -> float {
+      if constexpr (kWide) {
+        return regs[r];
+      } else {
+        const float4 a = p[r / 4];
+        return r % 4 == 0 ? a.x : r % 4 == 1 ? a.y : r % 4 == 2 ? a.z : a.w;
+      }
+    };
     const float4 v = reinterpret_cast<const float4*>(vv + (t * Hv + j) * DV)[lane];
     const float decay = expf(g[t * Hv + j]), b = beta[t * Hv + j];
     // The gate z of the gated RMSNorm requested with k, q and v, so the norm after the two reductions waits for no
@@ -227,8 +271,10 @@ __global__ void __launch_bounds__(256, 2) k_gdn_recur_norm(const float* qn, cons
     float4 pu = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
     for (int r = 0; r < RPW; ++r) {
-      st[r].x *= decay, st[r].y *= decay, st[r].z *= decay, st[r].w *= decay;
-      f4_fma(pu, st[r], kr[r]);
+      float4 s = Q::widen(st[r]);
+      s.x *= decay, s.y *= decay, s.z *= decay, s.w *= decay;
+      f4_fma(pu, s, row(kr, kp, r));
+      if constexpr (kWide) st[r] = s;  // a packed state forms decay·S again below (the same products)
     }
     redu[w][lane] = pu;
     __syncthreads();
@@ -236,12 +282,21 @@ __global__ void __launch_bounds__(256, 2) k_gdn_recur_norm(const float* qn, cons
 #pragma unroll
     for (int ww = 1; ww < NW; ++ww) f4_add(u, redu[ww][lane]);
     u.x = b * (v.x - u.x), u.y = b * (v.y - u.y), u.z = b * (v.z - u.z), u.w = b * (v.w - u.w);
+    if constexpr (!kWide) {
+      // The packed words "change" here (they do not): the compiler must form decay·S again from them below rather
+      // than keep the first pass's 4·RPW fp32 products live across the barrier, which spilled (ptxas).
+#pragma unroll
+      for (int r = 0; r < RPW; ++r) asm volatile("" : "+r"(st[r].x), "+r"(st[r].y));
+    }
     // S += k uᵀ; out = Sᵀ q.
     float4 po = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
     for (int r = 0; r < RPW; ++r) {
-      f4_fma(st[r], u, kr[r]);
-      f4_fma(po, st[r], qr[r]);
+      float4 s = Q::widen(st[r]);
+      if constexpr (!kWide) s.x *= decay, s.y *= decay, s.z *= decay, s.w *= decay;
+      f4_fma(s, u, row(kr, kp, r));
+      f4_fma(po, s, row(qr, qp, r));  // the output reads the update before a bf16 state's rounding, as a one-token step does
+      st[r] = Q::narrow(s);
     }
     redo[w][lane] = po;
     __syncthreads();
@@ -266,7 +321,7 @@ __global__ void __launch_bounds__(256, 2) k_gdn_recur_norm(const float* qn, cons
     }
   }
 #pragma unroll
-  for (int r = 0; r < RPW; ++r) __stcs(S + r * (DV / 4), st[r]);
+  for (int r = 0; r < RPW; ++r) Q::store(S + r * (DV / 4), st[r]);
 }
 
 }  // namespace
@@ -279,8 +334,10 @@ bool gdn_ba_fusable(int64_t K, const void* x, const void* w) {
 void gdn_decode(const void* mixed, int mdt, const float* conv_w, int64_t Kc, float* conv_state, void* ba,
                 int bdt, const float* A_log, const float* dt_bias, const void* z, int zdt, const float* norm_w,
                 float eps, int64_t T, int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, int nseq, const int32_t* seqinfo,
-                float* ssm, float* qn, float* kn, float* vv, float* g, float* beta, void* y, int ydt,
+                void* ssm, int sdt, float* qn, float* kn, float* vv, float* g, float* beta, void* y, int ydt,
                 cudaStream_t stream, const void* ba_x, const void* ba_w, int64_t ba_K) {
+  DS_CHECK(sdt == int(DType::F32) || sdt == int(DType::BF16), "gdn_decode: the recurrent state is ",
+           dtype_name(DType(sdt)), " (expected F32 or BF16)");
   DS_CHECK(gdn_decode_supported(Kc, Hk, Hv, Dk, Dv), "gdn_decode: unsupported shape");
   DS_CHECK(!ba_x || gdn_ba_fusable(ba_K, ba_x, ba_w), "gdn_decode: in_proj_ba of K = ", ba_K, " cannot be fused");
   if (T == 0 || nseq == 0) return;
@@ -319,8 +376,12 @@ void gdn_decode(const void* mixed, int mdt, const float* conv_w, int64_t Kc, flo
   const dim3 gb{unsigned(Hv), unsigned(nseq)};
 #define DS_GDN_REC(DK)                                                                                               \
   case DK:                                                                                                           \
-    DS_CUDA_CHECK(pdl_launch(k_gdn_recur_norm<DK>, gb, dim3(256), 0, stream, qn, kn, vv, g, beta, Hk, Hv, ssm,       \
-                             seqinfo, z, zdt, norm_w, eps, y, ydt));                                                 \
+    if (sdt == int(DType::BF16))                                                                                     \
+      DS_CUDA_CHECK(pdl_launch(k_gdn_recur_norm<DK, __nv_bfloat16>, gb, dim3(256), 0, stream, qn, kn, vv, g, beta,   \
+                               Hk, Hv, static_cast<__nv_bfloat16*>(ssm), seqinfo, z, zdt, norm_w, eps, y, ydt));     \
+    else                                                                                                             \
+      DS_CUDA_CHECK(pdl_launch(k_gdn_recur_norm<DK>, gb, dim3(256), 0, stream, qn, kn, vv, g, beta, Hk, Hv,          \
+                               static_cast<float*>(ssm), seqinfo, z, zdt, norm_w, eps, y, ydt));                     \
     break;
   switch (Dk) {
     DS_GDN_REC(32)

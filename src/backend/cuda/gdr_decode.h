@@ -34,7 +34,8 @@ inline bool gdn_decode_supported(int64_t Kc, int64_t Hk, int64_t Hv, int64_t Dk,
 }
 
 // mixed [T, C] (dtype mdt; q | k | v channels, C = 2·Hk·Dk + Hv·Dv), conv_w [C, Kc] fp32, conv_state
-// [slots, C, Kc − 1] fp32; ba [T, 2·Hv] (b | a, dtype bdt); A_log, dt_bias [Hv] fp32; ssm [slots, Hv, Dk, Dv] fp32.
+// [slots, C, Kc − 1] fp32; ba [T, 2·Hv] (b | a, dtype bdt); A_log, dt_bias [Hv] fp32; ssm [slots, Hv, Dk, Dv] of dtype
+// sdt, F32 or BF16 (bf16: widened on load, rounded after every token, ops.h StateLayer).
 // z [T, Hv·Dv] (dtype zdt) and norm_w [Dv] fp32, or both null (y = the delta rule's output). y [T, Hv·Dv] (ydt).
 // Scratch (fp32): qn, kn [T, Hk, Dk], vv [T, Hv, Dv], g, beta [T, Hv]. nseq sequences in seqinfo [nseq, 4].
 // ba_x (optional, bf16 [T, ba_K], 16-byte aligned): the layer input, and ba_w bf16 [2·Hv, ba_K] (in_proj_b rows, then
@@ -46,7 +47,7 @@ bool gdn_ba_fusable(int64_t K, const void* x, const void* w);
 void gdn_decode(const void* mixed, int mdt, const float* conv_w, int64_t Kc, float* conv_state, void* ba,
                 int bdt, const float* A_log, const float* dt_bias, const void* z, int zdt, const float* norm_w,
                 float eps, int64_t T, int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, int nseq, const int32_t* seqinfo,
-                float* ssm, float* qn, float* kn, float* vv, float* g, float* beta, void* y, int ydt,
+                void* ssm, int sdt, float* qn, float* kn, float* vv, float* g, float* beta, void* y, int ydt,
                 cudaStream_t stream, const void* ba_x = nullptr, const void* ba_w = nullptr, int64_t ba_K = 0);
 
 }  // namespace ds::cuda

@@ -1,5 +1,6 @@
 // A small flag parser: --name value, --name=value, boolean --flag, positional arguments.
 #pragma once
+#include <algorithm>
 #include <map>
 #include <string>
 #include <vector>
@@ -32,6 +33,25 @@ class Args {
       } else {
         positional_.push_back(a);
       }
+    }
+  }
+  // Fails on the first flag the command does not take (vLLM rejects unknown flags too: a misspelt flag silently ignored
+  // is worse than an error), naming the closest known flag or listing them. --model is always allowed.
+  void only(const std::string& command, const std::vector<std::string>& known) const {
+    for (const auto& [name, value] : flags_) {
+      if (name == "model") continue;
+      bool ok = false;
+      for (const auto& k : known) ok |= k == name;
+      if (ok) continue;
+      std::string best, list;
+      size_t best_d = std::string::npos;
+      for (const auto& k : known) {
+        const size_t d = edit_distance(name, k);
+        if (d < best_d) best_d = d, best = k;
+        list += (list.empty() ? "--" : ", --") + k;
+      }
+      if (best_d <= 3) fail(command, ": unknown flag --", name, " (did you mean --", best, "?)");
+      fail(command, ": unknown flag --", name, " (", command, " takes ", list, ")");
     }
   }
   bool has(const std::string& n) const { return flags_.count(n) > 0; }
@@ -82,6 +102,20 @@ class Args {
   }
 
  private:
+  static size_t edit_distance(const std::string& a, const std::string& b) {
+    std::vector<size_t> row(b.size() + 1);
+    for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
+    for (size_t i = 1; i <= a.size(); ++i) {
+      size_t diag = row[0];
+      row[0] = i;
+      for (size_t j = 1; j <= b.size(); ++j) {
+        const size_t up = row[j];
+        row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (a[i - 1] == b[j - 1] ? 0 : 1)});
+        diag = up;
+      }
+    }
+    return row[b.size()];
+  }
   std::multimap<std::string, std::string> flags_;
   std::vector<std::string> positional_;
 };

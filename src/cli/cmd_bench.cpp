@@ -649,6 +649,10 @@ std::string kernel_times_table(const std::string& what, TimingBackend& be, bool 
 
 int cmd_bench(int argc, char** argv) {
   Args a(argc, argv, 2, {"random-weights", "bf16", "breakdown", "no-graph", "kernel-times"});
+  a.only("bench", {"random-weights", "config", "config-override", "backend", "bf16", "batch", "context", "prefill",
+                   "steps", "no-graph", "breakdown", "kernel-times", "prefill-chunk", "prefill-reps", "block-size",
+                   "seed", "variants", "mamba-ssm-cache-dtype", "speculative", "oracle-p", "draft-vocab",
+                   "draft-vocab-file", "spec-prompt", "spec-tokens", "vision"});
   if (!a.has("random-weights")) fail("bench: only --random-weights is supported (give --config config.json)");
   const std::string cfg_path = a.require("config");
   const std::string backend_name = a.get("backend", "cuda");

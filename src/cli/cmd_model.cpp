@@ -181,6 +181,7 @@ PromptImages prepare_images(model::Model& m, const std::string& model_dir, const
 
 int cmd_logits(int argc, char** argv) {
   Args a(argc, argv, 2);
+  a.only("logits", {"tokens", "out", "image", "video", "prefill", "backend", "mamba-ssm-cache-dtype"});
   auto tokens = parse_token_list(a.require("tokens"));
   std::string out = a.require("out");
   auto images = a.get_all("image");
@@ -216,6 +217,7 @@ int cmd_logits(int argc, char** argv) {
 
 int cmd_generate(int argc, char** argv) {
   Args a(argc, argv, 2);
+  a.only("generate", {"tokens", "max-tokens", "backend", "mamba-ssm-cache-dtype"});
   auto tokens = parse_token_list(a.require("tokens"));
   int64_t max_tokens = a.get_int("max-tokens", 16);
   auto be = make_backend(a.get("backend", "cpu"));
@@ -247,6 +249,7 @@ int cmd_generate(int argc, char** argv) {
 
 int cmd_inspect(int argc, char** argv) {
   Args a(argc, argv, 2);
+  a.only("inspect", {});
   std::string path = a.model_dir();
   io::ModelConfig cfg = io::load_model_config(path);
   const auto& t = cfg.text;
@@ -325,6 +328,7 @@ namespace ds::cli {
 // last row), then K-1 chained draft steps fed the previous step's argmax and MTP output hidden.
 int cmd_mtp_logits(int argc, char** argv) {
   Args a(argc, argv, 2);
+  a.only("mtp-logits", {"tokens", "next", "draft-steps", "out", "backend", "mamba-ssm-cache-dtype"});
   auto prompt = parse_token_list(a.require("tokens"));
   auto next = parse_token_list(a.require("next"));
   if (next.size() != 1) fail("--next: expected one token id, got ", next.size());

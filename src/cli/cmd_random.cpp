@@ -18,6 +18,7 @@ namespace ds::cli {
 int cmd_make_random_checkpoint(int argc, char** argv) {
   namespace fs = std::filesystem;
   Args a(argc, argv, 2, {"bf16"});
+  a.only("make-random-checkpoint", {"config", "out", "bf16", "seed", "shard-gb"});
   std::string cfg_path = a.require("config");
   std::string out = a.require("out");
   const bool int4 = !a.has("bf16");

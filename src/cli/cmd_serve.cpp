@@ -11,6 +11,12 @@ namespace ds::cli {
 
 int cmd_serve(int argc, char** argv) {
   Args a(argc, argv, 2, {"disable-image-fetch", "enforce-eager"});
+  a.only("serve", {"host", "port", "backend", "served-model-name", "api-key", "max-model-len", "max-num-seqs",
+                   "max-num-batched-tokens", "max-queued-requests", "num-gpu-blocks-override", "block-size",
+                   "gpu-memory-utilization", "enforce-eager", "mamba-ssm-cache-dtype", "shutdown-timeout",
+                   "chat-template", "default-chat-template-kwargs", "speculative-config", "limit-mm-per-prompt",
+                   "max-image-pixels", "max-image-bytes", "max-video-bytes", "max-video-frames", "image-fetch-timeout",
+                   "disable-image-fetch", "allowed-local-media-path"});
   server::ServerConfig c;
   c.model_dir = a.model_dir();
   c.host = a.get("host", c.host);

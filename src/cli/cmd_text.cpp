@@ -25,6 +25,7 @@ int run_text_command(int argc, char** argv, bool tokenize) {
   };
   try {
     Args a(argc, argv, 2);
+    a.only(tokenize ? "tokenize" : "detokenize", {});
     std::string dir = a.model_dir();
     std::string input((std::istreambuf_iterator<char>(std::cin)), {});
     json body = json::parse(input, nullptr, false);

@@ -11,6 +11,7 @@ namespace ds::cli {
 
 int cmd_video_frames(int argc, char** argv) {
   Args a(argc, argv, 2, {"sampled"});
+  a.only("video-frames", {"out", "sampled"});
   if (a.positional().size() != 1) fail("usage: deltaserve video-frames CLIP --out F.safetensors [--sampled]");
   const std::string clip = a.positional()[0], out = a.require("out");
   vision::SourcePolicy policy;

@@ -85,6 +85,14 @@ TEST(Cli, BadArgumentsAreClearErrors) {
       // (serve fails on it before it listens or loads anything)
       {"serve " + m + " --mamba-ssm-cache-dtype fp8", "--mamba-ssm-cache-dtype: 'fp8' is not one of auto, float32, bfloat16"},
       {"logits --model " + m + " --tokens 1 --mamba-ssm-cache-dtype half --out /tmp/x", "'half' is not one of"},
+      // unknown flags are errors, with the closest known one or the list
+      {"serve " + m + " --mamba-ssm-cache-dtpye bfloat16",
+       "serve: unknown flag --mamba-ssm-cache-dtpye (did you mean --mamba-ssm-cache-dtype?)"},
+      {"serve " + m + " --max-num-seq 4", "did you mean --max-num-seqs?"},
+      {"generate --model " + m + " --tokens 1 --temperature 0.5",
+       "generate: unknown flag --temperature (generate takes --tokens, --max-tokens, --backend, --mamba-ssm-cache-dtype)"},
+      {"bench --random-weights --config x.json --batchs 4", "bench: unknown flag --batchs (did you mean --batch?)"},
+      {"inspect --model " + m + " --verbose 1", "inspect: unknown flag --verbose"},
   };
   for (auto& c : cases) {
     auto r = run_binary(c.args);

@@ -61,14 +61,7 @@ class CudaGolden : public ::testing::TestWithParam<std::string> {
   std::string variant() const { return GetParam().substr(GetParam().find('/') + 1); }
   // The bf16 reference's error on `name` (prompt logits, or one decode step when step >= 0).
   double bf16_error(Fixture& f, const std::string& name, int64_t V, int step = -1) {
-    const std::string ref = variant() + ".fp32." + name, bf = variant() + ".bf16ref." + name;
-    if (f.tensors->has(bf)) {
-      auto a = f.tensors->f32(bf), b = f.tensors->f32(ref);
-      if (step < 0) return rel_l2(a, b);
-      return rel_l2(a.data() + step * V, b.data() + step * V, size_t(V));
-    }
-    auto& e = f.bf16err.at(bf);
-    return step < 0 ? e.at("all_rows").get<double>() : e.at("per_step").at(step).get<double>();
+    return test::bf16_ref_error(*f.tensors, f.bf16err, variant(), name, V, step);
   }
 };
 

@@ -69,6 +69,21 @@ inline double rel_l2(const std::vector<float>& a, const std::vector<float>& b) {
   return rel_l2(a.data(), b.data(), a.size());
 }
 
+// The error transformers' bf16 run shows against its fp32 run on golden tensor `name` of `variant` ("V.bf16ref.name"
+// against "V.fp32.name"): over all rows, or row `step` (V columns) of a decode's gen_logits. Where the bf16ref tensors
+// were trimmed from the file (tests/data/README.md), from `bf16err` (the fixture's bf16ref-errors.json "errors").
+inline double bf16_ref_error(const Golden& g, const nlohmann::json& bf16err, const std::string& variant,
+                             const std::string& name, int64_t V, int step = -1) {
+  const std::string ref = variant + ".fp32." + name, bf = variant + ".bf16ref." + name;
+  if (g.has(bf)) {
+    auto a = g.f32(bf), b = g.f32(ref);
+    if (step < 0) return rel_l2(a, b);
+    return rel_l2(a.data() + step * V, b.data() + step * V, size_t(V));
+  }
+  auto& e = bf16err.at(bf);
+  return step < 0 ? e.at("all_rows").get<double>() : e.at("per_step").at(step).get<double>();
+}
+
 #ifdef DS_BINARY
 struct CommandResult {
   int code;         // exit status; 128 + signal number if it was killed

@@ -144,12 +144,7 @@ TEST_P(Golden, Bf16StateWithinBf16Reference) {
   } restore{*f.m};
   f.m->set_ssm_state_dtype(DType::BF16);
   auto bf16_error = [&](const std::string& name, int step) {
-    const std::string ref = variant() + ".fp32." + name, bf = variant() + ".bf16ref." + name;
-    if (f.tensors->has(bf)) {
-      auto a = f.tensors->f32(bf), b = f.tensors->f32(ref);
-      return rel_l2(a.data() + step * V, b.data() + step * V, size_t(V));
-    }
-    return f.bf16err.at(bf).at("per_step").at(step).get<double>();
+    return test::bf16_ref_error(*f.tensors, f.bf16err, variant(), name, V, step);
   };
   double least = 1;
   for (size_t i = 0; i < prompts.size(); ++i) {

@@ -110,6 +110,12 @@ struct StateLayer {
   Tensor conv, ssm;
 };
 constexpr int64_t kStateTokenRoundMax = 32;
+// Whether a recurrent state is stored in bf16 (else fp32); fails for any other dtype, naming the op.
+inline bool ssm_is_bf16(const Tensor& ssm, const char* op) {
+  DS_CHECK(ssm.dtype == DType::BF16 || ssm.dtype == DType::F32, op, ": the recurrent state is ", dtype_name(ssm.dtype),
+           " (expected F32 or BF16)");
+  return ssm.dtype == DType::BF16;
+}
 
 class Backend {
  public:

@@ -814,8 +814,8 @@ int cmd_bench(int argc, char** argv) {
   lo.mtp = spec;
   lo.vision = false;
   lo.ssm_state_dtype = a.get("mamba-ssm-cache-dtype", "auto");
-  const DType cfg_ssm = t.mamba_ssm_dtype == "bfloat16" ? DType::BF16 : DType::F32;
-  const DType ssm_default = model::Model::ssm_dtype_from_name(lo.ssm_state_dtype, cfg_ssm, "--mamba-ssm-cache-dtype");
+  const DType ssm_default = model::Model::ssm_dtype_from_name(lo.ssm_state_dtype, model::Model::config_ssm_dtype(cfg),
+                                                              "--mamba-ssm-cache-dtype");
   for (const Variant& v : variants)
     (void)model::Model::ssm_dtype_from_name(v.ssm, ssm_default, str_cat("--variants ", v.name, ": ssm-dtype"));
   if (spec && (a.has("draft-vocab") || a.has("draft-vocab-file"))) {

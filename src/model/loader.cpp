@@ -397,8 +397,7 @@ std::unique_ptr<Model> Model::load_random_vision(const io::ModelConfig& cfg, Bac
 std::unique_ptr<Model> Model::load_index(io::ModelConfig cfg, io::TensorIndex& idx, Backend& be, LoadReport* report,
                                          LoadOptions opts) {
   std::unique_ptr<Model> m(new Model(cfg, be));
-  m->set_ssm_state_dtype(ssm_dtype_from_name(opts.ssm_state_dtype,
-                                             m->cfg_.text.mamba_ssm_dtype == "bfloat16" ? DType::BF16 : DType::F32,
+  m->set_ssm_state_dtype(ssm_dtype_from_name(opts.ssm_state_dtype, config_ssm_dtype(m->cfg_),
                                              "SSM state dtype (--mamba-ssm-cache-dtype)"));
   LoadReport local;
   LoadReport& rep = report ? *report : local;

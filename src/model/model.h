@@ -163,6 +163,10 @@ class Model {
   // "auto" / "" → `config_default`, "float32" / "fp32" → F32, "bfloat16" / "bf16" → BF16; anything else fails naming
   // the accepted values (`what`: the option's name).
   static DType ssm_dtype_from_name(const std::string& name, DType config_default, const std::string& what);
+  // The config's mamba_ssm_dtype as a DType (what "auto" means for it).
+  static DType config_ssm_dtype(const io::ModelConfig& cfg) {
+    return cfg.text.mamba_ssm_dtype == "bfloat16" ? DType::BF16 : DType::F32;
+  }
 
   // Allocates caches for `num_blocks` KV blocks of `block_size` tokens and `num_slots` DeltaNet slots, and a
   // DeltaNet input log of `log_rows` rows (speculative decoding: max sequences × (K + 1); 0: none).

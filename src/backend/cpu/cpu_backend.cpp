@@ -296,9 +296,7 @@ class CpuBackend final : public Backend {
     const float qscale = 1.f / std::sqrt(float(Dk));
     // A bf16 state (Model::ssm_state_dtype) is widened to fp32 for the call and rounded to bf16 after every token of
     // a chunk shorter than kStateTokenRoundMax, once at the end of a longer one (ops.h StateLayer).
-    const bool bf16_state = st.ssm.dtype == DType::BF16;
-    DS_CHECK(bf16_state || st.ssm.dtype == DType::F32, "gated_delta_rule: the recurrent state is ",
-             dtype_name(st.ssm.dtype), " (expected F32 or BF16)");
+    const bool bf16_state = ssm_is_bf16(st.ssm, "gated_delta_rule");
     for (auto& s : b.seqs) {
       const int64_t L = s.q_len;
 #pragma omp parallel for
@@ -322,8 +320,10 @@ class CpuBackend final : public Backend {
         }
         const int64_t off = (int64_t(s.state_slot) * Hv + j) * Dk * Dv;
         std::vector<float> wide;
-        float* S = st.ssm.ptr<float>() + off;
-        if (bf16_state) {
+        float* S = nullptr;
+        if (!bf16_state) {
+          S = st.ssm.ptr<float>() + off;
+        } else {
           const uint16_t* h = st.ssm.ptr<uint16_t>() + off;
           wide.resize(size_t(Dk * Dv));
           for (int64_t e = 0; e < Dk * Dv; ++e) wide[size_t(e)] = bf16_to_f32(h[e]);

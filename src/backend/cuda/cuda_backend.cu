@@ -2285,9 +2285,7 @@ class CudaBackend final : public Backend {
     // at local slots 0, 1, ... (sinfo: the sequence table with those slots) and rounded back after the kernels; the
     // short-chunk kernels round it per token. Without skip_short a step may be recorded and replayed with other
     // lengths (DS_CUDA_NO_GDR_FUSE=1 decode steps), so the copy then has room for every sequence.
-    const bool bf16_state = st.ssm.dtype == DType::BF16;
-    DS_CHECK(bf16_state || st.ssm.dtype == DType::F32, "gated_delta_rule: the recurrent state is ",
-             dtype_name(st.ssm.dtype), " (expected F32 or BF16)");
+    const bool bf16_state = ssm_is_bf16(st.ssm, "gated_delta_rule");
     const int64_t lo = skip_short ? kGdnShortMax : 1, per_slot = Hv * Dk * Dv;
     const unsigned wblocks = unsigned(std::min<int64_t>((per_slot + 1023) / 1024, 1024));
     float* ssm = bf16_state ? nullptr : st.ssm.ptr<float>();

@@ -48,6 +48,9 @@ using test::ids;
 using test::last_rows;
 using test::run_one;
 using test::run_steps;
+using test::teacher_forced;
+using test::DecodeErrors;
+using test::decode_errors;
 
 size_t num_prompts(const nlohmann::json& prompts) {
   size_t n = prompts.size();
@@ -87,42 +90,20 @@ TEST_P(CudaGolden, TeacherForcedDecodeWithinTwiceBf16Reference) {
   const int64_t V = f.m->config().text.vocab_size;
   auto& prompts = f.golden["text"][variant()];
   for (size_t i = 0; i < num_prompts(prompts); ++i) {
-    auto toks = ids(prompts[i]["prompt"]);
-    auto greedy = ids(prompts[i]["greedy"]);
-    const size_t P = toks.size();
-    toks.insert(toks.end(), greedy.begin(), greedy.end() - 1);
     const std::string name = "prompt" + std::to_string(i) + ".gen_logits";
     auto ref = f.tensors->f32(variant() + ".fp32." + name);
-    const int steps = int(ref.size() / V);
-    auto ours = last_rows(run_one(*f.m, toks, P), steps, V);
-    // The bf16 reference decodes its own greedy tokens, so once it picks another token its gen_logits stop being
-    // comparable (its error jumps to ~1). Compare over the steps before that, statistic against statistic: the RMS
-    // of our per-step errors ≤ 2× the bf16 reference's RMS over the same steps, and our worst step ≤ 2× its worst
-    // step (a single step is a noisy statistic: on the MoE model one flipped expert choice moves a step's error).
-    int n = 0;
-    while (n < steps && bf16_error(f, name, V, n) < 0.5) ++n;
-    double ss = 0, ssb = 0, worst = 0, worst_ratio = 0;
-    std::vector<double> es(n), bs(n);
-    for (int s = 0; s < n; ++s) {
-      es[s] = rel_l2(ours.data() + s * V, ref.data() + s * V, size_t(V));
-      bs[s] = bf16_error(f, name, V, s);
-      ss += es[s] * es[s];
-      ssb += bs[s] * bs[s];
-    }
-    const double rms = std::sqrt(ss / std::max(n, 1)), rmsb = std::sqrt(ssb / std::max(n, 1));
-    double worstb = 0;
-    for (int s = 0; s < n; ++s) {
-      worst = std::max(worst, es[s]);
-      worstb = std::max(worstb, bs[s]);
-    }
-    worst_ratio = worst / std::max(worstb, 1e-30);
-    EXPECT_LE(rms, 2 * rmsb) << "prompt " << i;
-    EXPECT_LE(worst, 2 * worstb) << "prompt " << i;
-    double tail = 0;  // our error after the reference diverged (not compared, reported)
-    for (int s = n; s < steps; ++s) tail = std::max(tail, rel_l2(ours.data() + s * V, ref.data() + s * V, size_t(V)));
+    auto ours = teacher_forced(*f.m, ids(prompts[i]["prompt"]), ids(prompts[i]["greedy"]), int64_t(ref.size()) / V);
+    // Statistic against statistic over the steps before the bf16 run picks another token (golden_util.h
+    // decode_errors): the RMS of our per-step errors ≤ 2× the bf16 reference's RMS over the same steps, and our
+    // worst step ≤ 2× its worst step (a single step is a noisy statistic: on the MoE model one flipped expert choice
+    // moves a step's error).
+    const DecodeErrors d = decode_errors(ours, ref, V, [&](int s) { return bf16_error(f, name, V, s); });
+    EXPECT_LE(d.rms, 2 * d.rms_bf16) << "prompt " << i;
+    EXPECT_LE(d.worst, 2 * d.worst_bf16) << "prompt " << i;
     std::printf("  %s prompt%zu decode: %d/%d steps comparable; RMS step error %.4g vs bf16 ref %.4g (ratio %.3f); "
                 "worst step %.4g vs %.4g (ratio %.3f); later steps max %.4g\n",
-                GetParam().c_str(), i, n, steps, rms, rmsb, rms / rmsb, worst, worstb, worst_ratio, tail);
+                GetParam().c_str(), i, d.n, d.steps, d.rms, d.rms_bf16, d.rms / d.rms_bf16, d.worst, d.worst_bf16,
+                d.worst / std::max(d.worst_bf16, 1e-30), d.later);
   }
 }
 

@@ -84,6 +84,39 @@ inline double bf16_ref_error(const Golden& g, const nlohmann::json& bf16err, con
   return step < 0 ? e.at("all_rows").get<double>() : e.at("per_step").at(step).get<double>();
 }
 
+// Our teacher-forced decode against the fp32 reference (`ours`, `ref`: steps × V logits), next to the error
+// transformers' bf16 run shows (bf16_step(s): that run's error at step s). The bf16 run decodes its own greedy tokens,
+// so once it picks another token its rows stop being comparable (its error jumps to ~1): the statistics cover the
+// steps before that (n of them, bf16_step(s) < 0.5), statistic against statistic.
+struct DecodeErrors {
+  int n = 0, steps = 0;
+  double rms = 0, rms_bf16 = 0;      // RMS over the comparable steps of our per-step rel L2, and of the bf16 run's
+  double worst = 0, worst_bf16 = 0;  // the largest of each over the comparable steps
+  double least_after_first = 1;      // our smallest over comparable steps 1.. (1 when there are none)
+  double later = 0;                  // our largest over the steps after them (reported, not compared)
+};
+template <class Bf16Step>
+DecodeErrors decode_errors(const std::vector<float>& ours, const std::vector<float>& ref, int64_t V,
+                           Bf16Step bf16_step) {
+  DecodeErrors d;
+  d.steps = int(ref.size() / size_t(V));
+  while (d.n < d.steps && bf16_step(d.n) < 0.5) ++d.n;
+  double ss = 0, ssb = 0;
+  for (int s = 0; s < d.steps; ++s) {
+    const double e = rel_l2(ours.data() + s * V, ref.data() + s * V, size_t(V));
+    if (s >= d.n) {
+      d.later = std::max(d.later, e);
+      continue;
+    }
+    const double b = bf16_step(s);
+    ss += e * e, ssb += b * b;
+    d.worst = std::max(d.worst, e), d.worst_bf16 = std::max(d.worst_bf16, b);
+    if (s > 0) d.least_after_first = std::min(d.least_after_first, e);
+  }
+  d.rms = std::sqrt(ss / std::max(d.n, 1)), d.rms_bf16 = std::sqrt(ssb / std::max(d.n, 1));
+  return d;
+}
+
 #ifdef DS_BINARY
 struct CommandResult {
   int code;         // exit status; 128 + signal number if it was killed

@@ -54,4 +54,14 @@ inline std::vector<float> last_rows(const std::vector<float>& v, int64_t rows, i
   return std::vector<float>(v.end() - rows * V, v.end());
 }
 
+// A teacher-forced decode: `prompt` prefilled as one chunk, then a reference's greedy tokens, all but the last, fed
+// one per step. Returns the logits rows of the last `steps` tokens fed: a reference's gen_logits rows (the prompt's
+// last row, then one per greedy token fed) when steps = greedy.size().
+inline std::vector<float> teacher_forced(model::Model& m, std::vector<int32_t> prompt,
+                                         const std::vector<int32_t>& greedy, int64_t steps) {
+  const size_t P = prompt.size();
+  prompt.insert(prompt.end(), greedy.begin(), greedy.end() - 1);
+  return last_rows(run_one(m, prompt, P), steps, m.config().text.vocab_size);
+}
+
 }  // namespace ds::test

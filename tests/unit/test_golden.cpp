@@ -47,6 +47,9 @@ using test::ids;
 using test::last_rows;
 using test::run_one;
 using test::run_steps;
+using test::teacher_forced;
+using test::DecodeErrors;
+using test::decode_errors;
 
 class Golden : public ::testing::TestWithParam<std::string> {
  protected:
@@ -74,12 +77,9 @@ TEST_P(Golden, TeacherForcedDecodeMatchesReference) {
   const int64_t V = f.m->config().text.vocab_size;
   auto& prompts = f.golden["text"][variant()];
   for (size_t i = 0; i < prompts.size(); ++i) {
-    auto toks = ids(prompts[i]["prompt"]);
     auto greedy = ids(prompts[i]["greedy"]);
-    const size_t P = toks.size();
-    toks.insert(toks.end(), greedy.begin(), greedy.end() - 1);
     auto ref = f.tensors->f32(variant() + ".fp32.prompt" + std::to_string(i) + ".gen_logits");
-    auto ours = last_rows(run_one(*f.m, toks, P), 24, V);
+    auto ours = teacher_forced(*f.m, ids(prompts[i]["prompt"]), greedy, 24);
     double worst = 0;
     int compared = 0, equal = 0;
     for (int s = 0; s < 24; ++s) {
@@ -143,35 +143,19 @@ TEST_P(Golden, Bf16StateWithinBf16Reference) {
     ~Restore() { m.set_ssm_state_dtype(DType::F32); }
   } restore{*f.m};
   f.m->set_ssm_state_dtype(DType::BF16);
-  auto bf16_error = [&](const std::string& name, int step) {
-    return test::bf16_ref_error(*f.tensors, f.bf16err, variant(), name, V, step);
-  };
   double least = 1;
   for (size_t i = 0; i < prompts.size(); ++i) {
-    auto toks = ids(prompts[i]["prompt"]);
-    auto greedy = ids(prompts[i]["greedy"]);
-    const size_t P = toks.size();
-    toks.insert(toks.end(), greedy.begin(), greedy.end() - 1);
     const std::string name = "prompt" + std::to_string(i) + ".gen_logits";
     auto ref = f.tensors->f32(variant() + ".fp32." + name);
-    const int steps = int(ref.size() / V);
-    auto ours = last_rows(run_one(*f.m, toks, P), steps, V);
-    int n = 0;
-    while (n < steps && bf16_error(name, n) < 0.5) ++n;
-    double ss = 0, ssb = 0, worst = 0;
-    for (int s = 0; s < n; ++s) {
-      const double e = rel_l2(ours.data() + s * V, ref.data() + s * V, size_t(V)), b = bf16_error(name, s);
-      ss += e * e;
-      ssb += b * b;
-      worst = std::max(worst, e);
-      if (s > 0) least = std::min(least, e);
-    }
-    const double rms = std::sqrt(ss / std::max(n, 1)), rmsb = std::sqrt(ssb / std::max(n, 1));
+    auto ours = teacher_forced(*f.m, ids(prompts[i]["prompt"]), ids(prompts[i]["greedy"]), int64_t(ref.size()) / V);
+    const DecodeErrors d = decode_errors(
+        ours, ref, V, [&](int s) { return test::bf16_ref_error(*f.tensors, f.bf16err, variant(), name, V, s); });
+    least = std::min(least, d.least_after_first);
     std::printf("  %s prompt%zu, bf16 state: %d/%d steps comparable; RMS step error %.4g vs bf16 reference %.4g "
                 "(ratio %.3f); worst step %.4g\n",
-                GetParam().c_str(), i, n, steps, rms, rmsb, rms / rmsb, worst);
-    EXPECT_GT(n, 0) << "prompt " << i;
-    EXPECT_LE(rms, 0.5 * rmsb) << "prompt " << i;  // measured: at most 0.21 of it
+                GetParam().c_str(), i, d.n, d.steps, d.rms, d.rms_bf16, d.rms / d.rms_bf16, d.worst);
+    EXPECT_GT(d.n, 0) << "prompt " << i;
+    EXPECT_LE(d.rms, 0.5 * d.rms_bf16) << "prompt " << i;  // measured: at most 0.21 of it
   }
   // The state really was bf16: after the first rounded step every row is further off than fp32's ~1e-6.
   EXPECT_GT(least, 1e-5);

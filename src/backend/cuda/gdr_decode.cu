@@ -32,14 +32,17 @@ namespace {
 constexpr int kBaChunks = 4;  // bK ≤ 128 threads × 8 × 4 = 4096
 // MT / BT: mixed's and ba's dtypes as types (dev_util.cuh ldx), void = the runtime codes (session 25: the typed bf16
 // instantiation, no dtype branches around its loads and stores, is the 35B-A3B's; DS_GDN_TYPED=0: the generic one).
+// The first token (a decode's only one) is taken before the loop over further tokens, with its own norm buffer (H200,
+// session 26: own time per launch at batch 64 9.56 → 8.63 µs, 16 3.30 → 2.88, the same bits); the typed kernel is
+// held to 48 registers, 10 blocks per SM, as before. Several sequences per block (their loads issued together, one
+// barrier for their first tokens' norms; branch s26-spb) were slower: at batch 64 2 per block 11.3 µs, 4 per block
+// 12.8.
 template <int KC, typename MT = void, typename BT = void>
-__global__ void __launch_bounds__(128) k_gdn_conv_prep(const void* mixed, int mdt, const float* conv_w,
-                                                       float* conv_state, void* ba, int bdt, const float* A_log,
-                                                       const float* dt_bias, int64_t Hk, int64_t Hv, int64_t Dk,
-                                                       int64_t Dv, const int32_t* seqinfo, float qscale, float* qn,
-                                                       float* kn, float* vv, float* g, float* beta,
-                                                       const __nv_bfloat16* bx, const __nv_bfloat16* bw, int64_t bK,
-                                                       int ba_early) {
+__global__ void __launch_bounds__(128, std::is_void_v<MT> ? 6 : 10)
+    k_gdn_conv_prep(const void* mixed, int mdt, const float* conv_w, float* conv_state, void* ba, int bdt,
+                    const float* A_log, const float* dt_bias, int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv,
+                    const int32_t* seqinfo, float qscale, float* qn, float* kn, float* vv, float* g, float* beta,
+                    const __nv_bfloat16* bx, const __nv_bfloat16* bw, int64_t bK, int ba_early) {
   constexpr int W = KC - 1;
   const int64_t C = 2 * Hk * Dk + Hv * Dv;
   const int64_t u = blockIdx.x;
@@ -67,7 +70,7 @@ __global__ void __launch_bounds__(128) k_gdn_conv_prep(const void* mixed, int md
   const bool fba = bx && run && isv;  // block-uniform
   const __nv_bfloat16* const rb = fba ? bw + (u - 2 * Hk) * bK : nullptr;
   const __nv_bfloat16* const ra = fba ? bw + (Hv + u - 2 * Hk) * bK : nullptr;
-  __shared__ float red[2][4];
+  __shared__ float red[2][4], red0[4];
   __shared__ float bred[kGdnShortMax][4][2];  // fused ba: per token, warp sums of b and a
   auto ba_sums = [&] {
     for (int64_t i = 0; i < ql; ++i) {
@@ -117,33 +120,43 @@ __global__ void __launch_bounds__(128) k_gdn_conv_prep(const void* mixed, int md
   pdl_trigger();
   if (!run) return;
   if (fba && !ba_early) ba_sums();
-  for (int64_t i = 0; i < ql; ++i) {
+  // One token: the conv over the window and the new input, SiLU, the window shifted.
+  auto conv_step = [&](float xin) {
+    win[W] = xin;
+    float acc = 0.f;
+#pragma unroll
+    for (int j = 0; j < KC; ++j) acc += wv[j] * win[j];
+#pragma unroll
+    for (int j = 0; j < W; ++j) win[j] = win[j + 1];
+    return silu_f(acc);
+  };
+  auto put = [&](int64_t t, float x, float inv) {
+    if (!act) return;
+    if (isv) vv[(t * Hv + (u - 2 * Hk)) * Dv + c] = x;
+    else if (isq) qn[(t * Hk + u) * Dk + c] = x * inv * qscale;
+    else kn[(t * Hk + (u - Hk)) * Dk + c] = x * inv;
+  };
+  // The first token (v as is, q and k through the L2 norm over the head's channels: a block sum).
+  const float x0 = act ? conv_step(ldx<MT>(mixed, mdt, qs * C + ch)) : 0.f;
+  if (!isv) {  // uniform over the block
+    const float ps = warp_sum(x0 * x0);
+    if (lane == 0) red0[w] = ps;
+    __syncthreads();
+  }
+  put(qs, x0, isv ? 1.f : 1.f / sqrtf((red0[0] + red0[1]) + (red0[2] + red0[3]) + 1e-6f));
+  // Further tokens (verify and replay chunks). Double-buffered partial sums: token i + 1 writes the other buffer, and
+  // token i + 2's writes wait behind token i + 1's barrier, which every thread reaches only after reading token i's.
+  for (int64_t i = 1; i < ql; ++i) {
     const int64_t t = qs + i;
-    float x = 0.f;
-    if (act) {
-      win[W] = ldx<MT>(mixed, mdt, t * C + ch);
-      float acc = 0.f;
-#pragma unroll
-      for (int j = 0; j < KC; ++j) acc += wv[j] * win[j];
-      x = silu_f(acc);
-#pragma unroll
-      for (int j = 0; j < W; ++j) win[j] = win[j + 1];
-    }
+    const float x = act ? conv_step(ldx<MT>(mixed, mdt, t * C + ch)) : 0.f;
     if (isv) {  // uniform over the block
-      if (act) vv[(t * Hv + (u - 2 * Hk)) * Dv + c] = x;
+      put(t, x, 1.f);
       continue;
     }
-    // Double-buffered partial sums: token i + 1 writes the other buffer, and token i + 2's writes wait behind token
-    // i + 1's barrier, which every thread reaches only after reading token i's sums.
     const float ps = warp_sum(x * x);
     if (lane == 0) red[i & 1][w] = ps;
     __syncthreads();
-    const float ss = (red[i & 1][0] + red[i & 1][1]) + (red[i & 1][2] + red[i & 1][3]);
-    const float inv = 1.f / sqrtf(ss + 1e-6f);
-    if (act) {
-      if (isq) qn[(t * Hk + u) * Dk + c] = x * inv * qscale;
-      else kn[(t * Hk + (u - Hk)) * Dk + c] = x * inv;
-    }
+    put(t, x, 1.f / sqrtf((red[i & 1][0] + red[i & 1][1]) + (red[i & 1][2] + red[i & 1][3]) + 1e-6f));
   }
   if (act) {
 #pragma unroll

@@ -64,4 +64,33 @@ inline std::vector<float> teacher_forced(model::Model& m, std::vector<int32_t> p
   return last_rows(run_one(m, prompt, P), steps, m.config().text.vocab_size);
 }
 
+// Every prompt with its first 3 greedy tokens, run alone (a prefill, then 3 one-token steps) and all together in one
+// cache pool, staggered: prompts 0..2 prefill together in step 1; in step 2 they decode while the others prefill (a
+// mixed step); then each decodes its remaining tokens one per step. Returns {batched, alone}: each prompt's logits
+// rows, in the order fed.
+struct BatchedAlone {
+  std::vector<std::vector<float>> batched, alone;
+};
+inline BatchedAlone staggered_batch(model::Model& m, const nlohmann::json& prompts) {
+  const int n = int(prompts.size());
+  std::vector<std::vector<int32_t>> toks(n);
+  BatchedAlone r;
+  r.alone.resize(size_t(n));
+  for (int i = 0; i < n; ++i) {
+    toks[i] = ids(prompts[i]["prompt"]);
+    auto g = ids(prompts[i]["greedy"]);
+    toks[i].insert(toks[i].end(), g.begin(), g.begin() + 3);
+    r.alone[i] = run_one(m, toks[i], toks[i].size() - 3);
+  }
+  std::vector<std::vector<std::vector<int32_t>>> steps(5, std::vector<std::vector<int32_t>>(n));
+  for (int i = 0; i < n; ++i) {
+    const size_t P = toks[i].size() - 3;
+    const int first = i < 3 ? 0 : 1;
+    steps[first][i] = std::vector<int32_t>(toks[i].begin(), toks[i].begin() + P);
+    for (int k = 0; k < 3; ++k) steps[first + 1 + k][i] = {toks[i][P + k]};
+  }
+  r.batched = run_steps(m, n, steps);
+  return r;
+}
+
 }  // namespace ds::test

@@ -47,6 +47,7 @@ using test::ids;
 using test::last_rows;
 using test::run_one;
 using test::run_steps;
+using test::staggered_batch;
 using test::teacher_forced;
 using test::DecodeErrors;
 using test::decode_errors;
@@ -163,28 +164,9 @@ TEST_P(Golden, Bf16StateWithinBf16Reference) {
 
 TEST_P(Golden, BatchOfAllPromptsMatchesSingleRuns) {
   auto& f = fixture(GetParam());
-  auto& prompts = f.golden["text"][variant()];
-  const int n = int(prompts.size());
-  std::vector<std::vector<int32_t>> toks(n);
-  std::vector<std::vector<float>> alone(n);
-  for (int i = 0; i < n; ++i) {
-    toks[i] = ids(prompts[i]["prompt"]);
-    auto g = ids(prompts[i]["greedy"]);
-    toks[i].insert(toks[i].end(), g.begin(), g.begin() + 3);
-    alone[i] = run_one(*f.m, toks[i], toks[i].size() - 3);
-  }
-  // Step 1: prompts 0..2 prefill together. Step 2: prompts 0..2 decode while 3 and 4 prefill (mixed).
-  // Steps 3-5: 0..2 decode; 3, 4 decode their 3 tokens one per step, starting at step 3.
-  std::vector<std::vector<std::vector<int32_t>>> steps(5, std::vector<std::vector<int32_t>>(n));
-  for (int i = 0; i < n; ++i) {
-    size_t P = toks[i].size() - 3;
-    int first = i < 3 ? 0 : 1;
-    steps[first][i] = std::vector<int32_t>(toks[i].begin(), toks[i].begin() + P);
-    for (int k = 0; k < 3; ++k) steps[first + 1 + k][i] = {toks[i][P + k]};
-  }
-  auto batched = run_steps(*f.m, n, steps);
-  for (int i = 0; i < n; ++i) {
-    double e = rel_l2(batched[i], alone[i]);
+  const auto r = staggered_batch(*f.m, f.golden["text"][variant()]);
+  for (int i = 0; i < int(r.alone.size()); ++i) {
+    double e = rel_l2(r.batched[i], r.alone[i]);
     EXPECT_LT(e, 1e-5) << "prompt " << i;
   }
 }

@@ -245,12 +245,16 @@ __global__ void __launch_bounds__(256, 2) k_gdn_recur_norm(const float* qn, cons
   for (int r = 0; r < RPW; ++r) st[r] = Q::load(S + r * (DV / 4));
   // The gated norm's weight (a model weight) too: read after the recurrence it was a DRAM round trip per block.
   const float4 nw = norm_w ? reinterpret_cast<const float4*>(norm_w)[lane] : make_float4(0.f, 0.f, 0.f, 0.f);
+  // The k head: for the fp32 state before the wait too (after it, its two divisions were the first thing every block
+  // did; session 26); the packed bf16 kernel, at its register bound, spilled 24 bytes with it held across the wait.
+  constexpr bool kWide = std::is_same_v<ST, float>;
+  int64_t kh = 0;
+  if constexpr (kWide) kh = j / (Hv / Hk);
   pdl_wait();
-  const int64_t kh = j / (Hv / Hk);
+  if constexpr (!kWide) kh = j / (Hv / Hk);
   __shared__ float4 redu[NW][32], redo[NW][32];
   for (int64_t i = 0; i < ql; ++i) {
     const int64_t t = qs + i;
-    constexpr bool kWide = std::is_same_v<ST, float>;
     float kr[kWide ? RPW : 1], qr[kWide ? RPW : 1];
     const float4* kp = reinterpret_cast<const float4*>(kn + (t * Hk + kh) * DK + w * RPW);
     const float4* qp = reinterpret_cast<const float4*>(qn + (t * Hk + kh) * DK + w * RPW);

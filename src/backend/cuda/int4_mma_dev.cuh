@@ -36,9 +36,12 @@ struct TokenSrc {
 };
 
 // The x row of pair/token p: p / xdiv in 32 bits (the hosts check P, M < 2^31; a 64-bit division is a ~70-instruction
-// subroutine, paid per lane and token tile in every block's prologue).
+// subroutine, paid per lane and token tile in every block's prologue), a shift where xdiv is a power of two (1 for
+// dense linears and the down projection, top-k = 8 for gate_up: the 32-bit division is still a ~20-instruction chain
+// after the PDL wait, where the pair ids are read).
 __device__ __forceinline__ int64_t x_row(const TokenSrc& ts, int64_t p) {
-  return int64_t(uint32_t(p) / uint32_t(ts.xdiv));
+  const uint32_t d = uint32_t(ts.xdiv);
+  return int64_t((d & (d - 1)) == 0 ? uint32_t(p) >> (__ffs(int(d)) - 1) : uint32_t(p) / d);
 }
 __device__ __forceinline__ uint32_t bf16x2_sub(uint32_t a, uint32_t b) {
   __nv_bfloat162 r = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));

@@ -21,27 +21,9 @@ namespace {
 
 using test::rel_l2;
 
-struct Fixture {
-  std::unique_ptr<Backend> be;
-  std::unique_ptr<model::Model> m;
-  nlohmann::json golden, bf16err;
-  std::unique_ptr<test::Golden> tensors;
-};
-
-Fixture& fixture(const std::string& param) {
-  static std::map<std::string, Fixture> cache;
-  auto it = cache.find(param);
-  if (it != cache.end()) return it->second;
-  Fixture& f = cache[param];
-  const std::string fx = param.substr(0, param.find('/')), variant = param.substr(param.find('/') + 1);
-  const std::string dir = test::cuda_data_dir() + "/" + fx + "/";
-  f.be = make_cuda_backend(0);
-  f.m = model::Model::load(dir + fx + "-" + variant, *f.be);
-  f.golden = test::read_json(dir + "golden.json");
-  f.tensors = std::make_unique<test::Golden>(dir + "golden.safetensors");
-  std::ifstream e(dir + "bf16ref-errors.json");
-  if (e) f.bf16err = nlohmann::json::parse(e)["errors"];
-  return f;
+// "<fixture>/<variant>", e.g. "tiny-moe/int4" (model_runner.h golden_fixture).
+test::GoldenFixture& fixture(const std::string& param) {
+  return test::golden_fixture(param, test::cuda_data_dir(), [] { return make_cuda_backend(0); });
 }
 
 using test::ids;
@@ -64,7 +46,7 @@ class CudaGolden : public ::testing::TestWithParam<std::string> {
   void SetUp() override { DS_REQUIRE_GPU(); }
   std::string variant() const { return GetParam().substr(GetParam().find('/') + 1); }
   // The bf16 reference's error on `name` (prompt logits, or one decode step when step >= 0).
-  double bf16_error(Fixture& f, const std::string& name, int64_t V, int step = -1) {
+  double bf16_error(test::GoldenFixture& f, const std::string& name, int64_t V, int step = -1) {
     return test::bf16_ref_error(*f.tensors, f.bf16err, variant(), name, V, step);
   }
 };
@@ -124,14 +106,7 @@ TEST_P(CudaGolden, BatchOfAllPromptsMatchesSingleRuns) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Tiny, CudaGolden,
-                         ::testing::Values("tiny-moe/bf16", "tiny-moe/int4", "tiny-dense/bf16", "tiny-dense/int4"),
-                         [](const auto& info) {
-                           std::string s = info.param;
-                           for (auto& c : s)
-                             if (c == '/' || c == '-') c = '_';
-                           return s;
-                         });
+INSTANTIATE_TEST_SUITE_P(Tiny, CudaGolden, test::tiny_checkpoints(), test::CheckpointName());
 
 }  // namespace
 }  // namespace ds

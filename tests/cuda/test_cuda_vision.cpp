@@ -24,6 +24,7 @@
 
 #include "cuda_test_util.h"
 #include "golden_util.h"
+#include "model_runner.h"
 #include "io/config.h"
 #include "model/model.h"
 #include "runtime/cache.h"
@@ -223,27 +224,9 @@ TEST_F(CudaVision, RandomRealShapedTowerMatchesCpu) {
 
 // ---- the tiny fixtures against transformers ----
 
-struct Fixture {
-  std::unique_ptr<Backend> be;
-  std::unique_ptr<model::Model> m;
-  nlohmann::json golden, bf16err;
-  std::unique_ptr<test::Golden> tensors;
-};
-
-Fixture& fixture(const std::string& param) {
-  static std::map<std::string, Fixture> cache;
-  auto it = cache.find(param);
-  if (it != cache.end()) return it->second;
-  Fixture& f = cache[param];
-  const std::string fx = param.substr(0, param.find('/')), variant = param.substr(param.find('/') + 1);
-  const std::string dir = test::cuda_data_dir() + "/" + fx + "/";
-  f.be = make_cuda_backend(0);
-  f.m = model::Model::load(dir + fx + "-" + variant, *f.be);
-  f.golden = test::read_json(dir + "golden.json");
-  f.tensors = std::make_unique<test::Golden>(dir + "golden.safetensors");
-  std::ifstream e(dir + "bf16ref-errors.json");
-  if (e) f.bf16err = nlohmann::json::parse(e)["errors"];
-  return f;
+// "<fixture>/<variant>", e.g. "tiny-moe/int4" (model_runner.h golden_fixture).
+test::GoldenFixture& fixture(const std::string& param) {
+  return test::golden_fixture(param, test::cuda_data_dir(), [] { return make_cuda_backend(0); });
 }
 
 vision::PixelValues fixture_pixels() {
@@ -266,7 +249,7 @@ class CudaVisionGolden : public ::testing::TestWithParam<std::string> {
   void SetUp() override { DS_REQUIRE_GPU(); }
   std::string variant() const { return GetParam().substr(GetParam().find('/') + 1); }
   // 2× the largest error of the bf16 reference's text prompt logits on this fixture (see the top of the file).
-  double bound(Fixture& f) {
+  double bound(test::GoldenFixture& f) {
     double worst = 0;
     const size_t n = f.golden["text"][variant()].size();
     for (size_t i = 0; i < n; ++i) {
@@ -439,14 +422,7 @@ TEST(CudaVisionEngine, ImageRequestMatchesHandDrivenForward) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, CudaVisionGolden,
-                         ::testing::Values("tiny-moe/bf16", "tiny-moe/int4", "tiny-dense/bf16", "tiny-dense/int4"),
-                         [](const auto& info) {
-                           std::string s = info.param;
-                           for (auto& c : s)
-                             if (c == '/' || c == '-') c = '_';
-                           return s;
-                         });
+INSTANTIATE_TEST_SUITE_P(Fixtures, CudaVisionGolden, test::tiny_checkpoints(), test::CheckpointName());
 
 }  // namespace
 }  // namespace ds

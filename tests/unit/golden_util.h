@@ -1,5 +1,6 @@
 // Helpers for tests against the reference fixtures in tests/data (see tests/data/README.md).
 #pragma once
+#include <gtest/gtest.h>
 #include <sys/wait.h>
 
 #include <array>
@@ -17,6 +18,20 @@
 namespace ds::test {
 
 inline std::string data_dir() { return DS_TEST_DATA_DIR; }
+
+// The four tiny checkpoints the golden suites run on, as "<fixture>/<variant>" parameters, and their gtest names
+// ('/' and '-' become '_'): INSTANTIATE_TEST_SUITE_P(Tiny, Suite, tiny_checkpoints(), CheckpointName()).
+inline auto tiny_checkpoints() {
+  return ::testing::Values("tiny-moe/bf16", "tiny-moe/int4", "tiny-dense/bf16", "tiny-dense/int4");
+}
+struct CheckpointName {
+  std::string operator()(const ::testing::TestParamInfo<std::string>& info) const {
+    std::string s = info.param;
+    for (auto& c : s)
+      if (c == '/' || c == '-') c = '_';
+    return s;
+  }
+};
 
 inline nlohmann::json read_json(const std::string& path) {
   std::ifstream f(path);

@@ -2,8 +2,14 @@
 #pragma once
 #include <gtest/gtest.h>
 
+#include <fstream>
+#include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
+#include <string>
 #include <vector>
+
+#include "golden_util.h"
 
 #include "model/model.h"
 #include "runtime/cache.h"
@@ -11,6 +17,32 @@
 namespace ds::test {
 
 inline std::vector<int32_t> ids(const nlohmann::json& j) { return j.get<std::vector<int32_t>>(); }
+
+// A tiny checkpoint on a backend with its golden outputs, loaded once per process and parameter: `param` is
+// "<fixture>/<variant>" (e.g. "tiny-moe/int4"), `dir` the fixtures folder, make() the backend.
+struct GoldenFixture {
+  std::unique_ptr<Backend> be;
+  std::unique_ptr<model::Model> m;
+  nlohmann::json golden;
+  nlohmann::json bf16err;  // the bf16 reference's errors where its tensors were trimmed (tests/data/README.md)
+  std::unique_ptr<Golden> tensors;
+};
+template <class MakeBackend>
+GoldenFixture& golden_fixture(const std::string& param, const std::string& dir, MakeBackend make) {
+  static std::map<std::string, GoldenFixture> cache;
+  auto it = cache.find(param);
+  if (it != cache.end()) return it->second;
+  GoldenFixture& f = cache[param];
+  const std::string fx = param.substr(0, param.find('/')), variant = param.substr(param.find('/') + 1);
+  const std::string d = dir + "/" + fx + "/";
+  f.be = make();
+  f.m = model::Model::load(d + fx + "-" + variant, *f.be);
+  f.golden = read_json(d + "golden.json");
+  f.tensors = std::make_unique<Golden>(d + "golden.safetensors");
+  std::ifstream e(d + "bf16ref-errors.json");
+  if (e) f.bf16err = nlohmann::json::parse(e)["errors"];
+  return f;
+}
 
 // Runs several sequences through one cache pool. Each step's entry i feeds tokens to sequence i (an
 // empty list skips it). Returns, per sequence, the logits rows of every token fed, concatenated.

@@ -18,29 +18,9 @@ namespace {
 
 using test::rel_l2;
 
-struct Fixture {
-  std::unique_ptr<Backend> be;
-  std::unique_ptr<model::Model> m;
-  nlohmann::json golden;
-  std::unique_ptr<test::Golden> tensors;
-  nlohmann::json bf16err;  // tiny-dense: the bf16 reference's errors (its bf16ref tensors were trimmed, data/README)
-};
-
-// `param` is "<fixture>/<variant>", e.g. "tiny-moe/int4".
-Fixture& fixture(const std::string& param) {
-  static std::map<std::string, Fixture> cache;
-  auto it = cache.find(param);
-  if (it != cache.end()) return it->second;
-  Fixture& f = cache[param];
-  const std::string fx = param.substr(0, param.find('/')), variant = param.substr(param.find('/') + 1);
-  const std::string dir = test::data_dir() + "/" + fx + "/";
-  f.be = make_cpu_backend();
-  f.m = model::Model::load(dir + fx + "-" + variant, *f.be);
-  f.golden = test::read_json(dir + "golden.json");
-  f.tensors = std::make_unique<test::Golden>(dir + "golden.safetensors");
-  std::ifstream e(dir + "bf16ref-errors.json");
-  if (e) f.bf16err = nlohmann::json::parse(e)["errors"];
-  return f;
+// "<fixture>/<variant>", e.g. "tiny-moe/int4" (model_runner.h golden_fixture).
+test::GoldenFixture& fixture(const std::string& param) {
+  return test::golden_fixture(param, test::data_dir(), [] { return make_cpu_backend(); });
 }
 
 using test::ids;
@@ -171,14 +151,7 @@ TEST_P(Golden, BatchOfAllPromptsMatchesSingleRuns) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Tiny, Golden,
-                         ::testing::Values("tiny-moe/bf16", "tiny-moe/int4", "tiny-dense/bf16", "tiny-dense/int4"),
-                         [](const auto& info) {
-                           std::string s = info.param;
-                           for (auto& c : s)
-                             if (c == '/' || c == '-') c = '_';
-                           return s;
-                         });
+INSTANTIATE_TEST_SUITE_P(Tiny, Golden, test::tiny_checkpoints(), test::CheckpointName());
 
 }  // namespace
 }  // namespace ds

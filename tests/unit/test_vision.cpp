@@ -612,14 +612,7 @@ TEST_P(VisionGolden, ImagePromptLogitsMatchReference) {
   EXPECT_LT(err, 1e-4);
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, VisionGolden,
-                         ::testing::Values("tiny-moe/bf16", "tiny-moe/int4", "tiny-dense/bf16", "tiny-dense/int4"),
-                         [](const auto& info) {
-                           std::string s = info.param;
-                           for (auto& c : s)
-                             if (c == '/' || c == '-') c = '_';
-                           return s;
-                         });
+INSTANTIATE_TEST_SUITE_P(Fixtures, VisionGolden, test::tiny_checkpoints(), test::CheckpointName());
 
 // The same through the command line: `deltaserve logits --tokens <one image_pad> --image FILE`.
 std::vector<float> read_f32(const std::string& path, const std::string& name, std::vector<int64_t>* shape) {

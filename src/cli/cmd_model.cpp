@@ -177,6 +177,13 @@ PromptImages prepare_images(model::Model& m, const std::string& model_dir, const
   return img;
 }
 
+// The --model checkpoint with the load options the model commands share: --mamba-ssm-cache-dtype.
+std::unique_ptr<model::Model> load_model(const Args& a, Backend& be) {
+  model::LoadOptions lo;
+  lo.ssm_state_dtype = a.get("mamba-ssm-cache-dtype", "auto");
+  return model::Model::load(a.model_dir(), be, nullptr, lo);
+}
+
 }  // namespace
 
 int cmd_logits(int argc, char** argv) {
@@ -187,9 +194,7 @@ int cmd_logits(int argc, char** argv) {
   auto images = a.get_all("image");
   auto videos = a.get_all("video");
   auto be = make_backend(a.get("backend", "cpu"));
-  model::LoadOptions lo;
-  lo.ssm_state_dtype = a.get("mamba-ssm-cache-dtype", "auto");
-  auto m = model::Model::load(a.model_dir(), *be, nullptr, lo);
+  auto m = load_model(a, *be);
   const int64_t V = m->config().text.vocab_size;
   for (auto t : tokens)
     if (t >= V) fail("--tokens: id ", t, " is outside the model's vocabulary [0, ", V, ")");
@@ -221,9 +226,7 @@ int cmd_generate(int argc, char** argv) {
   auto tokens = parse_token_list(a.require("tokens"));
   int64_t max_tokens = a.get_int("max-tokens", 16);
   auto be = make_backend(a.get("backend", "cpu"));
-  model::LoadOptions lo;
-  lo.ssm_state_dtype = a.get("mamba-ssm-cache-dtype", "auto");
-  auto m = model::Model::load(a.model_dir(), *be, nullptr, lo);
+  auto m = load_model(a, *be);
   const int64_t V = m->config().text.vocab_size, bs = 16;
   const int64_t total = int64_t(tokens.size()) + max_tokens;
   runtime::CacheManager cm(*m, (total + bs - 1) / bs + 1, bs, 1);
@@ -336,9 +339,7 @@ int cmd_mtp_logits(int argc, char** argv) {
   if (K < 1 || K > 64) fail("--draft-steps: expected 1..64, got ", K);
   std::string out = a.require("out");
   auto be = make_backend(a.get("backend", "cpu"));
-  model::LoadOptions lo;
-  lo.ssm_state_dtype = a.get("mamba-ssm-cache-dtype", "auto");
-  auto m = model::Model::load(a.model_dir(), *be, nullptr, lo);
+  auto m = load_model(a, *be);
   if (!m->has_mtp()) fail(a.model_dir(), ": the checkpoint has no MTP head (mtp.* tensors)");
   const int64_t N = int64_t(prompt.size()), V = m->config().text.vocab_size, bs = 16;
   for (auto t : prompt)

@@ -2292,9 +2292,8 @@ class CudaBackend final : public Backend {
     const int32_t* sinfo = d.seqinfo;
     Tensor wide, winfo;
     if (bf16_state) {
-      int64_t n = 0;
-      for (auto& s : b.seqs) n += s.q_len >= lo ? 1 : 0;
-      if (!skip_short) n = int64_t(b.seqs.size());
+      int64_t n = int64_t(b.seqs.size());
+      if (skip_short) n = std::count_if(b.seqs.begin(), b.seqs.end(), [&](const auto& s) { return s.q_len >= lo; });
       wide = alloc_scratch(DType::F32, {std::max<int64_t>(n, 1), Hv, Dk, Dv});
       winfo = alloc_scratch(DType::I32, {int64_t(b.seqs.size()), 4});
       k_state_bf16<<<dim3(wblocks, unsigned(b.seqs.size())), 256, 0, stream_>>>(

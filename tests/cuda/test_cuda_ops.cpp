@@ -1584,6 +1584,55 @@ TEST_F(CudaOps, Int4MoeWorstCaseTiles) {
 // out projection, K = 4096): µs per call and TFLOP/s of the medium shape, four copies of the weights in turn so that a
 // call finds little of its matrix in L2. A timing (printed, not asserted) and the ncu target for the medium shape
 // (session 19 compared a cluster kernel with it here: branch `tok`).
+// The medium dense shape's K split (one warp over all of K for 17-64 tokens at K ≤ 2048 since session 27; 2 or 4
+// warps otherwise): every split, and both other warp tiles, give the default's bits, for the model's shapes and an odd
+// row count, in single and grouped launches.
+TEST_F(CudaOps, Int4MediumWarpSplit) {
+  Both B;
+  const std::vector<LinearShape> shapes = {{8192, 2048, "q_proj / DeltaNet qkv"}, {2048, 4096, "o_proj / DeltaNet out"},
+                                           {528, 2048, "33 tiles"}, {96, 768, "KS 2 of 3 groups"}};
+  int runs = 0;
+  for (auto& s : shapes) {
+    HostLinear hl(s.N, s.K, true, s.N * 3 + s.K);
+    Linear lg = B.gpu->make_linear({hl.src()});
+    for (int64_t M : {9, 16, 17, 31, 33, 40, 64, 65, 100}) {
+      Tensor x = B.gpu->upload_f32(randn(size_t(M * s.K), 1.f, M * 17 + s.K), {M, s.K}, DType::BF16);
+      Tensor y0 = B.gpu->alloc(DType::F32, {M, s.N});
+      B.gpu->linear(x, lg, y0);
+      const auto ref = B.gpu->to_host_f32(y0);
+      const std::pair<const char*, const char*> knobs[] = {{"DS_INT4_MED_WK", "1"}, {"DS_INT4_MED_WK", "2"},
+                                                           {"DS_INT4_MED_WK", "4"}, {"DS_INT4_MED", "12"},
+                                                           {"DS_INT4_MED", "14"},   {"DS_INT4_MED", "22"}};
+      for (const auto& [name, val] : knobs) {
+        ScopedEnv e(name, val);
+        Tensor y = B.gpu->alloc(DType::F32, {M, s.N});
+        B.gpu->linear(x, lg, y);
+        EXPECT_EQ(bit_diffs(B.gpu->to_host_f32(y), ref), 0)
+            << name << "=" << val << " N=" << s.N << " K=" << s.K << " M=" << M << " (" << s.what << ")";
+        ++runs;
+      }
+    }
+  }
+  // the DeltaNet's qkv + z pair in one launch against each alone, at every split
+  HostLinear qa(8192, 2048, true, 61), qb(4096, 2048, true, 62);
+  Linear la = B.gpu->make_linear({qa.src()}), lb = B.gpu->make_linear({qb.src()});
+  for (int64_t M : {17, 40, 64})
+    for (const char* wk : {static_cast<const char*>(nullptr), "1", "2", "4"}) {
+      ScopedEnv e("DS_INT4_MED_WK", wk);
+      Tensor x = B.gpu->upload_f32(randn(size_t(M * 2048), 1.f, 63 + M), {M, 2048}, DType::BF16);
+      Tensor ya = B.gpu->alloc(DType::BF16, {M, 8192}), yb = B.gpu->alloc(DType::F32, {M, 4096});
+      Tensor sa = B.gpu->alloc(DType::BF16, {M, 8192}), sb = B.gpu->alloc(DType::F32, {M, 4096});
+      B.gpu->linear(x, la, sa);
+      B.gpu->linear(x, lb, sb);
+      B.gpu->linear_group(x, {{&la, &ya, false}, {&lb, &yb, false}});
+      const std::string tag = std::string(" M=") + std::to_string(M) + " DS_INT4_MED_WK=" + (wk ? wk : "default");
+      EXPECT_EQ(bit_diffs(B.gpu->to_host_f32(ya), B.gpu->to_host_f32(sa)), 0) << "qkv in the pair" << tag;
+      EXPECT_EQ(bit_diffs(B.gpu->to_host_f32(yb), B.gpu->to_host_f32(sb)), 0) << "z in the pair" << tag;
+      runs += 2;
+    }
+  std::printf("  int4 medium K splits and tiles: %d comparisons\n", runs);
+}
+
 TEST_F(CudaOps, Int4MediumThroughput) {
   Both B;
   struct Shape {
@@ -1612,9 +1661,17 @@ TEST_F(CudaOps, Int4MediumThroughput) {
         else
           B.gpu->linear(x, la[size_t(c)], ya);
       };
-      const double us = time_per_call_us(*B.gpu, 40, run);
       const double flop = 2.0 * double(M) * double(sh.Na + sh.Nb) * double(sh.K);
-      std::printf("  %-18s M=%3lld %8.2f us  %6.1f TFLOP/s\n", sh.what, (long long)M, us, flop / us * 1e-6);
+      // the default, then the medium shape's knobs (warps splitting K, the warp tile; same bits)
+      const std::pair<const char*, const char*> knobs[] = {{"DS_INT4_MED_WK", nullptr}, {"DS_INT4_MED_WK", "1"},
+                                                           {"DS_INT4_MED_WK", "2"},     {"DS_INT4_MED_WK", "4"},
+                                                           {"DS_INT4_MED", "12"},       {"DS_INT4_MED", "14"}};
+      for (const auto& [name, val] : knobs) {
+        ScopedEnv e(name, val);
+        const double us = time_per_call_us(*B.gpu, 40, run);
+        std::printf("  %-18s M=%3lld %s=%-7s %8.2f us  %6.1f TFLOP/s\n", sh.what, (long long)M, name,
+                    val ? val : "default", us, flop / us * 1e-6);
+      }
     }
   }
 }

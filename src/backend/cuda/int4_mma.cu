@@ -811,8 +811,20 @@ void launch(Shape shape, const Int4Out& A, const Int4Out* B, const void* x, cons
     const char* v = std::getenv("DS_INT4_SMALL_WK");
     const int cap = v ? std::atoi(v) : wk_cap;
     while (wk > 1 && wk > cap) wk /= 2;
-  } else
+  } else {
     while (wk < W.KS && W.K / (2 * wk) >= 1024) wk *= 2;
+    // Dense launches of 17-64 tokens with K ≤ 2048 (the DeltaNet qkv + z, the attention's q + k + v): one warp over all
+    // of K. Its blocks hold 4 × MT tiles instead of 2 × MT, so the 384 blocks of qkv + z at 64 tokens fit one wave of 3
+    // per SM (396) where the K-split kernel's 768 needed two, and no slice partials meet in shared memory: own µs per
+    // launch at 64 tokens 22.40 → 20.05, 48 21.58 → 19.34, 32 15.39 → 13.75; at 16 tokens (192 blocks, half a wave)
+    // 8.77 → 11.59, so not there; K = 4096 (out_proj, o_proj: 2048 rows) keeps 4 warps (bench/RESULTS.md session 27).
+    if (!ts.tiles && W.K <= 2048 && ts.M > 16 && ts.M <= 64) wk = 1;
+    // DS_INT4_MED_WK=n (1, 2 or 4; at most KS): n warps split K in the medium shape instead (benchmark knob; same bits,
+    // slices are added in order whatever the split).
+    const int64_t mw = env_int("DS_INT4_MED_WK", 0);
+    DS_CHECK(mw == 0 || mw == 1 || mw == 2 || mw == 4, "DS_INT4_MED_WK: expected 1, 2 or 4, got ", mw);
+    if (mw > 0) wk = int(std::min<int64_t>(mw, W.KS));
+  }
   if constexpr (!GATED)
     if (shape == Shape::Small && wk == 1 && mt == 2 && !C) return launch_cpg<2, 1, 1, false>(A, B, x, ts, gy, s);
   // Dense decode launches whose one-tile-per-warp blocks (one per 16-row tile, A's and B's together) would not fit

@@ -1048,7 +1048,11 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
   // Output tiles per warp of the streaming down kernel: 4 with the ring (its prologue before the wait costs little,
   // and more blocks leave a shorter last wave: batch 32 7.60 → 7.51 ms, 16 and 64 within noise; 16 was slower,
   // session 11 run 4), else 8.
-  const int64_t tpw = env_int("DS_INT4_MOE_DOWN_TPW", ring ? 4 : 8);
+  // From DS_INT4_MOE_DOWN_TPW8_MIN_P pairs on (512: batch 64) 8 again with the ring: half the blocks, each warp's ring
+  // running over twice the tiles (batch 64 own 32.70 → 31.77 µs per launch; batch 16 15.86 → 16.98, so not there;
+  // bench/RESULTS.md session 27).
+  const int64_t tpw =
+      env_int("DS_INT4_MOE_DOWN_TPW", !ring || P >= env_int("DS_INT4_MOE_DOWN_TPW8_MIN_P", 512) ? 8 : 4);
   if (shape == Shape::Small && down.K == kStreamKC * 64 && streamable(down) && down.KS == kStreamKC / 2 &&
       H % 16 == 0 && tpw >= 1 && down_stream_p) {
     const int64_t gx = (H / 16 + kWarps * tpw - 1) / (kWarps * tpw);

@@ -93,6 +93,21 @@ struct BatchMeta {
     b.positions.assign(size_t(3 * B), int32_t(ctx));
     return b;
   }
+  // One sequence of q_len new rows after ctx cached tokens in state slot `slot`, with KV block table `blocks`, at text
+  // positions ctx .. ctx + q_len − 1 (tests, benchmarks, the model commands). The tokens are the caller's.
+  static BatchMeta one_sequence(int64_t q_len, int64_t ctx, int32_t slot, std::vector<int32_t> blocks = {}) {
+    BatchMeta b;
+    Seq q;
+    q.q_len = q_len;
+    q.ctx_len = ctx;
+    q.state_slot = slot;
+    q.blocks = std::move(blocks);
+    b.seqs.push_back(std::move(q));
+    b.positions.resize(size_t(3 * q_len));
+    for (int r = 0; r < 3; ++r)
+      for (int64_t i = 0; i < q_len; ++i) b.positions[size_t(r * q_len + i)] = int32_t(ctx + i);
+    return b;
+  }
 };
 
 // Paged KV storage of one full-attention layer: [num_blocks, block_size, Nkv, Dh] for K and for V.

@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <numeric>
 #include <random>
 #include <sstream>
 #include <tuple>
@@ -1054,18 +1055,10 @@ int cmd_bench(int argc, char** argv) {
           Tensor logits;
           for (int64_t s0 = 0; s0 < len; s0 += ch) {
             const int64_t n = std::min(ch, len - s0);
-            BatchMeta b;
-            BatchMeta::Seq q;
-            q.q_start = 0;
-            q.q_len = n;
-            q.ctx_len = s0;
-            q.state_slot = 0;
-            for (int64_t i = 0; i < (s0 + n + bs - 1) / bs; ++i) q.blocks.push_back(int32_t(i));
-            b.seqs.push_back(q);
+            std::vector<int32_t> blocks(size_t((s0 + n + bs - 1) / bs));
+            std::iota(blocks.begin(), blocks.end(), 0);
+            BatchMeta b = BatchMeta::one_sequence(n, s0, 0, std::move(blocks));
             b.tokens.assign(toks.begin() + s0, toks.begin() + s0 + n);
-            b.positions.resize(size_t(3 * n));
-            for (int r = 0; r < 3; ++r)
-              for (int64_t i = 0; i < n; ++i) b.positions[size_t(r * n + i)] = int32_t(s0 + i);
             logits = m->forward(b, *cp, {int32_t(n - 1)});
           }
           be.synchronize();

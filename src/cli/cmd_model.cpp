@@ -371,16 +371,8 @@ int cmd_mtp_logits(int argc, char** argv) {
   int32_t draft = argmax(first.data() + (N - 1) * V);
   Tensor prev = mh.rows(N - 1, N);
   for (int64_t k = 1; k < K; ++k) {
-    BatchMeta cb;
-    BatchMeta::Seq s;
-    s.q_start = 0;
-    s.q_len = 1;
-    s.ctx_len = N - 1 + k;
-    s.state_slot = seq.slot;
-    s.blocks = seq.blocks;
-    cb.seqs = {s};
+    BatchMeta cb = BatchMeta::one_sequence(1, N - 1 + k, seq.slot, seq.blocks);
     cb.tokens = {draft};
-    cb.positions = {int32_t(N - 1 + k), int32_t(N - 1 + k), int32_t(N - 1 + k)};
     Tensor h2;
     auto l = be->to_host_f32(m->mtp_forward(cb, cm.caches(), prev, {0}, &h2));
     chain.insert(chain.end(), l.begin(), l.end());

@@ -51,13 +51,7 @@ std::pair<std::vector<float>, std::vector<float>> run(Backend& be, const Inputs&
     const Tensor ba = be.upload_f32(
         std::vector<float>(in.ba.begin() + t0 * 2 * Hv, in.ba.begin() + (t0 + L) * 2 * Hv), {L, 2 * Hv}, DType::F32);
     Tensor o = be.alloc(DType::F32, {L, Hv * Dv});
-    BatchMeta b;
-    BatchMeta::Seq s;
-    s.q_start = 0;
-    s.q_len = L;
-    s.ctx_len = t0;
-    s.state_slot = 0;
-    b.seqs.push_back(s);
+    const BatchMeta b = BatchMeta::one_sequence(L, t0, 0);
     be.gated_delta_rule(qkv, ba, A, dtb, Hk, Hv, Dk, Dv, st, b, o);
     auto oh = be.to_host_f32(o);
     out.insert(out.end(), oh.begin(), oh.end());

@@ -1580,10 +1580,6 @@ TEST_F(CudaOps, Int4MoeWorstCaseTiles) {
   EXPECT_EQ(diff, 0) << "tokens whose rows differ from the token alone";
 }
 
-// The dense int4 decode shapes of the 35B-A3B at 64 / 32 / 16 tokens (DeltaNet qkv + z in one launch, K = 2048; the
-// out projection, K = 4096): µs per call and TFLOP/s of the medium shape, four copies of the weights in turn so that a
-// call finds little of its matrix in L2. A timing (printed, not asserted) and the ncu target for the medium shape
-// (session 19 compared a cluster kernel with it here: branch `tok`).
 // The medium dense shape's K split (one warp over all of K for 17-64 tokens at K ≤ 2048 since session 27; 2 or 4
 // warps otherwise): every split, and both other warp tiles, give the default's bits, for the model's shapes and an odd
 // row count, in single and grouped launches.
@@ -1633,6 +1629,11 @@ TEST_F(CudaOps, Int4MediumWarpSplit) {
   std::printf("  int4 medium K splits and tiles: %d comparisons\n", runs);
 }
 
+// The dense int4 decode shapes of the 35B-A3B at 64 / 32 / 16 tokens (DeltaNet qkv + z in one launch, K = 2048; the
+// out projection, K = 4096): µs per call and TFLOP/s of the medium shape, four copies of the weights in turn so that a
+// call finds little of its matrix in L2. A timing (printed, not asserted) and the ncu target for the medium shape
+// (session 19 compared a cluster kernel with it here: branch `tok`); since session 27 also under each of the
+// medium shape's knobs.
 TEST_F(CudaOps, Int4MediumThroughput) {
   Both B;
   struct Shape {

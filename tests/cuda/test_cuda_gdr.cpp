@@ -260,12 +260,8 @@ void head_inputs(const GdrCall& c, int64_t j, std::vector<float>& q, std::vector
 // the CUDA-vs-CPU errors of the output and the final state, the fp32 CPU chunked form's own error against the
 // exact recurrence, and the gates' range. Returns the largest CUDA-vs-CPU error (output, state).
 std::pair<double, double> check_call(Backend& gpu, const GdrCall& c, const std::string& tag) {
-  BatchMeta b;
-  BatchMeta::Seq s;
-  s.q_len = c.T, s.state_slot = 0, s.blocks = {0};
-  b.seqs.push_back(s);
+  BatchMeta b = BatchMeta::one_sequence(c.T, 0, 0, {0});
   b.tokens.assign(size_t(c.T), 0);
-  b.positions.assign(size_t(3 * c.T), 0);
   gpu.prepare_batch(b);
   Tensor qkv = gpu.upload_f32(c.qkv, {c.T, c.C}, DType::F32), ba = gpu.upload_f32(c.ba, {c.T, 2 * c.Hv}, DType::F32);
   Tensor A_log = gpu.upload_f32(c.A_log, {c.Hv}, DType::F32), dt_bias = gpu.upload_f32(c.dt_bias, {c.Hv}, DType::F32);
@@ -409,12 +405,8 @@ TEST_F(CudaGdr, TinyMoeRealInputs) {
 // The CPU op on a recorded call's inputs: fills c.o and c.s1.
 void cpu_reference(GdrCall& c) {
   auto cpu = make_cpu_backend();
-  BatchMeta b;
-  BatchMeta::Seq s;
-  s.q_len = c.T, s.state_slot = 0, s.blocks = {0};
-  b.seqs.push_back(s);
+  BatchMeta b = BatchMeta::one_sequence(c.T, 0, 0, {0});
   b.tokens.assign(size_t(c.T), 0);
-  b.positions.assign(size_t(3 * c.T), 0);
   Tensor qkv = cpu->upload_f32(c.qkv, {c.T, c.C}, DType::F32), ba = cpu->upload_f32(c.ba, {c.T, 2 * c.Hv}, DType::F32);
   Tensor A_log = cpu->upload_f32(c.A_log, {c.Hv}, DType::F32), dt_bias = cpu->upload_f32(c.dt_bias, {c.Hv}, DType::F32);
   StateLayer st;

@@ -1010,12 +1010,8 @@ TEST_F(CudaOps, DeltaNetMixBf16State) {
         std::vector<float> out;
         for (int64_t t0 = 0; t0 < L; t0 += chunk) {
           const int64_t n = std::min(chunk, L - t0);
-          BatchMeta b;
-          BatchMeta::Seq s;
-          s.q_start = 0, s.q_len = n, s.ctx_len = 10 + t0, s.state_slot = 1;
-          b.seqs.push_back(s);
+          BatchMeta b = BatchMeta::one_sequence(n, 10 + t0, 1);
           b.tokens.assign(size_t(n), 0);
-          b.positions.assign(size_t(3 * n), 0);
           B.gpu->prepare_batch(b);
           auto part = [&](const std::vector<float>& v, int64_t w) {
             return std::vector<float>(v.begin() + t0 * w, v.begin() + (t0 + n) * w);

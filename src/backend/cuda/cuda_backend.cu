@@ -56,24 +56,6 @@ __device__ __forceinline__ void load_cols(const float* w, int64_t D, unsigned st
   }
 }
 
-// Sum over the block (blockDim.x a multiple of 32, ≤ 1024); every thread gets the result.
-__device__ float block_sum(float v) {
-  __shared__ float red[32];
-  __shared__ float total;
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-  v = warp_sum(v);
-  __syncthreads();
-  if (lane == 0) red[w] = v;
-  __syncthreads();
-  if (w == 0) {
-    float s = lane < int(blockDim.x >> 5) ? red[lane] : 0.f;
-    s = warp_sum(s);
-    if (lane == 0) total = s;
-  }
-  __syncthreads();
-  return total;
-}
-
 // ------------------------------------------------------------------------------------------------
 // Device mirror of a BatchMeta: one int32 buffer.
 struct DevBatch {

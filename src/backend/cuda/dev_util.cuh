@@ -1,5 +1,5 @@
 // Small device helpers shared by the backend's kernel files: dtype-dispatched element loads and stores (values of
-// ds::DType), the activation functions in the forms the CPU twin's results are compared against, a warp sum.
+// ds::DType), the activation functions in the forms the CPU twin's results are compared against, warp and block sums.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -72,6 +72,26 @@ __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, ≤ 1024); every thread gets the result, formed in one order (warp
+// sums, then warp 0 over them). Safe to call twice in a row: the first __syncthreads orders this call's writes after
+// every thread read the previous result.
+__device__ inline float block_sum(float v) {
+  __shared__ float red[32];
+  __shared__ float total;
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) red[w] = v;
+  __syncthreads();
+  if (w == 0) {
+    float s = lane < int(blockDim.x >> 5) ? red[lane] : 0.f;
+    s = warp_sum(s);
+    if (lane == 0) total = s;
+  }
+  __syncthreads();
+  return total;
 }
 
 }  // namespace ds::cuda

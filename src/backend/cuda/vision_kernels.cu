@@ -15,26 +15,6 @@ namespace ds::cuda {
 
 namespace {
 
-
-// Sum over the block (blockDim.x a multiple of 32, ≤ 1024); every thread gets the result. Safe to call twice in a
-// row: the first __syncthreads orders this call's writes after every thread read the previous result.
-__device__ float vblock_sum(float v) {
-  __shared__ float red[32];
-  __shared__ float total;
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-  v = warp_sum(v);
-  __syncthreads();
-  if (lane == 0) red[w] = v;
-  __syncthreads();
-  if (w == 0) {
-    float s = lane < int(blockDim.x >> 5) ? red[lane] : 0.f;
-    s = warp_sum(s);
-    if (lane == 0) total = s;
-  }
-  __syncthreads();
-  return total;
-}
-
 int vblocks(int64_t n, int threads) {
   return int(std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads, 65535 * 4)));
 }
@@ -46,13 +26,13 @@ __global__ void k_vis_layernorm(const void* x, int xdt, const float* w, const fl
   const int64_t r = blockIdx.x;
   float s = 0.f;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) s += ldf(x, xdt, r * D + d);
-  const float mean = vblock_sum(s) / float(D);
+  const float mean = block_sum(s) / float(D);
   float ss = 0.f;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     const float c = ldf(x, xdt, r * D + d) - mean;
     ss += c * c;
   }
-  const float inv = 1.f / sqrtf(vblock_sum(ss) / float(D) + eps);
+  const float inv = 1.f / sqrtf(block_sum(ss) / float(D) + eps);
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x)
     stf(y, ydt, r * D + d, (ldf(x, xdt, r * D + d) - mean) * inv * w[d] + b[d]);
 }

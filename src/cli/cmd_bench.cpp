@@ -903,6 +903,18 @@ int cmd_bench(int argc, char** argv) {
   };
   std::vector<std::pair<std::string, Breakdown>> breakdowns;
   std::vector<std::string> kernel_tables;  // --kernel-times, printed after the decode table
+  // A step whose logits are not finite (a broken kernel, or a probe variant that reads garbage) leaves NaN in the
+  // DeltaNet state and the KV cache, which the variants after it share: NaN hidden states route every token to the
+  // same few experts, and those steps time faster than any real one (session 28: a probe's later variants read
+  // 9.5 → 7.2 ms at batch 64). Said under the row, never silently timed.
+  auto warn_nonfinite = [&](const Tensor& logits, const std::string& what) {
+    const std::vector<float> v = be.to_host_f32(logits);
+    const int64_t bad = std::count_if(v.begin(), v.end(), [](float x) { return !std::isfinite(x); });
+    if (bad > 0)
+      std::printf("\n**warning: %s: %lld of %lld logits are not finite; this step's numbers and those of every later "
+                  "variant sharing its caches do not time a real model state**\n\n",
+                  what.c_str(), (long long)bad, (long long)v.size());
+  };
   auto set_env = [](const Variant& v, bool on) {
     for (auto& [k, val] : v.env) {
       if (on)
@@ -921,6 +933,7 @@ int cmd_bench(int argc, char** argv) {
       BatchMeta b;
       std::vector<int32_t> rows;
       double touched = 0, bytes = 0;
+      Tensor logits;  // the last step's
     };
     auto make_point = [&](int64_t ctx, int64_t B) {
       Point pt;
@@ -945,9 +958,8 @@ int cmd_bench(int argc, char** argv) {
           b.positions[s] = b.positions[B + s] = b.positions[2 * B + s] = int32_t(b.seqs[s].ctx_len);
         }
         b.tokens = random_tokens(B);
-        Tensor logits = use_graph ? m->forward_graphed(b, *cp, pt.rows) : m->forward(b, *cp, pt.rows);
+        pt.logits = use_graph ? m->forward_graphed(b, *cp, pt.rows) : m->forward(b, *cp, pt.rows);
         be.synchronize();
-        (void)logits;
       };
     };
     // Every (variant, context, batch) point in table order, the variant's switches set around it.
@@ -976,6 +988,7 @@ int cmd_bench(int argc, char** argv) {
       std::printf("| %s | %lld | %lld | %.3f | %.1f | %.0f | %s | %.0f | %.1f%% |\n", var.name.c_str(),
                   (long long)B, (long long)ctx, med, double(B) * 1e3 / med, touched, human_bytes(bytes).c_str(),
                   bytes / (med / 1e3) / 1e9, 100.0 * bytes / (med / 1e3) / copy_bw);
+      warn_nonfinite(pt.logits, str_cat("variant ", var.name, ", batch ", B, ", context ", ctx));
       std::fflush(stdout);
       if (a.has("breakdown")) {  // every batch and context (before session 10: the first context only)
         // With graphs on a CUDA backend: device events around each op inside a recorded step (device time

@@ -92,6 +92,22 @@ TEST(BenchCli, Variants) {
   EXPECT_NE(r.out.find("| b | 9 | 9 |"), std::string::npos) << r.out;
 }
 
+// A step whose logits are not finite is said under its row (a NaN state, which later variants share, routes every
+// token to the same experts and times faster than any real step). A negative rms_norm_eps (accepted, as by
+// transformers) makes every norm NaN.
+TEST(BenchCli, NonFiniteLogitsSaid) {
+  auto r = run_binary("bench --random-weights --config " + kConfig +
+                      " --config-override '{\"text_config\": {\"rms_norm_eps\": -1e30}}'"
+                      " --backend cpu --batch 2 --context 8 --prefill none --steps 1");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("**warning: variant graph, batch 2, context 8: "), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("logits are not finite"), std::string::npos) << r.out;
+  auto ok = run_binary("bench --random-weights --config " + kConfig +
+                       " --backend cpu --batch 2 --context 8 --prefill none --steps 1");
+  ASSERT_EQ(ok.code, 0) << ok.out;
+  EXPECT_EQ(ok.out.find("not finite"), std::string::npos) << ok.out;
+}
+
 // A variant on a bf16 DeltaNet state (its own cache set): half the state bytes per step in the traffic column, and a
 // bad dtype named before any weight is built.
 TEST(BenchCli, Bf16StateVariant) {

@@ -1592,9 +1592,11 @@ TEST_F(CudaOps, Int4MediumWarpSplit) {
       Tensor y0 = B.gpu->alloc(DType::F32, {M, s.N});
       B.gpu->linear(x, lg, y0);
       const auto ref = B.gpu->to_host_f32(y0);
-      const std::pair<const char*, const char*> knobs[] = {{"DS_INT4_MED_WK", "1"}, {"DS_INT4_MED_WK", "2"},
-                                                           {"DS_INT4_MED_WK", "4"}, {"DS_INT4_MED", "12"},
-                                                           {"DS_INT4_MED", "14"},   {"DS_INT4_MED", "22"}};
+      // (and the loop schedules of session 29: no 2-block kernel, two groups per body in it, one in the 2 × 2 tile)
+      const std::pair<const char*, const char*> knobs[] = {
+          {"DS_INT4_MED_WK", "1"}, {"DS_INT4_MED_WK", "2"},  {"DS_INT4_MED_WK", "4"},     {"DS_INT4_MED", "12"},
+          {"DS_INT4_MED", "14"},   {"DS_INT4_MED", "22"},    {"DS_INT4_MED_2B", "0"},    {"DS_INT4_MED_2B_UNR", "2"},
+          {"DS_INT4_MED22_UNR", "1"}};
       for (const auto& [name, val] : knobs) {
         ScopedEnv e(name, val);
         Tensor y = B.gpu->alloc(DType::F32, {M, s.N});
@@ -1647,7 +1649,7 @@ TEST_F(CudaOps, Int4MediumThroughput) {
         lb.push_back(B.gpu->make_linear({hb.back().src()}));
       }
     }
-    for (int64_t M : {int64_t(64), int64_t(32), int64_t(16)}) {
+    for (int64_t M : {int64_t(64), int64_t(48), int64_t(32), int64_t(16)}) {
       Tensor x = B.gpu->upload_f32(randn(size_t(M * sh.K), 1.f, 900 + M), {M, sh.K}, DType::BF16);
       Tensor ya = B.gpu->alloc(DType::BF16, {M, sh.Na}), yb = B.gpu->alloc(DType::BF16, {M, sh.Nb ? sh.Nb : 16});
       int call = 0;
@@ -1659,10 +1661,11 @@ TEST_F(CudaOps, Int4MediumThroughput) {
           B.gpu->linear(x, la[size_t(c)], ya);
       };
       const double flop = 2.0 * double(M) * double(sh.Na + sh.Nb) * double(sh.K);
-      // the default, then the medium shape's knobs (warps splitting K, the warp tile; same bits)
-      const std::pair<const char*, const char*> knobs[] = {{"DS_INT4_MED_WK", nullptr}, {"DS_INT4_MED_WK", "1"},
-                                                           {"DS_INT4_MED_WK", "2"},     {"DS_INT4_MED_WK", "4"},
-                                                           {"DS_INT4_MED", "12"},       {"DS_INT4_MED", "14"}};
+      // the default, then the medium shape's knobs (warps splitting K, the warp tile, the loop schedules; same bits)
+      const std::pair<const char*, const char*> knobs[] = {
+          {"DS_INT4_MED_WK", nullptr}, {"DS_INT4_MED_WK", "1"}, {"DS_INT4_MED_WK", "2"},     {"DS_INT4_MED_WK", "4"},
+          {"DS_INT4_MED", "12"},       {"DS_INT4_MED", "14"},   {"DS_INT4_MED_2B", "0"},     {"DS_INT4_MED_2B_UNR", "2"},
+          {"DS_INT4_MED22_UNR", "1"}};
       for (const auto& [name, val] : knobs) {
         ScopedEnv e(name, val);
         const double us = time_per_call_us(*B.gpu, 40, run);

@@ -252,6 +252,14 @@ __global__ void __launch_bounds__(kWarps * 32, NT == 1   ? (GATED || (MT == 2 &&
   int4_mma_body<MT, NT, WK, CPG, GATED, UNR, C3>(P, x, ts);
 }
 
+// The same body at 2 blocks per SM (up to 255 registers): the dense medium tiles with four groups per loop body where
+// the whole grid fits the device at 2 blocks per SM (see launch_cpg).
+template <int MT, int NT, int WK, int CPG, bool GATED, int UNR, bool C3>
+__global__ void __launch_bounds__(kWarps * 32, 2)
+    k_int4_mma_2b(const Int4Pair P, const __nv_bfloat16* __restrict__ x, TokenSrc ts) {
+  int4_mma_body<MT, NT, WK, CPG, GATED, UNR, C3>(P, x, ts);
+}
+
 // Streaming decode kernels for the experts (k_int4_moe_gu, k_int4_moe_down): a warp holds its token tile's
 // activation fragments for 8 chunks (512 inputs: one slice of the gate_up's K = 2048, all of the down projection's
 // K = 512) in registers and streams 16-row weight tiles, the next tile's weights, zero points (one 4-byte word per row)
@@ -760,6 +768,31 @@ void launch_cpg(const Int4Out& A, const Int4Out* B, const void* x, const TokenSr
       return;
     }
   DS_CHECK(C3 || !C, "int4 mma: a third matrix for a kernel compiled without it");
+  // The dense medium tiles of 16 tokens per warp (NT = 2: 9-64 tokens). Where the grid fits the device at 2 blocks per
+  // SM (out_proj / o_proj, K = 4096: 128-256 blocks at 16-64 tokens; the attention's q + k + v at 48: 216), the kernel
+  // bounded to 2 blocks per SM with four groups per loop body (198-248 registers, no spills). The profile of out_proj
+  // at 64 tokens with one group per body: 34% of the stall samples on the first use of a group's weight word, 0.38
+  // eligible warps per scheduler. Own µs per launch, out_proj / o_proj: 64 tokens 11.38 → 8.72, 48 11.40 → 8.44, 32
+  // 8.40 → 6.56, 16 7.77 → 6.55. Otherwise the 2 × 2 tile with K unsplit (the DeltaNet qkv + z: 384 blocks at 64
+  // tokens) takes two groups per body at 3 blocks per SM (168 registers, no spills): 20.09 → 18.68 at 64 tokens,
+  // 19.36 → 18.72 at 48. Steps: batch 64 −0.12 ms, 48 −0.13 to −0.18, 32 and 16 −0.05 (bench/RESULTS.md session 29).
+  // Same bits: only the loop's schedule changes. Benchmark knobs: DS_INT4_MED_2B=0 (no 2-block kernel),
+  // DS_INT4_MED_2B_UNR=2 (two groups per body in it), DS_INT4_MED22_UNR=1 (one group per body in the 2 × 2 tile at 3
+  // blocks per SM); the first and the last together give the kernels before session 29.
+  if constexpr (NT == 2 && !GATED) {
+    if (env_int("DS_INT4_MED_2B", 1) != 0 && int64_t(grid.x) * grid.y <= 2 * int64_t(device_sm_count())) {
+      const int64_t u = env_int("DS_INT4_MED_2B_UNR", 4);
+      DS_CHECK(u == 2 || u == 4, "DS_INT4_MED_2B_UNR: expected 2 or 4, got ", u);
+      auto* k = u == 4 ? k_int4_mma_2b<MT, NT, WK, 2, GATED, 4, C3> : k_int4_mma_2b<MT, NT, WK, 2, GATED, 2, C3>;
+      DS_CUDA_CHECK(pdl_launch(k, grid, dim3(kWarps * 32), 0, s, P, xb, ts));
+      return;
+    }
+    if constexpr (MT == 2 && WK == 1)
+      if (env_int("DS_INT4_MED22_UNR", 2) == 2) {
+        DS_CUDA_CHECK(pdl_launch(k_int4_mma<MT, NT, WK, 2, GATED, 2, C3>, grid, dim3(kWarps * 32), 0, s, P, xb, ts));
+        return;
+      }
+  }
   DS_CUDA_CHECK(pdl_launch(k_int4_mma<MT, NT, WK, 2, GATED, default_unr(MT, NT, GATED), C3>, grid, dim3(kWarps * 32), 0,
                            s, P, xb, ts));
 }

@@ -1627,7 +1627,7 @@ TEST_F(CudaOps, Int4MediumWarpSplit) {
   std::printf("  int4 medium K splits and tiles: %d comparisons\n", runs);
 }
 
-// The dense int4 decode shapes of the 35B-A3B at 64 / 32 / 16 tokens (DeltaNet qkv + z in one launch, K = 2048; the
+// The dense int4 decode shapes of the 35B-A3B at 64 / 48 / 32 / 16 tokens (DeltaNet qkv + z in one launch, K = 2048; the
 // out projection, K = 4096): µs per call and TFLOP/s of the medium shape, four copies of the weights in turn so that a
 // call finds little of its matrix in L2. A timing (printed, not asserted) and the ncu target for the medium shape
 // (session 19 compared a cluster kernel with it here: branch `tok`); since session 27 also under each of the

@@ -755,6 +755,7 @@ void launch_cpg(const Int4Out& A, const Int4Out* B, const void* x, const TokenSr
   const dim3 grid(nb, unsigned(gy));
   DS_CHECK(gy >= 1 && gy <= 65535, "int4 mma: ", gy, " token tiles (at most 65535)");
   const auto* xb = static_cast<const __nv_bfloat16*>(x);
+  auto go = [&](auto* kernel) { DS_CUDA_CHECK(pdl_launch(kernel, grid, dim3(kWarps * 32), 0, s, P, xb, ts)); };
   // Group size 128 (AutoRound's and GPTQ's default) is the one instantiated; mma_int4_supported() sends others to
   // the bf16 path.
   DS_CHECK(A.W.G == 128 && (!B || B->W.G == 128) && (!C || C->W.G == 128), "int4 mma: group size ", A.W.G,
@@ -763,10 +764,7 @@ void launch_cpg(const Int4Out& A, const Int4Out* B, const void* x, const TokenSr
   // group's loads in flight with the current one's (255 registers, still 2 blocks per SM; batch 32 int4 linears
   // 1.55 → 1.42 ms). The large shapes keep one (they would spill).
   if constexpr (NT == 4 && MT == 1 && !GATED)
-    if (env_flag("DS_INT4_UNROLL1")) {
-      DS_CUDA_CHECK(pdl_launch(k_int4_mma<MT, NT, WK, 2, GATED, 1>, grid, dim3(kWarps * 32), 0, s, P, xb, ts));
-      return;
-    }
+    if (env_flag("DS_INT4_UNROLL1")) return go(k_int4_mma<MT, NT, WK, 2, GATED, 1>);
   DS_CHECK(C3 || !C, "int4 mma: a third matrix for a kernel compiled without it");
   // The dense medium tiles of 16 tokens per warp (NT = 2: 9-64 tokens). Where the grid fits the device at 2 blocks per
   // SM (out_proj / o_proj, K = 4096: 128-256 blocks at 16-64 tokens; the attention's q + k + v at 48: 216), the kernel
@@ -783,18 +781,12 @@ void launch_cpg(const Int4Out& A, const Int4Out* B, const void* x, const TokenSr
     if (env_int("DS_INT4_MED_2B", 1) != 0 && int64_t(grid.x) * grid.y <= 2 * int64_t(device_sm_count())) {
       const int64_t u = env_int("DS_INT4_MED_2B_UNR", 4);
       DS_CHECK(u == 2 || u == 4, "DS_INT4_MED_2B_UNR: expected 2 or 4, got ", u);
-      auto* k = u == 4 ? k_int4_mma_2b<MT, NT, WK, 2, GATED, 4, C3> : k_int4_mma_2b<MT, NT, WK, 2, GATED, 2, C3>;
-      DS_CUDA_CHECK(pdl_launch(k, grid, dim3(kWarps * 32), 0, s, P, xb, ts));
-      return;
+      return go(u == 4 ? k_int4_mma_2b<MT, NT, WK, 2, GATED, 4, C3> : k_int4_mma_2b<MT, NT, WK, 2, GATED, 2, C3>);
     }
     if constexpr (MT == 2 && WK == 1)
-      if (env_int("DS_INT4_MED22_UNR", 2) == 2) {
-        DS_CUDA_CHECK(pdl_launch(k_int4_mma<MT, NT, WK, 2, GATED, 2, C3>, grid, dim3(kWarps * 32), 0, s, P, xb, ts));
-        return;
-      }
+      if (env_int("DS_INT4_MED22_UNR", 2) == 2) return go(k_int4_mma<MT, NT, WK, 2, GATED, 2, C3>);
   }
-  DS_CUDA_CHECK(pdl_launch(k_int4_mma<MT, NT, WK, 2, GATED, default_unr(MT, NT, GATED), C3>, grid, dim3(kWarps * 32), 0,
-                           s, P, xb, ts));
+  go(k_int4_mma<MT, NT, WK, 2, GATED, default_unr(MT, NT, GATED), C3>);
 }
 
 // Blocks of the dense decode kernel (one tile per warp, K split over 4 warps) the device holds at once: its blocks

@@ -107,12 +107,13 @@ struct HostExperts {
   std::vector<HostLinear> gate, up, down;
   std::vector<std::vector<LinearSource>> gu;
   std::vector<LinearSource> dn;
-  HostExperts(int64_t E, int64_t H, int64_t I, bool q, uint64_t sg, uint64_t su, uint64_t sd) : gu(E), dn(E) {
+  HostExperts(int64_t E, int64_t H, int64_t I, bool q, uint64_t sg, uint64_t su, uint64_t sd, bool sym = false)
+      : gu(E), dn(E) {
     gate.reserve(E), up.reserve(E), down.reserve(E);
     for (int64_t e = 0; e < E; ++e) {
-      gate.emplace_back(I, H, q, sg + e);
-      up.emplace_back(I, H, q, su + e);
-      down.emplace_back(H, I, q, sd + e);
+      gate.emplace_back(I, H, q, sg + e, sym);
+      up.emplace_back(I, H, q, su + e, sym);
+      down.emplace_back(H, I, q, sd + e, sym);
       gu[e] = {gate.back().src(), up.back().src()};
       dn[e] = down.back().src();
     }
@@ -1679,13 +1680,22 @@ TEST_F(CudaOps, Int4MediumThroughput) {
 // Int4 experts at prefill sizes (tiles of up to 128 pairs per expert, the large-M kernel incl. its SwiGLU form):
 // skewed routing (experts with many full tiles, partial tiles, one expert with none); bit for bit against the
 // old kernels and against tokens alone (decode kernel), and against the CPU on sampled tokens.
+bool wgx_available() {
+  ScopedEnv w("DS_INT4_WGX", "1");
+  return cuda::int4_wgx_enabled();
+}
+
+// Also the warpgroup-MMA experts (Hopper, int4_wg.h: int4_wgx_moe), bit for bit against the large-M kernel, with the
+// checkpoint's zero points and (symmetric experts) with one zero point everywhere: at T = 40 the random experts' tiles take N = 16 or 32
+// tokens, the first four's 64; at 100 those take 128 and the others 64; at 1024 full tiles and ragged last ones.
 TEST_F(CudaOps, Int4LargeMExperts) {
   Both B;
   ScopedEnv on("DS_CUDA_NO_BIG_GEMM", "0");  // the large-M kernel, whatever the default
+  ScopedEnv no_wgx("DS_INT4_WGX", "0");      // ... not the warpgroup-MMA one (compared below)
   const int64_t E = 16, H = 2048, I = 512, K = 8;
   const HostExperts hx(E, H, I, true, 700, 800, 900);
   Experts ec = hx.make(*B.cpu), eg = hx.make(*B.gpu);
-  for (int64_t T : {int64_t(100), int64_t(1024)}) {
+  for (int64_t T : {int64_t(40), int64_t(100), int64_t(1024)}) {
     ScopedEnv min_moe("DS_INT4_BIG_MOE_MIN", "1");
     std::mt19937 g{uint32_t(T)};
     std::vector<float> idv, wv;
@@ -1715,6 +1725,16 @@ TEST_F(CudaOps, Int4LargeMExperts) {
       ScopedEnv r3("DS_INT4_BIG_R", "3");  // 3 row blocks per block (8 and 16 row blocks: uneven last blocks)
       EXPECT_EQ(bit_diffs(all, run(0, T)), 0) << "large-M experts, R = 3" << tag;
     }
+    if (wgx_available()) {
+      ScopedEnv w("DS_INT4_WGX", "1");
+      EXPECT_EQ(bit_diffs(all, run(0, T)), 0) << "warpgroup-MMA experts vs the large-M kernel" << tag;
+      // 3 gate_up row blocks per block (8 in all: a ragged last block), 5 of the down projection's 16 (its stages
+      // kept across them)
+      ScopedEnv r1("DS_INT4_WGX_R_GU", "3"), r2("DS_INT4_WGX_R_DOWN", "5");
+      EXPECT_EQ(bit_diffs(all, run(0, T)), 0) << "warpgroup-MMA experts, 3 / 5 row blocks per block" << tag;
+    } else {
+      std::printf("  (warpgroup-MMA experts: no sm_90a build or device; not compared)\n");
+    }
     int diff = 0;
     for (int64_t t : {int64_t(0), int64_t(5), T / 2, T - 1}) diff += bit_diffs(run(t, 1), host_rows(all, t, t + 1, H)) != 0;
     EXPECT_EQ(diff, 0) << "int4 experts: a token alone differs from the same token in a batch of" << tag;
@@ -1726,6 +1746,19 @@ TEST_F(CudaOps, Int4LargeMExperts) {
     Tensor x = B.cpu->upload_f32(host_rows(xs, 0, R, H), {R, H}, DType::F32), y = B.cpu->alloc(DType::F32, {R, H});
     B.cpu->moe_experts(x, ec, ids, w, y);
     REPORT("int4 moe_experts large-M E=16 H=2048 I=512 K=8" + tag, test::rel(host_rows(all, 0, R, H), B.cpu->to_host_f32(y)));
+  }
+  if (wgx_available()) {  // symmetric experts: one zero point everywhere (MmaInt4::zu), none loaded
+    const HostExperts hs(E, H, I, true, 710, 810, 910, true);
+    Experts es = hs.make(*B.gpu);
+    const int64_t T = 300;
+    std::mt19937 g{3};
+    std::vector<float> idv, wv;
+    uniform_routing(T, E, K, g, idv, wv);
+    const auto xs = randn(size_t(T * H), 1.f, 91);
+    const auto ref = gpu_moe_rows(*B.gpu, es, idv, wv, xs, K, H, 0, T);
+    ScopedEnv w("DS_INT4_WGX", "1");
+    EXPECT_EQ(bit_diffs(ref, gpu_moe_rows(*B.gpu, es, idv, wv, xs, K, H, 0, T)), 0)
+        << "warpgroup-MMA experts, symmetric weights (one zero point), T=" << T;
   }
 }
 
@@ -1969,6 +2002,7 @@ TEST_F(CudaOps, Int4DequantGemm) {
 TEST_F(CudaOps, Int4PrefillThroughput) {
   Both B;
   ScopedEnv no_deq("DS_CUDA_NO_DEQUANT_GEMM", "1");  // the int4 kernels' own rates
+  ScopedEnv no_wgx("DS_INT4_WGX", "0");              // the warpgroup-MMA experts: their own rows below
   auto time_ms = [&](auto&& fn) { return time_per_call_us(*B.gpu, 10, fn) * 1e-3; };
   struct Variant {
     const char *name, *no_big, *warp, *r;
@@ -2007,6 +2041,20 @@ TEST_F(CudaOps, Int4PrefillThroughput) {
                   (long long)E, (long long)K, (long long)H, (long long)I, v.name, ms,
                   2.0 * T * K * 3 * H * I / ms * 1e-9);
     }
+    // The warpgroup-MMA experts: gate_up / down row blocks per block, weights sent toward L2 first or not
+    struct Wgx {
+      const char *rg, *rd, *pf;
+    };
+    if (wgx_available())
+      for (const Wgx& v : {Wgx{"1", "4", "0"}, Wgx{"1", "4", "1"}, Wgx{"2", "4", "0"}, Wgx{"1", "8", "0"}}) {
+        ScopedEnv on_wgx("DS_INT4_WGX", "1"), rg("DS_INT4_WGX_R_GU", v.rg), rd("DS_INT4_WGX_R_DOWN", v.rd),
+            pf("DS_INT4_WGX_PF", v.pf);
+        const double ms = time_ms([&] { B.gpu->moe_experts(x, eg, ids, w, y); });
+        std::printf("  int4 moe_experts T=%lld E=%lld top-%lld H=%lld I=%lld wgmma (gate_up R %s, down R %s, L2 "
+                    "prefetch %s): %.3f ms, %.1f TFLOP/s\n",
+                    (long long)T, (long long)E, (long long)K, (long long)H, (long long)I, v.rg, v.rd, v.pf, ms,
+                    2.0 * T * K * 3 * H * I / ms * 1e-9);
+      }
   }
 }
 

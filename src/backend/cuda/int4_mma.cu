@@ -957,9 +957,12 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
   DS_CHECK(P < (int64_t(1) << 31), "int4 mma experts: ", P, " pairs (fewer than 2^31)");
   // Decode sizes: a couple of pairs per touched expert; prefill: many.
   const Shape shape = P >= 16 * E ? Shape::Large : Shape::Small;
-  // Prefill sizes (many pairs per expert): tiles of up to kGemmTok pairs for the large-M kernel (int4_gemm.h).
-  const bool big = P >= int4_gemm_moe_min() * E && int4_gemm_enabled();
-  const int ntok = big ? kGemmTok : ntok_of(shape);
+  // Prefill sizes (many pairs per expert): tiles of up to kGemmTok pairs for the warpgroup-MMA kernels (Hopper,
+  // int4_wg.h: int4_wgx_moe) or the large-M kernel (int4_gemm.h).
+  const bool wgx = shape == Shape::Large && P % topk == 0 && (topk & (topk - 1)) == 0 && int4_wgx_enabled() &&
+                   int4_wgx_fits(gate_up, down, I, H, P / topk, P);
+  const bool big = !wgx && P >= int4_gemm_moe_min() * E && int4_gemm_enabled();
+  const int ntok = big || wgx ? kGemmTok : ntok_of(shape);
   const int64_t mt = max_tiles(P, E, ntok);  // grid.y of every expert launch below
   DS_CHECK(mt <= 65535, "int4 mma experts: ", mt, " token tiles (at most 65535)");
   int32_t *list = scratch, *ntiles = scratch + P, *tiles = ntiles + 1;
@@ -1007,6 +1010,10 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
   // The streaming kernels' rings copy each unit's scales once per row (16 lanes × 8 bytes) instead of once per lane
   // (32 lanes × 2 × 8 bytes, 4 lanes per row); DS_INT4_MOE_SCALE_ROWS=0: per lane (before session 19). Same bits.
   ts.srows = env_int("DS_INT4_MOE_SCALE_ROWS", 1) != 0;
+  if (wgx) {  // x permuted into out's bytes (T·H bf16 ≤ P·H fp32), free until the down projection writes them
+    return int4_wgx_moe(Int4Out{gate_up, 2 * I, I, act, int(DType::BF16)}, Int4Out{down, H, H, out, int(DType::F32)}, x,
+                        P / topk, ts, mt, out, s);
+  }
   if (big) {
     int4_gemm(true, Int4Out{gate_up, 2 * I, I, act, int(DType::BF16)}, nullptr, x, ts, mt, s);
     ts.xdiv = 1;

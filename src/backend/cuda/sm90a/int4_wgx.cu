@@ -190,9 +190,9 @@ __device__ __forceinline__ void wgx_run(const Int4Out& O, const __nv_bfloat16* _
   float s_cur0 = sc_f(pk[0].s0), s_cur1 = sc_f(pk[0].s1);
   load_pkg(pk[0]);
 
-  float tmp[NA], part[NA];
+  float tmp[NA], part[NA];  // tmp: the group's partial (written by its first wgmma)
 #pragma unroll
-  for (int i = 0; i < NA; ++i) tmp[i] = 0.f, part[i] = 0.f;
+  for (int i = 0; i < NA; ++i) part[i] = 0.f;
   float4* const ap = reinterpret_cast<float4*>(accs) + tid;  // slice sums: float4 q of this thread at ap[q · 256]
   int gi = 0, sg = 0, sl = 0, c_st = 0;  // compute cursor: group, group in slice, slice, stage
   unsigned rb = rb0;
@@ -208,8 +208,10 @@ __device__ __forceinline__ void wgx_run(const Int4Out& O, const __nv_bfloat16* _
     c_st = resident ? (c_st + 1 == ng ? 0 : c_st + 1) : (c_st + 1) % kXS;
     reg_fence(tmp);
     wg_fence();
+    // the group's fresh partial: the first k16 step without the accumulator (scale-d 0), then accumulated
+    Wg<N>::mma0(tmp, A[PAR][0], db);
 #pragma unroll
-    for (int k = 0; k < 8; ++k) Wg<N>::mma(tmp, A[PAR][k], db + uint64_t(((k >> 2) * N * 128 + 32 * (k & 3)) >> 4));
+    for (int k = 1; k < 8; ++k) Wg<N>::mma(tmp, A[PAR][k], db + uint64_t(((k >> 2) * N * 128 + 32 * (k & 3)) >> 4));
     wg_commit();
     float s_nx0 = 0.f, s_nx1 = 0.f;
     if (v + 1 < nsteps) {
@@ -226,6 +228,9 @@ __device__ __forceinline__ void wgx_run(const Int4Out& O, const __nv_bfloat16* _
         const float q = __fmaf_rn((i & 2) ? s_cur1 : s_cur0, tmp[i], 0.f);
         part[i] = first ? q : __fadd_rn(part[i], q);
       }
+    } else if (sg == 0) {  // the slice's first group: part = fma(scale, tmp, 0), as 0 + scale · tmp is formed
+#pragma unroll
+      for (int i = 0; i < NA; ++i) part[i] = __fmaf_rn((i & 2) ? s_cur1 : s_cur0, tmp[i], 0.f);
     } else {
 #pragma unroll
       for (int i = 0; i < NA; i += 4) {
@@ -235,8 +240,6 @@ __device__ __forceinline__ void wgx_run(const Int4Out& O, const __nv_bfloat16* _
         part[i + 3] += s_cur1 * tmp[i + 3];
       }
     }
-#pragma unroll
-    for (int i = 0; i < NA; ++i) tmp[i] = 0.f;
     s_cur0 = s_nx0, s_cur1 = s_nx1;
     if constexpr (!G1) {
       if (++sg == gps) {  // end of slice sl: acc = part (sl = 0), acc = acc + part (later), in slice order
@@ -255,8 +258,6 @@ __device__ __forceinline__ void wgx_run(const Int4Out& O, const __nv_bfloat16* _
               ap[q * kXThreads] = a;
             }
           }
-#pragma unroll
-          for (int i = 0; i < NA; ++i) part[i] = 0.f;
         } else if (sl > 0) {
 #pragma unroll
           for (int q = 0; q < NA / 4; ++q) {
@@ -316,8 +317,6 @@ __device__ __forceinline__ void wgx_run(const Int4Out& O, const __nv_bfloat16* _
           }
         }
     }
-#pragma unroll
-    for (int i = 0; i < NA; ++i) part[i] = 0.f;
   };
   for (int v = 0; v < nsteps; v += 2) {
     step(std::integral_constant<int, 0>{}, v);

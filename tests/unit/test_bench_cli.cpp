@@ -17,9 +17,13 @@ using ds::test::run_binary;
 
 const std::string kConfig = std::string(DS_TEST_DATA_DIR) + "/tiny-moe/tiny-moe-int4/config.json";
 
+// `deltaserve bench --random-weights` on the tiny MoE config with these flags.
+ds::test::CommandResult bench_tiny(const std::string& flags) {
+  return run_binary("bench --random-weights --config " + kConfig + " " + flags);
+}
+
 TEST(BenchCli, TinyMoeOnCpu) {
-  auto r = run_binary("bench --random-weights --config " + kConfig +
-               " --backend cpu --batch 1,3 --context 16,40 --prefill 8,33 --steps 2 --breakdown");
+  auto r = bench_tiny("--backend cpu --batch 1,3 --context 16,40 --prefill 8,33 --steps 2 --breakdown");
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("## Decode"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("| graph | 3 | 40 |"), std::string::npos) << r.out;
@@ -32,8 +36,7 @@ TEST(BenchCli, TinyMoeOnCpu) {
 
 // --kernel-times needs the CUDA backend's recorded steps: elsewhere a line says why, and the bench still runs.
 TEST(BenchCli, KernelTimesOnCpuSaysWhy) {
-  auto r = run_binary("bench --random-weights --config " + kConfig +
-                      " --backend cpu --batch 2 --context 16 --prefill none --steps 2 --kernel-times");
+  auto r = bench_tiny("--backend cpu --batch 2 --context 16 --prefill none --steps 2 --kernel-times");
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("| graph | 2 | 16 |"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("### Kernel times, graph, batch 2, context 16: CUDA step graphs only"), std::string::npos)
@@ -78,15 +81,15 @@ TEST(KernelTimes, StartsOrSaysWhy) {
 #endif
 
 TEST(BenchCli, ChunkedPrefillAndBf16) {
-  auto r = run_binary("bench --random-weights --config " + kConfig +
-               " --backend cpu --bf16 --batch 2 --context 8 --prefill 20 --prefill-chunk 7 --steps 1 --no-graph");
+  auto r = bench_tiny("--backend cpu --bf16 --batch 2 --context 8 --prefill 20 --prefill-chunk 7 --steps 1 "
+                      "--no-graph");
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("| eager | 20 | 7 |"), std::string::npos) << r.out;
 }
 
 TEST(BenchCli, Variants) {
-  auto r = run_binary("bench --random-weights --config " + kConfig +
-               " --backend cpu --batch 1 --context 8 --prefill 9 --steps 1 --variants 'a:no-graph,DS_X=1;b:graph'");
+  auto r = bench_tiny("--backend cpu --batch 1 --context 8 --prefill 9 --steps 1 "
+                      "--variants 'a:no-graph,DS_X=1;b:graph'");
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("| a | 1 | 8 |"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("| b | 9 | 9 |"), std::string::npos) << r.out;
@@ -96,14 +99,12 @@ TEST(BenchCli, Variants) {
 // token to the same experts and times faster than any real step). A negative rms_norm_eps (accepted, as by
 // transformers) makes every norm NaN.
 TEST(BenchCli, NonFiniteLogitsSaid) {
-  auto r = run_binary("bench --random-weights --config " + kConfig +
-                      " --config-override '{\"text_config\": {\"rms_norm_eps\": -1e30}}'"
+  auto r = bench_tiny("--config-override '{\"text_config\": {\"rms_norm_eps\": -1e30}}'"
                       " --backend cpu --batch 2 --context 8 --prefill none --steps 1");
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("**warning: variant graph, batch 2, context 8: "), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("logits are not finite"), std::string::npos) << r.out;
-  auto ok = run_binary("bench --random-weights --config " + kConfig +
-                       " --backend cpu --batch 2 --context 8 --prefill none --steps 1");
+  auto ok = bench_tiny("--backend cpu --batch 2 --context 8 --prefill none --steps 1");
   ASSERT_EQ(ok.code, 0) << ok.out;
   EXPECT_EQ(ok.out.find("not finite"), std::string::npos) << ok.out;
 }
@@ -111,20 +112,18 @@ TEST(BenchCli, NonFiniteLogitsSaid) {
 // A variant on a bf16 DeltaNet state (its own cache set): half the state bytes per step in the traffic column, and a
 // bad dtype named before any weight is built.
 TEST(BenchCli, Bf16StateVariant) {
-  auto r = run_binary("bench --random-weights --config " + kConfig +
-                      " --backend cpu --batch 2 --context 8 --prefill 9 --steps 1"
+  auto r = bench_tiny("--backend cpu --batch 2 --context 8 --prefill 9 --steps 1"
                       " --variants 'f:no-graph;h:no-graph,ssm-dtype=bfloat16'");
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("| f | 2 | 8 |"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("| h | 2 | 8 |"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("| h | 9 | 9 |"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("fp32 recurrent state"), std::string::npos) << r.out;
-  auto bad = run_binary("bench --random-weights --config " + kConfig +
-                        " --backend cpu --batch 1 --context 8 --prefill 9 --steps 1 --variants 'h:ssm-dtype=fp8'");
+  auto bad = bench_tiny("--backend cpu --batch 1 --context 8 --prefill 9 --steps 1 --variants 'h:ssm-dtype=fp8'");
   EXPECT_NE(bad.code, 0);
   EXPECT_NE(bad.out.find("ssm-dtype: 'fp8' is not one of auto, float32, bfloat16"), std::string::npos) << bad.out;
-  auto flag = run_binary("bench --random-weights --config " + kConfig +
-                         " --backend cpu --batch 1 --context 8 --prefill 9 --steps 1 --mamba-ssm-cache-dtype bfloat16");
+  auto flag = bench_tiny("--backend cpu --batch 1 --context 8 --prefill 9 --steps 1 "
+                         "--mamba-ssm-cache-dtype bfloat16");
   ASSERT_EQ(flag.code, 0) << flag.out;
   EXPECT_NE(flag.out.find("bf16 recurrent state"), std::string::npos) << flag.out;
 }
@@ -132,8 +131,8 @@ TEST(BenchCli, Bf16StateVariant) {
 // The speculative table through the engine: baseline, full and reduced draft heads, every run reproducing the
 // baseline's greedy tokens under the oracle.
 TEST(BenchCli, SpeculativeOracle) {
-  auto r = run_binary("bench --random-weights --config " + kConfig +
-                      " --backend cpu --speculative 1,3 --oracle-p 0.8 --draft-vocab 256 --spec-prompt 8 --spec-tokens 20");
+  auto r = bench_tiny("--backend cpu --speculative 1,3 --oracle-p 0.8 --draft-vocab 256 --spec-prompt 8 "
+                      "--spec-tokens 20");
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("| none (no speculation) | 0 |"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("| full lm_head | 3 | 0.80 |"), std::string::npos) << r.out;
@@ -144,14 +143,14 @@ TEST(BenchCli, SpeculativeOracle) {
 
 // --vision alone: the vision-tower table only (no text weights built), on the tiny config's tower.
 TEST(BenchCli, VisionTowerTable) {
-  auto r = run_binary("bench --random-weights --config " + kConfig + " --backend cpu --vision 64x64,100x40 --steps 1");
+  auto r = bench_tiny("--backend cpu --vision 64x64,100x40 --steps 1");
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("## Vision tower"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("| 64x64 | 4x4 | 16 | 4 |"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("| 100x40 | 6x2 | 12 | 3 |"), std::string::npos) << r.out;
   EXPECT_EQ(r.out.find("## Decode"), std::string::npos) << r.out;
   EXPECT_EQ(r.out.find("## Prefill"), std::string::npos) << r.out;
-  auto bad = run_binary("bench --random-weights --config " + kConfig + " --backend cpu --vision 64by64");
+  auto bad = bench_tiny("--backend cpu --vision 64by64");
   EXPECT_NE(bad.code, 0);
   EXPECT_NE(bad.out.find("WIDTHxHEIGHT"), std::string::npos) << bad.out;
 }
@@ -173,7 +172,7 @@ TEST(BenchCli, Dense27bConfigAtTinyShape) {
 }
 
 TEST(BenchCli, RejectsBadLists) {
-  auto r = run_binary("bench --random-weights --config " + kConfig + " --backend cpu --batch 1,x");
+  auto r = bench_tiny("--backend cpu --batch 1,x");
   EXPECT_EQ(r.code, 1) << r.out;
   EXPECT_NE(r.out.find("--batch"), std::string::npos) << r.out;
 }

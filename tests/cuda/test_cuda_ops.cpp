@@ -1760,6 +1760,31 @@ TEST_F(CudaOps, Int4LargeMExperts) {
     EXPECT_EQ(bit_diffs(ref, gpu_moe_rows(*B.gpu, es, idv, wv, xs, K, H, 0, T)), 0)
         << "warpgroup-MMA experts, symmetric weights (one zero point), T=" << T;
   }
+  if (wgx_available()) {  // another shape: gate_up K = 1024 (2 groups per slice), down K = 256 (2 groups, both kept
+                          // in the stages, one per slice), top-4 of 8 experts
+    const int64_t E2 = 8, H2 = 1024, I2 = 256, K2 = 4, T = 200;
+    const HostExperts h2(E2, H2, I2, true, 720, 820, 920);
+    Experts c2 = h2.make(*B.cpu), g2 = h2.make(*B.gpu);
+    std::mt19937 g{5};
+    std::vector<float> idv, wv;
+    uniform_routing(T, E2, K2, g, idv, wv);
+    const auto xs = randn(size_t(T * H2), 1.f, 92);
+    const auto ref = gpu_moe_rows(*B.gpu, g2, idv, wv, xs, K2, H2, 0, T);
+    std::vector<float> got;
+    {
+      ScopedEnv w("DS_INT4_WGX", "1");
+      got = gpu_moe_rows(*B.gpu, g2, idv, wv, xs, K2, H2, 0, T);
+      EXPECT_EQ(bit_diffs(ref, got), 0) << "warpgroup-MMA experts, H = 1024, I = 256, top-4 of 8, T=" << T;
+    }
+    const int64_t R = 16;
+    Tensor ids = B.cpu->alloc(DType::I32, {R, K2});
+    for (int64_t i = 0; i < R * K2; ++i) ids.ptr<int32_t>()[i] = int32_t(idv[size_t(i)]);
+    Tensor w = B.cpu->upload_f32(std::vector<float>(wv.begin(), wv.begin() + R * K2), {R, K2}, DType::F32);
+    Tensor x = B.cpu->upload_f32(host_rows(xs, 0, R, H2), {R, H2}, DType::F32), y = B.cpu->alloc(DType::F32, {R, H2});
+    B.cpu->moe_experts(x, c2, ids, w, y);
+    REPORT("int4 moe_experts warpgroup MMA E=8 H=1024 I=256 K=4",
+           test::rel(host_rows(got, 0, R, H2), B.cpu->to_host_f32(y)));
+  }
 }
 
 // The experts at decode sizes through the streaming kernels (k_int4_moe_gu, K = 2048: a slice of activations per

@@ -287,16 +287,9 @@ void launch_wg_wk(int wk, const Int4Pair& P, unsigned nb, const void* x, int64_t
 }  // namespace
 
 bool int4_wg_enabled() {
-  static const bool ok = [] {
-    int dev = 0, major = 0, minor = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess) return false;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-    return major == 9 && minor == 0;
-  }();
   // Off by default (slower than the mma.sync kernels so far: docs/perf.md, session 13); DS_INT4_WG=1 turns it on,
   // read on every call so that one process can compare both.
-  return ok && env_int("DS_INT4_WG", 0) != 0;
+  return wgmma::sm90_device() && env_int("DS_INT4_WG", 0) != 0;
 }
 
 bool int4_wg_linear2(const Int4Out& A, const Int4Out* B, const void* x, int64_t M, cudaStream_t s) {

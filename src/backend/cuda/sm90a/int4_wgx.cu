@@ -390,15 +390,8 @@ void launch_wgx(const Int4Out& O, const void* xp, const TokenSrc& ts, int64_t gy
 }  // namespace
 
 bool int4_wgx_enabled() {
-  static const bool ok = [] {
-    int dev = 0, major = 0, minor = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess) return false;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-    return major == 9 && minor == 0;
-  }();
   // Read on every call so that one process can compare both paths.
-  return ok && env_int("DS_INT4_WGX", kInt4WgxDefault ? 1 : 0) != 0;
+  return wgmma::sm90_device() && env_int("DS_INT4_WGX", kInt4WgxDefault ? 1 : 0) != 0;
 }
 
 bool int4_wgx_fits(const MmaInt4& gate_up, const MmaInt4& down, int64_t I, int64_t H, int64_t T, int64_t P) {

@@ -7,6 +7,18 @@
 
 namespace ds::cuda::wgmma {
 
+// Whether the current device is compute capability 9.0, the one sm_90a code runs on (read once per process).
+inline bool sm90_device() {
+  static const bool ok = [] {
+    int dev = 0, major = 0, minor = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return false;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+    return major == 9 && minor == 0;
+  }();
+  return ok;
+}
+
 // wgmma.m64nNk16 (bf16 × bf16 → fp32), A from registers (4 × bf16×2: mma.m16n8k16's A fragment of this warp's 16
 // rows), B from shared memory (descriptor), D += A·B. Accumulator d[4i + 2rr + h] is (row 16·warp + g + 8rr,
 // token 8i + 2t + h).

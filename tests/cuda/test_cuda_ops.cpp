@@ -1686,8 +1686,9 @@ bool wgx_available() {
 }
 
 // Also the warpgroup-MMA experts (Hopper, int4_wg.h: int4_wgx_moe), bit for bit against the large-M kernel, with the
-// checkpoint's zero points and (symmetric experts) with one zero point everywhere: at T = 40 the random experts' tiles take N = 16 or 32
-// tokens, the first four's 64; at 100 those take 128 and the others 64; at 1024 full tiles and ragged last ones.
+// checkpoint's zero points and (symmetric experts) with one zero point everywhere: at T = 40 the random experts' tiles
+// take N = 16 or 32 tokens, the first four's 64; at 100 those take 128 and the others 64; at 1024 full tiles and ragged
+// last ones.
 TEST_F(CudaOps, Int4LargeMExperts) {
   Both B;
   ScopedEnv on("DS_CUDA_NO_BIG_GEMM", "0");  // the large-M kernel, whatever the default

@@ -959,8 +959,7 @@ void mma_moe(const MmaInt4& gate_up, const MmaInt4& down, int64_t E, int64_t I, 
   const Shape shape = P >= 16 * E ? Shape::Large : Shape::Small;
   // Prefill sizes (many pairs per expert): tiles of up to kGemmTok pairs for the warpgroup-MMA kernels (Hopper,
   // int4_wg.h: int4_wgx_moe) or the large-M kernel (int4_gemm.h).
-  const bool wgx = shape == Shape::Large && P % topk == 0 && (topk & (topk - 1)) == 0 && int4_wgx_enabled() &&
-                   int4_wgx_fits(gate_up, down, I, H, P / topk, P);
+  const bool wgx = shape == Shape::Large && int4_wgx_enabled() && int4_wgx_fits(gate_up, down, I, H, P, topk);
   const bool big = !wgx && P >= int4_gemm_moe_min() * E && int4_gemm_enabled();
   const int ntok = big || wgx ? kGemmTok : ntok_of(shape);
   const int64_t mt = max_tiles(P, E, ntok);  // grid.y of every expert launch below

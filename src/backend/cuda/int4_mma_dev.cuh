@@ -71,6 +71,16 @@ template <class V>
 __device__ __forceinline__ auto word_of(const V& v, int j) -> decltype(v.x) {
   return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
 }
+// A lane's 8 A fragments of one quantisation group (its two packed uint4: chunks 2gi and 2gi + 1, the 8 k16 steps in
+// order); zz0 / zz1: zero_pair of its rows g and g + 8.
+__device__ __forceinline__ void dequant_group(const uint4& w0, const uint4& w1, uint32_t zz0, uint32_t zz1,
+                                              uint32_t (&a)[8][4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    dequant(word_of(w0, j), zz0, zz1, a[j]);
+    dequant(word_of(w1, j), zz0, zz1, a[4 + j]);
+  }
+}
 // A stored fp16 scale (MmaInt4::sc) as fp32, exactly.
 __device__ __forceinline__ float sc_f(uint16_t h) { return __half2float(__ushort_as_half(h)); }
 __device__ __forceinline__ float silu(float v) { return v / (1.f + expf(-v)); }

@@ -34,9 +34,9 @@ bool int4_wg_linear2(const int4dev::Int4Out& A, const int4dev::Int4Out* B, const
 constexpr bool kInt4WgxDefault = true;
 // Built, on a compute capability 9.0 device, and DS_INT4_WGX on.
 bool int4_wgx_enabled();
-// Whether the shapes suit it (group 128, I a multiple of 64, down.K = I, gate_up.K = H; T tokens and P pairs whose
-// activations have element offsets under 2^31).
-bool int4_wgx_fits(const MmaInt4& gate_up, const MmaInt4& down, int64_t I, int64_t H, int64_t T, int64_t P);
+// Whether the shapes suit it (group 128, I a multiple of 64, down.K = I, gate_up.K = H; P pairs of P / topk tokens,
+// top-k a power of two, activations with element offsets under 2^31).
+bool int4_wgx_fits(const MmaInt4& gate_up, const MmaInt4& down, int64_t I, int64_t H, int64_t P, int64_t topk);
 // gu: gate_up (rows 2·I per expert, n_out I, y = act bf16 [P, I], written with each 64-column chunk permuted for the
 // down projection); dn: down (y fp32 [P, H]); x bf16 [T, H]; ts / gy: the tile table of kGemmTok-pair tiles (xdiv =
 // top-k); xp: T·H bf16 of scratch (x permuted), free until the down projection writes dn.y (it may be dn.y).

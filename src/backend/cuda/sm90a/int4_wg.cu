@@ -114,12 +114,7 @@ __global__ void __launch_bounds__(128 * WK, 1)
     p.s1 = sc_f(sp1[gi]);
   };
   auto dequant_pkg = [&](const WgPkg& p, uint32_t (&a)[8][4]) {
-    const uint32_t zz0 = zero_pair(p.z0), zz1 = zero_pair(p.z1);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      dequant(word_of(p.w0, j), zz0, zz1, a[j]);
-      dequant(word_of(p.w1, j), zz0, zz1, a[4 + j]);
-    }
+    dequant_group(p.w0, p.w1, zero_pair(p.z0), zero_pair(p.z1), a);
   };
   // Staging units of this thread (see WgStage) and their token rows.
   const __nv_bfloat16* xrow[St::kPerThread];
@@ -208,13 +203,7 @@ __global__ void __launch_bounds__(128 * WK, 1)
     }
     wg_wait0();
     reg_fence(tmp);
-#pragma unroll
-    for (int i = 0; i < NA; i += 4) {
-      part[i] += s_cur0 * tmp[i];
-      part[i + 1] += s_cur0 * tmp[i + 1];
-      part[i + 2] += s_cur1 * tmp[i + 2];
-      part[i + 3] += s_cur1 * tmp[i + 3];
-    }
+    scale_add(part, tmp, s_cur0, s_cur1);
 #pragma unroll
     for (int i = 0; i < NA; ++i) tmp[i] = 0.f;
     if (--gleft == 0) {  // the slice's end

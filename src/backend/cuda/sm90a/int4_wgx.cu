@@ -172,12 +172,8 @@ __device__ __forceinline__ void wgx_run(const Int4Out& O, const __nv_bfloat16* _
     if (++lp_gi == ng) lp_gi = 0, set_rb(++lp_rb);
   };
   auto dequant_pkg = [&](const XPkg& p, uint32_t (&a)[8][4]) {
-    const uint32_t zz0 = zero_pair(W.zu >= 0 ? uint8_t(W.zu) : p.z0), zz1 = zero_pair(W.zu >= 0 ? uint8_t(W.zu) : p.z1);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      dequant(word_of(p.w0, j), zz0, zz1, a[j]);
-      dequant(word_of(p.w1, j), zz0, zz1, a[4 + j]);
-    }
+    dequant_group(p.w0, p.w1, zero_pair(W.zu >= 0 ? uint8_t(W.zu) : p.z0), zero_pair(W.zu >= 0 ? uint8_t(W.zu) : p.z1),
+                  a);
   };
 
 #pragma unroll
@@ -232,13 +228,7 @@ __device__ __forceinline__ void wgx_run(const Int4Out& O, const __nv_bfloat16* _
 #pragma unroll
       for (int i = 0; i < NA; ++i) part[i] = __fmaf_rn((i & 2) ? s_cur1 : s_cur0, tmp[i], 0.f);
     } else {
-#pragma unroll
-      for (int i = 0; i < NA; i += 4) {
-        part[i] += s_cur0 * tmp[i];
-        part[i + 1] += s_cur0 * tmp[i + 1];
-        part[i + 2] += s_cur1 * tmp[i + 2];
-        part[i + 3] += s_cur1 * tmp[i + 3];
-      }
+      scale_add(part, tmp, s_cur0, s_cur1);
     }
     s_cur0 = s_nx0, s_cur1 = s_nx1;
     if constexpr (!G1) {
@@ -394,11 +384,13 @@ bool int4_wgx_enabled() {
   return wgmma::sm90_device() && env_int("DS_INT4_WGX", kInt4WgxDefault ? 1 : 0) != 0;
 }
 
-bool int4_wgx_fits(const MmaInt4& gate_up, const MmaInt4& down, int64_t I, int64_t H, int64_t T, int64_t P) {
+bool int4_wgx_fits(const MmaInt4& gate_up, const MmaInt4& down, int64_t I, int64_t H, int64_t P, int64_t topk) {
   auto ok = [](const MmaInt4& W) { return W.G == 128 && W.K % 128 == 0 && W.K / 128 % W.KS == 0; };
+  // x row of pair p: p >> log2(top-k) (k_int4_wgx's shift)
+  if (topk <= 0 || (topk & (topk - 1)) != 0 || P % topk != 0) return false;
   constexpr int64_t k31 = int64_t(1) << 31;  // the activations' element offsets are 32-bit
-  return ok(gate_up) && ok(down) && I % 64 == 0 && down.K == I && H % 16 == 0 && gate_up.K == H && T * H < k31 &&
-         P * I < k31;
+  return ok(gate_up) && ok(down) && I % 64 == 0 && down.K == I && H % 16 == 0 && gate_up.K == H &&
+         P / topk * H < k31 && P * I < k31;
 }
 
 void int4_wgx_moe(const Int4Out& gu, const Int4Out& dn, const void* x, int64_t T, const TokenSrc& ts, int64_t gy,

@@ -148,6 +148,19 @@ __device__ __forceinline__ void reg_fence(float (&d)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
+// A group's step of int4_mma.h's arithmetic on a wgmma accumulator (element 4i + 2rr + h: row g + 8rr, scale s0 for
+// rr = 0, s1 for rr = 1): part += scale · tmp (the compiler's fma, as k_int4_mma forms it).
+template <int N>
+__device__ __forceinline__ void scale_add(float (&part)[N], const float (&tmp)[N], float s0, float s1) {
+#pragma unroll
+  for (int i = 0; i < N; i += 4) {
+    part[i] += s0 * tmp[i];
+    part[i + 1] += s0 * tmp[i + 1];
+    part[i + 2] += s1 * tmp[i + 2];
+    part[i + 3] += s1 * tmp[i + 3];
+  }
+}
+
 // Descriptor of a K-major B tile in the 128-byte swizzle: token rows of 128 bytes (64 inputs), 8-row atoms of 1024
 // bytes (stride-dimension offset), the 16-byte chunk q of row n stored at chunk q ^ (n % 8) (the hardware applies
 // the XOR to address bits 4-6 from bits 7-9, so atoms are 1024-byte aligned and a k16 step inside the row is the start

@@ -640,6 +640,23 @@ TEST_F(CudaGdr, ChunkedTiming) {
       unsetenv("DS_GDR_CHUNK_TF32");
       std::printf("  chunked gated delta rule, T=%lld, %s: prep %.3f ms + state %.3f ms per layer; x30 layers %.1f ms\n",
                   (long long)T, tf32 ? "TF32 state products" : "3xTF32", tp, ts, 30 * (tp + ts));
+      if (!tf32) {
+        // A fingerprint of every output bit (scratch, outputs, state after the four runs): two builds of the kernels
+        // that print the same one computed the same bits (a rewrite meant to keep them is checked this way).
+        auto fnv = [](const void* d, size_t n, uint64_t h) {
+          std::vector<unsigned char> v(n);
+          EXPECT_EQ(cudaMemcpy(v.data(), d, n, cudaMemcpyDeviceToHost), cudaSuccess);
+          for (unsigned char c : v) h = (h ^ c) * 1099511628211ull;
+          return h;
+        };
+        uint64_t h = 14695981039346656037ull;
+        h = fnv(Gc, size_t(T * Hv) * 4, h);
+        h = fnv(Tb, size_t(T * Hv * 64) * 4, h);
+        h = fnv(P, size_t(T * Hv * 64) * 4, h);
+        const uint64_t hs = fnv(o, size_t(T * Hv * Dv) * 2, fnv(ssm, size_t(Hv * Dk * Dv) * 4, h));
+        std::printf("  T=%lld bits: prep %016llx, all %016llx\n", (long long)T, (unsigned long long)h,
+                    (unsigned long long)hs);
+      }
     }
     for (void* p : {(void*)qn, (void*)kn, (void*)g, (void*)beta, qkv, (void*)si, (void*)Gc, (void*)Tb, (void*)P,
                     (void*)ssm, (void*)o})

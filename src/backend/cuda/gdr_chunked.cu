@@ -16,51 +16,85 @@ namespace {
 // ---- 3×TF32 tensor-core products -------------------------------------------------------------------------------
 // mma.sync m16n8k8 tf32, fp32 accumulation. Fragments (g = lane/4, t = lane%4): A (16×8, row-major) a0 (g, t),
 // a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4); B (8×8) b0 (k t, n g), b1 (k t+4, n g); C (16×8) c0 (g, 2t), c1 (g, 2t+1),
-// c2 (g+8, 2t), c3 (g+8, 2t+1). Each fp32 operand x = hi + lo with hi = tf32(x), lo = tf32(x − hi); the product
-// is hi·hi + hi·lo + lo·hi (lo·lo, ~2⁻²², dropped): fp32-class accuracy from three tf32 mma.
-__device__ __forceinline__ uint32_t tf32_bits(float x) {
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-  return r;
-}
+// c2 (g+8, 2t), c3 (g+8, 2t+1). Each fp32 operand x = hi + lo with hi = x rounded to tf32 and lo = the remainder
+// rounded to tf32; the product is hi·hi + hi·lo + lo·hi (lo·lo, ~2⁻²², dropped): fp32-class accuracy from three
+// tf32 mma.
+//
+// The split in six instructions (cvt.rna.tf32.f32 is not one instruction on sm_90: ptxas emits four per conversion,
+// a range test, an add, a mask and a select, and the splits were ~80% of the state kernel's instructions): hi by
+// Veltkamp's splitting, c = (2¹³ + 1)·x, hi = c − (c − x) (x rounded to nearest at 11 significant bits, tf32's
+// precision; each step rounded separately, so no contraction into an fma), lo = x − hi (exact) rounded to tf32 by
+// integer add and mask (ties away from zero). A NaN or infinite x gives a NaN hi, so it still poisons the product;
+// |x| > ~4e34 overflows c (far outside this op's range: l2-normalised keys, β ≤ 1, decays ≤ 1).
 __device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
-  hi = tf32_bits(x);
-  lo = tf32_bits(x - __uint_as_float(hi));
+  const float c = __fmul_rn(x, 8193.f);
+  const float h = __fsub_rn(c, __fsub_rn(c, x));
+  hi = __float_as_uint(h);
+  lo = (__float_as_uint(__fsub_rn(x, h)) + 0x1000u) & 0xffffe000u;
 }
 __device__ __forceinline__ void mma_tf32(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-// acc[p][nt] (p: hi·hi, hi·lo, lo·hi) += A (16 × 8, fragment a) · B (8 × 8·NT, fragments b[nt]). The three terms
-// go to separate accumulators: three independent mma chains instead of one three times as long.
+// acc[p][nt] (p: hi·hi, hi·lo, lo·hi) += A (16 × 8, fragment a, fp32: split here) · B (8 × 8·NT, fragments
+// already split: bh[nt] = the hi parts of (b0, b1), bl[nt] the lo parts). The three terms go to separate
+// accumulators: three independent mma chains instead of one three times as long.
 // X3 = false (measurement only, DS_GDR_CHUNK_TF32=1): plain TF32, one mma, the hi·hi term.
 template <int NT, bool X3 = true>
-__device__ __forceinline__ void mma3(float (&acc)[3][NT][4], const float (&a)[4], const float (&b)[NT][2]) {
-  if constexpr (!X3) {
-    uint32_t ah[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) ah[i] = tf32_bits(a[i]);
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) mma_tf32(acc[0][nt], ah, tf32_bits(b[nt][0]), tf32_bits(b[nt][1]));
-    return;
-  }
+__device__ __forceinline__ void mma3(float (&acc)[3][NT][4], const float (&a)[4], const uint2 (&bh)[NT],
+                                     const uint2 (&bl)[NT]) {
   uint32_t ah[4], al[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) split_tf32(a[i], ah[i], al[i]);
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
-    uint32_t bh0, bl0, bh1, bl1;
-    split_tf32(b[nt][0], bh0, bl0);
-    split_tf32(b[nt][1], bh1, bl1);
-    mma_tf32(acc[0][nt], ah, bh0, bh1);
-    mma_tf32(acc[1][nt], ah, bl0, bl1);
-    mma_tf32(acc[2][nt], al, bh0, bh1);
+    mma_tf32(acc[0][nt], ah, bh[nt].x, bh[nt].y);
+    if constexpr (X3) {
+      mma_tf32(acc[1][nt], ah, bl[nt].x, bl[nt].y);
+      mma_tf32(acc[2][nt], al, bh[nt].x, bh[nt].y);
+    }
   }
 }
 template <int NT>
 __device__ __forceinline__ float acc_sum(const float (&acc)[3][NT][4], int nt, int i) {
   return acc[0][nt][i] + (acc[1][nt][i] + acc[2][nt][i]);
+}
+
+// A B operand of ROWS (a multiple of 16) × 32 columns in shared memory, split: a hi plane then a lo plane, each
+// [ROWS/16][8][kNC] pairs, pair (q, g, n) = rows 16q + g and 16q + g + 8 of column n. The k dimension of the products
+// is walked permuted to match: k-step (q, h) takes, in lane (g, t), A columns (k) 16q + 4h + t and + 8 and B rows the
+// same, so the fragment pair (b0, b1) is one 8-byte load per plane (conflict-free per half-warp: kNC ≡ 4 mod 16),
+// and a warp's accumulator rows r, r + 8 (r = 16q + g, the C fragment layout) are stored as whole pairs.
+constexpr int kNC = 36;
+template <int ROWS>
+constexpr int bsplit_floats() { return 2 * ROWS * kNC; }
+// The pairs (b0, b1) of k-step (q, h), lane t, column n: hi and lo.
+template <int ROWS>
+__device__ __forceinline__ void ld_bsplit(const float* B, int q, int h, int t, int n, uint2& hi, uint2& lo) {
+  const int idx = 2 * ((q * 8 + 4 * h + t) * kNC + n);
+  hi = *reinterpret_cast<const uint2*>(B + idx);
+  lo = *reinterpret_cast<const uint2*>(B + ROWS * kNC + idx);
+}
+// The C fragment values v[0..3] = (r, c), (r, c + 1), (r + 8, c), (r + 8, c + 1), r = 16q + g, c even, split.
+template <int ROWS>
+__device__ __forceinline__ void st_bsplit(float* B, int r, int c, const float (&v)[4]) {
+  uint32_t h[4], l[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) split_tf32(v[i], h[i], l[i]);
+  const int idx = 2 * (((r >> 4) * 8 + (r & 7)) * kNC + c);
+  *reinterpret_cast<uint4*>(B + idx) = make_uint4(h[0], h[2], h[1], h[3]);
+  *reinterpret_cast<uint4*>(B + ROWS * kNC + idx) = make_uint4(l[0], l[2], l[1], l[3]);
+}
+// An activation element's stored bits (bf16 / fp16: 16 bits; fp32: 32), loaded ahead of its use, and its value.
+__device__ __forceinline__ uint32_t ld_raw(const void* p, int dt, int64_t i) {
+  if (dt == kF32) return __float_as_uint(static_cast<const float*>(p)[i]);
+  return static_cast<const uint16_t*>(p)[i];
+}
+__device__ __forceinline__ float raw_f32(uint32_t r, int dt) {
+  if (dt == kBF16) return __uint_as_float(r << 16);
+  if (dt == kF32) return __uint_as_float(r);
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(r)));
 }
 
 __device__ __forceinline__ void cp_async(void* smem, const void* gmem, int bytes, bool valid) {
@@ -72,6 +106,7 @@ __device__ __forceinline__ void cp_async(void* smem, const void* gmem, int bytes
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_but_newest() { asm volatile("cp.async.wait_group 1;\n" ::); }
 
 // Rows [0, n) of a chunk's K (or Q) rows of key head kh into shared memory [64][LK]; rows ≥ n zero-filled.
 template <int DK, int NTHR>
@@ -85,13 +120,18 @@ __device__ __forceinline__ void load_rows(float* dst, int LK, const float* src, 
 
 // ---- step 1: per (chunk, key head), everything that does not depend on the state ---------------------------------
 // KKᵀ and QKᵀ of the chunk once (fp32 on CUDA cores: warps 0–3 KKᵀ, 4–7 QKᵀ, each a 16-row tile × 64 columns,
-// kept in registers), then per value head of the key head: G (cumulative log-decay in the chunk) → Gc; P[i, :];
-// A → T = (I + A)⁻¹ by forward substitution (fp32) → Tb[i, :] = T[i, :]·diag(β), for the chunk's rows i < n.
-// Block: 256 threads; dynamic shared memory K, Q [64][DK+4], A, T [64][65].
+// kept in registers), then per pair of value heads of the key head: G (cumulative log-decay in the chunk) → Gc; P;
+// A; T = (I + A)⁻¹ (fp32, warps 0–3 the pair's first head, 4–7 its second) → Tb = T·diag(β), for the chunk's rows
+// i < n. The inverse by 16 × 16 blocks: each warp inverts one diagonal block by forward substitution (a warp-local
+// chain of 16 rows), then block row bi = 1..3 is T[bi, bj] = −D_bi·Σ_{bj ≤ bk < bi} A[bi, bk]·T[bk, bj], warp bj,
+// one block barrier per block row (the row-at-a-time substitution over 64 rows waited at a block barrier per row).
+// Block: 256 threads; dynamic shared memory K, Q [64][DK+4], reused once the products are in registers for A
+// [2][64][65] and T [2][64][68].
 template <int DK>
 struct PrepSmem {
-  static constexpr int LK = DK + 4;
-  static constexpr int K = 0, Q = K + 64 * LK, A = Q + 64 * LK, T = A + 64 * 65, total = T + 64 * 65;
+  static constexpr int LK = DK + 4, LA = 65, LT = 68;
+  static constexpr int K = 0, Q = K + 64 * LK, A = 0, T = A + 2 * 64 * LA;
+  static constexpr int total = 2 * 64 * LK > T + 2 * 64 * LT ? 2 * 64 * LK : T + 2 * 64 * LT;
   static constexpr size_t bytes = size_t(total) * sizeof(float);
 };
 template <int DK>
@@ -99,12 +139,10 @@ __global__ void __launch_bounds__(256, 2) k_gdr_chunk_prep(const float* qn, cons
                                                         const float* beta, int64_t Hk, int64_t Hv,
                                                         const int32_t* seqinfo, float* Gc, float* Tb, float* P) {
   using L = PrepSmem<DK>;
-  constexpr int LK = L::LK;
+  constexpr int LK = L::LK, LA = L::LA, LT = L::LT;
   extern __shared__ float4 smem4[];
   float* const sm = reinterpret_cast<float*>(smem4);
-  float* const As = sm + L::A;
-  float* const Ts = sm + L::T;
-  __shared__ float Gs[64], Bs[64];
+  __shared__ float Gs[2][64], Bs[2][64];
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, gq = lane >> 2, tq = lane & 3;
   const int s = blockIdx.z;
   const int64_t kh = blockIdx.y, c0 = int64_t(blockIdx.x) * kGdrChunk;
@@ -131,70 +169,134 @@ __global__ void __launch_bounds__(256, 2) k_gdr_chunk_prep(const float* qn, cons
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) dot[nt][i] = 0.f;
+    // Four k per step through 16-byte loads (a warp's A rows and B rows each hit 32 distinct banks): a quarter of
+    // the shared-memory instructions of one k per step, the same k order per sum.
+    auto fma4 = [](float& d, const float4& a, const float4& b, int e) {
+      d = fmaf(e == 0 ? a.x : e == 1 ? a.y : e == 2 ? a.z : a.w, e == 0 ? b.x : e == 1 ? b.y : e == 2 ? b.z : b.w, d);
+    };
 #pragma unroll 2
-    for (int k = 0; k < DK; ++k) {
-      const float alo = A[rlo * LK + k], ahi = A[rhi * LK + k];
+    for (int k = 0; k < DK; k += 4) {
+      const float4 alo = *reinterpret_cast<const float4*>(A + rlo * LK + k);
+      const float4 ahi = *reinterpret_cast<const float4*>(A + rhi * LK + k);
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) {
-        const float b0 = Bk[(nt * 8 + 2 * tq) * LK + k], b1 = Bk[(nt * 8 + 2 * tq + 1) * LK + k];
-        dot[nt][0] = fmaf(alo, b0, dot[nt][0]);
-        dot[nt][1] = fmaf(alo, b1, dot[nt][1]);
-        dot[nt][2] = fmaf(ahi, b0, dot[nt][2]);
-        dot[nt][3] = fmaf(ahi, b1, dot[nt][3]);
+        const float4 b0 = *reinterpret_cast<const float4*>(Bk + (nt * 8 + 2 * tq) * LK + k);
+        const float4 b1 = *reinterpret_cast<const float4*>(Bk + (nt * 8 + 2 * tq + 1) * LK + k);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          fma4(dot[nt][0], alo, b0, e);
+          fma4(dot[nt][1], alo, b1, e);
+          fma4(dot[nt][2], ahi, b0, e);
+          fma4(dot[nt][3], ahi, b1, e);
+        }
       }
     }
   }
-  const int64_t R = Hv / Hk;
-  for (int64_t j = kh * R; j < (kh + 1) * R; ++j) {
-    if (tid < 64) {  // β and the raw gates of the chunk, loaded in parallel
-      Bs[tid] = tid < n ? beta[(t0 + tid) * Hv + j] : 0.f;
-      Gs[tid] = tid < n ? g[(t0 + tid) * Hv + j] : 0.f;
+  const int64_t jend = (kh + 1) * (Hv / Hk);
+  const int hg = w >> 2, wl = w & 3;  // the pair's head this warp inverts for, its block (diagonal) / column
+  for (int64_t j0 = kh * (Hv / Hk); j0 < jend; j0 += 2) {
+    const int nh = jend - j0 >= 2 ? 2 : 1;
+    __syncthreads();  // K and Q (first pair) or the previous pair's A, T, G, β are no longer read
+    if (tid < 128 && (tid >> 6) < nh) {  // β and the raw gates of the chunk, loaded in parallel
+      const int hh = tid >> 6, i = tid & 63;
+      Bs[hh][i] = i < n ? beta[(t0 + i) * Hv + j0 + hh] : 0.f;
+      Gs[hh][i] = i < n ? g[(t0 + i) * Hv + j0 + hh] : 0.f;
     }
     __syncthreads();
-    // The cumulative sum, serial in the CPU reference's order, from shared memory (the form that read g from global
-    // memory inside the serial loop waited on 64 dependent-latency loads per value head).
-    if (tid == 0) {
+    // The cumulative sums, serial in the CPU reference's order (threads 0 and 64: one per head)
+    if ((tid & 63) == 0 && (tid >> 6) < nh) {
+      float* G = Gs[tid >> 6];
       float acc = 0.f;
-      for (int i = 0; i < 64; ++i) Gs[i] = i < n ? (acc += Gs[i]) : acc;
+      for (int i = 0; i < 64; ++i) G[i] = i < n ? (acc += G[i]) : acc;
     }
     __syncthreads();
-    if (tid < n) Gc[(t0 + tid) * Hv + j] = Gs[tid];
+    if (tid < 128 && (tid >> 6) < nh && (tid & 63) < n) Gc[(t0 + (tid & 63)) * Hv + j0 + (tid >> 6)] = Gs[tid >> 6][tid & 63];
     // A = β_i (k_i·k_j) e^{G_i−G_j} (j < i) into shared memory; P = (q_i·k_j) e^{G_i−G_j} (j ≤ i) to global
+    for (int hh = 0; hh < nh; ++hh) {
+      float* const As = sm + L::A + hh * 64 * LA;
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
+      for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int i = h ? rhi : rlo, c = nt * 8 + 2 * tq;
-        float v[2];
+        for (int h = 0; h < 2; ++h) {
+          const int i = h ? rhi : rlo, c = nt * 8 + 2 * tq;
+          float v[2];
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int jj = c + e;
-          const float dec = i < n && jj <= i ? expf(Gs[i] - Gs[jj]) : 0.f;
-          v[e] = w < 4 ? (jj < i ? Bs[i] * dot[nt][2 * h + e] * dec : 0.f) : dot[nt][2 * h + e] * dec;
+          for (int e = 0; e < 2; ++e) {
+            const int jj = c + e;
+            const float dec = i < n && jj <= i ? expf(Gs[hh][i] - Gs[hh][jj]) : 0.f;
+            v[e] = w < 4 ? (jj < i ? Bs[hh][i] * dot[nt][2 * h + e] * dec : 0.f) : dot[nt][2 * h + e] * dec;
+          }
+          if (w < 4) {
+            As[i * LA + c] = v[0];
+            As[i * LA + c + 1] = v[1];
+          } else if (i < n) {
+            *reinterpret_cast<float2*>(P + ((t0 + i) * Hv + j0 + hh) * kGdrChunk + c) = make_float2(v[0], v[1]);
+          }
         }
-        if (w < 4) {
-          As[i * 65 + c] = v[0];
-          As[i * 65 + c + 1] = v[1];
-        } else if (i < n) {
-          *reinterpret_cast<float2*>(P + ((t0 + i) * Hv + j) * kGdrChunk + c) = make_float2(v[0], v[1]);
-        }
-      }
+    }
     __syncthreads();
-    // T = (I + A)⁻¹, one row at a time: T[i, c] = δ_ic − Σ_{c ≤ m < i} A[i, m] T[m, c]; four lanes per column c.
-    const int col = tid >> 2, part = tid & 3;
-    for (int i = 0; i < n; ++i) {
-      float sum = 0.f;
-      for (int m = col + part; m < i; m += 4) sum += As[i * 65 + m] * Ts[m * 65 + col];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      if (part == 0) Ts[i * 65 + col] = col == i ? 1.f : (col < i ? -sum : 0.f);
-      __syncthreads();
+    const float* const As = sm + L::A + hg * 64 * LA;
+    float* const Ts = sm + L::T + hg * 64 * LT;
+    // Diagonal block wl: D = (I + A_bb)⁻¹, T[i, c] = δ_ic − Σ_{c ≤ m < i} A[i, m] T[m, c]; two lanes per column.
+    if (hg < nh) {
+      const int c = lane & 15, part = lane >> 4, b = 16 * wl;
+      for (int i = 0; i < 16; ++i) {
+        float sum = 0.f;
+        for (int m = c + part; m < i; m += 2) sum += As[(b + i) * LA + b + m] * Ts[(b + m) * LT + b + c];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 16);
+        if (part == 0) Ts[(b + i) * LT + b + c] = c == i ? 1.f : (c < i ? -sum : 0.f);
+        __syncwarp();
+      }
     }
-    for (int idx = tid; idx < n * 64; idx += 256) {
-      const int i = idx >> 6, c = idx & 63;
-      Tb[((t0 + i) * Hv + j) * kGdrChunk + c] = Ts[i * 65 + c] * Bs[c];
+    // Block rows 1..3: warp bj < bi computes X = Σ_k A[bi, bk]·T[bk, bj] into T's block (bj, bi) above the diagonal
+    // (scratch: never part of the result), then T[bi, bj] = −D_bi·X. Lane: row rr, columns 8·ch..8·ch + 7.
+    for (int bi = 1; bi < 4; ++bi) {
+      __syncthreads();  // T's block rows < bi are final
+      if (hg < nh && wl < bi) {
+        const int bj = wl, rr = lane & 15, ch = lane >> 4;
+        float x[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) x[e] = 0.f;
+        for (int bk = bj; bk < bi; ++bk)
+#pragma unroll 4
+          for (int m = 0; m < 16; ++m) {
+            const float a = As[(16 * bi + rr) * LA + 16 * bk + m];
+            const float* tr = Ts + (16 * bk + m) * LT + 16 * bj + 8 * ch;
+            const float4 u = *reinterpret_cast<const float4*>(tr), v = *reinterpret_cast<const float4*>(tr + 4);
+            x[0] = fmaf(a, u.x, x[0]), x[1] = fmaf(a, u.y, x[1]), x[2] = fmaf(a, u.z, x[2]), x[3] = fmaf(a, u.w, x[3]);
+            x[4] = fmaf(a, v.x, x[4]), x[5] = fmaf(a, v.y, x[5]), x[6] = fmaf(a, v.z, x[6]), x[7] = fmaf(a, v.w, x[7]);
+          }
+        float* const X = Ts + 16 * bi + 8 * ch;  // + (16·bj + row)·LT
+        *reinterpret_cast<float4*>(X + (16 * bj + rr) * LT) = make_float4(x[0], x[1], x[2], x[3]);
+        *reinterpret_cast<float4*>(X + (16 * bj + rr) * LT + 4) = make_float4(x[4], x[5], x[6], x[7]);
+        __syncwarp();
+        float y[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) y[e] = 0.f;
+#pragma unroll 4
+        for (int m = 0; m < 16; ++m) {  // D_bi's entries above its diagonal are 0
+          const float d = Ts[(16 * bi + rr) * LT + 16 * bi + m];
+          const float* xr = X + (16 * bj + m) * LT;
+          const float4 u = *reinterpret_cast<const float4*>(xr), v = *reinterpret_cast<const float4*>(xr + 4);
+          y[0] = fmaf(d, u.x, y[0]), y[1] = fmaf(d, u.y, y[1]), y[2] = fmaf(d, u.z, y[2]), y[3] = fmaf(d, u.w, y[3]);
+          y[4] = fmaf(d, v.x, y[4]), y[5] = fmaf(d, v.y, y[5]), y[6] = fmaf(d, v.z, y[6]), y[7] = fmaf(d, v.w, y[7]);
+        }
+        float* const Tr = Ts + (16 * bi + rr) * LT + 16 * bj + 8 * ch;
+        *reinterpret_cast<float4*>(Tr) = make_float4(-y[0], -y[1], -y[2], -y[3]);
+        *reinterpret_cast<float4*>(Tr + 4) = make_float4(-y[4], -y[5], -y[6], -y[7]);
+      }
     }
-    __syncthreads();  // Bs, Gs, A and T are rewritten for the next value head
+    __syncthreads();
+    // Tb rows i < n: T[i, c]·β_c for c ≤ i, 0 above the diagonal (T's blocks there held scratch)
+    for (int idx = tid; idx < nh * 64 * 16; idx += 256) {
+      const int hh = idx >> 10, i = (idx >> 4) & 63, c = 4 * (idx & 15);
+      if (i < n) {
+        const float4 t = *reinterpret_cast<const float4*>(sm + L::T + hh * 64 * LT + i * LT + c);
+        const float4 v = make_float4(c <= i ? t.x * Bs[hh][c] : 0.f, c + 1 <= i ? t.y * Bs[hh][c + 1] : 0.f,
+                                     c + 2 <= i ? t.z * Bs[hh][c + 2] : 0.f, c + 3 <= i ? t.w * Bs[hh][c + 3] : 0.f);
+        *reinterpret_cast<float4*>(Tb + ((t0 + i) * Hv + j0 + hh) * kGdrChunk + c) = v;
+      }
+    }
   }
 }
 
@@ -203,18 +305,21 @@ __global__ void __launch_bounds__(256, 2) k_gdr_chunk_prep(const float* qn, cons
 // (1) rt < 4: X = e^G⊙(K·S) → R = V − X (chunk rows 16·rt..), rt ≥ 4: O = e^G⊙(Q·S) (rows 16·(rt−4)..) kept in
 // registers; (2) V' = Tb·R (each warp one 16 × 8 tile); (3) rt ≥ 4: O += P·V', stored; (4) S ← e^{G_c}·S +
 // Kᵀ·(e^{G_c−G}⊙V') (warp rt < DK/16 owns state rows 16·rt.. of its column half, in registers across chunks).
-// S, R and V' meet in shared memory. Everything that does not depend on the state (K, Q, Tb, P, G of the chunk)
-// is in shared memory before the chunk starts: the next chunk's copies (cp.async) are issued after product (1) and
-// land during (2)–(4); K, Tb, P and G are double-buffered (read until (4)), Q single (read in (1) only).
-constexpr int kLD = 40;  // S, R, V' row stride: B-fragment loads (row t, column g) hit 32 distinct banks
-constexpr int kLT = 68;  // Tb, P row stride: A-fragment loads (row g, column t) hit 32 distinct banks
+// S, R and V' meet in shared memory, where they are the products' B operands: each is stored already split into
+// tf32 (hi, lo) planes by the warp that computes it (split once, instead of once per warp that reads it; layout:
+// st_bsplit). Everything that does not depend on the state (K, Q, Tb, P, G of the chunk) is in shared memory before
+// its product: the next chunk's K, Q, Tb and G (cp.async) are issued after product (1) and land during (2)–(4) (K,
+// Tb, G double-buffered, Q single: read in (1) only); P, single-buffered for room, is issued when the chunk starts
+// and waited for before (3); the next chunk's values V go to registers after (1).
+constexpr int kLT = 68;  // Tb, P row stride: A-fragment loads (row g, column 4h + t) hit 32 distinct banks
 constexpr int kStateThreads = 512;
 
 template <int DK>
 struct StateSmem {
   static constexpr int LK = DK + 4;  // K, Q row stride (A-fragment loads conflict-free)
-  static constexpr int S = 0, R = S + DK * kLD, V = R + 64 * kLD, K = V + 64 * kLD, Q = K + 2 * 64 * LK,
-                       Tb = Q + 64 * LK, P = Tb + 2 * 64 * kLT, G = P + 2 * 64 * kLT, total = G + 2 * 64;
+  static constexpr int S = 0, R = S + bsplit_floats<DK>(), V = R + bsplit_floats<64>(), K = V + bsplit_floats<64>(),
+                       Q = K + 2 * 64 * LK, Tb = Q + 64 * LK, P = Tb + 2 * 64 * kLT, G = P + 64 * kLT,
+                       total = G + 2 * 64;
   static constexpr size_t bytes = size_t(total) * sizeof(float);
 };
 
@@ -238,7 +343,7 @@ __global__ void __launch_bounds__(kStateThreads, 1)
   const int64_t qs = seqinfo[s * 4 + 0], ql = seqinfo[s * 4 + 1], slot = seqinfo[s * 4 + 3];
   if (ql < kGdrChunkMin) return;
   const int64_t kh = j / (Hv / Hk);
-  // Chunk c's K, Tb, P, G into buffer c & 1 (Q: one buffer); rows past the sequence are zero-filled.
+  // Chunk c's K, Q, Tb, G into buffer c & 1 (Q: one buffer); its P (one buffer); rows past the sequence zero-filled.
   auto prefetch = [&](int64_t c0, int buf) {
     const int n = int(ql - c0 < kGdrChunk ? ql - c0 : kGdrChunk);
     const int64_t t0 = qs + c0;
@@ -248,12 +353,40 @@ __global__ void __launch_bounds__(kStateThreads, 1)
       const int r = idx >> 4, c4 = 4 * (idx & 15);
       const int64_t off = ((t0 + (r < n ? r : 0)) * Hv + j) * kGdrChunk + c4;
       cp_async(sm + L::Tb + (buf * 64 + r) * kLT + c4, Tb + off, 16, r < n);
-      cp_async(sm + L::P + (buf * 64 + r) * kLT + c4, P + off, 16, r < n);
     }
     if (tid < 64) cp_async(sm + L::G + buf * 64 + tid, Gc + (t0 + (tid < n ? tid : 0)) * Hv + j, 4, tid < n);
     cp_async_commit();
   };
+  auto load_p = [&](int64_t c0) {
+    const int n = int(ql - c0 < kGdrChunk ? ql - c0 : kGdrChunk);
+    const int64_t t0 = qs + c0;
+    for (int idx = tid; idx < 64 * 16; idx += kStateThreads) {
+      const int r = idx >> 4, c4 = 4 * (idx & 15);
+      const int64_t off = ((t0 + (r < n ? r : 0)) * Hv + j) * kGdrChunk + c4;
+      cp_async(sm + L::P + r * kLT + c4, P + off, 16, r < n);
+    }
+    cp_async_commit();
+  };
+  const int rlo = 16 * (w & 3) + gq, rhi = rlo + 8;  // chunk rows of this warp's tile in (1)–(3)
+  // Chunk c's values (rt < 4: rows rlo, rhi, this warp's 16 columns) as stored, zero past the sequence.
+  uint32_t vraw[2][4];
+  auto load_v = [&](int64_t c0) {
+    const int n = int(ql - c0 < kGdrChunk ? ql - c0 : kGdrChunk);
+    const int64_t t0 = qs + c0;
+    const bool vlo = rlo < n, vhi = rhi < n;
+    const int64_t vlo_off = (t0 + (vlo ? rlo : 0)) * C + 2 * Hk * DK + j * Dv + x0;
+    const int64_t vhi_off = (t0 + (vhi ? rhi : 0)) * C + 2 * Hk * DK + j * Dv + x0;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      const int c = (2 * hf + nt) * 8 + 2 * tq;
+      vraw[nt][0] = vlo ? ld_raw(qkv, qdt, vlo_off + c) : 0u;
+      vraw[nt][1] = vlo ? ld_raw(qkv, qdt, vlo_off + c + 1) : 0u;
+      vraw[nt][2] = vhi ? ld_raw(qkv, qdt, vhi_off + c) : 0u;
+      vraw[nt][3] = vhi ? ld_raw(qkv, qdt, vhi_off + c + 1) : 0u;
+    }
+  };
   prefetch(0, 0);
+  if (rt < 4) load_v(0);
   float* S = ssm + (slot * Hv + j) * DK * Dv + x0;
   const bool own = rt < DK / 16;
   const int sr = 16 * rt + gq;  // this lane's state rows sr, sr + 8
@@ -266,35 +399,18 @@ __global__ void __launch_bounds__(kStateThreads, 1)
       sacc[nt][1] = S[int64_t(sr) * Dv + c + 1];
       sacc[nt][2] = S[int64_t(sr + 8) * Dv + c];
       sacc[nt][3] = S[int64_t(sr + 8) * Dv + c + 1];
-      Ss[sr * kLD + c] = sacc[nt][0];
-      Ss[sr * kLD + c + 1] = sacc[nt][1];
-      Ss[(sr + 8) * kLD + c] = sacc[nt][2];
-      Ss[(sr + 8) * kLD + c + 1] = sacc[nt][3];
+      st_bsplit<DK>(Ss, sr, c, sacc[nt]);
     }
   }
-  const int rlo = 16 * (w & 3) + gq, rhi = rlo + 8;  // chunk rows of this warp's tile in (1)–(3)
   float oacc[2][4];
   int buf = 0;
   for (int64_t c0 = 0; c0 < ql; c0 += kGdrChunk, buf ^= 1) {
     const int n = int(ql - c0 < kGdrChunk ? ql - c0 : kGdrChunk);
     const int64_t t0 = qs + c0;
-    const bool vlo = rlo < n, vhi = rhi < n;
-    // this chunk's values (rt < 4), in flight during the waits and product (1)
-    float vv[2][4];
-    if (rt < 4) {
-      const int64_t vlo_off = (t0 + (vlo ? rlo : 0)) * C + 2 * Hk * DK + j * Dv + x0;
-      const int64_t vhi_off = (t0 + (vhi ? rhi : 0)) * C + 2 * Hk * DK + j * Dv + x0;
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-        const int c = (2 * hf + nt) * 8 + 2 * tq;
-        vv[nt][0] = vlo ? ldf(qkv, qdt, vlo_off + c) : 0.f;
-        vv[nt][1] = vlo ? ldf(qkv, qdt, vlo_off + c + 1) : 0.f;
-        vv[nt][2] = vhi ? ldf(qkv, qdt, vhi_off + c) : 0.f;
-        vv[nt][3] = vhi ? ldf(qkv, qdt, vhi_off + c + 1) : 0.f;
-      }
-    }
+    const bool vlo = rlo < n, vhi = rhi < n, next = c0 + kGdrChunk < ql;
     cp_async_wait_all();
-    __syncthreads();  // the chunk's copies are visible; the previous chunk is done with eg, er
+    __syncthreads();  // the chunk's copies are visible; the previous chunk is done with P, eg, er
+    load_p(c0);
     const float* Gs = sm + L::G + buf * 64;
     const float gl = Gs[n - 1];
     if (tid < 64) {
@@ -306,28 +422,28 @@ __global__ void __launch_bounds__(kStateThreads, 1)
     {
       const float* A = rt < 4 ? sm + L::K + buf * 64 * LK : sm + L::Q;
       float acc[3][2][4] = {};
-#pragma unroll 8
-      for (int k0 = 0; k0 < DK; k0 += 8) {
-        const float a[4] = {A[rlo * LK + k0 + tq], A[rhi * LK + k0 + tq], A[rlo * LK + k0 + tq + 4],
-                            A[rhi * LK + k0 + tq + 4]};
-        float b[2][2];
+#pragma unroll 4
+      for (int q = 0; q < DK / 16; ++q)
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-          b[nt][0] = Ss[(k0 + tq) * kLD + (2 * hf + nt) * 8 + gq];
-          b[nt][1] = Ss[(k0 + tq + 4) * kLD + (2 * hf + nt) * 8 + gq];
+        for (int h = 0; h < 2; ++h) {
+          const int k0 = 16 * q + 4 * h + tq, k1 = k0 + 8;
+          const float a[4] = {A[rlo * LK + k0], A[rhi * LK + k0], A[rlo * LK + k1], A[rhi * LK + k1]};
+          uint2 bh[2], bl[2];
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) ld_bsplit<DK>(Ss, q, h, tq, (2 * hf + nt) * 8 + gq, bh[nt], bl[nt]);
+          mma3<2, X3>(acc, a, bh, bl);
         }
-        mma3<2, X3>(acc, a, b);
-      }
       const float elo = eg[rlo], ehi = eg[rhi];
       if (rt < 4) {
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
-          const int c = (2 * hf + nt) * 8 + 2 * tq;
-          Rs[rlo * kLD + c] = vlo ? vv[nt][0] - elo * acc_sum(acc, nt, 0) : 0.f;
-          Rs[rlo * kLD + c + 1] = vlo ? vv[nt][1] - elo * acc_sum(acc, nt, 1) : 0.f;
-          Rs[rhi * kLD + c] = vhi ? vv[nt][2] - ehi * acc_sum(acc, nt, 2) : 0.f;
-          Rs[rhi * kLD + c + 1] = vhi ? vv[nt][3] - ehi * acc_sum(acc, nt, 3) : 0.f;
+          const float r[4] = {vlo ? raw_f32(vraw[nt][0], qdt) - elo * acc_sum(acc, nt, 0) : 0.f,
+                              vlo ? raw_f32(vraw[nt][1], qdt) - elo * acc_sum(acc, nt, 1) : 0.f,
+                              vhi ? raw_f32(vraw[nt][2], qdt) - ehi * acc_sum(acc, nt, 2) : 0.f,
+                              vhi ? raw_f32(vraw[nt][3], qdt) - ehi * acc_sum(acc, nt, 3) : 0.f};
+          st_bsplit<64>(Rs, rlo, (2 * hf + nt) * 8 + 2 * tq, r);
         }
+        if (next) load_v(c0 + kGdrChunk);  // in flight until the next chunk's (1)
       } else {
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
@@ -338,47 +454,48 @@ __global__ void __launch_bounds__(kStateThreads, 1)
         }
       }
     }
-    __syncthreads();  // R complete; Q and the other K, Tb, P, G buffers are free
-    if (c0 + kGdrChunk < ql) prefetch(c0 + kGdrChunk, buf ^ 1);
+    __syncthreads();  // R complete; Q and the other K, Tb, G buffers are free
+    if (next) prefetch(c0 + kGdrChunk, buf ^ 1);
     // (2) V' = Tb · R: warp w computes rows 16·(w & 3).., column tile w >> 2
     {
       const int ct = w >> 2;
       const float* A = sm + L::Tb + buf * 64 * kLT;
       float acc[3][1][4] = {};
 #pragma unroll
-      for (int k0 = 0; k0 < kGdrChunk; k0 += 8) {
-        const float a[4] = {A[rlo * kLT + k0 + tq], A[rhi * kLT + k0 + tq], A[rlo * kLT + k0 + tq + 4],
-                            A[rhi * kLT + k0 + tq + 4]};
-        const float b[1][2] = {{Rs[(k0 + tq) * kLD + ct * 8 + gq], Rs[(k0 + tq + 4) * kLD + ct * 8 + gq]}};
-        mma3<1, X3>(acc, a, b);
-      }
-      const int c = ct * 8 + 2 * tq;
-      Vs[rlo * kLD + c] = acc_sum(acc, 0, 0);
-      Vs[rlo * kLD + c + 1] = acc_sum(acc, 0, 1);
-      Vs[rhi * kLD + c] = acc_sum(acc, 0, 2);
-      Vs[rhi * kLD + c + 1] = acc_sum(acc, 0, 3);
+      for (int q = 0; q < 4; ++q)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int k0 = 16 * q + 4 * h + tq, k1 = k0 + 8;
+          const float a[4] = {A[rlo * kLT + k0], A[rhi * kLT + k0], A[rlo * kLT + k1], A[rhi * kLT + k1]};
+          uint2 bh[1], bl[1];
+          ld_bsplit<64>(Rs, q, h, tq, ct * 8 + gq, bh[0], bl[0]);
+          mma3<1, X3>(acc, a, bh, bl);
+        }
+      const float v[4] = {acc_sum(acc, 0, 0), acc_sum(acc, 0, 1), acc_sum(acc, 0, 2), acc_sum(acc, 0, 3)};
+      st_bsplit<64>(Vs, rlo, ct * 8 + 2 * tq, v);
     }
-    __syncthreads();
+    if (next) cp_async_wait_but_newest();  // this chunk's P (the next chunk's copies may still be in flight)
+    else cp_async_wait_all();
+    __syncthreads();  // V' complete, P visible
     // (3) O += P · V' (rt ≥ 4), stored
     if (rt >= 4) {
-      const float* A = sm + L::P + buf * 64 * kLT;
+      const float* A = sm + L::P;
       float acc[3][2][4] = {};
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[0][nt][i] = oacc[nt][i];
 #pragma unroll
-      for (int k0 = 0; k0 < kGdrChunk; k0 += 8) {
-        const float a[4] = {A[rlo * kLT + k0 + tq], A[rhi * kLT + k0 + tq], A[rlo * kLT + k0 + tq + 4],
-                            A[rhi * kLT + k0 + tq + 4]};
-        float b[2][2];
+      for (int q = 0; q < 4; ++q)
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-          b[nt][0] = Vs[(k0 + tq) * kLD + (2 * hf + nt) * 8 + gq];
-          b[nt][1] = Vs[(k0 + tq + 4) * kLD + (2 * hf + nt) * 8 + gq];
+        for (int h = 0; h < 2; ++h) {
+          const int k0 = 16 * q + 4 * h + tq, k1 = k0 + 8;
+          const float a[4] = {A[rlo * kLT + k0], A[rhi * kLT + k0], A[rlo * kLT + k1], A[rhi * kLT + k1]};
+          uint2 bh[2], bl[2];
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) ld_bsplit<64>(Vs, q, h, tq, (2 * hf + nt) * 8 + gq, bh[nt], bl[nt]);
+          mma3<2, X3>(acc, a, bh, bl);
         }
-        mma3<2, X3>(acc, a, b);
-      }
       const int64_t olo = ((t0 + rlo) * Hv + j) * Dv + x0, ohi = ((t0 + rhi) * Hv + j) * Dv + x0;
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
@@ -403,27 +520,22 @@ __global__ void __launch_bounds__(kStateThreads, 1)
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[0][nt][i] = sacc[nt][i] * egc;
 #pragma unroll
-      for (int k0 = 0; k0 < kGdrChunk; k0 += 8) {
-        const int m0 = k0 + tq, m1 = m0 + 4;
-        const float f0 = er[m0], f1 = er[m1];  // zero past the chunk's last row
-        const float a[4] = {Kc[m0 * LK] * f0, Kc[m0 * LK + 8] * f0, Kc[m1 * LK] * f1, Kc[m1 * LK + 8] * f1};
-        float b[2][2];
+      for (int q = 0; q < 4; ++q)
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-          b[nt][0] = Vs[(k0 + tq) * kLD + (2 * hf + nt) * 8 + gq];
-          b[nt][1] = Vs[(k0 + tq + 4) * kLD + (2 * hf + nt) * 8 + gq];
+        for (int h = 0; h < 2; ++h) {
+          const int m0 = 16 * q + 4 * h + tq, m1 = m0 + 8;
+          const float f0 = er[m0], f1 = er[m1];  // zero past the chunk's last row
+          const float a[4] = {Kc[m0 * LK] * f0, Kc[m0 * LK + 8] * f0, Kc[m1 * LK] * f1, Kc[m1 * LK + 8] * f1};
+          uint2 bh[2], bl[2];
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) ld_bsplit<64>(Vs, q, h, tq, (2 * hf + nt) * 8 + gq, bh[nt], bl[nt]);
+          mma3<2, X3>(acc, a, bh, bl);
         }
-        mma3<2, X3>(acc, a, b);
-      }
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
-        const int c = (2 * hf + nt) * 8 + 2 * tq;
 #pragma unroll
         for (int i = 0; i < 4; ++i) sacc[nt][i] = acc_sum(acc, nt, i);
-        Ss[sr * kLD + c] = sacc[nt][0];
-        Ss[sr * kLD + c + 1] = sacc[nt][1];
-        Ss[(sr + 8) * kLD + c] = sacc[nt][2];
-        Ss[(sr + 8) * kLD + c + 1] = sacc[nt][3];
+        st_bsplit<DK>(Ss, sr, (2 * hf + nt) * 8 + 2 * tq, sacc[nt]);
       }
     }
   }

@@ -138,6 +138,23 @@ TEST_F(CudaGdr, ChunkedVsCpu) {
       }
 }
 
+// Value heads per key head other than 2 (the prep kernel takes a key head's value heads two at a time: one head
+// alone in the last pair when the ratio is odd): ratios 1, 3 and 4, both head dims, partial and whole chunks.
+TEST_F(CudaGdr, ChunkedHeadRatios) {
+  Both B;
+  for (auto c : {Cfg{4, 4, 64, 64}, Cfg{2, 6, 128, 128}, Cfg{1, 4, 128, 128}, Cfg{2, 6, 64, 64}})
+    for (const std::vector<int64_t>& lens : std::vector<std::vector<int64_t>>{{64}, {150}, {333, 1, 70}}) {
+      Result r = run_case(B, c, lens, {130, 1, 1}, true, false, DType::F32, 900 + lens[0]);
+      char tag[200];
+      std::snprintf(tag, sizeof tag, "Hk=%lld Hv=%lld D=%lld lens:%s", (long long)c.Hk, (long long)c.Hv,
+                    (long long)c.Dk, lens_str(lens).c_str());
+      std::printf("  %-62s out %.3g  out2 %.3g  state %.3g\n", tag, r.out1, r.out2, r.state);
+      EXPECT_LT(r.out1, kTolF32) << tag;
+      EXPECT_LT(r.out2, kTolF32) << tag;
+      EXPECT_LT(r.state, kTolF32) << tag;
+    }
+}
+
 // Batches mixing decode rows, short chunks and long chunks; correlated keys; bf16 outputs as the model uses them.
 TEST_F(CudaGdr, MixedBatches) {
   Both B;

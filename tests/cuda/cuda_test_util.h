@@ -51,6 +51,27 @@ inline std::vector<float> randn(size_t n, float scale, uint64_t seed, float mean
   return v;
 }
 
+// Sets an environment variable for a scope (kernel choices read on every call).
+struct ScopedEnv {
+  std::string name, old;
+  bool had;
+  ScopedEnv(const char* n, const char* v) : name(n) {
+    const char* o = std::getenv(n);
+    had = o != nullptr;
+    if (had) old = o;
+    if (v)
+      setenv(n, v, 1);
+    else
+      unsetenv(n);
+  }
+  ~ScopedEnv() {
+    if (had)
+      setenv(name.c_str(), old.c_str(), 1);
+    else
+      unsetenv(name.c_str());
+  }
+};
+
 struct Pair {
   Tensor c, g;  // CPU (fp32) and CUDA
 };

@@ -24,26 +24,7 @@ using test::randn;
 
 constexpr double kTol = 1e-2;
 
-// Sets an environment variable for a scope (the int4 kernel choice is read on every call).
-struct ScopedEnv {
-  std::string name, old;
-  bool had;
-  ScopedEnv(const char* n, const char* v) : name(n) {
-    const char* o = std::getenv(n);
-    had = o != nullptr;
-    if (had) old = o;
-    if (v)
-      setenv(n, v, 1);
-    else
-      unsetenv(n);
-  }
-  ~ScopedEnv() {
-    if (had)
-      setenv(name.c_str(), old.c_str(), 1);
-    else
-      unsetenv(name.c_str());
-  }
-};
+using test::ScopedEnv;
 
 // A weight [N, K] of the linear tests and what it stands for.
 struct LinearShape {
@@ -783,6 +764,17 @@ TEST_F(CudaOps, DeltaNet) {
       for (auto l : lens) tag += " " + std::to_string(l);
       REPORT("conv1d out" + tag, B.err(qkv));
       REPORT("conv1d state" + tag, B.err(conv));
+      {  // the prefill conv's per-token loop (DS_CUDA_NO_CONV_SLIDE=1) from the same state: the same bits
+        StateLayer s2 = sg;
+        s2.conv = B.gpu->upload_f32(conv0, {S, C, Kc - 1}, DType::F32);
+        Tensor q2 = B.gpu->alloc(DType::BF16, {T, C});
+        {
+          ScopedEnv loop("DS_CUDA_NO_CONV_SLIDE", "1");
+          B.gpu->conv1d_causal(mixed.g, cw.g, s2, b, q2);
+        }
+        EXPECT_EQ(B.gpu->to_host_f32(qkv.g), B.gpu->to_host_f32(q2)) << "conv out, sliding vs per-token" << tag;
+        EXPECT_EQ(B.gpu->to_host_f32(conv.g), B.gpu->to_host_f32(s2.conv)) << "conv state, sliding vs per-token" << tag;
+      }
       // the delta rule on identical (bf16) inputs: take the CPU conv output rounded to bf16 for both
       std::vector<float> qv = B.cpu->to_host_f32(qkv.c);
       for (auto& x : qv) x = bf16_to_f32(f32_to_bf16(x));

@@ -669,7 +669,8 @@ __global__ void k_conv1d_tokens(const void* mixed, int mdt, const float* weight,
 // The same for bf16 in and out with C % 8 == 0: one thread per (8 channels, kConvTT consecutive tokens), its 8 × KC
 // taps in registers (loaded once), 16-byte activation loads and stores (the scalar form above spends its time on
 // per-element dtype switches and re-reading the taps). Each channel's taps are added in the same order as above,
-// so the bits are the same.
+// so the bits are the same. A full tile inside one sequence loads each input row once per 8-token pass (the sliding
+// window) instead of once per window it is in (CudaOps.DeltaNet compares both forms bit for bit).
 constexpr int kConvTT = 16;
 template <int KC>
 __global__ void __launch_bounds__(128) k_conv1d_tokens8(const __nv_bfloat16* __restrict__ mixed,
@@ -677,7 +678,8 @@ __global__ void __launch_bounds__(128) k_conv1d_tokens8(const __nv_bfloat16* __r
                                                         const float* __restrict__ conv_state,
                                                         const int32_t* __restrict__ seq_of,
                                                         const int32_t* __restrict__ seqinfo, int64_t C, int64_t T,
-                                                        __nv_bfloat16* __restrict__ out, int64_t min_ql) {
+                                                        __nv_bfloat16* __restrict__ out, int64_t min_ql,
+                                                        bool env_off_sliding) {
   const int64_t c8 = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) * 8, t0 = int64_t(blockIdx.y) * kConvTT;
   if (c8 >= C) return;
   float wv[8][KC];
@@ -691,6 +693,53 @@ __global__ void __launch_bounds__(128) k_conv1d_tokens8(const __nv_bfloat16* __r
   const int s0 = seq_of[t0];
   const int64_t qs0 = seqinfo[s0 * 4 + 0], ql0 = seqinfo[s0 * 4 + 1], slot0 = seqinfo[s0 * 4 + 3];
   const bool one = qs0 <= t0 && t1 <= qs0 + ql0;  // every token of the thread inside sequence s0's rows
+  // The usual case (a full run of kConvTT tokens inside one long sequence): every input row the thread's windows
+  // touch loaded once, all loads issued before the first use (the loop below re-loads a row for each of the KC
+  // windows it is in, one token at a time). The same products in the same order: the same bits.
+  if (one && t1 - t0 == kConvTT && ql0 >= min_ql && !env_off_sliding) {
+    constexpr int kHalf = kConvTT / 2;  // tokens per pass: its rows' loads all in flight, registers bounded
+#pragma unroll 1
+    for (int64_t tb = t0; tb < t1; tb += kHalf) {
+      const int64_t i0 = tb - qs0;
+      uint4 rows[kHalf + KC - 1];
+#pragma unroll
+      for (int r = 0; r < kHalf + KC - 1; ++r)
+        if (i0 - (KC - 1) + r >= 0)
+          rows[r] = *reinterpret_cast<const uint4*>(mixed + (qs0 + i0 - (KC - 1) + r) * C + c8);
+#pragma unroll
+      for (int tt = 0; tt < kHalf; ++tt) {
+        float acc[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] = 0.f;
+#pragma unroll
+        for (int j = 0; j < KC; ++j) {
+          const int r = tt + j;
+          const int64_t jj = i0 - (KC - 1) + r;
+          float in[8];
+          if (jj >= 0) {
+            const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&rows[r]);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const float2 f = __bfloat1622float2(h[e]);
+              in[2 * e] = f.x, in[2 * e + 1] = f.y;
+            }
+          } else {  // before the sequence's first token: the state's window (only a sequence's first pass)
+            const float* st = conv_state + (slot0 * C + c8) * (KC - 1) + (KC - 1) + jj;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) in[e] = st[e * (KC - 1)];
+          }
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[e] += wv[e][j] * in[e];
+        }
+        uint4 u;
+        __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) h[e] = __floats2bfloat162_rn(silu_f(acc[2 * e]), silu_f(acc[2 * e + 1]));
+        *reinterpret_cast<uint4*>(out + (tb + tt) * C + c8) = u;
+      }
+    }
+    return;
+  }
   for (int64_t t = t0; t < t1; ++t) {
     const int s = one ? s0 : seq_of[t];
     const int64_t qs = one ? qs0 : seqinfo[s * 4 + 0], ql = one ? ql0 : seqinfo[s * 4 + 1],
@@ -2212,6 +2261,9 @@ class CudaBackend final : public Backend {
     // Prefill-sized chunks with bf16 activations: 8 channels per thread (k_conv1d_tokens8, same bits).
     const bool vec = mixed.dtype == DType::BF16 && out.dtype == DType::BF16 && C % 8 == 0 &&
                      !env_flag("DS_CUDA_NO_CONV_VEC");
+    // DS_CUDA_NO_CONV_SLIDE=1: k_conv1d_tokens8's per-token loop for every tile (same bits; the sliding window saves
+    // ~7 ms of a 32k prefill, docs/perf.md session 32).
+    const bool no_slide = env_flag("DS_CUDA_NO_CONV_SLIDE");
 #define DS_CONV(KC)                                                                                               \
   case KC:                                                                                                        \
     if (decode) {                                                                                                 \
@@ -2220,7 +2272,7 @@ class CudaBackend final : public Backend {
     } else if (vec) {                                                                                             \
       k_conv1d_tokens8<KC><<<vgrid, 128, 0, stream_>>>(mixed.ptr<__nv_bfloat16>(), weight.ptr<float>(),           \
                                                        st.conv.ptr<float>(), d.seq_of, d.seqinfo, C, T,           \
-                                                       out.ptr<__nv_bfloat16>(), min_ql);                         \
+                                                       out.ptr<__nv_bfloat16>(), min_ql, no_slide);               \
       DS_CUDA_CHECK_LAST();                                                                                       \
       k_conv1d_state<KC><<<grid, 128, 0, stream_>>>(mixed.data, int(mixed.dtype), st.conv.ptr<float>(),           \
                                                     d.seqinfo, C, min_ql);                                        \

@@ -1,7 +1,9 @@
 // Tensor-core flash attention (backend/cuda/flash_attn.h) through CudaBackend::attention against the fp32 CPU
 // reference: prefill chunks of awkward lengths, with and without earlier context, several sequences per batch
 // (decode rows and short verify chunks, which stay on the split kernel, next to prefill chunks), block sizes 16 and
-// 32, head dims 64 / 128 / 256, GQA 8:1, 4:1, 2:1 and 1:1. Same bound as test_cuda_ops (bf16 activations).
+// 32, head dims 64 / 128 / 256, GQA 8:1, 4:1, 2:1 and 1:1. Same bound as test_cuda_ops (bf16 activations). At head
+// dim 256 each case runs the warpgroup-MMA kernel (sm90a/flash_wg.cu, the default on sm_90) and the mma.sync kernel
+// (DS_CUDA_FA_WG=0).
 // FlashAttention.DecodeRowsMatchCpu covers the decode/verify rows' tensor-core split kernel (attn_decode.h).
 // FlashAttention.Throughput prints the kernel's TFLOP/s (and the split kernel's, DS_CUDA_NO_FLASH=1) without asserting.
 #include <cuda_runtime.h>
@@ -60,9 +62,18 @@ std::string tag_of(const Cfg& c, const Seqs& seqs) {
   return tag;
 }
 
+// The kernel variants MatchesCpu runs at head dim 256 (environment settings; {nullptr, nullptr}: the default, the
+// warpgroup-MMA kernel on an sm_90 device), then the mma.sync kernel.
+struct Variant {
+  const char *name, *value;
+};
+const std::vector<Variant> kDh256Variants = {{nullptr, nullptr}, {"DS_CUDA_FA_WG", "0"}};
+
 // Writes the context (a first call per sequence) and then this call's K/V, and compares the CPU and GPU outputs of
-// attention over the batch `seqs` (relative L2 of the GPU against the CPU); the GPU call runs twice, with identical bits.
-double run_case(Both& B, const Cfg& c, const Seqs& seqs, uint64_t seed) {
+// attention over the batch `seqs` (relative L2 of the GPU against the CPU), once per variant (environment settings
+// for the GPU call); each GPU call runs twice, with identical bits.
+std::vector<double> run_variants(Both& B, const Cfg& c, const Seqs& seqs, uint64_t seed,
+                                 const std::vector<Variant>& variants) {
   int64_t need = 0;
   for (auto [ctx, ql] : seqs) need += (ctx + ql + c.bs - 1) / c.bs;
   const int64_t nblocks = need + 3;
@@ -104,12 +115,22 @@ double run_case(Both& B, const Cfg& c, const Seqs& seqs, uint64_t seed) {
   auto q = B.up(randn(T * c.Nh * c.Dh, 2.f, seed + 30), {T, c.Nh * c.Dh});
   auto o = B.zeros({T, c.Nh * c.Dh});
   B.cpu->attention(q.c, kc, b, o.c);
-  B.gpu->attention(q.g, kg, b, o.g);
-  const std::vector<float> first = B.gpu->to_host_f32(o.g);
-  auto o2 = B.zeros({T, c.Nh * c.Dh});
-  B.gpu->attention(q.g, kg, b, o2.g);
-  EXPECT_TRUE(first == B.gpu->to_host_f32(o2.g)) << "not deterministic: " << tag_of(c, seqs);
-  return test::rel(first, B.cpu->to_host_f32(o.c));
+  const std::vector<float> ref = B.cpu->to_host_f32(o.c);
+  std::vector<double> errs;
+  for (const Variant& v : variants) {
+    test::ScopedEnv env(v.name ? v.name : "DS_TEST_UNUSED", v.value);
+    B.gpu->attention(q.g, kg, b, o.g);
+    const std::vector<float> first = B.gpu->to_host_f32(o.g);
+    auto o2 = B.zeros({T, c.Nh * c.Dh});
+    B.gpu->attention(q.g, kg, b, o2.g);
+    EXPECT_TRUE(first == B.gpu->to_host_f32(o2.g))
+        << "not deterministic: " << tag_of(c, seqs) << " " << (v.name ? v.name : "default");
+    errs.push_back(test::rel(first, ref));
+  }
+  return errs;
+}
+double run_case(Both& B, const Cfg& c, const Seqs& seqs, uint64_t seed) {
+  return run_variants(B, c, seqs, seed, {{nullptr, nullptr}})[0];
 }
 
 TEST_F(FlashAttention, MatchesCpu) {
@@ -132,6 +153,12 @@ TEST_F(FlashAttention, MatchesCpu) {
     if (c.Nkv == 2 && c.bs == 16 && (c.Dh == 256 || c.Nh == 16)) all.insert(all.end(), big.begin(), big.end());
     if (c.Nh == 4 && c.Dh == 256) all.push_back({{0, 2049}});
     for (const Seqs& seqs : all) {
+      if (c.Dh == 256) {  // the default (wgmma on sm_90), then mma.sync
+        const std::vector<double> e = run_variants(B, c, seqs, seed += 7, kDh256Variants);
+        std::printf("  %-80s rel L2 %.3g (mma.sync %.3g)\n", tag_of(c, seqs).c_str(), e[0], e[1]);
+        for (double x : e) EXPECT_LT(x, kTol) << tag_of(c, seqs);
+        continue;
+      }
       const double e = run_case(B, c, seqs, seed += 7);
       std::printf("  %-80s rel L2 %.3g\n", tag_of(c, seqs).c_str(), e);
       EXPECT_LT(e, kTol) << tag_of(c, seqs);
@@ -217,9 +244,13 @@ TEST_F(FlashAttention, Throughput) {
                 flops / (ms * 1e-3) / 1e12 / 990.0 * 100.0);
   };
   time_it(4096, false, 2);
-  time_it(4096, true, 10);
-  time_it(16384, true, 5);
-  time_it(32768, true, 3);
+  for (const char* wg : {"1", "0"}) {  // the wgmma kernel (sm_90), then the mma.sync one
+    test::ScopedEnv env("DS_CUDA_FA_WG", wg);
+    std::printf("  DS_CUDA_FA_WG=%s\n", wg);
+    time_it(4096, true, 10);
+    time_it(16384, true, 5);
+    time_it(32768, true, 3);
+  }
 }
 
 }  // namespace

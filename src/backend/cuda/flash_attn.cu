@@ -1,11 +1,11 @@
 // Tensor-core flash attention for prefill rows (design and dispatch: flash_attn.h).
 #include "backend/cuda/flash_attn.h"
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/flash_util.cuh"
 #include "backend/cuda/mma_util.cuh"
 
 #include <cuda_bf16.h>
 
-#include <algorithm>
 #include <cmath>
 
 #include "core/status.h"
@@ -42,35 +42,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int kvh = int(blockIdx.x % unsigned(Nkv));
   const int idx = int(blockIdx.x / unsigned(Nkv));
 
-  // This block's (sequence, tile): a warp-wide prefix sum of the flash sequences' tile counts (every warp the same).
-  int seq = -1, tile = 0;
-  {
-    int base = 0;
-    for (int s0 = 0; s0 < nseq; s0 += 32) {
-      const int s = s0 + lane;
-      int n = 0;
-      if (s < nseq) {
-        const int ql = seqinfo[s * 4 + 1];
-        if (ql >= kFlashMinQ) n = (ql + TQ - 1) / TQ;
-      }
-      int inc = n;
-#pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-        const int v = __shfl_up_sync(0xffffffffu, inc, off);
-        if (lane >= off) inc += v;
-      }
-      const int total = __shfl_sync(0xffffffffu, inc, 31);
-      if (idx < base + total) {
-        const int l = __ffs(__ballot_sync(0xffffffffu, base + inc > idx)) - 1;
-        const int first = base + __shfl_sync(0xffffffffu, inc - n, l);
-        const int ns = __shfl_sync(0xffffffffu, n, l);
-        seq = s0 + l;
-        tile = ns - 1 - (idx - first);  // the sequence's last (longest) tiles first
-        break;
-      }
-      base += total;
-    }
-  }
+  // This block's (sequence, tile) (every warp the same).
+  int seq, tile;
+  flash_tile_of(idx, nseq, seqinfo, TQ, lane, seq, tile);
   if (seq < 0) return;
 
   const int q_start = seqinfo[seq * 4 + 0], q_len = seqinfo[seq * 4 + 1], ctx = seqinfo[seq * 4 + 2];
@@ -217,9 +191,7 @@ void launch(const void* q, const void* k, const void* v, void* o, int64_t T, int
     return true;
   }();
   (void)attr;
-  // Σ over flash sequences of ceil(q_len / TQ) < T / TQ + (number of flash sequences ≤ min(nseq, T / kFlashMinQ)):
-  // an upper bound from T and nseq only, so a recorded graph stays valid whatever the sequences' lengths.
-  const int64_t tiles = (T + TQ - 1) / TQ + std::min<int64_t>(nseq, T / kFlashMinQ);
+  const int64_t tiles = flash_tile_bound(T, nseq, TQ);
   const float scale_log2 = float(1.4426950408889634 / std::sqrt(double(DH)));
   k_flash_attn<DH, GROUP><<<unsigned(tiles * Nkv), kThreads, smem, s>>>(
       static_cast<const __nv_bfloat16*>(q), static_cast<const __nv_bfloat16*>(k), static_cast<const __nv_bfloat16*>(v),
@@ -240,6 +212,7 @@ void flash_attn_prefill(const void* q, const void* k, const void* v, void* o, in
                         cudaStream_t s) {
   DS_CHECK(flash_attn_supported(Nh, Nkv, Dh), "flash attention: unsupported shape");
   if (T < kFlashMinQ || nseq == 0) return;
+  if (flash_wg_prefill(q, k, v, o, T, nseq, Nh, Nkv, Dh, bs, seqinfo, blocks, maxb, s)) return;
   const int64_t group = Nh / Nkv;
 #define DS_FA(DH, G) \
   if (Dh == DH && group == G) return launch<DH, G>(q, k, v, o, T, nseq, Nh, Nkv, bs, seqinfo, blocks, maxb, s);

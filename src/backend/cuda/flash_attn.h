@@ -23,8 +23,23 @@ namespace ds::cuda {
 // Sequences with at least this many query tokens in the call run the flash kernel.
 constexpr int64_t kFlashMinQ = 16;
 
+// The flash kernels' grid: Σ over flash sequences of ceil(q_len / TQ) < T / TQ + (number of flash sequences ≤
+// min(nseq, T / kFlashMinQ)) tiles, an upper bound from T and nseq only, so a recorded graph stays valid whatever the
+// sequences' lengths (the extra blocks exit).
+inline int64_t flash_tile_bound(int64_t T, int nseq, int64_t TQ) {
+  const int64_t per_seq = T / kFlashMinQ;
+  return (T + TQ - 1) / TQ + (nseq < per_seq ? nseq : per_seq);
+}
+
 // Whether the flash kernel is built for this shape (head_dim 64, 128 or 256; q heads per kv head 1, 2, 4 or 8).
 bool flash_attn_supported(int64_t Nh, int64_t Nkv, int64_t Dh);
+
+// The same attention through Hopper's warpgroup MMA (sm90a/flash_wg.cu) where it applies: head dim 256, q heads per
+// kv head 1, 2, 4 or 8, built (sm_90a), on a compute capability 9.0 device, and DS_CUDA_FA_WG not 0. False: nothing
+// was launched. flash_attn_prefill calls it first.
+bool flash_wg_prefill(const void* q, const void* k, const void* v, void* o, int64_t T, int nseq, int64_t Nh,
+                      int64_t Nkv, int64_t Dh, int64_t bs, const int32_t* seqinfo, const int32_t* blocks, int maxb,
+                      cudaStream_t s);
 
 // o [T, Nh·Dh] bf16 for the rows of every sequence with q_len ≥ kFlashMinQ (other rows untouched): causal attention
 // of q [T, Nh·Dh] bf16 over the paged cache k/v [num_blocks, bs, Nkv, Dh] bf16. seqinfo [nseq, 4] (q_start, q_len,

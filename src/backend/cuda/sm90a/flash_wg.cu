@@ -1,0 +1,244 @@
+// Hopper warpgroup-MMA flash attention for prefill rows at head dim 256 (flash_attn.h: flash_wg_prefill). Compiled
+// for sm_90a only (CMakeLists.txt).
+//
+// The rows, tiles and arithmetic of k_flash_attn (flash_attn.cu): one block per (sequence, kv head, tile of TQ =
+// 128 / group query tokens), 128 query rows r = (q head within the group) · TQ + token; the online softmax in fp32
+// in the log2 domain, P rounded to bf16, O in fp32 registers written once as bf16. What differs: two warpgroups of 64
+// rows each issue `wgmma` — S = Q·Kᵀ with Q and K both from shared memory (K-major, 128-byte swizzle), O += P·V with P
+// from registers (the S accumulators are the A fragments) and V from shared memory read MN-major (the cache's rows
+// stored as they are, the transpose done by the instruction) — over K/V tiles of 64 positions (the mma.sync kernel:
+// 32), double-buffered by cp.async from the paged cache. So S's rounding per tile is the same and the softmax's
+// rescaling happens per 64 positions: results equal k_flash_attn's to rounding, not bit for bit.
+#include <cuda_bf16.h>
+
+#include <cmath>
+
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/flash_attn.h"
+#include "backend/cuda/flash_util.cuh"
+#include "backend/cuda/mma_util.cuh"
+#include "backend/cuda/sm90a/wgmma.cuh"
+#include "core/env.h"
+#include "core/status.h"
+
+namespace ds::cuda {
+
+namespace {
+
+using namespace wgmma;
+
+constexpr int kDH = 256;       // head dim
+constexpr int kRows = 128;     // query rows per block: two warpgroups of 64
+constexpr int kThreads = 256;  // two warpgroups
+constexpr int kBN = 64;        // cache positions per K/V tile
+// Shared memory: every tile is 4 regions of 64 columns (one per 128-byte row piece of the 256), each region rows of
+// 128 bytes with the 16-byte chunk q of row r at q ^ (r % 8) (smem_desc_sw128's layout): Q 128 rows (64 KB), then two
+// stages of K and V, 64 rows each (32 KB each).
+constexpr uint32_t kQRegion = kRows * 128, kKVRegion = kBN * 128;
+constexpr uint32_t kQBytes = 4 * kQRegion, kKVBytes = 4 * kKVRegion;
+constexpr size_t kSmem = 1024 + kQBytes + 4 * size_t(kKVBytes);  // + alignment of the 1024-byte atoms
+static_assert(kSmem <= 227 * 1024, "flash wg: shared memory");
+
+// Where the 16-byte chunk ch (0..31) of row r goes in a tile of `region`-byte regions.
+__device__ __forceinline__ uint32_t chunk_at(int r, int ch, uint32_t region) {
+  return uint32_t(ch >> 3) * region + uint32_t(r) * 128 + (uint32_t((ch & 7) ^ (r & 7)) << 4);
+}
+
+// Descriptor of an MN-major operand in the 128-byte swizzle (the B of O += P·V: V's rows are the k dimension, 64
+// columns of n per 128-byte row): 8-row atoms of 1024 bytes along k (stride-dimension offset), 64-column regions of
+// `lbo` bytes along n (leading-dimension offset).
+__device__ __forceinline__ uint64_t smem_desc_sw128_mn(uint32_t addr, uint32_t lbo) {
+  return uint64_t((addr >> 4) & 0x3FFF) | uint64_t((lbo >> 4) & 0x3FFF) << 16 | uint64_t(1024 >> 4) << 32 |
+         uint64_t(1) << 62;
+}
+
+// wgmma.m64n64k16 with A and B from shared memory (both K-major): D = A·B (ss64_0) or D += A·B (ss64).
+// wgmma.m64n256k16 with A from registers and B MN-major (rs256_t): D += A·B.
+#include "backend/cuda/sm90a/flash_wg_mma.inc"
+
+__device__ __forceinline__ void cp_async16_sa(uint32_t sa, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void st_zero16(uint32_t sa) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(sa), "r"(0) : "memory");
+}
+
+template <int GROUP>
+__global__ void __launch_bounds__(kThreads, 1)
+    k_flash_wg(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc,
+               const __nv_bfloat16* __restrict__ vc, __nv_bfloat16* __restrict__ o, int nseq, int Nh, int Nkv, int bs,
+               const int32_t* __restrict__ seqinfo, const int32_t* __restrict__ blocks, int maxb, float scale_log2) {
+  constexpr int TQ = kRows / GROUP;  // tokens per block
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t sbase = (uint32_t(__cvta_generic_to_shared(smem_raw)) + 1023) & ~1023u;
+  const uint32_t sQ = sbase, sKV = sbase + kQBytes;  // stage b: K at sKV + 2b·kKVBytes, V after it
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = tid >> 7;
+  const int kvh = int(blockIdx.x % unsigned(Nkv));
+  const int idx = int(blockIdx.x / unsigned(Nkv));
+  int seq, tile;
+  flash_tile_of(idx, nseq, seqinfo, TQ, lane, seq, tile);
+  if (seq < 0) return;
+
+  const int q_start = seqinfo[seq * 4 + 0], q_len = seqinfo[seq * 4 + 1], ctx = seqinfo[seq * 4 + 2];
+  const int t0 = tile * TQ;            // the tile's first token within the chunk
+  const int tq = min(TQ, q_len - t0);  // tokens in the tile
+  const int kv_end = ctx + t0 + tq;    // the tile's last token attends positions [0, kv_end)
+  const int diag = ctx + t0;           // its first token attends [0, diag]: tiles up to diag need no mask
+  const int32_t* bt = blocks + int64_t(seq) * maxb;
+  const int64_t crow = int64_t(Nkv) * kDH;  // elements per cache position
+  const int64_t qrow = int64_t(Nh) * kDH;
+
+  // Q: thread tid copies chunk tid % 32 of rows tid / 32 + 8i.
+  const int ch = tid & 31;
+  for (int r = tid >> 5; r < kRows; r += kThreads / 32) {
+    const int tok = r % TQ, hg = r / TQ;
+    const uint32_t dst = sQ + chunk_at(r, ch, kQRegion);
+    if (tok < tq)
+      cp_async16_sa(dst, q + int64_t(q_start + t0 + tok) * qrow + int64_t(kvh * GROUP + hg) * kDH + ch * 8);
+    else
+      st_zero16(dst);
+  }
+  // K/V tile j into stage b; positions ≥ kv_end are zero (never read from the cache: V there must not be NaN).
+  auto load_kv = [&](int j, int b) {
+    const uint32_t dk = sKV + uint32_t(2 * b) * kKVBytes, dv = dk + kKVBytes;
+    for (int r = tid >> 5; r < kBN; r += kThreads / 32) {
+      const int p = j * kBN + r;
+      const uint32_t at = chunk_at(r, ch, kKVRegion);
+      if (p < kv_end) {
+        const int64_t off = (int64_t(bt[p / bs]) * bs + p % bs) * crow + int64_t(kvh) * kDH + ch * 8;
+        cp_async16_sa(dk + at, kc + off);
+        cp_async16_sa(dv + at, vc + off);
+      } else {
+        st_zero16(dk + at);
+        st_zero16(dv + at);
+      }
+    }
+  };
+
+  const int nkv = (kv_end + kBN - 1) / kBN;
+  load_kv(0, 0);
+  cp_async_commit();
+
+  const int g = lane >> 2, t4 = lane & 3;
+  // This thread's two rows (g and g + 8 of its warp's 16) and the last position each attends.
+  const int r0 = warp * 16 + g, r1 = r0 + 8;
+  const int pos0 = ctx + t0 + min(r0 % TQ, tq - 1), pos1 = ctx + t0 + min(r1 % TQ, tq - 1);
+  const uint32_t qa = sQ + uint32_t(wg) * 64 * 128;  // this warpgroup's 64 rows of Q
+
+  float acc[kDH / 8][4];
+#pragma unroll
+  for (int i = 0; i < kDH / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+
+  for (int j = 0; j < nkv; ++j) {
+    if (j + 1 < nkv) load_kv(j + 1, (j + 1) & 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    fence_async_smem();  // this thread's copies and zero stores, visible to wgmma
+    __syncthreads();
+    const uint32_t kb = sKV + uint32_t(2 * (j & 1)) * kKVBytes, vb = kb + kKVBytes;
+
+    // S = Q·Kᵀ (64 rows × 64 positions per warpgroup), k16 steps in order over the head dim.
+    float s[kBN / 8][4];
+    float(&sf)[kBN / 2] = reinterpret_cast<float(&)[kBN / 2]>(s);
+    wg_fence();
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+#pragma unroll
+      for (int st = 0; st < 4; ++st) {
+        const uint64_t da = smem_desc_sw128(qa + uint32_t(c) * kQRegion + 32 * st);
+        const uint64_t db = smem_desc_sw128(kb + uint32_t(c) * kKVRegion + 32 * st);
+        if (c == 0 && st == 0) ss64_0(sf, da, db);
+        else ss64(sf, da, db);
+      }
+    wg_commit();
+    wg_wait0();
+    reg_fence(sf);
+
+    // Online softmax in the log2 domain. Columns past a row's own position are masked (only on tiles crossing diag).
+    const bool mask = (j + 1) * kBN - 1 > diag;
+    float mx0 = m0, mx1 = m1;
+#pragma unroll
+    for (int i = 0; i < kBN / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = s[i][e] * scale_log2;
+        if (mask) {
+          const int col = j * kBN + i * 8 + 2 * t4 + (e & 1);
+          if (col > (e < 2 ? pos0 : pos1)) x = -INFINITY;
+        }
+        s[i][e] = x;
+        if (e < 2) mx0 = fmaxf(mx0, x);
+        else mx1 = fmaxf(mx1, x);
+      }
+    // Every row attends position 0, so the first tile gives a finite maximum and it stays finite.
+    online_softmax_tile(s, acc, mx0, mx1, m0, m1, l0, l1);
+
+    // O += P·V: the S accumulators of n-tiles 2kk, 2kk + 1 are the A fragment of k16 step kk (positions 16kk..).
+    uint32_t a[kBN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) p_fragment(s[2 * kk], s[2 * kk + 1], a[kk]);
+    float(&of)[kDH / 2] = reinterpret_cast<float(&)[kDH / 2]>(acc);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk)
+      rs256_t(of, a[kk], smem_desc_sw128_mn(vb + uint32_t(kk) * 2048, kKVRegion));
+    wg_commit();
+    wg_wait0();
+    reg_fence(of);
+    __syncthreads();  // stage j & 1 is refilled by the next iteration's load of tile j + 2
+  }
+
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  const float inv0 = 1.f / l0, inv1 = 1.f / l1;
+  const int tok0 = r0 % TQ, tok1 = r1 % TQ;
+  __nv_bfloat16* o0 = o + int64_t(q_start + t0 + tok0) * qrow + int64_t(kvh * GROUP + r0 / TQ) * kDH + 2 * t4;
+  __nv_bfloat16* o1 = o + int64_t(q_start + t0 + tok1) * qrow + int64_t(kvh * GROUP + r1 / TQ) * kDH + 2 * t4;
+#pragma unroll
+  for (int i = 0; i < kDH / 8; ++i) {
+    if (tok0 < tq)
+      *reinterpret_cast<__nv_bfloat162*>(o0 + i * 8) = __floats2bfloat162_rn(acc[i][0] * inv0, acc[i][1] * inv0);
+    if (tok1 < tq)
+      *reinterpret_cast<__nv_bfloat162*>(o1 + i * 8) = __floats2bfloat162_rn(acc[i][2] * inv1, acc[i][3] * inv1);
+  }
+}
+
+template <int GROUP>
+void launch(const void* q, const void* k, const void* v, void* o, int64_t T, int nseq, int64_t Nh, int64_t Nkv,
+            int64_t bs, const int32_t* seqinfo, const int32_t* blocks, int maxb, cudaStream_t s) {
+  constexpr int TQ = kRows / GROUP;
+  static const bool attr = [] {
+    DS_CUDA_CHECK(
+        cudaFuncSetAttribute(k_flash_wg<GROUP>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmem)));
+    return true;
+  }();
+  (void)attr;
+  const int64_t tiles = flash_tile_bound(T, nseq, TQ);
+  const float scale_log2 = float(1.4426950408889634 / std::sqrt(double(kDH)));
+  k_flash_wg<GROUP><<<unsigned(tiles * Nkv), kThreads, kSmem, s>>>(
+      static_cast<const __nv_bfloat16*>(q), static_cast<const __nv_bfloat16*>(k), static_cast<const __nv_bfloat16*>(v),
+      static_cast<__nv_bfloat16*>(o), nseq, int(Nh), int(Nkv), int(bs), seqinfo, blocks, maxb, scale_log2);
+  DS_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace
+
+bool flash_wg_prefill(const void* q, const void* k, const void* v, void* o, int64_t T, int nseq, int64_t Nh,
+                      int64_t Nkv, int64_t Dh, int64_t bs, const int32_t* seqinfo, const int32_t* blocks, int maxb,
+                      cudaStream_t s) {
+  // DS_CUDA_FA_WG=0: the mma.sync kernel (read on every call, so one process can compare both).
+  if (Dh != kDH || !sm90_device() || env_int("DS_CUDA_FA_WG", 1) == 0) return false;
+  if (Nkv <= 0 || Nh % Nkv != 0) return false;
+  const int64_t group = Nh / Nkv;
+#define DS_FW(G) \
+  if (group == G) return launch<G>(q, k, v, o, T, nseq, Nh, Nkv, bs, seqinfo, blocks, maxb, s), true;
+  DS_FW(8) DS_FW(4) DS_FW(2) DS_FW(1)
+#undef DS_FW
+  return false;
+}
+
+}  // namespace ds::cuda

@@ -9,7 +9,8 @@
 #   (g) test_cuda_vision  vision-tower ops vs the CPU, a random real-shaped tower, the fixtures' image features and
 #                         logits, an image request through the engine; memcheck on its op tests
 #   (h) test_cuda_spec / test_cuda_flash / test_cuda_gdr  speculative decoding (greedy identity, graphed = eager),
-#                         prefill flash attention and the chunked delta rule vs the CPU (when built)
+#                         prefill flash attention and the chunked delta rule vs the CPU (when built); memcheck and
+#                         racecheck on FlashAttention.Dh256Small
 #   (i) bench_model --kernel-times on the tiny model (when bench_model is in BIN_DIR): the CUPTI table comes out
 # Usage: tools/gpu_test.sh [BIN_DIR]
 #   BIN_DIR holds prebuilt test_cuda_ops / test_cuda_golden (/ test_cuda_graph / test_cuda_engine) (e.g. built on a dev machine and carried);
@@ -45,7 +46,13 @@ step memcheck env DS_GOLDEN_PROMPTS=1 compute-sanitizer --tool memcheck --error-
 [ -x "$BIN/test_cuda_engine" ] && step engine "$BIN/test_cuda_engine"
 [ -x "$BIN/test_cuda_sampling" ] && step sampling "$BIN/test_cuda_sampling"
 [ -x "$BIN/test_cuda_spec" ] && step spec "$BIN/test_cuda_spec"
-[ -x "$BIN/test_cuda_flash" ] && step flash "$BIN/test_cuda_flash"
+if [ -x "$BIN/test_cuda_flash" ]; then
+  step flash "$BIN/test_cuda_flash"
+  step fmemcheck compute-sanitizer --tool memcheck --error-exitcode 99 "$BIN/test_cuda_flash" \
+    --gtest_filter='FlashAttention.Dh256Small'
+  step fracecheck compute-sanitizer --tool racecheck --error-exitcode 99 "$BIN/test_cuda_flash" \
+    --gtest_filter='FlashAttention.Dh256Small'
+fi
 [ -x "$BIN/test_cuda_gdr" ] && step gdr "$BIN/test_cuda_gdr"
 if [ -x "$BIN/test_cuda_vision" ]; then
   step vision "$BIN/test_cuda_vision"

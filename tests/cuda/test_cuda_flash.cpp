@@ -4,6 +4,7 @@
 // 32, head dims 64 / 128 / 256, GQA 8:1, 4:1, 2:1 and 1:1. Same bound as test_cuda_ops (bf16 activations). At head
 // dim 256 each case runs the warpgroup-MMA kernel (sm90a/flash_wg.cu, the default on sm_90) and the mma.sync kernel
 // (DS_CUDA_FA_WG=0).
+// FlashAttention.Dh256Small: a few of those cases, for compute-sanitizer.
 // FlashAttention.DecodeRowsMatchCpu covers the decode/verify rows' tensor-core split kernel (attn_decode.h).
 // FlashAttention.Throughput prints the kernel's TFLOP/s (and the split kernel's, DS_CUDA_NO_FLASH=1) without asserting.
 #include <cuda_runtime.h>
@@ -164,6 +165,20 @@ TEST_F(FlashAttention, MatchesCpu) {
       EXPECT_LT(e, kTol) << tag_of(c, seqs);
     }
   }
+}
+
+// A few head-dim-256 cases (the 35B-A3B's GQA 8:1 and 1:1) on both prefill kernels, small enough for
+// compute-sanitizer's memcheck and racecheck (tools/gpu_test.sh).
+TEST_F(FlashAttention, Dh256Small) {
+  Both B;
+  const std::vector<Seqs> cases = {{{0, 65}}, {{70, 130}}, {{40, 17}, {100, 1}, {0, 80}, {7, 5}}};
+  uint64_t seed = 500;
+  for (const Cfg& c : {Cfg{16, 2, 256, 16}, Cfg{2, 2, 256, 32}})
+    for (const Seqs& seqs : cases) {
+      const std::vector<double> e = run_variants(B, c, seqs, seed += 7, kDh256Variants);
+      std::printf("  %-70s rel L2 %.3g (mma.sync %.3g)\n", tag_of(c, seqs).c_str(), e[0], e[1]);
+      for (double x : e) EXPECT_LT(x, kTol) << tag_of(c, seqs);
+    }
 }
 
 // Decode rows and short verify chunks: the tensor-core split kernel (attn_decode.h) and the CUDA-core one it replaced

@@ -102,17 +102,27 @@ __global__ void __launch_bounds__(kThreads, 1)
     else
       st_zero16(dst);
   }
-  // K/V tile j into stage b; positions ≥ kv_end are zero (never read from the cache: V there must not be NaN).
+  // K/V tile j into stage b; positions ≥ kv_end are zero (never read from the cache: V there must not be NaN). Warp
+  // w copies rows 8w .. 8w + 7, lane l row 8w + l / 4 and its 16-byte chunks l % 4 + 4i (i < 8): each copy reads 64
+  // contiguous bytes of 8 rows, and a lane works out its cache address once per tile for K and V (per chunk, the
+  // block-table division and 64-bit address arithmetic were most of the kernel's instructions: ncu, session 32).
+  static_assert(kBN == kThreads / 4, "flash wg: one tile row per 4 lanes");
+  const int lr = warp * 8 + (lane >> 2), lc = lane & 3;
   auto load_kv = [&](int j, int b) {
     const uint32_t dk = sKV + uint32_t(2 * b) * kKVBytes, dv = dk + kKVBytes;
-    for (int r = tid >> 5; r < kBN; r += kThreads / 32) {
-      const int p = j * kBN + r;
-      const uint32_t at = chunk_at(r, ch, kKVRegion);
-      if (p < kv_end) {
-        const int64_t off = (int64_t(bt[p / bs]) * bs + p % bs) * crow + int64_t(kvh) * kDH + ch * 8;
-        cp_async16_sa(dk + at, kc + off);
-        cp_async16_sa(dv + at, vc + off);
-      } else {
+    const int p = j * kBN + lr;
+    if (p < kv_end) {
+      const int64_t off = (int64_t(bt[p / bs]) * bs + p % bs) * crow + int64_t(kvh) * kDH + lc * 8;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const uint32_t at = chunk_at(lr, lc + 4 * i, kKVRegion);
+        cp_async16_sa(dk + at, kc + off + 32 * i);
+        cp_async16_sa(dv + at, vc + off + 32 * i);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const uint32_t at = chunk_at(lr, lc + 4 * i, kKVRegion);
         st_zero16(dk + at);
         st_zero16(dv + at);
       }

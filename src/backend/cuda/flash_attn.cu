@@ -66,19 +66,27 @@ __global__ void __launch_bounds__(kThreads, 1)
       *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
   }
   // K/V tile j into buffer `buf`; positions ≥ kv_end are zero (never read from the cache: V there must not be NaN).
+  // Thread t copies row t / 8 of the tile, its 16-byte chunks t % 8 + 8i: one cache address per thread and tile (per
+  // chunk, the block-table division and 64-bit address arithmetic cost more than the copies; session 32).
+  static_assert(kBN * 8 == kThreads, "flash: one tile row per 8 threads");
   auto load_kv = [&](int j, int buf) {
-    const int p0 = j * kBN;
-    for (int c = tid; c < kBN * CH; c += kThreads) {
-      const int r = c / CH, ch = c % CH, p = p0 + r;
-      __nv_bfloat16* dk = sK + buf * kBN * DH + swz<DH>(r, ch);
-      __nv_bfloat16* dv = sV + buf * kBN * DH + swz<DH>(r, ch);
-      if (p < kv_end) {
-        const int64_t off = (int64_t(bt[p / bs]) * bs + p % bs) * crow + int64_t(kvh) * DH + ch * 8;
-        cp_async16(dk, kc + off);
-        cp_async16(dv, vc + off);
-      } else {
-        *reinterpret_cast<uint4*>(dk) = make_uint4(0, 0, 0, 0);
-        *reinterpret_cast<uint4*>(dv) = make_uint4(0, 0, 0, 0);
+    const int r = tid >> 3, c0 = tid & 7, p = j * kBN + r;
+    __nv_bfloat16* dk = sK + buf * kBN * DH;
+    __nv_bfloat16* dv = sV + buf * kBN * DH;
+    if (p < kv_end) {
+      const int64_t off = (int64_t(bt[p / bs]) * bs + p % bs) * crow + int64_t(kvh) * DH;
+#pragma unroll
+      for (int i = 0; i < CH / 8; ++i) {
+        const int ch = c0 + 8 * i;
+        cp_async16(dk + swz<DH>(r, ch), kc + off + ch * 8);
+        cp_async16(dv + swz<DH>(r, ch), vc + off + ch * 8);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < CH / 8; ++i) {
+        const int ch = c0 + 8 * i;
+        *reinterpret_cast<uint4*>(dk + swz<DH>(r, ch)) = make_uint4(0, 0, 0, 0);
+        *reinterpret_cast<uint4*>(dv + swz<DH>(r, ch)) = make_uint4(0, 0, 0, 0);
       }
     }
   };

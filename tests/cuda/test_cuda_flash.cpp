@@ -1,9 +1,9 @@
 // Tensor-core flash attention (backend/cuda/flash_attn.h) through CudaBackend::attention against the fp32 CPU
 // reference: prefill chunks of awkward lengths, with and without earlier context, several sequences per batch
 // (decode rows and short verify chunks, which stay on the split kernel, next to prefill chunks), block sizes 16 and
-// 32, head dims 64 / 128 / 256, GQA 8:1, 4:1, 2:1 and 1:1. Same bound as test_cuda_ops (bf16 activations). At head
-// dim 256 each case runs the warpgroup-MMA kernel (sm90a/flash_wg.cu, the default on sm_90) and the mma.sync kernel
-// (DS_CUDA_FA_WG=0).
+// 32, head dims 64 / 128 / 256, GQA 8:1, 6:1 (the 27B's; 126 of a block's 128 rows), 4:1, 2:1 and 1:1. Same bound
+// as test_cuda_ops (bf16 activations). At head dim 256 each case runs the warpgroup-MMA kernel (sm90a/flash_wg.cu,
+// the default on sm_90) and the mma.sync kernel (DS_CUDA_FA_WG=0).
 // FlashAttention.Dh256Small: a few of those cases, for compute-sanitizer.
 // FlashAttention.DecodeRowsMatchCpu covers the decode/verify rows' tensor-core split kernel (attn_decode.h).
 // FlashAttention.Throughput prints the kernel's TFLOP/s (and the split kernel's, DS_CUDA_NO_FLASH=1) without asserting.
@@ -146,13 +146,14 @@ TEST_F(FlashAttention, MatchesCpu) {
   };
   const std::vector<Seqs> big = {{{0, 2049}}, {{1000, 2049}}, {{5, 2049}, {2000, 1}, {17, 4}}};
   const std::vector<Cfg> cfgs = {{16, 2, 256, 16}, {16, 2, 256, 32}, {4, 4, 256, 16}, {8, 2, 256, 16},
-                                 {16, 2, 128, 16}, {8, 8, 128, 32},  {8, 1, 64, 16},  {4, 2, 64, 32}};
+                                 {16, 2, 128, 16}, {8, 8, 128, 32},  {8, 1, 64, 16},  {4, 2, 64, 32},
+                                 {24, 4, 256, 16}};
   uint64_t seed = 100;
   for (const Cfg& c : cfgs) {
     std::vector<Seqs> all = single;
     all.insert(all.end(), mixed.begin(), mixed.end());
     if (c.Nkv == 2 && c.bs == 16 && (c.Dh == 256 || c.Nh == 16)) all.insert(all.end(), big.begin(), big.end());
-    if (c.Nh == 4 && c.Dh == 256) all.push_back({{0, 2049}});
+    if ((c.Nh == 4 || c.Nh == 24) && c.Dh == 256) all.push_back({{0, 2049}});
     for (const Seqs& seqs : all) {
       if (c.Dh == 256) {  // the default (wgmma on sm_90), then mma.sync
         const std::vector<double> e = run_variants(B, c, seqs, seed += 7, kDh256Variants);
@@ -167,13 +168,13 @@ TEST_F(FlashAttention, MatchesCpu) {
   }
 }
 
-// A few head-dim-256 cases (the 35B-A3B's GQA 8:1 and 1:1) on both prefill kernels, small enough for
+// A few head-dim-256 cases (the 35B-A3B's GQA 8:1, the 27B's 6:1, and 1:1) on both prefill kernels, small enough for
 // compute-sanitizer's memcheck and racecheck (tools/gpu_test.sh).
 TEST_F(FlashAttention, Dh256Small) {
   Both B;
   const std::vector<Seqs> cases = {{{0, 65}}, {{70, 130}}, {{40, 17}, {100, 1}, {0, 80}, {7, 5}}};
   uint64_t seed = 500;
-  for (const Cfg& c : {Cfg{16, 2, 256, 16}, Cfg{2, 2, 256, 32}})
+  for (const Cfg& c : {Cfg{16, 2, 256, 16}, Cfg{24, 4, 256, 16}, Cfg{2, 2, 256, 32}})
     for (const Seqs& seqs : cases) {
       const std::vector<double> e = run_variants(B, c, seqs, seed += 7, kDh256Variants);
       std::printf("  %-70s rel L2 %.3g (mma.sync %.3g)\n", tag_of(c, seqs).c_str(), e[0], e[1]);

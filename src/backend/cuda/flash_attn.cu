@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int c = tid; c < kRows * CH; c += kThreads) {
     const int r = c / CH, ch = c % CH, tok = r % TQ, hg = r / TQ;
     __nv_bfloat16* dst = sQ + swz<DH>(r, ch);
-    if (tok < tq)
+    if (tok < tq && (kRows % GROUP == 0 || hg < GROUP))  // rows past GROUP · TQ (group 6: 126) are padding
       cp_async16(dst, q + int64_t(q_start + t0 + tok) * qrow + int64_t(kvh * GROUP + hg) * DH + ch * 8);
     else
       *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
@@ -181,9 +181,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   __nv_bfloat16* o1 = o + int64_t(q_start + t0 + tok1) * qrow + int64_t(kvh * GROUP + r1 / TQ) * DH + 2 * t4;
 #pragma unroll
   for (int i = 0; i < DT; ++i) {
-    if (tok0 < tq)
+    if (tok0 < tq && (kRows % GROUP == 0 || r0 < GROUP * TQ))
       *reinterpret_cast<__nv_bfloat162*>(o0 + i * 8) = __floats2bfloat162_rn(acc[i][0] * inv0, acc[i][1] * inv0);
-    if (tok1 < tq)
+    if (tok1 < tq && (kRows % GROUP == 0 || r1 < GROUP * TQ))
       *reinterpret_cast<__nv_bfloat162*>(o1 + i * 8) = __floats2bfloat162_rn(acc[i][2] * inv1, acc[i][3] * inv1);
   }
 }
@@ -212,7 +212,8 @@ void launch(const void* q, const void* k, const void* v, void* o, int64_t T, int
 bool flash_attn_supported(int64_t Nh, int64_t Nkv, int64_t Dh) {
   if (Nkv <= 0 || Nh % Nkv != 0) return false;
   const int64_t group = Nh / Nkv;
-  return (Dh == 64 || Dh == 128 || Dh == 256) && (group == 1 || group == 2 || group == 4 || group == 8);
+  return (Dh == 64 || Dh == 128 || Dh == 256) && (group == 1 || group == 2 || group == 4 || group == 8) ||
+         (Dh == 256 && group == 6);  // the 27B's 24 q heads over 4 kv heads
 }
 
 void flash_attn_prefill(const void* q, const void* k, const void* v, void* o, int64_t T, int nseq, int64_t Nh,
@@ -224,7 +225,7 @@ void flash_attn_prefill(const void* q, const void* k, const void* v, void* o, in
   const int64_t group = Nh / Nkv;
 #define DS_FA(DH, G) \
   if (Dh == DH && group == G) return launch<DH, G>(q, k, v, o, T, nseq, Nh, Nkv, bs, seqinfo, blocks, maxb, s);
-  DS_FA(256, 8) DS_FA(256, 4) DS_FA(256, 2) DS_FA(256, 1)
+  DS_FA(256, 8) DS_FA(256, 6) DS_FA(256, 4) DS_FA(256, 2) DS_FA(256, 1)
   DS_FA(128, 8) DS_FA(128, 4) DS_FA(128, 2) DS_FA(128, 1)
   DS_FA(64, 8) DS_FA(64, 4) DS_FA(64, 2) DS_FA(64, 1)
 #undef DS_FA

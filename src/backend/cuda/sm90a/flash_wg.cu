@@ -2,7 +2,7 @@
 // for sm_90a only (CMakeLists.txt).
 //
 // The rows, tiles and arithmetic of k_flash_attn (flash_attn.cu): one block per (sequence, kv head, tile of TQ =
-// 128 / group query tokens), 128 query rows r = (q head within the group) · TQ + token; the online softmax in fp32
+// ⌊128 / group⌋ query tokens), query rows r = (q head within the group) · TQ + token; the online softmax in fp32
 // in the log2 domain, P rounded to bf16, O in fp32 registers written once as bf16. What differs: two warpgroups of 64
 // rows each issue `wgmma` — S = Q·Kᵀ with Q and K both from shared memory (K-major, 128-byte swizzle), O += P·V with P
 // from registers (the S accumulators are the A fragments) and V from shared memory read MN-major (the cache's rows
@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int r = tid >> 5; r < kRows; r += kThreads / 32) {
     const int tok = r % TQ, hg = r / TQ;
     const uint32_t dst = sQ + chunk_at(r, ch, kQRegion);
-    if (tok < tq)
+    if (tok < tq && (kRows % GROUP == 0 || hg < GROUP))  // rows past GROUP · TQ (group 6: 126) are padding
       cp_async16_sa(dst, q + int64_t(q_start + t0 + tok) * qrow + int64_t(kvh * GROUP + hg) * kDH + ch * 8);
     else
       st_zero16(dst);
@@ -213,9 +213,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   __nv_bfloat16* o1 = o + int64_t(q_start + t0 + tok1) * qrow + int64_t(kvh * GROUP + r1 / TQ) * kDH + 2 * t4;
 #pragma unroll
   for (int i = 0; i < kDH / 8; ++i) {
-    if (tok0 < tq)
+    if (tok0 < tq && (kRows % GROUP == 0 || r0 < GROUP * TQ))
       *reinterpret_cast<__nv_bfloat162*>(o0 + i * 8) = __floats2bfloat162_rn(acc[i][0] * inv0, acc[i][1] * inv0);
-    if (tok1 < tq)
+    if (tok1 < tq && (kRows % GROUP == 0 || r1 < GROUP * TQ))
       *reinterpret_cast<__nv_bfloat162*>(o1 + i * 8) = __floats2bfloat162_rn(acc[i][2] * inv1, acc[i][3] * inv1);
   }
 }
@@ -249,7 +249,7 @@ bool flash_wg_prefill(const void* q, const void* k, const void* v, void* o, int6
   const int64_t group = Nh / Nkv;
 #define DS_FW(G) \
   if (group == G) return launch<G>(q, k, v, o, T, nseq, Nh, Nkv, bs, seqinfo, blocks, maxb, s), true;
-  DS_FW(8) DS_FW(4) DS_FW(2) DS_FW(1)
+  DS_FW(8) DS_FW(6) DS_FW(4) DS_FW(2) DS_FW(1)
 #undef DS_FW
   return false;
 }

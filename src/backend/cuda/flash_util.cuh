@@ -41,4 +41,31 @@ __device__ __forceinline__ void flash_tile_of(int idx, int nseq, const int32_t* 
   }
 }
 
+// A flash block's tile: its sequence's rows and context, the tile's tokens and the cache positions they attend.
+struct FlashTile {
+  int q_start, q_len, ctx;  // the sequence's first row in the batch, rows in this call, positions already cached
+  int t0, tq;               // the tile's first token within the chunk, tokens in the tile
+  int kv_end;               // the tile's last token attends positions [0, kv_end)
+  int diag;                 // its first token attends [0, diag]: K/V tiles up to diag need no mask
+  const int32_t* bt;        // the sequence's block table
+};
+// Block blockIdx.x's kv head and tile (blockIdx.x = tile index · Nkv + kv head); false past the last tile (the block
+// exits). Every lane gets the same answer.
+__device__ __forceinline__ bool flash_block(int nseq, int Nkv, const int32_t* __restrict__ seqinfo,
+                                            const int32_t* __restrict__ blocks, int maxb, int TQ, int lane, int& kvh,
+                                            FlashTile& f) {
+  kvh = int(blockIdx.x % unsigned(Nkv));
+  const int idx = int(blockIdx.x / unsigned(Nkv));
+  int seq, tile;
+  flash_tile_of(idx, nseq, seqinfo, TQ, lane, seq, tile);
+  if (seq < 0) return false;
+  f.q_start = seqinfo[seq * 4 + 0], f.q_len = seqinfo[seq * 4 + 1], f.ctx = seqinfo[seq * 4 + 2];
+  f.t0 = tile * TQ;
+  f.tq = min(TQ, f.q_len - f.t0);
+  f.kv_end = f.ctx + f.t0 + f.tq;
+  f.diag = f.ctx + f.t0;
+  f.bt = blocks + int64_t(seq) * maxb;
+  return true;
+}
+
 }  // namespace ds::cuda

@@ -77,18 +77,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t sQ = sbase, sKV = sbase + kQBytes;  // stage b: K at sKV + 2b·kKVBytes, V after it
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = tid >> 7;
-  const int kvh = int(blockIdx.x % unsigned(Nkv));
-  const int idx = int(blockIdx.x / unsigned(Nkv));
-  int seq, tile;
-  flash_tile_of(idx, nseq, seqinfo, TQ, lane, seq, tile);
-  if (seq < 0) return;
-
-  const int q_start = seqinfo[seq * 4 + 0], q_len = seqinfo[seq * 4 + 1], ctx = seqinfo[seq * 4 + 2];
-  const int t0 = tile * TQ;            // the tile's first token within the chunk
-  const int tq = min(TQ, q_len - t0);  // tokens in the tile
-  const int kv_end = ctx + t0 + tq;    // the tile's last token attends positions [0, kv_end)
-  const int diag = ctx + t0;           // its first token attends [0, diag]: tiles up to diag need no mask
-  const int32_t* bt = blocks + int64_t(seq) * maxb;
+  int kvh;
+  FlashTile f;
+  if (!flash_block(nseq, Nkv, seqinfo, blocks, maxb, TQ, lane, kvh, f)) return;
+  const int q_start = f.q_start, ctx = f.ctx, t0 = f.t0, tq = f.tq, kv_end = f.kv_end, diag = f.diag;
+  const int32_t* bt = f.bt;
   const int64_t crow = int64_t(Nkv) * kDH;  // elements per cache position
   const int64_t qrow = int64_t(Nh) * kDH;
 

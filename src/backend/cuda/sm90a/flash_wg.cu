@@ -7,11 +7,13 @@
 // rows each issue `wgmma` — S = Q·Kᵀ with Q and K both from shared memory (K-major, 128-byte swizzle), O += P·V with P
 // from registers (the S accumulators are the A fragments) and V from shared memory read MN-major (the cache's rows
 // stored as they are, the transpose done by the instruction) — over K/V tiles of 64 positions (the mma.sync kernel:
-// 32), double-buffered by cp.async from the paged cache. So S's rounding per tile is the same and the softmax's
-// rescaling happens per 64 positions: results equal k_flash_attn's to rounding, not bit for bit.
-// Measured (H200, session 32): 287-317 TFLOP/s at 4k-32k tokens (35B-A3B shape) against 182-193 for k_flash_attn. Not
-// kept: S of the next tile issued before this tile's P·V with the softmax overlapping it (FA3's intra-warpgroup
-// order, K and V stages refilled apart, one barrier per tile): 243 TFLOP/s at 254 registers (docs/perf.md).
+// 32), K and V stages double-buffered apart by cp.async from the paged cache, in FA3's intra-warpgroup order (S of the
+// next tile issued before this tile's P·V, the softmax under the P·V; one block barrier per tile). So S's rounding
+// per tile is the same and the softmax's rescaling happens per 64 positions: results equal k_flash_attn's to
+// rounding, not bit for bit.
+// Measured (H200, session 32; docs/perf.md): S, softmax and P·V in turn with two barriers per tile 287-317 TFLOP/s at
+// 4k-32k tokens (35B-A3B shape; k_flash_attn 182-193); with one cache address per lane and tile in the loads 359-403;
+// in FA3's order (249 registers) 407-465. The same order before the load fix: 243.
 #include <cuda_bf16.h>
 
 #include <cmath>
@@ -59,6 +61,11 @@ __device__ __forceinline__ uint64_t smem_desc_sw128_mn(uint32_t addr, uint32_t l
 // wgmma.m64n256k16 with A from registers and B MN-major (rs256_t): D += A·B.
 #include "backend/cuda/sm90a/flash_wg_mma.inc"
 
+template <int N>
+__device__ __forceinline__ void wg_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
 __device__ __forceinline__ void cp_async16_sa(uint32_t sa, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(gmem) : "memory");
 }
@@ -101,7 +108,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // block-table division and 64-bit address arithmetic were most of the kernel's instructions: ncu, session 32).
   static_assert(kBN == kThreads / 4, "flash wg: one tile row per 4 lanes");
   const int lr = warp * 8 + (lane >> 2), lc = lane & 3;
-  auto load_kv = [&](int j, int b) {
+  auto load_tile = [&](int j, int b, bool kk, bool vv) {
     const uint32_t dk = sKV + uint32_t(2 * b) * kKVBytes, dv = dk + kKVBytes;
     const int p = j * kBN + lr;
     if (p < kv_end) {
@@ -109,22 +116,20 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         const uint32_t at = chunk_at(lr, lc + 4 * i, kKVRegion);
-        cp_async16_sa(dk + at, kc + off + 32 * i);
-        cp_async16_sa(dv + at, vc + off + 32 * i);
+        if (kk) cp_async16_sa(dk + at, kc + off + 32 * i);
+        if (vv) cp_async16_sa(dv + at, vc + off + 32 * i);
       }
     } else {
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         const uint32_t at = chunk_at(lr, lc + 4 * i, kKVRegion);
-        st_zero16(dk + at);
-        st_zero16(dv + at);
+        if (kk) st_zero16(dk + at);
+        if (vv) st_zero16(dv + at);
       }
     }
   };
 
   const int nkv = (kv_end + kBN - 1) / kBN;
-  load_kv(0, 0);
-  cp_async_commit();
 
   const int g = lane >> 2, t4 = lane & 3;
   // This thread's two rows (g and g + 8 of its warp's 16) and the last position each attends.
@@ -137,17 +142,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int i = 0; i < kDH / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
 
-  for (int j = 0; j < nkv; ++j) {
-    if (j + 1 < nkv) load_kv(j + 1, (j + 1) & 1);
-    cp_async_commit();
-    cp_async_wait<1>();
-    fence_async_smem();  // this thread's copies and zero stores, visible to wgmma
-    __syncthreads();
-    const uint32_t kb = sKV + uint32_t(2 * (j & 1)) * kKVBytes, vb = kb + kKVBytes;
-
-    // S = Q·Kᵀ (64 rows × 64 positions per warpgroup), k16 steps in order over the head dim.
-    float s[kBN / 8][4];
+  // K(t) sits in K stage t % 2, V(t) in V stage t % 2 (K at sKV + 2b·kKVBytes, V after it).
+  auto kstage = [&](int j) { return sKV + uint32_t(2 * (j & 1)) * kKVBytes; };
+  float(&of)[kDH / 2] = reinterpret_cast<float(&)[kDH / 2]>(acc);
+  // S = Q·Kᵀ of tile j (64 rows × 64 positions per warpgroup), k16 steps in order over the head dim; issued only.
+  auto issue_s = [&](int j, float (&s)[kBN / 8][4]) {
     float(&sf)[kBN / 2] = reinterpret_cast<float(&)[kBN / 2]>(s);
+    const uint32_t kb = kstage(j);
     wg_fence();
 #pragma unroll
     for (int c = 0; c < 4; ++c)
@@ -158,11 +159,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (c == 0 && st == 0) ss64_0(sf, da, db);
         else ss64(sf, da, db);
       }
-    wg_commit();
-    wg_wait0();
-    reg_fence(sf);
-
-    // Online softmax in the log2 domain. Columns past a row's own position are masked (only on tiles crossing diag).
+  };
+  // The online softmax of tile j in the log2 domain (columns past a row's own position masked, only on tiles crossing
+  // diag): mma_util.cuh's online_softmax_tile with the O factor (c0, c1) returned instead of applied, since O may be
+  // in flight here. Every row attends position 0, so the first tile gives a finite maximum and it stays finite.
+  auto softmax = [&](int j, float (&s)[kBN / 8][4], float& c0, float& c1) {
     const bool mask = (j + 1) * kBN - 1 > diag;
     float mx0 = m0, mx1 = m1;
 #pragma unroll
@@ -178,23 +179,90 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (e < 2) mx0 = fmaxf(mx0, x);
         else mx1 = fmaxf(mx1, x);
       }
-    // Every row attends position 0, so the first tile gives a finite maximum and it stays finite.
-    online_softmax_tile(s, acc, mx0, mx1, m0, m1, l0, l1);
-
-    // O += P·V: the S accumulators of n-tiles 2kk, 2kk + 1 are the A fragment of k16 step kk (positions 16kk..).
-    uint32_t a[kBN / 16][4];
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    c0 = exp2f(m0 - mx0), c1 = exp2f(m1 - mx1);
+    m0 = mx0;
+    m1 = mx1;
+    float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) p_fragment(s[2 * kk], s[2 * kk + 1], a[kk]);
-    float(&of)[kDH / 2] = reinterpret_cast<float(&)[kDH / 2]>(acc);
+    for (int i = 0; i < kBN / 8; ++i) {
+      s[i][0] = exp2f(s[i][0] - mx0);
+      s[i][1] = exp2f(s[i][1] - mx0);
+      s[i][2] = exp2f(s[i][2] - mx1);
+      s[i][3] = exp2f(s[i][3] - mx1);
+      sum0 += s[i][0] + s[i][1];
+      sum1 += s[i][2] + s[i][3];
+    }
+    l0 = l0 * c0 + sum0;
+    l1 = l1 * c1 + sum1;
+  };
+  auto rescale = [&](float c0, float c1) {
+#pragma unroll
+    for (int i = 0; i < kDH / 8; ++i) acc[i][0] *= c0, acc[i][1] *= c0, acc[i][2] *= c1, acc[i][3] *= c1;
+  };
+  // O += P·V of tile j, issued only: P as A fragments (the S accumulators of n-tiles 2kk, 2kk + 1 are k16 step kk's).
+  auto issue_pv = [&](int j, const uint32_t (&a)[kBN / 16][4]) {
+    const uint32_t vb = kstage(j) + kKVBytes;
     wg_fence();
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk)
       rs256_t(of, a[kk], smem_desc_sw128_mn(vb + uint32_t(kk) * 2048, kKVRegion));
+  };
+  auto visible = [&] {  // this thread's copies and zero stores landed and visible to wgmma, everyone's
+    fence_async_smem();
+    __syncthreads();
+  };
+  // FA3's intra-warpgroup order: tile j's S is issued before P·V(j − 1), and the softmax of tile j runs while P·V(j − 1)
+  // does (its O factor is applied just before P·V(j) is issued). Once S(j) and P·V(j − 1) are done (one barrier per
+  // tile), K stage j % 2 takes K(j + 2) and V stage (j + 1) % 2 takes V(j + 1): each copy has a whole tile's work to
+  // land before the barrier that makes it visible.
+  load_tile(0, 0, true, true);
+  cp_async_commit();
+  if (nkv > 1) load_tile(1, 1, true, false);
+  cp_async_commit();
+  cp_async_wait<0>();
+  visible();
+  float sc[kBN / 8][4];
+  uint32_t p[kBN / 16][4];
+  float c0, c1;
+  issue_s(0, sc);
+  wg_commit();
+  wg_wait<0>();
+  reg_fence(reinterpret_cast<float(&)[kBN / 2]>(sc));
+  softmax(0, sc, c0, c1);
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk) p_fragment(sc[2 * kk], sc[2 * kk + 1], p[kk]);
+  __syncthreads();  // K stage 0 is free
+  if (nkv > 2) load_tile(2, 0, true, false);
+  if (nkv > 1) load_tile(1, 1, false, true);
+  cp_async_commit();
+  for (int j = 1; j < nkv; ++j) {
+    issue_s(j, sc);  // K(j): visible since the last barrier
     wg_commit();
-    wg_wait0();
+    rescale(c0, c1);
+    issue_pv(j - 1, p);  // V(j − 1)
+    wg_commit();
+    wg_wait<1>();
+    reg_fence(reinterpret_cast<float(&)[kBN / 2]>(sc));
+    softmax(j, sc, c0, c1);
+    wg_wait<0>();
     reg_fence(of);
-    __syncthreads();  // stage j & 1 is refilled by the next iteration's load of tile j + 2
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) p_fragment(sc[2 * kk], sc[2 * kk + 1], p[kk]);
+    cp_async_wait<0>();  // K(j + 1) and V(j), copied during this tile
+    visible();           // and every warpgroup is done with K(j) and V(j − 1)
+    if (j + 2 < nkv) load_tile(j + 2, j & 1, true, false);
+    if (j + 1 < nkv) load_tile(j + 1, (j + 1) & 1, false, true);
+    cp_async_commit();
   }
+  rescale(c0, c1);
+  issue_pv(nkv - 1, p);
+  wg_commit();
+  wg_wait<0>();
+  reg_fence(of);
 
   l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
   l0 += __shfl_xor_sync(0xffffffffu, l0, 2);

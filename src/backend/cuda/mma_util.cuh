@@ -83,15 +83,17 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 // The rest of one tile's online-softmax update once the caller has scaled (log2 domain) and masked the scores s and
 // taken this lane's maxima mx0 / mx1 of them and of the running maxima m0 / m1: the quad's maxima become m0 / m1,
 // s becomes exp2(s − m), l0 / l1 (this lane's running sums of its own columns; the caller adds the quad's partial
-// sums at the end) and the output accumulators acc are rescaled by exp2(m_old − m_new), 0 on the first tile.
-template <int NS, int NA>
-__device__ __forceinline__ void online_softmax_tile(float (&s)[NS][4], float (&acc)[NA][4], float mx0, float mx1,
-                                                    float& m0, float& m1, float& l0, float& l1) {
+// sums at the end) move on, and c0 / c1 = exp2(m_old − m_new) (0 on the first tile) is the factor the output
+// accumulators take: softmax_scores returns it (for a caller whose accumulators may be in flight),
+// online_softmax_tile applies it to acc at once.
+template <int NS>
+__device__ __forceinline__ void softmax_scores(float (&s)[NS][4], float mx0, float mx1, float& m0, float& m1, float& l0,
+                                               float& l1, float& c0, float& c1) {
   mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
   mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
   mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
   mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-  const float c0 = exp2f(m0 - mx0), c1 = exp2f(m1 - mx1);
+  c0 = exp2f(m0 - mx0), c1 = exp2f(m1 - mx1);
   m0 = mx0;
   m1 = mx1;
   float sum0 = 0.f, sum1 = 0.f;
@@ -106,6 +108,12 @@ __device__ __forceinline__ void online_softmax_tile(float (&s)[NS][4], float (&a
   }
   l0 = l0 * c0 + sum0;
   l1 = l1 * c1 + sum1;
+}
+template <int NS, int NA>
+__device__ __forceinline__ void online_softmax_tile(float (&s)[NS][4], float (&acc)[NA][4], float mx0, float mx1,
+                                                    float& m0, float& m1, float& l0, float& l1) {
+  float c0, c1;
+  softmax_scores(s, mx0, mx1, m0, m1, l0, l1, c0, c1);
 #pragma unroll
   for (int i = 0; i < NA; ++i) {
     acc[i][0] *= c0;

@@ -61,14 +61,6 @@ __device__ __forceinline__ uint64_t smem_desc_sw128_mn(uint32_t addr, uint32_t l
 // wgmma.m64n256k16 with A from registers and B MN-major (rs256_t): D += A·B.
 #include "backend/cuda/sm90a/flash_wg_mma.inc"
 
-template <int N>
-__device__ __forceinline__ void wg_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void cp_async16_sa(uint32_t sa, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(gmem) : "memory");
-}
 __device__ __forceinline__ void st_zero16(uint32_t sa) {
   asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(sa), "r"(0) : "memory");
 }
@@ -161,8 +153,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
   };
   // The online softmax of tile j in the log2 domain (columns past a row's own position masked, only on tiles crossing
-  // diag): mma_util.cuh's online_softmax_tile with the O factor (c0, c1) returned instead of applied, since O may be
-  // in flight here. Every row attends position 0, so the first tile gives a finite maximum and it stays finite.
+  // diag), with the O factor (c0, c1) returned (softmax_scores) rather than applied, since O may be in flight here.
+  // Every row attends position 0, so the first tile gives a finite maximum and it stays finite.
   auto softmax = [&](int j, float (&s)[kBN / 8][4], float& c0, float& c1) {
     const bool mask = (j + 1) * kBN - 1 > diag;
     float mx0 = m0, mx1 = m1;
@@ -179,25 +171,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (e < 2) mx0 = fmaxf(mx0, x);
         else mx1 = fmaxf(mx1, x);
       }
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-    c0 = exp2f(m0 - mx0), c1 = exp2f(m1 - mx1);
-    m0 = mx0;
-    m1 = mx1;
-    float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-    for (int i = 0; i < kBN / 8; ++i) {
-      s[i][0] = exp2f(s[i][0] - mx0);
-      s[i][1] = exp2f(s[i][1] - mx0);
-      s[i][2] = exp2f(s[i][2] - mx1);
-      s[i][3] = exp2f(s[i][3] - mx1);
-      sum0 += s[i][0] + s[i][1];
-      sum1 += s[i][2] + s[i][3];
-    }
-    l0 = l0 * c0 + sum0;
-    l1 = l1 * c1 + sum1;
+    softmax_scores(s, mx0, mx1, m0, m1, l0, l1, c0, c1);
   };
   auto rescale = [&](float c0, float c1) {
 #pragma unroll
@@ -215,10 +189,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_async_smem();
     __syncthreads();
   };
-  // FA3's intra-warpgroup order: tile j's S is issued before P·V(j − 1), and the softmax of tile j runs while P·V(j − 1)
-  // does (its O factor is applied just before P·V(j) is issued). Once S(j) and P·V(j − 1) are done (one barrier per
-  // tile), K stage j % 2 takes K(j + 2) and V stage (j + 1) % 2 takes V(j + 1): each copy has a whole tile's work to
-  // land before the barrier that makes it visible.
+  // FA3's intra-warpgroup order: tile j's S is issued before P·V(j − 1), and the softmax of tile j runs while
+  // P·V(j − 1) does (its O factor is applied just before P·V(j) is issued). Once S(j) and P·V(j − 1) are done (one
+  // barrier per tile), K stage j % 2 takes K(j + 2) and V stage (j + 1) % 2 takes V(j + 1): each copy has a whole
+  // tile's work to land before the barrier that makes it visible.
   load_tile(0, 0, true, true);
   cp_async_commit();
   if (nkv > 1) load_tile(1, 1, true, false);

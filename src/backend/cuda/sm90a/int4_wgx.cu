@@ -83,10 +83,6 @@ struct XPkg {
   uint16_t s0, s1;
 };
 
-__device__ __forceinline__ void cp_async16_sa(uint32_t sa, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(gmem) : "memory");
-}
-
 // One block's tile: N tokens (the fewest of 16, 32, 64, 128 covering its cnt pairs) over its nit row blocks. G1: one
 // group per K slice (the down projection at K = 512, KS = 4): the slice sums stay in registers (acc = p0, acc + p1,
 // ..., each p = fma(scale, group partial, 0) as k_int4_mma forms it); else they go to shared memory (accs,

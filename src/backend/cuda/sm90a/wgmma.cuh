@@ -1,4 +1,5 @@
-// Hopper warpgroup-MMA pieces shared by the sm_90a kernels (int4_wg.cu, int4_wgx.cu). Compiled only for sm_90a.
+// Hopper warpgroup-MMA pieces shared by the sm_90a kernels (int4_wg.cu, int4_wgx.cu, flash_wg.cu). Compiled only
+// for sm_90a.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -139,6 +140,15 @@ struct Wg<128> {
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Until at most N committed groups are pending (groups complete in commit order).
+template <int N>
+__device__ __forceinline__ void wg_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// A 16-byte cp.async (through L2, not L1) to a shared-memory address: the stages wgmma reads.
+__device__ __forceinline__ void cp_async16_sa(uint32_t sa, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(gmem) : "memory");
+}
 // Shared-memory writes by ordinary stores become visible to wgmma's operand reads (the async proxy).
 __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 // Keeps the compiler from moving accesses of an accumulator register across the wgmma issue / wait.

@@ -86,23 +86,35 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 // sums at the end) move on, and c0 / c1 = exp2(m_old − m_new) (0 on the first tile) is the factor the output
 // accumulators take: softmax_scores returns it (for a caller whose accumulators may be in flight),
 // online_softmax_tile applies it to acc at once.
-template <int NS>
+// FTZ: 2^x by ex2.approx.ftz, one MUFU: exp2f's result wherever x ≥ −126 and 0 below (exp2f gives a denormal
+// there through a range test, an add and a multiply around the MUFU).
+template <bool FTZ>
+__device__ __forceinline__ float exp2_sm(float x) {
+  if constexpr (FTZ) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+  } else {
+    return exp2f(x);
+  }
+}
+template <int NS, bool FTZ = false>
 __device__ __forceinline__ void softmax_scores(float (&s)[NS][4], float mx0, float mx1, float& m0, float& m1, float& l0,
                                                float& l1, float& c0, float& c1) {
   mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
   mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
   mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
   mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-  c0 = exp2f(m0 - mx0), c1 = exp2f(m1 - mx1);
+  c0 = exp2_sm<FTZ>(m0 - mx0), c1 = exp2_sm<FTZ>(m1 - mx1);
   m0 = mx0;
   m1 = mx1;
   float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
   for (int i = 0; i < NS; ++i) {
-    s[i][0] = exp2f(s[i][0] - mx0);
-    s[i][1] = exp2f(s[i][1] - mx0);
-    s[i][2] = exp2f(s[i][2] - mx1);
-    s[i][3] = exp2f(s[i][3] - mx1);
+    s[i][0] = exp2_sm<FTZ>(s[i][0] - mx0);
+    s[i][1] = exp2_sm<FTZ>(s[i][1] - mx0);
+    s[i][2] = exp2_sm<FTZ>(s[i][2] - mx1);
+    s[i][3] = exp2_sm<FTZ>(s[i][3] - mx1);
     sum0 += s[i][0] + s[i][1];
     sum1 += s[i][2] + s[i][3];
   }

@@ -65,7 +65,14 @@ __device__ __forceinline__ void st_zero16(uint32_t sa) {
   asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(sa), "r"(0) : "memory");
 }
 
-template <int GROUP>
+// V: session 33's changes as bits (DS_CUDA_FA_WG_V: 11 = all, the default; 0 = session 32's kernel), the same
+// output bits either way (FlashAttention.WgVariantsSameBits):
+//   1: O's rescale skipped where no row of the warp changed its maximum (the factor is exactly 1);
+//   2: P and the factors by ex2.approx.ftz (exp2f's bits where x ≥ −126; 0 instead of a denormal below);
+//   8: O rescaled as soon as P·V(j − 1) is done (before the tile's barrier), not between S(j + 1) and P·V(j).
+// Measured alone and together (H200, docs/perf.md session 33): 8 alone lost 11%, 1 + 2 + 8 won 2-5%; a block-table
+// read a tile ahead (the ncu profile's top stall) lost 3-5% in every combination and is not here.
+template <int GROUP, int V>
 __global__ void __launch_bounds__(kThreads, 1)
     k_flash_wg(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc,
                const __nv_bfloat16* __restrict__ vc, __nv_bfloat16* __restrict__ o, int nseq, int Nh, int Nkv, int bs,
@@ -100,11 +107,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   // block-table division and 64-bit address arithmetic were most of the kernel's instructions: ncu, session 32).
   static_assert(kBN == kThreads / 4, "flash wg: one tile row per 4 lanes");
   const int lr = warp * 8 + (lane >> 2), lc = lane & 3;
-  auto load_tile = [&](int j, int b, bool kk, bool vv) {
-    const uint32_t dk = sKV + uint32_t(2 * b) * kKVBytes, dv = dk + kKVBytes;
+  // crow_of(j): the cache row (block · bs + offset) of this lane's row of tile j, or −1 past kv_end; worked out once
+  // per tile for its K and V copies, which are issued a tile apart.
+  auto crow_of = [&](int j) {
     const int p = j * kBN + lr;
-    if (p < kv_end) {
-      const int64_t off = (int64_t(bt[p / bs]) * bs + p % bs) * crow + int64_t(kvh) * kDH + lc * 8;
+    if (p >= kv_end) return -1;
+    const int d = p / bs;
+    return bt[d] * bs + (p - d * bs);
+  };
+  auto load_tile = [&](int b, bool kk, bool vv, int cr) {
+    const uint32_t dk = sKV + uint32_t(2 * b) * kKVBytes, dv = dk + kKVBytes;
+    if (cr >= 0) {
+      const int64_t off = int64_t(cr) * crow + int64_t(kvh) * kDH + lc * 8;
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         const uint32_t at = chunk_at(lr, lc + 4 * i, kKVRegion);
@@ -171,9 +185,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (e < 2) mx0 = fmaxf(mx0, x);
         else mx1 = fmaxf(mx1, x);
       }
-    softmax_scores(s, mx0, mx1, m0, m1, l0, l1, c0, c1);
+    softmax_scores<kBN / 8, (V & 2) != 0>(s, mx0, mx1, m0, m1, l0, l1, c0, c1);
   };
   auto rescale = [&](float c0, float c1) {
+    if constexpr ((V & 1) != 0)
+      if (!__any_sync(0xffffffffu, c0 != 1.f || c1 != 1.f)) return;  // × 1 everywhere in this warp
 #pragma unroll
     for (int i = 0; i < kDH / 8; ++i) acc[i][0] *= c0, acc[i][1] *= c0, acc[i][2] *= c1, acc[i][3] *= c1;
   };
@@ -193,9 +209,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   // P·V(j − 1) does (its O factor is applied just before P·V(j) is issued). Once S(j) and P·V(j − 1) are done (one
   // barrier per tile), K stage j % 2 takes K(j + 2) and V stage (j + 1) % 2 takes V(j + 1): each copy has a whole
   // tile's work to land before the barrier that makes it visible.
-  load_tile(0, 0, true, true);
+  load_tile(0, true, true, crow_of(0));
   cp_async_commit();
-  if (nkv > 1) load_tile(1, 1, true, false);
+  int cr1 = nkv > 1 ? crow_of(1) : -1;  // tile j + 1's cache row (V(j + 1) is copied in iteration j)
+  if (nkv > 1) load_tile(1, true, false, cr1);
   cp_async_commit();
   cp_async_wait<0>();
   visible();
@@ -207,16 +224,19 @@ __global__ void __launch_bounds__(kThreads, 1)
   wg_wait<0>();
   reg_fence(reinterpret_cast<float(&)[kBN / 2]>(sc));
   softmax(0, sc, c0, c1);
+  if constexpr ((V & 8) != 0) rescale(c0, c1);
 #pragma unroll
   for (int kk = 0; kk < kBN / 16; ++kk) p_fragment(sc[2 * kk], sc[2 * kk + 1], p[kk]);
   __syncthreads();  // K stage 0 is free
-  if (nkv > 2) load_tile(2, 0, true, false);
-  if (nkv > 1) load_tile(1, 1, false, true);
+  const int cr2 = nkv > 2 ? crow_of(2) : -1;
+  if (nkv > 2) load_tile(0, true, false, cr2);
+  if (nkv > 1) load_tile(1, false, true, cr1);
   cp_async_commit();
+  cr1 = cr2;
   for (int j = 1; j < nkv; ++j) {
     issue_s(j, sc);  // K(j): visible since the last barrier
     wg_commit();
-    rescale(c0, c1);
+    if constexpr ((V & 8) == 0) rescale(c0, c1);
     issue_pv(j - 1, p);  // V(j − 1)
     wg_commit();
     wg_wait<1>();
@@ -224,15 +244,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     softmax(j, sc, c0, c1);
     wg_wait<0>();
     reg_fence(of);
+    if constexpr ((V & 8) != 0) rescale(c0, c1);  // P·V(j − 1) is done: O takes tile j's factor now
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) p_fragment(sc[2 * kk], sc[2 * kk + 1], p[kk]);
     cp_async_wait<0>();  // K(j + 1) and V(j), copied during this tile
     visible();           // and every warpgroup is done with K(j) and V(j − 1)
-    if (j + 2 < nkv) load_tile(j + 2, j & 1, true, false);
-    if (j + 1 < nkv) load_tile(j + 1, (j + 1) & 1, false, true);
+    const int cr = j + 2 < nkv ? crow_of(j + 2) : -1;
+    if (j + 2 < nkv) load_tile(j & 1, true, false, cr);
+    if (j + 1 < nkv) load_tile((j + 1) & 1, false, true, cr1);
     cp_async_commit();
+    cr1 = cr;
   }
-  rescale(c0, c1);
+  if constexpr ((V & 8) == 0) rescale(c0, c1);
   issue_pv(nkv - 1, p);
   wg_commit();
   wg_wait<0>();
@@ -255,19 +278,19 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-template <int GROUP>
+template <int GROUP, int V>
 void launch(const void* q, const void* k, const void* v, void* o, int64_t T, int nseq, int64_t Nh, int64_t Nkv,
             int64_t bs, const int32_t* seqinfo, const int32_t* blocks, int maxb, cudaStream_t s) {
   constexpr int TQ = kRows / GROUP;
   static const bool attr = [] {
     DS_CUDA_CHECK(
-        cudaFuncSetAttribute(k_flash_wg<GROUP>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmem)));
+        cudaFuncSetAttribute(k_flash_wg<GROUP, V>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmem)));
     return true;
   }();
   (void)attr;
   const int64_t tiles = flash_tile_bound(T, nseq, TQ);
   const float scale_log2 = float(1.4426950408889634 / std::sqrt(double(kDH)));
-  k_flash_wg<GROUP><<<unsigned(tiles * Nkv), kThreads, kSmem, s>>>(
+  k_flash_wg<GROUP, V><<<unsigned(tiles * Nkv), kThreads, kSmem, s>>>(
       static_cast<const __nv_bfloat16*>(q), static_cast<const __nv_bfloat16*>(k), static_cast<const __nv_bfloat16*>(v),
       static_cast<__nv_bfloat16*>(o), nseq, int(Nh), int(Nkv), int(bs), seqinfo, blocks, maxb, scale_log2);
   DS_CUDA_CHECK(cudaGetLastError());
@@ -282,8 +305,11 @@ bool flash_wg_prefill(const void* q, const void* k, const void* v, void* o, int6
   if (Dh != kDH || !sm90_device() || env_int("DS_CUDA_FA_WG", 1) == 0) return false;
   if (Nkv <= 0 || Nh % Nkv != 0) return false;
   const int64_t group = Nh / Nkv;
+  // DS_CUDA_FA_WG_V=0: session 32's order and arithmetic, built for GQA 8:1 only (the 35B-A3B's), to compare.
+  if (group == 8 && env_int("DS_CUDA_FA_WG_V", 11) == 0)
+    return launch<8, 0>(q, k, v, o, T, nseq, Nh, Nkv, bs, seqinfo, blocks, maxb, s), true;
 #define DS_FW(G) \
-  if (group == G) return launch<G>(q, k, v, o, T, nseq, Nh, Nkv, bs, seqinfo, blocks, maxb, s), true;
+  if (group == G) return launch<G, 11>(q, k, v, o, T, nseq, Nh, Nkv, bs, seqinfo, blocks, maxb, s), true;
   DS_FW(8) DS_FW(6) DS_FW(4) DS_FW(2) DS_FW(1)
 #undef DS_FW
   return false;

@@ -13,7 +13,8 @@
 // rounding, not bit for bit.
 // Measured (H200, session 32; docs/perf.md): S, softmax and P·V in turn with two barriers per tile 287-317 TFLOP/s at
 // 4k-32k tokens (35B-A3B shape; k_flash_attn 182-193); with one cache address per lane and tile in the loads 359-403;
-// in FA3's order (249 registers) 407-465. The same order before the load fix: 243.
+// in FA3's order (249 registers) 407-465. The same order before the load fix: 243. Session 33 (the V bits below,
+// same bits): 434-510.
 #include <cuda_bf16.h>
 
 #include <cmath>

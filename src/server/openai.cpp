@@ -164,27 +164,26 @@ GenSpec parse_generation_request(const json& j, bool chat, const sampling::Sampl
           if (!part.is_object() || !part.contains("type") || !part["type"].is_string())
             throw bad_request(where + ": content parts must be objects with a 'type', got " + brief(part), "messages");
           std::string t = part["type"].get<std::string>();
-          if (t == "video_url") {
-            // vLLM / OpenAI-style: {"type": "video_url", "video_url": {"url": ...}}; a bare string is taken too.
-            const json* u = part.contains("video_url") ? &part["video_url"] : nullptr;
+          // A media part's URL: {"type": K, K: {"url": ...}} (OpenAI; image_url may carry "detail"), or K: "url"
+          // (vLLM takes a bare string too).
+          auto media_url = [&](const char* key, const char* article, const char* example) {
+            const json* u = part.contains(key) ? &part[key] : nullptr;
             if (u && u->is_object() && u->contains("url")) u = &(*u)["url"];
             if (!u || !u->is_string() || u->get<std::string>().empty())
-              throw bad_request(where + ": a video_url part needs {\"video_url\": {\"url\": \"data:video/...|http(s)://...\"}}, got " +
-                                    brief(part), "messages");
-            g.videos.push_back({u->get<std::string>(), where});
+              throw bad_request(where + ": " + article + " " + key + " part needs {\"" + key + "\": {\"url\": \"" +
+                                    example + "\"}}, got " + brief(part),
+                                "messages");
+            return u->get<std::string>();
+          };
+          if (t == "video_url") {
+            g.videos.push_back({media_url("video_url", "a", "data:video/...|http(s)://..."), where});
             continue;
           }
           if (t == "video")
             throw bad_request(where + ": content part type 'video' is not an OpenAI part; send {\"type\": \"video_url\", "
                                   "\"video_url\": {\"url\": ...}}", "messages");
           if (t == "image_url") {
-            // OpenAI: {"type": "image_url", "image_url": {"url": ..., "detail": ...}}; vLLM also takes a bare string.
-            const json* u = part.contains("image_url") ? &part["image_url"] : nullptr;
-            if (u && u->is_object() && u->contains("url")) u = &(*u)["url"];
-            if (!u || !u->is_string() || u->get<std::string>().empty())
-              throw bad_request(where + ": an image_url part needs {\"image_url\": {\"url\": \"data:...|http(s)://...\"}}, got " +
-                                    brief(part), "messages");
-            g.images.push_back({u->get<std::string>(), where});
+            g.images.push_back({media_url("image_url", "an", "data:...|http(s)://..."), where});
             continue;
           }
           if (t != "text")

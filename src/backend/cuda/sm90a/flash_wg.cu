@@ -66,8 +66,8 @@ __device__ __forceinline__ void st_zero16(uint32_t sa) {
   asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(sa), "r"(0) : "memory");
 }
 
-// V: session 33's changes as bits (DS_CUDA_FA_WG_V: 11 = all, the default; 0 = session 32's kernel), the same
-// output bits either way (FlashAttention.WgVariantsSameBits):
+// V: session 33's changes as bits (DS_CUDA_FA_WG_V: 11 = all, the default; 0 = session 32's order and arithmetic),
+// the same output bits either way (FlashAttention.WgVariantsSameBits):
 //   1: O's rescale skipped where no row of the warp changed its maximum (the factor is exactly 1);
 //   2: P and the factors by ex2.approx.ftz (exp2f's bits where x ≥ −126; 0 instead of a denormal below);
 //   8: O rescaled as soon as P·V(j − 1) is done (before the tile's barrier), not between S(j + 1) and P·V(j).
@@ -110,6 +110,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int lr = warp * 8 + (lane >> 2), lc = lane & 3;
   // crow_of(j): the cache row (block · bs + offset) of this lane's row of tile j, or −1 past kv_end; worked out once
   // per tile for its K and V copies, which are issued a tile apart.
+  // (32-bit: a pool of 2^31 cache rows would hold over 2 TB at this head dim.)
   auto crow_of = [&](int j) {
     const int p = j * kBN + lr;
     if (p >= kv_end) return -1;
@@ -207,9 +208,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
   };
   // FA3's intra-warpgroup order: tile j's S is issued before P·V(j − 1), and the softmax of tile j runs while
-  // P·V(j − 1) does (its O factor is applied just before P·V(j) is issued). Once S(j) and P·V(j − 1) are done (one
-  // barrier per tile), K stage j % 2 takes K(j + 2) and V stage (j + 1) % 2 takes V(j + 1): each copy has a whole
-  // tile's work to land before the barrier that makes it visible.
+  // P·V(j − 1) does (its O factor is applied once P·V(j − 1) is done, V & 8, else just before P·V(j) is issued).
+  // Once S(j) and P·V(j − 1) are done (one barrier per tile), K stage j % 2 takes K(j + 2) and V stage (j + 1) % 2
+  // takes V(j + 1): each copy has a whole tile's work to land before the barrier that makes it visible.
   load_tile(0, true, true, crow_of(0));
   cp_async_commit();
   int cr1 = nkv > 1 ? crow_of(1) : -1;  // tile j + 1's cache row (V(j + 1) is copied in iteration j)

@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(128 * WK, 1)
       s_nx0 = pk[PAR ^ 1].s0, s_nx1 = pk[PAR ^ 1].s1;
       if (gi + 3 < NG) load_pkg(gi + 3, pk[PAR ^ 1]);
     }
-    wg_wait0();
+    wg_wait<0>();
     reg_fence(tmp);
     scale_add(part, tmp, s_cur0, s_cur1);
 #pragma unroll

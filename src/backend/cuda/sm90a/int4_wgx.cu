@@ -211,7 +211,7 @@ __device__ __forceinline__ void wgx_run(const Int4Out& O, const __nv_bfloat16* _
       s_nx0 = sc_f(pk[PAR ^ 1].s0), s_nx1 = sc_f(pk[PAR ^ 1].s1);
       load_pkg(pk[PAR ^ 1]);  // step v + 3
     }
-    wg_wait0();
+    wg_wait<0>();
     reg_fence(tmp);
     if constexpr (G1) {  // the slice's partial fma(scale, tmp, 0), added to the running sum (the first: it)
       const bool first = gi == 0;

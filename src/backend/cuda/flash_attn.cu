@@ -182,20 +182,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 template <int DH, int GROUP>
 void launch(const void* q, const void* k, const void* v, void* o, int64_t T, int nseq, int64_t Nh, int64_t Nkv,
             int64_t bs, const int32_t* seqinfo, const int32_t* blocks, int maxb, cudaStream_t s) {
-  constexpr int TQ = kRows / GROUP;
   constexpr size_t smem = size_t(kRows + 4 * kBN) * DH * 2;
-  static const bool attr = [] {
-    DS_CUDA_CHECK(
-        cudaFuncSetAttribute(k_flash_attn<DH, GROUP>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    return true;
-  }();
-  (void)attr;
-  const int64_t tiles = flash_tile_bound(T, nseq, TQ);
-  const float scale_log2 = float(1.4426950408889634 / std::sqrt(double(DH)));
-  k_flash_attn<DH, GROUP><<<unsigned(tiles * Nkv), kThreads, smem, s>>>(
-      static_cast<const __nv_bfloat16*>(q), static_cast<const __nv_bfloat16*>(k), static_cast<const __nv_bfloat16*>(v),
-      static_cast<__nv_bfloat16*>(o), nseq, int(Nh), int(Nkv), int(bs), seqinfo, blocks, maxb, scale_log2);
-  DS_CUDA_CHECK(cudaGetLastError());
+  flash_launch<k_flash_attn<DH, GROUP>>(kThreads, smem, kRows / GROUP, DH, q, k, v, o, T, nseq, Nh, Nkv, bs, seqinfo,
+                                        blocks, maxb, s);
 }
 
 }  // namespace

@@ -1,8 +1,12 @@
 // Device pieces shared by the flash attention kernels (flash_attn.cu, sm90a/flash_wg.cu).
 #pragma once
 
+#include <cuda_bf16.h>
+
+#include <cmath>
 #include <cstdint>
 
+#include "backend/cuda/cuda_check.h"
 #include "backend/cuda/flash_attn.h"
 
 namespace ds::cuda {
@@ -66,6 +70,26 @@ __device__ __forceinline__ bool flash_block(int nseq, int Nkv, const int32_t* __
   f.diag = f.ctx + f.t0;
   f.bt = blocks + int64_t(seq) * maxb;
   return true;
+}
+
+// A flash kernel's launch (k_flash_attn and k_flash_wg take the same parameters): flash_tile_bound's tiles × Nkv
+// blocks of `threads`, `smem` bytes of dynamic shared memory (the limit raised once per kernel), TQ query tokens per
+// block, the softmax scale in the log2 domain for head dim DH.
+template <auto Kernel>
+void flash_launch(int threads, size_t smem, int64_t TQ, int64_t DH, const void* q, const void* k, const void* v,
+                  void* o, int64_t T, int nseq, int64_t Nh, int64_t Nkv, int64_t bs, const int32_t* seqinfo,
+                  const int32_t* blocks, int maxb, cudaStream_t s) {
+  static const bool attr = [smem] {
+    DS_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    return true;
+  }();
+  (void)attr;
+  const int64_t tiles = flash_tile_bound(T, nseq, TQ);
+  const float scale_log2 = float(1.4426950408889634 / std::sqrt(double(DH)));
+  Kernel<<<unsigned(tiles * Nkv), threads, smem, s>>>(
+      static_cast<const __nv_bfloat16*>(q), static_cast<const __nv_bfloat16*>(k), static_cast<const __nv_bfloat16*>(v),
+      static_cast<__nv_bfloat16*>(o), nseq, int(Nh), int(Nkv), int(bs), seqinfo, blocks, maxb, scale_log2);
+  DS_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace ds::cuda

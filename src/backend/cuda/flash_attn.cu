@@ -130,19 +130,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Online softmax in the log2 domain. Columns past a row's own position are masked (only on tiles crossing diag).
     const bool mask = (j + 1) * kBN - 1 > diag;
     float mx0 = m0, mx1 = m1;
-#pragma unroll
-    for (int i = 0; i < NT; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[i][e] * scale_log2;
-        if (mask) {
-          const int col = j * kBN + i * 8 + 2 * t4 + (e & 1);
-          if (col > (e < 2 ? pos0 : pos1)) x = -INFINITY;
-        }
-        s[i][e] = x;
-        if (e < 2) mx0 = fmaxf(mx0, x);
-        else mx1 = fmaxf(mx1, x);
-      }
+    flash_scale_mask(s, scale_log2, mask, j * kBN, t4, pos0, pos1, mx0, mx1);
     // Every row attends position 0, so the first tile gives a finite maximum and it stays finite.
     online_softmax_tile(s, acc, mx0, mx1, m0, m1, l0, l1);
 

@@ -72,6 +72,28 @@ __device__ __forceinline__ bool flash_block(int nseq, int Nkv, const int32_t* __
   return true;
 }
 
+// A tile's scores in the log2 domain (s · scale_log2) and this lane's row maxima: s[i][e] is (row g + 8·(e / 2),
+// column c0 + 8i + 2·t4 + e % 2) of an S tile (c0: its first position; t4 = lane % 4); with `mask` (a tile crossing
+// the diagonal) a column past its row's own position (pos0: row g, pos1: row g + 8) becomes −inf. mx0 / mx1 come in
+// as the running maxima and leave as the maxima over them and this lane's columns.
+template <int NS>
+__device__ __forceinline__ void flash_scale_mask(float (&s)[NS][4], float scale_log2, bool mask, int c0, int t4,
+                                                 int pos0, int pos1, float& mx0, float& mx1) {
+#pragma unroll
+  for (int i = 0; i < NS; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float x = s[i][e] * scale_log2;
+      if (mask) {
+        const int col = c0 + i * 8 + 2 * t4 + (e & 1);
+        if (col > (e < 2 ? pos0 : pos1)) x = -INFINITY;
+      }
+      s[i][e] = x;
+      if (e < 2) mx0 = fmaxf(mx0, x);
+      else mx1 = fmaxf(mx1, x);
+    }
+}
+
 // A flash kernel's launch (k_flash_attn and k_flash_wg take the same parameters): flash_tile_bound's tiles × Nkv
 // blocks of `threads`, `smem` bytes of dynamic shared memory (the limit raised once per kernel), TQ query tokens per
 // block, the softmax scale in the log2 domain for head dim DH.

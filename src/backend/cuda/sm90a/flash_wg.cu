@@ -174,19 +174,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto softmax = [&](int j, float (&s)[kBN / 8][4], float& c0, float& c1) {
     const bool mask = (j + 1) * kBN - 1 > diag;
     float mx0 = m0, mx1 = m1;
-#pragma unroll
-    for (int i = 0; i < kBN / 8; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[i][e] * scale_log2;
-        if (mask) {
-          const int col = j * kBN + i * 8 + 2 * t4 + (e & 1);
-          if (col > (e < 2 ? pos0 : pos1)) x = -INFINITY;
-        }
-        s[i][e] = x;
-        if (e < 2) mx0 = fmaxf(mx0, x);
-        else mx1 = fmaxf(mx1, x);
-      }
+    flash_scale_mask(s, scale_log2, mask, j * kBN, t4, pos0, pos1, mx0, mx1);
     softmax_scores<kBN / 8, (V & 2) != 0>(s, mx0, mx1, m0, m1, l0, l1, c0, c1);
   };
   auto rescale = [&](float c0, float c1) {

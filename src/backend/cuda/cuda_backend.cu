@@ -666,6 +666,22 @@ __global__ void k_conv1d_tokens(const void* mixed, int mdt, const float* weight,
   for (int j = 0; j < KC; ++j) acc += weight[ch * KC + j] * conv_in<KC>(mixed, mdt, st, qs, C, ch, i - (KC - 1) + j);
   stf(out, odt, t * C + ch, silu_f(acc));
 }
+// k_conv1d_tokens8's pieces (with bf16x8 for a row's 8 inputs): the state window's 8 channels at position jj < 0 of
+// a sequence (slot's window, its last KC − 1 inputs); silu of 8 sums stored as 8 bf16.
+template <int KC>
+__device__ __forceinline__ void conv_state8(const float* __restrict__ conv_state, int64_t slot, int64_t C, int64_t c8,
+                                            int64_t jj, float (&in)[8]) {
+  const float* st = conv_state + (slot * C + c8) * (KC - 1) + (KC - 1) + jj;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) in[e] = st[e * (KC - 1)];
+}
+__device__ __forceinline__ void store_silu8(__nv_bfloat16* o, const float (&acc)[8]) {
+  uint4 u;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) h[e] = __floats2bfloat162_rn(silu_f(acc[2 * e]), silu_f(acc[2 * e + 1]));
+  *reinterpret_cast<uint4*>(o) = u;
+}
 // The same for bf16 in and out with C % 8 == 0: one thread per (8 channels, kConvTT consecutive tokens), its 8 × KC
 // taps in registers (loaded once), 16-byte activation loads and stores (the scalar form above spends its time on
 // per-element dtype switches and re-reading the taps). Each channel's taps are added in the same order as above,
@@ -716,26 +732,12 @@ __global__ void __launch_bounds__(128) k_conv1d_tokens8(const __nv_bfloat16* __r
           const int r = tt + j;
           const int64_t jj = i0 - (KC - 1) + r;
           float in[8];
-          if (jj >= 0) {
-            const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&rows[r]);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const float2 f = __bfloat1622float2(h[e]);
-              in[2 * e] = f.x, in[2 * e + 1] = f.y;
-            }
-          } else {  // before the sequence's first token: the state's window (only a sequence's first pass)
-            const float* st = conv_state + (slot0 * C + c8) * (KC - 1) + (KC - 1) + jj;
-#pragma unroll
-            for (int e = 0; e < 8; ++e) in[e] = st[e * (KC - 1)];
-          }
+          if (jj >= 0) bf16x8(rows[r], in);
+          else conv_state8<KC>(conv_state, slot0, C, c8, jj, in);  // before the sequence's first token (first pass)
 #pragma unroll
           for (int e = 0; e < 8; ++e) acc[e] += wv[e][j] * in[e];
         }
-        uint4 u;
-        __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) h[e] = __floats2bfloat162_rn(silu_f(acc[2 * e]), silu_f(acc[2 * e + 1]));
-        *reinterpret_cast<uint4*>(out + (tb + tt) * C + c8) = u;
+        store_silu8(out + (tb + tt) * C + c8, acc);
       }
     }
     return;
@@ -753,27 +755,12 @@ __global__ void __launch_bounds__(128) k_conv1d_tokens8(const __nv_bfloat16* __r
     for (int j = 0; j < KC; ++j) {
       const int64_t jj = i - (KC - 1) + j;
       float in[8];
-      if (jj >= 0) {
-        const uint4 u = *reinterpret_cast<const uint4*>(mixed + (qs + jj) * C + c8);
-        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float2 f = __bfloat1622float2(h[e]);
-          in[2 * e] = f.x, in[2 * e + 1] = f.y;
-        }
-      } else {
-        const float* st = conv_state + (slot * C + c8) * (KC - 1) + (KC - 1) + jj;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) in[e] = st[e * (KC - 1)];
-      }
+      if (jj >= 0) bf16x8(*reinterpret_cast<const uint4*>(mixed + (qs + jj) * C + c8), in);
+      else conv_state8<KC>(conv_state, slot, C, c8, jj, in);
 #pragma unroll
       for (int e = 0; e < 8; ++e) acc[e] += wv[e][j] * in[e];
     }
-    uint4 u;
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) h[e] = __floats2bfloat162_rn(silu_f(acc[2 * e]), silu_f(acc[2 * e + 1]));
-    *reinterpret_cast<uint4*>(out + t * C + c8) = u;
+    store_silu8(out + t * C + c8, acc);
   }
 }
 template <int KC>

@@ -359,28 +359,27 @@ __global__ void __launch_bounds__(kStateThreads, 1)
   const int64_t qs = seqinfo[s * 4 + 0], ql = seqinfo[s * 4 + 1], slot = seqinfo[s * 4 + 3];
   if (ql < kGdrChunkMin) return;
   const int64_t kh = j / (Hv / Hk);
+  // A [64][64] scratch chunk of value head j (Tb or P: rows t0 .., n of them) into dst (row stride kLT), rows past
+  // the sequence zero-filled.
+  auto load_scratch = [&](float* dst, const float* src, int64_t t0, int n) {
+    for (int idx = tid; idx < 64 * 16; idx += kStateThreads) {
+      const int r = idx >> 4, c4 = 4 * (idx & 15);
+      const int64_t off = ((t0 + (r < n ? r : 0)) * Hv + j) * kGdrChunk + c4;
+      cp_async(dst + r * kLT + c4, src + off, 16, r < n);
+    }
+  };
   // Chunk c's K, Q, Tb, G into buffer c & 1 (Q: one buffer); its P (one buffer); rows past the sequence zero-filled.
   auto prefetch = [&](int64_t c0, int buf) {
     const int n = int(ql - c0 < kGdrChunk ? ql - c0 : kGdrChunk);
     const int64_t t0 = qs + c0;
     load_rows<DK, kStateThreads>(sm + L::K + buf * 64 * LK, LK, kn, t0, n, Hk, kh);
     load_rows<DK, kStateThreads>(sm + L::Q, LK, qn, t0, n, Hk, kh);
-    for (int idx = tid; idx < 64 * 16; idx += kStateThreads) {
-      const int r = idx >> 4, c4 = 4 * (idx & 15);
-      const int64_t off = ((t0 + (r < n ? r : 0)) * Hv + j) * kGdrChunk + c4;
-      cp_async(sm + L::Tb + (buf * 64 + r) * kLT + c4, Tb + off, 16, r < n);
-    }
+    load_scratch(sm + L::Tb + buf * 64 * kLT, Tb, t0, n);
     if (tid < 64) cp_async(sm + L::G + buf * 64 + tid, Gc + (t0 + (tid < n ? tid : 0)) * Hv + j, 4, tid < n);
     cp_async_commit();
   };
   auto load_p = [&](int64_t c0) {
-    const int n = int(ql - c0 < kGdrChunk ? ql - c0 : kGdrChunk);
-    const int64_t t0 = qs + c0;
-    for (int idx = tid; idx < 64 * 16; idx += kStateThreads) {
-      const int r = idx >> 4, c4 = 4 * (idx & 15);
-      const int64_t off = ((t0 + (r < n ? r : 0)) * Hv + j) * kGdrChunk + c4;
-      cp_async(sm + L::P + r * kLT + c4, P + off, 16, r < n);
-    }
+    load_scratch(sm + L::P, P, qs + c0, int(ql - c0 < kGdrChunk ? ql - c0 : kGdrChunk));
     cp_async_commit();
   };
   const int rlo = 16 * (w & 3) + gq, rhi = rlo + 8;  // chunk rows of this warp's tile in (1)–(3)

@@ -234,23 +234,18 @@ __global__ void __launch_bounds__(128 * WK, 1)
       for (int i = 0; i < NA; ++i) acc[i] += red[(int64_t(sx - spw) * NA + i) * 128 + tid];
   }
   if (ot_raw >= otiles) return;
+  for_fragment_tokens<NTOK>(tig, cnt, [&](int i, int h, int ti) {
+    const int64_t p = t0 + ti;
 #pragma unroll
-  for (int i = 0; i < NTOK / 8; ++i)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int ti = 8 * i + 2 * tig + h;
-      if (ti >= cnt) continue;
-      const int64_t p = t0 + ti;
-#pragma unroll
-      for (int rr = 0; rr < 2; ++rr) {
-        const int64_t n = ot * 16 + g + 8 * rr;
-        const float v = acc[4 * i + 2 * rr + h];
-        if (ydt == int(DType::F32))
-          static_cast<float*>(y)[p * n_out + n] = v;
-        else
-          static_cast<__nv_bfloat16*>(y)[p * n_out + n] = __float2bfloat16_rn(v);
-      }
+    for (int rr = 0; rr < 2; ++rr) {
+      const int64_t n = ot * 16 + g + 8 * rr;
+      const float v = acc[4 * i + 2 * rr + h];
+      if (ydt == int(DType::F32))
+        static_cast<float*>(y)[p * n_out + n] = v;
+      else
+        static_cast<__nv_bfloat16*>(y)[p * n_out + n] = __float2bfloat16_rn(v);
     }
+  });
 #endif
 }
 

@@ -271,37 +271,27 @@ __device__ __forceinline__ void wgx_run(const Int4Out& O, const __nv_bfloat16* _
         // silu(gate)·up, permuted for the down projection (perm64): columns of rows g and g + 8 of the tile
         const int nb = int(ot) * 16, c0p = (nb & ~63) + perm64((nb & 63) + g), c1p = (nb & ~63) + perm64((nb & 63) + g + 8);
         const float* up = reinterpret_cast<const float*>(ap + 128);
-#pragma unroll
-        for (int i = 0; i < N / 8; ++i)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int ti = 8 * i + 2 * tig + h;
-            if (ti >= cnt) continue;
-            __nv_bfloat16* yr = static_cast<__nv_bfloat16*>(O.y) + int64_t(plist[ti]) * O.n_out;
-            const int c = 4 * i + h, d = c + 2;  // rr = 0 and rr = 1
-            const float u0 = up[(c >> 2) * kXThreads * 4 + (c & 3)], u1 = up[(d >> 2) * kXThreads * 4 + (d & 3)];
-            yr[c0p] = __float2bfloat16_rn(silu(part[c]) * u0);
-            yr[c1p] = __float2bfloat16_rn(silu(part[d]) * u1);
-          }
+        for_fragment_tokens<N>(tig, cnt, [&](int i, int h, int ti) {
+          __nv_bfloat16* yr = static_cast<__nv_bfloat16*>(O.y) + int64_t(plist[ti]) * O.n_out;
+          const int c = 4 * i + h, d = c + 2;  // rr = 0 and rr = 1
+          const float u0 = up[(c >> 2) * kXThreads * 4 + (c & 3)], u1 = up[(d >> 2) * kXThreads * 4 + (d & 3)];
+          yr[c0p] = __float2bfloat16_rn(silu(part[c]) * u0);
+          yr[c1p] = __float2bfloat16_rn(silu(part[d]) * u1);
+        });
       }
     } else if (ot < otiles) {
       const int64_t n = ot * 16 + g;
-#pragma unroll
-      for (int i = 0; i < N / 8; ++i)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int ti = 8 * i + 2 * tig + h;
-          if (ti >= cnt) continue;
-          const int64_t ro = int64_t(plist[ti]) * O.n_out + n;
-          const float v0 = part[4 * i + h], v1 = part[4 * i + 2 + h];
-          if (O.ydt == int(DType::F32)) {
-            static_cast<float*>(O.y)[ro] = v0;
-            static_cast<float*>(O.y)[ro + 8] = v1;
-          } else {
-            static_cast<__nv_bfloat16*>(O.y)[ro] = __float2bfloat16_rn(v0);
-            static_cast<__nv_bfloat16*>(O.y)[ro + 8] = __float2bfloat16_rn(v1);
-          }
+      for_fragment_tokens<N>(tig, cnt, [&](int i, int h, int ti) {
+        const int64_t ro = int64_t(plist[ti]) * O.n_out + n;
+        const float v0 = part[4 * i + h], v1 = part[4 * i + 2 + h];
+        if (O.ydt == int(DType::F32)) {
+          static_cast<float*>(O.y)[ro] = v0;
+          static_cast<float*>(O.y)[ro + 8] = v1;
+        } else {
+          static_cast<__nv_bfloat16*>(O.y)[ro] = __float2bfloat16_rn(v0);
+          static_cast<__nv_bfloat16*>(O.y)[ro + 8] = __float2bfloat16_rn(v1);
         }
+      });
     }
   };
   for (int v = 0; v < nsteps; v += 2) {

@@ -170,6 +170,19 @@ __device__ __forceinline__ void scale_add(float (&part)[N], const float (&tmp)[N
   }
 }
 
+// Calls f(i, h, ti) for every token ti = 8i + 2·tig + h < cnt of an N-token accumulator (the lane's elements
+// 4i + 2rr + h hold token ti, rows g + 8rr).
+template <int N, class F>
+__device__ __forceinline__ void for_fragment_tokens(int tig, int cnt, F&& f) {
+#pragma unroll
+  for (int i = 0; i < N / 8; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int ti = 8 * i + 2 * tig + h;
+      if (ti < cnt) f(i, h, ti);
+    }
+}
+
 // Descriptor of a K-major B tile in the 128-byte swizzle: token rows of 128 bytes (64 inputs), 8-row atoms of 1024
 // bytes (stride-dimension offset), the 16-byte chunk q of row n stored at chunk q ^ (n % 8) (the hardware applies
 // the XOR to address bits 4-6 from bits 7-9, so atoms are 1024-byte aligned and a k16 step inside the row is the start

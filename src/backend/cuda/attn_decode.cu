@@ -230,17 +230,40 @@ __global__ void __launch_bounds__(kThreads, QKS ? 4 : 3)
   if (has1) store(r1, m1, l1, 2);
 }
 
+// K and V tiles, plus the S partials of QKS (over 48 KB at DH = 256: opt-in, raised once per instance).
+template <int DH, bool QKS>
+constexpr size_t dec_smem() {
+  return size_t(2 * kStages * kTP * DH) * 2 + (QKS ? 8 * 32 * sizeof(float4) : 0);
+}
+template <int DH, bool QKS>
+void set_smem_limit() {
+  static const bool attr = [] {
+    DS_CUDA_CHECK(cudaFuncSetAttribute(k_attn_dec_tc<DH, QKS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       int(dec_smem<DH, QKS>())));
+    return true;
+  }();
+  (void)attr;
+}
+// Blocks of the instance resident on the device at once (SMs × blocks per SM).
+template <int DH, bool QKS>
+int64_t resident_blocks() {
+  static const int64_t n = [] {
+    set_smem_limit<DH, QKS>();
+    int per_sm = 0;
+    DS_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_attn_dec_tc<DH, QKS>, kThreads,
+                                                                dec_smem<DH, QKS>()));
+    return int64_t(per_sm) * device_sm_count();
+  }();
+  return n;
+}
+bool qk_split() { return env_int("DS_ATTN_QK_SPLIT", 1) != 0; }
+
 template <int DH, bool QKS>
 void launch(const void* q, const void* k, const void* v, int64_t T, int64_t Nh, int64_t Nkv, int64_t bs,
             const int32_t* seq_of, const int32_t* seqinfo, const int32_t* blocks, int maxb, float scale, int S,
             float* part, int flash_min, int min_pos, cudaStream_t s) {
-  // K and V tiles, plus the S partials of QKS (over 48 KB at DH = 256: opt-in).
-  constexpr size_t smem = size_t(2 * kStages * kTP * DH) * 2 + (QKS ? 8 * 32 * sizeof(float4) : 0);
-  static const bool attr = [] {
-    DS_CUDA_CHECK(cudaFuncSetAttribute(k_attn_dec_tc<DH, QKS>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    return true;
-  }();
-  (void)attr;
+  constexpr size_t smem = dec_smem<DH, QKS>();
+  set_smem_limit<DH, QKS>();
   const float scale_log2 = float(double(scale) * 1.4426950408889634);
   const int bs_shift = (bs & (bs - 1)) == 0 ? __builtin_ctzll(uint64_t(bs)) : -1;  // power of two: a shift
   DS_CUDA_CHECK(pdl_launch(k_attn_dec_tc<DH, QKS>, dim3(unsigned(T), unsigned(Nkv), unsigned(S)), dim3(kThreads), smem,
@@ -263,6 +286,13 @@ bool attn_decode_tc_supported(int64_t Nh, int64_t Nkv, int64_t Dh) {
   return Nkv > 0 && Nh % Nkv == 0 && Nh / Nkv <= 16 && (Dh == 64 || Dh == 128 || Dh == 256);
 }
 
+int64_t attn_decode_tc_wave(int64_t Dh) {
+  const bool qks = qk_split();
+  if (Dh == 256) return qks ? resident_blocks<256, true>() : resident_blocks<256, false>();
+  if (Dh == 128) return qks ? resident_blocks<128, true>() : resident_blocks<128, false>();
+  return qks ? resident_blocks<64, true>() : resident_blocks<64, false>();
+}
+
 void attn_decode_tc(const void* q, const void* k, const void* v, int64_t T, int64_t Nh, int64_t Nkv, int64_t Dh,
                     int64_t bs, const int32_t* seq_of, const int32_t* seqinfo, const int32_t* blocks, int maxb,
                     float scale, int S, float* part, int flash_min, int min_pos, cudaStream_t s) {
@@ -270,7 +300,7 @@ void attn_decode_tc(const void* q, const void* k, const void* v, int64_t T, int6
            " Nkv=", Nkv, " Dh=", Dh);
   DS_CHECK(T >= 1 && T <= 2147483647 && S >= 1 && S <= 65535 && Nkv <= 65535, "tensor-core decode attention: grid");
   // DS_ATTN_QK_SPLIT=0: every warp computes all of S (before session 17; other bits).
-  const bool qks = env_int("DS_ATTN_QK_SPLIT", 1) != 0;
+  const bool qks = qk_split();
   if (Dh == 256)
     return launch_qks<256>(qks, q, k, v, T, Nh, Nkv, bs, seq_of, seqinfo, blocks, maxb, scale, S, part, flash_min,
                            min_pos, s);

@@ -22,6 +22,10 @@ namespace ds::cuda {
 // Head dims 64, 128 and 256; at most 16 q heads per kv head.
 bool attn_decode_tc_supported(int64_t Nh, int64_t Nkv, int64_t Dh);
 
+// Blocks of the kernel (head dim Dh, as attn_decode_tc would launch it) that the current device holds at once: SMs ×
+// blocks per SM. The backend sizes a step's splits to fit this one wave.
+int64_t attn_decode_tc_wave(int64_t Dh);
+
 // q [T, Nh·Dh] bf16, k/v caches [num_blocks, bs, Nkv, Dh] bf16; seq_of [T], seqinfo [nseq, 4] (q_start, q_len,
 // ctx_len, slot), blocks [nseq, maxb] (DevBatch). Rows of sequences with q_len ≥ flash_min are skipped. scale =
 // 1/sqrt(Dh). Grid (T, Nkv, S). min_pos > 0: a row of context n uses only the first min(S, ceil(n / min_pos)) splits

@@ -2165,19 +2165,25 @@ class CudaBackend final : public Backend {
                                      [](const BatchMeta::Seq& s) { return s.q_len >= cuda::kFlashMinQ; }))
           return false;
       }
-      // S splits per (token, kv head): about 1024 blocks in all, at most 64 (fixed per T: graph-safe); prefill
-      // (T large) runs one split per token, still reading each K/V row once per group of q heads. With the
-      // tensor-core kernel 1024 beat 2048 and 4096 (batch 64 @1k −0.17 ms, @8k −0.19; session 6 run 2).
-      // DS_ATTN_BLOCKS=n: aim at n blocks instead (benchmark knob).
-      const int64_t nblk = env_int("DS_ATTN_BLOCKS", 1024);
-      const int S = int(std::clamp<int64_t>((nblk + T * Nkv - 1) / (T * Nkv), 1, kMergeMaxS));
+      // S splits per (token, kv head), at most 64, fixed per T (graph-safe). The tensor-core kernel: as many as fit
+      // its grid in one wave of the device (T·Nkv·S ≤ SMs × blocks per SM, 528 on an H100 / H200): at batch 64
+      // (S = 4, 512 blocks) attention took 37.8 µs per layer at 1k against 40.8 with session 6's ~1024 blocks (two
+      // waves) and 40.7 with 768 (a wave and a half; 270 against 250 µs at 8k) (session 34 run 3); steps at 1k: batch
+      // 8 −0.05 ms, 32 −0.07, 64 −0.05, at 8k: 8–32 −0.06 to −0.13, 48–64 within noise (session 35 run 1). Otherwise about
+      // 1024 blocks in all (session 6). Prefill (T large) runs one split per token, still reading each K/V row once
+      // per group of q heads. DS_ATTN_BLOCKS=n: about n blocks instead (benchmark knob; 1024 = before session 34).
+      const bool tc = !env_flag("DS_CUDA_NO_TC_DECODE") && cuda::attn_decode_tc_supported(Nh, Nkv, Dh);
+      const int64_t nblk = env_int("DS_ATTN_BLOCKS", 0), tn = T * Nkv;
+      const int64_t wave = nblk <= 0 && tc ? cuda::attn_decode_tc_wave(Dh) : 0;
+      const int S = int(std::clamp<int64_t>(wave > 0 ? wave / tn : ((nblk > 0 ? nblk : 1024) + tn - 1) / tn, 1,
+                                            kMergeMaxS));
       Tensor part = alloc_scratch(DType::F32, {T, Nh, S, Dh + 2});
       const float scale = 1.f / std::sqrt(float(Dh));
       auto* qp = q.ptr<__nv_bfloat16>();
       auto* kp = kv.k.ptr<__nv_bfloat16>();
       auto* vp = kv.v.ptr<__nv_bfloat16>();
       // Tensor cores for the whole GQA group (attn_decode.h); DS_CUDA_NO_TC_DECODE=1: the CUDA-core kernel below.
-      if (!env_flag("DS_CUDA_NO_TC_DECODE") && cuda::attn_decode_tc_supported(Nh, Nkv, Dh)) {
+      if (tc) {
         // Splits of ≥ DS_ATTN_MIN_POS positions (default 64; 0 = every split): at a short context a small batch's
         // 64 splits held one 16-position tile each, and the merge read 64 partials per head (session 14).
         cuda::attn_decode_tc(qp, kp, vp, T, Nh, Nkv, Dh, kv.block_size, d.seq_of, d.seqinfo, d.blocks, d.maxb, scale,

@@ -2,6 +2,7 @@
 #include "backend/cuda/probe.h"
 
 #include "backend/cuda/cuda_check.h"
+#include "core/status.h"
 
 namespace ds::cuda {
 namespace {
@@ -24,7 +25,52 @@ __global__ void __launch_bounds__(256) k_read_stream(const uint4* __restrict__ p
   if (acc == 0x9e3779b9u) *sink = acc;
 }
 
+// Each warp: kChains independent m16n8k16 accumulators, fed the same registers (values do not change the rate); the
+// sums go to *sink only if they equal a value no launch produces, so nothing is dropped.
+constexpr int kChains = 8;
+__global__ void __launch_bounds__(512) k_mma_sync_rate(int iters, float* sink) {
+  const uint32_t a0 = threadIdx.x, a1 = a0 * 3u, a2 = a0 * 5u, a3 = a0 * 7u, b0 = a0 * 11u, b1 = a0 * 13u;
+  float c[kChains][4] = {};
+  for (int i = 0; i < iters; ++i) {
+#pragma unroll
+    for (int j = 0; j < kChains; ++j)
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+          "{%0,%1,%2,%3};"
+          : "+f"(c[j][0]), "+f"(c[j][1]), "+f"(c[j][2]), "+f"(c[j][3])
+          : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+  float t = 0.f;
+#pragma unroll
+  for (int j = 0; j < kChains; ++j) t += (c[j][0] + c[j][1]) + (c[j][2] + c[j][3]);
+  if (t == 1234.5f) *sink = t;
+}
+
 }  // namespace
+
+double mma_sync_rate(int iters, cudaStream_t s) {
+  DS_CHECK(iters > 0, "mma_sync_rate: iters must be positive, got ", iters);
+  float* sink = nullptr;
+  DS_CUDA_CHECK(cudaMalloc(&sink, sizeof(float)));
+  const int blocks = device_sm_count(), threads = 512;
+  k_mma_sync_rate<<<blocks, threads, 0, s>>>(16, sink);  // warm-up
+  DS_CUDA_CHECK(cudaGetLastError());
+  cudaEvent_t e0, e1;
+  DS_CUDA_CHECK(cudaEventCreate(&e0));
+  DS_CUDA_CHECK(cudaEventCreate(&e1));
+  DS_CUDA_CHECK(cudaEventRecord(e0, s));
+  k_mma_sync_rate<<<blocks, threads, 0, s>>>(iters, sink);
+  DS_CUDA_CHECK(cudaGetLastError());
+  DS_CUDA_CHECK(cudaEventRecord(e1, s));
+  DS_CUDA_CHECK(cudaEventSynchronize(e1));
+  float ms = 0.f;
+  DS_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+  DS_CUDA_CHECK(cudaEventDestroy(e0));
+  DS_CUDA_CHECK(cudaEventDestroy(e1));
+  DS_CUDA_CHECK(cudaFree(sink));
+  const double mmas = double(blocks) * (threads / 32) * double(iters) * kChains;
+  return mmas * (2.0 * 16 * 8 * 16) / (double(ms) * 1e-3);
+}
 
 void read_stream(const void* p, int64_t bytes, uint32_t* sink, int blocks, cudaStream_t s) {
   if (blocks <= 0) blocks = 8 * device_sm_count();

@@ -13,4 +13,11 @@ namespace ds::cuda {
 // uses, so the loads cannot be dropped. One launch on s.
 void read_stream(const void* p, int64_t bytes, uint32_t* sink, int blocks, cudaStream_t s);
 
+// The rate of `mma.sync.m16n8k16` (bf16 inputs, fp32 accumulators: the decode kernels' tensor instruction) on the
+// current device, in FLOP/s: one launch of 16 warps per SM, each issuing `iters` × 8 mma on 8 independent
+// accumulators from registers (no memory traffic), timed with events on s (synchronises it). The ceiling for the
+// mma.sync kernels, as the bf16 matmul is for cuBLAS (H200, session 37: ~645 TFLOP/s, 6.6 cycles per mma per
+// scheduler; one dependent chain per warp: ~31 cycles per mma).
+double mma_sync_rate(int iters, cudaStream_t s);
+
 }  // namespace ds::cuda

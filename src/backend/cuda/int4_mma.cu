@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <type_traits>
 
 #include "core/dtype.h"
 #include "core/env.h"
@@ -125,20 +126,55 @@ __device__ __forceinline__ void int4_mma_body(const Int4Pair& P, const __nv_bflo
   // Slices of other warps, each kept apart so warp 0 adds them one by one in slice order (at most 3: KS ≤ 4).
   constexpr bool kSplit = WK > 1;
   __shared__ float red[kSplit ? 3 : 1][kSplit ? WM : 1][kSplit ? MW * NT * 4 : 1][32];
-  for (int s = wk * spw; s < (wk + 1) * spw; ++s) {
-    float part[MW][NT][4];
-    zero_frags(part);
-#pragma unroll(UNR)  // groups per loop body (two: two groups' loads in flight)
-    for (int64_t gi = s * gps; gi < (s + 1) * gps; ++gi) {
+  // kStep: the slices' groups through pointers that step one group at a time (the unrolled body then addresses its
+  // second group by immediate offsets) and, where one zero point serves every group (MmaInt4::zu; UZ), no zero-point
+  // path compiled into the loop. Session 37's SASS of the 2 × 2 medium tile had ~42 integer instructions of address
+  // arithmetic per group and the predicated-off zero-point loads inside it (H200, own µs per launch: qkv + z at 64
+  // tokens 18.73 → 17.67, the batch-1 decode kernels 3–5% shorter; steps batch 1 / 8 / 64 −0.05 / −0.05 / −0.06 ms).
+  // The 2-block kernel with four groups per body and the decode kernel without a third matrix were slower that way
+  // (out_proj 8.71 → 10.60 µs, 7.18 → 7.42), so they keep the indexed form. Same loads, same arithmetic, same bits.
+  constexpr bool kStep = UNR <= 2 && C3;
+  auto slices = [&](auto uz) {
+    constexpr bool UZ = decltype(uz)::value;
+    uint32_t zu2 = 0;
+    if constexpr (UZ) zu2 = zero_pair(uint8_t(W.zu));
+    // The warp's slices are consecutive, so its groups are too: the pointers start at its first group and step on
+    // through every slice.
+    int gs = int(wk * spw * gps);
+    const uint4* wq[MW];
+    const uint16_t* sb[MW];  // scales of rows r0[u] (group g at [g]) and r0[u] + 8 (at [g + r8])
+    const uint8_t* zb[MW];   // zero points, the same way (not with UZ)
+    const __nv_bfloat16* xq[NT];
+    const int r8 = int(8 * ngroups);
+    if constexpr (kStep) {
+#pragma unroll
+      for (int u = 0; u < MW; ++u) {
+        wq[u] = wp[u] + int64_t(gs) * CPG * 32;
+        sb[u] = W.sc + r0[u] * ngroups;
+        if constexpr (!UZ) zb[u] = W.z + r0[u] * ngroups;
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) xq[nt] = xr[nt] + int64_t(gs) * CPG * 64;
+    }
+    // Group gi's step into the slice partial (kStep: group g32 through the stepping pointers; else g64 indexed).
+    auto group = [&](int g32, int64_t gi, float (&part)[MW][NT][4]) {
       uint4 wv[CPG][MW];
 #pragma unroll
       for (int c = 0; c < CPG; ++c)
 #pragma unroll
-        for (int u = 0; u < MW; ++u) wv[c][u] = __ldg(wp[u] + (gi * CPG + c) * 32);
+        for (int u = 0; u < MW; ++u) {
+          if constexpr (kStep) wv[c][u] = __ldg(wq[u] + c * 32);
+          else wv[c][u] = __ldg(wp[u] + (gi * CPG + c) * 32);
+        }
       uint32_t zz0[MW], zz1[MW];
 #pragma unroll
       for (int u = 0; u < MW; ++u) {
-        if (W.zu >= 0) {  // one zero point everywhere (MmaInt4::zu)
+        if constexpr (UZ) {
+          zz0[u] = zz1[u] = zu2;
+        } else if constexpr (kStep) {
+          zz0[u] = zero_pair(zb[u][g32]);
+          zz1[u] = zero_pair(zb[u][g32 + r8]);
+        } else if (W.zu >= 0) {  // one zero point everywhere (MmaInt4::zu)
           zz0[u] = zz1[u] = zero_pair(uint8_t(W.zu));
         } else {
           zz0[u] = zero_pair(W.z[r0[u] * ngroups + gi]);
@@ -149,12 +185,14 @@ __device__ __forceinline__ void int4_mma_body(const Int4Pair& P, const __nv_bflo
       zero_frags(tmp);
 #pragma unroll
       for (int c = 0; c < CPG; ++c) {
-        const int64_t k0 = (gi * CPG + c) * 64;
         uint4 xv[NT][2];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-          xv[nt][0] = __ldg(reinterpret_cast<const uint4*>(xr[nt] + k0));
-          xv[nt][1] = __ldg(reinterpret_cast<const uint4*>(xr[nt] + k0 + 8));
+          const __nv_bfloat16* xp;
+          if constexpr (kStep) xp = xq[nt] + c * 64;
+          else xp = xr[nt] + (gi * CPG + c) * 64;
+          xv[nt][0] = __ldg(reinterpret_cast<const uint4*>(xp));
+          xv[nt][1] = __ldg(reinterpret_cast<const uint4*>(xp + 8));
         }
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -170,7 +208,9 @@ __device__ __forceinline__ void int4_mma_body(const Int4Pair& P, const __nv_bflo
       }
 #pragma unroll
       for (int u = 0; u < MW; ++u) {
-        const float s0 = sc_f(W.sc[r0[u] * ngroups + gi]), s1 = sc_f(W.sc[(r0[u] + 8) * ngroups + gi]);
+        float s0, s1;
+        if constexpr (kStep) s0 = sc_f(sb[u][g32]), s1 = sc_f(sb[u][g32 + r8]);
+        else s0 = sc_f(W.sc[r0[u] * ngroups + gi]), s1 = sc_f(W.sc[(r0[u] + 8) * ngroups + gi]);
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
           part[u][nt][0] += s0 * tmp[u][nt][0];
@@ -178,24 +218,41 @@ __device__ __forceinline__ void int4_mma_body(const Int4Pair& P, const __nv_bflo
           part[u][nt][2] += s1 * tmp[u][nt][2];
           part[u][nt][3] += s1 * tmp[u][nt][3];
         }
+        if constexpr (kStep) wq[u] += CPG * 32;
+      }
+      if constexpr (kStep)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) xq[nt] += CPG * 64;
+    };
+    for (int s = wk * spw; s < (wk + 1) * spw; ++s) {
+      float part[MW][NT][4];
+      zero_frags(part);
+      if constexpr (kStep) {
+#pragma unroll(UNR)  // groups per loop body (two: two groups' loads in flight)
+        for (int i = 0; i < int(gps); ++i, ++gs) group(gs, 0, part);
+      } else {
+#pragma unroll(UNR)
+        for (int64_t gi = s * gps; gi < (s + 1) * gps; ++gi) group(0, gi, part);
+      }
+      if (wk == 0) {
+#pragma unroll
+        for (int u = 0; u < MW; ++u)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[u][nt][c] = s == 0 ? part[u][nt][c] : acc[u][nt][c] + part[u][nt][c];
+      } else if constexpr (kSplit) {
+#pragma unroll
+        for (int u = 0; u < MW; ++u)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) red[s - spw][wm][(u * NT + nt) * 4 + c][lane] = part[u][nt][c];
       }
     }
-    if (wk == 0) {
-#pragma unroll
-      for (int u = 0; u < MW; ++u)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) acc[u][nt][c] = s == 0 ? part[u][nt][c] : acc[u][nt][c] + part[u][nt][c];
-    } else if constexpr (kSplit) {
-#pragma unroll
-      for (int u = 0; u < MW; ++u)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) red[s - spw][wm][(u * NT + nt) * 4 + c][lane] = part[u][nt][c];
-    }
-  }
+  };
+  if (kStep && W.zu >= 0) slices(std::true_type{});
+  else slices(std::false_type{});
 
   if constexpr (kSplit) {
     __syncthreads();

@@ -138,14 +138,14 @@ __device__ __forceinline__ void int4_mma_body(const Int4Pair& P, const __nv_bflo
     constexpr bool UZ = decltype(uz)::value;
     uint32_t zu2 = 0;
     if constexpr (UZ) zu2 = zero_pair(uint8_t(W.zu));
-    // The warp's slices are consecutive, so its groups are too: the pointers start at its first group and step on
-    // through every slice.
-    int gs = int(wk * spw * gps);
-    const uint4* wq[MW];
-    const uint16_t* sb[MW];  // scales of rows r0[u] (group g at [g]) and r0[u] + 8 (at [g + r8])
-    const uint8_t* zb[MW];   // zero points, the same way (not with UZ)
-    const __nv_bfloat16* xq[NT];
-    const int r8 = int(8 * ngroups);
+    // kStep only (the indexed form leaves them unused): the warp's slices are consecutive, so its groups are too; the
+    // pointers start at its first group and step on through every slice.
+    [[maybe_unused]] int gs = int(wk * spw * gps);
+    [[maybe_unused]] const uint4* wq[MW];
+    [[maybe_unused]] const uint16_t* sb[MW];  // scales of rows r0[u] (group g at [g]) and r0[u] + 8 (at [g + r8])
+    [[maybe_unused]] const uint8_t* zb[MW];   // zero points, the same way (not with UZ)
+    [[maybe_unused]] const __nv_bfloat16* xq[NT];
+    [[maybe_unused]] const int r8 = int(8 * ngroups);
     if constexpr (kStep) {
 #pragma unroll
       for (int u = 0; u < MW; ++u) {
@@ -251,8 +251,12 @@ __device__ __forceinline__ void int4_mma_body(const Int4Pair& P, const __nv_bflo
       }
     }
   };
-  if (kStep && W.zu >= 0) slices(std::true_type{});
-  else slices(std::false_type{});
+  if constexpr (kStep) {
+    if (W.zu >= 0) slices(std::true_type{});
+    else slices(std::false_type{});
+  } else {
+    slices(std::false_type{});  // the indexed form tests W.zu per group itself
+  }
 
   if constexpr (kSplit) {
     __syncthreads();

@@ -2,6 +2,7 @@
 #include "backend/cuda/probe.h"
 
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/mma_util.cuh"
 #include "core/status.h"
 
 namespace ds::cuda {
@@ -29,16 +30,11 @@ __global__ void __launch_bounds__(256) k_read_stream(const uint4* __restrict__ p
 // sums go to *sink only if they equal a value no launch produces, so nothing is dropped.
 constexpr int kChains = 8;
 __global__ void __launch_bounds__(512) k_mma_sync_rate(int iters, float* sink) {
-  const uint32_t a0 = threadIdx.x, a1 = a0 * 3u, a2 = a0 * 5u, a3 = a0 * 7u, b0 = a0 * 11u, b1 = a0 * 13u;
+  const uint32_t x = threadIdx.x, a[4] = {x, x * 3u, x * 5u, x * 7u}, b0 = x * 11u, b1 = x * 13u;
   float c[kChains][4] = {};
   for (int i = 0; i < iters; ++i) {
 #pragma unroll
-    for (int j = 0; j < kChains; ++j)
-      asm volatile(
-          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-          "{%0,%1,%2,%3};"
-          : "+f"(c[j][0]), "+f"(c[j][1]), "+f"(c[j][2]), "+f"(c[j][3])
-          : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    for (int j = 0; j < kChains; ++j) mma16816(c[j], a, b0, b1);  // the decode kernels' instruction (mma_util.cuh)
   }
   float t = 0.f;
 #pragma unroll

@@ -10,10 +10,13 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <sstream>
+#include <thread>
 #include <tuple>
 
 #include "backend/forwarding.h"
@@ -31,6 +34,7 @@
 #include <cuda_runtime.h>
 
 #include "backend/cuda/kernel_times.h"
+#include "backend/cuda/probe.h"
 #endif
 
 namespace ds::cli {
@@ -590,12 +594,57 @@ void bench_vision(const io::ModelConfig& cfg, Backend& be, const std::vector<std
   std::printf("\n");
 }
 
+// The read hogs of `hog=N` variants (probe.h ReadHog): one per N, made when first needed, each reading its own 1 GiB;
+// on making one, its rate alone (50 ms with nothing beside it) is printed, so the rate beside a step can be read
+// against it, and the device copy's rate beside it (a kernel that is bound by DRAM: how much of DRAM the hog takes
+// from such a kernel). n < 0: −n SMs held without reading (`idle=N`).
+class Hogs {
+ public:
+  explicit Hogs(std::function<double()> copy_rate) : copy_rate_(std::move(copy_rate)) {}
+  void start(int n) {
+    if (n == 0) return;
+#ifdef DS_HAVE_CUDA
+    auto& h = hogs_[n];
+    if (!h) {
+      h = std::make_unique<cuda::ReadHog>(n > 0 ? n : -n, int64_t(1) << 30, n > 0);
+      h->start();
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      alone_[n] = h->stop();
+      h->start();
+      copy_[n] = copy_rate_();
+      beside_copy_[n] = h->stop();
+    }
+    h->start();
+#else
+    fail("--variants: hog=", n, " needs the CUDA backend");
+#endif
+  }
+  // Bytes per second the hog on n SMs read since start(n) (0 for n = 0).
+  double stop(int n) {
+#ifdef DS_HAVE_CUDA
+    if (n != 0) return hogs_.at(n)->stop();
+#endif
+    return 0;
+  }
+  double alone(int n) const { return alone_.count(n) ? alone_.at(n) : 0; }
+  // The device copy's rate (read + write) beside the hog, and the hog's rate then.
+  double copy(int n) const { return copy_.count(n) ? copy_.at(n) : 0; }
+  double beside_copy(int n) const { return beside_copy_.count(n) ? beside_copy_.at(n) : 0; }
+
+ private:
+  std::function<double()> copy_rate_;
+#ifdef DS_HAVE_CUDA
+  std::map<int, std::unique_ptr<cuda::ReadHog>> hogs_;
+#endif
+  std::map<int, double> alone_, copy_, beside_copy_;
+};
+
 // --kernel-times: per-kernel device times of `steps` replays of the recorded step (CUPTI activity records,
 // backend/cuda/kernel_times.h), from a recording made while collecting (a graph key of its own): each kernel's
 // launches and microseconds per step, next to the step's median from the timed runs.
 template <class Step>
 std::string kernel_times_table(const std::string& what, TimingBackend& be, bool use_graph, int steps, double step_ms,
-                               Step&& one) {
+                               Step&& one, Hogs& hogs, int hog) {
   std::string head = str_cat("### Kernel times, ", what);
   if (!use_graph || be.stream_handle() == nullptr) return head + ": CUDA step graphs only (not measured)\n";
 #ifdef DS_HAVE_CUDA
@@ -605,9 +654,13 @@ std::string kernel_times_table(const std::string& what, TimingBackend& be, bool 
   be.key_suffix += "/kernel-times";
   for (int i = 0; i < 2; ++i) one(i);  // warm-up, then the recording (kernels of both dropped)
   cuda::kernel_times_reset();
+  hogs.start(hog);  // after the recording: a graph is captured with nothing beside it
   for (int i = 0; i < steps; ++i) one(i);
+  const double hog_bw = hogs.stop(hog);
+  if (hog > 0) head += str_cat(" (hog on ", hog, " SMs reading ", str_fixed(hog_bw / 1e9, 0), " GB/s beside the steps)");
+  if (hog < 0) head += str_cat(" (", -hog, " SMs held by an idle hog)");
   double span = 0;
-  const std::vector<cuda::KernelTime> kt = cuda::kernel_times_stop(&span);
+  const std::vector<cuda::KernelTime> kt = cuda::kernel_times_stop(&span, "k_read_hog");
   be.key_suffix = suffix;
   double own = 0, total = 0;
   int64_t launches = 0;
@@ -641,7 +694,7 @@ std::string kernel_times_table(const std::string& what, TimingBackend& be, bool 
   }
   return t;
 #else
-  (void)steps, (void)step_ms, (void)one;
+  (void)steps, (void)step_ms, (void)one, (void)hogs, (void)hog;
   return head + ": this build has no CUDA backend\n";
 #endif
 }
@@ -702,6 +755,7 @@ int cmd_bench(int argc, char** argv) {
     bool graph = true;
     std::vector<std::pair<std::string, std::string>> env;
     std::string ssm;  // empty: --mamba-ssm-cache-dtype's
+    int hog = 0;      // hog=N: decode steps timed beside a read hog on N SMs (Hogs, probe.h ReadHog); idle=N: −N
   };
   std::vector<Variant> variants;
   {
@@ -723,14 +777,32 @@ int cmd_bench(int argc, char** argv) {
           v.graph = true;
         else if (opt.rfind("ssm-dtype=", 0) == 0)
           v.ssm = opt.substr(10);
+        else if (opt.rfind("hog=", 0) == 0) {
+          try {
+            v.hog = std::stoi(opt.substr(4));
+          } catch (...) {
+            fail("--variants: hog= expects a number of SMs, got '", opt.substr(4), "'");
+          }
+          if (v.hog < 1) fail("--variants: hog= expects at least 1 SM, got ", v.hog);
+        } else if (opt.rfind("idle=", 0) == 0) {
+          try {
+            v.hog = -std::stoi(opt.substr(5));
+          } catch (...) {
+            fail("--variants: idle= expects a number of SMs, got '", opt.substr(5), "'");
+          }
+          if (v.hog > -1) fail("--variants: idle= expects at least 1 SM, got ", -v.hog);
+        }
         else if (opt.find('=') != std::string::npos)
           v.env.push_back({opt.substr(0, opt.find('=')), opt.substr(opt.find('=') + 1)});
         else
-          fail("--variants: option '", opt, "' is neither no-graph, graph, ssm-dtype=D nor VAR=VALUE");
+          fail("--variants: option '", opt, "' is neither no-graph, graph, ssm-dtype=D, hog=N, idle=N nor VAR=VALUE");
       }
       variants.push_back(v);
     }
-    if (variants.empty()) variants.push_back(Variant{use_graph ? "graph" : "eager", use_graph, {}});
+    if (variants.empty()) variants.push_back(Variant{use_graph ? "graph" : "eager", use_graph, {}, {}, 0});
+    for (const Variant& v : variants)
+      if (v.hog != 0 && backend_name != "cuda")
+        fail("--variants: ", v.name, ": hog=", v.hog, " needs --backend cuda, got ", backend_name);
   }
   DS_CHECK(steps >= 1, "--steps must be at least 1");
 
@@ -768,15 +840,19 @@ int cmd_bench(int argc, char** argv) {
 #endif
   const bool gpu = backend_name != "cpu";
   double copy_bw = 0, mm_rate = 0;
-  {
-    const int64_t n = gpu ? (int64_t(1) << 29) : (int64_t(1) << 24);  // bf16 elements: 1 GiB / 32 MiB
+  // The device copy's rate: bytes read + written per second, the best of 5 copies of 1 GiB (CPU: 32 MiB).
+  auto copy_rate = [&be, gpu] {
+    const int64_t n = gpu ? (int64_t(1) << 29) : (int64_t(1) << 24);  // bf16 elements
     Tensor src = be.alloc(DType::BF16, {n}), dst = be.alloc(DType::BF16, {n});
     be.copy(dst, src);
     be.synchronize();
-    copy_bw = 2.0 * double(n) * 2 / sorted_secs(5, [&](int) {
-                be.copy(dst, src);
-                be.synchronize();
-              }).front();
+    return 2.0 * double(n) * 2 / sorted_secs(5, [&](int) {
+             be.copy(dst, src);
+             be.synchronize();
+           }).front();
+  };
+  {
+    copy_bw = copy_rate();
     const int64_t M = gpu ? 8192 : 256;
     std::vector<uint16_t> wh(size_t(M * M));
     std::mt19937 rng(1);
@@ -974,6 +1050,7 @@ int cmd_bench(int argc, char** argv) {
         set_env(var, false);
       }
     };
+    Hogs hogs(copy_rate);
     std::map<std::tuple<size_t, int64_t, int64_t>, double> medians;  // (variant, context, batch) → ms/step
     each_point([&](size_t vi, const Variant& var, int64_t ctx, int64_t B) {
       const bool use_graph = var.graph;
@@ -983,11 +1060,21 @@ int cmd_bench(int argc, char** argv) {
       const double touched = pt.touched, bytes = pt.bytes;
       auto one = step_of(pt, ctx, B, use_graph);
       for (int i = 0; i < 3; ++i) one(i);
+      hogs.start(var.hog);  // after the warm-up (and the graph's recording)
       const std::vector<double> ts = sorted_secs(steps, one);
+      const double hog_bw = hogs.stop(var.hog);
       const double med = ts[ts.size() / 2] * 1e3;
       std::printf("| %s | %lld | %lld | %.3f | %.1f | %.0f | %s | %.0f | %.1f%% |\n", var.name.c_str(),
                   (long long)B, (long long)ctx, med, double(B) * 1e3 / med, touched, human_bytes(bytes).c_str(),
                   bytes / (med / 1e3) / 1e9, 100.0 * bytes / (med / 1e3) / copy_bw);
+      if (var.hog < 0)
+        std::printf("| ↳ %s: %d SMs held by an idle hog during these steps | | | | | | | | |\n", var.name.c_str(),
+                    -var.hog);
+      if (var.hog > 0)
+        std::printf("| ↳ %s: a read hog on %d SMs took %.0f GB/s beside these steps (%.0f GB/s alone; beside the device "
+                    "copy %.0f GB/s, the copy %.0f GB/s) | | | | | | | | |\n",
+                    var.name.c_str(), var.hog, hog_bw / 1e9, hogs.alone(var.hog) / 1e9, hogs.beside_copy(var.hog) / 1e9,
+                    hogs.copy(var.hog) / 1e9);
       warn_nonfinite(pt.logits, str_cat("variant ", var.name, ", batch ", B, ", context ", ctx));
       std::fflush(stdout);
       if (a.has("breakdown")) {  // every batch and context (before session 10: the first context only)
@@ -1022,7 +1109,8 @@ int cmd_bench(int argc, char** argv) {
       each_point([&](size_t vi, const Variant& var, int64_t ctx, int64_t B) {
         Point pt = make_point(ctx, B);
         kernel_tables.push_back(kernel_times_table(str_cat(var.name, ", batch ", B, ", context ", ctx), be, var.graph,
-                                                   steps, medians[{vi, ctx, B}], step_of(pt, ctx, B, var.graph)));
+                                                   steps, medians[{vi, ctx, B}], step_of(pt, ctx, B, var.graph), hogs,
+                                                   var.hog));
       });
   }
   for (auto& tab : kernel_tables) std::printf("%s\n", tab.c_str());

@@ -10,6 +10,7 @@
 #include <random>
 
 #include "backend/cuda/bf16_mma.h"
+#include "backend/cuda/cuda_check.h"
 #include "backend/cuda/int4_dequant.h"
 #include "backend/cuda/int4_mma.h"
 #include "backend/cuda/int4_wg.h"
@@ -2148,6 +2149,46 @@ TEST_F(CudaOps, Int4MoeDecodeThroughput) {
                 bytes / rs * 1e-3);
     cudaFree(buf), cudaFree(sink);
   }
+}
+
+// The bench's read hog (probe.h ReadHog, `bench --variants "x:hog=N"`): it reads while it runs, other streams' work
+// completes beside it (a read of 256 MB on a stream of its own, synchronised while the hog runs; its kernel launched
+// once before, probe.h), stop() ends it at once (not by its 60 s limit), it restarts, an idle hog reads nothing, and
+// impossible SM counts are refused.
+TEST_F(CudaOps, ReadHog) {
+  const int sms = cuda::device_sm_count();
+  EXPECT_THROW(cuda::ReadHog(0, int64_t(1) << 26), std::exception);
+  EXPECT_THROW(cuda::ReadHog(sms, int64_t(1) << 26), std::exception);
+  cuda::ReadHog hog(4, int64_t(1) << 26), idle(4, int64_t(1) << 26, false);
+  void* buf = nullptr;
+  uint32_t* sink = nullptr;
+  const int64_t bytes = int64_t(1) << 28;
+  ASSERT_EQ(cudaMalloc(&buf, size_t(bytes)), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&sink, 4), cudaSuccess);
+  ASSERT_EQ(cudaMemset(buf, 1, size_t(bytes)), cudaSuccess);
+  cudaStream_t s = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
+  cuda::read_stream(buf, bytes, sink, 0, s);  // loaded before the hog runs (probe.h: lazy module loading)
+  ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+  for (int round = 0; round < 2; ++round) {
+    const auto t0 = std::chrono::steady_clock::now();
+    hog.start();
+    cuda::read_stream(buf, bytes, sink, 0, s);
+    ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+    const double read_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double rate = hog.stop();
+    const double all_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::printf("  round %d: 256 MB read beside the hog in %.2f ms; hog %.0f GB/s on 4 SMs; stopped after %.2f ms\n",
+                round, read_s * 1e3, rate / 1e9, all_s * 1e3);
+    EXPECT_GT(rate, 1e9) << "the hog read (almost) nothing";
+    EXPECT_LT(all_s, 5.0) << "stop() did not end the hog (its own limit is 60 s)";
+  }
+  idle.start();
+  cuda::read_stream(buf, bytes, sink, 0, s);
+  ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+  EXPECT_EQ(idle.stop(), 0.0) << "an idle hog reads nothing";
+  cudaStreamDestroy(s);
+  cudaFree(buf), cudaFree(sink);
 }
 
 // Backend::moe_ffn fused on CUDA (routing + expert tile table in one launch; the routed sum inside the shared expert's

@@ -186,7 +186,7 @@ void kernel_times_reset() {
   clear_locked();
 }
 
-std::vector<KernelTime> kernel_times_stop(double* span_ns) {
+std::vector<KernelTime> kernel_times_stop(double* span_ns, const char* skip) {
   std::vector<KernelTime> out;
   if (!g_on) return out;
   cudaDeviceSynchronize();
@@ -198,6 +198,8 @@ std::vector<KernelTime> kernel_times_stop(double* span_ns) {
   // before it, so the own times add up to the union of the intervals (the time the device ran a kernel at all).
   // Under programmatic dependent launch a kernel starts while its predecessor finishes and waits (griddepcontrol.
   // wait); that stretch is its predecessor's.
+  if (skip && *skip)
+    std::erase_if(g_recs, [skip](const Rec& r) { return r.name->find(skip) != std::string::npos; });
   std::sort(g_recs.begin(), g_recs.end(), [](const Rec& x, const Rec& y) { return x.start < y.start; });
   std::map<const std::string*, KernelTime> by;  // mangled names that shorten alike (overloads) stay apart
   uint64_t covered = 0;
@@ -228,7 +230,7 @@ bool kernel_times_start(std::string* why_not) {
   return false;
 }
 void kernel_times_reset() {}
-std::vector<KernelTime> kernel_times_stop(double* span_ns) {
+std::vector<KernelTime> kernel_times_stop(double* span_ns, const char*) {
   if (span_ns) *span_ns = 0;
   return {};
 }

@@ -23,8 +23,10 @@ bool kernel_times_start(std::string* why_not);
 // Drops what was collected so far (after a warm-up that was meant to run under collection), keeps collecting.
 void kernel_times_reset();
 // Stops collecting (after the caller synchronised the device) and returns the kernels, longest own time first.
-// *span_ns (optional): first kernel start to last kernel end of what was kept.
-std::vector<KernelTime> kernel_times_stop(double* span_ns = nullptr);
+// *span_ns (optional): first kernel start to last kernel end of what was kept. skip (optional): kernels whose mangled
+// name contains it are left out, own times and span included (the bench's read hog, probe.h ReadHog, which starts
+// before and covers every kernel of the steps it runs beside).
+std::vector<KernelTime> kernel_times_stop(double* span_ns = nullptr, const char* skip = nullptr);
 
 // "_ZN2ds4cuda12_GLOBAL__N_19k_rmsnormEPKvifflPvi" → "k_rmsnorm"; template arguments stay ("k_int4_mma<2, 2, 2, 2,
 // false, 2>"); names that do not demangle are returned as given.

@@ -20,4 +20,39 @@ void read_stream(const void* p, int64_t bytes, uint32_t* sink, int blocks, cudaS
 // scheduler; one dependent chain per warp: ~31 cycles per mma).
 double mma_sync_rate(int iters, cudaStream_t s);
 
+// A memory reader beside measured work, to see how that work behaves with less of the device's bandwidth (`bench
+// --variants "name:hog=N"`: an H200 with part of its bandwidth taken, standing in for an H100's 3.35 TB/s against
+// 4.8). One block of 1024 threads on each of n SMs — all of an SM's shared memory per block, so one per SM and no
+// block of another kernel that uses shared memory beside it — reads `bytes` of its own buffer over and over with
+// 16-byte loads, on a non-blocking stream of its own, from start() until stop(). The measured work runs on the other
+// SMs with what bandwidth is left. stop() returns the bytes per second the hog read while it ran. A kernel launched
+// for the first time in the process waits for the hog to end (CUDA loads modules lazily, and loading one waits for
+// the running kernels: the test's first read beside it took the hog's full 60 s): run what goes beside it once first. A hog still
+// running 60 s after its start stops by itself (a forgotten stop, or a cudaDeviceSynchronize that would otherwise
+// wait for it forever). read = false: the blocks hold their SMs without reading (what taking the SMs alone costs the
+// measured work, to tell apart from what taking the bandwidth costs). Not for the engine.
+class ReadHog {
+ public:
+  ReadHog(int n, int64_t bytes, bool read = true);
+  ~ReadHog();
+  ReadHog(const ReadHog&) = delete;
+  ReadHog& operator=(const ReadHog&) = delete;
+  void start();
+  double stop();
+  int sms() const { return n_; }
+
+ private:
+  int n_;
+  int64_t bytes_;
+  bool read_;
+  void* buf_ = nullptr;
+  unsigned long long* count_ = nullptr;  // device: bytes read (each block adds its own at exit)
+  uint32_t* sink_ = nullptr;
+  int* flag_dev_ = nullptr;  // device memory: 1 = stop (the kernel polls it)
+  int* one_ = nullptr;       // pinned host memory holding 1, copied into flag_dev_ by stop() on ctl_
+  cudaStream_t s_ = nullptr, ctl_ = nullptr;
+  cudaEvent_t e0_ = nullptr, e1_ = nullptr;
+  bool running_ = false;
+};
+
 }  // namespace ds::cuda

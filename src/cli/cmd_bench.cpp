@@ -758,6 +758,19 @@ int cmd_bench(int argc, char** argv) {
     int hog = 0;      // hog=N: decode steps timed beside a read hog on N SMs (Hogs, probe.h ReadHog); idle=N: −N
   };
   std::vector<Variant> variants;
+  // hog=N → N, idle=N → −N (N ≥ 1 SMs).
+  auto hog_sms = [](const std::string& opt) {
+    const size_t eq = opt.find('=');
+    const std::string key = opt.substr(0, eq), val = opt.substr(eq + 1);
+    int n = 0;
+    try {
+      n = std::stoi(val);
+    } catch (...) {
+      fail("--variants: ", key, "= expects a number of SMs, got '", val, "'");
+    }
+    if (n < 1) fail("--variants: ", key, "= expects at least 1 SM, got ", n);
+    return key == "hog" ? n : -n;
+  };
   {
     std::stringstream vs(a.get("variants", ""));
     std::string item;
@@ -777,21 +790,8 @@ int cmd_bench(int argc, char** argv) {
           v.graph = true;
         else if (opt.rfind("ssm-dtype=", 0) == 0)
           v.ssm = opt.substr(10);
-        else if (opt.rfind("hog=", 0) == 0) {
-          try {
-            v.hog = std::stoi(opt.substr(4));
-          } catch (...) {
-            fail("--variants: hog= expects a number of SMs, got '", opt.substr(4), "'");
-          }
-          if (v.hog < 1) fail("--variants: hog= expects at least 1 SM, got ", v.hog);
-        } else if (opt.rfind("idle=", 0) == 0) {
-          try {
-            v.hog = -std::stoi(opt.substr(5));
-          } catch (...) {
-            fail("--variants: idle= expects a number of SMs, got '", opt.substr(5), "'");
-          }
-          if (v.hog > -1) fail("--variants: idle= expects at least 1 SM, got ", -v.hog);
-        }
+        else if (opt.rfind("hog=", 0) == 0 || opt.rfind("idle=", 0) == 0)
+          v.hog = hog_sms(opt);
         else if (opt.find('=') != std::string::npos)
           v.env.push_back({opt.substr(0, opt.find('=')), opt.substr(opt.find('=') + 1)});
         else
@@ -802,7 +802,8 @@ int cmd_bench(int argc, char** argv) {
     if (variants.empty()) variants.push_back(Variant{use_graph ? "graph" : "eager", use_graph, {}, {}, 0});
     for (const Variant& v : variants)
       if (v.hog != 0 && backend_name != "cuda")
-        fail("--variants: ", v.name, ": hog=", v.hog, " needs --backend cuda, got ", backend_name);
+        fail("--variants: ", v.name, ": ", v.hog > 0 ? "hog=" : "idle=", std::abs(v.hog), " needs --backend cuda, got ",
+             backend_name);
   }
   DS_CHECK(steps >= 1, "--steps must be at least 1");
 

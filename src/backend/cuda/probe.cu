@@ -87,6 +87,13 @@ __global__ void __launch_bounds__(kHogThreads, 1)
   if (acc == 0x9e3779b9u) *sink = acc;
   if (threadIdx.x == 0) atomicAdd(count, rounds * (unsigned long long)round * 16ull);
 }
+// The hog's dynamic shared memory: all a block may take (opt-in) less room for its static `quit` word.
+int hog_smem() {
+  int dev = 0, optin = 0;
+  DS_CUDA_CHECK(cudaGetDevice(&dev));
+  DS_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  return optin - 256;
+}
 
 }  // namespace
 
@@ -114,9 +121,6 @@ double mma_sync_rate(int iters, cudaStream_t s) {
   return mmas * (2.0 * 16 * 8 * 16) / (double(ms) * 1e-3);
 }
 
-// The hog's dynamic shared memory: all a block may take (opt-in) less its static `quit` word, rounded down.
-int hog_smem(int optin) { return optin - 256; }
-
 ReadHog::ReadHog(int n, int64_t bytes, bool read) : n_(n), bytes_(bytes), read_(read) {
   DS_CHECK(n >= 1 && n < device_sm_count(), "ReadHog: expected 1 to ", device_sm_count() - 1, " SMs, got ", n);
   const int64_t round = int64_t(kHogThreads) * kHogUnroll * 16;
@@ -134,15 +138,16 @@ ReadHog::ReadHog(int n, int64_t bytes, bool read) : n_(n), bytes_(bytes), read_(
   DS_CUDA_CHECK(cudaStreamCreateWithFlags(&ctl_, cudaStreamNonBlocking));
   DS_CUDA_CHECK(cudaEventCreate(&e0_));
   DS_CUDA_CHECK(cudaEventCreate(&e1_));
-  int dev = 0, smem = 0;
-  DS_CUDA_CHECK(cudaGetDevice(&dev));
-  DS_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  DS_CUDA_CHECK(cudaFuncSetAttribute(k_read_hog, cudaFuncAttributeMaxDynamicSharedMemorySize, hog_smem(smem)));
+  smem_ = hog_smem();
+  DS_CUDA_CHECK(cudaFuncSetAttribute(k_read_hog, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_));
   DS_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
 ReadHog::~ReadHog() {
-  if (running_) stop();
+  if (running_) {  // stop() without its checks (a destructor must not throw)
+    cudaMemcpyAsync(flag_dev_, one_, sizeof(int), cudaMemcpyHostToDevice, ctl_);
+    cudaEventSynchronize(e1_);
+  }
   cudaEventDestroy(e0_);
   cudaEventDestroy(e1_);
   cudaStreamDestroy(s_);
@@ -156,14 +161,11 @@ ReadHog::~ReadHog() {
 
 void ReadHog::start() {
   DS_CHECK(!running_, "ReadHog: already running");
-  int dev = 0, smem = 0;
-  DS_CUDA_CHECK(cudaGetDevice(&dev));
-  DS_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   DS_CUDA_CHECK(cudaMemsetAsync(flag_dev_, 0, sizeof(int), s_));
   DS_CUDA_CHECK(cudaMemsetAsync(count_, 0, sizeof(unsigned long long), s_));
   DS_CUDA_CHECK(cudaEventRecord(e0_, s_));
-  k_read_hog<<<n_, kHogThreads, size_t(hog_smem(smem)), s_>>>(static_cast<const uint4*>(buf_), bytes_ / 16, flag_dev_, count_,
-                                                    sink_, 60ull * 1000000000ull, read_);
+  k_read_hog<<<n_, kHogThreads, size_t(smem_), s_>>>(static_cast<const uint4*>(buf_), bytes_ / 16, flag_dev_, count_,
+                                                     sink_, 60ull * 1000000000ull, read_);
   DS_CUDA_CHECK(cudaGetLastError());
   DS_CUDA_CHECK(cudaEventRecord(e1_, s_));
   running_ = true;

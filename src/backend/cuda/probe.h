@@ -45,6 +45,7 @@ class ReadHog {
   int n_;
   int64_t bytes_;
   bool read_;
+  int smem_ = 0;  // dynamic shared memory per block: all an SM gives one block
   void* buf_ = nullptr;
   unsigned long long* count_ = nullptr;  // device: bytes read (each block adds its own at exit)
   uint32_t* sink_ = nullptr;

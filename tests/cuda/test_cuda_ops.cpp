@@ -2147,6 +2147,38 @@ TEST_F(CudaOps, Int4MoeDecodeThroughput) {
     });
     std::printf("  T=%lld read-only stream of the same bytes: %8.2f us  %6.0f GB/s\n", (long long)T, rs,
                 bytes / rs * 1e-3);
+    // Beside a reader on n SMs (probe.h ReadHog; idle: the SMs held without reading), at T = 64: what the experts and
+    // the read-only stream get, and what the reader takes meanwhile (their sum is DRAM's total while both run). Timed
+    // by stream synchronisation (a device synchronisation would wait for the reader). Printed only.
+    if (T == 64)
+      for (int n : {16, 32}) {
+        cuda::ReadHog rd(n, int64_t(1) << 30), idle(n, int64_t(1) << 30, false);
+        auto beside = [&](cuda::ReadHog& h, auto&& fn, auto&& sync, double* hog_bw) {
+          fn();
+          sync();
+          h.start();
+          const auto t0 = std::chrono::steady_clock::now();
+          for (int i = 0; i < 100; ++i) fn();
+          sync();
+          const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+          *hog_bw = h.stop();
+          return us / 100;
+        };
+        auto experts = [&] { B.gpu->moe_experts(x, eg, ids, w, y); };
+        auto stream = [&] {
+          cuda::read_stream(static_cast<char*>(buf) + (half ^= 1) * n16 * 16, n16 * 16, sink, 0, nullptr);
+        };
+        auto gsync = [&] { B.gpu->synchronize(); };
+        auto ssync = [] { cudaStreamSynchronize(nullptr); };
+        double hi = 0, hr = 0, si = 0, sr = 0;  // the idle reader's (0) and the reading one's rates
+        const double ei = beside(idle, experts, gsync, &hi), er = beside(rd, experts, gsync, &hr);
+        const double qi = beside(idle, stream, ssync, &si), qr = beside(rd, stream, ssync, &sr);
+        std::printf("  T=64, %d SMs held: moe_experts %8.2f us (%6.0f GB/s) idle, %8.2f us (%6.0f GB/s) beside a reader "
+                    "taking %5.0f GB/s (sum %5.0f); read-only stream %6.0f GB/s idle, %6.0f beside a reader taking %5.0f "
+                    "(sum %5.0f)\n",
+                    n, ei, bytes / ei * 1e-3, er, bytes / er * 1e-3, hr / 1e9, bytes / er * 1e-3 + hr / 1e9,
+                    bytes / qi * 1e-3, bytes / qr * 1e-3, sr / 1e9, bytes / qr * 1e-3 + sr / 1e9);
+      }
     cudaFree(buf), cudaFree(sink);
   }
 }

@@ -1258,38 +1258,44 @@ constexpr int kMergeMaxS = 64;
 // gate (attention_gated): o ← o·sigmoid(gate) as k_sigmoid_gate_mul would do it after the store (o rounded to its
 // dtype first): the same bits as the two launches.
 // meta_early: the row's sequence (batch table, uploaded before the step) is looked up before the PDL wait (session 21).
+// min_pos > 0 (the tensor-core kernel's splits, attn_decode.h): only the row's first Se = min(S, ceil(n / min_pos))
+// splits hold data, the rest are empty (m = −inf), which add nothing to the max, L or the sums; the loops stop at Se
+// (session 38: at batch 1 the merge walked 64 splits for 16 live ones at 1k). The same bits.
 __global__ void k_attn_merge_sm(const float* part, int64_t Nh, int64_t Dh, int S, void* o, int odt,
                                 const int32_t* seq_of, const int32_t* seqinfo, int flash_min, const void* gate,
-                                int gdt, int meta_early) {
+                                int gdt, int meta_early, int min_pos) {
   __shared__ float sm[kMergeMaxS], sl[kMergeMaxS], sw[kMergeMaxS];
   if (!meta_early) {
     pdl_wait();  // PDL-launched (pdl.h)
     pdl_trigger();
   }
   const int64_t t = blockIdx.x, h = blockIdx.y;
-  const bool flash_row = seqinfo[seq_of[t] * 4 + 1] >= flash_min;
+  const int sq = seq_of[t];
+  const bool flash_row = seqinfo[sq * 4 + 1] >= flash_min;
+  const int64_t n_ctx = int64_t(seqinfo[sq * 4 + 2]) + (t - seqinfo[sq * 4 + 0]) + 1;
+  const int Se = min_pos > 0 ? int(max(int64_t(1), min(int64_t(S), (n_ctx + min_pos - 1) / min_pos))) : S;
   if (meta_early) {
     pdl_wait();
     pdl_trigger();
   }
   if (flash_row) return;
   const float* src = part + (t * Nh + h) * S * (Dh + 2);
-  for (int s = threadIdx.x; s < S; s += blockDim.x) {
+  for (int s = threadIdx.x; s < Se; s += blockDim.x) {
     sm[s] = src[s * (Dh + 2)];
     sl[s] = src[s * (Dh + 2) + 1];
   }
   __syncthreads();
   float M = -INFINITY;
-  for (int s = 0; s < S; ++s) M = fmaxf(M, sm[s]);
-  for (int s = threadIdx.x; s < S; s += blockDim.x) sw[s] = sm[s] != -INFINITY ? expf(sm[s] - M) : 0.f;
+  for (int s = 0; s < Se; ++s) M = fmaxf(M, sm[s]);
+  for (int s = threadIdx.x; s < Se; s += blockDim.x) sw[s] = sm[s] != -INFINITY ? expf(sm[s] - M) : 0.f;
   __syncthreads();
   float L = 0.f;
-  for (int s = 0; s < S; ++s)
+  for (int s = 0; s < Se; ++s)
     if (sm[s] != -INFINITY) L += sl[s] * sw[s];
   for (int64_t d = threadIdx.x; d < Dh; d += blockDim.x) {
     float sum = 0.f;
 #pragma unroll 8
-    for (int s = 0; s < S; ++s) {
+    for (int s = 0; s < Se; ++s) {
       // An empty split (m = −inf) may have written no acc (attn_decode.h min_pos): not read.
       const float a = sm[s] != -INFINITY ? src[s * (Dh + 2) + 2 + d] : 0.f;
       if (sm[s] != -INFINITY) sum += a * sw[s];
@@ -2178,6 +2184,9 @@ class CudaBackend final : public Backend {
       const int S = int(std::clamp<int64_t>(wave > 0 ? wave / tn : ((nblk > 0 ? nblk : 1024) + tn - 1) / tn, 1,
                                             kMergeMaxS));
       Tensor part = alloc_scratch(DType::F32, {T, Nh, S, Dh + 2});
+      // The tensor-core kernel's splits of ≥ min_pos positions (attn_decode.h); the merge reads only the live ones
+      // (DS_ATTN_MERGE_ALL=1: every split, as before session 38; the same bits).
+      const int min_pos = int(env_int("DS_ATTN_MIN_POS", 64));
       const float scale = 1.f / std::sqrt(float(Dh));
       auto* qp = q.ptr<__nv_bfloat16>();
       auto* kp = kv.k.ptr<__nv_bfloat16>();
@@ -2187,7 +2196,7 @@ class CudaBackend final : public Backend {
         // Splits of ≥ DS_ATTN_MIN_POS positions (default 64; 0 = every split): at a short context a small batch's
         // 64 splits held one 16-position tile each, and the merge read 64 partials per head (session 14).
         cuda::attn_decode_tc(qp, kp, vp, T, Nh, Nkv, Dh, kv.block_size, d.seq_of, d.seqinfo, d.blocks, d.maxb, scale,
-                             S, part.ptr<float>(), flash_min, int(env_int("DS_ATTN_MIN_POS", 64)), stream_);
+                             S, part.ptr<float>(), flash_min, min_pos, stream_);
       } else {
         // One warp per q head of the group. DS_CUDA_NO_ATTN_SMEM=1: K/V straight from global memory per warp (same
         // arithmetic, same bits).
@@ -2217,7 +2226,8 @@ class CudaBackend final : public Backend {
       else
         DS_CUDA_CHECK(pdl_launch(k_attn_merge_sm, mgrid, mthreads, 0, stream_, part.ptr<float>(), Nh, Dh, S, o.data,
                                  int(o.dtype), d.seq_of, d.seqinfo, flash_min, g ? g->data : nullptr,
-                                 g ? int(g->dtype) : 0, int(meta_early())));
+                                 g ? int(g->dtype) : 0, int(meta_early()),
+                                 tc && !env_flag("DS_ATTN_MERGE_ALL") ? min_pos : 0));
       DS_CUDA_CHECK_LAST();
       return g != nullptr;
     }

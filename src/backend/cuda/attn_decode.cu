@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(kThreads, QKS ? 4 : 3)
   const int n_ctx = seqinfo[s * 4 + 2] + (t - seqinfo[s * 4 + 0]) + 1;
   // Splits of at least min_pos positions (session 14): a short context uses the first Se of the S splits, the rest
   // are empty (their partial is m = −inf and l = 0 only; the merge reads no acc of an empty split).
-  const int Se = min_pos > 0 ? max(1, min(S, (n_ctx + min_pos - 1) / min_pos)) : S;
+  const int Se = attn_live_splits(n_ctx, S, min_pos);
   const int chunk = (n_ctx + Se - 1) / Se, p0 = split * chunk, p1 = min(n_ctx, p0 + chunk);
   const int ntiles = p1 > p0 ? (p1 - p0 + kTP - 1) / kTP : 0;
   const int32_t* bt = blocks + int64_t(s) * maxb;

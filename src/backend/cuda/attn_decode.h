@@ -26,6 +26,13 @@ bool attn_decode_tc_supported(int64_t Nh, int64_t Nkv, int64_t Dh);
 // blocks per SM. The backend sizes a step's splits to fit this one wave.
 int64_t attn_decode_tc_wave(int64_t Dh);
 
+// The splits a row of context n_ctx uses: the first Se = min(S, ceil(n_ctx / min_pos)) of S (each of ≥ min_pos
+// positions; min_pos ≤ 0: all S). The rest are empty. The kernel's rule, which k_attn_merge_sm follows to read only
+// the live ones.
+__device__ __forceinline__ int attn_live_splits(int n_ctx, int S, int min_pos) {
+  return min_pos > 0 ? max(1, min(S, (n_ctx + min_pos - 1) / min_pos)) : S;
+}
+
 // q [T, Nh·Dh] bf16, k/v caches [num_blocks, bs, Nkv, Dh] bf16; seq_of [T], seqinfo [nseq, 4] (q_start, q_len,
 // ctx_len, slot), blocks [nseq, maxb] (DevBatch). Rows of sequences with q_len ≥ flash_min are skipped. scale =
 // 1/sqrt(Dh). Grid (T, Nkv, S). min_pos > 0: a row of context n uses only the first min(S, ceil(n / min_pos)) splits

@@ -1258,8 +1258,8 @@ constexpr int kMergeMaxS = 64;
 // gate (attention_gated): o ← o·sigmoid(gate) as k_sigmoid_gate_mul would do it after the store (o rounded to its
 // dtype first): the same bits as the two launches.
 // meta_early: the row's sequence (batch table, uploaded before the step) is looked up before the PDL wait (session 21).
-// min_pos > 0 (the tensor-core kernel's splits, attn_decode.h): only the row's first Se = min(S, ceil(n / min_pos))
-// splits hold data, the rest are empty (m = −inf), which add nothing to the max, L or the sums; the loops stop at Se
+// min_pos > 0 (the tensor-core kernel's splits): only the row's first Se splits hold data (attn_live_splits,
+// attn_decode.h), the rest are empty (m = −inf), which add nothing to the max, L or the sums; the loops stop at Se
 // (session 38: at batch 1 the merge walked 64 splits for 16 live ones at 1k). The same bits.
 __global__ void k_attn_merge_sm(const float* part, int64_t Nh, int64_t Dh, int S, void* o, int odt,
                                 const int32_t* seq_of, const int32_t* seqinfo, int flash_min, const void* gate,
@@ -1272,8 +1272,7 @@ __global__ void k_attn_merge_sm(const float* part, int64_t Nh, int64_t Dh, int S
   const int64_t t = blockIdx.x, h = blockIdx.y;
   const int sq = seq_of[t];
   const bool flash_row = seqinfo[sq * 4 + 1] >= flash_min;
-  const int64_t n_ctx = int64_t(seqinfo[sq * 4 + 2]) + (t - seqinfo[sq * 4 + 0]) + 1;
-  const int Se = min_pos > 0 ? int(max(int64_t(1), min(int64_t(S), (n_ctx + min_pos - 1) / min_pos))) : S;
+  const int Se = attn_live_splits(seqinfo[sq * 4 + 2] + (int(t) - seqinfo[sq * 4 + 0]) + 1, S, min_pos);
   if (meta_early) {
     pdl_wait();
     pdl_trigger();

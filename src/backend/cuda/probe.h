@@ -27,9 +27,9 @@ double mma_sync_rate(int iters, cudaStream_t s);
 // 16-byte loads, on a non-blocking stream of its own, from start() until stop(). The measured work runs on the other
 // SMs with what bandwidth is left. stop() returns the bytes per second the hog read while it ran. A kernel launched
 // for the first time in the process waits for the hog to end (CUDA loads modules lazily, and loading one waits for
-// the running kernels: the test's first read beside it took the hog's full 60 s): run what goes beside it once first. A hog still
-// running 60 s after its start stops by itself (a forgotten stop, or a cudaDeviceSynchronize that would otherwise
-// wait for it forever). read = false: the blocks hold their SMs without reading (what taking the SMs alone costs the
+// the running kernels: the test's first read beside it took the hog's full 60 s): run what goes beside it once
+// first. A hog still running 60 s after its start stops by itself (a forgotten stop, or a cudaDeviceSynchronize
+// that would otherwise wait for it forever). read = false: the blocks hold their SMs without reading (what taking the SMs alone costs the
 // measured work, to tell apart from what taking the bandwidth costs). Not for the engine.
 class ReadHog {
  public:

@@ -2375,5 +2375,32 @@ TEST_F(CudaOps, MoeRouteTableDecode) {
   }
 }
 
+// A NaN router logit (a broken checkpoint or an overflow upstream) makes the token's probabilities NaN. The compact
+// router (E ≤ 256, top-8: every routing launch of the 35B-A3B) then picks experts 0..7 with NaN weights: ids in
+// range, so the expert kernels read only real experts (a pick outside [0, E) would read past the weights). Checked
+// in the unfused router, the decode router + table (T = 1, 4) and the 1024-thread one (T = 8) through moe_ffn.
+TEST_F(CudaOps, MoeRouteNaNLogits) {
+  Both B;
+  const int64_t E = 256, H = 256, I = 128, K = 8;
+  const HostExperts hx(E, H, I, true, 1300, 1301, 1302);
+  Experts eg = hx.make(*B.gpu);
+  for (int64_t T : {1, 4, 8, 64}) {
+    std::vector<float> lv = randn(size_t(T * E), 1.f, uint64_t(1400 + T));
+    lv[size_t(3)] = std::nanf("");  // token 0
+    const auto xs = randn(size_t(T * H), 1.f, uint64_t(1500 + T));
+    Backend& g = *B.gpu;
+    Tensor l = g.upload_f32(lv, {T, E}, DType::BF16), x = g.upload_f32(xs, {T, H}, DType::BF16);
+    Tensor ids = g.alloc(DType::I32, {T, K}), w = g.alloc(DType::F32, {T, K}), y = g.alloc(DType::BF16, {T, H});
+    for (bool fused : {true, false}) {
+      ScopedEnv n("DS_CUDA_NO_MOE_FUSE", fused ? "0" : "1");
+      g.moe_ffn(l, K, x, eg, ids, w, nullptr, nullptr, nullptr, y);
+      const std::vector<float> id = g.to_host_f32(ids);
+      for (int64_t k = 0; k < K; ++k) EXPECT_EQ(id[size_t(k)], float(k)) << "T=" << T << " fused " << fused;
+      for (size_t i = 0; i < id.size(); ++i)
+        ASSERT_TRUE(id[i] >= 0 && id[i] < float(E)) << "T=" << T << " id " << id[i] << " at " << i;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace ds

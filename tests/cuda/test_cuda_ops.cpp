@@ -2376,9 +2376,10 @@ TEST_F(CudaOps, MoeRouteTableDecode) {
 }
 
 // A NaN router logit (a broken checkpoint or an overflow upstream) makes the token's probabilities NaN. The compact
-// router (E ≤ 256, top-8: every routing launch of the 35B-A3B) then picks experts 0..7 with NaN weights: ids in
-// range, so the expert kernels read only real experts (a pick outside [0, E) would read past the weights). Checked
-// in the unfused router, the decode router + table (T = 1, 4) and the 1024-thread one (T = 8) through moe_ffn.
+// router (E ≤ 256, top-8: every routing launch of the 35B-A3B) and the generic one (DS_MOE_ROUTE_C=0) then pick
+// experts 0..7 with NaN weights: ids in range, so the expert kernels read only real experts (a pick outside [0, E)
+// would read past the weights). Checked in the unfused router, the decode router + table (T = 1, 4) and the
+// 1024-thread one (T = 8) through moe_ffn.
 TEST_F(CudaOps, MoeRouteNaNLogits) {
   Both B;
   const int64_t E = 256, H = 256, I = 128, K = 8;
@@ -2386,18 +2387,29 @@ TEST_F(CudaOps, MoeRouteNaNLogits) {
   Experts eg = hx.make(*B.gpu);
   for (int64_t T : {1, 4, 8, 64}) {
     std::vector<float> lv = randn(size_t(T * E), 1.f, uint64_t(1400 + T));
+    for (float& v : lv) v = bf16_to_f32(f32_to_bf16(v));  // exact in bf16, so the CPU routes the same logits
     lv[size_t(3)] = std::nanf("");  // token 0
+    std::vector<float> cpu_ids;
+    {
+      auto lc = B.up(lv, {T, E});
+      auto ic = B.zeros({T, K}, DType::I32), wc = B.zeros({T, K}, DType::F32);
+      B.cpu->moe_route(lc.c, K, ic.c, wc.c);  // the CPU twin: its stable sort keeps 0..7 when every key is NaN
+      cpu_ids = B.cpu->to_host_f32(ic.c);
+    }
     const auto xs = randn(size_t(T * H), 1.f, uint64_t(1500 + T));
     Backend& g = *B.gpu;
     Tensor l = g.upload_f32(lv, {T, E}, DType::BF16), x = g.upload_f32(xs, {T, H}, DType::BF16);
     Tensor ids = g.alloc(DType::I32, {T, K}), w = g.alloc(DType::F32, {T, K}), y = g.alloc(DType::BF16, {T, H});
-    for (bool fused : {true, false}) {
+    for (int v = 0; v < 4; ++v) {
+      const bool fused = v & 1;
       ScopedEnv n("DS_CUDA_NO_MOE_FUSE", fused ? "0" : "1");
+      ScopedEnv c("DS_MOE_ROUTE_C", v & 2 ? "0" : "1");
       g.moe_ffn(l, K, x, eg, ids, w, nullptr, nullptr, nullptr, y);
       const std::vector<float> id = g.to_host_f32(ids);
-      for (int64_t k = 0; k < K; ++k) EXPECT_EQ(id[size_t(k)], float(k)) << "T=" << T << " fused " << fused;
+      for (int64_t k = 0; k < K; ++k) EXPECT_EQ(id[size_t(k)], float(k)) << "T=" << T << " variant " << v;
       for (size_t i = 0; i < id.size(); ++i)
-        ASSERT_TRUE(id[i] >= 0 && id[i] < float(E)) << "T=" << T << " id " << id[i] << " at " << i;
+        ASSERT_TRUE(id[i] >= 0 && id[i] < float(E)) << "T=" << T << " variant " << v << " id " << id[i] << " at " << i;
+      EXPECT_EQ(id, cpu_ids) << "T=" << T << " variant " << v << ": ids differ from the CPU's";
     }
   }
 }

@@ -68,8 +68,13 @@ __device__ __forceinline__ void moe_route_token_n(const void* logits, int ldt, i
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  // A NaN logit makes every probability NaN, which no round of moe_pick would take (its ids would be 1 << 30): as 0
+  // they go to experts 0..K−1 with weights 0 / 0 = NaN, what moe_route_token_c gives (ids in range).
 #pragma unroll
-  for (int j = 0; j < JN; ++j) p[j] = (lane + 32 * j) < E ? p[j] / sum : -1.f;
+  for (int j = 0; j < JN; ++j) {
+    const float q = p[j] / sum;
+    p[j] = (lane + 32 * j) < E ? (q >= 0.f ? q : 0.f) : -1.f;
+  }
   float tsum = 0.f;
   for (int64_t k = 0; k < K; ++k) {
     float bv;

@@ -2399,11 +2399,13 @@ TEST_F(CudaOps, MoeRouteNaNLogits) {
     const auto xs = randn(size_t(T * H), 1.f, uint64_t(1500 + T));
     Backend& g = *B.gpu;
     Tensor l = g.upload_f32(lv, {T, E}, DType::BF16), x = g.upload_f32(xs, {T, H}, DType::BF16);
-    Tensor ids = g.alloc(DType::I32, {T, K}), w = g.alloc(DType::F32, {T, K}), y = g.alloc(DType::BF16, {T, H});
+    Tensor w = g.alloc(DType::F32, {T, K}), y = g.alloc(DType::BF16, {T, H});
     for (int v = 0; v < 4; ++v) {
       const bool fused = v & 1;
       ScopedEnv n("DS_CUDA_NO_MOE_FUSE", fused ? "0" : "1");
       ScopedEnv c("DS_MOE_ROUTE_C", v & 2 ? "0" : "1");
+      // −1 everywhere first, so a variant that stored no ids cannot pass on an earlier variant's
+      Tensor ids = g.upload_f32(std::vector<float>(size_t(T * K), -1.f), {T, K}, DType::I32);
       g.moe_ffn(l, K, x, eg, ids, w, nullptr, nullptr, nullptr, y);
       const std::vector<float> id = g.to_host_f32(ids);
       for (int64_t k = 0; k < K; ++k) EXPECT_EQ(id[size_t(k)], float(k)) << "T=" << T << " variant " << v;

@@ -1,0 +1,1329 @@
+// Structured output's grammar core: the automaton (Grammar), its builder, the JSON / JSON Schema / choice
+// languages built with it, the position (Matcher) and the vocabulary walk (TokenMasker). See grammar.h.
+#include "sampling/grammar.h"
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <bitset>
+#include <map>
+#include <set>
+#include <unordered_set>
+
+#include <nlohmann/json.hpp>
+
+#include "core/status.h"
+
+namespace ds::sampling {
+
+using ojson = nlohmann::ordered_json;
+using Frame = Matcher::Frame;
+using Thread = Matcher::Thread;
+
+// ---------------------------------------------------------------------------------------------------------------
+// The compiled automaton. Nodes of all rules share one id space; a call edge names the callee's start node and the
+// node to continue at when it returns. Byte edges are a class map (byte -> class, 0 = no edge) shared between
+// nodes with the same partition of the bytes, and one target per class.
+
+class Grammar {
+ public:
+  enum : uint8_t {
+    kFinal = 1,      // the rule may return here
+    kBytes = 2,      // has byte edges (a thread can rest here)
+    kSimple = 4,     // has byte edges and nothing else: stepping onto it needs no closure
+    kPureFinal = 8,  // only returns: a call returning here is a tail call (no frame pushed)
+  };
+  struct Node {
+    int32_t cmap = 0;  // row of cmaps (row 0: no byte edges)
+    int32_t tgt = 0;   // targets[tgt + class - 1]
+    int32_t call_b = 0, call_e = 0;
+    uint8_t flags = 0;
+  };
+  struct Call {
+    int32_t start;  // callee's start node
+    int32_t ret;
+  };
+
+  std::vector<Node> nodes;
+  std::vector<uint8_t> cmaps;  // 256 per row
+  std::vector<int32_t> targets;
+  std::vector<Call> calls;
+  int32_t root = 0;  // start node of the top rule
+  uint64_t id = 0;   // unique per grammar object (TokenMasker's cache keys)
+
+  // The node byte b leads to from `node`, or -1.
+  int32_t next(int32_t node, uint8_t b) const {
+    const Node& n = nodes[size_t(node)];
+    const uint8_t c = cmaps[size_t(n.cmap) * 256 + b];
+    return c ? targets[size_t(n.tgt) + c - 1] : -1;
+  }
+};
+
+namespace {
+
+constexpr int kMaxDepth = 32;         // nesting of "any" objects/arrays
+constexpr int kMaxDigits = 16;        // integer part, fraction
+// Exponent digits: 2, not 16, so every number is a finite double above the subnormals (|x| < 1e116, nonzero
+// |x| > 1e-116); a longer exponent overflows strict parsers (nlohmann, serde_json, Go's encoding/json).
+constexpr int kMaxExpDigits = 2;
+constexpr int kMaxWsRun = 20;         // spaces/tabs after a newline
+constexpr int64_t kMaxCount = 10000;  // minLength/maxLength/minItems/maxItems (each unrolls into nodes)
+constexpr int kMaxSchemaDepth = 128;  // nesting of subschemas
+constexpr int64_t kInlineChars = 256; // bounded strings up to this many characters: no calls per character
+constexpr size_t kMaxThreads = 4096;  // a position with more threads is refused (pathological ambiguity only)
+
+std::atomic<uint64_t> g_next_grammar_id{1};
+
+using ByteSet = std::bitset<256>;
+
+ByteSet range(int lo, int hi) {
+  ByteSet s;
+  for (int b = lo; b <= hi; ++b) s.set(size_t(b));
+  return s;
+}
+ByteSet chars(std::string_view cs) {
+  ByteSet s;
+  for (char c : cs) s.set(uint8_t(c));
+  return s;
+}
+const ByteSet kDigits = range('0', '9');
+const ByteSet kHex = range('0', '9') | range('a', 'f') | range('A', 'F');
+
+// ---------------------------------------------------------------------------------------------------------------
+// Builder: rules as graphs of nodes; finish() prunes what cannot complete, rejects left recursion and compiles.
+
+class Builder {
+ public:
+  int32_t node() {
+    nodes_.emplace_back();
+    return int32_t(nodes_.size() - 1);
+  }
+  // A new rule (its start node is created with it); `name` is for error messages.
+  int32_t rule(std::string name) {
+    const int32_t s = node();
+    rules_.push_back({s, std::move(name)});
+    return int32_t(rules_.size() - 1);
+  }
+  int32_t start(int32_t r) const { return rules_[size_t(r)].start; }
+
+  void on(int32_t from, const ByteSet& s, int32_t to) {
+    for (auto& [set, t] : nodes_[size_t(from)].bytes) DS_CHECK((set & s).none(), "grammar: overlapping byte edges");
+    nodes_[size_t(from)].bytes.push_back({s, to});
+  }
+  void on(int32_t from, char b, int32_t to) {
+    ByteSet s;
+    s.set(uint8_t(b));
+    on(from, s, to);
+  }
+  void call(int32_t from, int32_t r, int32_t to) { nodes_[size_t(from)].calls.push_back({r, to}); }
+  void final(int32_t n) { nodes_[size_t(n)].final = true; }
+
+  // The node after spelling `s` from `from`, reusing single-byte edges already there (so words from one node
+  // form a trie).
+  int32_t word(int32_t from, std::string_view s) {
+    for (char ch : s) {
+      int32_t next = -1;
+      for (auto& [set, t] : nodes_[size_t(from)].bytes)
+        if (set.test(uint8_t(ch))) {
+          DS_CHECK(set.count() == 1, "grammar: a word through a byte class");
+          next = t;
+        }
+      if (next < 0) {
+        next = node();
+        on(from, ch, next);
+      }
+      from = next;
+    }
+    return from;
+  }
+  // The node byte b leads to from `from` (builder edges), or -1.
+  int32_t next(int32_t from, uint8_t b) const {
+    for (auto& [set, t] : nodes_[size_t(from)].bytes)
+      if (set.test(b)) return t;
+    return -1;
+  }
+  const std::vector<std::pair<ByteSet, int32_t>>& edges(int32_t n) const { return nodes_[size_t(n)].bytes; }
+
+  // A rule whose language is the union of the rules' (tail calls: no frame is pushed).
+  int32_t alternatives(const std::vector<int32_t>& rs, std::string name) {
+    if (rs.size() == 1) return rs[0];
+    const int32_t r = rule(std::move(name)), end = node();
+    final(end);
+    for (int32_t a : rs) call(start(r), a, end);
+    return r;
+  }
+
+  // Compiles the grammar whose language is rule `root`'s. `what` prefixes errors ("json_schema", ...).
+  GrammarPtr finish(int32_t root, const std::string& what);
+
+ private:
+  struct BNode {
+    std::vector<std::pair<ByteSet, int32_t>> bytes;
+    std::vector<std::pair<int32_t, int32_t>> calls;  // (rule, return node)
+    bool final = false;
+  };
+  struct BRule {
+    int32_t start;
+    std::string name;
+  };
+  void prune(int32_t root, const std::string& what);
+  void check_left_recursion(const std::string& what);
+
+  std::vector<BNode> nodes_;
+  std::vector<BRule> rules_;
+};
+
+// Keeps only what can complete: a node is live when it can reach its rule's return through byte edges and calls of
+// productive rules (a rule is productive when its start is live). Edges into dead nodes and calls of
+// unproductive rules are dropped, so every thread of a position can still finish (can_continue() is honest).
+void Builder::prune(int32_t root, const std::string& what) {
+  const size_t n = nodes_.size();
+  std::vector<std::vector<int32_t>> preds(n);  // byte-edge predecessors
+  std::vector<std::vector<std::array<int32_t, 3>>> by_ret(n);  // call sites (from, rule, ret) by return node
+  std::vector<std::vector<std::array<int32_t, 3>>> by_rule(rules_.size());
+  std::vector<int32_t> rule_of_start(n, -1);
+  for (size_t r = 0; r < rules_.size(); ++r) rule_of_start[size_t(rules_[r].start)] = int32_t(r);
+  for (size_t i = 0; i < n; ++i) {
+    for (auto& [set, t] : nodes_[i].bytes) preds[size_t(t)].push_back(int32_t(i));
+    for (auto& [r, ret] : nodes_[i].calls) {
+      by_ret[size_t(ret)].push_back({int32_t(i), r, ret});
+      by_rule[size_t(r)].push_back({int32_t(i), r, ret});
+    }
+  }
+  std::vector<char> live(n, 0), productive(rules_.size(), 0);
+  std::vector<int32_t> work;
+  auto mark = [&](int32_t x) {
+    if (!live[size_t(x)]) {
+      live[size_t(x)] = 1;
+      work.push_back(x);
+    }
+  };
+  for (size_t i = 0; i < n; ++i)
+    if (nodes_[i].final) mark(int32_t(i));
+  while (!work.empty()) {
+    const int32_t x = work.back();
+    work.pop_back();
+    for (int32_t p : preds[size_t(x)]) mark(p);
+    for (auto& c : by_ret[size_t(x)])
+      if (productive[size_t(c[1])]) mark(c[0]);
+    const int32_t r = rule_of_start[size_t(x)];
+    if (r >= 0 && !productive[size_t(r)]) {
+      productive[size_t(r)] = 1;
+      for (auto& c : by_rule[size_t(r)])
+        if (live[size_t(c[2])]) mark(c[0]);
+    }
+  }
+  if (!productive[size_t(root)])
+    fail(what, ": no finite value satisfies it (a required property, item or reference that recurses forever, or "
+               "constraints that contradict each other)");
+  for (auto& nd : nodes_) {
+    std::erase_if(nd.bytes, [&](auto& e) { return !live[size_t(e.second)]; });
+    std::erase_if(nd.calls, [&](auto& c) { return !productive[size_t(c.first)] || !live[size_t(c.second)]; });
+  }
+}
+
+// A rule that can reach a call of itself without consuming a byte would make the closure loop forever.
+void Builder::check_left_recursion(const std::string& what) {
+  const size_t R = rules_.size();
+  // The calls reachable from rule r's start without consuming (past calls of nullable rules);
+  // `nullable` says whether the return is reachable that way.
+  std::vector<int32_t> seen(nodes_.size(), -1);  // the last walk that visited the node
+  int32_t walk = 0;
+  auto left = [&](size_t r, const std::vector<char>& nullable, std::vector<int32_t>* callees) {
+    std::vector<int32_t> work{rules_[r].start};
+    bool returns = false;
+    ++walk;
+    while (!work.empty()) {
+      const int32_t x = work.back();
+      work.pop_back();
+      if (seen[size_t(x)] == walk) continue;
+      seen[size_t(x)] = walk;
+      const BNode& nd = nodes_[size_t(x)];
+      returns |= nd.final;
+      for (auto& [c, ret] : nd.calls) {
+        if (callees) callees->push_back(c);
+        if (nullable[size_t(c)]) work.push_back(ret);
+      }
+    }
+    return returns;
+  };
+  std::vector<char> nullable(R, 0);
+  for (bool changed = true; changed;) {
+    changed = false;
+    for (size_t r = 0; r < R; ++r)
+      if (!nullable[r] && left(r, nullable, nullptr)) nullable[r] = 1, changed = true;
+  }
+  std::vector<std::vector<int32_t>> graph(R);
+  for (size_t r = 0; r < R; ++r) left(r, nullable, &graph[r]);
+  // Cycle search (iterative DFS, colours 0 new / 1 on the path / 2 done).
+  std::vector<char> colour(R, 0);
+  std::vector<std::pair<int32_t, size_t>> path;
+  for (size_t s = 0; s < R; ++s) {
+    if (colour[s]) continue;
+    path.push_back({int32_t(s), 0});
+    colour[s] = 1;
+    while (!path.empty()) {
+      auto& [r, i] = path.back();
+      if (i == graph[size_t(r)].size()) {
+        colour[size_t(r)] = 2;
+        path.pop_back();
+        continue;
+      }
+      const int32_t c = graph[size_t(r)][i++];
+      if (colour[size_t(c)] == 1) {
+        std::string cycle;
+        bool on = false;
+        for (auto& [p, unused] : path) {
+          on |= p == c;
+          if (on) cycle += rules_[size_t(p)].name + " -> ";
+        }
+        fail(what, ": ", cycle, rules_[size_t(c)].name,
+             " refers back to itself before any text is produced (left recursion)");
+      }
+      if (colour[size_t(c)] == 0) {
+        colour[size_t(c)] = 1;
+        path.push_back({c, 0});
+      }
+    }
+  }
+}
+
+GrammarPtr Builder::finish(int32_t root, const std::string& what) {
+  prune(root, what);
+  check_left_recursion(what);
+  auto g = std::make_shared<Grammar>();
+  g->id = g_next_grammar_id.fetch_add(1);
+  g->root = rules_[size_t(root)].start;
+  g->nodes.resize(nodes_.size());
+  g->cmaps.assign(256, 0);  // row 0: no edges
+  std::map<std::array<uint8_t, 256>, int32_t> rows;
+  rows[std::array<uint8_t, 256>{}] = 0;
+  for (size_t i = 0; i < nodes_.size(); ++i) {
+    const BNode& b = nodes_[i];
+    Grammar::Node& n = g->nodes[i];
+    if (!b.bytes.empty()) {
+      std::array<int32_t, 256> to;
+      to.fill(-1);
+      for (auto& [set, t] : b.bytes)
+        for (size_t c = 0; c < 256; ++c)
+          if (set.test(c)) to[c] = t;
+      // Classes in order of first appearance; class k's target is targets[tgt + k - 1].
+      std::array<uint8_t, 256> row{};
+      std::vector<int32_t> tg;
+      for (size_t c = 0; c < 256; ++c) {
+        if (to[c] < 0) continue;
+        auto it = std::find(tg.begin(), tg.end(), to[c]);
+        if (it == tg.end()) tg.push_back(to[c]), it = tg.end() - 1;
+        row[c] = uint8_t(it - tg.begin() + 1);
+      }
+      auto [it, added] = rows.emplace(row, int32_t(rows.size()));
+      if (added) g->cmaps.insert(g->cmaps.end(), row.begin(), row.end());
+      n.cmap = it->second;
+      n.tgt = int32_t(g->targets.size());
+      g->targets.insert(g->targets.end(), tg.begin(), tg.end());
+    }
+    n.call_b = int32_t(g->calls.size());
+    for (auto& [r, ret] : b.calls) g->calls.push_back({rules_[size_t(r)].start, ret});
+    n.call_e = int32_t(g->calls.size());
+    const bool bytes = !b.bytes.empty(), others = !b.calls.empty();
+    n.flags = uint8_t((b.final ? Grammar::kFinal : 0) | (bytes ? Grammar::kBytes : 0) |
+                      (bytes && !others && !b.final ? Grammar::kSimple : 0) |
+                      (b.final && !bytes && !others ? Grammar::kPureFinal : 0));
+  }
+  return g;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// JSON building blocks (RFC 8259 over UTF-8 bytes), each a rule built once per grammar.
+
+class JsonRules {
+ public:
+  explicit JsonRules(Builder& b) : b_(b) {}
+
+  // "" | " " | "\n" [ \t]{0,20}
+  int32_t ws() {
+    if (ws_ >= 0) return ws_;
+    ws_ = b_.rule("whitespace");
+    const int32_t s = b_.start(ws_), sp = b_.node();
+    b_.final(s);
+    b_.final(sp);
+    b_.on(s, ' ', sp);
+    int32_t prev = b_.node();
+    b_.final(prev);
+    b_.on(s, '\n', prev);
+    for (int k = 0; k < kMaxWsRun; ++k) {
+      const int32_t n = b_.node();
+      b_.final(n);
+      b_.on(prev, chars(" \t"), n);
+      prev = n;
+    }
+    return ws_;
+  }
+
+  // Edges from `from` to `to` spelling one character of a string's body: unescaped (well-formed UTF-8, no '"',
+  // '\', controls) or an escape; \uD800-\uDBFF only as the first half of a surrogate pair.
+  void char_edges(int32_t from, int32_t to) {
+    ByteSet ascii = range(0x20, 0x7F);
+    ascii.reset('"');
+    ascii.reset('\\');
+    b_.on(from, ascii, to);
+    const ByteSet cont = range(0x80, 0xBF);
+    const int32_t c1 = b_.node(), c2 = b_.node(), c3 = b_.node();  // 1, 2, 3 continuation bytes to go
+    b_.on(c1, cont, to);
+    b_.on(c2, cont, c1);
+    b_.on(c3, cont, c2);
+    b_.on(from, range(0xC2, 0xDF), c1);
+    b_.on(from, range(0xE1, 0xEC) | range(0xEE, 0xEF), c2);
+    b_.on(from, range(0xF1, 0xF3), c3);
+    // The leads whose second byte is narrower: no overlongs, no surrogates, nothing above U+10FFFF.
+    const int32_t e0 = b_.node(), ed = b_.node(), f0 = b_.node(), f4 = b_.node();
+    b_.on(from, char(0xE0), e0);
+    b_.on(e0, range(0xA0, 0xBF), c1);
+    b_.on(from, char(0xED), ed);
+    b_.on(ed, range(0x80, 0x9F), c1);
+    b_.on(from, char(0xF0), f0);
+    b_.on(f0, range(0x90, 0xBF), c2);
+    b_.on(from, char(0xF4), f4);
+    b_.on(f4, range(0x80, 0x8F), c2);
+    // Escapes.
+    const int32_t esc = b_.node(), u = b_.node();
+    b_.on(from, '\\', esc);
+    b_.on(esc, chars("\"\\/bfnrt"), to);
+    b_.on(esc, 'u', u);
+    const int32_t u1 = b_.node(), u2 = b_.node(), u3 = b_.node(), ud = b_.node();  // hex digits read so far
+    ByteSet not_d = kHex;
+    not_d.reset('d');
+    not_d.reset('D');
+    b_.on(u, not_d, u1);
+    b_.on(u1, kHex, u2);
+    b_.on(u2, kHex, u3);
+    b_.on(u3, kHex, to);
+    b_.on(u, chars("dD"), ud);
+    b_.on(ud, range('0', '7'), u2);  // \uD000-\uD7FF
+    // \uD800-\uDBFF: a high surrogate, then "\u" and a low one \uDC00-\uDFFF. A lone low surrogate has no edge.
+    int32_t h = b_.node();
+    b_.on(ud, chars("89abAB"), h);
+    for (const ByteSet& set : {kHex, kHex, chars("\\"), chars("u"), chars("dD"), chars("cdefCDEF"), kHex}) {
+      const int32_t n = b_.node();
+      b_.on(h, set, n);
+      h = n;
+    }
+    b_.on(h, kHex, to);
+  }
+
+  // Any JSON string.
+  int32_t string() {
+    if (str_ >= 0) return str_;
+    str_ = b_.rule("string");
+    const int32_t body = b_.node(), end = b_.node();
+    b_.final(end);
+    b_.on(b_.start(str_), '"', body);
+    char_edges(body, body);
+    b_.on(body, '"', end);
+    return str_;
+  }
+
+  // One character of a string's body.
+  int32_t character() {
+    if (char_ >= 0) return char_;
+    char_ = b_.rule("character");
+    const int32_t end = b_.node();
+    b_.final(end);
+    char_edges(b_.start(char_), end);
+    return char_;
+  }
+
+  // A string of min..max characters (max < 0: no upper bound): one node per count. Up to kInlineChars counts,
+  // each has its own copy of the character edges (~25 nodes, stepped without closures: as fast as a plain
+  // string); beyond, each calls character() (one node per count, ~2.5x slower to mask).
+  int32_t string(int64_t min, int64_t max) {
+    if (min == 0 && max < 0) return string();
+    const auto key = std::make_pair(min, max);
+    if (auto it = bounded_.find(key); it != bounded_.end()) return it->second;
+    const int32_t r = b_.rule("string of " + std::to_string(min) + ".." + std::to_string(max) + " characters");
+    const int32_t end = b_.node();
+    b_.final(end);
+    const int64_t n = max < 0 ? min : max;
+    const bool inline_chars = n <= kInlineChars;
+    const int32_t ch = inline_chars ? -1 : character();
+    std::vector<int32_t> pos(size_t(n + 1));
+    for (auto& p : pos) p = b_.node();
+    b_.on(b_.start(r), '"', pos[0]);
+    for (int64_t k = 0; k <= n; ++k) {
+      if (k >= min) b_.on(pos[size_t(k)], '"', end);
+      const int32_t next = k < n ? pos[size_t(k + 1)] : max < 0 ? pos[size_t(k)] : -1;
+      if (next < 0) continue;
+      if (inline_chars) char_edges(pos[size_t(k)], next);
+      else b_.call(pos[size_t(k)], ch, next);
+    }
+    bounded_[key] = r;
+    return r;
+  }
+
+  // A string other than the given JSON string texts (each with its quotes): the plain string automaton, with a
+  // trie in front that follows the excluded texts and drops the edge that would complete one. Other spellings of
+  // an excluded name (escapes such as \u0061 for "a") are not excluded.
+  int32_t string_except(const std::vector<std::string>& excluded) {
+    if (excluded.empty()) return string();
+    const int32_t r = b_.rule("key other than the listed properties");
+    const int32_t s0 = b_.node(), body = b_.node(), end = b_.node();  // the plain automaton; s0 stays unreachable
+    b_.final(end);
+    b_.on(s0, '"', body);
+    char_edges(body, body);
+    b_.on(body, '"', end);
+    except_node(excluded, "", s0, b_.start(r));
+    return r;
+  }
+
+  // At most 16 digits in the integer part and the fraction, 2 in the exponent; integers have neither.
+  int32_t number(bool integer) {
+    int32_t& memo = integer ? int_ : num_;
+    if (memo >= 0) return memo;
+    memo = b_.rule(integer ? "integer" : "number");
+    const int32_t s = b_.start(memo), minus = b_.node(), zero = b_.node();
+    b_.final(zero);
+    b_.on(s, '-', minus);
+    auto digits = [&](int n) {  // a chain of n digit nodes, each final (after 1, 2, ... n digits)
+      std::vector<int32_t> d{}; d.resize(size_t(n));
+      for (auto& x : d) x = b_.node(), b_.final(x);
+      for (int k = 0; k + 1 < n; ++k) b_.on(d[size_t(k)], kDigits, d[size_t(k + 1)]);
+      return d;
+    };
+    std::vector<int32_t> ip = digits(kMaxDigits);
+    for (int32_t from : {s, minus}) {
+      b_.on(from, '0', zero);
+      b_.on(from, range('1', '9'), ip[0]);
+    }
+    if (!integer) {
+      const int32_t dot = b_.node(), e = b_.node(), esign = b_.node();
+      std::vector<int32_t> frac = digits(kMaxDigits), exp = digits(kMaxExpDigits);
+      b_.on(dot, kDigits, frac[0]);
+      b_.on(e, kDigits, exp[0]);
+      b_.on(esign, kDigits, exp[0]);
+      b_.on(e, chars("+-"), esign);
+      std::vector<int32_t> int_ends = ip;
+      int_ends.push_back(zero);
+      for (int32_t x : int_ends) {
+        b_.on(x, '.', dot);
+        b_.on(x, chars("eE"), e);
+      }
+      for (int32_t x : frac) b_.on(x, chars("eE"), e);
+    }
+    return memo;
+  }
+
+  // Exactly one of the texts (a trie).
+  int32_t words(const std::vector<std::string>& texts, std::string name) {
+    const int32_t r = b_.rule(std::move(name));
+    for (auto& t : texts) b_.final(b_.word(b_.start(r), t));
+    return r;
+  }
+  int32_t null_rule() {
+    if (null_ < 0) null_ = words({"null"}, "null");
+    return null_;
+  }
+  int32_t bool_rule() {
+    if (bool_ < 0) bool_ = words({"true", "false"}, "boolean");
+    return bool_;
+  }
+
+  // Any JSON value whose objects/arrays are at nesting level `depth` (1 = outermost) or deeper; beyond kMaxDepth
+  // only scalars.
+  int32_t value(int depth) {
+    if (values_.empty()) values_.assign(kMaxDepth + 2, -1);
+    const size_t d = size_t(std::min(depth, kMaxDepth + 1));
+    if (values_[d] >= 0) return values_[d];
+    std::vector<int32_t> alts{string(), number(false), bool_rule(), null_rule()};
+    if (int(d) <= kMaxDepth) alts.push_back(object(int(d))), alts.push_back(array(int(d)));
+    return values_[d] = b_.alternatives(alts, "JSON value");
+  }
+  int32_t object(int depth) {
+    if (objects_.empty()) objects_.assign(kMaxDepth + 1, -1);
+    int32_t& r = objects_[size_t(depth)];
+    if (r < 0) r = object({}, value(depth + 1), "JSON object");
+    return r;
+  }
+  int32_t array(int depth) {
+    if (arrays_.empty()) arrays_.assign(kMaxDepth + 1, -1);
+    int32_t& r = arrays_[size_t(depth)];
+    if (r < 0) r = array({}, value(depth + 1), 0, -1, "JSON array");
+    return r;
+  }
+
+  struct Prop {
+    std::string key;  // the name's JSON string text
+    int32_t value;    // rule
+    bool required;
+  };
+  // '{' members '}': the listed properties in order (optional ones may be skipped), then, when `extra` >= 0,
+  // any number of other keys (strings other than the listed keys) with values of rule `extra`.
+  int32_t object(const std::vector<Prop>& props, int32_t extra, std::string name) {
+    const int n = int(props.size());
+    std::vector<int> next_req(size_t(n + 1), n);  // the first required property at or after k
+    for (int k = n - 1; k >= 0; --k) next_req[size_t(k)] = props[size_t(k)].required ? k : next_req[size_t(k + 1)];
+    const int32_t r = b_.rule(std::move(name));
+    const int32_t open = b_.node(), first = b_.node(), end = b_.node();
+    b_.final(end);
+    b_.on(b_.start(r), '{', open);
+    b_.call(open, ws(), first);
+    int32_t xkey = -1;
+    if (extra >= 0) {
+      std::vector<std::string> keys;
+      for (auto& p : props) keys.push_back(p.key);
+      xkey = string_except(keys);
+    }
+    std::vector<int32_t> after(size_t(n + 1), -1);  // after a member, the next candidate being property k
+    auto after_node = [&](int k) {
+      if (after[size_t(k)] < 0) after[size_t(k)] = b_.node();
+      return after[size_t(k)];
+    };
+    // key ws ':' ws value, from key position K, continuing at after_node(next).
+    auto member = [&](int32_t key_end, int32_t value, int next) {
+      const int32_t c0 = b_.node(), c1 = b_.node(), c2 = b_.node();
+      b_.call(key_end, ws(), c0);
+      b_.on(c0, ':', c1);
+      b_.call(c1, ws(), c2);
+      b_.call(c2, value, after_node(next));
+    };
+    // The keys that may come at a key position whose next candidate is property k: k up to the first required
+    // one; extra keys once no required property is left.
+    auto keys_at = [&](int32_t K, int k) {
+      const int last = next_req[size_t(k)] < n ? next_req[size_t(k)] : n - 1;
+      for (int j = k; j <= last; ++j) member(b_.word(K, props[size_t(j)].key), props[size_t(j)].value, j + 1);
+      if (next_req[size_t(k)] == n && extra >= 0) {
+        const int32_t key_end = b_.node();
+        b_.call(K, xkey, key_end);
+        member(key_end, extra, n);
+      }
+    };
+    if (next_req[0] == n) b_.on(first, '}', end);
+    keys_at(first, 0);
+    for (int k = 0; k <= n; ++k) {  // after_node(k) is only created by keys at positions < k (or k = n)
+      if (after[size_t(k)] < 0) continue;
+      const int32_t sep = b_.node();
+      b_.call(after[size_t(k)], ws(), sep);
+      if (next_req[size_t(k)] == n) b_.on(sep, '}', end);
+      if (k < n || extra >= 0) {
+        const int32_t comma = b_.node(), K = b_.node();
+        b_.on(sep, ',', comma);
+        b_.call(comma, ws(), K);
+        keys_at(K, k);
+      }
+    }
+    return r;
+  }
+
+  // '[' items ']': prefix[i] for the first items, then `items` (-1: none); between min and max items (max < 0:
+  // no bound). The caller checks that min is reachable.
+  int32_t array(const std::vector<int32_t>& prefix, int32_t items, int64_t min, int64_t max, std::string name) {
+    const int64_t m = int64_t(prefix.size());
+    if (items < 0) max = max < 0 ? m : std::min(max, m);
+    const bool bounded = max >= 0;
+    const int64_t last = bounded ? max : std::max<int64_t>({m, min, 1});  // unbounded: position `last` loops
+    const int32_t r = b_.rule(std::move(name));
+    const int32_t open = b_.node(), first = b_.node(), end = b_.node();
+    b_.final(end);
+    b_.on(b_.start(r), '[', open);
+    b_.call(open, ws(), first);
+    auto rule_for = [&](int64_t k) { return k < m ? prefix[size_t(k)] : items; };
+    std::vector<int32_t> after(size_t(last + 1));  // after k items
+    for (auto& a : after) a = b_.node();
+    if (min == 0) b_.on(first, ']', end);
+    if (max != 0) b_.call(first, rule_for(0), after[std::min<size_t>(1, size_t(last))]);
+    for (int64_t k = 1; k <= last; ++k) {
+      const int32_t sep = b_.node();
+      b_.call(after[size_t(k)], ws(), sep);
+      if (k >= min) b_.on(sep, ']', end);
+      if (!bounded || k < max) {
+        const int32_t comma = b_.node(), item = b_.node();
+        b_.on(sep, ',', comma);
+        b_.call(comma, ws(), item);
+        b_.call(item, rule_for(k), after[size_t(std::min(k + 1, last))]);
+      }
+    }
+    return r;
+  }
+
+ private:
+  // Trie node `t` for the prefix p of the excluded texts, where the plain automaton is at q.
+  void except_node(const std::vector<std::string>& excluded, const std::string& p, int32_t q, int32_t t) {
+    ByteSet in_trie;
+    for (auto& x : excluded)
+      if (x.size() > p.size() && x.compare(0, p.size(), p) == 0) in_trie.set(uint8_t(x[p.size()]));
+    const auto edges = b_.edges(q);  // a copy: nodes are added below
+    for (auto& [set, target] : edges)
+      if ((set & ~in_trie).any()) b_.on(t, set & ~in_trie, target);
+    for (size_t c = 0; c < 256; ++c) {
+      if (!in_trie.test(c)) continue;
+      const std::string pc = p + char(c);
+      const int32_t qc = b_.next(q, uint8_t(c));
+      DS_CHECK(qc >= 0, "grammar: an excluded key that is not a JSON string");
+      if (std::find(excluded.begin(), excluded.end(), pc) != excluded.end()) continue;  // completes one: no edge
+      const int32_t child = b_.node();
+      b_.on(t, char(c), child);
+      except_node(excluded, pc, qc, child);
+    }
+  }
+
+  Builder& b_;
+  int32_t ws_ = -1, str_ = -1, char_ = -1, num_ = -1, int_ = -1, null_ = -1, bool_ = -1;
+  std::map<std::pair<int64_t, int64_t>, int32_t> bounded_;
+  std::vector<int32_t> values_, objects_, arrays_;
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// JSON Schema -> rules.
+
+const std::set<std::string, std::less<>> kIgnored = {
+    "title",    "description", "default", "examples",  "$schema",  "$id",     "$comment",         "format",
+    "deprecated", "readOnly",  "writeOnly", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"};
+const std::vector<std::string> kSupported = {
+    "type",  "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
+    "maxItems", "minLength", "maxLength", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs",
+    "definitions", "nullable"};
+const std::vector<std::string> kTypes = {"object", "array", "string", "number", "integer", "boolean", "null"};
+
+std::string join(const std::vector<std::string>& v) {
+  std::string s;
+  for (auto& x : v) s += (s.empty() ? "" : ", ") + x;
+  return s;
+}
+
+std::string brief(const ojson& v) {
+  std::string s = v.dump(-1, ' ', false, ojson::error_handler_t::replace);
+  return s.size() > 80 ? s.substr(0, 77) + "..." : s;
+}
+
+// Where a schema is, for messages: its JSON pointer, or "the root".
+std::string at(const std::string& ptr) { return ptr.empty() ? "the root" : ptr; }
+
+std::string ptr_token(const std::string& key) {
+  std::string s;
+  for (char c : key) s += c == '~' ? "~0" : c == '/' ? "~1" : std::string(1, c);
+  return s;
+}
+
+bool is_type(const ojson& v, const std::string& t) {
+  if (t == "null") return v.is_null();
+  if (t == "boolean") return v.is_boolean();
+  if (t == "integer")
+    return v.is_number_integer() || (v.is_number_float() && v.get<double>() == double(int64_t(v.get<double>())));
+  if (t == "number") return v.is_number();
+  if (t == "string") return v.is_string();
+  if (t == "array") return v.is_array();
+  return v.is_object();
+}
+
+class SchemaCompiler {
+ public:
+  explicit SchemaCompiler(const ojson& root) : root_(root), j_(b_) {}
+
+  GrammarPtr compile() { return b_.finish(schema(root_, ""), "json_schema"); }
+
+ private:
+  [[noreturn]] void bad(const std::string& ptr, const std::string& kw, const std::string& expected, const ojson& v) {
+    fail("json_schema: \"", kw, "\" at ", at(ptr), " must be ", expected, ", found ", brief(v));
+  }
+  int64_t count(const ojson& s, const std::string& ptr, const char* kw, int64_t dflt) {
+    if (!s.contains(kw)) return dflt;
+    const ojson& v = s[kw];
+    if (!v.is_number_integer() || v.get<int64_t>() < 0)
+      bad(ptr, kw, "a non-negative integer", v);
+    if (v.get<int64_t>() > kMaxCount)
+      fail("json_schema: \"", kw, "\" at ", at(ptr), " is ", v.get<int64_t>(), "; at most ", kMaxCount,
+           " is supported");
+    return v.get<int64_t>();
+  }
+
+  // The rule for one JSON value satisfying schema `s` (at JSON pointer `ptr`).
+  int32_t schema(const ojson& s, const std::string& ptr) {
+    struct Nesting {  // bounds the recursion (a request's schema could nest arbitrarily deep)
+      int& depth;
+      explicit Nesting(int& d) : depth(d) { ++depth; }
+      ~Nesting() { --depth; }
+    } nesting(depth_);
+    if (depth_ > kMaxSchemaDepth)
+      fail("json_schema: the schema at ", at(ptr), " is nested more than ", kMaxSchemaDepth, " levels deep");
+    if (s.is_boolean()) {
+      if (s.get<bool>()) return j_.value(1);
+      fail("json_schema: the schema at ", at(ptr), " is false: no value satisfies it");
+    }
+    if (!s.is_object()) fail("json_schema: expected a schema (an object or a boolean) at ", at(ptr), ", found ", brief(s));
+    for (auto& [k, v] : s.items())
+      if (!kIgnored.count(k) && std::find(kSupported.begin(), kSupported.end(), k) == kSupported.end())
+        fail("json_schema: unsupported keyword \"", k, "\" at ", at(ptr), " (supported: ", join(kSupported),
+             "; ignored: format, minimum, maximum, exclusiveMinimum, exclusiveMaximum and annotations)");
+    // Identical subschemas (same text, so the same $refs) share one rule.
+    const std::string text = s.dump(-1, ' ', false, ojson::error_handler_t::replace);
+    if (auto it = by_text_.find(text); it != by_text_.end()) return it->second;
+    for (const char* kw : {"$defs", "definitions"})
+      if (s.contains(kw) && !s[kw].is_object()) bad(ptr, kw, "an object of schemas", s[kw]);
+    bool nullable = false;
+    if (s.contains("nullable")) {
+      if (!s["nullable"].is_boolean()) bad(ptr, "nullable", "a boolean", s["nullable"]);
+      nullable = s["nullable"].get<bool>();
+    }
+    // A combinator may only stand next to annotations, $defs and nullable.
+    auto alone = [&](const char* kw) {
+      for (auto& [k, v] : s.items())
+        if (k != kw && !kIgnored.count(k) && k != "$defs" && k != "definitions" && k != "nullable")
+          fail("json_schema: \"", kw, "\" at ", at(ptr), " cannot be combined with \"", k,
+               "\" (only with annotations, $defs and nullable)");
+    };
+    std::vector<int32_t> alts;
+    if (s.contains("$ref")) {
+      alone("$ref");
+      alts.push_back(ref(s["$ref"], ptr));
+    } else if (s.contains("anyOf") || s.contains("oneOf")) {
+      const char* kw = s.contains("anyOf") ? "anyOf" : "oneOf";
+      alone(kw);
+      const ojson& v = s[kw];
+      if (!v.is_array() || v.empty()) bad(ptr, kw, "a non-empty array of schemas", v);
+      for (size_t i = 0; i < v.size(); ++i) {
+        const int32_t r = schema(v[i], ptr + "/" + kw + "/" + std::to_string(i));
+        if (std::find(alts.begin(), alts.end(), r) == alts.end()) alts.push_back(r);
+      }
+    } else if (s.contains("allOf")) {
+      alone("allOf");
+      const ojson& v = s["allOf"];
+      if (!v.is_array() || v.size() != 1) bad(ptr, "allOf", "an array of exactly one schema (no intersections)", v);
+      alts.push_back(schema(v[0], ptr + "/allOf/0"));
+    } else {
+      std::vector<std::string> types;
+      if (s.contains("type")) {
+        const ojson& t = s["type"];
+        std::vector<ojson> names = t.is_array() ? std::vector<ojson>(t.begin(), t.end()) : std::vector<ojson>{t};
+        if (names.empty()) bad(ptr, "type", "a type name or a non-empty array of them (" + join(kTypes) + ")", t);
+        for (auto& n : names) {
+          if (!n.is_string() || std::find(kTypes.begin(), kTypes.end(), n.get<std::string>()) == kTypes.end())
+            bad(ptr, "type", "one of " + join(kTypes) + " (or an array of them)", n);
+          if (std::find(types.begin(), types.end(), n.get<std::string>()) == types.end())
+            types.push_back(n.get<std::string>());
+        }
+      }
+      if (s.contains("const") || s.contains("enum")) {
+        alts.push_back(literals(s, ptr, types, nullable));
+        nullable = false;  // null is among the literals if it may be
+      } else {
+        if (types.empty()) {  // the types the keywords imply; none: any value
+          auto has = [&](std::initializer_list<const char*> kws) {
+            for (const char* k : kws)
+              if (s.contains(k)) return true;
+            return false;
+          };
+          if (has({"properties", "required", "additionalProperties"})) types.push_back("object");
+          if (has({"items", "prefixItems", "minItems", "maxItems"})) types.push_back("array");
+          if (has({"minLength", "maxLength"})) types.push_back("string");
+        }
+        if (types.empty()) alts.push_back(j_.value(1));
+        const bool number = std::find(types.begin(), types.end(), "number") != types.end();
+        for (auto& t : types) {
+          if (t == "null") alts.push_back(j_.null_rule());
+          if (t == "boolean") alts.push_back(j_.bool_rule());
+          if (t == "number") alts.push_back(j_.number(false));
+          if (t == "integer" && !number) alts.push_back(j_.number(true));  // number already has the integers
+          if (t == "string") alts.push_back(string(s, ptr));
+          if (t == "object") alts.push_back(object(s, ptr));
+          if (t == "array") alts.push_back(array(s, ptr));
+        }
+        if (std::find(types.begin(), types.end(), "null") != types.end()) nullable = false;
+      }
+    }
+    if (nullable && types_can_be_null(alts)) alts.push_back(j_.null_rule());
+    const int32_t r = b_.alternatives(alts, at(ptr));
+    by_text_[text] = r;
+    return r;
+  }
+  bool types_can_be_null(const std::vector<int32_t>& alts) {
+    return std::find(alts.begin(), alts.end(), j_.null_rule()) == alts.end();
+  }
+
+  // enum / const: the values' compact JSON texts, those of the listed types when `type` is given.
+  int32_t literals(const ojson& s, const std::string& ptr, const std::vector<std::string>& types, bool nullable) {
+    const char* kw = s.contains("const") ? "const" : "enum";
+    if (s.contains("const") && s.contains("enum")) fail("json_schema: \"const\" and \"enum\" together at ", at(ptr));
+    std::vector<ojson> values;
+    if (s.contains("const")) {
+      values.push_back(s["const"]);
+    } else {
+      if (!s["enum"].is_array() || s["enum"].empty()) bad(ptr, "enum", "a non-empty array", s["enum"]);
+      values.assign(s["enum"].begin(), s["enum"].end());
+    }
+    if (nullable) values.push_back(nullptr);
+    std::vector<std::string> texts;
+    for (auto& v : values) {
+      bool ok = types.empty() || (nullable && v.is_null());
+      for (auto& t : types) ok |= is_type(v, t);
+      if (!ok) continue;
+      try {
+        texts.push_back(v.dump());
+      } catch (const nlohmann::json::exception&) {
+        fail("json_schema: \"", kw, "\" at ", at(ptr), " holds a string that is not valid UTF-8");
+      }
+    }
+    if (texts.empty())
+      fail("json_schema: no value of \"", kw, "\" at ", at(ptr), " has the schema's type (", join(types), ")");
+    return j_.words(texts, std::string(kw) + " at " + at(ptr));
+  }
+
+  int32_t string(const ojson& s, const std::string& ptr) {
+    const int64_t min = count(s, ptr, "minLength", 0), max = count(s, ptr, "maxLength", -1);
+    if (max >= 0 && min > max)
+      fail("json_schema: \"minLength\" ", min, " exceeds \"maxLength\" ", max, " at ", at(ptr));
+    return j_.string(min, max);
+  }
+
+  int32_t object(const ojson& s, const std::string& ptr) {
+    std::vector<JsonRules::Prop> props;
+    std::vector<std::string> names;
+    if (s.contains("properties")) {
+      const ojson& p = s["properties"];
+      if (!p.is_object()) bad(ptr, "properties", "an object of schemas", p);
+      for (auto& [name, sub] : p.items()) {
+        std::string key;
+        try {
+          key = ojson(name).dump();
+        } catch (const nlohmann::json::exception&) {
+          fail("json_schema: a property name at ", at(ptr), "/properties is not valid UTF-8");
+        }
+        props.push_back({key, schema(sub, ptr + "/properties/" + ptr_token(name)), false});
+        names.push_back(name);
+      }
+    }
+    if (s.contains("required")) {
+      const ojson& req = s["required"];
+      if (!req.is_array()) bad(ptr, "required", "an array of property names", req);
+      for (auto& n : req) {
+        if (!n.is_string()) bad(ptr, "required", "an array of property names", n);
+        auto it = std::find(names.begin(), names.end(), n.get<std::string>());
+        if (it == names.end())
+          fail("json_schema: \"required\" at ", at(ptr), " names ", brief(n),
+               ", which is not in \"properties\" (required keys must be listed there)");
+        props[size_t(it - names.begin())].required = true;
+      }
+    }
+    int32_t extra = -1;  // additionalProperties absent: false when there are properties (OpenAI strict), else any
+    if (s.contains("additionalProperties")) {
+      const ojson& a = s["additionalProperties"];
+      if (!a.is_boolean() && !a.is_object()) bad(ptr, "additionalProperties", "a boolean or a schema", a);
+      if (!(a.is_boolean() && !a.get<bool>())) extra = schema(a, ptr + "/additionalProperties");
+    } else if (!s.contains("properties")) {
+      extra = j_.value(1);
+    }
+    return j_.object(props, extra, "object at " + at(ptr));
+  }
+
+  int32_t array(const ojson& s, const std::string& ptr) {
+    std::vector<int32_t> prefix;
+    if (s.contains("prefixItems")) {
+      const ojson& p = s["prefixItems"];
+      if (!p.is_array()) bad(ptr, "prefixItems", "an array of schemas", p);
+      for (size_t i = 0; i < p.size(); ++i) prefix.push_back(schema(p[i], ptr + "/prefixItems/" + std::to_string(i)));
+    }
+    int32_t items = j_.value(1);  // absent: any further items
+    if (s.contains("items")) {
+      const ojson& it = s["items"];
+      if (it.is_array()) bad(ptr, "items", "a schema or a boolean (for a tuple use prefixItems)", it);
+      if (it.is_boolean() && !it.get<bool>()) items = -1;
+      else items = schema(it, ptr + "/items");
+    }
+    const int64_t min = count(s, ptr, "minItems", 0), max = count(s, ptr, "maxItems", -1);
+    if (max >= 0 && min > max) fail("json_schema: \"minItems\" ", min, " exceeds \"maxItems\" ", max, " at ", at(ptr));
+    if (items < 0 && min > int64_t(prefix.size()))
+      fail("json_schema: \"minItems\" ", min, " at ", at(ptr), " exceeds the ", prefix.size(),
+           " prefixItems allowed when items is false");
+    return j_.array(prefix, items, min, max, "array at " + at(ptr));
+  }
+
+  // $ref into this document: "#" + a JSON pointer. One rule per target (recursion refers back to it).
+  int32_t ref(const ojson& v, const std::string& ptr) {
+    if (!v.is_string()) bad(ptr, "$ref", "a string", v);
+    const std::string r = v.get<std::string>();
+    if (r.empty() || r[0] != '#')
+      bad(ptr, "$ref", "a reference into the same schema (\"#/$defs/name\"; remote references are not supported)", v);
+    const std::string target = r.substr(1);
+    if (auto it = refs_.find(target); it != refs_.end()) return it->second;
+    const ojson* t = nullptr;
+    try {
+      const ojson::json_pointer jp(target);
+      if (root_.contains(jp)) t = &root_.at(jp);
+    } catch (const nlohmann::json::exception&) {
+      bad(ptr, "$ref", "\"#\" followed by a JSON pointer", v);
+    }
+    if (!t) fail("json_schema: \"$ref\" at ", at(ptr), " points to ", r, ", which is not in the schema");
+    const int32_t w = b_.rule("$ref \"" + r + "\"");
+    refs_[target] = w;
+    const int32_t end = b_.node();
+    b_.final(end);
+    b_.call(b_.start(w), schema(*t, target), end);
+    return w;
+  }
+
+  const ojson& root_;
+  Builder b_;
+  JsonRules j_;
+  std::map<std::string, int32_t> refs_;
+  std::unordered_map<std::string, int32_t> by_text_;
+  int depth_ = 0;
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Stepping a position over one byte.
+
+// An open-addressing set of 64-bit keys, cleared in time proportional to its use.
+class FlatSet {
+ public:
+  FlatSet() : slots_(64, kEmpty) {}
+  void clear() {
+    for (uint32_t i : used_) slots_[i] = kEmpty;
+    used_.clear();
+  }
+  bool insert(uint64_t k) {
+    if (used_.size() * 2 >= slots_.size()) grow();
+    const size_t mask = slots_.size() - 1;
+    for (size_t i = mix(k) & mask;; i = (i + 1) & mask) {
+      if (slots_[i] == k) return false;
+      if (slots_[i] == kEmpty) {
+        slots_[i] = k;
+        used_.push_back(uint32_t(i));
+        return true;
+      }
+    }
+  }
+
+ private:
+  static constexpr uint64_t kEmpty = ~uint64_t(0);
+  static size_t mix(uint64_t k) { return size_t((k * 0x9E3779B97F4A7C15ull) >> 32); }
+  void grow() {
+    std::vector<uint64_t> keys;
+    for (uint32_t i : used_) keys.push_back(slots_[i]);
+    slots_.assign(slots_.size() * 2, kEmpty);
+    used_.clear();
+    for (uint64_t k : keys) insert(k);
+  }
+  std::vector<uint64_t> slots_;
+  std::vector<uint32_t> used_;
+};
+
+// The successors of a set of threads over one byte, closed under calls and returns. Threads and frames are
+// appended to the caller's vectors, so a caller can undo a step by truncating them (TokenMasker's walk).
+class Stepper {
+ public:
+  explicit Stepper(const Grammar& g) : g_(g) {}
+
+  // The closure of (node, stack) appended to `threads`; returns whether the text is complete there.
+  bool start(std::vector<Frame>& frames, std::vector<Thread>& threads, int32_t node, int32_t stack) {
+    seen_.clear();
+    pushes_.clear();
+    bool acc = false;
+    close(frames, threads, node, stack, acc);
+    return acc;
+  }
+
+  // Steps threads[b, e) over byte c, appending the successors; returns whether the text is complete after c.
+  // No successor appended and false: c cannot come next.
+  bool step(std::vector<Frame>& frames, std::vector<Thread>& threads, size_t b, size_t e, uint8_t c) {
+    const size_t out = threads.size();
+    if (e - b == 1) {  // the common case: one thread moving inside a string, a number, a literal
+      const Thread t = threads[b];
+      const int32_t to = g_.next(t.node, c);
+      if (to < 0) return false;
+      if (g_.nodes[size_t(to)].flags & Grammar::kSimple) {
+        threads.push_back({to, t.stack});
+        return false;
+      }
+    }
+    seen_.clear();
+    pushes_.clear();
+    bool acc = false;
+    for (size_t i = b; i < e; ++i) {
+      const Thread t = threads[i];
+      const int32_t to = g_.next(t.node, c);
+      if (to >= 0) close(frames, threads, to, t.stack, acc);
+    }
+    if (threads.size() - out > kMaxThreads) {
+      threads.resize(out);
+      return false;
+    }
+    return acc;
+  }
+
+ private:
+  int32_t push(std::vector<Frame>& frames, int32_t ret, int32_t parent) {
+    // Equal frames pushed in one step share an id, so threads that meet again are merged by `seen_`.
+    for (auto& p : pushes_)
+      if (p[0] == ret && p[1] == parent) return p[2];
+    frames.push_back({ret, parent});
+    const int32_t id = int32_t(frames.size() - 1);
+    if (pushes_.size() < 64) pushes_.push_back({ret, parent, id});
+    return id;
+  }
+
+  void close(std::vector<Frame>& frames, std::vector<Thread>& threads, int32_t node, int32_t stack, bool& acc) {
+    work_.clear();
+    work_.push_back({node, stack});
+    while (!work_.empty()) {
+      const auto [n, st] = work_.back();
+      work_.pop_back();
+      if (!seen_.insert(uint64_t(uint32_t(n)) << 32 | uint32_t(st))) continue;
+      const Grammar::Node& nd = g_.nodes[size_t(n)];
+      if (nd.flags & Grammar::kBytes) threads.push_back({n, st});
+      for (int32_t i = nd.call_b; i < nd.call_e; ++i) {
+        const Grammar::Call& c = g_.calls[size_t(i)];
+        const bool tail = g_.nodes[size_t(c.ret)].flags & Grammar::kPureFinal;
+        work_.push_back({c.start, tail ? st : push(frames, c.ret, st)});
+      }
+      if (nd.flags & Grammar::kFinal) {
+        if (st < 0) acc = true;
+        else work_.push_back({frames[size_t(st)].ret, frames[size_t(st)].parent});
+      }
+    }
+  }
+
+  const Grammar& g_;
+  FlatSet seen_;
+  std::vector<std::pair<int32_t, int32_t>> work_;
+  std::vector<std::array<int32_t, 3>> pushes_;
+};
+
+// Threads [b, e) of (frames, threads) in canonical form: sorted by (node, stack contents), duplicates removed,
+// only the frames they use, each once.
+void canonical(const std::vector<Frame>& frames, const std::vector<Thread>& threads, size_t b, size_t e,
+               std::vector<Frame>& out_frames, std::vector<Thread>& out_threads) {
+  std::vector<std::vector<int32_t>> seqs;  // node, then the return nodes from the top of the stack down
+  for (size_t i = b; i < e; ++i) {
+    std::vector<int32_t> s{threads[i].node};
+    for (int32_t f = threads[i].stack; f >= 0; f = frames[size_t(f)].parent) s.push_back(frames[size_t(f)].ret);
+    seqs.push_back(std::move(s));
+  }
+  std::sort(seqs.begin(), seqs.end());
+  seqs.erase(std::unique(seqs.begin(), seqs.end()), seqs.end());
+  out_frames.clear();
+  out_threads.clear();
+  std::map<std::pair<int32_t, int32_t>, int32_t> ids;
+  for (auto& s : seqs) {
+    int32_t parent = -1;
+    for (size_t j = s.size() - 1; j >= 1; --j) {
+      auto [it, added] = ids.emplace(std::make_pair(s[j], parent), int32_t(out_frames.size()));
+      if (added) out_frames.push_back({s[j], parent});
+      parent = it->second;
+    }
+    out_threads.push_back({s[0], parent});
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------------
+// The grammars.
+
+GrammarPtr grammar_json_object() {
+  static const GrammarPtr g = [] {
+    Builder b;
+    JsonRules j(b);
+    return b.finish(j.object(1), "json_object");
+  }();
+  return g;
+}
+
+GrammarPtr grammar_json_schema(const nlohmann::ordered_json& schema) {
+  // The last few schemas compiled, by text: requests that repeat a schema share the grammar (and so the masks
+  // TokenMasker caches for it).
+  static std::mutex mu;
+  static std::list<std::pair<std::string, GrammarPtr>> recent;
+  constexpr size_t kRecent = 32;
+  const std::string text = schema.dump(-1, ' ', false, ojson::error_handler_t::replace);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (auto it = recent.begin(); it != recent.end(); ++it)
+      if (it->first == text) {
+        recent.splice(recent.begin(), recent, it);
+        return recent.front().second;
+      }
+  }
+  GrammarPtr g = SchemaCompiler(schema).compile();
+  std::lock_guard<std::mutex> lock(mu);
+  recent.emplace_front(text, g);
+  if (recent.size() > kRecent) recent.pop_back();
+  return g;
+}
+
+GrammarPtr grammar_json_schema(const nlohmann::json& schema) { return grammar_json_schema(ojson(schema)); }
+
+GrammarPtr grammar_choice(const std::vector<std::string>& choices) {
+  if (choices.empty()) fail("choice: expected at least one string, found an empty list");
+  Builder b;
+  JsonRules j(b);
+  return b.finish(j.words(choices, "choice"), "choice");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Matcher.
+
+Matcher::Matcher(GrammarPtr g) : g_(std::move(g)) {
+  DS_CHECK(g_, "Matcher: no grammar");
+  std::vector<Frame> frames;
+  std::vector<Thread> threads;
+  Stepper st(*g_);
+  accepting_ = st.start(frames, threads, g_->root, -1);
+  canonical(frames, threads, 0, threads.size(), frames_, threads_);
+}
+
+bool Matcher::advance(std::string_view bytes) {
+  if (bytes.empty()) return true;
+  std::vector<Frame> frames = frames_;
+  std::vector<Thread> threads = threads_;
+  Stepper st(*g_);
+  size_t b = 0, e = threads.size();
+  bool acc = false;
+  for (char ch : bytes) {
+    acc = st.step(frames, threads, b, e, uint8_t(ch));
+    if (threads.size() == e && !acc) return false;
+    b = e;
+    e = threads.size();
+    if (b > 4096) {  // a long text: drop the spent ranges so the buffer stays small
+      threads.erase(threads.begin(), threads.begin() + std::ptrdiff_t(b));
+      e -= b;
+      b = 0;
+    }
+  }
+  canonical(frames, threads, b, e, frames_, threads_);
+  accepting_ = acc;
+  return true;
+}
+
+std::string Matcher::state_key() const {
+  std::string k;
+  auto put = [&](int32_t v) { k.append(reinterpret_cast<const char*>(&v), sizeof v); };
+  put(accepting_ ? 1 : 0);
+  for (const Thread& t : threads_) {
+    put(t.node);
+    for (int32_t f = t.stack; f >= 0; f = frames_[size_t(f)].parent) put(frames_[size_t(f)].ret);
+    put(-1);
+  }
+  return k;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// TokenMasker.
+
+TokenMasker::TokenMasker(std::vector<std::string> token_bytes, size_t cache_bytes) : tokens_(std::move(token_bytes)) {
+  DS_CHECK(tokens_.size() < size_t(INT32_MAX), "TokenMasker: vocabulary too large");
+  std::vector<int32_t> order;
+  for (size_t i = 0; i < tokens_.size(); ++i)
+    if (!tokens_[i].empty()) order.push_back(int32_t(i));
+  std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return tokens_[size_t(a)] < tokens_[size_t(b)]; });
+  // Preorder trie from the sorted strings: each one adds nodes for the bytes past its common prefix with the one
+  // before; equal strings end at the same node.
+  byte_.push_back(0);
+  depth_.push_back(0);
+  std::vector<int32_t> path{0};                   // path[d]: the node of the current string's prefix of length d
+  std::vector<std::pair<int32_t, int32_t>> ends;  // (node, token), nodes non-decreasing
+  std::string_view prev;
+  for (int32_t id : order) {
+    const std::string& t = tokens_[size_t(id)];
+    if (t.size() > 65535) fail("TokenMasker: token ", id, " is ", t.size(), " bytes long (at most 65535)");
+    size_t l = 0;
+    while (l < prev.size() && l < t.size() && prev[l] == t[l]) ++l;
+    path.resize(l + 1);
+    for (size_t d = l; d < t.size(); ++d) {
+      path.push_back(int32_t(byte_.size()));
+      byte_.push_back(uint8_t(t[d]));
+      depth_.push_back(uint16_t(d + 1));
+    }
+    ends.push_back({path[t.size()], id});
+    max_depth_ = std::max(max_depth_, int32_t(t.size()));
+    prev = t;
+  }
+  const size_t n = byte_.size();
+  tok_off_.assign(n + 1, 0);
+  for (auto& [node, id] : ends) ++tok_off_[size_t(node) + 1];
+  for (size_t i = 0; i < n; ++i) tok_off_[i + 1] += tok_off_[i];
+  for (auto& [node, id] : ends) tok_ids_.push_back(id);  // already in node order
+  // skip_[i]: the first node after i's subtree (the next node not deeper than i).
+  skip_.assign(n, int32_t(n));
+  std::vector<int32_t> open;
+  for (size_t i = 0; i < n; ++i) {
+    while (!open.empty() && depth_[size_t(open.back())] >= depth_[i]) skip_[size_t(open.back())] = int32_t(i), open.pop_back();
+    open.push_back(int32_t(i));
+  }
+  const size_t words = (tokens_.size() + 31) / 32;
+  cache_capacity_ = cache_bytes / (words * 4 + 256);
+}
+
+void TokenMasker::walk(const Matcher& m, uint32_t* bits) const {
+  const Grammar& g = *m.grammar();
+  Stepper st(g);
+  std::vector<Frame> frames = m.frames_;
+  std::vector<Thread> threads = m.threads_;
+  threads.reserve(threads.size() * size_t(max_depth_ + 1) + 1024);
+  struct Level {
+    size_t tb, te, nf;  // the level's threads [tb, te) and the frames it may use
+  };
+  std::vector<Level> lv(size_t(max_depth_ + 1));
+  lv[0] = {0, threads.size(), frames.size()};
+  const int32_t n = int32_t(byte_.size());
+  for (int32_t i = 1; i < n;) {
+    const Level p = lv[depth_[size_t(i)] - 1u];
+    threads.resize(p.te);  // back to the parent's position (shrinking only)
+    frames.resize(p.nf);
+    const bool acc = st.step(frames, threads, p.tb, p.te, byte_[size_t(i)]);
+    const size_t te = threads.size();
+    if (te == p.te && !acc) {  // this prefix cannot come next: nor can any token below it
+      i = skip_[size_t(i)];
+      continue;
+    }
+    for (int32_t k = tok_off_[size_t(i)]; k < tok_off_[size_t(i) + 1]; ++k)
+      bits[tok_ids_[size_t(k)] >> 5] |= 1u << (tok_ids_[size_t(k)] & 31);
+    if (te == p.te) {  // complete and nothing can follow
+      i = skip_[size_t(i)];
+      continue;
+    }
+    lv[depth_[size_t(i)]] = {p.te, te, frames.size()};
+    ++i;
+  }
+}
+
+void TokenMasker::allowed_uncached(const Matcher& m, std::vector<uint32_t>& bits) const {
+  bits.assign((tokens_.size() + 31) / 32, 0);
+  if (m.can_continue()) walk(m, bits.data());
+}
+
+void TokenMasker::allowed(const Matcher& m, std::vector<uint32_t>& bits) const {
+  if (cache_capacity_ == 0 || !m.can_continue()) return allowed_uncached(m, bits);
+  const uint64_t gid = m.grammar()->id;
+  std::string key(reinterpret_cast<const char*>(&gid), sizeof gid);
+  key += m.state_key();
+  Mask hit;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (auto it = index_.find(key); it != index_.end()) {
+      lru_.splice(lru_.begin(), lru_, it->second);
+      hit = it->second->second;
+      ++hits_;
+    } else {
+      ++misses_;
+    }
+  }
+  if (hit) {
+    bits = *hit;
+    return;
+  }
+  allowed_uncached(m, bits);
+  auto mask = std::make_shared<const std::vector<uint32_t>>(bits);
+  std::lock_guard<std::mutex> lock(mu_);
+  if (index_.count(key)) return;  // another thread got there first
+  lru_.emplace_front(key, std::move(mask));
+  index_[key] = lru_.begin();
+  while (lru_.size() > cache_capacity_) {
+    index_.erase(lru_.back().first);
+    lru_.pop_back();
+  }
+}
+
+TokenMasker::CacheStats TokenMasker::cache_stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return {hits_, misses_, lru_.size()};
+}
+
+}  // namespace ds::sampling

@@ -1,0 +1,894 @@
+// Structured output's grammar core (sampling/grammar.h): documents accepted byte by byte and in random chunks,
+// invalid ones refused at the right byte, the token masker against advance() on every token, random walks over
+// allowed tokens that must end in valid JSON of the schema, schema errors, and the masker's timings on a real
+// vocabulary (printed, not asserted).
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <random>
+#include <set>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "core/status.h"
+#include "error_util.h"
+#include "sampling/grammar.h"
+#include "text/tokenizer.h"
+
+namespace ds::sampling {
+namespace {
+
+using ojson = nlohmann::ordered_json;
+namespace fs = std::filesystem;
+
+GrammarPtr schema_of(const char* text) { return grammar_json_schema(ojson::parse(text)); }
+
+std::string show(std::string_view s) {
+  std::string o;
+  for (unsigned char c : s) {
+    if (c >= 0x20 && c < 0x7F && c != '\\') o += char(c);
+    else {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\x%02X", c);
+      o += buf;
+    }
+  }
+  return o;
+}
+
+// Feeds `text` byte by byte: the index of the first byte refused, or -1 when all were taken.
+int64_t first_refused(Matcher& m, std::string_view text) {
+  for (size_t i = 0; i < text.size(); ++i) {
+    const std::string before = m.state_key();
+    if (!m.advance(text.substr(i, 1))) {
+      EXPECT_EQ(m.state_key(), before) << "a refused byte changed the matcher";
+      return int64_t(i);
+    }
+  }
+  return -1;
+}
+
+// The whole document is accepted byte by byte and in random chunks, and is complete at the end (and not before
+// its last byte, unless a prefix is itself a document).
+void expect_accepts(const GrammarPtr& g, std::string_view doc, uint64_t seed = 1) {
+  SCOPED_TRACE("document: " + show(doc));
+  Matcher m(g);
+  ASSERT_EQ(first_refused(m, doc), -1);
+  EXPECT_TRUE(m.accepting());
+  std::mt19937_64 rng(seed);
+  for (int round = 0; round < 4; ++round) {
+    Matcher c(g);
+    for (size_t i = 0; i < doc.size();) {
+      const size_t n = std::min(doc.size() - i, size_t(1 + rng() % 7));
+      ASSERT_TRUE(c.advance(doc.substr(i, n))) << "chunk at " << i;
+      i += n;
+    }
+    EXPECT_TRUE(c.accepting());
+    EXPECT_EQ(c.state_key(), m.state_key());
+  }
+  // All at once.
+  Matcher w(g);
+  ASSERT_TRUE(w.advance(doc));
+  EXPECT_TRUE(w.accepting());
+}
+
+// Every byte before `at` is taken, the byte at `at` is refused. at = doc.size(): all taken, but not complete.
+void expect_refuses_at(const GrammarPtr& g, std::string_view doc, int64_t at) {
+  SCOPED_TRACE("document: " + show(doc));
+  Matcher m(g);
+  const int64_t got = first_refused(m, doc);
+  if (at == int64_t(doc.size())) {
+    EXPECT_EQ(got, -1);
+    EXPECT_FALSE(m.accepting()) << "an incomplete document is complete";
+  } else {
+    EXPECT_EQ(got, at);
+    Matcher w(g);
+    EXPECT_FALSE(w.advance(doc)) << "the whole document was taken at once";
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// json_object
+
+TEST(GrammarJsonObject, AcceptsObjects) {
+  const auto g = grammar_json_object();
+  EXPECT_EQ(g, grammar_json_object()) << "one shared grammar";
+  for (const char* doc : {
+           "{}", "{ }", "{\n}", "{\"a\":1}", "{\"a\": 1, \"b\": [true, false, null]}",
+           "{\"a\":{\"b\":{\"c\":[]}},\"d\":[[],[{}]]}", "{\"n\":[0,-0,12,-3.25,1e5,1E+2,2.5e-3,0.0]}",
+           "{\"s\":\"\\\" \\\\ \\/ \\b \\f \\n \\r \\t \\u0000 \\u00e9 \\uD83D\\uDE00 \\uffff\"}",
+           "{\"\xC3\xA9\xE4\xB8\xAD\xF0\x9F\x98\x80\":\"\xE2\x82\xAC\x7F\xF4\x8F\xBF\xBF\xEE\x80\x80\"}",
+           "{\n  \"a\": 1,\n  \"b\": {\n\t\t\"c\": \"d\"\n  }\n}", "{\"a\" : 1 , \"a\" : 2}",
+           "{\"big\":1234567890123456,\"f\":-0.1234567890123456e-99,\"g\":9999999999999999.9999999999999999E+99}"})
+    expect_accepts(g, doc);
+}
+
+TEST(GrammarJsonObject, RefusesAtTheRightByte) {
+  const auto g = grammar_json_object();
+  struct Case {
+    std::string doc;
+    int64_t at;
+  };
+  const std::string ws21 = std::string("{\n") + std::string(21, ' ') + "}";
+  const std::vector<Case> cases = {
+      {"[1]", 0},                          // not an object
+      {"\"x\"", 0},
+      {"1", 0},
+      {" {}", 0},                          // leading whitespace
+      {"{} ", 2},                          // trailing text
+      {"{}x", 2},
+      {"{}\n", 2},
+      {ws21, 22},                          // 21 spaces after the newline
+      {"{  }", 2},                         // two spaces without a newline
+      {"{\t}", 1},                         // a tab must follow a newline
+      {"{\"a\":12345678901234567}", 21},   // 17 integer digits
+      {"{\"a\":1.12345678901234567}", 23},  // 17 fraction digits
+      {"{\"a\":1e123}", 9},              // 3 exponent digits
+      {"{\"a\":1.5E-100}", 12},
+      {"{\"a\":01}", 6},                   // leading zero
+      {"{\"a\":-}", 6},
+      {"{\"a\":1.}", 7},
+      {"{\"a\":.5}", 5},
+      {"{\"a\":+1}", 5},
+      {"{\"a\":1,}", 7},                   // trailing comma
+      {"{'a':1}", 1},
+      {"{\"a\"}", 4},
+      {"{a:1}", 1},
+      {"{\"a\":tru}", 8},
+      {"{\"a\":nul", 8},                   // unterminated
+      {"{\"a\":\"x", 7},
+      {"{\"a\":[1,2", 9},
+      {"{\"a\":\"\\x\"}", 7},              // bad escape
+      {"{\"a\":\"\\u12g4\"}", 10},
+      {"{\"a\":\"\n\"}", 6},               // raw control character
+      {"{\"a\":\"\x1F\"}", 6},
+      {"{\"a\":\"\xC0\x80\"}", 6},         // overlong
+      {"{\"a\":\"\xC1\xBF\"}", 6},
+      {"{\"a\":\"\xE0\x80\x80\"}", 7},     // overlong 3-byte
+      {"{\"a\":\"\xED\xA0\x80\"}", 7},     // UTF-16 surrogate in UTF-8
+      {"{\"a\":\"\xF4\x90\x80\x80\"}", 7},  // above U+10FFFF
+      {"{\"a\":\"\xF5\x80\x80\x80\"}", 6},
+      {"{\"a\":\"\x80\"}", 6},             // lone continuation byte
+      {"{\"a\":\"\xC3\"}", 7},             // truncated sequence
+      {"{\"a\":\"\xE4\xB8x\"}", 8},
+      {"{\"a\":\"\xFF\"}", 6},
+      {"{\"a\":\"\\udc00\"}", 9},          // lone low surrogate
+      {"{\"a\":\"\\ud800x\"}", 12},        // high surrogate not followed by a low one
+      {"{\"a\":\"\\ud800\\u0041\"}", 14},
+      {"{\"a\":\"\\ud800\\udbff\"}", 15},
+  };
+  for (auto& c : cases) expect_refuses_at(g, c.doc, c.at);
+}
+
+TEST(GrammarJsonObject, NestingIsLimitedTo32Levels) {
+  const auto g = grammar_json_object();
+  std::string deep32 = "{\"a\":", close32 = "}";
+  for (int d = 2; d <= 32; ++d) {
+    deep32 += d % 2 ? "{\"a\":" : "[";
+    close32 = (d % 2 ? "}" : "]") + close32;
+  }
+  expect_accepts(g, deep32 + "1" + close32);
+  expect_refuses_at(g, deep32 + "[1]" + close32, int64_t(deep32.size()));
+  expect_refuses_at(g, deep32 + "{}" + close32, int64_t(deep32.size()));
+}
+
+// Multi-byte characters split at every byte boundary, in keys and values.
+TEST(GrammarJsonObject, Utf8SplitAtEveryBoundary) {
+  const auto g = grammar_json_object();
+  const std::string doc = "{\"\xE4\xB8\xAD\xC3\xA9\":\"a\xF0\x9F\x98\x80\xE2\x82\xAC\\u00e9\xF4\x8F\xBF\xBF\"}";
+  for (size_t i = 0; i <= doc.size(); ++i)
+    for (size_t j = i; j <= doc.size(); ++j) {
+      Matcher m(g);
+      ASSERT_TRUE(m.advance(doc.substr(0, i)) && m.advance(doc.substr(i, j - i)) && m.advance(doc.substr(j)))
+          << "split at " << i << ", " << j;
+      EXPECT_TRUE(m.accepting());
+    }
+}
+
+TEST(GrammarMatcher, CopiesAreIndependentAndRefusalsChangeNothing) {
+  const auto g = grammar_json_object();
+  Matcher a(g);
+  ASSERT_TRUE(a.advance("{\"k\":"));
+  Matcher b = a;
+  ASSERT_TRUE(b.advance("[1]}"));
+  EXPECT_TRUE(b.accepting());
+  EXPECT_FALSE(b.can_continue());
+  EXPECT_FALSE(a.accepting());
+  const std::string key = a.state_key();
+  EXPECT_FALSE(a.advance("[1]]"));
+  EXPECT_EQ(a.state_key(), key);
+  EXPECT_TRUE(a.advance("\"v\"}"));
+  EXPECT_TRUE(a.accepting());
+  EXPECT_TRUE(a.advance(""));
+  EXPECT_FALSE(a.advance(" "));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// json_schema
+
+const char* kPerson = R"({
+  "type": "object",
+  "properties": {
+    "name": {"type": "string", "maxLength": 10},
+    "age": {"type": "integer"},
+    "member": {"type": "boolean"},
+    "color": {"enum": ["red", "green", "blue"]},
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "maxItems": 2}
+  },
+  "required": ["name", "age", "member", "color"],
+  "additionalProperties": false
+})";
+
+TEST(GrammarJsonSchema, ObjectPropertiesInOrderRequiredAndOptional) {
+  const auto g = schema_of(kPerson);
+  expect_accepts(g, R"({"name":"Ann","age":30,"member":true,"color":"red"})");
+  expect_accepts(g, R"({"name": "\u00c9\u00e9\n\"x\"", "age": -7, "member": false, "color": "blue", "tags": []})");
+  expect_accepts(g, "{\n  \"name\": \"\xE4\xB8\xAD\xE6\x96\x87\",\n  \"age\": 0,\n  \"member\": true,\n  \"color\": "
+                    "\"green\",\n  \"tags\": [\"ab\", \"\xF0\x9F\x98\x80\"]\n}");
+  const std::string pre = R"({"name":"Ann","age":30,"member":true,"color":"red")";
+  expect_refuses_at(g, R"({"age":30})", 2);                                  // name is required first
+  expect_refuses_at(g, R"({"name":"Ann","member":true})", 15);               // age missing
+  expect_refuses_at(g, pre + R"(,"extra":1})", int64_t(pre.size()) + 2);     // no extra keys
+  expect_refuses_at(g, pre + "}}", int64_t(pre.size()) + 1);                 // complete, nothing may follow
+  expect_refuses_at(g, R"({"name":"Ann","age":3.5})", 21);                   // integer only
+  expect_refuses_at(g, R"({"name":"Ann","age":1e3})", 21);
+  expect_refuses_at(g, R"({"name":1})", 8);                                  // wrong type
+  expect_refuses_at(g, R"({"name":"Ann","age":30,"member":true,"color":"pink"})", 46);
+  expect_refuses_at(g, R"({"name":"Ann","age":30,"member":true,"color":"red","tags":["a","b","c"]})", 66);
+  expect_refuses_at(g, R"({"name":"Ann","age":30,"member":true,"color":"red","tags":["abcde"]})", 64);
+  expect_refuses_at(g, R"({"name":"Ann","age":30,"member":true,"color":"red","tags":["a",)", 63);   // unterminated
+}
+
+TEST(GrammarJsonSchema, StringLengthCountsCharactersAndEscapes) {
+  const auto g = schema_of(R"({"type": "string", "minLength": 2, "maxLength": 3})");
+  expect_accepts(g, "\"ab\"");
+  expect_accepts(g, "\"\xE4\xB8\xAD\xF0\x9F\x98\x80\xC3\xA9\"");          // 3 characters, 9 bytes
+  expect_accepts(g, "\"\\n\\u00e9\\uD83D\\uDE00\"");                     // 3 escapes (a pair is one)
+  expect_refuses_at(g, "\"a\"", 2);
+  expect_refuses_at(g, "\"abcd\"", 4);
+  expect_refuses_at(g, "\"ab\\n\\t\"", 5);
+  expect_refuses_at(g, "\"\xE4\xB8\xAD\xE4\xB8\xAD\xE4\xB8\xAD\xE4\"", 10);
+  // Split at every byte.
+  const std::string doc = "\"\xF0\x9F\x98\x80\xE4\xB8\xAD\"";
+  for (size_t i = 0; i <= doc.size(); ++i) {
+    Matcher m(g);
+    ASSERT_TRUE(m.advance(doc.substr(0, i)) && m.advance(doc.substr(i))) << i;
+    EXPECT_TRUE(m.accepting());
+  }
+}
+
+TEST(GrammarJsonSchema, ArraysPrefixItemsMinMax) {
+  const auto g = schema_of(R"({"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 3})");
+  expect_accepts(g, "[1,2]");
+  expect_accepts(g, "[1, 2, 3]");
+  expect_refuses_at(g, "[]", 1);
+  expect_refuses_at(g, "[1]", 2);
+  expect_refuses_at(g, "[1,2,3,4]", 6);
+  const auto t = schema_of(R"({"type": "array", "prefixItems": [{"type": "string"}, {"type": "boolean"}],
+                               "items": false})");
+  expect_accepts(t, "[]");
+  expect_accepts(t, "[\"a\"]");
+  expect_accepts(t, "[\"a\",true]");
+  expect_refuses_at(t, "[true]", 1);
+  expect_refuses_at(t, "[\"a\",true,1]", 9);
+  const auto u = schema_of(R"({"type": "array", "prefixItems": [{"const": 1}], "items": {"type": "null"},
+                               "minItems": 3})");
+  expect_accepts(u, "[1,null,null,null,null]");
+  expect_refuses_at(u, "[1,null]", 7);
+  expect_refuses_at(u, "[2]", 1);
+  // items absent: anything after the prefix.
+  expect_accepts(schema_of(R"({"prefixItems": [{"type": "integer"}]})"), "[1,\"x\",{\"a\":[]}]");
+}
+
+TEST(GrammarJsonSchema, EnumConstAnyOfNullable) {
+  const auto e = schema_of(R"({"enum": ["a", "ab", 1, 10, -2.5, null, true, {"k": [1]}, [1, "x"]]})");
+  for (const char* doc : {"\"a\"", "\"ab\"", "1", "10", "-2.5", "null", "true", "{\"k\":[1]}", "[1,\"x\"]"})
+    expect_accepts(e, doc);
+  expect_refuses_at(e, "\"abc\"", 3);
+  expect_refuses_at(e, "100", 2);
+  expect_refuses_at(e, "{\"k\": [1]}", 5);  // the compact text only
+  expect_refuses_at(e, "false", 0);
+  // type filters enum values.
+  const auto f = schema_of(R"({"type": "integer", "enum": [1, 2.5, "3", 4]})");
+  expect_accepts(f, "1");
+  expect_accepts(f, "4");
+  expect_refuses_at(f, "2", 0);
+  expect_refuses_at(f, "\"3\"", 0);
+  const auto c = schema_of(R"({"const": "x\ny"})");
+  expect_accepts(c, "\"x\\ny\"");
+  expect_refuses_at(c, "\"x\\u000ay\"", 3);
+  const auto a = schema_of(R"({"anyOf": [{"type": "object", "properties": {"x": {"type": "number"}},
+      "required": ["x"]}, {"type": "object", "properties": {"y": {"type": "string"}}, "required": ["y"]},
+      {"type": "null"}]})");
+  expect_accepts(a, "{\"x\":1.5}");
+  expect_accepts(a, "{\"y\":\"s\"}");
+  expect_accepts(a, "null");
+  expect_refuses_at(a, "{\"z\":1}", 2);
+  expect_refuses_at(a, "{\"x\":\"s\"}", 5);
+  const auto n = schema_of(R"({"type": "string", "nullable": true, "maxLength": 1})");
+  expect_accepts(n, "null");
+  expect_accepts(n, "\"a\"");
+  expect_refuses_at(n, "\"ab\"", 2);
+  const auto t = schema_of(R"({"type": ["integer", "null", "boolean"]})");
+  for (const char* doc : {"12", "null", "false"}) expect_accepts(t, doc);
+  expect_refuses_at(t, "1.5", 1);
+  const auto num = schema_of(R"({"type": "number"})");
+  for (const char* doc : {"12", "-0.5", "1e-7", "0"}) expect_accepts(num, doc);
+  expect_refuses_at(num, "1 ", 1);
+  expect_refuses_at(num, "00", 1);
+}
+
+TEST(GrammarJsonSchema, RecursiveRefTree) {
+  const auto g = schema_of(R"({
+    "$defs": {"node": {"type": "object",
+      "properties": {"value": {"type": "integer"}, "children": {"type": "array", "items": {"$ref": "#/$defs/node"}}},
+      "required": ["value", "children"]}},
+    "$ref": "#/$defs/node"})");
+  expect_accepts(g, R"({"value":1,"children":[]})");
+  std::string deep = R"({"value":0,"children":[)";
+  std::string tail = "]}";
+  for (int d = 1; d < 60; ++d) {  // deeper than the 32 levels of "any" JSON: a schema's recursion is not limited
+    deep += R"({"value":)" + std::to_string(d) + R"(,"children":[{"value":-1,"children":[]},)";
+    tail = "]}" + tail;
+  }
+  expect_accepts(g, deep + R"({"value":99,"children":[]})" + tail);
+  expect_refuses_at(g, R"({"value":1,"children":[{"value":2}]})", 33);
+  // Recursion through the root and through definitions.
+  const auto r = schema_of(R"({"definitions": {"list": {"anyOf": [{"type": "null"},
+      {"type": "object", "properties": {"head": {"type": "string"}, "tail": {"$ref": "#/definitions/list"}},
+       "required": ["head", "tail"]}]}}, "$ref": "#/definitions/list"})");
+  expect_accepts(r, R"({"head":"a","tail":{"head":"b","tail":null}})");
+  const auto root = schema_of(R"({"type": "array", "items": {"$ref": "#"}, "maxItems": 2})");
+  expect_accepts(root, "[[],[[],[[]]]]");
+  expect_refuses_at(root, "[[],[],[]]", 6);
+}
+
+TEST(GrammarJsonSchema, AdditionalProperties) {
+  const auto free = schema_of(R"({"type": "object", "additionalProperties": {"type": "integer"}})");
+  expect_accepts(free, "{}");
+  expect_accepts(free, R"({"a":1,"b":-2,"a":3})");
+  expect_refuses_at(free, R"({"a":"x"})", 5);
+  const auto both = schema_of(R"({"type": "object", "properties": {"id": {"type": "string"}, "ix": {"type": "null"}},
+                                  "required": ["id"], "additionalProperties": {"type": "boolean"}})");
+  expect_accepts(both, R"({"id":"x"})");
+  expect_accepts(both, R"({"id":"x","ix":null,"i":true,"idx":false,"\u0069d":true})");
+  expect_refuses_at(both, R"({"id":"x","id":true})", 13);   // a listed name is not an extra key
+  expect_refuses_at(both, R"({"id":"x","ix":true})", 15);
+  expect_refuses_at(both, R"({"extra":true,"id":"x"})", 2);  // listed properties come first
+  const auto none = schema_of(R"({"type": "object", "properties": {}})");
+  expect_accepts(none, "{}");
+  expect_refuses_at(none, R"({"a":1})", 1);
+  const auto any = schema_of(R"({"type": "object"})");
+  expect_accepts(any, R"({"a":[1,{"b":null}]})");
+  const auto key = schema_of(R"({"type": "object", "properties": {"a\"b/\u00e9": {"const": 1}}, "required": ["a\"b/\u00e9"]})");
+  expect_accepts(key, "{\"a\\\"b/\xC3\xA9\":1}");
+}
+
+TEST(GrammarJsonSchema, EmptyAndTrueSchemasAreAnyValue) {
+  for (const char* s : {"{}", "true", R"({"description": "anything", "title": "t"})"}) {
+    const auto g = schema_of(s);
+    for (const char* doc : {"1", "\"s\"", "null", "[1,{}]", "{\"a\":false}", "-2.5e3"}) expect_accepts(g, doc);
+    expect_refuses_at(g, " 1", 0);
+  }
+}
+
+TEST(GrammarJsonSchema, ErrorsNameThePointerAndTheKeyword) {
+  EXPECT_ERROR(schema_of(R"({"type": "object", "properties": {"a": {"type": "object", "patternProperties": {}}}})"),
+               "unsupported keyword \"patternProperties\" at /properties/a (supported: type, properties");
+  EXPECT_ERROR(schema_of(R"({"type": "string", "pattern": "^a$"})"), "unsupported keyword \"pattern\" at the root");
+  for (const char* kw : {"if", "not", "dependentRequired", "multipleOf", "minProperties", "unevaluatedProperties"}) {
+    const std::string s = std::string(R"({"type": "array", "items": {")") + kw + R"(": 1}})";
+    EXPECT_ERROR(grammar_json_schema(ojson::parse(s)), std::string("unsupported keyword \"") + kw + "\" at /items");
+  }
+  EXPECT_ERROR(schema_of(R"({"properties": {"a/b": {"type": "strin"}}})"),
+               "\"type\" at /properties/a~1b must be one of object, array, string");
+  EXPECT_ERROR(schema_of(R"({"type": "array", "minItems": "3"})"),
+               "\"minItems\" at the root must be a non-negative integer, found \"3\"");
+  EXPECT_ERROR(schema_of(R"({"type": "array", "minItems": 3, "maxItems": 2})"), "\"minItems\" 3 exceeds \"maxItems\" 2");
+  EXPECT_ERROR(schema_of(R"({"type": "string", "maxLength": 1000000})"), "\"maxLength\" at the root is 1000000");
+  EXPECT_ERROR(schema_of(R"({"enum": []})"), "\"enum\" at the root must be a non-empty array");
+  EXPECT_ERROR(schema_of(R"({"anyOf": {}})"), "\"anyOf\" at the root must be a non-empty array");
+  EXPECT_ERROR(schema_of(R"({"allOf": [{}, {}]})"), "\"allOf\" at the root must be an array of exactly one");
+  EXPECT_ERROR(schema_of(R"({"type": "object", "anyOf": [{}]})"), "\"anyOf\" at the root cannot be combined with \"type\"");
+  EXPECT_ERROR(schema_of(R"({"$ref": "other.json#/a"})"), "\"$ref\" at the root must be a reference into the same");
+  EXPECT_ERROR(schema_of(R"({"properties": {"a": {"$ref": "#/$defs/missing"}}})"),
+               "\"$ref\" at /properties/a points to #/$defs/missing, which is not in the schema");
+  EXPECT_ERROR(schema_of(R"({"properties": {"a": {}}, "required": ["b"]})"), "\"required\" at the root names \"b\"");
+  EXPECT_ERROR(schema_of(R"({"required": "a"})"), "\"required\" at the root must be an array");
+  EXPECT_ERROR(schema_of(R"({"items": [{}]})"), "\"items\" at the root must be a schema or a boolean");
+  EXPECT_ERROR(schema_of(R"({"properties": {"a": false}, "required": ["a"]})"),
+               "the schema at /properties/a is false");
+  EXPECT_ERROR(schema_of("[1]"), "expected a schema (an object or a boolean) at the root, found [1]");
+  EXPECT_ERROR(schema_of(R"({"type": "string", "enum": [1, 2]})"), "no value of \"enum\" at the root has the schema's type");
+  // A tree whose children are required forever has no finite value; a reference to itself before any text is
+  // left recursion.
+  EXPECT_ERROR(schema_of(R"({"$defs": {"n": {"type": "object", "properties": {"c": {"$ref": "#/$defs/n"}},
+                            "required": ["c"]}}, "$ref": "#/$defs/n"})"),
+               "json_schema: no finite value satisfies it");
+  EXPECT_ERROR(schema_of(R"({"$defs": {"a": {"anyOf": [{"$ref": "#/$defs/a"}, {"type": "null"}]}},
+                            "$ref": "#/$defs/a"})"),
+               "left recursion");
+  EXPECT_ERROR(grammar_choice({}), "choice: expected at least one string, found an empty list");
+  std::string deep = "{}";
+  for (int i = 0; i < 200; ++i) deep = "{\"items\": " + deep + "}";
+  EXPECT_ERROR(grammar_json_schema(ojson::parse(deep)), "is nested more than 128 levels deep");
+  // An optional property whose schema has no value is never produced (not an error).
+  const auto g = schema_of(R"({"$defs": {"n": {"type": "object", "properties": {"c": {"$ref": "#/$defs/n"}},
+                              "required": ["c"]}}, "properties": {"x": {"$ref": "#/$defs/n"}, "y": {"type": "null"}}})");
+  expect_accepts(g, "{\"y\":null}");
+  expect_refuses_at(g, "{\"x\"", 2);
+}
+
+TEST(GrammarJsonSchema, PlainJsonSortsPropertiesOrderedJsonKeepsThem) {
+  const char* s = R"({"properties": {"b": {"type": "null"}, "a": {"type": "null"}}, "required": ["a", "b"]})";
+  expect_accepts(grammar_json_schema(ojson::parse(s)), R"({"b":null,"a":null})");
+  expect_accepts(grammar_json_schema(nlohmann::json::parse(s)), R"({"a":null,"b":null})");
+  EXPECT_EQ(grammar_json_schema(ojson::parse(s)), grammar_json_schema(ojson::parse(s))) << "recent schemas are shared";
+}
+
+TEST(GrammarChoice, ExactlyOneString) {
+  const auto g = grammar_choice({"yes", "no", "no way", "", "\xE4\xB8\xAD"});
+  Matcher m(g);
+  EXPECT_TRUE(m.accepting()) << "the empty choice";
+  for (const char* doc : {"yes", "no", "no way", "\xE4\xB8\xAD"}) expect_accepts(g, doc);
+  expect_refuses_at(g, "ye", 2);
+  expect_refuses_at(g, "yes!", 3);
+  expect_refuses_at(g, "\"yes\"", 0);
+  Matcher n(g);
+  ASSERT_TRUE(n.advance("no"));
+  EXPECT_TRUE(n.accepting());
+  EXPECT_TRUE(n.can_continue());
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// TokenMasker against Matcher::advance
+
+// Token strings of every kind: single bytes (printable, controls, UTF-8 leads and continuations), JSON
+// punctuation runs, whitespace runs, keywords, numbers, escapes, multi-byte characters whole and in pieces.
+std::vector<std::string> synthetic_vocab() {
+  std::vector<std::string> v{""};  // id 0: a special token (never allowed)
+  for (int c = 0x20; c < 0x7F; ++c) v.push_back(std::string(1, char(c)));
+  for (int c = 0; c < 0x20; ++c) v.push_back(std::string(1, char(c)));
+  for (int c = 0x7F; c < 0x100; ++c) v.push_back(std::string(1, char(c)));
+  for (const char* s : {"{\"", "\":", "\",", "\"}", "}}", "]}", "],", "[{", "{}", "[]", "\": \"", "\", \"", " {",
+                        " \"", "  ", "    ", "\n  ", "\n\n", " \n", "\t\t", "\n\t", "\n", " ", ",\n", ": ", ", ",
+                        "true", "false", "null", "tr", "ue", "nul", "fals", "12", "123", "0.", ".5", "e+", "E-1",
+                        "-0", "00", "1e", "3.14", "-1", "\\n", "\\\"", "\\u", "\\u00", "e9", "\\ud83d", "\\ude00",
+                        "\\udc00", "\\", "\\\\", "ab", "abc", "name", "\"name\"", "\"name\":", "\"age\": ", "age",
+                        "red", "\"red\"", "green", "blue", "\"blue\"}", "member", "color", "tags", "value",
+                        "children", "\"children\":[", "\"value\":", "head", "tail", "id", "x", "y", "\"x\"",
+                        "\xC3\xA9", "\xE4\xB8\xAD", "\xF0\x9F\x98\x80", "\xC3\xA9\"", "\xE4\xB8", "\xAD",
+                        "\x9F\x98", "\x98\x80\"", "\xF0\x9F", "\xB8\xAD\xE4", "a\"", "\"a", ",\"", "\"}}",
+                        "}\n", "\"\n", "1}", "0]", "null}", "true,", "[\"", "\"]", "yes", "no", " way"})
+    v.push_back(s);
+  v.push_back("");  // another special
+  return v;
+}
+
+int64_t count_bits(const std::vector<uint32_t>& bits) {
+  int64_t n = 0;
+  for (uint32_t w : bits) n += __builtin_popcount(w);
+  return n;
+}
+
+// At every prefix of each document: allowed() (cached and not) == {tokens t : copy of matcher advances over t}.
+void expect_masks_match(const GrammarPtr& g, const TokenMasker& tm, const std::vector<std::string>& docs,
+                        size_t stride = 1) {
+  std::vector<uint32_t> bits, cached;
+  int64_t states = 0, allowed = 0;
+  for (auto& doc : docs) {
+    Matcher m(g);
+    for (size_t i = 0; i <= doc.size(); i += stride) {
+      if (i > 0) {
+        ASSERT_TRUE(m.advance(std::string_view(doc).substr(i - stride, stride))) << show(doc) << " at " << i;
+      }
+      tm.allowed_uncached(m, bits);
+      tm.allowed(m, cached);
+      ASSERT_EQ(bits, cached);
+      for (int64_t id = 0; id < tm.vocab(); ++id) {
+        Matcher c = m;
+        const std::string_view t = tm.token_bytes(int32_t(id));
+        const bool want = !t.empty() && c.advance(t);
+        const bool got = bits[size_t(id) / 32] >> (id % 32) & 1u;
+        if (want != got) {
+          ADD_FAILURE() << "token " << id << " " << show(t) << " after " << show(doc.substr(0, i)) << ": allowed() "
+                        << got << ", advance " << want;
+          return;
+        }
+      }
+      ++states;
+      allowed += count_bits(bits);
+      if (i + stride > doc.size()) break;
+    }
+  }
+  EXPECT_GT(allowed, states) << "the masks allow something";
+}
+
+// Above 256 characters a bounded string calls a character rule per count instead of unrolling the characters.
+TEST(GrammarJsonSchema, LongBoundedStrings) {
+  const auto g = schema_of(R"({"type": "string", "minLength": 300, "maxLength": 301})");
+  std::string body;
+  for (int i = 0; i < 300; ++i) body += i % 3 == 0 ? "\xE4\xB8\xAD" : i % 3 == 1 ? "\\n" : "a";
+  expect_accepts(g, "\"" + body + "\"");
+  expect_accepts(g, "\"" + body + "\\u00e9\"");
+  expect_refuses_at(g, "\"" + body.substr(0, body.size() - 1) + "\"", int64_t(body.size()));
+  expect_refuses_at(g, "\"" + body + "ab\"", int64_t(body.size()) + 2);
+  const auto u = schema_of(R"({"type": "string", "minLength": 257})");
+  expect_refuses_at(u, "\"" + std::string(256, 'x') + "\"", 257);
+  expect_accepts(u, "\"" + std::string(2000, 'x') + "\"");
+  const TokenMasker tm(synthetic_vocab());
+  expect_masks_match(g, tm, {"\"" + body + "\""}, 7);
+}
+
+TEST(GrammarMasker, EqualsAdvanceOnEveryTokenAlongDocuments) {
+  const TokenMasker tm(synthetic_vocab());
+  expect_masks_match(grammar_json_object(), tm,
+                     {"{\"name\": \"\xC3\xA9\\n\\ud83d\\ude00\xE4\xB8\xAD\", \"x\":[1.5e+3,true,null,{}],\n  \"y\":-0}",
+                      "{\"a\":{\"b\":[[\"\xF0\x9F\x98\x80\"]]}}"});
+  expect_masks_match(schema_of(kPerson), tm,
+                     {R"({"name":"ab\u00e9","age":-12,"member":true,"color":"blue","tags":["x","yes"]})",
+                      "{\n  \"name\": \"\xE4\xB8\xAD\xE4\xB8\xAD\",\n  \"age\": 0, \"member\": false, \"color\": \"red\"}"});
+  expect_masks_match(schema_of(R"({"$defs": {"node": {"type": "object", "properties": {"value": {"type": "integer"},
+                         "children": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 2}},
+                         "required": ["value", "children"]}}, "$ref": "#/$defs/node"})"),
+                     tm, {R"({"value":1,"children":[{"value":2,"children":[]},{"value":3,"children":[]}]})"});
+  expect_masks_match(schema_of(R"({"anyOf": [{"type": "object", "properties": {"x": {"type": "number"}}},
+                         {"type": "object", "properties": {"id": {"type": "string"}}, "additionalProperties": true},
+                         {"type": "null"}, {"enum": [1, 12, "red"]}]})"),
+                     tm, {R"({"id":"a","x":[1]})", "null", "12", R"({"x":3.14})"});
+  expect_masks_match(grammar_choice({"yes", "no", "no way"}), tm, {"no way"});
+}
+
+// Every token of the real vocabulary against advance() at a few states (the byte-level BPE has tokens that end
+// inside a UTF-8 sequence and lone continuation bytes).
+std::string real_tokenizer_path() {
+  for (const std::string& p : {std::string(DS_SHARED_DIR) + "/assets/qwen3-tokenizer/tokenizer.json",
+                              std::string(DS_TEST_DATA_DIR) + "/tiny-moe/text/tokenizer/tokenizer.json"})
+    if (fs::exists(p)) return p;
+  return "";
+}
+
+std::vector<std::string> real_vocab(const std::string& path) {
+  const text::Tokenizer tok = text::Tokenizer::load(path);
+  std::vector<std::string> bytes(size_t(tok.vocab_size()));
+  for (int32_t id = 0; id < tok.vocab_size(); ++id)
+    if (!tok.is_added(id)) bytes[size_t(id)] = std::string(tok.token_bytes(id));
+  return bytes;
+}
+
+TEST(GrammarMasker, EqualsAdvanceOnTheRealVocabulary) {
+  const std::string path = real_tokenizer_path();
+  if (path.empty()) GTEST_SKIP() << "no tokenizer.json";
+  const TokenMasker tm(real_vocab(path));
+  std::printf("vocabulary %s: %lld tokens, %zu trie nodes\n", path.c_str(), (long long)tm.vocab(), tm.trie_nodes());
+  expect_masks_match(grammar_json_object(), tm,
+                     {"{\"name\": \"\xC3\xA9\xE4\xB8\xAD\xF0\x9F\x98\x80 x\", \"n\":[-1.5e3]}"}, 3);
+  expect_masks_match(schema_of(kPerson), tm, {R"({"name":"a b","age":-12,"member":true,"color":"blue"})"}, 5);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Random walks: what the server does with a random-weight model.
+
+// A checker for the supported subset: does v satisfy schema s (properties in the schema's order)?
+bool valid(const ojson& v, const ojson& s, const ojson& root, std::string& why) {
+  auto no = [&](const std::string& w) {
+    why = w + " in " + v.dump();
+    return false;
+  };
+  if (s.is_boolean()) return s.get<bool>() || no("false schema");
+  if (s.contains("nullable") && s["nullable"].get<bool>() && v.is_null()) return true;
+  if (s.contains("$ref")) {
+    const std::string r = s["$ref"].get<std::string>();
+    return valid(v, root.at(ojson::json_pointer(r.substr(1))), root, why);
+  }
+  for (const char* kw : {"anyOf", "oneOf"})
+    if (s.contains(kw)) {
+      for (auto& alt : s[kw])
+        if (valid(v, alt, root, why)) return true;
+      return no(std::string("no ") + kw + " branch");
+    }
+  if (s.contains("allOf")) return valid(v, s["allOf"][0], root, why);
+  if (s.contains("const")) return v == s["const"] || no("not the const");
+  if (s.contains("enum")) {
+    for (auto& e : s["enum"])
+      if (v == e) return true;
+    return no("not in enum");
+  }
+  if (s.contains("type")) {
+    std::vector<std::string> types;
+    if (s["type"].is_array())
+      for (auto& t : s["type"]) types.push_back(t.get<std::string>());
+    else
+      types.push_back(s["type"].get<std::string>());
+    bool ok = false;
+    for (auto& t : types)
+      ok |= (t == "null" && v.is_null()) || (t == "boolean" && v.is_boolean()) ||
+            (t == "integer" && v.is_number_integer()) || (t == "number" && v.is_number()) ||
+            (t == "string" && v.is_string()) || (t == "array" && v.is_array()) || (t == "object" && v.is_object());
+    if (!ok) return no("wrong type");
+  }
+  if (v.is_string()) {
+    const std::string str = v.get<std::string>();
+    int64_t chars = 0;
+    for (unsigned char c : str) chars += (c & 0xC0) != 0x80;
+    if (s.contains("minLength") && chars < s["minLength"].get<int64_t>()) return no("too short");
+    if (s.contains("maxLength") && chars > s["maxLength"].get<int64_t>()) return no("too long");
+  }
+  if (v.is_array()) {
+    const int64_t n = int64_t(v.size());
+    if (s.contains("minItems") && n < s["minItems"].get<int64_t>()) return no("too few items");
+    if (s.contains("maxItems") && n > s["maxItems"].get<int64_t>()) return no("too many items");
+    const size_t m = s.contains("prefixItems") ? s["prefixItems"].size() : 0;
+    for (size_t i = 0; i < v.size(); ++i) {
+      const ojson sub = i < m ? s["prefixItems"][i] : s.contains("items") ? s["items"] : ojson(true);
+      if (!valid(v[i], sub, root, why)) return false;
+    }
+  }
+  if (v.is_object()) {
+    const ojson props = s.contains("properties") ? s["properties"] : ojson::object();
+    const ojson extra = s.contains("additionalProperties") ? s["additionalProperties"]
+                        : s.contains("properties")         ? ojson(false)
+                                                           : ojson(true);
+    if (s.contains("required"))
+      for (auto& r : s["required"])
+        if (!v.contains(r.get<std::string>())) return no("missing " + r.get<std::string>());
+    size_t last = 0;  // listed properties in the schema's order, before any extra key
+    bool extras = false;
+    for (auto& [k, x] : v.items()) {
+      size_t idx = 0;
+      for (auto& [pk, pv] : props.items()) {
+        if (pk == k) break;
+        ++idx;
+      }
+      if (idx < props.size()) {
+        if (extras || idx < last) return no("property " + k + " out of order");
+        last = idx + 1;
+        if (!valid(x, props[k], root, why)) return false;
+      } else {
+        extras = true;
+        if (!valid(x, extra, root, why)) return false;
+      }
+    }
+  }
+  return true;
+}
+
+struct WalkStats {
+  int complete = 0, capped = 0;
+  int64_t tokens = 0;
+};
+
+// Walks from the start: a random allowed token each step (seeded); stops when complete with probability 1/3 or when
+// nothing can follow, or after `cap` tokens (then only the prefix is checked: every step was allowed).
+WalkStats random_walks(const GrammarPtr& g, const TokenMasker& tm, int walks, int cap, uint64_t seed,
+                       const std::function<void(const std::string&)>& check) {
+  std::mt19937_64 rng(seed);
+  std::vector<uint32_t> bits;
+  std::vector<int32_t> ids;
+  WalkStats st;
+  for (int w = 0; w < walks; ++w) {
+    Matcher m(g);
+    std::string text;
+    bool done = false;
+    for (int step = 0; step < cap && !done; ++step) {
+      if (m.accepting() && (!m.can_continue() || rng() % 3 == 0)) {
+        done = true;
+        break;
+      }
+      tm.allowed(m, bits);
+      ids.clear();
+      for (int64_t id = 0; id < tm.vocab(); ++id)
+        if (bits[size_t(id) / 32] >> (id % 32) & 1u) ids.push_back(int32_t(id));
+      if (ids.empty()) {
+        ADD_FAILURE() << "no token allowed and the text is not complete: " << show(text);
+        return st;
+      }
+      const int32_t t = ids[rng() % ids.size()];
+      if (!m.advance(tm.token_bytes(t))) {
+        ADD_FAILURE() << "an allowed token was refused: " << show(tm.token_bytes(t)) << " after " << show(text);
+        return st;
+      }
+      text += tm.token_bytes(t);
+      ++st.tokens;
+    }
+    if (!done && m.accepting()) done = true;
+    if (done) {
+      ++st.complete;
+      check(text);
+    } else {
+      ++st.capped;
+    }
+  }
+  return st;
+}
+
+void walk_schema(const char* schema_text, const TokenMasker& tm, int walks, int cap, int min_complete) {
+  SCOPED_TRACE(schema_text);
+  const ojson schema = ojson::parse(schema_text);
+  const GrammarPtr g = grammar_json_schema(schema);
+  const WalkStats st = random_walks(g, tm, walks, cap, 42, [&](const std::string& text) {
+    ojson v;
+    try {
+      v = ojson::parse(text);
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << "not JSON: " << show(text) << ": " << e.what();
+      return;
+    }
+    std::string why;
+    EXPECT_TRUE(valid(v, schema, schema, why)) << why << "\ntext: " << show(text);
+  });
+  std::printf("  %d walks: %d complete, %d capped at %d tokens, %.1f tokens per walk\n", walks, st.complete, st.capped,
+              cap, double(st.tokens) / walks);
+  EXPECT_GE(st.complete, min_complete);
+}
+
+TEST(GrammarRandomWalk, EndsInValidJsonOfTheSchema) {
+  const TokenMasker tm(synthetic_vocab());
+  walk_schema(kPerson, tm, 300, 400, 290);
+  walk_schema(R"({"type": "object", "properties": {
+      "a": {"type": "object", "properties": {"b": {"type": "array", "items": {"type": "number"}, "minItems": 1,
+                                                   "maxItems": 3}}, "required": ["b"]},
+      "c": {"anyOf": [{"type": "object", "properties": {"x": {"const": 5}}, "required": ["x"]}, {"type": "null"}]},
+      "d": {"enum": [1, 2.5, -3, "x", null, true, {"k": [1]}]},
+      "e": {"type": ["integer", "boolean"]}},
+    "required": ["a", "c"]})",
+              tm, 300, 400, 290);
+  walk_schema(R"({"$defs": {"node": {"type": "object", "properties": {"value": {"type": "integer"},
+      "children": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 2}},
+      "required": ["value", "children"]}}, "$ref": "#/$defs/node"})",
+              tm, 300, 1500, 200);
+  walk_schema(R"({"type": "object", "properties": {"id": {"type": "string", "minLength": 1, "maxLength": 3}},
+      "required": ["id"], "additionalProperties": {"type": "string", "maxLength": 2}})",
+              tm, 300, 400, 250);
+  walk_schema(R"({"type": "array", "prefixItems": [{"type": "string", "maxLength": 2}, {"type": "number"}],
+      "items": {"type": "boolean"}, "minItems": 2, "maxItems": 4})",
+              tm, 300, 400, 290);
+  walk_schema(R"({"type": "string", "minLength": 2, "maxLength": 5})", tm, 300, 100, 300);
+  walk_schema(R"({"type": "integer", "nullable": true})", tm, 300, 100, 300);
+}
+
+TEST(GrammarRandomWalk, JsonObjectAndChoice) {
+  const TokenMasker tm(synthetic_vocab());
+  size_t members = 0;
+  const WalkStats st = random_walks(grammar_json_object(), tm, 300, 600, 7, [&](const std::string& text) {
+    nlohmann::json v;
+    ASSERT_NO_THROW(v = nlohmann::json::parse(text)) << show(text);
+    EXPECT_TRUE(v.is_object()) << show(text);
+    members += v.size();
+  });
+  std::printf("  json_object: %d complete, %d capped, %zu members in all\n", st.complete, st.capped, members);
+  EXPECT_GE(st.complete, 100);
+  EXPECT_GE(members, size_t(st.complete) / 2) << "the walks produce more than {}";
+  const std::vector<std::string> choices{"yes", "no", "no way", "\xE4\xB8\xAD"};
+  random_walks(grammar_choice(choices), tm, 200, 20, 9, [&](const std::string& text) {
+    EXPECT_NE(std::find(choices.begin(), choices.end(), text), choices.end()) << show(text);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Cache and threads
+
+TEST(GrammarMasker, CacheHitsAndConcurrentUse) {
+  const TokenMasker tm(synthetic_vocab());
+  const auto a = grammar_json_object();
+  const auto b = schema_of(R"({"type": "object", "properties": {"q": {"type": "integer"}}})");
+  Matcher ma(a), mb(b);
+  ASSERT_TRUE(ma.advance("{\"q\":"));
+  ASSERT_TRUE(mb.advance("{\"q\":"));
+  std::vector<uint32_t> x, y, z;
+  tm.allowed(ma, x);
+  tm.allowed(mb, y);
+  const auto s0 = tm.cache_stats();
+  tm.allowed(ma, z);
+  EXPECT_EQ(z, x);
+  EXPECT_EQ(tm.cache_stats().hits, s0.hits + 1);
+  EXPECT_NE(x, y);
+  // Same automaton shape, same state keys, different languages: the cache must tell the grammars apart.
+  const Matcher c1(grammar_choice({"ab"})), c2(grammar_choice({"cd"}));
+  ASSERT_EQ(c1.state_key(), c2.state_key());
+  tm.allowed(c1, x);
+  tm.allowed(c2, y);
+  EXPECT_NE(x, y) << "two grammars' positions share a cache entry";
+  // Several threads on several positions: the same masks as one thread.
+  std::vector<Matcher> ms;
+  const std::string doc = R"({"name": "ab", "age": 1, "member": true, "color": "red"})";
+  const auto g = schema_of(kPerson);
+  for (size_t i = 0; i < doc.size(); ++i) {
+    Matcher m(g);
+    ASSERT_TRUE(m.advance(doc.substr(0, i)));
+    ms.push_back(m);
+  }
+  std::vector<std::vector<uint32_t>> want(ms.size()), got(ms.size());
+  for (size_t i = 0; i < ms.size(); ++i) tm.allowed_uncached(ms[i], want[i]);
+  const TokenMasker small(synthetic_vocab(), 8 * 1024);  // ~26 entries: evictions under contention
+  std::vector<std::thread> ts;
+  std::vector<std::vector<std::vector<uint32_t>>> per(4, std::vector<std::vector<uint32_t>>(ms.size()));
+  for (int t = 0; t < 4; ++t)
+    ts.emplace_back([&, t] {
+      for (int r = 0; r < 5; ++r)
+        for (size_t i = 0; i < ms.size(); ++i) {
+          const size_t k = (i + size_t(t) * 5) % ms.size();  // each thread in another order
+          small.allowed(ms[k], per[size_t(t)][k]);
+        }
+    });
+  for (auto& t : ts) t.join();
+  for (int t = 0; t < 4; ++t)
+    for (size_t i = 0; i < ms.size(); ++i) EXPECT_EQ(per[size_t(t)][i], want[i]) << "thread " << t << " position " << i;
+  EXPECT_LT(small.cache_stats().entries, ms.size()) << "the cache is bounded";
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Timings (printed, not asserted)
+
+double ms_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
+void time_positions(const TokenMasker& tm) {
+  struct Pos {
+    const char* what;
+    GrammarPtr g;
+    std::string prefix;
+  };
+  const std::vector<Pos> positions = {
+      {"json_object, inside a string", grammar_json_object(), "{\"a\": \"hel"},
+      {"json_object, after '{'", grammar_json_object(), "{"},
+      {"json_object, value position", grammar_json_object(), "{\"a\":"},
+      {"json_object, in a number", grammar_json_object(), "{\"a\": 12"},
+      {"json_object, after a value", grammar_json_object(), "{\"a\": [1, {\"b\": null}"},
+      {"schema, inside a maxLength-10 string", schema_of(kPerson), "{\"name\": \"ab"},
+      {"schema, after '{'", schema_of(kPerson), "{"},
+      {"schema, enum value", schema_of(kPerson), "{\"name\": \"ab\", \"age\": 1, \"member\": true, \"color\": "},
+  };
+  std::vector<uint32_t> bits;
+  for (auto& p : positions) {
+    Matcher m(p.g);
+    ASSERT_TRUE(m.advance(p.prefix));
+    double cold = 1e9;
+    for (int r = 0; r < 3; ++r) {
+      const auto t0 = std::chrono::steady_clock::now();
+      tm.allowed_uncached(m, bits);
+      cold = std::min(cold, ms_since(t0));
+    }
+    tm.allowed(m, bits);  // fill the cache
+    const auto t1 = std::chrono::steady_clock::now();
+    for (int r = 0; r < 10; ++r) tm.allowed(m, bits);
+    std::printf("  %-40s cold %7.2f ms, cached %6.3f ms, %lld tokens allowed\n", p.what, cold, ms_since(t1) / 10,
+                (long long)count_bits(bits));
+  }
+}
+
+TEST(GrammarMasker, TimingsOnTheRealVocabulary) {
+  const std::string path = real_tokenizer_path();
+  if (path.empty()) GTEST_SKIP() << "no tokenizer.json";
+  std::vector<std::string> vocab = real_vocab(path);
+  auto t0 = std::chrono::steady_clock::now();
+  {
+    const TokenMasker tm(vocab);
+    std::printf("%s: %lld tokens, %zu trie nodes, built in %.0f ms\n", path.c_str(), (long long)tm.vocab(),
+                tm.trie_nodes(), ms_since(t0));
+    time_positions(tm);
+  }
+  // Qwen3.5's vocabulary is ~248k tokens: pad this one to that size with concatenations of two of its tokens
+  // (what BPE merges look like), for an estimate at that size.
+  if (vocab.size() < 248077) {
+    std::mt19937_64 rng(5);
+    std::set<std::string> have(vocab.begin(), vocab.end());
+    const size_t n0 = vocab.size();
+    while (vocab.size() < 248077) {
+      std::string s = vocab[rng() % n0] + vocab[rng() % n0];
+      if (s.size() > 1 && s.size() <= 16 && have.insert(s).second) vocab.push_back(s);
+    }
+    t0 = std::chrono::steady_clock::now();
+    const TokenMasker tm(vocab);
+    std::printf("padded to %lld tokens: %zu trie nodes, built in %.0f ms\n", (long long)tm.vocab(), tm.trie_nodes(),
+                ms_since(t0));
+    time_positions(tm);
+  }
+}
+
+}  // namespace
+}  // namespace ds::sampling

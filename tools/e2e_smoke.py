@@ -92,6 +92,42 @@ if os.path.exists(png):
         ok = (j1["usage"]["prompt_tokens"] > 77 and j1["usage"]["completion_tokens"] == 8 and
               j1["choices"][0]["message"]["content"] == j2["choices"][0]["message"]["content"])
     check(ok, "image request (200, 77 image tokens in the prompt, same output twice)" + ("" if ok else f": {st1} {b1[:300]}"))
+# Structured output (docs/server.md): constrained requests (host-sampled) beside greedy unconstrained streams
+# (device-sampled where the step allows): every constrained answer is JSON of its schema, the others equal solo runs.
+schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "n": {"type": "integer"},
+          "ok": {"type": "boolean"}, "c": {"enum": ["red", "blue"]}}, "required": ["name", "n", "ok", "c"],
+          "additionalProperties": False}
+def constrained(i):
+    st, body = post("/v1/chat/completions", {"messages": [{"role": "user", "content": f"Person {i}"}],
+                                             "max_tokens": 300, "temperature": 1, "seed": i,
+                                             "chat_template_kwargs": {"enable_thinking": i % 2 == 0},
+                                             "logit_bias": {"2009": 2},
+                                             "response_format": {"type": "json_schema",
+                                                                 "json_schema": {"name": "p", "schema": schema}}})
+    results[100 + i] = (st, body)
+results.clear()
+threads = [threading.Thread(target=constrained, args=(i,)) for i in range(6)] + \
+          [threading.Thread(target=stream, args=(i,)) for i in range(6)]
+[t.start() for t in threads]; [t.join() for t in threads]
+ok, bad = True, ""
+for i in range(6):
+    st, body = results[100 + i]
+    try:
+        c = json.loads(body)["choices"][0]
+        v = json.loads(c["message"]["content"])
+        good = (st == 200 and c["finish_reason"] == "stop" and set(v) == {"name", "n", "ok", "c"} and
+                isinstance(v["n"], int) and isinstance(v["ok"], bool) and v["c"] in ("red", "blue") and len(v["name"]) <= 8)
+    except Exception as e:  # not JSON, or no choice
+        good = False
+    if not good:
+        ok, bad = False, f": {st} {body[:300]}"
+        break
+check(ok, "6 structured-output answers are JSON of their schema" + bad)
+check(all(results[i][0] == solo[i] for i in range(6)), "6 unconstrained streams beside them equal their solo runs")
+st, body = post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 4,
+                                          "response_format": {"type": "json_schema", "json_schema": {
+                                              "name": "p", "schema": {"type": "string", "pattern": "a+"}}}})
+check(st == 400 and "pattern" in body, "an unsupported schema keyword is a 400 naming it")
 st, body = post("/v1/chat/completions", b'{"messages": [')
 check(st == 400 and "not valid JSON" in json.loads(body)["error"]["message"], "malformed JSON is a 400")
 st, body = post("/v1/completions", {"prompt": [1, 2], "max_tokens": 5000})

@@ -195,6 +195,13 @@ void Engine::submit(std::shared_ptr<Request> r) {
         fail("prompt: token id ", r->prompt[size_t(i)], " at position ", i, " is outside the vocabulary [0, ", V, ")");
   sampling::check_params(r->sampling, cfg_.vocab_limit);
   if (r->mm) check_mm(*r, P);
+  // Structured output: the ids that end the output are what the grammar allows once its text is complete.
+  if (r->sampling.grammar) {
+    if (r->ignore_eos) fail("structured output: ignore_eos cannot be combined with a grammar (the output ends where "
+                            "the grammar's text is complete)");
+    r->sampling.end_ids = cfg_.eos_token_ids;
+    r->sampling.end_ids.insert(r->sampling.end_ids.end(), r->stop_token_ids.begin(), r->stop_token_ids.end());
+  }
   // Built here, off the engine thread (copies the prompt, seeds the RNG).
   auto seq = std::make_unique<Sequence>(r, r->prompt, r->sampling);
   {
@@ -325,11 +332,13 @@ void Engine::Impl::run(const Schedule& sc_in) {
   std::vector<float> logits;  // fp32 [R, V] (host sampling)
   std::vector<int32_t> toks;  // one token per row (device sampling)
   Tensor hidden;              // act [T, H] final-norm hiddens (speculation only)
-  // Sampling on the backend: no sampled row wants logprobs, and every verifying sequence is greedy (its rows'
-  // target choices come back and are compared with the drafts here; rejection sampling needs whole rows).
+  // Sampling on the backend: no sampled row wants logprobs or is constrained by a grammar (its mask is made on the
+  // host), and every verifying sequence is greedy (its rows' target choices come back and are compared with the
+  // drafts here; rejection sampling needs whole rows).
   const bool on_device = cfg.device_sampling && !rows.empty() && std::all_of(sc.seqs.begin(), sc.seqs.end(), [&](const ScheduledSeq& x) {
     const sampling::SamplingParams& sp = x.seq->req->sampling;
-    return !x.samples || (sp.logprobs < 0 && (x.num_drafts == 0 || (cfg.device_verify && sampling::is_greedy(sp))));
+    return !x.samples || (sp.logprobs < 0 && !x.seq->sampler.constrained() &&
+                          (x.num_drafts == 0 || (cfg.device_verify && sampling::is_greedy(sp))));
   });
   std::vector<std::pair<Sequence*, uint64_t>> draws;  // each sampler's counter before this step's uniforms
   // Decode or verify only (every row a logit row): one recorded step per batch shape.
@@ -516,7 +525,8 @@ void Engine::Impl::place_images(const Schedule& sc, BatchMeta& b) {
 int64_t Engine::Impl::drafts_wanted(Sequence* s) {
   const int64_t left = std::min(s->req->max_tokens - s->num_generated(), cfg.max_model_len - int64_t(s->tokens.size()));
   const int64_t k = std::min(cfg.num_speculative_tokens, left - 1);
-  if (k <= 0) return 0;
+  // A grammar's position is not undone by a rejected draft (SeqSampler::retract): structured output runs unspeculated.
+  if (k <= 0 || s->req->sampling.grammar) return 0;
   // Positions len .. len + k (the verify); the chained MTP steps write len .. len + k − 2.
   return cm.reserve(s->cache, k + 1) ? k : 0;
 }

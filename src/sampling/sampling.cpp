@@ -58,6 +58,19 @@ SampleRowParams row_of(const SamplingParams& p) {
 
 SeqSampler::SeqSampler(const SamplingParams& p, const std::vector<int32_t>& prompt) : params(p), seed(seed_of(p)) {
   for (int32_t t : prompt) prompt_tokens[t] = true;
+  DS_CHECK(!p.grammar || p.masker, "structured output: a grammar without the vocabulary's token masker");
+  if (p.grammar && p.grammar_from < 0) matcher.emplace(p.grammar);
+}
+
+void SeqSampler::accept(int32_t token) {
+  ++generated_counts[token];
+  if (matcher) {
+    if (std::find(params.end_ids.begin(), params.end_ids.end(), token) != params.end_ids.end()) return;
+    if (!matcher->advance(params.masker->token_bytes(token)))
+      fail("structured output: token ", token, " does not continue the grammar");
+  } else if (params.grammar && token == params.grammar_from) {
+    matcher.emplace(params.grammar);
+  }
 }
 
 void collect_edits(const SeqSampler& s, std::vector<SampleEdit>& out) {
@@ -123,7 +136,21 @@ int32_t sample(const float* logits, int64_t V, int64_t vocab_limit, SeqSampler& 
   DS_CHECK(n > 0, "empty vocabulary");
   std::vector<SampleEdit> edits;
   const SampleRowParams r = next_row(s, edits);
-  const int32_t tok = cpu::sample_row(logits, n, r, edits.data(), int64_t(edits.size()));
+  std::vector<float> masked;  // a constrained row: the raw logits with every token the grammar forbids at -inf
+  if (s.matcher) {
+    std::vector<uint32_t> bits;
+    s.params.masker->allowed(*s.matcher, bits);
+    if (s.matcher->accepting())
+      for (int32_t e : s.params.end_ids)
+        if (e >= 0 && size_t(e) / 32 < bits.size()) bits[size_t(e) / 32] |= 1u << (e % 32);
+    masked.assign(logits, logits + n);
+    for (int64_t i = 0; i < n; ++i)
+      if (size_t(i) / 32 >= bits.size() || !(bits[size_t(i) / 32] >> (i % 32) & 1u))
+        masked[size_t(i)] = -std::numeric_limits<float>::infinity();
+  }
+  const int32_t tok = cpu::sample_row(masked.empty() ? logits : masked.data(), n, r, edits.data(),
+                                      int64_t(edits.size()));
+  if (tok < 0 && s.matcher) fail("structured output: no token the grammar allows is left to sample");
   if (tok < 0) fail("no token left to sample (every logit is -inf or NaN after logit_bias)");
   if (lp && s.params.logprobs >= 0) fill_logprobs(logits, n, tok, s.params.logprobs, *lp);
   return tok;

@@ -3,12 +3,14 @@
 // CUDA kernel on the device): the same request draws the same uniforms and tokens on either path.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <unordered_map>
 #include <utility>
 #include <vector>
 
 #include "backend/sample_math.h"
+#include "sampling/grammar.h"
 
 namespace ds::sampling {
 
@@ -24,6 +26,13 @@ struct SamplingParams {
   std::optional<uint64_t> seed;   // same seed, same prompt, same params -> same output
   std::vector<std::pair<int32_t, float>> logit_bias;  // added to the raw logits
   int32_t logprobs = -1;          // -1: none; 0: the chosen token's logprob; n: plus the top-n alternatives
+  // Structured output (docs/server.md "Structured outputs"): once `grammar_from` has been generated (-1: from the
+  // first token; the server passes </think> when the prompt opens a think block), the tokens must spell a string
+  // of the grammar's language, then one of `end_ids`, which are allowed only where that string is complete.
+  GrammarPtr grammar;                          // null: unconstrained
+  std::shared_ptr<const TokenMasker> masker;   // the vocabulary as byte strings (required with grammar)
+  int32_t grammar_from = -1;
+  std::vector<int32_t> end_ids;                // set by the engine: its EOS set and the request's stop_token_ids
 };
 
 struct TokenLogprob {
@@ -40,8 +49,14 @@ struct SeqSampler {
   uint64_t draws = 0;  // uniforms drawn so far; the next is uniform_at(seed, draws) (backend/sample_math.h)
   std::unordered_map<int32_t, int32_t> generated_counts;  // token -> times generated
   std::unordered_map<int32_t, bool> prompt_tokens;        // for repetition_penalty
-  void accept(int32_t token) { ++generated_counts[token]; }
-  // Undoes accept(token) (the counts are as if it had never been accepted).
+  // The grammar's position once it applies (params.grammar, from params.grammar_from on); engaged = constrained.
+  std::optional<Matcher> matcher;
+  bool constrained() const { return matcher.has_value(); }
+  // Counts the token and moves the grammar over it (an end id leaves the matcher as it is; the token that is
+  // params.grammar_from engages it). Throws if a constrained sequence gets a token the grammar does not allow.
+  void accept(int32_t token);
+  // Undoes accept(token) (the counts are as if it had never been accepted). Not for constrained sequences, which
+  // the engine never gives drafts (the grammar's position is not undone).
   void retract(int32_t token) {
     auto it = generated_counts.find(token);
     if (it != generated_counts.end() && --it->second <= 0) generated_counts.erase(it);
@@ -72,7 +87,9 @@ void apply_bias_and_penalties(float* x, int64_t n, const SeqSampler& s);
 // Picks the next token from logits [V] (fp32, raw): next_row() + the CPU sample_rows of that row, so the token is
 // the one Backend::sample_rows picks for the same row. `vocab_limit` masks ids >= it (padding rows of the
 // embedding that the tokenizer never produces); pass V to mask nothing. Fills `lp` when params.logprobs >= 0.
-// Throws when no token is left (every logit -inf or NaN after logit_bias).
+// Throws when no token is left (every logit -inf or NaN after logit_bias). A constrained sequence
+// (SeqSampler::constrained) draws among the tokens its grammar allows (TokenMasker::allowed, plus the end ids
+// where the text is complete); logprobs stay the raw distribution's.
 int32_t sample(const float* logits, int64_t V, int64_t vocab_limit, SeqSampler& s, TokenLogprob* lp);
 
 // Speculative decoding: decides the token at one verified position given the target logits [V] of that

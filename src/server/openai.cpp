@@ -66,6 +66,106 @@ std::vector<int32_t> token_ids(const json& v, const char* field) {
   return out;
 }
 
+// Structured output (docs/server.md "Structured outputs"): OpenAI's response_format (json_object, json_schema;
+// text = none), vLLM's structured_outputs {json | json_object | choice} and its older guided_json / guided_choice.
+// One constraint per request; kinds not supported (regex, grammar, structural_tag) are a 400, never ignored.
+sampling::GrammarPtr parse_structured(const Body& b) {
+  const json& j = b.j;
+  sampling::GrammarPtr g;
+  const char* from = nullptr;
+  auto one = [&](const char* field, auto&& make) {
+    if (from)
+      throw bad_request(std::string("'") + field + "' and '" + from + "' both constrain the output; send one", field);
+    from = field;
+    try {
+      g = make();
+    } catch (const Error& e) {
+      throw bad_request(std::string(field) + ": " + e.what(), field);
+    }
+  };
+  auto schema_of = [](const json& v, const char* field) -> nlohmann::ordered_json {
+    if (v.is_string()) {  // vLLM accepts a schema as JSON text
+      try {
+        return nlohmann::ordered_json::parse(v.get<std::string>());
+      } catch (const json::exception&) {
+        throw bad_request(std::string("'") + field + "' is a string that is not JSON: " + brief(v), field);
+      }
+    }
+    if (!v.is_object() && !v.is_boolean())
+      throw bad_request(std::string("'") + field + "' must be a JSON Schema (an object), got " + brief(v), field);
+    return v;
+  };
+  auto choices_of = [](const json& v, const char* field) {
+    if (!v.is_array() || v.empty())
+      throw bad_request(std::string("'") + field + "' must be a non-empty list of strings, got " + brief(v), field);
+    std::vector<std::string> c;
+    for (auto& x : v) {
+      if (!x.is_string())
+        throw bad_request(std::string("'") + field + "' must be a non-empty list of strings, got " + brief(x), field);
+      c.push_back(x.get<std::string>());
+    }
+    return c;
+  };
+  if (b.has("response_format")) {
+    const json& rf = j["response_format"];
+    if (!rf.is_object() || !rf.contains("type") || !rf["type"].is_string())
+      throw bad_request("'response_format' must be {\"type\": \"text\" | \"json_object\" | \"json_schema\", ...}, got " +
+                            brief(rf),
+                        "response_format");
+    const std::string t = rf["type"].get<std::string>();
+    if (t == "json_object") {
+      one("response_format", [] { return sampling::grammar_json_object(); });
+    } else if (t == "json_schema") {
+      const json* js = rf.contains("json_schema") && rf["json_schema"].is_object() ? &rf["json_schema"] : nullptr;
+      const char* key = js && js->contains("schema") ? "schema" : js && js->contains("json_schema") ? "json_schema" : nullptr;
+      if (!key)
+        throw bad_request("'response_format' of type json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": {...}}}, "
+                          "got " + brief(rf),
+                          "response_format");
+      const auto schema = schema_of((*js)[key], "response_format.json_schema.schema");
+      one("response_format", [&] { return sampling::grammar_json_schema(schema); });
+    } else if (t != "text") {
+      throw bad_request("'response_format' type '" + t + "' is not supported (expected text, json_object or json_schema)",
+                        "response_format");
+    }
+  }
+  if (b.has("structured_outputs")) {
+    const json& so = j["structured_outputs"];
+    if (!so.is_object()) throw bad_request("'structured_outputs' must be an object, got " + brief(so), "structured_outputs");
+    for (const char* k : {"regex", "grammar", "structural_tag"})
+      if (so.contains(k) && !so[k].is_null())
+        throw bad_request(std::string("'structured_outputs.") + k + "' is not supported (supported: json, json_object, choice)",
+                          "structured_outputs");
+    int kinds = 0;
+    for (const char* k : {"json", "json_object", "choice"}) kinds += so.contains(k) && !so[k].is_null();
+    if (kinds > 1) throw bad_request("'structured_outputs' must hold one of json, json_object, choice", "structured_outputs");
+    if (so.contains("json") && !so["json"].is_null()) {
+      const auto schema = schema_of(so["json"], "structured_outputs.json");
+      one("structured_outputs", [&] { return sampling::grammar_json_schema(schema); });
+    } else if (so.contains("json_object") && !so["json_object"].is_null()) {
+      if (!so["json_object"].is_boolean())
+        throw bad_request("'structured_outputs.json_object' must be a boolean", "structured_outputs");
+      if (so["json_object"].get<bool>()) one("structured_outputs", [] { return sampling::grammar_json_object(); });
+    } else if (so.contains("choice") && !so["choice"].is_null()) {
+      const auto c = choices_of(so["choice"], "structured_outputs.choice");
+      one("structured_outputs", [&] { return sampling::grammar_choice(c); });
+    }
+  }
+  if (b.has("guided_json")) {
+    const auto schema = schema_of(j["guided_json"], "guided_json");
+    one("guided_json", [&] { return sampling::grammar_json_schema(schema); });
+  }
+  if (b.has("guided_choice")) {
+    const auto c = choices_of(j["guided_choice"], "guided_choice");
+    one("guided_choice", [&] { return sampling::grammar_choice(c); });
+  }
+  for (const char* k : {"guided_regex", "guided_grammar"})
+    if (b.has(k))
+      throw bad_request(std::string("'") + k + "' is not supported (structured output: response_format json_object / "
+                        "json_schema, structured_outputs json / json_object / choice)", k);
+  return g;
+}
+
 }  // namespace
 
 json parse_body(const std::string& text) {
@@ -260,6 +360,10 @@ GenSpec parse_generation_request(const json& j, bool chat, const sampling::Sampl
     }
     if (g.prompt_texts.size() + g.prompt_ids.size() > 64) throw bad_request("at most 64 prompts per request", "prompt");
   }
+  g.sampling.grammar = parse_structured(b);
+  if (g.sampling.grammar && g.ignore_eos)
+    throw bad_request("'ignore_eos' cannot be combined with structured output (the output ends where the constrained "
+                      "text is complete)", "ignore_eos");
   if (g.sampling.temperature == 0.f) g.sampling.top_k = 0, g.sampling.top_p = 1.f, g.sampling.min_p = 0.f;
   if (g.logprobs) g.sampling.logprobs = g.top_logprobs;
   return g;

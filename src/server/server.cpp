@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <random>
 #include <thread>
 
@@ -68,6 +69,20 @@ struct Runtime {
   sampling::SamplingParams defaults;
   int64_t max_model_len = 0;
   int32_t think_end_id = -1;
+  // Structured output's view of the vocabulary (sampling::TokenMasker), built by the first request that needs it.
+  std::shared_ptr<const sampling::TokenMasker> masker() {
+    std::call_once(masker_once, [&] {
+      std::vector<std::string> bytes(size_t(tok->model_vocab_size()));
+      // Added tokens (<think>, <tool_call>, <|im_end|>, ...) never spell constrained text: they stay empty, as do
+      // ids the tokenizer does not assign. The end of the output is the sampler's end ids.
+      for (int32_t id = 0; id < tok->vocab_size(); ++id)
+        if (!tok->is_added(id)) bytes[size_t(id)] = std::string(tok->token_bytes(id));
+      masker_ = std::make_shared<const sampling::TokenMasker>(std::move(bytes));
+    });
+    return masker_;
+  }
+  std::once_flag masker_once;
+  std::shared_ptr<const sampling::TokenMasker> masker_;
   int32_t image_token = -1;          // <|image_pad|> when the model has a vision tower
   int32_t video_token = -1;          // <|video_pad|> when the model has a vision tower and video ids
   vision::PreprocessConfig preprocess;
@@ -282,6 +297,10 @@ class Generation {
       }
       reasoning = reasoning_start_for_prompt(text);
       // tool_choice required / named: start the assistant turn with the call's opening markup.
+      if (tools && (spec_.tool_choice == "required" || spec_.tool_choice == "named") && spec_.sampling.grammar)
+        throw bad_request("structured output (response_format / structured_outputs) cannot be combined with "
+                          "tool_choice " + spec_.tool_choice + ": the reply is a tool call, not constrained text",
+                          "tool_choice");
       if (tools && (spec_.tool_choice == "required" || spec_.tool_choice == "named")) {
         if (reasoning == ReasoningStart::kInReasoning) forced = "</think>\n\n";
         forced += "<tool_call>\n<function=";
@@ -342,6 +361,13 @@ class Generation {
         r->prompt = prompts[pi];
         r->sampling = spec_.sampling;
         if (r->sampling.seed && k > 0) r->sampling.seed = *r->sampling.seed + uint64_t(k);
+        if (r->sampling.grammar) {
+          // The constraint applies to the content: after </think> when the prompt opens a think block.
+          r->sampling.masker = rt.masker();
+          r->sampling.grammar_from = reasoning == ReasoningStart::kInReasoning ? rt.think_end_id : -1;
+          if (reasoning == ReasoningStart::kInReasoning && rt.think_end_id < 0)
+            throw bad_request("structured output needs the tokenizer's </think> token when thinking is on", "messages");
+        }
         r->max_tokens = spec_.max_tokens.value_or(rt.max_model_len - int64_t(prompts[pi].size()));
         r->stop_token_ids = spec_.stop_token_ids;
         r->ignore_eos = spec_.ignore_eos;

@@ -12,6 +12,8 @@
 #include "core/status.h"
 #include "sampling/sampling.h"
 
+#include <nlohmann/json.hpp>
+
 namespace ds::sampling {
 namespace {
 
@@ -460,6 +462,81 @@ TEST(SamplingRng, CpuSampleRowsEqualsSample) {
   be->sample_rows(d, 8, {next_row(s, edits)}, edits, ids);
   EXPECT_EQ(ids, std::vector<int32_t>{-1});
   EXPECT_THROW(sample(dead.data(), 8, 8, s, nullptr), Error);
+}
+
+}  // namespace
+}  // namespace ds::sampling
+
+namespace ds::sampling {
+namespace {
+
+// A small byte vocabulary: every printable ASCII character, some multi-character pieces, an end id and an id no
+// grammar allows (an empty string: a special token).
+std::vector<std::string> grammar_vocab() {
+  std::vector<std::string> v;
+  for (int c = 32; c < 127; ++c) v.push_back(std::string(1, char(c)));
+  for (const char* s : {"{\"", "\":", "\",", "true", "false", "null", "  ", "\n", "ab", "\"}", "12", "red", "}}"})
+    v.push_back(s);
+  v.push_back("");  // end id
+  v.push_back("");  // special
+  return v;
+}
+
+// Constrained sampling (sample + accept): the tokens spell a document of the grammar, the end id comes only once it
+// is complete, the logprobs stay raw, and the constraint starts at grammar_from.
+TEST(SamplingGrammar, SampledTokensSpellTheGrammarsLanguage) {
+  const auto vocab = grammar_vocab();
+  const int32_t V = int32_t(vocab.size()), end = V - 2;
+  auto masker = std::make_shared<const TokenMasker>(vocab);
+  const auto schema = nlohmann::ordered_json::parse(
+      R"({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"enum": ["red", "blue"]},
+          "c": {"type": "string", "maxLength": 3}}, "required": ["a", "b", "c"], "additionalProperties": false})");
+  for (int think = 0; think < 2; ++think)
+    for (uint64_t seed = 1; seed <= 30; ++seed) {
+      SamplingParams p;
+      p.temperature = 1.f;
+      p.seed = seed;
+      p.logprobs = 0;
+      p.grammar = grammar_json_schema(schema);
+      p.masker = masker;
+      p.end_ids = {end};
+      p.grammar_from = think ? int32_t('!' - 32) : -1;  // the "!" token opens the constraint
+      SeqSampler s(p, {});
+      std::string text;
+      bool ended = false;
+      if (think) {
+        EXPECT_FALSE(s.constrained());
+        s.accept(int32_t('x' - 32));  // unconstrained before grammar_from
+        EXPECT_FALSE(s.constrained());
+        s.accept(p.grammar_from);
+        ASSERT_TRUE(s.constrained());
+      }
+      for (int step = 0; step < 400 && !ended; ++step) {
+        const auto logits = random_logits(V, seed * 1000 + uint64_t(step), 1.f);
+        TokenLogprob lp;
+        const int32_t tok = sample(logits.data(), V, V, s, &lp);
+        // raw logprob: log-softmax of the unmasked row
+        double mx = -1e30, z = 0;
+        for (float x : logits) mx = std::max(mx, double(x));
+        for (float x : logits) z += std::exp(double(x) - mx);
+        EXPECT_NEAR(lp.logprob, double(logits[size_t(tok)]) - mx - std::log(z), 1e-4);
+        ASSERT_NE(tok, V - 1) << "a token no grammar allows";
+        if (tok == end) {
+          ASSERT_TRUE(s.matcher->accepting()) << "end before the text is complete: " << text;
+          ended = true;
+        } else {
+          text += vocab[size_t(tok)];
+        }
+        s.accept(tok);
+      }
+      ASSERT_TRUE(ended) << "seed " << seed << ": no end in 400 tokens: " << text;
+      const auto v = nlohmann::json::parse(text);  // throws if not JSON
+      ASSERT_TRUE(v.is_object()) << text;
+      EXPECT_EQ(v.size(), 3u) << text;
+      EXPECT_TRUE(v["a"].is_number_integer()) << text;
+      EXPECT_TRUE(v["b"] == "red" || v["b"] == "blue") << text;
+      EXPECT_TRUE(v["c"].is_string() && v["c"].get<std::string>().size() <= 3) << text;
+    }
 }
 
 }  // namespace

@@ -71,6 +71,7 @@ constexpr int64_t kMaxCount = 10000;  // minLength/maxLength/minItems/maxItems (
 constexpr int kMaxSchemaDepth = 128;  // nesting of subschemas
 constexpr int64_t kInlineChars = 256; // bounded strings up to this many characters: no calls per character
 constexpr size_t kMaxThreads = 4096;  // a position with more threads is refused (pathological ambiguity only)
+constexpr size_t kMaxNodes = size_t(1) << 20;  // builder nodes per grammar (Builder::node)
 
 std::atomic<uint64_t> g_next_grammar_id{1};
 
@@ -95,6 +96,11 @@ const ByteSet kHex = range('0', '9') | range('a', 'f') | range('A', 'F');
 class Builder {
  public:
   int32_t node() {
+    // A budget, so a hostile schema cannot take the server's memory: an object's optional properties cost a word per
+    // (key position, candidate) pair, quadratic in their number (2,000 optional properties: ~2 GB without it).
+    if (nodes_.size() >= kMaxNodes)
+      fail("structured output: the constraint is too large (its automaton needs more than ", kMaxNodes,
+           " states: e.g. an object with hundreds of optional properties, or many long bounded strings); simplify it");
     nodes_.emplace_back();
     return int32_t(nodes_.size() - 1);
   }

@@ -892,3 +892,26 @@ TEST(GrammarMasker, TimingsOnTheRealVocabulary) {
 
 }  // namespace
 }  // namespace ds::sampling
+
+namespace ds::sampling {
+namespace {
+
+// A schema whose automaton would take the server's memory (2,000 optional properties: a word per key position and
+// candidate, ~2 GB) is refused with a message saying so; 300 still compile.
+TEST(GrammarJsonSchema, TooLargeSchemasAreRefused) {
+  auto schema = [](int n) {
+    nlohmann::ordered_json props = nlohmann::ordered_json::object();
+    for (int i = 0; i < n; ++i) props["p" + std::to_string(i)] = {{"type", "string"}, {"maxLength", 10000}};
+    return nlohmann::ordered_json{{"type", "object"}, {"properties", props}};
+  };
+  EXPECT_NO_THROW(grammar_json_schema(schema(300)));
+  try {
+    grammar_json_schema(schema(2000));
+    ADD_FAILURE() << "2,000 optional properties compiled";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("too large"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace ds::sampling

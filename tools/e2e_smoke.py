@@ -128,6 +128,17 @@ st, body = post("/v1/chat/completions", {"messages": [{"role": "user", "content"
                                           "response_format": {"type": "json_schema", "json_schema": {
                                               "name": "p", "schema": {"type": "string", "pattern": "a+"}}}})
 check(st == 400 and "pattern" in body, "an unsupported schema keyword is a 400 naming it")
+# min_tokens (a -inf bias in the device sampler's edits) and thinking_token_budget (the forced </think>, host-sampled).
+st, body = post("/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 20, "temperature": 0, "min_tokens": 5,
+                                    "logit_bias": {"1986": 100}, "return_token_ids": True})
+j = json.loads(body) if st == 200 else {}
+check(st == 200 and j["choices"][0]["finish_reason"] == "stop" and j["usage"]["completion_tokens"] == 6,
+      "min_tokens holds the EOS back five tokens" + ("" if st == 200 else f": {st} {body[:200]}"))
+st, body = post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Think"}], "max_tokens": 12,
+                                          "temperature": 1, "seed": 2, "logit_bias": {"2009": -100}, "ignore_eos": True,
+                                          "thinking_token_budget": 6, "return_token_ids": True})
+ids = json.loads(body)["choices"][0].get("token_ids", []) if st == 200 else []
+check(st == 200 and 2009 in ids and ids.index(2009) == 6, f"thinking_token_budget 6 forces </think> at token 6: {ids}")
 st, body = post("/v1/chat/completions", b'{"messages": [')
 check(st == 400 and "not valid JSON" in json.loads(body)["error"]["message"], "malformed JSON is a 400")
 st, body = post("/v1/completions", {"prompt": [1, 2], "max_tokens": 5000})

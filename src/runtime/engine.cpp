@@ -195,13 +195,14 @@ void Engine::submit(std::shared_ptr<Request> r) {
         fail("prompt: token id ", r->prompt[size_t(i)], " at position ", i, " is outside the vocabulary [0, ", V, ")");
   sampling::check_params(r->sampling, cfg_.vocab_limit);
   if (r->mm) check_mm(*r, P);
-  // Structured output: the ids that end the output are what the grammar allows once its text is complete.
-  if (r->sampling.grammar) {
-    if (r->ignore_eos) fail("structured output: ignore_eos cannot be combined with a grammar (the output ends where "
-                            "the grammar's text is complete)");
-    r->sampling.end_ids = cfg_.eos_token_ids;
-    r->sampling.end_ids.insert(r->sampling.end_ids.end(), r->stop_token_ids.begin(), r->stop_token_ids.end());
-  }
+  // The ids that end the output: what a grammar allows once its text is complete, what min_tokens holds back.
+  if (r->sampling.grammar && r->ignore_eos)
+    fail("structured output: ignore_eos cannot be combined with a grammar (the output ends where the grammar's text "
+         "is complete)");
+  r->sampling.end_ids = r->ignore_eos ? std::vector<int32_t>{} : cfg_.eos_token_ids;
+  r->sampling.end_ids.insert(r->sampling.end_ids.end(), r->stop_token_ids.begin(), r->stop_token_ids.end());
+  if (r->sampling.min_tokens < 0 || r->sampling.min_tokens > r->max_tokens)
+    fail("min_tokens: expected 0 to max_tokens (", r->max_tokens, "), found ", r->sampling.min_tokens);
   // Built here, off the engine thread (copies the prompt, seeds the RNG).
   auto seq = std::make_unique<Sequence>(r, r->prompt, r->sampling);
   {
@@ -337,7 +338,7 @@ void Engine::Impl::run(const Schedule& sc_in) {
   // drafts here; rejection sampling needs whole rows).
   const bool on_device = cfg.device_sampling && !rows.empty() && std::all_of(sc.seqs.begin(), sc.seqs.end(), [&](const ScheduledSeq& x) {
     const sampling::SamplingParams& sp = x.seq->req->sampling;
-    return !x.samples || (sp.logprobs < 0 && !x.seq->sampler.constrained() &&
+    return !x.samples || (sp.logprobs < 0 && !x.seq->sampler.constrained() && x.seq->sampler.forced() < 0 &&
                           (x.num_drafts == 0 || (cfg.device_verify && sampling::is_greedy(sp))));
   });
   std::vector<std::pair<Sequence*, uint64_t>> draws;  // each sampler's counter before this step's uniforms
@@ -524,9 +525,12 @@ void Engine::Impl::place_images(const Schedule& sc, BatchMeta& b) {
 // adds anyway, so a verify never runs past max_tokens or max_model_len; 0 when the pool cannot hold them.
 int64_t Engine::Impl::drafts_wanted(Sequence* s) {
   const int64_t left = std::min(s->req->max_tokens - s->num_generated(), cfg.max_model_len - int64_t(s->tokens.size()));
-  const int64_t k = std::min(cfg.num_speculative_tokens, left - 1);
+  int64_t k = std::min(cfg.num_speculative_tokens, left - 1);
   // A grammar's position is not undone by a rejected draft (SeqSampler::retract): structured output runs unspeculated.
+  // A thinking budget: no verified row may be the one whose token is forced (SeqSampler::forced, host-sampled).
   if (k <= 0 || s->req->sampling.grammar) return 0;
+  k = std::min(k, s->sampler.budget_left() - 1);
+  if (k <= 0) return 0;
   // Positions len .. len + k (the verify); the chained MTP steps write len .. len + k − 2.
   return cm.reserve(s->cache, k + 1) ? k : 0;
 }

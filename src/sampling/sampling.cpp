@@ -59,17 +59,46 @@ SampleRowParams row_of(const SamplingParams& p) {
 SeqSampler::SeqSampler(const SamplingParams& p, const std::vector<int32_t>& prompt) : params(p), seed(seed_of(p)) {
   for (int32_t t : prompt) prompt_tokens[t] = true;
   DS_CHECK(!p.grammar || p.masker, "structured output: a grammar without the vocabulary's token masker");
-  if (p.grammar && p.grammar_from < 0) matcher.emplace(p.grammar);
+  thinking = p.think_end >= 0;
+  if (p.grammar && !thinking) matcher.emplace(p.grammar);
+}
+
+int64_t SeqSampler::budget_left() const {
+  if (!thinking || params.thinking_budget < 0) return INT64_MAX;
+  return std::max<int64_t>(0, params.thinking_budget - reasoning);
 }
 
 void SeqSampler::accept(int32_t token) {
   ++generated_counts[token];
+  ++generated;
+  if (thinking) {
+    if (token == params.think_end) {
+      thinking = false;
+      closed_at = generated - 1;
+      if (params.grammar) matcher.emplace(params.grammar);
+    } else {
+      ++reasoning;
+    }
+    return;
+  }
   if (matcher) {
     if (std::find(params.end_ids.begin(), params.end_ids.end(), token) != params.end_ids.end()) return;
-    if (!matcher->advance(params.masker->token_bytes(token)))
+    if (token < 0 || token >= params.masker->vocab() || !matcher->advance(params.masker->token_bytes(token)))
       fail("structured output: token ", token, " does not continue the grammar");
-  } else if (params.grammar && token == params.grammar_from) {
-    matcher.emplace(params.grammar);
+  }
+}
+
+void SeqSampler::retract(int32_t token) {
+  DS_CHECK(!matcher || closed_at == generated - 1, "retract: a constrained sequence's grammar position is not undone");
+  auto it = generated_counts.find(token);
+  if (it != generated_counts.end() && --it->second <= 0) generated_counts.erase(it);
+  --generated;
+  if (!thinking && closed_at == generated) {  // this token closed the think block
+    thinking = true;
+    closed_at = -1;
+    matcher.reset();
+  } else if (thinking) {
+    --reasoning;
   }
 }
 
@@ -89,6 +118,8 @@ void collect_edits(const SeqSampler& s, std::vector<SampleEdit>& out) {
   if (p.presence_penalty != 0.f || p.frequency_penalty != 0.f)
     for (auto& [t, c] : s.generated_counts)
       if (c > 0) at(t).count = c;
+  if (s.generated < p.min_tokens)  // min_tokens: no end before it (a bias of -inf, on either sampling path)
+    for (int32_t t : p.end_ids) at(t).bias = -std::numeric_limits<float>::infinity();
   const size_t first = out.size();
   for (auto& [t, e] : m) out.push_back(e);
   std::sort(out.begin() + std::ptrdiff_t(first), out.end(),
@@ -134,6 +165,11 @@ void apply_bias_and_penalties(float* x, int64_t n, const SeqSampler& s) {
 int32_t sample(const float* logits, int64_t V, int64_t vocab_limit, SeqSampler& s, TokenLogprob* lp) {
   const int64_t n = vocab_limit > 0 ? std::min(vocab_limit, V) : V;  // ids >= n are never produced
   DS_CHECK(n > 0, "empty vocabulary");
+  if (const int32_t f = s.forced(); f >= 0) {  // the thinking budget is spent: think_end, no draw
+    if (f >= n) fail("thinking budget: the end-of-thinking id ", f, " is outside the vocabulary");
+    if (lp && s.params.logprobs >= 0) fill_logprobs(logits, n, f, s.params.logprobs, *lp);
+    return f;
+  }
   std::vector<SampleEdit> edits;
   const SampleRowParams r = next_row(s, edits);
   std::vector<float> masked;  // a constrained row: the raw logits with every token the grammar forbids at -inf

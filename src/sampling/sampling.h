@@ -26,13 +26,19 @@ struct SamplingParams {
   std::optional<uint64_t> seed;   // same seed, same prompt, same params -> same output
   std::vector<std::pair<int32_t, float>> logit_bias;  // added to the raw logits
   int32_t logprobs = -1;          // -1: none; 0: the chosen token's logprob; n: plus the top-n alternatives
-  // Structured output (docs/server.md "Structured outputs"): once `grammar_from` has been generated (-1: from the
-  // first token; the server passes </think> when the prompt opens a think block), the tokens must spell a string
-  // of the grammar's language, then one of `end_ids`, which are allowed only where that string is complete.
+  // The prompt opened a think block (thinking on) that this id closes (</think>); -1: no open block. Structured
+  // output applies after it, a thinking budget before it.
+  int32_t think_end = -1;
+  // vLLM's thinking_token_budget: with think_end, at most this many tokens of reasoning, then think_end is forced.
+  // -1: no budget.
+  int64_t thinking_budget = -1;
+  // vLLM's min_tokens: the end ids cannot be sampled before this many tokens have been generated.
+  int64_t min_tokens = 0;
+  // Structured output (docs/server.md "Structured outputs"): the tokens (after think_end when it is set) must spell
+  // a string of the grammar's language, then one of `end_ids`, which are allowed only where that string is complete.
   GrammarPtr grammar;                          // null: unconstrained
   std::shared_ptr<const TokenMasker> masker;   // the vocabulary as byte strings (required with grammar)
-  int32_t grammar_from = -1;
-  std::vector<int32_t> end_ids;                // set by the engine: its EOS set and the request's stop_token_ids
+  std::vector<int32_t> end_ids;                // set by the engine: its EOS set (unless ignore_eos), stop_token_ids
 };
 
 struct TokenLogprob {
@@ -49,18 +55,27 @@ struct SeqSampler {
   uint64_t draws = 0;  // uniforms drawn so far; the next is uniform_at(seed, draws) (backend/sample_math.h)
   std::unordered_map<int32_t, int32_t> generated_counts;  // token -> times generated
   std::unordered_map<int32_t, bool> prompt_tokens;        // for repetition_penalty
-  // The grammar's position once it applies (params.grammar, from params.grammar_from on); engaged = constrained.
+  int64_t generated = 0;  // tokens accepted (min_tokens)
+  // Reasoning: inside the prompt's think block (params.think_end), with `reasoning` tokens so far.
+  bool thinking = false;
+  int64_t reasoning = 0;
+  int64_t closed_at = -1;  // `generated` before the token that closed the think block (retract undoes it)
+  // The grammar's position once it applies (params.grammar, after think_end when set); engaged = constrained.
   std::optional<Matcher> matcher;
   bool constrained() const { return matcher.has_value(); }
-  // Counts the token and moves the grammar over it (an end id leaves the matcher as it is; the token that is
-  // params.grammar_from engages it). Throws if a constrained sequence gets a token the grammar does not allow.
-  void accept(int32_t token);
-  // Undoes accept(token) (the counts are as if it had never been accepted). Not for constrained sequences, which
-  // the engine never gives drafts (the grammar's position is not undone).
-  void retract(int32_t token) {
-    auto it = generated_counts.find(token);
-    if (it != generated_counts.end() && --it->second <= 0) generated_counts.erase(it);
+  // The token the next draw must be (the thinking budget spent: params.think_end), or -1.
+  int32_t forced() const {
+    return thinking && params.thinking_budget >= 0 && reasoning >= params.thinking_budget ? params.think_end : -1;
   }
+  // Reasoning tokens the budget still allows before think_end is forced (INT64_MAX: no budget or not thinking).
+  int64_t budget_left() const;
+  // Counts the token, closes the think block at think_end (engaging the grammar there) and moves the grammar over it
+  // (an end id leaves the matcher as it is). Throws if a constrained sequence gets a token the grammar does not
+  // allow.
+  void accept(int32_t token);
+  // Undoes accept(token) (counts, reasoning, the think block's end). Not for constrained sequences, which the engine
+  // never gives drafts (the grammar's position is not undone).
+  void retract(int32_t token);
   float next_uniform() { return uniform_at(seed, draws++); }
 };
 

@@ -330,6 +330,14 @@ GenSpec parse_generation_request(const json& j, bool chat, const sampling::Sampl
         throw bad_request("'chat_template_kwargs' must be an object", "chat_template_kwargs");
       g.chat_template_kwargs = j["chat_template_kwargs"];
     }
+    if (b.has("enable_thinking")) g.enable_thinking = b.boolean("enable_thinking", true);
+    if (b.has("reasoning_effort")) {
+      const std::string e = b.str("reasoning_effort", "");
+      if (e != "none" && e != "minimal" && e != "low" && e != "medium" && e != "high")
+        throw bad_request("'reasoning_effort' must be none, minimal, low, medium or high, got " + brief(j["reasoning_effort"]),
+                          "reasoning_effort");
+      if (!g.enable_thinking) g.enable_thinking = e != "none";
+    }
     g.add_generation_prompt = b.boolean("add_generation_prompt", true);
     g.continue_final_message = b.boolean("continue_final_message", false);
   } else {
@@ -360,6 +368,12 @@ GenSpec parse_generation_request(const json& j, bool chat, const sampling::Sampl
     }
     if (g.prompt_texts.size() + g.prompt_ids.size() > 64) throw bad_request("at most 64 prompts per request", "prompt");
   }
+  g.sampling.thinking_budget = b.integer("thinking_token_budget", -1, -1, INT32_MAX);
+  g.sampling.min_tokens = b.integer("min_tokens", 0, 0, INT32_MAX);
+  if (g.max_tokens && g.sampling.min_tokens > *g.max_tokens)
+    throw bad_request("'min_tokens' (" + std::to_string(g.sampling.min_tokens) + ") must not exceed 'max_tokens' (" +
+                          std::to_string(*g.max_tokens) + ")",
+                      "min_tokens");
   g.sampling.grammar = parse_structured(b);
   if (g.sampling.grammar && g.ignore_eos)
     throw bad_request("'ignore_eos' cannot be combined with structured output (the output ends where the constrained "

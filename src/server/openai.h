@@ -40,6 +40,9 @@ struct GenSpec {
   std::string tool_choice_name;
   bool parallel_tool_calls = true;
   json chat_template_kwargs = json::object();
+  // Top-level enable_thinking, or reasoning_effort ("none" = false, any other effort = true): under
+  // chat_template_kwargs' own enable_thinking, over the server's default.
+  std::optional<bool> enable_thinking;
   bool add_generation_prompt = true, continue_final_message = false;
   std::string request_id;
 };

@@ -280,6 +280,9 @@ class Generation {
     std::string forced;
     if (spec_.chat) {
       nlohmann::ordered_json kwargs = st_.cfg.default_chat_template_kwargs;
+      // Top-level enable_thinking / reasoning_effort (none = off) over the server's default, under the request's own
+      // chat_template_kwargs (docs/server.md "Request semantics").
+      if (spec_.enable_thinking) kwargs["enable_thinking"] = *spec_.enable_thinking;
       for (auto it = spec_.chat_template_kwargs.begin(); it != spec_.chat_template_kwargs.end(); ++it)
         kwargs[it.key()] = it.value();
       tools = spec_.tools.is_array() && !spec_.tools.empty() && spec_.tool_choice != "none";
@@ -361,10 +364,11 @@ class Generation {
         r->prompt = prompts[pi];
         r->sampling = spec_.sampling;
         if (r->sampling.seed && k > 0) r->sampling.seed = *r->sampling.seed + uint64_t(k);
+        // The prompt leaves a think block open (and no forced prefix closed it): </think> ends the reasoning, which
+        // a thinking budget bounds and after which structured output applies.
+        if (reasoning == ReasoningStart::kInReasoning && forced.empty()) r->sampling.think_end = rt.think_end_id;
         if (r->sampling.grammar) {
-          // The constraint applies to the content: after </think> when the prompt opens a think block.
           r->sampling.masker = rt.masker();
-          r->sampling.grammar_from = reasoning == ReasoningStart::kInReasoning ? rt.think_end_id : -1;
           if (reasoning == ReasoningStart::kInReasoning && rt.think_end_id < 0)
             throw bad_request("structured output needs the tokenizer's </think> token when thinking is on", "messages");
         }

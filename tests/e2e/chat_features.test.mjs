@@ -138,3 +138,48 @@ test('a bf16 DeltaNet state (--mamba-ssm-cache-dtype bfloat16) serves', async ()
     assert.equal((await half.stop()).code, 0);
   }
 });
+
+test('thinking_token_budget: N reasoning tokens, then </think> is forced and the rest is content', async () => {
+  for (const budget of [0, 1, 6]) {
+    const r = await client.chat.completions.create({
+      model: 'tiny', messages: [{ role: 'user', content: 'Think briefly' }], max_tokens: 12, temperature: 1, seed: 2,
+      logit_bias: { 2009: -100 },  // the model never closes the block itself
+      thinking_token_budget: budget, return_token_ids: true, ignore_eos: true,
+    });
+    const c = r.choices[0];
+    assert.equal(c.token_ids.indexOf(2009), budget, `budget ${budget}: ${JSON.stringify(c.token_ids)}`);
+    assert.equal(c.token_ids.length, 12);
+    assert.equal((c.message.reasoning_content ?? '').length > 0, budget > 0, `budget ${budget} reasoning`);
+    assert.ok(c.message.content.length > 0, `budget ${budget}: content after the forced </think>`);
+  }
+  // without a budget the block stays open
+  const r = await client.chat.completions.create({ model: 'tiny', messages: [{ role: 'user', content: 'Think' }],
+    max_tokens: 8, temperature: 1, seed: 2, logit_bias: { 2009: -100 }, return_token_ids: true, ignore_eos: true });
+  assert.ok(!r.choices[0].token_ids.includes(2009));
+});
+
+test('min_tokens holds back EOS; reasoning_effort none and top-level enable_thinking turn thinking off', async () => {
+  const eos = 1986;  // <|im_end|> in the tiny vocabulary
+  const r = await client.completions.create({ model: 'tiny', prompt: [5, 6, 7], max_tokens: 20, temperature: 0,
+                                              logit_bias: { [eos]: 100 }, min_tokens: 5, return_token_ids: true });
+  assert.equal(r.choices[0].finish_reason, 'stop');
+  assert.equal(r.usage.completion_tokens, 6, 'five tokens, then the EOS the bias wants');
+  assert.ok(!r.choices[0].token_ids.includes(eos));
+  await assert.rejects(client.completions.create({ model: 'tiny', prompt: 'x', max_tokens: 3, min_tokens: 4 }),
+                       (e) => e.status === 400 && /min_tokens/.test(e.message));
+  const off = { model: 'tiny', messages: [{ role: 'user', content: 'Hi' }], max_tokens: 6, temperature: 0 };
+  const ref = await client.chat.completions.create({ ...off, chat_template_kwargs: { enable_thinking: false } });
+  for (const extra of [{ reasoning_effort: 'none' }, { enable_thinking: false }]) {
+    const m = (await client.chat.completions.create({ ...off, ...extra })).choices[0].message;
+    assert.equal(m.reasoning_content, undefined, JSON.stringify(extra));
+    assert.equal(m.content, ref.choices[0].message.content, JSON.stringify(extra));
+  }
+  // chat_template_kwargs wins over the top-level switch; any other effort leaves thinking on
+  const on = (await client.chat.completions.create({ ...off, reasoning_effort: 'none', logit_bias: { 2009: -100 },
+                                                     chat_template_kwargs: { enable_thinking: true } })).choices[0];
+  assert.ok(on.message.reasoning_content.length > 0);
+  const high = (await client.chat.completions.create({ ...off, reasoning_effort: 'high', logit_bias: { 2009: -100 } }));
+  assert.ok(high.choices[0].message.reasoning_content.length > 0);
+  await assert.rejects(client.chat.completions.create({ ...off, reasoning_effort: 'extreme' }),
+                       (e) => e.status === 400 && /reasoning_effort/.test(e.message));
+});

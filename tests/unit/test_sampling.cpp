@@ -483,7 +483,7 @@ std::vector<std::string> grammar_vocab() {
 }
 
 // Constrained sampling (sample + accept): the tokens spell a document of the grammar, the end id comes only once it
-// is complete, the logprobs stay raw, and the constraint starts at grammar_from.
+// is complete, the logprobs stay raw, and with think_end the constraint starts after it.
 TEST(SamplingGrammar, SampledTokensSpellTheGrammarsLanguage) {
   const auto vocab = grammar_vocab();
   const int32_t V = int32_t(vocab.size()), end = V - 2;
@@ -500,15 +500,15 @@ TEST(SamplingGrammar, SampledTokensSpellTheGrammarsLanguage) {
       p.grammar = grammar_json_schema(schema);
       p.masker = masker;
       p.end_ids = {end};
-      p.grammar_from = think ? int32_t('!' - 32) : -1;  // the "!" token opens the constraint
+      p.think_end = think ? int32_t('!' - 32) : -1;  // the "!" token closes the think block
       SeqSampler s(p, {});
       std::string text;
       bool ended = false;
       if (think) {
         EXPECT_FALSE(s.constrained());
-        s.accept(int32_t('x' - 32));  // unconstrained before grammar_from
+        s.accept(int32_t('x' - 32));  // unconstrained before think_end
         EXPECT_FALSE(s.constrained());
-        s.accept(p.grammar_from);
+        s.accept(p.think_end);
         ASSERT_TRUE(s.constrained());
       }
       for (int step = 0; step < 400 && !ended; ++step) {
@@ -537,6 +537,85 @@ TEST(SamplingGrammar, SampledTokensSpellTheGrammarsLanguage) {
       EXPECT_TRUE(v["b"] == "red" || v["b"] == "blue") << text;
       EXPECT_TRUE(v["c"].is_string() && v["c"].get<std::string>().size() <= 3) << text;
     }
+}
+
+}  // namespace
+}  // namespace ds::sampling
+
+namespace ds::sampling {
+namespace {
+
+// thinking_token_budget: `budget` reasoning tokens, then think_end is forced (no draw); retract undoes the end of the
+// think block; without a budget nothing is forced.
+TEST(SamplingThinking, BudgetForcesThinkEnd) {
+  const int64_t V = 50;
+  for (int64_t budget : {0, 1, 3, 7}) {
+    SamplingParams p;
+    p.seed = uint64_t(budget) + 1;
+    p.think_end = 5;
+    p.thinking_budget = budget;
+    p.logit_bias = {{5, -100.f}};  // never closed by the model itself
+    p.logprobs = 0;
+    SeqSampler s(p, {1, 2});
+    for (int64_t i = 0; i < budget; ++i) {
+      EXPECT_EQ(s.forced(), -1);
+      EXPECT_EQ(s.budget_left(), budget - i);
+      const auto x = random_logits(V, uint64_t(100 + i));
+      const int32_t t = sample(x.data(), V, V, s, nullptr);
+      EXPECT_NE(t, 5);
+      s.accept(t);
+    }
+    EXPECT_EQ(s.forced(), 5) << "budget " << budget;
+    const auto x = random_logits(V, 999);
+    const uint64_t draws = s.draws;
+    TokenLogprob lp;
+    EXPECT_EQ(sample(x.data(), V, V, s, &lp), 5);
+    EXPECT_EQ(s.draws, draws) << "a forced token draws nothing";
+    EXPECT_EQ(lp.token, 5);
+    s.accept(5);
+    EXPECT_FALSE(s.thinking);
+    EXPECT_EQ(s.forced(), -1);
+    EXPECT_EQ(s.budget_left(), INT64_MAX);
+    s.retract(5);  // a rejected draft
+    EXPECT_TRUE(s.thinking);
+    EXPECT_EQ(s.forced(), 5);
+    s.accept(5);
+    s.accept(7);  // content: not reasoning
+    s.retract(7);
+    EXPECT_FALSE(s.thinking);
+    EXPECT_EQ(s.reasoning, budget);
+  }
+  SamplingParams p;
+  p.think_end = 5;
+  SeqSampler s(p, {});
+  for (int i = 0; i < 100; ++i) s.accept(3);
+  EXPECT_EQ(s.forced(), -1) << "no budget, nothing forced";
+}
+
+// min_tokens: the end ids get a bias of -inf until that many tokens are generated, on the host sampler and in the
+// edits the device sampler applies.
+TEST(SamplingThinking, MinTokensHoldsTheEndIds) {
+  const int64_t V = 40;
+  SamplingParams p;
+  p.temperature = 0.f;
+  p.min_tokens = 4;
+  p.end_ids = {7, 9};
+  p.logit_bias = {{7, 100.f}};
+  SeqSampler s(p, {});
+  for (int i = 0; i < 4; ++i) {
+    const auto x = random_logits(V, uint64_t(i));
+    std::vector<SampleEdit> edits;
+    const SampleRowParams r = next_row(s, edits);
+    std::vector<int32_t> ids;
+    cpu::sample_rows(x.data(), V, V, {r}, edits, ids);
+    const int32_t t = sample(x.data(), V, V, s, nullptr);
+    EXPECT_EQ(ids[0], t) << "host and device samplers agree";
+    EXPECT_NE(t, 7);
+    EXPECT_NE(t, 9);
+    s.accept(t);
+  }
+  const auto x = random_logits(V, 77);
+  EXPECT_EQ(sample(x.data(), V, V, s, nullptr), 7) << "after min_tokens the biased end id wins";
 }
 
 }  // namespace

@@ -4,6 +4,8 @@
 // max_tokens, stop tokens, preemption and abort behave as without speculation; the spec counters add up.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
 #include <cmath>
 #include <fstream>
 #include <map>
@@ -346,6 +348,50 @@ TEST(SpecEngine, OracleDraftsAreAcceptedAndOutputUnchanged) {
     const auto s = run_all(*f.m, c, make(0.7f), &m);
     for (auto& o : s) EXPECT_EQ(int64_t(o.tokens.size()), N);
     check_counters(m, K);
+  }
+}
+
+// A thinking budget under speculation: drafts stop short of the forced row (drafts_wanted), so the forced </think>
+// lands at the same index and the greedy output (a min_tokens hold on an end id included) is the plain one.
+TEST(SpecEngine, ThinkingBudgetAndMinTokensUnchangedBySpeculation) {
+  Fixture& f = fixture("tiny-moe", "bf16");
+  const int64_t N = 20;
+  const int32_t think_end = 2009;  // </think> in the tiny vocabulary
+  auto make = [&] {
+    std::vector<std::shared_ptr<Request>> rs;
+    for (size_t i = 0; i < f.prompts.size(); ++i) {
+      auto r = req(i, f.prompts[i], N);
+      r->sampling.think_end = think_end;
+      r->sampling.thinking_budget = int64_t(3 + 2 * i);
+      r->sampling.logit_bias = {{think_end, -100.f}};
+      if (i == 0) {  // an end id the bias wants, held back for 12 tokens
+        r->ignore_eos = false;
+        r->stop_token_ids = {77};
+        r->sampling.logit_bias.push_back({77, 100.f});
+        r->sampling.min_tokens = 12;
+      }
+      rs.push_back(r);
+    }
+    return rs;
+  };
+  const auto want = run_all(*f.m, config(0), make());
+  for (size_t i = 0; i < want.size(); ++i) {
+    const auto& t = want[i].tokens;
+    const int64_t at = int64_t(std::find(t.begin(), t.end(), think_end) - t.begin());
+    EXPECT_EQ(at, int64_t(3 + 2 * i)) << "prompt " << i;
+  }
+  EXPECT_EQ(int64_t(want[0].tokens.size()), 12) << "min_tokens, then the stop id (not in the tokens)";
+  for (int64_t K : {1, 3}) {
+    EngineConfig c = config(K);
+    std::mt19937_64 rng(K);
+    c.draft_hook = [&](uint64_t id, int64_t index, int32_t proposed) {
+      const auto& w = want[size_t(id)].tokens;
+      const int64_t g = index - int64_t(f.prompts[size_t(id)].size());
+      if (g < 0 || g >= int64_t(w.size())) return proposed;
+      return (rng() % 10) < 8 ? w[size_t(g)] : int32_t((w[size_t(g)] + 1 + rng() % 100) % 2048);
+    };
+    const auto got = run_all(*f.m, c, make());
+    for (size_t i = 0; i < want.size(); ++i) EXPECT_EQ(got[i].tokens, want[i].tokens) << "K=" << K << " prompt " << i;
   }
 }
 

@@ -139,6 +139,18 @@ st, body = post("/v1/chat/completions", {"messages": [{"role": "user", "content"
                                           "thinking_token_budget": 6, "return_token_ids": True})
 ids = json.loads(body)["choices"][0].get("token_ids", []) if st == 200 else []
 check(st == 200 and 2009 in ids and ids.index(2009) == 6, f"thinking_token_budget 6 forces </think> at token 6: {ids}")
+# allowed_token_ids (a host mask) and bad_words (-inf edits on the device sampler).
+st, body = post("/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 12, "temperature": 1, "seed": 4,
+                                    "ignore_eos": True, "allowed_token_ids": [300, 301, 302, 777], "return_token_ids": True})
+ids = json.loads(body)["choices"][0].get("token_ids", []) if st == 200 else []
+check(st == 200 and len(ids) == 12 and set(ids) <= {300, 301, 302, 777}, f"allowed_token_ids: {ids}")
+ref = complete(prompts[0], 1)[0]
+word = json.loads(post("/detokenize", {"tokens": [ref]})[1])["prompt"]
+st, body = post("/v1/completions", {"prompt": prompts[0], "max_tokens": 1, "temperature": 0, "ignore_eos": True,
+                                    "bad_words": [word], "return_token_ids": True})
+one = len(json.loads(post("/tokenize", {"prompt": word.strip()})[1])["tokens"]) == 1
+got = json.loads(body)["choices"][0]["token_ids"] if st == 200 else []
+check(st == 200 and (not one or got != [ref]), f"bad_words {word!r} keeps greedy token {ref} out: {got}")
 st, body = post("/v1/chat/completions", b'{"messages": [')
 check(st == 400 and "not valid JSON" in json.loads(body)["error"]["message"], "malformed JSON is a 400")
 st, body = post("/v1/completions", {"prompt": [1, 2], "max_tokens": 5000})

@@ -528,7 +528,8 @@ int64_t Engine::Impl::drafts_wanted(Sequence* s) {
   int64_t k = std::min(cfg.num_speculative_tokens, left - 1);
   // A grammar's position is not undone by a rejected draft (SeqSampler::retract): structured output runs unspeculated.
   // A thinking budget: no verified row may be the one whose token is forced (SeqSampler::forced, host-sampled).
-  if (k <= 0 || s->req->sampling.grammar) return 0;
+  // allowed_token_ids: verify_draft does not apply it, so no drafts either.
+  if (k <= 0 || s->req->sampling.grammar || !s->req->sampling.allowed_ids.empty()) return 0;
   k = std::min(k, s->sampler.budget_left() - 1);
   if (k <= 0) return 0;
   // Positions len .. len + k (the verify); the chained MTP steps write len .. len + k − 2.

@@ -71,6 +71,7 @@ int64_t SeqSampler::budget_left() const {
 void SeqSampler::accept(int32_t token) {
   ++generated_counts[token];
   ++generated;
+  if (!params.bad_words.empty()) history.push_back(token);
   if (thinking) {
     if (token == params.think_end) {
       thinking = false;
@@ -93,6 +94,7 @@ void SeqSampler::retract(int32_t token) {
   auto it = generated_counts.find(token);
   if (it != generated_counts.end() && --it->second <= 0) generated_counts.erase(it);
   --generated;
+  if (!history.empty()) history.pop_back();
   if (!thinking && closed_at == generated) {  // this token closed the think block
     thinking = true;
     closed_at = -1;
@@ -118,8 +120,13 @@ void collect_edits(const SeqSampler& s, std::vector<SampleEdit>& out) {
   if (p.presence_penalty != 0.f || p.frequency_penalty != 0.f)
     for (auto& [t, c] : s.generated_counts)
       if (c > 0) at(t).count = c;
+  const float ninf = -std::numeric_limits<float>::infinity();
   if (s.generated < p.min_tokens)  // min_tokens: no end before it (a bias of -inf, on either sampling path)
-    for (int32_t t : p.end_ids) at(t).bias = -std::numeric_limits<float>::infinity();
+    for (int32_t t : p.end_ids) at(t).bias = ninf;
+  for (const auto& w : p.bad_words) {  // the last token of a bad word whose other tokens end the output
+    if (w.empty() || w.size() - 1 > s.history.size()) continue;
+    if (std::equal(w.begin(), w.end() - 1, s.history.end() - std::ptrdiff_t(w.size() - 1))) at(w.back()).bias = ninf;
+  }
   const size_t first = out.size();
   for (auto& [t, e] : m) out.push_back(e);
   std::sort(out.begin() + std::ptrdiff_t(first), out.end(),
@@ -150,6 +157,11 @@ void check_params(const SamplingParams& p, int64_t vocab) {
     if (t < 0 || t >= vocab) fail("logit_bias: token id ", t, " is outside the vocabulary [0, ", vocab, ")");
     if (std::isnan(b)) fail("logit_bias: bias of token ", t, " is NaN");
   }
+  for (int32_t t : p.allowed_ids)
+    if (t < 0 || t >= vocab) fail("allowed_token_ids: token id ", t, " is outside the vocabulary [0, ", vocab, ")");
+  for (const auto& w : p.bad_words)
+    for (int32_t t : w)
+      if (t < 0 || t >= vocab) fail("bad_words: token id ", t, " is outside the vocabulary [0, ", vocab, ")");
   if (p.logprobs < -1 || p.logprobs > vocab)
     fail("logprobs: expected -1 (off) or 0..", vocab, ", found ", p.logprobs);
 }
@@ -172,7 +184,7 @@ int32_t sample(const float* logits, int64_t V, int64_t vocab_limit, SeqSampler& 
   }
   std::vector<SampleEdit> edits;
   const SampleRowParams r = next_row(s, edits);
-  std::vector<float> masked;  // a constrained row: the raw logits with every token the grammar forbids at -inf
+  std::vector<float> masked;  // a constrained row: the raw logits with every token the mask forbids at -inf
   if (s.matcher) {
     std::vector<uint32_t> bits;
     s.params.masker->allowed(*s.matcher, bits);
@@ -184,9 +196,17 @@ int32_t sample(const float* logits, int64_t V, int64_t vocab_limit, SeqSampler& 
       if (size_t(i) / 32 >= bits.size() || !(bits[size_t(i) / 32] >> (i % 32) & 1u))
         masked[size_t(i)] = -std::numeric_limits<float>::infinity();
   }
+  if (!s.params.allowed_ids.empty()) {  // allowed_token_ids: everything else at -inf (over a grammar's mask too)
+    std::vector<float> keep(size_t(n), -std::numeric_limits<float>::infinity());
+    const float* src = masked.empty() ? logits : masked.data();
+    for (int32_t id : s.params.allowed_ids)
+      if (id >= 0 && id < n) keep[size_t(id)] = src[id];
+    masked = std::move(keep);
+  }
   const int32_t tok = cpu::sample_row(masked.empty() ? logits : masked.data(), n, r, edits.data(),
                                       int64_t(edits.size()));
   if (tok < 0 && s.matcher) fail("structured output: no token the grammar allows is left to sample");
+  if (tok < 0 && !s.params.allowed_ids.empty()) fail("allowed_token_ids: none of them is left to sample");
   if (tok < 0) fail("no token left to sample (every logit is -inf or NaN after logit_bias)");
   if (lp && s.params.logprobs >= 0) fill_logprobs(logits, n, tok, s.params.logprobs, *lp);
   return tok;

@@ -34,6 +34,11 @@ struct SamplingParams {
   int64_t thinking_budget = -1;
   // vLLM's min_tokens: the end ids cannot be sampled before this many tokens have been generated.
   int64_t min_tokens = 0;
+  // vLLM's allowed_token_ids: only these ids may be sampled (empty: no restriction). Host sampling.
+  std::vector<int32_t> allowed_ids;
+  // vLLM's bad_words as token sequences (the server tokenizes each word with and without a leading space): the last
+  // token of a sequence is banned where the generated tokens end with the rest of it (a one-token word: always).
+  std::vector<std::vector<int32_t>> bad_words;
   // Structured output (docs/server.md "Structured outputs"): the tokens (after think_end when it is set) must spell
   // a string of the grammar's language, then one of `end_ids`, which are allowed only where that string is complete.
   GrammarPtr grammar;                          // null: unconstrained
@@ -56,13 +61,15 @@ struct SeqSampler {
   std::unordered_map<int32_t, int32_t> generated_counts;  // token -> times generated
   std::unordered_map<int32_t, bool> prompt_tokens;        // for repetition_penalty
   int64_t generated = 0;  // tokens accepted (min_tokens)
+  std::vector<int32_t> history;  // the tokens accepted, in order (bad_words)
   // Reasoning: inside the prompt's think block (params.think_end), with `reasoning` tokens so far.
   bool thinking = false;
   int64_t reasoning = 0;
   int64_t closed_at = -1;  // `generated` before the token that closed the think block (retract undoes it)
   // The grammar's position once it applies (params.grammar, after think_end when set); engaged = constrained.
   std::optional<Matcher> matcher;
-  bool constrained() const { return matcher.has_value(); }
+  // A mask the host makes: a grammar's, or allowed_token_ids (sampled on the host, not Backend::sample_rows).
+  bool constrained() const { return matcher.has_value() || !params.allowed_ids.empty(); }
   // The token the next draw must be (the thinking budget spent: params.think_end), or -1.
   int32_t forced() const {
     return thinking && params.thinking_budget >= 0 && reasoning >= params.thinking_budget ? params.think_end : -1;

@@ -234,6 +234,20 @@ GenSpec parse_generation_request(const json& j, bool chat, const sampling::Sampl
     for (auto& x : g.stop)
       if (x.empty()) throw bad_request("'stop' strings must not be empty", "stop");
   }
+  if (b.has("allowed_token_ids")) {
+    if (!j["allowed_token_ids"].is_array() || j["allowed_token_ids"].empty())
+      throw bad_request("'allowed_token_ids' must be a non-empty list of token ids", "allowed_token_ids");
+    g.sampling.allowed_ids = token_ids(j["allowed_token_ids"], "allowed_token_ids");
+  }
+  if (b.has("bad_words")) {
+    const json& bw = j["bad_words"];
+    if (!bw.is_array()) throw bad_request("'bad_words' must be a list of strings", "bad_words");
+    for (auto& w : bw) {
+      if (!w.is_string() || w.get<std::string>().empty())
+        throw bad_request("'bad_words' must be a list of non-empty strings, got " + brief(w), "bad_words");
+      g.bad_words.push_back(w.get<std::string>());
+    }
+  }
   if (b.has("stop_token_ids")) {
     if (!j["stop_token_ids"].is_array()) throw bad_request("'stop_token_ids' must be a list of token ids", "stop_token_ids");
     g.stop_token_ids = token_ids(j["stop_token_ids"], "stop_token_ids");

@@ -24,6 +24,7 @@ struct GenSpec {
   std::optional<int64_t> max_tokens;
   std::vector<std::string> stop;
   std::vector<int32_t> stop_token_ids;
+  std::vector<std::string> bad_words;  // vLLM: tokenized by the server (sampling.bad_words)
   bool ignore_eos = false, skip_special_tokens = true, echo = false;
   bool return_token_ids = false;  // vLLM extension: choices carry prompt_token_ids and token_ids
   bool logprobs = false;

@@ -352,6 +352,17 @@ class Generation {
     }
     for (auto t : spec_.stop_token_ids)
       if (t >= V) throw bad_request("stop_token_ids: id " + std::to_string(t) + " is outside the vocabulary", "stop_token_ids");
+    // bad_words as vLLM forms them: each word (leading whitespace stripped) tokenized as it is and after a space.
+    for (const std::string& w : spec_.bad_words) {
+      const std::string word = w.substr(std::min(w.find_first_not_of(" \t\n"), w.size()));
+      if (word.empty()) continue;
+      for (const std::string& text : {word, " " + word}) {
+        std::vector<int32_t> ids = rt.tok->encode(text, false);
+        if (!ids.empty() &&
+            std::find(spec_.sampling.bad_words.begin(), spec_.sampling.bad_words.end(), ids) == spec_.sampling.bad_words.end())
+          spec_.sampling.bad_words.push_back(std::move(ids));
+      }
+    }
     int index = 0;
     for (size_t pi = 0; pi < prompts.size(); ++pi)
       for (int k = 0; k < spec_.n; ++k) {

@@ -183,3 +183,34 @@ test('min_tokens holds back EOS; reasoning_effort none and top-level enable_thin
   await assert.rejects(client.chat.completions.create({ ...off, reasoning_effort: 'extreme' }),
                        (e) => e.status === 400 && /reasoning_effort/.test(e.message));
 });
+
+test('allowed_token_ids restricts every token; bad_words keeps a word out', async () => {
+  const allowed = [300, 301, 302, 777];
+  const r = await client.completions.create({ model: 'tiny', prompt: [1, 2, 3], max_tokens: 16, temperature: 1, seed: 4,
+                                              allowed_token_ids: allowed, return_token_ids: true, ignore_eos: true });
+  for (const t of r.choices[0].token_ids) assert.ok(allowed.includes(t), `token ${t}`);
+  // A word of the greedy continuation that is one token on its own becomes the bad word: the continuation is the
+  // same up to its first place and differs there.
+  const base = { model: 'tiny', prompt: 'The capital of France is', max_tokens: 16, temperature: 0, ignore_eos: true,
+                 return_token_ids: true };
+  const post = async (route, body) => (await fetch(`${srv.base}${route}`, {
+    method: 'POST', body: JSON.stringify(body), headers: { 'Content-Type': 'application/json' } })).json();
+  const ref = (await client.completions.create(base)).choices[0].token_ids;
+  let k = -1, word = '';
+  for (let i = 0; i < ref.length && k < 0; ++i) {
+    const text = (await post('/detokenize', { tokens: [ref[i]] })).prompt;
+    const w = text.trim();
+    if (!/^[A-Za-z]{2,}$/.test(w) || ref.slice(0, i).includes(ref[i])) continue;
+    const alone = (await post('/tokenize', { prompt: w, add_special_tokens: false })).tokens;
+    const spaced = (await post('/tokenize', { prompt: ' ' + w, add_special_tokens: false })).tokens;
+    if ((alone.length === 1 && alone[0] === ref[i]) || (spaced.length === 1 && spaced[0] === ref[i])) { k = i; word = w; }
+  }
+  assert.ok(k >= 0, `no one-token word in ${JSON.stringify(ref)}`);
+  const got = (await client.completions.create({ ...base, bad_words: [word] })).choices[0].token_ids;
+  assert.deepEqual(got.slice(0, k), ref.slice(0, k));
+  assert.notEqual(got[k], ref[k], `bad word ${JSON.stringify(word)} at ${k}`);
+  await assert.rejects(client.completions.create({ ...base, allowed_token_ids: [999999] }),
+                       (e) => e.status === 400 && /allowed_token_ids/.test(e.message));
+  await assert.rejects(client.completions.create({ ...base, bad_words: [3] }),
+                       (e) => e.status === 400 && /bad_words/.test(e.message));
+});

@@ -620,3 +620,60 @@ TEST(SamplingThinking, MinTokensHoldsTheEndIds) {
 
 }  // namespace
 }  // namespace ds::sampling
+
+namespace ds::sampling {
+namespace {
+
+// bad_words: a one-token word is never sampled; the last token of a longer one only where the output ends with the
+// rest of it (and again after a retract), on the host sampler and in the device sampler's edits alike.
+// allowed_token_ids: nothing else is sampled (the host path: constrained()).
+TEST(SamplingWords, BadWordsAndAllowedTokenIds) {
+  const int64_t V = 30;
+  SamplingParams p;
+  p.temperature = 0.f;
+  p.logit_bias = {{4, 50.f}, {9, 40.f}};  // greedy wants 4, then 9
+  p.bad_words = {{4}, {2, 3, 9}};
+  SeqSampler s(p, {});
+  EXPECT_FALSE(s.constrained());
+  auto both = [&](uint64_t seed) {
+    const auto x = random_logits(V, seed);
+    std::vector<SampleEdit> edits;
+    const SampleRowParams r = next_row(s, edits);
+    std::vector<int32_t> ids;
+    cpu::sample_rows(x.data(), V, V, {r}, edits, ids);
+    const int32_t t = sample(x.data(), V, V, s, nullptr);
+    EXPECT_EQ(ids[0], t) << "host and device samplers agree";
+    return t;
+  };
+  EXPECT_EQ(both(1), 9) << "4 is banned, so the next-biased 9";
+  s.accept(2);
+  s.accept(3);
+  EXPECT_NE(both(2), 9) << "2 3 9 is a bad word";
+  EXPECT_NE(both(3), 4);
+  s.retract(3);
+  EXPECT_EQ(both(4), 9) << "after 2 alone 9 is fine";
+  s.accept(3);
+  s.accept(7);
+  EXPECT_EQ(both(5), 9);
+
+  SamplingParams q;
+  q.temperature = 1.f;
+  q.seed = 3;
+  q.allowed_ids = {3, 11, 17};
+  SeqSampler a(q, {});
+  EXPECT_TRUE(a.constrained());
+  std::set<int32_t> seen;
+  for (int i = 0; i < 200; ++i) {
+    const auto x = random_logits(V, uint64_t(50 + i));
+    const int32_t t = sample(x.data(), V, V, a, nullptr);
+    EXPECT_TRUE(t == 3 || t == 11 || t == 17) << t;
+    seen.insert(t);
+    a.accept(t);
+  }
+  EXPECT_EQ(seen.size(), 3u);
+  q.allowed_ids = {3, 40};
+  EXPECT_THROW(check_params(q, V), Error);
+}
+
+}  // namespace
+}  // namespace ds::sampling

@@ -539,11 +539,21 @@ TEST(SamplingGrammar, SampledTokensSpellTheGrammarsLanguage) {
     }
 }
 
-}  // namespace
-}  // namespace ds::sampling
 
-namespace ds::sampling {
-namespace {
+// The next token both ways: sample() on the host and the CPU sample_rows of next_row() (what the device sampler
+// is given); they must agree. The host draw advances the stream, so the row's uniform is taken back first.
+int32_t sample_both(SeqSampler& s, const std::vector<float>& x) {
+  const int64_t V = int64_t(x.size());
+  const uint64_t draws = s.draws;
+  std::vector<SampleEdit> edits;
+  const SampleRowParams r = next_row(s, edits);
+  s.draws = draws;
+  std::vector<int32_t> ids;
+  cpu::sample_rows(x.data(), V, V, {r}, edits, ids);
+  const int32_t t = sample(x.data(), V, V, s, nullptr);
+  EXPECT_EQ(ids[0], t) << "host and device samplers agree";
+  return t;
+}
 
 // thinking_token_budget: `budget` reasoning tokens, then think_end is forced (no draw); retract undoes the end of the
 // think block; without a budget nothing is forced.
@@ -603,13 +613,7 @@ TEST(SamplingThinking, MinTokensHoldsTheEndIds) {
   p.logit_bias = {{7, 100.f}};
   SeqSampler s(p, {});
   for (int i = 0; i < 4; ++i) {
-    const auto x = random_logits(V, uint64_t(i));
-    std::vector<SampleEdit> edits;
-    const SampleRowParams r = next_row(s, edits);
-    std::vector<int32_t> ids;
-    cpu::sample_rows(x.data(), V, V, {r}, edits, ids);
-    const int32_t t = sample(x.data(), V, V, s, nullptr);
-    EXPECT_EQ(ids[0], t) << "host and device samplers agree";
+    const int32_t t = sample_both(s, random_logits(V, uint64_t(i)));
     EXPECT_NE(t, 7);
     EXPECT_NE(t, 9);
     s.accept(t);
@@ -618,11 +622,6 @@ TEST(SamplingThinking, MinTokensHoldsTheEndIds) {
   EXPECT_EQ(sample(x.data(), V, V, s, nullptr), 7) << "after min_tokens the biased end id wins";
 }
 
-}  // namespace
-}  // namespace ds::sampling
-
-namespace ds::sampling {
-namespace {
 
 // bad_words: a one-token word is never sampled; the last token of a longer one only where the output ends with the
 // rest of it (and again after a retract), on the host sampler and in the device sampler's edits alike.
@@ -635,16 +634,7 @@ TEST(SamplingWords, BadWordsAndAllowedTokenIds) {
   p.bad_words = {{4}, {2, 3, 9}};
   SeqSampler s(p, {});
   EXPECT_FALSE(s.constrained());
-  auto both = [&](uint64_t seed) {
-    const auto x = random_logits(V, seed);
-    std::vector<SampleEdit> edits;
-    const SampleRowParams r = next_row(s, edits);
-    std::vector<int32_t> ids;
-    cpu::sample_rows(x.data(), V, V, {r}, edits, ids);
-    const int32_t t = sample(x.data(), V, V, s, nullptr);
-    EXPECT_EQ(ids[0], t) << "host and device samplers agree";
-    return t;
-  };
+  auto both = [&](uint64_t seed) { return sample_both(s, random_logits(V, seed)); };
   EXPECT_EQ(both(1), 9) << "4 is banned, so the next-biased 9";
   s.accept(2);
   s.accept(3);

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <memory>
 #include <numeric>
@@ -310,6 +311,20 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, SpecGreedy,
                                   info.param.second;
                          });
 
+// A draft hook that proposes the plain run's next token (`want`) with probability right/10, else a wrong one.
+std::function<int32_t(uint64_t, int64_t, int32_t)> oracle(const std::vector<Out>& want,
+                                                           const std::vector<std::vector<int32_t>>& prompts,
+                                                           uint64_t seed, int right) {
+  auto rng = std::make_shared<std::mt19937_64>(seed);
+  return [&want, &prompts, rng, right](uint64_t id, int64_t index, int32_t proposed) {
+    const auto& w = want[size_t(id)].tokens;
+    const int64_t g = index - int64_t(prompts[size_t(id)].size());
+    const bool hit = int((*rng)() % 10) < right;
+    if (g < 0 || g >= int64_t(w.size())) return proposed;
+    return hit ? w[size_t(g)] : int32_t((w[size_t(g)] + 1 + (*rng)() % 100) % 2048);
+  };
+}
+
 // Random weights accept almost nothing, so an oracle replaces each draft by the target's own next token with
 // probability 0.7 (else a wrong one): acceptance, bonus tokens and partial rollbacks all happen, batched with
 // chunked prefill, greedy and sampled, and the greedy output is still the plain one.
@@ -324,14 +339,7 @@ TEST(SpecEngine, OracleDraftsAreAcceptedAndOutputUnchanged) {
   const auto want = run_all(*f.m, config(0), make(0.f));
   for (int64_t K : {1, 3}) {
     EngineConfig c = config(K);
-    std::mt19937_64 rng(K);
-    c.draft_hook = [&](uint64_t id, int64_t index, int32_t proposed) {
-      const auto& w = want[size_t(id)].tokens;
-      const int64_t g = index - int64_t(f.prompts[size_t(id)].size());
-      const bool right = (rng() % 10) < 7;
-      if (g < 0 || g >= int64_t(w.size())) return proposed;
-      return right ? w[size_t(g)] : int32_t((w[size_t(g)] + 1 + rng() % 100) % 2048);
-    };
+    c.draft_hook = oracle(want, f.prompts, uint64_t(K), 7);
     runtime::EngineMetrics m;
     const auto got = run_all(*f.m, c, make(0.f), &m);
     for (size_t i = 0; i < want.size(); ++i) EXPECT_EQ(got[i].tokens, want[i].tokens) << "K=" << K << " prompt " << i;
@@ -383,13 +391,7 @@ TEST(SpecEngine, ThinkingBudgetAndMinTokensUnchangedBySpeculation) {
   EXPECT_EQ(int64_t(want[0].tokens.size()), 12) << "min_tokens, then the stop id (not in the tokens)";
   for (int64_t K : {1, 3}) {
     EngineConfig c = config(K);
-    std::mt19937_64 rng(K);
-    c.draft_hook = [&](uint64_t id, int64_t index, int32_t proposed) {
-      const auto& w = want[size_t(id)].tokens;
-      const int64_t g = index - int64_t(f.prompts[size_t(id)].size());
-      if (g < 0 || g >= int64_t(w.size())) return proposed;
-      return (rng() % 10) < 8 ? w[size_t(g)] : int32_t((w[size_t(g)] + 1 + rng() % 100) % 2048);
-    };
+    c.draft_hook = oracle(want, f.prompts, uint64_t(K), 8);
     const auto got = run_all(*f.m, c, make());
     for (size_t i = 0; i < want.size(); ++i) EXPECT_EQ(got[i].tokens, want[i].tokens) << "K=" << K << " prompt " << i;
   }

@@ -70,12 +70,10 @@ struct SeqSampler {
   std::optional<Matcher> matcher;
   // A mask the host makes: a grammar's, or allowed_token_ids (sampled on the host, not Backend::sample_rows).
   bool constrained() const { return matcher.has_value() || !params.allowed_ids.empty(); }
-  // The token the next draw must be (the thinking budget spent: params.think_end), or -1.
-  int32_t forced() const {
-    return thinking && params.thinking_budget >= 0 && reasoning >= params.thinking_budget ? params.think_end : -1;
-  }
   // Reasoning tokens the budget still allows before think_end is forced (INT64_MAX: no budget or not thinking).
   int64_t budget_left() const;
+  // The token the next draw must be (the thinking budget spent: params.think_end), or -1.
+  int32_t forced() const { return budget_left() == 0 ? params.think_end : -1; }
   // Counts the token, closes the think block at think_end (engaging the grammar there) and moves the grammar over it
   // (an end id leaves the matcher as it is). Throws if a constrained sequence gets a token the grammar does not
   // allow.

@@ -363,6 +363,14 @@ class Generation {
           spec_.sampling.bad_words.push_back(std::move(ids));
       }
     }
+    // The prompt leaves a think block open (and no forced prefix closed it): </think> ends the reasoning, which a
+    // thinking budget bounds and after which structured output applies.
+    if (reasoning == ReasoningStart::kInReasoning && forced.empty()) spec_.sampling.think_end = rt.think_end_id;
+    if (spec_.sampling.grammar) {
+      if (reasoning == ReasoningStart::kInReasoning && rt.think_end_id < 0)
+        throw bad_request("structured output needs the tokenizer's </think> token when thinking is on", "messages");
+      spec_.sampling.masker = rt.masker();
+    }
     int index = 0;
     for (size_t pi = 0; pi < prompts.size(); ++pi)
       for (int k = 0; k < spec_.n; ++k) {
@@ -375,14 +383,6 @@ class Generation {
         r->prompt = prompts[pi];
         r->sampling = spec_.sampling;
         if (r->sampling.seed && k > 0) r->sampling.seed = *r->sampling.seed + uint64_t(k);
-        // The prompt leaves a think block open (and no forced prefix closed it): </think> ends the reasoning, which
-        // a thinking budget bounds and after which structured output applies.
-        if (reasoning == ReasoningStart::kInReasoning && forced.empty()) r->sampling.think_end = rt.think_end_id;
-        if (r->sampling.grammar) {
-          r->sampling.masker = rt.masker();
-          if (reasoning == ReasoningStart::kInReasoning && rt.think_end_id < 0)
-            throw bad_request("structured output needs the tokenizer's </think> token when thinking is on", "messages");
-        }
         r->max_tokens = spec_.max_tokens.value_or(rt.max_model_len - int64_t(prompts[pi].size()));
         r->stop_token_ids = spec_.stop_token_ids;
         r->ignore_eos = spec_.ignore_eos;

@@ -10,13 +10,14 @@
 namespace ds::cli {
 
 int cmd_serve(int argc, char** argv) {
-  Args a(argc, argv, 2, {"disable-image-fetch", "enforce-eager"});
+  Args a(argc, argv, 2, {"disable-image-fetch", "enforce-eager", "enable-prefix-caching", "no-enable-prefix-caching"});
   a.only("serve", {"host", "port", "backend", "served-model-name", "api-key", "max-model-len", "max-num-seqs",
                    "max-num-batched-tokens", "max-queued-requests", "num-gpu-blocks-override", "block-size",
                    "gpu-memory-utilization", "enforce-eager", "mamba-ssm-cache-dtype", "shutdown-timeout",
                    "chat-template", "default-chat-template-kwargs", "speculative-config", "limit-mm-per-prompt",
                    "max-image-pixels", "max-image-bytes", "max-video-bytes", "max-video-frames", "image-fetch-timeout",
-                   "disable-image-fetch", "allowed-local-media-path"});
+                   "disable-image-fetch", "allowed-local-media-path", "enable-prefix-caching",
+                   "no-enable-prefix-caching", "prefix-cache-checkpoints"});
   server::ServerConfig c;
   c.model_dir = a.model_dir();
   c.host = a.get("host", c.host);
@@ -36,6 +37,13 @@ int cmd_serve(int argc, char** argv) {
   if (!(c.gpu_memory_utilization > 0.0 && c.gpu_memory_utilization <= 1.0))
     fail("--gpu-memory-utilization: expected a fraction in (0, 1], got ", c.gpu_memory_utilization);
   c.enforce_eager = a.has("enforce-eager");
+  if (a.has("enable-prefix-caching") && a.has("no-enable-prefix-caching"))
+    fail("--enable-prefix-caching and --no-enable-prefix-caching: expected one of them, got both");
+  c.enable_prefix_caching = !a.has("no-enable-prefix-caching");
+  c.prefix_cache_checkpoints = a.get_int("prefix-cache-checkpoints", c.prefix_cache_checkpoints);
+  if (c.prefix_cache_checkpoints < 0 || c.prefix_cache_checkpoints > 4096)
+    fail("--prefix-cache-checkpoints: expected 0..4096, got ", c.prefix_cache_checkpoints);
+  if (c.prefix_cache_checkpoints == 0) c.enable_prefix_caching = false;
   c.ssm_state_dtype = a.get("mamba-ssm-cache-dtype", c.ssm_state_dtype);
   (void)model::Model::ssm_dtype_from_name(c.ssm_state_dtype, DType::F32, "--mamba-ssm-cache-dtype");  // fail early
   c.drain_seconds = int(a.get_int("shutdown-timeout", c.drain_seconds));

@@ -17,6 +17,7 @@ void usage() {
                "            [--default-chat-template-kwargs JSON] [--chat-template FILE] [--max-queued-requests N]\n"
                "            [--speculative-config '{\"method\": \"mtp\", \"num_speculative_tokens\": K}']\n"
                "            [--mamba-ssm-cache-dtype auto|float32|bfloat16]   (the DeltaNet state; also logits, generate, bench)\n"
+               "            [--no-enable-prefix-caching] [--prefix-cache-checkpoints N]\n"
                "  tokenize  --model DIR < {\"text\": ...} | {\"messages\": [...], ...}\n"
                "  detokenize --model DIR < {\"ids\": [...], \"skip_special_tokens\": false}\n"
                "  logits    --model DIR --tokens 1,2,3 [--image F]... [--video F]... [--prefill N] [--backend cpu] --out F.safetensors\n"

@@ -7,13 +7,18 @@
 namespace ds::runtime {
 
 CacheManager::CacheManager(model::Model& m, int64_t num_blocks, int64_t block_size, int64_t num_slots,
-                           int64_t verify_rows)
+                           int64_t verify_rows, int64_t num_checkpoints)
     : m_(m), num_blocks_(num_blocks), block_size_(block_size), num_slots_(num_slots), spare_(verify_rows > 0) {
-  // Sequence i owns slot i and, with spares, slot i + num_slots (the two may swap roles; see rollback()).
-  caches_ = m.alloc_caches(num_blocks, block_size, spare_ ? 2 * num_slots : num_slots,
-                           spare_ ? num_slots * verify_rows : 0);
+  DS_CHECK(num_checkpoints >= 0, "cache: num_checkpoints must be >= 0, found ", num_checkpoints);
+  // Sequence i owns slot i and, with spares, slot i + num_slots (the two may swap roles; see rollback()). The
+  // checkpoints' slots come after those.
+  const int64_t seq_slots = spare_ ? 2 * num_slots : num_slots;
+  caches_ = m.alloc_caches(num_blocks, block_size, seq_slots + num_checkpoints, spare_ ? num_slots * verify_rows : 0);
   for (int64_t i = num_blocks - 1; i >= 0; --i) free_blocks_.push_back(int32_t(i));
   for (int64_t i = num_slots - 1; i >= 0; --i) free_slots_.push_back(int32_t(i));
+  refs_.assign(size_t(num_blocks), 0);
+  ckpt_refs_.assign(size_t(num_blocks), 0);
+  for (int64_t i = 0; i < num_checkpoints; ++i) ckpt_slots_.push_back(int32_t(seq_slots + i));
 }
 
 bool CacheManager::start(SeqCache& s) {
@@ -41,21 +46,106 @@ void CacheManager::rollback(SeqCache& s) {
 bool CacheManager::reserve(SeqCache& s, int64_t new_tokens) {
   int64_t need = (s.len + new_tokens + block_size_ - 1) / block_size_ - int64_t(s.blocks.size());
   if (need <= 0) return true;
+  while (need > int64_t(free_blocks_.size()) && evict_one()) {
+  }
   if (need > int64_t(free_blocks_.size())) return false;
   for (int64_t i = 0; i < need; ++i) {
     s.blocks.push_back(free_blocks_.back());
     free_blocks_.pop_back();
+    ref(s.blocks.back(), false);
   }
   return true;
 }
 
+void CacheManager::ref(int32_t b, bool checkpoint) {
+  const bool before = cached_only(b);
+  ++refs_[size_t(b)];
+  if (checkpoint) ++ckpt_refs_[size_t(b)];
+  cached_only_ += int64_t(cached_only(b)) - int64_t(before);
+}
+
+void CacheManager::unref(int32_t b, bool checkpoint) {
+  DS_CHECK(refs_[size_t(b)] > 0 && (!checkpoint || ckpt_refs_[size_t(b)] > 0), "cache: block ", b,
+           " released more often than taken");
+  const bool before = cached_only(b);
+  --refs_[size_t(b)];
+  if (checkpoint) --ckpt_refs_[size_t(b)];
+  cached_only_ += int64_t(cached_only(b)) - int64_t(before);
+  if (refs_[size_t(b)] == 0) free_blocks_.push_back(b);
+}
+
 void CacheManager::release(SeqCache& s) {
-  for (auto b : s.blocks) free_blocks_.push_back(b);
+  for (auto b : s.blocks) unref(b, false);
   s.blocks.clear();
   if (s.slot >= 0) free_slots_.push_back(int32_t(s.slot % num_slots_));
   s.slot = -1;
   s.spare_slot = -1;
   s.len = 0;
+}
+
+PrefixHit CacheManager::lookup(const std::string& salt, const std::vector<int32_t>& tokens, int64_t limit) const {
+  PrefixHit h;
+  limit = std::min<int64_t>(limit, int64_t(tokens.size()));
+  for (size_t i = 0; i < ckpts_.size(); ++i) {
+    const Checkpoint& c = ckpts_[i];
+    if (c.salt != salt) continue;
+    const int64_t n = std::min<int64_t>(int64_t(c.tokens.size()), int64_t(tokens.size()));
+    const int64_t common = std::mismatch(c.tokens.begin(), c.tokens.begin() + n, tokens.begin()).first - c.tokens.begin();
+    h.common = std::max(h.common, common);
+    const int64_t len = int64_t(c.tokens.size());
+    if (common == len && len <= limit && len > h.len) {
+      h.entry = int32_t(i);
+      h.len = len;
+    }
+  }
+  return h;
+}
+
+void CacheManager::attach(SeqCache& s, const PrefixHit& hit) {
+  DS_CHECK(s.slot >= 0 && s.blocks.empty() && s.len == 0, "cache: attach to a sequence that is not fresh");
+  DS_CHECK(hit.entry >= 0 && size_t(hit.entry) < ckpts_.size(), "cache: attach to checkpoint ", hit.entry, " of ",
+           ckpts_.size());
+  Checkpoint& c = ckpts_[size_t(hit.entry)];
+  m_.copy_slot(caches_, s.slot, c.slot);
+  for (auto b : c.blocks) ref(b, false);
+  s.blocks = c.blocks;
+  s.len = int64_t(c.tokens.size());
+  c.used = ++clock_;
+}
+
+void CacheManager::save(SeqCache& s, const std::string& salt, const std::vector<int32_t>& tokens) {
+  DS_CHECK(s.len > 0 && s.len % block_size_ == 0 && s.len <= int64_t(tokens.size()) &&
+               s.len / block_size_ <= int64_t(s.blocks.size()),
+           "cache: checkpoint of ", s.len, " tokens (block size ", block_size_, ", ", s.blocks.size(), " blocks, ",
+           tokens.size(), " tokens)");
+  if (ckpt_slots_.empty()) return;
+  for (Checkpoint& c : ckpts_)
+    if (c.salt == salt && int64_t(c.tokens.size()) == s.len && std::equal(c.tokens.begin(), c.tokens.end(), tokens.begin())) {
+      c.used = ++clock_;
+      return;
+    }
+  if (ckpts_.size() == ckpt_slots_.size()) evict_one();
+  std::vector<int32_t> used;
+  for (auto& c : ckpts_) used.push_back(c.slot);
+  Checkpoint c;
+  for (int32_t slot : ckpt_slots_)
+    if (std::find(used.begin(), used.end(), slot) == used.end()) c.slot = slot;
+  DS_CHECK(c.slot >= 0);
+  c.salt = salt;
+  c.tokens.assign(tokens.begin(), tokens.begin() + s.len);
+  c.blocks.assign(s.blocks.begin(), s.blocks.begin() + s.len / block_size_);
+  for (auto b : c.blocks) ref(b, true);
+  c.used = ++clock_;
+  m_.copy_slot(caches_, c.slot, s.slot);
+  ckpts_.push_back(std::move(c));
+}
+
+bool CacheManager::evict_one() {
+  if (ckpts_.empty()) return false;
+  auto it = std::min_element(ckpts_.begin(), ckpts_.end(), [](auto& a, auto& b) { return a.used < b.used; });
+  for (auto b : it->blocks) unref(b, true);
+  ckpts_.erase(it);
+  return true;
 }
 
 BatchMeta make_batch(const std::vector<std::pair<const SeqCache*, std::vector<int32_t>>>& parts) {
@@ -83,7 +173,7 @@ PoolPlan plan_pools(const PoolSizing& in) {
     fail("--gpu-memory-utilization: expected a fraction in (0, 1], found ", in.utilization);
   const double gib = 1024.0 * 1024.0 * 1024.0;
   PoolPlan p;
-  p.budget = int64_t(in.utilization * double(in.total)) - in.used - in.scratch;
+  p.budget = int64_t(in.utilization * double(in.total)) - in.used - in.scratch - in.fixed_bytes;
   const int64_t blocks_per_seq = (in.max_model_len + in.block_size - 1) / in.block_size;
   // With --num-gpu-blocks-override the KV pool is fixed (submit() rejects what it cannot hold).
   const int64_t fixed_blocks = in.num_blocks_override > 0 ? in.num_blocks_override : blocks_per_seq;
@@ -93,7 +183,8 @@ PoolPlan plan_pools(const PoolSizing& in) {
          double(one_seq) / gib, " GiB (", fixed_blocks, " KV blocks of ", double(in.block_bytes) / (1 << 20),
          " MiB + DeltaNet state ", double(in.slot_bytes) / (1 << 20), " MiB), but ", in.utilization, " x ",
          double(in.total) / gib, " GiB total - ", double(in.used) / gib, " GiB in use (weights) - ",
-         double(in.scratch) / gib, " GiB scratch leaves ", double(p.budget) / gib,
+         double(in.scratch) / gib, " GiB scratch - ", double(in.fixed_bytes) / gib, " GiB prefix-cache checkpoints leaves ",
+         double(p.budget) / gib,
          " GiB; raise --gpu-memory-utilization or lower --max-model-len");
   p.num_slots = std::min<int64_t>(in.max_num_seqs,
                                   in.slot_bytes > 0 ? (p.budget - fixed_blocks * in.block_bytes) / in.slot_bytes

@@ -1,6 +1,7 @@
 // Paged KV blocks and DeltaNet state slots: who owns which piece of cache memory.
 #pragma once
 #include <cstdint>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -17,12 +18,22 @@ struct SeqCache {
   int64_t len = 0;  // tokens already in the caches
 };
 
+// A prefix-cache lookup (CacheManager::lookup): the checkpoint to resume from, if any.
+struct PrefixHit {
+  int32_t entry = -1;  // index into the checkpoints, -1: none usable
+  int64_t len = 0;     // tokens the checkpoint covers (a multiple of the block size); 0 without one
+  int64_t common = 0;  // the longest prefix any checkpoint's tokens share with the looked-up tokens
+};
+
 class CacheManager {
  public:
   // `verify_rows` (speculative decoding: K + 1, the rows of a verify; 0: off): each sequence also gets a second
   // DeltaNet slot for snapshots, so the caches hold 2 × num_slots slots (num_slots() and free_slots() still count
   // sequences), and the caches get a DeltaNet input log of num_slots × verify_rows rows (ModelCaches::gdn_log).
-  CacheManager(model::Model& m, int64_t num_blocks, int64_t block_size, int64_t num_slots, int64_t verify_rows = 0);
+  // `num_checkpoints` (prefix caching, docs/engine.md "Prefix caching"; 0: off): DeltaNet slots beyond the
+  // sequences' for the checkpoints' states.
+  CacheManager(model::Model& m, int64_t num_blocks, int64_t block_size, int64_t num_slots, int64_t verify_rows = 0,
+               int64_t num_checkpoints = 0);
   // Takes a state slot (zeroed), and its spare when configured, for a new sequence; false if none is free.
   bool start(SeqCache& s);
   // Copies the sequence's state slot onto its spare (device to device): the state before a speculative verify.
@@ -31,10 +42,31 @@ class CacheManager {
   // Makes the snapshot current again (swaps slot and spare; no copy): the verify's state is discarded. The caller
   // then advances it over the accepted rows (Model::replay_deltanet).
   void rollback(SeqCache& s);
-  // Ensures blocks for `new_tokens` more tokens; false (and no change) if the pool is short.
+  // Ensures blocks for `new_tokens` more tokens, evicting prefix-cache checkpoints (least recently used first)
+  // while the free blocks are short; false (and no change to `s`) if the pool is still short.
   bool reserve(SeqCache& s, int64_t new_tokens);
-  // Returns every block and the slot.
+  // Returns the slot and the sequence's share of its blocks (a block goes back to the pool when no sequence and no
+  // checkpoint holds it any more).
   void release(SeqCache& s);
+
+  // Prefix caching. A checkpoint is a token prefix (a multiple of the block size long), the KV blocks that hold its
+  // positions (shared, never written again: a sequence only writes positions >= its own length) and a copy of the
+  // DeltaNet state after its last token. `salt` keeps apart the requests that may share (vLLM's cache_salt).
+  int64_t num_checkpoints() const { return int64_t(ckpts_.size()); }
+  // Blocks only checkpoints hold (no sequence): taken back by reserve() when the free blocks run short.
+  int64_t cached_blocks() const { return cached_only_; }
+  int64_t checkpoint_capacity() const { return int64_t(ckpt_slots_.size()); }
+  // The longest checkpoint of `salt` whose tokens are a prefix of tokens[0, limit).
+  PrefixHit lookup(const std::string& salt, const std::vector<int32_t>& tokens, int64_t limit) const;
+  // A fresh sequence (start()) resumes from the hit: the checkpoint's state copied into its slot, its blocks shared,
+  // len = hit.len.
+  void attach(SeqCache& s, const PrefixHit& hit);
+  // Keeps tokens[0, s.len) (s.len a multiple of the block size, > 0) as a checkpoint: the state of the sequence's
+  // slot copied, its first s.len / block_size blocks shared. The same tokens again only refresh the checkpoint's
+  // age; without a free checkpoint slot the least recently used checkpoint gives its slot up.
+  void save(SeqCache& s, const std::string& salt, const std::vector<int32_t>& tokens);
+  // Drops the least recently used checkpoint; false if there is none.
+  bool evict_one();
   int64_t free_blocks() const { return int64_t(free_blocks_.size()); }
   int64_t free_slots() const { return int64_t(free_slots_.size()); }
   int64_t num_blocks() const { return num_blocks_; }
@@ -44,10 +76,27 @@ class CacheManager {
   model::ModelCaches& caches() { return caches_; }
 
  private:
+  struct Checkpoint {
+    std::string salt;
+    std::vector<int32_t> tokens;
+    std::vector<int32_t> blocks;
+    int32_t slot = -1;
+    uint64_t used = 0;  // the clock at its last save or hit
+  };
+  void ref(int32_t block, bool checkpoint);
+  void unref(int32_t block, bool checkpoint);
+  bool cached_only(int32_t b) const { return refs_[size_t(b)] > 0 && refs_[size_t(b)] == ckpt_refs_[size_t(b)]; }
+
   model::Model& m_;
   int64_t num_blocks_, block_size_, num_slots_;
   bool spare_;
   std::vector<int32_t> free_blocks_, free_slots_;
+  std::vector<int32_t> refs_;        // per block: the sequences and checkpoints holding it
+  std::vector<int32_t> ckpt_refs_;   // per block: the checkpoints holding it
+  int64_t cached_only_ = 0;          // blocks with refs_ == ckpt_refs_ > 0
+  std::vector<int32_t> ckpt_slots_;  // the checkpoints' DeltaNet slots (all of them)
+  std::vector<Checkpoint> ckpts_;
+  uint64_t clock_ = 0;
   model::ModelCaches caches_;
 };
 
@@ -62,6 +111,7 @@ struct PoolSizing {
   int64_t slot_bytes = 0;
   int64_t max_num_seqs = 1, max_model_len = 1, block_size = 16;
   int64_t num_blocks_override = 0;  // --num-gpu-blocks-override (0 = size from memory)
+  int64_t fixed_bytes = 0;          // held apart from the pools (the prefix cache's checkpoint states)
 };
 struct PoolPlan {
   int64_t budget = 0;      // utilization × total − used − scratch

@@ -86,8 +86,9 @@ struct Engine::Impl {
       : model(m),
         cfg(c),
         cm(m, c.num_blocks, c.block_size, c.max_num_seqs,
-           c.num_speculative_tokens > 0 ? c.num_speculative_tokens + 1 : 0),  // + spare slots and the input log
-        sched(cm, c.max_num_seqs, c.max_num_batched_tokens) {
+           c.num_speculative_tokens > 0 ? c.num_speculative_tokens + 1 : 0,  // + spare slots and the input log
+           c.prefix_cache_checkpoints),
+        sched(cm, c.max_num_seqs, c.max_num_batched_tokens, c.prefix_cache_checkpoints > 0) {
     snap.kv_blocks_total = c.num_blocks;
     snap.slots_total = c.max_num_seqs;
     counters.spec_accepted_per_pos.assign(size_t(c.num_speculative_tokens), 0);
@@ -415,6 +416,14 @@ void Engine::Impl::run(const Schedule& sc_in) {
       redo.push_back({x.seq, committed, b.seqs[i].log_row});  // cache.len advances once the state is rolled back
     } else {
       x.seq->cache.len += committed;
+      // A prefill chunk that ends where the scheduler planned a checkpoint (chunks end there; a sampling chunk
+      // never does: the positions lie before the prompt's last token).
+      std::vector<int64_t>& at = x.seq->save_at;
+      while (!at.empty() && at.front() < x.seq->cache.len) at.erase(at.begin());
+      if (!at.empty() && at.front() == x.seq->cache.len) {
+        cm.save(x.seq->cache, x.seq->req->cache_salt, x.seq->tokens);
+        at.erase(at.begin());
+      }
     }
     if (spec) jobs.push_back({x.seq, ctx, b.seqs[i].q_start, committed, 0});
   }
@@ -654,6 +663,7 @@ bool Engine::Impl::emit(Sequence* s, const std::vector<int32_t>& toks, std::vect
   }
   d.prompt_tokens = s->prompt_len;
   d.completion_tokens = s->completion_tokens;
+  d.cached_tokens = std::max<int64_t>(s->cached_tokens, 0);
   req.out->push(std::move(d));
   return true;
 }
@@ -663,6 +673,7 @@ void Engine::Impl::finish(Sequence* s, FinishReason r, Delta d) {
   d.finish = r;
   d.prompt_tokens = own->prompt_len;
   d.completion_tokens = own->completion_tokens;
+  d.cached_tokens = std::max<int64_t>(own->cached_tokens, 0);
   ++counters.requests_finished[int(r)];
   {
     std::lock_guard<std::mutex> l(mu);
@@ -678,9 +689,13 @@ void Engine::Impl::publish(const Schedule& s) {
   m.running = sched.num_running();
   m.waiting = sched.num_waiting();
   m.kv_blocks_total = cm.num_blocks();
-  m.kv_blocks_used = cm.num_blocks() - cm.free_blocks();
+  m.kv_blocks_used = cm.num_blocks() - cm.free_blocks() - cm.cached_blocks();  // checkpoints' blocks are evictable
+  m.kv_blocks_cached = cm.cached_blocks();
   m.slots_total = cm.num_slots();
   m.slots_used = cm.num_slots() - cm.free_slots();
+  m.prefix_cache_queries_total = sched.prefix_queries();
+  m.prefix_cache_hits_total = sched.prefix_hits();
+  m.prefix_cache_checkpoints = cm.num_checkpoints();
   snap = m;
 }
 

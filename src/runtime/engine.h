@@ -34,6 +34,7 @@ struct Delta {
   std::string error;                               // for FinishReason::Error
   // Usage so far; completion_tokens counts every sampled token, a final stop token included (vLLM's usage).
   int64_t prompt_tokens = 0, completion_tokens = 0;
+  int64_t cached_tokens = 0;  // prompt tokens taken from a prefix-cache checkpoint (usage.prompt_tokens_details)
 };
 
 // Thread-safe single-consumer queue of Deltas. The engine pushes without blocking.
@@ -71,6 +72,11 @@ struct Request {
   std::vector<int32_t> stop_token_ids;// in addition to the model's EOS set unless ignore_eos
   bool ignore_eos = false;
   std::shared_ptr<const MultiModalInput> mm;  // null: text only
+  // Prefix caching: only requests with the same salt share checkpoints (vLLM's cache_salt; "" = the default).
+  std::string cache_salt;
+  // Prefix caching: prompt positions worth a checkpoint besides the engine's own choices (the server's: where the
+  // chat's second and last messages start); rounded down to a block boundary.
+  std::vector<int64_t> cache_hints;
   std::shared_ptr<DeltaChannel> out = std::make_shared<DeltaChannel>();
   std::chrono::steady_clock::time_point arrival = std::chrono::steady_clock::now();
 };
@@ -118,6 +124,10 @@ struct EngineConfig {
   // between the K draft steps (docs/engine.md "Host syncs"). false (or DS_CUDA_NO_DRAFT_FEED=1): one read back per
   // draft step, the next step's tokens through the host.
   bool device_draft_feed = true;
+  // Prefix caching (docs/engine.md "Prefix caching"): DeltaNet state checkpoints kept beyond the sequences' slots,
+  // each with the KV blocks of its prefix; a new sequence whose tokens start with a checkpoint's resumes there.
+  // 0 = off.
+  int64_t prefix_cache_checkpoints = 0;
   // Tests and benchmarks only (issue 8's oracle mode; random weights accept almost nothing): replaces the MTP's
   // proposal for token index `index` (into prompt + generated) of request `id`. The MTP still runs. Without the
   // device draft feed the chained steps are fed the replaced token; with it (the MTP's drafts stay on the device
@@ -134,9 +144,12 @@ struct EngineConfig {
 struct EngineMetrics {
   int64_t running = 0, waiting = 0;
   int64_t kv_blocks_used = 0, kv_blocks_total = 0, slots_used = 0, slots_total = 0;
+  int64_t kv_blocks_cached = 0;  // held by prefix-cache checkpoints only (evictable; not in kv_blocks_used)
   int64_t prompt_tokens_total = 0, generation_tokens_total = 0;
   int64_t requests_finished[5] = {0, 0, 0, 0, 0};  // by FinishReason
   int64_t preemptions_total = 0, steps_total = 0;
+  // Prefix caching: prompt tokens looked up / found in checkpoints (at first admission), checkpoints held.
+  int64_t prefix_cache_queries_total = 0, prefix_cache_hits_total = 0, prefix_cache_checkpoints = 0;
   int64_t graph_steps_total = 0;  // steps that ran through Model::forward_graphed (decode-only)
   int64_t device_sample_steps_total = 0;  // steps whose tokens came from Backend::sample_rows
   // Speculative decoding (vLLM's spec_decode_* counters): verify rounds, drafted tokens verified, drafts

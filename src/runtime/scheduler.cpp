@@ -7,8 +7,54 @@
 
 namespace ds::runtime {
 
-Scheduler::Scheduler(CacheManager& cm, int64_t max_num_seqs, int64_t max_num_batched_tokens)
-    : cm_(cm), max_num_seqs_(max_num_seqs), max_num_batched_tokens_(max_num_batched_tokens) {}
+Scheduler::Scheduler(CacheManager& cm, int64_t max_num_seqs, int64_t max_num_batched_tokens, bool prefix_caching)
+    : cm_(cm),
+      max_num_seqs_(max_num_seqs),
+      max_num_batched_tokens_(max_num_batched_tokens),
+      prefix_caching_(prefix_caching && cm.checkpoint_capacity() > 0) {}
+
+int64_t Scheduler::chunk(const Sequence* s, int64_t budget) const {
+  int64_t n = std::min(s->pending_tokens(), budget);
+  for (int64_t at : s->save_at)
+    if (at > s->cache.len) {
+      n = std::min(n, at - s->cache.len);
+      break;
+    }
+  return n;
+}
+
+// Where a checkpoint pays off: the last block boundary before the prompt's last token (the same prompt again, or a
+// longer conversation that starts with it, resumes there with at least one token to run); the request's hints
+// (the server's: where a chat's second and last messages start, so a shared system prompt and the history before
+// the newest message are kept); and the block boundary at or before the point where the prompt leaves the
+// longest checkpoint it shares tokens with (prompts that share a head the hints do not mark: the second such
+// request leaves a checkpoint the third resumes from). All rounded down to block boundaries.
+// Images: the placeholders' token ids do not say which image they stand for, so such prompts neither resume nor
+// leave checkpoints.
+void Scheduler::admit_from_cache(Sequence* s) {
+  s->save_at.clear();
+  const bool first = s->cached_tokens < 0;
+  if (first) s->cached_tokens = 0;
+  if (!prefix_caching_ || s->req->mm) return;
+  const std::string& salt = s->req->cache_salt;
+  const int64_t bs = cm_.block_size();
+  const PrefixHit h = cm_.lookup(salt, s->tokens, int64_t(s->tokens.size()) - 1);
+  if (h.entry >= 0) cm_.attach(s->cache, h);
+  if (first) {
+    s->cached_tokens = h.len;
+    prefix_queries_ += s->prompt_len;
+    prefix_hits_ += h.len;
+  }
+  const int64_t end = (s->prompt_len - 1) / bs * bs;
+  std::vector<int64_t> at = {h.common, end};
+  at.insert(at.end(), s->req->cache_hints.begin(), s->req->cache_hints.end());
+  for (int64_t p : at) {
+    p = p / bs * bs;
+    if (p > s->cache.len && p <= end) s->save_at.push_back(p);
+  }
+  std::sort(s->save_at.begin(), s->save_at.end());
+  s->save_at.erase(std::unique(s->save_at.begin(), s->save_at.end()), s->save_at.end());
+}
 
 void Scheduler::add(std::unique_ptr<Sequence> s) { waiting_.push_back(std::move(s)); }
 
@@ -21,7 +67,7 @@ Schedule Scheduler::schedule() {
   int64_t budget = max_num_batched_tokens_;
   for (size_t i = 0; i < running_.size() && budget > 0; ++i) {
     Sequence* s = running_[i].get();
-    const int64_t n = std::min(s->pending_tokens(), budget);
+    const int64_t n = chunk(s, budget);
     if (n <= 0) continue;
     // Drafts ride along when the chunk reaches the end of the tokens and the budget has room for them.
     // (The engine reserved their blocks when it proposed them; if that is short, speculation waits, rather than
@@ -44,7 +90,8 @@ Schedule Scheduler::schedule() {
   while (out.num_preempted == 0 && budget > 0 && !waiting_.empty() && num_running() < max_num_seqs_) {
     Sequence* s = waiting_.front().get();
     if (!cm_.start(s->cache)) break;
-    const int64_t n = std::min(s->pending_tokens(), budget);
+    admit_from_cache(s);
+    const int64_t n = chunk(s, budget);
     if (!cm_.reserve(s->cache, n)) {
       cm_.release(s->cache);
       break;
@@ -77,9 +124,10 @@ Schedule Scheduler::schedule_alone(Sequence* s) {
       ++out.num_preempted;
     }
     DS_CHECK(cm_.start(s->cache));
+    admit_from_cache(s);
     running_.push_back(std::move(own));
   }
-  const int64_t n = std::min(s->pending_tokens(), max_num_batched_tokens_);
+  const int64_t n = chunk(s, max_num_batched_tokens_);
   while (!cm_.reserve(s->cache, n)) {
     preempt(last_other());
     ++out.num_preempted;

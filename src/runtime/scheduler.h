@@ -34,6 +34,11 @@ struct Sequence {
   std::vector<int32_t> drafts;
   // Image features of req->mm (act dtype [rows, H]), computed once by the engine and kept across preemption.
   Tensor mm_features;
+  // Prefix caching (docs/engine.md "Prefix caching"): the positions where this sequence's state is kept as a
+  // checkpoint once its chunks reach them (increasing; chunks end there), planned at admission. `cached_tokens`:
+  // prompt tokens its first admission took from a checkpoint (-1: not admitted yet).
+  std::vector<int64_t> save_at;
+  int64_t cached_tokens = -1;
 
   int64_t num_generated() const { return int64_t(tokens.size()) - prompt_len; }
   int64_t pending_tokens() const { return int64_t(tokens.size()) - cache.len; }  // to run through the model
@@ -55,7 +60,8 @@ struct Schedule {
 
 class Scheduler {
  public:
-  Scheduler(CacheManager& cm, int64_t max_num_seqs, int64_t max_num_batched_tokens);
+  // `prefix_caching`: admissions resume from the cache manager's checkpoints and plan new ones (docs/engine.md).
+  Scheduler(CacheManager& cm, int64_t max_num_seqs, int64_t max_num_batched_tokens, bool prefix_caching = false);
 
   // Joins the back of the waiting queue (arrival order).
   void add(std::unique_ptr<Sequence> s);
@@ -76,8 +82,15 @@ class Scheduler {
   int64_t num_running() const { return int64_t(running_.size()); }
   int64_t num_waiting() const { return int64_t(waiting_.size()); }
   const CacheManager& cache() const { return cm_; }
+  // Prefix caching: prompt tokens looked up and found at first admissions (vLLM's prefix_cache_queries / _hits).
+  int64_t prefix_queries() const { return prefix_queries_; }
+  int64_t prefix_hits() const { return prefix_hits_; }
 
  private:
+  // Tokens of `s` the next chunk may run: pending, at most `budget`, ending at its next checkpoint position.
+  int64_t chunk(const Sequence* s, int64_t budget) const;
+  // A fresh sequence that just got its slot: resumes from the longest usable checkpoint and plans its own.
+  void admit_from_cache(Sequence* s);
   // Schedules `s` alone (it is suspect); preempts others as needed to give it a slot and blocks.
   Schedule schedule_alone(Sequence* s);
   // Moves running_[i] to the front of the waiting queue and frees its blocks and slot.
@@ -85,6 +98,8 @@ class Scheduler {
 
   CacheManager& cm_;
   int64_t max_num_seqs_, max_num_batched_tokens_;
+  bool prefix_caching_;
+  int64_t prefix_queries_ = 0, prefix_hits_ = 0;
   std::deque<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;  // in start order: the back is preempted first
 };

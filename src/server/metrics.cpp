@@ -54,6 +54,13 @@ std::string ServerMetrics::render(const runtime::EngineMetrics& e, const std::st
   gauge("state_slots_total", "DeltaNet state slots in the pool.", double(e.slots_total));
   counter("prompt_tokens_total", "Prefill tokens processed.", double(e.prompt_tokens_total));
   counter("generation_tokens_total", "Generated tokens.", double(e.generation_tokens_total));
+  counter("prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache (vLLM's prefix_cache_queries).",
+          double(e.prefix_cache_queries_total));
+  counter("prefix_cache_hits_total", "Prompt tokens resumed from prefix-cache checkpoints (vLLM's prefix_cache_hits).",
+          double(e.prefix_cache_hits_total));
+  gauge("prefix_cache_blocks", "Paged KV blocks held only by prefix-cache checkpoints (evictable).",
+        double(e.kv_blocks_cached));
+  gauge("prefix_cache_checkpoints", "DeltaNet state checkpoints held by the prefix cache.", double(e.prefix_cache_checkpoints));
   counter("num_preemptions_total", "Sequences preempted (recomputed later) for lack of KV blocks.",
           double(e.preemptions_total));
   os << "# HELP deltaserve:request_success_total Finished requests by reason.\n"

@@ -253,6 +253,11 @@ GenSpec parse_generation_request(const json& j, bool chat, const sampling::Sampl
     g.stop_token_ids = token_ids(j["stop_token_ids"], "stop_token_ids");
   }
   g.ignore_eos = b.boolean("ignore_eos", false);
+  if (b.has("cache_salt")) {
+    if (!j["cache_salt"].is_string() || j["cache_salt"].get<std::string>().empty())
+      throw bad_request("'cache_salt' must be a non-empty string, got " + brief(j["cache_salt"]), "cache_salt");
+    g.cache_salt = j["cache_salt"].get<std::string>();
+  }
   g.skip_special_tokens = b.boolean("skip_special_tokens", true);
   g.return_token_ids = b.boolean("return_token_ids", false);
   if (chat) {

@@ -46,6 +46,7 @@ struct GenSpec {
   std::optional<bool> enable_thinking;
   bool add_generation_prompt = true, continue_final_message = false;
   std::string request_id;
+  std::string cache_salt;  // vLLM: prefix-cache checkpoints are shared only between requests with the same salt
 };
 
 // Parses a /v1/chat/completions or /v1/completions body. `defaults` are generation_config.json's

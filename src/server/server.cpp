@@ -69,6 +69,7 @@ struct Runtime {
   sampling::SamplingParams defaults;
   int64_t max_model_len = 0;
   int32_t think_end_id = -1;
+  int32_t im_start_id = -1;  // <|im_start|>: where chat messages start (prefix-cache hints)
   // Structured output's view of the vocabulary (sampling::TokenMasker), built by the first request that needs it.
   std::shared_ptr<const sampling::TokenMasker> masker() {
     std::call_once(masker_once, [&] {
@@ -122,6 +123,7 @@ void size_pools_from_device_memory(const ServerConfig& cfg, model::Model& m, run
   in.max_model_len = ec.max_model_len;
   in.block_size = ec.block_size;
   in.num_blocks_override = ec.num_blocks;
+  in.fixed_bytes = ec.prefix_cache_checkpoints * m.state_slot_bytes();  // the prefix cache's checkpoint states
   const runtime::PoolPlan p = runtime::plan_pools(in);
   ec.max_num_seqs = p.num_slots;
   ec.num_blocks = p.num_blocks;
@@ -129,11 +131,12 @@ void size_pools_from_device_memory(const ServerConfig& cfg, model::Model& m, run
   std::fprintf(stderr,
                "deltaserve: device memory %.2f GiB, in use after loading %.2f GiB, utilization %.2f, scratch %.2f GiB: "
                "KV pool %lld blocks x %lld tokens (%.2f GiB, %lld tokens), %lld DeltaNet state slots (%.2f GiB, %s "
-               "recurrent state)\n",
+               "recurrent state), %lld prefix-cache checkpoints (%.2f GiB)\n",
                double(total) / gib, double(used) / gib, cfg.gpu_memory_utilization, double(in.scratch) / gib,
                (long long)p.num_blocks, (long long)ec.block_size, double(p.num_blocks * in.block_bytes) / gib,
                (long long)(p.num_blocks * ec.block_size), (long long)p.num_slots,
-               double(p.num_slots * in.slot_bytes) / gib, m.ssm_state_dtype() == DType::BF16 ? "bf16" : "fp32");
+               double(p.num_slots * in.slot_bytes) / gib, m.ssm_state_dtype() == DType::BF16 ? "bf16" : "fp32",
+               (long long)ec.prefix_cache_checkpoints, double(in.fixed_bytes) / gib);
 }
 
 void load_runtime(ServerState& st) {
@@ -162,6 +165,7 @@ void load_runtime(ServerState& st) {
     rt.tmpl = std::make_unique<ChatTemplate>(ChatTemplate::from_source(src));
   }
   if (auto id = rt.tok->token_id("</think>")) rt.think_end_id = *id;
+  if (auto id = rt.tok->token_id("<|im_start|>")) rt.im_start_id = *id;
   if (rt.model->has_vision() && mc.image_token_id >= 0) {
     rt.image_token = int32_t(mc.image_token_id);
     rt.preprocess = vision::load_preprocess_config(cfg.model_dir);
@@ -222,6 +226,7 @@ void load_runtime(ServerState& st) {
   ec.vocab_limit = mc.text.vocab_size;
   ec.num_speculative_tokens = cfg.num_speculative_tokens;
   ec.step_graphs = !cfg.enforce_eager;
+  ec.prefix_cache_checkpoints = cfg.enable_prefix_caching ? cfg.prefix_cache_checkpoints : 0;
   size_pools_from_device_memory(cfg, *rt.model, ec);
   ec.draft_vocab_size = int64_t(lo.draft_vocab.size());
   rt.engine = std::make_unique<runtime::Engine>(*rt.model, ec);
@@ -237,7 +242,7 @@ struct Choice {
   std::unique_ptr<ChoiceOutput> out;
   bool done = false;
   std::string finish_reason;
-  int64_t prompt_tokens = 0, completion_tokens = 0;
+  int64_t prompt_tokens = 0, completion_tokens = 0, cached_tokens = 0;
   std::vector<int32_t> prompt, tokens;
   std::vector<sampling::TokenLogprob> logprobs;
   Clock::time_point last_token;
@@ -252,6 +257,18 @@ struct ChoiceUpdate {
   std::vector<sampling::TokenLogprob> logprobs;
   std::string finish_reason;  // set when this choice finished
 };
+
+// Prefix-cache hints of a rendered chat prompt (runtime::Request::cache_hints): where its second message starts (a
+// system prompt, often long and shared by every request of an agent) and where its last message before the
+// generation prompt starts (the conversation so far, which the next turn repeats).
+std::vector<int64_t> chat_cache_hints(const std::vector<int32_t>& prompt, int32_t im_start) {
+  std::vector<int64_t> at;
+  for (size_t i = 0; i < prompt.size(); ++i)
+    if (prompt[i] == im_start) at.push_back(int64_t(i));
+  std::vector<int64_t> hints;
+  if (at.size() >= 3) hints = {at[1], at[at.size() - 2]};
+  return hints;
+}
 
 class Generation {
  public:
@@ -387,6 +404,8 @@ class Generation {
         r->stop_token_ids = spec_.stop_token_ids;
         r->ignore_eos = spec_.ignore_eos;
         r->mm = mm_;
+        r->cache_salt = spec_.cache_salt;
+        if (spec_.chat) r->cache_hints = chat_cache_hints(prompts[pi], rt.im_start_id);
         c.req = r;
         c.out = std::make_unique<ChoiceOutput>(*rt.tok, spec_, reasoning, tools, spec_.tools);
         if (!forced.empty()) c.out->prime(forced);
@@ -488,6 +507,11 @@ class Generation {
     for (auto& c : choices_) n += c.completion_tokens;
     return n;
   }
+  int64_t cached_tokens() const {  // of each prompt's first choice, as prompt_tokens counts
+    int64_t n = 0;
+    for (size_t i = 0; i < choices_.size(); i += size_t(spec_.n)) n += choices_[i].cached_tokens;
+    return n;
+  }
 
  private:
   // OpenAI clients send assistant tool_calls with JSON-string arguments; Qwen's template iterates
@@ -553,6 +577,7 @@ class Generation {
     }
     // The engine's count includes a final stop token (as vLLM's usage does).
     if (d.completion_tokens > c.completion_tokens) c.completion_tokens = d.completion_tokens;
+    c.cached_tokens = d.cached_tokens;
     if (!c.done && d.finish != runtime::FinishReason::None) {
       c.done = true;
       switch (d.finish) {
@@ -667,7 +692,10 @@ json tool_call_deltas(const std::vector<ToolCallDelta>& tcs) {
 
 json usage_json(const Generation& g) {
   int64_t p = g.prompt_tokens(), c = g.completion_tokens();
-  return {{"prompt_tokens", p}, {"completion_tokens", c}, {"total_tokens", p + c}};
+  return {{"prompt_tokens", p},
+          {"completion_tokens", c},
+          {"total_tokens", p + c},
+          {"prompt_tokens_details", {{"cached_tokens", g.cached_tokens()}}}};
 }
 
 // ---------------------------------------------------------------------------------------------------

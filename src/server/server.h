@@ -35,6 +35,10 @@ struct ServerConfig {
   MediaConfig media;                  // images: sources, limits (docs/server.md)
   int64_t draft_vocab_size = 0;        //   "draft_vocab_size": N (reduced draft head; 0 = full vocabulary)
   std::string draft_vocab_file;        //   "draft_vocab_file": token ids, most frequent first
+  // Prefix caching (docs/engine.md "Prefix caching"): --enable-prefix-caching / --no-enable-prefix-caching,
+  // --prefix-cache-checkpoints N (DeltaNet state checkpoints kept; each one state slot of device memory).
+  bool enable_prefix_caching = true;
+  int64_t prefix_cache_checkpoints = 16;
 };
 
 // Starts listening, loads the model in the background (/health answers 503 until ready), serves until

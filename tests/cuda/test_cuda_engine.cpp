@@ -60,6 +60,80 @@ TEST(CudaEngine, GreedyIdenticalWithAndWithoutStepGraphs) {
   EXPECT_GT(graph_steps[1], 10);
 }
 
+// Prefix caching on the GPU (docs/engine.md "Prefix caching"): the golden prompts twice on one engine (the second
+// round resumes from the first round's checkpoints: the state copied device to device, the KV blocks shared) and
+// conversations that continue them; every greedy output equals the same request's on an engine without the cache.
+TEST(CudaEngine, PrefixCachingResumesWithTheSameTokens) {
+  DS_REQUIRE_GPU();
+  auto be = make_cuda_backend(0);
+  const std::string dir = test::cuda_data_dir() + "/tiny-moe/";
+  auto m = model::Model::load(dir + "tiny-moe-int4", *be);
+  auto g = test::read_json(dir + "golden.json");
+  std::vector<std::vector<int32_t>> prompts;
+  for (auto& p : g["text"]["int4"]) prompts.push_back(p["prompt"].get<std::vector<int32_t>>());
+  auto config = [](int64_t checkpoints) {
+    runtime::EngineConfig c;
+    c.max_num_seqs = 4;
+    c.max_num_batched_tokens = 64;
+    c.max_model_len = 512;
+    c.block_size = 16;
+    c.prefix_cache_checkpoints = checkpoints;
+    return c;
+  };
+  auto run = [&](runtime::Engine& e, const std::vector<std::vector<int32_t>>& ps, uint64_t base,
+                 std::vector<int64_t>* cached = nullptr) {
+    std::vector<std::shared_ptr<runtime::Request>> reqs;
+    for (size_t i = 0; i < ps.size(); ++i) {
+      auto r = std::make_shared<runtime::Request>();
+      r->id = base + i;
+      r->prompt = ps[i];
+      r->max_tokens = 16;
+      r->ignore_eos = true;
+      r->sampling.temperature = 0.f;
+      e.submit(r);
+      reqs.push_back(r);
+    }
+    while (e.step()) {
+    }
+    std::vector<std::vector<int32_t>> out;
+    for (auto& r : reqs) {
+      std::vector<int32_t> toks;
+      int64_t c = 0;
+      while (auto d = r->out->pop(std::chrono::milliseconds(0))) {
+        toks.insert(toks.end(), d->tokens.begin(), d->tokens.end());
+        c = d->cached_tokens;
+      }
+      out.push_back(toks);
+      if (cached) cached->push_back(c);
+    }
+    return out;
+  };
+  runtime::Engine e(*m, config(16));
+  const auto first = run(e, prompts, 0);
+  std::vector<int64_t> cached;
+  const auto second = run(e, prompts, 100, &cached);
+  std::vector<std::vector<int32_t>> turn2;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    turn2.push_back(prompts[i]);
+    turn2.back().insert(turn2.back().end(), first[i].begin(), first[i].end());
+    turn2.back().insert(turn2.back().end(), prompts[2].begin(), prompts[2].begin() + 10);
+  }
+  std::vector<int64_t> cached2;
+  const auto continued = run(e, turn2, 200, &cached2);
+  runtime::Engine plain(*m, config(0));
+  const auto want_first = run(plain, prompts, 0);
+  const auto want_continued = run(plain, turn2, 200);
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    EXPECT_EQ(first[i], want_first[i]) << "prompt " << i;
+    EXPECT_EQ(second[i], want_first[i]) << "prompt " << i << " again";
+    EXPECT_EQ(continued[i], want_continued[i]) << "prompt " << i << " continued";
+    EXPECT_EQ(cached[i], int64_t(prompts[i].size() - 1) / 16 * 16) << "prompt " << i;
+    EXPECT_EQ(cached2[i], int64_t(prompts[i].size() - 1) / 16 * 16) << "prompt " << i << " continued";
+  }
+  EXPECT_GT(e.metrics().prefix_cache_hits_total, 0);
+  EXPECT_EQ(e.metrics().kv_blocks_used, 0);
+}
+
 // Greedy and seeded requests (every filter, penalties, bias) batched on the GPU: sample_rows on the device and the
 // host sampler over the copied logits pick the same tokens. Both paths see the same logits (the forward does
 // not depend on the sampler), so only a draw within float rounding of a cumulative boundary could differ

@@ -72,7 +72,7 @@ struct Result {
   FinishReason finish = FinishReason::None;
   int32_t stop_token = -1;
   std::string error;
-  int64_t prompt_tokens = 0, completion_tokens = 0;
+  int64_t prompt_tokens = 0, completion_tokens = 0, cached_tokens = 0;
   int deltas = 0;
 };
 
@@ -94,6 +94,7 @@ Result collect(Request& r, std::chrono::milliseconds timeout = 120000ms) {
     res.error = d->error;
     res.prompt_tokens = d->prompt_tokens;
     res.completion_tokens = d->completion_tokens;
+    res.cached_tokens = d->cached_tokens;
   }
   return res;
 }
@@ -328,6 +329,188 @@ TEST(Engine, DeviceSamplingEqualsHostSampling) {
   EXPECT_EQ(out[1][6].logprobs.size(), out[1][6].tokens.size());
   EXPECT_EQ(dev_steps[0], 0);
   EXPECT_GT(dev_steps[1], 5);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Prefix caching (docs/engine.md "Prefix caching").
+
+// The cache manager's bookkeeping: checkpoints share their blocks with the sequences that resume from them, the
+// longest checkpoint of the right salt wins, the least recently used one goes first, and every block comes back.
+TEST(PrefixCache, CheckpointBookkeeping) {
+  auto& m = *fx().m;
+  CacheManager cm(m, /*num_blocks=*/12, /*block_size=*/4, /*num_slots=*/2, 0, /*num_checkpoints=*/2);
+  std::vector<int32_t> toks(20);
+  for (int i = 0; i < 20; ++i) toks[size_t(i)] = 100 + i;
+  SeqCache a;
+  ASSERT_TRUE(cm.start(a));
+  ASSERT_TRUE(cm.reserve(a, 10));  // 3 blocks
+  a.len = 8;
+  cm.save(a, "", toks);  // tokens [0, 8): 2 blocks shared
+  EXPECT_EQ(cm.num_checkpoints(), 1);
+  cm.save(a, "", toks);  // the same tokens: no second checkpoint
+  EXPECT_EQ(cm.num_checkpoints(), 1);
+  EXPECT_EQ(cm.free_blocks(), 9);
+  EXPECT_EQ(cm.cached_blocks(), 0);  // a still holds them
+  cm.release(a);
+  EXPECT_EQ(cm.free_blocks(), 10);
+  EXPECT_EQ(cm.cached_blocks(), 2);
+
+  // A lookup needs the whole checkpoint inside tokens[0, limit) and the same salt.
+  EXPECT_EQ(cm.lookup("", toks, 20).len, 8);
+  EXPECT_EQ(cm.lookup("", toks, 7).entry, -1);
+  EXPECT_EQ(cm.lookup("", toks, 7).common, 8);
+  EXPECT_EQ(cm.lookup("other", toks, 20).entry, -1);
+  std::vector<int32_t> diverged = toks;
+  diverged[5] = 7;
+  PrefixHit d = cm.lookup("", diverged, 20);
+  EXPECT_EQ(d.entry, -1);
+  EXPECT_EQ(d.common, 5);
+
+  // Resume: the blocks are shared (not free, not only cached), len = 8.
+  SeqCache b;
+  ASSERT_TRUE(cm.start(b));
+  cm.attach(b, cm.lookup("", toks, 20));
+  EXPECT_EQ(b.len, 8);
+  EXPECT_EQ(b.blocks.size(), 2u);
+  EXPECT_EQ(cm.cached_blocks(), 0);
+  ASSERT_TRUE(cm.reserve(b, 8));  // positions 8..15: 2 new blocks
+  EXPECT_EQ(b.blocks.size(), 4u);
+  b.len = 16;
+  cm.save(b, "", toks);  // a longer checkpoint, sharing the first two blocks with the first
+  EXPECT_EQ(cm.num_checkpoints(), 2);
+  EXPECT_EQ(cm.lookup("", toks, 20).len, 16);  // the longest wins
+  EXPECT_EQ(cm.lookup("", toks, 15).len, 8);
+  cm.release(b);
+  EXPECT_EQ(cm.cached_blocks(), 4);
+  EXPECT_EQ(cm.free_blocks(), 8);
+
+  // A third checkpoint takes the least recently used one's slot (the 8-token one was used by b's attach, then the
+  // 16-token one was saved: the 8-token one goes).
+  SeqCache c;
+  ASSERT_TRUE(cm.start(c));
+  ASSERT_TRUE(cm.reserve(c, 4));
+  c.len = 4;
+  std::vector<int32_t> other(4, 9);
+  cm.save(c, "s", other);
+  EXPECT_EQ(cm.num_checkpoints(), 2);
+  EXPECT_EQ(cm.lookup("", toks, 20).len, 16);
+  EXPECT_EQ(cm.lookup("", toks, 15).entry, -1);
+  EXPECT_EQ(cm.lookup("s", other, 5).len, 4);
+  cm.release(c);
+
+  // Short of blocks, reserve() evicts checkpoints (oldest first) before it gives up.
+  SeqCache big;
+  ASSERT_TRUE(cm.start(big));
+  EXPECT_EQ(cm.free_blocks(), 12 - 5);
+  ASSERT_TRUE(cm.reserve(big, 12 * 4));  // every block
+  EXPECT_EQ(cm.num_checkpoints(), 0);
+  EXPECT_EQ(cm.cached_blocks(), 0);
+  EXPECT_FALSE(cm.reserve(big, 49));
+  cm.release(big);
+  EXPECT_EQ(cm.free_blocks(), 12);
+}
+
+EngineConfig cached_config() {
+  EngineConfig c = base_config();
+  c.prefix_cache_checkpoints = 4;
+  return c;
+}
+
+Result run_on(Engine& e, std::shared_ptr<Request> r) {
+  e.submit(r);
+  drain(e);
+  return collect(*r, 0ms);
+}
+
+// One engine, requests one after another: the same prompt again, a conversation that continues it, prompts that
+// share a system-prompt-like head with different tails. Every output equals the request's output alone on an
+// engine without prefix caching; cached_tokens says where each resumed.
+TEST(PrefixCache, ResumedRequestsGetTheirAloneOutputs) {
+  auto& f = fx();
+  const auto& p = f.prompts[3];  // 150 tokens
+  ASSERT_EQ(p.size(), 150u);
+  Engine e(*f.m, cached_config());
+  uint64_t id = 1;
+  auto check = [&](std::vector<int32_t> prompt, int64_t want_cached, const char* what) {
+    auto proto = make_req(id++, prompt, 16);
+    Result alone = run_alone(*proto);
+    Result got = run_on(e, proto);
+    EXPECT_EQ(got.tokens, alone.tokens) << what;
+    EXPECT_EQ(got.cached_tokens, want_cached) << what;
+    EXPECT_EQ(alone.cached_tokens, 0) << what;
+    return got;
+  };
+  Result first = check(p, 0, "first");           // leaves a checkpoint at 144 = (150 - 1) / 16 * 16
+  EXPECT_EQ(first.tokens, std::vector<int32_t>(f.greedy[3].begin(), f.greedy[3].begin() + 16));
+  check(p, 144, "same prompt again");
+  std::vector<int32_t> turn2 = p;
+  turn2.insert(turn2.end(), first.tokens.begin(), first.tokens.end());
+  turn2.insert(turn2.end(), f.prompts[2].begin(), f.prompts[2].begin() + 20);  // 186 tokens
+  check(turn2, 144, "the conversation continued");                            // leaves one at 176
+  check(turn2, 176, "the continued conversation again");
+  // Same first 100 tokens as p, another tail: no checkpoint inside the shared part yet (miss), but this request
+  // leaves one at 96, where the next such request resumes.
+  std::vector<int32_t> tail_a(p.begin(), p.begin() + 100), tail_b(p.begin(), p.begin() + 100);
+  tail_a.insert(tail_a.end(), f.prompts[4].begin(), f.prompts[4].begin() + 30);
+  tail_b.insert(tail_b.end(), f.prompts[4].begin() + 50, f.prompts[4].begin() + 75);
+  check(tail_a, 0, "shared head, first tail");
+  check(tail_b, 96, "shared head, second tail");
+  const EngineMetrics m = e.metrics();
+  EXPECT_EQ(m.prefix_cache_hits_total, 144 + 144 + 176 + 96);
+  EXPECT_EQ(m.prefix_cache_queries_total, 150 * 2 + 186 * 2 + 130 + 125);
+  EXPECT_EQ(m.prefix_cache_checkpoints, 4);  // 144, 176, 96, 128, 112 went in: the capacity, 4, are left
+  expect_empty(m);
+  EXPECT_GT(m.kv_blocks_cached, 0);
+}
+
+TEST(PrefixCache, SaltsAndImagesDoNotShare) {
+  auto& f = fx();
+  Engine e(*f.m, cached_config());
+  auto a = make_req(1, f.prompts[3], 4);
+  a->cache_salt = "tenant-a";
+  EXPECT_EQ(run_on(e, a).cached_tokens, 0);
+  auto b = make_req(2, f.prompts[3], 4);
+  b->cache_salt = "tenant-b";
+  EXPECT_EQ(run_on(e, b).cached_tokens, 0);
+  auto a2 = make_req(3, f.prompts[3], 4);
+  a2->cache_salt = "tenant-a";
+  EXPECT_EQ(run_on(e, a2).cached_tokens, 144);
+  auto plain = make_req(4, f.prompts[3], 4);
+  EXPECT_EQ(run_on(e, plain).cached_tokens, 0);
+}
+
+// Concurrent and preempted sequences with prefix caching on (mix12's prompts are slices of the golden prompts, so
+// they share heads): every request gets its alone output, and the pool is whole again afterwards.
+TEST(PrefixCache, ConcurrencyAndPreemptionKeepOutputs) {
+  const auto& alone = mix12_alone();
+  for (int pass = 0; pass < 2; ++pass) {
+    auto reqs = mix12();
+    EngineConfig c = cached_config();
+    c.max_num_seqs = pass == 0 ? 4 : 6;
+    c.max_num_batched_tokens = pass == 0 ? 64 : 96;
+    if (pass == 1) c.num_blocks = 40;  // preemptions, and checkpoints evicted for the running sequences
+    Engine e(*fx().m, c);
+    // Twice each: the second round resumes from what the first left.
+    for (int round = 0; round < 2; ++round) {
+      for (auto& r : reqs) {
+        r->out = std::make_shared<DeltaChannel>();
+        e.submit(r);
+      }
+      drain(e);
+      for (size_t i = 0; i < reqs.size(); ++i) {
+        auto res = collect(*reqs[i], 0ms);
+        EXPECT_EQ(res.tokens, alone[i].tokens) << "pass " << pass << " round " << round << " request " << i;
+        EXPECT_EQ(res.finish, alone[i].finish) << "pass " << pass << " round " << round << " request " << i;
+      }
+    }
+    auto m = e.metrics();
+    std::printf("  pass %d: prefix cache hits %lld of %lld prompt tokens, %lld preemptions\n", pass,
+                (long long)m.prefix_cache_hits_total, (long long)m.prefix_cache_queries_total,
+                (long long)m.preemptions_total);
+    EXPECT_GT(m.prefix_cache_hits_total, 0);
+    if (pass == 1) EXPECT_GT(m.preemptions_total, 0);
+    expect_empty(m);
+  }
 }
 
 // Model::kv_block_bytes / state_slot_bytes / gdn_log_row_bytes are what alloc_caches really allocates per block, per

@@ -108,7 +108,7 @@ struct Out {
   std::vector<int32_t> tokens;
   FinishReason finish = FinishReason::None;
   std::string error;
-  int64_t prompt_tokens = 0;
+  int64_t prompt_tokens = 0, cached_tokens = 0;
 };
 
 Out collect(Request& r) {
@@ -118,6 +118,7 @@ Out collect(Request& r) {
     o.finish = d->finish;
     o.error = d->error;
     o.prompt_tokens = d->prompt_tokens;
+    o.cached_tokens = d->cached_tokens;
   }
   return o;
 }
@@ -165,6 +166,33 @@ TEST(EngineImages, ChunkedPrefillAndBatchingWithTextRequests) {
     want.resize(8);
     EXPECT_EQ(collect(*texts[i]).tokens, want) << "text request " << i;
   }
+}
+
+// Prefix caching: the placeholder ids do not say which image they stand for, so image prompts neither leave
+// checkpoints nor resume from one, not even from a text prompt of the very same ids.
+TEST(EngineImages, PrefixCachingLeavesImagePromptsAlone) {
+  EngineConfig c = config();
+  c.prefix_cache_checkpoints = 4;
+  Engine e(*fx().m, c);
+  auto run = [&](std::shared_ptr<Request> r) {
+    e.submit(r);
+    drain(e);
+    return collect(*r);
+  };
+  Out first = run(image_req(1));
+  EXPECT_EQ(first.tokens, fx().reference);
+  EXPECT_EQ(first.cached_tokens, 0);
+  EXPECT_EQ(e.metrics().prefix_cache_checkpoints, 0);
+  auto same_ids = image_req(2);
+  same_ids->mm = nullptr;
+  EXPECT_EQ(run(same_ids).cached_tokens, 0);
+  EXPECT_EQ(e.metrics().prefix_cache_checkpoints, 1);  // the text prompt leaves one
+  Out again = run(image_req(3));
+  EXPECT_EQ(again.tokens, fx().reference);
+  EXPECT_EQ(again.cached_tokens, 0);
+  auto same_ids2 = image_req(4);
+  same_ids2->mm = nullptr;
+  EXPECT_GT(run(same_ids2).cached_tokens, 0);  // text prompts do share
 }
 
 TEST(EngineImages, PreemptionRecomputesWithTheSameFeatures) {

@@ -552,6 +552,40 @@ EngineConfig recording(EngineConfig c, Proposals& out) {
   return c;
 }
 
+// Prefix caching under speculation: a checkpoint's blocks carry the MTP layer's KV of its positions too, so a request
+// that resumes from one drafts exactly what it drafted the first time (every proposal the same), and the greedy
+// output stays the plain run's.
+TEST(SpecEngine, PrefixCachingKeepsOutputsAndProposals) {
+  Fixture& f = fixture("tiny-moe", "bf16");
+  const int64_t N = 12;
+  auto make = [&](uint64_t base) {
+    std::vector<std::shared_ptr<Request>> rs;
+    for (size_t i = 0; i < f.prompts.size(); ++i) rs.push_back(req(base + i, f.prompts[i], N));
+    return rs;
+  };
+  const auto want = run_all(*f.m, config(0), make(0));
+  Proposals props;
+  EngineConfig c = recording(config(2), props);
+  c.prefix_cache_checkpoints = 8;
+  Engine e(*f.m, c);
+  std::vector<Proposals> rounds(2);
+  for (int round = 0; round < 2; ++round) {
+    props.clear();
+    auto rs = make(uint64_t(round) * 100);
+    for (auto& r : rs) e.submit(r);
+    while (e.step()) {
+    }
+    for (size_t i = 0; i < rs.size(); ++i) EXPECT_EQ(collect(*rs[i]).tokens, want[i].tokens) << "round " << round << " prompt " << i;
+    for (auto [id, index, p] : props) rounds[size_t(round)].push_back({id % 100, index, p});
+    std::sort(rounds[size_t(round)].begin(), rounds[size_t(round)].end());
+  }
+  const runtime::EngineMetrics m = e.metrics();
+  EXPECT_EQ(m.prefix_cache_hits_total, 32 + 144 + 320);  // the 40-, 150- and 333-token prompts' second round
+  EXPECT_FALSE(rounds[0].empty());
+  EXPECT_EQ(rounds[1], rounds[0]);
+  expect_empty(m);
+}
+
 // The draft head over the N lowest ids (the default choice): greedy output identical to no speculation for
 // K = 1..4, every proposal inside the subset.
 TEST(SpecReducedDraft, GreedyOutputUnchangedAndProposalsInTheSubset) {

@@ -1,0 +1,85 @@
+// Prefix caching through the official openai SDK: a conversation's later turns and a shared system prompt resume
+// from checkpoints (usage.prompt_tokens_details.cached_tokens), with the same output as a server without the cache;
+// cache_salt keeps requests apart; the counters reach /metrics.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import OpenAI from 'openai';
+import { startServer, metrics } from './server.mjs';
+
+let cached, plain, c1, c2;
+before(async () => {
+  [cached, plain] = await Promise.all([startServer(['--max-model-len', '1024']),
+                                       startServer(['--max-model-len', '1024', '--no-enable-prefix-caching'])]);
+  c1 = new OpenAI({ baseURL: `${cached.base}/v1`, apiKey: 'unused', maxRetries: 0 });
+  c2 = new OpenAI({ baseURL: `${plain.base}/v1`, apiKey: 'unused', maxRetries: 0 });
+});
+after(async () => {
+  assert.equal((await cached.stop()).code, 0);
+  assert.equal((await plain.stop()).code, 0);
+});
+
+const system = { role: 'system', content: 'You are a careful assistant. ' + 'Answer briefly and cite the rules you follow. '.repeat(8) };
+const ask = (messages, extra = {}) => ({ model: 'tiny', messages, max_tokens: 10, temperature: 0,
+                                         chat_template_kwargs: { enable_thinking: false }, ...extra });
+
+test('a conversation resumes from the previous turn; outputs equal a server without the cache', async () => {
+  let messages = [system, { role: 'user', content: 'What is the capital of France?' }];
+  const seen = [];
+  for (let turn = 0; turn < 3; ++turn) {
+    const a = await c1.chat.completions.create(ask(messages));
+    const b = await c2.chat.completions.create(ask(messages));
+    assert.equal(a.choices[0].message.content, b.choices[0].message.content, `turn ${turn}`);
+    assert.equal(a.usage.prompt_tokens, b.usage.prompt_tokens);
+    assert.equal(b.usage.prompt_tokens_details.cached_tokens, 0);
+    const got = a.usage.prompt_tokens_details.cached_tokens;
+    seen.push(got);
+    if (turn > 0) {
+      assert.ok(got > 0 && got % 16 === 0 && got < a.usage.prompt_tokens, `turn ${turn}: cached ${got} of ${a.usage.prompt_tokens}`);
+      assert.ok(got > seen[turn - 1], `turn ${turn} resumes later than turn ${turn - 1}`);
+    }
+    messages = [...messages, { role: 'assistant', content: a.choices[0].message.content },
+                { role: 'user', content: `And number ${turn + 2}?` }];
+  }
+  assert.equal(seen[0], 0);
+});
+
+test('a shared system prompt: later requests resume after it; streamed usage too', async () => {
+  const sys = { role: 'system', content: 'Rules of the house: ' + 'be kind, be exact, be brief. '.repeat(12) };
+  const r1 = await c1.chat.completions.create(ask([sys, { role: 'user', content: 'Tell me about cats.' }]));
+  const r2 = await c1.chat.completions.create(ask([sys, { role: 'user', content: 'Tell me about owls, please.' }]));
+  assert.equal(r1.usage.prompt_tokens_details.cached_tokens, 0);
+  // The first request left a checkpoint where its user message starts (the server's hint), rounded down to 16.
+  assert.ok(r2.usage.prompt_tokens_details.cached_tokens >= 64, `cached ${r2.usage.prompt_tokens_details.cached_tokens}`);
+  const req3 = ask([sys, { role: 'user', content: 'Something about rivers.' }]);
+  const stream = await c1.chat.completions.create({ ...req3, stream: true, stream_options: { include_usage: true } });
+  let usage = null, text = '';
+  for await (const chunk of stream) {
+    if (chunk.usage) usage = chunk.usage;
+    for (const c of chunk.choices) text += c.delta.content ?? '';
+  }
+  assert.ok(usage.prompt_tokens_details.cached_tokens >= 64, `cached ${usage.prompt_tokens_details.cached_tokens}`);
+  const ref = await c2.chat.completions.create(req3);
+  assert.equal(text, ref.choices[0].message.content);
+  const m = await metrics(cached.base);
+  assert.ok(m.get('prefix_cache_hits_total') > 0);
+  assert.ok(m.get('prefix_cache_queries_total') >= m.get('prefix_cache_hits_total'));
+  assert.ok(m.get('prefix_cache_checkpoints') > 0);
+  assert.equal((await metrics(plain.base)).get('prefix_cache_hits_total'), 0);
+});
+
+test('cache_salt: only requests with the same salt share; a bad salt is a 400', async () => {
+  const msgs = [system, { role: 'user', content: 'Salted question number one.' }];
+  const a = await c1.chat.completions.create(ask(msgs, { cache_salt: 'tenant-a' }));
+  const b = await c1.chat.completions.create(ask(msgs, { cache_salt: 'tenant-b' }));
+  const a2 = await c1.chat.completions.create(ask(msgs, { cache_salt: 'tenant-a' }));
+  assert.equal(b.usage.prompt_tokens_details.cached_tokens, 0);
+  assert.ok(a2.usage.prompt_tokens_details.cached_tokens > 0);
+  assert.equal(a.choices[0].message.content, a2.choices[0].message.content);
+  for (const bad of [7, '']) {
+    await assert.rejects(c1.chat.completions.create(ask(msgs, { cache_salt: bad })), (e) => {
+      assert.equal(e.status, 400);
+      assert.match(e.message, /cache_salt/);
+      return true;
+    });
+  }
+});

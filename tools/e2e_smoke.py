@@ -2,7 +2,8 @@
 """Server end-to-end smoke test for machines without Node.js (the GPU host): standard library only.
 Starts `deltaserve serve` with the given backend, then checks: /health, /v1/models, greedy completions equal
 for concurrent streaming and solo runs (batching invariance), SSE framing and usage, a chat with a named tool
-call, an image request, malformed input, metrics back to zero, graceful SIGTERM (exit 0).
+call, an image request, structured outputs, prefix caching, malformed input, metrics back to zero, graceful SIGTERM
+(exit 0).
 
   tools/e2e_smoke.py BINARY MODEL_DIR [--backend cuda]
 """
@@ -151,6 +152,29 @@ st, body = post("/v1/completions", {"prompt": prompts[0], "max_tokens": 1, "temp
 one = len(json.loads(post("/tokenize", {"prompt": word.strip()})[1])["tokens"]) == 1
 got = json.loads(body)["choices"][0]["token_ids"] if st == 200 else []
 check(st == 200 and (not one or got != [ref]), f"bad_words {word!r} keeps greedy token {ref} out: {got}")
+# Prefix caching (on by default): a long prompt again and continued resumes from checkpoints with the tokens of a
+# cold run (a fresh cache_salt shares nothing); concurrent continuations too.
+def cached_run(p, n, salt=None):
+    body = {"prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    if salt:
+        body["cache_salt"] = salt
+    st, b = post("/v1/completions", body)
+    j = json.loads(b)
+    return j["choices"][0]["token_ids"], j["usage"]["prompt_tokens_details"]["cached_tokens"]
+long_p = [(i * 37) % 1900 + 20 for i in range(300)]
+t1, c1 = cached_run(long_p, 12)
+t2, c2 = cached_run(long_p, 12)
+check(c1 == 0 and c2 == 288 and t2 == t1, f"prefix cache: the same prompt resumes at 288 (cached {c1}, {c2})")
+conts = [long_p + t1 + [5 + i, 6, 7 + i] * (i + 1) for i in range(6)]
+cold = [cached_run(p, 10, salt=f"cold-{i}") for i, p in enumerate(conts)]
+warm = [None] * 6
+def run_warm(i):
+    warm[i] = cached_run(conts[i], 10)
+ths = [threading.Thread(target=run_warm, args=(i,)) for i in range(6)]
+for t in ths: t.start()
+for t in ths: t.join()
+check(all(c[1] == 0 for c in cold) and all(w[1] >= 288 for w in warm) and all(w[0] == c[0] for w, c in zip(warm, cold)),
+      "prefix cache: 6 concurrent continuations resume (cached " + str([w[1] for w in warm]) + ") with the cold runs' tokens")
 st, body = post("/v1/chat/completions", b'{"messages": [')
 check(st == 400 and "not valid JSON" in json.loads(body)["error"]["message"], "malformed JSON is a 400")
 st, body = post("/v1/completions", {"prompt": [1, 2], "max_tokens": 5000})

@@ -699,6 +699,74 @@ std::string kernel_times_table(const std::string& what, TimingBackend& be, bool 
 #endif
 }
 
+// ---- prefix caching through the engine ----
+//
+// Time to first token of a prompt of L tokens through runtime::Engine (one sequence, prefill chunks of `chunk`
+// tokens): cold, then the same prompt again (it resumes from the checkpoint its first run left at the last block
+// boundary before its last token) and the prompt continued by `extra` new tokens (a conversation's next turn:
+// resumes at the same checkpoint). A warm-up request of another prompt of the same length runs first.
+void bench_prefix_cache(model::Model& m, const std::vector<int64_t>& lengths, int64_t chunk, int64_t checkpoints,
+                        std::mt19937& rng) {
+  const int64_t V = m.config().text.vocab_size, extra = 64;
+  std::printf("## Prefix caching, time to first token (engine path; prefill chunks of %lld tokens; %lld checkpoints; "
+              "one DeltaNet checkpoint = %.1f MiB)\n\n",
+              (long long)chunk, (long long)checkpoints, double(m.state_slot_bytes()) / (1 << 20));
+  std::printf("| prompt | cold TTFT ms | same prompt: cached tokens | TTFT ms | × cold | continued (+%lld): cached "
+              "| TTFT ms | its cold TTFT ms | × cold |\n|---|---|---|---|---|---|---|---|---|\n",
+              (long long)extra);
+  for (int64_t L : lengths) {
+    runtime::EngineConfig ec;
+    ec.max_num_seqs = 1;
+    ec.max_num_batched_tokens = chunk;
+    ec.max_model_len = L + extra + 8;
+    ec.prefix_cache_checkpoints = checkpoints;
+    runtime::Engine e(m, ec);
+    auto random_prompt = [&](int64_t n) {
+      std::vector<int32_t> p(static_cast<size_t>(n));
+      for (auto& x : p) x = int32_t(rng() % uint32_t(std::min<int64_t>(V, 150000)));
+      return p;
+    };
+    uint64_t id = 0;
+    auto ttft = [&](const std::vector<int32_t>& prompt, int64_t* cached, const char* salt = "") {
+      auto q = std::make_shared<runtime::Request>();
+      q->id = ++id;
+      q->cache_salt = salt;
+      q->prompt = prompt;
+      q->max_tokens = 1;
+      q->sampling.temperature = 0.f;
+      q->ignore_eos = true;
+      const auto t0 = Clock::now();
+      e.submit(q);
+      bool done = false;
+      while (!done && e.step())
+        while (auto d = q->out->pop(std::chrono::milliseconds(0))) {
+          if (d->finish == runtime::FinishReason::Error) fail("bench --prefix-cache: ", d->error);
+          if (d->finish != runtime::FinishReason::None) {
+            done = true;
+            if (cached) *cached = d->cached_tokens;
+          }
+        }
+      m.backend().synchronize();
+      return secs_since(t0) * 1e3;
+    };
+    ttft(random_prompt(L), nullptr);  // warm-up (its checkpoint shares nothing with what follows)
+    const auto prompt = random_prompt(L);
+    auto longer = prompt;
+    const auto more = random_prompt(extra);
+    longer.insert(longer.end(), more.begin(), more.end());
+    int64_t c_same = 0, c_cont = 0;
+    const double cold = ttft(prompt, nullptr);
+    const double same = ttft(prompt, &c_same);
+    const double cont = ttft(longer, &c_cont);
+    // The continued prompt cold, its own baseline: another cache_salt shares no checkpoint.
+    const double cont_cold = ttft(longer, nullptr, "cold");
+    std::printf("| %lld | %.1f | %lld | %.1f | %.1f | %lld | %.1f | %.1f | %.1f |\n", (long long)L, cold,
+                (long long)c_same, same, cold / same, (long long)c_cont, cont, cont_cold, cont_cold / cont);
+    std::fflush(stdout);
+  }
+  std::printf("\n");
+}
+
 }  // namespace
 
 int cmd_bench(int argc, char** argv) {
@@ -706,7 +774,7 @@ int cmd_bench(int argc, char** argv) {
   a.only("bench", {"random-weights", "config", "config-override", "backend", "bf16", "batch", "context", "prefill",
                    "steps", "no-graph", "breakdown", "kernel-times", "prefill-chunk", "prefill-reps", "block-size",
                    "seed", "variants", "mamba-ssm-cache-dtype", "speculative", "oracle-p", "draft-vocab",
-                   "draft-vocab-file", "spec-prompt", "spec-tokens", "vision"});
+                   "draft-vocab-file", "spec-prompt", "spec-tokens", "vision", "prefix-cache"});
   if (!a.has("random-weights")) fail("bench: only --random-weights is supported (give --config config.json)");
   const std::string cfg_path = a.require("config");
   const std::string backend_name = a.get("backend", "cuda");
@@ -719,7 +787,11 @@ int cmd_bench(int argc, char** argv) {
   // asked for, and without them no text weights are built.
   const bool vis = a.has("vision");
   const auto vsizes = vis ? vision_sizes(a.get("vision")) : std::vector<std::pair<int64_t, int64_t>>{};
-  const bool text_default = !spec && !vis;
+  // --prefix-cache L1,L2,..: the engine-path prefix-caching table (bench_prefix_cache); the text tables then run
+  // only if asked for.
+  const bool pc = a.has("prefix-cache");
+  const auto pc_lengths = pc ? int_list(a, "prefix-cache", "4096,32768") : std::vector<int64_t>{};
+  const bool text_default = !spec && !vis && !pc;
   const auto batches = int_list(a, "batch", text_default ? "1,8,32,64,128" : "");
   const auto contexts = int_list(a, "context", text_default ? "1024,8192" : "");
   const auto prefills = int_list(a, "prefill", text_default ? "1024,4096,16384,32768" : "");
@@ -1213,6 +1285,7 @@ int cmd_bench(int argc, char** argv) {
   }
 
   if (spec) bench_speculative(*m, sb, rng);
+  if (pc) bench_prefix_cache(*m, pc_lengths, chunk > 0 ? chunk : 8192, 4, rng);
   if (vis) bench_vision(cfg, *be_owned, vsizes, steps, seed, mm_rate);
   return 0;
 }

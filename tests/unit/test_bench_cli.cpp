@@ -141,6 +141,19 @@ TEST(BenchCli, SpeculativeOracle) {
   EXPECT_NE(r.out.find("best K"), std::string::npos) << r.out;
 }
 
+// --prefix-cache alone: the prefix-caching table through the engine, each prompt resumed from its checkpoint (the
+// last block boundary before its last token), the continued prompt too; no decode or prefill tables.
+TEST(BenchCli, PrefixCacheTable) {
+  auto r = bench_tiny("--backend cpu --prefix-cache 40,100");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("## Prefix caching"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("| 40 | "), std::string::npos) << r.out;
+  // cached tokens: 32 for the 40-token prompt (again and continued), 96 for the 100-token one.
+  EXPECT_NE(r.out.find(" | 32 | "), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find(" | 96 | "), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("## Decode"), std::string::npos) << r.out;
+}
+
 // --vision alone: the vision-tower table only (no text weights built), on the tiny config's tower.
 TEST(BenchCli, VisionTowerTable) {
   auto r = bench_tiny("--backend cpu --vision 64x64,100x40 --steps 1");

@@ -2,8 +2,8 @@
 """Server end-to-end smoke test for machines without Node.js (the GPU host): standard library only.
 Starts `deltaserve serve` with the given backend, then checks: /health, /v1/models, greedy completions equal
 for concurrent streaming and solo runs (batching invariance), SSE framing and usage, a chat with a named tool
-call, an image request, structured outputs, prefix caching, malformed input, metrics back to zero, graceful SIGTERM
-(exit 0).
+call, a constrained named tool call, an image request, structured outputs, prefix caching, malformed input, metrics
+back to zero, graceful SIGTERM (exit 0).
 
   tools/e2e_smoke.py BINARY MODEL_DIR [--backend cuda]
 """
@@ -76,6 +76,24 @@ st, body = post("/v1/chat/completions", {"messages": [{"role": "user", "content"
                                           "max_tokens": 16})
 calls = json.loads(body)["choices"][0]["message"].get("tool_calls") or []
 check(st == 200 and calls and calls[0]["function"]["name"] == "get_weather", "named tool call")
+# Constrained tool call (docs/server.md "Constrained tool calls"): named, an enum + integer + boolean tool; the
+# random model's call finishes and its arguments have the schema's types.
+timer = {"type": "function", "function": {"name": "set_timer", "parameters": {"type": "object", "properties": {
+         "unit": {"type": "string", "enum": ["seconds", "minutes"]}, "amount": {"type": "integer"},
+         "loud": {"type": "boolean"}}, "required": ["unit", "amount", "loud"]}}}
+st, body = post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Timer?"}], "tools": [timer, tool],
+                                          "tool_choice": {"type": "function", "function": {"name": "set_timer"}},
+                                          "max_tokens": 400, "temperature": 0})
+ok = st == 200
+if ok:
+    ch = json.loads(body)["choices"][0]
+    calls = ch["message"].get("tool_calls") or []
+    args = json.loads(calls[0]["function"]["arguments"]) if calls else {}
+    ok = (ch["finish_reason"] == "tool_calls" and len(calls) == 1 and calls[0]["function"]["name"] == "set_timer" and
+          args.get("unit") in ("seconds", "minutes") and type(args.get("amount")) is int and
+          type(args.get("loud")) is bool)
+check(ok, "constrained named tool call (finish_reason tool_calls, arguments of the schema's types)" +
+      ("" if ok else f": {st} {body[:300]}"))
 # An image (data: URL of the fixtures' picture): served on every backend, the same greedy output twice.
 png = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data", "tiny-moe", "image.png")
 if os.path.exists(png):

@@ -197,7 +197,9 @@ void Engine::submit(std::shared_ptr<Request> r) {
   sampling::check_params(r->sampling, cfg_.vocab_limit);
   if (r->mm) check_mm(*r, P);
   // The ids that end the output: what a grammar allows once its text is complete, what min_tokens holds back.
-  if (r->sampling.grammar && r->ignore_eos)
+  // (A tool-call grammar closes with its own token and, after_close kFree, leaves the end to the model.)
+  if (r->sampling.grammar && r->ignore_eos &&
+      (r->sampling.grammar_close < 0 || r->sampling.after_close != sampling::SamplingParams::AfterClose::kFree))
     fail("structured output: ignore_eos cannot be combined with a grammar (the output ends where the grammar's text "
          "is complete)");
   r->sampling.end_ids = r->ignore_eos ? std::vector<int32_t>{} : cfg_.eos_token_ids;
@@ -535,7 +537,8 @@ void Engine::Impl::place_images(const Schedule& sc, BatchMeta& b) {
 int64_t Engine::Impl::drafts_wanted(Sequence* s) {
   const int64_t left = std::min(s->req->max_tokens - s->num_generated(), cfg.max_model_len - int64_t(s->tokens.size()));
   int64_t k = std::min(cfg.num_speculative_tokens, left - 1);
-  // A grammar's position is not undone by a rejected draft (SeqSampler::retract): structured output runs unspeculated.
+  // A grammar's position is not undone by a rejected draft (SeqSampler::retract): structured output runs unspeculated,
+  // and so does a request with a tool-call grammar, engaged or not (a draft could be its trigger; docs/server.md).
   // A thinking budget: no verified row may be the one whose token is forced (SeqSampler::forced, host-sampled).
   // allowed_token_ids: verify_draft does not apply it, so no drafts either.
   if (k <= 0 || s->req->sampling.grammar || !s->req->sampling.allowed_ids.empty()) return 0;

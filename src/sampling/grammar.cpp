@@ -6,8 +6,10 @@
 #include <array>
 #include <atomic>
 #include <bitset>
+#include <cctype>
 #include <map>
 #include <set>
+#include <tuple>
 #include <unordered_set>
 
 #include <nlohmann/json.hpp>
@@ -340,11 +342,78 @@ GrammarPtr Builder::finish(int32_t root, const std::string& what) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Tool-call values (grammar_tool_call): the tool-call parser (text/tool_parser.cpp) ends a parameter's value at the
+// first of these tags, so no value may contain one, in raw text or inside a JSON string.
+
+const std::vector<std::string> kToolTags = {"</parameter>", "<parameter=", "</function>", "</tool_call>"};
+constexpr std::string_view kValueEnd = "\n</parameter>";  // what ends a value in the grammar's own text
+
+// A multi-pattern (Aho-Corasick) automaton over ASCII bytes: state = the longest suffix of the text read that is a
+// proper prefix of a pattern (kToolTags, plus kValueEnd when `with_end`). A byte that completes kValueEnd is kEnd,
+// one that completes a tag otherwise is kTag (refused); bytes outside the patterns lead to state 0.
+class TagScanner {
+ public:
+  enum Verdict : uint8_t { kOk, kTag, kEnd };
+  explicit TagScanner(bool with_end) {
+    std::vector<std::string> pats = kToolTags;
+    if (with_end) pats.emplace_back(kValueEnd);
+    std::vector<std::string> states{""};
+    for (auto& p : pats)
+      for (size_t n = 1; n < p.size(); ++n)
+        if (std::find(states.begin(), states.end(), p.substr(0, n)) == states.end()) states.push_back(p.substr(0, n));
+    auto ends_with = [](const std::string& t, std::string_view p) {
+      return t.size() >= p.size() && t.compare(t.size() - p.size(), p.size(), p) == 0;
+    };
+    next_.resize(states.size());
+    for (size_t s = 0; s < states.size(); ++s)
+      for (int b = 0; b < 128; ++b) {
+        const std::string t = states[s] + char(b);
+        Verdict v = kOk;
+        if (with_end && ends_with(t, kValueEnd)) v = kEnd;
+        else
+          for (auto& tag : kToolTags) v = ends_with(t, tag) ? kTag : v;
+        int to = 0;
+        if (v == kOk)
+          for (size_t k = 0; k < t.size() && !to; ++k)  // the longest suffix that is a state
+            for (size_t i = 1; i < states.size(); ++i)
+              if (states[i] == std::string_view(t).substr(k)) {
+                to = int(i);
+                break;
+              }
+        next_[s][size_t(b)] = {to, v};
+      }
+    starts_nl_.resize(states.size());
+    for (size_t s = 0; s < states.size(); ++s) starts_nl_[s] = !states[s].empty() && states[s][0] == '\n';
+  }
+  int size() const { return int(next_.size()); }
+  // After byte b (< 0x80) from state s.
+  std::pair<int, Verdict> next(int s, uint8_t b) const { return next_[size_t(s)][b]; }
+  // Whether the state is a prefix of kValueEnd's "\n<..." (the text's last '\n' may be where the value ends).
+  bool starts_with_newline(int s) const { return starts_nl_[size_t(s)]; }
+
+ private:
+  std::vector<std::array<std::pair<int, Verdict>, 128>> next_;
+  std::vector<char> starts_nl_;
+};
+
+// Whether a text contains one of kToolTags (such a literal cannot be a tool-call value).
+bool has_tool_tag(std::string_view t) {
+  for (auto& tag : kToolTags)
+    if (t.find(tag) != std::string_view::npos) return true;
+  return false;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // JSON building blocks (RFC 8259 over UTF-8 bytes), each a rule built once per grammar.
 
 class JsonRules {
  public:
-  explicit JsonRules(Builder& b) : b_(b) {}
+  // tool_value: the JSON is a tool-call parameter's value, so its strings never contain one of kToolTags (keys,
+  // literals: the schema compiler checks them).
+  explicit JsonRules(Builder& b, bool tool_value = false) : b_(b) {
+    if (tool_value) scan_ = std::make_unique<TagScanner>(false);
+  }
+  bool tool_value() const { return scan_ != nullptr; }
 
   // "" | " " | "\n" [ \t]{0,20}
   int32_t ws() {
@@ -369,33 +438,41 @@ class JsonRules {
   // Edges from `from` to `to` spelling one character of a string's body: unescaped (well-formed UTF-8, no '"',
   // '\', controls) or an escape; \uD800-\uDBFF only as the first half of a surrogate pair.
   void char_edges(int32_t from, int32_t to) {
+    b_.on(from, plain_ascii(), to);
+    lead_edges(from, tails(to));
+  }
+
+  // The unescaped ASCII bytes of a string's body.
+  static ByteSet plain_ascii() {
     ByteSet ascii = range(0x20, 0x7F);
     ascii.reset('"');
     ascii.reset('\\');
-    b_.on(from, ascii, to);
+    return ascii;
+  }
+
+  // The rest of a character after its first byte (UTF-8 continuations, an escape's body), ending at `to`: the
+  // nodes its first bytes lead to, shared by every node whose multi-byte characters continue at `to`.
+  struct Tails {
+    int32_t c1, c2, c3, e0, ed, f0, f4, esc;
+  };
+  Tails tails(int32_t to) {
+    Tails t;
     const ByteSet cont = range(0x80, 0xBF);
-    const int32_t c1 = b_.node(), c2 = b_.node(), c3 = b_.node();  // 1, 2, 3 continuation bytes to go
-    b_.on(c1, cont, to);
-    b_.on(c2, cont, c1);
-    b_.on(c3, cont, c2);
-    b_.on(from, range(0xC2, 0xDF), c1);
-    b_.on(from, range(0xE1, 0xEC) | range(0xEE, 0xEF), c2);
-    b_.on(from, range(0xF1, 0xF3), c3);
+    t.c1 = b_.node(), t.c2 = b_.node(), t.c3 = b_.node();  // 1, 2, 3 continuation bytes to go
+    b_.on(t.c1, cont, to);
+    b_.on(t.c2, cont, t.c1);
+    b_.on(t.c3, cont, t.c2);
     // The leads whose second byte is narrower: no overlongs, no surrogates, nothing above U+10FFFF.
-    const int32_t e0 = b_.node(), ed = b_.node(), f0 = b_.node(), f4 = b_.node();
-    b_.on(from, char(0xE0), e0);
-    b_.on(e0, range(0xA0, 0xBF), c1);
-    b_.on(from, char(0xED), ed);
-    b_.on(ed, range(0x80, 0x9F), c1);
-    b_.on(from, char(0xF0), f0);
-    b_.on(f0, range(0x90, 0xBF), c2);
-    b_.on(from, char(0xF4), f4);
-    b_.on(f4, range(0x80, 0x8F), c2);
+    t.e0 = b_.node(), t.ed = b_.node(), t.f0 = b_.node(), t.f4 = b_.node();
+    b_.on(t.e0, range(0xA0, 0xBF), t.c1);
+    b_.on(t.ed, range(0x80, 0x9F), t.c1);
+    b_.on(t.f0, range(0x90, 0xBF), t.c2);
+    b_.on(t.f4, range(0x80, 0x8F), t.c2);
     // Escapes.
-    const int32_t esc = b_.node(), u = b_.node();
-    b_.on(from, '\\', esc);
-    b_.on(esc, chars("\"\\/bfnrt"), to);
-    b_.on(esc, 'u', u);
+    t.esc = b_.node();
+    const int32_t u = b_.node();
+    b_.on(t.esc, chars("\"\\/bfnrt"), to);
+    b_.on(t.esc, 'u', u);
     const int32_t u1 = b_.node(), u2 = b_.node(), u3 = b_.node(), ud = b_.node();  // hex digits read so far
     ByteSet not_d = kHex;
     not_d.reset('d');
@@ -415,18 +492,53 @@ class JsonRules {
       h = n;
     }
     b_.on(h, kHex, to);
+    return t;
+  }
+  // The first bytes of multi-byte characters and escapes from `from`, into `t`.
+  void lead_edges(int32_t from, const Tails& t) {
+    b_.on(from, range(0xC2, 0xDF), t.c1);
+    b_.on(from, range(0xE1, 0xEC) | range(0xEE, 0xEF), t.c2);
+    b_.on(from, range(0xF1, 0xF3), t.c3);
+    b_.on(from, char(0xE0), t.e0);
+    b_.on(from, char(0xED), t.ed);
+    b_.on(from, char(0xF0), t.f0);
+    b_.on(from, char(0xF4), t.f4);
+    b_.on(from, '\\', t.esc);
   }
 
   // Any JSON string.
   int32_t string() {
     if (str_ >= 0) return str_;
     str_ = b_.rule("string");
-    const int32_t body = b_.node(), end = b_.node();
+    const int32_t end = b_.node();
     b_.final(end);
-    b_.on(b_.start(str_), '"', body);
-    char_edges(body, body);
-    b_.on(body, '"', end);
+    b_.on(b_.start(str_), '"', body_into(end));
     return str_;
+  }
+
+  // A string's body (any characters, then '"' to `end`); returns its first node.
+  int32_t body_into(int32_t end) {
+    std::vector<int32_t> body(size_t(scan_ ? scan_->size() : 1));
+    for (auto& x : body) x = b_.node();
+    if (scan_) guarded(body, body);
+    else char_edges(body[0], body[0]);
+    for (int32_t x : body) b_.on(x, '"', end);
+    return body[0];
+  }
+
+  // Tool values: one character of a string from from[s] (s: the tag scanner's state) to to[s'], where s' is the
+  // state after it (an escape or a multi-byte character: 0); no edge for a byte that completes a tag.
+  void guarded(const std::vector<int32_t>& from, const std::vector<int32_t>& to) {
+    const Tails t = tails(to[0]);
+    const ByteSet ascii = plain_ascii();
+    for (int s = 0; s < scan_->size(); ++s) {
+      std::map<int, ByteSet> by_state;
+      for (int c = 0; c < 128; ++c)
+        if (ascii.test(size_t(c)))
+          if (auto [n, v] = scan_->next(s, uint8_t(c)); v == TagScanner::kOk) by_state[n].set(size_t(c));
+      for (auto& [n, set] : by_state) b_.on(from[size_t(s)], set, to[size_t(n)]);
+      lead_edges(from[size_t(s)], t);
+    }
   }
 
   // One character of a string's body.
@@ -435,7 +547,14 @@ class JsonRules {
     char_ = b_.rule("character");
     const int32_t end = b_.node();
     b_.final(end);
-    char_edges(b_.start(char_), end);
+    if (scan_) {  // tool values: a long bounded string has no room for the scanner's state, so '<' only escaped
+      ByteSet ascii = plain_ascii();
+      ascii.reset('<');
+      b_.on(b_.start(char_), ascii, end);
+      lead_edges(b_.start(char_), tails(end));
+    } else {
+      char_edges(b_.start(char_), end);
+    }
     return char_;
   }
 
@@ -452,15 +571,20 @@ class JsonRules {
     const int64_t n = max < 0 ? min : max;
     const bool inline_chars = n <= kInlineChars;
     const int32_t ch = inline_chars ? -1 : character();
-    std::vector<int32_t> pos(size_t(n + 1));
-    for (auto& p : pos) p = b_.node();
-    b_.on(b_.start(r), '"', pos[0]);
+    // pos[k][s]: k characters read, the tag scanner in state s (tool values, inline only; else one state).
+    const size_t S = scan_ && inline_chars ? size_t(scan_->size()) : 1;
+    std::vector<std::vector<int32_t>> pos(size_t(n + 1), std::vector<int32_t>(S));
+    for (auto& p : pos)
+      for (auto& x : p) x = b_.node();
+    b_.on(b_.start(r), '"', pos[0][0]);
     for (int64_t k = 0; k <= n; ++k) {
-      if (k >= min) b_.on(pos[size_t(k)], '"', end);
-      const int32_t next = k < n ? pos[size_t(k + 1)] : max < 0 ? pos[size_t(k)] : -1;
+      if (k >= min)
+        for (int32_t x : pos[size_t(k)]) b_.on(x, '"', end);
+      const int64_t next = k < n ? k + 1 : max < 0 ? k : -1;
       if (next < 0) continue;
-      if (inline_chars) char_edges(pos[size_t(k)], next);
-      else b_.call(pos[size_t(k)], ch, next);
+      if (inline_chars && S > 1) guarded(pos[size_t(k)], pos[size_t(next)]);
+      else if (inline_chars) char_edges(pos[size_t(k)][0], pos[size_t(next)][0]);
+      else b_.call(pos[size_t(k)][0], ch, pos[size_t(next)][0]);
     }
     bounded_[key] = r;
     return r;
@@ -472,11 +596,9 @@ class JsonRules {
   int32_t string_except(const std::vector<std::string>& excluded) {
     if (excluded.empty()) return string();
     const int32_t r = b_.rule("key other than the listed properties");
-    const int32_t s0 = b_.node(), body = b_.node(), end = b_.node();  // the plain automaton; s0 stays unreachable
+    const int32_t s0 = b_.node(), end = b_.node();  // the plain automaton; s0 stays unreachable
     b_.final(end);
-    b_.on(s0, '"', body);
-    char_edges(body, body);
-    b_.on(body, '"', end);
+    b_.on(s0, '"', body_into(end));
     except_node(excluded, "", s0, b_.start(r));
     return r;
   }
@@ -672,6 +794,7 @@ class JsonRules {
   }
 
   Builder& b_;
+  std::unique_ptr<TagScanner> scan_;  // tool values only
   int32_t ws_ = -1, str_ = -1, char_ = -1, num_ = -1, int_ = -1, null_ = -1, bool_ = -1;
   std::map<std::pair<int64_t, int64_t>, int32_t> bounded_;
   std::vector<int32_t> values_, objects_, arrays_;
@@ -722,13 +845,17 @@ bool is_type(const ojson& v, const std::string& t) {
 
 class SchemaCompiler {
  public:
-  explicit SchemaCompiler(const ojson& root) : root_(root), j_(b_) {}
+  // `root`: the document $refs point into; `what` prefixes errors ("json_schema", "tools[0].function.parameters").
+  SchemaCompiler(const ojson& root, Builder& b, JsonRules& j, std::string what = "json_schema")
+      : root_(root), b_(b), j_(j), what_(std::move(what)) {}
 
-  GrammarPtr compile() { return b_.finish(schema(root_, ""), "json_schema"); }
+  GrammarPtr compile() { return b_.finish(schema(root_, ""), what_); }
+  // The rule for one JSON value satisfying the subschema `s` of the document, at JSON pointer `ptr`.
+  int32_t rule(const ojson& s, const std::string& ptr) { return schema(s, ptr); }
 
  private:
   [[noreturn]] void bad(const std::string& ptr, const std::string& kw, const std::string& expected, const ojson& v) {
-    fail("json_schema: \"", kw, "\" at ", at(ptr), " must be ", expected, ", found ", brief(v));
+    fail(what_, ": \"", kw, "\" at ", at(ptr), " must be ", expected, ", found ", brief(v));
   }
   int64_t count(const ojson& s, const std::string& ptr, const char* kw, int64_t dflt) {
     if (!s.contains(kw)) return dflt;
@@ -736,7 +863,7 @@ class SchemaCompiler {
     if (!v.is_number_integer() || v.get<int64_t>() < 0)
       bad(ptr, kw, "a non-negative integer", v);
     if (v.get<int64_t>() > kMaxCount)
-      fail("json_schema: \"", kw, "\" at ", at(ptr), " is ", v.get<int64_t>(), "; at most ", kMaxCount,
+      fail(what_, ": \"", kw, "\" at ", at(ptr), " is ", v.get<int64_t>(), "; at most ", kMaxCount,
            " is supported");
     return v.get<int64_t>();
   }
@@ -749,15 +876,15 @@ class SchemaCompiler {
       ~Nesting() { --depth; }
     } nesting(depth_);
     if (depth_ > kMaxSchemaDepth)
-      fail("json_schema: the schema at ", at(ptr), " is nested more than ", kMaxSchemaDepth, " levels deep");
+      fail(what_, ": the schema at ", at(ptr), " is nested more than ", kMaxSchemaDepth, " levels deep");
     if (s.is_boolean()) {
       if (s.get<bool>()) return j_.value(1);
-      fail("json_schema: the schema at ", at(ptr), " is false: no value satisfies it");
+      fail(what_, ": the schema at ", at(ptr), " is false: no value satisfies it");
     }
-    if (!s.is_object()) fail("json_schema: expected a schema (an object or a boolean) at ", at(ptr), ", found ", brief(s));
+    if (!s.is_object()) fail(what_, ": expected a schema (an object or a boolean) at ", at(ptr), ", found ", brief(s));
     for (auto& [k, v] : s.items())
       if (!kIgnored.count(k) && std::find(kSupported.begin(), kSupported.end(), k) == kSupported.end())
-        fail("json_schema: unsupported keyword \"", k, "\" at ", at(ptr), " (supported: ", join(kSupported),
+        fail(what_, ": unsupported keyword \"", k, "\" at ", at(ptr), " (supported: ", join(kSupported),
              "; ignored: format, minimum, maximum, exclusiveMinimum, exclusiveMaximum and annotations)");
     // Identical subschemas (same text, so the same $refs) share one rule.
     const std::string text = s.dump(-1, ' ', false, ojson::error_handler_t::replace);
@@ -773,7 +900,7 @@ class SchemaCompiler {
     auto alone = [&](const char* kw) {
       for (auto& [k, v] : s.items())
         if (k != kw && !kIgnored.count(k) && k != "$defs" && k != "definitions" && k != "nullable")
-          fail("json_schema: \"", kw, "\" at ", at(ptr), " cannot be combined with \"", k,
+          fail(what_, ": \"", kw, "\" at ", at(ptr), " cannot be combined with \"", k,
                "\" (only with annotations, $defs and nullable)");
     };
     std::vector<int32_t> alts;
@@ -847,7 +974,7 @@ class SchemaCompiler {
   // enum / const: the values' compact JSON texts, those of the listed types when `type` is given.
   int32_t literals(const ojson& s, const std::string& ptr, const std::vector<std::string>& types, bool nullable) {
     const char* kw = s.contains("const") ? "const" : "enum";
-    if (s.contains("const") && s.contains("enum")) fail("json_schema: \"const\" and \"enum\" together at ", at(ptr));
+    if (s.contains("const") && s.contains("enum")) fail(what_, ": \"const\" and \"enum\" together at ", at(ptr));
     std::vector<ojson> values;
     if (s.contains("const")) {
       values.push_back(s["const"]);
@@ -864,18 +991,21 @@ class SchemaCompiler {
       try {
         texts.push_back(v.dump());
       } catch (const nlohmann::json::exception&) {
-        fail("json_schema: \"", kw, "\" at ", at(ptr), " holds a string that is not valid UTF-8");
+        fail(what_, ": \"", kw, "\" at ", at(ptr), " holds a string that is not valid UTF-8");
       }
+      if (j_.tool_value() && has_tool_tag(texts.back()))
+        fail(what_, ": \"", kw, "\" at ", at(ptr), " holds ", brief(v), ", which contains a tool-call tag (",
+             join(kToolTags), ") that would end the parameter's value");
     }
     if (texts.empty())
-      fail("json_schema: no value of \"", kw, "\" at ", at(ptr), " has the schema's type (", join(types), ")");
+      fail(what_, ": no value of \"", kw, "\" at ", at(ptr), " has the schema's type (", join(types), ")");
     return j_.words(texts, std::string(kw) + " at " + at(ptr));
   }
 
   int32_t string(const ojson& s, const std::string& ptr) {
     const int64_t min = count(s, ptr, "minLength", 0), max = count(s, ptr, "maxLength", -1);
     if (max >= 0 && min > max)
-      fail("json_schema: \"minLength\" ", min, " exceeds \"maxLength\" ", max, " at ", at(ptr));
+      fail(what_, ": \"minLength\" ", min, " exceeds \"maxLength\" ", max, " at ", at(ptr));
     return j_.string(min, max);
   }
 
@@ -890,8 +1020,11 @@ class SchemaCompiler {
         try {
           key = ojson(name).dump();
         } catch (const nlohmann::json::exception&) {
-          fail("json_schema: a property name at ", at(ptr), "/properties is not valid UTF-8");
+          fail(what_, ": a property name at ", at(ptr), "/properties is not valid UTF-8");
         }
+        if (j_.tool_value() && has_tool_tag(key))
+          fail(what_, ": the property name ", key, " at ", at(ptr), "/properties contains a tool-call tag (",
+               join(kToolTags), ") that would end the parameter's value");
         props.push_back({key, schema(sub, ptr + "/properties/" + ptr_token(name)), false});
         names.push_back(name);
       }
@@ -903,7 +1036,7 @@ class SchemaCompiler {
         if (!n.is_string()) bad(ptr, "required", "an array of property names", n);
         auto it = std::find(names.begin(), names.end(), n.get<std::string>());
         if (it == names.end())
-          fail("json_schema: \"required\" at ", at(ptr), " names ", brief(n),
+          fail(what_, ": \"required\" at ", at(ptr), " names ", brief(n),
                ", which is not in \"properties\" (required keys must be listed there)");
         props[size_t(it - names.begin())].required = true;
       }
@@ -934,9 +1067,9 @@ class SchemaCompiler {
       else items = schema(it, ptr + "/items");
     }
     const int64_t min = count(s, ptr, "minItems", 0), max = count(s, ptr, "maxItems", -1);
-    if (max >= 0 && min > max) fail("json_schema: \"minItems\" ", min, " exceeds \"maxItems\" ", max, " at ", at(ptr));
+    if (max >= 0 && min > max) fail(what_, ": \"minItems\" ", min, " exceeds \"maxItems\" ", max, " at ", at(ptr));
     if (items < 0 && min > int64_t(prefix.size()))
-      fail("json_schema: \"minItems\" ", min, " at ", at(ptr), " exceeds the ", prefix.size(),
+      fail(what_, ": \"minItems\" ", min, " at ", at(ptr), " exceeds the ", prefix.size(),
            " prefixItems allowed when items is false");
     return j_.array(prefix, items, min, max, "array at " + at(ptr));
   }
@@ -956,7 +1089,7 @@ class SchemaCompiler {
     } catch (const nlohmann::json::exception&) {
       bad(ptr, "$ref", "\"#\" followed by a JSON pointer", v);
     }
-    if (!t) fail("json_schema: \"$ref\" at ", at(ptr), " points to ", r, ", which is not in the schema");
+    if (!t) fail(what_, ": \"$ref\" at ", at(ptr), " points to ", r, ", which is not in the schema");
     const int32_t w = b_.rule("$ref \"" + r + "\"");
     refs_[target] = w;
     const int32_t end = b_.node();
@@ -966,11 +1099,353 @@ class SchemaCompiler {
   }
 
   const ojson& root_;
-  Builder b_;
-  JsonRules j_;
+  Builder& b_;
+  JsonRules& j_;
+  std::string what_;
   std::map<std::string, int32_t> refs_;
   std::unordered_map<std::string, int32_t> by_text_;
   int depth_ = 0;
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tool calls (grammar_tool_call): Qwen3.5's XML format, the values as tool_param_value converts them.
+
+// A deterministic automaton from `start`: its states are discovered from s0 by step(state, byte, next, exit), which
+// returns 0 (the byte is refused), 1 (to state `next`) or 2 (to the existing node `exit`). One node per state.
+template <typename State, typename Step>
+void build_dfa(Builder& b, int32_t start, const State& s0, Step step) {
+  std::map<State, int32_t> ids{{s0, start}};
+  std::vector<State> work{s0};
+  while (!work.empty()) {
+    const State s = work.back();
+    work.pop_back();
+    const int32_t from = ids.at(s);
+    std::map<int32_t, ByteSet> edges;
+    for (int c = 0; c < 256; ++c) {
+      State next{};
+      int32_t exit = -1;
+      const int r = step(s, uint8_t(c), next, exit);
+      if (r == 0) continue;
+      if (r == 1) {
+        auto [it, added] = ids.emplace(next, -1);
+        if (added) {
+          it->second = b.node();
+          work.push_back(next);
+        }
+        exit = it->second;
+      }
+      edges[exit].set(size_t(c));
+    }
+    for (auto& [to, set] : edges) b.on(from, set, to);
+  }
+}
+
+// UTF-8 outside JSON: `u` is 0 at a character boundary, else what the next continuation byte must be. Returns 0 for
+// a refused byte, 1 for a byte inside a character, 2 for the byte that completes one (u updated).
+int utf8_step(int& u, uint8_t c) {
+  static constexpr int lo[] = {0, 0x80, 0x80, 0x80, 0xA0, 0x80, 0x90, 0x80};
+  static constexpr int hi[] = {0, 0xBF, 0xBF, 0xBF, 0xBF, 0x9F, 0xBF, 0x8F};
+  static constexpr int then[] = {0, 0, 1, 2, 1, 1, 2, 2};  // 1, 2, 3: continuations left; 4 E0, 5 ED, 6 F0, 7 F4
+  if (u) {
+    if (c < lo[u] || c > hi[u]) return 0;
+    u = then[u];
+    return u ? 1 : 2;
+  }
+  if (c < 0x80) return 2;
+  u = c >= 0xC2 && c <= 0xDF ? 1 : c == 0xE0 ? 4 : c == 0xED ? 5 : c >= 0xE1 && c <= 0xEF ? 2 : c == 0xF0 ? 6
+      : c >= 0xF1 && c <= 0xF3 ? 3 : c == 0xF4 ? 7 : 0;
+  return u ? 1 : 0;
+}
+
+// The type tool_param_value (text/tool_parser.cpp) converts a value by: `type` (a name, or a list's first name other
+// than "null"), else "string" when `enum` holds only strings, else "" (JSON when the text parses, else the text).
+std::string parser_type(const ojson& s) {
+  if (!s.is_object()) return "";
+  if (auto t = s.find("type"); t != s.end()) {
+    if (t->is_string()) return t->get<std::string>();
+    if (t->is_array())
+      for (auto& x : *t)
+        if (x.is_string() && x.get<std::string>() != "null") return x.get<std::string>();
+  }
+  if (auto e = s.find("enum"); e != s.end() && e->is_array() && !e->empty() &&
+                               std::all_of(e->begin(), e->end(), [](const ojson& x) { return x.is_string(); }))
+    return "string";
+  return "";
+}
+
+bool is_space(char c) { return c == ' ' || c == '\n' || c == '\t' || c == '\r'; }
+
+// "null" in any case between whitespace: what tool_param_value reads as null.
+bool null_text(std::string_view t) {
+  while (!t.empty() && is_space(t.front())) t.remove_prefix(1);
+  while (!t.empty() && is_space(t.back())) t.remove_suffix(1);
+  std::string l(t);
+  for (char& c : l) c = char(std::tolower(uint8_t(c)));
+  return l == "null";
+}
+
+class ToolCallCompiler {
+ public:
+  ToolCallCompiler() : j_(b_, true), raw_scan_(true) {}
+
+  GrammarPtr compile(const ojson& tools, const std::string& only, bool strict_only) {
+    if (!tools.is_array() || tools.empty()) fail("tools: expected a non-empty list of tools, found ", brief(tools));
+    const int32_t root = b_.rule("tool call");
+    std::set<std::string> seen;
+    for (size_t i = 0; i < tools.size(); ++i) {
+      const ojson& tool = tools[i];
+      const std::string where = "tools[" + std::to_string(i) + "]";
+      const bool wrapped = tool.is_object() && tool.contains("function") && tool["function"].is_object();
+      const ojson& fn = wrapped ? tool["function"] : tool;
+      const std::string fwhere = where + (wrapped ? ".function" : "");
+      if (!fn.is_object() || !fn.contains("name") || !fn["name"].is_string())
+        fail(where, ": expected {\"type\": \"function\", \"function\": {\"name\": ...}}, found ", brief(tool));
+      const std::string name = fn["name"].get<std::string>();
+      if (!only.empty() && name != only) continue;
+      if (!seen.insert(name).second) continue;  // the parser reads a call by the first tool of its name
+      if (name.empty() || name.find_first_of("<>\n") != std::string::npos || is_space(name.front()) ||
+          is_space(name.back()))
+        fail(fwhere, ".name: ", brief(fn["name"]), " cannot be spelled in a tool call (<function=NAME>: not empty, no "
+             "'<', '>' or newline, no whitespace at either end)");
+      const bool strict = fn.contains("strict") && fn["strict"].is_boolean() && fn["strict"].get<bool>();
+      const int32_t header = b_.word(b_.start(root), "\n<function=" + name + ">\n");
+      if (strict_only && !strict) free_parameters(header);
+      else parameters(fn, fwhere + ".parameters", header);
+    }
+    if (seen.empty()) fail("tools: no tool named \"", only, "\"");
+    return b_.finish(root, "tools");
+  }
+
+ private:
+  // `<parameter=KEY>\nVALUE\n</parameter>\n` for the schema's properties in order, then `</function>\n`.
+  void parameters(const ojson& fn, const std::string& what, int32_t header) {
+    if (!fn.contains("parameters") || fn["parameters"].is_null()) {  // OpenAI: no parameters, no arguments
+      b_.final(b_.word(header, "</function>\n"));
+      return;
+    }
+    const ojson& p = fn["parameters"];
+    if (!p.is_object()) fail(what, ": expected a JSON Schema of an object, found ", brief(p));
+    SchemaCompiler sc(p, b_, j_, what);
+    for (auto& [k, v] : p.items()) {
+      if (k == "type") {
+        if (!(v == "object" || v == ojson::array({"object"})))
+          fail(what, ": \"type\" at the root must be \"object\" (the arguments are an object), found ", brief(v));
+      } else if (k == "$defs" || k == "definitions") {
+        if (!v.is_object()) fail(what, ": \"", k, "\" at the root must be an object of schemas, found ", brief(v));
+      } else if (k != "properties" && k != "required" && k != "additionalProperties" && !kIgnored.count(k)) {
+        fail(what, ": unsupported keyword \"", k, "\" at the root (a tool's parameters: type \"object\", properties, "
+             "required, additionalProperties, $defs and annotations)");
+      }
+    }
+    const ojson* props = nullptr;
+    if (p.contains("properties")) {
+      props = &p["properties"];
+      if (!props->is_object()) fail(what, ": \"properties\" at the root must be an object of schemas, found ", brief(*props));
+    }
+    std::vector<std::string> names;
+    if (props)
+      for (auto& [name, sub] : props->items()) names.push_back(name);
+    std::vector<char> required(names.size(), 0);
+    if (p.contains("required")) {
+      const ojson& req = p["required"];
+      if (!req.is_array()) fail(what, ": \"required\" at the root must be an array of property names, found ", brief(req));
+      for (auto& n : req) {
+        auto it = n.is_string() ? std::find(names.begin(), names.end(), n.get<std::string>()) : names.end();
+        if (!n.is_string()) fail(what, ": \"required\" at the root must be an array of property names, found ", brief(n));
+        if (it == names.end())
+          fail(what, ": \"required\" at the root names ", brief(n),
+               ", which is not in \"properties\" (required keys must be listed there)");
+        required[size_t(it - names.begin())] = 1;
+      }
+    }
+    if (p.contains("additionalProperties")) {
+      const ojson& a = p["additionalProperties"];
+      if (!a.is_boolean() && !a.is_object())
+        fail(what, ": \"additionalProperties\" at the root must be a boolean or a schema, found ", brief(a));
+      if (!props && a.is_object() && !a.empty())
+        fail(what, ": \"additionalProperties\" at the root: a schema for parameters not listed in \"properties\" is "
+             "not supported in a constrained tool call (the tool-call parser reads unlisted parameters as strings); "
+             "list the parameters in \"properties\"");
+      if (!props && a == false) {
+        b_.final(b_.word(header, "</function>\n"));
+        return;
+      }
+    }
+    if (!props) {  // {"type": "object"}: any parameters
+      free_parameters(header);
+      return;
+    }
+    // Listed properties only (additionalProperties true or a schema: extra parameters are not produced).
+    struct Param {
+      std::string open;  // "<parameter=KEY>\n"
+      int32_t value;     // VALUE "\n</parameter>\n"
+      bool required;
+    };
+    std::vector<Param> ps;
+    for (size_t i = 0; i < names.size(); ++i) {
+      const std::string& name = names[i];
+      const std::string ptr = "/properties/" + ptr_token(name);
+      if (name.find('>') != std::string::npos || (!name.empty() && (is_space(name.front()) || is_space(name.back()))))
+        fail(what, ": the property name ", brief(ojson(name)), " cannot be spelled in a tool call "
+             "(<parameter=KEY>: no '>', no whitespace at either end)");
+      ps.push_back({"<parameter=" + name + ">\n", value(sc, (*props)[name], ptr, what), required[i] != 0});
+    }
+    // As JsonRules::object: at key position k (the next candidate is property k) any of k up to the first required
+    // one, or the end when none is left.
+    const int n = int(ps.size());
+    std::vector<int> next_req(size_t(n + 1), n);
+    for (int k = n - 1; k >= 0; --k) next_req[size_t(k)] = ps[size_t(k)].required ? k : next_req[size_t(k + 1)];
+    std::vector<int32_t> at(size_t(n + 1), -1);
+    at[0] = header;
+    for (int k = 0; k <= n; ++k) {
+      if (at[size_t(k)] < 0) continue;
+      const int32_t K = at[size_t(k)];
+      if (next_req[size_t(k)] == n) b_.final(b_.word(K, "</function>\n"));
+      const int last = std::min(next_req[size_t(k)], n - 1);
+      for (int j = k; j <= last; ++j) {
+        if (at[size_t(j + 1)] < 0) at[size_t(j + 1)] = b_.node();
+        b_.call(b_.word(K, ps[size_t(j)].open), ps[size_t(j)].value, at[size_t(j + 1)]);
+      }
+    }
+  }
+
+  // The value of one parameter and its end, VALUE "\n</parameter>\n", as tool_param_value will convert it.
+  int32_t value(SchemaCompiler& sc, const ojson& s, const std::string& ptr, const std::string& what) {
+    const int32_t json_rule = sc.rule(s, ptr);  // checks the schema (errors as json_schema's) and its JSON language
+    const std::string t = parser_type(s);
+    std::vector<std::string> types;
+    if (s.is_object() && s.contains("type"))
+      for (auto& x : s["type"].is_array() ? s["type"] : ojson::array({s["type"]})) types.push_back(x.get<std::string>());
+    auto has = [&](const char* x) { return std::find(types.begin(), types.end(), x) != types.end(); };
+    const bool literal = s.is_object() && (s.contains("enum") || s.contains("const"));
+    if (t == "string" || (has("string") && t != "")) {
+      // Raw text: converted as a string (type string first), or by another type first in the list with the text
+      // itself as the fallback; then "null" would read as null, so it is excluded unless null is allowed.
+      if (literal) {
+        if (t != "string")
+          fail(what, ": \"", s.contains("enum") ? "enum" : "const", "\" at ", at(ptr), " with a type list whose first "
+               "type is ", t, " is not supported in a tool call (the parser would convert the strings by ", t, ")");
+        std::vector<std::string> texts;
+        const ojson values = s.contains("enum") ? s["enum"] : ojson::array({s["const"]});
+        for (auto& v : values)
+          if (v.is_string() && !(has("null") && null_text(v.get<std::string>()))) texts.push_back(v.get<std::string>());
+        if (texts.empty()) fail(what, ": no value of \"", s.contains("enum") ? "enum" : "const", "\" at ", at(ptr),
+                                " is a string that a tool call can carry as this type");
+        for (auto& x : texts) {
+          if (has_tool_tag(x))
+            fail(what, ": a value at ", at(ptr), " contains a tool-call tag (", join(kToolTags),
+                 ") that would end the parameter's value: ", brief(ojson(x)));
+          x += std::string(kValueEnd) + "\n";
+        }
+        return j_.words(texts, "raw enum at " + at(ptr));
+      }
+      const int64_t min = s.value("minLength", int64_t(0)), max = s.value("maxLength", int64_t(-1));
+      if ((max >= 0 ? max : min) > kInlineChars)
+        fail(what, ": \"", max >= 0 ? "maxLength" : "minLength", "\" at ", at(ptr), " is ", max >= 0 ? max : min,
+             "; a string parameter of a tool call supports length bounds up to ", kInlineChars, " characters");
+      return raw_value(min, max, t != "string" && !has("null"));
+    }
+    int32_t r = json_rule;
+    if ((t == "integer" || t == "number" || t == "boolean" || t == "object" || t == "array") &&
+        std::any_of(types.begin(), types.end(), [&](const std::string& x) { return x != t && x != "null"; })) {
+      // The parser converts by the first type only (anything else falls back to the text as a string): that type's
+      // values (and null when listed).
+      ojson only_first = s;
+      only_first["type"] = has("null") ? ojson::array({t, "null"}) : ojson(t);
+      r = sc.rule(only_first, ptr);
+    }
+    const int32_t w = b_.rule("value at " + at(ptr)), after = b_.node();
+    b_.call(b_.start(w), r, after);
+    b_.final(b_.word(after, std::string(kValueEnd) + "\n"));
+    return w;
+  }
+
+  // VALUE "\n</parameter>\n" where VALUE is raw text: well-formed UTF-8 without controls other than tab, LF and
+  // CR, with no tool-call tag in it, min..max characters (max < 0: unbounded) and, with no_null, not "null" in any
+  // case between whitespace. The tag scanner, a character count, the UTF-8 position and a null tracker form its
+  // states: (count, scanner, utf8, null tracker, the tracker before the last newline).
+  int32_t raw_value(int64_t min, int64_t max, bool no_null) {
+    const auto key = std::make_tuple(min, max, no_null);
+    if (auto it = raw_.find(key); it != raw_.end()) return it->second;
+    const int32_t r = b_.rule("raw value"), exit = b_.node(), end = b_.node();
+    b_.on(exit, '\n', end);
+    b_.final(end);
+    const bool counting = min > 0 || max >= 0;
+    const int E = int(kValueEnd.size());
+    const int cap = int(max >= 0 ? max + E : min + E);  // counts include the end's characters
+    // Null tracker: 0 only whitespace, 1-4 "n" "nu" "nul" "null", 5 "null" and whitespace, 6 anything else.
+    auto track = [](int tr, uint8_t c) {
+      if (tr == 6) return 6;
+      if (is_space(char(c))) return tr == 0 ? 0 : tr >= 4 ? 5 : 6;
+      const char l = char(std::tolower(c));
+      const char want[] = {'n', 'u', 'l', 'l'};
+      return tr < 4 && l == want[tr] ? tr + 1 : 6;
+    };
+    using S = std::array<int, 5>;
+    build_dfa(b_, b_.start(r), S{0, 0, 0, 0, 0}, [&](const S& s, uint8_t c, S& n, int32_t& to) {
+      n = s;
+      int u = s[2];
+      const int k = utf8_step(n[2], c);
+      if (k == 0) return 0;
+      if (u == 0 && c < 0x20 && c != '\t' && c != '\n' && c != '\r') return 0;
+      if (no_null) n[3] = c < 0x80 ? track(s[3], c) : 6;
+      if (c >= 0x80) {  // inside or the end of a multi-byte character: no tag, no newline
+        n[1] = 0;
+        n[4] = 0;
+      } else {
+        const auto [ac, v] = raw_scan_.next(s[1], c);
+        if (v == TagScanner::kTag) return 0;
+        n[1] = ac;
+        if (no_null && c == '\n') n[4] = s[3];
+        if (!raw_scan_.starts_with_newline(ac)) n[4] = 0;
+        if (v == TagScanner::kEnd) {
+          const int len = s[0] + 1 - E;  // the value's characters (saturated: at least that many)
+          if (counting && (len < min || (max >= 0 && len > max))) return 0;
+          if (no_null && (s[4] == 4 || s[4] == 5)) return 0;  // s[4]: the tracker before the end's newline
+          to = exit;
+          return 2;
+        }
+      }
+      if (k == 2 && counting) {
+        n[0] = s[0] + 1;
+        if (n[0] > cap) {
+          if (max >= 0) return 0;
+          n[0] = cap;
+        }
+      }
+      return 1;
+    });
+    raw_[key] = r;
+    return r;
+  }
+
+  // Any parameters: (`<parameter=KEY>\nVALUE\n</parameter>\n`)* `</function>\n`, KEY 1 to 128 characters (UTF-8,
+  // no whitespace, controls, '<' or '>'), VALUE raw text (raw_value).
+  void free_parameters(int32_t header) {
+    b_.final(b_.word(header, "</function>\n"));
+    const int32_t gt = b_.node(), nl = b_.node();
+    using S = std::array<int, 2>;  // characters read, UTF-8 position
+    build_dfa(b_, b_.word(header, "<parameter="), S{0, 0}, [&](const S& s, uint8_t c, S& n, int32_t& to) {
+      n = s;
+      if (s[1] == 0 && c == '>') {
+        if (s[0] == 0) return 0;
+        to = gt;
+        return 2;
+      }
+      if (s[1] == 0 && (c <= 0x20 || c == '<' || c == 0x7F)) return 0;
+      const int k = utf8_step(n[1], c);
+      if (k == 0) return 0;
+      if (k == 2 && ++n[0] > 128) return 0;
+      return 1;
+    });
+    b_.on(gt, '\n', nl);
+    b_.call(nl, raw_value(0, -1, false), header);
+  }
+
+  Builder b_;
+  JsonRules j_;
+  TagScanner raw_scan_;
+  std::map<std::tuple<int64_t, int64_t, bool>, int32_t> raw_;
 };
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1147,7 +1622,9 @@ GrammarPtr grammar_json_schema(const nlohmann::ordered_json& schema) {
         return recent.front().second;
       }
   }
-  GrammarPtr g = SchemaCompiler(schema).compile();
+  Builder b;
+  JsonRules j(b);
+  GrammarPtr g = SchemaCompiler(schema, b, j).compile();
   std::lock_guard<std::mutex> lock(mu);
   recent.emplace_front(text, g);
   if (recent.size() > kRecent) recent.pop_back();
@@ -1155,6 +1632,27 @@ GrammarPtr grammar_json_schema(const nlohmann::ordered_json& schema) {
 }
 
 GrammarPtr grammar_json_schema(const nlohmann::json& schema) { return grammar_json_schema(ojson(schema)); }
+
+GrammarPtr grammar_tool_call(const nlohmann::ordered_json& tools, const std::string& only, bool strict_only) {
+  static std::mutex mu;  // the last few compiled, as grammar_json_schema's
+  static std::list<std::pair<std::string, GrammarPtr>> recent;
+  constexpr size_t kRecent = 32;
+  const std::string text = std::string(strict_only ? "s" : "a") + only + '\0' +
+                           tools.dump(-1, ' ', false, ojson::error_handler_t::replace);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (auto it = recent.begin(); it != recent.end(); ++it)
+      if (it->first == text) {
+        recent.splice(recent.begin(), recent, it);
+        return recent.front().second;
+      }
+  }
+  GrammarPtr g = ToolCallCompiler().compile(tools, only, strict_only);
+  std::lock_guard<std::mutex> lock(mu);
+  recent.emplace_front(text, g);
+  if (recent.size() > kRecent) recent.pop_back();
+  return g;
+}
 
 GrammarPtr grammar_choice(const std::vector<std::string>& choices) {
   if (choices.empty()) fail("choice: expected at least one string, found an empty list");

@@ -73,6 +73,33 @@ GrammarPtr grammar_json_schema(const nlohmann::json& schema);  // properties in 
 // Exactly one of the given strings (vLLM guided_choice), as raw bytes; throws if the list is empty.
 GrammarPtr grammar_choice(const std::vector<std::string>& choices);
 
+// One tool call in Qwen3.5's XML format (docs/server.md "Constrained tool calls"; text/tool_parser.h): the text
+// after the <tool_call> token up to the </tool_call> token, which is an added token the grammar never spells:
+//   "\n<function=" NAME ">\n" ( "<parameter=" KEY ">\n" VALUE "\n</parameter>\n" )* "</function>\n"
+// tools: OpenAI's `tools` ({"type": "function", "function": {"name", "parameters", "strict"}} or the bare function).
+// NAME: one of the tools' names (`only` non-empty: that one; tool_choice named). Parameters: the schema's
+// `properties` in their order, the `required` ones mandatory, the others skippable, no other keys (additionalProperties
+// is not used; without `properties`: any keys as for a free tool below; no `parameters`: none). VALUE as
+// tool_param_value converts it, by the parser's type (`type`, a list's first type other than null, or string for an
+// all-string enum):
+//   - string: raw text (well-formed UTF-8, no controls but tab/LF/CR), minLength/maxLength in characters (at most
+//     256), or exactly one of the enum/const strings;
+//   - integer, number, boolean, object, array with "string" in the type list: raw text, not "null" (any case,
+//     between whitespace) unless null is listed too; enum/const there are refused;
+//   - integer, number, boolean, object, array otherwise: the JSON of the schema with the type narrowed to the first
+//     one (and null when listed: the parser converts by the first type only);
+//   - anything else (anyOf, oneOf, $ref, const, a mixed enum, no type): the JSON of the schema (grammar_json_schema's
+//     language and rules; JSON strings count as strings).
+// No VALUE contains a tag the parser ends a value at (</parameter>, <parameter=, </function>, </tool_call>), raw or
+// inside a JSON string (strings with more than 256 characters of bounds: '<' only escaped); a schema whose enum,
+// const or property names hold one is refused. strict_only (tool_choice auto): the tools without "strict": true
+// are free: any parameters, KEY 1 to 128 characters without whitespace, controls, '<' or '>', VALUE raw text.
+// Throws ds::Error naming the tool (tools[i].function.parameters) and the JSON pointer, as grammar_json_schema does,
+// for an unsupported or invalid schema, a name that cannot be spelled, or `only` not among the tools. Cached as
+// grammar_json_schema's grammars are (by the tools' text and the options).
+GrammarPtr grammar_tool_call(const nlohmann::ordered_json& tools, const std::string& only = "",
+                             bool strict_only = false);
+
 // A position in a grammar: the bytes accepted so far. Copyable (a few small vectors: cheap enough per step).
 class Matcher {
  public:

@@ -60,7 +60,34 @@ SeqSampler::SeqSampler(const SamplingParams& p, const std::vector<int32_t>& prom
   for (int32_t t : prompt) prompt_tokens[t] = true;
   DS_CHECK(!p.grammar || p.masker, "structured output: a grammar without the vocabulary's token masker");
   thinking = p.think_end >= 0;
-  if (p.grammar && !thinking) matcher.emplace(p.grammar);
+  if (!thinking) engage_at_start();
+}
+
+void SeqSampler::engage_at_start() {
+  if (!params.grammar || params.grammar_lazy) return;
+  matcher.emplace(params.grammar);
+  if (!matcher->advance(params.grammar_prefix))
+    fail("structured output: the grammar's prefix \"", params.grammar_prefix, "\" does not start a text of its language");
+}
+
+bool SeqSampler::grammar_mask(std::vector<uint32_t>& bits) const {
+  auto allow = [&](int32_t id) {
+    if (id >= 0 && size_t(id) / 32 < bits.size()) bits[size_t(id) / 32] |= 1u << (id % 32);
+  };
+  if (matcher) {
+    params.masker->allowed(*matcher, bits);
+    if (matcher->accepting()) {
+      if (params.grammar_close >= 0) allow(params.grammar_close);
+      else
+        for (int32_t e : params.end_ids) allow(e);
+    }
+    return true;
+  }
+  if (!closed || params.after_close == SamplingParams::AfterClose::kFree) return false;
+  bits.assign(size_t(params.masker->vocab() + 31) / 32, 0);
+  for (int32_t e : params.end_ids) allow(e);
+  if (params.after_close == SamplingParams::AfterClose::kCallOrEnd) allow(params.grammar_trigger);
+  return true;
 }
 
 int64_t SeqSampler::budget_left() const {
@@ -76,21 +103,44 @@ void SeqSampler::accept(int32_t token) {
     if (token == params.think_end) {
       thinking = false;
       closed_at = generated - 1;
-      if (params.grammar) matcher.emplace(params.grammar);
+      engage_at_start();
     } else {
       ++reasoning;
     }
     return;
   }
+  const bool end = std::find(params.end_ids.begin(), params.end_ids.end(), token) != params.end_ids.end();
   if (matcher) {
-    if (std::find(params.end_ids.begin(), params.end_ids.end(), token) != params.end_ids.end()) return;
-    if (token < 0 || token >= params.masker->vocab() || !matcher->advance(params.masker->token_bytes(token)))
+    if (params.grammar_close >= 0 && token == params.grammar_close) {
+      if (!matcher->accepting())
+        fail("structured output: the closing token ", token, " came before the grammar's text was complete");
+      matcher.reset();
+      closed = true;
+      return;
+    }
+    if (end && params.grammar_close < 0) return;
+    // A token without bytes (a special or added token) spells nothing, so it never continues a grammar's text.
+    if (token < 0 || token >= params.masker->vocab() || params.masker->token_bytes(token).empty() ||
+        !matcher->advance(params.masker->token_bytes(token)))
       fail("structured output: token ", token, " does not continue the grammar");
+    return;
+  }
+  if (!params.grammar) return;
+  const bool trigger = params.grammar_trigger >= 0 && token == params.grammar_trigger;
+  if (closed && params.after_close != SamplingParams::AfterClose::kFree && !end &&
+      !(trigger && params.after_close == SamplingParams::AfterClose::kCallOrEnd))
+    fail("structured output: token ", token, " after the grammar's closing token, where only ",
+         params.after_close == SamplingParams::AfterClose::kEnd ? "an end" : "another call or an end", " may come");
+  if (trigger) {
+    matcher.emplace(params.grammar);
+    closed = false;
   }
 }
 
 void SeqSampler::retract(int32_t token) {
   DS_CHECK(!matcher || closed_at == generated - 1, "retract: a constrained sequence's grammar position is not undone");
+  DS_CHECK(!params.grammar || (params.grammar_trigger < 0 && params.grammar_close < 0),
+           "retract: a trigger grammar's engagement is not undone");
   auto it = generated_counts.find(token);
   if (it != generated_counts.end() && --it->second <= 0) generated_counts.erase(it);
   --generated;
@@ -185,12 +235,9 @@ int32_t sample(const float* logits, int64_t V, int64_t vocab_limit, SeqSampler& 
   std::vector<SampleEdit> edits;
   const SampleRowParams r = next_row(s, edits);
   std::vector<float> masked;  // a constrained row: the raw logits with every token the mask forbids at -inf
-  if (s.matcher) {
-    std::vector<uint32_t> bits;
-    s.params.masker->allowed(*s.matcher, bits);
-    if (s.matcher->accepting())
-      for (int32_t e : s.params.end_ids)
-        if (e >= 0 && size_t(e) / 32 < bits.size()) bits[size_t(e) / 32] |= 1u << (e % 32);
+  std::vector<uint32_t> bits;
+  const bool grammar = s.grammar_mask(bits);
+  if (grammar) {
     masked.assign(logits, logits + n);
     for (int64_t i = 0; i < n; ++i)
       if (size_t(i) / 32 >= bits.size() || !(bits[size_t(i) / 32] >> (i % 32) & 1u))
@@ -205,7 +252,7 @@ int32_t sample(const float* logits, int64_t V, int64_t vocab_limit, SeqSampler& 
   }
   const int32_t tok = cpu::sample_row(masked.empty() ? logits : masked.data(), n, r, edits.data(),
                                       int64_t(edits.size()));
-  if (tok < 0 && s.matcher) fail("structured output: no token the grammar allows is left to sample");
+  if (tok < 0 && grammar) fail("structured output: no token the grammar allows is left to sample");
   if (tok < 0 && !s.params.allowed_ids.empty()) fail("allowed_token_ids: none of them is left to sample");
   if (tok < 0) fail("no token left to sample (every logit is -inf or NaN after logit_bias)");
   if (lp && s.params.logprobs >= 0) fill_logprobs(logits, n, tok, s.params.logprobs, *lp);

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <string>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -44,6 +45,18 @@ struct SamplingParams {
   GrammarPtr grammar;                          // null: unconstrained
   std::shared_ptr<const TokenMasker> masker;   // the vocabulary as byte strings (required with grammar)
   std::vector<int32_t> end_ids;                // set by the engine: its EOS set (unless ignore_eos), stop_token_ids
+  // A grammar for one block at a time, engaged and released by tokens (tool calls: docs/server.md "Constrained tool
+  // calls"). The matcher is engaged at the start (after think_end when it is set) unless grammar_lazy; accepting
+  // grammar_trigger outside reasoning while it is not engaged engages a fresh one; where its text is complete the
+  // only end allowed is grammar_close (not end_ids), and accepting that releases it (the trigger re-arms).
+  int32_t grammar_trigger = -1;  // -1: none
+  int32_t grammar_close = -1;    // -1: the end ids end the grammar's text, and the output (structured output)
+  bool grammar_lazy = false;     // engaged only by the trigger
+  std::string grammar_prefix;    // bytes the matcher advances over when it engages at the start (forced prompt text)
+  // After grammar_close: free text (kFree), only the trigger or an end id (kCallOrEnd: another call or the end), or
+  // only an end id (kEnd).
+  enum class AfterClose : uint8_t { kFree, kCallOrEnd, kEnd };
+  AfterClose after_close = AfterClose::kFree;
 };
 
 struct TokenLogprob {
@@ -66,21 +79,32 @@ struct SeqSampler {
   bool thinking = false;
   int64_t reasoning = 0;
   int64_t closed_at = -1;  // `generated` before the token that closed the think block (retract undoes it)
-  // The grammar's position once it applies (params.grammar, after think_end when set); engaged = constrained.
+  // The grammar's position while it applies (params.grammar: after think_end when set, or from the trigger to the
+  // close token); engaged = constrained.
   std::optional<Matcher> matcher;
-  // A mask the host makes: a grammar's, or allowed_token_ids (sampled on the host, not Backend::sample_rows).
-  bool constrained() const { return matcher.has_value() || !params.allowed_ids.empty(); }
+  bool closed = false;  // grammar_close accepted and no trigger since: params.after_close applies
+  // A mask the host makes now: a grammar's, what may follow grammar_close, or allowed_token_ids (sampled on the host,
+  // not Backend::sample_rows). A lazy grammar waiting for its trigger is not one.
+  bool constrained() const {
+    return matcher.has_value() || !params.allowed_ids.empty() ||
+           (closed && params.after_close != SamplingParams::AfterClose::kFree);
+  }
+  // The grammar's mask for the next token (bits as TokenMasker::allowed, plus the end ids or grammar_close where the
+  // text is complete, or what after_close allows); false when no grammar constrains it.
+  bool grammar_mask(std::vector<uint32_t>& bits) const;
   // Reasoning tokens the budget still allows before think_end is forced (INT64_MAX: no budget or not thinking).
   int64_t budget_left() const;
   // The token the next draw must be (the thinking budget spent: params.think_end), or -1.
   int32_t forced() const { return budget_left() == 0 ? params.think_end : -1; }
-  // Counts the token, closes the think block at think_end (engaging the grammar there) and moves the grammar over it
-  // (an end id leaves the matcher as it is). Throws if a constrained sequence gets a token the grammar does not
-  // allow.
+  // Counts the token, closes the think block at think_end (engaging the grammar there unless it is lazy) and moves
+  // the grammar over it (an end id leaves the matcher as it is); grammar_trigger engages it, grammar_close releases
+  // it. Throws if a constrained sequence gets a token the grammar does not allow.
   void accept(int32_t token);
-  // Undoes accept(token) (counts, reasoning, the think block's end). Not for constrained sequences, which the engine
-  // never gives drafts (the grammar's position is not undone).
+  // Undoes accept(token) (counts, reasoning, the think block's end). Not for sequences with a grammar, which the
+  // engine never gives drafts (the grammar's position is not undone).
   void retract(int32_t token);
+  // Engages the grammar where it starts (not lazy), advanced over grammar_prefix.
+  void engage_at_start();
   float next_uniform() { return uniform_at(seed, draws++); }
 };
 

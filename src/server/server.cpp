@@ -327,6 +327,7 @@ class Generation {
         if (spec_.tool_choice == "named") forced += spec_.tool_choice_name + ">\n";
         text += forced;
       }
+      if (tools) constrain_tool_calls();
       std::vector<PreparedVideo> videos;
       if (!spec_.videos.empty()) {
         videos = load_videos_checked();
@@ -412,6 +413,49 @@ class Generation {
         c.prompt_tokens = int64_t(prompts[pi].size());
         choices_.push_back(std::move(c));
       }
+  }
+
+  // Constrained tool calls (docs/server.md "Constrained tool calls"): tool_choice required / named constrain the call
+  // the prompt opens (the whole block: name, parameters, values by the schemas), auto constrains the calls of tools
+  // declared "strict": true from each <tool_call> the model writes to its </tool_call>.
+  void constrain_tool_calls() {
+    const bool forced = spec_.tool_choice == "required" || spec_.tool_choice == "named";
+    bool strict = false;
+    for (auto& t : spec_.tools) {
+      const auto& fn = t["function"];
+      strict |= fn.contains("strict") && fn["strict"].is_boolean() && fn["strict"].get<bool>();
+    }
+    if (!forced && !(spec_.tool_choice == "auto" && strict)) return;
+    if (!forced && spec_.sampling.grammar)
+      throw bad_request("structured output (response_format / structured_outputs) cannot be combined with tools "
+                        "declared \"strict\": true under tool_choice auto: a reply would be constrained text and a "
+                        "constrained tool call at once; drop one", "tools");
+    if (forced && spec_.ignore_eos)
+      throw bad_request("'ignore_eos' cannot be combined with tool_choice " + spec_.tool_choice + " (the output ends "
+                        "after the tool call)", "ignore_eos");
+    const auto open = st_.rt.tok->token_id("<tool_call>"), close = st_.rt.tok->token_id("</tool_call>");
+    if (!open || !close)
+      throw bad_request(std::string("constrained tool calls (tool_choice ") + spec_.tool_choice + (forced ? "" : " with strict tools") +
+                        ") need the tokenizer's " + (!open ? "<tool_call>" : "</tool_call>") +
+                        " token, which this model's tokenizer does not have", forced ? "tool_choice" : "tools");
+    auto& sp = spec_.sampling;
+    try {
+      sp.grammar = sampling::grammar_tool_call(spec_.tools, spec_.tool_choice == "named" ? spec_.tool_choice_name : "",
+                                               !forced);
+    } catch (const Error& e) {
+      throw bad_request(e.what(), "tools");
+    }
+    sp.grammar_trigger = *open;
+    sp.grammar_close = *close;
+    sp.grammar_lazy = !forced;
+    using AC = sampling::SamplingParams::AfterClose;
+    if (spec_.tool_choice == "named") {
+      sp.grammar_prefix = "\n<function=" + spec_.tool_choice_name + ">\n";
+      sp.after_close = AC::kEnd;
+    } else if (forced) {
+      sp.grammar_prefix = "\n<function=";
+      sp.after_close = spec_.parallel_tool_calls ? AC::kCallOrEnd : AC::kEnd;
+    }
   }
 
   // Images and videos of a chat request: checked against the model and backend, loaded, preprocessed; expands

@@ -17,6 +17,7 @@
 #include "error_util.h"
 #include "sampling/grammar.h"
 #include "text/tokenizer.h"
+#include "text/tool_parser.h"
 
 namespace ds::sampling {
 namespace {
@@ -910,6 +911,319 @@ TEST(GrammarJsonSchema, TooLargeSchemasAreRefused) {
     ADD_FAILURE() << "2,000 optional properties compiled";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("too large"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace ds::sampling
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tool calls (grammar_tool_call): Qwen3.5's XML format after the <tool_call> token.
+
+namespace ds::sampling {
+namespace {
+
+using ojson = nlohmann::ordered_json;
+
+GrammarPtr tools_of(const char* text, const std::string& only = "", bool strict_only = false) {
+  return grammar_tool_call(ojson::parse(text), only, strict_only);
+}
+
+std::string call(const std::string& name, const std::vector<std::pair<std::string, std::string>>& params) {
+  std::string t = "\n<function=" + name + ">\n";
+  for (auto& [k, v] : params) t += "<parameter=" + k + ">\n" + v + "\n</parameter>\n";
+  return t + "</function>\n";
+}
+
+const char* kWeather = R"([
+  {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+      "city": {"type": "string", "description": "the city"},
+      "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+      "days": {"type": "integer"},
+      "alerts": {"type": "boolean"}},
+    "required": ["city", "days"]}}},
+  {"type": "function", "function": {"name": "ping"}},
+  {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}])";
+
+TEST(GrammarToolCall, NamesOrderRequiredAndOptionalParameters) {
+  const auto g = tools_of(kWeather);
+  expect_accepts(g, call("get_weather", {{"city", "Paris"}, {"days", "3"}}));
+  expect_accepts(g, call("get_weather", {{"city", "Paris"}, {"unit", "celsius"}, {"days", "-12"}, {"alerts", "true"}}));
+  expect_accepts(g, call("get_weather", {{"city", ""}, {"days", "0"}, {"alerts", "false"}}));
+  expect_accepts(g, call("ping", {}));
+  expect_accepts(g, call("get_time", {}));
+  // Unknown function, a name's prefix, no newline before <function=.
+  expect_refuses_at(g, "\n<function=get_x", 15);
+  expect_refuses_at(g, "\n<function=ping_", 15);
+  expect_refuses_at(g, "<function=ping>", 0);
+  // Required city first, days required: unit cannot come first, the call cannot end without days.
+  const std::string head = "\n<function=get_weather>\n";
+  expect_refuses_at(g, head + "<parameter=unit>", int64_t(head.size()) + 11);
+  const std::string city = head + "<parameter=city>\nParis\n</parameter>\n";
+  expect_refuses_at(g, city + "</function>\n", int64_t(city.size()) + 1);
+  // Order: days before unit is refused; an unknown key is refused; a repeated key is refused.
+  const std::string days = city + "<parameter=days>\n3\n</parameter>\n";
+  expect_refuses_at(g, days + "<parameter=unit>", int64_t(days.size()) + 11);
+  expect_refuses_at(g, days + "<parameter=x>", int64_t(days.size()) + 11);
+  expect_refuses_at(g, days + "<parameter=days>", int64_t(days.size()) + 11);
+  // Values: an enum is exactly one of its strings; integers and booleans are JSON.
+  expect_refuses_at(g, city + "<parameter=unit>\nkelvin", int64_t(city.size()) + 17);
+  expect_refuses_at(g, city + "<parameter=unit>\ncelsiusx", int64_t(city.size()) + 24);
+  expect_refuses_at(g, city + "<parameter=days>\nabc", int64_t(city.size()) + 17);
+  expect_refuses_at(g, city + "<parameter=days>\n1.5", int64_t(city.size()) + 18);
+  expect_refuses_at(g, city + "<parameter=days>\n 3", int64_t(city.size()) + 17);
+  expect_refuses_at(g, days + "<parameter=alerts>\nTrue", int64_t(days.size()) + 19);
+  // The whitespace is exact: "\n" after the value, "\n" after </parameter>, after </function>.
+  expect_refuses_at(g, city + "<parameter=days>\n3</parameter>", int64_t(city.size()) + 18);
+  expect_refuses_at(g, days + "</function>", int64_t(days.size()) + 11);
+  // Complete only at the end: nothing follows "</function>\n" (the </tool_call> token is the sampler's).
+  Matcher m(g);
+  ASSERT_TRUE(m.advance(call("ping", {})));
+  EXPECT_TRUE(m.accepting());
+  EXPECT_FALSE(m.can_continue());
+  // A named tool: that one only.
+  const auto n = tools_of(kWeather, "ping");
+  expect_accepts(n, call("ping", {}));
+  expect_refuses_at(n, "\n<function=get_weather>", 11);
+}
+
+TEST(GrammarToolCall, RawStringsEndOnlyAtTheirTerminator) {
+  const auto g = tools_of(R"([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+      "properties": {"s": {"type": "string"}}, "required": ["s"]}}}])");
+  const std::string open = "\n<function=f>\n<parameter=s>\n";
+  const int64_t o = int64_t(open.size());
+  for (const std::string v : {"plain", "two\nlines\n\nand a blank", "", "\n", "\n\n", " spaced ", "tab\there\r\n",
+                              "</parameter", "\n</parameter", "</parameter >", "a\n</parameterx", "<parameter", "</function",
+                              "<tool_call>", "</tool_call", "<function=g>", "x < y && y > z", "\xC3\xA9\xE4\xB8\xAD\xF0\x9F\x98\x80",
+                              "{\"json\": [1, 2]}", "null", "</", "<<//"})
+    expect_accepts(g, open + v + "\n</parameter>\n</function>\n");
+  // A tag the parser ends a value at is refused at its last byte, with or without the newline before it.
+  expect_refuses_at(g, open + "a</parameter>", o + 12);
+  expect_refuses_at(g, open + "</parameter>", o + 11);
+  expect_refuses_at(g, open + "x\n\n</parameter>\nmore", o + 16);  // the value "x\n" ended; no text after the end
+  expect_refuses_at(g, open + "a<parameter=", o + 11);
+  expect_refuses_at(g, open + "a</function>", o + 11);
+  expect_refuses_at(g, open + "a</tool_call>", o + 12);
+  expect_refuses_at(g, open + "<</tool_call>", o + 12);
+  // Well-formed UTF-8 only, no controls other than tab, LF, CR.
+  expect_refuses_at(g, open + "a\xC3(", o + 2);
+  expect_refuses_at(g, open + "\xC0\x80", o);
+  expect_refuses_at(g, open + "\xED\xA0\x80", o + 1);
+  expect_refuses_at(g, open + "a\x01", o + 1);
+  expect_refuses_at(g, open + std::string(1, '\0'), o);
+  // The value may end with newlines: the last one before </parameter> is the format's.
+  Matcher m(g);
+  ASSERT_TRUE(m.advance(open + "x\n\n</parameter>\n</function>\n"));
+  EXPECT_TRUE(m.accepting());
+  const auto r = ToolCallParser::parse("<tool_call>" + open + "x\n\n</parameter>\n</function>\n</tool_call>");
+  ASSERT_EQ(r.tool_calls.size(), 1u);
+  EXPECT_EQ(r.tool_calls[0].arguments, R"({"s": "x\n"})");
+}
+
+TEST(GrammarToolCall, StringBoundsEnumsAndTypeLists) {
+  const auto g = tools_of(R"([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+      "properties": {
+        "b": {"type": "string", "minLength": 2, "maxLength": 3},
+        "e": {"enum": ["a b", "</x>", "c"]},
+        "n": {"type": ["string", "null"]},
+        "i": {"type": ["integer", "string"], "maxLength": 6},
+        "k": {"type": ["integer", "boolean"]},
+        "o": {"type": "object", "properties": {"t": {"type": "string"}}},
+        "a": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "integer"}}]},
+        "z": {"type": "null"}}}}}])");
+  auto one = [](const std::string& k, const std::string& v) { return call("f", {{k, v}}); };
+  for (auto& v : {"ab", "abc", "\xE4\xB8\xAD\xE4\xB8\xAD", "\n\n", "</"}) expect_accepts(g, one("b", v));
+  const std::string ob = "\n<function=f>\n<parameter=b>\n";
+  // "a\n<" may still be a 3-character value; "a\n</" can only end too long (4+) or too short ("a").
+  expect_refuses_at(g, ob + "a\n</parameter>", int64_t(ob.size()) + 3);
+  expect_refuses_at(g, ob + "abcd", int64_t(ob.size()) + 3);              // 4 characters, no end possible
+  for (auto& v : {"a b", "</x>", "c"}) expect_accepts(g, one("e", v));
+  expect_refuses_at(g, "\n<function=f>\n<parameter=e>\nab", 29);
+  for (auto& v : {"text", "null", ""}) expect_accepts(g, one("n", v));
+  // integer first, string too: raw text (numbers convert to integers, the rest stays a string), but not null.
+  for (auto& v : {"12", "abc", "nul", "nulls", " nu"}) expect_accepts(g, one("i", v));
+  const std::string oi = "\n<function=f>\n<parameter=i>\n";
+  for (auto& v : {"null", "NULL", " null", "Null\n"}) {
+    SCOPED_TRACE(v);
+    Matcher m(g);
+    ASSERT_TRUE(m.advance(oi + v));
+    EXPECT_FALSE(m.advance("\n</parameter>")) << "null where null is not allowed";
+  }
+  // integer or boolean: the parser converts by integer only, so booleans are not offered.
+  expect_accepts(g, one("k", "7"));
+  expect_refuses_at(g, "\n<function=f>\n<parameter=k>\ntrue", 28);
+  expect_accepts(g, one("o", R"({"t": "a</b>"})"));
+  expect_accepts(g, one("o", "{\n  \"t\": \"x\"\n}"));
+  const std::string oo = "\n<function=f>\n<parameter=o>\n{\"t\": \"a</function";
+  expect_refuses_at(g, oo + ">", int64_t(oo.size()));
+  expect_refuses_at(g, "\n<function=f>\n<parameter=o>\nnull", 28);
+  // anyOf: JSON, a string as a JSON string.
+  for (auto& v : {"\"text\"", "[1, 2]", "[]"}) expect_accepts(g, one("a", v));
+  expect_refuses_at(g, "\n<function=f>\n<parameter=a>\ntext", 28);
+  expect_accepts(g, one("z", "null"));
+}
+
+TEST(GrammarToolCall, StrictOnlyLeavesOtherToolsFree) {
+  const char* tools = R"([
+    {"type": "function", "function": {"name": "strict_one", "strict": true, "parameters": {"type": "object",
+        "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": false}}},
+    {"type": "function", "function": {"name": "loose", "parameters": {"type": "object",
+        "properties": {"n": {"type": "integer"}}, "required": ["n"]}}},
+    {"type": "function", "function": {"name": "any_args", "strict": true, "parameters": {"type": "object"}}}])";
+  const auto g = tools_of(tools, "", true);
+  expect_accepts(g, call("strict_one", {{"n", "5"}}));
+  expect_refuses_at(g, "\n<function=strict_one>\n<parameter=n>\nx", 37);
+  expect_accepts(g, call("loose", {}));
+  expect_accepts(g, call("loose", {{"n", "not a number"}, {"other", "x"}, {"n", "1"}, {"\xC3\xA9t\xC3\xA9", ""}}));
+  expect_accepts(g, call("any_args", {{"k", "v"}}));
+  expect_refuses_at(g, "\n<function=loose>\n<parameter=>", 29);
+  expect_refuses_at(g, "\n<function=loose>\n<parameter=a b>", 30);
+  expect_refuses_at(g, "\n<function=loose>\n<parameter=" + std::string(129, 'k'), 29 + 128);
+  expect_refuses_at(g, "\n<function=loose>\n<parameter=k>\na</function>", 43);
+  // Without strict_only every tool is constrained.
+  expect_refuses_at(tools_of(tools), "\n<function=loose>\n<parameter=n>\nx", 32);
+  // The cache: the same tools and options give the same grammar, other options another.
+  EXPECT_EQ(tools_of(tools, "", true).get(), g.get());
+  EXPECT_NE(tools_of(tools).get(), g.get());
+}
+
+TEST(GrammarToolCall, ErrorsNameTheToolAndThePointer) {
+  EXPECT_ERROR(tools_of(R"([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+      "properties": {"x": {"type": "string", "pattern": "a+"}}}}}])"),
+               "tools[0].function.parameters: unsupported keyword \"pattern\" at /properties/x");
+  EXPECT_ERROR(tools_of(R"([{"type": "function", "function": {"name": "g"}}, {"type": "function", "function":
+      {"name": "f", "parameters": {"type": "object", "properties": {"x": {"$ref": "#/$defs/missing"}}}}}])"),
+               "tools[1].function.parameters: \"$ref\" at /properties/x points to #/$defs/missing");
+  EXPECT_ERROR(tools_of(R"([{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}])"),
+               "tools[0].function.parameters: \"type\" at the root must be \"object\"");
+  EXPECT_ERROR(tools_of(R"([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+      "minProperties": 1}}}])"),
+               "unsupported keyword \"minProperties\" at the root");
+  EXPECT_ERROR(tools_of(R"([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+      "properties": {"a": {}}, "required": ["b"]}}}])"),
+               "\"required\" at the root names \"b\"");
+  EXPECT_ERROR(tools_of(R"([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+      "properties": {"e": {"enum": ["ok", "a</parameter>b"]}}}}}])"),
+               "contains a tool-call tag");
+  EXPECT_ERROR(tools_of(R"([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+      "properties": {"o": {"type": "object", "properties": {"</function>": {}}}}}}}])"),
+               "contains a tool-call tag");
+  EXPECT_ERROR(tools_of(R"([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+      "properties": {"s": {"type": "string", "maxLength": 1000}}}}}])"),
+               "\"maxLength\" at /properties/s is 1000; a string parameter of a tool call supports length bounds up to 256");
+  EXPECT_ERROR(tools_of(R"([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+      "properties": {"i": {"type": ["integer", "string"], "enum": [1, "a"]}}}}}])"),
+               "with a type list whose first type is integer is not supported");
+  EXPECT_ERROR(tools_of(R"([{"type": "function", "function": {"name": "a>b"}}])"), "tools[0].function.name");
+  EXPECT_ERROR(tools_of(R"([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+      "properties": {"a>b": {}}}}}])"),
+               "the property name \"a>b\" cannot be spelled");
+  EXPECT_ERROR(tools_of(R"([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+      "additionalProperties": {"type": "integer"}}}}])"),
+               "\"additionalProperties\" at the root: a schema for parameters not listed");
+  EXPECT_ERROR(tools_of(kWeather, "nope"), "no tool named \"nope\"");
+  EXPECT_ERROR(grammar_tool_call(ojson::array()), "tools: expected a non-empty list");
+}
+
+// The token masker over a small vocabulary with the format's pieces: its masks equal advance() along calls.
+std::vector<std::string> tool_vocab() {
+  std::vector<std::string> v = synthetic_vocab();
+  for (const char* s : {"\n<", "<function=", "function", "=get", "_weather", ">\n", "<parameter=", "parameter", "city",
+                        "days", "unit", "celsius", "fahrenheit", "\n</parameter>\n", "</parameter>", "</", "</function>\n",
+                        "</function>", "Paris", "</tool_call>", ">\n<parameter=", "\n\n", "\n</", "<p", "ping", "alerts"})
+    v.push_back(s);
+  return v;
+}
+
+TEST(GrammarToolCall, MasksEqualAdvanceOnEveryToken) {
+  const TokenMasker tm(tool_vocab());
+  expect_masks_match(tools_of(kWeather), tm,
+                     {call("get_weather", {{"city", "Pa</ris\n</parameter"}, {"unit", "fahrenheit"}, {"days", "12"},
+                                           {"alerts", "false"}}),
+                      call("ping", {})});
+  expect_masks_match(tools_of(R"([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+      "properties": {"i": {"type": ["integer", "string"]}, "o": {"type": "object"}}}}}])"),
+                     tm, {call("f", {{"i", "nul"}, {"o", R"({"a": ["</f", 1]})"}})});
+}
+
+// Random walks over allowed tokens (the longest one a quarter of the time, so values end) parse with the tool-call
+// parser into a call whose arguments the tool's schema accepts.
+TEST(GrammarToolCall, RandomWalksParseIntoValidArguments) {
+  const TokenMasker tm(tool_vocab());
+  const ojson tools = ojson::parse(R"([
+    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer"},
+        "alerts": {"type": ["boolean", "null"]},
+        "where": {"type": "object", "properties": {"lat": {"type": "number"}, "tag": {"type": "string"}},
+                  "required": ["lat"]},
+        "ids": {"type": "array", "items": {"anyOf": [{"type": "integer"}, {"type": "string", "maxLength": 3}]},
+                "maxItems": 3},
+        "any": {"type": ["integer", "string"], "maxLength": 5}},
+      "required": ["city", "days"]}}},
+    {"type": "function", "function": {"name": "ping"}}])");
+  const GrammarPtr g = grammar_tool_call(tools);
+  std::mt19937_64 rng(11);
+  std::vector<uint32_t> bits;
+  int complete = 0;
+  for (int w = 0; w < 200; ++w) {
+    Matcher m(g);
+    std::string text;
+    for (int step = 0; step < 300 && m.can_continue(); ++step) {
+      tm.allowed(m, bits);
+      std::vector<int32_t> ids;
+      for (int64_t id = 0; id < tm.vocab(); ++id)
+        if (bits[size_t(id) / 32] >> (id % 32) & 1u) ids.push_back(int32_t(id));
+      ASSERT_FALSE(ids.empty()) << show(text);
+      int32_t t = ids[rng() % ids.size()];
+      if (rng() % 4 == 0)
+        for (int32_t id : ids)
+          if (tm.token_bytes(id).size() > tm.token_bytes(t).size()) t = id;
+      ASSERT_TRUE(m.advance(tm.token_bytes(t)));
+      text += tm.token_bytes(t);
+    }
+    if (!m.accepting()) continue;
+    ++complete;
+    const auto r = ToolCallParser::parse("<tool_call>" + text + "</tool_call>", tools);
+    ASSERT_EQ(r.tool_calls.size(), 1u) << show(text);
+    EXPECT_EQ(r.content, "") << show(text);
+    const ojson args = ojson::parse(r.tool_calls[0].arguments);
+    for (auto& tool : tools)
+      if (tool["function"]["name"] == r.tool_calls[0].name) {
+        const ojson params = tool["function"].value("parameters", ojson{{"type", "object"}, {"properties", ojson::object()}});
+        std::string why;
+        EXPECT_TRUE(valid(args, params, params, why)) << why << "\ntext: " << show(text);
+      }
+  }
+  std::printf("  200 walks: %d complete calls\n", complete);
+  EXPECT_GE(complete, 100);
+}
+
+// Timings of the tool grammar's positions on the real vocabulary (printed, not asserted).
+TEST(GrammarToolCall, TimingsOnTheRealVocabulary) {
+  const std::string path = real_tokenizer_path();
+  if (path.empty()) GTEST_SKIP() << "no tokenizer.json";
+  const TokenMasker tm(real_vocab(path));
+  const auto g = tools_of(kWeather);
+  auto t0 = std::chrono::steady_clock::now();
+  const auto fresh = grammar_tool_call(ojson::parse(kWeather), "", true);  // not cached yet: a compile
+  std::printf("  compile (strict_only variant): %.2f ms\n", ms_since(t0));
+  const std::string h = "\n<function=get_weather>\n";
+  for (const std::string& prefix : {std::string("\n<function="), h, h + "<parameter=city>\nPar",
+                                    h + "<parameter=city>\nParis\n</param", h + "<parameter=city>\nP\n</parameter>\n",
+                                    h + "<parameter=city>\nP\n</parameter>\n<parameter=days>\n1"}) {
+    Matcher m(g);
+    ASSERT_TRUE(m.advance(prefix));
+    std::vector<uint32_t> bits;
+    double cold = 1e9;
+    for (int r = 0; r < 3; ++r) {
+      const auto t1 = std::chrono::steady_clock::now();
+      tm.allowed_uncached(m, bits);
+      cold = std::min(cold, ms_since(t1));
+    }
+    std::printf("  after %-60s cold %7.2f ms, %lld tokens allowed\n", show(prefix).c_str(), cold,
+                (long long)count_bits(bits));
   }
 }
 

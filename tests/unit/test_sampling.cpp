@@ -11,6 +11,7 @@
 #include "backend/ops.h"
 #include "core/status.h"
 #include "sampling/sampling.h"
+#include "text/tool_parser.h"
 
 #include <nlohmann/json.hpp>
 
@@ -537,6 +538,193 @@ TEST(SamplingGrammar, SampledTokensSpellTheGrammarsLanguage) {
       EXPECT_TRUE(v["b"] == "red" || v["b"] == "blue") << text;
       EXPECT_TRUE(v["c"].is_string() && v["c"].get<std::string>().size() <= 3) << text;
     }
+}
+
+
+// Tool-call grammars (SamplingParams::grammar_trigger / grammar_close / grammar_lazy / grammar_prefix / after_close):
+// a vocabulary with the format's pieces and four ids the grammar never spells: <tool_call>, </tool_call>, an end id
+// and </think>.
+struct ToolVocab {
+  std::vector<std::string> v;
+  int32_t trigger, close, end, think_end;
+  ToolVocab() {
+    for (int c = 32; c < 127; ++c) v.push_back(std::string(1, char(c)));
+    for (const char* s : {"\n", "\n<function=", "f>\n", "g>\n", "<parameter=", "n>\n", "s>\n", "\n</parameter>\n",
+                          "</function>\n", "12", "true", "ab", "</", "parameter"})
+      v.push_back(s);
+    trigger = int32_t(v.size());
+    close = trigger + 1;
+    end = trigger + 2;
+    think_end = trigger + 3;
+    v.resize(v.size() + 4);
+  }
+};
+
+const char* kTwoTools = R"([
+  {"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+      "properties": {"n": {"type": "integer"}, "s": {"type": "string", "maxLength": 4}}, "required": ["n"]}}},
+  {"type": "function", "function": {"name": "g"}}])";
+
+SamplingParams tool_params(const ToolVocab& tv, uint64_t seed) {
+  SamplingParams p;
+  p.temperature = 1.f;
+  p.seed = seed;
+  p.grammar = grammar_tool_call(nlohmann::ordered_json::parse(kTwoTools));
+  p.masker = std::make_shared<const TokenMasker>(tv.v);
+  p.end_ids = {tv.end};
+  p.grammar_trigger = tv.trigger;
+  p.grammar_close = tv.close;
+  return p;
+}
+
+// Samples up to `steps` tokens with logits that favour `favour` (so the walk reaches it); returns the tokens. Each
+// token is checked against the state it was sampled in.
+// Stops after an end id or `stop`.
+std::vector<int32_t> run(SeqSampler& s, const ToolVocab& tv, int steps, uint64_t seed, int32_t stop = -1) {
+  std::vector<int32_t> out;
+  const int32_t V = int32_t(tv.v.size());
+  for (int i = 0; i < steps; ++i) {
+    auto x = random_logits(V, seed * 7919 + uint64_t(i), 1.f);
+    x[size_t(tv.close)] += 4.f;  // so calls finish
+    const bool engaged = s.matcher.has_value();
+    const bool complete = engaged && s.matcher->accepting();
+    const int32_t t = sample(x.data(), V, V, s, nullptr);
+    if (engaged) {
+      EXPECT_NE(t, tv.end) << "an end id inside a call";
+      EXPECT_NE(t, tv.trigger);
+      if (t == tv.close) EXPECT_TRUE(complete) << "the close token before the call is complete";
+    }
+    s.accept(t);
+    out.push_back(t);
+    if (t == tv.end || t == stop) break;
+  }
+  return out;
+}
+
+// The calls in a token sequence, text between <tool_call> and </tool_call>, parsed by the tool-call parser.
+std::vector<ToolCall> calls_of(const ToolVocab& tv, const std::vector<int32_t>& toks, const std::string& prefix = "") {
+  std::string text = prefix;
+  for (int32_t t : toks)
+    text += t == tv.trigger ? "<tool_call>" : t == tv.close ? "</tool_call>" : t >= tv.trigger ? "" : tv.v[size_t(t)];
+  return ToolCallParser::parse(text, nlohmann::ordered_json::parse(kTwoTools)).tool_calls;
+}
+
+void expect_valid_calls(const std::vector<ToolCall>& calls) {
+  for (auto& c : calls) {
+    SCOPED_TRACE(c.name + " " + c.arguments);
+    ASSERT_TRUE(c.name == "f" || c.name == "g");
+    const auto a = nlohmann::json::parse(c.arguments);
+    if (c.name == "g") {
+      EXPECT_TRUE(a.empty());
+      continue;
+    }
+    ASSERT_TRUE(a.contains("n"));
+    EXPECT_TRUE(a["n"].is_number_integer());
+    if (a.contains("s")) EXPECT_TRUE(a["s"].is_string() && a["s"].get<std::string>().size() <= 4);
+  }
+}
+
+// Lazy (tool_choice auto): free text until the trigger, a call's grammar from it to the close token, free again, and
+// the trigger re-arms; inside reasoning the trigger is ordinary text.
+TEST(SamplingGrammar, TriggerEngagesAFreshCallAndCloseReleasesIt) {
+  const ToolVocab tv;
+  int calls = 0;
+  for (uint64_t seed = 1; seed <= 20; ++seed) {
+    SamplingParams p = tool_params(tv, seed);
+    p.grammar_lazy = true;
+    p.think_end = tv.think_end;
+    SeqSampler s(p, {});
+    s.accept(tv.trigger);  // inside the think block: not a call
+    EXPECT_FALSE(s.constrained());
+    s.accept(tv.think_end);
+    EXPECT_FALSE(s.constrained()) << "lazy: not engaged after </think>";
+    s.accept(int32_t('a' - 32));
+    EXPECT_FALSE(s.constrained());
+    std::vector<int32_t> toks;
+    for (int k = 0; k < 2; ++k) {  // two calls, text between them
+      s.accept(tv.trigger);
+      toks.push_back(tv.trigger);
+      ASSERT_TRUE(s.constrained());
+      std::vector<int32_t> call = run(s, tv, 200, seed * 10 + uint64_t(k), tv.close);
+      ASSERT_FALSE(call.empty());
+      ASSERT_EQ(call.back(), tv.close) << "seed " << seed << ": the call did not finish";
+      toks.insert(toks.end(), call.begin(), call.end());
+      EXPECT_FALSE(s.constrained()) << "released at the close token";
+      EXPECT_TRUE(s.closed);
+      s.accept(int32_t('x' - 32));  // free text after a call (kFree)
+      toks.push_back(int32_t('x' - 32));
+    }
+    const auto cs = calls_of(tv, toks);
+    ASSERT_EQ(cs.size(), 2u);
+    expect_valid_calls(cs);
+    calls += int(cs.size());
+  }
+  EXPECT_EQ(calls, 40);
+}
+
+// Engaged at the start past a prefix (tool_choice required / named: the prompt ends with "<tool_call>\n<function="),
+// then after the close token only another call or an end (kCallOrEnd), or only an end (kEnd).
+TEST(SamplingGrammar, PrefixAndWhatMayFollowTheClose) {
+  const ToolVocab tv;
+  int more_calls = 0;
+  for (uint64_t seed = 1; seed <= 20; ++seed) {
+    SamplingParams p = tool_params(tv, seed);
+    p.grammar_prefix = "\n<function=";
+    p.after_close = SamplingParams::AfterClose::kCallOrEnd;
+    SeqSampler s(p, {});
+    ASSERT_TRUE(s.constrained());
+    std::vector<int32_t> toks = run(s, tv, 400, seed);
+    ASSERT_FALSE(toks.empty());
+    EXPECT_EQ(toks.back(), tv.end) << "seed " << seed;
+    // Between calls: nothing but the trigger and the end.
+    for (size_t i = 1; i < toks.size(); ++i)
+      if (toks[i - 1] == tv.close) {
+        EXPECT_TRUE(toks[i] == tv.trigger || toks[i] == tv.end) << "after a call: " << toks[i];
+        more_calls += toks[i] == tv.trigger;
+      }
+    const auto cs = calls_of(tv, toks, "<tool_call>\n<function=");
+    ASSERT_GE(cs.size(), 1u);
+    expect_valid_calls(cs);
+  }
+  EXPECT_GT(more_calls, 0) << "the trigger never re-engaged";
+
+  // kEnd, named: one call of f, then the end.
+  for (uint64_t seed = 1; seed <= 10; ++seed) {
+    SamplingParams p = tool_params(tv, seed);
+    p.grammar_prefix = "\n<function=f>\n";
+    p.after_close = SamplingParams::AfterClose::kEnd;
+    SeqSampler s(p, {});
+    std::vector<int32_t> toks = run(s, tv, 400, seed);
+    ASSERT_GE(toks.size(), 2u);
+    EXPECT_EQ(toks.back(), tv.end);
+    EXPECT_EQ(toks[toks.size() - 2], tv.close);
+    const auto cs = calls_of(tv, toks, "<tool_call>\n<function=f>\n");
+    ASSERT_EQ(cs.size(), 1u);
+    EXPECT_EQ(cs[0].name, "f");
+    expect_valid_calls(cs);
+  }
+}
+
+TEST(SamplingGrammar, TriggerGrammarErrors) {
+  const ToolVocab tv;
+  SamplingParams p = tool_params(tv, 1);
+  p.grammar_prefix = "\n<function=h";
+  EXPECT_THROW(SeqSampler(p, {}), Error) << "a prefix outside the grammar's language";
+  p.grammar_prefix = "\n<function=g>\n";
+  p.after_close = SamplingParams::AfterClose::kEnd;
+  SeqSampler s(p, {});
+  EXPECT_THROW(s.accept(tv.close), Error) << "the close token before </function>";
+  EXPECT_THROW(s.accept(tv.end), Error) << "an end id inside a call";
+  s.accept(int32_t(tv.v.size()) - 4 - 6);  // "</function>\n"
+  ASSERT_TRUE(s.matcher && s.matcher->accepting());
+  s.accept(tv.close);
+  EXPECT_TRUE(s.constrained()) << "kEnd: only an end may follow";
+  std::vector<uint32_t> bits;
+  ASSERT_TRUE(s.grammar_mask(bits));
+  for (int32_t id = 0; id < int32_t(tv.v.size()); ++id)
+    EXPECT_EQ(bits[size_t(id) / 32] >> (id % 32) & 1u, id == tv.end ? 1u : 0u) << id;
+  EXPECT_THROW(s.accept(tv.trigger), Error);
+  EXPECT_THROW(s.retract(int32_t('a' - 32)), Error) << "no retract for trigger grammars";
 }
 
 

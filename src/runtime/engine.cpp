@@ -25,6 +25,7 @@ const char* finish_reason_name(FinishReason r) {
     case FinishReason::Length: return "length";
     case FinishReason::Abort: return "abort";
     case FinishReason::Error: return "error";
+    case FinishReason::Repetition: return "repetition";
   }
   return "?";
 }
@@ -43,6 +44,18 @@ std::optional<Delta> DeltaChannel::pop(std::chrono::milliseconds timeout) {
   Delta d = std::move(q_.front());
   q_.pop_front();
   return d;
+}
+
+bool repeats_at_end(const int32_t* t, int64_t n, const Request::Repetition& r) {
+  if (r.max_pattern <= 0 || r.min_count < 2) return false;
+  for (int64_t len = std::max<int64_t>(r.min_pattern, 1); len <= r.max_pattern; ++len) {
+    if (len * r.min_count > n) return false;
+    bool all = true;
+    for (int64_t k = 1; k < r.min_count && all; ++k)
+      all = std::equal(t + n - len, t + n, t + n - (k + 1) * len);
+    if (all) return true;
+  }
+  return false;
 }
 
 namespace {
@@ -204,6 +217,11 @@ void Engine::submit(std::shared_ptr<Request> r) {
          "is complete)");
   r->sampling.end_ids = r->ignore_eos ? std::vector<int32_t>{} : cfg_.eos_token_ids;
   r->sampling.end_ids.insert(r->sampling.end_ids.end(), r->stop_token_ids.begin(), r->stop_token_ids.end());
+  const Request::Repetition& rep = r->repetition;
+  if (rep.max_pattern < 0 || rep.min_pattern < 0 || rep.min_pattern > rep.max_pattern ||
+      (rep.max_pattern > 0 && rep.min_count < 2))
+    fail("repetition_detection: expected 0 <= min_pattern_size <= max_pattern_size and min_count >= 2, found ",
+         rep.min_pattern, ", ", rep.max_pattern, ", ", rep.min_count);
   if (r->sampling.min_tokens < 0 || r->sampling.min_tokens > r->max_tokens)
     fail("min_tokens: expected 0 to max_tokens (", r->max_tokens, "), found ", r->sampling.min_tokens);
   // Built here, off the engine thread (copies the prompt, seeds the RNG).
@@ -661,6 +679,11 @@ bool Engine::Impl::emit(Sequence* s, const std::vector<int32_t>& toks, std::vect
     if (want_lp) d.logprobs.push_back(std::move(lps[i]));
     if (s->num_generated() >= req.max_tokens || int64_t(s->tokens.size()) >= cfg.max_model_len) {
       finish(s, FinishReason::Length, std::move(d));
+      return false;
+    }
+    if (req.repetition.max_pattern > 0 && s->num_generated() >= req.sampling.min_tokens &&
+        repeats_at_end(s->tokens.data() + s->prompt_len, s->num_generated(), req.repetition)) {
+      finish(s, FinishReason::Repetition, std::move(d));
       return false;
     }
   }

@@ -22,8 +22,8 @@
 
 namespace ds::runtime {
 
-enum class FinishReason { None, Stop, Length, Abort, Error };
-const char* finish_reason_name(FinishReason r);  // "stop", "length", "abort", "error"
+enum class FinishReason { None, Stop, Length, Abort, Error, Repetition };
+const char* finish_reason_name(FinishReason r);  // "stop", "length", "abort", "error", "repetition"
 
 // Output of one engine step for one request (set by the engine).
 struct Delta {
@@ -72,6 +72,12 @@ struct Request {
   std::vector<int32_t> stop_token_ids;// in addition to the model's EOS set unless ignore_eos
   bool ignore_eos = false;
   std::shared_ptr<const MultiModalInput> mm;  // null: text only
+  // vLLM's repetition_detection: the output ends (FinishReason::Repetition) once its last L tokens, for some L in
+  // [min_pattern, max_pattern], have occurred min_count times in a row at its end. max_pattern 0 = off. Checked from
+  // min_tokens on, after max_tokens (vLLM's check_stop order).
+  struct Repetition {
+    int64_t max_pattern = 0, min_pattern = 0, min_count = 0;
+  } repetition;
   // Prefix caching: only requests with the same salt share checkpoints (vLLM's cache_salt; "" = the default).
   std::string cache_salt;
   // Prefix caching: prompt positions worth a checkpoint besides the engine's own choices (the server's: where the
@@ -80,6 +86,10 @@ struct Request {
   std::shared_ptr<DeltaChannel> out = std::make_shared<DeltaChannel>();
   std::chrono::steady_clock::time_point arrival = std::chrono::steady_clock::now();
 };
+
+// Whether the last L of the n tokens at t, for some L in [max(min_pattern, 1), max_pattern], occur min_count times in
+// a row at the end (vLLM's check_sequence_repetition).
+bool repeats_at_end(const int32_t* t, int64_t n, const Request::Repetition& r);
 
 struct EngineConfig {
   int64_t max_num_seqs = 16;           // running sequences (= DeltaNet state slots)
@@ -146,7 +156,7 @@ struct EngineMetrics {
   int64_t kv_blocks_used = 0, kv_blocks_total = 0, slots_used = 0, slots_total = 0;
   int64_t kv_blocks_cached = 0;  // held by prefix-cache checkpoints only (evictable; not in kv_blocks_used)
   int64_t prompt_tokens_total = 0, generation_tokens_total = 0;
-  int64_t requests_finished[5] = {0, 0, 0, 0, 0};  // by FinishReason
+  int64_t requests_finished[6] = {0, 0, 0, 0, 0, 0};  // by FinishReason
   int64_t preemptions_total = 0, steps_total = 0;
   // Prefix caching: prompt tokens looked up / found in checkpoints (at first admission), checkpoints held.
   int64_t prefix_cache_queries_total = 0, prefix_cache_hits_total = 0, prefix_cache_checkpoints = 0;

@@ -65,8 +65,8 @@ std::string ServerMetrics::render(const runtime::EngineMetrics& e, const std::st
           double(e.preemptions_total));
   os << "# HELP deltaserve:request_success_total Finished requests by reason.\n"
      << "# TYPE deltaserve:request_success_total counter\n";
-  const char* reasons[] = {"none", "stop", "length", "abort", "error"};
-  for (int i = 1; i < 5; ++i)
+  const char* reasons[] = {"none", "stop", "length", "abort", "error", "repetition"};
+  for (int i = 1; i < 6; ++i)
     os << "deltaserve:request_success_total{" << L << ",finished_reason=\"" << reasons[i] << "\"} "
        << e.requests_finished[i] << "\n";
   if (!e.spec_accepted_per_pos.empty()) {  // speculative decoding on (vLLM's spec_decode_* names)

@@ -253,6 +253,33 @@ GenSpec parse_generation_request(const json& j, bool chat, const sampling::Sampl
     g.stop_token_ids = token_ids(j["stop_token_ids"], "stop_token_ids");
   }
   g.ignore_eos = b.boolean("ignore_eos", false);
+  if (b.has("repetition_detection")) {
+    const json& r = j["repetition_detection"];
+    const char* f = "repetition_detection";
+    if (!r.is_object())
+      throw bad_request("'repetition_detection' must be an object {\"max_pattern_size\", \"min_pattern_size\", "
+                        "\"min_count\"}, got " + brief(r), f);
+    for (auto it = r.begin(); it != r.end(); ++it)
+      if (it.key() != "max_pattern_size" && it.key() != "min_pattern_size" && it.key() != "min_count")
+        throw bad_request("'repetition_detection' has an unknown key '" + it.key() +
+                          "' (expected max_pattern_size, min_pattern_size, min_count)", f);
+    auto get = [&](const char* k) -> int64_t {
+      if (!r.contains(k) || r[k].is_null()) return 0;
+      if (!r[k].is_number_integer() || r[k].get<int64_t>() < 0 || r[k].get<int64_t>() > 100000)
+        throw bad_request(std::string("'repetition_detection.") + k + "' must be an integer in [0, 100000], got " +
+                          brief(r[k]), f);
+      return r[k].get<int64_t>();
+    };
+    g.rep_max_pattern = get("max_pattern_size");
+    g.rep_min_pattern = get("min_pattern_size");
+    g.rep_min_count = get("min_count");
+    if (g.rep_min_pattern > g.rep_max_pattern)
+      throw bad_request("'repetition_detection.min_pattern_size' (" + std::to_string(g.rep_min_pattern) +
+                        ") must be at most max_pattern_size (" + std::to_string(g.rep_max_pattern) + ")", f);
+    if (g.rep_max_pattern > 0 && g.rep_min_count < 2)
+      throw bad_request("'repetition_detection.min_count' must be at least 2 with max_pattern_size > 0, got " +
+                        std::to_string(g.rep_min_count), f);
+  }
   if (b.has("cache_salt")) {
     if (!j["cache_salt"].is_string() || j["cache_salt"].get<std::string>().empty())
       throw bad_request("'cache_salt' must be a non-empty string, got " + brief(j["cache_salt"]), "cache_salt");
@@ -261,6 +288,7 @@ GenSpec parse_generation_request(const json& j, bool chat, const sampling::Sampl
   g.skip_special_tokens = b.boolean("skip_special_tokens", true);
   g.return_token_ids = b.boolean("return_token_ids", false);
   if (chat) {
+    g.include_reasoning = b.boolean("include_reasoning", true);
     g.logprobs = b.boolean("logprobs", false);
     g.top_logprobs = int(b.integer("top_logprobs", 0, 0, 20));
     if (g.top_logprobs > 0 && !g.logprobs) throw bad_request("'top_logprobs' requires 'logprobs': true", "top_logprobs");

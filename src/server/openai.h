@@ -47,6 +47,10 @@ struct GenSpec {
   bool add_generation_prompt = true, continue_final_message = false;
   std::string request_id;
   std::string cache_salt;  // vLLM: prefix-cache checkpoints are shared only between requests with the same salt
+  // vLLM's repetition_detection {max_pattern_size, min_pattern_size, min_count} (runtime::Request::repetition);
+  // max_pattern 0 = off.
+  int64_t rep_max_pattern = 0, rep_min_pattern = 0, rep_min_count = 0;
+  bool include_reasoning = true;  // vLLM (chat): false leaves reasoning / reasoning_content out of the response
 };
 
 // Parses a /v1/chat/completions or /v1/completions body. `defaults` are generation_config.json's

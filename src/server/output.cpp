@@ -89,6 +89,10 @@ OutputEvent ChoiceOutput::finish() {
 }
 
 bool ChoiceOutput::stop_hit() const { return impl_->detok.stopped(); }
+const std::string& ChoiceOutput::stop_string() const {
+  static const std::string none;
+  return impl_->detok.stop_match() ? *impl_->detok.stop_match() : none;
+}
 const std::string& ChoiceOutput::content() const { return impl_->content; }
 const std::string& ChoiceOutput::reasoning() const { return impl_->reasoning; }
 nlohmann::ordered_json ChoiceOutput::tool_calls() const { return impl_->calls; }

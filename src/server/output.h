@@ -42,6 +42,7 @@ class ChoiceOutput {
   OutputEvent feed(const std::vector<int32_t>& ids);
   OutputEvent finish();
   bool stop_hit() const;  // a stop string matched: the caller ends the engine request
+  const std::string& stop_string() const;  // the stop string that matched (stop_hit())
   // Totals for non-streaming responses.
   const std::string& content() const;
   const std::string& reasoning() const;

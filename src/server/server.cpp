@@ -242,6 +242,7 @@ struct Choice {
   std::unique_ptr<ChoiceOutput> out;
   bool done = false;
   std::string finish_reason;
+  json stop_reason;  // vLLM: the stop string or stop_token_ids id that ended it, "repetition_detected", else null
   int64_t prompt_tokens = 0, completion_tokens = 0, cached_tokens = 0;
   std::vector<int32_t> prompt, tokens;
   std::vector<sampling::TokenLogprob> logprobs;
@@ -256,6 +257,7 @@ struct ChoiceUpdate {
   std::vector<int32_t> tokens;
   std::vector<sampling::TokenLogprob> logprobs;
   std::string finish_reason;  // set when this choice finished
+  json stop_reason;           // with finish_reason
 };
 
 // Prefix-cache hints of a rendered chat prompt (runtime::Request::cache_hints): where its second message starts (a
@@ -406,6 +408,7 @@ class Generation {
         r->ignore_eos = spec_.ignore_eos;
         r->mm = mm_;
         r->cache_salt = spec_.cache_salt;
+        r->repetition = {spec_.rep_max_pattern, spec_.rep_min_pattern, spec_.rep_min_count};
         if (spec_.chat) r->cache_hints = chat_cache_hints(prompts[pi], rt.im_start_id);
         c.req = r;
         c.out = std::make_unique<ChoiceOutput>(*rt.tok, spec_, reasoning, tools, spec_.tools);
@@ -617,6 +620,7 @@ class Generation {
         st_.rt.engine->abort(c.req->id);
         c.done = true;
         c.finish_reason = "stop";
+        c.stop_reason = c.out->stop_string();
       }
     }
     // The engine's count includes a final stop token (as vLLM's usage does).
@@ -628,7 +632,15 @@ class Generation {
         case runtime::FinishReason::Length: c.finish_reason = "length"; break;
         case runtime::FinishReason::Error: c.finish_reason = "error"; error_ = d.error; break;
         case runtime::FinishReason::Abort: c.finish_reason = "abort"; break;
-        default: c.finish_reason = "stop";
+        case runtime::FinishReason::Repetition:
+          c.finish_reason = "repetition";
+          c.stop_reason = "repetition_detected";
+          break;
+        default:
+          c.finish_reason = "stop";
+          // vLLM: a stop_token_ids id is named; the model's EOS is not.
+          if (std::find(spec_.stop_token_ids.begin(), spec_.stop_token_ids.end(), d.stop_token) != spec_.stop_token_ids.end())
+            c.stop_reason = d.stop_token;
       }
     }
     if (c.done) {
@@ -638,6 +650,7 @@ class Generation {
       u.ev.tool_calls.insert(u.ev.tool_calls.end(), tail.tool_calls.begin(), tail.tool_calls.end());
       if (spec_.chat && c.finish_reason == "stop" && !c.out->tool_calls().empty()) c.finish_reason = "tool_calls";
       u.finish_reason = c.finish_reason;
+      u.stop_reason = c.stop_reason;
       st_.metrics.e2e.observe(seconds_since(start_));
     }
     if (!u.tokens.empty() || !u.finish_reason.empty() || !u.ev.empty()) ups.push_back(std::move(u));
@@ -899,18 +912,20 @@ class HttpServer {
         json msg = {{"role", "assistant"}};
         auto tcs = c.out->tool_calls();
         msg["content"] = c.out->content().empty() && !tcs.empty() ? json(nullptr) : json(c.out->content());
-        if (!c.out->reasoning().empty()) {
+        if (!c.out->reasoning().empty() && spec.include_reasoning) {
           msg["reasoning_content"] = c.out->reasoning();
           msg["reasoning"] = c.out->reasoning();
         }
         if (!tcs.empty()) msg["tool_calls"] = tcs;
-        json ch = {{"index", c.index}, {"message", msg}, {"logprobs", nullptr}, {"finish_reason", c.finish_reason}};
+        json ch = {{"index", c.index}, {"message", msg}, {"logprobs", nullptr}, {"finish_reason", c.finish_reason},
+                   {"stop_reason", c.stop_reason}};
         if (spec.logprobs) ch["logprobs"] = chat_logprobs(*st_.rt.tok, c.tokens, c.logprobs);
         if (spec.return_token_ids) ch["token_ids"] = c.tokens, ch["prompt_token_ids"] = c.prompt;
         choices.push_back(ch);
       } else {
         std::string text = (spec.echo ? c.prompt_text : "") + c.out->content();
-        json ch = {{"index", c.index}, {"text", text}, {"logprobs", nullptr}, {"finish_reason", c.finish_reason}};
+        json ch = {{"index", c.index}, {"text", text}, {"logprobs", nullptr}, {"finish_reason", c.finish_reason},
+                   {"stop_reason", c.stop_reason}};
         if (spec.logprobs) ch["logprobs"] = completion_logprobs(*st_.rt.tok, c.tokens, c.logprobs, 0);
         if (spec.return_token_ids) ch["token_ids"] = c.tokens, ch["prompt_token_ids"] = c.prompt;
         choices.push_back(ch);
@@ -961,7 +976,8 @@ class HttpServer {
             for (auto& u : ups) {
               Choice& c = gen->choices()[size_t(u.index)];
               json delta = json::object();
-              if (!u.ev.reasoning.empty()) delta["reasoning_content"] = u.ev.reasoning, delta["reasoning"] = u.ev.reasoning;
+              if (!u.ev.reasoning.empty() && spec.include_reasoning)
+                delta["reasoning_content"] = u.ev.reasoning, delta["reasoning"] = u.ev.reasoning;
               if (!u.ev.content.empty() || (!spec.chat && u.finish_reason.empty())) delta["content"] = u.ev.content;
               if (!u.ev.tool_calls.empty()) delta["tool_calls"] = tool_call_deltas(u.ev.tool_calls);
               json choice;
@@ -983,9 +999,9 @@ class HttpServer {
               }
               if (!u.finish_reason.empty()) {
                 json fin = spec.chat ? json({{"index", c.index}, {"delta", json::object()}, {"logprobs", nullptr},
-                                             {"finish_reason", u.finish_reason}})
+                                             {"finish_reason", u.finish_reason}, {"stop_reason", u.stop_reason}})
                                      : json({{"index", c.index}, {"text", ""}, {"logprobs", nullptr},
-                                             {"finish_reason", u.finish_reason}});
+                                             {"finish_reason", u.finish_reason}, {"stop_reason", u.stop_reason}});
                 if (!send(chunk(*gen, json::array({fin})))) return abort(*gen);
               }
             }

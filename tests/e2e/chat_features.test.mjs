@@ -214,3 +214,57 @@ test('allowed_token_ids restricts every token; bad_words keeps a word out', asyn
   await assert.rejects(client.completions.create({ ...base, bad_words: [3] }),
                        (e) => e.status === 400 && /bad_words/.test(e.message));
 });
+
+test('repetition_detection ends a loop: finish_reason repetition, stop_reason repetition_detected; 400s', async () => {
+  const req = { model: 'tiny', messages: [{ role: 'user', content: 'Loop' }], max_tokens: 40, temperature: 0,
+                logit_bias: { 300: 100 }, repetition_detection: { max_pattern_size: 4, min_count: 6 },
+                chat_template_kwargs: { enable_thinking: false } };
+  const r = await client.chat.completions.create(req);
+  assert.equal(r.choices[0].finish_reason, 'repetition');
+  assert.equal(r.choices[0].stop_reason, 'repetition_detected');
+  assert.equal(r.usage.completion_tokens, 6);
+  let finish = null, stopReason = null;
+  for await (const chunk of await client.chat.completions.create({ ...req, stream: true }))
+    for (const c of chunk.choices) if (c.finish_reason) { finish = c.finish_reason; stopReason = c.stop_reason; }
+  assert.equal(finish, 'repetition');
+  assert.equal(stopReason, 'repetition_detected');
+  const plain = await client.chat.completions.create({ ...req, repetition_detection: undefined, max_tokens: 10 });
+  assert.equal(plain.choices[0].finish_reason, 'length');
+  assert.equal(plain.choices[0].stop_reason, null);
+  for (const [bad, re] of [[{ max_pattern_size: 2, min_count: 1 }, /min_count/], [7, /object/],
+                           [{ max_pattern_size: 1, min_pattern_size: 3, min_count: 2 }, /min_pattern_size/],
+                           [{ max_pattern: 4 }, /unknown key 'max_pattern'/]])
+    await assert.rejects(client.chat.completions.create({ ...req, repetition_detection: bad }),
+                         (e) => e.status === 400 && /repetition_detection/.test(e.message) && re.test(e.message));
+});
+
+test('stop_reason names the stop string or stop_token_ids id that ended a choice', async () => {
+  const base = { model: 'tiny', prompt: [1, 2, 3], max_tokens: 8, temperature: 0, ignore_eos: true, return_token_ids: true };
+  const ref = (await client.completions.create(base)).choices[0];
+  const byId = (await client.completions.create({ ...base, stop_token_ids: [ref.token_ids[3]] })).choices[0];
+  assert.equal(byId.finish_reason, 'stop');
+  assert.equal(byId.stop_reason, ref.token_ids[3]);
+  const m = ref.text.match(/[A-Za-z]{2}/);  // plain letters: no byte of a character split across tokens
+  assert.ok(m, `no two letters in ${JSON.stringify(ref.text)}`);
+  const cut = m[0];
+  const byText = (await client.completions.create({ ...base, stop: [cut] })).choices[0];
+  assert.equal(byText.finish_reason, 'stop');
+  assert.equal(byText.stop_reason, cut);
+  assert.equal(ref.stop_reason, null);
+});
+
+test('include_reasoning false: the reasoning stays out of the message and the stream', async () => {
+  const req = { model: 'tiny', messages: [{ role: 'user', content: 'Think about it' }], max_tokens: 12, temperature: 0,
+                logit_bias: { 2009: -100 } };
+  const withIt = await client.chat.completions.create(req);
+  assert.ok(withIt.choices[0].message.reasoning_content.length > 0);
+  const r = await client.chat.completions.create({ ...req, include_reasoning: false });
+  assert.equal(r.choices[0].message.reasoning_content, undefined);
+  assert.equal(r.choices[0].message.reasoning, undefined);
+  assert.equal(r.usage.completion_tokens, withIt.usage.completion_tokens);
+  for await (const chunk of await client.chat.completions.create({ ...req, include_reasoning: false, stream: true }))
+    for (const c of chunk.choices) {
+      assert.equal(c.delta.reasoning_content, undefined);
+      assert.equal(c.delta.reasoning, undefined);
+    }
+});

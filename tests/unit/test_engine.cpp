@@ -611,6 +611,54 @@ TEST(PoolSizing, PlanFromDeviceMemory) {
   EXPECT_THROW(plan_pools(in), Error);
 }
 
+// vLLM's check_sequence_repetition: the last L tokens, L in [max(min, 1), max], min_count times in a row at the end.
+TEST(RepetitionDetection, RepeatsAtEnd) {
+  auto rep = [](std::vector<int32_t> t, int64_t max, int64_t min, int64_t count) {
+    return repeats_at_end(t.data(), int64_t(t.size()), {max, min, count});
+  };
+  EXPECT_TRUE(rep({1, 2, 1, 2, 1, 2}, 2, 1, 3));
+  EXPECT_FALSE(rep({1, 2, 1, 2, 1, 2}, 2, 1, 4));  // only 3 repeats
+  EXPECT_FALSE(rep({1, 2, 1, 2, 1, 2}, 1, 1, 3));  // the period 2 is above max
+  EXPECT_TRUE(rep({9, 7, 7, 7}, 3, 0, 3));          // min 0 counts as 1
+  EXPECT_FALSE(rep({9, 7, 7, 7}, 3, 2, 3));         // but min 2 skips the period 1
+  EXPECT_TRUE(rep({5, 1, 2, 3, 1, 2, 3}, 3, 3, 2));
+  EXPECT_FALSE(rep({1, 2, 3, 1, 2, 4}, 3, 1, 2));   // the tail must repeat exactly
+  EXPECT_FALSE(rep({1, 2, 1, 2}, 0, 0, 2));         // off
+  EXPECT_FALSE(rep({4, 4, 4, 4}, 2, 1, 1));         // min_count < 2: off
+  EXPECT_FALSE(rep({}, 4, 1, 2));
+}
+
+// Through the engine: a logit bias makes greedy repeat one token; the request ends with FinishReason::Repetition
+// at the token that completes min_count repeats (kept in the output), not before min_tokens, and max_tokens wins a tie.
+TEST(Engine, RepetitionDetectionEndsALoop) {
+  auto& f = fx();
+  auto looping = [&](uint64_t id, int64_t max_tokens) {
+    auto r = make_req(id, f.prompts[2], max_tokens);
+    r->sampling.logit_bias = {{77, 100.f}};
+    r->repetition = {4, 1, 5};
+    return r;
+  };
+  auto a = run_alone(*looping(1, 40));
+  EXPECT_EQ(a.finish, FinishReason::Repetition);
+  EXPECT_EQ(a.tokens, std::vector<int32_t>(5, 77));
+  auto b_req = looping(2, 40);
+  b_req->sampling.min_tokens = 9;
+  auto b = run_alone(*b_req);
+  EXPECT_EQ(b.finish, FinishReason::Repetition);
+  EXPECT_EQ(b.tokens.size(), 9u);
+  auto c = run_alone(*looping(3, 5));
+  EXPECT_EQ(c.finish, FinishReason::Length);
+  auto off = looping(4, 12);
+  off->repetition = {};
+  EXPECT_EQ(run_alone(*off).finish, FinishReason::Length);
+  auto bad = looping(5, 12);
+  bad->repetition = {2, 3, 4};
+  Engine e(*f.m, base_config());
+  EXPECT_THROW(e.submit(bad), Error);
+  bad->repetition = {2, 1, 1};
+  EXPECT_THROW(e.submit(bad), Error);
+}
+
 TEST(Engine, FinishReasons) {
   auto& f = fx();
   const auto& g = f.greedy[2];

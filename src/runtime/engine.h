@@ -78,6 +78,8 @@ struct Request {
   struct Repetition {
     int64_t max_pattern = 0, min_pattern = 0, min_count = 0;
   } repetition;
+  // vLLM's priority: lower values are admitted first, and preempted last (docs/engine.md "Scheduling").
+  int64_t priority = 0;
   // Prefix caching: only requests with the same salt share checkpoints (vLLM's cache_salt; "" = the default).
   std::string cache_salt;
   // Prefix caching: prompt positions worth a checkpoint besides the engine's own choices (the server's: where the

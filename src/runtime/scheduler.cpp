@@ -65,10 +65,13 @@ Schedule Scheduler::schedule() {
 
   Schedule out;
   int64_t budget = max_num_batched_tokens_;
-  for (size_t i = 0; i < running_.size() && budget > 0; ++i) {
+  for (size_t i = 0; i < running_.size() && budget > 0;) {
     Sequence* s = running_[i].get();
     const int64_t n = chunk(s, budget);
-    if (n <= 0) continue;
+    if (n <= 0) {
+      ++i;
+      continue;
+    }
     // Drafts ride along when the chunk reaches the end of the tokens and the budget has room for them.
     // (The engine reserved their blocks when it proposed them; if that is short, speculation waits, rather than
     // preempting someone.)
@@ -76,19 +79,24 @@ Schedule Scheduler::schedule() {
     if (nd > 0 && !cm_.reserve(s->cache, n + nd)) nd = 0;
     bool self = false;
     while (!self && !cm_.reserve(s->cache, n + nd)) {
-      // The victim is always at an index > i or s itself: the sequences already in `out` keep their blocks.
-      self = running_.back().get() == s;
-      preempt(running_.size() - 1);
+      // The victim is always at an index >= i: the sequences already in `out` keep their blocks.
+      const size_t v = victim(i, nullptr);
+      self = running_[v].get() == s;
+      preempt(v);
       ++out.num_preempted;
     }
-    if (self) break;
+    if (self) continue;  // running_[i] is the next one now (with equal priorities s was the last: the loop ends)
     out.seqs.push_back({s, n, s->cache.len + n == int64_t(s->tokens.size()), nd});
     budget -= n + nd;
+    ++i;
   }
-  // Admit in arrival order while everything fits; a step that had to preempt admits nobody (it would only
-  // take back what was just freed).
+  // Admit by priority, then in queue order (preempted sequences first, then arrival), while everything fits; a step
+  // that had to preempt admits nobody (it would only take back what was just freed).
   while (out.num_preempted == 0 && budget > 0 && !waiting_.empty() && num_running() < max_num_seqs_) {
-    Sequence* s = waiting_.front().get();
+    auto next = std::min_element(waiting_.begin(), waiting_.end(), [](const auto& a, const auto& b) {
+      return a->req->priority < b->req->priority;
+    });
+    Sequence* s = next->get();
     if (!cm_.start(s->cache)) break;
     admit_from_cache(s);
     const int64_t n = chunk(s, budget);
@@ -96,8 +104,8 @@ Schedule Scheduler::schedule() {
       cm_.release(s->cache);
       break;
     }
-    running_.push_back(std::move(waiting_.front()));
-    waiting_.pop_front();
+    running_.push_back(std::move(*next));
+    waiting_.erase(next);
     out.seqs.push_back({s, n, s->cache.len + n == int64_t(s->tokens.size())});
     budget -= n;
   }
@@ -107,9 +115,9 @@ Schedule Scheduler::schedule() {
 Schedule Scheduler::schedule_alone(Sequence* s) {
   Schedule out;
   auto last_other = [&]() -> size_t {
-    for (size_t i = running_.size(); i-- > 0;)
-      if (running_[i].get() != s) return i;
-    fail("scheduler: sequence ", s->req->id, " needs more KV blocks than the whole pool holds");
+    if (running_.empty() || (running_.size() == 1 && running_[0].get() == s))
+      fail("scheduler: sequence ", s->req->id, " needs more KV blocks than the whole pool holds");
+    return victim(0, s);
   };
   auto w = std::find_if(waiting_.begin(), waiting_.end(), [&](auto& p) { return p.get() == s; });
   if (w != waiting_.end()) {
@@ -120,7 +128,7 @@ Schedule Scheduler::schedule_alone(Sequence* s) {
         waiting_.push_front(std::move(own));
         fail("scheduler: no state slot available (max_num_seqs ", max_num_seqs_, ", slots ", cm_.num_slots(), ")");
       }
-      preempt(running_.size() - 1);
+      preempt(victim(0, nullptr));
       ++out.num_preempted;
     }
     DS_CHECK(cm_.start(s->cache));
@@ -134,6 +142,15 @@ Schedule Scheduler::schedule_alone(Sequence* s) {
   }
   out.seqs.push_back({s, n, s->cache.len + n == int64_t(s->tokens.size())});
   return out;
+}
+
+size_t Scheduler::victim(size_t from, const Sequence* spare) const {
+  size_t v = running_.size();
+  for (size_t i = from; i < running_.size(); ++i)
+    if (running_[i].get() != spare && (v == running_.size() || running_[i]->req->priority >= running_[v]->req->priority))
+      v = i;
+  DS_CHECK(v < running_.size(), "scheduler: no sequence to preempt");
+  return v;
 }
 
 void Scheduler::preempt(size_t i) {

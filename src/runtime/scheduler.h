@@ -63,13 +63,13 @@ class Scheduler {
   // `prefix_caching`: admissions resume from the cache manager's checkpoints and plan new ones (docs/engine.md).
   Scheduler(CacheManager& cm, int64_t max_num_seqs, int64_t max_num_batched_tokens, bool prefix_caching = false);
 
-  // Joins the back of the waiting queue (arrival order).
+  // Joins the back of the waiting queue (arrival order; admission takes the smallest Request::priority first).
   void add(std::unique_ptr<Sequence> s);
   // Picks the next forward call: running sequences first (decodes and unfinished prefill chunks, oldest
-  // first), then waiting ones while slots, blocks and the token budget last. When a running sequence needs
-  // a block and none is free, the most recently started running sequence is preempted (memory freed, back
-  // to the front of the waiting queue, recomputed later from its tokens); no new sequence is admitted in a
-  // step that preempted.
+  // first), then waiting ones (by priority, then queue order) while slots, blocks and the token budget last. When a
+  // running sequence needs a block and none is free, the least urgent running sequence not yet scheduled this step
+  // (largest priority value, most recently started among equals) is preempted (memory freed, back to the front of
+  // the waiting queue, recomputed later from its tokens); no new sequence is admitted in a step that preempted.
   Schedule schedule();
   // After a forward call that threw: every sequence of `s` is preempted and marked suspect (or, for a
   // single-sequence call, returned as the culprit). Returns the sequences that must fail.
@@ -93,6 +93,9 @@ class Scheduler {
   void admit_from_cache(Sequence* s);
   // Schedules `s` alone (it is suspect); preempts others as needed to give it a slot and blocks.
   Schedule schedule_alone(Sequence* s);
+  // The running sequence to preempt among running_[from..] other than `spare`: the largest priority value (the
+  // least urgent), the most recently started among equals. Fails if there is none.
+  size_t victim(size_t from, const Sequence* spare) const;
   // Moves running_[i] to the front of the waiting queue and frees its blocks and slot.
   void preempt(size_t i);
 

@@ -280,6 +280,7 @@ GenSpec parse_generation_request(const json& j, bool chat, const sampling::Sampl
       throw bad_request("'repetition_detection.min_count' must be at least 2 with max_pattern_size > 0, got " +
                         std::to_string(g.rep_min_count), f);
   }
+  g.priority = b.integer("priority", 0, INT32_MIN, INT32_MAX);
   if (b.has("cache_salt")) {
     if (!j["cache_salt"].is_string() || j["cache_salt"].get<std::string>().empty())
       throw bad_request("'cache_salt' must be a non-empty string, got " + brief(j["cache_salt"]), "cache_salt");

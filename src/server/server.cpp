@@ -408,6 +408,7 @@ class Generation {
         r->ignore_eos = spec_.ignore_eos;
         r->mm = mm_;
         r->cache_salt = spec_.cache_salt;
+        r->priority = spec_.priority;
         r->repetition = {spec_.rep_max_pattern, spec_.rep_min_pattern, spec_.rep_min_count};
         if (spec_.chat) r->cache_hints = chat_cache_hints(prompts[pi], rt.im_start_id);
         c.req = r;

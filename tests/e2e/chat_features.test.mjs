@@ -253,6 +253,16 @@ test('stop_reason names the stop string or stop_token_ids id that ended a choice
   assert.equal(ref.stop_reason, null);
 });
 
+test('priority is taken (an integer; other values are a 400)', async () => {
+  const base = { model: 'tiny', prompt: [1, 2, 3], max_tokens: 4, temperature: 0, return_token_ids: true };
+  const a = await client.completions.create(base);
+  const b = await client.completions.create({ ...base, priority: -7 });
+  assert.deepEqual(b.choices[0].token_ids, a.choices[0].token_ids);
+  for (const bad of ['high', 1.5])
+    await assert.rejects(client.completions.create({ ...base, priority: bad }),
+                         (e) => e.status === 400 && /priority/.test(e.message));
+});
+
 test('include_reasoning false: the reasoning stays out of the message and the stream', async () => {
   const req = { model: 'tiny', messages: [{ role: 'user', content: 'Think about it' }], max_tokens: 12, temperature: 0,
                 logit_bias: { 2009: -100 } };

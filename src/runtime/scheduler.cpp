@@ -92,10 +92,12 @@ Schedule Scheduler::schedule() {
   }
   // Admit by priority, then in queue order (preempted sequences first, then arrival), while everything fits; a step
   // that had to preempt admits nobody (it would only take back what was just freed).
+  // Prefix caching: a sequence whose prompt a running sequence is prefilling toward a checkpoint waits for it.
   while (out.num_preempted == 0 && budget > 0 && !waiting_.empty() && num_running() < max_num_seqs_) {
-    auto next = std::min_element(waiting_.begin(), waiting_.end(), [](const auto& a, const auto& b) {
-      return a->req->priority < b->req->priority;
-    });
+    auto next = waiting_.end();
+    for (auto it = waiting_.begin(); it != waiting_.end(); ++it)
+      if ((next == waiting_.end() || (*it)->req->priority < (*next)->req->priority) && !deferred(it->get())) next = it;
+    if (next == waiting_.end()) break;
     Sequence* s = next->get();
     if (!cm_.start(s->cache)) break;
     admit_from_cache(s);
@@ -142,6 +144,25 @@ Schedule Scheduler::schedule_alone(Sequence* s) {
   }
   out.seqs.push_back({s, n, s->cache.len + n == int64_t(s->tokens.size())});
   return out;
+}
+
+// Concurrent requests that share a long head (n > 1 choices of one prompt; an agent's parallel calls behind one
+// system prompt): the first one admitted plans checkpoints (admit_from_cache); the others, admitted at once, would
+// each prefill the shared head again. Instead a waiting sequence waits while a running one is still prefilling
+// toward a planned checkpoint that it shares (same salt, same tokens up to there, and further than any checkpoint
+// it could resume from now), and resumes from that checkpoint once it is saved.
+bool Scheduler::deferred(const Sequence* s) const {
+  if (!prefix_caching_ || s->req->mm) return false;
+  const int64_t limit = int64_t(s->tokens.size()) - 1;
+  int64_t best = 0;
+  for (const auto& r : running_) {
+    if (r->req->cache_salt != s->req->cache_salt || r->req->mm) continue;
+    for (int64_t p : r->save_at)
+      if (p > std::max(best, r->cache.len) && p <= limit &&
+          std::equal(r->tokens.begin(), r->tokens.begin() + p, s->tokens.begin()))
+        best = p;
+  }
+  return best > 0 && best > cm_.lookup(s->req->cache_salt, s->tokens, limit).len;
 }
 
 size_t Scheduler::victim(size_t from, const Sequence* spare) const {

@@ -91,6 +91,9 @@ class Scheduler {
   int64_t chunk(const Sequence* s, int64_t budget) const;
   // A fresh sequence that just got its slot: resumes from the longest usable checkpoint and plans its own.
   void admit_from_cache(Sequence* s);
+  // Prefix caching: `s` (waiting) shares the head a running sequence is still prefilling toward a planned
+  // checkpoint, further than any checkpoint it could resume from now: it waits for that one.
+  bool deferred(const Sequence* s) const;
   // Schedules `s` alone (it is suspect); preempts others as needed to give it a slot and blocks.
   Schedule schedule_alone(Sequence* s);
   // The running sequence to preempt among running_[from..] other than `spare`: the largest priority value (the

@@ -83,3 +83,13 @@ test('cache_salt: only requests with the same salt share; a bad salt is a 400', 
     });
   }
 });
+
+test('parallel requests behind one system prompt prefill it once: the others resume from its checkpoint', async () => {
+  const sys = { role: 'system', content: 'Parallel agents share this briefing. ' + 'Check twice, cut once. '.repeat(14) };
+  const users = ['alpha task', 'beta task please', 'gamma', 'delta task, quickly'];
+  const rs = await Promise.all(users.map((u) => c1.chat.completions.create(ask([sys, { role: 'user', content: u }]))));
+  const cached = rs.map((r) => r.usage.prompt_tokens_details.cached_tokens);
+  assert.equal(cached.filter((c) => c >= 64).length, 3, `cached ${cached}`);
+  const refs = await Promise.all(users.map((u) => c2.chat.completions.create(ask([sys, { role: 'user', content: u }]))));
+  for (let i = 0; i < users.length; ++i) assert.equal(rs[i].choices[0].message.content, refs[i].choices[0].message.content);
+});

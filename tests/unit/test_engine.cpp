@@ -479,6 +479,30 @@ TEST(PrefixCache, SaltsAndImagesDoNotShare) {
   EXPECT_EQ(run_on(e, plain).cached_tokens, 0);
 }
 
+// Requests that arrive together and share a head (n > 1 choices of one prompt; parallel calls behind one system
+// prompt, marked by a hint as the server marks where a chat's second message starts): the first prefills it, the
+// others wait for its checkpoints and resume there.
+TEST(PrefixCache, ConcurrentSharedHeadsPrefillOnce) {
+  auto& f = fx();
+  const auto& p = f.prompts[3];  // 150 tokens
+  std::vector<int32_t> tail_a(p.begin(), p.begin() + 100), tail_b(p.begin(), p.begin() + 100);
+  tail_a.insert(tail_a.end(), f.prompts[4].begin(), f.prompts[4].begin() + 30);
+  tail_b.insert(tail_b.end(), f.prompts[4].begin() + 50, f.prompts[4].begin() + 75);
+  std::vector<std::shared_ptr<Request>> rs = {make_req(1, p, 8), make_req(2, p, 8), make_req(3, tail_a, 8),
+                                              make_req(4, tail_b, 8)};
+  for (auto& r : rs) r->cache_hints = {100};  // rounded down to 96
+  Engine e(*f.m, cached_config());
+  for (auto& r : rs) e.submit(r);
+  drain(e);
+  const std::vector<int64_t> want_cached = {0, 144, 96, 96};
+  for (size_t i = 0; i < rs.size(); ++i) {
+    auto res = collect(*rs[i], 0ms);
+    EXPECT_EQ(res.tokens, run_alone(*rs[i]).tokens) << "request " << i;
+    EXPECT_EQ(res.cached_tokens, want_cached[i]) << "request " << i;
+  }
+  expect_empty(e.metrics());
+}
+
 // Concurrent and preempted sequences with prefix caching on (mix12's prompts are slices of the golden prompts, so
 // they share heads): every request gets its alone output, and the pool is whole again afterwards.
 TEST(PrefixCache, ConcurrencyAndPreemptionKeepOutputs) {

@@ -94,9 +94,15 @@ Schedule Scheduler::schedule() {
   // that had to preempt admits nobody (it would only take back what was just freed).
   // Prefix caching: a sequence whose prompt a running sequence is prefilling toward a checkpoint waits for it.
   while (out.num_preempted == 0 && budget > 0 && !waiting_.empty() && num_running() < max_num_seqs_) {
+    // (At most 32 deferral checks per pick: each compares token heads, and a queue of requests behind one long head
+    // is admitted as soon as its checkpoint exists anyway.)
     auto next = waiting_.end();
-    for (auto it = waiting_.begin(); it != waiting_.end(); ++it)
-      if ((next == waiting_.end() || (*it)->req->priority < (*next)->req->priority) && !deferred(it->get())) next = it;
+    int checks = 0;
+    for (auto it = waiting_.begin(); it != waiting_.end() && checks < 32; ++it)
+      if (next == waiting_.end() || (*it)->req->priority < (*next)->req->priority) {
+        if (!deferred(it->get())) next = it;
+        else ++checks;
+      }
     if (next == waiting_.end()) break;
     Sequence* s = next->get();
     if (!cm_.start(s->cache)) break;

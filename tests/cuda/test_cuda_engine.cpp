@@ -15,14 +15,24 @@
 namespace ds {
 namespace {
 
+// The tiny MoE model (int4) on the GPU and its golden prompts.
+struct TinyMoe {
+  std::unique_ptr<Backend> be = make_cuda_backend(0);
+  std::unique_ptr<model::Model> m;
+  std::vector<std::vector<int32_t>> prompts;
+  TinyMoe() {
+    const std::string dir = test::cuda_data_dir() + "/tiny-moe/";
+    m = model::Model::load(dir + "tiny-moe-int4", *be);
+    auto g = test::read_json(dir + "golden.json");
+    for (auto& p : g["text"]["int4"]) prompts.push_back(p["prompt"].get<std::vector<int32_t>>());
+  }
+};
+
 TEST(CudaEngine, GreedyIdenticalWithAndWithoutStepGraphs) {
   DS_REQUIRE_GPU();
-  auto be = make_cuda_backend(0);
-  const std::string dir = test::cuda_data_dir() + "/tiny-moe/";
-  auto m = model::Model::load(dir + "tiny-moe-int4", *be);
-  auto g = test::read_json(dir + "golden.json");
-  std::vector<std::vector<int32_t>> prompts;
-  for (auto& p : g["text"]["int4"]) prompts.push_back(p["prompt"].get<std::vector<int32_t>>());
+  TinyMoe t;
+  auto& m = t.m;
+  const auto& prompts = t.prompts;
   std::vector<std::vector<std::vector<int32_t>>> out(2);
   std::vector<int64_t> graph_steps(2);
   for (int on = 0; on < 2; ++on) {
@@ -65,12 +75,9 @@ TEST(CudaEngine, GreedyIdenticalWithAndWithoutStepGraphs) {
 // conversations that continue them; every greedy output equals the same request's on an engine without the cache.
 TEST(CudaEngine, PrefixCachingResumesWithTheSameTokens) {
   DS_REQUIRE_GPU();
-  auto be = make_cuda_backend(0);
-  const std::string dir = test::cuda_data_dir() + "/tiny-moe/";
-  auto m = model::Model::load(dir + "tiny-moe-int4", *be);
-  auto g = test::read_json(dir + "golden.json");
-  std::vector<std::vector<int32_t>> prompts;
-  for (auto& p : g["text"]["int4"]) prompts.push_back(p["prompt"].get<std::vector<int32_t>>());
+  TinyMoe t;
+  auto& m = t.m;
+  const auto& prompts = t.prompts;
   auto config = [](int64_t checkpoints) {
     runtime::EngineConfig c;
     c.max_num_seqs = 4;
@@ -140,12 +147,9 @@ TEST(CudaEngine, PrefixCachingResumesWithTheSameTokens) {
 // (tests/cuda/test_cuda_sampling.cpp); over these ~300 draws that is not expected, so this requires equality.
 TEST(CudaEngine, DeviceSamplingEqualsHostSampling) {
   DS_REQUIRE_GPU();
-  auto be = make_cuda_backend(0);
-  const std::string dir = test::cuda_data_dir() + "/tiny-moe/";
-  auto m = model::Model::load(dir + "tiny-moe-int4", *be);
-  auto g = test::read_json(dir + "golden.json");
-  std::vector<std::vector<int32_t>> prompts;
-  for (auto& p : g["text"]["int4"]) prompts.push_back(p["prompt"].get<std::vector<int32_t>>());
+  TinyMoe t;
+  auto& m = t.m;
+  const auto& prompts = t.prompts;
   std::vector<std::vector<std::vector<int32_t>>> out(2);
   std::vector<int64_t> dev_steps(2);
   for (int on = 0; on < 2; ++on) {

@@ -789,8 +789,11 @@ class HttpServer {
     });
     svr_.set_error_handler([this](const httplib::Request& req, httplib::Response& res) {
       if (!res.body.empty()) return;
-      if (is_anthropic(req)) return send_anthropic_error(res, res.status, res.status == 404 ? "no route for " + req.method + " " + req.path
-                                                                         : "request failed with HTTP " + std::to_string(res.status));
+      if (is_anthropic(req))
+        return send_anthropic_error(res, res.status,
+                                    res.status == 404   ? "no route for " + req.method + " " + req.path
+                                    : res.status == 413 ? "request body exceeds " + std::to_string(st_.cfg.max_body_bytes) + " bytes"
+                                                        : "request failed with HTTP " + std::to_string(res.status));
       if (res.status == 404) send_error(res, HttpError(404, "no route for " + req.method + " " + req.path, "", "NotFoundError"));
       else if (res.status == 413)
         send_error(res, HttpError(413, "request body exceeds " + std::to_string(st_.cfg.max_body_bytes) + " bytes"));

@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import Anthropic from '@anthropic-ai/sdk';
-import { startServer, DATA } from './server.mjs';
+import { startServer, metrics, DATA } from './server.mjs';
 
 let srv, client;
 before(async () => {
@@ -300,6 +300,21 @@ test('raw SSE: event lines match the data types; the server stays healthy', asyn
   assert.equal(events[0], 'message_start');
   assert.deepEqual(events.slice(-2), ['message_delta', 'message_stop']);
   assert.equal((await fetch(`${srv.base}/health`)).status, 200);
+});
+
+test('a client that disconnects mid-stream ends its generation', async () => {
+  // 1900 tokens take the tiny model ~25 s on a CPU; the abort frees the sequence at once.
+  const stream = client.messages.stream({ model: 'tiny', max_tokens: 1900, messages: user('Talk'), logit_bias: NO_END });
+  let deltas = 0;
+  for await (const e of stream) if (e.type === 'content_block_delta' && ++deltas === 3) break;
+  assert.equal(deltas, 3);
+  const t0 = Date.now();
+  for (;;) {
+    const m = await metrics(srv.base);
+    if (m.get('num_requests_running') + m.get('num_requests_waiting') === 0) break;
+    assert.ok(Date.now() - t0 < 5000, 'the generation kept running after the client left');
+    await new Promise((r) => setTimeout(r, 50));
+  }
 });
 
 test('--api-key: x-api-key and Authorization: Bearer on /v1/messages; 401 in Anthropic\'s shape', async () => {

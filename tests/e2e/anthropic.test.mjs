@@ -317,8 +317,9 @@ test('a client that disconnects mid-stream ends its generation', async () => {
   }
 });
 
-test('--api-key: x-api-key and Authorization: Bearer on /v1/messages; 401 in Anthropic\'s shape', async () => {
-  const s = await startServer(['--api-key', 'sekret', '--max-model-len', '512']);
+test('--api-key: x-api-key and Authorization: Bearer on /v1/messages; 401 and 429 in Anthropic\'s shape', async () => {
+  const s = await startServer(['--api-key', 'sekret', '--max-model-len', '512', '--max-num-seqs', '1',
+                               '--max-queued-requests', '1']);
   try {
     const req = { model: 'tiny', max_tokens: 2, messages: user('Hi') };
     const withKey = new Anthropic({ baseURL: s.base, apiKey: 'sekret', maxRetries: 0 });  // sends x-api-key
@@ -333,6 +334,16 @@ test('--api-key: x-api-key and Authorization: Bearer on /v1/messages; 401 in Ant
       assert.equal(e.error.error.type, 'authentication_error');
       return true;
     });
+    // Admission control: beyond one running and one waiting, rate_limit_error.
+    const statuses = await Promise.all(Array.from({ length: 6 }, () => withKey.messages.create(
+      { ...req, max_tokens: 40, logit_bias: NO_END }).then(() => 200, (e) => {
+      if (e.status === 429) {
+        assert.ok(e instanceof Anthropic.RateLimitError, e.constructor.name);
+        assert.equal(e.error.error.type, 'rate_limit_error');
+      }
+      return e.status;
+    })));
+    assert.ok(statuses.includes(429) && statuses.includes(200), `${statuses}`);
     // x-api-key is Anthropic's: the OpenAI routes still want Bearer.
     const oa = await fetch(`${s.base}/v1/models`, { headers: { 'x-api-key': 'sekret' } });
     assert.equal(oa.status, 401);

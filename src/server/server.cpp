@@ -18,6 +18,7 @@
 #include "model/model.h"
 #include "runtime/cache.h"
 #include "runtime/engine.h"
+#include "server/anthropic.h"
 #include "server/media.h"
 #include "runtime/spec_decode.h"
 #include "server/metrics.h"
@@ -772,7 +773,13 @@ class HttpServer {
       st_.metrics.http_requests_total++;
       if (!st_.cfg.api_key.empty() && req.path.rfind("/v1/", 0) == 0) {
         auto auth = req.get_header_value("Authorization");
-        if (auth != "Bearer " + st_.cfg.api_key) {
+        // Anthropic's clients send x-api-key (Anthropic's error shape on its routes).
+        const bool anthropic = is_anthropic(req);
+        if (anthropic && auth != "Bearer " + st_.cfg.api_key && req.get_header_value("x-api-key") != st_.cfg.api_key) {
+          send_anthropic_error(res, 401, "invalid or missing API key: send 'x-api-key: <key>' or 'Authorization: Bearer <key>'");
+          return httplib::Server::HandlerResponse::Handled;
+        }
+        if (!anthropic && auth != "Bearer " + st_.cfg.api_key) {
           send_error(res, HttpError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", "",
                                     "AuthenticationError"));
           return httplib::Server::HandlerResponse::Handled;
@@ -782,6 +789,11 @@ class HttpServer {
     });
     svr_.set_error_handler([this](const httplib::Request& req, httplib::Response& res) {
       if (!res.body.empty()) return;
+      if (is_anthropic(req))
+        return send_anthropic_error(res, res.status,
+                                    res.status == 404   ? "no route for " + req.method + " " + req.path
+                                    : res.status == 413 ? "request body exceeds " + std::to_string(st_.cfg.max_body_bytes) + " bytes"
+                                                        : "request failed with HTTP " + std::to_string(res.status));
       if (res.status == 404) send_error(res, HttpError(404, "no route for " + req.method + " " + req.path, "", "NotFoundError"));
       else if (res.status == 413)
         send_error(res, HttpError(413, "request body exceeds " + std::to_string(st_.cfg.max_body_bytes) + " bytes"));
@@ -824,6 +836,9 @@ class HttpServer {
     svr_.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) { generate(req, res, false); });
     svr_.Post("/v1/chat/completions",
               [this](const httplib::Request& req, httplib::Response& res) { generate(req, res, true); });
+    svr_.Post("/v1/messages", [this](const httplib::Request& req, httplib::Response& res) { messages(req, res, false); });
+    svr_.Post("/v1/messages/count_tokens",
+              [this](const httplib::Request& req, httplib::Response& res) { messages(req, res, true); });
   }
 
   bool listen(const std::string& host, int port) { return svr_.listen(host, port); }
@@ -1024,6 +1039,123 @@ class HttpServer {
           }
           const char* done = "data: [DONE]\n\n";
           sink.write(done, std::strlen(done));
+          sink.done();
+          return true;
+        },
+        [gen](bool) { gen->abort_all(); });
+  }
+
+  // Anthropic's Messages API (src/server/anthropic.h; docs/server.md "Anthropic Messages API"): the request becomes a
+  // chat request run by the same Generation; errors take Anthropic's shape.
+  static bool is_anthropic(const httplib::Request& req) { return req.path.rfind("/v1/messages", 0) == 0; }
+
+  void send_anthropic_error(httplib::Response& res, int status, const std::string& message) {
+    if (status >= 400 && status < 500) st_.metrics.client_errors_total++;
+    res.status = status;
+    res.set_content(wire(anthropic::error_body(status, message)), "application/json");
+  }
+
+  static anthropic::Usage anthropic_usage(const Generation& g) {
+    return {g.prompt_tokens(), g.completion_tokens(), g.cached_tokens()};
+  }
+
+  void messages(const httplib::Request& req, httplib::Response& res, bool count_tokens) {
+    try {
+      require_ready();
+      anthropic::ChatRequest cr = anthropic::to_chat_request(parse_body(req.body), count_tokens);
+      GenSpec spec = parse_generation_request(cr.body, true, st_.rt.defaults);
+      for (size_t i = 0; i < spec.images.size() && i < cr.image_where.size(); ++i) spec.images[i].where = cr.image_where[i];
+      check_model(spec);
+      if (count_tokens) {  // the prompt as a request would render it; nothing runs, so no admission control
+        st_.active.fetch_add(1);  // the Generation gives it back
+        Generation g(st_, std::move(spec));
+        g.prepare();
+        res.set_content(wire(json({{"input_tokens", g.prompt_tokens()}})), "application/json");
+        return;
+      }
+      const int64_t limit = st_.cfg.max_num_seqs + st_.cfg.max_queued_requests;
+      if (st_.active.fetch_add(1) >= limit) {
+        st_.active.fetch_sub(1);
+        st_.metrics.rejected_total++;
+        throw HttpError(429, "the server is at capacity (" + std::to_string(limit) + " requests in flight); retry later");
+      }
+      auto gen = std::make_shared<Generation>(st_, std::move(spec));  // takes over the `active` slot
+      gen->prepare();
+      gen->submit();
+      auto w = std::make_shared<anthropic::MessageWriter>("msg_" + random_hex(24), st_.model_name,
+                                                          gen->spec().include_reasoning);
+      res.set_header("X-Request-Id", req.has_header("X-Request-Id") ? req.get_header_value("X-Request-Id") : w->id());
+      if (gen->spec().stream) anthropic_stream(gen, w, res);
+      else anthropic_respond(gen, w, res);
+    } catch (const HttpError& e) {
+      send_anthropic_error(res, e.status, anthropic::rename_fields(e.what()));
+    } catch (const std::exception& e) {
+      send_anthropic_error(res, 500, std::string("internal error: ") + e.what());
+    }
+  }
+
+  // Non-streaming: chunked, with a leading space every 2 s while waiting (valid JSON), as respond().
+  void anthropic_respond(std::shared_ptr<Generation> gen, std::shared_ptr<anthropic::MessageWriter> w,
+                         httplib::Response& res) {
+    res.set_chunked_content_provider(
+        "application/json",
+        [this, gen, w, last = Clock::now()](size_t, httplib::DataSink& sink) mutable {
+          while (!gen->all_done()) {
+            for (auto& u : gen->poll(std::chrono::milliseconds(200))) {
+              w->feed(u.ev);
+              if (!u.finish_reason.empty()) w->finish(u.finish_reason, u.stop_reason, anthropic_usage(*gen));
+            }
+            if (!gen->all_done() && seconds_since(last) > 2.0) {
+              if (!sink.write(" ", 1)) return abort(*gen);
+              last = Clock::now();
+            }
+          }
+          std::string body = gen->error_.empty() ? wire(w->message(anthropic_usage(*gen)))
+                                                 : wire(anthropic::error_body(500, "generation failed: " + gen->error_));
+          if (!sink.write(body.data(), body.size())) return false;
+          sink.done();
+          return true;
+        },
+        [gen](bool) { gen->abort_all(); });
+  }
+
+  // Streaming: message_start (once the prefill is done, or after 2 s of it), the content blocks' events in order,
+  // message_delta, message_stop; `event: ping` every 2 s of silence.
+  void anthropic_stream(std::shared_ptr<Generation> gen, std::shared_ptr<anthropic::MessageWriter> w,
+                        httplib::Response& res) {
+    res.set_header("Cache-Control", "no-cache");
+    res.set_chunked_content_provider(
+        "text/event-stream",
+        [this, gen, w, started = false, t0 = Clock::now(), last = Clock::now()](size_t, httplib::DataSink& sink) mutable {
+          auto send = [&](const anthropic::Event& e) {
+            std::string s = e.sse();
+            last = Clock::now();
+            return sink.write(s.data(), s.size());
+          };
+          auto send_all = [&](const std::vector<anthropic::Event>& es) {
+            for (auto& e : es)
+              if (!send(e)) return false;
+            return true;
+          };
+          while (!gen->all_done()) {
+            auto ups = gen->poll(std::chrono::milliseconds(100));
+            if (!started && (!ups.empty() || seconds_since(t0) > 2.0)) {
+              started = true;
+              if (!send(w->start(anthropic_usage(*gen)))) return abort(*gen);
+            }
+            for (auto& u : ups) {
+              if (!send_all(w->feed(u.ev))) return abort(*gen);
+              if (!u.finish_reason.empty() && gen->error_.empty() &&
+                  !send_all(w->finish(u.finish_reason, u.stop_reason, anthropic_usage(*gen))))
+                return abort(*gen);
+            }
+            if (ups.empty() && started && seconds_since(last) > 2.0 &&
+                !send({"ping", json({{"type", "ping"}})}))
+              return abort(*gen);
+          }
+          if (!started && !send(w->start(anthropic_usage(*gen)))) return false;
+          if (!gen->error_.empty() && !send({"error", anthropic::error_body(500, "generation failed: " + gen->error_)}))
+            return false;
           sink.done();
           return true;
         },

@@ -2,7 +2,9 @@
 //
 // Threads: submit() and abort() run on HTTP threads and only touch the hand-off state under `mu`
 // (pending sequences, abort ids, live ids, the metrics snapshot). Everything else — scheduler, caches,
-// sequences — belongs to whoever runs step(): the engine thread, or a test calling step() directly.
+// sequences — belongs to whoever runs step(): the engine thread, or a test calling step() directly. The mask
+// workers (MaskWorkers) compute grammar masks during a step from copies made for them (sampling::MaskAhead) and are
+// joined inside that step (run()).
 #include "runtime/engine.h"
 
 #include <algorithm>

@@ -588,7 +588,8 @@ void Engine::Impl::start_masks(const Schedule& sc, StepMasks& m) {
       const sampling::SamplingParams& p = sm.params;
       const void* ptrs[2] = {p.masker.get(), sm.matcher->grammar().get()};
       std::string key(reinterpret_cast<const char*>(ptrs), sizeof(ptrs));
-      key.append(reinterpret_cast<const char*>(&p.grammar_close), sizeof(int32_t));
+      const int32_t head[2] = {p.grammar_close, int32_t(p.end_ids.size())};
+      key.append(reinterpret_cast<const char*>(head), sizeof(head));
       key.append(reinterpret_cast<const char*>(p.end_ids.data()), p.end_ids.size() * sizeof(int32_t));
       key += '|';
       key += sm.matcher->state_key();

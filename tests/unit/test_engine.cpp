@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
+#include <cstdio>
 #include <filesystem>
 #include <memory>
 #include <thread>
@@ -1010,6 +1012,65 @@ TEST(EngineMasks, AMaskErrorFailsOnlyItsRequest) {
   // (An OpenMP team the engine thread started ends with that thread, asynchronously: give it a moment.)
   for (int i = 0; i < 100 && proc && count_threads() > threads_before; ++i) std::this_thread::sleep_for(10ms);
   if (proc) EXPECT_EQ(count_threads(), threads_before) << "threads left behind";
+}
+
+
+// Step wall times (printed, never asserted; bench/RESULTS.md "Structured output: the vocabulary mask"): N sequences
+// inside a bounded JSON string (each character a new position, so every mask is cold) constrained with the real
+// Qwen3 vocabulary's masker (151,669 tokens; the tiny model samples its first 2,048 ids), beside 4 unconstrained
+// ones, masks ahead on the workers vs on the engine thread at sampling (DS_SERIAL_MASKS=1's path).
+TEST(EngineMasks, StepTimesOnTheRealVocabulary) {
+  const std::string path = std::string(DS_SHARED_DIR) + "/assets/qwen3-tokenizer/tokenizer.json";
+  if (!std::filesystem::exists(path)) GTEST_SKIP() << "no " << path;
+  const auto tok = text::Tokenizer::load(path);
+  std::vector<std::string> bytes(size_t(tok.vocab_size()));
+  for (int32_t id = 0; id < tok.vocab_size(); ++id)
+    if (!tok.is_added(id)) bytes[size_t(id)] = std::string(tok.token_bytes(id));
+  auto& f = fx();
+  const int steps = 20;
+  auto time_steps = [&](int n, bool parallel) {
+    // A fresh masker: its cache must not hold the positions an earlier run went through (same seeds, same tokens).
+    const auto masker = std::make_shared<const sampling::TokenMasker>(bytes);
+    EngineConfig c = base_config();
+    c.max_num_seqs = 16;
+    c.parallel_masks = parallel;
+    Engine e(*f.m, c);
+    std::vector<std::shared_ptr<Request>> reqs;
+    for (int i = 0; i < n + 4; ++i) {
+      auto p = f.prompts[size_t(i % 5)];
+      p.resize(16);
+      auto r = make_req(uint64_t(i), p, steps + 8, 0.8f, uint64_t(i));
+      if (i < n) {  // a string of 400 to 400 + i characters: a distinct grammar each, no shared positions
+        r->sampling.grammar = sampling::grammar_json_schema(nlohmann::ordered_json::parse(
+            "{\"type\": \"string\", \"minLength\": 400, \"maxLength\": " + std::to_string(400 + i) + "}"));
+        r->sampling.masker = masker;
+        r->sampling.grammar_prefix = "\"";                        // inside the string from the first token
+        r->sampling.logit_bias = {{1984, -100.f}, {1986, -100.f}};  // the end ids are ordinary Qwen3 tokens
+      }
+      reqs.push_back(r);
+      e.submit(r);
+    }
+    for (int i = 0; i < 3; ++i) e.step();  // prefill, first decodes
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < steps; ++i) e.step();
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / steps;
+    drain(e);
+    for (int i = 0; i < n; ++i) EXPECT_NE(collect(*reqs[size_t(i)], 0ms).finish, FinishReason::Error);
+    if (parallel && n > 0) EXPECT_GE(e.metrics().grammar_masks_ahead_total, n * steps);
+    return ms;
+  };
+  std::printf("  %u hardware threads, %lld mask workers; ms per decode step, %d steps, 4 unconstrained rows +\n",
+              std::thread::hardware_concurrency(), (long long)Engine(*f.m, base_config()).config().mask_threads, steps);
+  std::printf("  %-14s %10s %10s %10s\n", "constrained", "serial", "ahead", "saved");
+  std::fflush(stdout);
+  for (int n : {0, 1, 2, 4, 8}) {
+    double serial = 1e9, ahead = 1e9;  // the best of 3 runs each, alternating (a shared machine is noisy)
+    for (int rep = 0; rep < 3; ++rep) {
+      serial = std::min(serial, time_steps(n, false));
+      ahead = std::min(ahead, time_steps(n, true));
+    }
+    std::printf("  %-14d %10.2f %10.2f %10.2f\n", n, serial, ahead, serial - ahead);
+  }
 }
 
 }  // namespace

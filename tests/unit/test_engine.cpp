@@ -1059,6 +1059,20 @@ TEST(EngineMasks, StepTimesOnTheRealVocabulary) {
     if (parallel && n > 0) EXPECT_GE(e.metrics().grammar_masks_ahead_total, n * steps);
     return ms;
   };
+  {  // one such mask alone, cold, on this thread: the cost the serial path adds per constrained row
+    const sampling::TokenMasker tm(bytes);
+    sampling::Matcher mt(sampling::grammar_json_schema(
+        nlohmann::ordered_json::parse(R"({"type": "string", "minLength": 400, "maxLength": 400})")));
+    mt.advance("\"abc");
+    std::vector<uint32_t> bits;
+    double best = 1e9;
+    for (int r = 0; r < 5; ++r) {
+      const auto t0 = std::chrono::steady_clock::now();
+      tm.allowed_uncached(mt, bits);
+      best = std::min(best, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    }
+    std::printf("  one mask inside the string, cold: %.2f ms (best of 5)\n", best);
+  }
   std::printf("  %u hardware threads, %lld mask workers; ms per decode step, %d steps, 4 unconstrained rows +\n",
               std::thread::hardware_concurrency(), (long long)Engine(*f.m, base_config()).config().mask_threads, steps);
   std::printf("  %-14s %10s %10s %10s\n", "constrained", "serial", "ahead", "saved");

@@ -2,7 +2,9 @@
 //
 // Threads: submit() and abort() run on HTTP threads and only touch the hand-off state under `mu`
 // (pending sequences, abort ids, live ids, the metrics snapshot). Everything else — scheduler, caches,
-// sequences — belongs to whoever runs step(): the engine thread, or a test calling step() directly.
+// sequences — belongs to whoever runs step(): the engine thread, or a test calling step() directly. The mask
+// workers (MaskWorkers) compute grammar masks during a step from copies made for them (sampling::MaskAhead) and are
+// joined inside that step (run()).
 #include "runtime/engine.h"
 
 #include <algorithm>
@@ -13,6 +15,7 @@
 
 #include "core/env.h"
 #include "core/status.h"
+#include "runtime/mask_workers.h"
 #include "runtime/scheduler.h"
 #include "runtime/spec_decode.h"
 
@@ -89,6 +92,10 @@ EngineConfig resolve(const model::Model& m, EngineConfig c) {
   if (env_flag("DS_CUDA_NO_DRAFT_FEED")) c.device_draft_feed = false;
   // DS_SPEC_PROFILE=1: time the phases of every step (EngineMetrics::phase_ms; syncs at each phase boundary).
   if (env_flag("DS_SPEC_PROFILE")) c.profile_phases = true;
+  // DS_SERIAL_MASKS=1: grammar masks on the engine thread at sampling time (the old path).
+  if (env_flag("DS_SERIAL_MASKS")) c.parallel_masks = false;
+  if (c.mask_threads < 0) fail("engine: mask_threads must be >= 0 (0 = automatic), found ", c.mask_threads);
+  if (c.mask_threads == 0) c.mask_threads = std::min<int64_t>(4, std::max(1u, std::thread::hardware_concurrency()));
   return c;
 }
 
@@ -124,12 +131,22 @@ struct Engine::Impl {
   bool stopping = false;
   EngineMetrics snap;  // `waiting` excludes `pending` (added when read)
   std::thread thread;
+  MaskWorkers mask_workers{int(cfg.mask_threads)};  // grammar masks during the forward (threads start when first needed)
 
   bool take_inbox();
   void run(const Schedule& s);
   Schedule encode_images(const Schedule& s);
   void place_images(const Schedule& s, BatchMeta& b);
-  bool decide(const ScheduledSeq& x, const float* rows, int64_t* accepted, const int32_t* sampled = nullptr);
+  bool decide(const ScheduledSeq& x, const float* rows, int64_t* accepted, const int32_t* sampled = nullptr,
+              const sampling::MaskAhead* mask = nullptr);
+  struct StepMasks {                      // the grammar masks of one step's constrained rows (start_masks)
+    std::vector<sampling::MaskAhead> ahead;
+    std::vector<int32_t> of;              // schedule index -> its mask in `ahead`, or -1
+    std::vector<int32_t> leader;          // per mask: the mask whose computation it copies, or -1 (its own)
+    bool running = false;                 // jobs on the workers, not joined yet
+  };
+  void start_masks(const Schedule& sc, StepMasks& m);
+  void join_masks(StepMasks& m);
   bool emit(Sequence* s, const std::vector<int32_t>& toks, std::vector<sampling::TokenLogprob>& lps);
   struct Redo {           // a sequence that rejected a draft
     Sequence* seq;
@@ -317,6 +334,16 @@ void Engine::Impl::run(const Schedule& sc_in) {
   clk.start();
   const Schedule sc = encode_images(sc_in);  // drops a sequence whose images fail to encode
   if (sc.empty()) return;
+  // The grammar masks of the constrained rows, computed on the mask workers while the batch is built and the
+  // forward runs; joined before the rows are sampled, and on every way out of this function (the guard: the jobs
+  // write into `masks`).
+  StepMasks masks;
+  start_masks(sc, masks);
+  struct Join {
+    Impl& impl;
+    StepMasks& m;
+    ~Join() { impl.join_masks(m); }
+  } join{*this, masks};
   const bool spec = cfg.num_speculative_tokens > 0;
   std::vector<std::pair<const SeqCache*, std::vector<int32_t>>> parts;
   for (auto& x : sc.seqs) {
@@ -417,6 +444,10 @@ void Engine::Impl::run(const Schedule& sc_in) {
     return;
   }
   ++counters.steps_total;
+  if (masks.running) {
+    join_masks(masks);
+    clk.mark("grammar masks (wait)");
+  }
   const int64_t V = model.config().text.vocab_size;
   std::vector<DraftJob> jobs;                        // MTP work of the sequences still running
   std::vector<Redo> redo;                            // sequences to roll back after a rejection
@@ -427,7 +458,9 @@ void Engine::Impl::run(const Schedule& sc_in) {
     int64_t accepted = 0;
     bool alive = true;
     if (x.samples) {
-      alive = on_device ? decide(x, nullptr, &accepted, toks.data() + r) : decide(x, logits.data() + int64_t(r) * V, &accepted);
+      alive = on_device ? decide(x, nullptr, &accepted, toks.data() + r)
+                        : decide(x, logits.data() + int64_t(r) * V, &accepted, nullptr,
+                                 masks.of[i] >= 0 ? &masks.ahead[size_t(masks.of[i])] : nullptr);
       r += size_t(x.num_drafts + 1);
     }
     if (!alive) continue;  // finished: blocks and slots are back in the pool already
@@ -550,6 +583,78 @@ void Engine::Impl::place_images(const Schedule& sc, BatchMeta& b) {
   }
 }
 
+// Copies the grammar position of every sampled row that a grammar masks (sampling::mask_ahead: plain decode rows
+// and prefill chunks that sample alike; not a forced row, whose token needs no mask, and not a verifying sequence:
+// grammar-constrained sequences get no drafts, and with drafts the sampled row's position is only known after the
+// verify) and starts computing their masks on the workers. Rows at the same position of the same grammar (same
+// masker, grammar, matcher state, close and end ids) share one computation; their copies are filled after the wait.
+void Engine::Impl::start_masks(const Schedule& sc, StepMasks& m) {
+  m.of.assign(sc.seqs.size(), -1);
+  if (!cfg.parallel_masks) return;
+  std::vector<uint64_t> ids;  // request id per mask (the test hook)
+  std::unordered_map<std::string, int32_t> seen;
+  for (size_t i = 0; i < sc.seqs.size(); ++i) {
+    const ScheduledSeq& x = sc.seqs[i];
+    const sampling::SeqSampler& sm = x.seq->sampler;
+    if (!x.samples || x.num_drafts > 0 || sm.forced() >= 0 || !sm.grammar_masked()) continue;
+    const int32_t k = int32_t(m.ahead.size());
+    m.of[i] = k;
+    m.ahead.push_back(sampling::mask_ahead(sm));
+    ids.push_back(x.seq->req->id);
+    int32_t lead = -1;
+    if (sm.matcher && !cfg.mask_hook) {
+      const sampling::SamplingParams& p = sm.params;
+      const void* ptrs[2] = {p.masker.get(), sm.matcher->grammar().get()};
+      std::string key(reinterpret_cast<const char*>(ptrs), sizeof(ptrs));
+      const int32_t head[2] = {p.grammar_close, int32_t(p.end_ids.size())};
+      key.append(reinterpret_cast<const char*>(head), sizeof(head));
+      key.append(reinterpret_cast<const char*>(p.end_ids.data()), p.end_ids.size() * sizeof(int32_t));
+      key += '|';
+      key += sm.matcher->state_key();
+      auto [it, fresh] = seen.emplace(std::move(key), k);
+      if (!fresh) lead = it->second;
+    }
+    m.leader.push_back(lead);
+  }
+  if (m.ahead.empty()) return;
+  // Only the leaders are jobs. Each job writes its own MaskAhead and reads nothing else that changes: the copies made
+  // here, the grammar (immutable), the masker (its cache is mutex-guarded) and the config.
+  std::vector<size_t> jobs;
+  for (size_t k = 0; k < m.ahead.size(); ++k)
+    if (m.leader[k] < 0) jobs.push_back(k);
+  sampling::MaskAhead* ahead = m.ahead.data();  // not resized until joined
+  mask_workers.start(jobs.size(), [this, ahead, ids = std::move(ids), jobs](size_t j) {
+    sampling::MaskAhead& a = ahead[jobs[j]];
+    if (cfg.mask_hook) {
+      try {
+        cfg.mask_hook(ids[jobs[j]]);
+      } catch (...) {
+        a.error = std::current_exception();
+        a.done = true;
+        return;
+      }
+    }
+    a.compute();  // catches the masker's exceptions into a.error
+  });
+  m.running = true;
+}
+
+// Waits for the step's masks and gives the rows that share a leader's position its result.
+void Engine::Impl::join_masks(StepMasks& m) {
+  if (!m.running) return;
+  mask_workers.wait();
+  m.running = false;
+  for (size_t k = 0; k < m.ahead.size(); ++k)
+    if (const int32_t l = m.leader[k]; l >= 0) {
+      const sampling::MaskAhead& src = m.ahead[size_t(l)];
+      sampling::MaskAhead& a = m.ahead[k];
+      a.constrained = src.constrained;
+      a.bits = src.bits;
+      a.error = src.error;
+      a.done = src.done;
+    }
+}
+
 // Drafts worth proposing: never more than the tokens the request may still produce minus the one the verify
 // adds anyway, so a verify never runs past max_tokens or max_model_len; 0 when the pool cannot hold them.
 int64_t Engine::Impl::drafts_wanted(Sequence* s) {
@@ -570,7 +675,8 @@ int64_t Engine::Impl::drafts_wanted(Sequence* s) {
 // (the sampler sees the accepted ones, so penalties are exact) and the bonus token when all pass. `sampled`: the
 // tokens Backend::sample_rows chose for the chunk's rows (greedy when there are drafts: d_{j+1} is accepted iff it
 // is row j's choice; -1: nothing left to sample), `rows` unused; null: decide from the logit rows on the host.
-bool Engine::Impl::decide(const ScheduledSeq& x, const float* rows, int64_t* accepted, const int32_t* sampled) {
+bool Engine::Impl::decide(const ScheduledSeq& x, const float* rows, int64_t* accepted, const int32_t* sampled,
+                          const sampling::MaskAhead* mask) {
   Sequence* s = x.seq;
   const int64_t V = model.config().text.vocab_size;
   const bool want_lp = s->req->sampling.logprobs >= 0;
@@ -591,10 +697,13 @@ bool Engine::Impl::decide(const ScheduledSeq& x, const float* rows, int64_t* acc
         ++a;
         continue;
       }
+      if (mask && j == x.num_drafts)  // sample() uses it only where it is this position's, else recomputes
+        ++(mask->version == s->sampler.grammar_version ? counters.grammar_masks_ahead_total
+                                                       : counters.grammar_masks_stale_total);
       const int32_t tok =
           j < x.num_drafts
               ? sampling::verify_draft(row, V, cfg.vocab_limit, s->sampler, s->drafts[size_t(j)], nullptr, &ok, want_lp ? &lp : nullptr)
-              : sampling::sample(row, V, cfg.vocab_limit, s->sampler, want_lp ? &lp : nullptr);
+              : sampling::sample(row, V, cfg.vocab_limit, s->sampler, want_lp ? &lp : nullptr, mask);
       s->sampler.accept(tok);
       toks.push_back(tok);
       if (want_lp) lps.push_back(std::move(lp));

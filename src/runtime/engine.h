@@ -136,6 +136,16 @@ struct EngineConfig {
   // between the K draft steps (docs/engine.md "Host syncs"). false (or DS_CUDA_NO_DRAFT_FEED=1): one read back per
   // draft step, the next step's tokens through the host.
   bool device_draft_feed = true;
+  // Grammar masks ahead (docs/engine.md "Sampler"): the masks of a step's grammar-constrained rows (structured output,
+  // tool-call grammars) are computed on `mask_threads` worker threads while the step's forward runs, from copies of
+  // the sequences' grammar positions, and joined before sampling; identical positions in one step share one mask.
+  // The same tokens either way. false = each mask is computed on the engine thread when its row is sampled, after
+  // the forward (also set by the environment switch DS_SERIAL_MASKS=1, for before/after measurements).
+  bool parallel_masks = true;
+  int64_t mask_threads = 0;  // 0 = min(4, hardware threads)
+  // Tests only: called on the thread that computes a mask ahead, with the request id, before computing it; what it
+  // throws ends that request as an exception of the masker would. Null = off.
+  std::function<void(uint64_t id)> mask_hook;
   // Prefix caching (docs/engine.md "Prefix caching"): DeltaNet state checkpoints kept beyond the sequences' slots,
   // each with the KV blocks of its prefix; a new sequence whose tokens start with a checkpoint's resumes there.
   // 0 = off.
@@ -164,6 +174,9 @@ struct EngineMetrics {
   int64_t prefix_cache_queries_total = 0, prefix_cache_hits_total = 0, prefix_cache_checkpoints = 0;
   int64_t graph_steps_total = 0;  // steps that ran through Model::forward_graphed (decode-only)
   int64_t device_sample_steps_total = 0;  // steps whose tokens came from Backend::sample_rows
+  // Grammar masks made ahead, during the forward (EngineConfig::parallel_masks), and used; made ahead but found
+  // stale at sampling (the sequence's grammar position had moved: recomputed there; never expected).
+  int64_t grammar_masks_ahead_total = 0, grammar_masks_stale_total = 0;
   // Speculative decoding (vLLM's spec_decode_* counters): verify rounds, drafted tokens verified, drafts
   // accepted, and accepted per draft position (index i = the (i+1)-th draft of a round; size K).
   int64_t spec_num_drafts_total = 0, spec_draft_tokens_total = 0, spec_accepted_tokens_total = 0;

@@ -65,29 +65,71 @@ SeqSampler::SeqSampler(const SamplingParams& p, const std::vector<int32_t>& prom
 
 void SeqSampler::engage_at_start() {
   if (!params.grammar || params.grammar_lazy) return;
+  ++grammar_version;
   matcher.emplace(params.grammar);
   if (!matcher->advance(params.grammar_prefix))
     fail("structured output: the grammar's prefix \"", params.grammar_prefix, "\" does not start a text of its language");
 }
 
-bool SeqSampler::grammar_mask(std::vector<uint32_t>& bits) const {
+namespace {
+
+// grammar_mask() from its inputs (a sequence's own, or a MaskAhead's copy of them).
+bool grammar_mask_of(const Matcher* matcher, bool closed, const TokenMasker& masker, int32_t grammar_close,
+                     int32_t grammar_trigger, SamplingParams::AfterClose after_close,
+                     const std::vector<int32_t>& end_ids, std::vector<uint32_t>& bits) {
   auto allow = [&](int32_t id) {
     if (id >= 0 && size_t(id) / 32 < bits.size()) bits[size_t(id) / 32] |= 1u << (id % 32);
   };
   if (matcher) {
-    params.masker->allowed(*matcher, bits);
+    masker.allowed(*matcher, bits);
     if (matcher->accepting()) {
-      if (params.grammar_close >= 0) allow(params.grammar_close);
+      if (grammar_close >= 0) allow(grammar_close);
       else
-        for (int32_t e : params.end_ids) allow(e);
+        for (int32_t e : end_ids) allow(e);
     }
     return true;
   }
-  if (!closed || params.after_close == SamplingParams::AfterClose::kFree) return false;
-  bits.assign(size_t(params.masker->vocab() + 31) / 32, 0);
-  for (int32_t e : params.end_ids) allow(e);
-  if (params.after_close == SamplingParams::AfterClose::kCallOrEnd) allow(params.grammar_trigger);
+  if (!closed || after_close == SamplingParams::AfterClose::kFree) return false;
+  bits.assign(size_t(masker.vocab() + 31) / 32, 0);
+  for (int32_t e : end_ids) allow(e);
+  if (after_close == SamplingParams::AfterClose::kCallOrEnd) allow(grammar_trigger);
   return true;
+}
+
+}  // namespace
+
+bool SeqSampler::grammar_mask(std::vector<uint32_t>& bits) const {
+  if (!grammar_masked()) return false;
+  return grammar_mask_of(matcher ? &*matcher : nullptr, closed, *params.masker, params.grammar_close,
+                         params.grammar_trigger, params.after_close, params.end_ids, bits);
+}
+
+MaskAhead mask_ahead(const SeqSampler& s) {
+  MaskAhead a;
+  a.version = s.grammar_version;
+  if (!s.grammar_masked()) {  // nothing to compute: the answer is already known
+    a.done = true;
+    return a;
+  }
+  a.matcher = s.matcher;
+  a.closed = s.closed;
+  a.masker = s.params.masker;
+  a.grammar_close = s.params.grammar_close;
+  a.grammar_trigger = s.params.grammar_trigger;
+  a.after_close = s.params.after_close;
+  a.end_ids = s.params.end_ids;
+  return a;
+}
+
+void MaskAhead::compute() {
+  if (done) return;
+  try {
+    constrained = grammar_mask_of(matcher ? &*matcher : nullptr, closed, *masker, grammar_close, grammar_trigger,
+                                  after_close, end_ids, bits);
+  } catch (...) {
+    error = std::current_exception();
+  }
+  done = true;
 }
 
 int64_t SeqSampler::budget_left() const {
@@ -96,6 +138,7 @@ int64_t SeqSampler::budget_left() const {
 }
 
 void SeqSampler::accept(int32_t token) {
+  ++grammar_version;
   ++generated_counts[token];
   ++generated;
   if (!params.bad_words.empty()) history.push_back(token);
@@ -138,6 +181,7 @@ void SeqSampler::accept(int32_t token) {
 }
 
 void SeqSampler::retract(int32_t token) {
+  ++grammar_version;
   DS_CHECK(!matcher || closed_at == generated - 1, "retract: a constrained sequence's grammar position is not undone");
   DS_CHECK(!params.grammar || (params.grammar_trigger < 0 && params.grammar_close < 0),
            "retract: a trigger grammar's engagement is not undone");
@@ -224,7 +268,8 @@ void apply_bias_and_penalties(float* x, int64_t n, const SeqSampler& s) {
     if (e.id >= 0 && e.id < n) x[e.id] = edit_logit(x[e.id], e, r);
 }
 
-int32_t sample(const float* logits, int64_t V, int64_t vocab_limit, SeqSampler& s, TokenLogprob* lp) {
+int32_t sample(const float* logits, int64_t V, int64_t vocab_limit, SeqSampler& s, TokenLogprob* lp,
+               const MaskAhead* ahead) {
   const int64_t n = vocab_limit > 0 ? std::min(vocab_limit, V) : V;  // ids >= n are never produced
   DS_CHECK(n > 0, "empty vocabulary");
   if (const int32_t f = s.forced(); f >= 0) {  // the thinking budget is spent: think_end, no draw
@@ -235,9 +280,18 @@ int32_t sample(const float* logits, int64_t V, int64_t vocab_limit, SeqSampler& 
   std::vector<SampleEdit> edits;
   const SampleRowParams r = next_row(s, edits);
   std::vector<float> masked;  // a constrained row: the raw logits with every token the mask forbids at -inf
-  std::vector<uint32_t> bits;
-  const bool grammar = s.grammar_mask(bits);
+  std::vector<uint32_t> own;
+  const std::vector<uint32_t>* mask = &own;
+  bool grammar;
+  if (ahead && ahead->done && ahead->version == s.grammar_version) {  // made for this very position
+    if (ahead->error) std::rethrow_exception(ahead->error);
+    grammar = ahead->constrained;
+    mask = &ahead->bits;
+  } else {
+    grammar = s.grammar_mask(own);
+  }
   if (grammar) {
+    const std::vector<uint32_t>& bits = *mask;
     masked.assign(logits, logits + n);
     for (int64_t i = 0; i < n; ++i)
       if (size_t(i) / 32 >= bits.size() || !(bits[size_t(i) / 32] >> (i % 32) & 1u))

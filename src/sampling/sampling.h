@@ -3,6 +3,7 @@
 // CUDA kernel on the device): the same request draws the same uniforms and tokens on either path.
 #pragma once
 #include <cstdint>
+#include <exception>
 #include <memory>
 #include <optional>
 #include <string>
@@ -92,6 +93,13 @@ struct SeqSampler {
   // The grammar's mask for the next token (bits as TokenMasker::allowed, plus the end ids or grammar_close where the
   // text is complete, or what after_close allows); false when no grammar constrains it.
   bool grammar_mask(std::vector<uint32_t>& bits) const;
+  // grammar_mask() would return true: a grammar engaged, or after_close restricting what follows its close token.
+  bool grammar_masked() const {
+    return matcher.has_value() || (closed && params.after_close != SamplingParams::AfterClose::kFree);
+  }
+  // Changes whenever the grammar's position may change (every accept and retract): a mask made ahead (MaskAhead)
+  // at one value is this sequence's mask only while the value is unchanged.
+  uint64_t grammar_version = 0;
   // Reasoning tokens the budget still allows before think_end is forced (INT64_MAX: no budget or not thinking).
   int64_t budget_left() const;
   // The token the next draw must be (the thinking budget spent: params.think_end), or -1.
@@ -107,6 +115,29 @@ struct SeqSampler {
   void engage_at_start();
   float next_uniform() { return uniform_at(seed, draws++); }
 };
+
+// A sequence's grammar mask made away from it: grammar_mask()'s inputs copied on the sequence's thread (mask_ahead()),
+// the mask computed from the copy on any thread (compute(): touches nothing but the copy, the shared immutable
+// grammar and the masker, whose cache is thread-safe), then given to sample(), which uses it while the sequence's
+// grammar_version is still `version` (the same bits grammar_mask() would make now) and recomputes it otherwise.
+struct MaskAhead {
+  uint64_t version = 0;       // SeqSampler::grammar_version at the copy
+  std::optional<Matcher> matcher;
+  bool closed = false;
+  std::shared_ptr<const TokenMasker> masker;
+  int32_t grammar_close = -1, grammar_trigger = -1;
+  SamplingParams::AfterClose after_close = SamplingParams::AfterClose::kFree;
+  std::vector<int32_t> end_ids;
+  // The result (compute()): grammar_mask()'s return value and bits, or the exception computing it threw, which
+  // sample() rethrows where it would have thrown computing the mask itself.
+  bool done = false;
+  bool constrained = false;
+  std::vector<uint32_t> bits;
+  std::exception_ptr error;
+  void compute();
+};
+// The copy of s's grammar mask inputs (cheap: the matcher's few small vectors, the end ids).
+MaskAhead mask_ahead(const SeqSampler& s);
 
 // Below this temperature a request is greedy (vLLM's _SAMPLING_EPS).
 constexpr float kGreedyEps = 1e-5f;
@@ -133,8 +164,11 @@ void apply_bias_and_penalties(float* x, int64_t n, const SeqSampler& s);
 // embedding that the tokenizer never produces); pass V to mask nothing. Fills `lp` when params.logprobs >= 0.
 // Throws when no token is left (every logit -inf or NaN after logit_bias). A constrained sequence
 // (SeqSampler::constrained) draws among the tokens its grammar allows (TokenMasker::allowed, plus the end ids
-// where the text is complete); logprobs stay the raw distribution's.
-int32_t sample(const float* logits, int64_t V, int64_t vocab_limit, SeqSampler& s, TokenLogprob* lp);
+// where the text is complete); logprobs stay the raw distribution's. `ahead`: that mask computed ahead
+// (MaskAhead::compute), used when it is done and s.grammar_version has not changed since its copy; otherwise (or
+// null) sample() computes the mask itself.
+int32_t sample(const float* logits, int64_t V, int64_t vocab_limit, SeqSampler& s, TokenLogprob* lp,
+               const MaskAhead* ahead = nullptr);
 
 // Speculative decoding: decides the token at one verified position given the target logits [V] of that
 // position and the proposed `draft`. The target distribution p is exactly the one sample() draws from

@@ -4,8 +4,13 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
 #include <memory>
 #include <thread>
+
+#include <nlohmann/json.hpp>
 
 #include "backend/ops.h"
 #include "core/status.h"
@@ -13,6 +18,8 @@
 #include "model/model.h"
 #include "runtime/cache.h"
 #include "runtime/engine.h"
+#include "sampling/grammar.h"
+#include "text/tokenizer.h"
 
 namespace ds::runtime {
 namespace {
@@ -917,6 +924,285 @@ TEST(Engine, AFailingRequestFailsAlone) {
   e.submit(after);
   drain(e);
   EXPECT_EQ(collect(*after, 0ms).tokens, std::vector<int32_t>(f.greedy[0].begin(), f.greedy[0].begin() + 4));
+}
+
+
+// ---------------------------------------------------------------------------------------------------
+// Grammar masks ahead (EngineConfig::parallel_masks, docs/engine.md "Sampler"): the masks of a step's constrained
+// rows are computed on worker threads during the forward.
+
+// The tiny model's vocabulary as the server gives it to a grammar (added tokens spell nothing), and its ids.
+constexpr int32_t kToolCall = 1998, kToolCallEnd = 1999, kThinkEnd = 2009;
+std::shared_ptr<const sampling::TokenMasker> tiny_masker() {
+  static const auto m = [] {
+    const auto tok = text::Tokenizer::load(test::data_dir() + "/tiny-moe/tiny-moe-int4/tokenizer.json");
+    std::vector<std::string> bytes(2048);
+    for (int32_t id = 0; id < tok.vocab_size(); ++id)
+      if (!tok.is_added(id)) bytes[size_t(id)] = std::string(tok.token_bytes(id));
+    return std::make_shared<const sampling::TokenMasker>(std::move(bytes));
+  }();
+  return m;
+}
+
+std::string text_of(const std::vector<int32_t>& toks) {
+  std::string t;
+  for (int32_t id : toks) t += tiny_masker()->token_bytes(id);
+  return t;
+}
+
+const char* kMaskSchema = R"({"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+    "age": {"type": "integer"}, "color": {"enum": ["red", "green", "blue"]}}, "required": ["name", "age", "color"],
+    "additionalProperties": false})";
+const char* kMaskTools = R"([{"type": "function", "function": {"name": "get_weather", "strict": true, "parameters": {"type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 6}, "days": {"type": "integer"}}, "required": ["city"]}}}])";
+
+void constrain(Request& r, sampling::GrammarPtr g) {
+  r.sampling.grammar = std::move(g);
+  r.sampling.masker = tiny_masker();
+}
+
+// Constrained requests of every kind beside unconstrained ones, prompts long enough to prefill in several chunks.
+std::vector<std::shared_ptr<Request>> mask_mix() {
+  auto& f = fx();
+  const auto schema = sampling::grammar_json_schema(nlohmann::ordered_json::parse(kMaskSchema));
+  const auto tools = nlohmann::ordered_json::parse(kMaskTools);
+  auto prompt = [&](int i) {
+    auto p = f.prompts[size_t(i % 5)];
+    p.resize(std::min<size_t>(p.size(), 40 + size_t(i) * 7));
+    return p;
+  };
+  std::vector<std::shared_ptr<Request>> v;
+  auto add = [&](std::shared_ptr<Request> r) {
+    v.push_back(r);
+    return r;
+  };
+  add(make_req(0, prompt(0), 20));                      // unconstrained, greedy
+  constrain(*add(make_req(1, prompt(1), 40)), schema);  // json_schema, greedy
+  constrain(*add(make_req(2, prompt(1), 40)), schema);  // the same: its position equals request 1's every step
+  constrain(*add(make_req(3, prompt(2), 30, 0.8f, 31)), sampling::grammar_json_object());  // sampled json_object
+  add(make_req(4, prompt(3), 24, 0.9f, 41));            // unconstrained, sampled
+  {  // thinking, a budget (forced </think>), then the schema
+    auto r = add(make_req(5, prompt(4), 40, 0.7f, 51));
+    constrain(*r, schema);
+    r->sampling.think_end = kThinkEnd;
+    r->sampling.thinking_budget = 3;
+  }
+  {  // tool_choice auto with a strict tool: a lazy grammar, the trigger and the close favoured so calls happen
+    auto r = add(make_req(6, prompt(5), 64));
+    constrain(*r, sampling::grammar_tool_call(tools, "", true));
+    r->sampling.grammar_lazy = true;
+    r->sampling.grammar_trigger = kToolCall;
+    r->sampling.grammar_close = kToolCallEnd;
+    r->sampling.logit_bias = {{kToolCall, 30.f}, {kToolCallEnd, 30.f}};
+  }
+  {  // tool_choice required: engaged past the prompt's forced prefix, then another call or the end (a fixed list)
+    auto r = add(make_req(7, prompt(6), 64, 0.7f, 71));
+    constrain(*r, sampling::grammar_tool_call(tools));
+    r->sampling.grammar_trigger = kToolCall;
+    r->sampling.grammar_close = kToolCallEnd;
+    r->sampling.grammar_prefix = "\n<function=";
+    r->sampling.after_close = sampling::SamplingParams::AfterClose::kCallOrEnd;
+    r->sampling.logit_bias = {{kToolCallEnd, 30.f}};
+  }
+  {  // min_tokens with a grammar
+    auto r = add(make_req(8, prompt(7), 30));
+    constrain(*r, sampling::grammar_json_object());
+    r->sampling.min_tokens = 6;
+  }
+  add(make_req(9, prompt(8), 16, 0.f))->sampling.allowed_ids = {5, 70, 300, 1200};  // a host mask, not a grammar
+  return v;
+}
+
+struct MaskRun {
+  std::vector<Result> out;
+  EngineMetrics m;
+};
+
+MaskRun run_mask_mix(bool parallel, int64_t threads = 0) {
+  auto reqs = mask_mix();
+  EngineConfig c = base_config();
+  c.max_num_seqs = 5;              // requests wait and join running batches
+  c.max_num_batched_tokens = 48;   // prompts prefill in chunks, the last one sampling
+  c.parallel_masks = parallel;
+  c.mask_threads = threads;
+  Engine e(*fx().m, c);
+  for (auto& r : reqs) e.submit(r);
+  drain(e);
+  MaskRun run;
+  for (auto& r : reqs) run.out.push_back(collect(*r, 0ms));
+  run.m = e.metrics();
+  expect_empty(run.m);
+  return run;
+}
+
+// The same tokens with the masks computed ahead on the workers as on the engine thread at sampling, for every kind
+// of constrained row; the constrained outputs are their grammars' text; unconstrained requests get their alone
+// outputs.
+TEST(EngineMasks, AheadAndSerialGiveTheSameTokens) {
+  const MaskRun serial = run_mask_mix(false);
+  const MaskRun ahead = run_mask_mix(true);
+  const MaskRun one = run_mask_mix(true, 1);  // one worker: the engine thread takes jobs too
+  ASSERT_EQ(serial.out.size(), ahead.out.size());
+  for (size_t i = 0; i < serial.out.size(); ++i) {
+    SCOPED_TRACE("request " + std::to_string(i) + ": " + text_of(serial.out[i].tokens));
+    EXPECT_NE(serial.out[i].finish, FinishReason::Error) << serial.out[i].error;
+    EXPECT_EQ(ahead.out[i].tokens, serial.out[i].tokens);
+    EXPECT_EQ(ahead.out[i].finish, serial.out[i].finish);
+    EXPECT_EQ(ahead.out[i].error, serial.out[i].error);
+    EXPECT_EQ(one.out[i].tokens, serial.out[i].tokens);
+    EXPECT_GT(serial.out[i].tokens.size(), 0u);
+  }
+  // What the grammars made: JSON of the schema where it ended, the same for the request at the same positions.
+  const auto& o = serial.out;
+  EXPECT_EQ(o[2].tokens, o[1].tokens);
+  for (size_t i : {1, 2, 5}) {
+    auto toks = o[i].tokens;
+    if (i == 5) {
+      auto it = std::find(toks.begin(), toks.end(), kThinkEnd);
+      ASSERT_NE(it, toks.end());
+      EXPECT_EQ(it - toks.begin(), 3) << "the thinking budget";
+      toks.erase(toks.begin(), it + 1);
+    }
+    if (o[i].finish != FinishReason::Stop) continue;
+    const auto v = nlohmann::json::parse(text_of(toks));
+    EXPECT_TRUE(v.contains("name") && v.contains("age") && v.contains("color")) << v.dump();
+  }
+  EXPECT_GE(std::count(o[6].tokens.begin(), o[6].tokens.end(), kToolCallEnd), 1) << "no call in the lazy request";
+  EXPECT_GE(std::count(o[7].tokens.begin(), o[7].tokens.end(), kToolCallEnd), 1) << "the required call did not close";
+  for (int32_t t : o[9].tokens) EXPECT_TRUE(t == 5 || t == 70 || t == 300 || t == 1200) << t;
+  for (size_t i : {0, 4}) EXPECT_EQ(o[i].tokens, run_alone(*mask_mix()[i]).tokens) << "request " << i;
+  // Where the masks came from.
+  EXPECT_EQ(serial.m.grammar_masks_ahead_total, 0);
+  EXPECT_GT(ahead.m.grammar_masks_ahead_total, 100);
+  EXPECT_EQ(ahead.m.grammar_masks_stale_total, 0);
+  EXPECT_EQ(one.m.grammar_masks_ahead_total, ahead.m.grammar_masks_ahead_total);
+  std::printf("  %lld masks made ahead in %lld steps\n", (long long)ahead.m.grammar_masks_ahead_total,
+              (long long)ahead.m.steps_total);
+}
+
+// An exception computing a mask on a worker ends that request only (as the masker's exception inside sample() does);
+// the others get the tokens they get without it, and the engine, run by its own thread, keeps serving; stop() and
+// the destructor leave no thread behind.
+TEST(EngineMasks, AMaskErrorFailsOnlyItsRequest) {
+  auto count_threads = [] {
+    size_t n = 0;
+    for ([[maybe_unused]] auto& e : std::filesystem::directory_iterator("/proc/self/task")) ++n;
+    return n;
+  };
+  const bool proc = std::filesystem::exists("/proc/self/task");
+  const MaskRun ref = run_mask_mix(true);  // also starts OpenMP's threads, which stay
+  const size_t threads_before = proc ? count_threads() : 0;
+  {
+    std::atomic<int> calls{0};
+    EngineConfig c = base_config();
+    c.max_num_seqs = 5;
+    c.max_num_batched_tokens = 48;
+    c.mask_hook = [&](uint64_t id) {
+      if (id == 3 && ++calls == 4) throw Error("mask hook: request 3's fourth mask");
+    };
+    Engine e(*fx().m, c);
+    e.start();
+    auto reqs = mask_mix();
+    for (auto& r : reqs) e.submit(r);
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      const Result res = collect(*reqs[i]);
+      if (i == 3) {
+        EXPECT_EQ(res.finish, FinishReason::Error);
+        EXPECT_EQ(res.error, "sampling: mask hook: request 3's fourth mask");
+        EXPECT_EQ(res.tokens, std::vector<int32_t>(ref.out[3].tokens.begin(), ref.out[3].tokens.begin() + 3))
+            << "three tokens before the failing mask";
+        continue;
+      }
+      EXPECT_EQ(res.tokens, ref.out[i].tokens) << "request " << i;
+      EXPECT_EQ(res.finish, ref.out[i].finish) << "request " << i;
+    }
+    // Still serving constrained requests.
+    auto again = mask_mix()[1];
+    again->id = 100;
+    e.submit(again);
+    EXPECT_EQ(collect(*again).tokens, ref.out[1].tokens);
+    for (int i = 0; i < 200 && e.metrics().running + e.metrics().waiting > 0; ++i) std::this_thread::sleep_for(5ms);
+    EXPECT_EQ(e.metrics().requests_finished[int(FinishReason::Error)], 1);
+    EXPECT_GT(e.metrics().grammar_masks_ahead_total, 0);
+    EXPECT_GT(count_threads(), threads_before) << "the engine thread and the mask workers";
+    e.stop();
+  }
+  // (An OpenMP team the engine thread started ends with that thread, asynchronously: give it a moment.)
+  for (int i = 0; i < 100 && proc && count_threads() > threads_before; ++i) std::this_thread::sleep_for(10ms);
+  if (proc) EXPECT_EQ(count_threads(), threads_before) << "threads left behind";
+}
+
+
+// Step wall times (printed, never asserted; bench/RESULTS.md "Structured output: the vocabulary mask"): N sequences
+// inside a bounded JSON string (each character a new position, so every mask is cold) constrained with the real
+// Qwen3 vocabulary's masker (151,669 tokens; the tiny model samples its first 2,048 ids), beside 4 unconstrained
+// ones, masks ahead on the workers vs on the engine thread at sampling (DS_SERIAL_MASKS=1's path).
+TEST(EngineMasks, StepTimesOnTheRealVocabulary) {
+  const std::string path = std::string(DS_SHARED_DIR) + "/assets/qwen3-tokenizer/tokenizer.json";
+  if (!std::filesystem::exists(path)) GTEST_SKIP() << "no " << path;
+  const auto tok = text::Tokenizer::load(path);
+  std::vector<std::string> bytes(size_t(tok.vocab_size()));
+  for (int32_t id = 0; id < tok.vocab_size(); ++id)
+    if (!tok.is_added(id)) bytes[size_t(id)] = std::string(tok.token_bytes(id));
+  auto& f = fx();
+  const int steps = 20;
+  auto time_steps = [&](int n, bool parallel) {
+    // A fresh masker: its cache must not hold the positions an earlier run went through (same seeds, same tokens).
+    const auto masker = std::make_shared<const sampling::TokenMasker>(bytes);
+    EngineConfig c = base_config();
+    c.max_num_seqs = 16;
+    c.parallel_masks = parallel;
+    Engine e(*f.m, c);
+    std::vector<std::shared_ptr<Request>> reqs;
+    for (int i = 0; i < n + 4; ++i) {
+      auto p = f.prompts[size_t(i % 5)];
+      p.resize(16);
+      auto r = make_req(uint64_t(i), p, steps + 8, 0.8f, uint64_t(i));
+      if (i < n) {  // a string of 400 to 400 + i characters: a distinct grammar each, no shared positions
+        r->sampling.grammar = sampling::grammar_json_schema(nlohmann::ordered_json::parse(
+            "{\"type\": \"string\", \"minLength\": 400, \"maxLength\": " + std::to_string(400 + i) + "}"));
+        r->sampling.masker = masker;
+        r->sampling.grammar_prefix = "\"";                        // inside the string from the first token
+        r->sampling.logit_bias = {{1984, -100.f}, {1986, -100.f}};  // the end ids are ordinary Qwen3 tokens
+      }
+      reqs.push_back(r);
+      e.submit(r);
+    }
+    for (int i = 0; i < 3; ++i) e.step();  // prefill, first decodes
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < steps; ++i) e.step();
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / steps;
+    drain(e);
+    for (int i = 0; i < n; ++i) EXPECT_NE(collect(*reqs[size_t(i)], 0ms).finish, FinishReason::Error);
+    if (parallel && n > 0) EXPECT_GE(e.metrics().grammar_masks_ahead_total, n * steps);
+    return ms;
+  };
+  {  // one such mask alone, cold, on this thread: the cost the serial path adds per constrained row
+    const sampling::TokenMasker tm(bytes);
+    sampling::Matcher mt(sampling::grammar_json_schema(
+        nlohmann::ordered_json::parse(R"({"type": "string", "minLength": 400, "maxLength": 400})")));
+    mt.advance("\"abc");
+    std::vector<uint32_t> bits;
+    double best = 1e9;
+    for (int r = 0; r < 5; ++r) {
+      const auto t0 = std::chrono::steady_clock::now();
+      tm.allowed_uncached(mt, bits);
+      best = std::min(best, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    }
+    std::printf("  one mask inside the string, cold: %.2f ms (best of 5)\n", best);
+  }
+  std::printf("  %u hardware threads, %lld mask workers; ms per decode step, %d steps, 4 unconstrained rows +\n",
+              std::thread::hardware_concurrency(), (long long)Engine(*f.m, base_config()).config().mask_threads, steps);
+  std::printf("  %-14s %10s %10s %10s\n", "constrained", "serial", "ahead", "saved");
+  std::fflush(stdout);
+  for (int n : {0, 1, 2, 4, 8}) {
+    double serial = 1e9, ahead = 1e9;  // the best of 3 runs each, alternating (a shared machine is noisy)
+    for (int rep = 0; rep < 3; ++rep) {
+      serial = std::min(serial, time_steps(n, false));
+      ahead = std::min(ahead, time_steps(n, true));
+    }
+    std::printf("  %-14d %10.2f %10.2f %10.2f\n", n, serial, ahead, serial - ahead);
+  }
 }
 
 }  // namespace

@@ -853,5 +853,97 @@ TEST(SamplingWords, BadWordsAndAllowedTokenIds) {
   EXPECT_THROW(check_params(q, V), Error);
 }
 
+
+// A mask made ahead (mask_ahead + compute, what the engine's workers do during the forward) is grammar_mask()'s at
+// that position, sample() with it picks the token sample() picks alone, a stale one (the position moved since the
+// copy) is recomputed, and an exception of its computation comes out of sample() as the masker's would. Structured
+// output (with think_end), a lazy tool-call grammar (trigger, close, kCallOrEnd's fixed list after it).
+TEST(SamplingGrammar, MaskAheadIsTheMaskAtSampling) {
+  const auto vocab = grammar_vocab();
+  const int32_t V = int32_t(vocab.size()), end = V - 2;
+  SamplingParams p;
+  p.temperature = 1.f;
+  p.seed = 5;
+  p.grammar = grammar_json_schema(nlohmann::ordered_json::parse(
+      R"({"type": "object", "properties": {"c": {"type": "string", "maxLength": 6}, "a": {"type": "integer"}},
+          "required": ["c", "a"]})"));
+  p.masker = std::make_shared<const TokenMasker>(vocab, 0);  // no cache: every mask is computed
+  p.end_ids = {end};
+  p.think_end = int32_t('!' - 32);
+  SeqSampler a(p, {}), b(p, {});  // a: masks ahead, b: masks made by sample()
+  for (SeqSampler* s : {&a, &b}) s->accept(int32_t('x' - 32));
+  int steps = 0;
+  bool ended = false;
+  for (int step = 0; step < 300 && !ended; ++step) {
+    const auto x = random_logits(V, 900 + uint64_t(step), 1.f);
+    if (step == 0) {  // still thinking: nothing to mask ahead
+      MaskAhead m = mask_ahead(a);
+      EXPECT_TRUE(m.done);
+      EXPECT_FALSE(m.constrained);
+      for (SeqSampler* s : {&a, &b}) s->accept(p.think_end);
+      continue;
+    }
+    MaskAhead m = mask_ahead(a);
+    ASSERT_FALSE(m.done);
+    m.compute();
+    std::vector<uint32_t> want;
+    ASSERT_TRUE(a.grammar_mask(want));
+    ASSERT_TRUE(m.constrained);
+    ASSERT_EQ(m.bits, want) << "step " << step;
+    const int32_t ta = sample(x.data(), V, V, a, nullptr, &m), tb = sample(x.data(), V, V, b, nullptr);
+    ASSERT_EQ(ta, tb) << "step " << step;
+    ended = ta == end;
+    a.accept(ta);
+    b.accept(tb);
+    ++steps;
+    if (!ended) {  // m is stale now: sample() recomputes instead of using it
+      const auto y = random_logits(V, 5000 + uint64_t(step), 1.f);
+      SeqSampler a2 = a, b2 = b;
+      EXPECT_EQ(sample(y.data(), V, V, a2, nullptr, &m), sample(y.data(), V, V, b2, nullptr)) << "step " << step;
+    }
+  }
+  EXPECT_TRUE(ended);
+  EXPECT_GT(steps, 5);
+
+  // An error computing the mask is sample()'s error; a stale one is not.
+  SeqSampler c(p, {});
+  c.accept(p.think_end);
+  MaskAhead m = mask_ahead(c);
+  m.error = std::make_exception_ptr(Error("mask failed"));
+  m.done = true;
+  const auto x = random_logits(V, 1, 1.f);
+  EXPECT_THROW(sample(x.data(), V, V, c, nullptr, &m), Error);
+  c.accept(int32_t('{' - 32));
+  EXPECT_NO_THROW(sample(x.data(), V, V, c, nullptr, &m));
+
+  // Tool calls: free text (nothing to mask), the call, and after the close only the trigger or the end.
+  const ToolVocab tv;
+  SamplingParams q = tool_params(tv, 3);
+  q.grammar_lazy = true;
+  q.after_close = SamplingParams::AfterClose::kCallOrEnd;
+  SeqSampler t(q, {}), u(q, {});
+  for (SeqSampler* s : {&t, &u}) s->accept(int32_t('a' - 32));
+  EXPECT_TRUE(mask_ahead(t).done) << "a lazy grammar before its trigger masks nothing";
+  for (SeqSampler* s : {&t, &u}) s->accept(tv.trigger);
+  const int32_t W = int32_t(tv.v.size());
+  int closes = 0;
+  for (int step = 0; step < 400; ++step) {
+    auto x = random_logits(W, 77 + uint64_t(step), 1.f);
+    x[size_t(tv.close)] += 4.f;
+    MaskAhead m = mask_ahead(t);
+    m.compute();
+    std::vector<uint32_t> want;
+    EXPECT_EQ(m.constrained, t.grammar_mask(want));
+    if (m.constrained) ASSERT_EQ(m.bits, want) << "step " << step;
+    const int32_t tt = sample(x.data(), W, W, t, nullptr, &m), tu = sample(x.data(), W, W, u, nullptr);
+    ASSERT_EQ(tt, tu) << "step " << step;
+    t.accept(tt);
+    u.accept(tu);
+    closes += tt == tv.close;
+    if (tt == tv.end) break;
+  }
+  EXPECT_GT(closes, 0);
+}
+
 }  // namespace
 }  // namespace ds::sampling

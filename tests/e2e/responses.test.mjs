@@ -4,8 +4,10 @@
 // non-streamed answers must agree token for token (temperature 0 / a seed).
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
 import OpenAI from 'openai';
-import { startServer } from './server.mjs';
+import { startServer, DATA } from './server.mjs';
 
 let srv, client;
 before(async () => {
@@ -303,4 +305,46 @@ test('raw SSE: event lines name each event; no [DONE]', async () => {
     assert.equal(JSON.parse(m[2]).type, m[1]);
   }
   assert.ok(!body.includes('[DONE]'));
+});
+
+test('images: input_image (a data: URL) gives the same prompt and answer as the chat route\'s image_url', async () => {
+  const url = `data:image/png;base64,${fs.readFileSync(path.join(DATA, 'tiny-moe/image.png')).toString('base64')}`;
+  const r = await client.responses.create({
+    model: 'tiny', max_output_tokens: 6, temperature: 0, reasoning: { effort: 'none' },
+    input: [{ role: 'user', content: [{ type: 'input_text', text: 'What is this?' },
+                                      { type: 'input_image', image_url: url, detail: 'auto' }] }] });
+  const c = await client.chat.completions.create({
+    model: 'tiny', max_tokens: 6, temperature: 0, chat_template_kwargs: { enable_thinking: false },
+    messages: [{ role: 'user', content: [{ type: 'text', text: 'What is this?' }, { type: 'image_url', image_url: { url } }] }] });
+  assert.equal(r.usage.input_tokens, c.usage.prompt_tokens);
+  assert.ok(r.usage.input_tokens > 40, `${r.usage.input_tokens}: the image's placeholders are in the prompt`);
+  assert.equal(r.output_text, c.choices[0].message.content);
+  // A corrupt image is a 400 naming the Responses part.
+  await assert.rejects(client.responses.create({ model: 'tiny', input: [{ role: 'user', content: [
+    { type: 'input_text', text: 'x' }, { type: 'input_image', image_url: 'data:image/png;base64,iVBORw0KGgo=' }] }] }),
+  (e) => e instanceof OpenAI.BadRequestError && /input\[0\]\.content\[1\]: image: corrupt/.test(e.message) && e.param === 'input');
+});
+
+test('prefix caching: a shared instructions prompt is resumed from its checkpoint (cached_tokens)', async () => {
+  const instructions = 'Rules of the house: ' + 'be kind, be exact, be brief. '.repeat(12);
+  const ask = (input) => client.responses.create({ model: 'tiny', instructions, input, max_output_tokens: 4,
+                                                   temperature: 0, reasoning: { effort: 'none' } });
+  const r1 = await ask('Tell me about cats.');
+  const r2 = await ask('Tell me about owls, please.');
+  assert.equal(r1.usage.input_tokens_details.cached_tokens, 0);
+  assert.ok(r2.usage.input_tokens_details.cached_tokens >= 64, `cached ${r2.usage.input_tokens_details.cached_tokens}`);
+});
+
+test('--api-key: /v1/responses needs it (AuthenticationError)', async () => {
+  const s = await startServer(['--max-model-len', '256', '--api-key', 'sekret']);
+  try {
+    const bad = new OpenAI({ baseURL: `${s.base}/v1`, apiKey: 'wrong', maxRetries: 0 });
+    await assert.rejects(bad.responses.create({ model: 'tiny', input: 'hi', max_output_tokens: 2 }),
+                         (e) => e instanceof OpenAI.AuthenticationError);
+    const good = new OpenAI({ baseURL: `${s.base}/v1`, apiKey: 'sekret', maxRetries: 0 });
+    const r = await good.responses.create({ model: 'tiny', input: 'hi', max_output_tokens: 2 });
+    assert.equal(r.usage.output_tokens, 2);
+  } finally {
+    assert.equal((await s.stop()).code, 0);
+  }
 });

@@ -234,7 +234,7 @@ ResponsesRequest responses_to_chat(const json& b) {
   for (const char* k : {"top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop",
                         "stop_token_ids", "ignore_eos", "min_tokens", "logit_bias", "bad_words", "allowed_token_ids",
                         "chat_template_kwargs", "enable_thinking", "thinking_token_budget", "priority", "cache_salt",
-                        "repetition_detection", "skip_special_tokens", "include_reasoning"})
+                        "repetition_detection", "skip_special_tokens"})
     if (b.contains(k)) chat[k] = b[k];
 
   // tools: the Responses shape is flat ({type, name, description, parameters, strict}); only function tools.

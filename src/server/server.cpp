@@ -24,6 +24,7 @@
 #include "server/metrics.h"
 #include "server/openai.h"
 #include "server/output.h"
+#include "server/responses.h"
 #include "server/tokenize_api.h"
 #include "text/chat_template.h"
 #include "text/reasoning_parser.h"
@@ -831,6 +832,7 @@ class HttpServer {
                 {"root", st_.cfg.model_dir}, {"max_model_len", st_.rt.max_model_len}};
       res.set_content(wire(json({{"object", "list"}, {"data", json::array({m})}})), "application/json");
     });
+    svr_.Post("/v1/responses", [this](const httplib::Request& req, httplib::Response& res) { responses(req, res); });
     svr_.Post("/tokenize", [this](const httplib::Request& req, httplib::Response& res) { tokenize(req, res); });
     svr_.Post("/detokenize", [this](const httplib::Request& req, httplib::Response& res) { detokenize(req, res); });
     svr_.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) { generate(req, res, false); });
@@ -875,6 +877,107 @@ class HttpServer {
   void detokenize(const httplib::Request& req, httplib::Response& res) {
     require_ready();
     res.set_content(wire(detokenize_body(parse_body(req.body), *st_.rt.tok)), "application/json");
+  }
+
+  // POST /v1/responses: OpenAI's Responses API, stateless (docs/server.md "Responses API"). The request becomes a chat
+  // request (src/server/responses.h) run by the same Generation; its output events become Responses items, a response
+  // object or SSE events. Chat-route errors are reworded with the Responses field names.
+  void responses(const httplib::Request& req, httplib::Response& res) {
+    require_ready();
+    ResponsesRequest rr = responses_to_chat(parse_body(req.body));
+    GenSpec spec;
+    try {
+      spec = parse_generation_request(rr.chat, true, st_.rt.defaults);
+    } catch (const HttpError& e) {
+      throw responses_error(e);
+    }
+    check_model(spec);
+    for (size_t i = 0; i < spec.images.size() && i < rr.image_where.size(); ++i) spec.images[i].where = rr.image_where[i];
+    responses_echo_sampling(rr.echo, spec.sampling);
+    const int64_t limit = st_.cfg.max_num_seqs + st_.cfg.max_queued_requests;
+    if (st_.active.fetch_add(1) >= limit) {
+      st_.active.fetch_sub(1);
+      st_.metrics.rejected_total++;
+      throw HttpError(429, "the server is at capacity (" + std::to_string(limit) + " requests in flight); retry later");
+    }
+    auto gen = std::make_shared<Generation>(st_, std::move(spec));  // takes over the `active` slot
+    try {
+      gen->prepare();
+    } catch (const HttpError& e) {
+      throw responses_error(e);
+    }
+    gen->submit();
+    auto out = std::make_shared<ResponsesOutput>(new_response_id(), unix_time(), st_.model_name, std::move(rr.echo));
+    res.set_header("X-Request-Id", req.has_header("X-Request-Id") ? req.get_header_value("X-Request-Id") : out->id());
+    if (gen->spec().stream) responses_stream(gen, out, res);
+    else responses_respond(gen, out, res);
+  }
+
+  // The end of a response: response.completed / .incomplete with usage, or response.failed.
+  std::vector<json> responses_finish(Generation& g, ResponsesOutput& out) {
+    if (!g.error_.empty()) return out.fail("generation failed: " + g.error_);
+    ResponsesUsage u{g.prompt_tokens(), g.cached_tokens(), g.completion_tokens(), 0};
+    if (out.has_reasoning()) {  // the output tokens up to </think>
+      const auto& t = g.choices()[0].tokens;
+      u.reasoning_tokens = std::find(t.begin(), t.end(), st_.rt.think_end_id) - t.begin();
+    }
+    return out.finish(g.choices()[0].finish_reason, u);
+  }
+
+  // Non-streaming: chunked, with a leading space every 2 s while waiting (as respond()).
+  void responses_respond(std::shared_ptr<Generation> gen, std::shared_ptr<ResponsesOutput> out, httplib::Response& res) {
+    res.set_chunked_content_provider(
+        "application/json",
+        [this, gen, out, last = Clock::now()](size_t, httplib::DataSink& sink) mutable {
+          while (!gen->all_done()) {
+            for (auto& u : gen->poll(std::chrono::milliseconds(200))) out->update(u.ev);
+            if (!gen->all_done() && seconds_since(last) > 2.0) {
+              if (!sink.write(" ", 1)) return abort(*gen);
+              last = Clock::now();
+            }
+          }
+          responses_finish(*gen, *out);
+          std::string body = wire(out->response());
+          if (!sink.write(body.data(), body.size())) return false;
+          sink.done();
+          return true;
+        },
+        [gen](bool) { gen->abort_all(); });
+  }
+
+  // Streaming: "event: TYPE / data: JSON" per event, `: ping` comments during long silences; no [DONE].
+  void responses_stream(std::shared_ptr<Generation> gen, std::shared_ptr<ResponsesOutput> out, httplib::Response& res) {
+    res.set_header("Cache-Control", "no-cache");
+    res.set_chunked_content_provider(
+        "text/event-stream",
+        [this, gen, out, started = false, last = Clock::now()](size_t, httplib::DataSink& sink) mutable {
+          auto send = [&](const std::vector<json>& events) {
+            for (auto& e : events) {
+              std::string s = ResponsesOutput::sse(e);
+              if (!sink.write(s.data(), s.size())) return false;
+              last = Clock::now();
+            }
+            return true;
+          };
+          if (!started) {
+            started = true;
+            if (!send(out->start())) return abort(*gen);
+          }
+          while (!gen->all_done()) {
+            auto ups = gen->poll(std::chrono::milliseconds(100));
+            for (auto& u : ups)
+              if (!send(out->update(u.ev))) return abort(*gen);
+            if (ups.empty() && seconds_since(last) > 2.0) {
+              const char* ping = ": ping\n\n";
+              if (!sink.write(ping, std::strlen(ping))) return abort(*gen);
+              last = Clock::now();
+            }
+          }
+          if (!send(responses_finish(*gen, *out))) return false;
+          sink.done();
+          return true;
+        },
+        [gen](bool) { gen->abort_all(); });
   }
 
   void generate(const httplib::Request& req, httplib::Response& res, bool chat) {

@@ -955,7 +955,7 @@ int cmd_bench(int argc, char** argv) {
   }
 
   // ---- weights ----
-  size_t free0 = 0, total_mem = 0;
+  [[maybe_unused]] size_t free0 = 0, total_mem = 0;  // device memory (CUDA builds)
 #ifdef DS_HAVE_CUDA
   if (backend_name == "cuda") cudaMemGetInfo(&free0, &total_mem);
 #endif

@@ -50,8 +50,8 @@ struct GenSpec {
   // vLLM's repetition_detection {max_pattern_size, min_pattern_size, min_count} (runtime::Request::repetition);
   // max_pattern 0 = off.
   int64_t rep_max_pattern = 0, rep_min_pattern = 0, rep_min_count = 0;
-  bool include_reasoning = true;
-  int64_t priority = 0;  // vLLM: lower values are admitted first and preempted last  // vLLM (chat): false leaves reasoning / reasoning_content out of the response
+  bool include_reasoning = true;  // vLLM (chat): false leaves reasoning / reasoning_content out of the response
+  int64_t priority = 0;           // vLLM: lower values are admitted first and preempted last
 };
 
 // Parses a /v1/chat/completions or /v1/completions body. `defaults` are generation_config.json's

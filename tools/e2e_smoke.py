@@ -2,8 +2,8 @@
 """Server end-to-end smoke test for machines without Node.js (the GPU host): standard library only.
 Starts `deltaserve serve` with the given backend, then checks: /health, /v1/models, greedy completions equal
 for concurrent streaming and solo runs (batching invariance), SSE framing and usage, a chat with a named tool
-call, a constrained named tool call, an image request, structured outputs, prefix caching, malformed input, metrics
-back to zero, graceful SIGTERM (exit 0).
+call, a constrained named tool call, an image request, structured outputs, prefix caching, /v1/responses and
+/v1/messages, malformed input, metrics back to zero, graceful SIGTERM (exit 0).
 
   tools/e2e_smoke.py BINARY MODEL_DIR [--backend cuda]
 """
@@ -193,6 +193,17 @@ for t in ths: t.start()
 for t in ths: t.join()
 check(all(c[1] == 0 for c in cold) and all(w[1] >= 288 for w in warm) and all(w[0] == c[0] for w, c in zip(warm, cold)),
       "prefix cache: 6 concurrent continuations resume (cached " + str([w[1] for w in warm]) + ") with the cold runs' tokens")
+# The Responses and Anthropic Messages routes run on the same chat pipeline.
+st, body = post("/v1/responses", {"input": "Hello", "max_output_tokens": 8, "temperature": 0,
+                                  "reasoning": {"effort": "none"}})
+j = json.loads(body) if st == 200 else {}
+check(st == 200 and j.get("object") == "response" and j.get("usage", {}).get("output_tokens", 0) > 0,
+      f"/v1/responses ({st}, status {j.get('status')})")
+st, body = post("/v1/messages", {"model": "tiny", "max_tokens": 8, "messages": [{"role": "user", "content": "Hello"}],
+                                 "thinking": {"type": "disabled"}})
+j = json.loads(body) if st == 200 else {}
+check(st == 200 and j.get("type") == "message" and j.get("usage", {}).get("output_tokens", 0) > 0,
+      f"/v1/messages ({st}, stop_reason {j.get('stop_reason')})")
 st, body = post("/v1/chat/completions", b'{"messages": [')
 check(st == 400 and "not valid JSON" in json.loads(body)["error"]["message"], "malformed JSON is a 400")
 st, body = post("/v1/completions", {"prompt": [1, 2], "max_tokens": 5000})

@@ -61,6 +61,10 @@ std::string ServerMetrics::render(const runtime::EngineMetrics& e, const std::st
   gauge("prefix_cache_blocks", "Paged KV blocks held only by prefix-cache checkpoints (evictable).",
         double(e.kv_blocks_cached));
   gauge("prefix_cache_checkpoints", "DeltaNet state checkpoints held by the prefix cache.", double(e.prefix_cache_checkpoints));
+  counter("grammar_masks_ahead_total", "Grammar masks computed during the forward and used at sampling.",
+          double(e.grammar_masks_ahead_total));
+  counter("grammar_masks_stale_total", "Grammar masks computed ahead but recomputed at sampling (position moved).",
+          double(e.grammar_masks_stale_total));
   counter("num_preemptions_total", "Sequences preempted (recomputed later) for lack of KV blocks.",
           double(e.preemptions_total));
   os << "# HELP deltaserve:request_success_total Finished requests by reason.\n"

@@ -4,12 +4,6 @@ namespace ds::server::anthropic {
 
 namespace {
 
-// A value quoted in an error message, cut to a readable length.
-std::string brief(const json& v) {
-  std::string s = v.dump(-1, ' ', false, json::error_handler_t::replace);
-  return s.size() > 120 ? s.substr(0, 117) + "..." : s;
-}
-
 // A 400 whose message starts with the field it concerns; param is the top-level field.
 [[noreturn]] void fail(const std::string& where, const std::string& what) {
   throw bad_request(where + ": " + what, where.substr(0, where.find_first_of("[.")));

@@ -1,16 +1,24 @@
 #include "server/openai.h"
 
 #include <cmath>
+#include <random>
 
 namespace ds::server {
 
-namespace {
-
-// A value quoted in an error message, cut to a readable length.
 std::string brief(const json& v) {
   std::string s = v.dump(-1, ' ', false, json::error_handler_t::replace);
   return s.size() > 120 ? s.substr(0, 117) + "..." : s;
 }
+
+std::string random_hex(int n) {
+  static thread_local std::mt19937_64 rng(std::random_device{}());
+  static const char* hex = "0123456789abcdef";
+  std::string s;
+  for (int i = 0; i < n; ++i) s.push_back(hex[rng() & 15]);
+  return s;
+}
+
+namespace {
 
 // Typed readers: absent or null -> default; wrong type or out of range -> 400 naming the field.
 struct Body {

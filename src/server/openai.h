@@ -61,4 +61,9 @@ GenSpec parse_generation_request(const json& body, bool chat, const sampling::Sa
 // Parses the JSON body text; malformed JSON or a non-object is a 400.
 json parse_body(const std::string& text);
 
+// A value quoted in an error message, cut to a readable length (120 characters).
+std::string brief(const json& v);
+// n random hex digits (ids: chatcmpl-, msg_, resp_, ...).
+std::string random_hex(int n);
+
 }  // namespace ds::server

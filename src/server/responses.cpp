@@ -1,26 +1,11 @@
 #include "server/responses.h"
 
 #include <cstdio>
-#include <random>
 #include <regex>
 
 namespace ds::server {
 
 namespace {
-
-// A value quoted in an error message, cut to a readable length.
-std::string brief(const json& v) {
-  std::string s = v.dump(-1, ' ', false, json::error_handler_t::replace);
-  return s.size() > 120 ? s.substr(0, 117) + "..." : s;
-}
-
-std::string random_hex(int n) {
-  static thread_local std::mt19937_64 rng(std::random_device{}());
-  static const char* hex = "0123456789abcdef";
-  std::string s;
-  for (int i = 0; i < n; ++i) s.push_back(hex[rng() & 15]);
-  return s;
-}
 
 bool has(const json& j, const char* k) { return j.is_object() && j.contains(k) && !j[k].is_null(); }
 

@@ -9,7 +9,6 @@
 #include <filesystem>
 #include <fstream>
 #include <mutex>
-#include <random>
 #include <thread>
 
 #include "backend/ops.h"
@@ -41,14 +40,6 @@ std::atomic<bool> g_stop_signal{false};
 void on_signal(int) { g_stop_signal = true; }
 
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
-
-std::string random_hex(int n) {
-  static thread_local std::mt19937_64 rng(std::random_device{}());
-  static const char* hex = "0123456789abcdef";
-  std::string s;
-  for (int i = 0; i < n; ++i) s.push_back(hex[rng() & 15]);
-  return s;
-}
 
 // JSON text for the wire. Strings from requests may hold invalid UTF-8 (echoed in error messages):
 // replace it instead of throwing.
@@ -861,6 +852,17 @@ class HttpServer {
       throw HttpError(503, st_.load_error.empty() ? "the model is still loading" : "the model failed to load: " + st_.load_error);
   }
 
+  // Admission control: a bounded number of generations in flight (--max-num-seqs + --max-queued-requests), else a
+  // 429. Takes a slot of `active`, which the Generation made next gives back.
+  void admit() {
+    const int64_t limit = st_.cfg.max_num_seqs + st_.cfg.max_queued_requests;
+    if (st_.active.fetch_add(1) >= limit) {
+      st_.active.fetch_sub(1);
+      st_.metrics.rejected_total++;
+      throw HttpError(429, "the server is at capacity (" + std::to_string(limit) + " requests in flight); retry later");
+    }
+  }
+
   void check_model(const GenSpec& g) {
     if (!g.model.empty() && g.model != st_.model_name)
       throw HttpError(404, "The model '" + g.model + "' does not exist; this server serves '" + st_.model_name + "'",
@@ -894,12 +896,7 @@ class HttpServer {
     check_model(spec);
     for (size_t i = 0; i < spec.images.size() && i < rr.image_where.size(); ++i) spec.images[i].where = rr.image_where[i];
     responses_echo_sampling(rr.echo, spec.sampling);
-    const int64_t limit = st_.cfg.max_num_seqs + st_.cfg.max_queued_requests;
-    if (st_.active.fetch_add(1) >= limit) {
-      st_.active.fetch_sub(1);
-      st_.metrics.rejected_total++;
-      throw HttpError(429, "the server is at capacity (" + std::to_string(limit) + " requests in flight); retry later");
-    }
+    admit();
     auto gen = std::make_shared<Generation>(st_, std::move(spec));  // takes over the `active` slot
     try {
       gen->prepare();
@@ -985,13 +982,7 @@ class HttpServer {
     json body = parse_body(req.body);
     GenSpec spec = parse_generation_request(body, chat, st_.rt.defaults);
     check_model(spec);
-    // Admission control: a bounded number of generations in flight.
-    const int64_t limit = st_.cfg.max_num_seqs + st_.cfg.max_queued_requests;
-    if (st_.active.fetch_add(1) >= limit) {
-      st_.active.fetch_sub(1);
-      st_.metrics.rejected_total++;
-      throw HttpError(429, "the server is at capacity (" + std::to_string(limit) + " requests in flight); retry later");
-    }
+    admit();
     auto gen = std::make_shared<Generation>(st_, std::move(spec));  // takes over the `active` slot
     gen->prepare();
     gen->submit();
@@ -1176,12 +1167,7 @@ class HttpServer {
         res.set_content(wire(json({{"input_tokens", g.prompt_tokens()}})), "application/json");
         return;
       }
-      const int64_t limit = st_.cfg.max_num_seqs + st_.cfg.max_queued_requests;
-      if (st_.active.fetch_add(1) >= limit) {
-        st_.active.fetch_sub(1);
-        st_.metrics.rejected_total++;
-        throw HttpError(429, "the server is at capacity (" + std::to_string(limit) + " requests in flight); retry later");
-      }
+      admit();
       auto gen = std::make_shared<Generation>(st_, std::move(spec));  // takes over the `active` slot
       gen->prepare();
       gen->submit();

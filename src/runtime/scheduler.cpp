@@ -33,18 +33,11 @@ int64_t Scheduler::chunk(const Sequence* s, int64_t budget) const {
 // leave checkpoints.
 void Scheduler::admit_from_cache(Sequence* s) {
   s->save_at.clear();
-  const bool first = s->cached_tokens < 0;
-  if (first) s->cached_tokens = 0;
   if (!prefix_caching_ || s->req->mm) return;
   const std::string& salt = s->req->cache_salt;
   const int64_t bs = cm_.block_size();
   const PrefixHit h = cm_.lookup(salt, s->tokens, int64_t(s->tokens.size()) - 1);
   if (h.entry >= 0) cm_.attach(s->cache, h);
-  if (first) {
-    s->cached_tokens = h.len;
-    prefix_queries_ += s->prompt_len;
-    prefix_hits_ += h.len;
-  }
   const int64_t end = (s->prompt_len - 1) / bs * bs;
   std::vector<int64_t> at = {h.common, end};
   at.insert(at.end(), s->req->cache_hints.begin(), s->req->cache_hints.end());
@@ -54,6 +47,16 @@ void Scheduler::admit_from_cache(Sequence* s) {
   }
   std::sort(s->save_at.begin(), s->save_at.end());
   s->save_at.erase(std::unique(s->save_at.begin(), s->save_at.end()), s->save_at.end());
+}
+
+// After an admission that got its blocks: the first one of a request sets what it took from a checkpoint (an
+// admission that could not get its blocks is undone and not counted).
+void Scheduler::count_admission(Sequence* s) {
+  if (s->cached_tokens >= 0) return;
+  s->cached_tokens = s->cache.len;
+  if (!prefix_caching_ || s->req->mm) return;
+  prefix_queries_ += s->prompt_len;
+  prefix_hits_ += s->cache.len;
 }
 
 void Scheduler::add(std::unique_ptr<Sequence> s) { waiting_.push_back(std::move(s)); }
@@ -112,6 +115,7 @@ Schedule Scheduler::schedule() {
       cm_.release(s->cache);
       break;
     }
+    count_admission(s);
     running_.push_back(std::move(*next));
     waiting_.erase(next);
     out.seqs.push_back({s, n, s->cache.len + n == int64_t(s->tokens.size())});
@@ -148,6 +152,7 @@ Schedule Scheduler::schedule_alone(Sequence* s) {
     preempt(last_other());
     ++out.num_preempted;
   }
+  count_admission(s);
   out.seqs.push_back({s, n, s->cache.len + n == int64_t(s->tokens.size())});
   return out;
 }

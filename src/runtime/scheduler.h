@@ -36,7 +36,7 @@ struct Sequence {
   Tensor mm_features;
   // Prefix caching (docs/engine.md "Prefix caching"): the positions where this sequence's state is kept as a
   // checkpoint once its chunks reach them (increasing; chunks end there), planned at admission. `cached_tokens`:
-  // prompt tokens its first admission took from a checkpoint (-1: not admitted yet).
+  // prompt tokens its first admission (one that got its blocks) took from a checkpoint (-1: not admitted yet).
   std::vector<int64_t> save_at;
   int64_t cached_tokens = -1;
 
@@ -91,6 +91,8 @@ class Scheduler {
   int64_t chunk(const Sequence* s, int64_t budget) const;
   // A fresh sequence that just got its slot: resumes from the longest usable checkpoint and plans its own.
   void admit_from_cache(Sequence* s);
+  // Once admitted with its blocks: its first admission sets cached_tokens and the prefix-cache counters.
+  void count_admission(Sequence* s);
   // Prefix caching: `s` (waiting) shares the head a running sequence is still prefilling toward a planned
   // checkpoint, further than any checkpoint it could resume from now: it waits for that one.
   bool deferred(const Sequence* s) const;

@@ -704,21 +704,26 @@ std::string kernel_times_table(const std::string& what, TimingBackend& be, bool 
 // Time to first token of a prompt of L tokens through runtime::Engine (one sequence, prefill chunks of `chunk`
 // tokens): cold, then the same prompt again (it resumes from the checkpoint its first run left at the last block
 // boundary before its last token) and the prompt continued by `extra` new tokens (a conversation's next turn:
-// resumes at the same checkpoint). A warm-up request of another prompt of the same length runs first.
+// resumes at the same checkpoint). Then the next turn after an answer: a request generates `answer` tokens, and the
+// prompt + that answer + `extra` new tokens resumes from the checkpoint the finished request left (all but the
+// answer's last token), against the same next turn after another answer, which only the prompt's checkpoint covers
+// (what was there before finished requests left checkpoints: the answer recomputed). A warm-up request of another
+// prompt of the same length runs first.
 void bench_prefix_cache(model::Model& m, const std::vector<int64_t>& lengths, int64_t chunk, int64_t checkpoints,
                         std::mt19937& rng) {
-  const int64_t V = m.config().text.vocab_size, extra = 64;
+  const int64_t V = m.config().text.vocab_size, extra = 64, answer = 256;
   std::printf("## Prefix caching, time to first token (engine path; prefill chunks of %lld tokens; %lld checkpoints; "
               "one DeltaNet checkpoint = %.1f MiB)\n\n",
               (long long)chunk, (long long)checkpoints, double(m.state_slot_bytes()) / (1 << 20));
   std::printf("| prompt | cold TTFT ms | same prompt: cached tokens | TTFT ms | × cold | continued (+%lld): cached "
-              "| TTFT ms | its cold TTFT ms | × cold |\n|---|---|---|---|---|---|---|---|---|\n",
-              (long long)extra);
+              "| TTFT ms | its cold TTFT ms | × cold | after a %lld-token answer (+%lld): cached | TTFT ms | after "
+              "another answer: cached | TTFT ms |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+              (long long)extra, (long long)answer, (long long)extra);
   for (int64_t L : lengths) {
     runtime::EngineConfig ec;
     ec.max_num_seqs = 1;
     ec.max_num_batched_tokens = chunk;
-    ec.max_model_len = L + extra + 8;
+    ec.max_model_len = L + answer + extra + 8;
     ec.prefix_cache_checkpoints = checkpoints;
     runtime::Engine e(m, ec);
     auto random_prompt = [&](int64_t n) {
@@ -727,12 +732,14 @@ void bench_prefix_cache(model::Model& m, const std::vector<int64_t>& lengths, in
       return p;
     };
     uint64_t id = 0;
-    auto ttft = [&](const std::vector<int32_t>& prompt, int64_t* cached, const char* salt = "") {
+    // Time to the end of the request (max_tokens 1: to the first token); `out`: its tokens.
+    auto ttft = [&](const std::vector<int32_t>& prompt, int64_t* cached, const char* salt = "", int64_t max_tokens = 1,
+                    std::vector<int32_t>* out = nullptr) {
       auto q = std::make_shared<runtime::Request>();
       q->id = ++id;
       q->cache_salt = salt;
       q->prompt = prompt;
-      q->max_tokens = 1;
+      q->max_tokens = max_tokens;
       q->sampling.temperature = 0.f;
       q->ignore_eos = true;
       const auto t0 = Clock::now();
@@ -741,6 +748,7 @@ void bench_prefix_cache(model::Model& m, const std::vector<int64_t>& lengths, in
       while (!done && e.step())
         while (auto d = q->out->pop(std::chrono::milliseconds(0))) {
           if (d->finish == runtime::FinishReason::Error) fail("bench --prefix-cache: ", d->error);
+          if (out) out->insert(out->end(), d->tokens.begin(), d->tokens.end());
           if (d->finish != runtime::FinishReason::None) {
             done = true;
             if (cached) *cached = d->cached_tokens;
@@ -760,8 +768,21 @@ void bench_prefix_cache(model::Model& m, const std::vector<int64_t>& lengths, in
     const double cont = ttft(longer, &c_cont);
     // The continued prompt cold, its own baseline: another cache_salt shares no checkpoint.
     const double cont_cold = ttft(longer, nullptr, "cold");
-    std::printf("| %lld | %.1f | %lld | %.1f | %.1f | %lld | %.1f | %.1f | %.1f |\n", (long long)L, cold,
-                (long long)c_same, same, cold / same, (long long)c_cont, cont, cont_cold, cont_cold / cont);
+    // The next turn after an answer (random weights: the answer is whatever greedy gives), against the same after
+    // an answer no request generated.
+    std::vector<int32_t> ans;
+    ttft(prompt, nullptr, "", answer, &ans);
+    auto after = prompt, other = prompt;
+    after.insert(after.end(), ans.begin(), ans.end());
+    after.insert(after.end(), more.begin(), more.end());
+    const auto fake = random_prompt(int64_t(ans.size()));
+    other.insert(other.end(), fake.begin(), fake.end());
+    other.insert(other.end(), more.begin(), more.end());
+    int64_t c_after = 0, c_other = 0;
+    const double t_after = ttft(after, &c_after), t_other = ttft(other, &c_other);
+    std::printf("| %lld | %.1f | %lld | %.1f | %.1f | %lld | %.1f | %.1f | %.1f | %lld | %.1f | %lld | %.1f |\n",
+                (long long)L, cold, (long long)c_same, same, cold / same, (long long)c_cont, cont, cont_cold,
+                cont_cold / cont, (long long)c_after, t_after, (long long)c_other, t_other);
     std::fflush(stdout);
   }
   std::printf("\n");

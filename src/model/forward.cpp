@@ -202,6 +202,18 @@ void Model::copy_slot(ModelCaches& c, int32_t dst, int32_t src, bool graphed) {
   be_.graph_run(str_cat("slot/", c.id, "/", dst, "/", src), body);
 }
 
+void Model::copy_kv_block(ModelCaches& c, int32_t dst, int32_t src) {
+  if (dst == src) return;
+  auto one = [&](KvLayer& kv) {
+    if (!kv.k.defined() || kv.k.numel() == 0) return;
+    Tensor kd = kv.k.rows(dst, dst + 1), vd = kv.v.rows(dst, dst + 1);
+    be_.copy(kd, kv.k.rows(src, src + 1));
+    be_.copy(vd, kv.v.rows(src, src + 1));
+  };
+  for (auto& kv : c.kv) one(kv);
+  one(c.mtp_kv);
+}
+
 void Model::reset_slot(ModelCaches& c, int32_t slot) {
   for (auto& s : c.state) {
     if (!s.conv.defined() || s.conv.numel() == 0) continue;

@@ -184,6 +184,9 @@ class Model {
   // device to device: speculative decoding snapshots a sequence's state before a verify it may have to undo.
   // `graphed`: recorded once per (cache set, dst, src) and replayed (Backend::graph_run), in a step of its own.
   void copy_slot(ModelCaches& c, int32_t dst, int32_t src, bool graphed = false);
+  // Copies KV block `src` onto block `dst` in every full-attention layer and the MTP layer (prefix caching: a
+  // sequence that resumes from a checkpoint ending inside a block writes its own copy of that block).
+  void copy_kv_block(ModelCaches& c, int32_t dst, int32_t src);
 
   // Speculative rollback: for each sequence of `b` — state_slot holding its state from before the verify (the
   // snapshot), q_len accepted rows, log_row where the verify logged them (BatchMeta::Seq::log_row) — re-runs every

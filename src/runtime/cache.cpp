@@ -101,16 +101,31 @@ PrefixHit CacheManager::lookup(const std::string& salt, const std::vector<int32_
   return h;
 }
 
-void CacheManager::attach(SeqCache& s, const PrefixHit& hit) {
+bool CacheManager::attach(SeqCache& s, const PrefixHit& hit) {
   DS_CHECK(s.slot >= 0 && s.blocks.empty() && s.len == 0, "cache: attach to a sequence that is not fresh");
   DS_CHECK(hit.entry >= 0 && size_t(hit.entry) < ckpts_.size(), "cache: attach to checkpoint ", hit.entry, " of ",
            ckpts_.size());
-  Checkpoint& c = ckpts_[size_t(hit.entry)];
-  m_.copy_slot(caches_, s.slot, c.slot);
-  for (auto b : c.blocks) ref(b, false);
-  s.blocks = c.blocks;
-  s.len = int64_t(c.tokens.size());
-  c.used = ++clock_;
+  const uint64_t stamp = ckpts_[size_t(hit.entry)].used = ++clock_;
+  ckpts_[size_t(hit.entry)].output = false;  // proven: an ordinary checkpoint from now on
+  Checkpoint* c = &ckpts_[size_t(hit.entry)];
+  const bool partial = int64_t(c->tokens.size()) % block_size_ != 0;
+  if (partial) {
+    // A copy of the last block: other checkpoints (never this one, the most recently used now) make room for it.
+    while (free_blocks_.empty() && ckpts_.size() > 1 && evict_one()) {
+    }
+    if (free_blocks_.empty()) return false;
+    c = &*std::find_if(ckpts_.begin(), ckpts_.end(), [&](const Checkpoint& k) { return k.used == stamp; });
+  }
+  m_.copy_slot(caches_, s.slot, c->slot);
+  s.blocks = c->blocks;
+  if (partial) {
+    s.blocks.back() = free_blocks_.back();
+    free_blocks_.pop_back();
+    m_.copy_kv_block(caches_, s.blocks.back(), c->blocks.back());
+  }
+  for (auto b : s.blocks) ref(b, false);
+  s.len = int64_t(c->tokens.size());
+  return true;
 }
 
 void CacheManager::save(SeqCache& s, const std::string& salt, const std::vector<int32_t>& tokens) {
@@ -118,13 +133,27 @@ void CacheManager::save(SeqCache& s, const std::string& salt, const std::vector<
                s.len / block_size_ <= int64_t(s.blocks.size()),
            "cache: checkpoint of ", s.len, " tokens (block size ", block_size_, ", ", s.blocks.size(), " blocks, ",
            tokens.size(), " tokens)");
+  keep(s, salt, tokens, false);
+}
+
+void CacheManager::retire(SeqCache& s, const std::string& salt, const std::vector<int32_t>& tokens) {
+  DS_CHECK(s.len <= int64_t(tokens.size()) && (s.len + block_size_ - 1) / block_size_ <= int64_t(s.blocks.size()),
+           "cache: retiring ", s.len, " tokens (block size ", block_size_, ", ", s.blocks.size(), " blocks, ",
+           tokens.size(), " tokens)");
+  if (s.slot >= 0 && s.len >= block_size_) keep(s, salt, tokens, true);
+  release(s);
+}
+
+void CacheManager::keep(SeqCache& s, const std::string& salt, const std::vector<int32_t>& tokens, bool output) {
   if (ckpt_slots_.empty()) return;
   for (Checkpoint& c : ckpts_)
     if (c.salt == salt && int64_t(c.tokens.size()) == s.len && std::equal(c.tokens.begin(), c.tokens.end(), tokens.begin())) {
       c.used = ++clock_;
       return;
     }
-  if (ckpts_.size() == ckpt_slots_.size()) evict_one();
+  const int64_t outputs = std::count_if(ckpts_.begin(), ckpts_.end(), [](const Checkpoint& c) { return c.output; });
+  if (output && outputs >= (int64_t(ckpt_slots_.size()) + 1) / 2) evict_lru(true);
+  else if (ckpts_.size() == ckpt_slots_.size()) evict_one();
   std::vector<int32_t> used;
   for (auto& c : ckpts_) used.push_back(c.slot);
   Checkpoint c;
@@ -133,16 +162,27 @@ void CacheManager::save(SeqCache& s, const std::string& salt, const std::vector<
   DS_CHECK(c.slot >= 0);
   c.salt = salt;
   c.tokens.assign(tokens.begin(), tokens.begin() + s.len);
-  c.blocks.assign(s.blocks.begin(), s.blocks.begin() + s.len / block_size_);
+  c.blocks.assign(s.blocks.begin(), s.blocks.begin() + (s.len + block_size_ - 1) / block_size_);
+  m_.copy_slot(caches_, c.slot, s.slot);
   for (auto b : c.blocks) ref(b, true);
   c.used = ++clock_;
-  m_.copy_slot(caches_, c.slot, s.slot);
+  c.output = output;
   ckpts_.push_back(std::move(c));
 }
 
 bool CacheManager::evict_one() {
   if (ckpts_.empty()) return false;
   auto it = std::min_element(ckpts_.begin(), ckpts_.end(), [](auto& a, auto& b) { return a.used < b.used; });
+  for (auto b : it->blocks) unref(b, true);
+  ckpts_.erase(it);
+  return true;
+}
+
+bool CacheManager::evict_lru(bool output) {
+  auto it = ckpts_.end();
+  for (auto k = ckpts_.begin(); k != ckpts_.end(); ++k)
+    if (k->output == output && (it == ckpts_.end() || k->used < it->used)) it = k;
+  if (it == ckpts_.end()) return false;
   for (auto b : it->blocks) unref(b, true);
   ckpts_.erase(it);
   return true;

@@ -59,12 +59,21 @@ class CacheManager {
   // The longest checkpoint of `salt` whose tokens are a prefix of tokens[0, limit).
   PrefixHit lookup(const std::string& salt, const std::vector<int32_t>& tokens, int64_t limit) const;
   // A fresh sequence (start()) resumes from the hit: the checkpoint's state copied into its slot, its blocks shared,
-  // len = hit.len.
-  void attach(SeqCache& s, const PrefixHit& hit);
+  // len = hit.len. A checkpoint that ends inside a block (retire()) shares its full blocks and gives the sequence a
+  // copy of the last one (the sequence writes its next positions there); false, and `s` unchanged, when no block is
+  // free for the copy even after evicting other checkpoints.
+  bool attach(SeqCache& s, const PrefixHit& hit);
   // Keeps tokens[0, s.len) (s.len a multiple of the block size, > 0) as a checkpoint: the state of the sequence's
   // slot copied, its first s.len / block_size blocks shared. The same tokens again only refresh the checkpoint's
   // age; without a free checkpoint slot the least recently used checkpoint gives its slot up.
   void save(SeqCache& s, const std::string& salt, const std::vector<int32_t>& tokens);
+  // A finished sequence: keeps tokens[0, s.len) as a checkpoint at any length (a generation ends anywhere), its last,
+  // partly filled block included (nothing writes it again: the sequence is released here, and a sequence that
+  // resumes from it writes a copy), then releases the sequence. Lengths below one block keep nothing.
+  // Such checkpoints are a guess (the next turn repeats the answer only if its template renders it as generated), so
+  // until one is resumed from they hold at most half the checkpoint slots (rounded up) and take each other's slots
+  // first: a stream of finished requests cannot push out the prompts' checkpoints.
+  void retire(SeqCache& s, const std::string& salt, const std::vector<int32_t>& tokens);
   // Drops the least recently used checkpoint; false if there is none.
   bool evict_one();
   int64_t free_blocks() const { return int64_t(free_blocks_.size()); }
@@ -82,7 +91,12 @@ class CacheManager {
     std::vector<int32_t> blocks;
     int32_t slot = -1;
     uint64_t used = 0;  // the clock at its last save or hit
+    bool output = false;  // retire()'s and not resumed from yet (see retire())
   };
+  // Drops the least recently used checkpoint among those with output == `output`; false if there is none.
+  bool evict_lru(bool output);
+  // save() at any length; `output`: retire()'s (Checkpoint::output).
+  void keep(SeqCache& s, const std::string& salt, const std::vector<int32_t>& tokens, bool output);
   void ref(int32_t block, bool checkpoint);
   void unref(int32_t block, bool checkpoint);
   bool cached_only(int32_t b) const { return refs_[size_t(b)] > 0 && refs_[size_t(b)] == ckpt_refs_[size_t(b)]; }

@@ -153,6 +153,22 @@ struct Engine::Impl {
     int64_t rows;          // accepted rows [last token, d_1..d_a]
     int64_t log_row;       // where the verify logged them in the DeltaNet input log
   };
+  // Prefix caching: a finished text sequence's caches become a checkpoint of the tokens it ran (the next turn of a
+  // conversation repeats the answer: docs/engine.md "Prefix caching"), settled at the end of the step, once its state
+  // is rolled back to the tokens it kept and (speculation) its MTP KV is filled.
+  struct Retiring {
+    std::unique_ptr<Sequence> seq;
+    int32_t next = -1;     // the stop token that ended it (not in seq->tokens), -1: none
+    int64_t len = -1;      // tokens its caches hold once settled; -1: cache.len (finished between steps); 0: keep none
+    int64_t ctx = -1;      // finished in this step's decide: its length before the step (-1: not)
+    int64_t first_row = 0; // and its first row in the step's batch
+  };
+  std::vector<Retiring> retiring;
+  // Finished in this step's decide: the tokens whose state it keeps (the fed rows that are in its tokens), with a
+  // rollback to them where the verify ran past them.
+  void plan_retire(Retiring& r, const ScheduledSeq& x, const BatchMeta::Seq& bs, int64_t ctx, int64_t accepted,
+                   std::vector<Redo>& redo);
+  void settle_retiring();
   bool roll_back(const std::vector<Redo>& redo, bool graphed);
   int64_t drafts_wanted(Sequence* s);
   void finish(Sequence* s, FinishReason r, Delta d = {});
@@ -185,6 +201,7 @@ void Engine::stop() {
   // The engine thread is gone: end whatever is left, so no client waits forever.
   impl_->take_inbox();
   for (Sequence* s : impl_->sched.all()) impl_->finish(s, FinishReason::Abort);
+  impl_->settle_retiring();
   impl_->publish({});
 }
 
@@ -274,8 +291,10 @@ EngineMetrics Engine::metrics() const {
 
 bool Engine::step() {
   const bool inbox = impl_->take_inbox();      // new requests, aborts
+  impl_->settle_retiring();                    // aborted sequences' checkpoints
   const Schedule s = impl_->sched.schedule();  // who runs, how many tokens each
   if (!s.empty()) impl_->run(s);               // forward, sample, emit deltas, free finished
+  impl_->settle_retiring();                    // finished sequences' checkpoints
   impl_->publish(s);
   return inbox || !s.empty();
 }
@@ -299,6 +318,8 @@ void Engine::Impl::loop(Engine& e) {
       // Failures of a forward or a sampler are contained per request inside step(); reaching here is an
       // engine bug. End every request with the message instead of taking the process down.
       std::fprintf(stderr, "deltaserve engine: step failed: %s\n", ex.what());
+      for (auto& r : retiring) r.len = 0;  // their caches' state is not known
+      settle_retiring();
       for (Sequence* s : sched.all()) {
         Delta d;
         d.error = std::string("engine step failed: ") + ex.what();
@@ -463,7 +484,11 @@ void Engine::Impl::run(const Schedule& sc_in) {
                                  masks.of[i] >= 0 ? &masks.ahead[size_t(masks.of[i])] : nullptr);
       r += size_t(x.num_drafts + 1);
     }
-    if (!alive) continue;  // finished: blocks and slots are back in the pool already
+    if (!alive) {  // finished: blocks and slots are back in the pool already, or retiring
+      if (!retiring.empty() && retiring.back().seq.get() == x.seq)
+        plan_retire(retiring.back(), x, b.seqs[i], ctx, accepted, redo);
+      continue;
+    }
     const int64_t committed = x.num_tokens + accepted;
     if (x.num_drafts > accepted) {
       redo.push_back({x.seq, committed, b.seqs[i].log_row});  // cache.len advances once the state is rolled back
@@ -496,6 +521,15 @@ void Engine::Impl::run(const Schedule& sc_in) {
     const bool sampled = j.seq->cache.len + 1 == int64_t(j.seq->tokens.size());
     if (j.rows > 0 && sampled) j.num_drafts = drafts_wanted(j.seq);
   }
+  // Retiring sequences: the MTP pass fills their checkpoint's MTP KV (position p is fed token p + 1, the last one the
+  // stop token that ended them); one nominal draft keeps the pass in the shape of the others' (proposes nothing).
+  for (auto& r : retiring) {
+    Sequence* s = r.seq.get();
+    if (r.ctx < 0 || r.len <= 0) continue;
+    if (int64_t(s->tokens.size()) == r.len && r.next >= 0) s->tokens.push_back(r.next);
+    if (int64_t(s->tokens.size()) > r.len) jobs.push_back({s, r.ctx, r.first_row, r.len - r.ctx, 1});
+    else r.len = 0;  // the token after them is not known: their MTP KV could not be filled
+  }
   try {
     DraftOptions o;
     o.vocab_limit = cfg.vocab_limit;
@@ -511,6 +545,7 @@ void Engine::Impl::run(const Schedule& sc_in) {
     // here are rewritten by the next first pass that covers them.
     std::fprintf(stderr, "deltaserve engine: MTP drafting failed, continuing without drafts: %s\n", e.what());
     for (auto& j : jobs) j.seq->drafts.clear();
+    for (auto& r : retiring) r.len = 0;  // their MTP KV may be half-written
   }
 }
 
@@ -749,12 +784,18 @@ bool Engine::Impl::roll_back(const std::vector<Redo>& redo, bool graphed) {
   try {
     model.replay_deltanet(b, cm.caches(), graphed);
   } catch (const std::exception& e) {
-    // Same containment as a failing step: recompute everyone from their tokens, the culprit alone.
-    for (Sequence* s : sched.forward_failed(sc)) {
-      Delta d;
-      d.error = e.what();
-      finish(s, FinishReason::Error, std::move(d));
-    }
+    // Same containment as a failing step: recompute everyone from their tokens, the culprit alone. Retiring
+    // sequences keep nothing.
+    for (auto& r : retiring) r.len = 0;
+    Schedule live;
+    for (const ScheduledSeq& x : sc.seqs)
+      if (!x.seq->retiring) live.seqs.push_back(x);
+    if (!live.empty())
+      for (Sequence* s : sched.forward_failed(live)) {
+        Delta d;
+        d.error = e.what();
+        finish(s, FinishReason::Error, std::move(d));
+      }
     return false;
   }
   for (const Redo& r : redo) r.seq->cache.len += r.rows;
@@ -804,7 +845,12 @@ bool Engine::Impl::emit(Sequence* s, const std::vector<int32_t>& toks, std::vect
 }
 
 void Engine::Impl::finish(Sequence* s, FinishReason r, Delta d) {
-  std::unique_ptr<Sequence> own = sched.remove(s);  // blocks and slot back to the pool now
+  // Blocks and slot back to the pool now, or (prefix caching, a text sequence that did not fail) kept until the end
+  // of the step, to become a checkpoint.
+  const bool keep = sched.prefix_caching() && r != FinishReason::Error && !s->suspect && !s->req->mm &&
+                    s->cache.slot >= 0;
+  const int32_t next = d.stop_token;
+  std::unique_ptr<Sequence> own = sched.remove(s, !keep);
   d.finish = r;
   d.prompt_tokens = own->prompt_len;
   d.completion_tokens = own->completion_tokens;
@@ -815,6 +861,36 @@ void Engine::Impl::finish(Sequence* s, FinishReason r, Delta d) {
     live.erase(own->req->id);
   }
   own->req->out->push(std::move(d));
+  if (keep) {
+    own->retiring = true;
+    retiring.push_back({std::move(own), next});
+  }
+}
+
+void Engine::Impl::plan_retire(Retiring& r, const ScheduledSeq& x, const BatchMeta::Seq& bs, int64_t ctx,
+                               int64_t accepted, std::vector<Redo>& redo) {
+  Sequence* s = r.seq.get();
+  const int64_t ran = ctx + x.num_tokens + x.num_drafts;  // the state is past every row the forward ran
+  r.ctx = ctx;
+  r.first_row = bs.q_start;
+  r.len = std::min<int64_t>(ctx + x.num_tokens + accepted, int64_t(s->tokens.size()));
+  if (r.len < ran) redo.push_back({s, r.len - ctx, bs.log_row});  // back to the snapshot, then the kept rows again
+  else s->cache.len = r.len;
+}
+
+void Engine::Impl::settle_retiring() {
+  for (Retiring& r : retiring) {
+    SeqCache& c = r.seq->cache;
+    if (r.len >= 0) c.len = r.len;
+    try {
+      if (c.len > 0) cm.retire(c, r.seq->req->cache_salt, r.seq->tokens);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "deltaserve engine: keeping a finished sequence's prefix-cache checkpoint failed: %s\n",
+                   e.what());
+    }
+    cm.release(c);  // (retire() released it already: a no-op then)
+  }
+  retiring.clear();
 }
 
 void Engine::Impl::publish(const Schedule& s) {

@@ -37,7 +37,7 @@ void Scheduler::admit_from_cache(Sequence* s) {
   const std::string& salt = s->req->cache_salt;
   const int64_t bs = cm_.block_size();
   const PrefixHit h = cm_.lookup(salt, s->tokens, int64_t(s->tokens.size()) - 1);
-  if (h.entry >= 0) cm_.attach(s->cache, h);
+  if (h.entry >= 0) cm_.attach(s->cache, h);  // false (no block for a partial block's copy): a miss
   const int64_t end = (s->prompt_len - 1) / bs * bs;
   std::vector<int64_t> at = {h.common, end};
   at.insert(at.end(), s->req->cache_hints.begin(), s->req->cache_hints.end());
@@ -205,7 +205,7 @@ std::vector<Sequence*> Scheduler::forward_failed(const Schedule& sched) {
   return {};
 }
 
-std::unique_ptr<Sequence> Scheduler::remove(Sequence* s) {
+std::unique_ptr<Sequence> Scheduler::remove(Sequence* s, bool release) {
   std::unique_ptr<Sequence> own;
   auto r = std::find_if(running_.begin(), running_.end(), [&](auto& p) { return p.get() == s; });
   if (r != running_.end()) {
@@ -217,7 +217,7 @@ std::unique_ptr<Sequence> Scheduler::remove(Sequence* s) {
     own = std::move(*w);
     waiting_.erase(w);
   }
-  cm_.release(own->cache);
+  if (release) cm_.release(own->cache);
   return own;
 }
 

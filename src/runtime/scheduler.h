@@ -39,6 +39,9 @@ struct Sequence {
   // prompt tokens its first admission (one that got its blocks) took from a checkpoint (-1: not admitted yet).
   std::vector<int64_t> save_at;
   int64_t cached_tokens = -1;
+  // Finished, its caches kept until the end of the step to become a checkpoint (Engine: retiring); its MTP pass
+  // proposes nothing.
+  bool retiring = false;
 
   int64_t num_generated() const { return int64_t(tokens.size()) - prompt_len; }
   int64_t pending_tokens() const { return int64_t(tokens.size()) - cache.len; }  // to run through the model
@@ -75,13 +78,15 @@ class Scheduler {
   // single-sequence call, returned as the culprit). Returns the sequences that must fail.
   std::vector<Sequence*> forward_failed(const Schedule& s);
   // Frees the sequence's memory and forgets it (finished, failed or aborted). Returns its ownership.
-  std::unique_ptr<Sequence> remove(Sequence* s);
+  // `release` false: its slot and blocks stay with it (the engine retires it into a prefix-cache checkpoint).
+  std::unique_ptr<Sequence> remove(Sequence* s, bool release = true);
 
   Sequence* find(uint64_t request_id) const;
   std::vector<Sequence*> all() const;  // running then waiting
   int64_t num_running() const { return int64_t(running_.size()); }
   int64_t num_waiting() const { return int64_t(waiting_.size()); }
   const CacheManager& cache() const { return cm_; }
+  bool prefix_caching() const { return prefix_caching_; }
   // Prefix caching: prompt tokens looked up and found at first admissions (vLLM's prefix_cache_queries / _hits).
   int64_t prefix_queries() const { return prefix_queries_; }
   int64_t prefix_hits() const { return prefix_hits_; }

@@ -95,7 +95,9 @@ std::vector<DraftJob*> drafting_jobs(std::vector<DraftJob>& jobs) {
 }
 
 // Appends d to s's drafts, through the hook (tests, benchmarks) when one is set.
+// A retiring sequence (finished; its pass only fills the MTP KV of its checkpoint) proposes nothing.
 void propose(const DraftOptions& opt, Sequence* s, int32_t d) {
+  if (s->retiring) return;
   if (opt.hook) d = opt.hook(s->req->id, int64_t(s->tokens.size() + s->drafts.size()), d);
   s->drafts.push_back(d);
 }

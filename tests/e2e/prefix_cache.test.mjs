@@ -93,3 +93,24 @@ test('parallel requests behind one system prompt prefill it once: the others res
   const refs = await Promise.all(users.map((u) => c2.chat.completions.create(ask([sys, { role: 'user', content: u }]))));
   for (let i = 0; i < users.length; ++i) assert.equal(rs[i].choices[0].message.content, refs[i].choices[0].message.content);
 });
+
+test('a finished answer is kept: the next turn, given back as token ids, resumes after it', async () => {
+  // Token-id prompts through /v1/completions, so the next turn holds the answer exactly as it was generated (a chat
+  // template re-renders the answer as text, which a random tiny model does not tokenize back the same way).
+  const tok = (await (await fetch(`${cached.base}/tokenize`, {
+    method: 'POST', headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ model: 'tiny', prompt: 'A long story begins here. ' + 'Once upon a time, in a quiet town, '.repeat(6) }),
+  })).json()).tokens;
+  const first = await c1.completions.create({ model: 'tiny', prompt: tok, max_tokens: 21, temperature: 0,
+                                              return_token_ids: true });
+  const answer = first.choices[0].token_ids;
+  assert.equal(first.choices[0].finish_reason, 'length');
+  assert.equal(answer.length, 21);
+  const next = [...tok, ...answer, ...tok.slice(3, 12)];
+  const req = { model: 'tiny', prompt: next, max_tokens: 8, temperature: 0 };
+  const [a, b] = await Promise.all([c1.completions.create(req), c2.completions.create(req)]);
+  assert.equal(a.choices[0].text, b.choices[0].text);
+  // Every token the first request ran: the prompt and its answer but the last token (sampled, never run).
+  assert.equal(a.usage.prompt_tokens_details.cached_tokens, tok.length + 20);
+  assert.equal(b.usage.prompt_tokens_details.cached_tokens, 0);
+});

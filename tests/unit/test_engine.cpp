@@ -453,7 +453,9 @@ TEST(PrefixCache, ResumedRequestsGetTheirAloneOutputs) {
   std::vector<int32_t> turn2 = p;
   turn2.insert(turn2.end(), first.tokens.begin(), first.tokens.end());
   turn2.insert(turn2.end(), f.prompts[2].begin(), f.prompts[2].begin() + 20);  // 186 tokens
-  check(turn2, 144, "the conversation continued");                            // leaves one at 176
+  // A finished request leaves a checkpoint of what it ran: the prompt and 15 of its 16 tokens (the last one was
+  // sampled, never run), so the next turn resumes after the answer.
+  check(turn2, 165, "the conversation continued");                            // leaves one at 176
   check(turn2, 176, "the continued conversation again");
   // Same first 100 tokens as p, another tail: no checkpoint inside the shared part yet (miss), but this request
   // leaves one at 96, where the next such request resumes.
@@ -463,11 +465,136 @@ TEST(PrefixCache, ResumedRequestsGetTheirAloneOutputs) {
   check(tail_a, 0, "shared head, first tail");
   check(tail_b, 96, "shared head, second tail");
   const EngineMetrics m = e.metrics();
-  EXPECT_EQ(m.prefix_cache_hits_total, 144 + 144 + 176 + 96);
+  EXPECT_EQ(m.prefix_cache_hits_total, 144 + 165 + 176 + 96);
   EXPECT_EQ(m.prefix_cache_queries_total, 150 * 2 + 186 * 2 + 130 + 125);
   EXPECT_EQ(m.prefix_cache_checkpoints, 4);  // 144, 176, 96, 128, 112 went in: the capacity, 4, are left
   expect_empty(m);
   EXPECT_GT(m.kv_blocks_cached, 0);
+}
+
+// A finished sequence's caches become a checkpoint of the tokens it ran, at any length (retire()): a resumed
+// sequence gets its own copy of the checkpoint's last, partly filled block. Such checkpoints hold at most half the
+// slots until one is resumed from.
+TEST(PrefixCache, RetiredCheckpointsBookkeeping) {
+  auto& m = *fx().m;
+  CacheManager cm(m, /*num_blocks=*/16, /*block_size=*/4, /*num_slots=*/3, 0, /*num_checkpoints=*/4);
+  std::vector<int32_t> toks(40);
+  for (int i = 0; i < 40; ++i) toks[size_t(i)] = 100 + i;
+  SeqCache a;
+  ASSERT_TRUE(cm.start(a));
+  ASSERT_TRUE(cm.reserve(a, 12));  // 3 blocks
+  a.len = 10;                      // a finished having run 10 tokens: 2 full blocks and half of the third
+  cm.retire(a, "", toks);
+  EXPECT_EQ(a.slot, -1);
+  EXPECT_EQ(cm.num_checkpoints(), 1);
+  EXPECT_EQ(cm.cached_blocks(), 3);
+  EXPECT_EQ(cm.free_blocks(), 13);
+  EXPECT_EQ(cm.lookup("", toks, 40).len, 10);
+  EXPECT_EQ(cm.lookup("", toks, 9).entry, -1);
+
+  // Two sequences resume from it: each gets the two full blocks shared and its own copy of the third.
+  SeqCache b, c;
+  ASSERT_TRUE(cm.start(b));
+  ASSERT_TRUE(cm.start(c));
+  ASSERT_TRUE(cm.attach(b, cm.lookup("", toks, 40)));
+  ASSERT_TRUE(cm.attach(c, cm.lookup("", toks, 40)));
+  EXPECT_EQ(b.len, 10);
+  ASSERT_EQ(b.blocks.size(), 3u);
+  ASSERT_EQ(c.blocks.size(), 3u);
+  EXPECT_EQ(b.blocks[0], c.blocks[0]);
+  EXPECT_EQ(b.blocks[1], c.blocks[1]);
+  EXPECT_NE(b.blocks[2], c.blocks[2]);
+  EXPECT_EQ(cm.free_blocks(), 11);
+  EXPECT_EQ(cm.cached_blocks(), 1);  // the checkpoint's own third block
+  cm.release(b);
+  cm.release(c);
+  EXPECT_EQ(cm.free_blocks(), 13);
+  // Below one block nothing is kept.
+  SeqCache d;
+  ASSERT_TRUE(cm.start(d));
+  ASSERT_TRUE(cm.reserve(d, 3));
+  d.len = 3;
+  cm.retire(d, "", toks);
+  EXPECT_EQ(cm.num_checkpoints(), 1);
+
+  // The checkpoint above was resumed from: an ordinary one now. Retired ones that were not hold at most 2 of the 4
+  // slots, taking each other's.
+  auto retire_at = [&](int64_t len, int32_t first) {
+    std::vector<int32_t> t(size_t(len), first);
+    SeqCache s;
+    ASSERT_TRUE(cm.start(s));
+    ASSERT_TRUE(cm.reserve(s, len));
+    s.len = len;
+    cm.retire(s, "", t);
+  };
+  retire_at(5, 1);
+  retire_at(6, 2);
+  retire_at(7, 3);
+  EXPECT_EQ(cm.num_checkpoints(), 3);
+  EXPECT_EQ(cm.lookup("", std::vector<int32_t>(9, 1), 9).entry, -1);  // the oldest retired one went
+  EXPECT_EQ(cm.lookup("", std::vector<int32_t>(9, 2), 9).len, 6);
+  EXPECT_EQ(cm.lookup("", toks, 40).len, 10);  // the resumed one stayed
+  // A prompt's checkpoint takes the least recently used slot of all.
+  SeqCache e;
+  ASSERT_TRUE(cm.start(e));
+  ASSERT_TRUE(cm.reserve(e, 8));
+  e.len = 8;
+  std::vector<int32_t> other(8, 9);
+  cm.save(e, "", other);
+  cm.release(e);
+  EXPECT_EQ(cm.num_checkpoints(), 4);
+  EXPECT_EQ(cm.lookup("", other, 9).len, 8);
+}
+
+// A finished request's checkpoint is where the next turn resumes: stopped by a stop token (the checkpoint holds the
+// answer without it: the stop token was sampled, never run), by its length, or aborted between steps. Two requests
+// that resume from the same checkpoint at once, with different tails, each write their own copy of its last, partly
+// filled block: both get their alone outputs.
+TEST(PrefixCache, FinishedRequestsLeaveCheckpoints) {
+  auto& f = fx();
+  const auto& p = f.prompts[3];  // 150 tokens
+  const std::vector<int32_t> gen(f.greedy[3].begin(), f.greedy[3].begin() + 16);
+  int stop_at = 9;  // the first position from 9 on whose token did not occur before it
+  while (std::find(gen.begin(), gen.begin() + stop_at, gen[size_t(stop_at)]) != gen.begin() + stop_at) ++stop_at;
+  ASSERT_LT(stop_at, 16);
+  auto tail = [&](std::vector<int32_t> head, size_t from, size_t n) {
+    head.insert(head.end(), f.prompts[4].begin() + std::ptrdiff_t(from), f.prompts[4].begin() + std::ptrdiff_t(from + n));
+    return head;
+  };
+  for (int how = 0; how < 3; ++how) {
+    SCOPED_TRACE(how == 0 ? "stop token" : how == 1 ? "length" : "abort");
+    Engine e(*f.m, cached_config());
+    auto first = make_req(1, p, how == 1 ? 12 : 40);
+    if (how == 0) first->stop_token_ids = {gen[size_t(stop_at)]};
+    e.submit(first);
+    int64_t ran = 0;  // tokens the checkpoint should hold
+    if (how == 2) {
+      for (int i = 0; i < 6; ++i) e.step();  // the prompt, then decodes
+      e.abort(1);
+    } else {
+      ran = how == 0 ? 150 + stop_at : 150 + 11;
+    }
+    drain(e);
+    Result r1 = collect(*first, 0ms);
+    if (how == 2) {
+      ASSERT_GE(r1.tokens.size(), 3u);
+      ran = 150 + int64_t(r1.tokens.size()) - 1;  // every token but the last one sampled
+    }
+    ASSERT_EQ(r1.tokens.size(), how == 0 ? size_t(stop_at) : how == 1 ? 12u : r1.tokens.size());
+    // The next turn: the answer, the stop token where there was one, then a new message.
+    std::vector<int32_t> head = p;
+    head.insert(head.end(), r1.tokens.begin(), r1.tokens.end());
+    if (how == 0) head.push_back(r1.stop_token);
+    std::vector<std::shared_ptr<Request>> next = {make_req(2, tail(head, 0, 20), 10), make_req(3, tail(head, 40, 9), 10)};
+    for (auto& r : next) e.submit(r);
+    drain(e);
+    for (size_t i = 0; i < next.size(); ++i) {
+      Result got = collect(*next[i], 0ms);
+      EXPECT_EQ(got.tokens, run_alone(*next[i]).tokens) << "request " << i;
+      EXPECT_EQ(got.cached_tokens, ran) << "request " << i;
+    }
+    expect_empty(e.metrics());
+  }
 }
 
 TEST(PrefixCache, SaltsAndImagesDoNotShare) {

@@ -586,6 +586,95 @@ TEST(SpecEngine, PrefixCachingKeepsOutputsAndProposals) {
   expect_empty(m);
 }
 
+// A finished request's checkpoint under speculation: its state is rolled back to the tokens it kept where its last
+// verify ran past them (the oracle's wrong drafts make that happen), and its MTP KV is filled up to its last token
+// (fed the token after it: the stop token, or the next one of a length-limited answer). The next turn resumes
+// after the answer, gets the plain greedy output, and proposes exactly what an engine without the cache proposes.
+TEST(SpecEngine, FinishedRequestsResumeWithTheirDrafts) {
+  Fixture& f = fixture("tiny-moe", "bf16");
+  const int64_t N = 12;
+  // Round 1 stops each answer at a stop token: the first of its greedy tokens from the 7th on that did not occur
+  // before (so the answer is the tokens before it).
+  const auto full = run_all(*f.m, config(0), [&] {
+    std::vector<std::shared_ptr<Request>> rs;
+    for (size_t i = 0; i < f.prompts.size(); ++i) rs.push_back(req(i, f.prompts[i], N));
+    return rs;
+  }());
+  std::vector<int64_t> stop_at;
+  for (auto& o : full) {
+    size_t k = 6;
+    while (k < o.tokens.size() && std::find(o.tokens.begin(), o.tokens.begin() + std::ptrdiff_t(k), o.tokens[k]) !=
+                                      o.tokens.begin() + std::ptrdiff_t(k))
+      ++k;
+    ASSERT_LT(k, o.tokens.size());
+    stop_at.push_back(int64_t(k));
+  }
+  auto first = [&] {
+    std::vector<std::shared_ptr<Request>> rs;
+    for (size_t i = 0; i < f.prompts.size(); ++i) {
+      rs.push_back(req(i, f.prompts[i], N));
+      rs.back()->stop_token_ids = {full[i].tokens[size_t(stop_at[i])]};
+    }
+    return rs;
+  };
+  const auto want1 = run_all(*f.m, config(0), first());
+  for (size_t i = 0; i < want1.size(); ++i) ASSERT_EQ(int64_t(want1[i].tokens.size()), stop_at[i]);
+  auto second = [&] {  // the answer and its stop token, then a new message
+    std::vector<std::shared_ptr<Request>> rs;
+    for (size_t i = 0; i < f.prompts.size(); ++i) {
+      std::vector<int32_t> p = f.prompts[i];
+      p.insert(p.end(), want1[i].tokens.begin(), want1[i].tokens.end());
+      p.push_back(want1[i].stop_token);
+      p.insert(p.end(), f.prompts[4].begin() + std::ptrdiff_t(10 * i), f.prompts[4].begin() + std::ptrdiff_t(10 * i + 7));
+      rs.push_back(req(100 + i, p, N));
+    }
+    return rs;
+  };
+  const auto want2 = run_all(*f.m, config(0), second());
+  Proposals fresh;
+  run_all(*f.m, recording(config(2), fresh), second());
+  std::sort(fresh.begin(), fresh.end());
+
+  // Round 1 through the oracle (wrong drafts 30% of the time), always wrong where the stop token comes: the target
+  // samples it in place of a draft, so the last verify ran past the kept tokens and is rolled back. Round 2 is
+  // recorded as it is.
+  Proposals props;
+  EngineConfig c = config(2);
+  c.prefix_cache_checkpoints = 16;
+  auto oracle1 = oracle(full, f.prompts, 3, 7);
+  c.draft_hook = [&](uint64_t id, int64_t index, int32_t proposed) {
+    if (id >= 100) {
+      props.push_back({id, index, proposed});
+      return proposed;
+    }
+    if (index - int64_t(f.prompts[size_t(id)].size()) == stop_at[size_t(id)]) return int32_t(7);
+    return oracle1(id, index, proposed);
+  };
+  Engine e(*f.m, c);
+  auto r1 = first();
+  for (auto& r : r1) e.submit(r);
+  while (e.step()) {
+  }
+  for (size_t i = 0; i < r1.size(); ++i) EXPECT_EQ(collect(*r1[i]).tokens, want1[i].tokens) << "prompt " << i;
+  const int64_t hits_before = e.metrics().prefix_cache_hits_total;
+  auto r2 = second();
+  for (auto& r : r2) e.submit(r);
+  while (e.step()) {
+  }
+  for (size_t i = 0; i < r2.size(); ++i) EXPECT_EQ(collect(*r2[i]).tokens, want2[i].tokens) << "prompt " << i;
+  // Every answer of 16 tokens or more with its prompt was resumed after.
+  int64_t want_hits = 0;
+  for (size_t i = 0; i < f.prompts.size(); ++i) {
+    const int64_t ran = int64_t(f.prompts[i].size()) + stop_at[i];
+    want_hits += ran >= 16 ? ran : 0;
+  }
+  EXPECT_EQ(e.metrics().prefix_cache_hits_total - hits_before, want_hits);
+  std::sort(props.begin(), props.end());
+  EXPECT_FALSE(props.empty());
+  EXPECT_EQ(props, fresh);
+  expect_empty(e.metrics());
+}
+
 // The draft head over the N lowest ids (the default choice): greedy output identical to no speculation for
 // K = 1..4, every proposal inside the subset.
 TEST(SpecReducedDraft, GreedyOutputUnchangedAndProposalsInTheSubset) {

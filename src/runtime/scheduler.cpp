@@ -68,6 +68,7 @@ Schedule Scheduler::schedule() {
 
   Schedule out;
   int64_t budget = max_num_batched_tokens_;
+  Sequence* urgent = make_room(out);
   for (size_t i = 0; i < running_.size() && budget > 0;) {
     Sequence* s = running_[i].get();
     const int64_t n = chunk(s, budget);
@@ -94,20 +95,14 @@ Schedule Scheduler::schedule() {
     ++i;
   }
   // Admit by priority, then in queue order (preempted sequences first, then arrival), while everything fits; a step
-  // that had to preempt admits nobody (it would only take back what was just freed).
+  // that had to preempt admits nobody (it would only take back what was just freed), except the urgent sequence
+  // make_room() preempted for.
   // Prefix caching: a sequence whose prompt a running sequence is prefilling toward a checkpoint waits for it.
-  while (out.num_preempted == 0 && budget > 0 && !waiting_.empty() && num_running() < max_num_seqs_) {
-    // (At most 32 deferral checks per pick: each compares token heads, and a queue of requests behind one long head
-    // is admitted as soon as its checkpoint exists anyway.)
-    auto next = waiting_.end();
-    int checks = 0;
-    for (auto it = waiting_.begin(); it != waiting_.end() && checks < 32; ++it)
-      if (next == waiting_.end() || (*it)->req->priority < (*next)->req->priority) {
-        if (!deferred(it->get())) next = it;
-        else ++checks;
-      }
+  while (budget > 0 && !waiting_.empty() && num_running() < max_num_seqs_) {
+    auto next = pick();
     if (next == waiting_.end()) break;
     Sequence* s = next->get();
+    if (out.num_preempted > 0 && s != urgent) break;
     if (!cm_.start(s->cache)) break;
     admit_from_cache(s);
     const int64_t n = chunk(s, budget);
@@ -122,6 +117,50 @@ Schedule Scheduler::schedule() {
     budget -= n;
   }
   return out;
+}
+
+// The waiting sequence admission takes next: the smallest priority value, queue order among equals, not deferred.
+// (At most 32 deferral checks per pick: each compares token heads, and a queue of requests behind one long head is
+// admitted as soon as its checkpoint exists anyway.)
+std::deque<std::unique_ptr<Sequence>>::iterator Scheduler::pick() {
+  auto next = waiting_.end();
+  int checks = 0;
+  for (auto it = waiting_.begin(); it != waiting_.end() && checks < 32; ++it)
+    if (next == waiting_.end() || (*it)->req->priority < (*next)->req->priority) {
+      if (!deferred(it->get())) next = it;
+      else ++checks;
+    }
+  return next;
+}
+
+// A waiting sequence more urgent than a running one does not wait for it to finish: while the next sequence to admit
+// has no slot (max_num_seqs running, or no state slot free) or not enough blocks for its first chunk beside what the
+// running sequences need for theirs, the least urgent running sequence (largest priority value, most recently
+// started among equals) is preempted, as long as it is strictly less urgent. Returns the sequence it preempted for
+// (nullptr: none), which this step then admits.
+Sequence* Scheduler::make_room(Schedule& out) {
+  if (waiting_.empty() || running_.empty()) return nullptr;
+  auto next = pick();
+  if (next == waiting_.end()) return nullptr;
+  Sequence* w = next->get();
+  const int64_t bs = cm_.block_size();
+  auto blocks_for = [&](const Sequence* s, int64_t tokens) {
+    return std::max<int64_t>(0, (s->cache.len + tokens + bs - 1) / bs - int64_t(s->cache.blocks.size()));
+  };
+  int64_t preempted = 0;
+  while (!running_.empty()) {
+    const size_t v = victim(0, nullptr);
+    if (running_[v]->req->priority <= w->req->priority) break;
+    const bool slot = num_running() < max_num_seqs_ && cm_.free_slots() > 0;
+    int64_t need = blocks_for(w, std::min(w->pending_tokens(), max_num_batched_tokens_));
+    for (const auto& r : running_)
+      need += blocks_for(r.get(), std::min(r->pending_tokens(), max_num_batched_tokens_) + int64_t(r->drafts.size()));
+    if (slot && need <= cm_.free_blocks() + cm_.cached_blocks()) break;
+    preempt(v);
+    ++out.num_preempted;
+    ++preempted;
+  }
+  return preempted > 0 ? w : nullptr;
 }
 
 Schedule Scheduler::schedule_alone(Sequence* s) {

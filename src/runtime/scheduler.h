@@ -73,6 +73,8 @@ class Scheduler {
   // running sequence needs a block and none is free, the least urgent running sequence not yet scheduled this step
   // (largest priority value, most recently started among equals) is preempted (memory freed, back to the front of
   // the waiting queue, recomputed later from its tokens); no new sequence is admitted in a step that preempted.
+  // Before all that, a waiting sequence that is more urgent than running ones and has no room takes theirs (the least
+  // urgent first) and is admitted in this step (make_room).
   Schedule schedule();
   // After a forward call that threw: every sequence of `s` is preempted and marked suspect (or, for a
   // single-sequence call, returned as the culprit). Returns the sequences that must fail.
@@ -101,6 +103,11 @@ class Scheduler {
   // Prefix caching: `s` (waiting) shares the head a running sequence is still prefilling toward a planned
   // checkpoint, further than any checkpoint it could resume from now: it waits for that one.
   bool deferred(const Sequence* s) const;
+  // The waiting sequence admission takes next (waiting_.end(): none).
+  std::deque<std::unique_ptr<Sequence>>::iterator pick();
+  // Priority: preempts running sequences strictly less urgent than the next one to admit while it has no room;
+  // returns it if any was preempted (this step admits it).
+  Sequence* make_room(Schedule& out);
   // Schedules `s` alone (it is suspect); preempts others as needed to give it a slot and blocks.
   Schedule schedule_alone(Sequence* s);
   // The running sequence to preempt among running_[from..] other than `spare`: the largest priority value (the

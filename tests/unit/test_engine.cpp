@@ -863,6 +863,62 @@ TEST(Engine, PriorityOrdersAdmissionAndPreemption) {
   }
 }
 
+// A waiting request more urgent than running ones does not wait for them: with no slot (max_num_seqs) or no blocks
+// for it, the least urgent running sequence is preempted and the urgent one admitted at once; equal priorities never
+// preempt each other. Every output equals its request's alone.
+TEST(Engine, UrgentRequestsPreemptLessUrgentRunningOnes) {
+  auto& f = fx();
+  struct Case {
+    const char* what;
+    int64_t max_num_seqs, num_blocks, urgent_prio;
+  };
+  for (const Case& k : {Case{"no slot", 2, 0, 0}, Case{"no blocks", 8, 24, 0}, Case{"equal priority", 2, 0, 5}}) {
+    SCOPED_TRACE(k.what);
+    EngineConfig c = base_config();
+    c.max_num_seqs = k.max_num_seqs;
+    if (k.num_blocks > 0) c.num_blocks = k.num_blocks;
+    Engine e(*f.m, c);
+    // Two long, less urgent generations (150-token prompt + 60 tokens: 14 blocks each at the end), then an urgent
+    // request once they decode.
+    // (24 blocks: the two hold 20 when the urgent one, which needs 10, arrives.)
+    std::vector<std::shared_ptr<Request>> rs = {make_req(1, f.prompts[3], 60), make_req(2, f.prompts[3], 60),
+                                                make_req(3, f.prompts[3], 6)};
+    rs[2]->prompt[0] = 5;  // not a prefix of the others (prefix caching is off here anyway)
+    rs[0]->priority = rs[1]->priority = 5;
+    rs[2]->priority = k.urgent_prio;
+    e.submit(rs[0]);
+    e.submit(rs[1]);
+    for (int i = 0; i < 5; ++i) e.step();
+    ASSERT_EQ(e.metrics().running, 2);
+    e.submit(rs[2]);
+    std::vector<Result> res(rs.size());
+    std::vector<int64_t> finished_at(rs.size(), -1);
+    int64_t step = 0;
+    auto poll = [&] {
+      for (size_t i = 0; i < rs.size(); ++i)
+        while (auto d = rs[i]->out->pop(0ms)) {
+          res[i].tokens.insert(res[i].tokens.end(), d->tokens.begin(), d->tokens.end());
+          if (d->finish != FinishReason::None) finished_at[i] = step;
+        }
+    };
+    while (e.step()) {
+      ++step;
+      poll();
+    }
+    poll();
+    for (size_t i = 0; i < rs.size(); ++i) EXPECT_EQ(res[i].tokens, run_alone(*rs[i]).tokens) << "request " << i;
+    if (k.urgent_prio == 0) {
+      EXPECT_GT(e.metrics().preemptions_total, 0);
+      EXPECT_LE(finished_at[2], 7);  // admitted at once: its prompt, then 5 decodes (one more if it waited a step)
+      EXPECT_LT(finished_at[2], std::min(finished_at[0], finished_at[1]));
+    } else {
+      EXPECT_EQ(e.metrics().preemptions_total, 0);
+      EXPECT_GT(finished_at[2], std::min(finished_at[0], finished_at[1]));  // it waited for a slot
+    }
+    expect_empty(e.metrics());
+  }
+}
+
 TEST(Engine, FinishReasons) {
   auto& f = fx();
   const auto& g = f.greedy[2];

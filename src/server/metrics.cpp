@@ -65,7 +65,7 @@ std::string ServerMetrics::render(const runtime::EngineMetrics& e, const std::st
           double(e.grammar_masks_ahead_total));
   counter("grammar_masks_stale_total", "Grammar masks computed ahead but recomputed at sampling (position moved).",
           double(e.grammar_masks_stale_total));
-  counter("num_preemptions_total", "Sequences preempted (recomputed later) for lack of KV blocks.",
+  counter("num_preemptions_total", "Sequences preempted (recomputed later) for lack of KV blocks or for a more urgent request.",
           double(e.preemptions_total));
   os << "# HELP deltaserve:request_success_total Finished requests by reason.\n"
      << "# TYPE deltaserve:request_success_total counter\n";

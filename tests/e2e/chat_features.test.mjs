@@ -3,7 +3,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
 import OpenAI from 'openai';
-import { startServer, DATA } from './server.mjs';
+import { startServer, metrics, DATA } from './server.mjs';
 
 let srv, client;
 before(async () => {
@@ -261,6 +261,35 @@ test('priority is taken (an integer; other values are a 400)', async () => {
   for (const bad of ['high', 1.5])
     await assert.rejects(client.completions.create({ ...base, priority: bad }),
                          (e) => e.status === 400 && /priority/.test(e.message));
+});
+
+test('an urgent request preempts a less urgent one that holds the only slot; both outputs stay exact', async () => {
+  const one = await startServer(['--max-model-len', '1024', '--max-num-seqs', '1']);
+  try {
+    const c = new OpenAI({ baseURL: `${one.base}/v1`, apiKey: 'unused', maxRetries: 0 });
+    const long = { model: 'tiny', prompt: [5, 6, 7, 8, 9], max_tokens: 400, temperature: 0, ignore_eos: true,
+                   return_token_ids: true };
+    const urgent = { model: 'tiny', prompt: [11, 12, 13], max_tokens: 4, temperature: 0, return_token_ids: true };
+    const refLong = await client.completions.create(long);
+    const refUrgent = await client.completions.create(urgent);
+    const events = [];
+    const stream = await c.completions.create({ ...long, priority: 5, stream: true });
+    let ids = [], urgentDone = null;
+    for await (const chunk of stream) {
+      for (const ch of chunk.choices) ids = ids.concat(ch.token_ids ?? []);
+      if (ids.length >= 5 && !urgentDone)  // the long one is decoding in the only slot
+        urgentDone = c.completions.create({ ...urgent, priority: 0 }).then((r) => { events.push('urgent'); return r; });
+    }
+    events.push('long');
+    const u = await urgentDone;
+    assert.deepEqual(events, ['urgent', 'long']);
+    assert.deepEqual(u.choices[0].token_ids, refUrgent.choices[0].token_ids);
+    assert.deepEqual(ids, refLong.choices[0].token_ids);  // preempted and recomputed: the same tokens
+    const m = await metrics(one.base);
+    assert.ok(m.get('num_preemptions_total') >= 1, `preemptions ${m.get('num_preemptions_total')}`);
+  } finally {
+    assert.equal((await one.stop()).code, 0);
+  }
 });
 
 test('include_reasoning false: the reasoning stays out of the message and the stream', async () => {

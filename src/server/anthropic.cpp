@@ -272,6 +272,16 @@ ChatRequest to_chat_request(const json& body, bool count_tokens) {
   }
   if (!has(body, "messages")) fail("messages", "field required");
   convert_messages(body["messages"], messages, r.image_where);
+  // A final assistant message with text is a prefill: the reply continues it (Anthropic's semantics).
+  if (!messages.empty()) {
+    const json& last = messages.back();
+    const bool text = has(last, "content") && last["content"].is_string() &&
+                      last["content"].get<std::string>().find_first_not_of(" \t\n\r") != std::string::npos;
+    if (last.value("role", "") == "assistant" && text && !has(last, "tool_calls")) {
+      out["continue_final_message"] = true;
+      out["add_generation_prompt"] = false;
+    }
+  }
   out["messages"] = std::move(messages);
   if (has(body, "tools")) {
     json tools = convert_tools(body["tools"]);

@@ -303,8 +303,12 @@ class Generation {
         throw bad_request("this model has no chat template (chat_template.jinja or tokenizer_config.json); start the "
                           "server with --chat-template FILE, or use /v1/completions", "messages");
       try {
-        text = rt.tmpl->render(normalize_messages(spec_.messages), tools ? spec_.tools : nlohmann::ordered_json(),
-                               spec_.add_generation_prompt && !spec_.continue_final_message, kwargs);
+        const auto messages = normalize_messages(spec_.messages);
+        const auto tool_list = tools ? spec_.tools : nlohmann::ordered_json();
+        // continue_final_message: the reply continues the final message (an assistant prefill) instead of opening a
+        // new turn.
+        text = spec_.continue_final_message ? rt.tmpl->render_continuing(messages, tool_list, kwargs)
+                                            : rt.tmpl->render(messages, tool_list, spec_.add_generation_prompt, kwargs);
       } catch (const Error& e) {
         // The template's own raise_exception (e.g. "System message must be at the beginning.") is the
         // client's error; anything else too, since the template is a pure function of the request.

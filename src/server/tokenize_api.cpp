@@ -22,9 +22,12 @@ json tokenize_body(const json& body, const text::Tokenizer& tok, const ChatTempl
     bool agp = body.value("add_generation_prompt", true);
     json kwargs = body.contains("chat_template_kwargs") ? body["chat_template_kwargs"] : json::object();
     if (!kwargs.is_object()) throw bad_request("'chat_template_kwargs' must be an object", "chat_template_kwargs");
+    if (body.contains("continue_final_message") && !body["continue_final_message"].is_boolean())
+      throw bad_request("'continue_final_message' must be a boolean", "continue_final_message");
+    const bool cont = body.value("continue_final_message", false);
     std::string text;
     try {
-      text = tmpl->render(msgs, tools, agp, kwargs);
+      text = cont ? tmpl->render_continuing(msgs, tools, kwargs) : tmpl->render(msgs, tools, agp, kwargs);
     } catch (const Error& e) {
       throw bad_request(std::string("chat template: ") + e.what(), "messages");
     }

@@ -13,7 +13,7 @@ class Tokenizer;
 
 namespace ds::server {
 
-// {"text"|"prompt": "..."} or {"messages": [...], "tools", "add_generation_prompt", "chat_template_kwargs"},
+// {"text"|"prompt": "..."} or {"messages": [...], "tools", "add_generation_prompt", "continue_final_message", "chat_template_kwargs"},
 // optional "add_special_tokens" (no effect for this family: it adds no BOS/EOS) ->
 // {"ids", "tokens", "count", ["prompt": rendered text]}. Throws HttpError 400.
 nlohmann::ordered_json tokenize_body(const nlohmann::ordered_json& body, const text::Tokenizer& tok,

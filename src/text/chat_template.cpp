@@ -87,4 +87,46 @@ std::string ChatTemplate::render(const nlohmann::ordered_json& messages, const n
   return tmpl_->render(vars);
 }
 
+std::string ChatTemplate::render_continuing(const nlohmann::ordered_json& messages, const nlohmann::ordered_json& tools,
+                                            const nlohmann::ordered_json& kwargs) const {
+  static const std::string kTag = "CONTINUE_FINAL_MESSAGE_TAG ";
+  if (!messages.is_array() || messages.empty() || !messages.back().is_object())
+    fail("continue_final_message: there is no final message to continue");
+  nlohmann::ordered_json msgs = messages;
+  auto& last = msgs.back();
+  if (!last.contains("content") || last["content"].is_null())
+    fail("continue_final_message: the final message has no content to continue");
+  auto& content = last["content"];
+  std::string text;
+  if (content.is_string()) {
+    text = content.get<std::string>();
+    content = text + kTag;
+  } else if (content.is_array()) {
+    bool found = false;
+    for (auto it = content.rbegin(); it != content.rend() && !found; ++it)
+      if (it->is_object() && it->contains("text") && (*it)["text"].is_string()) {
+        text = (*it)["text"].get<std::string>();
+        (*it)["text"] = text + kTag;
+        found = true;
+      }
+    if (!found) fail("continue_final_message: the final message has no text part to continue");
+  } else {
+    fail("continue_final_message: expected the final message's content to be a string or a list of parts, got ",
+         content.type_name());
+  }
+  std::string out = render(msgs, tools, false, kwargs);
+  const char* ws = " \t\n\r\f\v";
+  const size_t b = text.find_first_not_of(ws);
+  const std::string core = b == std::string::npos ? "" : text.substr(b, text.find_last_not_of(ws) - b + 1);
+  const std::string mark = kTag.substr(0, kTag.size() - 1);
+  const size_t at = out.rfind(mark);
+  if (at == std::string::npos || out.find(core) == std::string::npos)
+    fail("continue_final_message: the final message's text does not appear in the rendered prompt (the chat template "
+         "changed or dropped it), so there is nothing to continue from");
+  const bool kept = out.compare(at, kTag.size(), kTag) == 0;  // the template kept the text's trailing spacing
+  out.resize(at);
+  if (!kept) out.resize(out.find_last_not_of(ws) == std::string::npos ? 0 : out.find_last_not_of(ws) + 1);
+  return out;
+}
+
 }  // namespace ds

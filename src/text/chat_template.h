@@ -26,6 +26,15 @@ class ChatTemplate {
                      bool add_generation_prompt,
                      const nlohmann::ordered_json& kwargs = nlohmann::ordered_json::object()) const;
 
+  // transformers' continue_final_message (add_generation_prompt off): the prompt ends inside the final message, right
+  // after its text, so the model continues that message instead of closing it. As transformers 5 does it: a marker is
+  // appended to the final message's text (its `content` string, or the last of its content parts with a `text`), the
+  // conversation rendered, and the rendering cut at the marker's last occurrence — and right-stripped of whitespace
+  // where the template trimmed the marker's trailing space (a template that trims the text). Throws ds::Error when
+  // there is no final message or text to continue, or the template dropped the text.
+  std::string render_continuing(const nlohmann::ordered_json& messages, const nlohmann::ordered_json& tools,
+                                const nlohmann::ordered_json& kwargs = nlohmann::ordered_json::object()) const;
+
   const std::string& source() const { return source_; }
   const std::string& bos_token() const { return bos_token_; }
   const std::string& eos_token() const { return eos_token_; }

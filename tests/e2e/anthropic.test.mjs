@@ -188,6 +188,28 @@ test('multi-turn with tool_use / tool_result: rendered as the chat route renders
   assert.equal(r.type, 'message');
 });
 
+test('a final assistant message is a prefill: the reply continues it, as a completion of the prefilled prompt does', async () => {
+  const messages = [{ role: 'user', content: 'Name a color in JSON.' }, { role: 'assistant', content: '{"color": "' }];
+  const m = await client.messages.create({ model: 'tiny', max_tokens: 8, temperature: 0, messages, logit_bias: NO_END });
+  // The prompt ends inside the assistant turn, right after the prefill (transformers' continue_final_message).
+  const tok = await (await fetch(`${srv.base}/tokenize`, {
+    method: 'POST', headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ messages, continue_final_message: true }),
+  })).json();
+  assert.ok(tok.prompt.endsWith('<|im_start|>assistant\n<think>\n\n</think>\n\n{"color": "'), JSON.stringify(tok.prompt));
+  assert.equal(m.usage.input_tokens + m.usage.cache_read_input_tokens, tok.count);
+  const c = await (await fetch(`${srv.base}/v1/completions`, {
+    method: 'POST', headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ model: 'tiny', prompt: tok.tokens, max_tokens: 8, temperature: 0, logit_bias: NO_END }),
+  })).json();
+  assert.equal(m.content.map((b) => b.text ?? '').join(''), c.choices[0].text);
+  // An assistant turn that ends in a tool call is history, not a prefill (a new turn opens after it).
+  const count = await client.messages.countTokens({ model: 'tiny', tools: [setTimer], messages: [
+    user('Set a timer')[0], { role: 'assistant', content: [{ type: 'tool_use', id: 't1', name: 'set_timer',
+                                                             input: { unit: 'seconds', amount: 1, loud: false } }] }] });
+  assert.ok(count.input_tokens > 0);
+});
+
 test('stop_sequences: cut at the match, stop_reason stop_sequence, the matched string', async () => {
   const req = { model: 'tiny', max_tokens: 24, temperature: 0, messages: user('Count'), thinking: { type: 'disabled' },
                 logit_bias: NO_END };

@@ -292,6 +292,30 @@ test('an urgent request preempts a less urgent one that holds the only slot; bot
   }
 });
 
+test('continue_final_message: the reply continues the final assistant message; errors name the field', async () => {
+  const messages = [{ role: 'user', content: 'Write a haiku.' }, { role: 'assistant', content: 'Autumn moonlight' }];
+  const req = { model: 'tiny', messages, max_tokens: 6, temperature: 0, continue_final_message: true,
+                add_generation_prompt: false, logit_bias: { 1984: -100, 1986: -100 } };
+  const r = await client.chat.completions.create(req);
+  const tok = await (await fetch(`${srv.base}/tokenize`, {
+    method: 'POST', headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ messages, continue_final_message: true }),
+  })).json();
+  assert.ok(tok.prompt.endsWith('<think>\n\n</think>\n\nAutumn moonlight'), JSON.stringify(tok.prompt));
+  assert.equal(r.usage.prompt_tokens, tok.count);
+  const c = await client.completions.create({ model: 'tiny', prompt: tok.tokens, max_tokens: 6, temperature: 0,
+                                              logit_bias: { 1984: -100, 1986: -100 } });
+  assert.equal(r.choices[0].message.content, c.choices[0].text);
+  // Without it, the same messages open a new assistant turn after the closed one.
+  const plain = await (await fetch(`${srv.base}/tokenize`, {
+    method: 'POST', headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ messages }),
+  })).json();
+  assert.ok(plain.prompt.endsWith('Autumn moonlight<|im_end|>\n<|im_start|>assistant\n<think>\n'), JSON.stringify(plain.prompt));
+  await assert.rejects(client.chat.completions.create({ ...req, messages: [messages[0], { role: 'assistant', content: [{ type: 'image_url', image_url: { url: 'data:,' } }] }] }),
+                       (e) => e.status === 400 && /continue_final_message/.test(e.message));
+});
+
 test('include_reasoning false: the reasoning stays out of the message and the stream', async () => {
   const req = { model: 'tiny', messages: [{ role: 'user', content: 'Think about it' }], max_tokens: 12, temperature: 0,
                 logit_bias: { 2009: -100 } };

@@ -58,6 +58,30 @@ TEST(AnthropicRequest, SystemMessagesAndSampling) {
   EXPECT_EQ(*g.max_tokens, 16);
 }
 
+// A final assistant message with text is a prefill (continue_final_message); one that ends in a tool call, or has no
+// text, is history; so is any earlier assistant message.
+TEST(AnthropicRequest, FinalAssistantTextIsAPrefill) {
+  auto convert = [](const char* messages) {
+    json b = base();
+    b["messages"] = json::parse(messages);
+    return to_chat_request(b).body;
+  };
+  json out = convert(R"([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "{\"a\": "}])");
+  EXPECT_EQ(out["continue_final_message"], true);
+  EXPECT_EQ(out["add_generation_prompt"], false);
+  out = convert(R"([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [{"type": "text", "text": "Sure"}]}])");
+  EXPECT_EQ(out["continue_final_message"], true);
+  for (const char* history : {
+           R"([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Go"}])",
+           R"([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  "}])",
+           R"([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [{"type": "text", "text": "Calling."},
+               {"type": "tool_use", "id": "t", "name": "f", "input": {}}]}])"}) {
+    out = convert(history);
+    EXPECT_FALSE(out.contains("continue_final_message")) << history;
+    EXPECT_FALSE(out.contains("add_generation_prompt")) << history;
+  }
+}
+
 TEST(AnthropicRequest, BlocksImagesToolUseAndToolResultOrder) {
   json b = base();
   b["messages"] = json::parse(R"([

@@ -122,6 +122,61 @@ TEST(ChatTemplate, KwargsReachTheTemplate) {
   EXPECT_EQ(t.render(json::array(), nullptr, true, json{{"enable_thinking", false}}), "FTrue");
 }
 
+// continue_final_message against transformers 5.17's renderings (tests/data/tiny-moe/text/continue-golden.json, made
+// by tools/continue_ref_dump.py): Qwen's templates (from ../shared; skipped where absent) and the tiny model's.
+TEST(ChatTemplateContinue, EveryCaseMatchesTransformers) {
+  const json g = json::parse(slurp(DS_TEST_DATA_DIR "/tiny-moe/text/continue-golden.json"));
+  int checked = 0, skipped = 0;
+  for (const auto& c : g["cases"]) {
+    const std::string name = c["template"];
+    const std::string path = name == "tiny" ? std::string(DS_TEST_DATA_DIR "/tiny-moe/tiny-moe-int4/chat_template.jinja")
+                                            : template_path(name);
+    if (!std::filesystem::exists(path)) {
+      ++skipped;
+      continue;
+    }
+    const auto t = ds::ChatTemplate::from_source(slurp(path));
+    SCOPED_TRACE(name + " / " + c["name"].get<std::string>());
+    if (c["error"].is_null()) {
+      EXPECT_EQ(t.render_continuing(c["messages"], nullptr, c["kwargs"]), c["rendered"].get<std::string>());
+    } else {
+      EXPECT_THROW(t.render_continuing(c["messages"], nullptr, c["kwargs"]), ds::Error);
+    }
+    ++checked;
+  }
+  EXPECT_GE(checked, 11);  // the tiny template's cases at least
+  if (skipped > 0) std::printf("  %d cases skipped: Qwen chat templates absent under " DS_SHARED_DIR "\n", skipped);
+}
+
+// What transformers' marker approach implies beyond the golden cases: a template that keeps the text's spacing keeps
+// it; the last text part is the one continued; no text, or a template that drops the text, is an error naming it.
+TEST(ChatTemplateContinue, SpacingPartsAndErrors) {
+  auto t = ds::ChatTemplate::from_source(
+      "{% for m in messages %}<{{ m.role }}>{% if m.content is string %}{{ m.content }}{% else %}"
+      "{% for p in m.content %}{{ p.text }}{% endfor %}{% endif %}</{{ m.role }}>{% endfor %}");
+  auto msgs = [](json content) {
+    return json::array({json{{"role", "user"}, {"content", "q"}}, json{{"role", "assistant"}, {"content", content}}});
+  };
+  EXPECT_EQ(t.render_continuing(msgs("Hello "), nullptr), "<user>q</user><assistant>Hello ");
+  EXPECT_EQ(t.render_continuing(msgs(json::parse(R"([{"type":"text","text":"a"},{"type":"image"},{"type":"text","text":"b"}])")), nullptr),
+            "<user>q</user><assistant>ab");
+  try {
+    t.render_continuing(msgs(json::parse(R"([{"type":"image"}])")), nullptr);
+    ADD_FAILURE() << "no text part: expected an error";
+  } catch (const ds::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("no text part"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(t.render_continuing(json::array(), nullptr), ds::Error);
+  EXPECT_THROW(t.render_continuing(json::array({json{{"role", "assistant"}}}), nullptr), ds::Error);
+  auto drops = ds::ChatTemplate::from_source("{% for m in messages %}<{{ m.role }}>{% endfor %}");
+  try {
+    drops.render_continuing(msgs("Hello"), nullptr);
+    ADD_FAILURE() << "a template that drops the text: expected an error";
+  } catch (const ds::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("does not appear"), std::string::npos) << e.what();
+  }
+}
+
 // ---- the project's own ChatML template for the bundled tiny model ------------------------------
 
 class TinyTemplate : public ::testing::TestWithParam<const char*> {};

@@ -813,6 +813,11 @@ bool Engine::Impl::emit(Sequence* s, const std::vector<int32_t>& toks, std::vect
     counters.prompt_tokens_total += s->prompt_len;
   }
   Delta d;
+  if (s->completion_tokens == 0 && !toks.empty()) {  // the request's first token
+    using secs = std::chrono::duration<double>;
+    d.queue_seconds = secs(s->admitted - s->submitted).count();
+    d.prefill_seconds = secs(std::chrono::steady_clock::now() - s->admitted).count();
+  }
   for (size_t i = 0; i < toks.size(); ++i) {
     const int32_t tok = toks[i];
     ++s->completion_tokens;

@@ -35,6 +35,9 @@ struct Delta {
   // Usage so far; completion_tokens counts every sampled token, a final stop token included (vLLM's usage).
   int64_t prompt_tokens = 0, completion_tokens = 0;
   int64_t cached_tokens = 0;  // prompt tokens taken from a prefix-cache checkpoint (usage.prompt_tokens_details)
+  // On the delta that carries a request's first token (else -1): seconds from submit() to its first admission (the
+  // queue) and from there to this token (the prefill), vLLM's request_queue_time / request_prefill_time.
+  double queue_seconds = -1, prefill_seconds = -1;
 };
 
 // Thread-safe single-consumer queue of Deltas. The engine pushes without blocking.

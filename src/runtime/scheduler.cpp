@@ -54,6 +54,7 @@ void Scheduler::admit_from_cache(Sequence* s) {
 void Scheduler::count_admission(Sequence* s) {
   if (s->cached_tokens >= 0) return;
   s->cached_tokens = s->cache.len;
+  s->admitted = std::chrono::steady_clock::now();
   if (!prefix_caching_ || s->req->mm) return;
   prefix_queries_ += s->prompt_len;
   prefix_hits_ += s->cache.len;

@@ -1,6 +1,7 @@
 // Continuous batching with chunked prefill and preemption by recompute: which sequences run in the next
 // forward call, how many of their tokens, and who gives memory back when the KV pool runs dry.
 #pragma once
+#include <chrono>
 #include <cstdint>
 #include <deque>
 #include <memory>
@@ -39,6 +40,8 @@ struct Sequence {
   // prompt tokens its first admission (one that got its blocks) took from a checkpoint (-1: not admitted yet).
   std::vector<int64_t> save_at;
   int64_t cached_tokens = -1;
+  // When it was submitted and first admitted (the metrics' queue and prefill times).
+  std::chrono::steady_clock::time_point submitted = std::chrono::steady_clock::now(), admitted;
   // Finished, its caches kept until the end of the step to become a checkpoint (Engine: retiring); its MTP pass
   // proposes nothing.
   bool retiring = false;

@@ -16,6 +16,7 @@ void Histogram::observe(double v) {
 std::string Histogram::render(const std::string& name, const std::string& help, const std::string& labels) const {
   std::lock_guard<std::mutex> l(mu_);
   std::ostringstream os;
+  os.precision(15);  // sums of token counts run to millions: no rounding to the default 6 digits
   os << "# HELP " << name << " " << help << "\n# TYPE " << name << " histogram\n";
   uint64_t cum = 0;
   for (size_t i = 0; i < bounds_.size(); ++i) {
@@ -28,10 +29,27 @@ std::string Histogram::render(const std::string& name, const std::string& help, 
   return os.str();
 }
 
+namespace {
+// vLLM's request-latency buckets.
+std::vector<double> e2e_bounds() {
+  return {0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0,
+          1920.0, 7680.0};
+}
+// 1, 2, 5, 10, 20, 50, ... up to 1M tokens (vLLM's 1-2-5 series, to its max_model_len).
+std::vector<double> token_bounds() {
+  std::vector<double> b;
+  for (double m = 1; m <= 1e6; m *= 10)
+    for (double k : {1.0, 2.0, 5.0}) b.push_back(k * m);
+  return b;
+}
+}  // namespace
+
 ServerMetrics::ServerMetrics()
     : ttft({0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0}),
       itl({0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5}),
-      e2e({0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0}) {}
+      e2e({0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0}),
+      queue(e2e_bounds()), prefill(e2e_bounds()), decode(e2e_bounds()), inference(e2e_bounds()),
+      prompt_tokens(token_bounds()), generation_tokens(token_bounds()) {}
 
 std::string ServerMetrics::render(const runtime::EngineMetrics& e, const std::string& model) const {
   std::ostringstream os;
@@ -90,6 +108,12 @@ std::string ServerMetrics::render(const runtime::EngineMetrics& e, const std::st
   os << ttft.render("deltaserve:time_to_first_token_seconds", "Time to first token.", L);
   os << itl.render("deltaserve:inter_token_latency_seconds", "Time between consecutive output tokens.", L);
   os << e2e.render("deltaserve:e2e_request_latency_seconds", "End-to-end request latency.", L);
+  os << queue.render("deltaserve:request_queue_time_seconds", "Time in the engine's waiting queue before the first admission.", L);
+  os << prefill.render("deltaserve:request_prefill_time_seconds", "Time from the first admission to the first token.", L);
+  os << decode.render("deltaserve:request_decode_time_seconds", "Time from the first token to the last.", L);
+  os << inference.render("deltaserve:request_inference_time_seconds", "Time from the first admission to the last token (prefill + decode).", L);
+  os << prompt_tokens.render("deltaserve:request_prompt_tokens", "Prompt tokens per finished request.", L);
+  os << generation_tokens.render("deltaserve:request_generation_tokens", "Generated tokens per finished request.", L);
   return os.str();
 }
 

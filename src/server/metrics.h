@@ -28,6 +28,8 @@ struct ServerMetrics {
   ServerMetrics();
   std::atomic<int64_t> http_requests_total{0}, rejected_total{0}, client_errors_total{0};
   Histogram ttft, itl, e2e;
+  // vLLM's per-request phases (seconds) and sizes (tokens).
+  Histogram queue, prefill, decode, inference, prompt_tokens, generation_tokens;
   // Renders everything, engine gauges included.
   std::string render(const runtime::EngineMetrics& e, const std::string& model_name) const;
 };

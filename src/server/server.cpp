@@ -239,8 +239,9 @@ struct Choice {
   int64_t prompt_tokens = 0, completion_tokens = 0, cached_tokens = 0;
   std::vector<int32_t> prompt, tokens;
   std::vector<sampling::TokenLogprob> logprobs;
-  Clock::time_point last_token;
+  Clock::time_point last_token, first_token;
   bool got_first = false;
+  double prefill_seconds = -1;  // the engine's, with the first token (metrics)
   std::string prompt_text;  // for echo
 };
 
@@ -599,9 +600,15 @@ class Generation {
   void handle(Choice& c, runtime::Delta& d, std::vector<ChoiceUpdate>& ups) {
     ChoiceUpdate u;
     u.index = c.index;
+    if (d.queue_seconds >= 0) {
+      st_.metrics.queue.observe(d.queue_seconds);
+      st_.metrics.prefill.observe(d.prefill_seconds);
+      c.prefill_seconds = d.prefill_seconds;
+    }
     if (!d.tokens.empty()) {
       auto now = Clock::now();
       if (!c.got_first) {
+        c.first_token = now;
         st_.metrics.ttft.observe(seconds_since(start_));
         c.got_first = true;
       } else {
@@ -650,6 +657,13 @@ class Generation {
       u.finish_reason = c.finish_reason;
       u.stop_reason = c.stop_reason;
       st_.metrics.e2e.observe(seconds_since(start_));
+      if (c.prefill_seconds >= 0) {  // it was admitted and sampled (not a request that failed or ended before)
+        const double decode = c.got_first ? std::chrono::duration<double>(c.last_token - c.first_token).count() : 0.0;
+        st_.metrics.decode.observe(decode);
+        st_.metrics.inference.observe(c.prefill_seconds + decode);
+        st_.metrics.prompt_tokens.observe(double(c.prompt_tokens));
+        st_.metrics.generation_tokens.observe(double(c.completion_tokens));
+      }
     }
     if (!u.tokens.empty() || !u.finish_reason.empty() || !u.ev.empty()) ups.push_back(std::move(u));
   }

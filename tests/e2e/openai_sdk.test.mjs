@@ -136,3 +136,28 @@ test('metrics are exposed in Prometheus format', async () => {
   assert.match(m.text, /deltaserve:time_to_first_token_seconds_bucket/);
   assert.match(m.text, /deltaserve:inter_token_latency_seconds_bucket/);
 });
+
+test('per-request phases and sizes: one more request moves each histogram by one, with its own numbers', async () => {
+  const hist = (text, name) => {
+    const num = (suffix) => Number(text.match(new RegExp(`^deltaserve:${name}_${suffix}\\{[^}]*\\} ([0-9.e+-]+)$`, 'm'))?.[1]);
+    return { count: num('count'), sum: num('sum') };
+  };
+  const names = ['request_queue_time_seconds', 'request_prefill_time_seconds', 'request_decode_time_seconds',
+                 'request_inference_time_seconds', 'request_prompt_tokens', 'request_generation_tokens'];
+  const before = (await metrics(srv.base)).text;
+  const r = await client.completions.create({ model: 'tiny', prompt: [5, 6, 7, 8, 9, 10, 11], max_tokens: 9,
+                                              temperature: 0, ignore_eos: true });
+  assert.equal(r.usage.completion_tokens, 9);
+  const after = (await metrics(srv.base)).text;
+  const d = {};
+  for (const n of names) {
+    const a = hist(before, n), b = hist(after, n);
+    assert.equal(b.count - a.count, 1, `${n}: count ${a.count} -> ${b.count}`);
+    d[n] = b.sum - a.sum;
+    assert.ok(d[n] >= 0, `${n}: sum ${a.sum} -> ${b.sum}`);
+  }
+  assert.ok(Math.abs(d.request_prompt_tokens - 7) < 1e-9, `prompt tokens ${d.request_prompt_tokens}`);
+  assert.ok(Math.abs(d.request_generation_tokens - 9) < 1e-9, `generation tokens ${d.request_generation_tokens}`);
+  assert.ok(d.request_decode_time_seconds > 0 && d.request_prefill_time_seconds > 0);
+  assert.ok(Math.abs(d.request_inference_time_seconds - d.request_prefill_time_seconds - d.request_decode_time_seconds) < 1e-3);
+});

@@ -186,7 +186,7 @@ TEST(EngineImages, PrefixCachingLeavesImagePromptsAlone) {
   auto same_ids = image_req(2);
   same_ids->mm = nullptr;
   EXPECT_EQ(run(same_ids).cached_tokens, 0);
-  EXPECT_EQ(e.metrics().prefix_cache_checkpoints, 1);  // the text prompt leaves one
+  EXPECT_EQ(e.metrics().prefix_cache_checkpoints, 2);  // the text request leaves its prompt's and its answer's
   Out again = run(image_req(3));
   EXPECT_EQ(again.tokens, fx().reference);
   EXPECT_EQ(again.cached_tokens, 0);

@@ -2,12 +2,12 @@
 """Server end-to-end smoke test for machines without Node.js (the GPU host): standard library only.
 Starts `deltaserve serve` with the given backend, then checks: /health, /v1/models, greedy completions equal
 for concurrent streaming and solo runs (batching invariance), SSE framing and usage, a chat with a named tool
-call, a constrained named tool call, an image request, structured outputs, prefix caching, /v1/responses and
+call, a constrained named tool call, an image request, structured outputs, logprobs, prefix caching, /v1/responses and
 /v1/messages, malformed input, metrics back to zero, graceful SIGTERM (exit 0).
 
   tools/e2e_smoke.py BINARY MODEL_DIR [--backend cuda]
 """
-import json, os, socket, subprocess, sys, threading, time, urllib.request, urllib.error
+import json, math, os, socket, subprocess, sys, threading, time, urllib.request, urllib.error
 
 binary, model = sys.argv[1], sys.argv[2]
 backend = sys.argv[sys.argv.index("--backend") + 1] if "--backend" in sys.argv else "cpu"
@@ -193,6 +193,18 @@ for t in ths: t.start()
 for t in ths: t.join()
 check(all(c[1] == 0 for c in cold) and all(w[1] >= 288 for w in warm) and all(w[0] == c[0] for w, c in zip(warm, cold)),
       "prefix cache: 6 concurrent continuations resume (cached " + str([w[1] for w in warm]) + ") with the cold runs' tokens")
+# Logprobs (Backend::row_logprobs on the device): a greedy token is its row's most likely, the alternatives come in
+# order, and they are probabilities (their sum at most 1). (Two ids that decode to the same text share a key.)
+st, body = post("/v1/completions", {"prompt": prompts[0], "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+                                    "logprobs": 5})
+lp = json.loads(body)["choices"][0]["logprobs"] if st == 200 else None
+ok = st == 200 and len(lp["tokens"]) == 8
+for i in range(len(lp["tokens"]) if ok else 0):
+    top = list(lp["top_logprobs"][i].values())
+    ok = ok and 1 <= len(top) <= 5 and all(top[q] >= top[q + 1] for q in range(len(top) - 1))
+    ok = ok and abs(top[0] - lp["token_logprobs"][i]) < 1e-6 and sum(math.exp(v) for v in top) <= 1 + 1e-5
+check(ok, "logprobs 5: greedy tokens are their rows' most likely, alternatives ordered, probabilities")
+
 # The Responses and Anthropic Messages routes run on the same chat pipeline.
 st, body = post("/v1/responses", {"input": "Hello", "max_output_tokens": 8, "temperature": 0,
                                   "reasoning": {"effort": "none"}})

@@ -114,6 +114,11 @@ class ForwardingBackend : public Backend {
                Tensor& weights, const Tensor* a, const Linear* shared_down, const Tensor* gate, Tensor& y) override {
     in_.moe_ffn(router_logits, top_k, x, experts, ids, weights, a, shared_down, gate, y);
   }
+  bool has_row_logprobs() const override { return in_.has_row_logprobs(); }
+  void row_logprobs(const Tensor& logits, int64_t vocab_limit, const std::vector<int32_t>& rows,
+                    const std::vector<int32_t>& chosen, int32_t k, std::vector<float>& out) override {
+    in_.row_logprobs(logits, vocab_limit, rows, chosen, k, out);
+  }
   void sample_rows(const Tensor& logits, int64_t vocab_limit, const std::vector<SampleRowParams>& rows,
                    const std::vector<SampleEdit>& edits, std::vector<int32_t>& ids) override {
     in_.sample_rows(logits, vocab_limit, rows, edits, ids);

@@ -343,6 +343,17 @@ class Backend {
     unsupported("sample_rows");
   }
 
+  // Raw logprobs of the sampled tokens (vLLM's logprobs / top_logprobs) next to sample_rows, so the logits stay on the
+  // device: for each i, out[i·(1 + 2k) .. +1 + 2k] = cpu::row_logprobs(row rows[i] of logits [R, V] (F32, BF16 or
+  // F16), n = min(vocab_limit, V), chosen[i], k) (backend/cpu/sample.cpp is the specification; sums in another order
+  // may differ by rounding). 0 <= k <= kMaxRowTopLogprobs; has_row_logprobs() says whether a backend has it.
+  static constexpr int32_t kMaxRowTopLogprobs = 20;
+  virtual bool has_row_logprobs() const { return false; }
+  virtual void row_logprobs(const Tensor& logits, int64_t vocab_limit, const std::vector<int32_t>& rows,
+                            const std::vector<int32_t>& chosen, int32_t k, std::vector<float>& out) {
+    unsupported("row_logprobs");
+  }
+
   // ==== vision tower (model/vision.cpp, model-spec §5.3) ====================================================
   // D vision hidden, P patches of all images back to back, Nh/Dh vision heads. Each op has a default that
   // throws, so a backend can grow them one at a time; the CPU backend implements all (backend/cpu/vision_ops.cpp).

@@ -137,8 +137,9 @@ struct Engine::Impl {
   void run(const Schedule& s);
   Schedule encode_images(const Schedule& s);
   void place_images(const Schedule& s, BatchMeta& b);
+  // `lp_row`: device sampling's logprobs of this row (Backend::row_logprobs' layout), when the request wants them.
   bool decide(const ScheduledSeq& x, const float* rows, int64_t* accepted, const int32_t* sampled = nullptr,
-              const sampling::MaskAhead* mask = nullptr);
+              const sampling::MaskAhead* mask = nullptr, const float* lp_row = nullptr);
   struct StepMasks {                      // the grammar masks of one step's constrained rows (start_masks)
     std::vector<sampling::MaskAhead> ahead;
     std::vector<int32_t> of;              // schedule index -> its mask in `ahead`, or -1
@@ -401,13 +402,19 @@ void Engine::Impl::run(const Schedule& sc_in) {
     for (int64_t i = 0; i < b.num_tokens(); ++i) all_rows.push_back(int32_t(i));
   std::vector<float> logits;  // fp32 [R, V] (host sampling)
   std::vector<int32_t> toks;  // one token per row (device sampling)
+  std::vector<int32_t> lp_of(sc.seqs.size(), -1);  // device sampling: schedule index -> its row of lp_rows, or -1
+  std::vector<float> lp_rows;                       // Backend::row_logprobs' rows
+  int32_t lp_stride = 0;
   Tensor hidden;              // act [T, H] final-norm hiddens (speculation only)
   // Sampling on the backend: no sampled row wants logprobs or is constrained by a grammar (its mask is made on the
   // host), and every verifying sequence is greedy (its rows' target choices come back and are compared with the
   // drafts here; rejection sampling needs whole rows).
   const bool on_device = cfg.device_sampling && !rows.empty() && std::all_of(sc.seqs.begin(), sc.seqs.end(), [&](const ScheduledSeq& x) {
     const sampling::SamplingParams& sp = x.seq->req->sampling;
-    return !x.samples || (sp.logprobs < 0 && !x.seq->sampler.constrained() && x.seq->sampler.forced() < 0 &&
+    // Logprobs (up to kMaxRowTopLogprobs alternatives) come from Backend::row_logprobs beside the sampled rows.
+    const bool lp_ok = sp.logprobs < 0 || (x.num_drafts == 0 && sp.logprobs <= Backend::kMaxRowTopLogprobs &&
+                                           model.backend().has_row_logprobs());
+    return !x.samples || (lp_ok && !x.seq->sampler.constrained() && x.seq->sampler.forced() < 0 &&
                           (x.num_drafts == 0 || (cfg.device_verify && sampling::is_greedy(sp))));
   });
   std::vector<std::pair<Sequence*, uint64_t>> draws;  // each sampler's counter before this step's uniforms
@@ -446,6 +453,25 @@ void Engine::Impl::run(const Schedule& sc_in) {
           for (int64_t j = 0; j < k; ++j) x.seq->sampler.retract(x.seq->drafts[size_t(j)]);
         }
       model.backend().sample_rows(t, cfg.vocab_limit, prm, edits, toks);
+      // The logprobs of the rows that want them, from the logits still on the device.
+      std::vector<int32_t> lrows, chosen;
+      int32_t kmax = 0;
+      for (size_t i = 0, r = 0; i < sc.seqs.size(); ++i) {
+        const ScheduledSeq& x = sc.seqs[i];
+        if (!x.samples) continue;
+        const int64_t want = x.seq->req->sampling.logprobs;
+        if (want >= 0 && toks[r] >= 0) {
+          lp_of[i] = int32_t(lrows.size());
+          lrows.push_back(int32_t(r));
+          chosen.push_back(toks[r]);
+          kmax = std::max(kmax, int32_t(want));
+        }
+        r += size_t(x.num_drafts + 1);
+      }
+      if (!lrows.empty()) {
+        model.backend().row_logprobs(t, cfg.vocab_limit, lrows, chosen, kmax, lp_rows);
+        lp_stride = 1 + 2 * kmax;
+      }
       ++counters.device_sample_steps_total;
       clk.mark(spec ? "sample/verify on device" : "sample on device");
     } else if (!rows.empty()) {
@@ -479,7 +505,8 @@ void Engine::Impl::run(const Schedule& sc_in) {
     int64_t accepted = 0;
     bool alive = true;
     if (x.samples) {
-      alive = on_device ? decide(x, nullptr, &accepted, toks.data() + r)
+      alive = on_device ? decide(x, nullptr, &accepted, toks.data() + r, nullptr,
+                                 lp_of[i] >= 0 ? lp_rows.data() + size_t(lp_of[i]) * size_t(lp_stride) : nullptr)
                         : decide(x, logits.data() + int64_t(r) * V, &accepted, nullptr,
                                  masks.of[i] >= 0 ? &masks.ahead[size_t(masks.of[i])] : nullptr);
       r += size_t(x.num_drafts + 1);
@@ -711,7 +738,7 @@ int64_t Engine::Impl::drafts_wanted(Sequence* s) {
 // tokens Backend::sample_rows chose for the chunk's rows (greedy when there are drafts: d_{j+1} is accepted iff it
 // is row j's choice; -1: nothing left to sample), `rows` unused; null: decide from the logit rows on the host.
 bool Engine::Impl::decide(const ScheduledSeq& x, const float* rows, int64_t* accepted, const int32_t* sampled,
-                          const sampling::MaskAhead* mask) {
+                          const sampling::MaskAhead* mask, const float* lp_row) {
   Sequence* s = x.seq;
   const int64_t V = model.config().text.vocab_size;
   const bool want_lp = s->req->sampling.logprobs >= 0;
@@ -728,6 +755,12 @@ bool Engine::Impl::decide(const ScheduledSeq& x, const float* rows, int64_t* acc
         if (tok < 0) fail("no token left to sample (every logit is -inf or NaN after logit_bias)");
         s->sampler.accept(tok);
         toks.push_back(tok);
+        if (want_lp) {
+          DS_CHECK(lp_row && x.num_drafts == 0, "device sampling: logprobs wanted but not computed");
+          const int64_t n = cfg.vocab_limit > 0 ? std::min<int64_t>(cfg.vocab_limit, V) : V;
+          sampling::set_logprobs(lp_row, tok, int32_t(std::min<int64_t>(s->req->sampling.logprobs, n)), lp);
+          lps.push_back(std::move(lp));
+        }
         if (j == x.num_drafts || tok != s->drafts[size_t(j)]) break;
         ++a;
         continue;

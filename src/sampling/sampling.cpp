@@ -20,24 +20,24 @@ uint64_t seed_of(const SamplingParams& p) {
   return (uint64_t(rd()) << 32) ^ uint64_t(rd());
 }
 
-// Raw log-softmax over ids [0, n): the chosen token and the top `k` alternatives.
-void fill_logprobs(const float* logits, int64_t n, int32_t chosen, int32_t k, TokenLogprob& lp) {
-  float mx = -std::numeric_limits<float>::infinity();
-  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, logits[i]);
-  double sum = 0;
-  for (int64_t i = 0; i < n; ++i) sum += std::exp(double(logits[i]) - mx);
-  const double lse = double(mx) + std::log(sum);
+}  // namespace
+
+void set_logprobs(const float* row, int32_t chosen, int32_t k, TokenLogprob& lp) {
   lp.token = chosen;
-  lp.logprob = float(double(logits[chosen]) - lse);
+  lp.logprob = row[0];
   lp.top.clear();
-  k = int32_t(std::min<int64_t>(k, n));
-  if (k <= 0) return;
-  std::vector<int32_t> ids(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) ids[size_t(i)] = int32_t(i);
-  std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), [&](int32_t a, int32_t b) {
-    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
-  });
-  for (int32_t i = 0; i < k; ++i) lp.top.push_back({ids[size_t(i)], float(double(logits[ids[size_t(i)]]) - lse)});
+  for (int32_t j = 0; j < k; ++j) lp.top.push_back({int32_t(row[1 + 2 * j]), row[2 + 2 * j]});
+}
+
+namespace {
+
+// Raw log-softmax over ids [0, n): the chosen token and the top `k` alternatives (cpu::row_logprobs, the
+// specification Backend::row_logprobs shares).
+void fill_logprobs(const float* logits, int64_t n, int32_t chosen, int32_t k, TokenLogprob& lp) {
+  k = int32_t(std::min<int64_t>(std::max(k, 0), n));
+  std::vector<float> out(size_t(1 + 2 * k));
+  cpu::row_logprobs(logits, n, chosen, k, out.data());
+  set_logprobs(out.data(), chosen, k, lp);
 }
 
 // The row parameters without the uniform and the edit range.

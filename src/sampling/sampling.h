@@ -181,6 +181,10 @@ int32_t sample(const float* logits, int64_t V, int64_t vocab_limit, SeqSampler& 
 int32_t verify_draft(const float* logits, int64_t V, int64_t vocab_limit, SeqSampler& s, int32_t draft,
                      const float* draft_probs, bool* accepted, TokenLogprob* lp);
 
+// A TokenLogprob from one row in cpu::row_logprobs' layout (Backend::row_logprobs): the chosen token's logprob, then
+// k (id, logprob) pairs.
+void set_logprobs(const float* row, int32_t chosen, int32_t k, TokenLogprob& lp);
+
 // The draft head's proposal: the argmax of its logits over ids [0, vocab_limit) (deterministic, so q is one-hot).
 int32_t draft_argmax(const float* logits, int64_t V, int64_t vocab_limit);
 

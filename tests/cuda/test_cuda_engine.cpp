@@ -148,12 +148,15 @@ TEST(CudaEngine, PrefixCachingResumesWithTheSameTokens) {
 // host sampler over the copied logits pick the same tokens. Both paths see the same logits (the forward does
 // not depend on the sampler), so only a draw within float rounding of a cumulative boundary could differ
 // (tests/cuda/test_cuda_sampling.cpp); over these ~300 draws that is not expected, so this requires equality.
+// Every fourth request wants logprobs (5 alternatives): on the device they come from Backend::row_logprobs, on the
+// host from the copied rows: the same top ids, logprobs within 1e-5.
 TEST(CudaEngine, DeviceSamplingEqualsHostSampling) {
   DS_REQUIRE_GPU();
   TinyMoe t;
   auto& m = t.m;
   const auto& prompts = t.prompts;
   std::vector<std::vector<std::vector<int32_t>>> out(2);
+  std::vector<std::vector<std::vector<sampling::TokenLogprob>>> lps(2);
   std::vector<int64_t> dev_steps(2);
   for (int on = 0; on < 2; ++on) {
     runtime::EngineConfig c;
@@ -184,6 +187,7 @@ TEST(CudaEngine, DeviceSamplingEqualsHostSampling) {
         sp.frequency_penalty = 0.2f;
         sp.logit_bias = {{5, 1.5f}, {6, -50.f}};
       }
+      if (i % 4 == 2) sp.logprobs = 5;
       e.submit(r);
       reqs.push_back(r);
     }
@@ -191,13 +195,34 @@ TEST(CudaEngine, DeviceSamplingEqualsHostSampling) {
     }
     for (auto& r : reqs) {
       std::vector<int32_t> toks;
-      while (auto d = r->out->pop(std::chrono::milliseconds(0))) toks.insert(toks.end(), d->tokens.begin(), d->tokens.end());
+      std::vector<sampling::TokenLogprob> lp;
+      while (auto d = r->out->pop(std::chrono::milliseconds(0))) {
+        toks.insert(toks.end(), d->tokens.begin(), d->tokens.end());
+        lp.insert(lp.end(), d->logprobs.begin(), d->logprobs.end());
+      }
       EXPECT_EQ(int64_t(toks.size()), r->max_tokens) << "request " << r->id;
+      EXPECT_EQ(lp.size(), r->sampling.logprobs >= 0 ? toks.size() : 0u) << "request " << r->id;
       out[size_t(on)].push_back(toks);
+      lps[size_t(on)].push_back(lp);
     }
     dev_steps[size_t(on)] = e.metrics().device_sample_steps_total;
   }
   for (size_t i = 0; i < out[0].size(); ++i) EXPECT_EQ(out[1][i], out[0][i]) << "request " << i;
+  int checked = 0;
+  for (size_t i = 0; i < lps[0].size(); ++i)
+    for (size_t j = 0; j < std::min(lps[0][i].size(), lps[1][i].size()); ++j) {
+      const auto &h = lps[0][i][j], &d = lps[1][i][j];
+      EXPECT_EQ(d.token, h.token);
+      EXPECT_NEAR(d.logprob, h.logprob, 1e-5) << "request " << i << " token " << j;
+      ASSERT_EQ(d.top.size(), 5u);
+      ASSERT_EQ(h.top.size(), 5u);
+      for (size_t q = 0; q < 5; ++q) {
+        EXPECT_EQ(d.top[q].first, h.top[q].first) << "request " << i << " token " << j << " alternative " << q;
+        EXPECT_NEAR(d.top[q].second, h.top[q].second, 1e-5) << "request " << i << " token " << j << " alternative " << q;
+      }
+      ++checked;
+    }
+  EXPECT_GT(checked, 40);
   EXPECT_EQ(dev_steps[0], 0);
   EXPECT_GT(dev_steps[1], 10);
 }

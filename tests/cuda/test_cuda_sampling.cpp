@@ -240,6 +240,85 @@ TEST(CudaSampling, EdgeRows) {
       }
 }
 
+// Backend::row_logprobs on CUDA against cpu::row_logprobs over shapes (R 1, 5, 64; V 7 .. 248320; vocab_limit V and
+// below; k 0, 1, 5, 20 and k > n; fp32, bf16, f16 logits; rows of a larger tensor in any order) and rows with ties
+// everywhere, -inf and one finite logit: the same top ids in the same order, logprobs within 2e-6 + 1e-6 |x| (the
+// CPU sums exp in id order, the GPU per thread then a tree, both in double).
+TEST(CudaSampling, RowLogprobsMatchCpu) {
+  DS_REQUIRE_GPU();
+  test::Both B;
+  ASSERT_TRUE(B.gpu->has_row_logprobs());
+  const float inf = std::numeric_limits<float>::infinity();
+  int cases = 0;
+  double worst = 0;
+  for (int64_t V : {int64_t(7), int64_t(1000), int64_t(151936), int64_t(248320)})
+    for (int R : {1, 5, 64})
+      for (DType dt : {DType::F32, DType::BF16, DType::F16})
+        for (int64_t limit : {V, V - std::max<int64_t>(1, V / 10)})
+          for (int32_t k : {0, 1, 5, 20}) {
+            if (V > 1000 && (R == 5 || dt == DType::F16) && k != 20) continue;  // time: the big rows at k 20
+            SCOPED_TRACE(str_cat("R ", R, " V ", V, " limit ", limit, " ", dtype_name(dt), " k ", k));
+            std::mt19937_64 g(uint64_t(R) * 31u + uint64_t(V) + uint64_t(k) * 7u + uint64_t(limit));
+            const int64_t n = std::min(limit, V);
+            const int rows_in = R + 3;  // the tensor has more rows than are asked for
+            std::vector<float> host(size_t(rows_in) * size_t(V));
+            std::normal_distribution<float> d(0.f, 3.f);
+            for (auto& v : host) v = d(g);
+            for (int r = 0; r < rows_in; ++r) {
+              float* x = host.data() + size_t(r) * size_t(V);
+              if (r % 5 == 1)
+                for (int64_t i = 0; i < V; ++i) x[i] = float(int(x[i]));  // many ties
+              if (r % 5 == 2) x[g() % uint64_t(n)] += 30.f;                 // one dominant token
+              if (r % 5 == 3)
+                for (int64_t i = 0; i < V; i += 3) x[i] = -inf;
+              if (r % 5 == 4) {
+                for (int64_t i = 0; i < V; ++i) x[i] = -inf;
+                x[(V - 1) % n] = 2.f;  // one finite logit
+              }
+            }
+            if (dt != DType::F32)
+              for (auto& v : host) v = dt == DType::BF16 ? bf16_to_f32(f32_to_bf16(v)) : f16_to_f32(f32_to_f16(v));
+            Tensor t = B.gpu->upload_f32(host, {rows_in, V}, dt);
+            std::vector<int32_t> rows, chosen;
+            for (int i = 0; i < R; ++i) {
+              rows.push_back(int32_t((i * 7 + 2) % rows_in));
+              const float* x = host.data() + size_t(rows.back()) * size_t(V);
+              int32_t c = int32_t(g() % uint64_t(n));
+              while (!(x[c] > -inf)) c = (c + 1) % int32_t(n);
+              chosen.push_back(c);
+            }
+            std::vector<float> got;
+            B.gpu->row_logprobs(t, limit, rows, chosen, k, got);
+            const int stride = 1 + 2 * k, kk = int(std::min<int64_t>(k, n));
+            ASSERT_EQ(got.size(), size_t(R) * size_t(stride));
+            std::vector<float> want(size_t(stride), 0.f);
+            for (int i = 0; i < R; ++i) {
+              std::fill(want.begin(), want.end(), 0.f);
+              cpu::row_logprobs(host.data() + size_t(rows[size_t(i)]) * size_t(V), n, chosen[size_t(i)], kk, want.data());
+              const float* o = got.data() + size_t(i) * size_t(stride);
+              auto close = [&](float a, float b) {
+                if (a == b) return true;  // -inf too
+                const double e = std::fabs(double(a) - double(b));
+                worst = std::max(worst, e / (1.0 + std::fabs(double(b))));
+                return e <= 2e-6 + 1e-6 * std::fabs(double(b));
+              };
+              EXPECT_TRUE(close(o[0], want[0])) << "row " << i << ": chosen logprob GPU " << o[0] << " CPU " << want[0];
+              for (int j = 0; j < kk; ++j) {
+                EXPECT_EQ(o[1 + 2 * j], want[1 + 2 * j]) << "row " << i << " top " << j;
+                EXPECT_TRUE(close(o[2 + 2 * j], want[2 + 2 * j]))
+                    << "row " << i << " top " << j << ": GPU " << o[2 + 2 * j] << " CPU " << want[2 + 2 * j];
+              }
+              for (int j = kk; j < k; ++j) EXPECT_EQ(o[1 + 2 * j], 0.f) << "row " << i << ": pair " << j << " beyond n";
+            }
+            ++cases;
+          }
+  std::printf("  %d cases, worst logprob difference %.3g (relative to 1 + |x|)\n", cases, worst);
+  // k above the device's limit is refused, not truncated.
+  Tensor t = B.gpu->upload_f32(std::vector<float>(10, 0.f), {1, 10}, DType::F32);
+  std::vector<float> out;
+  EXPECT_THROW(B.gpu->row_logprobs(t, 10, {0}, {0}, Backend::kMaxRowTopLogprobs + 1, out), std::exception);
+}
+
 // Time per call at the real vocabulary: sample_rows on the GPU vs the host path it replaces (copy [R, V] fp32 to the
 // host, then sampling::sample per row). Prints only; docs/engine.md "Sampler".
 TEST(CudaSampling, TimeAgainstTheHostPath) {
@@ -288,6 +367,22 @@ TEST(CudaSampling, TimeAgainstTheHostPath) {
       std::printf("  R %2d V %ld %-22s device %8.3f ms/step   host copy + sample %9.3f ms/step\n", R, long(V), set.name,
                   dev_ms, host_ms);
     }
+    // Logprobs with 20 alternatives for every row: row_logprobs beside sample_rows, against the host path's copy of
+    // the rows and its log-softmax + top 20 per row.
+    std::vector<int32_t> rows(static_cast<size_t>(R)), chosen(static_cast<size_t>(R), 1);
+    for (int r = 0; r < R; ++r) rows[size_t(r)] = r;
+    std::vector<float> out;
+    B.gpu->row_logprobs(t, V, rows, chosen, 20, out);  // warm-up
+    auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < 20; ++i) B.gpu->row_logprobs(t, V, rows, chosen, 20, out);
+    const double dev_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / 20;
+    t0 = std::chrono::steady_clock::now();
+    const auto x = B.gpu->to_host_f32(t);
+    std::vector<float> one(41);
+    for (int r = 0; r < R; ++r) cpu::row_logprobs(x.data() + size_t(r) * size_t(V), V, 1, 20, one.data());
+    const double host_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    std::printf("  R %2d V %ld logprobs, 20 alternatives: device %8.3f ms/step   host copy + log-softmax %9.3f ms/step\n",
+                R, long(V), dev_ms, host_ms);
   }
 }
 

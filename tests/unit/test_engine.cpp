@@ -282,8 +282,9 @@ TEST(Engine, StepGraphsOnAndOffGiveIdenticalOutputs) {
 }
 
 // Sampling on the backend (Backend::sample_rows, here the CPU backend's) gives the host sampler's tokens: greedy
-// and seeded requests with every filter, penalties and bias, batched; a logprobs request sends its steps to the
-// host path. Only the path changes, never a token.
+// and seeded requests with every filter, penalties and bias, batched; a logprobs request's logprobs come from
+// Backend::row_logprobs beside it (the same numbers), one asking for more alternatives than the backend gives
+// (kMaxRowTopLogprobs) sends its steps to the host path. Only the path changes, never a token or a logprob.
 TEST(Engine, DeviceSamplingEqualsHostSampling) {
   auto& f = fx();
   auto reqs_of = [&] {
@@ -307,7 +308,8 @@ TEST(Engine, DeviceSamplingEqualsHostSampling) {
         sp.top_p = 1.f;
       }
       if (i % 4 == 0) sp.repetition_penalty = 1.5f;  // greedy with a penalty
-      if (i == 6) sp.logprobs = 2;                  // its steps sample on the host
+      if (i == 6) sp.logprobs = 2;                  // on the device, with Backend::row_logprobs
+      if (i == 7) sp.logprobs = Backend::kMaxRowTopLogprobs + 1;  // its steps sample on the host
       v.push_back(r);
     }
     return v;
@@ -332,8 +334,17 @@ TEST(Engine, DeviceSamplingEqualsHostSampling) {
     EXPECT_EQ(out[1][i].tokens, out[0][i].tokens) << "request " << i;
     EXPECT_EQ(out[1][i].finish, out[0][i].finish) << "request " << i;
     for (int32_t t : out[1][i].tokens) EXPECT_LT(t, 2000) << "request " << i;
+    ASSERT_EQ(out[1][i].logprobs.size(), out[0][i].logprobs.size()) << "request " << i;
+    for (size_t j = 0; j < out[0][i].logprobs.size(); ++j) {
+      const auto &a = out[1][i].logprobs[j], &b = out[0][i].logprobs[j];
+      EXPECT_EQ(a.token, b.token);
+      EXPECT_EQ(a.logprob, b.logprob) << "request " << i << " token " << j;
+      EXPECT_EQ(a.top, b.top) << "request " << i << " token " << j;
+    }
   }
   EXPECT_EQ(out[1][6].logprobs.size(), out[1][6].tokens.size());
+  EXPECT_EQ(out[1][6].logprobs[0].top.size(), 2u);
+  EXPECT_EQ(out[1][7].logprobs[0].top.size(), size_t(Backend::kMaxRowTopLogprobs + 1));
   EXPECT_EQ(dev_steps[0], 0);
   EXPECT_GT(dev_steps[1], 5);
 }
@@ -467,7 +478,7 @@ TEST(PrefixCache, ResumedRequestsGetTheirAloneOutputs) {
   const EngineMetrics m = e.metrics();
   EXPECT_EQ(m.prefix_cache_hits_total, 144 + 165 + 176 + 96);
   EXPECT_EQ(m.prefix_cache_queries_total, 150 * 2 + 186 * 2 + 130 + 125);
-  EXPECT_EQ(m.prefix_cache_checkpoints, 4);  // 144, 176, 96, 128, 112 went in: the capacity, 4, are left
+  EXPECT_EQ(m.prefix_cache_checkpoints, 4);  // prompts' and finished answers' went in: the capacity, 4, are left
   expect_empty(m);
   EXPECT_GT(m.kv_blocks_cached, 0);
 }

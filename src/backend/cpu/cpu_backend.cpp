@@ -420,6 +420,22 @@ class CpuBackend final : public Backend {
     const std::vector<float> host = to_host_f32(logits);  // BF16 logits
     cpu::sample_rows(host.data(), logits.dim(1), vocab_limit, rows, edits, ids);
   }
+  bool has_row_logprobs() const override { return true; }
+  void row_logprobs(const Tensor& logits, int64_t vocab_limit, const std::vector<int32_t>& rows,
+                    const std::vector<int32_t>& chosen, int32_t k, std::vector<float>& out) override {
+    DS_CHECK(logits.ndim() == 2 && rows.size() == chosen.size() && k >= 0 && k <= kMaxRowTopLogprobs,
+             "row_logprobs: logits [R, V], one chosen token per row, k in 0..", kMaxRowTopLogprobs);
+    const int64_t V = logits.dim(1), n = vocab_limit > 0 ? std::min(vocab_limit, V) : V;
+    const int32_t kk = int32_t(std::min<int64_t>(k, n));
+    const std::vector<float> host = logits.dtype == DType::F32 ? std::vector<float>() : to_host_f32(logits);
+    const float* all = logits.dtype == DType::F32 ? logits.ptr<float>() : host.data();
+    out.assign(rows.size() * size_t(1 + 2 * k), 0.f);
+    for (size_t i = 0; i < rows.size(); ++i) {
+      DS_CHECK(rows[i] >= 0 && rows[i] < logits.dim(0) && chosen[i] >= 0 && chosen[i] < n, "row_logprobs: row ",
+               rows[i], " of ", logits.dim(0), ", token ", chosen[i], " of ", n);
+      cpu::row_logprobs(all + int64_t(rows[i]) * V, n, chosen[i], kk, out.data() + i * size_t(1 + 2 * k));
+    }
+  }
   void gather_rows(const Tensor& x, const std::vector<int32_t>& rows, Tensor& out) override {
     const int64_t H = x.numel() / x.dim(0);
     for (size_t i = 0; i < rows.size(); ++i)

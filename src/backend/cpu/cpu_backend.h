@@ -55,6 +55,10 @@ bool sample_filter(const float* z, int64_t n, const SampleRowParams& p, SampleSe
 int32_t sample_draw(const SampleSet& s, float u);
 // One row of sample_rows: greedy or filter + draw with p.u; -1 when nothing can be sampled.
 int32_t sample_row(const float* raw, int64_t n, const SampleRowParams& p, const SampleEdit* edits, int64_t ne);
+// Raw log-softmax of one row over ids [0, n) (Backend::row_logprobs' specification, and the host sampler's logprobs):
+// out[0] = logits[chosen] − lse, then for j < min(k, n) out[1 + 2j] = the id of the j-th most likely (ties: the lower
+// id first), out[2 + 2j] = its logprob. lse = max + log Σ exp(double(x) − max), in double, in id order.
+void row_logprobs(const float* logits, int64_t n, int32_t chosen, int32_t k, float* out);
 // Backend::sample_rows over host fp32 logits [R, V] (R = rows.size()).
 void sample_rows(const float* logits, int64_t V, int64_t vocab_limit, const std::vector<SampleRowParams>& rows,
                  const std::vector<SampleEdit>& edits, std::vector<int32_t>& ids);

@@ -19,6 +19,26 @@ void sample_values(const float* raw, int64_t n, const SampleRowParams& p, const 
   }
 }
 
+void row_logprobs(const float* logits, int64_t n, int32_t chosen, int32_t k, float* out) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, logits[i]);
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += std::exp(double(logits[i]) - double(mx));
+  const double lse = double(mx) + std::log(sum);
+  out[0] = float(double(logits[chosen]) - lse);
+  k = int32_t(std::min<int64_t>(k, n));
+  if (k <= 0) return;
+  std::vector<int32_t> ids(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) ids[size_t(i)] = int32_t(i);
+  std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), [&](int32_t a, int32_t b) {
+    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+  });
+  for (int32_t j = 0; j < k; ++j) {
+    out[1 + 2 * j] = float(ids[size_t(j)]);
+    out[2 + 2 * j] = float(double(logits[ids[size_t(j)]]) - lse);
+  }
+}
+
 int32_t sample_argmax(const float* z, int64_t n) {
   int64_t a = 0;
   float best = -std::numeric_limits<float>::infinity();

@@ -1586,6 +1586,11 @@ class CudaBackend final : public Backend {
       for (size_t i = 0; i < v.size(); ++i) h[i] = f32_to_bf16(v[i]);
       return upload_bytes(h.data(), h.size() * 2, dt, std::move(shape));
     }
+    if (dt == DType::F16) {
+      std::vector<uint16_t> h(v.size());
+      for (size_t i = 0; i < v.size(); ++i) h[i] = f32_to_f16(v[i]);
+      return upload_bytes(h.data(), h.size() * 2, dt, std::move(shape));
+    }
     if (dt == DType::I32) {
       std::vector<int32_t> h(v.size());
       for (size_t i = 0; i < v.size(); ++i) h[i] = int32_t(v[i]);
@@ -2670,6 +2675,32 @@ class CudaBackend final : public Backend {
                        stream_);
     DS_CUDA_CHECK_LAST();
     DS_CUDA_CHECK(cudaMemcpyAsync(ids.data(), out.data, size_t(R) * 4, cudaMemcpyDeviceToHost, stream_));
+    DS_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+
+  bool has_row_logprobs() const override { return true; }
+  void row_logprobs(const Tensor& logits, int64_t vocab_limit, const std::vector<int32_t>& rows,
+                    const std::vector<int32_t>& chosen, int32_t k, std::vector<float>& out) override {
+    DS_CHECK(logits.ndim() == 2 && rows.size() == chosen.size() && k >= 0 && k <= kMaxRowTopLogprobs,
+             "row_logprobs: logits [R, V], one chosen token per row, k in 0..", kMaxRowTopLogprobs);
+    DS_CHECK(logits.dtype == DType::F32 || logits.dtype == DType::BF16 || logits.dtype == DType::F16,
+             "row_logprobs: logits dtype ", dtype_name(logits.dtype));
+    const int64_t V = logits.dim(1), n = vocab_limit > 0 ? std::min(vocab_limit, V) : V;
+    const int R = int(rows.size()), stride = 1 + 2 * k, kk = int(std::min<int64_t>(k, n));
+    out.assign(size_t(R) * size_t(stride), 0.f);
+    if (R == 0) return;
+    for (int i = 0; i < R; ++i)
+      DS_CHECK(rows[size_t(i)] >= 0 && rows[size_t(i)] < logits.dim(0) && chosen[size_t(i)] >= 0 && chosen[size_t(i)] < n,
+               "row_logprobs: row ", rows[size_t(i)], " of ", logits.dim(0), ", token ", chosen[size_t(i)], " of ", n);
+    std::vector<int32_t> both(rows);
+    both.insert(both.end(), chosen.begin(), chosen.end());
+    Tensor d = upload_bytes(both.data(), both.size() * 4, DType::I32, {int64_t(both.size())});
+    Tensor o = alloc(DType::F32, {int64_t(R) * stride});
+    DS_CUDA_CHECK(cudaMemsetAsync(o.data, 0, size_t(o.nbytes()), stream_));
+    launch_row_logprobs(logits.data, int(logits.dtype), V, n, R, d.ptr<int32_t>(), d.ptr<int32_t>() + R, kk, stride,
+                        o.ptr<float>(), stream_);
+    DS_CUDA_CHECK_LAST();
+    DS_CUDA_CHECK(cudaMemcpyAsync(out.data(), o.data, size_t(o.nbytes()), cudaMemcpyDeviceToHost, stream_));
     DS_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
 

@@ -17,6 +17,7 @@
 #include "backend/cuda/pdl.h"
 #include "backend/cuda/sample.h"
 #include "core/dtype.h"
+#include "core/status.h"
 
 namespace ds::cuda {
 namespace {
@@ -244,7 +245,118 @@ __global__ void __launch_bounds__(kThreads) k_sample_rows(const float* zall, int
   ids[r] = tok >= 0 ? tok : lastpos;
 }
 
+// Backend::row_logprobs (cpu::row_logprobs is the specification): one block of kLpThreads per requested row. Each
+// thread scans ids t, t + kLpThreads, ... (kLpUnroll loads in flight) keeping its max and its own top kLpMaxK in
+// registers: a descending list (ties: lower id first) that a new id enters through a chain of compare-swaps with
+// static indices (a dynamically indexed list would live in local memory, and a kernel with local memory pays the
+// driver's local-memory resize at every launch: ~1 ms). Then the block's max; Σ expf(x − max) accumulated in double
+// (per thread in id order, then a fixed tree: within ~1e-7 of the CPU's double exps); the top k by k rounds of a
+// block argmax over the threads' list heads (value, then lower id), the winner shifting its list up.
+constexpr int kLpThreads = 512, kLpMaxK = 20, kLpUnroll = 4;
+
+__global__ void __launch_bounds__(kLpThreads) k_row_logprobs(const void* logits, int dt, int64_t V, int64_t n,
+                                                             const int32_t* rows, const int32_t* chosen, int k,
+                                                             int stride, float* out) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
+  __shared__ float sv[32];
+  __shared__ int32_t si[32];
+  __shared__ double sd[32];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  const int64_t base = int64_t(rows[blockIdx.x]) * V;
+  const int64_t B = blockDim.x;
+  float tv[kLpMaxK];
+  int32_t ti[kLpMaxK];
+#pragma unroll
+  for (int q = 0; q < kLpMaxK; ++q) {
+    tv[q] = -INFINITY;
+    ti[q] = INT_MAX;  // empty: any id, even of a -inf logit, goes before it
+  }
+  float mx = -INFINITY;
+  for (int64_t j0 = threadIdx.x; j0 < n; j0 += kLpUnroll * B) {
+    float xs[kLpUnroll];
+#pragma unroll
+    for (int u = 0; u < kLpUnroll; ++u) xs[u] = j0 + u * B < n ? ldf(logits, dt, base + j0 + u * B) : NAN;
+#pragma unroll
+    for (int u = 0; u < kLpUnroll; ++u) {
+      float v = xs[u];  // NaN past the end: never taken, like a NaN logit
+      int32_t vi = int32_t(j0 + u * B);
+      mx = fmaxf(mx, v);  // NaN never taken (std::max(mx, x) keeps mx)
+      if (k > 0 && (v > tv[kLpMaxK - 1] || (v == tv[kLpMaxK - 1] && vi < ti[kLpMaxK - 1]))) {
+#pragma unroll
+        for (int q = 0; q < kLpMaxK; ++q)
+          if (v > tv[q] || (v == tv[q] && vi < ti[q])) {
+            const float tf = tv[q];
+            const int32_t tid = ti[q];
+            tv[q] = v;
+            ti[q] = vi;
+            v = tf;
+            vi = tid;
+          }
+      }
+    }
+  }
+  // The row's max, every thread.
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  if (lane == 0) sv[w] = mx;
+  __syncthreads();
+  mx = sv[0];
+  for (int q = 1; q < nw; ++q) mx = fmaxf(mx, sv[q]);
+  // Σ exp(x − max), accumulated in double.
+  double s = 0;
+  for (int64_t j0 = threadIdx.x; j0 < n; j0 += kLpUnroll * B) {
+    float xs[kLpUnroll];
+#pragma unroll
+    for (int u = 0; u < kLpUnroll; ++u) xs[u] = j0 + u * B < n ? ldf(logits, dt, base + j0 + u * B) : -INFINITY;
+#pragma unroll
+    for (int u = 0; u < kLpUnroll; ++u) s += double(expf(xs[u] - mx));  // in id order; past the end adds 0
+  }
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  if (lane == 0) sd[w] = s;
+  __syncthreads();
+  s = 0;
+  for (int q = 0; q < nw; ++q) s += sd[q];
+  const double lse = double(mx) + log(s);
+  float* o = out + int64_t(blockIdx.x) * stride;
+  if (threadIdx.x == 0) o[0] = float(double(ldf(logits, dt, base + chosen[blockIdx.x])) - lse);
+  for (int r = 0; r < k; ++r) {
+    float v = tv[0];
+    int32_t id = ti[0];
+    for (int off = 16; off > 0; off >>= 1) better(v, id, __shfl_xor_sync(0xffffffffu, v, off), __shfl_xor_sync(0xffffffffu, id, off));
+    __syncthreads();  // sv / si of the previous round are read
+    if (lane == 0) {
+      sv[w] = v;
+      si[w] = id;
+    }
+    __syncthreads();
+    v = sv[0];
+    id = si[0];
+    for (int q = 1; q < nw; ++q) better(v, id, sv[q], si[q]);
+    if (ti[0] == id) {  // ids are unique: only the winner moves its list up
+#pragma unroll
+      for (int q = 0; q + 1 < kLpMaxK; ++q) {
+        tv[q] = tv[q + 1];
+        ti[q] = ti[q + 1];
+      }
+      tv[kLpMaxK - 1] = -INFINITY;
+      ti[kLpMaxK - 1] = INT_MAX;
+    }
+    if (threadIdx.x == 0) {
+      o[1 + 2 * r] = float(id);
+      o[2 + 2 * r] = float(double(v) - lse);
+    }
+  }
+}
+
 }  // namespace
+
+void launch_row_logprobs(const void* logits, int dt, int64_t V, int64_t n, int R, const int32_t* rows,
+                         const int32_t* chosen, int k, int stride, float* out, cudaStream_t stream) {
+  if (R <= 0) return;
+  DS_CHECK(k >= 0 && k <= kLpMaxK, "row_logprobs: k ", k, " outside 0..", kLpMaxK);
+  DS_CUDA_CHECK(pdl_launch(k_row_logprobs, unsigned(R), kLpThreads, 0, stream, logits, dt, V, n, rows, chosen, k,
+                           stride, out));
+}
 
 void launch_sample_rows(const void* logits, int dt, int64_t V, int64_t n, int R, const SampleRowParams* rows,
                         const SampleEdit* edits, int max_edits, float* z, int32_t* ids, cudaStream_t stream) {

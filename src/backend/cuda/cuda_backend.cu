@@ -2697,8 +2697,9 @@ class CudaBackend final : public Backend {
     Tensor d = upload_bytes(both.data(), both.size() * 4, DType::I32, {int64_t(both.size())});
     Tensor o = alloc(DType::F32, {int64_t(R) * stride});
     DS_CUDA_CHECK(cudaMemsetAsync(o.data, 0, size_t(o.nbytes()), stream_));
+    Tensor scratch = alloc(DType::U8, {row_logprobs_scratch_bytes(R, n)});
     launch_row_logprobs(logits.data, int(logits.dtype), V, n, R, d.ptr<int32_t>(), d.ptr<int32_t>() + R, kk, stride,
-                        o.ptr<float>(), stream_);
+                        o.ptr<float>(), scratch.data, stream_);
     DS_CUDA_CHECK_LAST();
     DS_CUDA_CHECK(cudaMemcpyAsync(out.data(), o.data, size_t(o.nbytes()), cudaMemcpyDeviceToHost, stream_));
     DS_CUDA_CHECK(cudaStreamSynchronize(stream_));

@@ -245,25 +245,36 @@ __global__ void __launch_bounds__(kThreads) k_sample_rows(const float* zall, int
   ids[r] = tok >= 0 ? tok : lastpos;
 }
 
-// Backend::row_logprobs (cpu::row_logprobs is the specification): one block of kLpThreads per requested row. Each
-// thread scans ids t, t + kLpThreads, ... (kLpUnroll loads in flight) keeping its max and its own top kLpMaxK in
-// registers: a descending list (ties: lower id first) that a new id enters through a chain of compare-swaps with
-// static indices (a dynamically indexed list would live in local memory, and a kernel with local memory pays the
-// driver's local-memory resize at every launch: ~1 ms). Then the block's max; Σ expf(x − max) accumulated in double
-// (per thread in id order, then a fixed tree: within ~1e-7 of the CPU's double exps); the top k by k rounds of a
-// block argmax over the threads' list heads (value, then lower id), the winner shifting its list up.
-constexpr int kLpThreads = 512, kLpMaxK = 20, kLpUnroll = 4;
+// Backend::row_logprobs (cpu::row_logprobs is the specification), in two launches. k_row_logprobs_part: a grid of
+// S slices × R rows, one block of kLpThreads per slice of a row (S = ceil(n / kLpSlice) up to 32, so a row spreads
+// over many SMs). Each thread scans its slice's ids t, t + kLpThreads, ... (kLpUnroll loads in flight) keeping its max
+// and its own top kLpMaxK in registers: a descending list (ties: lower id first) that a new id enters through a chain
+// of compare-swaps with static indices (a dynamically indexed list lives in local memory: slower). Then the slice's
+// max m, Σ expf(x − m) accumulated in double, and its top k by k rounds of a block argmax over the threads' list
+// heads (value, then lower id), the winner shifting its list up. k_row_logprobs_merge (a warp per row): the row's max
+// M over the slices, Σ sum_s · exp(m_s − M) in double, lse = M + log Σ (within ~1e-7 of the CPU's double exps), and
+// the top k by k rounds of a warp argmax over the slices' list heads.
+constexpr int kLpThreads = 512, kLpMaxK = 20, kLpUnroll = 4, kLpMaxSlices = 32;
+constexpr int64_t kLpSlice = 8192;
 
-__global__ void __launch_bounds__(kLpThreads) k_row_logprobs(const void* logits, int dt, int64_t V, int64_t n,
-                                                             const int32_t* rows, const int32_t* chosen, int k,
-                                                             int stride, float* out) {
+struct LpPartial {  // per (row, slice), in the scratch buffer
+  float m;
+  double sum;
+  float v[kLpMaxK];
+  int32_t id[kLpMaxK];
+};
+
+__global__ void __launch_bounds__(kLpThreads) k_row_logprobs_part(const void* logits, int dt, int64_t V, int64_t n,
+                                                                  const int32_t* rows, int k, LpPartial* part) {
   pdl_wait();  // PDL-launched (pdl.h)
   pdl_trigger();
   __shared__ float sv[32];
   __shared__ int32_t si[32];
   __shared__ double sd[32];
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  const int64_t base = int64_t(rows[blockIdx.x]) * V;
+  const int S = gridDim.x;
+  const int64_t per = (n + S - 1) / S, lo = blockIdx.x * per, hi = min(n, lo + per);
+  const int64_t base = int64_t(rows[blockIdx.y]) * V;
   const int64_t B = blockDim.x;
   float tv[kLpMaxK];
   int32_t ti[kLpMaxK];
@@ -273,10 +284,10 @@ __global__ void __launch_bounds__(kLpThreads) k_row_logprobs(const void* logits,
     ti[q] = INT_MAX;  // empty: any id, even of a -inf logit, goes before it
   }
   float mx = -INFINITY;
-  for (int64_t j0 = threadIdx.x; j0 < n; j0 += kLpUnroll * B) {
+  for (int64_t j0 = lo + threadIdx.x; j0 < hi; j0 += kLpUnroll * B) {
     float xs[kLpUnroll];
 #pragma unroll
-    for (int u = 0; u < kLpUnroll; ++u) xs[u] = j0 + u * B < n ? ldf(logits, dt, base + j0 + u * B) : NAN;
+    for (int u = 0; u < kLpUnroll; ++u) xs[u] = j0 + u * B < hi ? ldf(logits, dt, base + j0 + u * B) : NAN;
 #pragma unroll
     for (int u = 0; u < kLpUnroll; ++u) {
       float v = xs[u];  // NaN past the end: never taken, like a NaN logit
@@ -296,29 +307,30 @@ __global__ void __launch_bounds__(kLpThreads) k_row_logprobs(const void* logits,
       }
     }
   }
-  // The row's max, every thread.
   for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
   if (lane == 0) sv[w] = mx;
   __syncthreads();
   mx = sv[0];
   for (int q = 1; q < nw; ++q) mx = fmaxf(mx, sv[q]);
-  // Σ exp(x − max), accumulated in double.
   double s = 0;
-  for (int64_t j0 = threadIdx.x; j0 < n; j0 += kLpUnroll * B) {
+  for (int64_t j0 = lo + threadIdx.x; j0 < hi; j0 += kLpUnroll * B) {
     float xs[kLpUnroll];
 #pragma unroll
-    for (int u = 0; u < kLpUnroll; ++u) xs[u] = j0 + u * B < n ? ldf(logits, dt, base + j0 + u * B) : -INFINITY;
+    for (int u = 0; u < kLpUnroll; ++u) xs[u] = j0 + u * B < hi ? ldf(logits, dt, base + j0 + u * B) : -INFINITY;
 #pragma unroll
-    for (int u = 0; u < kLpUnroll; ++u) s += double(expf(xs[u] - mx));  // in id order; past the end adds 0
+    for (int u = 0; u < kLpUnroll; ++u)
+      if (j0 + u * B < hi && mx > -INFINITY) s += double(expf(xs[u] - mx));  // in id order; an all -inf slice: 0
   }
   for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
   if (lane == 0) sd[w] = s;
   __syncthreads();
   s = 0;
   for (int q = 0; q < nw; ++q) s += sd[q];
-  const double lse = double(mx) + log(s);
-  float* o = out + int64_t(blockIdx.x) * stride;
-  if (threadIdx.x == 0) o[0] = float(double(ldf(logits, dt, base + chosen[blockIdx.x])) - lse);
+  LpPartial& P = part[int64_t(blockIdx.y) * S + blockIdx.x];
+  if (threadIdx.x == 0) {
+    P.m = mx;
+    P.sum = s;
+  }
   for (int r = 0; r < k; ++r) {
     float v = tv[0];
     int32_t id = ti[0];
@@ -342,6 +354,34 @@ __global__ void __launch_bounds__(kLpThreads) k_row_logprobs(const void* logits,
       ti[kLpMaxK - 1] = INT_MAX;
     }
     if (threadIdx.x == 0) {
+      P.v[r] = v;
+      P.id[r] = id;
+    }
+  }
+}
+
+__global__ void k_row_logprobs_merge(const void* logits, int dt, int64_t V, int S, const int32_t* rows,
+                                     const int32_t* chosen, int k, const LpPartial* part, int stride, float* out) {
+  pdl_wait();  // PDL-launched (pdl.h)
+  pdl_trigger();
+  const int lane = threadIdx.x;
+  const LpPartial* P = part + int64_t(blockIdx.x) * S;
+  float m = lane < S ? P[lane].m : -INFINITY;
+  float M = m;
+  for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+  // Σ_s sum_s · exp(m_s − M), the slices in order (lane order through a fixed tree).
+  double t = lane < S && P[lane].sum != 0 ? P[lane].sum * exp(double(m) - double(M)) : 0.0;
+  for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+  const double lse = double(M) + log(t);
+  float* o = out + int64_t(blockIdx.x) * stride;
+  if (lane == 0) o[0] = float(double(ldf(logits, dt, int64_t(rows[blockIdx.x]) * V + chosen[blockIdx.x])) - lse);
+  int head = 0;
+  for (int r = 0; r < k; ++r) {
+    float v = lane < S && head < k ? P[lane].v[head] : -INFINITY;
+    int32_t id = lane < S && head < k ? P[lane].id[head] : INT_MAX;
+    for (int off = 16; off > 0; off >>= 1) better(v, id, __shfl_xor_sync(0xffffffffu, v, off), __shfl_xor_sync(0xffffffffu, id, off));
+    if (lane < S && head < k && P[lane].id[head] == id) ++head;
+    if (lane == 0) {
       o[1 + 2 * r] = float(id);
       o[2 + 2 * r] = float(double(v) - lse);
     }
@@ -350,12 +390,21 @@ __global__ void __launch_bounds__(kLpThreads) k_row_logprobs(const void* logits,
 
 }  // namespace
 
+int64_t row_logprobs_scratch_bytes(int R, int64_t n) {
+  const int64_t S = std::min<int64_t>(kLpMaxSlices, std::max<int64_t>(1, (n + kLpSlice - 1) / kLpSlice));
+  return int64_t(R) * S * int64_t(sizeof(LpPartial));
+}
+
 void launch_row_logprobs(const void* logits, int dt, int64_t V, int64_t n, int R, const int32_t* rows,
-                         const int32_t* chosen, int k, int stride, float* out, cudaStream_t stream) {
+                         const int32_t* chosen, int k, int stride, float* out, void* scratch, cudaStream_t stream) {
   if (R <= 0) return;
   DS_CHECK(k >= 0 && k <= kLpMaxK, "row_logprobs: k ", k, " outside 0..", kLpMaxK);
-  DS_CUDA_CHECK(pdl_launch(k_row_logprobs, unsigned(R), kLpThreads, 0, stream, logits, dt, V, n, rows, chosen, k,
-                           stride, out));
+  const int S = int(std::min<int64_t>(kLpMaxSlices, std::max<int64_t>(1, (n + kLpSlice - 1) / kLpSlice)));
+  LpPartial* part = static_cast<LpPartial*>(scratch);
+  DS_CUDA_CHECK(pdl_launch(k_row_logprobs_part, dim3(unsigned(S), unsigned(R)), kLpThreads, 0, stream, logits, dt, V,
+                           n, rows, k, part));
+  DS_CUDA_CHECK(pdl_launch(k_row_logprobs_merge, unsigned(R), 32, 0, stream, logits, dt, V, S, rows, chosen, k,
+                           static_cast<const LpPartial*>(part), stride, out));
 }
 
 void launch_sample_rows(const void* logits, int dt, int64_t V, int64_t n, int R, const SampleRowParams* rows,

@@ -15,8 +15,10 @@ void launch_sample_rows(const void* logits, int dt, int64_t V, int64_t n, int R,
                         const SampleEdit* edits, int max_edits, float* z, int32_t* ids, cudaStream_t stream);
 
 // Backend::row_logprobs: out[i·stride ..] = cpu::row_logprobs(row rows[i] of logits [·, V] (dtype dt) over n ids,
-// chosen[i], k) for i < R; k <= 20, rows / chosen / out on the device. Kernels only, on `stream`.
+// chosen[i], k) for i < R; k <= 20, rows / chosen / out on the device, `scratch` of row_logprobs_scratch_bytes(R, n)
+// bytes. Kernels only, on `stream`.
+int64_t row_logprobs_scratch_bytes(int R, int64_t n);
 void launch_row_logprobs(const void* logits, int dt, int64_t V, int64_t n, int R, const int32_t* rows,
-                         const int32_t* chosen, int k, int stride, float* out, cudaStream_t stream);
+                         const int32_t* chosen, int k, int stride, float* out, void* scratch, cudaStream_t stream);
 
 }  // namespace ds::cuda

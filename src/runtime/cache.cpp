@@ -44,8 +44,8 @@ void CacheManager::rollback(SeqCache& s) {
 }
 
 bool CacheManager::reserve(SeqCache& s, int64_t new_tokens) {
-  int64_t need = (s.len + new_tokens + block_size_ - 1) / block_size_ - int64_t(s.blocks.size());
-  if (need <= 0) return true;
+  const int64_t need = blocks_short(s, new_tokens);
+  if (need == 0) return true;
   while (need > int64_t(free_blocks_.size()) && evict_one()) {
   }
   if (need > int64_t(free_blocks_.size())) return false;

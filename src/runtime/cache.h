@@ -1,5 +1,6 @@
 // Paged KV blocks and DeltaNet state slots: who owns which piece of cache memory.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -42,6 +43,10 @@ class CacheManager {
   // Makes the snapshot current again (swaps slot and spare; no copy): the verify's state is discarded. The caller
   // then advances it over the accepted rows (Model::replay_deltanet).
   void rollback(SeqCache& s);
+  // Blocks `s` still lacks for `new_tokens` more tokens (0 when it has them).
+  int64_t blocks_short(const SeqCache& s, int64_t new_tokens) const {
+    return std::max<int64_t>(0, (s.len + new_tokens + block_size_ - 1) / block_size_ - int64_t(s.blocks.size()));
+  }
   // Ensures blocks for `new_tokens` more tokens, evicting prefix-cache checkpoints (least recently used first)
   // while the free blocks are short; false (and no change to `s`) if the pool is still short.
   bool reserve(SeqCache& s, int64_t new_tokens);

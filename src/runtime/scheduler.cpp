@@ -144,18 +144,14 @@ Sequence* Scheduler::make_room(Schedule& out) {
   auto next = pick();
   if (next == waiting_.end()) return nullptr;
   Sequence* w = next->get();
-  const int64_t bs = cm_.block_size();
-  auto blocks_for = [&](const Sequence* s, int64_t tokens) {
-    return std::max<int64_t>(0, (s->cache.len + tokens + bs - 1) / bs - int64_t(s->cache.blocks.size()));
-  };
   int64_t preempted = 0;
   while (!running_.empty()) {
     const size_t v = victim(0, nullptr);
     if (running_[v]->req->priority <= w->req->priority) break;
     const bool slot = num_running() < max_num_seqs_ && cm_.free_slots() > 0;
-    int64_t need = blocks_for(w, std::min(w->pending_tokens(), max_num_batched_tokens_));
+    int64_t need = cm_.blocks_short(w->cache, std::min(w->pending_tokens(), max_num_batched_tokens_));
     for (const auto& r : running_)
-      need += blocks_for(r.get(), std::min(r->pending_tokens(), max_num_batched_tokens_) + int64_t(r->drafts.size()));
+      need += cm_.blocks_short(r->cache, std::min(r->pending_tokens(), max_num_batched_tokens_) + int64_t(r->drafts.size()));
     if (slot && need <= cm_.free_blocks() + cm_.cached_blocks()) break;
     preempt(v);
     ++out.num_preempted;

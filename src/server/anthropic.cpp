@@ -53,6 +53,21 @@ std::string system_text(const json& s) {
 }
 
 // A tool_result's content: a string or text / image blocks -> the tool message's content.
+// A text or image block (type t, at `where`) appended to `parts` as its OpenAI content part, an image's place noted in
+// `images`; false for any other type.
+bool append_part(const json& b, const std::string& t, const std::string& where, json& parts,
+                 std::vector<std::string>& images) {
+  if (t == "text") {
+    parts.push_back({{"type", "text"}, {"text", text_of(b, where)}});
+  } else if (t == "image") {
+    parts.push_back({{"type", "image_url"}, {"image_url", {{"url", image_url(b, where)}}}});
+    images.push_back(where);
+  } else {
+    return false;
+  }
+  return true;
+}
+
 json tool_result_content(const json& b, const std::string& where, std::vector<std::string>& image_where) {
   const bool error = has(b, "is_error") && b["is_error"].is_boolean() && b["is_error"].get<bool>();
   if (has(b, "is_error") && !b["is_error"].is_boolean()) fail(where + ".is_error", "must be a boolean, got " + brief(b["is_error"]));
@@ -66,14 +81,8 @@ json tool_result_content(const json& b, const std::string& where, std::vector<st
   for (size_t i = 0; i < c.size(); ++i) {
     const std::string w = where + ".content[" + std::to_string(i) + "]";
     const std::string t = block_type(c[i], w);
-    if (t == "text") {
-      parts.push_back({{"type", "text"}, {"text", text_of(c[i], w)}});
-    } else if (t == "image") {
-      parts.push_back({{"type", "image_url"}, {"image_url", {{"url", image_url(c[i], w)}}}});
-      image_where.push_back(w);
-    } else {
+    if (!append_part(c[i], t, w, parts, image_where))
       fail(w, "content block type '" + t + "' is not supported in a tool_result (supported: text, image)");
-    }
   }
   return parts;
 }
@@ -102,16 +111,11 @@ void convert_messages(const json& msgs, json& out, std::vector<std::string>& ima
       for (size_t bi = 0; bi < c.size(); ++bi) {
         const std::string w = where + ".content[" + std::to_string(bi) + "]";
         const std::string t = block_type(c[bi], w);
-        if (t == "text") {
-          parts.push_back({{"type", "text"}, {"text", text_of(c[bi], w)}});
-        } else if (t == "image") {
-          parts.push_back({{"type", "image_url"}, {"image_url", {{"url", image_url(c[bi], w)}}}});
-          user_images.push_back(w);
-        } else if (t == "tool_result") {
+        if (t == "tool_result") {
           json tm = {{"role", "tool"}, {"tool_call_id", str_field(c[bi], "tool_use_id", w)}};
           tm["content"] = tool_result_content(c[bi], w, image_where);
           out.push_back(std::move(tm));
-        } else {
+        } else if (!append_part(c[bi], t, w, parts, user_images)) {
           fail(w, "content block type '" + t + "' is not supported in a user message (supported: text, image, tool_result)");
         }
       }

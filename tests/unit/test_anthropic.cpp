@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include "server/anthropic.h"
+#include "output_util.h"
 #include "server/openai.h"
 
 namespace {
@@ -225,13 +226,7 @@ TEST(AnthropicResponse, StopReasons) {
   EXPECT_EQ(anthropic::map_stop("repetition", "repetition_detected").reason, "end_turn");
 }
 
-OutputEvent ev(std::string reasoning, std::string content, std::vector<ds::ToolCallDelta> calls = {}) {
-  OutputEvent e;
-  e.reasoning = std::move(reasoning);
-  e.content = std::move(content);
-  e.tool_calls = std::move(calls);
-  return e;
-}
+using ds::test::ev;
 
 // The stream folded back into content blocks (as the SDK's MessageStream does), checking the order rules: one
 // block open at a time, deltas only to the open block, of its kind.

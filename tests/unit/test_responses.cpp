@@ -5,6 +5,7 @@
 
 #include <regex>
 
+#include "output_util.h"
 #include "server/openai.h"
 #include "server/responses.h"
 
@@ -215,13 +216,7 @@ TEST(ResponsesRequest, ChatRouteErrorsAreRewordedWithResponsesNames) {
 
 // ---- output ------------------------------------------------------------------------------------------------
 
-OutputEvent ev(std::string reasoning, std::string content, std::vector<ds::ToolCallDelta> calls = {}) {
-  OutputEvent e;
-  e.reasoning = std::move(reasoning);
-  e.content = std::move(content);
-  e.tool_calls = std::move(calls);
-  return e;
-}
+using ds::test::ev;
 
 std::vector<std::string> types(const std::vector<json>& events) {
   std::vector<std::string> t;

@@ -131,6 +131,27 @@ __device__ __forceinline__ void better(float& v, int32_t& i, float v2, int32_t i
   }
 }
 
+// The warp's best (value, then lower id) in every lane.
+__device__ __forceinline__ void warp_best(float& v, int32_t& i) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) better(v, i, __shfl_xor_sync(0xffffffffu, v, o), __shfl_xor_sync(0xffffffffu, i, o));
+}
+
+// The block's best (value, then lower id) in every thread; `sv` / `si` [32] shared.
+__device__ void block_best(float& v, int32_t& i, float* sv, int32_t* si) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  warp_best(v, i);
+  __syncthreads();  // sv / si may still be read by a previous call
+  if (lane == 0) {
+    sv[w] = v;
+    si[w] = i;
+  }
+  __syncthreads();
+  v = sv[0];
+  i = si[0];
+  for (int q = 1; q < nw; ++q) better(v, i, sv[q], si[q]);
+}
+
 __global__ void __launch_bounds__(kThreads) k_sample_rows(const float* zall, int64_t n, const SampleRowParams* rows,
                                                           int32_t* ids) {
   pdl_wait();  // PDL-launched (pdl.h)
@@ -144,7 +165,7 @@ __global__ void __launch_bounds__(kThreads) k_sample_rows(const float* zall, int
   const int64_t r = blockIdx.x;
   const SampleRowParams p = rows[r];
   const float* z = zall + r * n;
-  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, nw = blockDim.x >> 5;
+  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
 
   // 1. The largest z and its lowest id (NaN as -inf).
   float bv = -INFINITY;
@@ -153,20 +174,7 @@ __global__ void __launch_bounds__(kThreads) k_sample_rows(const float* zall, int
     const float v = z[i];
     better(bv, bi, v != v ? -INFINITY : v, int32_t(i));
   }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float v2 = __shfl_xor_sync(0xffffffffu, bv, o);
-    const int32_t i2 = __shfl_xor_sync(0xffffffffu, bi, o);
-    better(bv, bi, v2, i2);
-  }
-  if (lane == 0) {
-    sv[w] = bv;
-    si[w] = bi;
-  }
-  __syncthreads();
-  bv = sv[0];
-  bi = si[0];
-  for (int k = 1; k < nw; ++k) better(bv, bi, sv[k], si[k]);
+  block_best(bv, bi, sv, si);
   const float zmax = bv;
   if (p.greedy) {
     if (tid == 0) ids[r] = bi;
@@ -334,16 +342,7 @@ __global__ void __launch_bounds__(kLpThreads) k_row_logprobs_part(const void* lo
   for (int r = 0; r < k; ++r) {
     float v = tv[0];
     int32_t id = ti[0];
-    for (int off = 16; off > 0; off >>= 1) better(v, id, __shfl_xor_sync(0xffffffffu, v, off), __shfl_xor_sync(0xffffffffu, id, off));
-    __syncthreads();  // sv / si of the previous round are read
-    if (lane == 0) {
-      sv[w] = v;
-      si[w] = id;
-    }
-    __syncthreads();
-    v = sv[0];
-    id = si[0];
-    for (int q = 1; q < nw; ++q) better(v, id, sv[q], si[q]);
+    block_best(v, id, sv, si);
     if (ti[0] == id) {  // ids are unique: only the winner moves its list up
 #pragma unroll
       for (int q = 0; q + 1 < kLpMaxK; ++q) {
@@ -379,7 +378,7 @@ __global__ void k_row_logprobs_merge(const void* logits, int dt, int64_t V, int 
   for (int r = 0; r < k; ++r) {
     float v = lane < S && head < k ? P[lane].v[head] : -INFINITY;
     int32_t id = lane < S && head < k ? P[lane].id[head] : INT_MAX;
-    for (int off = 16; off > 0; off >>= 1) better(v, id, __shfl_xor_sync(0xffffffffu, v, off), __shfl_xor_sync(0xffffffffu, id, off));
+    warp_best(v, id);
     if (lane < S && head < k && P[lane].id[head] == id) ++head;
     if (lane == 0) {
       o[1 + 2 * r] = float(id);

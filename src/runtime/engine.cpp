@@ -406,9 +406,10 @@ void Engine::Impl::run(const Schedule& sc_in) {
   std::vector<float> lp_rows;                       // Backend::row_logprobs' rows
   int32_t lp_stride = 0;
   Tensor hidden;              // act [T, H] final-norm hiddens (speculation only)
-  // Sampling on the backend: no sampled row wants logprobs or is constrained by a grammar (its mask is made on the
-  // host), and every verifying sequence is greedy (its rows' target choices come back and are compared with the
-  // drafts here; rejection sampling needs whole rows).
+  // Sampling on the backend: no sampled row is constrained by a grammar (its mask is made on the host) or wants more
+  // logprob alternatives than Backend::row_logprobs gives, and every verifying sequence is greedy and wants no
+  // logprobs (its rows' target choices come back and are compared with the drafts here; rejection sampling needs
+  // whole rows).
   const bool on_device = cfg.device_sampling && !rows.empty() && std::all_of(sc.seqs.begin(), sc.seqs.end(), [&](const ScheduledSeq& x) {
     const sampling::SamplingParams& sp = x.seq->req->sampling;
     // Logprobs (up to kMaxRowTopLogprobs alternatives) come from Backend::row_logprobs beside the sampled rows.

@@ -30,8 +30,8 @@ std::string Histogram::render(const std::string& name, const std::string& help, 
 }
 
 namespace {
-// vLLM's request-latency buckets.
-std::vector<double> e2e_bounds() {
+// vLLM's request-latency buckets (the per-request phases; e2e keeps its shorter list).
+std::vector<double> request_time_bounds() {
   return {0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0,
           1920.0, 7680.0};
 }
@@ -48,7 +48,8 @@ ServerMetrics::ServerMetrics()
     : ttft({0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0}),
       itl({0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5}),
       e2e({0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0}),
-      queue(e2e_bounds()), prefill(e2e_bounds()), decode(e2e_bounds()), inference(e2e_bounds()),
+      queue(request_time_bounds()), prefill(request_time_bounds()), decode(request_time_bounds()),
+      inference(request_time_bounds()),
       prompt_tokens(token_bounds()), generation_tokens(token_bounds()) {}
 
 std::string ServerMetrics::render(const runtime::EngineMetrics& e, const std::string& model) const {

@@ -204,6 +204,21 @@ for i in range(len(lp["tokens"]) if ok else 0):
     ok = ok and 1 <= len(top) <= 5 and all(top[q] >= top[q + 1] for q in range(len(top) - 1))
     ok = ok and abs(top[0] - lp["token_logprobs"][i]) < 1e-6 and sum(math.exp(v) for v in top) <= 1 + 1e-5
 check(ok, "logprobs 5: greedy tokens are their rows' most likely, alternatives ordered, probabilities")
+# Echo with logprobs and max_tokens 0 (lm-evaluation-harness' loglikelihood call; the prompt's logprobs through the
+# lm_head over every prompt row and Backend::row_logprobs / row_ranks): the greedy continuation above, echoed after its
+# prompt, gets the logprobs its generation reported (prefill against decode: within bf16 rounding) and ranks first.
+st2, body2 = post("/v1/completions", {"prompt": prompts[0], "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+                                      "return_token_ids": True})
+gen_ids = json.loads(body2)["choices"][0]["token_ids"] if st2 == 200 else []
+st3, body3 = post("/v1/completions", {"prompt": prompts[0] + gen_ids, "max_tokens": 0, "echo": True, "logprobs": 1})
+c = json.loads(body3)["choices"][0] if st3 == 200 else {}
+ok = st3 == 200 and len(gen_ids) == 8 and len(c["logprobs"]["tokens"]) == len(prompts[0]) + 8
+P = len(prompts[0])
+for i in range(8 if ok else 0):
+    ok = ok and abs(c["logprobs"]["token_logprobs"][P + i] - lp["token_logprobs"][i]) < 0.05
+    ok = ok and c["prompt_logprobs"][P + i][str(gen_ids[i])]["rank"] == 1
+check(ok, "echo + logprobs + max_tokens 0: the greedy continuation's logprobs and rank 1 "
+          f"({[round(c['logprobs']['token_logprobs'][P + i] - lp['token_logprobs'][i], 4) for i in range(8)] if ok else st3})")
 
 # The Responses and Anthropic Messages routes run on the same chat pipeline.
 st, body = post("/v1/responses", {"input": "Hello", "max_output_tokens": 8, "temperature": 0,

@@ -119,6 +119,10 @@ class ForwardingBackend : public Backend {
                     const std::vector<int32_t>& chosen, int32_t k, std::vector<float>& out) override {
     in_.row_logprobs(logits, vocab_limit, rows, chosen, k, out);
   }
+  void row_ranks(const Tensor& logits, int64_t vocab_limit, const std::vector<int32_t>& rows,
+                 const std::vector<int32_t>& chosen, std::vector<int32_t>& out) override {
+    in_.row_ranks(logits, vocab_limit, rows, chosen, out);
+  }
   void sample_rows(const Tensor& logits, int64_t vocab_limit, const std::vector<SampleRowParams>& rows,
                    const std::vector<SampleEdit>& edits, std::vector<int32_t>& ids) override {
     in_.sample_rows(logits, vocab_limit, rows, edits, ids);

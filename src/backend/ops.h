@@ -353,6 +353,12 @@ class Backend {
                             const std::vector<int32_t>& chosen, int32_t k, std::vector<float>& out) {
     unsupported("row_logprobs");
   }
+  // vLLM's rank of the chosen tokens (prompt logprobs): out[i] = cpu::row_rank(row rows[i] of logits, n, chosen[i]),
+  // the number of ids in [0, n) whose logit is >= the chosen one's. Backends with row_logprobs have it.
+  virtual void row_ranks(const Tensor& logits, int64_t vocab_limit, const std::vector<int32_t>& rows,
+                         const std::vector<int32_t>& chosen, std::vector<int32_t>& out) {
+    unsupported("row_ranks");
+  }
 
   // ==== vision tower (model/vision.cpp, model-spec §5.3) ====================================================
   // D vision hidden, P patches of all images back to back, Nh/Dh vision heads. Each op has a default that

@@ -788,6 +788,62 @@ void bench_prefix_cache(model::Model& m, const std::vector<int64_t>& lengths, in
   std::printf("\n");
 }
 
+// ---- prompt logprobs through the engine ----
+//
+// Time to first token of a prompt of L tokens through runtime::Engine (one sequence, prefill chunks of `chunk`
+// tokens), without prompt logprobs and with them (k = 0, 5, 20 alternatives: the lm_head over every prompt row,
+// Engine::kPromptLogprobRows at a time, and Backend::row_logprobs / row_ranks on them). A warm-up request first; each
+// configuration twice, the faster kept.
+void bench_prompt_logprobs(model::Model& m, const std::vector<int64_t>& lengths, int64_t chunk, std::mt19937& rng) {
+  const int64_t V = m.config().text.vocab_size;
+  std::printf("## Prompt logprobs, time to first token (engine path; prefill chunks of %lld tokens; lm_head over %lld "
+              "rows at a time)\n\n| prompt | without ms | k = 0 ms | k = 5 ms | k = 20 ms | k = 20 extra ms per 1k rows |\n"
+              "|---|---|---|---|---|---|\n",
+              (long long)chunk, (long long)runtime::Engine::kPromptLogprobRows);
+  for (int64_t L : lengths) {
+    runtime::EngineConfig ec;
+    ec.max_num_seqs = 1;
+    ec.max_num_batched_tokens = chunk;
+    ec.max_model_len = L + 8;
+    runtime::Engine e(m, ec);
+    std::vector<int32_t> prompt(static_cast<size_t>(L));
+    for (auto& x : prompt) x = int32_t(rng() % uint32_t(std::min<int64_t>(V, 150000)));
+    uint64_t id = 0;
+    auto ttft = [&](int32_t k) {
+      double best = 1e30;
+      for (int rep = 0; rep < 2; ++rep) {
+        auto q = std::make_shared<runtime::Request>();
+        q->id = ++id;
+        q->prompt = prompt;
+        q->max_tokens = 1;
+        q->sampling.temperature = 0.f;
+        q->ignore_eos = true;
+        q->prompt_logprobs = k;
+        const auto t0 = Clock::now();
+        e.submit(q);
+        bool done = false;
+        size_t got = 0;
+        while (!done && e.step())
+          while (auto d = q->out->pop(std::chrono::milliseconds(0))) {
+            if (d->finish == runtime::FinishReason::Error) fail("bench --prompt-logprobs: ", d->error);
+            got += d->prompt_logprobs.size();
+            done = d->finish != runtime::FinishReason::None;
+          }
+        m.backend().synchronize();
+        if (k >= 0 && got != size_t(L - 1)) fail("bench --prompt-logprobs: ", got, " prompt logprobs for ", L, " tokens");
+        best = std::min(best, secs_since(t0) * 1e3);
+      }
+      return best;
+    };
+    ttft(-1);  // warm-up
+    const double off = ttft(-1), k0 = ttft(0), k5 = ttft(5), k20 = ttft(20);
+    std::printf("| %lld | %.1f | %.1f | %.1f | %.1f | %.2f |\n", (long long)L, off, k0, k5, k20,
+                (k20 - off) / double(L - 1) * 1e3);
+    std::fflush(stdout);
+  }
+  std::printf("\n");
+}
+
 }  // namespace
 
 int cmd_bench(int argc, char** argv) {
@@ -795,7 +851,7 @@ int cmd_bench(int argc, char** argv) {
   a.only("bench", {"random-weights", "config", "config-override", "backend", "bf16", "batch", "context", "prefill",
                    "steps", "no-graph", "breakdown", "kernel-times", "prefill-chunk", "prefill-reps", "block-size",
                    "seed", "variants", "mamba-ssm-cache-dtype", "speculative", "oracle-p", "draft-vocab",
-                   "draft-vocab-file", "spec-prompt", "spec-tokens", "vision", "prefix-cache"});
+                   "draft-vocab-file", "spec-prompt", "spec-tokens", "vision", "prefix-cache", "prompt-logprobs"});
   if (!a.has("random-weights")) fail("bench: only --random-weights is supported (give --config config.json)");
   const std::string cfg_path = a.require("config");
   const std::string backend_name = a.get("backend", "cuda");
@@ -812,7 +868,10 @@ int cmd_bench(int argc, char** argv) {
   // only if asked for.
   const bool pc = a.has("prefix-cache");
   const auto pc_lengths = pc ? int_list(a, "prefix-cache", "4096,32768") : std::vector<int64_t>{};
-  const bool text_default = !spec && !vis && !pc;
+  // --prompt-logprobs L1,L2,..: the engine-path prompt-logprobs table (bench_prompt_logprobs); likewise.
+  const bool plp = a.has("prompt-logprobs");
+  const auto plp_lengths = plp ? int_list(a, "prompt-logprobs", "4096") : std::vector<int64_t>{};
+  const bool text_default = !spec && !vis && !pc && !plp;
   const auto batches = int_list(a, "batch", text_default ? "1,8,32,64,128" : "");
   const auto contexts = int_list(a, "context", text_default ? "1024,8192" : "");
   const auto prefills = int_list(a, "prefill", text_default ? "1024,4096,16384,32768" : "");
@@ -1307,6 +1366,7 @@ int cmd_bench(int argc, char** argv) {
 
   if (spec) bench_speculative(*m, sb, rng);
   if (pc) bench_prefix_cache(*m, pc_lengths, chunk > 0 ? chunk : 8192, 4, rng);
+  if (plp) bench_prompt_logprobs(*m, plp_lengths, chunk > 0 ? chunk : 2048, rng);
   if (vis) bench_vision(cfg, *be_owned, vsizes, steps, seed, mm_rate);
   return 0;
 }

@@ -235,6 +235,10 @@ class Model {
   Tensor mtp_forward(BatchMeta& b, ModelCaches& caches, const Tensor& hidden, const std::vector<int32_t>& logit_rows,
                      Tensor* hidden_out = nullptr, bool reduced = false, const Tensor* token_ids = nullptr);
 
+  // fp32 logits [R, N] = head · hf (lm_head: N = V), hf final-norm hiddens [R, H] (forward's hidden_out; the engine's
+  // prompt logprobs).
+  Tensor lm_head_logits(const Tensor& hf, const Linear* head = nullptr);
+
  private:
   Model(io::ModelConfig cfg, Backend& be) : cfg_(std::move(cfg)), be_(be) {}
   Tensor attention_block(const LayerWeights& lw, const Tensor& x, BatchMeta& b, KvLayer& kv);
@@ -247,8 +251,6 @@ class Model {
                        StateLayer* st, int64_t layer = -1);
   // rmsnorm(x[rows], norm) [R, H]: the final hidden states of the chosen rows.
   Tensor normed_rows(const Tensor& x, const std::vector<int32_t>& rows, const Tensor& norm);
-  // fp32 logits [R, N] = head · hf (lm_head: N = V)
-  Tensor lm_head_logits(const Tensor& hf, const Linear* head = nullptr);
 
   io::ModelConfig cfg_;
   Backend& be_;

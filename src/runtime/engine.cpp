@@ -13,6 +13,7 @@
 #include <string>
 #include <unordered_map>
 
+#include "backend/cpu/cpu_backend.h"
 #include "core/env.h"
 #include "core/status.h"
 #include "runtime/mask_workers.h"
@@ -146,6 +147,16 @@ struct Engine::Impl {
     std::vector<int32_t> leader;          // per mask: the mask whose computation it copies, or -1 (its own)
     bool running = false;                 // jobs on the workers, not joined yet
   };
+  // A prompt row whose logprob a sequence owes (Request::prompt_logprobs): its schedule index, batch row, next token.
+  struct PromptRow {
+    size_t seq;
+    int32_t row;
+    int32_t next;
+  };
+  // Logits of the rows' final-norm hiddens (`hidden` [T, H], row = batch row), Engine::kPromptLogprobRows at a time,
+  // and each row's logprob, rank and top alternatives (on the backend where it has row_logprobs).
+  void prompt_logprobs(const Schedule& sc, const std::vector<PromptRow>& rows, const Tensor& hidden,
+                       std::vector<sampling::TokenLogprob>& out);
   void start_masks(const Schedule& sc, StepMasks& m);
   void join_masks(StepMasks& m);
   bool emit(Sequence* s, const std::vector<int32_t>& toks, std::vector<sampling::TokenLogprob>& lps);
@@ -257,6 +268,13 @@ void Engine::submit(std::shared_ptr<Request> r) {
       (rep.max_pattern > 0 && rep.min_count < 2))
     fail("repetition_detection: expected 0 <= min_pattern_size <= max_pattern_size and min_count >= 2, found ",
          rep.min_pattern, ", ", rep.max_pattern, ", ", rep.min_count);
+  if (r->prompt_logprobs < -1 || r->prompt_logprobs > V)
+    fail("prompt_logprobs: expected -1 (off) to ", V, ", found ", r->prompt_logprobs);
+  if (r->prompt_logprobs >= 0)  // their logprobs are over the sampled ids [0, vocab_limit)
+    for (int64_t i = 0; i < P; ++i)
+      if (r->prompt[size_t(i)] >= cfg_.vocab_limit)
+        fail("prompt_logprobs: prompt token ", r->prompt[size_t(i)], " at position ", i,
+             " is outside the sampled vocabulary [0, ", cfg_.vocab_limit, ")");
   if (r->sampling.min_tokens < 0 || r->sampling.min_tokens > r->max_tokens)
     fail("min_tokens: expected 0 to max_tokens (", r->max_tokens, "), found ", r->sampling.min_tokens);
   // Built here, off the engine thread (copies the prompt, seeds the RNG).
@@ -397,8 +415,21 @@ void Engine::Impl::run(const Schedule& sc_in) {
     if (sc.seqs[i].samples)
       for (int64_t j = 0; j <= sc.seqs[i].num_drafts; ++j)
         rows.push_back(int32_t(b.seqs[i].q_start + sc.seqs[i].num_tokens - 1 + j));
+  // Prompt logprobs: the rows of prompt tokens whose next token is a prompt token too, of the sequences that still
+  // owe them (in position order per sequence); their logits come from the final-norm hiddens after the forward.
+  std::vector<PromptRow> prow;
+  for (size_t i = 0; i < sc.seqs.size(); ++i) {
+    Sequence* s = sc.seqs[i].seq;
+    if (!s->prompt_lps_pending()) continue;
+    const int64_t ctx = s->cache.len, end = std::min(ctx + sc.seqs[i].num_tokens, s->prompt_len - 1);
+    DS_CHECK(ctx <= s->prompt_lps_done, "prompt logprobs: a chunk starts at ", ctx, " past the ", s->prompt_lps_done,
+             " rows done");  // such a sequence resumes from no checkpoint (Scheduler::admit_from_cache)
+    for (int64_t p = s->prompt_lps_done; p < end; ++p)
+      prow.push_back({i, int32_t(b.seqs[i].q_start + p - ctx), s->tokens[size_t(p + 1)]});
+  }
+  const bool want_hidden = spec || !prow.empty();
   std::vector<int32_t> all_rows;  // MTP drafting reads the hidden state of every committed row
-  if (spec)
+  if (want_hidden)
     for (int64_t i = 0; i < b.num_tokens(); ++i) all_rows.push_back(int32_t(i));
   std::vector<float> logits;  // fp32 [R, V] (host sampling)
   std::vector<int32_t> toks;  // one token per row (device sampling)
@@ -418,6 +449,7 @@ void Engine::Impl::run(const Schedule& sc_in) {
     return !x.samples || (lp_ok && !x.seq->sampler.constrained() && x.seq->sampler.forced() < 0 &&
                           (x.num_drafts == 0 || (cfg.device_verify && sampling::is_greedy(sp))));
   });
+  std::vector<sampling::TokenLogprob> plp;  // of `prow`
   std::vector<std::pair<Sequence*, uint64_t>> draws;  // each sampler's counter before this step's uniforms
   // Decode or verify only (every row a logit row): one recorded step per batch shape.
   // With speculation only where spec_step_graphs asks for it (engine.h: graphed verify/draft differ from eager on
@@ -434,9 +466,10 @@ void Engine::Impl::run(const Schedule& sc_in) {
   clk.mark("snapshot");
   try {
     // A step of prefill chunks only still asks for one row: backends need not handle R = 0.
+    DS_CHECK(!graphed || prow.empty(), "prompt logprobs in a recorded step");  // decode rows only there
     Tensor t = graphed ? model.forward_graphed(b, cm.caches(), rows, spec ? &hidden : nullptr)
                        : model.forward(b, cm.caches(), rows.empty() ? std::vector<int32_t>{0} : rows,
-                                       spec ? &hidden : nullptr, spec ? &all_rows : nullptr);
+                                       want_hidden ? &hidden : nullptr, want_hidden ? &all_rows : nullptr);
     clk.mark(graphed ? "forward (graphed)" : "forward (eager)");
     if (on_device) {
       std::vector<SampleRowParams> prm;
@@ -479,6 +512,10 @@ void Engine::Impl::run(const Schedule& sc_in) {
       logits = model.backend().to_host_f32(t);
       clk.mark("logits to host");
     }
+    if (!prow.empty()) {
+      prompt_logprobs(sc, prow, hidden, plp);
+      clk.mark("prompt logprobs");
+    }
     if (graphed) ++counters.graph_steps_total;
   } catch (const std::exception& e) {
     for (auto [s, d] : draws) s->sampler.draws = d;  // the recompute draws the same uniforms again
@@ -492,6 +529,11 @@ void Engine::Impl::run(const Schedule& sc_in) {
     return;
   }
   ++counters.steps_total;
+  for (size_t j = 0; j < prow.size(); ++j) {
+    Sequence* s = sc.seqs[prow[j].seq].seq;
+    s->prompt_lps.push_back(std::move(plp[j]));
+    ++s->prompt_lps_done;
+  }
   if (masks.running) {
     join_masks(masks);
     clk.mark("grammar masks (wait)");
@@ -836,6 +878,54 @@ bool Engine::Impl::roll_back(const std::vector<Redo>& redo, bool graphed) {
   return true;
 }
 
+void Engine::Impl::prompt_logprobs(const Schedule& sc, const std::vector<PromptRow>& rows, const Tensor& hidden,
+                                   std::vector<sampling::TokenLogprob>& out) {
+  Backend& be = model.backend();
+  const int64_t V = model.config().text.vocab_size, n = std::min(cfg.vocab_limit, V), H = hidden.dim(1);
+  out.assign(rows.size(), {});
+  const size_t per = size_t(std::max<int64_t>(1, env_int("DS_PROMPT_LOGPROB_ROWS", Engine::kPromptLogprobRows)));
+  for (size_t a = 0; a < rows.size(); a += per) {
+    const size_t e = std::min(rows.size(), a + per);
+    const int32_t R = int32_t(e - a);
+    std::vector<int32_t> hrows, local, chosen;
+    int32_t k = 0;
+    for (size_t j = a; j < e; ++j) {
+      hrows.push_back(rows[j].row);
+      local.push_back(int32_t(j - a));
+      chosen.push_back(rows[j].next);
+      k = std::max(k, sc.seqs[rows[j].seq].seq->req->prompt_logprobs);
+    }
+    Tensor hs = be.alloc(hidden.dtype, {R, H});
+    be.gather_rows(hidden, hrows, hs);
+    const Tensor logits = model.lm_head_logits(hs);
+    const int32_t stride = 1 + 2 * k;
+    std::vector<float> lp;
+    std::vector<int32_t> rank;
+    if (be.has_row_logprobs() && k <= Backend::kMaxRowTopLogprobs) {
+      be.row_logprobs(logits, n, local, chosen, k, lp);
+      be.row_ranks(logits, n, local, chosen, rank);
+    } else {
+      const std::vector<float> z = be.to_host_f32(logits);
+      lp.assign(size_t(R) * size_t(stride), 0.f);
+      rank.assign(size_t(R), 0);
+      for (int32_t j = 0; j < R; ++j) {
+        const float* row = z.data() + int64_t(j) * V;
+        cpu::row_logprobs(row, n, chosen[size_t(j)], k, lp.data() + size_t(j) * size_t(stride));
+        rank[size_t(j)] = cpu::row_rank(row, n, chosen[size_t(j)]);
+      }
+    }
+    for (int32_t j = 0; j < R; ++j) {
+      sampling::TokenLogprob& t = out[a + size_t(j)];
+      const float* o = lp.data() + size_t(j) * size_t(stride);
+      t.token = chosen[size_t(j)];
+      t.logprob = o[0];
+      t.rank = rank[size_t(j)];
+      const int64_t want = std::min<int64_t>(sc.seqs[rows[a + size_t(j)].seq].seq->req->prompt_logprobs, n);
+      for (int64_t q = 0; q < want; ++q) t.top.push_back({int32_t(o[1 + 2 * q]), o[2 + 2 * q]});
+    }
+  }
+}
+
 // Reports the decided tokens in one Delta, cut at the first that ends the request (EOS / stop id: reported as
 // stop_token; max_tokens or max_model_len). Returns whether the sequence is still running.
 bool Engine::Impl::emit(Sequence* s, const std::vector<int32_t>& toks, std::vector<sampling::TokenLogprob>& lps) {
@@ -851,6 +941,7 @@ bool Engine::Impl::emit(Sequence* s, const std::vector<int32_t>& toks, std::vect
     using secs = std::chrono::duration<double>;
     d.queue_seconds = secs(s->admitted - s->submitted).count();
     d.prefill_seconds = secs(std::chrono::steady_clock::now() - s->admitted).count();
+    d.prompt_logprobs = std::move(s->prompt_lps);
   }
   for (size_t i = 0; i < toks.size(); ++i) {
     const int32_t tok = toks[i];

@@ -35,6 +35,9 @@ struct Delta {
   // Usage so far; completion_tokens counts every sampled token, a final stop token included (vLLM's usage).
   int64_t prompt_tokens = 0, completion_tokens = 0;
   int64_t cached_tokens = 0;  // prompt tokens taken from a prefix-cache checkpoint (usage.prompt_tokens_details)
+  // Request::prompt_logprobs: entry i for prompt token i + 1 (token 0 has none), each with its rank; on the delta that
+  // carries the request's first token (or its end, when that comes first).
+  std::vector<sampling::TokenLogprob> prompt_logprobs;
   // On the delta that carries a request's first token (else -1): seconds from submit() to its first admission (the
   // queue) and from there to this token (the prefill), vLLM's request_queue_time / request_prefill_time.
   double queue_seconds = -1, prefill_seconds = -1;
@@ -88,6 +91,10 @@ struct Request {
   // Prefix caching: prompt positions worth a checkpoint besides the engine's own choices (the server's: where the
   // chat's second and last messages start); rounded down to a block boundary.
   std::vector<int64_t> cache_hints;
+  // vLLM's prompt_logprobs: -1 off; k >= 0: the raw log-softmax of every prompt token after the first under the
+  // prompt before it, its rank and the top k alternatives (Delta::prompt_logprobs). Every prompt row's logits are
+  // computed (Engine::kPromptLogprobRows at a time), so such a prompt never resumes from a prefix-cache checkpoint.
+  int32_t prompt_logprobs = -1;
   std::shared_ptr<DeltaChannel> out = std::make_shared<DeltaChannel>();
   std::chrono::steady_clock::time_point arrival = std::chrono::steady_clock::now();
 };
@@ -190,6 +197,9 @@ struct EngineMetrics {
 
 class Engine {
  public:
+  // Prompt logprobs: the lm_head runs over at most this many prompt rows at a time (fp32 logits [rows, V]: 127 MB
+  // for a 248k vocabulary). The environment switch DS_PROMPT_LOGPROB_ROWS=N overrides it (measurements).
+  static constexpr int64_t kPromptLogprobRows = 128;
   Engine(model::Model& m, EngineConfig cfg);
   ~Engine();
   void start();  // spawns the engine thread

@@ -31,12 +31,13 @@ int64_t Scheduler::chunk(const Sequence* s, int64_t budget) const {
 // request leaves a checkpoint the third resumes from). All rounded down to block boundaries.
 // Images: the placeholders' token ids do not say which image they stand for, so such prompts neither resume nor
 // leave checkpoints.
+// A sequence that still owes prompt logprobs runs every prompt row, so it leaves checkpoints but resumes from none.
 void Scheduler::admit_from_cache(Sequence* s) {
   s->save_at.clear();
   if (!prefix_caching_ || s->req->mm) return;
   const std::string& salt = s->req->cache_salt;
   const int64_t bs = cm_.block_size();
-  const PrefixHit h = cm_.lookup(salt, s->tokens, int64_t(s->tokens.size()) - 1);
+  const PrefixHit h = s->prompt_lps_pending() ? PrefixHit{} : cm_.lookup(salt, s->tokens, int64_t(s->tokens.size()) - 1);
   if (h.entry >= 0) cm_.attach(s->cache, h);  // false (no block for a partial block's copy): a miss
   const int64_t end = (s->prompt_len - 1) / bs * bs;
   std::vector<int64_t> at = {h.common, end};
@@ -58,6 +59,10 @@ void Scheduler::count_admission(Sequence* s) {
   if (!prefix_caching_ || s->req->mm) return;
   prefix_queries_ += s->prompt_len;
   prefix_hits_ += s->cache.len;
+}
+
+bool Sequence::prompt_lps_pending() const {
+  return req->prompt_logprobs >= 0 && prompt_lps_done < prompt_len - 1;
 }
 
 void Scheduler::add(std::unique_ptr<Sequence> s) { waiting_.push_back(std::move(s)); }
@@ -199,7 +204,7 @@ Schedule Scheduler::schedule_alone(Sequence* s) {
 // toward a planned checkpoint that it shares (same salt, same tokens up to there, and further than any checkpoint
 // it could resume from now), and resumes from that checkpoint once it is saved.
 bool Scheduler::deferred(const Sequence* s) const {
-  if (!prefix_caching_ || s->req->mm) return false;
+  if (!prefix_caching_ || s->req->mm || s->prompt_lps_pending()) return false;
   const int64_t limit = int64_t(s->tokens.size()) - 1;
   int64_t best = 0;
   for (const auto& r : running_) {

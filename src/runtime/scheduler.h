@@ -45,6 +45,12 @@ struct Sequence {
   // Finished, its caches kept until the end of the step to become a checkpoint (Engine: retiring); its MTP pass
   // proposes nothing.
   bool retiring = false;
+  // Request::prompt_logprobs: entry p for prompt token p + 1, computed as the prompt's chunks run (prompt_lps_done of
+  // them), handed over with the first token.
+  std::vector<sampling::TokenLogprob> prompt_lps;
+  int64_t prompt_lps_done = 0;
+  // Prompt rows whose logprobs are still to come: such a sequence computes every prompt row (no checkpoint resume).
+  bool prompt_lps_pending() const;
 
   int64_t num_generated() const { return int64_t(tokens.size()) - prompt_len; }
   int64_t pending_tokens() const { return int64_t(tokens.size()) - cache.len; }  // to run through the model

@@ -63,6 +63,7 @@ struct SamplingParams {
 struct TokenLogprob {
   int32_t token = -1;
   float logprob = 0.f;                             // of the chosen token, from the raw (unprocessed) distribution
+  int32_t rank = 0;                                // prompt logprobs: ids whose logit is >= the token's (vLLM's rank, >= 1); 0: unset
   std::vector<std::pair<int32_t, float>> top;      // top-n (token, logprob), most likely first
 };
 

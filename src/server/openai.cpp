@@ -227,8 +227,20 @@ GenSpec parse_generation_request(const json& j, bool chat, const sampling::Sampl
     }
   }
   const int64_t kMaxTok = int64_t(1) << 40;
-  if (b.has("max_completion_tokens")) g.max_tokens = b.integer("max_completion_tokens", 0, 1, kMaxTok);
-  else if (b.has("max_tokens")) g.max_tokens = b.integer("max_tokens", 0, 1, kMaxTok);
+  // 0 is taken for a completion's echo (the prompt alone, below); everywhere else at least 1.
+  const int64_t min_tok = !chat && j.contains("echo") && j["echo"].is_boolean() && j["echo"].get<bool>() ? 0 : 1;
+  if (b.has("max_completion_tokens")) g.max_tokens = b.integer("max_completion_tokens", 0, min_tok, kMaxTok);
+  else if (b.has("max_tokens")) g.max_tokens = b.integer("max_tokens", 0, min_tok, kMaxTok);
+  if (g.max_tokens && *g.max_tokens == 0) {
+    g.echo_only = true;
+    g.max_tokens = 1;
+  }
+  if (b.has("prompt_logprobs")) {
+    g.prompt_logprobs = int(b.integer("prompt_logprobs", -1, 0, 20));
+    if (g.stream)
+      throw bad_request("'prompt_logprobs' is not available with 'stream' (as in vLLM; completions' echo with logprobs "
+                        "streams the prompt's logprobs in its first chunk)", "prompt_logprobs");
+  }
   if (b.has("stop")) {
     const json& st = j["stop"];
     if (st.is_string()) g.stop.push_back(st.get<std::string>());
@@ -405,6 +417,7 @@ GenSpec parse_generation_request(const json& j, bool chat, const sampling::Sampl
       }
     }
     g.echo = b.boolean("echo", false);
+    if (g.echo && g.logprobs && g.prompt_logprobs < 0) g.prompt_logprobs = g.top_logprobs;
     if (!j.contains("prompt") || j["prompt"].is_null()) throw bad_request("'prompt' is required", "prompt");
     const json& p = j["prompt"];
     if (p.is_string()) g.prompt_texts.push_back(p.get<std::string>());

@@ -29,6 +29,11 @@ struct GenSpec {
   bool return_token_ids = false;  // vLLM extension: choices carry prompt_token_ids and token_ids
   bool logprobs = false;
   int top_logprobs = 0;
+  // vLLM's prompt_logprobs (alternatives per prompt token, -1 = off); completions' echo with logprobs sets it to
+  // top_logprobs (the echoed prompt tokens carry logprobs). echo_only: completions' echo with max_tokens 0 (one
+  // token is generated and dropped: the response is the prompt alone, lm-evaluation-harness' loglikelihood call).
+  int prompt_logprobs = -1;
+  bool echo_only = false;
   // completions: each prompt is a string or token ids
   std::vector<std::string> prompt_texts;
   std::vector<std::vector<int32_t>> prompt_ids;

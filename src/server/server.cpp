@@ -239,6 +239,9 @@ struct Choice {
   int64_t prompt_tokens = 0, completion_tokens = 0, cached_tokens = 0;
   std::vector<int32_t> prompt, tokens;
   std::vector<sampling::TokenLogprob> logprobs;
+  std::vector<sampling::TokenLogprob> prompt_logprobs;  // of prompt tokens 1.. (GenSpec::prompt_logprobs)
+  bool echoed = false;                                  // streaming echo: the prompt's chunk was sent
+  size_t text_offset = 0;                               // streaming completions' logprobs: the next token's offset
   Clock::time_point last_token, first_token;
   bool got_first = false;
   double prefill_seconds = -1;  // the engine's, with the first token (metrics)
@@ -349,7 +352,7 @@ class Generation {
       }
       for (auto& p : spec_.prompt_ids) {
         prompts.push_back(p);
-        texts.push_back("");
+        texts.push_back(spec_.echo ? rt.tok->decode(p) : "");  // echoed as its text (vLLM's)
       }
     }
     const int64_t V = rt.model->config().text.vocab_size;
@@ -407,6 +410,7 @@ class Generation {
         r->mm = mm_;
         r->cache_salt = spec_.cache_salt;
         r->priority = spec_.priority;
+        r->prompt_logprobs = spec_.prompt_logprobs;
         r->repetition = {spec_.rep_max_pattern, spec_.rep_min_pattern, spec_.rep_min_count};
         if (spec_.chat) r->cache_hints = chat_cache_hints(prompts[pi], rt.im_start_id);
         c.req = r;
@@ -605,6 +609,7 @@ class Generation {
       st_.metrics.prefill.observe(d.prefill_seconds);
       c.prefill_seconds = d.prefill_seconds;
     }
+    if (!d.prompt_logprobs.empty()) c.prompt_logprobs = std::move(d.prompt_logprobs);
     if (!d.tokens.empty()) {
       auto now = Clock::now();
       if (!c.got_first) {
@@ -726,8 +731,17 @@ json chat_logprobs(const text::Tokenizer& tok, const std::vector<int32_t>& token
   return {{"content", content}};
 }
 
+// Characters (code points) of valid UTF-8 text: its bytes that do not continue a sequence.
+size_t code_points(const std::string& s) {
+  size_t n = 0;
+  for (unsigned char c : s) n += (c & 0xC0) != 0x80;
+  return n;
+}
+
+// `text_offset`: the first token's offset, advanced past the last (offsets count the characters of the tokens' texts,
+// as vLLM's len(token) does).
 json completion_logprobs(const text::Tokenizer& tok, const std::vector<int32_t>& tokens,
-                         const std::vector<sampling::TokenLogprob>& lps, size_t text_offset) {
+                         const std::vector<sampling::TokenLogprob>& lps, size_t& text_offset) {
   json toks = json::array(), tlps = json::array(), tops = json::array(), offs = json::array();
   for (size_t i = 0; i < lps.size() && i < tokens.size(); ++i) {
     std::string t = token_text(tok, tokens[i]);
@@ -737,9 +751,59 @@ json completion_logprobs(const text::Tokenizer& tok, const std::vector<int32_t>&
     for (auto& [id, lp] : lps[i].top) top[token_text(tok, id)] = lp;
     tops.push_back(top);
     offs.push_back(text_offset);
-    text_offset += t.size();
+    text_offset += code_points(t);
   }
   return {{"tokens", toks}, {"token_logprobs", tlps}, {"top_logprobs", tops}, {"text_offset", offs}};
+}
+
+// A logprob as the wire carries it: -inf (no JSON number) as vLLM's -9999.0.
+double wire_logprob(float lp) { return std::max(double(lp), -9999.0); }
+
+// vLLM's prompt_logprobs: null for the first prompt token, then per token {"<id>": {"logprob", "rank",
+// "decoded_token"}} for the prompt token itself (its rank among all ids) and its top alternatives (ranks 1..k).
+json prompt_logprobs_json(const text::Tokenizer& tok, const std::vector<sampling::TokenLogprob>& lps) {
+  json a = json::array();
+  a.push_back(nullptr);
+  for (const auto& t : lps) {
+    json e = json::object();
+    e[std::to_string(t.token)] = {{"logprob", wire_logprob(t.logprob)}, {"rank", t.rank}, {"decoded_token", token_text(tok, t.token)}};
+    for (size_t q = 0; q < t.top.size(); ++q) {
+      const std::string id = std::to_string(t.top[q].first);
+      if (!e.contains(id))
+        e[id] = {{"logprob", wire_logprob(t.top[q].second)}, {"rank", int(q) + 1}, {"decoded_token", token_text(tok, t.top[q].first)}};
+    }
+    a.push_back(e);
+  }
+  return a;
+}
+
+// The completions API's logprobs of an echoed prompt (its first token without a logprob: null entries), offsets from 0.
+json echo_logprobs(const text::Tokenizer& tok, const std::vector<int32_t>& prompt,
+                   const std::vector<sampling::TokenLogprob>& lps, size_t& text_offset) {
+  json toks = json::array(), tlps = json::array(), tops = json::array(), offs = json::array();
+  for (size_t i = 0; i < prompt.size(); ++i) {
+    std::string t = token_text(tok, prompt[i]);
+    toks.push_back(t);
+    offs.push_back(text_offset);
+    text_offset += code_points(t);
+    if (i == 0 || i - 1 >= lps.size()) {
+      tlps.push_back(nullptr);
+      tops.push_back(nullptr);
+      continue;
+    }
+    tlps.push_back(wire_logprob(lps[i - 1].logprob));
+    json top = json::object();
+    for (auto& [id, lp] : lps[i - 1].top) top[token_text(tok, id)] = wire_logprob(lp);
+    tops.push_back(top);
+  }
+  return {{"tokens", toks}, {"token_logprobs", tlps}, {"top_logprobs", tops}, {"text_offset", offs}};
+}
+
+// a's arrays followed by b's (echo: the prompt's logprobs, then the generated tokens').
+json concat_logprobs(json a, const json& b) {
+  for (const char* k : {"tokens", "token_logprobs", "top_logprobs", "text_offset"})
+    for (auto& x : b[k]) a[k].push_back(x);
+  return a;
 }
 
 json tool_call_deltas(const std::vector<ToolCallDelta>& tcs) {
@@ -1051,10 +1115,16 @@ class HttpServer {
         if (spec.return_token_ids) ch["token_ids"] = c.tokens, ch["prompt_token_ids"] = c.prompt;
         choices.push_back(ch);
       } else {
-        std::string text = (spec.echo ? c.prompt_text : "") + c.out->content();
+        std::string text = (spec.echo ? c.prompt_text : "") + (spec.echo_only ? "" : c.out->content());
         json ch = {{"index", c.index}, {"text", text}, {"logprobs", nullptr}, {"finish_reason", c.finish_reason},
                    {"stop_reason", c.stop_reason}};
-        if (spec.logprobs) ch["logprobs"] = completion_logprobs(*st_.rt.tok, c.tokens, c.logprobs, 0);
+        if (spec.logprobs) {
+          size_t off = 0;
+          const json echoed = spec.echo ? echo_logprobs(*st_.rt.tok, c.prompt, c.prompt_logprobs, off) : json();
+          const json gen = completion_logprobs(*st_.rt.tok, spec.echo_only ? std::vector<int32_t>{} : c.tokens, c.logprobs, off);
+          ch["logprobs"] = spec.echo ? concat_logprobs(echoed, gen) : gen;
+        }
+        if (spec.prompt_logprobs >= 0) ch["prompt_logprobs"] = prompt_logprobs_json(*st_.rt.tok, c.prompt_logprobs);
         if (spec.return_token_ids) ch["token_ids"] = c.tokens, ch["prompt_token_ids"] = c.prompt;
         choices.push_back(ch);
       }
@@ -1062,12 +1132,16 @@ class HttpServer {
     if (!g.error_.empty()) {
       return HttpError(500, "generation failed: " + g.error_).body();
     }
-    return {{"id", g.id()},
-            {"object", spec.chat ? "chat.completion" : "text_completion"},
-            {"created", g.created()},
-            {"model", st_.model_name},
-            {"choices", choices},
-            {"usage", usage_json(g)}};
+    json out = {{"id", g.id()},
+                {"object", spec.chat ? "chat.completion" : "text_completion"},
+                {"created", g.created()},
+                {"model", st_.model_name},
+                {"choices", choices},
+                {"usage", usage_json(g)}};
+    // vLLM's chat response carries the prompt's logprobs once, at the top (every choice shares the prompt).
+    if (spec.chat && spec.prompt_logprobs >= 0 && !g.choices().empty())
+      out["prompt_logprobs"] = prompt_logprobs_json(*st_.rt.tok, g.choices()[0].prompt_logprobs);
+    return out;
   }
 
   json chunk(Generation& g, json choices) {
@@ -1103,6 +1177,18 @@ class HttpServer {
             auto ups = gen->poll(std::chrono::milliseconds(100));
             for (auto& u : ups) {
               Choice& c = gen->choices()[size_t(u.index)];
+              // Completions' echo: the prompt (and its logprobs, which come with the first token) leads the choice.
+              if (!spec.chat && spec.echo && !c.echoed) {
+                c.echoed = true;
+                json e = {{"index", c.index}, {"text", c.prompt_text}, {"logprobs", nullptr}, {"finish_reason", nullptr}};
+                if (spec.logprobs) e["logprobs"] = echo_logprobs(*st_.rt.tok, c.prompt, c.prompt_logprobs, c.text_offset);
+                if (!send(chunk(*gen, json::array({e})))) return abort(*gen);
+              }
+              if (spec.echo_only) {  // the generated token is not part of the answer
+                u.tokens.clear();
+                u.logprobs.clear();
+                u.ev = {};
+              }
               json delta = json::object();
               if (!u.ev.reasoning.empty() && spec.include_reasoning)
                 delta["reasoning_content"] = u.ev.reasoning, delta["reasoning"] = u.ev.reasoning;
@@ -1115,7 +1201,7 @@ class HttpServer {
               } else {
                 choice = {{"index", c.index}, {"text", u.ev.content}, {"logprobs", nullptr}, {"finish_reason", nullptr}};
                 if (spec.logprobs && !u.tokens.empty())
-                  choice["logprobs"] = completion_logprobs(*st_.rt.tok, u.tokens, u.logprobs, 0);
+                  choice["logprobs"] = completion_logprobs(*st_.rt.tok, u.tokens, u.logprobs, c.text_offset);
               }
               if (spec.return_token_ids && !u.tokens.empty()) choice["token_ids"] = u.tokens;
               bool has_payload = spec.chat ? !delta.empty() : !u.ev.content.empty();

@@ -227,5 +227,75 @@ TEST(CudaEngine, DeviceSamplingEqualsHostSampling) {
   EXPECT_GT(dev_steps[1], 10);
 }
 
+// Prompt logprobs on the GPU (golden prompts 1 and 2, whose every row transformers dumped): the prompt tokens'
+// logprobs against the fp32 reference's log-softmax within twice the error transformers' own bf16 run shows, chunked
+// (16 rows per step) beside another request; k = 5 through Backend::row_logprobs / row_ranks, k = 25 (past the
+// device's 20) through the host path: the same values within 1e-5, the same ids.
+TEST(CudaEngine, PromptLogprobsMatchTheReference) {
+  DS_REQUIRE_GPU();
+  TinyMoe t;
+  const test::Golden g(test::cuda_data_dir() + "/tiny-moe/golden.safetensors");
+  for (size_t prompt : {size_t(1), size_t(2)}) {
+    const auto& p = t.prompts[prompt];
+    std::vector<std::vector<sampling::TokenLogprob>> got;
+    for (int32_t k : {5, 25}) {
+      runtime::EngineConfig c;
+      c.max_num_seqs = 2;
+      c.max_num_batched_tokens = 16;
+      c.max_model_len = 512;
+      c.block_size = 16;
+      runtime::Engine e(*t.m, c);
+      auto r = std::make_shared<runtime::Request>(), o = std::make_shared<runtime::Request>();
+      r->id = 1, o->id = 2;
+      r->prompt = p, o->prompt = t.prompts[3];
+      r->max_tokens = 4, o->max_tokens = 6;
+      r->prompt_logprobs = k;
+      e.submit(r);
+      e.submit(o);
+      while (e.step()) {
+      }
+      std::vector<sampling::TokenLogprob> v;
+      int carrying = 0;
+      while (auto d = r->out->pop(std::chrono::milliseconds(0)))
+        if (!d->prompt_logprobs.empty()) v = d->prompt_logprobs, ++carrying;
+      EXPECT_EQ(carrying, 1);
+      ASSERT_EQ(v.size(), p.size() - 1) << "k " << k;
+      got.push_back(v);
+    }
+    std::vector<int64_t> shape;
+    const auto ref = g.f32("int4.fp32.prompt" + std::to_string(prompt) + ".logits", &shape);
+    const auto bf = g.f32("int4.bf16ref.prompt" + std::to_string(prompt) + ".logits");
+    const int64_t V = shape[1];
+    auto lp = [&](const std::vector<float>& z, size_t row, int32_t tok) {
+      const float* x = z.data() + int64_t(row) * V;
+      double mx = -INFINITY, sum = 0;
+      for (int64_t j = 0; j < V; ++j) mx = std::max(mx, double(x[j]));
+      for (int64_t j = 0; j < V; ++j) sum += std::exp(double(x[j]) - mx);
+      return float(double(x[tok]) - mx - std::log(sum));
+    };
+    std::vector<float> ours, theirs, bf16;
+    for (size_t i = 0; i + 1 < p.size(); ++i) {
+      const auto &a = got[0][i], &b = got[1][i];
+      EXPECT_EQ(a.token, p[i + 1]);
+      ours.push_back(a.logprob);
+      theirs.push_back(lp(ref, i, p[i + 1]));
+      bf16.push_back(lp(bf, i, p[i + 1]));
+      EXPECT_NEAR(a.logprob, b.logprob, 1e-5) << "row " << i;
+      EXPECT_EQ(a.rank, b.rank) << "row " << i;
+      EXPECT_GE(a.rank, 1);
+      ASSERT_EQ(a.top.size(), 5u);
+      ASSERT_EQ(b.top.size(), 25u);
+      for (size_t q = 0; q < 5; ++q) {
+        EXPECT_EQ(a.top[q].first, b.top[q].first) << "row " << i << " alternative " << q;
+        EXPECT_NEAR(a.top[q].second, b.top[q].second, 1e-5) << "row " << i << " alternative " << q;
+        if (a.top[q].first == a.token) EXPECT_GE(a.rank, int32_t(q) + 1);
+      }
+    }
+    const double e = test::rel_l2(ours, theirs), eb = test::rel_l2(bf16, theirs);
+    std::printf("  prompt %zu: prompt logprobs rel L2 %.3g (transformers bf16 %.3g)\n", prompt, e, eb);
+    EXPECT_LE(e, 2 * eb);
+  }
+}
+
 }  // namespace
 }  // namespace ds

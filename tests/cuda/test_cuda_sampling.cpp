@@ -319,6 +319,53 @@ TEST(CudaSampling, RowLogprobsMatchCpu) {
   EXPECT_THROW(B.gpu->row_logprobs(t, 10, {0}, {0}, Backend::kMaxRowTopLogprobs + 1, out), std::exception);
 }
 
+// Backend::row_ranks (prompt logprobs' rank) against cpu::row_rank: rows with ties, -inf runs, one dominant token, a
+// NaN; chosen tokens inside and past the vocabulary limit; every dtype; the real vocabularies.
+TEST(CudaSampling, RowRanksMatchCpu) {
+  DS_REQUIRE_GPU();
+  test::Both B;
+  const float inf = std::numeric_limits<float>::infinity();
+  int cases = 0;
+  for (int64_t V : {int64_t(1), int64_t(7), int64_t(1000), int64_t(16385), int64_t(151936), int64_t(248320)})
+    for (int R : {1, 5, 128})
+      for (DType dt : {DType::F32, DType::BF16, DType::F16})
+        for (int64_t limit : {V, V - V / 10}) {
+          if (limit < 1 || (V > 20000 && R == 128 && dt != DType::F32)) continue;
+          SCOPED_TRACE(str_cat("R ", R, " V ", V, " limit ", limit, " ", dtype_name(dt)));
+          std::mt19937_64 g(uint64_t(R) * 131u + uint64_t(V) + uint64_t(limit));
+          const int rows_in = R + 2;
+          std::vector<float> host(size_t(rows_in) * size_t(V));
+          std::normal_distribution<float> d(0.f, 3.f);
+          for (auto& v : host) v = d(g);
+          for (int r = 0; r < rows_in; ++r) {
+            float* x = host.data() + size_t(r) * size_t(V);
+            if (r % 5 == 1)
+              for (int64_t i = 0; i < V; ++i) x[i] = float(int(x[i]));  // many ties
+            if (r % 5 == 2) x[g() % uint64_t(V)] += 30.f;                 // one dominant token
+            if (r % 5 == 3)
+              for (int64_t i = 0; i < V; i += 3) x[i] = -inf;
+            if (r % 7 == 6) x[g() % uint64_t(V)] = std::numeric_limits<float>::quiet_NaN();
+          }
+          if (dt != DType::F32)
+            for (auto& v : host) v = dt == DType::BF16 ? bf16_to_f32(f32_to_bf16(v)) : f16_to_f32(f32_to_f16(v));
+          Tensor t = B.gpu->upload_f32(host, {rows_in, V}, dt);
+          std::vector<int32_t> rows, chosen;
+          for (int i = 0; i < R; ++i) {
+            rows.push_back(int32_t((i * 7 + 1) % rows_in));
+            chosen.push_back(i % 4 == 3 ? int32_t(V - 1) : int32_t(g() % uint64_t(V)));  // V - 1: past the limit
+          }
+          std::vector<int32_t> got;
+          B.gpu->row_ranks(t, limit, rows, chosen, got);
+          ASSERT_EQ(got.size(), size_t(R));
+          const int64_t n = std::min(limit, V);
+          for (int i = 0; i < R; ++i)
+            EXPECT_EQ(got[size_t(i)], cpu::row_rank(host.data() + size_t(rows[size_t(i)]) * size_t(V), n, chosen[size_t(i)]))
+                << "row " << i;
+          ++cases;
+        }
+  std::printf("  %d cases\n", cases);
+}
+
 // Time per call at the real vocabulary: sample_rows on the GPU vs the host path it replaces (copy [R, V] fp32 to the
 // host, then sampling::sample per row). Prints only; docs/engine.md "Sampler".
 TEST(CudaSampling, TimeAgainstTheHostPath) {

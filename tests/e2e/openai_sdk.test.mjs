@@ -104,6 +104,70 @@ test('logprobs: chosen token and top alternatives', async () => {
   }
 });
 
+// lm-evaluation-harness' loglikelihood call (its `local-completions` model): the context and continuation as token ids,
+// echo, max_tokens 0, logprobs 1; it reads token_logprobs of the continuation and whether each token is the top one.
+// The continuation here is the model's own greedy answer to the context, so its echoed logprobs equal the ones the
+// generation reported (a prefill against decode steps: within rounding) and every continuation token is the top one.
+test('echo with logprobs scores a continuation as lm-evaluation-harness does; prompt_logprobs as vLLM gives them', async () => {
+  const ctx = golden.text[MODEL.includes('bf16') ? 'bf16' : 'int4'][2].prompt;
+  const gen = await client.completions.create({ model: 'tiny', prompt: ctx, max_tokens: 6, temperature: 0, logprobs: 1,
+                                                ignore_eos: true, return_token_ids: true });
+  const cont = gen.choices[0].token_ids;
+  assert.equal(cont.length, 6);
+  const r = await client.completions.create({ model: 'tiny', prompt: [...ctx, ...cont], max_tokens: 0, echo: true,
+                                              logprobs: 1, temperature: 0 });
+  const c = r.choices[0], lp = c.logprobs;
+  assert.equal(lp.tokens.length, ctx.length + cont.length, 'the prompt alone: no generated token');
+  assert.equal(lp.token_logprobs[0], null);
+  assert.equal(lp.top_logprobs[0], null);
+  const detok = await (await fetch(`${srv.base}/detokenize`, { method: 'POST',
+                                                              body: JSON.stringify({ tokens: [...ctx, ...cont] }) })).json();
+  assert.equal(c.text, detok.prompt, 'token ids are echoed as their text');
+  const tol = BACKEND === 'cpu' ? 1e-4 : 2e-2;
+  for (let i = 0; i < cont.length; ++i) {
+    const at = ctx.length + i, want = gen.choices[0].logprobs.token_logprobs[i];
+    assert.ok(Math.abs(lp.token_logprobs[at] - want) < tol, `continuation token ${i}: ${lp.token_logprobs[at]} vs ${want}`);
+    const top = Object.entries(lp.top_logprobs[at]).sort((a, b) => b[1] - a[1])[0];
+    assert.equal(top[0], lp.tokens[at], 'greedy continuation: each token is the most likely');
+  }
+  for (let i = 1; i < lp.tokens.length; ++i) assert.ok(lp.token_logprobs[i] <= 0);
+  for (let i = 1; i < lp.text_offset.length; ++i)
+    assert.equal(lp.text_offset[i], lp.text_offset[i - 1] + [...lp.tokens[i - 1]].length, 'offsets count characters');
+  // vLLM's prompt_logprobs (derived from echo + logprobs): null, then the prompt token with its rank and the top one.
+  assert.equal(c.prompt_logprobs.length, ctx.length + cont.length);
+  assert.equal(c.prompt_logprobs[0], null);
+  for (let i = 0; i < cont.length; ++i) {
+    const e = c.prompt_logprobs[ctx.length + i][String(cont[i])];
+    assert.equal(e.rank, 1, 'the greedy token ranks first');
+    assert.ok(Math.abs(e.logprob - lp.token_logprobs[ctx.length + i]) < 1e-6);
+  }
+  // Streaming: the prompt and its logprobs lead the choice, then the generated tokens with offsets after it.
+  const stream = await client.completions.create({ model: 'tiny', prompt: [...ctx], max_tokens: 3, echo: true, logprobs: 1,
+                                                   temperature: 0, ignore_eos: true, stream: true });
+  const chunks = [];
+  for await (const ch of stream) if (ch.choices.length && ch.choices[0].logprobs) chunks.push(ch.choices[0]);
+  assert.equal(chunks[0].logprobs.tokens.length, ctx.length);
+  assert.equal(chunks[0].logprobs.token_logprobs[0], null);
+  for (let i = 1; i < ctx.length; ++i)
+    assert.ok(Math.abs(chunks[0].logprobs.token_logprobs[i] - lp.token_logprobs[i]) < 1e-6, `prompt token ${i}`);
+  const gen_lps = chunks.slice(1).flatMap((ch) => ch.logprobs.token_logprobs);
+  assert.equal(gen_lps.length, 3);
+  const last = chunks[0].logprobs.text_offset.at(-1) + [...chunks[0].logprobs.tokens.at(-1)].length;
+  assert.equal(chunks[1].logprobs.text_offset[0], last);
+  // Chat: prompt_logprobs once, at the top of the response; refused when streaming (vLLM's rule); bounded like logprobs.
+  const chat = await client.chat.completions.create({ model: 'tiny', messages: [{ role: 'user', content: 'Hi' }],
+                                                     max_tokens: 2, prompt_logprobs: 2 });
+  assert.equal(chat.prompt_logprobs.length, chat.usage.prompt_tokens);
+  assert.ok(Object.keys(chat.prompt_logprobs[1]).length >= 2);
+  await assert.rejects(client.chat.completions.create({ model: 'tiny', messages: [{ role: 'user', content: 'Hi' }],
+                                                        prompt_logprobs: 1, stream: true }),
+                       (e) => e.status === 400 && /prompt_logprobs.*stream/.test(e.message));
+  await assert.rejects(client.completions.create({ model: 'tiny', prompt: 'x', prompt_logprobs: 21 }),
+                       (e) => e.status === 400 && /prompt_logprobs/.test(e.message));
+  await assert.rejects(client.completions.create({ model: 'tiny', prompt: 'x', max_tokens: 0 }),
+                       (e) => e.status === 400 && /max_tokens/.test(e.message));
+});
+
 test('errors come back in OpenAI\'s schema with the right status', async () => {
   await assert.rejects(client.chat.completions.create({ model: 'nope', messages: [{ role: 'user', content: 'x' }] }),
                        (e) => e.status === 404 && /does not exist/.test(e.message));

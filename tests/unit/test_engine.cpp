@@ -76,6 +76,8 @@ std::shared_ptr<Request> make_req(uint64_t id, std::vector<int32_t> prompt, int6
 struct Result {
   std::vector<int32_t> tokens;
   std::vector<sampling::TokenLogprob> logprobs;
+  std::vector<sampling::TokenLogprob> prompt_logprobs;
+  int prompt_logprob_deltas = 0;  // deltas that carried prompt logprobs
   FinishReason finish = FinishReason::None;
   int32_t stop_token = -1;
   std::string error;
@@ -96,6 +98,10 @@ Result collect(Request& r, std::chrono::milliseconds timeout = 120000ms) {
     ++res.deltas;
     res.tokens.insert(res.tokens.end(), d->tokens.begin(), d->tokens.end());
     res.logprobs.insert(res.logprobs.end(), d->logprobs.begin(), d->logprobs.end());
+    if (!d->prompt_logprobs.empty()) {
+      ++res.prompt_logprob_deltas;
+      res.prompt_logprobs = d->prompt_logprobs;
+    }
     res.finish = d->finish;
     res.stop_token = d->stop_token;
     res.error = d->error;
@@ -992,6 +998,131 @@ TEST(Engine, LogprobsRideAlongTheTokens) {
     EXPECT_FLOAT_EQ(res.logprobs[i].top[0].second, res.logprobs[i].logprob);
     EXPECT_LT(res.logprobs[i].logprob, 0.f);
   }
+}
+
+// Prompt logprobs (vLLM's prompt_logprobs, the completions API's echo with logprobs) against transformers' fp32 logits of
+// every prompt row (golden prompts 1 and 2, 9 and 40 tokens): the logprob of each prompt token after the first, its
+// rank and the top alternatives, in chunks of 16 rows and in one, alone and beside other requests.
+void expect_prompt_logprobs_match_reference(const Result& res, size_t prompt, int32_t k) {
+  auto& f = fx();
+  const auto& p = f.prompts[prompt];
+  std::vector<int64_t> shape;
+  static const test::Golden g(test::data_dir() + "/tiny-moe/golden.safetensors");
+  const auto ref = g.f32("int4.fp32.prompt" + std::to_string(prompt) + ".logits", &shape);
+  const int64_t V = shape[1];
+  ASSERT_EQ(shape[0], int64_t(p.size()));
+  ASSERT_EQ(res.prompt_logprobs.size(), p.size() - 1);
+  EXPECT_EQ(res.prompt_logprob_deltas, 1);
+  std::vector<float> ours, theirs, ours_top, theirs_top;
+  for (size_t i = 0; i + 1 < p.size(); ++i) {
+    const float* z = ref.data() + int64_t(i) * V;
+    double mx = -INFINITY, sum = 0;
+    for (int64_t j = 0; j < V; ++j) mx = std::max(mx, double(z[j]));
+    for (int64_t j = 0; j < V; ++j) sum += std::exp(double(z[j]) - mx);
+    const double lse = mx + std::log(sum);
+    const sampling::TokenLogprob& t = res.prompt_logprobs[i];
+    const int32_t tok = p[i + 1];
+    EXPECT_EQ(t.token, tok);
+    ours.push_back(t.logprob);
+    theirs.push_back(float(double(z[tok]) - lse));
+    // The rank, where no other logit lies within 1e-4 of the token's (the engine's error is ~1e-6).
+    int32_t lo = 0, hi = 0;
+    for (int64_t j = 0; j < V; ++j) lo += z[j] >= z[tok] + 1e-4f, hi += z[j] >= z[tok] - 1e-4f;
+    EXPECT_GE(t.rank, lo) << "row " << i;
+    EXPECT_LE(t.rank, hi) << "row " << i;
+    EXPECT_GE(t.rank, 1);
+    std::vector<int32_t> ids(static_cast<size_t>(V));
+    for (int64_t j = 0; j < V; ++j) ids[size_t(j)] = int32_t(j);
+    std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), [&](int32_t a, int32_t b) { return z[a] > z[b]; });
+    ASSERT_EQ(t.top.size(), size_t(k));
+    for (int32_t q = 0; q < k; ++q) {
+      ours_top.push_back(t.top[size_t(q)].second);
+      theirs_top.push_back(float(double(z[ids[size_t(q)]]) - lse));
+      if (q == 0 && z[ids[0]] - z[ids[1]] > 1e-4f) EXPECT_EQ(t.top[0].first, ids[0]) << "row " << i;
+      if (t.top[size_t(q)].first == tok) EXPECT_FLOAT_EQ(t.top[size_t(q)].second, t.logprob);
+    }
+  }
+  const double e = test::rel_l2(ours, theirs), et = test::rel_l2(ours_top, theirs_top);
+  std::printf("  prompt %zu: prompt logprobs rel L2 %.2e, top-%d %.2e\n", prompt, e, k, et);
+  EXPECT_LT(e, 1e-4);
+  EXPECT_LT(et, 1e-4);
+}
+
+TEST(Engine, PromptLogprobsMatchTheReference) {
+  auto& f = fx();
+  for (size_t prompt : {size_t(1), size_t(2)}) {
+    auto r = make_req(1, f.prompts[prompt], 3);
+    r->prompt_logprobs = 4;
+    const Result alone = run_alone(*r);
+    EXPECT_EQ(alone.error, "");
+    EXPECT_EQ(alone.tokens, std::vector<int32_t>(f.greedy[prompt].begin(), f.greedy[prompt].begin() + 3));
+    expect_prompt_logprobs_match_reference(alone, prompt, 4);
+    // Chunks of 16 rows beside two other requests (one with prompt logprobs of its own, k = 0).
+    EngineConfig c = base_config();
+    c.max_num_batched_tokens = 16;
+    Engine e(*f.m, c);
+    auto a = make_req(1, f.prompts[prompt], 3), o = make_req(2, f.prompts[3], 4), z = make_req(3, f.prompts[2], 2);
+    a->prompt_logprobs = 4;
+    z->prompt_logprobs = 0;
+    for (auto& x : {a, o, z}) e.submit(x);
+    drain(e);
+    const Result ra = collect(*a, 0ms), ro = collect(*o, 0ms), rz = collect(*z, 0ms);
+    expect_prompt_logprobs_match_reference(ra, prompt, 4);
+    EXPECT_EQ(ra.tokens, alone.tokens);
+    EXPECT_TRUE(ro.prompt_logprobs.empty());
+    EXPECT_EQ(ro.tokens, std::vector<int32_t>(f.greedy[3].begin(), f.greedy[3].begin() + 4));
+    ASSERT_EQ(rz.prompt_logprobs.size(), f.prompts[2].size() - 1);
+    for (auto& t : rz.prompt_logprobs) EXPECT_TRUE(t.top.empty());
+    expect_empty(e.metrics());
+  }
+}
+
+// A prompt with prompt logprobs resumes from no prefix-cache checkpoint (every row's logits are needed), leaves its
+// own, and after a preemption (recompute) hands over its prompt logprobs once, the same.
+TEST(Engine, PromptLogprobsSkipCheckpointsAndSurvivePreemption) {
+  auto& f = fx();
+  EngineConfig c = base_config();
+  c.prefix_cache_checkpoints = 4;
+  Engine e(*f.m, c);
+  auto first = make_req(1, f.prompts[2], 2);
+  first->prompt_logprobs = 2;
+  const Result r1 = run_on(e, first);
+  expect_prompt_logprobs_match_reference(r1, 2, 2);
+  auto again = make_req(2, f.prompts[2], 2);
+  again->prompt_logprobs = 2;
+  const Result r2 = run_on(e, again);
+  EXPECT_EQ(r2.cached_tokens, 0);
+  expect_prompt_logprobs_match_reference(r2, 2, 2);
+  const Result r3 = run_on(e, make_req(3, f.prompts[2], 2));  // without: resumes from the checkpoints they left
+  EXPECT_GT(r3.cached_tokens, 0);
+  EXPECT_EQ(r3.tokens, r1.tokens);
+
+  // Preemption: a pool too small for all of them at once.
+  auto reqs = mix12();
+  for (size_t i = 0; i < reqs.size(); i += 3) reqs[i]->prompt_logprobs = 1;
+  EngineConfig p = base_config();
+  p.max_num_seqs = 6;
+  p.max_num_batched_tokens = 96;
+  p.num_blocks = 26;
+  Engine small(*f.m, p);
+  for (auto& r : reqs) small.submit(r);
+  drain(small);
+  const auto& alone = mix12_alone();
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    const Result res = collect(*reqs[i], 0ms);
+    EXPECT_EQ(res.tokens, alone[i].tokens) << "request " << i;
+    if (i % 3) {
+      EXPECT_EQ(res.prompt_logprob_deltas, 0);
+      continue;
+    }
+    EXPECT_EQ(res.prompt_logprob_deltas, reqs[i]->prompt.size() > 1 ? 1 : 0) << "request " << i;  // none for 1 token
+    EXPECT_EQ(res.prompt_logprobs.size(), reqs[i]->prompt.size() - 1) << "request " << i;
+    for (size_t j = 0; j < res.prompt_logprobs.size(); ++j) {
+      EXPECT_EQ(res.prompt_logprobs[j].token, reqs[i]->prompt[j + 1]);
+      EXPECT_EQ(res.prompt_logprobs[j].top.size(), 1u);
+    }
+  }
+  EXPECT_GT(small.metrics().preemptions_total, 0);
 }
 
 TEST(Engine, AbortMidGenerationFreesMemory) {

@@ -483,6 +483,47 @@ TEST(SpecEngine, MaxTokensStopTokensAndPreemption) {
   for (size_t i = 0; i < 4; ++i) EXPECT_EQ(spec[i].tokens, plain[i].tokens) << "prompt " << i;
 }
 
+// Prompt logprobs come from the forward's final-norm hiddens, which a speculating engine asks of every row anyway: the
+// same values (within rounding), ranks and alternatives with K = 3 as without, chunked beside speculating decodes.
+TEST(SpecEngine, PromptLogprobsUnchangedBySpeculation) {
+  Fixture& f = fixture("tiny-moe", "bf16");
+  auto lps = [&](int64_t K) {
+    std::vector<std::shared_ptr<Request>> rs;
+    for (size_t i = 0; i < 4; ++i) {
+      rs.push_back(req(i, f.prompts[i], 10));
+      if (i != 1) rs.back()->prompt_logprobs = 3;
+    }
+    Engine e(*f.m, config(K));
+    for (auto& r : rs) e.submit(r);
+    while (e.step()) {
+    }
+    std::vector<std::vector<sampling::TokenLogprob>> out;
+    for (auto& r : rs) {
+      std::vector<sampling::TokenLogprob> v;
+      while (auto d = r->out->pop(0ms))
+        if (!d->prompt_logprobs.empty()) v = d->prompt_logprobs;
+      out.push_back(v);
+    }
+    return out;
+  };
+  const auto plain = lps(0), spec = lps(3);
+  for (size_t i = 0; i < 4; ++i) {
+    ASSERT_EQ(plain[i].size(), i == 1 ? 0 : f.prompts[i].size() - 1) << "prompt " << i;
+    ASSERT_EQ(spec[i].size(), plain[i].size()) << "prompt " << i;
+    for (size_t j = 0; j < plain[i].size(); ++j) {
+      EXPECT_EQ(spec[i][j].token, plain[i][j].token);
+      // Within rounding: the chunks run beside other rows (verify rows) than without speculation.
+      EXPECT_NEAR(spec[i][j].logprob, plain[i][j].logprob, 1e-4) << "prompt " << i << " row " << j;
+      EXPECT_EQ(spec[i][j].rank, plain[i][j].rank);
+      ASSERT_EQ(spec[i][j].top.size(), 3u);
+      for (size_t q = 0; q < 3; ++q) {
+        EXPECT_EQ(spec[i][j].top[q].first, plain[i][j].top[q].first);
+        EXPECT_NEAR(spec[i][j].top[q].second, plain[i][j].top[q].second, 1e-4);
+      }
+    }
+  }
+}
+
 TEST(SpecEngine, SamplingRunsAndCountersAddUp) {
   Fixture& f = fixture("tiny-dense", "bf16");
   std::vector<std::shared_ptr<Request>> rs;

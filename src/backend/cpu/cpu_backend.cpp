@@ -436,6 +436,19 @@ class CpuBackend final : public Backend {
       cpu::row_logprobs(all + int64_t(rows[i]) * V, n, chosen[i], kk, out.data() + i * size_t(1 + 2 * k));
     }
   }
+  void row_ranks(const Tensor& logits, int64_t vocab_limit, const std::vector<int32_t>& rows,
+                 const std::vector<int32_t>& chosen, std::vector<int32_t>& out) override {
+    DS_CHECK(logits.ndim() == 2 && rows.size() == chosen.size(), "row_ranks: logits [R, V], one chosen token per row");
+    const int64_t V = logits.dim(1), n = vocab_limit > 0 ? std::min(vocab_limit, V) : V;
+    const std::vector<float> host = logits.dtype == DType::F32 ? std::vector<float>() : to_host_f32(logits);
+    const float* all = logits.dtype == DType::F32 ? logits.ptr<float>() : host.data();
+    out.assign(rows.size(), 0);
+    for (size_t i = 0; i < rows.size(); ++i) {
+      DS_CHECK(rows[i] >= 0 && rows[i] < logits.dim(0) && chosen[i] >= 0 && chosen[i] < V, "row_ranks: row ", rows[i],
+               " of ", logits.dim(0), ", token ", chosen[i], " of ", V);
+      out[i] = cpu::row_rank(all + int64_t(rows[i]) * V, n, chosen[i]);
+    }
+  }
   void gather_rows(const Tensor& x, const std::vector<int32_t>& rows, Tensor& out) override {
     const int64_t H = x.numel() / x.dim(0);
     for (size_t i = 0; i < rows.size(); ++i)

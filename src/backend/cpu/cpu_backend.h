@@ -59,6 +59,9 @@ int32_t sample_row(const float* raw, int64_t n, const SampleRowParams& p, const 
 // out[0] = logits[chosen] − lse, then for j < min(k, n) out[1 + 2j] = the id of the j-th most likely (ties: the lower
 // id first), out[2 + 2j] = its logprob. lse = max + log Σ exp(double(x) − max), in double, in id order.
 void row_logprobs(const float* logits, int64_t n, int32_t chosen, int32_t k, float* out);
+// vLLM's rank of `chosen` in one row: how many ids in [0, n) have a logit >= logits[chosen] (itself included; a NaN
+// compares false, so a NaN chosen logit ranks 0) (Backend::row_ranks' specification).
+int32_t row_rank(const float* logits, int64_t n, int32_t chosen);
 // Backend::sample_rows over host fp32 logits [R, V] (R = rows.size()).
 void sample_rows(const float* logits, int64_t V, int64_t vocab_limit, const std::vector<SampleRowParams>& rows,
                  const std::vector<SampleEdit>& edits, std::vector<int32_t>& ids);

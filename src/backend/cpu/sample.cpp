@@ -39,6 +39,13 @@ void row_logprobs(const float* logits, int64_t n, int32_t chosen, int32_t k, flo
   }
 }
 
+int32_t row_rank(const float* logits, int64_t n, int32_t chosen) {
+  const float c = logits[chosen];
+  int32_t r = 0;
+  for (int64_t i = 0; i < n; ++i) r += logits[i] >= c;
+  return r;
+}
+
 int32_t sample_argmax(const float* z, int64_t n) {
   int64_t a = 0;
   float best = -std::numeric_limits<float>::infinity();

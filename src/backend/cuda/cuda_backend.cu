@@ -2705,6 +2705,29 @@ class CudaBackend final : public Backend {
     DS_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
 
+  void row_ranks(const Tensor& logits, int64_t vocab_limit, const std::vector<int32_t>& rows,
+                 const std::vector<int32_t>& chosen, std::vector<int32_t>& out) override {
+    DS_CHECK(logits.ndim() == 2 && rows.size() == chosen.size(), "row_ranks: logits [R, V], one chosen token per row");
+    DS_CHECK(logits.dtype == DType::F32 || logits.dtype == DType::BF16 || logits.dtype == DType::F16,
+             "row_ranks: logits dtype ", dtype_name(logits.dtype));
+    const int64_t V = logits.dim(1), n = vocab_limit > 0 ? std::min(vocab_limit, V) : V;
+    const int R = int(rows.size());
+    out.assign(size_t(R), 0);
+    if (R == 0) return;
+    for (int i = 0; i < R; ++i)
+      DS_CHECK(rows[size_t(i)] >= 0 && rows[size_t(i)] < logits.dim(0) && chosen[size_t(i)] >= 0 && chosen[size_t(i)] < V,
+               "row_ranks: row ", rows[size_t(i)], " of ", logits.dim(0), ", token ", chosen[size_t(i)], " of ", V);
+    std::vector<int32_t> both(rows);
+    both.insert(both.end(), chosen.begin(), chosen.end());
+    Tensor d = upload_bytes(both.data(), both.size() * 4, DType::I32, {int64_t(both.size())});
+    Tensor o = alloc(DType::I32, {int64_t(R)});
+    launch_row_ranks(logits.data, int(logits.dtype), V, n, R, d.ptr<int32_t>(), d.ptr<int32_t>() + R, o.ptr<int32_t>(),
+                     stream_);
+    DS_CUDA_CHECK_LAST();
+    DS_CUDA_CHECK(cudaMemcpyAsync(out.data(), o.data, size_t(R) * 4, cudaMemcpyDeviceToHost, stream_));
+    DS_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+
   void argmax_rows(const Tensor& logits, int64_t limit, Tensor& ids, const Tensor* map = nullptr) override {
     const int64_t R = logits.dim(0), N = logits.numel() / std::max<int64_t>(R, 1);
     DS_CHECK(logits.dtype == DType::F32 && ids.dtype == DType::I32 && ids.numel() == R && limit >= 1 && limit <= N,

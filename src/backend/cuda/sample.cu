@@ -387,6 +387,32 @@ __global__ void k_row_logprobs_merge(const void* logits, int dt, int64_t V, int 
   }
 }
 
+// Backend::row_ranks (cpu::row_rank is the specification): a grid of slices × R rows, each thread counting the ids of
+// its slice whose logit is >= the chosen one's, a block sum, one integer atomicAdd per block into out[row] (zeroed
+// before; integer sums in any order are exact).
+constexpr int kRankThreads = 256;
+constexpr int64_t kRankSlice = 16384;
+
+__global__ void __launch_bounds__(kRankThreads) k_row_rank(const void* logits, int dt, int64_t V, int64_t n,
+                                                           const int32_t* rows, const int32_t* chosen, int32_t* out) {
+  pdl_wait();
+  pdl_trigger();
+  __shared__ int ws[kRankThreads / 32];
+  const int64_t base = int64_t(rows[blockIdx.y]) * V;
+  const float c = ldf(logits, dt, base + chosen[blockIdx.y]);
+  const int64_t per = (n + gridDim.x - 1) / gridDim.x, lo = blockIdx.x * per, hi = min(n, lo + per);
+  int cnt = 0;
+  for (int64_t j = lo + threadIdx.x; j < hi; j += kRankThreads) cnt += ldf(logits, dt, base + j) >= c;
+  cnt = __reduce_add_sync(0xffffffffu, unsigned(cnt));
+  if ((threadIdx.x & 31) == 0) ws[threadIdx.x >> 5] = cnt;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int t = 0;
+    for (int w = 0; w < kRankThreads / 32; ++w) t += ws[w];
+    if (t) atomicAdd(out + blockIdx.y, t);
+  }
+}
+
 }  // namespace
 
 int64_t row_logprobs_scratch_bytes(int R, int64_t n) {
@@ -404,6 +430,15 @@ void launch_row_logprobs(const void* logits, int dt, int64_t V, int64_t n, int R
                            n, rows, k, part));
   DS_CUDA_CHECK(pdl_launch(k_row_logprobs_merge, unsigned(R), 32, 0, stream, logits, dt, V, S, rows, chosen, k,
                            static_cast<const LpPartial*>(part), stride, out));
+}
+
+void launch_row_ranks(const void* logits, int dt, int64_t V, int64_t n, int R, const int32_t* rows,
+                      const int32_t* chosen, int32_t* out, cudaStream_t stream) {
+  if (R <= 0) return;
+  DS_CUDA_CHECK(cudaMemsetAsync(out, 0, size_t(R) * sizeof(int32_t), stream));
+  const unsigned S = unsigned(std::min<int64_t>(64, std::max<int64_t>(1, (n + kRankSlice - 1) / kRankSlice)));
+  DS_CUDA_CHECK(pdl_launch(k_row_rank, dim3(S, unsigned(R)), kRankThreads, 0, stream, logits, dt, V, n, rows, chosen,
+                           out));
 }
 
 void launch_sample_rows(const void* logits, int dt, int64_t V, int64_t n, int R, const SampleRowParams* rows,

@@ -21,4 +21,9 @@ int64_t row_logprobs_scratch_bytes(int R, int64_t n);
 void launch_row_logprobs(const void* logits, int dt, int64_t V, int64_t n, int R, const int32_t* rows,
                          const int32_t* chosen, int k, int stride, float* out, void* scratch, cudaStream_t stream);
 
+// Backend::row_ranks: out[i] = cpu::row_rank(row rows[i] of logits [·, V] (dtype dt), n, chosen[i]) for i < R; rows /
+// chosen / out on the device. Kernels only, on `stream`.
+void launch_row_ranks(const void* logits, int dt, int64_t V, int64_t n, int R, const int32_t* rows,
+                      const int32_t* chosen, int32_t* out, cudaStream_t stream);
+
 }  // namespace ds::cuda

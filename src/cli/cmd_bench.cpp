@@ -23,6 +23,7 @@
 #include "backend/ops.h"
 #include "cli/args.h"
 #include "cli/commands.h"
+#include "core/env.h"
 #include "io/config.h"
 #include "io/schema.h"
 #include "model/model.h"
@@ -799,7 +800,7 @@ void bench_prompt_logprobs(model::Model& m, const std::vector<int64_t>& lengths,
   std::printf("## Prompt logprobs, time to first token (engine path; prefill chunks of %lld tokens; lm_head over %lld "
               "rows at a time)\n\n| prompt | without ms | k = 0 ms | k = 5 ms | k = 20 ms | k = 20 extra ms per 1k rows |\n"
               "|---|---|---|---|---|---|\n",
-              (long long)chunk, (long long)runtime::Engine::kPromptLogprobRows);
+              (long long)chunk, (long long)env_int("DS_PROMPT_LOGPROB_ROWS", runtime::Engine::kPromptLogprobRows));
   for (int64_t L : lengths) {
     runtime::EngineConfig ec;
     ec.max_num_seqs = 1;

@@ -197,9 +197,10 @@ struct EngineMetrics {
 
 class Engine {
  public:
-  // Prompt logprobs: the lm_head runs over at most this many prompt rows at a time (fp32 logits [rows, V]: 127 MB
-  // for a 248k vocabulary). The environment switch DS_PROMPT_LOGPROB_ROWS=N overrides it (measurements).
-  static constexpr int64_t kPromptLogprobRows = 128;
+  // Prompt logprobs: the lm_head runs over at most this many prompt rows at a time (fp32 logits [rows, V]: 508 MB
+  // for a 248k vocabulary, within the scratch serve keeps besides the pools; each pass reads the lm_head again:
+  // bench/RESULTS.md "Prompt logprobs"). The environment switch DS_PROMPT_LOGPROB_ROWS=N overrides it (measurements).
+  static constexpr int64_t kPromptLogprobRows = 512;
   Engine(model::Model& m, EngineConfig cfg);
   ~Engine();
   void start();  // spawns the engine thread

@@ -256,8 +256,9 @@ __global__ void __launch_bounds__(kThreads) k_sample_rows(const float* zall, int
 // Backend::row_logprobs (cpu::row_logprobs is the specification), in two launches. k_row_logprobs_part: a grid of
 // S slices × R rows, one block of kLpThreads per slice of a row (S = ceil(n / kLpSlice) up to 32, so a row spreads
 // over many SMs). Each thread scans its slice's ids t, t + kLpThreads, ... (kLpUnroll loads in flight) keeping its max
-// and its own top kLpMaxK in registers: a descending list (ties: lower id first) that a new id enters through a chain
-// of compare-swaps with static indices (a dynamically indexed list lives in local memory: slower). Then the slice's
+// and its own top KM (the fewest of 1, 5, 10, 20 that cover k) in registers: a descending list (ties: lower id first)
+// that a new id enters through a chain of compare-swaps with static indices (a dynamically indexed list lives in
+// local memory: slower). Then the slice's
 // max m, Σ expf(x − m) accumulated in double, and its top k by k rounds of a block argmax over the threads' list
 // heads (value, then lower id), the winner shifting its list up. k_row_logprobs_merge (a warp per row): the row's max
 // M over the slices, Σ sum_s · exp(m_s − M) in double, lse = M + log Σ (within ~1e-7 of the CPU's double exps), and
@@ -272,6 +273,7 @@ struct LpPartial {  // per (row, slice), in the scratch buffer
   int32_t id[kLpMaxK];
 };
 
+template <int KM>
 __global__ void __launch_bounds__(kLpThreads) k_row_logprobs_part(const void* logits, int dt, int64_t V, int64_t n,
                                                                   const int32_t* rows, int k, LpPartial* part) {
   pdl_wait();  // PDL-launched (pdl.h)
@@ -284,10 +286,10 @@ __global__ void __launch_bounds__(kLpThreads) k_row_logprobs_part(const void* lo
   const int64_t per = (n + S - 1) / S, lo = blockIdx.x * per, hi = min(n, lo + per);
   const int64_t base = int64_t(rows[blockIdx.y]) * V;
   const int64_t B = blockDim.x;
-  float tv[kLpMaxK];
-  int32_t ti[kLpMaxK];
+  float tv[KM];
+  int32_t ti[KM];
 #pragma unroll
-  for (int q = 0; q < kLpMaxK; ++q) {
+  for (int q = 0; q < KM; ++q) {
     tv[q] = -INFINITY;
     ti[q] = INT_MAX;  // empty: any id, even of a -inf logit, goes before it
   }
@@ -301,9 +303,9 @@ __global__ void __launch_bounds__(kLpThreads) k_row_logprobs_part(const void* lo
       float v = xs[u];  // NaN past the end: never taken, like a NaN logit
       int32_t vi = int32_t(j0 + u * B);
       mx = fmaxf(mx, v);  // NaN never taken (std::max(mx, x) keeps mx)
-      if (k > 0 && (v > tv[kLpMaxK - 1] || (v == tv[kLpMaxK - 1] && vi < ti[kLpMaxK - 1]))) {
+      if (k > 0 && (v > tv[KM - 1] || (v == tv[KM - 1] && vi < ti[KM - 1]))) {
 #pragma unroll
-        for (int q = 0; q < kLpMaxK; ++q)
+        for (int q = 0; q < KM; ++q)
           if (v > tv[q] || (v == tv[q] && vi < ti[q])) {
             const float tf = tv[q];
             const int32_t tid = ti[q];
@@ -345,12 +347,12 @@ __global__ void __launch_bounds__(kLpThreads) k_row_logprobs_part(const void* lo
     block_best(v, id, sv, si);
     if (ti[0] == id) {  // ids are unique: only the winner moves its list up
 #pragma unroll
-      for (int q = 0; q + 1 < kLpMaxK; ++q) {
+      for (int q = 0; q + 1 < KM; ++q) {
         tv[q] = tv[q + 1];
         ti[q] = ti[q + 1];
       }
-      tv[kLpMaxK - 1] = -INFINITY;
-      ti[kLpMaxK - 1] = INT_MAX;
+      tv[KM - 1] = -INFINITY;
+      ti[KM - 1] = INT_MAX;
     }
     if (threadIdx.x == 0) {
       P.v[r] = v;
@@ -426,8 +428,12 @@ void launch_row_logprobs(const void* logits, int dt, int64_t V, int64_t n, int R
   DS_CHECK(k >= 0 && k <= kLpMaxK, "row_logprobs: k ", k, " outside 0..", kLpMaxK);
   const int S = int(std::min<int64_t>(kLpMaxSlices, std::max<int64_t>(1, (n + kLpSlice - 1) / kLpSlice)));
   LpPartial* part = static_cast<LpPartial*>(scratch);
-  DS_CUDA_CHECK(pdl_launch(k_row_logprobs_part, dim3(unsigned(S), unsigned(R)), kLpThreads, 0, stream, logits, dt, V,
-                           n, rows, k, part));
+  // Each thread's list holds the fewest entries that cover k (its upkeep, a compare-swap chain per entering id, is
+  // most of the kernel's time: each thread sees only ~16 ids of a 248k row, so nearly every id enters).
+  const auto part_kernel = k <= 1 ? k_row_logprobs_part<1> : k <= 5 ? k_row_logprobs_part<5>
+                           : k <= 10 ? k_row_logprobs_part<10> : k_row_logprobs_part<kLpMaxK>;
+  DS_CUDA_CHECK(pdl_launch(part_kernel, dim3(unsigned(S), unsigned(R)), kLpThreads, 0, stream, logits, dt, V, n, rows, k,
+                           part));
   DS_CUDA_CHECK(pdl_launch(k_row_logprobs_merge, unsigned(R), 32, 0, stream, logits, dt, V, S, rows, chosen, k,
                            static_cast<const LpPartial*>(part), stride, out));
 }

@@ -138,9 +138,10 @@ struct Engine::Impl {
   void run(const Schedule& s);
   Schedule encode_images(const Schedule& s);
   void place_images(const Schedule& s, BatchMeta& b);
-  // `lp_row`: device sampling's logprobs of this row (Backend::row_logprobs' layout), when the request wants them.
+  // `lp_row`: device sampling's logprobs of this sequence's rows (Backend::row_logprobs' layout, `lp_stride` floats
+  // per row: its first row, then its verified rows), when the request wants them.
   bool decide(const ScheduledSeq& x, const float* rows, int64_t* accepted, const int32_t* sampled = nullptr,
-              const sampling::MaskAhead* mask = nullptr, const float* lp_row = nullptr);
+              const sampling::MaskAhead* mask = nullptr, const float* lp_row = nullptr, int32_t lp_stride = 0);
   struct StepMasks {                      // the grammar masks of one step's constrained rows (start_masks)
     std::vector<sampling::MaskAhead> ahead;
     std::vector<int32_t> of;              // schedule index -> its mask in `ahead`, or -1
@@ -438,14 +439,13 @@ void Engine::Impl::run(const Schedule& sc_in) {
   int32_t lp_stride = 0;
   Tensor hidden;              // act [T, H] final-norm hiddens (speculation only)
   // Sampling on the backend: no sampled row is constrained by a grammar (its mask is made on the host) or wants more
-  // logprob alternatives than Backend::row_logprobs gives, and every verifying sequence is greedy and wants no
-  // logprobs (its rows' target choices come back and are compared with the drafts here; rejection sampling needs
-  // whole rows).
+  // logprob alternatives than Backend::row_logprobs gives, and every verifying sequence is greedy (its rows' target
+  // choices come back and are compared with the drafts here, and its logprobs are those of the target's choices;
+  // rejection sampling needs whole rows).
   const bool on_device = cfg.device_sampling && !rows.empty() && std::all_of(sc.seqs.begin(), sc.seqs.end(), [&](const ScheduledSeq& x) {
     const sampling::SamplingParams& sp = x.seq->req->sampling;
     // Logprobs (up to kMaxRowTopLogprobs alternatives) come from Backend::row_logprobs beside the sampled rows.
-    const bool lp_ok = sp.logprobs < 0 || (x.num_drafts == 0 && sp.logprobs <= Backend::kMaxRowTopLogprobs &&
-                                           model.backend().has_row_logprobs());
+    const bool lp_ok = sp.logprobs < 0 || (sp.logprobs <= Backend::kMaxRowTopLogprobs && model.backend().has_row_logprobs());
     return !x.samples || (lp_ok && !x.seq->sampler.constrained() && x.seq->sampler.forced() < 0 &&
                           (x.num_drafts == 0 || (cfg.device_verify && sampling::is_greedy(sp))));
   });
@@ -487,17 +487,21 @@ void Engine::Impl::run(const Schedule& sc_in) {
           for (int64_t j = 0; j < k; ++j) x.seq->sampler.retract(x.seq->drafts[size_t(j)]);
         }
       model.backend().sample_rows(t, cfg.vocab_limit, prm, edits, toks);
-      // The logprobs of the rows that want them, from the logits still on the device.
+      // The logprobs of the rows that want them, from the logits still on the device: each row's of its sampled
+      // token, which for a verified row j (greedy) is the token emitted there if d_1..d_j are accepted. A row with
+      // nothing to sample (-1) ends its request in decide; its entry is never read.
       std::vector<int32_t> lrows, chosen;
       int32_t kmax = 0;
       for (size_t i = 0, r = 0; i < sc.seqs.size(); ++i) {
         const ScheduledSeq& x = sc.seqs[i];
         if (!x.samples) continue;
         const int64_t want = x.seq->req->sampling.logprobs;
-        if (want >= 0 && toks[r] >= 0) {
+        if (want >= 0) {
           lp_of[i] = int32_t(lrows.size());
-          lrows.push_back(int32_t(r));
-          chosen.push_back(toks[r]);
+          for (int64_t j = 0; j <= x.num_drafts; ++j) {
+            lrows.push_back(int32_t(r + size_t(j)));
+            chosen.push_back(std::max(toks[r + size_t(j)], 0));
+          }
           kmax = std::max(kmax, int32_t(want));
         }
         r += size_t(x.num_drafts + 1);
@@ -549,7 +553,8 @@ void Engine::Impl::run(const Schedule& sc_in) {
     bool alive = true;
     if (x.samples) {
       alive = on_device ? decide(x, nullptr, &accepted, toks.data() + r, nullptr,
-                                 lp_of[i] >= 0 ? lp_rows.data() + size_t(lp_of[i]) * size_t(lp_stride) : nullptr)
+                                 lp_of[i] >= 0 ? lp_rows.data() + size_t(lp_of[i]) * size_t(lp_stride) : nullptr,
+                                 lp_stride)
                         : decide(x, logits.data() + int64_t(r) * V, &accepted, nullptr,
                                  masks.of[i] >= 0 ? &masks.ahead[size_t(masks.of[i])] : nullptr);
       r += size_t(x.num_drafts + 1);
@@ -781,7 +786,7 @@ int64_t Engine::Impl::drafts_wanted(Sequence* s) {
 // tokens Backend::sample_rows chose for the chunk's rows (greedy when there are drafts: d_{j+1} is accepted iff it
 // is row j's choice; -1: nothing left to sample), `rows` unused; null: decide from the logit rows on the host.
 bool Engine::Impl::decide(const ScheduledSeq& x, const float* rows, int64_t* accepted, const int32_t* sampled,
-                          const sampling::MaskAhead* mask, const float* lp_row) {
+                          const sampling::MaskAhead* mask, const float* lp_row, int32_t lp_stride) {
   Sequence* s = x.seq;
   const int64_t V = model.config().text.vocab_size;
   const bool want_lp = s->req->sampling.logprobs >= 0;
@@ -799,9 +804,9 @@ bool Engine::Impl::decide(const ScheduledSeq& x, const float* rows, int64_t* acc
         s->sampler.accept(tok);
         toks.push_back(tok);
         if (want_lp) {
-          DS_CHECK(lp_row && x.num_drafts == 0, "device sampling: logprobs wanted but not computed");
+          DS_CHECK(lp_row, "device sampling: logprobs wanted but not computed");
           const int64_t n = cfg.vocab_limit > 0 ? std::min<int64_t>(cfg.vocab_limit, V) : V;
-          sampling::set_logprobs(lp_row, tok, int32_t(std::min<int64_t>(s->req->sampling.logprobs, n)), lp);
+          sampling::set_logprobs(lp_row + j * lp_stride, tok, int32_t(std::min<int64_t>(s->req->sampling.logprobs, n)), lp);
           lps.push_back(std::move(lp));
         }
         if (j == x.num_drafts || tok != s->drafts[size_t(j)]) break;

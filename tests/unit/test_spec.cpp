@@ -209,6 +209,7 @@ EngineConfig config(int64_t K) {
 
 struct Out {
   std::vector<int32_t> tokens;
+  std::vector<sampling::TokenLogprob> logprobs;
   FinishReason finish = FinishReason::None;
   int32_t stop_token = -1;
   int64_t completion_tokens = 0;
@@ -218,6 +219,7 @@ Out collect(Request& r) {
   Out o;
   while (auto d = r.out->pop(0ms)) {
     o.tokens.insert(o.tokens.end(), d->tokens.begin(), d->tokens.end());
+    o.logprobs.insert(o.logprobs.end(), d->logprobs.begin(), d->logprobs.end());
     o.finish = d->finish;
     o.stop_token = d->stop_token;
     o.completion_tokens = d->completion_tokens;
@@ -407,6 +409,7 @@ TEST(SpecEngine, DeviceVerifyEqualsHostVerify) {
     std::vector<std::shared_ptr<Request>> rs;
     for (size_t i = 0; i < f.prompts.size(); ++i) {
       rs.push_back(req(i, f.prompts[i], N));
+      if (i % 3 != 1) rs.back()->sampling.logprobs = i % 3 == 0 ? 4 : 0;  // of every emitted token, verified or not
       if (i % 2) {  // penalties and a bias: the edits of each verified row depend on the drafts before it
         auto& sp = rs.back()->sampling;
         sp.repetition_penalty = 1.3f;
@@ -437,6 +440,25 @@ TEST(SpecEngine, DeviceVerifyEqualsHostVerify) {
     for (size_t i = 0; i < want.size(); ++i) {
       EXPECT_EQ(a[i].tokens, want[i].tokens) << "device verify, K=" << K << " prompt " << i;
       EXPECT_EQ(b[i].tokens, want[i].tokens) << "host verify, K=" << K << " prompt " << i;
+      // Logprobs: the device's (Backend::row_logprobs over the verified rows) equal the host's (verify_draft's) and,
+      // within rounding (other batches), those without speculation.
+      const size_t nl = i % 3 == 1 ? 0 : want[i].tokens.size();
+      ASSERT_EQ(a[i].logprobs.size(), nl) << "K=" << K << " prompt " << i;
+      ASSERT_EQ(b[i].logprobs.size(), nl);
+      ASSERT_EQ(want[i].logprobs.size(), nl);
+      for (size_t j = 0; j < nl; ++j) {
+        const auto &d = a[i].logprobs[j], &h = b[i].logprobs[j], &w = want[i].logprobs[j];
+        EXPECT_EQ(d.token, a[i].tokens[j]);
+        EXPECT_EQ(h.token, d.token);
+        EXPECT_NEAR(d.logprob, h.logprob, 1e-6) << "K=" << K << " prompt " << i << " token " << j;
+        EXPECT_NEAR(d.logprob, w.logprob, 1e-4) << "K=" << K << " prompt " << i << " token " << j;
+        ASSERT_EQ(d.top.size(), i % 3 == 0 ? 4u : 0u);
+        ASSERT_EQ(h.top.size(), d.top.size());
+        for (size_t q = 0; q < d.top.size(); ++q) {
+          EXPECT_EQ(d.top[q].first, h.top[q].first);
+          EXPECT_NEAR(d.top[q].second, h.top[q].second, 1e-6);
+        }
+      }
     }
     EXPECT_EQ(md.spec_accepted_tokens_total, mh.spec_accepted_tokens_total);
     EXPECT_EQ(md.spec_draft_tokens_total, mh.spec_draft_tokens_total);

@@ -10,14 +10,16 @@
 namespace ds::cli {
 
 int cmd_serve(int argc, char** argv) {
-  Args a(argc, argv, 2, {"disable-image-fetch", "enforce-eager", "enable-prefix-caching", "no-enable-prefix-caching"});
+  Args a(argc, argv, 2, {"disable-image-fetch", "enforce-eager", "enable-prefix-caching", "no-enable-prefix-caching",
+                         "disable-log-stats", "disable-access-log", "disable-uvicorn-access-log", "enable-log-requests"});
   a.only("serve", {"host", "port", "backend", "served-model-name", "api-key", "max-model-len", "max-num-seqs",
                    "max-num-batched-tokens", "max-queued-requests", "num-gpu-blocks-override", "block-size",
                    "gpu-memory-utilization", "enforce-eager", "mamba-ssm-cache-dtype", "shutdown-timeout",
                    "chat-template", "default-chat-template-kwargs", "speculative-config", "limit-mm-per-prompt",
                    "max-image-pixels", "max-image-bytes", "max-video-bytes", "max-video-frames", "image-fetch-timeout",
                    "disable-image-fetch", "allowed-local-media-path", "enable-prefix-caching",
-                   "no-enable-prefix-caching", "prefix-cache-checkpoints"});
+                   "no-enable-prefix-caching", "prefix-cache-checkpoints", "disable-log-stats", "log-stats-interval",
+                   "disable-access-log", "disable-uvicorn-access-log", "enable-log-requests"});
   server::ServerConfig c;
   c.model_dir = a.model_dir();
   c.host = a.get("host", c.host);
@@ -48,6 +50,13 @@ int cmd_serve(int argc, char** argv) {
   (void)model::Model::ssm_dtype_from_name(c.ssm_state_dtype, DType::F32, "--mamba-ssm-cache-dtype");  // fail early
   c.drain_seconds = int(a.get_int("shutdown-timeout", c.drain_seconds));
   c.chat_template_path = a.get("chat-template", "");
+  // Logging (vLLM's flags): the periodic stats line, the access log (uvicorn's flag name accepted too), request lines.
+  c.log_stats = !a.has("disable-log-stats");
+  c.log_stats_interval = a.get_double("log-stats-interval", c.log_stats_interval);
+  if (!(c.log_stats_interval >= 0.1 && c.log_stats_interval <= 86400))
+    fail("--log-stats-interval: expected seconds in [0.1, 86400], got ", c.log_stats_interval);
+  c.access_log = !a.has("disable-access-log") && !a.has("disable-uvicorn-access-log");
+  c.log_requests = a.has("enable-log-requests");
   if (c.max_num_seqs < 1) fail("--max-num-seqs: expected >= 1, got ", c.max_num_seqs);
   if (c.max_num_batched_tokens < 1) fail("--max-num-batched-tokens: expected >= 1, got ", c.max_num_batched_tokens);
   if (c.max_model_len < 0) fail("--max-model-len: expected >= 1, got ", c.max_model_len);

@@ -18,6 +18,7 @@ void usage() {
                "            [--speculative-config '{\"method\": \"mtp\", \"num_speculative_tokens\": K}']\n"
                "            [--mamba-ssm-cache-dtype auto|float32|bfloat16]   (the DeltaNet state; also logits, generate, bench)\n"
                "            [--no-enable-prefix-caching] [--prefix-cache-checkpoints N]\n"
+               "            [--disable-log-stats] [--log-stats-interval S] [--disable-access-log] [--enable-log-requests]\n"
                "  tokenize  --model DIR < {\"text\": ...} | {\"messages\": [...], ...}\n"
                "  detokenize --model DIR < {\"ids\": [...], \"skip_special_tokens\": false}\n"
                "  logits    --model DIR --tokens 1,2,3 [--image F]... [--video F]... [--prefill N] [--backend cpu] --out F.safetensors\n"

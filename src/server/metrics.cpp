@@ -1,5 +1,7 @@
 #include "server/metrics.h"
 
+#include <algorithm>
+#include <cstdio>
 #include <sstream>
 
 namespace ds::server {
@@ -116,6 +118,43 @@ std::string ServerMetrics::render(const runtime::EngineMetrics& e, const std::st
   os << prompt_tokens.render("deltaserve:request_prompt_tokens", "Prompt tokens per finished request.", L);
   os << generation_tokens.render("deltaserve:request_generation_tokens", "Generated tokens per finished request.", L);
   return os.str();
+}
+
+std::string stats_line(const runtime::EngineMetrics& a, const runtime::EngineMetrics& b, double seconds) {
+  const int64_t prompt = b.prompt_tokens_total - a.prompt_tokens_total, gen = b.generation_tokens_total - a.generation_tokens_total;
+  const int64_t queries = b.prefix_cache_queries_total - a.prefix_cache_queries_total;
+  const int64_t hits = b.prefix_cache_hits_total - a.prefix_cache_hits_total;
+  const int64_t drafts = b.spec_num_drafts_total - a.spec_num_drafts_total;
+  const int64_t drafted = b.spec_draft_tokens_total - a.spec_draft_tokens_total;
+  const int64_t accepted = b.spec_accepted_tokens_total - a.spec_accepted_tokens_total;
+  if (prompt == 0 && gen == 0 && b.running == 0 && b.waiting == 0) return "";
+  const double s = std::max(seconds, 1e-9);
+  char buf[512];
+  std::string out;
+  std::snprintf(buf, sizeof buf,
+                "prompt throughput %.1f tokens/s, generation throughput %.1f tokens/s, running %lld, waiting %lld, "
+                "KV cache %.1f%%, state slots %lld/%lld",
+                double(prompt) / s, double(gen) / s, (long long)b.running, (long long)b.waiting,
+                b.kv_blocks_total > 0 ? 100.0 * double(b.kv_blocks_used) / double(b.kv_blocks_total) : 0.0,
+                (long long)b.slots_used, (long long)b.slots_total);
+  out = buf;
+  if (queries > 0) {
+    std::snprintf(buf, sizeof buf, ", prefix cache hit rate %.1f%%", 100.0 * double(hits) / double(queries));
+    out += buf;
+  }
+  if (drafts > 0) {
+    // vLLM's: mean acceptance length = 1 + accepted per verify round; per-position rates of the interval.
+    std::snprintf(buf, sizeof buf, "; speculative: mean acceptance length %.2f, accepted %lld of %lld drafted (%.1f%%), per position",
+                  1.0 + double(accepted) / double(drafts), (long long)accepted, (long long)drafted,
+                  drafted > 0 ? 100.0 * double(accepted) / double(drafted) : 0.0);
+    out += buf;
+    for (size_t i = 0; i < b.spec_accepted_per_pos.size(); ++i) {
+      const int64_t was = i < a.spec_accepted_per_pos.size() ? a.spec_accepted_per_pos[i] : 0;
+      std::snprintf(buf, sizeof buf, "%s %.2f", i ? "," : "", double(b.spec_accepted_per_pos[i] - was) / double(drafts));
+      out += buf;
+    }
+  }
+  return out;
 }
 
 }  // namespace ds::server

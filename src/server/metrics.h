@@ -34,4 +34,10 @@ struct ServerMetrics {
   std::string render(const runtime::EngineMetrics& e, const std::string& model_name) const;
 };
 
+// vLLM's periodic stats line (--disable-log-stats turns it off): throughput over the `seconds` between two engine
+// snapshots, the running and waiting requests, KV-cache and state-slot use, the interval's prefix-cache hit rate (when
+// prompts were looked up) and, with speculative decoding, the interval's acceptance. "" when nothing happened in the
+// interval and nothing is running or waiting.
+std::string stats_line(const runtime::EngineMetrics& prev, const runtime::EngineMetrics& cur, double seconds);
+
 }  // namespace ds::server

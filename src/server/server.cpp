@@ -37,6 +37,9 @@ using Clock = std::chrono::steady_clock;
 namespace fs = std::filesystem;
 
 std::atomic<bool> g_stop_signal{false};
+// When the HTTP request this thread is handling arrived (the access log's duration; a request is handled and its
+// response written on one pool thread).
+thread_local Clock::time_point t_request_start;
 void on_signal(int) { g_stop_signal = true; }
 
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
@@ -277,6 +280,7 @@ class Generation {
   }
   ~Generation() {
     abort_all();
+    if (submitted_ && st_.cfg.log_requests) log_finished();
     st_.active.fetch_sub(1);
   }
 
@@ -508,6 +512,39 @@ class Generation {
         throw bad_request(e.what());
       }
     }
+    submitted_ = true;
+    if (st_.cfg.log_requests) log_received();
+  }
+
+  // --enable-log-requests: what was asked (sizes and sampling, not the prompt's text) and how it ended.
+  void log_received() const {
+    const auto& sp = spec_.sampling;
+    std::string max_tokens = spec_.max_tokens ? std::to_string(*spec_.max_tokens) : "rest of the context";
+    std::fprintf(stderr,
+                 "deltaserve: request %s: %s, %zu choice(s), prompt %lld tokens, max_tokens %s, stream %s, "
+                 "temperature %g, top_p %g, top_k %d, min_p %g%s%s\n",
+                 id_.c_str(), spec_.chat ? "chat" : "completion", choices_.size(), (long long)prompt_tokens(),
+                 max_tokens.c_str(), spec_.stream ? "yes" : "no", double(sp.temperature), double(sp.top_p), int(sp.top_k),
+                 double(sp.min_p), sp.grammar ? ", constrained" : "",
+                 spec_.tools.is_array() && !spec_.tools.empty() ? ", tools" : "");
+  }
+  void log_finished() const {
+    std::string reasons;
+    double ttft = -1;
+    for (auto& c : choices_) {
+      if (!reasons.empty()) reasons += ",";
+      reasons += c.finish_reason.empty() ? "none" : c.finish_reason;
+      if (c.got_first) {
+        const double t = std::chrono::duration<double>(c.first_token - start_).count();
+        ttft = ttft < 0 ? t : std::min(ttft, t);
+      }
+    }
+    std::fprintf(stderr,
+                 "deltaserve: finished %s: %s, prompt %lld tokens (%lld cached), completion %lld tokens, time to first "
+                 "token %.3f s, total %.3f s%s%s\n",
+                 id_.c_str(), reasons.c_str(), (long long)prompt_tokens(), (long long)cached_tokens(),
+                 (long long)completion_tokens(), ttft, seconds_since(start_), error_.empty() ? "" : ", error: ",
+                 error_.c_str());
   }
 
   // Collects what arrived within `wait`; returns updates (possibly none).
@@ -682,6 +719,7 @@ class Generation {
   std::string id_;
   int64_t created_ = 0;
   Clock::time_point start_ = Clock::now();
+  bool submitted_ = false;
   std::vector<Choice> choices_;
   std::shared_ptr<const runtime::MultiModalInput> mm_;  // images of the chat prompt (shared by its n choices)
 };
@@ -845,6 +883,7 @@ class HttpServer {
     svr_.set_keep_alive_max_count(1000);
     svr_.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
       st_.metrics.http_requests_total++;
+      t_request_start = Clock::now();
       if (!st_.cfg.api_key.empty() && req.path.rfind("/v1/", 0) == 0) {
         auto auth = req.get_header_value("Authorization");
         // Anthropic's clients send x-api-key (Anthropic's error shape on its routes).
@@ -861,6 +900,14 @@ class HttpServer {
       }
       return httplib::Server::HandlerResponse::Unhandled;
     });
+    // The access log (uvicorn's, which vLLM prints): one line per request once its response is written (a stream:
+    // when it ends). Health probes and metric scrapes that succeed are left out (one every few seconds).
+    if (st_.cfg.access_log)
+      svr_.set_logger([](const httplib::Request& req, const httplib::Response& res) {
+        if (req.method == "GET" && (req.path == "/health" || req.path == "/metrics") && res.status < 400) return;
+        std::fprintf(stderr, "deltaserve: %s:%d \"%s %s %s\" %d %.3f s\n", req.remote_addr.c_str(), req.remote_port,
+                     req.method.c_str(), req.path.c_str(), req.version.c_str(), res.status, seconds_since(t_request_start));
+      });
     svr_.set_error_handler([this](const httplib::Request& req, httplib::Response& res) {
       if (!res.body.empty()) return;
       if (is_anthropic(req))
@@ -1402,8 +1449,29 @@ int serve(const ServerConfig& cfg) {
     while (st.active.load() > 0 && Clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(50));
     http.stop();
   });
+  // vLLM's periodic stats line, while there is work (metrics.h stats_line).
+  std::thread stats([&] {
+    if (!cfg.log_stats) return;
+    runtime::EngineMetrics prev;
+    auto last = Clock::now();
+    bool logged = false;
+    while (!g_stop_signal) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      if (!st.ready || seconds_since(last) < cfg.log_stats_interval) continue;
+      const runtime::EngineMetrics cur = st.rt.engine->metrics();
+      const std::string line = stats_line(prev, cur, seconds_since(last));
+      if (!line.empty() || logged) {  // one idle line after work, then quiet
+        std::fprintf(stderr, "deltaserve: stats: %s\n",
+                     line.empty() ? "prompt throughput 0.0 tokens/s, generation throughput 0.0 tokens/s, idle" : line.c_str());
+        logged = !line.empty();
+      }
+      prev = cur;
+      last = Clock::now();
+    }
+  });
   http.listen_after_bind();
   watcher.join();
+  stats.join();
   loader.join();
   if (st.rt.engine) st.rt.engine->stop();
   std::fprintf(stderr, "deltaserve: stopped\n");

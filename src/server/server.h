@@ -39,6 +39,13 @@ struct ServerConfig {
   // --prefix-cache-checkpoints N (DeltaNet state checkpoints kept; each one state slot of device memory).
   bool enable_prefix_caching = true;
   int64_t prefix_cache_checkpoints = 16;
+  // Logging to stderr (docs/server.md "Logs"): vLLM's periodic stats line every log_stats_interval seconds while
+  // there is work (--disable-log-stats, --log-stats-interval S); one access-log line per HTTP request
+  // (--disable-access-log); a line per generation received and finished (--enable-log-requests).
+  bool log_stats = true;
+  double log_stats_interval = 10.0;
+  bool access_log = true;
+  bool log_requests = false;
 };
 
 // Starts listening, loads the model in the background (/health answers 503 until ready), serves until

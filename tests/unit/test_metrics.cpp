@@ -1,0 +1,44 @@
+// The periodic stats line (server/metrics.h stats_line) from two engine snapshots: rates over the interval, gauges,
+// the interval's prefix-cache hit rate and speculative acceptance, and silence when nothing happened.
+#include <gtest/gtest.h>
+
+#include "runtime/engine.h"
+#include "server/metrics.h"
+
+namespace ds::server {
+namespace {
+
+TEST(StatsLine, RatesGaugesHitRateAndAcceptanceOfTheInterval) {
+  runtime::EngineMetrics a, b;
+  EXPECT_EQ(stats_line(a, b, 10.0), "");  // idle: nothing to say
+  a.prompt_tokens_total = 1000, a.generation_tokens_total = 200;
+  a.prefix_cache_queries_total = 500, a.prefix_cache_hits_total = 100;
+  b = a;
+  b.prompt_tokens_total += 4000, b.generation_tokens_total += 451;
+  b.prefix_cache_queries_total += 4000, b.prefix_cache_hits_total += 1000;
+  b.running = 3, b.waiting = 1, b.kv_blocks_used = 25, b.kv_blocks_total = 1000, b.slots_used = 3, b.slots_total = 16;
+  EXPECT_EQ(stats_line(a, b, 10.0),
+            "prompt throughput 400.0 tokens/s, generation throughput 45.1 tokens/s, running 3, waiting 1, KV cache 2.5%, "
+            "state slots 3/16, prefix cache hit rate 25.0%");
+  // Speculative decoding: 100 verify rounds of K = 3 in the interval, 150 of 300 drafts accepted.
+  a.spec_accepted_per_pos = {10, 5, 1};
+  b.spec_accepted_per_pos = {10 + 80, 5 + 50, 1 + 20};
+  a.spec_num_drafts_total = 20, b.spec_num_drafts_total = 120;
+  a.spec_draft_tokens_total = 60, b.spec_draft_tokens_total = 360;
+  a.spec_accepted_tokens_total = 16, b.spec_accepted_tokens_total = 166;
+  b.prefix_cache_queries_total = a.prefix_cache_queries_total;  // no lookups: no hit rate
+  EXPECT_EQ(stats_line(a, b, 10.0),
+            "prompt throughput 400.0 tokens/s, generation throughput 45.1 tokens/s, running 3, waiting 1, KV cache 2.5%, "
+            "state slots 3/16; speculative: mean acceptance length 2.50, accepted 150 of 300 drafted (50.0%), per "
+            "position 0.80, 0.50, 0.20");
+  // Running requests keep the line going even in an interval without tokens (a long prefill).
+  runtime::EngineMetrics c = b;
+  c.running = 1, c.waiting = 0;
+  c.spec_accepted_per_pos = b.spec_accepted_per_pos;
+  EXPECT_EQ(stats_line(b, c, 5.0),
+            "prompt throughput 0.0 tokens/s, generation throughput 0.0 tokens/s, running 1, waiting 0, KV cache 2.5%, "
+            "state slots 3/16");
+}
+
+}  // namespace
+}  // namespace ds::server

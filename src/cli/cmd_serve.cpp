@@ -19,7 +19,7 @@ int cmd_serve(int argc, char** argv) {
                    "max-image-pixels", "max-image-bytes", "max-video-bytes", "max-video-frames", "image-fetch-timeout",
                    "disable-image-fetch", "allowed-local-media-path", "enable-prefix-caching",
                    "no-enable-prefix-caching", "prefix-cache-checkpoints", "disable-log-stats", "log-stats-interval",
-                   "disable-access-log", "disable-uvicorn-access-log", "enable-log-requests"});
+                   "disable-access-log", "disable-uvicorn-access-log", "enable-log-requests", "max-logprobs"});
   server::ServerConfig c;
   c.model_dir = a.model_dir();
   c.host = a.get("host", c.host);
@@ -57,6 +57,8 @@ int cmd_serve(int argc, char** argv) {
     fail("--log-stats-interval: expected seconds in [0.1, 86400], got ", c.log_stats_interval);
   c.access_log = !a.has("disable-access-log") && !a.has("disable-uvicorn-access-log");
   c.log_requests = a.has("enable-log-requests");
+  c.max_logprobs = a.get_int("max-logprobs", c.max_logprobs);
+  if (c.max_logprobs < -1) fail("--max-logprobs: expected -1 (the whole vocabulary) or a count >= 0, got ", c.max_logprobs);
   if (c.max_num_seqs < 1) fail("--max-num-seqs: expected >= 1, got ", c.max_num_seqs);
   if (c.max_num_batched_tokens < 1) fail("--max-num-batched-tokens: expected >= 1, got ", c.max_num_batched_tokens);
   if (c.max_model_len < 0) fail("--max-model-len: expected >= 1, got ", c.max_model_len);

@@ -187,10 +187,18 @@ json parse_body(const std::string& text) {
   return j;
 }
 
-GenSpec parse_generation_request(const json& j, bool chat, const sampling::SamplingParams& d) {
+GenSpec parse_generation_request(const json& j, bool chat, const sampling::SamplingParams& d, int max_logprobs) {
   Body b{j};
   GenSpec g;
   g.chat = chat;
+  // A logprobs count: 0..max_logprobs (vLLM's --max-logprobs, default 20).
+  auto logprob_count = [&](const char* k) {
+    const int64_t v = b.integer(k, 0, 0, INT32_MAX);
+    if (v > max_logprobs)
+      throw bad_request(std::string("'") + k + "' must be at most " + std::to_string(max_logprobs) +
+                            " (the server's --max-logprobs), got " + std::to_string(v), k);
+    return int(v);
+  };
   g.model = b.str("model", "");
   g.stream = b.boolean("stream", false);
   if (b.has("stream_options")) {
@@ -236,7 +244,7 @@ GenSpec parse_generation_request(const json& j, bool chat, const sampling::Sampl
     g.max_tokens = 1;
   }
   if (b.has("prompt_logprobs")) {
-    g.prompt_logprobs = int(b.integer("prompt_logprobs", -1, 0, 20));
+    g.prompt_logprobs = logprob_count("prompt_logprobs");
     if (g.stream)
       throw bad_request("'prompt_logprobs' is not available with 'stream' (as in vLLM; completions' echo with logprobs "
                         "streams the prompt's logprobs in its first chunk)", "prompt_logprobs");
@@ -311,7 +319,7 @@ GenSpec parse_generation_request(const json& j, bool chat, const sampling::Sampl
   if (chat) {
     g.include_reasoning = b.boolean("include_reasoning", true);
     g.logprobs = b.boolean("logprobs", false);
-    g.top_logprobs = int(b.integer("top_logprobs", 0, 0, 20));
+    g.top_logprobs = logprob_count("top_logprobs");
     if (g.top_logprobs > 0 && !g.logprobs) throw bad_request("'top_logprobs' requires 'logprobs': true", "top_logprobs");
     if (!j.contains("messages")) throw bad_request("'messages' is required", "messages");
     if (!j["messages"].is_array() || j["messages"].empty())
@@ -412,7 +420,7 @@ GenSpec parse_generation_request(const json& j, bool chat, const sampling::Sampl
     if (b.has("logprobs")) {
       if (j["logprobs"].is_boolean()) g.logprobs = j["logprobs"].get<bool>();
       else {
-        g.top_logprobs = int(b.integer("logprobs", 0, 0, 20));
+        g.top_logprobs = logprob_count("logprobs");
         g.logprobs = true;
       }
     }

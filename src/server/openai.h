@@ -61,7 +61,9 @@ struct GenSpec {
 
 // Parses a /v1/chat/completions or /v1/completions body. `defaults` are generation_config.json's
 // sampling defaults (applied where the request is silent).
-GenSpec parse_generation_request(const json& body, bool chat, const sampling::SamplingParams& defaults);
+// `max_logprobs`: the most logprob alternatives (logprobs, top_logprobs, prompt_logprobs) a request may ask for.
+GenSpec parse_generation_request(const json& body, bool chat, const sampling::SamplingParams& defaults,
+                                 int max_logprobs = 20);
 
 // Parses the JSON body text; malformed JSON or a non-object is a 400.
 json parse_body(const std::string& text);

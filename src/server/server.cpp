@@ -95,6 +95,7 @@ struct ServerState {
   ServerMetrics metrics;
   std::atomic<uint64_t> next_engine_id{1};
   std::atomic<int64_t> active{0};  // generations in flight (admission control)
+  int max_logprobs = 20;           // --max-logprobs (-1: the vocabulary), set at load
 };
 
 // On a device backend, sizes the paged KV pool and the DeltaNet slot pool from --gpu-memory-utilization
@@ -146,6 +147,7 @@ void load_runtime(ServerState& st) {
                                               io::load_model_config(cfg.model_dir).text.vocab_size);
   rt.model = model::Model::load(cfg.model_dir, *rt.be, nullptr, lo);
   const auto& mc = rt.model->config();
+  st.max_logprobs = int(cfg.max_logprobs < 0 || cfg.max_logprobs > mc.text.vocab_size ? mc.text.vocab_size : cfg.max_logprobs);
   rt.tok = std::make_unique<text::Tokenizer>(text::Tokenizer::load(cfg.model_dir));
   rt.tok->set_model_vocab_size(int32_t(mc.text.vocab_size));
   if (cfg.chat_template_path.empty()) {
@@ -1018,7 +1020,7 @@ class HttpServer {
     ResponsesRequest rr = responses_to_chat(parse_body(req.body));
     GenSpec spec;
     try {
-      spec = parse_generation_request(rr.chat, true, st_.rt.defaults);
+      spec = parse_generation_request(rr.chat, true, st_.rt.defaults, st_.max_logprobs);
     } catch (const HttpError& e) {
       throw responses_error(e);
     }
@@ -1109,7 +1111,7 @@ class HttpServer {
   void generate(const httplib::Request& req, httplib::Response& res, bool chat) {
     require_ready();
     json body = parse_body(req.body);
-    GenSpec spec = parse_generation_request(body, chat, st_.rt.defaults);
+    GenSpec spec = parse_generation_request(body, chat, st_.rt.defaults, st_.max_logprobs);
     check_model(spec);
     admit();
     auto gen = std::make_shared<Generation>(st_, std::move(spec));  // takes over the `active` slot
@@ -1308,7 +1310,7 @@ class HttpServer {
     try {
       require_ready();
       anthropic::ChatRequest cr = anthropic::to_chat_request(parse_body(req.body), count_tokens);
-      GenSpec spec = parse_generation_request(cr.body, true, st_.rt.defaults);
+      GenSpec spec = parse_generation_request(cr.body, true, st_.rt.defaults, st_.max_logprobs);
       for (size_t i = 0; i < spec.images.size() && i < cr.image_where.size(); ++i) spec.images[i].where = cr.image_where[i];
       check_model(spec);
       if (count_tokens) {  // the prompt as a request would render it; nothing runs, so no admission control

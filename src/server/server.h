@@ -42,6 +42,9 @@ struct ServerConfig {
   // Logging to stderr (docs/server.md "Logs"): vLLM's periodic stats line every log_stats_interval seconds while
   // there is work (--disable-log-stats, --log-stats-interval S); one access-log line per HTTP request
   // (--disable-access-log); a line per generation received and finished (--enable-log-requests).
+  // vLLM's --max-logprobs: the most alternatives logprobs / top_logprobs / prompt_logprobs may ask for (-1: the whole
+  // vocabulary). Up to 20 they are computed on the device; above, each step's rows are copied to the host.
+  int64_t max_logprobs = 20;
   bool log_stats = true;
   double log_stats_interval = 10.0;
   bool access_log = true;

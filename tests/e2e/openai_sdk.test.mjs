@@ -168,6 +168,42 @@ test('echo with logprobs scores a continuation as lm-evaluation-harness does; pr
                        (e) => e.status === 400 && /max_tokens/.test(e.message));
 });
 
+// Speculative decoding with logprobs (greedy: the verified rows' logprobs on the backend) gives the tokens and logprobs
+// of the plain server; --max-logprobs raises the cap of 20 (more alternatives come from the host path); the stats line
+// reports the speculation.
+test('logprobs under speculation, --max-logprobs, and the stats line of a speculating server', async () => {
+  const req = { model: 'tiny', prompt: golden.text[MODEL.includes('bf16') ? 'bf16' : 'int4'][2].prompt, max_tokens: 16,
+                temperature: 0, ignore_eos: true, logprobs: 3 };
+  const plain = await client.completions.create(req);
+  await assert.rejects(client.chat.completions.create({ model: 'tiny', messages: [{ role: 'user', content: 'Hi' }],
+                                                        logprobs: true, top_logprobs: 21 }),
+                       (e) => e.status === 400 && /'top_logprobs' must be at most 20 \(the server's --max-logprobs\)/.test(e.message));
+  const spec = await startServer(['--max-model-len', '1024', '--max-logprobs', '30', '--log-stats-interval', '0.3',
+                                  '--speculative-config', '{"method": "mtp", "num_speculative_tokens": 2}']);
+  try {
+    const c2 = new OpenAI({ baseURL: `${spec.base}/v1`, apiKey: 'unused', maxRetries: 0 });
+    const r = await c2.completions.create(req);
+    assert.equal(r.choices[0].text, plain.choices[0].text);
+    const a = r.choices[0].logprobs, b = plain.choices[0].logprobs;
+    assert.deepEqual(a.tokens, b.tokens);
+    const tol = BACKEND === 'cpu' ? 1e-4 : 2e-2;
+    for (let i = 0; i < a.tokens.length; ++i) {
+      assert.ok(Math.abs(a.token_logprobs[i] - b.token_logprobs[i]) < tol, `token ${i}`);
+      assert.deepEqual(Object.keys(a.top_logprobs[i]), Object.keys(b.top_logprobs[i]));
+    }
+    const wide = await c2.chat.completions.create({ model: 'tiny', messages: [{ role: 'user', content: 'Hi' }],
+                                                     max_tokens: 3, logprobs: true, top_logprobs: 25 });
+    for (const t of wide.choices[0].logprobs.content) assert.equal(t.top_logprobs.length, 25);
+    const deadline = Date.now() + 10000;
+    while (!/; speculative: mean acceptance length [0-9.]+, accepted \d+ of \d+ drafted/.test(spec.log())) {
+      assert.ok(Date.now() < deadline, `no speculative stats line:\n${spec.log()}`);
+      await new Promise((res) => setTimeout(res, 50));
+    }
+  } finally {
+    await spec.stop();
+  }
+});
+
 test('errors come back in OpenAI\'s schema with the right status', async () => {
   await assert.rejects(client.chat.completions.create({ model: 'nope', messages: [{ role: 'user', content: 'x' }] }),
                        (e) => e.status === 404 && /does not exist/.test(e.message));

@@ -255,15 +255,19 @@ __global__ void __launch_bounds__(kThreads) k_sample_rows(const float* zall, int
 
 // Backend::row_logprobs (cpu::row_logprobs is the specification), in two launches. k_row_logprobs_part: a grid of
 // S slices × R rows, one block of kLpThreads per slice of a row (S = ceil(n / kLpSlice) up to 32, so a row spreads
-// over many SMs). Each thread scans its slice's ids t, t + kLpThreads, ... (kLpUnroll loads in flight) keeping its max
-// and its own top KM (the fewest of 1, 5, 10, 20 that cover k) in registers: a descending list (ties: lower id first)
-// that a new id enters through a chain of compare-swaps with static indices (a dynamically indexed list lives in
-// local memory: slower). Then the slice's
-// max m, Σ expf(x − m) accumulated in double, and its top k by k rounds of a block argmax over the threads' list
-// heads (value, then lower id), the winner shifting its list up. k_row_logprobs_merge (a warp per row): the row's max
-// M over the slices, Σ sum_s · exp(m_s − M) in double, lse = M + log Σ (within ~1e-7 of the CPU's double exps), and
-// the top k by k rounds of a warp argmax over the slices' list heads.
-constexpr int kLpThreads = 512, kLpMaxK = 20, kLpUnroll = 4, kLpMaxSlices = 32;
+// over many SMs). Each thread scans its slice's ids t, t + kLpThreads, ... (kLpUnroll loads in flight) for its max;
+// the block max m. Then a threshold T no larger than the slice's k-th largest logit: the k-th largest of the threads'
+// maxima (each one an id's logit), found on the top 16 bits of their order keys by a bit-by-bit search with
+// __syncthreads_count, so every id of the slice's top k has a key >= T and few others do. A second pass over the ids
+// (from L2) accumulates Σ expf(x − m) in double and appends each id with key >= T (never a NaN) to a shared candidate
+// list; each candidate's rank among them (value, then lower id) places it, and ranks below k are the slice's top k
+// (slots past the candidates: -inf, id INT_MAX). A list that overflows its kLpCand slots (thousands of ties at the
+// threshold) falls back to per-thread top-KM lists of the ids >= T (KM the fewest of 1, 5, 10, 20 that cover k; a
+// descending list that an id enters through a chain of compare-swaps with static indices) merged by k rounds of a
+// block argmax. k_row_logprobs_merge (a warp per row): the row's max M over the slices, Σ sum_s · exp(m_s − M) in
+// double, lse = M + log Σ (within ~1e-7 of the CPU's double exps), and the top k by k rounds of a warp argmax over
+// the slices' list heads.
+constexpr int kLpThreads = 512, kLpMaxK = 20, kLpUnroll = 4, kLpMaxSlices = 32, kLpCand = 512;
 constexpr int64_t kLpSlice = 8192;
 
 struct LpPartial {  // per (row, slice), in the scratch buffer
@@ -281,11 +285,89 @@ __global__ void __launch_bounds__(kLpThreads) k_row_logprobs_part(const void* lo
   __shared__ float sv[32];
   __shared__ int32_t si[32];
   __shared__ double sd[32];
+  __shared__ float cv[kLpCand];
+  __shared__ int32_t ci[kLpCand];
+  __shared__ int ncand;
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
   const int S = gridDim.x;
   const int64_t per = (n + S - 1) / S, lo = blockIdx.x * per, hi = min(n, lo + per);
   const int64_t base = int64_t(rows[blockIdx.y]) * V;
   const int64_t B = blockDim.x;
+  if (threadIdx.x == 0) ncand = 0;
+  float mx = -INFINITY;
+  for (int64_t j0 = lo + threadIdx.x; j0 < hi; j0 += kLpUnroll * B) {
+    float xs[kLpUnroll];
+#pragma unroll
+    for (int u = 0; u < kLpUnroll; ++u) xs[u] = j0 + u * B < hi ? ldf(logits, dt, base + j0 + u * B) : NAN;
+#pragma unroll
+    for (int u = 0; u < kLpUnroll; ++u) mx = fmaxf(mx, xs[u]);  // NaN never taken (std::max(mx, x) keeps mx)
+  }
+  const float tmax = mx;  // this thread's: -inf when it has no id (or only -inf / NaN ones)
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  if (lane == 0) sv[w] = mx;
+  __syncthreads();
+  mx = sv[0];
+  for (int q = 1; q < nw; ++q) mx = fmaxf(mx, sv[q]);
+  // T: the largest key with its low 16 bits clear that at least k of the threads' maxima reach. A thread without an
+  // id counts as -inf, which is no more than any id's key, so T stays at or below the slice's k-th largest id key (or
+  // at -inf's level when the slice has fewer than k ids: then every id that is not a NaN is a candidate).
+  uint32_t T = 0;
+  if (k > 0) {
+    const uint32_t key = order_key(__float_as_uint(tmax));
+    for (int bit = 31; bit >= 16; --bit) {
+      const uint32_t c = T | (1u << bit);
+      if (__syncthreads_count(key >= c) >= k) T = c;
+    }
+  }
+  double s = 0;
+  for (int64_t j0 = lo + threadIdx.x; j0 < hi; j0 += kLpUnroll * B) {
+    float xs[kLpUnroll];
+#pragma unroll
+    for (int u = 0; u < kLpUnroll; ++u) xs[u] = j0 + u * B < hi ? ldf(logits, dt, base + j0 + u * B) : -INFINITY;
+#pragma unroll
+    for (int u = 0; u < kLpUnroll; ++u) {
+      if (j0 + u * B >= hi) continue;
+      const float x = xs[u];
+      if (mx > -INFINITY) s += double(expf(x - mx));  // in id order; an all -inf slice: 0
+      if (k > 0 && x == x && order_key(__float_as_uint(x)) >= T) {
+        const int p = atomicAdd(&ncand, 1);
+        if (p < kLpCand) {
+          cv[p] = x;
+          ci[p] = int32_t(j0 + u * B);
+        }
+      }
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  if (lane == 0) sd[w] = s;
+  __syncthreads();  // also: every candidate is in place
+  s = 0;
+  for (int q = 0; q < nw; ++q) s += sd[q];
+  LpPartial& P = part[int64_t(blockIdx.y) * S + blockIdx.x];
+  if (threadIdx.x == 0) {
+    P.m = mx;
+    P.sum = s;
+  }
+  if (k <= 0) return;
+  const int nc = ncand;
+  if (nc <= kLpCand) {
+    for (int t = threadIdx.x; t < nc; t += blockDim.x) {
+      const float v = cv[t];
+      const int32_t id = ci[t];
+      int rank = 0;
+      for (int q = 0; q < nc; ++q) rank += cv[q] > v || (cv[q] == v && ci[q] < id);
+      if (rank < k) {
+        P.v[rank] = v;
+        P.id[rank] = id;
+      }
+    }
+    for (int r = nc + int(threadIdx.x); r < k; r += blockDim.x) {
+      P.v[r] = -INFINITY;
+      P.id[r] = INT_MAX;
+    }
+    return;
+  }
+  // Overflow (block-uniform): per-thread lists of the ids at or above T, then k rounds of the block's best head.
   float tv[KM];
   int32_t ti[KM];
 #pragma unroll
@@ -293,53 +375,22 @@ __global__ void __launch_bounds__(kLpThreads) k_row_logprobs_part(const void* lo
     tv[q] = -INFINITY;
     ti[q] = INT_MAX;  // empty: any id, even of a -inf logit, goes before it
   }
-  float mx = -INFINITY;
-  for (int64_t j0 = lo + threadIdx.x; j0 < hi; j0 += kLpUnroll * B) {
-    float xs[kLpUnroll];
+  for (int64_t j = lo + threadIdx.x; j < hi; j += B) {
+    float v = ldf(logits, dt, base + j);
+    int32_t vi = int32_t(j);
+    if (!(v == v) || order_key(__float_as_uint(v)) < T) continue;
+    if (v > tv[KM - 1] || (v == tv[KM - 1] && vi < ti[KM - 1])) {
 #pragma unroll
-    for (int u = 0; u < kLpUnroll; ++u) xs[u] = j0 + u * B < hi ? ldf(logits, dt, base + j0 + u * B) : NAN;
-#pragma unroll
-    for (int u = 0; u < kLpUnroll; ++u) {
-      float v = xs[u];  // NaN past the end: never taken, like a NaN logit
-      int32_t vi = int32_t(j0 + u * B);
-      mx = fmaxf(mx, v);  // NaN never taken (std::max(mx, x) keeps mx)
-      if (k > 0 && (v > tv[KM - 1] || (v == tv[KM - 1] && vi < ti[KM - 1]))) {
-#pragma unroll
-        for (int q = 0; q < KM; ++q)
-          if (v > tv[q] || (v == tv[q] && vi < ti[q])) {
-            const float tf = tv[q];
-            const int32_t tid = ti[q];
-            tv[q] = v;
-            ti[q] = vi;
-            v = tf;
-            vi = tid;
-          }
-      }
+      for (int q = 0; q < KM; ++q)
+        if (v > tv[q] || (v == tv[q] && vi < ti[q])) {
+          const float tf = tv[q];
+          const int32_t tid = ti[q];
+          tv[q] = v;
+          ti[q] = vi;
+          v = tf;
+          vi = tid;
+        }
     }
-  }
-  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-  if (lane == 0) sv[w] = mx;
-  __syncthreads();
-  mx = sv[0];
-  for (int q = 1; q < nw; ++q) mx = fmaxf(mx, sv[q]);
-  double s = 0;
-  for (int64_t j0 = lo + threadIdx.x; j0 < hi; j0 += kLpUnroll * B) {
-    float xs[kLpUnroll];
-#pragma unroll
-    for (int u = 0; u < kLpUnroll; ++u) xs[u] = j0 + u * B < hi ? ldf(logits, dt, base + j0 + u * B) : -INFINITY;
-#pragma unroll
-    for (int u = 0; u < kLpUnroll; ++u)
-      if (j0 + u * B < hi && mx > -INFINITY) s += double(expf(xs[u] - mx));  // in id order; an all -inf slice: 0
-  }
-  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-  if (lane == 0) sd[w] = s;
-  __syncthreads();
-  s = 0;
-  for (int q = 0; q < nw; ++q) s += sd[q];
-  LpPartial& P = part[int64_t(blockIdx.y) * S + blockIdx.x];
-  if (threadIdx.x == 0) {
-    P.m = mx;
-    P.sum = s;
   }
   for (int r = 0; r < k; ++r) {
     float v = tv[0];

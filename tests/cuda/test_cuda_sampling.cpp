@@ -240,6 +240,32 @@ TEST(CudaSampling, EdgeRows) {
       }
 }
 
+// Rows [rows_in, V] of N(0, 3) logits in the given dtype's values, every fifth one of a kind: many ties (whole
+// numbers), one dominant token (within the first n ids), every third id -inf, one finite logit among -inf; with
+// `nans` every seventh row also holds a NaN.
+std::vector<float> edge_rows(int rows_in, int64_t V, int64_t n, DType dt, std::mt19937_64& g, bool nans) {
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<float> host(size_t(rows_in) * size_t(V));
+  std::normal_distribution<float> d(0.f, 3.f);
+  for (auto& v : host) v = d(g);
+  for (int r = 0; r < rows_in; ++r) {
+    float* x = host.data() + size_t(r) * size_t(V);
+    if (r % 5 == 1)
+      for (int64_t i = 0; i < V; ++i) x[i] = float(int(x[i]));  // many ties
+    if (r % 5 == 2) x[g() % uint64_t(n)] += 30.f;                 // one dominant token
+    if (r % 5 == 3)
+      for (int64_t i = 0; i < V; i += 3) x[i] = -inf;
+    if (r % 5 == 4) {
+      for (int64_t i = 0; i < V; ++i) x[i] = -inf;
+      x[(V - 1) % n] = 2.f;  // one finite logit
+    }
+    if (nans && r % 7 == 6) x[g() % uint64_t(V)] = std::numeric_limits<float>::quiet_NaN();
+  }
+  if (dt != DType::F32)
+    for (auto& v : host) v = dt == DType::BF16 ? bf16_to_f32(f32_to_bf16(v)) : f16_to_f32(f32_to_f16(v));
+  return host;
+}
+
 // Backend::row_logprobs on CUDA against cpu::row_logprobs over shapes (R 1, 5, 64; V 7 .. 248320; vocab_limit V and
 // below; k 0, 1, 5, 20 and k > n; fp32, bf16, f16 logits; rows of a larger tensor in any order) and rows with ties
 // everywhere, -inf and one finite logit: the same top ids in the same order, logprobs within 2e-6 + 1e-6 |x| (the
@@ -261,23 +287,7 @@ TEST(CudaSampling, RowLogprobsMatchCpu) {
             std::mt19937_64 g(uint64_t(R) * 31u + uint64_t(V) + uint64_t(k) * 7u + uint64_t(limit));
             const int64_t n = std::min(limit, V);
             const int rows_in = R + 3;  // the tensor has more rows than are asked for
-            std::vector<float> host(size_t(rows_in) * size_t(V));
-            std::normal_distribution<float> d(0.f, 3.f);
-            for (auto& v : host) v = d(g);
-            for (int r = 0; r < rows_in; ++r) {
-              float* x = host.data() + size_t(r) * size_t(V);
-              if (r % 5 == 1)
-                for (int64_t i = 0; i < V; ++i) x[i] = float(int(x[i]));  // many ties
-              if (r % 5 == 2) x[g() % uint64_t(n)] += 30.f;                 // one dominant token
-              if (r % 5 == 3)
-                for (int64_t i = 0; i < V; i += 3) x[i] = -inf;
-              if (r % 5 == 4) {
-                for (int64_t i = 0; i < V; ++i) x[i] = -inf;
-                x[(V - 1) % n] = 2.f;  // one finite logit
-              }
-            }
-            if (dt != DType::F32)
-              for (auto& v : host) v = dt == DType::BF16 ? bf16_to_f32(f32_to_bf16(v)) : f16_to_f32(f32_to_f16(v));
+            const std::vector<float> host = edge_rows(rows_in, V, n, dt, g, false);
             Tensor t = B.gpu->upload_f32(host, {rows_in, V}, dt);
             std::vector<int32_t> rows, chosen;
             for (int i = 0; i < R; ++i) {
@@ -319,12 +329,11 @@ TEST(CudaSampling, RowLogprobsMatchCpu) {
   EXPECT_THROW(B.gpu->row_logprobs(t, 10, {0}, {0}, Backend::kMaxRowTopLogprobs + 1, out), std::exception);
 }
 
-// Backend::row_ranks (prompt logprobs' rank) against cpu::row_rank: rows with ties, -inf runs, one dominant token, a
-// NaN; chosen tokens inside and past the vocabulary limit; every dtype; the real vocabularies.
+// Backend::row_ranks (prompt logprobs' rank) against cpu::row_rank: edge_rows with NaNs; chosen tokens inside and past
+// the vocabulary limit; every dtype; the real vocabularies.
 TEST(CudaSampling, RowRanksMatchCpu) {
   DS_REQUIRE_GPU();
   test::Both B;
-  const float inf = std::numeric_limits<float>::infinity();
   int cases = 0;
   for (int64_t V : {int64_t(1), int64_t(7), int64_t(1000), int64_t(16385), int64_t(151936), int64_t(248320)})
     for (int R : {1, 5, 128})
@@ -334,20 +343,8 @@ TEST(CudaSampling, RowRanksMatchCpu) {
           SCOPED_TRACE(str_cat("R ", R, " V ", V, " limit ", limit, " ", dtype_name(dt)));
           std::mt19937_64 g(uint64_t(R) * 131u + uint64_t(V) + uint64_t(limit));
           const int rows_in = R + 2;
-          std::vector<float> host(size_t(rows_in) * size_t(V));
-          std::normal_distribution<float> d(0.f, 3.f);
-          for (auto& v : host) v = d(g);
-          for (int r = 0; r < rows_in; ++r) {
-            float* x = host.data() + size_t(r) * size_t(V);
-            if (r % 5 == 1)
-              for (int64_t i = 0; i < V; ++i) x[i] = float(int(x[i]));  // many ties
-            if (r % 5 == 2) x[g() % uint64_t(V)] += 30.f;                 // one dominant token
-            if (r % 5 == 3)
-              for (int64_t i = 0; i < V; i += 3) x[i] = -inf;
-            if (r % 7 == 6) x[g() % uint64_t(V)] = std::numeric_limits<float>::quiet_NaN();
-          }
-          if (dt != DType::F32)
-            for (auto& v : host) v = dt == DType::BF16 ? bf16_to_f32(f32_to_bf16(v)) : f16_to_f32(f32_to_f16(v));
+          const int64_t n = std::min(limit, V);
+          const std::vector<float> host = edge_rows(rows_in, V, n, dt, g, true);
           Tensor t = B.gpu->upload_f32(host, {rows_in, V}, dt);
           std::vector<int32_t> rows, chosen;
           for (int i = 0; i < R; ++i) {
@@ -357,7 +354,6 @@ TEST(CudaSampling, RowRanksMatchCpu) {
           std::vector<int32_t> got;
           B.gpu->row_ranks(t, limit, rows, chosen, got);
           ASSERT_EQ(got.size(), size_t(R));
-          const int64_t n = std::min(limit, V);
           for (int i = 0; i < R; ++i)
             EXPECT_EQ(got[size_t(i)], cpu::row_rank(host.data() + size_t(rows[size_t(i)]) * size_t(V), n, chosen[size_t(i)]))
                 << "row " << i;

@@ -5,6 +5,7 @@
 // head. Greedy verification is exact, so any difference in a recorded step's inputs shows up as different tokens.
 #include <gtest/gtest.h>
 
+#include <functional>
 #include <memory>
 #include <random>
 #include <tuple>
@@ -21,9 +22,11 @@ namespace {
 
 using namespace std::chrono_literals;
 
-std::vector<std::vector<int32_t>> run(model::Model& m, runtime::EngineConfig c,
-                                      const std::vector<std::vector<int32_t>>& prompts, int64_t n,
-                                      runtime::EngineMetrics* mt) {
+// One greedy request per prompt (n tokens, EOS ignored; `adjust` may change each before it is submitted), stepped to
+// the end; returns the requests with their channels full.
+std::vector<std::shared_ptr<runtime::Request>> run_requests(
+    model::Model& m, runtime::EngineConfig c, const std::vector<std::vector<int32_t>>& prompts, int64_t n,
+    runtime::EngineMetrics* mt, const std::function<void(runtime::Request&)>& adjust = nullptr) {
   runtime::Engine e(m, c);
   std::vector<std::shared_ptr<runtime::Request>> rs;
   for (size_t i = 0; i < prompts.size(); ++i) {
@@ -33,18 +36,25 @@ std::vector<std::vector<int32_t>> run(model::Model& m, runtime::EngineConfig c,
     r->max_tokens = n;
     r->sampling.temperature = 0.f;
     r->ignore_eos = true;
+    if (adjust) adjust(*r);
     e.submit(r);
     rs.push_back(r);
   }
   while (e.step()) {
   }
+  if (mt) *mt = e.metrics();
+  return rs;
+}
+
+std::vector<std::vector<int32_t>> run(model::Model& m, runtime::EngineConfig c,
+                                      const std::vector<std::vector<int32_t>>& prompts, int64_t n,
+                                      runtime::EngineMetrics* mt) {
   std::vector<std::vector<int32_t>> out;
-  for (auto& r : rs) {
+  for (auto& r : run_requests(m, c, prompts, n, mt)) {
     std::vector<int32_t> t;
     while (auto d = r->out->pop(0ms)) t.insert(t.end(), d->tokens.begin(), d->tokens.end());
     out.push_back(t);
   }
-  if (mt) *mt = e.metrics();
   return out;
 }
 
@@ -212,21 +222,8 @@ TEST(CudaSpec, LogprobsOnTheDeviceEqualTheHostPath) {
         if (i < 0 || i >= int64_t(w.size())) return proposed;
         return ((*rng)() % 10) < 7 ? w[size_t(i)] : proposed;
       };
-    runtime::Engine e(*m, c);
-    std::vector<std::shared_ptr<runtime::Request>> rs;
-    for (size_t i = 0; i < prompts.size(); ++i) {
-      auto r = std::make_shared<runtime::Request>();
-      r->id = i;
-      r->prompt = prompts[i];
-      r->max_tokens = n;
-      r->ignore_eos = true;
-      r->sampling.temperature = 0.f;
-      r->sampling.logprobs = i == 1 ? 0 : 5;
-      e.submit(r);
-      rs.push_back(r);
-    }
-    while (e.step()) {
-    }
+    const auto rs = run_requests(*m, c, prompts, n, mt,
+                                 [](runtime::Request& r) { r.sampling.logprobs = r.id == 1 ? 0 : 5; });
     std::vector<std::pair<std::vector<int32_t>, std::vector<sampling::TokenLogprob>>> out;
     for (auto& r : rs) {
       out.emplace_back();
@@ -235,7 +232,6 @@ TEST(CudaSpec, LogprobsOnTheDeviceEqualTheHostPath) {
         out.back().second.insert(out.back().second.end(), d->logprobs.begin(), d->logprobs.end());
       }
     }
-    if (mt) *mt = e.metrics();
     return out;
   };
   const auto plain = go(0, true, nullptr, nullptr);

@@ -2681,20 +2681,12 @@ class CudaBackend final : public Backend {
   bool has_row_logprobs() const override { return true; }
   void row_logprobs(const Tensor& logits, int64_t vocab_limit, const std::vector<int32_t>& rows,
                     const std::vector<int32_t>& chosen, int32_t k, std::vector<float>& out) override {
-    DS_CHECK(logits.ndim() == 2 && rows.size() == chosen.size() && k >= 0 && k <= kMaxRowTopLogprobs,
-             "row_logprobs: logits [R, V], one chosen token per row, k in 0..", kMaxRowTopLogprobs);
-    DS_CHECK(logits.dtype == DType::F32 || logits.dtype == DType::BF16 || logits.dtype == DType::F16,
-             "row_logprobs: logits dtype ", dtype_name(logits.dtype));
-    const int64_t V = logits.dim(1), n = vocab_limit > 0 ? std::min(vocab_limit, V) : V;
+    DS_CHECK(k >= 0 && k <= kMaxRowTopLogprobs, "row_logprobs: k in 0..", kMaxRowTopLogprobs, ", got ", k);
+    const int64_t V = logits.ndim() == 2 ? logits.dim(1) : 0, n = vocab_limit > 0 ? std::min(vocab_limit, V) : V;
     const int R = int(rows.size()), stride = 1 + 2 * k, kk = int(std::min<int64_t>(k, n));
+    Tensor d = upload_row_tokens("row_logprobs", logits, rows, chosen, n);
     out.assign(size_t(R) * size_t(stride), 0.f);
     if (R == 0) return;
-    for (int i = 0; i < R; ++i)
-      DS_CHECK(rows[size_t(i)] >= 0 && rows[size_t(i)] < logits.dim(0) && chosen[size_t(i)] >= 0 && chosen[size_t(i)] < n,
-               "row_logprobs: row ", rows[size_t(i)], " of ", logits.dim(0), ", token ", chosen[size_t(i)], " of ", n);
-    std::vector<int32_t> both(rows);
-    both.insert(both.end(), chosen.begin(), chosen.end());
-    Tensor d = upload_bytes(both.data(), both.size() * 4, DType::I32, {int64_t(both.size())});
     Tensor o = alloc(DType::F32, {int64_t(R) * stride});
     DS_CUDA_CHECK(cudaMemsetAsync(o.data, 0, size_t(o.nbytes()), stream_));
     Tensor scratch = alloc(DType::U8, {row_logprobs_scratch_bytes(R, n)});
@@ -2707,25 +2699,33 @@ class CudaBackend final : public Backend {
 
   void row_ranks(const Tensor& logits, int64_t vocab_limit, const std::vector<int32_t>& rows,
                  const std::vector<int32_t>& chosen, std::vector<int32_t>& out) override {
-    DS_CHECK(logits.ndim() == 2 && rows.size() == chosen.size(), "row_ranks: logits [R, V], one chosen token per row");
-    DS_CHECK(logits.dtype == DType::F32 || logits.dtype == DType::BF16 || logits.dtype == DType::F16,
-             "row_ranks: logits dtype ", dtype_name(logits.dtype));
-    const int64_t V = logits.dim(1), n = vocab_limit > 0 ? std::min(vocab_limit, V) : V;
+    const int64_t V = logits.ndim() == 2 ? logits.dim(1) : 0, n = vocab_limit > 0 ? std::min(vocab_limit, V) : V;
     const int R = int(rows.size());
+    Tensor d = upload_row_tokens("row_ranks", logits, rows, chosen, V);
     out.assign(size_t(R), 0);
     if (R == 0) return;
-    for (int i = 0; i < R; ++i)
-      DS_CHECK(rows[size_t(i)] >= 0 && rows[size_t(i)] < logits.dim(0) && chosen[size_t(i)] >= 0 && chosen[size_t(i)] < V,
-               "row_ranks: row ", rows[size_t(i)], " of ", logits.dim(0), ", token ", chosen[size_t(i)], " of ", V);
-    std::vector<int32_t> both(rows);
-    both.insert(both.end(), chosen.begin(), chosen.end());
-    Tensor d = upload_bytes(both.data(), both.size() * 4, DType::I32, {int64_t(both.size())});
     Tensor o = alloc(DType::I32, {int64_t(R)});
     launch_row_ranks(logits.data, int(logits.dtype), V, n, R, d.ptr<int32_t>(), d.ptr<int32_t>() + R, o.ptr<int32_t>(),
                      stream_);
     DS_CUDA_CHECK_LAST();
     DS_CUDA_CHECK(cudaMemcpyAsync(out.data(), o.data, size_t(R) * 4, cudaMemcpyDeviceToHost, stream_));
     DS_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+
+  // row_logprobs / row_ranks: checks logits [·, V] (F32, BF16, F16), each row inside it and each chosen token below
+  // `tokens`, and uploads rows then chosen as one int32 tensor (empty when there are no rows).
+  Tensor upload_row_tokens(const char* what, const Tensor& logits, const std::vector<int32_t>& rows,
+                           const std::vector<int32_t>& chosen, int64_t tokens) {
+    DS_CHECK(logits.ndim() == 2 && rows.size() == chosen.size(), what, ": logits [R, V], one chosen token per row");
+    DS_CHECK(logits.dtype == DType::F32 || logits.dtype == DType::BF16 || logits.dtype == DType::F16, what,
+             ": logits dtype ", dtype_name(logits.dtype));
+    for (size_t i = 0; i < rows.size(); ++i)
+      DS_CHECK(rows[i] >= 0 && rows[i] < logits.dim(0) && chosen[i] >= 0 && chosen[i] < tokens, what, ": row ", rows[i],
+               " of ", logits.dim(0), ", token ", chosen[i], " of ", tokens);
+    if (rows.empty()) return Tensor();
+    std::vector<int32_t> both(rows);
+    both.insert(both.end(), chosen.begin(), chosen.end());
+    return upload_bytes(both.data(), both.size() * 4, DType::I32, {int64_t(both.size())});
   }
 
   void argmax_rows(const Tensor& logits, int64_t limit, Tensor& ids, const Tensor* map = nullptr) override {

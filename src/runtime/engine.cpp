@@ -533,6 +533,13 @@ void Engine::Impl::run(const Schedule& sc_in) {
     return;
   }
   ++counters.steps_total;
+  {
+    const int64_t T = b.num_tokens();
+    size_t i = 0;
+    while (i < std::size(EngineMetrics::kIterationTokenBounds) && T > EngineMetrics::kIterationTokenBounds[i]) ++i;
+    ++counters.iteration_tokens[i];
+    counters.iteration_tokens_sum += T;
+  }
   for (size_t j = 0; j < prow.size(); ++j) {
     Sequence* s = sc.seqs[prow[j].seq].seq;
     s->prompt_lps.push_back(std::move(plp[j]));

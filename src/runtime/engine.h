@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <iterator>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -194,6 +195,12 @@ struct EngineMetrics {
   std::vector<int64_t> spec_accepted_per_pos;
   // EngineConfig::profile_phases: accumulated wall ms per step phase (in order of first appearance).
   std::vector<std::pair<std::string, double>> phase_ms;
+  // Tokens per forward step (prefill chunks, decode and verify rows; vLLM's iteration_tokens_total): steps counted per
+  // bucket of kIterationTokenBounds (index i: at most bound i and more than bound i - 1; the last: above them all),
+  // and the tokens' sum.
+  static constexpr int64_t kIterationTokenBounds[] = {1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384};
+  std::vector<int64_t> iteration_tokens = std::vector<int64_t>(std::size(kIterationTokenBounds) + 1, 0);
+  int64_t iteration_tokens_sum = 0;
 };
 
 class Engine {

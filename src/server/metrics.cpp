@@ -12,23 +12,27 @@ void Histogram::observe(double v) {
   while (i < bounds_.size() && v > bounds_[i]) ++i;
   ++counts_[i];
   sum_ += v;
-  ++n_;
 }
 
-std::string Histogram::render(const std::string& name, const std::string& help, const std::string& labels) const {
-  std::lock_guard<std::mutex> l(mu_);
+std::string render_histogram(const std::string& name, const std::string& help, const std::string& labels,
+                             const std::vector<double>& bounds, const std::vector<uint64_t>& counts, double sum) {
   std::ostringstream os;
   os.precision(15);  // sums of token counts run to millions: no rounding to the default 6 digits
   os << "# HELP " << name << " " << help << "\n# TYPE " << name << " histogram\n";
   uint64_t cum = 0;
-  for (size_t i = 0; i < bounds_.size(); ++i) {
-    cum += counts_[i];
-    os << name << "_bucket{" << labels << ",le=\"" << bounds_[i] << "\"} " << cum << "\n";
+  for (size_t i = 0; i < bounds.size(); ++i) {
+    cum += counts[i];
+    os << name << "_bucket{" << labels << ",le=\"" << bounds[i] << "\"} " << cum << "\n";
   }
-  cum += counts_.back();
+  cum += counts.back();
   os << name << "_bucket{" << labels << ",le=\"+Inf\"} " << cum << "\n";
-  os << name << "_sum{" << labels << "} " << sum_ << "\n" << name << "_count{" << labels << "} " << n_ << "\n";
+  os << name << "_sum{" << labels << "} " << sum << "\n" << name << "_count{" << labels << "} " << cum << "\n";
   return os.str();
+}
+
+std::string Histogram::render(const std::string& name, const std::string& help, const std::string& labels) const {
+  std::lock_guard<std::mutex> l(mu_);
+  return render_histogram(name, help, labels, bounds_, counts_, sum_);
 }
 
 namespace {
@@ -117,6 +121,11 @@ std::string ServerMetrics::render(const runtime::EngineMetrics& e, const std::st
   os << inference.render("deltaserve:request_inference_time_seconds", "Time from the first admission to the last token (prefill + decode).", L);
   os << prompt_tokens.render("deltaserve:request_prompt_tokens", "Prompt tokens per finished request.", L);
   os << generation_tokens.render("deltaserve:request_generation_tokens", "Generated tokens per finished request.", L);
+  const std::vector<double> it_bounds(std::begin(runtime::EngineMetrics::kIterationTokenBounds),
+                                      std::end(runtime::EngineMetrics::kIterationTokenBounds));
+  os << render_histogram("deltaserve:iteration_tokens_total", "Tokens per engine step (prefill chunks, decode and verify rows).",
+                         L, it_bounds, std::vector<uint64_t>(e.iteration_tokens.begin(), e.iteration_tokens.end()),
+                         double(e.iteration_tokens_sum));
   return os.str();
 }
 

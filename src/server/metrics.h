@@ -10,6 +10,10 @@
 
 namespace ds::server {
 
+// Prometheus text of a histogram: counts per bucket (index i: at most bounds[i]; the last: above every bound).
+std::string render_histogram(const std::string& name, const std::string& help, const std::string& labels,
+                             const std::vector<double>& bounds, const std::vector<uint64_t>& counts, double sum);
+
 class Histogram {
  public:
   explicit Histogram(std::vector<double> bounds) : bounds_(std::move(bounds)), counts_(bounds_.size() + 1, 0) {}
@@ -21,7 +25,6 @@ class Histogram {
   std::vector<double> bounds_;
   std::vector<uint64_t> counts_;
   double sum_ = 0;
-  uint64_t n_ = 0;
 };
 
 struct ServerMetrics {

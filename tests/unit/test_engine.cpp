@@ -1125,6 +1125,25 @@ TEST(Engine, PromptLogprobsSkipCheckpointsAndSurvivePreemption) {
   EXPECT_GT(small.metrics().preemptions_total, 0);
 }
 
+// Tokens per step (/metrics' iteration_tokens_total): a 40-token prompt in chunks of 16 then 9 decode steps: steps of
+// 16, 16, 8 and nine of 1.
+TEST(Engine, IterationTokensCountEveryStep) {
+  auto& f = fx();
+  EngineConfig c = base_config();
+  c.max_num_batched_tokens = 16;
+  Engine e(*f.m, c);
+  const Result r = run_on(e, make_req(1, f.prompts[2], 10));
+  ASSERT_EQ(r.tokens.size(), 10u);
+  const EngineMetrics m = e.metrics();
+  std::vector<int64_t> want(std::size(EngineMetrics::kIterationTokenBounds) + 1, 0);
+  want[0] = 9;  // <= 1
+  want[1] = 1;  // 8
+  want[2] = 2;  // 16
+  EXPECT_EQ(m.iteration_tokens, want);
+  EXPECT_EQ(m.iteration_tokens_sum, 40 + 9);
+  EXPECT_EQ(m.steps_total, 12);
+}
+
 TEST(Engine, AbortMidGenerationFreesMemory) {
   auto& f = fx();
   Engine e(*f.m, base_config());

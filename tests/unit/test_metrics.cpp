@@ -40,5 +40,22 @@ TEST(StatsLine, RatesGaugesHitRateAndAcceptanceOfTheInterval) {
             "state slots 3/16");
 }
 
+// /metrics renders the engine's tokens-per-step counts as a cumulative histogram (vLLM's iteration_tokens_total).
+TEST(StatsLine, IterationTokensHistogram) {
+  runtime::EngineMetrics e;
+  e.iteration_tokens[0] = 9, e.iteration_tokens[2] = 2, e.iteration_tokens.back() = 1;
+  e.iteration_tokens_sum = 9 + 32 + 20000;
+  ServerMetrics sm;
+  const std::string t = sm.render(e, "m");
+  EXPECT_NE(t.find("# TYPE deltaserve:iteration_tokens_total histogram\n"), std::string::npos);
+  EXPECT_NE(t.find("deltaserve:iteration_tokens_total_bucket{model_name=\"m\",le=\"1\"} 9\n"), std::string::npos);
+  EXPECT_NE(t.find("deltaserve:iteration_tokens_total_bucket{model_name=\"m\",le=\"8\"} 9\n"), std::string::npos);
+  EXPECT_NE(t.find("deltaserve:iteration_tokens_total_bucket{model_name=\"m\",le=\"16\"} 11\n"), std::string::npos);
+  EXPECT_NE(t.find("deltaserve:iteration_tokens_total_bucket{model_name=\"m\",le=\"16384\"} 11\n"), std::string::npos);
+  EXPECT_NE(t.find("deltaserve:iteration_tokens_total_bucket{model_name=\"m\",le=\"+Inf\"} 12\n"), std::string::npos);
+  EXPECT_NE(t.find("deltaserve:iteration_tokens_total_sum{model_name=\"m\"} 20041\n"), std::string::npos);
+  EXPECT_NE(t.find("deltaserve:iteration_tokens_total_count{model_name=\"m\"} 12\n"), std::string::npos);
+}
+
 }  // namespace
 }  // namespace ds::server

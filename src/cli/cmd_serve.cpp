@@ -11,7 +11,8 @@ namespace ds::cli {
 
 int cmd_serve(int argc, char** argv) {
   Args a(argc, argv, 2, {"disable-image-fetch", "enforce-eager", "enable-prefix-caching", "no-enable-prefix-caching",
-                         "disable-log-stats", "disable-access-log", "disable-uvicorn-access-log", "enable-log-requests"});
+                         "disable-log-stats", "disable-access-log", "disable-uvicorn-access-log", "enable-log-requests",
+                         "return-tokens-as-token-ids"});
   a.only("serve", {"host", "port", "backend", "served-model-name", "api-key", "max-model-len", "max-num-seqs",
                    "max-num-batched-tokens", "max-queued-requests", "num-gpu-blocks-override", "block-size",
                    "gpu-memory-utilization", "enforce-eager", "mamba-ssm-cache-dtype", "shutdown-timeout",
@@ -19,7 +20,8 @@ int cmd_serve(int argc, char** argv) {
                    "max-image-pixels", "max-image-bytes", "max-video-bytes", "max-video-frames", "image-fetch-timeout",
                    "disable-image-fetch", "allowed-local-media-path", "enable-prefix-caching",
                    "no-enable-prefix-caching", "prefix-cache-checkpoints", "disable-log-stats", "log-stats-interval",
-                   "disable-access-log", "disable-uvicorn-access-log", "enable-log-requests", "max-logprobs"});
+                   "disable-access-log", "disable-uvicorn-access-log", "enable-log-requests", "max-logprobs",
+                   "return-tokens-as-token-ids"});
   server::ServerConfig c;
   c.model_dir = a.model_dir();
   c.host = a.get("host", c.host);
@@ -58,6 +60,7 @@ int cmd_serve(int argc, char** argv) {
   c.access_log = !a.has("disable-access-log") && !a.has("disable-uvicorn-access-log");
   c.log_requests = a.has("enable-log-requests");
   c.max_logprobs = a.get_int("max-logprobs", c.max_logprobs);
+  c.return_tokens_as_token_ids = a.has("return-tokens-as-token-ids");
   if (c.max_logprobs < -1) fail("--max-logprobs: expected -1 (the whole vocabulary) or a count >= 0, got ", c.max_logprobs);
   if (c.max_num_seqs < 1) fail("--max-num-seqs: expected >= 1, got ", c.max_num_seqs);
   if (c.max_num_batched_tokens < 1) fail("--max-num-batched-tokens: expected >= 1, got ", c.max_num_batched_tokens);

@@ -316,6 +316,7 @@ GenSpec parse_generation_request(const json& j, bool chat, const sampling::Sampl
   }
   g.skip_special_tokens = b.boolean("skip_special_tokens", true);
   g.return_token_ids = b.boolean("return_token_ids", false);
+  if (b.has("return_tokens_as_token_ids")) g.return_tokens_as_token_ids = b.boolean("return_tokens_as_token_ids", false);
   if (chat) {
     g.include_reasoning = b.boolean("include_reasoning", true);
     g.logprobs = b.boolean("logprobs", false);

@@ -27,6 +27,9 @@ struct GenSpec {
   std::vector<std::string> bad_words;  // vLLM: tokenized by the server (sampling.bad_words)
   bool ignore_eos = false, skip_special_tokens = true, echo = false;
   bool return_token_ids = false;  // vLLM extension: choices carry prompt_token_ids and token_ids
+  // vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:N" (unset: the server's
+  // --return-tokens-as-token-ids).
+  std::optional<bool> return_tokens_as_token_ids;
   bool logprobs = false;
   int top_logprobs = 0;
   // vLLM's prompt_logprobs (alternatives per prompt token, -1 = off); completions' echo with logprobs sets it to

@@ -756,16 +756,24 @@ json bytes_json(const std::string& s) {
   return a;
 }
 
-json chat_logprobs(const text::Tokenizer& tok, const std::vector<int32_t>& tokens,
+// How logprobs name tokens: their text, or "token_id:N" (vLLM's return_tokens_as_token_ids: RL and evaluation
+// clients that must not re-tokenize).
+struct TokenNames {
+  const text::Tokenizer& tok;
+  bool ids = false;
+  std::string operator()(int32_t id) const { return ids ? "token_id:" + std::to_string(id) : token_text(tok, id); }
+};
+
+json chat_logprobs(const TokenNames& name, const std::vector<int32_t>& tokens,
                    const std::vector<sampling::TokenLogprob>& lps) {
   json content = json::array();
   for (size_t i = 0; i < lps.size() && i < tokens.size(); ++i) {
     json top = json::array();
     for (auto& [t, lp] : lps[i].top)
-      top.push_back({{"token", token_text(tok, t)}, {"logprob", lp}, {"bytes", bytes_json(std::string(tok.token_bytes(t)))}});
-    content.push_back({{"token", token_text(tok, tokens[i])},
+      top.push_back({{"token", name(t)}, {"logprob", lp}, {"bytes", bytes_json(std::string(name.tok.token_bytes(t)))}});
+    content.push_back({{"token", name(tokens[i])},
                        {"logprob", lps[i].logprob},
-                       {"bytes", bytes_json(std::string(tok.token_bytes(tokens[i])))},
+                       {"bytes", bytes_json(std::string(name.tok.token_bytes(tokens[i])))},
                        {"top_logprobs", top}});
   }
   return {{"content", content}};
@@ -780,15 +788,15 @@ size_t code_points(const std::string& s) {
 
 // `text_offset`: the first token's offset, advanced past the last (offsets count the characters of the tokens' texts,
 // as vLLM's len(token) does).
-json completion_logprobs(const text::Tokenizer& tok, const std::vector<int32_t>& tokens,
+json completion_logprobs(const TokenNames& name, const std::vector<int32_t>& tokens,
                          const std::vector<sampling::TokenLogprob>& lps, size_t& text_offset) {
   json toks = json::array(), tlps = json::array(), tops = json::array(), offs = json::array();
   for (size_t i = 0; i < lps.size() && i < tokens.size(); ++i) {
-    std::string t = token_text(tok, tokens[i]);
+    std::string t = name(tokens[i]);
     toks.push_back(t);
     tlps.push_back(lps[i].logprob);
     json top = json::object();
-    for (auto& [id, lp] : lps[i].top) top[token_text(tok, id)] = lp;
+    for (auto& [id, lp] : lps[i].top) top[name(id)] = lp;
     tops.push_back(top);
     offs.push_back(text_offset);
     text_offset += code_points(t);
@@ -801,16 +809,16 @@ double wire_logprob(float lp) { return std::max(double(lp), -9999.0); }
 
 // vLLM's prompt_logprobs: null for the first prompt token, then per token {"<id>": {"logprob", "rank",
 // "decoded_token"}} for the prompt token itself (its rank among all ids) and its top alternatives (ranks 1..k).
-json prompt_logprobs_json(const text::Tokenizer& tok, const std::vector<sampling::TokenLogprob>& lps) {
+json prompt_logprobs_json(const TokenNames& name, const std::vector<sampling::TokenLogprob>& lps) {
   json a = json::array();
   a.push_back(nullptr);
   for (const auto& t : lps) {
     json e = json::object();
-    e[std::to_string(t.token)] = {{"logprob", wire_logprob(t.logprob)}, {"rank", t.rank}, {"decoded_token", token_text(tok, t.token)}};
+    e[std::to_string(t.token)] = {{"logprob", wire_logprob(t.logprob)}, {"rank", t.rank}, {"decoded_token", name(t.token)}};
     for (size_t q = 0; q < t.top.size(); ++q) {
       const std::string id = std::to_string(t.top[q].first);
       if (!e.contains(id))
-        e[id] = {{"logprob", wire_logprob(t.top[q].second)}, {"rank", int(q) + 1}, {"decoded_token", token_text(tok, t.top[q].first)}};
+        e[id] = {{"logprob", wire_logprob(t.top[q].second)}, {"rank", int(q) + 1}, {"decoded_token", name(t.top[q].first)}};
     }
     a.push_back(e);
   }
@@ -818,11 +826,11 @@ json prompt_logprobs_json(const text::Tokenizer& tok, const std::vector<sampling
 }
 
 // The completions API's logprobs of an echoed prompt (its first token without a logprob: null entries), offsets from 0.
-json echo_logprobs(const text::Tokenizer& tok, const std::vector<int32_t>& prompt,
+json echo_logprobs(const TokenNames& name, const std::vector<int32_t>& prompt,
                    const std::vector<sampling::TokenLogprob>& lps, size_t& text_offset) {
   json toks = json::array(), tlps = json::array(), tops = json::array(), offs = json::array();
   for (size_t i = 0; i < prompt.size(); ++i) {
-    std::string t = token_text(tok, prompt[i]);
+    std::string t = name(prompt[i]);
     toks.push_back(t);
     offs.push_back(text_offset);
     text_offset += code_points(t);
@@ -833,7 +841,7 @@ json echo_logprobs(const text::Tokenizer& tok, const std::vector<int32_t>& promp
     }
     tlps.push_back(wire_logprob(lps[i - 1].logprob));
     json top = json::object();
-    for (auto& [id, lp] : lps[i - 1].top) top[token_text(tok, id)] = wire_logprob(lp);
+    for (auto& [id, lp] : lps[i - 1].top) top[name(id)] = wire_logprob(lp);
     tops.push_back(top);
   }
   return {{"tokens", toks}, {"token_logprobs", tlps}, {"top_logprobs", tops}, {"text_offset", offs}};
@@ -1160,7 +1168,7 @@ class HttpServer {
         if (!tcs.empty()) msg["tool_calls"] = tcs;
         json ch = {{"index", c.index}, {"message", msg}, {"logprobs", nullptr}, {"finish_reason", c.finish_reason},
                    {"stop_reason", c.stop_reason}};
-        if (spec.logprobs) ch["logprobs"] = chat_logprobs(*st_.rt.tok, c.tokens, c.logprobs);
+        if (spec.logprobs) ch["logprobs"] = chat_logprobs(names(spec), c.tokens, c.logprobs);
         if (spec.return_token_ids) ch["token_ids"] = c.tokens, ch["prompt_token_ids"] = c.prompt;
         choices.push_back(ch);
       } else {
@@ -1169,11 +1177,11 @@ class HttpServer {
                    {"stop_reason", c.stop_reason}};
         if (spec.logprobs) {
           size_t off = 0;
-          const json echoed = spec.echo ? echo_logprobs(*st_.rt.tok, c.prompt, c.prompt_logprobs, off) : json();
-          const json gen = completion_logprobs(*st_.rt.tok, spec.echo_only ? std::vector<int32_t>{} : c.tokens, c.logprobs, off);
+          const json echoed = spec.echo ? echo_logprobs(names(spec), c.prompt, c.prompt_logprobs, off) : json();
+          const json gen = completion_logprobs(names(spec), spec.echo_only ? std::vector<int32_t>{} : c.tokens, c.logprobs, off);
           ch["logprobs"] = spec.echo ? concat_logprobs(echoed, gen) : gen;
         }
-        if (spec.prompt_logprobs >= 0) ch["prompt_logprobs"] = prompt_logprobs_json(*st_.rt.tok, c.prompt_logprobs);
+        if (spec.prompt_logprobs >= 0) ch["prompt_logprobs"] = prompt_logprobs_json(names(spec), c.prompt_logprobs);
         if (spec.return_token_ids) ch["token_ids"] = c.tokens, ch["prompt_token_ids"] = c.prompt;
         choices.push_back(ch);
       }
@@ -1189,7 +1197,7 @@ class HttpServer {
                 {"usage", usage_json(g)}};
     // vLLM's chat response carries the prompt's logprobs once, at the top (every choice shares the prompt).
     if (spec.chat && spec.prompt_logprobs >= 0 && !g.choices().empty())
-      out["prompt_logprobs"] = prompt_logprobs_json(*st_.rt.tok, g.choices()[0].prompt_logprobs);
+      out["prompt_logprobs"] = prompt_logprobs_json(names(spec), g.choices()[0].prompt_logprobs);
     return out;
   }
 
@@ -1230,7 +1238,7 @@ class HttpServer {
               if (!spec.chat && spec.echo && !c.echoed) {
                 c.echoed = true;
                 json e = {{"index", c.index}, {"text", c.prompt_text}, {"logprobs", nullptr}, {"finish_reason", nullptr}};
-                if (spec.logprobs) e["logprobs"] = echo_logprobs(*st_.rt.tok, c.prompt, c.prompt_logprobs, c.text_offset);
+                if (spec.logprobs) e["logprobs"] = echo_logprobs(names(spec), c.prompt, c.prompt_logprobs, c.text_offset);
                 if (!send(chunk(*gen, json::array({e})))) return abort(*gen);
               }
               if (spec.echo_only) {  // the generated token is not part of the answer
@@ -1246,11 +1254,11 @@ class HttpServer {
               json choice;
               if (spec.chat) {
                 choice = {{"index", c.index}, {"delta", delta}, {"logprobs", nullptr}, {"finish_reason", nullptr}};
-                if (spec.logprobs && !u.tokens.empty()) choice["logprobs"] = chat_logprobs(*st_.rt.tok, u.tokens, u.logprobs);
+                if (spec.logprobs && !u.tokens.empty()) choice["logprobs"] = chat_logprobs(names(spec), u.tokens, u.logprobs);
               } else {
                 choice = {{"index", c.index}, {"text", u.ev.content}, {"logprobs", nullptr}, {"finish_reason", nullptr}};
                 if (spec.logprobs && !u.tokens.empty())
-                  choice["logprobs"] = completion_logprobs(*st_.rt.tok, u.tokens, u.logprobs, c.text_offset);
+                  choice["logprobs"] = completion_logprobs(names(spec), u.tokens, u.logprobs, c.text_offset);
               }
               if (spec.return_token_ids && !u.tokens.empty()) choice["token_ids"] = u.tokens;
               bool has_payload = spec.chat ? !delta.empty() : !u.ev.content.empty();
@@ -1402,6 +1410,10 @@ class HttpServer {
           return true;
         },
         [gen](bool) { gen->abort_all(); });
+  }
+
+  TokenNames names(const GenSpec& spec) const {
+    return {*st_.rt.tok, spec.return_tokens_as_token_ids.value_or(st_.cfg.return_tokens_as_token_ids)};
   }
 
   bool abort(Generation& g) {

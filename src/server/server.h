@@ -45,6 +45,8 @@ struct ServerConfig {
   // vLLM's --max-logprobs: the most alternatives logprobs / top_logprobs / prompt_logprobs may ask for (-1: the whole
   // vocabulary). Up to 20 they are computed on the device; above, each step's rows are copied to the host.
   int64_t max_logprobs = 20;
+  // vLLM's --return-tokens-as-token-ids: logprobs name tokens "token_id:N" unless a request says otherwise.
+  bool return_tokens_as_token_ids = false;
   bool log_stats = true;
   double log_stats_interval = 10.0;
   bool access_log = true;

@@ -154,6 +154,11 @@ test('echo with logprobs scores a continuation as lm-evaluation-harness does; pr
   assert.equal(gen_lps.length, 3);
   const last = chunks[0].logprobs.text_offset.at(-1) + [...chunks[0].logprobs.tokens.at(-1)].length;
   assert.equal(chunks[1].logprobs.text_offset[0], last);
+  // return_tokens_as_token_ids on a request: the echoed prompt and prompt_logprobs' decoded tokens name ids.
+  const asIds = await client.completions.create({ model: 'tiny', prompt: [...ctx, ...cont], max_tokens: 0, echo: true,
+                                                  logprobs: 1, return_tokens_as_token_ids: true });
+  assert.deepEqual(asIds.choices[0].logprobs.tokens, [...ctx, ...cont].map((t) => `token_id:${t}`));
+  assert.equal(asIds.choices[0].prompt_logprobs[1][String(ctx[1])].decoded_token, `token_id:${ctx[1]}`);
   // Chat: prompt_logprobs once, at the top of the response; refused when streaming (vLLM's rule); bounded like logprobs.
   const chat = await client.chat.completions.create({ model: 'tiny', messages: [{ role: 'user', content: 'Hi' }],
                                                      max_tokens: 2, prompt_logprobs: 2 });
@@ -173,12 +178,13 @@ test('echo with logprobs scores a continuation as lm-evaluation-harness does; pr
 // reports the speculation.
 test('logprobs under speculation, --max-logprobs, and the stats line of a speculating server', async () => {
   const req = { model: 'tiny', prompt: golden.text[MODEL.includes('bf16') ? 'bf16' : 'int4'][2].prompt, max_tokens: 16,
-                temperature: 0, ignore_eos: true, logprobs: 3 };
+                temperature: 0, ignore_eos: true, logprobs: 3, return_tokens_as_token_ids: false };
   const plain = await client.completions.create(req);
   await assert.rejects(client.chat.completions.create({ model: 'tiny', messages: [{ role: 'user', content: 'Hi' }],
                                                         logprobs: true, top_logprobs: 21 }),
                        (e) => e.status === 400 && /'top_logprobs' must be at most 20 \(the server's --max-logprobs\)/.test(e.message));
   const spec = await startServer(['--max-model-len', '1024', '--max-logprobs', '30', '--log-stats-interval', '0.3',
+                                  '--return-tokens-as-token-ids',
                                   '--speculative-config', '{"method": "mtp", "num_speculative_tokens": 2}']);
   try {
     const c2 = new OpenAI({ baseURL: `${spec.base}/v1`, apiKey: 'unused', maxRetries: 0 });
@@ -194,6 +200,15 @@ test('logprobs under speculation, --max-logprobs, and the stats line of a specul
     const wide = await c2.chat.completions.create({ model: 'tiny', messages: [{ role: 'user', content: 'Hi' }],
                                                      max_tokens: 3, logprobs: true, top_logprobs: 25 });
     for (const t of wide.choices[0].logprobs.content) assert.equal(t.top_logprobs.length, 25);
+    // --return-tokens-as-token-ids: logprobs name tokens "token_id:N" where the request does not say otherwise.
+    const named = await c2.completions.create({ ...req, return_tokens_as_token_ids: undefined, return_token_ids: true });
+    assert.deepEqual(named.choices[0].logprobs.tokens, named.choices[0].token_ids.map((t) => `token_id:${t}`));
+    for (const top of named.choices[0].logprobs.top_logprobs)
+      for (const k of Object.keys(top)) assert.match(k, /^token_id:\d+$/);
+    const chat = await c2.chat.completions.create({ model: 'tiny', messages: [{ role: 'user', content: 'Hi' }], max_tokens: 3,
+                                                     logprobs: true, top_logprobs: 2, return_token_ids: true });
+    assert.deepEqual(chat.choices[0].logprobs.content.map((t) => t.token),
+                     chat.choices[0].token_ids.map((t) => `token_id:${t}`));
     const deadline = Date.now() + 10000;
     while (!/; speculative: mean acceptance length [0-9.]+, accepted \d+ of \d+ drafted/.test(spec.log())) {
       assert.ok(Date.now() < deadline, `no speculative stats line:\n${spec.log()}`);

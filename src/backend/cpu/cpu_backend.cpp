@@ -423,31 +423,34 @@ class CpuBackend final : public Backend {
   bool has_row_logprobs() const override { return true; }
   void row_logprobs(const Tensor& logits, int64_t vocab_limit, const std::vector<int32_t>& rows,
                     const std::vector<int32_t>& chosen, int32_t k, std::vector<float>& out) override {
-    DS_CHECK(logits.ndim() == 2 && rows.size() == chosen.size() && k >= 0 && k <= kMaxRowTopLogprobs,
-             "row_logprobs: logits [R, V], one chosen token per row, k in 0..", kMaxRowTopLogprobs);
-    const int64_t V = logits.dim(1), n = vocab_limit > 0 ? std::min(vocab_limit, V) : V;
+    DS_CHECK(k >= 0 && k <= kMaxRowTopLogprobs, "row_logprobs: k in 0..", kMaxRowTopLogprobs, ", got ", k);
+    const int64_t V = logits.ndim() == 2 ? logits.dim(1) : 0, n = vocab_limit > 0 ? std::min(vocab_limit, V) : V;
     const int32_t kk = int32_t(std::min<int64_t>(k, n));
-    const std::vector<float> host = logits.dtype == DType::F32 ? std::vector<float>() : to_host_f32(logits);
-    const float* all = logits.dtype == DType::F32 ? logits.ptr<float>() : host.data();
+    std::vector<float> host;
+    const float* all = host_row_tokens("row_logprobs", logits, rows, chosen, n, host);
     out.assign(rows.size() * size_t(1 + 2 * k), 0.f);
-    for (size_t i = 0; i < rows.size(); ++i) {
-      DS_CHECK(rows[i] >= 0 && rows[i] < logits.dim(0) && chosen[i] >= 0 && chosen[i] < n, "row_logprobs: row ",
-               rows[i], " of ", logits.dim(0), ", token ", chosen[i], " of ", n);
+    for (size_t i = 0; i < rows.size(); ++i)
       cpu::row_logprobs(all + int64_t(rows[i]) * V, n, chosen[i], kk, out.data() + i * size_t(1 + 2 * k));
-    }
   }
   void row_ranks(const Tensor& logits, int64_t vocab_limit, const std::vector<int32_t>& rows,
                  const std::vector<int32_t>& chosen, std::vector<int32_t>& out) override {
-    DS_CHECK(logits.ndim() == 2 && rows.size() == chosen.size(), "row_ranks: logits [R, V], one chosen token per row");
-    const int64_t V = logits.dim(1), n = vocab_limit > 0 ? std::min(vocab_limit, V) : V;
-    const std::vector<float> host = logits.dtype == DType::F32 ? std::vector<float>() : to_host_f32(logits);
-    const float* all = logits.dtype == DType::F32 ? logits.ptr<float>() : host.data();
+    const int64_t V = logits.ndim() == 2 ? logits.dim(1) : 0, n = vocab_limit > 0 ? std::min(vocab_limit, V) : V;
+    std::vector<float> host;
+    const float* all = host_row_tokens("row_ranks", logits, rows, chosen, V, host);
     out.assign(rows.size(), 0);
-    for (size_t i = 0; i < rows.size(); ++i) {
-      DS_CHECK(rows[i] >= 0 && rows[i] < logits.dim(0) && chosen[i] >= 0 && chosen[i] < V, "row_ranks: row ", rows[i],
-               " of ", logits.dim(0), ", token ", chosen[i], " of ", V);
-      out[i] = cpu::row_rank(all + int64_t(rows[i]) * V, n, chosen[i]);
-    }
+    for (size_t i = 0; i < rows.size(); ++i) out[i] = cpu::row_rank(all + int64_t(rows[i]) * V, n, chosen[i]);
+  }
+  // row_logprobs / row_ranks (the CUDA backend's upload_row_tokens' twin): checks logits [·, V], each row inside it
+  // and each chosen token below `tokens`; returns the logits as fp32 (`host` holds the converted copy of BF16 ones).
+  const float* host_row_tokens(const char* what, const Tensor& logits, const std::vector<int32_t>& rows,
+                               const std::vector<int32_t>& chosen, int64_t tokens, std::vector<float>& host) {
+    DS_CHECK(logits.ndim() == 2 && rows.size() == chosen.size(), what, ": logits [R, V], one chosen token per row");
+    for (size_t i = 0; i < rows.size(); ++i)
+      DS_CHECK(rows[i] >= 0 && rows[i] < logits.dim(0) && chosen[i] >= 0 && chosen[i] < tokens, what, ": row ", rows[i],
+               " of ", logits.dim(0), ", token ", chosen[i], " of ", tokens);
+    if (logits.dtype == DType::F32) return logits.ptr<float>();
+    host = to_host_f32(logits);
+    return host.data();
   }
   void gather_rows(const Tensor& x, const std::vector<int32_t>& rows, Tensor& out) override {
     const int64_t H = x.numel() / x.dim(0);

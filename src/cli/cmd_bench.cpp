@@ -700,6 +700,23 @@ std::string kernel_times_table(const std::string& what, TimingBackend& be, bool 
 #endif
 }
 
+// Submits `q` and steps `e` on this thread until the request ends, handing each of its deltas to `on`; wall ms from
+// the submission to the end, the backend synchronised. A request that fails ends the bench (`what` names it).
+double run_timed(runtime::Engine& e, model::Model& m, const std::shared_ptr<runtime::Request>& q, const char* what,
+                 const std::function<void(const runtime::Delta&)>& on) {
+  const auto t0 = Clock::now();
+  e.submit(q);
+  bool done = false;
+  while (!done && e.step())
+    while (auto d = q->out->pop(std::chrono::milliseconds(0))) {
+      if (d->finish == runtime::FinishReason::Error) fail(what, ": ", d->error);
+      on(*d);
+      done = d->finish != runtime::FinishReason::None;
+    }
+  m.backend().synchronize();
+  return secs_since(t0) * 1e3;
+}
+
 // ---- prefix caching through the engine ----
 //
 // Time to first token of a prompt of L tokens through runtime::Engine (one sequence, prefill chunks of `chunk`
@@ -743,20 +760,10 @@ void bench_prefix_cache(model::Model& m, const std::vector<int64_t>& lengths, in
       q->max_tokens = max_tokens;
       q->sampling.temperature = 0.f;
       q->ignore_eos = true;
-      const auto t0 = Clock::now();
-      e.submit(q);
-      bool done = false;
-      while (!done && e.step())
-        while (auto d = q->out->pop(std::chrono::milliseconds(0))) {
-          if (d->finish == runtime::FinishReason::Error) fail("bench --prefix-cache: ", d->error);
-          if (out) out->insert(out->end(), d->tokens.begin(), d->tokens.end());
-          if (d->finish != runtime::FinishReason::None) {
-            done = true;
-            if (cached) *cached = d->cached_tokens;
-          }
-        }
-      m.backend().synchronize();
-      return secs_since(t0) * 1e3;
+      return run_timed(e, m, q, "bench --prefix-cache", [&](const runtime::Delta& d) {
+        if (out) out->insert(out->end(), d.tokens.begin(), d.tokens.end());
+        if (d.finish != runtime::FinishReason::None && cached) *cached = d.cached_tokens;
+      });
     };
     ttft(random_prompt(L), nullptr);  // warm-up (its checkpoint shares nothing with what follows)
     const auto prompt = random_prompt(L);
@@ -820,19 +827,11 @@ void bench_prompt_logprobs(model::Model& m, const std::vector<int64_t>& lengths,
         q->sampling.temperature = 0.f;
         q->ignore_eos = true;
         q->prompt_logprobs = k;
-        const auto t0 = Clock::now();
-        e.submit(q);
-        bool done = false;
         size_t got = 0;
-        while (!done && e.step())
-          while (auto d = q->out->pop(std::chrono::milliseconds(0))) {
-            if (d->finish == runtime::FinishReason::Error) fail("bench --prompt-logprobs: ", d->error);
-            got += d->prompt_logprobs.size();
-            done = d->finish != runtime::FinishReason::None;
-          }
-        m.backend().synchronize();
+        const double ms = run_timed(e, m, q, "bench --prompt-logprobs",
+                                    [&](const runtime::Delta& d) { got += d.prompt_logprobs.size(); });
         if (k >= 0 && got != size_t(L - 1)) fail("bench --prompt-logprobs: ", got, " prompt logprobs for ", L, " tokens");
-        best = std::min(best, secs_since(t0) * 1e3);
+        best = std::min(best, ms);
       }
       return best;
     };

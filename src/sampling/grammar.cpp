@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/status.h"
+#include "sampling/regex.h"
 
 namespace ds::sampling {
 
@@ -403,6 +404,76 @@ bool has_tool_tag(std::string_view t) {
   return false;
 }
 
+// A deterministic automaton from `start`: its states are discovered from s0 by step(state, byte, next, exit), which
+// returns 0 (the byte is refused), 1 (to state `next`) or 2 (to the existing node `exit`). One node per state.
+// Returns each state's node.
+template <typename State, typename Step>
+std::map<State, int32_t> build_dfa(Builder& b, int32_t start, const State& s0, Step step) {
+  std::map<State, int32_t> ids{{s0, start}};
+  std::vector<State> work{s0};
+  while (!work.empty()) {
+    const State s = work.back();
+    work.pop_back();
+    const int32_t from = ids.at(s);
+    std::map<int32_t, ByteSet> edges;
+    for (int c = 0; c < 256; ++c) {
+      State next{};
+      int32_t exit = -1;
+      const int r = step(s, uint8_t(c), next, exit);
+      if (r == 0) continue;
+      if (r == 1) {
+        auto [it, added] = ids.emplace(next, -1);
+        if (added) {
+          it->second = b.node();
+          work.push_back(next);
+        }
+        exit = it->second;
+      }
+      edges[exit].set(size_t(c));
+    }
+    for (auto& [to, set] : edges) b.on(from, set, to);
+  }
+  return ids;
+}
+
+// One string matching a regex (RegexDfa) from `start`: nodes are (automaton state, characters read, tag scanner
+// state); the characters are counted to min..max (max < 0: unbounded, the count saturating at min) and, with `scan`
+// (tool values), no byte that completes a tool tag nor a control other than tab, LF, CR is taken (ASCII bytes step
+// the scanner, others reset it). Returns the nodes
+// where the text read is a whole match within the bounds: the caller closes them ('"' for a JSON string's body,
+// final or a call for raw text).
+std::vector<int32_t> regex_nodes(Builder& b, int32_t start, const RegexDfa& d, int64_t min, int64_t max,
+                                 const TagScanner* scan) {
+  const bool counting = min > 0 || max >= 0;
+  using S = std::array<int64_t, 3>;
+  const auto ids = build_dfa(b, start, S{0, 0, 0}, [&](const S& s, uint8_t c, S& n, int32_t&) {
+    const int32_t t = d.step(int32_t(s[0]), c);
+    if (t < 0) return 0;
+    n = s;
+    n[0] = t;
+    if (scan) {  // tool values: also no controls but tab, LF and CR (raw text; JSON escapes them anyway)
+      if (c < 0x20 && c != '\t' && c != '\n' && c != '\r') return 0;
+      if (c < 0x80) {
+        const auto [ns, v] = scan->next(int(s[2]), c);
+        if (v != TagScanner::kOk) return 0;
+        n[2] = ns;
+      } else {
+        n[2] = 0;
+      }
+    }
+    if (counting && d.boundary[size_t(t)]) {
+      n[1] = s[1] + 1;
+      if (max >= 0 && n[1] > max) return 0;
+      if (max < 0 && n[1] > min) n[1] = min;
+    }
+    return 1;
+  });
+  std::vector<int32_t> out;
+  for (auto& [s, node] : ids)
+    if (d.accept[size_t(s[0])] && s[1] >= min) out.push_back(node);
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // JSON building blocks (RFC 8259 over UTF-8 bytes), each a rule built once per grammar.
 
@@ -587,6 +658,16 @@ class JsonRules {
       else b_.call(pos[size_t(k)][0], ch, pos[size_t(next)][0]);
     }
     bounded_[key] = r;
+    return r;
+  }
+
+  // A string whose decoded text matches a pattern as a whole (`d`: compile_regex's kJsonString automaton), of
+  // min..max characters (max < 0: unbounded). Tool values: no tool tag in its bytes.
+  int32_t string_matching(const RegexDfa& d, int64_t min, int64_t max, std::string name) {
+    const int32_t r = b_.rule(std::move(name)), body = b_.node(), end = b_.node();
+    b_.final(end);
+    b_.on(b_.start(r), '"', body);
+    for (int32_t x : regex_nodes(b_, body, d, min, max, scan_.get())) b_.on(x, '"', end);
     return r;
   }
 
@@ -808,7 +889,7 @@ const std::set<std::string, std::less<>> kIgnored = {
     "deprecated", "readOnly",  "writeOnly", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"};
 const std::vector<std::string> kSupported = {
     "type",  "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
-    "maxItems", "minLength", "maxLength", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs",
+    "maxItems", "minLength", "maxLength", "pattern", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs",
     "definitions", "nullable"};
 const std::vector<std::string> kTypes = {"object", "array", "string", "number", "integer", "boolean", "null"};
 
@@ -946,7 +1027,7 @@ class SchemaCompiler {
           };
           if (has({"properties", "required", "additionalProperties"})) types.push_back("object");
           if (has({"items", "prefixItems", "minItems", "maxItems"})) types.push_back("array");
-          if (has({"minLength", "maxLength"})) types.push_back("string");
+          if (has({"minLength", "maxLength", "pattern"})) types.push_back("string");
         }
         if (types.empty()) alts.push_back(j_.value(1));
         const bool number = std::find(types.begin(), types.end(), "number") != types.end();
@@ -1006,8 +1087,24 @@ class SchemaCompiler {
     const int64_t min = count(s, ptr, "minLength", 0), max = count(s, ptr, "maxLength", -1);
     if (max >= 0 && min > max)
       fail(what_, ": \"minLength\" ", min, " exceeds \"maxLength\" ", max, " at ", at(ptr));
+    if (s.contains("pattern"))
+      return j_.string_matching(pattern(s, ptr, RegexEncoding::kJsonString), min, max, "pattern at " + at(ptr));
     return j_.string(min, max);
   }
+
+ public:
+  // The automaton of the schema's "pattern" (a string; matched as a whole).
+  RegexDfa pattern(const ojson& s, const std::string& ptr, RegexEncoding enc) {
+    const ojson& v = s["pattern"];
+    if (!v.is_string()) bad(ptr, "pattern", "a string (a regular expression)", v);
+    try {
+      return compile_regex(v.get<std::string>(), enc);
+    } catch (const Error& e) {
+      fail(what_, ": \"pattern\" at ", at(ptr), ": ", e.what());
+    }
+  }
+
+ private:
 
   int32_t object(const ojson& s, const std::string& ptr) {
     std::vector<JsonRules::Prop> props;
@@ -1110,36 +1207,6 @@ class SchemaCompiler {
 // ---------------------------------------------------------------------------------------------------------------
 // Tool calls (grammar_tool_call): Qwen3.5's XML format, the values as tool_param_value converts them.
 
-// A deterministic automaton from `start`: its states are discovered from s0 by step(state, byte, next, exit), which
-// returns 0 (the byte is refused), 1 (to state `next`) or 2 (to the existing node `exit`). One node per state.
-template <typename State, typename Step>
-void build_dfa(Builder& b, int32_t start, const State& s0, Step step) {
-  std::map<State, int32_t> ids{{s0, start}};
-  std::vector<State> work{s0};
-  while (!work.empty()) {
-    const State s = work.back();
-    work.pop_back();
-    const int32_t from = ids.at(s);
-    std::map<int32_t, ByteSet> edges;
-    for (int c = 0; c < 256; ++c) {
-      State next{};
-      int32_t exit = -1;
-      const int r = step(s, uint8_t(c), next, exit);
-      if (r == 0) continue;
-      if (r == 1) {
-        auto [it, added] = ids.emplace(next, -1);
-        if (added) {
-          it->second = b.node();
-          work.push_back(next);
-        }
-        exit = it->second;
-      }
-      edges[exit].set(size_t(c));
-    }
-    for (auto& [to, set] : edges) b.on(from, set, to);
-  }
-}
-
 // UTF-8 outside JSON: `u` is 0 at a character boundary, else what the next continuation byte must be. Returns 0 for
 // a refused byte, 1 for a byte inside a character, 2 for the byte that completes one (u updated).
 int utf8_step(int& u, uint8_t c) {
@@ -1186,7 +1253,7 @@ bool null_text(std::string_view t) {
 
 class ToolCallCompiler {
  public:
-  ToolCallCompiler() : j_(b_, true), raw_scan_(true) {}
+  ToolCallCompiler() : j_(b_, true), raw_scan_(true), tag_scan_(false) {}
 
   GrammarPtr compile(const ojson& tools, const std::string& only, bool strict_only) {
     if (!tools.is_array() || tools.empty()) fail("tools: expected a non-empty list of tools, found ", brief(tools));
@@ -1340,6 +1407,12 @@ class ToolCallCompiler {
         return j_.words(texts, "raw enum at " + at(ptr));
       }
       const int64_t min = s.value("minLength", int64_t(0)), max = s.value("maxLength", int64_t(-1));
+      if (s.contains("pattern")) {
+        if (t != "string")
+          fail(what, ": \"pattern\" at ", at(ptr), " with a type list whose first type is ", t, " is not supported "
+               "in a tool call (the parser would convert the text by ", t, ")");
+        return raw_matching(sc.pattern(s, ptr, RegexEncoding::kUtf8), min, max, "value at " + at(ptr));
+      }
       if ((max >= 0 ? max : min) > kInlineChars)
         fail(what, ": \"", max >= 0 ? "maxLength" : "minLength", "\" at ", at(ptr), " is ", max >= 0 ? max : min,
              "; a string parameter of a tool call supports length bounds up to ", kInlineChars, " characters");
@@ -1419,6 +1492,17 @@ class ToolCallCompiler {
     return r;
   }
 
+  // VALUE "\n</parameter>\n" where VALUE is raw text matching a pattern as a whole (min..max characters), without a
+  // tool-call tag or controls other than tab, LF and CR. The pattern's text is its own rule, so where it may go on
+  // with a newline the end's newline is followed in parallel.
+  int32_t raw_matching(const RegexDfa& d, int64_t min, int64_t max, const std::string& name) {
+    const int32_t r = b_.rule(name), text = b_.rule("pattern of the " + name), after = b_.node();
+    for (int32_t x : regex_nodes(b_, b_.start(text), d, min, max, &tag_scan_)) b_.final(x);
+    b_.call(b_.start(r), text, after);
+    b_.final(b_.word(after, std::string(kValueEnd) + "\n"));
+    return r;
+  }
+
   // Any parameters: (`<parameter=KEY>\nVALUE\n</parameter>\n`)* `</function>\n`, KEY 1 to 128 characters (UTF-8,
   // no whitespace, controls, '<' or '>'), VALUE raw text (raw_value).
   void free_parameters(int32_t header) {
@@ -1445,6 +1529,7 @@ class ToolCallCompiler {
   Builder b_;
   JsonRules j_;
   TagScanner raw_scan_;
+  TagScanner tag_scan_;  // tags only (raw_matching: the end is the grammar's, after the pattern's rule)
   std::map<std::tuple<int64_t, int64_t, bool>, int32_t> raw_;
 };
 
@@ -1598,6 +1683,35 @@ void canonical(const std::vector<Frame>& frames, const std::vector<Thread>& thre
 // ---------------------------------------------------------------------------------------------------------------
 // The grammars.
 
+namespace {
+// The last few grammars compiled from request text, by that text: requests that repeat a schema, tools or a pattern
+// share the grammar (and so the masks TokenMasker caches for it). One cache per kind of grammar.
+class RecentGrammars {
+ public:
+  template <typename Make>
+  GrammarPtr get(const std::string& key, Make&& make) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (auto it = recent_.begin(); it != recent_.end(); ++it)
+        if (it->first == key) {
+          recent_.splice(recent_.begin(), recent_, it);
+          return recent_.front().second;
+        }
+    }
+    GrammarPtr g = make();  // outside the lock: compiling may take a while
+    std::lock_guard<std::mutex> lock(mu_);
+    recent_.emplace_front(key, g);
+    if (recent_.size() > kRecent) recent_.pop_back();
+    return g;
+  }
+
+ private:
+  static constexpr size_t kRecent = 32;
+  std::mutex mu_;
+  std::list<std::pair<std::string, GrammarPtr>> recent_;
+};
+}  // namespace
+
 GrammarPtr grammar_json_object() {
   static const GrammarPtr g = [] {
     Builder b;
@@ -1608,50 +1722,34 @@ GrammarPtr grammar_json_object() {
 }
 
 GrammarPtr grammar_json_schema(const nlohmann::ordered_json& schema) {
-  // The last few schemas compiled, by text: requests that repeat a schema share the grammar (and so the masks
-  // TokenMasker caches for it).
-  static std::mutex mu;
-  static std::list<std::pair<std::string, GrammarPtr>> recent;
-  constexpr size_t kRecent = 32;
-  const std::string text = schema.dump(-1, ' ', false, ojson::error_handler_t::replace);
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    for (auto it = recent.begin(); it != recent.end(); ++it)
-      if (it->first == text) {
-        recent.splice(recent.begin(), recent, it);
-        return recent.front().second;
-      }
-  }
-  Builder b;
-  JsonRules j(b);
-  GrammarPtr g = SchemaCompiler(schema, b, j).compile();
-  std::lock_guard<std::mutex> lock(mu);
-  recent.emplace_front(text, g);
-  if (recent.size() > kRecent) recent.pop_back();
-  return g;
+  static RecentGrammars recent;
+  return recent.get(schema.dump(-1, ' ', false, ojson::error_handler_t::replace), [&] {
+    Builder b;
+    JsonRules j(b);
+    return SchemaCompiler(schema, b, j).compile();
+  });
 }
 
 GrammarPtr grammar_json_schema(const nlohmann::json& schema) { return grammar_json_schema(ojson(schema)); }
 
 GrammarPtr grammar_tool_call(const nlohmann::ordered_json& tools, const std::string& only, bool strict_only) {
-  static std::mutex mu;  // the last few compiled, as grammar_json_schema's
-  static std::list<std::pair<std::string, GrammarPtr>> recent;
-  constexpr size_t kRecent = 32;
-  const std::string text = std::string(strict_only ? "s" : "a") + only + '\0' +
-                           tools.dump(-1, ' ', false, ojson::error_handler_t::replace);
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    for (auto it = recent.begin(); it != recent.end(); ++it)
-      if (it->first == text) {
-        recent.splice(recent.begin(), recent, it);
-        return recent.front().second;
-      }
-  }
-  GrammarPtr g = ToolCallCompiler().compile(tools, only, strict_only);
-  std::lock_guard<std::mutex> lock(mu);
-  recent.emplace_front(text, g);
-  if (recent.size() > kRecent) recent.pop_back();
-  return g;
+  static RecentGrammars recent;
+  const std::string key = std::string(strict_only ? "s" : "a") + only + '\0' +
+                          tools.dump(-1, ' ', false, ojson::error_handler_t::replace);
+  return recent.get(key, [&] { return ToolCallCompiler().compile(tools, only, strict_only); });
+}
+
+GrammarPtr grammar_regex(std::string_view pattern) {
+  static RecentGrammars recent;
+  return recent.get(std::string(pattern), [&] {
+    const RegexDfa d = compile_regex(pattern, RegexEncoding::kUtf8);
+    if (std::find(d.accept.begin(), d.accept.end(), 1) == d.accept.end())
+      fail("regex: the pattern matches no text (an empty class such as [^\\s\\S]?)");
+    Builder b;
+    const int32_t r = b.rule("regex");
+    for (int32_t x : regex_nodes(b, b.start(r), d, 0, -1, nullptr)) b.final(x);
+    return b.finish(r, "regex");
+  });
 }
 
 GrammarPtr grammar_choice(const std::vector<std::string>& choices) {

@@ -31,7 +31,9 @@
 //     spelling of a listed name) come after the listed properties (and may repeat each other); without
 //     `properties` and additionalProperties, any object;
 //   - arrays: items (schema or false), prefixItems, minItems, maxItems (at most 10000);
-//   - strings: minLength / maxLength in Unicode characters, an escape counts as one (at most 10000);
+//   - strings: minLength / maxLength in Unicode characters, an escape counts as one (at most 10000); pattern (a
+//     regular expression in regex.h's syntax) matched by the decoded string as a whole, as vLLM's backends do (a
+//     string that matches as a whole also satisfies JSON Schema's unanchored pattern), with the length bounds too;
 //   - enum, const: exactly the value's compact JSON text (dump(): no spaces, objects' keys in the schema's order),
 //     filtered by `type` when both are present; other keywords next to enum/const are not applied to them;
 //   - anyOf, oneOf (treated as anyOf: the matcher does not check that exactly one branch matches), allOf with one
@@ -40,7 +42,7 @@
 //   - ignored: minimum, maximum, exclusiveMinimum, exclusiveMaximum (type integer still produces integers only),
 //     format, and the annotations title, description, default, examples, $schema, $id, $comment, deprecated,
 //     readOnly, writeOnly;
-//   - anything else (pattern, patternProperties, if/then/else, not, dependentRequired, multipleOf, minProperties,
+//   - anything else (patternProperties, if/then/else, not, dependentRequired, multipleOf, minProperties,
 //     unevaluatedProperties, ...) throws ds::Error naming the keyword and the JSON pointer of the schema that has
 //     it, as do malformed values ("minItems" must be a non-negative integer, ...) and schemas no finite JSON value
 //     satisfies (a required property that recurses forever, minItems > maxItems, false).
@@ -70,6 +72,10 @@ GrammarPtr grammar_json_object();
 // grammar object while it is among the last few compiled (so TokenMasker's cache serves later requests too).
 GrammarPtr grammar_json_schema(const nlohmann::ordered_json& schema);
 GrammarPtr grammar_json_schema(const nlohmann::json& schema);  // properties in alphabetical order (see above)
+// Raw text that a regular expression matches as a whole (vLLM's structured_outputs.regex / guided_regex; the
+// syntax is regex.h's). Throws ds::Error naming an unsupported construct and its position, or for a pattern that
+// matches nothing. Cached as grammar_json_schema's grammars are (by the pattern).
+GrammarPtr grammar_regex(std::string_view pattern);
 // Exactly one of the given strings (vLLM guided_choice), as raw bytes; throws if the list is empty.
 GrammarPtr grammar_choice(const std::vector<std::string>& choices);
 
@@ -83,7 +89,8 @@ GrammarPtr grammar_choice(const std::vector<std::string>& choices);
 // tool_param_value converts it, by the parser's type (`type`, a list's first type other than null, or string for an
 // all-string enum):
 //   - string: raw text (well-formed UTF-8, no controls but tab/LF/CR), minLength/maxLength in characters (at most
-//     256), or exactly one of the enum/const strings;
+//     256; with a pattern, 10000), matching `pattern` as a whole where it has one, or exactly one of the enum/const
+//     strings;
 //   - integer, number, boolean, object, array with "string" in the type list: raw text, not "null" (any case,
 //     between whitespace) unless null is listed too; enum/const there are refused;
 //   - integer, number, boolean, object, array otherwise: the JSON of the schema with the type narrowed to the first

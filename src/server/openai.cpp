@@ -75,8 +75,9 @@ std::vector<int32_t> token_ids(const json& v, const char* field) {
 }
 
 // Structured output (docs/server.md "Structured outputs"): OpenAI's response_format (json_object, json_schema;
-// text = none), vLLM's structured_outputs {json | json_object | choice} and its older guided_json / guided_choice.
-// One constraint per request; kinds not supported (regex, grammar, structural_tag) are a 400, never ignored.
+// text = none), vLLM's structured_outputs {json | json_object | choice | regex} and its older guided_json /
+// guided_choice / guided_regex. One constraint per request; kinds not supported (grammar, structural_tag) are a 400,
+// never ignored.
 sampling::GrammarPtr parse_structured(const Body& b) {
   const json& j = b.j;
   sampling::GrammarPtr g;
@@ -114,6 +115,13 @@ sampling::GrammarPtr parse_structured(const Body& b) {
     }
     return c;
   };
+  auto regex_of = [](const json& v, const char* field) {
+    if (!v.is_string() || v.get<std::string>().empty())
+      throw bad_request(std::string("'") + field + "' must be a regular expression (a non-empty string), got " +
+                            brief(v),
+                        field);
+    return v.get<std::string>();
+  };
   if (b.has("response_format")) {
     const json& rf = j["response_format"];
     if (!rf.is_object() || !rf.contains("type") || !rf["type"].is_string())
@@ -140,13 +148,15 @@ sampling::GrammarPtr parse_structured(const Body& b) {
   if (b.has("structured_outputs")) {
     const json& so = j["structured_outputs"];
     if (!so.is_object()) throw bad_request("'structured_outputs' must be an object, got " + brief(so), "structured_outputs");
-    for (const char* k : {"regex", "grammar", "structural_tag"})
+    for (const char* k : {"grammar", "structural_tag"})
       if (so.contains(k) && !so[k].is_null())
-        throw bad_request(std::string("'structured_outputs.") + k + "' is not supported (supported: json, json_object, choice)",
+        throw bad_request(std::string("'structured_outputs.") + k +
+                              "' is not supported (supported: json, json_object, choice, regex)",
                           "structured_outputs");
     int kinds = 0;
-    for (const char* k : {"json", "json_object", "choice"}) kinds += so.contains(k) && !so[k].is_null();
-    if (kinds > 1) throw bad_request("'structured_outputs' must hold one of json, json_object, choice", "structured_outputs");
+    for (const char* k : {"json", "json_object", "choice", "regex"}) kinds += so.contains(k) && !so[k].is_null();
+    if (kinds > 1)
+      throw bad_request("'structured_outputs' must hold one of json, json_object, choice, regex", "structured_outputs");
     if (so.contains("json") && !so["json"].is_null()) {
       const auto schema = schema_of(so["json"], "structured_outputs.json");
       one("structured_outputs", [&] { return sampling::grammar_json_schema(schema); });
@@ -157,6 +167,9 @@ sampling::GrammarPtr parse_structured(const Body& b) {
     } else if (so.contains("choice") && !so["choice"].is_null()) {
       const auto c = choices_of(so["choice"], "structured_outputs.choice");
       one("structured_outputs", [&] { return sampling::grammar_choice(c); });
+    } else if (so.contains("regex") && !so["regex"].is_null()) {
+      const std::string re = regex_of(so["regex"], "structured_outputs.regex");
+      one("structured_outputs", [&] { return sampling::grammar_regex(re); });
     }
   }
   if (b.has("guided_json")) {
@@ -167,10 +180,13 @@ sampling::GrammarPtr parse_structured(const Body& b) {
     const auto c = choices_of(j["guided_choice"], "guided_choice");
     one("guided_choice", [&] { return sampling::grammar_choice(c); });
   }
-  for (const char* k : {"guided_regex", "guided_grammar"})
-    if (b.has(k))
-      throw bad_request(std::string("'") + k + "' is not supported (structured output: response_format json_object / "
-                        "json_schema, structured_outputs json / json_object / choice)", k);
+  if (b.has("guided_regex")) {
+    const std::string re = regex_of(j["guided_regex"], "guided_regex");
+    one("guided_regex", [&] { return sampling::grammar_regex(re); });
+  }
+  if (b.has("guided_grammar"))
+    throw bad_request("'guided_grammar' is not supported (structured output: response_format json_object / "
+                      "json_schema, structured_outputs json / json_object / choice / regex)", "guided_grammar");
   return g;
 }
 

@@ -282,8 +282,8 @@ test('errors in Anthropic\'s shape through the SDK\'s error classes', async () =
   await expect400({ model: 'tiny', max_tokens: 4, messages: user('Hi'), stop_sequences: Array(17).fill('x') },
                   /'stop_sequences' may hold at most 16/);
   await expect400({ model: 'tiny', max_tokens: 4, messages: user('Hi'),
-                    tools: [{ name: 't', input_schema: { type: 'object', properties: { s: { type: 'string', pattern: 'a' } } } }],
-                    tool_choice: { type: 'any' } }, /tools\[0\]\.input_schema: unsupported keyword "pattern"/);
+                    tools: [{ name: 't', input_schema: { type: 'object', properties: { s: { type: 'string', patternProperties: {} } } } }],
+                    tool_choice: { type: 'any' } }, /tools\[0\]\.input_schema: unsupported keyword "patternProperties"/);
   await assert.rejects(client.messages.create({ model: 'gpt-9', max_tokens: 4, messages: user('Hi') }), (e) => {
     assert.ok(e instanceof Anthropic.NotFoundError);
     assert.equal(e.error.error.type, 'not_found_error');

@@ -268,7 +268,7 @@ test('errors: 400 BadRequestError naming the field (stateless, built-in tools, t
     [{ max_output_tokens: 0 }, /'max_output_tokens' must be/, 'max_output_tokens'],
     [{ reasoning: { effort: 'extreme' } }, /reasoning\.effort/, 'reasoning.effort'],
     [{ tool_choice: { type: 'function', name: 'nope' }, tools: [setTimer] }, /'nope', which is not in 'tools'/, 'tool_choice'],
-    [{ text: { format: { type: 'json_schema', name: 'p', schema: { type: 'string', pattern: 'a+' } } } }, /text\.format.*pattern/,
+    [{ text: { format: { type: 'json_schema', name: 'p', schema: { type: 'string', pattern: 'a(?=b)' } } } }, /text\.format.*lookahead/,
      'text.format'],
     [{ input: [{ type: 'item_reference', id: 'msg_1' }] }, /input\[0\]: item_reference/, 'input'],
     [{ input: [{ role: 'user', content: [{ type: 'input_image', image_url: 'data:image/png;base64,AAAA' }] }] },

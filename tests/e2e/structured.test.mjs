@@ -110,15 +110,49 @@ test('response_format json_object and structured_outputs (json, choice) on compl
   }
 });
 
+test('structured_outputs.regex, guided_regex and a schema\'s pattern: the text matches as a whole', async () => {
+  const pattern = '\\d{3}-[a-z]{2,5}( [A-Z]{1,4})?';
+  const whole = new RegExp(`^(?:${pattern})$`);
+  for (const seed of [1, 2, 3]) {
+    const r = await client.chat.completions.create({
+      model: 'tiny', messages: [{ role: 'user', content: 'A code' }], max_tokens: 40, temperature: 1, seed,
+      structured_outputs: { regex: pattern }, chat_template_kwargs: { enable_thinking: false } });
+    const c = r.choices[0];
+    assert.equal(c.finish_reason, 'stop', `regex gave ${JSON.stringify(c.message.content)}`);
+    assert.match(c.message.content, whole);
+  }
+  const g = await client.completions.create({ model: 'tiny', prompt: 'Code:', max_tokens: 40, temperature: 1, seed: 4,
+                                              guided_regex: pattern, n: 2 });
+  for (const c of g.choices) {
+    assert.equal(c.finish_reason, 'stop', `guided_regex gave ${JSON.stringify(c.text)}`);
+    assert.match(c.text, whole);
+  }
+  const schema = { type: 'object', properties: { id: { type: 'string', pattern: '^[A-Z]{2}-\\d{3}$' },
+                                                 note: { type: 'string', pattern: '"[a-z]+"', maxLength: 6 } },
+                   required: ['id', 'note'], additionalProperties: false };
+  const j = await client.chat.completions.create({
+    model: 'tiny', messages: [{ role: 'user', content: 'An id' }], max_tokens: 100, temperature: 1, seed: 5,
+    response_format: { type: 'json_schema', json_schema: { name: 'x', schema, strict: true } },
+    chat_template_kwargs: { enable_thinking: false } });
+  assert.equal(j.choices[0].finish_reason, 'stop', j.choices[0].message.content);
+  const v = JSON.parse(j.choices[0].message.content);
+  assert.match(v.id, /^[A-Z]{2}-\d{3}$/);
+  assert.match(v.note, /^"[a-z]+"$/);
+  assert.ok([...v.note].length <= 6, `note too long: ${v.note}`);
+});
+
 test('unsupported or malformed constraints are 400s naming the field; the server stays up', async () => {
   const msgs = [{ role: 'user', content: 'x' }];
   const cases = [
     [{ response_format: { type: 'regex' } }, /response_format.*not supported/],
     [{ response_format: { type: 'json_schema' } }, /json_schema/],
-    [{ response_format: { type: 'json_schema', json_schema: { name: 'x', schema: { type: 'string', pattern: 'a+' } } } },
-     /pattern/],
+    [{ response_format: { type: 'json_schema', json_schema: { name: 'x', schema: { type: 'string', pattern: 'a(?=b)' } } } },
+     /pattern.*lookahead/],
     [{ response_format: { type: 'json_schema', json_schema: { name: 'x', schema: { type: 'strange' } } } }, /strange/],
-    [{ structured_outputs: { regex: 'a+' } }, /regex.*not supported/],
+    [{ structured_outputs: { grammar: 'root ::= "a"' } }, /grammar.*not supported/],
+    [{ structured_outputs: { regex: '(a' } }, /structured_outputs: regex: a '\(' that is never closed at character 0/],
+    [{ guided_regex: 'a\\1' }, /guided_regex.*backreference/],
+    [{ structured_outputs: { regex: 'a', choice: ['a'] } }, /one of json, json_object, choice, regex/],
     [{ structured_outputs: { choice: [] } }, /choice/],
     [{ response_format: { type: 'json_object' }, structured_outputs: { json: person } }, /both constrain/],
     [{ response_format: { type: 'json_object' }, ignore_eos: true }, /ignore_eos/],

@@ -157,14 +157,32 @@ test('tool_choice auto with a strict tool: each <tool_call> the model writes is 
   }
 });
 
+test('a string parameter with a pattern: the named call\'s value matches it as a whole', async () => {
+  const ticket = { type: 'function', function: { name: 'open_ticket', parameters: { type: 'object',
+    properties: { code: { type: 'string', pattern: '^[A-Z]{2}-\\d{2,4}$' },
+                  ref: { type: 'object', properties: { sha: { type: 'string', pattern: '[0-9a-f]{7}' } },
+                         required: ['sha'], additionalProperties: false } },
+    required: ['code', 'ref'] } } };
+  for (const seed of [1, 2, 3]) {
+    const r = await client.chat.completions.create({
+      model: 'tiny', messages: [{ role: 'user', content: 'Open a ticket' }], tools: [ticket], max_tokens: 120,
+      temperature: 1, seed, tool_choice: { type: 'function', function: { name: 'open_ticket' } } });
+    const call = r.choices[0].message.tool_calls?.[0];
+    assert.ok(call, `no call: ${JSON.stringify(r.choices[0])}`);
+    const args = JSON.parse(call.function.arguments);
+    assert.match(args.code, /^[A-Z]{2}-\d{2,4}$/, call.function.arguments);
+    assert.match(args.ref.sha, /^[0-9a-f]{7}$/, call.function.arguments);
+  }
+});
+
 test('tool schemas that cannot be constrained are 400s naming tools and the pointer', async () => {
   const bad = { type: 'function', function: { name: 'f', strict: true, parameters: { type: 'object',
-    properties: { code: { type: 'string', pattern: '^[A-Z]+$' } } } } };
+    properties: { code: { type: 'string', patternProperties: {} } } } } };
   await expectBadRequests(srv.base, (tool_choice) => client.chat.completions.create({
     model: 'tiny', messages, tools: [bad], tool_choice, max_tokens: 4 }), [
-    ['required', /tools\[0\]\.function\.parameters: unsupported keyword "pattern" at \/properties\/code/],
-    [{ type: 'function', function: { name: 'f' } }, /unsupported keyword "pattern"/],
-    ['auto', /tools\[0\]\.function\.parameters: unsupported keyword "pattern"/],
+    ['required', /tools\[0\]\.function\.parameters: unsupported keyword "patternProperties" at \/properties\/code/],
+    [{ type: 'function', function: { name: 'f' } }, /unsupported keyword "patternProperties"/],
+    ['auto', /tools\[0\]\.function\.parameters: unsupported keyword "patternProperties"/],
   ]);
   // Not strict, auto: nothing is compiled.
   const loose = { type: 'function', function: { ...bad.function, strict: false } };

@@ -200,8 +200,8 @@ TEST(AnthropicRequest, ErrorsNameTheField) {
   EXPECT_EQ(error_of(with("stop_sequences", R"("END")")).rfind("stop_sequences: must be a list of strings", 0), 0u);
   EXPECT_EQ(error_of(with("system", R"([{"type": "image"}])")), "system[0]: only text blocks are allowed in the system prompt");
   // The shared pipeline's messages, in Anthropic's terms.
-  EXPECT_EQ(anthropic::rename_fields("tools[0].function.parameters: unsupported keyword \"pattern\""),
-            "tools[0].input_schema: unsupported keyword \"pattern\"");
+  EXPECT_EQ(anthropic::rename_fields("tools[0].function.parameters: unsupported keyword \"patternProperties\""),
+            "tools[0].input_schema: unsupported keyword \"patternProperties\"");
   EXPECT_EQ(anthropic::rename_fields("'stop' may hold at most 16 strings"), "'stop_sequences' may hold at most 16 strings");
 }
 

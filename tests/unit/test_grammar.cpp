@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <random>
+#include <regex>
 #include <set>
 #include <thread>
 
@@ -379,7 +380,10 @@ TEST(GrammarJsonSchema, EmptyAndTrueSchemasAreAnyValue) {
 TEST(GrammarJsonSchema, ErrorsNameThePointerAndTheKeyword) {
   EXPECT_ERROR(schema_of(R"({"type": "object", "properties": {"a": {"type": "object", "patternProperties": {}}}})"),
                "unsupported keyword \"patternProperties\" at /properties/a (supported: type, properties");
-  EXPECT_ERROR(schema_of(R"({"type": "string", "pattern": "^a$"})"), "unsupported keyword \"pattern\" at the root");
+  EXPECT_ERROR(schema_of(R"j({"properties": {"p": {"type": "string", "pattern": "a(?=b)"}}})j"),
+               "json_schema: \"pattern\" at /properties/p: regex: lookahead \"(?=\" is not supported at character 1");
+  EXPECT_ERROR(schema_of(R"({"type": "string", "pattern": 5})"),
+               "\"pattern\" at the root must be a string (a regular expression), found 5");
   for (const char* kw : {"if", "not", "dependentRequired", "multipleOf", "minProperties", "unevaluatedProperties"}) {
     const std::string s = std::string(R"({"type": "array", "items": {")") + kw + R"(": 1}})";
     EXPECT_ERROR(grammar_json_schema(ojson::parse(s)), std::string("unsupported keyword \"") + kw + "\" at /items");
@@ -617,6 +621,9 @@ bool valid(const ojson& v, const ojson& s, const ojson& root, std::string& why) 
     for (unsigned char c : str) chars += (c & 0xC0) != 0x80;
     if (s.contains("minLength") && chars < s["minLength"].get<int64_t>()) return no("too short");
     if (s.contains("maxLength") && chars > s["maxLength"].get<int64_t>()) return no("too long");
+    // std::regex (ECMAScript, bytes): the tests' patterns are ASCII, and the grammar matches them as a whole.
+    if (s.contains("pattern") && !std::regex_match(str, std::regex(s["pattern"].get<std::string>())))
+      return no("does not match the pattern");
   }
   if (v.is_array()) {
     const int64_t n = int64_t(v.size());
@@ -767,6 +774,75 @@ TEST(GrammarRandomWalk, JsonObjectAndChoice) {
   random_walks(grammar_choice(choices), tm, 200, 20, 9, [&](const std::string& text) {
     EXPECT_NE(std::find(choices.begin(), choices.end(), text), choices.end()) << show(text);
   });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Regular expressions: vLLM's structured_outputs.regex (raw text) and JSON Schema's pattern
+
+TEST(GrammarRegex, RawTextMatchesThePatternAsAWhole) {
+  const auto g = grammar_regex("(\\d{3})-\\d{4}( ext\\. \\d+)?");
+  for (const char* t : {"555-1234", "555-1234 ext. 9", "000-0000 ext. 12345"}) expect_accepts(g, t);
+  expect_refuses_at(g, "55-1234", 2);
+  expect_refuses_at(g, "555-12345", 8);
+  expect_refuses_at(g, "555-123", 7);  // a prefix: taken, not complete
+  expect_refuses_at(g, "555-1234 ext 9", 12);
+  EXPECT_EQ(grammar_regex("(\\d{3})-\\d{4}( ext\\. \\d+)?"), g) << "recent patterns share their grammar";
+  // Unicode, and a text that may go on after a complete match.
+  const auto u = grammar_regex("[\xCE\xB1-\xCF\x89]+!*");
+  expect_accepts(u, "\xCE\xB1\xCE\xB2!!");
+  Matcher m(u);
+  ASSERT_TRUE(m.advance("\xCE\xB1"));
+  EXPECT_TRUE(m.accepting());
+  EXPECT_TRUE(m.can_continue());
+  ASSERT_TRUE(m.advance("\xCF"));
+  EXPECT_FALSE(m.accepting()) << "inside a character";
+  expect_refuses_at(u, "\xCE\xB1" "a", 2);
+  EXPECT_ERROR(grammar_regex("[^\\s\\S]"), "regex: the pattern matches no text");
+  EXPECT_ERROR(grammar_regex("(a|b"), "regex: a '(' that is never closed at character 0");
+}
+
+TEST(GrammarRegex, MasksEqualAdvanceAndWalksMatch) {
+  const TokenMasker tm(synthetic_vocab());
+  const auto g = grammar_regex("(yes|no way)|\\d{1,3}(\\.\\d+)?|[a-c]+\"?");
+  expect_masks_match(g, tm, {"no way", "123.5", "abc\"", "12"});
+  const std::regex oracle("(yes|no way)|\\d{1,3}(\\.\\d+)?|[a-c]+\"?");
+  const WalkStats st = random_walks(g, tm, 300, 40, 11, [&](const std::string& text) {
+    EXPECT_TRUE(std::regex_match(text, oracle)) << show(text);
+  });
+  EXPECT_GE(st.complete, 250);
+  // A pattern with a bounded repeat of a class: walks end inside the bounds.
+  const auto h = grammar_regex("[0-9a-f]{8}-[0-9a-f]{4}");
+  random_walks(h, tm, 200, 40, 12, [&](const std::string& text) {
+    EXPECT_TRUE(std::regex_match(text, std::regex("[0-9a-f]{8}-[0-9a-f]{4}"))) << show(text);
+  });
+}
+
+TEST(GrammarJsonSchema, PatternStringsWithEscapesAndLengths) {
+  const auto g = schema_of(R"({"type": "object", "properties": {
+      "zip": {"type": "string", "pattern": "^\\d{5}(-\\d{4})?$"},
+      "q": {"type": "string", "pattern": "say \"[a-z]+\"\\\\/"},
+      "w": {"type": "string", "pattern": "[a-z]*", "minLength": 2, "maxLength": 3},
+      "n": {"pattern": "x+"}},
+    "required": ["zip"]})");
+  expect_accepts(g, R"({"zip":"12345"})");
+  expect_accepts(g, R"({"zip": "12345-6789", "q": "say \"hi\"\\/", "w": "ab", "n": "xx"})");
+  expect_accepts(g, R"({"zip":"12345","q":"say \"hi\"\\\/"})");  // '/' escaped as \/
+  expect_accepts(g, R"({"zip":"12345","w":"abc"})");
+  expect_refuses_at(g, R"({"zip":"1234")", 12);
+  expect_refuses_at(g, R"({"zip":"12345-")", 14);
+  expect_refuses_at(g, R"({"zip":"a)", 8);
+  expect_refuses_at(g, R"({"zip":"12345","q":"say "hi)", 24);  // an unescaped quote ends the string early
+  expect_refuses_at(g, R"({"zip":"12345","w":"a")", 21);
+  expect_refuses_at(g, R"({"zip":"12345","w":"abcd)", 23);
+  expect_refuses_at(g, R"({"zip":"12345","n":1)", 19);  // pattern implies a string
+  const TokenMasker tm(synthetic_vocab());
+  expect_masks_match(g, tm, {R"({"zip": "12345-6789", "q": "say \"hi\"\\/", "w": "ab", "n": "xx"})"});
+  walk_schema(R"j({"type": "object", "properties": {
+      "id": {"type": "string", "pattern": "^[A-Z]{2}-\\d{2,4}$"},
+      "tag": {"type": "string", "pattern": "(red|green|b[a-z]*)", "maxLength": 4},
+      "note": {"type": "string", "pattern": "[ -~]*", "minLength": 1, "maxLength": 6}},
+    "required": ["id", "tag"]})j",
+              tm, 300, 400, 280);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1020,6 +1096,41 @@ TEST(GrammarToolCall, RawStringsEndOnlyAtTheirTerminator) {
   EXPECT_EQ(r.tool_calls[0].arguments, R"({"s": "x\n"})");
 }
 
+TEST(GrammarToolCall, RawStringsMatchTheirPattern) {
+  const auto g = tools_of(R"([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+      "properties": {
+        "code": {"type": "string", "pattern": "^[A-Z]{2}\\d+$"},
+        "lines": {"type": "string", "pattern": "(a\n)*a?", "maxLength": 5},
+        "any": {"type": "string", "pattern": "[\\s\\S]*"},
+        "j": {"type": "object", "properties": {"k": {"type": "string", "pattern": "x{2}"}}}}}}}])");
+  auto one = [](const std::string& k, const std::string& v) { return call("f", {{k, v}}); };
+  for (auto& v : {"AB1", "ZZ0123"}) expect_accepts(g, one("code", v));
+  const std::string oc = "\n<function=f>\n<parameter=code>\n";
+  expect_refuses_at(g, oc + "A1", int64_t(oc.size()) + 1);
+  expect_refuses_at(g, oc + "AB\n", int64_t(oc.size()) + 2);
+  // A newline the pattern allows and the end's newline are followed together.
+  for (auto& v : {"a", "a\n", "a\na", "a\na\n", ""}) expect_accepts(g, one("lines", v));
+  const std::string ol = "\n<function=f>\n<parameter=lines>\n";
+  expect_refuses_at(g, ol + "a\na\na\na", int64_t(ol.size()) + 6);  // the 6th character can only be the end's
+  // No tool tag and no control but tab / LF / CR, whatever the pattern allows.
+  expect_accepts(g, one("any", "x </parameterx \t\r\n y"));
+  const std::string oa = "\n<function=f>\n<parameter=any>\n";
+  expect_refuses_at(g, oa + "a</function>", int64_t(oa.size()) + 11);
+  expect_refuses_at(g, oa + "\x01", int64_t(oa.size()));
+  expect_accepts(g, one("j", R"({"k": "xx"})"));
+  const std::string oj = "\n<function=f>\n<parameter=j>\n{\"k\": \"x";
+  expect_refuses_at(g, oj + "y", int64_t(oj.size()));
+  const auto r = ToolCallParser::parse("<tool_call>" + one("lines", "a\n") + "</tool_call>");
+  ASSERT_EQ(r.tool_calls.size(), 1u);
+  EXPECT_EQ(r.tool_calls[0].arguments, R"({"lines": "a\n"})");
+  EXPECT_ERROR(tools_of(R"([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+      "properties": {"i": {"type": ["integer", "string"], "pattern": "\\d+"}}}}}])"),
+               "\"pattern\" at /properties/i with a type list whose first type is integer is not supported in a tool call");
+  EXPECT_ERROR(tools_of(R"([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+      "properties": {"s": {"type": "string", "pattern": "\\1"}}}}}])"),
+               "tools[0].function.parameters: \"pattern\" at /properties/s: regex: a backreference \\1 is not supported");
+}
+
 TEST(GrammarToolCall, StringBoundsEnumsAndTypeLists) {
   const auto g = tools_of(R"([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
       "properties": {
@@ -1089,8 +1200,8 @@ TEST(GrammarToolCall, StrictOnlyLeavesOtherToolsFree) {
 
 TEST(GrammarToolCall, ErrorsNameTheToolAndThePointer) {
   EXPECT_ERROR(tools_of(R"([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
-      "properties": {"x": {"type": "string", "pattern": "a+"}}}}}])"),
-               "tools[0].function.parameters: unsupported keyword \"pattern\" at /properties/x");
+      "properties": {"x": {"type": "string", "patternProperties": {}}}}}}])"),
+               "tools[0].function.parameters: unsupported keyword \"patternProperties\" at /properties/x");
   EXPECT_ERROR(tools_of(R"([{"type": "function", "function": {"name": "g"}}, {"type": "function", "function":
       {"name": "f", "parameters": {"type": "object", "properties": {"x": {"$ref": "#/$defs/missing"}}}}}])"),
                "tools[1].function.parameters: \"$ref\" at /properties/x points to #/$defs/missing");

@@ -1,0 +1,651 @@
+// Regular expressions for structured output: parser, byte-level NFA, subset construction. See regex.h.
+#include "sampling/regex.h"
+
+#include <algorithm>
+#include <map>
+#include <memory>
+
+#include "core/status.h"
+
+namespace ds::sampling {
+
+namespace {
+
+constexpr uint32_t kMaxCp = 0x10FFFF;
+constexpr size_t kMaxNfaStates = 1u << 18;
+
+// A set of code points: sorted, disjoint, non-adjacent inclusive ranges.
+using CpSet = std::vector<std::pair<uint32_t, uint32_t>>;
+
+CpSet normalized(CpSet s) {
+  std::sort(s.begin(), s.end());
+  CpSet out;
+  for (auto& r : s) {
+    if (!out.empty() && r.first <= out.back().second + 1) out.back().second = std::max(out.back().second, r.second);
+    else out.push_back(r);
+  }
+  return out;
+}
+// Everything but s (scalar values only: the surrogates are removed when a set is encoded).
+CpSet complement(const CpSet& s) {
+  CpSet out;
+  uint32_t lo = 0;
+  for (auto& [a, b] : s) {
+    if (a > lo) out.push_back({lo, a - 1});
+    lo = b + 1;
+  }
+  if (lo <= kMaxCp) out.push_back({lo, kMaxCp});
+  return out;
+}
+CpSet minus(const CpSet& s, uint32_t lo, uint32_t hi) {
+  CpSet out;
+  for (auto [a, b] : s) {
+    if (b < lo || a > hi) {
+      out.push_back({a, b});
+      continue;
+    }
+    if (a < lo) out.push_back({a, lo - 1});
+    if (b > hi) out.push_back({hi + 1, b});
+  }
+  return out;
+}
+bool contains(const CpSet& s, uint32_t c) {
+  for (auto& [a, b] : s)
+    if (c >= a && c <= b) return true;
+  return false;
+}
+
+const CpSet kDigit = {{'0', '9'}};
+const CpSet kWord = normalized({{'0', '9'}, {'A', 'Z'}, {'_', '_'}, {'a', 'z'}});
+const CpSet kSpace = normalized({{'\t', '\r'}, {' ', ' '}});  // \t \n \v \f \r and space
+
+// Parsed pattern.
+struct Node {
+  enum Kind { kSet, kCat, kAlt, kRep } kind = kSet;
+  CpSet set;
+  std::vector<Node> kids;
+  int min = 0, max = 0;  // kRep; max < 0: unbounded
+};
+Node make_node(Node::Kind k) {
+  Node n;
+  n.kind = k;
+  return n;
+}
+
+class Parser {
+ public:
+  explicit Parser(std::string_view pattern) : text_(pattern) {
+    size_t i = 0;
+    while (i < pattern.size()) {  // decode UTF-8
+      const uint8_t c = uint8_t(pattern[i]);
+      const int n = c < 0x80 ? 1 : c >= 0xC2 && c <= 0xDF ? 2 : c >= 0xE0 && c <= 0xEF ? 3 : c >= 0xF0 && c <= 0xF4 ? 4 : 0;
+      if (n == 0 || i + size_t(n) > pattern.size()) fail("regex: the pattern is not valid UTF-8 (at byte ", i, ")");
+      uint32_t cp = n == 1 ? c : c & (0x7F >> n);
+      for (int k = 1; k < n; ++k) {
+        const uint8_t t = uint8_t(pattern[i + size_t(k)]);
+        if ((t & 0xC0) != 0x80) fail("regex: the pattern is not valid UTF-8 (at byte ", i, ")");
+        cp = (cp << 6) | (t & 0x3F);
+      }
+      static constexpr uint32_t kMin[] = {0, 0, 0x80, 0x800, 0x10000};
+      if (cp < kMin[n] || cp > kMaxCp || (cp >= 0xD800 && cp <= 0xDFFF))
+        fail("regex: the pattern is not valid UTF-8 (at byte ", i, ")");
+      p_.push_back(cp);
+      i += size_t(n);
+    }
+  }
+
+  Node parse() {
+    if (at('^')) ++i_;
+    else if (at('\\') && i_ + 1 < p_.size() && p_[i_ + 1] == 'A') i_ += 2;
+    Node n = alternation(0);
+    if (i_ < p_.size()) error("unbalanced ')'");  // alternation stops only at ')' or the end
+    return n;
+  }
+
+ private:
+  [[noreturn]] void error(const std::string& what, size_t at) const {
+    std::string shown(text_.substr(0, 200));
+    if (text_.size() > 200) shown += "...";
+    fail("regex: ", what, " at character ", at, " of the pattern \"", shown, "\"");
+  }
+  [[noreturn]] void error(const std::string& what) const { error(what, i_); }
+  bool at(uint32_t c) const { return i_ < p_.size() && p_[i_] == c; }
+  bool end() const { return i_ >= p_.size(); }
+  // Whether position i_ is the pattern's end, or an end anchor that closes it.
+  bool end_anchor() const {
+    if (at('$')) return i_ + 1 == p_.size();
+    return at('\\') && i_ + 2 == p_.size() && (p_[i_ + 1] == 'Z' || p_[i_ + 1] == 'z');
+  }
+
+  Node alternation(int depth) {
+    if (depth > 200) error("groups nested more than 200 deep");
+    Node alt = make_node(Node::kAlt);
+    alt.kids.push_back(sequence(depth));
+    while (at('|')) {
+      ++i_;
+      alt.kids.push_back(sequence(depth));
+    }
+    return alt.kids.size() == 1 ? std::move(alt.kids[0]) : std::move(alt);
+  }
+
+  Node sequence(int depth) {
+    Node cat = make_node(Node::kCat);
+    while (!end() && !at('|') && !at(')')) {
+      if (end_anchor()) {
+        i_ = p_.size();
+        break;
+      }
+      Node atom_node = atom(depth);
+      cat.kids.push_back(quantified(std::move(atom_node)));
+    }
+    return cat.kids.size() == 1 ? std::move(cat.kids[0]) : std::move(cat);
+  }
+
+  // {n}, {n,}, {n,m}, {,m} at i_ (i_ on '{'): true and the bounds when it is one; i_ moves past it.
+  bool braces(int& min, int& max) {
+    size_t j = i_ + 1;
+    auto number = [&](int& v) {
+      const size_t s = j;
+      int64_t x = 0;
+      while (j < p_.size() && p_[j] >= '0' && p_[j] <= '9') {
+        x = std::min<int64_t>(x * 10 + (p_[j] - '0'), int64_t(1) << 40);
+        ++j;
+      }
+      if (j == s) return false;
+      if (x > kMaxRegexRepeat)
+        error(str_cat("a repetition bound of ", x, " (at most ", kMaxRegexRepeat, " is supported)"), s);
+      v = int(x);
+      return true;
+    };
+    min = 0;
+    max = -1;
+    const bool has_min = number(min);
+    if (j < p_.size() && p_[j] == '}') {
+      if (!has_min) return false;
+      max = min;
+    } else if (j < p_.size() && p_[j] == ',') {
+      ++j;
+      const bool has_max = number(max);
+      if (!has_min && !has_max) return false;
+      if (j >= p_.size() || p_[j] != '}') return false;
+      if (!has_max) max = -1;
+    } else {
+      return false;
+    }
+    if (max >= 0 && min > max) error(str_cat("the repetition {", min, ",", max, "} has its bounds reversed"));
+    i_ = j + 1;
+    return true;
+  }
+
+  Node quantified(Node atom_node) {
+    for (;;) {
+      int min = 0, max = 0;
+      const size_t q = i_;
+      if (at('*')) min = 0, max = -1, ++i_;
+      else if (at('+')) min = 1, max = -1, ++i_;
+      else if (at('?')) min = 0, max = 1, ++i_;
+      else if (!(at('{') && braces(min, max))) return atom_node;
+      if (at('?')) ++i_;  // lazy: the same language
+      else if (at('+')) error("a possessive quantifier", i_);
+      if (atom_node.kind == Node::kRep && rep_ends_at_ == q) error("a quantifier after a quantifier", q);
+      Node r = make_node(Node::kRep);
+      r.min = min;
+      r.max = max;
+      r.kids.push_back(std::move(atom_node));
+      atom_node = std::move(r);
+      rep_ends_at_ = i_;
+    }
+  }
+
+  Node atom(int depth) {
+    const size_t start = i_;
+    const uint32_t c = p_[i_];
+    switch (c) {
+      case '(': {
+        ++i_;
+        if (at('?')) {
+          ++i_;
+          if (at(':')) {
+            ++i_;
+          } else if (at('P') && i_ + 1 < p_.size() && p_[i_ + 1] == '<') {
+            i_ += 2;
+            group_name(start);
+          } else if (at('<') && i_ + 1 < p_.size() && p_[i_ + 1] != '=' && p_[i_ + 1] != '!') {
+            ++i_;
+            group_name(start);
+          } else if (at('=') || at('!')) {
+            error("lookahead \"(?" + std::string(1, char(p_[i_])) + "\" is not supported", start);
+          } else if (at('<')) {
+            error("lookbehind is not supported", start);
+          } else if (at('>')) {
+            error("an atomic group \"(?>\" is not supported", start);
+          } else if (at('(')) {
+            error("a conditional \"(?(\" is not supported", start);
+          } else if (at('P') && i_ + 1 < p_.size() && p_[i_ + 1] == '=') {
+            error("a backreference \"(?P=\" is not supported", start);
+          } else if (at('#')) {
+            error("a comment group \"(?#\" is not supported", start);
+          } else {
+            error("inline flags \"(?...)\" are not supported", start);
+          }
+        }
+        Node inner = alternation(depth + 1);
+        if (!at(')')) error("a '(' that is never closed", start);
+        ++i_;
+        return inner;
+      }
+      case ')': error("unbalanced ')'");
+      case '[': return set_node(bracket());
+      case '.': ++i_; return set_node(complement({{'\n', '\n'}}));
+      case '^': error("an anchor '^' that is not at the start of the pattern (it is implied there)");
+      case '$': error("an anchor '$' that is not at the end of the pattern (it is implied there)");
+      case '*':
+      case '+':
+      case '?': error(str_cat("a quantifier '", char(c), "' with nothing to repeat"));
+      case '{': {
+        int a, b;
+        if (braces(a, b)) error("a quantifier '{' with nothing to repeat", start);
+        ++i_;
+        return set_node({{c, c}});
+      }
+      case '\\': {
+        CpSet s;
+        escape(false, s);
+        return set_node(s);
+      }
+      default: ++i_; return set_node({{c, c}});
+    }
+  }
+
+  void group_name(size_t start) {
+    const size_t s = i_;
+    while (!end() && !at('>')) {
+      const uint32_t c = p_[i_];
+      if (!(c == '_' || (c >= '0' && c <= '9') || (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || c >= 0x80))
+        error("a group name with a character other than letters, digits and '_'", i_);
+      ++i_;
+    }
+    if (end() || i_ == s) error("a named group without a name or its '>'", start);
+    ++i_;
+  }
+
+  static Node set_node(CpSet s) {
+    Node n = make_node(Node::kSet);
+    n.set = normalized(std::move(s));
+    return n;
+  }
+
+  uint32_t hex(size_t digits, size_t start) {
+    uint32_t v = 0;
+    for (size_t k = 0; k < digits; ++k) {
+      if (end()) error("an escape with too few hex digits", start);
+      const uint32_t c = p_[i_];
+      const int d = c >= '0' && c <= '9' ? int(c - '0') : c >= 'a' && c <= 'f' ? int(c - 'a' + 10)
+                  : c >= 'A' && c <= 'F' ? int(c - 'A' + 10) : -1;
+      if (d < 0) error("an escape with too few hex digits", start);
+      v = v * 16 + uint32_t(d);
+      ++i_;
+    }
+    return v;
+  }
+
+  // An escape at i_ (on the backslash), added to `out`; returns true for a single character (a class bound).
+  bool escape(bool in_class, CpSet& out) {
+    const size_t start = i_;
+    ++i_;
+    if (end()) error("a pattern that ends in a lone backslash", start);
+    const uint32_t c = p_[i_++];
+    auto one = [&](uint32_t x) {
+      if (x > kMaxCp || (x >= 0xD800 && x <= 0xDFFF))
+        error(str_cat("an escape for U+", std::hex, x, ", which is not a Unicode scalar value"), start);
+      out.push_back({x, x});
+      return true;
+    };
+    switch (c) {
+      case 'n': return one('\n');
+      case 'r': return one('\r');
+      case 't': return one('\t');
+      case 'f': return one('\f');
+      case 'v': return one('\v');
+      case 'a': return one(0x07);
+      case 'e': return one(0x1B);
+      case '0':
+        if (!end() && p_[i_] >= '0' && p_[i_] <= '7') error("an octal escape is not supported", start);
+        return one(0);
+      case 'x': return one(hex(2, start));
+      case 'U': return one(hex(8, start));
+      case 'u':
+        if (at('{')) {
+          ++i_;
+          uint32_t v = 0;
+          size_t n = 0;
+          while (!end() && !at('}')) {
+            if (++n > 6) error("a \\u{...} escape with more than 6 hex digits", start);
+            v = v * 16 + hex(1, start);
+          }
+          if (end() || n == 0) error("a \\u{ escape without its hex digits and '}'", start);
+          ++i_;
+          return one(v);
+        }
+        return one(hex(4, start));
+      case 'd': out.insert(out.end(), kDigit.begin(), kDigit.end()); return false;
+      case 'w': out.insert(out.end(), kWord.begin(), kWord.end()); return false;
+      case 's': out.insert(out.end(), kSpace.begin(), kSpace.end()); return false;
+      case 'D': for (auto r : complement(kDigit)) out.push_back(r); return false;
+      case 'W': for (auto r : complement(kWord)) out.push_back(r); return false;
+      case 'S': for (auto r : complement(kSpace)) out.push_back(r); return false;
+      case 'b':
+        if (in_class) return one(0x08);  // [\b] is a backspace
+        error("a word boundary \\b is not supported", start);
+      case 'B': error("\\B is not supported", start);
+      case 'A': error("an anchor \\A that is not at the start of the pattern", start);
+      case 'Z':
+      case 'z': error(str_cat("an anchor \\", char(c), " that is not at the end of the pattern"), start);
+      case 'p':
+      case 'P': error("Unicode properties (\\p{...}) are not supported", start);
+      case 'N': error("named characters (\\N{...}) are not supported", start);
+      case 'k': error("a backreference \\k is not supported", start);
+      case 'G': error("\\G is not supported", start);
+      default: break;
+    }
+    if (c >= '1' && c <= '9') error("a backreference \\" + std::string(1, char(c)) + " is not supported", start);
+    if (c < 0x80 && ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9')))
+      error("an unknown escape \\" + std::string(1, char(c)), start);
+    return one(c);  // punctuation, space or a non-ASCII character: itself
+  }
+
+  CpSet bracket() {
+    const size_t start = i_;
+    ++i_;
+    bool negate = false;
+    if (at('^')) negate = true, ++i_;
+    CpSet s;
+    bool first = true;
+    for (;;) {
+      if (end()) error("a '[' that is never closed", start);
+      if (at(']') && !first) {
+        ++i_;
+        break;
+      }
+      first = false;
+      // One item: a character (maybe a range's start) or a class shorthand.
+      uint32_t lo = 0;
+      if (at('\\')) {
+        CpSet one;
+        if (!escape(true, one)) {
+          s.insert(s.end(), one.begin(), one.end());
+          continue;
+        }
+        lo = one[0].first;
+      } else {
+        lo = p_[i_++];
+      }
+      if (at('-') && i_ + 1 < p_.size() && p_[i_ + 1] != ']') {
+        const size_t dash = i_;
+        ++i_;
+        uint32_t hi = 0;
+        if (at('\\')) {
+          CpSet one;
+          if (!escape(true, one)) error("a class shorthand (\\d, \\w, \\s ...) as a range's end", dash);
+          hi = one[0].first;
+        } else {
+          hi = p_[i_++];
+        }
+        if (hi < lo) error("a character range with its ends reversed", dash);
+        s.push_back({lo, hi});
+      } else {
+        s.push_back({lo, lo});
+      }
+    }
+    s = normalized(std::move(s));
+    return negate ? complement(s) : s;
+  }
+
+  std::string_view text_;
+  std::vector<uint32_t> p_;
+  size_t i_ = 0;
+  size_t rep_ends_at_ = size_t(-1);
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Thompson NFA over bytes.
+
+struct Nfa {
+  struct Edge {
+    uint8_t lo, hi;
+    int32_t to;
+  };
+  struct State {
+    std::vector<Edge> edges;
+    std::vector<int32_t> eps;
+    bool mid = false;  // inside a character's bytes
+  };
+  std::vector<State> s;
+
+  int32_t add(bool mid = false) {
+    if (s.size() >= kMaxNfaStates)
+      fail("regex: the pattern is too large (its automaton needs more than ", kMaxNfaStates,
+           " states: large bounded repetitions, nested); simplify it");
+    s.emplace_back();
+    s.back().mid = mid;
+    return int32_t(s.size() - 1);
+  }
+  // A path of byte ranges from `from` to `to`.
+  void path(int32_t from, const std::vector<std::pair<uint8_t, uint8_t>>& seq, int32_t to) {
+    for (size_t k = 0; k < seq.size(); ++k) {
+      const int32_t t = k + 1 == seq.size() ? to : add(true);
+      s[size_t(from)].edges.push_back({seq[k].first, seq[k].second, t});
+      from = t;
+    }
+  }
+};
+
+int utf8_len(uint32_t c) { return c < 0x80 ? 1 : c < 0x800 ? 2 : c < 0x10000 ? 3 : 4; }
+void utf8_encode(uint32_t c, uint8_t* b) {
+  const int n = utf8_len(c);
+  if (n == 1) {
+    b[0] = uint8_t(c);
+    return;
+  }
+  for (int k = n - 1; k > 0; --k) {
+    b[k] = uint8_t(0x80 | (c & 0x3F));
+    c >>= 6;
+  }
+  b[0] = uint8_t((0xF00 >> n) | c);  // 2: 0xC0, 3: 0xE0, 4: 0xF0
+}
+
+// The byte-range sequences spelling the code points lo..hi in UTF-8 (the usual split into ranges where every
+// byte position is a full range between the ends' bytes).
+void utf8_ranges(uint32_t lo, uint32_t hi, std::vector<std::vector<std::pair<uint8_t, uint8_t>>>& out) {
+  static constexpr uint32_t kLenMax[] = {0x7F, 0x7FF, 0xFFFF};
+  for (uint32_t m : kLenMax)
+    if (lo <= m && hi > m) {
+      utf8_ranges(lo, m, out);
+      utf8_ranges(m + 1, hi, out);
+      return;
+    }
+  const int n = utf8_len(lo);
+  for (int i = 1; i < n; ++i) {
+    const uint32_t m = (uint32_t(1) << (6 * i)) - 1;
+    if ((lo & ~m) != (hi & ~m)) {
+      if ((lo & m) != 0) {
+        utf8_ranges(lo, lo | m, out);
+        utf8_ranges((lo | m) + 1, hi, out);
+        return;
+      }
+      if ((hi & m) != m) {
+        utf8_ranges(lo, (hi & ~m) - 1, out);
+        utf8_ranges(hi & ~m, hi, out);
+        return;
+      }
+    }
+  }
+  uint8_t a[4], b[4];
+  utf8_encode(lo, a);
+  utf8_encode(hi, b);
+  std::vector<std::pair<uint8_t, uint8_t>> seq;
+  for (int k = 0; k < n; ++k) seq.push_back({a[k], b[k]});
+  out.push_back(std::move(seq));
+}
+
+class NfaBuilder {
+ public:
+  NfaBuilder(Nfa& nfa, RegexEncoding enc) : n_(nfa), enc_(enc) {}
+
+  // The node's automaton from `in`; returns its end state.
+  int32_t build(const Node& node, int32_t in) {
+    switch (node.kind) {
+      case Node::kSet: {
+        const int32_t out = n_.add();
+        chars(node.set, in, out);
+        return out;
+      }
+      case Node::kCat:
+        for (auto& k : node.kids) in = build(k, in);
+        return in;
+      case Node::kAlt: {
+        const int32_t out = n_.add();
+        for (auto& k : node.kids) {
+          const int32_t s = n_.add();
+          n_.s[size_t(in)].eps.push_back(s);
+          n_.s[size_t(build(k, s))].eps.push_back(out);
+        }
+        return out;
+      }
+      case Node::kRep: {
+        const Node& k = node.kids[0];
+        for (int r = 0; r < node.min; ++r) in = build(k, in);
+        if (node.max < 0) {
+          const int32_t loop = n_.add();
+          n_.s[size_t(in)].eps.push_back(loop);
+          n_.s[size_t(build(k, loop))].eps.push_back(loop);
+          return loop;
+        }
+        const int32_t out = n_.add();
+        for (int r = node.min; r < node.max; ++r) {
+          n_.s[size_t(in)].eps.push_back(out);
+          in = build(k, in);
+        }
+        n_.s[size_t(in)].eps.push_back(out);
+        return out;
+      }
+    }
+    return in;
+  }
+
+ private:
+  // Edges from `in` to `out` spelling one character of the set, in the encoding.
+  void chars(CpSet set, int32_t in, int32_t out) {
+    set = minus(set, 0xD800, 0xDFFF);
+    if (enc_ == RegexEncoding::kJsonString) {
+      auto esc = [&](std::initializer_list<std::pair<uint8_t, uint8_t>> seq) { n_.path(in, seq, out); };
+      if (contains(set, '"')) esc({{'\\', '\\'}, {'"', '"'}});
+      if (contains(set, '\\')) esc({{'\\', '\\'}, {'\\', '\\'}});
+      if (contains(set, '/')) esc({{'\\', '\\'}, {'/', '/'}});
+      static constexpr std::pair<uint32_t, char> kShort[] = {{0x08, 'b'}, {0x0C, 'f'}, {'\n', 'n'}, {'\r', 'r'},
+                                                              {'\t', 't'}};
+      for (auto [cp, e] : kShort)
+        if (contains(set, cp)) esc({{'\\', '\\'}, {uint8_t(e), uint8_t(e)}});
+      for (uint32_t cp = 0; cp < 0x20; ++cp) {
+        if (!contains(set, cp)) continue;
+        const uint8_t hi = uint8_t('0' + (cp >> 4)), d = uint8_t(cp & 15);
+        if (d < 10) {
+          esc({{'\\', '\\'}, {'u', 'u'}, {'0', '0'}, {'0', '0'}, {hi, hi}, {uint8_t('0' + d), uint8_t('0' + d)}});
+        } else {
+          esc({{'\\', '\\'}, {'u', 'u'}, {'0', '0'}, {'0', '0'}, {hi, hi}, {uint8_t('a' + d - 10), uint8_t('a' + d - 10)}});
+          esc({{'\\', '\\'}, {'u', 'u'}, {'0', '0'}, {'0', '0'}, {hi, hi}, {uint8_t('A' + d - 10), uint8_t('A' + d - 10)}});
+        }
+      }
+      set = minus(minus(minus(set, 0, 0x1F), '"', '"'), '\\', '\\');
+    }
+    std::vector<std::vector<std::pair<uint8_t, uint8_t>>> seqs;
+    for (auto [lo, hi] : set) utf8_ranges(lo, hi, seqs);
+    for (auto& seq : seqs) n_.path(in, seq, out);
+  }
+
+  Nfa& n_;
+  RegexEncoding enc_;
+};
+
+}  // namespace
+
+bool RegexDfa::matches(std::string_view text) const {
+  if (accept.empty()) return false;
+  int32_t s = 0;
+  for (char c : text) {
+    s = step(s, uint8_t(c));
+    if (s < 0) return false;
+  }
+  return accept[size_t(s)] != 0;
+}
+
+RegexDfa compile_regex(std::string_view pattern, RegexEncoding enc) {
+  const Node tree = Parser(pattern).parse();
+  Nfa nfa;
+  const int32_t start = nfa.add();
+  const int32_t final_state = NfaBuilder(nfa, enc).build(tree, start);
+
+  // Subset construction: DFA states are epsilon-closed sets of NFA states.
+  std::vector<char> seen(nfa.s.size(), 0);
+  auto closure = [&](std::vector<int32_t> set) {
+    std::vector<int32_t> work = set;
+    for (int32_t x : set) seen[size_t(x)] = 1;
+    while (!work.empty()) {
+      const int32_t x = work.back();
+      work.pop_back();
+      for (int32_t e : nfa.s[size_t(x)].eps)
+        if (!seen[size_t(e)]) {
+          seen[size_t(e)] = 1;
+          set.push_back(e);
+          work.push_back(e);
+        }
+    }
+    for (int32_t x : set) seen[size_t(x)] = 0;
+    // Only states with byte edges and the final state tell sets apart.
+    std::erase_if(set, [&](int32_t x) { return nfa.s[size_t(x)].edges.empty() && x != final_state; });
+    std::sort(set.begin(), set.end());
+    return set;
+  };
+  RegexDfa d;
+  std::map<std::vector<int32_t>, int32_t> ids;
+  std::vector<std::vector<int32_t>> sets;
+  auto id_of = [&](std::vector<int32_t> set) {
+    auto [it, added] = ids.emplace(std::move(set), int32_t(sets.size()));
+    if (added) {
+      if (sets.size() >= kMaxRegexStates)
+        fail("regex: the pattern is too large (its deterministic automaton needs more than ", kMaxRegexStates,
+             " states: e.g. bounded repetitions of alternatives that overlap); simplify it");
+      sets.push_back(it->first);
+      d.next.resize(d.next.size() + 256, -1);
+      const auto& st = it->first;
+      d.accept.push_back(std::binary_search(st.begin(), st.end(), final_state) ? 1 : 0);
+      const bool mid = std::any_of(st.begin(), st.end(), [&](int32_t x) { return nfa.s[size_t(x)].mid; });
+      d.boundary.push_back(mid ? 0 : 1);
+    }
+    return it->second;
+  };
+  id_of(closure({start}));
+  for (size_t k = 0; k < sets.size(); ++k) {
+    const std::vector<int32_t> set = sets[k];  // copy: id_of may grow `sets`
+    std::vector<uint16_t> cuts{0, 256};
+    for (int32_t x : set)
+      for (auto& e : nfa.s[size_t(x)].edges) cuts.insert(cuts.end(), {uint16_t(e.lo), uint16_t(e.hi + 1)});
+    std::sort(cuts.begin(), cuts.end());
+    cuts.erase(std::unique(cuts.begin(), cuts.end()), cuts.end());
+    for (size_t c = 0; c + 1 < cuts.size(); ++c) {
+      const uint16_t lo = cuts[c], hi = uint16_t(cuts[c + 1] - 1);
+      std::vector<int32_t> to;
+      for (int32_t x : set)
+        for (auto& e : nfa.s[size_t(x)].edges)
+          if (e.lo <= lo && hi <= e.hi) to.push_back(e.to);
+      if (to.empty()) continue;
+      std::sort(to.begin(), to.end());
+      to.erase(std::unique(to.begin(), to.end()), to.end());
+      const int32_t t = id_of(closure(std::move(to)));
+      for (uint32_t b = lo; b <= hi; ++b) d.next[k * 256 + b] = t;
+    }
+  }
+  return d;
+}
+
+}  // namespace ds::sampling

@@ -8,6 +8,7 @@
 #include <bitset>
 #include <cctype>
 #include <map>
+#include <optional>
 #include <set>
 #include <tuple>
 #include <unordered_set>
@@ -891,6 +892,7 @@ const std::vector<std::string> kSupported = {
     "type",  "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
     "maxItems", "minLength", "maxLength", "pattern", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs",
     "definitions", "nullable"};
+constexpr const char* kFormats = "date, time, date-time, uuid, ipv4, hostname, email";  // regex.h format_regex
 const std::vector<std::string> kTypes = {"object", "array", "string", "number", "integer", "boolean", "null"};
 
 std::string join(const std::vector<std::string>& v) {
@@ -966,7 +968,8 @@ class SchemaCompiler {
     for (auto& [k, v] : s.items())
       if (!kIgnored.count(k) && std::find(kSupported.begin(), kSupported.end(), k) == kSupported.end())
         fail(what_, ": unsupported keyword \"", k, "\" at ", at(ptr), " (supported: ", join(kSupported),
-             "; ignored: format, minimum, maximum, exclusiveMinimum, exclusiveMaximum and annotations)");
+             "; ignored: minimum, maximum, exclusiveMinimum, exclusiveMaximum, formats other than ", kFormats,
+             ", and annotations)");
     // Identical subschemas (same text, so the same $refs) share one rule.
     const std::string text = s.dump(-1, ' ', false, ojson::error_handler_t::replace);
     if (auto it = by_text_.find(text); it != by_text_.end()) return it->second;
@@ -1087,21 +1090,38 @@ class SchemaCompiler {
     const int64_t min = count(s, ptr, "minLength", 0), max = count(s, ptr, "maxLength", -1);
     if (max >= 0 && min > max)
       fail(what_, ": \"minLength\" ", min, " exceeds \"maxLength\" ", max, " at ", at(ptr));
-    if (s.contains("pattern"))
-      return j_.string_matching(pattern(s, ptr, RegexEncoding::kJsonString), min, max, "pattern at " + at(ptr));
+    if (auto d = text_dfa(s, ptr, RegexEncoding::kJsonString))
+      return j_.string_matching(*d, min, max, "pattern or format at " + at(ptr));
     return j_.string(min, max);
   }
 
  public:
-  // The automaton of the schema's "pattern" (a string; matched as a whole).
-  RegexDfa pattern(const ojson& s, const std::string& ptr, RegexEncoding enc) {
-    const ojson& v = s["pattern"];
-    if (!v.is_string()) bad(ptr, "pattern", "a string (a regular expression)", v);
-    try {
-      return compile_regex(v.get<std::string>(), enc);
-    } catch (const Error& e) {
-      fail(what_, ": \"pattern\" at ", at(ptr), ": ", e.what());
+  // The automaton of a string schema's "pattern" (matched as a whole) and "format" (format_regex's; others are
+  // annotations), both where both are given; none when neither constrains the text.
+  std::optional<RegexDfa> text_dfa(const ojson& s, const std::string& ptr, RegexEncoding enc) {
+    std::optional<RegexDfa> d;
+    if (s.contains("pattern")) {
+      const ojson& v = s["pattern"];
+      if (!v.is_string()) bad(ptr, "pattern", "a string (a regular expression)", v);
+      try {
+        d = compile_regex(v.get<std::string>(), enc);
+      } catch (const Error& e) {
+        fail(what_, ": \"pattern\" at ", at(ptr), ": ", e.what());
+      }
     }
+    if (s.contains("format")) {
+      const ojson& v = s["format"];
+      if (!v.is_string()) bad(ptr, "format", "a string", v);
+      if (const char* re = format_regex(v.get<std::string>())) {
+        RegexDfa f = compile_regex(re, enc);
+        try {
+          d = d ? intersect(*d, f) : std::move(f);
+        } catch (const Error& e) {
+          fail(what_, ": \"pattern\" and \"format\" at ", at(ptr), ": ", e.what());
+        }
+      }
+    }
+    return d;
   }
 
  private:
@@ -1407,12 +1427,11 @@ class ToolCallCompiler {
         return j_.words(texts, "raw enum at " + at(ptr));
       }
       const int64_t min = s.value("minLength", int64_t(0)), max = s.value("maxLength", int64_t(-1));
-      if (s.contains("pattern")) {
-        if (t != "string")
-          fail(what, ": \"pattern\" at ", at(ptr), " with a type list whose first type is ", t, " is not supported "
-               "in a tool call (the parser would convert the text by ", t, ")");
-        return raw_matching(sc.pattern(s, ptr, RegexEncoding::kUtf8), min, max, "value at " + at(ptr));
-      }
+      if (t != "string" && s.contains("pattern"))
+        fail(what, ": \"pattern\" at ", at(ptr), " with a type list whose first type is ", t, " is not supported "
+             "in a tool call (the parser would convert the text by ", t, ")");
+      if (t == "string")  // else a format is left an annotation: the text may be a value of the first type
+        if (auto d = sc.text_dfa(s, ptr, RegexEncoding::kUtf8)) return raw_matching(*d, min, max, "value at " + at(ptr));
       if ((max >= 0 ? max : min) > kInlineChars)
         fail(what, ": \"", max >= 0 ? "maxLength" : "minLength", "\" at ", at(ptr), " is ", max >= 0 ? max : min,
              "; a string parameter of a tool call supports length bounds up to ", kInlineChars, " characters");

@@ -34,13 +34,15 @@
 //   - strings: minLength / maxLength in Unicode characters, an escape counts as one (at most 10000); pattern (a
 //     regular expression in regex.h's syntax) matched by the decoded string as a whole, as vLLM's backends do (a
 //     string that matches as a whole also satisfies JSON Schema's unanchored pattern), with the length bounds too;
+//     format date, time, date-time, uuid, ipv4, hostname, email as regex.h's format_regex spells them (with a
+//     pattern: both); other formats are annotations;
 //   - enum, const: exactly the value's compact JSON text (dump(): no spaces, objects' keys in the schema's order),
 //     filtered by `type` when both are present; other keywords next to enum/const are not applied to them;
 //   - anyOf, oneOf (treated as anyOf: the matcher does not check that exactly one branch matches), allOf with one
 //     element, $ref to a JSON pointer into the same document ("#", "#/$defs/x", "#/definitions/x", ...),
 //     recursive references included. anyOf/oneOf/allOf/$ref may only stand next to annotations, $defs and nullable;
 //   - ignored: minimum, maximum, exclusiveMinimum, exclusiveMaximum (type integer still produces integers only),
-//     format, and the annotations title, description, default, examples, $schema, $id, $comment, deprecated,
+//     other formats, and the annotations title, description, default, examples, $schema, $id, $comment, deprecated,
 //     readOnly, writeOnly;
 //   - anything else (patternProperties, if/then/else, not, dependentRequired, multipleOf, minProperties,
 //     unevaluatedProperties, ...) throws ds::Error naming the keyword and the JSON pointer of the schema that has

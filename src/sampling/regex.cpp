@@ -648,4 +648,67 @@ RegexDfa compile_regex(std::string_view pattern, RegexEncoding enc) {
   return d;
 }
 
+RegexDfa intersect(const RegexDfa& a, const RegexDfa& b) {
+  RegexDfa d;
+  std::map<std::pair<int32_t, int32_t>, int32_t> ids;
+  std::vector<std::pair<int32_t, int32_t>> pairs;
+  auto id_of = [&](int32_t x, int32_t y) {
+    auto [it, added] = ids.emplace(std::make_pair(x, y), int32_t(pairs.size()));
+    if (added) {
+      if (pairs.size() >= kMaxRegexStates)
+        fail("regex: the intersection of two patterns needs more than ", kMaxRegexStates, " states; simplify them");
+      pairs.push_back({x, y});
+      d.next.resize(d.next.size() + 256, -1);
+      d.accept.push_back(a.accept[size_t(x)] && b.accept[size_t(y)]);
+      d.boundary.push_back(a.boundary[size_t(x)]);
+    }
+    return it->second;
+  };
+  id_of(0, 0);
+  for (size_t k = 0; k < pairs.size(); ++k) {
+    const auto [x, y] = pairs[k];
+    for (int c = 0; c < 256; ++c) {
+      const int32_t tx = a.step(x, uint8_t(c)), ty = b.step(y, uint8_t(c));
+      if (tx >= 0 && ty >= 0) d.next[k * 256 + size_t(c)] = id_of(tx, ty);
+    }
+  }
+  return d;
+}
+
+const char* format_regex(std::string_view format) {
+#define DS_DAY28 "(0[1-9]|1[0-9]|2[0-8])"
+// Years 0001-9999 (Python's date range); February 29 in leap years only (divisible by 4, centuries by 400).
+#define DS_YEAR "(000[1-9]|00[1-9][0-9]|0[1-9][0-9]{2}|[1-9][0-9]{3})"
+#define DS_DATE                                                                                             \
+  "(" DS_YEAR "-((0[13578]|1[02])-(" DS_DAY28 "|29|30|31)|(0[469]|11)-(" DS_DAY28 "|29|30)|02-" DS_DAY28 ")" \
+  "|([0-9]{2}(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)-02-29)"
+#define DS_TIME "([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\.[0-9]{1,9})?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
+#define DS_LABEL "[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+#define DS_HOST "(" DS_LABEL "\\.)*" DS_LABEL
+#define DS_ATOM "[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+#define DS_OCTET "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+#define DS_HEX(n) "[0-9a-fA-F]{" #n "}"
+  static const std::pair<std::string_view, const char*> kFormats[] = {
+      {"date", DS_DATE},
+      {"time", DS_TIME},
+      {"date-time", DS_DATE "[Tt]" DS_TIME},
+      {"uuid", DS_HEX(8) "-" DS_HEX(4) "-" DS_HEX(4) "-" DS_HEX(4) "-" DS_HEX(12)},
+      {"ipv4", "(" DS_OCTET "\\.){3}" DS_OCTET},
+      {"hostname", DS_HOST},
+      {"email", DS_ATOM "(\\." DS_ATOM ")*@" DS_HOST},
+  };
+#undef DS_DAY28
+#undef DS_YEAR
+#undef DS_DATE
+#undef DS_TIME
+#undef DS_LABEL
+#undef DS_HOST
+#undef DS_ATOM
+#undef DS_OCTET
+#undef DS_HEX
+  for (auto& [name, re] : kFormats)
+    if (name == format) return re;
+  return nullptr;
+}
+
 }  // namespace ds::sampling

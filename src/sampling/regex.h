@@ -52,4 +52,13 @@ constexpr int kMaxRegexRepeat = 1000;
 // accepts); callers decide whether that is an error.
 RegexDfa compile_regex(std::string_view pattern, RegexEncoding enc = RegexEncoding::kUtf8);
 
+// The texts both automata match (of one encoding): the product of their states reachable from the start. Throws
+// ds::Error past kMaxRegexStates.
+RegexDfa intersect(const RegexDfa& a, const RegexDfa& b);
+
+// JSON Schema's "format" as a pattern in the syntax above, for the formats a string can be generated in (RFC 3339
+// date, time, date-time with valid days per month and leap years, uuid, ipv4, hostname (RFC 1123 labels), email (a
+// dot-atom local part at a hostname)); nullptr for any other format (an annotation only, as JSON Schema's default).
+const char* format_regex(std::string_view format);
+
 }  // namespace ds::sampling

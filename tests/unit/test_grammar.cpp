@@ -1096,13 +1096,37 @@ TEST(GrammarToolCall, RawStringsEndOnlyAtTheirTerminator) {
   EXPECT_EQ(r.tool_calls[0].arguments, R"({"s": "x\n"})");
 }
 
+TEST(GrammarJsonSchema, FormatsConstrainStrings) {
+  const auto g = schema_of(R"({"type": "object", "properties": {
+      "day": {"type": "string", "format": "date"},
+      "id": {"format": "uuid", "type": "string", "pattern": "^0.*"},
+      "site": {"type": "string", "format": "uri"}},
+    "required": ["day"]})");
+  expect_accepts(g, R"({"day":"2024-02-29","id":"0bcdef01-2345-6789-abcd-ef0123456789","site":"anything"})");
+  expect_refuses_at(g, R"({"day":"2023-02-29")", 17);
+  expect_refuses_at(g, R"({"day":"2024-02-29","id":"1)", 26);  // the pattern: a uuid starting with 0
+  EXPECT_ERROR(schema_of(R"({"type": "string", "format": 3})"), "\"format\" at the root must be a string, found 3");
+  // Walks over a synthetic vocabulary end in real calendar dates.
+  const TokenMasker tm(synthetic_vocab());
+  const auto dg = schema_of(R"({"type": "string", "format": "date"})");
+  const WalkStats st = random_walks(dg, tm, 300, 40, 13, [&](const std::string& text) {
+    int y = 0, m = 0, d = 0;
+    ASSERT_EQ(std::sscanf(text.c_str(), "\"%4d-%2d-%2d\"", &y, &m, &d), 3) << show(text);
+    using namespace std::chrono;
+    EXPECT_TRUE(y >= 1 && year_month_day(year(y), month(unsigned(m)), day(unsigned(d))).ok()) << show(text);
+  });
+  EXPECT_GE(st.complete, 290);
+}
+
 TEST(GrammarToolCall, RawStringsMatchTheirPattern) {
   const auto g = tools_of(R"([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
       "properties": {
         "code": {"type": "string", "pattern": "^[A-Z]{2}\\d+$"},
         "lines": {"type": "string", "pattern": "(a\n)*a?", "maxLength": 5},
         "any": {"type": "string", "pattern": "[\\s\\S]*"},
-        "j": {"type": "object", "properties": {"k": {"type": "string", "pattern": "x{2}"}}}}}}}])");
+        "j": {"type": "object", "properties": {"k": {"type": "string", "pattern": "x{2}"}}},
+        "when": {"type": "string", "format": "date"},
+        "n": {"type": ["integer", "string"], "format": "date"}}}}}])");
   auto one = [](const std::string& k, const std::string& v) { return call("f", {{k, v}}); };
   for (auto& v : {"AB1", "ZZ0123"}) expect_accepts(g, one("code", v));
   const std::string oc = "\n<function=f>\n<parameter=code>\n";
@@ -1120,6 +1144,10 @@ TEST(GrammarToolCall, RawStringsMatchTheirPattern) {
   expect_accepts(g, one("j", R"({"k": "xx"})"));
   const std::string oj = "\n<function=f>\n<parameter=j>\n{\"k\": \"x";
   expect_refuses_at(g, oj + "y", int64_t(oj.size()));
+  expect_accepts(g, one("when", "2024-01-31"));
+  const std::string ow = "\n<function=f>\n<parameter=when>\n2024-1";
+  expect_refuses_at(g, ow + "3", int64_t(ow.size()));
+  for (auto& v : {"12", "2024-01-31", "soon"}) expect_accepts(g, one("n", v));  // integer first: format not applied
   const auto r = ToolCallParser::parse("<tool_call>" + one("lines", "a\n") + "</tool_call>");
   ASSERT_EQ(r.tool_calls.size(), 1u);
   EXPECT_EQ(r.tool_calls[0].arguments, R"({"lines": "a\n"})");

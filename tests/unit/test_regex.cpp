@@ -3,6 +3,7 @@
 // string encoding and its character boundaries, and the errors for what is not supported.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <random>
 #include <regex>
 
@@ -236,6 +237,73 @@ TEST(Regex, ErrorsNameTheConstructAndItsPosition) {
   // A pattern that matches nothing compiles; no state accepts.
   const RegexDfa none = compile_regex("[^\\s\\S]");
   EXPECT_FALSE(std::find(none.accept.begin(), none.accept.end(), 1) != none.accept.end());
+}
+
+TEST(Regex, IntersectionMatchesBoth) {
+  const RegexDfa d = intersect(compile_regex("[a-c]+x?"), compile_regex("a*b*c*x*"));
+  for (const char* t : {"abc", "aab", "cx", "a"}) EXPECT_TRUE(d.matches(t)) << t;
+  for (const char* t : {"ba", "x", "abcxx", "", "abd"}) EXPECT_FALSE(d.matches(t)) << t;
+}
+
+// JSON Schema formats: dates against std::chrono's calendar, the other formats on examples.
+TEST(Regex, FormatsDateAgainstTheCalendar) {
+  const RegexDfa d = compile_regex(format_regex("date"));
+  int64_t valid = 0;
+  char buf[32];
+  for (int y : {1, 4, 99, 100, 400, 1600, 1700, 1800, 1900, 1999, 2000, 2023, 2024, 2100, 2400, 9996, 9999, 0}) {
+    for (int m = 0; m <= 13; ++m)
+      for (int dd = 0; dd <= 32; ++dd) {
+        std::snprintf(buf, sizeof buf, "%04d-%02d-%02d", y, m, dd);
+        using namespace std::chrono;
+        const bool ok = y >= 1 && year_month_day(year(y), month(unsigned(m)), day(unsigned(dd))).ok();
+        valid += ok;
+        EXPECT_EQ(d.matches(buf), ok) << buf;
+      }
+  }
+  EXPECT_GT(valid, 5000);
+  for (const char* t : {"2024-1-01", "2024-01-1", "24-01-01", "2024/01/01", "2024-01-01 ", "12024-01-01"})
+    EXPECT_FALSE(d.matches(t)) << t;
+}
+
+TEST(Regex, FormatsOnExamples) {
+  struct Case {
+    const char* format;
+    std::vector<const char*> yes, no;
+  };
+  const Case cases[] = {
+      {"time",
+       {"00:00:00Z", "23:59:60z", "12:34:56.789+05:30", "12:34:56-00:00", "01:02:03.123456789Z"},
+       {"24:00:00Z", "12:60:00Z", "12:00:61Z", "12:00:00", "12:00Z", "12:00:00.Z", "12:00:00+5:30", "12:00:00.1234567890Z"}},
+      {"date-time",
+       {"2024-02-29T12:00:00Z", "1999-12-31t23:59:59.5+01:00"},
+       {"2023-02-29T12:00:00Z", "2024-02-29 12:00:00Z", "2024-02-29T12:00:00", "2024-02-29"}},
+      {"uuid",
+       {"123e4567-e89b-12d3-a456-426614174000", "ABCDEF01-2345-6789-abcd-ef0123456789"},
+       {"123e4567e89b12d3a456426614174000", "123e4567-e89b-12d3-a456-42661417400", "g23e4567-e89b-12d3-a456-426614174000"}},
+      {"ipv4",
+       {"0.0.0.0", "255.255.255.255", "192.168.1.10", "10.0.99.249"},
+       {"256.1.1.1", "1.1.1", "01.1.1.1", "1.1.1.1.1", "1..1.1", "-1.1.1.1"}},
+      {"hostname",
+       {"localhost", "a.b-c.example", "x1", "A0-b.C9"},
+       {"-a.com", "a-.com", "a..com", ".a", "a.", "a_b.com", ""}},
+      {"email",
+       {"user@example.com", "first.last+tag@sub.example.org", "x!#$%&'*+/=?^_`{|}~-@h"},
+       {"user@", "@example.com", ".user@example.com", "us..er@example.com", "user@-example.com", "a b@c.d"}},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.format);
+    ASSERT_NE(format_regex(c.format), nullptr);
+    const RegexDfa d = compile_regex(format_regex(c.format));
+    for (const char* t : c.yes) EXPECT_TRUE(d.matches(t)) << t;
+    for (const char* t : c.no) EXPECT_FALSE(d.matches(t)) << t;
+    // The same patterns in the JSON string encoding ('/' may be escaped there).
+    EXPECT_TRUE(compile_regex(format_regex(c.format), RegexEncoding::kJsonString).matches(c.yes[0]));
+  }
+  const RegexDfa hl = compile_regex(format_regex("hostname"));
+  EXPECT_TRUE(hl.matches(std::string(63, 'a') + ".b"));
+  EXPECT_FALSE(hl.matches(std::string(64, 'a') + ".b")) << "a label holds at most 63 characters";
+  EXPECT_TRUE(compile_regex(format_regex("email"), RegexEncoding::kJsonString).matches("a\\/b@c"));
+  for (const char* f : {"uri", "ipv6", "duration", "regex", ""}) EXPECT_EQ(format_regex(f), nullptr) << f;
 }
 
 }  // namespace

@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/status.h"
+#include "sampling/ebnf.h"
 #include "sampling/regex.h"
 
 namespace ds::sampling {
@@ -224,8 +225,10 @@ void Builder::prune(int32_t root, const std::string& what) {
     }
   }
   if (!productive[size_t(root)])
-    fail(what, ": no finite value satisfies it (a required property, item or reference that recurses forever, or "
-               "constraints that contradict each other)");
+    fail(what, ": no finite ", what == "grammar" ? "text satisfies it (every way through the root reaches a rule that "
+                                                   "never ends)"
+                                                 : "value satisfies it (a required property, item or reference that "
+                                                   "recurses forever, or constraints that contradict each other)");
   for (auto& nd : nodes_) {
     std::erase_if(nd.bytes, [&](auto& e) { return !live[size_t(e.second)]; });
     std::erase_if(nd.calls, [&](auto& c) { return !productive[size_t(c.first)] || !live[size_t(c.second)]; });
@@ -1553,6 +1556,113 @@ class ToolCallCompiler {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
+// GBNF / EBNF grammars (grammar_ebnf): each rule of the text a rule here; every node gets the edges of one item at
+// most (a sequence chains fresh nodes, alternatives and repetitions are rules of their own, called), so byte edges
+// never overlap.
+
+class EbnfCompiler {
+ public:
+  GrammarPtr compile(const EbnfGrammar& g) {
+    for (auto& [name, body] : g.rules) rules_[name] = b_.rule("rule '" + name + "'");
+    for (auto& [name, body] : g.rules) {
+      const int32_t end = b_.node();
+      b_.final(end);
+      into(body, b_.start(rules_.at(name)), end);
+    }
+    return b_.finish(rules_.at("root"), "grammar");
+  }
+
+ private:
+  // Spells `e` from node `from` (no byte edges yet) to node `to`.
+  void into(const EbnfExpr& e, int32_t from, int32_t to) {
+    switch (e.kind) {
+      case EbnfExpr::kLiteral:
+        if (e.text.empty()) return b_.call(from, empty(), to);
+        for (size_t k = 0; k + 1 < e.text.size(); ++k) {
+          const int32_t n = b_.node();
+          b_.on(from, e.text[k], n);
+          from = n;
+        }
+        return b_.on(from, e.text.back(), to);
+      case EbnfExpr::kClass: return char_class(e.text, from, to);
+      case EbnfExpr::kRef: return b_.call(from, rules_.at(e.text), to);
+      case EbnfExpr::kSeq:
+        if (e.kids.empty()) return b_.call(from, empty(), to);
+        for (size_t k = 0; k < e.kids.size(); ++k) {
+          const int32_t n = k + 1 == e.kids.size() ? to : b_.node();
+          into(e.kids[k], from, n);
+          from = n;
+        }
+        return;
+      case EbnfExpr::kAlt:
+        for (auto& k : e.kids) b_.call(from, as_rule(k), to);
+        return;
+      case EbnfExpr::kRepeat: return b_.call(from, repeat(as_rule(e.kids[0]), e.min, e.max), to);
+    }
+  }
+
+  // A rule spelling `e` (a reference: the rule itself).
+  int32_t as_rule(const EbnfExpr& e) {
+    if (e.kind == EbnfExpr::kRef) return rules_.at(e.text);
+    const int32_t r = b_.rule("part of the grammar"), end = b_.node();
+    b_.final(end);
+    into(e, b_.start(r), end);
+    return r;
+  }
+
+  // x{min,max} (max < 0: unbounded) as a rule: one node per count, the last one looping when unbounded.
+  int32_t repeat(int32_t x, int min, int max) {
+    const int32_t r = b_.rule("repetition");
+    const int last = max < 0 ? min : max;
+    std::vector<int32_t> pos(size_t(last) + 1);
+    pos[0] = b_.start(r);
+    for (int k = 1; k <= last; ++k) pos[size_t(k)] = b_.node();
+    for (int k = 0; k <= last; ++k) {
+      if (k >= min) b_.final(pos[size_t(k)]);
+      if (k < last) b_.call(pos[size_t(k)], x, pos[size_t(k + 1)]);
+    }
+    if (max < 0) b_.call(pos[size_t(last)], x, pos[size_t(last)]);
+    return r;
+  }
+
+  // The rule of the empty text.
+  int32_t empty() {
+    if (empty_ < 0) {
+      empty_ = b_.rule("empty");
+      b_.final(b_.start(empty_));
+    }
+    return empty_;
+  }
+
+  // One character of the class (a regular expression of one character: its automaton's accepting states are `to`).
+  void char_class(const std::string& re, int32_t from, int32_t to) {
+    auto it = classes_.find(re);
+    if (it == classes_.end()) it = classes_.emplace(re, compile_regex(re)).first;
+    const RegexDfa& d = it->second;
+    std::vector<int32_t> node(d.states(), -1);
+    node[0] = from;
+    for (size_t s = 0; s < d.states(); ++s)
+      if (d.accept[s]) node[s] = to;
+    for (size_t s = 0; s < d.states(); ++s) {
+      if (d.accept[s]) continue;  // a character's end: nothing follows inside the class
+      if (node[s] < 0) node[s] = b_.node();
+      std::map<int32_t, ByteSet> edges;
+      for (int c = 0; c < 256; ++c)
+        if (const int32_t t = d.step(int32_t(s), uint8_t(c)); t >= 0) {
+          if (node[size_t(t)] < 0) node[size_t(t)] = b_.node();
+          edges[node[size_t(t)]].set(size_t(c));
+        }
+      for (auto& [t, set] : edges) b_.on(node[s], set, t);
+    }
+  }
+
+  Builder b_;
+  std::map<std::string, int32_t> rules_;
+  std::map<std::string, RegexDfa> classes_;
+  int32_t empty_ = -1;
+};
+
+// ---------------------------------------------------------------------------------------------------------------
 // Stepping a position over one byte.
 
 // An open-addressing set of 64-bit keys, cleared in time proportional to its use.
@@ -1769,6 +1879,11 @@ GrammarPtr grammar_regex(std::string_view pattern) {
     for (int32_t x : regex_nodes(b, b.start(r), d, 0, -1, nullptr)) b.final(x);
     return b.finish(r, "regex");
   });
+}
+
+GrammarPtr grammar_ebnf(std::string_view text) {
+  static RecentGrammars recent;
+  return recent.get(std::string(text), [&] { return EbnfCompiler().compile(parse_ebnf(text)); });
 }
 
 GrammarPtr grammar_choice(const std::vector<std::string>& choices) {

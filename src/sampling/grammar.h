@@ -78,6 +78,10 @@ GrammarPtr grammar_json_schema(const nlohmann::json& schema);  // properties in 
 // syntax is regex.h's). Throws ds::Error naming an unsupported construct and its position, or for a pattern that
 // matches nothing. Cached as grammar_json_schema's grammars are (by the pattern).
 GrammarPtr grammar_regex(std::string_view pattern);
+// Raw text of a GBNF / EBNF grammar's "root" rule (vLLM's structured_outputs.grammar / guided_grammar, llama.cpp's
+// grammar; the syntax is ebnf.h's). Throws ds::Error with the line and column of a syntax error, for an undefined
+// rule, left recursion, or a grammar that no finite text satisfies. Cached as grammar_json_schema's (by the text).
+GrammarPtr grammar_ebnf(std::string_view text);
 // Exactly one of the given strings (vLLM guided_choice), as raw bytes; throws if the list is empty.
 GrammarPtr grammar_choice(const std::vector<std::string>& choices);
 

@@ -75,9 +75,9 @@ std::vector<int32_t> token_ids(const json& v, const char* field) {
 }
 
 // Structured output (docs/server.md "Structured outputs"): OpenAI's response_format (json_object, json_schema;
-// text = none), vLLM's structured_outputs {json | json_object | choice | regex} and its older guided_json /
-// guided_choice / guided_regex. One constraint per request; kinds not supported (grammar, structural_tag) are a 400,
-// never ignored.
+// text = none), vLLM's structured_outputs {json | json_object | choice | regex | grammar}, its older guided_json /
+// guided_choice / guided_regex / guided_grammar, and llama.cpp's grammar (GBNF). One constraint per request; kinds not
+// supported (structural_tag) are a 400, never ignored.
 sampling::GrammarPtr parse_structured(const Body& b) {
   const json& j = b.j;
   sampling::GrammarPtr g;
@@ -89,7 +89,9 @@ sampling::GrammarPtr parse_structured(const Body& b) {
     try {
       g = make();
     } catch (const Error& e) {
-      throw bad_request(std::string(field) + ": " + e.what(), field);
+      const std::string prefix = std::string(field) + ": ";  // "grammar: grammar: ..." said once
+      const std::string msg = e.what();
+      throw bad_request(msg.rfind(prefix, 0) == 0 ? msg : prefix + msg, field);
     }
   };
   auto schema_of = [](const json& v, const char* field) -> nlohmann::ordered_json {
@@ -115,10 +117,9 @@ sampling::GrammarPtr parse_structured(const Body& b) {
     }
     return c;
   };
-  auto regex_of = [](const json& v, const char* field) {
+  auto text_of = [](const json& v, const char* field, const char* what) {
     if (!v.is_string() || v.get<std::string>().empty())
-      throw bad_request(std::string("'") + field + "' must be a regular expression (a non-empty string), got " +
-                            brief(v),
+      throw bad_request(std::string("'") + field + "' must be " + what + " (a non-empty string), got " + brief(v),
                         field);
     return v.get<std::string>();
   };
@@ -148,15 +149,15 @@ sampling::GrammarPtr parse_structured(const Body& b) {
   if (b.has("structured_outputs")) {
     const json& so = j["structured_outputs"];
     if (!so.is_object()) throw bad_request("'structured_outputs' must be an object, got " + brief(so), "structured_outputs");
-    for (const char* k : {"grammar", "structural_tag"})
-      if (so.contains(k) && !so[k].is_null())
-        throw bad_request(std::string("'structured_outputs.") + k +
-                              "' is not supported (supported: json, json_object, choice, regex)",
-                          "structured_outputs");
+    if (so.contains("structural_tag") && !so["structural_tag"].is_null())
+      throw bad_request("'structured_outputs.structural_tag' is not supported (supported: json, json_object, choice, "
+                        "regex, grammar)",
+                        "structured_outputs");
     int kinds = 0;
-    for (const char* k : {"json", "json_object", "choice", "regex"}) kinds += so.contains(k) && !so[k].is_null();
+    for (const char* k : {"json", "json_object", "choice", "regex", "grammar"}) kinds += so.contains(k) && !so[k].is_null();
     if (kinds > 1)
-      throw bad_request("'structured_outputs' must hold one of json, json_object, choice, regex", "structured_outputs");
+      throw bad_request("'structured_outputs' must hold one of json, json_object, choice, regex, grammar",
+                        "structured_outputs");
     if (so.contains("json") && !so["json"].is_null()) {
       const auto schema = schema_of(so["json"], "structured_outputs.json");
       one("structured_outputs", [&] { return sampling::grammar_json_schema(schema); });
@@ -168,8 +169,11 @@ sampling::GrammarPtr parse_structured(const Body& b) {
       const auto c = choices_of(so["choice"], "structured_outputs.choice");
       one("structured_outputs", [&] { return sampling::grammar_choice(c); });
     } else if (so.contains("regex") && !so["regex"].is_null()) {
-      const std::string re = regex_of(so["regex"], "structured_outputs.regex");
+      const std::string re = text_of(so["regex"], "structured_outputs.regex", "a regular expression");
       one("structured_outputs", [&] { return sampling::grammar_regex(re); });
+    } else if (so.contains("grammar") && !so["grammar"].is_null()) {
+      const std::string gr = text_of(so["grammar"], "structured_outputs.grammar", "a GBNF grammar");
+      one("structured_outputs", [&] { return sampling::grammar_ebnf(gr); });
     }
   }
   if (b.has("guided_json")) {
@@ -181,12 +185,14 @@ sampling::GrammarPtr parse_structured(const Body& b) {
     one("guided_choice", [&] { return sampling::grammar_choice(c); });
   }
   if (b.has("guided_regex")) {
-    const std::string re = regex_of(j["guided_regex"], "guided_regex");
+    const std::string re = text_of(j["guided_regex"], "guided_regex", "a regular expression");
     one("guided_regex", [&] { return sampling::grammar_regex(re); });
   }
-  if (b.has("guided_grammar"))
-    throw bad_request("'guided_grammar' is not supported (structured output: response_format json_object / "
-                      "json_schema, structured_outputs json / json_object / choice / regex)", "guided_grammar");
+  for (const char* k : {"guided_grammar", "grammar"})
+    if (b.has(k)) {
+      const std::string gr = text_of(j[k], k, "a GBNF grammar");
+      one(k, [&] { return sampling::grammar_ebnf(gr); });
+    }
   return g;
 }
 

@@ -141,6 +141,45 @@ test('structured_outputs.regex, guided_regex and a schema\'s pattern: the text m
   assert.ok([...v.note].length <= 6, `note too long: ${v.note}`);
 });
 
+test('GBNF grammars: structured_outputs.grammar, guided_grammar and llama.cpp\'s grammar', async () => {
+  // A small arithmetic language (recursive): the answer must parse as one.
+  const gbnf = `
+root   ::= expr
+expr   ::= term (("+" | "-") term){0,3}
+term   ::= num | "(" expr ")"
+num    ::= [1-9] [0-9]{0,2}   # no leading zeros
+`;
+  const isExpr = (t) => {  // a recursive-descent check of the same language, in JS
+    let i = 0;
+    const term = () => {
+      if (t[i] === '(') { i++; if (!expr() || t[i] !== ')') return false; i++; return true; }
+      const m = /^[1-9][0-9]{0,2}/.exec(t.slice(i));
+      if (!m) return false;
+      i += m[0].length;
+      return true;
+    };
+    const expr = () => {
+      if (!term()) return false;
+      for (let k = 0; k < 3 && (t[i] === '+' || t[i] === '-'); k++) { i++; if (!term()) return false; }
+      return true;
+    };
+    return expr() && i === t.length;
+  };
+  for (const [extra, seed] of [[{ structured_outputs: { grammar: gbnf } }, 1], [{ guided_grammar: gbnf }, 2],
+                               [{ grammar: gbnf }, 3], [{ grammar: gbnf }, 4]]) {
+    const r = await client.completions.create({ model: 'tiny', prompt: 'Sum:', max_tokens: 60, temperature: 1, seed,
+                                                ...extra });
+    const c = r.choices[0];
+    if (c.finish_reason === 'stop') assert.ok(isExpr(c.text), `${JSON.stringify(extra).slice(0, 30)} gave ${c.text}`);
+    else assert.ok(/^[0-9+\-()]*$/.test(c.text), `a truncated answer keeps to the alphabet: ${c.text}`);
+  }
+  const chat = await client.chat.completions.create({
+    model: 'tiny', messages: [{ role: 'user', content: 'Yes or no?' }], max_tokens: 20, temperature: 1, seed: 5,
+    structured_outputs: { grammar: 'root ::= ("yes" | "no") "."?' }, chat_template_kwargs: { enable_thinking: false } });
+  assert.match(chat.choices[0].message.content, /^(yes|no)\.?$/);
+  assert.equal(chat.choices[0].finish_reason, 'stop');
+});
+
 test('unsupported or malformed constraints are 400s naming the field; the server stays up', async () => {
   const msgs = [{ role: 'user', content: 'x' }];
   const cases = [
@@ -149,10 +188,15 @@ test('unsupported or malformed constraints are 400s naming the field; the server
     [{ response_format: { type: 'json_schema', json_schema: { name: 'x', schema: { type: 'string', pattern: 'a(?=b)' } } } },
      /pattern.*lookahead/],
     [{ response_format: { type: 'json_schema', json_schema: { name: 'x', schema: { type: 'strange' } } } }, /strange/],
-    [{ structured_outputs: { grammar: 'root ::= "a"' } }, /grammar.*not supported/],
+    [{ structured_outputs: { structural_tag: '{}' } }, /structural_tag.*not supported/],
+    [{ structured_outputs: { grammar: 'root ::= item\nitem ::= "a" | missing' } },
+     /structured_outputs: grammar: the rule 'missing' is used but never defined at line 2, column 16/],
+    [{ grammar: 'root ::= root "a" | "b"' }, /^400 grammar: rule 'root' -> .* refers back to itself .*left recursion/],
+    [{ grammar: 'root ::= "a" root' }, /^400 grammar: no finite text satisfies it/],
     [{ structured_outputs: { regex: '(a' } }, /structured_outputs: regex: a '\(' that is never closed at character 0/],
     [{ guided_regex: 'a\\1' }, /guided_regex.*backreference/],
-    [{ structured_outputs: { regex: 'a', choice: ['a'] } }, /one of json, json_object, choice, regex/],
+    [{ structured_outputs: { regex: 'a', choice: ['a'] } }, /one of json, json_object, choice, regex, grammar/],
+    [{ guided_grammar: 'root ::= "a"', guided_regex: 'a' }, /both constrain/],
     [{ structured_outputs: { choice: [] } }, /choice/],
     [{ response_format: { type: 'json_object' }, structured_outputs: { json: person } }, /both constrain/],
     [{ response_format: { type: 'json_object' }, ignore_eos: true }, /ignore_eos/],

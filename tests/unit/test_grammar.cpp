@@ -817,6 +817,94 @@ TEST(GrammarRegex, MasksEqualAdvanceAndWalksMatch) {
   });
 }
 
+// GBNF / EBNF grammars (structured_outputs.grammar, llama.cpp's grammar)
+
+// JSON in GBNF, close to llama.cpp's grammars/json.gbnf (written here): walks must parse with nlohmann::json.
+const char* kJsonGbnf = R"(# a JSON value
+root   ::= value
+value  ::= object | array | string | number | ("true" | "false" | "null") ws
+object ::=
+  "{" ws (
+            string ":" ws value
+    ("," ws string ":" ws value)*
+  )? "}" ws
+array  ::= "[" ws ( value ("," ws value)* )? "]" ws
+string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" hex4) )* "\"" ws
+hex4   ::= [0-9a-cA-CefEF] [0-9a-fA-F]{3} | [dD] [0-7] [0-9a-fA-F]{2}   # no surrogate halves
+number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]{1,16})? ([eE] [-+]? [0-9]{1,2})? ws
+ws ::= | " " | "\n" [ \t]{0,20}
+)";
+
+TEST(GrammarEbnf, JsonGrammarAcceptsJsonAndWalksParse) {
+  const auto g = grammar_ebnf(kJsonGbnf);
+  for (const char* t : {R"({"a": [1, -2.5e+3, true, null], "b": {"c": "d\n\u00e9"}})", "[]", "\"\xE4\xB8\xAD\"", "0",
+                        "{}\n  "})
+    expect_accepts(g, t);
+  expect_refuses_at(g, "[1,]", 3);
+  expect_refuses_at(g, "01", 1);
+  expect_refuses_at(g, "{\"a\" 1}", 5);
+  expect_refuses_at(g, "\"\x01\"", 1);
+  EXPECT_EQ(grammar_ebnf(kJsonGbnf), g) << "recent grammars are shared";
+  const TokenMasker tm(synthetic_vocab());
+  expect_masks_match(g, tm, {R"({"name": "ab\u00e9", "x": [1.5e+3, true, null, {}]})"});
+  const WalkStats st = random_walks(g, tm, 300, 300, 21, [&](const std::string& text) {
+    nlohmann::json v;
+    EXPECT_NO_THROW(v = nlohmann::json::parse(text)) << show(text);
+  });
+  EXPECT_GE(st.complete, 200);
+}
+
+TEST(GrammarEbnf, RegularGrammarEqualsItsRegex) {
+  // The same language as a regular expression: walks and short texts agree with std::regex.
+  const auto g = grammar_ebnf(R"(
+    root ::= item ("," item){0,3} end?
+    item ::= [a-c]+ | 'x' digit{1,2} | "\u00e9"
+    digit ::= [0-9]
+    end ::= ";"
+  )");
+  const std::regex re("([a-c]+|x[0-9]{1,2}|\xC3\xA9)(,([a-c]+|x[0-9]{1,2}|\xC3\xA9)){0,3};?");
+  const TokenMasker tm(synthetic_vocab());
+  const WalkStats st = random_walks(g, tm, 300, 60, 22, [&](const std::string& text) {
+    EXPECT_TRUE(std::regex_match(text, re)) << show(text);
+  });
+  EXPECT_GE(st.complete, 250);
+  for (const char* t : {"a", "x1,b;", "x12,\xC3\xA9,cc,a", "", "x", "x123", "a,b,c,a,b", "a;;", "ab,", "d"}) {
+    Matcher m(g);
+    EXPECT_EQ(m.advance(t) && m.accepting(), std::regex_match(t, re)) << show(t);
+  }
+  expect_masks_match(g, tm, {"x12,\xC3\xA9,cc;", "abc"});
+}
+
+TEST(GrammarEbnf, RecursionDotAndEmptyAlternatives) {
+  // Balanced parentheses (right recursion through a group), any character, empty alternatives.
+  const auto g = grammar_ebnf("root ::= p . opt\np ::= \"(\" p* \")\"\nopt ::= | \"!\"");
+  for (const char* t : {"()x", "(()())\n", "((()))\xF0\x9F\x98\x80!"}) expect_accepts(g, t);
+  expect_refuses_at(g, ")", 0);
+  expect_refuses_at(g, "(()", 3);
+  expect_refuses_at(g, "()ab", 3);
+}
+
+TEST(GrammarEbnf, ErrorsNameTheLineAndColumn) {
+  EXPECT_ERROR(grammar_ebnf("root ::= a"), "grammar: the rule 'a' is used but never defined at line 1, column 10");
+  EXPECT_ERROR(grammar_ebnf("root ::= \"a\"\nroot ::= \"b\""), "the rule 'root' is defined twice at line 2, column 1");
+  EXPECT_ERROR(grammar_ebnf("start ::= \"a\""), "grammar: no rule named \"root\"");
+  EXPECT_ERROR(grammar_ebnf(""), "grammar: the text defines no rules");
+  EXPECT_ERROR(grammar_ebnf("root = \"a\""), "expected '::=' after the rule name 'root' at line 1, column 6");
+  EXPECT_ERROR(grammar_ebnf("root ::= \"a"), "a string that is never closed at line 1, column 10");
+  EXPECT_ERROR(grammar_ebnf("root ::= [a-"), "a '[' that is never closed");
+  EXPECT_ERROR(grammar_ebnf("root ::= [z-a]"), "a character range with its ends reversed");
+  EXPECT_ERROR(grammar_ebnf("root ::= (\"a\""), "a '(' that is never closed at line 1, column 10");
+  EXPECT_ERROR(grammar_ebnf("root ::= \"a\")"), "unbalanced ')' at line 1, column 13");
+  EXPECT_ERROR(grammar_ebnf("root ::= \"a\"{3,2}"), "the repetition {3,2} has its bounds reversed");
+  EXPECT_ERROR(grammar_ebnf("root ::= \"a\"{2000}"), "a repetition bound of 2000 (at most 1000 is supported)");
+  EXPECT_ERROR(grammar_ebnf("root ::= \"a\" (= \"b\")"), "lookahead assertions are not supported");
+  EXPECT_ERROR(grammar_ebnf("root ::= \"\\q\""), "an unknown escape \\q");
+  EXPECT_ERROR(grammar_ebnf("root ::= \"a\" @"), "unexpected '@' at line 1, column 14");
+  EXPECT_ERROR(grammar_ebnf("root ::= a \"x\"\na ::= root | \"y\""),
+               "grammar: rule 'root' -> rule 'a' -> rule 'root' refers back to itself before any text is produced");
+  EXPECT_ERROR(grammar_ebnf("root ::= \"a\" root"), "grammar: no finite text satisfies it");
+}
+
 TEST(GrammarJsonSchema, PatternStringsWithEscapesAndLengths) {
   const auto g = schema_of(R"({"type": "object", "properties": {
       "zip": {"type": "string", "pattern": "^\\d{5}(-\\d{4})?$"},

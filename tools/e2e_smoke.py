@@ -145,8 +145,26 @@ check(ok, "6 structured-output answers are JSON of their schema" + bad)
 check(all(results[i][0] == solo[i] for i in range(6)), "6 unconstrained streams beside them equal their solo runs")
 st, body = post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 4,
                                           "response_format": {"type": "json_schema", "json_schema": {
-                                              "name": "p", "schema": {"type": "string", "pattern": "a+"}}}})
-check(st == 400 and "pattern" in body, "an unsupported schema keyword is a 400 naming it")
+                                              "name": "p", "schema": {"type": "string", "pattern": "a(?=b)"}}}})
+check(st == 400 and "lookahead" in body, "an unsupported pattern construct is a 400 naming it")
+# A regular expression (Python's re.fullmatch checks it), a schema pattern and a GBNF grammar, host-sampled on the
+# device's logits.
+import re
+pat = r"\d{3}-[a-z]{2,5}( [A-Z]{1,4})?"
+gbnf = 'root ::= expr\nexpr ::= term (("+" | "*") term){0,3}\nterm ::= [1-9] [0-9]? | "(" expr ")"'
+ok, bad = True, ""
+for i, extra in enumerate([{"structured_outputs": {"regex": pat}}, {"guided_regex": pat},
+                           {"structured_outputs": {"grammar": gbnf}}, {"grammar": gbnf}]):
+    st, body = post("/v1/completions", {"prompt": "Code:", "max_tokens": 40, "temperature": 1, "seed": i, **extra})
+    c = json.loads(body)["choices"][0] if st == 200 else {}
+    text = c.get("text", "")
+    good = st == 200 and c["finish_reason"] == "stop" and (
+        re.fullmatch(pat, text) if "regex" in str(extra) else re.fullmatch(r"[0-9+*()]+", text) and
+        text.count("(") == text.count(")"))
+    if not good:
+        ok, bad = False, f": {extra} -> {st} {body[:300]}"
+        break
+check(ok, "regex and GBNF constrained completions match their language" + bad)
 # min_tokens (a -inf bias in the device sampler's edits) and thinking_token_budget (the forced </think>, host-sampled).
 st, body = post("/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 20, "temperature": 0, "min_tokens": 5,
                                     "logit_bias": {"1986": 100}, "return_token_ids": True})

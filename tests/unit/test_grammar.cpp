@@ -882,6 +882,13 @@ TEST(GrammarEbnf, RecursionDotAndEmptyAlternatives) {
   expect_refuses_at(g, ")", 0);
   expect_refuses_at(g, "(()", 3);
   expect_refuses_at(g, "()ab", 3);
+  // A regular part too large for one automaton (2^16 states) is compiled as rules and calls instead, same language.
+  const auto big = grammar_ebnf(R"(root ::= [ab]* "a" [ab]{15})");
+  expect_accepts(big, "b" "a" "bbbbbbbbbbbbbbb");
+  expect_accepts(big, "aaaaaaaaaaaaaaaaaa");
+  Matcher m(big);
+  ASSERT_TRUE(m.advance("bbbbbbbbbbbbbbbbb"));
+  EXPECT_FALSE(m.accepting());
 }
 
 TEST(GrammarEbnf, ErrorsNameTheLineAndColumn) {
@@ -1007,6 +1014,11 @@ void time_positions(const TokenMasker& tm) {
       {"schema, inside a maxLength-10 string", schema_of(kPerson), "{\"name\": \"ab"},
       {"schema, after '{'", schema_of(kPerson), "{"},
       {"schema, enum value", schema_of(kPerson), "{\"name\": \"ab\", \"age\": 1, \"member\": true, \"color\": "},
+      {"schema, inside a pattern string", schema_of(R"({"type": "string", "pattern": "[a-z ]+[0-9]*"})"), "\"ab"},
+      {"regex, free text [^\\n]*", grammar_regex("[^\n]*\n"), "ab"},
+      {"regex, a code", grammar_regex("[A-Z]{2}-\\d{3,6}"), "AB-1"},
+      {"GBNF JSON, inside a string", grammar_ebnf(kJsonGbnf), "{\"a\": \"hel"},
+      {"GBNF JSON, value position", grammar_ebnf(kJsonGbnf), "{\"a\": [1, "},
   };
   std::vector<uint32_t> bits;
   for (auto& p : positions) {

@@ -8,6 +8,7 @@
 
 #include "core/status.h"
 #include "sampling/regex.h"
+#include "text/unicode.h"
 
 namespace ds::sampling {
 
@@ -15,26 +16,6 @@ namespace {
 
 bool name_char(char c) {
   return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '_' || c == '.';
-}
-
-std::string utf8(uint32_t c) {
-  std::string s;
-  if (c < 0x80) {
-    s += char(c);
-  } else if (c < 0x800) {
-    s += char(0xC0 | (c >> 6));
-    s += char(0x80 | (c & 0x3F));
-  } else if (c < 0x10000) {
-    s += char(0xE0 | (c >> 12));
-    s += char(0x80 | ((c >> 6) & 0x3F));
-    s += char(0x80 | (c & 0x3F));
-  } else {
-    s += char(0xF0 | (c >> 18));
-    s += char(0x80 | ((c >> 12) & 0x3F));
-    s += char(0x80 | ((c >> 6) & 0x3F));
-    s += char(0x80 | (c & 0x3F));
-  }
-  return s;
 }
 
 class Parser {
@@ -182,7 +163,7 @@ class Parser {
       for (;;) {
         if (end() || t_[i_] == '\n') error("a string that is never closed", at);
         if (t_[i_] == c) break;
-        e.text += utf8(character(at));
+        text::unicode::utf8_append(e.text, character(at));
       }
       ++i_;
       return e;
@@ -268,17 +249,10 @@ class Parser {
       }
     }
     // UTF-8.
-    const int n = c < 0x80 ? 1 : c >= 0xC2 && c <= 0xDF ? 2 : c >= 0xE0 && c <= 0xEF ? 3 : c >= 0xF0 && c <= 0xF4 ? 4 : 0;
-    if (n == 0 || i_ + size_t(n) > t_.size()) error("text that is not valid UTF-8", item_at);
-    uint32_t cp = n == 1 ? c : c & (0x7F >> n);
-    for (int k = 1; k < n; ++k) {
-      const uint8_t b = uint8_t(t_[i_ + size_t(k)]);
-      if ((b & 0xC0) != 0x80) error("text that is not valid UTF-8", item_at);
-      cp = (cp << 6) | (b & 0x3F);
-    }
-    static constexpr uint32_t kMin[] = {0, 0, 0x80, 0x800, 0x10000};
-    if (cp < kMin[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) error("text that is not valid UTF-8", item_at);
-    i_ += size_t(n);
+    uint32_t cp = 0;
+    const size_t n = text::unicode::utf8_decode(t_.data() + i_, t_.size() - i_, &cp);
+    if (n == 0) error("text that is not valid UTF-8", item_at);
+    i_ += n;
     return cp;
   }
 

@@ -6,6 +6,7 @@
 #include <memory>
 
 #include "core/status.h"
+#include "text/unicode.h"
 
 namespace ds::sampling {
 
@@ -75,22 +76,12 @@ Node make_node(Node::Kind k) {
 class Parser {
  public:
   explicit Parser(std::string_view pattern) : text_(pattern) {
-    size_t i = 0;
-    while (i < pattern.size()) {  // decode UTF-8
-      const uint8_t c = uint8_t(pattern[i]);
-      const int n = c < 0x80 ? 1 : c >= 0xC2 && c <= 0xDF ? 2 : c >= 0xE0 && c <= 0xEF ? 3 : c >= 0xF0 && c <= 0xF4 ? 4 : 0;
-      if (n == 0 || i + size_t(n) > pattern.size()) fail("regex: the pattern is not valid UTF-8 (at byte ", i, ")");
-      uint32_t cp = n == 1 ? c : c & (0x7F >> n);
-      for (int k = 1; k < n; ++k) {
-        const uint8_t t = uint8_t(pattern[i + size_t(k)]);
-        if ((t & 0xC0) != 0x80) fail("regex: the pattern is not valid UTF-8 (at byte ", i, ")");
-        cp = (cp << 6) | (t & 0x3F);
-      }
-      static constexpr uint32_t kMin[] = {0, 0, 0x80, 0x800, 0x10000};
-      if (cp < kMin[n] || cp > kMaxCp || (cp >= 0xD800 && cp <= 0xDFFF))
-        fail("regex: the pattern is not valid UTF-8 (at byte ", i, ")");
+    for (size_t i = 0; i < pattern.size();) {  // decode UTF-8
+      uint32_t cp = 0;
+      const size_t n = text::unicode::utf8_decode(pattern.data() + i, pattern.size() - i, &cp);
+      if (n == 0) fail("regex: the pattern is not valid UTF-8 (at byte ", i, ")");
       p_.push_back(cp);
-      i += size_t(n);
+      i += n;
     }
   }
 
@@ -441,18 +432,6 @@ struct Nfa {
 };
 
 int utf8_len(uint32_t c) { return c < 0x80 ? 1 : c < 0x800 ? 2 : c < 0x10000 ? 3 : 4; }
-void utf8_encode(uint32_t c, uint8_t* b) {
-  const int n = utf8_len(c);
-  if (n == 1) {
-    b[0] = uint8_t(c);
-    return;
-  }
-  for (int k = n - 1; k > 0; --k) {
-    b[k] = uint8_t(0x80 | (c & 0x3F));
-    c >>= 6;
-  }
-  b[0] = uint8_t((0xF00 >> n) | c);  // 2: 0xC0, 3: 0xE0, 4: 0xF0
-}
 
 // The byte-range sequences spelling the code points lo..hi in UTF-8 (the usual split into ranges where every
 // byte position is a full range between the ends' bytes).
@@ -480,11 +459,11 @@ void utf8_ranges(uint32_t lo, uint32_t hi, std::vector<std::vector<std::pair<uin
       }
     }
   }
-  uint8_t a[4], b[4];
-  utf8_encode(lo, a);
-  utf8_encode(hi, b);
+  std::string a, b;
+  text::unicode::utf8_append(a, lo);
+  text::unicode::utf8_append(b, hi);
   std::vector<std::pair<uint8_t, uint8_t>> seq;
-  for (int k = 0; k < n; ++k) seq.push_back({a[k], b[k]});
+  for (int k = 0; k < n; ++k) seq.push_back({uint8_t(a[size_t(k)]), uint8_t(b[size_t(k)])});
   out.push_back(std::move(seq));
 }
 

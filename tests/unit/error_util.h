@@ -1,7 +1,10 @@
-// Shared by the unit tests: the message of the ds::Error a statement throws, and EXPECT_ERROR on a substring of it.
+// Shared by the unit tests: the message of the ds::Error a statement throws, EXPECT_ERROR on a substring of it, and
+// bytes shown readably in failure messages.
 #pragma once
+#include <cstdio>
 #include <functional>
 #include <string>
+#include <string_view>
 
 #include "core/status.h"
 
@@ -15,6 +18,21 @@ inline std::string error_of(const std::function<void()>& f) {
     return e.what();
   }
   return "(no error)";
+}
+
+// Printable ASCII as is, every other byte (and '\\') as \xNN.
+inline std::string show(std::string_view s) {
+  std::string o;
+  for (unsigned char c : s) {
+    if (c >= 0x20 && c < 0x7F && c != '\\') {
+      o += char(c);
+    } else {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\x%02X", c);
+      o += buf;
+    }
+  }
+  return o;
 }
 
 }  // namespace ds::test

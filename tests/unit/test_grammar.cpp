@@ -28,18 +28,7 @@ namespace fs = std::filesystem;
 
 GrammarPtr schema_of(const char* text) { return grammar_json_schema(ojson::parse(text)); }
 
-std::string show(std::string_view s) {
-  std::string o;
-  for (unsigned char c : s) {
-    if (c >= 0x20 && c < 0x7F && c != '\\') o += char(c);
-    else {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\x%02X", c);
-      o += buf;
-    }
-  }
-  return o;
-}
+using test::show;
 
 // Feeds `text` byte by byte: the index of the first byte refused, or -1 when all were taken.
 int64_t first_refused(Matcher& m, std::string_view text) {

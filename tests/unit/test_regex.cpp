@@ -14,18 +14,7 @@
 namespace ds::sampling {
 namespace {
 
-std::string show(std::string_view s) {
-  std::string o;
-  for (unsigned char c : s) {
-    if (c >= 0x20 && c < 0x7F && c != '\\') o += char(c);
-    else {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\x%02X", c);
-      o += buf;
-    }
-  }
-  return o;
-}
+using test::show;
 
 // Every text over `alphabet` up to `len` characters, then `random` texts of 5-12 characters: the automaton says
 // what std::regex_match says. Returns how many matched (so a test can require both answers to occur).
@@ -191,7 +180,9 @@ TEST(Regex, JsonStringEncodingEscapesAndCountsCharacters) {
   for (int32_t st = 0; st < int32_t(any.states()); ++st)
     for (int b = 0; b < 0x20; ++b) EXPECT_LT(any.step(st, uint8_t(b)), 0);
   for (int32_t st = 0; st < int32_t(any.states()); ++st) {
-    if (any.boundary[size_t(st)]) EXPECT_LT(any.step(st, '"'), 0);
+    if (any.boundary[size_t(st)]) {
+      EXPECT_LT(any.step(st, '"'), 0);
+    }
   }
 }
 

@@ -12,7 +12,7 @@ namespace ds::cli {
 int cmd_serve(int argc, char** argv) {
   Args a(argc, argv, 2, {"disable-image-fetch", "enforce-eager", "enable-prefix-caching", "no-enable-prefix-caching",
                          "disable-log-stats", "disable-access-log", "disable-uvicorn-access-log", "enable-log-requests",
-                         "return-tokens-as-token-ids"});
+                         "return-tokens-as-token-ids", "allow-credentials"});
   a.only("serve", {"host", "port", "backend", "served-model-name", "api-key", "max-model-len", "max-num-seqs",
                    "max-num-batched-tokens", "max-queued-requests", "num-gpu-blocks-override", "block-size",
                    "gpu-memory-utilization", "enforce-eager", "mamba-ssm-cache-dtype", "shutdown-timeout",
@@ -21,7 +21,8 @@ int cmd_serve(int argc, char** argv) {
                    "disable-image-fetch", "allowed-local-media-path", "enable-prefix-caching",
                    "no-enable-prefix-caching", "prefix-cache-checkpoints", "disable-log-stats", "log-stats-interval",
                    "disable-access-log", "disable-uvicorn-access-log", "enable-log-requests", "max-logprobs",
-                   "return-tokens-as-token-ids"});
+                   "return-tokens-as-token-ids", "allowed-origins", "allowed-methods", "allowed-headers",
+                   "allow-credentials"});
   server::ServerConfig c;
   c.model_dir = a.model_dir();
   c.host = a.get("host", c.host);
@@ -61,6 +62,21 @@ int cmd_serve(int argc, char** argv) {
   c.log_requests = a.has("enable-log-requests");
   c.max_logprobs = a.get_int("max-logprobs", c.max_logprobs);
   c.return_tokens_as_token_ids = a.has("return-tokens-as-token-ids");
+  // CORS (vLLM's flags: JSON lists of strings, "*" for any).
+  auto string_list = [&](const char* flag, std::vector<std::string>& out) {
+    if (!a.has(flag)) return;
+    const std::string v = a.get(flag);
+    auto j = nlohmann::json::parse(v, nullptr, false);
+    bool ok = !j.is_discarded() && j.is_array();
+    if (ok)
+      for (auto& x : j) ok = ok && x.is_string() && !x.get<std::string>().empty();
+    if (!ok) fail("--", flag, ": expected a JSON list of strings like '[\"*\"]', got '", v, "'");
+    out = j.get<std::vector<std::string>>();
+  };
+  string_list("allowed-origins", c.allowed_origins);
+  string_list("allowed-methods", c.allowed_methods);
+  string_list("allowed-headers", c.allowed_headers);
+  c.allow_credentials = a.has("allow-credentials");
   if (c.max_logprobs < -1) fail("--max-logprobs: expected -1 (the whole vocabulary) or a count >= 0, got ", c.max_logprobs);
   if (c.max_num_seqs < 1) fail("--max-num-seqs: expected >= 1, got ", c.max_num_seqs);
   if (c.max_num_batched_tokens < 1) fail("--max-num-batched-tokens: expected >= 1, got ", c.max_num_batched_tokens);

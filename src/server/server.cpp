@@ -18,6 +18,7 @@
 #include "runtime/cache.h"
 #include "runtime/engine.h"
 #include "server/anthropic.h"
+#include "server/cors.h"
 #include "server/media.h"
 #include "runtime/spec_decode.h"
 #include "server/metrics.h"
@@ -883,7 +884,9 @@ json usage_json(const Generation& g) {
 
 class HttpServer {
  public:
-  explicit HttpServer(ServerState& st) : st_(st) {}
+  explicit HttpServer(ServerState& st)
+      : st_(st),
+        cors_(st.cfg.allowed_origins, st.cfg.allowed_methods, st.cfg.allowed_headers, st.cfg.allow_credentials) {}
 
   void install() {
     svr_.new_task_queue = [] { return new httplib::ThreadPool(96); };
@@ -894,6 +897,16 @@ class HttpServer {
     svr_.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
       st_.metrics.http_requests_total++;
       t_request_start = Clock::now();
+      // A CORS preflight is answered before routing and authentication (browsers send no credentials on it).
+      if (req.method == "OPTIONS" && req.has_header("Origin") && req.has_header("Access-Control-Request-Method")) {
+        const CorsPolicy::Preflight p = cors_.preflight(req.get_header_value("Origin"),
+                                                        req.get_header_value("Access-Control-Request-Method"),
+                                                        req.get_header_value("Access-Control-Request-Headers"));
+        res.status = p.status;
+        for (auto& [k, v] : p.headers) res.set_header(k, v);
+        res.set_content(p.body, "text/plain; charset=utf-8");
+        return httplib::Server::HandlerResponse::Handled;
+      }
       if (!st_.cfg.api_key.empty() && req.path.rfind("/v1/", 0) == 0) {
         auto auth = req.get_header_value("Authorization");
         // Anthropic's clients send x-api-key (Anthropic's error shape on its routes).
@@ -909,6 +922,13 @@ class HttpServer {
         }
       }
       return httplib::Server::HandlerResponse::Unhandled;
+    });
+    // CORS headers on every response to a request from another origin (errors and streams included: httplib calls
+    // this before it writes the status line), except preflights, which carry their own.
+    svr_.set_post_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
+      if (!req.has_header("Origin") || res.has_header("Access-Control-Allow-Methods")) return;
+      for (auto& [k, v] : cors_.response_headers(req.get_header_value("Origin"), req.has_header("Cookie")))
+        res.set_header(k, v);
     });
     // The access log (uvicorn's, which vLLM prints): one line per request once its response is written (a stream:
     // when it ends). Health probes and metric scrapes that succeed are left out (one every few seconds).
@@ -1422,6 +1442,7 @@ class HttpServer {
   }
 
   ServerState& st_;
+  CorsPolicy cors_;
   httplib::Server svr_;
 };
 

@@ -4,6 +4,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
 #include "server/media.h"
 
@@ -51,6 +52,10 @@ struct ServerConfig {
   double log_stats_interval = 10.0;
   bool access_log = true;
   bool log_requests = false;
+  // CORS (docs/server.md "CORS"): vLLM's --allowed-origins / --allowed-methods / --allowed-headers (JSON lists, "*" any)
+  // and --allow-credentials, with vLLM's defaults (any origin, method and header; no credentials).
+  std::vector<std::string> allowed_origins{"*"}, allowed_methods{"*"}, allowed_headers{"*"};
+  bool allow_credentials = false;
 };
 
 // Starts listening, loads the model in the background (/health answers 503 until ready), serves until

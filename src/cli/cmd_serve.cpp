@@ -22,7 +22,7 @@ int cmd_serve(int argc, char** argv) {
                    "no-enable-prefix-caching", "prefix-cache-checkpoints", "disable-log-stats", "log-stats-interval",
                    "disable-access-log", "disable-uvicorn-access-log", "enable-log-requests", "max-logprobs",
                    "return-tokens-as-token-ids", "allowed-origins", "allowed-methods", "allowed-headers",
-                   "allow-credentials"});
+                   "allow-credentials", "generation-config", "override-generation-config"});
   server::ServerConfig c;
   c.model_dir = a.model_dir();
   c.host = a.get("host", c.host);
@@ -62,6 +62,25 @@ int cmd_serve(int argc, char** argv) {
   c.log_requests = a.has("enable-log-requests");
   c.max_logprobs = a.get_int("max-logprobs", c.max_logprobs);
   c.return_tokens_as_token_ids = a.has("return-tokens-as-token-ids");
+  c.generation_config = a.get("generation-config", c.generation_config);
+  if (c.generation_config != "auto" && c.generation_config != "vllm" &&
+      !std::filesystem::is_directory(c.generation_config))
+    fail("--generation-config: expected auto, vllm or a folder, got '", c.generation_config, "'");
+  if (a.has("override-generation-config")) {
+    const std::string v = a.get("override-generation-config");
+    auto j = nlohmann::json::parse(v, nullptr, false);
+    if (j.is_discarded() || !j.is_object())
+      fail("--override-generation-config: expected a JSON object like {\"temperature\": 0.5}, got '", v, "'");
+    for (auto& [k, x] : j.items()) {
+      if (k != "temperature" && k != "top_p" && k != "top_k" && k != "min_p" && k != "repetition_penalty")
+        fail("--override-generation-config: unknown parameter '", k,
+             "' (expected temperature, top_p, top_k, min_p, repetition_penalty)");
+      if (k == "top_k" ? !x.is_number_integer() : !x.is_number())
+        fail("--override-generation-config: '", k, "' must be ", k == "top_k" ? "an integer" : "a number", ", got ",
+             x.dump());
+    }
+    c.override_generation_config = j;
+  }
   // CORS (vLLM's flags: JSON lists of strings, "*" for any).
   auto string_list = [&](const char* flag, std::vector<std::string>& out) {
     if (!a.has(flag)) return;

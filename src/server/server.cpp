@@ -185,27 +185,48 @@ void load_runtime(ServerState& st) {
   // EOS set: config, generation_config and the chat end-of-turn tokens (model-spec §6: stop on both).
   std::vector<int32_t> eos;
   for (auto e : mc.text.eos_token_ids) eos.push_back(int32_t(e));
-  fs::path gen = fs::path(cfg.model_dir) / "generation_config.json";
+  auto read_json = [](const fs::path& p) {
+    std::ifstream f(p);
+    return nlohmann::json::parse(f, nullptr, false);
+  };
+  const fs::path gen = fs::path(cfg.model_dir) / "generation_config.json";
   if (fs::exists(gen)) {
-    std::ifstream f(gen);
-    auto j = nlohmann::json::parse(f, nullptr, false);
-    if (j.is_object()) {
-      if (j.contains("eos_token_id")) {
-        if (j["eos_token_id"].is_number_integer()) eos.push_back(j["eos_token_id"].get<int32_t>());
-        else if (j["eos_token_id"].is_array())
-          for (auto& x : j["eos_token_id"])
-            if (x.is_number_integer()) eos.push_back(x.get<int32_t>());
-      }
-      if (j.value("do_sample", true)) {
-        if (j.contains("temperature") && j["temperature"].is_number()) rt.defaults.temperature = j["temperature"].get<float>();
-        if (j.contains("top_p") && j["top_p"].is_number()) rt.defaults.top_p = j["top_p"].get<float>();
-        if (j.contains("top_k") && j["top_k"].is_number_integer()) rt.defaults.top_k = j["top_k"].get<int32_t>();
-        if (j.contains("min_p") && j["min_p"].is_number()) rt.defaults.min_p = j["min_p"].get<float>();
-        if (j.contains("repetition_penalty") && j["repetition_penalty"].is_number())
-          rt.defaults.repetition_penalty = j["repetition_penalty"].get<float>();
-      }
+    auto j = read_json(gen);
+    if (j.is_object() && j.contains("eos_token_id")) {
+      if (j["eos_token_id"].is_number_integer()) eos.push_back(j["eos_token_id"].get<int32_t>());
+      else if (j["eos_token_id"].is_array())
+        for (auto& x : j["eos_token_id"])
+          if (x.is_number_integer()) eos.push_back(x.get<int32_t>());
     }
   }
+  // Default sampling parameters (vLLM's --generation-config / --override-generation-config).
+  nlohmann::json sampling = nlohmann::json::object();
+  if (cfg.generation_config != "vllm") {
+    const fs::path from = cfg.generation_config == "auto" ? gen : fs::path(cfg.generation_config) / "generation_config.json";
+    if (cfg.generation_config != "auto" && !fs::exists(from))
+      fail("--generation-config: ", from.string(), " does not exist (expected auto, vllm or a folder holding one)");
+    if (fs::exists(from)) {
+      auto j = read_json(from);
+      if (!j.is_object()) fail(from.string(), ": expected a JSON object");
+      if (j.value("do_sample", true))  // greedy checkpoints keep the server's defaults, as vLLM does
+        for (const char* k : {"temperature", "top_p", "top_k", "min_p", "repetition_penalty"})
+          if (j.contains(k)) sampling[k] = j[k];
+    }
+  }
+  for (auto& [k, v] : cfg.override_generation_config.items()) sampling[k] = v;
+  for (auto& [k, v] : sampling.items()) {
+    const bool integer = k == "top_k";
+    if (integer ? !v.is_number_integer() : !v.is_number())
+      fail("default sampling parameter '", k, "' (generation config): expected ", integer ? "an integer" : "a number",
+           ", got ", v.dump());
+    if (k == "temperature") rt.defaults.temperature = v.get<float>();
+    if (k == "top_p") rt.defaults.top_p = v.get<float>();
+    if (k == "top_k") rt.defaults.top_k = v.get<int32_t>();
+    if (k == "min_p") rt.defaults.min_p = v.get<float>();
+    if (k == "repetition_penalty") rt.defaults.repetition_penalty = v.get<float>();
+  }
+  if (!sampling.empty())
+    std::fprintf(stderr, "deltaserve: default sampling parameters (generation config): %s\n", sampling.dump().c_str());
   for (const char* t : {"<|im_end|>", "<|endoftext|>"})
     if (auto id = rt.tok->token_id(t)) eos.push_back(*id);
   std::sort(eos.begin(), eos.end());

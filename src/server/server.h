@@ -32,6 +32,11 @@ struct ServerConfig {
   int drain_seconds = 30;             // graceful shutdown deadline
   nlohmann::ordered_json default_chat_template_kwargs = nlohmann::ordered_json::object();
   std::string chat_template_path;     // override the model's template
+  // vLLM's --generation-config auto|vllm|FOLDER: where the default sampling parameters come from (auto: the model's
+  // generation_config.json; vllm: none, the server's own defaults; a folder: its generation_config.json), and
+  // --override-generation-config JSON: parameters set over them (docs/server.md "Request semantics").
+  std::string generation_config = "auto";
+  nlohmann::json override_generation_config = nlohmann::json::object();
   int64_t num_speculative_tokens = 0; // --speculative-config '{"method": "mtp", "num_speculative_tokens": K}'
   MediaConfig media;                  // images: sources, limits (docs/server.md)
   int64_t draft_vocab_size = 0;        //   "draft_vocab_size": N (reduced draft head; 0 = full vocabulary)

@@ -901,6 +901,35 @@ TEST(GrammarEbnf, ErrorsNameTheLineAndColumn) {
   EXPECT_ERROR(grammar_ebnf("root ::= \"a\" root"), "grammar: no finite text satisfies it");
 }
 
+// Random grammar texts over GBNF's characters: each compiles or throws ds::Error (never crashes or hangs), and a
+// compiled one's matcher can take a few bytes.
+TEST(GrammarEbnf, RandomTextsCompileOrFailCleanly) {
+  const std::vector<std::string> pieces = {"root", " ::= ", "a", "b", " ", "\n", "|", "(", ")", "\"x\"", "\"\"", "[a-c]",
+                                           "[^a]", ".", "*", "+", "?", "{2}", "{1,3}", "{0,}", "#c\n", "a ::= ", "'y'",
+                                           "\\", "\"", "[", "]", "::="};
+  std::mt19937_64 rng(8);
+  int compiled = 0, refused = 0;
+  for (int i = 0; i < 3000; ++i) {
+    std::string t = "root ::= ";
+    const int n = 1 + int(rng() % 12);
+    for (int k = 0; k < n; ++k) t += pieces[rng() % pieces.size()];
+    try {
+      const auto g = grammar_ebnf(t);
+      ++compiled;
+      Matcher m(g);
+      for (const char* b : {"x", "a", "y", "b"}) (void)m.advance(b);
+    } catch (const Error& e) {
+      ++refused;
+      EXPECT_EQ(std::string(e.what()).rfind("grammar: ", 0), 0u) << e.what() << "\n" << show(t);
+    } catch (...) {
+      ADD_FAILURE() << "grammar " << show(t) << " threw something other than ds::Error";
+    }
+  }
+  std::printf("  %d compiled, %d refused\n", compiled, refused);
+  EXPECT_GT(compiled, 150);
+  EXPECT_GT(refused, 300);
+}
+
 TEST(GrammarJsonSchema, PatternStringsWithEscapesAndLengths) {
   const auto g = schema_of(R"({"type": "object", "properties": {
       "zip": {"type": "string", "pattern": "^\\d{5}(-\\d{4})?$"},

@@ -439,6 +439,19 @@ GenSpec parse_generation_request(const json& j, bool chat, const sampling::Sampl
     }
     g.add_generation_prompt = b.boolean("add_generation_prompt", true);
     g.continue_final_message = b.boolean("continue_final_message", false);
+    if (b.boolean("echo", false) && !g.messages.empty()) {
+      const json& last = g.messages.back();
+      if (!g.add_generation_prompt || (last.is_object() && last.value("role", "") == "assistant")) {
+        const json c = last.is_object() && last.contains("content") ? last["content"] : json(nullptr);
+        if (c.is_string()) {
+          g.chat_echo = c.get<std::string>();
+        } else if (c.is_array()) {
+          for (auto& part : c)
+            if (part.is_object() && part.value("type", "") == "text" && part.contains("text") && part["text"].is_string())
+              g.chat_echo += part["text"].get<std::string>();
+        }
+      }
+    }
   } else {
     if (b.has("logprobs")) {
       if (j["logprobs"].is_boolean()) g.logprobs = j["logprobs"].get<bool>();

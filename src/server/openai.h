@@ -53,6 +53,9 @@ struct GenSpec {
   // chat_template_kwargs' own enable_thinking, over the server's default.
   std::optional<bool> enable_thinking;
   bool add_generation_prompt = true, continue_final_message = false;
+  // vLLM's chat echo: the final message's text, which the reply's content is prefixed with, where that message is the
+  // reply's role's (an assistant message; any with add_generation_prompt false); empty otherwise.
+  std::string chat_echo;
   std::string request_id;
   std::string cache_salt;  // vLLM: prefix-cache checkpoints are shared only between requests with the same salt
   // vLLM's repetition_detection {max_pattern_size, min_pattern_size, min_count} (runtime::Request::repetition);

@@ -1201,7 +1201,9 @@ class HttpServer {
       if (spec.chat) {
         json msg = {{"role", "assistant"}};
         auto tcs = c.out->tool_calls();
-        msg["content"] = c.out->content().empty() && !tcs.empty() ? json(nullptr) : json(c.out->content());
+        msg["content"] = c.out->content().empty() && !tcs.empty() && spec.chat_echo.empty()
+                             ? json(nullptr)
+                             : json(spec.chat_echo + c.out->content());  // chat echo: the final message leads
         if (!c.out->reasoning().empty() && spec.include_reasoning) {
           msg["reasoning_content"] = c.out->reasoning();
           msg["reasoning"] = c.out->reasoning();
@@ -1269,6 +1271,13 @@ class HttpServer {
                 cs.push_back({{"index", c.index}, {"delta", {{"role", "assistant"}, {"content", ""}}}, {"logprobs", nullptr},
                               {"finish_reason", nullptr}});
               if (!send(chunk(*gen, cs))) return abort(*gen);
+              if (!spec.chat_echo.empty()) {  // chat echo: the final message's text, a chunk of its own (vLLM's)
+                cs = json::array();
+                for (auto& c : gen->choices())
+                  cs.push_back({{"index", c.index}, {"delta", {{"content", spec.chat_echo}}}, {"logprobs", nullptr},
+                                {"finish_reason", nullptr}});
+                if (!send(chunk(*gen, cs))) return abort(*gen);
+              }
             }
           }
           while (!gen->all_done()) {

@@ -316,6 +316,30 @@ test('continue_final_message: the reply continues the final assistant message; e
                        (e) => e.status === 400 && /continue_final_message/.test(e.message));
 });
 
+test('chat echo (vLLM): the final assistant message leads the content, streamed as a chunk of its own', async () => {
+  const messages = [{ role: 'user', content: 'Write a haiku.' }, { role: 'assistant', content: 'Autumn moonlight' }];
+  const req = { model: 'tiny', messages, max_tokens: 6, temperature: 0, continue_final_message: true,
+                add_generation_prompt: false, logit_bias: { 1984: -100, 1986: -100 } };
+  const plain = await client.chat.completions.create(req);
+  const echoed = await client.chat.completions.create({ ...req, echo: true });
+  assert.equal(echoed.choices[0].message.content, 'Autumn moonlight' + plain.choices[0].message.content);
+  assert.equal(echoed.usage.completion_tokens, plain.usage.completion_tokens, 'the echo is not generated');
+  const deltas = [];
+  for await (const chunk of await client.chat.completions.create({ ...req, echo: true, stream: true }))
+    for (const c of chunk.choices) if (c.delta.content) deltas.push(c.delta.content);
+  assert.equal(deltas[0], 'Autumn moonlight');
+  assert.equal(deltas.join(''), echoed.choices[0].message.content);
+  // Text parts are joined; a final user message (the reply is the assistant's) is not echoed.
+  const parts = await client.chat.completions.create({ ...req, echo: true, messages: [messages[0],
+    { role: 'assistant', content: [{ type: 'text', text: 'Autumn ' }, { type: 'text', text: 'moonlight' }] }] });
+  assert.equal(parts.choices[0].message.content, echoed.choices[0].message.content);
+  const user = await client.chat.completions.create({ model: 'tiny', messages: [messages[0]], max_tokens: 4,
+                                                      temperature: 0, echo: true });
+  const userPlain = await client.chat.completions.create({ model: 'tiny', messages: [messages[0]], max_tokens: 4,
+                                                           temperature: 0 });
+  assert.equal(user.choices[0].message.content, userPlain.choices[0].message.content);
+});
+
 test('include_reasoning false: the reasoning stays out of the message and the stream', async () => {
   const req = { model: 'tiny', messages: [{ role: 'user', content: 'Think about it' }], max_tokens: 12, temperature: 0,
                 logit_bias: { 2009: -100 } };

@@ -955,7 +955,7 @@ class HttpServer {
     // when it ends). Health probes and metric scrapes that succeed are left out (one every few seconds).
     if (st_.cfg.access_log)
       svr_.set_logger([](const httplib::Request& req, const httplib::Response& res) {
-        if (req.method == "GET" && (req.path == "/health" || req.path == "/metrics") && res.status < 400) return;
+        if ((req.path == "/health" || req.path == "/ping" || req.path == "/metrics") && res.status < 400) return;
         std::fprintf(stderr, "deltaserve: %s:%d \"%s %s %s\" %d %.3f s\n", req.remote_addr.c_str(), req.remote_port,
                      req.method.c_str(), req.path.c_str(), req.version.c_str(), res.status, seconds_since(t_request_start));
       });
@@ -983,13 +983,16 @@ class HttpServer {
       }
     });
 
-    svr_.Get("/health", [this](const httplib::Request&, httplib::Response& res) {
+    const auto health = [this](const httplib::Request&, httplib::Response& res) {
       if (st_.ready && !st_.draining) return res.set_content(R"({"status":"ok"})", "application/json");
       res.status = 503;
       json j = {{"status", st_.draining ? "draining" : st_.load_error.empty() ? "loading" : "error"}};
       if (!st_.load_error.empty()) j["error"] = st_.load_error;
       res.set_content(wire(j), "application/json");
-    });
+    };
+    svr_.Get("/health", health);
+    svr_.Get("/ping", health);  // vLLM's (SageMaker's) liveness route, GET and POST
+    svr_.Post("/ping", health);
     svr_.Get("/version", [](const httplib::Request&, httplib::Response& res) {
       res.set_content(R"({"version":"0.1.0"})", "application/json");
     });

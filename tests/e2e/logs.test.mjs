@@ -22,6 +22,8 @@ test('stats line, access log and request lines', async () => {
     const client = new OpenAI({ baseURL: `${srv.base}/v1`, apiKey: 'unused', maxRetries: 0 });
     await fetch(`${srv.base}/health`);
     await fetch(`${srv.base}/metrics`);
+    assert.equal((await fetch(`${srv.base}/ping`)).status, 200);
+    assert.equal((await fetch(`${srv.base}/ping`, { method: 'POST' })).status, 200);
     const r = await client.completions.create({ model: 'tiny', prompt: [5, 6, 7, 8], max_tokens: 12, temperature: 0,
                                                 ignore_eos: true });
     const stream = await client.chat.completions.create({ model: 'tiny', messages: [{ role: 'user', content: 'Hi' }],
@@ -41,6 +43,7 @@ test('stats line, access log and request lines', async () => {
     assert.match(log, /"POST \/v1\/completions HTTP\/1\.1" 400/);
     assert.doesNotMatch(log, /"GET \/health HTTP\/1\.1" 200/);  // the 503s while loading are logged
     assert.doesNotMatch(log, /"GET \/metrics/);
+    assert.doesNotMatch(log, /\/ping/);
     // Idle: after the idle line no further stats lines.
     const n = (srv.log().match(/deltaserve: stats:/g) || []).length;
     await sleep(700);

@@ -486,17 +486,19 @@ class JsonRules {
  public:
   // tool_value: the JSON is a tool-call parameter's value, so its strings never contain one of kToolTags (keys,
   // literals: the schema compiler checks them).
-  explicit JsonRules(Builder& b, bool tool_value = false) : b_(b) {
+  // compact: no whitespace between tokens at all (vLLM's disable_any_whitespace).
+  explicit JsonRules(Builder& b, bool tool_value = false, bool compact = false) : b_(b), compact_(compact) {
     if (tool_value) scan_ = std::make_unique<TagScanner>(false);
   }
   bool tool_value() const { return scan_ != nullptr; }
 
-  // "" | " " | "\n" [ \t]{0,20}
+  // "" | " " | "\n" [ \t]{0,20}; compact: "".
   int32_t ws() {
     if (ws_ >= 0) return ws_;
     ws_ = b_.rule("whitespace");
     const int32_t s = b_.start(ws_), sp = b_.node();
     b_.final(s);
+    if (compact_) return ws_;
     b_.final(sp);
     b_.on(s, ' ', sp);
     int32_t prev = b_.node();
@@ -884,6 +886,7 @@ class JsonRules {
   int32_t ws_ = -1, str_ = -1, char_ = -1, num_ = -1, int_ = -1, null_ = -1, bool_ = -1;
   std::map<std::pair<int64_t, int64_t>, int32_t> bounded_;
   std::vector<int32_t> values_, objects_, arrays_;
+  bool compact_ = false;
 };
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1937,25 +1940,28 @@ class RecentGrammars {
 };
 }  // namespace
 
-GrammarPtr grammar_json_object() {
-  static const GrammarPtr g = [] {
+GrammarPtr grammar_json_object(bool compact) {
+  auto make = [](bool c) {
     Builder b;
-    JsonRules j(b);
+    JsonRules j(b, false, c);
     return b.finish(j.object(1), "json_object");
-  }();
-  return g;
+  };
+  static const GrammarPtr g = make(false), gc = make(true);
+  return compact ? gc : g;
 }
 
-GrammarPtr grammar_json_schema(const nlohmann::ordered_json& schema) {
+GrammarPtr grammar_json_schema(const nlohmann::ordered_json& schema, bool compact) {
   static RecentGrammars recent;
-  return recent.get(schema.dump(-1, ' ', false, ojson::error_handler_t::replace), [&] {
+  return recent.get((compact ? "c" : "w") + schema.dump(-1, ' ', false, ojson::error_handler_t::replace), [&] {
     Builder b;
-    JsonRules j(b);
+    JsonRules j(b, false, compact);
     return SchemaCompiler(schema, b, j).compile();
   });
 }
 
-GrammarPtr grammar_json_schema(const nlohmann::json& schema) { return grammar_json_schema(ojson(schema)); }
+GrammarPtr grammar_json_schema(const nlohmann::json& schema, bool compact) {
+  return grammar_json_schema(ojson(schema), compact);
+}
 
 GrammarPtr grammar_tool_call(const nlohmann::ordered_json& tools, const std::string& only, bool strict_only) {
   static RecentGrammars recent;

@@ -67,13 +67,15 @@ namespace ds::sampling {
 class Grammar;  // immutable, shareable between threads (defined in grammar.cpp)
 using GrammarPtr = std::shared_ptr<const Grammar>;
 
-// Any JSON object at top level (response_format {"type": "json_object"}). Always the same grammar.
-GrammarPtr grammar_json_object();
+// Any JSON object at top level (response_format {"type": "json_object"}). Always the same grammar (one per flag).
+// compact (here and in grammar_json_schema): no whitespace between tokens at all (vLLM's disable_any_whitespace).
+GrammarPtr grammar_json_object(bool compact = false);
 // A JSON Schema (response_format {"type": "json_schema", "json_schema": {"schema": ...}}); throws ds::Error for an
 // invalid or unsupported schema, naming the JSON pointer and the keyword. The same schema text gives the same
 // grammar object while it is among the last few compiled (so TokenMasker's cache serves later requests too).
-GrammarPtr grammar_json_schema(const nlohmann::ordered_json& schema);
-GrammarPtr grammar_json_schema(const nlohmann::json& schema);  // properties in alphabetical order (see above)
+GrammarPtr grammar_json_schema(const nlohmann::ordered_json& schema, bool compact = false);
+// Properties in alphabetical order (see above).
+GrammarPtr grammar_json_schema(const nlohmann::json& schema, bool compact = false);
 // Raw text that a regular expression matches as a whole (vLLM's structured_outputs.regex / guided_regex; the
 // syntax is regex.h's). Throws ds::Error naming an unsupported construct and its position, or for a pattern that
 // matches nothing. Cached as grammar_json_schema's grammars are (by the pattern).

@@ -153,6 +153,15 @@ sampling::GrammarPtr parse_structured(const Body& b) {
       throw bad_request("'structured_outputs.structural_tag' is not supported (supported: json, json_object, choice, "
                         "regex, grammar)",
                         "structured_outputs");
+    // vLLM's disable_any_whitespace: JSON without whitespace between tokens.
+    bool compact = false;
+    if (so.contains("disable_any_whitespace") && !so["disable_any_whitespace"].is_null()) {
+      if (!so["disable_any_whitespace"].is_boolean())
+        throw bad_request("'structured_outputs.disable_any_whitespace' must be a boolean, got " +
+                              brief(so["disable_any_whitespace"]),
+                          "structured_outputs");
+      compact = so["disable_any_whitespace"].get<bool>();
+    }
     int kinds = 0;
     for (const char* k : {"json", "json_object", "choice", "regex", "grammar"}) kinds += so.contains(k) && !so[k].is_null();
     if (kinds > 1)
@@ -160,11 +169,12 @@ sampling::GrammarPtr parse_structured(const Body& b) {
                         "structured_outputs");
     if (so.contains("json") && !so["json"].is_null()) {
       const auto schema = schema_of(so["json"], "structured_outputs.json");
-      one("structured_outputs", [&] { return sampling::grammar_json_schema(schema); });
+      one("structured_outputs", [&] { return sampling::grammar_json_schema(schema, compact); });
     } else if (so.contains("json_object") && !so["json_object"].is_null()) {
       if (!so["json_object"].is_boolean())
         throw bad_request("'structured_outputs.json_object' must be a boolean", "structured_outputs");
-      if (so["json_object"].get<bool>()) one("structured_outputs", [] { return sampling::grammar_json_object(); });
+      if (so["json_object"].get<bool>())
+        one("structured_outputs", [&] { return sampling::grammar_json_object(compact); });
     } else if (so.contains("choice") && !so["choice"].is_null()) {
       const auto c = choices_of(so["choice"], "structured_outputs.choice");
       one("structured_outputs", [&] { return sampling::grammar_choice(c); });

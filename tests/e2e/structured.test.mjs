@@ -102,6 +102,14 @@ test('response_format json_object and structured_outputs (json, choice) on compl
                                                structured_outputs: { json: person } });
   assert.equal(js.choices[0].finish_reason, 'stop');
   checkPerson(js.choices[0].text, 'structured_outputs.json');
+  // vLLM's disable_any_whitespace: no whitespace outside the strings.
+  for (const seed of [6, 7, 8]) {
+    const c = await client.completions.create({ model: 'tiny', prompt: 'JSON:', max_tokens: 300, temperature: 1, seed,
+                                                structured_outputs: { json: person, disable_any_whitespace: true } });
+    assert.equal(c.choices[0].finish_reason, 'stop');
+    checkPerson(c.choices[0].text, 'disable_any_whitespace');
+    assert.doesNotMatch(c.choices[0].text.replace(/"(?:[^"\\]|\\.)*"/g, '""'), /\s/, c.choices[0].text);
+  }
   for (const seed of [1, 2, 3, 4]) {
     const ch = await client.completions.create({ model: 'tiny', prompt: 'Pick:', max_tokens: 20, temperature: 1, seed,
                                                  structured_outputs: { choice: ['alpha', 'beta gamma', 'δέλτα'] } });
@@ -189,6 +197,7 @@ test('unsupported or malformed constraints are 400s naming the field; the server
      /pattern.*lookahead/],
     [{ response_format: { type: 'json_schema', json_schema: { name: 'x', schema: { type: 'strange' } } } }, /strange/],
     [{ structured_outputs: { structural_tag: '{}' } }, /structural_tag.*not supported/],
+    [{ structured_outputs: { json_object: true, disable_any_whitespace: 'yes' } }, /disable_any_whitespace' must be a boolean/],
     [{ structured_outputs: { grammar: 'root ::= item\nitem ::= "a" | missing' } },
      /structured_outputs: grammar: the rule 'missing' is used but never defined at line 2, column 16/],
     [{ grammar: 'root ::= root "a" | "b"' }, /^400 grammar: rule 'root' -> .* refers back to itself .*left recursion/],

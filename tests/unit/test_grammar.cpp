@@ -416,6 +416,19 @@ TEST(GrammarJsonSchema, ErrorsNameThePointerAndTheKeyword) {
   expect_refuses_at(g, "{\"x\"", 2);
 }
 
+TEST(GrammarJsonSchema, CompactHasNoWhitespaceBetweenTokens) {
+  const auto g = grammar_json_schema(ojson::parse(kPerson), true);
+  expect_accepts(g, R"({"name":"a b","age":1,"member":true,"color":"red","tags":["x"]})");
+  expect_refuses_at(g, R"({ "name")", 1);
+  expect_refuses_at(g, R"({"name": )", 8);
+  expect_refuses_at(g, R"({"name":"a","age":1 ,)", 19);
+  EXPECT_NE(g, grammar_json_schema(ojson::parse(kPerson))) << "compact and not are two grammars";
+  const auto o = grammar_json_object(true);
+  expect_accepts(o, R"({"a":[1,{"b":null}],"c":"d e"})");
+  expect_refuses_at(o, "{\n", 1);
+  expect_refuses_at(o, R"({"a":[1, 2]})", 8);
+}
+
 TEST(GrammarJsonSchema, PlainJsonSortsPropertiesOrderedJsonKeepsThem) {
   const char* s = R"({"properties": {"b": {"type": "null"}, "a": {"type": "null"}}, "required": ["a", "b"]})";
   expect_accepts(grammar_json_schema(ojson::parse(s)), R"({"b":null,"a":null})");

@@ -1001,10 +1001,19 @@ class HttpServer {
       if (st_.ready) em = st_.rt.engine->metrics();
       res.set_content(st_.metrics.render(em, st_.model_name), "text/plain; version=0.0.4");
     });
-    svr_.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
-      json m = {{"id", st_.model_name}, {"object", "model"}, {"created", unix_time()}, {"owned_by", "deltaserve"},
-                {"root", st_.cfg.model_dir}, {"max_model_len", st_.rt.max_model_len}};
-      res.set_content(wire(json({{"object", "list"}, {"data", json::array({m})}})), "application/json");
+    const auto model_json = [this] {
+      return json({{"id", st_.model_name}, {"object", "model"}, {"created", unix_time()}, {"owned_by", "deltaserve"},
+                   {"root", st_.cfg.model_dir}, {"max_model_len", st_.rt.max_model_len}});
+    };
+    svr_.Get("/v1/models", [this, model_json](const httplib::Request&, httplib::Response& res) {
+      res.set_content(wire(json({{"object", "list"}, {"data", json::array({model_json()})}})), "application/json");
+    });
+    // OpenAI's retrieve-model route (client.models.retrieve).
+    svr_.Get(R"(/v1/models/(.+))", [this, model_json](const httplib::Request& req, httplib::Response& res) {
+      const std::string id = req.matches[1];
+      if (id != st_.model_name)
+        return send_error(res, HttpError(404, "The model '" + id + "' does not exist", "model", "NotFoundError"));
+      res.set_content(wire(model_json()), "application/json");
     });
     svr_.Post("/v1/responses", [this](const httplib::Request& req, httplib::Response& res) { responses(req, res); });
     svr_.Post("/tokenize", [this](const httplib::Request& req, httplib::Response& res) { tokenize(req, res); });

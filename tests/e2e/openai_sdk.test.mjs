@@ -21,6 +21,14 @@ test('health answered 503 while loading, 200 when ready; /v1/models lists the se
   const models = await client.models.list();
   assert.equal(models.data.length, 1);
   assert.equal(models.data[0].id, 'tiny');
+  const m = await client.models.retrieve('tiny');
+  assert.equal(m.id, 'tiny');
+  assert.equal(m.object, 'model');
+  await assert.rejects(client.models.retrieve('gpt-9'), (e) => {
+    assert.ok(e instanceof OpenAI.NotFoundError, String(e));
+    assert.match(e.message, /The model 'gpt-9' does not exist/);
+    return true;
+  });
 });
 
 test('greedy completions from token ids reproduce the reference continuations', async (t) => {

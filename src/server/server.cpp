@@ -267,6 +267,7 @@ struct Choice {
   std::vector<int32_t> prompt, tokens;
   std::vector<sampling::TokenLogprob> logprobs;
   std::vector<sampling::TokenLogprob> prompt_logprobs;  // of prompt tokens 1.. (GenSpec::prompt_logprobs)
+  int prompt_lp_from = -1;  // >= 0: the choice (same prompt, n > 1) whose prompt_logprobs are this one's too
   bool echoed = false;                                  // streaming echo: the prompt's chunk was sent
   size_t text_offset = 0;                               // streaming completions' logprobs: the next token's offset
   Clock::time_point last_token, first_token;
@@ -438,7 +439,12 @@ class Generation {
         r->mm = mm_;
         r->cache_salt = spec_.cache_salt;
         r->priority = spec_.priority;
-        r->prompt_logprobs = spec_.prompt_logprobs;
+        // n > 1 without streaming: the prompt's logprobs once, by the prompt's first choice (the others then resume
+        // from the prefix-cache checkpoint its prefill leaves, which a prompt owing logprobs cannot). A stream's echo
+        // sends each choice's with its first token, so there every choice computes its own.
+        const bool shared = spec_.prompt_logprobs >= 0 && k > 0 && !spec_.stream;
+        r->prompt_logprobs = shared ? -1 : spec_.prompt_logprobs;
+        if (shared) c.prompt_lp_from = c.index - k;
         r->repetition = {spec_.rep_max_pattern, spec_.rep_min_pattern, spec_.rep_min_count};
         if (spec_.chat) r->cache_hints = chat_cache_hints(prompts[pi], rt.im_start_id);
         c.req = r;
@@ -1206,6 +1212,10 @@ class HttpServer {
         [gen](bool) { gen->abort_all(); });
   }
 
+  static const std::vector<sampling::TokenLogprob>& prompt_lps(Generation& g, const Choice& c) {
+    return c.prompt_lp_from >= 0 ? g.choices()[size_t(c.prompt_lp_from)].prompt_logprobs : c.prompt_logprobs;
+  }
+
   json final_json(Generation& g) {
     const auto& spec = g.spec();
     json choices = json::array();
@@ -1232,11 +1242,11 @@ class HttpServer {
                    {"stop_reason", c.stop_reason}};
         if (spec.logprobs) {
           size_t off = 0;
-          const json echoed = spec.echo ? echo_logprobs(names(spec), c.prompt, c.prompt_logprobs, off) : json();
+          const json echoed = spec.echo ? echo_logprobs(names(spec), c.prompt, prompt_lps(g, c), off) : json();
           const json gen = completion_logprobs(names(spec), spec.echo_only ? std::vector<int32_t>{} : c.tokens, c.logprobs, off);
           ch["logprobs"] = spec.echo ? concat_logprobs(echoed, gen) : gen;
         }
-        if (spec.prompt_logprobs >= 0) ch["prompt_logprobs"] = prompt_logprobs_json(names(spec), c.prompt_logprobs);
+        if (spec.prompt_logprobs >= 0) ch["prompt_logprobs"] = prompt_logprobs_json(names(spec), prompt_lps(g, c));
         if (spec.return_token_ids) ch["token_ids"] = c.tokens, ch["prompt_token_ids"] = c.prompt;
         choices.push_back(ch);
       }

@@ -149,6 +149,19 @@ test('echo with logprobs scores a continuation as lm-evaluation-harness does; pr
     assert.equal(e.rank, 1, 'the greedy token ranks first');
     assert.ok(Math.abs(e.logprob - lp.token_logprobs[ctx.length + i]) < 1e-6);
   }
+  // n = 3 (a fresh prompt, a cache_salt of its own): every choice carries the prompt's logprobs, computed once by
+  // the first choice; the other two resume from the checkpoint its prefill left (the prefix-cache hits say so).
+  const before = await metrics(srv.base);
+  const three = await client.completions.create({ model: 'tiny', prompt: [...ctx, ...cont], max_tokens: 2, echo: true,
+                                                  logprobs: 1, temperature: 1, seed: 3, n: 3, cache_salt: 'n3-lps' });
+  const after3 = await metrics(srv.base);
+  assert.equal(three.choices.length, 3);
+  for (const ch of three.choices) {
+    assert.deepEqual(ch.prompt_logprobs, c.prompt_logprobs);
+    assert.deepEqual(ch.logprobs.token_logprobs.slice(0, ctx.length + cont.length), lp.token_logprobs);
+  }
+  const hits = after3.get('prefix_cache_hits_total') - before.get('prefix_cache_hits_total');
+  assert.ok(hits >= 2 * 16, `the 2nd and 3rd choices resumed from the 1st one's checkpoint (${hits} tokens hit)`);
   // Streaming: the prompt and its logprobs lead the choice, then the generated tokens with offsets after it.
   const stream = await client.completions.create({ model: 'tiny', prompt: [...ctx], max_tokens: 3, echo: true, logprobs: 1,
                                                    temperature: 0, ignore_eos: true, stream: true });

@@ -421,21 +421,15 @@ struct Nfa {
     s.back().mid = mid;
     return int32_t(s.size() - 1);
   }
-  // A path of byte ranges from `from` to `to`.
-  void path(int32_t from, const std::vector<std::pair<uint8_t, uint8_t>>& seq, int32_t to) {
-    for (size_t k = 0; k < seq.size(); ++k) {
-      const int32_t t = k + 1 == seq.size() ? to : add(true);
-      s[size_t(from)].edges.push_back({seq[k].first, seq[k].second, t});
-      from = t;
-    }
-  }
 };
 
 int utf8_len(uint32_t c) { return c < 0x80 ? 1 : c < 0x800 ? 2 : c < 0x10000 ? 3 : 4; }
 
+using Seq = std::vector<std::pair<uint8_t, uint8_t>>;  // byte ranges, one per byte position
+
 // The byte-range sequences spelling the code points lo..hi in UTF-8 (the usual split into ranges where every
 // byte position is a full range between the ends' bytes).
-void utf8_ranges(uint32_t lo, uint32_t hi, std::vector<std::vector<std::pair<uint8_t, uint8_t>>>& out) {
+void utf8_ranges(uint32_t lo, uint32_t hi, std::vector<Seq>& out) {
   static constexpr uint32_t kLenMax[] = {0x7F, 0x7FF, 0xFFFF};
   for (uint32_t m : kLenMax)
     if (lo <= m && hi > m) {
@@ -517,29 +511,61 @@ class NfaBuilder {
   void chars(CpSet set, int32_t in, int32_t out) {
     set = minus(set, 0xD800, 0xDFFF);
     if (enc_ == RegexEncoding::kJsonString) {
-      auto esc = [&](std::initializer_list<std::pair<uint8_t, uint8_t>> seq) { n_.path(in, seq, out); };
-      if (contains(set, '"')) esc({{'\\', '\\'}, {'"', '"'}});
-      if (contains(set, '\\')) esc({{'\\', '\\'}, {'\\', '\\'}});
-      if (contains(set, '/')) esc({{'\\', '\\'}, {'/', '/'}});
+      // The escapes, as a trie from `in` (all of a set's escapes share "\\", "\\u00", ...: a handful of states).
+      std::vector<std::string> escapes;
+      for (char c : {'"', '\\', '/'})
+        if (contains(set, uint8_t(c))) escapes.push_back(std::string("\\") + c);
       static constexpr std::pair<uint32_t, char> kShort[] = {{0x08, 'b'}, {0x0C, 'f'}, {'\n', 'n'}, {'\r', 'r'},
                                                               {'\t', 't'}};
       for (auto [cp, e] : kShort)
-        if (contains(set, cp)) esc({{'\\', '\\'}, {uint8_t(e), uint8_t(e)}});
+        if (contains(set, cp)) escapes.push_back(std::string("\\") + e);
       for (uint32_t cp = 0; cp < 0x20; ++cp) {
         if (!contains(set, cp)) continue;
-        const uint8_t hi = uint8_t('0' + (cp >> 4)), d = uint8_t(cp & 15);
+        const std::string head = std::string("\\u00") + char('0' + (cp >> 4));
+        const uint32_t d = cp & 15;
         if (d < 10) {
-          esc({{'\\', '\\'}, {'u', 'u'}, {'0', '0'}, {'0', '0'}, {hi, hi}, {uint8_t('0' + d), uint8_t('0' + d)}});
+          escapes.push_back(head + char('0' + d));
         } else {
-          esc({{'\\', '\\'}, {'u', 'u'}, {'0', '0'}, {'0', '0'}, {hi, hi}, {uint8_t('a' + d - 10), uint8_t('a' + d - 10)}});
-          esc({{'\\', '\\'}, {'u', 'u'}, {'0', '0'}, {'0', '0'}, {hi, hi}, {uint8_t('A' + d - 10), uint8_t('A' + d - 10)}});
+          escapes.push_back(head + char('a' + d - 10));
+          escapes.push_back(head + char('A' + d - 10));
         }
+      }
+      std::map<std::string, int32_t> prefix;
+      for (const std::string& e : escapes) {
+        int32_t at = in;
+        for (size_t k = 0; k + 1 < e.size(); ++k) {
+          auto [it, added] = prefix.emplace(e.substr(0, k + 1), -1);
+          if (added) {
+            it->second = n_.add(true);
+            n_.s[size_t(at)].edges.push_back({uint8_t(e[k]), uint8_t(e[k]), it->second});
+          }
+          at = it->second;
+        }
+        n_.s[size_t(at)].edges.push_back({uint8_t(e.back()), uint8_t(e.back()), out});
       }
       set = minus(minus(minus(set, 0, 0x1F), '"', '"'), '\\', '\\');
     }
-    std::vector<std::vector<std::pair<uint8_t, uint8_t>>> seqs;
+    // UTF-8: each sequence's first byte from `in`, its rest through states shared by every sequence with the same
+    // rest (a whole-Unicode class needs ~10 states, not one chain per sequence).
+    std::vector<Seq> seqs;
     for (auto [lo, hi] : set) utf8_ranges(lo, hi, seqs);
-    for (auto& seq : seqs) n_.path(in, seq, out);
+    std::map<Seq, int32_t> tails;
+    for (const Seq& seq : seqs) {
+      const int32_t next = tail(seq, 1, out, tails);  // first: it may grow n_.s
+      n_.s[size_t(in)].edges.push_back({seq[0].first, seq[0].second, next});
+    }
+  }
+
+  // The state from which seq[i..] leads to `out` (memoized by the rest).
+  int32_t tail(const Seq& seq, size_t i, int32_t out, std::map<Seq, int32_t>& tails) {
+    if (i == seq.size()) return out;
+    Seq rest(seq.begin() + std::ptrdiff_t(i), seq.end());
+    if (auto it = tails.find(rest); it != tails.end()) return it->second;
+    const int32_t node = n_.add(true);
+    const int32_t next = tail(seq, i + 1, out, tails);
+    n_.s[size_t(node)].edges.push_back({seq[i].first, seq[i].second, next});
+    tails.emplace(std::move(rest), node);
+    return node;
   }
 
   Nfa& n_;
@@ -566,12 +592,22 @@ RegexDfa compile_regex(std::string_view pattern, RegexEncoding enc) {
 
   // Subset construction: DFA states are epsilon-closed sets of NFA states.
   std::vector<char> seen(nfa.s.size(), 0);
+  // A work budget (NFA states visited), so an automaton of a few thousand states whose sets hold thousands of NFA
+  // states each ((.{0,1000}){10}) is refused in well under a second instead of taking minutes.
+  int64_t budget = kMaxRegexWork;
+  auto spend = [&](int64_t n) {
+    if ((budget -= n) < 0)
+      fail("regex: the pattern is too large (its deterministic automaton takes more than ", kMaxRegexWork,
+           " steps to build: nested or overlapping bounded repetitions); simplify it");
+  };
   auto closure = [&](std::vector<int32_t> set) {
+    spend(int64_t(set.size()));
     std::vector<int32_t> work = set;
     for (int32_t x : set) seen[size_t(x)] = 1;
     while (!work.empty()) {
       const int32_t x = work.back();
       work.pop_back();
+      spend(int64_t(nfa.s[size_t(x)].eps.size()));
       for (int32_t e : nfa.s[size_t(x)].eps)
         if (!seen[size_t(e)]) {
           seen[size_t(e)] = 1;
@@ -614,6 +650,7 @@ RegexDfa compile_regex(std::string_view pattern, RegexEncoding enc) {
     for (size_t c = 0; c + 1 < cuts.size(); ++c) {
       const uint16_t lo = cuts[c], hi = uint16_t(cuts[c + 1] - 1);
       std::vector<int32_t> to;
+      spend(int64_t(set.size()));
       for (int32_t x : set)
         for (auto& e : nfa.s[size_t(x)].edges)
           if (e.lo <= lo && hi <= e.hi) to.push_back(e.to);

@@ -43,8 +43,11 @@ struct RegexDfa {
   bool matches(std::string_view text) const;
 };
 
-// At most this many states (a larger automaton is refused: e.g. a{1,1000}b{1,1000} nested in a bounded repeat).
+// At most this many states (a larger automaton is refused: e.g. [ab]*a[ab]{15}, 2^16 states), built within a work
+// budget (nested bounded repeats such as (.{0,1000}){10} are refused by it). A character class's bytes share their
+// states, so a JSON string's ".{0,1000}" is ~14,000 states.
 constexpr size_t kMaxRegexStates = 20000;
+constexpr int64_t kMaxRegexWork = 20'000'000;  // NFA states visited while building it (a time bound: ~0.1-0.3 s)
 constexpr int kMaxRegexRepeat = 1000;
 
 // Throws ds::Error for syntax outside the subset above or an automaton over kMaxRegexStates, naming the construct

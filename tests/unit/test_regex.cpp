@@ -222,6 +222,8 @@ TEST(Regex, ErrorsNameTheConstructAndItsPosition) {
   // Too large: an exponential DFA, a huge NFA.
   EXPECT_ERROR(compile_regex("[ab]*a[ab]{15}"), "its deterministic automaton needs more than 20000 states");
   EXPECT_ERROR(compile_regex("((a{1000}){1000})"), "its automaton needs more than 262144 states");
+  // Sets of thousands of NFA states per DFA state: refused by the work budget (it took minutes without one).
+  EXPECT_ERROR(compile_regex("(.{0,1000}){10}", RegexEncoding::kJsonString), "takes more than 20000000 steps to build");
   // Long patterns are shown cut.
   const std::string long_pattern = std::string(300, 'a') + "(?=b)";
   EXPECT_ERROR(compile_regex(long_pattern), "at character 300 of the pattern \"" + std::string(200, 'a') + "...\"");
@@ -268,6 +270,18 @@ TEST(Regex, RandomPatternsCompileOrFailCleanly) {
   EXPECT_GT(compiled, 500);
   EXPECT_GT(refused, 500);
   EXPECT_GT(compared, 200);
+}
+
+TEST(Regex, LongBoundedRepeatsOfAnyCharacterCompile) {
+  // A character class's bytes share their states (one per UTF-8 tail and escape prefix, not per sequence), so a
+  // schema's "^.{0,1000}$" fits: ~14 states per position in the JSON encoding.
+  const RegexDfa d = compile_regex("^.{0,1000}$", RegexEncoding::kJsonString);
+  EXPECT_LT(d.states(), size_t(15000));
+  std::string t;
+  for (int i = 0; i < 1000; ++i) t += i % 3 == 0 ? "\xC3\xA9" : i % 3 == 1 ? "\\u0001" : "x";
+  EXPECT_TRUE(d.matches(t));
+  EXPECT_FALSE(d.matches(t + "x"));
+  EXPECT_TRUE(compile_regex("[^\"]{0,500}\"[^\"]{0,500}", RegexEncoding::kJsonString).matches("ab\\\"cd"));
 }
 
 TEST(Regex, IntersectionMatchesBoth) {

@@ -1585,13 +1585,16 @@ class EbnfCompiler {
   void into(const EbnfExpr& e, int32_t from, int32_t to) {
     // A regular part (no rule that can reach itself): one automaton, stepped without calls (a string's characters
     // in a loop: masks as fast as the JSON grammar's own strings instead of ~5x slower through calls).
-    if (e.kind == EbnfExpr::kRepeat || e.kind == EbnfExpr::kAlt || e.kind == EbnfExpr::kSeq) {
+    // After a few parts too large for one automaton (each refusal costs up to the regex work budget), the rest are
+    // rules and calls: a hostile grammar cannot make the compile take long.
+    if ((e.kind == EbnfExpr::kRepeat || e.kind == EbnfExpr::kAlt || e.kind == EbnfExpr::kSeq) && regex_refusals_ < 3) {
       std::string re;
       if (regex_of(e, re, 0)) {
         std::optional<RegexDfa> d;
         try {
           d = compile_regex(re);
         } catch (const Error&) {  // too large as one automaton: rules and calls instead
+          ++regex_refusals_;
         }
         if (d) {
           for (int32_t x : regex_nodes(b_, from, *d, 0, -1, nullptr)) b_.call(x, empty(), to);
@@ -1759,6 +1762,7 @@ class EbnfCompiler {
   std::set<std::string> recursive_;
   std::map<std::string, RegexDfa> classes_;
   int32_t empty_ = -1;
+  int regex_refusals_ = 0;
 };
 
 // ---------------------------------------------------------------------------------------------------------------

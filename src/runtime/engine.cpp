@@ -446,8 +446,10 @@ void Engine::Impl::run(const Schedule& sc_in) {
     const sampling::SamplingParams& sp = x.seq->req->sampling;
     // Logprobs (up to kMaxRowTopLogprobs alternatives) come from Backend::row_logprobs beside the sampled rows.
     const bool lp_ok = sp.logprobs < 0 || (sp.logprobs <= Backend::kMaxRowTopLogprobs && model.backend().has_row_logprobs());
+    // A grammar's row with drafts verifies on the host even before the grammar engages (in a think block): the
+    // device path accepts and retracts the drafts to build its rows, and a draft past </think> would move the grammar.
     return !x.samples || (lp_ok && !x.seq->sampler.constrained() && x.seq->sampler.forced() < 0 &&
-                          (x.num_drafts == 0 || (cfg.device_verify && sampling::is_greedy(sp))));
+                          (x.num_drafts == 0 || (cfg.device_verify && sampling::is_greedy(sp) && !sp.grammar)));
   });
   std::vector<sampling::TokenLogprob> plp;  // of `prow`
   std::vector<std::pair<Sequence*, uint64_t>> draws;  // each sampler's counter before this step's uniforms
@@ -777,11 +779,14 @@ void Engine::Impl::join_masks(StepMasks& m) {
 int64_t Engine::Impl::drafts_wanted(Sequence* s) {
   const int64_t left = std::min(s->req->max_tokens - s->num_generated(), cfg.max_model_len - int64_t(s->tokens.size()));
   int64_t k = std::min(cfg.num_speculative_tokens, left - 1);
-  // A grammar's position is not undone by a rejected draft (SeqSampler::retract): structured output runs unspeculated,
-  // and so does a request with a tool-call grammar, engaged or not (a draft could be its trigger; docs/server.md).
+  // Structured output (a grammar engaged from the start or after </think>) is speculated: its verify runs on the host
+  // (decide accepts the verified tokens one by one, so the grammar's position only moves forward; verify_draft masks
+  // each row at the position of the drafts before it). A tool-call grammar (trigger / close tokens) is not: a draft
+  // could be its trigger, and an engagement is not undone (SeqSampler::retract; docs/server.md).
   // A thinking budget: no verified row may be the one whose token is forced (SeqSampler::forced, host-sampled).
   // allowed_token_ids: verify_draft does not apply it, so no drafts either.
-  if (k <= 0 || s->req->sampling.grammar || !s->req->sampling.allowed_ids.empty()) return 0;
+  const sampling::SamplingParams& sp = s->req->sampling;
+  if (k <= 0 || (sp.grammar && (sp.grammar_trigger >= 0 || sp.grammar_close >= 0)) || !sp.allowed_ids.empty()) return 0;
   k = std::min(k, s->sampler.budget_left() - 1);
   if (k <= 0) return 0;
   // Positions len .. len + k (the verify); the chained MTP steps write len .. len + k − 2.

@@ -321,18 +321,34 @@ int32_t verify_draft(const float* logits, int64_t V, int64_t vocab_limit, SeqSam
   std::vector<SampleEdit> edits;
   collect_edits(s, edits);
   const SampleRowParams r = row_of(p);
+  // A grammar's position (the accepted drafts included): the tokens it forbids at -inf, as sample() does; a draft the
+  // grammar forbids has p = 0 and is rejected.
+  std::vector<uint32_t> bits;
+  std::vector<float> masked;
+  const bool grammar = s.grammar_mask(bits);
+  if (grammar) {
+    masked.assign(logits, logits + n);
+    for (int64_t i = 0; i < n; ++i)
+      if (size_t(i) / 32 >= bits.size() || !(bits[size_t(i) / 32] >> (i % 32) & 1u))
+        masked[size_t(i)] = -std::numeric_limits<float>::infinity();
+  }
   std::vector<float> z;  // what sample() filters and draws from
-  cpu::sample_values(logits, n, r, edits.data(), int64_t(edits.size()), z);
+  cpu::sample_values(grammar ? masked.data() : logits, n, r, edits.data(), int64_t(edits.size()), z);
 
   int32_t tok = -1;
   bool acc = false;
   if (r.greedy) {
     // Greedy target: p is one-hot at the argmax, so the rule reduces to "accept iff equal" and uses no RNG.
     tok = cpu::sample_argmax(z.data(), n);
+    if (grammar && (tok < 0 || !(z[size_t(tok)] > -std::numeric_limits<float>::infinity())))
+      fail("structured output: no token the grammar allows is left to sample");
     acc = tok == draft;
   } else {
     cpu::SampleSet c;  // p = c.w / c.total over c.ids, exactly sample()'s distribution
-    if (!cpu::sample_filter(z.data(), n, r, c)) fail("no token left to sample (every logit is -inf or NaN after logit_bias)");
+    if (!cpu::sample_filter(z.data(), n, r, c)) {
+      if (grammar) fail("structured output: no token the grammar allows is left to sample");
+      fail("no token left to sample (every logit is -inf or NaN after logit_bias)");
+    }
     double pd = 0;
     for (size_t i = 0; i < c.ids.size(); ++i)
       if (c.ids[i] == draft) pd = c.w[i] / c.total;  // p(draft); 0 outside the kept set (or outside [0, n))

@@ -230,6 +230,18 @@ test('logprobs under speculation, --max-logprobs, and the stats line of a specul
                                                      logprobs: true, top_logprobs: 2, return_token_ids: true });
     assert.deepEqual(chat.choices[0].logprobs.content.map((t) => t.token),
                      chat.choices[0].token_ids.map((t) => `token_id:${t}`));
+    // Structured output is speculated too (drafts verified against the grammar's mask): the same greedy answer as the
+    // plain server's, and drafts proposed for it (deltaserve:spec_decode_num_draft_tokens_total grows).
+    const jreq = { model: 'tiny', prompt: 'JSON:', max_tokens: 60, temperature: 0,
+                   structured_outputs: { regex: '[A-Z]{2}-[0-9]{2,6}( [a-z]{1,5}){0,3}' } };
+    const before = await metrics(spec.base);
+    const jspec = await c2.completions.create(jreq);
+    const after = await metrics(spec.base);
+    const jplain = await client.completions.create(jreq);
+    assert.equal(jspec.choices[0].text, jplain.choices[0].text);
+    assert.match(jspec.choices[0].text, /^[A-Z]{2}-[0-9]{2,6}( [a-z]{1,5}){0,3}$/);
+    assert.ok(after.get('spec_decode_num_draft_tokens_total') > before.get('spec_decode_num_draft_tokens_total'),
+              'the constrained request was speculated');
     const deadline = Date.now() + 10000;
     while (!/; speculative: mean acceptance length [0-9.]+, accepted \d+ of \d+ drafted/.test(spec.log())) {
       assert.ok(Date.now() < deadline, `no speculative stats line:\n${spec.log()}`);

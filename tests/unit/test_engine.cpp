@@ -15,6 +15,7 @@
 #include "backend/ops.h"
 #include "core/status.h"
 #include "golden_util.h"
+#include "masker_util.h"
 #include "model/model.h"
 #include "runtime/cache.h"
 #include "runtime/engine.h"
@@ -1275,24 +1276,10 @@ TEST(Engine, AFailingRequestFailsAlone) {
 // Grammar masks ahead (EngineConfig::parallel_masks, docs/engine.md "Sampler"): the masks of a step's constrained
 // rows are computed on worker threads during the forward.
 
-// The tiny model's vocabulary as the server gives it to a grammar (added tokens spell nothing), and its ids.
+// The tiny model's vocabulary as a grammar sees it (masker_util.h), and its added tokens' ids.
 constexpr int32_t kToolCall = 1998, kToolCallEnd = 1999, kThinkEnd = 2009;
-std::shared_ptr<const sampling::TokenMasker> tiny_masker() {
-  static const auto m = [] {
-    const auto tok = text::Tokenizer::load(test::data_dir() + "/tiny-moe/tiny-moe-int4/tokenizer.json");
-    std::vector<std::string> bytes(2048);
-    for (int32_t id = 0; id < tok.vocab_size(); ++id)
-      if (!tok.is_added(id)) bytes[size_t(id)] = std::string(tok.token_bytes(id));
-    return std::make_shared<const sampling::TokenMasker>(std::move(bytes));
-  }();
-  return m;
-}
-
-std::string text_of(const std::vector<int32_t>& toks) {
-  std::string t;
-  for (int32_t id : toks) t += tiny_masker()->token_bytes(id);
-  return t;
-}
+using test::text_of;
+using test::tiny_masker;
 
 const char* kMaskSchema = R"({"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
     "age": {"type": "integer"}, "color": {"enum": ["red", "green", "blue"]}}, "required": ["name", "age", "color"],

@@ -19,9 +19,11 @@
 #include "backend/ops.h"
 #include "core/status.h"
 #include "golden_util.h"
+#include "masker_util.h"
 #include "model/model.h"
 #include "runtime/engine.h"
 #include "runtime/spec_decode.h"
+#include "sampling/grammar.h"
 #include "sampling/sampling.h"
 #include "server/metrics.h"
 
@@ -357,6 +359,66 @@ TEST(SpecEngine, OracleDraftsAreAcceptedAndOutputUnchanged) {
     // Sampled requests with the same oracle: lengths exact, counters consistent.
     const auto s = run_all(*f.m, c, make(0.7f), &m);
     for (auto& o : s) EXPECT_EQ(int64_t(o.tokens.size()), N);
+    check_counters(m, K);
+  }
+}
+
+// Structured output under speculation: a grammar request's drafts are verified on the host against the grammar's
+// mask at each position (the drafts before it accepted), so greedy outputs are the plain run's token for token and
+// every output is text of its grammar; drafts were proposed and accepted for them. One request thinks first (a
+// budget forces </think>, after which its grammar engages), so its drafts cross the engagement.
+TEST(SpecEngine, GrammarRequestsAreSpeculatedWithTheSameTokens) {
+  Fixture& f = fixture("tiny-moe", "bf16");
+  const int32_t think_end = 2009;
+  const auto schema = sampling::grammar_json_schema(nlohmann::ordered_json::parse(
+      R"({"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "n": {"type": "integer"}},
+          "required": ["name", "n"], "additionalProperties": false})"));
+  const auto code = sampling::grammar_regex("[A-Z]{2}-[0-9]{2,6}( [a-z]{1,5}){0,3}");
+  auto make = [&](float temp) {
+    std::vector<std::shared_ptr<Request>> rs;
+    for (size_t i = 0; i < f.prompts.size(); ++i) {
+      auto r = req(i, f.prompts[i], 80, temp);
+      r->ignore_eos = false;
+      r->sampling.grammar = i % 3 == 0 ? schema : i % 3 == 1 ? code : sampling::grammar_json_object();
+      r->sampling.masker = test::tiny_masker();
+      if (i == 2) {
+        r->sampling.think_end = think_end;
+        r->sampling.thinking_budget = 5;
+        r->sampling.logit_bias = {{think_end, -100.f}};
+      }
+      rs.push_back(r);
+    }
+    return rs;
+  };
+  // The text after the think block (if any) is a prefix of the grammar's language, complete when the output stopped.
+  auto check = [&](const std::vector<Out>& outs, const std::vector<std::shared_ptr<Request>>& rs, const char* what) {
+    for (size_t i = 0; i < outs.size(); ++i) {
+      auto t = outs[i].tokens;
+      if (auto at = std::find(t.begin(), t.end(), think_end); rs[i]->sampling.think_end >= 0 && at != t.end())
+        t.erase(t.begin(), at + 1);
+      if (!t.empty() && (t.back() == 1984 || t.back() == 1986)) t.pop_back();
+      sampling::Matcher m(rs[i]->sampling.grammar);
+      ASSERT_TRUE(m.advance(test::text_of(t))) << what << " request " << i << ": " << test::text_of(t);
+      if (outs[i].finish == FinishReason::Stop) EXPECT_TRUE(m.accepting()) << what << " request " << i;
+    }
+  };
+  const auto greedy = make(0.f);
+  const auto want = run_all(*f.m, config(0), greedy);
+  check(want, greedy, "plain");
+  for (int64_t K : {1, 3}) {
+    EngineConfig c = config(K);
+    c.draft_hook = oracle(want, f.prompts, uint64_t(K), 7);
+    runtime::EngineMetrics m;
+    const auto rs = make(0.f);
+    const auto got = run_all(*f.m, c, rs, &m);
+    for (size_t i = 0; i < want.size(); ++i) EXPECT_EQ(got[i].tokens, want[i].tokens) << "K=" << K << " request " << i;
+    check(got, rs, "greedy speculated");
+    check_counters(m, K);
+    EXPECT_GT(m.spec_accepted_tokens_total, 0) << "the constrained requests' drafts were verified and accepted";
+    // Sampled, with the same oracle: text of the grammar, counters consistent.
+    const auto sampled = make(0.8f);
+    const auto s = run_all(*f.m, c, sampled, &m);
+    check(s, sampled, "sampled speculated");
     check_counters(m, K);
   }
 }

@@ -779,14 +779,13 @@ void Engine::Impl::join_masks(StepMasks& m) {
 int64_t Engine::Impl::drafts_wanted(Sequence* s) {
   const int64_t left = std::min(s->req->max_tokens - s->num_generated(), cfg.max_model_len - int64_t(s->tokens.size()));
   int64_t k = std::min(cfg.num_speculative_tokens, left - 1);
-  // Structured output (a grammar engaged from the start or after </think>) is speculated: its verify runs on the host
-  // (decide accepts the verified tokens one by one, so the grammar's position only moves forward; verify_draft masks
-  // each row at the position of the drafts before it). A tool-call grammar (trigger / close tokens) is not: a draft
-  // could be its trigger, and an engagement is not undone (SeqSampler::retract; docs/server.md).
+  // Grammars (structured output, tool calls) are speculated: a sequence with one verifies on the host (on_device in
+  // run), where decide accepts the verified tokens one by one — the grammar's position only moves forward, a draft that
+  // is a tool call's trigger or close engages or releases it as a sampled one would — and verify_draft masks each row
+  // at the position after the drafts before it.
   // A thinking budget: no verified row may be the one whose token is forced (SeqSampler::forced, host-sampled).
   // allowed_token_ids: verify_draft does not apply it, so no drafts either.
-  const sampling::SamplingParams& sp = s->req->sampling;
-  if (k <= 0 || (sp.grammar && (sp.grammar_trigger >= 0 || sp.grammar_close >= 0)) || !sp.allowed_ids.empty()) return 0;
+  if (k <= 0 || !s->req->sampling.allowed_ids.empty()) return 0;
   k = std::min(k, s->sampler.budget_left() - 1);
   if (k <= 0) return 0;
   // Positions len .. len + k (the verify); the chained MTP steps write len .. len + k − 2.

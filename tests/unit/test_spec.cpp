@@ -13,6 +13,7 @@
 #include <memory>
 #include <numeric>
 #include <random>
+#include <set>
 #include <tuple>
 #include <unistd.h>
 
@@ -374,6 +375,10 @@ TEST(SpecEngine, GrammarRequestsAreSpeculatedWithTheSameTokens) {
       R"({"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "n": {"type": "integer"}},
           "required": ["name", "n"], "additionalProperties": false})"));
   const auto code = sampling::grammar_regex("[A-Z]{2}-[0-9]{2,6}( [a-z]{1,5}){0,3}");
+  const auto tools = nlohmann::ordered_json::parse(R"([{"type": "function", "function": {"name": "get_weather",
+      "strict": true, "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6},
+      "days": {"type": "integer"}}, "required": ["city"]}}}])");
+  const int32_t tool_call = 1998, tool_call_end = 1999;  // <tool_call>, </tool_call>
   auto make = [&](float temp) {
     std::vector<std::shared_ptr<Request>> rs;
     for (size_t i = 0; i < f.prompts.size(); ++i) {
@@ -388,11 +393,33 @@ TEST(SpecEngine, GrammarRequestsAreSpeculatedWithTheSameTokens) {
       }
       rs.push_back(r);
     }
+    // Tool calls: tool_choice auto with a strict tool (a lazy grammar engaged by <tool_call>, its trigger and close
+    // favoured so calls happen amid free text) and tool_choice required (engaged past the forced prefix, then another
+    // call or the end): their drafts engage and release the grammar as sampled tokens would.
+    for (int t = 0; t < 2; ++t) {
+      auto r = req(f.prompts.size() + size_t(t), f.prompts[size_t(t)], 80, temp);
+      r->ignore_eos = false;
+      r->sampling.masker = test::tiny_masker();
+      r->sampling.grammar = t == 0 ? sampling::grammar_tool_call(tools, "", true) : sampling::grammar_tool_call(tools);
+      r->sampling.grammar_trigger = tool_call;
+      r->sampling.grammar_close = tool_call_end;
+      if (t == 0) {
+        r->sampling.grammar_lazy = true;
+        r->sampling.logit_bias = {{tool_call, 30.f}, {tool_call_end, 30.f}};
+      } else {
+        r->sampling.grammar_prefix = "\n<function=";
+        r->sampling.after_close = sampling::SamplingParams::AfterClose::kCallOrEnd;
+        r->sampling.logit_bias = {{tool_call_end, 30.f}};
+      }
+      rs.push_back(r);
+    }
     return rs;
   };
   // The text after the think block (if any) is a prefix of the grammar's language, complete when the output stopped.
   auto check = [&](const std::vector<Out>& outs, const std::vector<std::shared_ptr<Request>>& rs, const char* what) {
     for (size_t i = 0; i < outs.size(); ++i) {
+      ASSERT_NE(outs[i].finish, FinishReason::Error) << what << " request " << i;
+      if (rs[i]->sampling.grammar_trigger >= 0) continue;  // tool calls: the engine's own checks (accept) held
       auto t = outs[i].tokens;
       if (auto at = std::find(t.begin(), t.end(), think_end); rs[i]->sampling.think_end >= 0 && at != t.end())
         t.erase(t.begin(), at + 1);
@@ -402,12 +429,22 @@ TEST(SpecEngine, GrammarRequestsAreSpeculatedWithTheSameTokens) {
       if (outs[i].finish == FinishReason::Stop) EXPECT_TRUE(m.accepting()) << what << " request " << i;
     }
   };
+  std::vector<std::vector<int32_t>> prompts = f.prompts;  // by request id (the oracle's index)
+  prompts.push_back(f.prompts[0]);
+  prompts.push_back(f.prompts[1]);
   const auto greedy = make(0.f);
   const auto want = run_all(*f.m, config(0), greedy);
   check(want, greedy, "plain");
+  const size_t nt = f.prompts.size();
+  EXPECT_NE(std::find(want[nt].tokens.begin(), want[nt].tokens.end(), tool_call), want[nt].tokens.end())
+      << "the auto request calls its tool";
   for (int64_t K : {1, 3}) {
     EngineConfig c = config(K);
-    c.draft_hook = oracle(want, f.prompts, uint64_t(K), 7);
+    auto drafted = std::make_shared<std::set<uint64_t>>();  // ids the hook was asked to draft for
+    c.draft_hook = [drafted, o = oracle(want, prompts, uint64_t(K), 7)](uint64_t id, int64_t index, int32_t proposed) {
+      drafted->insert(id);
+      return o(id, index, proposed);
+    };
     runtime::EngineMetrics m;
     const auto rs = make(0.f);
     const auto got = run_all(*f.m, c, rs, &m);
@@ -415,6 +452,7 @@ TEST(SpecEngine, GrammarRequestsAreSpeculatedWithTheSameTokens) {
     check(got, rs, "greedy speculated");
     check_counters(m, K);
     EXPECT_GT(m.spec_accepted_tokens_total, 0) << "the constrained requests' drafts were verified and accepted";
+    for (uint64_t id = 0; id < prompts.size(); ++id) EXPECT_TRUE(drafted->count(id)) << "request " << id << " drafted";
     // Sampled, with the same oracle: text of the grammar, counters consistent.
     const auto sampled = make(0.8f);
     const auto s = run_all(*f.m, c, sampled, &m);

@@ -779,13 +779,16 @@ void Engine::Impl::join_masks(StepMasks& m) {
 int64_t Engine::Impl::drafts_wanted(Sequence* s) {
   const int64_t left = std::min(s->req->max_tokens - s->num_generated(), cfg.max_model_len - int64_t(s->tokens.size()));
   int64_t k = std::min(cfg.num_speculative_tokens, left - 1);
-  // Grammars (structured output, tool calls) are speculated: a sequence with one verifies on the host (on_device in
-  // run), where decide accepts the verified tokens one by one — the grammar's position only moves forward, a draft that
-  // is a tool call's trigger or close engages or releases it as a sampled one would — and verify_draft masks each row
-  // at the position after the drafts before it.
+  // Grammars (structured output, tool calls) are speculated while they mask the sequence's next token: it samples on
+  // the host then anyway, and there decide accepts the verified tokens one by one — the grammar's position only moves
+  // forward, a draft that closes a tool call releases it as a sampled one would — and verify_draft masks each row at
+  // the position after the drafts before it. Not while a grammar waits (a think block before structured output, free
+  // text around tool calls): drafts would make the whole step host-sampled, where without them it samples on the
+  // device.
   // A thinking budget: no verified row may be the one whose token is forced (SeqSampler::forced, host-sampled).
   // allowed_token_ids: verify_draft does not apply it, so no drafts either.
   if (k <= 0 || !s->req->sampling.allowed_ids.empty()) return 0;
+  if (s->req->sampling.grammar && !s->sampler.grammar_masked()) return 0;
   k = std::min(k, s->sampler.budget_left() - 1);
   if (k <= 0) return 0;
   // Positions len .. len + k (the verify); the chained MTP steps write len .. len + k − 2.

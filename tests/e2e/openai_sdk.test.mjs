@@ -242,6 +242,17 @@ test('logprobs under speculation, --max-logprobs, and the stats line of a specul
     assert.match(jspec.choices[0].text, /^[A-Z]{2}-[0-9]{2,6}( [a-z]{1,5}){0,3}$/);
     assert.ok(after.get('spec_decode_num_draft_tokens_total') > before.get('spec_decode_num_draft_tokens_total'),
               'the constrained request was speculated');
+    // A constrained tool call (tool_choice required) on the speculating server: the plain server's call.
+    const treq = { model: 'tiny', messages: [{ role: 'user', content: 'Weather?' }], max_tokens: 80, temperature: 0,
+                   tool_choice: 'required', chat_template_kwargs: { enable_thinking: false },
+                   tools: [{ type: 'function', function: { name: 'get_weather', parameters: { type: 'object',
+                     properties: { city: { type: 'string', maxLength: 6 }, days: { type: 'integer' } },
+                     required: ['city'] } } }] };
+    const tspec = await c2.chat.completions.create(treq);
+    const tplain = await client.chat.completions.create(treq);
+    assert.equal(tspec.choices[0].finish_reason, 'tool_calls');
+    assert.deepEqual(tspec.choices[0].message.tool_calls.map((c) => c.function),
+                     tplain.choices[0].message.tool_calls.map((c) => c.function));
     const deadline = Date.now() + 10000;
     while (!/; speculative: mean acceptance length [0-9.]+, accepted \d+ of \d+ drafted/.test(spec.log())) {
       assert.ok(Date.now() < deadline, `no speculative stats line:\n${spec.log()}`);

@@ -367,7 +367,7 @@ TEST(SpecEngine, OracleDraftsAreAcceptedAndOutputUnchanged) {
 // Structured output under speculation: a grammar request's drafts are verified on the host against the grammar's
 // mask at each position (the drafts before it accepted), so greedy outputs are the plain run's token for token and
 // every output is text of its grammar; drafts were proposed and accepted for them. One request thinks first (a
-// budget forces </think>, after which its grammar engages), so its drafts cross the engagement.
+// budget forces </think>, after which its grammar engages; drafts only from there), two make tool calls.
 TEST(SpecEngine, GrammarRequestsAreSpeculatedWithTheSameTokens) {
   Fixture& f = fixture("tiny-moe", "bf16");
   const int32_t think_end = 2009;
@@ -395,7 +395,7 @@ TEST(SpecEngine, GrammarRequestsAreSpeculatedWithTheSameTokens) {
     }
     // Tool calls: tool_choice auto with a strict tool (a lazy grammar engaged by <tool_call>, its trigger and close
     // favoured so calls happen amid free text) and tool_choice required (engaged past the forced prefix, then another
-    // call or the end): their drafts engage and release the grammar as sampled tokens would.
+    // call or the end): drafted while their grammar masks them, a draft </tool_call> releasing it as a sampled one.
     for (int t = 0; t < 2; ++t) {
       auto r = req(f.prompts.size() + size_t(t), f.prompts[size_t(t)], 80, temp);
       r->ignore_eos = false;

@@ -9,6 +9,16 @@
 
 namespace ds::cli {
 
+namespace {
+// The JSON object a flag holds, or an error naming the flag with an example of the shape expected.
+nlohmann::json json_object_flag(const Args& a, const char* flag, const char* example) {
+  const std::string v = a.get(flag);
+  auto j = nlohmann::json::parse(v, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) fail("--", flag, ": expected a JSON object like ", example, ", got '", v, "'");
+  return j;
+}
+}  // namespace
+
 int cmd_serve(int argc, char** argv) {
   Args a(argc, argv, 2, {"disable-image-fetch", "enforce-eager", "enable-prefix-caching", "no-enable-prefix-caching",
                          "disable-log-stats", "disable-access-log", "disable-uvicorn-access-log", "enable-log-requests",
@@ -67,10 +77,7 @@ int cmd_serve(int argc, char** argv) {
       !std::filesystem::is_directory(c.generation_config))
     fail("--generation-config: expected auto, vllm or a folder, got '", c.generation_config, "'");
   if (a.has("override-generation-config")) {
-    const std::string v = a.get("override-generation-config");
-    auto j = nlohmann::json::parse(v, nullptr, false);
-    if (j.is_discarded() || !j.is_object())
-      fail("--override-generation-config: expected a JSON object like {\"temperature\": 0.5}, got '", v, "'");
+    const auto j = json_object_flag(a, "override-generation-config", "{\"temperature\": 0.5}");
     for (auto& [k, x] : j.items()) {
       if (k != "temperature" && k != "top_p" && k != "top_k" && k != "min_p" && k != "repetition_penalty")
         fail("--override-generation-config: unknown parameter '", k,
@@ -109,10 +116,7 @@ int cmd_serve(int argc, char** argv) {
   if (a.has("speculative-config")) {
     // vLLM's spelling; "mtp" (and Qwen3-Next's "qwen3_next_mtp") drafts with the checkpoint's own MTP head.
     const std::string v = a.get("speculative-config");
-    auto j = nlohmann::json::parse(v, nullptr, false);
-    if (j.is_discarded() || !j.is_object())
-      fail("--speculative-config: expected a JSON object like {\"method\": \"mtp\", \"num_speculative_tokens\": 2}, got '",
-           v, "'");
+    const auto j = json_object_flag(a, "speculative-config", "{\"method\": \"mtp\", \"num_speculative_tokens\": 2}");
     for (auto& [k, _] : j.items())
       if (k != "method" && k != "num_speculative_tokens" && k != "draft_vocab_size" && k != "draft_vocab_file")
         fail("--speculative-config: unknown key '", k,
@@ -140,10 +144,7 @@ int cmd_serve(int argc, char** argv) {
   // Images (docs/server.md "Images").
   auto& md = c.media;
   if (a.has("limit-mm-per-prompt")) {
-    const std::string v = a.get("limit-mm-per-prompt");
-    auto j = nlohmann::json::parse(v, nullptr, false);
-    if (j.is_discarded() || !j.is_object())
-      fail("--limit-mm-per-prompt: expected a JSON object like {\"image\": 4}, got '", v, "'");
+    const auto j = json_object_flag(a, "limit-mm-per-prompt", "{\"image\": 4}");
     for (auto& [k, x] : j.items()) {
       if (k != "image" && k != "video") fail("--limit-mm-per-prompt: unknown modality '", k, "' (expected image, video)");
       if (!x.is_number_integer() || x.get<int64_t>() < 0)

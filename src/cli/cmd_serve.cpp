@@ -22,7 +22,7 @@ nlohmann::json json_object_flag(const Args& a, const char* flag, const char* exa
 int cmd_serve(int argc, char** argv) {
   Args a(argc, argv, 2, {"disable-image-fetch", "enforce-eager", "enable-prefix-caching", "no-enable-prefix-caching",
                          "disable-log-stats", "disable-access-log", "disable-uvicorn-access-log", "enable-log-requests",
-                         "return-tokens-as-token-ids", "allow-credentials"});
+                         "return-tokens-as-token-ids", "allow-credentials", "enable-force-include-usage"});
   a.only("serve", {"host", "port", "backend", "served-model-name", "api-key", "max-model-len", "max-num-seqs",
                    "max-num-batched-tokens", "max-queued-requests", "num-gpu-blocks-override", "block-size",
                    "gpu-memory-utilization", "enforce-eager", "mamba-ssm-cache-dtype", "shutdown-timeout",
@@ -32,7 +32,8 @@ int cmd_serve(int argc, char** argv) {
                    "no-enable-prefix-caching", "prefix-cache-checkpoints", "disable-log-stats", "log-stats-interval",
                    "disable-access-log", "disable-uvicorn-access-log", "enable-log-requests", "max-logprobs",
                    "return-tokens-as-token-ids", "allowed-origins", "allowed-methods", "allowed-headers",
-                   "allow-credentials", "generation-config", "override-generation-config"});
+                   "allow-credentials", "generation-config", "override-generation-config",
+                   "enable-force-include-usage"});
   server::ServerConfig c;
   c.model_dir = a.model_dir();
   c.host = a.get("host", c.host);
@@ -103,6 +104,7 @@ int cmd_serve(int argc, char** argv) {
   string_list("allowed-methods", c.allowed_methods);
   string_list("allowed-headers", c.allowed_headers);
   c.allow_credentials = a.has("allow-credentials");
+  c.force_include_usage = a.has("enable-force-include-usage");
   if (c.max_logprobs < -1) fail("--max-logprobs: expected -1 (the whole vocabulary) or a count >= 0, got ", c.max_logprobs);
   if (c.max_num_seqs < 1) fail("--max-num-seqs: expected >= 1, got ", c.max_num_seqs);
   if (c.max_num_batched_tokens < 1) fail("--max-num-batched-tokens: expected >= 1, got ", c.max_num_batched_tokens);

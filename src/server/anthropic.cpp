@@ -251,7 +251,7 @@ ChatRequest to_chat_request(const json& body, bool count_tokens) {
                                   "cache_salt", "repetition_detection", "logit_bias", "bad_words", "allowed_token_ids",
                                   "skip_special_tokens", "thinking_token_budget", "include_reasoning", "enable_thinking",
                                   "reasoning_effort", "response_format", "structured_outputs", "guided_json",
-                                  "guided_choice", "guided_regex", "guided_grammar", "grammar"};
+                                  "guided_choice", "guided_regex", "guided_grammar", "grammar", "json_schema"};
   for (const char* k : kExtras)
     if (has(body, k)) out[k] = body[k];
   for (const char* k : {"model", "temperature", "top_p", "top_k"})

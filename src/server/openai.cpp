@@ -76,8 +76,8 @@ std::vector<int32_t> token_ids(const json& v, const char* field) {
 
 // Structured output (docs/server.md "Structured outputs"): OpenAI's response_format (json_object, json_schema;
 // text = none), vLLM's structured_outputs {json | json_object | choice | regex | grammar}, its older guided_json /
-// guided_choice / guided_regex / guided_grammar, and llama.cpp's grammar (GBNF). One constraint per request; kinds not
-// supported (structural_tag) are a 400, never ignored.
+// guided_choice / guided_regex / guided_grammar, and llama.cpp's grammar (GBNF) and json_schema. One constraint per
+// request; kinds not supported (structural_tag) are a 400, never ignored.
 sampling::GrammarPtr parse_structured(const Body& b) {
   const json& j = b.j;
   sampling::GrammarPtr g;
@@ -189,6 +189,10 @@ sampling::GrammarPtr parse_structured(const Body& b) {
   if (b.has("guided_json")) {
     const auto schema = schema_of(j["guided_json"], "guided_json");
     one("guided_json", [&] { return sampling::grammar_json_schema(schema); });
+  }
+  if (b.has("json_schema")) {  // llama.cpp's spelling
+    const auto schema = schema_of(j["json_schema"], "json_schema");
+    one("json_schema", [&] { return sampling::grammar_json_schema(schema); });
   }
   if (b.has("guided_choice")) {
     const auto c = choices_of(j["guided_choice"], "guided_choice");

@@ -1179,6 +1179,7 @@ class HttpServer {
     require_ready();
     json body = parse_body(req.body);
     GenSpec spec = parse_generation_request(body, chat, st_.rt.defaults, st_.max_logprobs);
+    if (st_.cfg.force_include_usage) spec.include_usage = true;  // --enable-force-include-usage
     check_model(spec);
     admit();
     auto gen = std::make_shared<Generation>(st_, std::move(spec));  // takes over the `active` slot

@@ -61,6 +61,8 @@ struct ServerConfig {
   // and --allow-credentials, with vLLM's defaults (any origin, method and header; no credentials).
   std::vector<std::string> allowed_origins{"*"}, allowed_methods{"*"}, allowed_headers{"*"};
   bool allow_credentials = false;
+  // vLLM's --enable-force-include-usage: every stream ends with a usage chunk, as if stream_options.include_usage.
+  bool force_include_usage = false;
 };
 
 // Starts listening, loads the model in the background (/health answers 503 until ready), serves until

@@ -1,6 +1,6 @@
-// Default sampling parameters (docs/server.md "Request semantics"): vLLM's --generation-config auto | vllm | FOLDER and
-// --override-generation-config. A Responses API answer echoes the temperature and top_p it ran with, so a request
-// that leaves them out shows the defaults in force.
+// Server-wide request defaults (docs/server.md "Request semantics"): vLLM's --generation-config auto | vllm | FOLDER
+// and --override-generation-config (a Responses API answer echoes the temperature and top_p it ran with, so a request
+// that leaves them out shows the defaults in force), and --enable-force-include-usage.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
@@ -54,4 +54,21 @@ test('malformed generation-config flags stop the server at start, naming the fla
   const empty = fs.mkdtempSync(path.join(os.tmpdir(), 'gencfg-'));
   await assert.rejects(startServer(['--generation-config', empty]), /generation_config\.json does not exist/);
   fs.rmSync(empty, { recursive: true });
+});
+
+test('--enable-force-include-usage: every stream ends with a usage chunk', async () => {
+  for (const [args, want] of [[[], false], [['--enable-force-include-usage'], true]]) {
+    const srv = await startServer(args);
+    try {
+      const r = await fetch(`${srv.base}/v1/chat/completions`, {
+        method: 'POST', headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify({ model: 'tiny', messages: [{ role: 'user', content: 'Hi' }], max_tokens: 3, stream: true }) });
+      const chunks = (await r.text()).split('\n').filter((l) => l.startsWith('data: {')).map((l) => JSON.parse(l.slice(6)));
+      const last = chunks.at(-1);
+      assert.equal(Boolean(last.usage), want, JSON.stringify(last));
+      if (want) assert.equal(last.usage.completion_tokens, 3);
+    } finally {
+      assert.equal((await srv.stop()).code, 0);
+    }
+  }
 });

@@ -102,6 +102,11 @@ test('response_format json_object and structured_outputs (json, choice) on compl
                                                structured_outputs: { json: person } });
   assert.equal(js.choices[0].finish_reason, 'stop');
   checkPerson(js.choices[0].text, 'structured_outputs.json');
+  // llama.cpp's spelling: a top-level json_schema.
+  const lj = await client.completions.create({ model: 'tiny', prompt: 'JSON:', max_tokens: 300, temperature: 1, seed: 9,
+                                               json_schema: person });
+  assert.equal(lj.choices[0].finish_reason, 'stop');
+  checkPerson(lj.choices[0].text, 'json_schema');
   // vLLM's disable_any_whitespace: no whitespace outside the strings.
   for (const seed of [6, 7, 8]) {
     const c = await client.completions.create({ model: 'tiny', prompt: 'JSON:', max_tokens: 300, temperature: 1, seed,

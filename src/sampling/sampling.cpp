@@ -268,6 +268,16 @@ void apply_bias_and_penalties(float* x, int64_t n, const SeqSampler& s) {
     if (e.id >= 0 && e.id < n) x[e.id] = edit_logit(x[e.id], e, r);
 }
 
+namespace {
+// The row's n logits with every token a grammar's mask forbids (bits as TokenMasker::allowed) at -inf.
+void masked_row(const float* logits, int64_t n, const std::vector<uint32_t>& bits, std::vector<float>& out) {
+  out.assign(logits, logits + n);
+  for (int64_t i = 0; i < n; ++i)
+    if (size_t(i) / 32 >= bits.size() || !(bits[size_t(i) / 32] >> (i % 32) & 1u))
+      out[size_t(i)] = -std::numeric_limits<float>::infinity();
+}
+}  // namespace
+
 int32_t sample(const float* logits, int64_t V, int64_t vocab_limit, SeqSampler& s, TokenLogprob* lp,
                const MaskAhead* ahead) {
   const int64_t n = vocab_limit > 0 ? std::min(vocab_limit, V) : V;  // ids >= n are never produced
@@ -290,13 +300,7 @@ int32_t sample(const float* logits, int64_t V, int64_t vocab_limit, SeqSampler& 
   } else {
     grammar = s.grammar_mask(own);
   }
-  if (grammar) {
-    const std::vector<uint32_t>& bits = *mask;
-    masked.assign(logits, logits + n);
-    for (int64_t i = 0; i < n; ++i)
-      if (size_t(i) / 32 >= bits.size() || !(bits[size_t(i) / 32] >> (i % 32) & 1u))
-        masked[size_t(i)] = -std::numeric_limits<float>::infinity();
-  }
+  if (grammar) masked_row(logits, n, *mask, masked);
   if (!s.params.allowed_ids.empty()) {  // allowed_token_ids: everything else at -inf (over a grammar's mask too)
     std::vector<float> keep(size_t(n), -std::numeric_limits<float>::infinity());
     const float* src = masked.empty() ? logits : masked.data();
@@ -326,12 +330,7 @@ int32_t verify_draft(const float* logits, int64_t V, int64_t vocab_limit, SeqSam
   std::vector<uint32_t> bits;
   std::vector<float> masked;
   const bool grammar = s.grammar_mask(bits);
-  if (grammar) {
-    masked.assign(logits, logits + n);
-    for (int64_t i = 0; i < n; ++i)
-      if (size_t(i) / 32 >= bits.size() || !(bits[size_t(i) / 32] >> (i % 32) & 1u))
-        masked[size_t(i)] = -std::numeric_limits<float>::infinity();
-  }
+  if (grammar) masked_row(logits, n, bits, masked);
   std::vector<float> z;  // what sample() filters and draws from
   cpu::sample_values(grammar ? masked.data() : logits, n, r, edits.data(), int64_t(edits.size()), z);
 

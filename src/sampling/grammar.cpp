@@ -19,6 +19,7 @@
 #include "core/status.h"
 #include "sampling/ebnf.h"
 #include "sampling/regex.h"
+#include "text/unicode.h"
 
 namespace ds::sampling {
 
@@ -446,14 +447,25 @@ std::map<State, int32_t> build_dfa(Builder& b, int32_t start, const State& s0, S
 // (tool values), no byte that completes a tool tag nor a control other than tab, LF, CR is taken (ASCII bytes step
 // the scanner, others reset it). Returns the nodes
 // where the text read is a whole match within the bounds: the caller closes them ('"' for a JSON string's body,
-// final or a call for raw text).
+// final or a call for raw text). exit >= 0 (no count, no scanner): a byte into an accepting state with no transitions
+// of its own goes to `exit` instead (one character of a class ends there), and such states are not returned.
 std::vector<int32_t> regex_nodes(Builder& b, int32_t start, const RegexDfa& d, int64_t min, int64_t max,
-                                 const TagScanner* scan) {
+                                 const TagScanner* scan, int32_t exit = -1) {
   const bool counting = min > 0 || max >= 0;
+  DS_CHECK(exit < 0 || (!counting && !scan), "regex_nodes: an exit node with a count or a tag scanner");
+  std::vector<char> terminal(d.states(), 0);
+  if (exit >= 0)
+    for (size_t x = 0; x < d.states(); ++x)
+      terminal[x] = d.accept[x] && std::all_of(d.next.begin() + std::ptrdiff_t(x * 256),
+                                               d.next.begin() + std::ptrdiff_t(x * 256 + 256), [](int32_t t) { return t < 0; });
   using S = std::array<int64_t, 3>;
-  const auto ids = build_dfa(b, start, S{0, 0, 0}, [&](const S& s, uint8_t c, S& n, int32_t&) {
+  const auto ids = build_dfa(b, start, S{0, 0, 0}, [&](const S& s, uint8_t c, S& n, int32_t& to) {
     const int32_t t = d.step(int32_t(s[0]), c);
     if (t < 0) return 0;
+    if (terminal[size_t(t)]) {
+      to = exit;
+      return 2;
+    }
     n = s;
     n[0] = t;
     if (scan) {  // tool values: also no controls but tab, LF and CR (raw text; JSON escapes them anyway)
@@ -1596,10 +1608,7 @@ class EbnfCompiler {
         } catch (const Error&) {  // too large as one automaton: rules and calls instead
           ++regex_refusals_;
         }
-        if (d) {
-          for (int32_t x : regex_nodes(b_, from, *d, 0, -1, nullptr)) b_.call(x, empty(), to);
-          return;
-        }
+        if (d) return embed(*d, from, to);
       }
     }
     switch (e.kind) {
@@ -1611,7 +1620,11 @@ class EbnfCompiler {
           from = n;
         }
         return b_.on(from, e.text.back(), to);
-      case EbnfExpr::kClass: return char_class(e.text, from, to);
+      case EbnfExpr::kClass: {  // one character: its automaton, compiled once per class text
+        auto it = classes_.find(e.text);
+        if (it == classes_.end()) it = classes_.emplace(e.text, compile_regex(e.text)).first;
+        return embed(it->second, from, to);
+      }
       case EbnfExpr::kRef: return b_.call(from, rules_.at(e.text), to);
       case EbnfExpr::kSeq:
         if (e.kids.empty()) return b_.call(from, empty(), to);
@@ -1658,15 +1671,14 @@ class EbnfCompiler {
     switch (e.kind) {
       case EbnfExpr::kLiteral: {
         out += "(?:";
-        for (size_t i = 0; i < e.text.size();) {  // code points, escaped
-          const uint8_t c = uint8_t(e.text[i]);
-          const int n = c < 0x80 ? 1 : c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4;
-          uint32_t cp = n == 1 ? c : c & (0x7F >> n);
-          for (int k = 1; k < n; ++k) cp = (cp << 6) | (uint8_t(e.text[i + size_t(k)]) & 0x3F);
+        for (size_t i = 0; i < e.text.size();) {  // code points, escaped (the parser made the text UTF-8)
+          uint32_t cp = 0;
+          const size_t n = text::unicode::utf8_decode(e.text.data() + i, e.text.size() - i, &cp);
+          DS_CHECK(n > 0, "grammar: a literal that is not UTF-8");
           char buf[16];
           std::snprintf(buf, sizeof buf, "\\u{%X}", cp);
           out += buf;
-          i += size_t(n);
+          i += n;
         }
         out += ")";
         return true;
@@ -1734,26 +1746,10 @@ class EbnfCompiler {
     return empty_;
   }
 
-  // One character of the class (a regular expression of one character: its automaton's accepting states are `to`).
-  void char_class(const std::string& re, int32_t from, int32_t to) {
-    auto it = classes_.find(re);
-    if (it == classes_.end()) it = classes_.emplace(re, compile_regex(re)).first;
-    const RegexDfa& d = it->second;
-    std::vector<int32_t> node(d.states(), -1);
-    node[0] = from;
-    for (size_t s = 0; s < d.states(); ++s)
-      if (d.accept[s]) node[s] = to;
-    for (size_t s = 0; s < d.states(); ++s) {
-      if (d.accept[s]) continue;  // a character's end: nothing follows inside the class
-      if (node[s] < 0) node[s] = b_.node();
-      std::map<int32_t, ByteSet> edges;
-      for (int c = 0; c < 256; ++c)
-        if (const int32_t t = d.step(int32_t(s), uint8_t(c)); t >= 0) {
-          if (node[size_t(t)] < 0) node[size_t(t)] = b_.node();
-          edges[node[size_t(t)]].set(size_t(c));
-        }
-      for (auto& [t, set] : edges) b_.on(node[s], set, t);
-    }
+  // A regex automaton from `from` to `to`: its final states lead to `to` (by a byte, where nothing can follow them;
+  // else through the empty rule).
+  void embed(const RegexDfa& d, int32_t from, int32_t to) {
+    for (int32_t x : regex_nodes(b_, from, d, 0, -1, nullptr, to)) b_.call(x, empty(), to);
   }
 
   Builder b_;

@@ -456,7 +456,7 @@ void utf8_ranges(uint32_t lo, uint32_t hi, std::vector<Seq>& out) {
   std::string a, b;
   text::unicode::utf8_append(a, lo);
   text::unicode::utf8_append(b, hi);
-  std::vector<std::pair<uint8_t, uint8_t>> seq;
+  Seq seq;
   for (int k = 0; k < n; ++k) seq.push_back({uint8_t(a[size_t(k)]), uint8_t(b[size_t(k)])});
   out.push_back(std::move(seq));
 }

@@ -79,14 +79,7 @@ int cmd_serve(int argc, char** argv) {
     fail("--generation-config: expected auto, vllm or a folder, got '", c.generation_config, "'");
   if (a.has("override-generation-config")) {
     const auto j = json_object_flag(a, "override-generation-config", "{\"temperature\": 0.5}");
-    for (auto& [k, x] : j.items()) {
-      if (k != "temperature" && k != "top_p" && k != "top_k" && k != "min_p" && k != "repetition_penalty")
-        fail("--override-generation-config: unknown parameter '", k,
-             "' (expected temperature, top_p, top_k, min_p, repetition_penalty)");
-      if (k == "top_k" ? !x.is_number_integer() : !x.is_number())
-        fail("--override-generation-config: '", k, "' must be ", k == "top_k" ? "an integer" : "a number", ", got ",
-             x.dump());
-    }
+    for (auto& [k, x] : j.items()) server::check_sampling_default("--override-generation-config", k, x);
     c.override_generation_config = j;
   }
   // CORS (vLLM's flags: JSON lists of strings, "*" for any).

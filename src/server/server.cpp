@@ -99,6 +99,18 @@ struct ServerState {
   int max_logprobs = 20;           // --max-logprobs (-1: the vocabulary), set at load
 };
 
+}  // namespace
+
+void check_sampling_default(const std::string& what, const std::string& key, const nlohmann::json& value) {
+  if (std::find(std::begin(kSamplingDefaultKeys), std::end(kSamplingDefaultKeys), key) == std::end(kSamplingDefaultKeys))
+    fail(what, ": unknown parameter '", key, "' (expected temperature, top_p, top_k, min_p, repetition_penalty)");
+  const bool integer = key == "top_k";
+  if (integer ? !value.is_number_integer() : !value.is_number())
+    fail(what, ": '", key, "' must be ", integer ? "an integer" : "a number", ", got ", value.dump());
+}
+
+namespace {
+
 // On a device backend, sizes the paged KV pool and the DeltaNet slot pool from --gpu-memory-utilization
 // (runtime::plan_pools) now that the weights are loaded, and logs the result. The CPU backend keeps the fixed
 // sizes (max_num_seqs slots, blocks for max_num_seqs × max_model_len, or --num-gpu-blocks-override).
@@ -209,16 +221,18 @@ void load_runtime(ServerState& st) {
       auto j = read_json(from);
       if (!j.is_object()) fail(from.string(), ": expected a JSON object");
       if (j.value("do_sample", true))  // greedy checkpoints keep the server's defaults, as vLLM does
-        for (const char* k : {"temperature", "top_p", "top_k", "min_p", "repetition_penalty"})
-          if (j.contains(k)) sampling[k] = j[k];
+        for (const char* k : kSamplingDefaultKeys)
+          if (j.contains(k)) {
+            check_sampling_default(from.string(), k, j[k]);
+            sampling[k] = j[k];
+          }
     }
   }
-  for (auto& [k, v] : cfg.override_generation_config.items()) sampling[k] = v;
+  for (auto& [k, v] : cfg.override_generation_config.items()) {
+    check_sampling_default("--override-generation-config", k, v);
+    sampling[k] = v;
+  }
   for (auto& [k, v] : sampling.items()) {
-    const bool integer = k == "top_k";
-    if (integer ? !v.is_number_integer() : !v.is_number())
-      fail("default sampling parameter '", k, "' (generation config): expected ", integer ? "an integer" : "a number",
-           ", got ", v.dump());
     if (k == "temperature") rt.defaults.temperature = v.get<float>();
     if (k == "top_p") rt.defaults.top_p = v.get<float>();
     if (k == "top_k") rt.defaults.top_k = v.get<int32_t>();

@@ -65,6 +65,12 @@ struct ServerConfig {
   bool force_include_usage = false;
 };
 
+// vLLM's default sampling parameters from a generation config (--generation-config's file, --override-generation-config):
+// the keys taken, and a check of one: throws ds::Error "WHAT: unknown parameter 'K' (expected ...)" or "WHAT: 'K' must
+// be an integer / a number, got V".
+inline constexpr const char* kSamplingDefaultKeys[] = {"temperature", "top_p", "top_k", "min_p", "repetition_penalty"};
+void check_sampling_default(const std::string& what, const std::string& key, const nlohmann::json& value);
+
 // Starts listening, loads the model in the background (/health answers 503 until ready), serves until
 // SIGTERM/SIGINT, drains, returns the process exit code.
 int serve(const ServerConfig& cfg);

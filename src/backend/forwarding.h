@@ -124,8 +124,9 @@ class ForwardingBackend : public Backend {
     in_.row_ranks(logits, vocab_limit, rows, chosen, out);
   }
   void sample_rows(const Tensor& logits, int64_t vocab_limit, const std::vector<SampleRowParams>& rows,
-                   const std::vector<SampleEdit>& edits, std::vector<int32_t>& ids) override {
-    in_.sample_rows(logits, vocab_limit, rows, edits, ids);
+                   const std::vector<SampleEdit>& edits, const std::vector<uint32_t>& masks,
+                   std::vector<int32_t>& ids) override {
+    in_.sample_rows(logits, vocab_limit, rows, edits, masks, ids);
   }
 
   void layernorm(const Tensor& x, const Tensor& w, const Tensor& b, float eps, Tensor& y) override {

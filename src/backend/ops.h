@@ -328,19 +328,37 @@ class Backend {
   // ---- sampling (backend/cpu/sample.cpp is the specification; docs/engine.md "Sampler") ----
   // ids[r] = the token sampled from row r of logits [R, V] (F32, BF16 or F16) over ids [0, n), n = min(vocab_limit, V),
   // under rows[r] with its edits edits[edit_begin, edit_begin + edit_count). Per row:
-  //   x_i = raw_i, edited (edit_logit) where an edit names i; z_i = scaled_logit(x_i) (sample_math.h).
+  //   x_i = raw_i, edited (edit_logit) where an edit names i; z_i = scaled_logit(x_i) (sample_math.h); where the row
+  //   has a mask (rows[r].mask >= 0: masks[mask · mask_words(n) ..], bit i % 32 of word i / 32), z_i = -inf for every
+  //   id it forbids, edits or not (a grammar's or allowed_token_ids' ids, made on the host).
   //   greedy: the lowest i with the largest z_i (NaN counts as -inf).
   //   otherwise, with zmax the largest z and w_i = expf(z_i - zmax): a candidate is a z_i > -inf with
   //   z_i >= lo, lo starting at zmax + log_min_p; top_k (if more than k candidates): lo = the k-th largest
   //   candidate z (ties kept); top_p < 1: lo = the largest candidate z whose mass Σ_{z_j >= z} w_j reaches
   //   top_p × Σ w over the candidates; then, over the kept set in id order, the first i whose cumulative w
   //   exceeds u × Σ w (the last kept id with w > 0 if rounding leaves none).
-  // -1 for a row with nothing to sample (zmax not finite). Sums are floating point: a backend may add in another
-  // order, so a choice within rounding of a boundary (cumulative mass equal to the target) may differ.
-  // Both backends implement it; the default throws (an inline default keeps libds_cuda free of CPU symbols).
+  // -1 for a row with nothing to sample (zmax not finite; a masked greedy row: zmax not above -inf). Sums are floating
+  // point: a backend may add in another order, so a choice within rounding of a boundary (cumulative mass equal to the
+  // target) may differ. Both backends implement it; the default throws (an inline default keeps libds_cuda free of
+  // CPU symbols).
   virtual void sample_rows(const Tensor& logits, int64_t vocab_limit, const std::vector<SampleRowParams>& rows,
-                           const std::vector<SampleEdit>& edits, std::vector<int32_t>& ids) {
+                           const std::vector<SampleEdit>& edits, const std::vector<uint32_t>& masks,
+                           std::vector<int32_t>& ids) {
     unsupported("sample_rows");
+  }
+  // sample_rows' argument checks (both backends): every row's edits inside `edits`, its mask -1 or one of the
+  // masks.size() / mask_words(n) masks given.
+  static void check_sample_rows(const std::vector<SampleRowParams>& rows, const std::vector<SampleEdit>& edits,
+                                const std::vector<uint32_t>& masks, int64_t n) {
+    const int64_t W = mask_words(n), M = int64_t(masks.size()) / W;
+    DS_CHECK(int64_t(masks.size()) % W == 0, "sample_rows: masks of ", masks.size(), " words, expected a multiple of ",
+             W, " (", n, " ids)");
+    for (size_t r = 0; r < rows.size(); ++r) {
+      const SampleRowParams& p = rows[r];
+      DS_CHECK(p.edit_begin >= 0 && p.edit_count >= 0 && size_t(p.edit_begin) + size_t(p.edit_count) <= edits.size(),
+               "sample_rows: row ", r, " edits [", p.edit_begin, ", +", p.edit_count, ") outside ", edits.size());
+      DS_CHECK(p.mask >= -1 && p.mask < M, "sample_rows: row ", r, " mask ", p.mask, " outside the ", M, " masks given");
+    }
   }
 
   // Raw logprobs of the sampled tokens (vLLM's logprobs / top_logprobs) next to sample_rows, so the logits stay on the

@@ -33,7 +33,15 @@ struct SampleRowParams {
   float frequency_penalty = 0.f;
   float u = 0.f;                  // the row's uniform in [0, 1) (uniform_at)
   int32_t edit_begin = 0, edit_count = 0;  // its SampleEdits in the op's edit list
+  // Its allowed ids (a grammar's or allowed_token_ids' mask): index of its bit mask among sample_rows' masks, each
+  // mask_words(n) words, bit i % 32 of word i / 32 set iff id i may be sampled; -1: every id may.
+  int32_t mask = -1;
 };
+
+// Words of one sample_rows mask over n ids.
+DS_HD int64_t mask_words(int64_t n) { return (n + 31) / 32; }
+// Whether a mask (null: none) lets id i be sampled.
+DS_HD bool mask_allows(const uint32_t* mask, int64_t i) { return !mask || ((mask[i >> 5] >> (i & 31)) & 1u); }
 
 DS_HD float mul_rn(float a, float b) {
 #ifdef __CUDA_ARCH__

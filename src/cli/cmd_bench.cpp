@@ -293,8 +293,9 @@ class TimingBackend final : public ForwardingBackend {
     if (!rest.empty()) timed((*rest[0].w)->int4 ? "int4 linears" : "bf16 linears", "linear_group", [&] { in_.linear_group(x, rest); });
   }
   void sample_rows(const Tensor& logits, int64_t vocab_limit, const std::vector<SampleRowParams>& rows,
-                   const std::vector<SampleEdit>& edits, std::vector<int32_t>& ids) override {
-    timed("sampling", "sample_rows", [&] { in_.sample_rows(logits, vocab_limit, rows, edits, ids); });
+                   const std::vector<SampleEdit>& edits, const std::vector<uint32_t>& masks,
+                   std::vector<int32_t>& ids) override {
+    timed("sampling", "sample_rows", [&] { in_.sample_rows(logits, vocab_limit, rows, edits, masks, ids); });
   }
   void linear_gated_add(const Tensor& x, const Linear& w, const Tensor& g, Tensor& y) override {
     timed(w->int4 ? "int4 linears" : "bf16 linears", "linear_gated_add", [&] { in_.linear_gated_add(x, w, g, y); });
@@ -844,6 +845,73 @@ void bench_prompt_logprobs(model::Model& m, const std::vector<int64_t>& lengths,
   std::printf("\n");
 }
 
+// ---- masked rows through the engine (structured output's sampling path) ----
+//
+// B sequences of `ctx`-token random prompts decode greedily through runtime::Engine with none, one or all of them
+// restricted by allowed_token_ids to a random half of the vocabulary (a mask as dense as a grammar's inside a JSON
+// string; the mask's computation is not what is timed: allowed_token_ids' is a few µs). ms per decode step over
+// `steps` steps once every sequence has its first token and a few steps more: masked rows sampled on the device (Backend::sample_rows with
+// their masks, since session 45) against the host path (the step's [B, V] fp32 logits copied back and every row
+// sampled there: what a step with a constrained row did before).
+void bench_masked(model::Model& m, const std::vector<int64_t>& batches, int64_t ctx, int steps, std::mt19937& rng) {
+  const int64_t V = m.config().text.vocab_size;
+  constexpr int kWarm = 4;  // untimed decode steps first
+  std::vector<int32_t> half;
+  for (int32_t id = 0; id < int32_t(V); ++id)
+    if (rng() % 2) half.push_back(id);
+  std::printf("## Masked rows, decode steps through the engine (context %lld, greedy, a mask of %zu of %lld ids)\n\n"
+              "| batch | masked rows | device ms/step | host path ms/step | host / device |\n|---|---|---|---|---|\n",
+              (long long)ctx, half.size(), (long long)V);
+  for (int64_t B : batches) {
+    std::vector<int64_t> counts = {0, 1};
+    if (B > 1) counts.push_back(B);
+    for (int64_t masked : counts) {
+      double ms[2] = {0, 0};
+      for (int device = 1; device >= 0; --device) {
+        runtime::EngineConfig ec;
+        ec.max_num_seqs = B;
+        ec.max_num_batched_tokens = std::max<int64_t>(8192, ctx);
+        ec.max_model_len = ctx + steps + kWarm + 16;
+        ec.device_sampling = device == 1;
+        runtime::Engine e(m, ec);
+        std::vector<std::shared_ptr<runtime::Request>> qs;
+        for (int64_t i = 0; i < B; ++i) {
+          auto q = std::make_shared<runtime::Request>();
+          q->id = uint64_t(i + 1);
+          q->prompt.resize(size_t(ctx));
+          for (auto& x : q->prompt) x = int32_t(rng() % uint32_t(std::min<int64_t>(V, 150000)));
+          q->max_tokens = steps + kWarm + 4;
+          q->sampling.temperature = 0.f;
+          q->ignore_eos = true;
+          if (i < masked) q->sampling.allowed_ids = half;
+          e.submit(q);
+          qs.push_back(q);
+        }
+        while (e.metrics().generation_tokens_total < B)  // prefill: every sequence samples its first token
+          if (!e.step()) fail("bench --masked: the engine stopped before every sequence sampled");
+        for (int i = 0; i < kWarm; ++i) e.step();  // the batch's step graph recorded, pools grown
+        m.backend().synchronize();
+        const int64_t before = e.metrics().device_sample_steps_total;
+        const auto t0 = Clock::now();
+        for (int i = 0; i < steps; ++i) e.step();
+        m.backend().synchronize();
+        ms[device] = secs_since(t0) * 1e3 / steps;
+        if (device && e.metrics().device_sample_steps_total - before != steps)
+          fail("bench --masked: ", e.metrics().device_sample_steps_total - before, " of ", steps,
+               " steps sampled on the device");
+        while (e.step()) {
+        }
+        for (auto& q : qs)
+          while (auto d = q->out->pop(std::chrono::milliseconds(0)))
+            if (d->finish == runtime::FinishReason::Error) fail("bench --masked: ", d->error);
+      }
+      std::printf("| %lld | %lld | %.3f | %.3f | %.1f |\n", (long long)B, (long long)masked, ms[1], ms[0], ms[0] / ms[1]);
+      std::fflush(stdout);
+    }
+  }
+  std::printf("\n");
+}
+
 }  // namespace
 
 int cmd_bench(int argc, char** argv) {
@@ -851,7 +919,7 @@ int cmd_bench(int argc, char** argv) {
   a.only("bench", {"random-weights", "config", "config-override", "backend", "bf16", "batch", "context", "prefill",
                    "steps", "no-graph", "breakdown", "kernel-times", "prefill-chunk", "prefill-reps", "block-size",
                    "seed", "variants", "mamba-ssm-cache-dtype", "speculative", "oracle-p", "draft-vocab",
-                   "draft-vocab-file", "spec-prompt", "spec-tokens", "vision", "prefix-cache", "prompt-logprobs"});
+                   "draft-vocab-file", "spec-prompt", "spec-tokens", "vision", "prefix-cache", "prompt-logprobs", "masked"});
   if (!a.has("random-weights")) fail("bench: only --random-weights is supported (give --config config.json)");
   const std::string cfg_path = a.require("config");
   const std::string backend_name = a.get("backend", "cuda");
@@ -871,7 +939,10 @@ int cmd_bench(int argc, char** argv) {
   // --prompt-logprobs L1,L2,..: the engine-path prompt-logprobs table (bench_prompt_logprobs); likewise.
   const bool plp = a.has("prompt-logprobs");
   const auto plp_lengths = plp ? int_list(a, "prompt-logprobs", "4096") : std::vector<int64_t>{};
-  const bool text_default = !spec && !vis && !pc && !plp;
+  // --masked B1,B2,..: the engine-path masked-rows table (bench_masked) at --context's first value; likewise.
+  const bool msk = a.has("masked");
+  const auto msk_batches = msk ? int_list(a, "masked", "1,64") : std::vector<int64_t>{};
+  const bool text_default = !spec && !vis && !pc && !plp && !msk;
   const auto batches = int_list(a, "batch", text_default ? "1,8,32,64,128" : "");
   const auto contexts = int_list(a, "context", text_default ? "1024,8192" : "");
   const auto prefills = int_list(a, "prefill", text_default ? "1024,4096,16384,32768" : "");
@@ -1367,6 +1438,7 @@ int cmd_bench(int argc, char** argv) {
   if (spec) bench_speculative(*m, sb, rng);
   if (pc) bench_prefix_cache(*m, pc_lengths, chunk > 0 ? chunk : 8192, 4, rng);
   if (plp) bench_prompt_logprobs(*m, plp_lengths, chunk > 0 ? chunk : 2048, rng);
+  if (msk) bench_masked(*m, msk_batches, int_list(a, "context", "1024")[0], steps, rng);
   if (vis) bench_vision(cfg, *be_owned, vsizes, steps, seed, mm_rate);
   return 0;
 }

@@ -139,9 +139,17 @@ struct Engine::Impl {
   Schedule encode_images(const Schedule& s);
   void place_images(const Schedule& s, BatchMeta& b);
   // `lp_row`: device sampling's logprobs of this sequence's rows (Backend::row_logprobs' layout, `lp_stride` floats
-  // per row: its first row, then its verified rows), when the request wants them.
+  // per row: its first row, then its verified rows), when the request wants them. `masks`: the host path's masks made
+  // ahead, one per row (start_masks), or null. `mask_error`: device sampling's (row, error) of a mask not made.
   bool decide(const ScheduledSeq& x, const float* rows, int64_t* accepted, const int32_t* sampled = nullptr,
-              const sampling::MaskAhead* mask = nullptr, const float* lp_row = nullptr, int32_t lp_stride = 0);
+              const sampling::MaskAhead* masks = nullptr, const float* lp_row = nullptr, int32_t lp_stride = 0,
+              const std::pair<int64_t, std::string>* mask_error = nullptr);
+  // Counts a mask made ahead (or not) where s's grammar masks its next token: metrics' grammar_masks_ahead_total /
+  // _stale_total.
+  void count_mask(const sampling::SeqSampler& s, const sampling::MaskAhead* a) {
+    if (!a || !s.grammar_masked()) return;
+    ++(a->version == s.grammar_version ? counters.grammar_masks_ahead_total : counters.grammar_masks_stale_total);
+  }
   struct StepMasks {                      // the grammar masks of one step's constrained rows (start_masks)
     std::vector<sampling::MaskAhead> ahead;
     std::vector<int32_t> of;              // schedule index -> its mask in `ahead`, or -1
@@ -438,19 +446,20 @@ void Engine::Impl::run(const Schedule& sc_in) {
   std::vector<float> lp_rows;                       // Backend::row_logprobs' rows
   int32_t lp_stride = 0;
   Tensor hidden;              // act [T, H] final-norm hiddens (speculation only)
-  // Sampling on the backend: no sampled row is constrained by a grammar (its mask is made on the host) or wants more
-  // logprob alternatives than Backend::row_logprobs gives, and every verifying sequence is greedy (its rows' target
-  // choices come back and are compared with the drafts here, and its logprobs are those of the target's choices;
-  // rejection sampling needs whole rows).
+  // Sampling on the backend: no sampled row wants more logprob alternatives than Backend::row_logprobs gives or is
+  // forced, and every verifying sequence is greedy (its rows' target choices come back and are compared with the
+  // drafts here, and its logprobs are those of the target's choices; rejection sampling needs whole rows). A
+  // constrained row's mask, made on the host (sampling::row_mask), goes with it.
   const bool on_device = cfg.device_sampling && !rows.empty() && std::all_of(sc.seqs.begin(), sc.seqs.end(), [&](const ScheduledSeq& x) {
     const sampling::SamplingParams& sp = x.seq->req->sampling;
     // Logprobs (up to kMaxRowTopLogprobs alternatives) come from Backend::row_logprobs beside the sampled rows.
     const bool lp_ok = sp.logprobs < 0 || (sp.logprobs <= Backend::kMaxRowTopLogprobs && model.backend().has_row_logprobs());
-    // A grammar's row with drafts verifies on the host even before the grammar engages (in a think block): the
-    // device path accepts and retracts the drafts to build its rows, and a draft past </think> would move the grammar.
-    return !x.samples || (lp_ok && !x.seq->sampler.constrained() && x.seq->sampler.forced() < 0 &&
-                          (x.num_drafts == 0 || (cfg.device_verify && sampling::is_greedy(sp) && !sp.grammar)));
+    return !x.samples || (lp_ok && x.seq->sampler.forced() < 0 &&
+                          (x.num_drafts == 0 || (cfg.device_verify && sampling::is_greedy(sp))));
   });
+  // Device sampling: a row whose mask could not be made (the masker's exception) fails its request if decide reaches
+  // it: schedule index -> (row, error), row -1 = none.
+  std::vector<std::pair<int64_t, std::string>> mask_error(sc.seqs.size(), {-1, std::string()});
   std::vector<sampling::TokenLogprob> plp;  // of `prow`
   std::vector<std::pair<Sequence*, uint64_t>> draws;  // each sampler's counter before this step's uniforms
   // Decode or verify only (every row a logit row): one recorded step per batch shape.
@@ -474,21 +483,38 @@ void Engine::Impl::run(const Schedule& sc_in) {
                                        want_hidden ? &hidden : nullptr, want_hidden ? &all_rows : nullptr);
     clk.mark(graphed ? "forward (graphed)" : "forward (eager)");
     if (on_device) {
+      if (masks.running) {  // the constrained rows' masks go with them
+        join_masks(masks);
+        clk.mark("grammar masks (wait)");
+      }
       std::vector<SampleRowParams> prm;
       std::vector<SampleEdit> edits;
-      for (auto& x : sc.seqs)
-        if (x.samples) {
-          draws.push_back({x.seq, x.seq->sampler.draws});
-          // Verified row j (greedy) is decided as if d_1..d_j were accepted, the only case in which it counts:
-          // its penalties see them, as verify_draft's would. Greedy rows draw no uniform.
-          const int64_t k = x.num_drafts;
-          for (int64_t j = 0; j <= k; ++j) {
-            prm.push_back(sampling::next_row(x.seq->sampler, edits));
-            if (j < k) x.seq->sampler.accept(x.seq->drafts[size_t(j)]);
+      std::vector<uint32_t> mask_bits, bits;  // the rows' masks back to back (Backend::sample_rows)
+      const int64_t V = model.config().text.vocab_size, n = cfg.vocab_limit > 0 ? std::min(cfg.vocab_limit, V) : V;
+      for (size_t i = 0; i < sc.seqs.size(); ++i) {
+        const ScheduledSeq& x = sc.seqs[i];
+        if (!x.samples) continue;
+        sampling::SeqSampler& sm = x.seq->sampler;
+        draws.push_back({x.seq, sm.draws});
+        // Verified row j (greedy) is decided as if d_1..d_j were accepted, the only case in which it counts: its
+        // penalties see them and its mask is the grammar's after them, as verify_draft's would be. Greedy rows draw
+        // no uniform. After a draft the grammar refuses, the rows are never decided: no mask, no accepts.
+        sampling::for_each_draft_prefix(sm, x.seq->drafts.data(), x.num_drafts, [&](int64_t j, bool reached) {
+          prm.push_back(sampling::next_row(sm, edits));
+          if (!reached || mask_error[i].first >= 0) return;
+          const sampling::MaskAhead* a = masks.of[i] >= 0 ? &masks.ahead[size_t(masks.of[i] + j)] : nullptr;
+          count_mask(sm, a);
+          try {
+            if (sampling::row_mask(sm, a, n, bits) != sampling::MaskKind::kNone) {
+              prm.back().mask = int32_t(mask_bits.size() / size_t(mask_words(n)));
+              mask_bits.insert(mask_bits.end(), bits.begin(), bits.end());
+            }
+          } catch (const std::exception& e) {  // the masker's: fails this request where decide reaches the row
+            mask_error[i] = {j, e.what()};
           }
-          for (int64_t j = 0; j < k; ++j) x.seq->sampler.retract(x.seq->drafts[size_t(j)]);
-        }
-      model.backend().sample_rows(t, cfg.vocab_limit, prm, edits, toks);
+        });
+      }
+      model.backend().sample_rows(t, cfg.vocab_limit, prm, edits, mask_bits, toks);
       // The logprobs of the rows that want them, from the logits still on the device: each row's of its sampled
       // token, which for a verified row j (greedy) is the token emitted there if d_1..d_j are accepted. A row with
       // nothing to sample (-1) ends its request in decide; its entry is never read.
@@ -563,7 +589,7 @@ void Engine::Impl::run(const Schedule& sc_in) {
     if (x.samples) {
       alive = on_device ? decide(x, nullptr, &accepted, toks.data() + r, nullptr,
                                  lp_of[i] >= 0 ? lp_rows.data() + size_t(lp_of[i]) * size_t(lp_stride) : nullptr,
-                                 lp_stride)
+                                 lp_stride, &mask_error[i])
                         : decide(x, logits.data() + int64_t(r) * V, &accepted, nullptr,
                                  masks.of[i] >= 0 ? &masks.ahead[size_t(masks.of[i])] : nullptr);
       r += size_t(x.num_drafts + 1);
@@ -702,26 +728,24 @@ void Engine::Impl::place_images(const Schedule& sc, BatchMeta& b) {
   }
 }
 
-// Copies the grammar position of every sampled row that a grammar masks (sampling::mask_ahead: plain decode rows
-// and prefill chunks that sample alike; not a forced row, whose token needs no mask, and not a verifying sequence:
-// grammar-constrained sequences get no drafts, and with drafts the sampled row's position is only known after the
-// verify) and starts computing their masks on the workers. Rows at the same position of the same grammar (same
-// masker, grammar, matcher state, close and end ids) share one computation; their copies are filled after the wait.
+// Copies the grammar position of every sampled row that a grammar masks (sampling::mask_ahead) and starts computing
+// their masks on the workers: plain decode rows and prefill chunks that sample alike (not a forced row, whose token
+// needs no mask), and every row of a verifying sequence with a grammar, at the position its drafts reach (accepted on
+// trial: SeqSampler::mark / undo; the rows after a draft its grammar refuses are never decided and get no mask).
+// Rows at the same position of the same grammar (same masker, grammar, matcher state, close and end ids) share one
+// computation; their copies are filled after the wait.
 void Engine::Impl::start_masks(const Schedule& sc, StepMasks& m) {
   m.of.assign(sc.seqs.size(), -1);
   if (!cfg.parallel_masks) return;
   std::vector<uint64_t> ids;  // request id per mask (the test hook)
   std::unordered_map<std::string, int32_t> seen;
-  for (size_t i = 0; i < sc.seqs.size(); ++i) {
-    const ScheduledSeq& x = sc.seqs[i];
-    const sampling::SeqSampler& sm = x.seq->sampler;
-    if (!x.samples || x.num_drafts > 0 || sm.forced() >= 0 || !sm.grammar_masked()) continue;
+  auto add = [&](const ScheduledSeq& x, const sampling::SeqSampler& sm, bool refused) {  // sm's position's mask
     const int32_t k = int32_t(m.ahead.size());
-    m.of[i] = k;
-    m.ahead.push_back(sampling::mask_ahead(sm));
+    m.ahead.push_back(refused ? sampling::MaskAhead{} : sampling::mask_ahead(sm));
+    if (refused) m.ahead.back().done = true;  // never read: no mask
     ids.push_back(x.seq->req->id);
     int32_t lead = -1;
-    if (sm.matcher && !cfg.mask_hook) {
+    if (!m.ahead.back().done && sm.matcher && !cfg.mask_hook) {
       const sampling::SamplingParams& p = sm.params;
       const void* ptrs[2] = {p.masker.get(), sm.matcher->grammar().get()};
       std::string key(reinterpret_cast<const char*>(ptrs), sizeof(ptrs));
@@ -734,13 +758,22 @@ void Engine::Impl::start_masks(const Schedule& sc, StepMasks& m) {
       if (!fresh) lead = it->second;
     }
     m.leader.push_back(lead);
+  };
+  for (size_t i = 0; i < sc.seqs.size(); ++i) {
+    const ScheduledSeq& x = sc.seqs[i];
+    sampling::SeqSampler& sm = x.seq->sampler;
+    if (!x.samples || sm.forced() >= 0) continue;
+    if (x.num_drafts == 0 ? !sm.grammar_masked() : !sm.params.grammar) continue;
+    m.of[i] = int32_t(m.ahead.size());
+    sampling::for_each_draft_prefix(sm, x.seq->drafts.data(), x.num_drafts,
+                                    [&](int64_t, bool reached) { add(x, sm, !reached); });
   }
-  if (m.ahead.empty()) return;
-  // Only the leaders are jobs. Each job writes its own MaskAhead and reads nothing else that changes: the copies made
-  // here, the grammar (immutable), the masker (its cache is mutex-guarded) and the config.
+  // Only the leaders still to compute are jobs. Each job writes its own MaskAhead and reads nothing else that changes:
+  // the copies made here, the grammar (immutable), the masker (its cache is mutex-guarded) and the config.
   std::vector<size_t> jobs;
   for (size_t k = 0; k < m.ahead.size(); ++k)
-    if (m.leader[k] < 0) jobs.push_back(k);
+    if (m.leader[k] < 0 && !m.ahead[k].done) jobs.push_back(k);
+  if (jobs.empty()) return;
   sampling::MaskAhead* ahead = m.ahead.data();  // not resized until joined
   mask_workers.start(jobs.size(), [this, ahead, ids = std::move(ids), jobs](size_t j) {
     sampling::MaskAhead& a = ahead[jobs[j]];
@@ -779,16 +812,11 @@ void Engine::Impl::join_masks(StepMasks& m) {
 int64_t Engine::Impl::drafts_wanted(Sequence* s) {
   const int64_t left = std::min(s->req->max_tokens - s->num_generated(), cfg.max_model_len - int64_t(s->tokens.size()));
   int64_t k = std::min(cfg.num_speculative_tokens, left - 1);
-  // Grammars (structured output, tool calls) are speculated while they mask the sequence's next token: it samples on
-  // the host then anyway, and there decide accepts the verified tokens one by one — the grammar's position only moves
-  // forward, a draft that closes a tool call releases it as a sampled one would — and verify_draft masks each row at
-  // the position after the drafts before it. Not while a grammar waits (a think block before structured output, free
-  // text around tool calls): drafts would make the whole step host-sampled, where without them it samples on the
-  // device.
-  // A thinking budget: no verified row may be the one whose token is forced (SeqSampler::forced, host-sampled).
-  // allowed_token_ids: verify_draft does not apply it, so no drafts either.
-  if (k <= 0 || !s->req->sampling.allowed_ids.empty()) return 0;
-  if (s->req->sampling.grammar && !s->sampler.grammar_masked()) return 0;
+  // Constrained sequences (grammars, allowed_token_ids) are speculated too: each verified row is masked at the
+  // position the drafts before it reach (start_masks, verify_draft), the grammar's position moving only with tokens
+  // decided one by one. A thinking budget: no verified row may be the one whose token is forced (SeqSampler::forced,
+  // host-sampled).
+  if (k <= 0) return 0;
   k = std::min(k, s->sampler.budget_left() - 1);
   if (k <= 0) return 0;
   // Positions len .. len + k (the verify); the chained MTP steps write len .. len + k − 2.
@@ -800,7 +828,8 @@ int64_t Engine::Impl::drafts_wanted(Sequence* s) {
 // tokens Backend::sample_rows chose for the chunk's rows (greedy when there are drafts: d_{j+1} is accepted iff it
 // is row j's choice; -1: nothing left to sample), `rows` unused; null: decide from the logit rows on the host.
 bool Engine::Impl::decide(const ScheduledSeq& x, const float* rows, int64_t* accepted, const int32_t* sampled,
-                          const sampling::MaskAhead* mask, const float* lp_row, int32_t lp_stride) {
+                          const sampling::MaskAhead* masks, const float* lp_row, int32_t lp_stride,
+                          const std::pair<int64_t, std::string>* mask_error) {
   Sequence* s = x.seq;
   const int64_t V = model.config().text.vocab_size;
   const bool want_lp = s->req->sampling.logprobs >= 0;
@@ -813,8 +842,9 @@ bool Engine::Impl::decide(const ScheduledSeq& x, const float* rows, int64_t* acc
       const float* row = rows + j * V;
       bool ok = false;
       if (sampled) {
+        if (mask_error && mask_error->first == j) fail(mask_error->second);
         const int32_t tok = sampled[j];
-        if (tok < 0) fail("no token left to sample (every logit is -inf or NaN after logit_bias)");
+        if (tok < 0) fail(sampling::nothing_left(sampling::mask_kind(s->sampler)));
         s->sampler.accept(tok);
         toks.push_back(tok);
         if (want_lp) {
@@ -827,12 +857,13 @@ bool Engine::Impl::decide(const ScheduledSeq& x, const float* rows, int64_t* acc
         ++a;
         continue;
       }
-      if (mask && j == x.num_drafts)  // sample() uses it only where it is this position's, else recomputes
-        ++(mask->version == s->sampler.grammar_version ? counters.grammar_masks_ahead_total
-                                                       : counters.grammar_masks_stale_total);
+      // sample() and verify_draft use a mask made ahead only where it is this position's, else recompute it.
+      const sampling::MaskAhead* mask = masks ? masks + j : nullptr;
+      count_mask(s->sampler, mask);
       const int32_t tok =
           j < x.num_drafts
-              ? sampling::verify_draft(row, V, cfg.vocab_limit, s->sampler, s->drafts[size_t(j)], nullptr, &ok, want_lp ? &lp : nullptr)
+              ? sampling::verify_draft(row, V, cfg.vocab_limit, s->sampler, s->drafts[size_t(j)], nullptr, &ok,
+                                       want_lp ? &lp : nullptr, mask)
               : sampling::sample(row, V, cfg.vocab_limit, s->sampler, want_lp ? &lp : nullptr, mask);
       s->sampler.accept(tok);
       toks.push_back(tok);

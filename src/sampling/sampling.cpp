@@ -58,6 +58,11 @@ SampleRowParams row_of(const SamplingParams& p) {
 
 SeqSampler::SeqSampler(const SamplingParams& p, const std::vector<int32_t>& prompt) : params(p), seed(seed_of(p)) {
   for (int32_t t : prompt) prompt_tokens[t] = true;
+  for (int32_t id : p.allowed_ids)
+    if (id >= 0) {
+      if (size_t(id) / 32 >= allowed_bits.size()) allowed_bits.resize(size_t(id) / 32 + 1, 0u);
+      allowed_bits[size_t(id) / 32] |= 1u << (id % 32);
+    }
   DS_CHECK(!p.grammar || p.masker, "structured output: a grammar without the vocabulary's token masker");
   thinking = p.think_end >= 0;
   if (!thinking) engage_at_start();
@@ -121,6 +126,62 @@ MaskAhead mask_ahead(const SeqSampler& s) {
   return a;
 }
 
+void for_each_draft_prefix(SeqSampler& s, const int32_t* drafts, int64_t k,
+                           const std::function<void(int64_t j, bool reached)>& f) {
+  const SeqSampler::Mark mark = s.mark();
+  std::vector<int32_t> tried;
+  bool reached = true;
+  for (int64_t j = 0; j <= k; ++j) {
+    f(j, reached);
+    if (j == k || !reached) continue;
+    tried.push_back(drafts[j]);
+    try {
+      s.accept(drafts[j]);
+    } catch (const std::exception&) {
+      reached = false;
+    }
+  }
+  if (!tried.empty()) s.undo(mark, tried);
+}
+
+MaskKind row_mask(const SeqSampler& s, const MaskAhead* ahead, int64_t n, std::vector<uint32_t>& bits) {
+  bits.clear();
+  bool grammar;
+  if (ahead && ahead->done && ahead->version == s.grammar_version) {  // made for this very position
+    if (ahead->error) std::rethrow_exception(ahead->error);
+    grammar = ahead->constrained;
+    if (grammar) bits = ahead->bits;
+  } else {
+    grammar = s.grammar_mask(bits);
+  }
+  const std::vector<int32_t>& allowed = s.params.allowed_ids;
+  if (!grammar && allowed.empty()) {
+    bits.clear();
+    return MaskKind::kNone;
+  }
+  const size_t W = size_t(mask_words(n));
+  if (grammar) {
+    bits.resize(W, 0u);  // ids past the grammar's vocabulary: forbidden
+  } else {
+    bits.assign(W, ~0u);
+  }
+  if (!allowed.empty())  // allowed_token_ids: everything else forbidden (over a grammar's mask too)
+    for (size_t w = 0; w < W; ++w) bits[w] &= w < s.allowed_bits.size() ? s.allowed_bits[w] : 0u;
+  return grammar ? MaskKind::kGrammar : MaskKind::kAllowed;
+}
+
+MaskKind mask_kind(const SeqSampler& s) {
+  return s.grammar_masked() ? MaskKind::kGrammar : !s.params.allowed_ids.empty() ? MaskKind::kAllowed : MaskKind::kNone;
+}
+
+const char* nothing_left(MaskKind k) {
+  switch (k) {
+    case MaskKind::kGrammar: return "structured output: no token the grammar allows is left to sample";
+    case MaskKind::kAllowed: return "allowed_token_ids: none of them is left to sample";
+    default: return "no token left to sample (every logit is -inf or NaN after logit_bias)";
+  }
+}
+
 void MaskAhead::compute() {
   if (done) return;
   try {
@@ -180,22 +241,23 @@ void SeqSampler::accept(int32_t token) {
   }
 }
 
-void SeqSampler::retract(int32_t token) {
-  ++grammar_version;
-  DS_CHECK(!matcher || closed_at == generated - 1, "retract: a constrained sequence's grammar position is not undone");
-  DS_CHECK(!params.grammar || (params.grammar_trigger < 0 && params.grammar_close < 0),
-           "retract: a trigger grammar's engagement is not undone");
-  auto it = generated_counts.find(token);
-  if (it != generated_counts.end() && --it->second <= 0) generated_counts.erase(it);
-  --generated;
-  if (!history.empty()) history.pop_back();
-  if (!thinking && closed_at == generated) {  // this token closed the think block
-    thinking = true;
-    closed_at = -1;
-    matcher.reset();
-  } else if (thinking) {
-    --reasoning;
+SeqSampler::Mark SeqSampler::mark() const {
+  return {matcher, closed, thinking, reasoning, closed_at, generated, history.size(), grammar_version};
+}
+
+void SeqSampler::undo(const Mark& m, const std::vector<int32_t>& tokens) {
+  grammar_version = m.grammar_version;
+  for (int32_t t : tokens) {
+    auto it = generated_counts.find(t);
+    if (it != generated_counts.end() && --it->second <= 0) generated_counts.erase(it);
   }
+  matcher = m.matcher;
+  closed = m.closed;
+  thinking = m.thinking;
+  reasoning = m.reasoning;
+  closed_at = m.closed_at;
+  generated = m.generated;
+  history.resize(m.history);
 }
 
 void collect_edits(const SeqSampler& s, std::vector<SampleEdit>& out) {
@@ -268,16 +330,6 @@ void apply_bias_and_penalties(float* x, int64_t n, const SeqSampler& s) {
     if (e.id >= 0 && e.id < n) x[e.id] = edit_logit(x[e.id], e, r);
 }
 
-namespace {
-// The row's n logits with every token a grammar's mask forbids (bits as TokenMasker::allowed) at -inf.
-void masked_row(const float* logits, int64_t n, const std::vector<uint32_t>& bits, std::vector<float>& out) {
-  out.assign(logits, logits + n);
-  for (int64_t i = 0; i < n; ++i)
-    if (size_t(i) / 32 >= bits.size() || !(bits[size_t(i) / 32] >> (i % 32) & 1u))
-      out[size_t(i)] = -std::numeric_limits<float>::infinity();
-}
-}  // namespace
-
 int32_t sample(const float* logits, int64_t V, int64_t vocab_limit, SeqSampler& s, TokenLogprob* lp,
                const MaskAhead* ahead) {
   const int64_t n = vocab_limit > 0 ? std::min(vocab_limit, V) : V;  // ids >= n are never produced
@@ -289,65 +341,42 @@ int32_t sample(const float* logits, int64_t V, int64_t vocab_limit, SeqSampler& 
   }
   std::vector<SampleEdit> edits;
   const SampleRowParams r = next_row(s, edits);
-  std::vector<float> masked;  // a constrained row: the raw logits with every token the mask forbids at -inf
-  std::vector<uint32_t> own;
-  const std::vector<uint32_t>* mask = &own;
-  bool grammar;
-  if (ahead && ahead->done && ahead->version == s.grammar_version) {  // made for this very position
-    if (ahead->error) std::rethrow_exception(ahead->error);
-    grammar = ahead->constrained;
-    mask = &ahead->bits;
-  } else {
-    grammar = s.grammar_mask(own);
-  }
-  if (grammar) masked_row(logits, n, *mask, masked);
-  if (!s.params.allowed_ids.empty()) {  // allowed_token_ids: everything else at -inf (over a grammar's mask too)
-    std::vector<float> keep(size_t(n), -std::numeric_limits<float>::infinity());
-    const float* src = masked.empty() ? logits : masked.data();
-    for (int32_t id : s.params.allowed_ids)
-      if (id >= 0 && id < n) keep[size_t(id)] = src[id];
-    masked = std::move(keep);
-  }
-  const int32_t tok = cpu::sample_row(masked.empty() ? logits : masked.data(), n, r, edits.data(),
-                                      int64_t(edits.size()));
-  if (tok < 0 && grammar) fail("structured output: no token the grammar allows is left to sample");
-  if (tok < 0 && !s.params.allowed_ids.empty()) fail("allowed_token_ids: none of them is left to sample");
-  if (tok < 0) fail("no token left to sample (every logit is -inf or NaN after logit_bias)");
+  std::vector<uint32_t> bits;  // a constrained row: the ids it may sample
+  const MaskKind kind = row_mask(s, ahead, n, bits);
+  const int32_t tok = cpu::sample_row(logits, n, r, edits.data(), int64_t(edits.size()),
+                                      kind != MaskKind::kNone ? bits.data() : nullptr);
+  if (tok < 0) fail(nothing_left(kind));
   if (lp && s.params.logprobs >= 0) fill_logprobs(logits, n, tok, s.params.logprobs, *lp);
   return tok;
 }
 
 int32_t verify_draft(const float* logits, int64_t V, int64_t vocab_limit, SeqSampler& s, int32_t draft,
-                     const float* draft_probs, bool* accepted, TokenLogprob* lp) {
+                     const float* draft_probs, bool* accepted, TokenLogprob* lp, const MaskAhead* ahead) {
   const SamplingParams& p = s.params;
   const int64_t n = vocab_limit > 0 ? std::min(vocab_limit, V) : V;
   DS_CHECK(n > 0, "empty vocabulary");
   std::vector<SampleEdit> edits;
   collect_edits(s, edits);
   const SampleRowParams r = row_of(p);
-  // A grammar's position (the accepted drafts included): the tokens it forbids at -inf, as sample() does; a draft the
-  // grammar forbids has p = 0 and is rejected.
+  // A mask (a grammar's position, the accepted drafts included; allowed_token_ids): the ids it forbids at -inf, as
+  // sample() does; a draft it forbids has p = 0 and is rejected.
   std::vector<uint32_t> bits;
-  std::vector<float> masked;
-  const bool grammar = s.grammar_mask(bits);
-  if (grammar) masked_row(logits, n, bits, masked);
+  const MaskKind kind = row_mask(s, ahead, n, bits);
   std::vector<float> z;  // what sample() filters and draws from
-  cpu::sample_values(grammar ? masked.data() : logits, n, r, edits.data(), int64_t(edits.size()), z);
+  cpu::sample_values(logits, n, r, edits.data(), int64_t(edits.size()), z,
+                     kind != MaskKind::kNone ? bits.data() : nullptr);
 
   int32_t tok = -1;
   bool acc = false;
   if (r.greedy) {
     // Greedy target: p is one-hot at the argmax, so the rule reduces to "accept iff equal" and uses no RNG.
     tok = cpu::sample_argmax(z.data(), n);
-    if (grammar && (tok < 0 || !(z[size_t(tok)] > -std::numeric_limits<float>::infinity())))
-      fail("structured output: no token the grammar allows is left to sample");
+    if (kind != MaskKind::kNone && !(z[size_t(tok)] > -std::numeric_limits<float>::infinity()))
+      fail(nothing_left(kind));
     acc = tok == draft;
   } else {
     cpu::SampleSet c;  // p = c.w / c.total over c.ids, exactly sample()'s distribution
-    if (!cpu::sample_filter(z.data(), n, r, c)) {
-      if (grammar) fail("structured output: no token the grammar allows is left to sample");
-      fail("no token left to sample (every logit is -inf or NaN after logit_bias)");
-    }
+    if (!cpu::sample_filter(z.data(), n, r, c)) fail(nothing_left(kind));
     double pd = 0;
     for (size_t i = 0; i < c.ids.size(); ++i)
       if (c.ids[i] == draft) pd = c.w[i] / c.total;  // p(draft); 0 outside the kept set (or outside [0, n))

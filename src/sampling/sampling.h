@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -75,18 +76,19 @@ struct SeqSampler {
   uint64_t draws = 0;  // uniforms drawn so far; the next is uniform_at(seed, draws) (backend/sample_math.h)
   std::unordered_map<int32_t, int32_t> generated_counts;  // token -> times generated
   std::unordered_map<int32_t, bool> prompt_tokens;        // for repetition_penalty
+  std::vector<uint32_t> allowed_bits;  // params.allowed_ids as a bit mask (row_mask), made once
   int64_t generated = 0;  // tokens accepted (min_tokens)
   std::vector<int32_t> history;  // the tokens accepted, in order (bad_words)
   // Reasoning: inside the prompt's think block (params.think_end), with `reasoning` tokens so far.
   bool thinking = false;
   int64_t reasoning = 0;
-  int64_t closed_at = -1;  // `generated` before the token that closed the think block (retract undoes it)
+  int64_t closed_at = -1;  // `generated` before the token that closed the think block (undo restores it)
   // The grammar's position while it applies (params.grammar: after think_end when set, or from the trigger to the
   // close token); engaged = constrained.
   std::optional<Matcher> matcher;
   bool closed = false;  // grammar_close accepted and no trigger since: params.after_close applies
-  // A mask the host makes now: a grammar's, what may follow grammar_close, or allowed_token_ids (sampled on the host,
-  // not Backend::sample_rows). A lazy grammar waiting for its trigger is not one.
+  // A mask the host makes now (row_mask): a grammar's, what may follow grammar_close, or allowed_token_ids. A lazy
+  // grammar waiting for its trigger is not one.
   bool constrained() const {
     return matcher.has_value() || !params.allowed_ids.empty() ||
            (closed && params.after_close != SamplingParams::AfterClose::kFree);
@@ -98,7 +100,7 @@ struct SeqSampler {
   bool grammar_masked() const {
     return matcher.has_value() || (closed && params.after_close != SamplingParams::AfterClose::kFree);
   }
-  // Changes whenever the grammar's position may change (every accept and retract): a mask made ahead (MaskAhead)
+  // Changes whenever the grammar's position may change (every accept and undo): a mask made ahead (MaskAhead)
   // at one value is this sequence's mask only while the value is unchanged.
   uint64_t grammar_version = 0;
   // Reasoning tokens the budget still allows before think_end is forced (INT64_MAX: no budget or not thinking).
@@ -107,15 +109,34 @@ struct SeqSampler {
   int32_t forced() const { return budget_left() == 0 ? params.think_end : -1; }
   // Counts the token, closes the think block at think_end (engaging the grammar there unless it is lazy) and moves
   // the grammar over it (an end id leaves the matcher as it is); grammar_trigger engages it, grammar_close releases
-  // it. Throws if a constrained sequence gets a token the grammar does not allow.
+  // it. Throws if a constrained sequence gets a token the grammar does not allow (the token counted: undo() takes it
+  // back).
   void accept(int32_t token);
-  // Undoes accept(token) (counts, reasoning, the think block's end). Not for sequences with a grammar, which the
-  // engine never gives drafts (the grammar's position is not undone).
-  void retract(int32_t token);
+  // Accepting tokens on trial (a verify's rows on the device, each decided as if the drafts before it were accepted):
+  // mark() before the accepts, undo(mark, tokens accepted since) after them puts the sampler back where it was —
+  // counts, history, reasoning, the think block, the grammar's position and grammar_version: the same accepts again
+  // reach the same versions, so masks made ahead at the trial's positions (MaskAhead) serve the real accepts of the
+  // same tokens. Such masks live one step: a later accept of another token reaches a trial's version at another
+  // position.
+  struct Mark {
+    std::optional<Matcher> matcher;
+    bool closed = false, thinking = false;
+    int64_t reasoning = 0, closed_at = -1, generated = 0;
+    size_t history = 0;
+    uint64_t grammar_version = 0;
+  };
+  Mark mark() const;
+  void undo(const Mark& m, const std::vector<int32_t>& tokens);
   // Engages the grammar where it starts (not lazy), advanced over grammar_prefix.
   void engage_at_start();
   float next_uniform() { return uniform_at(seed, draws++); }
 };
+
+// A verify's rows one by one: f(j, reached) for j = 0..k with s at the position drafts[0..j) reach (accepted on
+// trial: mark, accept, undo; s is back where it was at the end). After a draft s refuses (accept throws: its
+// constrained grammar forbids it) the rows are never decided: f(j, false) for them, s left at the refusal's position.
+void for_each_draft_prefix(SeqSampler& s, const int32_t* drafts, int64_t k,
+                           const std::function<void(int64_t j, bool reached)>& f);
 
 // A sequence's grammar mask made away from it: grammar_mask()'s inputs copied on the sequence's thread (mask_ahead()),
 // the mask computed from the copy on any thread (compute(): touches nothing but the copy, the shared immutable
@@ -139,6 +160,19 @@ struct MaskAhead {
 };
 // The copy of s's grammar mask inputs (cheap: the matcher's few small vectors, the end ids).
 MaskAhead mask_ahead(const SeqSampler& s);
+
+// What restricts a sequence's next token to a mask: nothing, its grammar (SeqSampler::grammar_masked, allowed_token_ids
+// too where it has both), or allowed_token_ids alone.
+enum class MaskKind : uint8_t { kNone, kGrammar, kAllowed };
+// The ids s may sample next among [0, n) as one mask of mask_words(n) words (Backend::sample_rows' form): its
+// grammar's mask (`ahead`'s bits where it was made for this very position: done, grammar_version unchanged; otherwise
+// computed here) and allowed_token_ids, intersected; ids past the grammar's vocabulary forbidden. kNone leaves `bits`
+// empty. Throws what computing the grammar's mask throws (an `ahead`'s error included).
+MaskKind row_mask(const SeqSampler& s, const MaskAhead* ahead, int64_t n, std::vector<uint32_t>& bits);
+// The kind of mask that restricts s's next token now (row_mask's return value at this position).
+MaskKind mask_kind(const SeqSampler& s);
+// The error of a row with nothing left to sample under a mask of that kind (or none).
+const char* nothing_left(MaskKind k);
 
 // Below this temperature a request is greedy (vLLM's _SAMPLING_EPS).
 constexpr float kGreedyEps = 1e-5f;
@@ -179,8 +213,9 @@ int32_t sample(const float* logits, int64_t V, int64_t vocab_limit, SeqSampler& 
 // drawn from normalize(max(0, p − q)). Either way the returned token is distributed as p. Greedy requests
 // (temperature 0) accept iff the draft is the argmax and return the argmax, drawing nothing from the RNG.
 // Sets *accepted; fills `lp` (the returned token's raw logprob) when params.logprobs >= 0.
+// A constrained sequence is masked at its position (row_mask; `ahead` as sample() takes it).
 int32_t verify_draft(const float* logits, int64_t V, int64_t vocab_limit, SeqSampler& s, int32_t draft,
-                     const float* draft_probs, bool* accepted, TokenLogprob* lp);
+                     const float* draft_probs, bool* accepted, TokenLogprob* lp, const MaskAhead* ahead = nullptr);
 
 // A TokenLogprob from one row in cpu::row_logprobs' layout (Backend::row_logprobs): the chosen token's logprob, then
 // k (id, logprob) pairs.

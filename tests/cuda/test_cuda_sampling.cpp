@@ -134,6 +134,7 @@ void run_shape(test::Both& B, int R, int64_t V, int64_t limit, DType dt, int& ne
 
   std::vector<SampleRowParams> rows;
   std::vector<SampleEdit> edits;
+  std::vector<uint32_t> masks;
   std::vector<int> combo_of;
   for (int r = 0; r < R; ++r) {
     const int c = next_combo++ % kCombos;
@@ -150,14 +151,32 @@ void run_shape(test::Both& B, int R, int64_t V, int64_t limit, DType dt, int& ne
     for (int i = 0; i < 30; ++i) s.accept(i % 3 == 0 ? prompt[1] : id(g));
     s.draws = g() % 1000;
     rows.push_back(sampling::next_row(s, edits));
+    // A third of the rows masked (a grammar's or allowed_token_ids' ids): one id up to all but one, a row now and
+    // then sharing the previous row's mask.
+    if (g() % 3 != 0) continue;
+    const int64_t W = mask_words(n);
+    if (!masks.empty() && g() % 4 == 0) {
+      rows.back().mask = int32_t(masks.size() / size_t(W)) - 1;
+      continue;
+    }
+    static const double kDensity[] = {0.0, 0.001, 0.05, 0.5, 0.999};
+    const double dens = kDensity[g() % 5];
+    std::vector<uint32_t> m(size_t(W), 0u);
+    std::bernoulli_distribution keep(dens);
+    for (int64_t i = 0; i < n; ++i)
+      if (keep(g)) m[size_t(i / 32)] |= 1u << (i % 32);
+    const int64_t one = int64_t(g() % uint64_t(n));
+    m[size_t(one / 32)] |= 1u << (one % 32);  // at least one id
+    rows.back().mask = int32_t(masks.size() / size_t(W));
+    masks.insert(masks.end(), m.begin(), m.end());
   }
   std::vector<int32_t> got, again, want;
   const auto t0 = std::chrono::steady_clock::now();
-  B.gpu->sample_rows(t, limit, rows, edits, got);
+  B.gpu->sample_rows(t, limit, rows, edits, masks, got);
   const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-  B.gpu->sample_rows(t, limit, rows, edits, again);
+  B.gpu->sample_rows(t, limit, rows, edits, masks, again);
   EXPECT_EQ(got, again) << "the GPU is not deterministic";
-  cpu::sample_rows(host.data(), V, limit, rows, edits, want);
+  cpu::sample_rows(host.data(), V, limit, rows, edits, masks, want);
   ASSERT_EQ(got.size(), size_t(R));
   if (V >= 151936) std::printf("  R %d V %ld %s: sample_rows %.3f ms (incl. uploads and the copy back)\n", R, long(V),
                                dtype_name(dt), ms);
@@ -171,7 +190,8 @@ void run_shape(test::Both& B, int R, int64_t V, int64_t limit, DType dt, int& ne
       continue;
     }
     std::vector<float> z;
-    cpu::sample_values(host.data() + size_t(r) * size_t(V), n, p, edits.data() + p.edit_begin, p.edit_count, z);
+    cpu::sample_values(host.data() + size_t(r) * size_t(V), n, p, edits.data() + p.edit_begin, p.edit_count, z,
+                       p.mask >= 0 ? masks.data() + size_t(p.mask) * size_t(mask_words(n)) : nullptr);
     const Classified c = classify(z, p, want[size_t(r)], got[size_t(r)]);
     if (c.boundary) {
       ++st.boundary;
@@ -232,11 +252,33 @@ TEST(CudaSampling, EdgeRows) {
           rows.push_back(sampling::next_row(s, edits));
         }
         std::vector<int32_t> got, want;
-        B.gpu->sample_rows(t, V, rows, edits, got);
-        cpu::sample_rows(host.data(), V, V, rows, edits, want);
+        B.gpu->sample_rows(t, V, rows, edits, {}, got);
+        cpu::sample_rows(host.data(), V, V, rows, edits, {}, want);
         EXPECT_EQ(got, want) << dtype_name(dt) << (greedy ? " greedy" : " sampled") << " top_k " << k;
         EXPECT_EQ(want[0], greedy ? 0 : -1);
         EXPECT_EQ(want[2], 4321);
+        // Masked: the first row (all -inf) gives -1 greedy too; a mask on the lone finite logit keeps it, one without
+        // it leaves nothing; the tied row's mask picks its lowest allowed id when greedy; a bias cannot reopen an id.
+        const int64_t W = mask_words(V);
+        std::vector<uint32_t> masks(size_t(3 * W), 0u);
+        auto allow = [&](int m, int64_t id) { masks[size_t(m * W + id / 32)] |= 1u << (id % 32); };
+        allow(0, 4321);
+        allow(1, 10);  // -inf bias on the tied row
+        allow(1, 77);
+        allow(1, 3000);
+        allow(2, 4320);
+        std::vector<SampleRowParams> mrows = rows;
+        mrows[0].mask = 0;
+        mrows[1].mask = 1;
+        mrows[2].mask = greedy ? 0 : 2;
+        mrows[3].mask = 1;
+        B.gpu->sample_rows(t, V, mrows, edits, masks, got);
+        cpu::sample_rows(host.data(), V, V, mrows, edits, masks, want);
+        EXPECT_EQ(got, want) << dtype_name(dt) << (greedy ? " greedy" : " sampled") << " top_k " << k << ", masked";
+        EXPECT_EQ(want[0], -1);
+        if (greedy) EXPECT_EQ(want[1], 77);
+        EXPECT_TRUE(want[1] == 77 || want[1] == 3000) << want[1];
+        EXPECT_EQ(want[2], greedy ? 4321 : -1);
       }
 }
 
@@ -394,7 +436,7 @@ TEST(CudaSampling, TimeAgainstTheHostPath) {
         std::vector<SampleRowParams> rows;
         std::vector<SampleEdit> edits;
         for (auto& s : ss) rows.push_back(sampling::next_row(s, edits));
-        B.gpu->sample_rows(t, V, rows, edits, ids);
+        B.gpu->sample_rows(t, V, rows, edits, {}, ids);
       };
       dev();  // warm-up (pool growth)
       auto t0 = std::chrono::steady_clock::now();
@@ -409,6 +451,26 @@ TEST(CudaSampling, TimeAgainstTheHostPath) {
       const double host_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / hiters;
       std::printf("  R %2d V %ld %-22s device %8.3f ms/step   host copy + sample %9.3f ms/step\n", R, long(V), set.name,
                   dev_ms, host_ms);
+    }
+    {  // Every row masked (a grammar's mask inside a JSON string: nearly every id allowed), greedy and T 1: the masks'
+       // upload (R x 31 KB) and their reads included.
+      const int64_t W = mask_words(V);
+      const std::vector<uint32_t> masks(size_t(R) * size_t(W), 0xFFFFFFF0u);
+      for (int greedy = 1; greedy >= 0; --greedy) {
+        std::vector<SampleRowParams> rows(static_cast<size_t>(R));
+        for (int r = 0; r < R; ++r) {
+          rows[size_t(r)].greedy = greedy;
+          rows[size_t(r)].u = 0.5f;
+          rows[size_t(r)].mask = r;
+        }
+        std::vector<int32_t> ids;
+        B.gpu->sample_rows(t, V, rows, {}, masks, ids);  // warm-up
+        const auto t0 = std::chrono::steady_clock::now();
+        for (int i = 0; i < 20; ++i) B.gpu->sample_rows(t, V, rows, {}, masks, ids);
+        const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / 20;
+        std::printf("  R %2d V %ld %-22s device %8.3f ms/step (every row with its mask)\n", R, long(V),
+                    greedy ? "greedy, masked" : "T 1, masked", ms);
+      }
     }
     // Logprobs with 20 alternatives for every row: row_logprobs beside sample_rows, against the host path's copy of
     // the rows and its log-softmax + top 20 per row.

@@ -1349,12 +1349,13 @@ struct MaskRun {
   EngineMetrics m;
 };
 
-MaskRun run_mask_mix(bool parallel, int64_t threads = 0) {
+MaskRun run_mask_mix(bool parallel, int64_t threads = 0, bool device = true) {
   auto reqs = mask_mix();
   EngineConfig c = base_config();
   c.max_num_seqs = 5;              // requests wait and join running batches
   c.max_num_batched_tokens = 48;   // prompts prefill in chunks, the last one sampling
   c.parallel_masks = parallel;
+  c.device_sampling = device;
   c.mask_threads = threads;
   Engine e(*fx().m, c);
   for (auto& r : reqs) e.submit(r);
@@ -1367,22 +1368,30 @@ MaskRun run_mask_mix(bool parallel, int64_t threads = 0) {
 }
 
 // The same tokens with the masks computed ahead on the workers as on the engine thread at sampling, for every kind
-// of constrained row; the constrained outputs are their grammars' text; unconstrained requests get their alone
-// outputs.
+// of constrained row, and with the masked rows sampled on the backend (Backend::sample_rows with their masks, the
+// default) as on the host (sampling::sample); the constrained outputs are their grammars' text; unconstrained
+// requests get their alone outputs.
 TEST(EngineMasks, AheadAndSerialGiveTheSameTokens) {
   const MaskRun serial = run_mask_mix(false);
   const MaskRun ahead = run_mask_mix(true);
   const MaskRun one = run_mask_mix(true, 1);  // one worker: the engine thread takes jobs too
+  const MaskRun host = run_mask_mix(true, 0, false);
+  const MaskRun host_serial = run_mask_mix(false, 0, false);
   ASSERT_EQ(serial.out.size(), ahead.out.size());
   for (size_t i = 0; i < serial.out.size(); ++i) {
     SCOPED_TRACE("request " + std::to_string(i) + ": " + text_of(serial.out[i].tokens));
     EXPECT_NE(serial.out[i].finish, FinishReason::Error) << serial.out[i].error;
-    EXPECT_EQ(ahead.out[i].tokens, serial.out[i].tokens);
-    EXPECT_EQ(ahead.out[i].finish, serial.out[i].finish);
-    EXPECT_EQ(ahead.out[i].error, serial.out[i].error);
-    EXPECT_EQ(one.out[i].tokens, serial.out[i].tokens);
+    for (const MaskRun* r : {&ahead, &one, &host, &host_serial}) {
+      EXPECT_EQ(r->out[i].tokens, serial.out[i].tokens);
+      EXPECT_EQ(r->out[i].finish, serial.out[i].finish);
+      EXPECT_EQ(r->out[i].error, serial.out[i].error);
+    }
     EXPECT_GT(serial.out[i].tokens.size(), 0u);
   }
+  // Which path sampled: only the steps with the budget's forced </think> (request 5) on the host by default.
+  EXPECT_EQ(host.m.device_sample_steps_total, 0);
+  for (const MaskRun* r : {&serial, &ahead}) EXPECT_GE(r->m.device_sample_steps_total, r->m.steps_total - 2);
+  EXPECT_EQ(host.m.grammar_masks_ahead_total, ahead.m.grammar_masks_ahead_total);
   // What the grammars made: JSON of the schema where it ended, the same for the request at the same positions.
   const auto& o = serial.out;
   EXPECT_EQ(o[2].tokens, o[1].tokens);

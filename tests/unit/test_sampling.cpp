@@ -10,6 +10,7 @@
 #include "backend/cpu/cpu_backend.h"
 #include "backend/ops.h"
 #include "core/status.h"
+#include "error_util.h"
 #include "sampling/sampling.h"
 #include "text/tool_parser.h"
 
@@ -441,7 +442,7 @@ TEST(SamplingRng, CpuSampleRowsEqualsSample) {
     std::vector<SampleEdit> edits;
     for (int r = 0; r < R; ++r) rows.push_back(next_row(b[size_t(r)], edits));
     std::vector<int32_t> ids;
-    be->sample_rows(t, limit, rows, edits, ids);
+    be->sample_rows(t, limit, rows, edits, {}, ids);
     ASSERT_EQ(ids.size(), size_t(R));
     for (int r = 0; r < R; ++r) {
       const int32_t want = sample(all.data() + int64_t(r) * V, V, limit, a[size_t(r)], nullptr);
@@ -460,9 +461,98 @@ TEST(SamplingRng, CpuSampleRowsEqualsSample) {
   SeqSampler s(p, {});
   std::vector<SampleEdit> edits;
   std::vector<int32_t> ids;
-  be->sample_rows(d, 8, {next_row(s, edits)}, edits, ids);
+  be->sample_rows(d, 8, {next_row(s, edits)}, edits, {}, ids);
   EXPECT_EQ(ids, std::vector<int32_t>{-1});
   EXPECT_THROW(sample(dead.data(), 8, 8, s, nullptr), Error);
+}
+
+// Rows with masks (row_mask: allowed_token_ids here, a grammar's in SamplingGrammar.*): sample_rows with the masks
+// picks sample()'s tokens, greedy and sampled, with every filter, with a bias on a forbidden id (it stays forbidden)
+// and penalties; masked rows beside unmasked ones, two rows sharing one mask. A mask that leaves nothing gives -1,
+// greedy too, and sample() names the mask; bad mask arguments are errors.
+TEST(SamplingRng, CpuSampleRowsWithMasksEqualsSample) {
+  auto be = make_cpu_backend();
+  const int64_t V = 700, limit = 650, W = mask_words(limit);
+  const int R = 7;
+  std::mt19937 g(11);
+  std::vector<float> all;
+  for (int r = 0; r < R; ++r) {
+    auto x = random_logits(V, 70 + uint64_t(r), 2.f);
+    all.insert(all.end(), x.begin(), x.end());
+  }
+  Tensor t = be->upload_f32(all, {R, V}, DType::F32);
+  std::vector<SamplingParams> ps(R);
+  for (int r = 0; r < R; ++r) {
+    SamplingParams& p = ps[size_t(r)];
+    p.seed = 9 + uint64_t(r);
+    p.temperature = r % 3 == 0 ? 0.f : 0.8f;
+    if (r == 1) p.top_k = 5;
+    if (r == 2) p.top_p = 0.7f;
+    if (r == 4) p.min_p = 0.1f;
+    if (r == 5) p.repetition_penalty = 1.3f, p.presence_penalty = 0.5f;
+    if (r == 3) continue;  // unmasked
+    for (int i = 0; i < 40 + 30 * r; ++i) p.allowed_ids.push_back(int32_t(g() % uint32_t(limit + 20)));  // some >= limit
+    p.logit_bias = {{int32_t(g() % uint32_t(limit)), 60.f}};  // likely forbidden: must stay so
+  }
+  ps[6].allowed_ids = ps[5].allowed_ids;  // the same mask twice
+  std::vector<SeqSampler> a, b;
+  for (int r = 0; r < R; ++r) {
+    a.emplace_back(ps[size_t(r)], std::vector<int32_t>{1, 2, 3});
+    b.emplace_back(ps[size_t(r)], std::vector<int32_t>{1, 2, 3});
+  }
+  for (int step = 0; step < 30; ++step) {
+    std::vector<SampleRowParams> rows;
+    std::vector<SampleEdit> edits;
+    std::vector<uint32_t> masks, bits;
+    for (int r = 0; r < R; ++r) {
+      rows.push_back(next_row(b[size_t(r)], edits));
+      const MaskKind k = row_mask(b[size_t(r)], nullptr, limit, bits);
+      ASSERT_EQ(k, r == 3 ? MaskKind::kNone : MaskKind::kAllowed);
+      if (k == MaskKind::kNone) continue;
+      ASSERT_EQ(int64_t(bits.size()), W);
+      rows.back().mask = int32_t(masks.size() / size_t(W));
+      masks.insert(masks.end(), bits.begin(), bits.end());
+    }
+    std::vector<int32_t> ids;
+    be->sample_rows(t, limit, rows, edits, masks, ids);
+    for (int r = 0; r < R; ++r) {
+      const int32_t want = sample(all.data() + int64_t(r) * V, V, limit, a[size_t(r)], nullptr);
+      ASSERT_EQ(ids[size_t(r)], want) << "step " << step << " row " << r;
+      const auto& al = ps[size_t(r)].allowed_ids;
+      if (r != 3) EXPECT_NE(std::find(al.begin(), al.end(), want), al.end()) << "row " << r;
+      a[size_t(r)].accept(want);
+      b[size_t(r)].accept(want);
+    }
+  }
+  // A mask whose allowed ids are all -inf: -1, greedy or not; sample() says which mask left nothing.
+  std::vector<float> x(8, 0.f);
+  x[2] = x[5] = -std::numeric_limits<float>::infinity();
+  Tensor d = be->upload_f32(x, {1, 8}, DType::F32);
+  for (float temp : {0.f, 1.f}) {
+    SamplingParams p;
+    p.seed = 1;
+    p.temperature = temp;
+    p.allowed_ids = {2, 5};
+    SeqSampler s(p, {});
+    std::vector<SampleEdit> edits;
+    std::vector<uint32_t> bits;
+    std::vector<int32_t> ids;
+    ASSERT_EQ(row_mask(s, nullptr, 8, bits), MaskKind::kAllowed);
+    EXPECT_EQ(bits, std::vector<uint32_t>{(1u << 2) | (1u << 5)});
+    SampleRowParams row = next_row(s, edits);
+    row.mask = 0;
+    be->sample_rows(d, 8, {row}, edits, bits, ids);
+    EXPECT_EQ(ids, std::vector<int32_t>{-1}) << "temperature " << temp;
+    row.mask = -1;
+    be->sample_rows(d, 8, {row}, edits, bits, ids);
+    EXPECT_GE(ids[0], 0) << "unmasked: any finite logit";
+    EXPECT_ERROR(sample(x.data(), 8, 8, s, nullptr), "allowed_token_ids: none of them is left");
+    row.mask = 1;
+    EXPECT_ERROR(be->sample_rows(d, 8, {row}, edits, bits, ids), "mask 1 outside the 1 masks given");
+    row.mask = 0;
+    Tensor wide = be->upload_f32(std::vector<float>(40, 0.f), {1, 40}, DType::F32);  // 2 words a mask
+    EXPECT_ERROR(be->sample_rows(wide, 40, {row}, edits, {1u, 2u, 3u}, ids), "masks of 3 words, expected a multiple of 2");
+  }
 }
 
 }  // namespace
@@ -724,7 +814,6 @@ TEST(SamplingGrammar, TriggerGrammarErrors) {
   for (int32_t id = 0; id < int32_t(tv.v.size()); ++id)
     EXPECT_EQ(bits[size_t(id) / 32] >> (id % 32) & 1u, id == tv.end ? 1u : 0u) << id;
   EXPECT_THROW(s.accept(tv.trigger), Error);
-  EXPECT_THROW(s.retract(int32_t('a' - 32)), Error) << "no retract for trigger grammars";
 }
 
 
@@ -737,14 +826,14 @@ int32_t sample_both(SeqSampler& s, const std::vector<float>& x) {
   const SampleRowParams r = next_row(s, edits);
   s.draws = draws;
   std::vector<int32_t> ids;
-  cpu::sample_rows(x.data(), V, V, {r}, edits, ids);
+  cpu::sample_rows(x.data(), V, V, {r}, edits, {}, ids);
   const int32_t t = sample(x.data(), V, V, s, nullptr);
   EXPECT_EQ(ids[0], t) << "host and device samplers agree";
   return t;
 }
 
-// thinking_token_budget: `budget` reasoning tokens, then think_end is forced (no draw); retract undoes the end of the
-// think block; without a budget nothing is forced.
+// thinking_token_budget: `budget` reasoning tokens, then think_end is forced (no draw); undo takes back the end of
+// the think block; without a budget nothing is forced.
 TEST(SamplingThinking, BudgetForcesThinkEnd) {
   const int64_t V = 50;
   for (int64_t budget : {0, 1, 3, 7}) {
@@ -764,6 +853,7 @@ TEST(SamplingThinking, BudgetForcesThinkEnd) {
       s.accept(t);
     }
     EXPECT_EQ(s.forced(), 5) << "budget " << budget;
+    const SeqSampler::Mark before = s.mark();
     const auto x = random_logits(V, 999);
     const uint64_t draws = s.draws;
     TokenLogprob lp;
@@ -774,14 +864,16 @@ TEST(SamplingThinking, BudgetForcesThinkEnd) {
     EXPECT_FALSE(s.thinking);
     EXPECT_EQ(s.forced(), -1);
     EXPECT_EQ(s.budget_left(), INT64_MAX);
-    s.retract(5);  // a rejected draft
+    s.undo(before, {5});  // a rejected draft
     EXPECT_TRUE(s.thinking);
     EXPECT_EQ(s.forced(), 5);
     s.accept(5);
+    const SeqSampler::Mark after = s.mark();
     s.accept(7);  // content: not reasoning
-    s.retract(7);
+    s.undo(after, {7});
     EXPECT_FALSE(s.thinking);
     EXPECT_EQ(s.reasoning, budget);
+    EXPECT_EQ(s.generated_counts.count(7), 0u);
   }
   SamplingParams p;
   p.think_end = 5;
@@ -812,7 +904,7 @@ TEST(SamplingThinking, MinTokensHoldsTheEndIds) {
 
 
 // bad_words: a one-token word is never sampled; the last token of a longer one only where the output ends with the
-// rest of it (and again after a retract), on the host sampler and in the device sampler's edits alike.
+// rest of it (and again after an undo), on the host sampler and in the device sampler's edits alike.
 // allowed_token_ids: nothing else is sampled (the host path: constrained()).
 TEST(SamplingWords, BadWordsAndAllowedTokenIds) {
   const int64_t V = 30;
@@ -825,10 +917,11 @@ TEST(SamplingWords, BadWordsAndAllowedTokenIds) {
   auto both = [&](uint64_t seed) { return sample_both(s, random_logits(V, seed)); };
   EXPECT_EQ(both(1), 9) << "4 is banned, so the next-biased 9";
   s.accept(2);
+  const SeqSampler::Mark m2 = s.mark();
   s.accept(3);
   EXPECT_NE(both(2), 9) << "2 3 9 is a bad word";
   EXPECT_NE(both(3), 4);
-  s.retract(3);
+  s.undo(m2, {3});
   EXPECT_EQ(both(4), 9) << "after 2 alone 9 is fine";
   s.accept(3);
   s.accept(7);

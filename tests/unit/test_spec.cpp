@@ -216,6 +216,7 @@ struct Out {
   FinishReason finish = FinishReason::None;
   int32_t stop_token = -1;
   int64_t completion_tokens = 0;
+  std::string error;
 };
 
 Out collect(Request& r) {
@@ -226,6 +227,7 @@ Out collect(Request& r) {
     o.finish = d->finish;
     o.stop_token = d->stop_token;
     o.completion_tokens = d->completion_tokens;
+    if (!d->error.empty()) o.error = d->error;
   }
   return o;
 }
@@ -364,10 +366,12 @@ TEST(SpecEngine, OracleDraftsAreAcceptedAndOutputUnchanged) {
   }
 }
 
-// Structured output under speculation: a grammar request's drafts are verified on the host against the grammar's
-// mask at each position (the drafts before it accepted), so greedy outputs are the plain run's token for token and
-// every output is text of its grammar; drafts were proposed and accepted for them. One request thinks first (a
-// budget forces </think>, after which its grammar engages; drafts only from there), two make tool calls.
+// Structured output under speculation: a constrained request's drafts are verified against its mask at each
+// position (the drafts before it accepted) — on the device (Backend::sample_rows with a mask per verified row, made
+// ahead on the workers or on the engine thread) or on the host (verify_draft) — so greedy outputs are the plain run's
+// token for token and every output is text of its grammar; drafts were proposed and accepted for all. One request
+// thinks first (a budget forces </think>, after which its grammar engages; drafted inside the think block too), two
+// make tool calls, one has allowed_token_ids.
 TEST(SpecEngine, GrammarRequestsAreSpeculatedWithTheSameTokens) {
   Fixture& f = fixture("tiny-moe", "bf16");
   const int32_t think_end = 2009;
@@ -413,12 +417,23 @@ TEST(SpecEngine, GrammarRequestsAreSpeculatedWithTheSameTokens) {
       }
       rs.push_back(r);
     }
+    // allowed_token_ids: a mask, no grammar (the end ids among them). Every 5th id: with every 7th, the 30th token is a
+    // near tie (logits 2.170714 / 2.170709) that a verify's rows, computed together, break the other way.
+    auto r = req(f.prompts.size() + 2, f.prompts[2], 40, temp);
+    r->ignore_eos = false;
+    for (int32_t id = 0; id < 2000; id += 5) r->sampling.allowed_ids.push_back(id);
+    r->sampling.allowed_ids.push_back(1986);
+    rs.push_back(r);
     return rs;
   };
   // The text after the think block (if any) is a prefix of the grammar's language, complete when the output stopped.
   auto check = [&](const std::vector<Out>& outs, const std::vector<std::shared_ptr<Request>>& rs, const char* what) {
     for (size_t i = 0; i < outs.size(); ++i) {
-      ASSERT_NE(outs[i].finish, FinishReason::Error) << what << " request " << i;
+      ASSERT_NE(outs[i].finish, FinishReason::Error) << what << " request " << i << ": " << outs[i].error;
+      if (!rs[i]->sampling.grammar) {
+        for (int32_t t : outs[i].tokens) EXPECT_TRUE(t == 1986 || t % 5 == 0) << what << " request " << i << ": " << t;
+        continue;
+      }
       if (rs[i]->sampling.grammar_trigger >= 0) continue;  // tool calls: the engine's own checks (accept) held
       auto t = outs[i].tokens;
       if (auto at = std::find(t.begin(), t.end(), think_end); rs[i]->sampling.think_end >= 0 && at != t.end())
@@ -432,6 +447,7 @@ TEST(SpecEngine, GrammarRequestsAreSpeculatedWithTheSameTokens) {
   std::vector<std::vector<int32_t>> prompts = f.prompts;  // by request id (the oracle's index)
   prompts.push_back(f.prompts[0]);
   prompts.push_back(f.prompts[1]);
+  prompts.push_back(f.prompts[2]);
   const auto greedy = make(0.f);
   const auto want = run_all(*f.m, config(0), greedy);
   check(want, greedy, "plain");
@@ -445,15 +461,29 @@ TEST(SpecEngine, GrammarRequestsAreSpeculatedWithTheSameTokens) {
       drafted->insert(id);
       return o(id, index, proposed);
     };
-    runtime::EngineMetrics m;
-    const auto rs = make(0.f);
-    const auto got = run_all(*f.m, c, rs, &m);
-    for (size_t i = 0; i < want.size(); ++i) EXPECT_EQ(got[i].tokens, want[i].tokens) << "K=" << K << " request " << i;
-    check(got, rs, "greedy speculated");
-    check_counters(m, K);
-    EXPECT_GT(m.spec_accepted_tokens_total, 0) << "the constrained requests' drafts were verified and accepted";
-    for (uint64_t id = 0; id < prompts.size(); ++id) EXPECT_TRUE(drafted->count(id)) << "request " << id << " drafted";
+    // Greedy: verified on the device (Backend::sample_rows with each row's mask; the masks made ahead on the workers
+    // or on the engine thread) and on the host (verify_draft), the same tokens.
+    for (int path = 0; path < 3; ++path) {
+      SCOPED_TRACE(path == 0 ? "device, masks ahead" : path == 1 ? "device, serial masks" : "host");
+      EngineConfig cp = c;
+      cp.parallel_masks = path != 1;
+      cp.device_sampling = path != 2;
+      drafted->clear();
+      runtime::EngineMetrics m;
+      const auto rs = make(0.f);
+      const auto got = run_all(*f.m, cp, rs, &m);
+      for (size_t i = 0; i < want.size(); ++i) EXPECT_EQ(got[i].tokens, want[i].tokens) << "K=" << K << " request " << i;
+      check(got, rs, "greedy speculated");
+      check_counters(m, K);
+      EXPECT_GT(m.spec_accepted_tokens_total, 0) << "the constrained requests' drafts were verified and accepted";
+      for (uint64_t id = 0; id < prompts.size(); ++id) EXPECT_TRUE(drafted->count(id)) << "request " << id << " drafted";
+      // Only the steps with the budget's forced </think> sample on the host.
+      if (path < 2) EXPECT_GE(m.device_sample_steps_total, m.steps_total - 3) << "of " << m.steps_total << " steps";
+      if (path == 0) EXPECT_GT(m.grammar_masks_ahead_total, 0);
+      if (path == 0) EXPECT_EQ(m.grammar_masks_stale_total, 0);
+    }
     // Sampled, with the same oracle: text of the grammar, counters consistent.
+    runtime::EngineMetrics m;
     const auto sampled = make(0.8f);
     const auto s = run_all(*f.m, c, sampled, &m);
     check(s, sampled, "sampled speculated");

@@ -413,12 +413,14 @@ class CpuBackend final : public Backend {
   }
 
   void sample_rows(const Tensor& logits, int64_t vocab_limit, const std::vector<SampleRowParams>& rows,
-                   const std::vector<SampleEdit>& edits, std::vector<int32_t>& ids) override {
+                   const std::vector<SampleEdit>& edits, const std::vector<uint32_t>& masks,
+                   std::vector<int32_t>& ids) override {
     DS_CHECK(logits.ndim() == 2 && logits.dim(0) >= int64_t(rows.size()), "sample_rows: logits [R, V] for ",
              rows.size(), " rows");
-    if (logits.dtype == DType::F32) return cpu::sample_rows(logits.ptr<float>(), logits.dim(1), vocab_limit, rows, edits, ids);
+    if (logits.dtype == DType::F32)
+      return cpu::sample_rows(logits.ptr<float>(), logits.dim(1), vocab_limit, rows, edits, masks, ids);
     const std::vector<float> host = to_host_f32(logits);  // BF16 logits
-    cpu::sample_rows(host.data(), logits.dim(1), vocab_limit, rows, edits, ids);
+    cpu::sample_rows(host.data(), logits.dim(1), vocab_limit, rows, edits, masks, ids);
   }
   bool has_row_logprobs() const override { return true; }
   void row_logprobs(const Tensor& logits, int64_t vocab_limit, const std::vector<int32_t>& rows,

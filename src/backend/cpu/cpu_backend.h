@@ -44,17 +44,20 @@ struct SampleSet {
   std::vector<double> w;     // their weights expf(z - zmax)
   double total = 0;          // Σ w, in id order
 };
-// z [n] = scaled_logit(edited raw logits) (sample_math.h); `edits` [ne].
+// z [n] = scaled_logit(edited raw logits) (sample_math.h); `edits` [ne]. `mask` (mask_words(n) words, null: none):
+// the ids it forbids are -inf, unedited.
 void sample_values(const float* raw, int64_t n, const SampleRowParams& p, const SampleEdit* edits, int64_t ne,
-                   std::vector<float>& z);
+                   std::vector<float>& z, const uint32_t* mask = nullptr);
 // The lowest id of the largest z (NaN as -inf); 0 when every z is -inf or NaN.
 int32_t sample_argmax(const float* z, int64_t n);
 // The kept set of a non-greedy row (min_p, top_k, top_p as ops.h defines them). False: nothing to sample.
 bool sample_filter(const float* z, int64_t n, const SampleRowParams& p, SampleSet& out);
 // The first kept id whose cumulative weight exceeds u × total (else the last kept id with w > 0).
 int32_t sample_draw(const SampleSet& s, float u);
-// One row of sample_rows: greedy or filter + draw with p.u; -1 when nothing can be sampled.
-int32_t sample_row(const float* raw, int64_t n, const SampleRowParams& p, const SampleEdit* edits, int64_t ne);
+// One row of sample_rows: greedy or filter + draw with p.u; -1 when nothing can be sampled (with a mask, greedy too:
+// no id it allows has a z above -inf).
+int32_t sample_row(const float* raw, int64_t n, const SampleRowParams& p, const SampleEdit* edits, int64_t ne,
+                   const uint32_t* mask = nullptr);
 // Raw log-softmax of one row over ids [0, n) (Backend::row_logprobs' specification, and the host sampler's logprobs):
 // out[0] = logits[chosen] − lse, then for j < min(k, n) out[1 + 2j] = the id of the j-th most likely (ties: the lower
 // id first), out[2 + 2j] = its logprob. lse = max + log Σ exp(double(x) − max), in double, in id order.
@@ -64,6 +67,6 @@ void row_logprobs(const float* logits, int64_t n, int32_t chosen, int32_t k, flo
 int32_t row_rank(const float* logits, int64_t n, int32_t chosen);
 // Backend::sample_rows over host fp32 logits [R, V] (R = rows.size()).
 void sample_rows(const float* logits, int64_t V, int64_t vocab_limit, const std::vector<SampleRowParams>& rows,
-                 const std::vector<SampleEdit>& edits, std::vector<int32_t>& ids);
+                 const std::vector<SampleEdit>& edits, const std::vector<uint32_t>& masks, std::vector<int32_t>& ids);
 
 }  // namespace ds::cpu

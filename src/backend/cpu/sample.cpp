@@ -10,12 +10,13 @@
 namespace ds::cpu {
 
 void sample_values(const float* raw, int64_t n, const SampleRowParams& p, const SampleEdit* edits, int64_t ne,
-                   std::vector<float>& z) {
+                   std::vector<float>& z, const uint32_t* mask) {
+  const float ninf = -std::numeric_limits<float>::infinity();
   z.resize(size_t(n));
-  for (int64_t i = 0; i < n; ++i) z[size_t(i)] = scaled_logit(raw[i], p);
+  for (int64_t i = 0; i < n; ++i) z[size_t(i)] = mask_allows(mask, i) ? scaled_logit(raw[i], p) : ninf;
   for (int64_t j = 0; j < ne; ++j) {
     const SampleEdit& e = edits[j];
-    if (e.id >= 0 && e.id < n) z[size_t(e.id)] = scaled_logit(edit_logit(raw[e.id], e, p), p);
+    if (e.id >= 0 && e.id < n && mask_allows(mask, e.id)) z[size_t(e.id)] = scaled_logit(edit_logit(raw[e.id], e, p), p);
   }
 }
 
@@ -121,25 +122,30 @@ int32_t sample_draw(const SampleSet& s, float u) {
   return last;
 }
 
-int32_t sample_row(const float* raw, int64_t n, const SampleRowParams& p, const SampleEdit* edits, int64_t ne) {
+int32_t sample_row(const float* raw, int64_t n, const SampleRowParams& p, const SampleEdit* edits, int64_t ne,
+                   const uint32_t* mask) {
   std::vector<float> z;
-  sample_values(raw, n, p, edits, ne, z);
-  if (p.greedy) return sample_argmax(z.data(), n);
+  sample_values(raw, n, p, edits, ne, z, mask);
+  if (p.greedy) {
+    const int32_t a = sample_argmax(z.data(), n);
+    return mask && !(z[size_t(a)] > -std::numeric_limits<float>::infinity()) ? -1 : a;
+  }
   SampleSet s;
   if (!sample_filter(z.data(), n, p, s)) return -1;
   return sample_draw(s, p.u);
 }
 
 void sample_rows(const float* logits, int64_t V, int64_t vocab_limit, const std::vector<SampleRowParams>& rows,
-                 const std::vector<SampleEdit>& edits, std::vector<int32_t>& ids) {
+                 const std::vector<SampleEdit>& edits, const std::vector<uint32_t>& masks, std::vector<int32_t>& ids) {
   const int64_t n = vocab_limit > 0 ? std::min(vocab_limit, V) : V;
   DS_CHECK(n > 0, "sample_rows: empty vocabulary");
+  Backend::check_sample_rows(rows, edits, masks, n);
   ids.assign(rows.size(), -1);
+  const int64_t W = mask_words(n);
   for (size_t r = 0; r < rows.size(); ++r) {
     const SampleRowParams& p = rows[r];
-    DS_CHECK(p.edit_begin >= 0 && p.edit_count >= 0 && size_t(p.edit_begin) + size_t(p.edit_count) <= edits.size(),
-             "sample_rows: row ", r, " edits [", p.edit_begin, ", +", p.edit_count, ") outside ", edits.size());
-    ids[r] = sample_row(logits + int64_t(r) * V, n, p, edits.data() + p.edit_begin, p.edit_count);
+    ids[r] = sample_row(logits + int64_t(r) * V, n, p, edits.data() + p.edit_begin, p.edit_count,
+                        p.mask >= 0 ? masks.data() + int64_t(p.mask) * W : nullptr);
   }
 }
 

@@ -2646,7 +2646,8 @@ class CudaBackend final : public Backend {
 
   // ---- sampling: kernels in sample.cu; R int32 ids come back, the logits stay on the device ----
   void sample_rows(const Tensor& logits, int64_t vocab_limit, const std::vector<SampleRowParams>& rows,
-                   const std::vector<SampleEdit>& edits, std::vector<int32_t>& ids) override {
+                   const std::vector<SampleEdit>& edits, const std::vector<uint32_t>& masks,
+                   std::vector<int32_t>& ids) override {
     static_assert(sizeof(SampleRowParams) % 4 == 0 && sizeof(SampleEdit) % 4 == 0);
     DS_CHECK(logits.ndim() == 2 && logits.dim(0) >= int64_t(rows.size()), "sample_rows: logits [R, V] for ",
              rows.size(), " rows");
@@ -2657,22 +2658,22 @@ class CudaBackend final : public Backend {
     DS_CHECK(n > 0 && n < (int64_t(1) << 24), "sample_rows: vocabulary of ", n, " ids (at most 2^24)");
     ids.assign(rows.size(), -1);
     if (R == 0) return;
+    check_sample_rows(rows, edits, masks, n);
     int max_edits = 0;
-    for (int r = 0; r < R; ++r) {
-      const SampleRowParams& p = rows[size_t(r)];
-      DS_CHECK(p.edit_begin >= 0 && p.edit_count >= 0 && size_t(p.edit_begin) + size_t(p.edit_count) <= edits.size(),
-               "sample_rows: row ", r, " edits [", p.edit_begin, ", +", p.edit_count, ") outside ", edits.size());
-      max_edits = std::max(max_edits, p.edit_count);
-    }
+    for (const SampleRowParams& p : rows) max_edits = std::max(max_edits, p.edit_count);
     Tensor drows = upload_bytes(rows.data(), rows.size() * sizeof(SampleRowParams), DType::I32,
                                 {int64_t(rows.size() * sizeof(SampleRowParams) / 4)});
     Tensor dedits = upload_bytes(edits.data(), edits.size() * sizeof(SampleEdit), DType::I32,
                                  {int64_t(edits.size() * sizeof(SampleEdit) / 4)});
+    Tensor dmasks;  // only when a row has one (the grammars' and allowed_token_ids' masks, ~31 KB each at 248k ids)
+    if (!masks.empty())
+      dmasks = upload_bytes(masks.data(), masks.size() * 4, DType::I32, {int64_t(masks.size())});
     Tensor z = alloc_scratch(DType::F32, {int64_t(R), n});  // every element written by k_sample_values
     Tensor out = alloc(DType::I32, {int64_t(R)});
     launch_sample_rows(logits.data, int(logits.dtype), V, n, R, static_cast<const SampleRowParams*>(drows.data),
-                       static_cast<const SampleEdit*>(dedits.data), max_edits, z.ptr<float>(), out.ptr<int32_t>(),
-                       stream_);
+                       static_cast<const SampleEdit*>(dedits.data), max_edits,
+                       masks.empty() ? nullptr : static_cast<const uint32_t*>(dmasks.data), z.ptr<float>(),
+                       out.ptr<int32_t>(), stream_);
     DS_CUDA_CHECK_LAST();
     DS_CUDA_CHECK(cudaMemcpyAsync(ids.data(), out.data, size_t(R) * 4, cudaMemcpyDeviceToHost, stream_));
     DS_CUDA_CHECK(cudaStreamSynchronize(stream_));

@@ -25,25 +25,35 @@ namespace {
 constexpr int kThreads = 1024;
 
 // z [R, n] = scaled raw logits; then the edited ids are overwritten (k_sample_edits, same stream, after).
+// A row's mask (sample_math.h), or null.
+__device__ __forceinline__ const uint32_t* row_mask(const SampleRowParams& p, const uint32_t* masks, int64_t n) {
+  return p.mask >= 0 ? masks + int64_t(p.mask) * mask_words(n) : nullptr;
+}
+
+// z [R, n] = scaled raw logits (-inf where the row's mask forbids the id); then the edited ids are overwritten
+// (k_sample_edits, same stream, after).
 __global__ void k_sample_values(const void* logits, int dt, int64_t V, int64_t n, const SampleRowParams* rows,
-                                float* z) {
+                                const uint32_t* masks, float* z) {
   pdl_wait();  // PDL-launched (pdl.h)
   pdl_trigger();
   const int64_t r = blockIdx.y;
   const SampleRowParams p = rows[r];
+  const uint32_t* m = row_mask(p, masks, n);
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    z[r * n + i] = scaled_logit(ldf(logits, dt, r * V + i), p);
+    z[r * n + i] = mask_allows(m, i) ? scaled_logit(ldf(logits, dt, r * V + i), p) : -INFINITY;
 }
 
 __global__ void k_sample_edits(const void* logits, int dt, int64_t V, int64_t n, const SampleRowParams* rows,
-                               const SampleEdit* edits, float* z) {
+                               const SampleEdit* edits, const uint32_t* masks, float* z) {
   pdl_wait();  // PDL-launched (pdl.h)
   pdl_trigger();
   const int64_t r = blockIdx.y;
   const SampleRowParams p = rows[r];
+  const uint32_t* m = row_mask(p, masks, n);
   for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < p.edit_count; j += gridDim.x * blockDim.x) {
     const SampleEdit e = edits[p.edit_begin + j];
-    if (e.id >= 0 && e.id < n) z[r * n + e.id] = scaled_logit(edit_logit(ldf(logits, dt, r * V + e.id), e, p), p);
+    if (e.id >= 0 && e.id < n && mask_allows(m, e.id))
+      z[r * n + e.id] = scaled_logit(edit_logit(ldf(logits, dt, r * V + e.id), e, p), p);
   }
 }
 
@@ -177,7 +187,7 @@ __global__ void __launch_bounds__(kThreads) k_sample_rows(const float* zall, int
   block_best(bv, bi, sv, si);
   const float zmax = bv;
   if (p.greedy) {
-    if (tid == 0) ids[r] = bi;
+    if (tid == 0) ids[r] = p.mask >= 0 && !(zmax > -INFINITY) ? -1 : bi;  // a mask that leaves nothing: -1
     return;
   }
   if (!(zmax > -INFINITY) || isinf(zmax)) {
@@ -499,13 +509,15 @@ void launch_row_ranks(const void* logits, int dt, int64_t V, int64_t n, int R, c
 }
 
 void launch_sample_rows(const void* logits, int dt, int64_t V, int64_t n, int R, const SampleRowParams* rows,
-                        const SampleEdit* edits, int max_edits, float* z, int32_t* ids, cudaStream_t stream) {
+                        const SampleEdit* edits, int max_edits, const uint32_t* masks, float* z, int32_t* ids,
+                        cudaStream_t stream) {
   if (R <= 0) return;
   const unsigned gx = unsigned(std::min<int64_t>((n + 255) / 256, 1024));
-  DS_CUDA_CHECK(pdl_launch(k_sample_values, dim3(gx, unsigned(R)), 256, 0, stream, logits, dt, V, n, rows, z));
+  DS_CUDA_CHECK(pdl_launch(k_sample_values, dim3(gx, unsigned(R)), 256, 0, stream, logits, dt, V, n, rows, masks, z));
   if (max_edits > 0) {
     const unsigned ge = unsigned(std::min<int64_t>((max_edits + 255) / 256, 1024));
-    DS_CUDA_CHECK(pdl_launch(k_sample_edits, dim3(ge, unsigned(R)), 256, 0, stream, logits, dt, V, n, rows, edits, z));
+    DS_CUDA_CHECK(pdl_launch(k_sample_edits, dim3(ge, unsigned(R)), 256, 0, stream, logits, dt, V, n, rows, edits,
+                             masks, z));
   }
   DS_CUDA_CHECK(pdl_launch(k_sample_rows, unsigned(R), kThreads, 0, stream, z, n, rows, ids));
 }

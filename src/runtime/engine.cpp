@@ -446,19 +446,19 @@ void Engine::Impl::run(const Schedule& sc_in) {
   std::vector<float> lp_rows;                       // Backend::row_logprobs' rows
   int32_t lp_stride = 0;
   Tensor hidden;              // act [T, H] final-norm hiddens (speculation only)
-  // Sampling on the backend: no sampled row wants more logprob alternatives than Backend::row_logprobs gives or is
-  // forced, and every verifying sequence is greedy (its rows' target choices come back and are compared with the
-  // drafts here, and its logprobs are those of the target's choices; rejection sampling needs whole rows). A
-  // constrained row's mask, made on the host (sampling::row_mask), goes with it.
+  // Sampling on the backend: no sampled row wants more logprob alternatives than Backend::row_logprobs gives, and
+  // every verifying sequence is greedy (its rows' target choices come back and are compared with the drafts here, and
+  // its logprobs are those of the target's choices; rejection sampling needs whole rows). A constrained row's mask,
+  // made on the host (sampling::row_mask), goes with it; a forced row's token (a spent thinking budget) replaces the
+  // backend's choice.
   const bool on_device = cfg.device_sampling && !rows.empty() && std::all_of(sc.seqs.begin(), sc.seqs.end(), [&](const ScheduledSeq& x) {
     const sampling::SamplingParams& sp = x.seq->req->sampling;
     // Logprobs (up to kMaxRowTopLogprobs alternatives) come from Backend::row_logprobs beside the sampled rows.
     const bool lp_ok = sp.logprobs < 0 || (sp.logprobs <= Backend::kMaxRowTopLogprobs && model.backend().has_row_logprobs());
-    return !x.samples || (lp_ok && x.seq->sampler.forced() < 0 &&
-                          (x.num_drafts == 0 || (cfg.device_verify && sampling::is_greedy(sp))));
+    return !x.samples || (lp_ok && (x.num_drafts == 0 || (cfg.device_verify && sampling::is_greedy(sp))));
   });
-  // Device sampling: a row whose mask could not be made (the masker's exception) fails its request if decide reaches
-  // it: schedule index -> (row, error), row -1 = none.
+  // Device sampling: a row whose mask could not be made (the masker's exception; a forced id outside the vocabulary)
+  // fails its request if decide reaches it: schedule index -> (row, error), row -1 = none.
   std::vector<std::pair<int64_t, std::string>> mask_error(sc.seqs.size(), {-1, std::string()});
   std::vector<sampling::TokenLogprob> plp;  // of `prow`
   std::vector<std::pair<Sequence*, uint64_t>> draws;  // each sampler's counter before this step's uniforms
@@ -489,6 +489,7 @@ void Engine::Impl::run(const Schedule& sc_in) {
       }
       std::vector<SampleRowParams> prm;
       std::vector<SampleEdit> edits;
+      std::vector<std::pair<size_t, int32_t>> forced;  // (row, token) of the rows a spent thinking budget decides
       std::vector<uint32_t> mask_bits, bits;  // the rows' masks back to back (Backend::sample_rows)
       const int64_t V = model.config().text.vocab_size, n = cfg.vocab_limit > 0 ? std::min(cfg.vocab_limit, V) : V;
       for (size_t i = 0; i < sc.seqs.size(); ++i) {
@@ -496,6 +497,15 @@ void Engine::Impl::run(const Schedule& sc_in) {
         if (!x.samples) continue;
         sampling::SeqSampler& sm = x.seq->sampler;
         draws.push_back({x.seq, sm.draws});
+        if (const int32_t f = sm.forced(); f >= 0) {  // its token is known (no drafts): a placeholder row, no draw
+          forced.push_back({prm.size(), f});
+          if (f >= n) mask_error[i] = {0, str_cat("thinking budget: the end-of-thinking id ", f, " is outside the vocabulary")};
+          SampleRowParams p;
+          p.greedy = 1;
+          p.edit_begin = int32_t(edits.size());
+          prm.push_back(p);
+          continue;
+        }
         // Verified row j (greedy) is decided as if d_1..d_j were accepted, the only case in which it counts: its
         // penalties see them and its mask is the grammar's after them, as verify_draft's would be. Greedy rows draw
         // no uniform. After a draft the grammar refuses, the rows are never decided: no mask, no accepts.
@@ -515,6 +525,7 @@ void Engine::Impl::run(const Schedule& sc_in) {
         });
       }
       model.backend().sample_rows(t, cfg.vocab_limit, prm, edits, mask_bits, toks);
+      for (auto [row, f] : forced) toks[row] = f;
       // The logprobs of the rows that want them, from the logits still on the device: each row's of its sampled
       // token, which for a verified row j (greedy) is the token emitted there if d_1..d_j are accepted. A row with
       // nothing to sample (-1) ends its request in decide; its entry is never read.

@@ -1317,6 +1317,7 @@ std::vector<std::shared_ptr<Request>> mask_mix() {
     constrain(*r, schema);
     r->sampling.think_end = kThinkEnd;
     r->sampling.thinking_budget = 3;
+    r->sampling.logprobs = 2;  // the forced </think>'s too
   }
   {  // tool_choice auto with a strict tool: a lazy grammar, the trigger and the close favoured so calls happen
     auto r = add(make_req(6, prompt(5), 64));
@@ -1385,12 +1386,18 @@ TEST(EngineMasks, AheadAndSerialGiveTheSameTokens) {
       EXPECT_EQ(r->out[i].tokens, serial.out[i].tokens);
       EXPECT_EQ(r->out[i].finish, serial.out[i].finish);
       EXPECT_EQ(r->out[i].error, serial.out[i].error);
+      ASSERT_EQ(r->out[i].logprobs.size(), serial.out[i].logprobs.size());
+      for (size_t j = 0; j < serial.out[i].logprobs.size(); ++j) {
+        EXPECT_EQ(r->out[i].logprobs[j].token, serial.out[i].logprobs[j].token);
+        EXPECT_EQ(r->out[i].logprobs[j].logprob, serial.out[i].logprobs[j].logprob);
+        EXPECT_EQ(r->out[i].logprobs[j].top, serial.out[i].logprobs[j].top);
+      }
     }
     EXPECT_GT(serial.out[i].tokens.size(), 0u);
   }
-  // Which path sampled: only the steps with the budget's forced </think> (request 5) on the host by default.
+  // Which path sampled: every step on the device by default (the budget's forced </think> of request 5 too).
   EXPECT_EQ(host.m.device_sample_steps_total, 0);
-  for (const MaskRun* r : {&serial, &ahead}) EXPECT_GE(r->m.device_sample_steps_total, r->m.steps_total - 2);
+  for (const MaskRun* r : {&serial, &ahead}) EXPECT_EQ(r->m.device_sample_steps_total, r->m.steps_total);
   EXPECT_EQ(host.m.grammar_masks_ahead_total, ahead.m.grammar_masks_ahead_total);
   // What the grammars made: JSON of the schema where it ended, the same for the request at the same positions.
   const auto& o = serial.out;
@@ -1401,6 +1408,8 @@ TEST(EngineMasks, AheadAndSerialGiveTheSameTokens) {
       auto it = std::find(toks.begin(), toks.end(), kThinkEnd);
       ASSERT_NE(it, toks.end());
       EXPECT_EQ(it - toks.begin(), 3) << "the thinking budget";
+      ASSERT_EQ(o[i].logprobs.size(), o[i].tokens.size());
+      EXPECT_EQ(o[i].logprobs[3].token, kThinkEnd);
       toks.erase(toks.begin(), it + 1);
     }
     if (o[i].finish != FinishReason::Stop) continue;

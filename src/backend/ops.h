@@ -337,6 +337,9 @@ class Backend {
   //   candidate z (ties kept); top_p < 1: lo = the largest candidate z whose mass Σ_{z_j >= z} w_j reaches
   //   top_p × Σ w over the candidates; then, over the kept set in id order, the first i whose cumulative w
   //   exceeds u × Σ w (the last kept id with w > 0 if rounding leaves none).
+  //   a draft d >= 0 (not greedy: speculative rejection sampling with a one-hot draft distribution, Leviathan et
+  //   al.): d where u × Σ w < w_d (its probability; 0 outside the kept set), else the draw above with u2 over the
+  //   kept set without d.
   // -1 for a row with nothing to sample (zmax not finite; a masked greedy row: zmax not above -inf). Sums are floating
   // point: a backend may add in another order, so a choice within rounding of a boundary (cumulative mass equal to the
   // target) may differ. Both backends implement it; the default throws (an inline default keeps libds_cuda free of

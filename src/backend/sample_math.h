@@ -32,6 +32,10 @@ struct SampleRowParams {
   float presence_penalty = 0.f;
   float frequency_penalty = 0.f;
   float u = 0.f;                  // the row's uniform in [0, 1) (uniform_at)
+  // Speculative verification of a deterministic draft (not greedy; ops.h sample_rows): the draft id (-1: a plain
+  // draw), and the uniform of the draw from the rest of the distribution where it is rejected.
+  int32_t draft = -1;
+  float u2 = 0.f;
   int32_t edit_begin = 0, edit_count = 0;  // its SampleEdits in the op's edit list
   // Its allowed ids (a grammar's or allowed_token_ids' mask): index of its bit mask among sample_rows' masks, each
   // mask_words(n) words, bit i % 32 of word i / 32 set iff id i may be sampled; -1: every id may.

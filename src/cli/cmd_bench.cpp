@@ -343,6 +343,7 @@ struct SpecBench {
   std::vector<double> ps;
   int64_t draft_vocab = 0;  // > 0: also the reduced draft head (the model was loaded with it)
   int64_t prompt = 512, gen = 128;
+  float temperature = 0.f;  // --spec-temperature: > 0 samples (seeded), verified by rejection sampling
   bool graph = true;
   uint64_t seed = 0;
   // --variants: the whole table once per variant, its environment switches set (e.g. DS_CUDA_NO_DEVICE_VERIFY=1;
@@ -390,7 +391,8 @@ SpecRun spec_run(model::Model& m, const SpecBench& o, const std::vector<int32_t>
     q->id = id;
     q->prompt = prompt;
     q->max_tokens = o.gen;
-    q->sampling.temperature = 0.f;
+    q->sampling.temperature = o.temperature;
+    q->sampling.seed = 1;
     q->ignore_eos = true;
     e.submit(q);
     std::vector<int32_t> out;
@@ -458,8 +460,10 @@ void bench_speculative_variant(model::Model& m, const SpecBench& o, const std::v
     std::printf("## Variant %s%s\n\n", variant.c_str(), env.empty() ? "" : str_cat(" (", env, ")").c_str());
   }
   std::printf("## Speculative decoding, single stream (engine path; %lld-token prompt, %lld tokens generated, "
-              "greedy; %s)\n\n",
-              (long long)o.prompt, (long long)o.gen, o.graph ? "step graphs" : "eager");
+              "%s; %s)\n\n",
+              (long long)o.prompt, (long long)o.gen,
+              o.temperature > 0 ? str_cat("temperature ", str_fixed(o.temperature, 2), ", seeded").c_str() : "greedy",
+              o.graph ? "step graphs" : "eager");
   std::printf("Oracle: each draft position is the target's own next token with probability p (independently), else "
               "the MTP's proposal; the MTP head runs every draft step. The target's tokens: the baseline's greedy "
               "output (a pre-pass), which every speculative run must reproduce (= baseline).\n\n");
@@ -505,7 +509,7 @@ void bench_speculative_variant(model::Model& m, const SpecBench& o, const std::v
                     r.secs * 1e3 / double(std::max<int64_t>(r.steps, 1)),
                     double(r.decode_tokens) / double(std::max<int64_t>(r.steps, 1)),
                     double(r.accepted) / double(std::max<int64_t>(r.drafted, 1)), pos.c_str(),
-                    same ? "yes" : str_cat("no (from token ", diff, ")").c_str());
+                    o.temperature > 0 ? "- (sampled)" : same ? "yes" : str_cat("no (from token ", diff, ")").c_str());
         std::fflush(stdout);
         Best& b = best[{dv, p}];
         if (tps / base_tps > b.speedup) b = {tps / base_tps, K};
@@ -919,7 +923,7 @@ int cmd_bench(int argc, char** argv) {
   a.only("bench", {"random-weights", "config", "config-override", "backend", "bf16", "batch", "context", "prefill",
                    "steps", "no-graph", "breakdown", "kernel-times", "prefill-chunk", "prefill-reps", "block-size",
                    "seed", "variants", "mamba-ssm-cache-dtype", "speculative", "oracle-p", "draft-vocab",
-                   "draft-vocab-file", "spec-prompt", "spec-tokens", "vision", "prefix-cache", "prompt-logprobs", "masked"});
+                   "draft-vocab-file", "spec-prompt", "spec-tokens", "spec-temperature", "vision", "prefix-cache", "prompt-logprobs", "masked"});
   if (!a.has("random-weights")) fail("bench: only --random-weights is supported (give --config config.json)");
   const std::string cfg_path = a.require("config");
   const std::string backend_name = a.get("backend", "cuda");
@@ -962,6 +966,8 @@ int cmd_bench(int argc, char** argv) {
     }
     sb.prompt = a.get_int("spec-prompt", 512);
     sb.gen = a.get_int("spec-tokens", 128);
+    sb.temperature = float(std::stod(a.get("spec-temperature", "0")));
+    if (!(sb.temperature >= 0.f)) fail("--spec-temperature must be >= 0, got ", a.get("spec-temperature"));
     if (sb.prompt < 1 || sb.gen < 2) fail("--spec-prompt must be >= 1 and --spec-tokens >= 2");
   }
   const int steps = int(a.get_int("steps", 10));

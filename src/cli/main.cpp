@@ -31,7 +31,7 @@ void usage() {
                "            [--context 1024,8192] [--prefill 1024,4096,16384,32768] [--steps N] [--bf16] [--no-graph]\n"
                "            [--breakdown] [--kernel-times] [--prefill-chunk N] [--prefill-reps N]\n"
                "            [--variants \"name:no-graph,VAR=1;name2:ssm-dtype=bfloat16;name3:hog=16;name4:idle=16\"]\n"
-               "            [--mamba-ssm-cache-dtype D] [--speculative K,..] [--prefix-cache L,..]\n"
+               "            [--mamba-ssm-cache-dtype D] [--speculative K,..] [--spec-temperature T] [--prefix-cache L,..]\n"
                "            [--prompt-logprobs L,..] [--masked B,..] [--vision WxH,..]   (engine-path tables)\n"
                "  make-random-checkpoint --config config.json --out DIR [--bf16] [--seed S] [--shard-gb 4]\n");
 }

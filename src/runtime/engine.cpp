@@ -87,7 +87,7 @@ EngineConfig resolve(const model::Model& m, EngineConfig c) {
   std::sort(c.eos_token_ids.begin(), c.eos_token_ids.end());
   // Before/after measurements: DS_HOST_SAMPLING=1 copies the logits and samples on the host in every step.
   if (env_flag("DS_HOST_SAMPLING")) c.device_sampling = false;
-  // DS_CUDA_NO_DEVICE_VERIFY=1: greedy verify steps copy the logits to the host too (the old path).
+  // DS_CUDA_NO_DEVICE_VERIFY=1: verify steps copy the logits to the host (the old path).
   if (env_flag("DS_CUDA_NO_DEVICE_VERIFY")) c.device_verify = false;
   // DS_CUDA_NO_DRAFT_FEED=1: each draft step's tokens come back to the host and feed the next (the old path).
   if (env_flag("DS_CUDA_NO_DRAFT_FEED")) c.device_draft_feed = false;
@@ -447,15 +447,15 @@ void Engine::Impl::run(const Schedule& sc_in) {
   int32_t lp_stride = 0;
   Tensor hidden;              // act [T, H] final-norm hiddens (speculation only)
   // Sampling on the backend: no sampled row wants more logprob alternatives than Backend::row_logprobs gives, and
-  // every verifying sequence is greedy (its rows' target choices come back and are compared with the drafts here, and
-  // its logprobs are those of the target's choices; rejection sampling needs whole rows). A constrained row's mask,
+  // verifying sequences verify there (device_verify): each verified row's choice comes back (the target's argmax, or
+  // rejection sampling's draft or replacement) and is compared with the drafts here. A constrained row's mask,
   // made on the host (sampling::row_mask), goes with it; a forced row's token (a spent thinking budget) replaces the
   // backend's choice.
   const bool on_device = cfg.device_sampling && !rows.empty() && std::all_of(sc.seqs.begin(), sc.seqs.end(), [&](const ScheduledSeq& x) {
     const sampling::SamplingParams& sp = x.seq->req->sampling;
     // Logprobs (up to kMaxRowTopLogprobs alternatives) come from Backend::row_logprobs beside the sampled rows.
     const bool lp_ok = sp.logprobs < 0 || (sp.logprobs <= Backend::kMaxRowTopLogprobs && model.backend().has_row_logprobs());
-    return !x.samples || (lp_ok && (x.num_drafts == 0 || (cfg.device_verify && sampling::is_greedy(sp))));
+    return !x.samples || (lp_ok && (x.num_drafts == 0 || cfg.device_verify));
   });
   // Device sampling: a row whose mask could not be made (the masker's exception; a forced id outside the vocabulary)
   // fails its request if decide reaches it: schedule index -> (row, error), row -1 = none.
@@ -506,11 +506,17 @@ void Engine::Impl::run(const Schedule& sc_in) {
           prm.push_back(p);
           continue;
         }
-        // Verified row j (greedy) is decided as if d_1..d_j were accepted, the only case in which it counts: its
-        // penalties see them and its mask is the grammar's after them, as verify_draft's would be. Greedy rows draw
-        // no uniform. After a draft the grammar refuses, the rows are never decided: no mask, no accepts.
+        // Verified row j is decided as if d_1..d_j were accepted, the only case in which it counts: its penalties
+        // see them and its mask is the grammar's after them, as verify_draft's would be. Greedy rows draw no
+        // uniform; a sampled row j draws uniform c + j (its acceptance test, or the bonus row's draw) and, where
+        // d_{j+1} is rejected, c + j + 1 for the rest of the distribution: verify_draft's order. After a draft the
+        // grammar refuses, the rows are never decided: no mask, no accepts.
         sampling::for_each_draft_prefix(sm, x.seq->drafts.data(), x.num_drafts, [&](int64_t j, bool reached) {
           prm.push_back(sampling::next_row(sm, edits));
+          if (j < x.num_drafts && !prm.back().greedy) {  // rejection sampling: row j verifies d_{j+1}
+            prm.back().draft = x.seq->drafts[size_t(j)];
+            prm.back().u2 = uniform_at(sm.seed, sm.draws);  // the next one; decide takes back what was not used
+          }
           if (!reached || mask_error[i].first >= 0) return;
           const sampling::MaskAhead* a = masks.of[i] >= 0 ? &masks.ahead[size_t(masks.of[i] + j)] : nullptr;
           count_mask(sm, a);
@@ -864,7 +870,12 @@ bool Engine::Impl::decide(const ScheduledSeq& x, const float* rows, int64_t* acc
           sampling::set_logprobs(lp_row + j * lp_stride, tok, int32_t(std::min<int64_t>(s->req->sampling.logprobs, n)), lp);
           lps.push_back(std::move(lp));
         }
-        if (j == x.num_drafts || tok != s->drafts[size_t(j)]) break;
+        if (j < x.num_drafts && tok != s->drafts[size_t(j)]) {
+          // Rejection sampling drew a uniform per row ahead (next_row): a rejection at row j used j + 2 of the k + 1.
+          if (!sampling::is_greedy(s->req->sampling)) s->sampler.draws -= uint64_t(x.num_drafts - j - 1);
+          break;
+        }
+        if (j == x.num_drafts) break;
         ++a;
         continue;
       }

@@ -136,12 +136,12 @@ struct EngineConfig {
   // Speculative verify and draft steps through the recordings too (with step_graphs). Step graphs are keyed by
   // ModelCaches::id, so a new engine never replays a recording made with another engine's caches.
   bool spec_step_graphs = true;
-  // Greedy verification on the backend: when every sampled row of a verify step is greedy (and wants at most 20
-  // logprob alternatives), the target's choice per verified row comes from Backend::sample_rows (greedy rows: on CUDA
-  // K + 1 ints per sequence come back, not [K + 1, V] fp32 logits) and the engine compares it with the drafts
-  // (logprobs: Backend::row_logprobs over the verified rows); sampled rows (rejection sampling) keep the host path.
-  // Same tokens either way. false (or DS_CUDA_NO_DEVICE_VERIFY=1): the logits of every verify step come back to the
-  // host (sampling::verify_draft).
+  // Verification on the backend: when every sampled row of a verify step wants at most 20 logprob alternatives, the
+  // choice per verified row comes from Backend::sample_rows (on CUDA K + 1 ints per sequence come back, not [K + 1, V]
+  // fp32 logits): a greedy row's argmax, a sampled row's rejection sampling of its draft (the draft, or a draw from
+  // the rest), and the engine compares it with the drafts (logprobs: Backend::row_logprobs over the verified rows).
+  // The same tokens as the host's verify_draft (sampled rows: up to the rounding of sums, ops.h). false (or
+  // DS_CUDA_NO_DEVICE_VERIFY=1): the logits of every verify step come back to the host (sampling::verify_draft).
   bool device_verify = true;
   // Recorded draft steps (step graphs, the draft argmax on the device) feed each chained MTP step its token ids from
   // the previous step's argmax on the device, and read the drafts back once after the last step: no host round trip

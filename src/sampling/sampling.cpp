@@ -377,32 +377,39 @@ int32_t verify_draft(const float* logits, int64_t V, int64_t vocab_limit, SeqSam
   } else {
     cpu::SampleSet c;  // p = c.w / c.total over c.ids, exactly sample()'s distribution
     if (!cpu::sample_filter(z.data(), n, r, c)) fail(nothing_left(kind));
-    double pd = 0;
-    for (size_t i = 0; i < c.ids.size(); ++i)
-      if (c.ids[i] == draft) pd = c.w[i] / c.total;  // p(draft); 0 outside the kept set (or outside [0, n))
-    const double qd = draft_probs ? double(draft_probs[draft]) : 1.0;
-    // Leviathan et al.: accept with probability min(1, p/q), i.e. u·q < p.
-    const double u = s.next_uniform();
-    if (u * qd < pd) {
-      tok = draft;
-      acc = true;
-    } else {
-      // Residual normalize(max(0, p - q)); with a one-hot q that is p without the draft. Its support lies
-      // inside the kept set, since p = 0 elsewhere.
-      cpu::SampleSet res;
-      for (size_t i = 0; i < c.ids.size(); ++i) {
-        const int32_t id = c.ids[i];
-        const double q = draft_probs ? double(draft_probs[id]) : (id == draft ? 1.0 : 0.0);
-        const double w = c.w[i] / c.total - q;
-        if (w > 0) {
-          res.ids.push_back(id);
-          res.w.push_back(w);
-          res.total += w;
+    if (!draft_probs) {  // a deterministic draft: Backend::sample_rows' verification (cpu::sample_verify)
+      const float u = s.next_uniform();
+      const float u2 = uniform_at(s.seed, s.draws);  // the next uniform, drawn only where the draft is rejected
+      tok = cpu::sample_verify(c, draft, u, u2);
+      acc = tok == draft;
+      if (!acc) ++s.draws;
+    } else {  // a draft distribution q (tests)
+      double pd = 0;
+      for (size_t i = 0; i < c.ids.size(); ++i)
+        if (c.ids[i] == draft) pd = c.w[i] / c.total;  // p(draft); 0 outside the kept set (or outside [0, n))
+      const double qd = double(draft_probs[draft]);
+      // Leviathan et al.: accept with probability min(1, p/q), i.e. u·q < p.
+      const double u = s.next_uniform();
+      if (u * qd < pd) {
+        tok = draft;
+        acc = true;
+      } else {
+        // Residual normalize(max(0, p - q)). Its support lies inside the kept set, since p = 0 elsewhere.
+        cpu::SampleSet res;
+        for (size_t i = 0; i < c.ids.size(); ++i) {
+          const int32_t id = c.ids[i];
+          const double q = double(draft_probs[id]);
+          const double w = c.w[i] / c.total - q;
+          if (w > 0) {
+            res.ids.push_back(id);
+            res.w.push_back(w);
+            res.total += w;
+          }
         }
+        // p == q leaves no residual mass, but then the draft was accepted with probability 1: unreachable
+        // except by rounding; fall back to p itself.
+        tok = cpu::sample_draw(res.ids.empty() ? c : res, s.next_uniform());
       }
-      // p == q leaves no residual mass, but then the draft was accepted with probability 1: unreachable
-      // except by rounding; fall back to p itself.
-      tok = cpu::sample_draw(res.ids.empty() ? c : res, s.next_uniform());
     }
   }
   if (accepted) *accepted = acc;

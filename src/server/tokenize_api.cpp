@@ -9,8 +9,9 @@ using json = nlohmann::ordered_json;
 
 json tokenize_body(const json& body, const text::Tokenizer& tok, const ChatTemplate* tmpl) {
   if (!body.is_object()) throw bad_request("expected a JSON object");
-  if (body.contains("add_special_tokens") && !body["add_special_tokens"].is_boolean())
-    throw bad_request("'add_special_tokens' must be a boolean", "add_special_tokens");
+  for (const char* flag : {"add_special_tokens", "return_token_strs"})
+    if (body.contains(flag) && !body[flag].is_boolean())
+      throw bad_request(std::string("'") + flag + "' must be a boolean", flag);
   json out = json::object();
   std::vector<int32_t> ids;
   if (body.contains("messages")) {
@@ -41,6 +42,11 @@ json tokenize_body(const json& body, const text::Tokenizer& tok, const ChatTempl
   }
   out["ids"] = ids;
   out["tokens"] = ids;
+  if (body.value("return_token_strs", false)) {  // vLLM's: the tokens' spellings (convert_ids_to_tokens)
+    json strs = json::array();
+    for (int32_t id : ids) strs.push_back(tok.token_string(id));
+    out["token_strs"] = std::move(strs);
+  }
   out["count"] = ids.size();
   return out;
 }

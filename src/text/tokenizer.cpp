@@ -839,6 +839,15 @@ std::optional<int32_t> Tokenizer::token_id(std::string_view token) const {
   return it->second;
 }
 
+std::string Tokenizer::token_string(int32_t id) const {
+  const std::string_view b = token_bytes(id);
+  if (is_added(id)) return std::string(b);
+  static const std::array<uint32_t, 256> to_char = byte_to_char_table();
+  std::string out;
+  for (unsigned char c : b) unicode::utf8_append(out, to_char[c]);
+  return out;
+}
+
 bool Tokenizer::is_special(int32_t id) const {
   return id >= 0 && size_t(id) < impl_->kind.size() && impl_->kind[size_t(id)] == 3;
 }

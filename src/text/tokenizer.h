@@ -49,6 +49,9 @@ class Tokenizer {
   std::string_view token_bytes(int32_t id) const;
   // Id of a token by its tokenizer.json spelling: "<|im_end|>" or a vocab key such as "Ġhello".
   std::optional<int32_t> token_id(std::string_view token) const;
+  // The inverse: a token's tokenizer.json spelling (transformers' convert_ids_to_tokens): an added token's content,
+  // a vocab token's bytes through GPT-2's byte-to-unicode map; "" for an unassigned id. Throws as token_bytes does.
+  std::string token_string(int32_t id) const;
   // True for added tokens marked "special": true (skipped by decode(skip_special=true)).
   bool is_special(int32_t id) const;
   bool is_added(int32_t id) const;

@@ -99,10 +99,20 @@ Classified classify(const std::vector<float>& z, const SampleRowParams& p, int32
   for (float v : z)
     if (cand(v)) total += w(v);
   if (gpu_tok < 0 || gpu_tok >= n || !cand(z[size_t(gpu_tok)])) return {false, "GPU token outside the kept set"};
-  const double target = double(p.u) * total;
+  // A draft: accepted where u x total < w_d, else the draw with u2 over the kept set without it.
+  const int64_t d = p.draft >= 0 && p.draft < n ? p.draft : -1;
+  if (d >= 0) {
+    const double wd = cand(z[size_t(d)]) ? w(z[size_t(d)]) : 0.0;
+    const double ua = double(p.u) * total;
+    if (std::abs(ua - wd) <= kEps * total) return {true, "draft acceptance within 1e-5 of u x total"};
+    if (ua < wd) return {false, "the draft is accepted, the GPU chose another token"};
+    if (gpu_tok == d) return {false, "the draft is rejected, the GPU chose it"};
+    total -= wd;
+  }
+  const double target = double(d >= 0 ? p.u2 : p.u) * total;
   double before = 0;
   for (int64_t i = 0; i < gpu_tok; ++i)
-    if (cand(z[size_t(i)])) before += w(z[size_t(i)]);
+    if (cand(z[size_t(i)]) && i != d) before += w(z[size_t(i)]);
   const double after = before + w(z[size_t(gpu_tok)]);
   if (before - kEps * total <= target && target <= after + kEps * total)
     return {true, "draw target within 1e-5 of a cumulative boundary"};
@@ -151,6 +161,13 @@ void run_shape(test::Both& B, int R, int64_t V, int64_t limit, DType dt, int& ne
     for (int i = 0; i < 30; ++i) s.accept(i % 3 == 0 ? prompt[1] : id(g));
     s.draws = g() % 1000;
     rows.push_back(sampling::next_row(s, edits));
+    // Half the sampled rows verify a draft (speculative rejection sampling): a likely id (a logit the row holds high)
+    // or any id.
+    if (!rows.back().greedy && g() % 2) {
+      const float* x = host.data() + size_t(r) * size_t(V);
+      rows.back().draft = g() % 3 ? int32_t(std::max_element(x, x + n) - x) : int32_t(g() % uint64_t(n));
+      rows.back().u2 = uniform_at(g(), 0);
+    }
     // A third of the rows masked (a grammar's or allowed_token_ids' ids): one id up to all but one, a row now and
     // then sharing the previous row's mask.
     if (g() % 3 != 0) continue;

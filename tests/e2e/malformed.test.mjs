@@ -52,6 +52,7 @@ test('malformed bodies get clear 4xx errors and the server survives', async () =
     ['/v1/completions', '{"prompt": "x", "stream": "yes"}', /'stream' must be a boolean/],
     ['/v1/completions', '{"prompt": "x", "seed": 1.5}', /'seed' must be an integer/],
     ['/tokenize', '{"prompt": 7}', /prompt/],
+    ['/tokenize', '{"prompt": "x", "return_token_strs": 1}', /'return_token_strs' must be a boolean/],
     ['/detokenize', '{"tokens": ["a"]}', /token ids/],
     ['/detokenize', '{"tokens": [4000000000]}', /token ids|vocab/],
   ];

@@ -286,6 +286,13 @@ test('tokenize and detokenize round-trip', async () => {
   assert.ok(t.count > 0);
   const d = await (await fetch(`${srv.base}/detokenize`, { method: 'POST', body: JSON.stringify({ tokens: t.tokens }) })).json();
   assert.equal(d.prompt, 'Hello world');
+  assert.equal(t.token_strs, undefined);
+  // vLLM's return_token_strs: each token's tokenizer.json spelling (byte-level: a leading space is 'Ġ').
+  const s = await (await fetch(`${srv.base}/tokenize`, { method: 'POST',
+    body: JSON.stringify({ prompt: 'Hello world', return_token_strs: true }) })).json();
+  assert.deepEqual(s.tokens, t.tokens);
+  assert.equal(s.token_strs.length, t.tokens.length);
+  assert.equal(s.token_strs.join('').replaceAll('\u0120', ' '), 'Hello world');
 });
 
 test('metrics are exposed in Prometheus format', async () => {

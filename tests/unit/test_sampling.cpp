@@ -466,6 +466,41 @@ TEST(SamplingRng, CpuSampleRowsEqualsSample) {
   EXPECT_THROW(sample(dead.data(), 8, 8, s, nullptr), Error);
 }
 
+// Rows that verify a draft (SampleRowParams::draft: rejection sampling with a one-hot draft, what the engine's
+// device verify gives Backend::sample_rows) decide as verify_draft does on the host, uniform for uniform: the draft
+// where u < p(d), else the draw from the rest with the next uniform. Every filter, drafts likely and unlikely.
+TEST(SamplingRng, CpuSampleRowsVerifiesDraftsAsVerifyDraft) {
+  const int64_t V = 500;
+  int accepted = 0, rejected = 0;
+  for (int t = 0; t < 400; ++t) {
+    const auto x = random_logits(V, 900 + uint64_t(t), 1.5f);
+    SamplingParams p;
+    p.seed = uint64_t(t);
+    p.temperature = 0.5f + 0.1f * float(t % 8);
+    if (t % 3 == 1) p.top_k = 20;
+    if (t % 4 == 2) p.top_p = 0.8f;
+    if (t % 5 == 3) p.min_p = 0.05f;
+    if (t % 2) p.repetition_penalty = 1.2f;
+    SeqSampler host(p, {1, 2, 3}), dev(p, {1, 2, 3});
+    host.draws = dev.draws = uint64_t(t) * 7;
+    const int32_t d = t % 3 ? int32_t(std::max_element(x.begin(), x.end()) - x.begin()) : int32_t(t % V);
+    bool ok = false;
+    const int32_t want = verify_draft(x.data(), V, V, host, d, nullptr, &ok, nullptr);
+    std::vector<SampleEdit> edits;
+    SampleRowParams r = next_row(dev, edits);
+    r.draft = d;
+    r.u2 = uniform_at(dev.seed, dev.draws);
+    std::vector<int32_t> ids;
+    cpu::sample_rows(x.data(), V, V, {r}, edits, {}, ids);
+    ASSERT_EQ(ids[0], want) << "case " << t;
+    EXPECT_EQ(ok, want == d);
+    EXPECT_EQ(host.draws, dev.draws + (ok ? 0 : 1)) << "a rejection draws one more uniform";
+    ++(ok ? accepted : rejected);
+  }
+  EXPECT_GT(accepted, 50);
+  EXPECT_GT(rejected, 50);
+}
+
 // Rows with masks (row_mask: allowed_token_ids here, a grammar's in SamplingGrammar.*): sample_rows with the masks
 // picks sample()'s tokens, greedy and sampled, with every filter, with a bias on a forbidden id (it stays forbidden)
 // and penalties; masked rows beside unmasked ones, two rows sharing one mask. A mask that leaves nothing gives -1,

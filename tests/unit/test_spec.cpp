@@ -529,9 +529,10 @@ TEST(SpecEngine, ThinkingBudgetAndMinTokensUnchangedBySpeculation) {
   }
 }
 
-// Greedy verification on the backend (EngineConfig::device_verify: sample_rows' greedy choice per verified row,
-// compared with the drafts in the engine) decides exactly as verify_draft on the host, penalties and logit_bias
-// included (row j's penalties see d_1..d_j), with acceptances and rejections from the oracle.
+// Verification on the backend (EngineConfig::device_verify: sample_rows' choice per verified row — greedy, or
+// rejection sampling of its draft — compared with the drafts in the engine) decides exactly as verify_draft on the
+// host, penalties and logit_bias included (row j's penalties see d_1..d_j), with acceptances and rejections from the
+// oracle.
 TEST(SpecEngine, DeviceVerifyEqualsHostVerify) {
   Fixture& f = fixture("tiny-moe", "bf16");
   const int64_t N = 18;
@@ -595,6 +596,33 @@ TEST(SpecEngine, DeviceVerifyEqualsHostVerify) {
     EXPECT_GT(md.spec_accepted_tokens_total, 0);
     EXPECT_LT(md.spec_accepted_tokens_total, md.spec_draft_tokens_total);
     EXPECT_GT(md.device_sample_steps_total, mh.device_sample_steps_total);  // the verify steps
+    // Sampled requests: rejection sampling on the backend (each row's draft, u and u2) draws exactly what verify_draft
+    // draws on the host, one uniform per row and one more at a rejection: the same tokens and logprobs, and every
+    // step of the device run samples there.
+    auto sampled = [&] {
+      auto rs = make();
+      for (size_t i = 0; i < rs.size(); ++i) {
+        auto& sp = rs[i]->sampling;
+        sp.temperature = 0.05f + 0.05f * float(i % 3);  // peaked: the oracle's greedy drafts are often accepted
+        if (i % 2 == 0) sp.top_p = 0.9f;
+        if (i % 3 == 2) sp.top_k = 30;
+      }
+      return rs;
+    };
+    runtime::EngineMetrics sd, sh;
+    const auto sa = run_all(*f.m, dev, sampled(), &sd);
+    const auto sb = run_all(*f.m, host, sampled(), &sh);
+    for (size_t i = 0; i < sa.size(); ++i) {
+      EXPECT_EQ(sa[i].tokens, sb[i].tokens) << "sampled, K=" << K << " prompt " << i;
+      EXPECT_EQ(int64_t(sa[i].tokens.size()), N);
+      ASSERT_EQ(sa[i].logprobs.size(), sb[i].logprobs.size());
+      for (size_t j = 0; j < sa[i].logprobs.size(); ++j) EXPECT_NEAR(sa[i].logprobs[j].logprob, sb[i].logprobs[j].logprob, 1e-6);
+    }
+    EXPECT_EQ(sd.spec_accepted_tokens_total, sh.spec_accepted_tokens_total);
+    EXPECT_GT(sd.spec_accepted_tokens_total, 0);
+    EXPECT_LT(sd.spec_accepted_tokens_total, sd.spec_draft_tokens_total);
+    EXPECT_EQ(sd.device_sample_steps_total, sd.steps_total);
+    EXPECT_LT(sh.device_sample_steps_total, sh.steps_total);  // the verify steps on the host
   }
 }
 

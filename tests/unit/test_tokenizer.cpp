@@ -84,6 +84,30 @@ TEST(TokenizerGolden, Qwen3MatchesReferenceOnEveryCase) {
   EXPECT_TRUE(tok.is_added(151667));
 }
 
+// token_string is tokenizer.json's spelling of every id (vocab keys through GPT-2's byte map, added tokens' content):
+// each spelling names its id again, for the tiny tokenizer and Qwen3's (151,669 ids).
+TEST(Tokenizer, TokenStringsAreTheFilesSpellings) {
+  for (const std::string& path : {kTinyDir, kQwen3Json}) {
+    if (!fs::exists(path)) continue;
+    SCOPED_TRACE(path);
+    Tokenizer tok = Tokenizer::load(path);
+    int64_t checked = 0;
+    for (int32_t id = 0; id < tok.vocab_size(); ++id) {
+      const std::string s = tok.token_string(id);
+      if (s.empty()) continue;  // unassigned
+      ASSERT_EQ(tok.token_id(s), id) << "spelling '" << s << "'";
+      ++checked;
+    }
+    EXPECT_GT(checked, 1900);
+    if (path == kQwen3Json) {
+      EXPECT_EQ(tok.token_string(151645), "<|im_end|>");
+      const auto ids = tok.encode(" hello");
+      ASSERT_EQ(ids.size(), 1u);
+      EXPECT_EQ(tok.token_string(ids[0]), "\u0120hello");  // Ġhello
+    }
+  }
+}
+
 TEST(Tokenizer, ModelDirGivesModelVocabSizeAndUnassignedIdsDecodeToNothing) {
   // The tiny model dir has config.json with vocab_size 2048; the tokenizer assigns ids 0..2016.
   Tokenizer tok = Tokenizer::load(kData + "/tiny-moe/tiny-moe-bf16");

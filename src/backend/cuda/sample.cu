@@ -213,13 +213,16 @@ __global__ void __launch_bounds__(kThreads) k_sample_rows(const float* zall, int
     lo = select_threshold(z, n, lo, zmax, mul_rn(p.top_p, t), true, red, hist);
   }
 
-  // 3. Draw in id order: thread t owns ids [t·chunk, (t+1)·chunk).
+  // 3. Draw in id order: thread t owns ids [t·chunk, (t+1)·chunk). A draft d to verify is left out of the ranges:
+  // accepted where u × total < w_d, else the draw (with u2) runs over the rest.
+  const int32_t d = p.draft >= 0 && p.draft < n ? p.draft : -1;
+  const float wd = d >= 0 && is_cand(z[d], lo) ? mass_of(z[d], zmax) : 0.f;
   const int64_t chunk = (n + blockDim.x - 1) / blockDim.x;
   const int64_t b0 = std::min<int64_t>(n, tid * chunk), b1 = std::min<int64_t>(n, b0 + chunk);
   float s = 0.f;
   for (int64_t i = b0; i < b1; ++i) {
     const float v = z[i];
-    if (is_cand(v, lo)) s += mass_of(v, zmax);
+    if (is_cand(v, lo) && i != d) s += mass_of(v, zmax);
   }
   float incl = s;  // inclusive scan over the block
 #pragma unroll
@@ -239,18 +242,23 @@ __global__ void __launch_bounds__(kThreads) k_sample_rows(const float* zall, int
   incl += off;
   incl_of[tid] = incl;
   __syncthreads();
-  const float total = incl_of[blockDim.x - 1];
-  const float target = mul_rn(p.u, total);
+  const float total = incl_of[blockDim.x - 1];  // without the draft
+  if (d >= 0 && mul_rn(p.u, add_rn(total, wd)) < wd) {  // every thread decides alike
+    if (tid == 0) ids[r] = d;
+    return;
+  }
+  const float target = mul_rn(d >= 0 ? p.u2 : p.u, total);
   if (incl > target) atomicMin(&pick, tid);
   if (s > 0.f) atomicMax(&last, tid);
   __syncthreads();
   const int owner = pick != INT_MAX ? pick : last;
+  if (owner < 0 && tid == 0) ids[r] = d;  // no mass but the draft's (unreachable: it was accepted then)
   if (tid != owner) return;
   float c = tid > 0 ? incl_of[tid - 1] : 0.f;
   int32_t tok = -1, lastpos = -1;
   for (int64_t i = b0; i < b1; ++i) {
     const float v = z[i];
-    if (!is_cand(v, lo)) continue;
+    if (!is_cand(v, lo) || i == d) continue;
     const float m = mass_of(v, zmax);
     if (!(m > 0.f)) continue;
     lastpos = int32_t(i);

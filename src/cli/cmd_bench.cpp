@@ -860,6 +860,7 @@ void bench_prompt_logprobs(model::Model& m, const std::vector<int64_t>& lengths,
 void bench_masked(model::Model& m, const std::vector<int64_t>& batches, int64_t ctx, int steps, std::mt19937& rng) {
   const int64_t V = m.config().text.vocab_size;
   constexpr int kWarm = 4;  // untimed decode steps first
+  std::vector<std::string> phases;  // DS_SPEC_PROFILE=1
   std::vector<int32_t> half;
   for (int32_t id = 0; id < int32_t(V); ++id)
     if (rng() % 2) half.push_back(id);
@@ -891,15 +892,44 @@ void bench_masked(model::Model& m, const std::vector<int64_t>& batches, int64_t 
           e.submit(q);
           qs.push_back(q);
         }
-        while (e.metrics().generation_tokens_total < B)  // prefill: every sequence samples its first token
+        // Prefill: until every sequence has sampled its first token (the first ones decode meanwhile, beside the
+        // others' chunks).
+        std::vector<bool> started(size_t(B), false);
+        for (int64_t left = B; left > 0;) {
           if (!e.step()) fail("bench --masked: the engine stopped before every sequence sampled");
+          for (int64_t i = 0; i < B; ++i)
+            while (auto d = qs[size_t(i)]->out->pop(std::chrono::milliseconds(0))) {
+              if (d->finish == runtime::FinishReason::Error) fail("bench --masked: ", d->error);
+              if (!d->tokens.empty() && !started[size_t(i)]) {
+                started[size_t(i)] = true;
+                --left;
+              }
+            }
+        }
         for (int i = 0; i < kWarm; ++i) e.step();  // the batch's step graph recorded, pools grown
         m.backend().synchronize();
-        const int64_t before = e.metrics().device_sample_steps_total;
+        const runtime::EngineMetrics m0 = e.metrics();
+        const int64_t before = m0.device_sample_steps_total;
         const auto t0 = Clock::now();
         for (int i = 0; i < steps; ++i) e.step();
         m.backend().synchronize();
         ms[device] = secs_since(t0) * 1e3 / steps;
+        if (!e.metrics().phase_ms.empty()) {  // DS_SPEC_PROFILE=1: ms per step of each phase of Engine::Impl::run
+          std::string line;
+          double sum = 0;
+          for (auto& [name, v] : e.metrics().phase_ms) {
+            double v0 = 0;
+            for (auto& [n0, x0] : m0.phase_ms)
+              if (n0 == name) v0 = x0;
+            line += str_cat(" ", name, " ", str_fixed((v - v0) / steps, 3), ";");
+            sum += (v - v0) / steps;
+          }
+          const runtime::EngineMetrics m1 = e.metrics();
+          phases.push_back(str_cat("| ", B, " | ", masked, " | ", device ? "device" : "host", " | ",
+                                   str_fixed(ms[device], 3), " |", line, " sum ", str_fixed(sum, 3), " | ",
+                                   m1.graph_steps_total - m0.graph_steps_total, " of ", m1.steps_total - m0.steps_total,
+                                   " | ", m1.preemptions_total - m0.preemptions_total, " |"));
+        }
         if (device && e.metrics().device_sample_steps_total - before != steps)
           fail("bench --masked: ", e.metrics().device_sample_steps_total - before, " of ", steps,
                " steps sampled on the device");
@@ -914,6 +944,13 @@ void bench_masked(model::Model& m, const std::vector<int64_t>& batches, int64_t 
     }
   }
   std::printf("\n");
+  if (!phases.empty()) {
+    std::printf("Step phases (DS_SPEC_PROFILE=1: wall ms per step, the device synchronised at every phase)\n\n"
+                "| batch | masked rows | sampling | ms/step | phases | steps graphed | preemptions |\n"
+                "|---|---|---|---|---|---|---|\n");
+    for (auto& l : phases) std::printf("%s\n", l.c_str());
+    std::printf("\n");
+  }
 }
 
 }  // namespace

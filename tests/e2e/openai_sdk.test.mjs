@@ -242,6 +242,17 @@ test('logprobs under speculation, --max-logprobs, and the stats line of a specul
     assert.match(jspec.choices[0].text, /^[A-Z]{2}-[0-9]{2,6}( [a-z]{1,5}){0,3}$/);
     assert.ok(after.get('spec_decode_num_draft_tokens_total') > before.get('spec_decode_num_draft_tokens_total'),
               'the constrained request was speculated');
+    // Sampled requests are speculated too (rejection sampling of the drafts on the backend): a seed gives the same
+    // text twice, drafts are proposed for them, and a sampled regex answer is text of its pattern.
+    const sreq = { model: 'tiny', prompt: 'Once', max_tokens: 24, temperature: 0.8, top_p: 0.95, seed: 11 };
+    const sb = await metrics(spec.base);
+    const s1 = await c2.completions.create(sreq), s2 = await c2.completions.create(sreq);
+    assert.equal(s1.choices[0].text, s2.choices[0].text);
+    const sr = await c2.completions.create({ ...jreq, temperature: 0.9, seed: 5 });
+    assert.match(sr.choices[0].text, /^[A-Z]{2}-[0-9]{2,6}( [a-z]{1,5}){0,3}$/);
+    const sa = await metrics(spec.base);
+    assert.ok(sa.get('spec_decode_num_draft_tokens_total') > sb.get('spec_decode_num_draft_tokens_total'),
+              'the sampled requests were speculated');
     // A constrained tool call (tool_choice required) on the speculating server: the plain server's call.
     const treq = { model: 'tiny', messages: [{ role: 'user', content: 'Weather?' }], max_tokens: 80, temperature: 0,
                    tool_choice: 'required', chat_template_kwargs: { enable_thinking: false },

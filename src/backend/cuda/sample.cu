@@ -4,6 +4,9 @@
 //   order keys counting candidates → top_p: the same descent summing candidate mass → draw: each thread sums the
 //   mass of its contiguous id range, a block scan gives the ranges' cumulative mass, and the thread whose range
 //   crosses u × total walks it in id order.
+// A masked row's forbidden ids are -inf in z (k_sample_values; k_sample_edits leaves them); a row verifying a draft
+// (speculative rejection sampling) keeps the draft out of the ranges, accepts it where u × total < w_d and otherwise
+// draws from the rest with u2.
 // All sums are in a fixed order (per-thread sequential, then warp butterflies and a fixed tree), so a row's result
 // is deterministic; it differs from the CPU's double sums in id order only by rounding (docs/engine.md).
 #include <cuda_bf16.h>
@@ -24,7 +27,6 @@ namespace {
 
 constexpr int kThreads = 1024;
 
-// z [R, n] = scaled raw logits; then the edited ids are overwritten (k_sample_edits, same stream, after).
 // A row's mask (sample_math.h), or null.
 __device__ __forceinline__ const uint32_t* row_mask(const SampleRowParams& p, const uint32_t* masks, int64_t n) {
   return p.mask >= 0 ? masks + int64_t(p.mask) * mask_words(n) : nullptr;

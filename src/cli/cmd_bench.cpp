@@ -363,6 +363,30 @@ struct SpecRun {
   std::vector<std::pair<std::string, double>> phase_ms;  // DS_SPEC_PROFILE=1: decode phase, ms per phase in all
 };
 
+// EngineMetrics::phase_ms (DS_SPEC_PROFILE=1) accumulated between two snapshots, in m1's order.
+std::vector<std::pair<std::string, double>> phase_delta(const runtime::EngineMetrics& m0,
+                                                        const runtime::EngineMetrics& m1) {
+  std::vector<std::pair<std::string, double>> d;
+  for (auto& [name, ms] : m1.phase_ms) {
+    double before = 0;
+    for (auto& [n0, v0] : m0.phase_ms)
+      if (n0 == name) before = v0;
+    d.push_back({name, ms - before});
+  }
+  return d;
+}
+
+// Those phases per step as table text: " name ms; ... sum ms".
+std::string phase_cells(const std::vector<std::pair<std::string, double>>& phases, double steps) {
+  std::string line;
+  double total = 0;
+  for (auto& [name, ms] : phases) {
+    line += str_cat(" ", name, " ", str_fixed(ms / steps, 3), ";");
+    total += ms;
+  }
+  return str_cat(line, " sum ", str_fixed(total / steps, 3));
+}
+
 SpecRun spec_run(model::Model& m, const SpecBench& o, const std::vector<int32_t>& prompt, int64_t K, int64_t dv,
                  double p, const std::vector<int32_t>* ref) {
   const int64_t V = m.config().text.vocab_size, P = int64_t(prompt.size());
@@ -425,12 +449,7 @@ SpecRun spec_run(model::Model& m, const SpecBench& o, const std::vector<int32_t>
     r.accepted = m1.spec_accepted_tokens_total - m0.spec_accepted_tokens_total;
     for (size_t i = 0; i < m1.spec_accepted_per_pos.size(); ++i)
       r.per_pos.push_back(m1.spec_accepted_per_pos[i] - m0.spec_accepted_per_pos[i]);
-    for (auto& [name, ms] : m1.phase_ms) {
-      double before = 0;
-      for (auto& [n0, v0] : m0.phase_ms)
-        if (n0 == name) before = v0;
-      r.phase_ms.push_back({name, ms - before});
-    }
+    r.phase_ms = phase_delta(m0, m1);
   }
   return r;
 }
@@ -485,13 +504,8 @@ void bench_speculative_variant(model::Model& m, const SpecBench& o, const std::v
   auto profile = [&](const std::string& what, const SpecRun& r) {
     if (r.phase_ms.empty()) return;
     const double steps = double(std::max<int64_t>(r.steps, 1));
-    double total = 0;
-    std::string line = str_cat("| ", what, " | ", str_fixed(r.secs * 1e3 / steps, 3), " |");
-    for (auto& [name, ms] : r.phase_ms) {
-      line += str_cat(" ", name, " ", str_fixed(ms / steps, 3), ";");
-      total += ms;
-    }
-    profiles.push_back(str_cat(line, " sum ", str_fixed(total / steps, 3), " |"));
+    profiles.push_back(str_cat("| ", what, " | ", str_fixed(r.secs * 1e3 / steps, 3), " |",
+                               phase_cells(r.phase_ms, steps), " |"));
   };
   profile("none (no speculation)", base);
   for (int64_t dv : heads)
@@ -909,30 +923,19 @@ void bench_masked(model::Model& m, const std::vector<int64_t>& batches, int64_t 
         for (int i = 0; i < kWarm; ++i) e.step();  // the batch's step graph recorded, pools grown
         m.backend().synchronize();
         const runtime::EngineMetrics m0 = e.metrics();
-        const int64_t before = m0.device_sample_steps_total;
         const auto t0 = Clock::now();
         for (int i = 0; i < steps; ++i) e.step();
         m.backend().synchronize();
         ms[device] = secs_since(t0) * 1e3 / steps;
-        if (!e.metrics().phase_ms.empty()) {  // DS_SPEC_PROFILE=1: ms per step of each phase of Engine::Impl::run
-          std::string line;
-          double sum = 0;
-          for (auto& [name, v] : e.metrics().phase_ms) {
-            double v0 = 0;
-            for (auto& [n0, x0] : m0.phase_ms)
-              if (n0 == name) v0 = x0;
-            line += str_cat(" ", name, " ", str_fixed((v - v0) / steps, 3), ";");
-            sum += (v - v0) / steps;
-          }
-          const runtime::EngineMetrics m1 = e.metrics();
+        const runtime::EngineMetrics m1 = e.metrics();
+        if (!m1.phase_ms.empty()) {  // DS_SPEC_PROFILE=1: ms per step of each phase of Engine::Impl::run
           phases.push_back(str_cat("| ", B, " | ", masked, " | ", device ? "device" : "host", " | ",
-                                   str_fixed(ms[device], 3), " |", line, " sum ", str_fixed(sum, 3), " | ",
+                                   str_fixed(ms[device], 3), " |", phase_cells(phase_delta(m0, m1), steps), " | ",
                                    m1.graph_steps_total - m0.graph_steps_total, " of ", m1.steps_total - m0.steps_total,
                                    " | ", m1.preemptions_total - m0.preemptions_total, " |"));
         }
-        if (device && e.metrics().device_sample_steps_total - before != steps)
-          fail("bench --masked: ", e.metrics().device_sample_steps_total - before, " of ", steps,
-               " steps sampled on the device");
+        if (const int64_t on = m1.device_sample_steps_total - m0.device_sample_steps_total; device && on != steps)
+          fail("bench --masked: ", on, " of ", steps, " steps sampled on the device");
         while (e.step()) {
         }
         for (auto& q : qs)

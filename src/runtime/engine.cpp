@@ -831,8 +831,8 @@ int64_t Engine::Impl::drafts_wanted(Sequence* s) {
   int64_t k = std::min(cfg.num_speculative_tokens, left - 1);
   // Constrained sequences (grammars, allowed_token_ids) are speculated too: each verified row is masked at the
   // position the drafts before it reach (start_masks, verify_draft), the grammar's position moving only with tokens
-  // decided one by one. A thinking budget: no verified row may be the one whose token is forced (SeqSampler::forced,
-  // host-sampled).
+  // decided one by one. A thinking budget: no verified row may be the one whose token is forced (SeqSampler::forced:
+  // decided without a draw, never compared with a draft).
   if (k <= 0) return 0;
   k = std::min(k, s->sampler.budget_left() - 1);
   if (k <= 0) return 0;
@@ -842,8 +842,9 @@ int64_t Engine::Impl::drafts_wanted(Sequence* s) {
 
 // Decides the tokens of one sampled chunk: the sampled token, or with drafts each verified position in turn
 // (the sampler sees the accepted ones, so penalties are exact) and the bonus token when all pass. `sampled`: the
-// tokens Backend::sample_rows chose for the chunk's rows (greedy when there are drafts: d_{j+1} is accepted iff it
-// is row j's choice; -1: nothing left to sample), `rows` unused; null: decide from the logit rows on the host.
+// tokens Backend::sample_rows chose for the chunk's rows (with drafts: d_{j+1} is accepted iff it is row j's choice,
+// the argmax or rejection sampling's; -1: nothing left to sample), `rows` unused; null: decide from the logit rows on
+// the host.
 bool Engine::Impl::decide(const ScheduledSeq& x, const float* rows, int64_t* accepted, const int32_t* sampled,
                           const sampling::MaskAhead* masks, const float* lp_row, int32_t lp_stride,
                           const std::pair<int64_t, std::string>* mask_error) {

@@ -155,10 +155,7 @@ MaskKind row_mask(const SeqSampler& s, const MaskAhead* ahead, int64_t n, std::v
     grammar = s.grammar_mask(bits);
   }
   const std::vector<int32_t>& allowed = s.params.allowed_ids;
-  if (!grammar && allowed.empty()) {
-    bits.clear();
-    return MaskKind::kNone;
-  }
+  if (!grammar && allowed.empty()) return MaskKind::kNone;
   const size_t W = size_t(mask_words(n));
   if (grammar) {
     bits.resize(W, 0u);  // ids past the grammar's vocabulary: forbidden
@@ -377,40 +374,11 @@ int32_t verify_draft(const float* logits, int64_t V, int64_t vocab_limit, SeqSam
   } else {
     cpu::SampleSet c;  // p = c.w / c.total over c.ids, exactly sample()'s distribution
     if (!cpu::sample_filter(z.data(), n, r, c)) fail(nothing_left(kind));
-    if (!draft_probs) {  // a deterministic draft: Backend::sample_rows' verification (cpu::sample_verify)
-      const float u = s.next_uniform();
-      const float u2 = uniform_at(s.seed, s.draws);  // the next uniform, drawn only where the draft is rejected
-      tok = cpu::sample_verify(c, draft, u, u2);
-      acc = tok == draft;
-      if (!acc) ++s.draws;
-    } else {  // a draft distribution q (tests)
-      double pd = 0;
-      for (size_t i = 0; i < c.ids.size(); ++i)
-        if (c.ids[i] == draft) pd = c.w[i] / c.total;  // p(draft); 0 outside the kept set (or outside [0, n))
-      const double qd = double(draft_probs[draft]);
-      // Leviathan et al.: accept with probability min(1, p/q), i.e. u·q < p.
-      const double u = s.next_uniform();
-      if (u * qd < pd) {
-        tok = draft;
-        acc = true;
-      } else {
-        // Residual normalize(max(0, p - q)). Its support lies inside the kept set, since p = 0 elsewhere.
-        cpu::SampleSet res;
-        for (size_t i = 0; i < c.ids.size(); ++i) {
-          const int32_t id = c.ids[i];
-          const double q = double(draft_probs[id]);
-          const double w = c.w[i] / c.total - q;
-          if (w > 0) {
-            res.ids.push_back(id);
-            res.w.push_back(w);
-            res.total += w;
-          }
-        }
-        // p == q leaves no residual mass, but then the draft was accepted with probability 1: unreachable
-        // except by rounding; fall back to p itself.
-        tok = cpu::sample_draw(res.ids.empty() ? c : res, s.next_uniform());
-      }
-    }
+    // Leviathan et al., as Backend::sample_rows verifies a deterministic draft (cpu::sample_verify): u for the test,
+    // the next uniform drawn only where the draft is rejected.
+    const float u = s.next_uniform();
+    tok = cpu::sample_verify(c, draft, draft_probs, u, uniform_at(s.seed, s.draws), &acc);
+    if (!acc) ++s.draws;
   }
   if (accepted) *accepted = acc;
   if (lp && p.logprobs >= 0) fill_logprobs(logits, n, tok, p.logprobs, *lp);

@@ -54,9 +54,11 @@ int32_t sample_argmax(const float* z, int64_t n);
 bool sample_filter(const float* z, int64_t n, const SampleRowParams& p, SampleSet& out);
 // The first kept id whose cumulative weight exceeds u × total (else the last kept id with w > 0).
 int32_t sample_draw(const SampleSet& s, float u);
-// Speculative verification of a deterministic draft d against the kept set (Leviathan et al. with q one-hot at d):
-// d where u < p(d) = w_d / total, else a draw with u2 from p without d (normalised: w_i / total for i != d).
-int32_t sample_verify(const SampleSet& s, int32_t d, float u, float u2);
+// Speculative verification of a draft d against the kept set (Leviathan et al.), p = w / total: d where
+// u · q(d) < p(d), else a draw with u2 from normalize(max(0, p − q)) (p itself where that is empty, unreachable but by
+// rounding). q [n]: the draft's distribution, or null for a deterministic draft (one-hot at d: the residual is p
+// without d). *accepted (optional): whether d passed the test.
+int32_t sample_verify(const SampleSet& s, int32_t d, const float* q, float u, float u2, bool* accepted = nullptr);
 // One row of sample_rows: greedy or filter + draw with p.u; -1 when nothing can be sampled (with a mask, greedy too:
 // no id it allows has a z above -inf).
 int32_t sample_row(const float* raw, int64_t n, const SampleRowParams& p, const SampleEdit* edits, int64_t ne,

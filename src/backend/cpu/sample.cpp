@@ -122,17 +122,20 @@ int32_t sample_draw(const SampleSet& s, float u) {
   return last;
 }
 
-int32_t sample_verify(const SampleSet& s, int32_t d, float u, float u2) {
+int32_t sample_verify(const SampleSet& s, int32_t d, const float* q, float u, float u2, bool* accepted) {
+  auto q_of = [&](int32_t id) { return q ? double(q[id]) : id == d ? 1.0 : 0.0; };
   double pd = 0;  // p(d); 0 outside the kept set
   for (size_t i = 0; i < s.ids.size(); ++i)
     if (s.ids[i] == d) pd = s.w[i] / s.total;
-  if (double(u) < pd) return d;
-  // The residual normalize(max(0, p - q)): p without d. Empty only when p is one-hot at d, which was accepted with
-  // probability 1 (unreachable but by rounding): p itself then.
+  const bool acc = double(u) * q_of(d) < pd;
+  if (accepted) *accepted = acc;
+  if (acc) return d;
+  // The residual normalize(max(0, p - q)); its support lies inside the kept set, since p = 0 elsewhere. Empty only
+  // when p == q, where d was accepted with probability 1: p itself then.
   SampleSet res;
   for (size_t i = 0; i < s.ids.size(); ++i) {
-    const double w = s.w[i] / s.total;
-    if (s.ids[i] != d && w > 0) {
+    const double w = s.w[i] / s.total - q_of(s.ids[i]);
+    if (w > 0) {
       res.ids.push_back(s.ids[i]);
       res.w.push_back(w);
       res.total += w;
@@ -151,7 +154,7 @@ int32_t sample_row(const float* raw, int64_t n, const SampleRowParams& p, const 
   }
   SampleSet s;
   if (!sample_filter(z.data(), n, p, s)) return -1;
-  return p.draft >= 0 ? sample_verify(s, p.draft, p.u, p.u2) : sample_draw(s, p.u);
+  return p.draft >= 0 ? sample_verify(s, p.draft, nullptr, p.u, p.u2) : sample_draw(s, p.u);
 }
 
 void sample_rows(const float* logits, int64_t V, int64_t vocab_limit, const std::vector<SampleRowParams>& rows,

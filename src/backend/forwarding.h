@@ -31,6 +31,7 @@ class ForwardingBackend : public Backend {
   std::vector<float> to_host_f32(const Tensor& t) override { return in_.to_host_f32(t); }
   void zero(Tensor& t) override { in_.zero(t); }
   void copy(Tensor& dst, const Tensor& src) override { in_.copy(dst, src); }
+  Tensor alloc_host(DType dt, std::vector<int64_t> shape) override { return in_.alloc_host(dt, std::move(shape)); }
   void synchronize() override { in_.synchronize(); }
   bool device_memory(int64_t* total, int64_t* used) override { return in_.device_memory(total, used); }
 

@@ -143,7 +143,13 @@ class Backend {
   virtual Tensor upload_f32(const std::vector<float>& v, std::vector<int64_t> shape, DType dt) = 0;
   virtual std::vector<float> to_host_f32(const Tensor& t) = 0;
   virtual void zero(Tensor& t) = 0;
-  virtual void copy(Tensor& dst, const Tensor& src) = 0;  // same dtype and size (device to device)
+  // Same dtype and size: device to device, or between device memory and alloc_host memory (in stream order: the
+  // host bytes are there once the stream reaches the copy, Backend::synchronize).
+  virtual void copy(Tensor& dst, const Tensor& src) = 0;
+  // Host memory (contents unspecified) the device copies to and from directly, without staging: pinned on CUDA,
+  // plain memory on backends whose memory is the host's. Throws ds::Error when it cannot be had. Callable from any
+  // thread (it touches no state of the backend's).
+  virtual Tensor alloc_host(DType dt, std::vector<int64_t> shape) { return alloc(dt, std::move(shape)); }
   virtual void synchronize() {}
   // Device memory: total bytes and bytes in use now (every process's, as the driver reports). False on
   // backends whose memory is the host's (the CPU backend): the runtime then keeps its fixed pool sizes.

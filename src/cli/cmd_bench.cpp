@@ -815,6 +815,94 @@ void bench_prefix_cache(model::Model& m, const std::vector<int64_t>& lengths, in
   std::printf("\n");
 }
 
+// ---- prefix caching: the host tier ----
+//
+// Checkpoints in host memory (--cache-ram; EngineConfig::prefix_cache_host_checkpoints). First the copy of one
+// DeltaNet state slot to pinned host memory and back (Model::slot_to_host / slot_from_host, best of 5, the backend
+// synchronised around each). Then, per prompt length L, C conversations one after another, each a prompt of L
+// tokens answered with `answer` tokens, on an engine with 2 device checkpoint slots, then every conversation's next
+// turn (the prompt, its answer and `extra` new tokens, to the first token): with no host tier (only the last
+// conversations' checkpoints are left) and with room for 32 checkpoints in host memory (every answer's is).
+void bench_prefix_cache_host(model::Model& m, const std::vector<int64_t>& lengths, int64_t chunk, std::mt19937& rng) {
+  const int64_t V = m.config().text.vocab_size, C = 6, answer = 32, extra = 64, device = 2, host = 32;
+  {
+    model::ModelCaches caches = m.alloc_caches(1, 16, 1, 0);
+    m.backend().synchronize();
+    const auto t_alloc = Clock::now();
+    Tensor h = m.alloc_host_slot();  // what the first demotion into each host buffer pays once
+    const double alloc_ms = secs_since(t_alloc) * 1e3;
+    auto best = [&](bool to_host) {
+      double ms = 1e30;
+      for (int rep = 0; rep < 5; ++rep) {
+        m.backend().synchronize();
+        const auto t0 = Clock::now();
+        if (to_host) m.slot_to_host(caches, 0, h);
+        else m.slot_from_host(caches, 0, h);
+        m.backend().synchronize();
+        ms = std::min(ms, secs_since(t0) * 1e3);
+      }
+      return ms;
+    };
+    const double bytes = double(m.state_slot_bytes()), down = best(true), up = best(false);
+    std::printf("## Prefix caching, the host tier (--cache-ram)\n\nOne DeltaNet state slot (%.1f MiB): host buffer "
+                "allocated (pinned) in %.1f ms; to host memory %.3f ms (%.1f GB/s), back %.3f ms (%.1f GB/s)\n\n",
+                bytes / (1 << 20), alloc_ms, down, bytes / down * 1e-6, up, bytes / up * 1e-6);
+  }
+  std::printf("%lld conversations one after another (prompt of L tokens, a %lld-token answer), then each one's next "
+              "turn (+%lld tokens) to its first token; %lld device checkpoint slots; prefill chunks of %lld tokens\n\n"
+              "| prompt | host checkpoints | first turns, ms each (mean) | next turns: cached tokens (mean) | TTFT ms "
+              "(mean) |\n|---|---|---|---|---|\n",
+              (long long)C, (long long)answer, (long long)extra, (long long)device, (long long)chunk);
+  for (int64_t L : lengths) {
+    std::vector<std::vector<int32_t>> prompts(size_t(C), std::vector<int32_t>(static_cast<size_t>(L)));
+    for (auto& p : prompts)
+      for (auto& x : p) x = int32_t(rng() % uint32_t(std::min<int64_t>(V, 150000)));
+    std::vector<int32_t> more(static_cast<size_t>(extra));
+    for (auto& x : more) x = int32_t(rng() % uint32_t(std::min<int64_t>(V, 150000)));
+    for (int64_t h : {int64_t(0), host}) {
+      runtime::EngineConfig ec;
+      ec.max_num_seqs = 1;
+      ec.max_num_batched_tokens = chunk;
+      ec.max_model_len = L + answer + extra + 8;
+      // KV blocks for every conversation's checkpoints and one running sequence (the server sizes the pool from
+      // memory: millions of tokens on an 80 GB device for 35B-A3B), so only the state slots decide what is kept.
+      ec.num_blocks = (C + 2) * ((ec.max_model_len + ec.block_size - 1) / ec.block_size);
+      ec.prefix_cache_checkpoints = device;
+      ec.prefix_cache_host_checkpoints = h;
+      runtime::Engine e(m, ec);
+      uint64_t id = 0;
+      auto go = [&](const std::vector<int32_t>& prompt, int64_t max_tokens, std::vector<int32_t>* out, int64_t* cached) {
+        auto q = std::make_shared<runtime::Request>();
+        q->id = ++id;
+        q->prompt = prompt;
+        q->max_tokens = max_tokens;
+        q->sampling.temperature = 0.f;
+        q->ignore_eos = true;
+        return run_timed(e, m, q, "bench --prefix-cache (host tier)", [&](const runtime::Delta& d) {
+          if (out) out->insert(out->end(), d.tokens.begin(), d.tokens.end());
+          if (d.finish != runtime::FinishReason::None && cached) *cached = d.cached_tokens;
+        });
+      };
+      go(std::vector<int32_t>(prompts[0].rbegin(), prompts[0].rend()), 2, nullptr, nullptr);  // warm-up
+      std::vector<std::vector<int32_t>> answers(static_cast<size_t>(C));
+      double first = 0, next = 0, cached = 0;
+      for (int64_t i = 0; i < C; ++i) first += go(prompts[size_t(i)], answer, &answers[size_t(i)], nullptr);
+      for (int64_t i = 0; i < C; ++i) {
+        auto turn = prompts[size_t(i)];
+        turn.insert(turn.end(), answers[size_t(i)].begin(), answers[size_t(i)].end());
+        turn.insert(turn.end(), more.begin(), more.end());
+        int64_t c = 0;
+        next += go(turn, 1, nullptr, &c);
+        cached += double(c);
+      }
+      std::printf("| %lld | %lld | %.1f | %.0f | %.1f |\n", (long long)L, (long long)h, first / double(C),
+                  cached / double(C), next / double(C));
+      std::fflush(stdout);
+    }
+  }
+  std::printf("\n");
+}
+
 // ---- prompt logprobs through the engine ----
 //
 // Time to first token of a prompt of L tokens through runtime::Engine (one sequence, prefill chunks of `chunk`
@@ -1483,6 +1571,7 @@ int cmd_bench(int argc, char** argv) {
 
   if (spec) bench_speculative(*m, sb, rng);
   if (pc) bench_prefix_cache(*m, pc_lengths, chunk > 0 ? chunk : 8192, 4, rng);
+  if (pc) bench_prefix_cache_host(*m, pc_lengths, chunk > 0 ? chunk : 8192, rng);
   if (plp) bench_prompt_logprobs(*m, plp_lengths, chunk > 0 ? chunk : 2048, rng);
   if (msk) bench_masked(*m, msk_batches, int_list(a, "context", "1024")[0], steps, rng);
   if (vis) bench_vision(cfg, *be_owned, vsizes, steps, seed, mm_rate);

@@ -17,7 +17,7 @@ void usage() {
                "            [--default-chat-template-kwargs JSON] [--chat-template FILE] [--max-queued-requests N]\n"
                "            [--speculative-config '{\"method\": \"mtp\", \"num_speculative_tokens\": K}']\n"
                "            [--mamba-ssm-cache-dtype auto|float32|bfloat16]   (the DeltaNet state; also logits, generate, bench)\n"
-               "            [--no-enable-prefix-caching] [--prefix-cache-checkpoints N]\n"
+               "            [--no-enable-prefix-caching] [--prefix-cache-checkpoints N] [--cache-ram MIB]\n"
                "            [--max-logprobs N] [--return-tokens-as-token-ids] [--disable-log-stats]\n"
                "            [--log-stats-interval S] [--disable-access-log] [--enable-log-requests]\n"
                "  tokenize  --model DIR < {\"text\": ...} | {\"messages\": [...], ...}\n"

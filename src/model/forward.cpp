@@ -202,6 +202,38 @@ void Model::copy_slot(ModelCaches& c, int32_t dst, int32_t src, bool graphed) {
   be_.graph_run(str_cat("slot/", c.id, "/", dst, "/", src), body);
 }
 
+Tensor Model::alloc_host_slot() {
+  return be_.alloc_host(DType::U8, {state_slot_bytes()});
+}
+
+// Calls fn(slot's row of a DeltaNet tensor, the same bytes' view in `host`) for the conv window and the recurrent
+// state of every linear-attention layer, in order: a slot's host image is those rows back to back.
+template <typename Fn>
+static void for_each_host_row(ModelCaches& c, int32_t slot, const Tensor& host, int64_t slot_bytes, Fn&& fn) {
+  DS_CHECK(int64_t(host.nbytes()) == slot_bytes, "host state slot of ", host.nbytes(), " bytes, expected ", slot_bytes);
+  size_t off = 0;
+  for (auto& s : c.state) {
+    if (!s.conv.defined() || s.conv.numel() == 0) continue;
+    for (Tensor* t : {&s.conv, &s.ssm}) {
+      Tensor row = t->rows(slot, slot + 1), h = row;
+      h.data = static_cast<char*>(host.data) + off;
+      h.device = host.device;
+      h.owner = nullptr;
+      off += row.nbytes();
+      DS_CHECK(int64_t(off) <= slot_bytes, "host state slot: the caches' rows are longer than state_slot_bytes()");
+      fn(row, h);
+    }
+  }
+}
+
+void Model::slot_to_host(ModelCaches& c, int32_t slot, Tensor& host) {
+  for_each_host_row(c, slot, host, state_slot_bytes(), [&](Tensor& row, Tensor& h) { be_.copy(h, row); });
+}
+
+void Model::slot_from_host(ModelCaches& c, int32_t slot, const Tensor& host) {
+  for_each_host_row(c, slot, host, state_slot_bytes(), [&](Tensor& row, Tensor& h) { be_.copy(row, h); });
+}
+
 void Model::copy_kv_block(ModelCaches& c, int32_t dst, int32_t src) {
   if (dst == src) return;
   auto one = [&](KvLayer& kv) {

@@ -1,15 +1,20 @@
 #include "runtime/cache.h"
 
 #include <algorithm>
+#include <cstdio>
+#include <utility>
 
 #include "core/status.h"
 
 namespace ds::runtime {
 
 CacheManager::CacheManager(model::Model& m, int64_t num_blocks, int64_t block_size, int64_t num_slots,
-                           int64_t verify_rows, int64_t num_checkpoints)
+                           int64_t verify_rows, int64_t num_checkpoints, int64_t num_host_checkpoints)
     : m_(m), num_blocks_(num_blocks), block_size_(block_size), num_slots_(num_slots), spare_(verify_rows > 0) {
-  DS_CHECK(num_checkpoints >= 0, "cache: num_checkpoints must be >= 0, found ", num_checkpoints);
+  DS_CHECK(num_checkpoints >= 0 && num_host_checkpoints >= 0, "cache: checkpoint counts must be >= 0, found ",
+           num_checkpoints, " and ", num_host_checkpoints);
+  host_capacity_ = num_checkpoints > 0 ? num_host_checkpoints : 0;
+  if (host_capacity_ > 0) maker_ = std::make_unique<HostSlotMaker>(m, host_capacity_, std::min<int64_t>(4, host_capacity_));
   // Sequence i owns slot i and, with spares, slot i + num_slots (the two may swap roles; see rollback()). The
   // checkpoints' slots come after those.
   const int64_t seq_slots = spare_ ? 2 * num_slots : num_slots;
@@ -116,7 +121,8 @@ bool CacheManager::attach(SeqCache& s, const PrefixHit& hit) {
     if (free_blocks_.empty()) return false;
     c = &*std::find_if(ckpts_.begin(), ckpts_.end(), [&](const Checkpoint& k) { return k.used == stamp; });
   }
-  m_.copy_slot(caches_, s.slot, c->slot);
+  if (c->slot >= 0) m_.copy_slot(caches_, s.slot, c->slot);
+  else m_.slot_from_host(caches_, s.slot, host_bufs_[size_t(c->host)]);
   s.blocks = c->blocks;
   if (partial) {
     s.blocks.back() = free_blocks_.back();
@@ -151,11 +157,10 @@ void CacheManager::keep(SeqCache& s, const std::string& salt, const std::vector<
       c.used = ++clock_;
       return;
     }
-  const int64_t outputs = std::count_if(ckpts_.begin(), ckpts_.end(), [](const Checkpoint& c) { return c.output; });
-  if (output && outputs >= (int64_t(ckpt_slots_.size()) + 1) / 2) evict_lru(true);
-  else if (ckpts_.size() == ckpt_slots_.size()) evict_one();
+  make_room(false, output);
   std::vector<int32_t> used;
-  for (auto& c : ckpts_) used.push_back(c.slot);
+  for (auto& c : ckpts_)
+    if (c.slot >= 0) used.push_back(c.slot);
   Checkpoint c;
   for (int32_t slot : ckpt_slots_)
     if (std::find(used.begin(), used.end(), slot) == used.end()) c.slot = slot;
@@ -172,20 +177,119 @@ void CacheManager::keep(SeqCache& s, const std::string& salt, const std::vector<
 
 bool CacheManager::evict_one() {
   if (ckpts_.empty()) return false;
-  auto it = std::min_element(ckpts_.begin(), ckpts_.end(), [](auto& a, auto& b) { return a.used < b.used; });
-  for (auto b : it->blocks) unref(b, true);
-  ckpts_.erase(it);
+  drop(std::min_element(ckpts_.begin(), ckpts_.end(), [](auto& a, auto& b) { return a.used < b.used; }));
   return true;
 }
 
-bool CacheManager::evict_lru(bool output) {
-  auto it = ckpts_.end();
-  for (auto k = ckpts_.begin(); k != ckpts_.end(); ++k)
-    if (k->output == output && (it == ckpts_.end() || k->used < it->used)) it = k;
-  if (it == ckpts_.end()) return false;
+void CacheManager::drop(std::vector<Checkpoint>::iterator it) {
   for (auto b : it->blocks) unref(b, true);
+  if (it->host >= 0) free_host_.push_back(it->host);
   ckpts_.erase(it);
+}
+
+std::vector<CacheManager::Checkpoint>::iterator CacheManager::find(uint64_t stamp) {
+  auto it = std::find_if(ckpts_.begin(), ckpts_.end(), [&](const Checkpoint& k) { return k.used == stamp; });
+  DS_CHECK(it != ckpts_.end(), "cache: no checkpoint of clock ", stamp);
+  return it;
+}
+
+void CacheManager::make_room(bool host, bool output) {
+  const int64_t cap = host ? host_capacity_ : int64_t(ckpt_slots_.size());
+  int64_t n = 0, outputs = 0;
+  for (const Checkpoint& k : ckpts_)
+    if ((k.slot < 0) == host) {
+      ++n;
+      outputs += k.output ? 1 : 0;
+    }
+  const bool outputs_full = output && outputs >= (cap + 1) / 2;
+  if (!outputs_full && n < cap) return;
+  auto victim = ckpts_.end();
+  for (auto k = ckpts_.begin(); k != ckpts_.end(); ++k)
+    if ((k->slot < 0) == host && (!outputs_full || k->output) && (victim == ckpts_.end() || k->used < victim->used))
+      victim = k;
+  if (victim == ckpts_.end()) return;  // a tier of capacity 0 holds nothing
+  const uint64_t stamp = victim->used;
+  if (host || host_capacity_ == 0 || !demote(stamp)) drop(find(stamp));
+}
+
+bool CacheManager::demote(uint64_t stamp) {
+  make_room(true, find(stamp)->output);  // drops host checkpoints only: `stamp` stays
+  if (host_capacity_ == 0) return false;
+  if (free_host_.empty()) {  // every buffer taken so far is held, fewer than the capacity: one more
+    std::string error;
+    Tensor t = maker_->take(&error);
+    if (t.defined()) {
+      host_bufs_.push_back(std::move(t));
+      free_host_.push_back(int32_t(host_bufs_.size() - 1));
+    } else {
+      host_capacity_ = int64_t(host_bufs_.size());
+      if (!error.empty())
+        std::fprintf(stderr, "deltaserve cache: prefix-cache checkpoints in host memory capped at %lld: %s\n",
+                     (long long)host_capacity_, error.c_str());
+      if (host_capacity_ == 0) return false;
+      make_room(true, find(stamp)->output);
+    }
+  }
+  if (free_host_.empty()) return false;
+  auto it = find(stamp);
+  it->host = free_host_.back();
+  free_host_.pop_back();
+  m_.slot_to_host(caches_, it->slot, host_bufs_[size_t(it->host)]);
+  it->slot = -1;
   return true;
+}
+
+HostSlotMaker::HostSlotMaker(model::Model& m, int64_t limit, int64_t ahead)
+    : m_(m), limit_(limit), ahead_(std::max<int64_t>(1, ahead)), thread_([this] { run(); }) {}
+
+HostSlotMaker::~HostSlotMaker() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  thread_.join();
+}
+
+void HostSlotMaker::run() {
+  std::unique_lock<std::mutex> lk(mu_);
+  for (;;) {
+    cv_.wait(lk, [&] { return stop_ || (made_ < limit_ && int64_t(ready_.size()) < ahead_); });
+    if (stop_) return;
+    in_flight_ = true;
+    lk.unlock();
+    Tensor t;
+    std::string error;
+    try {
+      t = m_.alloc_host_slot();
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+    lk.lock();
+    in_flight_ = false;
+    if (t.data) {
+      ++made_;
+      ready_.push_back(std::move(t));
+    } else {
+      limit_ = made_;  // no more: take() hands out what is ready, then reports the error
+      error_ = error.empty() ? "no memory" : error;
+    }
+    cv_.notify_all();
+  }
+}
+
+Tensor HostSlotMaker::take(std::string* error) {
+  std::unique_lock<std::mutex> lk(mu_);
+  cv_.wait(lk, [&] { return !ready_.empty() || (!in_flight_ && made_ >= limit_); });
+  if (ready_.empty()) {
+    if (error) *error = std::exchange(error_, "");
+    return Tensor{};
+  }
+  Tensor t = std::move(ready_.back());
+  ready_.pop_back();
+  lk.unlock();
+  cv_.notify_all();  // room for the thread to make the next one
+  return t;
 }
 
 BatchMeta make_batch(const std::vector<std::pair<const SeqCache*, std::vector<int32_t>>>& parts) {
@@ -233,8 +337,9 @@ PoolPlan plan_pools(const PoolSizing& in) {
     p.num_blocks = in.num_blocks_override;
   } else {
     const int64_t left = p.budget - p.num_slots * in.slot_bytes;
-    p.num_blocks = std::min(in.block_bytes > 0 ? left / in.block_bytes : blocks_per_seq * p.num_slots,
-                            blocks_per_seq * p.num_slots);
+    const int64_t cap = blocks_per_seq * p.num_slots;
+    p.num_blocks = in.block_bytes > 0 ? left / in.block_bytes : cap;
+    if (!in.checkpoint_blocks) p.num_blocks = std::min(p.num_blocks, cap);
   }
   return p;
 }

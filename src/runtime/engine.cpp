@@ -108,7 +108,7 @@ struct Engine::Impl {
         cfg(c),
         cm(m, c.num_blocks, c.block_size, c.max_num_seqs,
            c.num_speculative_tokens > 0 ? c.num_speculative_tokens + 1 : 0,  // + spare slots and the input log
-           c.prefix_cache_checkpoints),
+           c.prefix_cache_checkpoints, c.prefix_cache_host_checkpoints),
         sched(cm, c.max_num_seqs, c.max_num_batched_tokens, c.prefix_cache_checkpoints > 0) {
     snap.kv_blocks_total = c.num_blocks;
     snap.slots_total = c.max_num_seqs;
@@ -1110,6 +1110,7 @@ void Engine::Impl::publish(const Schedule& s) {
   m.prefix_cache_queries_total = sched.prefix_queries();
   m.prefix_cache_hits_total = sched.prefix_hits();
   m.prefix_cache_checkpoints = cm.num_checkpoints();
+  m.prefix_cache_host_checkpoints = cm.host_checkpoints();
   snap = m;
 }
 

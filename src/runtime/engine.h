@@ -162,6 +162,10 @@ struct EngineConfig {
   // each with the KV blocks of its prefix; a new sequence whose tokens start with a checkpoint's resumes there.
   // 0 = off.
   int64_t prefix_cache_checkpoints = 0;
+  // Checkpoints a newer one pushed out of its device slot are kept in host memory, up to this many (allocated as
+  // needed; pinned on CUDA), their KV blocks still in the pool; resuming from one copies its state back (llama.cpp's
+  // --cache-ram). 0 = none: such checkpoints are dropped. Needs prefix_cache_checkpoints > 0.
+  int64_t prefix_cache_host_checkpoints = 0;
   // Tests and benchmarks only (issue 8's oracle mode; random weights accept almost nothing): replaces the MTP's
   // proposal for token index `index` (into prompt + generated) of request `id`. The MTP still runs. Without the
   // device draft feed the chained steps are fed the replaced token; with it (the MTP's drafts stay on the device
@@ -183,7 +187,9 @@ struct EngineMetrics {
   int64_t requests_finished[6] = {0, 0, 0, 0, 0, 0};  // by FinishReason
   int64_t preemptions_total = 0, steps_total = 0;
   // Prefix caching: prompt tokens looked up / found in checkpoints (at first admission), checkpoints held.
+  // prefix_cache_checkpoints counts those in host memory too (prefix_cache_host_checkpoints).
   int64_t prefix_cache_queries_total = 0, prefix_cache_hits_total = 0, prefix_cache_checkpoints = 0;
+  int64_t prefix_cache_host_checkpoints = 0;
   int64_t graph_steps_total = 0;  // steps that ran through Model::forward_graphed (decode-only)
   int64_t device_sample_steps_total = 0;  // steps whose tokens came from Backend::sample_rows
   // Grammar masks made ahead, during the forward (EngineConfig::parallel_masks), and used; made ahead but found

@@ -85,7 +85,10 @@ std::string ServerMetrics::render(const runtime::EngineMetrics& e, const std::st
           double(e.prefix_cache_hits_total));
   gauge("prefix_cache_blocks", "Paged KV blocks held only by prefix-cache checkpoints (evictable).",
         double(e.kv_blocks_cached));
-  gauge("prefix_cache_checkpoints", "DeltaNet state checkpoints held by the prefix cache.", double(e.prefix_cache_checkpoints));
+  gauge("prefix_cache_checkpoints", "DeltaNet state checkpoints held by the prefix cache (on the device and in host memory).",
+        double(e.prefix_cache_checkpoints));
+  gauge("prefix_cache_host_checkpoints", "Prefix-cache checkpoints whose DeltaNet state is in host memory (--cache-ram).",
+        double(e.prefix_cache_host_checkpoints));
   counter("grammar_masks_ahead_total", "Grammar masks computed during the forward and used at sampling.",
           double(e.grammar_masks_ahead_total));
   counter("grammar_masks_stale_total", "Grammar masks computed ahead but recomputed at sampling (position moved).",

@@ -134,6 +134,7 @@ void size_pools_from_device_memory(const ServerConfig& cfg, model::Model& m, run
   in.block_size = ec.block_size;
   in.num_blocks_override = ec.num_blocks;
   in.fixed_bytes = ec.prefix_cache_checkpoints * m.state_slot_bytes();  // the prefix cache's checkpoint states
+  in.checkpoint_blocks = ec.prefix_cache_checkpoints > 0;
   const runtime::PoolPlan p = runtime::plan_pools(in);
   ec.max_num_seqs = p.num_slots;
   ec.num_blocks = p.num_blocks;
@@ -261,6 +262,17 @@ void load_runtime(ServerState& st) {
   ec.num_speculative_tokens = cfg.num_speculative_tokens;
   ec.step_graphs = !cfg.enforce_eager;
   ec.prefix_cache_checkpoints = cfg.enable_prefix_caching ? cfg.prefix_cache_checkpoints : 0;
+  const int64_t slot_bytes = rt.model->state_slot_bytes();
+  ec.prefix_cache_host_checkpoints =
+      ec.prefix_cache_checkpoints > 0 && slot_bytes > 0
+          ? std::min<int64_t>(runtime::kMaxHostCheckpoints, (cfg.cache_ram_mib << 20) / slot_bytes)
+          : 0;
+  if (ec.prefix_cache_host_checkpoints > 0)
+    std::fprintf(stderr,
+                 "deltaserve: prefix cache: up to %lld checkpoints in host memory (--cache-ram %lld MiB, %.1f MiB "
+                 "each, taken as needed)\n",
+                 (long long)ec.prefix_cache_host_checkpoints, (long long)cfg.cache_ram_mib,
+                 double(slot_bytes) / (1 << 20));
   size_pools_from_device_memory(cfg, *rt.model, ec);
   ec.draft_vocab_size = int64_t(lo.draft_vocab.size());
   rt.engine = std::make_unique<runtime::Engine>(*rt.model, ec);

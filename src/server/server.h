@@ -45,6 +45,9 @@ struct ServerConfig {
   // --prefix-cache-checkpoints N (DeltaNet state checkpoints kept; each one state slot of device memory).
   bool enable_prefix_caching = true;
   int64_t prefix_cache_checkpoints = 16;
+  // --cache-ram MIB (llama.cpp's flag and default): host memory for checkpoints pushed out of their device slots
+  // (EngineConfig::prefix_cache_host_checkpoints = MIB / one state slot, at most 4096); 0 = none.
+  int64_t cache_ram_mib = 8192;
   // Logging to stderr (docs/server.md "Logs"): vLLM's periodic stats line every log_stats_interval seconds while
   // there is work (--disable-log-stats, --log-stats-interval S); one access-log line per HTTP request
   // (--disable-access-log); a line per generation received and finished (--enable-log-requests).

@@ -74,14 +74,16 @@ TEST(CudaEngine, GreedyIdenticalWithAndWithoutStepGraphs) {
 // round resumes from the first round's checkpoints: the state copied device to device, the KV blocks shared) and
 // conversations that continue them after the answers (finished requests' checkpoints, which end inside a block: the
 // resumed sequences write copies of it); every greedy output equals the same request's on an engine without the
-// cache.
+// cache. Then the same with one device slot for checkpoints and host memory for sixteen (--cache-ram): the states
+// pushed out of the slot go to pinned host memory and come back by copies in stream order.
 TEST(CudaEngine, PrefixCachingResumesWithTheSameTokens) {
   DS_REQUIRE_GPU();
   TinyMoe t;
   auto& m = t.m;
   const auto& prompts = t.prompts;
-  auto config = [](int64_t checkpoints) {
+  auto config = [](int64_t checkpoints, int64_t host = 0) {
     runtime::EngineConfig c;
+    c.prefix_cache_host_checkpoints = host;
     c.max_num_seqs = 4;
     c.max_num_batched_tokens = 64;
     c.max_model_len = 512;
@@ -117,31 +119,35 @@ TEST(CudaEngine, PrefixCachingResumesWithTheSameTokens) {
     }
     return out;
   };
-  runtime::Engine e(*m, config(16));
-  const auto first = run(e, prompts, 0);
-  std::vector<int64_t> cached;
-  const auto second = run(e, prompts, 100, &cached);
-  std::vector<std::vector<int32_t>> turn2;
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    turn2.push_back(prompts[i]);
-    turn2.back().insert(turn2.back().end(), first[i].begin(), first[i].end());
-    turn2.back().insert(turn2.back().end(), prompts[2].begin(), prompts[2].begin() + 10);
+  for (int64_t host : {0, 16}) {
+    SCOPED_TRACE(host ? "one device slot, host memory" : "device slots");
+    runtime::Engine e(*m, host ? config(1, host) : config(16));
+    const auto first = run(e, prompts, 0);
+    std::vector<int64_t> cached;
+    const auto second = run(e, prompts, 100, &cached);
+    std::vector<std::vector<int32_t>> turn2;
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      turn2.push_back(prompts[i]);
+      turn2.back().insert(turn2.back().end(), first[i].begin(), first[i].end());
+      turn2.back().insert(turn2.back().end(), prompts[2].begin(), prompts[2].begin() + 10);
+    }
+    std::vector<int64_t> cached2;
+    const auto continued = run(e, turn2, 200, &cached2);
+    runtime::Engine plain(*m, config(0));
+    const auto want_first = run(plain, prompts, 0);
+    const auto want_continued = run(plain, turn2, 200);
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      EXPECT_EQ(first[i], want_first[i]) << "prompt " << i;
+      EXPECT_EQ(second[i], want_first[i]) << "prompt " << i << " again";
+      EXPECT_EQ(continued[i], want_continued[i]) << "prompt " << i << " continued";
+      EXPECT_EQ(cached[i], int64_t(prompts[i].size() - 1) / 16 * 16) << "prompt " << i;
+      // Where the first round's answer ended (a finished request's checkpoint: its last token was never run).
+      EXPECT_EQ(cached2[i], int64_t(prompts[i].size()) + 15) << "prompt " << i << " continued";
+    }
+    EXPECT_GT(e.metrics().prefix_cache_hits_total, 0);
+    EXPECT_EQ(e.metrics().kv_blocks_used, 0);
+    if (host) EXPECT_GT(e.metrics().prefix_cache_host_checkpoints, 0);
   }
-  std::vector<int64_t> cached2;
-  const auto continued = run(e, turn2, 200, &cached2);
-  runtime::Engine plain(*m, config(0));
-  const auto want_first = run(plain, prompts, 0);
-  const auto want_continued = run(plain, turn2, 200);
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    EXPECT_EQ(first[i], want_first[i]) << "prompt " << i;
-    EXPECT_EQ(second[i], want_first[i]) << "prompt " << i << " again";
-    EXPECT_EQ(continued[i], want_continued[i]) << "prompt " << i << " continued";
-    EXPECT_EQ(cached[i], int64_t(prompts[i].size() - 1) / 16 * 16) << "prompt " << i;
-    // Where the first round's answer ended (a finished request's checkpoint: its last token was never run).
-    EXPECT_EQ(cached2[i], int64_t(prompts[i].size()) + 15) << "prompt " << i << " continued";
-  }
-  EXPECT_GT(e.metrics().prefix_cache_hits_total, 0);
-  EXPECT_EQ(e.metrics().kv_blocks_used, 0);
 }
 
 // Greedy and seeded requests (every filter, penalties, bias) batched on the GPU: sample_rows on the device and the

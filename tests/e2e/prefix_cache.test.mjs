@@ -6,16 +6,22 @@ import assert from 'node:assert/strict';
 import OpenAI from 'openai';
 import { startServer, metrics } from './server.mjs';
 
-let cached, plain, c1, c2;
+let cached, plain, tier, notier, c1, c2;
 before(async () => {
-  [cached, plain] = await Promise.all([startServer(['--max-model-len', '1024']),
-                                       startServer(['--max-model-len', '1024', '--no-enable-prefix-caching'])]);
+  [cached, plain, tier, notier] = await Promise.all([
+    startServer(['--max-model-len', '1024']),
+    startServer(['--max-model-len', '1024', '--no-enable-prefix-caching']),
+    // One device slot for checkpoints: the rest go to host memory (--cache-ram, default 8192 MiB), or nowhere.
+    startServer(['--max-model-len', '1024', '--prefix-cache-checkpoints', '1']),
+    startServer(['--max-model-len', '1024', '--prefix-cache-checkpoints', '1', '--cache-ram', '0'])]);
   c1 = new OpenAI({ baseURL: `${cached.base}/v1`, apiKey: 'unused', maxRetries: 0 });
   c2 = new OpenAI({ baseURL: `${plain.base}/v1`, apiKey: 'unused', maxRetries: 0 });
 });
 after(async () => {
   assert.equal((await cached.stop()).code, 0);
   assert.equal((await plain.stop()).code, 0);
+  assert.equal((await tier.stop()).code, 0);
+  assert.equal((await notier.stop()).code, 0);
 });
 
 const system = { role: 'system', content: 'You are a careful assistant. ' + 'Answer briefly and cite the rules you follow. '.repeat(8) };
@@ -113,4 +119,36 @@ test('a finished answer is kept: the next turn, given back as token ids, resumes
   // Every token the first request ran: the prompt and its answer but the last token (sampled, never run).
   assert.equal(a.usage.prompt_tokens_details.cached_tokens, tok.length + 20);
   assert.equal(b.usage.prompt_tokens_details.cached_tokens, 0);
+});
+
+test('--cache-ram: answers pushed out of the device slots wait in host memory for their next turns', async () => {
+  const tokenize = async (text) => (await (await fetch(`${tier.base}/tokenize`, {
+    method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ model: 'tiny', prompt: text }),
+  })).json()).tokens;
+  const stories = await Promise.all(['A harbour at dawn. ', 'The mountain road. ', 'Letters from a lighthouse. ']
+    .map((t) => tokenize(t + 'Boats, gulls and ropes and the smell of tar, '.repeat(4))));
+  const servers = [tier, notier].map((s) => new OpenAI({ baseURL: `${s.base}/v1`, apiKey: 'unused', maxRetries: 0 }));
+  const answers = [[], []];
+  for (const [k, c] of servers.entries()) {  // three conversations, one after another
+    for (const tok of stories) {
+      const r = await c.completions.create({ model: 'tiny', prompt: tok, max_tokens: 21, temperature: 0, return_token_ids: true });
+      assert.equal(r.choices[0].finish_reason, 'length');
+      answers[k].push(r.choices[0].token_ids);
+    }
+  }
+  assert.deepEqual(answers[0], answers[1]);
+  const m = await metrics(tier.base);
+  assert.equal(m.get('prefix_cache_host_checkpoints'), m.get('prefix_cache_checkpoints') - 1);
+  assert.ok(m.get('prefix_cache_host_checkpoints') >= 5, `host checkpoints ${m.get('prefix_cache_host_checkpoints')}`);
+  assert.equal((await metrics(notier.base)).get('prefix_cache_host_checkpoints'), 0);
+  for (const [i, tok] of stories.entries()) {  // each one's next turn
+    const req = { model: 'tiny', prompt: [...tok, ...answers[0][i], ...tok.slice(2, 9)], max_tokens: 8, temperature: 0 };
+    const [a, b, ref] = await Promise.all([servers[0].completions.create(req), servers[1].completions.create(req),
+                                           c2.completions.create(req)]);
+    assert.equal(a.choices[0].text, ref.choices[0].text, `conversation ${i}`);
+    assert.equal(b.choices[0].text, ref.choices[0].text, `conversation ${i}`);
+    // After the answer, from host memory; without it the one device slot holds another conversation's checkpoint.
+    assert.equal(a.usage.prompt_tokens_details.cached_tokens, tok.length + 20, `conversation ${i}`);
+    assert.equal(b.usage.prompt_tokens_details.cached_tokens, 0, `conversation ${i}`);
+  }
 });

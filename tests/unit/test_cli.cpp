@@ -85,6 +85,8 @@ TEST(Cli, BadArgumentsAreClearErrors) {
       // (serve fails on it before it listens or loads anything)
       {"serve " + m + " --mamba-ssm-cache-dtype fp8", "--mamba-ssm-cache-dtype: 'fp8' is not one of auto, float32, bfloat16"},
       {"logits --model " + m + " --tokens 1 --mamba-ssm-cache-dtype half --out /tmp/x", "'half' is not one of"},
+      {"serve " + m + " --cache-ram -1", "--cache-ram: expected MiB of host memory, 0..1073741824, got -1"},
+      {"serve " + m + " --cache-ram 8G", "--cache-ram"},
       // unknown flags are errors, with the closest known one or the list
       {"serve " + m + " --mamba-ssm-cache-dtpye bfloat16",
        "serve: unknown flag --mamba-ssm-cache-dtpye (did you mean --mamba-ssm-cache-dtype?)"},

@@ -9,9 +9,11 @@
 #include <filesystem>
 #include <memory>
 #include <thread>
+#include <tuple>
 
 #include <nlohmann/json.hpp>
 
+#include "backend/forwarding.h"
 #include "backend/ops.h"
 #include "core/status.h"
 #include "golden_util.h"
@@ -564,6 +566,182 @@ TEST(PrefixCache, RetiredCheckpointsBookkeeping) {
   EXPECT_EQ(cm.lookup("", other, 9).len, 8);
 }
 
+// The host tier (--cache-ram): a checkpoint a newer one pushes out of its device slot moves to host memory with its
+// state and keeps its KV blocks; a sequence resumes from it through a copy back. The host tier drops its least
+// recently used checkpoint when full and keeps retire()'s checkpoints to half of it, as the device slots do; reserve()
+// evicts host checkpoints too, and their host buffers serve the next ones.
+TEST(PrefixCache, HostTierBookkeeping) {
+  auto& m = *fx().m;
+  CacheManager cm(m, /*num_blocks=*/32, /*block_size=*/4, /*num_slots=*/3, 0, /*num_checkpoints=*/2,
+                  /*num_host_checkpoints=*/2);
+  EXPECT_EQ(cm.host_capacity(), 2);
+  auto fill = [&](int32_t slot, float v) {  // every DeltaNet row of the slot = v
+    for (auto& st : cm.caches().state) {
+      if (!st.conv.defined() || st.conv.numel() == 0) continue;
+      for (Tensor* t : {&st.conv, &st.ssm}) {
+        Tensor r = t->rows(slot, slot + 1);
+        ASSERT_EQ(r.dtype, DType::F32);
+        std::fill(r.ptr<float>(), r.ptr<float>() + r.numel(), v);
+      }
+    }
+  };
+  auto holds = [&](int32_t slot, float v) {
+    int64_t n = 0, bad = 0;
+    for (auto& st : cm.caches().state) {
+      if (!st.conv.defined() || st.conv.numel() == 0) continue;
+      for (Tensor* t : {&st.conv, &st.ssm}) {
+        Tensor r = t->rows(slot, slot + 1);
+        for (int64_t i = 0; i < r.numel(); ++i) bad += r.ptr<float>()[i] != v ? 1 : 0;
+        n += r.numel();
+      }
+    }
+    return n > 0 && bad == 0;
+  };
+  auto toks = [](int32_t k) { return std::vector<int32_t>(12, 10 * k); };
+  // A sequence whose state is k, keeping tokens[0, 8) of toks(k) as a prompt's checkpoint (or, retired, its 10).
+  auto keep = [&](int32_t k, bool retired = false) {
+    SeqCache s;
+    ASSERT_TRUE(cm.start(s));
+    ASSERT_TRUE(cm.reserve(s, 12));
+    fill(s.slot, float(k));
+    s.len = retired ? 10 : 8;
+    if (retired) {
+      cm.retire(s, "", toks(k));
+    } else {
+      cm.save(s, "", toks(k));
+      cm.release(s);
+    }
+  };
+  auto resumes = [&](int32_t k) {  // a fresh sequence resumes from toks(k)'s checkpoint with state k
+    SeqCache s;
+    EXPECT_TRUE(cm.start(s));
+    const PrefixHit h = cm.lookup("", toks(k), 12);
+    bool ok = h.entry >= 0 && cm.attach(s, h) && holds(s.slot, float(k));
+    cm.release(s);
+    return ok;
+  };
+  keep(1);
+  keep(2);
+  EXPECT_EQ(cm.num_checkpoints(), 2);
+  EXPECT_EQ(cm.host_checkpoints(), 0);
+  keep(3);  // 1 moves to host memory
+  EXPECT_EQ(cm.num_checkpoints(), 3);
+  EXPECT_EQ(cm.host_checkpoints(), 1);
+  EXPECT_EQ(cm.cached_blocks(), 3 * 2);  // its blocks stay
+  keep(4);  // 2 moves
+  keep(5);  // 3 moves; host memory full: 1, its least recently used, goes
+  EXPECT_EQ(cm.num_checkpoints(), 4);
+  EXPECT_EQ(cm.host_checkpoints(), 2);
+  EXPECT_EQ(cm.cached_blocks(), 4 * 2);
+  EXPECT_EQ(cm.lookup("", toks(1), 12).entry, -1);
+  EXPECT_TRUE(resumes(2));  // from host memory; 2 is now the most recently used
+  EXPECT_TRUE(resumes(5));  // from a device slot
+  keep(6);  // 4 moves; 3, not 2, leaves host memory
+  EXPECT_EQ(cm.lookup("", toks(3), 12).entry, -1);
+  for (int32_t k : {2, 4, 5, 6}) EXPECT_TRUE(resumes(k)) << k;
+
+  // Short of blocks, reserve() evicts checkpoints wherever their states are.
+  SeqCache big;
+  ASSERT_TRUE(cm.start(big));
+  ASSERT_TRUE(cm.reserve(big, 32 * 4));
+  EXPECT_EQ(cm.num_checkpoints(), 0);
+  EXPECT_EQ(cm.host_checkpoints(), 0);
+  EXPECT_EQ(cm.cached_blocks(), 0);
+  cm.release(big);
+  EXPECT_EQ(cm.free_blocks(), 32);
+
+  // The host buffers are used again; retire()'s checkpoints hold at most half of each tier (1 of 2 here).
+  keep(7);
+  keep(8, true);
+  keep(9, true);   // 8 (the device slots' retired one) moves to host memory
+  keep(10, true);  // 9 moves; host memory's retired half was 8's: 8 goes
+  EXPECT_EQ(cm.num_checkpoints(), 3);
+  EXPECT_EQ(cm.host_checkpoints(), 1);
+  EXPECT_EQ(cm.lookup("", toks(8), 12).entry, -1);
+  for (int32_t k : {7, 9, 10}) EXPECT_TRUE(resumes(k)) << k;
+  // Resumed, 9 and 10 are ordinary checkpoints now. 7 (resumed before 9 and 10) moves to host memory, then 10 does
+  // and 7, host memory's least recently used, goes.
+  keep(11);
+  keep(12);
+  EXPECT_EQ(cm.num_checkpoints(), 4);
+  EXPECT_EQ(cm.host_checkpoints(), 2);
+  EXPECT_EQ(cm.lookup("", toks(7), 12).entry, -1);
+  for (int32_t k : {9, 10, 11, 12}) EXPECT_TRUE(resumes(k)) << k;
+  EXPECT_EQ(cm.free_blocks() + cm.cached_blocks(), 32);
+}
+
+// Host memory that runs out: the tier stops where allocation failed (said once on stderr) and keeps working with the
+// buffers it has; nothing is lost but the checkpoints that no longer fit.
+TEST(PrefixCache, HostTierCappedWhereHostMemoryRunsOut) {
+  class TwoHostBuffers final : public ForwardingBackend {
+   public:
+    using ForwardingBackend::ForwardingBackend;
+    Tensor alloc_host(DType dt, std::vector<int64_t> shape) override {
+      if (++calls > 2) fail("host memory exhausted (test)");
+      return ForwardingBackend::alloc_host(dt, std::move(shape));
+    }
+    std::atomic<int> calls{0};
+  };
+  TwoHostBuffers be(*fx().be);
+  auto m = model::Model::load(test::data_dir() + "/tiny-moe/tiny-moe-int4", be);
+  CacheManager cm(*m, /*num_blocks=*/32, /*block_size=*/4, /*num_slots=*/2, 0, /*num_checkpoints=*/1,
+                  /*num_host_checkpoints=*/5);
+  auto toks = [](int32_t k) { return std::vector<int32_t>(8, 10 * k); };
+  for (int32_t k = 1; k <= 6; ++k) {
+    SeqCache s;
+    ASSERT_TRUE(cm.start(s));
+    ASSERT_TRUE(cm.reserve(s, 8));
+    s.len = 8;
+    cm.save(s, "", toks(k));
+    cm.release(s);
+  }
+  EXPECT_EQ(cm.host_capacity(), 2);
+  EXPECT_EQ(cm.host_checkpoints(), 2);
+  EXPECT_EQ(cm.num_checkpoints(), 3);  // 4, 5 in host memory, 6 on the device
+  for (int32_t k = 1; k <= 6; ++k) EXPECT_EQ(cm.lookup("", toks(k), 8).entry >= 0, k >= 4) << k;
+  SeqCache s;
+  ASSERT_TRUE(cm.start(s));
+  EXPECT_TRUE(cm.attach(s, cm.lookup("", toks(4), 8)));
+  cm.release(s);
+}
+
+// Through the engine: a device slot for one checkpoint and host memory for eight. Three conversations, then each
+// one's next turn: every next turn resumes after its previous answer (that answer's checkpoint was pushed to host
+// memory long before), with the output it gets alone; without the host tier none finds anything (the one device
+// slot holds the previous request's answer).
+TEST(PrefixCache, HostTierResumesConversations) {
+  auto& f = fx();
+  std::vector<std::vector<int32_t>> firsts;
+  for (auto [i, from, n] : {std::tuple<size_t, size_t, size_t>{3, 0, 60}, {4, 0, 70}, {4, 100, 80}}) {
+    ASSERT_GE(f.prompts[i].size(), from + n);
+    firsts.emplace_back(f.prompts[i].begin() + std::ptrdiff_t(from), f.prompts[i].begin() + std::ptrdiff_t(from + n));
+  }
+  for (int64_t host : {8, 0}) {
+    EngineConfig c = base_config();
+    c.prefix_cache_checkpoints = 1;
+    c.prefix_cache_host_checkpoints = host;
+    Engine e(*f.m, c);
+    uint64_t id = 1;
+    std::vector<Result> answers;
+    for (auto& p : firsts) answers.push_back(run_on(e, make_req(id++, p, 12)));
+    // Each conversation left its prompt's checkpoint and its answer's: all but the last answer's in host memory.
+    if (host > 0) EXPECT_EQ(e.metrics().prefix_cache_host_checkpoints, 5);
+    for (size_t i = 0; i < firsts.size(); ++i) {
+      ASSERT_EQ(answers[i].finish, FinishReason::Length);
+      std::vector<int32_t> next = firsts[i];
+      next.insert(next.end(), answers[i].tokens.begin(), answers[i].tokens.end());
+      next.insert(next.end(), f.prompts[2].begin(), f.prompts[2].begin() + 9);
+      auto proto = make_req(id++, next, 12);
+      const Result alone = run_alone(*proto);
+      const Result got = run_on(e, proto);
+      EXPECT_EQ(got.tokens, alone.tokens) << "conversation " << i << ", host " << host;
+      // After the answer (all but its last token, which was never run).
+      EXPECT_EQ(got.cached_tokens, host > 0 ? int64_t(firsts[i].size()) + 11 : 0) << i;
+    }
+    expect_empty(e.metrics());
+  }
+}
+
 // A finished request's checkpoint is where the next turn resumes: stopped by a stop token (the checkpoint holds the
 // answer without it: the stop token was sampled, never run), by its length, or aborted between steps. Two requests
 // that resume from the same checkpoint at once, with different tails, each write their own copy of its last, partly
@@ -752,6 +930,12 @@ TEST(PoolSizing, PlanFromDeviceMemory) {
   EXPECT_EQ(p.budget, int64_t(0.9 * double(80 * GiB)) - 22 * GiB);
   EXPECT_EQ(p.num_slots, 16);
   EXPECT_EQ(p.num_blocks, 16 * 2048);
+  // With prefix caching the checkpoints' blocks come on top: the pool takes the whole budget.
+  in.checkpoint_blocks = true;
+  p = plan_pools(in);
+  EXPECT_EQ(p.num_blocks, (p.budget - 16 * in.slot_bytes) / in.block_bytes);
+  EXPECT_GT(p.num_blocks, 16 * 2048);
+  in.checkpoint_blocks = false;
   // Blocks limited by memory: the budget minus the slots, in whole blocks.
   in.max_num_seqs = 64;
   p = plan_pools(in);

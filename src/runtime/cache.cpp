@@ -101,6 +101,7 @@ PrefixHit CacheManager::lookup(const std::string& salt, const std::vector<int32_
     if (common == len && len <= limit && len > h.len) {
       h.entry = int32_t(i);
       h.len = len;
+      h.host = c.slot < 0;
     }
   }
   return h;

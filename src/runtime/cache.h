@@ -28,6 +28,17 @@ struct PrefixHit {
   int32_t entry = -1;  // index into the checkpoints, -1: none usable
   int64_t len = 0;     // tokens the checkpoint covers (a multiple of the block size); 0 without one
   int64_t common = 0;  // the longest prefix any checkpoint's tokens share with the looked-up tokens
+  bool host = false;   // the checkpoint's state is in host memory
+};
+
+// A request's prefix-cache lookup (docs/engine.md "Prefix caching"): whether one ran (not with prefix caching off,
+// images, prompt logprobs), the longest prefix any checkpoint of its salt shares with the prompt (a hit resumes at
+// the longest checkpoint within it, a miss with shared > 0 means no checkpoint ends inside the shared part), and
+// whether the checkpoint resumed from was in host memory.
+struct CacheLookup {
+  bool looked_up = false;
+  int64_t shared = 0;
+  bool from_host = false;
 };
 
 // Host images of DeltaNet state slots (Model::alloc_host_slot) for the prefix cache's host tier, made on a thread of

@@ -1043,6 +1043,7 @@ bool Engine::Impl::emit(Sequence* s, const std::vector<int32_t>& toks, std::vect
   d.prompt_tokens = s->prompt_len;
   d.completion_tokens = s->completion_tokens;
   d.cached_tokens = std::max<int64_t>(s->cached_tokens, 0);
+  d.cache_lookup = s->lookup;
   req.out->push(std::move(d));
   return true;
 }
@@ -1058,6 +1059,7 @@ void Engine::Impl::finish(Sequence* s, FinishReason r, Delta d) {
   d.prompt_tokens = own->prompt_len;
   d.completion_tokens = own->completion_tokens;
   d.cached_tokens = std::max<int64_t>(own->cached_tokens, 0);
+  d.cache_lookup = own->lookup;
   ++counters.requests_finished[int(r)];
   {
     std::lock_guard<std::mutex> l(mu);

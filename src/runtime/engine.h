@@ -36,6 +36,8 @@ struct Delta {
   // Usage so far; completion_tokens counts every sampled token, a final stop token included (vLLM's usage).
   int64_t prompt_tokens = 0, completion_tokens = 0;
   int64_t cached_tokens = 0;  // prompt tokens taken from a prefix-cache checkpoint (usage.prompt_tokens_details)
+  // The prefix-cache lookup of the request's first admission, for the logs (why a prompt was or was not cached).
+  CacheLookup cache_lookup;
   // Request::prompt_logprobs: entry i for prompt token i + 1 (token 0 has none), each with its rank; on the delta that
   // carries the request's first token (or its end, when that comes first).
   std::vector<sampling::TokenLogprob> prompt_logprobs;

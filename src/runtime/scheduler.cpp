@@ -34,11 +34,13 @@ int64_t Scheduler::chunk(const Sequence* s, int64_t budget) const {
 // A sequence that still owes prompt logprobs runs every prompt row, so it leaves checkpoints but resumes from none.
 void Scheduler::admit_from_cache(Sequence* s) {
   s->save_at.clear();
+  if (s->cached_tokens < 0) s->lookup = CacheLookup{};
   if (!prefix_caching_ || s->req->mm) return;
   const std::string& salt = s->req->cache_salt;
   const int64_t bs = cm_.block_size();
   const PrefixHit h = s->prompt_lps_pending() ? PrefixHit{} : cm_.lookup(salt, s->tokens, int64_t(s->tokens.size()) - 1);
-  if (h.entry >= 0) cm_.attach(s->cache, h);  // false (no block for a partial block's copy): a miss
+  const bool hit = h.entry >= 0 && cm_.attach(s->cache, h);  // false (no block for a partial block's copy): a miss
+  if (s->cached_tokens < 0) s->lookup = {!s->prompt_lps_pending(), h.common, hit && h.host};
   const int64_t end = (s->prompt_len - 1) / bs * bs;
   std::vector<int64_t> at = {h.common, end};
   at.insert(at.end(), s->req->cache_hints.begin(), s->req->cache_hints.end());

@@ -40,6 +40,7 @@ struct Sequence {
   // prompt tokens its first admission (one that got its blocks) took from a checkpoint (-1: not admitted yet).
   std::vector<int64_t> save_at;
   int64_t cached_tokens = -1;
+  CacheLookup lookup;  // the last admission's lookup; its first admission's once cached_tokens is set
   // When it was submitted and first admitted (the metrics' queue and prefill times).
   std::chrono::steady_clock::time_point submitted = std::chrono::steady_clock::now(), admitted;
   // Finished, its caches kept until the end of the step to become a checkpoint (Engine: retiring); its MTP pass

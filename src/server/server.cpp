@@ -290,6 +290,7 @@ struct Choice {
   std::string finish_reason;
   json stop_reason;  // vLLM: the stop string or stop_token_ids id that ended it, "repetition_detected", else null
   int64_t prompt_tokens = 0, completion_tokens = 0, cached_tokens = 0;
+  runtime::CacheLookup cache_lookup;
   std::vector<int32_t> prompt, tokens;
   std::vector<sampling::TokenLogprob> logprobs;
   std::vector<sampling::TokenLogprob> prompt_logprobs;  // of prompt tokens 1.. (GenSpec::prompt_logprobs)
@@ -595,10 +596,20 @@ class Generation {
         ttft = ttft < 0 ? t : std::min(ttft, t);
       }
     }
+    // Why the (first) prompt was or was not resumed from a checkpoint: a cache that silently hits nothing is what
+    // users of hybrid models meet (serving.md, pain point 7).
+    std::string why;
+    if (!choices_.empty() && choices_[0].cache_lookup.looked_up) {
+      const auto& c = choices_[0];
+      if (c.cached_tokens > 0 && c.cache_lookup.from_host) why = " from host memory";
+      else if (c.cached_tokens == 0 && c.cache_lookup.shared == 0) why = ": no checkpoint shares its first token";
+      else if (c.cached_tokens == 0)
+        why = str_cat(": checkpoints share its first ", c.cache_lookup.shared, " tokens, none ends within them");
+    }
     std::fprintf(stderr,
-                 "deltaserve: finished %s: %s, prompt %lld tokens (%lld cached), completion %lld tokens, time to first "
-                 "token %.3f s, total %.3f s%s%s\n",
-                 id_.c_str(), reasons.c_str(), (long long)prompt_tokens(), (long long)cached_tokens(),
+                 "deltaserve: finished %s: %s, prompt %lld tokens (%lld cached%s), completion %lld tokens, time to "
+                 "first token %.3f s, total %.3f s%s%s\n",
+                 id_.c_str(), reasons.c_str(), (long long)prompt_tokens(), (long long)cached_tokens(), why.c_str(),
                  (long long)completion_tokens(), ttft, seconds_since(start_), error_.empty() ? "" : ", error: ",
                  error_.c_str());
   }
@@ -729,6 +740,7 @@ class Generation {
     // The engine's count includes a final stop token (as vLLM's usage does).
     if (d.completion_tokens > c.completion_tokens) c.completion_tokens = d.completion_tokens;
     c.cached_tokens = d.cached_tokens;
+    c.cache_lookup = d.cache_lookup;
     if (!c.done && d.finish != runtime::FinishReason::None) {
       c.done = true;
       switch (d.finish) {

@@ -12,7 +12,7 @@ before(async () => {
     startServer(['--max-model-len', '1024']),
     startServer(['--max-model-len', '1024', '--no-enable-prefix-caching']),
     // One device slot for checkpoints: the rest go to host memory (--cache-ram, default 8192 MiB), or nowhere.
-    startServer(['--max-model-len', '1024', '--prefix-cache-checkpoints', '1']),
+    startServer(['--max-model-len', '1024', '--prefix-cache-checkpoints', '1', '--enable-log-requests']),
     startServer(['--max-model-len', '1024', '--prefix-cache-checkpoints', '1', '--cache-ram', '0'])]);
   c1 = new OpenAI({ baseURL: `${cached.base}/v1`, apiKey: 'unused', maxRetries: 0 });
   c2 = new OpenAI({ baseURL: `${plain.base}/v1`, apiKey: 'unused', maxRetries: 0 });
@@ -150,5 +150,6 @@ test('--cache-ram: answers pushed out of the device slots wait in host memory fo
     // After the answer, from host memory; without it the one device slot holds another conversation's checkpoint.
     assert.equal(a.usage.prompt_tokens_details.cached_tokens, tok.length + 20, `conversation ${i}`);
     assert.equal(b.usage.prompt_tokens_details.cached_tokens, 0, `conversation ${i}`);
+    assert.match(tier.log(), new RegExp(`finished ${a.id}: length, prompt \\d+ tokens \\(${tok.length + 20} cached from host memory\\)`));
   }
 });

@@ -859,41 +859,46 @@ TEST(SpecEngine, FinishedRequestsResumeWithTheirDrafts) {
   // Round 1 through the oracle (wrong drafts 30% of the time), always wrong where the stop token comes: the target
   // samples it in place of a draft, so the last verify ran past the kept tokens and is rolled back. Round 2 is
   // recorded as it is.
-  Proposals props;
-  EngineConfig c = config(2);
-  c.prefix_cache_checkpoints = 16;
-  auto oracle1 = oracle(full, f.prompts, 3, 7);
-  c.draft_hook = [&](uint64_t id, int64_t index, int32_t proposed) {
-    if (id >= 100) {
-      props.push_back({id, index, proposed});
-      return proposed;
+  // The device slots, then one device slot and host memory (--cache-ram): the same outputs, hits and proposals.
+  for (int64_t host : {0, 16}) {
+    SCOPED_TRACE(host);
+    Proposals props;
+    EngineConfig c = config(2);
+    c.prefix_cache_checkpoints = host ? 1 : 16;  // one device slot: the checkpoints wait in host memory
+    c.prefix_cache_host_checkpoints = host;
+    auto oracle1 = oracle(full, f.prompts, 3, 7);
+    c.draft_hook = [&](uint64_t id, int64_t index, int32_t proposed) {
+      if (id >= 100) {
+        props.push_back({id, index, proposed});
+        return proposed;
+      }
+      if (index - int64_t(f.prompts[size_t(id)].size()) == stop_at[size_t(id)]) return int32_t(7);
+      return oracle1(id, index, proposed);
+    };
+    Engine e(*f.m, c);
+    auto r1 = first();
+    for (auto& r : r1) e.submit(r);
+    while (e.step()) {
     }
-    if (index - int64_t(f.prompts[size_t(id)].size()) == stop_at[size_t(id)]) return int32_t(7);
-    return oracle1(id, index, proposed);
-  };
-  Engine e(*f.m, c);
-  auto r1 = first();
-  for (auto& r : r1) e.submit(r);
-  while (e.step()) {
+    for (size_t i = 0; i < r1.size(); ++i) EXPECT_EQ(collect(*r1[i]).tokens, want1[i].tokens) << "prompt " << i;
+    const int64_t hits_before = e.metrics().prefix_cache_hits_total;
+    auto r2 = second();
+    for (auto& r : r2) e.submit(r);
+    while (e.step()) {
+    }
+    for (size_t i = 0; i < r2.size(); ++i) EXPECT_EQ(collect(*r2[i]).tokens, want2[i].tokens) << "prompt " << i;
+    // Every answer of 16 tokens or more with its prompt was resumed after.
+    int64_t want_hits = 0;
+    for (size_t i = 0; i < f.prompts.size(); ++i) {
+      const int64_t ran = int64_t(f.prompts[i].size()) + stop_at[i];
+      want_hits += ran >= 16 ? ran : 0;
+    }
+    EXPECT_EQ(e.metrics().prefix_cache_hits_total - hits_before, want_hits);
+    std::sort(props.begin(), props.end());
+    EXPECT_FALSE(props.empty());
+    EXPECT_EQ(props, fresh);
+    expect_empty(e.metrics());
   }
-  for (size_t i = 0; i < r1.size(); ++i) EXPECT_EQ(collect(*r1[i]).tokens, want1[i].tokens) << "prompt " << i;
-  const int64_t hits_before = e.metrics().prefix_cache_hits_total;
-  auto r2 = second();
-  for (auto& r : r2) e.submit(r);
-  while (e.step()) {
-  }
-  for (size_t i = 0; i < r2.size(); ++i) EXPECT_EQ(collect(*r2[i]).tokens, want2[i].tokens) << "prompt " << i;
-  // Every answer of 16 tokens or more with its prompt was resumed after.
-  int64_t want_hits = 0;
-  for (size_t i = 0; i < f.prompts.size(); ++i) {
-    const int64_t ran = int64_t(f.prompts[i].size()) + stop_at[i];
-    want_hits += ran >= 16 ? ran : 0;
-  }
-  EXPECT_EQ(e.metrics().prefix_cache_hits_total - hits_before, want_hits);
-  std::sort(props.begin(), props.end());
-  EXPECT_FALSE(props.empty());
-  EXPECT_EQ(props, fresh);
-  expect_empty(e.metrics());
 }
 
 // The draft head over the N lowest ids (the default choice): greedy output identical to no speculation for

@@ -736,6 +736,24 @@ double run_timed(runtime::Engine& e, model::Model& m, const std::shared_ptr<runt
   return secs_since(t0) * 1e3;
 }
 
+// A greedy request of `prompt` (max_tokens, ignore_eos, cache_salt `salt`) through `e`, timed by run_timed: its
+// tokens appended to *out and its cached prompt tokens into *cached where given.
+double run_greedy(runtime::Engine& e, model::Model& m, uint64_t id, const std::vector<int32_t>& prompt,
+                  int64_t max_tokens, const char* what, std::vector<int32_t>* out, int64_t* cached,
+                  const std::string& salt = "") {
+  auto q = std::make_shared<runtime::Request>();
+  q->id = id;
+  q->cache_salt = salt;
+  q->prompt = prompt;
+  q->max_tokens = max_tokens;
+  q->sampling.temperature = 0.f;
+  q->ignore_eos = true;
+  return run_timed(e, m, q, what, [&](const runtime::Delta& d) {
+    if (out) out->insert(out->end(), d.tokens.begin(), d.tokens.end());
+    if (d.finish != runtime::FinishReason::None && cached) *cached = d.cached_tokens;
+  });
+}
+
 // ---- prefix caching through the engine ----
 //
 // Time to first token of a prompt of L tokens through runtime::Engine (one sequence, prefill chunks of `chunk`
@@ -772,17 +790,7 @@ void bench_prefix_cache(model::Model& m, const std::vector<int64_t>& lengths, in
     // Time to the end of the request (max_tokens 1: to the first token); `out`: its tokens.
     auto ttft = [&](const std::vector<int32_t>& prompt, int64_t* cached, const char* salt = "", int64_t max_tokens = 1,
                     std::vector<int32_t>* out = nullptr) {
-      auto q = std::make_shared<runtime::Request>();
-      q->id = ++id;
-      q->cache_salt = salt;
-      q->prompt = prompt;
-      q->max_tokens = max_tokens;
-      q->sampling.temperature = 0.f;
-      q->ignore_eos = true;
-      return run_timed(e, m, q, "bench --prefix-cache", [&](const runtime::Delta& d) {
-        if (out) out->insert(out->end(), d.tokens.begin(), d.tokens.end());
-        if (d.finish != runtime::FinishReason::None && cached) *cached = d.cached_tokens;
-      });
+      return run_greedy(e, m, ++id, prompt, max_tokens, "bench --prefix-cache", out, cached, salt);
     };
     ttft(random_prompt(L), nullptr);  // warm-up (its checkpoint shares nothing with what follows)
     const auto prompt = random_prompt(L);
@@ -845,7 +853,7 @@ void bench_prefix_cache_host(model::Model& m, const std::vector<int64_t>& length
     };
     const double bytes = double(m.state_slot_bytes()), down = best(true), up = best(false);
     std::printf("## Prefix caching, the host tier (--cache-ram)\n\nOne DeltaNet state slot (%.1f MiB): host buffer "
-                "allocated (pinned) in %.1f ms; to host memory %.3f ms (%.1f GB/s), back %.3f ms (%.1f GB/s)\n\n",
+                "made (pinned on CUDA) in %.1f ms; to host memory %.3f ms (%.1f GB/s), back %.3f ms (%.1f GB/s)\n\n",
                 bytes / (1 << 20), alloc_ms, down, bytes / down * 1e-6, up, bytes / up * 1e-6);
   }
   std::printf("%lld conversations one after another (prompt of L tokens, a %lld-token answer), then each one's next "
@@ -872,16 +880,7 @@ void bench_prefix_cache_host(model::Model& m, const std::vector<int64_t>& length
       runtime::Engine e(m, ec);
       uint64_t id = 0;
       auto go = [&](const std::vector<int32_t>& prompt, int64_t max_tokens, std::vector<int32_t>* out, int64_t* cached) {
-        auto q = std::make_shared<runtime::Request>();
-        q->id = ++id;
-        q->prompt = prompt;
-        q->max_tokens = max_tokens;
-        q->sampling.temperature = 0.f;
-        q->ignore_eos = true;
-        return run_timed(e, m, q, "bench --prefix-cache (host tier)", [&](const runtime::Delta& d) {
-          if (out) out->insert(out->end(), d.tokens.begin(), d.tokens.end());
-          if (d.finish != runtime::FinishReason::None && cached) *cached = d.cached_tokens;
-        });
+        return run_greedy(e, m, ++id, prompt, max_tokens, "bench --prefix-cache (host tier)", out, cached);
       };
       go(std::vector<int32_t>(prompts[0].rbegin(), prompts[0].rend()), 2, nullptr, nullptr);  // warm-up
       std::vector<std::vector<int32_t>> answers(static_cast<size_t>(C));

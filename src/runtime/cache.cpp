@@ -26,6 +26,13 @@ CacheManager::CacheManager(model::Model& m, int64_t num_blocks, int64_t block_si
   for (int64_t i = 0; i < num_checkpoints; ++i) ckpt_slots_.push_back(int32_t(seq_slots + i));
 }
 
+CacheManager::~CacheManager() {
+  try {
+    if (!host_bufs_.empty()) m_.backend().synchronize();
+  } catch (const std::exception&) {  // a device that failed: nothing more to wait for
+  }
+}
+
 bool CacheManager::start(SeqCache& s) {
   if (free_slots_.empty()) return false;
   s.slot = free_slots_.back();

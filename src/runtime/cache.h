@@ -84,6 +84,10 @@ class CacheManager {
   // copy from host memory (--cache-ram, docs/engine.md "Prefix caching").
   CacheManager(model::Model& m, int64_t num_blocks, int64_t block_size, int64_t num_slots, int64_t verify_rows = 0,
                int64_t num_checkpoints = 0, int64_t num_host_checkpoints = 0);
+  // Waits for the stream's copies into host buffers before they are freed.
+  ~CacheManager();
+  CacheManager(const CacheManager&) = delete;
+  CacheManager& operator=(const CacheManager&) = delete;
   // Takes a state slot (zeroed), and its spare when configured, for a new sequence; false if none is free.
   bool start(SeqCache& s);
   // Copies the sequence's state slot onto its spare (device to device): the state before a speculative verify.

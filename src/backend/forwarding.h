@@ -32,6 +32,8 @@ class ForwardingBackend : public Backend {
   void zero(Tensor& t) override { in_.zero(t); }
   void copy(Tensor& dst, const Tensor& src) override { in_.copy(dst, src); }
   Tensor alloc_host(DType dt, std::vector<int64_t> shape) override { return in_.alloc_host(dt, std::move(shape)); }
+  uint64_t copy_aside(const std::vector<std::pair<Tensor, Tensor>>& dst_src) override { return in_.copy_aside(dst_src); }
+  void wait_aside(uint64_t ticket) override { in_.wait_aside(ticket); }
   void synchronize() override { in_.synchronize(); }
   bool device_memory(int64_t* total, int64_t* used) override { return in_.device_memory(total, used); }
 

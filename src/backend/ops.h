@@ -150,6 +150,15 @@ class Backend {
   // plain memory on backends whose memory is the host's. Throws ds::Error when it cannot be had. Callable from any
   // thread (it touches no state of the backend's).
   virtual Tensor alloc_host(DType dt, std::vector<int64_t> shape) { return alloc(dt, std::move(shape)); }
+  // Copies beside the ops (the prefix cache's demotions to host memory): every pair's src onto its dst on a stream of
+  // their own, started where the ops' stream is now, so the ops go on meanwhile; returns a ticket. wait_aside(t): the
+  // ops queued from now on wait for those copies (on the device: the host does not wait). synchronize() waits for
+  // them too. Backends without a second stream copy at once and return 0.
+  virtual uint64_t copy_aside(const std::vector<std::pair<Tensor, Tensor>>& dst_src) {
+    for (auto [d, s] : dst_src) copy(d, s);
+    return 0;
+  }
+  virtual void wait_aside(uint64_t ticket) {}
   virtual void synchronize() {}
   // Device memory: total bytes and bytes in use now (every process's, as the driver reports). False on
   // backends whose memory is the host's (the CPU backend): the runtime then keeps its fixed pool sizes.

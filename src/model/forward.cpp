@@ -226,8 +226,10 @@ static void for_each_host_row(ModelCaches& c, int32_t slot, const Tensor& host, 
   }
 }
 
-void Model::slot_to_host(ModelCaches& c, int32_t slot, Tensor& host) {
-  for_each_host_row(c, slot, host, state_slot_bytes(), [&](Tensor& row, Tensor& h) { be_.copy(h, row); });
+uint64_t Model::slot_to_host(ModelCaches& c, int32_t slot, Tensor& host) {
+  std::vector<std::pair<Tensor, Tensor>> copies;
+  for_each_host_row(c, slot, host, state_slot_bytes(), [&](Tensor& row, Tensor& h) { copies.emplace_back(h, row); });
+  return be_.copy_aside(copies);
 }
 
 void Model::slot_from_host(ModelCaches& c, int32_t slot, const Tensor& host) {

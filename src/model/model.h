@@ -185,9 +185,11 @@ class Model {
   // `graphed`: recorded once per (cache set, dst, src) and replayed (Backend::graph_run), in a step of its own.
   void copy_slot(ModelCaches& c, int32_t dst, int32_t src, bool graphed = false);
   // One DeltaNet slot in host memory (Backend::alloc_host: pinned on CUDA), state_slot_bytes() long, and the copies
-  // of a slot to and from it (in stream order): the prefix cache's checkpoints kept in host memory (--cache-ram).
+  // of a slot to and from it: the prefix cache's checkpoints kept in host memory (--cache-ram). slot_to_host copies
+  // beside the ops (Backend::copy_aside: from where the ops' stream is now, while it goes on) and returns the ticket
+  // that Backend::wait_aside takes before anything writes that slot or reads `host`; slot_from_host is in stream order.
   Tensor alloc_host_slot();
-  void slot_to_host(ModelCaches& c, int32_t slot, Tensor& host);
+  uint64_t slot_to_host(ModelCaches& c, int32_t slot, Tensor& host);
   void slot_from_host(ModelCaches& c, int32_t slot, const Tensor& host);
   // Copies KV block `src` onto block `dst` in every full-attention layer and the MTP layer (prefix caching: a
   // sequence that resumes from a checkpoint ending inside a block writes its own copy of that block).

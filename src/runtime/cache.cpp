@@ -15,15 +15,18 @@ CacheManager::CacheManager(model::Model& m, int64_t num_blocks, int64_t block_si
            num_checkpoints, " and ", num_host_checkpoints);
   host_capacity_ = num_checkpoints > 0 ? num_host_checkpoints : 0;
   if (host_capacity_ > 0) maker_ = std::make_unique<HostSlotMaker>(m, host_capacity_, std::min<int64_t>(4, host_capacity_));
+  device_cap_ = num_checkpoints;
+  const int64_t ckpt_slots = num_checkpoints + (host_capacity_ > 0 ? 1 : 0);  // + the one being copied out
   // Sequence i owns slot i and, with spares, slot i + num_slots (the two may swap roles; see rollback()). The
   // checkpoints' slots come after those.
   const int64_t seq_slots = spare_ ? 2 * num_slots : num_slots;
-  caches_ = m.alloc_caches(num_blocks, block_size, seq_slots + num_checkpoints, spare_ ? num_slots * verify_rows : 0);
+  caches_ = m.alloc_caches(num_blocks, block_size, seq_slots + ckpt_slots, spare_ ? num_slots * verify_rows : 0);
+  slot_ticket_.assign(size_t(seq_slots + ckpt_slots), 0);
   for (int64_t i = num_blocks - 1; i >= 0; --i) free_blocks_.push_back(int32_t(i));
   for (int64_t i = num_slots - 1; i >= 0; --i) free_slots_.push_back(int32_t(i));
   refs_.assign(size_t(num_blocks), 0);
   ckpt_refs_.assign(size_t(num_blocks), 0);
-  for (int64_t i = 0; i < num_checkpoints; ++i) ckpt_slots_.push_back(int32_t(seq_slots + i));
+  for (int64_t i = 0; i < ckpt_slots; ++i) ckpt_slots_.push_back(int32_t(seq_slots + i));
 }
 
 CacheManager::~CacheManager() {
@@ -129,8 +132,12 @@ bool CacheManager::attach(SeqCache& s, const PrefixHit& hit) {
     if (free_blocks_.empty()) return false;
     c = &*std::find_if(ckpts_.begin(), ckpts_.end(), [&](const Checkpoint& k) { return k.used == stamp; });
   }
-  if (c->slot >= 0) m_.copy_slot(caches_, s.slot, c->slot);
-  else m_.slot_from_host(caches_, s.slot, host_bufs_[size_t(c->host)]);
+  if (c->slot >= 0) {
+    m_.copy_slot(caches_, s.slot, c->slot);
+  } else {
+    m_.backend().wait_aside(c->ticket);  // its copy to host memory first
+    m_.slot_from_host(caches_, s.slot, host_bufs_[size_t(c->host)]);
+  }
   s.blocks = c->blocks;
   if (partial) {
     s.blocks.back() = free_blocks_.back();
@@ -170,9 +177,12 @@ void CacheManager::keep(SeqCache& s, const std::string& salt, const std::vector<
   for (auto& c : ckpts_)
     if (c.slot >= 0) used.push_back(c.slot);
   Checkpoint c;
-  for (int32_t slot : ckpt_slots_)
-    if (std::find(used.begin(), used.end(), slot) == used.end()) c.slot = slot;
+  for (int32_t slot : ckpt_slots_)  // a free slot; the one whose copy to host memory is oldest
+    if (std::find(used.begin(), used.end(), slot) == used.end() &&
+        (c.slot < 0 || slot_ticket_[size_t(slot)] < slot_ticket_[size_t(c.slot)]))
+      c.slot = slot;
   DS_CHECK(c.slot >= 0);
+  m_.backend().wait_aside(slot_ticket_[size_t(c.slot)]);  // (finished long ago, as a rule)
   c.salt = salt;
   c.tokens.assign(tokens.begin(), tokens.begin() + s.len);
   c.blocks.assign(s.blocks.begin(), s.blocks.begin() + (s.len + block_size_ - 1) / block_size_);
@@ -202,7 +212,7 @@ std::vector<CacheManager::Checkpoint>::iterator CacheManager::find(uint64_t stam
 }
 
 void CacheManager::make_room(bool host, bool output) {
-  const int64_t cap = host ? host_capacity_ : int64_t(ckpt_slots_.size());
+  const int64_t cap = host ? host_capacity_ : device_cap_;
   int64_t n = 0, outputs = 0;
   for (const Checkpoint& k : ckpts_)
     if ((k.slot < 0) == host) {
@@ -242,7 +252,8 @@ bool CacheManager::demote(uint64_t stamp) {
   auto it = find(stamp);
   it->host = free_host_.back();
   free_host_.pop_back();
-  m_.slot_to_host(caches_, it->slot, host_bufs_[size_t(it->host)]);
+  it->ticket = m_.slot_to_host(caches_, it->slot, host_bufs_[size_t(it->host)]);
+  slot_ticket_[size_t(it->slot)] = it->ticket;
   it->slot = -1;
   return true;
 }

@@ -81,7 +81,9 @@ class CacheManager {
   // sequences' for the checkpoints' states. `num_host_checkpoints` (needs num_checkpoints > 0): checkpoints whose
   // state a newer one pushed out of its slot move to host memory (Model::alloc_host_slot, allocated as needed, up to
   // that many) instead of being dropped, their KV blocks still shared in the pool; a sequence resumes from one by a
-  // copy from host memory (--cache-ram, docs/engine.md "Prefix caching").
+  // copy from host memory (--cache-ram, docs/engine.md "Prefix caching"). The copy to host memory runs beside the
+  // ops (Backend::copy_aside), so the caches get one checkpoint slot more than num_checkpoints: a new checkpoint
+  // takes the slot whose copy is oldest, not the one just being copied out.
   CacheManager(model::Model& m, int64_t num_blocks, int64_t block_size, int64_t num_slots, int64_t verify_rows = 0,
                int64_t num_checkpoints = 0, int64_t num_host_checkpoints = 0);
   // Waits for the stream's copies into host buffers before they are freed.
@@ -118,7 +120,7 @@ class CacheManager {
   int64_t host_capacity() const { return host_capacity_; }
   // Blocks only checkpoints hold (no sequence): taken back by reserve() when the free blocks run short.
   int64_t cached_blocks() const { return cached_only_; }
-  int64_t checkpoint_capacity() const { return int64_t(ckpt_slots_.size()); }
+  int64_t checkpoint_capacity() const { return device_cap_; }
   // The longest checkpoint of `salt` whose tokens are a prefix of tokens[0, limit).
   PrefixHit lookup(const std::string& salt, const std::vector<int32_t>& tokens, int64_t limit) const;
   // A fresh sequence (start()) resumes from the hit: the checkpoint's state copied into its slot, its blocks shared,
@@ -156,6 +158,7 @@ class CacheManager {
     std::vector<int32_t> blocks;
     int32_t slot = -1;  // its state's DeltaNet slot, or -1: the state is in host memory
     int32_t host = -1;  // index into host_bufs_ where slot == -1
+    uint64_t ticket = 0;  // the copy into host_bufs_[host] (Backend::copy_aside)
     uint64_t used = 0;  // the clock at its last save or hit (unique: it names the checkpoint)
     bool output = false;  // retire()'s and not resumed from yet (see retire())
   };
@@ -181,6 +184,8 @@ class CacheManager {
   std::vector<int32_t> ckpt_refs_;   // per block: the checkpoints holding it
   int64_t cached_only_ = 0;          // blocks with refs_ == ckpt_refs_ > 0
   std::vector<int32_t> ckpt_slots_;  // the checkpoints' DeltaNet slots (all of them)
+  int64_t device_cap_ = 0;           // checkpoints on the device at once: ckpt_slots_, one fewer with a host tier
+  std::vector<uint64_t> slot_ticket_;  // per DeltaNet slot: the last copy out of it to host memory (0: none)
   std::vector<Checkpoint> ckpts_;
   int64_t host_capacity_ = 0;
   std::vector<Tensor> host_bufs_;   // host images of state slots, taken from maker_ as the tier grows

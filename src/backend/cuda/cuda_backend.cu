@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <deque>
 #include <map>
 #include <thread>
 #include <tuple>
@@ -1526,6 +1527,9 @@ class CudaBackend final : public Backend {
   }
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
+    if (aside_) cudaStreamSynchronize(aside_);
+    for (auto& [t, e] : aside_events_) cudaEventDestroy(e);
+    for (auto e : aside_free_) cudaEventDestroy(e);
     for (auto& [k, g] : graphs_)
       if (g.exec) cudaGraphExecDestroy(g.exec);
     cublasDestroy(cublas_);
@@ -1649,7 +1653,45 @@ class CudaBackend final : public Backend {
     });
     return t;
   }
-  void synchronize() override { DS_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+  void synchronize() override {
+    DS_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    if (aside_) DS_CUDA_CHECK(cudaStreamSynchronize(aside_));
+  }
+  uint64_t copy_aside(const std::vector<std::pair<Tensor, Tensor>>& dst_src) override {
+    if (!aside_) DS_CUDA_CHECK(cudaStreamCreateWithFlags(&aside_, cudaStreamNonBlocking));
+    // Events of finished tickets go back (the aside stream is serial: a finished one means all before it are).
+    while (!aside_events_.empty() && cudaEventQuery(aside_events_.front().second) == cudaSuccess) {
+      aside_free_.push_back(aside_events_.front().second);
+      aside_events_.pop_front();
+    }
+    (void)cudaGetLastError();  // cudaEventQuery's cudaErrorNotReady
+    auto event = [&] {
+      cudaEvent_t e;
+      if (!aside_free_.empty()) {
+        e = aside_free_.back();
+        aside_free_.pop_back();
+      } else {
+        DS_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+      }
+      return e;
+    };
+    cudaEvent_t start = event(), done = event();
+    DS_CUDA_CHECK(cudaEventRecord(start, stream_));
+    DS_CUDA_CHECK(cudaStreamWaitEvent(aside_, start, 0));
+    for (const auto& [d, s] : dst_src) {
+      DS_CHECK(d.nbytes() == s.nbytes() && d.dtype == s.dtype);
+      if (s.nbytes()) DS_CUDA_CHECK(cudaMemcpyAsync(d.data, s.data, s.nbytes(), cudaMemcpyDefault, aside_));
+    }
+    DS_CUDA_CHECK(cudaEventRecord(done, aside_));
+    aside_free_.push_back(start);  // reusable once recorded: the wait above took its state
+    aside_events_.emplace_back(++aside_ticket_, done);
+    return aside_ticket_;
+  }
+  void wait_aside(uint64_t ticket) override {
+    for (const auto& [t, e] : aside_events_)
+      if (t == ticket) DS_CUDA_CHECK(cudaStreamWaitEvent(stream_, e, 0));
+    // Not pending: finished (its event went back), or 0.
+  }
 
   // ---- weights ----
   std::shared_ptr<CudaLinear> build_linear(const std::vector<LinearSource>& parts, bool allow_int4 = true) {
@@ -2968,6 +3010,12 @@ class CudaBackend final : public Backend {
   const void* last_batch_ = nullptr;
   int dev_;
   cudaStream_t stream_ = nullptr;
+  // copy_aside: the second stream (made at first use), the pending tickets' completion events (oldest first) and
+  // events to reuse.
+  cudaStream_t aside_ = nullptr;
+  std::deque<std::pair<uint64_t, cudaEvent_t>> aside_events_;
+  std::vector<cudaEvent_t> aside_free_;
+  uint64_t aside_ticket_ = 0;
   cublasHandle_t cublas_ = nullptr;
   std::map<std::string, RopeTables> rope_cache_;
 };

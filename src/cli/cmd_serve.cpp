@@ -29,7 +29,8 @@ int cmd_serve(int argc, char** argv) {
                    "chat-template", "default-chat-template-kwargs", "speculative-config", "limit-mm-per-prompt",
                    "max-image-pixels", "max-image-bytes", "max-video-bytes", "max-video-frames", "image-fetch-timeout",
                    "disable-image-fetch", "allowed-local-media-path", "enable-prefix-caching",
-                   "no-enable-prefix-caching", "prefix-cache-checkpoints", "cache-ram", "disable-log-stats", "log-stats-interval",
+                   "no-enable-prefix-caching", "prefix-cache-checkpoints", "cache-ram", "prefix-cache-interval",
+                   "disable-log-stats", "log-stats-interval",
                    "disable-access-log", "disable-uvicorn-access-log", "enable-log-requests", "max-logprobs",
                    "return-tokens-as-token-ids", "allowed-origins", "allowed-methods", "allowed-headers",
                    "allow-credentials", "generation-config", "override-generation-config",
@@ -60,6 +61,8 @@ int cmd_serve(int argc, char** argv) {
   if (c.prefix_cache_checkpoints < 0 || c.prefix_cache_checkpoints > 4096)
     fail("--prefix-cache-checkpoints: expected 0..4096, got ", c.prefix_cache_checkpoints);
   if (c.prefix_cache_checkpoints == 0) c.enable_prefix_caching = false;
+  c.prefix_cache_interval = a.get_int("prefix-cache-interval", c.prefix_cache_interval);
+  if (c.prefix_cache_interval < 0) fail("--prefix-cache-interval: expected tokens >= 0 (0: off), got ", c.prefix_cache_interval);
   c.cache_ram_mib = a.get_int("cache-ram", c.cache_ram_mib);
   if (c.cache_ram_mib < 0 || c.cache_ram_mib > (int64_t(1) << 30))
     fail("--cache-ram: expected MiB of host memory, 0..", int64_t(1) << 30, ", got ", c.cache_ram_mib);

@@ -109,7 +109,7 @@ struct Engine::Impl {
         cm(m, c.num_blocks, c.block_size, c.max_num_seqs,
            c.num_speculative_tokens > 0 ? c.num_speculative_tokens + 1 : 0,  // + spare slots and the input log
            c.prefix_cache_checkpoints, c.prefix_cache_host_checkpoints),
-        sched(cm, c.max_num_seqs, c.max_num_batched_tokens, c.prefix_cache_checkpoints > 0) {
+        sched(cm, c.max_num_seqs, c.max_num_batched_tokens, c.prefix_cache_checkpoints > 0, c.prefix_cache_interval) {
     snap.kv_blocks_total = c.num_blocks;
     snap.slots_total = c.max_num_seqs;
     counters.spec_accepted_per_pos.assign(size_t(c.num_speculative_tokens), 0);

@@ -168,6 +168,9 @@ struct EngineConfig {
   // needed; pinned on CUDA), their KV blocks still in the pool; resuming from one copies its state back (llama.cpp's
   // --cache-ram). 0 = none: such checkpoints are dropped. Needs prefix_cache_checkpoints > 0.
   int64_t prefix_cache_host_checkpoints = 0;
+  // A prompt also leaves a checkpoint every this many tokens (rounded down to blocks; 0 = only at the planned points:
+  // after the system prompt, before the last message, at the prompt's end, where it leaves a cached prefix).
+  int64_t prefix_cache_interval = 0;
   // Tests and benchmarks only (issue 8's oracle mode; random weights accept almost nothing): replaces the MTP's
   // proposal for token index `index` (into prompt + generated) of request `id`. The MTP still runs. Without the
   // device draft feed the chained steps are fed the replaced token; with it (the MTP's drafts stay on the device
@@ -192,6 +195,9 @@ struct EngineMetrics {
   // prefix_cache_checkpoints counts those in host memory too (prefix_cache_host_checkpoints).
   int64_t prefix_cache_queries_total = 0, prefix_cache_hits_total = 0, prefix_cache_checkpoints = 0;
   int64_t prefix_cache_host_checkpoints = 0;
+  // A prompt also leaves a checkpoint every this many tokens (rounded down to blocks; 0 = only at the planned points:
+  // after the system prompt, before the last message, at the prompt's end, where it leaves a cached prefix).
+  int64_t prefix_cache_interval = 0;
   int64_t graph_steps_total = 0;  // steps that ran through Model::forward_graphed (decode-only)
   int64_t device_sample_steps_total = 0;  // steps whose tokens came from Backend::sample_rows
   // Grammar masks made ahead, during the forward (EngineConfig::parallel_masks), and used; made ahead but found

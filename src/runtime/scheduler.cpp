@@ -7,11 +7,13 @@
 
 namespace ds::runtime {
 
-Scheduler::Scheduler(CacheManager& cm, int64_t max_num_seqs, int64_t max_num_batched_tokens, bool prefix_caching)
+Scheduler::Scheduler(CacheManager& cm, int64_t max_num_seqs, int64_t max_num_batched_tokens, bool prefix_caching,
+                     int64_t checkpoint_interval)
     : cm_(cm),
       max_num_seqs_(max_num_seqs),
       max_num_batched_tokens_(max_num_batched_tokens),
-      prefix_caching_(prefix_caching && cm.checkpoint_capacity() > 0) {}
+      prefix_caching_(prefix_caching && cm.checkpoint_capacity() > 0),
+      interval_(std::max<int64_t>(0, checkpoint_interval)) {}
 
 int64_t Scheduler::chunk(const Sequence* s, int64_t budget) const {
   int64_t n = std::min(s->pending_tokens(), budget);
@@ -44,6 +46,10 @@ void Scheduler::admit_from_cache(Sequence* s) {
   const int64_t end = (s->prompt_len - 1) / bs * bs;
   std::vector<int64_t> at = {h.common, end};
   at.insert(at.end(), s->req->cache_hints.begin(), s->req->cache_hints.end());
+  // Every interval_ tokens too: a prompt that leaves this one anywhere (an edited message, a changed tool result)
+  // resumes at most interval_ tokens before that point.
+  if (interval_ > 0)
+    for (int64_t p = (s->cache.len / interval_ + 1) * interval_; p < end; p += interval_) at.push_back(p);
   for (int64_t p : at) {
     p = p / bs * bs;
     if (p > s->cache.len && p <= end) s->save_at.push_back(p);

@@ -74,7 +74,9 @@ struct Schedule {
 class Scheduler {
  public:
   // `prefix_caching`: admissions resume from the cache manager's checkpoints and plan new ones (docs/engine.md).
-  Scheduler(CacheManager& cm, int64_t max_num_seqs, int64_t max_num_batched_tokens, bool prefix_caching = false);
+  // `checkpoint_interval` (prefix caching; 0: none): a prompt also leaves a checkpoint every that many tokens.
+  Scheduler(CacheManager& cm, int64_t max_num_seqs, int64_t max_num_batched_tokens, bool prefix_caching = false,
+            int64_t checkpoint_interval = 0);
 
   // Joins the back of the waiting queue (arrival order; admission takes the smallest Request::priority first).
   void add(std::unique_ptr<Sequence> s);
@@ -129,6 +131,7 @@ class Scheduler {
   CacheManager& cm_;
   int64_t max_num_seqs_, max_num_batched_tokens_;
   bool prefix_caching_;
+  int64_t interval_ = 0;
   int64_t prefix_queries_ = 0, prefix_hits_ = 0;
   std::deque<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;  // in start order: the back is preempted first

@@ -263,6 +263,7 @@ void load_runtime(ServerState& st) {
   ec.num_speculative_tokens = cfg.num_speculative_tokens;
   ec.step_graphs = !cfg.enforce_eager;
   ec.prefix_cache_checkpoints = cfg.enable_prefix_caching ? cfg.prefix_cache_checkpoints : 0;
+  ec.prefix_cache_interval = cfg.prefix_cache_interval;
   const int64_t slot_bytes = rt.model->state_slot_bytes();
   ec.prefix_cache_host_checkpoints =
       ec.prefix_cache_checkpoints > 0 && slot_bytes > 0

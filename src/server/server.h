@@ -48,6 +48,8 @@ struct ServerConfig {
   // --cache-ram MIB (llama.cpp's flag and default): host memory for checkpoints pushed out of their device slots
   // (EngineConfig::prefix_cache_host_checkpoints = MIB / one state slot, at most 4096); 0 = none.
   int64_t cache_ram_mib = 8192;
+  // --prefix-cache-interval N: a prompt also leaves a checkpoint every N tokens (EngineConfig::prefix_cache_interval).
+  int64_t prefix_cache_interval = 8192;
   // Logging to stderr (docs/server.md "Logs"): vLLM's periodic stats line every log_stats_interval seconds while
   // there is work (--disable-log-stats, --log-stats-interval S); one access-log line per HTTP request
   // (--disable-access-log); a line per generation received and finished (--enable-log-requests).

@@ -742,6 +742,26 @@ TEST(PrefixCache, HostTierResumesConversations) {
   }
 }
 
+// --prefix-cache-interval: a long prompt also leaves a checkpoint every N tokens, so a prompt that leaves it anywhere
+// (an edited message) resumes at most N tokens before that point; without it, nothing inside the shared part is kept.
+TEST(PrefixCache, IntervalCheckpointsResumeInsideLongPrompts) {
+  auto& f = fx();
+  const auto& p = f.prompts[3];  // 150 tokens
+  std::vector<int32_t> edited(p.begin(), p.begin() + 100);
+  edited.insert(edited.end(), f.prompts[4].begin(), f.prompts[4].begin() + 30);
+  for (int64_t interval : {32, 0}) {
+    EngineConfig c = cached_config();
+    c.prefix_cache_interval = interval;
+    Engine e(*f.m, c);
+    run_on(e, make_req(1, p, 8));  // checkpoints at 32, 64, 96, 128 and 144 with the interval; the 4 newest stay
+    auto proto = make_req(2, edited, 8);
+    const Result alone = run_alone(*proto);
+    const Result got = run_on(e, proto);
+    EXPECT_EQ(got.tokens, alone.tokens) << interval;
+    EXPECT_EQ(got.cached_tokens, interval ? 96 : 0) << interval;
+  }
+}
+
 // A finished request's checkpoint is where the next turn resumes: stopped by a stop token (the checkpoint holds the
 // answer without it: the stop token was sampled, never run), by its length, or aborted between steps. Two requests
 // that resume from the same checkpoint at once, with different tails, each write their own copy of its last, partly

@@ -1111,6 +1111,7 @@ void Engine::Impl::publish(const Schedule& s) {
   m.slots_used = cm.num_slots() - cm.free_slots();
   m.prefix_cache_queries_total = sched.prefix_queries();
   m.prefix_cache_hits_total = sched.prefix_hits();
+  m.prefix_cache_host_hits_total = sched.prefix_host_hits();
   m.prefix_cache_checkpoints = cm.num_checkpoints();
   m.prefix_cache_host_checkpoints = cm.host_checkpoints();
   snap = m;

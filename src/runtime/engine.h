@@ -195,6 +195,7 @@ struct EngineMetrics {
   // prefix_cache_checkpoints counts those in host memory too (prefix_cache_host_checkpoints).
   int64_t prefix_cache_queries_total = 0, prefix_cache_hits_total = 0, prefix_cache_checkpoints = 0;
   int64_t prefix_cache_host_checkpoints = 0;
+  int64_t prefix_cache_host_hits_total = 0;  // of prefix_cache_hits_total: tokens resumed from host-memory checkpoints
   // A prompt also leaves a checkpoint every this many tokens (rounded down to blocks; 0 = only at the planned points:
   // after the system prompt, before the last message, at the prompt's end, where it leaves a cached prefix).
   int64_t prefix_cache_interval = 0;

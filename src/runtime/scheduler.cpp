@@ -67,6 +67,7 @@ void Scheduler::count_admission(Sequence* s) {
   if (!prefix_caching_ || s->req->mm) return;
   prefix_queries_ += s->prompt_len;
   prefix_hits_ += s->cache.len;
+  if (s->lookup.from_host) prefix_host_hits_ += s->cache.len;
 }
 
 bool Sequence::prompt_lps_pending() const {

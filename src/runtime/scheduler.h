@@ -104,6 +104,7 @@ class Scheduler {
   // Prefix caching: prompt tokens looked up and found at first admissions (vLLM's prefix_cache_queries / _hits).
   int64_t prefix_queries() const { return prefix_queries_; }
   int64_t prefix_hits() const { return prefix_hits_; }
+  int64_t prefix_host_hits() const { return prefix_host_hits_; }  // of prefix_hits: from host-memory checkpoints
 
  private:
   // Tokens of `s` the next chunk may run: pending, at most `budget`, ending at its next checkpoint position.
@@ -132,7 +133,7 @@ class Scheduler {
   int64_t max_num_seqs_, max_num_batched_tokens_;
   bool prefix_caching_;
   int64_t interval_ = 0;
-  int64_t prefix_queries_ = 0, prefix_hits_ = 0;
+  int64_t prefix_queries_ = 0, prefix_hits_ = 0, prefix_host_hits_ = 0;
   std::deque<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;  // in start order: the back is preempted first
 };

@@ -83,6 +83,8 @@ std::string ServerMetrics::render(const runtime::EngineMetrics& e, const std::st
           double(e.prefix_cache_queries_total));
   counter("prefix_cache_hits_total", "Prompt tokens resumed from prefix-cache checkpoints (vLLM's prefix_cache_hits).",
           double(e.prefix_cache_hits_total));
+  counter("prefix_cache_host_hits_total", "Of prefix_cache_hits_total: tokens resumed from checkpoints in host memory (--cache-ram).",
+          double(e.prefix_cache_host_hits_total));
   gauge("prefix_cache_blocks", "Paged KV blocks held only by prefix-cache checkpoints (evictable).",
         double(e.kv_blocks_cached));
   gauge("prefix_cache_checkpoints", "DeltaNet state checkpoints held by the prefix cache (on the device and in host memory).",

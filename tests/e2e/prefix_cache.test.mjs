@@ -152,4 +152,7 @@ test('--cache-ram: answers pushed out of the device slots wait in host memory fo
     assert.equal(b.usage.prompt_tokens_details.cached_tokens, 0, `conversation ${i}`);
     assert.match(tier.log(), new RegExp(`finished ${a.id}: length, prompt \\d+ tokens \\(${tok.length + 20} cached from host memory\\)`));
   }
+  const after = await metrics(tier.base);
+  assert.equal(after.get('prefix_cache_host_hits_total'), stories.reduce((n, t) => n + t.length + 20, 0));
+  assert.equal((await metrics(notier.base)).get('prefix_cache_host_hits_total'), 0);
 });

@@ -16,7 +16,7 @@ CacheManager::CacheManager(model::Model& m, int64_t num_blocks, int64_t block_si
   host_capacity_ = num_checkpoints > 0 ? num_host_checkpoints : 0;
   if (host_capacity_ > 0) maker_ = std::make_unique<HostSlotMaker>(m, host_capacity_, std::min<int64_t>(4, host_capacity_));
   device_cap_ = num_checkpoints;
-  const int64_t ckpt_slots = num_checkpoints + (host_capacity_ > 0 ? 1 : 0);  // + the one being copied out
+  const int64_t ckpt_slots = checkpoint_slots(num_checkpoints, num_host_checkpoints);
   // Sequence i owns slot i and, with spares, slot i + num_slots (the two may swap roles; see rollback()). The
   // checkpoints' slots come after those.
   const int64_t seq_slots = spare_ ? 2 * num_slots : num_slots;
@@ -130,7 +130,7 @@ bool CacheManager::attach(SeqCache& s, const PrefixHit& hit) {
     while (free_blocks_.empty() && ckpts_.size() > 1 && evict_one()) {
     }
     if (free_blocks_.empty()) return false;
-    c = &*std::find_if(ckpts_.begin(), ckpts_.end(), [&](const Checkpoint& k) { return k.used == stamp; });
+    c = &*find(stamp);
   }
   if (c->slot >= 0) {
     m_.copy_slot(caches_, s.slot, c->slot);

@@ -88,6 +88,10 @@ class CacheManager {
                int64_t num_checkpoints = 0, int64_t num_host_checkpoints = 0);
   // Waits for the stream's copies into host buffers before they are freed.
   ~CacheManager();
+  // The DeltaNet slots the checkpoints take: num_checkpoints, one more with a host tier (the slot being copied out).
+  static int64_t checkpoint_slots(int64_t num_checkpoints, int64_t num_host_checkpoints) {
+    return num_checkpoints + (num_checkpoints > 0 && num_host_checkpoints > 0 ? 1 : 0);
+  }
   CacheManager(const CacheManager&) = delete;
   CacheManager& operator=(const CacheManager&) = delete;
   // Takes a state slot (zeroed), and its spare when configured, for a new sequence; false if none is free.

@@ -196,9 +196,6 @@ struct EngineMetrics {
   int64_t prefix_cache_queries_total = 0, prefix_cache_hits_total = 0, prefix_cache_checkpoints = 0;
   int64_t prefix_cache_host_checkpoints = 0;
   int64_t prefix_cache_host_hits_total = 0;  // of prefix_cache_hits_total: tokens resumed from host-memory checkpoints
-  // A prompt also leaves a checkpoint every this many tokens (rounded down to blocks; 0 = only at the planned points:
-  // after the system prompt, before the last message, at the prompt's end, where it leaves a cached prefix).
-  int64_t prefix_cache_interval = 0;
   int64_t graph_steps_total = 0;  // steps that ran through Model::forward_graphed (decode-only)
   int64_t device_sample_steps_total = 0;  // steps whose tokens came from Backend::sample_rows
   // Grammar masks made ahead, during the forward (EngineConfig::parallel_masks), and used; made ahead but found

@@ -133,8 +133,9 @@ void size_pools_from_device_memory(const ServerConfig& cfg, model::Model& m, run
   in.max_model_len = ec.max_model_len;
   in.block_size = ec.block_size;
   in.num_blocks_override = ec.num_blocks;
-  // The prefix cache's checkpoint states (one more slot with a host tier: CacheManager).
-  in.fixed_bytes = (ec.prefix_cache_checkpoints + (ec.prefix_cache_host_checkpoints > 0 ? 1 : 0)) * m.state_slot_bytes();
+  // The prefix cache's checkpoint states.
+  in.fixed_bytes = runtime::CacheManager::checkpoint_slots(ec.prefix_cache_checkpoints, ec.prefix_cache_host_checkpoints) *
+                   m.state_slot_bytes();
   in.checkpoint_blocks = ec.prefix_cache_checkpoints > 0;
   const runtime::PoolPlan p = runtime::plan_pools(in);
   ec.max_num_seqs = p.num_slots;

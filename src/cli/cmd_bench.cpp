@@ -43,6 +43,14 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 double secs_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+// n random token ids below min(V, 150000) (the random-weight bench's prompts).
+std::vector<int32_t> random_tokens(int64_t n, int64_t V, std::mt19937& rng) {
+  std::vector<int32_t> v(static_cast<size_t>(n));
+  for (auto& x : v) x = int32_t(rng() % uint32_t(std::min<int64_t>(V, 150000)));
+  return v;
+}
+
 // Wall seconds of each of n calls f(0), ..., f(n − 1), sorted ascending (front: the best, [n / 2]: the median).
 template <class F>
 std::vector<double> sorted_secs(int n, F&& f) {
@@ -459,8 +467,7 @@ void bench_speculative_variant(model::Model& m, const SpecBench& o, const std::v
 
 void bench_speculative(model::Model& m, const SpecBench& o, std::mt19937& rng) {
   const int64_t V = m.config().text.vocab_size;
-  std::vector<int32_t> prompt(size_t(o.prompt));
-  for (auto& x : prompt) x = int32_t(rng() % uint32_t(std::min<int64_t>(V, 150000)));
+  const std::vector<int32_t> prompt = random_tokens(o.prompt, V, rng);
   if (o.variants.empty()) return bench_speculative_variant(m, o, prompt, "");
   for (const auto& v : o.variants) {
     for (auto& [k, val] : v.env) setenv(k.c_str(), val.c_str(), 1);
@@ -781,11 +788,7 @@ void bench_prefix_cache(model::Model& m, const std::vector<int64_t>& lengths, in
     ec.max_model_len = L + answer + extra + 8;
     ec.prefix_cache_checkpoints = checkpoints;
     runtime::Engine e(m, ec);
-    auto random_prompt = [&](int64_t n) {
-      std::vector<int32_t> p(static_cast<size_t>(n));
-      for (auto& x : p) x = int32_t(rng() % uint32_t(std::min<int64_t>(V, 150000)));
-      return p;
-    };
+    auto random_prompt = [&](int64_t n) { return random_tokens(n, V, rng); };
     uint64_t id = 0;
     // Time to the end of the request (max_tokens 1: to the first token); `out`: its tokens.
     auto ttft = [&](const std::vector<int32_t>& prompt, int64_t* cached, const char* salt = "", int64_t max_tokens = 1,
@@ -862,11 +865,9 @@ void bench_prefix_cache_host(model::Model& m, const std::vector<int64_t>& length
               "(mean) |\n|---|---|---|---|---|\n",
               (long long)C, (long long)answer, (long long)extra, (long long)device, (long long)chunk);
   for (int64_t L : lengths) {
-    std::vector<std::vector<int32_t>> prompts(size_t(C), std::vector<int32_t>(static_cast<size_t>(L)));
-    for (auto& p : prompts)
-      for (auto& x : p) x = int32_t(rng() % uint32_t(std::min<int64_t>(V, 150000)));
-    std::vector<int32_t> more(static_cast<size_t>(extra));
-    for (auto& x : more) x = int32_t(rng() % uint32_t(std::min<int64_t>(V, 150000)));
+    std::vector<std::vector<int32_t>> prompts;
+    for (int64_t i = 0; i < C; ++i) prompts.push_back(random_tokens(L, V, rng));
+    const std::vector<int32_t> more = random_tokens(extra, V, rng);
     for (int64_t h : {int64_t(0), host}) {
       runtime::EngineConfig ec;
       ec.max_num_seqs = 1;
@@ -920,8 +921,7 @@ void bench_prompt_logprobs(model::Model& m, const std::vector<int64_t>& lengths,
     ec.max_num_batched_tokens = chunk;
     ec.max_model_len = L + 8;
     runtime::Engine e(m, ec);
-    std::vector<int32_t> prompt(static_cast<size_t>(L));
-    for (auto& x : prompt) x = int32_t(rng() % uint32_t(std::min<int64_t>(V, 150000)));
+    const std::vector<int32_t> prompt = random_tokens(L, V, rng);
     uint64_t id = 0;
     auto ttft = [&](int32_t k) {
       double best = 1e30;
@@ -984,8 +984,7 @@ void bench_masked(model::Model& m, const std::vector<int64_t>& batches, int64_t 
         for (int64_t i = 0; i < B; ++i) {
           auto q = std::make_shared<runtime::Request>();
           q->id = uint64_t(i + 1);
-          q->prompt.resize(size_t(ctx));
-          for (auto& x : q->prompt) x = int32_t(rng() % uint32_t(std::min<int64_t>(V, 150000)));
+          q->prompt = random_tokens(ctx, V, rng);
           q->max_tokens = steps + kWarm + 4;
           q->sampling.temperature = 0.f;
           q->ignore_eos = true;
@@ -1322,11 +1321,7 @@ int cmd_bench(int argc, char** argv) {
               human_bytes(state_slot_bytes * double(num_slots)).c_str());
 
   std::mt19937 rng(seed + 17);
-  auto random_tokens = [&](int64_t n) {
-    std::vector<int32_t> v(static_cast<size_t>(n));
-    for (auto& x : v) x = int32_t(rng() % uint32_t(std::min<int64_t>(t.vocab_size, 150000)));
-    return v;
-  };
+  auto random_ids = [&](int64_t n) { return random_tokens(n, t.vocab_size, rng); };
 
   // ---- decode ----
   struct Breakdown {
@@ -1374,7 +1369,7 @@ int cmd_bench(int argc, char** argv) {
       DS_CHECK(nblk <= per_seq_blocks, "internal: block budget");
       pt.b = BatchMeta::decode_step(B, ctx, nblk, per_seq_blocks);
       for (int64_t s = 0; s < B; ++s) pt.rows.push_back(int32_t(s));
-      pt.b.tokens = random_tokens(B);
+      pt.b.tokens = random_ids(B);
       // Distinct experts the step's routing touches (random weights route near-uniformly): measured would need
       // the ids; the expectation under uniform routing is E·(1 − (1 − k/E)^B).
       const double E = double(t.num_experts), K = double(t.num_experts_per_tok);
@@ -1384,13 +1379,13 @@ int cmd_bench(int argc, char** argv) {
       return pt;
     };
     auto step_of = [&](Point& pt, int64_t ctx, int64_t B, bool use_graph) {
-      return [&pt, &random_tokens, &m, cp, &be, ctx, B, use_graph](int i) {
+      return [&pt, &random_ids, &m, cp, &be, ctx, B, use_graph](int i) {
         BatchMeta& b = pt.b;
         for (int64_t s = 0; s < B; ++s) {
           b.seqs[s].ctx_len = ctx + (i % 4);  // attention cost depends on length only
           b.positions[s] = b.positions[B + s] = b.positions[2 * B + s] = int32_t(b.seqs[s].ctx_len);
         }
-        b.tokens = random_tokens(B);
+        b.tokens = random_ids(B);
         pt.logits = use_graph ? m->forward_graphed(b, *cp, pt.rows) : m->forward(b, *cp, pt.rows);
         be.synchronize();
       };
@@ -1509,7 +1504,7 @@ int cmd_bench(int argc, char** argv) {
         const int64_t ch = chunk > 0 ? std::min(chunk, P) : P;
         auto run = [&](int64_t len) {
           m->reset_slot(*cp, 0);
-          auto toks = random_tokens(len);
+          auto toks = random_ids(len);
           Tensor logits;
           for (int64_t s0 = 0; s0 < len; s0 += ch) {
             const int64_t n = std::min(ch, len - s0);

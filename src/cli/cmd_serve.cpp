@@ -34,7 +34,7 @@ int cmd_serve(int argc, char** argv) {
                    "disable-access-log", "disable-uvicorn-access-log", "enable-log-requests", "max-logprobs",
                    "return-tokens-as-token-ids", "allowed-origins", "allowed-methods", "allowed-headers",
                    "allow-credentials", "generation-config", "override-generation-config",
-                   "enable-force-include-usage"});
+                   "enable-force-include-usage", "responses-store"});
   server::ServerConfig c;
   c.model_dir = a.model_dir();
   c.host = a.get("host", c.host);
@@ -66,6 +66,9 @@ int cmd_serve(int argc, char** argv) {
   c.cache_ram_mib = a.get_int("cache-ram", c.cache_ram_mib);
   if (c.cache_ram_mib < 0 || c.cache_ram_mib > (int64_t(1) << 30))
     fail("--cache-ram: expected MiB of host memory, 0..", int64_t(1) << 30, ", got ", c.cache_ram_mib);
+  c.responses_store_mib = a.get_int("responses-store", c.responses_store_mib);
+  if (c.responses_store_mib < 0 || c.responses_store_mib > (int64_t(1) << 30))
+    fail("--responses-store: expected MiB of host memory, 0..", int64_t(1) << 30, ", got ", c.responses_store_mib);
   c.ssm_state_dtype = a.get("mamba-ssm-cache-dtype", c.ssm_state_dtype);
   (void)model::Model::ssm_dtype_from_name(c.ssm_state_dtype, DType::F32, "--mamba-ssm-cache-dtype");  // fail early
   c.drain_seconds = int(a.get_int("shutdown-timeout", c.drain_seconds));

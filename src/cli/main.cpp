@@ -18,7 +18,7 @@ void usage() {
                "            [--speculative-config '{\"method\": \"mtp\", \"num_speculative_tokens\": K}']\n"
                "            [--mamba-ssm-cache-dtype auto|float32|bfloat16]   (the DeltaNet state; also logits, generate, bench)\n"
                "            [--no-enable-prefix-caching] [--prefix-cache-checkpoints N] [--cache-ram MIB]\n"
-               "            [--prefix-cache-interval N]\n"
+               "            [--prefix-cache-interval N] [--responses-store MIB]\n"
                "            [--max-logprobs N] [--return-tokens-as-token-ids] [--disable-log-stats]\n"
                "            [--log-stats-interval S] [--disable-access-log] [--enable-log-requests]\n"
                "  tokenize  --model DIR < {\"text\": ...} | {\"messages\": [...], ...}\n"

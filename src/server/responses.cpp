@@ -71,8 +71,9 @@ bool plain_text(const json& c, std::string& out) {
 
 // Input items -> chat messages. An assistant turn gathers what belongs to it in the chat format: reasoning items
 // (reasoning_content), assistant message items (content) and function_call items (tool_calls), in that order; any
-// other item, or a reasoning / message item after the turn's calls, starts a new message.
-json input_messages(const json& input, std::vector<std::string>& images) {
+// other item, or a reasoning / message item after the turn's calls, starts a new message. Items before `first_own`
+// came from a stored conversation (previous_response_id) and are named so in errors; the others are input[i].
+json input_messages(const json& input, size_t first_own, std::vector<std::string>& images) {
   json messages = json::array();
   json turn = nullptr;
   auto flush = [&] {
@@ -86,7 +87,8 @@ json input_messages(const json& input, std::vector<std::string>& images) {
   };
   for (size_t i = 0; i < input.size(); ++i) {
     const json& it = input[i];
-    const std::string w = "input[" + std::to_string(i) + "]";
+    const std::string w = i < first_own ? "previous_response_id's item " + std::to_string(i)
+                                        : "input[" + std::to_string(i - first_own) + "]";
     if (!it.is_object()) throw bad_request(w + ": each input item must be an object, got " + brief(it), "input");
     std::string type;
     if (has(it, "type")) {
@@ -149,8 +151,8 @@ json input_messages(const json& input, std::vector<std::string>& images) {
       std::string prev = turn.value("reasoning_content", "");
       turn["reasoning_content"] = prev.empty() ? text : prev + "\n\n" + text;
     } else if (type == "item_reference") {
-      throw bad_request(w + ": item_reference is not supported: this server is stateless and stores no items; send "
-                        "the item itself", "input");
+      throw bad_request(w + ": item_reference is not supported; send the item itself, or continue a stored "
+                        "response with 'previous_response_id'", "input");
     } else {
       throw bad_request(w + ": input item type '" + (type.empty() ? std::string("(none)") : type) +
                             "' is not supported (message, function_call, function_call_output, reasoning)", "input");
@@ -164,19 +166,42 @@ json input_messages(const json& input, std::vector<std::string>& images) {
 
 std::string new_response_id() { return "resp_" + random_hex(32); }
 
-ResponsesRequest responses_to_chat(const json& b) {
+json stored_input_items(const json& input) {
+  json items = json::array();
+  auto text_parts = [](const json& content, bool assistant) {
+    if (!content.is_string()) return content;
+    return json::array({{{"type", assistant ? "output_text" : "input_text"}, {"text", content}}});
+  };
+  auto add = [&](const json& it) {
+    std::string type = it.value("type", std::string(it.contains("role") ? "message" : ""));
+    const char* prefix = type == "message" ? "msg_" : type == "function_call" ? "fc_"
+                         : type == "function_call_output" ? "fco_" : type == "reasoning" ? "rs_" : "item_";
+    json item = {{"id", has(it, "id") && it["id"].is_string() ? it["id"] : json(prefix + random_hex(32))},
+                 {"type", type}};
+    for (auto kv = it.begin(); kv != it.end(); ++kv)
+      if (kv.key() != "id" && kv.key() != "type") item[kv.key()] = kv.value();
+    if (type == "message") {
+      item["content"] = text_parts(item["content"], item.value("role", "") == "assistant");
+      if (!item.contains("status")) item["status"] = "completed";
+    }
+    items.push_back(std::move(item));
+  };
+  if (input.is_string()) add({{"role", "user"}, {"content", input}});
+  else
+    for (auto& it : input) add(it);
+  return items;
+}
+
+ResponsesRequest responses_to_chat(const json& b, const json& history) {
   ResponsesRequest r;
   json& chat = r.chat = json::object();
   json& echo = r.echo = json::object();
-  if (has(b, "previous_response_id"))
-    throw bad_request("'previous_response_id' is not supported: this server is stateless and stores no responses; "
-                      "send the whole conversation in 'input'", "previous_response_id");
   if (has(b, "conversation"))
-    throw bad_request("'conversation' is not supported: this server is stateless and stores no conversations; send the "
-                      "whole conversation in 'input'", "conversation");
-  if (has(b, "background") && b["background"] != false)
-    throw bad_request("'background' is not supported: this server is stateless (responses cannot be retrieved "
-                      "later)", "background");
+    throw bad_request("'conversation' is not supported (no Conversations API): continue a conversation with "
+                      "'previous_response_id', or send the whole of it in 'input'", "conversation");
+  for (const char* k : {"store", "background"})
+    if (has(b, k) && !b[k].is_boolean())
+      throw bad_request(std::string("'") + k + "' must be a boolean, got " + brief(b[k]), k);
   if (has(b, "prompt"))
     throw bad_request("'prompt' (a stored prompt template) is not supported; send 'instructions' and 'input'", "prompt");
   if (has(b, "model")) chat["model"] = b["model"];
@@ -190,13 +215,13 @@ ResponsesRequest responses_to_chat(const json& b) {
   }
   if (!has(b, "input")) throw bad_request("'input' is required (a string or a list of input items)", "input");
   const json& input = b["input"];
-  if (input.is_string()) {
-    messages.push_back({{"role", "user"}, {"content", input}});
-  } else if (input.is_array()) {
-    for (auto& m : input_messages(input, r.image_where)) messages.push_back(m);
-  } else {
+  if (!input.is_string() && !input.is_array())
     throw bad_request("'input' must be a string or a list of input items, got " + brief(input), "input");
-  }
+  json all = history;
+  if (input.is_string()) all.push_back({{"role", "user"}, {"content", input}});
+  else
+    for (auto& it : input) all.push_back(it);
+  for (auto& m : input_messages(all, history.size(), r.image_where)) messages.push_back(m);
   if (messages.empty()) throw bad_request("'input' must hold at least one item", "input");
   // Chat templates take one system message, first: instructions and leading system / developer messages are joined.
   size_t lead = 0;
@@ -320,9 +345,9 @@ ResponsesRequest responses_to_chat(const json& b) {
   echo["max_output_tokens"] = has(b, "max_output_tokens") ? b["max_output_tokens"] : json(nullptr);
   echo["metadata"] = has(b, "metadata") ? b["metadata"] : json::object();
   echo["parallel_tool_calls"] = has(b, "parallel_tool_calls") ? b["parallel_tool_calls"] : json(true);
-  echo["previous_response_id"] = nullptr;
+  echo["previous_response_id"] = has(b, "previous_response_id") ? b["previous_response_id"] : json(nullptr);
   echo["reasoning"] = reasoning_echo;
-  echo["store"] = false;  // nothing is stored, whatever the request asked
+  echo["store"] = false;  // the server sets it where it stores the response
   echo["temperature"] = has(b, "temperature") ? b["temperature"] : json(nullptr);
   echo["text"] = text_echo;
   echo["tool_choice"] = tool_choice_echo;
@@ -367,8 +392,13 @@ HttpError responses_error(const HttpError& e) {
 
 // ---------------------------------------------------------------------------------------------------
 
-ResponsesOutput::ResponsesOutput(std::string id, int64_t created_at, std::string model, json echo)
-    : id_(std::move(id)), model_(std::move(model)), created_at_(created_at), echo_(std::move(echo)) {}
+ResponsesOutput::ResponsesOutput(std::string id, int64_t created_at, std::string model, json echo, bool background)
+    : id_(std::move(id)),
+      model_(std::move(model)),
+      created_at_(created_at),
+      echo_(std::move(echo)),
+      background_(background),
+      status_(background ? "queued" : "in_progress") {}
 
 std::string ResponsesOutput::sse(const json& event) {
   return "event: " + event["type"].get<std::string>() + "\ndata: " +
@@ -377,7 +407,7 @@ std::string ResponsesOutput::sse(const json& event) {
 
 json ResponsesOutput::response() const {
   json r = {{"id", id_},          {"object", "response"},         {"created_at", created_at_},
-            {"status", status_},  {"background", false},          {"error", error_},
+            {"status", status_},  {"background", background_},    {"error", error_},
             {"incomplete_details", incomplete_}, {"model", model_}, {"output", output_}};
   for (auto it = echo_.begin(); it != echo_.end(); ++it) r[it.key()] = it.value();
   r["usage"] = usage_;
@@ -394,6 +424,7 @@ json ResponsesOutput::event(const char* type, json fields) {
 std::vector<json> ResponsesOutput::start() {
   std::vector<json> out;
   out.push_back(event("response.created", {{"response", response()}}));
+  status_ = "in_progress";
   out.push_back(event("response.in_progress", {{"response", response()}}));
   return out;
 }
@@ -513,12 +544,25 @@ std::vector<json> ResponsesOutput::finish(const std::string& finish_reason, cons
   close(out, !incomplete);
   status_ = incomplete ? "incomplete" : "completed";
   if (incomplete) incomplete_ = {{"reason", finish_reason == "length" ? "max_output_tokens" : finish_reason}};
+  set_usage(u);
+  out.push_back(event(incomplete ? "response.incomplete" : "response.completed", {{"response", response()}}));
+  return out;
+}
+
+void ResponsesOutput::set_usage(const ResponsesUsage& u) {
   usage_ = {{"input_tokens", u.input_tokens},
             {"input_tokens_details", {{"cached_tokens", u.cached_tokens}}},
             {"output_tokens", u.output_tokens},
             {"output_tokens_details", {{"reasoning_tokens", u.reasoning_tokens}}},
             {"total_tokens", u.input_tokens + u.output_tokens}};
-  out.push_back(event(incomplete ? "response.incomplete" : "response.completed", {{"response", response()}}));
+}
+
+std::vector<json> ResponsesOutput::cancel(const ResponsesUsage& u) {
+  std::vector<json> out;
+  close(out, false);
+  status_ = "cancelled";
+  set_usage(u);
+  out.push_back(event("response.cancelled", {{"response", response()}}));
   return out;
 }
 

@@ -1,6 +1,7 @@
-// OpenAI's Responses API (POST /v1/responses), stateless, on top of the chat pipeline: a Responses body becomes a
-// chat completions body (parse_generation_request(chat, true, ...) then validates it as usual), and the generation's
-// output events become Responses output items, a response object and its SSE events (docs/server.md "Responses API").
+// OpenAI's Responses API (POST /v1/responses) on top of the chat pipeline: a Responses body becomes a chat completions
+// body (parse_generation_request(chat, true, ...) then validates it as usual), and the generation's output events
+// become Responses output items, a response object and its SSE events (docs/server.md "Responses API"). Stored
+// responses, previous_response_id and background runs: response_store.h and the server.
 #pragma once
 #include <nlohmann/json.hpp>
 #include <string>
@@ -22,9 +23,15 @@ struct ResponsesRequest {
   json echo;  // the request's settings as a response object repeats them (tools, tool_choice, text, reasoning, ...)
 };
 
-// Converts a Responses request body; what this server cannot do (previous_response_id, non-function tools, files,
-// item references, ...) and wrong types are HttpError 400 naming the field.
-ResponsesRequest responses_to_chat(const json& body);
+// Converts a Responses request body; what this server cannot do (conversations, non-function tools, files, item
+// references, ...) and wrong types are HttpError 400 naming the field. `history`: the items of a stored conversation
+// the request continues (previous_response_id; ResponseStore::items), before its own input.
+ResponsesRequest responses_to_chat(const json& body, const json& history = json::array());
+
+// A request's own input (a string or a list of items, already checked by responses_to_chat) as stored input items:
+// a string is a user message, content strings become input_text / output_text parts, and each item gets an id
+// ("msg_", "fc_", "fco_", "rs_" + hex) where it has none.
+json stored_input_items(const json& input);
 
 // A chat-route error (parse_generation_request, template rendering, tool grammars) reworded with the Responses
 // request's field names (max_tokens -> max_output_tokens, response_format -> text.format, messages -> input, ...).
@@ -46,7 +53,8 @@ struct ResponsesUsage {
 // request feeds the same events and sends response().
 class ResponsesOutput {
  public:
-  ResponsesOutput(std::string id, int64_t created_at, std::string model, json echo);
+  // background: the response starts queued (response.created with status queued) and says background: true.
+  ResponsesOutput(std::string id, int64_t created_at, std::string model, json echo, bool background = false);
 
   std::vector<json> start();  // response.created, response.in_progress
   std::vector<json> update(const OutputEvent& ev);
@@ -54,8 +62,13 @@ class ResponsesOutput {
   // "repetition"). An abort also ends as incomplete.
   std::vector<json> finish(const std::string& finish_reason, const ResponsesUsage& usage);
   std::vector<json> fail(const std::string& message);  // response.failed (status failed, error server_error)
+  // A background response cancelled (POST /v1/responses/{id}/cancel): the open item ends incomplete, status
+  // cancelled, usage so far; the last event is response.cancelled.
+  std::vector<json> cancel(const ResponsesUsage& usage);
 
   json response() const;  // the response object as it stands
+  const json& output() const { return output_; }
+  bool finished() const { return status_ != "queued" && status_ != "in_progress"; }
   const std::string& id() const { return id_; }
   bool has_reasoning() const { return has_reasoning_; }
 
@@ -68,11 +81,13 @@ class ResponsesOutput {
   void open(Kind kind, std::vector<json>& out, const ToolCallDelta* call = nullptr);
   void close(std::vector<json>& out, bool complete);
   void text(Kind kind, const std::string& delta, std::vector<json>& out);
+  void set_usage(const ResponsesUsage& u);
 
   std::string id_, model_;
   int64_t created_at_;
   json echo_;
-  std::string status_ = "in_progress";
+  bool background_;
+  std::string status_;
   json incomplete_ = nullptr, error_ = nullptr, usage_ = nullptr;
   json output_ = json::array();
   int64_t seq_ = 0;

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -24,6 +25,7 @@
 #include "server/metrics.h"
 #include "server/openai.h"
 #include "server/output.h"
+#include "server/response_store.h"
 #include "server/responses.h"
 #include "server/tokenize_api.h"
 #include "text/chat_template.h"
@@ -950,11 +952,65 @@ json usage_json(const Generation& g) {
 
 // ---------------------------------------------------------------------------------------------------
 
+}  // namespace
+
+// A background response's run (docs/server.md "Background responses"): a thread of its own drives the generation (no
+// client holds it), and every event it produced stays here for the streams that follow it (the creating request's,
+// GET /v1/responses/{id}?stream=true&starting_after=N); cancel() is honoured at the next poll.
+struct ResponseRun {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<json> events;
+  int64_t event_bytes = 0;
+  bool done = false;  // the last event is in
+  std::atomic<bool> cancel{false};
+
+  void push(std::vector<json> evs, bool last = false) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      for (auto& e : evs) {
+        event_bytes += int64_t(e.dump().size());
+        events.push_back(std::move(e));
+      }
+      done = done || last;
+    }
+    cv.notify_all();
+  }
+  // The events from index `from` on, waiting up to `wait` for one; `finished`: nothing will come after them.
+  std::vector<json> from(size_t from, std::chrono::milliseconds wait, bool& finished) {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait_for(lock, wait, [&] { return done || events.size() > from; });
+    finished = done;
+    return from < events.size() ? std::vector<json>(events.begin() + std::ptrdiff_t(from), events.end())
+                                : std::vector<json>();
+  }
+  bool wait_done(std::chrono::milliseconds wait) {
+    std::unique_lock<std::mutex> lock(mu);
+    return cv.wait_for(lock, wait, [&] { return done; });
+  }
+};
+
+namespace {
+
 class HttpServer {
  public:
   explicit HttpServer(ServerState& st)
       : st_(st),
-        cors_(st.cfg.allowed_origins, st.cfg.allowed_methods, st.cfg.allowed_headers, st.cfg.allow_credentials) {}
+        cors_(st.cfg.allowed_origins, st.cfg.allowed_methods, st.cfg.allowed_headers, st.cfg.allow_credentials) {
+    if (st.cfg.responses_store_mib > 0) store_ = std::make_unique<ResponseStore>(st.cfg.responses_store_mib << 20);
+  }
+
+  // At shutdown, after the drain: background responses still running are cancelled and their threads joined, before
+  // the engine stops.
+  void stop_background() {
+    std::vector<Background> all;
+    {
+      std::lock_guard<std::mutex> lock(bg_mu_);
+      all.swap(bg_);
+    }
+    for (auto& b : all) b.run->cancel = true;
+    for (auto& b : all) b.thread.join();
+  }
 
   void install() {
     svr_.new_task_queue = [] { return new httplib::ThreadPool(96); };
@@ -1063,6 +1119,26 @@ class HttpServer {
       res.set_content(wire(model_json()), "application/json");
     });
     svr_.Post("/v1/responses", [this](const httplib::Request& req, httplib::Response& res) { responses(req, res); });
+    svr_.Get(R"(/v1/responses/([^/]+))", [this](const httplib::Request& req, httplib::Response& res) {
+      response_get(req, res);
+    });
+    svr_.Delete(R"(/v1/responses/([^/]+))", [this](const httplib::Request& req, httplib::Response& res) {
+      const std::string id = req.matches[1];
+      stored(id);
+      if (auto f = store_->get(id); f && f->run && f->running) cancel_run(*f->run);
+      store_->erase(id);
+      res.set_content(wire(json({{"id", id}, {"object", "response.deleted"}, {"deleted", true}})), "application/json");
+    });
+    svr_.Post(R"(/v1/responses/([^/]+)/cancel)", [this](const httplib::Request& req, httplib::Response& res) {
+      const std::string id = req.matches[1];
+      ResponseStore::Found f = stored(id);
+      if (!f.run) throw HttpError(400, "only background responses can be cancelled; '" + id + "' was not", "response_id");
+      if (f.running) cancel_run(*f.run);
+      res.set_content(wire(stored(id).response), "application/json");
+    });
+    svr_.Get(R"(/v1/responses/([^/]+)/input_items)", [this](const httplib::Request& req, httplib::Response& res) {
+      input_items(req, res);
+    });
     svr_.Post("/tokenize", [this](const httplib::Request& req, httplib::Response& res) { tokenize(req, res); });
     svr_.Post("/detokenize", [this](const httplib::Request& req, httplib::Response& res) { detokenize(req, res); });
     svr_.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) { generate(req, res, false); });
@@ -1120,12 +1196,45 @@ class HttpServer {
     res.set_content(wire(detokenize_body(parse_body(req.body), *st_.rt.tok)), "application/json");
   }
 
-  // POST /v1/responses: OpenAI's Responses API, stateless (docs/server.md "Responses API"). The request becomes a chat
-  // request (src/server/responses.h) run by the same Generation; its output events become Responses items, a response
-  // object or SSE events. Chat-route errors are reworded with the Responses field names.
+  // POST /v1/responses: OpenAI's Responses API (docs/server.md "Responses API"). The request becomes a chat request
+  // (src/server/responses.h) run by the same Generation; its output events become Responses items, a response object
+  // or SSE events. Chat-route errors are reworded with the Responses field names. Unless `store` is false (or the
+  // store is off) the response is kept (response_store.h): previous_response_id continues it, GET reads it;
+  // `background` runs it on a thread of its own (run_background).
   void responses(const httplib::Request& req, httplib::Response& res) {
     require_ready();
-    ResponsesRequest rr = responses_to_chat(parse_body(req.body));
+    json body = parse_body(req.body);
+    if (body.contains("store") && !body["store"].is_boolean())
+      throw bad_request("'store' must be a boolean, got " + brief(body["store"]), "store");
+    if (body.contains("background") && !body["background"].is_null() && !body["background"].is_boolean())
+      throw bad_request("'background' must be a boolean, got " + brief(body["background"]), "background");
+    const bool store = store_ && body.value("store", true);
+    const bool background = body.contains("background") && body["background"] == true;
+    if (background && !store)
+      throw bad_request(store_ ? "'background' needs a stored response: 'store' must not be false"
+                               : "'background' needs the response store, which --responses-store 0 turned off",
+                        "background");
+    std::shared_ptr<const ResponseStore::Node> prev;
+    json history = json::array();
+    if (body.contains("previous_response_id") && !body["previous_response_id"].is_null()) {
+      const json& p = body["previous_response_id"];
+      if (!p.is_string())
+        throw bad_request("'previous_response_id' must be a string, got " + brief(p), "previous_response_id");
+      if (!store_)
+        throw bad_request("'previous_response_id' needs the response store, which --responses-store 0 turned off; "
+                          "send the whole conversation in 'input'", "previous_response_id");
+      auto f = store_->get(p.get<std::string>());
+      if (!f)
+        throw bad_request("Previous response with id '" + p.get<std::string>() + "' not found (never stored, deleted, " +
+                              "or evicted from the --responses-store budget); send the whole conversation in 'input'",
+                          "previous_response_id");
+      if (f->running)
+        throw bad_request("previous response '" + p.get<std::string>() + "' is still in progress; continue it once it "
+                          "has finished", "previous_response_id");
+      prev = f->node;
+      history = ResponseStore::items(prev.get(), true);
+    }
+    ResponsesRequest rr = responses_to_chat(body, history);
     GenSpec spec;
     try {
       spec = parse_generation_request(rr.chat, true, st_.rt.defaults, st_.max_logprobs);
@@ -1135,6 +1244,7 @@ class HttpServer {
     check_model(spec);
     for (size_t i = 0; i < spec.images.size() && i < rr.image_where.size(); ++i) spec.images[i].where = rr.image_where[i];
     responses_echo_sampling(rr.echo, spec.sampling);
+    rr.echo["store"] = store;
     admit();
     auto gen = std::make_shared<Generation>(st_, std::move(spec));  // takes over the `active` slot
     try {
@@ -1143,28 +1253,59 @@ class HttpServer {
       throw responses_error(e);
     }
     gen->submit();
-    auto out = std::make_shared<ResponsesOutput>(new_response_id(), unix_time(), st_.model_name, std::move(rr.echo));
+    auto out = std::make_shared<ResponsesOutput>(new_response_id(), unix_time(), st_.model_name, std::move(rr.echo),
+                                                 background);
     res.set_header("X-Request-Id", req.has_header("X-Request-Id") ? req.get_header_value("X-Request-Id") : out->id());
-    if (gen->spec().stream) responses_stream(gen, out, res);
-    else responses_respond(gen, out, res);
+    std::shared_ptr<ResponseRun> run = background ? std::make_shared<ResponseRun>() : nullptr;
+    if (store) store_->begin(out->id(), out->response(), store_->node(prev, stored_input_items(body["input"])), run);
+    if (background) {
+      const json queued = out->response();
+      start_background(gen, out, run);
+      if (gen_stream(body)) follow(run, 0, res);
+      else res.set_content(wire(queued), "application/json");
+    } else if (gen->spec().stream) {
+      responses_stream(gen, out, res, store);
+    } else {
+      responses_respond(gen, out, res, store);
+    }
   }
 
-  // The end of a response: response.completed / .incomplete with usage, or response.failed.
-  std::vector<json> responses_finish(Generation& g, ResponsesOutput& out) {
-    if (!g.error_.empty()) return out.fail("generation failed: " + g.error_);
+  static bool gen_stream(const json& body) { return body.contains("stream") && body["stream"] == true; }
+
+  // The end of a response: response.completed / .incomplete with usage, or response.failed; a stored response's
+  // final object and output items go to the store.
+  std::vector<json> responses_finish(Generation& g, ResponsesOutput& out, bool store, bool cancelled = false,
+                                     ResponseRun* run = nullptr) {
     ResponsesUsage u{g.prompt_tokens(), g.cached_tokens(), g.completion_tokens(), 0};
     if (out.has_reasoning()) {  // the output tokens up to </think>
       const auto& t = g.choices()[0].tokens;
       u.reasoning_tokens = std::find(t.begin(), t.end(), st_.rt.think_end_id) - t.begin();
     }
-    return out.finish(g.choices()[0].finish_reason, u);
+    std::vector<json> evs = cancelled               ? out.cancel(u)
+                            : !g.error_.empty()     ? out.fail("generation failed: " + g.error_)
+                                                    : out.finish(g.choices()[0].finish_reason, u);
+    int64_t run_bytes = 0;
+    if (run) {
+      std::lock_guard<std::mutex> lock(run->mu);
+      run_bytes = run->event_bytes;
+      for (auto& e : evs) run_bytes += int64_t(e.dump().size());
+    }
+    if (store) store_->finish(out.id(), out.response(), out.output(), run_bytes);
+    return evs;
+  }
+
+  // A client that left: the generation is aborted; a stored response ends incomplete (reason "abort").
+  void responses_left(Generation& g, ResponsesOutput& out, bool store) {
+    g.abort_all();
+    if (!out.finished()) responses_finish(g, out, store);
   }
 
   // Non-streaming: chunked, with a leading space every 2 s while waiting (as respond()).
-  void responses_respond(std::shared_ptr<Generation> gen, std::shared_ptr<ResponsesOutput> out, httplib::Response& res) {
+  void responses_respond(std::shared_ptr<Generation> gen, std::shared_ptr<ResponsesOutput> out, httplib::Response& res,
+                         bool store) {
     res.set_chunked_content_provider(
         "application/json",
-        [this, gen, out, last = Clock::now()](size_t, httplib::DataSink& sink) mutable {
+        [this, gen, out, store, last = Clock::now()](size_t, httplib::DataSink& sink) mutable {
           while (!gen->all_done()) {
             for (auto& u : gen->poll(std::chrono::milliseconds(200))) out->update(u.ev);
             if (!gen->all_done() && seconds_since(last) > 2.0) {
@@ -1172,21 +1313,22 @@ class HttpServer {
               last = Clock::now();
             }
           }
-          responses_finish(*gen, *out);
+          responses_finish(*gen, *out, store);
           std::string body = wire(out->response());
           if (!sink.write(body.data(), body.size())) return false;
           sink.done();
           return true;
         },
-        [gen](bool) { gen->abort_all(); });
+        [this, gen, out, store](bool) { responses_left(*gen, *out, store); });
   }
 
   // Streaming: "event: TYPE / data: JSON" per event, `: ping` comments during long silences; no [DONE].
-  void responses_stream(std::shared_ptr<Generation> gen, std::shared_ptr<ResponsesOutput> out, httplib::Response& res) {
+  void responses_stream(std::shared_ptr<Generation> gen, std::shared_ptr<ResponsesOutput> out, httplib::Response& res,
+                        bool store) {
     res.set_header("Cache-Control", "no-cache");
     res.set_chunked_content_provider(
         "text/event-stream",
-        [this, gen, out, started = false, last = Clock::now()](size_t, httplib::DataSink& sink) mutable {
+        [this, gen, out, store, started = false, last = Clock::now()](size_t, httplib::DataSink& sink) mutable {
           auto send = [&](const std::vector<json>& events) {
             for (auto& e : events) {
               std::string s = ResponsesOutput::sse(e);
@@ -1209,11 +1351,169 @@ class HttpServer {
               last = Clock::now();
             }
           }
-          if (!send(responses_finish(*gen, *out))) return false;
+          if (!send(responses_finish(*gen, *out, store))) return false;
           sink.done();
           return true;
         },
-        [gen](bool) { gen->abort_all(); });
+        [this, gen, out, store](bool) { responses_left(*gen, *out, store); });
+  }
+
+  // A background response: a thread polls its generation, keeps the events in `run` and the store's object current
+  // (at most every half second while tokens come), and ends it completed, incomplete, failed or cancelled.
+  void start_background(std::shared_ptr<Generation> gen, std::shared_ptr<ResponsesOutput> out,
+                        std::shared_ptr<ResponseRun> run) {
+    std::lock_guard<std::mutex> lock(bg_mu_);
+    // Threads whose runs have ended are joined here (each has pushed its last event and is returning).
+    for (size_t i = 0; i < bg_.size();) {
+      bool ended;
+      {
+        std::lock_guard<std::mutex> l(bg_[i].run->mu);
+        ended = bg_[i].run->done;
+      }
+      if (!ended) {
+        ++i;
+        continue;
+      }
+      bg_[i].thread.join();
+      bg_.erase(bg_.begin() + std::ptrdiff_t(i));
+    }
+    bg_.push_back({std::thread([this, gen, out, run]() mutable {
+                     std::vector<json> last;
+                     try {
+                       run->push(out->start());
+                       store_->update(out->id(), out->response());
+                       auto saved = Clock::now();
+                       bool cancelled = false;
+                       while (!gen->all_done()) {
+                         if (run->cancel) {
+                           gen->abort_all();
+                           cancelled = true;
+                           break;
+                         }
+                         std::vector<json> evs;
+                         for (auto& u : gen->poll(std::chrono::milliseconds(50)))
+                           for (auto& e : out->update(u.ev)) evs.push_back(std::move(e));
+                         if (!evs.empty() && seconds_since(saved) > 0.5) {
+                           store_->update(out->id(), out->response());
+                           saved = Clock::now();
+                         }
+                         run->push(std::move(evs));
+                       }
+                       last = responses_finish(*gen, *out, true, cancelled, run.get());
+                     } catch (const std::exception& e) {  // the run fails, the server stays up
+                       gen->abort_all();
+                       if (!out->finished()) {
+                         last = out->fail(std::string("internal error: ") + e.what());
+                         store_->finish(out->id(), out->response(), out->output());
+                       }
+                     }
+                     gen.reset();  // gives back its `active` slot before the run says it is done
+                     run->push(std::move(last), true);
+                   }),
+                   run});
+  }
+
+  void cancel_run(ResponseRun& run) {
+    run.cancel = true;
+    run.wait_done(std::chrono::seconds(30));
+  }
+
+  // A stored response, or a 404 naming it.
+  ResponseStore::Found stored(const std::string& id) {
+    require_ready();
+    std::optional<ResponseStore::Found> f;
+    if (store_) f = store_->get(id);
+    if (!f)
+      throw HttpError(404, "Response with id '" + id + "' not found" +
+                               (store_ ? std::string(" (never stored, deleted, or evicted from the --responses-store "
+                                                     "budget)")
+                                       : std::string(": this server stores no responses (--responses-store 0)")),
+                      "response_id", "NotFoundError");
+    return *f;
+  }
+
+  // GET /v1/responses/{id}: the response as it stands; with ?stream=true a background response's events after
+  // ?starting_after=N (all of them without it), then the live ones until it ends.
+  void response_get(const httplib::Request& req, httplib::Response& res) {
+    const std::string id = req.matches[1];
+    ResponseStore::Found f = stored(id);
+    if (req.get_param_value("stream") != "true") return res.set_content(wire(f.response), "application/json");
+    if (!f.run) throw HttpError(400, "only background responses can be streamed again; '" + id + "' was not", "stream");
+    size_t from = 0;
+    if (req.has_param("starting_after")) {
+      const std::string v = req.get_param_value("starting_after");
+      char* end = nullptr;
+      const long long n = std::strtoll(v.c_str(), &end, 10);
+      if (v.empty() || *end || n < -1)
+        throw HttpError(400, "'starting_after' must be an event's sequence_number (an integer >= -1), got '" + v + "'",
+                        "starting_after");
+      from = size_t(n + 1);
+    }
+    follow(f.run, from, res);
+  }
+
+  // SSE of a background run's events from index `from` until its last one; a client that leaves does not cancel it.
+  void follow(std::shared_ptr<ResponseRun> run, size_t from, httplib::Response& res) {
+    res.set_header("Cache-Control", "no-cache");
+    res.set_chunked_content_provider(
+        "text/event-stream", [run, next = from, last = Clock::now()](size_t, httplib::DataSink& sink) mutable {
+          for (;;) {
+            bool finished = false;
+            auto evs = run->from(next, std::chrono::milliseconds(100), finished);
+            for (auto& e : evs) {
+              std::string s = ResponsesOutput::sse(e);
+              if (!sink.write(s.data(), s.size())) return false;
+              ++next;
+              last = Clock::now();
+            }
+            if (finished && evs.empty()) break;
+            if (evs.empty() && seconds_since(last) > 2.0) {
+              const char* ping = ": ping\n\n";
+              if (!sink.write(ping, std::strlen(ping))) return false;
+              last = Clock::now();
+            }
+          }
+          sink.done();
+          return true;
+        });
+  }
+
+  // GET /v1/responses/{id}/input_items: the items the response was generated from (a continued conversation's earlier
+  // items included), `order` desc (default) or asc, `limit` 1..100 (default 20), after / before an item id.
+  void input_items(const httplib::Request& req, httplib::Response& res) {
+    const std::string id = req.matches[1];
+    ResponseStore::Found f = stored(id);
+    json items = ResponseStore::items(f.node.get(), false);
+    const std::string order = req.has_param("order") ? req.get_param_value("order") : "desc";
+    if (order != "asc" && order != "desc")
+      throw HttpError(400, "'order' must be asc or desc, got '" + order + "'", "order");
+    if (order == "desc") std::reverse(items.begin(), items.end());
+    int64_t limit = 20;
+    if (req.has_param("limit")) {
+      const std::string v = req.get_param_value("limit");
+      char* end = nullptr;
+      limit = std::strtoll(v.c_str(), &end, 10);
+      if (v.empty() || *end || limit < 1 || limit > 100)
+        throw HttpError(400, "'limit' must be an integer from 1 to 100, got '" + v + "'", "limit");
+    }
+    auto find = [&](const char* k) -> std::ptrdiff_t {
+      const std::string v = req.get_param_value(k);
+      for (size_t i = 0; i < items.size(); ++i)
+        if (items[i].value("id", "") == v) return std::ptrdiff_t(i);
+      throw HttpError(400, std::string("'") + k + "': no input item '" + v + "' in response '" + id + "'", k);
+    };
+    std::ptrdiff_t lo = 0, hi = std::ptrdiff_t(items.size());
+    if (req.has_param("after")) lo = find("after") + 1;
+    if (req.has_param("before")) hi = find("before");
+    json data = json::array();
+    for (std::ptrdiff_t i = lo; i < hi && std::ptrdiff_t(data.size()) < limit; ++i) data.push_back(items[size_t(i)]);
+    const bool more = lo + std::ptrdiff_t(data.size()) < hi;
+    json page = {{"object", "list"},
+                 {"data", data},
+                 {"first_id", data.empty() ? json(nullptr) : data.front()["id"]},
+                 {"last_id", data.empty() ? json(nullptr) : data.back()["id"]},
+                 {"has_more", more}};
+    res.set_content(wire(page), "application/json");
   }
 
   void generate(const httplib::Request& req, httplib::Response& res, bool chat) {
@@ -1538,6 +1838,13 @@ class HttpServer {
   ServerState& st_;
   CorsPolicy cors_;
   httplib::Server svr_;
+  std::unique_ptr<ResponseStore> store_;  // null with --responses-store 0
+  struct Background {
+    std::thread thread;
+    std::shared_ptr<ResponseRun> run;
+  };
+  std::mutex bg_mu_;
+  std::vector<Background> bg_;
 };
 
 }  // namespace
@@ -1576,6 +1883,7 @@ int serve(const ServerConfig& cfg) {
     st.draining = true;
     auto deadline = Clock::now() + std::chrono::seconds(cfg.drain_seconds);
     while (st.active.load() > 0 && Clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    http.stop_background();  // before the HTTP threads are joined: streams following a run end with it
     http.stop();
   });
   // vLLM's periodic stats line, while there is work (metrics.h stats_line).

@@ -66,6 +66,9 @@ struct ServerConfig {
   // and --allow-credentials, with vLLM's defaults (any origin, method and header; no credentials).
   std::vector<std::string> allowed_origins{"*"}, allowed_methods{"*"}, allowed_headers{"*"};
   bool allow_credentials = false;
+  // --responses-store MIB: memory for stored Responses (previous_response_id, GET /v1/responses/{id}, background
+  // runs; response_store.h); 0 = none, every response as if store: false.
+  int64_t responses_store_mib = 256;
   // vLLM's --enable-force-include-usage: every stream ends with a usage chunk, as if stream_options.include_usage.
   bool force_include_usage = false;
 };

@@ -1,4 +1,5 @@
-// OpenAI's Responses API (docs/server.md "Responses API"), stateless, through the official openai SDK:
+// OpenAI's Responses API (docs/server.md "Responses API") through the official openai SDK (stored responses:
+// responses_store.test.mjs):
 // client.responses.create (plain and stream: true) and client.responses.stream(...).finalResponse() on the tiny model.
 // Its weights are random: tool calls and JSON only come out right through the constraints, and the streamed and
 // non-streamed answers must agree token for token (temperature 0 / a seed).
@@ -260,9 +261,9 @@ test('max_output_tokens: status incomplete, reason max_output_tokens; response.i
   assert.equal(messageText(s.response), r.output_text);
 });
 
-test('errors: 400 BadRequestError naming the field (stateless, built-in tools, types); the server stays up', async () => {
+test('errors: 400 BadRequestError naming the field (unknown previous response, built-in tools, types); the server stays up', async () => {
   const cases = [
-    [{ previous_response_id: 'resp_123' }, /stateless/, 'previous_response_id'],
+    [{ previous_response_id: 'resp_123' }, /Previous response with id 'resp_123' not found/, 'previous_response_id'],
     [{ tools: [{ type: 'web_search' }] }, /tools\[0\]: tool type 'web_search' is not supported/, 'tools'],
     [{ tools: [{ type: 'file_search', vector_store_ids: ['v'] }] }, /file_search/, 'tools'],
     [{ max_output_tokens: 0 }, /'max_output_tokens' must be/, 'max_output_tokens'],

@@ -88,6 +88,7 @@ TEST(Cli, BadArgumentsAreClearErrors) {
       {"serve " + m + " --cache-ram -1", "--cache-ram: expected MiB of host memory, 0..1073741824, got -1"},
       {"serve " + m + " --cache-ram 8G", "--cache-ram"},
       {"serve " + m + " --prefix-cache-interval -5", "--prefix-cache-interval: expected tokens >= 0 (0: off), got -5"},
+      {"serve " + m + " --responses-store -1", "--responses-store: expected MiB of host memory, 0..1073741824, got -1"},
       // unknown flags are errors, with the closest known one or the list
       {"serve " + m + " --mamba-ssm-cache-dtpye bfloat16",
        "serve: unknown flag --mamba-ssm-cache-dtpye (did you mean --mamba-ssm-cache-dtype?)"},

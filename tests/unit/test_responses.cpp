@@ -1,12 +1,13 @@
 // The Responses API conversions (src/server/responses.h): request bodies -> chat bodies (input items, tools,
 // tool_choice, text.format, reasoning.effort, what is refused), chat-route errors reworded, and a generation's output
-// events -> output items, the response object and its SSE events.
+// events -> output items, the response object and its SSE events; the store of responses (response_store.h).
 #include <gtest/gtest.h>
 
 #include <regex>
 
 #include "output_util.h"
 #include "server/openai.h"
+#include "server/response_store.h"
 #include "server/responses.h"
 
 namespace {
@@ -158,9 +159,9 @@ TEST(ResponsesRequest, VllmExtrasPassThroughAndStoreMetadataUserAreIgnored) {
 }
 
 TEST(ResponsesRequest, ErrorsNameTheField) {
-  expect_bad({{"input", "x"}, {"previous_response_id", "resp_1"}}, "stateless", "previous_response_id");
-  expect_bad({{"input", "x"}, {"conversation", "conv_1"}}, "stateless", "conversation");
-  expect_bad({{"input", "x"}, {"background", true}}, "background", "background");
+  expect_bad({{"input", "x"}, {"conversation", "conv_1"}}, "previous_response_id", "conversation");
+  expect_bad({{"input", "x"}, {"background", "yes"}}, "'background' must be a boolean", "background");
+  expect_bad({{"input", "x"}, {"store", 1}}, "'store' must be a boolean", "store");
   expect_bad(json::object(), "'input' is required", "input");
   expect_bad({{"input", 3}}, "'input' must be a string or a list", "input");
   expect_bad({{"input", json::array()}}, "at least one", "input");
@@ -179,7 +180,7 @@ TEST(ResponsesRequest, ErrorsNameTheField) {
   expect_bad(json::parse(R"({"input":"x","text":{"format":{"type":"grammar"}}})"), "'grammar' is not supported",
              "text.format");
   expect_bad(json::parse(R"({"input":[{"role":"user","content":"a"},{"type":"item_reference","id":"msg_1"}]})"),
-             R"(input\[1\]: item_reference is not supported: this server is stateless)", "input");
+             R"(input\[1\]: item_reference is not supported; send the item itself)", "input");
   expect_bad(json::parse(R"({"input":[{"type":"web_search_call","id":"ws_1"}]})"),
              R"(input\[0\]: input item type 'web_search_call' is not supported)", "input");
   expect_bad(json::parse(R"({"input":[{"role":"tool","content":"a"}]})"), "role must be user, assistant", "input");
@@ -353,6 +354,140 @@ TEST(ResponsesOutput, EchoedSamplingDefaults) {
   ds::server::responses_echo_sampling(echo, used);
   EXPECT_EQ(echo["temperature"], 0.7);
   EXPECT_EQ(echo["top_p"], 0.5);
+}
+
+// previous_response_id: the stored conversation's items come first; errors in the request's own items name them
+// input[i] as the client sent them, and the earlier items as the stored conversation's.
+TEST(ResponsesRequest, HistoryFromAStoredConversationComesFirst) {
+  const json history = json::parse(R"([
+    {"id": "msg_1", "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+    {"id": "rs_1", "type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "greeting"}]},
+    {"id": "msg_2", "type": "message", "role": "assistant", "status": "completed",
+     "content": [{"type": "output_text", "text": "hello", "annotations": [], "logprobs": []}]}])");
+  auto r = responses_to_chat({{"input", "and now?"}, {"instructions", "brief"}, {"previous_response_id", "resp_1"}},
+                             history);
+  EXPECT_EQ(r.chat["messages"], json::parse(R"([{"role":"system","content":"brief"},
+    {"role":"user","content":[{"type":"text","text":"hi"}]},
+    {"role":"assistant","content":"hello","reasoning_content":"greeting"},
+    {"role":"user","content":"and now?"}])"));
+  EXPECT_EQ(r.echo["previous_response_id"], "resp_1");
+  try {
+    responses_to_chat(json::parse(R"({"input": [{"role": "user", "content": "a"}, {"role": "nobody"}]})"), history);
+    FAIL();
+  } catch (const HttpError& e) {
+    EXPECT_TRUE(std::string(e.what()).rfind("input[1]: ", 0) == 0) << e.what();
+  }
+  try {
+    responses_to_chat({{"input", "x"}}, json::array({{{"type", "mystery"}}}));
+    FAIL();
+  } catch (const HttpError& e) {
+    EXPECT_TRUE(std::string(e.what()).rfind("previous_response_id's item 0: ", 0) == 0) << e.what();
+  }
+}
+
+TEST(ResponsesRequest, StoredInputItemsHaveIdsAndParts) {
+  json s = ds::server::stored_input_items("hi");
+  ASSERT_EQ(s.size(), 1u);
+  EXPECT_TRUE(std::regex_match(s[0]["id"].get<std::string>(), std::regex("msg_[0-9a-f]{32}"))) << s.dump();
+  EXPECT_EQ(s[0]["type"], "message");
+  EXPECT_EQ(s[0]["role"], "user");
+  EXPECT_EQ(s[0]["status"], "completed");
+  EXPECT_EQ(s[0]["content"], json::parse(R"([{"type":"input_text","text":"hi"}])"));
+  json l = ds::server::stored_input_items(json::parse(R"([
+    {"role": "assistant", "content": "ok"},
+    {"type": "function_call", "id": "fc_mine", "call_id": "c1", "name": "f", "arguments": "{}"},
+    {"type": "function_call_output", "call_id": "c1", "output": "42"}])"));
+  ASSERT_EQ(l.size(), 3u);
+  EXPECT_EQ(l[0]["content"], json::parse(R"([{"type":"output_text","text":"ok"}])"));
+  EXPECT_EQ(l[1]["id"], "fc_mine");
+  EXPECT_EQ(l[1]["call_id"], "c1");
+  EXPECT_EQ(l[2]["type"], "function_call_output");
+  EXPECT_EQ(l[2]["id"].get<std::string>().rfind("fco_", 0), 0u);
+}
+
+TEST(ResponsesOutput, BackgroundStartsQueuedAndCancelEndsCancelled) {
+  ResponsesOutput o("resp_6", 1, "tiny", json::object(), true);
+  EXPECT_EQ(o.response()["status"], "queued");
+  EXPECT_EQ(o.response()["background"], true);
+  EXPECT_FALSE(o.finished());
+  auto es = o.start();
+  EXPECT_EQ(es[0]["response"]["status"], "queued");
+  EXPECT_EQ(es[1]["response"]["status"], "in_progress");
+  o.update(ev("", "ab"));
+  es = o.cancel({4, 0, 2, 0});
+  EXPECT_EQ(es.back()["type"], "response.cancelled");
+  EXPECT_TRUE(o.finished());
+  json r = o.response();
+  EXPECT_EQ(r["status"], "cancelled");
+  EXPECT_EQ(r["output"][0]["status"], "incomplete");
+  EXPECT_EQ(r["usage"]["output_tokens"], 2);
+  EXPECT_EQ(ResponsesOutput("resp_7", 1, "tiny", json::object()).response()["background"], false);
+}
+
+using ds::server::ResponseStore;
+
+// A conversation's chain: each response's context is its predecessors' inputs and outputs, then its own input.
+TEST(ResponseStore, ChainsGiveEveryEarlierItemInOrder) {
+  ResponseStore st(1 << 20);
+  auto a = st.node(nullptr, json::array({"in1"}));
+  st.begin("resp_a", {{"status", "in_progress"}}, a);
+  EXPECT_TRUE(st.get("resp_a")->running);
+  st.finish("resp_a", {{"status", "completed"}}, json::array({"out1"}));
+  auto fa = st.get("resp_a");
+  ASSERT_TRUE(fa);
+  EXPECT_FALSE(fa->running);
+  EXPECT_EQ(fa->response["status"], "completed");
+  auto b = st.node(fa->node, json::array({"in2a", "in2b"}));
+  st.begin("resp_b", json::object(), b);
+  st.finish("resp_b", json::object(), json::array({"out2"}));
+  auto fb = st.get("resp_b");
+  EXPECT_EQ(ResponseStore::items(fb->node.get(), false), json::parse(R"(["in1","out1","in2a","in2b"])"));
+  EXPECT_EQ(ResponseStore::items(fb->node.get(), true), json::parse(R"(["in1","out1","in2a","in2b","out2"])"));
+  // Deleting the first response keeps the second's context (its chain holds the node).
+  EXPECT_TRUE(st.erase("resp_a"));
+  EXPECT_FALSE(st.erase("resp_a"));
+  EXPECT_FALSE(st.get("resp_a"));
+  EXPECT_EQ(ResponseStore::items(st.get("resp_b")->node.get(), true).size(), 5u);
+  EXPECT_EQ(st.size(), 1u);
+}
+
+// The byte budget: the least recently used finished responses go first, running ones stay, and bytes come back when
+// nothing holds a node any more.
+TEST(ResponseStore, EvictsTheLeastRecentlyUsedWithinItsBudget) {
+  const std::string big(1000, 'x');
+  ResponseStore st(3500);
+  for (const char* id : {"r1", "r2", "r3"}) {
+    st.begin(id, json::object(), st.node(nullptr, json::array({big})));
+    st.finish(id, json::object(), json::array());
+  }
+  EXPECT_EQ(st.size(), 3u);
+  EXPECT_GT(st.bytes(), 3000);
+  EXPECT_TRUE(st.get("r1"));  // r1 is now the most recently used: r2 goes first
+  st.begin("r4", json::object(), st.node(nullptr, json::array({big})));
+  EXPECT_FALSE(st.get("r2"));
+  EXPECT_TRUE(st.get("r1") && st.get("r3") && st.get("r4"));
+  EXPECT_LE(st.bytes(), 3500);
+  // A running response is never evicted, even past the budget.
+  st.begin("r5", json::object(), st.node(nullptr, json::array({big, big, big, big})));
+  EXPECT_TRUE(st.get("r4") && st.get("r5"));
+  EXPECT_FALSE(st.get("r1") || st.get("r3"));
+  // Once it finishes it is the only finished one, and with the running r4 over the budget: it goes.
+  st.finish("r5", json::object(), json::array());
+  EXPECT_FALSE(st.get("r5"));
+  st.finish("r4", json::object(), json::array());
+  EXPECT_TRUE(st.get("r4"));
+  EXPECT_LE(st.bytes(), 3500);
+  // A node held outside the store (a later response's chain) still counts until dropped.
+  ResponseStore s2(1 << 20);
+  auto n = s2.node(nullptr, json::array({big}));
+  s2.begin("x", json::object(), n);
+  s2.finish("x", json::object(), json::array());
+  const int64_t held = s2.bytes();
+  EXPECT_GT(held, 1000);
+  s2.erase("x");
+  EXPECT_EQ(s2.bytes(), held);
+  n.reset();
+  EXPECT_EQ(s2.bytes(), 0);
 }
 
 }  // namespace

@@ -1089,6 +1089,7 @@ class HttpServer {
     const auto health = [this](const httplib::Request&, httplib::Response& res) {
       if (st_.ready && !st_.draining) return res.set_content(R"({"status":"ok"})", "application/json");
       res.status = 503;
+      retry_after(res);
       json j = {{"status", st_.draining ? "draining" : st_.load_error.empty() ? "loading" : "error"}};
       if (!st_.load_error.empty()) j["error"] = st_.load_error;
       res.set_content(wire(j), "application/json");
@@ -1158,7 +1159,15 @@ class HttpServer {
   void send_error(httplib::Response& res, const HttpError& e) {
     if (e.status >= 400 && e.status < 500) st_.metrics.client_errors_total++;
     res.status = e.status;
+    retry_after(res);
     res.set_content(wire(e.body()), "application/json");
+  }
+
+  // Retry-After on the refusals a client should retry (the SDKs honour it): admission control's 429 and the 503 while
+  // the model loads; not while the server shuts down.
+  void retry_after(httplib::Response& res) {
+    if (res.status == 429) res.set_header("Retry-After", "1");
+    else if (res.status == 503 && !st_.ready && !st_.draining && st_.load_error.empty()) res.set_header("Retry-After", "5");
   }
 
   void require_ready() {
@@ -1721,6 +1730,7 @@ class HttpServer {
   void send_anthropic_error(httplib::Response& res, int status, const std::string& message) {
     if (status >= 400 && status < 500) st_.metrics.client_errors_total++;
     res.status = status;
+    retry_after(res);
     res.set_content(wire(anthropic::error_body(status, message)), "application/json");
   }
 

@@ -79,14 +79,17 @@ test('32 concurrent streams, random disconnects: outputs equal solo runs; slots 
   }
 });
 
-test('admission control answers 429 beyond the queue bound, and the server stays healthy', async () => {
+test('admission control answers 429 (Retry-After: 1) beyond the queue bound, and the server stays healthy', async () => {
   const small = await startServer(['--max-model-len', '512', '--max-num-seqs', '1', '--max-queued-requests', '1']);
   try {
     const c = new OpenAI({ baseURL: `${small.base}/v1`, apiKey: 'x', maxRetries: 0 });
     const reqs = [];
     for (let i = 0; i < 6; ++i)
       reqs.push(c.completions.create({ model: 'tiny', prompt: [1, 2, 3], max_tokens: 40, temperature: 0, ignore_eos: true })
-        .then(() => 200, (e) => e.status));
+        .then(() => 200, (e) => {
+          if (e.status === 429) assert.equal(e.headers.get('retry-after'), '1');
+          return e.status;
+        }));
     const statuses = await Promise.all(reqs);
     assert.ok(statuses.includes(429), `some requests were refused: ${statuses}`);
     assert.ok(statuses.includes(200), `some requests were served: ${statuses}`);

@@ -35,19 +35,22 @@ export async function startServer(extraArgs = [], { model = MODEL } = {}) {
   const exited = new Promise((resolve) => proc.on('exit', (code, signal) => resolve({ code, signal })));
   const base = `http://127.0.0.1:${port}`;
   const deadline = Date.now() + 60000;
-  let sawLoading = false;
+  let sawLoading = false, loadingRetryAfter = null;
   for (;;) {
     if (proc.exitCode !== null) throw new Error(`server exited early (${proc.exitCode}):\n${log}`);
     try {
       const r = await fetch(`${base}/health`);
       if (r.status === 200) break;
-      if (r.status === 503) sawLoading = true;
+      if (r.status === 503 && !sawLoading) {
+        sawLoading = true;
+        loadingRetryAfter = r.headers.get('retry-after');
+      }
     } catch { /* not listening yet */ }
     if (Date.now() > deadline) { proc.kill('SIGKILL'); throw new Error(`server did not become healthy:\n${log}`); }
     await new Promise((r) => setTimeout(r, 50));
   }
   return {
-    base, port, proc, sawLoading,
+    base, port, proc, sawLoading, loadingRetryAfter,
     log: () => log,
     async stop() {
       if (proc.exitCode === null) proc.kill('SIGTERM');

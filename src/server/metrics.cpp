@@ -114,6 +114,12 @@ std::string ServerMetrics::render(const runtime::EngineMetrics& e, const std::st
       os << "deltaserve:spec_decode_num_accepted_tokens_per_pos{" << L << ",position=\"" << i << "\"} "
          << e.spec_accepted_per_pos[i] << "\n";
   }
+  if (responses_stored.load() >= 0) {
+    gauge("responses_stored", "Responses in the Responses store (--responses-store), running ones included.",
+          double(responses_stored.load()));
+    gauge("responses_store_bytes", "Bytes of stored responses' items and objects held (--responses-store budget).",
+          double(responses_store_bytes.load()));
+  }
   counter("http_requests_total", "HTTP requests received.", double(http_requests_total.load()));
   counter("request_rejected_total", "Requests rejected by admission control (429/503).", double(rejected_total.load()));
   counter("request_client_errors_total", "Requests answered with a 4xx error.", double(client_errors_total.load()));

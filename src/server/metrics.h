@@ -30,6 +30,8 @@ class Histogram {
 struct ServerMetrics {
   ServerMetrics();
   std::atomic<int64_t> http_requests_total{0}, rejected_total{0}, client_errors_total{0};
+  // The Responses store (response_store.h), as the server last read it; -1 while it is off (not rendered then).
+  std::atomic<int64_t> responses_stored{-1}, responses_store_bytes{0};
   Histogram ttft, itl, e2e;
   // vLLM's per-request phases (seconds) and sizes (tokens).
   Histogram queue, prefill, decode, inference, prompt_tokens, generation_tokens;

@@ -1103,6 +1103,10 @@ class HttpServer {
     svr_.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
       runtime::EngineMetrics em;
       if (st_.ready) em = st_.rt.engine->metrics();
+      if (store_) {
+        st_.metrics.responses_stored = int64_t(store_->size());
+        st_.metrics.responses_store_bytes = store_->bytes();
+      }
       res.set_content(st_.metrics.render(em, st_.model_name), "text/plain; version=0.0.4");
     });
     const auto model_json = [this] {

@@ -58,7 +58,11 @@ test('retrieve gives the stored response; store: false and deleted ones are 404s
   assert.equal(off.store, false);
   await assert.rejects(client.responses.retrieve(off.id), (e) => e instanceof OpenAI.NotFoundError &&
                        /Response with id 'resp_\w+' not found/.test(e.message));
+  const m = await metrics(srv.base);
+  assert.ok(m.get('responses_stored') >= 2, `stored ${m.get('responses_stored')}`);
+  assert.ok(m.get('responses_store_bytes') > 1000, `bytes ${m.get('responses_store_bytes')}`);
   await client.responses.delete(r.id);
+  assert.equal((await metrics(srv.base)).get('responses_stored'), m.get('responses_stored') - 1);
   await assert.rejects(client.responses.retrieve(r.id), (e) => e instanceof OpenAI.NotFoundError);
   await assert.rejects(client.responses.delete(r.id), (e) => e instanceof OpenAI.NotFoundError);
   await assert.rejects(client.responses.inputItems.list(r.id), (e) => e instanceof OpenAI.NotFoundError);
@@ -221,6 +225,7 @@ test('--responses-store 0: nothing stored, previous_response_id and background a
     const c = new OpenAI({ baseURL: `${s.base}/v1`, apiKey: 'unused', maxRetries: 0 });
     const r = await c.responses.create({ ...base, input: 'hi', max_output_tokens: 2 });
     assert.equal(r.store, false);
+    assert.ok(Number.isNaN((await metrics(s.base)).get('responses_stored')), 'no store, no gauge');
     await assert.rejects(c.responses.retrieve(r.id), (e) => e instanceof OpenAI.NotFoundError &&
                          /--responses-store 0/.test(e.message));
     for (const extra of [{ previous_response_id: r.id }, { background: true }])

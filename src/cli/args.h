@@ -12,9 +12,13 @@ namespace ds::cli {
 class Args {
  public:
   // `bool_flags` take no value.
-  Args(int argc, char** argv, int first, std::vector<std::string> bool_flags = {}) {
-    for (int i = first; i < argc; ++i) {
-      std::string a = argv[i];
+  Args(int argc, char** argv, int first, std::vector<std::string> bool_flags = {})
+      : Args(std::vector<std::string>(argv + std::min(first, argc), argv + argc), std::move(bool_flags)) {}
+  // The words after the command. A flag given twice keeps both (get_all); get() returns the first.
+  Args(const std::vector<std::string>& words, std::vector<std::string> bool_flags) {
+    const int argc = int(words.size());
+    for (int i = 0; i < argc; ++i) {
+      std::string a = words[size_t(i)];
       if (a.rfind("--", 0) == 0) {
         std::string name = a.substr(2), value;
         auto eq = name.find('=');
@@ -27,7 +31,7 @@ class Args {
           value = "true";
         } else {
           if (i + 1 >= argc) fail("flag --", name, " expects a value");
-          value = argv[++i];
+          value = words[size_t(++i)];
         }
         flags_.emplace(name, value);
       } else {
@@ -56,8 +60,8 @@ class Args {
   }
   bool has(const std::string& n) const { return flags_.count(n) > 0; }
   std::string get(const std::string& n, const std::string& def = "") const {
-    auto it = flags_.find(n);
-    return it == flags_.end() ? def : it->second;
+    auto r = flags_.equal_range(n);  // the first given (the command line's before a --config file's)
+    return r.first == r.second ? def : r.first->second;
   }
   std::vector<std::string> get_all(const std::string& n) const {
     std::vector<std::string> v;

@@ -2,8 +2,13 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+
 #include "cli/args.h"
 #include "cli/commands.h"
+#include "cli/config_file.h"
 #include "model/model.h"
 #include "server/server.h"
 
@@ -17,13 +22,83 @@ nlohmann::json json_object_flag(const Args& a, const char* flag, const char* exa
   if (j.is_discarded() || !j.is_object()) fail("--", flag, ": expected a JSON object like ", example, ", got '", v, "'");
   return j;
 }
+
+// vLLM's flags that mean nothing for this server (it does so always, or there is no such choice here), accepted so
+// that a copied vLLM recipe starts; each given one prints a note saying why it is a no-op. (value: takes one)
+struct VllmNoOp {
+  const char* flag;
+  bool value;
+  const char* why;
+};
+constexpr VllmNoOp kVllmNoOps[] = {
+    {"reasoning-parser", true, "Qwen's <think> reasoning is always parsed into message.reasoning / reasoning_content"},
+    {"tool-call-parser", true, "Qwen's XML tool calls are always parsed (and typed by the tools' schemas)"},
+    {"enable-auto-tool-choice", false, "tool_choice auto is always available"},
+    {"trust-remote-code", false, "no model code is downloaded or run"},
+    {"enable-chunked-prefill", false, "prefill is always chunked (--max-num-batched-tokens per step)"},
+    {"no-enable-chunked-prefill", false, "prefill is always chunked (--max-num-batched-tokens per step)"},
+    {"async-scheduling", false, "the engine thread never waits on the HTTP threads"},
+    {"enable-prompt-tokens-details", false, "usage.prompt_tokens_details.cached_tokens is always reported"},
+    {"disable-log-requests", false, "requests are logged only with --enable-log-requests"},
+    {"enable-expert-parallel", false, "the model runs on one GPU"},
+    {"quantization", true, "the weight format is read from config.json's quantization_config"},
+    {"load-format", true, "the checkpoint's safetensors are read as they are"},
+    {"download-dir", true, "the model is a local folder"},
+    {"max-cudagraph-capture-size", true, "decode steps record a CUDA graph per batch size when first seen"},
+    {"cuda-graph-sizes", true, "decode steps record a CUDA graph per batch size when first seen"},
+    {"swap-space", true, "preempted sequences are recomputed, not swapped"},
+    {"mamba-cache-mode", true, "prefix caching keeps DeltaNet state checkpoints of its own (--prefix-cache-checkpoints, "
+                               "--cache-ram, --prefix-cache-interval)"},
+    {"mm-encoder-tp-mode", true, "the vision tower runs on the one GPU"},
+    {"mm-processor-cache-type", true, "images are preprocessed per request"},
+    {"mm-processor-kwargs", true, "image and video sizes come from the model's preprocessor configs"},
+    {"uvicorn-log-level", true, "logging is --disable-log-stats, --disable-access-log, --enable-log-requests"},
+    {"seed", true, "requests without a seed draw their own random seed"},
+    {"disable-fastapi-docs", false, "there are no /docs pages"},
+};
+
+// vLLM's short spellings of the parallel sizes.
+std::vector<std::string> long_flags(std::vector<std::string> words) {
+  for (auto& w : words) {
+    if (w == "-tp") w = "--tensor-parallel-size";
+    else if (w == "-dp") w = "--data-parallel-size";
+    else if (w == "-pp") w = "--pipeline-parallel-size";
+  }
+  return words;
+}
+
+// --api-key (repeatable), --api-key-file (one key a line, llama.cpp's), else $DELTASERVE_API_KEY; none: no auth.
+std::vector<std::string> api_keys(const Args& a) {
+  std::vector<std::string> keys;
+  for (auto& k : a.get_all("api-key")) {
+    if (k.empty()) fail("--api-key: expected a key, got an empty string");
+    keys.push_back(k);
+  }
+  for (auto& path : a.get_all("api-key-file")) {
+    std::ifstream f(path);
+    if (!f) fail("--api-key-file: cannot read '", path, "'");
+    std::string line;
+    size_t before = keys.size();
+    while (std::getline(f, line)) {
+      while (!line.empty() && (line.back() == '\r' || line.back() == ' ' || line.back() == '\t')) line.pop_back();
+      const size_t b = line.find_first_not_of(" \t");
+      if (b == std::string::npos || line[b] == '#') continue;
+      keys.push_back(line.substr(b));
+    }
+    if (keys.size() == before) fail("--api-key-file: '", path, "' holds no key (one a line; '#' starts a comment)");
+  }
+  if (keys.empty())
+    if (const char* env = std::getenv("DELTASERVE_API_KEY"); env && *env) keys.push_back(env);
+  return keys;
+}
 }  // namespace
 
 int cmd_serve(int argc, char** argv) {
-  Args a(argc, argv, 2, {"disable-image-fetch", "enforce-eager", "enable-prefix-caching", "no-enable-prefix-caching",
+  std::vector<std::string> bool_flags = {"disable-image-fetch", "enforce-eager", "enable-prefix-caching", "no-enable-prefix-caching",
                          "disable-log-stats", "disable-access-log", "disable-uvicorn-access-log", "enable-log-requests",
-                         "return-tokens-as-token-ids", "allow-credentials", "enable-force-include-usage"});
-  a.only("serve", {"host", "port", "backend", "served-model-name", "api-key", "max-model-len", "max-num-seqs",
+                         "return-tokens-as-token-ids", "allow-credentials", "enable-force-include-usage",
+                         "language-model-only"};
+  std::vector<std::string> known = {"host", "port", "backend", "served-model-name", "api-key", "max-model-len", "max-num-seqs",
                    "max-num-batched-tokens", "max-queued-requests", "num-gpu-blocks-override", "block-size",
                    "gpu-memory-utilization", "enforce-eager", "mamba-ssm-cache-dtype", "shutdown-timeout",
                    "chat-template", "default-chat-template-kwargs", "speculative-config", "limit-mm-per-prompt",
@@ -34,7 +109,40 @@ int cmd_serve(int argc, char** argv) {
                    "disable-access-log", "disable-uvicorn-access-log", "enable-log-requests", "max-logprobs",
                    "return-tokens-as-token-ids", "allowed-origins", "allowed-methods", "allowed-headers",
                    "allow-credentials", "generation-config", "override-generation-config",
-                   "enable-force-include-usage", "responses-store"});
+                   "enable-force-include-usage", "responses-store", "language-model-only", "api-key-file",
+                   "max-num-queued-reqs", "tensor-parallel-size", "data-parallel-size", "pipeline-parallel-size",
+                   "dtype", "kv-cache-dtype", "hf-overrides", "allowed-media-domains"};
+  for (auto& n : kVllmNoOps) {
+    known.push_back(n.flag);
+    if (!n.value) bool_flags.push_back(n.flag);
+  }
+  const Args a(long_flags(expand_config_args(argc, argv, 2)), bool_flags);
+  a.only("serve", known);
+  for (auto& n : kVllmNoOps)
+    if (a.has(n.flag))
+      std::fprintf(stderr, "deltaserve serve: note: --%s%s is vLLM's; it changes nothing here: %s\n", n.flag,
+                   n.value ? (" " + a.get(n.flag)).c_str() : "", n.why);
+  for (const char* f : {"tensor-parallel-size", "data-parallel-size", "pipeline-parallel-size"})
+    if (a.has(f) && a.get_int(f, 1) != 1)
+      fail("--", f, ": expected 1, got ", a.get(f), " (deltaserve runs one model on one GPU; for more throughput run a ",
+           "server per GPU behind a load balancer)");
+  if (a.has("dtype")) {
+    const std::string d = a.get("dtype");
+    if (d != "auto" && d != "bfloat16" && d != "bf16")
+      fail("--dtype: expected auto or bfloat16 (activations are bf16 on the GPU, fp32 on the CPU backend), got '", d, "'");
+  }
+  if (a.has("kv-cache-dtype")) {
+    const std::string d = a.get("kv-cache-dtype");
+    if (d == "fp8" || d == "fp8_e4m3" || d == "fp8_e5m2")
+      std::fprintf(stderr, "deltaserve serve: note: --kv-cache-dtype %s is not implemented; the KV cache stays bf16 (20 "
+                           "KiB per token for Qwen3.6-35B-A3B: its 10 attention layers are a small part of the memory)\n",
+                   d.c_str());
+    else if (d != "auto" && d != "bfloat16")
+      fail("--kv-cache-dtype: expected auto, bfloat16 or fp8 (accepted, not implemented), got '", d, "'");
+  }
+  if (a.has("hf-overrides"))
+    fail("--hf-overrides: not supported (it changes the model: deltaserve reads config.json as it is; edit a copy of "
+         "the model folder's config.json instead)");
   server::ServerConfig c;
   c.model_dir = a.model_dir();
   c.host = a.get("host", c.host);
@@ -43,11 +151,14 @@ int cmd_serve(int argc, char** argv) {
   c.port = int(port);
   c.backend = a.get("backend", c.backend);
   c.served_model_name = a.get("served-model-name", "");
-  c.api_key = a.get("api-key", "");
+  c.api_keys = api_keys(a);
   c.max_model_len = a.get_int("max-model-len", 0);
   c.max_num_seqs = a.get_int("max-num-seqs", c.max_num_seqs);
   c.max_num_batched_tokens = a.get_int("max-num-batched-tokens", c.max_num_batched_tokens);
-  c.max_queued_requests = a.get_int("max-queued-requests", c.max_queued_requests);
+  if (a.has("max-queued-requests") && a.has("max-num-queued-reqs"))
+    fail("--max-queued-requests and --max-num-queued-reqs (vLLM's spelling) are the same flag: give one");
+  c.max_queued_requests = a.get_int("max-queued-requests", a.get_int("max-num-queued-reqs", c.max_queued_requests));
+  if (c.max_queued_requests < 0) fail("--max-queued-requests: expected >= 0, got ", c.max_queued_requests);
   c.num_kv_blocks = a.get_int("num-gpu-blocks-override", 0);
   c.block_size = a.get_int("block-size", c.block_size);
   c.gpu_memory_utilization = a.get_double("gpu-memory-utilization", c.gpu_memory_utilization);
@@ -171,6 +282,31 @@ int cmd_serve(int argc, char** argv) {
   if (!(md.fetch_timeout_s > 0) || md.fetch_timeout_s > 3600)
     fail("--image-fetch-timeout: expected seconds in (0, 3600], got ", md.fetch_timeout_s);
   if (a.has("disable-image-fetch")) md.fetch_http = false;
+  c.language_model_only = a.has("language-model-only");
+  // vLLM's --allowed-media-domains: the hosts image / video URLs (and their redirects) may point at.
+  for (auto& v : a.get_all("allowed-media-domains")) {
+    std::string list = v;
+    if (auto j = nlohmann::json::parse(v, nullptr, false); !j.is_discarded() && j.is_array()) {
+      list.clear();
+      for (auto& x : j) {
+        if (!x.is_string()) fail("--allowed-media-domains: expected host names, got ", x.dump());
+        list += x.get<std::string>() + ",";
+      }
+    }
+    size_t p = 0;
+    while (p <= list.size()) {
+      size_t e = list.find_first_of(", ", p);
+      if (e == std::string::npos) e = list.size();
+      std::string h = list.substr(p, e - p);
+      for (char& ch : h) ch = char(std::tolower(static_cast<unsigned char>(ch)));
+      if (!h.empty()) {
+        if (h.find_first_of("/:@") != std::string::npos)
+          fail("--allowed-media-domains: expected host names like upload.wikimedia.org, got '", h, "'");
+        md.allowed_domains.push_back(h);
+      }
+      p = e + 1;
+    }
+  }
   md.allowed_local_paths = a.get_all("allowed-local-media-path");
   for (auto& d : md.allowed_local_paths) {
     std::error_code ec;

@@ -2,6 +2,8 @@
 
 #include <httplib.h>
 
+#include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 
@@ -36,7 +38,7 @@ std::string brief_url(const std::string& url) { return url.size() > 100 ? url.su
 }  // namespace
 
 std::vector<uint8_t> fetch_url(const std::string& url0, size_t max_bytes, double timeout_s, int max_redirects,
-                               const std::string& kind) {
+                               const std::string& kind, const std::vector<std::string>& allowed_domains) {
   using Clock = std::chrono::steady_clock;
   const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s));
   const time_t sec = time_t(std::floor(timeout_s));
@@ -44,6 +46,17 @@ std::vector<uint8_t> fetch_url(const std::string& url0, size_t max_bytes, double
   std::string url = url0;
   for (int hop = 0;; ++hop) {
     const UrlParts u = split_url(url);
+    if (!allowed_domains.empty()) {
+      // The host of scheme://[user@]host[:port], lower case (an IPv6 literal keeps its brackets).
+      std::string host = u.origin.substr(u.origin.find("://") + 3);
+      if (const size_t at = host.rfind('@'); at != std::string::npos) host = host.substr(at + 1);
+      const size_t colon = host[0] == '[' ? host.find(']') + 1 : host.find(':');
+      if (colon != std::string::npos && colon < host.size()) host = host.substr(0, colon);
+      for (char& c : host) c = char(std::tolower(static_cast<unsigned char>(c)));
+      if (std::find(allowed_domains.begin(), allowed_domains.end(), host) == allowed_domains.end())
+        fail(kind, ": '", brief_url(url), "'", url == url0 ? "" : " (a redirect of '" + brief_url(url0) + "')",
+             " is on host '", host, "', which --allowed-media-domains does not list");
+    }
     httplib::Client cli(u.origin);
     if (!cli.is_valid()) fail(kind, ": cannot fetch '", brief_url(url), "' (unsupported URL)");
     cli.set_connection_timeout(sec, usec);
@@ -125,7 +138,7 @@ std::vector<uint8_t> read_media_bytes(const std::string& url, const MediaConfig&
   if (url.rfind("http://", 0) == 0 || url.rfind("https://", 0) == 0) {
     if (!cfg.fetch_http)
       fail(kind, ": http(s) URLs are disabled on this server (--disable-image-fetch); send a data: URL instead");
-    return fetch_url(url, max_bytes, cfg.fetch_timeout_s, cfg.max_redirects, kind);
+    return fetch_url(url, max_bytes, cfg.fetch_timeout_s, cfg.max_redirects, kind, cfg.allowed_domains);
   }
   vision::SourcePolicy p;
   p.allowed_dirs = cfg.allowed_local_paths;

@@ -24,6 +24,9 @@ struct MediaConfig {
   double fetch_timeout_s = 10.0;                // --image-fetch-timeout: connect + read, whole transfer
   int max_redirects = 3;
   std::vector<std::string> allowed_local_paths; // --allowed-local-media-path (repeatable); none = no local files
+  // vLLM's --allowed-media-domains: the only hosts (lower case, exact) http(s) URLs and their redirects may name;
+  // empty = any host.
+  std::vector<std::string> allowed_domains;
 };
 
 // One image part of a chat request, in conversation order.
@@ -36,8 +39,9 @@ struct ImageRef {
 // Content-Length and while streaming), the whole transfer within `timeout_s`, up to `max_redirects` redirects.
 // Errors are ds::Error naming the URL and what went wrong.
 // `kind` ("image" or "video") prefixes the messages and picks the Accept header.
+// `allowed_domains` (MediaConfig's): non-empty, a URL or redirect to another host is refused before connecting.
 std::vector<uint8_t> fetch_url(const std::string& url, size_t max_bytes, double timeout_s, int max_redirects,
-                               const std::string& kind = "image");
+                               const std::string& kind = "image", const std::vector<std::string>& allowed_domains = {});
 
 // Encoded bytes of one image: data: URL, http(s) (when enabled), or a local file (file:// or path) under an
 // allowed directory.

@@ -160,6 +160,7 @@ void load_runtime(ServerState& st) {
   rt.be = make_backend(cfg.backend);
   model::LoadOptions lo;
   lo.ssm_state_dtype = cfg.ssm_state_dtype;
+  lo.vision = !cfg.language_model_only;
   if (cfg.num_speculative_tokens > 0 && (cfg.draft_vocab_size > 0 || !cfg.draft_vocab_file.empty()))
     lo.draft_vocab = runtime::draft_vocab_ids(cfg.draft_vocab_size, cfg.draft_vocab_file,
                                               io::load_model_config(cfg.model_dir).text.vocab_size);
@@ -535,6 +536,10 @@ class Generation {
   void check_vision(const char* what, size_t n) {
     Runtime& rt = st_.rt;
     const bool video = std::string(what) == "video";
+    if (st_.cfg.language_model_only)
+      throw bad_request(std::string("this server was started with --language-model-only (no vision tower), so it "
+                                    "cannot take ") + what + "s (found " + std::to_string(n) + " " + what +
+                            " part(s)); send text only", "messages");
     if (!rt.model->has_vision() || rt.image_token < 0 || (video && rt.video_token < 0))
       throw bad_request(std::string("this model has no vision tower, so it cannot take ") + what + "s (found " +
                             std::to_string(n) + " " + what + " part(s)); send text only", "messages");
@@ -1031,15 +1036,18 @@ class HttpServer {
         res.set_content(p.body, "text/plain; charset=utf-8");
         return httplib::Server::HandlerResponse::Handled;
       }
-      if (!st_.cfg.api_key.empty() && req.path.rfind("/v1/", 0) == 0) {
-        auto auth = req.get_header_value("Authorization");
+      if (!st_.cfg.api_keys.empty() && req.path.rfind("/v1/", 0) == 0) {
+        const auto& keys = st_.cfg.api_keys;
+        auto is_key = [&](const std::string& k) { return std::find(keys.begin(), keys.end(), k) != keys.end(); };
+        const std::string auth = req.get_header_value("Authorization");
+        const bool bearer = auth.rfind("Bearer ", 0) == 0 && is_key(auth.substr(7));
         // Anthropic's clients send x-api-key (Anthropic's error shape on its routes).
         const bool anthropic = is_anthropic(req);
-        if (anthropic && auth != "Bearer " + st_.cfg.api_key && req.get_header_value("x-api-key") != st_.cfg.api_key) {
+        if (anthropic && !bearer && !is_key(req.get_header_value("x-api-key"))) {
           send_anthropic_error(res, 401, "invalid or missing API key: send 'x-api-key: <key>' or 'Authorization: Bearer <key>'");
           return httplib::Server::HandlerResponse::Handled;
         }
-        if (!anthropic && auth != "Bearer " + st_.cfg.api_key) {
+        if (!anthropic && !bearer) {
           send_error(res, HttpError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", "",
                                     "AuthenticationError"));
           return httplib::Server::HandlerResponse::Handled;
@@ -1882,9 +1890,12 @@ int serve(const ServerConfig& cfg) {
     try {
       load_runtime(st);
       st.ready = true;
-      std::fprintf(stderr, "deltaserve: serving '%s' on http://%s:%d (backend %s, max_model_len %lld)\n",
+      std::fprintf(stderr, "deltaserve: serving '%s' on http://%s:%d (backend %s, max_model_len %lld%s)\n",
                    st.model_name.c_str(), cfg.host.c_str(), cfg.port, cfg.backend.c_str(),
-                   (long long)st.rt.max_model_len);
+                   (long long)st.rt.max_model_len,
+                   st.rt.model->has_vision()   ? ", images and videos"
+                   : cfg.language_model_only ? ", text only: --language-model-only left the vision tower unloaded"
+                                             : "");
     } catch (const std::exception& e) {
       st.load_error = e.what();
       std::fprintf(stderr, "deltaserve serve: error: %s\n", e.what());

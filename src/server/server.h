@@ -16,7 +16,9 @@ struct ServerConfig {
   int port = 8000;
   std::string backend = "cpu";
   std::string served_model_name;  // default: the model folder's name
-  std::string api_key;            // empty: no auth
+  // --api-key (repeatable), --api-key-file, $DELTASERVE_API_KEY: any of them opens /v1/*; none: no auth.
+  std::vector<std::string> api_keys;
+  bool language_model_only = false;  // vLLM's --language-model-only: the vision tower is not loaded
   int64_t max_model_len = 0;      // 0: min(config max_position_embeddings, 8192 on CPU / 32768 on CUDA)
   int64_t max_num_seqs = 16;
   int64_t max_num_batched_tokens = 2048;

@@ -24,11 +24,11 @@ async function freePort() {
   });
 }
 
-export async function startServer(extraArgs = [], { model = MODEL } = {}) {
+export async function startServer(extraArgs = [], { model = MODEL, env = {} } = {}) {
   const port = await freePort();
   const args = ['serve', model, '--host', '127.0.0.1', '--port', String(port), '--backend', BACKEND,
                 '--served-model-name', 'tiny', ...extraArgs];
-  const proc = spawn(BINARY, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  const proc = spawn(BINARY, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
   let log = '';
   proc.stdout.on('data', (d) => { log += d; });
   proc.stderr.on('data', (d) => { log += d; });

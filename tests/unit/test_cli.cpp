@@ -89,6 +89,20 @@ TEST(Cli, BadArgumentsAreClearErrors) {
       {"serve " + m + " --cache-ram 8G", "--cache-ram"},
       {"serve " + m + " --prefix-cache-interval -5", "--prefix-cache-interval: expected tokens >= 0 (0: off), got -5"},
       {"serve " + m + " --responses-store -1", "--responses-store: expected MiB of host memory, 0..1073741824, got -1"},
+      // vLLM's recipe flags: accepted where they change nothing, errors where they would change the model or need
+      // what this server does not do
+      {"serve " + m + " -tp 2", "--tensor-parallel-size: expected 1, got 2 (deltaserve runs one model on one GPU"},
+      {"serve " + m + " --data-parallel-size 8", "--data-parallel-size: expected 1, got 8"},
+      {"serve " + m + " --dtype float16", "--dtype: expected auto or bfloat16"},
+      {"serve " + m + " --kv-cache-dtype int8", "--kv-cache-dtype: expected auto, bfloat16 or fp8"},
+      {"serve " + m + " --hf-overrides {}", "--hf-overrides: not supported (it changes the model"},
+      {"serve " + m + " --max-num-queued-reqs 4 --max-queued-requests 4", "are the same flag: give one"},
+      {"serve " + m + " --max-num-queued-reqs -1", "--max-queued-requests: expected >= 0, got -1"},
+      {"serve " + m + " --api-key-file /nonexistent/keys", "--api-key-file: cannot read '/nonexistent/keys'"},
+      {"serve " + m + " --allowed-media-domains https://a.org/x", "--allowed-media-domains: expected host names"},
+      {"serve " + m + " --config /nonexistent/c.yaml", "--config: cannot read '/nonexistent/c.yaml'"},
+      {"serve " + m + " --reasoning-parser qwen3 --max-num-seqs 0",
+       "note: --reasoning-parser qwen3 is vLLM's; it changes nothing here"},
       // unknown flags are errors, with the closest known one or the list
       {"serve " + m + " --mamba-ssm-cache-dtpye bfloat16",
        "serve: unknown flag --mamba-ssm-cache-dtpye (did you mean --mamba-ssm-cache-dtype?)"},
@@ -103,6 +117,46 @@ TEST(Cli, BadArgumentsAreClearErrors) {
     EXPECT_NE(r.code, 0) << c.args;
     EXPECT_NE(r.out.find(c.expect), std::string::npos) << c.args << " -> " << r.out;
   }
+}
+
+// vLLM's --config FILE.yaml: flags as `name: value` lines, the command line winning; malformed lines name the line.
+TEST(Cli, ConfigFileFlags) {
+  const std::string m = test::data_dir() + "/tiny-moe/tiny-moe-int4";
+  const fs::path f = fs::temp_directory_path() / "ds_cli_config.yaml";
+  auto write = [&](const std::string& text) {
+    std::FILE* fp = std::fopen(f.string().c_str(), "w");
+    std::fputs(text.c_str(), fp);
+    std::fclose(fp);
+  };
+  struct Case {
+    std::string yaml, args, expect;
+  };
+  const std::vector<Case> cases = {
+      // a value from the file reaches its flag (underscores, quotes, comments, booleans as flags)
+      {"# a vLLM-style config\nmax_num_seqs: 0   # bad on purpose\n", "", "--max-num-seqs: expected >= 1, got 0"},
+      {"max-num-seqs: '0'\n", "", "--max-num-seqs: expected >= 1, got 0"},
+      {"trust-remote-code: true\nmax-num-seqs: 0\n", "", "note: --trust-remote-code is vLLM's"},
+      {"enforce-eager: false\nmax-num-batched-tokens: 0\n", "", "--max-num-batched-tokens: expected >= 1, got 0"},
+      // the command line wins over the file
+      {"max-num-seqs: 4\n", "--max-num-seqs 0", "--max-num-seqs: expected >= 1, got 0"},
+      // a block list repeats the flag; JSON passes through as text
+      {"allowed-media-domains:\n  - a.org\n  - https://b.org\n", "", "expected host names like upload.wikimedia.org, got 'https://b.org'"},
+      {"speculative-config: {\"method\": \"eagle\", \"num_speculative_tokens\": 2}\n", "",
+       "--speculative-config: method must be \"mtp\", got \"eagle\""},
+      // unknown flags, bad lines
+      {"max-num-seq: 4\n", "", "serve: unknown flag --max-num-seq (did you mean --max-num-seqs?)"},
+      {"speculative-config:\n  method: mtp\n", "", "line 2: nested mappings are not supported"},
+      {"just words\n", "", "line 1: expected 'flag-name: value', got 'just words'"},
+      {"chat-template: |\n", "", "line 1: anchors, aliases, tags and block strings are not supported"},
+      {"- a\n", "", "line 1: a list item '- a' outside a list"},
+  };
+  for (auto& c : cases) {
+    write(c.yaml);
+    auto r = run_binary("serve " + m + " --host 256.0.0.1 --config " + f.string() + " " + c.args);
+    EXPECT_NE(r.code, 0) << c.yaml;
+    EXPECT_NE(r.out.find(c.expect), std::string::npos) << c.yaml << " -> " << r.out;
+  }
+  fs::remove(f);
 }
 
 }  // namespace

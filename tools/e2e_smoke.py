@@ -2,8 +2,9 @@
 """Server end-to-end smoke test for machines without Node.js (the GPU host): standard library only.
 Starts `deltaserve serve` with the given backend, then checks: /health, /v1/models, greedy completions equal
 for concurrent streaming and solo runs (batching invariance), SSE framing and usage, a chat with a named tool
-call, a constrained named tool call, an image request, structured outputs, logprobs, prefix caching, /v1/responses and
-/v1/messages, malformed input, metrics back to zero, graceful SIGTERM (exit 0).
+call, a constrained named tool call, an image request, structured outputs, logprobs, prefix caching, /v1/responses (a
+stored conversation continued, a background run) and /v1/messages, malformed input, metrics back to zero, graceful
+SIGTERM (exit 0).
 
   tools/e2e_smoke.py BINARY MODEL_DIR [--backend cuda]
 """
@@ -244,6 +245,34 @@ st, body = post("/v1/responses", {"input": "Hello", "max_output_tokens": 8, "tem
 j = json.loads(body) if st == 200 else {}
 check(st == 200 and j.get("object") == "response" and j.get("usage", {}).get("output_tokens", 0) > 0,
       f"/v1/responses ({st}, status {j.get('status')})")
+# Stored responses: previous_response_id gives the prompt of the whole conversation sent again; a background run
+# polled to the same answer as a foreground one.
+r1 = j
+st, body = post("/v1/responses", {"previous_response_id": r1.get("id"), "input": "And then?", "max_output_tokens": 8,
+                                  "temperature": 0, "reasoning": {"effort": "none"}})
+r2 = json.loads(body) if st == 200 else {}
+st, body = post("/v1/responses", {"input": [{"role": "user", "content": "Hello"}] + r1.get("output", []) +
+                                  [{"role": "user", "content": "And then?"}], "max_output_tokens": 8, "temperature": 0,
+                                  "reasoning": {"effort": "none"}, "store": False})
+full = json.loads(body) if st == 200 else {}
+check(r2.get("usage", {}).get("input_tokens") == full.get("usage", {}).get("input_tokens") and
+      r2.get("output") and [i.get("content") for i in r2["output"]] == [i.get("content") for i in full.get("output", [])],
+      f"previous_response_id = the whole conversation ({r2.get('usage')}, {full.get('usage')})")
+st, body = post("/v1/responses", {"input": "Tell me a story", "max_output_tokens": 32, "temperature": 0,
+                                  "ignore_eos": True, "reasoning": {"effort": "none"}, "background": True})
+bg = json.loads(body) if st == 200 else {}
+for _ in range(600):
+    g = json.load(urllib.request.urlopen(f"{base}/v1/responses/{bg.get('id')}"))
+    if g["status"] not in ("queued", "in_progress"):
+        break
+    time.sleep(0.05)
+st, body = post("/v1/responses", {"input": "Tell me a story", "max_output_tokens": 32, "temperature": 0,
+                                  "ignore_eos": True, "reasoning": {"effort": "none"}, "store": False})
+fg = json.loads(body) if st == 200 else {}
+check(bg.get("status") == "queued" and g.get("status") == "incomplete" and
+      [i.get("content") for i in g.get("output", [])] == [i.get("content") for i in fg.get("output", [])],
+      f"background response polled to the foreground answer ({bg.get('status')} -> {g.get('status')})")
+
 st, body = post("/v1/messages", {"model": "tiny", "max_tokens": 8, "messages": [{"role": "user", "content": "Hello"}],
                                  "thinking": {"type": "disabled"}})
 j = json.loads(body) if st == 200 else {}

@@ -959,7 +959,7 @@ json usage_json(const Generation& g) {
 
 }  // namespace
 
-// A background response's run (docs/server.md "Background responses"): a thread of its own drives the generation (no
+// A background response's run (docs/server.md "Stored responses and background runs"): a thread of its own drives the generation (no
 // client holds it), and every event it produced stays here for the streams that follow it (the creating request's,
 // GET /v1/responses/{id}?stream=true&starting_after=N); cancel() is honoured at the next poll.
 struct ResponseRun {
@@ -1439,9 +1439,9 @@ class HttpServer {
     run.wait_done(std::chrono::seconds(30));
   }
 
-  // A stored response, or a 404 naming it.
+  // A stored response, or a 404 naming it. (Readable while the server drains: background runs may still finish.)
   ResponseStore::Found stored(const std::string& id) {
-    require_ready();
+    if (!st_.ready) require_ready();
     std::optional<ResponseStore::Found> f;
     if (store_) f = store_->get(id);
     if (!f)

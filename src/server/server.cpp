@@ -1132,6 +1132,8 @@ class HttpServer {
       res.set_content(wire(model_json()), "application/json");
     });
     svr_.Post("/v1/responses", [this](const httplib::Request& req, httplib::Response& res) { responses(req, res); });
+    svr_.Post("/v1/responses/input_tokens",
+              [this](const httplib::Request& req, httplib::Response& res) { responses_input_tokens(req, res); });
     svr_.Get(R"(/v1/responses/([^/]+))", [this](const httplib::Request& req, httplib::Response& res) {
       response_get(req, res);
     });
@@ -1222,20 +1224,25 @@ class HttpServer {
   // or SSE events. Chat-route errors are reworded with the Responses field names. Unless `store` is false (or the
   // store is off) the response is kept (response_store.h): previous_response_id continues it, GET reads it;
   // `background` runs it on a thread of its own (run_background).
-  void responses(const httplib::Request& req, httplib::Response& res) {
-    require_ready();
-    json body = parse_body(req.body);
+  // A Responses request checked and converted: the chat GenSpec, the echo, the stored conversation it continues.
+  struct ResponsesPlan {
+    ResponsesRequest rr;
+    GenSpec spec;
+    std::shared_ptr<const ResponseStore::Node> prev;
+    bool store = false, background = false;
+  };
+  ResponsesPlan plan_responses(const json& body) {
+    ResponsesPlan pl;
     if (body.contains("store") && !body["store"].is_boolean())
       throw bad_request("'store' must be a boolean, got " + brief(body["store"]), "store");
     if (body.contains("background") && !body["background"].is_null() && !body["background"].is_boolean())
       throw bad_request("'background' must be a boolean, got " + brief(body["background"]), "background");
-    const bool store = store_ && body.value("store", true);
-    const bool background = body.contains("background") && body["background"] == true;
-    if (background && !store)
+    pl.store = store_ && body.value("store", true);
+    pl.background = body.contains("background") && body["background"] == true;
+    if (pl.background && !pl.store)
       throw bad_request(store_ ? "'background' needs a stored response: 'store' must not be false"
                                : "'background' needs the response store, which --responses-store 0 turned off",
                         "background");
-    std::shared_ptr<const ResponseStore::Node> prev;
     json history = json::array();
     if (body.contains("previous_response_id") && !body["previous_response_id"].is_null()) {
       const json& p = body["previous_response_id"];
@@ -1252,20 +1259,49 @@ class HttpServer {
       if (f->running)
         throw bad_request("previous response '" + p.get<std::string>() + "' is still in progress; continue it once it "
                           "has finished", "previous_response_id");
-      prev = f->node;
-      history = ResponseStore::items(prev.get(), true);
+      pl.prev = f->node;
+      history = ResponseStore::items(pl.prev.get(), true);
     }
-    ResponsesRequest rr = responses_to_chat(body, history);
-    GenSpec spec;
+    pl.rr = responses_to_chat(body, history);
     try {
-      spec = parse_generation_request(rr.chat, true, st_.rt.defaults, st_.max_logprobs);
+      pl.spec = parse_generation_request(pl.rr.chat, true, st_.rt.defaults, st_.max_logprobs);
     } catch (const HttpError& e) {
       throw responses_error(e);
     }
-    check_model(spec);
-    for (size_t i = 0; i < spec.images.size() && i < rr.image_where.size(); ++i) spec.images[i].where = rr.image_where[i];
-    responses_echo_sampling(rr.echo, spec.sampling);
-    rr.echo["store"] = store;
+    check_model(pl.spec);
+    for (size_t i = 0; i < pl.spec.images.size() && i < pl.rr.image_where.size(); ++i)
+      pl.spec.images[i].where = pl.rr.image_where[i];
+    responses_echo_sampling(pl.rr.echo, pl.spec.sampling);
+    pl.rr.echo["store"] = pl.store;
+    return pl;
+  }
+
+  // POST /v1/responses/input_tokens: the prompt's token count as the request would render it (a stored conversation
+  // included); nothing runs, so no admission control.
+  void responses_input_tokens(const httplib::Request& req, httplib::Response& res) {
+    require_ready();
+    json body = parse_body(req.body);
+    if (!body.contains("input")) body["input"] = json::array();  // instructions alone, or a stored conversation
+    ResponsesPlan pl = plan_responses(body);
+    st_.active.fetch_add(1);  // the Generation gives it back
+    Generation g(st_, std::move(pl.spec));
+    try {
+      g.prepare();
+    } catch (const HttpError& e) {
+      throw responses_error(e);
+    }
+    res.set_content(wire(json({{"object", "response.input_tokens"}, {"input_tokens", g.prompt_tokens()}})),
+                    "application/json");
+  }
+
+  void responses(const httplib::Request& req, httplib::Response& res) {
+    require_ready();
+    json body = parse_body(req.body);
+    ResponsesPlan pl = plan_responses(body);
+    ResponsesRequest& rr = pl.rr;
+    const bool store = pl.store, background = pl.background;
+    const auto& prev = pl.prev;
+    GenSpec& spec = pl.spec;
     admit();
     auto gen = std::make_shared<Generation>(st_, std::move(spec));  // takes over the `active` slot
     try {

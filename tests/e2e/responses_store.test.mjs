@@ -1,5 +1,5 @@
-// Stored responses (docs/server.md "Responses API: stored responses and background runs") through the official openai
-// SDK: retrieve / delete, previous_response_id (a conversation continued from the store gives the same prompt as the
+// Stored responses (docs/server.md "Stored responses and background runs") through the official openai SDK:
+// retrieve / delete, inputTokens.count, previous_response_id (a conversation continued from the store gives the same prompt as the
 // whole conversation sent again), input_items with pagination, background responses (polled, streamed, resumed with
 // starting_after, cancelled, not cancelled by a client that leaves) and --responses-store 0.
 import { test, before, after } from 'node:test';
@@ -69,10 +69,15 @@ test('retrieve gives the stored response; store: false and deleted ones are 404s
 });
 
 test('previous_response_id: the same prompt and answer as the whole conversation sent again; input_items', async () => {
+  const count = await client.responses.inputTokens.count({ model: 'tiny', input: 'My name is Ada.', reasoning: { effort: 'none' } });
   const r1 = await client.responses.create({ ...base, input: 'My name is Ada.', max_output_tokens: 10 });
+  assert.deepEqual(count, { object: 'response.input_tokens', input_tokens: r1.usage.input_tokens });
   const r2 = await client.responses.create({ ...base, previous_response_id: r1.id, input: 'What is my name?',
                                              max_output_tokens: 10 });
   assert.equal(r2.previous_response_id, r1.id);
+  const count2 = await client.responses.inputTokens.count({ model: 'tiny', previous_response_id: r1.id,
+                                                            input: 'What is my name?', reasoning: { effort: 'none' } });
+  assert.equal(count2.input_tokens, r2.usage.input_tokens);
   const full = await client.responses.create({ ...base, store: false, max_output_tokens: 10,
     input: [{ role: 'user', content: 'My name is Ada.' }, ...r1.output, { role: 'user', content: 'What is my name?' }] });
   assert.equal(r2.usage.input_tokens, full.usage.input_tokens);

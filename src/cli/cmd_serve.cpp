@@ -2,6 +2,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -67,6 +68,35 @@ std::vector<std::string> long_flags(std::vector<std::string> words) {
   return words;
 }
 
+// vLLM's --served-model-name A B C: the words after the first name that are neither flags nor flag values become one
+// --served-model-name each, once the model folder has been given (so `serve --served-model-name n MODEL` keeps MODEL as
+// the folder, as vLLM reads `serve MODEL --served-model-name a b`).
+std::vector<std::string> served_names_as_flags(const std::vector<std::string>& words,
+                                               const std::vector<std::string>& bool_flags) {
+  std::vector<std::string> out;
+  bool have_model = false;
+  auto is_bool = [&](const std::string& w) {
+    return std::find(bool_flags.begin(), bool_flags.end(), w.substr(2)) != bool_flags.end();
+  };
+  for (size_t i = 0; i < words.size(); ++i) {
+    const std::string& w = words[i];
+    out.push_back(w);
+    if (w.rfind("--", 0) != 0) {
+      have_model = true;  // a positional: the model folder
+      continue;
+    }
+    if (w.find('=') != std::string::npos || is_bool(w) || i + 1 >= words.size()) continue;
+    out.push_back(words[++i]);  // the flag's value
+    if (w == "--model") have_model = true;
+    if (w != "--served-model-name" || !have_model) continue;
+    while (i + 1 < words.size() && words[i + 1].rfind("-", 0) != 0) {
+      out.push_back("--served-model-name");
+      out.push_back(words[++i]);
+    }
+  }
+  return out;
+}
+
 // --api-key (repeatable), --api-key-file (one key a line, llama.cpp's), else $DELTASERVE_API_KEY; none: no auth.
 std::vector<std::string> api_keys(const Args& a) {
   std::vector<std::string> keys;
@@ -116,8 +146,11 @@ int cmd_serve(int argc, char** argv) {
     known.push_back(n.flag);
     if (!n.value) bool_flags.push_back(n.flag);
   }
-  const Args a(long_flags(expand_config_args(argc, argv, 2)), bool_flags);
+  const Args a(served_names_as_flags(long_flags(expand_config_args(argc, argv, 2)), bool_flags), bool_flags);
   a.only("serve", known);
+  if (a.positional().size() + (a.has("model") ? 1 : 0) > 1)
+    fail("serve: expected one model folder, got '", a.has("model") ? a.get("model") : a.positional()[0], "' and '",
+         a.positional()[a.has("model") ? 0 : 1], "'");
   for (auto& n : kVllmNoOps)
     if (a.has(n.flag))
       std::fprintf(stderr, "deltaserve serve: note: --%s%s is vLLM's; it changes nothing here: %s\n", n.flag,
@@ -150,7 +183,11 @@ int cmd_serve(int argc, char** argv) {
   if (port < 0 || port > 65535) fail("--port: expected 0..65535, got ", port);
   c.port = int(port);
   c.backend = a.get("backend", c.backend);
-  c.served_model_name = a.get("served-model-name", "");
+  const auto names = a.get_all("served-model-name");
+  c.served_model_name = names.empty() ? "" : names[0];
+  for (size_t i = 1; i < names.size(); ++i) c.served_model_aliases.push_back(names[i]);
+  for (auto& n : names)
+    if (n.empty()) fail("--served-model-name: expected a name, got an empty string");
   c.api_keys = api_keys(a);
   c.max_model_len = a.get_int("max-model-len", 0);
   c.max_num_seqs = a.get_int("max-num-seqs", c.max_num_seqs);

@@ -91,7 +91,8 @@ struct Runtime {
 
 struct ServerState {
   ServerConfig cfg;
-  std::string model_name;
+  std::string model_name;                // what responses say (the first served name)
+  std::vector<std::string> model_names;  // every name a request may give (model_name first)
   std::atomic<bool> ready{false}, draining{false};
   std::string load_error;
   Runtime rt;
@@ -1117,19 +1118,22 @@ class HttpServer {
       }
       res.set_content(st_.metrics.render(em, st_.model_name), "text/plain; version=0.0.4");
     });
-    const auto model_json = [this] {
-      return json({{"id", st_.model_name}, {"object", "model"}, {"created", unix_time()}, {"owned_by", "deltaserve"},
+    const auto model_json = [this](const std::string& id) {
+      return json({{"id", id}, {"object", "model"}, {"created", unix_time()}, {"owned_by", "deltaserve"},
                    {"root", st_.cfg.model_dir}, {"max_model_len", st_.rt.max_model_len}});
     };
+    // One entry per served name (vLLM's), the first being the one responses report.
     svr_.Get("/v1/models", [this, model_json](const httplib::Request&, httplib::Response& res) {
-      res.set_content(wire(json({{"object", "list"}, {"data", json::array({model_json()})}})), "application/json");
+      json data = json::array();
+      for (auto& n : st_.model_names) data.push_back(model_json(n));
+      res.set_content(wire(json({{"object", "list"}, {"data", data}})), "application/json");
     });
     // OpenAI's retrieve-model route (client.models.retrieve).
     svr_.Get(R"(/v1/models/(.+))", [this, model_json](const httplib::Request& req, httplib::Response& res) {
       const std::string id = req.matches[1];
-      if (id != st_.model_name)
+      if (!serves(id))
         return send_error(res, HttpError(404, "The model '" + id + "' does not exist", "model", "NotFoundError"));
-      res.set_content(wire(model_json()), "application/json");
+      res.set_content(wire(model_json(id)), "application/json");
     });
     svr_.Post("/v1/responses", [this](const httplib::Request& req, httplib::Response& res) { responses(req, res); });
     svr_.Post("/v1/responses/input_tokens",
@@ -1201,9 +1205,18 @@ class HttpServer {
     }
   }
 
+  bool serves(const std::string& name) const {
+    return std::find(st_.model_names.begin(), st_.model_names.end(), name) != st_.model_names.end();
+  }
+  std::string served_names() const {
+    std::string s;
+    for (auto& n : st_.model_names) s += (s.empty() ? "" : "', '") + n;
+    return s;
+  }
+
   void check_model(const GenSpec& g) {
-    if (!g.model.empty() && g.model != st_.model_name)
-      throw HttpError(404, "The model '" + g.model + "' does not exist; this server serves '" + st_.model_name + "'",
+    if (!g.model.empty() && !serves(g.model))
+      throw HttpError(404, "The model '" + g.model + "' does not exist; this server serves '" + served_names() + "'",
                       "model", "NotFoundError");
   }
 
@@ -1912,6 +1925,9 @@ int serve(const ServerConfig& cfg) {
   st.cfg = cfg;
   st.model_name = cfg.served_model_name.empty() ? fs::path(cfg.model_dir).filename().string() : cfg.served_model_name;
   if (st.model_name.empty()) st.model_name = fs::path(cfg.model_dir).parent_path().filename().string();
+  st.model_names = {st.model_name};
+  for (auto& n : cfg.served_model_aliases)
+    if (std::find(st.model_names.begin(), st.model_names.end(), n) == st.model_names.end()) st.model_names.push_back(n);
   HttpServer http(st);
   http.install();
   if (!http.bind(cfg.host, cfg.port)) {

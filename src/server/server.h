@@ -16,6 +16,8 @@ struct ServerConfig {
   int port = 8000;
   std::string backend = "cpu";
   std::string served_model_name;  // default: the model folder's name
+  // vLLM's --served-model-name A B C: the names after the first, which requests may use too (responses say the first).
+  std::vector<std::string> served_model_aliases;
   // --api-key (repeatable), --api-key-file, $DELTASERVE_API_KEY: any of them opens /v1/*; none: no auth.
   std::vector<std::string> api_keys;
   bool language_model_only = false;  // vLLM's --language-model-only: the vision tower is not loaded

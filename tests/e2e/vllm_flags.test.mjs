@@ -69,8 +69,10 @@ test('a vLLM recipe in a --config file: notes for the no-ops, API keys from a fi
   }
 });
 
-test('--language-model-only: text is served, images are 400s naming the flag; $DELTASERVE_API_KEY', async () => {
-  const s = await startServer(['--language-model-only', '--max-model-len', '512'], { env: { DELTASERVE_API_KEY: 'env-key' } });
+test('--language-model-only: text is served, images are 400s naming the flag; $DELTASERVE_API_KEY; several served names', async () => {
+  // startServer gives --served-model-name tiny: these two follow it, as vLLM's `--served-model-name A B C`
+  const s = await startServer(['alias-a', 'org/alias-b', '--language-model-only', '--max-model-len', '512'],
+                              { env: { DELTASERVE_API_KEY: 'env-key' } });
   try {
     assert.match(s.log(), /text only: --language-model-only left the vision tower unloaded/);
     const c = new OpenAI({ baseURL: `${s.base}/v1`, apiKey: 'env-key', maxRetries: 0 });
@@ -79,6 +81,13 @@ test('--language-model-only: text is served, images are 400s naming the flag; $D
       e instanceof OpenAI.BadRequestError && /started with --language-model-only/.test(e.message));
     await assert.rejects(ask(new OpenAI({ baseURL: `${s.base}/v1`, apiKey: 'other', maxRetries: 0 })),
                          (e) => e instanceof OpenAI.AuthenticationError);
+    // every served name is a model id; responses name the first
+    assert.deepEqual((await c.models.list()).data.map((m) => m.id), ['tiny', 'alias-a', 'org/alias-b']);
+    assert.equal((await c.models.retrieve('org/alias-b')).id, 'org/alias-b');
+    const r = await ask(c, { model: 'org/alias-b' });
+    assert.equal(r.model, 'tiny');
+    await assert.rejects(ask(c, { model: 'alias-c' }), (e) =>
+      e instanceof OpenAI.NotFoundError && /this server serves 'tiny', 'alias-a', 'org\/alias-b'/.test(e.message));
   } finally {
     assert.equal((await s.stop()).code, 0);
   }

@@ -77,6 +77,17 @@ bool ResponseStore::erase(const std::string& id) {
   return true;
 }
 
+std::optional<ResponseStore::json> ResponseStore::find_item(const std::string& item_id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::unordered_set<const Node*> seen;  // chains share their nodes: each is searched once
+  for (auto& [id, e] : entries_)
+    for (const Node* n = e.node.get(); n && seen.insert(n).second; n = n->prev.get())
+      for (const json* list : {&n->input, &n->output})
+        for (auto& it : *list)
+          if (it.is_object() && it.contains("id") && it["id"] == item_id) return it;
+  return std::nullopt;
+}
+
 size_t ResponseStore::size() const {
   std::lock_guard<std::mutex> lock(mu_);
   return entries_.size();

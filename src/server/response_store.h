@@ -16,6 +16,7 @@
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 
 namespace ds::server {
 
@@ -57,6 +58,8 @@ class ResponseStore {
   void finish(const std::string& id, json response, json output, int64_t extra_bytes = 0);
 
   std::optional<Found> get(const std::string& id);  // a use: the response becomes the most recently used
+  // An input or output item of any stored conversation by its id (an item_reference), or nullopt.
+  std::optional<json> find_item(const std::string& item_id) const;
   bool erase(const std::string& id);
 
   // Every item of a chain in order: the predecessors' inputs and outputs, then `n`'s input (and its output too when

@@ -1244,8 +1244,25 @@ class HttpServer {
     std::shared_ptr<const ResponseStore::Node> prev;
     bool store = false, background = false;
   };
-  ResponsesPlan plan_responses(const json& body) {
+  // `body`'s item_reference items are replaced by the stored items they name.
+  ResponsesPlan plan_responses(json& body) {
     ResponsesPlan pl;
+    if (body.contains("input") && body["input"].is_array())
+      for (size_t i = 0; i < body["input"].size(); ++i) {
+        json& it = body["input"][i];
+        if (!it.is_object() || it.value("type", "") != "item_reference") continue;
+        const std::string w = "input[" + std::to_string(i) + "]";
+        if (!store_)
+          throw bad_request(w + ": item_reference needs the response store, which --responses-store 0 turned off; "
+                                "send the item itself", "input");
+        if (!it.contains("id") || !it["id"].is_string())
+          throw bad_request(w + ": an item_reference needs a string 'id', got " + brief(it), "input");
+        auto found = store_->find_item(it["id"].get<std::string>());
+        if (!found)
+          throw bad_request(w + ": item_reference '" + it["id"].get<std::string>() + "' names no stored item " +
+                                "(never stored, deleted, or evicted)", "input");
+        it = std::move(*found);
+      }
     if (body.contains("store") && !body["store"].is_boolean())
       throw bad_request("'store' must be a boolean, got " + brief(body["store"]), "store");
     if (body.contains("background") && !body["background"].is_null() && !body["background"].is_boolean())

@@ -118,6 +118,13 @@ test('previous_response_id: the same prompt and answer as the whole conversation
   assert.equal(after.instructions, null);
   const afterItems = (await client.responses.inputItems.list(after.id, { limit: 100 })).data;
   assert.ok(!JSON.stringify(afterItems).includes('Be brief.'));
+  // item_reference: a stored item by its id, as if sent again.
+  const byRef = await client.responses.inputTokens.count({ model: 'tiny', reasoning: { effort: 'none' },
+    input: [{ type: 'item_reference', id: items.at(-1).id }, ...r1.output.map((o) => ({ type: 'item_reference', id: o.id })),
+            { role: 'user', content: 'What is my name?' }] });
+  assert.equal(byRef.input_tokens, r2.usage.input_tokens);
+  await assert.rejects(client.responses.create({ ...base, input: [{ type: 'item_reference', id: 'msg_nope' }] }), (e) =>
+    e instanceof OpenAI.BadRequestError && /input\[0\]: item_reference 'msg_nope' names no stored item/.test(e.message));
   // Deleting the first response leaves the later ones' conversations whole.
   await client.responses.delete(r1.id);
   const r4 = await client.responses.create({ ...base, previous_response_id: r3.id, input: 'Bye', max_output_tokens: 2 });

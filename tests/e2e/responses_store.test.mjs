@@ -5,7 +5,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import OpenAI from 'openai';
-import { startServer, metrics } from './server.mjs';
+import { startServer, metrics, waitIdle } from './server.mjs';
 
 let srv, client;
 before(async () => {
@@ -21,15 +21,7 @@ const setTimer = {
 };
 const noIds = (items) => items.map(({ id, ...rest }) => rest);
 
-async function idle() {
-  const deadline = Date.now() + 10000;
-  for (;;) {
-    const m = await metrics(srv.base);
-    if (m.get('num_requests_running') + m.get('num_requests_waiting') === 0) return;
-    if (Date.now() > deadline) assert.fail('requests still running');
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
+const idle = () => waitIdle(srv.base, 'requests still running', 10000);
 
 async function waitFor(id, statuses) {
   const deadline = Date.now() + 30000;

@@ -68,6 +68,17 @@ export async function metrics(base) {
   return { text, get };
 }
 
+// Waits until the server at base has no request running or waiting; fails with `why` after `ms`.
+export async function waitIdle(base, why, ms = 5000) {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const m = await metrics(base);
+    if (m.get('num_requests_running') + m.get('num_requests_waiting') === 0) return;
+    if (Date.now() > deadline) assert.fail(why);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
 export function goldenJson() {
   return JSON.parse(fs.readFileSync(path.join(DATA, 'tiny-moe/golden.json'), 'utf8'));
 }

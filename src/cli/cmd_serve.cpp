@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -141,7 +142,7 @@ int cmd_serve(int argc, char** argv) {
                    "allow-credentials", "generation-config", "override-generation-config",
                    "enable-force-include-usage", "responses-store", "language-model-only", "api-key-file",
                    "max-num-queued-reqs", "tensor-parallel-size", "data-parallel-size", "pipeline-parallel-size",
-                   "dtype", "kv-cache-dtype", "hf-overrides", "allowed-media-domains"};
+                   "dtype", "kv-cache-dtype", "hf-overrides", "allowed-media-domains", "metrics-prefix"};
   for (auto& n : kVllmNoOps) {
     known.push_back(n.flag);
     if (!n.value) bool_flags.push_back(n.flag);
@@ -255,6 +256,13 @@ int cmd_serve(int argc, char** argv) {
   string_list("allowed-headers", c.allowed_headers);
   c.allow_credentials = a.has("allow-credentials");
   c.force_include_usage = a.has("enable-force-include-usage");
+  c.metrics_prefix = a.get("metrics-prefix", c.metrics_prefix);
+  {
+    const std::string& mp = c.metrics_prefix;
+    bool ok = !mp.empty() && !std::isdigit(static_cast<unsigned char>(mp[0]));
+    for (char ch : mp) ok = ok && (std::isalnum(static_cast<unsigned char>(ch)) || ch == '_');
+    if (!ok) fail("--metrics-prefix: expected a Prometheus name (letters, digits, '_'; not starting with a digit), got '", mp, "'");
+  }
   if (c.max_logprobs < -1) fail("--max-logprobs: expected -1 (the whole vocabulary) or a count >= 0, got ", c.max_logprobs);
   if (c.max_num_seqs < 1) fail("--max-num-seqs: expected >= 1, got ", c.max_num_seqs);
   if (c.max_num_batched_tokens < 1) fail("--max-num-batched-tokens: expected >= 1, got ", c.max_num_batched_tokens);

@@ -58,16 +58,17 @@ ServerMetrics::ServerMetrics()
       inference(request_time_bounds()),
       prompt_tokens(token_bounds()), generation_tokens(token_bounds()) {}
 
-std::string ServerMetrics::render(const runtime::EngineMetrics& e, const std::string& model) const {
+std::string ServerMetrics::render(const runtime::EngineMetrics& e, const std::string& model,
+                                  const std::string& prefix) const {
   std::ostringstream os;
-  const std::string L = "model_name=\"" + model + "\"";
+  const std::string L = "model_name=\"" + model + "\"", P = prefix + ":";
   auto gauge = [&](const char* name, const char* help, double v) {
-    os << "# HELP deltaserve:" << name << " " << help << "\n# TYPE deltaserve:" << name << " gauge\n"
-       << "deltaserve:" << name << "{" << L << "} " << v << "\n";
+    os << "# HELP " << P << name << " " << help << "\n# TYPE " << P << name << " gauge\n"
+       << P << name << "{" << L << "} " << v << "\n";
   };
   auto counter = [&](const char* name, const char* help, double v) {
-    os << "# HELP deltaserve:" << name << " " << help << "\n# TYPE deltaserve:" << name << " counter\n"
-       << "deltaserve:" << name << "{" << L << "} " << v << "\n";
+    os << "# HELP " << P << name << " " << help << "\n# TYPE " << P << name << " counter\n"
+       << P << name << "{" << L << "} " << v << "\n";
   };
   gauge("num_requests_running", "Number of requests in the running batch.", double(e.running));
   gauge("num_requests_waiting", "Number of requests waiting to be scheduled.", double(e.waiting));
@@ -97,21 +98,21 @@ std::string ServerMetrics::render(const runtime::EngineMetrics& e, const std::st
           double(e.grammar_masks_stale_total));
   counter("num_preemptions_total", "Sequences preempted (recomputed later) for lack of KV blocks or for a more urgent request.",
           double(e.preemptions_total));
-  os << "# HELP deltaserve:request_success_total Finished requests by reason.\n"
-     << "# TYPE deltaserve:request_success_total counter\n";
+  os << "# HELP " << P << "request_success_total Finished requests by reason.\n"
+     << "# TYPE " << P << "request_success_total counter\n";
   const char* reasons[] = {"none", "stop", "length", "abort", "error", "repetition"};
   for (int i = 1; i < 6; ++i)
-    os << "deltaserve:request_success_total{" << L << ",finished_reason=\"" << reasons[i] << "\"} "
+    os << P << "request_success_total{" << L << ",finished_reason=\"" << reasons[i] << "\"} "
        << e.requests_finished[i] << "\n";
   if (!e.spec_accepted_per_pos.empty()) {  // speculative decoding on (vLLM's spec_decode_* names)
     counter("spec_decode_num_drafts_total", "Verify rounds with at least one draft token.",
             double(e.spec_num_drafts_total));
     counter("spec_decode_num_draft_tokens_total", "Draft tokens verified.", double(e.spec_draft_tokens_total));
     counter("spec_decode_num_accepted_tokens_total", "Draft tokens accepted.", double(e.spec_accepted_tokens_total));
-    os << "# HELP deltaserve:spec_decode_num_accepted_tokens_per_pos Draft tokens accepted, by draft position.\n"
-       << "# TYPE deltaserve:spec_decode_num_accepted_tokens_per_pos counter\n";
+    os << "# HELP " << P << "spec_decode_num_accepted_tokens_per_pos Draft tokens accepted, by draft position.\n"
+       << "# TYPE " << P << "spec_decode_num_accepted_tokens_per_pos counter\n";
     for (size_t i = 0; i < e.spec_accepted_per_pos.size(); ++i)
-      os << "deltaserve:spec_decode_num_accepted_tokens_per_pos{" << L << ",position=\"" << i << "\"} "
+      os << P << "spec_decode_num_accepted_tokens_per_pos{" << L << ",position=\"" << i << "\"} "
          << e.spec_accepted_per_pos[i] << "\n";
   }
   if (responses_stored.load() >= 0) {
@@ -123,18 +124,18 @@ std::string ServerMetrics::render(const runtime::EngineMetrics& e, const std::st
   counter("http_requests_total", "HTTP requests received.", double(http_requests_total.load()));
   counter("request_rejected_total", "Requests rejected by admission control (429/503).", double(rejected_total.load()));
   counter("request_client_errors_total", "Requests answered with a 4xx error.", double(client_errors_total.load()));
-  os << ttft.render("deltaserve:time_to_first_token_seconds", "Time to first token.", L);
-  os << itl.render("deltaserve:inter_token_latency_seconds", "Time between consecutive output tokens.", L);
-  os << e2e.render("deltaserve:e2e_request_latency_seconds", "End-to-end request latency.", L);
-  os << queue.render("deltaserve:request_queue_time_seconds", "Time in the engine's waiting queue before the first admission.", L);
-  os << prefill.render("deltaserve:request_prefill_time_seconds", "Time from the first admission to the first token.", L);
-  os << decode.render("deltaserve:request_decode_time_seconds", "Time from the first token to the last.", L);
-  os << inference.render("deltaserve:request_inference_time_seconds", "Time from the first admission to the last token (prefill + decode).", L);
-  os << prompt_tokens.render("deltaserve:request_prompt_tokens", "Prompt tokens per finished request.", L);
-  os << generation_tokens.render("deltaserve:request_generation_tokens", "Generated tokens per finished request.", L);
+  os << ttft.render(P + "time_to_first_token_seconds", "Time to first token.", L);
+  os << itl.render(P + "inter_token_latency_seconds", "Time between consecutive output tokens.", L);
+  os << e2e.render(P + "e2e_request_latency_seconds", "End-to-end request latency.", L);
+  os << queue.render(P + "request_queue_time_seconds", "Time in the engine's waiting queue before the first admission.", L);
+  os << prefill.render(P + "request_prefill_time_seconds", "Time from the first admission to the first token.", L);
+  os << decode.render(P + "request_decode_time_seconds", "Time from the first token to the last.", L);
+  os << inference.render(P + "request_inference_time_seconds", "Time from the first admission to the last token (prefill + decode).", L);
+  os << prompt_tokens.render(P + "request_prompt_tokens", "Prompt tokens per finished request.", L);
+  os << generation_tokens.render(P + "request_generation_tokens", "Generated tokens per finished request.", L);
   const std::vector<double> it_bounds(std::begin(runtime::EngineMetrics::kIterationTokenBounds),
                                       std::end(runtime::EngineMetrics::kIterationTokenBounds));
-  os << render_histogram("deltaserve:iteration_tokens_total", "Tokens per engine step (prefill chunks, decode and verify rows).",
+  os << render_histogram(P + "iteration_tokens_total", "Tokens per engine step (prefill chunks, decode and verify rows).",
                          L, it_bounds, std::vector<uint64_t>(e.iteration_tokens.begin(), e.iteration_tokens.end()),
                          double(e.iteration_tokens_sum));
   return os.str();

@@ -35,8 +35,10 @@ struct ServerMetrics {
   Histogram ttft, itl, e2e;
   // vLLM's per-request phases (seconds) and sizes (tokens).
   Histogram queue, prefill, decode, inference, prompt_tokens, generation_tokens;
-  // Renders everything, engine gauges included.
-  std::string render(const runtime::EngineMetrics& e, const std::string& model_name) const;
+  // Renders everything, engine gauges included; every name starts with `prefix` + ":" (--metrics-prefix: vllm makes
+  // vLLM's Grafana dashboards read them).
+  std::string render(const runtime::EngineMetrics& e, const std::string& model_name,
+                     const std::string& prefix = "deltaserve") const;
 };
 
 // vLLM's periodic stats line (--disable-log-stats turns it off): throughput over the `seconds` between two engine

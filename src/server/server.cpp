@@ -1116,7 +1116,7 @@ class HttpServer {
         st_.metrics.responses_stored = int64_t(store_->size());
         st_.metrics.responses_store_bytes = store_->bytes();
       }
-      res.set_content(st_.metrics.render(em, st_.model_name), "text/plain; version=0.0.4");
+      res.set_content(st_.metrics.render(em, st_.model_name, st_.cfg.metrics_prefix), "text/plain; version=0.0.4");
     });
     const auto model_json = [this](const std::string& id) {
       return json({{"id", id}, {"object", "model"}, {"created", unix_time()}, {"owned_by", "deltaserve"},

@@ -73,6 +73,8 @@ struct ServerConfig {
   // --responses-store MIB: memory for stored Responses (previous_response_id, GET /v1/responses/{id}, background
   // runs; response_store.h); 0 = none, every response as if store: false.
   int64_t responses_store_mib = 256;
+  // --metrics-prefix NAME: /metrics names start with NAME: (default deltaserve; vllm for vLLM's dashboards).
+  std::string metrics_prefix = "deltaserve";
   // vLLM's --enable-force-include-usage: every stream ends with a usage chunk, as if stream_options.include_usage.
   bool force_include_usage = false;
 };

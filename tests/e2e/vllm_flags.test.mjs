@@ -1,6 +1,6 @@
 // A vLLM recipe's command line starts deltaserve (docs/server.md "vLLM's flags"): the flags that change nothing here
 // are accepted with a note each, --config FILE.yaml gives flags as vLLM's does, several API keys (--api-key-file,
-// $DELTASERVE_API_KEY), --allowed-media-domains refuses other hosts (and redirects to them), --language-model-only
+// $DELTASERVE_API_KEY), --metrics-prefix vllm, --allowed-media-domains refuses other hosts (and redirects to them), --language-model-only
 // serves text without the vision tower.
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -42,6 +42,7 @@ test('a vLLM recipe in a --config file: notes for the no-ops, API keys from a fi
     `api-key-file: ${path.join(TMP, 'keys')}`,
     'allowed-media-domains: ["127.0.0.1"]',
     'max-model-len: 4096   # the command line wins',
+    'metrics-prefix: vllm',
   ].join('\n'));
   const s = await startServer(['--config', path.join(TMP, 'serve.yaml'), '-tp', '1', '--max-model-len', '1024']);
   try {
@@ -63,6 +64,11 @@ test('a vLLM recipe in a --config file: notes for the no-ops, API keys from a fi
     await assert.rejects(imageAsk(c, `${mediaBase}/away`), (e) =>
       e instanceof OpenAI.BadRequestError && /\(a redirect of 'http:\/\/127\.0\.0\.1:\d+\/away'\) is on host 'localhost'/.test(e.message));
     assert.equal((await fetch(`${s.base}/health`)).status, 200);
+    // --metrics-prefix vllm: vLLM's dashboards find their names
+    const m = await (await fetch(`${s.base}/metrics`)).text();
+    assert.match(m, /^vllm:num_requests_running\{model_name="tiny"\} 0$/m);
+    assert.match(m, /^vllm:prompt_tokens_total\{model_name="tiny"\} [1-9]/m);
+    assert.ok(!m.includes('deltaserve:'));
   } finally {
     media.close();
     assert.equal((await s.stop()).code, 0);

@@ -92,6 +92,7 @@ TEST(Cli, BadArgumentsAreClearErrors) {
       // vLLM's recipe flags: accepted where they change nothing, errors where they would change the model or need
       // what this server does not do
       {"serve " + m + " " + m + "2", "serve: expected one model folder, got '" + m + "' and '" + m + "2'"},
+      {"serve " + m + " --metrics-prefix vllm:x", "--metrics-prefix: expected a Prometheus name"},
       {"serve " + m + " -tp 2", "--tensor-parallel-size: expected 1, got 2 (deltaserve runs one model on one GPU"},
       {"serve " + m + " --data-parallel-size 8", "--data-parallel-size: expected 1, got 8"},
       {"serve " + m + " --dtype float16", "--dtype: expected auto or bfloat16"},

@@ -2,6 +2,8 @@
 // the interval's prefix-cache hit rate and speculative acceptance, and silence when nothing happened.
 #include <gtest/gtest.h>
 
+#include <sstream>
+
 #include "runtime/engine.h"
 #include "server/metrics.h"
 
@@ -55,6 +57,24 @@ TEST(StatsLine, IterationTokensHistogram) {
   EXPECT_NE(t.find("deltaserve:iteration_tokens_total_bucket{model_name=\"m\",le=\"+Inf\"} 12\n"), std::string::npos);
   EXPECT_NE(t.find("deltaserve:iteration_tokens_total_sum{model_name=\"m\"} 20041\n"), std::string::npos);
   EXPECT_NE(t.find("deltaserve:iteration_tokens_total_count{model_name=\"m\"} 12\n"), std::string::npos);
+}
+
+// --metrics-prefix vllm: every name vLLM's (Grafana dashboards query vllm:...), none left with ours.
+TEST(StatsLine, MetricsPrefix) {
+  runtime::EngineMetrics e;
+  e.running = 3;
+  ServerMetrics sm;
+  sm.ttft.observe(0.2);
+  const std::string t = sm.render(e, "m", "vllm");
+  EXPECT_EQ(t.find("deltaserve"), std::string::npos);
+  EXPECT_NE(t.find("# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=\"m\"} 3\n"),
+            std::string::npos);
+  EXPECT_NE(t.find("vllm:time_to_first_token_seconds_count{model_name=\"m\"} 1\n"), std::string::npos);
+  EXPECT_NE(t.find("vllm:request_success_total{model_name=\"m\",finished_reason=\"stop\"} 0\n"), std::string::npos);
+  // every sample line names a vllm: metric
+  std::istringstream lines(t);
+  for (std::string l; std::getline(lines, l);)
+    if (!l.empty() && l[0] != '#') EXPECT_EQ(l.rfind("vllm:", 0), 0u) << l;
 }
 
 }  // namespace

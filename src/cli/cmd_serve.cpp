@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <unistd.h>
 
 #include "cli/args.h"
 #include "cli/commands.h"
@@ -98,6 +99,32 @@ std::vector<std::string> served_names_as_flags(const std::vector<std::string>& w
   return out;
 }
 
+// llama.cpp's LLAMA_ARG_* as ours: DELTASERVE_ARG_MAX_MODEL_LEN=8192 is --max-model-len 8192 (a flag without a value:
+// 1 / true / on, or 0 / false / off to leave it off). Read after the command line and a --config file, so both win. A
+// DELTASERVE_ARG_ variable that names no flag is an error, as a misspelt flag is.
+std::vector<std::string> env_args(const std::vector<std::string>& known, const std::vector<std::string>& bool_flags) {
+  std::vector<std::string> out;
+  const std::string pre = "DELTASERVE_ARG_";
+  for (char** e = environ; e && *e; ++e) {
+    const std::string kv = *e;
+    if (kv.rfind(pre, 0) != 0) continue;
+    const size_t eq = kv.find('=');
+    std::string flag = kv.substr(pre.size(), eq - pre.size()), value = kv.substr(eq + 1);
+    for (char& c : flag) c = c == '_' ? '-' : char(std::tolower(static_cast<unsigned char>(c)));
+    if (std::find(known.begin(), known.end(), flag) == known.end())
+      fail("environment: ", kv.substr(0, eq), " names no flag of serve (--", flag, ")");
+    if (std::find(bool_flags.begin(), bool_flags.end(), flag) != bool_flags.end()) {
+      if (value == "1" || value == "true" || value == "on") out.push_back("--" + flag);
+      else if (value != "0" && value != "false" && value != "off")
+        fail("environment: ", kv.substr(0, eq), " is a flag without a value: expected 1 or 0, got '", value, "'");
+    } else {
+      out.push_back("--" + flag);
+      out.push_back(value);
+    }
+  }
+  return out;
+}
+
 // --api-key (repeatable), --api-key-file (one key a line, llama.cpp's), else $DELTASERVE_API_KEY; none: no auth.
 std::vector<std::string> api_keys(const Args& a) {
   std::vector<std::string> keys;
@@ -147,7 +174,9 @@ int cmd_serve(int argc, char** argv) {
     known.push_back(n.flag);
     if (!n.value) bool_flags.push_back(n.flag);
   }
-  const Args a(served_names_as_flags(long_flags(expand_config_args(argc, argv, 2)), bool_flags), bool_flags);
+  std::vector<std::string> words = served_names_as_flags(long_flags(expand_config_args(argc, argv, 2)), bool_flags);
+  for (auto& w : env_args(known, bool_flags)) words.push_back(w);
+  const Args a(words, bool_flags);
   a.only("serve", known);
   if (a.positional().size() + (a.has("model") ? 1 : 0) > 1)
     fail("serve: expected one model folder, got '", a.has("model") ? a.get("model") : a.positional()[0], "' and '",

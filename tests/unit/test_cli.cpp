@@ -161,5 +161,29 @@ TEST(Cli, ConfigFileFlags) {
   fs::remove(f);
 }
 
+// DELTASERVE_ARG_<FLAG> (llama.cpp's LLAMA_ARG_* as ours): a flag from the environment, after the command line.
+TEST(Cli, FlagsFromTheEnvironment) {
+  const std::string m = test::data_dir() + "/tiny-moe/tiny-moe-int4";
+  struct Case {
+    const char* var;
+    const char* value;
+    std::string args, expect;
+  };
+  const std::vector<Case> cases = {
+      {"DELTASERVE_ARG_MAX_NUM_SEQS", "0", "", "--max-num-seqs: expected >= 1, got 0"},
+      {"DELTASERVE_ARG_MAX_NUM_SEQS", "4", "--max-num-seqs 0", "--max-num-seqs: expected >= 1, got 0"},  // the line wins
+      {"DELTASERVE_ARG_TRUST_REMOTE_CODE", "1", "--max-num-seqs 0", "note: --trust-remote-code is vLLM's"},
+      {"DELTASERVE_ARG_ENFORCE_EAGER", "maybe", "", "DELTASERVE_ARG_ENFORCE_EAGER is a flag without a value"},
+      {"DELTASERVE_ARG_MAX_NUM_SEQ", "4", "", "DELTASERVE_ARG_MAX_NUM_SEQ names no flag of serve (--max-num-seq)"},
+  };
+  for (auto& c : cases) {
+    setenv(c.var, c.value, 1);
+    auto r = run_binary("serve " + m + " --host 256.0.0.1 " + c.args);
+    unsetenv(c.var);
+    EXPECT_NE(r.code, 0) << c.var;
+    EXPECT_NE(r.out.find(c.expect), std::string::npos) << c.var << "=" << c.value << " -> " << r.out;
+  }
+}
+
 }  // namespace
 }  // namespace ds

@@ -281,7 +281,7 @@ ChatRequest to_chat_request(const json& body, bool count_tokens) {
     const json& last = messages.back();
     const bool text = has(last, "content") && last["content"].is_string() &&
                       last["content"].get<std::string>().find_first_not_of(" \t\n\r") != std::string::npos;
-    if (last.value("role", "") == "assistant" && text && !has(last, "tool_calls")) {
+    if (str_or(last, "role") == "assistant" && text && !has(last, "tool_calls")) {
       out["continue_final_message"] = true;
       out["add_generation_prompt"] = false;
     }

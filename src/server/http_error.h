@@ -37,4 +37,26 @@ class HttpError : public std::runtime_error {
 
 inline HttpError bad_request(const std::string& msg, const std::string& param = "") { return HttpError(400, msg, param); }
 
+// j[key] when it is a string, else `def` (missing, null or another type): for comparisons on client JSON, where
+// nlohmann's value() would throw a type error (a 500) on a wrong type.
+template <typename J>
+std::string str_or(const J& j, const char* key, const std::string& def = "") {
+  if (!j.is_object()) return def;
+  auto it = j.find(key);
+  return it != j.end() && it->is_string() ? it->template get<std::string>() : def;
+}
+
+// body[key] as a boolean, `def` when missing or null; any other type is a 400 naming the key.
+template <typename J>
+bool bool_field(const J& body, const char* key, bool def) {
+  auto it = body.find(key);
+  if (it == body.end() || it->is_null()) return def;
+  if (!it->is_boolean()) {
+    std::string v = it->dump(-1, ' ', false, J::error_handler_t::replace);
+    if (v.size() > 120) v = v.substr(0, 117) + "...";
+    throw bad_request(std::string("'") + key + "' must be a boolean, got " + v, key);
+  }
+  return it->template get<bool>();
+}
+
 }  // namespace ds::server

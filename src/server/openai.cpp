@@ -410,7 +410,7 @@ GenSpec parse_generation_request(const json& j, bool chat, const sampling::Sampl
     if (b.has("tools")) {
       if (!j["tools"].is_array()) throw bad_request("'tools' must be a list", "tools");
       for (auto& t : j["tools"]) {
-        if (!t.is_object() || t.value("type", "") != "function" || !t.contains("function") || !t["function"].is_object() ||
+        if (!t.is_object() || str_or(t, "type") != "function" || !t.contains("function") || !t["function"].is_object() ||
             !t["function"].contains("name") || !t["function"]["name"].is_string())
           throw bad_request("each tool must be {\"type\": \"function\", \"function\": {\"name\": ...}}", "tools");
       }
@@ -455,13 +455,13 @@ GenSpec parse_generation_request(const json& j, bool chat, const sampling::Sampl
     g.continue_final_message = b.boolean("continue_final_message", false);
     if (b.boolean("echo", false) && !g.messages.empty()) {
       const json& last = g.messages.back();
-      if (!g.add_generation_prompt || (last.is_object() && last.value("role", "") == "assistant")) {
+      if (!g.add_generation_prompt || (last.is_object() && str_or(last, "role") == "assistant")) {
         const json c = last.is_object() && last.contains("content") ? last["content"] : json(nullptr);
         if (c.is_string()) {
           g.chat_echo = c.get<std::string>();
         } else if (c.is_array()) {
           for (auto& part : c)
-            if (part.is_object() && part.value("type", "") == "text" && part.contains("text") && part["text"].is_string())
+            if (part.is_object() && str_or(part, "type") == "text" && part.contains("text") && part["text"].is_string())
               g.chat_echo += part["text"].get<std::string>();
         }
       }

@@ -283,7 +283,7 @@ ResponsesRequest responses_to_chat(const json& b, const json& history) {
     const json& tc = b["tool_choice"];
     if (tc.is_string()) {
       chat["tool_choice"] = tc;
-    } else if (tc.is_object() && tc.value("type", "") == "function") {
+    } else if (tc.is_object() && str_or(tc, "type") == "function") {
       if (!has(tc, "name") || !tc["name"].is_string())
         throw bad_request("'tool_choice' {\"type\": \"function\"} needs a string 'name', got " + brief(tc), "tool_choice");
       chat["tool_choice"] = {{"type", "function"}, {"function", {{"name", tc["name"]}}}};

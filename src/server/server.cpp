@@ -1250,7 +1250,7 @@ class HttpServer {
     if (body.contains("input") && body["input"].is_array())
       for (size_t i = 0; i < body["input"].size(); ++i) {
         json& it = body["input"][i];
-        if (!it.is_object() || it.value("type", "") != "item_reference") continue;
+        if (str_or(it, "type") != "item_reference") continue;
         const std::string w = "input[" + std::to_string(i) + "]";
         if (!store_)
           throw bad_request(w + ": item_reference needs the response store, which --responses-store 0 turned off; "

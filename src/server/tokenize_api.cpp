@@ -20,12 +20,10 @@ json tokenize_body(const json& body, const text::Tokenizer& tok, const ChatTempl
     if (!tmpl) throw bad_request("this model has no chat template", "messages");
     json tools = body.contains("tools") ? body["tools"] : json();
     if (!tools.is_null() && !tools.is_array()) throw bad_request("'tools' must be a list", "tools");
-    bool agp = body.value("add_generation_prompt", true);
+    const bool agp = bool_field(body, "add_generation_prompt", true);
     json kwargs = body.contains("chat_template_kwargs") ? body["chat_template_kwargs"] : json::object();
     if (!kwargs.is_object()) throw bad_request("'chat_template_kwargs' must be an object", "chat_template_kwargs");
-    if (body.contains("continue_final_message") && !body["continue_final_message"].is_boolean())
-      throw bad_request("'continue_final_message' must be a boolean", "continue_final_message");
-    const bool cont = body.value("continue_final_message", false);
+    const bool cont = bool_field(body, "continue_final_message", false);
     std::string text;
     try {
       text = cont ? tmpl->render_continuing(msgs, tools, kwargs) : tmpl->render(msgs, tools, agp, kwargs);
@@ -42,7 +40,7 @@ json tokenize_body(const json& body, const text::Tokenizer& tok, const ChatTempl
   }
   out["ids"] = ids;
   out["tokens"] = ids;
-  if (body.value("return_token_strs", false)) {  // vLLM's: the tokens' spellings (convert_ids_to_tokens)
+  if (bool_field(body, "return_token_strs", false)) {  // vLLM's: the tokens' spellings (convert_ids_to_tokens)
     json strs = json::array();
     for (int32_t id : ids) strs.push_back(tok.token_string(id));
     out["token_strs"] = std::move(strs);
@@ -65,7 +63,7 @@ json detokenize_body(const json& body, const text::Tokenizer& tok) {
     throw bad_request("'skip_special_tokens' must be a boolean", "skip_special_tokens");
   std::string text;
   try {
-    text = tok.decode(ids, body.value("skip_special_tokens", false));
+    text = tok.decode(ids, bool_field(body, "skip_special_tokens", false));
   } catch (const Error& e) {
     throw bad_request(e.what(), key);
   }

@@ -537,13 +537,12 @@ class Generation {
   void check_vision(const char* what, size_t n) {
     Runtime& rt = st_.rt;
     const bool video = std::string(what) == "video";
-    if (st_.cfg.language_model_only)
-      throw bad_request(std::string("this server was started with --language-model-only (no vision tower), so it "
-                                    "cannot take ") + what + "s (found " + std::to_string(n) + " " + what +
+    if (st_.cfg.language_model_only || !rt.model->has_vision() || rt.image_token < 0 || (video && rt.video_token < 0))
+      throw bad_request(std::string(st_.cfg.language_model_only
+                                        ? "this server was started with --language-model-only (no vision tower)"
+                                        : "this model has no vision tower") +
+                            ", so it cannot take " + what + "s (found " + std::to_string(n) + " " + what +
                             " part(s)); send text only", "messages");
-    if (!rt.model->has_vision() || rt.image_token < 0 || (video && rt.video_token < 0))
-      throw bad_request(std::string("this model has no vision tower, so it cannot take ") + what + "s (found " +
-                            std::to_string(n) + " " + what + " part(s)); send text only", "messages");
     if (st_.cfg.num_speculative_tokens > 0)
       throw HttpError(501, std::string(what) + "s are not supported together with speculative decoding "
                       "(--speculative-config) yet", "messages", "NotImplementedError");
@@ -960,35 +959,55 @@ json usage_json(const Generation& g) {
 
 }  // namespace
 
-// A background response's run (docs/server.md "Stored responses and background runs"): a thread of its own drives the generation (no
-// client holds it), and every event it produced stays here for the streams that follow it (the creating request's,
-// GET /v1/responses/{id}?stream=true&starting_after=N); cancel() is honoured at the next poll.
+// A background response's run (docs/server.md "Stored responses and background runs"): a thread of its own drives
+// the generation (no client holds it), and every event it produced stays here, as its SSE text, for the streams that
+// follow it (the creating request's, GET /v1/responses/{id}?stream=true&starting_after=N); `cancel` is honoured at
+// the next poll.
 struct ResponseRun {
   std::mutex mu;
   std::condition_variable cv;
-  std::vector<json> events;
+  std::vector<std::string> events;  // ResponsesOutput::sse of each event, in order
   int64_t event_bytes = 0;
   bool done = false;  // the last event is in
   std::atomic<bool> cancel{false};
 
-  void push(std::vector<json> evs, bool last = false) {
+  void push(const std::vector<json>& evs) {
     {
       std::lock_guard<std::mutex> lock(mu);
       for (auto& e : evs) {
-        event_bytes += int64_t(e.dump().size());
-        events.push_back(std::move(e));
+        events.push_back(ResponsesOutput::sse(e));
+        event_bytes += int64_t(events.back().size());
       }
-      done = done || last;
     }
     cv.notify_all();
   }
+  // The last events (already SSE text), and the end.
+  void end(std::vector<std::string> last) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      for (auto& e : last) {
+        event_bytes += int64_t(e.size());
+        events.push_back(std::move(e));
+      }
+      done = true;
+    }
+    cv.notify_all();
+  }
+  bool ended() {
+    std::lock_guard<std::mutex> lock(mu);
+    return done;
+  }
+  int64_t bytes() {
+    std::lock_guard<std::mutex> lock(mu);
+    return event_bytes;
+  }
   // The events from index `from` on, waiting up to `wait` for one; `finished`: nothing will come after them.
-  std::vector<json> from(size_t from, std::chrono::milliseconds wait, bool& finished) {
+  std::vector<std::string> from(size_t from, std::chrono::milliseconds wait, bool& finished) {
     std::unique_lock<std::mutex> lock(mu);
     cv.wait_for(lock, wait, [&] { return done || events.size() > from; });
     finished = done;
-    return from < events.size() ? std::vector<json>(events.begin() + std::ptrdiff_t(from), events.end())
-                                : std::vector<json>();
+    return from < events.size() ? std::vector<std::string>(events.begin() + std::ptrdiff_t(from), events.end())
+                                : std::vector<std::string>();
   }
   bool wait_done(std::chrono::milliseconds wait) {
     std::unique_lock<std::mutex> lock(mu);
@@ -1143,8 +1162,8 @@ class HttpServer {
     });
     svr_.Delete(R"(/v1/responses/([^/]+))", [this](const httplib::Request& req, httplib::Response& res) {
       const std::string id = req.matches[1];
-      stored(id);
-      if (auto f = store_->get(id); f && f->run && f->running) cancel_run(*f->run);
+      ResponseStore::Found f = stored(id);
+      if (f.run && f.running) cancel_run(*f.run);
       store_->erase(id);
       res.set_content(wire(json({{"id", id}, {"object", "response.deleted"}, {"deleted", true}})), "application/json");
     });
@@ -1232,11 +1251,6 @@ class HttpServer {
     res.set_content(wire(detokenize_body(parse_body(req.body), *st_.rt.tok)), "application/json");
   }
 
-  // POST /v1/responses: OpenAI's Responses API (docs/server.md "Responses API"). The request becomes a chat request
-  // (src/server/responses.h) run by the same Generation; its output events become Responses items, a response object
-  // or SSE events. Chat-route errors are reworded with the Responses field names. Unless `store` is false (or the
-  // store is off) the response is kept (response_store.h): previous_response_id continues it, GET reads it;
-  // `background` runs it on a thread of its own (run_background).
   // A Responses request checked and converted: the chat GenSpec, the echo, the stored conversation it continues.
   struct ResponsesPlan {
     ResponsesRequest rr;
@@ -1324,6 +1338,11 @@ class HttpServer {
                     "application/json");
   }
 
+  // POST /v1/responses: OpenAI's Responses API (docs/server.md "Responses API"). The request becomes a chat request
+  // (src/server/responses.h) run by the same Generation; its output events become Responses items, a response object
+  // or SSE events. Chat-route errors are reworded with the Responses field names. Unless `store` is false (or the
+  // store is off) the response is kept (response_store.h): previous_response_id continues it, GET reads it;
+  // `background` runs it on a thread of its own (start_background).
   void responses(const httplib::Request& req, httplib::Response& res) {
     require_ready();
     json body = parse_body(req.body);
@@ -1347,8 +1366,9 @@ class HttpServer {
     if (store) store_->begin(out->id(), out->response(), store_->node(prev, stored_input_items(body["input"])), run);
     if (background) {
       const json queued = out->response();
+      const bool stream = gen->spec().stream;
       start_background(gen, out, run);
-      if (gen_stream(body)) follow(run, 0, res);
+      if (stream) follow(run, 0, res);
       else res.set_content(wire(queued), "application/json");
     } else if (gen->spec().stream) {
       responses_stream(gen, out, res, store);
@@ -1357,12 +1377,9 @@ class HttpServer {
     }
   }
 
-  static bool gen_stream(const json& body) { return body.contains("stream") && body["stream"] == true; }
-
   // The end of a response: response.completed / .incomplete with usage, or response.failed; a stored response's
   // final object and output items go to the store.
-  std::vector<json> responses_finish(Generation& g, ResponsesOutput& out, bool store, bool cancelled = false,
-                                     ResponseRun* run = nullptr) {
+  std::vector<json> responses_finish(Generation& g, ResponsesOutput& out, bool store, bool cancelled = false) {
     ResponsesUsage u{g.prompt_tokens(), g.cached_tokens(), g.completion_tokens(), 0};
     if (out.has_reasoning()) {  // the output tokens up to </think>
       const auto& t = g.choices()[0].tokens;
@@ -1371,13 +1388,7 @@ class HttpServer {
     std::vector<json> evs = cancelled               ? out.cancel(u)
                             : !g.error_.empty()     ? out.fail("generation failed: " + g.error_)
                                                     : out.finish(g.choices()[0].finish_reason, u);
-    int64_t run_bytes = 0;
-    if (run) {
-      std::lock_guard<std::mutex> lock(run->mu);
-      run_bytes = run->event_bytes;
-      for (auto& e : evs) run_bytes += int64_t(e.dump().size());
-    }
-    if (store) store_->finish(out.id(), out.response(), out.output(), run_bytes);
+    if (store) store_->finish(out.id(), out.response(), out.output());
     return evs;
   }
 
@@ -1452,12 +1463,7 @@ class HttpServer {
     std::lock_guard<std::mutex> lock(bg_mu_);
     // Threads whose runs have ended are joined here (each has pushed its last event and is returning).
     for (size_t i = 0; i < bg_.size();) {
-      bool ended;
-      {
-        std::lock_guard<std::mutex> l(bg_[i].run->mu);
-        ended = bg_[i].run->done;
-      }
-      if (!ended) {
+      if (!bg_[i].run->ended()) {
         ++i;
         continue;
       }
@@ -1484,18 +1490,21 @@ class HttpServer {
                            store_->update(out->id(), out->response());
                            saved = Clock::now();
                          }
-                         run->push(std::move(evs));
+                         run->push(evs);
                        }
-                       last = responses_finish(*gen, *out, true, cancelled, run.get());
+                       last = responses_finish(*gen, *out, false, cancelled);
                      } catch (const std::exception& e) {  // the run fails, the server stays up
                        gen->abort_all();
-                       if (!out->finished()) {
-                         last = out->fail(std::string("internal error: ") + e.what());
-                         store_->finish(out->id(), out->response(), out->output());
-                       }
+                       if (!out->finished()) last = out->fail(std::string("internal error: ") + e.what());
                      }
+                     // The store has the final object before a follower sees the last event; it, the output items
+                     // and every kept event count against the store's budget.
+                     std::vector<std::string> text;
+                     int64_t bytes = run->bytes();
+                     for (auto& e : last) bytes += int64_t(text.emplace_back(ResponsesOutput::sse(e)).size());
+                     store_->finish(out->id(), out->response(), out->output(), bytes);
                      gen.reset();  // gives back its `active` slot before the run says it is done
-                     run->push(std::move(last), true);
+                     run->end(std::move(text));
                    }),
                    run});
   }
@@ -1547,8 +1556,7 @@ class HttpServer {
           for (;;) {
             bool finished = false;
             auto evs = run->from(next, std::chrono::milliseconds(100), finished);
-            for (auto& e : evs) {
-              std::string s = ResponsesOutput::sse(e);
+            for (auto& s : evs) {
               if (!sink.write(s.data(), s.size())) return false;
               ++next;
               last = Clock::now();

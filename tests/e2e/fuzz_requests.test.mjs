@@ -73,7 +73,6 @@ test('mutated bodies on every JSON route get 2xx or a 4xx error body, never a 5x
     const ok = await fetch(`${srv.base}${route}`, { method: 'POST', headers: { 'Content-Type': 'application/json' },
                                                    body: JSON.stringify(body) });
     assert.equal(ok.status, 200, `${route}: ${await ok.text()}`);
-    await ok.text().catch(() => {});
     for (let i = 0; i < 60; ++i) {
       const m = mutate(body, r);
       const text = JSON.stringify(m);
@@ -84,7 +83,7 @@ test('mutated bodies on every JSON route get 2xx or a 4xx error body, never a 5x
       if (res.status >= 400) {
         ++n4;
         const j = JSON.parse(out);
-        const message = route.startsWith('/v1/messages') ? j.error?.message : j.error?.message;
+        const message = j.error?.message;  // OpenAI's and Anthropic's error shapes both carry error.message
         assert.ok(typeof message === 'string' && message.length > 0, `${route}: ${out.slice(0, 300)}`);
       } else {
         ++n2;

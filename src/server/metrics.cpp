@@ -1,7 +1,14 @@
 #include "server/metrics.h"
 
+#include <dirent.h>
+#include <malloc.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <sstream>
 
 namespace ds::server {
@@ -56,7 +63,75 @@ ServerMetrics::ServerMetrics()
       e2e({0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0}),
       queue(request_time_bounds()), prefill(request_time_bounds()), decode(request_time_bounds()),
       inference(request_time_bounds()),
-      prompt_tokens(token_bounds()), generation_tokens(token_bounds()) {}
+      prompt_tokens(token_bounds()), generation_tokens(token_bounds()),
+      start_time(std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count()) {}
+
+namespace {
+int64_t resident_bytes() {
+  long long vm = 0, rss = 0;
+  if (FILE* f = std::fopen("/proc/self/statm", "r")) {
+    if (std::fscanf(f, "%lld %lld", &vm, &rss) != 2) rss = 0;
+    std::fclose(f);
+  }
+  return int64_t(rss) * int64_t(sysconf(_SC_PAGESIZE));
+}
+}  // namespace
+
+int64_t trim_heap() {
+#if defined(__GLIBC__)
+  const int64_t before = resident_bytes();
+  malloc_trim(0);
+  return before - resident_bytes();
+#else
+  return 0;
+#endif
+}
+
+void limit_malloc_arenas(int arenas) {
+#if defined(__GLIBC__)
+  if (!std::getenv("MALLOC_ARENA_MAX")) mallopt(M_ARENA_MAX, arenas);
+#endif
+}
+
+std::string render_process_metrics(const std::string& prefix, double start_time) {
+  std::ostringstream os;
+  os.precision(15);
+  auto metric = [&](const std::string& name, const char* type, const char* help, double v) {
+    os << "# HELP " << name << " " << help << "\n# TYPE " << name << " " << type << "\n" << name << " " << v << "\n";
+  };
+  const double page = double(sysconf(_SC_PAGESIZE));
+  long long vm_pages = 0, rss_pages = 0;
+  if (FILE* f = std::fopen("/proc/self/statm", "r")) {
+    if (std::fscanf(f, "%lld %lld", &vm_pages, &rss_pages) != 2) vm_pages = rss_pages = 0;
+    std::fclose(f);
+  }
+  int fds = 0;
+  if (DIR* d = opendir("/proc/self/fd")) {
+    while (const dirent* e = readdir(d))
+      if (e->d_name[0] != '.') ++fds;
+    closedir(d);
+    --fds;  // the directory's own descriptor
+  }
+  rlimit lim{};
+  getrlimit(RLIMIT_NOFILE, &lim);
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  const double cpu = double(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) + 1e-6 * double(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
+  metric("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", double(rss_pages) * page);
+  metric("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", double(vm_pages) * page);
+  metric("process_open_fds", "gauge", "Number of open file descriptors.", double(fds));
+  metric("process_max_fds", "gauge", "Maximum number of open file descriptors.",
+         lim.rlim_cur == RLIM_INFINITY ? -1.0 : double(lim.rlim_cur));
+  metric("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.", cpu);
+  metric("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.", start_time);
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 33))
+  const struct mallinfo2 mi = mallinfo2();
+  metric(prefix + ":malloc_in_use_bytes", "gauge",
+         "Bytes malloc has handed out and not had back (arena and mmapped chunks in use).",
+         double(mi.uordblks + mi.hblkhd));
+#endif
+  return os.str();
+}
 
 std::string ServerMetrics::render(const runtime::EngineMetrics& e, const std::string& model,
                                   const std::string& prefix) const {
@@ -138,6 +213,7 @@ std::string ServerMetrics::render(const runtime::EngineMetrics& e, const std::st
   os << render_histogram(P + "iteration_tokens_total", "Tokens per engine step (prefill chunks, decode and verify rows).",
                          L, it_bounds, std::vector<uint64_t>(e.iteration_tokens.begin(), e.iteration_tokens.end()),
                          double(e.iteration_tokens_sum));
+  os << render_process_metrics(prefix, start_time);
   return os.str();
 }
 

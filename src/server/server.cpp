@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "backend/ops.h"
+#include "core/env.h"
 #include "core/file.h"
 #include "core/status.h"
 #include "model/model.h"
@@ -1953,6 +1954,7 @@ int serve(const ServerConfig& cfg) {
   st.model_names = {st.model_name};
   for (auto& n : cfg.served_model_aliases)
     if (std::find(st.model_names.begin(), st.model_names.end(), n) == st.model_names.end()) st.model_names.push_back(n);
+  limit_malloc_arenas(8);  // metrics.h: before the HTTP threads start
   HttpServer http(st);
   http.install();
   if (!http.bind(cfg.host, cfg.port)) {
@@ -2008,9 +2010,26 @@ int serve(const ServerConfig& cfg) {
       last = Clock::now();
     }
   });
+  // Free heap pages back to the system now and then (metrics.h trim_heap).
+  std::thread trimmer([&] {
+    const int64_t every_ms = env_int("DS_MALLOC_TRIM_MS", 10000);
+    if (every_ms <= 0) return;
+    auto last = Clock::now();
+    while (!g_stop_signal) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      if (seconds_since(last) * 1000 < double(every_ms)) continue;
+      const auto t0 = Clock::now();
+      const int64_t released = trim_heap();
+      if (env_flag("DS_MALLOC_TRIM_LOG"))
+        std::fprintf(stderr, "deltaserve: malloc_trim gave back %.1f MB in %.2f ms\n", double(released) / 1048576.0,
+                     1000 * seconds_since(t0));
+      last = Clock::now();
+    }
+  });
   http.listen_after_bind();
   watcher.join();
   stats.join();
+  trimmer.join();
   loader.join();
   if (st.rt.engine) st.rt.engine->stop();
   std::fprintf(stderr, "deltaserve: stopped\n");

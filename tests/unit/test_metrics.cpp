@@ -2,6 +2,9 @@
 // the interval's prefix-cache hit rate and speculative acceptance, and silence when nothing happened.
 #include <gtest/gtest.h>
 
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <sstream>
 
 #include "runtime/engine.h"
@@ -43,6 +46,45 @@ TEST(StatsLine, RatesGaugesHitRateAndAcceptanceOfTheInterval) {
 }
 
 // /metrics renders the engine's tokens-per-step counts as a cumulative histogram (vLLM's iteration_tokens_total).
+// The process metrics (render_process_metrics): Prometheus' standard process_* gauges read from /proc and getrusage,
+// and malloc_in_use_bytes following what this process allocates and frees.
+TEST(StatsLine, ProcessMetrics) {
+  auto value = [](const std::string& t, const std::string& name) {
+    const size_t at = t.find("\n" + name + " ");
+    EXPECT_NE(at, std::string::npos) << name << " missing in\n" << t;
+    return at == std::string::npos ? -1.0 : std::stod(t.substr(at + name.size() + 2));
+  };
+  const std::string t = render_process_metrics("deltaserve", 1.7e9);
+  EXPECT_NE(t.find("# TYPE process_resident_memory_bytes gauge\n"), std::string::npos);
+  EXPECT_NE(t.find("# TYPE process_cpu_seconds_total counter\n"), std::string::npos);
+  EXPECT_GT(value(t, "process_resident_memory_bytes"), 1e6);
+  EXPECT_GE(value(t, "process_virtual_memory_bytes"), value(t, "process_resident_memory_bytes"));
+  EXPECT_GE(value(t, "process_open_fds"), 3);  // stdin, stdout, stderr at least
+  EXPECT_GT(value(t, "process_cpu_seconds_total"), 0);
+  EXPECT_EQ(value(t, "process_start_time_seconds"), 1.7e9);
+  // A descriptor opened shows; 64 MiB malloc'ed and touched shows in resident memory and malloc_in_use_bytes.
+  FILE* f = std::fopen("/proc/self/status", "r");
+  ASSERT_NE(f, nullptr);
+  const std::string t1 = render_process_metrics("deltaserve", 0);
+  EXPECT_EQ(value(t1, "process_open_fds"), value(t, "process_open_fds") + 1);
+  std::fclose(f);
+  constexpr size_t kBytes = 64 << 20;
+  char* p = static_cast<char*>(std::malloc(kBytes));
+  ASSERT_NE(p, nullptr);
+  std::memset(p, 1, kBytes);
+  const std::string t2 = render_process_metrics("vllm", 0);
+  EXPECT_GT(value(t2, "process_resident_memory_bytes"), value(t1, "process_resident_memory_bytes") + 0.9 * kBytes);
+#if defined(__GLIBC__) && !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+  // (sanitizers replace malloc, and mallinfo2 with it)
+  EXPECT_GE(value(t2, "vllm:malloc_in_use_bytes"), value(t1, "deltaserve:malloc_in_use_bytes") + double(kBytes));
+  std::free(p);
+  const std::string t3 = render_process_metrics("deltaserve", 0);
+  EXPECT_LE(value(t3, "deltaserve:malloc_in_use_bytes"), value(t2, "vllm:malloc_in_use_bytes") - double(kBytes));
+#else
+  std::free(p);
+#endif
+}
+
 TEST(StatsLine, IterationTokensHistogram) {
   runtime::EngineMetrics e;
   e.iteration_tokens[0] = 9, e.iteration_tokens[2] = 2, e.iteration_tokens.back() = 1;
@@ -71,10 +113,13 @@ TEST(StatsLine, MetricsPrefix) {
             std::string::npos);
   EXPECT_NE(t.find("vllm:time_to_first_token_seconds_count{model_name=\"m\"} 1\n"), std::string::npos);
   EXPECT_NE(t.find("vllm:request_success_total{model_name=\"m\",finished_reason=\"stop\"} 0\n"), std::string::npos);
-  // every sample line names a vllm: metric
+  // every sample line names a vllm: metric, or one of Prometheus' standard process_ ones (unprefixed, as in vLLM's)
   std::istringstream lines(t);
-  for (std::string l; std::getline(lines, l);)
-    if (!l.empty() && l[0] != '#') EXPECT_EQ(l.rfind("vllm:", 0), 0u) << l;
+  for (std::string l; std::getline(lines, l);) {
+    if (l.empty() || l[0] == '#') continue;
+    EXPECT_TRUE(l.rfind("vllm:", 0) == 0 || l.rfind("process_", 0) == 0) << l;
+  }
+  EXPECT_NE(t.find("\nprocess_resident_memory_bytes "), std::string::npos);
 }
 
 }  // namespace

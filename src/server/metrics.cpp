@@ -67,21 +67,26 @@ ServerMetrics::ServerMetrics()
       start_time(std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count()) {}
 
 namespace {
-int64_t resident_bytes() {
+// The process's virtual and resident sizes in bytes (/proc/self/statm); zeros where it cannot be read.
+struct MemorySizes {
+  int64_t virtual_bytes = 0, resident_bytes = 0;
+};
+MemorySizes memory_sizes() {
   long long vm = 0, rss = 0;
   if (FILE* f = std::fopen("/proc/self/statm", "r")) {
-    if (std::fscanf(f, "%lld %lld", &vm, &rss) != 2) rss = 0;
+    if (std::fscanf(f, "%lld %lld", &vm, &rss) != 2) vm = rss = 0;
     std::fclose(f);
   }
-  return int64_t(rss) * int64_t(sysconf(_SC_PAGESIZE));
+  const int64_t page = sysconf(_SC_PAGESIZE);
+  return {int64_t(vm) * page, int64_t(rss) * page};
 }
 }  // namespace
 
 int64_t trim_heap() {
 #if defined(__GLIBC__)
-  const int64_t before = resident_bytes();
+  const int64_t before = memory_sizes().resident_bytes;
   malloc_trim(0);
-  return before - resident_bytes();
+  return before - memory_sizes().resident_bytes;
 #else
   return 0;
 #endif
@@ -99,12 +104,7 @@ std::string render_process_metrics(const std::string& prefix, double start_time)
   auto metric = [&](const std::string& name, const char* type, const char* help, double v) {
     os << "# HELP " << name << " " << help << "\n# TYPE " << name << " " << type << "\n" << name << " " << v << "\n";
   };
-  const double page = double(sysconf(_SC_PAGESIZE));
-  long long vm_pages = 0, rss_pages = 0;
-  if (FILE* f = std::fopen("/proc/self/statm", "r")) {
-    if (std::fscanf(f, "%lld %lld", &vm_pages, &rss_pages) != 2) vm_pages = rss_pages = 0;
-    std::fclose(f);
-  }
+  const MemorySizes mem = memory_sizes();
   int fds = 0;
   if (DIR* d = opendir("/proc/self/fd")) {
     while (const dirent* e = readdir(d))
@@ -117,8 +117,8 @@ std::string render_process_metrics(const std::string& prefix, double start_time)
   rusage ru{};
   getrusage(RUSAGE_SELF, &ru);
   const double cpu = double(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) + 1e-6 * double(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
-  metric("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", double(rss_pages) * page);
-  metric("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", double(vm_pages) * page);
+  metric("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", double(mem.resident_bytes));
+  metric("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", double(mem.virtual_bytes));
   metric("process_open_fds", "gauge", "Number of open file descriptors.", double(fds));
   metric("process_max_fds", "gauge", "Maximum number of open file descriptors.",
          lim.rlim_cur == RLIM_INFINITY ? -1.0 : double(lim.rlim_cur));

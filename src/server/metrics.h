@@ -58,7 +58,7 @@ int64_t trim_heap();
 // Caps glibc's malloc arenas at `arenas` unless $MALLOC_ARENA_MAX sets them (glibc's default, 8 per core, gives each of
 // the ~100 HTTP threads an arena of its own on a large host; on a 16-core H200 host under tools/soak.py's load that
 // took resident memory from 1.6 to 2.4 GB in 8 minutes, still climbing, against 1.5 GB flat with 8 arenas and
-// trim_heap, at the same request rate). Called once at server start, before any thread.
+// trim_heap; bench/RESULTS.md "Session 48"). Called once at server start, before any thread.
 void limit_malloc_arenas(int arenas);
 
 // vLLM's periodic stats line (--disable-log-stats turns it off): throughput over the `seconds` between two engine

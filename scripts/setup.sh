@@ -7,7 +7,7 @@ SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
 PKGS=(build-essential cmake ninja-build pkg-config
       libgtest-dev libgmock-dev nlohmann-json3-dev libutf8proc-dev libcpp-httplib-dev libssl-dev
-      zlib1g-dev xz-utils clang libclang-rt-dev libpng-dev libjpeg62-turbo-dev libwebp-dev
+      zlib1g-dev xz-utils python3 clang libclang-rt-dev libpng-dev libjpeg62-turbo-dev libwebp-dev
       libavformat-dev libavcodec-dev libavutil-dev libswscale-dev)
 command -v node >/dev/null 2>&1 || PKGS+=(nodejs)
 command -v npm >/dev/null 2>&1 || PKGS+=(npm)

@@ -294,11 +294,6 @@ def metrics():
     return get
 
 
-def rss_mb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        return int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1)) / 1024
-
-
 def device_mb(pid):
     try:
         out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
@@ -344,7 +339,7 @@ def main():
         while not done.wait(5):
             try:
                 m = metrics()
-                samples.append({"t": round(time.time() - started, 1), "rss_mb": round(rss_mb(proc.pid), 1),
+                samples.append({"t": round(time.time() - started, 1), "rss_mb": round(m("process_resident_memory_bytes") / 2**20, 1),
                                 "device_mb": device_mb(proc.pid) if opts.backend == "cuda" else None,
                                 "running": m("num_requests_running"), "waiting": m("num_requests_waiting"),
                                 "kv_blocks_used": m("kv_blocks_used"), "store_bytes": m("responses_store_bytes"),

@@ -45,7 +45,6 @@ TEST(StatsLine, RatesGaugesHitRateAndAcceptanceOfTheInterval) {
             "state slots 3/16");
 }
 
-// /metrics renders the engine's tokens-per-step counts as a cumulative histogram (vLLM's iteration_tokens_total).
 // The process metrics (render_process_metrics): Prometheus' standard process_* gauges read from /proc and getrusage,
 // and malloc_in_use_bytes following what this process allocates and frees.
 TEST(StatsLine, ProcessMetrics) {
@@ -85,6 +84,7 @@ TEST(StatsLine, ProcessMetrics) {
 #endif
 }
 
+// /metrics renders the engine's tokens-per-step counts as a cumulative histogram (vLLM's iteration_tokens_total).
 TEST(StatsLine, IterationTokensHistogram) {
   runtime::EngineMetrics e;
   e.iteration_tokens[0] = 9, e.iteration_tokens[2] = 2, e.iteration_tokens.back() = 1;

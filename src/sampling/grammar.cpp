@@ -166,6 +166,22 @@ class Builder {
     return r;
   }
 
+  // Rule x repeated min..max times (max < 0: unbounded) as a rule: one node per count, the last one looping when
+  // unbounded.
+  int32_t repeat(int32_t x, int64_t min, int64_t max) {
+    const int32_t r = rule("repetition");
+    const int64_t last = max < 0 ? min : max;
+    std::vector<int32_t> pos(size_t(last) + 1);
+    pos[0] = start(r);
+    for (int64_t k = 1; k <= last; ++k) pos[size_t(k)] = node();
+    for (int64_t k = 0; k <= last; ++k) {
+      if (k >= min) final(pos[size_t(k)]);
+      if (k < last) call(pos[size_t(k)], x, pos[size_t(k + 1)]);
+    }
+    if (max < 0) call(pos[size_t(last)], x, pos[size_t(last)]);
+    return r;
+  }
+
   // Compiles the grammar whose language is rule `root`'s. `what` prefixes errors ("json_schema", ...).
   GrammarPtr finish(int32_t root, const std::string& what);
 
@@ -1578,7 +1594,13 @@ class ToolCallCompiler {
 
 class EbnfCompiler {
  public:
-  GrammarPtr compile(const EbnfGrammar& g) {
+  EbnfCompiler() : b_(own_) {}
+  // Rules into another grammar's builder (structural tags' "grammar" format).
+  explicit EbnfCompiler(Builder& b) : b_(b) {}
+
+  GrammarPtr compile(const EbnfGrammar& g) { return b_.finish(root(g), "grammar"); }
+  // Builds the grammar's rules; returns its "root" rule.
+  int32_t root(const EbnfGrammar& g) {
     for (auto& [name, body] : g.rules) {
       rules_[name] = b_.rule("rule '" + name + "'");
       bodies_[name] = &body;
@@ -1589,7 +1611,7 @@ class EbnfCompiler {
       b_.final(end);
       into(body, b_.start(rules_.at(name)), end);
     }
-    return b_.finish(rules_.at("root"), "grammar");
+    return rules_.at("root");
   }
 
  private:
@@ -1637,7 +1659,7 @@ class EbnfCompiler {
       case EbnfExpr::kAlt:
         for (auto& k : e.kids) b_.call(from, as_rule(k), to);
         return;
-      case EbnfExpr::kRepeat: return b_.call(from, repeat(as_rule(e.kids[0]), e.min, e.max), to);
+      case EbnfExpr::kRepeat: return b_.call(from, b_.repeat(as_rule(e.kids[0]), e.min, e.max), to);
     }
   }
 
@@ -1722,21 +1744,6 @@ class EbnfCompiler {
     return r;
   }
 
-  // x{min,max} (max < 0: unbounded) as a rule: one node per count, the last one looping when unbounded.
-  int32_t repeat(int32_t x, int min, int max) {
-    const int32_t r = b_.rule("repetition");
-    const int last = max < 0 ? min : max;
-    std::vector<int32_t> pos(size_t(last) + 1);
-    pos[0] = b_.start(r);
-    for (int k = 1; k <= last; ++k) pos[size_t(k)] = b_.node();
-    for (int k = 0; k <= last; ++k) {
-      if (k >= min) b_.final(pos[size_t(k)]);
-      if (k < last) b_.call(pos[size_t(k)], x, pos[size_t(k + 1)]);
-    }
-    if (max < 0) b_.call(pos[size_t(last)], x, pos[size_t(last)]);
-    return r;
-  }
-
   // The rule of the empty text.
   int32_t empty() {
     if (empty_ < 0) {
@@ -1752,13 +1759,432 @@ class EbnfCompiler {
     for (int32_t x : regex_nodes(b_, from, d, 0, -1, nullptr, to)) b_.call(x, empty(), to);
   }
 
-  Builder b_;
+  Builder own_;
+  Builder& b_;
   std::map<std::string, int32_t> rules_;
   std::map<std::string, const EbnfExpr*> bodies_;
   std::set<std::string> recursive_;
   std::map<std::string, RegexDfa> classes_;
   int32_t empty_ = -1;
   int regex_refusals_ = 0;
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Structural tags (grammar_structural_tag): xgrammar's format objects (vLLM's structural_tag), each a rule.
+
+// A multi-pattern automaton over bytes (Aho-Corasick, every transition filled in): a state is the longest suffix of
+// the text read that is a prefix of a pattern; hit(s) is the longest pattern the text read ends with there (-1: none).
+class PatternScanner {
+ public:
+  explicit PatternScanner(const std::vector<std::string>& pats) {
+    add();
+    for (size_t p = 0; p < pats.size(); ++p) {
+      int32_t s = 0;
+      for (unsigned char c : pats[p]) {
+        if (go_[size_t(s)][c] < 0) go_[size_t(s)][c] = add();
+        s = go_[size_t(s)][c];
+      }
+      if (hit_[size_t(s)] < 0) hit_[size_t(s)] = int32_t(p);  // a pattern listed twice: its first place
+    }
+    std::vector<int32_t> fail(go_.size(), 0), queue;
+    for (auto& t : go_[0])
+      if (t < 0) t = 0;
+      else queue.push_back(t);
+    for (size_t i = 0; i < queue.size(); ++i) {  // breadth first: a state's fail link is shallower, so done
+      const int32_t s = queue[i];
+      if (hit_[size_t(s)] < 0) hit_[size_t(s)] = hit_[size_t(fail[size_t(s)])];
+      for (int c = 0; c < 256; ++c) {
+        int32_t& t = go_[size_t(s)][size_t(c)];
+        if (t < 0) {
+          t = go_[size_t(fail[size_t(s)])][size_t(c)];
+        } else {
+          fail[size_t(t)] = s == 0 ? 0 : go_[size_t(fail[size_t(s)])][size_t(c)];
+          queue.push_back(t);
+        }
+      }
+    }
+  }
+  int32_t next(int32_t s, uint8_t c) const { return go_[size_t(s)][c]; }
+  int32_t hit(int32_t s) const { return hit_[size_t(s)]; }
+
+ private:
+  int32_t add() {
+    go_.emplace_back();
+    go_.back().fill(-1);
+    hit_.push_back(-1);
+    return int32_t(go_.size() - 1);
+  }
+  std::vector<std::array<int32_t, 256>> go_;
+  std::vector<int32_t> hit_;
+};
+
+constexpr size_t kMaxPatternBytes = 16384;  // a free text's triggers, excludes and ends together
+constexpr int kMaxFormatDepth = 64;         // nesting of format objects
+
+class StructuralTagCompiler {
+ public:
+  StructuralTagCompiler() : j_(b_) {}
+
+  GrammarPtr compile(const ojson& spec) {
+    if (!spec.is_object() || (!spec.contains("format") && !spec.contains("structures")))
+      fail("structural_tag: expected {\"type\": \"structural_tag\", \"format\": {...}} or the older {\"type\": "
+           "\"structural_tag\", \"structures\": [...], \"triggers\": [...]}, found ", brief(spec));
+    if (spec.contains("type") && spec["type"] != "structural_tag")
+      fail("structural_tag: \"type\" must be \"structural_tag\", found ", brief(spec["type"]));
+    if (spec.contains("format")) {
+      known(spec, "", {"type", "format"});
+      return b_.finish(format(spec["format"], "format", {}, 0), "structural_tag");
+    }
+    // The older form (vLLM's first structural_tag): tags of {begin, schema, end} and their triggers, as
+    // triggered_tags of JSON Schema contents.
+    known(spec, "", {"type", "structures", "triggers"});
+    const ojson& st = spec["structures"];
+    if (!st.is_array() || st.empty())
+      fail("structural_tag: \"structures\" must be a non-empty list of {\"begin\", \"schema\", \"end\"}, found ", brief(st));
+    ojson tags = ojson::array();
+    for (size_t i = 0; i < st.size(); ++i) {
+      const std::string p = str_cat("structures[", i, "]");
+      known(st[i], p, {"begin", "schema", "end"});
+      tags.push_back({{"type", "tag"},
+                      {"begin", need(st[i], "begin", p)},
+                      {"content", {{"type", "json_schema"}, {"json_schema", need(st[i], "schema", p)}}},
+                      {"end", need(st[i], "end", p)}});
+    }
+    ojson tt = {{"type", "triggered_tags"}, {"triggers", need(spec, "triggers", "")}, {"tags", tags}};
+    return b_.finish(format(tt, "structures", {}, 0), "structural_tag");
+  }
+
+ private:
+  [[noreturn]] void bad(const std::string& ptr, const std::string& expected, const ojson& found) {
+    fail("structural_tag: ", ptr.empty() ? "the object" : ptr, " must be ", expected, ", found ", brief(found));
+  }
+  const ojson& need(const ojson& f, const char* key, const std::string& ptr) {
+    if (!f.contains(key)) fail("structural_tag: ", ptr.empty() ? "the object" : ptr, " needs \"", key, "\"");
+    return f[key];
+  }
+  // Unknown fields are refused (a misspelt "stop_after_first" must not be ignored).
+  void known(const ojson& f, const std::string& ptr, std::initializer_list<const char*> keys) {
+    if (!f.is_object()) bad(ptr, "an object", f);
+    for (auto it = f.begin(); it != f.end(); ++it)
+      if (std::none_of(keys.begin(), keys.end(), [&](const char* k) { return it.key() == k; })) {
+        std::vector<std::string> ks(keys.begin(), keys.end());
+        fail("structural_tag: ", ptr.empty() ? "the object" : ptr, " has an unknown field \"", it.key(),
+             "\" (expected ", join(ks), ")");
+      }
+  }
+  std::string text(const ojson& v, const std::string& ptr, bool nonempty) {
+    if (!v.is_string() || (nonempty && v.get<std::string>().empty()))
+      bad(ptr, nonempty ? "a non-empty string" : "a string", v);
+    return v.get<std::string>();
+  }
+  std::vector<std::string> texts(const ojson& f, const char* key, const std::string& ptr, bool required) {
+    std::vector<std::string> out;
+    if (!f.contains(key) || f[key].is_null()) {
+      if (required) need(f, key, ptr);
+      return out;
+    }
+    const ojson& v = f[key];
+    const std::string p = ptr + "." + key;
+    if (!v.is_array() || (required && v.empty())) bad(p, required ? "a non-empty list of strings" : "a list of strings", v);
+    for (size_t i = 0; i < v.size(); ++i) out.push_back(text(v[i], str_cat(p, "[", i, "]"), true));
+    return out;
+  }
+  bool flag(const ojson& f, const char* key, const std::string& ptr) {
+    if (!f.contains(key) || f[key].is_null()) return false;
+    if (!f[key].is_boolean()) bad(ptr + "." + key, "a boolean", f[key]);
+    return f[key].get<bool>();
+  }
+  int64_t integer(const ojson& f, const char* key, const std::string& ptr, int64_t lo, int64_t hi) {
+    const ojson& v = need(f, key, ptr);
+    if (!v.is_number_integer() || v.get<int64_t>() < lo || v.get<int64_t>() > hi)
+      bad(ptr + "." + key, str_cat("an integer in [", lo, ", ", hi, "]"), v);
+    return v.get<int64_t>();
+  }
+
+  // A rule spelling s.
+  int32_t literal(std::string_view s) {
+    const int32_t r = b_.rule("const_string");
+    b_.final(b_.word(b_.start(r), s));
+    return r;
+  }
+
+  // Free text from `start` (a node without edges): well-formed UTF-8 in which none of `pats` occurs, except that the
+  // byte completing pattern p (the longest one where several end together) goes to exits[p] instead (-1: refused).
+  // Returns the nodes where the text read ends at a character boundary.
+  std::vector<int32_t> free_text(int32_t start, const std::vector<std::string>& pats,
+                                 const std::vector<int32_t>& exits, const std::string& ptr) {
+    size_t bytes = 0;
+    for (auto& p : pats) bytes += p.size();
+    if (bytes > kMaxPatternBytes)
+      fail("structural_tag: ", ptr, ": its triggers, excludes and enclosing ends hold ", bytes,
+           " bytes together (at most ", kMaxPatternBytes, ")");
+    const PatternScanner scan(pats);
+    using S = std::array<int32_t, 2>;  // scanner state, UTF-8 position
+    const auto ids = build_dfa(b_, start, S{0, 0}, [&](const S& s, uint8_t c, S& n, int32_t& to) {
+      int u = s[1];
+      if (utf8_step(u, c) == 0) return 0;
+      const int32_t a = scan.next(s[0], c);
+      if (const int32_t p = scan.hit(a); p >= 0) {
+        if (exits[size_t(p)] < 0) return 0;
+        to = exits[size_t(p)];
+        return 2;
+      }
+      n = {a, int32_t(u)};
+      return 1;
+    });
+    std::vector<int32_t> out;
+    for (auto& [s, node] : ids)
+      if (s[1] == 0) out.push_back(node);
+    return out;
+  }
+
+  // The rule of format object f at `ptr`. `stops`: the ends of the tag whose content f is (or ends): unlimited
+  // contents (any_text, triggered_tags, dispatch) never contain them, so the first one ends the tag.
+  int32_t format(const ojson& f, const std::string& ptr, const std::vector<std::string>& stops, int depth) {
+    if (depth > kMaxFormatDepth) fail("structural_tag: ", ptr, ": format objects nested more than ", kMaxFormatDepth, " deep");
+    if (!f.is_object() || !f.contains("type") || !f["type"].is_string())
+      bad(ptr, "a format object {\"type\": \"const_string\" | \"json_schema\" | ...}", f);
+    const std::string t = f["type"].get<std::string>();
+    if (t == "const_string") {
+      known(f, ptr, {"type", "value"});
+      return literal(text(need(f, "value", ptr), ptr + ".value", false));
+    }
+    if (t == "json_schema") return json_schema(f, ptr);
+    if (t == "grammar") {
+      known(f, ptr, {"type", "grammar"});
+      const std::string g = text(need(f, "grammar", ptr), ptr + ".grammar", true);
+      try {
+        return EbnfCompiler(b_).root(parse_ebnf(g));
+      } catch (const Error& e) {
+        fail("structural_tag: ", ptr, ".grammar: ", e.what());
+      }
+    }
+    if (t == "regex") {
+      known(f, ptr, {"type", "pattern"});
+      const std::string pat = text(need(f, "pattern", ptr), ptr + ".pattern", false);
+      std::optional<RegexDfa> d;
+      try {
+        d = compile_regex(pat, RegexEncoding::kUtf8);
+      } catch (const Error& e) {
+        fail("structural_tag: ", ptr, ".pattern: ", e.what());
+      }
+      if (std::find(d->accept.begin(), d->accept.end(), 1) == d->accept.end())
+        fail("structural_tag: ", ptr, ".pattern matches no text");
+      const int32_t r = b_.rule("regex");
+      for (int32_t x : regex_nodes(b_, b_.start(r), *d, 0, -1, nullptr)) b_.final(x);
+      return r;
+    }
+    if (t == "any_text") {
+      known(f, ptr, {"type", "excludes", "max_tokens", "max_chars"});
+      for (const char* k : {"max_tokens", "max_chars"})
+        if (f.contains(k) && !f[k].is_null())
+          fail("structural_tag: ", ptr, ".", k, " is not supported (an any_text region is bounded only by what ends it)");
+      std::vector<std::string> pats = texts(f, "excludes", ptr, false);
+      pats.insert(pats.end(), stops.begin(), stops.end());
+      const int32_t r = b_.rule("any_text");
+      for (int32_t x : free_text(b_.start(r), pats, std::vector<int32_t>(pats.size(), -1), ptr)) b_.final(x);
+      return r;
+    }
+    if (t == "sequence" || t == "or") {
+      known(f, ptr, {"type", "elements"});
+      const ojson& el = need(f, "elements", ptr);
+      if (!el.is_array() || el.empty()) bad(ptr + ".elements", "a non-empty list of format objects", el);
+      std::vector<int32_t> rs;
+      for (size_t i = 0; i < el.size(); ++i) {
+        const bool last = i + 1 == el.size();
+        rs.push_back(format(el[i], str_cat(ptr, ".elements[", i, "]"), t == "or" || last ? stops : std::vector<std::string>{},
+                            depth + 1));
+      }
+      if (t == "or") return b_.alternatives(rs, "or");
+      const int32_t r = b_.rule("sequence");
+      int32_t at = b_.start(r);
+      for (int32_t x : rs) {
+        const int32_t n = b_.node();
+        b_.call(at, x, n);
+        at = n;
+      }
+      b_.final(at);
+      return r;
+    }
+    if (t == "optional" || t == "star" || t == "plus" || t == "repeat") {
+      if (t == "repeat") known(f, ptr, {"type", "content", "min", "max"});
+      else known(f, ptr, {"type", "content"});
+      int64_t min = t == "plus" ? 1 : 0, max = t == "optional" ? 1 : -1;
+      if (t == "repeat") {
+        min = integer(f, "min", ptr, 0, kMaxCount);
+        max = integer(f, "max", ptr, -1, kMaxCount);
+        if (max >= 0 && max < min) fail("structural_tag: ", ptr, ": \"max\" (", max, ") is below \"min\" (", min, ")");
+      }
+      // Only an optional's content can be what ends a tag: a repetition's next copy would follow the stop.
+      const int32_t x = format(need(f, "content", ptr), ptr + ".content",
+                               t == "optional" ? stops : std::vector<std::string>{}, depth + 1);
+      return b_.repeat(x, min, max);
+    }
+    if (t == "tag") return tag(f, ptr, 0, depth);
+    if (t == "triggered_tags") return triggered_tags(f, ptr, stops, depth);
+    if (t == "tags_with_separator") {
+      known(f, ptr, {"type", "tags", "separator", "at_least_one", "stop_after_first"});
+      const int32_t d = tag_list(f, ptr, depth);
+      const std::string sep = text(need(f, "separator", ptr), ptr + ".separator", false);
+      const int32_t r = b_.rule("tags_with_separator"), s = b_.start(r), n = b_.node();
+      if (!flag(f, "at_least_one", ptr)) b_.final(s);
+      b_.call(s, d, n);
+      b_.final(n);
+      if (!flag(f, "stop_after_first", ptr)) b_.call(b_.word(n, sep), d, n);
+      return r;
+    }
+    if (t == "dispatch") return dispatch(f, ptr, stops, depth);
+    if (t == "token" || t == "exclude_token" || t == "any_tokens" || t == "token_triggered_tags" || t == "token_dispatch")
+      fail("structural_tag: ", ptr, ": the token-level format \"", t, "\" is not supported (this server constrains "
+           "text; spell tags as strings)");
+    fail("structural_tag: ", ptr, ": unknown format type \"", t, "\" (supported: const_string, json_schema, grammar, "
+         "regex, any_text, sequence, or, optional, star, plus, repeat, tag, triggered_tags, tags_with_separator, dispatch)");
+  }
+
+  int32_t json_schema(const ojson& f, const std::string& ptr) {
+    known(f, ptr, {"type", "json_schema", "style", "any_order"});
+    if (f.contains("style") && !f["style"].is_null() && f["style"] != "json")
+      fail("structural_tag: ", ptr, ".style ", brief(f["style"]), " is not supported (supported: \"json\"; Qwen's XML "
+           "tool calls are constrained through tools and tool_choice)");
+    if (flag(f, "any_order", ptr)) fail("structural_tag: ", ptr, ".any_order is not supported (properties come in the "
+                                        "schema's order)");
+    const ojson& v = need(f, "json_schema", ptr);
+    ojson s = v;
+    if (v.is_string()) {
+      try {
+        s = ojson::parse(v.get<std::string>());
+      } catch (const ojson::exception&) {
+        bad(ptr + ".json_schema", "a JSON Schema (an object, or its JSON text)", v);
+      }
+    }
+    if (!s.is_object() && !s.is_boolean()) bad(ptr + ".json_schema", "a JSON Schema (an object)", v);
+    docs_.push_back(std::move(s));
+    return SchemaCompiler(docs_.back(), b_, j_, "structural_tag: " + ptr + ".json_schema").rule(docs_.back(), "");
+  }
+
+  // begin + content + end, begin from its byte `skip` on (triggered_tags: the trigger was spelled already).
+  int32_t tag(const ojson& f, const std::string& ptr, size_t skip, int depth) {
+    known(f, ptr, {"type", "begin", "content", "end"});
+    const std::string begin = tag_begin(f, ptr);
+    const ojson& e = need(f, "end", ptr);
+    std::vector<std::string> ends;
+    if (e.is_array()) {
+      if (e.empty()) bad(ptr + ".end", "a string or a non-empty list of strings", e);
+      for (size_t i = 0; i < e.size(); ++i) ends.push_back(end_text(e[i], str_cat(ptr, ".end[", i, "]")));
+    } else {
+      ends.push_back(end_text(e, ptr + ".end"));
+    }
+    std::vector<std::string> stops;
+    for (auto& s : ends)
+      if (!s.empty()) stops.push_back(s);
+    const int32_t content = format(need(f, "content", ptr), ptr + ".content", stops, depth + 1);
+    const int32_t r = b_.rule("tag"), c = b_.node();
+    b_.call(b_.word(b_.start(r), std::string_view(begin).substr(skip)), content, c);
+    for (auto& s : ends) b_.final(b_.word(c, s));
+    return r;
+  }
+  std::string tag_begin(const ojson& f, const std::string& ptr) {
+    if (f.contains("type") && f["type"] != "tag") bad(ptr + ".type", "\"tag\"", f["type"]);
+    const ojson& b = need(f, "begin", ptr);
+    if (b.is_object())
+      fail("structural_tag: ", ptr, ".begin: token-level delimiters are not supported (spell the tag as a string)");
+    return text(b, ptr + ".begin", false);
+  }
+  std::string end_text(const ojson& v, const std::string& ptr) {
+    if (v.is_object())
+      fail("structural_tag: ", ptr, ": token-level delimiters are not supported (spell the tag as a string)");
+    return text(v, ptr, false);
+  }
+
+  // The alternatives of f's "tags" (tags_with_separator).
+  int32_t tag_list(const ojson& f, const std::string& ptr, int depth) {
+    const ojson& ts = need(f, "tags", ptr);
+    if (!ts.is_array() || ts.empty()) bad(ptr + ".tags", "a non-empty list of tag objects", ts);
+    std::vector<int32_t> rs;
+    for (size_t i = 0; i < ts.size(); ++i) rs.push_back(tag(ts[i], str_cat(ptr, ".tags[", i, "]"), 0, depth + 1));
+    return b_.alternatives(rs, "tags");
+  }
+
+  // Free text that dispatches at patterns: a rule whose free text (nodes final) goes, at the byte completing
+  // pats[k], to a node calling conts[k] (-1: that pattern is refused) and then on with the free text (`loop`) or
+  // to the rule's end. Patterns after the routes' are refused (excludes, the enclosing tag's ends).
+  int32_t free_dispatch(const std::vector<std::string>& pats, const std::vector<int32_t>& conts, bool loop,
+                        const std::string& ptr, int32_t* after_out = nullptr) {
+    const int32_t r = b_.rule("free text"), after = b_.node();
+    if (loop) {
+      const int32_t done = b_.node();
+      b_.final(done);
+      b_.call(after, r, done);  // a tail call: no frame per tag
+    } else {
+      b_.final(after);
+    }
+    std::vector<int32_t> exits(pats.size(), -1);
+    for (size_t k = 0; k < conts.size(); ++k)
+      if (conts[k] >= 0) {
+        exits[k] = b_.node();
+        b_.call(exits[k], conts[k], after);
+      }
+    for (int32_t x : free_text(b_.start(r), pats, exits, ptr)) b_.final(x);
+    if (after_out) *after_out = after;
+    return r;
+  }
+
+  int32_t triggered_tags(const ojson& f, const std::string& ptr, const std::vector<std::string>& stops, int depth) {
+    known(f, ptr, {"type", "triggers", "tags", "at_least_one", "stop_after_first", "excludes"});
+    const std::vector<std::string> triggers = texts(f, "triggers", ptr, true);
+    const ojson& ts = need(f, "tags", ptr);
+    if (!ts.is_array() || ts.empty()) bad(ptr + ".tags", "a non-empty list of tag objects", ts);
+    // Each tag goes with the shortest trigger its begin starts with: the free text meets that one first.
+    std::vector<std::vector<int32_t>> by_trigger(triggers.size());
+    for (size_t i = 0; i < ts.size(); ++i) {
+      const std::string p = str_cat(ptr, ".tags[", i, "]");
+      if (!ts[i].is_object()) bad(p, "a tag object {\"begin\", \"content\", \"end\"}", ts[i]);
+      const std::string begin = tag_begin(ts[i], p);
+      size_t k = triggers.size();
+      for (size_t t = 0; t < triggers.size(); ++t)
+        if (begin.rfind(triggers[t], 0) == 0 && (k == triggers.size() || triggers[t].size() < triggers[k].size())) k = t;
+      if (k == triggers.size())
+        fail("structural_tag: ", p, ".begin ", brief(ojson(begin)), " starts with none of the triggers ",
+             brief(f["triggers"]));
+      by_trigger[k].push_back(tag(ts[i], p, triggers[k].size(), depth + 1));
+    }
+    std::vector<int32_t> conts;
+    for (auto& rs : by_trigger) conts.push_back(rs.empty() ? -1 : b_.alternatives(rs, "tags"));
+    std::vector<std::string> pats = triggers;
+    for (auto& x : texts(f, "excludes", ptr, false)) pats.push_back(x);
+    pats.insert(pats.end(), stops.begin(), stops.end());
+    const bool at_least_one = flag(f, "at_least_one", ptr), first = flag(f, "stop_after_first", ptr);
+    int32_t after = -1;
+    const int32_t loop = free_dispatch(pats, conts, !first, ptr, &after);
+    if (!at_least_one) return loop;
+    // At least one: a tag first (no free text before it), then as above from the end of a tag.
+    const int32_t r = b_.rule("triggered_tags");
+    for (size_t k = 0; k < triggers.size(); ++k)
+      if (conts[k] >= 0) b_.call(b_.word(b_.start(r), triggers[k]), conts[k], after);
+    return r;
+  }
+
+  int32_t dispatch(const ojson& f, const std::string& ptr, const std::vector<std::string>& stops, int depth) {
+    known(f, ptr, {"type", "rules", "loop", "excludes"});
+    const ojson& rules = need(f, "rules", ptr);
+    if (!rules.is_array() || rules.empty()) bad(ptr + ".rules", "a non-empty list of [pattern, format] pairs", rules);
+    std::vector<std::string> pats;
+    std::vector<int32_t> conts;
+    for (size_t i = 0; i < rules.size(); ++i) {
+      const std::string p = str_cat(ptr, ".rules[", i, "]");
+      if (!rules[i].is_array() || rules[i].size() != 2) bad(p, "a [pattern, format] pair", rules[i]);
+      pats.push_back(text(rules[i][0], p + "[0]", true));
+      conts.push_back(format(rules[i][1], p + "[1]", {}, depth + 1));
+    }
+    for (auto& x : texts(f, "excludes", ptr, false)) pats.push_back(x);
+    pats.insert(pats.end(), stops.begin(), stops.end());
+    const bool loop = !f.contains("loop") || f["loop"].is_null() || flag(f, "loop", ptr);
+    return free_dispatch(pats, conts, loop, ptr);
+  }
+
+  Builder b_;
+  JsonRules j_;
+  std::list<ojson> docs_;  // the json_schema documents, alive while their rules are built
 };
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1986,6 +2412,12 @@ GrammarPtr grammar_regex(std::string_view pattern) {
 GrammarPtr grammar_ebnf(std::string_view text) {
   static RecentGrammars recent;
   return recent.get(std::string(text), [&] { return EbnfCompiler().compile(parse_ebnf(text)); });
+}
+
+GrammarPtr grammar_structural_tag(const nlohmann::ordered_json& spec) {
+  static RecentGrammars recent;
+  return recent.get(spec.dump(-1, ' ', false, ojson::error_handler_t::replace),
+                    [&] { return StructuralTagCompiler().compile(spec); });
 }
 
 GrammarPtr grammar_choice(const std::vector<std::string>& choices) {

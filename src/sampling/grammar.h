@@ -84,6 +84,25 @@ GrammarPtr grammar_regex(std::string_view pattern);
 // grammar; the syntax is ebnf.h's). Throws ds::Error with the line and column of a syntax error, for an undefined
 // rule, left recursion, or a grammar that no finite text satisfies. Cached as grammar_json_schema's (by the text).
 GrammarPtr grammar_ebnf(std::string_view text);
+// Free text with structured regions: vLLM's structural_tag, xgrammar's format objects (docs/server.md "Structural
+// tags"). `spec` is {"type": "structural_tag", "format": FORMAT} or the older {"structures": [{"begin", "schema",
+// "end"}], "triggers": [...]} (= triggered_tags of json_schema contents). FORMAT is one of
+//   const_string {value}; json_schema {json_schema} (grammar_json_schema's language; style "json" only);
+//   grammar {grammar} (GBNF); regex {pattern}; any_text {excludes} (well-formed UTF-8 without those strings);
+//   sequence / or {elements}; optional / star / plus {content}; repeat {content, min, max (-1: unbounded)};
+//   tag {begin, content, end (a string or a list)}: begin, the content, one of the ends;
+//   triggered_tags {triggers, tags, at_least_one, stop_after_first, excludes}: free text until a trigger, which
+//     must go on as one of the tags whose begin starts with it (each tag belongs to the shortest such trigger),
+//     then free text again (stop_after_first: the end); at_least_one: a tag first, no free text before it;
+//   tags_with_separator {tags, separator, at_least_one, stop_after_first}: tags and separators only;
+//   dispatch {rules: [[pattern, FORMAT], ...], loop, excludes}: free text until a pattern, then its format.
+// Free text is well-formed UTF-8; the first trigger or pattern completed in it (the longest where several end at
+// the same byte) decides; the excludes never occur in it. Unlimited contents (any_text, triggered_tags, dispatch)
+// directly inside a tag, or ending it through sequence / or / optional, never contain the tag's ends, so the first
+// end closes the tag. Not supported (a ds::Error naming the field): token-level formats and delimiters,
+// any_text's max_tokens / max_chars, json_schema's other styles and any_order. Unknown fields are errors. Cached as
+// grammar_json_schema's grammars are (by the spec's text).
+GrammarPtr grammar_structural_tag(const nlohmann::ordered_json& spec);
 // Exactly one of the given strings (vLLM guided_choice), as raw bytes; throws if the list is empty.
 GrammarPtr grammar_choice(const std::vector<std::string>& choices);
 

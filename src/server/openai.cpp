@@ -76,8 +76,9 @@ std::vector<int32_t> token_ids(const json& v, const char* field) {
 
 // Structured output (docs/server.md "Structured outputs"): OpenAI's response_format (json_object, json_schema;
 // text = none), vLLM's structured_outputs {json | json_object | choice | regex | grammar}, its older guided_json /
-// guided_choice / guided_regex / guided_grammar, and llama.cpp's grammar (GBNF) and json_schema. One constraint per
-// request; kinds not supported (structural_tag) are a 400, never ignored.
+// guided_choice / guided_regex / guided_grammar, and llama.cpp's grammar (GBNF) and json_schema; structural tags
+// (response_format {"type": "structural_tag", ...} or structured_outputs.structural_tag, an object or its JSON text).
+// One constraint per request; anything else is a 400, never ignored.
 sampling::GrammarPtr parse_structured(const Body& b) {
   const json& j = b.j;
   sampling::GrammarPtr g;
@@ -141,18 +142,17 @@ sampling::GrammarPtr parse_structured(const Body& b) {
                           "response_format");
       const auto schema = schema_of((*js)[key], "response_format.json_schema.schema");
       one("response_format", [&] { return sampling::grammar_json_schema(schema); });
+    } else if (t == "structural_tag") {
+      one("response_format", [&] { return sampling::grammar_structural_tag(rf); });
     } else if (t != "text") {
-      throw bad_request("'response_format' type '" + t + "' is not supported (expected text, json_object or json_schema)",
+      throw bad_request("'response_format' type '" + t +
+                            "' is not supported (expected text, json_object, json_schema or structural_tag)",
                         "response_format");
     }
   }
   if (b.has("structured_outputs")) {
     const json& so = j["structured_outputs"];
     if (!so.is_object()) throw bad_request("'structured_outputs' must be an object, got " + brief(so), "structured_outputs");
-    if (so.contains("structural_tag") && !so["structural_tag"].is_null())
-      throw bad_request("'structured_outputs.structural_tag' is not supported (supported: json, json_object, choice, "
-                        "regex, grammar)",
-                        "structured_outputs");
     // vLLM's disable_any_whitespace: JSON without whitespace between tokens.
     bool compact = false;
     if (so.contains("disable_any_whitespace") && !so["disable_any_whitespace"].is_null()) {
@@ -163,9 +163,10 @@ sampling::GrammarPtr parse_structured(const Body& b) {
       compact = so["disable_any_whitespace"].get<bool>();
     }
     int kinds = 0;
-    for (const char* k : {"json", "json_object", "choice", "regex", "grammar"}) kinds += so.contains(k) && !so[k].is_null();
+    for (const char* k : {"json", "json_object", "choice", "regex", "grammar", "structural_tag"})
+      kinds += so.contains(k) && !so[k].is_null();
     if (kinds > 1)
-      throw bad_request("'structured_outputs' must hold one of json, json_object, choice, regex, grammar",
+      throw bad_request("'structured_outputs' must hold one of json, json_object, choice, regex, grammar, structural_tag",
                         "structured_outputs");
     if (so.contains("json") && !so["json"].is_null()) {
       const auto schema = schema_of(so["json"], "structured_outputs.json");
@@ -184,6 +185,23 @@ sampling::GrammarPtr parse_structured(const Body& b) {
     } else if (so.contains("grammar") && !so["grammar"].is_null()) {
       const std::string gr = text_of(so["grammar"], "structured_outputs.grammar", "a GBNF grammar");
       one("structured_outputs", [&] { return sampling::grammar_ebnf(gr); });
+    } else if (so.contains("structural_tag") && !so["structural_tag"].is_null()) {
+      // vLLM sends the structural tag as JSON text (its response_format, dumped).
+      const json& st = so["structural_tag"];
+      json spec = st;
+      if (st.is_string()) {
+        try {
+          spec = json::parse(st.get<std::string>());
+        } catch (const json::exception&) {
+          throw bad_request("'structured_outputs.structural_tag' is a string that is not JSON: " + brief(st),
+                            "structured_outputs");
+        }
+      }
+      if (!spec.is_object())
+        throw bad_request("'structured_outputs.structural_tag' must be a structural tag ({\"type\": \"structural_tag\", "
+                          "\"format\": {...}}, or its JSON text), got " + brief(st),
+                          "structured_outputs");
+      one("structured_outputs", [&] { return sampling::grammar_structural_tag(spec); });
     }
   }
   if (b.has("guided_json")) {

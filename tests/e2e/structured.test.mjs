@@ -193,6 +193,68 @@ num    ::= [1-9] [0-9]{0,2}   # no leading zeros
   assert.equal(chat.choices[0].finish_reason, 'stop');
 });
 
+// Structural tags (vLLM's structural_tag, xgrammar's format objects): free text with constrained regions.
+const weatherTags = [
+  { type: 'tag', begin: '<call=get_weather>', end: '</call>',
+    content: { type: 'json_schema', json_schema: { type: 'object', properties: { city: { type: 'string', maxLength: 8 } },
+                                                   required: ['city'] } } },
+  { type: 'tag', begin: '<call=get_time>', end: '</call>',
+    content: { type: 'json_schema', json_schema: { type: 'object', properties: { utc: { type: 'boolean' } },
+                                                   required: ['utc'] } } },
+];
+
+function checkCall(name, args, where) {
+  const v = JSON.parse(args);
+  if (name === 'get_weather') assert.ok(typeof v.city === 'string' && [...v.city].length <= 8, `${where}: ${args}`);
+  else assert.equal(typeof v.utc, 'boolean', `${where}: ${args}`);
+  assert.deepEqual(Object.keys(v), [name === 'get_weather' ? 'city' : 'utc'], `${where}: ${args}`);
+}
+
+test('response_format structural_tag: a prefix, then exactly one tag of the schema (chat, n = 3)', async () => {
+  const r = await client.chat.completions.create({
+    model: 'tiny', messages: [{ role: 'user', content: 'Call a tool' }], max_tokens: 200, temperature: 1, seed: 11, n: 3,
+    chat_template_kwargs: { enable_thinking: false },
+    response_format: { type: 'structural_tag', format: { type: 'sequence', elements: [
+      { type: 'const_string', value: 'Calling: ' },
+      { type: 'triggered_tags', triggers: ['<call='], tags: weatherTags, at_least_one: true, stop_after_first: true },
+    ] } },
+  });
+  for (const c of r.choices) {
+    const m = /^Calling: <call=(get_weather|get_time)>(.*)<\/call>$/s.exec(c.message.content);
+    assert.ok(m, `choice ${c.index}: ${JSON.stringify(c.message.content)}`);
+    checkCall(m[1], m[2], `choice ${c.index}`);
+    assert.equal(c.finish_reason, 'stop', 'nothing may follow the one tag: the end of the output is forced');
+  }
+});
+
+test('structured_outputs.structural_tag as JSON text (vLLM\'s form): free text keeps its excludes, tags their schema', async () => {
+  const spec = { type: 'structural_tag', format: {
+    type: 'triggered_tags', triggers: ['<call='], tags: weatherTags, excludes: ['e', 'E'] } };
+  let calls = 0;
+  for (const seed of [1, 2, 3, 4]) {
+    const r = await client.completions.create({ model: 'tiny', prompt: 'Text:', max_tokens: 80, temperature: 1, seed,
+                                                structured_outputs: { structural_tag: JSON.stringify(spec) } });
+    const text = r.choices[0].text;
+    // Complete tags out; what is left is free text, and a tag cut by max_tokens may end it.
+    const free = text.replace(/<call=(get_weather|get_time)>(.*?)<\/call>/gs, (_, name, args) => {
+      checkCall(name, args, `seed ${seed}`);
+      ++calls;
+      return '';
+    });
+    const cut = free.indexOf('<call=');
+    const rest = cut >= 0 ? free.slice(0, cut) : free;
+    if (cut >= 0) assert.equal(r.choices[0].finish_reason, 'length', `an unclosed tag only where the text was cut: ${text}`);
+    assert.ok(!/[eE]/.test(rest), `the free text holds an excluded letter: ${JSON.stringify(text)}`);
+    assert.ok(rest.length > 0 || calls > 0, 'some output');
+  }
+  // The same spec in the older form (structures + triggers, JSON Schema contents) is accepted too.
+  const legacy = { type: 'structural_tag', triggers: ['<call='], structures: weatherTags.map(
+    (t) => ({ begin: t.begin, schema: t.content.json_schema, end: t.end })) };
+  const r = await client.chat.completions.create({ model: 'tiny', messages: [{ role: 'user', content: 'x' }],
+                                                   max_tokens: 8, response_format: legacy });
+  assert.equal(r.choices.length, 1);
+});
+
 test('unsupported or malformed constraints are 400s naming the field; the server stays up', async () => {
   const msgs = [{ role: 'user', content: 'x' }];
   const cases = [
@@ -201,7 +263,13 @@ test('unsupported or malformed constraints are 400s naming the field; the server
     [{ response_format: { type: 'json_schema', json_schema: { name: 'x', schema: { type: 'string', pattern: 'a(?=b)' } } } },
      /pattern.*lookahead/],
     [{ response_format: { type: 'json_schema', json_schema: { name: 'x', schema: { type: 'strange' } } } }, /strange/],
-    [{ structured_outputs: { structural_tag: '{}' } }, /structural_tag.*not supported/],
+    [{ structured_outputs: { structural_tag: '{}' } }, /structured_outputs: structural_tag: expected \{"type": "structural_tag", "format"/],
+    [{ structured_outputs: { structural_tag: '{"type": "structural_tag", "format": ' } }, /structural_tag' is a string that is not JSON/],
+    [{ response_format: { type: 'structural_tag', format: { type: 'token', token: '<|im_end|>' } } },
+     /response_format: structural_tag: format: the token-level format "token" is not supported/],
+    [{ response_format: { type: 'structural_tag', format: { type: 'triggered_tags', triggers: ['<f='],
+                                                             tags: [{ begin: '<g>', content: { type: 'any_text' }, end: '</g>' }] } } },
+     /format\.tags\[0\]\.begin "<g>" starts with none of the triggers \["<f="\]/],
     [{ structured_outputs: { json_object: true, disable_any_whitespace: 'yes' } }, /disable_any_whitespace' must be a boolean/],
     [{ structured_outputs: { grammar: 'root ::= item\nitem ::= "a" | missing' } },
      /structured_outputs: grammar: the rule 'missing' is used but never defined at line 2, column 16/],

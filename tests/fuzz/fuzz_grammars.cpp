@@ -1,5 +1,5 @@
 // libFuzzer target: the structured-output compilers see client text (a regex, a GBNF grammar, a JSON Schema, a tool
-// list) and must accept or refuse any of it with ds::Error — never crash, read out of bounds, overflow, hang past their
+// list, a structural tag) and must accept or refuse any of it with ds::Error — never crash, read out of bounds, overflow, hang past their
 // work budgets or allocate unboundedly — and a compiled grammar's Matcher must take any bytes after it.
 // Input: one selector byte, then the client text, then (after the first NUL, if any) bytes fed to the matcher.
 #include <cstddef>
@@ -13,7 +13,7 @@
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 1) return 0;
-  const uint8_t mode = data[0] % 5;
+  const uint8_t mode = data[0] % 6;
   std::string_view rest(reinterpret_cast<const char*>(data + 1), size - 1);
   const size_t nul = rest.find('\0');
   const std::string_view text = rest.substr(0, nul);
@@ -29,6 +29,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         auto j = nlohmann::ordered_json::parse(text, nullptr, false);
         if (j.is_discarded()) return 0;
         g = mode == 2 ? grammar_json_schema(j) : grammar_tool_call(j, "", true);
+        break;
+      }
+      case 5: {
+        auto j = nlohmann::ordered_json::parse(text, nullptr, false);
+        if (j.is_discarded()) return 0;
+        g = grammar_structural_tag(j);
         break;
       }
       default: {

@@ -7,6 +7,8 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
+#include <optional>
 #include <random>
 #include <regex>
 #include <set>
@@ -1031,6 +1033,10 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
 }
 
 void time_positions(const TokenMasker& tm) {
+  const GrammarPtr tool_tags = grammar_structural_tag(ojson::parse(R"({"type": "structural_tag", "format": {
+      "type": "triggered_tags", "triggers": ["<function="], "tags": [{"begin": "<function=get_weather>",
+      "content": {"type": "json_schema", "json_schema": {"properties": {"city": {"type": "string"}}}},
+      "end": "</function>"}]}})"));
   struct Pos {
     const char* what;
     GrammarPtr g;
@@ -1050,6 +1056,12 @@ void time_positions(const TokenMasker& tm) {
       {"regex, a code", grammar_regex("[A-Z]{2}-\\d{3,6}"), "AB-1"},
       {"GBNF JSON, inside a string", grammar_ebnf(kJsonGbnf), "{\"a\": \"hel"},
       {"GBNF JSON, value position", grammar_ebnf(kJsonGbnf), "{\"a\": [1, "},
+      {"structural tag, free text", tool_tags, "Let me check. "},
+      {"structural tag, free text after '<func'", tool_tags, "Let me check. <func"},
+      {"structural tag, a tag's JSON string", tool_tags, "ok <function=get_weather>{\"city\": \"Par"},
+      {"structural tag, any_text in <think>", grammar_structural_tag(ojson::parse(R"({"type": "structural_tag",
+           "format": {"type": "tag", "begin": "<think>", "content": {"type": "any_text"}, "end": "</think>"}})")),
+       "<think>hmm "},
   };
   std::vector<uint32_t> bits;
   for (auto& p : positions) {
@@ -1495,6 +1507,246 @@ TEST(GrammarToolCall, TimingsOnTheRealVocabulary) {
     std::printf("  after %-60s cold %7.2f ms, %lld tokens allowed\n", show(prefix).c_str(), cold,
                 (long long)count_bits(bits));
   }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Structural tags (vLLM's structural_tag, xgrammar's format objects)
+
+GrammarPtr stag(const std::string& format) {
+  return grammar_structural_tag(ojson::parse(R"({"type": "structural_tag", "format": )" + format + "}"));
+}
+
+const char* kWeatherTags = R"([
+  {"type": "tag", "begin": "<function=get_weather>",
+   "content": {"type": "json_schema", "json_schema": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                       "required": ["city"]}},
+   "end": "</function>"},
+  {"type": "tag", "begin": "<function=get_time>",
+   "content": {"type": "json_schema", "json_schema": {"type": "object", "properties": {"timezone": {"type": "string"}},
+                                                       "required": ["timezone"]}},
+   "end": "</function>"}])";
+
+GrammarPtr weather_tags(bool at_least_one, bool stop_after_first) {
+  return stag(std::string(R"({"type": "triggered_tags", "triggers": ["<function="], "tags": )") + kWeatherTags +
+              ", \"at_least_one\": " + (at_least_one ? "true" : "false") +
+              ", \"stop_after_first\": " + (stop_after_first ? "true" : "false") + "}");
+}
+
+// Whether the matcher can still go on (it completed a structure that ends the output).
+bool open_ended(const GrammarPtr& g, std::string_view doc) {
+  Matcher m(g);
+  EXPECT_TRUE(m.advance(doc));
+  return m.can_continue();
+}
+
+TEST(GrammarStructuralTag, TriggeredTagsLeaveTextFreeAndConstrainTheTags) {
+  const auto g = weather_tags(false, false);
+  const std::string call = "<function=get_weather>{\"city\": \"San Francisco\"}</function>";
+  for (const std::string& doc :
+       {std::string(""), std::string("I will call a tool now. ") + call, call + " and then\n" + call,
+        std::string("free text with a partial trigger <function"), std::string("<func <function=get_time>{\"timezone\": "
+        "\"UTC\"}</function> \xE4\xB8\xAD\xF0\x9F\x98\x80 </function> <function>"), std::string("a\tb\n\x01 {\"x\"}")})
+    expect_accepts(g, doc);
+  expect_refuses_at(g, "see <function=get_date>", 18);                       // no tag begins "<function=get_d"
+  expect_refuses_at(g, "<function=get_weather>{\"town\": \"x\"}", 24);     // the schema's property is city
+  const std::string open = "<function=get_weather>{\"city\": \"x\"}";
+  expect_refuses_at(g, open, int64_t(open.size()));  // inside the tag: not complete
+  expect_refuses_at(g, open + "</func", int64_t(open.size() + 6));
+  expect_refuses_at(g, "bad \xC3(", 5);                                      // free text is well-formed UTF-8
+  EXPECT_TRUE(open_ended(g, call)) << "free text again after a tag";
+  EXPECT_EQ(g, weather_tags(false, false)) << "the same spec gives the same grammar object";
+}
+
+TEST(GrammarStructuralTag, AtLeastOneAndStopAfterFirst) {
+  const std::string call = "<function=get_time>{\"timezone\": \"UTC\"}</function>";
+  {  // exactly one call, nothing around it
+    const auto g = weather_tags(true, true);
+    expect_accepts(g, call);
+    expect_refuses_at(g, "hello " + call, 0);
+    expect_refuses_at(g, call + " more", int64_t(call.size()));
+    expect_refuses_at(g, "", 0);
+    EXPECT_FALSE(open_ended(g, call));
+  }
+  {  // a call first, then free text and more calls
+    const auto g = weather_tags(true, false);
+    expect_accepts(g, call + " then " + call + " end");
+    expect_refuses_at(g, " " + call, 0);
+  }
+  {  // free text, at most one call, nothing after it
+    const auto g = weather_tags(false, true);
+    expect_accepts(g, "thinking aloud " + call);
+    expect_accepts(g, "no call at all");
+    expect_refuses_at(g, call + "\n", int64_t(call.size()));
+  }
+}
+
+TEST(GrammarStructuralTag, TagContentsEndAtTheFirstEnd) {
+  const auto think = stag(R"({"type": "tag", "begin": "<think>", "content": {"type": "any_text"}, "end": "</think>"})");
+  expect_accepts(think, "<think>a < b, </thin </think>");
+  expect_accepts(think, "<think></think>");
+  expect_refuses_at(think, "<think>x</think>y", 16);
+  expect_refuses_at(think, "<thinkx", 6);
+  EXPECT_FALSE(open_ended(think, "<think>x</think>"));
+  // Several ends; an unlimited content through sequence and optional stops at any of them.
+  const auto ends = stag(R"({"type": "tag", "begin": "[", "content": {"type": "sequence", "elements": [
+      {"type": "const_string", "value": "v:"}, {"type": "optional", "content": {"type": "any_text", "excludes": ["#"]}}]},
+      "end": ["]", "|end"]})");
+  expect_accepts(ends, "[v:abc]");
+  expect_accepts(ends, "[v:ab|end");
+  expect_accepts(ends, "[v:]");
+  expect_refuses_at(ends, "[v:a]b", 5);
+  expect_refuses_at(ends, "[v:a#", 4);
+  expect_refuses_at(ends, "[x", 1);
+  // The recipe "reasoning, then free text with tool calls".
+  const auto recipe = stag(std::string(R"({"type": "sequence", "elements": [
+      {"type": "tag", "begin": "<think>", "content": {"type": "any_text"}, "end": "</think>"},
+      {"type": "triggered_tags", "triggers": ["<function="], "tags": )") + kWeatherTags + "}]}");
+  expect_accepts(recipe, "<think>hmm</think>Calling <function=get_weather>{\"city\":\"Oslo\"}</function>.");
+  expect_refuses_at(recipe, "Calling", 0);
+}
+
+TEST(GrammarStructuralTag, PrimitiveAndCompositionFormats) {
+  const auto g = stag(R"({"type": "sequence", "elements": [
+      {"type": "const_string", "value": "Answer: "},
+      {"type": "regex", "pattern": "[A-Z]{3}-[0-9]{2}"},
+      {"type": "optional", "content": {"type": "const_string", "value": "!"}},
+      {"type": "repeat", "min": 1, "max": 2, "content": {"type": "or", "elements": [
+          {"type": "const_string", "value": " x"}, {"type": "grammar", "grammar": "root ::= \" y\" [0-9]+"}]}},
+      {"type": "star", "content": {"type": "const_string", "value": "."}},
+      {"type": "plus", "content": {"type": "json_schema", "json_schema": "{\"type\": \"integer\"}"}}]})");
+  expect_accepts(g, "Answer: ABC-12 x7");
+  expect_accepts(g, "Answer: ABC-12! y42 x...-3");
+  expect_refuses_at(g, "Answer: AB1", 10);
+  expect_refuses_at(g, "Answer: ABC-12 x x x", 18);  // repeat: at most two
+  expect_refuses_at(g, "Answer: ABC-12.", 14);       // repeat: at least one
+  expect_refuses_at(g, "Answer: ABC-12 y", 16);      // the grammar needs a digit
+}
+
+TEST(GrammarStructuralTag, TagsWithSeparatorAndDispatch) {
+  const std::string item = R"({"type": "tag", "begin": "<a>", "content": {"type": "json_schema", "json_schema": {"type": "object"}}, "end": "</a>"})";
+  const auto list = stag(R"({"type": "tags_with_separator", "separator": ",", "tags": [)" + item + "]}");
+  expect_accepts(list, "");
+  expect_accepts(list, "<a>{}</a>");
+  expect_accepts(list, "<a>{}</a>,<a>{\"k\": 1}</a>");
+  expect_refuses_at(list, "x", 0);
+  expect_refuses_at(list, "<a>{}</a> ,", 9);
+  const auto one = stag(R"({"type": "tags_with_separator", "separator": ",", "at_least_one": true,
+                           "stop_after_first": true, "tags": [)" + item + "]}");
+  expect_refuses_at(one, "", 0);
+  expect_refuses_at(one, "<a>{}</a>,", 9);
+  const auto d = stag(R"({"type": "dispatch", "rules": [["<f1>", {"type": "json_schema", "json_schema": {"type": "object"}}],
+      ["<f2>", {"type": "const_string", "value": "ok"}]], "excludes": ["<stop>"]})");
+  expect_accepts(d, "hi <f1>{} there <f2>ok end <f");
+  expect_refuses_at(d, "hi <f2>no", 7);
+  expect_refuses_at(d, "a <stop>", 7);
+  const auto once = stag(R"({"type": "dispatch", "loop": false, "rules": [["<f2>", {"type": "const_string", "value": "ok"}]]})");
+  expect_accepts(once, "text <f2>ok");
+  EXPECT_FALSE(open_ended(once, "text <f2>ok"));
+}
+
+TEST(GrammarStructuralTag, TheOlderFormIsTriggeredTagsOfSchemas) {
+  const auto g = grammar_structural_tag(ojson::parse(R"({"type": "structural_tag",
+      "structures": [{"begin": "<function=get_weather>", "schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+                      "end": "</function>"}],
+      "triggers": ["<function="]})"));
+  expect_accepts(g, "ok <function=get_weather>{\"city\": \"Rome\"}</function> done");
+  expect_refuses_at(g, "<function=other>", 10);
+}
+
+TEST(GrammarStructuralTag, ErrorsNameTheField) {
+  auto err = [](const std::string& spec) { return grammar_structural_tag(ojson::parse(spec)); };
+  EXPECT_ERROR(err(R"({"type": "structural_tag"})"), "expected {\"type\": \"structural_tag\", \"format\": {...}}");
+  EXPECT_ERROR(err(R"({"type": "json_schema", "format": {}})"), "\"type\" must be \"structural_tag\"");
+  EXPECT_ERROR(stag(R"({"type": "nope"})"), "format: unknown format type \"nope\" (supported: const_string");
+  EXPECT_ERROR(stag(R"({"value": "x"})"), "format must be a format object");
+  EXPECT_ERROR(stag(R"({"type": "const_string", "value": "x", "extra": 1})"),
+               "format has an unknown field \"extra\" (expected type, value)");
+  EXPECT_ERROR(stag(R"({"type": "const_string"})"), "format needs \"value\"");
+  EXPECT_ERROR(stag(R"({"type": "sequence", "elements": []})"), "format.elements must be a non-empty list");
+  EXPECT_ERROR(stag(R"({"type": "token", "token": "<|x|>"})"), "format: the token-level format \"token\" is not supported");
+  EXPECT_ERROR(stag(R"({"type": "tag", "begin": {"type": "token", "token": 5}, "content": {"type": "any_text"}, "end": "x"})"),
+               "format.begin: token-level delimiters are not supported");
+  EXPECT_ERROR(stag(R"({"type": "any_text", "max_tokens": 5})"), "format.max_tokens is not supported");
+  EXPECT_ERROR(stag(R"({"type": "json_schema", "json_schema": {}, "style": "qwen_xml"})"),
+               "format.style \"qwen_xml\" is not supported");
+  EXPECT_ERROR(stag(R"({"type": "json_schema", "json_schema": {"type": "object", "patternProperties": {}}})"),
+               "structural_tag: format.json_schema: unsupported keyword \"patternProperties\"");
+  EXPECT_ERROR(stag(R"j({"type": "regex", "pattern": "a(?=b)"})j"), "format.pattern: ");
+  EXPECT_ERROR(stag(R"({"type": "grammar", "grammar": "root ::= a"})"), "format.grammar: grammar: the rule 'a' is used");
+  EXPECT_ERROR(stag(R"({"type": "repeat", "min": 3, "max": 2, "content": {"type": "const_string", "value": "x"}})"),
+               "format: \"max\" (2) is below \"min\" (3)");
+  EXPECT_ERROR(stag(R"({"type": "triggered_tags", "triggers": ["<f="], "tags": [{"type": "tag", "begin": "<g=x>",
+               "content": {"type": "any_text"}, "end": "</g>"}]})"),
+               "format.tags[0].begin \"<g=x>\" starts with none of the triggers [\"<f=\"]");
+  EXPECT_ERROR(stag(R"({"type": "triggered_tags", "triggers": [""], "tags": []})"), "format.triggers[0] must be a non-empty string");
+  EXPECT_ERROR(stag(R"({"type": "triggered_tags", "triggers": ["<f"], "tags": [], "stop_after_frist": true})"),
+               "unknown field \"stop_after_frist\"");
+  EXPECT_ERROR(stag(R"({"type": "any_text", "excludes": [")" + std::string(20000, 'x') + R"("]})"),
+               "format: its triggers, excludes and enclosing ends hold 20000 bytes together (at most 16384)");
+  std::string deep = R"({"type": "const_string", "value": "x"})";
+  for (int i = 0; i < 70; ++i) deep = R"({"type": "optional", "content": )" + deep + "}";
+  EXPECT_ERROR(stag(deep), "format objects nested more than 64 deep");
+}
+
+// Every text up to 8 bytes over a small alphabet: the matcher accepts exactly what a direct reading of the spec
+// accepts (free text until the first trigger, which must go on as a tag; excludes never in free text), and refuses
+// a prefix only when nothing longer is accepted either.
+TEST(GrammarStructuralTag, EqualsADirectReadingOnEveryShortText) {
+  const std::string alphabet = "ab<>/";
+  for (int variant = 0; variant < 8; ++variant) {
+    const bool at_least_one = variant & 1, first = variant & 2, excl = variant & 4;
+    SCOPED_TRACE(str_cat("at_least_one ", at_least_one, ", stop_after_first ", first, ", excludes ", excl));
+    const auto g = stag(str_cat(R"({"type": "triggered_tags", "triggers": ["<a"], "tags": [
+        {"type": "tag", "begin": "<a>", "content": {"type": "const_string", "value": "b"}, "end": "</a>"},
+        {"type": "tag", "begin": "<ab>", "content": {"type": "any_text"}, "end": "</>"}],
+        "at_least_one": )", at_least_one ? "true" : "false", ", \"stop_after_first\": ", first ? "true" : "false",
+                                excl ? ", \"excludes\": [\"//\"]" : "", "}"));
+    auto free_ok = [&](const std::string& t) { return !excl || t.find("//") == std::string::npos; };
+    std::function<bool(const std::string&, size_t, int)> ref = [&](const std::string& s, size_t pos, int seen) {
+      const size_t e = s.find("<a", pos);
+      if (e == std::string::npos) return free_ok(s.substr(pos)) && (seen > 0 || !at_least_one);
+      if (!free_ok(s.substr(pos, e - pos)) || (at_least_one && seen == 0 && e != pos)) return false;
+      size_t after = std::string::npos;
+      if (s.compare(e, 4, "<a>b") == 0 && s.compare(e + 4, 4, "</a>") == 0) after = e + 8;
+      if (s.compare(e, 4, "<ab>") == 0) {
+        const size_t q = s.find("</>", e + 4);
+        if (q != std::string::npos) after = q + 3;
+      }
+      if (after == std::string::npos) return false;
+      return first ? after == s.size() : ref(s, after, seen + 1);
+    };
+    int64_t accepted = 0, texts = 0;
+    std::function<void(const std::string&, const Matcher*)> walk = [&](const std::string& s, const Matcher* m) {
+      ++texts;
+      const bool got = m && m->accepting();
+      if (got != ref(s, 0, 0)) {
+        ADD_FAILURE() << show(s) << ": matcher " << got << (m ? "" : " (a prefix was refused)");
+        return;
+      }
+      accepted += got;
+      if (s.size() == 8) return;
+      for (char c : alphabet) {
+        std::optional<Matcher> n;
+        if (m) {
+          n = *m;
+          if (!n->advance(std::string(1, c))) n.reset();
+        }
+        walk(s + c, n ? &*n : nullptr);
+      }
+    };
+    const Matcher m0(g);
+    walk("", &m0);
+    EXPECT_GT(accepted, at_least_one ? 4 : 100);
+    std::printf("  variant %d: %lld of %lld texts accepted\n", variant, (long long)accepted, (long long)texts);
+  }
+}
+
+TEST(GrammarStructuralTag, MasksEqualAdvance) {
+  const TokenMasker tm(synthetic_vocab());
+  expect_masks_match(weather_tags(false, false), tm,
+                     {"Let me see. <function=get_weather>{\"city\": \"name\"}</function> yes <func", "\xE4\xB8\xAD"});
+  expect_masks_match(stag(R"({"type": "tag", "begin": "<think>", "content": {"type": "any_text"}, "end": "</think>"})"),
+                     tm, {"<think>a</think>"});
 }
 
 }  // namespace

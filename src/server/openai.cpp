@@ -79,7 +79,7 @@ std::vector<int32_t> token_ids(const json& v, const char* field) {
 // guided_choice / guided_regex / guided_grammar, and llama.cpp's grammar (GBNF) and json_schema; structural tags
 // (response_format {"type": "structural_tag", ...} or structured_outputs.structural_tag, an object or its JSON text).
 // One constraint per request; anything else is a 400, never ignored.
-sampling::GrammarPtr parse_structured(const Body& b) {
+sampling::GrammarPtr parse_structured(const Body& b, bool& structural_tag) {
   const json& j = b.j;
   sampling::GrammarPtr g;
   const char* from = nullptr;
@@ -144,6 +144,7 @@ sampling::GrammarPtr parse_structured(const Body& b) {
       one("response_format", [&] { return sampling::grammar_json_schema(schema); });
     } else if (t == "structural_tag") {
       one("response_format", [&] { return sampling::grammar_structural_tag(rf); });
+      structural_tag = true;
     } else if (t != "text") {
       throw bad_request("'response_format' type '" + t +
                             "' is not supported (expected text, json_object, json_schema or structural_tag)",
@@ -202,6 +203,7 @@ sampling::GrammarPtr parse_structured(const Body& b) {
                           "\"format\": {...}}, or its JSON text), got " + brief(st),
                           "structured_outputs");
       one("structured_outputs", [&] { return sampling::grammar_structural_tag(spec); });
+      structural_tag = true;
     }
   }
   if (b.has("guided_json")) {
@@ -519,7 +521,7 @@ GenSpec parse_generation_request(const json& j, bool chat, const sampling::Sampl
     throw bad_request("'min_tokens' (" + std::to_string(g.sampling.min_tokens) + ") must not exceed 'max_tokens' (" +
                           std::to_string(*g.max_tokens) + ")",
                       "min_tokens");
-  g.sampling.grammar = parse_structured(b);
+  g.sampling.grammar = parse_structured(b, g.grammar_spells_added);
   if (g.sampling.grammar && g.ignore_eos)
     throw bad_request("'ignore_eos' cannot be combined with structured output (the output ends where the constrained "
                       "text is complete)", "ignore_eos");

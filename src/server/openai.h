@@ -25,6 +25,9 @@ struct GenSpec {
   std::vector<std::string> stop;
   std::vector<int32_t> stop_token_ids;
   std::vector<std::string> bad_words;  // vLLM: tokenized by the server (sampling.bad_words)
+  // The constraint is a structural tag: added tokens that are not special (<tool_call>, </tool_call>, <think>, ...)
+  // spell their text under it, as in xgrammar's vocabulary (a trigger "<tool_call>" meets the model's own token).
+  bool grammar_spells_added = false;
   bool ignore_eos = false, skip_special_tokens = true, echo = false;
   bool return_token_ids = false;  // vLLM extension: choices carry prompt_token_ids and token_ids
   // vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:N" (unset: the server's

@@ -71,19 +71,21 @@ struct Runtime {
   int32_t think_end_id = -1;
   int32_t im_start_id = -1;  // <|im_start|>: where chat messages start (prefix-cache hints)
   // Structured output's view of the vocabulary (sampling::TokenMasker), built by the first request that needs it.
-  std::shared_ptr<const sampling::TokenMasker> masker() {
-    std::call_once(masker_once, [&] {
+  // Added tokens (<think>, <tool_call>, <|im_end|>, ...) never spell constrained text: they stay empty, as do ids the
+  // tokenizer does not assign; the end of the output is the sampler's end ids. spell_added (structural tags): added
+  // tokens that are not special spell their text, as in xgrammar's vocabulary.
+  std::shared_ptr<const sampling::TokenMasker> masker(bool spell_added = false) {
+    std::call_once(masker_once[spell_added], [&] {
       std::vector<std::string> bytes(size_t(tok->model_vocab_size()));
-      // Added tokens (<think>, <tool_call>, <|im_end|>, ...) never spell constrained text: they stay empty, as do
-      // ids the tokenizer does not assign. The end of the output is the sampler's end ids.
       for (int32_t id = 0; id < tok->vocab_size(); ++id)
-        if (!tok->is_added(id)) bytes[size_t(id)] = std::string(tok->token_bytes(id));
-      masker_ = std::make_shared<const sampling::TokenMasker>(std::move(bytes));
+        if (!tok->is_added(id) || (spell_added && !tok->is_special(id)))
+          bytes[size_t(id)] = std::string(tok->token_bytes(id));
+      masker_[spell_added] = std::make_shared<const sampling::TokenMasker>(std::move(bytes));
     });
-    return masker_;
+    return masker_[spell_added];
   }
-  std::once_flag masker_once;
-  std::shared_ptr<const sampling::TokenMasker> masker_;
+  std::once_flag masker_once[2];
+  std::shared_ptr<const sampling::TokenMasker> masker_[2];
   int32_t image_token = -1;          // <|image_pad|> when the model has a vision tower
   int32_t video_token = -1;          // <|video_pad|> when the model has a vision tower and video ids
   vision::PreprocessConfig preprocess;
@@ -454,7 +456,7 @@ class Generation {
     if (spec_.sampling.grammar) {
       if (reasoning == ReasoningStart::kInReasoning && rt.think_end_id < 0)
         throw bad_request("structured output needs the tokenizer's </think> token when thinking is on", "messages");
-      spec_.sampling.masker = rt.masker();
+      spec_.sampling.masker = rt.masker(spec_.grammar_spells_added);
     }
     int index = 0;
     for (size_t pi = 0; pi < prompts.size(); ++pi)

@@ -255,6 +255,26 @@ test('structured_outputs.structural_tag as JSON text (vLLM\'s form): free text k
   assert.equal(r.choices.length, 1);
 });
 
+test('under a structural tag the added tokens <tool_call> / </tool_call> spell their text; under other constraints not', async () => {
+  const tk = await (await fetch(`${srv.base}/tokenize`, { method: 'POST', headers: { 'Content-Type': 'application/json' },
+    body: JSON.stringify({ model: 'tiny', prompt: '<tool_call></tool_call>' }) })).json();
+  assert.equal(tk.tokens.length, 2, JSON.stringify(tk));
+  const [open, close] = tk.tokens;
+  // Both added tokens pushed far above the rest: where the constraint lets them spell "<tool_call>", they win.
+  const base = { model: 'tiny', prompt: 'Call:', max_tokens: 40, temperature: 0, return_token_ids: true,
+                 logit_bias: { [open]: 100, [close]: 100 } };
+  const tagged = await client.completions.create({ ...base, response_format: { type: 'structural_tag', format: {
+    type: 'tag', begin: '<tool_call>', content: { type: 'const_string', value: '\nx\n' }, end: '</tool_call>' } } });
+  const t = tagged.choices[0];
+  assert.equal(t.text, '<tool_call>\nx\n</tool_call>');
+  assert.equal(t.token_ids[0], open, `the model's own <tool_call> token: ${JSON.stringify(t.token_ids)}`);
+  assert.equal(t.token_ids.at(-1), close, JSON.stringify(t.token_ids));
+  const regex = await client.completions.create({ ...base, structured_outputs: { regex: '<tool_call>\nx\n</tool_call>' } });
+  const r = regex.choices[0];
+  assert.equal(r.text, '<tool_call>\nx\n</tool_call>', 'spelled with ordinary tokens');
+  assert.ok(!r.token_ids.includes(open) && !r.token_ids.includes(close), JSON.stringify(r.token_ids));
+});
+
 test('unsupported or malformed constraints are 400s naming the field; the server stays up', async () => {
   const msgs = [{ role: 'user', content: 'x' }];
   const cases = [

@@ -515,6 +515,13 @@ GenSpec parse_generation_request(const json& j, bool chat, const sampling::Sampl
     }
     if (g.prompt_texts.size() + g.prompt_ids.size() > 64) throw bad_request("at most 64 prompts per request", "prompt");
   }
+  g.include_stop_str_in_output = b.boolean("include_stop_str_in_output", false);
+  if (b.has("truncate_prompt_tokens")) {
+    g.truncate_prompt_tokens = b.integer("truncate_prompt_tokens", -1, -1, INT32_MAX);
+    if (*g.truncate_prompt_tokens == 0)
+      throw bad_request("'truncate_prompt_tokens' must be -1 (the model's maximum length) or at least 1, got 0",
+                        "truncate_prompt_tokens");
+  }
   g.sampling.thinking_budget = b.integer("thinking_token_budget", -1, -1, INT32_MAX);
   g.sampling.min_tokens = b.integer("min_tokens", 0, 0, INT32_MAX);
   if (g.max_tokens && g.sampling.min_tokens > *g.max_tokens)

@@ -23,6 +23,9 @@ struct GenSpec {
   sampling::SamplingParams sampling;
   std::optional<int64_t> max_tokens;
   std::vector<std::string> stop;
+  bool include_stop_str_in_output = false;  // vLLM's: the stop string that ended the output stays in it
+  // vLLM's truncate_prompt_tokens: only the prompt's last N tokens are kept (-1: --max-model-len's worth).
+  std::optional<int64_t> truncate_prompt_tokens;
   std::vector<int32_t> stop_token_ids;
   std::vector<std::string> bad_words;  // vLLM: tokenized by the server (sampling.bad_words)
   // The constraint is a structural tag: added tokens that are not special (<tool_call>, </tool_call>, <think>, ...)

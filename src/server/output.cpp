@@ -16,7 +16,7 @@ struct ChoiceOutput::Impl {
 
   Impl(const text::Tokenizer& tok, const GenSpec& spec, ReasoningStart start, bool parse_tools,
        const nlohmann::ordered_json& tool_defs)
-      : detok(tok, text::DetokenizerOptions{spec.skip_special_tokens, spec.stop}), reasoning_parser(start) {
+      : detok(tok, text::DetokenizerOptions{spec.skip_special_tokens, spec.stop, spec.include_stop_str_in_output}), reasoning_parser(start) {
     if (parse_tools) tools = std::make_unique<ToolCallParser>(tool_defs);
   }
 

@@ -352,6 +352,14 @@ class Generation {
   std::vector<Choice>& choices() { return choices_; }
   Clock::time_point start() const { return start_; }
 
+  // truncate_prompt_tokens' length (-1: --max-model-len), and whether it cuts prompt p.
+  int64_t truncate_length() const {
+    return *spec_.truncate_prompt_tokens < 0 ? st_.rt.max_model_len : *spec_.truncate_prompt_tokens;
+  }
+  bool truncated(const std::vector<int32_t>& p) const {
+    return spec_.truncate_prompt_tokens && int64_t(p.size()) > truncate_length();
+  }
+
   // Renders, tokenizes and validates; throws HttpError.
   void prepare() {
     Runtime& rt = st_.rt;
@@ -410,6 +418,11 @@ class Generation {
       }
       prompts.push_back(rt.tok->encode(text, true));
       texts.push_back(text);
+      if ((!spec_.images.empty() || !videos.empty()) && truncated(prompts.back()))
+        throw bad_request("'truncate_prompt_tokens' (" + std::to_string(*spec_.truncate_prompt_tokens) +
+                              ") would cut a prompt of " + std::to_string(prompts.back().size()) +
+                              " tokens that holds images or videos; send a shorter conversation",
+                          "truncate_prompt_tokens");
       if (!spec_.images.empty() || !videos.empty()) mm_ = load_images(prompts.back(), videos);
     } else {
       for (auto& t : spec_.prompt_texts) {
@@ -421,6 +434,12 @@ class Generation {
         texts.push_back(spec_.echo ? rt.tok->decode(p) : "");  // echoed as its text (vLLM's)
       }
     }
+    // vLLM's truncate_prompt_tokens: the last N tokens of each prompt (the echoed prompt is what was kept).
+    for (size_t i = 0; i < prompts.size(); ++i)
+      if (truncated(prompts[i])) {
+        prompts[i].erase(prompts[i].begin(), prompts[i].end() - truncate_length());
+        if (!spec_.chat) texts[i] = rt.tok->decode(prompts[i]);
+      }
     const int64_t V = rt.model->config().text.vocab_size;
     for (auto& p : prompts) {
       if (p.empty()) throw bad_request("the prompt is empty after tokenization", spec_.chat ? "messages" : "prompt");

@@ -39,16 +39,17 @@ std::string Detokenizer::release(bool final) {
     if (pos < best) best = pos, which = &s;
   }
   if (which) {
-    std::string out = text_.substr(0, best);
+    std::string out = text_.substr(0, best + (opts_.include_stop ? which->size() : 0));
     stop_match_ = *which;
     text_.clear();
     bytes_.clear();
     return out;
   }
   // Hold back the longest suffix that is a proper prefix of some stop string: more text could complete
-  // it. Such a suffix starts where a stop string starts, so it never splits a UTF-8 character.
+  // it. Such a suffix starts where a stop string starts, so it never splits a UTF-8 character. With include_stop
+  // that text goes out either way: nothing is held.
   size_t hold = 0;
-  if (!final) {
+  if (!final && !opts_.include_stop) {
     for (const std::string& s : opts_.stop) {
       for (size_t k = std::min(s.size() - 1, text_.size()); k > hold; --k) {
         if (text_.compare(text_.size() - k, k, s, 0, k) == 0) {

@@ -7,7 +7,8 @@
 //
 // Stop strings are matched on the decoded text, so they are found even when they span token boundaries
 // or split a multi-byte character; the output ends just before the earliest match (ties: the first stop
-// in the list), and the stop string itself is not emitted. Stop *tokens* (eos ids) are the engine's job.
+// in the list), and the stop string itself is not emitted unless include_stop (vLLM's include_stop_str_in_output:
+// the output ends with it, and no text is held back). Stop *tokens* (eos ids) are the engine's job.
 #pragma once
 #include <cstdint>
 #include <optional>
@@ -21,6 +22,7 @@ namespace ds::text {
 struct DetokenizerOptions {
   bool skip_special = true;        // drop tokens marked special (e.g. <|im_end|>); added non-special ones stay
   std::vector<std::string> stop;   // stop strings (empty strings are ignored)
+  bool include_stop = false;       // the matched stop string ends the output instead of being cut
 };
 
 class Detokenizer {

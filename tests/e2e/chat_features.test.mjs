@@ -253,6 +253,41 @@ test('stop_reason names the stop string or stop_token_ids id that ended a choice
   assert.equal(ref.stop_reason, null);
 });
 
+test('include_stop_str_in_output keeps the stop string, streamed and not; truncate_prompt_tokens keeps the prompt\'s tail', async () => {
+  const base = { model: 'tiny', prompt: [1, 2, 3], max_tokens: 8, temperature: 0, ignore_eos: true };
+  const ref = (await client.completions.create(base)).choices[0];
+  const m = ref.text.match(/[A-Za-z]{2}/);
+  assert.ok(m, `no two letters in ${JSON.stringify(ref.text)}`);
+  const upTo = ref.text.slice(0, m.index + 2);
+  const kept = (await client.completions.create({ ...base, stop: [m[0]], include_stop_str_in_output: true })).choices[0];
+  assert.equal(kept.text, upTo);
+  assert.equal(kept.stop_reason, m[0]);
+  const cut = (await client.completions.create({ ...base, stop: [m[0]] })).choices[0];
+  assert.equal(cut.text, ref.text.slice(0, m.index));
+  let streamed = '';
+  for await (const c of await client.completions.create({ ...base, stop: [m[0]], include_stop_str_in_output: true, stream: true }))
+    streamed += c.choices[0]?.text ?? '';
+  assert.equal(streamed, upTo);
+
+  // truncate_prompt_tokens: the answer is the one to the prompt's last N tokens; usage counts what was kept.
+  const long = { model: 'tiny', max_tokens: 6, temperature: 0, ignore_eos: true, return_token_ids: true };
+  const tail = (await client.completions.create({ ...long, prompt: [40, 41, 42, 43] })).choices[0];
+  const t = await client.completions.create({ ...long, prompt: [7, 8, 9, 10, 11, 40, 41, 42, 43], truncate_prompt_tokens: 4,
+                                             echo: true });
+  assert.equal(t.usage.prompt_tokens, 4);
+  assert.deepEqual(t.choices[0].prompt_token_ids, [40, 41, 42, 43]);
+  assert.deepEqual(t.choices[0].token_ids, tail.token_ids);
+  const whole = await client.completions.create({ ...long, prompt: [7, 8, 9], truncate_prompt_tokens: -1 });
+  assert.equal(whole.usage.prompt_tokens, 3, '-1 keeps up to --max-model-len tokens');
+  const chat = await client.chat.completions.create({ model: 'tiny', messages: [{ role: 'user', content: 'a b c d e f g' }],
+                                                      max_tokens: 2, truncate_prompt_tokens: 5 });
+  assert.equal(chat.usage.prompt_tokens, 5);
+  for (const [extra, re] of [[{ truncate_prompt_tokens: 0 }, /truncate_prompt_tokens' must be -1 .* or at least 1, got 0/],
+                             [{ truncate_prompt_tokens: -2 }, /truncate_prompt_tokens' must be in \[-1/],
+                             [{ include_stop_str_in_output: 'yes' }, /include_stop_str_in_output/]])
+    await assert.rejects(client.completions.create({ ...base, ...extra }), (e) => e.status === 400 && re.test(e.message));
+});
+
 test('priority is taken (an integer; other values are a 400)', async () => {
   const base = { model: 'tiny', prompt: [1, 2, 3], max_tokens: 4, temperature: 0, return_token_ids: true };
   const a = await client.completions.create(base);

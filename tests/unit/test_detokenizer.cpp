@@ -150,6 +150,34 @@ TEST(Detokenizer, HoldsBackOnlyWhatCouldStartAStopString) {
   EXPECT_FALSE(d.stopped());
 }
 
+// vLLM's include_stop_str_in_output: the output ends with the matched stop string, and no text waits for a stop
+// string that may still complete.
+TEST(Detokenizer, IncludeStopKeepsTheMatchAndHoldsNothingBack) {
+  REQUIRE_QWEN3();
+  const Tokenizer& tok = qwen3();
+  const std::pair<std::string, std::string> cases[] = {
+      {"Hello world. The END is near", "Hello world. The END"},
+      {"abcabd and more", "abcabd"},
+      {"first STOP then END", "first STOP"},
+      {"emoji \xF0\x9F\x98\xBB\xF0\x9F\x98\x93 tail", "emoji \xF0\x9F\x98\xBB\xF0\x9F\x98\x93"},
+      {"no stop here at all", "no stop here at all"},
+  };
+  for (auto& [text, want] : cases) {
+    const auto ids = tok.encode(text);
+    Detokenizer d(tok, {true, {"END", "STOP", "abd", "\xF0\x9F\x98\x93"}, true});
+    std::string out, decoded;
+    for (size_t i = 0; i < ids.size(); ++i) {
+      out += d.push(ids[i]);
+      if (d.stopped()) break;
+      // Everything decoded so far is out at once, but for a character still incomplete.
+      decoded = tok.decode(std::span<const int32_t>(ids.data(), i + 1));
+      if (decoded.find("\xEF\xBF\xBD") == std::string::npos) EXPECT_EQ(out, decoded) << text;
+    }
+    out += d.flush();
+    EXPECT_EQ(out, want) << text;
+  }
+}
+
 TEST(Detokenizer, SpecialTokensSkippedOrKept) {
   REQUIRE_QWEN3();
   const Tokenizer& tok = qwen3();

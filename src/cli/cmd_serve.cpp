@@ -54,7 +54,6 @@ constexpr VllmNoOp kVllmNoOps[] = {
                                "--cache-ram, --prefix-cache-interval)"},
     {"mm-encoder-tp-mode", true, "the vision tower runs on the one GPU"},
     {"mm-processor-cache-type", true, "images are preprocessed per request"},
-    {"mm-processor-kwargs", true, "image and video sizes come from the model's preprocessor configs"},
     {"uvicorn-log-level", true, "logging is --disable-log-stats, --disable-access-log, --enable-log-requests"},
     {"seed", true, "requests without a seed draw their own random seed"},
     {"disable-fastapi-docs", false, "there are no /docs pages"},
@@ -160,6 +159,7 @@ int cmd_serve(int argc, char** argv) {
                    "max-num-batched-tokens", "max-queued-requests", "num-gpu-blocks-override", "block-size",
                    "gpu-memory-utilization", "enforce-eager", "mamba-ssm-cache-dtype", "shutdown-timeout",
                    "chat-template", "default-chat-template-kwargs", "speculative-config", "limit-mm-per-prompt",
+                   "mm-processor-kwargs",
                    "max-image-pixels", "max-image-bytes", "max-video-bytes", "max-video-frames", "image-fetch-timeout",
                    "disable-image-fetch", "allowed-local-media-path", "enable-prefix-caching",
                    "no-enable-prefix-caching", "prefix-cache-checkpoints", "cache-ram", "prefix-cache-interval",
@@ -341,6 +341,10 @@ int cmd_serve(int argc, char** argv) {
       if (k == "image") md.max_images_per_prompt = x.get<int64_t>();
       if (k == "video") md.max_videos_per_prompt = x.get<int64_t>();
     }
+  }
+  if (a.has("mm-processor-kwargs")) {
+    const auto j = json_object_flag(a, "mm-processor-kwargs", "{\"max_pixels\": 1003520}");
+    c.mm_processor_kwargs = nlohmann::ordered_json::parse(j.dump());  // checked at load, over the model's configs
   }
   md.max_image_pixels = a.get_int("max-image-pixels", md.max_image_pixels);
   if (md.max_image_pixels < 1) fail("--max-image-pixels: expected >= 1, got ", md.max_image_pixels);

@@ -236,4 +236,76 @@ std::shared_ptr<runtime::MultiModalInput> prepare_media(const std::vector<ImageR
   return mm;
 }
 
+namespace {
+// The pixel-budget keys of one modality's config; true where `key` was one of them.
+bool pixel_key(const std::string& key, const nlohmann::ordered_json& v, vision::PreprocessConfig& c,
+               const std::string& where) {
+  auto count = [&](const nlohmann::ordered_json& x, const std::string& w) {
+    if (!x.is_number_integer() || x.get<int64_t>() < 1 || x.get<int64_t>() > (int64_t(1) << 40))
+      fail(w, " must be a positive integer (a pixel count), got ", x.dump());
+    return x.get<int64_t>();
+  };
+  if (key == "min_pixels") c.min_pixels = count(v, where);
+  else if (key == "max_pixels") c.max_pixels = count(v, where);
+  else if (key == "size") {
+    if (!v.is_object()) fail(where, " must be {\"shortest_edge\": N, \"longest_edge\": N} (pixel counts), got ", v.dump());
+    for (auto& [k, x] : v.items()) {
+      if (k == "shortest_edge") c.min_pixels = count(x, where + "." + k);
+      else if (k == "longest_edge") c.max_pixels = count(x, where + "." + k);
+      else fail(where, ": unknown key '", k, "' (expected shortest_edge, longest_edge)");
+    }
+  } else {
+    return false;
+  }
+  return true;
+}
+
+bool sampling_key(const std::string& key, const nlohmann::ordered_json& v, vision::VideoSampling& s,
+                  const std::string& where) {
+  if (key == "fps") {
+    if (!v.is_number() || !(v.get<double>() > 0) || v.get<double>() > 240)
+      fail(where, " must be a number in (0, 240], got ", v.dump());
+    s.fps = v.get<double>();
+  } else if (key == "min_frames" || key == "max_frames") {
+    if (!v.is_number_integer() || v.get<int64_t>() < 1 || v.get<int64_t>() > 100000)
+      fail(where, " must be a positive integer, got ", v.dump());
+    (key == "min_frames" ? s.min_frames : s.max_frames) = v.get<int64_t>();
+  } else {
+    return false;
+  }
+  return true;
+}
+}  // namespace
+
+void apply_mm_processor_kwargs(const nlohmann::ordered_json& kw, vision::PreprocessConfig& image,
+                               vision::VideoConfig& video, const std::string& what) {
+  if (kw.is_null()) return;
+  if (!kw.is_object()) fail(what, " must be an object such as {\"max_pixels\": 1003520}, got ", kw.dump());
+  for (auto& [key, v] : kw.items()) {
+    const std::string where = what + "." + key;
+    if (pixel_key(key, v, image, where) || sampling_key(key, v, video.sampling, where)) continue;
+    if (key == "images_kwargs" || key == "videos_kwargs") {
+      if (!v.is_object()) fail(where, " must be an object, got ", v.dump());
+      for (auto& [k, x] : v.items()) {
+        const std::string w = where + "." + k;
+        const bool ok = key == "images_kwargs" ? pixel_key(k, x, image, w)
+                                               : pixel_key(k, x, video.p, w) || sampling_key(k, x, video.sampling, w);
+        if (!ok)
+          fail(where, ": unknown key '", k, "' (expected ",
+               key == "images_kwargs" ? "min_pixels, max_pixels, size" : "min_pixels, max_pixels, size, fps, min_frames, "
+                                                                          "max_frames", ")");
+      }
+      continue;
+    }
+    fail(what, ": unknown key '", key, "' (expected min_pixels, max_pixels, size, fps, min_frames, max_frames, "
+         "images_kwargs, videos_kwargs)");
+  }
+  if (image.min_pixels > image.max_pixels)
+    fail(what, ": the images' min_pixels (", image.min_pixels, ") exceed their max_pixels (", image.max_pixels, ")");
+  if (video.p.min_pixels > video.p.max_pixels)
+    fail(what, ": the videos' min_pixels (", video.p.min_pixels, ") exceed their max_pixels (", video.p.max_pixels, ")");
+  if (video.sampling.min_frames > video.sampling.max_frames)
+    fail(what, ": min_frames (", video.sampling.min_frames, ") exceeds max_frames (", video.sampling.max_frames, ")");
+}
+
 }  // namespace ds::server

@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "runtime/engine.h"
 #include "vision/preprocess.h"
 #include "vision/video.h"
@@ -69,6 +71,15 @@ std::shared_ptr<runtime::MultiModalInput> prepare_media(const std::vector<ImageR
                                                         const std::vector<PreparedVideo>& videos, const MediaConfig& cfg,
                                                         const vision::PreprocessConfig& pcfg, int32_t image_token,
                                                         int32_t video_token, std::vector<int32_t>& tokens);
+// vLLM's mm_processor_kwargs (the Qwen-VL processors' keyword arguments; the server's --mm-processor-kwargs and a
+// request's field) over the image and video preprocessing the model's configs give:
+//   images: min_pixels, max_pixels, size {shortest_edge, longest_edge} (pixel counts, as in preprocessor_config.json),
+//           also under images_kwargs;
+//   videos: fps, min_frames, max_frames at the top, and under videos_kwargs those and the clip's pixel budget
+//           (min_pixels, max_pixels, size).
+// Throws ds::Error naming `what` + the key for an unknown key, a wrong type or value, or min above max.
+void apply_mm_processor_kwargs(const nlohmann::ordered_json& kw, vision::PreprocessConfig& image,
+                               vision::VideoConfig& video, const std::string& what);
 std::shared_ptr<runtime::MultiModalInput> prepare_images(const std::vector<ImageRef>& images, const MediaConfig& cfg,
                                                          const vision::PreprocessConfig& pcfg, int32_t image_token,
                                                          std::vector<int32_t>& tokens);

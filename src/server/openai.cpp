@@ -458,6 +458,12 @@ GenSpec parse_generation_request(const json& j, bool chat, const sampling::Sampl
         throw bad_request("'tool_choice': required needs 'tools'", "tool_choice");
     }
     g.parallel_tool_calls = b.boolean("parallel_tool_calls", true);
+    if (b.has("mm_processor_kwargs")) {  // checked against the model's configs when the request is prepared
+      if (!j["mm_processor_kwargs"].is_object())
+        throw bad_request("'mm_processor_kwargs' must be an object such as {\"max_pixels\": 1003520}, got " +
+                              brief(j["mm_processor_kwargs"]), "mm_processor_kwargs");
+      g.mm_processor_kwargs = j["mm_processor_kwargs"];
+    }
     if (b.has("chat_template_kwargs")) {
       if (!j["chat_template_kwargs"].is_object())
         throw bad_request("'chat_template_kwargs' must be an object", "chat_template_kwargs");

@@ -23,6 +23,7 @@ struct GenSpec {
   sampling::SamplingParams sampling;
   std::optional<int64_t> max_tokens;
   std::vector<std::string> stop;
+  nlohmann::ordered_json mm_processor_kwargs;  // chat: vLLM's, over --mm-processor-kwargs (null: none)
   bool include_stop_str_in_output = false;  // vLLM's: the stop string that ended the output stays in it
   // vLLM's truncate_prompt_tokens: only the prompt's last N tokens are kept (-1: --max-model-len's worth).
   std::optional<int64_t> truncate_prompt_tokens;

@@ -204,6 +204,7 @@ void load_runtime(ServerState& st) {
              v.temporal_patch_size, ", merge ", v.merge_size, ") disagrees with vision_config");
     }
   }
+  apply_mm_processor_kwargs(cfg.mm_processor_kwargs, rt.preprocess, rt.video, "--mm-processor-kwargs");
   // EOS set: config, generation_config and the chat end-of-turn tokens (model-spec §6: stop on both).
   std::vector<int32_t> eos;
   for (auto e : mc.text.eos_token_ids) eos.push_back(int32_t(e));
@@ -363,6 +364,13 @@ class Generation {
   // Renders, tokenizes and validates; throws HttpError.
   void prepare() {
     Runtime& rt = st_.rt;
+    image_cfg_ = rt.preprocess;
+    video_cfg_ = rt.video;
+    try {
+      apply_mm_processor_kwargs(spec_.mm_processor_kwargs, image_cfg_, video_cfg_, "mm_processor_kwargs");
+    } catch (const Error& e) {
+      throw bad_request(e.what(), "mm_processor_kwargs");
+    }
     std::vector<std::vector<int32_t>> prompts;
     std::vector<std::string> texts;
     ReasoningStart reasoning = ReasoningStart::kDisabled;
@@ -576,7 +584,7 @@ class Generation {
       throw HttpError(501, "this deltaserve was built without FFmpeg (-DDS_WITH_VIDEO=OFF), so it cannot read videos",
                       "messages", "NotImplementedError");
     try {
-      return load_videos(spec_.videos, st_.cfg.media, st_.rt.video);
+      return load_videos(spec_.videos, st_.cfg.media, video_cfg_);
     } catch (const Error& e) {
       throw bad_request(e.what(), "messages");
     }
@@ -587,7 +595,7 @@ class Generation {
     Runtime& rt = st_.rt;
     if (!spec_.images.empty()) check_vision("image", spec_.images.size());
     try {
-      return prepare_media(spec_.images, videos, st_.cfg.media, rt.preprocess, rt.image_token, rt.video_token, prompt);
+      return prepare_media(spec_.images, videos, st_.cfg.media, image_cfg_, rt.image_token, rt.video_token, prompt);
     } catch (const Error& e) {
       throw bad_request(e.what(), "messages");
     }
@@ -822,6 +830,9 @@ class Generation {
   bool submitted_ = false;
   std::vector<Choice> choices_;
   std::shared_ptr<const runtime::MultiModalInput> mm_;  // images of the chat prompt (shared by its n choices)
+  // The model's image / video preprocessing with --mm-processor-kwargs and the request's mm_processor_kwargs applied.
+  vision::PreprocessConfig image_cfg_;
+  vision::VideoConfig video_cfg_;
 };
 
 // ---------------------------------------------------------------------------------------------------

@@ -43,6 +43,9 @@ struct ServerConfig {
   nlohmann::json override_generation_config = nlohmann::json::object();
   int64_t num_speculative_tokens = 0; // --speculative-config '{"method": "mtp", "num_speculative_tokens": K}'
   MediaConfig media;                  // images: sources, limits (docs/server.md)
+  // vLLM's --mm-processor-kwargs: image / video preprocessing over the model's configs (apply_mm_processor_kwargs);
+  // a request's mm_processor_kwargs go over these.
+  nlohmann::ordered_json mm_processor_kwargs = nlohmann::ordered_json::object();
   int64_t draft_vocab_size = 0;        //   "draft_vocab_size": N (reduced draft head; 0 = full vocabulary)
   std::string draft_vocab_file;        //   "draft_vocab_file": token ids, most frequent first
   // Prefix caching (docs/engine.md "Prefix caching"): --enable-prefix-caching / --no-enable-prefix-caching,

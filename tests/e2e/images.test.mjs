@@ -132,6 +132,22 @@ test('an image as a data: URL: expanded usage and the CLI\'s greedy tokens', asy
   assert.notDeepEqual(plain.choices[0].token_ids, c.token_ids);
 });
 
+test('mm_processor_kwargs sets the image\'s pixel budget (vLLM\'s field); bad ones are 400s naming it', async () => {
+  const [, gh, gw] = goldenJson().image.grid_thw;
+  const content = [{ type: 'text', text: 'What is in this picture?' }, imagePart(dataUrl(PNG))];
+  const pads = (r) => r.choices[0].prompt_token_ids.filter((t) => t === PAD).length;
+  const small = await chat(content, { mm_processor_kwargs: { min_pixels: 3136, max_pixels: 30000 } });
+  assert.ok(pads(small) > 0 && pads(small) < (gh * gw) / 4, `${pads(small)} image tokens against ${(gh * gw) / 4}`);
+  assert.ok(pads(small) * 4 * 16 * 16 <= 30000, 'within the budget');
+  const same = await chat(content, { mm_processor_kwargs: { images_kwargs: { size: { shortest_edge: 3136, longest_edge: 30000 } } } });
+  assert.equal(pads(same), pads(small), 'size {shortest_edge, longest_edge} is the same budget');
+  assert.equal(pads(await chat(content, { mm_processor_kwargs: {} })), (gh * gw) / 4, 'none: the model\'s own');
+  for (const [kw, re] of [[{ max_pixels: 'x' }, /mm_processor_kwargs\.max_pixels must be a positive integer/],
+                          [{ do_resize: false }, /mm_processor_kwargs: unknown key 'do_resize'/],
+                          [{ min_pixels: 90000, max_pixels: 30000 }, /min_pixels \(90000\) exceed their max_pixels/]])
+    await assert.rejects(chat(content, { mm_processor_kwargs: kw }), (e) => e.status === 400 && re.test(e.message));
+});
+
 test('the same image from an http URL and from an allow-listed local file gives the same answer', async () => {
   const content = (url) => [{ type: 'text', text: 'Describe:' }, imagePart(url)];
   const viaData = await chat(content(dataUrl(PNG)));

@@ -230,6 +230,65 @@ TEST(Media, ServeFlagsAreChecked) {
   EXPECT_NE(r.out.find("--image-fetch-timeout: expected seconds in (0, 3600], got 0"), std::string::npos) << r.out;
   r = test::run_binary("serve " + model + " --port 0 --max-image-pixels 0");
   EXPECT_NE(r.out.find("--max-image-pixels: expected >= 1, got 0"), std::string::npos) << r.out;
+  // --mm-processor-kwargs is checked over the model's own configs before the server listens.
+  r = test::run_binary("serve " + model + " --port 0 --mm-processor-kwargs '{\"max_pixels\": 1000}'");
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.out.find("--mm-processor-kwargs: the images' min_pixels (65536) exceed their max_pixels (1000)"),
+            std::string::npos) << r.out;
+  r = test::run_binary("serve " + model + " --port 0 --mm-processor-kwargs '{\"do_resize\": false}'");
+  EXPECT_NE(r.out.find("--mm-processor-kwargs: unknown key 'do_resize'"), std::string::npos) << r.out;
+}
+
+// vLLM's mm_processor_kwargs: the Qwen-VL processors' size keys over the model's configs, and what they change.
+TEST(Media, MmProcessorKwargsSetTheSizesAndAreChecked) {
+  Prep p;
+  vision::VideoConfig v;
+  vision::PreprocessConfig img = p.pcfg;
+  apply_mm_processor_kwargs(nlohmann::ordered_json::parse(R"({"min_pixels": 3136, "max_pixels": 40000, "fps": 1.5,
+      "videos_kwargs": {"size": {"shortest_edge": 1000, "longest_edge": 2000000}, "max_frames": 64}})"), img, v, "kw");
+  EXPECT_EQ(img.min_pixels, 3136);
+  EXPECT_EQ(img.max_pixels, 40000);
+  EXPECT_EQ(v.p.min_pixels, 1000);
+  EXPECT_EQ(v.p.max_pixels, 2000000);
+  EXPECT_EQ(v.sampling.fps, 1.5);
+  EXPECT_EQ(v.sampling.max_frames, 64);
+  vision::PreprocessConfig img2 = p.pcfg;
+  apply_mm_processor_kwargs(nlohmann::ordered_json::parse(R"({"images_kwargs": {"size": {"shortest_edge": 3136,
+      "longest_edge": 30000}}})"), img2, v, "kw");
+  EXPECT_EQ(img2.min_pixels, 3136);
+  EXPECT_EQ(img2.max_pixels, 30000);
+  // The image's grid is smart_resize's under the new budget (fewer patches than the model's default 14 x 22).
+  const std::string url = "data:image/png;base64," + base64(png_bytes());
+  std::vector<int32_t> toks = {10, Prep::kPad, 11};
+  auto mm = prepare_images({{url, "a"}}, MediaConfig{}, img2, Prep::kPad, toks);
+  const std::string png = png_bytes();
+  const vision::Image decoded = vision::decode_image(reinterpret_cast<const uint8_t*>(png.data()), png.size());
+  const auto hw = vision::smart_resize(decoded.height, decoded.width, img2.factor(), 3136, 30000);
+  EXPECT_EQ(mm->grids[0], (std::array<int64_t, 3>{1, hw[0] / 16, hw[1] / 16}));
+  EXPECT_LE(hw[0] * hw[1], 30000);
+  EXPECT_LT(mm->grids[0][1] * mm->grids[0][2], 14 * 22);
+  const std::pair<const char*, const char*> bad[] = {
+      {R"({"max_pixels": "big"})", "kw.max_pixels must be a positive integer (a pixel count), got \"big\""},
+      {R"({"min_pixels": 0})", "kw.min_pixels must be a positive integer"},
+      {R"({"size": {"longest": 5}})", "kw.size: unknown key 'longest' (expected shortest_edge, longest_edge)"},
+      {R"({"fps": 0})", "kw.fps must be a number in (0, 240], got 0"},
+      {R"({"min_frames": 10, "max_frames": 5})", "kw: min_frames (10) exceeds max_frames (5)"},
+      {R"({"images_kwargs": {"fps": 2}})", "kw.images_kwargs: unknown key 'fps' (expected min_pixels, max_pixels, size)"},
+      {R"({"videos_kwargs": 3})", "kw.videos_kwargs must be an object, got 3"},
+      {R"({"min_pixels": 900000, "max_pixels": 800000})", "kw: the images' min_pixels (900000) exceed their max_pixels (800000)"},
+      {R"({"num_crops": 4})", "kw: unknown key 'num_crops' (expected min_pixels, max_pixels, size, fps, min_frames, max_frames, images_kwargs, videos_kwargs)"},
+      {"[1]", "kw must be an object such as {\"max_pixels\": 1003520}, got [1]"},
+  };
+  for (auto& [kw, want] : bad) {
+    vision::PreprocessConfig i = p.pcfg;
+    vision::VideoConfig vv;
+    try {
+      apply_mm_processor_kwargs(nlohmann::ordered_json::parse(kw), i, vv, "kw");
+      ADD_FAILURE() << kw << ": no error";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(want), std::string::npos) << kw << ": " << e.what();
+    }
+  }
 }
 
 }  // namespace

@@ -90,6 +90,7 @@ Tensor Model::mtp_forward(BatchMeta& b, ModelCaches& caches, const Tensor& hidde
   const MtpWeights& m = w_.mtp;
   Tensor e = be_.alloc(act, {T, H});
   be_.embed(w_.embed, b, e);
+  if (!b.embed_rows.empty()) be_.scatter_rows(e, b.embed_rows, b.embed_src);  // rows fed an image placeholder
   be_.rmsnorm(e, m.pre_fc_norm_embedding, eps, e);
   Tensor hh = be_.alloc(act, {T, H});
   be_.rmsnorm(hidden, m.pre_fc_norm_hidden, eps, hh);

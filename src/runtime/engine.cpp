@@ -231,8 +231,6 @@ void Engine::check_mm(const Request& r, int64_t P) const {
   const MultiModalInput& mm = *r.mm;
   model::Model& m = impl_->model;
   if (!m.has_vision()) fail("images: this model has no vision tower (no model.visual.* tensors)");
-  if (cfg_.num_speculative_tokens > 0)
-    fail("images: not supported together with speculative decoding (--speculative-config) yet");
   if (mm.grids.empty()) fail("images: expected at least one image grid, found none");
   const int64_t merge = m.config().vision.spatial_merge_size;
   int64_t feats = 0;
@@ -686,8 +684,9 @@ Schedule Engine::Impl::encode_images(const Schedule& sc) {
     Sequence* s = x.seq;
     const MultiModalInput* mm = s->req->mm.get();
     if (mm && !s->mm_features.data && x.num_tokens > 0) {
+      // Through the row after the chunk: the MTP pass of speculative decoding feeds each row the next row's token.
       const int64_t lo = s->cache.len, hi = lo + x.num_tokens;
-      if (std::any_of(mm->rows.begin(), mm->rows.end(), [&](int32_t r) { return r >= lo && r < hi; })) {
+      if (std::any_of(mm->rows.begin(), mm->rows.end(), [&](int32_t r) { return r >= lo && r <= hi; })) {
         try {
           s->mm_features = model.encode_images(mm->pixel_values, mm->grids);
           if (s->mm_features.dim(0) != int64_t(mm->rows.size()))
@@ -706,43 +705,12 @@ Schedule Engine::Impl::encode_images(const Schedule& sc) {
   return out;
 }
 
-// Image sequences of the batch: mRoPE positions for every row (prompt rows from the request's layout, later
-// rows at position + rope_delta) and their features in place of the placeholder rows' embeddings.
+// Image sequences of the batch: mRoPE positions for every row and their features in place of the placeholder rows'
+// embeddings (place_mm_rows).
 void Engine::Impl::place_images(const Schedule& sc, BatchMeta& b) {
-  const int64_t T = b.num_tokens();
-  std::vector<std::pair<size_t, std::vector<int32_t>>> src;  // (schedule index, feature rows)
-  int64_t nsrc = 0;
-  for (size_t i = 0; i < sc.seqs.size(); ++i) {
-    const Sequence* s = sc.seqs[i].seq;
-    const MultiModalInput* mm = s->req->mm.get();
-    if (!mm) continue;
-    const int64_t P = s->prompt_len, ctx = b.seqs[i].ctx_len, q0 = b.seqs[i].q_start, n = b.seqs[i].q_len;
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t p = ctx + j;
-      for (int r = 0; r < 3; ++r)
-        b.positions[size_t(r * T + q0 + j)] =
-            p < P ? mm->positions[size_t(r * P + p)] : int32_t(p + mm->rope_delta);
-    }
-    std::vector<int32_t> k;
-    for (size_t f = 0; f < mm->rows.size(); ++f)
-      if (mm->rows[f] >= ctx && mm->rows[f] < ctx + n) {
-        b.embed_rows.push_back(int32_t(q0 + mm->rows[f] - ctx));
-        k.push_back(int32_t(f));
-      }
-    if (!k.empty()) {
-      nsrc += int64_t(k.size());
-      src.push_back({i, std::move(k)});
-    }
-  }
-  if (src.empty()) return;
-  Backend& be = model.backend();
-  b.embed_src = be.alloc(be.act_dtype(), {nsrc, model.config().text.hidden_size});
-  int64_t off = 0;
-  for (auto& [i, k] : src) {
-    Tensor dst = b.embed_src.rows(off, off + int64_t(k.size()));
-    be.gather_rows(sc.seqs[i].seq->mm_features, k, dst);
-    off += int64_t(k.size());
-  }
+  std::vector<const Sequence*> seqs;
+  for (const ScheduledSeq& x : sc.seqs) seqs.push_back(x.seq);
+  place_mm_rows(model.backend(), model.config().text.hidden_size, seqs, b, 0);
 }
 
 // Copies the grammar position of every sampled row that a grammar masks (sampling::mask_ahead) and starts computing

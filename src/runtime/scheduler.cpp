@@ -284,4 +284,44 @@ std::vector<Sequence*> Scheduler::all() const {
   return v;
 }
 
+void place_mm_rows(Backend& be, int64_t hidden_size, const std::vector<const Sequence*>& seqs, BatchMeta& b, int feed) {
+  DS_CHECK(seqs.size() == b.seqs.size(), "place_mm_rows: ", seqs.size(), " sequences for ", b.seqs.size(), " batch parts");
+  const int64_t T = b.num_tokens();
+  std::vector<std::pair<const Sequence*, std::vector<int32_t>>> src;  // (sequence, its feature rows in batch order)
+  int64_t nsrc = 0;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const Sequence* s = seqs[i];
+    const MultiModalInput* mm = s ? s->req->mm.get() : nullptr;
+    if (!mm) continue;
+    const int64_t P = s->prompt_len, ctx = b.seqs[i].ctx_len, q0 = b.seqs[i].q_start, n = b.seqs[i].q_len;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t p = ctx + j;
+      for (int r = 0; r < 3; ++r)
+        b.positions[size_t(r * T + q0 + j)] = p < P ? mm->positions[size_t(r * P + p)] : int32_t(p + mm->rope_delta);
+    }
+    if (feed < 0) continue;
+    std::vector<int32_t> k;
+    // Rows fed a placeholder: prompt rows ctx + feed .. ctx + feed + n - 1 (mm->rows is increasing).
+    auto f = std::lower_bound(mm->rows.begin(), mm->rows.end(), int32_t(ctx + feed));
+    for (; f != mm->rows.end() && *f < ctx + feed + n; ++f) {
+      b.embed_rows.push_back(int32_t(q0 + *f - feed - ctx));
+      k.push_back(int32_t(f - mm->rows.begin()));
+    }
+    if (!k.empty()) {
+      DS_CHECK(s->mm_features.defined(), "place_mm_rows: request ", s->req->id, " reaches its placeholders before its "
+               "image features were computed");
+      nsrc += int64_t(k.size());
+      src.push_back({s, std::move(k)});
+    }
+  }
+  if (src.empty()) return;
+  b.embed_src = be.alloc(be.act_dtype(), {nsrc, hidden_size});
+  int64_t off = 0;
+  for (auto& [s, k] : src) {
+    Tensor dst = b.embed_src.rows(off, off + int64_t(k.size()));
+    be.gather_rows(s->mm_features, k, dst);
+    off += int64_t(k.size());
+  }
+}
+
 }  // namespace ds::runtime

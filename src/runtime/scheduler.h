@@ -138,4 +138,11 @@ class Scheduler {
   std::vector<std::unique_ptr<Sequence>> running_;  // in start order: the back is preempted first
 };
 
+// Image / video sequences of a batch (seqs[i] is b.seqs[i]'s sequence, or null): every row takes its mRoPE position
+// (the prompt's layout from req->mm, position + rope_delta after the prompt), and a row fed a placeholder takes
+// that placeholder's vision features (seq->mm_features, which must be computed) as its embedding. `feed`: how far
+// ahead of its position a row's token is — 0 for the target forward, 1 for the MTP pass (row p is fed token p + 1,
+// model-spec §4), < 0 for rows fed no prompt token (the MTP's chained draft steps): positions only.
+void place_mm_rows(Backend& be, int64_t hidden_size, const std::vector<const Sequence*>& seqs, BatchMeta& b, int feed);
+
 }  // namespace ds::runtime

@@ -131,6 +131,9 @@ bool chain_step(Backend& be, const std::vector<DraftJob*>& active, int64_t k, co
     parts.push_back({&views.back(), {token(*j)}});
   }
   st.batch = make_batch(parts);
+  std::vector<const Sequence*> seqs;
+  for (DraftJob* j : st.next) seqs.push_back(j->seq);
+  place_mm_rows(be, hout.dim(1), seqs, st.batch, -1);  // drafts at position + rope_delta
   st.prev = hout;
   if (st.keep.size() != active.size()) {
     st.prev = be.alloc(be.act_dtype(), {int64_t(st.keep.size()), hout.dim(1)});
@@ -258,6 +261,12 @@ void mtp_propose(model::Model& m, CacheManager& cm, const Tensor& hidden, std::v
     if (opt.clock) opt.clock->mark(phase);
   };
   BatchMeta b = make_batch(parts);
+  // Image / video sequences: the target tokens' mRoPE positions, vision features where a row is fed a placeholder.
+  std::vector<const Sequence*> seqs;
+  for (auto& j : jobs)
+    if (j.rows > 0) seqs.push_back(j.seq);
+  place_mm_rows(be, H, seqs, b, 1);
+  if (!b.embed_rows.empty()) graphed = false;  // a recording has no place for them
   Tensor h = be.alloc(be.act_dtype(), {int64_t(hrows.size()), H});
   be.gather_rows(hidden, hrows, h);
   mark("draft: build");

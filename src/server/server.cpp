@@ -573,9 +573,6 @@ class Generation {
                                         : "this model has no vision tower") +
                             ", so it cannot take " + what + "s (found " + std::to_string(n) + " " + what +
                             " part(s)); send text only", "messages");
-    if (st_.cfg.num_speculative_tokens > 0)
-      throw HttpError(501, std::string(what) + "s are not supported together with speculative decoding "
-                      "(--speculative-config) yet", "messages", "NotImplementedError");
   }
 
   std::vector<PreparedVideo> load_videos_checked() {

@@ -12,7 +12,7 @@ import os from 'node:os';
 import path from 'node:path';
 import zlib from 'node:zlib';
 import OpenAI from 'openai';
-import { startServer, expectBadRequests, BINARY, DATA, MODEL, goldenJson } from './server.mjs';
+import { startServer, expectBadRequests, metrics, BINARY, DATA, MODEL, goldenJson } from './server.mjs';
 
 const IMAGE_DIR = path.join(DATA, 'tiny-moe');
 const IMAGE = path.join(IMAGE_DIR, 'image.png');
@@ -224,15 +224,20 @@ test('bad images get a 400 naming the part and the problem; the server keeps ser
   assert.equal(ok.choices[0].token_ids.length, N);
 });
 
-test('with speculative decoding on, an image request gets a clear 501 and text still works', async () => {
-  const spec = await startServer(['--speculative-config', '{"method": "mtp", "num_speculative_tokens": 1}']);
+test('with speculative decoding on, an image request gets the plain server\'s tokens and drafts are verified', async () => {
+  const spec = await startServer(['--speculative-config', '{"method": "mtp", "num_speculative_tokens": 2}']);
   try {
     const c = new OpenAI({ baseURL: `${spec.base}/v1`, apiKey: 'unused', maxRetries: 0 });
-    await assert.rejects(c.chat.completions.create({ model: 'tiny', max_tokens: 2,
-      messages: [{ role: 'user', content: [imagePart(dataUrl(PNG))] }] }),
-    (e) => e.status === 501 && /not supported together with speculative decoding/.test(e.message));
-    const t = await c.chat.completions.create({ model: 'tiny', max_tokens: 2, messages: [{ role: 'user', content: 'hi' }] });
-    assert.equal(t.choices.length, 1);
+    const content = [{ type: 'text', text: 'What is in this picture?' }, imagePart(dataUrl(PNG))];
+    const before = await metrics(spec.base);
+    const r = await c.chat.completions.create({ model: 'tiny', messages: [{ role: 'user', content }], max_tokens: N,
+                                                temperature: 0, ignore_eos: true, return_token_ids: true });
+    const after = await metrics(spec.base);
+    const plain = await chat(content);
+    assert.deepEqual(r.choices[0].token_ids, plain.choices[0].token_ids, 'speculation keeps the greedy tokens');
+    assert.equal(r.usage.prompt_tokens, plain.usage.prompt_tokens);
+    assert.ok(after.get('spec_decode_num_draft_tokens_total') > before.get('spec_decode_num_draft_tokens_total'),
+              'drafts were proposed and verified for the image request');
   } finally {
     await spec.stop();
   }

@@ -6,6 +6,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
+#include <map>
 #include <memory>
 
 #include "backend/ops.h"
@@ -14,6 +16,7 @@
 #include "model/model.h"
 #include "runtime/cache.h"
 #include "runtime/engine.h"
+#include "runtime/spec_decode.h"
 #include "server/media.h"
 
 namespace ds::runtime {
@@ -227,6 +230,129 @@ TEST(EngineImages, AFailingVisionTowerEndsOnlyItsRequest) {
   EXPECT_EQ(collect(*good).tokens, fx().reference);
   EXPECT_EQ(collect(*text).tokens.size(), 8u);
   EXPECT_EQ(e.metrics().kv_blocks_used, 0);
+}
+
+// Speculative decoding with an image (model-spec §4 "Multimodal prompts"): an MTP row fed a placeholder takes that
+// placeholder's vision features as its embedding and runs at the target token's mRoPE position. The greedy tokens
+// stay the hand-driven forward's, and the first draft after the prompt is a hand-driven MTP pass's over the whole
+// prompt — alone, and with the image run split into chunks (a chunk's last row is fed the next chunk's placeholder).
+TEST(EngineImages, SpeculativeDecodingDraftsFromTheImageFeatures) {
+  auto& f = fx();
+  model::Model& m = *f.m;
+  const int64_t P = int64_t(f.prompt.size()), V = m.config().text.vocab_size;
+  // Hand-driven: the target's final-norm hidden state of every prompt row, then the MTP over rows 0..P-1 fed
+  // prompt[1..P-1] and the first generated token.
+  CacheManager cm(m, (P + kTokens) / 16 + 2, 16, 1);
+  SeqCache seq;
+  cm.start(seq);
+  cm.reserve(seq, P + kTokens);
+  BatchMeta b = make_batch({{&seq, f.prompt}});
+  b.positions = f.mm->positions;
+  b.embed_rows = f.mm->rows;
+  const Tensor feats = m.encode_images(f.mm->pixel_values, f.mm->grids);
+  b.embed_src = feats;
+  std::vector<int32_t> all(static_cast<size_t>(P));
+  for (int64_t i = 0; i < P; ++i) all[size_t(i)] = int32_t(i);
+  Tensor hidden;
+  m.forward(b, cm.caches(), {int32_t(P - 1)}, &hidden, &all);
+  std::vector<int32_t> fed(f.prompt.begin() + 1, f.prompt.end());
+  fed.push_back(f.reference[0]);
+  Tensor hout;  // the MTP's post-norm hidden of row P - 1: the chained step's input
+  auto mtp_row = [&](bool with_image) {
+    BatchMeta mb = make_batch({{&seq, fed}});  // seq.len is 0: the MTP KV is written from row 0
+    mb.positions = f.mm->positions;
+    if (with_image) {
+      for (int32_t r : f.mm->rows) mb.embed_rows.push_back(r - 1);
+      mb.embed_src = feats;
+    }
+    return f.be->to_host_f32(m.mtp_forward(mb, cm.caches(), hidden, {int32_t(P - 1)}, &hout, false));
+  };
+  const std::vector<float> without = mtp_row(false), with = mtp_row(true);  // cm's MTP KV: the image pass's
+  const int32_t want = argmax(with.data(), V);
+  // The chained step: the first draft at position P, all three mRoPE rows at P + rope_delta.
+  SeqCache at_p = seq;
+  at_p.len = P;
+  BatchMeta cb = make_batch({{&at_p, {want}}});
+  for (int r = 0; r < 3; ++r) cb.positions[size_t(r)] = int32_t(P + f.mm->rope_delta);
+  const auto chained = f.be->to_host_f32(m.mtp_forward(cb, cm.caches(), hout, {0}, nullptr, false));
+  const int32_t want2 = argmax(chained.data(), V);
+  float diff = 0.f;
+  for (int64_t v = 0; v < V; ++v) diff = std::max(diff, std::abs(with[size_t(v)] - without[size_t(v)]));
+  EXPECT_GT(diff, 1e-3f) << "the image features change the draft logits";
+  // The MTP KV of a position (k, v of every head) from a cache manager's MTP layer.
+  auto kv_at = [&](CacheManager& c, const SeqCache& sc, int64_t p) {
+    std::vector<float> out;
+    for (const Tensor* t : {&c.caches().mtp_kv.k, &c.caches().mtp_kv.v}) {
+      const Tensor row = t->rows(sc.blocks[size_t(p / 16)], sc.blocks[size_t(p / 16)] + 1);
+      const std::vector<float> blk = f.be->to_host_f32(row);
+      const size_t per = blk.size() / 16;
+      out.insert(out.end(), blk.begin() + std::ptrdiff_t(size_t(p % 16) * per), blk.begin() + std::ptrdiff_t(size_t(p % 16 + 1) * per));
+    }
+    return out;
+  };
+
+  // mtp_propose, the prompt in one job and split inside the image run, two drafts: the MTP KV of every prompt position
+  // and of the chained step's equals the hand-driven passes' (each row's KV depends on its own embedding and
+  // position only), and the drafts are their argmaxes.
+  const int64_t split = f.mm->rows[10];  // the row before it is fed a placeholder of the second job
+  for (bool chunked : {false, true}) {
+    SCOPED_TRACE(chunked ? "two jobs" : "one job");
+    CacheManager c2(m, (P + kTokens) / 16 + 2, 16, 1);
+    auto r = image_req(7);
+    Sequence sq(r, f.prompt, r->sampling);
+    sq.tokens.push_back(f.reference[0]);
+    sq.mm_features = feats;
+    c2.start(sq.cache);
+    c2.reserve(sq.cache, P + kTokens);
+    std::vector<DraftJob> jobs;
+    // cache.len: the target's length after the step (the chained step's draft sits at cache.len - 1 + 1).
+    if (chunked) {
+      jobs = {{&sq, 0, 0, split, 0}};
+      sq.cache.len = split;
+      mtp_propose(m, c2, hidden, jobs, DraftOptions{});
+      jobs = {{&sq, split, split, P - split, 2}};
+    } else {
+      jobs = {{&sq, 0, 0, P, 2}};
+    }
+    sq.cache.len = P;
+    mtp_propose(m, c2, hidden, jobs, DraftOptions{});
+    ASSERT_EQ(sq.drafts.size(), 2u);
+    EXPECT_EQ(sq.drafts[0], want);
+    EXPECT_EQ(sq.drafts[1], want2);
+    for (int64_t p = 0; p <= P; ++p) {
+      const auto a = kv_at(c2, sq.cache, p), e = kv_at(cm, seq, p);
+      float d = 0.f;
+      for (size_t i = 0; i < a.size(); ++i) d = std::max(d, std::abs(a[i] - e[i]));
+      ASSERT_LE(d, 1e-6f) << "MTP KV at position " << p;
+    }
+  }
+
+  for (int64_t chunk : {2048, 16}) {
+    SCOPED_TRACE("max_num_batched_tokens " + std::to_string(chunk));
+    EngineConfig c = config();
+    c.max_num_batched_tokens = chunk;
+    c.num_speculative_tokens = 2;
+    std::map<uint64_t, std::pair<int64_t, int32_t>> first;  // request -> (index, draft) of its first proposal
+    c.draft_hook = [&](uint64_t id, int64_t index, int32_t proposed) {
+      auto [it, added] = first.emplace(id, std::make_pair(index, proposed));
+      if (!added && index < it->second.first) it->second = {index, proposed};
+      return proposed;
+    };
+    Engine e(m, c);
+    auto r = image_req(1), text = text_req(2, 0);
+    e.submit(r);
+    e.submit(text);
+    drain(e);
+    EXPECT_EQ(collect(*r).tokens, f.reference);
+    auto want_text = f.golden["text"]["int4"][0]["greedy"].get<std::vector<int32_t>>();
+    want_text.resize(8);
+    EXPECT_EQ(collect(*text).tokens, want_text);
+    ASSERT_TRUE(first.count(1));
+    EXPECT_EQ(first[1].first, P + 1) << "the first draft follows the prompt and its first token";
+    EXPECT_EQ(first[1].second, want) << "the MTP pass fed the image features";
+    EXPECT_GT(e.metrics().spec_draft_tokens_total, 0);
+    EXPECT_EQ(e.metrics().kv_blocks_used, 0);
+  }
 }
 
 TEST(EngineImages, InconsistentLayoutsAreRejectedAtSubmit) {

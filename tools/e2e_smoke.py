@@ -4,7 +4,8 @@ Starts `deltaserve serve` with the given backend, then checks: /health, /v1/mode
 for concurrent streaming and solo runs (batching invariance), SSE framing and usage, a chat with a named tool
 call, a constrained named tool call, an image request, structured outputs, logprobs, prefix caching, /v1/responses (a
 stored conversation continued, a background run) and /v1/messages, malformed input, metrics back to zero, graceful
-SIGTERM (exit 0).
+SIGTERM (exit 0); then a second server with MTP speculative decoding, whose greedy text and image answers must equal
+the first one's.
 
   tools/e2e_smoke.py BINARY MODEL_DIR [--backend cuda]
 """
@@ -14,8 +15,11 @@ binary, model = sys.argv[1], sys.argv[2]
 backend = sys.argv[sys.argv.index("--backend") + 1] if "--backend" in sys.argv else "cpu"
 s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
 base = f"http://127.0.0.1:{port}"
-proc = subprocess.Popen([binary, "serve", model, "--port", str(port), "--backend", backend, "--max-model-len", "1024",
-                         "--max-num-seqs", "8", "--served-model-name", "tiny"], stderr=subprocess.PIPE, text=True)
+def start(extra=()):
+    return subprocess.Popen([binary, "serve", model, "--port", str(port), "--backend", backend, "--max-model-len",
+                             "1024", "--max-num-seqs", "8", "--served-model-name", "tiny", *extra],
+                            stderr=subprocess.PIPE, text=True)
+proc = start()
 failures = []
 
 def check(cond, what):
@@ -32,12 +36,14 @@ def post(path, body, stream=False):
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
 
-for _ in range(600):
-    try:
-        if urllib.request.urlopen(base + "/health", timeout=1).status == 200:
-            break
-    except Exception:
-        time.sleep(0.1)
+def wait_healthy():
+    for _ in range(600):
+        try:
+            if urllib.request.urlopen(base + "/health", timeout=1).status == 200:
+                return
+        except Exception:
+            time.sleep(0.1)
+wait_healthy()
 check(json.load(urllib.request.urlopen(base + "/v1/models"))["data"][0]["id"] == "tiny", "/v1/models")
 
 prompts = [[1255, 1369, 548, 434, 1735], [1578, 716, 913], [174, 1788, 1858, 1260, 1559, 743, 1924], [12, 13]]
@@ -103,7 +109,7 @@ if os.path.exists(png):
     def image_chat():
         return post("/v1/chat/completions", {"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]}],
-            "max_tokens": 8, "temperature": 0, "ignore_eos": True})
+            "max_tokens": 8, "temperature": 0, "ignore_eos": True, "return_token_ids": True})
     st1, b1 = image_chat()
     st2, b2 = image_chat()
     ok = st1 == 200 and st2 == 200
@@ -112,6 +118,7 @@ if os.path.exists(png):
         ok = (j1["usage"]["prompt_tokens"] > 77 and j1["usage"]["completion_tokens"] == 8 and
               j1["choices"][0]["message"]["content"] == j2["choices"][0]["message"]["content"])
     check(ok, "image request (200, 77 image tokens in the prompt, same output twice)" + ("" if ok else f": {st1} {b1[:300]}"))
+    image_ids = json.loads(b1)["choices"][0]["token_ids"] if ok else None
 # Structured output (docs/server.md): constrained requests (host-sampled) beside greedy unconstrained streams
 # (device-sampled where the step allows): every constrained answer is JSON of its schema, the others equal solo runs.
 schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "n": {"type": "integer"},
@@ -239,6 +246,26 @@ for i in range(8 if ok else 0):
 check(ok, "echo + logprobs + max_tokens 0: the greedy continuation's logprobs and rank 1 "
           f"({[round(c['logprobs']['token_logprobs'][P + i] - lp['token_logprobs'][i], 4) for i in range(8)] if ok else st3})")
 
+# A structural tag (vLLM's structural_tag): exactly one tag of the schema after a fixed prefix, sampled.
+tag_fmt = {"type": "structural_tag", "format": {"type": "sequence", "elements": [
+    {"type": "const_string", "value": "Calling: "},
+    {"type": "triggered_tags", "triggers": ["<call="], "at_least_one": True, "stop_after_first": True, "tags": [
+        {"type": "tag", "begin": "<call=get_weather>", "end": "</call>", "content": {"type": "json_schema",
+         "json_schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
+                         "required": ["city"]}}}]}]}}
+st, body = post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Call"}], "max_tokens": 100,
+                                         "temperature": 1, "seed": 3, "response_format": tag_fmt,
+                                         "chat_template_kwargs": {"enable_thinking": False}})
+text = json.loads(body)["choices"][0]["message"]["content"] if st == 200 else ""
+ok = text.startswith("Calling: <call=get_weather>") and text.endswith("</call>")
+if ok:
+    try:
+        args = json.loads(text[len("Calling: <call=get_weather>"):-len("</call>")])
+        ok = list(args) == ["city"] and isinstance(args["city"], str) and len(args["city"]) <= 8
+    except ValueError:
+        ok = False
+check(ok, f"structural tag: one tag of the schema after the prefix ({st}: {text[:120]!r})")
+
 # The Responses and Anthropic Messages routes run on the same chat pipeline.
 st, body = post("/v1/responses", {"input": "Hello", "max_output_tokens": 8, "temperature": 0,
                                   "reasoning": {"effort": "none"}})
@@ -291,5 +318,23 @@ check(not busy, "metrics back to zero " + str(busy))
 proc.terminate()
 code = proc.wait(timeout=60)
 check(code == 0, f"SIGTERM exit code {code}")
+
+# Speculative decoding (the checkpoint's MTP head, 2 drafts a step): the greedy answers of text and image requests
+# are the plain server's, and drafts were verified.
+proc = start(["--speculative-config", '{"method": "mtp", "num_speculative_tokens": 2}'])
+wait_healthy()
+same = all(complete(prompts[i % 4], 10 + i) == solo[i] for i in range(4))
+check(same, "speculative decoding: greedy completions equal the plain server's")
+if os.path.exists(png):
+    st, b = image_chat()
+    got = json.loads(b)["choices"][0]["token_ids"] if st == 200 else None
+    check(got is not None and got == image_ids, f"speculative decoding: the image answer equals the plain server's "
+          f"({got} / {image_ids})")
+m = urllib.request.urlopen(base + "/metrics").read().decode()
+drafts = [float(l.split()[-1]) for l in m.splitlines() if l.startswith("deltaserve:spec_decode_num_draft_tokens_total")]
+check(drafts and drafts[0] > 0, f"speculative decoding: drafts verified ({drafts})")
+proc.terminate()
+code = proc.wait(timeout=60)
+check(code == 0, f"speculating server: SIGTERM exit code {code}")
 print(f"{12 - len(failures)} passed, {len(failures)} failed" if False else f"e2e_smoke ({backend}): {len(failures)} failed")
 sys.exit(1 if failures else 0)

@@ -1307,11 +1307,11 @@ class HttpServer {
                                 "(never stored, deleted, or evicted)", "input");
         it = std::move(*found);
       }
-    if (body.contains("store") && !body["store"].is_boolean())
+    if (body.contains("store") && !body["store"].is_null() && !body["store"].is_boolean())
       throw bad_request("'store' must be a boolean, got " + brief(body["store"]), "store");
     if (body.contains("background") && !body["background"].is_null() && !body["background"].is_boolean())
       throw bad_request("'background' must be a boolean, got " + brief(body["background"]), "background");
-    pl.store = store_ && body.value("store", true);
+    pl.store = store_ && !(body.contains("store") && body["store"] == false);  // null: the default, true
     pl.background = body.contains("background") && body["background"] == true;
     if (pl.background && !pl.store)
       throw bad_request(store_ ? "'background' needs a stored response: 'store' must not be false"

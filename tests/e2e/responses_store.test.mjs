@@ -46,6 +46,10 @@ test('retrieve gives the stored response; store: false and deleted ones are 404s
   const { output_text, ...stored } = await client.responses.retrieve(last.id);  // the SDK adds output_text
   assert.deepEqual(stored, last);
 
+  // store: null is the default (Python clients send None as null)
+  const dflt = await client.responses.create({ ...base, input: 'Hi', max_output_tokens: 2, store: null });
+  assert.equal(dflt.store, true);
+  assert.equal((await client.responses.retrieve(dflt.id)).id, dflt.id);
   const off = await client.responses.create({ ...base, input: 'Hello there', max_output_tokens: 4, store: false });
   assert.equal(off.store, false);
   await assert.rejects(client.responses.retrieve(off.id), (e) => e instanceof OpenAI.NotFoundError &&

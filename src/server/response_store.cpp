@@ -10,9 +10,26 @@ int64_t json_bytes(const ResponseStore::json& j) { return int64_t(j.dump().size(
 
 ResponseStore::Node::~Node() {
   if (live_) live_->fetch_sub(bytes_);
+  if (index_) {
+    std::lock_guard<std::mutex> lock(index_->mu);
+    for (auto& id : indexed_)
+      if (auto it = index_->at.find(id); it != index_->at.end() && std::get<0>(it->second) == this) index_->at.erase(it);
+  }
 }
 
-ResponseStore::ResponseStore(int64_t max_bytes) : max_bytes_(max_bytes) {}
+ResponseStore::ResponseStore(int64_t max_bytes) : max_bytes_(max_bytes), items_(std::make_shared<ItemIndex>()) {}
+
+void ResponseStore::index_items(Node& n, bool output) {
+  const json& list = output ? n.output : n.input;
+  std::lock_guard<std::mutex> lock(items_->mu);
+  n.index_ = items_;
+  for (size_t i = 0; i < list.size(); ++i)
+    if (list[i].is_object() && list[i].contains("id") && list[i]["id"].is_string()) {
+      const std::string id = list[i]["id"].get<std::string>();
+      items_->at[id] = {&n, output, i};
+      n.indexed_.push_back(id);
+    }
+}
 
 std::shared_ptr<ResponseStore::Node> ResponseStore::node(std::shared_ptr<const Node> prev, json input) {
   auto n = std::make_shared<Node>();
@@ -34,6 +51,7 @@ void ResponseStore::begin(const std::string& id, json response, std::shared_ptr<
   e.run = std::move(run);
   e.running = true;
   e.lru = lru_.begin();
+  if (!e.node->index_) index_items(*e.node, false);  // a node is begun once
   evict();
 }
 
@@ -50,6 +68,7 @@ void ResponseStore::finish(const std::string& id, json response, json output, in
   Entry& e = it->second;
   Node& n = *e.node;
   n.output = std::move(output);
+  index_items(n, true);
   // The output items and the response object (which repeats them) count from now on.
   const int64_t more = json_bytes(n.output) + json_bytes(response) + extra_bytes;
   n.bytes_ += more;
@@ -78,14 +97,12 @@ bool ResponseStore::erase(const std::string& id) {
 }
 
 std::optional<ResponseStore::json> ResponseStore::find_item(const std::string& item_id) const {
-  std::lock_guard<std::mutex> lock(mu_);
-  std::unordered_set<const Node*> seen;  // chains share their nodes: each is searched once
-  for (auto& [id, e] : entries_)
-    for (const Node* n = e.node.get(); n && seen.insert(n).second; n = n->prev.get())
-      for (const json* list : {&n->input, &n->output})
-        for (auto& it : *list)
-          if (it.is_object() && it.contains("id") && it["id"] == item_id) return it;
-  return std::nullopt;
+  std::lock_guard<std::mutex> lock(mu_);  // before the index's: finish() writes outputs under it
+  std::lock_guard<std::mutex> ilock(items_->mu);
+  auto it = items_->at.find(item_id);
+  if (it == items_->at.end()) return std::nullopt;
+  const auto& [n, output, i] = it->second;
+  return (output ? n->output : n->input)[i];
 }
 
 size_t ResponseStore::size() const {

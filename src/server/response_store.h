@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -36,6 +37,8 @@ class ResponseStore {
     friend class ResponseStore;
     std::shared_ptr<std::atomic<int64_t>> live_;  // the store's count of bytes in nodes still held
     int64_t bytes_ = 0;
+    std::shared_ptr<struct ItemIndex> index_;     // the store's item index, which this node's ids leave with it
+    std::vector<std::string> indexed_;
   };
 
   struct Found {
@@ -78,12 +81,21 @@ class ResponseStore {
     std::list<std::string>::iterator lru;
   };
   void evict();  // under mu_: oldest finished first, until the live bytes fit
+  void index_items(Node& n, bool output);  // under mu_: n's input or output items findable by id
 
   const int64_t max_bytes_;
   std::shared_ptr<std::atomic<int64_t>> live_ = std::make_shared<std::atomic<int64_t>>(0);
   mutable std::mutex mu_;
   std::unordered_map<std::string, Entry> entries_;
   std::list<std::string> lru_;  // most recently used first
+  std::shared_ptr<ItemIndex> items_;
+};
+
+// Item id -> the stored node holding it, its output list or not, and the index there (find_item). Entries leave
+// with their node (its destructor, which may run on any thread: the index has its own lock, taken after mu_).
+struct ItemIndex {
+  std::mutex mu;
+  std::unordered_map<std::string, std::tuple<const ResponseStore::Node*, bool, size_t>> at;
 };
 
 }  // namespace ds::server

@@ -490,4 +490,27 @@ TEST(ResponseStore, EvictsTheLeastRecentlyUsedWithinItsBudget) {
   EXPECT_EQ(s2.bytes(), 0);
 }
 
+// item_reference: an item of any stored conversation by its id (an index, not a scan); items leave with their node.
+TEST(ResponseStore, FindsItemsByIdUntilTheirNodeIsGone) {
+  ResponseStore st(1 << 20);
+  auto a = st.node(nullptr, json::parse(R"([{"id": "msg_in", "type": "message", "v": 1}, "no id", {"id": 5}])"));
+  EXPECT_FALSE(st.find_item("msg_in")) << "not stored yet";
+  st.begin("ra", json::object(), a);
+  a.reset();
+  EXPECT_EQ((*st.find_item("msg_in"))["v"], 1);
+  EXPECT_FALSE(st.find_item("msg_out")) << "not finished yet";
+  st.finish("ra", json::object(), json::parse(R"([{"id": "msg_out", "v": 2}])"));
+  EXPECT_EQ((*st.find_item("msg_out"))["v"], 2);
+  // A later turn's chain holds the first node: its items stay findable after the first response is deleted.
+  auto b = st.node(st.get("ra")->node, json::parse(R"([{"id": "msg_b", "v": 3}])"));
+  st.begin("rb", json::object(), b);
+  b.reset();
+  st.erase("ra");
+  EXPECT_EQ((*st.find_item("msg_in"))["v"], 1);
+  EXPECT_EQ((*st.find_item("msg_b"))["v"], 3);
+  st.erase("rb");  // the last holder of both nodes
+  for (const char* id : {"msg_in", "msg_out", "msg_b"}) EXPECT_FALSE(st.find_item(id)) << id;
+  EXPECT_EQ(st.bytes(), 0);
+}
+
 }  // namespace

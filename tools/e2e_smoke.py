@@ -315,9 +315,16 @@ m = urllib.request.urlopen(base + "/metrics").read().decode()
 busy = [l for l in m.splitlines() if l.startswith(("deltaserve:num_requests_running", "deltaserve:kv_blocks_used",
                                                      "deltaserve:state_slots_used")) and not l.endswith(" 0")]
 check(not busy, "metrics back to zero " + str(busy))
-proc.terminate()
-code = proc.wait(timeout=60)
-check(code == 0, f"SIGTERM exit code {code}")
+def stop(what):
+    proc.terminate()
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    check(proc.returncode == 0, f"{what}SIGTERM exit code {proc.returncode}" +
+          ("" if proc.returncode == 0 else "; the server's last lines:\n" + "\n".join(err.splitlines()[-15:])))
+stop("")
 
 # Speculative decoding (the checkpoint's MTP head, 2 drafts a step): the greedy answers of text and image requests
 # are the plain server's, and drafts were verified.
@@ -333,8 +340,6 @@ if os.path.exists(png):
 m = urllib.request.urlopen(base + "/metrics").read().decode()
 drafts = [float(l.split()[-1]) for l in m.splitlines() if l.startswith("deltaserve:spec_decode_num_draft_tokens_total")]
 check(drafts and drafts[0] > 0, f"speculative decoding: drafts verified ({drafts})")
-proc.terminate()
-code = proc.wait(timeout=60)
-check(code == 0, f"speculating server: SIGTERM exit code {code}")
+stop("speculating server: ")
 print(f"{12 - len(failures)} passed, {len(failures)} failed" if False else f"e2e_smoke ({backend}): {len(failures)} failed")
 sys.exit(1 if failures else 0)

@@ -624,7 +624,7 @@ void Engine::Impl::run(const Schedule& sc_in) {
       std::vector<int64_t>& at = x.seq->save_at;
       while (!at.empty() && at.front() < x.seq->cache.len) at.erase(at.begin());
       if (!at.empty() && at.front() == x.seq->cache.len) {
-        cm.save(x.seq->cache, x.seq->req->cache_salt, x.seq->tokens);
+        cm.save(x.seq->cache, x.seq->req->cache_salt, *x.seq->cache_key());
         at.erase(at.begin());
       }
     }
@@ -1019,8 +1019,7 @@ bool Engine::Impl::emit(Sequence* s, const std::vector<int32_t>& toks, std::vect
 void Engine::Impl::finish(Sequence* s, FinishReason r, Delta d) {
   // Blocks and slot back to the pool now, or (prefix caching, a text sequence that did not fail) kept until the end
   // of the step, to become a checkpoint.
-  const bool keep = sched.prefix_caching() && r != FinishReason::Error && !s->suspect && !s->req->mm &&
-                    s->cache.slot >= 0;
+  const bool keep = sched.cacheable(s) && r != FinishReason::Error && !s->suspect && s->cache.slot >= 0;
   const int32_t next = d.stop_token;
   std::unique_ptr<Sequence> own = sched.remove(s, !keep);
   d.finish = r;
@@ -1056,7 +1055,7 @@ void Engine::Impl::settle_retiring() {
     SeqCache& c = r.seq->cache;
     if (r.len >= 0) c.len = r.len;
     try {
-      if (c.len > 0) cm.retire(c, r.seq->req->cache_salt, r.seq->tokens);
+      if (c.len > 0) cm.retire(c, r.seq->req->cache_salt, *r.seq->cache_key());
     } catch (const std::exception& e) {
       std::fprintf(stderr, "deltaserve engine: keeping a finished sequence's prefix-cache checkpoint failed: %s\n",
                    e.what());

@@ -70,7 +70,13 @@ struct MultiModalInput {
   std::vector<int32_t> rows;                      // prompt rows of the placeholders, one per feature row, in order
   std::vector<int32_t> positions;                 // [3, prompt length]: t, h, w rows
   int64_t rope_delta = 0;
+  // Per grid: a hash of what its features are computed from (its pixel values and grid: media_hash). With one per
+  // grid the prompt takes part in prefix caching, its placeholders keyed by them (Sequence::cache_key); empty: not.
+  std::vector<uint64_t> hashes;
 };
+
+// A 64-bit hash of an image's or video's preprocessed pixels and grid (MultiModalInput::hashes).
+uint64_t media_hash(const float* pixels, size_t n, const std::array<int64_t, 3>& grid);
 
 // Set by the server (after validation and tokenisation).
 struct Request {

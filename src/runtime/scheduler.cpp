@@ -1,6 +1,7 @@
 #include "runtime/scheduler.h"
 
 #include <algorithm>
+#include <cstring>
 
 #include "core/status.h"
 #include "runtime/engine.h"
@@ -31,16 +32,18 @@ int64_t Scheduler::chunk(const Sequence* s, int64_t budget) const {
 // the newest message are kept); and the block boundary at or before the point where the prompt leaves the
 // longest checkpoint it shares tokens with (prompts that share a head the hints do not mark: the second such
 // request leaves a checkpoint the third resumes from). All rounded down to block boundaries.
-// Images: the placeholders' token ids do not say which image they stand for, so such prompts neither resume nor
-// leave checkpoints.
+// Images and videos: compared by Sequence::cache_key (each placeholder row keyed by its image's content), so a
+// conversation that sends the same image again resumes past it; prompts whose images have no hashes neither resume
+// nor leave checkpoints.
 // A sequence that still owes prompt logprobs runs every prompt row, so it leaves checkpoints but resumes from none.
 void Scheduler::admit_from_cache(Sequence* s) {
   s->save_at.clear();
   if (s->cached_tokens < 0) s->lookup = CacheLookup{};
-  if (!prefix_caching_ || s->req->mm) return;
+  const std::vector<int32_t>* key = prefix_caching_ ? s->cache_key() : nullptr;
+  if (!key) return;
   const std::string& salt = s->req->cache_salt;
   const int64_t bs = cm_.block_size();
-  const PrefixHit h = s->prompt_lps_pending() ? PrefixHit{} : cm_.lookup(salt, s->tokens, int64_t(s->tokens.size()) - 1);
+  const PrefixHit h = s->prompt_lps_pending() ? PrefixHit{} : cm_.lookup(salt, *key, int64_t(key->size()) - 1);
   const bool hit = h.entry >= 0 && cm_.attach(s->cache, h);  // false (no block for a partial block's copy): a miss
   if (s->cached_tokens < 0) s->lookup = {!s->prompt_lps_pending(), h.common, hit && h.host};
   const int64_t end = (s->prompt_len - 1) / bs * bs;
@@ -64,10 +67,55 @@ void Scheduler::count_admission(Sequence* s) {
   if (s->cached_tokens >= 0) return;
   s->cached_tokens = s->cache.len;
   s->admitted = std::chrono::steady_clock::now();
-  if (!prefix_caching_ || s->req->mm) return;
+  if (!cacheable(s)) return;
   prefix_queries_ += s->prompt_len;
   prefix_hits_ += s->cache.len;
   if (s->lookup.from_host) prefix_host_hits_ += s->cache.len;
+}
+
+uint64_t media_hash(const float* pixels, size_t n, const std::array<int64_t, 3>& grid) {
+  uint64_t h = 0x9E3779B97F4A7C15ull ^ uint64_t(n);
+  auto mix = [&](uint64_t v) {
+    h ^= v + 0x9E3779B97F4A7C15ull + (h << 6) + (h >> 2);
+    h *= 0xFF51AFD7ED558CCDull;
+    h ^= h >> 33;
+  };
+  for (int64_t g : grid) mix(uint64_t(g));
+  const size_t words = n / 2;
+  const auto* w = reinterpret_cast<const uint8_t*>(pixels);
+  for (size_t i = 0; i < words; ++i) {
+    uint64_t v;
+    std::memcpy(&v, w + 8 * i, 8);
+    mix(v);
+  }
+  if (n % 2) {
+    uint32_t v;
+    std::memcpy(&v, pixels + n - 1, 4);
+    mix(v);
+  }
+  return h;
+}
+
+const std::vector<int32_t>* Sequence::cache_key() const {
+  const MultiModalInput* mm = req->mm.get();
+  if (!mm) return &tokens;
+  if (mm->hashes.size() != mm->grids.size()) return nullptr;
+  key_ = tokens;
+  // Patches per placeholder row (the merge size squared, the same for every grid; check_mm made the counts agree).
+  int64_t patches = 0;
+  for (const auto& g : mm->grids) patches += g[0] * g[1] * g[2];
+  const int64_t per_row = mm->rows.empty() ? 1 : std::max<int64_t>(1, patches / int64_t(mm->rows.size()));
+  size_t f = 0;
+  for (size_t k = 0; k < mm->grids.size(); ++k) {
+    const auto& g = mm->grids[k];
+    const int64_t n = g[0] * g[1] * g[2] / per_row;
+    for (int64_t j = 0; j < n && f < mm->rows.size(); ++j, ++f) {
+      uint64_t x = (mm->hashes[k] ^ uint64_t(j) * 0x9E3779B97F4A7C15ull) * 0xC2B2AE3D27D4EB4Full;
+      x ^= x >> 29;
+      key_[size_t(mm->rows[f])] = -1 - int32_t(x & 0x3FFFFFFF);
+    }
+  }
+  return &key_;
 }
 
 bool Sequence::prompt_lps_pending() const {
@@ -213,17 +261,18 @@ Schedule Scheduler::schedule_alone(Sequence* s) {
 // toward a planned checkpoint that it shares (same salt, same tokens up to there, and further than any checkpoint
 // it could resume from now), and resumes from that checkpoint once it is saved.
 bool Scheduler::deferred(const Sequence* s) const {
-  if (!prefix_caching_ || s->req->mm || s->prompt_lps_pending()) return false;
-  const int64_t limit = int64_t(s->tokens.size()) - 1;
+  if (!cacheable(s) || s->prompt_lps_pending()) return false;
+  const std::vector<int32_t> key = *s->cache_key();
+  const int64_t limit = int64_t(key.size()) - 1;
   int64_t best = 0;
   for (const auto& r : running_) {
-    if (r->req->cache_salt != s->req->cache_salt || r->req->mm) continue;
+    if (r->req->cache_salt != s->req->cache_salt || !cacheable(r.get())) continue;
+    const std::vector<int32_t>* rk = r->cache_key();
     for (int64_t p : r->save_at)
-      if (p > std::max(best, r->cache.len) && p <= limit &&
-          std::equal(r->tokens.begin(), r->tokens.begin() + p, s->tokens.begin()))
+      if (p > std::max(best, r->cache.len) && p <= limit && std::equal(rk->begin(), rk->begin() + p, key.begin()))
         best = p;
   }
-  return best > 0 && best > cm_.lookup(s->req->cache_salt, s->tokens, limit).len;
+  return best > 0 && best > cm_.lookup(s->req->cache_salt, key, limit).len;
 }
 
 size_t Scheduler::victim(size_t from, const Sequence* spare) const {

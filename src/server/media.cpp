@@ -227,6 +227,7 @@ std::shared_ptr<runtime::MultiModalInput> prepare_media(const std::vector<ImageR
     const auto& pv = is_video ? videos[size_t(k)].pixels : ipv[size_t(k)];
     mm->pixel_values.insert(mm->pixel_values.end(), pv.data.begin(), pv.data.end());
     mm->grids.push_back({pv.grid.t, pv.grid.h, pv.grid.w});
+    mm->hashes.push_back(runtime::media_hash(pv.data.data(), pv.data.size(), mm->grids.back()));
   }
   auto mp = vision::mrope_positions(tokens, image_token, L.units, pcfg.merge_size, vt);
   mm->positions = std::move(mp.pos);

@@ -148,6 +148,30 @@ test('mm_processor_kwargs sets the image\'s pixel budget (vLLM\'s field); bad on
     await assert.rejects(chat(content, { mm_processor_kwargs: kw }), (e) => e.status === 400 && re.test(e.message));
 });
 
+test('prefix caching: the next turn of a chat about an image resumes past the image; another image does not', async () => {
+  const [, gh, gw] = goldenJson().image.grid_thw;
+  const content = [{ type: 'text', text: 'Describe this picture.' }, imagePart(dataUrl(PNG))];
+  const first = await chat(content, { cache_salt: 'turns' });
+  const history = [{ role: 'user', content }, { role: 'assistant', content: first.choices[0].message.content },
+                   { role: 'user', content: 'And what colour is it?' }];
+  const next = await client.chat.completions.create({ model: 'tiny', messages: history, max_tokens: N, temperature: 0,
+                                                      ignore_eos: true, return_token_ids: true, cache_salt: 'turns' });
+  const cached = next.usage.prompt_tokens_details?.cached_tokens ?? 0;
+  const pads = next.choices[0].prompt_token_ids.lastIndexOf(PAD);
+  assert.ok(cached > pads, `cached ${cached} tokens, the image's last placeholder at ${pads} (${(gh * gw) / 4} of them)`);
+  const cold = await client.chat.completions.create({ model: 'tiny', messages: history, max_tokens: N, temperature: 0,
+                                                      ignore_eos: true, return_token_ids: true, cache_salt: 'cold' });
+  assert.equal(cold.usage.prompt_tokens_details?.cached_tokens ?? 0, 0);
+  assert.deepEqual(next.choices[0].token_ids, cold.choices[0].token_ids, 'resumed = computed from scratch');
+  // The same conversation about another picture shares only the text before the image.
+  const other = structuredClone(history);
+  other[0].content[1] = imagePart(dataUrl(makePng(150, 240)));
+  const o = await client.chat.completions.create({ model: 'tiny', messages: other, max_tokens: 2, cache_salt: 'turns',
+                                                   return_token_ids: true });
+  const firstPad = o.choices[0].prompt_token_ids.indexOf(PAD);
+  assert.ok((o.usage.prompt_tokens_details?.cached_tokens ?? 0) <= firstPad, 'not past the first placeholder');
+});
+
 test('the same image from an http URL and from an allow-listed local file gives the same answer', async () => {
   const content = (url) => [{ type: 'text', text: 'Describe:' }, imagePart(url)];
   const viaData = await chat(content(dataUrl(PNG)));

@@ -171,31 +171,71 @@ TEST(EngineImages, ChunkedPrefillAndBatchingWithTextRequests) {
   }
 }
 
-// Prefix caching: the placeholder ids do not say which image they stand for, so image prompts neither leave
-// checkpoints nor resume from one, not even from a text prompt of the very same ids.
-TEST(EngineImages, PrefixCachingLeavesImagePromptsAlone) {
+// Prefix caching: placeholder rows are keyed by their image's content hash (Sequence::cache_key), so the same image
+// again resumes past it (a multi-turn chat about a picture), while a text prompt of the very same ids or a different
+// image shares only the text before it; images without hashes are not cached at all.
+TEST(EngineImages, PrefixCachingKeysPlaceholdersByTheImage) {
   EngineConfig c = config();
-  c.prefix_cache_checkpoints = 4;
+  c.prefix_cache_checkpoints = 8;
   Engine e(*fx().m, c);
   auto run = [&](std::shared_ptr<Request> r) {
     e.submit(r);
     drain(e);
     return collect(*r);
   };
+  const int64_t first_pad = fx().mm->rows.front(), last_pad = fx().mm->rows.back();
+  ASSERT_EQ(fx().mm->hashes.size(), 1u);
   Out first = run(image_req(1));
   EXPECT_EQ(first.tokens, fx().reference);
   EXPECT_EQ(first.cached_tokens, 0);
-  EXPECT_EQ(e.metrics().prefix_cache_checkpoints, 0);
-  auto same_ids = image_req(2);
-  same_ids->mm = nullptr;
-  EXPECT_EQ(run(same_ids).cached_tokens, 0);
-  EXPECT_EQ(e.metrics().prefix_cache_checkpoints, 2);  // the text request leaves its prompt's and its answer's
-  Out again = run(image_req(3));
+  EXPECT_GT(e.metrics().prefix_cache_checkpoints, 0);
+  const int64_t P = int64_t(fx().prompt.size());
+  Out again = run(image_req(2));
   EXPECT_EQ(again.tokens, fx().reference);
-  EXPECT_EQ(again.cached_tokens, 0);
-  auto same_ids2 = image_req(4);
-  same_ids2->mm = nullptr;
-  EXPECT_GT(run(same_ids2).cached_tokens, 0);  // text prompts do share
+  EXPECT_EQ(again.cached_tokens, (P - 1) / 16 * 16) << "the same prompt: its last whole block";
+  // The next turn: the prompt, the answer and more text (text rows after the prompt at position + rope_delta).
+  auto turn2 = image_req(6);
+  turn2->prompt.insert(turn2->prompt.end(), fx().reference.begin(), fx().reference.end());
+  for (int32_t t : {12, 13, 14, 15}) turn2->prompt.push_back(t);
+  const int64_t P2 = int64_t(turn2->prompt.size());
+  auto mm_next = std::make_shared<MultiModalInput>(*fx().mm);
+  mm_next->positions.clear();
+  for (int r = 0; r < 3; ++r)
+    for (int64_t p = 0; p < P2; ++p)
+      mm_next->positions.push_back(p < P ? fx().mm->positions[size_t(r * P + p)] : int32_t(p + fx().mm->rope_delta));
+  turn2->mm = mm_next;
+  Out next = run(turn2);
+  EXPECT_EQ(next.cached_tokens, P + kTokens - 1) << "the next turn resumes after the answer (its last token not yet run)";
+  auto cold = image_req(7);
+  *cold = *turn2;
+  cold->id = 7;
+  cold->out = std::make_shared<DeltaChannel>();
+  cold->cache_salt = "cold";
+  Out recomputed = run(cold);
+  EXPECT_EQ(recomputed.cached_tokens, 0);
+  EXPECT_EQ(next.tokens, recomputed.tokens) << "resumed = computed from scratch (vision tower included)";
+  auto same_ids = image_req(3);
+  same_ids->mm = nullptr;
+  EXPECT_LE(run(same_ids).cached_tokens, first_pad) << "placeholder ids without the image";
+  auto other = image_req(4);
+  auto mm = std::make_shared<MultiModalInput>(*fx().mm);
+  mm->pixel_values[100] += 0.5f;  // another picture of the same size
+  mm->hashes = {media_hash(mm->pixel_values.data(), mm->pixel_values.size(), mm->grids[0])};
+  EXPECT_NE(mm->hashes[0], fx().mm->hashes[0]);
+  other->mm = mm;
+  Out o = run(other);
+  EXPECT_LE(o.cached_tokens, first_pad) << "another image";
+  EXPECT_EQ(o.tokens.size(), fx().reference.size());
+  // Images without hashes (a caller that does not key them): neither resumed nor kept.
+  const int64_t kept = e.metrics().prefix_cache_checkpoints;
+  auto unkeyed = image_req(5);
+  auto mm2 = std::make_shared<MultiModalInput>(*fx().mm);
+  mm2->hashes.clear();
+  unkeyed->mm = mm2;
+  Out u = run(unkeyed);
+  EXPECT_EQ(u.cached_tokens, 0);
+  EXPECT_EQ(u.tokens, fx().reference);
+  EXPECT_EQ(e.metrics().prefix_cache_checkpoints, kept);
 }
 
 TEST(EngineImages, PreemptionRecomputesWithTheSameFeatures) {

@@ -119,6 +119,23 @@ if os.path.exists(png):
               j1["choices"][0]["message"]["content"] == j2["choices"][0]["message"]["content"])
     check(ok, "image request (200, 77 image tokens in the prompt, same output twice)" + ("" if ok else f": {st1} {b1[:300]}"))
     image_ids = json.loads(b1)["choices"][0]["token_ids"] if ok else None
+    # Prefix caching keys the placeholders by the image: the next turn resumes past the picture, with the tokens
+    # of a cold run (another cache_salt).
+    turn = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": "What is this?"}]},
+            {"role": "assistant", "content": json.loads(b1)["choices"][0]["message"]["content"] if ok else ""},
+            {"role": "user", "content": "And then?"}]
+    def next_turn(salt):
+        st, b = post("/v1/chat/completions", {"messages": turn, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+                                              "return_token_ids": True, "cache_salt": salt})
+        return json.loads(b) if st == 200 else {}
+    warm, cold = next_turn(None), next_turn("cold")
+    pads = max((i for i, t in enumerate(warm.get("choices", [{}])[0].get("prompt_token_ids", [])) if t == 1996),
+               default=-1)
+    cached = (warm.get("usage", {}).get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    check(pads > 0 and cached > pads and warm["choices"][0]["token_ids"] == cold["choices"][0]["token_ids"],
+          f"image prefix caching: the next turn resumes past the picture ({cached} cached, last placeholder {pads}) "
+          "with a cold run's tokens")
 # Structured output (docs/server.md): constrained requests (host-sampled) beside greedy unconstrained streams
 # (device-sampled where the step allows): every constrained answer is JSON of its schema, the others equal solo runs.
 schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "n": {"type": "integer"},

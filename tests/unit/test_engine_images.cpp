@@ -35,6 +35,18 @@ constexpr int kTokens = 6;
 
 int32_t argmax(const float* row, int64_t V) { return int32_t(std::max_element(row, row + V) - row); }
 
+// The whole image prompt as one batch on a new sequence of `cm` (room for kTokens more): the features at the
+// placeholder rows, the mRoPE positions.
+BatchMeta prompt_batch(const Fixture& f, CacheManager& cm, SeqCache& seq, const Tensor& feats) {
+  cm.start(seq);
+  cm.reserve(seq, int64_t(f.prompt.size()) + kTokens);
+  BatchMeta b = make_batch({{&seq, f.prompt}});
+  b.positions = f.mm->positions;
+  b.embed_rows = f.mm->rows;
+  b.embed_src = feats;
+  return b;
+}
+
 Fixture& fx() {
   static Fixture f = [] {
     Fixture f;
@@ -55,12 +67,7 @@ Fixture& fx() {
     const int64_t P = int64_t(f.prompt.size()), V = m.config().text.vocab_size;
     CacheManager cm(m, (P + kTokens) / 16 + 2, 16, 1);
     SeqCache seq;
-    cm.start(seq);
-    cm.reserve(seq, P + kTokens);
-    BatchMeta b = make_batch({{&seq, f.prompt}});
-    b.positions = f.mm->positions;
-    b.embed_rows = f.mm->rows;
-    b.embed_src = m.encode_images(f.mm->pixel_values, f.mm->grids);
+    BatchMeta b = prompt_batch(f, cm, seq, m.encode_images(f.mm->pixel_values, f.mm->grids));
     auto l = f.be->to_host_f32(m.forward(b, cm.caches(), {int32_t(P - 1)}));
     seq.len = P;
     f.reference.push_back(argmax(l.data(), V));
@@ -284,13 +291,8 @@ TEST(EngineImages, SpeculativeDecodingDraftsFromTheImageFeatures) {
   // prompt[1..P-1] and the first generated token.
   CacheManager cm(m, (P + kTokens) / 16 + 2, 16, 1);
   SeqCache seq;
-  cm.start(seq);
-  cm.reserve(seq, P + kTokens);
-  BatchMeta b = make_batch({{&seq, f.prompt}});
-  b.positions = f.mm->positions;
-  b.embed_rows = f.mm->rows;
   const Tensor feats = m.encode_images(f.mm->pixel_values, f.mm->grids);
-  b.embed_src = feats;
+  BatchMeta b = prompt_batch(f, cm, seq, feats);
   std::vector<int32_t> all(static_cast<size_t>(P));
   for (int64_t i = 0; i < P; ++i) all[size_t(i)] = int32_t(i);
   Tensor hidden;

@@ -262,7 +262,7 @@ Schedule Scheduler::schedule_alone(Sequence* s) {
 // it could resume from now), and resumes from that checkpoint once it is saved.
 bool Scheduler::deferred(const Sequence* s) const {
   if (!cacheable(s) || s->prompt_lps_pending()) return false;
-  const std::vector<int32_t> key = *s->cache_key();
+  const std::vector<int32_t>& key = *s->cache_key();  // (the others' cache_key() fill their own buffers)
   const int64_t limit = int64_t(key.size()) - 1;
   int64_t best = 0;
   for (const auto& r : running_) {

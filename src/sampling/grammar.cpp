@@ -39,6 +39,7 @@ class Grammar {
     kBytes = 2,      // has byte edges (a thread can rest here)
     kSimple = 4,     // has byte edges and nothing else: stepping onto it needs no closure
     kPureFinal = 8,  // only returns: a call returning here is a tail call (no frame pushed)
+    kBytesFinal = 16,  // byte edges and the return, no calls: at the bottom of the stack a step needs no closure
   };
   struct Node {
     int32_t cmap = 0;  // row of cmaps (row 0: no byte edges)
@@ -359,7 +360,8 @@ GrammarPtr Builder::finish(int32_t root, const std::string& what) {
     const bool bytes = !b.bytes.empty(), others = !b.calls.empty();
     n.flags = uint8_t((b.final ? Grammar::kFinal : 0) | (bytes ? Grammar::kBytes : 0) |
                       (bytes && !others && !b.final ? Grammar::kSimple : 0) |
-                      (b.final && !bytes && !others ? Grammar::kPureFinal : 0));
+                      (b.final && !bytes && !others ? Grammar::kPureFinal : 0) |
+                      (b.final && bytes && !others ? Grammar::kBytesFinal : 0));
   }
   return g;
 }
@@ -2248,9 +2250,14 @@ class Stepper {
       const Thread t = threads[b];
       const int32_t to = g_.next(t.node, c);
       if (to < 0) return false;
-      if (g_.nodes[size_t(to)].flags & Grammar::kSimple) {
+      const uint8_t f = g_.nodes[size_t(to)].flags;
+      if (f & Grammar::kSimple) {
         threads.push_back({to, t.stack});
         return false;
+      }
+      if ((f & Grammar::kBytesFinal) && t.stack < 0) {  // free text at top level: the text may end here too
+        threads.push_back({to, -1});
+        return true;
       }
     }
     seen_.clear();

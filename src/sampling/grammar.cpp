@@ -509,6 +509,14 @@ std::vector<int32_t> regex_nodes(Builder& b, int32_t start, const RegexDfa& d, i
   return out;
 }
 
+// Raw text the automaton matches as a whole, as a rule (grammar_regex, structural tags' regex format).
+int32_t regex_rule(Builder& b, const RegexDfa& d) {
+  const int32_t r = b.rule("regex");
+  for (int32_t x : regex_nodes(b, b.start(r), d, 0, -1, nullptr)) b.final(x);
+  return r;
+}
+bool matches_any(const RegexDfa& d) { return std::find(d.accept.begin(), d.accept.end(), 1) != d.accept.end(); }
+
 // ---------------------------------------------------------------------------------------------------------------
 // JSON building blocks (RFC 8259 over UTF-8 bytes), each a rule built once per grammar.
 
@@ -1970,11 +1978,8 @@ class StructuralTagCompiler {
       } catch (const Error& e) {
         fail("structural_tag: ", ptr, ".pattern: ", e.what());
       }
-      if (std::find(d->accept.begin(), d->accept.end(), 1) == d->accept.end())
-        fail("structural_tag: ", ptr, ".pattern matches no text");
-      const int32_t r = b_.rule("regex");
-      for (int32_t x : regex_nodes(b_, b_.start(r), *d, 0, -1, nullptr)) b_.final(x);
-      return r;
+      if (!matches_any(*d)) fail("structural_tag: ", ptr, ".pattern matches no text");
+      return regex_rule(b_, *d);
     }
     if (t == "any_text") {
       known(f, ptr, {"type", "excludes", "max_tokens", "max_chars"});
@@ -2407,12 +2412,9 @@ GrammarPtr grammar_regex(std::string_view pattern) {
   static RecentGrammars recent;
   return recent.get(std::string(pattern), [&] {
     const RegexDfa d = compile_regex(pattern, RegexEncoding::kUtf8);
-    if (std::find(d.accept.begin(), d.accept.end(), 1) == d.accept.end())
-      fail("regex: the pattern matches no text (an empty class such as [^\\s\\S]?)");
+    if (!matches_any(d)) fail("regex: the pattern matches no text (an empty class such as [^\\s\\S]?)");
     Builder b;
-    const int32_t r = b.rule("regex");
-    for (int32_t x : regex_nodes(b, b.start(r), d, 0, -1, nullptr)) b.final(x);
-    return b.finish(r, "regex");
+    return b.finish(regex_rule(b, d), "regex");
   });
 }
 

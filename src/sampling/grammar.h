@@ -84,8 +84,8 @@ GrammarPtr grammar_regex(std::string_view pattern);
 // grammar; the syntax is ebnf.h's). Throws ds::Error with the line and column of a syntax error, for an undefined
 // rule, left recursion, or a grammar that no finite text satisfies. Cached as grammar_json_schema's (by the text).
 GrammarPtr grammar_ebnf(std::string_view text);
-// Free text with structured regions: vLLM's structural_tag, xgrammar's format objects (docs/server.md "Structural
-// tags"). `spec` is {"type": "structural_tag", "format": FORMAT} or the older {"structures": [{"begin", "schema",
+// Free text with structured regions: vLLM's structural_tag, xgrammar's format objects (docs/server.md "Structured
+// outputs", its structural tags). `spec` is {"type": "structural_tag", "format": FORMAT} or the older {"structures": [{"begin", "schema",
 // "end"}], "triggers": [...]} (= triggered_tags of json_schema contents). FORMAT is one of
 //   const_string {value}; json_schema {json_schema} (grammar_json_schema's language; style "json" only);
 //   grammar {grammar} (GBNF); regex {pattern}; any_text {excludes} (well-formed UTF-8 without those strings);

@@ -95,14 +95,17 @@ sampling::GrammarPtr parse_structured(const Body& b, bool& structural_tag) {
       throw bad_request(msg.rfind(prefix, 0) == 0 ? msg : prefix + msg, field);
     }
   };
-  auto schema_of = [](const json& v, const char* field) -> nlohmann::ordered_json {
-    if (v.is_string()) {  // vLLM accepts a schema as JSON text
-      try {
-        return nlohmann::ordered_json::parse(v.get<std::string>());
-      } catch (const json::exception&) {
-        throw bad_request(std::string("'") + field + "' is a string that is not JSON: " + brief(v), field);
-      }
+  // A value vLLM also takes as its JSON text (a schema, a structural tag): parsed where it is a string.
+  auto json_or_text = [](const json& v, const char* field, const char* param) -> json {
+    if (!v.is_string()) return v;
+    try {
+      return json::parse(v.get<std::string>());
+    } catch (const json::exception&) {
+      throw bad_request(std::string("'") + field + "' is a string that is not JSON: " + brief(v), param);
     }
+  };
+  auto schema_of = [&](const json& v, const char* field) -> nlohmann::ordered_json {
+    if (v.is_string()) return json_or_text(v, field, field);
     if (!v.is_object() && !v.is_boolean())
       throw bad_request(std::string("'") + field + "' must be a JSON Schema (an object), got " + brief(v), field);
     return v;
@@ -189,15 +192,7 @@ sampling::GrammarPtr parse_structured(const Body& b, bool& structural_tag) {
     } else if (so.contains("structural_tag") && !so["structural_tag"].is_null()) {
       // vLLM sends the structural tag as JSON text (its response_format, dumped).
       const json& st = so["structural_tag"];
-      json spec = st;
-      if (st.is_string()) {
-        try {
-          spec = json::parse(st.get<std::string>());
-        } catch (const json::exception&) {
-          throw bad_request("'structured_outputs.structural_tag' is a string that is not JSON: " + brief(st),
-                            "structured_outputs");
-        }
-      }
+      const json spec = json_or_text(st, "structured_outputs.structural_tag", "structured_outputs");
       if (!spec.is_object())
         throw bad_request("'structured_outputs.structural_tag' must be a structural tag ({\"type\": \"structural_tag\", "
                           "\"format\": {...}}, or its JSON text), got " + brief(st),

@@ -8,6 +8,7 @@
 #include "runtime/engine.h"
 
 #include <algorithm>
+#include <cstring>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -224,6 +225,29 @@ void Engine::stop() {
   for (Sequence* s : impl_->sched.all()) impl_->finish(s, FinishReason::Abort);
   impl_->settle_retiring();
   impl_->publish({});
+}
+
+uint64_t media_hash(const float* pixels, size_t n, const std::array<int64_t, 3>& grid) {
+  uint64_t h = 0x9E3779B97F4A7C15ull ^ uint64_t(n);
+  auto mix = [&](uint64_t v) {
+    h ^= v + 0x9E3779B97F4A7C15ull + (h << 6) + (h >> 2);
+    h *= 0xFF51AFD7ED558CCDull;
+    h ^= h >> 33;
+  };
+  for (int64_t g : grid) mix(uint64_t(g));
+  const size_t words = n / 2;
+  const auto* w = reinterpret_cast<const uint8_t*>(pixels);
+  for (size_t i = 0; i < words; ++i) {
+    uint64_t v;
+    std::memcpy(&v, w + 8 * i, 8);
+    mix(v);
+  }
+  if (n % 2) {
+    uint32_t v;
+    std::memcpy(&v, pixels + n - 1, 4);
+    mix(v);
+  }
+  return h;
 }
 
 // Images: the tower must exist and the layout must fit the prompt (the server builds it; tests may not).

@@ -1,7 +1,6 @@
 #include "runtime/scheduler.h"
 
 #include <algorithm>
-#include <cstring>
 
 #include "core/status.h"
 #include "runtime/engine.h"
@@ -73,33 +72,18 @@ void Scheduler::count_admission(Sequence* s) {
   if (s->lookup.from_host) prefix_host_hits_ += s->cache.len;
 }
 
-uint64_t media_hash(const float* pixels, size_t n, const std::array<int64_t, 3>& grid) {
-  uint64_t h = 0x9E3779B97F4A7C15ull ^ uint64_t(n);
-  auto mix = [&](uint64_t v) {
-    h ^= v + 0x9E3779B97F4A7C15ull + (h << 6) + (h >> 2);
-    h *= 0xFF51AFD7ED558CCDull;
-    h ^= h >> 33;
-  };
-  for (int64_t g : grid) mix(uint64_t(g));
-  const size_t words = n / 2;
-  const auto* w = reinterpret_cast<const uint8_t*>(pixels);
-  for (size_t i = 0; i < words; ++i) {
-    uint64_t v;
-    std::memcpy(&v, w + 8 * i, 8);
-    mix(v);
-  }
-  if (n % 2) {
-    uint32_t v;
-    std::memcpy(&v, pixels + n - 1, 4);
-    mix(v);
-  }
-  return h;
-}
+bool Sequence::keyed() const { return !req->mm || req->mm->hashes.size() == req->mm->grids.size(); }
 
 const std::vector<int32_t>* Sequence::cache_key() const {
   const MultiModalInput* mm = req->mm.get();
   if (!mm) return &tokens;
-  if (mm->hashes.size() != mm->grids.size()) return nullptr;
+  if (!keyed()) return nullptr;
+  // Tokens are only ever appended (the placeholders lie in the prompt): once built, the key takes the new ones.
+  DS_CHECK(key_.size() <= tokens.size(), "cache_key: ", key_.size(), " keyed tokens of ", tokens.size());
+  if (!key_.empty()) {
+    key_.insert(key_.end(), tokens.begin() + std::ptrdiff_t(key_.size()), tokens.end());
+    return &key_;
+  }
   key_ = tokens;
   // Patches per placeholder row (the merge size squared, the same for every grid; check_mm made the counts agree).
   int64_t patches = 0;

@@ -39,13 +39,14 @@ struct Sequence {
   // a negative id made from its image's hash and its index in it (a placeholder id alone does not say which image
   // it stands for). Null where the prompt cannot be keyed (images without hashes): such prompts are not cached.
   const std::vector<int32_t>* cache_key() const;
+  bool keyed() const;  // cache_key() is not null
   // Prefix caching (docs/engine.md "Prefix caching"): the positions where this sequence's state is kept as a
   // checkpoint once its chunks reach them (increasing; chunks end there), planned at admission. `cached_tokens`:
   // prompt tokens its first admission (one that got its blocks) took from a checkpoint (-1: not admitted yet).
   std::vector<int64_t> save_at;
   int64_t cached_tokens = -1;
   CacheLookup lookup;  // the last admission's lookup; its first admission's once cached_tokens is set
-  mutable std::vector<int32_t> key_;  // cache_key()'s for image prompts
+  mutable std::vector<int32_t> key_;  // cache_key()'s for image prompts, extended as tokens are appended
   // When it was submitted and first admitted (the metrics' queue and prefill times).
   std::chrono::steady_clock::time_point submitted = std::chrono::steady_clock::now(), admitted;
   // Finished, its caches kept until the end of the step to become a checkpoint (Engine: retiring); its MTP pass
@@ -107,7 +108,7 @@ class Scheduler {
   const CacheManager& cache() const { return cm_; }
   bool prefix_caching() const { return prefix_caching_; }
   // Prefix caching is on and the sequence's prompt can be keyed (Sequence::cache_key).
-  bool cacheable(const Sequence* s) const { return prefix_caching_ && s->cache_key(); }
+  bool cacheable(const Sequence* s) const { return prefix_caching_ && s->keyed(); }
   // Prefix caching: prompt tokens looked up and found at first admissions (vLLM's prefix_cache_queries / _hits).
   int64_t prefix_queries() const { return prefix_queries_; }
   int64_t prefix_hits() const { return prefix_hits_; }

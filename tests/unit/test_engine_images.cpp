@@ -213,6 +213,7 @@ TEST(EngineImages, PrefixCachingKeysPlaceholdersByTheImage) {
   turn2->mm = mm_next;
   Out next = run(turn2);
   EXPECT_EQ(next.cached_tokens, P + kTokens - 1) << "the next turn resumes after the answer (its last token not yet run)";
+  EXPECT_GT(next.cached_tokens, last_pad) << "past the image's placeholders";
   auto cold = image_req(7);
   *cold = *turn2;
   cold->id = 7;
